@@ -1,0 +1,3 @@
+from moespeq_cli.cli.app import main
+
+main()

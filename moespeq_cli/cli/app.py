@@ -1,0 +1,71 @@
+"""The ``moespeq`` command: wiring only. Each command lives in its own module and imports
+torch inside its function, so ``moespeq --help`` answers instantly."""
+
+from __future__ import annotations
+
+import typer
+from typer.core import TyperGroup
+
+from moespeq_cli import __version__
+
+
+class MoespeqGroup(TyperGroup):
+    """Runs commands in non-standalone mode so that cli/errors.py maps every failure."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import sys
+
+        from moespeq_cli.cli.errors import exit_for
+
+        argv = list(sys.argv[1:] if args is None else args)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if command not in self.commands:
+            command = None
+        try:
+            rv = super().main(argv, prog_name or "moespeq", complete_var, standalone_mode=False, **extra)
+        except BaseException as exc:  # noqa: BLE001 - the one mapping at the edge
+            if isinstance(exc, SystemExit):
+                raise
+            exit_for(exc, command)
+        else:
+            raise SystemExit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=MoespeqGroup,
+    name="moespeq",
+    help="Run Mixture-of-Experts models that do not fit in GPU memory: a 4-bit self-draft predicts "
+    "which experts are needed next, and their copies overlap compute.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"moespeq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run Mixture-of-Experts models that do not fit in GPU memory."""
+
+
+def _register() -> None:
+    from moespeq_cli.cli import run
+
+    app.command(name="run", epilog=run.EPILOG)(run.run)
+
+
+_register()
+
+
+def main() -> None:
+    app()

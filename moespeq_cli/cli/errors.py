@@ -1,0 +1,64 @@
+"""The one place exceptions become what a user sees: a single line on stderr with a
+remedy, exit code 2 for usage errors and 1 for runtime failures, and the traceback only
+when MOESPEQ_DEBUG=1."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from moespeq_cli.errors import MoespeqError
+
+
+def _click_exceptions() -> tuple[tuple, tuple]:
+    """(usage errors, no-args-help) classes of typer's vendored click, and of click."""
+    usage, no_args = [], []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            m = __import__(mod, fromlist=["UsageError"])
+        except ImportError:
+            continue
+        usage.append(m.UsageError)
+        if hasattr(m, "NoArgsIsHelpError"):
+            no_args.append(m.NoArgsIsHelpError)
+    return tuple(usage), tuple(no_args)
+
+
+USAGE_ERRORS, NO_ARGS_HELP = _click_exceptions()
+
+DEBUG_HINT = "set MOESPEQ_DEBUG=1 for the traceback"
+
+
+def debug() -> bool:
+    return os.environ.get("MOESPEQ_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int) -> None:
+    print(f"moespeq: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def exit_for(exc: BaseException, command: str | None) -> None:
+    """Map an exception escaping a command to a one-line message and an exit code."""
+    if isinstance(exc, typer.Exit):
+        sys.exit(exc.exit_code)
+    if isinstance(exc, NO_ARGS_HELP):
+        sys.exit(0)  # the help text was already printed
+    if debug():
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, typer.Abort | KeyboardInterrupt):
+        fail("interrupted", 130)
+    if isinstance(exc, USAGE_ERRORS):
+        where = f"moespeq {command} --help" if command else "moespeq --help"
+        fail(f"{exc.format_message()} (see `{where}`)", 2)
+    if isinstance(exc, MoespeqError):
+        fail(str(exc), exc.exit_code)
+    if isinstance(exc, MemoryError):
+        fail("out of host memory; use a smaller model or a smaller --max-new-tokens", 1)
+    if isinstance(exc, BrokenPipeError):
+        sys.exit(1)
+    fail(f"internal error: {type(exc).__name__}: {exc} ({DEBUG_HINT})", 1)

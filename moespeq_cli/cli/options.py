@@ -1,0 +1,43 @@
+"""Options shared by run / profile / bench (DESIGN.md §7), defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="Alias (mixtral, phi-moe, qwen-moe, qwen3-moe, olmoe, deepseek-lite, demo), hub id org/name, "
+        "or a local checkpoint directory. Default: the built-in demo model.",
+        show_default=False,
+    ),
+]
+Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.", show_default=False)]
+PromptFile = Annotated[
+    Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.", show_default=False)
+]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the K most likely tokens (0 = off).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.", show_default=False)]
+Backend = Annotated[str, typer.Option("--backend", help="auto | cpu.")]
+CpuThreads = Annotated[
+    Optional[int], typer.Option("--cpu-threads", min=1, help="Threads for CPU compute.", show_default=False)
+]
+Dtype = Annotated[
+    Optional[str],
+    typer.Option("--dtype", help="float32 | float16 | bfloat16 (default: the checkpoint's).", show_default=False),
+]
+Chat = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--chat/--no-chat",
+        help="Wrap the prompt in the model's chat template (default: when the model has one).",
+        show_default=False,
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout at the end, nothing else.")]

@@ -1,0 +1,44 @@
+"""All terminal output: streamed text on stdout, figures on stderr (Rich), JSON for
+scripts. Everything else in moespeq returns data."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Renderer:
+    def __init__(self, json_mode: bool = False):
+        self.json_mode = json_mode
+        self._last = "\n"
+
+    def text(self, chunk: str) -> None:
+        if self.json_mode or not chunk:
+            return
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+        self._last = chunk[-1]
+
+    def end_text(self) -> None:
+        if self._last != "\n":
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def stats_line(self, result: dict) -> None:
+        from rich.console import Console
+
+        s = result["stats"]
+        parts = [f"{s['new_tokens']} tokens in {s['seconds']:.2f} s ({s['clock']} clock)"]
+        if s["tokens_per_s"] is not None:
+            parts.append(f"{s['tokens_per_s']:.1f} tok/s")
+        if s["ttft_s"] is not None:
+            parts.append(f"TTFT {s['ttft_s'] * 1000:.0f} ms")
+        if s["tpot_s"] is not None:
+            parts.append(f"TPOT {s['tpot_s'] * 1000:.1f} ms")
+        for key, label in (("acceptance_rate", "accept"), ("expert_hit_rate", "hit rate")):
+            if s.get(key) is not None:
+                parts.append(f"{label} {s[key]:.0%}")
+        head = f"[{result['backend']}"
+        if result.get("policy"):
+            head += f" · {result['policy']}"
+        head += "]"
+        Console(stderr=True, highlight=False).print(f"[dim]{head} " + " · ".join(parts) + "[/dim]")

@@ -1,0 +1,105 @@
+"""``moespeq run``: generate text, streamed to stdout, statistics to stderr (or one JSON
+object on stdout with ``--json``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from moespeq_cli.cli import options as o
+from moespeq_cli.errors import UsageError
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq run                      [dim]# the built-in demo model[/dim]
+
+  moespeq run ./my-checkpoint -p "Once upon a time" -n 64
+
+  moespeq run mixtral --temperature 0.7 --top-p 0.9 --seed 1
+
+  moespeq run ./ckpt --backend cpu --json | jq .stats.tokens_per_s
+"""
+
+DEMO_PROMPT = "First Citizen:\nGood morrow, masters; what news from the court?\n\nSecond Citizen:\n"
+DEFAULT_PROMPT = "Write a short poem about the sea."
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise UsageError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text()
+        except FileNotFoundError:
+            raise UsageError(f"prompt file {prompt_file} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read prompt file {prompt_file} ({e})") from None
+    if prompt is None:
+        return default
+    if not prompt.strip():
+        raise UsageError("the prompt is empty; pass some text with --prompt or --prompt-file")
+    return prompt
+
+
+def run(
+    model: o.ModelArg = None,
+    prompt: o.Prompt = None,
+    prompt_file: o.PromptFile = None,
+    max_new_tokens: o.MaxNewTokens = 128,
+    temperature: o.Temperature = 0.0,
+    top_p: o.TopP = 1.0,
+    top_k: o.TopK = 0,
+    seed: o.Seed = None,
+    backend: o.Backend = "auto",
+    cpu_threads: o.CpuThreads = None,
+    dtype: o.Dtype = None,
+    chat: o.Chat = None,
+    json_out: o.Json = False,
+) -> None:
+    """Generate text with a MoE model.
+
+    Streams the completion to stdout and prints a statistics line to stderr. With
+    --temperature 0 (the default) decoding is greedy and deterministic.
+    """
+    from moespeq_cli.model_ref import DEMO, resolve
+
+    name, path = resolve(model)
+    text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
+
+    from moespeq_cli.cli.render import Renderer
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.sampling import SamplingParams
+    from moespeq_cli.tokenizer import StreamDecoder
+
+    engine = Engine(path, EngineOptions(backend=backend, dtype=dtype, cpu_threads=cpu_threads))
+    use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat
+    prompt_ids = engine.tokenizer.encode(text, chat=use_chat)
+    if not prompt_ids:
+        raise UsageError("the prompt encodes to no tokens; pass some text with --prompt")
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    out = Renderer(json_mode=json_out)
+    decoder = StreamDecoder(engine.tokenizer)
+    token_ids = []
+    if not json_out and name == DEMO and prompt is None and prompt_file is None:
+        out.text(text)
+    for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
+        token_ids.append(ev.token)
+        out.text(decoder.push(ev.token))
+    out.text(decoder.flush())
+    stats = engine.last_stats
+    result = {
+        "model": name,
+        "backend": engine.backend,
+        "hardware": None,
+        "policy": None,
+        "prompt_token_ids": prompt_ids,
+        "token_ids": token_ids,
+        "text": engine.tokenizer.decode(token_ids),
+        "stats": stats.to_dict(),
+    }
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out.end_text()
+        out.stats_line(result)

@@ -1,0 +1,28 @@
+"""Domain errors. The library raises these; the CLI turns each into one line on stderr
+with a remedy (cli/errors.py). ``exit_code`` follows DESIGN.md §7: 1 runtime, 2 usage."""
+
+from __future__ import annotations
+
+
+class MoespeqError(Exception):
+    """Base class: ``str(err)`` is the one-line message shown to the user."""
+
+    exit_code = 1
+
+
+class UsageError(MoespeqError):
+    """A bad option or argument value: the user must change the command line."""
+
+    exit_code = 2
+
+
+class UnknownModelError(UsageError):
+    """MODEL is neither an alias, a cached hub id, nor a local checkpoint directory."""
+
+
+class UnsupportedModelError(MoespeqError):
+    """The checkpoint's architecture (config.json ``model_type``) is not implemented."""
+
+
+class CheckpointError(MoespeqError):
+    """A checkpoint is missing, truncated, corrupt, or disagrees with its config."""

@@ -1,0 +1,68 @@
+"""Resolve MODEL (an alias, a hub id, a local directory, or nothing for the built-in demo)
+to a local checkpoint directory. Resolution never touches the network: hub ids and
+aliases are looked up in the standard Hugging Face cache that ``moespeq pull`` fills."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moespeq_cli.errors import CheckpointError, UnknownModelError
+
+DEMO = "demo"
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+
+# alias -> (hub id, approximate bf16 download size in GB)
+ALIASES: dict[str, tuple[str, float]] = {
+    "mixtral": ("mistralai/Mixtral-8x7B-Instruct-v0.1", 93.4),
+    "phi-moe": ("microsoft/Phi-3.5-MoE-instruct", 83.8),
+    "qwen-moe": ("Qwen/Qwen1.5-MoE-A2.7B-Chat", 28.6),
+    "qwen3-moe": ("Qwen/Qwen3-30B-A3B", 61.1),
+    "olmoe": ("allenai/OLMoE-1B-7B-0924-Instruct", 13.8),
+    "deepseek-lite": ("deepseek-ai/DeepSeek-V2-Lite-Chat", 31.4),
+}
+
+
+def resolve(model: str | None) -> tuple[str, Path]:
+    """-> (display name, checkpoint directory)."""
+    if model is None or model == DEMO:
+        if not (DEMO_DIR / "config.json").is_file():
+            raise CheckpointError(
+                f"the built-in demo model is missing from this install ({DEMO_DIR}); reinstall moespeq"
+            )
+        return DEMO, DEMO_DIR
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return model, path
+    if model in ALIASES or _looks_like_hub_id(model):
+        repo = ALIASES[model][0] if model in ALIASES else model
+        cached = cached_snapshot(repo)
+        if cached is None:
+            raise UnknownModelError(f"{model} ({repo}) is not downloaded; run `moespeq pull {model}` first")
+        return model, cached
+    if path.exists():
+        raise UnknownModelError(
+            f"{model} is a file, not a checkpoint directory; pass the directory that holds config.json"
+        )
+    if os.sep in model or model.startswith("."):
+        raise UnknownModelError(f"checkpoint directory {model} does not exist; check the path")
+    raise UnknownModelError(
+        f"unknown model {model!r}; use an alias ({', '.join(ALIASES)}), a hub id like org/name, or a local directory"
+    )
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
+    """The cached snapshot of ``repo`` holding a config.json, without any network call."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+    return path if (path / "config.json").is_file() else None

@@ -1,0 +1,285 @@
+"""Primitives shared by every architecture: norms, attention with a truncatable KV cache,
+the gated MLP, and the sparse MoE block that delegates expert compute to an executor.
+
+This module knows nothing about where expert weights live. A MoE block computes its
+router's decision, then hands ``(layer, x, expert_ids, weights)`` to the model's
+``experts`` executor: in memory on the CPU (runtime/experts.py), or through the
+offloading cache. That is the one seam the whole runtime hangs on.
+
+Shapes: a batch is one sequence, so activations are ``[T, hidden]``; attention works on
+``[heads, T, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moespeq_cli.models.rope import Rotary, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): dense layers and shared experts (HF names)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVCache:
+    """Per-layer key/value buffers ``[kv_heads, capacity, dim]`` with one shared length.
+
+    ``truncate(n)`` forgets every position >= n; speculative decoding uses it to roll
+    back rejected draft tokens. Buffers grow by doubling, so appends are amortised O(1).
+    """
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return all."""
+        start, end = self.length, self.length + k.shape[1]
+        kb, vb = self.k[layer], self.v[layer]
+        if kb is None or kb.shape[1] < end:
+            cap = max(end, 2 * (kb.shape[1] if kb is not None else 0), 64)
+            nk = k.new_empty(k.shape[0], cap, k.shape[2])
+            nv = v.new_empty(v.shape[0], cap, v.shape[2])
+            if kb is not None:
+                nk[:, :start] = kb[:, :start]
+                nv[:, :start] = vb[:, :start]
+            self.k[layer], self.v[layer] = kb, vb = nk, nv
+        kb[:, start:end] = k
+        vb[:, start:end] = v
+        return kb[:, :end], vb[:, :end]
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None = None
+) -> torch.Tensor:
+    """Causal attention of T new queries at positions [start, start+T) over all keys.
+    q: [H, T, d]; k, v: [Hkv, L, d]; returns [T, H * dv]."""
+    T, L = q.shape[1], k.shape[1]
+    mask = None
+    if T > 1 or (window and L > window):
+        qpos = torch.arange(start, start + T)[:, None]
+        kpos = torch.arange(L)[None, :]
+        mask = kpos <= qpos  # [T, L]
+        if window:
+            mask &= kpos > qpos - window
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != q.shape[0]
+    )[0]  # [H, T, dv]
+    return out.transpose(0, 1).reshape(T, -1)
+
+
+@dataclass
+class AttentionSpec:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # "head" (Qwen3: per head), "full" (OLMoE: whole projection)
+    norm_eps: float = 1e-6
+    clip_qkv: float | None = None
+    window: int | None = None
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary positions (Mixtral, Qwen-MoE, OLMoE, Phi-MoE)."""
+
+    def __init__(self, s: AttentionSpec):
+        super().__init__()
+        self.s = s
+        self.q_proj = nn.Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.heads * s.head_dim, s.hidden, bias=s.o_bias)
+        if s.qk_norm == "head":
+            self.q_norm = RMSNorm(s.head_dim, s.norm_eps)
+            self.k_norm = RMSNorm(s.head_dim, s.norm_eps)
+        elif s.qk_norm == "full":
+            self.q_norm = RMSNorm(s.heads * s.head_dim, s.norm_eps)
+            self.k_norm = RMSNorm(s.kv_heads * s.head_dim, s.norm_eps)
+        self.scale = s.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
+        s, T = self.s, x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*d], [T, Hkv*d] x2
+        if s.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        q = q.view(T, s.heads, s.head_dim)
+        k = k.view(T, s.kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, d], [Hkv, T, d]
+        v = v.view(T, s.kv_heads, s.head_dim).transpose(0, 1)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = cache.length
+        k_all, v_all = cache.write(layer, k, v)
+        return self.o_proj(attend(q, k_all, v_all, start, self.scale, s.window))
+
+
+class ExpertExecutor(Protocol):
+    """Computes ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` for one MoE layer."""
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class SparseMoE(nn.Module):
+    """Router (``gate``) + routed experts (computed by the executor) + optional shared MLP.
+
+    ``route(logits)`` is the family's routing rule: it returns ``ids [T, k]`` and
+    ``weights [T, k]``. The routed experts' weights are not parameters of this module:
+    the executor owns them, so they can live anywhere (host RAM, a device cache, 4-bit).
+    """
+
+    def __init__(self, hidden: int, num_experts: int, route: Callable, gate_fp32: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.route = route
+        self.gate_fp32 = gate_fp32
+        self.layer = -1
+        self.experts: ExpertExecutor | None = None
+        self.observer: Callable | None = None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_fp32:
+            return F.linear(x.float(), self.gate.weight.float())
+        return self.gate(x)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(self.router_logits(x))  # [T, k], [T, k]
+        if self.observer is not None:
+            self.observer(self.layer, ids, weights)
+        out = self.experts(self.layer, x, ids, weights)
+        extra = self.shared(x)
+        return out if extra is None else out + extra
+
+
+def softmax_topk(top_k: int, normalize: bool, keep_fp32: bool = False) -> Callable:
+    """Softmax over all experts in fp32, keep the top k, optionally renormalise them."""
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, ids = torch.topk(probs, top_k, dim=-1)
+        if normalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return ids, (w if keep_fp32 else w.to(logits.dtype))
+
+    return route
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block. ``mlp_name`` is the checkpoint's name for the MLP/MoE
+    module (``block_sparse_moe`` in Mixtral and Phi-MoE files, ``mlp`` elsewhere)."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], mlp_name: str = "mlp"):
+        super().__init__()
+        self.self_attn = attn
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        setattr(self, mlp_name, mlp)
+        self.ffn = mlp.forward  # a bound method, not a registered child: names stay HF's
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache, rope)
+        return x + self.ffn(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], norm: nn.Module):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+
+class CausalLM(nn.Module):
+    """The common top level: ``model.{embed_tokens,layers,norm}`` and ``lm_head``, as in
+    Hugging Face checkpoints, so ``load_state_dict`` takes their names unchanged.
+
+    Subclasses (one per family) build the layers and set ``config`` (a family dataclass
+    with ``moe_layers``, ``num_experts``, ``top_k``) and ``rotary``.
+    """
+
+    config: object
+    rotary: Rotary
+
+    def __init__(self, backbone: Backbone, vocab: int, hidden: int, head_bias: bool = False):
+        super().__init__()
+        self.model = backbone
+        self.lm_head = nn.Linear(hidden, vocab, bias=head_bias)
+        self.moe_blocks: dict[int, SparseMoE] = {}
+        for i, layer in enumerate(backbone.layers):
+            mlp = getattr(layer.ffn, "__self__", None)
+            if isinstance(mlp, SparseMoE):
+                mlp.layer = i
+                self.moe_blocks[i] = mlp
+
+    def set_experts(self, executor: ExpertExecutor) -> None:
+        for block in self.moe_blocks.values():
+            block.experts = executor
+
+    def set_router_observer(self, observer: Callable | None) -> None:
+        for block in self.moe_blocks.values():
+            block.observer = observer
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.model.layers))
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
+        return self.rotary.tables(positions, dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """input_ids [T] continuing ``cache``; returns logits [T, vocab] (or [1, vocab])."""
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        positions = torch.arange(cache.length, cache.length + input_ids.shape[0])
+        rope = self.rope_tables(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, i, cache, rope)
+        cache.length += input_ids.shape[0]
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.model.norm(x))

@@ -1,0 +1,122 @@
+"""Checkpoint: a Hugging Face model directory opened lazily.
+
+Only safetensors are read, never pickles (``.bin``/``.pt``), and no code from the
+checkpoint is ever run. Every tensor is addressable on its own without reading the
+others: safetensors files are memory-mapped and ``tensor(name)`` reads one entry, which
+is what lets the runtime move experts one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moespeq_cli.errors import CheckpointError
+from moespeq_cli.models import architecture
+from moespeq_cli.models.config import MoEConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{path} has no config.json; point at a Hugging Face model directory (or `moespeq pull` it)"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); download the checkpoint again") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path} does not hold a JSON object; download the checkpoint again")
+    return cfg
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(
+                f"checkpoint directory {self.path} does not exist; pass a model directory, an alias or a hub id"
+            )
+        self.raw_config = read_config(self.path)
+        self.arch = architecture(self.raw_config.get("model_type"))
+        self.config: MoEConfig = self.arch.parse(self.raw_config)
+        self._files: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        for name in self._weight_files():
+            try:
+                handle = safe_open(str(self.path / name), framework="pt")
+            except SafetensorError as e:
+                raise CheckpointError(f"{self.path / name} is truncated or corrupt ({e}); download it again") from None
+            self._files[name] = handle
+            for key in handle.keys():
+                self._where[key] = name
+
+    def _weight_files(self) -> list[str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is malformed ({e}); download the checkpoint again") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{self.path} lacks shard {missing[0]} named in its index; the download is incomplete"
+                )
+            return files
+        files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if files:
+            return files
+        if any(p.suffix in PICKLE_SUFFIXES for p in self.path.iterdir()):
+            raise CheckpointError(
+                f"{self.path} holds only pickle weights (.bin/.pt); moespeq never unpickles. "
+                "Convert it to safetensors (save_pretrained(..., safe_serialization=True)) or pull a safetensors revision"
+            )
+        raise CheckpointError(f"{self.path} holds no .safetensors weights; download the checkpoint again")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def _handle(self, name: str):
+        if name not in self._where:
+            raise CheckpointError(
+                f"tensor {name} is missing from {self.path}; the checkpoint is incomplete or of another architecture"
+            )
+        return self._files[self._where[name]]
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        try:
+            t = self._handle(name).get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {name} from {self.path} ({e}); download the checkpoint again") from None
+        return t if dtype is None else t.to(dtype)
+
+    def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        """(gate [I, H], up [I, H], down [H, I]) of one routed expert, read on its own."""
+        return tuple(self.tensor(k, dtype) for k in self.config.expert_keys(layer, expert))
+
+    def check_experts(self) -> None:
+        """Every routed expert present with the shapes the config implies (no data read)."""
+        c = self.config
+        for layer in c.moe_layers:
+            for e in range(c.num_experts):
+                for key, want in zip(c.expert_keys(layer, e), c.expert_shapes(), strict=True):
+                    got = self.shape(key)
+                    if got != want:
+                        raise CheckpointError(
+                            f"tensor {key} has shape {list(got)} but config.json implies {list(want)}; "
+                            "the checkpoint and its config disagree"
+                        )

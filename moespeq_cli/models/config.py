@@ -1,0 +1,75 @@
+"""MoEConfig: what the runtime needs to know about any supported checkpoint, read from
+config.json. Family files fill it; the planner, expert store and cache only read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moespeq_cli.errors import CheckpointError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class MoEConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    dtype: torch.dtype
+    expert_names: tuple[str, str, str]  # HF names of the gate, up, down projections
+    expert_prefix: str  # e.g. "model.layers.{layer}.mlp.experts.{expert}."
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
+        p = self.expert_prefix.format(layer=layer, expert=expert)
+        return tuple(f"{p}{n}.weight" for n in self.expert_names)  # type: ignore[return-value]
+
+    def expert_shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        h, i = self.hidden_size, self.expert_intermediate
+        return (i, h), (i, h), (h, i)
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden_size * self.expert_intermediate
+
+
+def need(cfg: dict, *names: str, default=None, kind=None):
+    """The first of ``names`` present in config.json; a clear error when required and absent."""
+    for n in names:
+        if cfg.get(n) is not None:
+            v = cfg[n]
+            if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise CheckpointError(f"config.json field {n!r} must be a non-negative integer, got {v!r}")
+            return v
+    if default is None:
+        raise CheckpointError(
+            f"config.json lacks {names[0]!r}; the checkpoint is incomplete or not a {cfg.get('model_type')} model"
+        )
+    return default
+
+
+def checkpoint_dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    if name not in DTYPES:
+        raise CheckpointError(f"config.json dtype {name!r} is not supported (use float32, float16 or bfloat16)")
+    return DTYPES[name]
+
+
+def check_activation(cfg: dict) -> None:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"config.json hidden_act {act!r} is not supported; moespeq implements 'silu' experts")

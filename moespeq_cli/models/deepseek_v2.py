@@ -1,0 +1,155 @@
+"""DeepSeek-V2 / V2-Lite: Multi-head Latent Attention (MLA), shared experts, the first
+``first_k_dense_replace`` layers dense, and the greedy or group-limited top-k router
+(fp32 softmax, weights times routed_scaling_factor).
+
+MLA compresses keys and values into a ``kv_lora_rank`` latent plus one shared rotary key
+of ``qk_rope_head_dim``; ``kv_b_proj`` expands the latent into per-head keys (no
+position) and values. Rotary here rotates interleaved pairs (DeepSeek's complex layout).
+The KV cache stores the expanded per-head keys and values, so rollback and attention
+are the same code as every other family.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, KVCache, RMSNorm, SparseMoE, attend
+from moespeq_cli.models.config import MoEConfig, check_activation, checkpoint_dtype, need
+from moespeq_cli.models.rope import Rotary, apply_rope_interleaved, inv_freq, rope_parameters, yarn_mscale
+
+
+def moe_layer_ids(cfg: dict) -> list[int]:
+    layers = need(cfg, "num_hidden_layers", kind=int)
+    first_dense = need(cfg, "first_k_dense_replace", default=0, kind=int)
+    freq = need(cfg, "moe_layer_freq", default=1, kind=int) or 1
+    if not cfg.get("n_routed_experts"):
+        return []
+    return [i for i in range(layers) if i >= first_dense and i % freq == 0]
+
+
+def parse(cfg: dict) -> MoEConfig:
+    check_activation(cfg)
+    return MoEConfig(
+        model_type=cfg["model_type"],
+        vocab_size=need(cfg, "vocab_size", kind=int),
+        hidden_size=need(cfg, "hidden_size", kind=int),
+        num_layers=need(cfg, "num_hidden_layers", kind=int),
+        moe_layers=moe_layer_ids(cfg),
+        num_experts=need(cfg, "n_routed_experts", kind=int),
+        top_k=need(cfg, "num_experts_per_tok", kind=int),
+        expert_intermediate=need(cfg, "moe_intermediate_size", kind=int),
+        dtype=checkpoint_dtype(cfg),
+        expert_names=("gate_proj", "up_proj", "down_proj"),
+        expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
+        raw=cfg,
+    )
+
+
+def deepseek_router(cfg: dict):
+    top_k = need(cfg, "num_experts_per_tok", kind=int)
+    method = cfg.get("topk_method") or "greedy"
+    n_group, topk_group = cfg.get("n_group"), cfg.get("topk_group")
+    scale = float(cfg.get("routed_scaling_factor", 1.0))
+    normalize = bool(cfg.get("norm_topk_prob", False)) and top_k > 1
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = logits.softmax(dim=-1, dtype=torch.float32)  # [T, E]
+        if method == "group_limited_greedy":
+            T, E = scores.shape
+            group_best = scores.view(T, n_group, E // n_group).max(dim=-1).values  # [T, G]
+            keep = torch.topk(group_best, topk_group, dim=-1).indices
+            mask = torch.zeros_like(group_best, dtype=torch.bool).scatter_(1, keep, True)
+            scores = scores.masked_fill(~mask.repeat_interleave(E // n_group, dim=1), 0.0)
+        w, ids = torch.topk(scores, top_k, dim=-1)
+        if normalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, w * scale
+
+    return route
+
+
+class SharedExpertsMoE(SparseMoE):
+    def __init__(self, hidden: int, num_experts: int, route, shared_inter: int):
+        super().__init__(hidden, num_experts, route, gate_fp32=True)
+        self.shared_experts = GatedMLP(hidden, shared_inter)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared_experts(x)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        h = need(cfg, "hidden_size", kind=int)
+        self.heads = need(cfg, "num_attention_heads", kind=int)
+        self.q_lora = cfg.get("q_lora_rank")
+        self.kv_lora = need(cfg, "kv_lora_rank", kind=int)
+        self.nope = need(cfg, "qk_nope_head_dim", kind=int)
+        self.rope_dim = need(cfg, "qk_rope_head_dim", kind=int)
+        self.v_dim = need(cfg, "v_head_dim", kind=int)
+        bias = bool(cfg.get("attention_bias", False))
+        qk = self.nope + self.rope_dim
+        if self.q_lora is None:
+            self.q_proj = nn.Linear(h, self.heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora, 1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora, self.heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora, 1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, h, bias=bias)
+        params = rope_parameters(cfg)
+        self.scale = qk**-0.5
+        if params["rope_type"] != "default" and params.get("mscale_all_dim"):
+            m = yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"]))
+            self.scale *= m * m
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
+        T, H = x.shape[0], self.heads
+        q = self.q_proj(x) if self.q_lora is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, H, -1).transpose(0, 1)  # [H, T, nope + rope]
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)  # [T, r], [T, rope]
+        cos, sin = rope
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        k_pe = apply_rope_interleaved(k_pe[None], cos, sin)  # [1, T, rope]
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(T, H, -1).transpose(0, 1)  # [H, T, nope + v]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(H, -1, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        start = cache.length
+        k_all, v_all = cache.write(layer, k, v.contiguous())
+        return self.o_proj(attend(q, k_all, v_all, start, self.scale))
+
+
+class Model(CausalLM):
+    def __init__(self, cfg: dict, context: int = 0):
+        c = self.config = parse(cfg)
+        eps = cfg.get("rms_norm_eps", 1e-6)
+
+        def norm() -> nn.Module:
+            return RMSNorm(c.hidden_size, eps)
+
+        route = deepseek_router(cfg)
+        shared_inter = c.expert_intermediate * need(cfg, "n_shared_experts", default=0, kind=int)
+        layers = []
+        for i in range(c.num_layers):
+            if i in c.moe_layers:
+                if shared_inter:
+                    mlp: nn.Module = SharedExpertsMoE(c.hidden_size, c.num_experts, route, shared_inter)
+                else:
+                    mlp = SparseMoE(c.hidden_size, c.num_experts, route, gate_fp32=True)
+            else:
+                mlp = GatedMLP(c.hidden_size, need(cfg, "intermediate_size", kind=int), bias=bool(cfg.get("mlp_bias")))
+            layers.append(DecoderLayer(MLAttention(cfg), mlp, norm))
+        super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
+        params = rope_parameters(cfg)
+        inv, scale = inv_freq(
+            params, need(cfg, "qk_rope_head_dim", kind=int), cfg.get("max_position_embeddings", 4096), context
+        )
+        self.rotary = Rotary(inv, scale, interleaved=True)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
+        return self.rotary.tables(positions, torch.float32)  # the reference rotates in fp32

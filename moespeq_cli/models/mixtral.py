@@ -1,0 +1,75 @@
+"""Mixtral (8x7B, 8x22B): GQA attention, RMSNorm, softmax top-k router renormalised over
+the chosen experts, experts ``w1`` (gate), ``w3`` (up), ``w2`` (down)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moespeq_cli.models.base import (
+    Attention,
+    AttentionSpec,
+    Backbone,
+    CausalLM,
+    DecoderLayer,
+    RMSNorm,
+    SparseMoE,
+    softmax_topk,
+)
+from moespeq_cli.models.config import MoEConfig, check_activation, checkpoint_dtype, need
+from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+
+
+def parse(cfg: dict) -> MoEConfig:
+    check_activation(cfg)
+    layers = need(cfg, "num_hidden_layers", kind=int)
+    return MoEConfig(
+        model_type=cfg["model_type"],
+        vocab_size=need(cfg, "vocab_size", kind=int),
+        hidden_size=need(cfg, "hidden_size", kind=int),
+        num_layers=layers,
+        moe_layers=list(range(layers)),
+        num_experts=need(cfg, "num_local_experts", "num_experts", kind=int),
+        top_k=need(cfg, "num_experts_per_tok", kind=int),
+        expert_intermediate=need(cfg, "intermediate_size", kind=int),
+        dtype=checkpoint_dtype(cfg),
+        expert_names=("w1", "w3", "w2"),
+        expert_prefix="model.layers.{layer}.block_sparse_moe.experts.{expert}.",
+        raw=cfg,
+    )
+
+
+def attention_spec(cfg: dict, **extra) -> AttentionSpec:
+    heads = need(cfg, "num_attention_heads", kind=int)
+    hidden = need(cfg, "hidden_size", kind=int)
+    return AttentionSpec(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=need(cfg, "num_key_value_heads", default=heads, kind=int),
+        head_dim=need(cfg, "head_dim", default=hidden // heads, kind=int),
+        norm_eps=need(cfg, "rms_norm_eps", default=1e-6),
+        window=cfg.get("sliding_window") or None,
+        **extra,
+    )
+
+
+def rotary(cfg: dict, spec: AttentionSpec, context: int = 0) -> Rotary:
+    inv, scale = inv_freq(rope_parameters(cfg), spec.head_dim, cfg.get("max_position_embeddings", 4096), context)
+    return Rotary(inv, scale)
+
+
+class Model(CausalLM):
+    def __init__(self, cfg: dict, context: int = 0):
+        c = self.config = parse(cfg)
+        spec = attention_spec(cfg)
+        eps = spec.norm_eps
+
+        def norm() -> nn.Module:
+            return RMSNorm(c.hidden_size, eps)
+
+        route = softmax_topk(c.top_k, normalize=True, keep_fp32=True)
+        layers = [
+            DecoderLayer(Attention(spec), SparseMoE(c.hidden_size, c.num_experts, route), norm, "block_sparse_moe")
+            for _ in range(c.num_layers)
+        ]
+        super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
+        self.rotary = rotary(cfg, spec, context)

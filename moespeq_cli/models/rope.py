@@ -1,0 +1,122 @@
+"""Rotary position embeddings: default, linear, YaRN (DeepSeek-V2) and LongRoPE (Phi-3.5-MoE).
+
+``rope_parameters(cfg)`` reads either spelling a checkpoint may use: the hub's
+``rope_theta`` + ``rope_scaling`` or transformers 5's ``rope_parameters``.
+``inv_freq(...)`` returns the inverse frequencies and the factor that scales cos/sin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_parameters(cfg: dict, default_theta: float = 10000.0) -> dict:
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    params.setdefault("rope_theta", cfg.get("rope_theta", default_theta))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    params["rope_type"] = "longrope" if kind == "su" else kind
+    return params
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def inv_freq(params: dict, dim: int, max_positions: int, context: int = 0) -> tuple[torch.Tensor, float]:
+    with torch.device("cpu"):  # models are built on the meta device; these are real
+        return _inv_freq(params, dim, max_positions, context)
+
+
+def _inv_freq(params: dict, dim: int, max_positions: int, context: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for a rotary dimension ``dim``, and the cos/sin scale.
+
+    ``context`` is the longest sequence this run will reach; LongRoPE picks its long
+    factors beyond the original training length, as Phi-3's reference code does.
+    """
+    base = float(params["rope_theta"])
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim  # [dim/2]
+    kind = params["rope_type"]
+    if kind == "default":
+        return 1.0 / base**exponents, 1.0
+    if kind == "linear":
+        return 1.0 / (float(params["factor"]) * base**exponents), 1.0
+    if kind == "yarn":
+        factor = float(params["factor"])
+        orig = params["original_max_position_embeddings"]
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        attn = params.get("attention_factor")
+        if attn is None:
+            attn = (
+                yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+                if mscale and mscale_all
+                else yarn_mscale(factor)
+            )
+        fast, slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(fast), correction_dim(slow)
+        if params.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1.0 - ramp
+        pos = base**exponents
+        return (1.0 / (factor * pos)) * (1 - extrapolate) + (1.0 / pos) * extrapolate, float(attn)
+    if kind == "longrope":
+        orig = params["original_max_position_embeddings"]
+        factor = params.get("factor") or max_positions / orig
+        long = context > orig
+        ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float32)
+        key = "long_mscale" if long else "short_mscale"
+        if params.get(key) is not None:
+            attn = float(params[key])
+        elif params.get("attention_factor") is not None:
+            attn = float(params["attention_factor"])
+        else:
+            attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        return 1.0 / (ext * base**exponents), attn
+    raise ValueError(f"unsupported rope type {kind!r}")
+
+
+class Rotary:
+    """Precomputed cos/sin tables for positions [0, capacity); grows on demand."""
+
+    def __init__(self, inv: torch.Tensor, scale: float, interleaved: bool = False):
+        self.inv, self.scale, self.interleaved = inv, scale, interleaved
+        self.cos = self.sin = torch.empty(0)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        end = int(positions[-1]) + 1
+        if end > self.cos.shape[0] or self.cos.dtype != dtype:
+            n = max(end, 2 * self.cos.shape[0], 64)
+            freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv[None, :]  # [n, d/2]
+            emb = freqs if self.interleaved else torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        return self.cos[positions], self.sin[positions]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation (Llama/Mixtral layout). x: [heads, T, d]; cos/sin: [T, d]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pairwise (complex) rotation, DeepSeek layout: dims (2i, 2i+1) form one pair.
+    Computed in float32 like the reference. x: [heads, T, d]; cos/sin: [T, d/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [heads, T, d/2, 2]
+    re, im = xf[..., 0], xf[..., 1]
+    c, s = cos.float(), sin.float()
+    return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)

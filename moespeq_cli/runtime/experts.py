@@ -1,0 +1,71 @@
+"""Routed-expert compute: the grouping every executor shares, and the in-memory executor.
+
+``grouped(x, ids, weights, run)`` computes ``sum_j weights[t, j] * expert_ids[t, j](x[t])``
+by visiting each expert used by any of the T tokens once, in ascending id order, and
+running it on all of its tokens in one matmul (the same order and dtypes as the
+Hugging Face reference, so bf16 results agree). ``run(e, x_e)`` returns the expert's
+output for its tokens; executors differ only in where they get the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moespeq_cli.models.checkpoint import Checkpoint
+
+
+def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def token_groups(ids: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
+    """expert -> (token rows, top-k slots), experts in ascending order."""
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for t, row in enumerate(ids.tolist()):
+        for j, e in enumerate(row):
+            g = groups.setdefault(e, ([], []))
+            g[0].append(t)
+            g[1].append(j)
+    return dict(sorted(groups.items()))
+
+
+def grouped(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    run: Callable[[int, torch.Tensor], torch.Tensor],
+    order: list[int] | None = None,
+) -> torch.Tensor:
+    out = torch.zeros_like(x)  # [T, H]
+    groups = token_groups(ids)
+    for e in order if order is not None else groups:
+        rows, slots = groups[e]
+        if len(rows) == x.shape[0] == 1:
+            y = run(e, x) * weights[0, slots[0]]
+            out += y.to(out.dtype)
+            continue
+        r = torch.tensor(rows)
+        y = run(e, x[r]) * weights[r, torch.tensor(slots), None]
+        out.index_add_(0, r, y.to(out.dtype))
+    return out
+
+
+class InMemoryExperts:
+    """Every routed expert in host memory, stacked per layer: the ``cpu`` backend and the
+    reference the offloading runtime is checked against."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
+        c = ckpt.config
+        ckpt.check_experts()
+        self.w: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for layer in c.moe_layers:
+            parts = [ckpt.expert(layer, e, dtype) for e in range(c.num_experts)]
+            self.w[layer] = tuple(torch.stack([p[i] for p in parts]) for i in range(3))  # [E, I, H] x2, [E, H, I]
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.w[layer]
+        return grouped(x, ids, weights, lambda e, xe: expert_mlp(xe, gate[e], up[e], down[e]))

@@ -1,0 +1,47 @@
+"""The plain decode loop: prefill the prompt, then one token per forward pass, streaming
+a ``TokenEvent`` per token. It knows nothing about tokenization or where experts live;
+the CLI, the profiler and the benchmark all consume the same events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from moespeq_cli.models.base import CausalLM
+from moespeq_cli.runtime.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    index: int  # 0 for the first generated token
+    seconds: float  # since generation started, on the run's clock
+    from_draft: bool = False
+    eos: bool = False
+
+
+def generate(
+    model: CausalLM,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    eos_ids: set[int] = frozenset(),
+    clock=time.perf_counter,
+) -> Iterator[TokenEvent]:
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    sample = Sampler(sampling)
+    cache = model.new_cache()
+    t0 = clock()
+    logits = model(torch.tensor(prompt_ids), cache, last_only=True)[-1]
+    for i in range(max_new_tokens):
+        token = sample(logits)
+        eos = token in eos_ids
+        yield TokenEvent(token, i, clock() - t0, eos=eos)
+        if eos or i == max_new_tokens - 1:
+            return
+        logits = model(torch.tensor([token]), cache, last_only=True)[-1]

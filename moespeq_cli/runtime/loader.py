@@ -1,0 +1,32 @@
+"""Build a model from a checkpoint: the non-expert weights are loaded into the family's
+module tree by their Hugging Face names (shapes checked against the config first), the
+routed experts stay in the checkpoint for an executor to fetch."""
+
+from __future__ import annotations
+
+import torch
+
+from moespeq_cli.errors import CheckpointError
+from moespeq_cli.models.base import CausalLM
+from moespeq_cli.models.checkpoint import Checkpoint
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, context: int = 0) -> CausalLM:
+    dtype = dtype or ckpt.config.dtype
+    with torch.device("meta"):
+        model: CausalLM = ckpt.arch.Model(ckpt.raw_config, context)
+    tied = bool(ckpt.raw_config.get("tie_word_embeddings", False))
+    state = {}
+    for name, p in model.state_dict().items():
+        src = name
+        if name == "lm_head.weight" and not ckpt.has(name) and tied:
+            src = "model.embed_tokens.weight"
+        shape = ckpt.shape(src)
+        if shape != tuple(p.shape):
+            raise CheckpointError(
+                f"tensor {src} has shape {list(shape)} but config.json implies {list(p.shape)}; "
+                "the checkpoint and its config disagree"
+            )
+        state[name] = ckpt.tensor(src, dtype)
+    model.load_state_dict(state, assign=True)
+    return model.eval()

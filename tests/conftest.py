@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(family, variant, dtype=float32) -> (checkpoint dir, transformers reference model)."""
+    import torch
+
+    built = {}
+
+    def get(family: str, variant: str, dtype=torch.float32):
+        key = (family, variant, dtype)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"{family}-{variant}")
+            ref = tiny_models.build(family, variant, out, dtype=dtype)
+            built[key] = (out, ref)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture
+def cli():
+    """cli(*args) -> result with exit_code, stdout, stderr; runs through the error mapping."""
+    from typer.testing import CliRunner
+
+    from moespeq_cli.cli.app import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args))
+
+    return invoke

@@ -1,0 +1,136 @@
+"""Every bad input gets one line on stderr, the right exit code, and no traceback."""
+
+import json
+import shutil
+
+import pytest
+
+
+def one_line_error(r, code, *needles):
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("moespeq: error: ")
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def ckpt(tiny, tmp_path):
+    src, _ = tiny("mixtral", "gqa")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def run(cli, path, *extra):
+    return cli("run", str(path), "--prompt", "hello world", "-n", "4", "--backend", "cpu", *extra)
+
+
+def test_missing_directory(cli, tmp_path):
+    one_line_error(run(cli, tmp_path / "nope"), 2, "does not exist")
+
+
+def test_unknown_model_name(cli):
+    one_line_error(cli("run", "not-a-model"), 2, "unknown model", "mixtral")
+
+
+def test_alias_not_downloaded(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    one_line_error(cli("run", "olmoe"), 2, "moespeq pull olmoe")
+
+
+def test_missing_config(cli, ckpt):
+    (ckpt / "config.json").unlink()
+    one_line_error(run(cli, ckpt), 1, "config.json")
+
+
+def test_unknown_model_type_lists_supported(cli, ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    line = one_line_error(run(cli, ckpt), 1, "'llama'")
+    for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2"):
+        assert t in line
+
+
+def test_truncated_safetensors(cli, ckpt):
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    one_line_error(run(cli, ckpt), 1, "truncated or corrupt")
+
+
+def test_missing_tensor(cli, ckpt):
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    sd = load_file(f)
+    del sd["model.layers.1.self_attn.k_proj.weight"]
+    save_file(sd, f, metadata={"format": "pt"})
+    one_line_error(run(cli, ckpt), 1, "model.layers.1.self_attn.k_proj.weight", "missing")
+
+
+def test_missing_expert(cli, ckpt):
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    sd = load_file(f)
+    del sd["model.layers.0.block_sparse_moe.experts.3.w2.weight"]
+    save_file(sd, f, metadata={"format": "pt"})
+    one_line_error(run(cli, ckpt), 1, "experts.3.w2", "missing")
+
+
+def test_shape_disagrees_with_config(cli, ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(cli, ckpt), 1, "shape", "config.json")
+
+
+def test_attention_shape_disagrees(cli, ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_key_value_heads"] = 3
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(cli, ckpt), 1, "k_proj", "shape")
+
+
+def test_bin_only_checkpoint_is_refused(cli, ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    one_line_error(run(cli, ckpt), 1, "never unpickles")
+
+
+def test_empty_prompt(cli, ckpt):
+    one_line_error(cli("run", str(ckpt), "--prompt", "   ", "--backend", "cpu"), 2, "prompt is empty")
+
+
+def test_missing_prompt_file(cli, ckpt, tmp_path):
+    one_line_error(cli("run", str(ckpt), "--prompt-file", str(tmp_path / "none.txt")), 2, "does not exist")
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_non_positive_token_count(cli, ckpt, n):
+    one_line_error(cli("run", str(ckpt), "--max-new-tokens", n), 2, "--max-new-tokens")
+
+
+def test_bad_option(cli, ckpt):
+    one_line_error(cli("run", str(ckpt), "--frobnicate"), 2, "--frobnicate")
+
+
+def test_unknown_backend(cli, ckpt):
+    one_line_error(run(cli, ckpt, "--backend", "tpu"), 2, "backend")
+
+
+def test_malformed_config_json(cli, ckpt):
+    (ckpt / "config.json").write_text("{not json")
+    one_line_error(run(cli, ckpt), 1, "not valid JSON")
+
+
+def test_debug_shows_traceback(cli, ckpt, monkeypatch):
+    monkeypatch.setenv("MOESPEQ_DEBUG", "1")
+    (ckpt / "config.json").unlink()
+    r = run(cli, ckpt)
+    assert r.exit_code == 1 and "Traceback" in r.stderr

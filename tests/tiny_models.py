@@ -1,0 +1,244 @@
+"""Tiny random checkpoints in the real Hugging Face layout, built with transformers.
+
+Each family has a few configurations with odd sizes on purpose (GQA ratios, top-k from 1
+to 4, shared experts, DeepSeek's first dense layers). ``build(family, variant, dir)``
+writes ``save_pretrained`` output plus a small byte-level tokenizer, and returns the
+transformers model (in eval mode) to serve as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 263  # 3 specials + 256 byte symbols + 4 unused ids
+
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+CONFIGS: dict[str, dict[str, dict]] = {
+    "mixtral": {
+        "gqa": dict(
+            hidden_size=48,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_theta=10000.0,
+        ),
+        "top1": dict(
+            hidden_size=32,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_local_experts=5,
+            num_experts_per_tok=1,
+            rope_theta=500.0,
+        ),
+        "top3": dict(
+            hidden_size=40,
+            intermediate_size=36,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+        ),
+    },
+    "qwen2_moe": {
+        "shared": dict(
+            hidden_size=48,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=6,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+        ),
+        "sparse_step": dict(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        ),
+    },
+    "qwen3_moe": {
+        "base": dict(
+            hidden_size=48,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            head_dim=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+        ),
+        "dense_layer": dict(
+            hidden_size=32,
+            intermediate_size=40,
+            moe_intermediate_size=20,
+            head_dim=12,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            num_experts=5,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            mlp_only_layers=[0],
+        ),
+    },
+    "olmoe": {
+        "base": dict(
+            hidden_size=48,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_experts=8,
+            num_experts_per_tok=2,
+        ),
+        "clip": dict(
+            hidden_size=36,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            num_experts=6,
+            num_experts_per_tok=3,
+            clip_qkv=0.5,
+            norm_topk_prob=True,
+        ),
+    },
+    "phimoe": {
+        "base": dict(
+            hidden_size=48,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+        "gqa": dict(
+            hidden_size=36,
+            intermediate_size=28,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=1,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            lm_head_bias=True,
+            attention_bias=True,
+            router_jitter_noise=0.05,
+        ),
+    },
+    "deepseek_v2": {
+        "lite": dict(
+            hidden_size=48,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=24,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=8,
+            v_head_dim=10,
+            topk_method="greedy",
+            routed_scaling_factor=1.0,
+            norm_topk_prob=False,
+        ),
+        "grouped": dict(
+            hidden_size=36,
+            intermediate_size=48,
+            moe_intermediate_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            q_lora_rank=20,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=False,
+        ),
+    },
+}
+
+CLASSES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+}
+
+VARIANTS = [(f, v) for f, vs in CONFIGS.items() for v in vs]
+
+
+def byte_tokenizer_json() -> dict:
+    """A tiny tokenizer.json: 3 specials, then one token per byte value we use (<= VOCAB)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return json.loads(tok.to_str())
+
+
+def build(family: str, variant: str, out: Path, dtype: torch.dtype = torch.float32, seed: int = 0):
+    import transformers
+
+    cfg_cls, model_cls = (getattr(transformers, n) for n in CLASSES[family])
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**COMMON, **CONFIGS[family][variant])
+    model = model_cls(cfg).eval()
+    # Random init is tiny (std 0.02); widen it so routing and logits are not degenerate.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15 if "embed" not in name else 1.0)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+            else:
+                p.uniform_(0.6, 1.4)
+    model = model.to(dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
+    return model
