@@ -24,7 +24,34 @@ Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the K most likely tokens (0 = off).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.", show_default=False)]
-Backend = Annotated[str, typer.Option("--backend", help="auto | cpu.")]
+Backend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="auto | cuda | mock | cpu. auto: cuda when a GPU is visible, "
+        "else mock (a simulated GPU on a virtual clock).",
+    ),
+]
+Hardware = Annotated[
+    Optional[str],
+    typer.Option(
+        "--hardware",
+        help="Hardware profile name (profiles/*.yaml) or a "
+        "path to one: timing and default memory. Default: rtx3060-12gb.",
+        show_default=False,
+    ),
+]
+Vram = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vram", help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory.", show_default=False
+    ),
+]
+Policy = Annotated[str, typer.Option("--policy", help="resident | ondemand | lru | gate-prefetch.")]
+Trace = Annotated[
+    Optional[Path],
+    typer.Option("--trace", help="Write the timeline as Chrome trace JSON (Perfetto).", show_default=False),
+]
 CpuThreads = Annotated[
     Optional[int], typer.Option("--cpu-threads", min=1, help="Threads for CPU compute.", show_default=False)
 ]

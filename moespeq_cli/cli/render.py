@@ -23,6 +23,16 @@ class Renderer:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
+    def plan(self, plan, hw) -> None:
+        from rich.console import Console
+
+        from moespeq_cli.runtime.hardware import format_size
+
+        parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
+        Console(stderr=True, highlight=False).print(
+            f"[dim]plan: {format_size(plan.budget_bytes)} on {hw.name} ({plan.policy}): {parts}[/dim]"
+        )
+
     def stats_line(self, result: dict) -> None:
         from rich.console import Console
 
@@ -37,6 +47,10 @@ class Renderer:
         for key, label in (("acceptance_rate", "accept"), ("expert_hit_rate", "hit rate")):
             if s.get(key) is not None:
                 parts.append(f"{label} {s[key]:.0%}")
+        if s.get("io_stall_s") is not None and s["seconds"]:
+            parts.append(f"I/O stall {s['io_stall_s'] / s['seconds']:.0%}")
+        if s.get("bytes_h2d") is not None:
+            parts.append(f"{s['bytes_h2d'] / 1e6:.1f} MB copied")
         head = f"[{result['backend']}"
         if result.get("policy"):
             head += f" · {result['policy']}"

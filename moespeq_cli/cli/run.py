@@ -52,6 +52,10 @@ def run(
     top_k: o.TopK = 0,
     seed: o.Seed = None,
     backend: o.Backend = "auto",
+    hardware: o.Hardware = None,
+    vram: o.Vram = None,
+    policy: o.Policy = "gate-prefetch",
+    trace: o.Trace = None,
     cpu_threads: o.CpuThreads = None,
     dtype: o.Dtype = None,
     chat: o.Chat = None,
@@ -72,13 +76,21 @@ def run(
     from moespeq_cli.runtime.sampling import SamplingParams
     from moespeq_cli.tokenizer import StreamDecoder
 
-    engine = Engine(path, EngineOptions(backend=backend, dtype=dtype, cpu_threads=cpu_threads))
+    out = Renderer(json_mode=json_out)
+    engine = Engine(
+        path,
+        EngineOptions(
+            backend=backend, dtype=dtype, cpu_threads=cpu_threads, hardware=hardware, vram=vram, policy=policy
+        ),
+    )
     use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat
     prompt_ids = engine.tokenizer.encode(text, chat=use_chat)
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens; pass some text with --prompt")
+    engine.load(context=len(prompt_ids) + max_new_tokens)
+    if engine.plan is not None and not json_out:
+        out.plan(engine.plan, engine.hw)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    out = Renderer(json_mode=json_out)
     decoder = StreamDecoder(engine.tokenizer)
     token_ids = []
     if not json_out and name == DEMO and prompt is None and prompt_file is None:
@@ -90,14 +102,21 @@ def run(
     stats = engine.last_stats
     result = {
         "model": name,
-        "backend": engine.backend,
-        "hardware": None,
-        "policy": None,
+        "backend": engine.backend_name,
+        "hardware": engine.hw.name if engine.hw else None,
+        "policy": engine.policy_name,
+        "plan": engine.plan.to_dict() if engine.plan else None,
         "prompt_token_ids": prompt_ids,
         "token_ids": token_ids,
         "text": engine.tokenizer.decode(token_ids),
         "stats": stats.to_dict(),
     }
+    if trace is not None:
+        if engine.backend is None:
+            raise UsageError("--trace needs the mock or cuda backend (the cpu backend keeps no timeline)")
+        engine.backend.timeline.write_chrome_trace(
+            trace, {"model": name, "policy": engine.policy_name, "hardware": result["hardware"], "clock": stats.clock}
+        )
     if json_out:
         sys.stdout.write(json.dumps(result) + "\n")
     else:

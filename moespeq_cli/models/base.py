@@ -91,8 +91,8 @@ def attend(
     T, L = q.shape[1], k.shape[1]
     mask = None
     if T > 1 or (window and L > window):
-        qpos = torch.arange(start, start + T)[:, None]
-        kpos = torch.arange(L)[None, :]
+        qpos = torch.arange(start, start + T, device=q.device)[:, None]
+        kpos = torch.arange(L, device=q.device)[None, :]
         mask = kpos <= qpos  # [T, L]
         if window:
             mask &= kpos > qpos - window
@@ -133,6 +133,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(s.heads * s.head_dim, s.norm_eps)
             self.k_norm = RMSNorm(s.kv_heads * s.head_dim, s.norm_eps)
         self.scale = s.head_dim**-0.5
+
+    def kv_dims(self) -> tuple[int, int, int, int]:
+        """(query heads, cached kv heads, key dim, value dim)."""
+        return self.s.heads, self.s.kv_heads, self.s.head_dim, self.s.head_dim
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
         s, T = self.s, x.shape[0]
@@ -268,15 +272,14 @@ class CausalLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(len(self.model.layers))
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
-        return self.rotary.tables(positions, dtype)
+    def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        return self.rotary.tables(start, end, device, dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """input_ids [T] continuing ``cache``; returns logits [T, vocab] (or [1, vocab])."""
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        positions = torch.arange(cache.length, cache.length + input_ids.shape[0])
-        rope = self.rope_tables(positions, x.dtype)
+        x = self.model.embed_tokens(input_ids.to(self.lm_head.weight.device))  # [T, hidden]
+        rope = self.rope_tables(cache.length, cache.length + input_ids.shape[0], x.device, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, i, cache, rope)
         cache.length += input_ids.shape[0]

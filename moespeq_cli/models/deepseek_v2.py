@@ -106,6 +106,10 @@ class MLAttention(nn.Module):
             m = yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"]))
             self.scale *= m * m
 
+    def kv_dims(self) -> tuple[int, int, int, int]:
+        """(query heads, cached kv heads, key dim, value dim): the cache holds expanded heads."""
+        return self.heads, self.heads, self.nope + self.rope_dim, self.v_dim
+
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
         T, H = x.shape[0], self.heads
         q = self.q_proj(x) if self.q_lora is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -151,5 +155,5 @@ class Model(CausalLM):
         )
         self.rotary = Rotary(inv, scale, interleaved=True)
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
-        return self.rotary.tables(positions, torch.float32)  # the reference rotates in fp32
+    def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        return self.rotary.tables(start, end, device, torch.float32)  # the reference rotates in fp32

@@ -93,14 +93,17 @@ class Rotary:
         self.inv, self.scale, self.interleaved = inv, scale, interleaved
         self.cos = self.sin = torch.empty(0)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        end = int(positions[-1]) + 1
-        if end > self.cos.shape[0] or self.cos.dtype != dtype:
+    def tables(
+        self, start: int, end: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions [start, end): [end - start, d]."""
+        if end > self.cos.shape[0] or self.cos.dtype != dtype or self.cos.device != device:
             n = max(end, 2 * self.cos.shape[0], 64)
             freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv[None, :]  # [n, d/2]
             emb = freqs if self.interleaved else torch.cat((freqs, freqs), dim=-1)
-            self.cos, self.sin = (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
-        return self.cos[positions], self.sin[positions]
+            self.cos = (emb.cos() * self.scale).to(device, dtype)
+            self.sin = (emb.sin() * self.scale).to(device, dtype)
+        return self.cos[start:end], self.sin[start:end]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

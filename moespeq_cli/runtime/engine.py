@@ -1,5 +1,11 @@
-"""Engine: one loaded model ready to generate -- checkpoint, model, tokenizer and the
-expert executor of the chosen backend. The CLI, the benchmark and the tests use it."""
+"""Engine: one model ready to generate on a backend.
+
+``Engine(path, options)`` reads the checkpoint's config and tokenizer; ``load(context)``
+plans device memory for that many tokens (refusing an impossible budget before reading
+any weight), loads the non-expert weights, builds the expert store, cache and policy,
+and instruments the model for the backend's clock. ``generate`` streams TokenEvents and
+leaves ``last_stats``. The CLI, the benchmark and the tests all drive this class.
+"""
 
 from __future__ import annotations
 
@@ -13,45 +19,116 @@ import torch
 from moespeq_cli.errors import UsageError
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
-from moespeq_cli.runtime.experts import InMemoryExperts
+from moespeq_cli.runtime.backends import make_backend, resolve_backend_name
 from moespeq_cli.runtime.generate import TokenEvent, generate
+from moespeq_cli.runtime.hardware import HardwareProfile, load_profile, parse_size
 from moespeq_cli.runtime.loader import load_model
+from moespeq_cli.runtime.planner import Plan, make_plan
+from moespeq_cli.runtime.policies import POLICIES, make_policy
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
 from moespeq_cli.tokenizer import Tokenizer
 
-BACKENDS = ("auto", "cpu")
+DEFAULT_HARDWARE = "rtx3060-12gb"
+DEFAULT_POLICY = "gate-prefetch"
 
 
 @dataclass
 class EngineOptions:
     backend: str = "auto"
     dtype: str | None = None  # None: the checkpoint's torch_dtype
-    context: int = 0  # longest sequence expected (prompt + new tokens); 0 = unknown
     cpu_threads: int | None = None
+    hardware: str | None = None  # profile name or path; default rtx3060-12gb for mock
+    vram: str | int | None = None  # device budget; default: the profile's usable memory
+    policy: str = DEFAULT_POLICY
 
 
 class Engine:
     def __init__(self, path: Path, opts: EngineOptions | None = None):
-        opts = opts or EngineOptions()
-        if opts.backend not in BACKENDS:
-            raise UsageError(f"unknown backend {opts.backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.opts = opts = opts or EngineOptions()
         if opts.dtype is not None and opts.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {opts.dtype!r}; choose float32, float16 or bfloat16")
+        if opts.policy not in POLICIES:
+            make_policy(opts.policy)  # raises the usage error listing the policies
+        self.backend_name = resolve_backend_name(opts.backend)
+        self.hw: HardwareProfile | None = None
+        self.budget: int | None = None
+        if self.backend_name != "cpu":
+            self.hw = load_profile(opts.hardware or DEFAULT_HARDWARE)
+            self.budget = parse_size(opts.vram) if opts.vram is not None else self.hw.usable_memory
+        elif opts.vram is not None or opts.hardware is not None:
+            raise UsageError("--vram and --hardware apply to the mock and cuda backends, not --backend cpu")
         if opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
-        self.backend = "cpu"
         self.ckpt = Checkpoint(path)
         self.tokenizer = Tokenizer(self.ckpt.path, self.ckpt.raw_config)
         self.dtype = DTYPES[opts.dtype] if opts.dtype else self.ckpt.config.dtype
-        self.model = load_model(self.ckpt, self.dtype, opts.context)
-        self.model.set_experts(InMemoryExperts(self.ckpt, self.dtype))
-        self.clock_kind = "wall"
+        self.plan: Plan | None = None
+        self.backend = None
+        self.cache = None
         self.last_stats: GenerationStats | None = None
 
+    @property
+    def policy_name(self) -> str | None:
+        return None if self.backend_name == "cpu" else self.opts.policy
+
+    def load(self, context: int) -> None:
+        if self.backend_name == "cpu":
+            from moespeq_cli.runtime.experts import InMemoryExperts
+
+            self.model = load_model(self.ckpt, self.dtype, context)
+            self.model.set_experts(InMemoryExperts(self.ckpt, self.dtype))
+            return
+        from moespeq_cli.runtime.expert_cache import ExpertCache
+        from moespeq_cli.runtime.expert_store import ExpertStore
+        from moespeq_cli.runtime.offload import OffloadedExperts, instrument
+
+        with torch.device("meta"):
+            shape_model = self.ckpt.arch.Model(self.ckpt.raw_config, context)
+        self.plan = make_plan(shape_model, self.ckpt.config, self.dtype, self.budget, context, self.opts.policy)
+        backend = self.backend = make_backend(self.backend_name, self.hw, self.budget)
+        backend.alloc(self.plan.non_expert_bytes, "non-expert weights")
+        backend.alloc(self.plan.kv_cache_bytes, "KV cache")
+        backend.alloc(self.plan.workspace_bytes, "workspace")
+        model = load_model(self.ckpt, self.dtype, context)
+        self.model = model.to(backend.device) if backend.name == "cuda" else model
+        store = ExpertStore(self.ckpt, self.dtype, pin=backend.name == "cuda")
+        self.cache = ExpertCache(store, backend, self.plan.slots)
+        policy = make_policy(self.opts.policy)
+        self.model.set_experts(OffloadedExperts(self.model, self.cache, backend, policy))
+        if policy.preload_all:
+            self.cache.preload_all()
+        self.hooks = instrument(self.model, backend, self.dtype)
+        backend.reset_clock()
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> Iterator[TokenEvent]:
+        if self.backend is None:
+            clock, kind = time.perf_counter, "wall"
+        else:
+            self.backend.reset_clock()
+            from moespeq_cli.runtime.expert_cache import CacheStats
+
+            self.cache.stats = CacheStats()
+            clock, kind = self.backend.now, self.backend.clock_kind
         times = []
-        for ev in generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, time.perf_counter):
+        for ev in generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock):
             times.append(ev.seconds)
             yield ev
-        self.last_stats = GenerationStats.from_times(self.clock_kind, times)
+        stats = GenerationStats.from_times(kind, times)
+        if self.backend is not None:
+            self.fill_offload_stats(stats)
+        self.last_stats = stats
+
+    def fill_offload_stats(self, stats: GenerationStats) -> None:
+        b, cs = self.backend, self.cache.stats
+        b.finalize_timeline()
+        stats.expert_hit_rate = cs.hit_rate
+        stats.prefetch_precision = cs.prefetch_precision
+        stats.prefetch_recall = cs.prefetch_recall
+        stats.io_stall_s = b.io_stall_s
+        stats.bytes_h2d = b.bytes_h2d
+        compute = b.timeline.busy("compute")
+        used = {(iv.layer, iv.expert) for iv in b.timeline.intervals if iv.kind == "compute" and iv.expert is not None}
+        must_move = max(0, len(used) - self.plan.slots) * self.plan.expert_bytes
+        bound = max(compute, must_move / self.hw.link_bandwidth)
+        stats.bound_ratio = stats.seconds / bound if bound > 0 and stats.seconds else None

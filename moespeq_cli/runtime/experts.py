@@ -39,18 +39,28 @@ def grouped(
     weights: torch.Tensor,
     run: Callable[[int, torch.Tensor], torch.Tensor],
     order: list[int] | None = None,
+    groups: dict[int, tuple[list[int], list[int]]] | None = None,
 ) -> torch.Tensor:
-    out = torch.zeros_like(x)  # [T, H]
-    groups = token_groups(ids)
+    """``order`` is the order experts are computed in (an offloading policy computes the
+    resident ones first); outputs are always summed in ascending expert order, so every
+    policy gives bit-identical results."""
+    groups = token_groups(ids) if groups is None else groups
+    single = x.shape[0] == 1
+    index = {} if single else {e: torch.tensor(g[0], device=x.device) for e, g in groups.items()}
+    outputs = {}
     for e in order if order is not None else groups:
         rows, slots = groups[e]
-        if len(rows) == x.shape[0] == 1:
-            y = run(e, x) * weights[0, slots[0]]
-            out += y.to(out.dtype)
-            continue
-        r = torch.tensor(rows)
-        y = run(e, x[r]) * weights[r, torch.tensor(slots), None]
-        out.index_add_(0, r, y.to(out.dtype))
+        if single:
+            outputs[e] = run(e, x) * weights[0, slots[0]]
+        else:
+            r = index[e]
+            outputs[e] = run(e, x[r]) * weights[r, torch.tensor(slots, device=x.device), None]
+    out = torch.zeros_like(x)  # [T, H]
+    for e in groups:
+        if single:
+            out += outputs[e].to(out.dtype)
+        else:
+            out.index_add_(0, index[e], outputs[e].to(out.dtype))
     return out
 
 

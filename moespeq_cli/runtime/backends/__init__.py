@@ -1,0 +1,39 @@
+"""Backends: where compute runs and how time is measured. See base.py for the interface."""
+
+from __future__ import annotations
+
+from moespeq_cli.errors import UsageError
+from moespeq_cli.runtime.backends.base import Backend, DeviceMemoryError, Event
+from moespeq_cli.runtime.hardware import HardwareProfile
+
+BACKEND_NAMES = ("auto", "cuda", "mock", "cpu")
+
+
+def resolve_backend_name(name: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "mock"
+    if name == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--backend cuda needs a visible CUDA GPU; use --backend mock to simulate one")
+    return name
+
+
+def make_backend(name: str, hw: HardwareProfile, capacity: int) -> Backend:
+    if name == "mock":
+        from moespeq_cli.runtime.backends.mock import MockBackend
+
+        return MockBackend(hw, capacity)
+    if name == "cuda":
+        from moespeq_cli.runtime.backends.cuda import CudaBackend
+
+        return CudaBackend(hw, capacity)
+    raise ValueError(f"no offloading backend {name!r}")
+
+
+__all__ = ["Backend", "DeviceMemoryError", "Event", "make_backend", "resolve_backend_name", "BACKEND_NAMES"]

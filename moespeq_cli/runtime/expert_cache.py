@@ -1,0 +1,146 @@
+"""ExpertCache: N device slots for full-precision experts, a residency map, and eviction.
+
+The cache is a small, backend-agnostic class: it asks the backend to copy an expert's
+host buffer into a slot and remembers the copy's event; whoever computes with the expert
+waits on that event. Experts are *pinned* while a layer needs them, and a pinned expert
+is never evicted. Eviction picks the least recently used unpinned slot, unless the policy
+gives a ``victim`` function (the MoE-SpeQ scheduler's lookahead-aware choice).
+
+Counters: hits and lookups per layer, loads (demand vs prefetch), useful prefetches.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from moespeq_cli.runtime.backends.base import Backend, Event
+from moespeq_cli.runtime.expert_store import ExpertStore
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class CacheStats:
+    lookups: int = 0
+    hits: int = 0
+    demand_loads: int = 0
+    prefetches: int = 0
+    prefetch_used: int = 0
+    layer_lookups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    layer_hits: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.lookups if self.lookups else None
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        return self.prefetch_used / self.prefetches if self.prefetches else None
+
+    @property
+    def prefetch_recall(self) -> float | None:
+        denom = self.prefetch_used + self.demand_loads
+        return self.prefetch_used / denom if denom and self.prefetches else None
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, backend: Backend, slots: int):
+        if slots < 1:
+            raise ValueError("the expert cache needs at least one slot")
+        self.store, self.backend, self.slots = store, backend, slots
+        backend.alloc(slots * store.nbytes, "expert slots")
+        self.device_buffers: torch.Tensor | None = None
+        if backend.name == "cuda":
+            self.device_buffers = torch.empty(slots, store.numel, dtype=store.dtype, device=backend.device)
+        self.slot_of: OrderedDict[Key, int] = OrderedDict()  # LRU order: oldest first
+        self.free_slots = list(range(slots - 1, -1, -1))
+        self.arrival: dict[Key, Event] = {}
+        self.release: dict[int, Event] = {}  # slot -> last reader's event
+        self.pinned: set[Key] = set()
+        self.prefetched: set[Key] = set()  # loaded by a prefetch and not used since
+        self.stats = CacheStats()
+        self.victim: Callable[[list[Key]], Key] | None = None
+
+    # -- residency ------------------------------------------------------------
+    def resident(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def ready(self, key: Key) -> bool:
+        return key in self.slot_of and self.backend.ready(self.arrival[key])
+
+    def touch(self, key: Key) -> None:
+        self.slot_of.move_to_end(key)
+
+    def _evictable(self) -> list[Key]:
+        return [k for k in self.slot_of if k not in self.pinned]
+
+    def can_load(self) -> bool:
+        return bool(self.free_slots) or bool(self._evictable())
+
+    def _take_slot(self) -> int:
+        if self.free_slots:
+            return self.free_slots.pop()
+        candidates = self._evictable()
+        if not candidates:
+            raise RuntimeError("every expert slot is pinned; the plan gave fewer slots than one layer needs at once")
+        key = self.victim(candidates) if self.victim else candidates[0]
+        return self._evict(key)
+
+    def _evict(self, key: Key) -> int:
+        slot = self.slot_of.pop(key)
+        self.arrival.pop(key, None)
+        self.prefetched.discard(key)
+        return slot
+
+    def evict_unpinned(self) -> None:
+        for key in self._evictable():
+            self.free_slots.append(self._evict(key))
+
+    def load(self, key: Key, prefetch: bool = False) -> Event:
+        """Copy an expert into a slot (evicting if needed); returns its arrival event."""
+        if key in self.slot_of:
+            self.touch(key)
+            return self.arrival[key]
+        slot = self._take_slot()
+        layer, expert = key
+        dst = self.device_buffers[slot] if self.device_buffers is not None else None
+        ev = self.backend.copy(
+            dst,
+            self.store.buffer(layer, expert),
+            self.store.nbytes,
+            f"H2D L{layer}.E{expert}",
+            layer,
+            expert,
+            after=self.release.get(slot),
+        )
+        self.slot_of[key] = slot
+        self.arrival[key] = ev
+        if prefetch:
+            self.stats.prefetches += 1
+            self.prefetched.add(key)
+        else:
+            self.stats.demand_loads += 1
+        return ev
+
+    def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.device_buffers is not None:
+            return self.store.views(self.device_buffers[self.slot_of[key]])
+        return self.store.views(self.store.buffer(*key))  # mock: numerics from the host copy
+
+    def mark_used(self, key: Key) -> None:
+        if key in self.prefetched:
+            self.prefetched.discard(key)
+            self.stats.prefetch_used += 1
+        self.release[self.slot_of[key]] = self.backend.record_release()
+        self.touch(key)
+
+    def preload_all(self) -> None:
+        c = self.store.config
+        for layer in c.moe_layers:
+            for e in range(c.num_experts):
+                self.load((layer, e))
+        self.stats = CacheStats()

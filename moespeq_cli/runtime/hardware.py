@@ -1,0 +1,141 @@
+"""Hardware profiles (``profiles/*.yaml``) and memory sizes.
+
+A profile holds the figures the mock backend's timing model and the planner need, each
+with its source in a comment in the YAML. Loading validates every field: an unknown
+key, a missing or non-positive figure, or malformed YAML is an error that names the file
+and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from moespeq_cli.errors import UsageError
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """'12GB' -> 12e9, '12GiB' -> 12 * 2**30, '512MiB', '1.5GB'; a bare number is bytes."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        if text <= 0:
+            raise UsageError(f"size {text!r} must be positive")
+        return int(text)
+    m = _SIZE.match(str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(f"cannot read size {text!r}; write it like 12GB, 12GiB, 512MiB or 1.5GB")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return value
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    device_memory: int  # bytes
+    reserved_memory: int  # bytes the CUDA context and allocator take before moespeq
+    link_bandwidth: float  # B/s host-to-device, pinned
+    link_latency: float  # s per copy
+    peak_flops: float  # dense bf16 FLOP/s on the device
+    mem_bandwidth: float  # B/s device memory
+    launch_overhead: float  # s per kernel
+    host_flops: float  # FLOP/s of the host CPU
+    host_mem_bandwidth: float  # B/s host memory
+    source: str = ""
+
+    @property
+    def usable_memory(self) -> int:
+        return self.device_memory - self.reserved_memory
+
+
+_SIZES = {"device_memory", "reserved_memory"}
+_TEXT = {"name", "description"}
+
+
+def profiles_dir() -> Path:
+    env = os.environ.get("MOESPEQ_PROFILES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "profiles"
+
+
+def available_profiles() -> list[str]:
+    d = profiles_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    path = Path(name_or_path).expanduser()
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        candidate = profiles_dir() / f"{name_or_path}.yaml"
+        if not candidate.is_file():
+            if path.suffix in (".yaml", ".yml"):
+                raise UsageError(f"hardware profile file {path} does not exist")
+            raise UsageError(
+                f"unknown hardware profile {name_or_path!r}; available: {', '.join(available_profiles())} "
+                "(or pass a path to a .yaml file)"
+            )
+        path = candidate
+    return parse_profile(path)
+
+
+def parse_profile(path: Path) -> HardwareProfile:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"hardware profile {path} is not valid YAML{where}; fix the file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"hardware profile {path} must be a YAML mapping of field: value")
+    known = {f.name for f in fields(HardwareProfile)} - {"source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(
+            f"hardware profile {path}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}"
+        )
+    values: dict = {"source": str(path)}
+    for f in sorted(known):
+        if f not in data or data[f] is None:
+            raise UsageError(f"hardware profile {path}: field {f!r} is missing")
+        v = data[f]
+        if f in _TEXT:
+            values[f] = str(v)
+            continue
+        try:
+            num = parse_size(v) if f in _SIZES and isinstance(v, str) else float(v)
+        except (UsageError, TypeError, ValueError):
+            raise UsageError(f"hardware profile {path}: field {f!r} must be a number, got {v!r}") from None
+        if num < 0 or (num == 0 and f != "reserved_memory"):
+            raise UsageError(f"hardware profile {path}: field {f!r} must be positive, got {v!r}")
+        values[f] = int(num) if f in _SIZES else num
+    if values["reserved_memory"] >= values["device_memory"]:
+        raise UsageError(f"hardware profile {path}: reserved_memory must be below device_memory")
+    return HardwareProfile(**values)

@@ -1,0 +1,44 @@
+"""Offloading policies: what is copied when, and what is kept (DESIGN.md §4).
+
+Every policy runs in the same engine with the same cost model; a policy only decides
+copies and eviction.
+
+- ``resident``: every expert on the device before generation starts (an upper bound).
+- ``ondemand``: Hugging Face ``device_map`` style. Each needed expert is copied right
+  before it is used, synchronously, and nothing is kept.
+- ``lru``: Mixtral-Offloading's cache. A layer issues all its misses at once, computes the
+  resident experts while those copies fly, then waits for each miss; least recently used
+  slots are evicted.
+- ``gate-prefetch``: ``lru`` plus Mixtral-Offloading's speculative loading: layer l+1's
+  router applied to layer l's MoE input predicts l+1's experts, prefetched while layer
+  l's experts compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moespeq_cli.errors import UsageError
+
+POLICIES = ("resident", "ondemand", "lru", "gate-prefetch")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    preload_all: bool = False  # resident
+    issue_ahead: bool = True  # issue every miss of a layer before computing any
+    keep: bool = True  # keep experts resident after use
+    gate_prefetch: bool = False
+
+
+def make_policy(name: str) -> Policy:
+    if name == "resident":
+        return Policy(name, preload_all=True)
+    if name == "ondemand":
+        return Policy(name, issue_ahead=False, keep=False)
+    if name == "lru":
+        return Policy(name)
+    if name == "gate-prefetch":
+        return Policy(name, gate_prefetch=True)
+    raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -1,0 +1,114 @@
+"""Timeline: every compute, copy and stall interval of a run, per stream, with names.
+
+It is what the profile view draws and what ``--trace FILE`` writes as Chrome trace JSON
+(Perfetto and chrome://tracing open it): one track per stream, layer/expert/bytes in
+``args``. Times are seconds from the start of generation on the run's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STREAM_TIDS = {"compute": 1, "copy": 2, "host": 3}
+
+
+@dataclass
+class Interval:
+    stream: str  # "compute", "copy" (or "copy1", ...), "host"
+    kind: str  # "compute", "copy", "stall"
+    name: str
+    start: float
+    end: float
+    layer: int | None = None
+    expert: int | None = None
+    bytes: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+class Timeline:
+    def __init__(self):
+        self.intervals: list[Interval] = []
+
+    def add(self, iv: Interval) -> None:
+        self.intervals.append(iv)
+
+    def clear(self) -> None:
+        self.intervals.clear()
+
+    def busy(self, kind: str) -> float:
+        return sum(iv.duration for iv in self.intervals if iv.kind == kind)
+
+    def overlap_s(self) -> float:
+        """Copy time that ran while the compute stream was busy computing (not stalled)."""
+        computes = sorted((iv.start, iv.end) for iv in self.intervals if iv.kind == "compute")
+        merged: list[list[float]] = []
+        for s, e in computes:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        total = 0.0
+        import bisect
+
+        starts = [m[0] for m in merged]
+        for iv in self.intervals:
+            if iv.kind != "copy":
+                continue
+            i = max(0, bisect.bisect_right(starts, iv.start) - 1)
+            while i < len(merged) and merged[i][0] < iv.end:
+                total += max(0.0, min(iv.end, merged[i][1]) - max(iv.start, merged[i][0]))
+                i += 1
+        return total
+
+    def chrome_trace(self, metadata: dict | None = None) -> dict:
+        events = []
+        streams = sorted({iv.stream for iv in self.intervals}, key=lambda s: STREAM_TIDS.get(s, 9))
+        tids = {s: STREAM_TIDS.get(s, 10 + i) for i, s in enumerate(streams)}
+        for s, tid in tids.items():
+            events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": s}})
+        events.append({"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "moespeq"}})
+        for iv in self.intervals:
+            args = {"kind": iv.kind}
+            if iv.layer is not None:
+                args["layer"] = iv.layer
+            if iv.expert is not None:
+                args["expert"] = iv.expert
+            if iv.bytes:
+                args["bytes"] = iv.bytes
+            events.append(
+                {
+                    "ph": "X",
+                    "name": iv.name,
+                    "cat": iv.kind,
+                    "pid": 1,
+                    "tid": tids[iv.stream],
+                    "ts": round(iv.start * 1e6, 3),
+                    "dur": round(iv.duration * 1e6, 3),
+                    "args": args,
+                }
+            )
+        return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": metadata or {}}
+
+    def write_chrome_trace(self, path: Path, metadata: dict | None = None) -> None:
+        atomic_write_text(path, json.dumps(self.chrome_trace(metadata)))
+
+    def to_list(self) -> list[dict]:
+        return [asdict(iv) for iv in self.intervals]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

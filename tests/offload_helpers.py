@@ -1,0 +1,24 @@
+"""Helpers for offloading tests: budgets expressed as a number of expert slots."""
+
+import torch
+
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.planner import make_plan
+from moespeq_cli.runtime.sampling import SamplingParams
+
+
+def vram_for_slots(path, slots: int, context: int, dtype=None) -> int:
+    ck = Checkpoint(path)
+    with torch.device("meta"):
+        model = ck.arch.Model(ck.raw_config, context)
+    plan = make_plan(model, ck.config, dtype or ck.config.dtype, 10**12, context, "lru")
+    return plan.fixed_bytes + slots * plan.expert_bytes
+
+
+def run_engine(path, prompt, n, backend="mock", policy="lru", slots=None, hardware=None, sampling=None):
+    vram = vram_for_slots(path, slots, len(prompt) + n) if slots is not None else None
+    eng = Engine(path, EngineOptions(backend=backend, policy=policy, vram=vram, hardware=hardware))
+    eng.load(len(prompt) + n)
+    tokens = [ev.token for ev in eng.generate(prompt, n, sampling or SamplingParams())]
+    return tokens, eng

@@ -1,0 +1,174 @@
+"""Offloading: every policy on the mock backend gives the cpu backend's tokens, and the
+deterministic clock ranks the policies as their design says."""
+
+import json
+
+import pytest
+import torch
+from offload_helpers import run_engine, vram_for_slots
+
+from moespeq_cli.runtime.policies import POLICIES
+
+CASES = [
+    ("mixtral", "top3"),
+    ("qwen2_moe", "shared"),
+    ("deepseek_v2", "lite"),
+    ("phimoe", "gqa"),
+    ("olmoe", "clip"),
+    ("qwen3_moe", "dense_layer"),
+]
+
+
+def prompt_for(seed: int, n: int = 12) -> list[int]:
+    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_every_policy_gives_cpu_tokens(tiny, family, variant):
+    path, _ = tiny(family, variant)
+    prompt = prompt_for(5)
+    expected, _ = run_engine(path, prompt, 24, backend="cpu")
+    from moespeq_cli.models.checkpoint import Checkpoint
+
+    cfg = Checkpoint(path).config
+    total = cfg.num_experts * len(cfg.moe_layers)
+    for policy in POLICIES:
+        budgets = [total] if policy == "resident" else [cfg.top_k, cfg.top_k + 1, total // 2, total]
+        for slots in budgets:
+            got, eng = run_engine(path, prompt, 24, policy=policy, slots=slots)
+            assert got == expected, (policy, slots)
+            assert eng.plan.slots == (min(slots, cfg.top_k) if policy == "ondemand" else slots)
+
+
+def test_sampling_with_seed_is_identical_across_policies(tiny):
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    path, _ = tiny("mixtral", "gqa")
+    s = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
+    expected, _ = run_engine(path, prompt_for(6), 20, backend="cpu", sampling=s)
+    for policy in ("ondemand", "lru", "gate-prefetch"):
+        got, _ = run_engine(path, prompt_for(6), 20, policy=policy, slots=3, sampling=s)
+        assert got == expected
+
+
+def stats_for(path, policy, slots, prompt):
+    _, eng = run_engine(path, prompt, 32, policy=policy, slots=slots)
+    return eng.last_stats, eng
+
+
+def test_policy_figures_on_the_mock_clock(tiny):
+    """One tiny model, one budget: the orderings DESIGN.md §4 predicts."""
+    path, _ = tiny("mixtral", "top3")  # 2 layers x 8 experts, top-3
+    prompt = prompt_for(7)
+    slots = 12
+    ondemand, _ = stats_for(path, "ondemand", slots, prompt)
+    lru, _ = stats_for(path, "lru", slots, prompt)
+    gate, _ = stats_for(path, "gate-prefetch", slots, prompt)
+    resident, _ = stats_for(path, "resident", 16, prompt)
+    assert lru.bytes_h2d < ondemand.bytes_h2d
+    assert gate.io_stall_s < lru.io_stall_s
+    assert resident.io_stall_s == 0.0 and resident.bytes_h2d == 0 and resident.expert_hit_rate == 1.0
+    assert ondemand.expert_hit_rate == 0.0
+    assert resident.seconds < lru.seconds < ondemand.seconds
+    assert gate.prefetch_precision is not None and 0 < gate.prefetch_precision <= 1
+    for s in (ondemand, lru, gate, resident):
+        assert s.clock == "virtual" and s.bound_ratio >= 1.0 - 1e-9
+
+
+def test_same_run_twice_gives_identical_trace(tiny, cli, tmp_path):
+    path, _ = tiny("qwen2_moe", "shared")
+    args = [
+        "run",
+        str(path),
+        "-p",
+        "hello world, again",
+        "-n",
+        "12",
+        "--backend",
+        "mock",
+        "--policy",
+        "gate-prefetch",
+        "--vram",
+        str(vram_for_slots(path, 5, 40)),
+        "--json",
+    ]
+    r1 = cli(*args, "--trace", str(tmp_path / "a.json"))
+    r2 = cli(*args, "--trace", str(tmp_path / "b.json"))
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.stderr
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert json.loads(r1.stdout)["stats"] == json.loads(r2.stdout)["stats"]
+
+
+def test_trace_is_chrome_json_and_copies_overlap_compute(tiny, cli, tmp_path):
+    path, _ = tiny("mixtral", "top3")
+    out = tmp_path / "t.json"
+    r = cli(
+        "run",
+        str(path),
+        "-p",
+        "overlap please",
+        "-n",
+        "16",
+        "--backend",
+        "mock",
+        "--policy",
+        "gate-prefetch",
+        "--vram",
+        str(vram_for_slots(path, 12, 40)),
+        "--trace",
+        str(out),
+        "--json",
+    )
+    assert r.exit_code == 0, r.stderr
+    trace = json.loads(out.read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for e in spans:
+        assert {"ph", "ts", "dur", "pid", "tid", "name", "args"} <= set(e) and e["dur"] >= 0
+    copies = [e for e in spans if e["cat"] == "copy"]
+    computes = [e for e in spans if e["cat"] == "compute"]
+    assert copies and computes
+    assert all("layer" in e["args"] and "expert" in e["args"] and e["args"]["bytes"] > 0 for e in copies)
+    overlapped = sum(
+        1 for c in copies for k in computes if k["ts"] < c["ts"] + c["dur"] and c["ts"] < k["ts"] + k["dur"]
+    )
+    assert overlapped > 0
+    assert len({e["tid"] for e in spans}) >= 2  # a track per stream
+
+
+def test_json_carries_plan_and_offload_figures(tiny, cli):
+    path, _ = tiny("olmoe", "base")
+    r = cli(
+        "run",
+        str(path),
+        "-p",
+        "figures",
+        "-n",
+        "8",
+        "--backend",
+        "mock",
+        "--hardware",
+        "rtx4090-24gb",
+        "--vram",
+        str(vram_for_slots(path, 4, 7 + 8)),
+        "--policy",
+        "lru",
+        "--json",
+    )
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["hardware"] == "rtx4090-24gb" and out["policy"] == "lru" and out["backend"] == "mock"
+    plan = out["plan"]
+    assert plan["slots"] == 4 and plan["total_experts"] == 16
+    assert plan["fixed_bytes"] == plan["non_expert_bytes"] + plan["kv_cache_bytes"] + plan["workspace_bytes"]
+    s = out["stats"]
+    assert s["clock"] == "virtual" and s["bytes_h2d"] > 0 and 0 <= s["expert_hit_rate"] <= 1
+    assert s["acceptance_rate"] is None
+
+
+def test_plan_is_printed(tiny, cli):
+    path, _ = tiny("olmoe", "base")
+    r = cli(
+        "run", str(path), "-p", "figures", "-n", "4", "--backend", "mock", "--vram", str(vram_for_slots(path, 4, 7 + 4))
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "plan:" in r.stderr and "expert slots (4 of 16)" in r.stderr and "non-expert weights" in r.stderr
