@@ -11,6 +11,9 @@ from moespeq_cli.errors import CheckpointError, UnknownModelError
 
 DEMO = "demo"
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+# The demo's default device budget: its fixed part and 4-bit draft (about 21 MiB) plus
+# a few slots, so that most experts stay in host memory and the run shows offloading.
+DEMO_VRAM = "24MiB"
 
 # alias -> (hub id, approximate bf16 download size in GB)
 ALIASES: dict[str, tuple[str, float]] = {

@@ -9,6 +9,8 @@ from offload_helpers import run_engine, vram_for_slots
 
 from moespeq_cli.runtime.policies import POLICIES
 
+BASELINES = [p for p in POLICIES if p != "moespeq"]  # moespeq: tests/test_speculative.py
+
 CASES = [
     ("mixtral", "top3"),
     ("qwen2_moe", "shared"),
@@ -32,7 +34,7 @@ def test_every_policy_gives_cpu_tokens(tiny, family, variant):
 
     cfg = Checkpoint(path).config
     total = cfg.num_experts * len(cfg.moe_layers)
-    for policy in POLICIES:
+    for policy in BASELINES:
         budgets = [total] if policy == "resident" else [cfg.top_k, cfg.top_k + 1, total // 2, total]
         for slots in budgets:
             got, eng = run_engine(path, prompt, 24, policy=policy, slots=slots)

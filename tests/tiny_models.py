@@ -48,6 +48,15 @@ CONFIGS: dict[str, dict[str, dict]] = {
             num_local_experts=8,
             num_experts_per_tok=3,
         ),
+        "wide": dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=16,
+            num_experts_per_tok=2,
+        ),
     },
     "qwen2_moe": {
         "shared": dict(

@@ -59,9 +59,10 @@ def root(
 
 
 def _register() -> None:
-    from moespeq_cli.cli import run
+    from moespeq_cli.cli import quantize, run
 
     app.command(name="run", epilog=run.EPILOG)(run.run)
+    app.command(name="quantize", epilog=quantize.EPILOG)(quantize.quantize)
 
 
 _register()

@@ -47,7 +47,12 @@ Vram = Annotated[
         "--vram", help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory.", show_default=False
     ),
 ]
-Policy = Annotated[str, typer.Option("--policy", help="resident | ondemand | lru | gate-prefetch.")]
+Policy = Annotated[str, typer.Option("--policy", help="moespeq | resident | ondemand | lru | gate-prefetch.")]
+Draft = Annotated[
+    str,
+    typer.Option("--draft", help="auto (a saved draft beside the checkpoint, else quantize in memory) | PATH | none."),
+]
+SpecDepth = Annotated[str, typer.Option("--spec-depth", help="auto (the governor chooses k each cycle) | N (fixed).")]
 Trace = Annotated[
     Optional[Path],
     typer.Option("--trace", help="Write the timeline as Chrome trace JSON (Perfetto).", show_default=False),

@@ -23,7 +23,7 @@ class Renderer:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
-    def plan(self, plan, hw) -> None:
+    def plan(self, plan, hw, draft: str | None = None) -> None:
         from rich.console import Console
 
         from moespeq_cli.runtime.hardware import format_size
@@ -44,6 +44,8 @@ class Renderer:
             parts.append(f"TTFT {s['ttft_s'] * 1000:.0f} ms")
         if s["tpot_s"] is not None:
             parts.append(f"TPOT {s['tpot_s'] * 1000:.1f} ms")
+        if s.get("spec_depth_mean") is not None:
+            parts.append(f"k {s['spec_depth_mean']:.1f}")
         for key, label in (("acceptance_rate", "accept"), ("expert_hit_rate", "hit rate")):
             if s.get(key) is not None:
                 parts.append(f"{label} {s[key]:.0%}")

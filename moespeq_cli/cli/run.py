@@ -54,7 +54,9 @@ def run(
     backend: o.Backend = "auto",
     hardware: o.Hardware = None,
     vram: o.Vram = None,
-    policy: o.Policy = "gate-prefetch",
+    policy: o.Policy = "moespeq",
+    draft: o.Draft = "auto",
+    spec_depth: o.SpecDepth = "auto",
     trace: o.Trace = None,
     cpu_threads: o.CpuThreads = None,
     dtype: o.Dtype = None,
@@ -66,9 +68,11 @@ def run(
     Streams the completion to stdout and prints a statistics line to stderr. With
     --temperature 0 (the default) decoding is greedy and deterministic.
     """
-    from moespeq_cli.model_ref import DEMO, resolve
+    from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
 
     name, path = resolve(model)
+    if name == DEMO and vram is None and hardware is None and backend != "cpu":
+        vram = DEMO_VRAM
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
 
     from moespeq_cli.cli.render import Renderer
@@ -80,7 +84,14 @@ def run(
     engine = Engine(
         path,
         EngineOptions(
-            backend=backend, dtype=dtype, cpu_threads=cpu_threads, hardware=hardware, vram=vram, policy=policy
+            backend=backend,
+            dtype=dtype,
+            cpu_threads=cpu_threads,
+            hardware=hardware,
+            vram=vram,
+            policy=policy,
+            draft=draft,
+            spec_depth=spec_depth,
         ),
     )
     use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat
@@ -89,7 +100,7 @@ def run(
         raise UsageError("the prompt encodes to no tokens; pass some text with --prompt")
     engine.load(context=len(prompt_ids) + max_new_tokens)
     if engine.plan is not None and not json_out:
-        out.plan(engine.plan, engine.hw)
+        out.plan(engine.plan, engine.hw, engine.draft_source)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     decoder = StreamDecoder(engine.tokenizer)
     token_ids = []
@@ -111,6 +122,9 @@ def run(
         "text": engine.tokenizer.decode(token_ids),
         "stats": stats.to_dict(),
     }
+    if engine.scheduler is not None:
+        result["draft"] = engine.draft_source
+        result["spec_depths"] = engine.governor.history
     if trace is not None:
         if engine.backend is None:
             raise UsageError("--trace needs the mock or cuda backend (the cpu backend keeps no timeline)")

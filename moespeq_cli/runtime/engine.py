@@ -30,7 +30,7 @@ from moespeq_cli.runtime.stats import GenerationStats
 from moespeq_cli.tokenizer import Tokenizer
 
 DEFAULT_HARDWARE = "rtx3060-12gb"
-DEFAULT_POLICY = "gate-prefetch"
+DEFAULT_POLICY = "moespeq"
 
 
 @dataclass
@@ -41,6 +41,11 @@ class EngineOptions:
     hardware: str | None = None  # profile name or path; default rtx3060-12gb for mock
     vram: str | int | None = None  # device budget; default: the profile's usable memory
     policy: str = DEFAULT_POLICY
+    draft: str = "auto"  # auto (saved draft if any, else quantize in memory) | PATH | none
+    spec_depth: str | int = "auto"  # auto: the governor chooses k; N: fixed
+    k_max: int = 8
+    quant_method: str = "nf4"
+    blocksize: int = 64
 
 
 class Engine:
@@ -60,12 +65,23 @@ class Engine:
             raise UsageError("--vram and --hardware apply to the mock and cuda backends, not --backend cpu")
         if opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
+        self.fixed_k: int | None = None
+        if str(opts.spec_depth) != "auto":
+            try:
+                self.fixed_k = int(opts.spec_depth)
+            except ValueError:
+                raise UsageError(f"--spec-depth must be auto or a number, got {opts.spec_depth!r}") from None
+            if not 0 <= self.fixed_k <= 64:
+                raise UsageError(f"--spec-depth {self.fixed_k} is out of range; use 0 to 64 or auto")
         self.ckpt = Checkpoint(path)
         self.tokenizer = Tokenizer(self.ckpt.path, self.ckpt.raw_config)
         self.dtype = DTYPES[opts.dtype] if opts.dtype else self.ckpt.config.dtype
         self.plan: Plan | None = None
         self.backend = None
         self.cache = None
+        self.draft_exec = None
+        self.scheduler = None
+        self.draft_source: str | None = None
         self.last_stats: GenerationStats | None = None
 
     @property
@@ -85,7 +101,9 @@ class Engine:
 
         with torch.device("meta"):
             shape_model = self.ckpt.arch.Model(self.ckpt.raw_config, context)
-        self.plan = make_plan(shape_model, self.ckpt.config, self.dtype, self.budget, context, self.opts.policy)
+        self.plan = make_plan(
+            shape_model, self.ckpt.config, self.dtype, self.budget, context, self.opts.policy, self.opts.blocksize
+        )
         backend = self.backend = make_backend(self.backend_name, self.hw, self.budget)
         backend.alloc(self.plan.non_expert_bytes, "non-expert weights")
         backend.alloc(self.plan.kv_cache_bytes, "KV cache")
@@ -94,12 +112,46 @@ class Engine:
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         store = ExpertStore(self.ckpt, self.dtype, pin=backend.name == "cuda")
         self.cache = ExpertCache(store, backend, self.plan.slots)
-        policy = make_policy(self.opts.policy)
-        self.model.set_experts(OffloadedExperts(self.model, self.cache, backend, policy))
+        policy = self.policy = make_policy(self.opts.policy)
+        self.target_exec = OffloadedExperts(self.model, self.cache, backend, policy)
+        self.model.set_experts(self.target_exec)
         if policy.preload_all:
             self.cache.preload_all()
+        if policy.speculative:
+            self._setup_speculation()
         self.hooks = instrument(self.model, backend, self.dtype)
         backend.reset_clock()
+
+    def _setup_speculation(self) -> None:
+        from moespeq_cli.runtime.governor import Governor, GovernorState
+        from moespeq_cli.runtime.moespeq import DraftExperts, ElbScheduler
+
+        if self.plan.draft_bytes and self.opts.draft != "none":
+            quant = self.load_draft()
+            self.backend.alloc(max(0, quant.total_bytes - self.plan.draft_bytes), "4-bit draft experts")
+            self.draft_exec = DraftExperts(quant.to(self.backend.device), self.backend)
+        c = self.ckpt.config
+        t_copy = self.hw.link_latency + self.plan.expert_bytes / self.hw.link_bandwidth
+        state = GovernorState(self.opts.k_max, c.num_experts, c.top_k, t_copy)
+        self.governor = Governor(state, fixed=self.fixed_k)
+        self.scheduler = ElbScheduler(self.model, self.cache, self.backend, self.target_exec, self.governor)
+
+    def load_draft(self):
+        from moespeq_cli.quant.draft import QuantizedExperts, default_draft_dir
+
+        if self.opts.draft not in ("auto", "none"):
+            self.draft_source = str(self.opts.draft)
+            return QuantizedExperts.load(Path(self.opts.draft), self.ckpt, self.dtype)
+        saved = default_draft_dir(self.ckpt.path, self.opts.quant_method, self.opts.blocksize)
+        if (saved / "manifest.json").is_file():
+            self.draft_source = str(saved)
+            return QuantizedExperts.load(saved, self.ckpt, self.dtype)
+        self.draft_source = "quantized in memory"
+        return QuantizedExperts.quantize(self.ckpt, self.opts.quant_method, self.opts.blocksize, self.dtype)
+
+    def set_draft(self, executor) -> None:
+        """Replace the draft's expert executor (tests: the target as its own draft)."""
+        self.draft_exec = executor
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> Iterator[TokenEvent]:
         if self.backend is None:
@@ -111,12 +163,45 @@ class Engine:
             self.cache.stats = CacheStats()
             clock, kind = self.backend.now, self.backend.clock_kind
         times = []
-        for ev in generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock):
+        spec = None
+        if self.scheduler is not None:
+            from moespeq_cli.runtime.speculative import SpecStats, speculative_generate
+
+            spec = SpecStats()
+            self.governor.history.clear()
+            events = speculative_generate(
+                self.model,
+                self.target_exec,
+                self.draft_exec,
+                prompt_ids,
+                max_new_tokens,
+                sampling,
+                self.tokenizer.eos_ids,
+                clock,
+                self.governor.choose,
+                self.scheduler,
+                spec,
+            )
+        else:
+            events = generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock)
+        for ev in events:
             times.append(ev.seconds)
+            if ev.index == 0 and self.cache is not None:
+                # Hit rates and prefetch figures are about decoding (verification), not the
+                # prompt's prefill, whose experts are cold for every policy.
+                from moespeq_cli.runtime.expert_cache import CacheStats
+
+                self.cache.stats = CacheStats()
             yield ev
         stats = GenerationStats.from_times(kind, times)
         if self.backend is not None:
             self.fill_offload_stats(stats)
+        if spec is not None:
+            stats.acceptance_rate = spec.acceptance_rate
+            stats.mean_accepted = spec.mean_accepted
+            stats.spec_depth_mean = spec.spec_depth_mean
+            stats.draft_routing_match = self.scheduler.draft_routing_match
+        self.spec_stats = spec
         self.last_stats = stats
 
     def fill_offload_stats(self, stats: GenerationStats) -> None:

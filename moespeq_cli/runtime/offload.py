@@ -32,9 +32,13 @@ class OffloadedExperts:
         self.elem = elem_size(cache.store.dtype)
         layers = sorted(model.moe_blocks)
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
+        self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
+        self.layer_hook = None  # called with the layer index as each MoE layer starts
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, st = self.cache, self.cache.stats
+        if self.layer_hook is not None:
+            self.layer_hook(layer)
         groups = token_groups(ids)
         needed = list(groups)
         ready = [e for e in needed if cache.ready((layer, e))]
@@ -61,7 +65,7 @@ class OffloadedExperts:
 
         if self.policy.issue_ahead:
             issue_misses()
-        if self.policy.gate_prefetch and len(issued) == len(needed):
+        if self.gate_prefetch and len(issued) == len(needed):
             self.prefetch_next(layer, x)
 
         def run(e: int, xe: torch.Tensor) -> torch.Tensor:

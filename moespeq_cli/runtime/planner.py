@@ -31,10 +31,12 @@ class Plan:
     total_experts: int
     slots: int
     context_tokens: int
+    draft_bytes: int = 0  # the 4-bit draft's routed experts (moespeq)
+    note: str | None = None  # what the planner decided that the user should know
 
     @property
     def fixed_bytes(self) -> int:
-        return self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes
+        return self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes + self.draft_bytes
 
     @property
     def slot_bytes(self) -> int:
@@ -71,8 +73,18 @@ def kv_bytes_per_token(model: CausalLM, elem: int) -> int:
     return total
 
 
-def make_plan(model: CausalLM, cfg: MoEConfig, dtype: torch.dtype, budget: int, context: int, policy: str) -> Plan:
-    """``model`` may live on the meta device: only shapes are read."""
+def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
+    """4-bit routed experts: half a byte per weight plus one fp32 absmax per block."""
+    per_expert = cfg.expert_params // 2 + (cfg.expert_params // blocksize) * 4
+    return per_expert * cfg.num_experts * len(cfg.moe_layers)
+
+
+def make_plan(
+    model: CausalLM, cfg: MoEConfig, dtype: torch.dtype, budget: int, context: int, policy: str, blocksize: int = 64
+) -> Plan:
+    """``model`` may live on the meta device: only shapes are read. For moespeq the 4-bit
+    draft is placed too; when it does not fit beside top_k expert slots the plan runs
+    without it (k = 0, gate-prefetch decoding) and says so in ``note``."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
     kv = kv_bytes_per_token(model, elem) * context
@@ -88,6 +100,16 @@ def make_plan(model: CausalLM, cfg: MoEConfig, dtype: torch.dtype, budget: int, 
     expert = cfg.expert_params * elem
     total = cfg.num_experts * len(cfg.moe_layers)
     fixed = non_expert + kv + workspace
+    draft, note = 0, None
+    if policy == "moespeq":
+        draft = draft_bytes_estimate(cfg, blocksize)
+        if budget - fixed - draft < cfg.top_k * expert:
+            note = (
+                f"the 4-bit draft ({format_size(draft)}) does not fit beside {cfg.top_k} expert slots: "
+                "speculation is off (k = 0, gate-prefetch decoding); raise --vram to enable it"
+            )
+            draft = 0
+    fixed += draft
     free = budget - fixed
     need_min = fixed + cfg.top_k * expert
     if free < cfg.top_k * expert:
@@ -104,4 +126,4 @@ def make_plan(model: CausalLM, cfg: MoEConfig, dtype: torch.dtype, budget: int, 
         )
     if policy == "ondemand":
         slots = min(slots, cfg.top_k)  # staging buffers only: ondemand keeps nothing
-    return Plan(policy, budget, non_expert, kv, workspace, expert, total, int(slots), context)
+    return Plan(policy, budget, non_expert, kv, workspace, expert, total, int(slots), context, draft, note)

@@ -12,6 +12,9 @@ copies and eviction.
 - ``gate-prefetch``: ``lru`` plus Mixtral-Offloading's speculative loading: layer l+1's
   router applied to layer l's MoE input predicts l+1's experts, prefetched while layer
   l's experts compute.
+- ``moespeq``: the 4-bit self-draft predicts the experts of the next k tokens and the ELB
+  scheduler prefetches them while the draft runs (runtime/moespeq.py); its cache evicts
+  lookahead-aware. With k = 0 it decodes like ``gate-prefetch``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 from moespeq_cli.errors import UsageError
 
-POLICIES = ("resident", "ondemand", "lru", "gate-prefetch")
+POLICIES = ("moespeq", "resident", "ondemand", "lru", "gate-prefetch")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Policy:
     issue_ahead: bool = True  # issue every miss of a layer before computing any
     keep: bool = True  # keep experts resident after use
     gate_prefetch: bool = False
+    speculative: bool = False
 
 
 def make_policy(name: str) -> Policy:
@@ -41,4 +45,6 @@ def make_policy(name: str) -> Policy:
         return Policy(name)
     if name == "gate-prefetch":
         return Policy(name, gate_prefetch=True)
+    if name == "moespeq":
+        return Policy(name, gate_prefetch=True, speculative=True)
     raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

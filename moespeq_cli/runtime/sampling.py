@@ -50,4 +50,6 @@ class Sampler:
         """logits [V] -> the next token id."""
         if self.params.greedy:
             return int(torch.argmax(logits))
-        return int(torch.multinomial(probabilities(logits, self.params), 1, generator=self.gen))
+        # Sampled on the CPU with a CPU generator: the same seed gives the same tokens on
+        # every backend.
+        return int(torch.multinomial(probabilities(logits.float().cpu(), self.params), 1, generator=self.gen))

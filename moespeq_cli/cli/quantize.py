@@ -1,0 +1,95 @@
+"""``moespeq quantize``: build the 4-bit self-draft of a model and save it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moespeq_cli.cli import options as o
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq quantize ./Mixtral-8x7B-Instruct-v0.1          [dim]# nf4, blocksize 64, saved beside it[/dim]
+
+  moespeq quantize mixtral --method fp4 --blocksize 128
+
+  moespeq quantize ./ckpt --out ./ckpt-draft --json
+"""
+
+
+def quantize(
+    model: o.ModelArg = None,
+    method: Annotated[str, typer.Option("--method", help="nf4 | fp4 (bitsandbytes 4-bit formats).")] = "nf4",
+    blocksize: Annotated[int, typer.Option("--blocksize", help="Weights per absmax block.")] = 64,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Draft directory (default: beside the checkpoint, <dir>.moespeq-draft-<method>-b<blocksize>).",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: o.Json = False,
+) -> None:
+    """Quantize a model's routed experts to 4 bits: MoE-SpeQ's self-draft.
+
+    Only the routed experts are quantized; everything else is shared with the
+    full-precision model at run time. The draft is written atomically with a manifest
+    (method, blocksize, a fingerprint of the source checkpoint); `moespeq run --draft
+    auto` finds it beside the checkpoint, and refuses a draft built from other weights.
+    """
+    import json
+    import sys
+    import time
+
+    from moespeq_cli.model_ref import resolve
+    from moespeq_cli.quant.draft import QuantizedExperts, check_method, default_draft_dir
+
+    check_method(method, blocksize)
+    name, path = resolve(model)
+    from moespeq_cli.models.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    target = out or default_draft_dir(ckpt.path, method, blocksize)
+    t0 = time.perf_counter()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("quantizing experts"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=json_out or not sys.stderr.isatty(),
+        console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
+    ) as bar:
+        task = bar.add_task("q", total=ckpt.config.num_experts * len(ckpt.config.moe_layers))
+        quant = QuantizedExperts.quantize(
+            ckpt, method, blocksize, progress=lambda done, total: bar.update(task, completed=done)
+        )
+    saved = quant.save(target, ckpt)
+    full = quant.q and ckpt.config.expert_params * len(quant.q) * ckpt.config.dtype.itemsize
+    result = {
+        "model": name,
+        "draft": str(saved),
+        "method": method,
+        "blocksize": blocksize,
+        "experts": len(quant.q),
+        "draft_bytes": quant.total_bytes,
+        "full_precision_bytes": full,
+        "ratio": round(quant.total_bytes / full, 4) if full else None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if json_out:
+        print(json.dumps(result))
+    else:
+        from moespeq_cli.runtime.hardware import format_size
+
+        print(
+            f"quantized {result['experts']} experts ({method}, blocksize {blocksize}): "
+            f"{format_size(quant.total_bytes)}, {result['ratio']:.0%} of full precision, in {result['seconds']:.1f} s",
+            file=sys.stderr,
+        )
+        print(saved)

@@ -1,0 +1,181 @@
+"""MoE-SpeQ's runtime side: the draft's expert executor and the Expert Lookahead Buffer
+(ELB) scheduler.
+
+While the draft generates k tokens, every draft router decision (token i, layer l) ->
+expert ids is recorded in the ELB; it is the k x L table of what the coming verification
+will need. The scheduler turns ELB entries into copies of the target's full-precision
+experts that are not resident:
+
+- phase I: experts already resident are reused (and protected from eviction);
+- phase II: while the draft runs, predicted experts are queued by (layer, token) -- the
+  order verification needs them -- and issued as the copy stream drains (at most
+  ``max_in_flight`` copies queued at once, so a late prediction for an early layer can
+  still overtake an early prediction for a late layer);
+- phase III: once the draft is complete, everything still queued is issued, layer first.
+
+Eviction is lookahead-aware: an expert the ELB says this verification needs (at a layer
+not yet verified) is never evicted for a prefetch; among the rest the least recently
+used goes first. Verification loads on demand whatever the prediction missed; if a
+demand load finds only protected experts, the one needed farthest ahead (highest layer)
+is evicted. With k = 0 the target decodes alone with gate-prefetch, the best
+non-speculative prefetch.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from moespeq_cli.quant.draft import QuantizedExperts
+from moespeq_cli.runtime.backends.base import Backend
+from moespeq_cli.runtime.costs import expert_cost
+from moespeq_cli.runtime.expert_cache import ExpertCache, Key
+from moespeq_cli.runtime.experts import grouped
+from moespeq_cli.runtime.governor import Governor
+from moespeq_cli.runtime.offload import OffloadedExperts
+from moespeq_cli.runtime.speculative import SpecHooks
+
+
+class DraftExperts:
+    """The draft's routed experts: 4-bit weights resident on the device."""
+
+    def __init__(self, quant: QuantizedExperts, backend: Backend | None):
+        self.quant, self.backend = quant, backend
+        self.elem = quant.bytes_per_expert / (3 * quant.hidden * quant.inter)
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        b = self.backend
+        if b is None:
+            return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe))
+
+        def run(e: int, xe: torch.Tensor) -> torch.Tensor:
+            token = b.begin()
+            y = self.quant.forward(layer, e, xe)
+            b.end(
+                token,
+                expert_cost(self.quant.hidden, self.quant.inter, xe.shape[0], self.elem),
+                f"draft expert L{layer}.E{e}",
+                layer,
+                e,
+            )
+            return y
+
+        return grouped(x, ids, weights, run)
+
+
+class ElbScheduler(SpecHooks):
+    def __init__(
+        self,
+        model,
+        cache: ExpertCache,
+        backend: Backend,
+        target: OffloadedExperts,
+        governor: Governor,
+        max_in_flight: int = 2,
+    ):
+        self.model, self.cache, self.backend, self.target, self.governor = model, cache, backend, target, governor
+        self.max_in_flight = max_in_flight
+        self.first_moe = min(model.moe_blocks)
+        self.elb: list[dict[int, set[int]]] = []  # draft token -> layer -> expert ids
+        self.queue: list[tuple[int, int, int]] = []  # (layer, token, expert)
+        self.protected: set[Key] = set()
+        self.verify_layer = -1
+        self.verify_routes: list[dict[int, set[int]]] = []
+        self.snapshot: set[Key] = set()
+        self.match_pairs = 0
+        self.match_equal = 0
+        cache.victim = self.victim
+        target.layer_hook = self.on_verify_layer
+
+    # -- eviction -----------------------------------------------------------
+    def _needed_later(self, key: Key) -> bool:
+        return key in self.protected and key[0] >= self.verify_layer
+
+    def victim(self, candidates: list[Key]) -> Key:
+        for key in candidates:  # LRU order
+            if not self._needed_later(key):
+                return key
+        return max(candidates, key=lambda k: k[0])  # needed farthest ahead
+
+    def _prefetch_room(self) -> bool:
+        return bool(self.cache.free_slots) or any(not self._needed_later(k) for k in self.cache._evictable())
+
+    # -- phases -------------------------------------------------------------
+    def begin_prefill(self) -> None:
+        self.target.gate_prefetch = True
+        self.model.set_router_observer(None)
+
+    def begin_cycle(self, k: int) -> None:
+        self.k = k
+        self.elb = []
+        self.queue = []
+        self.protected = set()
+        self.verify_layer = -1
+        self.snapshot = set(self.cache.slot_of)
+        self.t_start = self.backend.now()
+        self.target.gate_prefetch = k == 0
+        self.model.set_router_observer(self.on_draft_route if k else None)
+
+    def on_draft_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        if layer == self.first_moe:
+            self.elb.append({})
+        token = len(self.elb) - 1
+        chosen = set(ids[0].tolist())
+        self.elb[token][layer] = chosen
+        for e in sorted(chosen):
+            key = (layer, e)
+            if key in self.protected:
+                continue
+            self.protected.add(key)
+            if self.cache.resident(key):
+                self.cache.touch(key)  # phase I: reuse
+            else:
+                heapq.heappush(self.queue, (layer, token, e))
+        self.pump(self.max_in_flight)
+
+    def pump(self, limit: int | None) -> None:
+        in_flight = sum(1 for k, ev in self.cache.arrival.items() if not self.backend.ready(ev))
+        while self.queue and (limit is None or in_flight < limit) and self._prefetch_room():
+            layer, _, e = heapq.heappop(self.queue)
+            key = (layer, e)
+            if self.cache.resident(key):
+                continue
+            self.cache.load(key, prefetch=True)
+            in_flight += 1
+
+    def begin_verify(self, k: int) -> None:
+        self.t_verify = self.backend.now()
+        self.stall_before = self.backend.io_stall_s
+        self.pump(None)  # phase III: the rest, layer first
+        self.verify_routes = [{} for _ in range(k + 1)]
+        self.needed: set[Key] = set()
+        self.model.set_router_observer(self.on_verify_route)
+
+    def on_verify_layer(self, layer: int) -> None:
+        self.verify_layer = layer
+
+    def on_verify_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        for i, row in enumerate(ids.tolist()):
+            if i < len(self.verify_routes):
+                self.verify_routes[i][layer] = set(row)
+            self.needed.update((layer, e) for e in row)
+
+    def end_cycle(self, k: int, accepted: int) -> None:
+        self.model.set_router_observer(None)
+        now = self.backend.now()
+        stall = self.backend.io_stall_s - self.stall_before
+        target_s = max(0.0, now - self.t_verify - stall)
+        draft_s = self.t_verify - self.t_start
+        misses = len(self.needed - self.snapshot)
+        for i in range(min(k, len(self.elb))):
+            for layer, chosen in self.elb[i].items():
+                self.match_pairs += 1
+                self.match_equal += chosen == self.verify_routes[i].get(layer)
+        if self.k == k and self.verify_routes and len(self.verify_routes) == k + 1:
+            self.governor.observe(k, accepted, draft_s, target_s, misses)
+        self.protected = set()
+
+    @property
+    def draft_routing_match(self) -> float | None:
+        return self.match_equal / self.match_pairs if self.match_pairs else None

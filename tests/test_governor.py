@@ -1,0 +1,76 @@
+"""The governor on synthetic inputs: the Amortization Roofline Model's choices."""
+
+import pytest
+
+from moespeq_cli.runtime.governor import Governor, GovernorState, union_size
+
+
+def state(p, t_draft, t_target, misses, t_copy, k_max=8, E=64, K=4):
+    s = GovernorState(k_max=k_max, num_experts=E, top_k=K, t_copy=t_copy)
+    s.p = list(p) + [p[-1]] * (k_max - len(p))
+    s.tested = [1] * k_max
+    s.t_draft = t_draft
+    s.t_target = dict(t_target)
+    s.misses = dict(misses)
+    return s
+
+
+def typical(t_copy, p=0.9):
+    # Mixtral-like: 32 MoE layers, 8 experts, top-2; half of the needed experts miss the
+    # cache; the union of n tokens' experts saturates (8 (1 - (6/8)^n) per layer). Target
+    # pass 10 ms for a few tokens, a draft token 3 ms.
+    misses = {n: 32 * union_size(n, 8, 2) * 0.5 for n in range(1, 10)}
+    s = state([p] * 8, 0.003, {1: 0.010, 3: 0.011, 5: 0.012, 9: 0.014}, misses, t_copy, E=8, K=2)
+    return s
+
+
+def test_slow_link_and_high_acceptance_speculate_deeper():
+    slow = typical(t_copy=0.014)  # a 352 MB expert over PCIe 4.0
+    fast = typical(t_copy=0.00005)  # almost free copies
+    assert slow.best_k() > fast.best_k()
+    assert slow.best_k() >= 2
+
+
+def test_no_acceptance_means_no_speculation():
+    s = typical(t_copy=0.020, p=0.02)
+    assert s.best_k() == 0
+
+
+def test_a_draft_as_costly_as_a_target_step_means_no_speculation():
+    s = state([0.9] * 8, 0.010, {1: 0.010, 5: 0.010}, {1: 0.0, 5: 0.0}, 0.001)
+    assert s.best_k() == 0
+
+
+def test_choice_maximises_theta():
+    for t_copy in (0.0001, 0.002, 0.02):
+        for p in (0.3, 0.7, 0.95):
+            s = typical(t_copy, p)
+            k = s.best_k()
+            assert all(s.theta(k) >= s.theta(j) for j in range(s.k_max + 1))
+
+
+def test_k_accept_is_the_expected_accepted_length():
+    s = state([0.5, 0.5], 0.001, {1: 0.01}, {1: 0}, 0.001, k_max=2)
+    assert s.k_accept(0) == 0 and s.k_accept(1) == pytest.approx(0.5) and s.k_accept(2) == pytest.approx(0.75)
+
+
+def test_online_estimates_and_warmup():
+    s = GovernorState(k_max=6, num_experts=8, top_k=2, t_copy=0.001)
+    g = Governor(s)
+    assert g.choose() == 2
+    g.observe(2, 1, draft_s=0.004, target_s=0.011, misses=3)
+    assert g.choose() == 0
+    g.observe(0, 0, draft_s=0.0, target_s=0.010, misses=2)
+    assert s.t_draft == pytest.approx(0.002) and s.t_target[3] == pytest.approx(0.011)
+    assert s.p[0] == 1.0 and s.p[1] == 0.0 and s.tested[:3] == [1, 1, 0]
+    assert s.acceptance(4) == 0.0  # untested positions take the lowest measured acceptance
+    fixed = Governor(GovernorState(k_max=6, num_experts=8, top_k=2, t_copy=0.001), fixed=5)
+    assert {fixed.choose() for _ in range(5)} == {5}
+
+
+def test_probing_backs_off_when_speculation_does_not_pay():
+    s = state([0.01] * 8, 0.010, {1: 0.010, 3: 0.012}, {1: 0.0, 3: 0.0}, 0.001)
+    g = Governor(s, probe_every=4)
+    g.cycles = 2  # past the warm-up
+    ks = [g.choose() for _ in range(40)]
+    assert ks.count(0) >= 36 and ks[3] == 2 and ks[4:11].count(2) == 0

@@ -1,0 +1,82 @@
+"""The 4-bit draft: its matmul path against dequantize-then-matmul, saving, loading, and
+refusing a draft built from other weights."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.quant.draft import QuantizedExperts, default_draft_dir
+from moespeq_cli.runtime.experts import expert_mlp
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_path_equals_dequantize_then_matmul(tiny, method, dtype):
+    import bitsandbytes.functional as bnb
+
+    path, _ = tiny("mixtral", "top3")
+    ck = Checkpoint(path)
+    q = QuantizedExperts.quantize(ck, method, 64, dtype)
+    x = torch.randn(5, ck.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for layer, e in [(0, 0), (1, 7)]:
+        (gp, gs), (up, us), (dp, ds) = q.q[(layer, e)]
+        g, u, d = (bnb.dequantize_4bit(p, s).to(dtype) for p, s in ((gp, gs), (up, us), (dp, ds)))
+        reference = F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        assert torch.equal(q.forward(layer, e, x), reference)
+        full = expert_mlp(x, *ck.expert(layer, e, dtype))
+        err = float((q.forward(layer, e, x).float() - full.float()).norm() / full.float().norm())
+        assert err < 0.3  # 4-bit: about 0.1 per weight matrix, compounded over three
+
+
+def test_save_load_roundtrip_and_cli(tiny, cli, tmp_path):
+    src, _ = tiny("qwen2_moe", "shared")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    r = cli("quantize", str(path), "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    draft = default_draft_dir(path, "nf4", 64)
+    assert out["draft"] == str(draft) and (draft / "manifest.json").is_file()
+    manifest = json.loads((draft / "manifest.json").read_text())
+    assert manifest["method"] == "nf4" and manifest["blocksize"] == 64 and manifest["source_fingerprint"]
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+    ck = Checkpoint(path)
+    saved, fresh = QuantizedExperts.load(draft, ck), QuantizedExperts.quantize(ck)
+    x = torch.randn(3, ck.config.hidden_size)
+    assert torch.equal(saved.forward(1, 2, x), fresh.forward(1, 2, x))
+    # run --draft auto finds it
+    r = cli("run", str(path), "-p", "draft", "-n", "6", "--backend", "mock", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["draft"] == str(draft)
+
+
+def test_mismatched_draft_is_refused(tiny, cli, tmp_path):
+    a, _ = tiny("mixtral", "gqa")
+    b, _ = tiny("mixtral", "top1")
+    out = tmp_path / "draft"
+    assert cli("quantize", str(a), "--out", str(out)).exit_code == 0
+    r = cli("run", str(b), "-p", "x", "-n", "4", "--backend", "mock", "--draft", str(out))
+    assert r.exit_code == 1 and "different checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_quantize_bad_options(tiny, cli):
+    path, _ = tiny("mixtral", "gqa")
+    r = cli("quantize", str(path), "--method", "int3")
+    assert r.exit_code == 2 and "nf4" in r.stderr
+    r = cli("quantize", str(path), "--blocksize", "100")
+    assert r.exit_code == 2 and "--blocksize" in r.stderr
+
+
+def test_draft_memory_is_about_a_quarter_of_bf16(tiny):
+    path, _ = tiny("mixtral", "wide", torch.bfloat16)
+    ck = Checkpoint(path)
+    q = QuantizedExperts.quantize(ck)
+    full = ck.config.expert_params * 2 * len(q.q)
+    assert 0.25 < q.total_bytes / full < 0.31
+    from moespeq_cli.runtime.planner import draft_bytes_estimate
+
+    assert abs(draft_bytes_estimate(ck.config) - q.total_bytes) / q.total_bytes < 0.02
