@@ -59,10 +59,11 @@ def root(
 
 
 def _register() -> None:
-    from moespeq_cli.cli import quantize, run
+    from moespeq_cli.cli import bench, quantize, run
 
     app.command(name="run", epilog=run.EPILOG)(run.run)
     app.command(name="quantize", epilog=quantize.EPILOG)(quantize.quantize)
+    app.command(name="bench", epilog=bench.EPILOG)(bench.bench)
 
 
 _register()

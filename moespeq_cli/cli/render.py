@@ -58,3 +58,57 @@ class Renderer:
             head += f" · {result['policy']}"
         head += "]"
         Console(stderr=True, highlight=False).print(f"[dim]{head} " + " · ".join(parts) + "[/dim]")
+
+
+def bench_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moespeq_cli.runtime.hardware import format_size
+
+    clock = report["results"][0]["stats"]["clock"] if report["results"] else "?"
+    t = Table(
+        title=f"{report['model']} on {report['hardware']} ({report['backend']}, {clock} clock), "
+        f"--vram {format_size(report['vram_bytes'])}" + (" + draft (same cache)" if report["same_cache"] else "")
+    )
+    for col in (
+        "policy",
+        "slots",
+        "tok/s",
+        "vs ondemand",
+        "vs lru",
+        "vs gate-prefetch",
+        "hit rate",
+        "stall",
+        "MB moved",
+        "accept",
+        "k",
+        "bound ratio",
+    ):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in report["results"]:
+        s = r["stats"]
+        stall = s["io_stall_s"] / s["seconds"] if s["io_stall_s"] is not None and s["seconds"] else None
+        t.add_row(
+            r["label"],
+            str(r["slots"]),
+            f(s["tokens_per_s"], ".1f"),
+            *(
+                f(r["speedup_vs"].get(b), ".2f") + ("x" if r["speedup_vs"].get(b) else "")
+                for b in ("ondemand", "lru", "gate-prefetch")
+            ),
+            f(s["expert_hit_rate"], ".0%"),
+            f(stall, ".0%"),
+            f((s["bytes_h2d"] or 0) / 1e6, ".1f"),
+            f(s["acceptance_rate"], ".2f"),
+            f(s["spec_depth_mean"], ".1f"),
+            f(s["bound_ratio"], ".2f"),
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)  # logs and pipes: room for every column
+    console.print(t)

@@ -212,7 +212,8 @@ class Engine:
         stats.prefetch_recall = cs.prefetch_recall
         stats.io_stall_s = b.io_stall_s
         stats.bytes_h2d = b.bytes_h2d
-        compute = b.timeline.busy("compute")
+        # The lower bound: the target's own compute (drafting is overhead, not a floor).
+        compute = sum(iv.duration for iv in b.timeline.intervals if iv.kind == "compute" and iv.phase == "target")
         used = {(iv.layer, iv.expert) for iv in b.timeline.intervals if iv.kind == "compute" and iv.expert is not None}
         must_move = max(0, len(used) - self.plan.slots) * self.plan.expert_bytes
         bound = max(compute, must_move / self.hw.link_bandwidth)

@@ -116,6 +116,7 @@ class ElbScheduler(SpecHooks):
         self.t_start = self.backend.now()
         self.target.gate_prefetch = k == 0
         self.model.set_router_observer(self.on_draft_route if k else None)
+        self.backend.phase = "draft" if k else "target"
 
     def on_draft_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         if layer == self.first_moe:
@@ -145,6 +146,7 @@ class ElbScheduler(SpecHooks):
             in_flight += 1
 
     def begin_verify(self, k: int) -> None:
+        self.backend.phase = "target"
         self.t_verify = self.backend.now()
         self.stall_before = self.backend.io_stall_s
         self.pump(None)  # phase III: the rest, layer first

@@ -25,6 +25,7 @@ class Interval:
     layer: int | None = None
     expert: int | None = None
     bytes: int = 0
+    phase: str = "target"  # "target" or "draft" (the self-draft's passes)
 
     @property
     def duration(self) -> float:
@@ -74,7 +75,7 @@ class Timeline:
             events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": s}})
         events.append({"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "moespeq"}})
         for iv in self.intervals:
-            args = {"kind": iv.kind}
+            args = {"kind": iv.kind, "phase": iv.phase}
             if iv.layer is not None:
                 args["layer"] = iv.layer
             if iv.expert is not None:

@@ -49,6 +49,7 @@ class Backend(ABC):
         self.timeline = Timeline()
         self.io_stall_s = 0.0
         self.bytes_h2d = 0
+        self.phase = "target"  # set to "draft" by the speculative scheduler while drafting
 
     # -- memory -------------------------------------------------------------
     def alloc(self, nbytes: int, what: str) -> None:

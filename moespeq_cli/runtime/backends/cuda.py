@@ -51,7 +51,9 @@ class CudaBackend(Backend):
         return self._event(self.compute_stream)
 
     def end(self, token, cost: Cost, name: str, layer=None, expert=None, stream: str = "compute") -> None:
-        self._pending.append((stream, "compute", name, token, self._event(self.compute_stream), layer, expert, 0))
+        self._pending.append(
+            (stream, "compute", name, token, self._event(self.compute_stream), layer, expert, 0, self.phase)
+        )
 
     def copy(self, dst, src, nbytes, name, layer, expert, after: Event | None = None) -> Event:
         with torch.cuda.stream(self.copy_stream):
@@ -61,7 +63,7 @@ class CudaBackend(Backend):
             dst.copy_(src, non_blocking=True)
             done = self._event(self.copy_stream)
         self.bytes_h2d += nbytes
-        self._pending.append(("copy", "copy", name, start, done, layer, expert, nbytes))
+        self._pending.append(("copy", "copy", name, start, done, layer, expert, nbytes, self.phase))
         return Event(cuda_event=done)
 
     def wait(self, event: Event, layer=None, expert=None) -> None:
@@ -95,9 +97,9 @@ class CudaBackend(Backend):
     def finalize_timeline(self) -> None:
         self.synchronize()
         t = self._base
-        for stream, kind, name, s, e, layer, expert, nbytes in self._pending:
+        for stream, kind, name, s, e, layer, expert, nbytes, phase in self._pending:
             start, end = t.elapsed_time(s) / 1e3, t.elapsed_time(e) / 1e3
-            self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes))
+            self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes, phase))
         for before, after, layer, expert in self._stall_pairs:
             start, end = t.elapsed_time(before) / 1e3, t.elapsed_time(after) / 1e3
             if end > start:

@@ -44,7 +44,7 @@ class MockBackend(Backend):
 
     def _record(self, stream, kind, name, start, end, layer=None, expert=None, nbytes=0) -> None:
         o = self.origin
-        self.timeline.add(Interval(stream, kind, name, start - o, end - o, layer, expert, nbytes))
+        self.timeline.add(Interval(stream, kind, name, start - o, end - o, layer, expert, nbytes, self.phase))
 
     def copy(self, dst, src, nbytes, name, layer, expert, after: Event | None = None) -> Event:
         start = max(self.t_copy, self.t_compute, after.time if after is not None else 0.0)

@@ -1,0 +1,115 @@
+"""``moespeq bench``: the policies side by side on one model, profile and budget."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moespeq_cli.cli import options as o
+from moespeq_cli.errors import UsageError
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq bench                                        [dim]# the demo model on a simulated RTX 3060[/dim]
+
+  moespeq bench ./ckpt --hardware rtx4090-24gb --vram 6GB -n 64
+
+  moespeq bench ./ckpt --policies moespeq,lru --spec-depths auto,2,4 --json
+"""
+
+
+def bench(
+    model: o.ModelArg = None,
+    prompt: o.Prompt = None,
+    prompt_file: o.PromptFile = None,
+    max_new_tokens: o.MaxNewTokens = 64,
+    backend: o.Backend = "auto",
+    hardware: o.Hardware = None,
+    vram: o.Vram = None,
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to compare.")] = (
+        "moespeq,gate-prefetch,lru,ondemand"
+    ),
+    spec_depths: Annotated[
+        str, typer.Option("--spec-depths", help="moespeq runs: comma-separated auto or N.")
+    ] = "auto",
+    same_cache: Annotated[
+        bool,
+        typer.Option(
+            "--same-cache",
+            help="Give moespeq the draft's bytes on top of --vram (the same full-precision slots as the baselines).",
+        ),
+    ] = False,
+    draft: o.Draft = "auto",
+    json_out: o.Json = False,
+) -> None:
+    """Compare offloading policies on one model, hardware profile and budget.
+
+    Every policy generates the same greedy tokens; the table shows tokens/s, the speedup
+    over each baseline, the expert hit rate, the share of time stalled on copies, bytes
+    moved, and each run's ratio to the physical lower bound.
+    """
+    import json
+
+    from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT, read_prompt
+    from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
+    from moespeq_cli.runtime.policies import POLICIES
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    for p in names:
+        if p not in POLICIES:
+            raise UsageError(f"unknown policy {p!r} in --policies; choose from {', '.join(POLICIES)}")
+    if backend == "cpu":
+        raise UsageError("bench compares offloading policies: use --backend mock or cuda")
+    name, path = resolve(model)
+    text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
+    if name == DEMO and vram is None and hardware is None:
+        vram = DEMO_VRAM
+
+    from moespeq_cli.runtime.bench import bench as run_bench
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.hardware import parse_size
+
+    opts = EngineOptions(backend=backend, hardware=hardware, vram=vram, draft=draft)
+    probe = Engine(path, opts)
+    ids = probe.tokenizer.encode(text, chat=bool(probe.tokenizer.chat_template))
+    opts.vram = parse_size(vram) if vram is not None else probe.budget
+    results = run_bench(
+        path,
+        ids,
+        max_new_tokens,
+        names,
+        opts,
+        same_cache=same_cache,
+        spec_depths=[d.strip() for d in spec_depths.split(",")],
+    )
+    tokens = {tuple(r.token_ids) for r in results}
+    if len(tokens) != 1:
+        raise RuntimeError("policies produced different tokens; this is a bug, please report it")
+    report = {
+        "model": name,
+        "hardware": probe.hw.name,
+        "backend": probe.backend_name,
+        "vram_bytes": opts.vram,
+        "same_cache": same_cache,
+        "new_tokens": max_new_tokens,
+        "results": [
+            {
+                "policy": r.policy,
+                "label": r.label,
+                "slots": r.slots,
+                "draft_bytes": r.draft_bytes,
+                "stats": r.stats.to_dict(),
+                "speedup_vs": r.speedup_vs,
+                "mean_union": r.mean_union,
+                "union_bound": r.union_bound,
+            }
+            for r in results
+        ],
+    }
+    if json_out:
+        print(json.dumps(report))
+        return
+    from moespeq_cli.cli.render import bench_table
+
+    bench_table(report)

@@ -1,0 +1,113 @@
+"""Policies side by side on one model, hardware profile and budget (DESIGN.md §4-§5).
+
+Every policy generates the same tokens (greedy) from the same prompt on the same engine;
+the table compares time, hit rate, stall share and bytes moved, with each policy's
+speedup over the baselines and its ratio to the physical lower bound.
+
+Budgets: "same memory" (SM) gives every policy the same ``--vram`` (moespeq pays its 4-bit
+draft out of it); "same cache" (SC) gives every policy the same number of full-precision
+expert slots (moespeq gets the draft's bytes on top).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.planner import draft_bytes_estimate, make_plan
+from moespeq_cli.runtime.sampling import SamplingParams
+from moespeq_cli.runtime.stats import GenerationStats
+
+BASELINES = ("ondemand", "lru", "gate-prefetch")
+
+
+@dataclass
+class BenchResult:
+    policy: str
+    label: str
+    vram_bytes: int
+    slots: int
+    draft_bytes: int
+    stats: GenerationStats
+    token_ids: list[int]
+    speedup_vs: dict[str, float | None] = field(default_factory=dict)
+    mean_union: float | None = None  # distinct experts per verified MoE layer
+    union_bound: int | None = None  # (k+1) x top_k for the mean k
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stats"] = self.stats.to_dict()
+        return d
+
+
+def budget_for(path: Path, context: int, slots_fraction: float, dtype=None) -> tuple[int, int]:
+    """(vram for the baselines with ``slots_fraction`` of all experts as slots, that slot count)."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+
+    ck = Checkpoint(path)
+    with torch.device("meta"):
+        model = ck.arch.Model(ck.raw_config, context)
+    plan = make_plan(model, ck.config, dtype or ck.config.dtype, 10**15, context, "lru")
+    slots = max(ck.config.top_k, int(plan.total_experts * slots_fraction))
+    return plan.fixed_bytes + slots * plan.expert_bytes, slots
+
+
+def run_policy(
+    path: Path, prompt_ids: list[int], new_tokens: int, policy: str, opts: EngineOptions, label: str | None = None
+) -> BenchResult:
+    eng = Engine(path, EngineOptions(**{**asdict(opts), "policy": policy}))
+    eng.load(len(prompt_ids) + new_tokens)
+    unions: list[int] = []
+    if eng.scheduler is not None:
+        record = eng.scheduler.on_verify_route
+
+        def on_verify_route(layer, ids, weights):
+            if ids.shape[0] > 1:
+                unions.append(len(set(ids.flatten().tolist())))
+            record(layer, ids, weights)
+
+        eng.scheduler.on_verify_route = on_verify_route
+    tokens = [ev.token for ev in eng.generate(prompt_ids, new_tokens, SamplingParams())]
+    s = eng.last_stats
+    result = BenchResult(policy, label or policy, eng.budget, eng.plan.slots, eng.plan.draft_bytes, s, tokens)
+    if unions:
+        result.mean_union = sum(unions) / len(unions)
+        k = s.spec_depth_mean or 0
+        result.union_bound = round((k + 1) * eng.ckpt.config.top_k)
+    return result
+
+
+def bench(
+    path: Path,
+    prompt_ids: list[int],
+    new_tokens: int,
+    policies: list[str],
+    opts: EngineOptions,
+    same_cache: bool = False,
+    spec_depths: list[str] | None = None,
+) -> list[BenchResult]:
+    """Run each policy (moespeq once per entry of ``spec_depths``); fill speedups."""
+    results = []
+    for policy in policies:
+        depths = (spec_depths or [str(opts.spec_depth)]) if policy == "moespeq" else [None]
+        for k in depths:
+            o = opts
+            label = policy
+            if policy == "moespeq":
+                o = EngineOptions(**{**asdict(opts), "spec_depth": k})
+                label = f"moespeq k={k}"
+                if same_cache:
+                    from moespeq_cli.models.checkpoint import Checkpoint
+
+                    extra = draft_bytes_estimate(Checkpoint(path).config, opts.blocksize)
+                    o = EngineOptions(**{**asdict(o), "vram": int(opts.vram) + extra})
+            results.append(run_policy(path, prompt_ids, new_tokens, policy, o, label))
+    by_policy = {r.policy: r for r in results if r.policy in BASELINES}
+    for r in results:
+        for b in BASELINES:
+            base = by_policy.get(b)
+            r.speedup_vs[b] = (base.stats.seconds / r.stats.seconds) if base and r.stats.seconds else None
+    return results

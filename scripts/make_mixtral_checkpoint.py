@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Write a Mixtral-shaped checkpoint with random weights in the real Hugging Face layout
+(config.json, model.safetensors, a byte-level tokenizer.json). Needs transformers (dev).
+
+    python scripts/make_mixtral_checkpoint.py OUT [--hidden 512 --intermediate 1792 --layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1792)  # Mixtral's 14336 / 4096 ratio
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if (args.out / "config.json").exists():
+        print(args.out)
+        return
+    torch.manual_seed(args.seed)
+    cfg = MixtralConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = MixtralForCausalLM(cfg)
+    with torch.no_grad():  # wider than the default init, so routing and logits are not degenerate
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.6 / p.shape[1] ** 0.5)
+    model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_models
+
+    (args.out / "tokenizer.json").write_text(json.dumps(tiny_models.byte_tokenizer_json()))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
