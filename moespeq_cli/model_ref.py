@@ -62,10 +62,21 @@ def _looks_like_hub_id(s: str) -> bool:
 def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     """The cached snapshot of ``repo`` holding a config.json, without any network call."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from moespeq_cli.hub import RUN_FILES
 
     try:
-        path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        # The same file patterns as `pull`: the cache holds only what a run needs.
+        path = Path(
+            snapshot_download(
+                repo,
+                revision=revision,
+                local_files_only=True,
+                allow_patterns=RUN_FILES,
+                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, FileNotFoundError, OSError, ValueError):
         return None
     return path if (path / "config.json").is_file() else None

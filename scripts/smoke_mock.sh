@@ -40,4 +40,32 @@ set +e
 moespeq run --backend mock --vram 1KB >/dev/null 2>"$tmp/err"; rc=$?
 set -e
 test "$rc" = 2 && test "$(wc -l <"$tmp/err")" = 1
-echo "smoke_mock: ok"
+
+echo "-- profile --no-live --trace --report"
+moespeq profile --backend mock -n 24 --no-live --trace "$tmp/p.trace.json" --report "$tmp/p.html" --json >"$tmp/p.json"
+python3 - "$tmp/p.json" "$tmp/p.trace.json" "$tmp/p.html" <<'PY'
+import json, sys
+out = json.load(open(sys.argv[1])); trace = json.load(open(sys.argv[2])); page = open(sys.argv[3]).read()
+assert out["stats"]["new_tokens"] == 24
+spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+assert any(e["cat"] == "copy" for e in spans) and any(e["cat"] == "compute" for e in spans)
+assert "<svg" in page and "Timeline" in page and page.count("<rect") > 20
+print("   report and trace ok")
+PY
+
+echo "-- bench --json"
+moespeq bench --backend mock -n 16 --policies moespeq,gate-prefetch,lru,ondemand --json >"$tmp/b.json"
+python3 - "$tmp/b.json" <<'PY'
+import json, sys
+out = json.load(open(sys.argv[1]))
+assert [r["policy"] for r in out["results"]] == ["moespeq", "gate-prefetch", "lru", "ondemand"]
+for r in out["results"]:
+    print(f"   {r['label']:14} {r['stats']['tokens_per_s']:8.1f} tok/s (virtual)  vs gate-prefetch {r['speedup_vs']['gate-prefetch']:.2f}x")
+PY
+
+echo "-- quantize (into a temporary copy of the demo model)"
+cp -r "$(python3 -c 'from moespeq_cli.model_ref import DEMO_DIR; print(DEMO_DIR)')" "$tmp/demo"
+moespeq quantize "$tmp/demo" --json >"$tmp/q.json"
+python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['experts'] == 32 and 0.2 < d['ratio'] < 0.35, d" "$tmp/q.json"
+moespeq run "$tmp/demo" --backend mock -n 8 --json | python3 -c "import json,sys; d=json.load(sys.stdin); assert d['draft'].endswith('moespeq-draft-nf4-b64'), d['draft']"
+echo "smoke_mock: all ok"

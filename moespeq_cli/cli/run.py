@@ -68,6 +68,67 @@ def run(
     Streams the completion to stdout and prints a statistics line to stderr. With
     --temperature 0 (the default) decoding is greedy and deterministic.
     """
+    from moespeq_cli.cli.render import Renderer
+    from moespeq_cli.tokenizer import StreamDecoder
+
+    out = Renderer(json_mode=json_out)
+    name, engine, text, prompt_ids = prepare(
+        model,
+        prompt,
+        prompt_file,
+        max_new_tokens,
+        backend,
+        hardware,
+        vram,
+        policy,
+        draft,
+        spec_depth,
+        cpu_threads,
+        dtype,
+        chat,
+    )
+    if engine.plan is not None and not json_out:
+        out.plan(engine.plan, engine.hw, engine.draft_source)
+    decoder = StreamDecoder(engine.tokenizer)
+    token_ids = []
+    if not json_out and prompt is None and prompt_file is None and text.endswith("\n"):
+        out.text(text)  # the default demo prompt: show what the model continues
+    for ev in engine.generate(prompt_ids, max_new_tokens, sampling_params(temperature, top_p, top_k, seed)):
+        token_ids.append(ev.token)
+        out.text(decoder.push(ev.token))
+    out.text(decoder.flush())
+    result = result_dict(name, engine, prompt_ids, token_ids)
+    if trace is not None:
+        write_trace(engine, trace, result)
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out.end_text()
+        out.stats_line(result)
+
+
+def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | None):
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def prepare(
+    model,
+    prompt,
+    prompt_file,
+    max_new_tokens,
+    backend,
+    hardware,
+    vram,
+    policy,
+    draft,
+    spec_depth,
+    cpu_threads=None,
+    dtype=None,
+    chat=None,
+):
+    """Resolve the model, read the prompt, build and load the engine: shared by run and profile."""
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
 
     name, path = resolve(model)
@@ -75,12 +136,8 @@ def run(
         vram = DEMO_VRAM
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
 
-    from moespeq_cli.cli.render import Renderer
     from moespeq_cli.runtime.engine import Engine, EngineOptions
-    from moespeq_cli.runtime.sampling import SamplingParams
-    from moespeq_cli.tokenizer import StreamDecoder
 
-    out = Renderer(json_mode=json_out)
     engine = Engine(
         path,
         EngineOptions(
@@ -99,18 +156,11 @@ def run(
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens; pass some text with --prompt")
     engine.load(context=len(prompt_ids) + max_new_tokens)
-    if engine.plan is not None and not json_out:
-        out.plan(engine.plan, engine.hw, engine.draft_source)
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    decoder = StreamDecoder(engine.tokenizer)
-    token_ids = []
-    if not json_out and name == DEMO and prompt is None and prompt_file is None:
-        out.text(text)
-    for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
-        token_ids.append(ev.token)
-        out.text(decoder.push(ev.token))
-    out.text(decoder.flush())
-    stats = engine.last_stats
+    return name, engine, text, prompt_ids
+
+
+def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int]) -> dict:
+    """The DESIGN.md §7 object of ``run --json``."""
     result = {
         "model": name,
         "backend": engine.backend_name,
@@ -120,19 +170,17 @@ def run(
         "prompt_token_ids": prompt_ids,
         "token_ids": token_ids,
         "text": engine.tokenizer.decode(token_ids),
-        "stats": stats.to_dict(),
+        "stats": engine.last_stats.to_dict(),
     }
     if engine.scheduler is not None:
         result["draft"] = engine.draft_source
-        result["spec_depths"] = engine.governor.history
-    if trace is not None:
-        if engine.backend is None:
-            raise UsageError("--trace needs the mock or cuda backend (the cpu backend keeps no timeline)")
-        engine.backend.timeline.write_chrome_trace(
-            trace, {"model": name, "policy": engine.policy_name, "hardware": result["hardware"], "clock": stats.clock}
-        )
-    if json_out:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        out.end_text()
-        out.stats_line(result)
+        result["spec_depths"] = list(engine.governor.history)
+    return result
+
+
+def write_trace(engine, path: Path, result: dict) -> None:
+    if engine.backend is None:
+        raise UsageError("--trace needs the mock or cuda backend (the cpu backend keeps no timeline)")
+    engine.backend.timeline.write_chrome_trace(
+        path, {k: result[k] for k in ("model", "policy", "hardware")} | {"clock": result["stats"]["clock"]}
+    )

@@ -83,6 +83,7 @@ class Engine:
         self.scheduler = None
         self.draft_source: str | None = None
         self.last_stats: GenerationStats | None = None
+        self.spec_stats = None
 
     @property
     def policy_name(self) -> str | None:
@@ -167,7 +168,7 @@ class Engine:
         if self.scheduler is not None:
             from moespeq_cli.runtime.speculative import SpecStats, speculative_generate
 
-            spec = SpecStats()
+            spec = self.spec_stats = SpecStats()
             self.governor.history.clear()
             events = speculative_generate(
                 self.model,

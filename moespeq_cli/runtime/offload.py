@@ -34,6 +34,7 @@ class OffloadedExperts:
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
         self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
         self.layer_hook = None  # called with the layer index as each MoE layer starts
+        self.lookup_hook = None  # called with (layer, needed experts, ready experts): the profile view
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, st = self.cache, self.cache.stats
@@ -47,6 +48,8 @@ class OffloadedExperts:
         st.hits += len(ready)
         st.layer_lookups[layer] += len(needed)
         st.layer_hits[layer] += len(ready)
+        if self.lookup_hook is not None:
+            self.lookup_hook(layer, needed, ready)
         cache.pinned.update((layer, e) for e in ready)
         for e in ready:
             cache.touch((layer, e))

@@ -1,0 +1,146 @@
+"""``moespeq profile``: a generation under a live view of expert transfers and compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moespeq_cli.cli import options as o
+from moespeq_cli.errors import UsageError
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq profile                                      [dim]# the demo model on a simulated RTX 3060[/dim]
+
+  moespeq profile ./ckpt --vram 6GB --trace run.json --report run.html
+
+  moespeq profile --no-live --report run.html --json   [dim]# scripts and CI[/dim]
+"""
+
+
+def profile(
+    model: o.ModelArg = None,
+    prompt: o.Prompt = None,
+    prompt_file: o.PromptFile = None,
+    max_new_tokens: o.MaxNewTokens = 128,
+    temperature: o.Temperature = 0.0,
+    top_p: o.TopP = 1.0,
+    top_k: o.TopK = 0,
+    seed: o.Seed = None,
+    backend: o.Backend = "auto",
+    hardware: o.Hardware = None,
+    vram: o.Vram = None,
+    policy: o.Policy = "moespeq",
+    draft: o.Draft = "auto",
+    spec_depth: o.SpecDepth = "auto",
+    trace: o.Trace = None,
+    report: Annotated[
+        Optional[Path], typer.Option("--report", help="Write a self-contained HTML report.", show_default=False)
+    ] = None,
+    no_live: Annotated[bool, typer.Option("--no-live", help="No live view (for scripts and CI).")] = False,
+    json_out: o.Json = False,
+) -> None:
+    """Generate under a live view: compute and copy lanes, expert residency, figures.
+
+    The view shows the last stretch of the timeline (target compute, draft compute,
+    stalls, host-to-device copies), which experts are on the device per MoE layer
+    (resident, in flight, missed at the last layer), and rolling tokens/s, stall share,
+    overlap, hit rate, acceptance and the current k. At the end it writes --trace (Chrome
+    trace JSON) and --report (one HTML file).
+    """
+    import json
+    import sys
+
+    from moespeq_cli.cli.run import prepare, result_dict, sampling_params, write_trace
+
+    if backend == "cpu":
+        raise UsageError("profile shows offloading: use --backend mock or cuda")
+    name, engine, text, prompt_ids = prepare(
+        model, prompt, prompt_file, max_new_tokens, backend, hardware, vram, policy, draft, spec_depth
+    )
+    live = not (no_live or json_out) and sys.stdout.isatty()
+    token_ids: list[int] = []
+    missed: set = set()
+    cache = engine.cache
+
+    def on_lookup(layer: int, needed: list, ready: list) -> None:
+        missed.difference_update([k for k in missed if k[0] == layer])
+        missed.update((layer, e) for e in needed if e not in ready)
+
+    engine.target_exec.lookup_hook = on_lookup
+    title = f"moespeq profile · {name} · {engine.hw.name} · {engine.policy_name} · {engine.backend.clock_kind} clock"
+    layers = sorted(engine.model.moe_blocks)
+    E = engine.ckpt.config.num_experts
+    sampling = sampling_params(temperature, top_p, top_k, seed)
+
+    def snapshot() -> dict:
+        b = engine.backend
+        now = b.now()
+        tl = b.timeline
+        copy_s = tl.busy("copy")
+        cs = cache.stats
+        spec = engine.spec_stats
+        return {
+            "tokens": len(token_ids),
+            "tokens_per_s": len(token_ids) / now if now else None,
+            "stall_share": b.io_stall_s / now if now else None,
+            "overlap": (tl.overlap_s() / copy_s) if copy_s else None,
+            "hit_rate": cs.hit_rate,
+            "acceptance": (spec.acceptance_rate if spec else None),
+            "k": (engine.governor.history[-1] if engine.scheduler is not None and engine.governor.history else None),
+            "mb": b.bytes_h2d / 1e6,
+        }
+
+    from moespeq_cli.profiling.live import render
+
+    def view():
+        b = engine.backend
+        now = b.now()
+        return render(
+            title,
+            b.timeline.intervals,
+            now,
+            max(now * 0.25, 1e-4),
+            cache,
+            layers,
+            E,
+            missed,
+            snapshot(),
+            engine.tokenizer.decode(token_ids),
+        )
+
+    events = engine.generate(prompt_ids, max_new_tokens, sampling)
+    if live:
+        from rich.live import Live
+
+        with Live(view(), refresh_per_second=8, transient=False) as lv:
+            for ev in events:
+                token_ids.append(ev.token)
+                lv.update(view())
+    else:
+        for ev in events:
+            token_ids.append(ev.token)
+    result = result_dict(name, engine, prompt_ids, token_ids)
+    if trace is not None:
+        write_trace(engine, trace, result)
+    if report is not None:
+        from moespeq_cli.profiling.report import write_report
+
+        cs = cache.stats
+        layer_hits = {layer: cs.layer_hits[layer] / n for layer, n in cs.layer_lookups.items() if n}
+        write_report(report, result, engine.backend.timeline.to_list(), layer_hits)
+    result["trace"] = str(trace) if trace else None
+    result["report"] = str(report) if report else None
+    if json_out:
+        print(json.dumps(result))
+    else:
+        from moespeq_cli.cli.render import Renderer
+
+        if not live:
+            print(result["text"])
+        Renderer().stats_line(result)
+        for label, p in (("trace", trace), ("report", report)):
+            if p:
+                print(f"{label}: {p}", file=sys.stderr)

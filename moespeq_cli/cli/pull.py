@@ -1,0 +1,78 @@
+"""``moespeq pull``: download a model into the Hugging Face cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moespeq_cli.cli import options as o
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq pull --list                                  [dim]# the aliases and their sizes[/dim]
+
+  moespeq pull mixtral                                 [dim]# mistralai/Mixtral-8x7B-Instruct-v0.1[/dim]
+
+  moespeq pull Qwen/Qwen1.5-MoE-A2.7B-Chat --revision main
+
+  moespeq pull mixtral --config-only                   [dim]# just config.json, for `moespeq plan`[/dim]
+"""
+
+
+def pull(
+    model: Annotated[Optional[str], typer.Argument(help="An alias or a hub id org/name.", show_default=False)] = None,
+    revision: Annotated[
+        Optional[str], typer.Option("--revision", help="Branch, tag or commit.", show_default=False)
+    ] = None,
+    local_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--local-dir", help="Download into this directory instead of the Hugging Face cache.", show_default=False
+        ),
+    ] = None,
+    config_only: Annotated[
+        bool, typer.Option("--config-only", help="Only config.json and generation_config.json.")
+    ] = False,
+    list_aliases: Annotated[bool, typer.Option("--list", help="List the aliases with their sizes and exit.")] = False,
+    json_out: o.Json = False,
+) -> None:
+    """Download a model's safetensors, config and tokenizer from the Hugging Face Hub.
+
+    Files go into the standard Hugging Face cache (other tools reuse them); an interrupted
+    download resumes when you run the same command again. Later commands find the model
+    by the same alias or id without the network. Prints the local path last.
+    """
+    import json
+
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.model_ref import ALIASES, cached_snapshot
+
+    if list_aliases:
+        rows = [
+            {"alias": a, "repo": r, "size_gb": gb, "cached": cached_snapshot(r) is not None}
+            for a, (r, gb) in ALIASES.items()
+        ]
+        if json_out:
+            print(json.dumps({"aliases": rows}))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="moespeq aliases")
+        for col in ("alias", "hub id", "download (bf16)", "cached"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["alias"], r["repo"], f"{r['size_gb']:.1f} GB", "yes" if r["cached"] else "")
+        Console().print(t)
+        return
+    if model is None:
+        raise UsageError("pull needs a MODEL (an alias or org/name); see `moespeq pull --list`")
+    from moespeq_cli.hub import pull as do_pull
+
+    path = do_pull(model, revision, local_dir, config_only)
+    if json_out:
+        print(json.dumps({"model": model, "path": str(path)}))
+    else:
+        print(path)

@@ -1,0 +1,96 @@
+"""The live profile view (Rich): a lane per stream scrolling as the run goes, the expert
+residency map per MoE layer, and rolling figures. It only reads the engine's state."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+LANE_WIDTH = 96
+
+
+def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Text:
+    """Two character lanes over [t_end - window, t_end]: compute (target, draft, stall) and copy."""
+    t0 = t_end - window
+    compute = [" "] * width
+    copy = [" "] * width
+    style = {"target": ("█", "cyan"), "draft": ("▓", "magenta"), "stall": ("░", "red"), "copy": ("▬", "yellow")}
+    cells: dict[tuple[str, int], str] = {}
+    for iv in intervals[-4000:]:
+        if iv.end < t0:
+            continue
+        a = max(0, int((iv.start - t0) / window * width))
+        b = min(width, max(a + 1, int((iv.end - t0) / window * width)))
+        key = "copy" if iv.kind == "copy" else ("stall" if iv.kind == "stall" else iv.phase)
+        lane = copy if iv.kind == "copy" else compute
+        for i in range(a, b):
+            if lane is compute and cells.get(("c", i)) == "stall" and key != "stall":
+                continue
+            lane[i] = key
+            cells[("c" if lane is compute else "p", i)] = key
+    out = Text()
+    for name, lane in (("compute", compute), ("copy   ", copy)):
+        out.append(f"{name} │", style="bold")
+        for k in lane:
+            if k == " ":
+                out.append("·", style="grey30")
+            else:
+                ch, st = style[k]
+                out.append(ch, style=st)
+        out.append("│\n")
+    out.append(f"         last {window * 1e3:.2f} ms   █ target  ▓ draft  ░ stall  ▬ copy H2D", style="dim")
+    return out
+
+
+def residency(cache, layers: list[int], num_experts: int, missed: set) -> Table:
+    t = Table.grid(padding=(0, 1))
+    t.add_column(justify="right", style="bold")
+    t.add_column()
+    for layer in layers:
+        row = Text()
+        for e in range(num_experts):
+            key = (layer, e)
+            if key in missed:
+                row.append("×", style="bold red")
+            elif cache.resident(key) and not cache.ready(key):
+                row.append("◆", style="yellow")
+            elif cache.resident(key):
+                row.append("■", style="green")
+            else:
+                row.append("·", style="grey42")
+        t.add_row(f"L{layer}", row)
+    return t
+
+
+def figures(stats: dict) -> Table:
+    t = Table.grid(padding=(0, 2))
+    for _ in range(4):
+        t.add_column()
+
+    def f(v, fmt, suffix=""):
+        return "-" if v is None else format(v, fmt) + suffix
+
+    t.add_row("tokens/s", f(stats.get("tokens_per_s"), ".1f"), "I/O stall", f(stats.get("stall_share"), ".0%"))
+    t.add_row("overlap", f(stats.get("overlap"), ".0%"), "hit rate", f(stats.get("hit_rate"), ".0%"))
+    t.add_row("acceptance", f(stats.get("acceptance"), ".0%"), "current k", f(stats.get("k"), "d"))
+    t.add_row("tokens", f(stats.get("tokens"), "d"), "MB copied", f(stats.get("mb"), ".1f"))
+    return t
+
+
+def render(title: str, intervals, t_end: float, window: float, cache, layers, num_experts, missed, stats, text: str):
+    body = Group(
+        Text(text[-300:].replace("\n", " ⏎ "), style="white"),
+        Text(""),
+        lanes(intervals, t_end, window),
+        Text(""),
+        Panel(
+            residency(cache, layers, num_experts, missed),
+            title="experts on the device: ■ resident  ◆ in flight  × missed",
+            title_align="left",
+            border_style="grey42",
+        ),
+        figures(stats),
+    )
+    return Panel(body, title=title, title_align="left", border_style="cyan")

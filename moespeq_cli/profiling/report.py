@@ -1,0 +1,106 @@
+"""The HTML report: one self-contained file (inline SVG and CSS, no scripts from the
+network) with the timeline, per-layer hit rates, the summary table and k over time."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from moespeq_cli.runtime.timeline import atomic_write_text
+
+COLORS = {
+    ("compute", "target"): "#1f9bcf",
+    ("compute", "draft"): "#b05fd6",
+    ("stall", "target"): "#e0473d",
+    ("stall", "draft"): "#e0473d",
+    ("copy", "target"): "#e8b31a",
+    ("copy", "draft"): "#e8b31a",
+}
+
+
+def timeline_svg(intervals: list[dict], width: int = 1100, lane_h: int = 26) -> str:
+    if not intervals:
+        return "<p>no intervals</p>"
+    t_end = max(iv["end"] for iv in intervals) or 1.0
+    lanes = {"compute": 0, "copy": 1}
+    parts = [f'<svg width="{width + 90}" height="{2 * lane_h + 40}" class="tl">']
+    for name, i in lanes.items():
+        parts.append(f'<text x="0" y="{i * lane_h + 18}" font-size="12">{name}</text>')
+        parts.append(f'<rect x="80" y="{i * lane_h + 2}" width="{width}" height="{lane_h - 4}" fill="#f3f3f3"/>')
+    for iv in intervals:
+        lane = 1 if iv["kind"] == "copy" else 0
+        x = 80 + iv["start"] / t_end * width
+        w = max(0.4, (iv["end"] - iv["start"]) / t_end * width)
+        color = COLORS.get((iv["kind"], iv.get("phase", "target")), "#888")
+        label = html.escape(f"{iv['name']} {iv['start'] * 1e3:.3f}-{iv['end'] * 1e3:.3f} ms")
+        parts.append(
+            f'<rect x="{x:.2f}" y="{lane * lane_h + 3}" width="{w:.2f}" height="{lane_h - 6}" '
+            f'fill="{color}"><title>{label}</title></rect>'
+        )
+    for i in range(11):
+        x = 80 + i * width / 10
+        parts.append(
+            f'<text x="{x:.1f}" y="{2 * lane_h + 16}" font-size="10" text-anchor="middle">'
+            f"{t_end * i / 10 * 1e3:.2f} ms</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bars_svg(values: dict[str, float], width: int = 500, bar_h: int = 16) -> str:
+    parts = [f'<svg width="{width + 140}" height="{len(values) * (bar_h + 4) + 4}">']
+    for i, (name, v) in enumerate(values.items()):
+        y = i * (bar_h + 4) + 2
+        parts.append(f'<text x="0" y="{y + 12}" font-size="12">{html.escape(name)}</text>')
+        parts.append(f'<rect x="60" y="{y}" width="{width}" height="{bar_h}" fill="#eee"/>')
+        parts.append(f'<rect x="60" y="{y}" width="{v * width:.1f}" height="{bar_h}" fill="#3aa55d"/>')
+        parts.append(f'<text x="{width + 66}" y="{y + 12}" font-size="12">{v:.0%}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def k_svg(ks: list[int], width: int = 700, height: int = 120) -> str:
+    if not ks:
+        return "<p>no speculation (k is 0 throughout, or the policy does not speculate)</p>"
+    k_max = max(max(ks), 1)
+    step = width / max(len(ks) - 1, 1)
+    pts = " ".join(f"{40 + i * step:.1f},{10 + (1 - k / k_max) * (height - 30):.1f}" for i, k in enumerate(ks))
+    return (
+        f'<svg width="{width + 60}" height="{height}">'
+        f'<polyline points="{pts}" fill="none" stroke="#b05fd6" stroke-width="2"/>'
+        f'<text x="0" y="16" font-size="11">k={k_max}</text><text x="0" y="{height - 18}" font-size="11">k=0</text>'
+        f'<text x="40" y="{height - 2}" font-size="11">cycle 1</text>'
+        f'<text x="{40 + width}" y="{height - 2}" font-size="11" text-anchor="end">cycle {len(ks)}</text></svg>'
+    )
+
+
+def write_report(path: Path, result: dict, intervals: list[dict], layer_hits: dict[int, float]) -> None:
+    s = result["stats"]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in s.items())
+    head = {k: result.get(k) for k in ("model", "backend", "hardware", "policy")}
+    doc = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>moespeq profile: {html.escape(str(head["model"]))}</title>
+<style>
+body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 24px; color: #222; }}
+h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin-top: 28px; }}
+table {{ border-collapse: collapse; font-size: 13px; }} td {{ border: 1px solid #ddd; padding: 3px 8px; }}
+.legend span {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px; vertical-align: middle; }}
+pre {{ background: #f7f7f7; padding: 8px; white-space: pre-wrap; }}
+</style></head><body>
+<h1>moespeq profile — {html.escape(" · ".join(f"{k}: {v}" for k, v in head.items()))}</h1>
+<h2>Timeline ({html.escape(s["clock"])} clock)</h2>
+<div class="legend"><span style="background:#1f9bcf"></span>target compute<span style="background:#b05fd6"></span>draft
+compute<span style="background:#e0473d"></span>stall (waiting on a copy)<span style="background:#e8b31a"></span>copy host→device</div>
+{timeline_svg(intervals)}
+<h2>Expert hit rate per MoE layer (at verification)</h2>
+{bars_svg({f"L{k}": v for k, v in sorted(layer_hits.items())})}
+<h2>Speculation depth k per cycle</h2>
+{k_svg(result.get("spec_depths") or [])}
+<h2>Summary</h2>
+<table>{rows}</table>
+<h2>Text</h2><pre>{html.escape(result.get("text", ""))}</pre>
+<script type="application/json" id="moespeq-data">{html.escape(json.dumps({"stats": s}))}</script>
+</body></html>
+"""
+    atomic_write_text(path, doc)

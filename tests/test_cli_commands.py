@@ -1,0 +1,101 @@
+"""The user-facing commands through the CLI runner: profile, bench, help and version."""
+
+import json
+
+import pytest
+
+
+def test_help_has_examples_for_every_command(cli):
+    for cmd in ("pull", "quantize", "run", "profile", "bench"):
+        r = cli(cmd, "--help")
+        assert r.exit_code == 0 and "Examples" in r.stdout and f"moespeq {cmd}" in r.stdout
+
+
+def test_version(cli):
+    from moespeq_cli import __version__
+
+    r = cli("--version")
+    assert r.exit_code == 0 and __version__ in r.stdout
+
+
+def test_help_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from moespeq_cli.cli.app import app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
+    path, _ = tiny("mixtral", "wide")
+    trace, report = tmp_path / "t.json", tmp_path / "r.html"
+    r = cli(
+        "profile",
+        str(path),
+        "-p",
+        "profile me",
+        "-n",
+        "16",
+        "--backend",
+        "mock",
+        "--no-live",
+        "--trace",
+        str(trace),
+        "--report",
+        str(report),
+        "--json",
+    )
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["report"] == str(report) and out["stats"]["clock"] == "virtual"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("cat") == "copy" for e in events)
+    page = report.read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page and "Timeline" in page
+    assert "http://" not in page and "https://" not in page  # viewable with no network
+    assert page.count("<rect") > 20  # the timeline is drawn
+
+
+def test_profile_rejects_cpu_backend(tiny, cli):
+    path, _ = tiny("mixtral", "gqa")
+    r = cli("profile", str(path), "--backend", "cpu", "--no-live")
+    assert r.exit_code == 2 and "mock" in r.stderr
+
+
+def test_bench_json(tiny, cli):
+    from offload_helpers import vram_for_slots
+
+    path, _ = tiny("mixtral", "wide")
+    vram = vram_for_slots(path, 16, 13 + 16)
+    r = cli(
+        "bench",
+        str(path),
+        "-p",
+        "benchmark me!",
+        "-n",
+        "16",
+        "--backend",
+        "mock",
+        "--vram",
+        str(vram),
+        "--spec-depths",
+        "auto,4",
+        "--json",
+    )
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["vram_bytes"] == vram and out["hardware"] == "rtx3060-12gb"
+    labels = [x["label"] for x in out["results"]]
+    assert labels == ["moespeq k=auto", "moespeq k=4", "gate-prefetch", "lru", "ondemand"]
+    for x in out["results"]:
+        assert set(x["speedup_vs"]) == {"ondemand", "lru", "gate-prefetch"}
+        assert x["stats"]["bound_ratio"] >= 1.0 - 1e-9
+    lru = next(x for x in out["results"] if x["policy"] == "lru")
+    assert lru["speedup_vs"]["lru"] == pytest.approx(1.0)
+
+
+def test_bench_unknown_policy(tiny, cli):
+    path, _ = tiny("mixtral", "gqa")
+    r = cli("bench", str(path), "--policies", "lru,magic")
+    assert r.exit_code == 2 and "magic" in r.stderr

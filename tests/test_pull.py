@@ -1,0 +1,106 @@
+"""``moespeq pull`` against a fake hub on 127.0.0.1: download, resume, errors, offline."""
+
+import json
+
+import pytest
+from fake_hub import FakeHub
+
+
+@pytest.fixture
+def hub(tiny, monkeypatch, tmp_path):
+    src, _ = tiny("olmoe", "base")
+    files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    files["pytorch_model.bin"] = b"pickle we must not download"
+    files["README.md"] = b"# a model card"
+    repos = {
+        "acme/tiny-olmoe": files,
+        "acme/gated": dict(files),
+        "acme/bin-only": {"config.json": files["config.json"], "pytorch_model.bin": b"x"},
+    }
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 4096)  # so a dropped transfer leaves a partial file
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with FakeHub(repos, gated={"acme/gated"}) as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        yield fake
+
+
+def test_full_download_then_offline_reuse(hub, cli, monkeypatch):
+    r = cli("pull", "acme/tiny-olmoe")
+    assert r.exit_code == 0, r.stderr
+    path = r.stdout.strip().splitlines()[-1]
+    from pathlib import Path
+
+    names = {p.name for p in Path(path).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert "pytorch_model.bin" not in names and "README.md" not in names  # only what a run needs
+    # Offline: the server is gone for all we care; run resolves the id from the cache.
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    n_before = len(hub.requests)
+    r = cli("run", "acme/tiny-olmoe", "-p", "hello", "-n", "4", "--backend", "cpu", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) == 4
+    assert len(hub.requests) == n_before
+
+
+def test_resume_after_dropped_connection(hub, cli):
+    hub.drop_once.add(("acme/tiny-olmoe", "model.safetensors"))
+    r = cli("pull", "acme/tiny-olmoe")
+    if r.exit_code != 0:  # the client gave up on this attempt: the same command resumes
+        assert "run the same command again" in r.stderr and "Traceback" not in r.stderr
+        r = cli("pull", "acme/tiny-olmoe")
+    assert r.exit_code == 0, r.stderr
+    from pathlib import Path
+
+    got = (Path(r.stdout.strip().splitlines()[-1]) / "model.safetensors").read_bytes()
+    assert got == hub.repos["acme/tiny-olmoe"]["model.safetensors"]
+    gets = [rng for m, p, rng in hub.requests if m == "GET" and p.endswith("model.safetensors")]
+    assert len(gets) >= 2, hub.requests
+    assert gets[-1] and gets[-1] != "bytes=0-", gets  # it asked for the rest, not the whole file again
+
+
+def test_missing_repo(hub, cli):
+    r = cli("pull", "acme/nope")
+    assert r.exit_code == 2 and "not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_revision(hub, cli):
+    r = cli("pull", "acme/tiny-olmoe", "--revision", "v9")
+    assert r.exit_code == 2 and "revision" in r.stderr and "v9" in r.stderr
+
+
+def test_gated_repo_explains_login(hub, cli):
+    r = cli("pull", "acme/gated")
+    assert r.exit_code == 1 and "hf auth login" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bin_only_repo(hub, cli):
+    r = cli("pull", "acme/bin-only")
+    assert r.exit_code == 1 and "never unpickles" in r.stderr
+
+
+def test_offline_and_not_cached(hub, cli, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    r = cli("pull", "acme/tiny-olmoe")
+    assert r.exit_code == 1 and "cannot reach the hub" in r.stderr
+
+
+def test_list_aliases(cli):
+    r = cli("pull", "--list", "--json")
+    assert r.exit_code == 0
+    aliases = {a["alias"]: a for a in json.loads(r.stdout)["aliases"]}
+    assert aliases["mixtral"]["repo"] == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    assert set(aliases) == {"mixtral", "phi-moe", "qwen-moe", "qwen3-moe", "olmoe", "deepseek-lite"}
+
+
+def test_pull_without_model(cli):
+    r = cli("pull")
+    assert r.exit_code == 2 and "--list" in r.stderr
