@@ -73,3 +73,35 @@ def check_activation(cfg: dict) -> None:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json hidden_act {act!r} is not supported; moespeq implements 'silu' experts")
+
+
+HF_EXPERTS = (("gate_proj", "up_proj", "down_proj"), "model.layers.{layer}.mlp.experts.{expert}.")
+MIXTRAL_EXPERTS = (("w1", "w3", "w2"), "model.layers.{layer}.block_sparse_moe.experts.{expert}.")
+
+
+def moe_config(
+    cfg: dict,
+    experts_key: tuple[str, ...],
+    inter_key: str,
+    moe_layers: list[int] | None = None,
+    layout: tuple = HF_EXPERTS,
+) -> MoEConfig:
+    """The MoEConfig every family shares; ``experts_key`` lists config.json's names for the
+    routed-expert count, ``inter_key`` the expert's intermediate size; ``moe_layers`` None
+    means every layer is sparse; ``layout`` the checkpoint's per-expert tensor names."""
+    check_activation(cfg)
+    layers = need(cfg, "num_hidden_layers", kind=int)
+    return MoEConfig(
+        model_type=cfg["model_type"],
+        vocab_size=need(cfg, "vocab_size", kind=int),
+        hidden_size=need(cfg, "hidden_size", kind=int),
+        num_layers=layers,
+        moe_layers=list(range(layers)) if moe_layers is None else moe_layers,
+        num_experts=need(cfg, *experts_key, kind=int),
+        top_k=need(cfg, "num_experts_per_tok", kind=int),
+        expert_intermediate=need(cfg, inter_key, kind=int),
+        dtype=checkpoint_dtype(cfg),
+        expert_names=layout[0],
+        expert_prefix=layout[1],
+        raw=cfg,
+    )

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, KVCache, RMSNorm, SparseMoE, attend
-from moespeq_cli.models.config import MoEConfig, check_activation, checkpoint_dtype, need
+from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.rope import Rotary, apply_rope_interleaved, inv_freq, rope_parameters, yarn_mscale
 
 
@@ -29,21 +29,7 @@ def moe_layer_ids(cfg: dict) -> list[int]:
 
 
 def parse(cfg: dict) -> MoEConfig:
-    check_activation(cfg)
-    return MoEConfig(
-        model_type=cfg["model_type"],
-        vocab_size=need(cfg, "vocab_size", kind=int),
-        hidden_size=need(cfg, "hidden_size", kind=int),
-        num_layers=need(cfg, "num_hidden_layers", kind=int),
-        moe_layers=moe_layer_ids(cfg),
-        num_experts=need(cfg, "n_routed_experts", kind=int),
-        top_k=need(cfg, "num_experts_per_tok", kind=int),
-        expert_intermediate=need(cfg, "moe_intermediate_size", kind=int),
-        dtype=checkpoint_dtype(cfg),
-        expert_names=("gate_proj", "up_proj", "down_proj"),
-        expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
-        raw=cfg,
-    )
+    return moe_config(cfg, ("n_routed_experts",), "moe_intermediate_size", moe_layer_ids(cfg))
 
 
 def deepseek_router(cfg: dict):

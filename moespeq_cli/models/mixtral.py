@@ -15,27 +15,12 @@ from moespeq_cli.models.base import (
     SparseMoE,
     softmax_topk,
 )
-from moespeq_cli.models.config import MoEConfig, check_activation, checkpoint_dtype, need
+from moespeq_cli.models.config import MIXTRAL_EXPERTS, MoEConfig, moe_config, need
 from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
 
 
 def parse(cfg: dict) -> MoEConfig:
-    check_activation(cfg)
-    layers = need(cfg, "num_hidden_layers", kind=int)
-    return MoEConfig(
-        model_type=cfg["model_type"],
-        vocab_size=need(cfg, "vocab_size", kind=int),
-        hidden_size=need(cfg, "hidden_size", kind=int),
-        num_layers=layers,
-        moe_layers=list(range(layers)),
-        num_experts=need(cfg, "num_local_experts", "num_experts", kind=int),
-        top_k=need(cfg, "num_experts_per_tok", kind=int),
-        expert_intermediate=need(cfg, "intermediate_size", kind=int),
-        dtype=checkpoint_dtype(cfg),
-        expert_names=("w1", "w3", "w2"),
-        expert_prefix="model.layers.{layer}.block_sparse_moe.experts.{expert}.",
-        raw=cfg,
-    )
+    return moe_config(cfg, ("num_local_experts", "num_experts"), "intermediate_size", layout=MIXTRAL_EXPERTS)
 
 
 def attention_spec(cfg: dict, **extra) -> AttentionSpec:

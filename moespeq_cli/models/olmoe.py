@@ -6,27 +6,12 @@ from __future__ import annotations
 from torch import nn
 
 from moespeq_cli.models.base import Attention, Backbone, CausalLM, DecoderLayer, RMSNorm, SparseMoE, softmax_topk
-from moespeq_cli.models.config import MoEConfig, check_activation, checkpoint_dtype, need
+from moespeq_cli.models.config import MoEConfig, moe_config
 from moespeq_cli.models.mixtral import attention_spec, rotary
 
 
 def parse(cfg: dict) -> MoEConfig:
-    check_activation(cfg)
-    layers = need(cfg, "num_hidden_layers", kind=int)
-    return MoEConfig(
-        model_type=cfg["model_type"],
-        vocab_size=need(cfg, "vocab_size", kind=int),
-        hidden_size=need(cfg, "hidden_size", kind=int),
-        num_layers=layers,
-        moe_layers=list(range(layers)),
-        num_experts=need(cfg, "num_experts", "num_local_experts", kind=int),
-        top_k=need(cfg, "num_experts_per_tok", kind=int),
-        expert_intermediate=need(cfg, "intermediate_size", kind=int),
-        dtype=checkpoint_dtype(cfg),
-        expert_names=("gate_proj", "up_proj", "down_proj"),
-        expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
-        raw=cfg,
-    )
+    return moe_config(cfg, ("num_experts", "num_local_experts"), "intermediate_size")
 
 
 class Model(CausalLM):

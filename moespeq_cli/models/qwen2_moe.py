@@ -20,7 +20,7 @@ from moespeq_cli.models.base import (
     SparseMoE,
     softmax_topk,
 )
-from moespeq_cli.models.config import MoEConfig, check_activation, checkpoint_dtype, need
+from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.mixtral import attention_spec, rotary
 
 
@@ -32,21 +32,7 @@ def moe_layer_ids(cfg: dict) -> list[int]:
 
 
 def parse(cfg: dict) -> MoEConfig:
-    check_activation(cfg)
-    return MoEConfig(
-        model_type=cfg["model_type"],
-        vocab_size=need(cfg, "vocab_size", kind=int),
-        hidden_size=need(cfg, "hidden_size", kind=int),
-        num_layers=need(cfg, "num_hidden_layers", kind=int),
-        moe_layers=moe_layer_ids(cfg),
-        num_experts=need(cfg, "num_experts", "num_local_experts", kind=int),
-        top_k=need(cfg, "num_experts_per_tok", kind=int),
-        expert_intermediate=need(cfg, "moe_intermediate_size", kind=int),
-        dtype=checkpoint_dtype(cfg),
-        expert_names=("gate_proj", "up_proj", "down_proj"),
-        expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
-        raw=cfg,
-    )
+    return moe_config(cfg, ("num_experts", "num_local_experts"), "moe_intermediate_size", moe_layer_ids(cfg))
 
 
 class SharedExpertMoE(SparseMoE):

@@ -1,0 +1,85 @@
+"""The built-in demo model: shipped in the package, loadable by transformers with the
+same greedy tokens, and `moespeq run` with no MODEL works offline."""
+
+import json
+
+import torch
+
+from moespeq_cli.model_ref import DEMO_DIR
+
+COMMON = {
+    "the",
+    "and",
+    "of",
+    "to",
+    "i",
+    "you",
+    "my",
+    "in",
+    "is",
+    "that",
+    "a",
+    "not",
+    "me",
+    "with",
+    "it",
+    "be",
+    "his",
+    "for",
+    "your",
+    "he",
+    "shall",
+    "have",
+    "will",
+    "thou",
+    "lord",
+    "unto",
+    "what",
+    "this",
+    "as",
+    "but",
+}
+
+
+def test_demo_is_shipped_small_and_in_hf_layout():
+    cfg = json.loads((DEMO_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] >= 8 and cfg["num_experts_per_tok"] == 2
+    total = sum(p.stat().st_size for p in DEMO_DIR.iterdir())
+    assert total < 40 * 2**20
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "config.json"):
+        assert (DEMO_DIR / name).is_file()
+
+
+def test_transformers_gives_the_same_greedy_tokens():
+    from transformers import MixtralForCausalLM
+
+    from moespeq_cli.cli.run import DEMO_PROMPT
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    eng = Engine(DEMO_DIR, EngineOptions(backend="cpu", dtype="float32"))
+    ids = eng.tokenizer.encode(DEMO_PROMPT)
+    eng.load(len(ids) + 32)
+    ours = [ev.token for ev in eng.generate(ids, 32, SamplingParams())]
+    ref = MixtralForCausalLM.from_pretrained(DEMO_DIR, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([ids]),
+            max_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    theirs = out[0, len(ids) :].tolist()
+    assert ours[: len(theirs)] == theirs
+
+
+def test_run_with_no_model_reads_like_english(cli):
+    r = cli("run", "-n", "48", "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"] == "demo" and out["backend"] == "mock"
+    assert out["plan"]["slots"] < out["plan"]["total_experts"]  # the default budget offloads experts
+    words = [w.strip(".,;:!?'\"[]()").lower() for w in out["text"].split()]
+    assert sum(w in COMMON for w in words) >= 5, out["text"]
+    assert sum(c.isascii() for c in out["text"]) / len(out["text"]) > 0.95
