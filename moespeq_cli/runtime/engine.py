@@ -75,7 +75,14 @@ class Engine:
                 raise UsageError(f"--spec-depth {self.fixed_k} is out of range; use 0 to 64 or auto")
         self.ckpt = Checkpoint(path)
         self.tokenizer = Tokenizer(self.ckpt.path, self.ckpt.raw_config)
-        self.dtype = DTYPES[opts.dtype] if opts.dtype else self.ckpt.config.dtype
+        # storage_dtype: what the (real or simulated) device holds and what copies move;
+        # dtype: what the numerics run in. On the CPU-numerics backends (cpu, mock) they run
+        # in float32 unless --dtype says otherwise: a verification pass over k+1 tokens and
+        # k+1 single-token passes then round alike, so speculative decoding gives plain
+        # greedy decoding's tokens exactly (in bf16 a near-tie can flip; docs/design.md §6).
+        self.storage_dtype = DTYPES[opts.dtype] if opts.dtype else self.ckpt.config.dtype
+        cpu_numerics = self.backend_name in ("cpu", "mock")
+        self.dtype = DTYPES[opts.dtype] if opts.dtype else (torch.float32 if cpu_numerics else self.storage_dtype)
         self.plan: Plan | None = None
         self.backend = None
         self.cache = None
@@ -103,7 +110,13 @@ class Engine:
         with torch.device("meta"):
             shape_model = self.ckpt.arch.Model(self.ckpt.raw_config, context)
         self.plan = make_plan(
-            shape_model, self.ckpt.config, self.dtype, self.budget, context, self.opts.policy, self.opts.blocksize
+            shape_model,
+            self.ckpt.config,
+            self.storage_dtype,
+            self.budget,
+            context,
+            self.opts.policy,
+            self.opts.blocksize,
         )
         backend = self.backend = make_backend(self.backend_name, self.hw, self.budget)
         backend.alloc(self.plan.non_expert_bytes, "non-expert weights")
@@ -111,7 +124,7 @@ class Engine:
         backend.alloc(self.plan.workspace_bytes, "workspace")
         model = load_model(self.ckpt, self.dtype, context)
         self.model = model.to(backend.device) if backend.name == "cuda" else model
-        store = ExpertStore(self.ckpt, self.dtype, pin=backend.name == "cuda")
+        store = ExpertStore(self.ckpt, self.dtype, pin=backend.name == "cuda", storage_dtype=self.storage_dtype)
         self.cache = ExpertCache(store, backend, self.plan.slots)
         policy = self.policy = make_policy(self.opts.policy)
         self.target_exec = OffloadedExperts(self.model, self.cache, backend, policy)
@@ -120,7 +133,7 @@ class Engine:
             self.cache.preload_all()
         if policy.speculative:
             self._setup_speculation()
-        self.hooks = instrument(self.model, backend, self.dtype)
+        self.hooks = instrument(self.model, backend, self.storage_dtype)
         backend.reset_clock()
 
     def _setup_speculation(self) -> None:

@@ -10,13 +10,19 @@ from moespeq_cli.models.checkpoint import Checkpoint
 
 
 class ExpertStore:
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False):
+    def __init__(
+        self, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False, storage_dtype: torch.dtype | None = None
+    ):
+        """``dtype``: the buffers' dtype (the numerics); ``storage_dtype``: the dtype the
+        device holds, which sets the bytes a copy moves (the mock computes in float32 while
+        simulating a bf16 GPU)."""
         c = self.config = ckpt.config
         ckpt.check_experts()
         self.dtype = dtype
+        self.storage_dtype = storage_dtype or dtype
         h, i = c.hidden_size, c.expert_intermediate
         self.numel = 3 * h * i
-        self.nbytes = self.numel * torch.empty(0, dtype=dtype).element_size()
+        self.nbytes = self.numel * torch.empty(0, dtype=self.storage_dtype).element_size()
         self.packed: dict[int, torch.Tensor] = {}
         for layer in c.moe_layers:
             buf = torch.empty(c.num_experts, self.numel, dtype=dtype, pin_memory=pin)  # [E, 3*I*H]

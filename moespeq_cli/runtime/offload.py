@@ -29,7 +29,7 @@ class OffloadedExperts:
         self.model, self.cache, self.backend, self.policy = model, cache, backend, policy
         c = cache.store.config
         self.hidden, self.inter = c.hidden_size, c.expert_intermediate
-        self.elem = elem_size(cache.store.dtype)
+        self.elem = elem_size(cache.store.storage_dtype)
         layers = sorted(model.moe_blocks)
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
         self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
