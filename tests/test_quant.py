@@ -80,3 +80,13 @@ def test_draft_memory_is_about_a_quarter_of_bf16(tiny):
     from moespeq_cli.runtime.planner import draft_bytes_estimate
 
     assert abs(draft_bytes_estimate(ck.config) - q.total_bytes) / q.total_bytes < 0.02
+
+
+def test_demo_draft_goes_to_the_cache_not_the_package(monkeypatch, tmp_path):
+    from moespeq_cli.model_ref import DEMO_DIR
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    d = default_draft_dir(DEMO_DIR, "nf4", 64)
+    assert tmp_path in d.parents and d.name.endswith("demo.moespeq-draft-nf4-b64")
+    beside = default_draft_dir(tmp_path / "ckpt", "fp4", 128)
+    assert beside == tmp_path / "ckpt.moespeq-draft-fp4-b128"

@@ -222,6 +222,13 @@ class QuantizedExperts:
 
 
 def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
-    """Beside the checkpoint: <dir>.moespeq-draft-nf4-b64."""
+    """Beside the checkpoint (<dir>.moespeq-draft-nf4-b64) when its parent is writable and
+    it is not the demo model inside the installed package; otherwise in moespeq's cache
+    ($XDG_CACHE_HOME/moespeq/drafts, default ~/.cache/moespeq/drafts)."""
     p = Path(ckpt_path).resolve()
-    return p.with_name(f"{p.name}.moespeq-draft-{method}-b{blocksize}")
+    name = f"{p.name}.moespeq-draft-{method}-b{blocksize}"
+    package = Path(__file__).resolve().parents[1]
+    if os.access(p.parent, os.W_OK) and package not in p.parents:
+        return p.with_name(name)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moespeq" / "drafts"
+    return cache / f"{hashlib.sha256(str(p).encode()).hexdigest()[:10]}-{name}"
