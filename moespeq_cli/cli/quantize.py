@@ -27,7 +27,8 @@ def quantize(
         Optional[Path],
         typer.Option(
             "--out",
-            help="Draft directory (default: beside the checkpoint, <dir>.moespeq-draft-<method>-b<blocksize>).",
+            help="Draft directory (default: beside the checkpoint, <dir>.moespeq-draft-<method>-b<blocksize>, "
+            "or ~/.cache/moespeq/drafts when that is not writable).",
             show_default=False,
         ),
     ] = None,
