@@ -99,3 +99,21 @@ def test_bench_unknown_policy(tiny, cli):
     path, _ = tiny("mixtral", "gqa")
     r = cli("bench", str(path), "--policies", "lru,magic")
     assert r.exit_code == 2 and "magic" in r.stderr
+
+
+@pytest.mark.parametrize("cmd,opt", [("run", "--trace"), ("profile", "--trace"), ("profile", "--report")])
+def test_unwritable_output_is_refused_before_work(tiny, cli, tmp_path, cmd, opt):
+    path, _ = tiny("mixtral", "gqa")
+    extra = ["--no-live"] if cmd == "profile" else []
+    r = cli(cmd, str(path), "-n", "2", "--backend", "mock", opt, str(tmp_path / "missing" / "out.json"), *extra)
+    assert r.exit_code == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = cli(cmd, str(path), "-n", "2", "--backend", "mock", opt, str(tmp_path), *extra)
+    assert r.exit_code == 2 and "is a directory" in r.stderr
+
+
+def test_atomic_write_failure_is_one_line(tmp_path):
+    from moespeq_cli.errors import MoespeqError
+    from moespeq_cli.runtime.timeline import atomic_write_text
+
+    with pytest.raises(MoespeqError, match="cannot write"):
+        atomic_write_text(tmp_path / "nope" / "x.txt", "data")

@@ -53,8 +53,10 @@ def profile(
     import json
     import sys
 
-    from moespeq_cli.cli.run import prepare, result_dict, sampling_params, write_trace
+    from moespeq_cli.cli.run import check_output, prepare, result_dict, sampling_params, write_trace
 
+    check_output(trace, "--trace")
+    check_output(report, "--report")
     if backend == "cpu":
         raise UsageError("profile shows offloading: use --backend mock or cuda")
     name, engine, text, prompt_ids = prepare(

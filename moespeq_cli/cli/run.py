@@ -71,6 +71,7 @@ def run(
     from moespeq_cli.cli.render import Renderer
     from moespeq_cli.tokenizer import StreamDecoder
 
+    check_output(trace, "--trace")
     out = Renderer(json_mode=json_out)
     name, engine, text, prompt_ids = prepare(
         model,
@@ -105,6 +106,16 @@ def run(
     else:
         out.end_text()
         out.stats_line(result)
+
+
+def check_output(path: Path | None, option: str) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: directory {path.parent} does not exist")
 
 
 def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | None):

@@ -105,11 +105,17 @@ class Timeline:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: never a half-written file."""
+    from moespeq_cli.errors import MoespeqError
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        raise MoespeqError(
+            f"cannot write {path} ({e.strerror}); check that its directory exists and is writable"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
