@@ -31,12 +31,11 @@ class HubError(MoespeqError):
 
 
 def repo_for(model: str) -> str:
-    from moespeq_cli.model_ref import ALIASES
+    from moespeq_cli.model_ref import ALIASES, looks_like_hub_id
 
     if model in ALIASES:
         return ALIASES[model][0]
-    parts = model.split("/")
-    if len(parts) != 2 or not all(parts):
+    if not looks_like_hub_id(model):
         raise UnknownModelError(
             f"unknown model {model!r}; use an alias ({', '.join(ALIASES)}) or a hub id like org/name"
         )

@@ -37,7 +37,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
     path = Path(model).expanduser()
     if path.is_dir():
         return model, path
-    if model in ALIASES or _looks_like_hub_id(model):
+    if model in ALIASES or looks_like_hub_id(model):
         repo = ALIASES[model][0] if model in ALIASES else model
         cached = cached_snapshot(repo)
         if cached is None:
@@ -54,7 +54,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
     )
 
 
-def _looks_like_hub_id(s: str) -> bool:
+def looks_like_hub_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 

@@ -10,10 +10,10 @@ with the tokenizer's own post-processor (which adds BOS where the model expects 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, UsageError
+from moespeq_cli.models.checkpoint import read_json
 
 
 def _token_text(value) -> str | None:
@@ -33,8 +33,8 @@ class Tokenizer:
             self.tok = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise CheckpointError(f"{tok_file} cannot be read ({e}); download the checkpoint again") from None
-        self.tok_config = self._json(path / "tokenizer_config.json")
-        gen = self._json(path / "generation_config.json")
+        self.tok_config = read_json(path / "tokenizer_config.json", "download the checkpoint again")
+        gen = read_json(path / "generation_config.json", "download the checkpoint again")
         self.chat_template: str | None = self.tok_config.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default one
             named = {t.get("name"): t.get("template") for t in self.chat_template}
@@ -47,16 +47,6 @@ class Tokenizer:
         self.eos_ids: set[int] = {int(i) for i in eos_ids}
         self.bos_token = _token_text(self.tok_config.get("bos_token")) or ""
         self.eos_token = eos_text or ""
-
-    @staticmethod
-    def _json(p: Path) -> dict:
-        if not p.is_file():
-            return {}
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{p} is not valid JSON ({e}); download the checkpoint again") from None
-        return d if isinstance(d, dict) else {}
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         if chat:

@@ -25,21 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT  # noqa: E402
 from moespeq_cli.model_ref import DEMO_DIR  # noqa: E402
-from moespeq_cli.runtime.bench import bench  # noqa: E402
+from moespeq_cli.runtime.bench import bench, budget_for  # noqa: E402
 from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
-
-
-def sm_budget(path: Path, context: int) -> int:
-    import torch
-
-    from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.runtime.planner import make_plan
-
-    ck = Checkpoint(path)
-    with torch.device("meta"):
-        model = ck.arch.Model(ck.raw_config, context)
-    plan = make_plan(model, ck.config, ck.config.dtype, 10**15, context, "lru")
-    return plan.fixed_bytes + plan.total_experts * plan.expert_bytes // 2
 
 
 def main() -> None:
@@ -63,7 +50,7 @@ def main() -> None:
         probe = Engine(path, EngineOptions(backend="mock"))
         ids = probe.tokenizer.encode(prompt)
         context = len(ids) + args.new_tokens
-        vram = sm_budget(path, context)
+        vram, _ = budget_for(path, context, 0.5)  # fixed part + half the experts
         for hw in ("rtx3060-12gb", "rtx4090-24gb"):
             for same_cache in (False, True):
                 opts = EngineOptions(backend="mock", hardware=hw, vram=vram)

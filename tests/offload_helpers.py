@@ -22,3 +22,8 @@ def run_engine(path, prompt, n, backend="mock", policy="lru", slots=None, hardwa
     eng.load(len(prompt) + n)
     tokens = [ev.token for ev in eng.generate(prompt, n, sampling or SamplingParams())]
     return tokens, eng
+
+
+def prompt_for(seed: int, n: int = 10) -> list[int]:
+    """A reproducible random prompt of n token ids."""
+    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -4,8 +4,7 @@ deterministic clock ranks the policies as their design says."""
 import json
 
 import pytest
-import torch
-from offload_helpers import run_engine, vram_for_slots
+from offload_helpers import prompt_for, run_engine, vram_for_slots
 
 from moespeq_cli.runtime.policies import POLICIES
 
@@ -21,14 +20,10 @@ CASES = [
 ]
 
 
-def prompt_for(seed: int, n: int = 12) -> list[int]:
-    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.mark.parametrize("family,variant", CASES)
 def test_every_policy_gives_cpu_tokens(tiny, family, variant):
     path, _ = tiny(family, variant)
-    prompt = prompt_for(5)
+    prompt = prompt_for(5, 12)
     expected, _ = run_engine(path, prompt, 24, backend="cpu")
     from moespeq_cli.models.checkpoint import Checkpoint
 
@@ -47,9 +42,9 @@ def test_sampling_with_seed_is_identical_across_policies(tiny):
 
     path, _ = tiny("mixtral", "gqa")
     s = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
-    expected, _ = run_engine(path, prompt_for(6), 20, backend="cpu", sampling=s)
+    expected, _ = run_engine(path, prompt_for(6, 12), 20, backend="cpu", sampling=s)
     for policy in ("ondemand", "lru", "gate-prefetch"):
-        got, _ = run_engine(path, prompt_for(6), 20, policy=policy, slots=3, sampling=s)
+        got, _ = run_engine(path, prompt_for(6, 12), 20, policy=policy, slots=3, sampling=s)
         assert got == expected
 
 
@@ -61,7 +56,7 @@ def stats_for(path, policy, slots, prompt):
 def test_policy_figures_on_the_mock_clock(tiny):
     """One tiny model, one budget: the orderings DESIGN.md §4 predicts."""
     path, _ = tiny("mixtral", "top3")  # 2 layers x 8 experts, top-3
-    prompt = prompt_for(7)
+    prompt = prompt_for(7, 12)
     slots = 12
     ondemand, _ = stats_for(path, "ondemand", slots, prompt)
     lru, _ = stats_for(path, "lru", slots, prompt)

@@ -3,7 +3,7 @@ mock-clock figures of the ELB scheduler."""
 
 import pytest
 import torch
-from offload_helpers import run_engine, vram_for_slots
+from offload_helpers import prompt_for, run_engine, vram_for_slots
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
@@ -19,10 +19,6 @@ FAMILIES = [
     ("phimoe", "base"),
     ("deepseek_v2", "lite"),
 ]
-
-
-def prompt_for(seed: int, n: int = 10) -> list[int]:
-    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def spec_engine(path, k="auto", slots=None, context=40, draft="auto", **kw):

@@ -164,9 +164,6 @@ class ExpertExecutor(Protocol):
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
 
 
-Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
 class SparseMoE(nn.Module):
     """Router (``gate``) + routed experts (computed by the executor) + optional shared MLP.
 

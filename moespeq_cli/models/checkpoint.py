@@ -21,19 +21,28 @@ from moespeq_cli.models.config import MoEConfig
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def read_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(
-            f"{path} has no config.json; point at a Hugging Face model directory (or `moespeq pull` it)"
-        )
+def read_json(path: Path, remedy: str, missing: str | None = None) -> dict:
+    """A JSON object from ``path``; ``{}`` when absent unless ``missing`` (the error then).
+    Malformed files are a CheckpointError that ends with ``remedy``."""
+    if not path.is_file():
+        if missing is not None:
+            raise CheckpointError(missing)
+        return {}
     try:
-        cfg = json.loads(cfg_path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); download the checkpoint again") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_path} does not hold a JSON object; download the checkpoint again")
-    return cfg
+        raise CheckpointError(f"{path} is not valid JSON ({e}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; {remedy}")
+    return data
+
+
+def read_config(path: Path) -> dict:
+    return read_json(
+        path / "config.json",
+        "download the checkpoint again",
+        missing=f"{path} has no config.json; point at a Hugging Face model directory (or `moespeq pull` it)",
+    )
 
 
 class Checkpoint:

@@ -27,7 +27,7 @@ import torch
 
 from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, UsageError
-from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.runtime.experts import expert_mlp
 
 METHODS = ("nf4", "fp4")
@@ -179,15 +179,11 @@ class QuantizedExperts:
 
         F = _bnb()
         path = Path(path)
-        mpath = path / "manifest.json"
-        if not mpath.is_file():
-            raise CheckpointError(
-                f"{path} is not a moespeq draft (no manifest.json); build one with `moespeq quantize`"
-            )
-        try:
-            m = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{mpath} is not valid JSON; rebuild the draft with `moespeq quantize`") from None
+        m = read_json(
+            path / "manifest.json",
+            "rebuild the draft with `moespeq quantize`",
+            missing=f"{path} is not a moespeq draft (no manifest.json); build one with `moespeq quantize`",
+        )
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path} is not a draft this moespeq can read; rebuild it with `moespeq quantize`")
         if m.get("source_fingerprint") != fingerprint(source):

@@ -51,8 +51,8 @@ def budget_for(path: Path, context: int, slots_fraction: float, dtype=None) -> t
     with torch.device("meta"):
         model = ck.arch.Model(ck.raw_config, context)
     plan = make_plan(model, ck.config, dtype or ck.config.dtype, 10**15, context, "lru")
-    slots = max(ck.config.top_k, int(plan.total_experts * slots_fraction))
-    return plan.fixed_bytes + slots * plan.expert_bytes, slots
+    slots = max(ck.config.top_k, plan.total_experts * slots_fraction)
+    return plan.fixed_bytes + int(slots * plan.expert_bytes), int(slots)
 
 
 def run_policy(

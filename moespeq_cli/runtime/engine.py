@@ -20,11 +20,12 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
 from moespeq_cli.runtime.backends import make_backend, resolve_backend_name
+from moespeq_cli.runtime.expert_cache import CacheStats
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.hardware import HardwareProfile, load_profile, parse_size
 from moespeq_cli.runtime.loader import load_model
 from moespeq_cli.runtime.planner import Plan, make_plan
-from moespeq_cli.runtime.policies import POLICIES, make_policy
+from moespeq_cli.runtime.policies import make_policy
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
 from moespeq_cli.tokenizer import Tokenizer
@@ -53,8 +54,7 @@ class Engine:
         self.opts = opts = opts or EngineOptions()
         if opts.dtype is not None and opts.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {opts.dtype!r}; choose float32, float16 or bfloat16")
-        if opts.policy not in POLICIES:
-            make_policy(opts.policy)  # raises the usage error listing the policies
+        make_policy(opts.policy)  # an unknown policy is a usage error listing the known ones
         self.backend_name = resolve_backend_name(opts.backend)
         self.hw: HardwareProfile | None = None
         self.budget: int | None = None
@@ -172,9 +172,6 @@ class Engine:
             clock, kind = time.perf_counter, "wall"
         else:
             self.backend.reset_clock()
-            from moespeq_cli.runtime.expert_cache import CacheStats
-
-            self.cache.stats = CacheStats()
             clock, kind = self.backend.now, self.backend.clock_kind
         times = []
         spec = None
@@ -203,8 +200,6 @@ class Engine:
             if ev.index == 0 and self.cache is not None:
                 # Hit rates and prefetch figures are about decoding (verification), not the
                 # prompt's prefill, whose experts are cold for every policy.
-                from moespeq_cli.runtime.expert_cache import CacheStats
-
                 self.cache.stats = CacheStats()
             yield ev
         stats = GenerationStats.from_times(kind, times)

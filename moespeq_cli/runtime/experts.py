@@ -65,17 +65,14 @@ def grouped(
 
 
 class InMemoryExperts:
-    """Every routed expert in host memory, stacked per layer: the ``cpu`` backend and the
-    reference the offloading runtime is checked against."""
+    """Every routed expert in host memory (the ExpertStore's packed buffers): the ``cpu``
+    backend and the reference the offloading runtime is checked against."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
-        c = ckpt.config
-        ckpt.check_experts()
-        self.w: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for layer in c.moe_layers:
-            parts = [ckpt.expert(layer, e, dtype) for e in range(c.num_experts)]
-            self.w[layer] = tuple(torch.stack([p[i] for p in parts]) for i in range(3))  # [E, I, H] x2, [E, H, I]
+        from moespeq_cli.runtime.expert_store import ExpertStore
+
+        self.store = ExpertStore(ckpt, dtype)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        gate, up, down = self.w[layer]
-        return grouped(x, ids, weights, lambda e, xe: expert_mlp(xe, gate[e], up[e], down[e]))
+        store = self.store
+        return grouped(x, ids, weights, lambda e, xe: expert_mlp(xe, *store.views(store.buffer(layer, e))))
