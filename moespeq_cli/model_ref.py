@@ -11,6 +11,7 @@ from moespeq_cli.errors import CheckpointError, UnknownModelError
 
 DEMO = "demo"
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+CONFIGS_DIR = Path(__file__).parent / "assets" / "configs"  # each alias's config.json, for `plan`
 # The demo's default device budget: its fixed part and 4-bit draft (about 21 MiB) plus
 # a few slots, so that most experts stay in host memory and the run shows offloading.
 DEMO_VRAM = "24MiB"
@@ -80,3 +81,33 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     except (LocalEntryNotFoundError, HfHubHTTPError, FileNotFoundError, OSError, ValueError):
         return None
     return path if (path / "config.json").is_file() else None
+
+
+def resolve_config(model: str | None) -> tuple[str, dict, str]:
+    """-> (display name, raw config.json, where it came from), for ``moespeq plan``: a
+    checkpoint directory, a pulled repository (``pull --config-only`` is enough), or an
+    alias's bundled config -- never the network, never a weight."""
+    from moespeq_cli.models.checkpoint import read_config
+
+    if model in ALIASES:
+        repo = ALIASES[model][0]
+        cached = cached_snapshot(repo)
+        if cached is not None:
+            return model, read_config(cached), str(cached / "config.json")
+        bundled = CONFIGS_DIR / f"{model}.json"
+        return model, read_config_file(bundled), f"bundled config of {repo}"
+    if model is not None and not Path(model).expanduser().is_dir() and looks_like_hub_id(model):
+        cached = cached_snapshot(model)
+        if cached is None:
+            raise UnknownModelError(
+                f"{model} is not downloaded; `moespeq pull {model} --config-only` fetches just its config"
+            )
+        return model, read_config(cached), str(cached / "config.json")
+    name, path = resolve(model)
+    return name, read_config(path), str(path / "config.json")
+
+
+def read_config_file(path: Path) -> dict:
+    from moespeq_cli.models.checkpoint import read_json
+
+    return read_json(path, "reinstall moespeq", missing=f"{path} is missing from this install; reinstall moespeq")

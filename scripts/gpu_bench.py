@@ -71,7 +71,7 @@ def policies(path: Path, new_tokens: int) -> list[dict]:
     half = plan.fixed_bytes + plan.total_experts // 2 * plan.expert_bytes
     full = plan.fixed_bytes + plan.total_experts * plan.expert_bytes
     rows = []
-    for policy in ("resident", "ondemand", "lru", "gate-prefetch"):
+    for policy in ("resident", "ondemand", "lru", "gate-prefetch", "hybrid"):
         vram = full if policy == "resident" else half
         eng = Engine(path, EngineOptions(backend="cuda", policy=policy, vram=vram, hardware="h100-pcie"))
         eng.load(context)

@@ -15,7 +15,7 @@ grep -q "tokens in" "$tmp/run.err"
 grep -q "plan:" "$tmp/run.err"
 
 echo "-- run --json --trace, every policy"
-for policy in gate-prefetch lru ondemand; do
+for policy in gate-prefetch lru ondemand hybrid; do
   moespeq run --backend mock -n 16 --policy "$policy" --json --trace "$tmp/$policy.trace.json" >"$tmp/$policy.json"
   python3 - "$tmp/$policy.json" "$tmp/$policy.trace.json" "$policy" <<'PY'
 import json, sys
@@ -54,14 +54,31 @@ print("   report and trace ok")
 PY
 
 echo "-- bench --json"
-moespeq bench --backend mock -n 16 --policies moespeq,gate-prefetch,lru,ondemand --json >"$tmp/b.json"
+moespeq bench --backend mock -n 16 --policies moespeq,hybrid,gate-prefetch,lru,ondemand --json >"$tmp/b.json"
 python3 - "$tmp/b.json" <<'PY'
 import json, sys
 out = json.load(open(sys.argv[1]))
-assert [r["policy"] for r in out["results"]] == ["moespeq", "gate-prefetch", "lru", "ondemand"]
+assert [r["policy"] for r in out["results"]] == ["moespeq", "hybrid", "gate-prefetch", "lru", "ondemand"]
 for r in out["results"]:
     print(f"   {r['label']:14} {r['stats']['tokens_per_s']:8.1f} tok/s (virtual)  vs gate-prefetch {r['speedup_vs']['gate-prefetch']:.2f}x")
 PY
+
+echo "-- hybrid: experts on the CPU, same tokens as the cpu backend"
+c=$(moespeq run --backend mock -n 16 --policy hybrid --json | python3 -c "import json,sys; d=json.load(sys.stdin); assert d['stats']['cpu_expert_share'] > 0; print(d['token_ids'])")
+test "$c" = "$b"
+
+echo "-- plan, offline, from a bundled config"
+moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4 --json >"$tmp/plan.json"
+python3 - "$tmp/plan.json" <<'PY'
+import json, sys
+out = json.load(open(sys.argv[1]))
+rows = {r["policy"]: r for r in out["policies"]}
+assert rows["moespeq"]["fits"] and rows["hybrid"]["fits"] and not rows["resident"]["fits"]
+for name, r in rows.items():
+    if r["fits"]:
+        print(f"   {name:17} {r['estimate']['tokens_per_s']:6.2f} tok/s (modelled), {r['plan']['slots']} slots")
+PY
+moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4 | grep -q "tok/s"
 
 echo "-- quantize (into a temporary copy of the demo model)"
 cp -r "$(python3 -c 'from moespeq_cli.model_ref import DEMO_DIR; print(DEMO_DIR)')" "$tmp/demo"

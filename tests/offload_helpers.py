@@ -27,3 +27,14 @@ def run_engine(path, prompt, n, backend="mock", policy="lru", slots=None, hardwa
 def prompt_for(seed: int, n: int = 10) -> list[int]:
     """A reproducible random prompt of n token ids."""
     return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# One tiny checkpoint per family: the lossless checks of speculation and hybrid execution.
+FAMILIES = [
+    ("mixtral", "gqa"),
+    ("qwen2_moe", "shared"),
+    ("qwen3_moe", "base"),
+    ("olmoe", "base"),
+    ("phimoe", "base"),
+    ("deepseek_v2", "lite"),
+]

@@ -87,9 +87,9 @@ def test_bench_json(tiny, cli):
     out = json.loads(r.stdout)
     assert out["vram_bytes"] == vram and out["hardware"] == "rtx3060-12gb"
     labels = [x["label"] for x in out["results"]]
-    assert labels == ["moespeq k=auto", "moespeq k=4", "gate-prefetch", "lru", "ondemand"]
+    assert labels == ["moespeq+cpu k=auto", "moespeq+cpu k=4", "hybrid", "gate-prefetch", "lru", "ondemand"]
     for x in out["results"]:
-        assert set(x["speedup_vs"]) == {"ondemand", "lru", "gate-prefetch"}
+        assert set(x["speedup_vs"]) == {"ondemand", "lru", "gate-prefetch", "hybrid"}
         assert x["stats"]["bound_ratio"] >= 1.0 - 1e-9
     lru = next(x for x in out["results"] if x["policy"] == "lru")
     assert lru["speedup_vs"]["lru"] == pytest.approx(1.0)

@@ -43,4 +43,18 @@ def test_pinned_store_and_slot_buffers(tiny):
     _, eng = run_engine(path, [5, 6, 7, 8], 4, backend="cuda", policy="lru", slots=4)
     store = eng.cache.store
     assert all(buf.is_pinned() for buf in store.packed.values())
-    assert eng.cache.device_buffers.is_cuda and eng.cache.device_buffers.shape[0] == 4
+    assert eng.cache.device_buffers[0].is_cuda and eng.cache.device_buffers[0].shape[0] == 4
+
+
+@pytest.mark.parametrize("policy", ["hybrid", "moespeq"])
+def test_cuda_host_experts(tiny, policy):
+    """Experts computed on the host CPU (worker thread, activations over the link) give
+    the CPU reference's tokens, and the timeline has a host lane."""
+    path, _ = tiny("mixtral", "top3")
+    prompt = list(range(3, 20))
+    expected, _ = run_engine(path, prompt, 16, backend="cpu")
+    got, eng = run_engine(path, prompt, 16, backend="cuda", policy=policy, slots=4, hardware="desktop-3060-ddr4")
+    assert got == expected
+    if policy == "hybrid":
+        assert eng.last_stats.cpu_expert_share > 0
+        assert any(iv.stream == "host" for iv in eng.backend.timeline.intervals)

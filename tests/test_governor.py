@@ -63,7 +63,8 @@ def test_online_estimates_and_warmup():
     g.observe(0, 0, draft_s=0.0, target_s=0.010, misses=2)
     assert s.t_draft == pytest.approx(0.002) and s.t_target[3] == pytest.approx(0.011)
     assert s.p[0] == 1.0 and s.p[1] == 0.0 and s.tested[:3] == [1, 1, 0]
-    assert s.acceptance(4) == 0.0  # untested positions take the lowest measured acceptance
+    # acceptance is pooled over every tested position (1 then 0, moving average weight 0.1)
+    assert s.pooled == pytest.approx(0.9) and s.acceptance(0) == s.acceptance(4) == pytest.approx(0.9)
     fixed = Governor(GovernorState(k_max=6, num_experts=8, top_k=2, t_copy=0.001), fixed=5)
     assert {fixed.choose() for _ in range(5)} == {5}
 
@@ -74,3 +75,30 @@ def test_probing_backs_off_when_speculation_does_not_pay():
     g.cycles = 2  # past the warm-up
     ks = [g.choose() for _ in range(40)]
     assert ks.count(0) >= 36 and ks[3] == 2 and ks[4:11].count(2) == 0
+
+
+def release_state(p, t_draft):
+    s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
+    s.slots, s.spare_slots, s.total_experts = 4, 8, 16
+    s.zero_time, s.zero_stall = 1.5e-3, 1.0e-3
+    s.p, s.tested = [p] * 4, [3] * 4
+    s.t_draft, s.t_target, s.misses = t_draft, {1: 0.5e-3, 5: 0.7e-3}, {1: 1.0, 5: 1.2}
+    return s
+
+
+def test_draft_memory_goes_to_slots_when_speculation_cannot_pay():
+    s = release_state(p=0.0, t_draft=0.4e-3)
+    # 12 of 16 slots instead of 4: misses fall from 3/4 to 1/4 of lookups, so a third of the stall remains
+    assert s.theta_released() == pytest.approx(1 / (1.5e-3 - 1.0e-3 * (1 - (0.25 / 0.75))))
+    assert s.release_pays()
+    g = Governor(s)
+    g.cycles = 2
+    assert g.choose() == 0 and g.release_requested and g.fixed == 0
+
+
+def test_draft_is_kept_where_speculation_pays():
+    s = release_state(p=0.95, t_draft=0.01e-3)
+    assert not s.release_pays()
+    g = Governor(s)
+    g.cycles = 2
+    assert g.choose() > 0 and not g.release_requested

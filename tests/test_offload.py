@@ -168,4 +168,5 @@ def test_plan_is_printed(tiny, cli):
         "run", str(path), "-p", "figures", "-n", "4", "--backend", "mock", "--vram", str(vram_for_slots(path, 4, 7 + 4))
     )
     assert r.exit_code == 0, r.stderr
-    assert "plan:" in r.stderr and "expert slots (4 of 16)" in r.stderr and "non-expert weights" in r.stderr
+    assert "plan:" in r.stderr and "expert slots (3 of 16)" in r.stderr and "non-expert weights" in r.stderr
+    assert "4-bit draft experts (7 of 16)" in r.stderr  # half the room above top_k slots

@@ -3,22 +3,13 @@ mock-clock figures of the ELB scheduler."""
 
 import pytest
 import torch
-from offload_helpers import prompt_for, run_engine, vram_for_slots
+from offload_helpers import FAMILIES, prompt_for, run_engine, vram_for_slots
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.planner import draft_bytes_estimate
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.speculative import accept_greedy, accept_sampling
-
-FAMILIES = [
-    ("mixtral", "gqa"),
-    ("qwen2_moe", "shared"),
-    ("qwen3_moe", "base"),
-    ("olmoe", "base"),
-    ("phimoe", "base"),
-    ("deepseek_v2", "lite"),
-]
 
 
 def spec_engine(path, k="auto", slots=None, context=40, draft="auto", **kw):
@@ -142,18 +133,31 @@ def test_figures_at_the_same_vram_with_k4(tiny):
     assert figures["moespeq"].prefetch_precision > 0.5
 
 
-def test_draft_that_does_not_fit_turns_speculation_off(tiny, cli):
+def test_draft_that_does_not_fit(tiny, cli):
+    """Without CPU experts the draft is dropped (k = 0); with them (the default) part of it
+    is on the device, the rest runs on the CPU, and the tokens are still plain greedy's."""
     import json
 
     path, _ = tiny("mixtral", "wide")
+    prompt = prompt_for(3)
     ck = Checkpoint(path)
-    vram = vram_for_slots(path, 3, 7 + 8)  # room for top-k slots, not for the draft too
-    r = cli("run", str(path), "-p", "no room", "-n", "8", "--backend", "mock", "--vram", str(vram), "--json")
+    vram = vram_for_slots(path, 3, len(prompt) + 8)  # room for top-k slots, not for the draft too
+    args = ("run", str(path), "--backend", "mock", "--vram", str(vram), "-n", "8", "--json")
+    r = cli(*args, "-p", "no room", "--no-cpu-experts")
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["plan"]["draft_bytes"] == 0 and "does not fit" in out["plan"]["note"]
     assert out["stats"]["spec_depth_mean"] == 0.0 and out["stats"]["acceptance_rate"] is None
     assert ck.config.num_experts == 16
+
+    expected, _ = run_engine(path, prompt, 8, backend="cpu")
+    eng = Engine(path, EngineOptions(backend="mock", policy="moespeq", spec_depth="2", vram=vram))
+    eng.load(len(prompt) + 8)
+    assert 0 < eng.plan.draft_device_experts < eng.plan.total_experts and "on the CPU" in eng.plan.note
+    assert tokens(eng, prompt, 8) == expected
+    assert eng.last_stats.acceptance_rate is not None
+    host = [iv for iv in eng.backend.timeline.intervals if iv.stream == "host" and iv.phase == "draft"]
+    assert host, "the draft computed none of its experts on the CPU"
 
 
 def test_run_json_has_speculation_figures(tiny, cli):
@@ -183,3 +187,20 @@ def test_bad_spec_depth(tiny, cli, bad):
     path, _ = tiny("mixtral", "gqa")
     r = cli("run", str(path), "-n", "2", "--backend", "mock", "--spec-depth", bad)
     assert r.exit_code == 2 and "--spec-depth" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_useless_draft_gives_its_memory_to_expert_slots(tiny):
+    """A zeroed draft (nothing accepted) on a budget where its memory could hold more
+    experts: the governor releases it, the cache grows, the tokens stay plain greedy's."""
+    path, _ = tiny("mixtral", "wide")
+    prompt = prompt_for(8)
+    n = 40
+    expected, _ = run_engine(path, prompt, n, backend="cpu")
+    eng = spec_engine(path, "auto", slots=4, context=len(prompt) + n, cpu_experts=False)
+    eng.draft_exec.quant.zero_()
+    slots_before = eng.cache.slots
+    assert eng.governor.state.spare_slots > 0
+    assert tokens(eng, prompt, n) == expected
+    assert eng.draft_released and eng.cache.slots == slots_before + eng.governor.state.spare_slots
+    assert eng.backend.used <= eng.backend.capacity
+    assert eng.governor.history[-1] == 0

@@ -59,13 +59,14 @@ def root(
 
 
 def _register() -> None:
-    from moespeq_cli.cli import bench, profile, pull, quantize, run
+    from moespeq_cli.cli import bench, plan, profile, pull, quantize, run
 
     app.command(name="pull", epilog=pull.EPILOG)(pull.pull)
     app.command(name="run", epilog=run.EPILOG)(run.run)
     app.command(name="quantize", epilog=quantize.EPILOG)(quantize.quantize)
     app.command(name="profile", epilog=profile.EPILOG)(profile.profile)
     app.command(name="bench", epilog=bench.EPILOG)(bench.bench)
+    app.command(name="plan", epilog=plan.EPILOG)(plan.plan)
 
 
 _register()

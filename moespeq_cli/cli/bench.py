@@ -16,6 +16,8 @@ EPILOG = """[bold]Examples[/bold]
   moespeq bench ./ckpt --hardware rtx4090-24gb --vram 6GB -n 64
 
   moespeq bench ./ckpt --policies moespeq,lru --spec-depths auto,2,4 --json
+
+  moespeq bench ./ckpt --hardware desktop-3060-ddr4 --policies moespeq,hybrid --no-cpu-experts
 """
 
 
@@ -28,7 +30,7 @@ def bench(
     hardware: o.Hardware = None,
     vram: o.Vram = None,
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to compare.")] = (
-        "moespeq,gate-prefetch,lru,ondemand"
+        "moespeq,hybrid,gate-prefetch,lru,ondemand"
     ),
     spec_depths: Annotated[
         str, typer.Option("--spec-depths", help="moespeq runs: comma-separated auto or N.")
@@ -40,7 +42,9 @@ def bench(
             help="Give moespeq the draft's bytes on top of --vram (the same full-precision slots as the baselines).",
         ),
     ] = False,
+    cpu_experts: o.CpuExperts = None,
     draft: o.Draft = "auto",
+    cpu_threads: o.CpuThreads = None,
     json_out: o.Json = False,
 ) -> None:
     """Compare offloading policies on one model, hardware profile and budget.
@@ -70,7 +74,9 @@ def bench(
     from moespeq_cli.runtime.engine import Engine, EngineOptions
     from moespeq_cli.runtime.hardware import parse_size
 
-    opts = EngineOptions(backend=backend, hardware=hardware, vram=vram, draft=draft)
+    opts = EngineOptions(
+        backend=backend, hardware=hardware, vram=vram, draft=draft, cpu_threads=cpu_threads, cpu_experts=cpu_experts
+    )
     probe = Engine(path, opts)
     ids = probe.tokenizer.encode(text, chat=bool(probe.tokenizer.chat_template))
     opts.vram = parse_size(vram) if vram is not None else probe.budget

@@ -47,7 +47,16 @@ Vram = Annotated[
         "--vram", help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory.", show_default=False
     ),
 ]
-Policy = Annotated[str, typer.Option("--policy", help="moespeq | resident | ondemand | lru | gate-prefetch.")]
+Policy = Annotated[str, typer.Option("--policy", help="moespeq | hybrid | gate-prefetch | lru | ondemand | resident.")]
+CpuExperts = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--cpu-experts/--no-cpu-experts",
+        help="Compute experts that are not on the device on the CPU when that is sooner than copying them "
+        "(default: on for moespeq and hybrid).",
+        show_default=False,
+    ),
+]
 Draft = Annotated[
     str,
     typer.Option("--draft", help="auto (a saved draft beside the checkpoint, else quantize in memory) | PATH | none."),

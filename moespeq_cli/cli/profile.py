@@ -33,8 +33,10 @@ def profile(
     hardware: o.Hardware = None,
     vram: o.Vram = None,
     policy: o.Policy = "moespeq",
+    cpu_experts: o.CpuExperts = None,
     draft: o.Draft = "auto",
     spec_depth: o.SpecDepth = "auto",
+    cpu_threads: o.CpuThreads = None,
     trace: o.Trace = None,
     report: Annotated[
         Optional[Path], typer.Option("--report", help="Write a self-contained HTML report.", show_default=False)
@@ -60,7 +62,18 @@ def profile(
     if backend == "cpu":
         raise UsageError("profile shows offloading: use --backend mock or cuda")
     name, engine, text, prompt_ids = prepare(
-        model, prompt, prompt_file, max_new_tokens, backend, hardware, vram, policy, draft, spec_depth
+        model,
+        prompt,
+        prompt_file,
+        max_new_tokens,
+        backend,
+        hardware,
+        vram,
+        policy,
+        draft,
+        spec_depth,
+        cpu_threads,
+        cpu_experts=cpu_experts,
     )
     live = not (no_live or json_out) and sys.stdout.isatty()
     token_ids: list[int] = []

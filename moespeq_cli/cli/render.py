@@ -29,7 +29,7 @@ class Renderer:
         from moespeq_cli.runtime.hardware import format_size
 
         parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
-        Console(stderr=True, highlight=False).print(
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
             f"[dim]plan: {format_size(plan.budget_bytes)} on {hw.name} ({plan.policy}): {parts}[/dim]"
         )
 
@@ -112,3 +112,57 @@ def bench_table(report: dict) -> None:
     if not console.is_terminal:
         console = Console(width=170)  # logs and pipes: room for every column
     console.print(t)
+
+
+def plan_table(report: dict) -> None:
+    """``moespeq plan``: one row per policy (placement and modelled tokens/s)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moespeq_cli.runtime.hardware import format_size
+
+    console = Console(highlight=False)
+    console.print(
+        f"[bold]{report['model']}[/bold] on {report['hardware']}, --vram {format_size(report['vram_bytes'])}, "
+        f"{report['context_tokens']} tokens of context, {report['dtype']}  [dim]({report['config']})[/dim]"
+    )
+    console.print(
+        f"{report['total_experts']} routed experts of {format_size(report['expert_bytes'])} each; "
+        "all of them stay in host memory, the device caches some."
+    )
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("policy", "device", "slots", "draft", "host", "tok/s*", "k"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    best = max((r["estimate"]["tokens_per_s"] for r in report["policies"] if r["fits"]), default=None)
+    refused = []
+    for r in report["policies"]:
+        if not r["fits"]:
+            table.add_row(r["policy"], "[red]does not fit[/red]", "", "", "", "", "")
+            refused.append(f"{r['policy']}: {r['reason']}")
+            continue
+        p, e = r["plan"], r["estimate"]
+        draft = f"{p['draft_device_experts']} ({format_size(p['draft_bytes'])})" if p["draft_bytes"] else "-"
+        host = format_size(r["host_bytes"]) + (" +CPU" if e["cpu_experts"] else "")
+        tps = f"{e['tokens_per_s']:.2f}"
+        if e["tokens_per_s"] == best:
+            tps = f"[bold green]{tps}[/bold green]"
+        k = "" if e["spec_depth"] is None else str(e["spec_depth"])
+        table.add_row(r["policy"], format_size(r["device_bytes"]), str(p["slots"]), draft, host, tps, k)
+    console.print(table)
+    fixed = next((r["plan"] for r in report["policies"] if r["fits"]), None)
+    if fixed:
+        console.print(
+            f"device: non-expert weights {format_size(fixed['non_expert_bytes'])}, KV cache "
+            f"{format_size(fixed['kv_cache_bytes'])}, workspace {format_size(fixed['workspace_bytes'])}, then "
+            "full-precision expert slots and (moespeq) the 4-bit draft's experts; host: every expert in full "
+            "precision and the draft's other experts. +CPU: experts not on the device may be computed there."
+        )
+    for line in refused:
+        console.print(f"[red]{line}[/red]")
+    for r in report["policies"]:
+        if r["fits"] and r.get("note"):
+            console.print(f"{r['policy']}: {r['note']}")
+    console.print(
+        f"[dim]* modelled with uniform routing and a draft acceptance of {report['acceptance_assumed']:.2f}; "
+        "`moespeq bench` measures on the mock clock, `moespeq run` on your GPU.[/dim]"
+    )

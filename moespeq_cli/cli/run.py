@@ -55,6 +55,7 @@ def run(
     hardware: o.Hardware = None,
     vram: o.Vram = None,
     policy: o.Policy = "moespeq",
+    cpu_experts: o.CpuExperts = None,
     draft: o.Draft = "auto",
     spec_depth: o.SpecDepth = "auto",
     trace: o.Trace = None,
@@ -87,6 +88,7 @@ def run(
         cpu_threads,
         dtype,
         chat,
+        cpu_experts,
     )
     if engine.plan is not None and not json_out:
         out.plan(engine.plan, engine.hw, engine.draft_source)
@@ -138,6 +140,7 @@ def prepare(
     cpu_threads=None,
     dtype=None,
     chat=None,
+    cpu_experts=None,
 ):
     """Resolve the model, read the prompt, build and load the engine: shared by run and profile."""
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
@@ -160,6 +163,7 @@ def prepare(
             policy=policy,
             draft=draft,
             spec_depth=spec_depth,
+            cpu_experts=cpu_experts,
         ),
     )
     use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat

@@ -12,26 +12,39 @@ LANE_WIDTH = 96
 
 
 def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Text:
-    """Two character lanes over [t_end - window, t_end]: compute (target, draft, stall) and copy."""
+    """Character lanes over [t_end - window, t_end]: compute (target, draft, stall), copy,
+    and the host CPU when it computed experts."""
     t0 = t_end - window
     compute = [" "] * width
     copy = [" "] * width
-    style = {"target": ("█", "cyan"), "draft": ("▓", "magenta"), "stall": ("░", "red"), "copy": ("▬", "yellow")}
-    cells: dict[tuple[str, int], str] = {}
+    host = [" "] * width
+    style = {
+        "target": ("█", "cyan"),
+        "draft": ("▓", "magenta"),
+        "stall": ("░", "red"),
+        "copy": ("▬", "yellow"),
+        "host": ("▒", "green"),
+    }
     for iv in intervals[-4000:]:
         if iv.end < t0:
             continue
         a = max(0, int((iv.start - t0) / window * width))
         b = min(width, max(a + 1, int((iv.end - t0) / window * width)))
-        key = "copy" if iv.kind == "copy" else ("stall" if iv.kind == "stall" else iv.phase)
-        lane = copy if iv.kind == "copy" else compute
+        if iv.stream == "host":
+            key, lane = "host", host
+        elif iv.kind == "copy":
+            key, lane = "copy", copy
+        else:
+            key, lane = ("stall" if iv.kind == "stall" else iv.phase), compute
         for i in range(a, b):
-            if lane is compute and cells.get(("c", i)) == "stall" and key != "stall":
+            if lane is compute and compute[i] == "stall" and key != "stall":
                 continue
             lane[i] = key
-            cells[("c" if lane is compute else "p", i)] = key
+    rows = [("compute", compute), ("copy   ", copy)]
+    if any(k != " " for k in host) or any(iv.stream == "host" for iv in intervals[-4000:]):
+        rows.append(("cpu    ", host))
     out = Text()
-    for name, lane in (("compute", compute), ("copy   ", copy)):
+    for name, lane in rows:
         out.append(f"{name} │", style="bold")
         for k in lane:
             if k == " ":
@@ -40,7 +53,10 @@ def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Te
                 ch, st = style[k]
                 out.append(ch, style=st)
         out.append("│\n")
-    out.append(f"         last {window * 1e3:.2f} ms   █ target  ▓ draft  ░ stall  ▬ copy H2D", style="dim")
+    out.append(
+        f"         last {window * 1e3:.2f} ms   █ target  ▓ draft  ░ stall  ▬ copy H2D  ▒ expert on the CPU",
+        style="dim",
+    )
     return out
 
 

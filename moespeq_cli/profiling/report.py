@@ -16,6 +16,8 @@ COLORS = {
     ("stall", "draft"): "#e0473d",
     ("copy", "target"): "#e8b31a",
     ("copy", "draft"): "#e8b31a",
+    ("host", "target"): "#3aa55d",
+    ("host", "draft"): "#3aa55d",
 }
 
 
@@ -24,15 +26,19 @@ def timeline_svg(intervals: list[dict], width: int = 1100, lane_h: int = 26) -> 
         return "<p>no intervals</p>"
     t_end = max(iv["end"] for iv in intervals) or 1.0
     lanes = {"compute": 0, "copy": 1}
-    parts = [f'<svg width="{width + 90}" height="{2 * lane_h + 40}" class="tl">']
+    if any(iv.get("stream") == "host" for iv in intervals):
+        lanes["cpu"] = 2
+    n = len(lanes)
+    parts = [f'<svg width="{width + 90}" height="{n * lane_h + 40}" class="tl">']
     for name, i in lanes.items():
         parts.append(f'<text x="0" y="{i * lane_h + 18}" font-size="12">{name}</text>')
         parts.append(f'<rect x="80" y="{i * lane_h + 2}" width="{width}" height="{lane_h - 4}" fill="#f3f3f3"/>')
     for iv in intervals:
-        lane = 1 if iv["kind"] == "copy" else 0
+        host = iv.get("stream") == "host"
+        lane = 2 if host else (1 if iv["kind"] == "copy" else 0)
         x = 80 + iv["start"] / t_end * width
         w = max(0.4, (iv["end"] - iv["start"]) / t_end * width)
-        color = COLORS.get((iv["kind"], iv.get("phase", "target")), "#888")
+        color = COLORS.get(("host" if host else iv["kind"], iv.get("phase", "target")), "#888")
         label = html.escape(f"{iv['name']} {iv['start'] * 1e3:.3f}-{iv['end'] * 1e3:.3f} ms")
         parts.append(
             f'<rect x="{x:.2f}" y="{lane * lane_h + 3}" width="{w:.2f}" height="{lane_h - 6}" '
@@ -41,7 +47,7 @@ def timeline_svg(intervals: list[dict], width: int = 1100, lane_h: int = 26) -> 
     for i in range(11):
         x = 80 + i * width / 10
         parts.append(
-            f'<text x="{x:.1f}" y="{2 * lane_h + 16}" font-size="10" text-anchor="middle">'
+            f'<text x="{x:.1f}" y="{n * lane_h + 16}" font-size="10" text-anchor="middle">'
             f"{t_end * i / 10 * 1e3:.2f} ms</text>"
         )
     parts.append("</svg>")

@@ -120,8 +120,11 @@ class QuantizedExperts:
     def total_bytes(self) -> int:
         return self.bytes_per_expert * len(self.q)
 
-    def to(self, device: torch.device) -> QuantizedExperts:
+    def to(self, device: torch.device, keys=None) -> QuantizedExperts:
+        """Move the experts in ``keys`` (default: all) to ``device``; the rest stay put."""
         for key, parts in self.q.items():
+            if keys is not None and key not in keys:
+                continue
             moved = []
             for packed, state in parts:
                 state.to(device)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.planner import draft_bytes_estimate, make_plan
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
 
-BASELINES = ("ondemand", "lru", "gate-prefetch")
+BASELINES = ("ondemand", "lru", "gate-prefetch", "hybrid")
 
 
 @dataclass
@@ -43,10 +44,20 @@ class BenchResult:
         return d
 
 
+def baseline_slots(path: Path, context: int, vram: int, opts: EngineOptions) -> int:
+    """The full-precision slots the baselines get at ``vram``: the same-cache budget
+    caps moespeq's slots at this, whatever it does with the draft's bytes."""
+    from moespeq_cli.models.config import DTYPES
+
+    ck = Checkpoint(path)
+    with torch.device("meta"):
+        model = ck.arch.Model(ck.raw_config, context)
+    dtype = DTYPES[opts.dtype] if opts.dtype else ck.config.dtype
+    return make_plan(model, ck.config, dtype, vram, context, "lru").slots
+
+
 def budget_for(path: Path, context: int, slots_fraction: float, dtype=None) -> tuple[int, int]:
     """(vram for the baselines with ``slots_fraction`` of all experts as slots, that slot count)."""
-    from moespeq_cli.models.checkpoint import Checkpoint
-
     ck = Checkpoint(path)
     with torch.device("meta"):
         model = ck.arch.Model(ck.raw_config, context)
@@ -58,7 +69,8 @@ def budget_for(path: Path, context: int, slots_fraction: float, dtype=None) -> t
 def run_policy(
     path: Path, prompt_ids: list[int], new_tokens: int, policy: str, opts: EngineOptions, label: str | None = None
 ) -> BenchResult:
-    eng = Engine(path, EngineOptions(**{**asdict(opts), "policy": policy}))
+    cpu = opts.cpu_experts if policy in ("moespeq", "hybrid") else None
+    eng = Engine(path, EngineOptions(**{**asdict(opts), "policy": policy, "cpu_experts": cpu}))
     eng.load(len(prompt_ids) + new_tokens)
     unions: list[int] = []
     if eng.scheduler is not None:
@@ -88,22 +100,28 @@ def bench(
     opts: EngineOptions,
     same_cache: bool = False,
     spec_depths: list[str] | None = None,
+    moespeq_runs: list[tuple[str, bool | None]] | None = None,
 ) -> list[BenchResult]:
-    """Run each policy (moespeq once per entry of ``spec_depths``); fill speedups."""
+    """Run each policy (moespeq once per entry of ``spec_depths``, or per (spec depth,
+    CPU experts) pair of ``moespeq_runs``); fill speedups."""
+    from moespeq_cli.runtime.policies import make_policy
+
     results = []
     for policy in policies:
-        depths = (spec_depths or [str(opts.spec_depth)]) if policy == "moespeq" else [None]
-        for k in depths:
+        if policy == "moespeq":
+            runs = moespeq_runs or [(k, opts.cpu_experts) for k in (spec_depths or [str(opts.spec_depth)])]
+        else:
+            runs = [(None, None)]
+        for k, cpu in runs:
             o = opts
             label = policy
             if policy == "moespeq":
-                o = EngineOptions(**{**asdict(opts), "spec_depth": k})
-                label = f"moespeq k={k}"
+                o = EngineOptions(**{**asdict(opts), "spec_depth": k, "cpu_experts": cpu})
+                label = f"moespeq{'+cpu' if make_policy(policy, cpu).host_compute else ''} k={k}"
                 if same_cache:
-                    from moespeq_cli.models.checkpoint import Checkpoint
-
                     extra = draft_bytes_estimate(Checkpoint(path).config, opts.blocksize)
-                    o = EngineOptions(**{**asdict(o), "vram": int(opts.vram) + extra})
+                    slots = baseline_slots(path, len(prompt_ids) + new_tokens, int(opts.vram), opts)
+                    o = EngineOptions(**{**asdict(o), "vram": int(opts.vram) + extra, "max_slots": slots})
             results.append(run_policy(path, prompt_ids, new_tokens, policy, o, label))
     by_policy = {r.policy: r for r in results if r.policy in BASELINES}
     for r in results:

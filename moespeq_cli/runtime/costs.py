@@ -2,8 +2,11 @@
 
 An operation that does ``flops`` floating-point work and moves ``bytes`` through device
 memory takes ``max(flops / peak_flops, bytes / mem_bandwidth) + kernels * launch_overhead``
-(DESIGN.md §3). The same formulas price every policy: nothing here knows which policy
-runs. docs/mock-backend.md lists what is and is not modelled.
+(DESIGN.md §3). On the host CPU the same operation takes
+``max(flops / host_flops, bytes / host_mem_bandwidth) + kernels * host_op_overhead``, and
+its activations cross the link both ways (``link_latency + bytes / link_bandwidth`` each).
+The same formulas price every policy: nothing here knows which policy runs.
+docs/mock-backend.md lists what is and is not modelled.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ class Cost:
 
     def seconds(self, hw: HardwareProfile) -> float:
         return max(self.flops / hw.peak_flops, self.bytes / hw.mem_bandwidth) + self.kernels * hw.launch_overhead
+
+    def host_seconds(self, hw: HardwareProfile) -> float:
+        """The same work on the host CPU, reading the weights from host memory."""
+        return max(self.flops / hw.host_flops, self.bytes / hw.host_mem_bandwidth) + self.kernels * hw.host_op_overhead
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.flops + other.flops, self.bytes + other.bytes, self.kernels + other.kernels)
@@ -58,3 +65,13 @@ def expert_cost(hidden: int, inter: int, tokens: int, elem: float) -> Cost:
 
 def elem_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def transfer_seconds(nbytes: float, hw: HardwareProfile) -> float:
+    """One copy over the host-device link (either direction)."""
+    return hw.link_latency + nbytes / hw.link_bandwidth
+
+
+def host_expert_seconds(cost: Cost, act_bytes: float, hw: HardwareProfile) -> float:
+    """An expert computed on the CPU: activations down, compute, results back up."""
+    return 2 * transfer_seconds(act_bytes, hw) + cost.host_seconds(hw)

@@ -20,6 +20,7 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
 from moespeq_cli.runtime.backends import make_backend, resolve_backend_name
+from moespeq_cli.runtime.costs import host_expert_seconds
 from moespeq_cli.runtime.expert_cache import CacheStats
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.hardware import HardwareProfile, load_profile, parse_size
@@ -45,6 +46,8 @@ class EngineOptions:
     draft: str = "auto"  # auto (saved draft if any, else quantize in memory) | PATH | none
     spec_depth: str | int = "auto"  # auto: the governor chooses k; N: fixed
     k_max: int = 8
+    cpu_experts: bool | None = None  # None: the policy's default (on for moespeq and hybrid)
+    max_slots: int | None = None  # cap on full-precision expert slots (bench's same-cache budget)
     quant_method: str = "nf4"
     blocksize: int = 64
 
@@ -54,7 +57,7 @@ class Engine:
         self.opts = opts = opts or EngineOptions()
         if opts.dtype is not None and opts.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {opts.dtype!r}; choose float32, float16 or bfloat16")
-        make_policy(opts.policy)  # an unknown policy is a usage error listing the known ones
+        make_policy(opts.policy, opts.cpu_experts)  # an unknown policy lists the known ones
         self.backend_name = resolve_backend_name(opts.backend)
         self.hw: HardwareProfile | None = None
         self.budget: int | None = None
@@ -91,6 +94,7 @@ class Engine:
         self.draft_source: str | None = None
         self.last_stats: GenerationStats | None = None
         self.spec_stats = None
+        self.draft_released = False
 
     @property
     def policy_name(self) -> str | None:
@@ -109,6 +113,7 @@ class Engine:
 
         with torch.device("meta"):
             shape_model = self.ckpt.arch.Model(self.ckpt.raw_config, context)
+        cpu_experts = make_policy(self.opts.policy, self.opts.cpu_experts).host_compute
         self.plan = make_plan(
             shape_model,
             self.ckpt.config,
@@ -117,6 +122,9 @@ class Engine:
             context,
             self.opts.policy,
             self.opts.blocksize,
+            cpu_experts,
+            with_draft=self.opts.draft != "none",
+            max_slots=self.opts.max_slots,
         )
         backend = self.backend = make_backend(self.backend_name, self.hw, self.budget)
         backend.alloc(self.plan.non_expert_bytes, "non-expert weights")
@@ -126,7 +134,7 @@ class Engine:
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         store = ExpertStore(self.ckpt, self.dtype, pin=backend.name == "cuda", storage_dtype=self.storage_dtype)
         self.cache = ExpertCache(store, backend, self.plan.slots)
-        policy = self.policy = make_policy(self.opts.policy)
+        policy = self.policy = make_policy(self.opts.policy, self.opts.cpu_experts)
         self.target_exec = OffloadedExperts(self.model, self.cache, backend, policy)
         self.model.set_experts(self.target_exec)
         if policy.preload_all:
@@ -137,18 +145,56 @@ class Engine:
         backend.reset_clock()
 
     def _setup_speculation(self) -> None:
+        from moespeq_cli.runtime.costs import elem_size, transfer_seconds
         from moespeq_cli.runtime.governor import Governor, GovernorState
         from moespeq_cli.runtime.moespeq import DraftExperts, ElbScheduler
+        from moespeq_cli.runtime.planner import spread
 
-        if self.plan.draft_bytes and self.opts.draft != "none":
-            quant = self.load_draft()
-            self.backend.alloc(max(0, quant.total_bytes - self.plan.draft_bytes), "4-bit draft experts")
-            self.draft_exec = DraftExperts(quant.to(self.backend.device), self.backend)
         c = self.ckpt.config
-        t_copy = self.hw.link_latency + self.plan.expert_bytes / self.hw.link_bandwidth
-        state = GovernorState(self.opts.k_max, c.num_experts, c.top_k, t_copy)
+        plan = self.plan
+        if plan.has_draft and self.opts.draft != "none":
+            quant = self.load_draft()
+            on_device = spread(plan.draft_device_experts, list(c.moe_layers), c.num_experts)
+            device_bytes = quant.bytes_per_expert * len(on_device)
+            self.draft_excess = max(0, device_bytes - plan.draft_bytes)
+            self.backend.alloc(self.draft_excess, "4-bit draft experts")
+            self.draft_exec = DraftExperts(
+                quant.to(self.backend.device, on_device), self.backend, set(on_device), elem_size(self.storage_dtype)
+            )
+        t_copy = transfer_seconds(plan.expert_bytes, self.hw)
+        t_host = None
+        if self.policy.host_compute:
+            target = self.target_exec
+
+            def t_host(tokens: int) -> float:
+                cost, act = target.host_cost(max(1, round(tokens)))
+                return host_expert_seconds(cost, act, self.hw)
+
+        state = GovernorState(self.opts.k_max, c.num_experts, c.top_k, t_copy, t_host=t_host)
+        state.slots, state.total_experts = self.cache.slots, plan.total_experts
+        if self.draft_exec is not None and self.draft_exec.on_device:
+            state.spare_slots = self.spare_slots()
         self.governor = Governor(state, fixed=self.fixed_k)
         self.scheduler = ElbScheduler(self.model, self.cache, self.backend, self.target_exec, self.governor)
+        self.scheduler.on_release = self.release_draft
+
+    def spare_slots(self) -> int:
+        """Full-precision slots the draft's device memory (and what is left) would hold."""
+        free = self.backend.capacity - self.backend.used + getattr(self, "draft_excess", 0)
+        cap = self.plan.total_experts if self.opts.max_slots is None else self.opts.max_slots
+        return int(max(0, min(cap - self.cache.slots, free // self.plan.expert_bytes)))
+
+    def release_draft(self) -> None:
+        """The governor found k = 0 with a bigger cache faster than any speculation: the
+        draft's experts leave the device and their memory becomes expert slots."""
+        d = self.draft_exec
+        extra = self.spare_slots()
+        d.quant.to(torch.device("cpu"), d.on_device)
+        d.on_device = set()
+        self.backend.free(self.draft_excess, "4-bit draft experts")
+        self.draft_excess = 0
+        self.cache.grow(extra)
+        self.draft_released = True
 
     def load_draft(self):
         from moespeq_cli.quant.draft import QuantizedExperts, default_draft_dir
@@ -221,9 +267,18 @@ class Engine:
         stats.prefetch_recall = cs.prefetch_recall
         stats.io_stall_s = b.io_stall_s
         stats.bytes_h2d = b.bytes_h2d
-        # The lower bound: the target's own compute (drafting is overhead, not a floor).
-        compute = sum(iv.duration for iv in b.timeline.intervals if iv.kind == "compute" and iv.phase == "target")
-        used = {(iv.layer, iv.expert) for iv in b.timeline.intervals if iv.kind == "compute" and iv.expert is not None}
-        must_move = max(0, len(used) - self.plan.slots) * self.plan.expert_bytes
-        bound = max(compute, must_move / self.hw.link_bandwidth)
+        if self.policy.host_compute:
+            stats.cpu_expert_share = cs.host_computed / cs.lookups if cs.lookups else None
+        # The lower bound: the target's own compute on the GPU (drafting is overhead, not a
+        # floor), or moving every expert used beyond the slots at the link's rate (plus the
+        # CPU's rate for one expert at a time, where experts may run there).
+        ivs = b.timeline.intervals
+        compute = sum(
+            iv.duration for iv in ivs if iv.stream == "compute" and iv.kind == "compute" and iv.phase == "target"
+        )
+        used = {(iv.layer, iv.expert) for iv in ivs if iv.kind == "compute" and iv.expert is not None}
+        rate = self.hw.link_bandwidth / self.plan.expert_bytes
+        if self.policy.host_compute:
+            rate += 1.0 / host_expert_seconds(*self.target_exec.host_cost(1), self.hw)
+        bound = max(compute, max(0, len(used) - self.plan.slots) / rate)
         stats.bound_ratio = stats.seconds / bound if bound > 0 and stats.seconds else None

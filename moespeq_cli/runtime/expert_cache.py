@@ -30,6 +30,7 @@ class CacheStats:
     demand_loads: int = 0
     prefetches: int = 0
     prefetch_used: int = 0
+    host_computed: int = 0  # lookups served by computing the expert on the CPU
     layer_lookups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     layer_hits: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -53,9 +54,11 @@ class ExpertCache:
             raise ValueError("the expert cache needs at least one slot")
         self.store, self.backend, self.slots = store, backend, slots
         backend.alloc(slots * store.nbytes, "expert slots")
-        self.device_buffers: torch.Tensor | None = None
+        self.device_buffers: list[torch.Tensor] = []  # cuda: one preallocated block per grow
+        self.device_slots: list[torch.Tensor] | None = None  # cuda: slot -> its buffer
         if backend.name == "cuda":
-            self.device_buffers = torch.empty(slots, store.numel, dtype=store.dtype, device=backend.device)
+            self.device_slots = []
+            self._add_device_block(slots)
         self.slot_of: OrderedDict[Key, int] = OrderedDict()  # LRU order: oldest first
         self.free_slots = list(range(slots - 1, -1, -1))
         self.arrival: dict[Key, Event] = {}
@@ -64,6 +67,21 @@ class ExpertCache:
         self.prefetched: set[Key] = set()  # loaded by a prefetch and not used since
         self.stats = CacheStats()
         self.victim: Callable[[list[Key]], Key] | None = None
+
+    def _add_device_block(self, n: int) -> None:
+        block = torch.empty(n, self.store.numel, dtype=self.store.dtype, device=self.backend.device)
+        self.device_buffers.append(block)
+        self.device_slots.extend(block.unbind(0))
+
+    def grow(self, n: int) -> None:
+        """Add ``n`` empty slots (memory the draft gave back)."""
+        if n <= 0:
+            return
+        self.backend.alloc(n * self.store.nbytes, "expert slots")
+        if self.device_slots is not None:
+            self._add_device_block(n)
+        self.free_slots = list(range(self.slots + n - 1, self.slots - 1, -1)) + self.free_slots
+        self.slots += n
 
     # -- residency ------------------------------------------------------------
     def resident(self, key: Key) -> bool:
@@ -107,7 +125,7 @@ class ExpertCache:
             return self.arrival[key]
         slot = self._take_slot()
         layer, expert = key
-        dst = self.device_buffers[slot] if self.device_buffers is not None else None
+        dst = self.device_slots[slot] if self.device_slots is not None else None
         ev = self.backend.copy(
             dst,
             self.store.buffer(layer, expert),
@@ -127,8 +145,8 @@ class ExpertCache:
         return ev
 
     def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.device_buffers is not None:
-            return self.store.views(self.device_buffers[self.slot_of[key]])
+        if self.device_slots is not None:
+            return self.store.views(self.device_slots[self.slot_of[key]])
         return self.store.views(self.store.buffer(*key))  # mock: numerics from the host copy
 
     def mark_used(self, key: Key) -> None:
@@ -139,8 +157,12 @@ class ExpertCache:
         self.touch(key)
 
     def preload_all(self) -> None:
+        """Fill the slots before generation: every expert if they fit (``resident``), else
+        the same number per layer, lowest ids first (``hybrid``'s static placement: no
+        routing statistics are assumed)."""
+        from moespeq_cli.runtime.planner import spread
+
         c = self.store.config
-        for layer in c.moe_layers:
-            for e in range(c.num_experts):
-                self.load((layer, e))
+        for key in spread(self.slots, list(c.moe_layers), c.num_experts):
+            self.load(key)
         self.stats = CacheStats()

@@ -7,18 +7,36 @@ Roofline Model (DESIGN.md §2, docs/governor.md).
     Theta(k)    = (k_accept(k) + 1) / T_cycle(k)
     k*          = argmax Theta(k) over [0, k_max]
 
+With CPU experts (hybrid execution) a missing expert can also be computed on the CPU, but
+only once verification has its activations: copies get the draft's time as a head start,
+and what is left is served by the link and the CPU together,
+
+    T_cycle(k)  = T_draft(k) + r / (1 / t_copy + 1 / t_host(n_e)) + T_target(k+1)
+    r           = max(0, misses(k+1) - T_draft(k) / t_copy)
+
+where ``t_host(n_e)`` is one expert on the CPU over the n_e = (k+1) top_k / union tokens
+that share it (its weights are read once for all of them).
+
 Every input is estimated online from what the cycles measure on the run's clock:
-``p_j`` by an exponential moving average per draft position, ``T_draft(k) = k * t_draft``
+``p_j`` by one exponential moving average over every tested draft position (pooled),
+``T_draft(k) = k * t_draft``
 (the per-token draft time), ``T_target(n)`` per number of verified tokens (missing n
 interpolated linearly from measured ones), and ``T_io(k) = misses(k+1) * t_copy`` where
 ``misses(n)`` is the number of experts a verification over n tokens found not resident
 (measured per n; for an unseen n it is scaled by the union growth of n tokens' experts
 under independent routing, ``E (1 - (1 - K/E)^n)`` per layer). k = 0 is always a
 candidate: where speculation cannot pay, the governor turns it off.
+
+Giving the draft's memory back: the draft's device memory could hold ``spare_slots``
+more full-precision experts. Once k = 0 with those slots beats every k >= 1 -- the
+measured k = 0 cycle with its stall scaled by the misses the extra slots would avoid
+(hit rate proportional to slots) -- the governor asks for the draft to be released; the
+run then decodes with k = 0 and the bigger cache to the end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -39,6 +57,15 @@ class GovernorState:
     t_draft: float | None = None  # per drafted token
     t_target: dict[int, float] = field(default_factory=dict)  # n verified tokens -> compute seconds
     misses: dict[int, float] = field(default_factory=dict)  # n verified tokens -> experts not resident
+    t_host: Callable[[float], float] | None = None  # one expert on the CPU over n tokens; None: no CPU path
+    pooled: float | None = None  # acceptance per tested draft position, all positions together
+    pool_weight: float = 0.1
+    slots: int = 0  # full-precision slots now
+    spare_slots: int = 0  # slots the draft's device memory would add
+    total_experts: int = 0
+    zero_time: float | None = None  # seconds per k = 0 cycle, stall included
+    zero_stall: float | None = None  # stall seconds per k = 0 cycle
+    stall: dict[int, float] = field(default_factory=dict)  # n verified tokens (n >= 2) -> stall per cycle
 
     def __post_init__(self):
         if not self.p:
@@ -47,7 +74,13 @@ class GovernorState:
 
     # -- the model ----------------------------------------------------------
     def acceptance(self, j: int) -> float:
-        """p_j; a position never tested takes the lowest measured one (no optimism)."""
+        """p_j: the pooled acceptance once drafts have been tested (iid acceptance, as in
+        the speculative decoding literature: it is far steadier than per-position
+        averages, where one rejection at a deep position swung k by half); before that
+        the prior, or for synthetic inputs the per-position values (a position never
+        tested takes the lowest tested one: no optimism)."""
+        if self.pooled is not None:
+            return self.pooled
         if self.tested[j]:
             return self.p[j]
         measured = [p for p, n in zip(self.p, self.tested, strict=True) if n]
@@ -88,28 +121,81 @@ class GovernorState:
     def t_io(self, k: int) -> float:
         return self.expected_misses(k + 1) * self.t_copy
 
-    def cycle_time(self, k: int) -> float:
-        if k == 0:
-            return self.target_time(1) + self.t_io(0)
-        draft = k * (self.t_draft if self.t_draft is not None else self.target_time(1))
-        return max(draft, self.t_io(k)) + self.target_time(k + 1)
+    def measured_stall(self, n: int) -> float | None:
+        """Stall a verification over n tokens showed (scaled by union growth from the
+        nearest measured n); None before any speculative cycle."""
+        if n in self.stall:
+            return self.stall[n]
+        if not self.stall:
+            return None
+        ref_n, ref = min(self.stall.items(), key=lambda kv: abs(kv[0] - n))
+        return ref * union_size(n, self.num_experts, self.top_k) / union_size(ref_n, self.num_experts, self.top_k)
 
-    def theta(self, k: int) -> float:
-        return (self.k_accept(k) + 1.0) / max(self.cycle_time(k), 1e-12)
+    def cycle_time(self, k: int, measured: bool = False) -> float:
+        """The model's cycle time; ``measured``: what cycles at this depth showed instead
+        (their stall rather than the overlap assumption), where they have run."""
+        draft = k * (self.t_draft if self.t_draft is not None else self.target_time(1)) if k else 0.0
+        if measured and k == 0 and self.zero_time is not None:
+            return self.zero_time
+        stall = self.measured_stall(k + 1) if measured and k else None
+        if stall is not None:
+            return draft + self.target_time(k + 1) + stall
+        if self.t_host is None:
+            return max(draft, self.t_io(k)) + self.target_time(k + 1)
+        n = k + 1
+        m = self.expected_misses(n)
+        per_expert = n * self.top_k / union_size(n, self.num_experts, self.top_k)
+        rest = max(0.0, m - draft / self.t_copy)
+        exposed = rest / (1.0 / self.t_copy + 1.0 / self.t_host(per_expert))
+        return draft + exposed + self.target_time(n)
+
+    def theta(self, k: int, measured: bool = False) -> float:
+        return (self.k_accept(k) + 1.0) / max(self.cycle_time(k, measured), 1e-12)
 
     def best_k(self) -> int:
         return max(range(self.k_max + 1), key=lambda k: (self.theta(k), -k))
+
+    def theta_released(self) -> float | None:
+        """Tokens/s of k = 0 with the draft's memory as expert slots, from the measured
+        k = 0 cycle: its stall shrinks with the share of misses the extra slots avoid."""
+        if not self.spare_slots or self.zero_time is None or self.zero_stall is None or not self.total_experts:
+            return None
+        best = self.zero_time
+        miss_now = max(1e-9, 1.0 - self.slots / self.total_experts)
+        miss_then = max(0.0, 1.0 - (self.slots + self.spare_slots) / self.total_experts)
+        return 1.0 / max(best - self.zero_stall * (1.0 - miss_then / miss_now), 1e-12)
+
+    def release_pays(self) -> bool:
+        released = self.theta_released()
+        if released is None:
+            return False
+        return released > max(self.theta(k, measured=True) for k in range(1, self.k_max + 1))
 
     # -- online estimates ---------------------------------------------------
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
-    def observe(self, k: int, accepted: int, draft_s: float, target_s: float, misses: int) -> None:
+    def observe(
+        self,
+        k: int,
+        accepted: int,
+        draft_s: float,
+        target_s: float,
+        misses: int,
+        stall_s: float = 0.0,
+    ) -> None:
         """One cycle: k drafted, ``accepted`` of them accepted, the draft's and the target
-        pass's compute time, and the experts the verification found not resident."""
+        pass's compute time, the experts the verification found not resident, its stall."""
+        if k == 0:
+            self.zero_time = self._ema(self.zero_time, target_s + stall_s)
+            self.zero_stall = self._ema(self.zero_stall, stall_s)
+        if k:
+            self.stall[k + 1] = self._ema(self.stall.get(k + 1), stall_s)
         for j in range(min(k, accepted + 1)):  # positions that were actually tested
             self.p[j] = self._ema(self.p[j] if self.tested[j] else None, 1.0 if j < accepted else 0.0)
             self.tested[j] += 1
+            hit = 1.0 if j < accepted else 0.0
+            self.pooled = hit if self.pooled is None else (1 - self.pool_weight) * self.pooled + self.pool_weight * hit
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
         n = k + 1
@@ -121,13 +207,15 @@ class Governor:
     """Chooses k: a fixed depth, or ``auto``: a short warm-up that measures both sides
     (k = 2, then 0), then argmax Theta. While it keeps choosing 0 it re-probes speculation
     (k = 2) after ``probe_every`` cycles, doubling the interval each time the probe
-    confirms 0, so a model where speculation cannot pay loses little to probing."""
+    confirms 0, so a model where speculation cannot pay loses little to probing. When
+    ``release_pays`` it sets ``release_requested`` and stays at k = 0."""
 
     def __init__(self, state: GovernorState, fixed: int | None = None, probe_every: int = 16):
         self.state, self.fixed, self.probe_every = state, fixed, probe_every
         self.warmup_ks = [min(2, state.k_max), 0] if state.k_max else []
         self.cycles = 0
         self.zero_run = 0
+        self.release_requested = False
         self.history: list[int] = []
 
     def choose(self) -> int:
@@ -135,6 +223,9 @@ class Governor:
             k = self.fixed
         elif self.cycles < len(self.warmup_ks):
             k = self.warmup_ks[self.cycles]
+        elif self.state.release_pays():
+            self.release_requested = True
+            self.fixed = k = 0
         else:
             k = self.state.best_k()
             if k == 0:
@@ -148,6 +239,8 @@ class Governor:
         self.history.append(k)
         return k
 
-    def observe(self, k: int, accepted: int, draft_s: float, target_s: float, misses: int) -> None:
+    def observe(
+        self, k: int, accepted: int, draft_s: float, target_s: float, misses: int, stall_s: float = 0.0
+    ) -> None:
         self.cycles += 1
-        self.state.observe(k, accepted, draft_s, target_s, misses)
+        self.state.observe(k, accepted, draft_s, target_s, misses, stall_s)

@@ -66,6 +66,7 @@ class HardwareProfile:
     launch_overhead: float  # s per kernel
     host_flops: float  # FLOP/s of the host CPU
     host_mem_bandwidth: float  # B/s host memory
+    host_op_overhead: float  # s per CPU operation (framework dispatch)
     source: str = ""
 
     @property

@@ -31,25 +31,47 @@ from moespeq_cli.quant.draft import QuantizedExperts
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.costs import expert_cost
 from moespeq_cli.runtime.expert_cache import ExpertCache, Key
-from moespeq_cli.runtime.experts import grouped
+from moespeq_cli.runtime.experts import grouped, token_groups
 from moespeq_cli.runtime.governor import Governor
 from moespeq_cli.runtime.offload import OffloadedExperts
 from moespeq_cli.runtime.speculative import SpecHooks
 
 
 class DraftExperts:
-    """The draft's routed experts: 4-bit weights resident on the device."""
+    """The draft's routed experts: 4-bit weights, on the device (``on_device``; default
+    all) or in host memory, where the CPU computes them (issued first, so the GPU runs the
+    device-resident ones meanwhile)."""
 
-    def __init__(self, quant: QuantizedExperts, backend: Backend | None):
-        self.quant, self.backend = quant, backend
+    def __init__(
+        self, quant: QuantizedExperts, backend: Backend | None, on_device: set | None = None, act_elem: int = 2
+    ):
+        self.quant, self.backend, self.on_device, self.act_elem = quant, backend, on_device, act_elem
         self.elem = quant.bytes_per_expert / (3 * quant.hidden * quant.inter)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         b = self.backend
         if b is None:
             return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe))
+        groups = token_groups(ids)
+        jobs = {}
+        for e, (rows, _) in groups.items():
+            if self.on_device is not None and (layer, e) not in self.on_device:
+                xe = x[rows] if x.shape[0] > 1 else x
+                cost = expert_cost(self.quant.hidden, self.quant.inter, xe.shape[0], self.elem)
+                act = xe.shape[0] * self.quant.hidden * self.act_elem
+                jobs[e] = b.host_compute(
+                    xe,
+                    lambda xh, e=e: self.quant.forward(layer, e, xh),
+                    cost,
+                    act,
+                    f"cpu draft expert L{layer}.E{e}",
+                    layer,
+                    e,
+                )
 
         def run(e: int, xe: torch.Tensor) -> torch.Tensor:
+            if e in jobs:
+                return b.host_result(jobs[e])
             token = b.begin()
             y = self.quant.forward(layer, e, xe)
             b.end(
@@ -61,7 +83,8 @@ class DraftExperts:
             )
             return y
 
-        return grouped(x, ids, weights, run)
+        order = [e for e in groups if e not in jobs] + list(jobs)
+        return grouped(x, ids, weights, run, order=order, groups=groups)
 
 
 class ElbScheduler(SpecHooks):
@@ -85,6 +108,7 @@ class ElbScheduler(SpecHooks):
         self.snapshot: set[Key] = set()
         self.match_pairs = 0
         self.match_equal = 0
+        self.on_release = None  # called once when the governor gives the draft's memory back
         cache.victim = self.victim
         target.layer_hook = self.on_verify_layer
 
@@ -114,6 +138,9 @@ class ElbScheduler(SpecHooks):
         self.verify_layer = -1
         self.snapshot = set(self.cache.slot_of)
         self.t_start = self.backend.now()
+        if self.governor.release_requested and self.on_release is not None:
+            self.on_release()
+            self.on_release = None
         self.target.gate_prefetch = k == 0
         self.model.set_router_observer(self.on_draft_route if k else None)
         self.backend.phase = "draft" if k else "target"
@@ -175,7 +202,7 @@ class ElbScheduler(SpecHooks):
                 self.match_pairs += 1
                 self.match_equal += chosen == self.verify_routes[i].get(layer)
         if self.k == k and self.verify_routes and len(self.verify_routes) == k + 1:
-            self.governor.observe(k, accepted, draft_s, target_s, misses)
+            self.governor.observe(k, accepted, draft_s, target_s, misses, stall)
         self.protected = set()
 
     @property

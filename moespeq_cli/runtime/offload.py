@@ -6,6 +6,11 @@ while the misses' copies are in flight, waits on exactly the event of each exper
 about to use, and sums the outputs in ascending expert order (so every policy gives the
 tokens of the cpu backend, bit for bit).
 
+With hybrid execution (policy ``hybrid``, and ``moespeq`` with CPU experts) each expert
+that is not ready takes whichever path gets its output to the device first by the cost
+model: its copy, or the CPU computing it from host memory (``choose_paths``). Host jobs
+are issued before the GPU starts on the resident experts, so both work at once.
+
 ``instrument`` charges the non-expert work (attention, routers, shared experts, dense
 layers, LM head) to the backend's compute stream through forward hooks, so the model
 code stays backend-agnostic.
@@ -13,12 +18,22 @@ code stays backend-agnostic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from moespeq_cli.models.base import CausalLM, GatedMLP, KVCache, SparseMoE
+from moespeq_cli.models.base import CausalLM, GatedMLP, SparseMoE
 from moespeq_cli.runtime.backends.base import Backend
-from moespeq_cli.runtime.costs import attention_core_cost, elem_size, expert_cost, linear_cost, module_cost
+from moespeq_cli.runtime.costs import (
+    Cost,
+    attention_core_cost,
+    elem_size,
+    expert_cost,
+    linear_cost,
+    module_cost,
+    transfer_seconds,
+)
 from moespeq_cli.runtime.expert_cache import ExpertCache
 from moespeq_cli.runtime.experts import expert_mlp, grouped, token_groups
 from moespeq_cli.runtime.policies import Policy
@@ -35,6 +50,7 @@ class OffloadedExperts:
         self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
         self.layer_hook = None  # called with the layer index as each MoE layer starts
         self.lookup_hook = None  # called with (layer, needed experts, ready experts): the profile view
+        self.decisions: list | None = None  # set to [] to record every copy-or-CPU choice (tests)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, st = self.cache, self.cache.stats
@@ -53,7 +69,15 @@ class OffloadedExperts:
         cache.pinned.update((layer, e) for e in ready)
         for e in ready:
             cache.touch((layer, e))
+        host_jobs = {}
+        if waiting and self.policy.host_compute:
+            on_host = self.choose_paths(layer, waiting, groups)
+            for e in on_host:
+                host_jobs[e] = self.compute_on_host(layer, e, x[groups[e][0]] if x.shape[0] > 1 else x)
+            waiting = [e for e in waiting if e not in host_jobs]
+            st.host_computed += len(host_jobs)
         issued = set(ready)
+        copies_allowed = not self.policy.static
 
         def issue_misses() -> None:
             for e in waiting:
@@ -66,12 +90,14 @@ class OffloadedExperts:
                 cache.pinned.add(key)
                 issued.add(e)
 
-        if self.policy.issue_ahead:
+        if self.policy.issue_ahead and copies_allowed:
             issue_misses()
-        if self.gate_prefetch and len(issued) == len(needed):
+        if self.gate_prefetch and len(issued) + len(host_jobs) == len(needed):
             self.prefetch_next(layer, x)
 
         def run(e: int, xe: torch.Tensor) -> torch.Tensor:
+            if e in host_jobs:
+                return self.backend.host_result(host_jobs[e])
             key = (layer, e)
             if e not in issued:
                 cache.load(key)
@@ -85,14 +111,63 @@ class OffloadedExperts:
             )
             cache.mark_used(key)
             cache.pinned.discard(key)
-            if self.policy.issue_ahead:
+            if self.policy.issue_ahead and copies_allowed:
                 issue_misses()
             return y
 
-        out = grouped(x, ids, weights, run, order=ready + waiting, groups=groups)
+        out = grouped(x, ids, weights, run, order=ready + waiting + list(host_jobs), groups=groups)
         if not self.policy.keep:
             cache.evict_unpinned()
         return out
+
+    # -- hybrid execution: copy it, or compute it on the CPU ----------------------
+    def host_cost(self, tokens: int) -> tuple[Cost, int]:
+        """(the expert's cost over ``tokens`` tokens, activation bytes each way)."""
+        return expert_cost(self.hidden, self.inter, tokens, self.elem), tokens * self.hidden * self.elem
+
+    def choose_paths(self, layer: int, waiting: list[int], groups) -> list[int]:
+        """For each expert not ready, the path whose output reaches the device first, by the
+        backend's clock and the cost model: its copy (already in flight, or issued now behind
+        the copies chosen before it) or the CPU (behind the host jobs chosen before it).
+        Returns the experts to compute on the CPU; ``decisions`` keeps every comparison."""
+        b, cache = self.backend, self.cache
+        now = b.now_event_time()
+        copy_at = b.copy_eta(self.cache.store.nbytes)
+        copy_step = transfer_seconds(self.cache.store.nbytes, b.hw)
+        host_free = None  # when the CPU finishes the host jobs chosen so far
+        on_host = []
+        for e in waiting:
+            key = (layer, e)
+            cost, act = self.host_cost(len(groups[e][0]))
+            if host_free is None:
+                host_done = b.host_eta(cost, act)
+            else:
+                down = now + transfer_seconds(act, b.hw)
+                host_done = max(host_free, down) + cost.host_seconds(b.hw) + transfer_seconds(act, b.hw)
+            if cache.resident(key):
+                via_copy = cache.arrival[key].time  # in flight
+            elif self.policy.static:
+                via_copy = float("inf")
+            else:
+                via_copy = copy_at  # optimistic when every slot is pinned: the copy then waits for one
+            choice = "cpu" if host_done < via_copy else "copy"
+            if self.decisions is not None:
+                self.decisions.append((layer, e, {"copy": via_copy, "cpu": host_done}, choice))
+            if choice == "cpu":
+                on_host.append(e)
+                host_free = host_done - transfer_seconds(act, b.hw)
+            elif not cache.resident(key):
+                copy_at += copy_step
+        return on_host
+
+    def compute_on_host(self, layer: int, e: int, xe: torch.Tensor):
+        store = self.cache.store
+        cost, act = self.host_cost(xe.shape[0])
+
+        def fn(xh: torch.Tensor) -> torch.Tensor:
+            return expert_mlp(xh, *store.views(store.buffer(layer, e)))
+
+        return self.backend.host_compute(xe, fn, cost, act, f"cpu expert L{layer}.E{e}", layer, e)
 
     def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
         """Gate-prefetch: the next MoE layer's router on this layer's input."""
@@ -127,53 +202,67 @@ class OffloadedExperts:
             self.cache.pinned -= protected
 
 
-def instrument(model: CausalLM, backend: Backend, dtype: torch.dtype) -> list:
-    """Charge each non-expert module's roofline cost to the backend's compute stream.
-    Cost functions get (tokens, forward args); attention reads the KV cache's length
-    from its args. Returns the hook handles."""
-    elem = elem_size(dtype)
-    handles = []
-
-    def bracket(module: nn.Module, name: str, cost_fn, layer: int | None = None) -> None:
-        state = {}
-
-        def pre(mod, args):
-            state["t"] = backend.begin()
-
-        def post(mod, args, out):
-            backend.end(state.pop("t"), cost_fn(args[0].shape[0], args), name, layer)
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-
+def charges(model: CausalLM, elem: int) -> list[tuple[nn.Module, str, int | None, Callable[[int, int], Cost], bool]]:
+    """Every non-expert module the clock charges: (module, name, layer, cost(tokens,
+    context), whether its cost depends on the KV cache's length). The routed experts are
+    charged by their executors; ``moespeq plan`` prices a decode step from this table."""
+    table = []
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         heads, kv_heads, dk, dv = attn.kv_dims()
 
-        def attn_cost(t, args, attn=attn, heads=heads, kv_heads=kv_heads, dk=dk, dv=dv):
-            cache: KVCache = args[2]
-            context = cache.length + t  # the cache advances after the whole forward pass
+        def attn_cost(t, context, attn=attn, heads=heads, kv_heads=kv_heads, dk=dk, dv=dv):
             return module_cost(attn, t, elem, extra_kernels=4) + attention_core_cost(
                 heads, kv_heads, dk, dv, t, context, elem
             )
 
-        bracket(attn, f"attention L{i}", attn_cost, i)
+        table.append((attn, f"attention L{i}", i, attn_cost, True))
         mlp = layer.ffn.__self__
         if isinstance(mlp, SparseMoE):
             g = mlp.gate
-            bracket(
-                g,
-                f"router L{i}",
-                lambda t, a, g=g: linear_cost(g.weight.numel(), g.in_features, g.out_features, t, elem),
-                i,
+            table.append(
+                (
+                    g,
+                    f"router L{i}",
+                    i,
+                    lambda t, c, g=g: linear_cost(g.weight.numel(), g.in_features, g.out_features, t, elem),
+                    False,
+                )
             )
             for child_name, child in mlp.named_children():
                 if child_name != "gate":
-                    bracket(
-                        child, f"{child_name} L{i}", lambda t, a, c=child: module_cost(c, t, elem, extra_kernels=1), i
+                    table.append(
+                        (
+                            child,
+                            f"{child_name} L{i}",
+                            i,
+                            lambda t, c, m=child: module_cost(m, t, elem, extra_kernels=1),
+                            False,
+                        )
                     )
         elif isinstance(mlp, GatedMLP):
-            bracket(mlp, f"mlp L{i}", lambda t, a, m=mlp: module_cost(m, t, elem, extra_kernels=1), i)
+            table.append((mlp, f"mlp L{i}", i, lambda t, c, m=mlp: module_cost(m, t, elem, extra_kernels=1), False))
     head = model.lm_head
-    bracket(head, "lm_head", lambda t, a: module_cost(head, t, elem, extra_kernels=2))
+    table.append((head, "lm_head", None, lambda t, c: module_cost(head, t, elem, extra_kernels=2), False))
+    return table
+
+
+def instrument(model: CausalLM, backend: Backend, dtype: torch.dtype) -> list:
+    """Charge each non-expert module's roofline cost to the backend's compute stream
+    through forward hooks. Attention reads the KV cache's length from its args (the cache
+    advances after the whole forward pass). Returns the hook handles."""
+    handles = []
+    for module, name, layer, cost, reads_cache in charges(model, elem_size(dtype)):
+        state = {}
+
+        def pre(mod, args, state=state):
+            state["t"] = backend.begin()
+
+        def post(mod, args, out, state=state, name=name, layer=layer, cost=cost, reads_cache=reads_cache):
+            t = args[0].shape[0]
+            context = args[2].length + t if reads_cache else 0
+            backend.end(state.pop("t"), cost(t, context), name, layer)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
     return handles

@@ -5,6 +5,12 @@ embeddings, LM head; full precision) + the KV cache for the requested context +
 activation workspace + N full-precision expert slots. The planner works from the model's
 shapes alone (a model on the meta device), so an impossible budget is refused before any
 weight is read, with what it needs and what to change.
+
+moespeq's 4-bit draft: when all of it fits beside ``top_k`` expert slots it all goes on the
+device. When it does not, and experts may run on the CPU (the default), half of the room
+above ``top_k`` slots goes to draft experts (the same number per layer) and the rest to
+slots; the draft computes its other experts on the CPU from 4-bit host copies. With
+``--no-cpu-experts`` a draft that does not fit is dropped (k = 0, gate-prefetch decoding).
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ class Plan:
     total_experts: int
     slots: int
     context_tokens: int
-    draft_bytes: int = 0  # the 4-bit draft's routed experts (moespeq)
+    draft_bytes: int = 0  # the 4-bit draft's routed experts on the device (moespeq)
+    draft_device_experts: int = 0  # how many of the draft's experts are on the device
+    cpu_experts: bool = False  # experts not on the device may be computed on the CPU
+    has_draft: bool = False  # moespeq runs its 4-bit draft (on the device, the CPU, or both)
     note: str | None = None  # what the planner decided that the user should know
 
     @property
@@ -61,6 +70,11 @@ class Plan:
             ("KV cache", self.kv_cache_bytes),
             ("workspace", self.workspace_bytes),
             (f"expert slots ({self.slots} of {self.total_experts})", self.slot_bytes),
+            *(
+                [(f"4-bit draft experts ({self.draft_device_experts} of {self.total_experts})", self.draft_bytes)]
+                if self.draft_bytes
+                else []
+            ),
             ("unused", self.free_bytes),
         ]
 
@@ -79,12 +93,29 @@ def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
     return per_expert * cfg.num_experts * len(cfg.moe_layers)
 
 
+def spread(count: int, layers: list[int], num_experts: int) -> list[tuple[int, int]]:
+    """``count`` (layer, expert) keys, the same number per layer (later layers take the
+    remainder), lowest expert ids first: a placement that assumes no routing statistics."""
+    per_layer = [min(num_experts, (count + i) // len(layers)) for i in range(len(layers))]
+    return [(layer, e) for layer, n in zip(layers, per_layer, strict=True) for e in range(n)]
+
+
 def make_plan(
-    model: CausalLM, cfg: MoEConfig, dtype: torch.dtype, budget: int, context: int, policy: str, blocksize: int = 64
+    model: CausalLM,
+    cfg: MoEConfig,
+    dtype: torch.dtype,
+    budget: int,
+    context: int,
+    policy: str,
+    blocksize: int = 64,
+    cpu_experts: bool = False,
+    with_draft: bool = True,
+    max_slots: int | None = None,
 ) -> Plan:
     """``model`` may live on the meta device: only shapes are read. For moespeq the 4-bit
-    draft is placed too; when it does not fit beside top_k expert slots the plan runs
-    without it (k = 0, gate-prefetch decoding) and says so in ``note``."""
+    draft is placed too unless ``with_draft`` is False (module docstring); ``note`` says
+    what the planner decided. ``max_slots`` caps the expert slots (bench's same-cache
+    budget)."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
     kv = kv_bytes_per_token(model, elem) * context
@@ -101,14 +132,25 @@ def make_plan(
     total = cfg.num_experts * len(cfg.moe_layers)
     fixed = non_expert + kv + workspace
     draft, note = 0, None
-    if policy == "moespeq":
-        draft = draft_bytes_estimate(cfg, blocksize)
-        if budget - fixed - draft < cfg.top_k * expert:
+    total_draft = draft_device = 0
+    if policy == "moespeq" and with_draft:
+        total_draft = draft = draft_bytes_estimate(cfg, blocksize)
+        draft_device = total
+        room = budget - fixed - cfg.top_k * expert  # above the minimum slots
+        if room < draft and cpu_experts:
+            per_draft_expert = draft / total
+            draft_device = int(max(0, room // 2) // per_draft_expert)
+            draft = int(draft_device * per_draft_expert)
+            note = (
+                f"the 4-bit draft ({format_size(total_draft)}) does not fit beside {cfg.top_k} expert slots: "
+                f"{draft_device} of its {total} experts are on the device, the rest run on the CPU"
+            )
+        elif room < draft:
             note = (
                 f"the 4-bit draft ({format_size(draft)}) does not fit beside {cfg.top_k} expert slots: "
                 "speculation is off (k = 0, gate-prefetch decoding); raise --vram to enable it"
             )
-            draft = 0
+            draft = draft_device = 0
     fixed += draft
     free = budget - fixed
     need_min = fixed + cfg.top_k * expert
@@ -118,7 +160,7 @@ def make_plan(
             f"{format_size(non_expert)}, KV cache {format_size(kv)} for {context} tokens, workspace {format_size(workspace)}) "
             f"plus {cfg.top_k} expert slots; it needs at least {format_size(need_min)} -- raise --vram or lower the context"
         )
-    slots = min(total, free // expert)
+    slots = min(total, free // expert, max_slots if max_slots is not None else total)
     if policy == "resident" and slots < total:
         raise UsageError(
             f"--policy resident needs every expert on the device: {format_size(fixed + total * expert)} in all, "
@@ -126,4 +168,19 @@ def make_plan(
         )
     if policy == "ondemand":
         slots = min(slots, cfg.top_k)  # staging buffers only: ondemand keeps nothing
-    return Plan(policy, budget, non_expert, kv, workspace, expert, total, int(slots), context, draft, note)
+    return Plan(
+        policy,
+        budget,
+        non_expert,
+        kv,
+        workspace,
+        expert,
+        total,
+        int(slots),
+        context,
+        draft,
+        draft_device,
+        cpu_experts,
+        policy == "moespeq" and with_draft and (draft > 0 or (cpu_experts and total_draft > 0)),
+        note,
+    )

@@ -12,9 +12,15 @@ copies and eviction.
 - ``gate-prefetch``: ``lru`` plus Mixtral-Offloading's speculative loading: layer l+1's
   router applied to layer l's MoE input predicts l+1's experts, prefetched while layer
   l's experts compute.
+- ``hybrid``: llama.cpp ``--n-cpu-moe`` / Fiddler: the slots are filled once, spread
+  evenly over the layers, and never change; whatever is not on the device is computed on
+  the CPU from host memory (or copied, if the cost model says the copy is faster and the
+  expert is already on its way -- never, for a static cache). No speculation.
 - ``moespeq``: the 4-bit self-draft predicts the experts of the next k tokens and the ELB
   scheduler prefetches them while the draft runs (runtime/moespeq.py); its cache evicts
-  lookahead-aware. With k = 0 it decodes like ``gate-prefetch``.
+  lookahead-aware. With k = 0 it decodes like ``gate-prefetch``. With CPU experts (the
+  default) each expert not on the device when verification needs it is copied or
+  computed on the CPU, whichever the cost model says is sooner.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 
 from moespeq_cli.errors import UsageError
 
-POLICIES = ("moespeq", "resident", "ondemand", "lru", "gate-prefetch")
+POLICIES = ("moespeq", "resident", "ondemand", "lru", "gate-prefetch", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,20 @@ class Policy:
     keep: bool = True  # keep experts resident after use
     gate_prefetch: bool = False
     speculative: bool = False
+    static: bool = False  # hybrid: the device cache is filled once and never changes
+    host_compute: bool = False  # experts not on the device may run on the CPU
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, cpu_experts: bool | None = None) -> Policy:
+    """``cpu_experts``: None takes the policy's default (on for hybrid and moespeq)."""
+    if name == "hybrid":
+        if cpu_experts is False:
+            raise UsageError("--policy hybrid computes missing experts on the CPU; drop --no-cpu-experts")
+        return Policy(name, preload_all=True, issue_ahead=False, static=True, host_compute=True)
     if name == "resident":
         return Policy(name, preload_all=True)
+    if cpu_experts and name != "moespeq":
+        raise UsageError(f"--cpu-experts applies to --policy moespeq and hybrid, not {name}")
     if name == "ondemand":
         return Policy(name, issue_ahead=False, keep=False)
     if name == "lru":
@@ -46,5 +61,5 @@ def make_policy(name: str) -> Policy:
     if name == "gate-prefetch":
         return Policy(name, gate_prefetch=True)
     if name == "moespeq":
-        return Policy(name, gate_prefetch=True, speculative=True)
+        return Policy(name, gate_prefetch=True, speculative=True, host_compute=cpu_experts is not False)
     raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

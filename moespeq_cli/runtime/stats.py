@@ -24,6 +24,7 @@ class GenerationStats:
     bytes_h2d: int | None = None
     bound_ratio: float | None = None
     draft_routing_match: float | None = None
+    cpu_expert_share: float | None = None  # share of verification lookups computed on the CPU
 
     @classmethod
     def from_times(cls, clock: str, token_times: list[float]) -> GenerationStats:

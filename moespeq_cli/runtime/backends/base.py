@@ -8,6 +8,13 @@ expert cache for weights.
 
 Compute is bracketed: ``begin(name)`` ... run the kernels ... ``end(cost)``. The mock
 clock advances by the cost's roofline time at ``end``; CUDA records events at both ends.
+
+The host CPU is a third stream (hybrid execution): ``host_compute(x, fn, ...)`` sends an
+expert's activations down the link, computes the expert from its host copy while the GPU
+goes on, and sends the output back; ``host_result(job)`` makes the compute stream wait
+for it. ``copy_eta`` and ``host_eta`` say when a copy or a host job issued now would
+finish (exactly on the mock clock, from the profile's figures on CUDA), so a scheduler
+can choose per expert between copying it and computing it on the CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +43,16 @@ class Event:
         self.cuda_event = cuda_event
 
 
+class HostJob:
+    """An expert computed on the host CPU; ``event`` completes when its output is back on
+    the device (its ``time`` is exact on the mock clock, a prediction on CUDA)."""
+
+    __slots__ = ("event", "output", "future", "layer", "expert")
+
+    def __init__(self, event: Event, output=None, future=None, layer=None, expert=None):
+        self.event, self.output, self.future, self.layer, self.expert = event, output, future, layer, expert
+
+
 class Backend(ABC):
     name: str
     clock_kind: str  # "virtual" or "wall"
@@ -49,6 +66,7 @@ class Backend(ABC):
         self.timeline = Timeline()
         self.io_stall_s = 0.0
         self.bytes_h2d = 0
+        self.host_experts = 0  # experts computed on the CPU
         self.phase = "target"  # set to "draft" by the speculative scheduler while drafting
 
     # -- memory -------------------------------------------------------------
@@ -99,7 +117,7 @@ class Backend(ABC):
         slot's last use) has passed; returns the copy's completion event."""
 
     @abstractmethod
-    def wait(self, event: Event, layer: int | None = None, expert: int | None = None) -> None:
+    def wait(self, event: Event, layer: int | None = None, expert: int | None = None, what: str = "wait H2D") -> None:
         """Make the compute stream wait for ``event``; time spent waiting is I/O stall."""
 
     @abstractmethod
@@ -110,6 +128,29 @@ class Backend(ABC):
     def record_release(self) -> Event:
         """An event at the compute stream's current position (a slot's last reader)."""
 
+    # -- the host stream and the choice between copy and CPU ---------------------
+    @abstractmethod
+    def copy_eta(self, nbytes: int, after: Event | None = None) -> float:
+        """When a copy of ``nbytes`` issued now would complete (in ``Event.time`` units)."""
+
+    @abstractmethod
+    def host_eta(self, cost: Cost, act_bytes: int) -> float:
+        """When a host job issued now would have its output back on the device."""
+
+    @abstractmethod
+    def host_compute(
+        self, x: torch.Tensor, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None
+    ) -> HostJob:
+        """Run ``fn(x_on_host)`` on the CPU; the output returns to the device."""
+
+    @abstractmethod
+    def host_result(self, job: HostJob) -> torch.Tensor:
+        """Make the compute stream wait for a host job; the wait counts as stall."""
+
+    def now_event_time(self) -> float:
+        """The compute stream's position in ``Event.time`` units."""
+        return self.now()
+
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
@@ -118,6 +159,7 @@ class Backend(ABC):
         self.timeline.clear()
         self.io_stall_s = 0.0
         self.bytes_h2d = 0
+        self.host_experts = 0
 
     def synchronize(self) -> None:  # noqa: B027 - nothing to wait for on a virtual clock
         """Block until all queued device work is done."""

@@ -8,16 +8,26 @@ Time: ``now()`` is wall-clock seconds since ``reset_clock``. Intervals are brack
 CUDA events and resolved into the timeline once, at the end (``finalize_timeline``), so
 recording costs no synchronisation on the hot path. I/O stall is the time between an
 event recorded on the compute stream just before a wait and one just after it.
+
+Host compute (hybrid execution): one worker thread is the host stream. A host job waits
+for an event recorded on the compute stream when the job was issued (its activations are
+then ready), copies them to the host on a side stream, runs the expert with torch CPU
+kernels (``--cpu-threads``) from the expert's pinned host copy, and copies the output back
+on another side stream; the compute stream waits on that copy's event only when it needs
+the output, so the GPU goes on computing resident experts meanwhile. Weights never cross
+the link. ``copy_eta`` / ``host_eta`` predict completion from the profile's figures and a
+ledger of what is queued on each stream.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moespeq_cli.runtime.backends.base import Backend, Event
-from moespeq_cli.runtime.costs import Cost
+from moespeq_cli.runtime.backends.base import Backend, Event, HostJob
+from moespeq_cli.runtime.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
 
@@ -33,6 +43,12 @@ class CudaBackend(Backend):
         self.capacity = min(capacity, free)
         self.compute_stream = torch.cuda.current_stream(self.device)
         self.copy_stream = torch.cuda.Stream(self.device)
+        self.d2h_stream = torch.cuda.Stream(self.device)  # activations to the host
+        self.ret_stream = torch.cuda.Stream(self.device)  # host outputs back
+        self._host_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-host")
+        self._copy_free = 0.0  # predicted, seconds since _t0
+        self._host_free = 0.0
+        self._host_intervals: list[tuple] = []  # (name, start, end, layer, expert, phase), wall
         self._pending: list[tuple] = []  # (stream, kind, name, start_ev, end_ev, layer, expert, bytes)
         self._stall_pairs: list[tuple] = []
         self._t0 = time.perf_counter()
@@ -55,7 +71,49 @@ class CudaBackend(Backend):
             (stream, "compute", name, token, self._event(self.compute_stream), layer, expert, 0, self.phase)
         )
 
+    def copy_eta(self, nbytes: int, after: Event | None = None) -> float:
+        start = max(self.now(), self._copy_free, after.time if after is not None else 0.0)
+        return start + transfer_seconds(nbytes, self.hw)
+
+    def host_eta(self, cost: Cost, act_bytes: int) -> float:
+        start = max(self._host_free, self.now() + transfer_seconds(act_bytes, self.hw))
+        return start + cost.host_seconds(self.hw) + transfer_seconds(act_bytes, self.hw)
+
+    def now_event_time(self) -> float:
+        return self.now()
+
+    def host_compute(self, x, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None) -> HostJob:
+        predicted = self.host_eta(cost, act_bytes)
+        self._host_free = predicted - transfer_seconds(act_bytes, self.hw)
+        ready = self._event(self.compute_stream)
+        x.record_stream(self.d2h_stream)
+        phase = self.phase
+
+        def work():
+            with torch.cuda.stream(self.d2h_stream):
+                self.d2h_stream.wait_event(ready)
+                x_host = x.to("cpu", non_blocking=False)
+            start = self.now()
+            y = fn(x_host)
+            self._host_intervals.append((name, start, self.now(), layer, expert, phase))
+            with torch.cuda.stream(self.ret_stream):
+                y_dev = y.pin_memory().to(self.device, non_blocking=True)
+                done = self._event(self.ret_stream)
+            y_dev.record_stream(self.compute_stream)
+            return y_dev, done
+
+        self.host_experts += 1
+        return HostJob(Event(predicted), future=self._host_pool.submit(work), layer=layer, expert=expert)
+
+    def host_result(self, job: HostJob) -> torch.Tensor:
+        before_host = self._event(self.compute_stream)
+        y, done = job.future.result()  # the host thread has finished and queued the return copy
+        self.wait(Event(cuda_event=done), job.layer, job.expert, what="wait CPU", before=before_host)
+        return y
+
     def copy(self, dst, src, nbytes, name, layer, expert, after: Event | None = None) -> Event:
+        eta = self.copy_eta(nbytes, after)
+        self._copy_free = eta
         with torch.cuda.stream(self.copy_stream):
             if after is not None and after.cuda_event is not None:
                 self.copy_stream.wait_event(after.cuda_event)
@@ -64,21 +122,21 @@ class CudaBackend(Backend):
             done = self._event(self.copy_stream)
         self.bytes_h2d += nbytes
         self._pending.append(("copy", "copy", name, start, done, layer, expert, nbytes, self.phase))
-        return Event(cuda_event=done)
+        return Event(eta, cuda_event=done)
 
-    def wait(self, event: Event, layer=None, expert=None) -> None:
-        if event.cuda_event.query():
+    def wait(self, event: Event, layer=None, expert=None, what: str = "wait H2D", before=None) -> None:
+        if before is None and event.cuda_event.query():
             return  # already complete: no stall possible
-        before = self._event(self.compute_stream)
+        before = before if before is not None else self._event(self.compute_stream)
         self.compute_stream.wait_event(event.cuda_event)
         after = self._event(self.compute_stream)
-        self._stall_pairs.append((before, after, layer, expert))
+        self._stall_pairs.append((before, after, layer, expert, what))
 
     def ready(self, event: Event) -> bool:
         return bool(event.cuda_event.query())
 
     def record_release(self) -> Event:
-        return Event(cuda_event=self._event(self.compute_stream))
+        return Event(self.now(), cuda_event=self._event(self.compute_stream))
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=False)
@@ -88,6 +146,8 @@ class CudaBackend(Backend):
         super().reset_clock()
         self._pending.clear()
         self._stall_pairs.clear()
+        self._host_intervals.clear()
+        self._copy_free = self._host_free = 0.0
         self._t0 = time.perf_counter()
         self._base = self._event(self.compute_stream)
 
@@ -100,10 +160,13 @@ class CudaBackend(Backend):
         for stream, kind, name, s, e, layer, expert, nbytes, phase in self._pending:
             start, end = t.elapsed_time(s) / 1e3, t.elapsed_time(e) / 1e3
             self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes, phase))
-        for before, after, layer, expert in self._stall_pairs:
+        for before, after, layer, expert, what in self._stall_pairs:
             start, end = t.elapsed_time(before) / 1e3, t.elapsed_time(after) / 1e3
             if end > start:
                 self.io_stall_s += end - start
-                self.timeline.add(Interval("compute", "stall", "wait H2D", start, end, layer, expert))
+                self.timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
+        for name, start, end, layer, expert, phase in self._host_intervals:
+            self.timeline.add(Interval("host", "compute", name, start, end, layer, expert, 0, phase))
         self._pending.clear()
         self._stall_pairs.clear()
+        self._host_intervals.clear()

@@ -5,7 +5,10 @@ in order; a copy is issued at the compute stream's current time (the host enqueu
 when the program reaches that point), starts when the copy stream is free and the slot's
 previous reader has finished, and takes ``link_latency + bytes / link_bandwidth``. A wait
 moves the compute stream to the event's time; the gap is recorded as a stall. Compute
-advances the compute stream by the roofline cost of the operation (costs.py). Device
+advances the compute stream by the roofline cost of the operation (costs.py). The host
+CPU is a third in-order stream: a host job's activations leave when the compute stream
+reaches it (``link_latency + bytes / link_bandwidth``), the CPU computes the expert at its
+host roofline cost once it is free, and the output comes back the same way. Device
 memory is a counted budget. Everything is deterministic: the same run gives the same
 timeline. docs/mock-backend.md has the formulas and the limits.
 """
@@ -14,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from moespeq_cli.runtime.backends.base import Backend, Event
-from moespeq_cli.runtime.costs import Cost
+from moespeq_cli.runtime.backends.base import Backend, Event, HostJob
+from moespeq_cli.runtime.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
 
@@ -29,6 +32,7 @@ class MockBackend(Backend):
         super().__init__(hw, capacity)
         self.t_compute = 0.0
         self.t_copy = 0.0
+        self.t_host = 0.0
         self.origin = 0.0  # generation starts here; earlier work (preloading) is complete
 
     def now(self) -> float:
@@ -46,16 +50,44 @@ class MockBackend(Backend):
         o = self.origin
         self.timeline.add(Interval(stream, kind, name, start - o, end - o, layer, expert, nbytes, self.phase))
 
-    def copy(self, dst, src, nbytes, name, layer, expert, after: Event | None = None) -> Event:
+    def _copy_window(self, nbytes: int, after: Event | None) -> tuple[float, float]:
         start = max(self.t_copy, self.t_compute, after.time if after is not None else 0.0)
-        self.t_copy = start + self.hw.link_latency + nbytes / self.hw.link_bandwidth
+        return start, start + transfer_seconds(nbytes, self.hw)
+
+    def copy_eta(self, nbytes: int, after: Event | None = None) -> float:
+        return self._copy_window(nbytes, after)[1]
+
+    def copy(self, dst, src, nbytes, name, layer, expert, after: Event | None = None) -> Event:
+        start, self.t_copy = self._copy_window(nbytes, after)
         self.bytes_h2d += nbytes
         self._record("copy", "copy", name, start, self.t_copy, layer, expert, nbytes)
         return Event(self.t_copy)
 
-    def wait(self, event: Event, layer=None, expert=None) -> None:
+    def _host_window(self, cost: Cost, act_bytes: int) -> tuple[float, float, float]:
+        """(CPU starts, CPU done, output back on the device)."""
+        start = max(self.t_host, self.t_compute + transfer_seconds(act_bytes, self.hw))
+        done = start + cost.host_seconds(self.hw)
+        return start, done, done + transfer_seconds(act_bytes, self.hw)
+
+    def host_eta(self, cost: Cost, act_bytes: int) -> float:
+        return self._host_window(cost, act_bytes)[2]
+
+    def host_compute(self, x, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None) -> HostJob:
+        start, self.t_host, back = self._host_window(cost, act_bytes)
+        self._record("host", "compute", name, start, self.t_host, layer, expert)
+        self.host_experts += 1
+        return HostJob(Event(back), fn(x), layer=layer, expert=expert)
+
+    def host_result(self, job: HostJob):
+        self.wait(job.event, job.layer, job.expert, what="wait CPU")
+        return job.output
+
+    def now_event_time(self) -> float:
+        return self.t_compute
+
+    def wait(self, event: Event, layer=None, expert=None, what: str = "wait H2D") -> None:
         if event.time > self.t_compute:
-            self._record("compute", "stall", "wait H2D", self.t_compute, event.time, layer, expert)
+            self._record("compute", "stall", what, self.t_compute, event.time, layer, expert)
             self.io_stall_s += event.time - self.t_compute
             self.t_compute = event.time
 
@@ -67,4 +99,4 @@ class MockBackend(Backend):
 
     def reset_clock(self) -> None:
         super().reset_clock()
-        self.origin = self.t_compute = self.t_copy = max(self.t_compute, self.t_copy)
+        self.origin = self.t_compute = self.t_copy = self.t_host = max(self.t_compute, self.t_copy, self.t_host)

@@ -1,0 +1,123 @@
+"""``moespeq plan``: where every part of a model would live, per policy, and how fast it
+would run -- from config.json alone, before downloading the weights."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moespeq_cli.cli import options as o
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4   [dim]# will it run, and how fast?[/dim]
+
+  moespeq plan qwen3-moe --vram 24GB --hardware workstation-4090-ddr5 --context 8192
+
+  moespeq plan ./Mixtral-8x7B-Instruct-v0.1 --vram 12GB --json
+
+  moespeq pull org/name --config-only && moespeq plan org/name --vram 16GB
+"""
+
+PLAN_POLICIES = ("moespeq", "hybrid", "gate-prefetch", "lru", "ondemand", "resident")
+
+
+def plan(
+    model: o.ModelArg = None,
+    vram: o.Vram = None,
+    hardware: o.Hardware = None,
+    context: Annotated[
+        int, typer.Option("--context", "-c", min=1, help="Tokens of context to plan the KV cache for.")
+    ] = 4096,
+    dtype: o.Dtype = None,
+    acceptance: Annotated[
+        float,
+        typer.Option(
+            "--acceptance",
+            min=0.0,
+            max=1.0,
+            help="Assumed chance that the 4-bit draft's token is accepted, per position (moespeq's estimate).",
+        ),
+    ] = 0.8,
+    json_out: o.Json = False,
+) -> None:
+    """Plan device memory and estimate tokens/s for every policy, from config.json alone.
+
+    No weights are read: the model is built on PyTorch's meta device. For each policy it
+    shows what goes on the device (non-expert weights, KV cache, workspace, expert slots,
+    the 4-bit draft) and what stays in host memory, and the tokens/s the roofline model
+    predicts on the hardware profile (uniform routing assumed; `moespeq bench` measures).
+    Aliases work offline from bundled configs.
+    """
+    import json
+
+    import torch
+
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.model_ref import resolve_config
+    from moespeq_cli.models import architecture
+    from moespeq_cli.models.config import DTYPES
+    from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
+    from moespeq_cli.runtime.estimate import StepModel, estimate, plan_moespeq
+    from moespeq_cli.runtime.hardware import load_profile, parse_size
+    from moespeq_cli.runtime.planner import draft_bytes_estimate, make_plan
+
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
+    name, raw, source = resolve_config(model)
+    arch = architecture(raw.get("model_type"))
+    cfg = arch.parse(raw)
+    hw = load_profile(hardware or DEFAULT_HARDWARE)
+    budget = parse_size(vram) if vram is not None else hw.usable_memory
+    storage = DTYPES[dtype] if dtype else cfg.dtype
+    with torch.device("meta"):
+        shape_model = arch.Model(raw, context)
+    step = StepModel(shape_model, cfg, hw, storage, context)
+    total_experts = cfg.num_experts * len(cfg.moe_layers)
+    host_experts_bytes = total_experts * step.expert_bytes
+    rows = []
+    for policy, cpu in (
+        [(p, None) for p in PLAN_POLICIES[:1]] + [("moespeq", False)] + [(p, None) for p in PLAN_POLICIES[1:]]
+    ):
+        label = policy if cpu is None else f"{policy} (no cpu)"
+        cpu_on = policy == "hybrid" or (policy == "moespeq" and cpu is not False)
+        try:
+            if policy == "moespeq":
+                p, est = plan_moespeq(shape_model, cfg, storage, budget, context, hw, cpu_on, acceptance=acceptance)
+            else:
+                p = make_plan(shape_model, cfg, storage, budget, context, policy, cpu_experts=cpu_on)
+                est = estimate(step, p, acceptance)
+        except UsageError as e:
+            rows.append({"policy": label, "fits": False, "reason": str(e)})
+            continue
+        draft_total = draft_bytes_estimate(cfg) if p.has_draft else 0
+        rows.append(
+            {
+                "policy": label,
+                "fits": True,
+                "plan": p.to_dict(),
+                "device_bytes": p.fixed_bytes + p.slot_bytes,
+                "host_bytes": host_experts_bytes + max(0, draft_total - p.draft_bytes),
+                "estimate": est.to_dict(),
+                "note": p.note,
+            }
+        )
+    report = {
+        "model": name,
+        "config": source,
+        "hardware": hw.name,
+        "vram_bytes": budget,
+        "context_tokens": context,
+        "dtype": str(storage).removeprefix("torch."),
+        "acceptance_assumed": acceptance,
+        "total_experts": total_experts,
+        "expert_bytes": step.expert_bytes,
+        "policies": rows,
+    }
+    if json_out:
+        print(json.dumps(report))
+        return
+    from moespeq_cli.cli.render import plan_table
+
+    plan_table(report)

@@ -1,0 +1,172 @@
+"""The analytic throughput model behind ``moespeq plan``: tokens/s per policy from the
+model's shapes, a memory plan and a hardware profile, before any weight is downloaded.
+
+It prices a decode step with the same roofline formulas the mock backend's clock uses
+(costs.py; non-expert modules from ``offload.charges``) and adds what each policy does
+with the experts that are not on the device. Routing is not known before running, so it
+assumes what an honest estimate can: tokens pick their experts independently and
+uniformly, a cache of S slots out of N experts hits with probability S / N, and n tokens
+verified together need ``union_size(n)`` distinct experts per layer.
+
+Per token (L MoE layers, top-k K, hit rate h, one expert: t_dev on the GPU, t_copy over
+the link, t_cpu on the host; T_ne the non-expert compute):
+
+    resident       T_ne + L K t_dev
+    ondemand       T_ne + L K (t_copy + t_dev)            copied one by one, nothing kept
+    lru            T_ne + L K t_dev + L K (1-h) t_copy     misses exposed
+    gate-prefetch  L max(c, K (1-h) t_copy)     c = T_ne/L + K t_dev; perfect next-layer prediction
+    hybrid         L (T_ne/L + max(K h t_dev, K (1-h) t_cpu))   GPU and CPU in parallel
+    moespeq, k = 0 L (c + r / (1/t_copy + 1/t_cpu))   r = max(0, K (1-h) - c / t_copy): what the
+                   prefetch cannot hide goes to the link and the CPU together
+    moespeq        1 / max_k Theta(k) of the governor (governor.py), fed with these
+                   times, a 4-bit draft (its experts on the device or the CPU per the
+                   plan) and an assumed per-position acceptance (default 0.8)
+
+These are estimates, not measurements: ``moespeq bench`` on the mock backend, or a run on
+the real GPU, measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moespeq_cli.models.base import CausalLM
+from moespeq_cli.models.config import MoEConfig
+from moespeq_cli.runtime.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
+from moespeq_cli.runtime.governor import GovernorState, union_size
+from moespeq_cli.runtime.hardware import HardwareProfile
+from moespeq_cli.runtime.offload import charges
+from moespeq_cli.runtime.planner import Plan, make_plan
+
+DEFAULT_ACCEPTANCE = 0.8
+
+
+@dataclass
+class Estimate:
+    policy: str
+    tokens_per_s: float
+    hit_rate: float
+    spec_depth: int | None = None  # moespeq: the governor's k for these figures
+    cpu_experts: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "hit_rate": round(self.hit_rate, 4),
+            "spec_depth": self.spec_depth,
+            "cpu_experts": self.cpu_experts,
+        }
+
+
+class StepModel:
+    """Times of the pieces of a decode step for one model on one hardware profile."""
+
+    def __init__(self, model: CausalLM, cfg: MoEConfig, hw: HardwareProfile, dtype: torch.dtype, context: int):
+        self.cfg, self.hw, self.context = cfg, hw, context
+        self.elem = elem_size(dtype)
+        self.table = charges(model, self.elem)
+        self.layers = len(cfg.moe_layers)
+        self.expert_bytes = cfg.expert_params * self.elem
+        self.t_copy = transfer_seconds(self.expert_bytes, hw)
+
+    def non_expert(self, tokens: int) -> float:
+        return sum(cost(tokens, self.context).seconds(self.hw) for _m, _n, _l, cost, _r in self.table)
+
+    def expert_cost(self, tokens: float, elem: float):
+        return expert_cost(self.cfg.hidden_size, self.cfg.expert_intermediate, max(1, round(tokens)), elem)
+
+    def t_dev(self, tokens: float = 1, elem: float | None = None) -> float:
+        return self.expert_cost(tokens, elem or self.elem).seconds(self.hw)
+
+    def t_cpu(self, tokens: float = 1, elem: float | None = None) -> float:
+        act = max(1, round(tokens)) * self.cfg.hidden_size * self.elem
+        return host_expert_seconds(self.expert_cost(tokens, elem or self.elem), act, self.hw)
+
+    def per_token(self, policy: str, hit: float) -> float:
+        L, K = self.layers, self.cfg.top_k
+        ne, dev = self.non_expert(1), self.t_dev()
+        if policy == "resident":
+            return ne + L * K * dev
+        if policy == "ondemand":
+            return ne + L * K * (self.t_copy + dev)
+        if policy == "lru":
+            return ne + L * K * dev + L * K * (1 - hit) * self.t_copy
+        if policy == "gate-prefetch":
+            return L * max(ne / L + K * dev, K * (1 - hit) * self.t_copy)
+        if policy == "gate-prefetch+cpu":
+            # moespeq at k = 0: copies prefetched behind a layer's compute c; what the link
+            # cannot hide goes to the link and the CPU together
+            c, m = ne / L + K * dev, K * (1 - hit)
+            return L * (c + max(0.0, m - c / self.t_copy) / (1 / self.t_copy + 1 / self.t_cpu()))
+        if policy == "hybrid":
+            return L * (ne / L + max(K * hit * dev, K * (1 - hit) * self.t_cpu()))
+        raise ValueError(policy)
+
+    def speculative(self, plan: Plan, hit: float, acceptance: float, k_max: int, cpu: bool) -> tuple[float, int]:
+        """(tokens/s, k) of moespeq: the governor's best k >= 1, or k = 0 (gate-prefetch
+        decoding, with the CPU where allowed) when that is faster."""
+        plain = 1.0 / self.per_token("gate-prefetch+cpu" if cpu else "gate-prefetch", hit)
+        L, K, E = self.layers, self.cfg.top_k, self.cfg.num_experts
+        draft_elem = 0.5 + 4 / 64  # nf4 weights and one fp32 absmax per 64-block, bytes per weight
+        state = GovernorState(k_max, E, K, self.t_copy, t_host=self.t_cpu if cpu else None)
+        for n in range(1, k_max + 2):
+            u = union_size(n, E, K)
+            state.t_target[n] = self.non_expert(n) + L * u * self.t_dev(n * K / u)
+            state.misses[n] = L * u * (1 - hit)
+        if plan.has_draft:
+            on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
+            draft_expert = on_dev * self.t_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(1, draft_elem)
+            state.t_draft = self.non_expert(1) + L * K * draft_expert
+            state.p = [acceptance] * k_max
+            state.tested = [1] * k_max
+            k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
+            if state.theta(k) > plain:
+                return state.theta(k), k
+        return plain, 0
+
+
+def estimate(step: StepModel, plan: Plan, acceptance: float = DEFAULT_ACCEPTANCE, k_max: int = 8) -> Estimate:
+    hit = min(1.0, plan.slots / plan.total_experts) if plan.total_experts else 1.0
+    if plan.policy == "moespeq":
+        tps, k = step.speculative(plan, hit, acceptance, k_max, plan.cpu_experts)
+        return Estimate("moespeq", tps, hit, k, plan.cpu_experts)
+    if plan.policy == "ondemand":
+        hit = 0.0
+    return Estimate(plan.policy, 1.0 / step.per_token(plan.policy, hit), hit, cpu_experts=plan.policy == "hybrid")
+
+
+def plan_moespeq(
+    model: CausalLM,
+    cfg: MoEConfig,
+    dtype: torch.dtype,
+    budget: int,
+    context: int,
+    hw: HardwareProfile,
+    cpu_experts: bool,
+    blocksize: int = 64,
+    acceptance: float = DEFAULT_ACCEPTANCE,
+) -> tuple[Plan, Estimate]:
+    """moespeq's plan as a run makes it (with the 4-bit draft), and its modelled speed:
+    the better of speculating with that plan and what the governor falls back to when
+    speculation cannot pay for the draft's memory -- k = 0 with that memory as expert
+    slots (docs/governor.md). The plan's note says which the model expects."""
+    step = StepModel(model, cfg, hw, dtype, context)
+    args = (model, cfg, dtype, budget, context, "moespeq", blocksize, cpu_experts)
+    with_draft = make_plan(*args)
+    spec = estimate(step, with_draft, acceptance)
+    if not with_draft.has_draft:
+        return with_draft, spec
+    released = make_plan(*args, with_draft=False)
+    plain = estimate(step, released, acceptance)
+    if plain.tokens_per_s > spec.tokens_per_s:
+        with_draft.note = (
+            f"{with_draft.note + '; ' if with_draft.note else ''}by this model speculation does not pay for the "
+            f"draft's memory here ({spec.tokens_per_s:.3g} vs {plain.tokens_per_s:.3g} tok/s at acceptance "
+            f"{acceptance}): expect the governor to release the draft and decode with k = 0 and "
+            f"{released.slots} slots"
+        )
+        return with_draft, plain
+    return with_draft, spec

@@ -1,0 +1,149 @@
+"""Hybrid execution: experts computed on the CPU from host memory (policy ``hybrid``, and
+moespeq choosing copy or CPU per expert) are lossless, and the choice follows the cost
+model: a slower link moves experts to the CPU, a faster one moves them back."""
+
+import re
+
+import pytest
+from offload_helpers import FAMILIES, prompt_for, run_engine, vram_for_slots
+
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.governor import GovernorState
+from moespeq_cli.runtime.hardware import profiles_dir
+from moespeq_cli.runtime.sampling import SamplingParams
+
+
+@pytest.fixture
+def link(tmp_path):
+    """link(bandwidth) -> a copy of the desktop profile with that link bandwidth (B/s)."""
+
+    def make(bandwidth: float, host_mem_bandwidth: float | None = None) -> str:
+        text = (profiles_dir() / "desktop-3060-ddr4.yaml").read_text()
+        text = re.sub(r"(?m)^link_bandwidth:.*$", f"link_bandwidth: {bandwidth:g}", text)
+        if host_mem_bandwidth is not None:
+            text = re.sub(r"(?m)^host_mem_bandwidth:.*$", f"host_mem_bandwidth: {host_mem_bandwidth:g}", text)
+        out = tmp_path / f"link-{bandwidth:g}-{host_mem_bandwidth}.yaml"
+        out.write_text(text)
+        return str(out)
+
+    return make
+
+
+def engine(path, policy, slots, context, hardware, **kw):
+    eng = Engine(
+        path,
+        EngineOptions(
+            backend="mock", policy=policy, vram=vram_for_slots(path, slots, context), hardware=hardware, **kw
+        ),
+    )
+    eng.load(context)
+    return eng
+
+
+def generate(eng, prompt, n):
+    return [ev.token for ev in eng.generate(prompt, n, SamplingParams())]
+
+
+@pytest.mark.parametrize("family,variant", FAMILIES)
+def test_hybrid_and_moespeq_with_cpu_are_lossless(tiny, link, family, variant):
+    path, _ = tiny(family, variant)
+    prompt = prompt_for(4)
+    n = 20
+    expected, _ = run_engine(path, prompt, n, backend="cpu")
+    cfg = Checkpoint(path).config
+    slow = link(2e8)  # a slow link: the CPU wins for most misses
+    for policy, k in (("hybrid", "auto"), ("moespeq", "2"), ("moespeq", "auto")):
+        for slots in (cfg.top_k + 1, cfg.num_experts * len(cfg.moe_layers) // 2):
+            eng = engine(path, policy, slots, len(prompt) + n, slow, spec_depth=k)
+            assert generate(eng, prompt, n) == expected, (policy, k, slots)
+            assert eng.last_stats.cpu_expert_share > 0, (policy, k, slots)
+
+
+def test_hybrid_never_copies_while_decoding(tiny):
+    path, _ = tiny("mixtral", "top3")
+    prompt = prompt_for(5)
+    cfg = Checkpoint(path).config
+    total = cfg.num_experts * len(cfg.moe_layers)
+    eng = engine(path, "hybrid", 6, len(prompt) + 24, "desktop-3060-ddr4")
+    generate(eng, prompt, 24)
+    s = eng.last_stats
+    assert s.bytes_h2d == 0  # the static cache was filled before generation
+    assert s.cpu_expert_share == pytest.approx(1 - s.expert_hit_rate)
+    per_layer = {}
+    for layer, _e in eng.cache.slot_of:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    assert sorted(per_layer.values()) == [3, 3] and total == 16  # spread evenly over the layers
+
+
+def cpu_share(path, hardware, prompt, policy="moespeq"):
+    eng = engine(path, policy, 4, len(prompt) + 24, hardware, spec_depth="2")
+    generate(eng, prompt, 24)
+    return eng.last_stats.cpu_expert_share
+
+
+def test_link_bandwidth_moves_experts_between_copy_and_cpu(tiny, link):
+    path, _ = tiny("mixtral", "top3")
+    prompt = prompt_for(6)
+    shares = [cpu_share(path, link(bw), prompt) for bw in (1e8, 1e9, 1e10, 1e12)]
+    assert shares[0] > 0.5  # slow link: most misses on the CPU
+    assert shares[-1] < shares[0] - 0.3  # fast link: most copied (the rest: the link is busy prefetching)
+    assert all(a >= b for a, b in zip(shares, shares[1:], strict=False)), shares
+    assert cpu_share(path, link(1e12, host_mem_bandwidth=1e6), prompt) == 0.0  # a hopeless CPU: none
+    # ... and back: the same slow profile again gives the same choice
+    assert cpu_share(path, link(1e8), prompt) == shares[0]
+
+
+def test_chosen_path_is_the_fastest_and_the_model_is_exact(tiny, link):
+    """Every decision takes the alternative with the earliest modelled finish, and on the
+    mock clock the modelled finish of a CPU job is exactly when its output arrives."""
+    path, _ = tiny("olmoe", "base")
+    prompt = prompt_for(7)
+    eng = engine(path, "moespeq", 3, len(prompt) + 16, link(3e8), spec_depth="2")
+    eng.target_exec.decisions = []
+    arrivals = []
+    host_compute = eng.backend.host_compute
+
+    def spy(x, fn, cost, act, name, layer=None, expert=None):
+        job = host_compute(x, fn, cost, act, name, layer, expert)
+        if name.startswith("cpu expert"):
+            arrivals.append((layer, expert, job.event.time))
+        return job
+
+    eng.backend.host_compute = spy
+    generate(eng, prompt, 16)
+    decisions = eng.target_exec.decisions
+    assert decisions and any(c == "cpu" for *_, c in decisions) and any(c == "copy" for *_, c in decisions)
+    for _layer, _e, alternatives, choice in decisions:
+        assert choice == min(alternatives, key=lambda p: (alternatives[p], p != "copy"))
+    modelled = [(layer, e, alt["cpu"]) for layer, e, alt, c in decisions if c == "cpu"]
+    assert [(a, b) for a, b, _ in modelled] == [(a, b) for a, b, _ in arrivals]
+    for (_, _, m), (_, _, actual) in zip(modelled, arrivals, strict=True):
+        assert m == pytest.approx(actual, rel=1e-12, abs=1e-15)
+
+
+def test_governor_counts_the_cpu_path():
+    """A CPU path faster than the link makes plain decoding's misses cheaper; without
+    acceptance, k = 0 stays the choice."""
+    kw = dict(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
+    copy_only = GovernorState(**kw)
+    with_cpu = GovernorState(**kw, t_host=lambda n: 2e-4 + 1e-5 * n)
+    for s in (copy_only, with_cpu):
+        s.t_target = {1: 1e-3, 2: 1.1e-3, 3: 1.2e-3, 4: 1.3e-3, 5: 1.4e-3}
+        s.misses = {1: 4.0}
+        s.t_draft = 8e-4
+    assert with_cpu.cycle_time(0) < copy_only.cycle_time(0)
+    # 4 misses served by link and CPU together: 4 / (1/1e-3 + 1/2.1e-4) s on top of the pass
+    assert with_cpu.cycle_time(0) == pytest.approx(1e-3 + 4 / (1 / 1e-3 + 1 / 2.1e-4))
+    for s in (copy_only, with_cpu):
+        s.p = [0.0] * 4
+        s.tested = [5] * 4
+        assert s.best_k() == 0
+
+
+def test_hybrid_refuses_no_cpu_experts(tiny, cli):
+    path, _ = tiny("mixtral", "gqa")
+    r = cli("run", str(path), "--backend", "mock", "--policy", "hybrid", "--no-cpu-experts", "-n", "2")
+    assert r.exit_code == 2 and "hybrid" in r.stderr
+    r = cli("run", str(path), "--backend", "mock", "--policy", "lru", "--cpu-experts", "-n", "2")
+    assert r.exit_code == 2 and "--cpu-experts" in r.stderr

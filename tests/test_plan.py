@@ -1,0 +1,118 @@
+"""``moespeq plan``: placement and modelled tokens/s from config.json alone, offline for
+every alias (bundled configs), and a model that agrees with the mock clock where both
+describe the same thing."""
+
+import json
+
+import pytest
+import torch
+from offload_helpers import prompt_for, run_engine, vram_for_slots
+
+from moespeq_cli.model_ref import ALIASES, CONFIGS_DIR
+from moespeq_cli.models import architecture
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.runtime.estimate import StepModel, estimate
+from moespeq_cli.runtime.hardware import load_profile, parse_size
+from moespeq_cli.runtime.planner import make_plan
+
+
+@pytest.fixture(autouse=True)
+def empty_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def plan_json(cli, *args):
+    r = cli("plan", *args, "--json")
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_mixtral_on_a_12gb_desktop(cli):
+    out = plan_json(cli, "mixtral", "--vram", "12GB", "--hardware", "desktop-3060-ddr4")
+    assert out["config"].startswith("bundled config of mistralai/Mixtral-8x7B")
+    assert out["total_experts"] == 32 * 8 and out["expert_bytes"] == 3 * 4096 * 14336 * 2
+    rows = {r["policy"]: r for r in out["policies"]}
+    assert not rows["resident"]["fits"] and "--vram" in rows["resident"]["reason"]
+    for name in ("moespeq", "hybrid", "gate-prefetch", "lru"):
+        r = rows[name]
+        assert r["fits"] and r["device_bytes"] <= parse_size("12GB")
+        assert r["plan"]["slots"] >= 2 and r["estimate"]["tokens_per_s"] > 0
+    # host memory (~40 GB/s) beats the link (~25 GB/s): computing misses on the CPU wins
+    assert rows["hybrid"]["estimate"]["tokens_per_s"] > rows["lru"]["estimate"]["tokens_per_s"]
+    # moespeq with CPU experts can use the link and the CPU at once
+    assert rows["moespeq"]["estimate"]["tokens_per_s"] >= rows["hybrid"]["estimate"]["tokens_per_s"]
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_every_alias_plans_offline(cli, alias):
+    out = plan_json(cli, alias, "--vram", "12GB", "--hardware", "desktop-3060-ddr4", "--context", "2048")
+    fitting = [r for r in out["policies"] if r["fits"]]
+    assert any(r["policy"] == "moespeq" for r in fitting)
+    for r in fitting:
+        assert r["device_bytes"] <= parse_size("12GB")
+
+
+def test_bundled_configs_are_the_real_models():
+    """Total parameter counts of the published models, from the bundled configs alone."""
+    expected = {
+        "mixtral": 46.7,
+        "phi-moe": 41.9,
+        "qwen-moe": 14.3,
+        "qwen3-moe": 30.5,
+        "olmoe": 6.9,
+        "deepseek-lite": 15.7,
+    }
+    assert set(expected) == set(ALIASES)
+    for alias, billions in expected.items():
+        raw = json.loads((CONFIGS_DIR / f"{alias}.json").read_text())
+        arch = architecture(raw["model_type"])
+        cfg = arch.parse(raw)
+        with torch.device("meta"):
+            model = arch.Model(raw, 16)
+        total = sum(p.numel() for p in model.parameters()) + cfg.expert_params * cfg.num_experts * len(cfg.moe_layers)
+        assert total / 1e9 == pytest.approx(billions, abs=0.1), alias
+
+
+def test_model_agrees_with_the_mock_clock_for_resident(tiny):
+    """Everything on the device: the estimate prices the same kernels the mock clock charges."""
+    path, _ = tiny("mixtral", "top3")
+    prompt = prompt_for(2)
+    n = 24
+    ck = Checkpoint(path)
+    total = ck.config.num_experts * len(ck.config.moe_layers)
+    _, eng = run_engine(path, prompt, n, policy="resident", slots=total)
+    measured = eng.last_stats.tpot_s
+    with torch.device("meta"):
+        model = ck.arch.Model(ck.raw_config, len(prompt) + n)
+    hw = load_profile("rtx3060-12gb")
+    step = StepModel(model, ck.config, hw, ck.config.dtype, len(prompt) + n // 2)
+    plan = make_plan(model, ck.config, ck.config.dtype, vram_for_slots(path, total, 40), 40, "resident")
+    modelled = 1.0 / estimate(step, plan).tokens_per_s
+    assert modelled == pytest.approx(measured, rel=0.1)
+
+
+def test_plan_reads_a_local_checkpoint(tiny, cli):
+    path, _ = tiny("olmoe", "base")
+    out = plan_json(cli, str(path), "--vram", "1MiB", "--context", "64")
+    assert out["config"] == str(path / "config.json")
+    assert {r["policy"] for r in out["policies"]} >= {"moespeq", "moespeq (no cpu)", "hybrid", "lru"}
+
+
+def test_plan_text_output(cli):
+    r = cli("plan", "olmoe", "--vram", "8GB", "--hardware", "desktop-3060-ddr4")
+    assert r.exit_code == 0, r.stderr
+    assert "tok/s" in r.stdout and "hybrid" in r.stdout and "allenai/OLMoE" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["someorg/some-model"], "--config-only"),
+        (["nonsense-model"], "unknown model"),
+        (["mixtral", "--vram", "lots"], "cannot read size"),
+        (["mixtral", "--hardware", "gpu9000"], "unknown hardware profile"),
+    ],
+)
+def test_plan_bad_input(cli, args, needle):
+    r = cli("plan", *args)
+    assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
