@@ -101,8 +101,9 @@ def print_cell(cell: dict) -> None:
         acc = f"{s['acceptance_rate']:.2f}" if s["acceptance_rate"] is not None else "-"
         k = f"{s['spec_depth_mean']:.1f}" if s["spec_depth_mean"] is not None else "-"
         cpu = f"{s['cpu_expert_share']:.0%}" if s["cpu_expert_share"] is not None else "-"
+        slots = f"{r['slots']} (draft released)" if r["draft_released"] else str(r["slots"])
         print(
-            f"| {r['label']} | {r['slots']} | {s['tokens_per_s']:.1f} | {sv['gate-prefetch']:.2f}x | {sv['lru']:.2f}x | "
+            f"| {r['label']} | {slots} | {s['tokens_per_s']:.1f} | {sv['gate-prefetch']:.2f}x | {sv['lru']:.2f}x | "
             f"{sv['ondemand']:.2f}x | {sv['hybrid']:.2f}x | {s['expert_hit_rate']:.0%} | {stall:.0%} | "
             f"{s['bytes_h2d'] / 1e6:.1f} | {cpu} | {acc} | {k} | {union} | {share} |"
         )

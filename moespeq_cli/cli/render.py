@@ -46,7 +46,11 @@ class Renderer:
             parts.append(f"TPOT {s['tpot_s'] * 1000:.1f} ms")
         if s.get("spec_depth_mean") is not None:
             parts.append(f"k {s['spec_depth_mean']:.1f}")
-        for key, label in (("acceptance_rate", "accept"), ("expert_hit_rate", "hit rate")):
+        for key, label in (
+            ("acceptance_rate", "accept"),
+            ("expert_hit_rate", "hit rate"),
+            ("cpu_expert_share", "on the CPU"),
+        ):
             if s.get(key) is not None:
                 parts.append(f"{label} {s[key]:.0%}")
         if s.get("io_stall_s") is not None and s["seconds"]:
@@ -78,9 +82,11 @@ def bench_table(report: dict) -> None:
         "vs ondemand",
         "vs lru",
         "vs gate-prefetch",
+        "vs hybrid",
         "hit rate",
         "stall",
         "MB moved",
+        "on CPU",
         "accept",
         "k",
         "bound ratio",
@@ -99,11 +105,12 @@ def bench_table(report: dict) -> None:
             f(s["tokens_per_s"], ".1f"),
             *(
                 f(r["speedup_vs"].get(b), ".2f") + ("x" if r["speedup_vs"].get(b) else "")
-                for b in ("ondemand", "lru", "gate-prefetch")
+                for b in ("ondemand", "lru", "gate-prefetch", "hybrid")
             ),
             f(s["expert_hit_rate"], ".0%"),
             f(stall, ".0%"),
             f((s["bytes_h2d"] or 0) / 1e6, ".1f"),
+            f(s.get("cpu_expert_share"), ".0%"),
             f(s["acceptance_rate"], ".2f"),
             f(s["spec_depth_mean"], ".1f"),
             f(s["bound_ratio"], ".2f"),

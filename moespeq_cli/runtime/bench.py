@@ -35,6 +35,7 @@ class BenchResult:
     stats: GenerationStats
     token_ids: list[int]
     speedup_vs: dict[str, float | None] = field(default_factory=dict)
+    draft_released: bool = False  # the governor gave the draft's memory to expert slots
     mean_union: float | None = None  # distinct experts per verified MoE layer
     union_bound: int | None = None  # (k+1) x top_k for the mean k
 
@@ -84,7 +85,8 @@ def run_policy(
         eng.scheduler.on_verify_route = on_verify_route
     tokens = [ev.token for ev in eng.generate(prompt_ids, new_tokens, SamplingParams())]
     s = eng.last_stats
-    result = BenchResult(policy, label or policy, eng.budget, eng.plan.slots, eng.plan.draft_bytes, s, tokens)
+    result = BenchResult(policy, label or policy, eng.budget, eng.cache.slots, eng.plan.draft_bytes, s, tokens)
+    result.draft_released = eng.draft_released
     if unions:
         result.mean_union = sum(unions) / len(unions)
         k = s.spec_depth_mean or 0
