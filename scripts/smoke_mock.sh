@@ -78,7 +78,8 @@ for name, r in rows.items():
     if r["fits"]:
         print(f"   {name:17} {r['estimate']['tokens_per_s']:6.2f} tok/s (modelled), {r['plan']['slots']} slots")
 PY
-moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4 | grep -q "tok/s"
+moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4 >"$tmp/plan.txt"
+grep -q "tok/s" "$tmp/plan.txt"
 
 echo "-- quantize (into a temporary copy of the demo model)"
 cp -r "$(python3 -c 'from moespeq_cli.model_ref import DEMO_DIR; print(DEMO_DIR)')" "$tmp/demo"
