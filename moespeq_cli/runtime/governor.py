@@ -25,7 +25,9 @@ interpolated linearly from measured ones), and ``T_io(k) = misses(k+1) * t_copy`
 ``misses(n)`` is the number of experts a verification over n tokens found not resident
 (measured per n; for an unseen n it is scaled by the union growth of n tokens' experts
 under independent routing, ``E (1 - (1 - K/E)^n)`` per layer). k = 0 is always a
-candidate: where speculation cannot pay, the governor turns it off.
+candidate: where speculation cannot pay, the governor turns it off. Once cycles at a
+depth have run, that depth is priced by what they measured: ``T_draft(k) + T_target(k+1)
++ stall(k+1)``, the stall being what the copies left exposed.
 
 Giving the draft's memory back: the draft's device memory could hold ``spare_slots``
 more full-precision experts. Once k = 0 with those slots beats every k >= 1 -- the
@@ -153,7 +155,10 @@ class GovernorState:
         return (self.k_accept(k) + 1.0) / max(self.cycle_time(k, measured), 1e-12)
 
     def best_k(self) -> int:
-        return max(range(self.k_max + 1), key=lambda k: (self.theta(k), -k))
+        """argmax Theta: a depth whose cycles have run is priced by what they measured
+        (their stall instead of the overlap assumption); k = 0 and unseen depths by the
+        model (k = 0's measured cycles come mostly right after the prompt, warm cache)."""
+        return max(range(self.k_max + 1), key=lambda k: (self.theta(k, measured=k > 0), -k))
 
     def theta_released(self) -> float | None:
         """Tokens/s of k = 0 with the draft's memory as expert slots, from the measured
