@@ -97,7 +97,7 @@ pre {{ background: #f7f7f7; padding: 8px; white-space: pre-wrap; }}
 <h1>moespeq profile — {html.escape(" · ".join(f"{k}: {v}" for k, v in head.items()))}</h1>
 <h2>Timeline ({html.escape(s["clock"])} clock)</h2>
 <div class="legend"><span style="background:#1f9bcf"></span>target compute<span style="background:#b05fd6"></span>draft
-compute<span style="background:#e0473d"></span>stall (waiting on a copy)<span style="background:#e8b31a"></span>copy host→device</div>
+compute<span style="background:#e0473d"></span>stall (waiting on a copy or the CPU)<span style="background:#e8b31a"></span>copy host→device<span style="background:#3aa55d"></span>expert computed on the CPU</div>
 {timeline_svg(intervals)}
 <h2>Expert hit rate per MoE layer (at verification)</h2>
 {bars_svg({f"L{k}": v for k, v in sorted(layer_hits.items())})}
