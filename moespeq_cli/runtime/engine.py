@@ -194,6 +194,7 @@ class Engine:
         self.backend.free(self.draft_excess, "4-bit draft experts")
         self.draft_excess = 0
         self.cache.grow(extra)
+        self.governor.state.slots = self.cache.slots
         self.draft_released = True
 
     def load_draft(self):
