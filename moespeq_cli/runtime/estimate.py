@@ -20,7 +20,9 @@ the link, t_cpu on the host; T_ne the non-expert compute):
                    prefetch cannot hide goes to the link and the CPU together
     moespeq        1 / max_k Theta(k) of the governor (governor.py), fed with these
                    times, a 4-bit draft (its experts on the device or the CPU per the
-                   plan) and an assumed per-position acceptance (default 0.8)
+                   plan) and an assumed per-position acceptance (default 0.8); or,
+                   when it is faster, k = 0 with the draft's memory as slots -- what the
+                   governor switches to at run time (``plan_moespeq``)
 
 These are estimates, not measurements: ``moespeq bench`` on the mock backend, or a run on
 the real GPU, measures.
