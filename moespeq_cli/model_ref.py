@@ -87,7 +87,7 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
     """-> (display name, raw config.json, where it came from), for ``moespeq plan``: a
     checkpoint directory, a pulled repository (``pull --config-only`` is enough), or an
     alias's bundled config -- never the network, never a weight."""
-    from moespeq_cli.models.checkpoint import read_config
+    from moespeq_cli.models.checkpoint import read_config, read_json
 
     if model in ALIASES:
         repo = ALIASES[model][0]
@@ -95,7 +95,8 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
         if cached is not None:
             return model, read_config(cached), str(cached / "config.json")
         bundled = CONFIGS_DIR / f"{model}.json"
-        return model, read_config_file(bundled), f"bundled config of {repo}"
+        missing = f"{bundled} is missing from this install; reinstall moespeq"
+        return model, read_json(bundled, "reinstall moespeq", missing=missing), f"bundled config of {repo}"
     if model is not None and not Path(model).expanduser().is_dir() and looks_like_hub_id(model):
         cached = cached_snapshot(model)
         if cached is None:
@@ -105,9 +106,3 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
         return model, read_config(cached), str(cached / "config.json")
     name, path = resolve(model)
     return name, read_config(path), str(path / "config.json")
-
-
-def read_config_file(path: Path) -> dict:
-    from moespeq_cli.models.checkpoint import read_json
-
-    return read_json(path, "reinstall moespeq", missing=f"{path} is missing from this install; reinstall moespeq")

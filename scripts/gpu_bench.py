@@ -59,15 +59,13 @@ def overlap(nbytes: int = 512 * 2**20) -> dict:
 def policies(path: Path, new_tokens: int) -> list[dict]:
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.runtime.engine import Engine, EngineOptions
-    from moespeq_cli.runtime.planner import make_plan
+    from moespeq_cli.runtime.planner import checkpoint_plan
     from moespeq_cli.runtime.sampling import SamplingParams
 
     ck = Checkpoint(path)
     prompt = list(range(10, 42))
     context = len(prompt) + new_tokens
-    with torch.device("meta"):
-        shape = ck.arch.Model(ck.raw_config, context)
-    plan = make_plan(shape, ck.config, ck.config.dtype, 10**13, context, "lru")
+    plan = checkpoint_plan(ck, context)
     half = plan.fixed_bytes + plan.total_experts // 2 * plan.expert_bytes
     full = plan.fixed_bytes + plan.total_experts * plan.expert_bytes
     rows = []

@@ -4,15 +4,12 @@ import torch
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.planner import make_plan
+from moespeq_cli.runtime.planner import checkpoint_plan
 from moespeq_cli.runtime.sampling import SamplingParams
 
 
 def vram_for_slots(path, slots: int, context: int, dtype=None) -> int:
-    ck = Checkpoint(path)
-    with torch.device("meta"):
-        model = ck.arch.Model(ck.raw_config, context)
-    plan = make_plan(model, ck.config, dtype or ck.config.dtype, 10**12, context, "lru")
+    plan = checkpoint_plan(Checkpoint(path), context, dtype=dtype)
     return plan.fixed_bytes + slots * plan.expert_bytes
 
 

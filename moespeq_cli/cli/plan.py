@@ -20,7 +20,16 @@ EPILOG = """[bold]Examples[/bold]
   moespeq pull org/name --config-only && moespeq plan org/name --vram 16GB
 """
 
-PLAN_POLICIES = ("moespeq", "hybrid", "gate-prefetch", "lru", "ondemand", "resident")
+# (policy, --cpu-experts) per row: moespeq with and without CPU experts, then the baselines
+PLAN_ROWS = (
+    ("moespeq", None),
+    ("moespeq", False),
+    ("hybrid", None),
+    ("gate-prefetch", None),
+    ("lru", None),
+    ("ondemand", None),
+    ("resident", None),
+)
 
 
 def plan(
@@ -62,6 +71,7 @@ def plan(
     from moespeq_cli.runtime.estimate import StepModel, estimate, plan_moespeq
     from moespeq_cli.runtime.hardware import load_profile, parse_size
     from moespeq_cli.runtime.planner import draft_bytes_estimate, make_plan
+    from moespeq_cli.runtime.policies import make_policy
 
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
@@ -77,14 +87,12 @@ def plan(
     total_experts = cfg.num_experts * len(cfg.moe_layers)
     host_experts_bytes = total_experts * step.expert_bytes
     rows = []
-    for policy, cpu in (
-        [(p, None) for p in PLAN_POLICIES[:1]] + [("moespeq", False)] + [(p, None) for p in PLAN_POLICIES[1:]]
-    ):
+    for policy, cpu in PLAN_ROWS:
         label = policy if cpu is None else f"{policy} (no cpu)"
-        cpu_on = policy == "hybrid" or (policy == "moespeq" and cpu is not False)
+        cpu_on = make_policy(policy, cpu).host_compute
         try:
             if policy == "moespeq":
-                p, est = plan_moespeq(shape_model, cfg, storage, budget, context, hw, cpu_on, acceptance=acceptance)
+                p, est = plan_moespeq(step, budget, cpu_on, acceptance=acceptance)
             else:
                 p = make_plan(shape_model, cfg, storage, budget, context, policy, cpu_experts=cpu_on)
                 est = estimate(step, p, acceptance)

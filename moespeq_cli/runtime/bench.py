@@ -14,11 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.planner import draft_bytes_estimate, make_plan
+from moespeq_cli.runtime.planner import checkpoint_plan, draft_bytes_estimate
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
 
@@ -50,19 +48,14 @@ def baseline_slots(path: Path, context: int, vram: int, opts: EngineOptions) -> 
     caps moespeq's slots at this, whatever it does with the draft's bytes."""
     from moespeq_cli.models.config import DTYPES
 
-    ck = Checkpoint(path)
-    with torch.device("meta"):
-        model = ck.arch.Model(ck.raw_config, context)
-    dtype = DTYPES[opts.dtype] if opts.dtype else ck.config.dtype
-    return make_plan(model, ck.config, dtype, vram, context, "lru").slots
+    dtype = DTYPES[opts.dtype] if opts.dtype else None
+    return checkpoint_plan(Checkpoint(path), context, vram, dtype=dtype).slots
 
 
 def budget_for(path: Path, context: int, slots_fraction: float, dtype=None) -> tuple[int, int]:
     """(vram for the baselines with ``slots_fraction`` of all experts as slots, that slot count)."""
     ck = Checkpoint(path)
-    with torch.device("meta"):
-        model = ck.arch.Model(ck.raw_config, context)
-    plan = make_plan(model, ck.config, dtype or ck.config.dtype, 10**15, context, "lru")
+    plan = checkpoint_plan(ck, context, dtype=dtype)
     slots = max(ck.config.top_k, plan.total_experts * slots_fraction)
     return plan.fixed_bytes + int(slots * plan.expert_bytes), int(slots)
 

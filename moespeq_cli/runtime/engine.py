@@ -25,7 +25,7 @@ from moespeq_cli.runtime.expert_cache import CacheStats
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.hardware import HardwareProfile, load_profile, parse_size
 from moespeq_cli.runtime.loader import load_model
-from moespeq_cli.runtime.planner import Plan, make_plan
+from moespeq_cli.runtime.planner import Plan, checkpoint_plan
 from moespeq_cli.runtime.policies import make_policy
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
@@ -57,7 +57,7 @@ class Engine:
         self.opts = opts = opts or EngineOptions()
         if opts.dtype is not None and opts.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {opts.dtype!r}; choose float32, float16 or bfloat16")
-        make_policy(opts.policy, opts.cpu_experts)  # an unknown policy lists the known ones
+        self.policy = make_policy(opts.policy, opts.cpu_experts)  # an unknown policy lists the known ones
         self.backend_name = resolve_backend_name(opts.backend)
         self.hw: HardwareProfile | None = None
         self.budget: int | None = None
@@ -95,6 +95,7 @@ class Engine:
         self.last_stats: GenerationStats | None = None
         self.spec_stats = None
         self.draft_released = False
+        self.draft_excess = 0  # draft device bytes beyond the plan's estimate
 
     @property
     def policy_name(self) -> str | None:
@@ -111,18 +112,14 @@ class Engine:
         from moespeq_cli.runtime.expert_store import ExpertStore
         from moespeq_cli.runtime.offload import OffloadedExperts, instrument
 
-        with torch.device("meta"):
-            shape_model = self.ckpt.arch.Model(self.ckpt.raw_config, context)
-        cpu_experts = make_policy(self.opts.policy, self.opts.cpu_experts).host_compute
-        self.plan = make_plan(
-            shape_model,
-            self.ckpt.config,
-            self.storage_dtype,
-            self.budget,
+        self.plan = checkpoint_plan(
+            self.ckpt,
             context,
+            self.budget,
             self.opts.policy,
-            self.opts.blocksize,
-            cpu_experts,
+            self.storage_dtype,
+            blocksize=self.opts.blocksize,
+            cpu_experts=self.policy.host_compute,
             with_draft=self.opts.draft != "none",
             max_slots=self.opts.max_slots,
         )
@@ -134,7 +131,7 @@ class Engine:
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         store = ExpertStore(self.ckpt, self.dtype, pin=backend.name == "cuda", storage_dtype=self.storage_dtype)
         self.cache = ExpertCache(store, backend, self.plan.slots)
-        policy = self.policy = make_policy(self.opts.policy, self.opts.cpu_experts)
+        policy = self.policy
         self.target_exec = OffloadedExperts(self.model, self.cache, backend, policy)
         self.model.set_experts(self.target_exec)
         if policy.preload_all:
@@ -180,7 +177,7 @@ class Engine:
 
     def spare_slots(self) -> int:
         """Full-precision slots the draft's device memory (and what is left) would hold."""
-        free = self.backend.capacity - self.backend.used + getattr(self, "draft_excess", 0)
+        free = self.backend.capacity - self.backend.used + self.draft_excess
         cap = self.plan.total_experts if self.opts.max_slots is None else self.opts.max_slots
         return int(max(0, min(cap - self.cache.slots, free // self.plan.expert_bytes)))
 

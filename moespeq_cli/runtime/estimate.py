@@ -67,7 +67,7 @@ class StepModel:
     """Times of the pieces of a decode step for one model on one hardware profile."""
 
     def __init__(self, model: CausalLM, cfg: MoEConfig, hw: HardwareProfile, dtype: torch.dtype, context: int):
-        self.cfg, self.hw, self.context = cfg, hw, context
+        self.model, self.cfg, self.hw, self.dtype, self.context = model, cfg, hw, dtype, context
         self.elem = elem_size(dtype)
         self.table = charges(model, self.elem)
         self.layers = len(cfg.moe_layers)
@@ -141,22 +141,13 @@ def estimate(step: StepModel, plan: Plan, acceptance: float = DEFAULT_ACCEPTANCE
 
 
 def plan_moespeq(
-    model: CausalLM,
-    cfg: MoEConfig,
-    dtype: torch.dtype,
-    budget: int,
-    context: int,
-    hw: HardwareProfile,
-    cpu_experts: bool,
-    blocksize: int = 64,
-    acceptance: float = DEFAULT_ACCEPTANCE,
+    step: StepModel, budget: int, cpu_experts: bool, blocksize: int = 64, acceptance: float = DEFAULT_ACCEPTANCE
 ) -> tuple[Plan, Estimate]:
     """moespeq's plan as a run makes it (with the 4-bit draft), and its modelled speed:
     the better of speculating with that plan and what the governor falls back to when
     speculation cannot pay for the draft's memory -- k = 0 with that memory as expert
     slots (docs/governor.md). The plan's note says which the model expects."""
-    step = StepModel(model, cfg, hw, dtype, context)
-    args = (model, cfg, dtype, budget, context, "moespeq", blocksize, cpu_experts)
+    args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
     with_draft = make_plan(*args)
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:

@@ -93,6 +93,14 @@ def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
     return per_expert * cfg.num_experts * len(cfg.moe_layers)
 
 
+def checkpoint_plan(ckpt, context: int, budget: int = 10**15, policy: str = "lru", dtype=None, **kw) -> Plan:
+    """``make_plan`` for a Checkpoint, its model built on the meta device (no weights read).
+    The default budget is unbounded: the plan then gives the fixed part and expert sizes."""
+    with torch.device("meta"):
+        model = ckpt.arch.Model(ckpt.raw_config, context)
+    return make_plan(model, ckpt.config, dtype or ckpt.config.dtype, budget, context, policy, **kw)
+
+
 def spread(count: int, layers: list[int], num_experts: int) -> list[tuple[int, int]]:
     """``count`` (layer, expert) keys, the same number per layer (later layers take the
     remainder), lowest expert ids first: a placement that assumes no routing statistics."""
@@ -181,6 +189,6 @@ def make_plan(
         draft,
         draft_device,
         cpu_experts,
-        policy == "moespeq" and with_draft and (draft > 0 or (cpu_experts and total_draft > 0)),
+        policy == "moespeq" and with_draft and (draft > 0 or cpu_experts),
         note,
     )

@@ -66,7 +66,6 @@ class Backend(ABC):
         self.timeline = Timeline()
         self.io_stall_s = 0.0
         self.bytes_h2d = 0
-        self.host_experts = 0  # experts computed on the CPU
         self.phase = "target"  # set to "draft" by the speculative scheduler while drafting
 
     # -- memory -------------------------------------------------------------
@@ -159,7 +158,6 @@ class Backend(ABC):
         self.timeline.clear()
         self.io_stall_s = 0.0
         self.bytes_h2d = 0
-        self.host_experts = 0
 
     def synchronize(self) -> None:  # noqa: B027 - nothing to wait for on a virtual clock
         """Block until all queued device work is done."""

@@ -79,9 +79,6 @@ class CudaBackend(Backend):
         start = max(self._host_free, self.now() + transfer_seconds(act_bytes, self.hw))
         return start + cost.host_seconds(self.hw) + transfer_seconds(act_bytes, self.hw)
 
-    def now_event_time(self) -> float:
-        return self.now()
-
     def host_compute(self, x, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None) -> HostJob:
         predicted = self.host_eta(cost, act_bytes)
         self._host_free = predicted - transfer_seconds(act_bytes, self.hw)
@@ -102,7 +99,6 @@ class CudaBackend(Backend):
             y_dev.record_stream(self.compute_stream)
             return y_dev, done
 
-        self.host_experts += 1
         return HostJob(Event(predicted), future=self._host_pool.submit(work), layer=layer, expert=expert)
 
     def host_result(self, job: HostJob) -> torch.Tensor:
