@@ -3,13 +3,14 @@
 Mixtral-shaped checkpoint, on simulated RTX 3060 12GB and RTX 4090 24GB cards, at "same
 memory" (SM: --vram = fixed part + half of the routed experts' full-precision bytes;
 moespeq pays its 4-bit draft out of it) and "same cache" (SC: the same full-precision
-slots for everyone; moespeq gets the draft on top). Mock backend: the virtual clock is
-deterministic, so the table is reproducible.
+slots for everyone; moespeq gets the draft on top). 128 new tokens by default, as
+llama-bench's tg128 (tokens/s includes the prompt's prefill, as in ``run --json``). Mock
+backend: the virtual clock is deterministic, so the table is reproducible.
 
 Prints a Markdown table per cell, the measured union of experts per verified layer
 against (k+1) x top_k, the draft's share of memory, and ends with one JSON line.
 
-    python scripts/bench_policies.py [--new-tokens 64] [--out build/bench_policies.json]
+    python scripts/bench_policies.py [--new-tokens 128] [--out build/bench_policies.json]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "bench_policies.json")
     ap.add_argument("--models", default="demo,mixtral-shaped")
     ap.add_argument("--hardware", default="rtx3060-12gb,rtx4090-24gb")

@@ -28,6 +28,8 @@ def test_help_imports_no_torch():
 
 
 def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
+    from offload_helpers import vram_for_slots
+
     path, _ = tiny("mixtral", "wide")
     trace, report = tmp_path / "t.json", tmp_path / "r.html"
     r = cli(
@@ -39,6 +41,10 @@ def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
         "16",
         "--backend",
         "mock",
+        "--policy",
+        "lru",
+        "--vram",
+        str(vram_for_slots(path, 6, 64)),  # experts must move: the trace has copies
         "--no-live",
         "--trace",
         str(trace),

@@ -63,8 +63,12 @@ def test_online_estimates_and_warmup():
     g.observe(0, 0, draft_s=0.0, target_s=0.010, misses=2)
     assert s.t_draft == pytest.approx(0.002) and s.t_target[3] == pytest.approx(0.011)
     assert s.p[0] == 1.0 and s.p[1] == 0.0 and s.tested[:3] == [1, 1, 0]
-    # acceptance is pooled over every tested position (1 then 0, moving average weight 0.1)
-    assert s.pooled == pytest.approx(0.9) and s.acceptance(0) == s.acceptance(4) == pytest.approx(0.9)
+    # acceptance is pooled over every tested position: Beta(0.8 * 2 + accepted, 0.2 * 2 +
+    # rejected), the older position discounted by 0.95
+    a, b = 1.6 + 0.95, 0.4 + 1.0
+    assert s.posterior() == pytest.approx((a, b))
+    assert s.acceptance(0) == s.acceptance(4) == pytest.approx(a / (a + b))
+    assert s.k_accept(2) == pytest.approx(a / (a + b) * (1 + (a + 1) / (a + b + 1)))
     fixed = Governor(GovernorState(k_max=6, num_experts=8, top_k=2, t_copy=0.001), fixed=5)
     assert {fixed.choose() for _ in range(5)} == {5}
 
@@ -93,6 +97,11 @@ def test_draft_memory_goes_to_slots_when_speculation_cannot_pay():
     assert s.release_pays()
     g = Governor(s)
     g.cycles = 2
+    # releasing cannot be undone: the best depth, never run, runs once first ...
+    k = g.choose()
+    assert k == s.best_speculative_k() >= 1 and not g.release_requested
+    g.observe(k, 0, draft_s=k * 0.4e-3, target_s=0.7e-3, misses=1, stall_s=0.5e-3)
+    # ... and, measured, still loses
     assert g.choose() == 0 and g.release_requested and g.fixed == 0
 
 
@@ -102,3 +111,49 @@ def test_draft_is_kept_where_speculation_pays():
     g = Governor(s)
     g.cycles = 2
     assert g.choose() > 0 and not g.release_requested
+
+
+def test_a_few_accepted_drafts_do_not_stake_a_deep_k():
+    """A draft nearly as costly as a target step: k = 8 beats plain decoding only if
+    nearly every draft is accepted. Two accepted positions do not show that; forty do
+    make the posterior's expected accepted length grow, a rejection makes it fall."""
+    s = state([1.0] * 8, 0.9e-3, {1: 1.0e-3, 9: 1.4e-3}, {1: 0.0, 9: 0.0}, 1e-6)
+    assert s.theta(8) > s.theta(0)  # with p = 1 taken at face value
+    s.observe(2, 2, draft_s=1.8e-3, target_s=1.1e-3, misses=0)
+    s.stall.clear()
+    assert s.best_k() == 0
+    before = s.k_accept(8)
+    for _ in range(5):
+        s.observe(8, 8, draft_s=7.2e-3, target_s=1.4e-3, misses=0)
+    assert 8 > s.k_accept(8) > before
+    high = s.k_accept(8)
+    s.observe(8, 3, draft_s=7.2e-3, target_s=1.4e-3, misses=0)
+    assert s.k_accept(8) < high
+
+
+def test_plain_decoding_runs_the_faster_prefetch_arm():
+    """k = 0 measures gate-prefetch and plain LRU (alternating, gate-prefetch first), then
+    runs the one with the shorter cycle: stall per miss times the pooled misses per cycle."""
+    s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
+    g = Governor(s, fixed=0, arm_samples=2)
+    arms = []
+    # gate-prefetch: a router pass per layer costs 0.1 ms, hides half the stall
+    cost = {True: (0.6e-3, 0.1e-3), False: (0.5e-3, 0.2e-3)}  # compute, stall per miss
+    for misses in (2, 2, 1, 3, 2, 2):
+        assert g.choose() == 0
+        arms.append(g.prefetch)
+        compute, per_miss = cost[g.prefetch]
+        g.observe(0, 0, draft_s=0.0, target_s=compute, misses=misses, stall_s=per_miss * misses)
+    assert arms[:4] == [True, False, True, False] and arms[4:] == [True, True]
+    assert s.arm_time(True) == pytest.approx(0.6e-3 + 0.1e-3 * 2)
+    assert s.arm_time(False) == pytest.approx(0.5e-3 + 0.2e-3 * 2)
+    assert s.zero_time == pytest.approx(s.arms[True].time_ema)
+    # a cheaper router (or a launch-bound model where it costs more than it hides) flips it
+    s2 = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
+    g2 = Governor(s2, fixed=0, arm_samples=2)
+    cost[True] = (0.8e-3, 0.1e-3)
+    for misses in (2, 2, 2, 2, 2):
+        g2.choose()
+        compute, per_miss = cost[g2.prefetch]
+        g2.observe(0, 0, draft_s=0.0, target_s=compute, misses=misses, stall_s=per_miss * misses)
+    assert g2.choose() == 0 and g2.prefetch is False

@@ -6,6 +6,7 @@ import json
 import pytest
 from offload_helpers import prompt_for, run_engine, vram_for_slots
 
+from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.policies import POLICIES
 
 BASELINES = [p for p in POLICIES if p != "moespeq"]  # moespeq: tests/test_speculative.py
@@ -57,7 +58,7 @@ def test_policy_figures_on_the_mock_clock(tiny):
     """One tiny model, one budget: the orderings DESIGN.md §4 predicts."""
     path, _ = tiny("mixtral", "top3")  # 2 layers x 8 experts, top-3
     prompt = prompt_for(7, 12)
-    slots = 12
+    slots = 6  # of 16: the warm start holds 3 per layer, so experts move
     ondemand, _ = stats_for(path, "ondemand", slots, prompt)
     lru, _ = stats_for(path, "lru", slots, prompt)
     gate, _ = stats_for(path, "gate-prefetch", slots, prompt)
@@ -170,3 +171,20 @@ def test_plan_is_printed(tiny, cli):
     assert r.exit_code == 0, r.stderr
     assert "plan:" in r.stderr and "expert slots (3 of 16)" in r.stderr and "non-expert weights" in r.stderr
     assert "4-bit draft experts (7 of 16)" in r.stderr  # half the room above top_k slots
+
+
+@pytest.mark.parametrize("policy", ["lru", "gate-prefetch", "hybrid", "ondemand"])
+def test_caching_policies_start_with_their_slots_filled(tiny, policy):
+    """Slots are filled at load time, the same number per layer (lowest ids), and the
+    copies are not counted as the run's; ondemand keeps nothing, so it starts empty."""
+    path, _ = tiny("mixtral", "top3")  # 2 layers x 8 experts
+    vram = vram_for_slots(path, 6, 64)
+    eng = Engine(path, EngineOptions(backend="mock", policy=policy, vram=vram))
+    eng.load(64)
+    if policy == "ondemand":
+        assert not eng.cache.slot_of
+        return
+    layers = sorted(eng.model.moe_blocks)
+    assert sorted(eng.cache.slot_of) == [(layer, e) for layer in layers for e in range(3)]
+    assert eng.cache.stats.demand_loads == eng.cache.stats.prefetches == 0
+    assert eng.backend.now() == 0.0

@@ -189,18 +189,29 @@ def test_bad_spec_depth(tiny, cli, bad):
     assert r.exit_code == 2 and "--spec-depth" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_useless_draft_gives_its_memory_to_expert_slots(tiny):
+@pytest.mark.parametrize("cpu_experts", [False, True])
+def test_useless_draft_gives_its_memory_to_expert_slots(tiny, cpu_experts):
     """A zeroed draft (nothing accepted) on a budget where its memory could hold more
-    experts: the governor releases it, the cache grows, the tokens stay plain greedy's."""
+    experts: the governor releases it, the cache grows, the tokens stay plain greedy's.
+    With CPU experts a miss may never be copied, so the new slots would stay empty: they
+    are filled at release."""
     path, _ = tiny("mixtral", "wide")
     prompt = prompt_for(8)
     n = 40
     expected, _ = run_engine(path, prompt, n, backend="cpu")
-    eng = spec_engine(path, "auto", slots=4, context=len(prompt) + n, cpu_experts=False)
+    eng = spec_engine(path, "auto", slots=4, context=len(prompt) + n, cpu_experts=cpu_experts)
     eng.draft_exec.quant.zero_()
     slots_before = eng.cache.slots
+    free_after_release = []
+
+    def release():
+        eng.release_draft()
+        free_after_release.append(len(eng.cache.free_slots))
+
+    eng.scheduler.on_release = release
     assert eng.governor.state.spare_slots > 0
     assert tokens(eng, prompt, n) == expected
     assert eng.draft_released and eng.cache.slots == slots_before + eng.governor.state.spare_slots
     assert eng.backend.used <= eng.backend.capacity
     assert eng.governor.history[-1] == 0
+    assert free_after_release == [0 if cpu_experts else eng.governor.state.spare_slots]

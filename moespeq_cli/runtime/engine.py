@@ -134,7 +134,7 @@ class Engine:
         policy = self.policy
         self.target_exec = OffloadedExperts(self.model, self.cache, backend, policy)
         self.model.set_experts(self.target_exec)
-        if policy.preload_all:
+        if policy.preload:
             self.cache.preload_all()
         if policy.speculative:
             self._setup_speculation()
@@ -191,6 +191,8 @@ class Engine:
         self.backend.free(self.draft_excess, "4-bit draft experts")
         self.draft_excess = 0
         self.cache.grow(extra)
+        if self.policy.host_compute:  # misses served on the CPU would leave the new slots empty
+            self.cache.fill(prefetch=True)
         self.governor.state.slots = self.cache.slots
         self.draft_released = True
 

@@ -156,13 +156,20 @@ class ExpertCache:
         self.release[self.slot_of[key]] = self.backend.record_release()
         self.touch(key)
 
-    def preload_all(self) -> None:
-        """Fill the slots before generation: every expert if they fit (``resident``), else
-        the same number per layer, lowest ids first (``hybrid``'s static placement: no
-        routing statistics are assumed)."""
+    def fill(self, prefetch: bool = False) -> None:
+        """Copy experts into the free slots (never evicting): every expert if they fit,
+        else the same number per layer, lowest ids first (no routing statistics are
+        assumed)."""
         from moespeq_cli.runtime.planner import spread
 
         c = self.store.config
         for key in spread(self.slots, list(c.moe_layers), c.num_experts):
-            self.load(key)
+            if not self.free_slots:
+                break
+            if key not in self.slot_of:
+                self.load(key, prefetch=prefetch)
+
+    def preload_all(self) -> None:
+        """Fill the slots before generation; the copies are not counted."""
+        self.fill()
         self.stats = CacheStats()

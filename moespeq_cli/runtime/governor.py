@@ -1,7 +1,7 @@
 """The speculative governor: picks the draft depth k each cycle by the Amortization
 Roofline Model (DESIGN.md §2, docs/governor.md).
 
-    k_accept(k) = sum_{i=1..k} prod_{j<=i} p_j           expected accepted draft tokens
+    k_accept(k) = sum_{i=1..k} E[p^i]                    expected accepted draft tokens
     T_cycle(0)  = T_target(1) + T_io(0)                 plain decoding, exposed copies
     T_cycle(k)  = max(T_draft(k), T_io(k)) + T_target(k+1)   copies overlap the draft
     Theta(k)    = (k_accept(k) + 1) / T_cycle(k)
@@ -18,8 +18,9 @@ where ``t_host(n_e)`` is one expert on the CPU over the n_e = (k+1) top_k / unio
 that share it (its weights are read once for all of them).
 
 Every input is estimated online from what the cycles measure on the run's clock:
-``p_j`` by one exponential moving average over every tested draft position (pooled),
-``T_draft(k) = k * t_draft``
+``p`` by a Beta posterior over every tested draft position (pooled; a weak prior of 0.8
+that is never forgotten, older positions discounted), the expectation taken over it, so
+two accepted drafts do not read as p = 1; ``T_draft(k) = k * t_draft``
 (the per-token draft time), ``T_target(n)`` per number of verified tokens (missing n
 interpolated linearly from measured ones), and ``T_io(k) = misses(k+1) * t_copy`` where
 ``misses(n)`` is the number of experts a verification over n tokens found not resident
@@ -27,13 +28,19 @@ interpolated linearly from measured ones), and ``T_io(k) = misses(k+1) * t_copy`
 under independent routing, ``E (1 - (1 - K/E)^n)`` per layer). k = 0 is always a
 candidate: where speculation cannot pay, the governor turns it off. Once cycles at a
 depth have run, that depth is priced by what they measured: ``T_draft(k) + T_target(k+1)
-+ stall(k+1)``, the stall being what the copies left exposed.
++ stall(k+1)``, the stall being what the copies left exposed; k = 0 by its measured cycle.
+
+k = 0 is plain decoding with the best non-speculative prefetch, and which one is best is
+measured too: gate-prefetch hides copies but launches a router pass per layer, which a
+small, launch-bound model does not earn back. Both arms run a few k = 0 cycles, then the
+faster one (``Governor.choose_prefetch``).
 
 Giving the draft's memory back: the draft's device memory could hold ``spare_slots``
 more full-precision experts. Once k = 0 with those slots beats every k >= 1 -- the
 measured k = 0 cycle with its stall scaled by the misses the extra slots would avoid
-(hit rate proportional to slots) -- the governor asks for the draft to be released; the
-run then decodes with k = 0 and the bigger cache to the end.
+(hit rate proportional to slots) -- and the best depth has run at least once (release
+cannot be undone), the governor asks for the draft to be released; the run then decodes
+with k = 0 and the bigger cache to the end.
 """
 
 from __future__ import annotations
@@ -45,6 +52,18 @@ from dataclasses import dataclass, field
 def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
     """Expected distinct experts chosen by n tokens in one layer, independent routing."""
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** n_tokens)
+
+
+@dataclass
+class Arm:
+    """k = 0 cycles of one prefetch arm: sums over all of them, and moving averages."""
+
+    compute: float = 0.0
+    stall: float = 0.0
+    misses: float = 0.0
+    cycles: int = 0
+    time_ema: float | None = None  # compute + stall
+    stall_ema: float | None = None
 
 
 @dataclass
@@ -60,18 +79,22 @@ class GovernorState:
     t_target: dict[int, float] = field(default_factory=dict)  # n verified tokens -> compute seconds
     misses: dict[int, float] = field(default_factory=dict)  # n verified tokens -> experts not resident
     t_host: Callable[[float], float] | None = None  # one expert on the CPU over n tokens; None: no CPU path
-    pooled: float | None = None  # acceptance per tested draft position, all positions together
-    pool_weight: float = 0.1
+    prior: float = 0.8  # acceptance assumed before any draft is tested ...
+    prior_strength: float = 2.0  # ... worth this many tested positions
+    decay: float = 0.95  # weight an older tested position keeps per newer one
+    tested_accepted: float | None = None  # tested draft positions, discounted: accepted ...
+    tested_rejected: float = 0.0  # ... and rejected (None: no draft tested yet)
     slots: int = 0  # full-precision slots now
     spare_slots: int = 0  # slots the draft's device memory would add
     total_experts: int = 0
-    zero_time: float | None = None  # seconds per k = 0 cycle, stall included
-    zero_stall: float | None = None  # stall seconds per k = 0 cycle
+    zero_time: float | None = None  # seconds per k = 0 cycle, stall included (the faster arm)
+    zero_stall: float | None = None  # stall seconds per k = 0 cycle (the faster arm)
+    arms: dict[bool, Arm] = field(default_factory=dict)  # k = 0 with (True) or without gate-prefetch
     stall: dict[int, float] = field(default_factory=dict)  # n verified tokens (n >= 2) -> stall per cycle
 
     def __post_init__(self):
         if not self.p:
-            self.p = [0.8] * max(1, self.k_max)  # prior, replaced by measurements after warm-up
+            self.p = [self.prior] * max(1, self.k_max)  # prior, replaced by measurements after warm-up
         self.tested = [0] * len(self.p)
 
     # -- the model ----------------------------------------------------------
@@ -81,17 +104,35 @@ class GovernorState:
         averages, where one rejection at a deep position swung k by half); before that
         the prior, or for synthetic inputs the per-position values (a position never
         tested takes the lowest tested one: no optimism)."""
-        if self.pooled is not None:
-            return self.pooled
+        post = self.posterior()
+        if post is not None:
+            return post[0] / (post[0] + post[1])
         if self.tested[j]:
             return self.p[j]
         measured = [p for p, n in zip(self.p, self.tested, strict=True) if n]
         return min(measured) if measured else self.p[j]
 
+    def posterior(self) -> tuple[float, float] | None:
+        """Beta(a, b) of the pooled acceptance: the prior, worth ``prior_strength``
+        positions, plus the tested positions (older ones discounted by ``decay``, so the
+        estimate follows a changing text; the prior is not discounted, so no run of
+        accepted drafts makes a rejection impossible)."""
+        if self.tested_accepted is None:
+            return None
+        return (
+            self.prior * self.prior_strength + self.tested_accepted,
+            (1.0 - self.prior) * self.prior_strength + self.tested_rejected,
+        )
+
     def k_accept(self, k: int) -> float:
+        """Expected accepted draft tokens. Once drafts have been tested, the expectation
+        is over the Beta posterior of the pooled acceptance, E[p^i] = prod_{j<i} (a + j) /
+        (a + b + j): a few accepted drafts do not yet prove an acceptance near 1, on which
+        a deep k would be staked."""
         total, run = 0.0, 1.0
+        post = self.posterior()
         for j in range(k):
-            run *= self.acceptance(j)
+            run *= self.acceptance(j) if post is None else (post[0] + j) / (post[0] + post[1] + j)
             total += run
         return total
 
@@ -156,25 +197,47 @@ class GovernorState:
 
     def best_k(self) -> int:
         """argmax Theta: a depth whose cycles have run is priced by what they measured
-        (their stall instead of the overlap assumption); k = 0 and unseen depths by the
-        model (k = 0's measured cycles come mostly right after the prompt, warm cache)."""
-        return max(range(self.k_max + 1), key=lambda k: (self.theta(k, measured=k > 0), -k))
+        (their stall instead of the overlap assumption), unseen depths by the model."""
+        return max(range(self.k_max + 1), key=lambda k: (self.theta(k, measured=True), -k))
+
+    def arm_time(self, prefetch: bool) -> float | None:
+        """Seconds per k = 0 cycle with (True) or without gate-prefetch: the arm's mean
+        compute plus its stall per miss times the misses per k = 0 cycle of both arms (the
+        misses a cycle meets depend on routing, not on the arm: pooling them compares the
+        arms on the same cycles rather than on their few, noisy samples)."""
+        if prefetch not in self.arms:
+            return None
+        arm = self.arms[prefetch]
+        all_misses = sum(a.misses for a in self.arms.values()) / sum(a.cycles for a in self.arms.values())
+        per_miss = arm.stall / arm.misses if arm.misses else arm.stall / arm.cycles / max(all_misses, 1.0)
+        return arm.compute / arm.cycles + per_miss * all_misses
+
+    def faster_arm(self) -> bool:
+        """The prefetch arm with the shorter ``arm_time`` (gate-prefetch on a tie or
+        before any k = 0 cycle)."""
+        times = {arm: self.arm_time(arm) for arm in self.arms}
+        if len(times) < 2:
+            return next(iter(times), True)
+        return times[True] <= times[False]
 
     def theta_released(self) -> float | None:
         """Tokens/s of k = 0 with the draft's memory as expert slots, from the measured
-        k = 0 cycle: its stall shrinks with the share of misses the extra slots avoid."""
+        k = 0 cycle (the faster arm): its stall shrinks with the share of misses the
+        extra slots avoid (miss rate 1 - slots / experts)."""
         if not self.spare_slots or self.zero_time is None or self.zero_stall is None or not self.total_experts:
             return None
-        best = self.zero_time
         miss_now = max(1e-9, 1.0 - self.slots / self.total_experts)
         miss_then = max(0.0, 1.0 - (self.slots + self.spare_slots) / self.total_experts)
-        return 1.0 / max(best - self.zero_stall * (1.0 - miss_then / miss_now), 1e-12)
+        return 1.0 / max(self.zero_time - self.zero_stall * (1.0 - miss_then / miss_now), 1e-12)
+
+    def best_speculative_k(self) -> int:
+        return max(range(1, self.k_max + 1), key=lambda k: (self.theta(k, measured=True), -k))
 
     def release_pays(self) -> bool:
         released = self.theta_released()
-        if released is None:
+        if released is None or not self.k_max:
             return False
-        return released > max(self.theta(k, measured=True) for k in range(1, self.k_max + 1))
+        return released > self.theta(self.best_speculative_k(), measured=True)
 
     # -- online estimates ---------------------------------------------------
     def _ema(self, old: float | None, new: float) -> float:
@@ -188,19 +251,30 @@ class GovernorState:
         target_s: float,
         misses: int,
         stall_s: float = 0.0,
+        prefetch: bool = True,
     ) -> None:
         """One cycle: k drafted, ``accepted`` of them accepted, the draft's and the target
-        pass's compute time, the experts the verification found not resident, its stall."""
+        pass's compute time, the experts the verification found not resident, its stall;
+        ``prefetch``: whether a k = 0 cycle ran with gate-prefetch."""
         if k == 0:
-            self.zero_time = self._ema(self.zero_time, target_s + stall_s)
-            self.zero_stall = self._ema(self.zero_stall, stall_s)
+            arm = self.arms.setdefault(prefetch, Arm())
+            arm.compute, arm.stall, arm.misses, arm.cycles = (
+                arm.compute + target_s,
+                arm.stall + stall_s,
+                arm.misses + misses,
+                arm.cycles + 1,
+            )
+            arm.time_ema, arm.stall_ema = self._ema(arm.time_ema, target_s + stall_s), self._ema(arm.stall_ema, stall_s)
+            best = self.arms[self.faster_arm()]
+            self.zero_time, self.zero_stall = best.time_ema, best.stall_ema
         if k:
             self.stall[k + 1] = self._ema(self.stall.get(k + 1), stall_s)
         for j in range(min(k, accepted + 1)):  # positions that were actually tested
             self.p[j] = self._ema(self.p[j] if self.tested[j] else None, 1.0 if j < accepted else 0.0)
             self.tested[j] += 1
             hit = 1.0 if j < accepted else 0.0
-            self.pooled = hit if self.pooled is None else (1 - self.pool_weight) * self.pooled + self.pool_weight * hit
+            self.tested_accepted = self.decay * (self.tested_accepted or 0.0) + hit
+            self.tested_rejected = self.decay * self.tested_rejected + 1.0 - hit
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
         n = k + 1
@@ -215,12 +289,14 @@ class Governor:
     confirms 0, so a model where speculation cannot pay loses little to probing. When
     ``release_pays`` it sets ``release_requested`` and stays at k = 0."""
 
-    def __init__(self, state: GovernorState, fixed: int | None = None, probe_every: int = 16):
-        self.state, self.fixed, self.probe_every = state, fixed, probe_every
+    def __init__(self, state: GovernorState, fixed: int | None = None, probe_every: int = 16, arm_samples: int = 3):
+        self.state, self.fixed, self.probe_every, self.arm_samples = state, fixed, probe_every, arm_samples
+        self.prefetch = True  # whether this k = 0 cycle runs gate-prefetch
         self.warmup_ks = [min(2, state.k_max), 0] if state.k_max else []
         self.cycles = 0
         self.zero_run = 0
         self.release_requested = False
+        self.tried_before_release = False
         self.history: list[int] = []
 
     def choose(self) -> int:
@@ -229,8 +305,13 @@ class Governor:
         elif self.cycles < len(self.warmup_ks):
             k = self.warmup_ks[self.cycles]
         elif self.state.release_pays():
-            self.release_requested = True
-            self.fixed = k = 0
+            # Releasing cannot be undone: the best depth runs once first if it never has,
+            # so that what releasing gives up is measured, not modelled.
+            k = self.state.best_speculative_k()
+            if self.tried_before_release or k + 1 in self.state.stall:
+                self.release_requested = True
+                self.fixed = k = 0
+            self.tried_before_release = True
         else:
             k = self.state.best_k()
             if k == 0:
@@ -241,11 +322,25 @@ class Governor:
                     self.probe_every *= 2
             else:
                 self.zero_run = 0
+        if k == 0:
+            self.prefetch = self.choose_prefetch()
         self.history.append(k)
         return k
+
+    def choose_prefetch(self) -> bool:
+        """k = 0 is plain decoding with the best non-speculative prefetch: gate-prefetch
+        (the next layer's router on this layer's input) hides copies but launches a router
+        pass per layer, which a small, launch-bound model does not earn back. Each arm is
+        measured ``arm_samples`` times (alternating, gate-prefetch first), then the one
+        with the shorter ``arm_time`` runs."""
+        arms = self.state.arms
+        counts = {arm: arms[arm].cycles if arm in arms else 0 for arm in (True, False)}
+        if min(counts.values()) < self.arm_samples:
+            return counts[True] <= counts[False]
+        return self.state.faster_arm()
 
     def observe(
         self, k: int, accepted: int, draft_s: float, target_s: float, misses: int, stall_s: float = 0.0
     ) -> None:
         self.cycles += 1
-        self.state.observe(k, accepted, draft_s, target_s, misses, stall_s)
+        self.state.observe(k, accepted, draft_s, target_s, misses, stall_s, prefetch=self.prefetch)

@@ -141,7 +141,7 @@ class ElbScheduler(SpecHooks):
         if self.governor.release_requested and self.on_release is not None:
             self.on_release()
             self.on_release = None
-        self.target.gate_prefetch = k == 0
+        self.target.gate_prefetch = k == 0 and self.governor.prefetch
         self.model.set_router_observer(self.on_draft_route if k else None)
         self.backend.phase = "draft" if k else "target"
 
