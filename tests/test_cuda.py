@@ -31,7 +31,7 @@ def test_cuda_policies_give_cpu_tokens(tiny, family, variant):
 def test_cuda_copies_overlap_compute(tiny):
     path, _ = tiny("mixtral", "top3")
     prompt = list(range(3, 40))
-    _, eng = run_engine(path, prompt, 32, backend="cuda", policy="gate-prefetch", slots=12)
+    _, eng = run_engine(path, prompt, 32, backend="cuda", policy="gate-prefetch", slots=6)  # of 16: experts move
     tl = eng.backend.timeline
     assert any(iv.kind == "copy" for iv in tl.intervals)
     assert eng.last_stats.bytes_h2d > 0
