@@ -65,6 +65,13 @@ class Arm:
     time_ema: float | None = None  # compute + stall
     stall_ema: float | None = None
 
+    def add(self, compute: float, stall: float, misses: int, ema: Callable) -> None:
+        self.compute += compute
+        self.stall += stall
+        self.misses += misses
+        self.cycles += 1
+        self.time_ema, self.stall_ema = ema(self.time_ema, compute + stall), ema(self.stall_ema, stall)
+
 
 @dataclass
 class GovernorState:
@@ -257,14 +264,7 @@ class GovernorState:
         pass's compute time, the experts the verification found not resident, its stall;
         ``prefetch``: whether a k = 0 cycle ran with gate-prefetch."""
         if k == 0:
-            arm = self.arms.setdefault(prefetch, Arm())
-            arm.compute, arm.stall, arm.misses, arm.cycles = (
-                arm.compute + target_s,
-                arm.stall + stall_s,
-                arm.misses + misses,
-                arm.cycles + 1,
-            )
-            arm.time_ema, arm.stall_ema = self._ema(arm.time_ema, target_s + stall_s), self._ema(arm.stall_ema, stall_s)
+            self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema)
             best = self.arms[self.faster_arm()]
             self.zero_time, self.zero_stall = best.time_ema, best.stall_ema
         if k:
