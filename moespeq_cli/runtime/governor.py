@@ -202,10 +202,11 @@ class GovernorState:
     def theta(self, k: int, measured: bool = False) -> float:
         return (self.k_accept(k) + 1.0) / max(self.cycle_time(k, measured), 1e-12)
 
-    def best_k(self) -> int:
-        """argmax Theta: a depth whose cycles have run is priced by what they measured
-        (their stall instead of the overlap assumption), unseen depths by the model."""
-        return max(range(self.k_max + 1), key=lambda k: (self.theta(k, measured=True), -k))
+    def best_k(self, lowest: int = 0) -> int:
+        """argmax Theta over [lowest, k_max] (the shallower depth on a tie): a depth whose
+        cycles have run is priced by what they measured (their stall instead of the
+        overlap assumption), unseen depths by the model."""
+        return max(range(lowest, self.k_max + 1), key=lambda k: (self.theta(k, measured=True), -k))
 
     def arm_time(self, prefetch: bool) -> float | None:
         """Seconds per k = 0 cycle with (True) or without gate-prefetch: the arm's mean
@@ -237,14 +238,11 @@ class GovernorState:
         miss_then = max(0.0, 1.0 - (self.slots + self.spare_slots) / self.total_experts)
         return 1.0 / max(self.zero_time - self.zero_stall * (1.0 - miss_then / miss_now), 1e-12)
 
-    def best_speculative_k(self) -> int:
-        return max(range(1, self.k_max + 1), key=lambda k: (self.theta(k, measured=True), -k))
-
     def release_pays(self) -> bool:
         released = self.theta_released()
         if released is None or not self.k_max:
             return False
-        return released > self.theta(self.best_speculative_k(), measured=True)
+        return released > self.theta(self.best_k(lowest=1), measured=True)
 
     # -- online estimates ---------------------------------------------------
     def _ema(self, old: float | None, new: float) -> float:
@@ -307,7 +305,7 @@ class Governor:
         elif self.state.release_pays():
             # Releasing cannot be undone: the best depth runs once first if it never has,
             # so that what releasing gives up is measured, not modelled.
-            k = self.state.best_speculative_k()
+            k = self.state.best_k(lowest=1)
             if self.tried_before_release or k + 1 in self.state.stall:
                 self.release_requested = True
                 self.fixed = k = 0
