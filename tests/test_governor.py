@@ -64,9 +64,10 @@ def test_online_estimates_and_warmup():
     assert s.t_draft == pytest.approx(0.002) and s.t_target[3] == pytest.approx(0.011)
     assert s.p[0] == 1.0 and s.p[1] == 0.0 and s.tested[:3] == [1, 1, 0]
     # acceptance is pooled over every tested position: Beta(0.8 * 2 + accepted, 0.2 * 2 +
-    # rejected), the older position discounted by 0.95
-    a, b = 1.6 + 0.95, 0.4 + 1.0
+    # rejected), the older position discounted by 0.99; the whole run's is undiscounted
+    a, b = 1.6 + 0.99, 0.4 + 1.0
     assert s.posterior() == pytest.approx((a, b))
+    assert s.posterior(whole_run=True) == pytest.approx((1.6 + 1.0, 0.4 + 1.0))
     assert s.acceptance(0) == s.acceptance(4) == pytest.approx(a / (a + b))
     assert s.k_accept(2) == pytest.approx(a / (a + b) * (1 + (a + 1) / (a + b + 1)))
     fixed = Governor(GovernorState(k_max=6, num_experts=8, top_k=2, t_copy=0.001), fixed=5)
@@ -83,17 +84,20 @@ def test_probing_backs_off_when_speculation_does_not_pay():
 
 def release_state(p, t_draft):
     s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
-    s.slots, s.spare_slots, s.total_experts = 4, 8, 16
-    s.zero_time, s.zero_stall = 1.5e-3, 1.0e-3
+    s.slots, s.spare_slots, s.total_experts = 4, 8, 16  # two MoE layers: 4 lookups per token
+    s.observe(0, 0, draft_s=0.0, target_s=0.5e-3, misses=3, stall_s=0.9e-3)  # 0.3 ms per miss
     s.p, s.tested = [p] * 4, [3] * 4
+    s.tested_accepted = None  # synthetic per-position acceptance
     s.t_draft, s.t_target, s.misses = t_draft, {1: 0.5e-3, 5: 0.7e-3}, {1: 1.0, 5: 1.2}
     return s
 
 
 def test_draft_memory_goes_to_slots_when_speculation_cannot_pay():
     s = release_state(p=0.0, t_draft=0.4e-3)
-    # 12 of 16 slots instead of 4: misses fall from 3/4 to 1/4 of lookups, so a third of the stall remains
-    assert s.theta_released() == pytest.approx(1 / (1.5e-3 - 1.0e-3 * (1 - (0.25 / 0.75))))
+    # 12 of 16 slots instead of 4 (uniform routing without a trace): a token's misses
+    # fall from 4 x 3/4 = 3 to 4 x 1/4 = 1, the cycle by 0.3 ms per miss avoided
+    assert s.misses_per_token() == pytest.approx((3.0, 1.0))
+    assert s.theta_released() == pytest.approx(1 / (1.4e-3 - 0.3e-3 * 2))
     assert s.release_pays()
     g = Governor(s)
     g.cycles = 2
@@ -103,6 +107,35 @@ def test_draft_memory_goes_to_slots_when_speculation_cannot_pay():
     g.observe(k, 0, draft_s=k * 0.4e-3, target_s=0.7e-3, misses=1, stall_s=0.5e-3)
     # ... and, measured, still loses
     assert g.choose() == 0 and g.release_requested and g.fixed == 0
+
+
+def test_a_lucky_plain_cycle_does_not_decide_the_release():
+    """The released cycle is the measured k = 0 cycle moved to the misses the routed
+    tokens predict, not the measured misses scaled: one k = 0 cycle that met 1 miss where
+    the trace says 3 are typical does not promise a third of them after release."""
+    s = release_state(p=0.0, t_draft=0.4e-3)
+    s.arms.clear()
+    s.observe(0, 0, draft_s=0.0, target_s=0.5e-3, misses=1, stall_s=0.3e-3)
+    s.release_misses = lambda: (3.0, 2.0)  # the trace: 3 misses a token now, 2 released
+    scale = (1 + 8 * 3.0) / ((1 + 8) * 3.0)  # the measured cycle against the model's 8
+    assert s.theta_released() == pytest.approx(1 / (0.8e-3 + 0.3e-3 * (2.0 * scale - 1)))
+    # scaling the lucky cycle's stall by the miss ratio would have promised 1 / 0.7 ms
+    assert s.theta_released() < 1 / (0.8e-3 - 0.3e-3 * (1 - 2.0 / 3.0))
+    s.release_misses = lambda: None  # no token routed yet: uniform routing
+    assert s.misses_per_token() == pytest.approx((3.0, 1.0))
+
+
+def test_release_judges_speculation_by_the_whole_run():
+    """One rejection among the last few positions pulls the discounted acceptance (which
+    picks k) down; whether to give up the draft for good is judged on the run's."""
+    s = release_state(p=0.0, t_draft=0.25e-3)
+    s.tested_accepted, s.tested_rejected = 4.0, 1.0
+    s.run_accepted, s.run_rejected = 60, 1
+    for k in range(1, 5):
+        s.stall[k + 1] = 1.2e-3
+    released = s.theta_released()
+    assert released > max(s.theta(k, measured=True) for k in range(1, 5))  # the window would release
+    assert not s.release_pays()  # the run does not
 
 
 def test_draft_is_kept_where_speculation_pays():

@@ -194,7 +194,7 @@ def test_useless_draft_gives_its_memory_to_expert_slots(tiny, cpu_experts):
     """A zeroed draft (nothing accepted) on a budget where its memory could hold more
     experts: the governor releases it, the cache grows, the tokens stay plain greedy's.
     With CPU experts a miss may never be copied, so the new slots would stay empty: they
-    are filled at release."""
+    are filled at release, with the experts the target has routed most."""
     path, _ = tiny("mixtral", "wide")
     prompt = prompt_for(8)
     n = 40
@@ -203,10 +203,15 @@ def test_useless_draft_gives_its_memory_to_expert_slots(tiny, cpu_experts):
     eng.draft_exec.quant.zero_()
     slots_before = eng.cache.slots
     free_after_release = []
+    most_routed, filled = [], []
 
     def release():
+        trace = eng.target_exec.trace
+        assert trace.tokens >= len(prompt)  # the prompt's tokens and the verified ones
+        most_routed.extend(trace.most_routed(eng.spare_slots(), set(eng.cache.slot_of)))
         eng.release_draft()
         free_after_release.append(len(eng.cache.free_slots))
+        filled.extend(key for key in most_routed if eng.cache.resident(key))
 
     eng.scheduler.on_release = release
     assert eng.governor.state.spare_slots > 0
@@ -215,3 +220,6 @@ def test_useless_draft_gives_its_memory_to_expert_slots(tiny, cpu_experts):
     assert eng.backend.used <= eng.backend.capacity
     assert eng.governor.history[-1] == 0
     assert free_after_release == [0 if cpu_experts else eng.governor.state.spare_slots]
+    assert eng.target_exec.trace is None  # nothing left to decide
+    if cpu_experts:
+        assert most_routed and filled == most_routed

@@ -27,6 +27,7 @@ from moespeq_cli.runtime.hardware import HardwareProfile, load_profile, parse_si
 from moespeq_cli.runtime.loader import load_model
 from moespeq_cli.runtime.planner import Plan, checkpoint_plan
 from moespeq_cli.runtime.policies import make_policy
+from moespeq_cli.runtime.routing_trace import RoutingTrace
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
 from moespeq_cli.tokenizer import Tokenizer
@@ -171,6 +172,15 @@ class Engine:
         state.slots, state.total_experts = self.cache.slots, plan.total_experts
         if self.draft_exec is not None and self.draft_exec.on_device:
             state.spare_slots = self.spare_slots()
+        if state.spare_slots and self.fixed_k is None:  # only the auto governor releases
+            self.target_exec.trace = RoutingTrace(
+                list(c.moe_layers),
+                c.num_experts,
+                c.top_k,
+                self.cache.slots + state.spare_slots,
+                list(self.cache.slot_of),
+            )
+            state.release_misses = self.release_misses
         self.governor = Governor(state, fixed=self.fixed_k)
         self.scheduler = ElbScheduler(self.model, self.cache, self.backend, self.target_exec, self.governor)
         self.scheduler.on_release = self.release_draft
@@ -181,6 +191,24 @@ class Engine:
         cap = self.plan.total_experts if self.opts.max_slots is None else self.opts.max_slots
         return int(max(0, min(cap - self.cache.slots, free // self.plan.expert_bytes)))
 
+    def release_fill(self, n: int) -> list:
+        """With CPU experts, the experts the slots gained at release take: the most
+        routed so far that are not resident (a miss served on the CPU is never copied,
+        so what the new slots hold is decided once)."""
+        return self.target_exec.trace.most_routed(n, set(self.cache.slot_of))
+
+    def release_misses(self) -> tuple[float, float] | None:
+        """Expected misses per token of plain decoding (now, with the draft released),
+        from every token the target has routed (``RoutingTrace``): with CPU experts the
+        resident set stays put, without them it is LRU."""
+        trace, slots, extra = self.target_exec.trace, self.cache.slots, self.governor.state.spare_slots
+        if trace is None or not trace.tokens:
+            return None
+        if self.policy.host_compute:
+            resident = set(self.cache.slot_of)
+            return trace.static_misses(resident), trace.static_misses(resident | set(self.release_fill(extra)))
+        return trace.lru_misses(slots), trace.lru_misses(slots + extra)
+
     def release_draft(self) -> None:
         """The governor found k = 0 with a bigger cache faster than any speculation: the
         draft's experts leave the device and their memory becomes expert slots."""
@@ -190,9 +218,13 @@ class Engine:
         d.on_device = set()
         self.backend.free(self.draft_excess, "4-bit draft experts")
         self.draft_excess = 0
+        fill = self.release_fill(extra) if self.policy.host_compute and self.target_exec.trace else []
         self.cache.grow(extra)
+        for key in fill:
+            self.cache.load(key, prefetch=True)
         if self.policy.host_compute:  # misses served on the CPU would leave the new slots empty
             self.cache.fill(prefetch=True)
+        self.target_exec.trace = None
         self.governor.state.slots = self.cache.slots
         self.draft_released = True
 

@@ -22,10 +22,11 @@ def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def token_groups(ids: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
-    """expert -> (token rows, top-k slots), experts in ascending order."""
+def token_groups(ids: torch.Tensor | list[list[int]]) -> dict[int, tuple[list[int], list[int]]]:
+    """expert -> (token rows, top-k slots), experts in ascending order; ``ids`` as a
+    tensor or as its ``tolist()``."""
     groups: dict[int, tuple[list[int], list[int]]] = {}
-    for t, row in enumerate(ids.tolist()):
+    for t, row in enumerate(ids.tolist() if isinstance(ids, torch.Tensor) else ids):
         for j, e in enumerate(row):
             g = groups.setdefault(e, ([], []))
             g[0].append(t)

@@ -36,10 +36,14 @@ small, launch-bound model does not earn back. Both arms run a few k = 0 cycles, 
 faster one (``Governor.choose_prefetch``).
 
 Giving the draft's memory back: the draft's device memory could hold ``spare_slots``
-more full-precision experts. Once k = 0 with those slots beats every k >= 1 -- the
-measured k = 0 cycle with its stall scaled by the misses the extra slots would avoid
-(hit rate proportional to slots) -- and the best depth has run at least once (release
-cannot be undone), the governor asks for the draft to be released; the run then decodes
+more full-precision experts. Releasing it cannot be undone, so the comparison is made on
+the steadiest evidence: k = 0 with those slots is the measured k = 0 cycle moved, by its
+stall per miss, to the misses a token would meet with the extra slots -- counted on every
+token the target has routed so far (``RoutingTrace``: LRU stack distances without CPU
+experts, routing rates outside the resident set with them), not on the few k = 0 cycles
+-- and every k >= 1 is priced with the acceptance of the whole run, not the discounted
+window that picks k. When the released cycle beats every depth, and the best depth has
+run at least once, the governor asks for the draft to be released; the run then decodes
 with k = 0 and the bigger cache to the end.
 """
 
@@ -88,9 +92,11 @@ class GovernorState:
     t_host: Callable[[float], float] | None = None  # one expert on the CPU over n tokens; None: no CPU path
     prior: float = 0.8  # acceptance assumed before any draft is tested ...
     prior_strength: float = 2.0  # ... worth this many tested positions
-    decay: float = 0.95  # weight an older tested position keeps per newer one
+    decay: float = 0.99  # weight an older tested position keeps per newer one
     tested_accepted: float | None = None  # tested draft positions, discounted: accepted ...
     tested_rejected: float = 0.0  # ... and rejected (None: no draft tested yet)
+    run_accepted: int = 0  # every tested draft position of the run, undiscounted: accepted ...
+    run_rejected: int = 0  # ... and rejected
     slots: int = 0  # full-precision slots now
     spare_slots: int = 0  # slots the draft's device memory would add
     total_experts: int = 0
@@ -98,6 +104,8 @@ class GovernorState:
     zero_stall: float | None = None  # stall seconds per k = 0 cycle (the faster arm)
     arms: dict[bool, Arm] = field(default_factory=dict)  # k = 0 with (True) or without gate-prefetch
     stall: dict[int, float] = field(default_factory=dict)  # n verified tokens (n >= 2) -> stall per cycle
+    release_misses: Callable[[], tuple[float, float] | None] | None = None  # k = 0 misses per token: now, released
+    model_cycles: float = 8.0  # k = 0 cycles the miss model is worth beside the measured ones
 
     def __post_init__(self):
         if not self.p:
@@ -119,25 +127,27 @@ class GovernorState:
         measured = [p for p, n in zip(self.p, self.tested, strict=True) if n]
         return min(measured) if measured else self.p[j]
 
-    def posterior(self) -> tuple[float, float] | None:
+    def posterior(self, whole_run: bool = False) -> tuple[float, float] | None:
         """Beta(a, b) of the pooled acceptance: the prior, worth ``prior_strength``
         positions, plus the tested positions (older ones discounted by ``decay``, so the
         estimate follows a changing text; the prior is not discounted, so no run of
-        accepted drafts makes a rejection impossible)."""
+        accepted drafts makes a rejection impossible). ``whole_run``: every tested
+        position of the run, undiscounted."""
         if self.tested_accepted is None:
             return None
-        return (
-            self.prior * self.prior_strength + self.tested_accepted,
-            (1.0 - self.prior) * self.prior_strength + self.tested_rejected,
+        accepted, rejected = (
+            (self.run_accepted, self.run_rejected) if whole_run else (self.tested_accepted, self.tested_rejected)
         )
+        return self.prior * self.prior_strength + accepted, (1.0 - self.prior) * self.prior_strength + rejected
 
-    def k_accept(self, k: int) -> float:
+    def k_accept(self, k: int, whole_run: bool = False) -> float:
         """Expected accepted draft tokens. Once drafts have been tested, the expectation
         is over the Beta posterior of the pooled acceptance, E[p^i] = prod_{j<i} (a + j) /
         (a + b + j): a few accepted drafts do not yet prove an acceptance near 1, on which
-        a deep k would be staked."""
+        a deep k would be staked. ``whole_run``: the posterior over every tested position,
+        undiscounted (``release_pays``)."""
         total, run = 0.0, 1.0
-        post = self.posterior()
+        post = self.posterior(whole_run)
         for j in range(k):
             run *= self.acceptance(j) if post is None else (post[0] + j) / (post[0] + post[1] + j)
             total += run
@@ -199,8 +209,8 @@ class GovernorState:
         exposed = rest / (1.0 / self.t_copy + 1.0 / self.t_host(per_expert))
         return draft + exposed + self.target_time(n)
 
-    def theta(self, k: int, measured: bool = False) -> float:
-        return (self.k_accept(k) + 1.0) / max(self.cycle_time(k, measured), 1e-12)
+    def theta(self, k: int, measured: bool = False, whole_run: bool = False) -> float:
+        return (self.k_accept(k, whole_run) + 1.0) / max(self.cycle_time(k, measured), 1e-12)
 
     def best_k(self, lowest: int = 0) -> int:
         """argmax Theta over [lowest, k_max] (the shallower depth on a tie): a depth whose
@@ -228,21 +238,45 @@ class GovernorState:
             return next(iter(times), True)
         return times[True] <= times[False]
 
+    def misses_per_token(self) -> tuple[float, float]:
+        """(now, with the draft released): a k = 0 token's expected misses, from
+        ``release_misses`` (every routed token, ``RoutingTrace``) where the run supplies
+        it, else uniform routing (a miss rate of 1 - slots / experts)."""
+        found = self.release_misses() if self.release_misses is not None else None
+        if found is not None:
+            return found
+        lookups = self.top_k * self.total_experts / self.num_experts  # per token, every MoE layer
+        now = lookups * max(0.0, 1.0 - self.slots / self.total_experts)
+        return now, lookups * max(0.0, 1.0 - (self.slots + self.spare_slots) / self.total_experts)
+
     def theta_released(self) -> float | None:
-        """Tokens/s of k = 0 with the draft's memory as expert slots, from the measured
-        k = 0 cycle (the faster arm): its stall shrinks with the share of misses the
-        extra slots avoid (miss rate 1 - slots / experts)."""
-        if not self.spare_slots or self.zero_time is None or self.zero_stall is None or not self.total_experts:
+        """Tokens/s of k = 0 with the draft's memory as expert slots. The faster arm's
+        measured k = 0 cycles give a cycle time at their mean misses and the stall per
+        miss; the cycle moves by that stall per miss to the misses expected with the
+        extra slots. Those come from the model (``misses_per_token``), scaled by how the
+        measured k = 0 misses compare with the model's now, the model worth
+        ``model_cycles`` cycles: the few measured cycles are far noisier than the routed
+        tokens (the failure this avoids: one lucky cycle with 4 misses where 6.25 are
+        typical made releasing look 15% faster than it was)."""
+        if not self.spare_slots or not self.arms or not self.total_experts:
             return None
-        miss_now = max(1e-9, 1.0 - self.slots / self.total_experts)
-        miss_then = max(0.0, 1.0 - (self.slots + self.spare_slots) / self.total_experts)
-        return 1.0 / max(self.zero_time - self.zero_stall * (1.0 - miss_then / miss_now), 1e-12)
+        now, then = self.misses_per_token()
+        cycles = sum(a.cycles for a in self.arms.values())
+        measured = sum(a.misses for a in self.arms.values())
+        scale = (measured + self.model_cycles * now) / ((cycles + self.model_cycles) * now) if now > 0 else 1.0
+        arm = self.arms[self.faster_arm()]
+        time = (arm.compute + arm.stall) / arm.cycles
+        per_miss = arm.stall / arm.misses if arm.misses else 0.0
+        return 1.0 / max(time + per_miss * (then * scale - arm.misses / arm.cycles), 1e-12)
 
     def release_pays(self) -> bool:
         released = self.theta_released()
         if released is None or not self.k_max:
             return False
-        return released > self.theta(self.best_k(lowest=1), measured=True)
+        # Releasing decides the rest of the run, so speculation is judged by the run's
+        # acceptance, not by the discounted window that picks k (early in a run, where
+        # the decision is made, one rejection there outweighs many accepted positions).
+        return all(released > self.theta(k, measured=True, whole_run=True) for k in range(1, self.k_max + 1))
 
     # -- online estimates ---------------------------------------------------
     def _ema(self, old: float | None, new: float) -> float:
@@ -273,6 +307,8 @@ class GovernorState:
             hit = 1.0 if j < accepted else 0.0
             self.tested_accepted = self.decay * (self.tested_accepted or 0.0) + hit
             self.tested_rejected = self.decay * self.tested_rejected + 1.0 - hit
+            self.run_accepted += j < accepted
+            self.run_rejected += j >= accepted
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
         n = k + 1

@@ -51,12 +51,16 @@ class OffloadedExperts:
         self.layer_hook = None  # called with the layer index as each MoE layer starts
         self.lookup_hook = None  # called with (layer, needed experts, ready experts): the profile view
         self.decisions: list | None = None  # set to [] to record every copy-or-CPU choice (tests)
+        self.trace = None  # a RoutingTrace, while the governor may still release the draft
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, st = self.cache, self.cache.stats
         if self.layer_hook is not None:
             self.layer_hook(layer)
-        groups = token_groups(ids)
+        rows = ids.tolist()
+        if self.trace is not None:
+            self.trace.record(layer, rows)
+        groups = token_groups(rows)
         needed = list(groups)
         ready = [e for e in needed if cache.ready((layer, e))]
         waiting = [e for e in needed if e not in ready]

@@ -1,0 +1,109 @@
+"""RoutingTrace: what the target's routers chose so far, and the misses plain decoding
+would meet with more expert slots.
+
+Whether to give the draft's device memory to expert slots (DESIGN.md §2, docs/governor.md)
+turns on one number: how many experts a token decoded without speculation would find
+missing with ``spare_slots`` more slots. Measuring it takes k = 0 cycles, one token each,
+and a handful of them is a noisy count (on a uniform router a token's misses vary by a
+third from one token to the next). Every token the target has routed -- the prompt's,
+and every verified one -- says something about it, so this class keeps them:
+
+* **per-expert counts** -- with CPU experts a miss is computed on the CPU and never
+  copied, so the resident set stays what was placed; a token's expected misses are the
+  routing rates of the experts outside it (smoothed towards uniform routing by one
+  pseudo-token per layer);
+* **an LRU stack** -- without them every miss is copied into the least recently used
+  slot. Replaying each token's choices in decoding order (layer by layer, one token
+  after the other, as k = 0 decodes them) through one LRU stack shared by all layers,
+  as the cache is, gives each access its stack distance: it misses with C slots exactly
+  when its distance exceeds C (Mattson et al., 1970: one pass yields the misses for every
+  cache size). Routing skew, locality and the cyclic walk over the layers are in the
+  distances; a rate-based model sees only the first.
+
+The stack is cut at ``depth`` keys (the most slots the governor asks about), so a token
+costs one list scan of at most ``depth`` entries per routed expert.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class RoutingTrace:
+    def __init__(self, layers: list[int], num_experts: int, top_k: int, depth: int, resident: list[Key] = ()):
+        self.layers, self.num_experts, self.top_k, self.depth = list(layers), num_experts, top_k, depth
+        self.counts: Counter[Key] = Counter()
+        self.tokens = 0  # tokens routed through every MoE layer
+        self.accesses = 0  # replayed (layer, expert) accesses
+        self.far = 0  # ... whose stack distance exceeds ``depth`` (first uses included)
+        self.distance: Counter[int] = Counter()  # stack distance -> accesses
+        # What is resident at the start, oldest first: a warm cache is no cold miss.
+        self.stack: list[Key] = list(resident)[-depth:] if depth else []
+        self._pass: dict[int, list[list[int]]] = {}
+
+    # -- recording ---------------------------------------------------------------
+    def record(self, layer: int, rows: list[list[int]]) -> None:
+        """One MoE layer of a target pass: each token's chosen experts. A pass is
+        replayed token-major once its last MoE layer has been recorded."""
+        self._pass[layer] = rows
+        if layer == self.layers[-1]:
+            self._replay()
+
+    def _replay(self) -> None:
+        per_layer = [(layer, self._pass[layer]) for layer in self.layers if layer in self._pass]
+        self._pass = {}
+        if not per_layer:
+            return
+        n = min(len(rows) for _, rows in per_layer)
+        for t in range(n):
+            for layer, rows in per_layer:
+                for e in rows[t]:
+                    self.counts[(layer, e)] += 1
+                    self._access((layer, e))
+        self.tokens += n
+
+    def _access(self, key: Key) -> None:
+        self.accesses += 1
+        stack = self.stack
+        try:
+            i = stack.index(key)
+        except ValueError:
+            self.far += 1
+        else:
+            self.distance[len(stack) - i] += 1
+            del stack[i]
+        stack.append(key)
+        if len(stack) > self.depth:
+            del stack[0]
+
+    # -- the models -----------------------------------------------------------------
+    def lru_misses(self, slots: int) -> float | None:
+        """Expected misses per token decoded one at a time with ``slots`` LRU slots
+        (at most ``depth``); None before any token."""
+        if not self.tokens:
+            return None
+        if slots > self.depth:
+            raise ValueError(f"the trace keeps stack distances up to {self.depth}, not {slots}")
+        beyond = self.far + sum(n for d, n in self.distance.items() if d > slots)
+        return beyond / self.tokens
+
+    def rate(self, key: Key) -> float:
+        """Tokens choosing this expert per token, with one pseudo-token per layer routed
+        uniformly (an expert never seen yet is not taken as never used)."""
+        prior = self.top_k / self.num_experts
+        return (self.counts[key] + prior) / (self.tokens + 1)
+
+    def static_misses(self, resident: set[Key]) -> float:
+        """Expected misses per token when exactly ``resident`` stays on the device."""
+        return sum(self.rate((layer, e)) for layer in self.layers for e in range(self.num_experts)) - sum(
+            self.rate(k) for k in resident if k[0] in self.layers
+        )
+
+    def most_routed(self, n: int, exclude: set[Key]) -> list[Key]:
+        """The ``n`` experts chosen most often so far, outside ``exclude`` (ties: lower
+        layer, then lower expert id)."""
+        keys = [(layer, e) for layer in self.layers for e in range(self.num_experts) if (layer, e) not in exclude]
+        keys.sort(key=lambda k: (-self.counts[k], k))
+        return keys[:n]
