@@ -60,21 +60,21 @@ def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
 
 @dataclass
 class Arm:
-    """k = 0 cycles of one prefetch arm: sums over all of them, and moving averages."""
+    """k = 0 cycles of one prefetch arm: sums over all of them, and the cycle time's
+    moving average."""
 
     compute: float = 0.0
     stall: float = 0.0
     misses: float = 0.0
     cycles: int = 0
     time_ema: float | None = None  # compute + stall
-    stall_ema: float | None = None
 
     def add(self, compute: float, stall: float, misses: int, ema: Callable) -> None:
         self.compute += compute
         self.stall += stall
         self.misses += misses
         self.cycles += 1
-        self.time_ema, self.stall_ema = ema(self.time_ema, compute + stall), ema(self.stall_ema, stall)
+        self.time_ema = ema(self.time_ema, compute + stall)
 
 
 @dataclass
@@ -100,8 +100,6 @@ class GovernorState:
     slots: int = 0  # full-precision slots now
     spare_slots: int = 0  # slots the draft's device memory would add
     total_experts: int = 0
-    zero_time: float | None = None  # seconds per k = 0 cycle, stall included (the faster arm)
-    zero_stall: float | None = None  # stall seconds per k = 0 cycle (the faster arm)
     arms: dict[bool, Arm] = field(default_factory=dict)  # k = 0 with (True) or without gate-prefetch
     stall: dict[int, float] = field(default_factory=dict)  # n verified tokens (n >= 2) -> stall per cycle
     release_misses: Callable[[], tuple[float, float] | None] | None = None  # k = 0 misses per token: now, released
@@ -238,6 +236,12 @@ class GovernorState:
             return next(iter(times), True)
         return times[True] <= times[False]
 
+    @property
+    def zero_time(self) -> float | None:
+        """Seconds per k = 0 cycle, stall included: the faster arm's moving average (None
+        before any k = 0 cycle)."""
+        return self.arms[self.faster_arm()].time_ema if self.arms else None
+
     def misses_per_token(self) -> tuple[float, float]:
         """(now, with the draft released): a k = 0 token's expected misses, from
         ``release_misses`` (every routed token, ``RoutingTrace``) where the run supplies
@@ -297,8 +301,6 @@ class GovernorState:
         ``prefetch``: whether a k = 0 cycle ran with gate-prefetch."""
         if k == 0:
             self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema)
-            best = self.arms[self.faster_arm()]
-            self.zero_time, self.zero_stall = best.time_ema, best.stall_ema
         if k:
             self.stall[k + 1] = self._ema(self.stall.get(k + 1), stall_s)
         for j in range(min(k, accepted + 1)):  # positions that were actually tested
