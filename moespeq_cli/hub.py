@@ -48,6 +48,10 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     from huggingface_hub import snapshot_download
 
     repo = repo_for(model)
+    if revision is not None and (not revision.strip() or len(revision) > 256 or "\x00" in revision):
+        raise UsageError(f"--revision {revision[:40]!r} is not a branch, tag or commit name")
+    if local_dir is not None and os.path.lexists(local_dir) and not Path(local_dir).is_dir():
+        raise UsageError(f"--local-dir {local_dir} exists and is not a directory; give a directory")
     kwargs = dict(
         repo_id=repo,
         revision=revision,
@@ -58,6 +62,8 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     )
     try:
         path = Path(snapshot_download(**kwargs))
+    except e.HFValidationError as err:
+        raise UsageError(f"{str(err).splitlines()[0][:160]}; check the model id and --revision") from None
     except e.GatedRepoError:
         raise HubError(
             f"{repo} is gated: accept its license at https://huggingface.co/{repo}, then log in with "

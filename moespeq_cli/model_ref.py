@@ -5,9 +5,11 @@ aliases are looked up in the standard Hugging Face cache that ``moespeq pull`` f
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, UnknownModelError
+from moespeq_cli.fs import is_dir, kind, shown
 
 DEMO = "demo"
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
@@ -36,7 +38,8 @@ def resolve(model: str | None) -> tuple[str, Path]:
             )
         return DEMO, DEMO_DIR
     path = Path(model).expanduser()
-    if path.is_dir():
+    status = kind(path)
+    if status == "a directory":
         return model, path
     if model in ALIASES or looks_like_hub_id(model):
         repo = ALIASES[model][0] if model in ALIASES else model
@@ -44,20 +47,31 @@ def resolve(model: str | None) -> tuple[str, Path]:
         if cached is None:
             raise UnknownModelError(f"{model} ({repo}) is not downloaded; run `moespeq pull {model}` first")
         return model, cached
-    if path.exists():
+    if status != "missing" and (status == "file" or status.startswith("a ")):
         raise UnknownModelError(
-            f"{model} is a file, not a checkpoint directory; pass the directory that holds config.json"
+            f"{shown(model)} is {'a file' if status == 'file' else status}, not a checkpoint directory; "
+            "pass the directory that holds config.json"
         )
+    if status != "missing":
+        raise UnknownModelError(f"checkpoint directory {shown(model)} cannot be read ({status}); check the path")
     if os.sep in model or model.startswith("."):
-        raise UnknownModelError(f"checkpoint directory {model} does not exist; check the path")
+        raise UnknownModelError(f"checkpoint directory {shown(model)} does not exist; check the path")
     raise UnknownModelError(
-        f"unknown model {model!r}; use an alias ({', '.join(ALIASES)}), a hub id like org/name, or a local directory"
+        f"unknown model {shown(model)!r}; use an alias ({', '.join(ALIASES)}), a hub id like org/name, "
+        "or a local directory"
     )
 
 
+_HUB_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
+
+
 def looks_like_hub_id(s: str) -> bool:
+    """``org/name`` as the hub spells repository ids: letters, digits, ``._-``, no ``..``
+    or ``--``, not starting or ending with ``.`` or ``-``, at most 96 characters."""
     parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+    return (
+        len(parts) == 2 and len(s) <= 96 and all(_HUB_PART.match(p) for p in parts) and ".." not in s and "--" not in s
+    )
 
 
 def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
@@ -97,7 +111,7 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
         bundled = CONFIGS_DIR / f"{model}.json"
         missing = f"{bundled} is missing from this install; reinstall moespeq"
         return model, read_json(bundled, "reinstall moespeq", missing=missing), f"bundled config of {repo}"
-    if model is not None and not Path(model).expanduser().is_dir() and looks_like_hub_id(model):
+    if model is not None and not is_dir(Path(model).expanduser()) and looks_like_hub_id(model):
         cached = cached_snapshot(model)
         if cached is None:
             raise UnknownModelError(

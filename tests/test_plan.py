@@ -109,7 +109,7 @@ def test_plan_text_output(cli):
     [
         (["someorg/some-model"], "--config-only"),
         (["nonsense-model"], "unknown model"),
-        (["mixtral", "--vram", "lots"], "cannot read size"),
+        (["mixtral", "--vram", "lots"], "cannot read --vram"),
         (["mixtral", "--hardware", "gpu9000"], "unknown hardware profile"),
     ],
 )

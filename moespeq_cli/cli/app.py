@@ -15,8 +15,14 @@ class MoespeqGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         import sys
 
-        from moespeq_cli.cli.errors import exit_for
+        from moespeq_cli.cli.errors import debug, exit_for
 
+        if not debug():
+            import warnings
+
+            # Library warnings (torch, transformers) are not for users: an error must be the
+            # one line on stderr. MOESPEQ_DEBUG=1 shows them.
+            warnings.simplefilter("ignore")
         argv = list(sys.argv[1:] if args is None else args)
         command = next((a for a in argv if not a.startswith("-")), None)
         if command not in self.commands:
@@ -29,6 +35,22 @@ class MoespeqGroup(TyperGroup):
             exit_for(exc, command)
         else:
             raise SystemExit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx):
+        """Ctrl-C and a closed stdout leave the command as exceptions typer does not
+        rewrite (it turns them into silent exit codes), for cli/errors.py to map."""
+        import errno
+
+        from moespeq_cli.cli.errors import Interrupted, PipeClosed
+
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise PipeClosed() from None
+            raise
 
 
 app = typer.Typer(

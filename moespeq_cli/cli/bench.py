@@ -45,6 +45,7 @@ def bench(
     cpu_experts: o.CpuExperts = None,
     draft: o.Draft = "auto",
     cpu_threads: o.CpuThreads = None,
+    context: o.Context = None,
     json_out: o.Json = False,
 ) -> None:
     """Compare offloading policies on one model, hardware profile and budget.
@@ -55,11 +56,13 @@ def bench(
     """
     import json
 
-    from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT, read_prompt
+    from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT, encode_prompt, read_prompt
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
     from moespeq_cli.runtime.policies import POLICIES
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise UsageError("--policies names no policy; give a comma-separated list such as moespeq,lru")
     for p in names:
         if p not in POLICIES:
             raise UsageError(f"unknown policy {p!r} in --policies; choose from {', '.join(POLICIES)}")
@@ -75,11 +78,18 @@ def bench(
     from moespeq_cli.runtime.hardware import parse_size
 
     opts = EngineOptions(
-        backend=backend, hardware=hardware, vram=vram, draft=draft, cpu_threads=cpu_threads, cpu_experts=cpu_experts
+        backend=backend,
+        hardware=hardware,
+        vram=vram,
+        draft=draft,
+        cpu_threads=cpu_threads,
+        cpu_experts=cpu_experts,
+        context=context,
     )
     probe = Engine(path, opts)
-    ids = probe.tokenizer.encode(text, chat=bool(probe.tokenizer.chat_template))
-    opts.vram = parse_size(vram) if vram is not None else probe.budget
+    ids = encode_prompt(probe, text, None)
+    probe.context_for(len(ids), max_new_tokens)  # refused before any run loads weights
+    opts.vram = parse_size(vram, "--vram") if vram is not None else probe.budget
     results = run_bench(
         path,
         ids,

@@ -4,6 +4,7 @@ when MOESPEQ_DEBUG=1."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -28,6 +29,15 @@ def _click_exceptions() -> tuple[tuple, tuple]:
 
 USAGE_ERRORS, NO_ARGS_HELP = _click_exceptions()
 
+
+class Interrupted(Exception):
+    """Ctrl-C in a command (typer would make it a silent exit 130)."""
+
+
+class PipeClosed(Exception):
+    """stdout's reader went away (`moespeq run | head -3`)."""
+
+
 DEBUG_HINT = "set MOESPEQ_DEBUG=1 for the traceback"
 
 
@@ -40,17 +50,31 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into a closed pipe
+    prints no 'Exception ignored' message."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def exit_for(exc: BaseException, command: str | None) -> None:
     """Map an exception escaping a command to a one-line message and an exit code."""
     if isinstance(exc, typer.Exit):
         sys.exit(exc.exit_code)
     if isinstance(exc, NO_ARGS_HELP):
         sys.exit(0)  # the help text was already printed
+    if isinstance(exc, PipeClosed | BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
+        quiet_stdout()  # `moespeq run | head -3`: the reader left; nothing to say
+        sys.exit(141)
     if debug():
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    if isinstance(exc, typer.Abort | KeyboardInterrupt):
+    if isinstance(exc, Interrupted | typer.Abort | KeyboardInterrupt):
         fail("interrupted", 130)
     if isinstance(exc, USAGE_ERRORS):
         where = f"moespeq {command} --help" if command else "moespeq --help"
@@ -59,6 +83,4 @@ def exit_for(exc: BaseException, command: str | None) -> None:
         fail(str(exc), exc.exit_code)
     if isinstance(exc, MemoryError):
         fail("out of host memory; use a smaller model or a smaller --max-new-tokens", 1)
-    if isinstance(exc, BrokenPipeError):
-        sys.exit(1)
     fail(f"internal error: {type(exc).__name__}: {exc} ({DEBUG_HINT})", 1)

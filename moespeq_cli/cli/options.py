@@ -67,7 +67,8 @@ Trace = Annotated[
     typer.Option("--trace", help="Write the timeline as Chrome trace JSON (Perfetto).", show_default=False),
 ]
 CpuThreads = Annotated[
-    Optional[int], typer.Option("--cpu-threads", min=1, help="Threads for CPU compute.", show_default=False)
+    Optional[int],
+    typer.Option("--cpu-threads", min=1, max=1024, help="Threads for CPU compute.", show_default=False),
 ]
 Dtype = Annotated[
     Optional[str],
@@ -82,3 +83,14 @@ Chat = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout at the end, nothing else.")]
+Context = Annotated[
+    Optional[int],
+    typer.Option(
+        "--context",
+        "-c",
+        min=1,
+        help="Tokens of context (prompt + new tokens) to allow and plan memory for; at most the model's "
+        "limit (max_position_embeddings). Default: what the prompt and --max-new-tokens need.",
+        show_default=False,
+    ),
+]

@@ -3,7 +3,7 @@ would run -- from config.json alone, before downloading the weights."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -32,13 +32,24 @@ PLAN_ROWS = (
 )
 
 
+DEFAULT_PLAN_CONTEXT = 4096
+
+
 def plan(
     model: o.ModelArg = None,
     vram: o.Vram = None,
     hardware: o.Hardware = None,
     context: Annotated[
-        int, typer.Option("--context", "-c", min=1, help="Tokens of context to plan the KV cache for.")
-    ] = 4096,
+        Optional[int],
+        typer.Option(
+            "--context",
+            "-c",
+            min=1,
+            help="Tokens of context to plan the KV cache for (at most the model's limit). "
+            "Default: 4096, or the model's limit when smaller.",
+            show_default=False,
+        ),
+    ] = None,
     dtype: o.Dtype = None,
     acceptance: Annotated[
         float,
@@ -65,7 +76,7 @@ def plan(
 
     from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import resolve_config
-    from moespeq_cli.models import architecture
+    from moespeq_cli.models import parse_config
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
     from moespeq_cli.runtime.estimate import StepModel, estimate, plan_moespeq
@@ -76,10 +87,16 @@ def plan(
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     name, raw, source = resolve_config(model)
-    arch = architecture(raw.get("model_type"))
-    cfg = arch.parse(raw)
+    arch, cfg = parse_config(raw, source)
+    if context is None:
+        context = min(DEFAULT_PLAN_CONTEXT, cfg.context_limit)
+    elif context > cfg.context_limit:
+        raise UsageError(
+            f"--context {context} is beyond the model's context of {cfg.context_limit} tokens; "
+            f"use --context {cfg.context_limit} or less"
+        )
     hw = load_profile(hardware or DEFAULT_HARDWARE)
-    budget = parse_size(vram) if vram is not None else hw.usable_memory
+    budget = parse_size(vram, "--vram") if vram is not None else hw.usable_memory
     storage = DTYPES[dtype] if dtype else cfg.dtype
     with torch.device("meta"):
         shape_model = arch.Model(raw, context)

@@ -42,6 +42,7 @@ def profile(
         Optional[Path], typer.Option("--report", help="Write a self-contained HTML report.", show_default=False)
     ] = None,
     no_live: Annotated[bool, typer.Option("--no-live", help="No live view (for scripts and CI).")] = False,
+    context: o.Context = None,
     json_out: o.Json = False,
 ) -> None:
     """Generate under a live view: compute and copy lanes, expert residency, figures.
@@ -59,8 +60,11 @@ def profile(
 
     check_output(trace, "--trace")
     check_output(report, "--report")
+    if trace is not None and report is not None and trace.resolve() == report.resolve():
+        raise UsageError("--trace and --report name the same file; give two names")
     if backend == "cpu":
         raise UsageError("profile shows offloading: use --backend mock or cuda")
+    sampling = sampling_params(temperature, top_p, top_k, seed)
     name, engine, text, prompt_ids = prepare(
         model,
         prompt,
@@ -74,6 +78,7 @@ def profile(
         spec_depth,
         cpu_threads,
         cpu_experts=cpu_experts,
+        context=context,
     )
     live = not (no_live or json_out) and sys.stdout.isatty()
     token_ids: list[int] = []
@@ -88,7 +93,6 @@ def profile(
     title = f"moespeq profile · {name} · {engine.hw.name} · {engine.policy_name} · {engine.backend.clock_kind} clock"
     layers = sorted(engine.model.moe_blocks)
     E = engine.ckpt.config.num_experts
-    sampling = sampling_params(temperature, top_p, top_k, seed)
 
     def snapshot() -> dict:
         b = engine.backend

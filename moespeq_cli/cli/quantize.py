@@ -43,10 +43,9 @@ def quantize(
     """
     import json
     import sys
-    import time
 
     from moespeq_cli.model_ref import resolve
-    from moespeq_cli.quant.draft import QuantizedExperts, check_method, default_draft_dir
+    from moespeq_cli.quant.draft import check_method, default_draft_dir, draft_lock, fingerprint
 
     check_method(method, blocksize)
     name, path = resolve(model)
@@ -54,6 +53,29 @@ def quantize(
 
     ckpt = Checkpoint(path)
     target = out or default_draft_dir(ckpt.path, method, blocksize)
+    fp = fingerprint(ckpt)
+    with draft_lock(target, fp):  # refuses an --out that is not a draft of this checkpoint, before any work
+        result = _quantize_and_save(name, ckpt, method, blocksize, target, fp, json_out)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        from moespeq_cli.runtime.hardware import format_size
+
+        print(
+            f"quantized {result['experts']} experts ({method}, blocksize {blocksize}): "
+            f"{format_size(result['draft_bytes'])}, {result['ratio']:.0%} of full precision, "
+            f"in {result['seconds']:.1f} s",
+            file=sys.stderr,
+        )
+        print(result["draft"])
+
+
+def _quantize_and_save(name, ckpt, method, blocksize, target, fp, json_out) -> dict:
+    import sys
+    import time
+
+    from moespeq_cli.quant.draft import QuantizedExperts
+
     t0 = time.perf_counter()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -70,9 +92,9 @@ def quantize(
         quant = QuantizedExperts.quantize(
             ckpt, method, blocksize, progress=lambda done, total: bar.update(task, completed=done)
         )
-    saved = quant.save(target, ckpt)
+    saved = quant.save(target, ckpt, fp)
     full = quant.q and ckpt.config.expert_params * len(quant.q) * ckpt.config.dtype.itemsize
-    result = {
+    return {
         "model": name,
         "draft": str(saved),
         "method": method,
@@ -83,14 +105,3 @@ def quantize(
         "ratio": round(quant.total_bytes / full, 4) if full else None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if json_out:
-        print(json.dumps(result))
-    else:
-        from moespeq_cli.runtime.hardware import format_size
-
-        print(
-            f"quantized {result['experts']} experts ({method}, blocksize {blocksize}): "
-            f"{format_size(quant.total_bytes)}, {result['ratio']:.0%} of full precision, in {result['seconds']:.1f} s",
-            file=sys.stderr,
-        )
-        print(saved)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from moespeq_cli.cli import options as o
-from moespeq_cli.errors import UsageError
+from moespeq_cli.errors import CheckpointError, UsageError
+from moespeq_cli.fs import check_output, read_text
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -25,21 +26,72 @@ DEMO_PROMPT = "First Citizen:\nGood morrow, masters; what news from the court?\n
 DEFAULT_PROMPT = "Write a short poem about the sea."
 
 
+PROMPT_LIMIT = 16 * 2**20  # bytes: far beyond any model's context, small enough to hold
+STDIN_WAIT_S = 2.0  # a pipe with nothing in it this long is not a prompt (use --prompt-file -)
+
+
 def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> str:
+    """--prompt, --prompt-file (``-`` is standard input), text piped on standard input,
+    or ``default``; bounded in size, never blocking on a FIFO or a device."""
     if prompt is not None and prompt_file is not None:
         raise UsageError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text()
-        except FileNotFoundError:
-            raise UsageError(f"prompt file {prompt_file} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompt file {prompt_file} ({e})") from None
+        if str(prompt_file) == "-":
+            prompt = read_stdin(wait=None)
+        else:
+            prompt = read_text(prompt_file, PROMPT_LIMIT, "--prompt-file", UsageError)
+    elif prompt is None:
+        piped = read_stdin(wait=STDIN_WAIT_S) if stdin_is_piped() else None
+        prompt = piped if piped and piped.strip() else None
     if prompt is None:
         return default
+    if len(prompt) > PROMPT_LIMIT:
+        raise UsageError(f"the prompt is longer than {PROMPT_LIMIT // 2**20} MiB; shorten it")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as surrogates
+        raise UsageError("the prompt is not valid UTF-8 text; pass it as UTF-8") from None
     if not prompt.strip():
         raise UsageError("the prompt is empty; pass some text with --prompt or --prompt-file")
     return prompt
+
+
+def stdin_is_piped() -> bool:
+    """Standard input is a pipe or a redirected file (not a terminal, /dev/null or closed)."""
+    import os
+    import stat
+
+    if sys.stdin is None:
+        return False
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # no file descriptor: a test runner's buffer
+        return not sys.stdin.isatty()
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def read_stdin(wait: float | None) -> str:
+    """Standard input to its end, at most PROMPT_LIMIT bytes. With ``wait``, a pipe that
+    neither sends a byte nor closes within that many seconds counts as empty."""
+    import select
+
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    if wait is not None:
+        try:
+            ready, _, _ = select.select([sys.stdin], [], [], wait)
+            if not ready:
+                return ""
+        except (OSError, ValueError, TypeError):  # no descriptor to select on: read the buffer
+            pass
+    data = stream.read(PROMPT_LIMIT + 1)
+    if isinstance(data, str):
+        data = data.encode()
+    if len(data) > PROMPT_LIMIT:
+        raise UsageError(f"standard input holds more than {PROMPT_LIMIT // 2**20} MiB; a prompt must be shorter")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("standard input is not UTF-8 text; pass the prompt as text") from None
 
 
 def run(
@@ -62,6 +114,7 @@ def run(
     cpu_threads: o.CpuThreads = None,
     dtype: o.Dtype = None,
     chat: o.Chat = None,
+    context: o.Context = None,
     json_out: o.Json = False,
 ) -> None:
     """Generate text with a MoE model.
@@ -73,6 +126,7 @@ def run(
     from moespeq_cli.tokenizer import StreamDecoder
 
     check_output(trace, "--trace")
+    sampling = sampling_params(temperature, top_p, top_k, seed)
     out = Renderer(json_mode=json_out)
     name, engine, text, prompt_ids = prepare(
         model,
@@ -89,16 +143,29 @@ def run(
         dtype,
         chat,
         cpu_experts,
+        context,
     )
     if engine.plan is not None and not json_out:
         out.plan(engine.plan, engine.hw, engine.draft_source)
     decoder = StreamDecoder(engine.tokenizer)
-    token_ids = []
-    if not json_out and prompt is None and prompt_file is None and text.endswith("\n"):
+    token_ids: list[int] = []
+    if not json_out and text == DEMO_PROMPT:
         out.text(text)  # the default demo prompt: show what the model continues
-    for ev in engine.generate(prompt_ids, max_new_tokens, sampling_params(temperature, top_p, top_k, seed)):
-        token_ids.append(ev.token)
-        out.text(decoder.push(ev.token))
+    try:
+        for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
+            token_ids.append(ev.token)
+            out.text(decoder.push(ev.token))
+    except KeyboardInterrupt:
+        # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
+        if token_ids:
+            result = result_dict(name, engine, prompt_ids, token_ids) | {"interrupted": True}
+            if json_out:
+                sys.stdout.write(json.dumps(result) + "\n")
+            else:
+                out.text(decoder.flush())
+                out.end_text()
+                out.stats_line(result)
+        raise
     out.text(decoder.flush())
     result = result_dict(name, engine, prompt_ids, token_ids)
     if trace is not None:
@@ -108,16 +175,6 @@ def run(
     else:
         out.end_text()
         out.stats_line(result)
-
-
-def check_output(path: Path | None, option: str) -> None:
-    """Refuse an output path that cannot be written before any work is done."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option} {path}: directory {path.parent} does not exist")
 
 
 def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | None):
@@ -141,8 +198,10 @@ def prepare(
     dtype=None,
     chat=None,
     cpu_experts=None,
+    context=None,
 ):
-    """Resolve the model, read the prompt, build and load the engine: shared by run and profile."""
+    """Resolve the model, read the prompt, build the engine, check the prompt fits the
+    model's context (before any weight is read), and load: shared by run and profile."""
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
 
     name, path = resolve(model)
@@ -164,14 +223,26 @@ def prepare(
             draft=draft,
             spec_depth=spec_depth,
             cpu_experts=cpu_experts,
+            context=context,
         ),
     )
+    prompt_ids = encode_prompt(engine, text, chat)
+    engine.load(context=engine.context_for(len(prompt_ids), max_new_tokens))
+    return name, engine, text, prompt_ids
+
+
+def encode_prompt(engine, text: str, chat: bool | None) -> list[int]:
     use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat
     prompt_ids = engine.tokenizer.encode(text, chat=use_chat)
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens; pass some text with --prompt")
-    engine.load(context=len(prompt_ids) + max_new_tokens)
-    return name, engine, text, prompt_ids
+    vocab = engine.ckpt.config.vocab_size
+    if max(prompt_ids) >= vocab:
+        raise CheckpointError(
+            f"{engine.ckpt.path / 'tokenizer.json'} gives token id {max(prompt_ids)}, beyond the model's "
+            f"vocab_size of {vocab}; the tokenizer belongs to another model"
+        )
+    return prompt_ids
 
 
 def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int]) -> dict:

@@ -15,25 +15,31 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moespeq_cli.errors import CheckpointError
-from moespeq_cli.models import architecture
-from moespeq_cli.models.config import MoEConfig
+from moespeq_cli.fs import confined_name, file_status, is_dir, read_text
+from moespeq_cli.models import parse_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def read_json(path: Path, remedy: str, missing: str | None = None) -> dict:
+JSON_LIMIT = 64 * 2**20  # config, index, generation and draft files (tokenizer.json has its own)
+
+
+def read_json(path: Path, remedy: str, missing: str | None = None, error=CheckpointError) -> dict:
     """A JSON object from ``path``; ``{}`` when absent unless ``missing`` (the error then).
-    Malformed files are a CheckpointError that ends with ``remedy``."""
-    if not path.is_file():
+    Anything but a regular file, a file over 64 MiB, or malformed JSON is ``error``
+    (a CheckpointError unless told) that ends with ``remedy``."""
+    status, _ = file_status(path)
+    if status == "missing":
         if missing is not None:
-            raise CheckpointError(missing)
+            raise error(missing)
         return {}
+    text = read_text(path, JSON_LIMIT, "file", error)
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); {remedy}") from None
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path} is not valid JSON ({str(e)[:80]}); {remedy}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; {remedy}")
+        raise error(f"{path} does not hold a JSON object; {remedy}")
     return data
 
 
@@ -48,19 +54,18 @@ def read_config(path: Path) -> dict:
 class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
+        if not is_dir(self.path):
             raise CheckpointError(
                 f"checkpoint directory {self.path} does not exist; pass a model directory, an alias or a hub id"
             )
         self.raw_config = read_config(self.path)
-        self.arch = architecture(self.raw_config.get("model_type"))
-        self.config: MoEConfig = self.arch.parse(self.raw_config)
+        self.arch, self.config = parse_config(self.raw_config, str(self.path / "config.json"))
         self._files: dict[str, object] = {}
         self._where: dict[str, str] = {}
         for name in self._weight_files():
             try:
                 handle = safe_open(str(self.path / name), framework="pt")
-            except SafetensorError as e:
+            except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{self.path / name} is truncated or corrupt ({e}); download it again") from None
             self._files[name] = handle
             for key in handle.keys():
@@ -68,22 +73,36 @@ class Checkpoint:
 
     def _weight_files(self) -> list[str]:
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is malformed ({e}); download the checkpoint again") from None
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (self.path / f).is_file()]
-            if missing:
+        if file_status(index)[0] != "missing":
+            data = read_json(index, "download the checkpoint again")
+            weight_map = data.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(
-                    f"{self.path} lacks shard {missing[0]} named in its index; the download is incomplete"
+                    f"{index} has no 'weight_map' mapping tensor names to files; download the checkpoint again"
                 )
+            where = f"{index.name}'s weight_map"
+            files = sorted({confined_name(f, self.path, where) for f in weight_map.values()})
+            for f in files:
+                status, _ = file_status(self.path / f)
+                if status == "missing":
+                    raise CheckpointError(f"{self.path} lacks shard {f} named in its index; the download is incomplete")
+                if status != "file":
+                    raise CheckpointError(
+                        f"shard {self.path / f} named in the index is {status}, not a file; download it again"
+                    )
             return files
-        files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        try:
+            entries = sorted(self.path.iterdir())
+        except OSError as e:
+            raise CheckpointError(f"cannot list checkpoint directory {self.path} ({e.strerror})") from None
+        files = [p.name for p in entries if p.suffix == ".safetensors"]
+        for name in files:
+            status, _ = file_status(self.path / name)
+            if status != "file":
+                raise CheckpointError(f"{self.path / name} is {status}, not a safetensors file; remove or replace it")
         if files:
             return files
-        if any(p.suffix in PICKLE_SUFFIXES for p in self.path.iterdir()):
+        if any(p.suffix in PICKLE_SUFFIXES for p in entries):
             raise CheckpointError(
                 f"{self.path} holds only pickle weights (.bin/.pt); moespeq never unpickles. "
                 "Convert it to safetensors (save_pretrained(..., safe_serialization=True)) or pull a safetensors revision"

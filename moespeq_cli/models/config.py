@@ -9,6 +9,8 @@ import torch
 
 from moespeq_cli.errors import CheckpointError
 
+DEFAULT_CONTEXT = 4096  # what the rotary code assumes when config.json names no limit
+
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -32,6 +34,7 @@ class MoEConfig:
     dtype: torch.dtype
     expert_names: tuple[str, str, str]  # HF names of the gate, up, down projections
     expert_prefix: str  # e.g. "model.layers.{layer}.mlp.experts.{expert}."
+    context_limit: int = DEFAULT_CONTEXT  # max_position_embeddings: the longest sequence the model takes
     raw: dict = field(default_factory=dict, repr=False)
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
@@ -103,5 +106,6 @@ def moe_config(
         dtype=checkpoint_dtype(cfg),
         expert_names=layout[0],
         expert_prefix=layout[1],
+        context_limit=need(cfg, "max_position_embeddings", default=DEFAULT_CONTEXT, kind=int),
         raw=cfg,
     )

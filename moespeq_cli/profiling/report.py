@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-from moespeq_cli.runtime.timeline import atomic_write_text
+from moespeq_cli.fs import atomic_write_text
 
 COLORS = {
     ("compute", "target"): "#1f9bcf",

@@ -16,6 +16,8 @@ moespeq version), written into a temporary directory and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -27,10 +29,12 @@ import torch
 
 from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, UsageError
+from moespeq_cli.fs import exclusive_lock, file_status, is_dir, shown
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.runtime.experts import expert_mlp
 
 METHODS = ("nf4", "fp4")
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 PROJ = ("gate", "up", "down")
 FORMAT = "moespeq-draft"
 FORMAT_VERSION = 1
@@ -48,7 +52,7 @@ def _bnb():
 def check_method(method: str, blocksize: int) -> None:
     if method not in METHODS:
         raise UsageError(f"unknown quantization method {method!r}; choose nf4 or fp4")
-    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+    if blocksize not in BLOCKSIZES:
         raise UsageError(f"--blocksize {blocksize} is not supported; use a power of two from 64 to 4096")
 
 
@@ -140,11 +144,16 @@ class QuantizedExperts:
         return self
 
     # -- on disk ----------------------------------------------------------------
-    def save(self, out: Path, source: Checkpoint) -> Path:
+    def save(self, out: Path, source: Checkpoint, fp: str | None = None) -> Path:
+        """Write the draft to ``out`` atomically: into a temporary directory beside it,
+        then swapped in (``replace_dir``). ``out`` must be absent or a draft of ``source``
+        (``check_out``); hold ``draft_lock(out)`` around quantize-and-save."""
         from safetensors.torch import save_file
 
         out = Path(out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        fp = fp or fingerprint(source)
+        check_out(out, fp)
+        tmp = out.with_name(f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -164,14 +173,15 @@ class QuantizedExperts:
                 "blocksize": self.blocksize,
                 "dtype": str(self.dtype).split(".")[-1],
                 "model_type": source.config.model_type,
-                "source_fingerprint": fingerprint(source),
+                "source_fingerprint": fp,
                 "experts": len(self.q),
                 "bytes": self.total_bytes,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            for f in ("draft.safetensors", "manifest.json"):
+                with open(tmp / f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -182,6 +192,8 @@ class QuantizedExperts:
 
         F = _bnb()
         path = Path(path)
+        if not is_dir(path):
+            raise UsageError(f"--draft {shown(path)} is not a draft directory; build one with `moespeq quantize`")
         m = read_json(
             path / "manifest.json",
             "rebuild the draft with `moespeq quantize`",
@@ -194,30 +206,186 @@ class QuantizedExperts:
                 f"the draft in {path} was built from a different checkpoint than {source.path}; "
                 "rebuild it with `moespeq quantize`"
             )
+        method, blocksize = m.get("method"), m.get("blocksize")
+        if method not in METHODS or blocksize not in BLOCKSIZES:
+            raise CheckpointError(
+                f"{path / 'manifest.json'} names method {method!r}, blocksize {blocksize!r}; rebuild the draft"
+            )
         c = source.config
         dtype = dtype or c.dtype
+        weights = path / "draft.safetensors"
+        status, _ = file_status(weights)
+        if status != "file":
+            raise CheckpointError(f"the draft in {path} has no draft.safetensors ({status}); rebuild it")
         q = {}
         try:
-            with safe_open(str(path / "draft.safetensors"), framework="pt") as f:
+            with safe_open(str(weights), framework="pt") as f:
                 keys = set(f.keys())
                 for layer in c.moe_layers:
                     for e in range(c.num_experts):
                         parts = []
-                        for proj in PROJ:
+                        for proj, shape in zip(PROJ, c.expert_shapes(), strict=True):
                             prefix = f"layers.{layer}.experts.{e}.{proj}"
-                            if f"{prefix}.qweight" not in keys:
-                                raise CheckpointError(
-                                    f"the draft in {path} lacks {prefix}; rebuild it with `moespeq quantize`"
-                                )
-                            sd = {k[len(prefix) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(prefix + ".")}
-                            packed = sd.pop("qweight")
-                            parts.append((packed, F.QuantState.from_dict(sd, device=torch.device("cpu"))))
+                            parts.append(_load_part(f, keys, prefix, shape, method, blocksize, path, F))
                         q[(layer, e)] = parts
-        except SafetensorError as err:
-            raise CheckpointError(
-                f"{path / 'draft.safetensors'} is truncated or corrupt ({err}); rebuild the draft"
-            ) from None
-        return cls(q, m["method"], m["blocksize"], dtype, c.hidden_size, c.expert_intermediate)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{weights} is truncated or corrupt ({err}); rebuild the draft") from None
+        return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate)
+
+
+def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: int, path: Path, F):
+    """One projection's (packed, QuantState), checked against the shape the config implies:
+    a forged or damaged draft is a CheckpointError, never a wrong answer later."""
+    bad = f"the draft in {path} has a damaged or missing {prefix}"
+    if f"{prefix}.qweight" not in keys:
+        raise CheckpointError(f"the draft in {path} lacks {prefix}; rebuild it with `moespeq quantize`")
+    sd = {k[len(prefix) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(prefix + ".")}
+    packed = sd.pop("qweight")
+    try:
+        state = F.QuantState.from_dict(sd, device=torch.device("cpu"))
+    except Exception:  # noqa: BLE001 - bitsandbytes raises KeyError, ValueError, json errors...
+        raise CheckpointError(f"{bad}; rebuild it with `moespeq quantize`") from None
+    n = shape[0] * shape[1]
+    ok = (
+        packed.dtype == torch.uint8
+        and packed.numel() == (n + 1) // 2
+        and tuple(state.shape) == tuple(shape)
+        and state.quant_type == method
+        and state.blocksize == blocksize
+        and state.absmax is not None
+        and state.absmax.numel() == -(-n // blocksize)
+        and state.absmax.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and bool(torch.isfinite(state.absmax).all())
+        and state.code is not None
+        and state.code.numel() == 16
+    )
+    if not ok:
+        raise CheckpointError(f"{bad} (its sizes disagree with the checkpoint); rebuild it with `moespeq quantize`")
+    return packed, state
+
+
+# -- writing a draft safely -------------------------------------------------------------
+
+TMP_PREFIX = ".{name}.tmp-"
+OLD_PREFIX = ".{name}.old-"
+
+
+@contextlib.contextmanager
+def draft_lock(out: Path, fp: str):
+    """The one writer of draft ``out``: creates its parent, takes ``.name.lock`` beside it,
+    finishes what a killed writer left (``recover``) and checks ``out`` may be replaced."""
+    out = Path(out)
+    check_out(out, fp)  # refuse before creating anything
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create {out.parent} ({e.strerror})") from None
+    with exclusive_lock(lock_file(out), f"writing the draft {out}"):
+        recover(out, fp)
+        check_out(out, fp)
+        yield out
+
+
+def lock_file(out: Path) -> Path:
+    """Where the lock of draft ``out`` lives: moespeq's cache (nothing added beside the
+    user's files), or beside ``out`` when the cache cannot be written."""
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+    locks = cache_dir() / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        if os.access(locks, os.W_OK):
+            return locks / f"{key}.lock"
+    except OSError:
+        pass
+    return Path(out).with_name(f".{Path(out).name}.lock")
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/moespeq (default ~/.cache/moespeq)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moespeq"
+
+
+def is_draft_of(path: Path, fp: str) -> bool:
+    """``path`` holds a moespeq draft built from the checkpoint with fingerprint ``fp``."""
+    try:
+        m = read_json(path / "manifest.json", "")
+    except CheckpointError:
+        return False
+    return m.get("format") == FORMAT and m.get("source_fingerprint") == fp
+
+
+def check_out(out: Path, fp: str) -> None:
+    """A draft may go to ``out`` only if nothing is there, an empty directory is, or a
+    draft of the same checkpoint is (it is then replaced): anything else is the user's."""
+    status, _ = file_status(out)
+    if status == "missing":
+        return
+    if status != "a directory":
+        what = "a file" if status == "file" else status if status.startswith("a ") else f"unusable ({status})"
+        raise UsageError(f"--out {shown(out)} exists and is {what}; give a new directory")
+    if is_draft_of(out, fp):
+        return
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be read ({e.strerror}); give a new directory") from None
+    if not empty:
+        raise UsageError(
+            f"--out {out} exists and is not a moespeq draft of this checkpoint; refusing to replace it "
+            "(give a new directory, or delete it yourself)"
+        )
+
+
+def recover(out: Path, fp: str) -> None:
+    """Under the draft lock: finish what a killed ``quantize`` left. A draft set aside
+    (``.name.old-PID``) while ``out`` is missing goes back; every other temporary
+    directory of ``out`` is removed (its writer held the lock and is gone)."""
+    parent = out.parent
+    if not is_dir(parent):
+        return
+    for prefix in (OLD_PREFIX, TMP_PREFIX):
+        stem = prefix.format(name=out.name)
+        for p in parent.glob(f"{glob.escape(stem)}*"):
+            if not p.name[len(stem) :].isdigit() or p.is_symlink() or not p.is_dir():
+                continue
+            if prefix == OLD_PREFIX and not os.path.lexists(out) and is_draft_of(p, fp):
+                os.replace(p, out)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put directory ``new`` at ``out``. With ``out`` present, an atomic exchange
+    (renameat2 RENAME_EXCHANGE, Linux) then removal of the old; where the kernel or the
+    file system cannot exchange, the old is renamed aside first (``recover`` puts it
+    back if a kill lands between the two renames)."""
+    if not os.path.lexists(out):
+        os.replace(new, out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.replace(new, out)
+        return
+    if _exchange(new, out):
+        shutil.rmtree(new)  # now the old draft
+        return
+    old = out.with_name(f"{OLD_PREFIX.format(name=out.name)}{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
@@ -229,5 +397,5 @@ def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
     package = Path(__file__).resolve().parents[1]
     if os.access(p.parent, os.W_OK) and package not in p.parents:
         return p.with_name(name)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moespeq" / "drafts"
+    cache = cache_dir() / "drafts"
     return cache / f"{hashlib.sha256(str(p).encode()).hexdigest()[:10]}-{name}"

@@ -65,7 +65,7 @@ def run_policy(
 ) -> BenchResult:
     cpu = opts.cpu_experts if policy in ("moespeq", "hybrid") else None
     eng = Engine(path, EngineOptions(**{**asdict(opts), "policy": policy, "cpu_experts": cpu}))
-    eng.load(len(prompt_ids) + new_tokens)
+    eng.load(opts.context or len(prompt_ids) + new_tokens)
     unions: list[int] = []
     if eng.scheduler is not None:
         record = eng.scheduler.on_verify_route
@@ -115,7 +115,7 @@ def bench(
                 label = f"moespeq{'+cpu' if make_policy(policy, cpu).host_compute else ''} k={k}"
                 if same_cache:
                     extra = draft_bytes_estimate(Checkpoint(path).config, opts.blocksize)
-                    slots = baseline_slots(path, len(prompt_ids) + new_tokens, int(opts.vram), opts)
+                    slots = baseline_slots(path, opts.context or len(prompt_ids) + new_tokens, int(opts.vram), opts)
                     o = EngineOptions(**{**asdict(o), "vram": int(opts.vram) + extra, "max_slots": slots})
             results.append(run_policy(path, prompt_ids, new_tokens, policy, o, label))
     by_policy = {r.policy: r for r in results if r.policy in BASELINES}

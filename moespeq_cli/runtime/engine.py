@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moespeq_cli.errors import UsageError
+from moespeq_cli.fs import is_dir, shown
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
 from moespeq_cli.runtime.backends import make_backend, resolve_backend_name
@@ -51,6 +52,7 @@ class EngineOptions:
     max_slots: int | None = None  # cap on full-precision expert slots (bench's same-cache budget)
     quant_method: str = "nf4"
     blocksize: int = 64
+    context: int | None = None  # tokens to allow and plan for (--context); None: what the run needs
 
 
 class Engine:
@@ -64,7 +66,7 @@ class Engine:
         self.budget: int | None = None
         if self.backend_name != "cpu":
             self.hw = load_profile(opts.hardware or DEFAULT_HARDWARE)
-            self.budget = parse_size(opts.vram) if opts.vram is not None else self.hw.usable_memory
+            self.budget = parse_size(opts.vram, "--vram") if opts.vram is not None else self.hw.usable_memory
         elif opts.vram is not None or opts.hardware is not None:
             raise UsageError("--vram and --hardware apply to the mock and cuda backends, not --backend cpu")
         if opts.cpu_threads:
@@ -77,6 +79,8 @@ class Engine:
                 raise UsageError(f"--spec-depth must be auto or a number, got {opts.spec_depth!r}") from None
             if not 0 <= self.fixed_k <= 64:
                 raise UsageError(f"--spec-depth {self.fixed_k} is out of range; use 0 to 64 or auto")
+        if opts.draft not in ("auto", "none") and not is_dir(Path(opts.draft)):
+            raise UsageError(f"--draft {shown(opts.draft)} is not a draft directory; build one with `moespeq quantize`")
         self.ckpt = Checkpoint(path)
         self.tokenizer = Tokenizer(self.ckpt.path, self.ckpt.raw_config)
         # storage_dtype: what the (real or simulated) device holds and what copies move;
@@ -97,6 +101,27 @@ class Engine:
         self.spec_stats = None
         self.draft_released = False
         self.draft_excess = 0  # draft device bytes beyond the plan's estimate
+
+    def context_for(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """The context to plan for: ``--context`` or what the run needs. A run that would
+        pass it, or the model's own limit, is refused here, before any weight is read."""
+        limit, asked = self.ckpt.config.context_limit, self.opts.context
+        needed = prompt_tokens + max_new_tokens
+        what = f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} needs {needed} tokens"
+        if asked is not None and asked > limit:
+            raise UsageError(
+                f"--context {asked} is beyond the model's context of {limit} tokens; use --context {limit} or less"
+            )
+        if asked is not None and needed > asked:
+            raise UsageError(
+                f"{what}, more than --context {asked}; raise --context (up to the model's {limit}) "
+                "or lower --max-new-tokens"
+            )
+        if needed > limit:
+            raise UsageError(
+                f"{what}, beyond the model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        return asked or needed
 
     @property
     def policy_name(self) -> str | None:
@@ -273,13 +298,18 @@ class Engine:
             )
         else:
             events = generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock)
-        for ev in events:
-            times.append(ev.seconds)
-            if ev.index == 0 and self.cache is not None:
-                # Hit rates and prefetch figures are about decoding (verification), not the
-                # prompt's prefill, whose experts are cold for every policy.
-                self.cache.stats = CacheStats()
-            yield ev
+        try:
+            for ev in events:
+                times.append(ev.seconds)
+                if ev.index == 0 and self.cache is not None:
+                    # Hit rates and prefetch figures are about decoding (verification), not the
+                    # prompt's prefill, whose experts are cold for every policy.
+                    self.cache.stats = CacheStats()
+                yield ev
+        finally:  # also on Ctrl-C or an early close: the statistics of what was generated
+            self.last_stats = self._finish_stats(kind, times, spec)
+
+    def _finish_stats(self, kind: str, times: list[float], spec) -> GenerationStats:
         stats = GenerationStats.from_times(kind, times)
         if self.backend is not None:
             self.fill_offload_stats(stats)
@@ -289,7 +319,7 @@ class Engine:
             stats.spec_depth_mean = spec.spec_depth_mean
             stats.draft_routing_match = self.scheduler.draft_routing_match
         self.spec_stats = spec
-        self.last_stats = stats
+        return stats
 
     def fill_offload_stats(self, stats: GenerationStats) -> None:
         b, cs = self.backend, self.cache.stats

@@ -8,12 +8,14 @@ and the field.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from moespeq_cli.errors import UsageError
+from moespeq_cli.fs import kind, shown
 
 _UNITS = {
     "": 1,
@@ -30,20 +32,26 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(text: str | int | float) -> int:
-    """'12GB' -> 12e9, '12GiB' -> 12 * 2**30, '512MiB', '1.5GB'; a bare number is bytes."""
+MAX_SIZE = 2**60  # 1 EiB: beyond any machine, and still exact in every figure derived from it
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """``what`` names the option or field in errors. '12GB' -> 12e9, '12GiB' -> 12 * 2**30, '512MiB', '1.5GB'; a bare number is bytes."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        if text <= 0:
-            raise UsageError(f"size {text!r} must be positive")
-        return int(text)
-    m = _SIZE.match(str(text))
-    unit = m.group(2).upper() if m else None
-    if not m or unit not in _UNITS:
-        raise UsageError(f"cannot read size {text!r}; write it like 12GB, 12GiB, 512MiB or 1.5GB")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return value
+        value = text
+    else:
+        m = _SIZE.match(str(text)) if len(str(text)) < 64 else None
+        unit = m.group(2).upper() if m else None
+        if not m or unit not in _UNITS:
+            raise UsageError(
+                f"cannot read {what} {str(text)[:40]!r} as a size; write it like 12GB, 12GiB, 512MiB or 1.5GB"
+            )
+        value = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{what} {text!r} must be a positive amount of memory, like 12GB")
+    if value > MAX_SIZE:
+        raise UsageError(f"{what} {text!r} is larger than any machine (the limit is 1 EiB); check the number")
+    return int(value)
 
 
 def format_size(n: float) -> str:
@@ -91,36 +99,60 @@ def available_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
+    """A profile by name (``profiles/NAME.yaml``) or by the path of a .yaml file."""
     path = Path(name_or_path).expanduser()
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        candidate = profiles_dir() / f"{name_or_path}.yaml"
-        if not candidate.is_file():
-            if path.suffix in (".yaml", ".yml"):
-                raise UsageError(f"hardware profile file {path} does not exist")
-            raise UsageError(
-                f"unknown hardware profile {name_or_path!r}; available: {', '.join(available_profiles())} "
-                "(or pass a path to a .yaml file)"
-            )
-        path = candidate
-    return parse_profile(path)
+    if path.suffix in (".yaml", ".yml") and kind(path) != "missing":
+        return parse_profile(path)  # parse_profile's reader refuses anything but a regular file
+    candidate = profiles_dir() / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and len(name_or_path) < 200 and kind(candidate) == "file":
+        return parse_profile(candidate)
+    if path.suffix in (".yaml", ".yml"):
+        raise UsageError(f"hardware profile file {shown(path)} does not exist")
+    raise UsageError(
+        f"unknown hardware profile {shown(name_or_path)!r}; available: {', '.join(available_profiles())} "
+        "(or pass a path to a .yaml file)"
+    )
+
+
+PROFILE_LIMIT = 2**20  # a profile is a few dozen lines
+
+
+def _no_alias_loader():
+    """yaml.SafeLoader that refuses anchors and aliases: a profile has no use for them,
+    and nested aliases expand exponentially (the 'billion laughs')."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"anchors and aliases are not allowed (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return Loader
 
 
 def parse_profile(path: Path) -> HardwareProfile:
     import yaml
 
+    from moespeq_cli.fs import read_text
+
+    text = read_text(path, PROFILE_LIMIT, "hardware profile", UsageError)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
+        where = f" at line {mark.line + 1}" if mark else f" ({e})" if not hasattr(e, "problem") else ""
         raise UsageError(f"hardware profile {path} is not valid YAML{where}; fix the file") from None
+    except RecursionError:
+        raise UsageError(f"hardware profile {path} is nested too deeply; fix the file") from None
     if not isinstance(data, dict):
         raise UsageError(f"hardware profile {path} must be a YAML mapping of field: value")
     known = {f.name for f in fields(HardwareProfile)} - {"source"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted((str(k) for k in set(data) - known), key=str)
     if unknown:
         raise UsageError(
-            f"hardware profile {path}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}"
+            f"hardware profile {path}: unknown field {unknown[0][:40]!r}; known fields: {', '.join(sorted(known))}"
         )
     values: dict = {"source": str(path)}
     for f in sorted(known):
@@ -128,14 +160,24 @@ def parse_profile(path: Path) -> HardwareProfile:
             raise UsageError(f"hardware profile {path}: field {f!r} is missing")
         v = data[f]
         if f in _TEXT:
+            if not isinstance(v, str | int | float) or isinstance(v, bool) or len(str(v)) > 200:
+                raise UsageError(f"hardware profile {path}: field {f!r} must be a short text")
             values[f] = str(v)
             continue
         try:
-            num = parse_size(v) if f in _SIZES and isinstance(v, str) else float(v)
-        except (UsageError, TypeError, ValueError):
-            raise UsageError(f"hardware profile {path}: field {f!r} must be a number, got {v!r}") from None
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                raise TypeError
+            num = parse_size(v, f) if f in _SIZES and isinstance(v, str) else float(v)
+        except (UsageError, TypeError, ValueError, OverflowError):
+            raise UsageError(f"hardware profile {path}: field {f!r} must be a number, got {str(v)[:40]!r}") from None
+        if not math.isfinite(num):
+            raise UsageError(f"hardware profile {path}: field {f!r} must be a finite number, got {v!r}")
         if num < 0 or (num == 0 and f != "reserved_memory"):
             raise UsageError(f"hardware profile {path}: field {f!r} must be positive, got {v!r}")
+        if num > MAX_SIZE * 1e6:
+            raise UsageError(f"hardware profile {path}: field {f!r} is implausibly large ({v!r}); check the number")
+        if f in _SIZES and num > MAX_SIZE:
+            raise UsageError(f"hardware profile {path}: field {f!r} is larger than any machine ({v!r})")
         values[f] = int(num) if f in _SIZES else num
     if values["reserved_memory"] >= values["device_memory"]:
         raise UsageError(f"hardware profile {path}: reserved_memory must be below device_memory")

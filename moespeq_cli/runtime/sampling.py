@@ -7,9 +7,15 @@ rejection rule needs exactly that distribution for both the draft and the target
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from moespeq_cli.errors import UsageError
+
+MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float32; use 0 for greedy
+MAX_TEMPERATURE = 100.0
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,20 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Values the sampler cannot use are usage errors naming the option."""
+        t, p = self.temperature, self.top_p
+        if not (math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+            raise UsageError(
+                f"--temperature {t} is out of range; use 0 (greedy) or {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}"
+            )
+        if not (math.isfinite(p) and 0 < p <= 1):
+            raise UsageError(f"--top-p {p} is out of range; use a value above 0 and at most 1 (1 = off)")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k {self.top_k} is out of range; use 0 (off) or a positive number")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise UsageError(f"--seed {self.seed} does not fit in 64 bits; use 0 to {2**64 - 1}")
 
     @property
     def greedy(self) -> bool:

@@ -8,9 +8,10 @@ It is what the profile view draws and what ``--trace FILE`` writes as Chrome tra
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from moespeq_cli.fs import atomic_write_text
 
 STREAM_TIDS = {"compute": 1, "copy": 2, "host": 3}
 
@@ -101,21 +102,3 @@ class Timeline:
 
     def to_list(self) -> list[dict]:
         return [asdict(iv) for iv in self.intervals]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
-    from moespeq_cli.errors import MoespeqError
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MoespeqError(
-            f"cannot write {path} ({e.strerror}); check that its directory exists and is writable"
-        ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()

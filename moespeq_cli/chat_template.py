@@ -1,0 +1,159 @@
+"""Chat templates rendered with limits: a checkpoint's template is code from whoever made
+the checkpoint, so it runs in Jinja2's immutable sandbox (no attribute tricks, no
+mutation of what it is given) and, beyond the sandbox, within bounds on
+
+- time: a trace function checks a deadline on every line the template's compiled code
+  runs (``{% for %}`` nested a million deep stops after ``TIME_LIMIT_S``);
+- size: ``*`` and ``**`` on strings, lists and numbers, ``%`` and ``format`` widths,
+  and every integer handed to a filter or a method (``center(2000000000)``) are
+  checked *before* the operation, so no single step allocates gigabytes; the rendered
+  text is bounded as it streams;
+- recursion: a recursive macro ends in RecursionError, reported like the rest.
+
+Any violation is a CheckpointError that names the template and says to use --no-chat.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import sys
+import time
+
+from moespeq_cli.errors import CheckpointError
+
+TIME_LIMIT_S = 1.0
+ITEM_LIMIT = 1_000_000  # characters or items one operation may produce
+OUTPUT_SLACK = 1 << 20  # rendered text beyond what the messages themselves hold
+_WIDTH = re.compile(r"\d{7,}")  # a format width of a million or more
+
+
+class TemplateLimit(Exception):
+    """The template exceeded a bound (time, size, recursion)."""
+
+
+def _size(v) -> int:
+    return len(v) if isinstance(v, str | bytes | list | tuple) else 0
+
+
+def _check_format(s) -> None:
+    if isinstance(s, str) and _WIDTH.search(s):
+        raise TemplateLimit("a format width too large for a template")
+
+
+def _environment(big: int):
+    """A sandbox in which no single operation may produce more than ``big`` items."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    def check_value(v) -> None:
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > ITEM_LIMIT:
+            raise TemplateLimit(f"a number too large for a template ({v})")
+        if _size(v) > big:
+            raise TemplateLimit("a value too large for a template")
+
+    class BoundedNamespace(Namespace):  # `{% set ns.s = ns.s ~ ns.s %}` in a loop doubles
+        def __setitem__(self, name, value):
+            check_value(value)
+            super().__setitem__(name, value)
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                n, seq = (right, left) if _size(left) else (left, right)
+                if _size(seq) and isinstance(n, int) and _size(seq) * n > big:
+                    raise TemplateLimit("a repetition too large for a template")
+            elif operator == "**":
+                if isinstance(right, int | float) and isinstance(left, int | float):
+                    if abs(left) > 1 and right * math.log2(abs(left)) > 4096:
+                        raise TemplateLimit("a power too large for a template")
+            elif operator == "%":
+                _check_format(left)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's signature
+            for v in (*args, *kwargs.values()):
+                check_value(v)  # also a macro's arguments: recursion that doubles a string
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):  # 'x'.format / format_map, at attribute access
+            if getattr(value, "__name__", "") in ("format", "format_map"):
+                _check_format(getattr(value, "__self__", None))
+            return super().wrap_str_format(value)
+
+    def bounded_filter(f):
+        @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+        def bounded(*args, **kwargs):
+            for v in (*args[1:], *kwargs.values()):
+                check_value(v)
+            if f.__name__ == "do_format" and args:
+                _check_format(args[0])
+            out = f(*args, **kwargs)
+            if _size(out) > big:
+                raise TemplateLimit("a filter result too large for a template")
+            return out
+
+        return bounded
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    for name, f in list(env.filters.items()):
+        env.filters[name] = bounded_filter(f)
+    env.globals["namespace"] = BoundedNamespace
+    return env
+
+
+def render(template: str, where: str, **variables) -> str:
+    """Render ``template`` with ``variables`` within the bounds above."""
+    import jinja2
+
+    leaves = [len(v) for v in _leaves(variables) if isinstance(v, str)]
+    env = _environment(max([ITEM_LIMIT, *(2 * n for n in leaves)]))
+
+    def raise_exception(msg: str):
+        raise jinja2.TemplateError(msg)
+
+    env.globals["raise_exception"] = raise_exception
+    limit = OUTPUT_SLACK + 4 * sum(leaves)
+    deadline = time.monotonic() + TIME_LIMIT_S
+
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateLimit(f"it ran longer than {TIME_LIMIT_S:g} s")
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        parts, total = [], 0
+        for chunk in env.from_string(template).generate(**variables):
+            parts.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise TemplateLimit(f"its output passed {limit} characters")
+        return "".join(parts)
+    except TemplateLimit as e:
+        raise CheckpointError(f"{where} was stopped: {e}; use --no-chat (or fix the template)") from None
+    except RecursionError:
+        raise CheckpointError(f"{where} recursed too deeply; use --no-chat (or fix the template)") from None
+    except MemoryError:
+        raise CheckpointError(f"{where} ran out of memory; use --no-chat (or fix the template)") from None
+    except jinja2.TemplateError as e:
+        raise CheckpointError(f"{where} failed ({str(e)[:120]}); use --no-chat") from None
+    except Exception as e:  # noqa: BLE001 - a template is foreign code: any failure is its own
+        raise CheckpointError(f"{where} failed ({type(e).__name__}: {str(e)[:120]}); use --no-chat") from None
+    finally:
+        sys.settrace(previous)
+
+
+def _leaves(v):
+    if isinstance(v, dict):
+        for x in v.values():
+            yield from _leaves(x)
+    elif isinstance(v, list | tuple):
+        for x in v:
+            yield from _leaves(x)
+    else:
+        yield v

@@ -1,0 +1,206 @@
+"""Every file moespeq reads or writes goes through here, so that hostile or unlucky paths
+fail the same way everywhere (docs/security.md).
+
+Reading: a file is checked to be a *regular* file before it is opened (a FIFO would
+block forever, ``/dev/zero`` never ends, a directory or a symlink loop is an OS error),
+it is opened non-blocking as a second guard, and it is read with a size bound. Names
+that a checkpoint's index or config gives are confined to the checkpoint directory
+*lexically* (no absolute path, no ``..``): symlinks the directory itself holds are the
+directory's business, which keeps the Hugging Face cache (snapshots are symlinks into
+``../../blobs``) working.
+
+Writing: outputs are regular files only (``--trace /dev/null`` must not replace the
+device node), written to a temporary file beside the target and renamed over it, so a
+kill at any instant leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
+
+MiB = 2**20
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def file_status(path: Path) -> tuple[str, int]:
+    """('missing' | 'file' | what else it is, size): follows symlinks, never raises."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        try:
+            os.lstat(path)
+            return "a dangling symlink", 0
+        except OSError:
+            return "missing", 0
+    except OSError as e:  # ELOOP (a symlink loop), ENOTDIR, EACCES, ENAMETOOLONG
+        return (e.strerror or "unreadable").lower(), 0
+    if stat.S_ISREG(st.st_mode):
+        return "file", st.st_size
+    return _kind(st.st_mode), 0
+
+
+def kind(path: Path) -> str:
+    """'missing', 'file', 'a directory', 'a FIFO', ... or why it cannot be looked at."""
+    return file_status(path)[0]
+
+
+def is_dir(path: Path) -> bool:
+    """Path.is_dir that never raises (a name too long, a loop): those are not directories."""
+    return kind(path) == "a directory"
+
+
+def shown(path) -> str:
+    """A path for an error line: long ones are cut in the middle."""
+    s = str(path)
+    return s if len(s) <= 160 else f"{s[:70]}...{s[-70:]}"
+
+
+def describe(status: str) -> str:
+    """'is a FIFO, not a regular file' or 'cannot be read (file name too long)'."""
+    if status.startswith("a ") or status == "not a regular file":
+        return f"is {status}" + ("" if status == "not a regular file" else ", not a regular file")
+    return f"cannot be read ({status})"
+
+
+def is_regular(path: Path) -> bool:
+    return file_status(path)[0] == "file"
+
+
+def read_bytes(path: Path, limit: int, what: str, error: type[MoespeqError] = CheckpointError) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; anything else
+    (missing, a FIFO, a device, a directory, too large) is ``error`` naming ``what``."""
+    status, size = file_status(path)
+    name = shown(path)
+    if status == "missing":
+        raise error(f"{what} {name} does not exist")
+    if status != "file":
+        raise error(f"{what} {name} {describe(status)}")
+    if size > limit:
+        raise error(f"{what} {name} is {size / MiB:.1f} MiB, more than the {limit // MiB} MiB limit")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise error(f"cannot open {what} {path} ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the check and the open
+            raise error(f"{what} {path} is not a regular file")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(limit + 1 - total, 8 * MiB))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise error(f"{what} {path} is larger than the {limit // MiB} MiB limit")
+        return b"".join(chunks)
+    except OSError as e:
+        raise error(f"cannot read {what} {path} ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, limit: int, what: str, error: type[MoespeqError] = CheckpointError) -> str:
+    data = read_bytes(path, limit, what, error)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text (byte {e.start}); fix or replace the file") from None
+
+
+def confined_name(name: object, root: Path, where: str) -> str:
+    """``name`` as a relative path inside ``root``, checked lexically: an absolute path,
+    a ``..`` component, an empty or non-string name is a corrupt ``where``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{where} names {name!r}, which is not a file name; the checkpoint is corrupt")
+    p = PurePosixPath(name)
+    if p.is_absolute() or name.startswith(("/", "\\")) or ".." in p.parts or "\\" in name:
+        raise CheckpointError(
+            f"{where} names {name!r}, a path outside {root}; the checkpoint is corrupt (files must be inside it)"
+        )
+    return name
+
+
+# -- writing -----------------------------------------------------------------------
+
+
+def check_output(path: Path | None, option: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done: an
+    existing entry that is not a regular file (a directory, a device such as /dev/null,
+    a FIFO, a socket) or a missing parent directory."""
+    if path is None:
+        return
+    path = Path(path)
+    status, _ = file_status(path)
+    if status not in ("missing", "file"):
+        what = f"is {status}" if status.startswith("a ") else f"cannot be used ({status})"
+        raise UsageError(f"{option} {shown(path)} {what}; give the name of a regular file to write")
+    parent = path.parent
+    if not is_dir(parent):
+        raise UsageError(f"{option} {shown(path)}: directory {shown(parent)} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {shown(path)}: directory {shown(parent)} is not writable")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``: never a
+    half-written file, and never anything but a regular file replaced. A symlink to a
+    regular file is followed (its target is replaced, the link stays)."""
+    path = Path(path)
+    if path.is_symlink() and is_regular(path):
+        path = path.resolve()
+    status, _ = file_status(path)
+    if status not in ("missing", "file"):
+        raise MoespeqError(f"cannot write {path}: it is {status}, not a regular file")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MoespeqError(
+            f"cannot write {path} ({e.strerror}); check that its directory exists and is writable"
+        ) from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, what: str):
+    """Hold an exclusive advisory lock on ``lock_file`` (created if needed) or fail at
+    once: a second moespeq doing the same work says so instead of racing the first. The
+    lock dies with its process, so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise MoespeqError(f"cannot create lock file {lock_file} ({e.strerror}); check the directory") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MoespeqError(f"another moespeq is {what}; wait for it to finish, then run again") from None
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,659 @@
+"""Hostile and unlucky inputs (docs/security.md): each case builds the input, runs the
+command, and asserts the exit code, one line on stderr naming the problem, no
+traceback, no file changed that should not be, and no hang (a 10 s alarm per case)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_bad_inputs import one_line_error
+
+GUARD_S = 10
+
+
+class Hang(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def hang_guard(request):
+    """Fail a case that runs past GUARD_S instead of hanging the suite (cases that start
+    real processes, each with its own timeout, get a minute: start-up imports torch)."""
+    limit = 60 if "moespeq_process" in request.fixturenames else GUARD_S
+
+    def on_alarm(signum, frame):
+        raise Hang(f"the case ran past {limit} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(limit)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def tree(path: Path) -> dict:
+    """Every entry under ``path``: its kind and, for files, a hash of the contents."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        st = os.lstat(p)
+        if stat.S_ISREG(st.st_mode):
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[str(p.relative_to(path))] = stat.S_IFMT(st.st_mode)
+    return out
+
+
+@pytest.fixture
+def ckpt(tiny, tmp_path):
+    src, _ = tiny("mixtral", "gqa")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def run(cli, path, *extra):
+    return cli("run", str(path), "--prompt", "hello world", "-n", "4", "--backend", "cpu", *extra)
+
+
+# -- 1. never destroy what the user did not ask to destroy ------------------------
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "user-dir", "file", "other-draft"])
+def test_quantize_refuses_an_out_that_is_not_its_draft(cli, ckpt, tiny, tmp_path, where):
+    if where == "checkpoint":
+        out = ckpt
+    elif where == "user-dir":
+        out = tmp_path / "mine"
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+    elif where == "file":
+        out = tmp_path / "notes.txt"
+        out.write_text("precious")
+    else:
+        other, _ = tiny("mixtral", "top1")
+        out = tmp_path / "draft"
+        assert cli("quantize", str(other), "--out", str(out)).exit_code == 0
+    before = tree(tmp_path)
+    one_line_error(cli("quantize", str(ckpt), "--out", str(out)), 2, str(out))
+    assert tree(tmp_path) == before
+
+
+def test_quantize_replaces_its_own_draft_and_cleans_stale_temporaries(cli, ckpt, tmp_path):
+    out = tmp_path / "draft"
+    assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
+    first = tree(out)
+    stale = tmp_path / ".draft.tmp-999999"  # left by a killed run
+    stale.mkdir()
+    (stale / "draft.safetensors").write_bytes(b"half")
+    r = cli("quantize", str(ckpt), "--out", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert tree(out) == first  # the same weights quantize to the same draft
+    assert not stale.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".draft")]
+
+
+def test_a_draft_set_aside_by_a_killed_run_comes_back(cli, ckpt, tmp_path):
+    out = tmp_path / "draft"
+    assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
+    # A kill between "rename the old one aside" and "rename the new one in":
+    aside = tmp_path / ".draft.old-4242"
+    os.replace(out, aside)
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.quant.draft import draft_lock, fingerprint
+
+    with draft_lock(out, fingerprint(Checkpoint(ckpt))):
+        assert (out / "manifest.json").is_file() and not aside.exists()
+
+
+def test_second_quantize_of_the_same_draft_says_one_is_in_progress(cli, ckpt, tmp_path):
+    import fcntl
+
+    out = tmp_path / "draft"
+    assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
+    before = tree(out)
+    from moespeq_cli.quant.draft import lock_file
+
+    with open(lock_file(out), "w") as held:  # another process is writing it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        one_line_error(cli("quantize", str(ckpt), "--out", str(out)), 1, "another moespeq", str(out))
+    assert tree(out) == before
+
+
+def test_two_quantize_processes_at_once(ckpt, tmp_path, moespeq_process):
+    out = tmp_path / "draft"
+    cmd = [sys.executable, "-m", "moespeq_cli", "quantize", str(ckpt), "--out", str(out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert any(code == 0 for code, _ in results)
+    for code, err in results:
+        assert code in (0, 1) and "Traceback" not in err
+        if code == 1:
+            assert "another moespeq" in err
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.quant.draft import QuantizedExperts
+
+    QuantizedExperts.load(out, Checkpoint(ckpt))  # complete and readable
+
+
+def special_file(tmp_path: Path, kind: str) -> Path:
+    p = tmp_path / f"out-{kind}"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "dir":
+        p.mkdir()
+    elif kind == "socket":
+        import socket
+
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()
+    return p
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "socket"])
+@pytest.mark.parametrize("option", ["--trace", "--report"])
+def test_output_paths_must_be_regular_files(cli, ckpt, tmp_path, kind, option):
+    target = special_file(tmp_path, kind)
+    mode = os.lstat(target).st_mode
+    r = cli("profile", str(ckpt), "-p", "hi", "-n", "2", "--no-live", option, str(target))
+    one_line_error(r, 2, option, str(target))
+    assert os.lstat(target).st_mode == mode
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/null"), reason="as root, /dev/null is writable")
+def test_trace_to_dev_null_leaves_the_device_alone(cli, ckpt):
+    before = os.lstat("/dev/null")
+    one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", "/dev/null"), 2, "/dev/null")
+    after = os.lstat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+
+
+def test_trace_through_a_symlink_replaces_its_target(cli, ckpt, tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    assert run(cli, ckpt, "--backend", "mock", "--trace", str(link)).exit_code == 0
+    assert link.is_symlink() and json.loads(real.read_text())["traceEvents"]
+
+
+# -- 2. nothing hangs and nothing eats the machine --------------------------------
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+def test_a_fifo_in_the_checkpoint_never_blocks(cli, ckpt, name):
+    (ckpt / name).unlink(missing_ok=True)
+    os.mkfifo(ckpt / name)
+    one_line_error(run(cli, ckpt), 1, name, "FIFO")
+
+
+TEMPLATE_BOMBS = [
+    "{{ 'A' * 2000000000 }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ 'A'|center(2000000000) }}",
+    "{{ 'A'.ljust(2000000000) }}",
+    "{{ 9 ** 999999999 }}",
+    "{{ '%0999999999d' % 1 }}",
+    "{{ '{:999999999}'.format(1) }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "{% set ns = namespace(s='x' * 999999) %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f('x' * 999999, 40) }}",
+    "{% for i in range(100000) %}{{ 'x' * 999999 }}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATE_BOMBS)
+def test_chat_template_bombs_fail_fast(cli, ckpt, template):
+    edit_json(ckpt / "tokenizer_config.json", chat_template=template)
+    t0 = time.monotonic()
+    one_line_error(run(cli, ckpt, "--chat"), 1, "chat template", "tokenizer_config.json")
+    assert time.monotonic() - t0 < GUARD_S  # the alarm would fire first; this names the case
+
+
+def test_a_well_behaved_chat_template_still_renders(cli, ckpt):
+    edit_json(
+        ckpt / "tokenizer_config.json",
+        chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}",
+    )
+    r = run(cli, ckpt, "--chat", "--json")
+    assert r.exit_code == 0, r.stderr
+    ids = json.loads(r.stdout)["prompt_token_ids"]
+    assert len(ids) == len(b"<user>hello world<assistant>")
+
+
+PROFILE = {
+    "name": "x",
+    "description": "x",
+    "device_memory": "1GB",
+    "reserved_memory": 0,
+    "link_bandwidth": 1e9,
+    "link_latency": 1e-5,
+    "peak_flops": 1e12,
+    "mem_bandwidth": 1e11,
+    "launch_overhead": 1e-6,
+    "host_flops": 1e11,
+    "host_mem_bandwidth": 1e10,
+    "host_op_overhead": 1e-6,
+}
+
+
+def write_profile(path: Path, **changes) -> Path:
+    lines = [f"{k}: {v}" for k, v in {**PROFILE, **changes}.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("link_bandwidth", ".nan"),
+        ("peak_flops", ".inf"),
+        ("mem_bandwidth", "-.inf"),
+        ("link_latency", "0"),
+        ("host_flops", "-5"),
+        ("device_memory", "1e400GB"),
+        ("launch_overhead", "[1, 2]"),
+    ],
+)
+def test_profile_figures_must_be_finite_and_positive(cli, tmp_path, field, value):
+    p = write_profile(tmp_path / "hw.yaml", **{field: value})
+    one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p), field)
+
+
+def test_profile_alias_bomb_is_refused(cli, tmp_path):
+    p = tmp_path / "bomb.yaml"
+    rows = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    rows += [f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    p.write_text("\n".join(rows) + "\n")
+    one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p), "alias")
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00bad", b"name: \xc3\x28\n"])
+def test_profile_that_is_not_utf8(cli, tmp_path, content):
+    p = tmp_path / "hw.yaml"
+    p.write_bytes(content)
+    one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p), "UTF-8")
+
+
+def test_profile_fifo(cli, tmp_path):
+    p = tmp_path / "hw.yaml"
+    os.mkfifo(p)
+    one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p), "FIFO")
+
+
+def test_prompt_file_too_large(cli, ckpt, tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(17 * 2**20)  # sparse: no disk used
+    one_line_error(cli("run", str(ckpt), "--prompt-file", str(big)), 2, "--prompt-file", "limit")
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])
+def test_prompt_file_that_is_not_a_file(cli, ckpt, tmp_path, special):
+    if special == "fifo":
+        path = tmp_path / "p"
+        os.mkfifo(path)
+    elif special == "dir":
+        path = tmp_path
+    else:
+        path = Path(special)
+        if not path.exists():
+            pytest.skip("no /dev/zero")
+    one_line_error(cli("run", str(ckpt), "--prompt-file", str(path)), 2, "--prompt-file", "not a regular file")
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_hidden_layers", 10**9),
+        ("hidden_size", 10**12),
+        ("vocab_size", 2**40),
+        ("num_local_experts", 10**7),
+    ],
+)
+def test_absurd_sizes_are_refused_from_arithmetic(cli, ckpt, field, value):
+    edit_json(ckpt / "config.json", **{field: value})
+    one_line_error(run(cli, ckpt), 1, "config.json", field)
+    one_line_error(cli("plan", str(ckpt)), 1, "config.json", field)
+
+
+def test_absurd_product_of_sane_sizes(cli, ckpt):
+    edit_json(
+        ckpt / "config.json",
+        num_hidden_layers=1024,
+        hidden_size=2**17,
+        intermediate_size=2**18,
+        num_local_experts=2**14,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    )
+    one_line_error(cli("plan", str(ckpt)), 1, "config.json", "parameters")
+
+
+# -- 3. context length --------------------------------------------------------------
+
+
+def fail_if_weights_load(monkeypatch):
+    from moespeq_cli.runtime import engine
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the context check")
+
+    monkeypatch.setattr(engine.Engine, "load", refuse)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mock"])
+def test_prompt_plus_new_tokens_beyond_the_model(cli, ckpt, monkeypatch, backend):
+    fail_if_weights_load(monkeypatch)  # tiny models: max_position_embeddings 256
+    line = one_line_error(
+        cli("run", str(ckpt), "-p", "hello world", "-n", "300", "--backend", backend), 2, "256", "311"
+    )
+    assert "--max-new-tokens" in line
+
+
+def test_a_prompt_longer_than_the_context(cli, ckpt, monkeypatch, tmp_path):
+    fail_if_weights_load(monkeypatch)
+    p = tmp_path / "long.txt"
+    p.write_text("x" * 400)
+    one_line_error(cli("run", str(ckpt), "--prompt-file", str(p), "-n", "1", "--backend", "cpu"), 2, "400", "256")
+
+
+def test_context_option(cli, ckpt, monkeypatch):
+    one_line_error(run(cli, ckpt, "--context", "1000"), 2, "--context 1000", "256")
+    one_line_error(run(cli, ckpt, "--context", "8"), 2, "--context 8", "--max-new-tokens")
+    r = run(cli, ckpt, "--context", "200", "--backend", "mock", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["plan"]["context_tokens"] == 200
+    one_line_error(cli("plan", str(ckpt), "--context", "100000"), 2, "--context 100000", "256")
+    one_line_error(cli("bench", str(ckpt), "-p", "hi", "-n", "400"), 2, "256")
+
+
+# -- 4. checkpoint paths are confined ---------------------------------------------
+
+
+def write_index(ckpt: Path, target) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: target for k in keys}}))
+
+
+@pytest.mark.parametrize(
+    "target", ["/etc/passwd", "../outside.safetensors", "sub/../../x.safetensors", "", "..\\x.safetensors", 7]
+)
+def test_index_names_outside_the_checkpoint(cli, ckpt, tmp_path, target):
+    (tmp_path / "outside.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    write_index(ckpt, target)
+    one_line_error(run(cli, ckpt), 1, "model.safetensors.index.json", "corrupt")
+
+
+@pytest.mark.parametrize("weight_map", [["a", "b"], {"x": 5}, "model.safetensors", {}])
+def test_index_weight_map_of_the_wrong_shape(cli, ckpt, weight_map):
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    one_line_error(run(cli, ckpt), 1, "model.safetensors.index.json")
+
+
+def test_hub_cache_symlinks_keep_working(cli, ckpt, tmp_path):
+    """The hub cache's layout: snapshots/<sha>/<file> -> ../../blobs/<hash>."""
+    repo = tmp_path / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / ("a" * 40)
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        blob = blobs / hashlib.sha256(f.name.encode()).hexdigest()
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    write_index(snap, "model.safetensors")
+    r = run(cli, snap, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) == 4
+
+
+@pytest.mark.parametrize("trap", ["loop", "dir", "dangling"])
+def test_symlink_loops_and_directories_in_place_of_files(cli, ckpt, trap):
+    f = ckpt / "model.safetensors"
+    f.unlink()
+    if trap == "loop":
+        f.symlink_to("model.safetensors")
+    elif trap == "dir":
+        f.mkdir()
+    else:
+        f.symlink_to("nowhere.safetensors")
+    one_line_error(run(cli, ckpt), 1, "model.safetensors")
+
+
+def test_index_shard_that_is_a_directory(cli, ckpt):
+    (ckpt / "shard").mkdir()
+    write_index(ckpt, "shard")
+    one_line_error(run(cli, ckpt), 1, "shard", "directory")
+
+
+# -- 5. no generic "internal error" for bad input ---------------------------------
+
+
+BAD_CONFIGS = [
+    ("num_attention_heads", 0),
+    ("hidden_size", 0),
+    ("model_type", ["mixtral"]),
+    ("model_type", 5),
+    ("num_experts_per_tok", 9),
+    ("num_experts_per_tok", 0),
+    ("rms_norm_eps", "tiny"),
+    ("rms_norm_eps", -1.0),
+    ("eos_token_id", "</s>"),
+    ("eos_token_id", [2, "x"]),
+    ("num_key_value_heads", 4),
+    ("hidden_size", 50),
+    ("rope_theta", "big"),
+    ("rope_scaling", "linear"),
+    ("rope_scaling", {"type": "linear", "factor": "two"}),
+    ("tie_word_embeddings", "yes"),
+    ("max_position_embeddings", -1),
+    ("num_hidden_layers", 2.5),
+    ("torch_dtype", 16),
+    ("sliding_window", "wide"),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_CONFIGS)
+def test_bad_config_fields_name_the_field(cli, ckpt, field, value):
+    edit_json(ckpt / "config.json", **{field: value})
+    line = one_line_error(run(cli, ckpt), 1, "config.json")
+    assert field in line and "internal error" not in line
+
+
+@pytest.mark.parametrize(
+    "file,changes,needle",
+    [
+        ("generation_config.json", {"eos_token_id": "end"}, "eos_token_id"),
+        ("generation_config.json", {"eos_token_id": [1.5]}, "eos_token_id"),
+        ("tokenizer_config.json", {"chat_template": 42}, "chat_template"),
+        ("tokenizer_config.json", {"chat_template": [{"template": "x"}]}, "chat_template"),
+        ("tokenizer_config.json", {"eos_token": 7}, "eos_token"),
+    ],
+)
+def test_bad_tokenizer_and_generation_files(cli, ckpt, file, changes, needle):
+    edit_json(ckpt / file, **changes)
+    one_line_error(run(cli, ckpt), 1, file, needle)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe", b"{" * 100000, b""])
+def test_config_that_is_not_a_json_object(cli, ckpt, content):
+    (ckpt / "config.json").write_bytes(content)
+    one_line_error(run(cli, ckpt), 1, "config.json")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--temperature", "1", "--top-p", "0"], "--top-p"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--temperature", "inf"], "--temperature"),
+        (["--temperature", "1e-30"], "--temperature"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--top-k", "-1"], "--top-k"),
+        (["--cpu-threads", "100000"], "--cpu-threads"),
+        (["--spec-depth", "many"], "--spec-depth"),
+        (["--dtype", "int3"], "dtype"),
+        (["--policy", "fastest"], "policy"),
+    ],
+)
+def test_bad_options(cli, ckpt, args, needle):
+    one_line_error(cli("run", str(ckpt), "-p", "hi", "-n", "2", *args), 2, needle)
+
+
+@pytest.mark.parametrize("vram", ["1e30GB", "99999999999999999999999TB", "0GB", "-1GB", "nanGB", "12XB"])
+def test_vram_sizes(cli, ckpt, vram):
+    one_line_error(cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "mock", "--vram", vram), 2, "--vram")
+    one_line_error(cli("plan", "mixtral", "--vram", vram), 2, "--vram")
+
+
+@pytest.mark.parametrize("model", ["org/..", "../..", "org/.hidden", "a/b/c", "org/name--x", "org-/name"])
+def test_pull_refuses_ids_that_are_not_hub_ids(cli, model, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing may be asked of a hub
+    one_line_error(cli("pull", model), 2, model)
+
+
+@pytest.fixture
+def saved_draft(cli, ckpt, tmp_path):
+    out = tmp_path / "draft"
+    assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
+    return out
+
+
+def forge(draft: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = draft / "draft.safetensors"
+    sd = load_file(f)
+    edit(sd)
+    save_file(sd, f, metadata={"format": "moespeq-draft"})
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda sd: sd.pop("layers.1.experts.2.up.qweight"),
+        lambda sd: sd.pop("layers.0.experts.0.gate.absmax"),
+        lambda sd: sd.update({"layers.0.experts.1.down.qweight": sd["layers.0.experts.1.down.qweight"][:-4]}),
+        lambda sd: sd.update({"layers.0.experts.3.gate.absmax": sd["layers.0.experts.3.gate.absmax"][:1]}),
+    ],
+    ids=["missing-weight", "missing-state", "short-weight", "short-absmax"],
+)
+def test_forged_drafts_are_refused(cli, ckpt, saved_draft, edit):
+    forge(saved_draft, edit)
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "mock", "--draft", str(saved_draft))
+    one_line_error(r, 1, "draft", "rebuild")
+
+
+@pytest.mark.parametrize("manifest", [{"method": "nf3"}, {"blocksize": 7}, {"format": "other"}])
+def test_forged_draft_manifests(cli, ckpt, saved_draft, manifest):
+    edit_json(saved_draft / "manifest.json", **manifest)
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "mock", "--draft", str(saved_draft))
+    one_line_error(r, 1, str(saved_draft))
+
+
+def test_draft_path_that_is_a_file(cli, ckpt, tmp_path):
+    f = tmp_path / "draft.txt"
+    f.write_text("x")
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "mock", "--draft", str(f))
+    one_line_error(r, 2, "--draft", str(f))
+
+
+# -- 6. signals, pipes and standard input (real processes) ------------------------
+
+
+def moespeq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moespeq_cli", *args]
+
+
+@pytest.fixture
+def moespeq_process():
+    """Marks a case that runs moespeq as a real process (see hang_guard)."""
+    return moespeq
+
+
+def test_standard_input_is_the_prompt(ckpt, moespeq_process):
+    for args in ([], ["--prompt-file", "-"]):
+        r = subprocess.run(
+            moespeq("run", str(ckpt), "-n", "2", "--backend", "cpu", "--json", *args),
+            input="hi there",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(r.stdout)["prompt_token_ids"]) == len("hi there")
+
+
+def test_a_closed_pipe_exits_quietly(moespeq_process):
+    p = subprocess.Popen(
+        moespeq("run", "--backend", "cpu", "-n", "200"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.read(20)  # like `| head -c 20`: read a little, then leave
+    p.stdout.close()
+    code = p.wait(timeout=60)
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert code in (0, 141, -signal.SIGPIPE), err
+    assert "Traceback" not in err and "Exception" not in err and "error" not in err
+
+
+def test_ctrl_c_prints_interrupted_with_partial_statistics(moespeq_process):
+    p = subprocess.Popen(
+        moespeq("run", "--backend", "cpu", "-n", "900"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdout.read(120)  # past the echoed demo prompt: tokens are streaming
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1] == "moespeq: error: interrupted" and "Traceback" not in err
+    assert "tokens in" in lines[-2]  # the statistics of what was generated
+
+
+def test_ctrl_c_with_json_prints_the_partial_result(cli, ckpt, monkeypatch):
+    from moespeq_cli.runtime.engine import Engine
+
+    generate = Engine.generate
+
+    def interrupted_after_three(self, *args, **kwargs):
+        for ev in generate(self, *args, **kwargs):
+            yield ev
+            if ev.index == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "generate", interrupted_after_three)
+    r = run(cli, ckpt, "--json", "-n", "10")
+    assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "moespeq: error: interrupted"
+    result = json.loads(r.stdout)
+    assert result["interrupted"] and len(result["token_ids"]) == result["stats"]["new_tokens"] == 3
