@@ -10,12 +10,15 @@ with the tokenizer's own post-processor (which adds BOS where the model expects 
 
 from __future__ import annotations
 
+import collections
+import functools
 from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, UsageError
 from moespeq_cli.models.checkpoint import read_json
 
 TOKENIZER_LIMIT = 512 * 2**20
+NORMALIZER_GROWTH = 32  # NFKC grows a character at most 18-fold
 
 
 def _token_text(value, field: str, source: Path) -> str | None:
@@ -70,13 +73,61 @@ class Tokenizer:
         self.bos_token = _token_text(self.tok_config.get("bos_token"), "bos_token", cfg_file) or ""
         self.eos_token = eos_text or ""
         self.template_source = cfg_file
+        self.path = path
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token's UTF-8 length: no token covers more bytes of text than this
+        (byte-level and metaspace symbols are at least as long as what they stand for)."""
+        return max(
+            (len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab(with_added_tokens=True)), default=1
+        )
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))``, from arithmetic alone: lets a prompt far
+        beyond the context be refused without tokenizing megabytes."""
+        return len(text.encode("utf-8", "surrogatepass")) // max(1, self.max_token_bytes)
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         if chat:
             if not self.chat_template:
                 raise UsageError("this model has no chat template; drop --chat")
-            return self.tok.encode(self.render_chat(text), add_special_tokens=False).ids
-        return self.tok.encode(text).ids
+            return self._encode(self.render_chat(text), add_special_tokens=False)
+        return self._encode(text)
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self._check_normalizer(text)
+        try:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as e:  # tokenizers raises a bare Exception (a missing unk token, ...)
+            raise CheckpointError(
+                f"{self.path / 'tokenizer.json'} cannot encode the prompt ({str(e)[:120]}); the tokenizer is broken"
+            ) from None
+
+    def _check_normalizer(self, text: str) -> None:
+        """A normalizer is code-like data too: a Replace rule that turns one character into
+        thousands would tokenize for minutes. Its growth is measured on every distinct
+        character of the text (and on a sample, for multi-character rules) first."""
+        norm = self.tok.normalizer
+        if norm is None or not text:
+            return
+        try:
+            counts = collections.Counter(text)
+            if len(counts) <= 4096:
+                grown = sum(n * len(norm.normalize_str(c)) for c, n in counts.items())
+            else:
+                grown = len(text)
+            sample = text[:4096]
+            grown = max(grown, len(norm.normalize_str(sample)) * len(text) // len(sample))
+        except Exception as e:  # noqa: BLE001 - a broken normalizer
+            raise CheckpointError(
+                f"{self.path / 'tokenizer.json'}'s normalizer fails ({str(e)[:80]}); it is broken"
+            ) from None
+        if grown > NORMALIZER_GROWTH * len(text) + 2**20:
+            raise CheckpointError(
+                f"{self.path / 'tokenizer.json'}'s normalizer would grow the prompt {grown // len(text)}-fold; "
+                "the tokenizer is broken or hostile"
+            )
 
     def render_chat(self, text: str) -> str:
         from moespeq_cli.chat_template import render
@@ -91,7 +142,12 @@ class Tokenizer:
         )
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        try:
+            return self.tok.decode(ids, skip_special_tokens=True)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise CheckpointError(
+                f"{self.path / 'tokenizer.json'} cannot decode ({str(e)[:120]}); it is broken"
+            ) from None
 
 
 class StreamDecoder:

@@ -657,3 +657,127 @@ def test_ctrl_c_with_json_prints_the_partial_result(cli, ckpt, monkeypatch):
     assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "moespeq: error: interrupted"
     result = json.loads(r.stdout)
     assert result["interrupted"] and len(result["token_ids"]) == result["stats"]["new_tokens"] == 3
+
+
+# -- found by trying it as a hostile user would (second round) ---------------------
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "original_max_position_embeddings": 64},
+        {"rope_type": "yarn", "factor": 4.0},
+        {"rope_type": "linear"},
+        {"rope_type": "longrope", "original_max_position_embeddings": 64, "long_factor": [1.0], "short_factor": [1.0]},
+        {"rope_type": "longrope", "original_max_position_embeddings": 64},
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e-300},
+    ],
+)
+def test_rope_parameters_the_rotary_code_cannot_use(cli, ckpt, rope):
+    edit_json(ckpt / "config.json", rope_parameters={"rope_theta": 10000.0, **rope}, rope_scaling=None)
+    one_line_error(run(cli, ckpt), 1, "config.json", "rope")
+    one_line_error(cli("plan", str(ckpt)), 1, "config.json", "rope")
+
+
+@pytest.mark.parametrize(
+    "family,variant,changes",
+    [
+        ("qwen2_moe", "shared", {"mlp_only_layers": [0, 1]}),
+        ("qwen2_moe", "shared", {"decoder_sparse_step": 100}),
+        ("deepseek_v2", "lite", {"first_k_dense_replace": 50}),
+    ],
+)
+def test_a_config_with_no_moe_layer(cli, tiny, tmp_path, family, variant, changes):
+    src, _ = tiny(family, variant)
+    path = tmp_path / "dense"
+    shutil.copytree(src, path)
+    edit_json(path / "config.json", **changes)
+    one_line_error(cli("plan", str(path)), 1, "config.json", "no Mixture-of-Experts layer")
+
+
+def test_json_integer_too_long_to_read(cli, ckpt):
+    text = (ckpt / "config.json").read_text()
+    (ckpt / "config.json").write_text(text.replace('"hidden_size": 48', '"hidden_size": ' + "9" * 5000))
+    one_line_error(run(cli, ckpt), 1, "config.json")
+
+
+def test_unknown_router_method(cli, tiny, tmp_path):
+    src, _ = tiny("deepseek_v2", "lite")
+    path = tmp_path / "ds"
+    shutil.copytree(src, path)
+    edit_json(path / "config.json", topk_method="noaux_tc")
+    one_line_error(cli("plan", str(path)), 1, "topk_method")
+
+
+def tokenizer_with(ckpt: Path, edit) -> None:
+    data = json.loads((ckpt / "tokenizer.json").read_text())
+    edit(data)
+    (ckpt / "tokenizer.json").write_text(json.dumps(data))
+
+
+def test_tokenizer_that_cannot_encode(cli, ckpt):
+    def wordpiece_without_unk(d):
+        d["model"] = {
+            "type": "WordPiece",
+            "vocab": {"a": 0},
+            "unk_token": "[UNK]",
+            "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100,
+        }
+        d["pre_tokenizer"] = None
+        d["decoder"] = None
+
+    tokenizer_with(ckpt, wordpiece_without_unk)
+    one_line_error(run(cli, ckpt), 1, "tokenizer.json", "cannot encode")
+
+
+def test_tokenizer_normalizer_that_explodes_the_prompt(cli, ckpt):
+    def explode(d):
+        d["normalizer"] = {"type": "Replace", "pattern": {"String": "h"}, "content": "h" * 100000}
+
+    tokenizer_with(ckpt, explode)
+    r = cli("run", str(ckpt), "--prompt", "h" * 40, "-n", "4", "--backend", "cpu")
+    one_line_error(r, 1, "tokenizer.json", "normalizer")
+
+
+@pytest.mark.parametrize("what", ["nan-expert", "nan-embedding", "int-expert", "bool-weight"])
+def test_corrupt_weight_values_and_types(cli, ckpt, what):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    sd = load_file(f)
+    expert = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    if what == "nan-expert":
+        sd[expert] = torch.full_like(sd[expert], float("nan"))
+    elif what == "nan-embedding":
+        sd["model.embed_tokens.weight"] = torch.full_like(sd["model.embed_tokens.weight"], float("nan"))
+    elif what == "int-expert":
+        sd[expert] = sd[expert].to(torch.int64)
+    else:
+        sd["model.norm.weight"] = sd["model.norm.weight"] > 0
+    save_file(sd, f, metadata={"format": "pt"})
+    needle = "NaN" if what.startswith("nan") else "floating-point"
+    one_line_error(run(cli, ckpt, "--backend", "mock", "-n", "8"), 1, needle)
+
+
+def test_top_p_tiny_keeps_the_most_likely_token(cli, ckpt):
+    a = run(cli, ckpt, "--temperature", "1", "--top-p", "1e-300", "--seed", "3", "--json")
+    b = run(cli, ckpt, "--json")
+    assert a.exit_code == 0, a.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]  # nucleus of one = greedy
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("link_bandwidth", "5e-324"), ("peak_flops", "1e-3"), ("launch_overhead", "1e6"), ("host_flops", "1e30")],
+)
+def test_profile_figures_outside_a_plausible_range(cli, tmp_path, field, value):
+    p = write_profile(tmp_path / "hw.yaml", **{field: value})
+    one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p), field)
+
+
+def test_profile_integer_too_long_to_read(cli, tmp_path):
+    p = write_profile(tmp_path / "hw.yaml", host_flops="9" * 5000)
+    one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p))

@@ -87,7 +87,7 @@ def bench(
         context=context,
     )
     probe = Engine(path, opts)
-    ids = encode_prompt(probe, text, None)
+    ids = encode_prompt(probe, text, None, max_new_tokens)
     probe.context_for(len(ids), max_new_tokens)  # refused before any run loads weights
     opts.vram = parse_size(vram, "--vram") if vram is not None else probe.budget
     results = run_bench(

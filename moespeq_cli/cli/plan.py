@@ -76,7 +76,7 @@ def plan(
 
     from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import resolve_config
-    from moespeq_cli.models import parse_config
+    from moespeq_cli.models import build_model, parse_config
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
     from moespeq_cli.runtime.estimate import StepModel, estimate, plan_moespeq
@@ -99,7 +99,7 @@ def plan(
     budget = parse_size(vram, "--vram") if vram is not None else hw.usable_memory
     storage = DTYPES[dtype] if dtype else cfg.dtype
     with torch.device("meta"):
-        shape_model = arch.Model(raw, context)
+        shape_model = build_model(arch, raw, context, source)
     step = StepModel(shape_model, cfg, hw, storage, context)
     total_experts = cfg.num_experts * len(cfg.moe_layers)
     host_experts_bytes = total_experts * step.expert_bytes

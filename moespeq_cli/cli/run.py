@@ -145,14 +145,17 @@ def run(
         cpu_experts,
         context,
     )
-    if engine.plan is not None and not json_out:
-        out.plan(engine.plan, engine.hw, engine.draft_source)
     decoder = StreamDecoder(engine.tokenizer)
     token_ids: list[int] = []
-    if not json_out and text == DEMO_PROMPT:
-        out.text(text)  # the default demo prompt: show what the model continues
     try:
         for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
+            if not token_ids and not json_out:
+                # Shown once the first token exists, so that a failure of the first pass
+                # (NaN weights, say) is the only line on stderr.
+                if engine.plan is not None:
+                    out.plan(engine.plan, engine.hw, engine.draft_source)
+                if text == DEMO_PROMPT:
+                    out.text(text)  # the default demo prompt: show what the model continues
             token_ids.append(ev.token)
             out.text(decoder.push(ev.token))
     except KeyboardInterrupt:
@@ -226,12 +229,17 @@ def prepare(
             context=context,
         ),
     )
-    prompt_ids = encode_prompt(engine, text, chat)
+    prompt_ids = encode_prompt(engine, text, chat, max_new_tokens)
     engine.load(context=engine.context_for(len(prompt_ids), max_new_tokens))
     return name, engine, text, prompt_ids
 
 
-def encode_prompt(engine, text: str, chat: bool | None) -> list[int]:
+def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0) -> list[int]:
+    """The prompt's token ids; a prompt that cannot fit the context even at the longest
+    token per byte is refused before it is rendered or tokenized."""
+    fewest = engine.tokenizer.min_tokens(text)
+    if fewest > engine.ckpt.config.context_limit:
+        engine.context_for(fewest, max_new_tokens, at_least=True)
     use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat
     prompt_ids = engine.tokenizer.encode(text, chat=use_chat)
     if not prompt_ids:

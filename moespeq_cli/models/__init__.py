@@ -7,6 +7,7 @@ whose parameter names are the checkpoint's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 
@@ -37,7 +38,29 @@ def parse_config(raw: dict, source: str = "config.json"):
 
     validate_config(raw, source)
     arch = architecture(raw.get("model_type"))
+    with config_errors(source):
+        cfg = arch.parse(raw)
+    if not cfg.moe_layers or not cfg.num_experts:
+        raise CheckpointError(
+            f"{source} describes no Mixture-of-Experts layer (every layer is dense); moespeq runs MoE models"
+        )
+    return arch, cfg
+
+
+def build_model(arch: ModuleType, raw: dict, context: int, source: str = "config.json"):
+    """``arch.Model(raw, context)`` (on the caller's device, meta for plans) with any
+    failure the config causes reported against the config."""
+    with config_errors(source):
+        return arch.Model(raw, context)
+
+
+@contextlib.contextmanager
+def config_errors(source: str):
+    """A failure of family code on a validated config still names the file, never
+    escaping as a bare Python error (the schema is the first line, this the second)."""
     try:
-        return arch, arch.parse(raw)
-    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as e:
-        raise CheckpointError(f"{source} cannot be used ({type(e).__name__}: {e}); fix the file") from None
+        yield
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{source} cannot be used ({type(e).__name__}: {str(e)[:120]}); fix the file") from None

@@ -19,6 +19,7 @@ from moespeq_cli.fs import confined_name, file_status, is_dir, read_text
 from moespeq_cli.models import parse_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
 JSON_LIMIT = 64 * 2**20  # config, index, generation and draft files (tokenizer.json has its own)
@@ -36,7 +37,7 @@ def read_json(path: Path, remedy: str, missing: str | None = None, error=Checkpo
     text = read_text(path, JSON_LIMIT, "file", error)
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer of 4300+ digits
         raise error(f"{path} is not valid JSON ({str(e)[:80]}); {remedy}") from None
     if not isinstance(data, dict):
         raise error(f"{path} does not hold a JSON object; {remedy}")
@@ -125,7 +126,19 @@ class Checkpoint:
             )
         return self._files[self._where[name]]
 
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype of ``name`` ("BF16", "F32", "I64", ...), from the header."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def check_dtype(self, name: str) -> None:
+        if self.dtype_name(name) not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"tensor {name} in {self.path} is {self.dtype_name(name)}, not a floating-point weight "
+                f"({', '.join(FLOAT_DTYPES)}); the checkpoint is corrupt or quantized in a format moespeq does not read"
+            )
+
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        self.check_dtype(name)
         try:
             t = self._handle(name).get_tensor(name)
         except SafetensorError as e:
@@ -142,6 +155,7 @@ class Checkpoint:
         for layer in c.moe_layers:
             for e in range(c.num_experts):
                 for key, want in zip(c.expert_keys(layer, e), c.expert_shapes(), strict=True):
+                    self.check_dtype(key)
                     got = self.shape(key)
                     if got != want:
                         raise CheckpointError(

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from moespeq_cli.errors import CheckpointError
+
 
 def rope_parameters(cfg: dict, default_theta: float = 10000.0) -> dict:
     params = dict(cfg.get("rope_parameters") or {})
@@ -26,7 +28,59 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+ROPE_TYPES = ("default", "linear", "yarn", "longrope")
+
+
+def _number(params: dict, key: str, lowest: float = 0.0, required: bool = True, zero: bool = False) -> None:
+    """params[key] is a finite number above ``lowest`` (or equal to it with ``zero``)."""
+    v = params.get(key)
+    if v is None and not required:
+        return
+    number = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+    if not number or v < lowest or (v == lowest and not zero):
+        bound = f"{'at least' if zero else 'above'} {lowest:g}"
+        need = "is required" if v is None else f"must be a finite number {bound}, got {v!r}"
+        raise CheckpointError(
+            f"config.json rope parameter {key!r} {need} (rope type {params['rope_type']!r}); fix the file"
+        )
+
+
+def check_rope(params: dict, dim: int) -> None:
+    """What ``_inv_freq`` reads for the rope type, checked first: the type is supported,
+    its required figures are present and sane, LongRoPE's factor lists have dim/2 entries."""
+    kind = params["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise CheckpointError(
+            f"config.json rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); fix the file"
+        )
+    _number(params, "rope_theta", lowest=1.0)
+    if kind in ("linear", "yarn"):
+        _number(params, "factor")
+    if kind in ("yarn", "longrope"):
+        orig = params.get("original_max_position_embeddings")
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+            raise CheckpointError(
+                f"config.json rope parameter 'original_max_position_embeddings' must be a positive integer for "
+                f"rope type {kind!r}, got {orig!r}; fix the file"
+            )
+    if kind == "yarn":
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            _number(params, key, required=False, zero=key.startswith("mscale"))
+    if kind == "longrope":
+        for key in ("long_factor", "short_factor"):
+            v = params.get(key)
+            ok = isinstance(v, list) and len(v) == dim // 2
+            if not ok or not all(not isinstance(x, bool) and isinstance(x, int | float) and 0 < x < 1e30 for x in v):
+                raise CheckpointError(
+                    f"config.json rope parameter {key!r} must be a list of {dim // 2} positive numbers "
+                    f"(rope type 'longrope'), got {str(v)[:40]}; fix the file"
+                )
+        for key in ("long_mscale", "short_mscale", "attention_factor", "factor"):
+            _number(params, key, required=False)
+
+
 def inv_freq(params: dict, dim: int, max_positions: int, context: int = 0) -> tuple[torch.Tensor, float]:
+    check_rope(params, dim)
     with torch.device("cpu"):  # models are built on the meta device; these are real
         return _inv_freq(params, dim, max_positions, context)
 

@@ -78,6 +78,7 @@ ROPE_FLOATS = (
     "low_freq_factor",
     "high_freq_factor",
 )
+TOPK_METHODS = ("greedy", "group_limited_greedy")  # DeepSeek-V2's routers
 EXPERT_COUNT = ("num_local_experts", "num_experts", "n_routed_experts")
 EXPERT_INTER = ("moe_intermediate_size", "intermediate_size")
 MAX_PARAMS = 2 * 10**13  # 20 trillion parameters: beyond any released model by 10x
@@ -152,6 +153,9 @@ def validate_config(cfg: dict, source: str = "config.json") -> None:
     for f in ("rope_scaling", "rope_parameters"):
         if cfg.get(f) is not None:
             _check_rope(source, f, cfg[f])
+    method = cfg.get("topk_method")
+    if method is not None and method not in TOPK_METHODS:
+        raise _bad(source, "topk_method", f"one of {', '.join(TOPK_METHODS)}", method)
     dense = cfg.get("mlp_only_layers")
     if dense is not None and not (isinstance(dense, list) and all(is_int(i) and i >= 0 for i in dense)):
         raise _bad(source, "mlp_only_layers", "a list of layer numbers", dense)

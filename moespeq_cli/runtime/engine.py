@@ -102,12 +102,13 @@ class Engine:
         self.draft_released = False
         self.draft_excess = 0  # draft device bytes beyond the plan's estimate
 
-    def context_for(self, prompt_tokens: int, max_new_tokens: int) -> int:
+    def context_for(self, prompt_tokens: int, max_new_tokens: int, at_least: bool = False) -> int:
         """The context to plan for: ``--context`` or what the run needs. A run that would
         pass it, or the model's own limit, is refused here, before any weight is read."""
         limit, asked = self.ckpt.config.context_limit, self.opts.context
         needed = prompt_tokens + max_new_tokens
-        what = f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} needs {needed} tokens"
+        n = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+        what = f"the prompt ({n} tokens) plus --max-new-tokens {max_new_tokens} needs {needed} tokens"
         if asked is not None and asked > limit:
             raise UsageError(
                 f"--context {asked} is beyond the model's context of {limit} tokens; use --context {limit} or less"

@@ -83,6 +83,20 @@ class HardwareProfile:
 
 
 _SIZES = {"device_memory", "reserved_memory"}
+# Plausible ranges (inclusive): figures outside them are typos or hostile, and would make
+# the timing model divide by (almost) zero or print 300-digit times.
+_RANGES = {
+    "device_memory": (2**20, MAX_SIZE),
+    "reserved_memory": (0, MAX_SIZE),
+    "link_bandwidth": (1e6, 1e14),  # B/s: 1 MB/s .. 100 TB/s
+    "link_latency": (1e-9, 1.0),  # s
+    "peak_flops": (1e6, 1e19),  # FLOP/s
+    "mem_bandwidth": (1e6, 1e15),  # B/s
+    "launch_overhead": (1e-9, 1.0),  # s
+    "host_flops": (1e6, 1e19),
+    "host_mem_bandwidth": (1e6, 1e15),
+    "host_op_overhead": (1e-9, 1.0),
+}
 _TEXT = {"name", "description"}
 
 
@@ -146,6 +160,8 @@ def parse_profile(path: Path) -> HardwareProfile:
         raise UsageError(f"hardware profile {path} is not valid YAML{where}; fix the file") from None
     except RecursionError:
         raise UsageError(f"hardware profile {path} is nested too deeply; fix the file") from None
+    except ValueError as e:  # an integer of 4300+ digits
+        raise UsageError(f"hardware profile {path} is not valid YAML ({str(e)[:60]}); fix the file") from None
     if not isinstance(data, dict):
         raise UsageError(f"hardware profile {path} must be a YAML mapping of field: value")
     known = {f.name for f in fields(HardwareProfile)} - {"source"}
@@ -160,24 +176,28 @@ def parse_profile(path: Path) -> HardwareProfile:
             raise UsageError(f"hardware profile {path}: field {f!r} is missing")
         v = data[f]
         if f in _TEXT:
-            if not isinstance(v, str | int | float) or isinstance(v, bool) or len(str(v)) > 200:
-                raise UsageError(f"hardware profile {path}: field {f!r} must be a short text")
+            if (
+                not isinstance(v, str | int | float)
+                or isinstance(v, bool)
+                or len(str(v)) > 200
+                or not str(v).isprintable()
+            ):
+                raise UsageError(f"hardware profile {path}: field {f!r} must be a short line of printable text")
             values[f] = str(v)
             continue
         try:
             if isinstance(v, bool) or not isinstance(v, str | int | float):
                 raise TypeError
             num = parse_size(v, f) if f in _SIZES and isinstance(v, str) else float(v)
-        except (UsageError, TypeError, ValueError, OverflowError):
+        except (UsageError, TypeError, ValueError, OverflowError):  # also ints of 4300+ digits
             raise UsageError(f"hardware profile {path}: field {f!r} must be a number, got {str(v)[:40]!r}") from None
-        if not math.isfinite(num):
-            raise UsageError(f"hardware profile {path}: field {f!r} must be a finite number, got {v!r}")
-        if num < 0 or (num == 0 and f != "reserved_memory"):
-            raise UsageError(f"hardware profile {path}: field {f!r} must be positive, got {v!r}")
-        if num > MAX_SIZE * 1e6:
-            raise UsageError(f"hardware profile {path}: field {f!r} is implausibly large ({v!r}); check the number")
-        if f in _SIZES and num > MAX_SIZE:
-            raise UsageError(f"hardware profile {path}: field {f!r} is larger than any machine ({v!r})")
+        lo, hi = _RANGES[f]
+        if math.isfinite(num) and (num < 0 or (num == 0 and lo > 0)):
+            raise UsageError(f"hardware profile {path}: field {f!r} must be positive, got {str(v)[:40]!r}")
+        if not math.isfinite(num) or not lo <= num <= hi:
+            raise UsageError(
+                f"hardware profile {path}: field {f!r} must be a finite number from {lo:g} to {hi:g}, got {str(v)[:40]!r}"
+            )
         values[f] = int(num) if f in _SIZES else num
     if values["reserved_memory"] >= values["device_memory"]:
         raise UsageError(f"hardware profile {path}: reserved_memory must be below device_memory")

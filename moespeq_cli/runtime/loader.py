@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from moespeq_cli.errors import CheckpointError
+from moespeq_cli.models import build_model
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.checkpoint import Checkpoint
 
@@ -14,7 +15,7 @@ from moespeq_cli.models.checkpoint import Checkpoint
 def load_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, context: int = 0) -> CausalLM:
     dtype = dtype or ckpt.config.dtype
     with torch.device("meta"):
-        model: CausalLM = ckpt.arch.Model(ckpt.raw_config, context)
+        model: CausalLM = build_model(ckpt.arch, ckpt.raw_config, context, str(ckpt.path / "config.json"))
     tied = bool(ckpt.raw_config.get("tie_word_embeddings", False))
     state = {}
     for name, p in model.state_dict().items():

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moespeq_cli.errors import UsageError
+from moespeq_cli.models import build_model
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.costs import elem_size
@@ -97,7 +98,7 @@ def checkpoint_plan(ckpt, context: int, budget: int = 10**15, policy: str = "lru
     """``make_plan`` for a Checkpoint, its model built on the meta device (no weights read).
     The default budget is unbounded: the plan then gives the fixed part and expert sizes."""
     with torch.device("meta"):
-        model = ckpt.arch.Model(ckpt.raw_config, context)
+        model = build_model(ckpt.arch, ckpt.raw_config, context, str(ckpt.path / "config.json"))
     return make_plan(model, ckpt.config, dtype or ckpt.config.dtype, budget, context, policy, **kw)
 
 

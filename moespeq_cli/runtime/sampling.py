@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moespeq_cli.errors import UsageError
+from moespeq_cli.errors import CheckpointError, UsageError
 
 MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float32; use 0 for greedy
 MAX_TEMPERATURE = 100.0
@@ -54,10 +54,22 @@ def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each entry
-        sorted_p = sorted_p.masked_fill(before >= p.top_p, 0.0)  # keep the smallest set reaching top_p
+        drop = before >= p.top_p  # keep the smallest set reaching top_p, and always the most likely token
+        drop[..., 0] = False
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """NaN or infinite logits mean corrupt weights (or figures in config.json that overflow):
+    stop with that, rather than emit whatever argmax makes of NaN."""
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(
+            "the model produced NaN or infinite logits: its weights hold NaN/inf values, or config.json has "
+            "figures that overflow (rope_theta, routed_scaling_factor, clip_qkv, rms_norm_eps); check the checkpoint"
+        )
 
 
 class Sampler:
@@ -68,6 +80,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> the next token id."""
+        check_logits(logits)
         if self.params.greedy:
             return int(torch.argmax(logits))
         # Sampled on the CPU with a CPU generator: the same seed gives the same tokens on

@@ -27,7 +27,7 @@ import torch
 
 from moespeq_cli.models.base import CausalLM, ExpertExecutor
 from moespeq_cli.runtime.generate import TokenEvent
-from moespeq_cli.runtime.sampling import Sampler, SamplingParams, probabilities
+from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, probabilities
 
 
 class SpecHooks:
@@ -143,6 +143,7 @@ def speculative_generate(
             model.set_experts(target)
         hooks.begin_verify(k)
         vl = model(torch.tensor([pending] + drafted), cache, last_only=not k)  # [k+1, V] (or [1, V])
+        check_logits(vl)
         if not k:
             m, nxt = 0, sampler(vl[-1])
         elif sampling.greedy:
