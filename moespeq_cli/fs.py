@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
@@ -155,8 +156,12 @@ def check_output(path: Path | None, option: str) -> None:
     parent = path.parent
     if not is_dir(parent):
         raise UsageError(f"{option} {shown(path)}: directory {shown(parent)} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{option} {shown(path)}: directory {shown(parent)} is not writable")
+    try:  # a real probe: os.access says yes to root on a read-only mount or in /sys
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({e.strerror})") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

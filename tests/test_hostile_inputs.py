@@ -781,3 +781,25 @@ def test_profile_figures_outside_a_plausible_range(cli, tmp_path, field, value):
 def test_profile_integer_too_long_to_read(cli, tmp_path):
     p = write_profile(tmp_path / "hw.yaml", host_flops="9" * 5000)
     one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p))
+
+
+def test_quantize_out_through_a_symlink(cli, ckpt, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    for _ in range(2):  # first into the empty directory, then replacing its own draft
+        r = cli("quantize", str(ckpt), "--out", str(link))
+        assert r.exit_code == 0, r.stderr
+    assert link.is_symlink() and (real / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_outputs_where_nothing_can_be_written(cli, ckpt):
+    one_line_error(cli("quantize", str(ckpt), "--out", "/proc/moespeq-draft"), 2, "/proc/moespeq-draft")
+    one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", "/proc/trace.json"), 2, "--trace")
+
+
+def test_trace_with_the_cpu_backend_is_refused_before_work(cli, ckpt, tmp_path):
+    r = run(cli, ckpt, "--trace", str(tmp_path / "t.json"))
+    one_line_error(r, 2, "--trace", "cpu")

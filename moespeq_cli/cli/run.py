@@ -126,6 +126,8 @@ def run(
     from moespeq_cli.tokenizer import StreamDecoder
 
     check_output(trace, "--trace")
+    if trace is not None and backend == "cpu":
+        raise UsageError("--trace needs the mock or cuda backend (the cpu backend keeps no timeline)")
     sampling = sampling_params(temperature, top_p, top_k, seed)
     out = Renderer(json_mode=json_out)
     name, engine, text, prompt_ids = prepare(

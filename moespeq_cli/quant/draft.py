@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from moespeq_cli import __version__
-from moespeq_cli.errors import CheckpointError, UsageError
+from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 from moespeq_cli.fs import exclusive_lock, file_status, is_dir, shown
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.runtime.experts import expert_mlp
@@ -148,43 +148,51 @@ class QuantizedExperts:
         """Write the draft to ``out`` atomically: into a temporary directory beside it,
         then swapped in (``replace_dir``). ``out`` must be absent or a draft of ``source``
         (``check_out``); hold ``draft_lock(out)`` around quantize-and-save."""
-        from safetensors.torch import save_file
 
-        out = Path(out)
+        out = real_out(out)
         fp = fp or fingerprint(source)
         check_out(out, fp)
         tmp = out.with_name(f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         try:
-            tensors = {}
-            for (layer, e), parts in self.q.items():
-                for proj, (packed, state) in zip(PROJ, parts, strict=True):
-                    prefix = f"layers.{layer}.experts.{e}.{proj}"
-                    tensors[f"{prefix}.qweight"] = packed.contiguous()
-                    for k, v in state.as_dict(packed=True).items():
-                        tensors[f"{prefix}.{k}"] = v.contiguous()
-            save_file(tensors, tmp / "draft.safetensors", metadata={"format": FORMAT})
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "moespeq_version": __version__,
-                "method": self.method,
-                "blocksize": self.blocksize,
-                "dtype": str(self.dtype).split(".")[-1],
-                "model_type": source.config.model_type,
-                "source_fingerprint": fp,
-                "experts": len(self.q),
-                "bytes": self.total_bytes,
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            for f in ("draft.safetensors", "manifest.json"):
-                with open(tmp / f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            replace_dir(tmp, out)
+            self._write(tmp, out, source, fp)
+        except OSError as e:
+            raise MoespeqError(
+                f"cannot write the draft to {shown(out)} ({e.strerror}); check the disk and directory"
+            ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+    def _write(self, tmp: Path, out: Path, source: Checkpoint, fp: str) -> None:
+        from safetensors.torch import save_file
+
+        tmp.mkdir(parents=True)
+        tensors = {}
+        for (layer, e), parts in self.q.items():
+            for proj, (packed, state) in zip(PROJ, parts, strict=True):
+                prefix = f"layers.{layer}.experts.{e}.{proj}"
+                tensors[f"{prefix}.qweight"] = packed.contiguous()
+                for k, v in state.as_dict(packed=True).items():
+                    tensors[f"{prefix}.{k}"] = v.contiguous()
+        save_file(tensors, tmp / "draft.safetensors", metadata={"format": FORMAT})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "moespeq_version": __version__,
+            "method": self.method,
+            "blocksize": self.blocksize,
+            "dtype": str(self.dtype).split(".")[-1],
+            "model_type": source.config.model_type,
+            "source_fingerprint": fp,
+            "experts": len(self.q),
+            "bytes": self.total_bytes,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for f in ("draft.safetensors", "manifest.json"):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_dir(tmp, out)
 
     @classmethod
     def load(cls, path: Path, source: Checkpoint, dtype: torch.dtype | None = None) -> QuantizedExperts:
@@ -258,6 +266,8 @@ def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: 
         and bool(torch.isfinite(state.absmax).all())
         and state.code is not None
         and state.code.numel() == 16
+        and bool(torch.isfinite(state.code).all())
+        and state.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
     if not ok:
         raise CheckpointError(f"{bad} (its sizes disagree with the checkpoint); rebuild it with `moespeq quantize`")
@@ -274,16 +284,26 @@ OLD_PREFIX = ".{name}.old-"
 def draft_lock(out: Path, fp: str):
     """The one writer of draft ``out``: creates its parent, takes ``.name.lock`` beside it,
     finishes what a killed writer left (``recover``) and checks ``out`` may be replaced."""
-    out = Path(out)
+    out = real_out(out)
     check_out(out, fp)  # refuse before creating anything
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}")
+        probe.mkdir()  # can a draft be written here at all? (read-only, /proc, /sys)
+        probe.rmdir()
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot create {out.parent} ({e.strerror})") from None
+        raise UsageError(f"--out {shown(out)}: cannot write there ({e.strerror}); give another directory") from None
     with exclusive_lock(lock_file(out), f"writing the draft {out}"):
         recover(out, fp)
         check_out(out, fp)
         yield out
+
+
+def real_out(out: Path) -> Path:
+    """``--out`` with a symlink followed: the draft replaces what the link points to, and
+    the link stays."""
+    out = Path(out)
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 def lock_file(out: Path) -> Path:
