@@ -174,6 +174,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     status, _ = file_status(path)
     if status not in ("missing", "file"):
         raise MoespeqError(f"cannot write {path}: it is {status}, not a regular file")
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "x", encoding="utf-8") as f:
@@ -188,6 +189,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.NAME.PID.tmp`` files beside ``path`` left by writers that were killed
+    (their process no longer exists); a live writer's file is left alone."""
+    import glob
+
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -4]
+        if not pid.isdigit() or int(pid) == os.getpid() or not is_regular(tmp) or tmp.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:
+            pass  # alive, another user's
 
 
 @contextlib.contextmanager

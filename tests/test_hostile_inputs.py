@@ -803,3 +803,11 @@ def test_outputs_where_nothing_can_be_written(cli, ckpt):
 def test_trace_with_the_cpu_backend_is_refused_before_work(cli, ckpt, tmp_path):
     r = run(cli, ckpt, "--trace", str(tmp_path / "t.json"))
     one_line_error(r, 2, "--trace", "cpu")
+
+
+def test_a_killed_writers_temporary_file_is_removed(cli, ckpt, tmp_path):
+    out = tmp_path / "t.json"
+    stale = tmp_path / ".t.json.999999999.tmp"  # no such process
+    stale.write_text("half")
+    assert run(cli, ckpt, "--backend", "mock", "--trace", str(out)).exit_code == 0
+    assert out.is_file() and not stale.exists()

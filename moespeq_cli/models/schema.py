@@ -45,16 +45,17 @@ INTS: dict[str, tuple[int, int]] = {
     "n_group": (1, 2**14),
     "topk_group": (1, 2**14),
 }
-# field -> lowest allowed (exclusive when True) for finite numbers
-FLOATS: dict[str, tuple[float, bool]] = {
-    "rms_norm_eps": (0.0, True),
-    "rope_theta": (0.0, True),
-    "routed_scaling_factor": (0.0, True),
-    "router_jitter_noise": (0.0, False),
-    "input_jitter_noise": (0.0, False),
-    "clip_qkv": (0.0, True),
-    "attention_dropout": (0.0, False),
-    "partial_rotary_factor": (0.0, True),
+# field -> (lowest, lowest excluded, highest) for finite numbers; the upper bounds keep
+# every figure representable in float32 (bf16 shares its range) and physically meaningful
+FLOATS: dict[str, tuple[float, bool, float]] = {
+    "rms_norm_eps": (0.0, True, 1.0),
+    "rope_theta": (1.0, False, 1e15),
+    "routed_scaling_factor": (0.0, True, 1e4),
+    "router_jitter_noise": (0.0, False, 1.0),
+    "input_jitter_noise": (0.0, False, 1.0),
+    "clip_qkv": (0.0, True, 1e6),
+    "attention_dropout": (0.0, False, 1.0),
+    "partial_rotary_factor": (0.0, True, 1.0),
 }
 BOOLS = (
     "norm_topk_prob",
@@ -138,12 +139,13 @@ def validate_config(cfg: dict, source: str = "config.json") -> None:
         if v is not None and not (is_int(v) and lo <= v <= hi):
             kind = "a positive integer" if lo == 1 else "a non-negative integer"
             raise _bad(source, f, f"{kind} of at most {hi}", v)
-    for f, (lo, exclusive) in FLOATS.items():
+    for f, (lo, exclusive, hi) in FLOATS.items():
         v = cfg.get(f)
         if v is None:
             continue
-        if not is_number(v) or v < lo or (exclusive and v == lo):
-            raise _bad(source, f, "a finite number " + ("above" if exclusive else "of at least") + f" {lo:g}", v)
+        if not is_number(v) or v < lo or (exclusive and v == lo) or v > hi:
+            low = ("above " if exclusive else "from ") + f"{lo:g}"
+            raise _bad(source, f, f"a finite number {low} {'to' if not exclusive else 'and at most'} {hi:g}", v)
     for f in BOOLS:
         if cfg.get(f) is not None and not isinstance(cfg[f], bool):
             raise _bad(source, f, "true or false", cfg[f])
