@@ -48,6 +48,9 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     from huggingface_hub import snapshot_download
 
     repo = repo_for(model)
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise UsageError(f"HF_ENDPOINT {endpoint[:60]!r} is not an http(s) URL; fix or unset it")
     if revision is not None and (not revision.strip() or len(revision) > 256 or "\x00" in revision):
         raise UsageError(f"--revision {revision[:40]!r} is not a branch, tag or commit name")
     if local_dir is not None and os.path.lexists(local_dir) and not Path(local_dir).is_dir():
@@ -93,6 +96,11 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     except (OSError, ConnectionError) as err:
         raise HubError(
             f"download of {repo} was interrupted ({err.__class__.__name__}); run the same command again to resume"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - the HTTP stack's own errors (httpx, ...)
+        raise HubError(
+            f"download of {repo} failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
+            "check HF_ENDPOINT and the network, then run the same command again"
         ) from None
     if not config_only and not any(path.glob("*.safetensors")):
         raise HubError(

@@ -37,7 +37,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
                 f"the built-in demo model is missing from this install ({DEMO_DIR}); reinstall moespeq"
             )
         return DEMO, DEMO_DIR
-    path = Path(model).expanduser()
+    path = Path(os.path.expanduser(model))
     status = kind(path)
     if status == "a directory":
         return model, path
@@ -111,7 +111,7 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
         bundled = CONFIGS_DIR / f"{model}.json"
         missing = f"{bundled} is missing from this install; reinstall moespeq"
         return model, read_json(bundled, "reinstall moespeq", missing=missing), f"bundled config of {repo}"
-    if model is not None and not is_dir(Path(model).expanduser()) and looks_like_hub_id(model):
+    if model is not None and not is_dir(Path(os.path.expanduser(model))) and looks_like_hub_id(model):
         cached = cached_snapshot(model)
         if cached is None:
             raise UnknownModelError(

@@ -811,3 +811,12 @@ def test_a_killed_writers_temporary_file_is_removed(cli, ckpt, tmp_path):
     stale.write_text("half")
     assert run(cli, ckpt, "--backend", "mock", "--trace", str(out)).exit_code == 0
     assert out.is_file() and not stale.exists()
+
+
+def test_a_home_directory_that_does_not_exist(cli):
+    one_line_error(cli("run", "~no-such-user-here/ckpt"), 2, "~no-such-user-here/ckpt")
+
+
+def test_pull_with_a_garbage_endpoint(cli, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "garbage")
+    one_line_error(cli("pull", "org/name"), 2, "HF_ENDPOINT")

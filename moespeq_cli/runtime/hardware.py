@@ -114,7 +114,7 @@ def available_profiles() -> list[str]:
 
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A profile by name (``profiles/NAME.yaml``) or by the path of a .yaml file."""
-    path = Path(name_or_path).expanduser()
+    path = Path(os.path.expanduser(name_or_path))
     if path.suffix in (".yaml", ".yml") and kind(path) != "missing":
         return parse_profile(path)  # parse_profile's reader refuses anything but a regular file
     candidate = profiles_dir() / f"{name_or_path}.yaml"
