@@ -473,6 +473,9 @@ BAD_CONFIGS = [
     ("num_hidden_layers", 2.5),
     ("torch_dtype", 16),
     ("sliding_window", "wide"),
+    ("head_dim", 7),
+    ("clip_qkv", 1e300),
+    ("rope_theta", 0.5),
 ]
 
 

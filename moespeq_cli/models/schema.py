@@ -180,6 +180,15 @@ def _check_relations(cfg: dict, source: str) -> None:
             f"{source}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}) "
             "when head_dim is not given; fix the file"
         )
+    head_dim = cfg.get("head_dim") or (hidden // heads if heads and hidden else None)
+    for field, dim in (
+        ("head_dim", head_dim if "kv_lora_rank" not in cfg else None),
+        ("qk_rope_head_dim", cfg.get("qk_rope_head_dim")),
+    ):
+        if dim and dim % 2:
+            raise CheckpointError(
+                f"{source}: {field} ({dim}) must be even (rotary embeddings rotate pairs of dimensions); fix the file"
+            )
     experts, top_k = _first(cfg, EXPERT_COUNT), cfg.get("num_experts_per_tok")
     if experts and top_k and top_k > experts:
         raise CheckpointError(
