@@ -11,10 +11,13 @@ with the tokenizer's own post-processor (which adds BOS where the model expects 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import os
+import tempfile
 from pathlib import Path
 
-from moespeq_cli.errors import CheckpointError, UsageError
+from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 from moespeq_cli.models.checkpoint import read_json
 
 TOKENIZER_LIMIT = 512 * 2**20
@@ -41,6 +44,29 @@ def _chat_template(value, source: Path) -> str | None:
     return value
 
 
+@contextlib.contextmanager
+def rust_call(what: str, remedy: str):
+    """Run a `tokenizers` call whose failure must be one line: it raises a bare Exception,
+    or panics (PanicException is a BaseException, and Rust's panic hook writes to fd 2
+    directly). stderr is captured for the call and its first line joins the message."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit, MoespeqError):
+            raise
+        except BaseException as e:  # noqa: BLE001 - see above
+            os.dup2(saved, 2)
+            captured.seek(0)
+            said = [ln for ln in captured.read().decode(errors="replace").splitlines() if ln.strip()]
+            detail = str(e).strip() or (said[1] if len(said) > 1 else said[0] if said else type(e).__name__)
+            raise CheckpointError(f"{what} ({detail.splitlines()[0][:120]}); {remedy}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class Tokenizer:
     def __init__(self, path: Path, config: dict):
         from tokenizers import Tokenizer as HFTokenizer
@@ -52,12 +78,11 @@ class Tokenizer:
         if file_status(tok_file)[0] == "missing":
             raise CheckpointError(f"{path} has no tokenizer.json; moespeq needs the fast-tokenizer file")
         text = read_text(tok_file, TOKENIZER_LIMIT, "tokenizer file")
-        try:
+        with rust_call(f"{tok_file} cannot be read", "download the checkpoint again"):
             self.tok = HFTokenizer.from_str(text)
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise CheckpointError(
-                f"{tok_file} cannot be read ({str(e)[:120]}); download the checkpoint again"
-            ) from None
+            # Never truncate a prompt silently, never pad one (a hostile pad_to_multiple_of).
+            self.tok.no_truncation()
+            self.tok.no_padding()
         cfg_file, gen_file = path / "tokenizer_config.json", path / "generation_config.json"
         self.tok_config = read_json(cfg_file, "download the checkpoint again")
         gen = read_json(gen_file, "download the checkpoint again")
@@ -97,12 +122,8 @@ class Tokenizer:
 
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self._check_normalizer(text)
-        try:
+        with rust_call(f"{self.path / 'tokenizer.json'} cannot encode the prompt", "the tokenizer is broken"):
             return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-        except Exception as e:  # tokenizers raises a bare Exception (a missing unk token, ...)
-            raise CheckpointError(
-                f"{self.path / 'tokenizer.json'} cannot encode the prompt ({str(e)[:120]}); the tokenizer is broken"
-            ) from None
 
     def _check_normalizer(self, text: str) -> None:
         """A normalizer is code-like data too: a Replace rule that turns one character into
@@ -111,7 +132,7 @@ class Tokenizer:
         norm = self.tok.normalizer
         if norm is None or not text:
             return
-        try:
+        with rust_call(f"{self.path / 'tokenizer.json'}'s normalizer fails", "the tokenizer is broken"):
             counts = collections.Counter(text)
             if len(counts) <= 4096:
                 grown = sum(n * len(norm.normalize_str(c)) for c, n in counts.items())
@@ -119,10 +140,6 @@ class Tokenizer:
                 grown = len(text)
             sample = text[:4096]
             grown = max(grown, len(norm.normalize_str(sample)) * len(text) // len(sample))
-        except Exception as e:  # noqa: BLE001 - a broken normalizer
-            raise CheckpointError(
-                f"{self.path / 'tokenizer.json'}'s normalizer fails ({str(e)[:80]}); it is broken"
-            ) from None
         if grown > NORMALIZER_GROWTH * len(text) + 2**20:
             raise CheckpointError(
                 f"{self.path / 'tokenizer.json'}'s normalizer would grow the prompt {grown // len(text)}-fold; "
@@ -142,9 +159,11 @@ class Tokenizer:
         )
 
     def decode(self, ids: list[int]) -> str:
-        try:
+        try:  # per token: no stderr capture here (rust_call), only the error mapping
             return self.tok.decode(ids, skip_special_tokens=True)
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - tokenizers: bare Exception, or a Rust panic
             raise CheckpointError(
                 f"{self.path / 'tokenizer.json'} cannot decode ({str(e)[:120]}); it is broken"
             ) from None

@@ -823,3 +823,27 @@ def test_a_home_directory_that_does_not_exist(cli):
 def test_pull_with_a_garbage_endpoint(cli, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "garbage")
     one_line_error(cli("pull", "org/name"), 2, "HF_ENDPOINT")
+
+
+def test_a_tokenizer_that_panics_is_one_line(cli, ckpt):
+    tokenizer_with(ckpt, lambda d: d.update(normalizer={"type": "Precompiled", "precompiled_charsmap": "bm90IGEgbWFw"}))
+    line = one_line_error(run(cli, ckpt), 1, "tokenizer.json")
+    assert "panicked" not in line
+
+
+def test_tokenizer_truncation_and_padding_settings_are_ignored(cli, ckpt):
+    def truncate_and_pad(d):
+        d["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+        d["padding"] = {
+            "strategy": "BatchLongest",
+            "direction": "Right",
+            "pad_to_multiple_of": 10**9,
+            "pad_id": 0,
+            "pad_type_id": 0,
+            "pad_token": "<pad>",
+        }
+
+    tokenizer_with(ckpt, truncate_and_pad)
+    r = run(cli, ckpt, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["prompt_token_ids"]) == len("hello world")
