@@ -1,0 +1,206 @@
+"""The disk tier: routed experts read straight from the checkpoint's safetensors files.
+
+This is the bottom of the memory hierarchy (DESIGN.md §9: disk -> host RAM -> device).
+A safetensors file is an 8-byte header length, a JSON header naming each tensor's byte
+range, then the raw bytes, so every expert is a known extent of a file and, in the
+files Hugging Face writes (tensors sorted by name), its gate, up and down projections are
+adjacent: one expert is usually *one* read.
+
+Reads must mean what a RAM budget says, so they bypass the page cache: the file is
+opened with ``O_DIRECT`` and read in whole aligned blocks (offset, length and buffer all
+multiples of the block size) into a page-aligned bounce buffer, from which the expert's
+bytes are copied into their destination (a memory copy at ~10 GB/s beside a disk read
+at ~1 GB/s). Where the file system refuses ``O_DIRECT`` (tmpfs, some network file
+systems) the reader falls back to ordinary reads followed by ``posix_fadvise(DONTNEED)``
+on the range, and says so in ``DiskReader.direct``.
+
+Reads run on a small pool of threads (``os.preadv`` releases the GIL), so a read
+overlaps compute; ``submit`` returns a ``DiskRead`` whose ``wait()`` blocks only until
+that read has landed, like a copy's event on a stream.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moespeq_cli.errors import CheckpointError
+
+BLOCK = 4096  # O_DIRECT alignment: the page size covers every common logical block size
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``length`` bytes at ``offset`` of ``file``."""
+
+    file: str
+    offset: int
+    length: int
+
+
+def safetensors_extents(path: Path) -> dict[str, tuple[Extent, str, tuple[int, ...]]]:
+    """name -> (extent, safetensors dtype, shape) for every tensor of one file, from its
+    header alone (the file was opened and validated by ``Checkpoint`` already)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        out[name] = (Extent(str(path), base + start, end - start), entry["dtype"], tuple(entry["shape"]))
+    return out
+
+
+def coalesce(extents: list[Extent]) -> list[Extent]:
+    """Adjacent extents of one file merged, in file order: an expert's three projections
+    are usually one read."""
+    merged: list[Extent] = []
+    for e in sorted(extents, key=lambda e: (e.file, e.offset)):
+        last = merged[-1] if merged else None
+        if last is not None and last.file == e.file and last.offset + last.length == e.offset:
+            merged[-1] = Extent(e.file, last.offset, last.length + e.length)
+        else:
+            merged.append(e)
+    return merged
+
+
+class DiskRead:
+    """A read in flight; ``wait()`` returns once its bytes are in the destination."""
+
+    __slots__ = ("future", "nbytes")
+
+    def __init__(self, future: Future, nbytes: int):
+        self.future, self.nbytes = future, nbytes
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def wait(self) -> None:
+        self.future.result()
+
+
+class DiskReader:
+    """Reads extents into destination byte tensors on ``threads`` I/O threads, bypassing
+    the page cache (``O_DIRECT``, else read + ``posix_fadvise(DONTNEED)``).
+
+    ``delay_s`` slows every read by that much (tests: reads that are really asynchronous
+    keep their tokens and overlap compute)."""
+
+    def __init__(self, threads: int = 2, direct: bool = True, delay_s: float = 0.0, bounce_bytes: int = 64 << 20):
+        self.want_direct = direct
+        self.delay_s = delay_s
+        self.bounce_bytes = bounce_bytes
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moespeq-disk")
+        self.local = threading.local()
+        self.fds: dict[tuple[str, bool], int] = {}
+        self.lock = threading.Lock()
+        self.direct: bool | None = None  # known after the first open: True, or False (fallback)
+        self.bytes_read = 0
+
+    # -- files --------------------------------------------------------------------
+    def _fd(self, file: str) -> tuple[int, bool]:
+        with self.lock:
+            for direct in (True, False) if self.want_direct else (False,):
+                if (file, direct) in self.fds:
+                    return self.fds[(file, direct)], direct
+            if self.want_direct and hasattr(os, "O_DIRECT"):
+                try:
+                    fd = os.open(file, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                    self.fds[(file, True)] = fd
+                    self.direct = True if self.direct is None else self.direct
+                    return fd, True
+                except OSError:  # EINVAL: tmpfs and friends
+                    pass
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.fds[(file, False)] = fd
+            self.direct = False
+            return fd, False
+
+    def _bounce(self) -> memoryview:
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = mmap.mmap(-1, self.bounce_bytes)  # page-aligned
+        return memoryview(buf)
+
+    # -- reading ------------------------------------------------------------------
+    def read_into(self, extents: list[Extent], dest: torch.Tensor) -> None:
+        """Read ``extents`` back to back into the uint8 tensor ``dest`` (synchronously)."""
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
+        out = dest.view(torch.uint8).reshape(-1)
+        pos = 0
+        for e in coalesce(extents) if _in_order(extents) else extents:
+            self._read_extent(e, out[pos : pos + e.length])
+            pos += e.length
+        if pos != out.numel():
+            raise ValueError(f"read {pos} bytes into a buffer of {out.numel()}")
+
+    def _read_extent(self, e: Extent, out: torch.Tensor) -> None:
+        fd, direct = self._fd(e.file)
+        bounce = self._bounce()
+        done = 0
+        while done < e.length:
+            start = e.offset + done
+            want = min(e.length - done, self.bounce_bytes - 2 * BLOCK)
+            lo = start - start % BLOCK if direct else start
+            hi = -(-(start + want) // BLOCK) * BLOCK if direct else start + want
+            got = self._pread(fd, bounce[: hi - lo], lo)
+            usable = min(got - (start - lo), want)
+            if usable <= 0:
+                raise CheckpointError(
+                    f"{e.file} ended early (expected {e.length} bytes at {e.offset}); it is truncated"
+                )
+            out[done : done + usable].copy_(
+                torch.frombuffer(bounce, dtype=torch.uint8, count=usable, offset=start - lo)
+            )
+            done += usable
+        if not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, e.offset, e.length, os.POSIX_FADV_DONTNEED)
+        with self.lock:
+            self.bytes_read += e.length
+
+    @staticmethod
+    def _pread(fd: int, buf: memoryview, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; fewer bytes only at the end of the file."""
+        total = 0
+        while total < len(buf):
+            n = os.preadv(fd, [buf[total:]], offset + total)
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def submit(self, extents: list[Extent], dest: torch.Tensor) -> DiskRead:
+        """Start reading ``extents`` into ``dest`` on an I/O thread."""
+        return DiskRead(self.pool.submit(self.read_into, extents, dest), sum(e.length for e in extents))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+    def __enter__(self) -> DiskReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _in_order(extents: list[Extent]) -> bool:
+    """Coalescing may only reorder nothing: extents already in file order."""
+    return all((a.file, a.offset) < (b.file, b.offset) for a, b in zip(extents, extents[1:], strict=False))

@@ -1,0 +1,102 @@
+"""The disk tier's reader: every expert's bytes exactly as safetensors holds them, with
+O_DIRECT (aligned block reads through a bounce buffer) and with the fallback where the
+file system refuses it, in chunks, and asynchronously."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moespeq_cli.errors import CheckpointError
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, coalesce, safetensors_extents
+
+
+def expert_extents(ck: Checkpoint, layer: int, e: int) -> list[Extent]:
+    table = {}
+    for name in {ck._where[k] for k in ck.config.expert_keys(layer, e)}:
+        table.update(safetensors_extents(ck.path / name))
+    return sorted((table[k][0] for k in ck.config.expert_keys(layer, e)), key=lambda x: x.offset)
+
+
+def expected_bytes(ck: Checkpoint, layer: int, e: int) -> torch.Tensor:
+    keys = sorted(ck.config.expert_keys(layer, e), key=lambda k: expert_offset(ck, k))
+    return torch.cat([ck.tensor(k).contiguous().view(torch.uint8).reshape(-1) for k in keys])
+
+
+def expert_offset(ck: Checkpoint, key: str) -> int:
+    return safetensors_extents(ck.path / ck._where[key])[key][0].offset
+
+
+@pytest.fixture
+def ckpt(tiny, tmp_path):
+    src, _ = tiny("mixtral", "wide")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return Checkpoint(dst)
+
+
+@pytest.mark.parametrize("bounce", [64 << 20, 3 * BLOCK])  # one read per expert, or many chunks
+def test_every_expert_reads_back_exactly(ckpt, bounce):
+    with DiskReader(threads=2, bounce_bytes=bounce) as reader:
+        for layer in ckpt.config.moe_layers:
+            for e in range(ckpt.config.num_experts):
+                want = expected_bytes(ckpt, layer, e)
+                got = torch.empty_like(want)
+                reader.read_into(expert_extents(ckpt, layer, e), got)
+                assert torch.equal(got, want), (layer, e)
+        assert reader.direct in (True, False)
+        assert reader.bytes_read == sum(
+            expected_bytes(ckpt, layer, e).numel()
+            for layer in ckpt.config.moe_layers
+            for e in range(ckpt.config.num_experts)
+        )
+
+
+def test_an_experts_projections_are_one_read(ckpt):
+    assert len(coalesce(expert_extents(ckpt, 1, 3))) == 1
+
+
+def test_fallback_where_o_direct_is_refused(ckpt, monkeypatch):
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):  # what tmpfs (before Linux 6.6) and some NFS say
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advised.append((off, n, how)))
+    with DiskReader() as reader:
+        want = expected_bytes(ckpt, 0, 5)
+        got = torch.empty_like(want)
+        reader.read_into(expert_extents(ckpt, 0, 5), got)
+        assert torch.equal(got, want)
+        assert reader.direct is False
+    assert advised and all(how == os.POSIX_FADV_DONTNEED for _, _, how in advised)
+
+
+def test_reads_are_asynchronous(ckpt):
+    with DiskReader(threads=2, delay_s=0.3) as reader:
+        reads, dests = [], []
+        for e in range(4):
+            dest = torch.empty_like(expected_bytes(ckpt, 0, e))
+            reads.append(reader.submit(expert_extents(ckpt, 0, e), dest))
+            dests.append(dest)
+        assert not any(r.done() for r in reads)  # submit returned while the reads were in flight
+        for e, (r, dest) in enumerate(zip(reads, dests, strict=True)):
+            r.wait()
+            assert torch.equal(dest, expected_bytes(ckpt, 0, e))
+
+
+def test_a_file_truncated_after_opening(ckpt, tmp_path):
+    ext = expert_extents(ckpt, 1, ckpt.config.num_experts - 1)
+    last = ext[-1]
+    f = Path(last.file)
+    with open(f, "r+b") as fh:
+        fh.truncate(last.offset + last.length // 2)
+    with DiskReader() as reader, pytest.raises(CheckpointError, match="truncated"):
+        reader.read_into(ext, torch.empty(sum(e.length for e in ext), dtype=torch.uint8))
