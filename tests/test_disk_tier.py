@@ -100,3 +100,28 @@ def test_a_file_truncated_after_opening(ckpt, tmp_path):
         fh.truncate(last.offset + last.length // 2)
     with DiskReader() as reader, pytest.raises(CheckpointError, match="truncated"):
         reader.read_into(ext, torch.empty(sum(e.length for e in ext), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "family,variant,dtype",
+    [
+        ("mixtral", "gqa", torch.float32),
+        ("qwen2_moe", "shared", torch.bfloat16),
+        ("deepseek_v2", "lite", torch.float32),
+    ],
+)
+def test_disk_experts_views_equal_the_checkpoint(tiny, family, variant, dtype):
+    from moespeq_cli.runtime.tiers.disk import DiskExperts
+
+    path, _ = tiny(family, variant, dtype)
+    ck = Checkpoint(path)
+    store = DiskExperts(ck)
+    assert store.dtype == dtype  # the checkpoint's dtype, never widened
+    assert store.reads_per_expert() == 1
+    buf = store.empty_buffer()
+    for layer in ck.config.moe_layers:
+        for e in range(ck.config.num_experts):
+            store.read((layer, e), buf)
+            for got, want in zip(store.views(buf), ck.expert(layer, e), strict=True):
+                assert torch.equal(got, want), (layer, e)
+    store.reader.close()

@@ -204,3 +204,77 @@ class DiskReader:
 def _in_order(extents: list[Extent]) -> bool:
     """Coalescing may only reorder nothing: extents already in file order."""
     return all((a.file, a.offset) < (b.file, b.offset) for a, b in zip(extents, extents[1:], strict=False))
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+class DiskExperts:
+    """Every routed expert of a checkpoint as extents of its files, and the packed layout
+    one read lands in: the store of the disk tier (ExpertStore's counterpart, holding no
+    expert in memory).
+
+    The packed buffer of an expert follows the *file's* order of its projections (for
+    Mixtral's sorted names that is w1 | w2 | w3: gate, down, up), so that an expert whose
+    projections are adjacent on disk is one read; ``views`` maps it back to (gate, up,
+    down). Experts stay in the checkpoint's dtype."""
+
+    def __init__(self, ckpt, reader: DiskReader | None = None):
+        c = self.config = ckpt.config
+        ckpt.check_experts()
+        tables = {name: safetensors_extents(ckpt.path / name) for name in ckpt._files}
+
+        def entry(key: str):
+            return tables[ckpt._where[key]][key]
+
+        first = [entry(k) for k in c.expert_keys(c.moe_layers[0], 0)]
+        dtypes = {d for _, d, _ in first}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"the experts of {ckpt.path} mix dtypes {sorted(dtypes)}; moespeq needs one float dtype"
+            )
+        self.dtype = SAFETENSORS_DTYPES[next(iter(dtypes))]
+        # The projections' order in the file (0 = gate, 1 = up, 2 = down), from the first expert.
+        self.order = sorted(range(3), key=lambda p: (first[p][0].file, first[p][0].offset))
+        shapes = c.expert_shapes()
+        self.numel = sum(a * b for a, b in shapes)
+        self.nbytes = self.numel * torch.empty(0, dtype=self.dtype).element_size()
+        self._starts = {}  # projection -> element offset in the packed buffer
+        pos = 0
+        for p in self.order:
+            self._starts[p] = pos
+            pos += shapes[p][0] * shapes[p][1]
+        self.extents: dict[tuple[int, int], list[Extent]] = {}
+        for layer in c.moe_layers:
+            for e in range(c.num_experts):
+                parts = [entry(k) for k in c.expert_keys(layer, e)]
+                if {d for _, d, _ in parts} != dtypes:
+                    raise CheckpointError(f"expert {e} of layer {layer} in {ckpt.path} has another dtype than the rest")
+                self.extents[(layer, e)] = [parts[p][0] for p in self.order]
+        self.reader = reader or DiskReader()
+
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A packed expert buffer -> (gate [I, H], up [I, H], down [H, I]) views."""
+        out = []
+        for p, (rows, cols) in enumerate(self.config.expert_shapes()):
+            start = self._starts[p]
+            out.append(flat[start : start + rows * cols].view(rows, cols))
+        return tuple(out)  # type: ignore[return-value]
+
+    def empty_buffer(self) -> torch.Tensor:
+        return torch.empty(self.numel, dtype=self.dtype)
+
+    def submit(self, key: tuple[int, int], dest: torch.Tensor) -> DiskRead:
+        """Start reading expert ``key`` into the packed buffer ``dest``."""
+        return self.reader.submit(self.extents[key], dest)
+
+    def read(self, key: tuple[int, int], dest: torch.Tensor) -> torch.Tensor:
+        self.reader.read_into(self.extents[key], dest)
+        return dest
+
+    @property
+    def total_bytes(self) -> int:
+        return self.nbytes * len(self.extents)
+
+    def reads_per_expert(self) -> int:
+        return len(coalesce(next(iter(self.extents.values()))))
