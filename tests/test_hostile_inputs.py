@@ -847,3 +847,16 @@ def test_tokenizer_truncation_and_padding_settings_are_ignored(cli, ckpt):
     r = run(cli, ckpt, "--json")
     assert r.exit_code == 0, r.stderr
     assert len(json.loads(r.stdout)["prompt_token_ids"]) == len("hello world")
+
+
+def test_a_full_disk_while_writing_a_draft(cli, ckpt, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "draft"
+    one_line_error(cli("quantize", str(ckpt), "--out", str(out)), 1, "No space left", str(out))
+    assert not out.exists() and not list(tmp_path.glob(".draft.tmp-*"))

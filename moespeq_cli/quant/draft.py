@@ -148,17 +148,19 @@ class QuantizedExperts:
         """Write the draft to ``out`` atomically: into a temporary directory beside it,
         then swapped in (``replace_dir``). ``out`` must be absent or a draft of ``source``
         (``check_out``); hold ``draft_lock(out)`` around quantize-and-save."""
-
         out = real_out(out)
         fp = fp or fingerprint(source)
         check_out(out, fp)
         tmp = out.with_name(f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        from safetensors import SafetensorError
+
         try:
             self._write(tmp, out, source, fp)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
+            why = e.strerror if isinstance(e, OSError) else str(e).split(": ")[-1]
             raise MoespeqError(
-                f"cannot write the draft to {shown(out)} ({e.strerror}); check the disk and directory"
+                f"cannot write the draft to {shown(out)} ({why}); check the disk and directory"
             ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
