@@ -17,6 +17,7 @@ kill at any instant leaves the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -167,46 +168,31 @@ def check_output(path: Path | None, option: str) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path``: never a
     half-written file, and never anything but a regular file replaced. A symlink to a
-    regular file is followed (its target is replaced, the link stays)."""
+    regular file is followed (its target is replaced, the link stays). The temporary
+    file has a name no other file has (``mkstemp``): nothing but it is ever removed."""
     path = Path(path)
     if path.is_symlink() and is_regular(path):
         path = path.resolve()
     status, _ = file_status(path)
     if status not in ("missing", "file"):
         raise MoespeqError(f"cannot write {path}: it is {status}, not a regular file")
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:60]}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
-        raise MoespeqError(
-            f"cannot write {path} ({e.strerror}); check that its directory exists and is writable"
-        ) from None
+        remedy = "free some space" if e.errno == errno.ENOSPC else "check that its directory exists and is writable"
+        raise MoespeqError(f"cannot write {path} ({e.strerror}); {remedy}") from None
     finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove ``.NAME.PID.tmp`` files beside ``path`` left by writers that were killed
-    (their process no longer exists); a live writer's file is left alone."""
-    import glob
-
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 : -4]
-        if not pid.isdigit() or int(pid) == os.getpid() or not is_regular(tmp) or tmp.is_symlink():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if tmp is not None:
             with contextlib.suppress(OSError):
-                tmp.unlink()
-        except OSError:
-            pass  # alive, another user's
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager

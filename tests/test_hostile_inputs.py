@@ -808,12 +808,51 @@ def test_trace_with_the_cpu_backend_is_refused_before_work(cli, ckpt, tmp_path):
     one_line_error(r, 2, "--trace", "cpu")
 
 
-def test_a_killed_writers_temporary_file_is_removed(cli, ckpt, tmp_path):
+def test_files_named_like_our_temporaries_are_left_alone(cli, ckpt, tmp_path):
     out = tmp_path / "t.json"
-    stale = tmp_path / ".t.json.999999999.tmp"  # no such process
-    stale.write_text("half")
+    theirs = [tmp_path / ".t.json.999999999.tmp", tmp_path / ".t.json.1.tmp"]
+    for f in theirs:
+        f.write_text("precious")
     assert run(cli, ckpt, "--backend", "mock", "--trace", str(out)).exit_code == 0
-    assert out.is_file() and not stale.exists()
+    assert out.is_file() and all(f.read_text() == "precious" for f in theirs)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".t.json")) == sorted(f.name for f in theirs)
+
+
+def test_directories_named_like_draft_temporaries_are_left_alone(cli, ckpt, tmp_path):
+    mine = [tmp_path / ".draft.tmp-12345", tmp_path / ".draft.old-777"]
+    for d in mine:
+        d.mkdir()
+        (d / "mydata.txt").write_text("precious")
+    assert cli("quantize", str(ckpt), "--out", str(tmp_path / "draft")).exit_code == 0
+    assert all((d / "mydata.txt").read_text() == "precious" for d in mine)
+
+
+def test_quantize_out_as_a_dangling_symlink(cli, ckpt, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere" / "x")
+    one_line_error(cli("quantize", str(ckpt), "--out", str(link)), 2, "dangling")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_quantize_refuses_nan_experts(cli, ckpt, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    sd = load_file(f)
+    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, f, metadata={"format": "pt"})
+    one_line_error(cli("quantize", str(ckpt), "--out", str(tmp_path / "d")), 1, key, "NaN")
+    assert not (tmp_path / "d").exists()
+
+
+def test_bench_spec_depths_checked_before_any_run(cli, ckpt):
+    one_line_error(cli("bench", str(ckpt), "-p", "hi", "-n", "2", "--spec-depths", "auto,x"), 2, "--spec-depths")
+
+
+def test_empty_hardware_name(cli):
+    one_line_error(cli("plan", "mixtral", "--hardware", ""), 2, "--hardware")
 
 
 def test_a_home_directory_that_does_not_exist(cli):

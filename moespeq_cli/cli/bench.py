@@ -68,6 +68,10 @@ def bench(
             raise UsageError(f"unknown policy {p!r} in --policies; choose from {', '.join(POLICIES)}")
     if backend == "cpu":
         raise UsageError("bench compares offloading policies: use --backend mock or cuda")
+    depths = [d.strip() for d in spec_depths.split(",")]
+    for d in depths:
+        if d != "auto" and not (d.isdigit() and 0 <= int(d) <= 64):
+            raise UsageError(f"--spec-depths {spec_depths!r}: {d!r} is not auto or a number from 0 to 64")
     name, path = resolve(model)
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
     if name == DEMO and vram is None and hardware is None:
@@ -97,7 +101,7 @@ def bench(
         names,
         opts,
         same_cache=same_cache,
-        spec_depths=[d.strip() for d in spec_depths.split(",")],
+        spec_depths=depths,
     )
     tokens = {tuple(r.token_ids) for r in results}
     if len(tokens) != 1:

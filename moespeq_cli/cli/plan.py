@@ -95,7 +95,7 @@ def plan(
             f"--context {context} is beyond the model's context of {cfg.context_limit} tokens; "
             f"use --context {cfg.context_limit} or less"
         )
-    hw = load_profile(hardware or DEFAULT_HARDWARE)
+    hw = load_profile(DEFAULT_HARDWARE if hardware is None else hardware)
     budget = parse_size(vram, "--vram") if vram is not None else hw.usable_memory
     storage = DTYPES[dtype] if dtype else cfg.dtype
     with torch.device("meta"):

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 
 from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
-from moespeq_cli.fs import exclusive_lock, file_status, is_dir, shown
+from moespeq_cli.fs import exclusive_lock, file_status, is_dir, is_regular, shown
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.runtime.experts import expert_mlp
 
@@ -99,7 +100,11 @@ class QuantizedExperts:
         for layer in c.moe_layers:
             for e in range(c.num_experts):
                 parts = []
-                for w in ckpt.expert(layer, e, dtype):
+                for key, w in zip(c.expert_keys(layer, e), ckpt.expert(layer, e, dtype), strict=True):
+                    if not bool(torch.isfinite(w).all()):
+                        raise CheckpointError(
+                            f"tensor {key} in {ckpt.path} holds NaN or infinite values; it is corrupt"
+                        )
                     packed, state = F.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type=method)
                     parts.append((packed, state))
                 q[(layer, e)] = parts
@@ -151,8 +156,7 @@ class QuantizedExperts:
         out = real_out(out)
         fp = fp or fingerprint(source)
         check_out(out, fp)
-        tmp = out.with_name(f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}-", dir=out.parent))
         from safetensors import SafetensorError
 
         try:
@@ -169,7 +173,6 @@ class QuantizedExperts:
     def _write(self, tmp: Path, out: Path, source: Checkpoint, fp: str) -> None:
         from safetensors.torch import save_file
 
-        tmp.mkdir(parents=True)
         tensors = {}
         for (layer, e), parts in self.q.items():
             for proj, (packed, state) in zip(PROJ, parts, strict=True):
@@ -272,7 +275,9 @@ def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: 
         and state.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
     if not ok:
-        raise CheckpointError(f"{bad} (its sizes disagree with the checkpoint); rebuild it with `moespeq quantize`")
+        raise CheckpointError(
+            f"{bad} (its sizes or values are wrong for this checkpoint); rebuild it with `moespeq quantize`"
+        )
     return packed, state
 
 
@@ -290,9 +295,8 @@ def draft_lock(out: Path, fp: str):
     check_out(out, fp)  # refuse before creating anything
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.with_name(f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}")
-        probe.mkdir()  # can a draft be written here at all? (read-only, /proc, /sys)
-        probe.rmdir()
+        # Can a draft be written here at all? (read-only, /proc, /sys)
+        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise UsageError(f"--out {shown(out)}: cannot write there ({e.strerror}); give another directory") from None
     with exclusive_lock(lock_file(out), f"writing the draft {out}"):
@@ -303,9 +307,13 @@ def draft_lock(out: Path, fp: str):
 
 def real_out(out: Path) -> Path:
     """``--out`` with a symlink followed: the draft replaces what the link points to, and
-    the link stays."""
+    the link stays. A dangling link is refused (it would create directories elsewhere)."""
     out = Path(out)
-    return Path(os.path.realpath(out)) if out.is_symlink() else out
+    if not out.is_symlink():
+        return out
+    if not os.path.exists(out):
+        raise UsageError(f"--out {shown(out)} is a dangling symlink; give a new directory or fix the link")
+    return Path(os.path.realpath(out))
 
 
 def lock_file(out: Path) -> Path:
@@ -368,12 +376,35 @@ def recover(out: Path, fp: str) -> None:
     for prefix in (OLD_PREFIX, TMP_PREFIX):
         stem = prefix.format(name=out.name)
         for p in parent.glob(f"{glob.escape(stem)}*"):
-            if not p.name[len(stem) :].isdigit() or p.is_symlink() or not p.is_dir():
-                continue
+            if not ours(p, finished=prefix == OLD_PREFIX):
+                continue  # a directory of the user's that happens to share the name
             if prefix == OLD_PREFIX and not os.path.lexists(out) and is_draft_of(p, fp):
                 os.replace(p, out)
                 continue
             shutil.rmtree(p, ignore_errors=True)
+
+
+DRAFT_FILES = {"draft.safetensors", "manifest.json"}
+
+
+def ours(p: Path, finished: bool) -> bool:
+    """A directory a killed ``quantize`` left: named by us (``.NAME.tmp-PID-...`` or
+    ``.NAME.old-PID``), a real directory holding nothing but a draft's files, and, for a
+    finished draft set aside, a moespeq manifest. Anything else is the user's."""
+    if p.is_symlink() or not p.is_dir():
+        return False
+    try:
+        names = {c.name for c in p.iterdir()}
+    except OSError:
+        return False
+    if not names <= DRAFT_FILES or any(not is_regular(p / n) for n in names):
+        return False
+    if finished:
+        try:
+            return read_json(p / "manifest.json", "").get("format") == FORMAT
+        except CheckpointError:
+            return False
+    return True
 
 
 def replace_dir(new: Path, out: Path) -> None:
@@ -391,8 +422,8 @@ def replace_dir(new: Path, out: Path) -> None:
     if _exchange(new, out):
         shutil.rmtree(new)  # now the old draft
         return
-    old = out.with_name(f"{OLD_PREFIX.format(name=out.name)}{os.getpid()}")
-    os.replace(out, old)
+    old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX.format(name=out.name)}{os.getpid()}-", dir=out.parent))
+    os.replace(out, old)  # over the empty directory just made: a name nobody else holds
     os.replace(new, out)
     shutil.rmtree(old, ignore_errors=True)
 

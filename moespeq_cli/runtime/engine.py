@@ -65,7 +65,7 @@ class Engine:
         self.hw: HardwareProfile | None = None
         self.budget: int | None = None
         if self.backend_name != "cpu":
-            self.hw = load_profile(opts.hardware or DEFAULT_HARDWARE)
+            self.hw = load_profile(DEFAULT_HARDWARE if opts.hardware is None else opts.hardware)
             self.budget = parse_size(opts.vram, "--vram") if opts.vram is not None else self.hw.usable_memory
         elif opts.vram is not None or opts.hardware is not None:
             raise UsageError("--vram and --hardware apply to the mock and cuda backends, not --backend cpu")

@@ -114,6 +114,10 @@ def available_profiles() -> list[str]:
 
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A profile by name (``profiles/NAME.yaml``) or by the path of a .yaml file."""
+    if not name_or_path.strip():
+        raise UsageError(
+            f"--hardware is empty; give a profile name ({', '.join(available_profiles())}) or a .yaml path"
+        )
     path = Path(os.path.expanduser(name_or_path))
     if path.suffix in (".yaml", ".yml") and kind(path) != "missing":
         return parse_profile(path)  # parse_profile's reader refuses anything but a regular file

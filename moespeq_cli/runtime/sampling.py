@@ -37,7 +37,7 @@ class SamplingParams:
         if self.top_k < 0:
             raise UsageError(f"--top-k {self.top_k} is out of range; use 0 (off) or a positive number")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise UsageError(f"--seed {self.seed} does not fit in 64 bits; use 0 to {2**64 - 1}")
+            raise UsageError(f"--seed {self.seed} does not fit in 64 bits; use {-(2**63)} to {2**64 - 1}")
 
     @property
     def greedy(self) -> bool:
