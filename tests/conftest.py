@@ -46,3 +46,14 @@ def cli():
         return runner.invoke(app, list(args))
 
     return invoke
+
+
+@pytest.fixture
+def ckpt(tiny, tmp_path):
+    """A private copy of the tiny Mixtral checkpoint, to corrupt at will."""
+    import shutil
+
+    src, _ = tiny("mixtral", "gqa")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst

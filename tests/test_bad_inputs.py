@@ -1,7 +1,6 @@
 """Every bad input gets one line on stderr, the right exit code, and no traceback."""
 
 import json
-import shutil
 
 import pytest
 
@@ -15,14 +14,6 @@ def one_line_error(r, code, *needles):
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture
-def ckpt(tiny, tmp_path):
-    src, _ = tiny("mixtral", "gqa")
-    dst = tmp_path / "ckpt"
-    shutil.copytree(src, dst)
-    return dst
 
 
 def run(cli, path, *extra):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import one_line_error
+from test_bad_inputs import one_line_error, run
 
 GUARD_S = 10
 
@@ -53,22 +53,10 @@ def tree(path: Path) -> dict:
     return out
 
 
-@pytest.fixture
-def ckpt(tiny, tmp_path):
-    src, _ = tiny("mixtral", "gqa")
-    dst = tmp_path / "ckpt"
-    shutil.copytree(src, dst)
-    return dst
-
-
 def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(changes)
     path.write_text(json.dumps(data))
-
-
-def run(cli, path, *extra):
-    return cli("run", str(path), "--prompt", "hello world", "-n", "4", "--backend", "cpu", *extra)
 
 
 # -- 1. never destroy what the user did not ask to destroy ------------------------
