@@ -239,8 +239,10 @@ def prepare(
 def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0) -> list[int]:
     """The prompt's token ids; a prompt that cannot fit the context even at the longest
     token per byte is refused before it is rendered or tokenized."""
-    fewest = engine.tokenizer.min_tokens(text)
-    if fewest > engine.ckpt.config.context_limit:
+    limit = engine.ckpt.config.context_limit
+    # The bound is at most the byte count, so only a prompt longer than the context (in
+    # characters, at most its bytes) pays for the tokenizer's vocabulary scan.
+    if len(text) > limit and (fewest := engine.tokenizer.min_tokens(text)) > limit:
         engine.context_for(fewest, max_new_tokens, at_least=True)
     use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat
     prompt_ids = engine.tokenizer.encode(text, chat=use_chat)
