@@ -43,9 +43,9 @@ def build(out: Path) -> None:
 
 def time_ours(path: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> tuple[float, list[int]]:
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.runtime.experts import InMemoryExperts
+    from moespeq_cli.models.loader import load_model
+    from moespeq_cli.runtime.executors.experts import InMemoryExperts
     from moespeq_cli.runtime.generate import generate
-    from moespeq_cli.runtime.loader import load_model
     from moespeq_cli.runtime.sampling import SamplingParams
 
     ck = Checkpoint(path)

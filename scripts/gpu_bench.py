@@ -59,7 +59,7 @@ def overlap(nbytes: int = 512 * 2**20) -> dict:
 def policies(path: Path, new_tokens: int) -> list[dict]:
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.runtime.engine import Engine, EngineOptions
-    from moespeq_cli.runtime.planner import checkpoint_plan
+    from moespeq_cli.runtime.planning.planner import checkpoint_plan
     from moespeq_cli.runtime.sampling import SamplingParams
 
     ck = Checkpoint(path)

@@ -4,7 +4,7 @@ import torch
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.planner import checkpoint_plan
+from moespeq_cli.runtime.planning.planner import checkpoint_plan
 from moespeq_cli.runtime.sampling import SamplingParams
 
 

@@ -4,9 +4,9 @@ import pytest
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.backends.mock import MockBackend
-from moespeq_cli.runtime.expert_cache import ExpertCache
-from moespeq_cli.runtime.expert_store import ExpertStore
-from moespeq_cli.runtime.hardware import load_profile
+from moespeq_cli.runtime.planning.hardware import load_profile
+from moespeq_cli.runtime.tiers.cache import ExpertCache
+from moespeq_cli.runtime.tiers.store import ExpertStore
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moespeq_cli.runtime.governor import Governor, GovernorState, union_size
+from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState, union_size
 
 
 def state(p, t_draft, t_target, misses, t_copy, k_max=8, E=64, K=4):

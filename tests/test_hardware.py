@@ -3,7 +3,7 @@
 import pytest
 
 from moespeq_cli.errors import UsageError
-from moespeq_cli.runtime.hardware import available_profiles, load_profile, parse_size
+from moespeq_cli.runtime.planning.hardware import available_profiles, load_profile, parse_size
 
 REQUIRED = ["rtx3060-12gb", "rtx4070-12gb", "rtx4090-24gb", "t4-16gb", "a100-40gb-pcie", "h100-pcie", "laptop-8gb"]
 

@@ -9,9 +9,9 @@ from offload_helpers import FAMILIES, prompt_for, run_engine, vram_for_slots
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.governor import GovernorState
-from moespeq_cli.runtime.hardware import profiles_dir
+from moespeq_cli.runtime.planning.hardware import profiles_dir
 from moespeq_cli.runtime.sampling import SamplingParams
+from moespeq_cli.runtime.scheduling.governor import GovernorState
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import pytest
 
 from moespeq_cli.runtime.backends.base import DeviceMemoryError, Event
 from moespeq_cli.runtime.backends.mock import MockBackend
-from moespeq_cli.runtime.costs import Cost
-from moespeq_cli.runtime.hardware import load_profile
+from moespeq_cli.runtime.planning.costs import Cost
+from moespeq_cli.runtime.planning.hardware import load_profile
 
 HW = load_profile("rtx3060-12gb")
 

@@ -7,7 +7,7 @@ import pytest
 from offload_helpers import prompt_for, run_engine, vram_for_slots
 
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.policies import POLICIES
+from moespeq_cli.runtime.scheduling.policies import POLICIES
 
 BASELINES = [p for p in POLICIES if p != "moespeq"]  # moespeq: tests/test_speculative.py
 

@@ -7,9 +7,9 @@ import torch
 from tiny_models import VARIANTS
 
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.runtime.experts import InMemoryExperts
+from moespeq_cli.models.loader import load_model
+from moespeq_cli.runtime.executors.experts import InMemoryExperts
 from moespeq_cli.runtime.generate import generate
-from moespeq_cli.runtime.loader import load_model
 from moespeq_cli.runtime.sampling import SamplingParams
 
 

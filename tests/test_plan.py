@@ -11,9 +11,9 @@ from offload_helpers import prompt_for, run_engine, vram_for_slots
 from moespeq_cli.model_ref import ALIASES, CONFIGS_DIR
 from moespeq_cli.models import architecture
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.runtime.estimate import StepModel, estimate
-from moespeq_cli.runtime.hardware import load_profile, parse_size
-from moespeq_cli.runtime.planner import make_plan
+from moespeq_cli.runtime.planning.estimate import StepModel, estimate
+from moespeq_cli.runtime.planning.hardware import load_profile, parse_size
+from moespeq_cli.runtime.planning.planner import make_plan
 
 
 @pytest.fixture(autouse=True)

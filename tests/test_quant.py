@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.quant.draft import QuantizedExperts, default_draft_dir
-from moespeq_cli.runtime.experts import expert_mlp
+from moespeq_cli.runtime.executors.experts import expert_mlp
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
@@ -77,7 +77,7 @@ def test_draft_memory_is_about_a_quarter_of_bf16(tiny):
     q = QuantizedExperts.quantize(ck)
     full = ck.config.expert_params * 2 * len(q.q)
     assert 0.25 < q.total_bytes / full < 0.31
-    from moespeq_cli.runtime.planner import draft_bytes_estimate
+    from moespeq_cli.runtime.planning.planner import draft_bytes_estimate
 
     assert abs(draft_bytes_estimate(ck.config) - q.total_bytes) / q.total_bytes < 0.02
 

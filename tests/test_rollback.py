@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.runtime.experts import InMemoryExperts
-from moespeq_cli.runtime.loader import load_model
+from moespeq_cli.models.loader import load_model
+from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
 
 @pytest.mark.parametrize("family,variant", [("mixtral", "gqa"), ("deepseek_v2", "lite"), ("qwen3_moe", "base")])

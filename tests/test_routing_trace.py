@@ -5,7 +5,7 @@ from collections import OrderedDict
 
 import pytest
 
-from moespeq_cli.runtime.routing_trace import RoutingTrace
+from moespeq_cli.runtime.scheduling.routing_trace import RoutingTrace
 
 LAYERS, EXPERTS, TOP_K = [1, 3, 5], 8, 2
 

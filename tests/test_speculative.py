@@ -7,7 +7,7 @@ from offload_helpers import FAMILIES, prompt_for, run_engine, vram_for_slots
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.planner import draft_bytes_estimate
+from moespeq_cli.runtime.planning.planner import draft_bytes_estimate
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.speculative import accept_greedy, accept_sampling
 
@@ -56,7 +56,7 @@ def test_broken_draft_still_lossless(tiny):
 
 
 def test_target_as_its_own_draft_accepts_everything(tiny):
-    from moespeq_cli.runtime.experts import InMemoryExperts
+    from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
     path, _ = tiny("qwen2_moe", "shared")
     eng = spec_engine(path, "4", context=40)

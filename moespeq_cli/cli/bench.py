@@ -58,7 +58,7 @@ def bench(
 
     from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT, encode_prompt, read_prompt
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
-    from moespeq_cli.runtime.policies import POLICIES
+    from moespeq_cli.runtime.scheduling.policies import POLICIES
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
@@ -79,7 +79,7 @@ def bench(
 
     from moespeq_cli.runtime.bench import bench as run_bench
     from moespeq_cli.runtime.engine import Engine, EngineOptions
-    from moespeq_cli.runtime.hardware import parse_size
+    from moespeq_cli.runtime.planning.hardware import parse_size
 
     opts = EngineOptions(
         backend=backend,

@@ -79,10 +79,10 @@ def plan(
     from moespeq_cli.models import build_model, parse_config
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
-    from moespeq_cli.runtime.estimate import StepModel, estimate, plan_moespeq
-    from moespeq_cli.runtime.hardware import load_profile, parse_size
-    from moespeq_cli.runtime.planner import draft_bytes_estimate, make_plan
-    from moespeq_cli.runtime.policies import make_policy
+    from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
+    from moespeq_cli.runtime.planning.hardware import load_profile, parse_size
+    from moespeq_cli.runtime.planning.planner import draft_bytes_estimate, make_plan
+    from moespeq_cli.runtime.scheduling.policies import make_policy
 
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")

@@ -59,7 +59,7 @@ def quantize(
     if json_out:
         print(json.dumps(result))
     else:
-        from moespeq_cli.runtime.hardware import format_size
+        from moespeq_cli.runtime.planning.hardware import format_size
 
         print(
             f"quantized {result['experts']} experts ({method}, blocksize {blocksize}): "

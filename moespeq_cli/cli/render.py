@@ -26,7 +26,7 @@ class Renderer:
     def plan(self, plan, hw, draft: str | None = None) -> None:
         from rich.console import Console
 
-        from moespeq_cli.runtime.hardware import format_size
+        from moespeq_cli.runtime.planning.hardware import format_size
 
         parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
         Console(stderr=True, highlight=False, soft_wrap=True).print(
@@ -68,7 +68,7 @@ def bench_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moespeq_cli.runtime.hardware import format_size
+    from moespeq_cli.runtime.planning.hardware import format_size
 
     clock = report["results"][0]["stats"]["clock"] if report["results"] else "?"
     t = Table(
@@ -126,7 +126,7 @@ def plan_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moespeq_cli.runtime.hardware import format_size
+    from moespeq_cli.runtime.planning.hardware import format_size
 
     console = Console(highlight=False)
     console.print(

@@ -3,7 +3,7 @@ the gated MLP, and the sparse MoE block that delegates expert compute to an exec
 
 This module knows nothing about where expert weights live. A MoE block computes its
 router's decision, then hands ``(layer, x, expert_ids, weights)`` to the model's
-``experts`` executor: in memory on the CPU (runtime/experts.py), or through the
+``experts`` executor: in memory on the CPU (runtime/executors/experts.py), or through the
 offloading cache. That is the one seam the whole runtime hangs on.
 
 Shapes: a batch is one sequence, so activations are ``[T, hidden]``; attention works on

@@ -32,7 +32,7 @@ from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 from moespeq_cli.fs import exclusive_lock, file_status, is_dir, is_regular, shown
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
-from moespeq_cli.runtime.experts import expert_mlp
+from moespeq_cli.runtime.executors.experts import expert_mlp
 
 METHODS = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)

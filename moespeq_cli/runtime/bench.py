@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.planner import checkpoint_plan, draft_bytes_estimate
+from moespeq_cli.runtime.planning.planner import checkpoint_plan, draft_bytes_estimate
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
 
@@ -99,7 +99,7 @@ def bench(
 ) -> list[BenchResult]:
     """Run each policy (moespeq once per entry of ``spec_depths``, or per (spec depth,
     CPU experts) pair of ``moespeq_runs``); fill speedups."""
-    from moespeq_cli.runtime.policies import make_policy
+    from moespeq_cli.runtime.scheduling.policies import make_policy
 
     results = []
     for policy in policies:

@@ -20,17 +20,17 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.fs import is_dir, shown
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
+from moespeq_cli.models.loader import load_model
 from moespeq_cli.runtime.backends import make_backend, resolve_backend_name
-from moespeq_cli.runtime.costs import host_expert_seconds
-from moespeq_cli.runtime.expert_cache import CacheStats
 from moespeq_cli.runtime.generate import TokenEvent, generate
-from moespeq_cli.runtime.hardware import HardwareProfile, load_profile, parse_size
-from moespeq_cli.runtime.loader import load_model
-from moespeq_cli.runtime.planner import Plan, checkpoint_plan
-from moespeq_cli.runtime.policies import make_policy
-from moespeq_cli.runtime.routing_trace import RoutingTrace
+from moespeq_cli.runtime.planning.costs import host_expert_seconds
+from moespeq_cli.runtime.planning.hardware import HardwareProfile, load_profile, parse_size
+from moespeq_cli.runtime.planning.planner import Plan, checkpoint_plan
 from moespeq_cli.runtime.sampling import SamplingParams
+from moespeq_cli.runtime.scheduling.policies import make_policy
+from moespeq_cli.runtime.scheduling.routing_trace import RoutingTrace
 from moespeq_cli.runtime.stats import GenerationStats
+from moespeq_cli.runtime.tiers.cache import CacheStats
 from moespeq_cli.tokenizer import Tokenizer
 
 DEFAULT_HARDWARE = "rtx3060-12gb"
@@ -130,14 +130,15 @@ class Engine:
 
     def load(self, context: int) -> None:
         if self.backend_name == "cpu":
-            from moespeq_cli.runtime.experts import InMemoryExperts
+            from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
             self.model = load_model(self.ckpt, self.dtype, context)
             self.model.set_experts(InMemoryExperts(self.ckpt, self.dtype))
             return
-        from moespeq_cli.runtime.expert_cache import ExpertCache
-        from moespeq_cli.runtime.expert_store import ExpertStore
-        from moespeq_cli.runtime.offload import OffloadedExperts, instrument
+        from moespeq_cli.runtime.executors.instrument import instrument
+        from moespeq_cli.runtime.executors.offload import OffloadedExperts
+        from moespeq_cli.runtime.tiers.cache import ExpertCache
+        from moespeq_cli.runtime.tiers.store import ExpertStore
 
         self.plan = checkpoint_plan(
             self.ckpt,
@@ -169,10 +170,11 @@ class Engine:
         backend.reset_clock()
 
     def _setup_speculation(self) -> None:
-        from moespeq_cli.runtime.costs import elem_size, transfer_seconds
-        from moespeq_cli.runtime.governor import Governor, GovernorState
-        from moespeq_cli.runtime.moespeq import DraftExperts, ElbScheduler
-        from moespeq_cli.runtime.planner import spread
+        from moespeq_cli.runtime.executors.draft import DraftExperts
+        from moespeq_cli.runtime.planning.costs import elem_size, transfer_seconds
+        from moespeq_cli.runtime.planning.planner import spread
+        from moespeq_cli.runtime.scheduling.elb import ElbScheduler
+        from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState
 
         c = self.ckpt.config
         plan = self.plan

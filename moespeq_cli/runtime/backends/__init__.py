@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moespeq_cli.errors import UsageError
 from moespeq_cli.runtime.backends.base import Backend, DeviceMemoryError, Event
-from moespeq_cli.runtime.hardware import HardwareProfile
+from moespeq_cli.runtime.planning.hardware import HardwareProfile
 
 BACKEND_NAMES = ("auto", "cuda", "mock", "cpu")
 

@@ -24,8 +24,8 @@ from abc import ABC, abstractmethod
 import torch
 
 from moespeq_cli.errors import MoespeqError
-from moespeq_cli.runtime.costs import Cost
-from moespeq_cli.runtime.hardware import HardwareProfile, format_size
+from moespeq_cli.runtime.planning.costs import Cost
+from moespeq_cli.runtime.planning.hardware import HardwareProfile, format_size
 from moespeq_cli.runtime.timeline import Timeline
 
 

@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from moespeq_cli.runtime.backends.base import Backend, Event, HostJob
-from moespeq_cli.runtime.costs import Cost, transfer_seconds
-from moespeq_cli.runtime.hardware import HardwareProfile
+from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
+from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
 
 

@@ -5,7 +5,7 @@ in order; a copy is issued at the compute stream's current time (the host enqueu
 when the program reaches that point), starts when the copy stream is free and the slot's
 previous reader has finished, and takes ``link_latency + bytes / link_bandwidth``. A wait
 moves the compute stream to the event's time; the gap is recorded as a stall. Compute
-advances the compute stream by the roofline cost of the operation (costs.py). The host
+advances the compute stream by the roofline cost of the operation (planning/costs.py). The host
 CPU is a third in-order stream: a host job's activations leave when the compute stream
 reaches it (``link_latency + bytes / link_bandwidth``), the CPU computes the expert at its
 host roofline cost once it is free, and the output comes back the same way. Device
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from moespeq_cli.runtime.backends.base import Backend, Event, HostJob
-from moespeq_cli.runtime.costs import Cost, transfer_seconds
-from moespeq_cli.runtime.hardware import HardwareProfile
+from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
+from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
 
 

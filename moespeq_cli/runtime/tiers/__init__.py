@@ -1,1 +1,2 @@
-"""Memory tiers below the device: the disk tier (``disk.py``), read without the page cache."""
+"""Where experts live: the disk tier (the checkpoint's files), host RAM and device slots,
+each a cache of the one below (DESIGN.md §9)."""

@@ -21,7 +21,7 @@ first -- no routing statistics are assumed.
   copied, if the cost model says the copy is faster and the expert is already on its way
   -- never, for a static cache). No speculation.
 - ``moespeq``: the 4-bit self-draft predicts the experts of the next k tokens and the ELB
-  scheduler prefetches them while the draft runs (runtime/moespeq.py); its cache evicts
+  scheduler prefetches them while the draft runs (scheduling/elb.py); its cache evicts
   lookahead-aware. With k = 0 it decodes like ``gate-prefetch`` or like ``lru``,
   whichever the governor measures faster (governor.py). With CPU experts (the
   default) each expert not on the device when verification needs it is copied or

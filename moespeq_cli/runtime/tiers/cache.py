@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moespeq_cli.runtime.backends.base import Backend, Event
-from moespeq_cli.runtime.expert_store import ExpertStore
+from moespeq_cli.runtime.tiers.store import ExpertStore
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -160,7 +160,7 @@ class ExpertCache:
         """Copy experts into the free slots (never evicting): every expert if they fit,
         else the same number per layer, lowest ids first (no routing statistics are
         assumed)."""
-        from moespeq_cli.runtime.planner import spread
+        from moespeq_cli.runtime.planning.planner import spread
 
         c = self.store.config
         for key in spread(self.slots, list(c.moe_layers), c.num_experts):

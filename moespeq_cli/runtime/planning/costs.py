@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moespeq_cli.runtime.hardware import HardwareProfile
+from moespeq_cli.runtime.planning.hardware import HardwareProfile
 
 
 @dataclass(frozen=True)

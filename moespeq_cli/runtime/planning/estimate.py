@@ -2,7 +2,7 @@
 model's shapes, a memory plan and a hardware profile, before any weight is downloaded.
 
 It prices a decode step with the same roofline formulas the mock backend's clock uses
-(costs.py; non-expert modules from ``offload.charges``) and adds what each policy does
+(costs.py; non-expert modules from ``instrument.charges``) and adds what each policy does
 with the experts that are not on the device. Routing is not known before running, so it
 assumes what an honest estimate can: tokens pick their experts independently and
 uniformly, a cache of S slots out of N experts hits with probability S / N, and n tokens
@@ -36,11 +36,11 @@ import torch
 
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
-from moespeq_cli.runtime.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
-from moespeq_cli.runtime.governor import GovernorState, union_size
-from moespeq_cli.runtime.hardware import HardwareProfile
-from moespeq_cli.runtime.offload import charges
-from moespeq_cli.runtime.planner import Plan, make_plan
+from moespeq_cli.runtime.executors.instrument import charges
+from moespeq_cli.runtime.planning.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
+from moespeq_cli.runtime.planning.hardware import HardwareProfile
+from moespeq_cli.runtime.planning.planner import Plan, make_plan
+from moespeq_cli.runtime.scheduling.governor import GovernorState, union_size
 
 DEFAULT_ACCEPTANCE = 0.8
 

@@ -70,7 +70,7 @@ class InMemoryExperts:
     backend and the reference the offloading runtime is checked against."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
-        from moespeq_cli.runtime.expert_store import ExpertStore
+        from moespeq_cli.runtime.tiers.store import ExpertStore
 
         self.store = ExpertStore(ckpt, dtype)
 

@@ -23,8 +23,8 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.models import build_model
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
-from moespeq_cli.runtime.costs import elem_size
-from moespeq_cli.runtime.hardware import format_size
+from moespeq_cli.runtime.planning.costs import elem_size
+from moespeq_cli.runtime.planning.hardware import format_size
 
 
 @dataclass

@@ -104,7 +104,7 @@ def profiles_dir() -> Path:
     env = os.environ.get("MOESPEQ_PROFILES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "profiles"
+    return Path(__file__).resolve().parents[3] / "profiles"
 
 
 def available_profiles() -> list[str]:

@@ -1,5 +1,4 @@
-"""MoE-SpeQ's runtime side: the draft's expert executor and the Expert Lookahead Buffer
-(ELB) scheduler.
+"""The Expert Lookahead Buffer (ELB) scheduler: MoE-SpeQ's prefetching side.
 
 While the draft generates k tokens, every draft router decision (token i, layer l) ->
 expert ids is recorded in the ELB; it is the k x L table of what the coming verification
@@ -27,64 +26,11 @@ import heapq
 
 import torch
 
-from moespeq_cli.quant.draft import QuantizedExperts
 from moespeq_cli.runtime.backends.base import Backend
-from moespeq_cli.runtime.costs import expert_cost
-from moespeq_cli.runtime.expert_cache import ExpertCache, Key
-from moespeq_cli.runtime.experts import grouped, token_groups
-from moespeq_cli.runtime.governor import Governor
-from moespeq_cli.runtime.offload import OffloadedExperts
+from moespeq_cli.runtime.executors.offload import OffloadedExperts
+from moespeq_cli.runtime.scheduling.governor import Governor
 from moespeq_cli.runtime.speculative import SpecHooks
-
-
-class DraftExperts:
-    """The draft's routed experts: 4-bit weights, on the device (``on_device``; default
-    all) or in host memory, where the CPU computes them (issued first, so the GPU runs the
-    device-resident ones meanwhile)."""
-
-    def __init__(
-        self, quant: QuantizedExperts, backend: Backend | None, on_device: set | None = None, act_elem: int = 2
-    ):
-        self.quant, self.backend, self.on_device, self.act_elem = quant, backend, on_device, act_elem
-        self.elem = quant.bytes_per_expert / (3 * quant.hidden * quant.inter)
-
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        b = self.backend
-        if b is None:
-            return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe))
-        groups = token_groups(ids)
-        jobs = {}
-        for e, (rows, _) in groups.items():
-            if self.on_device is not None and (layer, e) not in self.on_device:
-                xe = x[rows] if x.shape[0] > 1 else x
-                cost = expert_cost(self.quant.hidden, self.quant.inter, xe.shape[0], self.elem)
-                act = xe.shape[0] * self.quant.hidden * self.act_elem
-                jobs[e] = b.host_compute(
-                    xe,
-                    lambda xh, e=e: self.quant.forward(layer, e, xh),
-                    cost,
-                    act,
-                    f"cpu draft expert L{layer}.E{e}",
-                    layer,
-                    e,
-                )
-
-        def run(e: int, xe: torch.Tensor) -> torch.Tensor:
-            if e in jobs:
-                return b.host_result(jobs[e])
-            token = b.begin()
-            y = self.quant.forward(layer, e, xe)
-            b.end(
-                token,
-                expert_cost(self.quant.hidden, self.quant.inter, xe.shape[0], self.elem),
-                f"draft expert L{layer}.E{e}",
-                layer,
-                e,
-            )
-            return y
-
-        order = [e for e in groups if e not in jobs] + list(jobs)
-        return grouped(x, ids, weights, run, order=order, groups=groups)
+from moespeq_cli.runtime.tiers.cache import ExpertCache, Key
 
 
 class ElbScheduler(SpecHooks):

@@ -1,0 +1,1 @@
+"""Routed-expert compute: where the MoE layers get their experts' outputs from."""

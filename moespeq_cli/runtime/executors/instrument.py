@@ -1,0 +1,85 @@
+"""Charging the non-expert work to the backend's clock.
+
+``instrument`` hangs forward hooks on every non-expert module (attention, routers, shared
+experts, dense layers, LM head) that bracket it with ``backend.begin()`` / ``end(cost)``,
+so the model code stays backend-agnostic: the mock prices each module by its roofline
+cost (``charges``), the wall-clock backends record how long it really took. The routed
+experts are charged by their executors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from moespeq_cli.models.base import CausalLM, GatedMLP, SparseMoE
+from moespeq_cli.runtime.backends.base import Backend
+from moespeq_cli.runtime.planning.costs import Cost, attention_core_cost, elem_size, linear_cost, module_cost
+
+
+def charges(model: CausalLM, elem: int) -> list[tuple[nn.Module, str, int | None, Callable[[int, int], Cost], bool]]:
+    """Every non-expert module the clock charges: (module, name, layer, cost(tokens,
+    context), whether its cost depends on the KV cache's length). The routed experts are
+    charged by their executors; ``moespeq plan`` prices a decode step from this table."""
+    table = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        heads, kv_heads, dk, dv = attn.kv_dims()
+
+        def attn_cost(t, context, attn=attn, heads=heads, kv_heads=kv_heads, dk=dk, dv=dv):
+            return module_cost(attn, t, elem, extra_kernels=4) + attention_core_cost(
+                heads, kv_heads, dk, dv, t, context, elem
+            )
+
+        table.append((attn, f"attention L{i}", i, attn_cost, True))
+        mlp = layer.ffn.__self__
+        if isinstance(mlp, SparseMoE):
+            g = mlp.gate
+            table.append(
+                (
+                    g,
+                    f"router L{i}",
+                    i,
+                    lambda t, c, g=g: linear_cost(g.weight.numel(), g.in_features, g.out_features, t, elem),
+                    False,
+                )
+            )
+            for child_name, child in mlp.named_children():
+                if child_name != "gate":
+                    table.append(
+                        (
+                            child,
+                            f"{child_name} L{i}",
+                            i,
+                            lambda t, c, m=child: module_cost(m, t, elem, extra_kernels=1),
+                            False,
+                        )
+                    )
+        elif isinstance(mlp, GatedMLP):
+            table.append((mlp, f"mlp L{i}", i, lambda t, c, m=mlp: module_cost(m, t, elem, extra_kernels=1), False))
+    head = model.lm_head
+    table.append((head, "lm_head", None, lambda t, c: module_cost(head, t, elem, extra_kernels=2), False))
+    return table
+
+
+def instrument(model: CausalLM, backend: Backend, dtype: torch.dtype) -> list:
+    """Charge each non-expert module's roofline cost to the backend's compute stream
+    through forward hooks. Attention reads the KV cache's length from its args (the cache
+    advances after the whole forward pass). Returns the hook handles."""
+    handles = []
+    for module, name, layer, cost, reads_cache in charges(model, elem_size(dtype)):
+        state = {}
+
+        def pre(mod, args, state=state):
+            state["t"] = backend.begin()
+
+        def post(mod, args, out, state=state, name=name, layer=layer, cost=cost, reads_cache=reads_cache):
+            t = args[0].shape[0]
+            context = args[2].length + t if reads_cache else 0
+            backend.end(state.pop("t"), cost(t, context), name, layer)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles

@@ -1,0 +1,1 @@
+"""Memory plans, hardware profiles and the roofline cost model."""

@@ -1,0 +1,1 @@
+"""What moves when: the offloading policies, the ELB scheduler, the speculative governor."""
