@@ -38,12 +38,12 @@ def test_cuda_copies_overlap_compute(tiny):
     assert tl.overlap_s() >= 0.0
 
 
-def test_pinned_store_and_slot_buffers(tiny):
+def test_pinned_host_tier_and_slot_buffers(tiny):
     path, _ = tiny("olmoe", "base")
     _, eng = run_engine(path, [5, 6, 7, 8], 4, backend="cuda", policy="lru", slots=4)
-    store = eng.cache.store
-    assert all(buf.is_pinned() for buf in store.packed.values())
-    assert eng.cache.device_buffers[0].is_cuda and eng.cache.device_buffers[0].shape[0] == 4
+    host = eng.tiers.host
+    assert all(block.is_pinned() for block in host.blocks)  # registered, exactly its size
+    assert eng.cache.blocks[0].is_cuda and eng.cache.blocks[0].shape[0] == 4
 
 
 @pytest.mark.parametrize("policy", ["hybrid", "moespeq"])

@@ -119,9 +119,9 @@ def test_disk_experts_views_equal_the_checkpoint(tiny, family, variant, dtype):
     assert store.dtype == dtype  # the checkpoint's dtype, never widened
     assert store.reads_per_expert() == 1
     buf = store.empty_buffer()
-    for layer in ck.config.moe_layers:
-        for e in range(ck.config.num_experts):
-            store.read((layer, e), buf)
-            for got, want in zip(store.views(buf), ck.expert(layer, e), strict=True):
-                assert torch.equal(got, want), (layer, e)
-    store.reader.close()
+    with DiskReader() as reader:
+        for layer in ck.config.moe_layers:
+            for e in range(ck.config.num_experts):
+                store.read((layer, e), buf, reader)
+                for got, want in zip(store.views(buf), ck.expert(layer, e), strict=True):
+                    assert torch.equal(got, want), (layer, e)

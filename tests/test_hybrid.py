@@ -104,8 +104,8 @@ def test_chosen_path_is_the_fastest_and_the_model_is_exact(tiny, link):
     arrivals = []
     host_compute = eng.backend.host_compute
 
-    def spy(x, fn, cost, act, name, layer=None, expert=None):
-        job = host_compute(x, fn, cost, act, name, layer, expert)
+    def spy(x, fn, cost, act, name, layer=None, expert=None, after=None):
+        job = host_compute(x, fn, cost, act, name, layer, expert, after)
         if name.startswith("cpu expert"):
             arrivals.append((layer, expert, job.event.time))
         return job

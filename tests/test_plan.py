@@ -28,7 +28,7 @@ def plan_json(cli, *args):
 
 
 def test_mixtral_on_a_12gb_desktop(cli):
-    out = plan_json(cli, "mixtral", "--vram", "12GB", "--hardware", "desktop-3060-ddr4")
+    out = plan_json(cli, "mixtral", "--vram", "12GB", "--ram", "128GB", "--hardware", "desktop-3060-ddr4")
     assert out["config"].startswith("bundled config of mistralai/Mixtral-8x7B")
     assert out["total_experts"] == 32 * 8 and out["expert_bytes"] == 3 * 4096 * 14336 * 2
     rows = {r["policy"]: r for r in out["policies"]}
@@ -43,9 +43,33 @@ def test_mixtral_on_a_12gb_desktop(cli):
     assert rows["moespeq"]["estimate"]["tokens_per_s"] >= rows["hybrid"]["estimate"]["tokens_per_s"]
 
 
+def test_three_tiers_when_ram_is_short(cli):
+    """--ram below the experts' bytes: RAM holds what fits beside the draft's host experts,
+    the rest is read from disk, every policy is slower than with all of RAM, and the plan
+    says which part of the model lives where."""
+    args = ("mixtral", "--vram", "12GB", "--hardware", "desktop-3060-ddr4")
+    full = {r["policy"]: r for r in plan_json(cli, *args, "--ram", "128GB")["policies"]}
+    out = plan_json(cli, *args, "--ram", "48GB")
+    assert out["ram_bytes"] == parse_size("48GB") and out["ram_source"] is None
+    expert = out["expert_bytes"]
+    for r in out["policies"]:
+        if not r["fits"]:
+            continue
+        p = r["plan"]
+        assert p["disk_tier"] and p["host_bytes"] <= parse_size("48GB")
+        assert p["host_slots"] == (parse_size("48GB") - p["host_draft_bytes"]) // expert
+        assert r["disk_bytes"] == (p["total_experts"] - p["host_slots"]) * expert
+        assert r["estimate"]["tokens_per_s"] < full[r["policy"]]["estimate"]["tokens_per_s"]
+        assert not full[r["policy"]]["plan"]["disk_tier"]
+    r = cli("plan", *args, "--ram", "48GB")
+    assert r.exit_code == 0 and "disk only" in r.stdout
+    bad = cli("plan", *args, "--ram", "100MB")
+    assert bad.exit_code == 0 and "cannot hold 2 experts" in bad.stdout  # every row refused, with the reason
+
+
 @pytest.mark.parametrize("alias", sorted(ALIASES))
 def test_every_alias_plans_offline(cli, alias):
-    out = plan_json(cli, alias, "--vram", "12GB", "--hardware", "desktop-3060-ddr4", "--context", "2048")
+    out = plan_json(cli, alias, "--vram", "12GB", "--ram", "64GB", "--hardware", "desktop-3060-ddr4", "--context", "2048")
     fitting = [r for r in out["policies"] if r["fits"]]
     assert any(r["policy"] == "moespeq" for r in fitting)
     for r in fitting:

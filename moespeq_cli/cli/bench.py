@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -18,6 +18,8 @@ EPILOG = """[bold]Examples[/bold]
   moespeq bench ./ckpt --policies moespeq,lru --spec-depths auto,2,4 --json
 
   moespeq bench ./ckpt --hardware desktop-3060-ddr4 --policies moespeq,hybrid --no-cpu-experts
+
+  moespeq bench ./ckpt --backend cpu --ram 2GB -n 64   [dim]# for real: experts read from disk, wall clock[/dim]
 """
 
 
@@ -29,9 +31,16 @@ def bench(
     backend: o.Backend = "auto",
     hardware: o.Hardware = None,
     vram: o.Vram = None,
-    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to compare.")] = (
-        "moespeq,hybrid,gate-prefetch,lru,ondemand"
-    ),
+    ram: o.Ram = None,
+    policies: Annotated[
+        Optional[str],
+        typer.Option(
+            "--policies",
+            help="Comma-separated policies to compare. Default: moespeq,hybrid,gate-prefetch,lru,ondemand "
+            "(without hybrid on --backend cpu).",
+            show_default=False,
+        ),
+    ] = None,
     spec_depths: Annotated[
         str, typer.Option("--spec-depths", help="moespeq runs: comma-separated auto or N.")
     ] = "auto",
@@ -39,7 +48,8 @@ def bench(
         bool,
         typer.Option(
             "--same-cache",
-            help="Give moespeq the draft's bytes on top of --vram (the same full-precision slots as the baselines).",
+            help="Give moespeq the draft's bytes on top of --vram (--ram on --backend cpu): the same full-precision "
+            "slots as the baselines.",
         ),
     ] = False,
     cpu_experts: o.CpuExperts = None,
@@ -52,7 +62,9 @@ def bench(
 
     Every policy generates the same greedy tokens; the table shows tokens/s, the speedup
     over each baseline, the expert hit rate, the share of time stalled on copies, bytes
-    moved, and each run's ratio to the physical lower bound.
+    moved, and each run's ratio to the physical lower bound. With --backend cpu and a
+    --ram below the experts' size the policies run for real, experts read from disk, on
+    the wall clock.
     """
     import json
 
@@ -60,14 +72,16 @@ def bench(
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
     from moespeq_cli.runtime.scheduling.policies import POLICIES
 
+    if policies is None:
+        policies = (
+            "moespeq,gate-prefetch,lru,ondemand" if backend == "cpu" else "moespeq,hybrid,gate-prefetch,lru,ondemand"
+        )
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise UsageError("--policies names no policy; give a comma-separated list such as moespeq,lru")
     for p in names:
         if p not in POLICIES:
             raise UsageError(f"unknown policy {p!r} in --policies; choose from {', '.join(POLICIES)}")
-    if backend == "cpu":
-        raise UsageError("bench compares offloading policies: use --backend mock or cuda")
     depths = [d.strip() for d in spec_depths.split(",")]
     for d in depths:
         if d != "auto" and not (d.isdigit() and 0 <= int(d) <= 64):
@@ -79,12 +93,12 @@ def bench(
 
     from moespeq_cli.runtime.bench import bench as run_bench
     from moespeq_cli.runtime.engine import Engine, EngineOptions
-    from moespeq_cli.runtime.planning.hardware import parse_size
 
     opts = EngineOptions(
         backend=backend,
         hardware=hardware,
         vram=vram,
+        ram=ram,
         draft=draft,
         cpu_threads=cpu_threads,
         cpu_experts=cpu_experts,
@@ -92,8 +106,14 @@ def bench(
     )
     probe = Engine(path, opts)
     ids = encode_prompt(probe, text, None, max_new_tokens)
-    probe.context_for(len(ids), max_new_tokens)  # refused before any run loads weights
-    opts.vram = parse_size(vram, "--vram") if vram is not None else probe.budget
+    plan = probe.make_plan(probe.context_for(len(ids), max_new_tokens))  # refused before any run loads weights
+    if plan is None:
+        raise UsageError(
+            "bench compares offloading policies, and every expert fits in RAM here: give --ram below the experts' "
+            "size, or use --backend mock or cuda"
+        )
+    opts.vram = probe.budget
+    opts.ram = plan.host_budget_bytes  # every policy gets the same host budget (the default is measured once)
     results = run_bench(
         path,
         ids,
@@ -108,9 +128,11 @@ def bench(
         raise RuntimeError("policies produced different tokens; this is a bug, please report it")
     report = {
         "model": name,
-        "hardware": probe.hw.name,
+        "hardware": probe.hw.name if probe.hw else None,
         "backend": probe.backend_name,
         "vram_bytes": opts.vram,
+        "ram_bytes": opts.ram,
+        "disk_tier": plan.disk_tier,
         "same_cache": same_cache,
         "new_tokens": max_new_tokens,
         "results": [

@@ -47,6 +47,15 @@ Vram = Annotated[
         "--vram", help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory.", show_default=False
     ),
 ]
+Ram = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ram",
+        help="Host memory for expert buffers: 32GB, 8GiB. Experts that do not fit are read from the checkpoint's "
+        "files as needed (the disk tier). Default: the memory this machine has available, minus a margin.",
+        show_default=False,
+    ),
+]
 Policy = Annotated[str, typer.Option("--policy", help="moespeq | hybrid | gate-prefetch | lru | ondemand | resident.")]
 CpuExperts = Annotated[
     Optional[bool],

@@ -15,6 +15,8 @@ EPILOG = """[bold]Examples[/bold]
 
   moespeq plan qwen3-moe --vram 24GB --hardware workstation-4090-ddr5 --context 8192
 
+  moespeq plan mixtral --vram 12GB --ram 48GB --hardware desktop-3060-ddr4   [dim]# experts beyond 48 GB from disk[/dim]
+
   moespeq plan ./Mixtral-8x7B-Instruct-v0.1 --vram 12GB --json
 
   moespeq pull org/name --config-only && moespeq plan org/name --vram 16GB
@@ -38,6 +40,7 @@ DEFAULT_PLAN_CONTEXT = 4096
 def plan(
     model: o.ModelArg = None,
     vram: o.Vram = None,
+    ram: o.Ram = None,
     hardware: o.Hardware = None,
     context: Annotated[
         Optional[int],
@@ -66,13 +69,12 @@ def plan(
 
     No weights are read: the model is built on PyTorch's meta device. For each policy it
     shows what goes on the device (non-expert weights, KV cache, workspace, expert slots,
-    the 4-bit draft) and what stays in host memory, and the tokens/s the roofline model
-    predicts on the hardware profile (uniform routing assumed; `moespeq bench` measures).
-    Aliases work offline from bundled configs.
+    the 4-bit draft), what host RAM holds (--ram; by default what this machine has
+    available), what stays on disk and is read as needed, and the tokens/s the roofline
+    model predicts on the hardware profile (uniform routing assumed; `moespeq bench`
+    measures). Aliases work offline from bundled configs.
     """
     import json
-
-    import torch
 
     from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import resolve_config
@@ -81,7 +83,7 @@ def plan(
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
     from moespeq_cli.runtime.planning.hardware import load_profile, parse_size
-    from moespeq_cli.runtime.planning.planner import draft_bytes_estimate, make_plan
+    from moespeq_cli.runtime.planning.planner import default_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
 
     if dtype is not None and dtype not in DTYPES:
@@ -97,9 +99,9 @@ def plan(
         )
     hw = load_profile(DEFAULT_HARDWARE if hardware is None else hardware)
     budget = parse_size(vram, "--vram") if vram is not None else hw.usable_memory
+    ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram()
     storage = DTYPES[dtype] if dtype else cfg.dtype
-    with torch.device("meta"):
-        shape_model = build_model(arch, raw, context, source)
+    shape_model = build_model(arch, raw, context, source)
     step = StepModel(shape_model, cfg, hw, storage, context)
     total_experts = cfg.num_experts * len(cfg.moe_layers)
     host_experts_bytes = total_experts * step.expert_bytes
@@ -109,21 +111,21 @@ def plan(
         cpu_on = make_policy(policy, cpu).host_compute
         try:
             if policy == "moespeq":
-                p, est = plan_moespeq(step, budget, cpu_on, acceptance=acceptance)
+                p, est = plan_moespeq(step, budget, cpu_on, acceptance=acceptance, ram=ram_bytes)
             else:
-                p = make_plan(shape_model, cfg, storage, budget, context, policy, cpu_experts=cpu_on)
+                p = make_plan(shape_model, cfg, storage, budget, context, policy, cpu_experts=cpu_on, ram=ram_bytes)
                 est = estimate(step, p, acceptance)
         except UsageError as e:
             rows.append({"policy": label, "fits": False, "reason": str(e)})
             continue
-        draft_total = draft_bytes_estimate(cfg) if p.has_draft else 0
         rows.append(
             {
                 "policy": label,
                 "fits": True,
                 "plan": p.to_dict(),
                 "device_bytes": p.fixed_bytes + p.slot_bytes,
-                "host_bytes": host_experts_bytes + max(0, draft_total - p.draft_bytes),
+                "host_bytes": p.host_bytes,
+                "disk_bytes": (p.total_experts - p.host_slots) * p.expert_bytes,
                 "estimate": est.to_dict(),
                 "note": p.note,
             }
@@ -133,6 +135,9 @@ def plan(
         "config": source,
         "hardware": hw.name,
         "vram_bytes": budget,
+        "ram_bytes": ram_bytes,
+        "ram_source": ram_source,
+        "experts_bytes": host_experts_bytes,
         "context_tokens": context,
         "dtype": str(storage).removeprefix("torch."),
         "acceptance_assumed": acceptance,

@@ -17,6 +17,8 @@ EPILOG = """[bold]Examples[/bold]
   moespeq profile ./ckpt --vram 6GB --trace run.json --report run.html
 
   moespeq profile --no-live --report run.html --json   [dim]# scripts and CI[/dim]
+
+  moespeq profile ./ckpt --backend cpu --ram 2GB       [dim]# experts read from disk, wall clock[/dim]
 """
 
 
@@ -32,6 +34,7 @@ def profile(
     backend: o.Backend = "auto",
     hardware: o.Hardware = None,
     vram: o.Vram = None,
+    ram: o.Ram = None,
     policy: o.Policy = "moespeq",
     cpu_experts: o.CpuExperts = None,
     draft: o.Draft = "auto",
@@ -62,24 +65,27 @@ def profile(
     check_output(report, "--report")
     if trace is not None and report is not None and trace.resolve() == report.resolve():
         raise UsageError("--trace and --report name the same file; give two names")
-    if backend == "cpu":
-        raise UsageError("profile shows offloading: use --backend mock or cuda")
     sampling = sampling_params(temperature, top_p, top_k, seed)
     name, engine, text, prompt_ids = prepare(
         model,
         prompt,
         prompt_file,
         max_new_tokens,
-        backend,
-        hardware,
-        vram,
-        policy,
-        draft,
-        spec_depth,
-        cpu_threads,
+        backend=backend,
+        hardware=hardware,
+        vram=vram,
+        ram=ram,
+        policy=policy,
+        draft=draft,
+        spec_depth=spec_depth,
+        cpu_threads=cpu_threads,
         cpu_experts=cpu_experts,
         context=context,
     )
+    if engine.backend is None:
+        raise UsageError(
+            "profile shows offloading: use --backend mock or cuda, or --backend cpu with --ram below the experts' size"
+        )
     live = not (no_live or json_out) and sys.stdout.isatty()
     token_ids: list[int] = []
     missed: set = set()
@@ -90,7 +96,8 @@ def profile(
         missed.update((layer, e) for e in needed if e not in ready)
 
     engine.target_exec.lookup_hook = on_lookup
-    title = f"moespeq profile · {name} · {engine.hw.name} · {engine.policy_name} · {engine.backend.clock_kind} clock"
+    where = engine.hw.name if engine.hw else "this CPU, experts from disk"
+    title = f"moespeq profile · {name} · {where} · {engine.policy_name} · {engine.backend.clock_kind} clock"
     layers = sorted(engine.model.moe_blocks)
     E = engine.ckpt.config.num_experts
 

@@ -29,9 +29,17 @@ class Renderer:
         from moespeq_cli.runtime.planning.hardware import format_size
 
         parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"[dim]plan: {format_size(plan.budget_bytes)} on {hw.name} ({plan.policy}): {parts}[/dim]"
+        where = (
+            f"--ram {format_size(plan.budget_bytes)} on this CPU"
+            if hw is None
+            else f"{format_size(plan.budget_bytes)} on {hw.name}"
         )
+        line = f"plan: {where} ({plan.policy}): {parts}"
+        if plan.disk_tier:
+            ram = format_size(plan.host_budget_bytes) if plan.host_budget_bytes is not None else "?"
+            how = f" ({plan.ram_source})" if plan.ram_source else ""
+            line += f"; {plan.tier_line()}; --ram {ram}{how}"
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
 
     def stats_line(self, result: dict) -> None:
         from rich.console import Console
@@ -57,6 +65,8 @@ class Renderer:
             parts.append(f"I/O stall {s['io_stall_s'] / s['seconds']:.0%}")
         if s.get("bytes_h2d") is not None:
             parts.append(f"{s['bytes_h2d'] / 1e6:.1f} MB copied")
+        if s.get("bytes_read") is not None:
+            parts.append(f"{s['bytes_read'] / 1e6:.1f} MB read from disk")
         head = f"[{result['backend']}"
         if result.get("policy"):
             head += f" · {result['policy']}"
@@ -71,26 +81,23 @@ def bench_table(report: dict) -> None:
     from moespeq_cli.runtime.planning.hardware import format_size
 
     clock = report["results"][0]["stats"]["clock"] if report["results"] else "?"
+    budget = []
+    if report.get("vram_bytes") is not None:
+        budget.append(f"--vram {format_size(report['vram_bytes'])}")
+    if report.get("disk_tier") and report.get("ram_bytes") is not None:
+        budget.append(f"--ram {format_size(report['ram_bytes'])}")
+    where = report["hardware"] or "this CPU, experts from disk"
     t = Table(
-        title=f"{report['model']} on {report['hardware']} ({report['backend']}, {clock} clock), "
-        f"--vram {format_size(report['vram_bytes'])}" + (" + draft (same cache)" if report["same_cache"] else "")
+        title=f"{report['model']} on {where} ({report['backend']}, {clock} clock), "
+        + " ".join(budget)
+        + (" + draft (same cache)" if report["same_cache"] else "")
     )
-    for col in (
-        "policy",
-        "slots",
-        "tok/s",
-        "vs ondemand",
-        "vs lru",
-        "vs gate-prefetch",
-        "vs hybrid",
-        "hit rate",
-        "stall",
-        "MB moved",
-        "on CPU",
-        "accept",
-        "k",
-        "bound ratio",
-    ):
+    disk = bool(report.get("disk_tier"))
+    cols = ["policy", "slots", "tok/s", "vs ondemand", "vs lru", "vs gate-prefetch", "vs hybrid", "hit rate", "stall"]
+    cols += ["MB moved"] if report["backend"] != "cpu" else []
+    cols += ["MB read"] if disk else []
+    cols += ["on CPU", "accept", "k", "bound ratio"]
+    for col in cols:
         t.add_column(col, justify="left" if col == "policy" else "right")
 
     def f(v, fmt):
@@ -109,7 +116,8 @@ def bench_table(report: dict) -> None:
             ),
             f(s["expert_hit_rate"], ".0%"),
             f(stall, ".0%"),
-            f((s["bytes_h2d"] or 0) / 1e6, ".1f"),
+            *([f((s["bytes_h2d"] or 0) / 1e6, ".1f")] if report["backend"] != "cpu" else []),
+            *([f((s.get("bytes_read") or 0) / 1e6, ".1f")] if disk else []),
             f(s.get("cpu_expert_share"), ".0%"),
             f(s["acceptance_rate"], ".2f"),
             f(s["spec_depth_mean"], ".1f"),
@@ -129,22 +137,28 @@ def plan_table(report: dict) -> None:
     from moespeq_cli.runtime.planning.hardware import format_size
 
     console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=130)  # logs and pipes: room for every column
     console.print(
         f"[bold]{report['model']}[/bold] on {report['hardware']}, --vram {format_size(report['vram_bytes'])}, "
         f"{report['context_tokens']} tokens of context, {report['dtype']}  [dim]({report['config']})[/dim]"
     )
+    ram = format_size(report["ram_bytes"]) if report.get("ram_bytes") is not None else "unbounded"
+    how = f" ({report['ram_source']})" if report.get("ram_source") else ""
     console.print(
-        f"{report['total_experts']} routed experts of {format_size(report['expert_bytes'])} each; "
-        "all of them stay in host memory, the device caches some."
+        f"{report['total_experts']} routed experts of {format_size(report['expert_bytes'])} each "
+        f"({format_size(report['experts_bytes'])} in all); host RAM for expert buffers: --ram {ram}{how}."
     )
+    disk = any(r["fits"] and r.get("disk_bytes") for r in report["policies"])
     table = Table(show_edge=False, header_style="bold")
-    for col in ("policy", "device", "slots", "draft", "host", "tok/s*", "k"):
+    cols = ["policy", "device", "slots", "draft", "RAM", *(["disk only"] if disk else []), "tok/s*", "k"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "policy" else "right")
     best = max((r["estimate"]["tokens_per_s"] for r in report["policies"] if r["fits"]), default=None)
     refused = []
     for r in report["policies"]:
         if not r["fits"]:
-            table.add_row(r["policy"], "[red]does not fit[/red]", "", "", "", "", "")
+            table.add_row(r["policy"], "[red]does not fit[/red]", *[""] * (len(cols) - 2))
             refused.append(f"{r['policy']}: {r['reason']}")
             continue
         p, e = r["plan"], r["estimate"]
@@ -154,15 +168,18 @@ def plan_table(report: dict) -> None:
         if e["tokens_per_s"] == best:
             tps = f"[bold green]{tps}[/bold green]"
         k = "" if e["spec_depth"] is None else str(e["spec_depth"])
-        table.add_row(r["policy"], format_size(r["device_bytes"]), str(p["slots"]), draft, host, tps, k)
+        on_disk = [format_size(r["disk_bytes"]) if r["disk_bytes"] else "-"] if disk else []
+        table.add_row(r["policy"], format_size(r["device_bytes"]), str(p["slots"]), draft, host, *on_disk, tps, k)
     console.print(table)
     fixed = next((r["plan"] for r in report["policies"] if r["fits"]), None)
     if fixed:
         console.print(
             f"device: non-expert weights {format_size(fixed['non_expert_bytes'])}, KV cache "
             f"{format_size(fixed['kv_cache_bytes'])}, workspace {format_size(fixed['workspace_bytes'])}, then "
-            "full-precision expert slots and (moespeq) the 4-bit draft's experts; host: every expert in full "
-            "precision and the draft's other experts. +CPU: experts not on the device may be computed there."
+            "full-precision expert slots and (moespeq) the 4-bit draft's experts; RAM: full-precision experts and "
+            "the draft's other experts"
+            + ("; disk only: experts read from the checkpoint's files as needed" if disk else "")
+            + ". +CPU: experts not on the device may be computed there."
         )
     for line in refused:
         console.print(f"[red]{line}[/red]")

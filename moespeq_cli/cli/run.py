@@ -20,6 +20,8 @@ EPILOG = """[bold]Examples[/bold]
   moespeq run mixtral --temperature 0.7 --top-p 0.9 --seed 1
 
   moespeq run ./ckpt --backend cpu --json | jq .stats.tokens_per_s
+
+  moespeq run ./ckpt --backend cpu --ram 4GB   [dim]# experts beyond 4 GB stream from disk[/dim]
 """
 
 DEMO_PROMPT = "First Citizen:\nGood morrow, masters; what news from the court?\n\nSecond Citizen:\n"
@@ -106,6 +108,7 @@ def run(
     backend: o.Backend = "auto",
     hardware: o.Hardware = None,
     vram: o.Vram = None,
+    ram: o.Ram = None,
     policy: o.Policy = "moespeq",
     cpu_experts: o.CpuExperts = None,
     draft: o.Draft = "auto",
@@ -126,8 +129,6 @@ def run(
     from moespeq_cli.tokenizer import StreamDecoder
 
     check_output(trace, "--trace")
-    if trace is not None and backend == "cpu":
-        raise UsageError("--trace needs the mock or cuda backend (the cpu backend keeps no timeline)")
     sampling = sampling_params(temperature, top_p, top_k, seed)
     out = Renderer(json_mode=json_out)
     name, engine, text, prompt_ids = prepare(
@@ -135,18 +136,24 @@ def run(
         prompt,
         prompt_file,
         max_new_tokens,
-        backend,
-        hardware,
-        vram,
-        policy,
-        draft,
-        spec_depth,
-        cpu_threads,
-        dtype,
         chat,
-        cpu_experts,
-        context,
+        backend=backend,
+        hardware=hardware,
+        vram=vram,
+        ram=ram,
+        policy=policy,
+        draft=draft,
+        spec_depth=spec_depth,
+        cpu_threads=cpu_threads,
+        dtype=dtype,
+        cpu_experts=cpu_experts,
+        context=context,
     )
+    if trace is not None and engine.backend is None:
+        raise UsageError(
+            "--trace needs an offloading run: the mock or cuda backend, or --backend cpu with --ram below the "
+            "experts' size (the plain cpu backend keeps no timeline)"
+        )
     decoder = StreamDecoder(engine.tokenizer)
     token_ids: list[int] = []
     try:
@@ -188,49 +195,21 @@ def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | No
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
 
 
-def prepare(
-    model,
-    prompt,
-    prompt_file,
-    max_new_tokens,
-    backend,
-    hardware,
-    vram,
-    policy,
-    draft,
-    spec_depth,
-    cpu_threads=None,
-    dtype=None,
-    chat=None,
-    cpu_experts=None,
-    context=None,
-):
-    """Resolve the model, read the prompt, build the engine, check the prompt fits the
-    model's context (before any weight is read), and load: shared by run and profile."""
+def prepare(model, prompt, prompt_file, max_new_tokens, chat=None, **options):
+    """Resolve the model, read the prompt, build the engine (``options``: EngineOptions
+    fields), check the prompt fits the model's context (before any weight is read), and
+    load: shared by run and profile."""
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
 
     name, path = resolve(model)
-    if name == DEMO and vram is None and hardware is None and backend != "cpu":
-        vram = DEMO_VRAM
+    if name == DEMO and options.get("vram") is None and options.get("hardware") is None:
+        if options.get("backend") != "cpu":
+            options["vram"] = DEMO_VRAM
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
 
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
-    engine = Engine(
-        path,
-        EngineOptions(
-            backend=backend,
-            dtype=dtype,
-            cpu_threads=cpu_threads,
-            hardware=hardware,
-            vram=vram,
-            policy=policy,
-            draft=draft,
-            spec_depth=spec_depth,
-            cpu_experts=cpu_experts,
-            context=context,
-        ),
-    )
+    engine = Engine(path, EngineOptions(**options))
     prompt_ids = encode_prompt(engine, text, chat, max_new_tokens)
     engine.load(context=engine.context_for(len(prompt_ids), max_new_tokens))
     return name, engine, text, prompt_ids

@@ -48,10 +48,32 @@ def parse_config(raw: dict, source: str = "config.json"):
 
 
 def build_model(arch: ModuleType, raw: dict, context: int, source: str = "config.json"):
-    """``arch.Model(raw, context)`` (on the caller's device, meta for plans) with any
-    failure the config causes reported against the config."""
-    with config_errors(source):
+    """``arch.Model(raw, context)`` on PyTorch's meta device (shapes only: plans, and the
+    skeleton the loader assigns the checkpoint's tensors to), with any failure the config
+    causes reported against the config."""
+    import torch
+
+    with config_errors(source), torch.device("meta"), skip_init():
         return arch.Model(raw, context)
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Modules built without their random initialisation: their weights come from the
+    checkpoint (or nowhere, on the meta device). Initialising a meta tensor is not free:
+    torch routes it through its reference kernels, whose first use imports the compiler
+    stack (about a second and 80 MB)."""
+    from torch.nn import init
+
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_", "xavier_uniform_")
+    saved = {n: getattr(init, n) for n in names}
+    for n in names:
+        setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
 
 
 @contextlib.contextmanager

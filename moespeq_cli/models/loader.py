@@ -14,8 +14,7 @@ from moespeq_cli.models.checkpoint import Checkpoint
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, context: int = 0) -> CausalLM:
     dtype = dtype or ckpt.config.dtype
-    with torch.device("meta"):
-        model: CausalLM = build_model(ckpt.arch, ckpt.raw_config, context, str(ckpt.path / "config.json"))
+    model: CausalLM = build_model(ckpt.arch, ckpt.raw_config, context, str(ckpt.path / "config.json"))
     tied = bool(ckpt.raw_config.get("tie_word_embeddings", False))
     state = {}
     for name, p in model.state_dict().items():

@@ -4,10 +4,20 @@ Only the routed experts are quantized (bitsandbytes NF4 or FP4, blockwise absmax
 everything else the draft runs -- embeddings, attention, norms, routers, shared experts,
 LM head, and the KV cache -- is the target's own, shared at run time, never copied.
 
-Compute path: ``dequantize_4bit`` then a dense matmul, one expert at a time. It is the
-one 4-bit path moespeq uses, correct on CPU and GPU alike (bitsandbytes' ``gemv_4bit``
-on the standard layout silently returns wrong values on CPU); tests compare it with an
-independent dequantize-then-matmul and bound its error against full precision.
+Compute paths, chosen per device (DESIGN.md §9: the draft must run on the kernel that
+makes it cheap, and the simulator prices that kernel):
+
+- CPU: bitsandbytes' packed AVX-512 BF16 kernel, the one ``bnb.nn.Linear4bit`` runs in
+  eval mode: each projection is repacked once (``pack_cpu``) and ``gemv_4bit`` computes
+  on the packed layout (bf16 activations, fp32 accumulation). bitsandbytes' ``gemv_4bit``
+  on the *standard* layout silently returns wrong values on CPU, so only the packed
+  layout is ever given to it. Where the CPU lacks AVX-512 BF16, or a projection's shape
+  does not suit the kernel (out features not a multiple of 32, in features not a
+  multiple of the block size), the expert falls back to the reference path;
+- CUDA: ``bnb.matmul_4bit`` with the quantization state on the device (its GEMV kernel for
+  one token);
+- the reference, ``forward_reference``: ``dequantize_4bit`` then a dense matmul. Tests
+  compare every fast path with it and bound its error against full precision.
 
 On disk (``moespeq quantize``): ``draft.safetensors`` (packed weights plus each
 QuantState's tensors) and ``manifest.json`` (method, blocksize, source fingerprint,
@@ -80,6 +90,7 @@ class QuantizedExperts:
     def __init__(self, q: dict, method: str, blocksize: int, dtype: torch.dtype, hidden: int, inter: int):
         self.q, self.method, self.blocksize, self.dtype = q, method, blocksize, dtype
         self.hidden, self.inter = hidden, inter
+        self.cpu_packed: set = set()  # experts in bitsandbytes' packed CPU layout
 
     @classmethod
     def quantize(
@@ -90,35 +101,105 @@ class QuantizedExperts:
         dtype: torch.dtype | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> QuantizedExperts:
+        """Quantize every routed expert, reading each from the checkpoint's files into one
+        reused buffer (the disk tier's reader, past the page cache): quantizing a model
+        larger than RAM holds no more of it in memory than one expert and the draft."""
+        from moespeq_cli.runtime.tiers.disk import DiskExperts, DiskReader
+
         check_method(method, blocksize)
         F = _bnb()
         c = ckpt.config
         dtype = dtype or c.dtype
-        ckpt.check_experts()
+        disk = DiskExperts(ckpt)  # checks every expert's presence and shape
+        buf = disk.empty_buffer()
         q = {}
         total, done = len(c.moe_layers) * c.num_experts, 0
-        for layer in c.moe_layers:
-            for e in range(c.num_experts):
-                parts = []
-                for key, w in zip(c.expert_keys(layer, e), ckpt.expert(layer, e, dtype), strict=True):
-                    if not bool(torch.isfinite(w).all()):
-                        raise CheckpointError(
-                            f"tensor {key} in {ckpt.path} holds NaN or infinite values; it is corrupt"
-                        )
-                    packed, state = F.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type=method)
-                    parts.append((packed, state))
-                q[(layer, e)] = parts
-                done += 1
-                if progress:
-                    progress(done, total)
+        with DiskReader(threads=1) as reader:
+            for layer in c.moe_layers:
+                for e in range(c.num_experts):
+                    disk.read((layer, e), buf, reader)
+                    q[(layer, e)] = cls._quantize_expert(ckpt, (layer, e), disk.views(buf), dtype, method, blocksize, F)
+                    done += 1
+                    if progress:
+                        progress(done, total)
         return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate)
 
+    @staticmethod
+    def _quantize_expert(ckpt: Checkpoint, key: tuple[int, int], weights, dtype, method: str, blocksize: int, F):
+        c = ckpt.config
+        parts = []
+        for name, w in zip(c.expert_keys(*key), weights, strict=True):
+            w = w.to(dtype)
+            if not bool(torch.isfinite(w).all()):
+                raise CheckpointError(f"tensor {name} in {ckpt.path} holds NaN or infinite values; it is corrupt")
+            parts.append(F.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type=method))
+        return parts
+
     def weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The expert's dequantized weights (standard layout only)."""
         F = _bnb()
         return tuple(F.dequantize_4bit(p, s).to(self.dtype) for p, s in self.q[(layer, expert)])  # type: ignore[return-value]
 
-    def forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then a dense matmul: the reference every fast path is tested against."""
+        if (layer, expert) in self.cpu_packed:
+            raise RuntimeError("forward_reference needs the standard layout; unpack_cpu first")
         return expert_mlp(x, *self.weights(layer, expert))
+
+    def forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, H] -> [n, H] on the fastest path for the expert's device."""
+        key = (layer, expert)
+        if key in self.cpu_packed:
+            F = _bnb()
+            (gp, gs), (up, us), (dp, ds) = self.q[key]
+            xb = x.to(torch.bfloat16)
+            h = torch.nn.functional.silu(F.gemv_4bit(xb, gp, state=gs)) * F.gemv_4bit(xb, up, state=us)
+            return F.gemv_4bit(h, dp, state=ds).to(x.dtype)
+        if x.device.type == "cuda":
+            import bitsandbytes as bnb
+
+            (gp, gs), (up, us), (dp, ds) = self.q[key]
+            h = torch.nn.functional.silu(bnb.matmul_4bit(x, gp.t(), quant_state=gs))
+            h = h * bnb.matmul_4bit(x, up.t(), quant_state=us)
+            return bnb.matmul_4bit(h, dp.t(), quant_state=ds)
+        return self.forward_reference(layer, expert, x)
+
+    # -- the CPU kernel's layout ---------------------------------------------------
+    def packable(self) -> bool:
+        """Whether bitsandbytes' packed CPU kernel can run this draft's experts here."""
+        F = _bnb()
+        if not all(hasattr(F, n) for n in ("_convert_weight_packed_for_cpu", "_convert_weight_packed_for_cpu_inverse")):
+            return False
+        has = getattr(F, "has_avx512bf16", None)
+        if has is None or not has():
+            return False
+        h, i = self.hidden, self.inter
+        # out features in blocks of 32, in features whole quantization blocks (gate/up: I x H, down: H x I)
+        return i % 32 == 0 and h % 32 == 0 and h % self.blocksize == 0 and i % self.blocksize == 0
+
+    def pack_cpu(self, keys=None) -> int:
+        """Repack the CPU-resident experts in ``keys`` (default: all) for the packed kernel,
+        once; returns how many were packed (0 where the kernel cannot run)."""
+        if not self.packable():
+            return 0
+        F = _bnb()
+        n = 0
+        for key, parts in self.q.items():
+            if key in self.cpu_packed or (keys is not None and key not in keys) or parts[0][0].device.type != "cpu":
+                continue
+            self.q[key] = [F._convert_weight_packed_for_cpu(p, s) for p, s in parts]
+            self.cpu_packed.add(key)
+            n += 1
+        return n
+
+    def unpack_cpu(self, keys=None) -> None:
+        """Back to the standard layout (to move to another device, or to save)."""
+        F = _bnb()
+        for key in list(self.cpu_packed):
+            if keys is not None and key not in keys:
+                continue
+            self.q[key] = [F._convert_weight_packed_for_cpu_inverse(p, s) for p, s in self.q[key]]
+            self.cpu_packed.discard(key)
 
     @property
     def bytes_per_expert(self) -> int:
@@ -131,6 +212,8 @@ class QuantizedExperts:
 
     def to(self, device: torch.device, keys=None) -> QuantizedExperts:
         """Move the experts in ``keys`` (default: all) to ``device``; the rest stay put."""
+        if torch.device(device).type != "cpu":
+            self.unpack_cpu(keys)
         for key, parts in self.q.items():
             if keys is not None and key not in keys:
                 continue
@@ -140,6 +223,10 @@ class QuantizedExperts:
                 moved.append((packed.to(device), state))
             self.q[key] = moved
         return self
+
+    def drop(self) -> None:
+        """Let go of every expert (the draft's memory is given back for good)."""
+        self.q.clear()
 
     def zero_(self) -> QuantizedExperts:
         """A deliberately broken draft (all expert outputs zero): for tests."""
@@ -173,6 +260,7 @@ class QuantizedExperts:
     def _write(self, tmp: Path, out: Path, source: Checkpoint, fp: str) -> None:
         from safetensors.torch import save_file
 
+        self.unpack_cpu()
         tensors = {}
         for (layer, e), parts in self.q.items():
             for proj, (packed, state) in zip(PROJ, parts, strict=True):

@@ -43,13 +43,12 @@ class BenchResult:
         return d
 
 
-def baseline_slots(path: Path, context: int, vram: int, opts: EngineOptions) -> int:
-    """The full-precision slots the baselines get at ``vram``: the same-cache budget
-    caps moespeq's slots at this, whatever it does with the draft's bytes."""
-    from moespeq_cli.models.config import DTYPES
-
-    dtype = DTYPES[opts.dtype] if opts.dtype else None
-    return checkpoint_plan(Checkpoint(path), context, vram, dtype=dtype).slots
+def baseline_slots(path: Path, context: int, opts: EngineOptions) -> int:
+    """The full-precision slots the baselines get with ``opts``' budget: the same-cache
+    budget caps moespeq's slots at this, whatever it does with the draft's bytes."""
+    return (
+        Engine(path, EngineOptions(**{**asdict(opts), "policy": "lru", "cpu_experts": None})).make_plan(context).slots
+    )
 
 
 def budget_for(path: Path, context: int, slots_fraction: float, dtype=None) -> tuple[int, int]:
@@ -65,20 +64,28 @@ def run_policy(
 ) -> BenchResult:
     cpu = opts.cpu_experts if policy in ("moespeq", "hybrid") else None
     eng = Engine(path, EngineOptions(**{**asdict(opts), "policy": policy, "cpu_experts": cpu}))
-    eng.load(opts.context or len(prompt_ids) + new_tokens)
-    unions: list[int] = []
-    if eng.scheduler is not None:
-        record = eng.scheduler.on_verify_route
+    try:
+        eng.load(opts.context or len(prompt_ids) + new_tokens)
+        unions: list[int] = []
+        if eng.scheduler is not None:
+            record = eng.scheduler.on_verify_route
 
-        def on_verify_route(layer, ids, weights):
-            if ids.shape[0] > 1:
-                unions.append(len(set(ids.flatten().tolist())))
-            record(layer, ids, weights)
+            def on_verify_route(layer, ids, weights):
+                if ids.shape[0] > 1:
+                    unions.append(len(set(ids.flatten().tolist())))
+                record(layer, ids, weights)
 
-        eng.scheduler.on_verify_route = on_verify_route
-    tokens = [ev.token for ev in eng.generate(prompt_ids, new_tokens, SamplingParams())]
+            eng.scheduler.on_verify_route = on_verify_route
+        tokens = [ev.token for ev in eng.generate(prompt_ids, new_tokens, SamplingParams())]
+    finally:
+        eng.close()
     s = eng.last_stats
-    result = BenchResult(policy, label or policy, eng.budget, eng.cache.slots, eng.plan.draft_bytes, s, tokens)
+    if label is None:
+        label = policy
+        if policy == "moespeq":
+            label = f"moespeq{'+cpu' if eng.policy.host_compute else ''} k={opts.spec_depth}"
+    budget = eng.budget if eng.plan.compute_tier == "device" else eng.plan.budget_bytes
+    result = BenchResult(policy, label, budget, eng.cache.slots, eng.plan.draft_bytes, s, tokens)
     result.draft_released = eng.draft_released
     if unions:
         result.mean_union = sum(unions) / len(unions)
@@ -98,10 +105,12 @@ def bench(
     moespeq_runs: list[tuple[str, bool | None]] | None = None,
 ) -> list[BenchResult]:
     """Run each policy (moespeq once per entry of ``spec_depths``, or per (spec depth,
-    CPU experts) pair of ``moespeq_runs``); fill speedups."""
-    from moespeq_cli.runtime.scheduling.policies import make_policy
-
+    CPU experts) pair of ``moespeq_runs``); fill speedups. ``same_cache``: moespeq gets
+    the draft's bytes on top of the budget (``--vram``; ``--ram`` on the cpu backend) and
+    no more full-precision slots than the baselines."""
     results = []
+    context = opts.context or len(prompt_ids) + new_tokens
+    budget_field = "ram" if opts.backend == "cpu" else "vram"
     for policy in policies:
         if policy == "moespeq":
             runs = moespeq_runs or [(k, opts.cpu_experts) for k in (spec_depths or [str(opts.spec_depth)])]
@@ -109,15 +118,14 @@ def bench(
             runs = [(None, None)]
         for k, cpu in runs:
             o = opts
-            label = policy
             if policy == "moespeq":
                 o = EngineOptions(**{**asdict(opts), "spec_depth": k, "cpu_experts": cpu})
-                label = f"moespeq{'+cpu' if make_policy(policy, cpu).host_compute else ''} k={k}"
                 if same_cache:
                     extra = draft_bytes_estimate(Checkpoint(path).config, opts.blocksize)
-                    slots = baseline_slots(path, opts.context or len(prompt_ids) + new_tokens, int(opts.vram), opts)
-                    o = EngineOptions(**{**asdict(o), "vram": int(opts.vram) + extra, "max_slots": slots})
-            results.append(run_policy(path, prompt_ids, new_tokens, policy, o, label))
+                    slots = baseline_slots(path, context, opts)
+                    budget = int(getattr(opts, budget_field)) + extra
+                    o = EngineOptions(**{**asdict(o), budget_field: budget, "max_slots": slots})
+            results.append(run_policy(path, prompt_ids, new_tokens, policy, o))
     by_policy = {r.policy: r for r in results if r.policy in BASELINES}
     for r in results:
         for b in BASELINES:

@@ -22,6 +22,7 @@ class GenerationStats:
     prefetch_recall: float | None = None
     io_stall_s: float | None = None
     bytes_h2d: int | None = None
+    bytes_read: int | None = None  # read from the checkpoint's files while decoding (the disk tier)
     bound_ratio: float | None = None
     draft_routing_match: float | None = None
     cpu_expert_share: float | None = None  # share of verification lookups computed on the CPU
@@ -44,3 +45,44 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def fill_offload_stats(stats: GenerationStats, backend, tiers, plan, target) -> None:
+    """The offloading figures of a run: hit rates, prefetch precision and recall, stall,
+    bytes moved, the CPU's share, and ``bound_ratio`` (DESIGN.md §5)."""
+    backend.finalize_timeline()
+    cs = tiers.compute.stats
+    stats.expert_hit_rate = cs.hit_rate
+    stats.prefetch_precision = cs.prefetch_precision
+    stats.prefetch_recall = cs.prefetch_recall
+    stats.io_stall_s = backend.io_stall_s
+    stats.bytes_h2d = backend.bytes_h2d if plan.compute_tier == "device" else None
+    stats.bytes_read = backend.bytes_read if plan.disk_tier else None
+    if target.policy.host_compute:
+        stats.cpu_expert_share = cs.host_computed / cs.lookups if cs.lookups else None
+    bound = lower_bound(backend, plan, target)
+    stats.bound_ratio = stats.seconds / bound if bound > 0 and stats.seconds else None
+
+
+def lower_bound(backend, plan, target) -> float:
+    """The least time the run's tokens could take: the target's own compute (drafting is
+    overhead, not a floor), or moving every expert used beyond what a tier holds across
+    the link into it (plus, where experts may run on the CPU, the CPU's rate for one
+    expert at a time), whichever is longest. The disk term uses the profile's bandwidth
+    on the mock, and on the wall-clock backends what this run's reads achieved."""
+    from moespeq_cli.runtime.planning.costs import host_expert_seconds
+
+    ivs = backend.timeline.intervals
+    compute = sum(iv.duration for iv in ivs if iv.stream == "compute" and iv.kind == "compute" and iv.phase == "target")
+    used = {(iv.layer, iv.expert) for iv in ivs if iv.kind == "compute" and iv.expert is not None}
+    terms = [compute]
+    if plan.compute_tier == "device":
+        rate = backend.hw.link_bandwidth / plan.expert_bytes
+        if target.policy.host_compute:
+            rate += 1.0 / host_expert_seconds(*target.host_cost(1), backend.hw)
+        terms.append(max(0, len(used) - plan.slots) / rate)
+    if plan.disk_tier:
+        disk = backend.hw.disk_bandwidth if backend.name == "mock" else backend.disk_bandwidth()
+        if disk:
+            terms.append(max(0, len(used) - plan.host_slots) * plan.expert_bytes / disk)
+    return max(terms)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from moespeq_cli.fs import atomic_write_text
 
-STREAM_TIDS = {"compute": 1, "copy": 2, "host": 3}
+STREAM_TIDS = {"compute": 1, "copy": 2, "host": 3, "disk": 4}
 
 
 @dataclass
 class Interval:
-    stream: str  # "compute", "copy" (or "copy1", ...), "host"
-    kind: str  # "compute", "copy", "stall"
+    stream: str  # "compute", "copy" (or "copy1", ...), "host", "disk"
+    kind: str  # "compute", "copy", "read", "stall"
     name: str
     start: float
     end: float

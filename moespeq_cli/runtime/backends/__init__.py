@@ -24,15 +24,21 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
-def make_backend(name: str, hw: HardwareProfile, capacity: int) -> Backend:
+def make_backend(name: str, hw: HardwareProfile | None, capacity: int, reader=None) -> Backend:
+    """``reader``: the disk tier's DiskReader; ``capacity``: the memory budget of the
+    compute tier (the device's; host RAM's on the cpu backend)."""
     if name == "mock":
         from moespeq_cli.runtime.backends.mock import MockBackend
 
-        return MockBackend(hw, capacity)
+        return MockBackend(hw, capacity, reader)
     if name == "cuda":
         from moespeq_cli.runtime.backends.cuda import CudaBackend
 
-        return CudaBackend(hw, capacity)
+        return CudaBackend(hw, capacity, reader)
+    if name == "cpu":
+        from moespeq_cli.runtime.backends.cpu import CpuBackend
+
+        return CpuBackend(capacity, reader)
     raise ValueError(f"no offloading backend {name!r}")
 
 

@@ -3,8 +3,15 @@
 The runtime speaks CUDA's model of a GPU: a compute stream and a copy stream, each
 in order; a copy returns an ``Event``; the compute stream can ``wait`` on an event; device
 memory is a budget. ``MockBackend`` implements it on a virtual clock (numerics on the
-CPU), ``CudaBackend`` on a real GPU. The model code never sees either: it asks the
-expert cache for weights.
+CPU), ``CudaBackend`` on a real GPU, and ``CpuBackend`` on the CPU alone, where host RAM
+is the compute tier and the disk is the slow link (wall clock). The model code never
+sees any of them: it asks the expert cache for weights.
+
+Below host RAM is the disk (DESIGN.md §9): ``read`` brings an expert's bytes from the
+checkpoint's files into a host buffer on the disk "stream" (a pool of I/O threads on the
+real backends, a modelled link on the mock) and returns an event like a copy's. Every
+transfer takes ``after``: events it must not start before (the slot's last reader, the
+read that brings the bytes it copies).
 
 Compute is bracketed: ``begin(name)`` ... run the kernels ... ``end(cost)``. The mock
 clock advances by the cost's roofline time at ``end``; CUDA records events at both ends.
@@ -34,13 +41,23 @@ class DeviceMemoryError(MoespeqError):
 
 
 class Event:
-    """Completion of a copy. ``time`` is set on the virtual clock; CUDA holds a real event."""
+    """Completion of a transfer or a job. ``time``: when, on the virtual clock (a
+    prediction on the wall-clock backends); ``cuda_event``: a real CUDA event; ``future``:
+    work a host thread does first (a read, or issuing a copy after one), None when there
+    is none or it is known to be done."""
 
-    __slots__ = ("time", "cuda_event")
+    __slots__ = ("time", "cuda_event", "future")
 
-    def __init__(self, time: float = 0.0, cuda_event=None):
+    def __init__(self, time: float = 0.0, cuda_event=None, future=None):
         self.time = time
         self.cuda_event = cuda_event
+        self.future = future
+
+
+def as_events(after: Event | list[Event] | None) -> list[Event]:
+    if after is None:
+        return []
+    return [after] if isinstance(after, Event) else [ev for ev in after if ev is not None]
 
 
 class HostJob:
@@ -58,14 +75,17 @@ class Backend(ABC):
     clock_kind: str  # "virtual" or "wall"
     device: torch.device
 
-    def __init__(self, hw: HardwareProfile, capacity: int):
+    def __init__(self, hw: HardwareProfile | None, capacity: int, reader=None):
+        """``reader``: the DiskReader of a disk tier (None: every expert is in host RAM)."""
         self.hw = hw
         self.capacity = capacity
+        self.reader = reader
         self.used = 0
         self.allocations: dict[str, int] = {}
         self.timeline = Timeline()
         self.io_stall_s = 0.0
         self.bytes_h2d = 0
+        self.bytes_read = 0
         self.phase = "target"  # set to "draft" by the speculative scheduler while drafting
 
     # -- memory -------------------------------------------------------------
@@ -110,10 +130,29 @@ class Backend(ABC):
         name: str,
         layer: int,
         expert: int,
-        after: Event | None = None,
+        after: Event | list[Event] | None = None,
     ) -> Event:
-        """Copy host ``src`` into device ``dst`` on the copy stream, once ``after`` (the
-        slot's last use) has passed; returns the copy's completion event."""
+        """Copy host ``src`` into device ``dst`` on the copy stream, once every ``after``
+        event (the slot's last use, the read bringing ``src``) has passed; returns the
+        copy's completion event."""
+
+    @abstractmethod
+    def read(
+        self,
+        dst: torch.Tensor,
+        extents: list,
+        nbytes: int,
+        name: str,
+        layer: int,
+        expert: int,
+        after: Event | list[Event] | None = None,
+    ) -> Event:
+        """Read ``extents`` of the checkpoint's files into host buffer ``dst`` on the disk
+        stream, once every ``after`` event has passed; returns the read's completion."""
+
+    def read_eta(self, nbytes: int) -> float:
+        """When a read of ``nbytes`` issued now would complete (``Event.time`` units)."""
+        raise NotImplementedError
 
     @abstractmethod
     def wait(self, event: Event, layer: int | None = None, expert: int | None = None, what: str = "wait H2D") -> None:
@@ -138,9 +177,10 @@ class Backend(ABC):
 
     @abstractmethod
     def host_compute(
-        self, x: torch.Tensor, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None
+        self, x: torch.Tensor, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None, after=None
     ) -> HostJob:
-        """Run ``fn(x_on_host)`` on the CPU; the output returns to the device."""
+        """Run ``fn(x_on_host)`` on the CPU once ``after`` (the read bringing the expert
+        into host RAM) has passed; the output returns to the device."""
 
     @abstractmethod
     def host_result(self, job: HostJob) -> torch.Tensor:
@@ -158,6 +198,12 @@ class Backend(ABC):
         self.timeline.clear()
         self.io_stall_s = 0.0
         self.bytes_h2d = 0
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        """Stop the backend's threads (the disk reader's too)."""
+        if self.reader is not None:
+            self.reader.close()
 
     def synchronize(self) -> None:  # noqa: B027 - nothing to wait for on a virtual clock
         """Block until all queued device work is done."""

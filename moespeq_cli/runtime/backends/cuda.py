@@ -17,6 +17,15 @@ on another side stream; the compute stream waits on that copy's event only when 
 the output, so the GPU goes on computing resident experts meanwhile. Weights never cross
 the link. ``copy_eta`` / ``host_eta`` predict completion from the profile's figures and a
 ledger of what is queued on each stream.
+
+The disk tier (DESIGN.md §9): host expert buffers are ordinary memory registered with
+CUDA (``pin``: ``cudaHostRegister`` of exactly their size, not the caching allocator's
+power-of-two blocks). A read runs on the disk reader's I/O threads; before overwriting a
+host slot the thread waits for the slot's readers (the copy that reads it: its CUDA event;
+a CPU job: its future). A copy whose bytes are still being read cannot be enqueued yet
+(a stream cannot wait on a host thread), so one issuer thread enqueues it once the read
+has landed, in the order copies were asked for; its event's ``future`` says when it is
+enqueued, and ``wait`` waits for that before making the compute stream wait on the copy.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moespeq_cli.runtime.backends.base import Backend, Event, HostJob
+from moespeq_cli.runtime.backends.base import Backend, Event, HostJob, as_events
 from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
@@ -36,8 +45,8 @@ class CudaBackend(Backend):
     name = "cuda"
     clock_kind = "wall"
 
-    def __init__(self, hw: HardwareProfile, capacity: int):
-        super().__init__(hw, capacity)
+    def __init__(self, hw: HardwareProfile, capacity: int, reader=None):
+        super().__init__(hw, capacity, reader)
         self.device = torch.device("cuda", torch.cuda.current_device())
         free, _total = torch.cuda.mem_get_info(self.device)
         self.capacity = min(capacity, free)
@@ -46,11 +55,15 @@ class CudaBackend(Backend):
         self.d2h_stream = torch.cuda.Stream(self.device)  # activations to the host
         self.ret_stream = torch.cuda.Stream(self.device)  # host outputs back
         self._host_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-host")
+        self._issuer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-copy")  # copies after reads
+        self._disk_free = 0.0
+        self._pinned: list[int] = []  # host pointers registered with cudaHostRegister
         self._copy_free = 0.0  # predicted, seconds since _t0
         self._host_free = 0.0
         self._host_intervals: list[tuple] = []  # (name, start, end, layer, expert, phase), wall
         self._pending: list[tuple] = []  # (stream, kind, name, start_ev, end_ev, layer, expert, bytes)
         self._stall_pairs: list[tuple] = []
+        self._stall_host: list[tuple] = []  # (start, end, layer, expert, what): host blocked on a read
         self._t0 = time.perf_counter()
         self._base = self._event(self.compute_stream)
 
@@ -79,14 +92,19 @@ class CudaBackend(Backend):
         start = max(self._host_free, self.now() + transfer_seconds(act_bytes, self.hw))
         return start + cost.host_seconds(self.hw) + transfer_seconds(act_bytes, self.hw)
 
-    def host_compute(self, x, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None) -> HostJob:
-        predicted = self.host_eta(cost, act_bytes)
+    def host_compute(
+        self, x, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None, after=None
+    ) -> HostJob:
+        pending = [ev.future for ev in as_events(after) if ev.future is not None]
+        predicted = max(self.host_eta(cost, act_bytes), max((ev.time for ev in as_events(after)), default=0.0))
         self._host_free = predicted - transfer_seconds(act_bytes, self.hw)
         ready = self._event(self.compute_stream)
         x.record_stream(self.d2h_stream)
         phase = self.phase
 
         def work():
+            for f in pending:  # the read bringing the expert into host RAM
+                f.result()
             with torch.cuda.stream(self.d2h_stream):
                 self.d2h_stream.wait_event(ready)
                 x_host = x.to("cpu", non_blocking=False)
@@ -107,20 +125,79 @@ class CudaBackend(Backend):
         self.wait(Event(cuda_event=done), job.layer, job.expert, what="wait CPU", before=before_host)
         return y
 
-    def copy(self, dst, src, nbytes, name, layer, expert, after: Event | None = None) -> Event:
-        eta = self.copy_eta(nbytes, after)
+    def copy(self, dst, src, nbytes, name, layer, expert, after=None) -> Event:
+        events = as_events(after)
+        eta = max(
+            self.copy_eta(nbytes), max((ev.time for ev in events), default=0.0) + transfer_seconds(nbytes, self.hw)
+        )
         self._copy_free = eta
-        with torch.cuda.stream(self.copy_stream):
-            if after is not None and after.cuda_event is not None:
-                self.copy_stream.wait_event(after.cuda_event)
-            start = self._event(self.copy_stream)
-            dst.copy_(src, non_blocking=True)
-            done = self._event(self.copy_stream)
+        done = torch.cuda.Event(enable_timing=True)
+        phase = self.phase
+
+        def enqueue() -> None:
+            for ev in events:
+                if ev.future is not None:
+                    ev.future.result()  # the read (or an earlier chained copy) has landed
+            with torch.cuda.stream(self.copy_stream):
+                for ev in events:
+                    if ev.cuda_event is not None:
+                        self.copy_stream.wait_event(ev.cuda_event)
+                start = self._event(self.copy_stream)
+                dst.copy_(src, non_blocking=True)
+                done.record(self.copy_stream)
+            self._pending.append(("copy", "copy", name, start, done, layer, expert, nbytes, phase))
+
         self.bytes_h2d += nbytes
-        self._pending.append(("copy", "copy", name, start, done, layer, expert, nbytes, self.phase))
+        if any(ev.future is not None and not ev.future.done() for ev in events):
+            return Event(eta, cuda_event=done, future=self._issuer.submit(enqueue))
+        enqueue()
         return Event(eta, cuda_event=done)
 
+    def read_eta(self, nbytes: int) -> float:
+        return max(self.now(), self._disk_free) + self.hw.disk_latency + nbytes / self.hw.disk_bandwidth
+
+    def read(self, dst, extents, nbytes, name, layer, expert, after=None) -> Event:
+        events = as_events(after)
+        eta = self.read_eta(nbytes)
+        self._disk_free = eta
+        phase = self.phase
+
+        def before() -> None:  # the slot's readers: a copy up to the device, a CPU job
+            for ev in events:
+                if ev.future is not None:
+                    ev.future.result()
+                if ev.cuda_event is not None:
+                    ev.cuda_event.synchronize()
+
+        def done(start: float, end: float) -> None:
+            t0 = self._t0
+            self._host_intervals.append((name, start - t0, end - t0, layer, expert, phase, "disk", nbytes))
+
+        self.bytes_read += nbytes
+        return Event(eta, future=self.reader.submit(extents, dst, before=before, done=done).future)
+
+    def pin(self, block: torch.Tensor) -> None:
+        """Page-lock a host block of exactly its size (cudaHostRegister), so copies from it
+        run asynchronously at full link speed without the pinned allocator's rounding."""
+        ptr = block.data_ptr()
+        rc = torch.cuda.cudart().cudaHostRegister(ptr, block.numel() * block.element_size(), 0)
+        if int(rc) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({rc}); lower --ram")
+        self._pinned.append(ptr)
+
+    def close(self) -> None:
+        super().close()
+        self._issuer.shutdown(wait=True)
+        self._host_pool.shutdown(wait=True)
+        for ptr in self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._pinned.clear()
+
     def wait(self, event: Event, layer=None, expert=None, what: str = "wait H2D", before=None) -> None:
+        if event.future is not None and not event.future.done():
+            start = self.now()
+            event.future.result()  # the copy waits for a read: the host blocks until it is enqueued
+            self._stall_host.append((start, self.now(), layer, expert, "wait read"))
         if before is None and event.cuda_event.query():
             return  # already complete: no stall possible
         before = before if before is not None else self._event(self.compute_stream)
@@ -129,7 +206,9 @@ class CudaBackend(Backend):
         self._stall_pairs.append((before, after, layer, expert, what))
 
     def ready(self, event: Event) -> bool:
-        return bool(event.cuda_event.query())
+        if event.future is not None and not event.future.done():
+            return False
+        return event.cuda_event is None or bool(event.cuda_event.query())
 
     def record_release(self) -> Event:
         return Event(self.now(), cuda_event=self._event(self.compute_stream))
@@ -140,14 +219,18 @@ class CudaBackend(Backend):
     def reset_clock(self) -> None:
         self.synchronize()
         super().reset_clock()
+        if self.reader is not None:
+            self.reader.drain()
         self._pending.clear()
         self._stall_pairs.clear()
+        self._stall_host.clear()
         self._host_intervals.clear()
-        self._copy_free = self._host_free = 0.0
+        self._copy_free = self._host_free = self._disk_free = 0.0
         self._t0 = time.perf_counter()
         self._base = self._event(self.compute_stream)
 
     def synchronize(self) -> None:
+        self._issuer.submit(lambda: None).result()  # every chained copy is enqueued
         torch.cuda.synchronize(self.device)
 
     def finalize_timeline(self) -> None:
@@ -161,8 +244,14 @@ class CudaBackend(Backend):
             if end > start:
                 self.io_stall_s += end - start
                 self.timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
-        for name, start, end, layer, expert, phase in self._host_intervals:
-            self.timeline.add(Interval("host", "compute", name, start, end, layer, expert, 0, phase))
+        for start, end, layer, expert, what in self._stall_host:
+            self.io_stall_s += end - start
+            self.timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
+        for name, start, end, layer, expert, phase, *rest in self._host_intervals:
+            stream, nbytes = rest if rest else ("host", 0)
+            kind = "read" if stream == "disk" else "compute"
+            self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes, phase))
         self._pending.clear()
         self._stall_pairs.clear()
+        self._stall_host.clear()
         self._host_intervals.clear()

@@ -22,6 +22,7 @@ class DraftExperts:
         self, quant: QuantizedExperts, backend: Backend | None, on_device: set | None = None, act_elem: int = 2
     ):
         self.quant, self.backend, self.on_device, self.act_elem = quant, backend, on_device, act_elem
+        quant.pack_cpu()  # the experts the CPU computes: onto bitsandbytes' packed kernel, once
         self.elem = quant.bytes_per_expert / (3 * quant.hidden * quant.inter)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,11 @@ from moespeq_cli.models.checkpoint import Checkpoint
 
 
 def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H]."""
+    """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H]. Weights held in another dtype
+    than the activations (a bf16 checkpoint's experts in RAM, computed in float32 on the
+    CPU) are widened for the product: the same values as widening them at load."""
+    if gate.dtype != x.dtype:
+        gate, up, down = gate.to(x.dtype), up.to(x.dtype), down.to(x.dtype)
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 

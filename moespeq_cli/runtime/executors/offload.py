@@ -1,4 +1,5 @@
-"""The offloading executor: routed experts computed from the device expert cache.
+"""The offloading executor: routed experts computed from the compute tier's expert cache
+(the device's slots; host RAM's on the cpu backend).
 
 For one MoE layer it looks up every expert the layer's tokens chose (a *hit* if it is
 resident and its copy has arrived when the layer starts), computes ready experts first
@@ -9,7 +10,8 @@ tokens of the cpu backend, bit for bit).
 With hybrid execution (policy ``hybrid``, and ``moespeq`` with CPU experts) each expert
 that is not ready takes whichever path gets its output to the device first by the cost
 model: its copy, or the CPU computing it from host memory (``choose_paths``). Host jobs
-are issued before the GPU starts on the resident experts, so both work at once.
+are issued before the GPU starts on the resident experts, so both work at once. An
+expert the CPU computes must be in host RAM: with a disk tier its read comes first.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from moespeq_cli.runtime.planning.costs import (
     transfer_seconds,
 )
 from moespeq_cli.runtime.scheduling.policies import Policy
-from moespeq_cli.runtime.tiers.cache import ExpertCache
+from moespeq_cli.runtime.tiers.hierarchy import ExpertTiers
 
 
 class OffloadedExperts:
-    def __init__(self, model: CausalLM, cache: ExpertCache, backend: Backend, policy: Policy):
-        self.model, self.cache, self.backend, self.policy = model, cache, backend, policy
-        c = cache.store.config
+    def __init__(self, model: CausalLM, tiers: ExpertTiers, backend: Backend, policy: Policy):
+        self.model, self.tiers, self.backend, self.policy = model, tiers, backend, policy
+        self.cache = tiers.compute
+        c = tiers.config
         self.hidden, self.inter = c.hidden_size, c.expert_intermediate
-        self.elem = elem_size(cache.store.storage_dtype)
+        self.elem = elem_size(tiers.layout.dtype)
         layers = sorted(model.moe_blocks)
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
         self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
@@ -123,28 +126,43 @@ class OffloadedExperts:
     def choose_paths(self, layer: int, waiting: list[int], groups) -> list[int]:
         """For each expert not ready, the path whose output reaches the device first, by the
         backend's clock and the cost model: its copy (already in flight, or issued now behind
-        the copies chosen before it) or the CPU (behind the host jobs chosen before it).
+        the copies chosen before it) or the CPU (behind the host jobs chosen before it). An
+        expert that is not in host RAM is read first either way, behind the reads before it.
         Returns the experts to compute on the CPU; ``decisions`` keeps every comparison."""
-        b, cache = self.backend, self.cache
+        b, cache, host = self.backend, self.cache, self.tiers.host
+        nbytes = self.tiers.nbytes
         now = b.now_event_time()
-        copy_at = b.copy_eta(self.cache.store.nbytes)
-        copy_step = transfer_seconds(self.cache.store.nbytes, b.hw)
+        copy_at = b.copy_eta(nbytes)
+        copy_step = transfer_seconds(nbytes, b.hw)
+        read_at = None  # when the reads issued so far would be done
         host_free = None  # when the CPU finishes the host jobs chosen so far
         on_host = []
         for e in waiting:
             key = (layer, e)
             cost, act = self.host_cost(len(groups[e][0]))
+            read_done = None
+            if host is not None and not host.ready(key):
+                if host.resident(key):
+                    read_done = host.arrival[key].time
+                else:
+                    step = b.hw.disk_latency + nbytes / b.hw.disk_bandwidth
+                    read_at = b.read_eta(nbytes) if read_at is None else read_at + step
+                    read_done = read_at
             if host_free is None:
                 host_done = b.host_eta(cost, act)
             else:
                 down = now + transfer_seconds(act, b.hw)
                 host_done = max(host_free, down) + cost.host_seconds(b.hw) + transfer_seconds(act, b.hw)
+            if read_done is not None:
+                host_done = max(host_done, read_done + cost.host_seconds(b.hw) + transfer_seconds(act, b.hw))
             if cache.resident(key):
                 via_copy = cache.arrival[key].time  # in flight
             elif self.policy.static:
                 via_copy = float("inf")
             else:
                 via_copy = copy_at  # optimistic when every slot is pinned: the copy then waits for one
+                if read_done is not None:
+                    via_copy = max(via_copy, read_done + copy_step)
             choice = "cpu" if host_done < via_copy else "copy"
             if self.decisions is not None:
                 self.decisions.append((layer, e, {"copy": via_copy, "cpu": host_done}, choice))
@@ -152,17 +170,19 @@ class OffloadedExperts:
                 on_host.append(e)
                 host_free = host_done - transfer_seconds(act, b.hw)
             elif not cache.resident(key):
-                copy_at += copy_step
+                copy_at = max(copy_at, via_copy) + copy_step if read_done is not None else copy_at + copy_step
         return on_host
 
     def compute_on_host(self, layer: int, e: int, xe: torch.Tensor):
-        store = self.cache.store
         cost, act = self.host_cost(xe.shape[0])
+        weights, read = self.tiers.host_expert((layer, e))
 
         def fn(xh: torch.Tensor) -> torch.Tensor:
-            return expert_mlp(xh, *store.views(store.buffer(layer, e)))
+            return expert_mlp(xh, *weights)
 
-        return self.backend.host_compute(xe, fn, cost, act, f"cpu expert L{layer}.E{e}", layer, e)
+        job = self.backend.host_compute(xe, fn, cost, act, f"cpu expert L{layer}.E{e}", layer, e, after=read)
+        self.tiers.host.hold((layer, e), job.event)  # its host slot stays until the CPU is done
+        return job
 
     def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
         """Gate-prefetch: the next MoE layer's router on this layer's input."""

@@ -24,12 +24,19 @@ the link, t_cpu on the host; T_ne the non-expert compute):
                    when it is faster, k = 0 with the draft's memory as slots -- what the
                    governor switches to at run time (``plan_moespeq``)
 
+With a disk tier (``--ram`` below the experts' size) an expert missing from the device
+is also missing from RAM with probability ``p_read = 1 - (H - S) / (N - S)`` (H experts
+in RAM, S on the device, N in all; RAM assumed to hold what the device holds), and then
+its copy, or its CPU computation, waits for a read of ``disk_latency + bytes /
+disk_bandwidth`` first: ``t_copy`` and ``t_cpu`` grow by ``p_read * t_read``.
+
 These are estimates, not measurements: ``moespeq bench`` on the mock backend, or a run on
 the real GPU, measures.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +79,24 @@ class StepModel:
         self.table = charges(model, self.elem)
         self.layers = len(cfg.moe_layers)
         self.expert_bytes = cfg.expert_params * self.elem
-        self.t_copy = transfer_seconds(self.expert_bytes, hw)
+        self.t_link = transfer_seconds(self.expert_bytes, hw)
+        self.read_extra = 0.0  # seconds of disk read per expert missing from the device (``for_plan``)
+
+    def for_plan(self, plan: Plan) -> StepModel:
+        """This model with ``plan``'s disk tier priced in (module docstring)."""
+        step = copy.copy(self)
+        step.read_extra = 0.0
+        n, s, h = plan.total_experts, plan.slots, plan.host_slots
+        if plan.disk_tier and n > s:
+            p_read = 1.0 - max(0, h - s) / (n - s)
+            step.read_extra = p_read * (self.hw.disk_latency + self.expert_bytes / self.hw.disk_bandwidth)
+        return step
+
+    @property
+    def t_copy(self) -> float:
+        """An expert missing from the device brought there: a copy, and a read first when RAM
+        does not hold it either."""
+        return self.t_link + self.read_extra
 
     def non_expert(self, tokens: int) -> float:
         return sum(cost(tokens, self.context).seconds(self.hw) for _m, _n, _l, cost, _r in self.table)
@@ -83,9 +107,12 @@ class StepModel:
     def t_dev(self, tokens: float = 1, elem: float | None = None) -> float:
         return self.expert_cost(tokens, elem or self.elem).seconds(self.hw)
 
-    def t_cpu(self, tokens: float = 1, elem: float | None = None) -> float:
+    def t_cpu(self, tokens: float = 1, elem: float | None = None, read: bool = True) -> float:
+        """One expert on the CPU over ``tokens`` tokens (and its read, when RAM may not hold
+        it: ``read``; the draft's 4-bit experts are always in RAM)."""
         act = max(1, round(tokens)) * self.cfg.hidden_size * self.elem
-        return host_expert_seconds(self.expert_cost(tokens, elem or self.elem), act, self.hw)
+        extra = self.read_extra if read else 0.0
+        return host_expert_seconds(self.expert_cost(tokens, elem or self.elem), act, self.hw) + extra
 
     def per_token(self, policy: str, hit: float) -> float:
         L, K = self.layers, self.cfg.top_k
@@ -120,7 +147,7 @@ class StepModel:
             state.misses[n] = L * u * (1 - hit)
         if plan.has_draft:
             on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
-            draft_expert = on_dev * self.t_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(1, draft_elem)
+            draft_expert = on_dev * self.t_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(1, draft_elem, read=False)
             state.t_draft = self.non_expert(1) + L * K * draft_expert
             state.p = [acceptance] * k_max
             state.tested = [1] * k_max
@@ -131,6 +158,7 @@ class StepModel:
 
 
 def estimate(step: StepModel, plan: Plan, acceptance: float = DEFAULT_ACCEPTANCE, k_max: int = 8) -> Estimate:
+    step = step.for_plan(plan)
     hit = min(1.0, plan.slots / plan.total_experts) if plan.total_experts else 1.0
     if plan.policy == "moespeq":
         tps, k = step.speculative(plan, hit, acceptance, k_max, plan.cpu_experts)
@@ -141,18 +169,23 @@ def estimate(step: StepModel, plan: Plan, acceptance: float = DEFAULT_ACCEPTANCE
 
 
 def plan_moespeq(
-    step: StepModel, budget: int, cpu_experts: bool, blocksize: int = 64, acceptance: float = DEFAULT_ACCEPTANCE
+    step: StepModel,
+    budget: int,
+    cpu_experts: bool,
+    blocksize: int = 64,
+    acceptance: float = DEFAULT_ACCEPTANCE,
+    ram: int | None = None,
 ) -> tuple[Plan, Estimate]:
     """moespeq's plan as a run makes it (with the 4-bit draft), and its modelled speed:
     the better of speculating with that plan and what the governor falls back to when
     speculation cannot pay for the draft's memory -- k = 0 with that memory as expert
     slots (docs/governor.md). The plan's note says which the model expects."""
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
-    with_draft = make_plan(*args)
+    with_draft = make_plan(*args, ram=ram)
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:
         return with_draft, spec
-    released = make_plan(*args, with_draft=False)
+    released = make_plan(*args, with_draft=False, ram=ram)
     plain = estimate(step, released, acceptance)
     if plain.tokens_per_s > spec.tokens_per_s:
         with_draft.note = (

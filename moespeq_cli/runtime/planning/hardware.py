@@ -76,6 +76,8 @@ class HardwareProfile:
     host_mem_bandwidth: float  # B/s host memory
     host_op_overhead: float  # s per CPU operation (framework dispatch)
     source: str = ""
+    disk_bandwidth: float | None = None  # B/s, reads of the checkpoint's files (the disk tier); optional
+    disk_latency: float | None = None  # s per read request; optional
 
     @property
     def usable_memory(self) -> int:
@@ -96,8 +98,11 @@ _RANGES = {
     "host_flops": (1e6, 1e19),
     "host_mem_bandwidth": (1e6, 1e15),
     "host_op_overhead": (1e-9, 1.0),
+    "disk_bandwidth": (1e6, 1e13),  # B/s: 1 MB/s .. 10 TB/s
+    "disk_latency": (1e-7, 1.0),  # s
 }
 _TEXT = {"name", "description"}
+_OPTIONAL = {"disk_bandwidth", "disk_latency"}  # a profile without them cannot price a disk tier
 
 
 def profiles_dir() -> Path:
@@ -176,6 +181,8 @@ def parse_profile(path: Path) -> HardwareProfile:
         )
     values: dict = {"source": str(path)}
     for f in sorted(known):
+        if (f not in data or data[f] is None) and f in _OPTIONAL:
+            continue
         if f not in data or data[f] is None:
             raise UsageError(f"hardware profile {path}: field {f!r} is missing")
         v = data[f]

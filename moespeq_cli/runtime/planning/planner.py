@@ -1,4 +1,4 @@
-"""The VRAM planner: what lives on the device, and how many expert slots are left.
+"""The memory planner: what lives on the device, what in host RAM, what stays on disk.
 
 Budget = non-expert weights (attention, norms, routers, shared experts, dense layers,
 embeddings, LM head; full precision) + the KV cache for the requested context +
@@ -11,10 +11,21 @@ device. When it does not, and experts may run on the CPU (the default), half of 
 above ``top_k`` slots goes to draft experts (the same number per layer) and the rest to
 slots; the draft computes its other experts on the CPU from 4-bit host copies. With
 ``--no-cpu-experts`` a draft that does not fit is dropped (k = 0, gate-prefetch decoding).
+
+Host RAM (``--ram``, DESIGN.md §9) is the budget of expert buffers in host memory: the
+full-precision experts it holds and the 4-bit draft's experts that are not on the device.
+When every routed expert fits, they all stay in RAM (two tiers, as before); when not, RAM
+holds ``host_slots`` of them as a cache over the checkpoint's files (the disk tier). On
+a machine with no GPU (``--backend cpu``) RAM *is* the compute tier: the plan's budget is
+``--ram`` and its slots are RAM slots; the non-expert weights, KV cache and workspace
+live in RAM too but outside that budget (they are reported, not counted). With no
+``--ram`` the budget is what the machine has available minus a margin
+(``default_ram``), and the plan says so.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,9 +54,22 @@ class Plan:
     cpu_experts: bool = False  # experts not on the device may be computed on the CPU
     has_draft: bool = False  # moespeq runs its 4-bit draft (on the device, the CPU, or both)
     note: str | None = None  # what the planner decided that the user should know
+    host_budget_bytes: int | None = None  # --ram: expert buffers in host memory (None: unbounded)
+    host_slots: int = 0  # full-precision experts host RAM holds (total_experts: no disk tier)
+    host_draft_bytes: int = 0  # the 4-bit draft's experts held in host RAM
+    compute_tier: str = "device"  # "host": --backend cpu, RAM slots are what the CPU computes from
+    ram_source: str | None = None  # how the --ram budget was chosen, when not given
+
+    @property
+    def disk_tier(self) -> bool:
+        """Experts are read from the checkpoint's files while decoding."""
+        return self.host_slots < self.total_experts
 
     @property
     def fixed_bytes(self) -> int:
+        """What the budget holds besides the expert slots."""
+        if self.compute_tier == "host":
+            return self.draft_bytes  # weights, KV cache and workspace are in RAM, outside --ram
         return self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes + self.draft_bytes
 
     @property
@@ -56,28 +80,54 @@ class Plan:
     def free_bytes(self) -> int:
         return self.budget_bytes - self.fixed_bytes - self.slot_bytes
 
+    @property
+    def host_bytes(self) -> int:
+        """Expert buffers in host RAM: full-precision experts and the draft's."""
+        return self.host_slots * self.expert_bytes + self.host_draft_bytes
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
             fixed_bytes=self.fixed_bytes,
             slot_bytes=self.slot_bytes,
             resident_fraction=round(self.slots / self.total_experts, 4) if self.total_experts else 1.0,
+            host_bytes=self.host_bytes,
+            disk_tier=self.disk_tier,
         )
         return d
 
     def rows(self) -> list[tuple[str, int]]:
+        """The budget's breakdown (the device's; RAM's on the cpu backend)."""
+        draft = (
+            [(f"4-bit draft experts ({self.draft_device_experts} of {self.total_experts})", self.draft_bytes)]
+            if self.draft_bytes
+            else []
+        )
+        if self.compute_tier == "host":
+            return [
+                (f"expert slots in RAM ({self.slots} of {self.total_experts})", self.slot_bytes),
+                *draft,
+                ("unused", self.free_bytes),
+            ]
         return [
             ("non-expert weights", self.non_expert_bytes),
             ("KV cache", self.kv_cache_bytes),
             ("workspace", self.workspace_bytes),
             (f"expert slots ({self.slots} of {self.total_experts})", self.slot_bytes),
-            *(
-                [(f"4-bit draft experts ({self.draft_device_experts} of {self.total_experts})", self.draft_bytes)]
-                if self.draft_bytes
-                else []
-            ),
+            *draft,
             ("unused", self.free_bytes),
         ]
+
+    def tier_line(self) -> str:
+        """Where the experts live, in one line: device, RAM, disk."""
+        n = self.total_experts
+        if self.compute_tier == "host":
+            parts = [f"RAM {self.slots} of {n} experts"]
+        else:
+            parts = [f"device {self.slots} of {n} experts", f"RAM {self.host_slots}"]
+        if self.disk_tier:
+            parts.append(f"disk the other {n - self.host_slots} (read as needed)")
+        return ", ".join(parts)
 
 
 def kv_bytes_per_token(model: CausalLM, elem: int) -> int:
@@ -89,16 +139,16 @@ def kv_bytes_per_token(model: CausalLM, elem: int) -> int:
 
 
 def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
-    """4-bit routed experts: half a byte per weight plus one fp32 absmax per block."""
-    per_expert = cfg.expert_params // 2 + (cfg.expert_params // blocksize) * 4
+    """4-bit routed experts: half a byte per weight plus one fp32 absmax per block, per
+    projection (each quantized on its own, so each rounds up on its own)."""
+    per_expert = sum(-(-(a * b) // 2) + -(-(a * b) // blocksize) * 4 for a, b in cfg.expert_shapes())
     return per_expert * cfg.num_experts * len(cfg.moe_layers)
 
 
 def checkpoint_plan(ckpt, context: int, budget: int = 10**15, policy: str = "lru", dtype=None, **kw) -> Plan:
     """``make_plan`` for a Checkpoint, its model built on the meta device (no weights read).
     The default budget is unbounded: the plan then gives the fixed part and expert sizes."""
-    with torch.device("meta"):
-        model = build_model(ckpt.arch, ckpt.raw_config, context, str(ckpt.path / "config.json"))
+    model = build_model(ckpt.arch, ckpt.raw_config, context, str(ckpt.path / "config.json"))
     return make_plan(model, ckpt.config, dtype or ckpt.config.dtype, budget, context, policy, **kw)
 
 
@@ -120,11 +170,15 @@ def make_plan(
     cpu_experts: bool = False,
     with_draft: bool = True,
     max_slots: int | None = None,
+    ram: int | None = None,
+    compute_tier: str = "device",
+    ram_source: str | None = None,
 ) -> Plan:
     """``model`` may live on the meta device: only shapes are read. For moespeq the 4-bit
     draft is placed too unless ``with_draft`` is False (module docstring); ``note`` says
     what the planner decided. ``max_slots`` caps the expert slots (bench's same-cache
-    budget)."""
+    budget). ``ram``: host RAM for expert buffers (None: every expert fits);
+    ``compute_tier="host"``: ``budget`` is that RAM and the CPU computes from it."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
     kv = kv_bytes_per_token(model, elem) * context
@@ -139,14 +193,16 @@ def make_plan(
     workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
     expert = cfg.expert_params * elem
     total = cfg.num_experts * len(cfg.moe_layers)
-    fixed = non_expert + kv + workspace
+    on_host = compute_tier == "host"
+    fixed = 0 if on_host else non_expert + kv + workspace
+    where = "--ram" if on_host else "--vram"
     draft, note = 0, None
     total_draft = draft_device = 0
     if policy == "moespeq" and with_draft:
         total_draft = draft = draft_bytes_estimate(cfg, blocksize)
         draft_device = total
         room = budget - fixed - cfg.top_k * expert  # above the minimum slots
-        if room < draft and cpu_experts:
+        if room < draft and cpu_experts and not on_host:
             per_draft_expert = draft / total
             draft_device = int(max(0, room // 2) // per_draft_expert)
             draft = int(draft_device * per_draft_expert)
@@ -156,14 +212,20 @@ def make_plan(
             )
         elif room < draft:
             note = (
-                f"the 4-bit draft ({format_size(draft)}) does not fit beside {cfg.top_k} expert slots: "
-                "speculation is off (k = 0, gate-prefetch decoding); raise --vram to enable it"
+                f"the 4-bit draft ({format_size(draft)}) does not fit in {where} beside {cfg.top_k} expert slots: "
+                f"speculation is off (k = 0, gate-prefetch decoding); raise {where} to enable it"
             )
             draft = draft_device = 0
     fixed += draft
     free = budget - fixed
     need_min = fixed + cfg.top_k * expert
     if free < cfg.top_k * expert:
+        if on_host:
+            raise UsageError(
+                f"--ram {format_size(budget)} cannot hold {cfg.top_k} experts of {format_size(expert)}"
+                + (f" beside the 4-bit draft ({format_size(draft)})" if draft else "")
+                + f"; it needs at least {format_size(need_min)} -- raise --ram"
+            )
         raise UsageError(
             f"--vram {format_size(budget)} cannot hold this model's fixed part ({format_size(fixed)}: weights "
             f"{format_size(non_expert)}, KV cache {format_size(kv)} for {context} tokens, workspace {format_size(workspace)}) "
@@ -173,10 +235,18 @@ def make_plan(
     if policy == "resident" and slots < total:
         raise UsageError(
             f"--policy resident needs every expert on the device: {format_size(fixed + total * expert)} in all, "
-            f"but --vram is {format_size(budget)}; raise --vram or choose an offloading policy"
+            f"but {where} is {format_size(budget)}; raise {where} or choose an offloading policy"
         )
     if policy == "ondemand":
         slots = min(slots, cfg.top_k)  # staging buffers only: ondemand keeps nothing
+    has_draft = policy == "moespeq" and with_draft and (draft > 0 or cpu_experts)
+    host_draft = 0 if on_host else (total_draft - draft if has_draft else 0)
+    if on_host:
+        host_slots = int(slots)
+    elif ram is None:
+        host_slots = total
+    else:
+        host_slots = host_plan(cfg, expert, ram, host_draft)
     return Plan(
         policy,
         budget,
@@ -190,6 +260,61 @@ def make_plan(
         draft,
         draft_device,
         cpu_experts,
-        policy == "moespeq" and with_draft and (draft > 0 or cpu_experts),
+        has_draft,
         note,
+        host_budget_bytes=budget if on_host else ram,
+        host_slots=host_slots,
+        host_draft_bytes=host_draft,
+        compute_tier=compute_tier,
+        ram_source=ram_source,
     )
+
+
+def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int) -> int:
+    """Full-precision experts host RAM holds beside the draft's (all of them when they
+    fit); a budget that cannot stage ``top_k`` of them is refused."""
+    total = cfg.num_experts * len(cfg.moe_layers)
+    room = ram - draft_bytes
+    if room < cfg.top_k * expert:
+        raise UsageError(
+            f"--ram {format_size(ram)} cannot hold {cfg.top_k} experts of {format_size(expert)}"
+            + (f" beside the 4-bit draft's host experts ({format_size(draft_bytes)})" if draft_bytes else "")
+            + f"; it needs at least {format_size(draft_bytes + cfg.top_k * expert)} -- raise --ram"
+        )
+    return int(min(total, room // expert))
+
+
+RAM_MARGIN_FRACTION = 0.10  # of total memory, at least RAM_MARGIN_MIN: the OS, other programs
+RAM_MARGIN_MIN = 2**30
+
+
+def memory_info() -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo; None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return info["MemTotal"], info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_ram(resident_bytes: int = 0) -> tuple[int | None, str]:
+    """The --ram budget when none is given: what the machine has available now, minus a
+    margin (10% of its memory, at least 1 GiB) and ``resident_bytes`` that will live in
+    RAM outside the budget (the non-expert weights on the cpu backend). (None, why) when
+    the machine does not say."""
+    info = memory_info()
+    if info is None:
+        return None, "every expert in RAM (this system does not report its available memory)"
+    total, available = info
+    margin = max(RAM_MARGIN_MIN, int(total * RAM_MARGIN_FRACTION))
+    ram = available - margin - resident_bytes
+    what = f"available memory {format_size(available)} minus a margin of {format_size(margin)}"
+    if resident_bytes:
+        what += f" and {format_size(resident_bytes)} of weights"
+    return max(ram, 1), what

@@ -7,10 +7,17 @@ experts that are not resident:
 
 - phase I: experts already resident are reused (and protected from eviction);
 - phase II: while the draft runs, predicted experts are queued by (layer, token) -- the
-  order verification needs them -- and issued as the copy stream drains (at most
-  ``max_in_flight`` copies queued at once, so a late prediction for an early layer can
+  order verification needs them -- and issued as the link drains (at most the tier's
+  ``max_in_flight`` transfers queued at once, so a late prediction for an early layer can
   still overtake an early prediction for a late layer);
 - phase III: once the draft is complete, everything still queued is issued, layer first.
+
+With a disk tier below host RAM, a predicted expert that RAM does not hold is first
+*staged*: read into RAM, from a queue of its own in the same order, as the disk drains.
+Its copy is issued once the read has landed (a copy issued earlier would hold the
+in-order copy stream until the read is done); in phase III everything goes, the copies
+behind their reads. On the cpu backend RAM is the compute tier and its loads are the
+reads themselves.
 
 Eviction is lookahead-aware: an expert the ELB says this verification needs (at a layer
 not yet verified) is never evicted for a prefetch; among the rest the least recently
@@ -31,23 +38,17 @@ from moespeq_cli.runtime.executors.offload import OffloadedExperts
 from moespeq_cli.runtime.scheduling.governor import Governor
 from moespeq_cli.runtime.speculative import SpecHooks
 from moespeq_cli.runtime.tiers.cache import ExpertCache, Key
+from moespeq_cli.runtime.tiers.hierarchy import ExpertTiers
 
 
 class ElbScheduler(SpecHooks):
-    def __init__(
-        self,
-        model,
-        cache: ExpertCache,
-        backend: Backend,
-        target: OffloadedExperts,
-        governor: Governor,
-        max_in_flight: int = 2,
-    ):
-        self.model, self.cache, self.backend, self.target, self.governor = model, cache, backend, target, governor
-        self.max_in_flight = max_in_flight
+    def __init__(self, model, tiers: ExpertTiers, backend: Backend, target: OffloadedExperts, governor: Governor):
+        self.model, self.tiers, self.backend, self.target, self.governor = model, tiers, backend, target, governor
+        self.cache = tiers.compute
         self.first_moe = min(model.moe_blocks)
         self.elb: list[dict[int, set[int]]] = []  # draft token -> layer -> expert ids
-        self.queue: list[tuple[int, int, int]] = []  # (layer, token, expert)
+        self.queue: list[tuple[int, int, int]] = []  # loads into the compute tier: (layer, token, expert)
+        self.stage_queue: list[tuple[int, int, int]] = []  # reads into host RAM ahead of their copies
         self.protected: set[Key] = set()
         self.verify_layer = -1
         self.verify_routes: list[dict[int, set[int]]] = []
@@ -55,7 +56,9 @@ class ElbScheduler(SpecHooks):
         self.match_pairs = 0
         self.match_equal = 0
         self.on_release = None  # called once when the governor gives the draft's memory back
-        cache.victim = self.victim
+        self.cache.victim = self.victim
+        if tiers.host is not None:
+            tiers.host.victim = self.victim
         target.layer_hook = self.on_verify_layer
 
     # -- eviction -----------------------------------------------------------
@@ -68,8 +71,8 @@ class ElbScheduler(SpecHooks):
                 return key
         return max(candidates, key=lambda k: k[0])  # needed farthest ahead
 
-    def _prefetch_room(self) -> bool:
-        return bool(self.cache.free_slots) or any(not self._needed_later(k) for k in self.cache._evictable())
+    def _prefetch_room(self, cache: ExpertCache) -> bool:
+        return bool(cache.free_slots) or any(not self._needed_later(k) for k in cache.evictable())
 
     # -- phases -------------------------------------------------------------
     def begin_prefill(self) -> None:
@@ -80,6 +83,7 @@ class ElbScheduler(SpecHooks):
         self.k = k
         self.elb = []
         self.queue = []
+        self.stage_queue = []
         self.protected = set()
         self.verify_layer = -1
         self.snapshot = set(self.cache.slot_of)
@@ -104,25 +108,45 @@ class ElbScheduler(SpecHooks):
             self.protected.add(key)
             if self.cache.resident(key):
                 self.cache.touch(key)  # phase I: reuse
-            else:
-                heapq.heappush(self.queue, (layer, token, e))
-        self.pump(self.max_in_flight)
-
-    def pump(self, limit: int | None) -> None:
-        in_flight = sum(1 for k, ev in self.cache.arrival.items() if not self.backend.ready(ev))
-        while self.queue and (limit is None or in_flight < limit) and self._prefetch_room():
-            layer, _, e = heapq.heappop(self.queue)
-            key = (layer, e)
-            if self.cache.resident(key):
                 continue
-            self.cache.load(key, prefetch=True)
+            heapq.heappush(self.queue, (layer, token, e))
+            host = self.tiers.host
+            if host is not None and not host.resident(key):
+                heapq.heappush(self.stage_queue, (layer, token, e))
+            elif host is not None:
+                host.touch(key)
+        self.pump()
+
+    def pump(self, everything: bool = False) -> None:
+        """Issue queued reads and loads, layer first: a few at a time while the draft runs
+        (phase II), all of them once it is done (``everything``: phase III)."""
+        host, cache = self.tiers.host, self.cache
+        if host is not None and self.stage_queue:
+            in_flight = host.pending()
+            while self.stage_queue and (everything or in_flight < host.max_in_flight) and self._prefetch_room(host):
+                layer, _, e = heapq.heappop(self.stage_queue)
+                key = (layer, e)
+                if host.resident(key) or cache.resident(key):
+                    continue
+                host.load(key, prefetch=True)
+                in_flight += 1
+        in_flight = cache.pending()
+        while self.queue and (everything or in_flight < cache.max_in_flight) and self._prefetch_room(cache):
+            layer, _, e = self.queue[0]
+            key = (layer, e)
+            if not cache.resident(key) and not everything and not self.tiers.staged(key):
+                break  # its read has not landed: a copy now would hold the copy stream
+            heapq.heappop(self.queue)
+            if cache.resident(key):
+                continue
+            cache.load(key, prefetch=True)
             in_flight += 1
 
     def begin_verify(self, k: int) -> None:
         self.backend.phase = "target"
         self.t_verify = self.backend.now()
         self.stall_before = self.backend.io_stall_s
-        self.pump(None)  # phase III: the rest, layer first
+        self.pump(everything=True)  # phase III: the rest, layer first
         self.verify_routes = [{} for _ in range(k + 1)]
         self.needed: set[Key] = set()
         self.model.set_router_observer(self.on_verify_route)

@@ -1,12 +1,26 @@
-"""ExpertCache: N device slots for full-precision experts, a residency map, and eviction.
+"""ExpertCache: N slots of one memory tier, caching experts of the tier below.
 
-The cache is a small, backend-agnostic class: it asks the backend to copy an expert's
-host buffer into a slot and remembers the copy's event; whoever computes with the expert
-waits on that event. Experts are *pinned* while a layer needs them, and a pinned expert
-is never evicted. Eviction picks the least recently used unpinned slot, unless the policy
-gives a ``victim`` function (the MoE-SpeQ scheduler's lookahead-aware choice).
+Every tier above the disk is one of these (DESIGN.md §9): the device's expert slots
+(filled by copies from host RAM), and host RAM itself when the experts do not all fit
+there (filled by reads from the checkpoint's files). The cache does not know which it
+is: it asks its ``fill`` function to bring an expert into a slot and remembers the
+returned event; whoever computes with the expert, or copies it further up, waits on that
+event. It never knows which backend it runs on.
 
-Counters: hits and lookups per layer, loads (demand vs prefetch), useful prefetches.
+Bookkeeping, the same for every tier:
+
+- a residency map, in least-recently-used order (oldest first);
+- *pinned* experts, which a layer needs right now and which are never evicted;
+- per slot, a *release* event: the last reader of the slot (a kernel on the compute
+  stream, a copy up to the next tier, a CPU job), and the write in flight into it. A new
+  fill of the slot starts only after both, so no copy or read races a reader or another
+  write;
+- the experts whose fill has not completed (``in_flight``), pruned as they land;
+- eviction: least recently used unpinned expert, unless the policy gives a ``victim``
+  function (the MoE-SpeQ scheduler's lookahead-aware choice).
+
+Counters: lookups and hits per layer (kept by the executor), loads on demand and by
+prefetch, prefetches that were used before eviction.
 """
 
 from __future__ import annotations
@@ -18,9 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from moespeq_cli.runtime.backends.base import Backend, Event
-from moespeq_cli.runtime.tiers.store import ExpertStore
 
 Key = tuple[int, int]  # (layer, expert)
+# fill(key, slot buffer, after, prefetch) -> the event of the expert's arrival in the slot
+Fill = Callable[[Key, torch.Tensor, list[Event], bool], Event]
 
 
 @dataclass
@@ -48,95 +63,141 @@ class CacheStats:
         return self.prefetch_used / denom if denom and self.prefetches else None
 
 
+@dataclass(frozen=True)
+class ExpertLayout:
+    """One expert's packed buffer: ``numel`` elements of ``dtype`` and the function that
+    views it as (gate [I, H], up [I, H], down [H, I])."""
+
+    numel: int
+    dtype: torch.dtype
+    views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty(0, dtype=self.dtype).element_size()
+
+
 class ExpertCache:
-    def __init__(self, store: ExpertStore, backend: Backend, slots: int):
+    def __init__(
+        self,
+        name: str,
+        slots: int,
+        layout: ExpertLayout,
+        backend: Backend,
+        fill: Fill,
+        device: torch.device | None = None,
+        max_in_flight: int = 2,
+    ):
+        """``name``: the tier ("device", "host"); ``device``: where the slots' buffers
+        live; ``max_in_flight``: how many prefetches a scheduler keeps queued on this
+        tier's link at once (a read takes far longer than a copy, and the disk wants a
+        few at a time)."""
         if slots < 1:
-            raise ValueError("the expert cache needs at least one slot")
-        self.store, self.backend, self.slots = store, backend, slots
-        backend.alloc(slots * store.nbytes, "expert slots")
-        self.device_buffers: list[torch.Tensor] = []  # cuda: one preallocated block per grow
-        self.device_slots: list[torch.Tensor] | None = None  # cuda: slot -> its buffer
-        if backend.name == "cuda":
-            self.device_slots = []
-            self._add_device_block(slots)
+            raise ValueError(f"the {name} expert cache needs at least one slot")
+        self.name, self.layout, self.backend, self._fill = name, layout, backend, fill
+        self.device = device or torch.device("cpu")
+        self.max_in_flight = max_in_flight
+        self.nbytes = layout.nbytes
+        self.blocks: list[torch.Tensor] = []  # [n, numel] each: one per allocation
+        self.buffers: list[torch.Tensor] = []  # slot -> its buffer
+        self.slots = 0
+        self.free_slots: list[int] = []
         self.slot_of: OrderedDict[Key, int] = OrderedDict()  # LRU order: oldest first
-        self.free_slots = list(range(slots - 1, -1, -1))
         self.arrival: dict[Key, Event] = {}
-        self.release: dict[int, Event] = {}  # slot -> last reader's event
+        self.release: dict[int, list[Event]] = {}  # slot -> events a new fill must wait for
+        self.in_flight: set[Key] = set()  # fills not known to have completed
         self.pinned: set[Key] = set()
         self.prefetched: set[Key] = set()  # loaded by a prefetch and not used since
         self.stats = CacheStats()
         self.victim: Callable[[list[Key]], Key] | None = None
-
-    def _add_device_block(self, n: int) -> None:
-        block = torch.empty(n, self.store.numel, dtype=self.store.dtype, device=self.backend.device)
-        self.device_buffers.append(block)
-        self.device_slots.extend(block.unbind(0))
+        self.on_block: Callable[[torch.Tensor], None] | None = None  # e.g. pin a new host block
+        self.grow(slots)
 
     def grow(self, n: int) -> None:
-        """Add ``n`` empty slots (memory the draft gave back)."""
+        """Add ``n`` empty slots, in one new block (memory the draft gave back)."""
         if n <= 0:
             return
-        self.backend.alloc(n * self.store.nbytes, "expert slots")
-        if self.device_slots is not None:
-            self._add_device_block(n)
+        block = torch.empty(n, self.layout.numel, dtype=self.layout.dtype, device=self.device)
+        if self.on_block is not None:
+            self.on_block(block)
+        self.blocks.append(block)
+        self.buffers.extend(block.unbind(0))
         self.free_slots = list(range(self.slots + n - 1, self.slots - 1, -1)) + self.free_slots
         self.slots += n
+
+    def reset_stats(self) -> None:
+        """Start counting afresh; what an earlier prefetch brought no longer counts."""
+        self.stats = CacheStats()
+        self.prefetched.clear()
 
     # -- residency ------------------------------------------------------------
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
 
     def ready(self, key: Key) -> bool:
-        return key in self.slot_of and self.backend.ready(self.arrival[key])
+        if key not in self.slot_of:
+            return False
+        if key in self.in_flight:
+            if not self.backend.ready(self.arrival[key]):
+                return False
+            self.in_flight.discard(key)
+        return True
+
+    def pending(self) -> int:
+        """Fills still in flight (those that have landed are pruned)."""
+        for key in [k for k in self.in_flight if self.backend.ready(self.arrival[k])]:
+            self.in_flight.discard(key)
+        return len(self.in_flight)
 
     def touch(self, key: Key) -> None:
         self.slot_of.move_to_end(key)
 
-    def _evictable(self) -> list[Key]:
+    def evictable(self) -> list[Key]:
         return [k for k in self.slot_of if k not in self.pinned]
 
     def can_load(self) -> bool:
-        return bool(self.free_slots) or bool(self._evictable())
+        return bool(self.free_slots) or any(k not in self.pinned for k in self.slot_of)
 
-    def _take_slot(self) -> int:
+    def _take_slot(self) -> tuple[int, list[Event]]:
+        """A slot for a new expert, and what its fill must wait for."""
         if self.free_slots:
-            return self.free_slots.pop()
-        candidates = self._evictable()
+            slot = self.free_slots.pop()
+            return slot, self.release.pop(slot, [])
+        candidates = self.evictable()
         if not candidates:
-            raise RuntimeError("every expert slot is pinned; the plan gave fewer slots than one layer needs at once")
+            raise RuntimeError(
+                f"every {self.name} expert slot is pinned; the plan gave fewer slots than one layer needs at once"
+            )
         key = self.victim(candidates) if self.victim else candidates[0]
         return self._evict(key)
 
-    def _evict(self, key: Key) -> int:
+    def _evict(self, key: Key) -> tuple[int, list[Event]]:
         slot = self.slot_of.pop(key)
-        self.arrival.pop(key, None)
+        after = self.release.pop(slot, [])
+        arrival = self.arrival.pop(key, None)
+        if key in self.in_flight and arrival is not None and not self.backend.ready(arrival):
+            after.append(arrival)  # a write still landing in the slot: the next one goes after it
+        self.in_flight.discard(key)
         self.prefetched.discard(key)
-        return slot
+        return slot, after
 
     def evict_unpinned(self) -> None:
-        for key in self._evictable():
-            self.free_slots.append(self._evict(key))
+        for key in self.evictable():
+            slot, after = self._evict(key)
+            self.free_slots.append(slot)
+            if after:
+                self.release[slot] = after
 
     def load(self, key: Key, prefetch: bool = False) -> Event:
-        """Copy an expert into a slot (evicting if needed); returns its arrival event."""
+        """Bring an expert into a slot (evicting if needed); returns its arrival event."""
         if key in self.slot_of:
             self.touch(key)
             return self.arrival[key]
-        slot = self._take_slot()
-        layer, expert = key
-        dst = self.device_slots[slot] if self.device_slots is not None else None
-        ev = self.backend.copy(
-            dst,
-            self.store.buffer(layer, expert),
-            self.store.nbytes,
-            f"H2D L{layer}.E{expert}",
-            layer,
-            expert,
-            after=self.release.get(slot),
-        )
+        slot, after = self._take_slot()
+        ev = self._fill(key, self.buffers[slot], after, prefetch)
         self.slot_of[key] = slot
         self.arrival[key] = ev
+        self.in_flight.add(key)
         if prefetch:
             self.stats.prefetches += 1
             self.prefetched.add(key)
@@ -144,32 +205,32 @@ class ExpertCache:
             self.stats.demand_loads += 1
         return ev
 
+    def buffer(self, key: Key) -> torch.Tensor:
+        return self.buffers[self.slot_of[key]]
+
     def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.device_slots is not None:
-            return self.store.views(self.device_slots[self.slot_of[key]])
-        return self.store.views(self.store.buffer(*key))  # mock: numerics from the host copy
+        return self.layout.views(self.buffer(key))
 
     def mark_used(self, key: Key) -> None:
+        """The compute stream has read the expert: a prefetch proved useful, and the slot
+        is free for a new fill once the compute stream gets here."""
         if key in self.prefetched:
             self.prefetched.discard(key)
             self.stats.prefetch_used += 1
-        self.release[self.slot_of[key]] = self.backend.record_release()
+        self.hold(key, self.backend.record_release())
         self.touch(key)
 
-    def fill(self, prefetch: bool = False) -> None:
-        """Copy experts into the free slots (never evicting): every expert if they fit,
-        else the same number per layer, lowest ids first (no routing statistics are
-        assumed)."""
-        from moespeq_cli.runtime.planning.planner import spread
+    def hold(self, key: Key, event: Event) -> None:
+        """Something reads the expert's slot until ``event`` (a kernel, a copy up to the
+        next tier, a CPU job): a new fill of the slot waits for it (and for every other
+        reader not yet known to be done)."""
+        slot = self.slot_of[key]
+        self.release[slot] = [ev for ev in self.release.get(slot, []) if not self.backend.ready(ev)] + [event]
 
-        c = self.store.config
-        for key in spread(self.slots, list(c.moe_layers), c.num_experts):
+    def fill_slots(self, keys: list[Key], prefetch: bool = False) -> None:
+        """Load ``keys`` into the free slots, never evicting."""
+        for key in keys:
             if not self.free_slots:
                 break
             if key not in self.slot_of:
                 self.load(key, prefetch=prefetch)
-
-    def preload_all(self) -> None:
-        """Fill the slots before generation; the copies are not counted."""
-        self.fill()
-        self.stats = CacheStats()

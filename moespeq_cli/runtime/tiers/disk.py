@@ -26,6 +26,8 @@ import mmap
 import os
 import struct
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +99,9 @@ class DiskReader:
     ``delay_s`` slows every read by that much (tests: reads that are really asynchronous
     keep their tokens and overlap compute)."""
 
-    def __init__(self, threads: int = 2, direct: bool = True, delay_s: float = 0.0, bounce_bytes: int = 64 << 20):
+    def __init__(self, threads: int = 4, direct: bool = True, delay_s: float = 0.0, bounce_bytes: int = 8 << 20):
         self.want_direct = direct
+        self.threads = threads
         self.delay_s = delay_s
         self.bounce_bytes = bounce_bytes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moespeq-disk")
@@ -107,6 +110,7 @@ class DiskReader:
         self.lock = threading.Lock()
         self.direct: bool | None = None  # known after the first open: True, or False (fallback)
         self.bytes_read = 0
+        self._inflight: set[Future] = set()
 
     # -- files --------------------------------------------------------------------
     def _fd(self, file: str) -> tuple[int, bool]:
@@ -137,8 +141,6 @@ class DiskReader:
     def read_into(self, extents: list[Extent], dest: torch.Tensor) -> None:
         """Read ``extents`` back to back into the uint8 tensor ``dest`` (synchronously)."""
         if self.delay_s:
-            import time
-
             time.sleep(self.delay_s)
         out = dest.view(torch.uint8).reshape(-1)
         pos = 0
@@ -183,9 +185,46 @@ class DiskReader:
             total += n
         return total
 
-    def submit(self, extents: list[Extent], dest: torch.Tensor) -> DiskRead:
-        """Start reading ``extents`` into ``dest`` on an I/O thread."""
-        return DiskRead(self.pool.submit(self.read_into, extents, dest), sum(e.length for e in extents))
+    def submit(
+        self,
+        extents: list[Extent],
+        dest: torch.Tensor,
+        before: Callable[[], None] | None = None,
+        done: Callable[[float, float], None] | None = None,
+    ) -> DiskRead:
+        """Start reading ``extents`` into ``dest`` on an I/O thread. The thread first calls
+        ``before()`` (it waits there for whatever must finish before ``dest`` is
+        overwritten), and after the read ``done(start, end)`` with ``time.perf_counter``
+        times of the read itself."""
+
+        def task() -> None:
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            self.read_into(extents, dest)
+            if done is not None:
+                done(start, time.perf_counter())
+
+        future = self.pool.submit(task)
+        with self.lock:
+            self._inflight.add(future)
+        future.add_done_callback(self._landed)
+        return DiskRead(future, sum(e.length for e in extents))
+
+    def _landed(self, future: Future) -> None:
+        with self.lock:
+            self._inflight.discard(future)
+
+    def drain(self) -> None:
+        """Wait until every read submitted so far has landed (errors are left to the
+        reads' own waiters)."""
+        while True:
+            with self.lock:
+                pending = list(self._inflight)
+            if not pending:
+                return
+            for f in pending:
+                f.exception()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -211,15 +250,14 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 
 class DiskExperts:
     """Every routed expert of a checkpoint as extents of its files, and the packed layout
-    one read lands in: the store of the disk tier (ExpertStore's counterpart, holding no
-    expert in memory).
+    one read lands in: the disk tier's table of contents (it holds no expert in memory).
 
     The packed buffer of an expert follows the *file's* order of its projections (for
     Mixtral's sorted names that is w1 | w2 | w3: gate, down, up), so that an expert whose
     projections are adjacent on disk is one read; ``views`` maps it back to (gate, up,
-    down). Experts stay in the checkpoint's dtype."""
+    down). Experts stay in the checkpoint's dtype: every tier above holds them so."""
 
-    def __init__(self, ckpt, reader: DiskReader | None = None):
+    def __init__(self, ckpt):
         c = self.config = ckpt.config
         ckpt.check_experts()
         tables = {name: safetensors_extents(ckpt.path / name) for name in ckpt._files}
@@ -250,8 +288,8 @@ class DiskExperts:
                 parts = [entry(k) for k in c.expert_keys(layer, e)]
                 if {d for _, d, _ in parts} != dtypes:
                     raise CheckpointError(f"expert {e} of layer {layer} in {ckpt.path} has another dtype than the rest")
-                self.extents[(layer, e)] = [parts[p][0] for p in self.order]
-        self.reader = reader or DiskReader()
+                ordered = [parts[p][0] for p in self.order]
+                self.extents[(layer, e)] = coalesce(ordered) if _in_order(ordered) else ordered
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A packed expert buffer -> (gate [I, H], up [I, H], down [H, I]) views."""
@@ -261,15 +299,18 @@ class DiskExperts:
             out.append(flat[start : start + rows * cols].view(rows, cols))
         return tuple(out)  # type: ignore[return-value]
 
+    @property
+    def layout(self):
+        from moespeq_cli.runtime.tiers.cache import ExpertLayout
+
+        return ExpertLayout(self.numel, self.dtype, self.views)
+
     def empty_buffer(self) -> torch.Tensor:
         return torch.empty(self.numel, dtype=self.dtype)
 
-    def submit(self, key: tuple[int, int], dest: torch.Tensor) -> DiskRead:
-        """Start reading expert ``key`` into the packed buffer ``dest``."""
-        return self.reader.submit(self.extents[key], dest)
-
-    def read(self, key: tuple[int, int], dest: torch.Tensor) -> torch.Tensor:
-        self.reader.read_into(self.extents[key], dest)
+    def read(self, key: tuple[int, int], dest: torch.Tensor, reader: DiskReader) -> torch.Tensor:
+        """Read expert ``key`` into the packed buffer ``dest`` (synchronously)."""
+        reader.read_into(self.extents[key], dest)
         return dest
 
     @property
@@ -277,4 +318,4 @@ class DiskExperts:
         return self.nbytes * len(self.extents)
 
     def reads_per_expert(self) -> int:
-        return len(coalesce(next(iter(self.extents.values()))))
+        return len(next(iter(self.extents.values())))

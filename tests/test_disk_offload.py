@@ -1,0 +1,269 @@
+"""The disk tier at work: experts read from the checkpoint's files into a RAM budget.
+
+On the cpu backend (``--ram`` below the experts' size) every policy runs for real on the
+wall clock and gives the plain reference's tokens, for every family, down to top-k RAM
+slots; on the mock three tiers (disk -> RAM -> device) do too, with every copy of an
+expert that was on disk starting after its read. Reads are asynchronous (a slowed reader
+leaves the tokens alone and overlaps compute), the RAM budget bounds the process's
+memory, and the mock's disk timing is deterministic."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from offload_helpers import FAMILIES, prompt_for, run_engine, vram_for_slots
+
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.planning.planner import checkpoint_plan, draft_bytes_estimate
+from moespeq_cli.runtime.sampling import SamplingParams
+
+
+def ram_for(path, slots: int, draft: bool = False) -> int:
+    """--ram that holds ``slots`` full-precision experts (and the 4-bit draft)."""
+    ck = Checkpoint(path)
+    plan = checkpoint_plan(ck, 16)
+    return slots * plan.expert_bytes + (draft_bytes_estimate(ck.config) if draft else 0)
+
+
+def disk_run(path, prompt, n, policy, ram, backend="cpu", **kw):
+    eng = Engine(path, EngineOptions(backend=backend, policy=policy, ram=ram, **kw))
+    eng.load(len(prompt) + n)
+    try:
+        return [ev.token for ev in eng.generate(prompt, n, SamplingParams())], eng
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("family,variant", FAMILIES)
+def test_every_policy_on_the_disk_tier_gives_the_reference_tokens(tiny, family, variant):
+    path, _ = tiny(family, variant)
+    prompt = prompt_for(11, 10)
+    expected, ref = run_engine(path, prompt, 20, backend="cpu")
+    assert ref.backend is None  # every expert fits: the plain reference
+    cfg = Checkpoint(path).config
+    total = cfg.num_experts * len(cfg.moe_layers)
+    for slots in (cfg.top_k, total // 2):
+        for policy, kw in (
+            ("lru", {}),
+            ("gate-prefetch", {}),
+            ("ondemand", {}),
+            ("moespeq", {"spec_depth": "2"}),
+            ("moespeq", {"spec_depth": "auto"}),
+        ):
+            draft = policy == "moespeq"
+            got, eng = disk_run(path, prompt, 20, policy, ram_for(path, slots, draft), **kw)
+            assert got == expected, (policy, kw, slots)
+            s = eng.last_stats
+            assert eng.backend.name == "cpu" and s.clock == "wall" and eng.plan.disk_tier
+            assert eng.plan.slots == (min(slots, cfg.top_k) if policy == "ondemand" else slots)
+            assert s.bytes_read > 0 and s.bytes_h2d is None and s.io_stall_s >= 0
+            assert eng.cache.slots * eng.tiers.nbytes <= eng.plan.budget_bytes
+            if draft and kw["spec_depth"] == "2":
+                assert s.acceptance_rate is not None  # the draft fit beside the slots, and drafted
+
+
+@pytest.mark.parametrize("family,variant", [("mixtral", "top3"), ("qwen2_moe", "shared"), ("deepseek_v2", "lite")])
+def test_three_tiers_on_the_mock(tiny, family, variant):
+    """disk -> RAM -> device: a few RAM slots, fewer device slots; every policy gives the
+    reference's tokens, and no copy of an expert that was read starts before its read."""
+    path, _ = tiny(family, variant)
+    prompt = prompt_for(12, 10)
+    n = 20
+    expected, _ = run_engine(path, prompt, n, backend="cpu")
+    cfg = Checkpoint(path).config
+    ctx = len(prompt) + n
+    for policy, kw in (
+        ("lru", {}),
+        ("gate-prefetch", {}),
+        ("ondemand", {}),
+        ("hybrid", {}),
+        ("moespeq", {"spec_depth": "2", "cpu_experts": False}),
+        ("moespeq", {"spec_depth": "auto"}),
+    ):
+        vram = vram_for_slots(path, cfg.top_k, ctx)
+        if policy == "moespeq":
+            vram += draft_bytes_estimate(cfg)
+        got, eng = disk_run(path, prompt, n, policy, ram_for(path, cfg.top_k + 2), backend="mock", vram=vram, **kw)
+        assert got == expected, (policy, kw)
+        assert eng.plan.disk_tier and eng.tiers.host.slots == cfg.top_k + 2
+        ivs = eng.backend.timeline.intervals
+        reads = [iv for iv in ivs if iv.kind == "read"]
+        assert reads and eng.last_stats.bytes_read == sum(iv.bytes for iv in reads)
+        for copy in (iv for iv in ivs if iv.kind == "copy"):
+            before = [r for r in reads if (r.layer, r.expert) == (copy.layer, copy.expert) and r.start <= copy.start]
+            if before:  # the latest read of this expert before the copy has landed first
+                assert max(before, key=lambda r: r.start).end <= copy.start + 1e-12, (policy, copy)
+
+
+def test_the_mock_disk_tier_is_deterministic(tiny):
+    path, _ = tiny("mixtral", "top3")
+    prompt = prompt_for(13, 8)
+    runs = []
+    for _ in range(2):
+        _, eng = disk_run(path, prompt, 12, "moespeq", ram_for(path, 4), backend="mock", spec_depth="auto")
+        runs.append(([(iv.name, iv.start, iv.end) for iv in eng.backend.timeline.intervals], eng.last_stats))
+    assert runs[0] == runs[1]
+
+
+def test_reads_are_asynchronous_and_overlap_compute(tiny):
+    """A reader slowed to 20 ms a read: the tokens do not change, reads run while the CPU
+    computes (the timeline shows a compute interval inside a read), and the waits are
+    stall."""
+    path, _ = tiny("mixtral", "wide")
+    prompt = prompt_for(14, 8)
+    expected, _ = run_engine(path, prompt, 12, backend="cpu")
+    eng = Engine(path, EngineOptions(backend="cpu", policy="gate-prefetch", ram=ram_for(path, 6)))
+    eng.load(len(prompt) + 12)
+    eng.backend.reader.delay_s = 0.02
+    try:
+        got = [ev.token for ev in eng.generate(prompt, 12, SamplingParams())]
+    finally:
+        eng.close()
+    assert got == expected
+    ivs = eng.backend.timeline.intervals
+    reads = [iv for iv in ivs if iv.stream == "disk"]
+    computes = [iv for iv in ivs if iv.stream == "compute" and iv.kind == "compute"]
+    overlapped = sum(
+        max(0.0, min(r.end, c.end) - max(r.start, c.start)) for r in reads for c in computes if c.start < r.end
+    )
+    assert reads and overlapped > 0
+    assert eng.last_stats.io_stall_s > 0.01
+
+
+def test_the_draft_is_quantized_from_the_files(tiny):
+    """The in-memory draft is built from reads of the checkpoint (one expert at a time)
+    and equals one built from the tensors safetensors hands out."""
+    from moespeq_cli.quant.draft import QuantizedExperts
+
+    path, _ = tiny("qwen2_moe", "shared")
+    ck = Checkpoint(path)
+    q = QuantizedExperts.quantize(ck, "nf4", 64, torch.float32)
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    for layer, e in [(0, 0), (1, 5)]:
+        for (packed, _state), w in zip(q.q[(layer, e)], ck.expert(layer, e, torch.float32), strict=True):
+            want, _ = bnb.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4")
+            assert torch.equal(packed, want)
+
+
+def make_big_checkpoint(out: Path, hidden=768, inter=2048, layers=6, experts=8) -> int:
+    """A Mixtral-shaped bf16 checkpoint with random weights, written directly (no
+    transformers): a few hundred MB of experts, little else. Returns the experts' bytes."""
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models
+
+    g = torch.Generator().manual_seed(0)
+    vocab = tiny_models.VOCAB
+    cfg = dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        torch_dtype="bfloat16",
+        tie_word_embeddings=False,
+    )
+    head = hidden // 4
+
+    def rnd(*shape, std=0.05):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    t = {
+        "model.embed_tokens.weight": rnd(vocab, hidden, std=1.0),
+        "lm_head.weight": rnd(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        t[p + "self_attn.q_proj.weight"] = rnd(hidden, hidden)
+        t[p + "self_attn.k_proj.weight"] = rnd(head, hidden)
+        t[p + "self_attn.v_proj.weight"] = rnd(head, hidden)
+        t[p + "self_attn.o_proj.weight"] = rnd(hidden, hidden)
+        t[p + "block_sparse_moe.gate.weight"] = rnd(experts, hidden, std=0.5)
+        for e in range(experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            t[q + "w1.weight"] = rnd(inter, hidden)
+            t[q + "w3.weight"] = rnd(inter, hidden)
+            t[q + "w2.weight"] = rnd(hidden, inter)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(t, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "tokenizer.json").write_text(json.dumps(tiny_models.byte_tokenizer_json()))
+    return layers * experts * 3 * hidden * inter * 2
+
+
+def test_a_quarter_ram_budget_bounds_the_process_memory(tmp_path):
+    """400 MB of bf16 experts and --ram a quarter of that: the run's peak RSS stays far
+    below the checkpoint (the experts are never all in memory, nor in the page cache's
+    share of this process), measured in a fresh process."""
+    ckpt = tmp_path / "big"
+    experts = make_big_checkpoint(ckpt)
+    assert experts > 350e6
+    ram = experts // 4
+    code = (
+        "import resource, sys, json\n"
+        "from moespeq_cli.cli.app import main\n"
+        "sys.argv = ['moespeq'] + sys.argv[1:]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'code': code}), file=sys.stderr)\n"
+    )
+    base = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import resource, torch, moespeq_cli.runtime.engine; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    baseline = int(base.stdout.strip())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "run",
+            str(ckpt),
+            "--backend",
+            "cpu",
+            "--ram",
+            str(ram),
+            "--policy",
+            "lru",
+            "-n",
+            "6",
+            "-p",
+            "hello",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    result = json.loads(r.stderr.strip().splitlines()[-1])
+    assert result["code"] in (0, None), r.stderr
+    out = json.loads(r.stdout)
+    assert out["stats"]["bytes_read"] > 0 and out["plan"]["disk_tier"]
+    non_expert = out["plan"]["non_expert_bytes"] * 2  # float32 numerics: the bf16 weights widened
+    growth = result["rss"] - baseline
+    assert growth < ram + non_expert + 120e6, (growth, ram, non_expert)
+    assert result["rss"] < baseline + experts * 0.6
