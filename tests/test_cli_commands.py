@@ -63,10 +63,67 @@ def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
     assert page.count("<rect") > 20  # the timeline is drawn
 
 
-def test_profile_rejects_cpu_backend(tiny, cli):
+def test_profile_rejects_the_plain_cpu_backend(tiny, cli):
     path, _ = tiny("mixtral", "gqa")
     r = cli("profile", str(path), "--backend", "cpu", "--no-live")
-    assert r.exit_code == 2 and "mock" in r.stderr
+    assert r.exit_code == 2 and "mock" in r.stderr and "--ram" in r.stderr
+
+
+def test_run_profile_and_bench_on_the_disk_tier(tiny, cli, tmp_path):
+    """--backend cpu with --ram below the experts: a real offloading run on the wall clock,
+    with a plan line, a trace with disk reads, a profile report and a bench table."""
+    from test_disk_offload import ram_for
+
+    path, _ = tiny("mixtral", "wide")
+    ram = str(ram_for(path, 6))
+    base = ("-p", "disk tier", "-n", "8", "--backend", "cpu", "--ram", ram)
+    r = cli("run", str(path), *base, "--policy", "lru", "--json", "--trace", str(tmp_path / "t.json"))
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    s = out["stats"]
+    assert out["backend"] == "cpu" and out["policy"] == "lru" and out["hardware"] is None
+    assert s["clock"] == "wall" and s["bytes_read"] > 0 and s["bytes_h2d"] is None
+    assert out["plan"]["compute_tier"] == "host" and out["plan"]["disk_tier"] and out["plan"]["slots"] == 6
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert any(e.get("cat") == "read" for e in trace["traceEvents"])
+    r = cli("run", str(path), *base)
+    assert r.exit_code == 0, r.stderr
+    assert "RAM 6 of 32 experts" in r.stderr and "MB read from disk" in r.stderr
+    report = tmp_path / "p.html"
+    r = cli("profile", str(path), *base, "--no-live", "--report", str(report), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["stats"]["bytes_read"] > 0 and "<svg" in report.read_text()
+    r = cli("bench", str(path), *base, "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [x["policy"] for x in out["results"]] == ["moespeq", "gate-prefetch", "lru", "ondemand"]
+    assert out["disk_tier"] and out["ram_bytes"] == int(ram) and out["hardware"] is None
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--backend", "cpu", "--ram", "lots"], ["--ram", "12GB"]),
+        (["--backend", "cpu", "--ram", "-1GB"], ["--ram"]),
+        (["--backend", "cpu", "--ram", "10KB"], ["--ram", "cannot hold"]),
+        (["--backend", "cpu", "--ram", "200KB", "--policy", "hybrid"], ["hybrid", "--backend cpu"]),
+        (["--backend", "cpu", "--ram", "200KB", "--cpu-experts"], ["--cpu-experts"]),
+        (["--backend", "mock", "--ram", "10KB"], ["--ram", "cannot hold"]),
+    ],
+)
+def test_bad_ram_is_one_line(tiny, cli, args, words):
+    path, _ = tiny("mixtral", "wide")
+    r = cli("run", str(path), "-p", "x", "-n", "2", *args)
+    assert r.exit_code == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+def test_bench_needs_a_disk_tier_on_the_cpu_backend(tiny, cli):
+    path, _ = tiny("mixtral", "gqa")
+    r = cli("bench", str(path), "-n", "2", "--backend", "cpu")
+    assert r.exit_code == 2 and "--ram" in r.stderr
 
 
 def test_bench_json(tiny, cli):

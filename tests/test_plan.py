@@ -69,7 +69,9 @@ def test_three_tiers_when_ram_is_short(cli):
 
 @pytest.mark.parametrize("alias", sorted(ALIASES))
 def test_every_alias_plans_offline(cli, alias):
-    out = plan_json(cli, alias, "--vram", "12GB", "--ram", "64GB", "--hardware", "desktop-3060-ddr4", "--context", "2048")
+    out = plan_json(
+        cli, alias, "--vram", "12GB", "--ram", "64GB", "--hardware", "desktop-3060-ddr4", "--context", "2048"
+    )
     fitting = [r for r in out["policies"] if r["fits"]]
     assert any(r["policy"] == "moespeq" for r in fitting)
     for r in fitting:

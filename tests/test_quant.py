@@ -26,7 +26,8 @@ def test_expert_path_equals_dequantize_then_matmul(tiny, method, dtype):
         (gp, gs), (up, us), (dp, ds) = q.q[(layer, e)]
         g, u, d = (bnb.dequantize_4bit(p, s).to(dtype) for p, s in ((gp, gs), (up, us), (dp, ds)))
         reference = F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
-        assert torch.equal(q.forward(layer, e, x), reference)
+        assert torch.equal(q.forward_reference(layer, e, x), reference)
+        assert torch.equal(q.forward(layer, e, x), reference)  # no fast path fits these shapes
         full = expert_mlp(x, *ck.expert(layer, e, dtype))
         err = float((q.forward(layer, e, x).float() - full.float()).norm() / full.float().norm())
         assert err < 0.3  # 4-bit: about 0.1 per weight matrix, compounded over three
@@ -90,3 +91,32 @@ def test_demo_draft_goes_to_the_cache_not_the_package(monkeypatch, tmp_path):
     assert tmp_path in d.parents and d.name.endswith("demo.moespeq-draft-nf4-b64")
     beside = default_draft_dir(tmp_path / "ckpt", "fp4", 128)
     assert beside == tmp_path / "ckpt.moespeq-draft-fp4-b128"
+
+
+def test_the_packed_cpu_kernel_equals_dequantize_then_matmul(tmp_path):
+    """bitsandbytes' packed AVX-512 BF16 kernel (what the draft runs on this CPU) against
+    the reference, for every batch size verification uses, on shapes the kernel takes."""
+    import bitsandbytes.functional as bnb
+
+    h, i = 128, 192
+    g = torch.Generator().manual_seed(3)
+    q = {}
+    for key in [(0, 0), (0, 1)]:
+        q[key] = [
+            bnb.quantize_4bit((torch.randn(*shape, generator=g) * 0.05).contiguous(), blocksize=64, quant_type="nf4")
+            for shape in ((i, h), (i, h), (h, i))
+        ]
+    qe = QuantizedExperts(q, "nf4", 64, torch.float32, h, i)
+    if not qe.packable():
+        pytest.skip("this CPU has no AVX-512 BF16: the draft runs the reference path here")
+    xs = [torch.randn(n, h, generator=g) for n in range(1, 10)]
+    refs = [qe.forward_reference(0, 1, x) for x in xs]
+    assert qe.pack_cpu({(0, 1)}) == 1 and qe.cpu_packed == {(0, 1)}
+    for x, ref in zip(xs, refs, strict=True):
+        got = qe.forward(0, 1, x)
+        assert got.dtype == x.dtype and got.shape == ref.shape
+        err = float((got - ref).norm() / ref.norm())
+        assert err < 2e-2, err  # bf16 activations in the kernel; the reference computes in float32
+    with pytest.raises(RuntimeError, match="packed"):
+        qe.to(torch.device("meta"))  # a packed expert (its scales rounded to bf16) never leaves the CPU
+    assert torch.equal(qe.forward(0, 0, xs[0]), qe.forward_reference(0, 0, xs[0]))  # (0, 0) was not packed

@@ -81,11 +81,8 @@ def profile(
         cpu_threads=cpu_threads,
         cpu_experts=cpu_experts,
         context=context,
+        offload_for="profile",
     )
-    if engine.backend is None:
-        raise UsageError(
-            "profile shows offloading: use --backend mock or cuda, or --backend cpu with --ram below the experts' size"
-        )
     live = not (no_live or json_out) and sys.stdout.isatty()
     token_ids: list[int] = []
     missed: set = set()
@@ -117,6 +114,7 @@ def profile(
             "acceptance": (spec.acceptance_rate if spec else None),
             "k": (engine.governor.history[-1] if engine.scheduler is not None and engine.governor.history else None),
             "mb": b.bytes_h2d / 1e6,
+            "mb_read": b.bytes_read / 1e6 if engine.plan.disk_tier else None,
         }
 
     from moespeq_cli.profiling.live import render
@@ -135,6 +133,7 @@ def profile(
             missed,
             snapshot(),
             engine.tokenizer.decode(token_ids),
+            engine.tiers.host if engine.plan.disk_tier else None,
         )
 
     events = engine.generate(prompt_ids, max_new_tokens, sampling)

@@ -36,9 +36,11 @@ class Renderer:
         )
         line = f"plan: {where} ({plan.policy}): {parts}"
         if plan.disk_tier:
-            ram = format_size(plan.host_budget_bytes) if plan.host_budget_bytes is not None else "?"
-            how = f" ({plan.ram_source})" if plan.ram_source else ""
-            line += f"; {plan.tier_line()}; --ram {ram}{how}"
+            line += f"; {plan.tier_line()}"
+            if plan.compute_tier == "device":
+                line += f"; --ram {format_size(plan.host_budget_bytes)}"
+            if plan.ram_source:
+                line += f" (--ram: {plan.ram_source})"
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
 
     def stats_line(self, result: dict) -> None:

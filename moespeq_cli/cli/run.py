@@ -148,12 +148,8 @@ def run(
         dtype=dtype,
         cpu_experts=cpu_experts,
         context=context,
+        offload_for="--trace" if trace is not None else None,
     )
-    if trace is not None and engine.backend is None:
-        raise UsageError(
-            "--trace needs an offloading run: the mock or cuda backend, or --backend cpu with --ram below the "
-            "experts' size (the plain cpu backend keeps no timeline)"
-        )
     decoder = StreamDecoder(engine.tokenizer)
     token_ids: list[int] = []
     try:
@@ -195,10 +191,12 @@ def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | No
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
 
 
-def prepare(model, prompt, prompt_file, max_new_tokens, chat=None, **options):
+def prepare(model, prompt, prompt_file, max_new_tokens, chat=None, offload_for: str | None = None, **options):
     """Resolve the model, read the prompt, build the engine (``options``: EngineOptions
-    fields), check the prompt fits the model's context (before any weight is read), and
-    load: shared by run and profile."""
+    fields), check the prompt fits the model's context and plan memory (before any weight
+    is read), and load: shared by run and profile. ``offload_for``: what needs an
+    offloading run (``--trace``, ``profile``), refused before loading when the run would be
+    the plain cpu reference."""
     from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
 
     name, path = resolve(model)
@@ -211,7 +209,14 @@ def prepare(model, prompt, prompt_file, max_new_tokens, chat=None, **options):
 
     engine = Engine(path, EngineOptions(**options))
     prompt_ids = encode_prompt(engine, text, chat, max_new_tokens)
-    engine.load(context=engine.context_for(len(prompt_ids), max_new_tokens))
+    context = engine.context_for(len(prompt_ids), max_new_tokens)
+    plan = engine.make_plan(context)
+    if plan is None and offload_for:
+        raise UsageError(
+            f"{offload_for} needs an offloading run: the mock or cuda backend, or --backend cpu with --ram below the "
+            "experts' size (the plain cpu backend keeps no timeline)"
+        )
+    engine.load(context, plan)
     return name, engine, text, prompt_ids
 
 

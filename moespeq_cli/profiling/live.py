@@ -13,25 +13,30 @@ LANE_WIDTH = 96
 
 def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Text:
     """Character lanes over [t_end - window, t_end]: compute (target, draft, stall), copy,
-    and the host CPU when it computed experts."""
+    the host CPU when it computed experts, and the disk when experts are read from it."""
     t0 = t_end - window
     compute = [" "] * width
     copy = [" "] * width
     host = [" "] * width
+    disk = [" "] * width
     style = {
         "target": ("█", "cyan"),
         "draft": ("▓", "magenta"),
         "stall": ("░", "red"),
         "copy": ("▬", "yellow"),
         "host": ("▒", "green"),
+        "read": ("═", "blue"),
     }
-    for iv in intervals[-4000:]:
+    recent = intervals[-4000:]
+    for iv in recent:
         if iv.end < t0:
             continue
         a = max(0, int((iv.start - t0) / window * width))
         b = min(width, max(a + 1, int((iv.end - t0) / window * width)))
         if iv.stream == "host":
             key, lane = "host", host
+        elif iv.kind == "read":
+            key, lane = "read", disk
         elif iv.kind == "copy":
             key, lane = "copy", copy
         else:
@@ -40,9 +45,13 @@ def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Te
             if lane is compute and compute[i] == "stall" and key != "stall":
                 continue
             lane[i] = key
-    rows = [("compute", compute), ("copy   ", copy)]
-    if any(k != " " for k in host) or any(iv.stream == "host" for iv in intervals[-4000:]):
+    rows = [("compute", compute)]
+    if any(iv.kind == "copy" for iv in recent) or not any(iv.kind == "read" for iv in recent):
+        rows.append(("copy   ", copy))
+    if any(iv.stream == "host" for iv in recent):
         rows.append(("cpu    ", host))
+    if any(iv.kind == "read" for iv in recent):
+        rows.append(("disk   ", disk))
     out = Text()
     for name, lane in rows:
         out.append(f"{name} │", style="bold")
@@ -54,13 +63,15 @@ def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Te
                 out.append(ch, style=st)
         out.append("│\n")
     out.append(
-        f"         last {window * 1e3:.2f} ms   █ target  ▓ draft  ░ stall  ▬ copy H2D  ▒ expert on the CPU",
+        f"         last {window * 1e3:.2f} ms   █ target  ▓ draft  ░ stall  ▬ copy H2D  ▒ expert on the CPU  ═ read",
         style="dim",
     )
     return out
 
 
-def residency(cache, layers: list[int], num_experts: int, missed: set) -> Table:
+def residency(cache, layers: list[int], num_experts: int, missed: set, host=None) -> Table:
+    """Per MoE layer, each expert: in the compute tier (■), on its way (◆), missed at the
+    last layer (×), in host RAM only (▪, with a disk tier below it), or elsewhere (·)."""
     t = Table.grid(padding=(0, 1))
     t.add_column(justify="right", style="bold")
     t.add_column()
@@ -74,6 +85,8 @@ def residency(cache, layers: list[int], num_experts: int, missed: set) -> Table:
                 row.append("◆", style="yellow")
             elif cache.resident(key):
                 row.append("■", style="green")
+            elif host is not None and host.resident(key):
+                row.append("▪", style="blue")
             else:
                 row.append("·", style="grey42")
         t.add_row(f"L{layer}", row)
@@ -92,18 +105,23 @@ def figures(stats: dict) -> Table:
     t.add_row("overlap", f(stats.get("overlap"), ".0%"), "hit rate", f(stats.get("hit_rate"), ".0%"))
     t.add_row("acceptance", f(stats.get("acceptance"), ".0%"), "current k", f(stats.get("k"), "d"))
     t.add_row("tokens", f(stats.get("tokens"), "d"), "MB copied", f(stats.get("mb"), ".1f"))
+    if stats.get("mb_read") is not None:
+        t.add_row("", "", "MB read", f(stats.get("mb_read"), ".1f"))
     return t
 
 
-def render(title: str, intervals, t_end: float, window: float, cache, layers, num_experts, missed, stats, text: str):
+def render(
+    title: str, intervals, t_end: float, window: float, cache, layers, num_experts, missed, stats, text: str, host=None
+):
     body = Group(
         Text(text[-300:].replace("\n", " ⏎ "), style="white"),
         Text(""),
         lanes(intervals, t_end, window),
         Text(""),
         Panel(
-            residency(cache, layers, num_experts, missed),
-            title="experts on the device: ■ resident  ◆ in flight  × missed",
+            residency(cache, layers, num_experts, missed, host),
+            title=f"experts {'in RAM' if cache.name == 'RAM' else 'on the device'}: ■ resident  ◆ in flight  × missed"
+            + ("  ▪ in RAM" if host is not None else ""),
             title_align="left",
             border_style="grey42",
         ),

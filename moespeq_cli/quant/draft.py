@@ -143,7 +143,7 @@ class QuantizedExperts:
     def forward_reference(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then a dense matmul: the reference every fast path is tested against."""
         if (layer, expert) in self.cpu_packed:
-            raise RuntimeError("forward_reference needs the standard layout; unpack_cpu first")
+            raise RuntimeError("forward_reference needs the standard layout, and this expert is packed")
         return expert_mlp(x, *self.weights(layer, expert))
 
     def forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,9 @@ class QuantizedExperts:
 
     def pack_cpu(self, keys=None) -> int:
         """Repack the CPU-resident experts in ``keys`` (default: all) for the packed kernel,
-        once; returns how many were packed (0 where the kernel cannot run)."""
+        once and for good (the layout keeps each block's scale in bf16: a packed expert is
+        never moved or saved); returns how many were packed (0 where the kernel cannot
+        run)."""
         if not self.packable():
             return 0
         F = _bnb()
@@ -192,15 +194,6 @@ class QuantizedExperts:
             n += 1
         return n
 
-    def unpack_cpu(self, keys=None) -> None:
-        """Back to the standard layout (to move to another device, or to save)."""
-        F = _bnb()
-        for key in list(self.cpu_packed):
-            if keys is not None and key not in keys:
-                continue
-            self.q[key] = [F._convert_weight_packed_for_cpu_inverse(p, s) for p, s in self.q[key]]
-            self.cpu_packed.discard(key)
-
     @property
     def bytes_per_expert(self) -> int:
         p = next(iter(self.q.values()))
@@ -212,8 +205,8 @@ class QuantizedExperts:
 
     def to(self, device: torch.device, keys=None) -> QuantizedExperts:
         """Move the experts in ``keys`` (default: all) to ``device``; the rest stay put."""
-        if torch.device(device).type != "cpu":
-            self.unpack_cpu(keys)
+        if torch.device(device).type != "cpu" and (self.cpu_packed if keys is None else self.cpu_packed & set(keys)):
+            raise RuntimeError("these draft experts are packed for the CPU kernel; move them before packing")
         for key, parts in self.q.items():
             if keys is not None and key not in keys:
                 continue
@@ -260,7 +253,8 @@ class QuantizedExperts:
     def _write(self, tmp: Path, out: Path, source: Checkpoint, fp: str) -> None:
         from safetensors.torch import save_file
 
-        self.unpack_cpu()
+        if self.cpu_packed:
+            raise RuntimeError("a draft packed for the CPU kernel cannot be saved (its scales are rounded to bf16)")
         tensors = {}
         for (layer, e), parts in self.q.items():
             for proj, (packed, state) in zip(PROJ, parts, strict=True):

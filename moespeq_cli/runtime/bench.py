@@ -36,6 +36,8 @@ class BenchResult:
     draft_released: bool = False  # the governor gave the draft's memory to expert slots
     mean_union: float | None = None  # distinct experts per verified MoE layer
     union_bound: int | None = None  # (k+1) x top_k for the mean k
+    draft_token_s: float | None = None  # the draft's compute per drafted token
+    target_compute_s: float | None = None  # the target's compute (all of it, from the timeline)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,6 +89,11 @@ def run_policy(
     budget = eng.budget if eng.plan.compute_tier == "device" else eng.plan.budget_bytes
     result = BenchResult(policy, label, budget, eng.cache.slots, eng.plan.draft_bytes, s, tokens)
     result.draft_released = eng.draft_released
+    ivs = eng.backend.timeline.intervals
+    computes = [iv for iv in ivs if iv.stream == "compute" and iv.kind == "compute"]
+    result.target_compute_s = sum(iv.duration for iv in computes if iv.phase == "target")
+    if eng.spec_stats is not None and eng.spec_stats.drafted:
+        result.draft_token_s = sum(iv.duration for iv in computes if iv.phase == "draft") / eng.spec_stats.drafted
     if unions:
         result.mean_union = sum(unions) / len(unions)
         k = s.spec_depth_mean or 0

@@ -194,8 +194,9 @@ class Engine:
         return plan
 
     # -- loading --------------------------------------------------------------
-    def load(self, context: int) -> None:
-        self.plan = plan = self.make_plan(context)
+    def load(self, context: int, plan: Plan | None | bool = False) -> None:
+        """Load for ``context`` tokens with ``plan`` (default: ``make_plan(context)``)."""
+        self.plan = plan = self.make_plan(context) if plan is False else plan
         if plan is None:
             from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
