@@ -12,7 +12,8 @@ two cores). Reads bypass the page cache (O_DIRECT), so its state does not matter
 Budgets: SM ("same memory") gives every policy the same --ram, moespeq's 4-bit draft
 included (at a quarter it does not fit: moespeq then decodes without it); SC ("same
 cache") gives moespeq the draft's bytes on top and no more full-precision RAM slots than
-the baselines. moespeq also runs at fixed k = 2 and 4 (SC), to show what each depth gives.
+the baselines. moespeq also runs at fixed depths (k = 4 SM; k = 2 and 4 SC), to show what
+each gives.
 
 Printed per cell: tokens/s (wall clock), speedups, hit rate, stall share, MB read per
 token, acceptance, k, the union of experts per verified layer, the draft's time per
@@ -104,8 +105,8 @@ def main() -> None:
     for frac in (float(f) for f in args.fractions.split(",")):
         ram = int(experts_bytes * frac)
         opts = EngineOptions(backend="cpu", ram=ram, dtype=args.dtype)
-        results = []
-        results += bench(path, ids, n, ["moespeq", "gate-prefetch", "lru", "ondemand"], opts)  # SM
+        results = bench(path, ids, n, ["moespeq"], opts, spec_depths=["auto", "4"])  # SM
+        results += bench(path, ids, n, ["gate-prefetch", "lru", "ondemand"], opts)
         sc = bench(path, ids, n, ["moespeq"], opts, same_cache=True, spec_depths=["auto", "2", "4"])
         for r in sc:
             r.label += " SC"

@@ -140,15 +140,16 @@ class Backend(ABC):
     def read(
         self,
         dst: torch.Tensor,
-        extents: list,
+        what,
         nbytes: int,
         name: str,
         layer: int,
         expert: int,
         after: Event | list[Event] | None = None,
     ) -> Event:
-        """Read ``extents`` of the checkpoint's files into host buffer ``dst`` on the disk
-        stream, once every ``after`` event has passed; returns the read's completion."""
+        """Read an expert (``what``: its ``Placement``, or extents) from the checkpoint's
+        files into host slot ``dst`` on the disk stream, once every ``after`` event has
+        passed; returns the read's completion."""
 
     def read_eta(self, nbytes: int) -> float:
         """When a read of ``nbytes`` issued now would complete (``Event.time`` units)."""

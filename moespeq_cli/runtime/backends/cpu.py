@@ -53,7 +53,7 @@ class CpuBackend(Backend):
         )
 
     # -- the disk ---------------------------------------------------------------
-    def read(self, dst, extents, nbytes, name, layer, expert, after=None) -> Event:
+    def read(self, dst, what, nbytes, name, layer, expert, after=None) -> Event:
         pending = [ev.future for ev in as_events(after) if ev.future is not None]
         phase = self.phase
 
@@ -67,7 +67,7 @@ class CpuBackend(Backend):
             self.timeline.add(Interval("disk", "read", name, start - t0, end - t0, layer, expert, nbytes, phase))
 
         self.bytes_read += nbytes
-        return Event(self.now(), future=self.reader.submit(extents, dst, before=before, done=done).future)
+        return Event(self.now(), future=self.reader.submit(what, dst, before=before, done=done).future)
 
     def disk_bandwidth(self) -> float | None:
         """Bytes per second the reads of this run achieved while the disk was busy (None

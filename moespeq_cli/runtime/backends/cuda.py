@@ -156,7 +156,7 @@ class CudaBackend(Backend):
     def read_eta(self, nbytes: int) -> float:
         return max(self.now(), self._disk_free) + self.hw.disk_latency + nbytes / self.hw.disk_bandwidth
 
-    def read(self, dst, extents, nbytes, name, layer, expert, after=None) -> Event:
+    def read(self, dst, what, nbytes, name, layer, expert, after=None) -> Event:
         events = as_events(after)
         eta = self.read_eta(nbytes)
         self._disk_free = eta
@@ -174,7 +174,7 @@ class CudaBackend(Backend):
             self._host_intervals.append((name, start - t0, end - t0, layer, expert, phase, "disk", nbytes))
 
         self.bytes_read += nbytes
-        return Event(eta, future=self.reader.submit(extents, dst, before=before, done=done).future)
+        return Event(eta, future=self.reader.submit(what, dst, before=before, done=done).future)
 
     def pin(self, block: torch.Tensor) -> None:
         """Page-lock a host block of exactly its size (cudaHostRegister), so copies from it

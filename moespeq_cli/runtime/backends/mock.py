@@ -83,9 +83,9 @@ class MockBackend(Backend):
     def read_eta(self, nbytes: int) -> float:
         return self._read_window(nbytes, None)[1]
 
-    def read(self, dst, extents, nbytes, name, layer, expert, after=None) -> Event:
+    def read(self, dst, what, nbytes, name, layer, expert, after=None) -> Event:
         start, self.t_disk = self._read_window(nbytes, after)
-        self.reader.read_into(extents, dst)
+        self.reader.read(what, dst)
         self.bytes_read += nbytes
         self._record("disk", "read", name, start, self.t_disk, layer, expert, nbytes)
         return Event(self.t_disk)

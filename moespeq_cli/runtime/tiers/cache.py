@@ -66,11 +66,15 @@ class CacheStats:
 @dataclass(frozen=True)
 class ExpertLayout:
     """One expert's packed buffer: ``numel`` elements of ``dtype`` and the function that
-    views it as (gate [I, H], up [I, H], down [H, I])."""
+    views it as (gate [I, H], up [I, H], down [H, I]). ``stride``: slots are that many
+    page-aligned bytes each, and expert ``key`` starts ``shift(key)`` bytes into its slot
+    (RAM slots that reads land in whole; 0: a slot is exactly one packed expert)."""
 
     numel: int
     dtype: torch.dtype
     views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    stride: int = 0
+    shift: Callable[[Key], int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -98,8 +102,9 @@ class ExpertCache:
         self.device = device or torch.device("cpu")
         self.max_in_flight = max_in_flight
         self.nbytes = layout.nbytes
-        self.blocks: list[torch.Tensor] = []  # [n, numel] each: one per allocation
-        self.buffers: list[torch.Tensor] = []  # slot -> its buffer
+        self.blocks: list[torch.Tensor] = []  # one per allocation: [n, numel], or n * stride bytes
+        self.buffers: list[torch.Tensor] = []  # slot -> its memory
+        self._maps: list = []  # the page-aligned mappings behind strided blocks
         self.slots = 0
         self.free_slots: list[int] = []
         self.slot_of: OrderedDict[Key, int] = OrderedDict()  # LRU order: oldest first
@@ -117,11 +122,19 @@ class ExpertCache:
         """Add ``n`` empty slots, in one new block (memory the draft gave back)."""
         if n <= 0:
             return
-        block = torch.empty(n, self.layout.numel, dtype=self.layout.dtype, device=self.device)
+        if self.layout.stride:
+            from moespeq_cli.runtime.tiers.disk import aligned_bytes
+
+            block, mapping = aligned_bytes(n * self.layout.stride)
+            self._maps.append(mapping)
+            regions = list(block.view(n, self.layout.stride).unbind(0))
+        else:
+            block = torch.empty(n, self.layout.numel, dtype=self.layout.dtype, device=self.device)
+            regions = list(block.unbind(0))
         if self.on_block is not None:
             self.on_block(block)
         self.blocks.append(block)
-        self.buffers.extend(block.unbind(0))
+        self.buffers.extend(regions)
         self.free_slots = list(range(self.slots + n - 1, self.slots - 1, -1)) + self.free_slots
         self.slots += n
 
@@ -206,7 +219,12 @@ class ExpertCache:
         return ev
 
     def buffer(self, key: Key) -> torch.Tensor:
-        return self.buffers[self.slot_of[key]]
+        """The expert's packed buffer (``numel`` elements of the layout's dtype)."""
+        region = self.buffers[self.slot_of[key]]
+        if not self.layout.stride:
+            return region
+        shift = self.layout.shift(key)
+        return region[shift : shift + self.nbytes].view(self.layout.dtype)
 
     def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.layout.views(self.buffer(key))

@@ -37,15 +37,12 @@ class ExpertTiers:
         self.nbytes = self.disk.nbytes
         self.config = ckpt.config
         reads_in_flight = backend.reader.threads if backend.reader is not None else COPIES_IN_FLIGHT
+        ram = self.disk.ram_layout  # whole pages a slot: reads land in place
         if plan.compute_tier == "host":
             self.host = None
-            self.compute = ExpertCache(
-                "RAM", plan.slots, self.layout, backend, self._read, max_in_flight=reads_in_flight
-            )
+            self.compute = ExpertCache("RAM", plan.slots, ram, backend, self._read, max_in_flight=reads_in_flight)
         else:
-            self.host = ExpertCache(
-                "host", plan.host_slots, self.layout, backend, self._read, max_in_flight=reads_in_flight
-            )
+            self.host = ExpertCache("host", plan.host_slots, ram, backend, self._read, max_in_flight=reads_in_flight)
             if hasattr(backend, "pin"):
                 for block in self.host.blocks:
                     backend.pin(block)
@@ -63,7 +60,7 @@ class ExpertTiers:
     # -- fills -----------------------------------------------------------------
     def _read(self, key: Key, dst: torch.Tensor, after: list[Event], prefetch: bool) -> Event:
         layer, e = key
-        return self.backend.read(dst, self.disk.extents[key], self.nbytes, f"read L{layer}.E{e}", layer, e, after)
+        return self.backend.read(dst, self.disk.placements[key], self.nbytes, f"read L{layer}.E{e}", layer, e, after)
 
     def _copy(self, key: Key, dst: torch.Tensor, after: list[Event], prefetch: bool) -> Event:
         host = self.host
