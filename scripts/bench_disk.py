@@ -15,6 +15,11 @@ cache") gives moespeq the draft's bytes on top and no more full-precision RAM sl
 the baselines. moespeq also runs at fixed depths (k = 4 SM; k = 2 and 4 SC), to show what
 each gives.
 
+The wall clock of a shared machine is noisy (this VM's disk read anywhere from 1.2 to 2.1
+GB/s from one minute to the next, and a run's hit rate follows it), so every
+configuration runs ``--rounds`` times, the rounds interleaved (every configuration once,
+then again), and the table gives the median run, with the range of tokens/s.
+
 Printed per cell: tokens/s (wall clock), speedups, hit rate, stall share, MB read per
 token, acceptance, k, the union of experts per verified layer, the draft's time per
 token, and ``bound_ratio`` (time over max(the target's own compute, the experts used
@@ -22,7 +27,7 @@ beyond RAM read once at the measured disk bandwidth)). Also the disk bandwidth t
 machine reaches with the reader's threads, and the plain reference with every expert
 in RAM. Checks that every run produced the same tokens. Ends with one JSON line.
 
-    python scripts/bench_disk.py [--new-tokens 64] [--dtype float32|bfloat16] [--out build/bench_disk.json]
+    python scripts/bench_disk.py [--new-tokens 64] [--rounds 3] [--dtype float32|bfloat16] [--out build/bench_disk.json]
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 from moespeq_cli.cli.run import DEFAULT_PROMPT  # noqa: E402
 from moespeq_cli.models.checkpoint import Checkpoint  # noqa: E402
-from moespeq_cli.runtime.bench import bench  # noqa: E402
+from moespeq_cli.runtime.bench import BASELINES, baseline_slots, run_policy  # noqa: E402
 from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
+from moespeq_cli.runtime.planning.planner import draft_bytes_estimate  # noqa: E402
 from moespeq_cli.runtime.sampling import SamplingParams  # noqa: E402
 from moespeq_cli.runtime.tiers.disk import DiskExperts, DiskReader  # noqa: E402
 
@@ -78,6 +84,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default=None, help="numerics dtype (default: moespeq's, float32 on the CPU)")
     ap.add_argument("--fractions", default="0.25,0.5", help="RAM budgets as fractions of the experts' bytes")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every configuration (the median is shown)")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "bench_disk.json")
     args = ap.parse_args()
     path = ROOT / "build" / "disk-bench"
@@ -104,21 +111,40 @@ def main() -> None:
     cells = []
     for frac in (float(f) for f in args.fractions.split(",")):
         ram = int(experts_bytes * frac)
-        opts = EngineOptions(backend="cpu", ram=ram, dtype=args.dtype)
-        results = bench(path, ids, n, ["moespeq"], opts, spec_depths=["auto", "4"])  # SM
-        results += bench(path, ids, n, ["gate-prefetch", "lru", "ondemand"], opts)
-        sc = bench(path, ids, n, ["moespeq"], opts, same_cache=True, spec_depths=["auto", "2", "4"])
-        for r in sc:
-            r.label += " SC"
-        results += sc
-        for r in results:  # speedups of the SC runs too, against the SM baselines
-            for b in ("gate-prefetch", "lru", "ondemand"):
-                base = next(x for x in results if x.label == b)
-                r.speedup_vs[b] = base.stats.seconds / r.stats.seconds
-        same = all(r.token_ids == ref_tokens for r in results)
+        sm = EngineOptions(backend="cpu", ram=ram, dtype=args.dtype)
+        sc = EngineOptions(**{**asdict(sm), "ram": ram + draft_bytes_estimate(ck.config)})
+        sc.max_slots = baseline_slots(path, len(ids) + n, sm)
+        configs = [
+            ("moespeq k=auto", "moespeq", EngineOptions(**{**asdict(sm), "spec_depth": "auto"})),
+            ("moespeq k=4", "moespeq", EngineOptions(**{**asdict(sm), "spec_depth": "4"})),
+            ("gate-prefetch", "gate-prefetch", sm),
+            ("lru", "lru", sm),
+            ("ondemand", "ondemand", sm),
+            ("moespeq k=auto SC", "moespeq", EngineOptions(**{**asdict(sc), "spec_depth": "auto"})),
+            ("moespeq k=2 SC", "moespeq", EngineOptions(**{**asdict(sc), "spec_depth": "2"})),
+            ("moespeq k=4 SC", "moespeq", EngineOptions(**{**asdict(sc), "spec_depth": "4"})),
+        ]
+        runs: dict[str, list] = {label: [] for label, _, _ in configs}
+        for _ in range(args.rounds):
+            for label, policy, o in configs:
+                runs[label].append(run_policy(path, ids, n, policy, o, label))
+        results = []
+        for label, _, _ in configs:
+            ordered = sorted(runs[label], key=lambda r: r.stats.seconds)
+            median = ordered[len(ordered) // 2]
+            median.speedup_vs = {"range_tokens_per_s": [ordered[-1].stats.tokens_per_s, ordered[0].stats.tokens_per_s]}
+            results.append(median)
+        for r in results:  # against the baselines' median runs
+            for b in BASELINES:
+                base = next((x for x in results if x.label == b), None)
+                if base is not None:
+                    r.speedup_vs[b] = base.stats.seconds / r.stats.seconds
+        all_runs = [x for label in runs for x in runs[label]]
+        same = all(r.token_ids == ref_tokens for r in all_runs)
         cell = {
             "ram_fraction": frac,
             "ram_bytes": ram,
+            "rounds": args.rounds,
             "same_tokens_as_reference": same,
             "results": [asdict(r) | {"stats": r.stats.to_dict()} for r in results],
         }
@@ -144,9 +170,11 @@ def main() -> None:
 
 
 def print_cell(cell: dict, n: int, bw: float, ref_tps: float) -> None:
-    print(f"\n### --ram {cell['ram_bytes'] / 1e6:.0f} MB ({cell['ram_fraction']:.0%} of the experts)\n")
     print(
-        "| policy | RAM slots | tok/s | vs lru | vs gate-prefetch | hit rate | stall | MB read / token | "
+        f"\n### --ram {cell['ram_bytes'] / 1e6:.0f} MB ({cell['ram_fraction']:.0%} of the experts), median of {cell['rounds']}\n"
+    )
+    print(
+        "| policy | RAM slots | tok/s (range) | vs lru | vs gate-prefetch | hit rate | stall | MB read / token | "
         "accept | k | union / (k+1)·top_k | draft ms / token | target compute s | bound ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -158,9 +186,10 @@ def print_cell(cell: dict, n: int, bw: float, ref_tps: float) -> None:
             return "-" if v is None else format(v * scale, fmt)
 
         union = f"{r['mean_union']:.1f} / {r['union_bound']}" if r["mean_union"] else "-"
+        lo, hi = sv["range_tokens_per_s"]
         slots = f"{r['slots']} (draft released)" if r["draft_released"] else str(r["slots"])
         print(
-            f"| {r['label']} | {slots} | {s['tokens_per_s']:.2f} | {f(sv.get('lru'), '.2f')}x | "
+            f"| {r['label']} | {slots} | {s['tokens_per_s']:.2f} ({lo:.2f}-{hi:.2f}) | {f(sv.get('lru'), '.2f')}x | "
             f"{f(sv.get('gate-prefetch'), '.2f')}x | {f(s['expert_hit_rate'], '.0%')} | "
             f"{f(s['io_stall_s'] / s['seconds'], '.0%')} | {f((s['bytes_read'] or 0) / s['new_tokens'], '.0f', 1e-6)} | "
             f"{f(s['acceptance_rate'], '.2f')} | {f(s['spec_depth_mean'], '.1f')} | {union} | "

@@ -67,7 +67,7 @@ def test_every_policy_on_the_disk_tier_gives_the_reference_tokens(tiny, family, 
                 assert s.acceptance_rate is not None  # the draft fit beside the slots, and drafted
 
 
-@pytest.mark.parametrize("family,variant", [("mixtral", "top3"), ("qwen2_moe", "shared"), ("deepseek_v2", "lite")])
+@pytest.mark.parametrize("family,variant", FAMILIES)
 def test_three_tiers_on_the_mock(tiny, family, variant):
     """disk -> RAM -> device: a few RAM slots, fewer device slots; every policy gives the
     reference's tokens, and no copy of an expert that was read starts before its read."""

@@ -119,8 +119,8 @@ def speculative_generate(
     ev = emit(pending, False)
     yield ev
     while not ev.eos and emitted < max_new_tokens:
-        k = choose_k() if draft is not None else 0
-        k = max(0, min(k, max_new_tokens - emitted - 1))
+        k = choose_k()  # with no draft still asked: k = 0 has its own choices (the prefetch)
+        k = 0 if draft is None else max(0, min(k, max_new_tokens - emitted - 1))
         n = cache.length
         stats.cycles += 1
         stats.depth_sum += k

@@ -325,8 +325,17 @@ class Governor:
     confirms 0, so a model where speculation cannot pay loses little to probing. When
     ``release_pays`` it sets ``release_requested`` and stays at k = 0."""
 
-    def __init__(self, state: GovernorState, fixed: int | None = None, probe_every: int = 16, arm_samples: int = 3):
+    def __init__(
+        self,
+        state: GovernorState,
+        fixed: int | None = None,
+        probe_every: int = 16,
+        arm_samples: int = 3,
+        arm_probe_every: int = 8,
+    ):
         self.state, self.fixed, self.probe_every, self.arm_samples = state, fixed, probe_every, arm_samples
+        self.arm_probe_every = arm_probe_every
+        self.arm_since_probe = 0
         self.prefetch = True  # whether this k = 0 cycle runs gate-prefetch
         self.warmup_ks = [min(2, state.k_max), 0] if state.k_max else []
         self.cycles = 0
@@ -368,12 +377,21 @@ class Governor:
         (the next layer's router on this layer's input) hides copies but launches a router
         pass per layer, which a small, launch-bound model does not earn back. Each arm is
         measured ``arm_samples`` times (alternating, gate-prefetch first), then the one
-        with the shorter ``arm_time`` runs."""
+        with the shorter ``arm_time`` runs. On a wall clock a few cycles are noisy (a disk
+        read varies by half from one to the next), so the other arm runs once more after
+        ``arm_probe_every`` k = 0 cycles, the interval doubling each time: an early verdict
+        that noise got wrong is corrected, at a cost that shrinks as the run goes on."""
         arms = self.state.arms
         counts = {arm: arms[arm].cycles if arm in arms else 0 for arm in (True, False)}
         if min(counts.values()) < self.arm_samples:
             return counts[True] <= counts[False]
-        return self.state.faster_arm()
+        best = self.state.faster_arm()
+        self.arm_since_probe += 1
+        if self.arm_since_probe > self.arm_probe_every:
+            self.arm_since_probe = 0
+            self.arm_probe_every *= 2
+            return not best
+        return best
 
     def observe(
         self, k: int, accepted: int, draft_s: float, target_s: float, misses: int, stall_s: float = 0.0

@@ -71,7 +71,7 @@ class Speculation:
                 list(self.cache.slot_of),
             )
             state.release_misses = self.release_misses
-        self.governor = Governor(state, fixed=fixed_k)
+        self.governor = Governor(state, fixed=fixed_k if self.draft is not None else 0)  # no draft: k = 0
         self.scheduler = ElbScheduler(model, tiers, backend, target, self.governor)
         self.scheduler.on_release = self.release_draft
 
