@@ -24,10 +24,11 @@ from moespeq_cli.runtime.sampling import SamplingParams
 
 
 def ram_for(path, slots: int, draft: bool = False) -> int:
-    """--ram that holds ``slots`` full-precision experts (and the 4-bit draft)."""
+    """--ram that holds ``slots`` full-precision experts (and the 4-bit draft): a RAM slot
+    is the expert in whole pages, for reads that land in place."""
     ck = Checkpoint(path)
     plan = checkpoint_plan(ck, 16)
-    return slots * plan.expert_bytes + (draft_bytes_estimate(ck.config) if draft else 0)
+    return slots * plan.ram_slot_bytes + (draft_bytes_estimate(ck.config) if draft else 0)
 
 
 def disk_run(path, prompt, n, policy, ram, backend="cpu", **kw):
@@ -267,3 +268,30 @@ def test_a_quarter_ram_budget_bounds_the_process_memory(tmp_path):
     growth = result["rss"] - baseline
     assert growth < ram + non_expert + 120e6, (growth, ram, non_expert)
     assert result["rss"] < baseline + experts * 0.6
+
+
+def test_belady_is_the_floor_of_every_cache():
+    """The benchmark's fewest-reads figure: Belady's MIN, checked against brute force over
+    every eviction choice on short random traces."""
+    import itertools
+    import random
+
+    from moespeq_cli.runtime.bench import belady_misses
+
+    def brute(uses, slots, cache=frozenset()):
+        if not uses:
+            return 0
+        key, rest = uses[0], uses[1:]
+        if key in cache:
+            return brute(rest, slots, cache)
+        if len(cache) < slots:
+            return 1 + brute(rest, slots, cache | {key})
+        return 1 + min(brute(rest, slots, (cache - {v}) | {key}) for v in cache)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        uses = [rng.randrange(5) for _ in range(9)]
+        slots = rng.randrange(1, 4)
+        assert belady_misses(uses, slots) == brute(uses, slots), (uses, slots)
+    assert belady_misses([1, 2, 3, 4, 1, 2], 3, [1, 2, 3]) == 1  # a warm start counts
+    assert all(belady_misses(list(p), 2) == 3 for p in itertools.permutations([1, 2, 3]))

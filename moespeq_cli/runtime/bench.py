@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.planning.planner import checkpoint_plan, draft_bytes_estimate
+from moespeq_cli.runtime.planning.planner import checkpoint_plan, draft_bytes_estimate, spread
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.stats import GenerationStats
 
@@ -38,11 +38,32 @@ class BenchResult:
     union_bound: int | None = None  # (k+1) x top_k for the mean k
     draft_token_s: float | None = None  # the draft's compute per drafted token
     target_compute_s: float | None = None  # the target's compute (all of it, from the timeline)
+    fills: int | None = None  # experts brought into the compute tier while generating
+    fills_min: int | None = None  # the fewest any cache of the same slots needs for the same uses (Belady)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stats"] = self.stats.to_dict()
         return d
+
+
+def belady_misses(uses: list, slots: int, resident: list = ()) -> int:
+    """The fewest fills any cache of ``slots`` slots needs to serve ``uses`` in order
+    (Belady's MIN: on a miss, evict what is next used farthest ahead), starting from
+    ``resident``. The floor for every policy that computes the same uses in the same order."""
+    nxt, last = [0] * len(uses), {}
+    for i in range(len(uses) - 1, -1, -1):
+        nxt[i] = last.get(uses[i], len(uses))
+        last[uses[i]] = i
+    cache = {key: last.get(key, len(uses)) for key in list(resident)[:slots]}  # key -> its next use
+    misses = 0
+    for i, key in enumerate(uses):
+        if key not in cache:
+            misses += 1
+            if len(cache) >= slots:
+                del cache[max(cache, key=cache.get)]
+        cache[key] = nxt[i]
+    return misses
 
 
 def baseline_slots(path: Path, context: int, opts: EngineOptions) -> int:
@@ -91,6 +112,18 @@ def run_policy(
     result.draft_released = eng.draft_released
     ivs = eng.backend.timeline.intervals
     computes = [iv for iv in ivs if iv.stream == "compute" and iv.kind == "compute"]
+    uses = [
+        (iv.layer, iv.expert)
+        for iv in sorted(computes, key=lambda iv: iv.start)
+        if iv.phase == "target" and iv.expert is not None
+    ]
+    plan = eng.plan
+    resident = (
+        spread(plan.slots, list(eng.ckpt.config.moe_layers), eng.ckpt.config.num_experts) if eng.policy.preload else []
+    )
+    result.fills_min = belady_misses(uses, eng.cache.slots, resident)
+    fill_kind = "read" if plan.compute_tier == "host" else "copy"
+    result.fills = sum(1 for iv in ivs if iv.kind == fill_kind)
     result.target_compute_s = sum(iv.duration for iv in computes if iv.phase == "target")
     if eng.spec_stats is not None and eng.spec_stats.drafted:
         result.draft_token_s = sum(iv.duration for iv in computes if iv.phase == "draft") / eng.spec_stats.drafted

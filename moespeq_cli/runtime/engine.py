@@ -159,8 +159,8 @@ class Engine:
             ram, source = self.ram, None
             if ram is None:
                 ram, source = default_ram(fixed.non_expert_bytes + fixed.kv_cache_bytes + fixed.workspace_bytes)
-            if ram is None or ram >= fixed.total_experts * fixed.expert_bytes:
-                return None  # every expert fits: the plain reference
+            if ram is None or ram >= fixed.total_experts * fixed.ram_slot_bytes:
+                return None  # every expert fits (page by page, as RAM slots hold them): the plain reference
             if self.policy.name == "hybrid":
                 raise UsageError(
                     "--policy hybrid computes experts on the CPU beside a GPU; with --backend cpu every expert already "
@@ -214,7 +214,7 @@ class Engine:
             backend.alloc(plan.non_expert_bytes, "non-expert weights")
             backend.alloc(plan.kv_cache_bytes, "KV cache")
             backend.alloc(plan.workspace_bytes, "workspace")
-        backend.alloc(plan.slots * plan.expert_bytes, "expert slots")
+        backend.alloc(plan.slot_bytes, "expert slots")
         model = load_model(self.ckpt, self.dtype, context)
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         self.tiers = tiers = ExpertTiers(self.ckpt, plan, backend)

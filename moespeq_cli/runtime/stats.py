@@ -74,7 +74,9 @@ def lower_bound(backend, plan, target) -> float:
 
     ivs = backend.timeline.intervals
     compute = sum(iv.duration for iv in ivs if iv.stream == "compute" and iv.kind == "compute" and iv.phase == "target")
-    used = {(iv.layer, iv.expert) for iv in ivs if iv.kind == "compute" and iv.expert is not None}
+    used = {
+        (iv.layer, iv.expert) for iv in ivs if iv.kind == "compute" and iv.expert is not None and iv.phase == "target"
+    }
     terms = [compute]
     if plan.compute_tier == "device":
         rate = backend.hw.link_bandwidth / plan.expert_bytes

@@ -35,6 +35,8 @@ from moespeq_cli.runtime.planning.costs import Cost
 from moespeq_cli.runtime.planning.hardware import HardwareProfile, format_size
 from moespeq_cli.runtime.timeline import Timeline
 
+DISK_GUESS = 1e9  # B/s a read is assumed to take before any has been measured
+
 
 class DeviceMemoryError(MoespeqError):
     """A device allocation would exceed the memory budget."""
@@ -150,6 +152,18 @@ class Backend(ABC):
         """Read an expert (``what``: its ``Placement``, or extents) from the checkpoint's
         files into host slot ``dst`` on the disk stream, once every ``after`` event has
         passed; returns the read's completion."""
+
+    def disk_bandwidth(self) -> float | None:
+        """What the reads so far achieved while the disk was busy (B/s; None before any)."""
+        return self.reader.bandwidth() if self.reader is not None else None
+
+    def read_seconds(self, nbytes: int) -> float:
+        """What one read of ``nbytes`` is expected to take: the profile's disk figures, else
+        what this run's reads have achieved, else an assumed 1 GB/s until they have."""
+        hw = self.hw
+        if hw is not None and hw.disk_bandwidth is not None and hw.disk_latency is not None:
+            return hw.disk_latency + nbytes / hw.disk_bandwidth
+        return nbytes / (self.disk_bandwidth() or DISK_GUESS)
 
     def read_eta(self, nbytes: int) -> float:
         """When a read of ``nbytes`` issued now would complete (``Event.time`` units)."""

@@ -38,7 +38,6 @@ class CpuBackend(Backend):
     def __init__(self, capacity: int, reader, hw=None):
         super().__init__(hw, capacity, reader)
         self._t0 = time.perf_counter()
-        self._read_busy: list[tuple[float, float]] = []  # read intervals, perf_counter times
 
     def now(self) -> float:
         return time.perf_counter() - self._t0
@@ -62,25 +61,11 @@ class CpuBackend(Backend):
                 f.result()
 
         def done(start: float, end: float) -> None:
-            self._read_busy.append((start, end))
             t0 = self._t0
             self.timeline.add(Interval("disk", "read", name, start - t0, end - t0, layer, expert, nbytes, phase))
 
         self.bytes_read += nbytes
         return Event(self.now(), future=self.reader.submit(what, dst, before=before, done=done).future)
-
-    def disk_bandwidth(self) -> float | None:
-        """Bytes per second the reads of this run achieved while the disk was busy (None
-        before any read has finished): the rate the bound and the governor use."""
-        spans = sorted(self._read_busy)
-        if not spans:
-            return None
-        busy, end = 0.0, float("-inf")
-        for s, e in spans:
-            busy += max(0.0, e - max(s, end))
-            end = max(end, e)
-        nbytes = sum(iv.bytes for iv in self.timeline.intervals if iv.kind == "read")
-        return nbytes / busy if busy > 0 and nbytes else None
 
     # -- waiting ------------------------------------------------------------------
     def wait(self, event: Event, layer=None, expert=None, what: str = "wait read") -> None:
@@ -110,7 +95,6 @@ class CpuBackend(Backend):
     def reset_clock(self) -> None:
         self.synchronize()
         super().reset_clock()
-        self._read_busy.clear()
         self._t0 = time.perf_counter()
 
     # -- no device: no copies, no host jobs -----------------------------------

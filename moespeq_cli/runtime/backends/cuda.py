@@ -63,7 +63,6 @@ class CudaBackend(Backend):
         self._host_intervals: list[tuple] = []  # (name, start, end, layer, expert, phase), wall
         self._pending: list[tuple] = []  # (stream, kind, name, start_ev, end_ev, layer, expert, bytes)
         self._stall_pairs: list[tuple] = []
-        self._stall_host: list[tuple] = []  # (start, end, layer, expert, what): host blocked on a read
         self._t0 = time.perf_counter()
         self._base = self._event(self.compute_stream)
 
@@ -117,7 +116,9 @@ class CudaBackend(Backend):
             y_dev.record_stream(self.compute_stream)
             return y_dev, done
 
-        return HostJob(Event(predicted), future=self._host_pool.submit(work), layer=layer, expert=expert)
+        future = self._host_pool.submit(work)
+        # the event carries the job's future: a host slot held by it is not refilled before the CPU is done
+        return HostJob(Event(predicted, future=future), future=future, layer=layer, expert=expert)
 
     def host_result(self, job: HostJob) -> torch.Tensor:
         before_host = self._event(self.compute_stream)
@@ -154,7 +155,7 @@ class CudaBackend(Backend):
         return Event(eta, cuda_event=done)
 
     def read_eta(self, nbytes: int) -> float:
-        return max(self.now(), self._disk_free) + self.hw.disk_latency + nbytes / self.hw.disk_bandwidth
+        return max(self.now(), self._disk_free) + self.read_seconds(nbytes)
 
     def read(self, dst, what, nbytes, name, layer, expert, after=None) -> Event:
         events = as_events(after)
@@ -182,10 +183,14 @@ class CudaBackend(Backend):
         ptr = block.data_ptr()
         rc = torch.cuda.cudart().cudaHostRegister(ptr, block.numel() * block.element_size(), 0)
         if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister failed ({rc}); lower --ram")
+            why = getattr(torch.cuda.cudart(), "cudaGetErrorString", str)(rc)
+            raise RuntimeError(
+                f"cudaHostRegister of {block.numel() * block.element_size()} bytes failed ({why}); lower --ram"
+            )
         self._pinned.append(ptr)
 
     def close(self) -> None:
+        self.synchronize()  # no copy may still read the memory about to be unregistered
         super().close()
         self._issuer.shutdown(wait=True)
         self._host_pool.shutdown(wait=True)
@@ -195,10 +200,11 @@ class CudaBackend(Backend):
 
     def wait(self, event: Event, layer=None, expert=None, what: str = "wait H2D", before=None) -> None:
         if event.future is not None and not event.future.done():
-            start = self.now()
-            event.future.result()  # the copy waits for a read: the host blocks until it is enqueued
-            self._stall_host.append((start, self.now(), layer, expert, "wait read"))
-        if before is None and event.cuda_event.query():
+            # the copy waits for a read: the host blocks until it is enqueued; the stall is what
+            # the compute stream then shows between an event before the block and one after the copy
+            before = before if before is not None else self._event(self.compute_stream)
+            event.future.result()
+        elif before is None and event.cuda_event.query():
             return  # already complete: no stall possible
         before = before if before is not None else self._event(self.compute_stream)
         self.compute_stream.wait_event(event.cuda_event)
@@ -223,15 +229,16 @@ class CudaBackend(Backend):
             self.reader.drain()
         self._pending.clear()
         self._stall_pairs.clear()
-        self._stall_host.clear()
         self._host_intervals.clear()
         self._copy_free = self._host_free = self._disk_free = 0.0
         self._t0 = time.perf_counter()
         self._base = self._event(self.compute_stream)
 
     def synchronize(self) -> None:
-        self._issuer.submit(lambda: None).result()  # every chained copy is enqueued
-        torch.cuda.synchronize(self.device)
+        if self.reader is not None:
+            self.reader.drain()  # every read has landed (and logged its interval) ...
+        self._issuer.submit(lambda: None).result()  # ... every chained copy is enqueued ...
+        torch.cuda.synchronize(self.device)  # ... and done
 
     def finalize_timeline(self) -> None:
         self.synchronize()
@@ -244,14 +251,10 @@ class CudaBackend(Backend):
             if end > start:
                 self.io_stall_s += end - start
                 self.timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
-        for start, end, layer, expert, what in self._stall_host:
-            self.io_stall_s += end - start
-            self.timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
         for name, start, end, layer, expert, phase, *rest in self._host_intervals:
             stream, nbytes = rest if rest else ("host", 0)
             kind = "read" if stream == "disk" else "compute"
             self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes, phase))
         self._pending.clear()
         self._stall_pairs.clear()
-        self._stall_host.clear()
         self._host_intervals.clear()

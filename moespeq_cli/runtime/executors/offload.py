@@ -145,7 +145,7 @@ class OffloadedExperts:
                 if host.resident(key):
                     read_done = host.arrival[key].time
                 else:
-                    step = b.hw.disk_latency + nbytes / b.hw.disk_bandwidth
+                    step = b.read_seconds(nbytes)
                     read_at = b.read_eta(nbytes) if read_at is None else read_at + step
                     read_done = read_at
             if host_free is None:

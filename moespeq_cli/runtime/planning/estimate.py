@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moespeq_cli.errors import UsageError
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.executors.instrument import charges
@@ -88,6 +89,11 @@ class StepModel:
         step.read_extra = 0.0
         n, s, h = plan.total_experts, plan.slots, plan.host_slots
         if plan.disk_tier and n > s:
+            if self.hw.disk_bandwidth is None or self.hw.disk_latency is None:
+                raise UsageError(
+                    f"hardware profile {self.hw.name} has no disk_bandwidth / disk_latency to price the disk tier "
+                    "with (the experts do not all fit in --ram); add them to the profile or raise --ram"
+                )
             p_read = 1.0 - max(0, h - s) / (n - s)
             step.read_extra = p_read * (self.hw.disk_latency + self.expert_bytes / self.hw.disk_bandwidth)
         return step

@@ -36,6 +36,7 @@ from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.planning.costs import elem_size
 from moespeq_cli.runtime.planning.hardware import format_size
+from moespeq_cli.runtime.tiers.disk import ram_slot_bytes
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Plan:
     host_draft_bytes: int = 0  # the 4-bit draft's experts held in host RAM
     compute_tier: str = "device"  # "host": --backend cpu, RAM slots are what the CPU computes from
     ram_source: str | None = None  # how the --ram budget was chosen, when not given
+    ram_slot_bytes: int = 0  # what one expert takes in RAM (whole pages for in-place reads)
 
     @property
     def disk_tier(self) -> bool:
@@ -74,7 +76,7 @@ class Plan:
 
     @property
     def slot_bytes(self) -> int:
-        return self.slots * self.expert_bytes
+        return self.slots * (self.ram_slot_bytes if self.compute_tier == "host" else self.expert_bytes)
 
     @property
     def free_bytes(self) -> int:
@@ -83,7 +85,7 @@ class Plan:
     @property
     def host_bytes(self) -> int:
         """Expert buffers in host RAM: full-precision experts and the draft's."""
-        return self.host_slots * self.expert_bytes + self.host_draft_bytes
+        return self.host_slots * self.ram_slot_bytes + self.host_draft_bytes
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -192,8 +194,10 @@ def make_plan(
     )
     workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
     expert = cfg.expert_params * elem
+    ram_slot = ram_slot_bytes(expert)
     total = cfg.num_experts * len(cfg.moe_layers)
     on_host = compute_tier == "host"
+    slot = ram_slot if on_host else expert  # what one slot of the budget's tier takes
     fixed = 0 if on_host else non_expert + kv + workspace
     where = "--ram" if on_host else "--vram"
     draft, note = 0, None
@@ -201,7 +205,7 @@ def make_plan(
     if policy == "moespeq" and with_draft:
         total_draft = draft = draft_bytes_estimate(cfg, blocksize)
         draft_device = total
-        room = budget - fixed - cfg.top_k * expert  # above the minimum slots
+        room = budget - fixed - cfg.top_k * slot  # above the minimum slots
         if room < draft and cpu_experts and not on_host:
             per_draft_expert = draft / total
             draft_device = int(max(0, room // 2) // per_draft_expert)
@@ -218,8 +222,8 @@ def make_plan(
             draft = draft_device = 0
     fixed += draft
     free = budget - fixed
-    need_min = fixed + cfg.top_k * expert
-    if free < cfg.top_k * expert:
+    need_min = fixed + cfg.top_k * slot
+    if free < cfg.top_k * slot:
         if on_host:
             raise UsageError(
                 f"--ram {format_size(budget)} cannot hold {cfg.top_k} experts of {format_size(expert)}"
@@ -231,7 +235,7 @@ def make_plan(
             f"{format_size(non_expert)}, KV cache {format_size(kv)} for {context} tokens, workspace {format_size(workspace)}) "
             f"plus {cfg.top_k} expert slots; it needs at least {format_size(need_min)} -- raise --vram or lower the context"
         )
-    slots = min(total, free // expert, max_slots if max_slots is not None else total)
+    slots = min(total, free // slot, max_slots if max_slots is not None else total)
     if policy == "resident" and slots < total:
         raise UsageError(
             f"--policy resident needs every expert on the device: {format_size(fixed + total * expert)} in all, "
@@ -246,7 +250,7 @@ def make_plan(
     elif ram is None:
         host_slots = total
     else:
-        host_slots = host_plan(cfg, expert, ram, host_draft)
+        host_slots = host_plan(cfg, ram_slot, ram, host_draft)
     return Plan(
         policy,
         budget,
@@ -267,12 +271,14 @@ def make_plan(
         host_draft_bytes=host_draft,
         compute_tier=compute_tier,
         ram_source=ram_source,
+        ram_slot_bytes=ram_slot,
     )
 
 
 def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int) -> int:
     """Full-precision experts host RAM holds beside the draft's (all of them when they
-    fit); a budget that cannot stage ``top_k`` of them is refused."""
+    fit), ``expert`` bytes each (its RAM slot); a budget that cannot stage ``top_k`` of
+    them is refused."""
     total = cfg.num_experts * len(cfg.moe_layers)
     room = ram - draft_bytes
     if room < cfg.top_k * expert:

@@ -15,8 +15,8 @@ experts that are not resident:
 With a disk tier below host RAM, a predicted expert that RAM does not hold is first
 *staged*: read into RAM, from a queue of its own in the same order, as the disk drains.
 Its copy is issued once the read has landed (a copy issued earlier would hold the
-in-order copy stream until the read is done); in phase III everything goes, the copies
-behind their reads. On the cpu backend RAM is the compute tier and its loads are the
+in-order copy stream until the read is done; the copies behind it whose reads have
+landed go first); in phase III everything goes, the copies behind their reads. On the cpu backend RAM is the compute tier and its loads are the
 reads themselves.
 
 Eviction is lookahead-aware: an expert the ELB says this verification needs (at a layer
@@ -39,6 +39,8 @@ from moespeq_cli.runtime.scheduling.governor import Governor
 from moespeq_cli.runtime.speculative import SpecHooks
 from moespeq_cli.runtime.tiers.cache import ExpertCache, Key
 from moespeq_cli.runtime.tiers.hierarchy import ExpertTiers
+
+SCAN_PAST = 16  # queued copies a pump looks past while their reads land (the queue stays cheap to pump)
 
 
 class ElbScheduler(SpecHooks):
@@ -131,16 +133,21 @@ class ElbScheduler(SpecHooks):
                 host.load(key, prefetch=True)
                 in_flight += 1
         in_flight = cache.pending()
+        waiting = []  # copies whose read has not landed: issued now they would hold the copy stream
         while self.queue and (everything or in_flight < cache.max_in_flight) and self._prefetch_room(cache):
-            layer, _, e = self.queue[0]
-            key = (layer, e)
-            if not cache.resident(key) and not everything and not self.tiers.staged(key):
-                break  # its read has not landed: a copy now would hold the copy stream
-            heapq.heappop(self.queue)
+            item = heapq.heappop(self.queue)
+            key = (item[0], item[2])
             if cache.resident(key):
+                continue
+            if not everything and not self.tiers.staged(key):
+                waiting.append(item)
+                if len(waiting) >= SCAN_PAST:
+                    break
                 continue
             cache.load(key, prefetch=True)
             in_flight += 1
+        for item in waiting:
+            heapq.heappush(self.queue, item)
 
     def begin_verify(self, k: int) -> None:
         self.backend.phase = "target"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moespeq_cli.runtime.backends.base import Backend
+from moespeq_cli.runtime.backends.base import DISK_GUESS, Backend
 from moespeq_cli.runtime.executors.draft import DraftExperts
 from moespeq_cli.runtime.executors.offload import OffloadedExperts
 from moespeq_cli.runtime.planning.costs import host_expert_seconds, transfer_seconds
@@ -20,8 +20,6 @@ from moespeq_cli.runtime.scheduling.elb import ElbScheduler
 from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState
 from moespeq_cli.runtime.scheduling.routing_trace import RoutingTrace
 from moespeq_cli.runtime.tiers.hierarchy import ExpertTiers
-
-DISK_GUESS = 1e9  # B/s a read is assumed to take until this run has measured its disk
 
 
 class Speculation:
@@ -86,12 +84,11 @@ class Speculation:
         at the disk bandwidth this run has measured."""
         b, nbytes, plan = self.backend, self.tiers.nbytes, self.plan
         if plan.compute_tier == "host":
-            bw = b.disk_bandwidth() or DISK_GUESS
-            return nbytes / bw
+            return nbytes / (b.disk_bandwidth() or DISK_GUESS)  # measured: a wall-clock run has no profile
         t = transfer_seconds(nbytes, b.hw)
         if plan.disk_tier:
             off_host = 1.0 - plan.host_slots / plan.total_experts
-            t += off_host * (b.hw.disk_latency + nbytes / b.hw.disk_bandwidth)
+            t += off_host * b.read_seconds(nbytes)
         return t
 
     # -- giving the draft's memory back ----------------------------------------------
@@ -99,7 +96,7 @@ class Speculation:
         """Full-precision slots the draft's memory (and what is left) would hold."""
         free = self.backend.capacity - self.backend.used + self.draft_bytes
         cap = self.plan.total_experts if self.max_slots is None else self.max_slots
-        return int(max(0, min(cap - self.cache.slots, free // self.plan.expert_bytes)))
+        return int(max(0, min(cap - self.cache.slots, free // self.cache.slot_bytes)))
 
     def release_fill(self, n: int) -> list:
         """With CPU experts, the experts the slots gained at release take: the most
@@ -131,14 +128,14 @@ class Speculation:
         self.draft_bytes = 0
         fill = self.release_fill(extra) if self.target.policy.host_compute and self.target.trace else []
         if extra:
-            self.backend.alloc(extra * self.cache.nbytes, "expert slots")
+            self.backend.alloc(extra * self.cache.slot_bytes, "expert slots")
             if self.backend.name == "cuda":
                 torch.cuda.empty_cache()  # the draft's blocks back to the driver before growing
             self.cache.grow(extra)
         host = self.tiers.host
         if host is not None and self.plan.disk_tier and self.plan.host_draft_bytes:
             # the draft's experts in host RAM go too: RAM holds that many more experts
-            more = min(self.plan.total_experts - host.slots, self.plan.host_draft_bytes // host.nbytes)
+            more = min(self.plan.total_experts - host.slots, self.plan.host_draft_bytes // host.slot_bytes)
             host.grow(int(more))
         for key in fill:
             self.cache.load(key, prefetch=True)

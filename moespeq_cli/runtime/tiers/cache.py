@@ -102,6 +102,7 @@ class ExpertCache:
         self.device = device or torch.device("cpu")
         self.max_in_flight = max_in_flight
         self.nbytes = layout.nbytes
+        self.slot_bytes = layout.stride or layout.nbytes  # what one slot takes in memory
         self.blocks: list[torch.Tensor] = []  # one per allocation: [n, numel], or n * stride bytes
         self.buffers: list[torch.Tensor] = []  # slot -> its memory
         self._maps: list = []  # the page-aligned mappings behind strided blocks

@@ -92,6 +92,12 @@ class Placement:
     extents: list[Extent]
 
 
+def ram_slot_bytes(expert_bytes: int) -> int:
+    """The RAM one expert's slot takes: whole pages that hold the aligned blocks around it,
+    wherever it starts in its file (at most one page more than the expert, rounded up)."""
+    return -(-expert_bytes // BLOCK) * BLOCK + BLOCK
+
+
 def writable(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (for ``os.preadv``)."""
     n = t.numel() * t.element_size()
@@ -138,6 +144,9 @@ class DiskReader:
         self.lock = threading.Lock()
         self.direct: bool | None = None  # known after the first open: True, or False (fallback)
         self.bytes_read = 0
+        self.busy_s = 0.0  # time with at least one read in flight
+        self._active = 0
+        self._busy_since = 0.0
         self._inflight: set[Future] = set()
 
     # -- files --------------------------------------------------------------------
@@ -188,7 +197,7 @@ class DiskReader:
             time.sleep(self.delay_s)
         span, need = placement.span, placement.shift + sum(e.length for e in placement.extents)
         fd, direct = self._fd(span.file)
-        got = self._pread(fd, writable(dest[: span.length]), span.offset)
+        got = self._pread(fd, writable(dest[: span.length]), span.offset, direct)
         if got < need:
             raise CheckpointError(f"{span.file} ended early (expected {need} bytes at {span.offset}); it is truncated")
         if not direct and hasattr(os, "posix_fadvise"):
@@ -205,7 +214,7 @@ class DiskReader:
             want = min(e.length - done, self.bounce_bytes - 2 * BLOCK)
             lo = start - start % BLOCK if direct else start
             hi = -(-(start + want) // BLOCK) * BLOCK if direct else start + want
-            got = self._pread(fd, bounce[: hi - lo], lo)
+            got = self._pread(fd, bounce[: hi - lo], lo, direct)
             usable = min(got - (start - lo), want)
             if usable <= 0:
                 raise CheckpointError(
@@ -221,14 +230,18 @@ class DiskReader:
             self.bytes_read += e.length
 
     @staticmethod
-    def _pread(fd: int, buf: memoryview, offset: int) -> int:
-        """Fill ``buf`` from ``offset``; fewer bytes only at the end of the file."""
+    def _pread(fd: int, buf: memoryview, offset: int, direct: bool = False) -> int:
+        """Fill ``buf`` from ``offset``; fewer bytes only at the end of the file. A short
+        direct read is the end of the file too (retrying would read at an unaligned offset,
+        which some file systems refuse)."""
         total = 0
         while total < len(buf):
             n = os.preadv(fd, [buf[total:]], offset + total)
             if n == 0:
                 break
             total += n
+            if direct and total < len(buf):
+                break
         return total
 
     def submit(
@@ -260,10 +273,26 @@ class DiskReader:
 
     def read(self, what: list[Extent] | Placement, dest: torch.Tensor) -> None:
         """Read ``what`` into ``dest`` now, on the calling thread."""
-        if isinstance(what, Placement):
-            self.read_placed(what, dest.view(torch.uint8).reshape(-1))
-        else:
-            self.read_into(what, dest)
+        with self.lock:  # the disk is busy while any read is in flight: their union is timed
+            if not self._active:
+                self._busy_since = time.perf_counter()
+            self._active += 1
+        try:
+            if isinstance(what, Placement):
+                self.read_placed(what, dest.view(torch.uint8).reshape(-1))
+            else:
+                self.read_into(what, dest)
+        finally:
+            with self.lock:
+                self._active -= 1
+                if not self._active:
+                    self.busy_s += time.perf_counter() - self._busy_since
+
+    def bandwidth(self) -> float | None:
+        """Bytes per second while any read was in flight, over every read so far (None
+        before the first has finished): what the disk gives at this reader's queue depth."""
+        with self.lock:
+            return self.bytes_read / self.busy_s if self.busy_s > 0 and self.bytes_read else None
 
     def _landed(self, future: Future) -> None:
         with self.lock:
@@ -354,9 +383,8 @@ class DiskExperts:
                 self.placements[key] = Placement(Extent(e.file, lo, hi - lo), e.offset - lo, ext)
             else:
                 self.placements[key] = Placement(None, 0, ext)
-        # a RAM slot holds any expert's placement, in whole pages
-        widest = max(p.span.length if p.span else self.nbytes for p in self.placements.values())
-        self.slot_bytes = -(-widest // BLOCK) * BLOCK
+        self.slot_bytes = ram_slot_bytes(self.nbytes)
+        assert all((p.span.length if p.span else self.nbytes) <= self.slot_bytes for p in self.placements.values())
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A packed expert buffer -> (gate [I, H], up [I, H], down [H, I]) views."""

@@ -11,9 +11,9 @@ Each tier is an ``ExpertCache`` of the one below (DESIGN.md §9):
 
 On the cpu backend there is no device: host RAM is the compute tier (``compute`` is the
 RAM cache, filled by reads, and ``host`` is None). Either way the executor computes from
-``compute`` and the scheduler prefetches into it; ``stage`` reads an expert into RAM ahead
-of its copy, so the ELB's lookahead drives reads further ahead than copies (a copy
-cannot start before its read has landed).
+``compute`` and the scheduler prefetches into it; it also reads experts into ``host`` ahead
+of their copies (``staged`` says when one has landed), so the ELB's lookahead drives reads
+further ahead than copies (a copy cannot start before its read has landed).
 """
 
 from __future__ import annotations
@@ -73,11 +73,6 @@ class ExpertTiers:
         return ev
 
     # -- the host tier's side -------------------------------------------------
-    def stage(self, key: Key) -> None:
-        """Read an expert into RAM ahead of its copy (nothing to do on two tiers)."""
-        if self.host is not None and not self.host.resident(key):
-            self.host.load(key, prefetch=True)
-
     def staged(self, key: Key) -> bool:
         """The expert's bytes are in RAM, ready to be copied (always, on two tiers)."""
         return self.host is None or self.host.ready(key)
