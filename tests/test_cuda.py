@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from offload_helpers import run_engine
+from offload_helpers import run_engine, vram_for_slots
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,3 +58,20 @@ def test_cuda_host_experts(tiny, policy):
     if policy == "hybrid":
         assert eng.last_stats.cpu_expert_share > 0
         assert any(iv.stream == "host" for iv in eng.backend.timeline.intervals)
+
+
+@pytest.mark.parametrize("policy", ["lru", "gate-prefetch", "hybrid", "moespeq"])
+def test_cuda_three_tiers(tiny, policy):
+    """disk -> RAM -> device on a real GPU: a few RAM slots, fewer device slots; reads on
+    I/O threads, copies chained after them; the CPU reference's tokens, and the host tier
+    registered with CUDA at its exact size."""
+    from test_disk_offload import disk_run, ram_for
+
+    path, _ = tiny("mixtral", "top3")
+    prompt = list(range(3, 20))
+    expected, _ = run_engine(path, prompt, 16, backend="cpu")
+    vram = vram_for_slots(path, 3, len(prompt) + 16) + (10**6 if policy == "moespeq" else 0)
+    got, eng = disk_run(path, prompt, 16, policy, ram_for(path, 5), backend="cuda", vram=vram, hardware="h100-pcie")
+    assert got == expected
+    assert eng.plan.disk_tier and eng.last_stats.bytes_read > 0
+    assert any(iv.kind == "read" for iv in eng.backend.timeline.intervals)
