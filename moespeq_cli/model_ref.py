@@ -18,6 +18,14 @@ CONFIGS_DIR = Path(__file__).parent / "assets" / "configs"  # each alias's confi
 # a few slots, so that most experts stay in host memory and the run shows offloading.
 DEMO_VRAM = "24MiB"
 
+
+def default_vram(name: str, vram: str | None, hardware: str | None, backend: str | None) -> str | None:
+    """``--vram`` as given, or the demo's own budget when the demo runs on a (real or
+    simulated) device with neither --vram nor --hardware spelled out."""
+    if name == DEMO and vram is None and hardware is None and backend != "cpu":
+        return DEMO_VRAM
+    return vram
+
 # alias -> (hub id, approximate bf16 download size in GB)
 ALIASES: dict[str, tuple[str, float]] = {
     "mixtral": ("mistralai/Mixtral-8x7B-Instruct-v0.1", 93.4),

@@ -69,7 +69,7 @@ def bench(
     import json
 
     from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT, encode_prompt, read_prompt
-    from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
+    from moespeq_cli.model_ref import DEMO, default_vram, resolve
     from moespeq_cli.runtime.scheduling.policies import POLICIES
 
     if policies is None:
@@ -88,8 +88,7 @@ def bench(
             raise UsageError(f"--spec-depths {spec_depths!r}: {d!r} is not auto or a number from 0 to 64")
     name, path = resolve(model)
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
-    if name == DEMO and vram is None and hardware is None:
-        vram = DEMO_VRAM
+    vram = default_vram(name, vram, hardware, backend)
 
     from moespeq_cli.runtime.bench import bench as run_bench
     from moespeq_cli.runtime.engine import Engine, EngineOptions

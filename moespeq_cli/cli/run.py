@@ -197,12 +197,10 @@ def prepare(model, prompt, prompt_file, max_new_tokens, chat=None, offload_for: 
     is read), and load: shared by run and profile. ``offload_for``: what needs an
     offloading run (``--trace``, ``profile``), refused before loading when the run would be
     the plain cpu reference."""
-    from moespeq_cli.model_ref import DEMO, DEMO_VRAM, resolve
+    from moespeq_cli.model_ref import DEMO, default_vram, resolve
 
     name, path = resolve(model)
-    if name == DEMO and options.get("vram") is None and options.get("hardware") is None:
-        if options.get("backend") != "cpu":
-            options["vram"] = DEMO_VRAM
+    options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
 
     from moespeq_cli.runtime.engine import Engine, EngineOptions
