@@ -68,7 +68,7 @@ c=$(moespeq run --backend mock -n 16 --policy hybrid --json | python3 -c "import
 test "$c" = "$b"
 
 echo "-- plan, offline, from a bundled config"
-moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4 --json >"$tmp/plan.json"
+moespeq plan mixtral --vram 12GB --ram 96GB --hardware desktop-3060-ddr4 --json >"$tmp/plan.json"
 python3 - "$tmp/plan.json" <<'PY'
 import json, sys
 out = json.load(open(sys.argv[1]))
@@ -78,7 +78,7 @@ for name, r in rows.items():
     if r["fits"]:
         print(f"   {name:17} {r['estimate']['tokens_per_s']:6.2f} tok/s (modelled), {r['plan']['slots']} slots")
 PY
-moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4 >"$tmp/plan.txt"
+moespeq plan mixtral --vram 12GB --ram 96GB --hardware desktop-3060-ddr4 >"$tmp/plan.txt"
 grep -q "tok/s" "$tmp/plan.txt"
 
 echo "-- quantize (into a temporary copy of the demo model)"

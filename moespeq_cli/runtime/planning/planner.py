@@ -202,6 +202,7 @@ def make_plan(
     where = "--ram" if on_host else "--vram"
     draft, note = 0, None
     total_draft = draft_device = 0
+    cpu_draft_off = False  # the draft dropped because its host part does not fit in RAM
     if policy == "moespeq" and with_draft:
         total_draft = draft = draft_bytes_estimate(cfg, blocksize)
         draft_device = total
@@ -220,6 +221,15 @@ def make_plan(
                 f"speculation is off (k = 0, gate-prefetch decoding); raise {where} to enable it"
             )
             draft = draft_device = 0
+        host_part = total_draft - draft if (draft or cpu_experts) else 0
+        if ram is not None and not on_host and host_part and host_part + cfg.top_k * ram_slot > ram:
+            note = (
+                f"the 4-bit draft's experts kept in RAM ({format_size(host_part)}) do not fit in --ram "
+                f"{format_size(ram)} beside {cfg.top_k} experts: speculation is off (k = 0, gate-prefetch decoding); "
+                "raise --ram or --vram to enable it"
+            )
+            draft = draft_device = 0
+            cpu_draft_off = True
     fixed += draft
     free = budget - fixed
     need_min = fixed + cfg.top_k * slot
@@ -243,7 +253,7 @@ def make_plan(
         )
     if policy == "ondemand":
         slots = min(slots, cfg.top_k)  # staging buffers only: ondemand keeps nothing
-    has_draft = policy == "moespeq" and with_draft and (draft > 0 or cpu_experts)
+    has_draft = policy == "moespeq" and with_draft and (draft > 0 or cpu_experts) and not cpu_draft_off
     host_draft = 0 if on_host else (total_draft - draft if has_draft else 0)
     if on_host:
         host_slots = int(slots)
