@@ -26,6 +26,7 @@ def default_vram(name: str, vram: str | None, hardware: str | None, backend: str
         return DEMO_VRAM
     return vram
 
+
 # alias -> (hub id, approximate bf16 download size in GB)
 ALIASES: dict[str, tuple[str, float]] = {
     "mixtral": ("mistralai/Mixtral-8x7B-Instruct-v0.1", 93.4),

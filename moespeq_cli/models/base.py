@@ -181,10 +181,12 @@ class SparseMoE(nn.Module):
         self.experts: ExpertExecutor | None = None
         self.observer: Callable | None = None
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def router_logits(self, x: torch.Tensor, hooked: bool = True) -> torch.Tensor:
+        """``hooked``: through the gate module (its forward hooks fire); False: the same
+        product without them (gate-prefetch applies a later layer's router early)."""
         if self.gate_fp32:
             return F.linear(x.float(), self.gate.weight.float())
-        return self.gate(x)
+        return self.gate(x) if hooked else F.linear(x, self.gate.weight, self.gate.bias)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         return None

@@ -146,16 +146,31 @@ class QuantizedExperts:
             raise RuntimeError("forward_reference needs the standard layout, and this expert is packed")
         return expert_mlp(x, *self.weights(layer, expert))
 
+    def path(self, key: tuple[int, int], device_type: str) -> str:
+        """The kernel expert ``key`` runs on a device of ``device_type``: "packed"
+        (bitsandbytes' CPU kernel), "cuda" (``matmul_4bit``) or "reference" (dequantize,
+        then a dense matmul). ``forward`` dispatches on it, and the mock prices it."""
+        if device_type == "cuda":
+            return "cuda"
+        return "packed" if key in self.cpu_packed else "reference"
+
+    def bytes_per_weight(self, path: str) -> float:
+        """What the kernel streams per weight: the 4-bit codes and a scale per block, and
+        on the reference path the dequantized bf16 weights written and read back."""
+        q = 0.5 + 4 / self.blocksize
+        return q + 2 * 2 if path == "reference" else q
+
     def forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, H] -> [n, H] on the fastest path for the expert's device."""
         key = (layer, expert)
-        if key in self.cpu_packed:
+        path = self.path(key, x.device.type)
+        if path == "packed":
             F = _bnb()
             (gp, gs), (up, us), (dp, ds) = self.q[key]
             xb = x.to(torch.bfloat16)
             h = torch.nn.functional.silu(F.gemv_4bit(xb, gp, state=gs)) * F.gemv_4bit(xb, up, state=us)
             return F.gemv_4bit(h, dp, state=ds).to(x.dtype)
-        if x.device.type == "cuda":
+        if path == "cuda":
             import bitsandbytes as bnb
 
             (gp, gs), (up, us), (dp, ds) = self.q[key]

@@ -77,6 +77,11 @@ class Engine:
         self.budget: int | None = None
         if not cpu:
             self.hw = load_profile(DEFAULT_HARDWARE if opts.hardware is None else opts.hardware)
+            if self.hw.kind == "cpu" and (opts.vram is not None or self.backend_name == "cuda"):
+                raise UsageError(
+                    f"hardware profile {self.hw.name} describes a CPU (kind: cpu): it simulates --backend cpu on the "
+                    "mock, where --ram is the budget; drop --vram (and --backend cuda)"
+                )
             self.budget = parse_size(opts.vram, "--vram") if opts.vram is not None else self.hw.usable_memory
         elif opts.vram is not None or opts.hardware is not None:
             raise UsageError("--vram and --hardware apply to the mock and cuda backends, not --backend cpu (use --ram)")
@@ -107,6 +112,10 @@ class Engine:
             if opts.dtype
             else (torch.float32 if cpu or self.backend_name == "mock" else self.storage_dtype)
         )
+        # the device the run computes on, really or simulated: a GPU, or this CPU (the cpu
+        # backend; the mock with a cpu profile, which simulates it), and what it computes in
+        self.device_type = "cpu" if cpu or (self.hw is not None and self.hw.kind == "cpu") else "cuda"
+        self.device_dtype = self.dtype if self.device_type == "cpu" else self.storage_dtype
         self.plan: Plan | None = None
         self.backend = None
         self.tiers = None
@@ -154,13 +163,16 @@ class Engine:
             with_draft=self.opts.draft != "none",
             max_slots=self.opts.max_slots,
         )
-        if self.backend_name == "cpu":
+        if self.device_type == "cpu":
             fixed = checkpoint_plan(self.ckpt, context, dtype=self.dtype)  # unbounded: the sizes
             ram, source = self.ram, None
             if ram is None:
                 ram, source = default_ram(fixed.non_expert_bytes + fixed.kv_cache_bytes + fixed.workspace_bytes)
-            if ram is None or ram >= fixed.total_experts * fixed.ram_slot_bytes:
+            everything = fixed.total_experts * fixed.ram_slot_bytes
+            if self.backend_name == "cpu" and (ram is None or ram >= everything):
                 return None  # every expert fits (page by page, as RAM slots hold them): the plain reference
+            if ram is None:
+                ram = everything
             if self.policy.name == "hybrid":
                 raise UsageError(
                     "--policy hybrid computes experts on the CPU beside a GPU; with --backend cpu every expert already "
@@ -219,7 +231,8 @@ class Engine:
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         self.tiers = tiers = ExpertTiers(self.ckpt, plan, backend)
         self.cache = tiers.compute
-        self.target_exec = OffloadedExperts(self.model, tiers, backend, self.policy)
+        self.target_exec = OffloadedExperts(self.model, tiers, backend, self.policy, self.device_dtype, self.dtype)
+
         self.model.set_experts(self.target_exec)
         if self.policy.preload:
             tiers.preload()
@@ -240,8 +253,9 @@ class Engine:
                 self.opts.k_max,
                 self.opts.max_slots,
                 torch.empty(0, dtype=self.storage_dtype).element_size(),
+                self.device_type,
             )
-        self.hooks = instrument(self.model, backend, self.storage_dtype)
+        self.hooks = instrument(self.model, backend, self.device_dtype)
         backend.reset_clock()
 
     def load_draft(self):

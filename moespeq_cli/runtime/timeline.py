@@ -27,6 +27,7 @@ class Interval:
     expert: int | None = None
     bytes: int = 0
     phase: str = "target"  # "target" or "draft" (the self-draft's passes)
+    ops: int = 0  # aten ops the region launched (counted on the mock)
 
     @property
     def duration(self) -> float:
@@ -83,6 +84,8 @@ class Timeline:
                 args["expert"] = iv.expert
             if iv.bytes:
                 args["bytes"] = iv.bytes
+            if iv.ops:
+                args["ops"] = iv.ops
             events.append(
                 {
                     "ph": "X",

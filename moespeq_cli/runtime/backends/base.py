@@ -201,6 +201,15 @@ class Backend(ABC):
     def host_result(self, job: HostJob) -> torch.Tensor:
         """Make the compute stream wait for a host job; the wait counts as stall."""
 
+    def begin_pass(self) -> None:  # noqa: B027 - only the mock counts what a pass dispatches
+        """A forward pass starts (the mock counts the ops it dispatches)."""
+
+    def end_pass(self) -> None:  # noqa: B027
+        """The forward pass ends (the mock charges the ops no region claimed)."""
+
+    def sync(self, n: int = 1, what: str = "sync") -> None:  # noqa: B027 - real backends really wait
+        """The code reads ``n`` values back from the device here (the mock charges it)."""
+
     def now_event_time(self) -> float:
         """The compute stream's position in ``Event.time`` units."""
         return self.now()

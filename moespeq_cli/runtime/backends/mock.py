@@ -15,6 +15,12 @@ disk_bandwidth``; its bytes are really read (the numerics need them), at once. D
 memory is a counted budget whose slots are real buffers: a copy really copies. Everything
 is deterministic: the same run gives the same timeline. docs/mock-backend.md has the
 formulas and the limits.
+
+What a region costs comes from the code that ran in it (planning/costs.py): during each
+forward pass an ``OpCounter`` counts the aten ops the code dispatches, and each
+``begin``/``end`` region is charged for the ops it launched; the ops no region claims
+(residual adds, norms between blocks, routing, the grouping of tokens by expert) are
+charged at the end of the pass, with the host syncs it made.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from moespeq_cli.runtime.backends.base import Backend, Event, HostJob, as_events
+from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
@@ -39,21 +46,57 @@ class MockBackend(Backend):
         self.t_host = 0.0
         self.t_disk = 0.0
         self.origin = 0.0  # generation starts here; earlier work (preloading) is complete
+        # a GPU computes in its own dtype: the casts of the CPU's float32 numerics are not its work
+        self.counter = OpCounter(skip_casts=hw.kind != "cpu")
+        self._regions: list[list[int]] = []  # open begin/end regions: [ops at begin, ops of nested regions]
+        self._pass: list[int] | None = None  # [ops at the pass's start, syncs at its start, ops regions claimed]
 
     def now(self) -> float:
         return self.t_compute - self.origin
 
+    # -- what the code dispatched -------------------------------------------------
+    def begin_pass(self) -> None:
+        if self._pass is None:
+            self.counter.__enter__()
+            self._pass = [self.counter.ops, self.counter.syncs, 0]
+
+    def end_pass(self) -> None:
+        if self._pass is None:
+            return
+        start_ops, start_syncs, claimed = self._pass
+        self.counter.__exit__(None, None, None)
+        self._pass = None
+        glue = self.counter.ops - start_ops - claimed
+        syncs = self.counter.syncs - start_syncs + 1  # and the sampler reads the logits back
+        start = self.t_compute
+        self.t_compute = start + glue * self.hw.launch_overhead + syncs * self.hw.sync_overhead
+        self._record("compute", "compute", "framework", start, self.t_compute, ops=glue)
+
+    def sync(self, n: int = 1, what: str = "sync") -> None:
+        if n and self.hw.sync_overhead:
+            start = self.t_compute
+            self.t_compute = start + n * self.hw.sync_overhead
+            self._record("compute", "compute", what, start, self.t_compute)
+
     def begin(self) -> float:
+        self._regions.append([self.counter.ops, 0])
         return self.t_compute
 
     def end(self, token, cost: Cost, name: str, layer=None, expert=None, stream: str = "compute") -> None:
+        start_ops, nested = self._regions.pop() if self._regions else (self.counter.ops, 0)
+        counted = self._pass is not None
+        ops = self.counter.ops - start_ops - nested
+        if self._regions:
+            self._regions[-1][1] += ops + nested
+        if self._pass is not None and not self._regions:
+            self._pass[2] += ops + nested
         start = self.t_compute
-        self.t_compute = start + cost.seconds(self.hw)
-        self._record(stream, "compute", name, start, self.t_compute, layer, expert)
+        self.t_compute = start + cost.seconds(self.hw, ops=ops if counted else None)
+        self._record(stream, "compute", name, start, self.t_compute, layer, expert, ops=ops if counted else cost.ops)
 
-    def _record(self, stream, kind, name, start, end, layer=None, expert=None, nbytes=0) -> None:
+    def _record(self, stream, kind, name, start, end, layer=None, expert=None, nbytes=0, ops=0) -> None:
         o = self.origin
-        self.timeline.add(Interval(stream, kind, name, start - o, end - o, layer, expert, nbytes, self.phase))
+        self.timeline.add(Interval(stream, kind, name, start - o, end - o, layer, expert, nbytes, self.phase, ops))
 
     @staticmethod
     def _after(after) -> float:
@@ -69,7 +112,9 @@ class MockBackend(Backend):
     def copy(self, dst, src, nbytes, name, layer, expert, after=None) -> Event:
         start, self.t_copy = self._copy_window(nbytes, after)
         if dst is not None:
+            self.counter.paused += 1  # the simulation's own work: a GPU's copy engine does it
             dst.copy_(src)
+            self.counter.paused -= 1
         self.bytes_h2d += nbytes
         self._record("copy", "copy", name, start, self.t_copy, layer, expert, nbytes)
         return Event(self.t_copy)
@@ -85,15 +130,22 @@ class MockBackend(Backend):
 
     def read(self, dst, what, nbytes, name, layer, expert, after=None) -> Event:
         start, self.t_disk = self._read_window(nbytes, after)
-        self.reader.read(what, dst)
+        self.counter.paused += 1
+        try:
+            self.reader.read(what, dst)
+        finally:
+            self.counter.paused -= 1
         self.bytes_read += nbytes
         self._record("disk", "read", name, start, self.t_disk, layer, expert, nbytes)
         return Event(self.t_disk)
 
-    def _host_window(self, cost: Cost, act_bytes: int, after=None) -> tuple[float, float, float]:
-        """(CPU starts, CPU done, output back on the device)."""
+    def _host_window(self, cost: Cost, act_bytes: int, after=None, ops=None) -> tuple[float, float, float]:
+        """(CPU starts, CPU done, output back on the device). While the copy stream runs,
+        the copies read host memory too: the CPU gets what the link leaves of it."""
         start = max(self.t_host, self.t_compute + transfer_seconds(act_bytes, self.hw), self._after(after))
-        done = start + cost.host_seconds(self.hw)
+        shared = self.hw.host_mem_bandwidth - self.hw.link_bandwidth if self.t_copy > start else None
+        bandwidth = max(shared, 0.1 * self.hw.host_mem_bandwidth) if shared is not None else None
+        done = start + cost.host_seconds(self.hw, ops=ops, bandwidth=bandwidth)
         return start, done, done + transfer_seconds(act_bytes, self.hw)
 
     def host_eta(self, cost: Cost, act_bytes: int) -> float:
@@ -102,9 +154,17 @@ class MockBackend(Backend):
     def host_compute(
         self, x, fn, cost: Cost, act_bytes: int, name: str, layer=None, expert=None, after=None
     ) -> HostJob:
-        start, self.t_host, back = self._host_window(cost, act_bytes, after)
-        self._record("host", "compute", name, start, self.t_host, layer, expert)
-        return HostJob(Event(back), fn(x), layer=layer, expert=expert)
+        before = self.counter.ops
+        out = fn(x)  # on the CPU: its ops are host dispatches, not device launches
+        ops = self.counter.ops - before if self._pass is not None else None
+        if ops is not None:
+            if self._regions:
+                self._regions[-1][1] += ops
+            else:
+                self._pass[2] += ops
+        start, self.t_host, back = self._host_window(cost, act_bytes, after, ops)
+        self._record("host", "compute", name, start, self.t_host, layer, expert, ops=ops or 0)
+        return HostJob(Event(back), out, layer=layer, expert=expert)
 
     def host_result(self, job: HostJob):
         self.wait(job.event, job.layer, job.expert, what="wait CPU")

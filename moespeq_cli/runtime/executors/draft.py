@@ -19,22 +19,36 @@ class DraftExperts:
     device-resident ones meanwhile)."""
 
     def __init__(
-        self, quant: QuantizedExperts, backend: Backend | None, on_device: set | None = None, act_elem: int = 2
+        self,
+        quant: QuantizedExperts,
+        backend: Backend | None,
+        on_device: set | None = None,
+        act_elem: int = 2,
+        device_type: str = "cpu",
     ):
+        """``device_type``: what the (real or simulated) device is ("cuda", "cpu"): which
+        kernel its experts run on, and so what they cost (``cost``)."""
         self.quant, self.backend, self.on_device, self.act_elem = quant, backend, on_device, act_elem
+        self.device_type = device_type
         quant.pack_cpu()  # the experts the CPU computes: onto bitsandbytes' packed kernel, once
-        self.elem = quant.bytes_per_expert / (3 * quant.hidden * quant.inter)
+
+    def cost(self, layer: int, e: int, tokens: int, device_type: str):
+        """One expert over ``tokens`` tokens, priced as the kernel the code runs for it there."""
+        path = self.quant.path((layer, e), device_type)
+        q = self.quant
+        return expert_cost(q.hidden, q.inter, tokens, q.bytes_per_weight(path), f"draft:{path}")
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         b = self.backend
         if b is None:
             return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe))
         groups = token_groups(ids)
+        b.sync(1, "route")  # the routing reaches the host
         jobs = {}
         for e, (rows, _) in groups.items():
             if self.on_device is not None and (layer, e) not in self.on_device:
                 xe = x[rows] if x.shape[0] > 1 else x
-                cost = expert_cost(self.quant.hidden, self.quant.inter, xe.shape[0], self.elem)
+                cost = self.cost(layer, e, xe.shape[0], "cpu")
                 act = xe.shape[0] * self.quant.hidden * self.act_elem
                 jobs[e] = b.host_compute(
                     xe,
@@ -51,13 +65,7 @@ class DraftExperts:
                 return b.host_result(jobs[e])
             token = b.begin()
             y = self.quant.forward(layer, e, xe)
-            b.end(
-                token,
-                expert_cost(self.quant.hidden, self.quant.inter, xe.shape[0], self.elem),
-                f"draft expert L{layer}.E{e}",
-                layer,
-                e,
-            )
+            b.end(token, self.cost(layer, e, xe.shape[0], self.device_type), f"draft expert L{layer}.E{e}", layer, e)
             return y
 
         order = [e for e in groups if e not in jobs] + list(jobs)

@@ -65,10 +65,15 @@ def charges(model: CausalLM, elem: int) -> list[tuple[nn.Module, str, int | None
 
 
 def instrument(model: CausalLM, backend: Backend, dtype: torch.dtype) -> list:
-    """Charge each non-expert module's roofline cost to the backend's compute stream
-    through forward hooks. Attention reads the KV cache's length from its args (the cache
-    advances after the whole forward pass). Returns the hook handles."""
-    handles = []
+    """Charge each non-expert module's cost to the backend's compute stream through
+    forward hooks (``dtype``: what the device computes in). Attention reads the KV cache's
+    length from its args (the cache advances after the whole forward pass). Every forward
+    pass is bracketed too (``begin_pass``/``end_pass``: the mock counts what it dispatched).
+    Returns the hook handles."""
+    handles = [
+        model.register_forward_pre_hook(lambda mod, args: backend.begin_pass()),
+        model.register_forward_hook(lambda mod, args, out: backend.end_pass()),
+    ]
     for module, name, layer, cost, reads_cache in charges(model, elem_size(dtype)):
         state = {}
 

@@ -21,8 +21,10 @@ import torch
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_mlp, grouped, token_groups
+from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import (
     Cost,
+    dtype_name,
     elem_size,
     expert_cost,
     linear_cost,
@@ -33,12 +35,32 @@ from moespeq_cli.runtime.tiers.hierarchy import ExpertTiers
 
 
 class OffloadedExperts:
-    def __init__(self, model: CausalLM, tiers: ExpertTiers, backend: Backend, policy: Policy):
+    def __init__(
+        self,
+        model: CausalLM,
+        tiers: ExpertTiers,
+        backend: Backend,
+        policy: Policy,
+        act_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        """``act_dtype``: what the (real or simulated) device computes the experts in;
+        ``compute_dtype``: what the activations here really are (float32 on the mock)."""
         self.model, self.tiers, self.backend, self.policy = model, tiers, backend, policy
         self.cache = tiers.compute
         c = tiers.config
         self.hidden, self.inter = c.hidden_size, c.expert_intermediate
         self.elem = elem_size(tiers.layout.dtype)
+        # the kernel the code runs for an expert: its weights' dtype, the activations'
+        act_dtype = act_dtype or tiers.layout.dtype
+        self.kernel = f"expert:{dtype_name(tiers.layout.dtype)}:{dtype_name(act_dtype)}"
+        # the ops one expert dispatches, counted on the function itself (a GPU computing in its
+        # own dtype does not run the casts of float32 numerics)
+        w = torch.zeros(2, 2, dtype=tiers.layout.dtype)
+        x = torch.zeros(1, 2, dtype=compute_dtype or act_dtype)
+        with torch.inference_mode(), OpCounter(skip_casts=act_dtype != (compute_dtype or act_dtype)) as c:
+            expert_mlp(x, w, w, w)
+        self.expert_ops = c.ops
         layers = sorted(model.moe_blocks)
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
         self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
@@ -52,6 +74,7 @@ class OffloadedExperts:
         if self.layer_hook is not None:
             self.layer_hook(layer)
         rows = ids.tolist()
+        self.backend.sync(1, "route")  # the routing reaches the host: it decides the copies
         if self.trace is not None:
             self.trace.record(layer, rows)
         groups = token_groups(rows)
@@ -104,9 +127,7 @@ class OffloadedExperts:
             self.backend.wait(cache.arrival[key], layer, e)
             token = self.backend.begin()
             y = expert_mlp(xe, *cache.weights(key))
-            self.backend.end(
-                token, expert_cost(self.hidden, self.inter, xe.shape[0], self.elem), f"expert L{layer}.E{e}", layer, e
-            )
+            self.backend.end(token, self.host_cost(xe.shape[0])[0], f"expert L{layer}.E{e}", layer, e)
             cache.mark_used(key)
             cache.pinned.discard(key)
             if self.policy.issue_ahead and copies_allowed:
@@ -121,7 +142,8 @@ class OffloadedExperts:
     # -- hybrid execution: copy it, or compute it on the CPU ----------------------
     def host_cost(self, tokens: int) -> tuple[Cost, int]:
         """(the expert's cost over ``tokens`` tokens, activation bytes each way)."""
-        return expert_cost(self.hidden, self.inter, tokens, self.elem), tokens * self.hidden * self.elem
+        cost = expert_cost(self.hidden, self.inter, tokens, self.elem, self.kernel, ops=self.expert_ops)
+        return cost, tokens * self.hidden * self.elem
 
     def choose_paths(self, layer: int, waiting: list[int], groups) -> list[int]:
         """For each expert not ready, the path whose output reaches the device first, by the
@@ -191,7 +213,7 @@ class OffloadedExperts:
             return
         block = self.model.moe_blocks[nxt]
         token = self.backend.begin()
-        ids, _ = block.route(block.router_logits(x))
+        ids, _ = block.route(block.router_logits(x, hooked=False))  # charged here, once
         g = block.gate
         self.backend.end(
             token,

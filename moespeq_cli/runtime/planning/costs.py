@@ -1,17 +1,30 @@
-"""Roofline costs of the operations a decode step runs, for the mock backend's clock.
+"""What the operations of a decode step cost, for the mock backend's clock and ``plan``.
 
-An operation that does ``flops`` floating-point work and moves ``bytes`` through device
-memory takes ``max(flops / peak_flops, bytes / mem_bandwidth) + kernels * launch_overhead``
-(DESIGN.md §3). On the host CPU the same operation takes
-``max(flops / host_flops, bytes / host_mem_bandwidth) + kernels * host_op_overhead``, and
-its activations cross the link both ways (``link_latency + bytes / link_bandwidth`` each).
-The same formulas price every policy: nothing here knows which policy runs.
+A *region* of the code (an attention block, a router, one expert, ...) is a sequence of
+kernels. Its time on a device is
+
+    sum over its parts of work(part)  +  max(0, ops - ops the curves cover) * launch_overhead
+
+- ``work(part)``: where the hardware profile has a measured curve for the kernel the code
+  runs for that part (``moespeq calibrate``: seconds by batch size at two weight sizes,
+  e.g. ``expert:bfloat16:float32``, the expert as the executor computes it), the curve at
+  this part's tokens and weight bytes; otherwise the roofline ``max(flops / peak_flops,
+  bytes / mem_bandwidth)`` (DESIGN.md §3). Each part is priced on its own: sequential
+  kernels do not share one roofline.
+- ``ops``: the aten operations the region really dispatched (counted live on the mock,
+  executors/opcount.py), or, where nothing counts them (``plan``), the part's estimate.
+  Each costs a launch (a kernel on a GPU, framework dispatch on a CPU) beyond those a
+  curve already measured.
+
+On the host CPU (hybrid execution) the same work uses the host figures and the host
+curves. Activations cross the link both ways (``link_latency + bytes / link_bandwidth``
+each). The same formulas price every policy: nothing here knows which policy runs.
 docs/mock-backend.md lists what is and is not modelled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -23,26 +36,72 @@ from moespeq_cli.runtime.planning.hardware import HardwareProfile
 class Cost:
     flops: float
     bytes: float
-    kernels: int = 1
+    kernels: int = 1  # ops it launches (an estimate; the mock counts the real ones)
+    kernel: str | None = None  # the kernel the code runs for it, as profiles name curves
+    tokens: int = 1
+    weight_bytes: float = 0.0  # the weights it streams: what a curve scales by
+    parts: tuple = ()  # a sum of sequential kernels, each priced on its own
 
-    def seconds(self, hw: HardwareProfile) -> float:
-        return max(self.flops / hw.peak_flops, self.bytes / hw.mem_bandwidth) + self.kernels * hw.launch_overhead
+    def _parts(self) -> tuple:
+        return self.parts or (self,)
 
-    def host_seconds(self, hw: HardwareProfile) -> float:
-        """The same work on the host CPU, reading the weights from host memory."""
-        return max(self.flops / hw.host_flops, self.bytes / hw.host_mem_bandwidth) + self.kernels * hw.host_op_overhead
+    def _work(self, hw: HardwareProfile, host: bool) -> tuple[float, int]:
+        """(seconds of work, ops the curves that priced it already include)."""
+        seconds, covered = 0.0, 0
+        for p in self._parts():
+            curve = hw.curve(p.kernel, host) if p.kernel else None
+            if curve is not None:
+                seconds += curve.seconds(p.tokens, p.weight_bytes)
+                covered += curve.ops
+            elif host:
+                seconds += max(p.flops / hw.host_flops, p.bytes / hw.host_mem_bandwidth)
+            else:
+                seconds += max(p.flops / hw.peak_flops, p.bytes / hw.mem_bandwidth)
+        return seconds, covered
+
+    @property
+    def ops(self) -> int:
+        return sum(p.kernels for p in self._parts())
+
+    def seconds(self, hw: HardwareProfile, ops: int | None = None) -> float:
+        """On the device; ``ops``: the ops the region really dispatched (else the estimate)."""
+        work, covered = self._work(hw, host=False)
+        return work + max(0, (self.ops if ops is None else ops) - covered) * hw.launch_overhead
+
+    def host_seconds(self, hw: HardwareProfile, ops: int | None = None, bandwidth: float | None = None) -> float:
+        """The same work on the host CPU, reading the weights from host memory (at
+        ``bandwidth`` when copies share it)."""
+        if bandwidth is not None and bandwidth < hw.host_mem_bandwidth:
+            hw = replace(hw, host_mem_bandwidth=bandwidth)
+        work, covered = self._work(hw, host=True)
+        return work + max(0, (self.ops if ops is None else ops) - covered) * hw.host_op_overhead
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.flops + other.flops, self.bytes + other.bytes, self.kernels + other.kernels)
+        parts = self._parts() + other._parts()
+        return Cost(
+            sum(p.flops for p in parts),
+            sum(p.bytes for p in parts),
+            sum(p.kernels for p in parts),
+            parts=parts,
+        )
 
 
 def linear_cost(weight_numel: int, in_f: int, out_f: int, tokens: int, elem: int) -> Cost:
-    return Cost(2.0 * tokens * weight_numel, weight_numel * elem + tokens * (in_f + out_f) * elem)
+    """One ``F.linear`` over ``tokens`` rows, weights and activations of ``elem`` bytes."""
+    kernel = f"linear:{ELEM_DTYPES.get(elem, 'float32')}"
+    return Cost(
+        2.0 * tokens * weight_numel,
+        weight_numel * elem + tokens * (in_f + out_f) * elem,
+        1,
+        kernel,
+        tokens,
+        weight_numel * elem,
+    )
 
 
 def module_cost(module: nn.Module, tokens: int, elem: int, extra_kernels: int = 0) -> Cost:
-    """Sum over the module's Linear layers, plus ``extra_kernels`` small kernels (norms,
-    activations, rotary) that cost a launch each."""
+    """Its Linear layers, each a kernel of its own, plus ``extra_kernels`` small ones
+    (norms, activations, rotary) that cost a launch each."""
     total = Cost(0.0, 0.0, extra_kernels)
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -57,10 +116,26 @@ def attention_core_cost(heads: int, kv_heads: int, dk: int, dv: int, tokens: int
     return Cost(flops, kv_bytes + tokens * heads * (dk + dv) * elem, 2)
 
 
-def expert_cost(hidden: int, inter: int, tokens: int, elem: float) -> Cost:
-    """One routed expert over ``tokens`` tokens: three matmuls, its weights read once."""
+def expert_cost(hidden: int, inter: int, tokens: int, elem: float, kernel: str | None = None, ops: int = 5) -> Cost:
+    """One routed expert over ``tokens`` tokens: three matmuls, its weights read once
+    (``elem`` bytes a weight); ``kernel``: the code path that runs it (a curve's name);
+    ``ops``: what it dispatches (three linears, the activation and the product)."""
     params = 3 * hidden * inter
-    return Cost(2.0 * tokens * params, params * elem + tokens * (2 * hidden + 3 * inter) * elem, 4)
+    return Cost(
+        2.0 * tokens * params,
+        params * elem + tokens * (2 * hidden + 3 * inter) * 2,
+        ops,
+        kernel,
+        tokens,
+        params * elem,
+    )
+
+
+ELEM_DTYPES = {4: "float32", 2: "bfloat16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def elem_size(dtype: torch.dtype) -> int:

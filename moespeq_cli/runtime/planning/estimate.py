@@ -82,6 +82,7 @@ class StepModel:
         self.expert_bytes = cfg.expert_params * self.elem
         self.t_link = transfer_seconds(self.expert_bytes, hw)
         self.read_extra = 0.0  # seconds of disk read per expert missing from the device (``for_plan``)
+        self._ops: dict[int, int | None] = {}  # tokens -> ops a pass dispatches outside the experts
 
     def for_plan(self, plan: Plan) -> StepModel:
         """This model with ``plan``'s disk tier priced in (module docstring)."""
@@ -105,7 +106,23 @@ class StepModel:
         return self.t_link + self.read_extra
 
     def non_expert(self, tokens: int) -> float:
-        return sum(cost(tokens, self.context).seconds(self.hw) for _m, _n, _l, cost, _r in self.table)
+        """A forward pass over ``tokens`` tokens without the routed experts: the work of
+        every charged module, the launches of every op the pass dispatches outside the
+        experts (``pass_ops``) and its host syncs (one per MoE layer and the logits)."""
+        work = sum(cost(tokens, self.context).seconds(self.hw, ops=0) for _m, _n, _l, cost, _r in self.table)
+        syncs = (self.layers + 1) * self.hw.sync_overhead
+        return work + self.pass_ops(tokens) * self.hw.launch_overhead + syncs
+
+    def pass_ops(self, tokens: int) -> int:
+        """The ops a forward pass over ``tokens`` tokens dispatches besides the experts'
+        own, counted by running the model on the meta device (no weights) with a stand-in
+        executor that groups tokens by expert as the real one does (token t takes experts
+        t K .. t K + K - 1, modulo E); the charges' estimates where the meta run fails."""
+        if tokens not in self._ops:
+            self._ops[tokens] = count_pass_ops(self.model, self.cfg, tokens)
+            if self._ops[tokens] is None:
+                self._ops[tokens] = sum(cost(tokens, self.context).ops for _m, _n, _l, cost, _r in self.table)
+        return self._ops[tokens]
 
     def expert_cost(self, tokens: float, elem: float):
         return expert_cost(self.cfg.hidden_size, self.cfg.expert_intermediate, max(1, round(tokens)), elem)
@@ -202,3 +219,38 @@ def plan_moespeq(
         )
         return with_draft, plain
     return with_draft, spec
+
+
+def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int) -> int | None:
+    """``StepModel.pass_ops``: None when the model cannot run on the meta device."""
+    from moespeq_cli.runtime.executors.experts import grouped
+    from moespeq_cli.runtime.executors.opcount import OpCounter
+
+    counter = OpCounter(skip_casts=True)
+    K, E = cfg.top_k, cfg.num_experts
+
+    def experts(layer, x, ids, weights):
+        rows = [[(t * K + j) % E for j in range(K)] for t in range(x.shape[0])]
+
+        def run(e, xe):
+            counter.paused += 1  # the expert's own ops are priced with the expert
+            out = torch.zeros_like(xe)
+            counter.paused -= 1
+            return out
+
+        return grouped(x, rows, weights, run)
+
+    saved = {i: b.experts for i, b in model.moe_blocks.items()}
+    model.set_experts(experts)
+    try:
+        cache = model.new_cache()
+        model(torch.zeros(1, dtype=torch.long, device="meta"), cache)  # a decode step finds its KV cache made
+        with counter:
+            model(torch.zeros(tokens, dtype=torch.long, device="meta"), cache)
+
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+    finally:
+        for i, b in model.moe_blocks.items():
+            b.experts = saved[i]
+    return counter.ops

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from moespeq_cli.errors import UsageError
@@ -62,6 +62,37 @@ def format_size(n: float) -> str:
 
 
 @dataclass(frozen=True)
+class KernelCurve:
+    """Measured seconds of one kernel (as the code runs it) by batch size, at two weight
+    sizes; ``ops``: the aten ops one call dispatches (their overhead is in the seconds)."""
+
+    tokens: tuple[int, ...]  # ascending batch sizes measured
+    sizes: tuple[float, float]  # weight bytes of the two shapes measured
+    seconds: tuple[tuple[float, ...], tuple[float, ...]]  # per size, per batch size
+    ops: int = 1
+
+    def _at(self, row: tuple[float, ...], t: float) -> float:
+        ts = self.tokens
+        if t <= ts[0]:
+            return row[0]
+        for i in range(1, len(ts)):
+            if t <= ts[i]:
+                return row[i - 1] + (row[i] - row[i - 1]) * (t - ts[i - 1]) / (ts[i] - ts[i - 1])
+        if len(ts) == 1:
+            return row[0] * t / ts[0]
+        slope = (row[-1] - row[-2]) / (ts[-1] - ts[-2])
+        return row[-1] + max(0.0, slope) * (t - ts[-1])
+
+    def seconds(self, tokens: float, weight_bytes: float) -> float:
+        """Piecewise linear in the batch size, linear in the weight bytes (the intercept is
+        the per-call overhead), never below a microsecond's tenth."""
+        (b1, b2), (r1, r2) = self.sizes, self.seconds
+        t1, t2 = self._at(r1, tokens), self._at(r2, tokens)
+        t = t1 + (t2 - t1) * (weight_bytes - b1) / (b2 - b1)
+        return max(t, 1e-7)
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     description: str
@@ -78,10 +109,30 @@ class HardwareProfile:
     source: str = ""
     disk_bandwidth: float | None = None  # B/s, reads of the checkpoint's files (the disk tier); optional
     disk_latency: float | None = None  # s per read request; optional
+    kind: str = "gpu"  # "cpu": the device is this CPU (RAM the compute tier, the disk the link)
+    sync_overhead: float = 0.0  # s per host-device synchronisation (reading a value back)
+    disk_queue_bandwidth: tuple[float, ...] | None = None  # B/s with 1, 2, ... reads in flight
+    kernels: dict = field(default_factory=dict)  # kernel name -> KernelCurve, on the device
+    host_kernels: dict = field(default_factory=dict)  # ... on the host CPU
 
     @property
     def usable_memory(self) -> int:
         return self.device_memory - self.reserved_memory
+
+    def curve(self, kernel: str, host: bool = False) -> KernelCurve | None:
+        """The measured curve of ``kernel`` on the device (or the host); a cpu profile's
+        device is its host."""
+        table = self.host_kernels if host and self.kind != "cpu" else self.kernels
+        return table.get(kernel)
+
+    def disk_channel_bandwidth(self, in_flight: int) -> float:
+        """Bytes per second one read gets with ``in_flight`` reads running (the disk shared
+        among them); the profile's single figure where it has no queue curve."""
+        q = self.disk_queue_bandwidth
+        if not q:
+            return self.disk_bandwidth / max(1, in_flight)
+        total = q[min(in_flight, len(q)) - 1]
+        return total / in_flight
 
 
 _SIZES = {"device_memory", "reserved_memory"}
@@ -100,9 +151,22 @@ _RANGES = {
     "host_op_overhead": (1e-9, 1.0),
     "disk_bandwidth": (1e6, 1e13),  # B/s: 1 MB/s .. 10 TB/s
     "disk_latency": (1e-7, 1.0),  # s
+    "sync_overhead": (0.0, 1.0),  # s
 }
 _TEXT = {"name", "description"}
-_OPTIONAL = {"disk_bandwidth", "disk_latency"}  # a profile without them cannot price a disk tier
+# optional: a profile without disk figures cannot price a disk tier; no kernel curves: rooflines
+_OPTIONAL = {
+    "disk_bandwidth",
+    "disk_latency",
+    "kind",
+    "sync_overhead",
+    "disk_queue_bandwidth",
+    "kernels",
+    "host_kernels",
+}
+_STRUCTURED = {"kind", "disk_queue_bandwidth", "kernels", "host_kernels"}
+KINDS = ("gpu", "cpu")
+MAX_CURVES = 64
 
 
 def profiles_dir() -> Path:
@@ -186,6 +250,9 @@ def parse_profile(path: Path) -> HardwareProfile:
         if f not in data or data[f] is None:
             raise UsageError(f"hardware profile {path}: field {f!r} is missing")
         v = data[f]
+        if f in _STRUCTURED:
+            values[f] = _structured(path, f, v)
+            continue
         if f in _TEXT:
             if (
                 not isinstance(v, str | int | float)
@@ -213,3 +280,60 @@ def parse_profile(path: Path) -> HardwareProfile:
     if values["reserved_memory"] >= values["device_memory"]:
         raise UsageError(f"hardware profile {path}: reserved_memory must be below device_memory")
     return HardwareProfile(**values)
+
+
+def _number(path, what: str, v, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+        raise UsageError(f"hardware profile {path}: {what} must be a number from {lo:g} to {hi:g}, got {str(v)[:40]!r}")
+    return float(v)
+
+
+def _structured(path, f: str, v):
+    """``kind``, the disk's queue curve and the kernel curves, checked field by field (a
+    profile is untrusted input: no shape, length or value may surprise the clock)."""
+    if f == "kind":
+        if v not in KINDS:
+            raise UsageError(f"hardware profile {path}: kind must be one of {', '.join(KINDS)}, got {str(v)[:40]!r}")
+        return v
+    if f == "disk_queue_bandwidth":
+        if not isinstance(v, list) or not 1 <= len(v) <= 64:
+            raise UsageError(f"hardware profile {path}: disk_queue_bandwidth must be a list of 1 to 64 numbers (B/s)")
+        return tuple(_number(path, "disk_queue_bandwidth", x, 1e6, 1e13) for x in v)
+    if not isinstance(v, dict) or len(v) > MAX_CURVES:
+        raise UsageError(f"hardware profile {path}: {f} must be a mapping of at most {MAX_CURVES} kernel curves")
+    curves = {}
+    for name, c in v.items():
+        where = f"{f}.{str(name)[:40]}"
+        if not isinstance(name, str) or not 0 < len(name) <= 64 or not name.isprintable():
+            raise UsageError(f"hardware profile {path}: {f} has a kernel name that is not a short line of text")
+        if (
+            not isinstance(c, dict)
+            or set(c) - {"tokens", "sizes", "seconds", "ops"}
+            or not {"tokens", "sizes", "seconds"} <= set(c)
+        ):
+            raise UsageError(f"hardware profile {path}: {where} must have tokens, sizes, seconds (and ops)")
+        tokens, sizes, seconds = c["tokens"], c["sizes"], c["seconds"]
+        if (
+            not isinstance(tokens, list)
+            or not 1 <= len(tokens) <= 64
+            or any(isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 4096 for t in tokens)
+            or tokens != sorted(set(tokens))
+        ):
+            raise UsageError(f"hardware profile {path}: {where}.tokens must be ascending batch sizes from 1 to 4096")
+        if not isinstance(sizes, list) or len(sizes) != 2:
+            raise UsageError(f"hardware profile {path}: {where}.sizes must be two weight sizes in bytes")
+        b1, b2 = (_number(path, f"{where}.sizes", b, 1.0, 2.0**50) for b in sizes)
+        if not b1 < b2:
+            raise UsageError(f"hardware profile {path}: {where}.sizes must be ascending")
+        if (
+            not isinstance(seconds, list)
+            or len(seconds) != 2
+            or any(not isinstance(r, list) or len(r) != len(tokens) for r in seconds)
+        ):
+            raise UsageError(f"hardware profile {path}: {where}.seconds must be two rows of one time per batch size")
+        rows = tuple(tuple(_number(path, f"{where}.seconds", x, 1e-9, 100.0) for x in r) for r in seconds)
+        ops = c.get("ops", 1)
+        if isinstance(ops, bool) or not isinstance(ops, int) or not 0 <= ops <= 10_000:
+            raise UsageError(f"hardware profile {path}: {where}.ops must be a whole number of ops")
+        curves[name] = KernelCurve(tuple(tokens), (b1, b2), rows, ops)
+    return curves

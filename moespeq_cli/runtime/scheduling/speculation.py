@@ -35,6 +35,7 @@ class Speculation:
         k_max: int,
         max_slots: int | None,
         act_elem: int,
+        device_type: str = "cpu",
     ):
         """``quant``: the draft's QuantizedExperts (None: no draft, k = 0 only)."""
         self.plan, self.backend, self.tiers, self.target = plan, backend, tiers, target
@@ -48,7 +49,9 @@ class Speculation:
             on_device = spread(plan.draft_device_experts, list(c.moe_layers), c.num_experts)
             self.draft_bytes = quant.bytes_per_expert * len(on_device)
             backend.alloc(self.draft_bytes, "4-bit draft experts")
-            self.draft = DraftExperts(quant.to(backend.device, on_device), backend, set(on_device), act_elem)
+            self.draft = DraftExperts(
+                quant.to(backend.device, on_device), backend, set(on_device), act_elem, device_type
+            )
         t_host = None
         if target.policy.host_compute:
 

@@ -1,0 +1,80 @@
+"""Counting the operations the code really dispatches.
+
+The mock backend prices every region of a forward pass by the ops it launched, not by a
+hand-kept constant per module (DESIGN.md §9: a simulator prices the code that runs). An
+``OpCounter`` is a dispatch mode: every aten op the Python code calls passes through it
+and is counted as
+
+- a **launch** (a kernel on a GPU, a framework dispatch on a CPU), unless
+- it is a **view**: its schema aliases its input (``view``, ``slice``, ``select``, ``t``,
+  ...) and its result shares its input's memory, so it launches nothing (counted apart);
+  an aliasing op that did copy (``to`` that converted, ``reshape`` of a non-contiguous
+  tensor) is a launch;
+- and, when it brings a value back to the host (``item``), also a **sync**.
+
+The counter sees the ops the Python code calls (``aten.linear``, not the ``addmm`` inside
+it): one launch each, which is what an eager GPU run launches per call site too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNC_OPS = {"aten.item.default", "aten._local_scalar_dense.default"}
+
+
+CAST_OPS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.other"}
+
+
+class OpCounter(TorchDispatchMode):
+    """``skip_casts``: dtype conversions are not counted (the mock computes a bf16 GPU's
+    work in float32 on the CPU: its casts would not run on the GPU). While ``paused`` (the
+    mock's own bookkeeping: its copies, its reads) ops are counted apart as ``internal``."""
+
+    def __init__(self, skip_casts: bool = False):
+        super().__init__()
+        self.skip_casts = skip_casts
+        self.ops = 0
+        self.views = 0
+        self.syncs = 0
+        self.casts = 0
+        self.internal = 0
+        self.paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if self.paused:
+            self.internal += 1
+        elif func.is_view and _shares_memory(out, args):
+            self.views += 1
+        elif self.skip_casts and name in CAST_OPS and _changes_dtype(out, args):
+            self.casts += 1
+        else:
+            self.ops += 1
+            if name in SYNC_OPS:
+                self.syncs += 1
+        return out
+
+
+def _changes_dtype(out, args) -> bool:
+    src = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return isinstance(out, torch.Tensor) and src is not None and out.dtype != src.dtype
+
+
+def _shares_memory(out, args) -> bool:
+    src = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if src is None or not isinstance(out, torch.Tensor):
+        return True
+    try:
+        return out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # storage-less tensors (meta, fake)
+        return True
+
+
+def count_ops(fn, *args, **kwargs):
+    """Run ``fn`` and count what it dispatches: -> (its result, the OpCounter)."""
+    with OpCounter() as counter:
+        out = fn(*args, **kwargs)
+    return out, counter
