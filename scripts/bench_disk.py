@@ -39,7 +39,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,17 +114,17 @@ def main() -> None:
     for frac in (float(f) for f in args.fractions.split(",")):
         ram = int(experts_bytes * frac)
         sm = EngineOptions(backend="cpu", ram=ram, dtype=args.dtype)
-        sc = EngineOptions(**{**asdict(sm), "ram": ram + draft_bytes_estimate(ck.config)})
+        sc = replace(sm, ram=ram + draft_bytes_estimate(ck.config))
         sc.max_slots = baseline_slots(path, len(ids) + n, sm)
         configs = [
-            ("moespeq k=auto", "moespeq", EngineOptions(**{**asdict(sm), "spec_depth": "auto"})),
-            ("moespeq k=4", "moespeq", EngineOptions(**{**asdict(sm), "spec_depth": "4"})),
+            ("moespeq k=auto", "moespeq", replace(sm, spec_depth="auto")),
+            ("moespeq k=4", "moespeq", replace(sm, spec_depth="4")),
             ("gate-prefetch", "gate-prefetch", sm),
             ("lru", "lru", sm),
             ("ondemand", "ondemand", sm),
-            ("moespeq k=auto SC", "moespeq", EngineOptions(**{**asdict(sc), "spec_depth": "auto"})),
-            ("moespeq k=2 SC", "moespeq", EngineOptions(**{**asdict(sc), "spec_depth": "2"})),
-            ("moespeq k=4 SC", "moespeq", EngineOptions(**{**asdict(sc), "spec_depth": "4"})),
+            ("moespeq k=auto SC", "moespeq", replace(sc, spec_depth="auto")),
+            ("moespeq k=2 SC", "moespeq", replace(sc, spec_depth="2")),
+            ("moespeq k=4 SC", "moespeq", replace(sc, spec_depth="4")),
         ]
         runs: dict[str, list] = {label: [] for label, _, _ in configs}
         for _ in range(args.rounds):

@@ -81,7 +81,7 @@ def root(
 
 
 def _register() -> None:
-    from moespeq_cli.cli import bench, plan, profile, pull, quantize, run
+    from moespeq_cli.cli import bench, calibrate, plan, profile, pull, quantize, run
 
     app.command(name="pull", epilog=pull.EPILOG)(pull.pull)
     app.command(name="run", epilog=run.EPILOG)(run.run)
@@ -89,6 +89,7 @@ def _register() -> None:
     app.command(name="profile", epilog=profile.EPILOG)(profile.profile)
     app.command(name="bench", epilog=bench.EPILOG)(bench.bench)
     app.command(name="plan", epilog=plan.EPILOG)(plan.plan)
+    app.command(name="calibrate", epilog=calibrate.EPILOG)(calibrate.calibrate)
 
 
 _register()

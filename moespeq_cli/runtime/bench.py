@@ -11,7 +11,7 @@ expert slots (moespeq gets the draft's bytes on top).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from moespeq_cli.models.checkpoint import Checkpoint
@@ -40,6 +40,7 @@ class BenchResult:
     target_compute_s: float | None = None  # the target's compute (all of it, from the timeline)
     fills: int | None = None  # experts brought into the compute tier while generating
     fills_min: int | None = None  # the fewest any cache of the same slots needs for the same uses (Belady)
+    disk_bandwidth: float | None = None  # what the run's reads achieved while the disk was busy (B/s)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,9 +70,7 @@ def belady_misses(uses: list, slots: int, resident: list = ()) -> int:
 def baseline_slots(path: Path, context: int, opts: EngineOptions) -> int:
     """The full-precision slots the baselines get with ``opts``' budget: the same-cache
     budget caps moespeq's slots at this, whatever it does with the draft's bytes."""
-    return (
-        Engine(path, EngineOptions(**{**asdict(opts), "policy": "lru", "cpu_experts": None})).make_plan(context).slots
-    )
+    return Engine(path, replace(opts, policy="lru", cpu_experts=None)).make_plan(context).slots
 
 
 def budget_for(path: Path, context: int, slots_fraction: float, dtype=None) -> tuple[int, int]:
@@ -86,7 +85,7 @@ def run_policy(
     path: Path, prompt_ids: list[int], new_tokens: int, policy: str, opts: EngineOptions, label: str | None = None
 ) -> BenchResult:
     cpu = opts.cpu_experts if policy in ("moespeq", "hybrid") else None
-    eng = Engine(path, EngineOptions(**{**asdict(opts), "policy": policy, "cpu_experts": cpu}))
+    eng = Engine(path, replace(opts, policy=policy, cpu_experts=cpu))
     try:
         eng.load(opts.context or len(prompt_ids) + new_tokens)
         unions: list[int] = []
@@ -124,6 +123,7 @@ def run_policy(
     result.fills_min = belady_misses(uses, eng.cache.slots, resident)
     fill_kind = "read" if plan.compute_tier == "host" else "copy"
     result.fills = sum(1 for iv in ivs if iv.kind == fill_kind)
+    result.disk_bandwidth = eng.backend.disk_bandwidth() if plan.disk_tier and eng.backend.name != "mock" else None
     result.target_compute_s = sum(iv.duration for iv in computes if iv.phase == "target")
     if eng.spec_stats is not None and eng.spec_stats.drafted:
         result.draft_token_s = sum(iv.duration for iv in computes if iv.phase == "draft") / eng.spec_stats.drafted
@@ -159,12 +159,12 @@ def bench(
         for k, cpu in runs:
             o = opts
             if policy == "moespeq":
-                o = EngineOptions(**{**asdict(opts), "spec_depth": k, "cpu_experts": cpu})
+                o = replace(opts, spec_depth=k, cpu_experts=cpu)
                 if same_cache:
                     extra = draft_bytes_estimate(Checkpoint(path).config, opts.blocksize)
                     slots = baseline_slots(path, context, opts)
                     budget = int(getattr(opts, budget_field)) + extra
-                    o = EngineOptions(**{**asdict(o), budget_field: budget, "max_slots": slots})
+                    o = replace(o, **{budget_field: budget, "max_slots": slots})
             results.append(run_policy(path, prompt_ids, new_tokens, policy, o))
     by_policy = {r.policy: r for r in results if r.policy in BASELINES}
     for r in results:

@@ -45,7 +45,8 @@ class EngineOptions:
     backend: str = "auto"
     dtype: str | None = None  # None: the checkpoint's torch_dtype
     cpu_threads: int | None = None
-    hardware: str | None = None  # profile name or path; default rtx3060-12gb for mock
+    hardware: str | HardwareProfile | None = None  # profile name, path or profile; default rtx3060-12gb
+
     vram: str | int | None = None  # device budget; default: the profile's usable memory
     policy: str = DEFAULT_POLICY
     draft: str = "auto"  # auto (saved draft if any, else quantize in memory) | PATH | none
@@ -67,16 +68,12 @@ class Engine:
             raise UsageError(f"unknown dtype {opts.dtype!r}; choose float32, float16 or bfloat16")
         self.backend_name = resolve_backend_name(opts.backend)
         cpu = self.backend_name == "cpu"
-        if cpu and opts.cpu_experts:
-            raise UsageError(
-                "--cpu-experts needs a device beside the CPU; with --backend cpu every expert runs on the CPU"
-            )
-        # an unknown policy lists the known ones; on the cpu backend there is no device to pair the CPU with
-        self.policy = make_policy(opts.policy, False if cpu and opts.policy == "moespeq" else opts.cpu_experts)
         self.hw: HardwareProfile | None = None
         self.budget: int | None = None
         if not cpu:
-            self.hw = load_profile(DEFAULT_HARDWARE if opts.hardware is None else opts.hardware)
+            hw = DEFAULT_HARDWARE if opts.hardware is None else opts.hardware
+            self.hw = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
+
             if self.hw.kind == "cpu" and (opts.vram is not None or self.backend_name == "cuda"):
                 raise UsageError(
                     f"hardware profile {self.hw.name} describes a CPU (kind: cpu): it simulates --backend cpu on the "
@@ -85,6 +82,17 @@ class Engine:
             self.budget = parse_size(opts.vram, "--vram") if opts.vram is not None else self.hw.usable_memory
         elif opts.vram is not None or opts.hardware is not None:
             raise UsageError("--vram and --hardware apply to the mock and cuda backends, not --backend cpu (use --ram)")
+        # the device the run computes on, really or simulated: a GPU, or this CPU (the cpu
+        # backend; the mock with a cpu profile, which simulates it), and what it computes in
+        self.device_type = "cpu" if cpu or self.hw.kind == "cpu" else "cuda"
+        if self.device_type == "cpu" and opts.cpu_experts:
+            raise UsageError(
+                "--cpu-experts needs a device beside the CPU; with --backend cpu (or a cpu profile) every expert "
+                "runs on the CPU"
+            )
+        # an unknown policy lists the known ones; with no device beside the CPU there is nothing to pair it with
+        cpu_device = self.device_type == "cpu" and opts.policy == "moespeq"
+        self.policy = make_policy(opts.policy, False if cpu_device else opts.cpu_experts)
         self.ram = parse_size(opts.ram, "--ram") if opts.ram is not None else None
         if opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
@@ -112,10 +120,7 @@ class Engine:
             if opts.dtype
             else (torch.float32 if cpu or self.backend_name == "mock" else self.storage_dtype)
         )
-        # the device the run computes on, really or simulated: a GPU, or this CPU (the cpu
-        # backend; the mock with a cpu profile, which simulates it), and what it computes in
-        self.device_type = "cpu" if cpu or (self.hw is not None and self.hw.kind == "cpu") else "cuda"
-        self.device_dtype = self.dtype if self.device_type == "cpu" else self.storage_dtype
+        self.device_dtype = self.dtype if self.device_type == "cpu" else self.storage_dtype  # what it computes in
         self.plan: Plan | None = None
         self.backend = None
         self.tiers = None

@@ -44,7 +44,9 @@ class MockBackend(Backend):
         self.t_compute = 0.0
         self.t_copy = 0.0
         self.t_host = 0.0
-        self.t_disk = 0.0
+        queue = hw.disk_queue_bandwidth
+        lanes = min(len(queue), reader.threads if reader is not None else 1) if queue else 1
+        self.disk_free = [0.0] * lanes  # when each of the disk's channels is free
         self.origin = 0.0  # generation starts here; earlier work (preloading) is complete
         # a GPU computes in its own dtype: the casts of the CPU's float32 numerics are not its work
         self.counter = OpCounter(skip_casts=hw.kind != "cpu")
@@ -91,7 +93,9 @@ class MockBackend(Backend):
         if self._pass is not None and not self._regions:
             self._pass[2] += ops + nested
         start = self.t_compute
-        self.t_compute = start + cost.seconds(self.hw, ops=ops if counted else None)
+        busy = any(free > start for free in self.disk_free)  # the disk's reads share the CPU with it
+        self.t_compute = start + cost.seconds(self.hw, ops=ops if counted else None, busy=busy)
+
         self._record(stream, "compute", name, start, self.t_compute, layer, expert, ops=ops if counted else cost.ops)
 
     def _record(self, stream, kind, name, start, end, layer=None, expert=None, nbytes=0, ops=0) -> None:
@@ -119,25 +123,38 @@ class MockBackend(Backend):
         self._record("copy", "copy", name, start, self.t_copy, layer, expert, nbytes)
         return Event(self.t_copy)
 
-    def _read_window(self, nbytes: int, after) -> tuple[float, float]:
-        start = max(self.t_disk, self.t_compute, self._after(after))
+    def _read_window(self, nbytes: int, after) -> tuple[int, float, float]:
+        """(the channel, start, end) of a read issued now. The disk serves as many reads at
+        once as the profile's queue curve has depths (the reader's threads): a read takes
+        the channel free first, and runs at the bandwidth one read gets with that many in
+        flight when it starts (later reads do not slow it down: an approximation). Without
+        a queue curve the disk is one in-order stream at ``disk_bandwidth``."""
+        channels = self.disk_free
+        c = min(range(len(channels)), key=channels.__getitem__)
+        start = max(channels[c], self.t_compute, self._after(after))
         if self.hw.disk_bandwidth is None:  # only when every expert fits in RAM: the reads at load
-            return start, start
-        return start, start + self.hw.disk_latency + nbytes / self.hw.disk_bandwidth
+            return c, start, start
+        busy = 1 + sum(1 for i, free in enumerate(channels) if i != c and free > start)
+        return c, start, start + self.hw.disk_latency + nbytes / self.hw.disk_channel_bandwidth(busy)
+
+    @property
+    def t_disk(self) -> float:
+        return max(self.disk_free)
 
     def read_eta(self, nbytes: int) -> float:
-        return self._read_window(nbytes, None)[1]
+        return self._read_window(nbytes, None)[2]
 
     def read(self, dst, what, nbytes, name, layer, expert, after=None) -> Event:
-        start, self.t_disk = self._read_window(nbytes, after)
+        c, start, end = self._read_window(nbytes, after)
+        self.disk_free[c] = end
         self.counter.paused += 1
         try:
             self.reader.read(what, dst)
         finally:
             self.counter.paused -= 1
         self.bytes_read += nbytes
-        self._record("disk", "read", name, start, self.t_disk, layer, expert, nbytes)
-        return Event(self.t_disk)
+        self._record("disk", "read", name, start, end, layer, expert, nbytes)
+        return Event(end)
 
     def _host_window(self, cost: Cost, act_bytes: int, after=None, ops=None) -> tuple[float, float, float]:
         """(CPU starts, CPU done, output back on the device). While the copy stream runs,
@@ -188,4 +205,5 @@ class MockBackend(Backend):
     def reset_clock(self) -> None:
         super().reset_clock()
         start = max(self.t_compute, self.t_copy, self.t_host, self.t_disk)
-        self.origin = self.t_compute = self.t_copy = self.t_host = self.t_disk = start
+        self.origin = self.t_compute = self.t_copy = self.t_host = start
+        self.disk_free = [start] * len(self.disk_free)

@@ -9,6 +9,7 @@ output for its tokens; executors differ only in where they get the weights.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -20,10 +21,32 @@ from moespeq_cli.models.checkpoint import Checkpoint
 def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H]. Weights held in another dtype
     than the activations (a bf16 checkpoint's experts in RAM, computed in float32 on the
-    CPU) are widened for the product: the same values as widening them at load."""
+    CPU) are widened for the product, into a scratch buffer kept for the thread: the same
+    values as widening them at load, without allocating (and page-faulting) 3 x I x H
+    floats per expert."""
     if gate.dtype != x.dtype:
-        gate, up, down = gate.to(x.dtype), up.to(x.dtype), down.to(x.dtype)
+        gate, up, down = widened(x.dtype, x.device, gate, up, down)
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+_scratch = threading.local()
+
+
+def widened(dtype: torch.dtype, device: torch.device, *ws: torch.Tensor) -> list[torch.Tensor]:
+    """``ws`` copied into this thread's scratch buffer of ``dtype`` (grown as needed)."""
+    need = sum(w.numel() for w in ws)
+    key = (dtype, device)
+    buf = getattr(_scratch, "bufs", {}).get(key)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, dtype=dtype, device=device)
+        _scratch.__dict__.setdefault("bufs", {})[key] = buf
+    out, pos = [], 0
+    for w in ws:
+        view = buf[pos : pos + w.numel()].view(w.shape)
+        view.copy_(w)
+        out.append(view)
+        pos += w.numel()
+    return out
 
 
 def token_groups(ids: torch.Tensor | list[list[int]]) -> dict[int, tuple[list[int], list[int]]]:

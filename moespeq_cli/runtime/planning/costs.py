@@ -45,11 +45,12 @@ class Cost:
     def _parts(self) -> tuple:
         return self.parts or (self,)
 
-    def _work(self, hw: HardwareProfile, host: bool) -> tuple[float, int]:
-        """(seconds of work, ops the curves that priced it already include)."""
+    def _work(self, hw: HardwareProfile, host: bool, busy: bool = False) -> tuple[float, int]:
+        """(seconds of work, ops the curves that priced it already include); ``busy``: the
+        disk is reading meanwhile (curves measured so, where the profile has them)."""
         seconds, covered = 0.0, 0
         for p in self._parts():
-            curve = hw.curve(p.kernel, host) if p.kernel else None
+            curve = hw.curve(p.kernel, host, busy) if p.kernel else None
             if curve is not None:
                 seconds += curve.seconds(p.tokens, p.weight_bytes)
                 covered += curve.ops
@@ -63,9 +64,11 @@ class Cost:
     def ops(self) -> int:
         return sum(p.kernels for p in self._parts())
 
-    def seconds(self, hw: HardwareProfile, ops: int | None = None) -> float:
-        """On the device; ``ops``: the ops the region really dispatched (else the estimate)."""
-        work, covered = self._work(hw, host=False)
+    def seconds(self, hw: HardwareProfile, ops: int | None = None, busy: bool = False) -> float:
+        """On the device; ``ops``: the ops the region really dispatched (else the estimate);
+        ``busy``: reads run meanwhile."""
+        work, covered = self._work(hw, host=False, busy=busy)
+
         return work + max(0, (self.ops if ops is None else ops) - covered) * hw.launch_overhead
 
     def host_seconds(self, hw: HardwareProfile, ops: int | None = None, bandwidth: float | None = None) -> float:

@@ -68,7 +68,7 @@ class KernelCurve:
 
     tokens: tuple[int, ...]  # ascending batch sizes measured
     sizes: tuple[float, float]  # weight bytes of the two shapes measured
-    seconds: tuple[tuple[float, ...], tuple[float, ...]]  # per size, per batch size
+    times: tuple[tuple[float, ...], tuple[float, ...]]  # seconds per call: per size, per batch size
     ops: int = 1
 
     def _at(self, row: tuple[float, ...], t: float) -> float:
@@ -86,7 +86,8 @@ class KernelCurve:
     def seconds(self, tokens: float, weight_bytes: float) -> float:
         """Piecewise linear in the batch size, linear in the weight bytes (the intercept is
         the per-call overhead), never below a microsecond's tenth."""
-        (b1, b2), (r1, r2) = self.sizes, self.seconds
+        (b1, b2), (r1, r2) = self.sizes, self.times
+
         t1, t2 = self._at(r1, tokens), self._at(r2, tokens)
         t = t1 + (t2 - t1) * (weight_bytes - b1) / (b2 - b1)
         return max(t, 1e-7)
@@ -119,11 +120,12 @@ class HardwareProfile:
     def usable_memory(self) -> int:
         return self.device_memory - self.reserved_memory
 
-    def curve(self, kernel: str, host: bool = False) -> KernelCurve | None:
-        """The measured curve of ``kernel`` on the device (or the host); a cpu profile's
-        device is its host."""
+    def curve(self, kernel: str, host: bool = False, busy: bool = False) -> KernelCurve | None:
+        """The measured curve of ``kernel`` on the device (or the host; a cpu profile's
+        device is its host); ``busy``: the one measured while the disk was reading, where
+        there is one."""
         table = self.host_kernels if host and self.kind != "cpu" else self.kernels
-        return table.get(kernel)
+        return (table.get(f"{kernel}@busy") if busy else None) or table.get(kernel)
 
     def disk_channel_bandwidth(self, in_flight: int) -> float:
         """Bytes per second one read gets with ``in_flight`` reads running (the disk shared

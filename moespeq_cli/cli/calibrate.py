@@ -1,0 +1,139 @@
+"""``moespeq calibrate``: measure this machine and write a hardware profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moespeq_cli.cli import options as o
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq calibrate                                    [dim]# writes ~/.cache/moespeq/profiles/calibrated-cpu.yaml[/dim]
+
+  moespeq calibrate --out mybox.yaml --disk-dir /models [dim]# measure the disk the models live on[/dim]
+
+  moespeq calibrate --model ./ckpt                     [dim]# time reads of the checkpoint itself[/dim]
+
+  moespeq run ./ckpt --backend mock --hardware mybox.yaml --ram 2GB   [dim]# simulate --backend cpu[/dim]
+"""
+
+
+def default_profile_path(kind: str) -> Path:
+    from moespeq_cli.quant.draft import cache_dir
+
+    return cache_dir() / "profiles" / f"calibrated-{kind}.yaml"
+
+
+def calibrate(
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Where to write the profile. Default: ~/.cache/moespeq/profiles/calibrated-cpu.yaml (-gpu with CUDA).",
+            show_default=False,
+        ),
+    ] = None,
+    disk_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--disk-dir",
+            help="A directory on the disk the models live on: a 512 MiB scratch file is written there, read back "
+            "with O_DIRECT, and removed. Default: moespeq's cache directory.",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model",
+            help="Time the disk on this checkpoint's files (read only, past the page cache): the disk as the runtime "
+            "meets it, caches underneath included. A directory (its largest .safetensors) or a file.",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: o.Json = False,
+) -> None:
+    """Measure this machine and write a hardware profile.
+
+    Measures the CPU (memory bandwidth, FLOP/s, per-op and per-sync cost), the kernels the
+    runtime calls (a non-expert layer, a routed expert, the 4-bit draft's expert, each by
+    batch size from 1 to 16 tokens), the disk (O_DIRECT bandwidth with 1 to 4 reads in
+    flight, latency) and, with CUDA, the GPU. Each figure is marked as measured, with the
+    date and the method. Without a GPU the profile describes this CPU as the device
+    (kind: cpu): `--backend mock --hardware PROFILE --ram X` then simulates `--backend cpu`.
+    Takes under a minute.
+    """
+    import json
+    import sys
+
+    import torch
+    from rich.console import Console
+
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.fs import atomic_write_text, check_output
+    from moespeq_cli.runtime.planning.calibrate import calibrate as measure
+    from moespeq_cli.runtime.planning.calibrate import profile_yaml
+    from moespeq_cli.runtime.planning.hardware import load_profile
+
+    cuda = torch.cuda.is_available()
+    out = out or default_profile_path("gpu" if cuda else "cpu")
+    if out.suffix not in (".yaml", ".yml"):
+        raise UsageError(f"--out {out} must end in .yaml (it is a hardware profile)")
+    if out.exists() or out.is_symlink():
+        check_output(out, "--out")
+    from moespeq_cli.quant.draft import cache_dir
+
+    disk = disk_dir or cache_dir()
+    if disk.exists() and not disk.is_dir():
+        raise UsageError(f"--disk-dir {disk} is not a directory; give the directory your models live in")
+    model_file = None
+    if model is not None:
+        from moespeq_cli.fs import is_dir, is_regular
+
+        if is_dir(model):
+            files = sorted(model.glob("*.safetensors"), key=lambda p: p.stat().st_size if is_regular(p) else -1)
+            model_file = files[-1] if files and is_regular(files[-1]) else None
+        elif is_regular(model):
+            model_file = model
+        if model_file is None:
+            raise UsageError(f"--model {model} is neither a safetensors file nor a directory holding one")
+    console = Console(stderr=True, highlight=False)
+    with console.status("calibrating") as status:
+
+        def say(step: str) -> None:
+            status.update(f"calibrating: {step}")
+
+        try:
+            figures = measure(disk, cuda=cuda, say=say, model_file=model_file)
+        except OSError as e:
+            where = f"--model {model_file}" if model_file else f"--disk-dir {disk}"
+            raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); give another") from None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create its directory ({e.strerror})") from None
+    atomic_write_text(out, profile_yaml(figures))
+    profile = load_profile(str(out))  # what --hardware will read: refused here if it would be there
+    summary = {
+        "profile": str(out),
+        "kind": profile.kind,
+        "host_mem_bandwidth": profile.host_mem_bandwidth,
+        "host_op_overhead": profile.host_op_overhead,
+        "disk_bandwidth": profile.disk_bandwidth,
+        "disk_queue_bandwidth": list(profile.disk_queue_bandwidth or ()),
+        "disk_latency": profile.disk_latency,
+        "kernels": sorted(profile.kernels),
+    }
+    if json_out:
+        print(json.dumps(summary))
+        return
+    console.print(
+        f"[dim]memory {profile.host_mem_bandwidth / 1e9:.1f} GB/s, {profile.host_op_overhead * 1e6:.1f} us per op, "
+        f"disk {profile.disk_bandwidth / 1e9:.2f} GB/s with 4 reads in flight "
+        f"({(profile.disk_queue_bandwidth or [0])[0] / 1e9:.2f} with one), "
+        f"{len(profile.kernels)} kernel curves[/dim]"
+    )
+    print(out, file=sys.stdout)

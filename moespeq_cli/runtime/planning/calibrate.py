@@ -1,0 +1,459 @@
+"""Calibration: measure this machine and write a hardware profile (``moespeq calibrate``).
+
+The mock prices the code that runs; calibration measures that code here. Every figure
+it writes is a measurement of this machine, stamped with the date and the method:
+
+- the host CPU: memory bandwidth (a reduction over a buffer larger than the last-level
+  cache), FLOP/s (a large float32 matmul), the framework's cost per dispatched op, the
+  cost of reading a value back (a sync);
+- kernel curves: seconds per call by batch size (1 to 16 tokens) at two weight sizes, for
+  each kernel the runtime calls: ``linear:<dtype>`` (a non-expert layer),
+  ``expert:<weights>:<activations>`` (a routed expert exactly as the executor computes
+  it, widening included), ``draft:packed`` / ``draft:reference`` (the 4-bit draft's
+  expert on the path ``quant/draft.py`` takes here), each with the ops one call
+  dispatches;
+- the disk where models live: O_DIRECT read bandwidth with 1 to 4 reads in flight (the
+  reader's threads) and the latency of a small read;
+- on CUDA also the GPU (its kernel curves, launch overhead, pinned host-to-device
+  bandwidth and latency, sync cost), written as a ``gpu`` profile.
+
+Without a GPU the profile is a ``cpu`` one: the device *is* this CPU, RAM the compute
+tier and the disk the link, which is what ``--backend mock --hardware PROFILE --ram X``
+then simulates (and ``scripts/validate_mock.py`` checks against ``--backend cpu``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moespeq_cli.runtime.executors.opcount import OpCounter
+
+TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
+SHAPES = ((512, 1536), (1024, 3584))  # (hidden, intermediate): a small expert and a Mixtral-class one at 1/4 width
+DISK_FILE_BYTES = 512 * 2**20
+COLD_BYTES = 96 * 2**20  # the weights a kernel timing cycles through: beyond any last-level cache
+DISK_EXTENT = 22 * 2**20  # a whole number of pages, like a span the runtime reads
+
+
+def timed(fn: Callable[[], object], reps: int = 9, warmup: int = 2, budget_s: float = 0.5) -> float:
+    """The median of ``reps`` timings (fewer when one call is slow), after a warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    t_end = time.perf_counter() + budget_s
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() > t_end:
+            break
+    return statistics.median(times)
+
+
+def ops_of(fn: Callable[[], object]) -> int:
+    with torch.inference_mode(), OpCounter() as c:
+        fn()
+    return c.ops
+
+
+# -- the host CPU --------------------------------------------------------------------
+def host_figures(say: Callable[[str], None]) -> dict:
+    say("host memory bandwidth")
+    buf = torch.ones(128 * 2**20)  # 512 MiB of float32: beyond any last-level cache
+    bw = buf.numel() * 4 / timed(buf.sum, reps=5, warmup=1)
+    del buf
+    say("host FLOP/s")
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    flops = 2 * 1024**3 / timed(lambda: a @ b, reps=5)
+    say("host op and sync overhead")
+    x, y = torch.ones(16), torch.ones(16)
+    n = 2000
+
+    def many_adds():
+        for _ in range(n):
+            torch.add(x, y)
+
+    op = timed(many_adds, reps=5) / n
+    one = torch.ones(1)
+    sync = timed(lambda: [one.item() for _ in range(n)], reps=5) / n
+    return {"host_mem_bandwidth": bw, "host_flops": flops, "host_op_overhead": op, "sync_overhead": sync}
+
+
+def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: tuple[str, int] | None = None) -> dict:
+    """Seconds per call by batch size at the two shapes, for every kernel the runtime calls
+    on ``device``, with the ops one call dispatches. As in a decode step, the weights come
+    from memory rather than a warm cache: the calls cycle through copies of them that
+    together outgrow any last-level cache. With ``busy_file`` (path, size) each CPU kernel
+    is timed again while reads of that file run in the background, as the disk tier's
+    reads do during decoding: ``NAME@busy`` (on a machine with few cores the reader's
+    threads take time from the kernels' own)."""
+    from moespeq_cli.runtime.executors.experts import expert_mlp
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    curves: dict = {}
+
+    def curve(name: str, bind, x_dtype: torch.dtype, weight_bytes: Callable[[int, int], int]) -> None:
+        """``bind(h, i)`` makes one copy of the weights and returns ``fn(x)`` computing with it."""
+        variants = [(name, None)]
+        if busy_file is not None and device.type == "cpu":
+            variants.append((f"{name}@busy", busy_file))
+        for label, background in variants:
+            say(f"kernel {label}")
+            rows, sizes, ops = [], [], 1
+            for h, i in SHAPES:
+                copies = [bind(h, i) for _ in range(max(1, -(-COLD_BYTES // weight_bytes(h, i))))]
+                row = []
+                with reading(background):
+                    for t in TOKENS:
+                        x = torch.randn(t, h, device=device).to(x_dtype)
+                        turn = iter(range(10**9))
+
+                        def call(x=x, turn=turn, copies=copies):
+                            copies[next(turn) % len(copies)](x)
+                            sync()
+
+                        row.append(timed(call, reps=15, budget_s=1.0))
+                x1 = torch.randn(1, h, device=device).to(x_dtype)
+                ops = ops_of(lambda x1=x1, fn=copies[0]: fn(x1))
+                rows.append(row)
+                sizes.append(weight_bytes(h, i))
+                del copies
+            curves[label] = {"tokens": list(TOKENS), "sizes": sizes, "seconds": rows, "ops": ops}
+
+    for dtype in (torch.float32, torch.bfloat16):
+
+        def bind_linear(h, i, dtype=dtype):
+            w = torch.randn(i, h, device=device).to(dtype)
+            return lambda x: F.linear(x, w)
+
+        elem = torch.empty(0, dtype=dtype).element_size()
+        curve(f"linear:{str(dtype).removeprefix('torch.')}", bind_linear, dtype, lambda h, i, e=elem: h * i * e)
+    pairs = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    if device.type == "cuda":
+        pairs = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+    for wd, xd in pairs:
+
+        def bind_expert(h, i, wd=wd):
+            g, u = (torch.randn(i, h, device=device).to(wd) for _ in range(2))
+            d = torch.randn(h, i, device=device).to(wd)
+            return lambda x: expert_mlp(x, g, u, d)
+
+        elem = torch.empty(0, dtype=wd).element_size()
+        name = f"expert:{str(wd).removeprefix('torch.')}:{str(xd).removeprefix('torch.')}"
+        curve(name, bind_expert, xd, lambda h, i, e=elem: 3 * h * i * e)
+    for path in ("cuda",) if device.type == "cuda" else ("packed", "reference"):
+        q = _draft(path, device)
+        if q is None:
+            continue
+
+        def bind_draft(h, i, path=path):
+            qe = _draft(path, device, h, i)
+            return lambda x: qe.forward(0, 0, x)
+
+        curve(
+            f"draft:{path}",
+            bind_draft,
+            torch.float32,
+            lambda h, i, q=q, path=path: int(3 * h * i * q.bytes_per_weight(path)),
+        )
+    return curves
+
+
+@contextlib.contextmanager
+def reading(source: tuple[str, int] | None, in_flight: int = 2):
+    """While the block runs, O_DIRECT reads of ``source`` (path, size) go on in the
+    background, ``in_flight`` at a time (nothing when None)."""
+    if source is None:
+        yield
+        return
+    from moespeq_cli.runtime.tiers.disk import DiskReader, Extent, Placement, aligned_bytes
+
+    name, size = source
+    spans = [
+        Placement(Extent(name, off, DISK_EXTENT), 0, [Extent(name, off, DISK_EXTENT)])
+        for off in range(0, size - DISK_EXTENT, DISK_EXTENT)
+    ]
+    stop = threading.Event()
+
+    def loop() -> None:
+        dests = [aligned_bytes(DISK_EXTENT)[0] for _ in range(in_flight)]
+        with DiskReader(threads=in_flight) as reader:
+            k = 0
+            while not stop.is_set():
+                reads = [reader.submit(spans[(k + j) % len(spans)], dests[j]) for j in range(in_flight)]
+                for r in reads:
+                    r.wait()
+                k += in_flight
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def disk_source(directory: Path, model_file: Path | None, say: Callable[[str], None]):
+    """(path, bytes) of a file to time reads with: ``model_file`` (read only), or a scratch
+    file written in ``directory`` and removed when the block ends."""
+    from moespeq_cli.runtime.tiers.disk import writable
+
+    if model_file is not None:
+        size = min(os.path.getsize(model_file), DISK_FILE_BYTES)
+        if size < 2 * DISK_EXTENT:
+            raise OSError(22, f"{model_file} is too small to time reads with (under {2 * DISK_EXTENT} bytes)")
+        yield str(model_file), size
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".moespeq-calibrate-", dir=directory)
+    try:
+        say("disk: writing a scratch file")
+        chunk = torch.randint(0, 256, (64 * 2**20,), dtype=torch.uint8)
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(DISK_FILE_BYTES // chunk.numel()):
+                f.write(writable(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        yield name, DISK_FILE_BYTES
+    finally:
+        try:
+            os.unlink(name)  # the scratch file this function made, nothing else
+        except OSError:
+            pass
+
+
+def _draft(path: str, device: torch.device, h: int = 64, i: int = 128):
+    """One 4-bit expert on ``path`` (None where the path cannot run here)."""
+    import bitsandbytes.functional as bnb
+
+    from moespeq_cli.quant.draft import QuantizedExperts
+
+    parts = [
+        bnb.quantize_4bit((torch.randn(*s) * 0.05).to(torch.bfloat16).contiguous(), blocksize=64, quant_type="nf4")
+        for s in ((i, h), (i, h), (h, i))
+    ]
+    q = QuantizedExperts({(0, 0): parts}, "nf4", 64, torch.float32, h, i)
+    if device.type == "cuda":
+        return q.to(device)
+    if path == "packed" and not q.pack_cpu():
+        return None
+    return q
+
+
+# -- the disk --------------------------------------------------------------------------
+def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], None]) -> dict:
+    """O_DIRECT reads of ``source`` (path, size), as the runtime reads an expert (one
+    aligned span, in place into a page-aligned slot): B/s with 1 .. ``threads`` reads in
+    flight, and the latency of a 4 KiB read."""
+    from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, Placement, aligned_bytes
+
+    name, size = source
+    spans = [
+        Placement(Extent(name, off, DISK_EXTENT), 0, [Extent(name, off, DISK_EXTENT)])
+        for off in range(0, size - DISK_EXTENT, DISK_EXTENT)
+    ]
+    queue, direct = [], None
+    for q in range(1, threads + 1):
+        say(f"disk: {q} read(s) in flight")
+        with DiskReader(threads=q) as reader:
+            dests = [aligned_bytes(DISK_EXTENT)[0] for _ in range(q)]
+            best = 0.0
+            for _ in range(2):
+                t0 = time.perf_counter()
+                reads = [reader.submit(p, dests[i % q]) for i, p in enumerate(spans)]
+                for r in reads:
+                    r.wait()
+                best = max(best, len(spans) * DISK_EXTENT / (time.perf_counter() - t0))
+            queue.append(best)
+            direct = reader.direct
+    say("disk: latency")
+    with DiskReader(threads=1) as reader:
+        small = torch.empty(BLOCK, dtype=torch.uint8)
+        lat = []
+        for k in range(64):
+            off = (k * 7919 * BLOCK) % (size - BLOCK)
+            t0 = time.perf_counter()
+            reader.read_into([Extent(name, off - off % BLOCK, BLOCK)], small)
+            lat.append(time.perf_counter() - t0)
+    return {
+        "disk_bandwidth": max(queue),
+        "disk_queue_bandwidth": queue,
+        "disk_latency": statistics.median(lat),
+        "direct": direct,
+    }
+
+
+# -- the GPU -------------------------------------------------------------------------
+def cuda_figures(say: Callable[[str], None]) -> dict:
+    dev = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(dev)
+    free, total = torch.cuda.mem_get_info(dev)
+    say("GPU: launch and sync overhead")
+    x = torch.ones(16, device=dev)
+    n = 2000
+
+    def launches():
+        for _ in range(n):
+            torch.add(x, x)
+        torch.cuda.synchronize()
+
+    launch = timed(launches, reps=5) / n
+    sync = timed(lambda: [x[0].item() for _ in range(200)], reps=5) / 200
+    say("GPU: pinned host-to-device copies")
+    host = torch.empty(256 * 2**20, dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(host, device=dev)
+
+    def copy(n=host.numel()):
+        dst[:n].copy_(host[:n], non_blocking=True)
+        torch.cuda.synchronize()
+
+    bw = host.numel() / timed(copy, reps=5)
+    latency = timed(lambda: copy(4096), reps=20)
+    say("GPU: memory bandwidth and FLOP/s")
+    big = torch.ones(256 * 2**20, device=dev)
+    mem_bw = big.numel() * 4 / timed(lambda: (big.sum(), torch.cuda.synchronize()), reps=5)
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    flops = 2 * 8192**3 / timed(lambda: (a @ a, torch.cuda.synchronize()), reps=5)
+    return {
+        "description": f"{props.name} (calibrated)",
+        "device_memory": total,
+        "reserved_memory": total - free,
+        "link_bandwidth": bw,
+        "link_latency": latency,
+        "peak_flops": flops,
+        "mem_bandwidth": mem_bw,
+        "launch_overhead": launch,
+        "sync_overhead": sync,
+        "kernels": kernel_curves(dev, say),
+    }
+
+
+# -- the profile -----------------------------------------------------------------------
+def calibrate(
+    disk_dir: Path,
+    threads: int = 4,
+    cuda: bool | None = None,
+    say: Callable[[str], None] = print,
+    model_file: Path | None = None,
+) -> dict:
+    """Every figure of a profile for this machine (a dict in the profile's fields)."""
+    from moespeq_cli.runtime.planning.planner import memory_info
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    host = host_figures(say)
+    with disk_source(disk_dir, model_file, say) as source:
+        disk = disk_figures(source, threads, say)
+        host_curves = kernel_curves(torch.device("cpu"), say, busy_file=source)
+    disk["disk_source"] = str(model_file) if model_file else "a scratch file"
+    info = memory_info()
+    total = info[0] if info else 16 * 2**30
+    figures = {
+        "name": "calibrated-gpu" if cuda else "calibrated-cpu",
+        "kind": "gpu" if cuda else "cpu",
+        "description": f"this machine's CPU ({os.cpu_count()} threads), calibrated",
+        "device_memory": total,
+        "reserved_memory": max(2**30, total // 10),
+        **{k: host[k] for k in ("host_mem_bandwidth", "host_flops", "host_op_overhead")},
+        "disk_bandwidth": disk["disk_bandwidth"],
+        "disk_latency": disk["disk_latency"],
+        "disk_queue_bandwidth": disk["disk_queue_bandwidth"],
+        "_direct": disk["direct"],
+        "_disk_source": disk["disk_source"],
+    }
+    if cuda:
+        figures.update(cuda_figures(say))
+        figures["host_kernels"] = host_curves
+    else:
+        # the device is this CPU: its figures are the host's, and its link is the disk
+        figures.update(
+            peak_flops=host["host_flops"],
+            mem_bandwidth=host["host_mem_bandwidth"],
+            launch_overhead=host["host_op_overhead"],
+            sync_overhead=host["sync_overhead"],
+            link_bandwidth=disk["disk_bandwidth"],
+            link_latency=disk["disk_latency"],
+            kernels=host_curves,
+        )
+    return figures
+
+
+METHODS = {
+    "device_memory": "total memory (MemTotal / cudaMemGetInfo)",
+    "reserved_memory": "a margin (CPU) / what the CUDA context held at start",
+    "link_bandwidth": "pinned 256 MiB host-to-device copies (GPU) / the disk's O_DIRECT bandwidth (CPU)",
+    "link_latency": "a 4 KiB copy (GPU) / a 4 KiB O_DIRECT read (CPU)",
+    "peak_flops": "8192^2 bf16 matmul (GPU) / 1024^3 float32 matmul (CPU)",
+    "mem_bandwidth": "a reduction over 1 GiB (GPU) / 512 MiB (CPU)",
+    "launch_overhead": "2000 tiny adds, per op",
+    "host_flops": "1024^3 float32 matmul",
+    "host_mem_bandwidth": "a reduction over 512 MiB of float32",
+    "host_op_overhead": "2000 tiny adds on the CPU, per op",
+    "sync_overhead": "reading a one-element tensor back, per read",
+    "disk_bandwidth": "O_DIRECT reads of 22 MiB, the best of 1 to 4 in flight",
+    "disk_latency": "median of 64 O_DIRECT 4 KiB reads",
+    "disk_queue_bandwidth": "O_DIRECT reads of 22 MiB with 1, 2, 3, 4 in flight",
+}
+
+
+def profile_yaml(figures: dict) -> str:
+    """The profile as YAML, each figure marked as measured, with the date and the method."""
+    import json
+
+    today = datetime.date.today().isoformat()
+    out = [
+        f"# {figures['description']}: written by `moespeq calibrate` on {today}.",
+        "# Every figure below was measured on this machine; re-run calibrate after a hardware change.",
+        "# Kernel curves: seconds per call for 1..16 tokens at two weight sizes, and the ops one call dispatches.",
+    ]
+    out.append(f"# The disk's figures: O_DIRECT reads of {figures.get('_disk_source', 'a scratch file')}.")
+    if figures.get("_direct") is False:
+        out.append("# The disk refused O_DIRECT: its figures are buffered reads dropped from the page cache.")
+    for key in (
+        "name",
+        "description",
+        "kind",
+        "device_memory",
+        "reserved_memory",
+        "link_bandwidth",
+        "link_latency",
+        "peak_flops",
+        "mem_bandwidth",
+        "launch_overhead",
+        "host_flops",
+        "host_mem_bandwidth",
+        "host_op_overhead",
+        "sync_overhead",
+        "disk_bandwidth",
+        "disk_latency",
+    ):
+        v = figures[key]
+        text = json.dumps(v) if isinstance(v, str) else (str(v) if isinstance(v, int) else f"{v:.6g}")
+        method = METHODS.get(key)
+        out.append(f"{key}: {text}" + (f"  # measured {today}: {method}" if method else ""))
+    q = ", ".join(f"{x:.6g}" for x in figures["disk_queue_bandwidth"])
+    out.append(f"disk_queue_bandwidth: [{q}]  # measured {today}: {METHODS['disk_queue_bandwidth']}")
+    for table in ("kernels", "host_kernels"):
+        if not figures.get(table):
+            continue
+        out.append(f"{table}:  # measured {today}")
+        for name, c in figures[table].items():
+            rows = ", ".join("[" + ", ".join(f"{s:.6g}" for s in row) + "]" for row in c["seconds"])
+            out.append(f"  {json.dumps(name)}:")
+            out.append(f"    tokens: {c['tokens']}")
+            out.append(f"    sizes: [{c['sizes'][0]}, {c['sizes'][1]}]")
+            out.append(f"    seconds: [{rows}]")
+            out.append(f"    ops: {c['ops']}")
+    return "\n".join(out) + "\n"

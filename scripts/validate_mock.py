@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Does the mock predict the wall clock? (a benchmark, not a test; issue: a simulator you
+can trust).
+
+It calibrates this machine (``moespeq calibrate``, or ``--profile`` an existing one), then
+runs the disk-tier benchmark's checkpoint (scripts/bench_disk.py builds it) at RAM
+budgets of a quarter and a half of its experts both ways, for every policy:
+
+- for real: ``--backend cpu --ram X`` (wall clock; the median of ``--rounds`` runs, the
+  rounds interleaved);
+- simulated: ``--backend mock --hardware <the calibrated cpu profile> --ram X`` (the CPU
+  as the device, the disk as the link, virtual clock);
+- simulated again with the disk as it was during the real runs: the profile's disk
+  figures scaled to the bandwidth the median real run's reads achieved. A disk whose
+  speed drifts between calibration and run (a VM's, behind its host's cache) is then no
+  longer an error of the model: this column isolates what the model itself gets wrong.
+
+It prints predicted against measured tokens/s and I/O stall per policy, their ratios, and
+whether the policies rank alike; target: every policy within 15% of the wall clock.
+Every run's tokens must equal the reference's. Ends with one JSON line.
+
+    python scripts/validate_mock.py [--profile PROFILE.yaml] [--new-tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moespeq_cli.cli.run import DEFAULT_PROMPT  # noqa: E402
+from moespeq_cli.models.checkpoint import Checkpoint  # noqa: E402
+from moespeq_cli.runtime.bench import run_policy  # noqa: E402
+from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
+from moespeq_cli.runtime.planning.hardware import load_profile  # noqa: E402
+from moespeq_cli.runtime.tiers.disk import DiskExperts  # noqa: E402
+
+SHAPE = ["--hidden", "1024", "--intermediate", "3584", "--layers", "8", "--experts", "8", "--top-k", "2"]
+POLICIES = (("moespeq", "auto"), ("moespeq", "4"), ("gate-prefetch", None), ("lru", None), ("ondemand", None))
+TARGET = 0.15
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", type=Path, help="a calibrated cpu profile (default: calibrate now)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fractions", default="0.25,0.5")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "build" / "disk-bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "validate_mock.json")
+    args = ap.parse_args()
+    path = args.checkpoint
+    if not (path / "config.json").exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "make_mixtral_checkpoint.py"), str(path), *SHAPE],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    profile = args.profile
+    if profile is None:
+        profile = ROOT / "build" / "calibrated-cpu.yaml"
+        subprocess.run(
+            [sys.executable, "-m", "moespeq_cli", "calibrate", "--out", str(profile), "--model", str(path)],
+            check=True,
+        )
+    experts = DiskExperts(Checkpoint(path)).total_bytes
+    probe = Engine(path, EngineOptions(backend="cpu"))
+    ids = probe.tokenizer.encode(DEFAULT_PROMPT)
+    n = args.new_tokens
+    ref = Engine(path, EngineOptions(backend="cpu"))
+    ref.load(len(ids) + n)
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    ref_tokens = [ev.token for ev in ref.generate(ids, n, SamplingParams())]
+    cells = []
+    for frac in (float(f) for f in args.fractions.split(",")):
+        ram = int(experts * frac)
+        real: dict[str, list] = {}
+        for _ in range(args.rounds):
+            for policy, k in POLICIES:
+                label = policy + (f" k={k}" if k else "")
+                o = EngineOptions(backend="cpu", ram=ram, spec_depth=k or "auto")
+                real.setdefault(label, []).append(run_policy(path, ids, n, policy, o, label))
+        rows = []
+        for policy, k in POLICIES:
+            label = policy + (f" k={k}" if k else "")
+            o = EngineOptions(backend="mock", hardware=str(profile), ram=ram, spec_depth=k or "auto")
+            sim = run_policy(path, ids, n, policy, o, label)
+            runs = sorted(real[label], key=lambda r: r.stats.seconds)
+            med = runs[len(runs) // 2]
+            hw = load_profile(str(profile))
+            scale = med.disk_bandwidth / hw.disk_bandwidth if med.disk_bandwidth else 1.0
+            as_run = replace(
+                hw,
+                disk_bandwidth=hw.disk_bandwidth * scale,
+                disk_queue_bandwidth=tuple(b * scale for b in hw.disk_queue_bandwidth or ()) or None,
+            )
+            o2 = EngineOptions(backend="mock", hardware=as_run, ram=ram, spec_depth=k or "auto")
+            sim2 = run_policy(path, ids, n, policy, o2, label)
+            same = all(x.token_ids == ref_tokens for x in (sim, sim2, *runs))
+            rows.append(
+                {
+                    "policy": label,
+                    "measured_tokens_per_s": med.stats.tokens_per_s,
+                    "measured_range": [runs[-1].stats.tokens_per_s, runs[0].stats.tokens_per_s],
+                    "predicted_tokens_per_s": sim.stats.tokens_per_s,
+                    "ratio": sim.stats.tokens_per_s / med.stats.tokens_per_s,
+                    "predicted_as_run_tokens_per_s": sim2.stats.tokens_per_s,
+                    "ratio_as_run": sim2.stats.tokens_per_s / med.stats.tokens_per_s,
+                    "disk_during_run": med.disk_bandwidth,
+                    "measured_io_stall_s": med.stats.io_stall_s,
+                    "predicted_io_stall_s": sim.stats.io_stall_s,
+                    "measured_bytes_read": med.stats.bytes_read,
+                    "predicted_bytes_read": sim.stats.bytes_read,
+                    "same_tokens": same,
+                    "measured": asdict(med.stats),
+                    "predicted": asdict(sim.stats),
+                }
+            )
+        measured_rank = [r["policy"] for r in sorted(rows, key=lambda r: -r["measured_tokens_per_s"])]
+        predicted_rank = [r["policy"] for r in sorted(rows, key=lambda r: -r["predicted_tokens_per_s"])]
+        cell = {
+            "ram_fraction": frac,
+            "ram_bytes": ram,
+            "rows": rows,
+            "measured_rank": measured_rank,
+            "predicted_rank": predicted_rank,
+        }
+        cells.append(cell)
+        print(f"\n### --ram {ram / 1e6:.0f} MB ({frac:.0%} of the experts), {args.rounds} real runs each\n")
+        print(
+            "| policy | measured tok/s (range) | predicted tok/s | predicted / measured | stall measured | stall predicted | MB read measured | MB read predicted |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            lo, hi = r["measured_range"]
+            print(
+                f"| {r['policy']} | {r['measured_tokens_per_s']:.2f} ({lo:.2f}-{hi:.2f}) | {r['predicted_tokens_per_s']:.2f} | "
+                f"{r['ratio']:.2f} | {(r['disk_during_run'] or 0) / 1e9:.2f} GB/s | {r['predicted_as_run_tokens_per_s']:.2f} | "
+                f"{r['ratio_as_run']:.2f} | {r['measured_io_stall_s']:.2f} s | {r['predicted_io_stall_s']:.2f} s | "
+                f"{(r['measured_bytes_read'] or 0) / 1e6:.0f} | {(r['predicted_bytes_read'] or 0) / 1e6:.0f} |"
+            )
+        print(f"\nranking measured: {', '.join(measured_rank)}\nranking predicted: {', '.join(predicted_rank)}")
+    worst = max(abs(r["ratio"] - 1) for c in cells for r in c["rows"])
+    worst_as_run = max(abs(r["ratio_as_run"] - 1) for c in cells for r in c["rows"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"profile": str(profile), "cells": cells}) + "\n")
+    print(
+        json.dumps(
+            {
+                "benchmark": "validate_mock",
+                "new_tokens": n,
+                "worst_error": round(worst, 3),
+                "within_target": worst <= TARGET,
+                "worst_error_disk_as_run": round(worst_as_run, 3),
+                "within_target_disk_as_run": worst_as_run <= TARGET,
+                "same_ranking": all(c["measured_rank"] == c["predicted_rank"] for c in cells),
+                "same_tokens": all(r["same_tokens"] for c in cells for r in c["rows"]),
+                "ratios": {
+                    f"{c['ram_fraction']}": {r["policy"]: round(r["ratio"], 3) for r in c["rows"]} for c in cells
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
