@@ -136,9 +136,10 @@ def main() -> None:
         cells.append(cell)
         print(f"\n### --ram {ram / 1e6:.0f} MB ({frac:.0%} of the experts), {args.rounds} real runs each\n")
         print(
-            "| policy | measured tok/s (range) | predicted tok/s | predicted / measured | stall measured | stall predicted | MB read measured | MB read predicted |"
+            "| policy | measured tok/s (range) | predicted | predicted / measured | disk during run | predicted, that disk "
+            "| / measured | stall measured | stall predicted | MB read measured | MB read predicted |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             lo, hi = r["measured_range"]
             print(

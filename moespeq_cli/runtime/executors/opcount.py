@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNC_OPS = {"aten.item.default", "aten._local_scalar_dense.default"}
+METADATA_OPS = {"aten.detach_.default"}  # in place on a tensor's metadata: nothing launched
 
 
 CAST_OPS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.other"}
@@ -47,7 +48,7 @@ class OpCounter(TorchDispatchMode):
         name = str(func)
         if self.paused:
             self.internal += 1
-        elif func.is_view and _shares_memory(out, args):
+        elif (func.is_view and _shares_memory(out, args)) or name in METADATA_OPS:
             self.views += 1
         elif self.skip_casts and name in CAST_OPS and _changes_dtype(out, args):
             self.casts += 1
@@ -74,7 +75,8 @@ def _shares_memory(out, args) -> bool:
 
 
 def count_ops(fn, *args, **kwargs):
-    """Run ``fn`` and count what it dispatches: -> (its result, the OpCounter)."""
-    with OpCounter() as counter:
+    """Run ``fn`` as the model runs (in inference mode) and count what it dispatches:
+    -> (its result, the OpCounter)."""
+    with torch.inference_mode(), OpCounter() as counter:
         out = fn(*args, **kwargs)
     return out, counter

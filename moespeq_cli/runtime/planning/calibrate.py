@@ -237,9 +237,9 @@ def disk_source(directory: Path, model_file: Path | None, say: Callable[[str], N
 
 def _draft(path: str, device: torch.device, h: int = 64, i: int = 128):
     """One 4-bit expert on ``path`` (None where the path cannot run here)."""
-    import bitsandbytes.functional as bnb
+    from moespeq_cli.quant.draft import QuantizedExperts, _bnb
 
-    from moespeq_cli.quant.draft import QuantizedExperts
+    bnb = _bnb()  # imported quietly (bitsandbytes logs a line about an optional package)
 
     parts = [
         bnb.quantize_4bit((torch.randn(*s) * 0.05).to(torch.bfloat16).contiguous(), blocksize=64, quant_type="nf4")
