@@ -18,7 +18,11 @@ p = torch.cuda.get_device_properties(0)
 print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")
 PY
 
+echo "== calibrate this GPU (the profile runs without --hardware use)"
+python3 -m moespeq_cli calibrate --out "$out/calibrated-gpu.yaml" --json 2>&1 | tee "$out/calibrate.log"
+
 echo "== CUDA tests"
+
 python3 -m pytest tests/test_cuda.py -v -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 

@@ -173,3 +173,35 @@ def test_calibrate_writes_a_profile_the_mock_simulates_the_cpu_with(tiny, cli, t
     assert eng.plan.compute_tier == "host" and eng.plan.disk_tier and eng.last_stats.clock == "virtual"
     bad = cli("run", str(path), "-n", "2", "--backend", "mock", "--hardware", str(out), "--vram", "1GB")
     assert bad.exit_code == 2 and "kind: cpu" in bad.stderr
+
+
+def test_cuda_runs_price_this_gpu_from_a_cached_calibration(monkeypatch):
+    """With CUDA and no --hardware a run prices the GPU it runs on: calibrated once, then
+    read from moespeq's cache (a different GPU gets its own)."""
+    import types
+
+    from moespeq_cli.runtime.planning import calibrate as cal
+
+    gpu = {"name": "NVIDIA H200"}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(name=gpu["name"]))
+    calls = []
+
+    def measure(disk_dir, cuda=True, say=None):
+        calls.append(gpu["name"])
+        hw = load_profile("h100-pcie")
+        figures = {k: getattr(hw, k) for k in cal.METHODS if k != "disk_queue_bandwidth"}
+        return figures | {
+            "name": "calibrated-gpu",
+            "description": f"{gpu['name']} (calibrated)",
+            "kind": "gpu",
+            "disk_queue_bandwidth": [1e9, 2e9],
+            "kernels": {},
+        }
+
+    first = cal.cached_gpu_profile(measure=measure)
+    again = cal.cached_gpu_profile(measure=measure)
+    assert calls == ["NVIDIA H200"] and first == again and first.description == "NVIDIA H200 (calibrated)"
+    gpu["name"] = "NVIDIA GeForce RTX 4090"
+    assert cal.cached_gpu_profile(measure=measure).description.startswith("NVIDIA GeForce RTX 4090")
+    assert len(calls) == 2

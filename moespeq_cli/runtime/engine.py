@@ -71,8 +71,13 @@ class Engine:
         self.hw: HardwareProfile | None = None
         self.budget: int | None = None
         if not cpu:
-            hw = DEFAULT_HARDWARE if opts.hardware is None else opts.hardware
-            self.hw = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
+            if opts.hardware is None and self.backend_name == "cuda":
+                from moespeq_cli.runtime.planning.calibrate import cached_gpu_profile
+
+                self.hw = cached_gpu_profile()  # this GPU, measured once and cached (not an RTX 3060 assumed)
+            else:
+                hw = DEFAULT_HARDWARE if opts.hardware is None else opts.hardware
+                self.hw = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
 
             if self.hw.kind == "cpu" and (opts.vram is not None or self.backend_name == "cuda"):
                 raise UsageError(

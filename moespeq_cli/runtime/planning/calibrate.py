@@ -408,6 +408,15 @@ METHODS = {
 }
 
 
+def _num(v: float) -> str:
+    """A float as YAML reads it back as one (PyYAML wants a dot: ``1e+09`` is a string)."""
+    text = f"{v:.6g}"
+    mantissa, _, exponent = text.partition("e")
+    if "." not in mantissa and mantissa.lstrip("-").isdigit():
+        mantissa += ".0"
+    return mantissa + (f"e{exponent}" if exponent else "")
+
+
 def profile_yaml(figures: dict) -> str:
     """The profile as YAML, each figure marked as measured, with the date and the method."""
     import json
@@ -440,20 +449,40 @@ def profile_yaml(figures: dict) -> str:
         "disk_latency",
     ):
         v = figures[key]
-        text = json.dumps(v) if isinstance(v, str) else (str(v) if isinstance(v, int) else f"{v:.6g}")
+        text = json.dumps(v) if isinstance(v, str) else (str(v) if isinstance(v, int) else _num(v))
         method = METHODS.get(key)
         out.append(f"{key}: {text}" + (f"  # measured {today}: {method}" if method else ""))
-    q = ", ".join(f"{x:.6g}" for x in figures["disk_queue_bandwidth"])
+    q = ", ".join(_num(x) for x in figures["disk_queue_bandwidth"])
     out.append(f"disk_queue_bandwidth: [{q}]  # measured {today}: {METHODS['disk_queue_bandwidth']}")
     for table in ("kernels", "host_kernels"):
         if not figures.get(table):
             continue
         out.append(f"{table}:  # measured {today}")
         for name, c in figures[table].items():
-            rows = ", ".join("[" + ", ".join(f"{s:.6g}" for s in row) + "]" for row in c["seconds"])
+            rows = ", ".join("[" + ", ".join(_num(x) for x in row) + "]" for row in c["seconds"])
             out.append(f"  {json.dumps(name)}:")
             out.append(f"    tokens: {c['tokens']}")
-            out.append(f"    sizes: [{c['sizes'][0]}, {c['sizes'][1]}]")
+            out.append(f"    sizes: [{_num(c['sizes'][0])}, {_num(c['sizes'][1])}]")
             out.append(f"    seconds: [{rows}]")
             out.append(f"    ops: {c['ops']}")
     return "\n".join(out) + "\n"
+
+
+def cached_gpu_profile(say: Callable[[str], None] = lambda step: None, measure=None):
+    """This GPU's calibrated profile, from moespeq's cache; calibrated (and cached) first
+    when there is none, so that a run without --hardware prices this GPU, not a guess.
+    ``measure``: the calibration to run (tests)."""
+    import re
+
+    from moespeq_cli.fs import atomic_write_text
+    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.runtime.planning.hardware import load_profile
+
+    name = torch.cuda.get_device_properties(torch.cuda.current_device()).name
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+    path = cache_dir() / "profiles" / f"calibrated-{slug}.yaml"
+    if not path.exists():
+        figures = (measure or calibrate)(cache_dir(), cuda=True, say=say)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, profile_yaml(figures))
+    return load_profile(str(path))
