@@ -100,7 +100,7 @@ def test_draft_memory_goes_to_slots_when_speculation_cannot_pay():
     assert s.theta_released() == pytest.approx(1 / (1.4e-3 - 0.3e-3 * 2))
     assert s.release_pays()
     g = Governor(s)
-    g.cycles = 2
+    g.cycles = len(g.warmup_ks)  # past the warm-up
     # releasing cannot be undone: the best depth, never run, runs once first ...
     k = g.choose()
     assert k == s.best_k(lowest=1) >= 1 and not g.release_requested
@@ -142,7 +142,7 @@ def test_draft_is_kept_where_speculation_pays():
     s = release_state(p=0.95, t_draft=0.01e-3)
     assert not s.release_pays()
     g = Governor(s)
-    g.cycles = 2
+    g.cycles = len(g.warmup_ks)  # past the warm-up
     assert g.choose() > 0 and not g.release_requested
 
 

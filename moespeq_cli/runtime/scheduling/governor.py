@@ -338,6 +338,10 @@ class Governor:
         self.arm_since_probe = 0
         self.prefetch = True  # whether this k = 0 cycle runs gate-prefetch
         self.warmup_ks = [min(2, state.k_max), 0] if state.k_max else []
+        if state.spare_slots and state.k_max:
+            # releasing the draft is judged on k = 0 cycles: measure a few, not one
+            self.warmup_ks += [min(2, state.k_max), 0, 0]
+
         self.cycles = 0
         self.zero_run = 0
         self.release_requested = False
