@@ -1,118 +1,234 @@
 #!/usr/bin/env python3
-"""Benchmark: moespeq's CPU engine against transformers ``generate`` on the same checkpoint.
+"""Benchmark: moespeq's CPU decoding against the memory-bandwidth bound and transformers.
 
-Builds a Mixtral-shaped model of about 86M parameters (hidden 512, 4 layers, 8 experts,
-top-2, vocab 32000) with random weights in the Hugging Face layout, then times greedy
-decoding of 64 new tokens from a 32-token prompt in bf16 and fp32, best of ``--repeats``.
-Prints a table and ends with one JSON line. Needs the dev extra (transformers).
+On the CPU a decoding step reads the weights it uses once from DRAM, so its speed limit
+is (bytes of weight read per token) / (memory bandwidth). This script builds Mixtral-shaped
+checkpoints with random weights in the Hugging Face layout, saved in bf16 and in fp32:
 
-    python scripts/bench_cpu.py [--new-tokens 64] [--repeats 3]
+- ``86M``: hidden 512, 4 layers, 8 experts top-2, vocab 32000 (cache-resident on most CPUs);
+- ``791M``: hidden 1024, intermediate 3584, 8 layers, 8 experts top-2 (DRAM-bound);
+
+then, for each, times greedy decoding of ``--new-tokens`` tokens from a 32-token prompt
+with ``moespeq`` (the cpu backend: the plain reference engine) and with transformers'
+``generate``, best of ``--repeats`` after a warm-up. It reports decode tok/s (the steps
+after the first token), the bytes read per token, this machine's memory bandwidth (a
+reduction over a 512 MiB buffer, larger than any last-level cache, the median of nine,
+measured beside each checkpoint's runs), the bound that
+implies, the share of it each achieves, and whether the tokens agree. The last line is
+JSON. Needs the dev extra (transformers); the 791M build takes about a minute and 5 GB
+of temporary disk.
+
+    python scripts/bench_cpu.py [--sizes 86M,791M] [--dtypes bf16,fp32] [--new-tokens 64] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+SIZES = {
+    "86M": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8),
+    "791M": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=8),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-def build(out: Path) -> None:
+
+def build(out: Path, size: str, dtype: torch.dtype) -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     cfg = MixtralConfig(
         vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
         num_key_value_heads=2,
         num_local_experts=8,
         num_experts_per_tok=2,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
+        **SIZES[size],
     )
     model = MixtralForCausalLM(cfg)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    model.save_pretrained(out, safe_serialization=True)
+    with torch.no_grad():  # wider than the default init, so routing and logits are not degenerate
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.6 / p.shape[1] ** 0.5)
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_models
+
+    (out / "tokenizer.json").write_text(json.dumps(tiny_models.byte_tokenizer_json()))
 
 
-def time_ours(path: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> tuple[float, list[int]]:
+def bytes_per_token(path: Path) -> int:
+    """Weight bytes one decoding step reads: every dense weight (attention, routers, the
+    LM head) and top-k routed experts per MoE layer; one embedding row (negligible)."""
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.models.loader import load_model
-    from moespeq_cli.runtime.executors.experts import InMemoryExperts
-    from moespeq_cli.runtime.generate import generate
-    from moespeq_cli.runtime.sampling import SamplingParams
 
     ck = Checkpoint(path)
-    model = load_model(ck, dtype)
-    model.set_experts(InMemoryExperts(ck, dtype))
-    best, tokens = float("inf"), []
+    c = ck.config
+    elem = torch.empty(0, dtype=c.dtype).element_size()
+    expert_names = {k for layer in c.moe_layers for e in range(c.num_experts) for k in c.expert_keys(layer, e)}
+    dense = 0
+    for name in ck.keys():
+        if name in expert_names or "embed_tokens" in name:
+            continue
+        n = 1
+        for d in ck.shape(name):
+            n *= d
+        dense += n * elem
+    expert = 3 * c.hidden_size * c.expert_intermediate * elem
+    return dense + c.top_k * expert * len(c.moe_layers)
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a reduction over 512 MiB of float32 on every core, the median of 9 (this
+    VM's bandwidth drifts by tens of percent from minute to minute, so it is measured
+    again beside every checkpoint's runs)."""
+    from moespeq_cli import kernels
+
+    with kernels.torch_parallel():
+        buf = torch.ones(128 * 2**20)
+        buf.sum()
+        times = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            buf.sum()
+            times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / sorted(times)[len(times) // 2]
+
+
+def decode_rate(first: float, total: float, n: int) -> float:
+    """Tokens per second of the steps after the first token."""
+    return (n - 1) / max(total - first, 1e-9)
+
+
+def time_ours(path: Path, prompt: list[int], n: int, repeats: int) -> tuple[float, float, list[int]]:
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(len(prompt) + n)
+    eng.tokenizer.eos_ids = set()  # random weights: every run decodes all n tokens, as generate's min_new_tokens
+    best, e2e, tokens = 0.0, 0.0, []
     for _ in range(repeats + 1):  # the first run warms up
         t0 = time.perf_counter()
-        tokens = [ev.token for ev in generate(model, prompt, n, SamplingParams())]
-        best = min(best, time.perf_counter() - t0)
-    return n / best, tokens
+        first = None
+        tokens = []
+        for ev in eng.generate(prompt, n, SamplingParams()):
+            tokens.append(ev.token)
+            if first is None:
+                first = time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        best, e2e = max(best, decode_rate(first, total, n)), max(e2e, n / total)
+    eng.close()
+    return best, e2e, tokens
 
 
-def time_hf(path: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> tuple[float, list[int]]:
+def time_hf(path: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> tuple[float, float, list[int]]:
     from transformers import MixtralForCausalLM
 
     model = MixtralForCausalLM.from_pretrained(path, dtype=dtype).eval()
     ids = torch.tensor([prompt])
-    best, tokens = float("inf"), []
-    for _ in range(repeats + 1):
+
+    def run(k: int) -> tuple[float, list[int]]:
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
                 ids,
-                max_new_tokens=n,
-                min_new_tokens=n,
+                max_new_tokens=k,
+                min_new_tokens=k,
                 do_sample=False,
                 pad_token_id=0,
                 attention_mask=torch.ones_like(ids),
             )
-        best = min(best, time.perf_counter() - t0)
-        tokens = out[0, len(prompt) :].tolist()
-    return n / best, tokens
+        return time.perf_counter() - t0, out[0, len(prompt) :].tolist()
+
+    run(n)  # warm-up
+    first = min(run(1)[0] for _ in range(repeats))
+    totals = [run(n) for _ in range(repeats)]
+    total = min(t for t, _ in totals)
+    return decode_rate(first, total, n), n / total, totals[0][1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="86M,791M", help="comma-separated: " + ", ".join(SIZES))
+    ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-transformers", action="store_true", help="time moespeq only")
     args = ap.parse_args()
+    from moespeq_cli import kernels
+
+    threads = torch.get_num_threads()
+    bw = memory_bandwidth()
+    print(
+        f"memory bandwidth: {bw / 1e9:.1f} GB/s (median reduction over 512 MiB, {threads} threads; measured again per run)"
+    )
+    print(f"CPU kernels: {'on' if kernels.available() else 'off (' + str(kernels.why_unavailable()) + ')'}")
     prompt = torch.randint(3, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d)
-        build(path)
-        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            ours, t_ours = time_ours(path, dtype, prompt, args.new_tokens, args.repeats)
-            hf, t_hf = time_hf(path, dtype, prompt, args.new_tokens, args.repeats)
-            rows.append(
-                {
+    for size in args.sizes.split(","):
+        for name in args.dtypes.split(","):
+            dtype = DTYPES[name]
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d)
+                print(f"building {size} {name} ...", flush=True)
+                build(path, size, dtype)
+                nbytes = bytes_per_token(path)
+                bw = memory_bandwidth()  # now, beside the runs it bounds
+                bound = bw / nbytes
+                ours, ours_e2e, t_ours = time_ours(path, prompt, args.new_tokens, args.repeats)
+                row = {
+                    "checkpoint": size,
                     "dtype": name,
-                    "moespeq_tok_s": round(ours, 1),
-                    "transformers_tok_s": round(hf, 1),
-                    "ratio": round(ours / hf, 2),
-                    "same_tokens": t_ours == t_hf,
+                    "bytes_per_token": nbytes,
+                    "memory_bandwidth_gb_s": round(bw / 1e9, 1),
+                    "bound_tok_s": round(bound, 1),
+                    "moespeq_decode_tok_s": round(ours, 1),
+                    "moespeq_share_of_bound": round(ours / bound, 3),
+                    "moespeq_tok_s": round(ours_e2e, 1),
                 }
-            )
-    print(f"{'dtype':6} {'moespeq tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} same tokens")
+                if not args.no_transformers:
+                    with kernels.torch_parallel():  # transformers on every core
+                        hf, hf_e2e, t_hf = time_hf(path, dtype, prompt, args.new_tokens, args.repeats)
+                    row |= {
+                        "transformers_decode_tok_s": round(hf, 1),
+                        "transformers_share_of_bound": round(hf / bound, 3),
+                        "transformers_tok_s": round(hf_e2e, 1),
+                        "ratio_e2e": round(ours_e2e / hf_e2e, 2),
+                        "same_tokens": t_ours == t_hf,
+                    }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    head = f"{'ckpt':5} {'dtype':5} {'MB/tok':>7} {'GB/s':>5} {'bound':>7} {'moespeq':>8} {'share':>6}"
+    if not args.no_transformers:
+        head += f" {'transformers':>12} {'share':>6} {'e2e ratio':>9} same"
+    print(head)
     for r in rows:
-        print(
-            f"{r['dtype']:6} {r['moespeq_tok_s']:>14} {r['transformers_tok_s']:>19} {r['ratio']:>6} {r['same_tokens']}"
+        line = (
+            f"{r['checkpoint']:5} {r['dtype']:5} {r['bytes_per_token'] / 1e6:>7.1f} {r['memory_bandwidth_gb_s']:>5} "
+            f"{r['bound_tok_s']:>7} "
+            f"{r['moespeq_decode_tok_s']:>8} {r['moespeq_share_of_bound']:>6.0%}"
         )
+        if "transformers_decode_tok_s" in r:
+            line += (
+                f" {r['transformers_decode_tok_s']:>12} {r['transformers_share_of_bound']:>6.0%}"
+                f" {r['ratio_e2e']:>9} {r['same_tokens']}"
+            )
+        print(line)
     print(
         json.dumps(
             {
-                "benchmark": "cpu_vs_transformers",
-                "threads": torch.get_num_threads(),
+                "benchmark": "cpu_decode",
+                "threads": threads,
+                "memory_bandwidth_gb_s": round(bw / 1e9, 1),
+                "kernels": kernels.available(),
                 "new_tokens": args.new_tokens,
                 "results": rows,
             }

@@ -13,21 +13,27 @@ from moespeq_cli.runtime.generate import generate
 from moespeq_cli.runtime.sampling import SamplingParams
 
 
-def ours(path, dtype=None):
+def ours(path, dtype=None, cpu_kernels=False):
+    """cpu_kernels: as the cpu backend runs it (moespeq's CPU kernels, weights kept in the
+    checkpoint's dtype, fused q/k/v)."""
     ck = Checkpoint(path)
-    model = load_model(ck, dtype)
-    model.set_experts(InMemoryExperts(ck, dtype or ck.config.dtype))
+    model = load_model(ck, dtype, cpu_kernels=cpu_kernels)
+    model.set_experts(InMemoryExperts(ck, ck.config.dtype if cpu_kernels else dtype or ck.config.dtype, cpu_kernels))
     return model
+
+
+KERNELS = pytest.mark.parametrize("cpu_kernels", [False, True], ids=["torch", "kernels"])
 
 
 def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@KERNELS
 @pytest.mark.parametrize("family,variant", VARIANTS)
-def test_logits_match_reference(tiny, family, variant):
+def test_logits_match_reference(tiny, family, variant, cpu_kernels):
     path, ref = tiny(family, variant)
-    model = ours(path)
+    model = ours(path, cpu_kernels=cpu_kernels)
     ids = torch.randint(3, 200, (24,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids[None]).logits[0]
@@ -40,10 +46,11 @@ def test_logits_match_reference(tiny, family, variant):
     assert rel_err(torch.cat(parts), expected) < 1e-4
 
 
+@KERNELS
 @pytest.mark.parametrize("family,variant", VARIANTS)
-def test_greedy_tokens_match_generate(tiny, family, variant):
+def test_greedy_tokens_match_generate(tiny, family, variant, cpu_kernels):
     path, ref = tiny(family, variant)
-    model = ours(path)
+    model = ours(path, cpu_kernels=cpu_kernels)
     prompt = torch.randint(3, 200, (16,), generator=torch.Generator().manual_seed(2)).tolist()
     with torch.no_grad():
         expected = ref.generate(

@@ -39,7 +39,6 @@ Hardware = Annotated[
         help="Hardware profile name (profiles/*.yaml) or a path to one (`moespeq calibrate` writes one for this "
         "machine): timing and default memory. Default: rtx3060-12gb on the mock; with CUDA, this GPU's own "
         "calibration, measured once and cached.",
-
         show_default=False,
     ),
 ]
@@ -83,7 +82,12 @@ CpuThreads = Annotated[
 ]
 Dtype = Annotated[
     Optional[str],
-    typer.Option("--dtype", help="float32 | float16 | bfloat16 (default: the checkpoint's).", show_default=False),
+    typer.Option(
+        "--dtype",
+        help="float32 | float16 | bfloat16: what the model computes in. Default: the checkpoint's on a GPU, float32 "
+        "on the CPU and the mock (where --backend cpu keeps a bf16 or fp16 checkpoint's weights as they are).",
+        show_default=False,
+    ),
 ]
 Chat = Annotated[
     Optional[bool],

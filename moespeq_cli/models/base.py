@@ -133,14 +133,36 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(s.heads * s.head_dim, s.norm_eps)
             self.k_norm = RMSNorm(s.kv_heads * s.head_dim, s.norm_eps)
         self.scale = s.head_dim**-0.5
+        self.rotate = apply_rope  # the CPU kernels swap in their one-call rotation
 
     def kv_dims(self) -> tuple[int, int, int, int]:
         """(query heads, cached kv heads, key dim, value dim)."""
         return self.s.heads, self.s.kv_heads, self.s.head_dim, self.s.head_dim
 
+    def fuse_qkv(self, product: Callable) -> None:
+        """q, k and v in one product ``product(x, w, b)`` (the CPU kernels): their weights
+        (and biases) become views of one buffer, so nothing is held twice and the module's
+        parameters keep their names."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([p.weight for p in projs])
+        b = torch.cat([p.bias for p in projs]) if self.s.qkv_bias else None
+        sizes = [p.out_features for p in projs]
+        for p, wp, bp in zip(projs, w.split(sizes), b.split(sizes) if b is not None else (None,) * 3, strict=True):
+            p.weight = nn.Parameter(wp, requires_grad=False)
+            if bp is not None:
+                p.bias = nn.Parameter(bp, requires_grad=False)
+        self.fused_qkv = (product, w, b, sizes)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fused = getattr(self, "fused_qkv", None)
+        if fused is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        product, w, b, sizes = fused
+        return product(x, w, b).split(sizes, dim=-1)
+
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
         s, T = self.s, x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*d], [T, Hkv*d] x2
+        q, k, v = self.project_qkv(x)  # [T, H*d], [T, Hkv*d] x2
         if s.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if s.clip_qkv is not None:
@@ -152,7 +174,7 @@ class Attention(nn.Module):
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, d], [Hkv, T, d]
         v = v.view(T, s.kv_heads, s.head_dim).transpose(0, 1)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         start = cache.length
         k_all, v_all = cache.write(layer, k, v)
         return self.o_proj(attend(q, k_all, v_all, start, self.scale, s.window))
@@ -186,7 +208,7 @@ class SparseMoE(nn.Module):
         product without them (gate-prefetch applies a later layer's router early)."""
         if self.gate_fp32:
             return F.linear(x.float(), self.gate.weight.float())
-        return self.gate(x) if hooked else F.linear(x, self.gate.weight, self.gate.bias)
+        return self.gate(x) if hooked else self.gate.forward(x)  # forward(): no hooks
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         return None

@@ -12,9 +12,20 @@ from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.checkpoint import Checkpoint
 
 
-def load_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, context: int = 0) -> CausalLM:
+def load_model(
+    ckpt: Checkpoint, dtype: torch.dtype | None = None, context: int = 0, cpu_kernels: bool = False
+) -> CausalLM:
+    """``dtype``: what the model computes in. ``cpu_kernels``: the dense layers compute
+    through moespeq's CPU kernels (kernels/modules.py) with their weights kept in the
+    checkpoint's dtype, not widened to ``dtype`` (half the memory and bytes per token
+    for a bf16 checkpoint computed in float32)."""
     dtype = dtype or ckpt.config.dtype
     model: CausalLM = build_model(ckpt.arch, ckpt.raw_config, context, str(ckpt.path / "config.json"))
+    kept: set[str] = set()
+    if cpu_kernels:
+        from moespeq_cli.kernels.modules import kernel_weight_names
+
+        kept = kernel_weight_names(model)
     tied = bool(ckpt.raw_config.get("tie_word_embeddings", False))
     state = {}
     for name, p in model.state_dict().items():
@@ -27,6 +38,10 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, context: int 
                 f"tensor {src} has shape {list(shape)} but config.json implies {list(p.shape)}; "
                 "the checkpoint and its config disagree"
             )
-        state[name] = ckpt.tensor(src, dtype)
+        state[name] = ckpt.tensor(src, None if name in kept else dtype)
     model.load_state_dict(state, assign=True)
+    if cpu_kernels:
+        from moespeq_cli.kernels.modules import use_cpu_kernels
+
+        use_cpu_kernels(model, dtype)
     return model.eval()

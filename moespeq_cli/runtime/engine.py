@@ -126,6 +126,20 @@ class Engine:
             else (torch.float32 if cpu or self.backend_name == "mock" else self.storage_dtype)
         )
         self.device_dtype = self.dtype if self.device_type == "cpu" else self.storage_dtype  # what it computes in
+        # Where this CPU really computes (the cpu backend; cuda's CPU experts), moespeq's CPU
+        # kernels do it (kernels/): weights stay in the checkpoint's dtype (a bf16 expert is
+        # not widened to float32 in RAM), activations and accumulation are float32, and a
+        # row's result does not depend on the batch, so speculative decoding stays exact.
+        from moespeq_cli import kernels
+
+        self.cpu_kernels = (
+            self.backend_name == "cuda" or (cpu and self.dtype == torch.float32)
+        ) and kernels.available()
+        if cpu and self.cpu_kernels:
+            kernels.claim_threads()
+        if cpu and self.cpu_kernels and self.storage_dtype == torch.float32 and opts.dtype:
+            self.storage_dtype = self.ckpt.config.dtype  # --dtype float32: the numerics, not a widened copy
+        self.host_dtype = self.storage_dtype if cpu and self.cpu_kernels else self.dtype  # what RAM holds on cpu
         self.plan: Plan | None = None
         self.backend = None
         self.tiers = None
@@ -174,7 +188,7 @@ class Engine:
             max_slots=self.opts.max_slots,
         )
         if self.device_type == "cpu":
-            fixed = checkpoint_plan(self.ckpt, context, dtype=self.dtype)  # unbounded: the sizes
+            fixed = checkpoint_plan(self.ckpt, context, dtype=self.host_dtype)  # unbounded: the sizes
             ram, source = self.ram, None
             if ram is None:
                 ram, source = default_ram(fixed.non_expert_bytes + fixed.kv_cache_bytes + fixed.workspace_bytes)
@@ -222,8 +236,9 @@ class Engine:
         if plan is None:
             from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
-            self.model = load_model(self.ckpt, self.dtype, context)
-            self.model.set_experts(InMemoryExperts(self.ckpt, self.dtype))
+            ck = self.cpu_kernels
+            self.model = load_model(self.ckpt, self.dtype, context, cpu_kernels=ck)
+            self.model.set_experts(InMemoryExperts(self.ckpt, self.host_dtype, fast=ck))
             return
         from moespeq_cli.runtime.executors.instrument import instrument
         from moespeq_cli.runtime.executors.offload import OffloadedExperts
@@ -237,11 +252,13 @@ class Engine:
             backend.alloc(plan.kv_cache_bytes, "KV cache")
             backend.alloc(plan.workspace_bytes, "workspace")
         backend.alloc(plan.slot_bytes, "expert slots")
-        model = load_model(self.ckpt, self.dtype, context)
+        model = load_model(self.ckpt, self.dtype, context, cpu_kernels=self.cpu_kernels and backend.name == "cpu")
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         self.tiers = tiers = ExpertTiers(self.ckpt, plan, backend)
         self.cache = tiers.compute
-        self.target_exec = OffloadedExperts(self.model, tiers, backend, self.policy, self.device_dtype, self.dtype)
+        self.target_exec = OffloadedExperts(
+            self.model, tiers, backend, self.policy, self.device_dtype, self.dtype, self.cpu_kernels
+        )
 
         self.model.set_experts(self.target_exec)
         if self.policy.preload:

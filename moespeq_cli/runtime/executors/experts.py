@@ -18,12 +18,27 @@ import torch.nn.functional as F
 from moespeq_cli.models.checkpoint import Checkpoint
 
 
-def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H]. Weights held in another dtype
-    than the activations (a bf16 checkpoint's experts in RAM, computed in float32 on the
-    CPU) are widened for the product, into a scratch buffer kept for the thread: the same
-    values as widening them at load, without allocating (and page-faulting) 3 x I x H
-    floats per expert."""
+def expert_mlp(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fast: bool = False
+) -> torch.Tensor:
+    """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H].
+
+    ``fast``: where the expert really runs on this CPU (the cpu backend, CPU experts
+    beside a GPU), moespeq's decode kernel computes it in one call from the weights as
+    they are (bf16 stays bf16) with fp32 activations and accumulation (kernels/). The
+    mock keeps torch's ops, whose count it prices as a GPU's launches. Otherwise weights
+    held in another dtype than the activations are widened for the product, into a
+    scratch buffer kept for the thread: the same values as widening them at load,
+    without allocating (and page-faulting) 3 x I x H floats per expert."""
+    if fast:
+        from moespeq_cli import kernels
+
+        if x.dtype != torch.float32 and x.device.type == "cpu":  # bf16 activations (cuda's host experts)
+            return expert_mlp(x.float(), gate, up, down, fast).to(x.dtype)
+        if gate.dtype == up.dtype == down.dtype and kernels.takes(x, gate, up, down):
+            return kernels.expert(x, gate, up, down)
+        with kernels.torch_parallel():  # a prefill's many rows: torch's GEMM
+            return expert_mlp(x, gate, up, down)
     if gate.dtype != x.dtype:
         gate, up, down = widened(x.dtype, x.device, gate, up, down)
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
@@ -96,11 +111,13 @@ class InMemoryExperts:
     """Every routed expert in host memory (the ExpertStore's packed buffers): the ``cpu``
     backend and the reference the offloading runtime is checked against."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, fast: bool = False):
+        """``dtype``: what the experts are held in; ``fast``: computed by the CPU kernels."""
         from moespeq_cli.runtime.tiers.store import ExpertStore
 
         self.store = ExpertStore(ckpt, dtype)
+        self.fast = fast
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        store = self.store
-        return grouped(x, ids, weights, lambda e, xe: expert_mlp(xe, *store.views(store.buffer(layer, e))))
+        store, fast = self.store, self.fast
+        return grouped(x, ids, weights, lambda e, xe: expert_mlp(xe, *store.views(store.buffer(layer, e)), fast))

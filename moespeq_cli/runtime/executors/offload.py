@@ -43,10 +43,17 @@ class OffloadedExperts:
         policy: Policy,
         act_dtype: torch.dtype | None = None,
         compute_dtype: torch.dtype | None = None,
+        cpu_kernels: bool = False,
     ):
         """``act_dtype``: what the (real or simulated) device computes the experts in;
-        ``compute_dtype``: what the activations here really are (float32 on the mock)."""
+        ``compute_dtype``: what the activations here really are (float32 on the mock);
+        ``cpu_kernels``: experts that really run on this CPU use moespeq's CPU kernels (the
+        cpu backend's compute tier, cuda's CPU experts; never the mock, which prices torch's
+        ops as a GPU's)."""
         self.model, self.tiers, self.backend, self.policy = model, tiers, backend, policy
+        on_cpu = backend.device.type == "cpu" and backend.name != "mock"
+        self.fast_compute = cpu_kernels and on_cpu  # the compute tier is this CPU
+        self.fast_host = cpu_kernels and backend.name != "mock"  # CPU experts beside a device
         self.cache = tiers.compute
         c = tiers.config
         self.hidden, self.inter = c.hidden_size, c.expert_intermediate
@@ -126,7 +133,7 @@ class OffloadedExperts:
                 issued.add(e)
             self.backend.wait(cache.arrival[key], layer, e)
             token = self.backend.begin()
-            y = expert_mlp(xe, *cache.weights(key))
+            y = expert_mlp(xe, *cache.weights(key), self.fast_compute)
             self.backend.end(token, self.host_cost(xe.shape[0])[0], f"expert L{layer}.E{e}", layer, e)
             cache.mark_used(key)
             cache.pinned.discard(key)
@@ -200,7 +207,7 @@ class OffloadedExperts:
         weights, read = self.tiers.host_expert((layer, e))
 
         def fn(xh: torch.Tensor) -> torch.Tensor:
-            return expert_mlp(xh, *weights)
+            return expert_mlp(xh, *weights, self.fast_host)
 
         job = self.backend.host_compute(xe, fn, cost, act, f"cpu expert L{layer}.E{e}", layer, e, after=read)
         self.tiers.host.hold((layer, e), job.event)  # its host slot stays until the CPU is done

@@ -1,0 +1,155 @@
+"""Decode-shaped CPU kernels: ``linear`` and ``expert`` at the memory-bandwidth limit.
+
+On the CPU a decoding step is a matrix-vector product over weights read from DRAM once
+per token, so its speed limit is the bytes of weight it reads divided by the memory
+bandwidth. torch's one-row matmul reaches about a third of that on bf16 weights; the C
+kernels here (cpu_matvec.c, built once per machine by build.py) read each weight once per
+block of four tokens, widen bf16/fp16 to fp32 in registers and accumulate in fp32,
+split the rows over a small thread pool, and run a whole gated expert in one call.
+
+Two promises the runtime relies on:
+
+- **Same numerics class as the reference**: fp32 activations, fp32 accumulation; bf16
+  weights are used as they are (widening bf16 to fp32 is exact), so the result is the
+  float32 model's up to the order of summation.
+- **Batch invariance**: a row's result does not depend on how many rows are computed with
+  it, so verification over k+1 tokens equals k+1 single-token steps bit for bit, and
+  speculative decoding stays lossless with bf16 weights.
+
+``available()`` says whether the fast path is on; callers fall back to torch (widening
+the weights into a scratch buffer) when it is not, or for shapes it does not take
+(activations other than fp32, more than ``MAX_ROWS`` rows, non-CPU tensors).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from moespeq_cli.kernels.build import library
+
+WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_ROWS = 64  # beyond this (prefill) a GEMM library does better than a GEMV kernel
+_pool = 0  # the pool's threads, once started
+_claimed = False
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def _lib() -> ctypes.CDLL | None:
+    global _pool
+    lib = library()
+    if lib is not None and not _pool:
+        # torch's thread count at first use (``--cpu-threads`` sets it); workers spin a little
+        # between calls (MOESPEQ_KERNEL_SPIN pause iterations), then sleep
+        _pool = lib.ms_init(max(1, torch.get_num_threads()), _spin())
+    return lib
+
+
+def _spin() -> int:
+    raw = os.environ.get("MOESPEQ_KERNEL_SPIN", "")
+    return int(raw) if raw.isdigit() else 20000
+
+
+def claim_threads() -> None:
+    """The kernels' pool takes the cores for decoding and torch's own parallelism steps
+    down to one thread, except inside ``torch_parallel`` (a long prefill). Two pools that
+    each spin between calls on the same cores slow each other down: measured on the
+    2-core demo run, 113 tok/s with both pools against 420 with one."""
+    global _claimed
+    if _lib() is not None and _pool > 1 and not _claimed:
+        _claimed = True
+        torch.set_num_threads(1)
+
+
+class torch_parallel:
+    """torch with the pool's thread count for the block (work the kernels hand back)."""
+
+    def __enter__(self):
+        self.on = _claimed
+        if self.on:
+            torch.set_num_threads(_pool)
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_num_threads(1)
+
+
+def why_unavailable() -> str | None:
+    from moespeq_cli.kernels import build
+
+    return None if available() else build.why_not
+
+
+def takes(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """Whether the kernels compute ``x`` against weights ``ws`` (else: torch)."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.shape[0] <= MAX_ROWS
+        and all(w.device.type == "cpu" and w.dtype in WTYPES and w.is_contiguous() for w in ws)
+        and _lib() is not None
+    )
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [T, K] @ w[N, K].T (+ bias)`` in fp32; ``takes(x, w)`` must hold."""
+    x = x.contiguous()
+    T, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(T, N, dtype=torch.float32)
+    b = 0 if bias is None else bias.float().contiguous().data_ptr()
+    _lib().ms_linear(x.data_ptr(), w.data_ptr(), WTYPES[w.dtype], b or None, y.data_ptr(), T, N, K)
+    return y
+
+
+def expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``down(silu(gate x) * up x)`` for x [T, H], gate/up [I, H], down [H, I], in one
+    call; ``takes(x, gate, up, down)`` must hold and the three share a dtype."""
+    x = x.contiguous()
+    T, H = x.shape
+    inter = gate.shape[0]
+    scratch = torch.empty(2 * T * inter, dtype=torch.float32)
+    y = torch.empty(T, H, dtype=torch.float32)
+    _lib().ms_expert(
+        x.data_ptr(),
+        gate.data_ptr(),
+        up.data_ptr(),
+        down.data_ptr(),
+        WTYPES[gate.dtype],
+        scratch.data_ptr(),
+        y.data_ptr(),
+        T,
+        H,
+        inter,
+    )
+    return y
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch's RMSNorm in float32 (``weight * (x * rsqrt(mean(x^2) + eps))``) over the last
+    dimension, in one call; x and weight fp32 on the CPU."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    H = x.shape[-1]
+    _lib().ms_rmsnorm(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel() // H, H)
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` (half-split rotary), bit for bit, in one call.
+    x [heads, T, d] fp32 with its last dimension contiguous; cos, sin [T, d]."""
+    heads, T, d = x.shape
+    if x.stride(2) != 1 or x.dtype != torch.float32 or cos.dtype != torch.float32 or _lib() is None:
+        from moespeq_cli.models.rope import apply_rope
+
+        return apply_rope(x, cos, sin)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(heads, T, d, dtype=torch.float32)
+    _lib().ms_rope(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), heads, T, d)
+    return out

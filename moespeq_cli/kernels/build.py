@@ -1,0 +1,116 @@
+"""Build and load the CPU kernels (cpu_matvec.c) once per machine, with the system C compiler.
+
+The shared library is compiled with ``-O3 -march=native`` on first use into the user's
+cache (``$XDG_CACHE_HOME/moespeq/kernels``, keyed by the source, the compiler and this CPU's
+flags, so a changed source or a moved cache never loads a stale or foreign build) and
+loaded with ctypes. It takes under a second; a machine with no compiler, or
+``MOESPEQ_KERNELS=off``, gets ``None`` and moespeq computes with torch instead (the same
+numerics class, fp32 accumulation; slower). The build is written to a temporary file
+and renamed, so two processes building at once never load half a library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("cpu_matvec.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+why_not: str | None = None  # why the kernels are unavailable, when they are
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_dir() -> Path:
+    from moespeq_cli.quant.draft import cache_dir as moespeq_cache
+
+    return moespeq_cache() / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    key = hashlib.sha256(src + repr((version, FLAGS, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_matvec-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.ms_version.restype = i
+    lib.ms_simd.restype = i
+    lib.ms_init.argtypes = [i, i]
+    lib.ms_init.restype = i
+    lib.ms_linear.argtypes = [p, p, i, p, p, L, L, L]
+    lib.ms_linear.restype = None
+    lib.ms_expert.argtypes = [p, p, p, p, i, p, p, L, L, L]
+    lib.ms_expert.restype = None
+    lib.ms_rmsnorm.argtypes = [p, p, ctypes.c_float, p, L, L]
+    lib.ms_rmsnorm.restype = None
+    lib.ms_rope.argtypes = [p, L, L, p, p, p, L, L, L]
+    lib.ms_rope.restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first use; None where they cannot be (``why_not`` says)."""
+    global _lib, why_not
+    if _lib is not False:
+        return _lib
+    with _lock:
+        if _lib is not False:
+            return _lib
+        if os.environ.get("MOESPEQ_KERNELS", "").lower() in ("0", "off", "no", "false"):
+            why_not, _lib = "turned off by MOESPEQ_KERNELS", None
+            return None
+        if platform.system() != "Linux":
+            why_not, _lib = f"not built on {platform.system()} (Linux only for now)", None
+            return None
+        cc = _compiler()
+        if cc is None:
+            why_not, _lib = "no C compiler found (cc, gcc or clang; or set CC)", None
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            _declare(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            why_not, _lib = f"could not build the CPU kernels: {e}", None
+            return None
+        _lib = lib
+        return lib

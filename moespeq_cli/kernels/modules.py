@@ -1,0 +1,70 @@
+"""Put a model's dense layers on the CPU kernels: every ``nn.Linear`` computes through
+``kernels.linear`` (its weight kept in the checkpoint's dtype, activations fp32), every
+``nn.Embedding`` looks up rows in that dtype and widens them, attention's q, k and v
+projections run as one product (one call and one weight stream instead of three), and
+RMSNorm and the rotary embedding run as one call each instead of several torch ops.
+
+The module tree and its parameter names are unchanged (forward hooks, the op counter and
+``load_state_dict`` see the same modules); only ``forward`` is rebound per instance.
+Shapes the kernels do not take (a long prefill, other activation dtypes) go to torch
+with the weight widened for that call.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moespeq_cli import kernels
+
+
+def kernel_weight_names(model: nn.Module) -> set[str]:
+    """The parameters a kernel-backed model keeps in the checkpoint's dtype."""
+    return {
+        f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)
+    }
+
+
+def dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` through the kernels where they take it, else torch."""
+    if x.dim() == 2 and kernels.takes(x, w):
+        return kernels.linear(x, w, b)
+    with kernels.torch_parallel():
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return dense(x, self.weight, self.bias)
+
+
+def _rmsnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return type(self).forward(self, x)
+    return kernels.rmsnorm(x, self.weight, self.eps)
+
+
+def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, self.weight).to(self.out_dtype)
+
+
+def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
+    from moespeq_cli.models.base import Attention, RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fuse_qkv(dense)
+            m.rotate = kernels.rope
+        elif type(m) is RMSNorm and m.weight.dtype == torch.float32 == act_dtype:
+            m.forward = types.MethodType(_rmsnorm_forward, m)
+        if isinstance(m, nn.Linear):
+            m.forward = types.MethodType(_linear_forward, m)
+        elif isinstance(m, nn.Embedding):
+            m.out_dtype = act_dtype
+            m.forward = types.MethodType(_embedding_forward, m)
+    return model

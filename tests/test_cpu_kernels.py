@@ -1,0 +1,188 @@
+"""moespeq's CPU kernels (moespeq_cli/kernels): every fast path equals the reference
+product within fp32-accumulation tolerance on odd shapes, a row's result does not depend
+on the batch (what keeps speculative decoding exact with bf16 weights), and where the
+kernels cannot be built moespeq falls back to torch with the same tokens."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moespeq_cli import kernels
+from moespeq_cli.kernels import build
+from moespeq_cli.models.base import RMSNorm
+from moespeq_cli.models.rope import apply_rope
+from moespeq_cli.runtime.executors.experts import expert_mlp
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"CPU kernels unavailable: {build.why_not}")
+
+WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (tokens, out, in): below, at and above a 16-wide chunk and a 64-wide step, ragged tails
+SHAPES = [(1, 1, 1), (1, 7, 13), (3, 33, 100), (4, 64, 64), (5, 129, 1000), (9, 17, 2049), (1, 300, 4096 + 17)]
+FP32_TOL = 2e-6  # relative to the output's scale: fp32 accumulation in another order
+
+
+def reference(x, w, b=None):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+def scaled_err(got, want):
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_linear_matches_reference(T, N, K, wdtype):
+    g = torch.Generator().manual_seed(T * 1000 + N + K)
+    x = torch.randn(T, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(wdtype)
+    b = torch.randn(N, generator=g)
+    assert kernels.takes(x, w)
+    assert scaled_err(kernels.linear(x, w), reference(x, w)) < FP32_TOL
+    assert scaled_err(kernels.linear(x, w, b), reference(x, w, b)) < FP32_TOL
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+def test_rows_do_not_depend_on_the_batch(wdtype):
+    """A verification pass over T tokens and T single-token passes give the same bits."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(300, 1000, generator=g).to(wdtype)  # large enough to split over the pool
+    x = torch.randn(kernels.MAX_ROWS, 1000, generator=g)
+    together = kernels.linear(x, w)
+    for T in (1, 2, 3, 5, 8, 13):
+        assert torch.equal(kernels.linear(x[:T], w), together[:T])
+    assert torch.equal(torch.cat([kernels.linear(x[i : i + 1], w) for i in range(9)]), together[:9])
+    gate, up = torch.randn(2, 96, 80, generator=g).to(wdtype)
+    down = torch.randn(80, 96, generator=g).to(wdtype)
+    xs = torch.randn(6, 80, generator=g)
+    batch = kernels.expert(xs, gate, up, down)
+    assert torch.equal(torch.cat([kernels.expert(xs[i : i + 1], gate, up, down) for i in range(6)]), batch)
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("T,H,inter", [(1, 8, 5), (3, 100, 37), (7, 256, 1000)])
+def test_expert_matches_reference(T, H, inter, wdtype):
+    g = torch.Generator().manual_seed(H + inter)
+    x = torch.randn(T, H, generator=g)
+    gate, up = (torch.randn(inter, H, generator=g).to(wdtype) * H**-0.5 for _ in range(2))
+    down = torch.randn(H, inter, generator=g).to(wdtype) * inter**-0.5
+    want = F.linear(F.silu(F.linear(x.double(), gate.double())) * F.linear(x.double(), up.double()), down.double())
+    assert scaled_err(kernels.expert(x, gate, up, down), want) < 1e-5
+    assert scaled_err(expert_mlp(x, gate, up, down, fast=True), want) < 1e-5
+
+
+def test_expert_mlp_falls_back_where_the_kernels_do_not_apply():
+    g = torch.Generator().manual_seed(3)
+    gate, up = (torch.randn(24, 16, generator=g).bfloat16() for _ in range(2))
+    down = torch.randn(16, 24, generator=g).bfloat16()
+    many = torch.randn(kernels.MAX_ROWS + 1, 16, generator=g)  # a prefill: torch's GEMM
+    assert not kernels.takes(many, gate)
+    assert scaled_err(expert_mlp(many, gate, up, down, fast=True), expert_mlp(many, gate, up, down).double()) < 1e-6
+    half = torch.randn(2, 16, generator=g).bfloat16()  # bf16 activations: computed in fp32, returned in bf16
+    out = expert_mlp(half, gate, up, down, fast=True)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 16)
+
+
+def test_rmsnorm_and_rope_match_torch():
+    g = torch.Generator().manual_seed(5)
+    norm = RMSNorm(100, 1e-5)
+    norm.weight.data = torch.randn(100, generator=g)
+    norm.weight.requires_grad_(False)
+    x = torch.randn(3, 4, 100, generator=g)
+    assert scaled_err(kernels.rmsnorm(x, norm.weight, 1e-5), norm(x).double()) < 1e-6
+    q = torch.randn(5, 8, 64, generator=g).transpose(0, 1)  # [heads, T, d], as attention passes it
+    cos, sin = torch.randn(2, 5, 64, generator=g)
+    assert torch.equal(kernels.rope(q, cos, sin), apply_rope(q, cos, sin))
+
+
+def test_no_compiler_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    assert build.library() is None
+    assert "no C compiler" in build.why_not
+    monkeypatch.setattr(kernels, "_pool", 0)
+    assert not kernels.available() and not kernels.takes(torch.zeros(1, 4), torch.zeros(4, 4))
+    monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setenv("MOESPEQ_KERNELS", "off")
+    assert build.library() is None and "MOESPEQ_KERNELS" in build.why_not
+
+
+def test_a_failed_build_is_reported_not_loaded(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setattr(build, "FLAGS", [*build.FLAGS, "-DMS_BROKEN", "-include", "/nonexistent/header.h"])
+    assert build.library() is None
+    assert "could not build" in build.why_not
+    assert not list((tmp_path / "moespeq" / "kernels").glob("*.so*"))  # no half-written library left
+
+
+def test_build_is_cached_per_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cc = build._compiler()
+    first = build._build(cc)
+    assert first.is_file() and first.parent == tmp_path / "moespeq" / "kernels"
+    mtime = first.stat().st_mtime_ns
+    assert build._build(cc) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def test_bf16_checkpoint_keeps_bf16_weights_on_the_cpu_backend(tiny):
+    """The cpu backend holds a bf16 checkpoint's weights in bf16 (half of float32's memory)
+    and computes in float32: the logits are the float32 model's on the same weights."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny("mixtral", "gqa", torch.bfloat16)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(64)
+    assert eng.cpu_kernels and eng.dtype == torch.float32
+    model = eng.model
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.dtype == torch.bfloat16
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.k_proj.weight.untyped_storage().data_ptr()  # fused
+    store = model.moe_blocks[0].experts.store
+    assert store.packed[0].dtype == torch.bfloat16
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.models.loader import load_model
+    from moespeq_cli.runtime.executors.experts import InMemoryExperts
+
+    ck = Checkpoint(path)
+    widened = load_model(ck, torch.float32)  # torch, every weight widened to float32 at load
+    widened.set_experts(InMemoryExperts(ck, torch.float32))
+    assert widened.lm_head.weight.dtype == torch.float32
+    ids = torch.randint(3, 200, (16,), generator=torch.Generator().manual_seed(3))
+    expected = widened(ids, widened.new_cache())
+    got = model(ids, model.new_cache())
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_the_plain_c_path_is_exact_and_batch_invariant(tmp_path):
+    """The path machines without AVX-512 build (here: compiled for baseline x86-64, or
+    the host's own flags elsewhere), called directly."""
+    import ctypes
+    import platform
+    import subprocess
+
+    cc = build._compiler()
+    march = ["-march=x86-64"] if platform.machine() == "x86_64" else []
+    flags = [f for f in build.FLAGS if not f.startswith("-march")] + march
+    lib_path = tmp_path / "plain.so"
+    subprocess.run([cc, *flags, "-o", str(lib_path), str(build.SOURCE), "-lm"], check=True, timeout=120)
+    lib = ctypes.CDLL(str(lib_path))
+    build._declare(lib)
+    assert lib.ms_simd() == 0
+    lib.ms_init(2, 1000)
+    g = torch.Generator().manual_seed(11)
+    for wdtype in WDTYPES:
+        x = torch.randn(6, 77, generator=g)
+        w = torch.randn(301, 77, generator=g).to(wdtype)  # 301 rows: split over two threads
+        b = torch.randn(301, generator=g)
+
+        def linear(rows, x=x, w=w, b=b, wdtype=wdtype):
+            y = torch.empty(rows.shape[0], 301)
+            lib.ms_linear(
+                rows.data_ptr(), w.data_ptr(), kernels.WTYPES[wdtype], b.data_ptr(), y.data_ptr(), *y.shape, 77
+            )
+            return y
+
+        together = linear(x)
+        assert scaled_err(together, reference(x, w, b)) < FP32_TOL
+        assert torch.equal(torch.cat([linear(x[i : i + 1].clone()) for i in range(6)]), together)
