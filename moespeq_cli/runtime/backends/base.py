@@ -232,5 +232,11 @@ class Backend(ABC):
     def synchronize(self) -> None:  # noqa: B027 - nothing to wait for on a virtual clock
         """Block until all queued device work is done."""
 
+    def resolve_stalls(self) -> None:  # noqa: B027 - the mock and cpu count stalls as they happen
+        """Bring ``io_stall_s`` up to date with every stall that has completed, without a
+        synchronisation of its own. The scheduler calls it at the start and end of each
+        cycle, so the governor sees the cycle's stall (on CUDA stalls are timed by events
+        that are only known once the GPU has passed them)."""
+
     def finalize_timeline(self) -> None:  # noqa: B027 - the mock records intervals directly
         """Resolve pending interval timestamps (CUDA events) into the timeline."""

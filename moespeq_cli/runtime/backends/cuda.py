@@ -7,7 +7,9 @@ on the compute stream after the slot's last reader), so a copy never races a ker
 Time: ``now()`` is wall-clock seconds since ``reset_clock``. Intervals are bracketed by
 CUDA events and resolved into the timeline once, at the end (``finalize_timeline``), so
 recording costs no synchronisation on the hot path. I/O stall is the time between an
-event recorded on the compute stream just before a wait and one just after it.
+event recorded on the compute stream just before a wait and one just after it; those
+pairs are resolved at each speculation cycle's start and end (``resolve_stalls``, event
+queries only), so the governor sees each cycle's stall as it runs.
 
 Host compute (hybrid execution): one worker thread is the host stream. A host job waits
 for an event recorded on the compute stream when the job was issued (its activations are
@@ -240,17 +242,19 @@ class CudaBackend(Backend):
         self._issuer.submit(lambda: None).result()  # ... every chained copy is enqueued ...
         torch.cuda.synchronize(self.device)  # ... and done
 
+    def resolve_stalls(self) -> None:
+        """The stalls whose closing event the GPU has passed, folded into ``io_stall_s`` now
+        (a cycle ends with the sampler reading the logits, so all of its are); the rest wait
+        for ``finalize_timeline``. Queries events, never synchronises."""
+        self.io_stall_s += fold_stalls(self._base, self._stall_pairs, self.timeline, done_only=True)
+
     def finalize_timeline(self) -> None:
         self.synchronize()
         t = self._base
         for stream, kind, name, s, e, layer, expert, nbytes, phase in self._pending:
             start, end = t.elapsed_time(s) / 1e3, t.elapsed_time(e) / 1e3
             self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes, phase))
-        for before, after, layer, expert, what in self._stall_pairs:
-            start, end = t.elapsed_time(before) / 1e3, t.elapsed_time(after) / 1e3
-            if end > start:
-                self.io_stall_s += end - start
-                self.timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
+        self.io_stall_s += fold_stalls(t, self._stall_pairs, self.timeline, done_only=False)
         for name, start, end, layer, expert, phase, *rest in self._host_intervals:
             stream, nbytes = rest if rest else ("host", 0)
             kind = "read" if stream == "disk" else "compute"
@@ -258,3 +262,23 @@ class CudaBackend(Backend):
         self._pending.clear()
         self._stall_pairs.clear()
         self._host_intervals.clear()
+
+
+def fold_stalls(base, pairs: list, timeline, done_only: bool) -> float:
+    """Stall seconds of ``pairs`` ((before, after, layer, expert, what): events recorded on
+    the compute stream around a wait), measured from ``base``; each becomes a timeline
+    interval and leaves ``pairs``. ``done_only``: only pairs whose ``after`` event has
+    completed (``query()``), the others stay for later; ``before`` precedes ``after`` on
+    the same stream, so it has completed too."""
+    total, keep = 0.0, []
+    for pair in pairs:
+        before, after, layer, expert, what = pair
+        if done_only and not after.query():
+            keep.append(pair)
+            continue
+        start, end = base.elapsed_time(before) / 1e3, base.elapsed_time(after) / 1e3
+        if end > start:
+            total += end - start
+            timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
+    pairs[:] = keep
+    return total

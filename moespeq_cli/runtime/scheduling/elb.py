@@ -152,6 +152,7 @@ class ElbScheduler(SpecHooks):
     def begin_verify(self, k: int) -> None:
         self.backend.phase = "target"
         self.t_verify = self.backend.now()
+        self.backend.resolve_stalls()  # the draft phase's stalls are not this verification's
         self.stall_before = self.backend.io_stall_s
         self.pump(everything=True)  # phase III: the rest, layer first
         self.verify_routes = [{} for _ in range(k + 1)]
@@ -170,6 +171,7 @@ class ElbScheduler(SpecHooks):
     def end_cycle(self, k: int, accepted: int) -> None:
         self.model.set_router_observer(None)
         now = self.backend.now()
+        self.backend.resolve_stalls()  # on CUDA, stalls are known once the GPU has passed them
         stall = self.backend.io_stall_s - self.stall_before
         target_s = max(0.0, now - self.t_verify - stall)
         draft_s = self.t_verify - self.t_start
