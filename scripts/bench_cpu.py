@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,36 +33,18 @@ from pathlib import Path
 
 import torch
 
-SIZES = {
-    "86M": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8),
-    "791M": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=8),
+SIZES = {  # make_mixtral_checkpoint.py's shape arguments (8 experts, top-2, vocab 32000)
+    "86M": ["--hidden", "512", "--intermediate", "1024", "--layers", "4"],
+    "791M": ["--hidden", "1024", "--intermediate", "3584", "--layers", "8"],
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def build(out: Path, size: str, dtype: torch.dtype) -> None:
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MixtralConfig(
-        vocab_size=32000,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        **SIZES[size],
-    )
-    model = MixtralForCausalLM(cfg)
-    with torch.no_grad():  # wider than the default init, so routing and logits are not degenerate
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 1.0 if "embed" in name else 0.6 / p.shape[1] ** 0.5)
-    model.to(dtype).save_pretrained(out, safe_serialization=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import tiny_models
-
-    (out / "tokenizer.json").write_text(json.dumps(tiny_models.byte_tokenizer_json()))
+    """The checkpoint, written by scripts/make_mixtral_checkpoint.py (as the other benchmarks do)."""
+    script = Path(__file__).with_name("make_mixtral_checkpoint.py")
+    dtype_name = str(dtype).removeprefix("torch.")
+    subprocess.run([sys.executable, str(script), str(out), *SIZES[size], "--dtype", dtype_name], check=True)
 
 
 def bytes_per_token(path: Path) -> int:

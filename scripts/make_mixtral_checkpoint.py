@@ -2,7 +2,7 @@
 """Write a Mixtral-shaped checkpoint with random weights in the real Hugging Face layout
 (config.json, model.safetensors, a byte-level tokenizer.json). Needs transformers (dev).
 
-    python scripts/make_mixtral_checkpoint.py OUT [--hidden 512 --intermediate 1792 --layers 4]
+    python scripts/make_mixtral_checkpoint.py OUT [--hidden 512 --intermediate 1792 --layers 4] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the saved weights' dtype")
     args = ap.parse_args()
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -51,7 +52,7 @@ def main() -> None:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 1.0 if "embed" in name else 0.6 / p.shape[1] ** 0.5)
-    model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
+    model.to(getattr(torch, args.dtype)).save_pretrained(args.out, safe_serialization=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import tiny_models
 

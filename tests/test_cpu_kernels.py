@@ -39,6 +39,8 @@ def test_linear_matches_reference(T, N, K, wdtype):
     assert kernels.takes(x, w)
     assert scaled_err(kernels.linear(x, w), reference(x, w)) < FP32_TOL
     assert scaled_err(kernels.linear(x, w, b), reference(x, w, b)) < FP32_TOL
+    hb = b.bfloat16()  # a bias in another dtype: widened for the call, and kept alive through it
+    assert scaled_err(kernels.linear(x, w, hb), reference(x, w, hb.float())) < FP32_TOL
 
 
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)

@@ -103,8 +103,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     T, K = x.shape
     N = w.shape[0]
     y = torch.empty(T, N, dtype=torch.float32)
-    b = 0 if bias is None else bias.float().contiguous().data_ptr()
-    _lib().ms_linear(x.data_ptr(), w.data_ptr(), WTYPES[w.dtype], b or None, y.data_ptr(), T, N, K)
+    if bias is not None:
+        bias = bias.float().contiguous()  # held here until the call returns
+    b = None if bias is None else bias.data_ptr()
+    _lib().ms_linear(x.data_ptr(), w.data_ptr(), WTYPES[w.dtype], b, y.data_ptr(), T, N, K)
     return y
 
 

@@ -294,9 +294,7 @@ static void expert_job(void *p, int tid, int nth) {
 void ms_expert(const float *x, const void *gate, const void *up, const void *down, int wt, float *scratch, float *y,
                long T, long H, long I) {
     expert_args a = {x, gate, up, down, scratch, scratch + T * I, y, T, H, I, wt, 0};
-    int nth = threads_for(3 * H * I * (wt == W_F32 ? 4 : 2));
-    if (nth > pool.nth) nth = pool.nth;
-    run(expert_job, &a, nth);
+    run(expert_job, &a, threads_for(3 * H * I * (wt == W_F32 ? 4 : 2)));
 }
 
 /* ------------------------------------------------------------------------------------ */

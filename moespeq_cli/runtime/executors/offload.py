@@ -48,12 +48,11 @@ class OffloadedExperts:
         """``act_dtype``: what the (real or simulated) device computes the experts in;
         ``compute_dtype``: what the activations here really are (float32 on the mock);
         ``cpu_kernels``: experts that really run on this CPU use moespeq's CPU kernels (the
-        cpu backend's compute tier, cuda's CPU experts; never the mock, which prices torch's
-        ops as a GPU's)."""
+        cpu backend's compute tier, cuda's CPU experts); the engine never asks it of the
+        mock, which prices torch's ops as a GPU's."""
         self.model, self.tiers, self.backend, self.policy = model, tiers, backend, policy
-        on_cpu = backend.device.type == "cpu" and backend.name != "mock"
-        self.fast_compute = cpu_kernels and on_cpu  # the compute tier is this CPU
-        self.fast_host = cpu_kernels and backend.name != "mock"  # CPU experts beside a device
+        self.fast_compute = cpu_kernels and backend.device.type == "cpu"  # the compute tier is this CPU
+        self.fast_host = cpu_kernels  # CPU experts beside a device
         self.cache = tiers.compute
         c = tiers.config
         self.hidden, self.inter = c.hidden_size, c.expert_intermediate
