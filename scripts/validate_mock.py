@@ -11,11 +11,13 @@ budgets of a quarter and a half of its experts both ways, for every policy:
 - simulated: ``--backend mock --hardware <the calibrated cpu profile> --ram X`` (the CPU
   as the device, the disk as the link, virtual clock);
 - simulated again with the disk as it was during the real runs: the profile's disk
-  figures scaled to the bandwidth the median real run's reads achieved. A disk whose
+  queue curve replaced by the one the median real run's reads show (the bytes the disk
+  served with 1, 2, .. reads in flight, bench.queue_curve). A disk whose
   speed drifts between calibration and run (a VM's, behind its host's cache) is then no
   longer an error of the model: this column isolates what the model itself gets wrong.
 
-It prints predicted against measured tokens/s and I/O stall per policy, their ratios, and
+It prints predicted against measured tokens/s per policy and their ratios, the time split
+into I/O stall and the rest (compute and the host's own time), and
 whether the policies rank alike; target: every policy within 15% of the wall clock.
 Every run's tokens must equal the reference's. Ends with one JSON line.
 
@@ -96,12 +98,8 @@ def main() -> None:
             runs = sorted(real[label], key=lambda r: r.stats.seconds)
             med = runs[len(runs) // 2]
             hw = load_profile(str(profile))
-            scale = med.disk_bandwidth / hw.disk_bandwidth if med.disk_bandwidth else 1.0
-            as_run = replace(
-                hw,
-                disk_bandwidth=hw.disk_bandwidth * scale,
-                disk_queue_bandwidth=tuple(b * scale for b in hw.disk_queue_bandwidth or ()) or None,
-            )
+            queue = med.disk_queue or list(hw.disk_queue_bandwidth or [hw.disk_bandwidth])
+            as_run = replace(hw, disk_bandwidth=max(queue), disk_queue_bandwidth=tuple(queue))
             o2 = EngineOptions(backend="mock", hardware=as_run, ram=ram, spec_depth=k or "auto")
             sim2 = run_policy(path, ids, n, policy, o2, label)
             same = all(x.token_ids == ref_tokens for x in (sim, sim2, *runs))
@@ -115,8 +113,12 @@ def main() -> None:
                     "predicted_as_run_tokens_per_s": sim2.stats.tokens_per_s,
                     "ratio_as_run": sim2.stats.tokens_per_s / med.stats.tokens_per_s,
                     "disk_during_run": med.disk_bandwidth,
+                    "disk_queue_during_run": med.disk_queue,
                     "measured_io_stall_s": med.stats.io_stall_s,
                     "predicted_io_stall_s": sim.stats.io_stall_s,
+                    "predicted_as_run_io_stall_s": sim2.stats.io_stall_s,
+                    "measured_rest_s": med.stats.seconds - med.stats.io_stall_s,
+                    "predicted_as_run_rest_s": sim2.stats.seconds - sim2.stats.io_stall_s,
                     "measured_bytes_read": med.stats.bytes_read,
                     "predicted_bytes_read": sim.stats.bytes_read,
                     "same_tokens": same,
@@ -125,6 +127,7 @@ def main() -> None:
                 }
             )
         measured_rank = [r["policy"] for r in sorted(rows, key=lambda r: -r["measured_tokens_per_s"])]
+        by_round = [sorted(real, key=lambda p: -real[p][i].stats.tokens_per_s) for i in range(args.rounds)]
         predicted_rank = [r["policy"] for r in sorted(rows, key=lambda r: -r["predicted_tokens_per_s"])]
         cell = {
             "ram_fraction": frac,
@@ -132,23 +135,28 @@ def main() -> None:
             "rows": rows,
             "measured_rank": measured_rank,
             "predicted_rank": predicted_rank,
+            "measured_rank_by_round": by_round,
         }
         cells.append(cell)
         print(f"\n### --ram {ram / 1e6:.0f} MB ({frac:.0%} of the experts), {args.rounds} real runs each\n")
         print(
             "| policy | measured tok/s (range) | predicted | predicted / measured | disk during run | predicted, that disk "
-            "| / measured | stall measured | stall predicted | MB read measured | MB read predicted |"
+            "| / measured | stall measured | stall predicted, that disk | rest measured | rest predicted "
+            "| MB read measured | MB read predicted |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             lo, hi = r["measured_range"]
             print(
                 f"| {r['policy']} | {r['measured_tokens_per_s']:.2f} ({lo:.2f}-{hi:.2f}) | {r['predicted_tokens_per_s']:.2f} | "
                 f"{r['ratio']:.2f} | {(r['disk_during_run'] or 0) / 1e9:.2f} GB/s | {r['predicted_as_run_tokens_per_s']:.2f} | "
-                f"{r['ratio_as_run']:.2f} | {r['measured_io_stall_s']:.2f} s | {r['predicted_io_stall_s']:.2f} s | "
+                f"{r['ratio_as_run']:.2f} | {r['measured_io_stall_s']:.2f} s | {r['predicted_as_run_io_stall_s']:.2f} s | "
+                f"{r['measured_rest_s']:.2f} s | {r['predicted_as_run_rest_s']:.2f} s | "
                 f"{(r['measured_bytes_read'] or 0) / 1e6:.0f} | {(r['predicted_bytes_read'] or 0) / 1e6:.0f} |"
             )
         print(f"\nranking measured: {', '.join(measured_rank)}\nranking predicted: {', '.join(predicted_rank)}")
+        for i, rank in enumerate(by_round):
+            print(f"ranking measured in round {i + 1}: {', '.join(rank)}")
     worst = max(abs(r["ratio"] - 1) for c in cells for r in c["rows"])
     worst_as_run = max(abs(r["ratio_as_run"] - 1) for c in cells for r in c["rows"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,51 @@ def test_kernel_curves_price_what_they_measured():
     assert plain.seconds(HW, ops=0) == pytest.approx(1e9 / HW.peak_flops + 1e9 / HW.mem_bandwidth)  # each on its own
 
 
+def test_a_queue_curve_that_dips_is_drift_and_is_pooled():
+    from moespeq_cli.runtime.planning.calibrate import non_decreasing
+
+    assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert non_decreasing([1.58, 0.98, 1.68, 1.28]) == pytest.approx([1.28, 1.28, 1.48, 1.48])
+    assert non_decreasing([2.0, 1.0]) == [1.5, 1.5]
+
+
+def test_the_disk_a_run_saw_comes_from_its_reads():
+    """What the disk served with 1, 2, .. reads in flight, from a run's read intervals."""
+    from moespeq_cli.runtime.bench import queue_curve
+    from moespeq_cli.runtime.timeline import Interval
+
+    def read(start, end, nbytes):
+        return Interval("disk", "read", "r", start, end, 0, 0, nbytes, "target")
+
+    # alone 0-1 s at 100 B/s; then two at once for 1 s at 60 B/s each
+    reads = [read(0.0, 1.0, 100), read(2.0, 3.0, 60), read(2.0, 3.0, 60)]
+    assert queue_curve(reads, 4) == pytest.approx([100, 120, 120, 120])  # depths never reached: the nearest
+    assert queue_curve([read(0.0, 1.0, 100), read(0.0, 2.0, 100)], 2) == pytest.approx([50, 150])
+    dip = [read(0.0, 1.0, 100), read(2.0, 4.0, 60), read(2.0, 4.0, 60)]  # alone 100 B/s, two 60 B/s together
+    assert queue_curve(dip, 2) == pytest.approx([80, 80])  # pooled: a dip is drift
+    assert queue_curve([], 4) is None
+
+
+def test_a_cpu_profile_prices_dense_layers_as_the_cpu_backend_runs_them(tiny):
+    """With a cpu profile the mock simulates --backend cpu, whose dense layers compute
+    through the CPU kernels on the checkpoint's bf16 weights: the LM head is priced by
+    that kernel's curve (``linear:bfloat16:float32``), not by float32 weights'."""
+    from moespeq_cli import kernels
+
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels here: {kernels.why_unavailable()}")
+    path, _ = tiny("mixtral", "wide", dtype=torch.bfloat16)
+    slow = KernelCurve((1, 16), (1.0, 1e12), ((1.0, 1.0), (1.0, 1.0)), ops=1)  # one second a call
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
+    for kernel, expect_slow in (("linear:bfloat16:float32", True), ("linear:float32", False)):
+        eng = Engine(path, EngineOptions(backend="mock", hardware=replace(cpu, kernels={kernel: slow})))
+        eng.load(16)
+        list(eng.generate(prompt_for(5, 4), 2, SamplingParams()))
+        heads = [iv.duration for iv in eng.backend.timeline.intervals if iv.name == "lm_head"]
+        eng.close()
+        assert heads and all((d >= 1.0) == expect_slow for d in heads), kernel
+
+
 def test_profiles_refuse_malformed_curves(tmp_path):
     from moespeq_cli.errors import UsageError
 
@@ -161,6 +206,8 @@ def test_calibrate_writes_a_profile_the_mock_simulates_the_cpu_with(tiny, cli, t
     assert not list(tmp_path.glob(".moespeq-calibrate-*"))  # its scratch file is gone
     hw = load_profile(str(out))
     assert hw.kernels["linear:float32"].ops >= 1 and len(hw.disk_queue_bandwidth) == 4
+    q = hw.disk_queue_bandwidth
+    assert all(a <= b for a, b in zip(q, q[1:], strict=False))  # made non-decreasing: dips are drift
     if hw.kind != "cpu":
         pytest.skip("a GPU machine: its profile is a gpu one")
     path, _ = tiny("mixtral", "wide")

@@ -55,6 +55,20 @@ def _spin() -> int:
     return int(raw) if raw.isdigit() else 20000
 
 
+class held:
+    """The pool's workers stay awake for the block (the caller is about to block on I/O
+    and compute right after it; cpu_matvec.c ``ms_hold``). No-op without the pool."""
+
+    def __enter__(self):
+        self.on = _pool > 1
+        if self.on:
+            library().ms_hold(1)
+
+    def __exit__(self, *exc):
+        if self.on:
+            library().ms_hold(0)
+
+
 def claim_threads() -> None:
     """The kernels' pool takes the cores for decoding and torch's own parallelism steps
     down to one thread, except inside ``torch_parallel`` (a long prefill). Two pools that

@@ -86,6 +86,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_rmsnorm.restype = None
     lib.ms_rope.argtypes = [p, L, L, p, p, p, L, L, L]
     lib.ms_rope.restype = None
+    lib.ms_hold.argtypes = [i]
+    lib.ms_hold.restype = None
 
 
 def library() -> ctypes.CDLL | None:

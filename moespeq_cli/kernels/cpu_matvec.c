@@ -34,7 +34,7 @@
 
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
-int ms_version(void) { return 3; }
+int ms_version(void) { return 4; }
 int ms_simd(void) { return MS_AVX512 ? 512 : 0; }
 
 /* ------------------------------------------------------------------------------------ */
@@ -155,19 +155,27 @@ static void rows(const float *x, long ldx, const void *w, int wt, long K, float 
 
 /* ------------------------------------------------------------------------------------ */
 /* A small thread pool: thread 0 is the caller; workers spin briefly, then sleep on a     */
-/* futex. A job is a function of (thread index, thread count).                            */
+/* futex. A job's rows are cut into chunks that every participant claims from a shared   */
+/* counter, so the caller never waits for a worker that is slow to wake: on a VM a vCPU   */
+/* idle for a few ms took 1-5 ms to come back, and with a fixed half per thread each call */
+/* after an I/O wait cost that much. A worker joins the job that is open when it wakes;   */
+/* the caller closes the job once it has run out of chunks and waits only for workers     */
+/* that joined (they are running). Which thread computes a row does not change it: each  */
+/* row is one stream of its own, so results are the same whoever claims what.            */
 
-typedef void (*job_fn)(void *arg, int tid, int nth);
+typedef void (*job_fn)(void *arg);
 #define MS_MAX_THREADS 64
+#define OPEN 0x40000000
 
 static struct {
     int nth;
     pthread_t th[MS_MAX_THREADS];
     _Atomic uint32_t gen;    /* bumped to start a job */
-    _Atomic int pending;     /* workers still running the job */
+    _Atomic int state;       /* OPEN while workers may join, plus the number running it */
     job_fn fn;
     void *arg;
     int spin;                /* pause iterations before sleeping */
+    _Atomic int hold;        /* while above 0 workers never sleep (ms_hold) */
 } pool = {.nth = 1};
 
 static void futex_wait(_Atomic uint32_t *a, uint32_t v) { syscall(SYS_futex, a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0); }
@@ -179,19 +187,30 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Join the open job, if any: one more running it. */
+static int join(void) {
+    int s = atomic_load_explicit(&pool.state, memory_order_acquire);
+    while (s & OPEN)
+        if (atomic_compare_exchange_weak_explicit(&pool.state, &s, s + 1, memory_order_acq_rel, memory_order_acquire))
+            return 1;
+    return 0;
+}
+
 static void *worker(void *p) {
-    int tid = (int)(intptr_t)p;
-    uint32_t seen = 0; /* the generation before the first job (not read here: a job may already have started) */
+    (void)p;
+    uint32_t seen = 0;
     for (;;) {
         int i = 0;
-        uint32_t g;
-        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
-            if (++i < pool.spin) cpu_relax();
+        while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
+            if (++i < pool.spin || atomic_load_explicit(&pool.hold, memory_order_relaxed)) cpu_relax();
             else futex_wait(&pool.gen, seen);
         }
-        seen = g;
-        pool.fn(pool.arg, tid, pool.nth);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        seen = atomic_load_explicit(&pool.gen, memory_order_acquire);
+        if (join()) {
+            seen = atomic_load_explicit(&pool.gen, memory_order_acquire); /* stable while joined */
+            pool.fn(pool.arg);
+            atomic_fetch_sub_explicit(&pool.state, 1, memory_order_release);
+        }
     }
     return NULL;
 }
@@ -207,94 +226,120 @@ int ms_init(int nth, int spin) {
     return nth;
 }
 
+/* Keep the workers awake (on > 0) or let them sleep again (on = 0 after as many ends as
+ * starts): the thread that drives them holds them while it blocks on a disk read, so that
+ * the work after the read does not wait for sleeping cores to come back (on this 2-vCPU
+ * VM an expert right after a 10-30 ms wait took 1.6-2.1 ms against 1.2 with a core kept
+ * busy). Spinning then costs a core that has nothing else to do: the read is the DMA's. */
+void ms_hold(int on) {
+    if (pool.nth <= 1) return;
+    if (on) {
+        atomic_fetch_add(&pool.hold, 1);
+        futex_wake(&pool.gen); /* sleeping ones: spin again */
+    } else {
+        atomic_fetch_sub(&pool.hold, 1);
+    }
+}
+
 static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* One job at a time on the pool (callers on several threads, e.g. cuda's CPU experts,
  * take turns); a job too small to share runs on the caller alone, outside the lock. */
-static void run(job_fn fn, void *arg, int nth) {
-    if (nth > pool.nth) nth = pool.nth;
-    if (nth <= 1) { fn(arg, 0, 1); return; }
+static void run(job_fn fn, void *arg, int share) {
+    if (!share || pool.nth <= 1) { fn(arg); return; }
     pthread_mutex_lock(&run_lock);
     pool.fn = fn;
     pool.arg = arg;
-    atomic_store(&pool.pending, pool.nth - 1);
+    atomic_store_explicit(&pool.state, OPEN, memory_order_release);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
     futex_wake(&pool.gen);
-    fn(arg, 0, pool.nth);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire)) cpu_relax();
+    fn(arg);
+    atomic_fetch_and_explicit(&pool.state, ~OPEN, memory_order_acq_rel); /* no one joins from now */
+    while (atomic_load_explicit(&pool.state, memory_order_acquire)) cpu_relax();
     pthread_mutex_unlock(&run_lock);
 }
 
-/* rows [0, N) split into nth near-equal parts, each a multiple of 4 */
-static void share(long N, int tid, int nth, long *a, long *b) {
-    long q = (N + 3) / 4;
-    *a = 4 * (q * tid / nth);
-    *b = 4 * (q * (tid + 1) / nth);
-    if (*a > N) *a = N;
-    if (*b > N) *b = N;
+/* Chunks of rows, a multiple of 4, about 64 KiB of weights each (at least 4 rows). */
+static long chunk_rows(long row_bytes) {
+    long r = (65536 / (row_bytes > 0 ? row_bytes : 1)) & ~3L;
+    return r < 4 ? 4 : r;
 }
+
+/* Claim the next chunk of [0, N): 0 when none is left. */
+static int claim(_Atomic long *next, long N, long step, long *a, long *b) {
+    long c = atomic_fetch_add_explicit(next, step, memory_order_relaxed);
+    if (c >= N) return 0;
+    *a = c;
+    *b = c + step < N ? c + step : N;
+    return 1;
+}
+
+static inline long elem_bytes(int wt) { return wt == W_F32 ? 4 : 2; }
 
 /* ------------------------------------------------------------------------------------ */
 /* y[T, N] = x[T, K] W[N, K]^T (+ bias)                                                   */
 
 typedef struct {
     const float *x; const void *w; const float *bias; float *y;
-    long T, N, K; int wt;
+    long T, N, K, step; int wt;
+    _Atomic long next;
 } linear_args;
 
-static void linear_job(void *p, int tid, int nth) {
+static void linear_job(void *p) {
     linear_args *a = p;
     long n0, n1;
-    share(a->N, tid, nth, &n0, &n1);
-    if (n0 >= n1) return;
-    rows(a->x, a->K, a->w, a->wt, a->K, a->y, a->N, a->T, n0, n1);
-    if (a->bias)
-        for (long t = 0; t < a->T; t++)
-            for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+    while (claim(&a->next, a->N, a->step, &n0, &n1)) {
+        rows(a->x, a->K, a->w, a->wt, a->K, a->y, a->N, a->T, n0, n1);
+        if (a->bias)
+            for (long t = 0; t < a->T; t++)
+                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+    }
 }
 
 /* parallel only when there is enough weight to share (a few hundred KB) */
-static int threads_for(long bytes) { return bytes >= (1L << 18) ? pool.nth : 1; }
+static int worth_sharing(long bytes) { return bytes >= (1L << 18); }
 
 void ms_linear(const float *x, const void *w, int wt, const float *bias, float *y, long T, long N, long K) {
-    linear_args a = {x, w, bias, y, T, N, K, wt};
-    run(linear_job, &a, threads_for(N * K * (wt == W_F32 ? 4 : 2)));
+    linear_args a = {x, w, bias, y, T, N, K, chunk_rows(K * elem_bytes(wt)), wt, 0};
+    run(linear_job, &a, worth_sharing(N * K * elem_bytes(wt)));
 }
 
 /* ------------------------------------------------------------------------------------ */
 /* A gated expert: y[T, H] = down(silu(gate x) * up x). gate, up [I, H]; down [H, I];     */
-/* h is scratch [T, I]. Two phases split over the pool, one barrier between them.         */
+/* h is scratch [T, I]. Two phases, each cut into chunks; the second starts once every    */
+/* chunk of the first is done (a participant that runs out of first-phase chunks waits    */
+/* for those still being computed, by threads that are running).                          */
 
 typedef struct {
     const float *x; const void *gate, *up, *down; float *h, *g, *y;
-    long T, H, I; int wt;
-    _Atomic int arrived;
+    long T, H, I, step1, step2; int wt;
+    _Atomic long next1, next2, done1;
 } expert_args;
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-static void expert_job(void *p, int tid, int nth) {
+static void expert_job(void *p) {
     expert_args *a = p;
     long n0, n1;
-    share(a->I, tid, nth, &n0, &n1);
-    if (n0 < n1) {
+    while (claim(&a->next1, a->I, a->step1, &n0, &n1)) {
         rows(a->x, a->H, a->gate, a->wt, a->H, a->g, a->I, a->T, n0, n1);
         rows(a->x, a->H, a->up, a->wt, a->H, a->h, a->I, a->T, n0, n1);
         for (long t = 0; t < a->T; t++)
             for (long n = n0; n < n1; n++) a->h[t * a->I + n] *= silu(a->g[t * a->I + n]);
+        atomic_fetch_add_explicit(&a->done1, n1 - n0, memory_order_release);
     }
-    /* barrier: every part of h is written */
-    atomic_fetch_add(&a->arrived, 1);
-    while (atomic_load(&a->arrived) < nth) cpu_relax();
-    share(a->H, tid, nth, &n0, &n1);
-    if (n0 < n1) rows(a->h, a->I, a->down, a->wt, a->I, a->y, a->H, a->T, n0, n1);
+    while (atomic_load_explicit(&a->done1, memory_order_acquire) < a->I) cpu_relax(); /* every part of h */
+    while (claim(&a->next2, a->H, a->step2, &n0, &n1))
+        rows(a->h, a->I, a->down, a->wt, a->I, a->y, a->H, a->T, n0, n1);
 }
 
 /* scratch: 2 * T * I floats */
 void ms_expert(const float *x, const void *gate, const void *up, const void *down, int wt, float *scratch, float *y,
                long T, long H, long I) {
-    expert_args a = {x, gate, up, down, scratch, scratch + T * I, y, T, H, I, wt, 0};
-    run(expert_job, &a, threads_for(3 * H * I * (wt == W_F32 ? 4 : 2)));
+    long e = elem_bytes(wt);
+    expert_args a = {x, gate, up, down, scratch, scratch + T * I, y, T, H, I,
+                     chunk_rows(2 * H * e), chunk_rows(I * e), wt, 0, 0, 0};
+    run(expert_job, &a, worth_sharing(3 * H * I * e));
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -41,11 +41,43 @@ class BenchResult:
     fills: int | None = None  # experts brought into the compute tier while generating
     fills_min: int | None = None  # the fewest any cache of the same slots needs for the same uses (Belady)
     disk_bandwidth: float | None = None  # what the run's reads achieved while the disk was busy (B/s)
+    disk_queue: list[float] | None = None  # ... with 1, 2, .. reads in flight (B/s, non-decreasing)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stats"] = self.stats.to_dict()
         return d
+
+
+def queue_curve(reads: list, depth: int) -> list[float] | None:
+    """What the disk served in total with 1 .. ``depth`` reads in flight (B/s), from a run's
+    read intervals: each read's bytes spread evenly over its interval, summed over the
+    times when n were in flight; made non-decreasing (calibrate.non_decreasing); a depth
+    the run never reached takes its neighbour's figure. None without reads."""
+    from moespeq_cli.runtime.planning.calibrate import non_decreasing
+
+    points = sorted({t for iv in reads for t in (iv.start, iv.end)})
+    served, spent = [0.0] * (depth + 1), [0.0] * (depth + 1)
+    events = sorted((t, kind, i) for i, iv in enumerate(reads) for t, kind in ((iv.start, 1), (iv.end, 0)))
+    active: set[int] = set()
+    e = 0
+    for a, b in zip(points, points[1:], strict=False):
+        while e < len(events) and events[e][0] <= a:
+            _, kind, i = events[e]
+            (active.add if kind else active.discard)(i)
+            e += 1
+        n = min(len(active), depth)
+        if n and b > a:
+            spent[n] += b - a
+            served[n] += (b - a) * sum(reads[i].bytes / max(reads[i].duration, 1e-9) for i in active)
+    figures = [served[n] / spent[n] if spent[n] > 1e-3 else None for n in range(1, depth + 1)]
+    if all(f is None for f in figures):
+        return None
+    for n in range(depth):  # a depth never reached: the nearest one's figure
+        if figures[n] is None:
+            near = min((abs(m - n), m) for m in range(depth) if figures[m] is not None)[1]
+            figures[n] = figures[near]
+    return non_decreasing(figures)
 
 
 def belady_misses(uses: list, slots: int, resident: list = ()) -> int:
@@ -124,6 +156,8 @@ def run_policy(
     fill_kind = "read" if plan.compute_tier == "host" else "copy"
     result.fills = sum(1 for iv in ivs if iv.kind == fill_kind)
     result.disk_bandwidth = eng.backend.disk_bandwidth() if plan.disk_tier and eng.backend.name != "mock" else None
+    if result.disk_bandwidth is not None:
+        result.disk_queue = queue_curve([iv for iv in ivs if iv.kind == "read"], eng.backend.reader.threads)
     result.target_compute_s = sum(iv.duration for iv in computes if iv.phase == "target")
     if eng.spec_stats is not None and eng.spec_stats.drafted:
         result.draft_token_s = sum(iv.duration for iv in computes if iv.phase == "draft") / eng.spec_stats.drafted

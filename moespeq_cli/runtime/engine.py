@@ -140,6 +140,11 @@ class Engine:
         if cpu and self.cpu_kernels and self.storage_dtype == torch.float32 and opts.dtype:
             self.storage_dtype = self.ckpt.config.dtype  # --dtype float32: the numerics, not a widened copy
         self.host_dtype = self.storage_dtype if cpu and self.cpu_kernels else self.dtype  # what RAM holds on cpu
+        # the dense layers' weights on the compute device, real or simulated: on this CPU with
+        # the kernels, the checkpoint's dtype (a mock with a cpu profile prices what the cpu
+        # backend would run)
+        kernels_here = self.device_type == "cpu" and self.dtype == torch.float32 and kernels.available()
+        self.dense_dtype = self.ckpt.config.dtype if kernels_here else self.device_dtype
         self.plan: Plan | None = None
         self.backend = None
         self.tiers = None
@@ -282,7 +287,7 @@ class Engine:
                 torch.empty(0, dtype=self.storage_dtype).element_size(),
                 self.device_type,
             )
-        self.hooks = instrument(self.model, backend, self.device_dtype)
+        self.hooks = instrument(self.model, backend, self.device_dtype, self.dense_dtype)
         backend.reset_clock()
 
     def load_draft(self):

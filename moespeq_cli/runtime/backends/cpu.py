@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from moespeq_cli import kernels
 from moespeq_cli.runtime.backends.base import Backend, Event, HostJob, as_events
 from moespeq_cli.runtime.planning.costs import Cost
 from moespeq_cli.runtime.timeline import Interval
@@ -76,7 +77,8 @@ class CpuBackend(Backend):
             f.result()  # a failed read raises here
             return
         start = time.perf_counter()
-        f.result()
+        with kernels.held():  # the cores stay awake for the compute that follows
+            f.result()
         end = time.perf_counter()
         self.io_stall_s += end - start
         t0 = self._t0

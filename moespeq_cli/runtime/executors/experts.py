@@ -53,7 +53,8 @@ def widened(dtype: torch.dtype, device: torch.device, *ws: torch.Tensor) -> list
     key = (dtype, device)
     buf = getattr(_scratch, "bufs", {}).get(key)
     if buf is None or buf.numel() < need:
-        buf = torch.empty(need, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = torch.empty(need, dtype=dtype, device=device)
         _scratch.__dict__.setdefault("bufs", {})[key] = buf
     out, pos = [], 0
     for w in ws:

@@ -19,17 +19,22 @@ from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.planning.costs import Cost, attention_core_cost, elem_size, linear_cost, module_cost
 
 
-def charges(model: CausalLM, elem: int) -> list[tuple[nn.Module, str, int | None, Callable[[int, int], Cost], bool]]:
+def charges(
+    model: CausalLM, elem: int, weight_elem: int | None = None
+) -> list[tuple[nn.Module, str, int | None, Callable[[int, int], Cost], bool]]:
     """Every non-expert module the clock charges: (module, name, layer, cost(tokens,
-    context), whether its cost depends on the KV cache's length). The routed experts are
-    charged by their executors; ``moespeq plan`` prices a decode step from this table."""
+    context), whether its cost depends on the KV cache's length). ``elem``: bytes of an
+    activation (and of the KV cache), ``weight_elem``: of a dense weight (default the
+    same). The routed experts are charged by their executors; ``moespeq plan`` prices a
+    decode step from this table."""
+    w = weight_elem
     table = []
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         heads, kv_heads, dk, dv = attn.kv_dims()
 
         def attn_cost(t, context, attn=attn, heads=heads, kv_heads=kv_heads, dk=dk, dv=dv):
-            return module_cost(attn, t, elem, extra_kernels=4) + attention_core_cost(
+            return module_cost(attn, t, elem, extra_kernels=4, weight_elem=w) + attention_core_cost(
                 heads, kv_heads, dk, dv, t, context, elem
             )
 
@@ -42,7 +47,7 @@ def charges(model: CausalLM, elem: int) -> list[tuple[nn.Module, str, int | None
                     g,
                     f"router L{i}",
                     i,
-                    lambda t, c, g=g: linear_cost(g.weight.numel(), g.in_features, g.out_features, t, elem),
+                    lambda t, c, g=g: linear_cost(g.weight.numel(), g.in_features, g.out_features, t, elem, w),
                     False,
                 )
             )
@@ -53,28 +58,40 @@ def charges(model: CausalLM, elem: int) -> list[tuple[nn.Module, str, int | None
                             child,
                             f"{child_name} L{i}",
                             i,
-                            lambda t, c, m=child: module_cost(m, t, elem, extra_kernels=1),
+                            lambda t, c, m=child: module_cost(m, t, elem, extra_kernels=1, weight_elem=w),
                             False,
                         )
                     )
         elif isinstance(mlp, GatedMLP):
-            table.append((mlp, f"mlp L{i}", i, lambda t, c, m=mlp: module_cost(m, t, elem, extra_kernels=1), False))
+            table.append(
+                (
+                    mlp,
+                    f"mlp L{i}",
+                    i,
+                    lambda t, c, m=mlp: module_cost(m, t, elem, extra_kernels=1, weight_elem=w),
+                    False,
+                )
+            )
     head = model.lm_head
-    table.append((head, "lm_head", None, lambda t, c: module_cost(head, t, elem, extra_kernels=2), False))
+    table.append(
+        (head, "lm_head", None, lambda t, c: module_cost(head, t, elem, extra_kernels=2, weight_elem=w), False)
+    )
     return table
 
 
-def instrument(model: CausalLM, backend: Backend, dtype: torch.dtype) -> list:
+def instrument(model: CausalLM, backend: Backend, dtype: torch.dtype, weights: torch.dtype | None = None) -> list:
     """Charge each non-expert module's cost to the backend's compute stream through
     forward hooks (``dtype``: what the device computes in). Attention reads the KV cache's
-    length from its args (the cache advances after the whole forward pass). Every forward
+    length from its args (the cache advances after the whole forward pass); ``weights``: what
+    the dense weights are held in, where not ``dtype`` (the CPU kernels' bf16). Every forward
     pass is bracketed too (``begin_pass``/``end_pass``: the mock counts what it dispatched).
     Returns the hook handles."""
     handles = [
         model.register_forward_pre_hook(lambda mod, args: backend.begin_pass()),
         model.register_forward_hook(lambda mod, args, out: backend.end_pass()),
     ]
-    for module, name, layer, cost, reads_cache in charges(model, elem_size(dtype)):
+    w_elem = elem_size(weights) if weights is not None else None
+    for module, name, layer, cost, reads_cache in charges(model, elem_size(dtype), w_elem):
         state = {}
 
         def pre(mod, args, state=state):

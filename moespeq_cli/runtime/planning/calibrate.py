@@ -7,7 +7,8 @@ it writes is a measurement of this machine, stamped with the date and the method
   cache), FLOP/s (a large float32 matmul), the framework's cost per dispatched op, the
   cost of reading a value back (a sync);
 - kernel curves: seconds per call by batch size (1 to 16 tokens) at two weight sizes, for
-  each kernel the runtime calls: ``linear:<dtype>`` (a non-expert layer),
+  each kernel the runtime calls: ``linear:<weights>[:<activations>]`` (a non-expert
+  layer as the device computes it: on a CPU through moespeq's kernels where they apply),
   ``expert:<weights>:<activations>`` (a routed expert exactly as the executor computes
   it, widening included), ``draft:packed`` / ``draft:reference`` (the 4-bit draft's
   expert on the path ``quant/draft.py`` takes here), each with the ops one call
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from moespeq_cli.runtime.executors.opcount import OpCounter
+from moespeq_cli.runtime.planning.costs import dtype_name
 
 TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
 SHAPES = ((512, 1536), (1024, 3584))  # (hidden, intermediate): a small expert and a Mixtral-class one at 1/4 width
@@ -59,6 +61,19 @@ def timed(fn: Callable[[], object], reps: int = 9, warmup: int = 2, budget_s: fl
         if i >= 2 and time.perf_counter() > t_end:
             break
     return statistics.median(times)
+
+
+def non_decreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators):
+    a run of values that dips is replaced by its mean."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    return [s / n for s, n in blocks for _ in range(n)]
 
 
 def ops_of(fn: Callable[[], object]) -> int:
@@ -131,14 +146,20 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
                 del copies
             curves[label] = {"tokens": list(TOKENS), "sizes": sizes, "seconds": rows, "ops": ops}
 
-    for dtype in (torch.float32, torch.bfloat16):
+    linears = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    if device.type == "cuda":
+        linears = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    for wd, xd in linears:
 
-        def bind_linear(h, i, dtype=dtype):
-            w = torch.randn(i, h, device=device).to(dtype)
-            return lambda x: F.linear(x, w)
+        def bind_linear(h, i, wd=wd):
+            from moespeq_cli.kernels.modules import dense
 
-        elem = torch.empty(0, dtype=dtype).element_size()
-        curve(f"linear:{str(dtype).removeprefix('torch.')}", bind_linear, dtype, lambda h, i, e=elem: h * i * e)
+            w = torch.randn(i, h, device=device).to(wd)
+            return (lambda x: dense(x, w)) if device.type == "cpu" else (lambda x: F.linear(x, w))  # as it runs
+
+        elem = torch.empty(0, dtype=wd).element_size()
+        name = "linear:" + dtype_name(wd) + ("" if wd == xd else ":" + dtype_name(xd))
+        curve(name, bind_linear, xd, lambda h, i, e=elem: h * i * e)
     pairs = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
     if device.type == "cuda":
         pairs = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
@@ -150,7 +171,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
             return lambda x: expert_mlp(x, g, u, d, fast=device.type == "cpu")  # as the CPU computes it
 
         elem = torch.empty(0, dtype=wd).element_size()
-        name = f"expert:{str(wd).removeprefix('torch.')}:{str(xd).removeprefix('torch.')}"
+        name = f"expert:{dtype_name(wd)}:{dtype_name(xd)}"
         curve(name, bind_expert, xd, lambda h, i, e=elem: 3 * h * i * e)
     for path in ("cuda",) if device.type == "cuda" else ("packed", "reference"):
         q = _draft(path, device)
@@ -254,10 +275,16 @@ def _draft(path: str, device: torch.device, h: int = 64, i: int = 128):
 
 
 # -- the disk --------------------------------------------------------------------------
-def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], None]) -> dict:
+def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], None], rounds: int = 5) -> dict:
     """O_DIRECT reads of ``source`` (path, size), as the runtime reads an expert (one
     aligned span, in place into a page-aligned slot): B/s with 1 .. ``threads`` reads in
-    flight, and the latency of a 4 KiB read."""
+    flight, and the latency of a small read.
+
+    A disk behind a VM's host drifts by tens of percent within a minute, so the depths
+    are measured in ``rounds`` interleaved passes (1, 2, .., n, 1, 2, ..), each figure is
+    the median of its rounds, and the curve is made non-decreasing (adjacent depths that
+    dip are pooled to their mean: more reads in flight never serve fewer bytes in total;
+    a dip is the drive drifting between measurements, not a property of the queue)."""
     from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, Placement, aligned_bytes
 
     name, size = source
@@ -265,20 +292,22 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
         Placement(Extent(name, off, DISK_EXTENT), 0, [Extent(name, off, DISK_EXTENT)])
         for off in range(0, size - DISK_EXTENT, DISK_EXTENT)
     ]
-    queue, direct = [], None
-    for q in range(1, threads + 1):
-        say(f"disk: {q} read(s) in flight")
-        with DiskReader(threads=q) as reader:
-            dests = [aligned_bytes(DISK_EXTENT)[0] for _ in range(q)]
-            best = 0.0
-            for _ in range(2):
+    seen: dict[int, list[float]] = {q: [] for q in range(1, threads + 1)}
+    direct = None
+    for r in range(rounds):
+        for q in range(1, threads + 1):
+            say(f"disk: {q} read(s) in flight, round {r + 1} of {rounds}")
+            with DiskReader(threads=q) as reader:
+                dests = [aligned_bytes(DISK_EXTENT)[0] for _ in range(q)]
+                shift = r * len(spans) // rounds
+                order = spans[shift:] + spans[:shift]
                 t0 = time.perf_counter()
-                reads = [reader.submit(p, dests[i % q]) for i, p in enumerate(spans)]
-                for r in reads:
-                    r.wait()
-                best = max(best, len(spans) * DISK_EXTENT / (time.perf_counter() - t0))
-            queue.append(best)
-            direct = reader.direct
+                reads = [reader.submit(p, dests[i % q]) for i, p in enumerate(order)]
+                for rd in reads:
+                    rd.wait()
+                seen[q].append(len(order) * DISK_EXTENT / (time.perf_counter() - t0))
+                direct = reader.direct
+    queue = non_decreasing([statistics.median(seen[q]) for q in range(1, threads + 1)])
     say("disk: latency")
     with DiskReader(threads=1) as reader:
         small = torch.empty(BLOCK, dtype=torch.uint8)
@@ -404,7 +433,9 @@ METHODS = {
     "sync_overhead": "reading a one-element tensor back, per read",
     "disk_bandwidth": "O_DIRECT reads of 22 MiB, the best of 1 to 4 in flight",
     "disk_latency": "median of 64 O_DIRECT 4 KiB reads",
-    "disk_queue_bandwidth": "O_DIRECT reads of 22 MiB with 1, 2, 3, 4 in flight",
+    "disk_queue_bandwidth": (
+        "O_DIRECT reads of 22 MiB with 1, 2, 3, 4 in flight, the median of 5 interleaved rounds, made non-decreasing"
+    ),
 }
 
 

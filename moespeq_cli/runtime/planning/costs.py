@@ -89,26 +89,36 @@ class Cost:
         )
 
 
-def linear_cost(weight_numel: int, in_f: int, out_f: int, tokens: int, elem: int) -> Cost:
-    """One ``F.linear`` over ``tokens`` rows, weights and activations of ``elem`` bytes."""
-    kernel = f"linear:{ELEM_DTYPES.get(elem, 'float32')}"
+def linear_cost(
+    weight_numel: int, in_f: int, out_f: int, tokens: int, elem: int, weight_elem: int | None = None
+) -> Cost:
+    """One linear layer over ``tokens`` rows: activations of ``elem`` bytes, weights of
+    ``weight_elem`` (default the same). Its kernel is ``linear:<dtype>``, or
+    ``linear:<weights>:<activations>`` where they differ (the CPU kernels' bf16 weights
+    against float32 activations)."""
+    w_elem = weight_elem or elem
+    kernel = f"linear:{ELEM_DTYPES.get(w_elem, 'float32')}"
+    if w_elem != elem:
+        kernel += f":{ELEM_DTYPES.get(elem, 'float32')}"
     return Cost(
         2.0 * tokens * weight_numel,
-        weight_numel * elem + tokens * (in_f + out_f) * elem,
+        weight_numel * w_elem + tokens * (in_f + out_f) * elem,
         1,
         kernel,
         tokens,
-        weight_numel * elem,
+        weight_numel * w_elem,
     )
 
 
-def module_cost(module: nn.Module, tokens: int, elem: int, extra_kernels: int = 0) -> Cost:
+def module_cost(
+    module: nn.Module, tokens: int, elem: int, extra_kernels: int = 0, weight_elem: int | None = None
+) -> Cost:
     """Its Linear layers, each a kernel of its own, plus ``extra_kernels`` small ones
     (norms, activations, rotary) that cost a launch each."""
     total = Cost(0.0, 0.0, extra_kernels)
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            total = total + linear_cost(m.weight.numel(), m.in_features, m.out_features, tokens, elem)
+            total = total + linear_cost(m.weight.numel(), m.in_features, m.out_features, tokens, elem, weight_elem)
     return total
 
 

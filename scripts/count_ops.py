@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Ops and host syncs per token on the GPU path's code, counted at the dispatcher (a
+benchmark of the host's work, not of speed).
+
+An eager GPU run pays a launch (5-8 us on the host) per aten op and a stall per host
+sync, whatever the weights' size: on a model with many layers and experts that fixed cost,
+not the GPU, can set the speed. This script builds tiny checkpoints with the layer and
+expert topology of real models (their widths shrunk: what is counted does not depend on
+width) and counts, per emitted token, what the code the cuda backend runs dispatches:
+
+- ``ops``: aten ops that launch (views and in-place metadata ops counted apart), the
+  runtime's own bookkeeping copies excluded (they are its copy engine's work);
+- ``syncs``: the host reads of device values: ``item()``, ``tolist()``, and
+  ``torch.tensor(list, device=...)`` (a blocking copy from pageable memory), counted by
+  ``executors/opcount.HostSyncCounter``.
+
+It runs on the mock with the cuda backend's code path (``--backend mock``: the same
+executors, scheduler and model code; only the clock is virtual), for plain decoding
+(``gate-prefetch``, ``lru``) and for speculative decoding (``moespeq`` at a fixed depth:
+verification passes and draft steps). The last line is JSON.
+
+    python scripts/count_ops.py [--shapes mixtral-8x7b,qwen3-30b-a3b] [--tokens 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# (transformers config class, model class, the real model's topology at a tiny width, spec depth)
+SHAPES = {
+    "mixtral-8x7b": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            num_hidden_layers=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            hidden_size=64,
+            intermediate_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        2,
+    ),
+    "qwen3-30b-a3b": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_hidden_layers=48,
+            num_experts=128,
+            num_experts_per_tok=8,
+            hidden_size=64,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+        ),
+        4,
+    ),
+}
+TARGETS = {"syncs_per_moe_layer_per_pass": 1, "ops_per_moe_layer": 40, "qwen3_ops_per_token": 1500}
+
+
+def build(shape: str, out: Path) -> Path:
+    import transformers
+
+    import tiny_models
+
+    cfg_cls, model_cls, topology, _ = SHAPES[shape]
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(
+        vocab_size=tiny_models.VOCAB,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        **topology,
+    )
+    model = getattr(transformers, model_cls)(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.6 / p.shape[1] ** 0.5)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer.json").write_text(json.dumps(tiny_models.byte_tokenizer_json()))
+    return out
+
+
+def count(path: Path, policy: str, depth: int | None, tokens: int) -> dict:
+    """Per emitted token (after the prompt): ops, views, syncs; and per MoE layer per pass."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.executors.opcount import HostSyncCounter, OpCounter
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    opts = EngineOptions(backend="mock", hardware="rtx3060-12gb", policy=policy, spec_depth=depth or "auto")
+    eng = Engine(path, opts)
+    prompt = list(range(5, 13))
+    eng.load(len(prompt) + tokens + 8)
+    try:
+        stream = eng.generate(prompt, tokens + 1, SamplingParams())
+        next(stream)  # the prompt's pass and the first token: not decoding
+        b = eng.backend
+        internal = b.counter.internal
+        passes = [0]
+        hook = eng.model.register_forward_pre_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
+        with torch.inference_mode(), OpCounter(skip_casts=True) as ops, HostSyncCounter() as syncs:
+            emitted = sum(1 for _ in stream)
+        hook.remove()
+        own = b.counter.internal - internal
+    finally:
+        eng.close()
+    moe_layers = len(eng.ckpt.config.moe_layers)
+    n = max(emitted, 1)
+    return {
+        "policy": policy + (f" k={depth}" if depth else ""),
+        "tokens": emitted,
+        "passes": passes[0],
+        "ops_per_token": round((ops.ops - own) / n, 1),
+        "views_per_token": round(ops.views / n, 1),
+        "syncs_per_token": round(syncs.total / n, 2),
+        "syncs_by_kind_per_token": {k: round(v / n, 2) for k, v in sorted(syncs.by_kind.items())},
+        "ops_per_moe_layer_per_pass": round((ops.ops - own) / max(passes[0], 1) / moe_layers, 1),
+        "syncs_per_moe_layer_per_pass": round(syncs.total / max(passes[0], 1) / moe_layers, 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--dir", type=Path, help="where to keep the checkpoints (default: a temporary directory)")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.dir or Path(tmp)
+        for shape in args.shapes.split(","):
+            if shape not in SHAPES:
+                sys.exit(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+            path = build(shape, base / shape)
+            depth = SHAPES[shape][3]
+            for policy, k in (("gate-prefetch", None), ("lru", None), ("moespeq", depth)):
+                r = count(path, policy, k, args.tokens)
+                r["shape"] = shape
+                rows.append(r)
+    print("| shape | policy | ops / token | syncs / token | ops / MoE layer / pass | syncs / MoE layer / pass |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['shape']} | {r['policy']} | {r['ops_per_token']} | {r['syncs_per_token']} "
+            f"| {r['ops_per_moe_layer_per_pass']} | {r['syncs_per_moe_layer_per_pass']} |"
+        )
+    print(json.dumps({"benchmark": "count_ops", "targets": TARGETS, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
