@@ -72,13 +72,12 @@ SHAPES = {
         4,
     ),
 }
-TARGETS = {"syncs_per_moe_layer_per_pass": 1, "ops_per_moe_layer": 40, "qwen3_ops_per_token": 1500}
+TARGETS = {"syncs_per_pass": "MoE layers + 1", "ops_per_moe_layer_per_pass": 40, "qwen3_ops_per_token": 1500}
 
 
 def build(shape: str, out: Path) -> Path:
-    import transformers
-
     import tiny_models
+    import transformers
 
     cfg_cls, model_cls, topology, _ = SHAPES[shape]
     if (out / "config.json").exists():
@@ -126,6 +125,8 @@ def count(path: Path, policy: str, depth: int | None, tokens: int) -> dict:
     finally:
         eng.close()
     moe_layers = len(eng.ckpt.config.moe_layers)
+    kinds = {"item": ops.syncs, **syncs.by_kind}
+    total = sum(kinds.values())
     n = max(emitted, 1)
     return {
         "policy": policy + (f" k={depth}" if depth else ""),
@@ -133,10 +134,12 @@ def count(path: Path, policy: str, depth: int | None, tokens: int) -> dict:
         "passes": passes[0],
         "ops_per_token": round((ops.ops - own) / n, 1),
         "views_per_token": round(ops.views / n, 1),
-        "syncs_per_token": round(syncs.total / n, 2),
-        "syncs_by_kind_per_token": {k: round(v / n, 2) for k, v in sorted(syncs.by_kind.items())},
+        "syncs_per_token": round(total / n, 2),
+        "syncs_by_kind_per_token": {k: round(v / n, 2) for k, v in sorted(kinds.items())},
+        "passes_per_token": round(passes[0] / n, 2),
+        "syncs_per_pass": round(total / max(passes[0], 1), 2),
+        "sync_limit_per_pass": moe_layers + 1,  # one per MoE layer (routing) and the sampler's
         "ops_per_moe_layer_per_pass": round((ops.ops - own) / max(passes[0], 1) / moe_layers, 1),
-        "syncs_per_moe_layer_per_pass": round(syncs.total / max(passes[0], 1) / moe_layers, 2),
     }
 
 
@@ -158,12 +161,14 @@ def main() -> None:
                 r = count(path, policy, k, args.tokens)
                 r["shape"] = shape
                 rows.append(r)
-    print("| shape | policy | ops / token | syncs / token | ops / MoE layer / pass | syncs / MoE layer / pass |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| shape | policy | passes / token | ops / token | ops / MoE layer / pass | syncs / token | syncs / pass (limit) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['shape']} | {r['policy']} | {r['ops_per_token']} | {r['syncs_per_token']} "
-            f"| {r['ops_per_moe_layer_per_pass']} | {r['syncs_per_moe_layer_per_pass']} |"
+            f"| {r['shape']} | {r['policy']} | {r['passes_per_token']} | {r['ops_per_token']} "
+            f"| {r['ops_per_moe_layer_per_pass']} | {r['syncs_per_token']} | {r['syncs_per_pass']} ({r['sync_limit_per_pass']}) |"
         )
     print(json.dumps({"benchmark": "count_ops", "targets": TARGETS, "rows": rows}))
 

@@ -127,6 +127,7 @@ def main() -> None:
                 }
             )
         measured_rank = [r["policy"] for r in sorted(rows, key=lambda r: -r["measured_tokens_per_s"])]
+        as_run_rank = [r["policy"] for r in sorted(rows, key=lambda r: -r["predicted_as_run_tokens_per_s"])]
         by_round = [sorted(real, key=lambda p: -real[p][i].stats.tokens_per_s) for i in range(args.rounds)]
         predicted_rank = [r["policy"] for r in sorted(rows, key=lambda r: -r["predicted_tokens_per_s"])]
         cell = {
@@ -135,6 +136,7 @@ def main() -> None:
             "rows": rows,
             "measured_rank": measured_rank,
             "predicted_rank": predicted_rank,
+            "predicted_as_run_rank": as_run_rank,
             "measured_rank_by_round": by_round,
         }
         cells.append(cell)
@@ -155,6 +157,7 @@ def main() -> None:
                 f"{(r['measured_bytes_read'] or 0) / 1e6:.0f} | {(r['predicted_bytes_read'] or 0) / 1e6:.0f} |"
             )
         print(f"\nranking measured: {', '.join(measured_rank)}\nranking predicted: {', '.join(predicted_rank)}")
+        print(f"ranking predicted with the run's disk: {', '.join(as_run_rank)}")
         for i, rank in enumerate(by_round):
             print(f"ranking measured in round {i + 1}: {', '.join(rank)}")
     worst = max(abs(r["ratio"] - 1) for c in cells for r in c["rows"])
@@ -171,6 +174,10 @@ def main() -> None:
                 "worst_error_disk_as_run": round(worst_as_run, 3),
                 "within_target_disk_as_run": worst_as_run <= TARGET,
                 "same_ranking": all(c["measured_rank"] == c["predicted_rank"] for c in cells),
+                "same_ranking_disk_as_run": all(c["measured_rank"] == c["predicted_as_run_rank"] for c in cells),
+                "measured_ranking_stable": all(
+                    len({tuple(r) for r in c["measured_rank_by_round"]}) == 1 for c in cells
+                ),
                 "same_tokens": all(r["same_tokens"] for c in cells for r in c["rows"]),
                 "ratios": {
                     f"{c['ram_fraction']}": {r["policy"]: round(r["ratio"], 3) for r in c["rows"]} for c in cells

@@ -104,3 +104,22 @@ def test_static_misses_and_the_most_routed_experts():
     assert trace.static_misses({(0, 0), (0, 1)}) == pytest.approx(rate[2] + rate[3])
     assert trace.most_routed(2, exclude={(0, 0)}) == [(0, 1), (0, 2)]
     assert trace.most_routed(9, exclude=set()) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+
+
+def test_stack_distances_match_a_plain_lru_stack():
+    """The Fenwick-tree distances equal a list-scanned LRU stack's, across renumberings."""
+    import random
+
+    from moespeq_cli.runtime.scheduling.routing_trace import _Recency
+
+    rng = random.Random(0)
+    recency, stack = _Recency(capacity=16), []
+    for _ in range(5000):
+        key = (rng.randrange(6), rng.randrange(30))
+        expected = None
+        if key in stack:
+            i = stack.index(key)
+            expected = len(stack) - i
+            del stack[i]
+        stack.append(key)
+        assert recency.use(key) == expected

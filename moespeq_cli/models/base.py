@@ -181,9 +181,34 @@ class Attention(nn.Module):
 
 
 class ExpertExecutor(Protocol):
-    """Computes ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` for one MoE layer."""
+    """Computes ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` for one MoE layer.
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+    ``rows`` is ``ids`` read to the host (``ids.tolist()``), read once per layer by the
+    block; ``ahead`` the host copy of what ``lookahead`` returned, read with it."""
+
+    def __call__(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        rows: list[list[int]],
+        ahead: list[int] | None = None,
+    ) -> torch.Tensor: ...
+
+    def lookahead(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Device values the executor wants on the host with this layer's routing (e.g.
+        gate-prefetch's routing of the next layer), or None."""
+
+
+def read_routing(ids: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[list[list[int]], list[int] | None]:
+    """``ids [T, k]`` (and ``extra``, flattened) brought to the host in one read: on a GPU
+    the one sync a MoE layer makes (the host needs the routing to decide copies)."""
+    if extra is None:
+        return ids.tolist(), None
+    n, k = ids.numel(), ids.shape[1]
+    both = torch.cat([ids.flatten(), extra.flatten().to(ids.dtype)]).tolist()
+    return [both[i : i + k] for i in range(0, n, k)], both[n:]
 
 
 class SparseMoE(nn.Module):
@@ -202,6 +227,7 @@ class SparseMoE(nn.Module):
         self.layer = -1
         self.experts: ExpertExecutor | None = None
         self.observer: Callable | None = None
+        self.read_routing = read_routing  # the one host read of the routing (``plan`` counts ops on meta)
 
     def router_logits(self, x: torch.Tensor, hooked: bool = True) -> torch.Tensor:
         """``hooked``: through the gate module (its forward hooks fire); False: the same
@@ -215,9 +241,11 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(self.router_logits(x))  # [T, k], [T, k]
+        lookahead = getattr(self.experts, "lookahead", None)
+        rows, ahead = self.read_routing(ids, lookahead(self.layer, x) if lookahead is not None else None)
         if self.observer is not None:
-            self.observer(self.layer, ids, weights)
-        out = self.experts(self.layer, x, ids, weights)
+            self.observer(self.layer, rows)
+        out = self.experts(self.layer, x, ids, weights, rows, ahead)
         extra = self.shared(x)
         return out if extra is None else out + extra
 

@@ -124,10 +124,10 @@ def run_policy(
         if eng.scheduler is not None:
             record = eng.scheduler.on_verify_route
 
-            def on_verify_route(layer, ids, weights):
-                if ids.shape[0] > 1:
-                    unions.append(len(set(ids.flatten().tolist())))
-                record(layer, ids, weights)
+            def on_verify_route(layer, rows):
+                if len(rows) > 1:
+                    unions.append(len({e for row in rows for e in row}))
+                record(layer, rows)
 
             eng.scheduler.on_verify_route = on_verify_route
         tokens = [ev.token for ev in eng.generate(prompt_ids, new_tokens, SamplingParams())]

@@ -38,11 +38,11 @@ class DraftExperts:
         q = self.quant
         return expert_cost(q.hidden, q.inter, tokens, q.bytes_per_weight(path), f"draft:{path}")
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows, ahead=None):
         b = self.backend
+        groups = token_groups(rows)
         if b is None:
-            return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe))
-        groups = token_groups(ids)
+            return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe), groups=groups)
         b.sync(1, "route")  # the routing reaches the host
         jobs = {}
         for e, (rows, _) in groups.items():

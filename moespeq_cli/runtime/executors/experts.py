@@ -87,18 +87,27 @@ def grouped(
 ) -> torch.Tensor:
     """``order`` is the order experts are computed in (an offloading policy computes the
     resident ones first); outputs are always summed in ascending expert order, so every
-    policy gives bit-identical results."""
+    policy gives bit-identical results. With several tokens, each expert's token rows and
+    top-k slots are slices of one stable sort of ``ids`` on its device (three ops a layer,
+    no per-expert copy from the host: on a GPU such a copy waits for the device)."""
     groups = token_groups(ids) if groups is None else groups
     single = x.shape[0] == 1
-    index = {} if single else {e: torch.tensor(g[0], device=x.device) for e, g in groups.items()}
+    index, slot = {}, {}
+    if not single:
+        k = ids.shape[1]
+        by_expert = torch.argsort(ids.flatten(), stable=True)  # experts ascending, tokens ascending within
+        tok, pos = by_expert // k, by_expert % k
+        start = 0
+        for e, (rows, _) in groups.items():  # ascending, as the sort
+            index[e], slot[e] = tok[start : start + len(rows)], pos[start : start + len(rows)]
+            start += len(rows)
     outputs = {}
     for e in order if order is not None else groups:
-        rows, slots = groups[e]
         if single:
-            outputs[e] = run(e, x) * weights[0, slots[0]]
+            outputs[e] = run(e, x) * weights[0, groups[e][1][0]]
         else:
             r = index[e]
-            outputs[e] = run(e, x[r]) * weights[r, torch.tensor(slots, device=x.device), None]
+            outputs[e] = run(e, x[r]) * weights[r, slot[e], None]
     out = torch.zeros_like(x)  # [T, H]
     for e in groups:
         if single:
@@ -119,6 +128,12 @@ class InMemoryExperts:
         self.store = ExpertStore(ckpt, dtype)
         self.fast = fast
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows, ahead=None):
         store, fast = self.store, self.fast
-        return grouped(x, ids, weights, lambda e, xe: expert_mlp(xe, *store.views(store.buffer(layer, e)), fast))
+        return grouped(
+            x,
+            ids,
+            weights,
+            lambda e, xe: expert_mlp(xe, *store.views(store.buffer(layer, e)), fast),
+            groups=token_groups(rows),
+        )

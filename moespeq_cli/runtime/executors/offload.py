@@ -75,12 +75,13 @@ class OffloadedExperts:
         self.decisions: list | None = None  # set to [] to record every copy-or-CPU choice (tests)
         self.trace = None  # a RoutingTrace, while the governor may still release the draft
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows, ahead=None):
+        """``rows``: ``ids`` on the host; ``ahead``: the next MoE layer's routing by this
+        layer's input, read with it (``lookahead``: gate-prefetch)."""
         cache, st = self.cache, self.cache.stats
         if self.layer_hook is not None:
             self.layer_hook(layer)
-        rows = ids.tolist()
-        self.backend.sync(1, "route")  # the routing reaches the host: it decides the copies
+        self.backend.sync(1, "route")  # the routing reaches the host (one read): it decides the copies
         if self.trace is not None:
             self.trace.record(layer, rows)
         groups = token_groups(rows)
@@ -119,8 +120,8 @@ class OffloadedExperts:
 
         if self.policy.issue_ahead and copies_allowed:
             issue_misses()
-        if self.gate_prefetch and len(issued) + len(host_jobs) == len(needed):
-            self.prefetch_next(layer, x)
+        if ahead is not None and len(issued) + len(host_jobs) == len(needed):
+            self.prefetch_next(layer, ahead)
 
         def run(e: int, xe: torch.Tensor) -> torch.Tensor:
             if e in host_jobs:
@@ -212,11 +213,14 @@ class OffloadedExperts:
         self.tiers.host.hold((layer, e), job.event)  # its host slot stays until the CPU is done
         return job
 
-    def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
-        """Gate-prefetch: the next MoE layer's router on this layer's input."""
+    def lookahead(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Gate-prefetch: the next MoE layer's router applied to this layer's input, on the
+        device, so that its choice reaches the host in the same read as this layer's
+        routing (one sync a layer). Computed whenever gate-prefetch is on; used when every
+        miss of this layer has been issued (``prefetch_next``)."""
         nxt = self.next_moe.get(layer)
-        if nxt is None:
-            return
+        if not self.gate_prefetch or nxt is None:
+            return None
         block = self.model.moe_blocks[nxt]
         token = self.backend.begin()
         ids, _ = block.route(block.router_logits(x, hooked=False))  # charged here, once
@@ -227,9 +231,18 @@ class OffloadedExperts:
             f"gate-prefetch L{nxt}",
             nxt,
         )
+        return ids
+
+    def prefetch_next(self, layer: int, ahead: list[int]) -> None:
+        """Gate-prefetch: load what the next MoE layer's router chose on this layer's input
+        (``ahead``, its ids flattened, on the host)."""
+        nxt = self.next_moe[layer]
+        block = self.model.moe_blocks[nxt]
+        counts = [0] * block.gate.out_features
+        for e in ahead:
+            counts[e] += 1
         # Most-chosen experts first; the predicted set is protected while it loads, so a
         # prefetch never evicts another prefetch for the same layer.
-        counts = torch.bincount(ids.flatten(), minlength=block.gate.out_features).tolist()
         predicted = sorted((e for e, n in enumerate(counts) if n), key=lambda e: (-counts[e], e))
         protected = {(nxt, e) for e in predicted} - self.cache.pinned
         self.cache.pinned |= protected

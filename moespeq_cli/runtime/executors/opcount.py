@@ -80,3 +80,40 @@ def count_ops(fn, *args, **kwargs):
     with torch.inference_mode(), OpCounter() as counter:
         out = fn(*args, **kwargs)
     return out, counter
+
+
+class HostSyncCounter:
+    """Counts the host's reads of device values that do not pass the dispatcher while
+    active: ``tolist()`` and ``torch.tensor(data, device=...)`` (a blocking copy from
+    pageable memory). ``item()`` and ``int()``/``float()``/``bool()`` of a tensor do pass it
+    (``_local_scalar_dense``): ``OpCounter.syncs`` counts those. On a GPU each of these
+    waits for the device to reach that point; on the CPU they cost nothing, so they are
+    counted where the code makes them. ``total`` and ``by_kind``; not reentrant."""
+
+    def __init__(self):
+        self.by_kind = {"tolist": 0, "tensor": 0}
+        self._saved: tuple = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    def __enter__(self) -> HostSyncCounter:
+        tolist, tensor = torch.Tensor.tolist, torch.tensor
+        self._saved = (tolist, tensor)
+        by_kind = self.by_kind
+
+        def counted_tolist(t):
+            by_kind["tolist"] += 1
+            return tolist(t)
+
+        def counted_tensor(data, *args, **kwargs):
+            if kwargs.get("device") is not None:
+                by_kind["tensor"] += 1
+            return tensor(data, *args, **kwargs)
+
+        torch.Tensor.tolist, torch.tensor = counted_tolist, counted_tensor
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.Tensor.tolist, torch.tensor = self._saved

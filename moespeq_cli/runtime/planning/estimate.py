@@ -223,25 +223,28 @@ def plan_moespeq(
 
 def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int) -> int | None:
     """``StepModel.pass_ops``: None when the model cannot run on the meta device."""
-    from moespeq_cli.runtime.executors.experts import grouped
+    from moespeq_cli.runtime.executors.experts import grouped, token_groups
     from moespeq_cli.runtime.executors.opcount import OpCounter
 
     counter = OpCounter(skip_casts=True)
     K, E = cfg.top_k, cfg.num_experts
 
-    def experts(layer, x, ids, weights):
-        rows = [[(t * K + j) % E for j in range(K)] for t in range(x.shape[0])]
+    def read(ids, extra=None):  # a meta tensor has no values: a routing of distinct experts
+        return [[(t * K + j) % E for j in range(K)] for t in range(ids.shape[0])], None
 
+    def experts(layer, x, ids, weights, rows, ahead=None):
         def run(e, xe):
             counter.paused += 1  # the expert's own ops are priced with the expert
             out = torch.zeros_like(xe)
             counter.paused -= 1
             return out
 
-        return grouped(x, rows, weights, run)
+        return grouped(x, ids, weights, run, groups=token_groups(rows))
 
-    saved = {i: b.experts for i, b in model.moe_blocks.items()}
+    saved = {i: (b.experts, b.read_routing) for i, b in model.moe_blocks.items()}
     model.set_experts(experts)
+    for b in model.moe_blocks.values():
+        b.read_routing = read
     try:
         cache = model.new_cache()
         model(torch.zeros(1, dtype=torch.long, device="meta"), cache)  # a decode step finds its KV cache made
@@ -252,5 +255,5 @@ def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int) -> int | None:
         return None
     finally:
         for i, b in model.moe_blocks.items():
-            b.experts = saved[i]
+            b.experts, b.read_routing = saved[i]
     return counter.ops

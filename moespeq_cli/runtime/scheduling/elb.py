@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import heapq
 
-import torch
-
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.offload import OffloadedExperts
 from moespeq_cli.runtime.scheduling.governor import Governor
@@ -67,11 +65,17 @@ class ElbScheduler(SpecHooks):
     def _needed_later(self, key: Key) -> bool:
         return key in self.protected and key[0] >= self.verify_layer
 
-    def victim(self, candidates: list[Key]) -> Key:
-        for key in candidates:  # LRU order
+    def victim(self, candidates) -> Key | None:
+        """The least recently used candidate not needed later in this verification, else
+        the one needed farthest ahead (``candidates``: LRU first, walked only as far as
+        needed)."""
+        farthest = None
+        for key in candidates:
             if not self._needed_later(key):
                 return key
-        return max(candidates, key=lambda k: k[0])  # needed farthest ahead
+            if farthest is None or key[0] > farthest[0]:
+                farthest = key
+        return farthest
 
     def _prefetch_room(self, cache: ExpertCache) -> bool:
         return bool(cache.free_slots) or any(not self._needed_later(k) for k in cache.evictable())
@@ -97,11 +101,11 @@ class ElbScheduler(SpecHooks):
         self.model.set_router_observer(self.on_draft_route if k else None)
         self.backend.phase = "draft" if k else "target"
 
-    def on_draft_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    def on_draft_route(self, layer: int, rows: list[list[int]]) -> None:
         if layer == self.first_moe:
             self.elb.append({})
         token = len(self.elb) - 1
-        chosen = set(ids[0].tolist())
+        chosen = set(rows[0])
         self.elb[token][layer] = chosen
         for e in sorted(chosen):
             key = (layer, e)
@@ -162,8 +166,8 @@ class ElbScheduler(SpecHooks):
     def on_verify_layer(self, layer: int) -> None:
         self.verify_layer = layer
 
-    def on_verify_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        for i, row in enumerate(ids.tolist()):
+    def on_verify_route(self, layer: int, rows: list[list[int]]) -> None:
+        for i, row in enumerate(rows):
             if i < len(self.verify_routes):
                 self.verify_routes[i][layer] = set(row)
             self.needed.update((layer, e) for e in row)

@@ -26,7 +26,7 @@ prefetch, prefetches that were used before eviction.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -115,7 +115,7 @@ class ExpertCache:
         self.pinned: set[Key] = set()
         self.prefetched: set[Key] = set()  # loaded by a prefetch and not used since
         self.stats = CacheStats()
-        self.victim: Callable[[list[Key]], Key] | None = None
+        self.victim: Callable[[Iterator[Key]], Key | None] | None = None  # from LRU-first candidates
         self.on_block: Callable[[torch.Tensor], None] | None = None  # e.g. pin a new host block
         self.grow(slots)
 
@@ -166,8 +166,10 @@ class ExpertCache:
     def touch(self, key: Key) -> None:
         self.slot_of.move_to_end(key)
 
-    def evictable(self) -> list[Key]:
-        return [k for k in self.slot_of if k not in self.pinned]
+    def evictable(self) -> Iterator[Key]:
+        """Resident experts not pinned, least recently used first; lazy: a caller after
+        the first few does not walk every slot."""
+        return (k for k in self.slot_of if k not in self.pinned)
 
     def can_load(self) -> bool:
         return bool(self.free_slots) or any(k not in self.pinned for k in self.slot_of)
@@ -178,11 +180,11 @@ class ExpertCache:
             slot = self.free_slots.pop()
             return slot, self.release.pop(slot, [])
         candidates = self.evictable()
-        if not candidates:
+        key = self.victim(candidates) if self.victim else next(candidates, None)
+        if key is None:
             raise RuntimeError(
                 f"every {self.name} expert slot is pinned; the plan gave fewer slots than one layer needs at once"
             )
-        key = self.victim(candidates) if self.victim else candidates[0]
         return self._evict(key)
 
     def _evict(self, key: Key) -> tuple[int, list[Event]]:
@@ -196,7 +198,7 @@ class ExpertCache:
         return slot, after
 
     def evict_unpinned(self) -> None:
-        for key in self.evictable():
+        for key in list(self.evictable()):
             slot, after = self._evict(key)
             self.free_slots.append(slot)
             if after:

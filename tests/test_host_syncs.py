@@ -1,0 +1,51 @@
+"""Host syncs on the GPU path's code: at most one per MoE layer per forward pass (the
+routing reaches the host, which decides the copies) plus one per pass for the sampler,
+in plain decoding, with gate-prefetch, and in speculative decoding (draft passes and
+verification). Counted where the code makes them, on the CPU (``HostSyncCounter`` for
+``tolist`` and host-to-device tensors from lists, the dispatcher for ``item``)."""
+
+import pytest
+import torch
+from offload_helpers import prompt_for
+
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.executors.opcount import HostSyncCounter, OpCounter
+from moespeq_cli.runtime.sampling import SamplingParams
+
+
+def syncs_per_pass(path, policy: str, depth="auto", tokens: int = 6) -> tuple[float, int, dict]:
+    eng = Engine(path, EngineOptions(backend="mock", hardware="rtx3060-12gb", policy=policy, spec_depth=depth))
+    prompt = prompt_for(11, 6)
+    eng.load(len(prompt) + tokens + 8)
+    passes = [0]
+    try:
+        stream = eng.generate(prompt, tokens + 1, SamplingParams())
+        next(stream)  # the prompt
+        hook = eng.model.register_forward_pre_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
+        with torch.inference_mode(), OpCounter(skip_casts=True) as ops, HostSyncCounter() as host:
+            for _ in stream:
+                pass
+        hook.remove()
+    finally:
+        eng.close()
+    kinds = {"item": ops.syncs, **host.by_kind}
+    return sum(kinds.values()) / passes[0], len(eng.ckpt.config.moe_layers), kinds
+
+
+@pytest.mark.parametrize("family,variant", [("mixtral", "gqa"), ("qwen3_moe", "base")])
+@pytest.mark.parametrize("policy,depth", [("lru", "auto"), ("gate-prefetch", "auto"), ("moespeq", "3")])
+def test_one_sync_per_moe_layer_per_pass(tiny, family, variant, policy, depth):
+    path, _ = tiny(family, variant)
+    per_pass, moe_layers, kinds = syncs_per_pass(path, policy, depth)
+    assert per_pass <= moe_layers + 1, kinds
+    assert kinds["tensor"] == 0, kinds  # no index tensor built from a host list per expert
+
+
+def test_the_counter_sees_host_reads():
+    x = torch.arange(6).view(2, 3)
+    with HostSyncCounter() as c:
+        x.tolist()
+        torch.tensor([1, 2], device=x.device)
+        torch.tensor([1, 2])  # host to host: no device involved
+    assert c.by_kind == {"tolist": 1, "tensor": 1} and c.total == 2
+    assert torch.Tensor.tolist is not None and x.tolist() == [[0, 1, 2], [3, 4, 5]]  # restored
