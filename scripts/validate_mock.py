@@ -73,6 +73,7 @@ def main() -> None:
             check=True,
         )
     experts = DiskExperts(Checkpoint(path)).total_bytes
+    hw = load_profile(str(profile))
     probe = Engine(path, EngineOptions(backend="cpu"))
     ids = probe.tokenizer.encode(DEFAULT_PROMPT)
     n = args.new_tokens
@@ -97,7 +98,6 @@ def main() -> None:
             sim = run_policy(path, ids, n, policy, o, label)
             runs = sorted(real[label], key=lambda r: r.stats.seconds)
             med = runs[len(runs) // 2]
-            hw = load_profile(str(profile))
             queue = med.disk_queue or list(hw.disk_queue_bandwidth or [hw.disk_bandwidth])
             as_run = replace(hw, disk_bandwidth=max(queue), disk_queue_bandwidth=tuple(queue))
             o2 = EngineOptions(backend="mock", hardware=as_run, ram=ram, spec_depth=k or "auto")

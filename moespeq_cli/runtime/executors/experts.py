@@ -1,6 +1,6 @@
 """Routed-expert compute: the grouping every executor shares, and the in-memory executor.
 
-``grouped(x, ids, weights, run)`` computes ``sum_j weights[t, j] * expert_ids[t, j](x[t])``
+``grouped(x, ids, weights, run, groups)`` computes ``sum_j weights[t, j] * expert_ids[t, j](x[t])``
 by visiting each expert used by any of the T tokens once, in ascending id order, and
 running it on all of its tokens in one matmul (the same order and dtypes as the
 Hugging Face reference, so bf16 results agree). ``run(e, x_e)`` returns the expert's
@@ -82,15 +82,15 @@ def grouped(
     ids: torch.Tensor,
     weights: torch.Tensor,
     run: Callable[[int, torch.Tensor], torch.Tensor],
+    groups: dict[int, tuple[list[int], list[int]]],
     order: list[int] | None = None,
-    groups: dict[int, tuple[list[int], list[int]]] | None = None,
 ) -> torch.Tensor:
-    """``order`` is the order experts are computed in (an offloading policy computes the
+    """``groups``: ``token_groups`` of the routing already on the host (the block read it
+    once). ``order`` is the order experts are computed in (an offloading policy computes the
     resident ones first); outputs are always summed in ascending expert order, so every
     policy gives bit-identical results. With several tokens, each expert's token rows and
     top-k slots are slices of one stable sort of ``ids`` on its device (three ops a layer,
     no per-expert copy from the host: on a GPU such a copy waits for the device)."""
-    groups = token_groups(ids) if groups is None else groups
     single = x.shape[0] == 1
     index, slot = {}, {}
     if not single:
