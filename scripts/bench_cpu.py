@@ -12,9 +12,12 @@ then, for each, times greedy decoding of ``--new-tokens`` tokens from a 32-token
 with ``moespeq`` (the cpu backend: the plain reference engine) and with transformers'
 ``generate``, best of ``--repeats`` after a warm-up. It reports decode tok/s (the steps
 after the first token), the bytes read per token, this machine's memory bandwidth (a
-reduction over a 512 MiB buffer, larger than any last-level cache, the median of nine,
-measured beside each checkpoint's runs), the bound that
-implies, the share of it each achieves, and whether the tokens agree. The last line is
+reduction over a 512 MiB buffer, larger than any last-level cache), the bound that
+implies, the share of it each achieves, and whether the tokens agree. This VM's bandwidth
+drifts by tens of percent within seconds, so each of moespeq's runs is paired with the
+bandwidth measured just before and just after it: its share is that run's rate over the
+bound of that moment, and the row reports the median run's share (all of them listed).
+transformers' share is against the median of those bandwidths. The last line is
 JSON. Needs the dev extra (transformers); the 791M build takes about a minute and 5 GB
 of temporary disk.
 
@@ -68,21 +71,27 @@ def bytes_per_token(path: Path) -> int:
     return dense + c.top_k * expert * len(c.moe_layers)
 
 
-def memory_bandwidth() -> float:
-    """Bytes/s of a reduction over 512 MiB of float32 on every core, the median of 9 (this
-    VM's bandwidth drifts by tens of percent from minute to minute, so it is measured
-    again beside every checkpoint's runs)."""
+_BUF: torch.Tensor | None = None
+
+
+def memory_bandwidth(samples: int = 9) -> float:
+    """Bytes/s of a reduction over 512 MiB of float32 on every core, the median of
+    ``samples``. This VM's bandwidth drifts by tens of percent from one second to the next
+    (27-50 GB/s measured within a minute), so each decoding run is paired with a
+    measurement taken just before and just after it."""
     from moespeq_cli import kernels
 
+    global _BUF
+    if _BUF is None:
+        _BUF = torch.randn(128 * 2**20)
     with kernels.torch_parallel():
-        buf = torch.ones(128 * 2**20)
-        buf.sum()
+        _BUF.sum()
         times = []
-        for _ in range(9):
+        for _ in range(samples):
             t0 = time.perf_counter()
-            buf.sum()
+            _BUF.sum()
             times.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / sorted(times)[len(times) // 2]
+    return _BUF.numel() * 4 / sorted(times)[len(times) // 2]
 
 
 def decode_rate(first: float, total: float, n: int) -> float:
@@ -90,15 +99,18 @@ def decode_rate(first: float, total: float, n: int) -> float:
     return (n - 1) / max(total - first, 1e-9)
 
 
-def time_ours(path: Path, prompt: list[int], n: int, repeats: int) -> tuple[float, float, list[int]]:
+def time_ours(path: Path, prompt: list[int], n: int, repeats: int) -> tuple[list[tuple[float, float, float]], list[int]]:
+    """Per timed run (after a warm-up): (decode tok/s, end-to-end tok/s, the memory
+    bandwidth around it: the mean of the measurements just before and just after)."""
     from moespeq_cli.runtime.engine import Engine, EngineOptions
     from moespeq_cli.runtime.sampling import SamplingParams
 
     eng = Engine(path, EngineOptions(backend="cpu"))
     eng.load(len(prompt) + n)
     eng.tokenizer.eos_ids = set()  # random weights: every run decodes all n tokens, as generate's min_new_tokens
-    best, e2e, tokens = 0.0, 0.0, []
-    for _ in range(repeats + 1):  # the first run warms up
+    runs, tokens = [], []
+    for i in range(repeats + 1):  # the first run warms up
+        before = memory_bandwidth(5)
         t0 = time.perf_counter()
         first = None
         tokens = []
@@ -107,9 +119,11 @@ def time_ours(path: Path, prompt: list[int], n: int, repeats: int) -> tuple[floa
             if first is None:
                 first = time.perf_counter() - t0
         total = time.perf_counter() - t0
-        best, e2e = max(best, decode_rate(first, total, n)), max(e2e, n / total)
+        after = memory_bandwidth(5)
+        if i:
+            runs.append((decode_rate(first, total, n), n / total, (before + after) / 2))
     eng.close()
-    return best, e2e, tokens
+    return runs, tokens
 
 
 def time_hf(path: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> tuple[float, float, list[int]]:
@@ -164,9 +178,13 @@ def main() -> None:
                 print(f"building {size} {name} ...", flush=True)
                 build(path, size, dtype)
                 nbytes = bytes_per_token(path)
-                bw = memory_bandwidth()  # now, beside the runs it bounds
+                runs, t_ours = time_ours(path, prompt, args.new_tokens, args.repeats)
+                ours, ours_e2e = max(r[0] for r in runs), max(r[1] for r in runs)
+                # each run's share against the bandwidth measured around it; the median run's
+                shares = sorted(rate * nbytes / around for rate, _, around in runs)
+                share = shares[len(shares) // 2]
+                bw = sorted(r[2] for r in runs)[len(runs) // 2]
                 bound = bw / nbytes
-                ours, ours_e2e, t_ours = time_ours(path, prompt, args.new_tokens, args.repeats)
                 row = {
                     "checkpoint": size,
                     "dtype": name,
@@ -174,7 +192,8 @@ def main() -> None:
                     "memory_bandwidth_gb_s": round(bw / 1e9, 1),
                     "bound_tok_s": round(bound, 1),
                     "moespeq_decode_tok_s": round(ours, 1),
-                    "moespeq_share_of_bound": round(ours / bound, 3),
+                    "moespeq_share_of_bound": round(share, 3),
+                    "moespeq_shares_per_run": [round(x, 3) for x in shares],
                     "moespeq_tok_s": round(ours_e2e, 1),
                 }
                 if not args.no_transformers:
