@@ -99,7 +99,9 @@ def decode_rate(first: float, total: float, n: int) -> float:
     return (n - 1) / max(total - first, 1e-9)
 
 
-def time_ours(path: Path, prompt: list[int], n: int, repeats: int) -> tuple[list[tuple[float, float, float]], list[int]]:
+def time_ours(
+    path: Path, prompt: list[int], n: int, repeats: int
+) -> tuple[list[tuple[float, float, float]], list[int]]:
     """Per timed run (after a warm-up): (decode tok/s, end-to-end tok/s, the memory
     bandwidth around it: the mean of the measurements just before and just after)."""
     from moespeq_cli.runtime.engine import Engine, EngineOptions

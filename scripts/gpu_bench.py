@@ -56,7 +56,10 @@ def overlap(nbytes: int = 512 * 2**20) -> dict:
     return {"copy_s": t_copy, "compute_s": t_compute, "both_s": t_both, "overlap_fraction": max(0.0, min(1.0, hidden))}
 
 
-def policies(path: Path, new_tokens: int) -> list[dict]:
+def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
+    """Each policy on the cuda backend (tok/s, hit rate, stall, bytes, the allocator's
+    peak reservation against the plan), moespeq also after a forced draft release, and
+    the mock's prediction for the same run with ``profile`` (this GPU's calibration)."""
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.runtime.engine import Engine, EngineOptions
     from moespeq_cli.runtime.planning.planner import checkpoint_plan
@@ -69,25 +72,46 @@ def policies(path: Path, new_tokens: int) -> list[dict]:
     half = plan.fixed_bytes + plan.total_experts // 2 * plan.expert_bytes
     full = plan.fixed_bytes + plan.total_experts * plan.expert_bytes
     rows = []
-    for policy in ("resident", "ondemand", "lru", "gate-prefetch", "hybrid"):
+    for policy in ("resident", "ondemand", "lru", "gate-prefetch", "hybrid", "moespeq"):
         vram = full if policy == "resident" else half
-        eng = Engine(path, EngineOptions(backend="cuda", policy=policy, vram=vram, hardware="h100-pcie"))
-        eng.load(context)
-        for _ in range(2):  # warm-up, then measure
-            tokens = [ev.token for ev in eng.generate(prompt, new_tokens, SamplingParams())]
-        s = eng.last_stats
-        rows.append(
-            {
-                "policy": policy,
+        row: dict = {"policy": policy}
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_reserved()
+            hw = profile or "h100-pcie"
+            eng = Engine(path, EngineOptions(backend="cuda", policy=policy, vram=vram, hardware=hw))
+            eng.load(context)
+            for _ in range(2):  # warm-up, then measure
+                tokens = [ev.token for ev in eng.generate(prompt, new_tokens, SamplingParams())]
+            s = eng.last_stats
+            row |= {
                 "tokens_per_s": s.tokens_per_s,
                 "expert_hit_rate": s.expert_hit_rate,
                 "io_stall_s": s.io_stall_s,
                 "bytes_h2d": s.bytes_h2d,
+                "plan_bytes": eng.plan.budget_bytes,
+                "max_reserved_bytes": torch.cuda.max_memory_reserved() - base,
                 "tokens": tokens[:8],
             }
-        )
-        del eng
-        torch.cuda.empty_cache()
+            if policy == "moespeq" and eng.spec is not None and not eng.spec.released:
+                eng.release_draft()  # forced: the freed draft must become slots, not extra memory
+                after = [ev.token for ev in eng.generate(prompt, new_tokens, SamplingParams())]
+                row |= {
+                    "after_release_tokens_per_s": eng.last_stats.tokens_per_s,
+                    "after_release_max_reserved_bytes": torch.cuda.max_memory_reserved() - base,
+                    "after_release_same_tokens": after[:8] == tokens[:8],
+                }
+            del eng
+            mock = Engine(path, EngineOptions(backend="mock", policy=policy, vram=vram, hardware=hw))
+            mock.load(context)
+            for _ in mock.generate(prompt, new_tokens, SamplingParams()):
+                pass
+            row["mock_tokens_per_s"] = mock.last_stats.tokens_per_s
+            del mock
+        except Exception as e:  # one policy's failure is a row, not the end of the check
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
     return rows
 
 
@@ -120,6 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--profile", default=None, help="this GPU's calibrated profile (gpu_check.sh writes one)")
     args = ap.parse_args()
     result = {
         "device": torch.cuda.get_device_name(0),
@@ -129,15 +154,23 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as d:
         make_checkpoint(Path(d))
-        result["policies"] = policies(Path(d), args.new_tokens)
+        result["policies"] = policies(Path(d), args.new_tokens, args.profile)
     print(
         f"H2D pinned {result['pinned_GBps']:.1f} GB/s, pageable {result['pageable_GBps']:.1f} GB/s; "
         f"copy/compute overlap {result['overlap']['overlap_fraction']:.0%}"
     )
-    print(f"{'policy':14} {'tok/s':>8} {'hit':>6} {'stall s':>8} {'MB H2D':>8}")
+    head = "| policy | tok/s | mock tok/s | hit | stall s | MB H2D | peak reserved / plan |"
+    print(head + "\n|" + "---|" * (head.count("|") - 1))
     for r in result["policies"]:
+        if "error" in r:
+            print(f"| {r['policy']} | error: {r['error']} |")
+            continue
         hit = f"{r['expert_hit_rate']:.2f}" if r["expert_hit_rate"] is not None else "-"
-        print(f"{r['policy']:14} {r['tokens_per_s']:8.1f} {hit:>6} {r['io_stall_s']:8.3f} {r['bytes_h2d'] / 1e6:8.1f}")
+        mock = f"{r['mock_tokens_per_s']:.1f}" if r.get("mock_tokens_per_s") else "-"
+        print(
+            f"| {r['policy']} | {r['tokens_per_s']:.1f} | {mock} | {hit} | {r['io_stall_s']:.3f} | "
+            f"{(r['bytes_h2d'] or 0) / 1e6:.1f} | {r['max_reserved_bytes'] / 1e6:.0f} / {r['plan_bytes'] / 1e6:.0f} MB |"
+        )
     line = json.dumps(result)
     print(line)
     if args.out:

@@ -21,13 +21,13 @@ PY
 echo "== calibrate this GPU (the profile runs without --hardware use)"
 python3 -m moespeq_cli calibrate --out "$out/calibrated-gpu.yaml" --json 2>&1 | tee "$out/calibrate.log"
 
-echo "== CUDA tests"
+echo "== CUDA tests (races with every copy slowed, syncs per token, memory against the plan, tokens per policy)"
 
 python3 -m pytest tests/test_cuda.py -v -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark"
-python3 scripts/gpu_bench.py --out "$out/gpu_bench.json" 2>&1 | tee "$out/gpu_bench.log"
+python3 scripts/gpu_bench.py --out "$out/gpu_bench.json" --profile "$out/calibrated-gpu.yaml" 2>&1 | tee "$out/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== summary: tests rc=$tests_rc, bench rc=$bench_rc (results in $out)"

@@ -34,4 +34,7 @@ FAMILIES = [
     ("olmoe", "base"),
     ("phimoe", "base"),
     ("deepseek_v2", "lite"),
+    ("deepseek_v3", "v3"),
+    ("glm4_moe", "qknorm"),
+    ("glm4_moe_lite", "sparse_all"),
 ]

@@ -43,8 +43,17 @@ def test_unknown_model_type_lists_supported(cli, ckpt):
     cfg["model_type"] = "llama"
     (ckpt / "config.json").write_text(json.dumps(cfg))
     line = one_line_error(run(cli, ckpt), 1, "'llama'")
-    for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2"):
+    for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_moe"):
         assert t in line
+
+
+@pytest.mark.parametrize("method", ["fp8", "mxfp4"])
+def test_quantized_checkpoint_is_refused_clearly(cli, ckpt, method):
+    """DeepSeek-V3's FP8 and gpt-oss's MXFP4 releases: one line naming the format."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "weight_block_size": [128, 128]}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(cli, ckpt), 1, repr(method), "bf16")
 
 
 def test_truncated_safetensors(cli, ckpt):

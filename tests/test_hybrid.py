@@ -147,3 +147,28 @@ def test_hybrid_refuses_no_cpu_experts(tiny, cli):
     assert r.exit_code == 2 and "hybrid" in r.stderr
     r = cli("run", str(path), "--backend", "mock", "--policy", "lru", "--cpu-experts", "-n", "2")
     assert r.exit_code == 2 and "--cpu-experts" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "policy, asked, expect_note", [("hybrid", None, True), ("lru", None, False), ("hybrid", 1, False)]
+)
+def test_cpu_experts_beside_a_gpu_leave_a_core_for_launches(tiny, monkeypatch, policy, asked, expect_note):
+    """On cuda with experts on the host, torch's pool defaults to cores minus one (the
+    launching thread keeps a core) and the plan line says so; --cpu-threads overrides."""
+    import os
+
+    import torch
+
+    import moespeq_cli.runtime.engine as engine_mod
+
+    path, _ = tiny("mixtral", "gqa")
+    monkeypatch.setattr(engine_mod, "resolve_backend_name", lambda name: "cuda")  # no GPU needed before load
+    before = torch.get_num_threads()
+    try:
+        eng = Engine(path, EngineOptions(backend="cuda", hardware="rtx3060-12gb", policy=policy, cpu_threads=asked))
+        assert (eng.threads_note is not None) == expect_note
+        if expect_note:
+            assert torch.get_num_threads() == max(1, (os.cpu_count() or 2) - 1)
+            assert "--cpu-threads" in eng.threads_note
+    finally:
+        torch.set_num_threads(before)

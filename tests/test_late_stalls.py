@@ -95,3 +95,24 @@ def test_the_governor_sees_stalls_known_late(tiny, monkeypatch):
     assert stalls and max(stalls.values()) > 0
     # the same run with stalls left for the end of the run: the governor sees none (the bug)
     assert all(v == 0 for v in governor_stalls(tiny, monkeypatch, resolves=False).values())
+
+
+def test_cuda_intervals_fold_as_the_gpu_passes_them():
+    """Each cycle's timing events become timeline intervals once completed and are then
+    dropped (a run holds one cycle's events, not the whole run's); the unfinished stay."""
+    import threading
+
+    from moespeq_cli.runtime.backends.cuda import CudaBackend
+
+    b = object.__new__(CudaBackend)  # only the event bookkeeping: no GPU here
+    b._base, b._pending_lock, b.timeline = FakeEvent(0.0), threading.Lock(), Timeline()
+    b._pending = [
+        ("compute", "compute", "attn", FakeEvent(1.0), FakeEvent(2.0), 0, None, 0, "target"),
+        ("copy", "copy", "expert", FakeEvent(1.5), FakeEvent(4.0, done=False), 0, 3, 64, "target"),
+    ]
+    b._fold_pending(done_only=True)
+    assert [(iv.name, iv.start, iv.end) for iv in b.timeline.intervals] == [("attn", 0.001, 0.002)]
+    assert [p[2] for p in b._pending] == ["expert"]
+    b._pending[0][4].done = True
+    b._fold_pending(done_only=True)
+    assert not b._pending and [iv.name for iv in b.timeline.intervals] == ["attn", "expert"]

@@ -18,6 +18,9 @@ CASES = [
     ("phimoe", "gqa"),
     ("olmoe", "clip"),
     ("qwen3_moe", "dense_layer"),
+    ("deepseek_v3", "flat"),
+    ("glm4_moe", "base"),
+    ("glm4_moe_lite", "flash"),
 ]
 
 

@@ -43,3 +43,30 @@ def test_truncate_rejects_growth(tiny):
     c.length = 4
     with pytest.raises(ValueError):
         c.truncate(5)
+
+
+def test_kv_cache_grows_to_the_planned_context_not_past_it():
+    """Doubling stops at the context the plan reserved (a 100-token context: 64 -> 100,
+    not 128); a write beyond it still gets exactly the room it needs."""
+    from moespeq_cli.models.base import KVCache
+
+    def append(c, n):
+        k = torch.zeros(1, n, 4)
+        c.write(0, k, k)
+        c.length += n
+
+    capped, free = KVCache(1, capacity=100), KVCache(1)
+    for c in (capped, free):
+        append(c, 60)
+        append(c, 10)
+    assert capped.k[0].shape[1] == 100 and free.k[0].shape[1] == 128
+    append(capped, 35)
+    assert capped.k[0].shape[1] == 105
+
+
+def test_loaded_model_caps_its_cache_at_the_context(tiny):
+    from moespeq_cli.models import build_model
+    from moespeq_cli.models.checkpoint import Checkpoint
+
+    ck = Checkpoint(tiny("mixtral", "top3")[0])
+    assert build_model(ck.arch, ck.raw_config, 77).new_cache().capacity == 77

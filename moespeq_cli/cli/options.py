@@ -78,7 +78,13 @@ Trace = Annotated[
 ]
 CpuThreads = Annotated[
     Optional[int],
-    typer.Option("--cpu-threads", min=1, max=1024, help="Threads for CPU compute.", show_default=False),
+    typer.Option(
+        "--cpu-threads",
+        min=1,
+        max=1024,
+        help="Threads for CPU compute [default: torch's; with CPU experts beside a GPU: cores minus one].",
+        show_default=False,
+    ),
 ]
 Dtype = Annotated[
     Optional[str],

@@ -23,7 +23,7 @@ class Renderer:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
-    def plan(self, plan, hw, draft: str | None = None) -> None:
+    def plan(self, plan, hw, draft: str | None = None, note: str | None = None) -> None:
         from rich.console import Console
 
         from moespeq_cli.runtime.planning.hardware import format_size
@@ -41,6 +41,8 @@ class Renderer:
                 line += f"; --ram {format_size(plan.host_budget_bytes)}"
             if plan.ram_source:
                 line += f" (--ram: {plan.ram_source})"
+        if note:
+            line += f"; {note}"
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
 
     def stats_line(self, result: dict) -> None:

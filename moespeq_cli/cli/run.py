@@ -158,7 +158,7 @@ def run(
                 # Shown once the first token exists, so that a failure of the first pass
                 # (NaN weights, say) is the only line on stderr.
                 if engine.plan is not None:
-                    out.plan(engine.plan, engine.hw, engine.draft_source)
+                    out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
                 if text == DEMO_PROMPT:
                     out.text(text)  # the default demo prompt: show what the model continues
             token_ids.append(ev.token)

@@ -20,6 +20,9 @@ ARCHITECTURES = {
     "olmoe": "OLMoE-1B-7B",
     "phimoe": "Phi-3.5-MoE",
     "deepseek_v2": "DeepSeek-V2-Lite, DeepSeek-V2",
+    "deepseek_v3": "DeepSeek-V3, DeepSeek-R1, Kimi-K2, Moonlight",
+    "glm4_moe": "GLM-4.5, GLM-4.6, GLM-4.7, GLM-4.5-Air",
+    "glm4_moe_lite": "GLM-4.7-Flash",
 }
 
 
@@ -38,6 +41,13 @@ def parse_config(raw: dict, source: str = "config.json"):
 
     validate_config(raw, source)
     arch = architecture(raw.get("model_type"))
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UnsupportedModelError(
+            f"{source}: its weights are stored quantized ({method!r}, quantization_config); moespeq reads "
+            "float32, float16 and bfloat16 checkpoints for now: use the model's bf16 release or a bf16 conversion"
+        )
     with config_errors(source):
         cfg = arch.parse(raw)
     if not cfg.moe_layers or not cfg.num_experts:
@@ -54,7 +64,9 @@ def build_model(arch: ModuleType, raw: dict, context: int, source: str = "config
     import torch
 
     with config_errors(source), torch.device("meta"), skip_init():
-        return arch.Model(raw, context)
+        model = arch.Model(raw, context)
+    model.context = context
+    return model
 
 
 @contextlib.contextmanager

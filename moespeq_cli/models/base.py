@@ -53,20 +53,24 @@ class KVCache:
     """Per-layer key/value buffers ``[kv_heads, capacity, dim]`` with one shared length.
 
     ``truncate(n)`` forgets every position >= n; speculative decoding uses it to roll
-    back rejected draft tokens. Buffers grow by doubling, so appends are amortised O(1).
+    back rejected draft tokens. Buffers grow by doubling, so appends are amortised O(1),
+    but never past ``capacity`` (the context the plan reserved memory for) unless a write
+    needs more: a 3,000-token context grows 64 -> ... -> 2,048 -> 3,000, not to 4,096.
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: int | None = None):
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
+        self.capacity = capacity
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return all."""
         start, end = self.length, self.length + k.shape[1]
         kb, vb = self.k[layer], self.v[layer]
         if kb is None or kb.shape[1] < end:
-            cap = max(end, 2 * (kb.shape[1] if kb is not None else 0), 64)
+            cap = max(2 * (kb.shape[1] if kb is not None else 0), 64)
+            cap = max(end, min(cap, self.capacity) if self.capacity else cap)
             nk = k.new_empty(k.shape[0], cap, k.shape[2])
             nv = v.new_empty(v.shape[0], cap, v.shape[2])
             if kb is not None:
@@ -114,6 +118,7 @@ class AttentionSpec:
     norm_eps: float = 1e-6
     clip_qkv: float | None = None
     window: int | None = None
+    rotary_dim: int | None = None  # rotate only the first rotary_dim dims of each head (GLM); None: all
 
 
 class Attention(nn.Module):
@@ -174,7 +179,12 @@ class Attention(nn.Module):
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, d], [Hkv, T, d]
         v = v.view(T, s.kv_heads, s.head_dim).transpose(0, 1)
         cos, sin = rope
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if s.rotary_dim is None:
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        else:  # partial rotary: the rest of each head passes through unrotated
+            r = s.rotary_dim
+            q = torch.cat((self.rotate(q[..., :r], cos, sin), q[..., r:]), dim=-1)
+            k = torch.cat((self.rotate(k[..., :r], cos, sin), k[..., r:]), dim=-1)
         start = cache.length
         k_all, v_all = cache.write(layer, k, v)
         return self.o_proj(attend(q, k_all, v_all, start, self.scale, s.window))
@@ -318,8 +328,10 @@ class CausalLM(nn.Module):
         for block in self.moe_blocks.values():
             block.observer = observer
 
+    context = 0  # the context the model was loaded for (build_model): the KV cache's cap
+
     def new_cache(self) -> KVCache:
-        return KVCache(len(self.model.layers))
+        return KVCache(len(self.model.layers), self.context or None)
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return self.rotary.tables(start, end, device, dtype)

@@ -16,7 +16,7 @@ from torch import nn
 
 from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, KVCache, RMSNorm, SparseMoE, attend
 from moespeq_cli.models.config import MoEConfig, moe_config, need
-from moespeq_cli.models.rope import Rotary, apply_rope_interleaved, inv_freq, rope_parameters, yarn_mscale
+from moespeq_cli.models.rope import Rotary, apply_rope, apply_rope_interleaved, inv_freq, rope_parameters, yarn_mscale
 
 
 def moe_layer_ids(cfg: dict) -> list[int]:
@@ -65,8 +65,12 @@ class SharedExpertsMoE(SparseMoE):
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: dict):
+    """``interleaved``: rotary on interleaved pairs (DeepSeek's layout); False: half-split
+    (DeepSeek-V3 checkpoints with ``rope_interleave: false``)."""
+
+    def __init__(self, cfg: dict, interleaved: bool = True):
         super().__init__()
+        self.apply_rope = apply_rope_interleaved if interleaved else apply_rope
         h = need(cfg, "hidden_size", kind=int)
         self.heads = need(cfg, "num_attention_heads", kind=int)
         self.q_lora = cfg.get("q_lora_rank")
@@ -103,8 +107,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)  # [T, r], [T, rope]
         cos, sin = rope
-        q_pe = apply_rope_interleaved(q_pe, cos, sin)
-        k_pe = apply_rope_interleaved(k_pe[None], cos, sin)  # [1, T, rope]
+        q_pe = self.apply_rope(q_pe, cos, sin)
+        k_pe = self.apply_rope(k_pe[None], cos, sin)  # [1, T, rope]
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(T, H, -1).transpose(0, 1)  # [H, T, nope + v]
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.expand(H, -1, -1)), dim=-1)

@@ -15,6 +15,7 @@ RAM as the compute tier and the disk as the link, on the wall clock.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,8 +100,17 @@ class Engine:
         cpu_device = self.device_type == "cpu" and opts.policy == "moespeq"
         self.policy = make_policy(opts.policy, False if cpu_device else opts.cpu_experts)
         self.ram = parse_size(opts.ram, "--ram") if opts.ram is not None else None
+        self.threads_note: str | None = None
         if opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
+        elif self.backend_name == "cuda" and self.policy.host_compute:
+            # experts computed on the host while a GPU computes: the Python thread that
+            # launches the GPU's kernels keeps a core of its own
+            n = max(1, (os.cpu_count() or 2) - 1)
+            torch.set_num_threads(n)
+            self.threads_note = (
+                f"CPU experts on {n} threads, one core left to launch GPU work (--cpu-threads to change)"
+            )
         self.fixed_k: int | None = None
         if str(opts.spec_depth) != "auto":
             try:
@@ -371,6 +381,8 @@ class Engine:
                     # Hit rates and prefetch figures are about decoding (verification), not the
                     # prompt's prefill, whose experts are cold for every policy.
                     self.tiers.reset_stats()
+                if spec is None and self.backend is not None:
+                    self.backend.resolve_stalls()  # the token was sampled: its events are done
                 yield ev
         finally:  # also on Ctrl-C or an early close: the statistics of what was generated
             self.last_stats = self._finish_stats(kind, times, spec)

@@ -5,8 +5,9 @@ Before a slot is overwritten the copy stream waits on the slot's release event (
 on the compute stream after the slot's last reader), so a copy never races a kernel.
 
 Time: ``now()`` is wall-clock seconds since ``reset_clock``. Intervals are bracketed by
-CUDA events and resolved into the timeline once, at the end (``finalize_timeline``), so
-recording costs no synchronisation on the hot path. I/O stall is the time between an
+CUDA events and folded into the timeline once the GPU has passed them (at each token or
+speculation cycle, event queries only, and at ``finalize_timeline``), so recording costs
+no synchronisation on the hot path and a run holds one cycle's events, not all of them. I/O stall is the time between an
 event recorded on the compute stream just before a wait and one just after it; those
 pairs are resolved at each speculation cycle's start and end (``resolve_stalls``, event
 queries only), so the governor sees each cycle's stall as it runs.
@@ -28,10 +29,16 @@ a CPU job: its future). A copy whose bytes are still being read cannot be enqueu
 (a stream cannot wait on a host thread), so one issuer thread enqueues it once the read
 has landed, in the order copies were asked for; its event's ``future`` says when it is
 enqueued, and ``wait`` waits for that before making the compute stream wait on the copy.
+
+Race testing: ``MOESPEQ_DEBUG_COPY_DELAY=<cycles>`` makes the copy stream spin that many
+GPU cycles (``torch.cuda._sleep``) before every copy. A missing wait then reads a slot
+before its bytes land and changes the tokens; the GPU check runs with it.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -57,6 +64,8 @@ class CudaBackend(Backend):
         self.d2h_stream = torch.cuda.Stream(self.device)  # activations to the host
         self.ret_stream = torch.cuda.Stream(self.device)  # host outputs back
         self._host_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-host")
+        delay = os.environ.get("MOESPEQ_DEBUG_COPY_DELAY", "")
+        self.copy_delay = int(delay) if delay.isdigit() else 0  # GPU cycles before each copy (race tests)
         self._issuer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-copy")  # copies after reads
         self._disk_free = 0.0
         self._pinned: list[int] = []  # host pointers registered with cudaHostRegister
@@ -64,6 +73,7 @@ class CudaBackend(Backend):
         self._host_free = 0.0
         self._host_intervals: list[tuple] = []  # (name, start, end, layer, expert, phase), wall
         self._pending: list[tuple] = []  # (stream, kind, name, start_ev, end_ev, layer, expert, bytes)
+        self._pending_lock = threading.Lock()
         self._stall_pairs: list[tuple] = []
         self._t0 = time.perf_counter()
         self._base = self._event(self.compute_stream)
@@ -146,9 +156,12 @@ class CudaBackend(Backend):
                     if ev.cuda_event is not None:
                         self.copy_stream.wait_event(ev.cuda_event)
                 start = self._event(self.copy_stream)
+                if self.copy_delay:
+                    torch.cuda._sleep(self.copy_delay)
                 dst.copy_(src, non_blocking=True)
                 done.record(self.copy_stream)
-            self._pending.append(("copy", "copy", name, start, done, layer, expert, nbytes, phase))
+            with self._pending_lock:
+                self._pending.append(("copy", "copy", name, start, done, layer, expert, nbytes, phase))
 
         self.bytes_h2d += nbytes
         if any(ev.future is not None and not ev.future.done() for ev in events):
@@ -243,17 +256,32 @@ class CudaBackend(Backend):
         torch.cuda.synchronize(self.device)  # ... and done
 
     def resolve_stalls(self) -> None:
-        """The stalls whose closing event the GPU has passed, folded into ``io_stall_s`` now
-        (a cycle ends with the sampler reading the logits, so all of its are); the rest wait
-        for ``finalize_timeline``. Queries events, never synchronises."""
+        """The stalls and intervals whose closing event the GPU has passed, folded into
+        ``io_stall_s`` and the timeline now (a cycle ends with the sampler reading the
+        logits, so all of its are), their events dropped: a run keeps one cycle's events,
+        not every one since the start. The rest wait for ``finalize_timeline``. Queries
+        events, never synchronises."""
         self.io_stall_s += fold_stalls(self._base, self._stall_pairs, self.timeline, done_only=True)
+        self._fold_pending(done_only=True)
+
+    def _fold_pending(self, done_only: bool) -> None:
+        with self._pending_lock:  # the issuer thread appends copies
+            pending, self._pending = self._pending, []
+        keep = []
+        for item in pending:
+            stream, kind, name, s, e, layer, expert, nbytes, phase = item
+            if done_only and not e.query():
+                keep.append(item)
+                continue
+            start, end = self._base.elapsed_time(s) / 1e3, self._base.elapsed_time(e) / 1e3
+            self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes, phase))
+        with self._pending_lock:
+            self._pending[:0] = keep
 
     def finalize_timeline(self) -> None:
         self.synchronize()
         t = self._base
-        for stream, kind, name, s, e, layer, expert, nbytes, phase in self._pending:
-            start, end = t.elapsed_time(s) / 1e3, t.elapsed_time(e) / 1e3
-            self.timeline.add(Interval(stream, kind, name, start, end, layer, expert, nbytes, phase))
+        self._fold_pending(done_only=False)
         self.io_stall_s += fold_stalls(t, self._stall_pairs, self.timeline, done_only=False)
         for name, start, end, layer, expert, phase, *rest in self._host_intervals:
             stream, nbytes = rest if rest else ("host", 0)

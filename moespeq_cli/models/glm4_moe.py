@@ -1,0 +1,54 @@
+"""GLM-4.5 / 4.6 / 4.7 and GLM-4.5-Air (``glm4_moe``): grouped-query attention with biases
+on q/k/v, optional per-head q/k RMSNorm (``use_qk_norm``) and *partial* rotary (only the
+first ``partial_rotary_factor`` of each head's dimensions rotate, half-split layout; 0.5
+when config.json does not say); the first ``first_k_dense_replace`` layers dense; the
+others DeepSeek-V3's MoE: sigmoid router with a correction bias and optional group
+limit, routed experts, shared experts. The multi-token-prediction layers some
+checkpoints carry (``num_nextn_predict_layers``) are beyond ``num_hidden_layers`` and
+are not loaded."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moespeq_cli.models.base import Attention, Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm
+from moespeq_cli.models.config import need
+from moespeq_cli.models.deepseek_v3 import SigmoidMoE, parse
+from moespeq_cli.models.mixtral import attention_spec
+from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+
+__all__ = ["Model", "parse"]
+
+
+def rotary_fraction(cfg: dict) -> float:
+    factor = cfg.get("partial_rotary_factor") or rope_parameters(cfg).get("partial_rotary_factor") or 0.5
+    if not 0 < float(factor) <= 1:
+        from moespeq_cli.errors import CheckpointError
+
+        raise CheckpointError(f"config.json partial_rotary_factor must be in (0, 1], got {factor!r}; fix the file")
+    return float(factor)
+
+
+class Model(CausalLM):
+    def __init__(self, cfg: dict, context: int = 0):
+        c = self.config = parse(cfg)
+        bias = bool(cfg.get("attention_bias", False))
+        spec = attention_spec(cfg, qkv_bias=bias, qk_norm="head" if cfg.get("use_qk_norm") else None)
+        spec.window = None
+        spec.rotary_dim = int(spec.head_dim * rotary_fraction(cfg))
+        spec.rotary_dim -= spec.rotary_dim % 2
+
+        def norm() -> nn.Module:
+            return RMSNorm(c.hidden_size, spec.norm_eps)
+
+        shared_inter = c.expert_intermediate * need(cfg, "n_shared_experts", default=0, kind=int)
+        layers = []
+        for i in range(c.num_layers):
+            if i in c.moe_layers:
+                mlp: nn.Module = SigmoidMoE(cfg, c.hidden_size, c.num_experts, shared_inter)
+            else:
+                mlp = GatedMLP(c.hidden_size, need(cfg, "intermediate_size", kind=int))
+            layers.append(DecoderLayer(Attention(spec), mlp, norm))
+        super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
+        inv, scale = inv_freq(rope_parameters(cfg), spec.rotary_dim, cfg.get("max_position_embeddings", 4096), context)
+        self.rotary = Rotary(inv, scale)
