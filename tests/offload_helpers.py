@@ -37,4 +37,6 @@ FAMILIES = [
     ("deepseek_v3", "v3"),
     ("glm4_moe", "qknorm"),
     ("glm4_moe_lite", "sparse_all"),
+    ("qwen3_next", "hybrid"),
+    ("qwen3_5_moe", "text"),
 ]

@@ -21,6 +21,8 @@ CASES = [
     ("deepseek_v3", "flat"),
     ("glm4_moe", "base"),
     ("glm4_moe_lite", "flash"),
+    ("qwen3_next", "full_first"),
+    ("qwen3_5_moe", "full_first"),
 ]
 
 

@@ -8,7 +8,9 @@ from moespeq_cli.models.loader import load_model
 from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
 
-@pytest.mark.parametrize("family,variant", [("mixtral", "gqa"), ("deepseek_v2", "lite"), ("qwen3_moe", "base")])
+@pytest.mark.parametrize(
+    "family,variant", [("mixtral", "gqa"), ("deepseek_v2", "lite"), ("qwen3_moe", "base"), ("qwen3_next", "hybrid")]
+)
 @pytest.mark.parametrize("n", [1, 3, 7])
 def test_truncate_then_decode_equals_fresh(tiny, family, variant, n):
     path, _ = tiny(family, variant)
@@ -22,6 +24,7 @@ def test_truncate_then_decode_equals_fresh(tiny, family, variant, n):
 
     cache = model.new_cache()
     model(prompt, cache)
+    cache.keep_from(12)  # as speculative decoding does at a cycle's start (linear attention's states)
     model(wrong[:4], cache)  # a verification-style pass over several tokens
     for t in wrong[4:]:
         model(t[None], cache)  # then single-token steps
@@ -70,3 +73,21 @@ def test_loaded_model_caps_its_cache_at_the_context(tiny):
 
     ck = Checkpoint(tiny("mixtral", "top3")[0])
     assert build_model(ck.arch, ck.raw_config, 77).new_cache().capacity == 77
+
+
+def test_linear_attention_keeps_only_what_a_rollback_can_reach(tiny):
+    """Without keep_from, a linear-attention layer holds only its newest state (plain
+    decoding never rolls back); with it, every state from that position on, and a
+    truncation drops the states past its target."""
+    path, _ = tiny("qwen3_next", "hybrid")
+    ck = Checkpoint(path)
+    model = load_model(ck)
+    model.set_experts(InMemoryExperts(ck, ck.config.dtype))
+    cache = model.new_cache()
+    model(torch.arange(3, 13), cache)
+    assert all(list(h) == [10] for h in cache.states.values()) and len(cache.states) == 2
+    cache.keep_from(10)
+    model(torch.arange(20, 24), cache)
+    assert all(sorted(h) == [10, 11, 12, 13, 14] for h in cache.states.values())
+    cache.truncate(12)
+    assert all(sorted(h) == [10, 11, 12] for h in cache.states.values())

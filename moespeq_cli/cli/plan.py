@@ -78,7 +78,7 @@ def plan(
 
     from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import resolve_config
-    from moespeq_cli.models import build_model, parse_config
+    from moespeq_cli.models import build_model, language_config, parse_config
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
@@ -89,6 +89,7 @@ def plan(
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     name, raw, source = resolve_config(model)
+    raw, _ = language_config(raw)  # a multimodal config: its language model
     arch, cfg = parse_config(raw, source)
     if context is None:
         context = min(DEFAULT_PLAN_CONTEXT, cfg.context_limit)

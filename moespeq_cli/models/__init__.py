@@ -23,10 +23,33 @@ ARCHITECTURES = {
     "deepseek_v3": "DeepSeek-V3, DeepSeek-R1, Kimi-K2, Moonlight",
     "glm4_moe": "GLM-4.5, GLM-4.6, GLM-4.7, GLM-4.5-Air",
     "glm4_moe_lite": "GLM-4.7-Flash",
+    "qwen3_next": "Qwen3-Next-80B-A3B",
+    "qwen3_5_moe": "Qwen3.5-MoE, Qwen3.6-MoE (e.g. 35B-A3B)",
 }
+# model_type spellings of the same architecture: the text-only checkpoints transformers'
+# ...ForCausalLM saves for a family published as a multimodal model
+TYPE_ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe"}
+# multimodal checkpoints: the language model's config is under ``text_config`` and its
+# tensors under this prefix (the vision tower and any MTP layers are left unread)
+COMPOSITE = {"qwen3_5_moe": "model.language_model."}
+
+
+def language_config(raw: dict) -> tuple[dict, str | None]:
+    """-> (the language model's config, the prefix of its tensors or None): a composite
+    config.json's ``text_config`` with the top level's dtype, tying and quantization."""
+    prefix = COMPOSITE.get(raw.get("model_type"))
+    text = raw.get("text_config")
+    if prefix is None or not isinstance(text, dict):
+        return raw, None
+    merged = dict(text, model_type=raw["model_type"])
+    for key in ("tie_word_embeddings", "torch_dtype", "dtype", "quantization_config"):
+        if key in raw:
+            merged[key] = raw[key]
+    return merged, prefix
 
 
 def architecture(model_type: str | None) -> ModuleType:
+    model_type = TYPE_ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
         raise UnsupportedModelError(f"model_type {model_type!r} is not supported; supported: {supported}")

@@ -56,6 +56,13 @@ class KVCache:
     back rejected draft tokens. Buffers grow by doubling, so appends are amortised O(1),
     but never past ``capacity`` (the context the plan reserved memory for) unless a write
     needs more: a 3,000-token context grows 64 -> ... -> 2,048 -> 3,000, not to 4,096.
+
+    Linear-attention layers (Qwen3-Next's Gated DeltaNet) keep a recurrent state instead
+    of keys and values: ``states[layer]`` maps a position to the state after it. A pass
+    over T tokens stores the state after each of them, so ``truncate`` can roll back to
+    any accepted prefix; ``keep_from(n)`` (speculative decoding, at each cycle's start)
+    keeps every state from position n on until the next cycle, and without it only the
+    newest state is kept.
     """
 
     def __init__(self, num_layers: int, capacity: int | None = None):
@@ -63,6 +70,29 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
         self.capacity = capacity
+        self.states: dict[int, dict[int, tuple]] = {}
+        self.floor: int | None = None
+
+    def keep_from(self, n: int) -> None:
+        self.floor = n
+
+    def state(self, layer: int) -> tuple | None:
+        """The layer's recurrent state at the current length (None: before the first token)."""
+        hist = self.states.get(layer)
+        if not hist:
+            return None
+        if self.length not in hist:
+            raise RuntimeError(f"no recurrent state of layer {layer} at position {self.length}")
+        return hist[self.length]
+
+    def save_states(self, layer: int, per_token: list[tuple]) -> None:
+        """The states after each of the pass's tokens (positions length+1 .. length+T)."""
+        hist = self.states.setdefault(layer, {})
+        for pos, st in enumerate(per_token, start=self.length + 1):
+            hist[pos] = st
+        keep = self.length + len(per_token) if self.floor is None else self.floor
+        for pos in [p for p in hist if p < keep]:
+            del hist[pos]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return all."""
@@ -85,6 +115,9 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
         self.length = n
+        for hist in self.states.values():
+            for pos in [p for p in hist if p > n]:
+                del hist[pos]
 
 
 def attend(
@@ -144,6 +177,15 @@ class Attention(nn.Module):
         """(query heads, cached kv heads, key dim, value dim)."""
         return self.s.heads, self.s.kv_heads, self.s.head_dim, self.s.head_dim
 
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        r = self.s.rotary_dim
+        if r is None:
+            return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        # partial rotary: the rest of each head passes through unrotated
+        q = torch.cat((self.rotate(q[..., :r], cos, sin), q[..., r:]), dim=-1)
+        k = torch.cat((self.rotate(k[..., :r], cos, sin), k[..., r:]), dim=-1)
+        return q, k
+
     def fuse_qkv(self, product: Callable) -> None:
         """q, k and v in one product ``product(x, w, b)`` (the CPU kernels): their weights
         (and biases) become views of one buffer, so nothing is held twice and the module's
@@ -179,12 +221,7 @@ class Attention(nn.Module):
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, d], [Hkv, T, d]
         v = v.view(T, s.kv_heads, s.head_dim).transpose(0, 1)
         cos, sin = rope
-        if s.rotary_dim is None:
-            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
-        else:  # partial rotary: the rest of each head passes through unrotated
-            r = s.rotary_dim
-            q = torch.cat((self.rotate(q[..., :r], cos, sin), q[..., r:]), dim=-1)
-            k = torch.cat((self.rotate(k[..., :r], cos, sin), k[..., r:]), dim=-1)
+        q, k = self.rotate_qk(q, k, cos, sin)
         start = cache.length
         k_all, v_all = cache.write(layer, k, v)
         return self.o_proj(attend(q, k_all, v_all, start, self.scale, s.window))
@@ -277,16 +314,28 @@ class DecoderLayer(nn.Module):
     """Pre-norm residual block. ``mlp_name`` is the checkpoint's name for the MLP/MoE
     module (``block_sparse_moe`` in Mixtral and Phi-MoE files, ``mlp`` elsewhere)."""
 
-    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], mlp_name: str = "mlp"):
+    def __init__(
+        self,
+        attn: nn.Module,
+        mlp: nn.Module,
+        norm: Callable[[], nn.Module],
+        mlp_name: str = "mlp",
+        attn_name: str = "self_attn",
+    ):
         super().__init__()
-        self.self_attn = attn
+        self.attn_name = attn_name  # ``linear_attn`` for Qwen3-Next's linear-attention layers
+        setattr(self, attn_name, attn)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         setattr(self, mlp_name, mlp)
         self.ffn = mlp.forward  # a bound method, not a registered child: names stay HF's
 
+    @property
+    def attn(self) -> nn.Module:
+        return getattr(self, self.attn_name)
+
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), layer, cache, rope)
+        x = x + self.attn(self.input_layernorm(x), layer, cache, rope)
         return x + self.ffn(self.post_attention_layernorm(x))
 
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.fs import confined_name, file_status, is_dir, read_text
-from moespeq_cli.models import parse_config
+from moespeq_cli.models import language_config, parse_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
@@ -59,10 +59,13 @@ class Checkpoint:
             raise CheckpointError(
                 f"checkpoint directory {self.path} does not exist; pass a model directory, an alias or a hub id"
             )
-        self.raw_config = read_config(self.path)
+        self.raw_config, prefix = language_config(read_config(self.path))
         self.arch, self.config = parse_config(self.raw_config, str(self.path / "config.json"))
+        if prefix:  # a multimodal checkpoint: the experts are read by their real names
+            self.config.expert_prefix = self.config.expert_prefix.replace("model.", prefix, 1)
         self._files: dict[str, object] = {}
         self._where: dict[str, str] = {}
+        self._real: dict[str, str] = {}  # "model.X" -> "model.language_model.X" (composite checkpoints)
         for name in self._weight_files():
             try:
                 handle = safe_open(str(self.path / name), framework="pt")
@@ -71,6 +74,9 @@ class Checkpoint:
             self._files[name] = handle
             for key in handle.keys():
                 self._where[key] = name
+                if prefix and key.startswith(prefix):
+                    alias = "model." + key[len(prefix) :]
+                    self._where[alias], self._real[alias] = name, key
 
     def _weight_files(self) -> list[str]:
         index = self.path / "model.safetensors.index.json"
@@ -111,13 +117,14 @@ class Checkpoint:
         raise CheckpointError(f"{self.path} holds no .safetensors weights; download the checkpoint again")
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        """The tensors of the files, by their names there (no alias counted twice)."""
+        return [k for k in self._where if k not in self._real]
 
     def has(self, name: str) -> bool:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._handle(name).get_slice(self._real.get(name, name)).get_shape())
 
     def _handle(self, name: str):
         if name not in self._where:
@@ -128,7 +135,7 @@ class Checkpoint:
 
     def dtype_name(self, name: str) -> str:
         """The safetensors dtype of ``name`` ("BF16", "F32", "I64", ...), from the header."""
-        return self._handle(name).get_slice(name).get_dtype()
+        return self._handle(name).get_slice(self._real.get(name, name)).get_dtype()
 
     def check_dtype(self, name: str) -> None:
         if self.dtype_name(name) not in FLOAT_DTYPES:
@@ -140,7 +147,7 @@ class Checkpoint:
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.check_dtype(name)
         try:
-            t = self._handle(name).get_tensor(name)
+            t = self._handle(name).get_tensor(self._real.get(name, name))
         except SafetensorError as e:
             raise CheckpointError(f"cannot read {name} from {self.path} ({e}); download the checkpoint again") from None
         return t if dtype is None else t.to(dtype)

@@ -122,6 +122,7 @@ def speculative_generate(
         k = choose_k()  # with no draft still asked: k = 0 has its own choices (the prefetch)
         k = 0 if draft is None else max(0, min(k, max_new_tokens - emitted - 1))
         n = cache.length
+        cache.keep_from(n)  # linear-attention states from n on: the cycle may roll back to any of them
         stats.cycles += 1
         stats.depth_sum += k
         hooks.begin_cycle(k)

@@ -30,7 +30,7 @@ def charges(
     w = weight_elem
     table = []
     for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
+        attn = layer.attn
         heads, kv_heads, dk, dv = attn.kv_dims()
 
         def attn_cost(t, context, attn=attn, heads=heads, kv_heads=kv_heads, dk=dk, dv=dv):

@@ -135,9 +135,22 @@ class Plan:
 def kv_bytes_per_token(model: CausalLM, elem: int) -> int:
     total = 0
     for layer in model.model.layers:
-        _, kv_heads, dk, dv = layer.self_attn.kv_dims()
+        _, kv_heads, dk, dv = layer.attn.kv_dims()
         total += kv_heads * (dk + dv) * elem
     return total
+
+
+MAX_ROLLBACK = (
+    10  # states per linear-attention layer in a cycle at the default k_max (8): its start, 8 drafts, the bonus
+)
+
+
+def recurrent_state_bytes(model: CausalLM) -> int:
+    """Linear-attention layers (Qwen3-Next, Qwen3.5) hold a fixed-size state instead of a KV
+    cache; speculative decoding keeps one per position of a cycle so that it can roll back
+    (models/base.py KVCache), planned here for up to ``MAX_ROLLBACK`` of them."""
+    per = sum(getattr(layer.attn, "state_bytes", lambda: 0)() for layer in model.model.layers)
+    return per * MAX_ROLLBACK
 
 
 def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
@@ -183,7 +196,7 @@ def make_plan(
     ``compute_tier="host"``: ``budget`` is that RAM and the CPU computes from it."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
-    kv = kv_bytes_per_token(model, elem) * context
+    kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model)
     biggest_ffn = max(
         [cfg.expert_intermediate]
         + [
