@@ -147,16 +147,28 @@ class Tokenizer:
             )
 
     def render_chat(self, text: str) -> str:
+        return self.render_messages([{"role": "user", "content": text}])
+
+    def render_messages(self, messages: list[dict]) -> str:
+        """A conversation through the chat template, ending with the assistant's turn to
+        speak (``add_generation_prompt``)."""
         from moespeq_cli.chat_template import render
 
         return render(
             self.chat_template,
             f"the chat template in {self.template_source}",
-            messages=[{"role": "user", "content": text}],
+            messages=messages,
             add_generation_prompt=True,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation: through the chat template, or (a model without
+        one) the turns' text run together, for plain continuation."""
+        if self.chat_template:
+            return self._encode(self.render_messages(messages), add_special_tokens=False)
+        return self._encode("".join(m["content"].rstrip("\n") + "\n" for m in messages))
 
     def decode(self, ids: list[int]) -> str:
         try:  # per token: no stderr capture here (rust_call), only the error mapping

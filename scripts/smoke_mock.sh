@@ -35,6 +35,30 @@ a=$(moespeq run --backend mock -n 16 --json | python3 -c "import json,sys; print
 b=$(moespeq run --backend cpu -n 16 --json | python3 -c "import json,sys; print(json.load(sys.stdin)['token_ids'])")
 test "$a" = "$b"
 
+echo "-- chat through a pipe: one answer per line, commands answered"
+printf 'Good morrow\n/stats\nWhat news?\n' | moespeq chat --backend mock -n 12 >"$tmp/chat.txt" 2>"$tmp/chat.err"
+test "$(wc -l <"$tmp/chat.txt")" -ge 2
+grep -q "tokens in" "$tmp/chat.err"
+
+echo "-- serve: the OpenAI API on loopback"
+port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+moespeq serve --backend mock --port "$port" 2>"$tmp/serve.err" &
+serve_pid=$!
+for _ in $(seq 100); do
+  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health')" 2>/dev/null && break
+  sleep 0.2
+done
+python3 - "$port" <<'PY'
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}/v1"
+body = json.dumps({"messages": [{"role": "user", "content": "Good morrow"}], "max_tokens": 8, "temperature": 0}).encode()
+req = urllib.request.Request(base + "/chat/completions", body, {"Content-Type": "application/json"})
+out = json.load(urllib.request.urlopen(req))
+assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] == 8, out
+print("   answer:", repr(out["choices"][0]["message"]["content"]))
+PY
+kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
+
 echo "-- a bad option is one line, exit 2"
 set +e
 moespeq run --backend mock --vram 1KB >/dev/null 2>"$tmp/err"; rc=$?

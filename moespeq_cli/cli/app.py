@@ -81,10 +81,12 @@ def root(
 
 
 def _register() -> None:
-    from moespeq_cli.cli import bench, calibrate, plan, profile, pull, quantize, run
+    from moespeq_cli.cli import bench, calibrate, chat, plan, profile, pull, quantize, run, serve
 
     app.command(name="pull", epilog=pull.EPILOG)(pull.pull)
     app.command(name="run", epilog=run.EPILOG)(run.run)
+    app.command(name="chat", epilog=chat.EPILOG)(chat.chat)
+    app.command(name="serve", epilog=serve.EPILOG)(serve.serve)
     app.command(name="quantize", epilog=quantize.EPILOG)(quantize.quantize)
     app.command(name="profile", epilog=profile.EPILOG)(profile.profile)
     app.command(name="bench", epilog=bench.EPILOG)(bench.bench)

@@ -115,3 +115,9 @@ Context = Annotated[
         show_default=False,
     ),
 ]
+
+Stop = Annotated[
+    Optional[list[str]],
+    typer.Option("--stop", help="Stop the answer before this text (repeatable).", show_default=False),
+]
+System = Annotated[Optional[str], typer.Option("--system", help="A system message for the conversation.")]

@@ -37,8 +37,9 @@ COMPOSITE = {"qwen3_5_moe": "model.language_model."}
 def language_config(raw: dict) -> tuple[dict, str | None]:
     """-> (the language model's config, the prefix of its tensors or None): a composite
     config.json's ``text_config`` with the top level's dtype, tying and quantization."""
-    prefix = COMPOSITE.get(raw.get("model_type"))
-    text = raw.get("text_config")
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    prefix = COMPOSITE.get(kind) if isinstance(kind, str) else None
+    text = raw.get("text_config") if prefix else None
     if prefix is None or not isinstance(text, dict):
         return raw, None
     merged = dict(text, model_type=raw["model_type"])

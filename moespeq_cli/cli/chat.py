@@ -1,0 +1,165 @@
+"""``moespeq chat``: an interactive conversation with a model, streamed; or, with standard
+input not a terminal, one user message per input line (scripts pipe a conversation)."""
+
+from __future__ import annotations
+
+import sys
+
+from moespeq_cli.cli import options as o
+from moespeq_cli.errors import UsageError
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq chat                                  [dim]# the built-in demo model[/dim]
+
+  moespeq chat qwen3-moe --vram 12GB --temperature 0.7
+
+  moespeq chat ./ckpt --system "Answer in one sentence." --stop "User:"
+
+  printf 'Hello\\nAnd then?\\n' | moespeq chat ./ckpt -n 64   [dim]# one message per line[/dim]
+
+[bold]In the conversation[/bold]: /reset forgets the history, /stats shows the last answer's
+statistics, /exit (or Ctrl-D) leaves; Ctrl-C stops the current answer.
+"""
+
+DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says otherwise (capped by the model)
+DEMO_CONTEXT = 512  # the demo's: what its default 24 MiB budget holds beside the model
+COMMANDS = "/reset, /stats, /exit"
+
+
+def load_session(model: str | None, context: int | None, max_new_tokens: int, **options):
+    """Resolve the model, build and load the engine for a conversation's context: shared
+    by chat and serve. -> (display name, engine, context)."""
+    from moespeq_cli.model_ref import DEMO, default_vram, resolve
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    name, path = resolve(model)
+    options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
+    engine = Engine(path, EngineOptions(context=context, **options))
+    limit = engine.ckpt.config.context_limit
+    default = DEMO_CONTEXT if name == DEMO else DEFAULT_CONTEXT
+    ctx = engine.context_for(0, max_new_tokens) if context is not None else min(limit, default)
+    if max_new_tokens >= ctx:
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a message in a context of {ctx} tokens; lower it"
+        )
+    engine.load(ctx, engine.make_plan(ctx))
+    return name, engine, ctx
+
+
+def note(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def chat(
+    model: o.ModelArg = None,
+    max_new_tokens: o.MaxNewTokens = 512,
+    temperature: o.Temperature = 0.0,
+    top_p: o.TopP = 1.0,
+    top_k: o.TopK = 0,
+    seed: o.Seed = None,
+    stop: o.Stop = None,
+    system: o.System = None,
+    backend: o.Backend = "auto",
+    hardware: o.Hardware = None,
+    vram: o.Vram = None,
+    ram: o.Ram = None,
+    policy: o.Policy = "moespeq",
+    cpu_experts: o.CpuExperts = None,
+    draft: o.Draft = "auto",
+    spec_depth: o.SpecDepth = "auto",
+    cpu_threads: o.CpuThreads = None,
+    dtype: o.Dtype = None,
+    context: o.Context = None,
+) -> None:
+    """Chat with a MoE model.
+
+    Uses the model's chat template (a model without one continues the text as written).
+    The history is kept within the context; the oldest turns are dropped, with a
+    notice, when it outgrows it. Sampling options are run's.
+    """
+    from moespeq_cli.cli.render import Renderer
+    from moespeq_cli.cli.run import result_dict, sampling_params
+    from moespeq_cli.conversation import Answer, Conversation, complete
+
+    sampling = sampling_params(temperature, top_p, top_k, seed)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    name, engine, ctx = load_session(
+        model,
+        context,
+        max_new_tokens,
+        backend=backend,
+        hardware=hardware,
+        vram=vram,
+        ram=ram,
+        policy=policy,
+        draft=draft,
+        spec_depth=spec_depth,
+        cpu_threads=cpu_threads,
+        dtype=dtype,
+        cpu_experts=cpu_experts,
+    )
+    out = Renderer()
+    if engine.plan is not None:
+        out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
+    convo = Conversation(engine.tokenizer, ctx, system)
+    template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
+    if interactive:
+        note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")
+    last: tuple[list[int], list[int]] | None = None
+    while True:
+        line = read_message(interactive)
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd = text.split()[0]
+            if cmd in ("/exit", "/quit", "/bye"):
+                break
+            if cmd == "/reset":
+                convo.reset()
+                note("(history cleared)")
+            elif cmd == "/stats":
+                if last is None:
+                    note("(no answer yet)")
+                else:
+                    out.stats_line(result_dict(name, engine, *last))
+            else:
+                note(f"unknown command {cmd}; the commands are {COMMANDS}")
+            continue
+        convo.turns.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            prompt_ids, dropped = convo.prompt(max_new_tokens)
+        except UsageError as e:
+            note(f"moespeq: {e}")
+            continue
+        if dropped:
+            note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
+        answer = Answer()
+        try:
+            complete(engine, prompt_ids, max_new_tokens, sampling, stop, out.text, answer=answer)
+        except KeyboardInterrupt:
+            note("\n(stopped)")
+        out.end_text()
+        convo.turns.append({"role": "assistant", "content": answer.text})
+        last = (prompt_ids, answer.token_ids)
+    engine.close()
+
+
+def read_message(interactive: bool) -> str | None:
+    """The next user message (None at the end of input). At a terminal, Ctrl-C on an
+    empty prompt says how to leave instead of leaving."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line if line else None
+    while True:
+        try:
+            return input(">>> ")
+        except EOFError:
+            sys.stdout.write("\n")
+            return None
+        except KeyboardInterrupt:
+            note("\n(Ctrl-D or /exit to leave)")

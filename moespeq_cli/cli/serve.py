@@ -1,0 +1,84 @@
+"""``moespeq serve``: an OpenAI-compatible HTTP server (moespeq_cli/server.py) for one model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from moespeq_cli.cli import options as o
+from moespeq_cli.errors import UsageError
+
+EPILOG = """[bold]Examples[/bold]
+
+  moespeq serve                                   [dim]# the demo on http://127.0.0.1:8000/v1[/dim]
+
+  moespeq serve qwen3-moe --vram 12GB --port 8080 --api-key "$KEY"
+
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+
+Any OpenAI client works: base_url http://127.0.0.1:8000/v1, the model name from
+GET /v1/models. One request is generated at a time; others wait in a queue of --queue.
+"""
+
+
+def serve(
+    model: o.ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests.")
+    ] = None,
+    queue: Annotated[int, typer.Option("--queue", min=1, max=4096, help="Requests that may wait.")] = 16,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="An answer's tokens when a request gives no max_tokens.")
+    ] = 512,
+    backend: o.Backend = "auto",
+    hardware: o.Hardware = None,
+    vram: o.Vram = None,
+    ram: o.Ram = None,
+    policy: o.Policy = "moespeq",
+    cpu_experts: o.CpuExperts = None,
+    draft: o.Draft = "auto",
+    spec_depth: o.SpecDepth = "auto",
+    cpu_threads: o.CpuThreads = None,
+    dtype: o.Dtype = None,
+    context: o.Context = None,
+) -> None:
+    """Serve a MoE model over an OpenAI-compatible HTTP API.
+
+    GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/completions,
+    streaming (Server-Sent Events) or not; requests are served one at a time, in order.
+    """
+    import uvicorn
+
+    from moespeq_cli.cli.chat import load_session, note
+    from moespeq_cli.cli.render import Renderer
+    from moespeq_cli.server import build_app
+
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key is empty; give a key or leave the option out")
+    name, engine, ctx = load_session(
+        model,
+        context,
+        1,
+        backend=backend,
+        hardware=hardware,
+        vram=vram,
+        ram=ram,
+        policy=policy,
+        draft=draft,
+        spec_depth=spec_depth,
+        cpu_threads=cpu_threads,
+        dtype=dtype,
+        cpu_experts=cpu_experts,
+    )
+    if engine.plan is not None:
+        Renderer().plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
+    app = build_app(engine, name, ctx, api_key, queue, min(max_new_tokens, ctx - 1))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    note(f"serving {name} on http://{host}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
+    server.run()
+    engine.close()

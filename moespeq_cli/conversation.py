@@ -1,0 +1,127 @@
+"""A conversation with a loaded engine, shared by ``moespeq chat`` and ``moespeq serve``.
+
+- ``Conversation`` keeps the messages and renders them into prompt ids that fit the
+  context, dropping the oldest turns (never the system message or the newest user turn)
+  when the history outgrows it;
+- ``StopMatcher`` applies stop strings to streamed text: it holds back any tail that
+  could be the start of a stop string, so the matched text (and nothing after it) ever
+  reaches the user, as OpenAI's API specifies;
+- ``complete`` streams one answer: token ids -> text increments through the tokenizer's
+  stream decoder and the stop matcher, ending on end-of-sequence, a stop string or the
+  token budget (``finish_reason`` "stop" or "length").
+
+Each answer prefills the whole conversation again (the engine keeps no cache across
+calls): simple and exact, slower on long histories than a prefix cache would be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from moespeq_cli.errors import UsageError
+
+
+class StopMatcher:
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """The part of ``text`` (after what was held back) that is safe to show now."""
+        if self.stopped:
+            return ""
+        buf = self.pending + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.pending = True, ""
+            return buf[:cut]
+        hold = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self.pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+@dataclass
+class Answer:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop": end of sequence or a stop string
+
+
+def complete(
+    engine,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling,
+    stops: list[str] | None = None,
+    on_text: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    answer: Answer | None = None,
+) -> Answer:
+    """Generate one answer into ``answer`` (a new one by default), streaming its text to
+    ``on_text``; ``cancelled()`` is asked after each token (a client that went away).
+    Ctrl-C (KeyboardInterrupt) closes the generator and propagates; what was generated
+    so far is in the ``answer`` the caller passed."""
+    from moespeq_cli.tokenizer import StreamDecoder
+
+    decoder, stop = StreamDecoder(engine.tokenizer), StopMatcher(stops or [])
+    answer = answer if answer is not None else Answer()
+    events: Iterator = engine.generate(prompt_ids, max_new_tokens, sampling)
+    try:
+        for ev in events:
+            if ev.eos:
+                answer.finish_reason = "stop"
+                break
+            answer.token_ids.append(ev.token)
+            piece = stop.push(decoder.push(ev.token))
+            answer.text += piece
+            if piece and on_text:
+                on_text(piece)
+            if stop.stopped:
+                answer.finish_reason = "stop"
+                break
+            if cancelled is not None and cancelled():
+                break
+    finally:
+        events.close()
+    tail = stop.push(decoder.flush()) + stop.flush()
+    answer.text += tail
+    if tail and on_text:
+        on_text(tail)
+    return answer
+
+
+class Conversation:
+    def __init__(self, tokenizer, context: int, system: str | None = None):
+        self.tokenizer, self.context, self.system = tokenizer, context, system
+        self.turns: list[dict] = []
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def messages(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+    def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:
+        """-> (prompt ids, how many old turns were dropped to fit ``context``)."""
+        dropped = 0
+        while True:
+            ids = self.tokenizer.encode_messages(self.messages())
+            if len(ids) + max_new_tokens <= self.context:
+                return ids, dropped
+            if len(self.turns) <= 1:
+                self.turns = []
+                raise UsageError(
+                    f"the message takes {len(ids)} tokens, with --max-new-tokens {max_new_tokens} more than the "
+                    f"context of {self.context}; shorten it, lower --max-new-tokens or raise --context"
+                )
+            # the oldest exchange goes: a user turn and the answer after it
+            cut = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1
+            self.turns = self.turns[cut:]
+            dropped += cut

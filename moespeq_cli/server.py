@@ -1,0 +1,395 @@
+"""An OpenAI-compatible HTTP API over one loaded engine (``moespeq serve``).
+
+Starlette (ASGI) does the HTTP and uvicorn serves it; this module is the API: routes,
+request validation, response objects, Server-Sent Events for streaming, and the queue.
+
+- ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``;
+- one model, one generation at a time: a single worker thread owns the engine and takes
+  requests in order from a bounded FIFO queue; a request that finds it full is answered
+  503 with ``Retry-After``;
+- streaming answers are ``text/event-stream``: ``data: {chunk}`` events, a last chunk
+  with the ``finish_reason``, with ``stream_options.include_usage`` a chunk with
+  ``choices: []`` and the usage, then ``data: [DONE]``;
+- a client that disconnects cancels its generation (the worker checks after every
+  token), so the next request starts at once;
+- errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``:
+  400 for a bad request, 401 without the key when ``--api-key`` is set, 404 for an
+  unknown model, 413 for a body over 16 MiB, 503 when the queue is full;
+- each response carries the run's statistics in a ``moespeq`` field, and the server log
+  (stderr) has one line per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import secrets
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from moespeq_cli.conversation import Answer, complete
+
+MAX_BODY = 16 * 2**20
+MAX_STOPS = 4
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error"
+        )
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: object
+    stops: list[str]
+    on_text: object = None  # called from the worker thread with each text piece
+    cancelled: bool = False
+    answer: Answer = field(default_factory=Answer)
+    stats: dict | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """The one thread that touches the engine; requests wait in a bounded FIFO."""
+
+    def __init__(self, engine, queue_size: int):
+        self.engine = engine
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self.thread = threading.Thread(target=self._loop, name="moespeq-serve", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(503, "the server is busy: its queue is full; retry shortly", "queue_full") from None
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not job.cancelled:
+                try:
+                    complete(
+                        self.engine,
+                        job.prompt_ids,
+                        job.max_tokens,
+                        job.sampling,
+                        job.stops,
+                        job.on_text,
+                        cancelled=lambda job=job: job.cancelled,
+                        answer=job.answer,
+                    )
+                    job.stats = stats_of(self.engine)
+                except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
+                    job.error = e
+            job.done.set()
+
+
+def stats_of(engine) -> dict:
+    s = engine.last_stats
+    if s is None:
+        return {}
+    keep = ("tokens_per_s", "seconds", "clock", "acceptance_rate", "expert_hit_rate", "io_stall_s", "ttft_s")
+    return {k: getattr(s, k, None) for k in keep}
+
+
+def parse_options(body: dict, prompt_len: int, context: int, default_max: int):
+    """max_tokens, sampling, stop strings, stream flags, validated as OpenAI does."""
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    def number(name, lo, hi, default, integer=False):
+        v = body.get(name, default)
+        if v is None:
+            return default
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if not ok or isinstance(v, bool) or not lo <= v <= hi:
+            kind = "an integer" if integer else "a number"
+            raise ApiError(400, f"'{name}' must be {kind} from {lo} to {hi}, got {v!r}", "invalid_value", name)
+        return v
+
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
+    room = context - prompt_len
+    if room < 1:
+        raise ApiError(
+            400,
+            f"the prompt takes {prompt_len} tokens, the whole context of {context}; shorten it",
+            "context_length_exceeded",
+            "messages",
+        )
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = number(key, 1, 2**31, None, integer=True)
+    if max_tokens is None:
+        max_tokens = min(room, default_max)
+    elif max_tokens > room:
+        raise ApiError(
+            400,
+            f"the prompt ({prompt_len} tokens) plus {key} {max_tokens} exceeds the context of {context} tokens",
+            "context_length_exceeded",
+            key,
+        )
+    temperature = number("temperature", 0, 2, 1.0)
+    top_p = number("top_p", 0, 1, 1.0)
+    if top_p == 0:
+        raise ApiError(400, "'top_p' must be above 0", "invalid_value", "top_p")
+    seed = number("seed", -(2**63), 2**63 - 1, None, integer=True)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} strings", "invalid_value", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "invalid_value", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", "invalid_value")
+    sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=0, seed=seed)
+    return max_tokens, sampling, stops, stream, bool(opts.get("include_usage"))
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "invalid_value", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] needs a 'role' among {', '.join(ROLES)}", "invalid_value", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise ApiError(400, f"messages[{i}] has content that is not text", "invalid_value", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}] needs 'content' as a string", "invalid_value", "messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def completion_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string", "invalid_value", "prompt")
+    return prompt
+
+
+def build_app(
+    engine, name: str, context: int, api_key: str | None = None, queue_size: int = 16, default_max: int = 512
+):
+    """The Starlette application serving ``engine`` as model ``name``."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    worker = Worker(engine, queue_size)
+    created = int(time.time())
+
+    def log(request, status: int, extra: str = "") -> None:
+        sys.stderr.write(f"{request.method} {request.url.path} {status}{' · ' + extra if extra else ''}\n")
+        sys.stderr.flush()
+
+    def error(request, e: ApiError):
+        log(request, e.status, e.message)
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    def check_key(request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), api_key.encode())):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    async def read_json(request) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+            raise ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        model = body.get("model")
+        if model is not None and model != name:
+            raise ApiError(404, f"the model {model!r} does not exist here; this server has {name!r}", "model_not_found")
+        return body
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "model": name})
+
+    async def models(request):
+        try:
+            check_key(request)
+        except ApiError as e:
+            return error(request, e)
+        return JSONResponse(
+            {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "moespeq"}]}
+        )
+
+    async def generate(request, chat: bool):
+        try:
+            check_key(request)
+            body = await read_json(request)
+            if chat:
+                prompt_ids = engine.tokenizer.encode_messages(chat_messages(body))
+            else:
+                prompt_ids = engine.tokenizer.encode(completion_prompt(body))
+            max_tokens, sampling, stops, stream, include_usage = parse_options(
+                body, len(prompt_ids), context, default_max
+            )
+        except ApiError as e:
+            return error(request, e)
+        except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on this input
+            return error(request, ApiError(400, f"cannot encode the request: {e}", "invalid_value"))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = "chat.completion" if chat else "text_completion"
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        job = Job(prompt_ids, max_tokens, sampling, stops)
+        if stream:
+            job.on_text = lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)
+        try:
+            worker.submit(job)
+        except ApiError as e:
+            return error(request, e)
+        waiter = loop.run_in_executor(None, job.done.wait)
+        waiter.add_done_callback(lambda _: pieces.put_nowait(None))
+
+        def usage() -> dict:
+            n = len(job.answer.token_ids)
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+
+        def finish_log(status: int) -> None:
+            s = job.stats or {}
+            tps = s.get("tokens_per_s")
+            parts = [f"{len(job.answer.token_ids)} tokens"]
+            if tps:
+                parts.append(f"{tps:.1f} tok/s ({s.get('clock')} clock)")
+            if s.get("acceptance_rate") is not None:
+                parts.append(f"accept {s['acceptance_rate']:.0%}")
+            if s.get("expert_hit_rate") is not None:
+                parts.append(f"hit rate {s['expert_hit_rate']:.0%}")
+            if job.cancelled:
+                parts.append("cancelled: the client went away")
+            log(request, status, " · ".join(parts))
+
+        if not stream:
+            while not job.done.is_set():
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled = True
+            if job.error is not None:
+                finish_log(500)
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": f"generation failed: {job.error}",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                    status_code=500,
+                )
+            a = job.answer
+            choice = {"index": 0, "finish_reason": a.finish_reason, "logprobs": None}
+            choice |= {"message": {"role": "assistant", "content": a.text}} if chat else {"text": a.text}
+            finish_log(200)
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": int(time.time()),
+                    "model": name,
+                    "choices": [choice],
+                    "usage": usage(),
+                    "moespeq": job.stats or {},
+                }
+            )
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list, **extra) -> str:
+            data = {"id": rid, "object": chunk_obj, "created": int(time.time()), "model": name, "choices": choices}
+            return "data: " + json.dumps(data | extra) + "\n\n"
+
+        def piece(text: str | None, finish: str | None = None) -> dict:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        async def events():
+            try:
+                if chat:
+                    first = piece("")
+                    first["delta"]["role"] = "assistant"
+                    yield event([first])
+                while (text := await pieces.get()) is not None:
+                    yield event([piece(text)])
+                if job.error is not None:
+                    yield "data: " + json.dumps({"error": {"message": str(job.error), "type": "server_error"}}) + "\n\n"
+                else:
+                    yield event([piece(None, job.answer.finish_reason)], moespeq=job.stats or {})
+                    if include_usage:
+                        yield event([], usage=usage())
+                yield "data: [DONE]\n\n"
+                finish_log(200)
+            finally:
+                if not job.done.is_set():  # the client went away mid-answer
+                    job.cancelled = True
+                    finish_log(499)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def chat_completions(request):
+        return await generate(request, chat=True)
+
+    async def completions(request):
+        return await generate(request, chat=False)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.worker = worker
+    return app

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Load test for ``moespeq serve``: starts the server on 127.0.0.1 (loopback only) with the
+demo model (or --model) on the mock backend, sends --requests chat completions from
+--clients concurrent clients with the openai client, and reports requests/s and latency
+percentiles (time to the whole answer, and to the first streamed token). Bounded: at
+most --requests requests and --timeout seconds. The last line is JSON.
+
+    python scripts/load_serve.py [--model demo] [--requests 32] [--clients 8] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--backend", default="mock")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    args = ap.parse_args()
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "moespeq_cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend", args.backend, "--queue", str(max(args.clients, 1))] + ([args.model] if args.model else [])
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + min(args.timeout, 120)
+    c = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=args.timeout)
+    try:
+        while True:
+            try:
+                model = c.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                if proc.poll() is not None or time.time() > deadline:
+                    sys.exit(f"load_serve: the server did not start: {proc.stderr.read()[-500:]}")
+                time.sleep(0.2)
+
+        def one(i: int) -> tuple[float, float, int]:
+            t0 = time.perf_counter()
+            first, n = None, 0
+            stream = c.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": f"Tell me story number {i}."}],
+                max_tokens=args.max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            for ch in stream:
+                if ch.choices and ch.choices[0].delta.content and first is None:
+                    first = time.perf_counter() - t0
+                if ch.usage:
+                    n = ch.usage.completion_tokens
+            return time.perf_counter() - t0, first or 0.0, n
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            results = list(pool.map(one, range(args.requests)))
+        wall = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lat = [r[0] for r in results]
+    ttft = [r[1] for r in results]
+    tokens = sum(r[2] for r in results)
+    out = {
+        "benchmark": "serve_load",
+        "requests": len(results),
+        "clients": args.clients,
+        "seconds": round(wall, 3),
+        "requests_per_s": round(len(results) / wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "latency_s": {p: round(percentile(lat, int(p[1:])), 3) for p in ("p50", "p90", "p99")},
+        "first_token_s": {p: round(percentile(ttft, int(p[1:])), 3) for p in ("p50", "p90", "p99")},
+    }
+    print(
+        f"{out['requests']} requests from {args.clients} clients in {wall:.1f} s: {out['requests_per_s']} req/s, "
+        f"{out['tokens_per_s']} tok/s; latency p50 {out['latency_s']['p50']} s, p99 {out['latency_s']['p99']} s; "
+        f"first token p50 {out['first_token_s']['p50']} s"
+    )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

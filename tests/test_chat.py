@@ -1,0 +1,96 @@
+"""``moespeq chat`` through a pipe, and the conversation core shared with ``serve``."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from moespeq_cli.cli.app import app
+from moespeq_cli.conversation import StopMatcher
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_ckpt(tiny, tmp_path):
+    """The tiny Mixtral with a chat template."""
+    src, _ = tiny("mixtral", "gqa")
+    dst = tmp_path / "chat"
+    shutil.copytree(src, dst)
+    (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return dst
+
+
+def chat(path, text, *args):
+    r = CliRunner().invoke(app, ["chat", str(path), "--backend", "cpu", "-n", "8", *args], input=text)
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    return r
+
+
+def reference(path, rendered: str, n: int = 8) -> str:
+    """What run gives for the conversation rendered by hand (the same engine, greedy)."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    ids = eng.tokenizer.encode(rendered) if not rendered.startswith("<|") else eng.tokenizer._encode(rendered, False)
+    eng.load(len(ids) + n)
+    toks = []
+    for ev in eng.generate(ids, n, SamplingParams()):
+        if ev.eos:
+            break
+        toks.append(ev.token)
+    return eng.tokenizer.decode(toks)
+
+
+def test_piped_conversation_keeps_the_history(chat_ckpt):
+    r = chat(chat_ckpt, "hello\nand then\n")
+    first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")
+    second = reference(chat_ckpt, f"<|user|>hello\n<|assistant|>{first}\n<|user|>and then\n<|assistant|>")
+    assert r.stdout == f"{first}\n{second}\n"
+
+
+def test_reset_forgets_and_commands_answer(chat_ckpt):
+    r = chat(chat_ckpt, "hello\n/stats\n/reset\nhello\n/nope\n/exit\nnever read\n")
+    first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")
+    assert r.stdout == f"{first}\n{first}\n"  # after /reset the same question, the same answer
+    assert "tokens in" in r.stderr and "history cleared" in r.stderr and "unknown command /nope" in r.stderr
+
+
+def test_stop_string_cuts_the_answer(chat_ckpt):
+    full = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")
+    stop = full[2:4]
+    assert stop and full.find(stop) >= 0
+    r = chat(chat_ckpt, "hello\n", "--stop", stop)
+    assert r.stdout == full[: full.find(stop)] + "\n"
+
+
+def test_old_turns_dropped_with_a_notice(chat_ckpt):
+    r = chat(chat_ckpt, "a" * 40 + "\n" + "b" * 40 + "\n" + "c" * 40 + "\n", "--context", "120")
+    assert "oldest messages were dropped" in r.stderr
+    assert r.stdout.count("\n") == 3
+
+
+def test_plain_continuation_without_a_template(tiny):
+    path, _ = tiny("mixtral", "gqa")
+    r = chat(path, "hello\n")
+    assert r.stdout == reference(path, "hello\n") + "\n"
+
+
+@pytest.mark.parametrize(
+    "chunks, stops, shown",
+    [
+        (["ab", "cSTOPd"], ["STOP"], "abc"),
+        (["abS", "TO", "Px"], ["STOP"], "ab"),  # split across pushes: nothing of it leaks
+        (["abST", "ay"], ["STOP"], "abSTay"),  # a false start is released
+        (["x", "END", "y"], ["STOP", "END"], "x"),
+        (["plain"], [], "plain"),
+    ],
+)
+def test_stop_matcher(chunks, stops, shown):
+    m = StopMatcher(stops)
+    assert "".join(m.push(c) for c in chunks) + m.flush() == shown

@@ -1,0 +1,180 @@
+"""``moespeq serve`` driven by the official openai client over loopback: both endpoints,
+streaming and not, stop strings, usage, concurrent clients, a disconnect mid-stream, and
+bad requests."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(path, api_key=None, queue=16):
+    import uvicorn
+
+    from moespeq_cli.cli.chat import load_session
+    from moespeq_cli.server import build_app
+
+    name, engine, ctx = load_session(str(path), None, 1, backend="cpu")
+    app = build_app(engine, name, ctx, api_key, queue, 64)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}", name, engine
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    path, _ = tiny("mixtral", "gqa")
+    server, thread, url, name, engine = start(path)
+    yield url, name, engine
+    server.should_exit = True
+    thread.join(10)
+
+
+def client(url, key="none"):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def expected_text(engine, prompt_ids, n):
+    """Greedy text for ``prompt_ids`` from the engine itself (no server)."""
+    from moespeq_cli.conversation import complete
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    return complete(engine, prompt_ids, n, SamplingParams()).text
+
+
+def test_models_and_health(served):
+    url, name, _ = served
+    assert [m.id for m in client(url).models.list().data] == [name]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_chat_streaming_and_not(served):
+    url, name, engine = served
+    msgs = [{"role": "user", "content": "hello there"}]
+    c = client(url)
+    r = c.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0)
+    want = expected_text(engine, engine.tokenizer.encode_messages(msgs), 12)
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    assert r.model_extra["moespeq"]["tokens_per_s"] > 0
+    chunks = list(
+        c.chat.completions.create(
+            model=name, messages=msgs, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_completions_and_stop(served):
+    url, name, engine = served
+    c = client(url)
+    full = c.completions.create(model=name, prompt="once upon", max_tokens=16, temperature=0).choices[0].text
+    assert full == expected_text(engine, engine.tokenizer.encode("once upon"), 16)
+    stop = full[3:5]
+    r = c.completions.create(model=name, prompt="once upon", max_tokens=16, temperature=0, stop=[stop, "zzzz"])
+    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = c.completions.create(
+        model=name, prompt="once upon", max_tokens=16, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == full[: full.find(stop)]
+
+
+def test_eight_concurrent_clients_get_their_own_answers(served):
+    url, name, engine = served
+    prompts = [f"prompt number {i}" for i in range(8)]
+    want = {p: expected_text(engine, engine.tokenizer.encode(p), 10) for p in prompts}
+
+    def ask(p):
+        return p, client(url).completions.create(model=name, prompt=p, max_tokens=10, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(pool.map(ask, prompts))
+    assert got == want
+
+
+def test_disconnect_mid_stream_frees_the_server(served):
+    url, name, _ = served
+    body = {"model": name, "prompt": "a long story", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    t0 = time.time()
+    r = client(url).completions.create(model=name, prompt="next", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize(
+    "payload, status, code",
+    [
+        ("{not json", 400, "invalid_json"),
+        (json.dumps({"messages": []}), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}), 400, None),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), 404, "model_not_found"),
+        (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}), 400, "context_length_exceeded"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}), 400, None),
+    ],
+)
+def test_bad_requests_get_openai_errors(served, payload, status, code):
+    url, _, _ = served
+    r = httpx.post(url + "/v1/chat/completions", content=payload, headers={"Content-Type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if code:
+        assert err["code"] == code
+
+
+def test_api_key_is_checked(tiny):
+    path, _ = tiny("mixtral", "gqa")
+    server, thread, url, name, _ = start(path, api_key="sekret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        assert client(url, "sekret").models.list().data[0].id == name
+        assert httpx.get(url + "/health").status_code == 200  # health needs no key
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_full_queue_answers_503():
+    from moespeq_cli.server import ApiError, Job, Worker
+
+    class Slow:
+        def generate(self, *a):
+            time.sleep(0.5)
+            return iter(())
+
+    w = Worker(Slow(), queue_size=1)
+    jobs = [Job([1], 1, None, []) for _ in range(3)]
+    w.submit(jobs[0])
+    time.sleep(0.1)  # the worker took the first; one may wait
+    w.submit(jobs[1])
+    with pytest.raises(ApiError) as e:
+        w.submit(jobs[2])
+    assert e.value.status == 503
+    w.stop()
