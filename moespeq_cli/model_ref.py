@@ -21,10 +21,17 @@ DEMO_VRAM = "24MiB"
 
 def default_vram(name: str, vram: str | None, hardware: str | None, backend: str | None) -> str | None:
     """``--vram`` as given, or the demo's own budget when the demo runs on a (real or
-    simulated) device with neither --vram nor --hardware spelled out."""
-    if name == DEMO and vram is None and hardware is None and backend != "cpu":
-        return DEMO_VRAM
-    return vram
+    simulated) device without --vram: the same whether or not --hardware is spelled out
+    (the profile prices the run, the budget stays the demo's). A ``kind: cpu`` profile
+    takes no --vram (its budget is --ram)."""
+    if name != DEMO or vram is not None or backend == "cpu":
+        return vram
+    if hardware is not None:
+        from moespeq_cli.runtime.planning.hardware import load_profile
+
+        if load_profile(hardware).kind == "cpu":
+            return vram
+    return DEMO_VRAM
 
 
 # alias -> (hub id, approximate bf16 download size in GB)
@@ -66,8 +73,8 @@ def resolve(model: str | None) -> tuple[str, Path]:
     if os.sep in model or model.startswith("."):
         raise UnknownModelError(f"checkpoint directory {shown(model)} does not exist; check the path")
     raise UnknownModelError(
-        f"unknown model {shown(model)!r}; use an alias ({', '.join(ALIASES)}), a hub id like org/name, "
-        "or a local directory"
+        f"unknown model {shown(model)!r}; use {DEMO} (the built-in demo), an alias ({', '.join(ALIASES)}), "
+        "a hub id like org/name, or a local directory"
     )
 
 

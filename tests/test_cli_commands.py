@@ -180,3 +180,22 @@ def test_atomic_write_failure_is_one_line(tmp_path):
 
     with pytest.raises(MoespeqError, match="cannot write"):
         atomic_write_text(tmp_path / "nope" / "x.txt", "data")
+
+
+def test_demo_budget_is_the_same_with_the_default_hardware_spelled_out(cli):
+    """One default budget: `run` and `run --hardware rtx3060-12gb` (the default, named)
+    plan the demo alike, `plan` predicts that budget, and the mock's stats line gives
+    the virtual and the wall time side by side."""
+    plain = json.loads(cli("run", "-n", "4", "--json").stdout)
+    named = json.loads(cli("run", "-n", "4", "--json", "--hardware", "rtx3060-12gb").stdout)
+    assert plain["plan"]["budget_bytes"] == named["plan"]["budget_bytes"] == 24 * 2**20
+    assert plain["wall_seconds"] > 0
+    planned = json.loads(cli("plan", "--json").stdout)
+    assert all(row["plan"]["budget_bytes"] == 24 * 2**20 for row in planned["policies"] if row["fits"])
+    r = cli("run", "-n", "4")
+    assert "s virtual (" in r.stderr and "s wall)" in r.stderr
+
+
+def test_unknown_model_names_the_demo(cli):
+    r = cli("run", "not-a-model")
+    assert r.exit_code == 2 and "use demo (the built-in demo)" in r.stderr

@@ -190,3 +190,19 @@ def test_plain_decoding_runs_the_faster_prefetch_arm():
         compute, per_miss = cost[g2.prefetch]
         g2.observe(0, 0, draft_s=0.0, target_s=compute, misses=misses, stall_s=per_miss * misses)
     assert g2.choose() == 0 and g2.prefetch is False
+
+
+def test_explain_says_why_speculation_is_off():
+    from moespeq_cli.runtime.scheduling.governor import explain
+
+    s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3, total_experts=16, slots=6)
+    g = Governor(s)
+    assert explain(g, released=False) is None  # nothing decided yet
+    g.history = [2, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+    s.t_draft, s.t_target = 0.9e-3, {1: 1e-3}
+    s.run_accepted, s.run_rejected = 3, 1
+    line = explain(g, released=False)
+    assert "speculation mostly off" in line and "0.90 of a target step" in line and "75%" in line
+    g.history = [2, 2, 1, 0]
+    assert explain(g, released=False) is None  # it speculates
+    assert "draft released" in explain(g, released=True) and "6 of 16" in explain(g, released=True)

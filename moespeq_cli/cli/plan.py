@@ -77,7 +77,8 @@ def plan(
     import json
 
     from moespeq_cli.errors import UsageError
-    from moespeq_cli.model_ref import resolve_config
+    from moespeq_cli.cli.chat import DEMO_CONTEXT
+    from moespeq_cli.model_ref import DEMO, default_vram, resolve_config
     from moespeq_cli.models import build_model, language_config, parse_config
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
@@ -91,8 +92,10 @@ def plan(
     name, raw, source = resolve_config(model)
     raw, _ = language_config(raw)  # a multimodal config: its language model
     arch, cfg = parse_config(raw, source)
+    if name == DEMO:  # the demo's own budget and context, as run and chat use them
+        vram = default_vram(name, vram, hardware, None)
     if context is None:
-        context = min(DEFAULT_PLAN_CONTEXT, cfg.context_limit)
+        context = min(DEMO_CONTEXT if name == DEMO else DEFAULT_PLAN_CONTEXT, cfg.context_limit)
     elif context > cfg.context_limit:
         raise UsageError(
             f"--context {context} is beyond the model's context of {cfg.context_limit} tokens; "

@@ -45,11 +45,23 @@ class Renderer:
             line += f"; {note}"
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
 
+    def note(self, line: str) -> None:
+        """One dim line on stderr (never in JSON mode)."""
+        if self.json_mode:
+            return
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
+
     def stats_line(self, result: dict) -> None:
         from rich.console import Console
 
         s = result["stats"]
-        parts = [f"{s['new_tokens']} tokens in {s['seconds']:.2f} s ({s['clock']} clock)"]
+        if s["clock"] == "virtual" and result.get("wall_seconds") is not None:
+            # the mock's figures are simulated time; the wall clock is what this machine spent
+            parts = [f"{s['new_tokens']} tokens in {s['seconds']:.2f} s virtual ({result['wall_seconds']:.2f} s wall)"]
+        else:
+            parts = [f"{s['new_tokens']} tokens in {s['seconds']:.2f} s ({s['clock']} clock)"]
         if s["tokens_per_s"] is not None:
             parts.append(f"{s['tokens_per_s']:.1f} tok/s")
         if s["ttft_s"] is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from moespeq_cli.cli import options as o
@@ -152,6 +153,7 @@ def run(
     )
     decoder = StreamDecoder(engine.tokenizer)
     token_ids: list[int] = []
+    started = time.perf_counter()
     try:
         for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
             if not token_ids and not json_out:
@@ -166,7 +168,8 @@ def run(
     except KeyboardInterrupt:
         # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
         if token_ids:
-            result = result_dict(name, engine, prompt_ids, token_ids) | {"interrupted": True}
+            result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
+            result["interrupted"] = True
             if json_out:
                 sys.stdout.write(json.dumps(result) + "\n")
             else:
@@ -175,7 +178,7 @@ def run(
                 out.stats_line(result)
         raise
     out.text(decoder.flush())
-    result = result_dict(name, engine, prompt_ids, token_ids)
+    result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
     if trace is not None:
         write_trace(engine, trace, result)
     if json_out:
@@ -183,6 +186,8 @@ def run(
     else:
         out.end_text()
         out.stats_line(result)
+        if result.get("governor_note"):
+            out.note(result["governor_note"])
 
 
 def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | None):
@@ -239,8 +244,9 @@ def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0)
     return prompt_ids
 
 
-def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int]) -> dict:
-    """The DESIGN.md §7 object of ``run --json``."""
+def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], wall: float | None = None) -> dict:
+    """The DESIGN.md §7 object of ``run --json``; ``wall``: the generation's wall-clock
+    seconds (beside the mock's virtual ones)."""
     result = {
         "model": name,
         "backend": engine.backend_name,
@@ -252,9 +258,15 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int]) 
         "text": engine.tokenizer.decode(token_ids),
         "stats": engine.last_stats.to_dict(),
     }
+    if wall is not None:
+        result["wall_seconds"] = round(wall, 4)
     if engine.scheduler is not None:
+        from moespeq_cli.runtime.scheduling.governor import explain
+
         result["draft"] = engine.draft_source
         result["spec_depths"] = list(engine.governor.history)
+        if engine.fixed_k is None:  # why speculation is off, when it is (auto depth only)
+            result["governor_note"] = explain(engine.governor, engine.draft_released)
     return result
 
 

@@ -402,3 +402,29 @@ class Governor:
     ) -> None:
         self.cycles += 1
         self.state.observe(k, accepted, draft_s, target_s, misses, stall_s, prefetch=self.prefetch)
+
+
+def explain(governor: "Governor", released: bool) -> str | None:
+    """One line a newcomer understands when the governor turned speculation off (most
+    cycles at k = 0) or released the draft; None while it speculates, or with a fixed
+    --spec-depth."""
+    s, hist = governor.state, governor.history
+    if not hist:
+        return None
+    arm = "gate-prefetch" if governor.prefetch else "no prefetch"
+    if released:
+        return (
+            "draft released: plain decoding with the draft's memory as more full-precision expert slots "
+            f"(now {s.slots} of {s.total_experts}) is faster here than speculating; decoding with {arm}"
+        )
+    zeros = sum(1 for k in hist if k == 0) / len(hist)
+    if zeros < 0.75:
+        return None
+    why = []
+    if s.t_draft is not None and 1 in s.t_target and s.t_target[1] > 0:
+        why.append(f"a draft token costs {s.t_draft / s.t_target[1]:.2f} of a target step")
+    tested = s.run_accepted + s.run_rejected
+    if tested:
+        why.append(f"{s.run_accepted / tested:.0%} of drafted tokens were accepted")
+    reason = f" ({' and '.join(why)})" if why else ""
+    return f"speculation mostly off: it does not pay on this model and hardware{reason}; decoding with {arm}"
