@@ -76,8 +76,8 @@ def plan(
     """
     import json
 
-    from moespeq_cli.errors import UsageError
     from moespeq_cli.cli.chat import DEMO_CONTEXT
+    from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import DEMO, default_vram, resolve_config
     from moespeq_cli.models import build_model, language_config, parse_config
     from moespeq_cli.models.config import DTYPES

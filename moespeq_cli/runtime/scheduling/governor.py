@@ -404,7 +404,7 @@ class Governor:
         self.state.observe(k, accepted, draft_s, target_s, misses, stall_s, prefetch=self.prefetch)
 
 
-def explain(governor: "Governor", released: bool) -> str | None:
+def explain(governor: Governor, released: bool) -> str | None:
     """One line a newcomer understands when the governor turned speculation off (most
     cycles at k = 0) or released the draft; None while it speculates, or with a fixed
     --spec-depth."""
