@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Generate docs/cli.md from every command's --help; ``--check`` fails when it is stale."""
+"""Generate docs/cli.md from every command's --help, and the README's table of the options
+``run``, ``chat``, ``serve``, ``profile`` and ``bench`` share from the commands themselves;
+``--check`` fails when either is stale."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [[], ["pull"], ["quantize"], ["run"], ["profile"], ["bench"]]
+COMMANDS = [[], ["pull"], ["quantize"], ["run"], ["chat"], ["serve"], ["profile"], ["bench"], ["plan"], ["calibrate"]]
+SHARED = ["run", "chat", "serve", "profile", "bench"]
+BEGIN, END = "<!-- shared-options:begin (scripts/gen_cli_docs.py) -->", "<!-- shared-options:end -->"
 
 
 def help_text(args: list[str]) -> str:
@@ -32,17 +36,47 @@ def render() -> str:
     return "\n".join(parts)
 
 
+def options_table() -> str:
+    """The options every one of SHARED takes, in run's order, with run's help text."""
+    import typer.main
+
+    from moespeq_cli.cli.app import app
+
+    group = typer.main.get_command(app)
+    params = {name: [p for p in group.commands[name].params if p.param_type_name == "option"] for name in SHARED}
+    common = set.intersection(*({p.name for p in ps} for ps in params.values()))
+    rows = ["| option | meaning |", "|---|---|"]
+    for p in params["run"]:
+        if p.name not in common or p.name == "help":
+            continue
+        names = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
+        meaning = (p.help or "").replace("|", "\\|")
+        rows.append(f"| {names} | {meaning} |")
+    return "\n".join([BEGIN, "", "Options shared by " + ", ".join(f"`{c}`" for c in SHARED) + ":", "", *rows, "", END])
+
+
+def readme_with_table() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start, stop = readme.index(BEGIN), readme.index(END) + len(END)
+    return readme[:start] + options_table() + readme[stop:]
+
+
 def main() -> None:
     target = ROOT / "docs" / "cli.md"
     text = render()
+    readme = readme_with_table()
     if "--check" in sys.argv:
         if not target.exists() or target.read_text() != text:
             print("docs/cli.md is stale: run python scripts/gen_cli_docs.py", file=sys.stderr)
             sys.exit(1)
+        if (ROOT / "README.md").read_text() != readme:
+            print("README.md's shared-options table is stale: run python scripts/gen_cli_docs.py", file=sys.stderr)
+            sys.exit(1)
         print("docs/cli.md is current")
         return
     target.write_text(text)
-    print(f"wrote {target}")
+    (ROOT / "README.md").write_text(readme)
+    print(f"wrote {target} and README.md's shared-options table")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,12 @@ def test_plan_text_output(cli):
 def test_plan_bad_input(cli, args, needle):
     r = cli("plan", *args)
     assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_list_hardware(cli):
+    from moespeq_cli.runtime.planning.hardware import available_profiles
+
+    r = cli("plan", "--list-hardware")
+    assert r.exit_code == 0 and "rtx3060-12gb" in r.stdout and "(default)" in r.stdout
+    rows = json.loads(cli("plan", "--list-hardware", "--json").stdout)["profiles"]
+    assert [row["name"] for row in rows] == available_profiles()

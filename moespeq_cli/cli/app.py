@@ -53,13 +53,28 @@ class MoespeqGroup(TyperGroup):
             raise
 
 
+def _no_flag_placeholder() -> None:
+    """Flags (``--json``, ``--chat/--no-chat``, ``--help``) take no value, so --help shows
+    no ``<bool>`` placeholder beside them (this typer version prints one for flags)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return "" if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_flag_placeholder()
+
 app = typer.Typer(
     cls=MoespeqGroup,
     name="moespeq",
     help="Run Mixture-of-Experts models that do not fit in GPU memory: a 4-bit self-draft predicts "
     "which experts are needed next, and their copies overlap compute.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -63,6 +63,9 @@ def plan(
             help="Assumed chance that the 4-bit draft's token is accepted, per position (moespeq's estimate).",
         ),
     ] = 0.8,
+    list_hardware: Annotated[
+        bool, typer.Option("--list-hardware", help="List the hardware profiles --hardware takes, and exit.")
+    ] = False,
     json_out: o.Json = False,
 ) -> None:
     """Plan device memory and estimate tokens/s for every policy, from config.json alone.
@@ -87,6 +90,9 @@ def plan(
     from moespeq_cli.runtime.planning.planner import default_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
 
+    if list_hardware:
+        show_profiles(json_out)
+        return
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     name, raw, source = resolve_config(model)
@@ -155,3 +161,36 @@ def plan(
     from moespeq_cli.cli.render import plan_table
 
     plan_table(report)
+
+
+def show_profiles(json_out: bool) -> None:
+    """The bundled hardware profiles: name, device memory, link and memory bandwidth."""
+    import json
+
+    from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
+    from moespeq_cli.runtime.planning.hardware import available_profiles, format_size, load_profile
+
+    rows = []
+    for name in available_profiles():
+        hw = load_profile(name)
+        rows.append(
+            {
+                "name": name,
+                "kind": hw.kind,
+                "device_memory_bytes": hw.device_memory,
+                "link_bandwidth": hw.link_bandwidth,
+                "mem_bandwidth": hw.mem_bandwidth,
+                "default": name == DEFAULT_HARDWARE,
+                "description": hw.description,
+            }
+        )
+    if json_out:
+        print(json.dumps({"profiles": rows}))
+        return
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        print(
+            f"{r['name']:24} {format_size(r['device_memory_bytes']):>10}  link {r['link_bandwidth'] / 1e9:5.1f} GB/s  "
+            f"memory {r['mem_bandwidth'] / 1e9:6.0f} GB/s  {r['description']}{mark}"
+        )
+    print("\nor a profile of this machine: moespeq calibrate --out mine.yaml, then --hardware mine.yaml")

@@ -31,7 +31,7 @@ def serve(
         Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests.")
     ] = None,
     queue: Annotated[int, typer.Option("--queue", min=1, max=4096, help="Requests that may wait.")] = 16,
-    max_new_tokens: Annotated[
+    default_max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="An answer's tokens when a request gives no max_tokens.")
     ] = 512,
     backend: o.Backend = "auto",
@@ -76,7 +76,7 @@ def serve(
     )
     if engine.plan is not None:
         Renderer().plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
-    app = build_app(engine, name, ctx, api_key, queue, min(max_new_tokens, ctx - 1))
+    app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens, ctx - 1))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     note(f"serving {name} on http://{host}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
