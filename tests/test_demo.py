@@ -83,3 +83,21 @@ def test_run_with_no_model_reads_like_english(cli):
     words = [w.strip(".,;:!?'\"[]()").lower() for w in out["text"].split()]
     assert sum(w in COMMON for w in words) >= 5, out["text"]
     assert sum(c.isascii() for c in out["text"]) / len(out["text"]) > 0.95
+
+
+def test_the_demo_ships_its_draft(cli, monkeypatch, tmp_path):
+    """The demo's 4-bit draft comes with it (no quantization, no bitsandbytes quantizer,
+    before the first token), matches the demo by fingerprint, and gives the same draft
+    as quantizing afresh."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.quant.draft import QuantizedExperts, bundled_draft
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no draft saved by an earlier `moespeq quantize`
+    out = json.loads(cli("run", "-n", "4", "--json").stdout)
+    assert out["draft"].endswith("demo-draft-nf4-b64")
+    ck = Checkpoint(DEMO_DIR)
+    shipped = QuantizedExperts.load(bundled_draft(DEMO_DIR, "nf4", 64), ck)
+    fresh = QuantizedExperts.quantize(ck, "nf4", 64)
+    for key in list(fresh.q)[:4]:
+        for (a, sa), (b, sb) in zip(shipped.q[key], fresh.q[key], strict=True):
+            assert torch.equal(a, b) and torch.equal(sa.absmax, sb.absmax)

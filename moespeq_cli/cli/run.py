@@ -150,6 +150,7 @@ def run(
         cpu_experts=cpu_experts,
         context=context,
         offload_for="--trace" if trace is not None else None,
+        quiet=json_out,
     )
     decoder = StreamDecoder(engine.tokenizer)
     token_ids: list[int] = []
@@ -196,7 +197,9 @@ def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | No
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
 
 
-def prepare(model, prompt, prompt_file, max_new_tokens, chat=None, offload_for: str | None = None, **options):
+def prepare(
+    model, prompt, prompt_file, max_new_tokens, chat=None, offload_for: str | None = None, quiet=False, **options
+):
     """Resolve the model, read the prompt, build the engine (``options``: EngineOptions
     fields), check the prompt fits the model's context and plan memory (before any weight
     is read), and load: shared by run and profile. ``offload_for``: what needs an
@@ -219,8 +222,26 @@ def prepare(model, prompt, prompt_file, max_new_tokens, chat=None, offload_for: 
             f"{offload_for} needs an offloading run: the mock or cuda backend, or --backend cpu with --ram below the "
             "experts' size (the plain cpu backend keeps no timeline)"
         )
-    engine.load(context, plan)
+    with loading_status(name, plan, quiet=quiet):
+        engine.load(context, plan)
     return name, engine, text, prompt_ids
+
+
+def loading_status(name: str, plan, quiet: bool = False):
+    """A transient status line on a terminal's stderr while the weights load (what, and
+    the plan in one line); nothing with --json, or when stderr is not a terminal."""
+    import contextlib
+
+    if quiet or not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    from moespeq_cli.runtime.planning.hardware import format_size
+
+    what = f"loading {name}"
+    if plan is not None:
+        what += f" · {format_size(plan.budget_bytes)} plan ({plan.policy}): {plan.tier_line()}"
+    return Console(stderr=True).status(what, spinner="dots")
 
 
 def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0) -> list[int]:

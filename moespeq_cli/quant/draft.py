@@ -53,8 +53,22 @@ FORMAT_VERSION = 1
 
 def _bnb():
     import logging
+    import sys
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if "bitsandbytes" not in sys.modules:
+        # At import, bitsandbytes wraps a few default-backend ops (the eager dequantize and
+        # optimizer-step fallbacks) in torch.compile, which imports dynamo and inductor:
+        # 1.5-2.5 s before the demo's first token on a 2-core machine. moespeq's draft runs
+        # bitsandbytes' packed CPU kernel or its CUDA kernels, not those ops compiled, so
+        # the import sees torch.compile as the identity: bitsandbytes' own fallback when
+        # compiling is unavailable.
+        real = torch.compile
+        torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
+        try:
+            import bitsandbytes.functional  # noqa: F401
+        finally:
+            torch.compile = real
     import bitsandbytes.functional as F
 
     return F
@@ -536,6 +550,16 @@ def _exchange(a: Path, b: Path) -> bool:
     AT_FDCWD, RENAME_EXCHANGE = -100, 2
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def bundled_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
+    """The demo model's draft as shipped in the package (built by `moespeq quantize` with the
+    defaults; checked against the demo by fingerprint when loaded), or None."""
+    package = Path(__file__).resolve().parents[1]
+    if Path(ckpt_path).resolve() != (package / "assets" / "demo").resolve():
+        return None
+    d = package / "assets" / f"demo-draft-{method}-b{blocksize}"
+    return d if (d / "manifest.json").is_file() else None
 
 
 def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
