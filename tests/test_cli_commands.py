@@ -61,6 +61,7 @@ def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
     assert page.startswith("<!doctype html>") and "<svg" in page and "Timeline" in page
     assert "http://" not in page and "https://" not in page  # viewable with no network
     assert page.count("<rect") > 20  # the timeline is drawn
+    assert " tok/s</td>" in page and " ms</td>" in page and "%</td>" in page  # numbers with units
 
 
 def test_profile_rejects_the_plain_cpu_backend(tiny, cli):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -134,6 +135,7 @@ def profile(
             snapshot(),
             engine.tokenizer.decode(token_ids),
             engine.tiers.host if engine.plan.disk_tier else None,
+            tuple(shutil.get_terminal_size((120, 40))),
         )
 
     events = engine.generate(prompt_ids, max_new_tokens, sampling)

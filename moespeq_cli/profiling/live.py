@@ -8,7 +8,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-LANE_WIDTH = 96
+LANE_WIDTH = 96  # lanes' width when the caller gives none
 
 
 def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Text:
@@ -62,35 +62,58 @@ def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Te
                 ch, st = style[k]
                 out.append(ch, style=st)
         out.append("│\n")
-    out.append(
-        f"         last {window * 1e3:.2f} ms   █ target  ▓ draft  ░ stall  ▬ copy H2D  ▒ expert on the CPU  ═ read",
-        style="dim",
-    )
+    legend = f"last {window * 1e3:.2f} ms  █ target ▓ draft ░ stall ▬ copy ▒ on the CPU ═ disk read"
+    out.append(("         " + legend) if width >= len(legend) + 2 else legend, style="dim")
     return out
 
 
-def residency(cache, layers: list[int], num_experts: int, missed: set, host=None) -> Table:
+SYMBOLS = {"missed": ("×", "bold red"), "flight": ("◆", "yellow"), "in": ("■", "green"), "ram": ("▪", "blue")}
+
+
+def residency(
+    cache, layers: list[int], num_experts: int, missed: set, host=None, width: int = 200, rows: int = 1000
+) -> Text:
     """Per MoE layer, each expert: in the compute tier (■), on its way (◆), missed at the
-    last layer (×), in host RAM only (▪, with a disk tier below it), or elsewhere (·)."""
-    t = Table.grid(padding=(0, 1))
-    t.add_column(justify="right", style="bold")
-    t.add_column()
+    last layer (×), in host RAM only (▪, with a disk tier below it), or elsewhere (·).
+    Layers share a line when they fit in ``width``; a layer wider than the line shows
+    its counts instead; past ``rows`` lines the rest is summed up in one."""
+
+    def state(key) -> str:
+        if key in missed:
+            return "missed"
+        if cache.resident(key):
+            return "in" if cache.ready(key) else "flight"
+        return "ram" if host is not None and host.resident(key) else "out"
+
+    label = max(len(f"L{layer}") for layer in layers) + 1 if layers else 3
+    cells = []
     for layer in layers:
-        row = Text()
-        for e in range(num_experts):
-            key = (layer, e)
-            if key in missed:
-                row.append("×", style="bold red")
-            elif cache.resident(key) and not cache.ready(key):
-                row.append("◆", style="yellow")
-            elif cache.resident(key):
-                row.append("■", style="green")
-            elif host is not None and host.resident(key):
-                row.append("▪", style="blue")
-            else:
-                row.append("·", style="grey42")
-        t.add_row(f"L{layer}", row)
-    return t
+        cell = Text(f"L{layer}".rjust(label - 1) + " ", style="bold")
+        states = [state((layer, e)) for e in range(num_experts)]
+        if label + num_experts <= width:
+            for st in states:
+                ch, style = SYMBOLS.get(st, ("·", "grey42"))
+                cell.append(ch, style=style)
+        else:  # too many experts for a line: counts
+            for st in ("in", "flight", "missed") + (("ram",) if host is not None else ()):
+                ch, style = SYMBOLS[st]
+                cell.append(f"{ch}{states.count(st)} ", style=style)
+        cells.append(cell)
+    cell_width = max(len(c) for c in cells) + 2 if cells else width
+    per_line = max(1, width // cell_width)
+    lines = [cells[i : i + per_line] for i in range(0, len(cells), per_line)]
+    out = Text()
+    shown = lines if len(lines) <= rows else lines[: max(rows - 1, 0)]
+    for line in shown:
+        for c in line:
+            out.append(c)
+            out.append(" " * (cell_width - len(c)))
+        out.append("\n")
+    if len(shown) < len(lines):
+        hidden = sum(len(line) for line in lines[len(shown) :])
+        out.append(f"... {hidden} more layers (a taller terminal shows them)\n", style="dim")
+    out.rstrip()
+    return out
 
 
 def figures(stats: dict) -> Table:
@@ -111,20 +134,41 @@ def figures(stats: dict) -> Table:
 
 
 def render(
-    title: str, intervals, t_end: float, window: float, cache, layers, num_experts, missed, stats, text: str, host=None
+    title: str,
+    intervals,
+    t_end: float,
+    window: float,
+    cache,
+    layers,
+    num_experts,
+    missed,
+    stats,
+    text: str,
+    host=None,
+    size: tuple[int, int] = (120, 40),
 ):
+    """The whole view, fitted to a terminal of ``size`` (columns, lines): 80x24 shows every
+    part, lanes scaled to the width and the residency map packed into what is left."""
+    columns, lines = size
+    inner = max(columns - 4, 20)  # the outer panel's borders and padding
+    lane_rows = lanes(intervals, t_end, window, width=max(inner - 10, 10))
+    fig = figures(stats)
+    used = 2 + 1 + 1 + lane_rows.plain.count("\n") + 1 + 1 + 2 + fig.row_count
+    title_map = f"experts {'in RAM' if cache.name == 'RAM' else 'on the device'}: ■ resident ◆ in flight × missed" + (
+        " ▪ in RAM" if host is not None else ""
+    )
+    preview = text.replace("\n", " ⏎ ")[-(inner - 1) :]
     body = Group(
-        Text(text[-300:].replace("\n", " ⏎ "), style="white"),
+        Text(preview, style="white", no_wrap=True, overflow="ellipsis"),
         Text(""),
-        lanes(intervals, t_end, window),
+        lane_rows,
         Text(""),
         Panel(
-            residency(cache, layers, num_experts, missed, host),
-            title=f"experts {'in RAM' if cache.name == 'RAM' else 'on the device'}: ■ resident  ◆ in flight  × missed"
-            + ("  ▪ in RAM" if host is not None else ""),
+            residency(cache, layers, num_experts, missed, host, width=inner - 4, rows=max(lines - used, 1)),
+            title=title_map,
             title_align="left",
             border_style="grey42",
         ),
-        figures(stats),
+        fig,
     )
-    return Panel(body, title=title, title_align="left", border_style="cyan")
+    return Panel(body, title=title, title_align="left", border_style="cyan", width=min(columns, 200))

@@ -81,9 +81,64 @@ def k_svg(ks: list[int], width: int = 700, height: int = 120) -> str:
     )
 
 
+LABELS = {
+    "clock": "clock",
+    "new_tokens": "tokens generated",
+    "seconds": "time",
+    "tokens_per_s": "speed",
+    "ttft_s": "time to first token",
+    "tpot_s": "time per output token",
+    "acceptance_rate": "draft tokens accepted",
+    "mean_accepted": "accepted per cycle",
+    "spec_depth_mean": "mean draft depth k",
+    "expert_hit_rate": "expert hit rate",
+    "prefetch_precision": "prefetch precision",
+    "prefetch_recall": "prefetch recall",
+    "io_stall_s": "waiting on expert transfers",
+    "bytes_h2d": "copied host to device",
+    "bytes_read": "read from disk",
+    "bound_ratio": "time over the lower bound",
+    "draft_routing_match": "draft picks the target's experts",
+    "cpu_expert_share": "experts computed on the CPU",
+}
+SECONDS = {"seconds", "ttft_s", "tpot_s", "io_stall_s"}
+SHARES = {
+    "acceptance_rate",
+    "expert_hit_rate",
+    "prefetch_precision",
+    "prefetch_recall",
+    "draft_routing_match",
+    "cpu_expert_share",
+}
+
+
+def format_stat(key: str, v) -> str:
+    """A statistic with its unit: 12.3 ms, 715.1 tok/s, 94%, 81.8 MB, 1.21x."""
+    if v is None:
+        return "-"
+    if isinstance(v, str) or isinstance(v, bool):
+        return str(v)
+    if key in SECONDS:
+        return f"{v * 1e3:.2f} ms" if abs(v) < 1 else f"{v:.2f} s"
+    if key in SHARES:
+        return f"{v:.1%}"
+    if key == "tokens_per_s":
+        return f"{v:.1f} tok/s"
+    if key in ("bytes_h2d", "bytes_read"):
+        return f"{v / 1e9:.2f} GB" if v >= 1e9 else f"{v / 1e6:.1f} MB"
+    if key == "bound_ratio":
+        return f"{v:.2f}x"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
 def write_report(path: Path, result: dict, intervals: list[dict], layer_hits: dict[int, float]) -> None:
     s = result["stats"]
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in s.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(LABELS.get(k, k))}</td><td>{html.escape(format_stat(k, v))}</td></tr>"
+        for k, v in s.items()
+    )
     head = {k: result.get(k) for k in ("model", "backend", "hardware", "policy")}
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>moespeq profile: {html.escape(str(head["model"]))}</title>
