@@ -90,6 +90,8 @@ def complete(
     finally:
         events.close()
     tail = stop.push(decoder.flush()) + stop.flush()
+    if stop.stopped:  # the stop string completed in the decoder's last bytes
+        answer.finish_reason = "stop"
     answer.text += tail
     if tail and on_text:
         on_text(tail)
@@ -109,19 +111,23 @@ class Conversation:
         return head + self.turns
 
     def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:
-        """-> (prompt ids, how many old turns were dropped to fit ``context``)."""
-        dropped = 0
+        """-> (prompt ids, how many old turns were dropped to fit ``context``). A newest
+        message that cannot fit even alone is taken back (UsageError) and the history
+        stays as it was."""
+        turns, dropped = list(self.turns), 0
+        head = [{"role": "system", "content": self.system}] if self.system else []
         while True:
-            ids = self.tokenizer.encode_messages(self.messages())
+            ids = self.tokenizer.encode_messages(head + turns)
             if len(ids) + max_new_tokens <= self.context:
+                self.turns = turns
                 return ids, dropped
-            if len(self.turns) <= 1:
-                self.turns = []
+            if len(turns) <= 1:
+                self.turns = self.turns[:-1]
                 raise UsageError(
                     f"the message takes {len(ids)} tokens, with --max-new-tokens {max_new_tokens} more than the "
                     f"context of {self.context}; shorten it, lower --max-new-tokens or raise --context"
                 )
             # the oldest exchange goes: a user turn and the answer after it
-            cut = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1
-            self.turns = self.turns[cut:]
+            cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+            turns = turns[cut:]
             dropped += cut

@@ -63,29 +63,49 @@ class Job:
     stats: dict | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    notify: object = None  # called from the worker thread once the job is done (or dropped)
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.notify is not None:
+            self.notify()
 
 
 class Worker:
-    """The one thread that touches the engine; requests wait in a bounded FIFO."""
+    """The one thread that touches the engine; requests wait in a bounded FIFO. ``stop``
+    cancels what runs, drops what waits and joins the thread."""
 
     def __init__(self, engine, queue_size: int):
         self.engine = engine
+        self.stopping = False
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.thread = threading.Thread(target=self._loop, name="moespeq-serve", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
+        if self.stopping:
+            raise ApiError(503, "the server is shutting down", "shutting_down")
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise ApiError(503, "the server is busy: its queue is full; retry shortly", "queue_full") from None
 
-    def stop(self) -> None:
-        self.jobs.put(None)
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled = True
+                job.finish()
+        self.jobs.put_nowait(None)
+        self.thread.join(timeout)
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if not job.cancelled:
+            if not (job.cancelled or self.stopping):
                 try:
                     complete(
                         self.engine,
@@ -94,13 +114,13 @@ class Worker:
                         job.sampling,
                         job.stops,
                         job.on_text,
-                        cancelled=lambda job=job: job.cancelled,
+                        cancelled=lambda job=job: job.cancelled or self.stopping,
                         answer=job.answer,
                     )
                     job.stats = stats_of(self.engine)
                 except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
                     job.error = e
-            job.done.set()
+            job.finish()
 
 
 def stats_of(engine) -> dict:
@@ -125,6 +145,8 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int):
             raise ApiError(400, f"'{name}' must be {kind} from {lo} to {hi}, got {v!r}", "invalid_value", name)
         return v
 
+    if body.get("stream_options") is not None and body.get("stream") is not True:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "invalid_value", "stream_options")
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
     room = context - prompt_len
@@ -200,11 +222,15 @@ def build_app(
     engine, name: str, context: int, api_key: str | None = None, queue_size: int = 16, default_max: int = 512
 ):
     """The Starlette application serving ``engine`` as model ``name``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     worker = Worker(engine, queue_size)
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-encode")  # one at a time: off the loop
     created = int(time.time())
 
     def log(request, status: int, extra: str = "") -> None:
@@ -224,12 +250,17 @@ def build_app(
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     async def read_json(request) -> dict:
+        too_big = ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            raise ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
+            raise too_big
+        chunks, total = [], 0
+        async for chunk in request.stream():  # chunked bodies too: never more than MAX_BODY held
+            total += len(chunk)
+            if total > MAX_BODY:
+                raise too_big
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -257,10 +288,21 @@ def build_app(
         try:
             check_key(request)
             body = await read_json(request)
+            tok = engine.tokenizer
             if chat:
-                prompt_ids = engine.tokenizer.encode_messages(chat_messages(body))
+                messages = chat_messages(body)
+                text = "".join(m["content"] for m in messages)
             else:
-                prompt_ids = engine.tokenizer.encode(completion_prompt(body))
+                text = completion_prompt(body)
+            if tok.min_tokens(text) > context:  # refused by arithmetic, before any tokenizing
+                raise ApiError(
+                    400,
+                    f"the prompt is longer than the context of {context} tokens; shorten it",
+                    "context_length_exceeded",
+                    "messages" if chat else "prompt",
+                )
+            encode = (lambda: tok.encode_messages(messages)) if chat else (lambda: tok.encode(text))
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(encoder, encode)
             max_tokens, sampling, stops, stream, include_usage = parse_options(
                 body, len(prompt_ids), context, default_max
             )
@@ -275,12 +317,11 @@ def build_app(
         job = Job(prompt_ids, max_tokens, sampling, stops)
         if stream:
             job.on_text = lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)
+        job.notify = lambda: loop.call_soon_threadsafe(pieces.put_nowait, None)  # after every piece: FIFO
         try:
             worker.submit(job)
         except ApiError as e:
             return error(request, e)
-        waiter = loop.run_in_executor(None, job.done.wait)
-        waiter.add_done_callback(lambda _: pieces.put_nowait(None))
 
         def usage() -> dict:
             n = len(job.answer.token_ids)
@@ -301,12 +342,16 @@ def build_app(
             log(request, status, " · ".join(parts))
 
         if not stream:
-            while not job.done.is_set():
-                try:
-                    await asyncio.wait_for(asyncio.shield(waiter), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled = True
+            try:
+                while not job.done.is_set():
+                    try:
+                        await asyncio.wait_for(pieces.get(), timeout=0.25)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            job.cancelled = True
+            finally:  # cancelled (a shutdown, the client gone): the worker drops the job
+                if not job.done.is_set():
+                    job.cancelled = True
             if job.error is not None:
                 finish_log(500)
                 return JSONResponse(
@@ -357,13 +402,19 @@ def build_app(
                 while (text := await pieces.get()) is not None:
                     yield event([piece(text)])
                 if job.error is not None:
-                    yield "data: " + json.dumps({"error": {"message": str(job.error), "type": "server_error"}}) + "\n\n"
+                    err = {
+                        "message": f"generation failed: {job.error}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                    yield "data: " + json.dumps({"error": err}) + "\n\n"
                 else:
                     yield event([piece(None, job.answer.finish_reason)], moespeq=job.stats or {})
                     if include_usage:
                         yield event([], usage=usage())
                 yield "data: [DONE]\n\n"
-                finish_log(200)
+                finish_log(500 if job.error is not None else 200)
             finally:
                 if not job.done.is_set():  # the client went away mid-answer
                     job.cancelled = True
@@ -381,6 +432,11 @@ def build_app(
     async def lifespan(app):
         yield
         worker.stop()
+        encoder.shutdown(wait=False, cancel_futures=True)
+
+    async def http_error(request, exc: HTTPException):
+        """Starlette's own 404 (no such route) and 405 (wrong method), as OpenAI errors."""
+        return error(request, ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
     app = Starlette(
         routes=[
@@ -390,6 +446,7 @@ def build_app(
             Route("/v1/completions", completions, methods=["POST"]),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
     )
     app.state.worker = worker
     return app

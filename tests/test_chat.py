@@ -94,3 +94,17 @@ def test_plain_continuation_without_a_template(tiny):
 def test_stop_matcher(chunks, stops, shown):
     m = StopMatcher(stops)
     assert "".join(m.push(c) for c in chunks) + m.flush() == shown
+
+
+def test_a_message_too_long_keeps_the_history(chat_ckpt):
+    from moespeq_cli.conversation import Conversation
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    tok = Engine(chat_ckpt, EngineOptions(backend="cpu")).tokenizer
+    convo = Conversation(tok, context=100)
+    convo.turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    convo.turns.append({"role": "user", "content": "x" * 500})
+    with pytest.raises(UsageError):
+        convo.prompt(8)
+    assert convo.turns == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

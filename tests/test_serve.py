@@ -136,6 +136,7 @@ def test_disconnect_mid_stream_frees_the_server(served):
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), 404, "model_not_found"),
         (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}), 400, "context_length_exceeded"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}), 400, None),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream_options": {}}), 400, "invalid_value"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, payload, status, code):
@@ -165,6 +166,8 @@ def test_full_queue_answers_503():
     from moespeq_cli.server import ApiError, Job, Worker
 
     class Slow:
+        tokenizer = None  # never reached: generate yields nothing
+
         def generate(self, *a):
             time.sleep(0.5)
             return iter(())
@@ -178,3 +181,32 @@ def test_full_queue_answers_503():
         w.submit(jobs[2])
     assert e.value.status == 503
     w.stop()
+
+
+def test_unknown_routes_get_openai_errors(served):
+    url, _, _ = served
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    r = httpx.get(url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"]
+
+
+def test_stop_drops_waiting_jobs_and_joins():
+    from moespeq_cli.server import Job, Worker
+
+    class Slow:
+        tokenizer = None  # never reached: generate yields nothing
+
+        def generate(self, *a):
+            time.sleep(0.3)
+            return iter(())
+
+    w = Worker(Slow(), queue_size=4)
+    jobs = [Job([1], 1, None, []) for _ in range(3)]
+    for j in jobs:
+        w.submit(j)
+    time.sleep(0.05)
+    t0 = time.time()
+    w.stop()
+    assert not w.thread.is_alive() and time.time() - t0 < 5
+    assert all(j.done.is_set() for j in jobs) and jobs[-1].cancelled

@@ -79,18 +79,24 @@ class KVCache:
     def state(self, layer: int) -> tuple | None:
         """The layer's recurrent state at the current length (None: before the first token)."""
         hist = self.states.get(layer)
-        if not hist:
+        if self.length == 0:
             return None
-        if self.length not in hist:
+        if not hist or self.length not in hist:
             raise RuntimeError(f"no recurrent state of layer {layer} at position {self.length}")
         return hist[self.length]
 
-    def save_states(self, layer: int, per_token: list[tuple]) -> None:
-        """The states after each of the pass's tokens (positions length+1 .. length+T)."""
+    def keeps(self, pos: int, last: int) -> bool:
+        """Whether the state after position ``pos`` of a pass ending at ``last`` is kept:
+        the last one, and with ``keep_from`` every one from there on (a long prefill
+        never holds a state per prompt token)."""
+        return pos == last or (self.floor is not None and pos >= self.floor)
+
+    def save_states(self, layer: int, per_token: dict[int, tuple]) -> None:
+        """The states after the pass's tokens, by position (length+1 .. length+T; only
+        those ``keeps`` asks for)."""
         hist = self.states.setdefault(layer, {})
-        for pos, st in enumerate(per_token, start=self.length + 1):
-            hist[pos] = st
-        keep = self.length + len(per_token) if self.floor is None else self.floor
+        hist.update(per_token)
+        keep = max(per_token) if self.floor is None else self.floor
         for pos in [p for p in hist if p < keep]:
             del hist[pos]
 

@@ -27,6 +27,20 @@ from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v2 import MLAttention
 from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
 
+# transformers' defaults for what a config.json may leave out (published checkpoints
+# state them); each family module that reuses this one names its own
+DEFAULTS = {
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "n_group": 8,
+    "topk_group": 4,
+    "first_k_dense_replace": 3,
+}
+
+
+def with_defaults(cfg: dict, defaults: dict) -> dict:
+    return {**defaults, **{k: v for k, v in cfg.items() if v is not None}}
+
 
 def moe_layer_ids(cfg: dict, default_dense: int = 0) -> list[int]:
     """The sparse layers: ``mlp_layer_types`` ("dense"/"sparse" per layer, GLM-4.7-Flash's
@@ -40,6 +54,7 @@ def moe_layer_ids(cfg: dict, default_dense: int = 0) -> list[int]:
 
 
 def parse(cfg: dict) -> MoEConfig:
+    cfg = with_defaults(cfg, DEFAULTS)
     return moe_config(cfg, ("n_routed_experts",), "moe_intermediate_size", moe_layer_ids(cfg))
 
 
@@ -97,8 +112,10 @@ class SigmoidMoE(SparseMoE):
 
 class Model(CausalLM):
     parse = staticmethod(parse)  # GLM-4.7-Flash's model is this one with its own parse
+    defaults = DEFAULTS
 
     def __init__(self, cfg: dict, context: int = 0):
+        cfg = with_defaults(cfg, self.defaults)
         c = self.config = self.parse(cfg)
         eps = cfg.get("rms_norm_eps", 1e-6)
 

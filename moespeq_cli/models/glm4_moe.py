@@ -11,11 +11,26 @@ from __future__ import annotations
 
 from torch import nn
 
+from moespeq_cli.models import deepseek_v3
 from moespeq_cli.models.base import Attention, Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm
 from moespeq_cli.models.config import need
-from moespeq_cli.models.deepseek_v3 import SigmoidMoE, parse
+from moespeq_cli.models.deepseek_v3 import SigmoidMoE, with_defaults
 from moespeq_cli.models.mixtral import attention_spec
 from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+
+# transformers' defaults for what a config.json may leave out
+DEFAULTS = {
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+}
+
+
+def parse(cfg: dict):
+    return deepseek_v3.parse(with_defaults(cfg, DEFAULTS))
+
 
 __all__ = ["Model", "parse"]
 
@@ -31,6 +46,7 @@ def rotary_fraction(cfg: dict) -> float:
 
 class Model(CausalLM):
     def __init__(self, cfg: dict, context: int = 0):
+        cfg = with_defaults(cfg, DEFAULTS)
         c = self.config = parse(cfg)
         bias = bool(cfg.get("attention_bias", False))
         spec = attention_spec(cfg, qkv_bias=bias, qk_norm="head" if cfg.get("use_qk_norm") else None)

@@ -38,7 +38,10 @@ def load_model(
                 f"tensor {src} has shape {list(shape)} but config.json implies {list(p.shape)}; "
                 "the checkpoint and its config disagree"
             )
-        state[name] = ckpt.tensor(src, None if name in kept else dtype)
+        # a router's correction bias (DeepSeek-V3, GLM-4.5) only ranks experts, by margins
+        # bf16 would round away: kept in float32, as transformers keeps it
+        want = torch.float32 if name.endswith("e_score_correction_bias") else None if name in kept else dtype
+        state[name] = ckpt.tensor(src, want)
     model.load_state_dict(state, assign=True)
     if cpu_kernels:
         from moespeq_cli.kernels.modules import use_cpu_kernels

@@ -190,13 +190,14 @@ class GatedDeltaNet(nn.Module):
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
         beta = b.float().sigmoid()
         decay = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).exp()  # [T, nv]
-        out, states = [], []
+        out, states, start = [], {}, cache.length
         for t in range(T):
             S = S * decay[t][:, None, None]
             remembered = (S * k[t][:, :, None]).sum(dim=-2)  # [nv, dv]
             S = S + k[t][:, :, None] * ((v[t] - remembered) * beta[t][:, None])[:, None, :]
             out.append((S * q[t][:, :, None]).sum(dim=-2))
-            states.append((full[:, t + 1 : t + self.taps], S))
+            if cache.keeps(start + t + 1, start + T):
+                states[start + t + 1] = (full[:, t + 1 : t + self.taps].clone(), S)
         cache.save_states(layer, states)
         o = torch.stack(out).to(x.dtype)  # [T, nv, dv]
         o = self.norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(T, nv * dv)
@@ -207,6 +208,7 @@ class Model(CausalLM):
     rotary_default = 0.25  # partial_rotary_factor when config.json names none
     delta_net = GatedDeltaNet
     always_normalize = False  # Qwen3.5 renormalises the top-k weights whatever config.json says
+    # config.json without norm_topk_prob: transformers' Qwen3-Next default (renormalise)
 
     def __init__(self, cfg: dict, context: int = 0):
         c = self.config = parse(cfg)
@@ -220,7 +222,7 @@ class Model(CausalLM):
         def norm() -> nn.Module:
             return OffsetRMSNorm(c.hidden_size, eps)
 
-        route = softmax_topk(c.top_k, normalize=self.always_normalize or bool(cfg.get("norm_topk_prob", False)))
+        route = softmax_topk(c.top_k, normalize=self.always_normalize or bool(cfg.get("norm_topk_prob", True)))
         shared_inter = need(cfg, "shared_expert_intermediate_size", kind=int)
         layers = []
         for i, kind in enumerate(layer_types(cfg)):
