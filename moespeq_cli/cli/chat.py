@@ -85,21 +85,7 @@ def chat(
 
     sampling = sampling_params(temperature, top_p, top_k, seed)
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    name, engine, ctx = load_session(
-        model,
-        context,
-        max_new_tokens,
-        backend=backend,
-        hardware=hardware,
-        vram=vram,
-        ram=ram,
-        policy=policy,
-        draft=draft,
-        spec_depth=spec_depth,
-        cpu_threads=cpu_threads,
-        dtype=dtype,
-        cpu_experts=cpu_experts,
-    )
+    name, engine, ctx = load_session(model, context, max_new_tokens, **o.engine_options(locals()))
     out = Renderer()
     if engine.plan is not None:
         out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)

@@ -121,3 +121,22 @@ Stop = Annotated[
     typer.Option("--stop", help="Stop the answer before this text (repeatable).", show_default=False),
 ]
 System = Annotated[Optional[str], typer.Option("--system", help="A system message for the conversation.")]
+
+
+ENGINE_OPTIONS = (
+    "backend",
+    "hardware",
+    "vram",
+    "ram",
+    "policy",
+    "cpu_experts",
+    "draft",
+    "spec_depth",
+    "cpu_threads",
+    "dtype",
+)
+
+
+def engine_options(values: dict) -> dict:
+    """The EngineOptions fields among a command's arguments (``locals()``)."""
+    return {k: values[k] for k in ENGINE_OPTIONS if k in values}

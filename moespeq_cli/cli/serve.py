@@ -59,21 +59,7 @@ def serve(
 
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
-    name, engine, ctx = load_session(
-        model,
-        context,
-        1,
-        backend=backend,
-        hardware=hardware,
-        vram=vram,
-        ram=ram,
-        policy=policy,
-        draft=draft,
-        spec_depth=spec_depth,
-        cpu_threads=cpu_threads,
-        dtype=dtype,
-        cpu_experts=cpu_experts,
-    )
+    name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
     if engine.plan is not None:
         Renderer().plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens, ctx - 1))

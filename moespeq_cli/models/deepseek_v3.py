@@ -110,6 +110,18 @@ class SigmoidMoE(SparseMoE):
         return None if mlp is None else mlp(x)
 
 
+def mlps(cfg: dict, c: MoEConfig) -> list[nn.Module]:
+    """Each layer's MLP: the sigmoid-routed MoE with its shared experts on the sparse
+    layers, a dense gated MLP on the others (DeepSeek-V3 and GLM-4.5 alike)."""
+    shared_inter = c.expert_intermediate * need(cfg, "n_shared_experts", default=0, kind=int)
+    return [
+        SigmoidMoE(cfg, c.hidden_size, c.num_experts, shared_inter)
+        if i in c.moe_layers
+        else GatedMLP(c.hidden_size, need(cfg, "intermediate_size", kind=int))
+        for i in range(c.num_layers)
+    ]
+
+
 class Model(CausalLM):
     parse = staticmethod(parse)  # GLM-4.7-Flash's model is this one with its own parse
     defaults = DEFAULTS
@@ -123,14 +135,7 @@ class Model(CausalLM):
             return RMSNorm(c.hidden_size, eps)
 
         interleaved = bool(cfg.get("rope_interleave", True))
-        shared_inter = c.expert_intermediate * need(cfg, "n_shared_experts", default=0, kind=int)
-        layers = []
-        for i in range(c.num_layers):
-            if i in c.moe_layers:
-                mlp: nn.Module = SigmoidMoE(cfg, c.hidden_size, c.num_experts, shared_inter)
-            else:
-                mlp = GatedMLP(c.hidden_size, need(cfg, "intermediate_size", kind=int))
-            layers.append(DecoderLayer(MLAttention(cfg, interleaved=interleaved), mlp, norm))
+        layers = [DecoderLayer(MLAttention(cfg, interleaved=interleaved), mlp, norm) for mlp in mlps(cfg, c)]
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
         inv, scale = inv_freq(
             rope_parameters(cfg),

@@ -12,9 +12,8 @@ from __future__ import annotations
 from torch import nn
 
 from moespeq_cli.models import deepseek_v3
-from moespeq_cli.models.base import Attention, Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm
-from moespeq_cli.models.config import need
-from moespeq_cli.models.deepseek_v3 import SigmoidMoE, with_defaults
+from moespeq_cli.models.base import Attention, Backbone, CausalLM, DecoderLayer, RMSNorm
+from moespeq_cli.models.deepseek_v3 import with_defaults
 from moespeq_cli.models.mixtral import attention_spec
 from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
 
@@ -57,14 +56,7 @@ class Model(CausalLM):
         def norm() -> nn.Module:
             return RMSNorm(c.hidden_size, spec.norm_eps)
 
-        shared_inter = c.expert_intermediate * need(cfg, "n_shared_experts", default=0, kind=int)
-        layers = []
-        for i in range(c.num_layers):
-            if i in c.moe_layers:
-                mlp: nn.Module = SigmoidMoE(cfg, c.hidden_size, c.num_experts, shared_inter)
-            else:
-                mlp = GatedMLP(c.hidden_size, need(cfg, "intermediate_size", kind=int))
-            layers.append(DecoderLayer(Attention(spec), mlp, norm))
+        layers = [DecoderLayer(Attention(spec), mlp, norm) for mlp in deepseek_v3.mlps(cfg, c)]
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
         inv, scale = inv_freq(rope_parameters(cfg), spec.rotary_dim, cfg.get("max_position_embeddings", 4096), context)
         self.rotary = Rotary(inv, scale)
