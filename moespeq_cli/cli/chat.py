@@ -43,7 +43,11 @@ def load_session(model: str | None, context: int | None, max_new_tokens: int, **
         raise UsageError(
             f"--max-new-tokens {max_new_tokens} leaves no room for a message in a context of {ctx} tokens; lower it"
         )
-    engine.load(ctx, engine.make_plan(ctx))
+    from moespeq_cli.cli.run import loading_status
+
+    plan = engine.make_plan(ctx)
+    with loading_status(name, plan):
+        engine.load(ctx, plan)
     return name, engine, ctx
 
 
