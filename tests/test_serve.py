@@ -210,3 +210,12 @@ def test_stop_drops_waiting_jobs_and_joins():
     w.stop()
     assert not w.thread.is_alive() and time.time() - t0 < 5
     assert all(j.done.is_set() for j in jobs) and jobs[-1].cancelled
+
+
+def test_a_busy_port_is_one_line_before_loading(cli):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli("serve", "--port", str(port))
+    assert r.exit_code == 2 and "pick another --port" in r.stderr and "Traceback" not in r.stderr

@@ -59,6 +59,7 @@ def serve(
 
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
+    check_address(host, port)  # before minutes of loading, not after
     name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
     if engine.plan is not None:
         Renderer().plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
@@ -68,3 +69,20 @@ def serve(
     note(f"serving {name} on http://{host}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
     server.run()
     engine.close()
+
+
+def check_address(host: str, port: int) -> None:
+    """The address can be listened on (free port, a local interface), else one line."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise UsageError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
