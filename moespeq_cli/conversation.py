@@ -10,8 +10,9 @@
   stream decoder and the stop matcher, ending on end-of-sequence, a stop string or the
   token budget (``finish_reason`` "stop" or "length").
 
-Each answer prefills the whole conversation again (the engine keeps no cache across
-calls): simple and exact, slower on long histories than a prefix cache would be.
+With ``reuse`` (chat and serve), an answer starts from the previous one's cache where the
+new prompt begins with the same tokens (``Engine.generate(reuse=True)``), so a
+conversation's earlier turns are not prefilled again.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def complete(
     on_text: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     answer: Answer | None = None,
+    reuse: bool = False,
 ) -> Answer:
     """Generate one answer into ``answer`` (a new one by default), streaming its text to
     ``on_text``; ``cancelled()`` is asked after each token (a client that went away).
@@ -71,7 +73,7 @@ def complete(
 
     decoder, stop = StreamDecoder(engine.tokenizer), StopMatcher(stops or [])
     answer = answer if answer is not None else Answer()
-    events: Iterator = engine.generate(prompt_ids, max_new_tokens, sampling)
+    events: Iterator = engine.generate(prompt_ids, max_new_tokens, sampling, reuse=reuse)
     try:
         for ev in events:
             if ev.eos:

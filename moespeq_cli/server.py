@@ -116,6 +116,7 @@ class Worker:
                         job.on_text,
                         cancelled=lambda job=job: job.cancelled or self.stopping,
                         answer=job.answer,
+                        reuse=True,  # a conversation's earlier turns are not prefilled again
                     )
                     job.stats = stats_of(self.engine)
                 except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
@@ -128,7 +129,7 @@ def stats_of(engine) -> dict:
     if s is None:
         return {}
     keep = ("tokens_per_s", "seconds", "clock", "acceptance_rate", "expert_hit_rate", "io_stall_s", "ttft_s")
-    return {k: getattr(s, k, None) for k in keep}
+    return {k: getattr(s, k, None) for k in keep} | {"prompt_tokens_reused": engine.reused_tokens}
 
 
 def parse_options(body: dict, prompt_len: int, context: int, default_max: int):

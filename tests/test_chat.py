@@ -108,3 +108,37 @@ def test_a_message_too_long_keeps_the_history(chat_ckpt):
     with pytest.raises(UsageError):
         convo.prompt(8)
     assert convo.turns == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize("family, variant", [("mixtral", "gqa"), ("qwen3_next", "hybrid")])
+def test_reused_prefix_gives_the_fresh_tokens(tiny, family, variant):
+    """generate(reuse=True) starts from the previous call's cache where the new prompt
+    shares its tokens (and only there): the same greedy tokens as a fresh prefill. A
+    linear-attention model keeps its state only at the cache's end: a prompt that extends
+    the whole conversation reuses it, one that shares less starts afresh."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    path, _ = tiny(family, variant)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(128)
+    eng.tokenizer.eos_ids = set()
+
+    def run(ids, reuse):
+        return [ev.token for ev in eng.generate(ids, 8, SamplingParams(), reuse=reuse)]
+
+    first = list(range(3, 23))
+    answer = run(first, True)
+    follow = first + answer + list(range(40, 50))
+    reused = run(follow, True)
+    shared = eng.reused_tokens
+    assert reused == run(follow, False) and eng.reused_tokens == 0
+    assert shared == len(first) + len(answer) - 1  # all but the last answer token, never fed
+    run(follow, True)
+    partial = follow[:12] + list(range(60, 70))
+    assert run(partial, True) == run(partial, False)
+    assert eng.reused_tokens == 0
+    run(follow, True)
+    run(partial, True)
+    assert eng.reused_tokens == (12 if family == "mixtral" else 0)  # no state kept at position 12
+    assert run([99, 98, 97], True) == run([99, 98, 97], False)  # nothing shared: a fresh cache

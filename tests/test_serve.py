@@ -168,7 +168,7 @@ def test_full_queue_answers_503():
     class Slow:
         tokenizer = None  # never reached: generate yields nothing
 
-        def generate(self, *a):
+        def generate(self, *a, **kw):
             time.sleep(0.5)
             return iter(())
 
@@ -197,7 +197,7 @@ def test_stop_drops_waiting_jobs_and_joins():
     class Slow:
         tokenizer = None  # never reached: generate yields nothing
 
-        def generate(self, *a):
+        def generate(self, *a, **kw):
             time.sleep(0.3)
             return iter(())
 
@@ -219,3 +219,13 @@ def test_a_busy_port_is_one_line_before_loading(cli):
         port = s.getsockname()[1]
         r = cli("serve", "--port", str(port))
     assert r.exit_code == 2 and "pick another --port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_conversation_reuses_its_earlier_turns(served):
+    url, name, _ = served
+    c = client(url)
+    first = [{"role": "user", "content": "tell me about the sea"}]
+    a = c.chat.completions.create(model=name, messages=first, max_tokens=8, temperature=0)
+    more = first + [{"role": "assistant", "content": a.choices[0].message.content}, {"role": "user", "content": "and?"}]
+    b = c.chat.completions.create(model=name, messages=more, max_tokens=8, temperature=0)
+    assert b.model_extra["moespeq"]["prompt_tokens_reused"] > 0

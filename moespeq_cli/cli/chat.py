@@ -130,7 +130,7 @@ def chat(
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
         answer = Answer()
         try:
-            complete(engine, prompt_ids, max_new_tokens, sampling, stop, out.text, answer=answer)
+            complete(engine, prompt_ids, max_new_tokens, sampling, stop, out.text, answer=answer, reuse=True)
         except KeyboardInterrupt:
             note("\n(stopped)")
         out.end_text()

@@ -73,7 +73,7 @@ class KVCache:
         self.states: dict[int, dict[int, tuple]] = {}
         self.floor: int | None = None
 
-    def keep_from(self, n: int) -> None:
+    def keep_from(self, n: int | None) -> None:
         self.floor = n
 
     def state(self, layer: int) -> tuple | None:
@@ -116,6 +116,11 @@ class KVCache:
         kb[:, start:end] = k
         vb[:, start:end] = v
         return kb[:, :end], vb[:, :end]
+
+    def can_truncate(self, n: int) -> bool:
+        """Whether ``truncate(n)`` leaves a usable cache: n within the length, and every
+        linear-attention layer holding its state at n."""
+        return 0 <= n <= self.length and all(n in hist for hist in self.states.values())
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.length:

@@ -164,6 +164,8 @@ class Engine:
         self.draft_source: str | None = None
         self.last_stats: GenerationStats | None = None
         self.spec_stats = None
+        self._kept = None  # (cache, the token ids it holds) after a generate(reuse=True)
+        self.reused_tokens = 0  # prompt tokens the last generate() did not prefill again
 
     def context_for(self, prompt_tokens: int, max_new_tokens: int, at_least: bool = False) -> int:
         """The context to plan for: ``--context`` or what the run needs. A run that would
@@ -348,7 +350,37 @@ class Engine:
         self.spec.release_draft()
 
     # -- generating -------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> Iterator[TokenEvent]:
+    def reusable_cache(self, prompt_ids: list[int]):
+        """The previous call's cache cut to the longest prefix it shares with ``prompt_ids``
+        (at least one token left to feed), or a new one when nothing can be reused (no
+        previous call, nothing shared, or a linear-attention state not kept there)."""
+        kept = self._kept
+        self._kept = None
+        if kept is not None:
+            cache, ids = kept
+            n = 0
+            for a, b in zip(ids, prompt_ids[:-1], strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n and cache.can_truncate(n):
+                cache.truncate(n)
+                cache.keep_from(None)
+                return cache
+        return self.model.new_cache()
+
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams, reuse: bool = False
+    ) -> Iterator[TokenEvent]:
+        """``reuse``: start from the previous ``reuse`` call's cache where its tokens are a
+        prefix of ``prompt_ids`` (a conversation's earlier turns are not prefilled again);
+        chat and serve use it. The prefill of the rest runs as one pass, so the logits can
+        differ from a whole prefill's in the last bits."""
+        if reuse:
+            cache = self.reusable_cache(prompt_ids)
+            reused = cache.length
+        else:
+            self._kept, cache, reused = None, self.model.new_cache(), 0
         if self.backend is None:
             clock, kind = time.perf_counter, "wall"
         else:
@@ -373,11 +405,15 @@ class Engine:
                 self.spec.choose,
                 self.scheduler,
                 spec,
+                cache,
             )
         else:
-            events = generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock)
+            events = generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock, cache)
+        self.reused_tokens = reused
+        emitted: list[int] = []
         try:
             for ev in events:
+                emitted.append(ev.token)
                 times.append(ev.seconds)
                 if ev.index == 0 and self.tiers is not None:
                     # Hit rates and prefetch figures are about decoding (verification), not the
@@ -388,6 +424,8 @@ class Engine:
                 yield ev
         finally:  # also on Ctrl-C or an early close: the statistics of what was generated
             self.last_stats = self._finish_stats(kind, times, spec)
+            if reuse:  # what the cache now holds, for the next call
+                self._kept = (cache, (list(prompt_ids) + emitted)[: cache.length])
 
     def _finish_stats(self, kind: str, times: list[float], spec) -> GenerationStats:
         stats = GenerationStats.from_times(kind, times)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moespeq_cli.models.base import CausalLM
+from moespeq_cli.models.base import CausalLM, KVCache
 from moespeq_cli.runtime.sampling import Sampler, SamplingParams
 
 
@@ -31,13 +31,19 @@ def generate(
     sampling: SamplingParams,
     eos_ids: set[int] = frozenset(),
     clock=time.perf_counter,
+    cache: KVCache | None = None,
 ) -> Iterator[TokenEvent]:
+    """``cache``: one that already holds the first ``cache.length`` prompt tokens (a
+    conversation's earlier turns, ``Engine.generate(reuse=True)``); only the rest is
+    prefilled. Default: a new, empty one."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     sample = Sampler(sampling)
-    cache = model.new_cache()
+    cache = model.new_cache() if cache is None else cache
+    if cache.length >= len(prompt_ids):
+        raise ValueError("a reused cache must leave at least one prompt token to feed")
     t0 = clock()
-    logits = model(torch.tensor(prompt_ids), cache, last_only=True)[-1]
+    logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]
     for i in range(max_new_tokens):
         token = sample(logits)
         eos = token in eos_ids

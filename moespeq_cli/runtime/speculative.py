@@ -95,6 +95,7 @@ def speculative_generate(
     choose_k: Callable[[], int],
     hooks: SpecHooks | None = None,
     stats: SpecStats | None = None,
+    cache=None,
 ) -> Iterator[TokenEvent]:
     if not prompt_ids:
         raise ValueError("the prompt is empty")
@@ -102,11 +103,13 @@ def speculative_generate(
     stats = stats if stats is not None else SpecStats()
     sampler = Sampler(sampling)
     gen = sampler.gen
-    cache = model.new_cache()
+    cache = model.new_cache() if cache is None else cache  # a reused one holds a prefix (generate.py)
+    if cache.length >= len(prompt_ids):
+        raise ValueError("a reused cache must leave at least one prompt token to feed")
     t0 = clock()
     model.set_experts(target)
     hooks.begin_prefill()
-    logits = model(torch.tensor(prompt_ids), cache, last_only=True)[-1]
+    logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]
     pending = sampler(logits)
     emitted = 0
 
