@@ -14,6 +14,19 @@ import pytest
 openai = pytest.importorskip("openai")
 
 
+class SlowEngine:
+    """An engine whose every generation takes ``seconds`` and yields nothing."""
+
+    tokenizer = None  # never reached: generate yields no token
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def generate(self, *a, **kw):
+        time.sleep(self.seconds)
+        return iter(())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,14 +178,7 @@ def test_api_key_is_checked(tiny):
 def test_full_queue_answers_503():
     from moespeq_cli.server import ApiError, Job, Worker
 
-    class Slow:
-        tokenizer = None  # never reached: generate yields nothing
-
-        def generate(self, *a, **kw):
-            time.sleep(0.5)
-            return iter(())
-
-    w = Worker(Slow(), queue_size=1)
+    w = Worker(SlowEngine(0.5), queue_size=1)
     jobs = [Job([1], 1, None, []) for _ in range(3)]
     w.submit(jobs[0])
     time.sleep(0.1)  # the worker took the first; one may wait
@@ -194,14 +200,7 @@ def test_unknown_routes_get_openai_errors(served):
 def test_stop_drops_waiting_jobs_and_joins():
     from moespeq_cli.server import Job, Worker
 
-    class Slow:
-        tokenizer = None  # never reached: generate yields nothing
-
-        def generate(self, *a, **kw):
-            time.sleep(0.3)
-            return iter(())
-
-    w = Worker(Slow(), queue_size=4)
+    w = Worker(SlowEngine(0.3), queue_size=4)
     jobs = [Job([1], 1, None, []) for _ in range(3)]
     for j in jobs:
         w.submit(j)
