@@ -39,4 +39,5 @@ FAMILIES = [
     ("glm4_moe_lite", "sparse_all"),
     ("qwen3_next", "hybrid"),
     ("qwen3_5_moe", "text"),
+    ("gpt_oss", "alternating"),
 ]

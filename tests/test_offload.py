@@ -23,6 +23,7 @@ CASES = [
     ("glm4_moe_lite", "flash"),
     ("qwen3_next", "full_first"),
     ("qwen3_5_moe", "full_first"),
+    ("gpt_oss", "clamped"),
 ]
 
 

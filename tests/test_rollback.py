@@ -9,7 +9,14 @@ from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
 
 @pytest.mark.parametrize(
-    "family,variant", [("mixtral", "gqa"), ("deepseek_v2", "lite"), ("qwen3_moe", "base"), ("qwen3_next", "hybrid")]
+    "family,variant",
+    [
+        ("mixtral", "gqa"),
+        ("deepseek_v2", "lite"),
+        ("qwen3_moe", "base"),
+        ("qwen3_next", "hybrid"),
+        ("gpt_oss", "alternating"),
+    ],
 )
 @pytest.mark.parametrize("n", [1, 3, 7])
 def test_truncate_then_decode_equals_fresh(tiny, family, variant, n):

@@ -412,6 +412,33 @@ CONFIGS["qwen3_5_moe"] = {
     ),
 }
 
+CONFIGS["gpt_oss"] = {
+    "alternating": dict(  # sliding (window 4) and full attention, GQA, top-2 of 6
+        hidden_size=48,
+        intermediate_size=40,
+        head_dim=12,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        sliding_window=4,
+    ),
+    "clamped": dict(  # a tight SwiGLU clamp that binds, full attention only, top-4 of 8
+        hidden_size=32,
+        intermediate_size=24,
+        head_dim=8,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=4,
+        layer_types=["full_attention", "full_attention"],
+        swiglu_limit=0.5,
+        swiglu_alpha=1.2,
+    ),
+}
+
 CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
@@ -424,6 +451,7 @@ CLASSES = {
     "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 
 VARIANTS = [(f, v) for f, vs in CONFIGS.items() for v in vs]

@@ -131,19 +131,26 @@ class KVCache:
                 del hist[pos]
 
 
+def causal_mask(start: int, T: int, L: int, window: int | None, device) -> torch.Tensor | None:
+    """[T, L] True where query ``start + t`` may see key ``l`` (within ``window`` of it,
+    when given); None when every query sees every key."""
+    if T == 1 and not (window and L > window):
+        return None
+    qpos = torch.arange(start, start + T, device=device)[:, None]
+    kpos = torch.arange(L, device=device)[None, :]
+    mask = kpos <= qpos  # [T, L]
+    if window:
+        mask &= kpos > qpos - window
+    return mask
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None = None
 ) -> torch.Tensor:
     """Causal attention of T new queries at positions [start, start+T) over all keys.
     q: [H, T, d]; k, v: [Hkv, L, d]; returns [T, H * dv]."""
-    T, L = q.shape[1], k.shape[1]
-    mask = None
-    if T > 1 or (window and L > window):
-        qpos = torch.arange(start, start + T, device=q.device)[:, None]
-        kpos = torch.arange(L, device=q.device)[None, :]
-        mask = kpos <= qpos  # [T, L]
-        if window:
-            mask &= kpos > qpos - window
+    T = q.shape[1]
+    mask = causal_mask(start, T, k.shape[1], window, q.device)
     out = F.scaled_dot_product_attention(
         q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != q.shape[0]
     )[0]  # [H, T, dv]
@@ -235,7 +242,12 @@ class Attention(nn.Module):
         q, k = self.rotate_qk(q, k, cos, sin)
         start = cache.length
         k_all, v_all = cache.write(layer, k, v)
-        return self.o_proj(attend(q, k_all, v_all, start, self.scale, s.window))
+        return self.o_proj(self.core(q, k_all, v_all, start))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """The attention itself (after projections, norms and rotary): [H, T, d] queries
+        over the cached [Hkv, L, d] keys and values -> [T, H * d]."""
+        return attend(q, k, v, start, self.scale, self.s.window)
 
 
 class ExpertExecutor(Protocol):

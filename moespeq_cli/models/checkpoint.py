@@ -8,6 +8,7 @@ is what lets the runtime move experts one at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class Checkpoint:
         self.raw_config, prefix = language_config(read_config(self.path))
         self.arch, self.config = parse_config(self.raw_config, str(self.path / "config.json"))
         if prefix:  # a multimodal checkpoint: the experts are read by their real names
-            self.config.expert_prefix = self.config.expert_prefix.replace("model.", prefix, 1)
+            fmt = self.config.expert_format
+            self.config.expert_format = dataclasses.replace(fmt, prefix=fmt.prefix.replace("model.", prefix, 1))
         self._files: dict[str, object] = {}
         self._where: dict[str, str] = {}
         self._real: dict[str, str] = {}  # "model.X" -> "model.language_model.X" (composite checkpoints)
@@ -153,17 +155,32 @@ class Checkpoint:
         return t if dtype is None else t.to(dtype)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-        """(gate [I, H], up [I, H], down [H, I]) of one routed expert, read on its own."""
-        return tuple(self.tensor(k, dtype) for k in self.config.expert_keys(layer, expert))
+        """One routed expert's parts as stored (expert_format.py; e.g. gate [I, H], up
+        [I, H], down [H, I]), read on their own: of a fused tensor, only row ``expert``."""
+        if not self.config.expert_format.fused:
+            return tuple(self.tensor(k, dtype) for k in self.config.expert_keys(layer, expert))
+        parts = []
+        for k in self.config.expert_keys(layer, expert):
+            self.check_dtype(k)
+            try:
+                t = self._handle(k).get_slice(self._real.get(k, k))[expert]
+            except SafetensorError as e:
+                raise CheckpointError(
+                    f"cannot read {k} from {self.path} ({e}); download the checkpoint again"
+                ) from None
+            parts.append(t if dtype is None else t.to(dtype))
+        return tuple(parts)
 
     def check_experts(self) -> None:
         """Every routed expert present with the shapes the config implies (no data read)."""
         c = self.config
+        fused = c.expert_format.fused
         for layer in c.moe_layers:
-            for e in range(c.num_experts):
+            for e in range(1 if fused else c.num_experts):
                 for key, want in zip(c.expert_keys(layer, e), c.expert_shapes(), strict=True):
                     self.check_dtype(key)
                     got = self.shape(key)
+                    want = (c.num_experts, *want) if fused else tuple(want)
                     if got != want:
                         raise CheckpointError(
                             f"tensor {key} has shape {list(got)} but config.json implies {list(want)}; "

@@ -3,11 +3,13 @@ config.json. Family files fill it; the planner, expert store and cache only read
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from moespeq_cli.errors import CheckpointError
+from moespeq_cli.models.expert_format import HF_EXPERTS, MIXTRAL_EXPERTS, ExpertFormat  # noqa: F401 (re-exported)
 
 DEFAULT_CONTEXT = 4096  # what the rotary code assumes when config.json names no limit
 
@@ -32,22 +34,26 @@ class MoEConfig:
     top_k: int
     expert_intermediate: int
     dtype: torch.dtype
-    expert_names: tuple[str, str, str]  # HF names of the gate, up, down projections
-    expert_prefix: str  # e.g. "model.layers.{layer}.mlp.experts.{expert}."
+    expert_format: ExpertFormat  # the experts' tensors in the checkpoint, and their compute
     context_limit: int = DEFAULT_CONTEXT  # max_position_embeddings: the longest sequence the model takes
     raw: dict = field(default_factory=dict, repr=False)
 
-    def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
-        p = self.expert_prefix.format(layer=layer, expert=expert)
-        return tuple(f"{p}{n}.weight" for n in self.expert_names)  # type: ignore[return-value]
+    @property
+    def expert_prefix(self) -> str:
+        return self.expert_format.prefix
 
-    def expert_shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        h, i = self.hidden_size, self.expert_intermediate
-        return (i, h), (i, h), (h, i)
+    def expert_keys(self, layer: int, expert: int) -> tuple[str, ...]:
+        """The tensors holding the expert's parts (a fused format: the layer's shared ones)."""
+        return self.expert_format.keys(layer, expert)
+
+    def expert_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """One expert's parts as stored (expert_format.py)."""
+        return self.expert_format.shapes(self.hidden_size, self.expert_intermediate)
 
     @property
     def expert_params(self) -> int:
-        return 3 * self.hidden_size * self.expert_intermediate
+        """Elements of one expert: its three matrices and any biases."""
+        return sum(math.prod(s) for s in self.expert_shapes())
 
 
 def need(cfg: dict, *names: str, default=None, kind=None):
@@ -78,20 +84,16 @@ def check_activation(cfg: dict) -> None:
         raise CheckpointError(f"config.json hidden_act {act!r} is not supported; moespeq implements 'silu' experts")
 
 
-HF_EXPERTS = (("gate_proj", "up_proj", "down_proj"), "model.layers.{layer}.mlp.experts.{expert}.")
-MIXTRAL_EXPERTS = (("w1", "w3", "w2"), "model.layers.{layer}.block_sparse_moe.experts.{expert}.")
-
-
 def moe_config(
     cfg: dict,
     experts_key: tuple[str, ...],
     inter_key: str,
     moe_layers: list[int] | None = None,
-    layout: tuple = HF_EXPERTS,
+    layout: ExpertFormat = HF_EXPERTS,
 ) -> MoEConfig:
     """The MoEConfig every family shares; ``experts_key`` lists config.json's names for the
     routed-expert count, ``inter_key`` the expert's intermediate size; ``moe_layers`` None
-    means every layer is sparse; ``layout`` the checkpoint's per-expert tensor names."""
+    means every layer is sparse; ``layout`` how the checkpoint stores the experts."""
     check_activation(cfg)
     layers = need(cfg, "num_hidden_layers", kind=int)
     return MoEConfig(
@@ -104,8 +106,7 @@ def moe_config(
         top_k=need(cfg, "num_experts_per_tok", kind=int),
         expert_intermediate=need(cfg, inter_key, kind=int),
         dtype=checkpoint_dtype(cfg),
-        expert_names=layout[0],
-        expert_prefix=layout[1],
+        expert_format=layout,
         context_limit=need(cfg, "max_position_embeddings", default=DEFAULT_CONTEXT, kind=int),
         raw=cfg,
     )

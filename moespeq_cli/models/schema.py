@@ -56,6 +56,8 @@ FLOATS: dict[str, tuple[float, bool, float]] = {
     "clip_qkv": (0.0, True, 1e6),
     "attention_dropout": (0.0, False, 1.0),
     "partial_rotary_factor": (0.0, True, 1.0),
+    "swiglu_alpha": (0.0, True, 1e4),
+    "swiglu_limit": (0.0, True, 1e6),
 }
 BOOLS = (
     "norm_topk_prob",

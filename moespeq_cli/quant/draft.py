@@ -42,7 +42,7 @@ from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 from moespeq_cli.fs import exclusive_lock, file_status, is_dir, is_regular, shown
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
-from moespeq_cli.runtime.executors.experts import expert_mlp
+from moespeq_cli.models.expert_format import HF_EXPERTS, ExpertFormat
 
 METHODS = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -99,11 +99,27 @@ def fingerprint(ckpt: Checkpoint) -> str:
 
 
 class QuantizedExperts:
-    """4-bit copies of every routed expert: ``q[(layer, expert)] = [(packed, state)] * 3``."""
+    """4-bit copies of every routed expert: ``q[(layer, expert)] = [(packed, state)] * 3``,
+    the canonical gate, up ``[I, H]`` and down ``[H, I]`` (models/expert_format.py: a
+    fused checkpoint's layout is converted when quantizing). A format with biases
+    (gpt-oss) keeps them unquantized in ``bias[(layer, expert)]`` (gate, up, down), and
+    its activation is the format's."""
 
-    def __init__(self, q: dict, method: str, blocksize: int, dtype: torch.dtype, hidden: int, inter: int):
+    def __init__(
+        self,
+        q: dict,
+        method: str,
+        blocksize: int,
+        dtype: torch.dtype,
+        hidden: int,
+        inter: int,
+        fmt: ExpertFormat = HF_EXPERTS,
+        bias: dict | None = None,
+    ):
         self.q, self.method, self.blocksize, self.dtype = q, method, blocksize, dtype
         self.hidden, self.inter = hidden, inter
+        self.format = fmt
+        self.bias: dict = bias if bias is not None else {}
         self.cpu_packed: set = set()  # experts in bitsandbytes' packed CPU layout
 
     @classmethod
@@ -126,31 +142,36 @@ class QuantizedExperts:
         dtype = dtype or c.dtype
         disk = DiskExperts(ckpt)  # checks every expert's presence and shape
         buf = disk.empty_buffer()
-        q = {}
+        q, bias = {}, {}
         total, done = len(c.moe_layers) * c.num_experts, 0
         with DiskReader(threads=1) as reader:
             for layer in c.moe_layers:
                 for e in range(c.num_experts):
                     disk.read((layer, e), buf, reader)
-                    q[(layer, e)] = cls._quantize_expert(ckpt, (layer, e), disk.views(buf), dtype, method, blocksize, F)
+                    q[(layer, e)], b = cls._quantize_expert(
+                        ckpt, (layer, e), disk.views(buf), dtype, method, blocksize, F
+                    )
+                    if b is not None:
+                        bias[(layer, e)] = b
                     done += 1
                     if progress:
                         progress(done, total)
-        return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate)
+        return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate, c.expert_format, bias)
 
     @staticmethod
-    def _quantize_expert(ckpt: Checkpoint, key: tuple[int, int], weights, dtype, method: str, blocksize: int, F):
+    def _quantize_expert(ckpt: Checkpoint, key: tuple[int, int], parts, dtype, method: str, blocksize: int, F):
+        """-> ([(packed, state)] for gate, up, down; (gate, up, down) biases or None)."""
         c = ckpt.config
-        parts = []
-        for name, w in zip(c.expert_keys(*key), weights, strict=True):
-            w = w.to(dtype)
+        for name, w in zip(c.expert_keys(*key), parts, strict=True):
             if not bool(torch.isfinite(w).all()):
                 raise CheckpointError(f"tensor {name} in {ckpt.path} holds NaN or infinite values; it is corrupt")
-            parts.append(F.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type=method))
-        return parts
+        *mats, biases = c.expert_format.canonical(parts)
+        quantized = [F.quantize_4bit(w.to(dtype).contiguous(), blocksize=blocksize, quant_type=method) for w in mats]
+        # copies: the parts are views of the one buffer every expert is read into
+        return quantized, None if biases is None else tuple(b.to(dtype, copy=True).contiguous() for b in biases)
 
     def weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The expert's dequantized weights (standard layout only)."""
+        """The expert's dequantized canonical matrices (standard layout only)."""
         F = _bnb()
         return tuple(F.dequantize_4bit(p, s).to(self.dtype) for p, s in self.q[(layer, expert)])  # type: ignore[return-value]
 
@@ -158,7 +179,14 @@ class QuantizedExperts:
         """Dequantize, then a dense matmul: the reference every fast path is tested against."""
         if (layer, expert) in self.cpu_packed:
             raise RuntimeError("forward_reference needs the standard layout, and this expert is packed")
-        return expert_mlp(x, *self.weights(layer, expert))
+        w = self.weights(layer, expert)
+        if w[0].dtype != x.dtype:
+            w = tuple(t.to(x.dtype) for t in w)
+        return self.format.forward_canonical(x, *w, self._bias((layer, expert), x.dtype))
+
+    def _bias(self, key: tuple[int, int], dtype: torch.dtype) -> tuple | None:
+        b = self.bias.get(key)
+        return None if b is None else tuple(t.to(dtype) for t in b)
 
     def path(self, key: tuple[int, int], device_type: str) -> str:
         """The kernel expert ``key`` runs on a device of ``device_type``: "packed"
@@ -178,20 +206,31 @@ class QuantizedExperts:
         """x [n, H] -> [n, H] on the fastest path for the expert's device."""
         key = (layer, expert)
         path = self.path(key, x.device.type)
+        if path == "reference":
+            return self.forward_reference(layer, expert, x)
+        (gp, gs), (up, us), (dp, ds) = self.q[key]
         if path == "packed":
             F = _bnb()
-            (gp, gs), (up, us), (dp, ds) = self.q[key]
             xb = x.to(torch.bfloat16)
-            h = torch.nn.functional.silu(F.gemv_4bit(xb, gp, state=gs)) * F.gemv_4bit(xb, up, state=us)
-            return F.gemv_4bit(h, dp, state=ds).to(x.dtype)
-        if path == "cuda":
+            bias = self._bias(key, torch.bfloat16)
+
+            def product(a, packed, state):
+                return F.gemv_4bit(a, packed, state=state)
+        else:  # cuda
             import bitsandbytes as bnb
 
-            (gp, gs), (up, us), (dp, ds) = self.q[key]
-            h = torch.nn.functional.silu(bnb.matmul_4bit(x, gp.t(), quant_state=gs))
-            h = h * bnb.matmul_4bit(x, up.t(), quant_state=us)
-            return bnb.matmul_4bit(h, dp.t(), quant_state=ds)
-        return self.forward_reference(layer, expert, x)
+            xb, bias = x, self._bias(key, x.dtype)
+
+            def product(a, packed, state):
+                return bnb.matmul_4bit(a, packed.t(), quant_state=state)
+
+        g, u = product(xb, gp, gs), product(xb, up, us)
+        if bias is not None:
+            g, u = g + bias[0], u + bias[1]
+        y = product(self.format.activate(g, u), dp, ds)
+        if bias is not None:
+            y = y + bias[2]
+        return y.to(x.dtype)
 
     # -- the CPU kernel's layout ---------------------------------------------------
     def packable(self) -> bool:
@@ -225,8 +264,9 @@ class QuantizedExperts:
 
     @property
     def bytes_per_expert(self) -> int:
-        p = next(iter(self.q.values()))
-        return sum(t.numel() * t.element_size() + s.absmax.numel() * s.absmax.element_size() for t, s in p)
+        key, p = next(iter(self.q.items()))
+        biases = sum(t.numel() * t.element_size() for t in self.bias.get(key, ()))
+        return sum(t.numel() * t.element_size() + s.absmax.numel() * s.absmax.element_size() for t, s in p) + biases
 
     @property
     def total_bytes(self) -> int:
@@ -244,11 +284,14 @@ class QuantizedExperts:
                 state.to(device)
                 moved.append((packed.to(device), state))
             self.q[key] = moved
+            if key in self.bias:
+                self.bias[key] = tuple(t.to(device) for t in self.bias[key])
         return self
 
     def drop(self) -> None:
         """Let go of every expert (the draft's memory is given back for good)."""
         self.q.clear()
+        self.bias.clear()
 
     def zero_(self) -> QuantizedExperts:
         """A deliberately broken draft (all expert outputs zero): for tests."""
@@ -286,11 +329,14 @@ class QuantizedExperts:
             raise RuntimeError("a draft packed for the CPU kernel cannot be saved (its scales are rounded to bf16)")
         tensors = {}
         for (layer, e), parts in self.q.items():
-            for proj, (packed, state) in zip(PROJ, parts, strict=True):
+            biases = self.bias.get((layer, e), (None,) * 3)
+            for proj, (packed, state), b in zip(PROJ, parts, biases, strict=True):
                 prefix = f"layers.{layer}.experts.{e}.{proj}"
                 tensors[f"{prefix}.qweight"] = packed.contiguous()
                 for k, v in state.as_dict(packed=True).items():
                     tensors[f"{prefix}.{k}"] = v.contiguous()
+                if b is not None:
+                    tensors[f"{prefix}.bias"] = b.contiguous()
         save_file(tensors, tmp / "draft.safetensors", metadata={"format": FORMAT})
         manifest = {
             "format": FORMAT,
@@ -341,20 +387,26 @@ class QuantizedExperts:
         status, _ = file_status(weights)
         if status != "file":
             raise CheckpointError(f"the draft in {path} has no draft.safetensors ({status}); rebuild it")
-        q = {}
+        fmt = c.expert_format
+        shapes = fmt.matrix_shapes(c.hidden_size, c.expert_intermediate)
+        q, bias = {}, {}
         try:
             with safe_open(str(weights), framework="pt") as f:
                 keys = set(f.keys())
                 for layer in c.moe_layers:
                     for e in range(c.num_experts):
-                        parts = []
-                        for proj, shape in zip(PROJ, c.expert_shapes(), strict=True):
+                        parts, biases = [], []
+                        for proj, shape in zip(PROJ, shapes, strict=True):
                             prefix = f"layers.{layer}.experts.{e}.{proj}"
                             parts.append(_load_part(f, keys, prefix, shape, method, blocksize, path, F))
+                            if fmt.biased:
+                                biases.append(_load_bias(f, keys, prefix, shape[0], path))
                         q[(layer, e)] = parts
+                        if biases:
+                            bias[(layer, e)] = tuple(b.to(dtype) for b in biases)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{weights} is truncated or corrupt ({err}); rebuild the draft") from None
-        return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate)
+        return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate, fmt, bias)
 
 
 def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: int, path: Path, F):
@@ -364,6 +416,7 @@ def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: 
     if f"{prefix}.qweight" not in keys:
         raise CheckpointError(f"the draft in {path} lacks {prefix}; rebuild it with `moespeq quantize`")
     sd = {k[len(prefix) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(prefix + ".")}
+    sd.pop("bias", None)
     packed = sd.pop("qweight")
     try:
         state = F.QuantState.from_dict(sd, device=torch.device("cpu"))
@@ -390,6 +443,17 @@ def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: 
             f"{bad} (its sizes or values are wrong for this checkpoint); rebuild it with `moespeq quantize`"
         )
     return packed, state
+
+
+def _load_bias(f, keys: set, prefix: str, size: int, path: Path) -> torch.Tensor:
+    """One projection's bias (formats with biases: gpt-oss), checked like the weights."""
+    name = f"{prefix}.bias"
+    b = f.get_tensor(name) if name in keys else None
+    if b is None or tuple(b.shape) != (size,) or not b.is_floating_point() or not bool(torch.isfinite(b).all()):
+        raise CheckpointError(
+            f"the draft in {path} has a damaged or missing {name}; rebuild it with `moespeq quantize`"
+        )
+    return b
 
 
 # -- writing a draft safely -------------------------------------------------------------

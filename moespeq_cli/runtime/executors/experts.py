@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.models.expert_format import SWIGLU, ExpertFormat
 
 
 def expert_mlp(
@@ -42,6 +43,23 @@ def expert_mlp(
     if gate.dtype != x.dtype:
         gate, up, down = widened(x.dtype, x.device, gate, up, down)
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def expert_forward(fmt: ExpertFormat, x: torch.Tensor, parts, fast: bool = False) -> torch.Tensor:
+    """x [n, H] -> [n, H] through an expert held as ``parts`` of format ``fmt``
+    (models/expert_format.py): the SwiGLU experts of most families by ``expert_mlp`` (the
+    CPU kernels where ``fast``), other formats (gpt-oss's fused, biased, clamped experts)
+    by torch from the parts as stored, their weights widened to the activations' dtype."""
+    if fmt.kind == SWIGLU:
+        return expert_mlp(x, *parts, fast)
+    if parts[0].dtype != x.dtype:
+        parts = widened(x.dtype, x.device, *parts)
+    if fast:
+        from moespeq_cli import kernels
+
+        with kernels.torch_parallel():
+            return fmt.forward(x, parts)
+    return fmt.forward(x, parts)
 
 
 _scratch = threading.local()
@@ -130,10 +148,11 @@ class InMemoryExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows, ahead=None):
         store, fast = self.store, self.fast
+        fmt = store.config.expert_format
         return grouped(
             x,
             ids,
             weights,
-            lambda e, xe: expert_mlp(xe, *store.views(store.buffer(layer, e)), fast),
+            lambda e, xe: expert_forward(fmt, xe, store.views(store.buffer(layer, e)), fast),
             groups=token_groups(rows),
         )

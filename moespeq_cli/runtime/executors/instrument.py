@@ -52,7 +52,7 @@ def charges(
                 )
             )
             for child_name, child in mlp.named_children():
-                if child_name != "gate":
+                if child is not g:  # the router, charged above (gpt-oss names it `router`)
                     table.append(
                         (
                             child,

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 from moespeq_cli.models.base import CausalLM
+from moespeq_cli.models.expert_format import SWIGLU
 from moespeq_cli.runtime.backends.base import Backend
-from moespeq_cli.runtime.executors.experts import expert_mlp, grouped, token_groups
+from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import (
     Cost,
@@ -57,16 +58,20 @@ class OffloadedExperts:
         c = tiers.config
         self.hidden, self.inter = c.hidden_size, c.expert_intermediate
         self.elem = elem_size(tiers.layout.dtype)
-        # the kernel the code runs for an expert: its weights' dtype, the activations'
+        # the kernel the code runs for an expert: its weights' dtype, the activations'; a
+        # format other than the SwiGLU experts (gpt-oss) runs torch's ops, which `calibrate`
+        # does not measure: priced at the roofline (docs/mock-backend.md)
         act_dtype = act_dtype or tiers.layout.dtype
-        self.kernel = f"expert:{dtype_name(tiers.layout.dtype)}:{dtype_name(act_dtype)}"
+        kind = "" if c.expert_format.kind == SWIGLU else f"{c.expert_format.kind}:"
+        self.kernel = f"expert:{kind}{dtype_name(tiers.layout.dtype)}:{dtype_name(act_dtype)}"
         # the ops one expert dispatches, counted on the function itself (a GPU computing in its
         # own dtype does not run the casts of float32 numerics)
-        w = torch.zeros(2, 2, dtype=tiers.layout.dtype)
+        self.format = fmt = c.expert_format
+        parts = [torch.zeros(s, dtype=tiers.layout.dtype) for s in fmt.shapes(2, 2)]
         x = torch.zeros(1, 2, dtype=compute_dtype or act_dtype)
-        with torch.inference_mode(), OpCounter(skip_casts=act_dtype != (compute_dtype or act_dtype)) as c:
-            expert_mlp(x, w, w, w)
-        self.expert_ops = c.ops
+        with torch.inference_mode(), OpCounter(skip_casts=act_dtype != (compute_dtype or act_dtype)) as counter:
+            expert_forward(fmt, x, parts)
+        self.expert_ops = counter.ops
         layers = sorted(model.moe_blocks)
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
         self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
@@ -133,7 +138,7 @@ class OffloadedExperts:
                 issued.add(e)
             self.backend.wait(cache.arrival[key], layer, e)
             token = self.backend.begin()
-            y = expert_mlp(xe, *cache.weights(key), self.fast_compute)
+            y = expert_forward(self.format, xe, cache.weights(key), self.fast_compute)
             self.backend.end(token, self.host_cost(xe.shape[0])[0], f"expert L{layer}.E{e}", layer, e)
             cache.mark_used(key)
             cache.pinned.discard(key)
@@ -207,7 +212,7 @@ class OffloadedExperts:
         weights, read = self.tiers.host_expert((layer, e))
 
         def fn(xh: torch.Tensor) -> torch.Tensor:
-            return expert_mlp(xh, *weights, self.fast_host)
+            return expert_forward(self.format, xh, weights, self.fast_host)
 
         job = self.backend.host_compute(xe, fn, cost, act, f"cpu expert L{layer}.E{e}", layer, e, after=read)
         self.tiers.host.hold((layer, e), job.event)  # its host slot stays until the CPU is done

@@ -155,8 +155,12 @@ def recurrent_state_bytes(model: CausalLM) -> int:
 
 def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
     """4-bit routed experts: half a byte per weight plus one fp32 absmax per block, per
-    projection (each quantized on its own, so each rounds up on its own)."""
-    per_expert = sum(-(-(a * b) // 2) + -(-(a * b) // blocksize) * 4 for a, b in cfg.expert_shapes())
+    projection (each quantized on its own, so each rounds up on its own), and any biases
+    in the checkpoint's dtype."""
+    h, i = cfg.hidden_size, cfg.expert_intermediate
+    fmt = cfg.expert_format
+    per_expert = sum(-(-(a * b) // 2) + -(-(a * b) // blocksize) * 4 for a, b in fmt.matrix_shapes(h, i))
+    per_expert += fmt.bias_numel(h, i) * cfg.dtype.itemsize
     return per_expert * cfg.num_experts * len(cfg.moe_layers)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import struct
@@ -329,24 +330,38 @@ def _in_order(extents: list[Extent]) -> bool:
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 
 
 class DiskExperts:
     """Every routed expert of a checkpoint as extents of its files, and the packed layout
     one read lands in: the disk tier's table of contents (it holds no expert in memory).
 
-    The packed buffer of an expert follows the *file's* order of its projections (for
+    The packed buffer of an expert follows the *file's* order of its parts (for
     Mixtral's sorted names that is w1 | w2 | w3: gate, down, up), so that an expert whose
-    projections are adjacent on disk is one read; ``views`` maps it back to (gate, up,
-    down). Experts stay in the checkpoint's dtype: every tier above holds them so."""
+    projections are adjacent on disk is one read; ``views`` maps it back to the config's
+    order. A fused format (gpt-oss: one tensor per part for all of a layer's experts)
+    reads row ``e`` of each. Experts stay in the checkpoint's dtype: every tier above
+    holds them so."""
 
     def __init__(self, ckpt):
         c = self.config = ckpt.config
         ckpt.check_experts()
         tables = {name: safetensors_extents(ckpt.path / name) for name in ckpt._files}
+        shapes = c.expert_shapes()
+        sizes = [math.prod(s) for s in shapes]
+        fused = c.expert_format.fused
 
         def entry(key: str):
-            return tables[ckpt._where[key]][key]
+            return tables[ckpt._where[key]][ckpt._real.get(key, key)]
+
+        def part(key: str, p: int, e: int) -> Extent:
+            """Part ``p`` of expert ``e``: the whole tensor, or row ``e`` of a fused one."""
+            ext, dtype, _ = entry(key)
+            if not fused:
+                return ext
+            size = sizes[p] * SAFETENSORS_BYTES[dtype]
+            return Extent(ext.file, ext.offset + e * size, size)
 
         first = [entry(k) for k in c.expert_keys(c.moe_layers[0], 0)]
         dtypes = {d for _, d, _ in first}
@@ -355,23 +370,22 @@ class DiskExperts:
                 f"the experts of {ckpt.path} mix dtypes {sorted(dtypes)}; moespeq needs one float dtype"
             )
         self.dtype = SAFETENSORS_DTYPES[next(iter(dtypes))]
-        # The projections' order in the file (0 = gate, 1 = up, 2 = down), from the first expert.
-        self.order = sorted(range(3), key=lambda p: (first[p][0].file, first[p][0].offset))
-        shapes = c.expert_shapes()
-        self.numel = sum(a * b for a, b in shapes)
+        # The parts' order in the file (for most families 0 = gate, 1 = up, 2 = down), from the first expert.
+        self.order = sorted(range(len(shapes)), key=lambda p: (first[p][0].file, first[p][0].offset))
+        self.numel = sum(sizes)
         self.nbytes = self.numel * torch.empty(0, dtype=self.dtype).element_size()
-        self._starts = {}  # projection -> element offset in the packed buffer
+        self._starts = {}  # part -> element offset in the packed buffer
         pos = 0
         for p in self.order:
             self._starts[p] = pos
-            pos += shapes[p][0] * shapes[p][1]
+            pos += sizes[p]
         self.extents: dict[tuple[int, int], list[Extent]] = {}
         for layer in c.moe_layers:
             for e in range(c.num_experts):
-                parts = [entry(k) for k in c.expert_keys(layer, e)]
-                if {d for _, d, _ in parts} != dtypes:
+                keys = c.expert_keys(layer, e)
+                if {entry(k)[1] for k in keys} != dtypes:
                     raise CheckpointError(f"expert {e} of layer {layer} in {ckpt.path} has another dtype than the rest")
-                ordered = [parts[p][0] for p in self.order]
+                ordered = [part(keys[p], p, e) for p in self.order]
                 self.extents[(layer, e)] = coalesce(ordered) if _in_order(ordered) else ordered
 
         elem = torch.empty(0, dtype=self.dtype).element_size()
@@ -386,13 +400,14 @@ class DiskExperts:
         self.slot_bytes = ram_slot_bytes(self.nbytes)
         assert all((p.span.length if p.span else self.nbytes) <= self.slot_bytes for p in self.placements.values())
 
-    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A packed expert buffer -> (gate [I, H], up [I, H], down [H, I]) views."""
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A packed expert buffer -> its parts in the config's order (e.g. gate [I, H],
+        up [I, H], down [H, I]), as views."""
         out = []
-        for p, (rows, cols) in enumerate(self.config.expert_shapes()):
+        for p, shape in enumerate(self.config.expert_shapes()):
             start = self._starts[p]
-            out.append(flat[start : start + rows * cols].view(rows, cols))
-        return tuple(out)  # type: ignore[return-value]
+            out.append(flat[start : start + math.prod(shape)].view(shape))
+        return tuple(out)
 
     @property
     def layout(self):

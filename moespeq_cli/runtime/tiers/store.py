@@ -1,8 +1,11 @@
 """ExpertStore: the host copy of every routed expert, one contiguous buffer per expert
-(gate | up | down, flattened), so that moving an expert is one copy. Pinned on CUDA so
+(its parts as stored, flattened end to end: gate | up | down for most families,
+models/expert_format.py), so that moving an expert is one copy. Pinned on CUDA so
 copies can run asynchronously at full link speed."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,26 +23,34 @@ class ExpertStore:
         ckpt.check_experts()
         self.dtype = dtype
         self.storage_dtype = storage_dtype or dtype
-        h, i = c.hidden_size, c.expert_intermediate
-        self.numel = 3 * h * i
+        self.numel = c.expert_params
         self.nbytes = self.numel * torch.empty(0, dtype=self.storage_dtype).element_size()
         self.packed: dict[int, torch.Tensor] = {}
         for layer in c.moe_layers:
-            buf = torch.empty(c.num_experts, self.numel, dtype=dtype, pin_memory=pin)  # [E, 3*I*H]
+            buf = torch.empty(c.num_experts, self.numel, dtype=dtype, pin_memory=pin)  # [E, parts]
             for e in range(c.num_experts):
-                gate, up, down = ckpt.expert(layer, e, dtype)
-                buf[e, : h * i] = gate.reshape(-1)
-                buf[e, h * i : 2 * h * i] = up.reshape(-1)
-                buf[e, 2 * h * i :] = down.reshape(-1)
+                pos = 0
+                for part in ckpt.expert(layer, e, dtype):
+                    buf[e, pos : pos + part.numel()] = part.reshape(-1)
+                    pos += part.numel()
             self.packed[layer] = buf
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self.packed[layer][expert]
 
-    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A packed expert buffer -> (gate [I, H], up [I, H], down [H, I]) views."""
-        h, i = self.config.hidden_size, self.config.expert_intermediate
-        return flat[: h * i].view(i, h), flat[h * i : 2 * h * i].view(i, h), flat[2 * h * i :].view(h, i)
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A packed expert buffer -> its parts (e.g. gate [I, H], up [I, H], down [H, I]) as views."""
+        return part_views(flat, self.config.expert_shapes())
+
+
+def part_views(flat: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:
+    """``flat`` cut into consecutive views of ``shapes``."""
+    out, pos = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[pos : pos + n].view(shape))
+        pos += n
+    return tuple(out)
 
     @property
     def total_bytes(self) -> int:

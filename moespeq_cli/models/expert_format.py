@@ -1,0 +1,122 @@
+"""How a checkpoint stores its routed experts, and how one of them computes.
+
+Most families store each expert as three matrices in ``nn.Linear`` layout -- gate and up
+``[I, H]``, down ``[H, I]`` -- under names like ``model.layers.3.mlp.experts.7.gate_proj.weight``,
+and compute ``down(silu(gate x) * up x)``. gpt-oss stores a layer's experts *fused*, one
+tensor per kind for all E of them, transposed, with biases, and gate and up interleaved
+column by column::
+
+    model.layers.3.mlp.experts.gate_up_proj       [E, H, 2I]  (x @ W: column 2j is gate j, 2j+1 is up j)
+    model.layers.3.mlp.experts.gate_up_proj_bias  [E, 2I]
+    model.layers.3.mlp.experts.down_proj          [E, I, H]
+    model.layers.3.mlp.experts.down_proj_bias     [E, H]
+
+and its activation is a clamped SwiGLU: ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha g)``
+with ``g = min(gate, limit)``.
+
+An ``ExpertFormat`` names an expert's *parts*: the pieces of the checkpoint that hold it,
+each one contiguous range of a file (a whole tensor, or row ``e`` of a fused one). Every
+tier holds an expert as its parts packed end to end, *as stored* -- the disk tier reads
+them without converting anything, a copy up to the device moves one buffer -- and the
+format computes from them (``forward``). The 4-bit draft quantizes the expert's canonical
+matrices (``canonical``: gate, up ``[I, H]`` and down ``[H, I]`` plus any biases), which
+every kernel path of the draft takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SWIGLU = "swiglu"
+GPT_OSS = "gpt_oss"
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    names: tuple[str, ...]  # the parts' tensor names after the prefix
+    prefix: str  # "model.layers.{layer}.mlp.experts.{expert}." (fused: no {expert})
+    kind: str = SWIGLU
+    alpha: float = 1.702  # gpt-oss's clamped SwiGLU
+    limit: float = 7.0
+
+    @property
+    def fused(self) -> bool:
+        """One tensor per part holds all of a layer's experts; expert e is its row e."""
+        return "{expert}" not in self.prefix
+
+    @property
+    def biased(self) -> bool:
+        return self.kind == GPT_OSS
+
+    def keys(self, layer: int, expert: int) -> tuple[str, ...]:
+        """The checkpoint tensors that hold the parts (fused: the layer's shared tensors)."""
+        if self.fused:
+            p = self.prefix.format(layer=layer)
+            return tuple(p + n for n in self.names)
+        p = self.prefix.format(layer=layer, expert=expert)
+        return tuple(f"{p}{n}.weight" for n in self.names)
+
+    def shapes(self, hidden: int, inter: int) -> tuple[tuple[int, ...], ...]:
+        """One expert's parts as stored (a fused tensor is ``[E, *shape]``)."""
+        if self.kind == GPT_OSS:
+            return (hidden, 2 * inter), (2 * inter,), (inter, hidden), (hidden,)
+        return (inter, hidden), (inter, hidden), (hidden, inter)
+
+    @staticmethod
+    def matrix_shapes(hidden: int, inter: int) -> tuple[tuple[int, int], ...]:
+        """The canonical matrices: gate, up ``[I, H]``, down ``[H, I]``."""
+        return (inter, hidden), (inter, hidden), (hidden, inter)
+
+    def bias_numel(self, hidden: int, inter: int) -> int:
+        return 2 * inter + hidden if self.biased else 0
+
+    def canonical(self, parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+        """(gate [I, H], up [I, H], down [H, I], (gate bias, up bias, down bias) or None),
+        views of ``parts`` where the layout allows (copy them to keep them)."""
+        if self.kind == GPT_OSS:
+            gu, gu_bias, down, down_bias = parts
+            return gu[:, 0::2].t(), gu[:, 1::2].t(), down.t(), (gu_bias[0::2], gu_bias[1::2], down_bias)
+        gate, up, down = parts
+        return gate, up, down, None
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The product fed to down, from the gate's and up's outputs (biases added)."""
+        if self.kind == GPT_OSS:
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return F.silu(gate) * up
+
+    def forward(self, x: torch.Tensor, parts) -> torch.Tensor:
+        """x [n, H] -> [n, H] from the parts as stored, in torch (the order of operations of
+        the family's transformers code, so float32 results agree with it)."""
+        if self.kind == GPT_OSS:
+            gu, gu_bias, down, down_bias = parts
+            y = x @ gu + gu_bias
+            return self.activate(y[..., 0::2], y[..., 1::2]) @ down + down_bias
+        gate, up, down = parts
+        return F.linear(self.activate(F.linear(x, gate), F.linear(x, up)), down)
+
+    def forward_canonical(self, x: torch.Tensor, gate, up, down, biases=None) -> torch.Tensor:
+        """The same expert from canonical matrices (the draft's dequantized weights)."""
+        if biases is None:
+            return F.linear(self.activate(F.linear(x, gate), F.linear(x, up)), down)
+        bg, bu, bd = biases
+        return F.linear(self.activate(F.linear(x, gate, bg), F.linear(x, up, bu)), down, bd)
+
+
+HF_EXPERTS = ExpertFormat(("gate_proj", "up_proj", "down_proj"), "model.layers.{layer}.mlp.experts.{expert}.")
+MIXTRAL_EXPERTS = ExpertFormat(("w1", "w3", "w2"), "model.layers.{layer}.block_sparse_moe.experts.{expert}.")
+
+
+def gpt_oss_experts(alpha: float, limit: float) -> ExpertFormat:
+    return ExpertFormat(
+        ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+        "model.layers.{layer}.mlp.experts.",
+        GPT_OSS,
+        alpha,
+        limit,
+    )
