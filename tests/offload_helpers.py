@@ -40,4 +40,5 @@ FAMILIES = [
     ("qwen3_next", "hybrid"),
     ("qwen3_5_moe", "text"),
     ("gpt_oss", "alternating"),
+    ("gemma4", "kv_eq"),
 ]

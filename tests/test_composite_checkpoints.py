@@ -1,10 +1,11 @@
-"""Multimodal checkpoints as published (Qwen3.5-MoE): config.json with the language model
+"""Multimodal checkpoints as published (Qwen3.5-MoE, Gemma 4): config.json with the language model
 under ``text_config``, its tensors under ``model.language_model.``, a vision tower and
 multi-token-prediction layers beside it. moespeq runs the language model and gives the
 same tokens as from the text-only checkpoint transformers saves."""
 
 import json
 
+import pytest
 import torch
 from offload_helpers import prompt_for, run_engine
 from safetensors.torch import load_file, save_file
@@ -12,15 +13,15 @@ from safetensors.torch import load_file, save_file
 from moespeq_cli.models.checkpoint import Checkpoint
 
 
-def composite_copy(src, dst):
+def composite_copy(src, dst, family="qwen3_5_moe"):
     """The text-only checkpoint at ``src`` rewritten in the published multimodal layout."""
     dst.mkdir()
     text = json.loads((src / "config.json").read_text())
     config = {
-        "model_type": "qwen3_5_moe",
-        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "text_config": dict(text, model_type="qwen3_5_moe_text"),
-        "vision_config": {"model_type": "qwen3_5_moe", "hidden_size": 8, "depth": 1},
+        "model_type": family,
+        "architectures": ["ConditionalGeneration"],
+        "text_config": dict(text, model_type=f"{family}_text"),
+        "vision_config": {"model_type": family, "hidden_size": 8, "depth": 1},
         "tie_word_embeddings": text.get("tie_word_embeddings", False),
         "image_token_id": 5,
     }
@@ -34,11 +35,12 @@ def composite_copy(src, dst):
     (dst / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
 
 
-def test_published_layout_gives_the_text_checkpoints_tokens(tiny, tmp_path):
-    path, _ = tiny("qwen3_5_moe", "text")
-    composite_copy(path, tmp_path / "mm")
+@pytest.mark.parametrize("family,variant", [("qwen3_5_moe", "text"), ("gemma4", "kv_eq")])
+def test_published_layout_gives_the_text_checkpoints_tokens(tiny, tmp_path, family, variant):
+    path, _ = tiny(family, variant)
+    composite_copy(path, tmp_path / "mm", family)
     ck = Checkpoint(tmp_path / "mm")
-    assert ck.config.model_type == "qwen3_5_moe" and ck.config.expert_prefix.startswith("model.language_model.")
+    assert ck.config.model_type == family and ck.config.expert_prefix.startswith("model.language_model.")
     assert "model.layers.0.input_layernorm.weight" not in ck.keys()  # aliases are not counted as tensors
     prompt = prompt_for(7, 10)
     expected, _ = run_engine(path, prompt, 12, backend="cpu")

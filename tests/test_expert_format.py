@@ -1,6 +1,6 @@
 """Experts stored another way than three matrices each (models/expert_format.py): gpt-oss's
-fused, transposed, interleaved and biased tensors, read by every tier and quantized for
-the draft."""
+fused, transposed, interleaved and biased tensors and Gemma 4's fused gate|up halves, read
+by every tier and quantized for the draft."""
 
 import json
 import shutil
@@ -17,19 +17,23 @@ from moespeq_cli.runtime.tiers.store import ExpertStore
 
 
 def reference_expert(ref, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-    """transformers' GptOssExperts for expert ``e`` alone, with routing weight 1."""
-    experts = ref.model.layers[layer].mlp.experts
+    """transformers' experts module (gpt-oss's, Gemma 4's) for expert ``e`` alone, with
+    routing weight 1."""
+    block = ref.model.layers[layer]
+    experts = block.mlp.experts if hasattr(block.mlp, "experts") else block.experts
     ids = torch.full((x.shape[0], 1), e)
     with torch.no_grad():
         return experts(x, ids, torch.ones(x.shape[0], 1))
 
 
-@pytest.mark.parametrize("variant", ["alternating", "clamped"])
-def test_every_tier_reads_the_fused_experts_as_transformers_computes_them(tiny, variant):
-    path, ref = tiny("gpt_oss", variant)
+@pytest.mark.parametrize(
+    "family,variant,parts", [("gpt_oss", "alternating", 4), ("gpt_oss", "clamped", 4), ("gemma4", "kv_eq", 2)]
+)
+def test_every_tier_reads_the_fused_experts_as_transformers_computes_them(tiny, family, variant, parts):
+    path, ref = tiny(family, variant)
     ck = Checkpoint(path)
     c, fmt = ck.config, ck.config.expert_format
-    assert fmt.fused and fmt.biased and len(ck.config.expert_shapes()) == 4
+    assert fmt.fused and fmt.biased == (family == "gpt_oss") and len(ck.config.expert_shapes()) == parts
     store, disk = ExpertStore(ck, torch.float32), DiskExperts(ck)
     buf = disk.empty_buffer()
     x = torch.randn(3, c.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -45,10 +49,10 @@ def test_every_tier_reads_the_fused_experts_as_transformers_computes_them(tiny, 
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             # the canonical matrices the draft quantizes compute the same expert
             torch.testing.assert_close(fmt.forward_canonical(x, *fmt.canonical(parts)), want, rtol=1e-5, atol=1e-6)
-    # a wrong clamp or a lost bias would not: the reference is sensitive to both
-    parts = ck.expert(0, 1)
-    unbiased = (parts[0], torch.zeros_like(parts[1]), parts[2], parts[3])
-    assert not torch.allclose(expert_forward(fmt, x, unbiased), reference_expert(ref, 0, 1, x), atol=1e-4)
+    if family == "gpt_oss":  # a lost bias would not: the reference is sensitive to it
+        parts = ck.expert(0, 1)
+        unbiased = (parts[0], torch.zeros_like(parts[1]), parts[2], parts[3])
+        assert not torch.allclose(expert_forward(fmt, x, unbiased), reference_expert(ref, 0, 1, x), atol=1e-4)
 
 
 def test_the_draft_quantizes_gpt_oss_experts_with_their_biases(tiny, tmp_path):
@@ -95,3 +99,25 @@ def test_a_fused_tensor_of_the_wrong_shape_is_refused(tiny, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="gate_up_proj has shape"):
         ExpertStore(Checkpoint(path), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("hidden_size_per_layer_input", 256, "per-layer input embeddings"),
+        ("num_kv_shared_layers", 2, "KV caches shared between layers"),
+        ("use_bidirectional_attention", "all", "encoder"),
+    ],
+)
+def test_gemma4_features_of_the_dense_models_are_refused_in_one_line(tiny, tmp_path, field, value, words):
+    src, _ = tiny("gemma4", "alternating")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[field] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    from moespeq_cli.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=words) as err:
+        Checkpoint(path)
+    assert "\n" not in str(err.value)

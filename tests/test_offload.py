@@ -24,6 +24,7 @@ CASES = [
     ("qwen3_next", "full_first"),
     ("qwen3_5_moe", "full_first"),
     ("gpt_oss", "clamped"),
+    ("gemma4", "alternating"),
 ]
 
 

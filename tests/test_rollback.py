@@ -16,6 +16,7 @@ from moespeq_cli.runtime.executors.experts import InMemoryExperts
         ("qwen3_moe", "base"),
         ("qwen3_next", "hybrid"),
         ("gpt_oss", "alternating"),
+        ("gemma4", "kv_eq"),
     ],
 )
 @pytest.mark.parametrize("n", [1, 3, 7])

@@ -439,6 +439,48 @@ CONFIGS["gpt_oss"] = {
     ),
 }
 
+CONFIGS["gemma4"] = {
+    "kv_eq": dict(  # keys as values in the global layer (its own head dim and KV heads), tied, soft-capped
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+        enable_moe_block=True,
+        num_experts=6,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+    ),
+    "alternating": dict(  # separate values, alternating windows, top-3 of 8, no soft cap
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=8,
+        attention_k_eq_v=False,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=3,
+        moe_intermediate_size=12,
+    ),
+}
+
 CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
@@ -452,6 +494,7 @@ CLASSES = {
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM"),
 }
 
 VARIANTS = [(f, v) for f, vs in CONFIGS.items() for v in vs]
@@ -477,7 +520,7 @@ def build(family: str, variant: str, out: Path, dtype: torch.dtype = torch.float
 
     cfg_cls, model_cls = (getattr(transformers, n) for n in CLASSES[family])
     torch.manual_seed(seed)
-    cfg = cfg_cls(**COMMON, **CONFIGS[family][variant])
+    cfg = cfg_cls(**{**COMMON, **CONFIGS[family][variant]})
     model = model_cls(cfg).eval()
     # Random init is tiny (std 0.02); widen it so routing and logits are not degenerate.
     with torch.no_grad():
@@ -491,6 +534,8 @@ def build(family: str, variant: str, out: Path, dtype: torch.dtype = torch.float
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # V3-style routers: steer the choice
                 b.normal_(0, 0.1)
+            elif name.endswith("layer_scalar"):  # Gemma 4
+                b.uniform_(0.5, 1.5)
     model = model.to(dtype)
     model.save_pretrained(out, safe_serialization=True)
     (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))

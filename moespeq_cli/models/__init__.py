@@ -26,13 +26,14 @@ ARCHITECTURES = {
     "qwen3_next": "Qwen3-Next-80B-A3B",
     "qwen3_5_moe": "Qwen3.5-MoE, Qwen3.6-MoE (e.g. 35B-A3B)",
     "gpt_oss": "gpt-oss-20b, gpt-oss-120b (bf16 releases)",
+    "gemma4": "Gemma-4-26B-A4B",
 }
 # model_type spellings of the same architecture: the text-only checkpoints transformers'
 # ...ForCausalLM saves for a family published as a multimodal model
-TYPE_ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe"}
+TYPE_ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4"}
 # multimodal checkpoints: the language model's config is under ``text_config`` and its
 # tensors under this prefix (the vision tower and any MTP layers are left unread)
-COMPOSITE = {"qwen3_5_moe": "model.language_model."}
+COMPOSITE = {"qwen3_5_moe": "model.language_model.", "gemma4": "model.language_model."}
 
 
 def language_config(raw: dict) -> tuple[dict, str | None]:

@@ -37,16 +37,18 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)): dense layers and shared experts (HF names)."""
+    """down(act(gate(x)) * up(x)): dense layers and shared experts (HF names); ``act``
+    SiLU unless the family says otherwise (Gemma 4: GELU)."""
 
-    def __init__(self, hidden: int, inter: int, bias: bool = False):
+    def __init__(self, hidden: int, inter: int, bias: bool = False, act: Callable = F.silu):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class KVCache:
@@ -309,13 +311,17 @@ class SparseMoE(nn.Module):
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the routed experts compute on: the router's input, in most families."""
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(self.router_logits(x))  # [T, k], [T, k]
         lookahead = getattr(self.experts, "lookahead", None)
         rows, ahead = self.read_routing(ids, lookahead(self.layer, x) if lookahead is not None else None)
         if self.observer is not None:
             self.observer(self.layer, rows)
-        out = self.experts(self.layer, x, ids, weights, rows, ahead)
+        out = self.experts(self.layer, self.expert_input(x), ids, weights, rows, ahead)
         extra = self.shared(x)
         return out if extra is None else out + extra
 
@@ -408,14 +414,20 @@ class CausalLM(nn.Module):
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return self.rotary.tables(start, end, device, dtype)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids.to(self.lm_head.weight.device))  # [T, hidden]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x))
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """input_ids [T] continuing ``cache``; returns logits [T, vocab] (or [1, vocab])."""
-        x = self.model.embed_tokens(input_ids.to(self.lm_head.weight.device))  # [T, hidden]
+        x = self.embed(input_ids)
         rope = self.rope_tables(cache.length, cache.length + input_ids.shape[0], x.device, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, i, cache, rope)
         cache.length += input_ids.shape[0]
         if last_only:
             x = x[-1:]
-        return self.lm_head(self.model.norm(x))
+        return self.logits(x)

@@ -12,7 +12,9 @@ column by column::
     model.layers.3.mlp.experts.down_proj_bias     [E, H]
 
 and its activation is a clamped SwiGLU: ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha g)``
-with ``g = min(gate, limit)``.
+with ``g = min(gate, limit)``. Gemma 4 fuses too, untransposed: ``experts.gate_up_proj``
+``[E, 2I, H]`` (gate rows, then up rows) and ``experts.down_proj`` ``[E, H, I]``, with a
+GELU gate.
 
 An ``ExpertFormat`` names an expert's *parts*: the pieces of the checkpoint that hold it,
 each one contiguous range of a file (a whole tensor, or row ``e`` of a fused one). Every
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 SWIGLU = "swiglu"
 GPT_OSS = "gpt_oss"
+GEGLU = "geglu"  # Gemma 4: fused gate|up halves [E, 2I, H], down [E, H, I], GELU (tanh) gate
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ExpertFormat:
     kind: str = SWIGLU
     alpha: float = 1.702  # gpt-oss's clamped SwiGLU
     limit: float = 7.0
+    approximate: str = "tanh"  # GEGLU: torch's GELU approximation ("tanh" or "none")
 
     @property
     def fused(self) -> bool:
@@ -63,6 +67,8 @@ class ExpertFormat:
         """One expert's parts as stored (a fused tensor is ``[E, *shape]``)."""
         if self.kind == GPT_OSS:
             return (hidden, 2 * inter), (2 * inter,), (inter, hidden), (hidden,)
+        if self.kind == GEGLU:
+            return (2 * inter, hidden), (hidden, inter)
         return (inter, hidden), (inter, hidden), (hidden, inter)
 
     @staticmethod
@@ -79,6 +85,10 @@ class ExpertFormat:
         if self.kind == GPT_OSS:
             gu, gu_bias, down, down_bias = parts
             return gu[:, 0::2].t(), gu[:, 1::2].t(), down.t(), (gu_bias[0::2], gu_bias[1::2], down_bias)
+        if self.kind == GEGLU:
+            gu, down = parts
+            gate, up = gu.chunk(2, dim=0)
+            return gate, up, down, None
         gate, up, down = parts
         return gate, up, down, None
 
@@ -88,6 +98,8 @@ class ExpertFormat:
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        if self.kind == GEGLU:
+            return F.gelu(gate, approximate=self.approximate) * up
         return F.silu(gate) * up
 
     def forward(self, x: torch.Tensor, parts) -> torch.Tensor:
@@ -97,6 +109,9 @@ class ExpertFormat:
             gu, gu_bias, down, down_bias = parts
             y = x @ gu + gu_bias
             return self.activate(y[..., 0::2], y[..., 1::2]) @ down + down_bias
+        if self.kind == GEGLU:
+            gu, down = parts
+            return F.linear(self.activate(*F.linear(x, gu).chunk(2, dim=-1)), down)
         gate, up, down = parts
         return F.linear(self.activate(F.linear(x, gate), F.linear(x, up)), down)
 
@@ -110,6 +125,10 @@ class ExpertFormat:
 
 HF_EXPERTS = ExpertFormat(("gate_proj", "up_proj", "down_proj"), "model.layers.{layer}.mlp.experts.{expert}.")
 MIXTRAL_EXPERTS = ExpertFormat(("w1", "w3", "w2"), "model.layers.{layer}.block_sparse_moe.experts.{expert}.")
+
+
+def gemma4_experts(approximate: str) -> ExpertFormat:
+    return ExpertFormat(("gate_up_proj", "down_proj"), "model.layers.{layer}.experts.", GEGLU, approximate=approximate)
 
 
 def gpt_oss_experts(alpha: float, limit: float) -> ExpertFormat:

@@ -26,7 +26,7 @@ def load_model(
         from moespeq_cli.kernels.modules import kernel_weight_names
 
         kept = kernel_weight_names(model)
-    tied = bool(ckpt.raw_config.get("tie_word_embeddings", False))
+    tied = bool(ckpt.raw_config.get("tie_word_embeddings", getattr(model, "ties_by_default", False)))
     state = {}
     for name, p in model.state_dict().items():
         src = name

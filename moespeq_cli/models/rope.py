@@ -28,7 +28,7 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-ROPE_TYPES = ("default", "linear", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "yarn", "longrope", "proportional")
 
 
 def _number(params: dict, key: str, lowest: float = 0.0, required: bool = True, zero: bool = False) -> None:
@@ -56,6 +56,11 @@ def check_rope(params: dict, dim: int) -> None:
     _number(params, "rope_theta", lowest=1.0)
     if kind in ("linear", "yarn"):
         _number(params, "factor")
+    if kind == "proportional":
+        _number(params, "factor", required=False)
+        _number(params, "partial_rotary_factor", required=False, zero=True)
+        if params.get("partial_rotary_factor", 1.0) > 1:
+            raise CheckpointError("config.json rope parameter 'partial_rotary_factor' must be at most 1; fix the file")
     if kind in ("yarn", "longrope"):
         orig = params.get("original_max_position_embeddings")
         if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
@@ -98,6 +103,13 @@ def _inv_freq(params: dict, dim: int, max_positions: int, context: int) -> tuple
         return 1.0 / base**exponents, 1.0
     if kind == "linear":
         return 1.0 / (float(params["factor"]) * base**exponents), 1.0
+    if kind == "proportional":
+        # Gemma 4's global layers: the first ``partial_rotary_factor`` of the frequencies at
+        # the full dimension's spacing, the rest zero (those pairs are not rotated)
+        angles = int(float(params.get("partial_rotary_factor", 1.0)) * dim // 2)
+        inv = torch.zeros(dim // 2)
+        inv[:angles] = 1.0 / base ** (torch.arange(0, 2 * angles, 2, dtype=torch.float32) / dim)
+        return inv / float(params.get("factor") or 1.0), 1.0
     if kind == "yarn":
         factor = float(params["factor"])
         orig = params["original_max_position_embeddings"]

@@ -62,16 +62,18 @@ def charges(
                             False,
                         )
                     )
-        elif isinstance(mlp, GatedMLP):
-            table.append(
-                (
-                    mlp,
-                    f"mlp L{i}",
-                    i,
-                    lambda t, c, m=mlp: module_cost(m, t, elem, extra_kernels=1, weight_elem=w),
-                    False,
+        # dense MLPs: the layer's feed-forward, or one beside its MoE (Gemma 4)
+        for name, child in layer.named_children():
+            if isinstance(child, GatedMLP):
+                table.append(
+                    (
+                        child,
+                        f"{name} L{i}",
+                        i,
+                        lambda t, c, m=child: module_cost(m, t, elem, extra_kernels=1, weight_elem=w),
+                        False,
+                    )
                 )
-            )
     head = model.lm_head
     table.append(
         (head, "lm_head", None, lambda t, c: module_cost(head, t, elem, extra_kernels=2, weight_elem=w), False)
