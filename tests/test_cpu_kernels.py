@@ -72,6 +72,77 @@ def test_expert_matches_reference(T, H, inter, wdtype):
     assert scaled_err(expert_mlp(x, gate, up, down, fast=True), want) < 1e-5
 
 
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu"])
+def test_expert_with_a_gelu_gate_matches_reference(act):
+    """Gemma 4's experts: the same kernel with a GELU gate."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(3, 100, generator=g)
+    gate, up = (torch.randn(37, 100, generator=g).bfloat16() * 0.1 for _ in range(2))
+    down = torch.randn(100, 37, generator=g).bfloat16() * 0.2
+    fn = {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}[act]
+    want = F.linear(fn(F.linear(x.double(), gate.double())) * F.linear(x.double(), up.double()), down.double())
+    assert scaled_err(kernels.expert(x, gate, up, down, act), want) < 1e-5
+    assert scaled_err(expert_mlp(x, gate, up, down, fast=True, act=act), want) < 1e-5
+    silu = F.linear(F.silu(F.linear(x.double(), gate.double())) * F.linear(x.double(), up.double()), down.double())
+    assert scaled_err(kernels.expert(x, gate, up, down, act), silu) > 1e-3  # the activation is the one asked for
+
+
+def gpt_oss_parts(H, inter, wdtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        (torch.randn(H, 2 * inter, generator=g) * H**-0.5).to(wdtype),
+        (torch.randn(2 * inter, generator=g) * 0.1).to(wdtype),
+        (torch.randn(inter, H, generator=g) * inter**-0.5).to(wdtype),
+        (torch.randn(H, generator=g) * 0.1).to(wdtype),
+    )
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("T,H,inter", [(1, 8, 5), (3, 100, 37), (5, 17, 300), (2, 1000, 200)])
+def test_transposed_expert_matches_the_gpt_oss_reference(T, H, inter, wdtype):
+    """gpt-oss's expert from its parts as stored: x @ gate_up (interleaved columns) + bias,
+    the clamped SwiGLU with a limit that binds, @ down + bias."""
+    from moespeq_cli.models.expert_format import gpt_oss_experts
+
+    fmt = gpt_oss_experts(1.702, 0.8)
+    parts = gpt_oss_parts(H, inter, wdtype, T * H + inter)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)) * 2
+    want = fmt.forward(x.double(), [p.double() for p in parts])
+    assert scaled_err(kernels.expert_transposed(x, *parts, 1.702, 0.8), want) < 1e-5
+    from moespeq_cli.runtime.executors.experts import expert_forward
+
+    assert scaled_err(expert_forward(fmt, x, parts, fast=True), want) < 1e-5
+    unclamped = gpt_oss_experts(1.702, 100.0).forward(x.double(), [p.double() for p in parts])
+    assert scaled_err(kernels.expert_transposed(x, *parts, 1.702, 0.8), unclamped) > 1e-3
+
+
+def test_transposed_expert_does_not_depend_on_the_batch():
+    parts = gpt_oss_parts(700, 300, torch.bfloat16, 3)  # about 1.3 MB: shared over the pool
+    xs = torch.randn(7, 700, generator=torch.Generator().manual_seed(4))
+    batch = kernels.expert_transposed(xs, *parts, 1.702, 7.0)
+    single = torch.cat([kernels.expert_transposed(xs[i : i + 1], *parts, 1.702, 7.0) for i in range(7)])
+    assert torch.equal(single, batch)
+    assert torch.equal(kernels.expert_transposed(xs[:3], *parts, 1.702, 7.0), batch[:3])
+
+
+@pytest.mark.parametrize("T,N,K", [(1, 5, 32), (3, 77, 96), (5, 300, 2880), (9, 129, 512)])
+def test_mxfp4_linear_is_the_dequantized_product(T, N, K):
+    """gpt-oss's MXFP4 experts read as stored: the product with the dequantized weights
+    (each code times its power-of-two scale is exact in fp32), batch invariant."""
+    from tiny_models import mxfp4
+
+    from moespeq_cli.models.expert_format import mxfp4_dequantize
+
+    g = torch.Generator().manual_seed(T + N + K)
+    blocks, scales = mxfp4(torch.randn(N, K, generator=g))
+    x, bias = torch.randn(T, K, generator=g), torch.randn(N, generator=g)
+    assert kernels.takes_mxfp4(x, blocks, scales)
+    want = reference(x, mxfp4_dequantize(blocks, scales, torch.float64), bias)
+    got = kernels.linear_mxfp4(x, blocks, scales, bias)
+    assert scaled_err(got, want) < FP32_TOL
+    assert torch.equal(torch.cat([kernels.linear_mxfp4(x[i : i + 1], blocks, scales, bias) for i in range(T)]), got)
+
+
 def test_expert_mlp_falls_back_where_the_kernels_do_not_apply():
     g = torch.Generator().manual_seed(3)
     gate, up = (torch.randn(24, 16, generator=g).bfloat16() for _ in range(2))
@@ -188,3 +259,47 @@ def test_the_plain_c_path_is_exact_and_batch_invariant(tmp_path):
         together = linear(x)
         assert scaled_err(together, reference(x, w, b)) < FP32_TOL
         assert torch.equal(torch.cat([linear(x[i : i + 1].clone()) for i in range(6)]), together)
+    # MXFP4 rows on the plain path: the dequantized product, batch invariant
+    from tiny_models import mxfp4
+
+    from moespeq_cli.models.expert_format import mxfp4_dequantize
+
+    blocks, scales = mxfp4(torch.randn(301, 96, generator=g))
+    xm = torch.randn(6, 96, generator=g)
+
+    def linear_mx(rows):
+        y = torch.empty(rows.shape[0], 301)
+        lib.ms_linear_mxfp4(rows.data_ptr(), blocks.data_ptr(), scales.data_ptr(), None, y.data_ptr(), *y.shape, 96)
+        return y
+
+    together = linear_mx(xm)
+    assert scaled_err(together, reference(xm, mxfp4_dequantize(blocks, scales, torch.float64))) < FP32_TOL
+    assert torch.equal(torch.cat([linear_mx(xm[i : i + 1].clone()) for i in range(6)]), together)
+    # gpt-oss's transposed expert on the plain path: exact, and batch invariant
+    from moespeq_cli.models.expert_format import gpt_oss_experts
+
+    parts = gpt_oss_parts(300, 150, torch.bfloat16, 9)
+    xs = torch.randn(5, 300, generator=g)
+
+    def expert_t(rows):
+        scratch = torch.empty(lib.ms_expert_t_scratch(rows.shape[0], 300, 150))
+        y = torch.empty(rows.shape[0], 300)
+        ptrs = [p.data_ptr() for p in parts]
+        lib.ms_expert_t(
+            rows.data_ptr(),
+            *ptrs,
+            kernels.WTYPES[torch.bfloat16],
+            1.702,
+            7.0,
+            scratch.data_ptr(),
+            y.data_ptr(),
+            rows.shape[0],
+            300,
+            150,
+        )
+        return y
+
+    together = expert_t(xs)
+    want = gpt_oss_experts(1.702, 7.0).forward(xs.double(), [p.double() for p in parts])
+    assert scaled_err(together, want) < 1e-5
+    assert torch.equal(torch.cat([expert_t(xs[i : i + 1].clone()) for i in range(5)]), together)

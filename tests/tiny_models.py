@@ -437,6 +437,17 @@ CONFIGS["gpt_oss"] = {
         swiglu_limit=0.5,
         swiglu_alpha=1.2,
     ),
+    "mx": dict(  # sizes in MXFP4's blocks of 32 (mxfp4_copy), alternating windows, top-2 of 4
+        hidden_size=64,
+        intermediate_size=32,
+        head_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4,
+    ),
 }
 
 CONFIGS["gemma4"] = {
@@ -540,3 +551,56 @@ def build(family: str, variant: str, out: Path, dtype: torch.dtype = torch.float
     model.save_pretrained(out, safe_serialization=True)
     (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
     return model
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., out, in] -> (blocks [..., out, in/32, 16], scales [..., out, in/32]) as the
+    published gpt-oss checkpoints store MXFP4: per 32 values a power-of-two scale (e8m0,
+    biased by 127) bringing the largest magnitude into [4, 8), each value the nearest e2m1
+    code, two codes a byte, the even element in the low nibble. A test-only quantizer."""
+    *pre, out, inn = w.shape
+    b = w.float().reshape(*pre, out, inn // 32, 32)
+    exp = torch.floor(torch.log2(b.abs().amax(-1, keepdim=True).clamp_min(2.0**-120))) - 2
+    codes = (b / torch.exp2(exp))[..., None].sub(FP4_VALUES).abs().argmin(-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exp[..., 0] + 127).to(torch.uint8)
+
+
+def mxfp4_copy(src: Path, dst: Path) -> Path:
+    """A gpt-oss checkpoint's experts re-stored in MXFP4, as the published checkpoints are
+    (``_blocks`` and ``_scales`` of the [E, out, in] matrices, biases and the rest as they
+    were, ``quantization_config`` naming the method)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tensors = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4(t.transpose(1, 2))
+        else:
+            tensors[name] = t
+    save_file(tensors, dst / "model.safetensors")
+    (dst / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
+    return dst
+
+
+def mxfp4_reference(path: Path):
+    """transformers' model of an MXFP4 checkpoint, dequantized at load (float32)."""
+    import transformers
+
+    return transformers.GptOssForCausalLM.from_pretrained(
+        path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    ).eval()

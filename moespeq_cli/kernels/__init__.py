@@ -124,9 +124,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return y
 
 
-def expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """``down(silu(gate x) * up x)`` for x [T, H], gate/up [I, H], down [H, I], in one
-    call; ``takes(x, gate, up, down)`` must hold and the three share a dtype."""
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # the gate's activation in ``expert``
+
+
+def expert(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: str = "silu"
+) -> torch.Tensor:
+    """``down(act(gate x) * up x)`` for x [T, H], gate/up [I, H], down [H, I], in one
+    call (``act``: a key of ACTIVATIONS); ``takes(x, gate, up, down)`` must hold and the
+    three share a dtype."""
     x = x.contiguous()
     T, H = x.shape
     inter = gate.shape[0]
@@ -138,6 +144,73 @@ def expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
         up.data_ptr(),
         down.data_ptr(),
         WTYPES[gate.dtype],
+        scratch.data_ptr(),
+        y.data_ptr(),
+        T,
+        H,
+        inter,
+        ACTIVATIONS[act],
+    )
+    return y
+
+
+def takes_mxfp4(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether ``linear_mxfp4`` computes ``x`` against MXFP4 ``blocks`` / ``scales``."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.shape[0] <= MAX_ROWS
+        and all(t.device.type == "cpu" and t.dtype == torch.uint8 and t.is_contiguous() for t in (blocks, scales))
+        and _lib() is not None
+    )
+
+
+def linear_mxfp4(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [T, K] @ W.T (+ bias)`` for W [N, K] in MXFP4 (``blocks [N, K/32, 16]``, ``scales
+    [N, K/32]``), read as stored: the dequantized weights' product, exactly, at 4.25 bits a
+    weight of memory traffic. ``takes_mxfp4`` must hold."""
+    x = x.contiguous()
+    T, K = x.shape
+    N = blocks.shape[0]
+    y = torch.empty(T, N, dtype=torch.float32)
+    if bias is not None:
+        bias = bias.float().contiguous()  # held here until the call returns
+    b = None if bias is None else bias.data_ptr()
+    _lib().ms_linear_mxfp4(x.data_ptr(), blocks.data_ptr(), scales.data_ptr(), b, y.data_ptr(), T, N, K)
+    return y
+
+
+def expert_transposed(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """gpt-oss's expert from its parts as stored, in one call: ``x @ gate_up + bias`` (gate_up
+    [H, 2I], gate and up interleaved by column), the clamped SwiGLU, ``@ down + bias`` (down
+    [I, H]); the weights stream row by row, read once. ``takes(x, *parts)`` must hold and the
+    four share a dtype."""
+    x = x.contiguous()
+    T, H = x.shape
+    inter = down.shape[0]
+    lib = _lib()
+    scratch = torch.empty(lib.ms_expert_t_scratch(T, H, inter), dtype=torch.float32)
+    y = torch.empty(T, H, dtype=torch.float32)
+    lib.ms_expert_t(
+        x.data_ptr(),
+        gate_up.data_ptr(),
+        gate_up_bias.data_ptr(),
+        down.data_ptr(),
+        down_bias.data_ptr(),
+        WTYPES[gate_up.dtype],
+        alpha,
+        limit,
         scratch.data_ptr(),
         y.data_ptr(),
         T,

@@ -73,15 +73,21 @@ def _build(cc: str) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    p, i, L, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.ms_version.restype = i
     lib.ms_simd.restype = i
     lib.ms_init.argtypes = [i, i]
     lib.ms_init.restype = i
     lib.ms_linear.argtypes = [p, p, i, p, p, L, L, L]
     lib.ms_linear.restype = None
-    lib.ms_expert.argtypes = [p, p, p, p, i, p, p, L, L, L]
+    lib.ms_expert.argtypes = [p, p, p, p, i, p, p, L, L, L, i]
     lib.ms_expert.restype = None
+    lib.ms_linear_mxfp4.argtypes = [p, p, p, p, p, L, L, L]
+    lib.ms_linear_mxfp4.restype = None
+    lib.ms_expert_t.argtypes = [p, p, p, p, p, i, f, f, p, p, L, L, L]
+    lib.ms_expert_t.restype = None
+    lib.ms_expert_t_scratch.argtypes = [L, L, L]
+    lib.ms_expert_t_scratch.restype = L
     lib.ms_rmsnorm.argtypes = [p, p, ctypes.c_float, p, L, L]
     lib.ms_rmsnorm.restype = None
     lib.ms_rope.argtypes = [p, L, L, p, p, p, L, L, L]

@@ -34,7 +34,9 @@
 
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
-int ms_version(void) { return 4; }
+#define MS_T 4 /* tokens per step */
+
+int ms_version(void) { return 6; }
 int ms_simd(void) { return MS_AVX512 ? 512 : 0; }
 
 /* ------------------------------------------------------------------------------------ */
@@ -72,7 +74,6 @@ static inline __attribute__((always_inline)) __m512 load_w(const void *w, int wt
     return _mm512_cvtph_ps(h);
 }
 
-#define MS_T 4 /* tokens per step */
 #define MS_PF 8192 /* bytes of weight prefetched ahead */
 
 /* One weight row against tokens t..t+TB (TB <= 4). Each (row, token) keeps four partial
@@ -344,20 +345,116 @@ void ms_linear(const float *x, const void *w, int wt, const float *bias, float *
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* A gated expert: y[T, H] = down(silu(gate x) * up x). gate, up [I, H]; down [H, I];     */
+/* y[T, N] = x[T, K] W[N, K]^T (+ bias) for W in MXFP4 (gpt-oss's experts as published):   */
+/* each row is K/32 blocks of 16 bytes, two e2m1 codes a byte (the even element in the low */
+/* nibble), and one e8m0 scale a block (2^(s - 127)). A code's value times its scale is    */
+/* exact in fp32, so this is the product with the dequantized weights, read at 4.25 bits a */
+/* weight. Per (row, token) two partial sums (a block's halves), summed at the end: the    */
+/* order is fixed by k alone, batch invariant like the rest.                               */
+
+static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+static inline float e8m0(uint8_t s) { return ldexpf(1.0f, (int)s - 127); }
+
+static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const uint8_t *scales, long K, float *y,
+                       long ldy, long T, long n0, long n1) {
+    long G = K / 32;
+#if MS_AVX512
+    const __m512 lut = _mm512_loadu_ps(FP4);
+    const __m128i low = _mm_set1_epi8(0x0F);
+#endif
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *b = blocks + n * G * 16, *s = scales + n * G;
+        for (long t0 = 0; t0 < T; t0 += MS_T) {
+            int TB = T - t0 < MS_T ? (int)(T - t0) : MS_T;
+#if MS_AVX512
+            __m512 acc[MS_T][2];
+            for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            for (long g = 0; g < G; g++) {
+                __m128i q = _mm_loadu_si128((const __m128i *)(b + g * 16));
+                __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                __m512 sc = _mm512_set1_ps(e8m0(s[g]));
+                __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut), sc);
+                __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), lut), sc);
+                for (int t = 0; t < TB; t++) {
+                    const float *xt = x + (t0 + t) * ldx + g * 32;
+                    acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+                }
+            }
+            for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+#else
+            for (int t = 0; t < TB; t++) {
+                const float *xt = x + (t0 + t) * ldx;
+                float p[16] = {0};
+                for (long g = 0; g < G; g++) {
+                    float sc = e8m0(s[g]);
+                    for (int j = 0; j < 16; j++) {
+                        uint8_t q = b[g * 16 + j];
+                        p[(2 * j) & 15] += FP4[q & 15] * sc * xt[g * 32 + 2 * j];
+                        p[(2 * j + 1) & 15] += FP4[q >> 4] * sc * xt[g * 32 + 2 * j + 1];
+                    }
+                }
+                for (int h = 8; h; h >>= 1)
+                    for (int i = 0; i < h; i++) p[i] += p[i + h];
+                y[(t0 + t) * ldy + n] = p[0];
+            }
+#endif
+        }
+    }
+}
+
+typedef struct {
+    const float *x; const uint8_t *blocks, *scales; const float *bias; float *y;
+    long T, N, K;
+    _Atomic int homes;
+    rowset rows;
+} mxfp4_args;
+
+static void mxfp4_job(void *p) {
+    mxfp4_args *a = p;
+    int home = atomic_fetch_add_explicit(&a->homes, 1, memory_order_relaxed) % a->rows.nparts;
+    long n0, n1;
+    while (next_rows(&a->rows, home, &n0, &n1)) {
+        rows_mxfp4(a->x, a->K, a->blocks, a->scales, a->K, a->y, a->N, a->T, n0, n1);
+        if (a->bias)
+            for (long t = 0; t < a->T; t++)
+                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+    }
+}
+
+void ms_linear_mxfp4(const float *x, const uint8_t *blocks, const uint8_t *scales, const float *bias, float *y, long T,
+                     long N, long K) {
+    long row_bytes = K / 2 + K / 32;
+    int share = worth_sharing(N * row_bytes);
+    mxfp4_args a = {.x = x, .blocks = blocks, .scales = scales, .bias = bias, .y = y, .T = T, .N = N, .K = K, .homes = 0};
+    rowset_init(&a.rows, N, chunk_rows(row_bytes), share ? pool.nth : 1);
+    run(mxfp4_job, &a, share);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* A gated expert: y[T, H] = down(act(gate x) * up x), act SiLU, GELU (tanh) or GELU (erf);*/
+/* gate, up [I, H]; down [H, I];                                                          */
 /* h is scratch [T, I]. Two phases, each cut into chunks; the second starts once every    */
 /* chunk of the first is done (a participant that runs out of first-phase chunks waits    */
 /* for those still being computed, by threads that are running).                          */
 
 typedef struct {
     const float *x; const void *gate, *up, *down; float *h, *g, *y;
-    long T, H, I; int wt;
+    long T, H, I; int wt, act;
     _Atomic int homes;
     _Atomic long done1;
     rowset rows1, rows2;
 } expert_args;
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
+
+static inline float gate_act(float v, int act) {
+    if (act == ACT_GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+    return v / (1.0f + expf(-v));
+}
 
 static void expert_job(void *p) {
     expert_args *a = p;
@@ -367,7 +464,7 @@ static void expert_job(void *p) {
         rows(a->x, a->H, a->gate, a->wt, a->H, a->g, a->I, a->T, n0, n1);
         rows(a->x, a->H, a->up, a->wt, a->H, a->h, a->I, a->T, n0, n1);
         for (long t = 0; t < a->T; t++)
-            for (long n = n0; n < n1; n++) a->h[t * a->I + n] *= silu(a->g[t * a->I + n]);
+            for (long n = n0; n < n1; n++) a->h[t * a->I + n] *= gate_act(a->g[t * a->I + n], a->act);
         atomic_fetch_add_explicit(&a->done1, n1 - n0, memory_order_release);
     }
     while (atomic_load_explicit(&a->done1, memory_order_acquire) < a->I) cpu_relax(); /* every part of h */
@@ -376,14 +473,172 @@ static void expert_job(void *p) {
 
 /* scratch: 2 * T * I floats */
 void ms_expert(const float *x, const void *gate, const void *up, const void *down, int wt, float *scratch, float *y,
-               long T, long H, long I) {
+               long T, long H, long I, int act) {
     long e = elem_bytes(wt);
     int share = worth_sharing(3 * H * I * e), parts = share ? pool.nth : 1;
     expert_args a = {.x = x, .gate = gate, .up = up, .down = down, .h = scratch, .g = scratch + T * I, .y = y,
-                     .T = T, .H = H, .I = I, .wt = wt, .homes = 0, .done1 = 0};
+                     .T = T, .H = H, .I = I, .wt = wt, .act = act, .homes = 0, .done1 = 0};
     rowset_init(&a.rows1, I, chunk_rows(2 * H * e), parts);
     rowset_init(&a.rows2, H, chunk_rows(I * e), parts);
     run(expert_job, &a, share);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* gpt-oss's expert, from its parts as stored: y[T, H] = act(x GU + gu_bias) D + d_bias,   */
+/* GU [H, 2I] (column 2j is gate j, 2j+1 up j), D [I, H], biases in the weights' dtype,   */
+/* act(g, u) = (clamp(u, +-limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit).       */
+/* A product with a transposed weight streams W's rows: a chunk of rows [k0, k1) adds      */
+/* x[t][k] * W[k][:] into its own partial sums, k in order, and the chunks' sums are then  */
+/* added in chunk order. Chunks are fixed by K alone, so y[t][n] is the same sequence of   */
+/* operations whatever T, the thread count or who takes which chunk (batch invariant).     */
+
+#define MS_TCHUNKS 16 /* partial sums per product: enough chunks to share, few to add up */
+#ifndef MS_TR
+#define MS_TR 4 /* rows per pass over the partial sums */
+#endif
+
+static long tchunk_rows(long K) { return (K + MS_TCHUNKS - 1) / MS_TCHUNKS; }
+
+/* part[t][0:N] = sum over k in [k0, k1) of x[t][k] * W[k][0:N], k in order */
+static void tchunk(const float *x, long ldx, const void *w, int wt, long N, float *part, long T, long k0, long k1) {
+    memset(part, 0, sizeof(float) * T * N);
+    long e = elem_bytes(wt);
+#if MS_AVX512
+    /* MS_TR rows per pass: the partial sums are loaded and stored once per pass, the rows'
+     * FMAs applied in k order in between (the same operations as one row at a time) */
+    long k = k0;
+    for (; k + MS_TR <= k1; k += MS_TR) {
+        const char *row = (const char *)w + k * N * e;
+        for (long t = 0; t < T; t++) {
+            __m512 xb[MS_TR];
+            for (int r = 0; r < MS_TR; r++) xb[r] = _mm512_set1_ps(x[t * ldx + k + r]);
+            float *p = part + t * N;
+            long n = 0;
+            for (; n + 16 <= N; n += 16) {
+                __m512 acc = _mm512_loadu_ps(p + n);
+                for (int r = 0; r < MS_TR; r++) acc = _mm512_fmadd_ps(load_w(row + r * N * e, wt, n, 0xffff), xb[r], acc);
+                _mm512_storeu_ps(p + n, acc);
+            }
+            if (n < N) {
+                __mmask16 m = (__mmask16)((1u << (N - n)) - 1);
+                __m512 acc = _mm512_maskz_loadu_ps(m, p + n);
+                for (int r = 0; r < MS_TR; r++) acc = _mm512_fmadd_ps(load_w(row + r * N * e, wt, n, m), xb[r], acc);
+                _mm512_mask_storeu_ps(p + n, m, acc);
+            }
+        }
+    }
+    for (; k < k1; k++) {
+        const char *row = (const char *)w + k * N * e;
+        for (long t = 0; t < T; t++) {
+            __m512 xb = _mm512_set1_ps(x[t * ldx + k]);
+            float *p = part + t * N;
+            long n = 0;
+            for (; n + 16 <= N; n += 16)
+                _mm512_storeu_ps(p + n, _mm512_fmadd_ps(load_w(row, wt, n, 0xffff), xb, _mm512_loadu_ps(p + n)));
+            if (n < N) {
+                __mmask16 m = (__mmask16)((1u << (N - n)) - 1);
+                _mm512_mask_storeu_ps(p + n, m, _mm512_fmadd_ps(load_w(row, wt, n, m), xb, _mm512_maskz_loadu_ps(m, p + n)));
+            }
+        }
+    }
+#else
+    for (long k = k0; k < k1; k++) {
+        const char *row = (const char *)w + k * N * e;
+        for (long t = 0; t < T; t++) {
+            float xv = x[t * ldx + k], *p = part + t * N;
+            for (long n = 0; n < N; n++) p[n] = fmaf(widen_scalar(row, wt, n), xv, p[n]);
+        }
+    }
+#endif
+}
+
+/* the sum of the chunks' partials for columns [n0, n1) of every token, chunk by chunk, plus the bias */
+static void tsum(const float *parts, long chunks, long T, long N, const void *bias, int wt, float *out, long n0, long n1) {
+    for (long t = 0; t < T; t++)
+        for (long n = n0; n < n1; n++) {
+            float s = parts[t * N + n];
+            for (long c = 1; c < chunks; c++) s += parts[(c * T + t) * N + n];
+            out[t * N + n] = s + widen_scalar(bias, wt, n);
+        }
+}
+
+typedef struct {
+    const float *x; const void *gu, *gub, *d, *db; int wt; float alpha, limit;
+    float *p1, *gus, *h, *p2, *y;
+    long T, H, I, r1, c1, r2, c2;
+    _Atomic long next[4], done[4];
+} expert_t_args;
+
+#define MS_TCOLS 512 /* columns per claim when summing partials */
+
+static int claim(_Atomic long *next, long total, long *i) {
+    *i = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
+    return *i < total;
+}
+
+static void finish(_Atomic long *done) { atomic_fetch_add_explicit(done, 1, memory_order_release); }
+
+static void wait_for(_Atomic long *done, long total) {
+    while (atomic_load_explicit(done, memory_order_acquire) < total) cpu_relax(); /* by running threads */
+}
+
+static void expert_t_job(void *p) {
+    expert_t_args *a = p;
+    long T = a->T, H = a->H, I = a->I, i;
+    long b1 = (2 * I + MS_TCOLS - 1) / MS_TCOLS, b2 = (H + MS_TCOLS - 1) / MS_TCOLS;
+    while (claim(&a->next[0], a->c1, &i)) { /* x GU, chunk i of H's rows */
+        long k0 = i * a->r1, k1 = k0 + a->r1 < H ? k0 + a->r1 : H;
+        tchunk(a->x, H, a->gu, a->wt, 2 * I, a->p1 + i * T * 2 * I, T, k0, k1);
+        finish(&a->done[0]);
+    }
+    wait_for(&a->done[0], a->c1);
+    while (claim(&a->next[1], b1, &i)) { /* + bias, then the clamped SwiGLU of each (gate, up) pair */
+        long n0 = i * MS_TCOLS, n1 = n0 + MS_TCOLS < 2 * I ? n0 + MS_TCOLS : 2 * I;
+        tsum(a->p1, a->c1, T, 2 * I, a->gub, a->wt, a->gus, n0, n1);
+        for (long t = 0; t < T; t++)
+            for (long n = n0 / 2; n < n1 / 2; n++) {
+                float g = a->gus[t * 2 * I + 2 * n], u = a->gus[t * 2 * I + 2 * n + 1];
+                g = g < a->limit ? g : a->limit;
+                u = u < -a->limit ? -a->limit : (u > a->limit ? a->limit : u);
+                a->h[t * I + n] = (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * a->alpha)))));
+            }
+        finish(&a->done[1]);
+    }
+    wait_for(&a->done[1], b1);
+    while (claim(&a->next[2], a->c2, &i)) { /* h D, chunk i of I's rows */
+        long k0 = i * a->r2, k1 = k0 + a->r2 < I ? k0 + a->r2 : I;
+        tchunk(a->h, I, a->d, a->wt, H, a->p2 + i * T * H, T, k0, k1);
+        finish(&a->done[2]);
+    }
+    wait_for(&a->done[2], a->c2);
+    while (claim(&a->next[3], b2, &i)) { /* + bias */
+        long n0 = i * MS_TCOLS, n1 = n0 + MS_TCOLS < H ? n0 + MS_TCOLS : H;
+        tsum(a->p2, a->c2, T, H, a->db, a->wt, a->y, n0, n1);
+    }
+}
+
+/* scratch: MS_TCHUNKS * T * (2I + H) + 2 * T * I + T * I floats (ms_expert_t_scratch) */
+long ms_expert_t_scratch(long T, long H, long I) { return MS_TCHUNKS * T * (2 * I + H) + 3 * T * I; }
+
+void ms_expert_t(const float *x, const void *gu, const void *gub, const void *d, const void *db, int wt, float alpha,
+                 float limit, float *scratch, float *y, long T, long H, long I) {
+    long e = elem_bytes(wt);
+    int share = worth_sharing(3 * H * I * e);
+    expert_t_args a = {.x = x, .gu = gu, .gub = gub, .d = d, .db = db, .wt = wt, .alpha = alpha, .limit = limit,
+                       .T = T, .H = H, .I = I, .y = y};
+    a.r1 = tchunk_rows(H);
+    a.c1 = (H + a.r1 - 1) / a.r1;
+    a.r2 = tchunk_rows(I);
+    a.c2 = (I + a.r2 - 1) / a.r2;
+    a.p1 = scratch;
+    a.p2 = a.p1 + MS_TCHUNKS * T * 2 * I;
+    a.gus = a.p2 + MS_TCHUNKS * T * H;
+    a.h = a.gus + 2 * T * I;
+    for (int s = 0; s < 4; s++) {
+        atomic_init(&a.next[s], 0);
+        atomic_init(&a.done[s], 0);
+    }
+    run(expert_t_job, &a, share);
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -68,8 +68,8 @@ def parse_config(raw: dict, source: str = "config.json"):
     validate_config(raw, source)
     arch = architecture(raw.get("model_type"))
     quant = raw.get("quantization_config")
-    if quant is not None:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+    method = (quant.get("quant_method", "?") if isinstance(quant, dict) else quant) if quant is not None else None
+    if quant is not None and method not in getattr(arch, "QUANT_METHODS", ()):
         raise UnsupportedModelError(
             f"{source}: its weights are stored quantized ({method!r}, quantization_config); moespeq reads "
             "float32, float16 and bfloat16 checkpoints for now: use the model's bf16 release or a bf16 conversion"

@@ -159,26 +159,40 @@ class Checkpoint:
         [I, H], down [H, I]), read on their own: of a fused tensor, only row ``expert``."""
         if not self.config.expert_format.fused:
             return tuple(self.tensor(k, dtype) for k in self.config.expert_keys(layer, expert))
+        fmt = self.config.expert_format
         parts = []
-        for k in self.config.expert_keys(layer, expert):
-            self.check_dtype(k)
+        for k, want in zip(self.config.expert_keys(layer, expert), fmt.part_dtypes(self.config.dtype), strict=True):
+            self.check_part_dtype(k, want)
             try:
                 t = self._handle(k).get_slice(self._real.get(k, k))[expert]
             except SafetensorError as e:
                 raise CheckpointError(
                     f"cannot read {k} from {self.path} ({e}); download the checkpoint again"
                 ) from None
-            parts.append(t if dtype is None else t.to(dtype))
+            parts.append(t if dtype is None or not want.is_floating_point else t.to(dtype))
         return tuple(parts)
+
+    def check_part_dtype(self, name: str, want: torch.dtype) -> None:
+        """A float part of an expert is any float dtype; a compact format's codes (MXFP4's
+        blocks and scales) are bytes."""
+        if want.is_floating_point:
+            self.check_dtype(name)
+        elif self.dtype_name(name) != "U8":
+            raise CheckpointError(
+                f"tensor {name} in {self.path} is {self.dtype_name(name)}, but its format stores it as bytes (U8); "
+                "the checkpoint and its quantization_config disagree"
+            )
 
     def check_experts(self) -> None:
         """Every routed expert present with the shapes the config implies (no data read)."""
         c = self.config
         fused = c.expert_format.fused
+        dtypes = c.expert_format.part_dtypes(c.dtype)
         for layer in c.moe_layers:
             for e in range(1 if fused else c.num_experts):
-                for key, want in zip(c.expert_keys(layer, e), c.expert_shapes(), strict=True):
-                    self.check_dtype(key)
+                parts = zip(c.expert_keys(layer, e), c.expert_shapes(), dtypes, strict=True)
+                for key, want, dtype in parts:
+                    self.check_part_dtype(key, dtype)
                     got = self.shape(key)
                     want = (c.num_experts, *want) if fused else tuple(want)
                     if got != want:

@@ -3,7 +3,6 @@ config.json. Family files fill it; the planner, expert store and cache only read
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,8 +51,17 @@ class MoEConfig:
 
     @property
     def expert_params(self) -> int:
-        """Elements of one expert: its three matrices and any biases."""
-        return sum(math.prod(s) for s in self.expert_shapes())
+        """Weights of one expert: its three matrices and any biases."""
+        h, i = self.hidden_size, self.expert_intermediate
+        return 3 * h * i + self.expert_format.bias_numel(h, i)
+
+    def expert_bytes(self, elem: int) -> int:
+        """One expert's bytes in a tier that holds weights in ``elem``-byte elements; a
+        compact format (MXFP4) is held as stored, whatever the tier's dtype."""
+        fmt = self.expert_format
+        if fmt.compact:
+            return fmt.nbytes(self.hidden_size, self.expert_intermediate, self.dtype)
+        return self.expert_params * elem
 
 
 def need(cfg: dict, *names: str, default=None, kind=None):

@@ -27,10 +27,14 @@ every kernel path of the draft takes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+MXFP4 = "mxfp4"  # OCP microscaling FP4: blocks of 32 e2m1 values sharing a power-of-two scale
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 SWIGLU = "swiglu"
 GPT_OSS = "gpt_oss"
@@ -45,6 +49,7 @@ class ExpertFormat:
     alpha: float = 1.702  # gpt-oss's clamped SwiGLU
     limit: float = 7.0
     approximate: str = "tanh"  # GEGLU: torch's GELU approximation ("tanh" or "none")
+    quant: str | None = None  # MXFP4: the matrices are stored compact (``_blocks``, ``_scales``)
 
     @property
     def fused(self) -> bool:
@@ -54,6 +59,24 @@ class ExpertFormat:
     @property
     def biased(self) -> bool:
         return self.kind == GPT_OSS
+
+    @property
+    def compact(self) -> bool:
+        """The matrices are stored quantized: every tier holds and moves the stored bytes."""
+        return self.quant is not None
+
+    def part_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+        """Each part's dtype, for a checkpoint whose floating-point tensors are ``dtype``."""
+        if self.quant == MXFP4:
+            u8 = torch.uint8
+            return u8, u8, dtype, u8, u8, dtype
+        return (dtype,) * len(self.names)
+
+    def nbytes(self, hidden: int, inter: int, dtype: torch.dtype) -> int:
+        """One expert's bytes as stored."""
+        return sum(
+            math.prod(s) * d.itemsize for s, d in zip(self.shapes(hidden, inter), self.part_dtypes(dtype), strict=True)
+        )
 
     def keys(self, layer: int, expert: int) -> tuple[str, ...]:
         """The checkpoint tensors that hold the parts (fused: the layer's shared tensors)."""
@@ -65,6 +88,15 @@ class ExpertFormat:
 
     def shapes(self, hidden: int, inter: int) -> tuple[tuple[int, ...], ...]:
         """One expert's parts as stored (a fused tensor is ``[E, *shape]``)."""
+        if self.quant == MXFP4:  # matrices [out, in] as 32-value blocks of 16 bytes, a scale each
+            return (
+                (2 * inter, hidden // 32, 16),
+                (2 * inter, hidden // 32),
+                (2 * inter,),
+                (hidden, inter // 32, 16),
+                (hidden, inter // 32),
+                (hidden,),
+            )
         if self.kind == GPT_OSS:
             return (hidden, 2 * inter), (2 * inter,), (inter, hidden), (hidden,)
         if self.kind == GEGLU:
@@ -82,6 +114,10 @@ class ExpertFormat:
     def canonical(self, parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
         """(gate [I, H], up [I, H], down [H, I], (gate bias, up bias, down bias) or None),
         views of ``parts`` where the layout allows (copy them to keep them)."""
+        if self.quant == MXFP4:  # dequantized (rows of gate_up alternate gate, up)
+            gu_b, gu_s, gu_bias, d_b, d_s, down_bias = parts
+            gu, down = mxfp4_dequantize(gu_b, gu_s, gu_bias.dtype), mxfp4_dequantize(d_b, d_s, down_bias.dtype)
+            return gu[0::2], gu[1::2], down, (gu_bias[0::2], gu_bias[1::2], down_bias)
         if self.kind == GPT_OSS:
             gu, gu_bias, down, down_bias = parts
             return gu[:, 0::2].t(), gu[:, 1::2].t(), down.t(), (gu_bias[0::2], gu_bias[1::2], down_bias)
@@ -105,6 +141,11 @@ class ExpertFormat:
     def forward(self, x: torch.Tensor, parts) -> torch.Tensor:
         """x [n, H] -> [n, H] from the parts as stored, in torch (the order of operations of
         the family's transformers code, so float32 results agree with it)."""
+        if self.quant == MXFP4:  # dequantized to the activations' dtype, as transformers does at load
+            gu_b, gu_s, gu_bias, d_b, d_s, down_bias = parts
+            gu = mxfp4_dequantize(gu_b, gu_s, x.dtype).t()
+            down = mxfp4_dequantize(d_b, d_s, x.dtype).t()
+            parts = gu, gu_bias.to(x.dtype), down, down_bias.to(x.dtype)
         if self.kind == GPT_OSS:
             gu, gu_bias, down, down_bias = parts
             y = x @ gu + gu_bias
@@ -131,11 +172,26 @@ def gemma4_experts(approximate: str) -> ExpertFormat:
     return ExpertFormat(("gate_up_proj", "down_proj"), "model.layers.{layer}.experts.", GEGLU, approximate=approximate)
 
 
-def gpt_oss_experts(alpha: float, limit: float) -> ExpertFormat:
-    return ExpertFormat(
-        ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
-        "model.layers.{layer}.mlp.experts.",
-        GPT_OSS,
-        alpha,
-        limit,
-    )
+def gpt_oss_experts(alpha: float, limit: float, quant: str | None = None) -> ExpertFormat:
+    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    if quant == MXFP4:
+        names = (
+            "gate_up_proj_blocks",
+            "gate_up_proj_scales",
+            "gate_up_proj_bias",
+            "down_proj_blocks",
+            "down_proj_scales",
+            "down_proj_bias",
+        )
+    return ExpertFormat(names, "model.layers.{layer}.mlp.experts.", GPT_OSS, alpha, limit, quant=quant)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 ``blocks [out, G, 16]`` (two e2m1 codes a byte, the low nibble first) and
+    ``scales [out, G]`` (e8m0: a power of two, biased by 127) -> ``[out, 32 G]`` of
+    ``dtype``: each code's value times its block's scale, exactly (both are powers of two
+    times a 2-bit mantissa)."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [out, G, 32]
+    values = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127)[..., None])
+    return values.flatten(-2)

@@ -13,8 +13,10 @@ What sets it apart from the Mixtral pattern, each from transformers' implementat
 - **fused, biased experts** with a clamped SwiGLU (models/expert_format.py: ``gate_up_proj``
   ``[E, H, 2I]`` with gate and up interleaved, ``down_proj`` ``[E, I, H]``).
 
-The published checkpoints store the experts in MXFP4 (``quantization_config``), which
-moespeq does not read yet: it runs the bf16 releases and conversions.
+The published checkpoints store the experts in MXFP4 (``quantization_config`` with
+``quant_method: mxfp4``: ``_blocks`` of 4-bit codes and ``_scales``, the rest bf16): moespeq
+keeps them so in every tier and dequantizes each expert when it computes
+(models/expert_format.py); bf16 releases and conversions run too.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from moespeq_cli.models.base import (
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v3 import with_defaults
-from moespeq_cli.models.expert_format import gpt_oss_experts
+from moespeq_cli.models.expert_format import MXFP4, gpt_oss_experts
 from moespeq_cli.models.mixtral import attention_spec
 from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
 
@@ -65,9 +67,20 @@ def _cfg(cfg: dict) -> dict:
     return cfg
 
 
+QUANT_METHODS = (MXFP4,)  # the published checkpoints' experts, read as they are stored
+
+
 def parse(cfg: dict) -> MoEConfig:
     cfg = _cfg(cfg)
-    fmt = gpt_oss_experts(float(need(cfg, "swiglu_alpha")), float(need(cfg, "swiglu_limit")))
+    quant = cfg.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    fmt = gpt_oss_experts(float(need(cfg, "swiglu_alpha")), float(need(cfg, "swiglu_limit")), method)
+    h, i = need(cfg, "hidden_size", kind=int), need(cfg, "intermediate_size", kind=int)
+    if method == MXFP4 and (h % 32 or i % 32):
+        raise CheckpointError(
+            f"config.json: MXFP4 experts need hidden_size and intermediate_size multiples of 32 (got {h}, {i}); "
+            "fix the file"
+        )
     return moe_config(cfg, ("num_local_experts", "num_experts"), "intermediate_size", layout=fmt)
 
 

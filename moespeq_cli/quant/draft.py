@@ -137,8 +137,13 @@ class QuantizedExperts:
         from moespeq_cli.runtime.tiers.disk import DiskExperts, DiskReader
 
         check_method(method, blocksize)
-        F = _bnb()
         c = ckpt.config
+        if c.expert_format.compact:
+            raise UsageError(
+                f"the experts of {ckpt.path} are stored 4-bit already ({c.expert_format.quant}): a 4-bit draft would be "
+                "no smaller; moespeq runs this model without one (speculation off)"
+            )
+        F = _bnb()
         dtype = dtype or c.dtype
         disk = DiskExperts(ckpt)  # checks every expert's presence and shape
         buf = disk.empty_buffer()

@@ -16,13 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.models.expert_format import SWIGLU, ExpertFormat
+from moespeq_cli.models.expert_format import GEGLU, GPT_OSS, SWIGLU, ExpertFormat
+
+ACTIVATIONS = {  # an expert's gate activation, by the kernels' name for it
+    "silu": F.silu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu": F.gelu,
+}
 
 
 def expert_mlp(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fast: bool = False
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fast: bool = False, act: str = "silu"
 ) -> torch.Tensor:
-    """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H].
+    """x [n, H]; gate, up [I, H]; down [H, I] -> [n, H]: ``down(act(gate x) * up x)``.
 
     ``fast``: where the expert really runs on this CPU (the cpu backend, CPU experts
     beside a GPU), moespeq's decode kernel computes it in one call from the weights as
@@ -35,23 +41,48 @@ def expert_mlp(
         from moespeq_cli import kernels
 
         if x.dtype != torch.float32 and x.device.type == "cpu":  # bf16 activations (cuda's host experts)
-            return expert_mlp(x.float(), gate, up, down, fast).to(x.dtype)
+            return expert_mlp(x.float(), gate, up, down, fast, act).to(x.dtype)
         if gate.dtype == up.dtype == down.dtype and kernels.takes(x, gate, up, down):
-            return kernels.expert(x, gate, up, down)
+            return kernels.expert(x, gate, up, down, act)
         with kernels.torch_parallel():  # a prefill's many rows: torch's GEMM
-            return expert_mlp(x, gate, up, down)
+            return expert_mlp(x, gate, up, down, act=act)
     if gate.dtype != x.dtype:
         gate, up, down = widened(x.dtype, x.device, gate, up, down)
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return F.linear(ACTIVATIONS[act](F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def expert_forward(fmt: ExpertFormat, x: torch.Tensor, parts, fast: bool = False) -> torch.Tensor:
     """x [n, H] -> [n, H] through an expert held as ``parts`` of format ``fmt``
-    (models/expert_format.py): the SwiGLU experts of most families by ``expert_mlp`` (the
-    CPU kernels where ``fast``), other formats (gpt-oss's fused, biased, clamped experts)
-    by torch from the parts as stored, their weights widened to the activations' dtype."""
-    if fmt.kind == SWIGLU:
+    (models/expert_format.py). Where ``fast`` (the expert really runs on this CPU), the
+    kernels compute every format from its parts as stored: gated experts by ``ms_expert``
+    (Gemma 4's halves are views), gpt-oss's transposed, biased ones by ``ms_expert_t``;
+    otherwise, and for shapes the kernels do not take, torch computes them in the family's
+    order of operations, the weights widened to the activations' dtype."""
+    if fmt.kind == SWIGLU and not fmt.compact:
         return expert_mlp(x, *parts, fast)
+    if fmt.compact:
+        if not fast:  # dequantized for the call (models/expert_format.py)
+            return fmt.forward(x, parts)
+        from moespeq_cli import kernels
+
+        gu_b, gu_s, gu_bias, d_b, d_s, d_bias = parts
+        xf = x.float()
+        if kernels.takes_mxfp4(xf, gu_b, gu_s):  # read as stored: gate and up rows alternate
+            gu = kernels.linear_mxfp4(xf, gu_b, gu_s, gu_bias)
+            y = kernels.linear_mxfp4(fmt.activate(gu[:, 0::2], gu[:, 1::2]), d_b, d_s, d_bias)
+            return y.to(x.dtype)
+        with kernels.torch_parallel():
+            return fmt.forward(xf, parts).to(x.dtype)
+    if fast and fmt.kind == GEGLU:
+        gate, up, down, _ = fmt.canonical(parts)
+        return expert_mlp(x, gate, up, down, fast, "gelu_tanh" if fmt.approximate == "tanh" else "gelu")
+    if fast and fmt.kind == GPT_OSS:
+        from moespeq_cli import kernels
+
+        if len({p.dtype for p in parts}) == 1 and kernels.takes(x, *parts):
+            return kernels.expert_transposed(x, *parts, fmt.alpha, fmt.limit)
+        if x.dtype != torch.float32 and x.device.type == "cpu" and kernels.takes(x.float(), *parts):
+            return kernels.expert_transposed(x.float(), *parts, fmt.alpha, fmt.limit).to(x.dtype)
     if parts[0].dtype != x.dtype:
         parts = widened(x.dtype, x.device, *parts)
     if fast:

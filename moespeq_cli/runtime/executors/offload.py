@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from moespeq_cli.models.base import CausalLM
-from moespeq_cli.models.expert_format import SWIGLU
+from moespeq_cli.models.expert_format import GPT_OSS
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
 from moespeq_cli.runtime.executors.opcount import OpCounter
@@ -57,18 +57,23 @@ class OffloadedExperts:
         self.cache = tiers.compute
         c = tiers.config
         self.hidden, self.inter = c.hidden_size, c.expert_intermediate
-        self.elem = elem_size(tiers.layout.dtype)
-        # the kernel the code runs for an expert: its weights' dtype, the activations'; a
-        # format other than the SwiGLU experts (gpt-oss) runs torch's ops, which `calibrate`
-        # does not measure: priced at the roofline (docs/mock-backend.md)
-        act_dtype = act_dtype or tiers.layout.dtype
-        kind = "" if c.expert_format.kind == SWIGLU else f"{c.expert_format.kind}:"
-        self.kernel = f"expert:{kind}{dtype_name(tiers.layout.dtype)}:{dtype_name(act_dtype)}"
+        compact = c.expert_format.compact  # the tiers hold the stored bytes (MXFP4)
+        weights = c.dtype if compact else tiers.layout.dtype  # the dense weights' dtype
+        self.elem = elem_size(weights)
+        # what an expert's weights take a weight: its bytes over its 3 H I weights when compact
+        self.expert_elem = tiers.nbytes / (3 * self.hidden * self.inter) if compact else self.elem
+        # the kernel the code runs for an expert: its weights' dtype, the activations'; gpt-oss's
+        # transposed experts and compact experts run kernels `calibrate` does not measure:
+        # priced at the roofline (docs/mock-backend.md)
+        act_dtype = act_dtype or weights
+        fmt = c.expert_format
+        kind = (f"{fmt.kind}-{fmt.quant}:" if compact else f"{GPT_OSS}:") if fmt.kind == GPT_OSS else ""
+        self.kernel = f"expert:{kind}{dtype_name(weights)}:{dtype_name(act_dtype)}"
         # the ops one expert dispatches, counted on the function itself (a GPU computing in its
         # own dtype does not run the casts of float32 numerics)
-        self.format = fmt = c.expert_format
-        parts = [torch.zeros(s, dtype=tiers.layout.dtype) for s in fmt.shapes(2, 2)]
-        x = torch.zeros(1, 2, dtype=compute_dtype or act_dtype)
+        self.format = fmt
+        parts = [torch.zeros(s, dtype=d) for s, d in zip(fmt.shapes(32, 32), fmt.part_dtypes(weights), strict=True)]
+        x = torch.zeros(1, 32, dtype=compute_dtype or act_dtype)
         with torch.inference_mode(), OpCounter(skip_casts=act_dtype != (compute_dtype or act_dtype)) as counter:
             expert_forward(fmt, x, parts)
         self.expert_ops = counter.ops
@@ -154,7 +159,7 @@ class OffloadedExperts:
     # -- hybrid execution: copy it, or compute it on the CPU ----------------------
     def host_cost(self, tokens: int) -> tuple[Cost, int]:
         """(the expert's cost over ``tokens`` tokens, activation bytes each way)."""
-        cost = expert_cost(self.hidden, self.inter, tokens, self.elem, self.kernel, ops=self.expert_ops)
+        cost = expert_cost(self.hidden, self.inter, tokens, self.expert_elem, self.kernel, ops=self.expert_ops)
         return cost, tokens * self.hidden * self.elem
 
     def choose_paths(self, layer: int, waiting: list[int], groups) -> list[int]:

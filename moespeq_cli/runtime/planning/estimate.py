@@ -79,7 +79,7 @@ class StepModel:
         self.elem = elem_size(dtype)
         self.table = charges(model, self.elem)
         self.layers = len(cfg.moe_layers)
-        self.expert_bytes = cfg.expert_params * self.elem
+        self.expert_bytes = cfg.expert_bytes(self.elem)
         self.t_link = transfer_seconds(self.expert_bytes, hw)
         self.read_extra = 0.0  # seconds of disk read per expert missing from the device (``for_plan``)
         self._ops: dict[int, int | None] = {}  # tokens -> ops a pass dispatches outside the experts

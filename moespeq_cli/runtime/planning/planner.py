@@ -210,7 +210,7 @@ def make_plan(
         ]
     )
     workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
-    expert = cfg.expert_params * elem
+    expert = cfg.expert_bytes(elem)
     ram_slot = ram_slot_bytes(expert)
     total = cfg.num_experts * len(cfg.moe_layers)
     on_host = compute_tier == "host"
@@ -220,6 +220,12 @@ def make_plan(
     draft, note = 0, None
     total_draft = draft_device = 0
     cpu_draft_off = False  # the draft dropped because its host part does not fit in RAM
+    if policy == "moespeq" and with_draft and cfg.expert_format.compact:
+        note = (
+            f"the experts are stored 4-bit already ({cfg.expert_format.quant}): a 4-bit draft of them would be no "
+            "smaller and no faster, so speculation is off (k = 0, gate-prefetch decoding)"
+        )
+        with_draft = False
     if policy == "moespeq" and with_draft:
         total_draft = draft = draft_bytes_estimate(cfg, blocksize)
         draft_device = total

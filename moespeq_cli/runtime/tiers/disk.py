@@ -330,7 +330,7 @@ def _in_order(extents: list[Extent]) -> bool:
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1}
 
 
 class DiskExperts:
@@ -360,30 +360,41 @@ class DiskExperts:
             ext, dtype, _ = entry(key)
             if not fused:
                 return ext
-            size = sizes[p] * SAFETENSORS_BYTES[dtype]
+            size = sizes[p] * SAFETENSORS_BYTES.get(dtype, 1)
             return Extent(ext.file, ext.offset + e * size, size)
 
         first = [entry(k) for k in c.expert_keys(c.moe_layers[0], 0)]
-        dtypes = {d for _, d, _ in first}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in SAFETENSORS_DTYPES:
-            raise CheckpointError(
-                f"the experts of {ckpt.path} mix dtypes {sorted(dtypes)}; moespeq needs one float dtype"
-            )
-        self.dtype = SAFETENSORS_DTYPES[next(iter(dtypes))]
+        fmt = c.expert_format
+        if fmt.compact:  # several dtypes (MXFP4's byte codes, the biases): every tier holds the bytes
+            self.dtype = torch.uint8
+            self.part_dtypes = tuple(SAFETENSORS_DTYPES.get(d, torch.uint8) for _, d, _ in first)
+            dtypes = {d for _, d, _ in first}
+        else:
+            dtypes = {d for _, d, _ in first}
+            if len(dtypes) != 1 or next(iter(dtypes)) not in SAFETENSORS_DTYPES:
+                raise CheckpointError(
+                    f"the experts of {ckpt.path} mix dtypes {sorted(dtypes)}; moespeq needs one float dtype"
+                )
+            self.dtype = SAFETENSORS_DTYPES[next(iter(dtypes))]
+            self.part_dtypes = None
         # The parts' order in the file (for most families 0 = gate, 1 = up, 2 = down), from the first expert.
         self.order = sorted(range(len(shapes)), key=lambda p: (first[p][0].file, first[p][0].offset))
-        self.numel = sum(sizes)
+        # each part's length in the packed buffer's elements (bytes, for a compact format)
+        lengths = [n * SAFETENSORS_BYTES.get(d, 1) for n, (_, d, _) in zip(sizes, first, strict=True)]
+        if not fmt.compact:
+            lengths = sizes
+        self.numel = sum(lengths)
         self.nbytes = self.numel * torch.empty(0, dtype=self.dtype).element_size()
         self._starts = {}  # part -> element offset in the packed buffer
         pos = 0
         for p in self.order:
             self._starts[p] = pos
-            pos += sizes[p]
+            pos += lengths[p]
         self.extents: dict[tuple[int, int], list[Extent]] = {}
         for layer in c.moe_layers:
             for e in range(c.num_experts):
                 keys = c.expert_keys(layer, e)
-                if {entry(k)[1] for k in keys} != dtypes:
+                if {entry(k)[1] for k in keys} != dtypes or [entry(k)[1] for k in keys] != [d for _, d, _ in first]:
                     raise CheckpointError(f"expert {e} of layer {layer} in {ckpt.path} has another dtype than the rest")
                 ordered = [part(keys[p], p, e) for p in self.order]
                 self.extents[(layer, e)] = coalesce(ordered) if _in_order(ordered) else ordered
@@ -402,11 +413,16 @@ class DiskExperts:
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A packed expert buffer -> its parts in the config's order (e.g. gate [I, H],
-        up [I, H], down [H, I]), as views."""
+        up [I, H], down [H, I]), as views (of their own dtypes, for a compact format)."""
         out = []
+        raw = flat.view(torch.uint8) if self.part_dtypes is not None else flat
         for p, shape in enumerate(self.config.expert_shapes()):
             start = self._starts[p]
-            out.append(flat[start : start + math.prod(shape)].view(shape))
+            if self.part_dtypes is None:
+                out.append(flat[start : start + math.prod(shape)].view(shape))
+            else:
+                n = math.prod(shape) * self.part_dtypes[p].itemsize
+                out.append(raw[start : start + n].view(self.part_dtypes[p]).view(shape))
         return tuple(out)
 
     @property

@@ -21,18 +21,23 @@ class ExpertStore:
         simulating a bf16 GPU)."""
         c = self.config = ckpt.config
         ckpt.check_experts()
+        fmt = c.expert_format
+        self.part_dtypes = fmt.part_dtypes(c.dtype) if fmt.compact else None  # compact: the stored bytes
+        if fmt.compact:
+            dtype = storage_dtype = torch.uint8
         self.dtype = dtype
         self.storage_dtype = storage_dtype or dtype
-        self.numel = c.expert_params
+        self.numel = c.expert_bytes(1) if fmt.compact else c.expert_params
         self.nbytes = self.numel * torch.empty(0, dtype=self.storage_dtype).element_size()
         self.packed: dict[int, torch.Tensor] = {}
         for layer in c.moe_layers:
             buf = torch.empty(c.num_experts, self.numel, dtype=dtype, pin_memory=pin)  # [E, parts]
             for e in range(c.num_experts):
                 pos = 0
-                for part in ckpt.expert(layer, e, dtype):
-                    buf[e, pos : pos + part.numel()] = part.reshape(-1)
-                    pos += part.numel()
+                for part in ckpt.expert(layer, e, None if fmt.compact else dtype):
+                    flat = part.reshape(-1).view(torch.uint8) if fmt.compact else part.reshape(-1)
+                    buf[e, pos : pos + flat.numel()] = flat
+                    pos += flat.numel()
             self.packed[layer] = buf
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
@@ -40,15 +45,19 @@ class ExpertStore:
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A packed expert buffer -> its parts (e.g. gate [I, H], up [I, H], down [H, I]) as views."""
-        return part_views(flat, self.config.expert_shapes())
+        return part_views(flat, self.config.expert_shapes(), self.part_dtypes)
 
 
-def part_views(flat: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:
-    """``flat`` cut into consecutive views of ``shapes``."""
+def part_views(flat: torch.Tensor, shapes, dtypes=None) -> tuple[torch.Tensor, ...]:
+    """``flat`` cut into consecutive views of ``shapes``; with ``dtypes`` (a compact
+    format's parts of several dtypes), ``flat`` holds bytes and each view is of its dtype."""
+    if dtypes is not None:
+        flat = flat.view(torch.uint8)
     out, pos = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        out.append(flat[pos : pos + n].view(shape))
+    for p, shape in enumerate(shapes):
+        n = math.prod(shape) * (dtypes[p].itemsize if dtypes is not None else 1)
+        part = flat[pos : pos + n]
+        out.append((part.view(dtypes[p]) if dtypes is not None else part).view(shape))
         pos += n
     return tuple(out)
 
