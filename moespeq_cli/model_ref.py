@@ -42,6 +42,8 @@ ALIASES: dict[str, tuple[str, float]] = {
     "qwen3-moe": ("Qwen/Qwen3-30B-A3B", 61.1),
     "olmoe": ("allenai/OLMoE-1B-7B-0924-Instruct", 13.8),
     "deepseek-lite": ("deepseek-ai/DeepSeek-V2-Lite-Chat", 31.4),
+    "gpt-oss-20b": ("openai/gpt-oss-20b", 13.8),  # MXFP4 experts, as published
+    "gpt-oss-120b": ("openai/gpt-oss-120b", 65.3),
 }
 
 

@@ -47,13 +47,20 @@ def test_unknown_model_type_lists_supported(cli, ckpt):
         assert t in line
 
 
-@pytest.mark.parametrize("method", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("method", ["mxfp4", "awq"])
 def test_quantized_checkpoint_is_refused_clearly(cli, ckpt, method):
-    """DeepSeek-V3's FP8 and gpt-oss's MXFP4 releases: one line naming the format."""
+    """A format moespeq does not read for this family (MXFP4 is gpt-oss's): one line naming it."""
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": method, "weight_block_size": [128, 128]}
     (ckpt / "config.json").write_text(json.dumps(cfg))
     one_line_error(run(cli, ckpt), 1, repr(method), "bf16")
+
+
+def test_fp8_config_over_float_weights_is_refused_clearly(cli, ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(cli, ckpt), 1, "FP8 (e4m3)", "disagree")
 
 
 def test_truncated_safetensors(cli, ckpt):

@@ -143,6 +143,26 @@ def test_mxfp4_linear_is_the_dequantized_product(T, N, K):
     assert torch.equal(torch.cat([kernels.linear_mxfp4(x[i : i + 1], blocks, scales, bias) for i in range(T)]), got)
 
 
+@pytest.mark.parametrize(
+    "T,N,K,block", [(1, 5, 32, (16, 16)), (3, 77, 100, (16, 32)), (5, 300, 2048, (128, 128)), (9, 129, 520, (128, 128))]
+)
+def test_fp8_linear_is_the_dequantized_product(T, N, K, block):
+    """Block-FP8 weights read as stored: the product with the weights as dequantizing
+    rounds them (partial edge blocks included), batch invariant."""
+    from tiny_models import fp8
+
+    from moespeq_cli.models.expert_format import fp8_dequantize
+
+    g = torch.Generator().manual_seed(T + N + K)
+    w, scale_inv = fp8(torch.randn(N, K, generator=g), block)
+    x = torch.randn(T, K, generator=g)
+    assert kernels.takes_fp8(x, w, scale_inv, block)
+    got = kernels.linear_fp8(x, w, scale_inv, block)
+    assert scaled_err(got, reference(x, fp8_dequantize(w, scale_inv, block, torch.float32))) < FP32_TOL
+    assert torch.equal(torch.cat([kernels.linear_fp8(x[i : i + 1], w, scale_inv, block) for i in range(T)]), got)
+    assert not kernels.takes_fp8(x, w, scale_inv, (16, 8))  # column blocks narrower than a chunk: torch
+
+
 def test_expert_mlp_falls_back_where_the_kernels_do_not_apply():
     g = torch.Generator().manual_seed(3)
     gate, up = (torch.randn(24, 16, generator=g).bfloat16() for _ in range(2))
@@ -275,6 +295,22 @@ def test_the_plain_c_path_is_exact_and_batch_invariant(tmp_path):
     together = linear_mx(xm)
     assert scaled_err(together, reference(xm, mxfp4_dequantize(blocks, scales, torch.float64))) < FP32_TOL
     assert torch.equal(torch.cat([linear_mx(xm[i : i + 1].clone()) for i in range(6)]), together)
+    # block FP8 rows on the plain path
+    from tiny_models import fp8
+
+    w8, s8 = fp8(torch.randn(301, 100, generator=g), (16, 32))
+    xs8 = torch.randn(6, 100, generator=g)
+
+    def linear_fp8(rows):
+        y = torch.empty(rows.shape[0], 301)
+        lib.ms_linear_fp8(rows.data_ptr(), w8.data_ptr(), s8.data_ptr(), 16, 32, None, y.data_ptr(), *y.shape, 100)
+        return y
+
+    together = linear_fp8(xs8)
+    from moespeq_cli.models.expert_format import fp8_dequantize
+
+    assert scaled_err(together, reference(xs8, fp8_dequantize(w8, s8, (16, 32), torch.float32))) < FP32_TOL
+    assert torch.equal(torch.cat([linear_fp8(xs8[i : i + 1].clone()) for i in range(6)]), together)
     # gpt-oss's transposed expert on the plain path: exact, and batch invariant
     from moespeq_cli.models.expert_format import gpt_oss_experts
 

@@ -87,6 +87,8 @@ def test_bundled_configs_are_the_real_models():
         "qwen3-moe": 30.5,
         "olmoe": 6.9,
         "deepseek-lite": 15.7,
+        "gpt-oss-20b": 20.9,
+        "gpt-oss-120b": 116.8,
     }
     assert set(expected) == set(ALIASES)
     for alias, billions in expected.items():

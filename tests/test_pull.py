@@ -98,7 +98,16 @@ def test_list_aliases(cli):
     assert r.exit_code == 0
     aliases = {a["alias"]: a for a in json.loads(r.stdout)["aliases"]}
     assert aliases["mixtral"]["repo"] == "mistralai/Mixtral-8x7B-Instruct-v0.1"
-    assert set(aliases) == {"mixtral", "phi-moe", "qwen-moe", "qwen3-moe", "olmoe", "deepseek-lite"}
+    assert set(aliases) == {
+        "mixtral",
+        "phi-moe",
+        "qwen-moe",
+        "qwen3-moe",
+        "olmoe",
+        "deepseek-lite",
+        "gpt-oss-20b",
+        "gpt-oss-120b",
+    }
 
 
 def test_pull_without_model(cli):

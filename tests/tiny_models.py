@@ -604,3 +604,60 @@ def mxfp4_reference(path: Path):
     return transformers.GptOssForCausalLM.from_pretrained(
         path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
     ).eval()
+
+
+def fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [rows, cols] -> (e4m3 weights, float32 ``scale_inv [ceil(rows/bm), ceil(cols/bn)]``)
+    as DeepSeek-style block-FP8 checkpoints store them: each block's largest magnitude at
+    e4m3's 448. A test-only quantizer (partial edge blocks included)."""
+    bm, bn = block
+    rows, cols = w.shape
+    R, C = -(-rows // bm), -(-cols // bn)
+    padded = torch.zeros(R * bm, C * bn)
+    padded[:rows, :cols] = w.float()
+    blocks = padded.reshape(R, bm, C, bn)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(R * bm, C * bn)[:rows, :cols]
+    return q.contiguous(), scale
+
+
+def fp8_copies(src: Path, dst: Path, block: tuple[int, int] = (16, 16)) -> tuple[Path, Path]:
+    """The checkpoint at ``src`` in block FP8 as DeepSeek-V3 ships (every 2-D linear weight
+    but the embeddings, the LM head and the routers' gates, each with ``_scale_inv``), and the
+    same weights dequantized in float32 (the oracle's checkpoint): (fp8 dir, dequantized dir)."""
+    from safetensors.torch import load_file, save_file
+
+    from moespeq_cli.models.expert_format import fp8_dequantize
+
+    quantized, plain = dst / "fp8", dst / "dequantized"
+    cfg = json.loads((src / "config.json").read_text())
+    tensors, deq = {}, {}
+    for name, t in load_file(src / "model.safetensors").items():
+        skip = "embed_tokens" in name or name.startswith("lm_head") or name.endswith(".gate.weight")
+        if t.dim() == 2 and name.endswith(".weight") and not skip:
+            q, s = fp8(t, block)
+            tensors[name], tensors[f"{name}_scale_inv"] = q, s
+            deq[name] = fp8_dequantize(q, s, block, torch.float32)
+        else:
+            tensors[name] = deq[name] = t
+    for out, weights, config in (
+        (
+            quantized,
+            tensors,
+            dict(
+                cfg,
+                quantization_config={
+                    "quant_method": "fp8",
+                    "fmt": "e4m3",
+                    "activation_scheme": "dynamic",
+                    "weight_block_size": list(block),
+                },
+            ),
+        ),
+        (plain, deq, cfg),
+    ):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps(config))
+        save_file(weights, out / "model.safetensors")
+        (out / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
+    return quantized, plain

@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from moespeq_cli.model_ref import ALIASES, DEMO
+
 ModelArg = Annotated[
     Optional[str],
     typer.Argument(
-        help="Alias (mixtral, phi-moe, qwen-moe, qwen3-moe, olmoe, deepseek-lite, demo), hub id org/name, "
+        help=f"Alias ({', '.join([*ALIASES, DEMO])}), hub id org/name, "
         "or a local checkpoint directory. Default: the built-in demo model.",
         show_default=False,
     ),

@@ -183,6 +183,38 @@ def linear_mxfp4(
     return y
 
 
+def takes_fp8(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Whether ``linear_fp8`` computes ``x`` against block-FP8 ``w`` (blocks of whole 16-wide chunks)."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.shape[0] <= MAX_ROWS
+        and block[1] % 16 == 0
+        and w.dtype == torch.float8_e4m3fn
+        and scale_inv.dtype == torch.float32
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in (w, scale_inv))
+        and _lib() is not None
+    )
+
+
+def linear_fp8(
+    x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [T, K] @ W.T (+ bias)`` for block-FP8 ``w [N, K]`` with ``scale_inv [ceil(N/bm),
+    ceil(K/bn)]``, read as stored: the product with the dequantized weights, exactly as they
+    round, at a byte a weight of memory traffic. ``takes_fp8`` must hold."""
+    x = x.contiguous()
+    T, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(T, N, dtype=torch.float32)
+    if bias is not None:
+        bias = bias.float().contiguous()
+    b = None if bias is None else bias.data_ptr()
+    _lib().ms_linear_fp8(x.data_ptr(), w.data_ptr(), scale_inv.data_ptr(), block[0], block[1], b, y.data_ptr(), T, N, K)
+    return y
+
+
 def expert_transposed(
     x: torch.Tensor,
     gate_up: torch.Tensor,

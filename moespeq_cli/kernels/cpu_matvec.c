@@ -36,7 +36,7 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 #define MS_T 4 /* tokens per step */
 
-int ms_version(void) { return 6; }
+int ms_version(void) { return 7; }
 int ms_simd(void) { return MS_AVX512 ? 512 : 0; }
 
 /* ------------------------------------------------------------------------------------ */
@@ -481,6 +481,88 @@ void ms_expert(const float *x, const void *gate, const void *up, const void *dow
     rowset_init(&a.rows1, I, chunk_rows(2 * H * e), parts);
     rowset_init(&a.rows2, H, chunk_rows(I * e), parts);
     run(expert_job, &a, share);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* y[T, N] = x[T, K] W[N, K]^T for W in block FP8 (DeepSeek-V3's layout): e4m3 bytes and   */
+/* one fp32 scale per bm x bn block. Each weight is widened exactly (its byte as an fp16,  */
+/* then times 2^8: the same value), times its block's scale in fp32 (the one rounding      */
+/* dequantizing it makes), then FMA'd: the product with the dequantized weights, at a byte */
+/* a weight. Four partial sums per (row, token) by k/16 mod 4, as row_block: batch         */
+/* invariant. The AVX-512 path needs bn a multiple of 16 (128 in every release).           */
+
+static inline float e4m3_widen(uint8_t b) {
+    uint32_t s = (uint32_t)(b & 0x80) << 24, e = (b >> 3) & 15, m = b & 7;
+    float v = e ? ldexpf(1.0f + m / 8.0f, (int)e - 7) : ldexpf(m / 8.0f, -6);
+    return s ? -v : v;
+}
+
+static void rows_fp8(const float *x, long ldx, const uint8_t *w, const float *scales, long bm, long bn, long K,
+                     float *y, long ldy, long T, long n0, long n1) {
+    long ncb = (K + bn - 1) / bn;
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * K;
+        const float *srow = scales + (n / bm) * ncb;
+        for (long t0 = 0; t0 < T; t0 += MS_T) {
+            int TB = T - t0 < MS_T ? (int)(T - t0) : MS_T;
+#if MS_AVX512
+            __m512 acc[MS_T][4];
+            for (int t = 0; t < MS_T; t++)
+                for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
+            const __m256i hi = _mm256_set1_epi16(0x80), lo = _mm256_set1_epi16(0x7F);
+            for (long k = 0; k < K; k += 16) {
+                __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+                __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, row + k));
+                __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, hi), 8),
+                                            _mm256_slli_epi16(_mm256_and_si256(b, lo), 7));
+                __m512 wv = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f * srow[k / bn]));
+                int j = (int)((k / 16) & 3);
+                for (int t = 0; t < TB; t++)
+                    acc[t][j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + (t0 + t) * ldx + k), acc[t][j]);
+            }
+            for (int t = 0; t < TB; t++)
+                y[(t0 + t) * ldy + n] =
+                    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
+#else
+            for (int t = 0; t < TB; t++) {
+                const float *xt = x + (t0 + t) * ldx;
+                float p[16] = {0};
+                for (long k = 0; k < K; k++) p[k & 15] += (e4m3_widen(row[k]) * srow[k / bn]) * xt[k];
+                for (int s = 8; s; s >>= 1)
+                    for (int i = 0; i < s; i++) p[i] += p[i + s];
+                y[(t0 + t) * ldy + n] = p[0];
+            }
+#endif
+        }
+    }
+}
+
+typedef struct {
+    const float *x; const uint8_t *w; const float *scales, *bias; float *y;
+    long T, N, K, bm, bn;
+    _Atomic int homes;
+    rowset rows;
+} fp8_args;
+
+static void fp8_job(void *p) {
+    fp8_args *a = p;
+    int home = atomic_fetch_add_explicit(&a->homes, 1, memory_order_relaxed) % a->rows.nparts;
+    long n0, n1;
+    while (next_rows(&a->rows, home, &n0, &n1)) {
+        rows_fp8(a->x, a->K, a->w, a->scales, a->bm, a->bn, a->K, a->y, a->N, a->T, n0, n1);
+        if (a->bias)
+            for (long t = 0; t < a->T; t++)
+                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+    }
+}
+
+void ms_linear_fp8(const float *x, const uint8_t *w, const float *scales, long bm, long bn, const float *bias, float *y,
+                   long T, long N, long K) {
+    int share = worth_sharing(N * K);
+    fp8_args a = {.x = x, .w = w, .scales = scales, .bias = bias, .y = y, .T = T, .N = N, .K = K, .bm = bm, .bn = bn,
+                  .homes = 0};
+    rowset_init(&a.rows, N, chunk_rows(K), share ? pool.nth : 1);
+    run(fp8_job, &a, share);
 }
 
 /* ------------------------------------------------------------------------------------ */

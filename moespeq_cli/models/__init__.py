@@ -12,6 +12,7 @@ import importlib
 from types import ModuleType
 
 from moespeq_cli.errors import CheckpointError, UnsupportedModelError
+from moespeq_cli.models.expert_format import FP8, SWIGLU, fp8_experts
 
 ARCHITECTURES = {
     "mixtral": "Mixtral-8x7B, Mixtral-8x22B",
@@ -69,18 +70,39 @@ def parse_config(raw: dict, source: str = "config.json"):
     arch = architecture(raw.get("model_type"))
     quant = raw.get("quantization_config")
     method = (quant.get("quant_method", "?") if isinstance(quant, dict) else quant) if quant is not None else None
-    if quant is not None and method not in getattr(arch, "QUANT_METHODS", ()):
-        raise UnsupportedModelError(
-            f"{source}: its weights are stored quantized ({method!r}, quantization_config); moespeq reads "
-            "float32, float16 and bfloat16 checkpoints for now: use the model's bf16 release or a bf16 conversion"
-        )
+    refused = UnsupportedModelError(
+        f"{source}: its weights are stored quantized ({method!r}, quantization_config), a format moespeq does not "
+        "read for this model: it reads float32, float16 and bfloat16, block FP8 (e4m3) experts in their own "
+        "tensors, and gpt-oss's MXFP4; use the model's bf16 release or a bf16 conversion"
+    )
+    if quant is not None and method not in (*getattr(arch, "QUANT_METHODS", ()), FP8):
+        raise refused
     with config_errors(source):
         cfg = arch.parse(raw)
+    if method == FP8:
+        fmt = cfg.expert_format
+        if fmt.fused or fmt.kind != SWIGLU or fmt.compact:
+            raise refused
+        cfg.expert_format = fp8_experts(fmt, fp8_block(quant, source))
     if not cfg.moe_layers or not cfg.num_experts:
         raise CheckpointError(
             f"{source} describes no Mixture-of-Experts layer (every layer is dense); moespeq runs MoE models"
         )
     return arch, cfg
+
+
+def fp8_block(quant: dict, source: str) -> tuple[int, int]:
+    """The (rows, columns) one scale of a block-FP8 checkpoint covers, checked."""
+    block = quant.get("weight_block_size")
+    fmt = quant.get("fmt", "e4m3")
+    ok = isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and 1 <= b <= 2**16 for b in block)
+    if not ok or fmt != "e4m3" or quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise CheckpointError(
+            f"{source}: quantization_config fp8 must give weight_block_size [rows, cols] with fmt e4m3 and dynamic "
+            f"activations (got {str(block)[:30]}, {fmt!r}, {quant.get('activation_scheme')!r}); moespeq reads "
+            "DeepSeek-style block FP8"
+        )
+    return block[0], block[1]
 
 
 def build_model(arch: ModuleType, raw: dict, context: int, source: str = "config.json"):

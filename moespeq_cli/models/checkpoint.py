@@ -18,9 +18,11 @@ from safetensors import SafetensorError, safe_open
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.fs import confined_name, file_status, is_dir, read_text
 from moespeq_cli.models import language_config, parse_config
+from moespeq_cli.models.expert_format import FP8, fp8_dequantize
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3")
+FP8_DTYPE = "F8_E4M3"  # block FP8 (quantization_config fp8): read with its ``_scale_inv``
 
 
 JSON_LIMIT = 64 * 2**20  # config, index, generation and draft files (tokenizer.json has its own)
@@ -147,12 +149,24 @@ class Checkpoint:
             )
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``name`` as stored, or in ``dtype``: a block-FP8 weight is then dequantized with
+        its ``_scale_inv``."""
         self.check_dtype(name)
         try:
             t = self._handle(name).get_tensor(self._real.get(name, name))
         except SafetensorError as e:
             raise CheckpointError(f"cannot read {name} from {self.path} ({e}); download the checkpoint again") from None
-        return t if dtype is None else t.to(dtype)
+        if dtype is None:
+            return t
+        if self.dtype_name(name) == FP8_DTYPE:
+            fmt = self.config.expert_format
+            if fmt.quant != FP8 or t.dim() != 2 or not self.has(f"{name}_scale_inv"):
+                raise CheckpointError(
+                    f"tensor {name} in {self.path} is FP8 without a block scale ({name}_scale_inv) or an fp8 "
+                    "quantization_config in config.json; the checkpoint is incomplete"
+                )
+            return fp8_dequantize(t, self.tensor(f"{name}_scale_inv"), fmt.block, dtype)
+        return t.to(dtype)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
         """One routed expert's parts as stored (expert_format.py; e.g. gate [I, H], up
@@ -175,6 +189,11 @@ class Checkpoint:
     def check_part_dtype(self, name: str, want: torch.dtype) -> None:
         """A float part of an expert is any float dtype; a compact format's codes (MXFP4's
         blocks and scales) are bytes."""
+        if want == torch.float8_e4m3fn and self.dtype_name(name) != FP8_DTYPE:
+            raise CheckpointError(
+                f"tensor {name} in {self.path} is {self.dtype_name(name)}, but config.json's quantization_config says "
+                "FP8 (e4m3); the checkpoint and its config disagree"
+            )
         if want.is_floating_point:
             self.check_dtype(name)
         elif self.dtype_name(name) != "U8":

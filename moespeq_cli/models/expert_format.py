@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 MXFP4 = "mxfp4"  # OCP microscaling FP4: blocks of 32 e2m1 values sharing a power-of-two scale
+FP8 = "fp8"  # DeepSeek-style block FP8: e4m3 weights, one fp32 ``weight_scale_inv`` per block
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 SWIGLU = "swiglu"
@@ -49,7 +50,8 @@ class ExpertFormat:
     alpha: float = 1.702  # gpt-oss's clamped SwiGLU
     limit: float = 7.0
     approximate: str = "tanh"  # GEGLU: torch's GELU approximation ("tanh" or "none")
-    quant: str | None = None  # MXFP4: the matrices are stored compact (``_blocks``, ``_scales``)
+    quant: str | None = None  # MXFP4 or FP8: the matrices are stored compact
+    block: tuple[int, int] = (128, 128)  # FP8: the rows and columns one scale covers
 
     @property
     def fused(self) -> bool:
@@ -65,11 +67,18 @@ class ExpertFormat:
         """The matrices are stored quantized: every tier holds and moves the stored bytes."""
         return self.quant is not None
 
+    @property
+    def four_bit(self) -> bool:
+        """Stored at 4 bits a weight already: a 4-bit draft of them would be no smaller."""
+        return self.quant == MXFP4
+
     def part_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
         """Each part's dtype, for a checkpoint whose floating-point tensors are ``dtype``."""
         if self.quant == MXFP4:
             u8 = torch.uint8
             return u8, u8, dtype, u8, u8, dtype
+        if self.quant == FP8:
+            return (torch.float8_e4m3fn, torch.float32) * 3
         return (dtype,) * len(self.names)
 
     def nbytes(self, hidden: int, inter: int, dtype: torch.dtype) -> int:
@@ -84,10 +93,15 @@ class ExpertFormat:
             p = self.prefix.format(layer=layer)
             return tuple(p + n for n in self.names)
         p = self.prefix.format(layer=layer, expert=expert)
+        if self.quant == FP8:
+            return tuple(f"{p}{n}.{s}" for n in self.names for s in ("weight", "weight_scale_inv"))
         return tuple(f"{p}{n}.weight" for n in self.names)
 
     def shapes(self, hidden: int, inter: int) -> tuple[tuple[int, ...], ...]:
         """One expert's parts as stored (a fused tensor is ``[E, *shape]``)."""
+        if self.quant == FP8:  # each matrix, then its grid of block scales
+            bm, bn = self.block
+            return tuple(s for r, c in self.matrix_shapes(hidden, inter) for s in ((r, c), (-(-r // bm), -(-c // bn))))
         if self.quant == MXFP4:  # matrices [out, in] as 32-value blocks of 16 bytes, a scale each
             return (
                 (2 * inter, hidden // 32, 16),
@@ -114,6 +128,9 @@ class ExpertFormat:
     def canonical(self, parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
         """(gate [I, H], up [I, H], down [H, I], (gate bias, up bias, down bias) or None),
         views of ``parts`` where the layout allows (copy them to keep them)."""
+        if self.quant == FP8:
+            gate, up, down = (fp8_dequantize(parts[j], parts[j + 1], self.block, torch.float32) for j in (0, 2, 4))
+            return gate, up, down, None
         if self.quant == MXFP4:  # dequantized (rows of gate_up alternate gate, up)
             gu_b, gu_s, gu_bias, d_b, d_s, down_bias = parts
             gu, down = mxfp4_dequantize(gu_b, gu_s, gu_bias.dtype), mxfp4_dequantize(d_b, d_s, down_bias.dtype)
@@ -141,6 +158,8 @@ class ExpertFormat:
     def forward(self, x: torch.Tensor, parts) -> torch.Tensor:
         """x [n, H] -> [n, H] from the parts as stored, in torch (the order of operations of
         the family's transformers code, so float32 results agree with it)."""
+        if self.quant == FP8:  # dequantized to the activations' dtype, as transformers does at load
+            parts = tuple(fp8_dequantize(parts[j], parts[j + 1], self.block, x.dtype) for j in (0, 2, 4))
         if self.quant == MXFP4:  # dequantized to the activations' dtype, as transformers does at load
             gu_b, gu_s, gu_bias, d_b, d_s, down_bias = parts
             gu = mxfp4_dequantize(gu_b, gu_s, x.dtype).t()
@@ -195,3 +214,21 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [out, G, 32]
     values = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127)[..., None])
     return values.flatten(-2)
+
+
+def fp8_experts(fmt: ExpertFormat, block) -> ExpertFormat:
+    """``fmt``'s experts stored in block FP8 (``quantization_config`` ``fp8``, ``weight_block_size``)."""
+    from dataclasses import replace
+
+    return replace(fmt, quant=FP8, block=(int(block[0]), int(block[1])))
+
+
+def fp8_dequantize(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Block FP8 ``w [rows, cols]`` (e4m3) times its ``scale_inv [ceil(rows/bm), ceil(cols/bn)]``,
+    block by block, in float32 (as transformers dequantizes), -> ``dtype``."""
+    bm, bn = block
+    rows, cols = w.shape
+    s = scale_inv.float().repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
+    return (w.float() * s).to(dtype)

@@ -9,7 +9,7 @@ import torch
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models import build_model
 from moespeq_cli.models.base import CausalLM
-from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.models.checkpoint import FP8_DTYPE, Checkpoint
 
 
 def load_model(
@@ -41,6 +41,8 @@ def load_model(
         # a router's correction bias (DeepSeek-V3, GLM-4.5) only ranks experts, by margins
         # bf16 would round away: kept in float32, as transformers keeps it
         want = torch.float32 if name.endswith("e_score_correction_bias") else None if name in kept else dtype
+        if want is None and ckpt.dtype_name(src) == FP8_DTYPE:
+            want = ckpt.config.dtype  # a block-FP8 dense weight: dequantized at load (the experts stay FP8)
         state[name] = ckpt.tensor(src, want)
     model.load_state_dict(state, assign=True)
     if cpu_kernels:

@@ -138,7 +138,7 @@ class QuantizedExperts:
 
         check_method(method, blocksize)
         c = ckpt.config
-        if c.expert_format.compact:
+        if c.expert_format.four_bit:
             raise UsageError(
                 f"the experts of {ckpt.path} are stored 4-bit already ({c.expert_format.quant}): a 4-bit draft would be "
                 "no smaller; moespeq runs this model without one (speculation off)"
@@ -168,7 +168,7 @@ class QuantizedExperts:
         """-> ([(packed, state)] for gate, up, down; (gate, up, down) biases or None)."""
         c = ckpt.config
         for name, w in zip(c.expert_keys(*key), parts, strict=True):
-            if not bool(torch.isfinite(w).all()):
+            if w.is_floating_point() and not bool(torch.isfinite(w.float()).all()):
                 raise CheckpointError(f"tensor {name} in {ckpt.path} holds NaN or infinite values; it is corrupt")
         *mats, biases = c.expert_format.canonical(parts)
         quantized = [F.quantize_4bit(w.to(dtype).contiguous(), blocksize=blocksize, quant_type=method) for w in mats]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.models.expert_format import GEGLU, GPT_OSS, SWIGLU, ExpertFormat
+from moespeq_cli.models.expert_format import FP8, GEGLU, GPT_OSS, MXFP4, SWIGLU, ExpertFormat
 
 ACTIVATIONS = {  # an expert's gate activation, by the kernels' name for it
     "silu": F.silu,
@@ -65,12 +65,15 @@ def expert_forward(fmt: ExpertFormat, x: torch.Tensor, parts, fast: bool = False
             return fmt.forward(x, parts)
         from moespeq_cli import kernels
 
-        gu_b, gu_s, gu_bias, d_b, d_s, d_bias = parts
         xf = x.float()
-        if kernels.takes_mxfp4(xf, gu_b, gu_s):  # read as stored: gate and up rows alternate
+        if fmt.quant == MXFP4 and kernels.takes_mxfp4(xf, parts[0], parts[1]):
+            gu_b, gu_s, gu_bias, d_b, d_s, d_bias = parts  # read as stored: gate and up rows alternate
             gu = kernels.linear_mxfp4(xf, gu_b, gu_s, gu_bias)
             y = kernels.linear_mxfp4(fmt.activate(gu[:, 0::2], gu[:, 1::2]), d_b, d_s, d_bias)
             return y.to(x.dtype)
+        if fmt.quant == FP8 and all(kernels.takes_fp8(xf, parts[j], parts[j + 1], fmt.block) for j in (0, 2, 4)):
+            gate, up = (kernels.linear_fp8(xf, parts[j], parts[j + 1], fmt.block) for j in (0, 2))
+            return kernels.linear_fp8(fmt.activate(gate, up), parts[4], parts[5], fmt.block).to(x.dtype)
         with kernels.torch_parallel():
             return fmt.forward(xf, parts).to(x.dtype)
     if fast and fmt.kind == GEGLU:

@@ -220,7 +220,7 @@ def make_plan(
     draft, note = 0, None
     total_draft = draft_device = 0
     cpu_draft_off = False  # the draft dropped because its host part does not fit in RAM
-    if policy == "moespeq" and with_draft and cfg.expert_format.compact:
+    if policy == "moespeq" and with_draft and cfg.expert_format.four_bit:
         note = (
             f"the experts are stored 4-bit already ({cfg.expert_format.quant}): a 4-bit draft of them would be no "
             "smaller and no faster, so speculation is off (k = 0, gate-prefetch decoding)"

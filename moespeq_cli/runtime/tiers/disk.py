@@ -330,7 +330,8 @@ def _in_order(extents: list[Extent]) -> bool:
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1}
+SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "F8_E4M3": 1}
+COMPACT_DTYPES = {"U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn}  # the parts of compact formats
 
 
 class DiskExperts:
@@ -367,7 +368,7 @@ class DiskExperts:
         fmt = c.expert_format
         if fmt.compact:  # several dtypes (MXFP4's byte codes, the biases): every tier holds the bytes
             self.dtype = torch.uint8
-            self.part_dtypes = tuple(SAFETENSORS_DTYPES.get(d, torch.uint8) for _, d, _ in first)
+            self.part_dtypes = tuple({**SAFETENSORS_DTYPES, **COMPACT_DTYPES}[d] for _, d, _ in first)
             dtypes = {d for _, d, _ in first}
         else:
             dtypes = {d for _, d, _ in first}
@@ -388,6 +389,11 @@ class DiskExperts:
         self._starts = {}  # part -> element offset in the packed buffer
         pos = 0
         for p in self.order:
+            if self.part_dtypes is not None and pos % self.part_dtypes[p].itemsize:
+                raise CheckpointError(
+                    f"the experts of {ckpt.path} have parts whose sizes misalign their {self.part_dtypes[p]} "
+                    "scales in one buffer; moespeq cannot hold them compact"
+                )
             self._starts[p] = pos
             pos += lengths[p]
         self.extents: dict[tuple[int, int], list[Extent]] = {}

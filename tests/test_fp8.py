@@ -1,0 +1,129 @@
+"""Block-FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2 and the FP8 releases of GLM and Qwen):
+e4m3 weights with a float32 ``weight_scale_inv`` per block. The experts stay FP8 in every
+tier and are dequantized when computed; the dense layers are dequantized at load. The
+oracle is transformers on the same weights dequantized (tiny_models.fp8_copies)."""
+
+import json
+
+import pytest
+import torch
+from offload_helpers import prompt_for, run_engine, vram_for_slots
+from test_disk_offload import disk_run, ram_for
+from tiny_models import CLASSES, fp8_copies
+
+from moespeq_cli.errors import CheckpointError, UnsupportedModelError
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.models.loader import load_model
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.executors.experts import InMemoryExperts
+from moespeq_cli.runtime.planning.planner import draft_bytes_estimate
+from moespeq_cli.runtime.sampling import SamplingParams
+from moespeq_cli.runtime.tiers.disk import DiskExperts
+from moespeq_cli.runtime.tiers.store import ExpertStore
+
+# DeepSeek-V3's shape (MLA, first dense layer, shared experts), Mixtral's (sizes that leave
+# partial blocks at the edges), Qwen3's (q/k norms)
+CASES = [("deepseek_v3", "v3"), ("mixtral", "gqa"), ("qwen3_moe", "base")]
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpts(tiny, tmp_path_factory):
+    import transformers
+
+    made = {}
+
+    def get(family, variant):
+        if (family, variant) not in made:
+            src, _ = tiny(family, variant)
+            q, plain = fp8_copies(src, tmp_path_factory.mktemp(f"fp8-{family}"))
+            ref = getattr(transformers, CLASSES[family][1]).from_pretrained(plain, dtype=torch.float32).eval()
+            made[(family, variant)] = q, ref
+        return made[(family, variant)]
+
+    return get
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["torch", "kernels"])
+def test_logits_and_greedy_tokens_match_the_dequantized_reference(fp8_ckpts, family, variant, cpu_kernels):
+    path, ref = fp8_ckpts(family, variant)
+    ck = Checkpoint(path)
+    assert ck.config.expert_format.quant == "fp8" and ck.config.expert_format.block == (16, 16)
+    model = load_model(ck, torch.float32, cpu_kernels=cpu_kernels)
+    model.set_experts(InMemoryExperts(ck, torch.float32, fast=cpu_kernels))
+    ids = torch.tensor(prompt_for(2, 24))
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    assert float((model(ids, model.new_cache()) - want).norm() / want.norm()) < 1e-4
+    prompt = prompt_for(3, 8)
+    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt) :].tolist()
+    tokens, _ = run_engine(path, prompt, 32, backend="cpu")
+    assert tokens == expected
+
+
+def test_experts_stay_fp8_in_every_tier(fp8_ckpts):
+    path, _ = fp8_ckpts("deepseek_v3", "v3")
+    ck = Checkpoint(path)
+    c = ck.config
+    h, i = c.hidden_size, c.expert_intermediate
+    scales = sum(-(-r // 16) * -(-k // 16) * 4 for r, k in ((i, h), (i, h), (h, i)))
+    stored = c.expert_bytes(4)
+    assert stored == 3 * h * i + scales  # a byte a weight and the block scales
+    assert ExpertStore(ck, torch.float32).nbytes == stored == DiskExperts(ck).nbytes
+    assert [p.dtype for p in ck.expert(c.moe_layers[0], 1)] == [torch.float8_e4m3fn, torch.float32] * 3
+    prompt = prompt_for(8, 10)
+    expected, _ = run_engine(path, prompt, 16, backend="cpu")
+    total = c.num_experts * len(c.moe_layers)
+    for policy in ("lru", "moespeq"):  # the disk tier, reading the stored bytes
+        got, eng = disk_run(path, prompt, 16, policy, ram_for(path, total // 2))
+        assert got == expected and eng.last_stats.bytes_read % stored == 0 and eng.last_stats.bytes_read > 0
+    for policy in ("gate-prefetch", "moespeq", "hybrid"):  # a GPU on the mock clock: copies move FP8
+        got, eng = run_engine(path, prompt, 16, backend="mock", policy=policy, slots=c.top_k + 2)
+        assert got == expected, policy
+        assert eng.last_stats.bytes_h2d % stored == 0
+    # a 4-bit draft of 8-bit experts is about half their size: it is planned, and runs
+    vram = vram_for_slots(path, c.top_k + 2, 26) + draft_bytes_estimate(c)
+    eng = Engine(path, EngineOptions(backend="mock", policy="moespeq", vram=vram))
+    eng.load(26)
+    assert eng.plan.has_draft and draft_bytes_estimate(c) < 0.6 * stored * c.num_experts * len(c.moe_layers)
+    assert [ev.token for ev in eng.generate(prompt, 16, SamplingParams())] == expected
+
+
+def test_the_draft_quantizes_the_dequantized_experts(fp8_ckpts, cli, tmp_path):
+    import shutil
+
+    src, _ = fp8_ckpts("mixtral", "gqa")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    r = cli("quantize", str(path), "--json")
+    assert r.exit_code == 0, r.stderr
+    from moespeq_cli.models.expert_format import fp8_dequantize
+    from moespeq_cli.quant.draft import QuantizedExperts
+
+    ck = Checkpoint(path)
+    q = QuantizedExperts.load(json.loads(r.stdout)["draft"], ck)
+    w, s = ck.expert(1, 3)[:2]
+    gate = fp8_dequantize(w, s, (16, 16), torch.float32)
+    assert float((q.weights(1, 3)[0] - gate).norm() / gate.norm()) < 0.25  # nf4 of the dequantized gate
+
+
+def test_malformed_fp8_checkpoints_are_refused(fp8_ckpts, tiny, tmp_path):
+    import shutil
+
+    src, _ = fp8_ckpts("qwen3_moe", "base")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"].pop("weight_block_size")
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="weight_block_size"):
+        Checkpoint(path)
+    # fused experts (gpt-oss) in FP8: not a layout moespeq reads
+    oss, _ = tiny("gpt_oss", "mx")
+    bad = tmp_path / "oss"
+    shutil.copytree(oss, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="block FP8"):
+        Checkpoint(bad)
