@@ -44,6 +44,7 @@ ALIASES: dict[str, tuple[str, float]] = {
     "deepseek-lite": ("deepseek-ai/DeepSeek-V2-Lite-Chat", 31.4),
     "gpt-oss-20b": ("openai/gpt-oss-20b", 13.8),  # MXFP4 experts, as published
     "gpt-oss-120b": ("openai/gpt-oss-120b", 65.3),
+    "deepseek-v3": ("deepseek-ai/DeepSeek-V3-0324", 688.6),  # block FP8, as published
 }
 
 

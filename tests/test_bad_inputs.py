@@ -141,3 +141,17 @@ def test_debug_shows_traceback(cli, ckpt, monkeypatch):
     (ckpt / "config.json").unlink()
     r = run(cli, ckpt)
     assert r.exit_code == 1 and "Traceback" in r.stderr
+
+
+def test_v3_router_named_in_a_v2_config_is_refused(cli, tiny, tmp_path):
+    """DeepSeek-V3's configs say topk_method noaux_tc (read by deepseek_v3); a deepseek_v2
+    config naming it would otherwise route with V2's softmax: refused in one line."""
+    import shutil
+
+    src, _ = tiny("deepseek_v2", "lite")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["topk_method"] = "noaux_tc"
+    (path / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(cli, path), 1, "noaux_tc", "deepseek_v3")

@@ -107,6 +107,7 @@ def test_list_aliases(cli):
         "deepseek-lite",
         "gpt-oss-20b",
         "gpt-oss-120b",
+        "deepseek-v3",
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, KVCache, RMSNorm, SparseMoE, attend
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.rope import Rotary, apply_rope, apply_rope_interleaved, inv_freq, rope_parameters, yarn_mscale
@@ -29,6 +30,11 @@ def moe_layer_ids(cfg: dict) -> list[int]:
 
 
 def parse(cfg: dict) -> MoEConfig:
+    if cfg.get("topk_method") == "noaux_tc":
+        raise CheckpointError(
+            "config.json names topk_method 'noaux_tc', DeepSeek-V3's router, but model_type 'deepseek_v2'; "
+            "fix the file (DeepSeek-V3-style checkpoints say model_type 'deepseek_v3')"
+        )
     return moe_config(cfg, ("n_routed_experts",), "moe_intermediate_size", moe_layer_ids(cfg))
 
 

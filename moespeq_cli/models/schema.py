@@ -81,7 +81,9 @@ ROPE_FLOATS = (
     "low_freq_factor",
     "high_freq_factor",
 )
-TOPK_METHODS = ("greedy", "group_limited_greedy")  # DeepSeek-V2's routers
+# DeepSeek-V2's routers, and V3's ("noaux_tc": sigmoid scores with a correction bias, as
+# DeepSeek-V3, R1, Kimi-K2 and Moonlight's config.json name it)
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 EXPERT_COUNT = ("num_local_experts", "num_experts", "n_routed_experts")
 EXPERT_INTER = ("moe_intermediate_size", "intermediate_size")
 MAX_PARAMS = 2 * 10**13  # 20 trillion parameters: beyond any released model by 10x
