@@ -45,6 +45,7 @@ ALIASES: dict[str, tuple[str, float]] = {
     "gpt-oss-20b": ("openai/gpt-oss-20b", 13.8),  # MXFP4 experts, as published
     "gpt-oss-120b": ("openai/gpt-oss-120b", 65.3),
     "deepseek-v3": ("deepseek-ai/DeepSeek-V3-0324", 688.6),  # block FP8, as published
+    "qwen3-next": ("Qwen/Qwen3-Next-80B-A3B-Instruct", 159.3),  # bf16: computed from the config
 }
 
 

@@ -92,6 +92,7 @@ def test_bundled_configs_are_the_real_models():
         "gpt-oss-20b": 20.9,
         "gpt-oss-120b": 116.8,
         "deepseek-v3": 671.0,
+        "qwen3-next": 79.7,  # "80B" in its model card
     }
     assert set(expected) == set(ALIASES)
     for alias, billions in expected.items():

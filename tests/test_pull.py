@@ -108,6 +108,7 @@ def test_list_aliases(cli):
         "gpt-oss-20b",
         "gpt-oss-120b",
         "deepseek-v3",
+        "qwen3-next",
     }
 
 
