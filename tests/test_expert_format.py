@@ -121,3 +121,26 @@ def test_gemma4_features_of_the_dense_models_are_refused_in_one_line(tiny, tmp_p
     with pytest.raises(UnsupportedModelError, match=words) as err:
         Checkpoint(path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("top_k", [0, 9])
+def test_gemma4_top_k_outside_the_experts_is_refused(tiny, tmp_path, top_k):
+    src, _ = tiny("gemma4", "alternating")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["top_k_experts"] = top_k
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="top_k_experts"):
+        Checkpoint(path)
+
+
+def test_gemma4_per_layer_config_keys_as_transformers_writes_them(tiny):
+    """Zero-padded ("05", "11" of 12 layers): the global layers get their own head size."""
+    path, _ = tiny("gemma4", "twelve")
+    cfg = json.loads((path / "config.json").read_text())
+    assert set(cfg["per_layer_config"]) == {"05", "11"}
+    from moespeq_cli.models.loader import load_model
+
+    model = load_model(Checkpoint(path), torch.float32)  # shapes checked against the file
+    assert model.model.layers[5].self_attn.s.head_dim == 16 and model.model.layers[4].self_attn.s.head_dim == 8

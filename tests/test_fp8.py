@@ -127,3 +127,68 @@ def test_malformed_fp8_checkpoints_are_refused(fp8_ckpts, tiny, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="block FP8"):
         Checkpoint(bad)
+
+
+def rewrite(path, fn):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        # a dense weight's scale grid of the wrong shape
+        (lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.weight_scale_inv", torch.ones(1, 1)), "_scale_inv"),
+        # an expert's scales in bf16: every tier holds compact experts as the format lays them out
+        (
+            lambda t: t.__setitem__(
+                "model.layers.0.mlp.experts.1.up_proj.weight_scale_inv",
+                t["model.layers.0.mlp.experts.1.up_proj.weight_scale_inv"].bfloat16(),
+            ),
+            "store it as F32",
+        ),
+    ],
+)
+def test_fp8_scales_that_disagree_are_refused_in_one_line(fp8_ckpts, cli, tmp_path, change, words):
+    import shutil
+
+    src, _ = fp8_ckpts("qwen3_moe", "base")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    rewrite(path, change)
+    r = cli("run", str(path), "-p", "hi", "-n", "2", "--backend", "cpu")
+    assert r.exit_code == 1 and words in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_sizes_that_would_misalign_compact_parts_are_refused(tiny, tmp_path):
+    """Mixtral-shaped experts of 30 x 21: FP8 matrices of 630 bytes would put the next
+    part's float32 scales at an odd offset."""
+    import transformers
+    from tiny_models import COMMON, byte_tokenizer_json
+
+    cfg = transformers.MixtralConfig(
+        **{
+            **COMMON,
+            **dict(
+                hidden_size=30,
+                intermediate_size=21,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                num_local_experts=3,
+                num_experts_per_tok=2,
+            ),
+        }
+    )
+    src = tmp_path / "src"
+    transformers.MixtralForCausalLM(cfg).save_pretrained(src)
+    (src / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
+    path, _ = fp8_copies(src, tmp_path / "fp8")
+    with pytest.raises(CheckpointError, match="misalign"):
+        DiskExperts(Checkpoint(path))
+    with pytest.raises(CheckpointError, match="misalign"):
+        ExpertStore(Checkpoint(path), torch.float32)

@@ -99,7 +99,7 @@ def test_codes_stored_as_floats_are_refused(mx, tmp_path):
     name = "model.layers.0.mlp.experts.down_proj_scales"
     tensors[name] = tensors[name].float()
     save_file(tensors, bad / "model.safetensors")
-    with pytest.raises(CheckpointError, match="down_proj_scales .* stores it as bytes"):
+    with pytest.raises(CheckpointError, match="down_proj_scales .* store it as U8"):
         DiskExperts(Checkpoint(bad))
 
 
@@ -114,3 +114,24 @@ def test_other_quantization_methods_are_still_refused(tiny, tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="fp8"):
         Checkpoint(path)
+
+
+def test_options_that_need_a_draft_are_refused_for_4_bit_experts(mx, cli):
+    path, _ = mx
+    for opts in (["--spec-depth", "2"], ["--draft", str(path)]):
+        r = cli("run", str(path), "-p", "hi", "-n", "2", "--backend", "mock", *opts)
+        assert r.exit_code == 2 and "4-bit already" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_biases_in_another_dtype_than_the_config_are_refused(mx, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = mx
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.experts.gate_up_proj_bias"
+    tensors[name] = tensors[name].bfloat16()  # the config says float32
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="gate_up_proj_bias .* store it as F32"):
+        ExpertStore(Checkpoint(bad), torch.float32)

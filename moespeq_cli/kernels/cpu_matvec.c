@@ -26,10 +26,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
 #define MS_AVX512 1
 #else
 #define MS_AVX512 0
+#endif
+#if MS_AVX512 || defined(__F16C__)
+#include <immintrin.h> /* AVX2 machines use its _cvtsh_ss for fp16 weights (else the library fails to load) */
 #endif
 
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };

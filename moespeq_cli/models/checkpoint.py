@@ -23,6 +23,13 @@ from moespeq_cli.models.expert_format import FP8, fp8_dequantize
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3")
 FP8_DTYPE = "F8_E4M3"  # block FP8 (quantization_config fp8): read with its ``_scale_inv``
+STORED_NAMES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float8_e4m3fn: FP8_DTYPE,
+    torch.uint8: "U8",
+}
 
 
 JSON_LIMIT = 64 * 2**20  # config, index, generation and draft files (tokenizer.json has its own)
@@ -165,7 +172,15 @@ class Checkpoint:
                     f"tensor {name} in {self.path} is FP8 without a block scale ({name}_scale_inv) or an fp8 "
                     "quantization_config in config.json; the checkpoint is incomplete"
                 )
-            return fp8_dequantize(t, self.tensor(f"{name}_scale_inv"), fmt.block, dtype)
+            scale = self.tensor(f"{name}_scale_inv")
+            (bm, bn), (rows, cols) = fmt.block, t.shape
+            if tuple(scale.shape) != (-(-rows // bm), -(-cols // bn)) or not scale.is_floating_point():
+                raise CheckpointError(
+                    f"tensor {name}_scale_inv in {self.path} has shape {list(scale.shape)} ({scale.dtype}); "
+                    f"FP8 blocks of {bm}x{bn} over {list(t.shape)} need [{-(-rows // bm)}, {-(-cols // bn)}] floats; "
+                    "the checkpoint and its config disagree"
+                )
+            return fp8_dequantize(t, scale, fmt.block, dtype)
         return t.to(dtype)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
@@ -187,20 +202,23 @@ class Checkpoint:
         return tuple(parts)
 
     def check_part_dtype(self, name: str, want: torch.dtype) -> None:
-        """A float part of an expert is any float dtype; a compact format's codes (MXFP4's
-        blocks and scales) are bytes."""
+        """A part of an expert in a float format may be any float dtype (every tier converts
+        it); a compact format's parts (FP8 codes and scales, MXFP4's bytes and biases) must be
+        exactly what the format lays out, since every tier holds them as stored."""
         if want == torch.float8_e4m3fn and self.dtype_name(name) != FP8_DTYPE:
             raise CheckpointError(
                 f"tensor {name} in {self.path} is {self.dtype_name(name)}, but config.json's quantization_config says "
                 "FP8 (e4m3); the checkpoint and its config disagree"
             )
-        if want.is_floating_point:
-            self.check_dtype(name)
-        elif self.dtype_name(name) != "U8":
+        fmt = self.config.expert_format
+        if fmt.compact and self.dtype_name(name) != STORED_NAMES.get(want):
+            # every tier holds a compact expert's bytes as the format lays them out
             raise CheckpointError(
-                f"tensor {name} in {self.path} is {self.dtype_name(name)}, but its format stores it as bytes (U8); "
-                "the checkpoint and its quantization_config disagree"
+                f"tensor {name} in {self.path} is {self.dtype_name(name)}, but {fmt.quant} experts store it as "
+                f"{STORED_NAMES.get(want)} (config.json's dtype {self.config.dtype}); the checkpoint and its config disagree"
             )
+        if not fmt.compact:
+            self.check_dtype(name)
 
     def check_experts(self) -> None:
         """Every routed expert present with the shapes the config implies (no data read)."""

@@ -232,3 +232,15 @@ def fp8_dequantize(
     rows, cols = w.shape
     s = scale_inv.float().repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
     return (w.float() * s).to(dtype)
+
+
+def aligned(sizes: list[int], dtypes, order) -> bool:
+    """Whether parts of ``sizes`` bytes packed end to end in ``order`` each start at a
+    multiple of their element size, and the whole at one of the largest (slots of such
+    buffers sit side by side): what viewing a compact expert's parts needs."""
+    pos = 0
+    for p in order:
+        if pos % dtypes[p].itemsize:
+            return False
+        pos += sizes[p]
+    return pos % max(d.itemsize for d in dtypes) == 0

@@ -78,6 +78,11 @@ def parse(cfg: dict) -> MoEConfig:
     layers = need(cfg, "num_hidden_layers", kind=int)
     moe = list(range(layers)) if cfg.get("enable_moe_block") else []
     top_k = need(cfg, "top_k_experts", "num_experts_per_tok", default=1, kind=int)
+    experts = need(cfg, "num_experts", kind=int) if moe else 0
+    if moe and not 1 <= top_k <= experts:
+        raise CheckpointError(
+            f"config.json: top_k_experts ({top_k}) must be from 1 to the {experts} experts; fix the file"
+        )
     cfg = dict(cfg, num_experts_per_tok=top_k)
     return moe_config(cfg, ("num_experts",), "moe_intermediate_size", moe, layout=gemma4_experts(approximate(cfg)))
 
@@ -101,12 +106,12 @@ def layer_dims(cfg: dict, i: int, kind: str) -> tuple[int, int]:
     heads = need(cfg, "num_attention_heads", kind=int)
     head_dim = need(cfg, "head_dim", default=256, kind=int)
     kv = need(cfg, "num_key_value_heads", default=heads, kind=int)
-    overrides = cfg.get("per_layer_config")
-    if isinstance(overrides, dict):
-        o = overrides.get(str(i)) or overrides.get(i) or {}
+    overrides = per_layer_overrides(cfg)
+    if overrides is not None:
+        o = overrides.get(i, {})
     elif kind == FULL:
         o = {"head_dim": cfg.get("global_head_dim", 512)}
-        if cfg.get("attention_k_eq_v", True) and cfg.get("num_global_key_value_heads") is not None:
+        if cfg.get("attention_k_eq_v", False) and cfg.get("num_global_key_value_heads") is not None:
             o["num_key_value_heads"] = cfg["num_global_key_value_heads"]
     else:
         o = {}
@@ -122,6 +127,30 @@ def layer_dims(cfg: dict, i: int, kind: str) -> tuple[int, int]:
             "heads must be a multiple of KV heads and the dimension even; fix the file"
         )
     return head_dim, kv
+
+
+def per_layer_overrides(cfg: dict) -> dict[int, dict] | None:
+    """``per_layer_config`` by layer number; transformers writes the keys zero-padded
+    ("05" of 30 layers) and reads them with ``int``."""
+    raw = cfg.get("per_layer_config")
+    if raw is None:
+        return None
+    bad = CheckpointError(
+        "config.json field 'per_layer_config' must map layer numbers to objects of head_dim / "
+        "num_key_value_heads; fix the file"
+    )
+    if not isinstance(raw, dict):
+        raise bad
+    out = {}
+    for key, value in raw.items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not isinstance(value, dict):
+            raise bad
+        out[layer] = value
+    return out
 
 
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:

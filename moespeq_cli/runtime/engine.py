@@ -122,6 +122,13 @@ class Engine:
         if opts.draft not in ("auto", "none") and not is_dir(Path(opts.draft)):
             raise UsageError(f"--draft {shown(opts.draft)} is not a draft directory; build one with `moespeq quantize`")
         self.ckpt = Checkpoint(path)
+        fmt = self.ckpt.config.expert_format
+        if fmt.four_bit and (opts.draft not in ("auto", "none") or self.fixed_k):
+            given = "--draft" if opts.draft not in ("auto", "none") else f"--spec-depth {self.fixed_k}"
+            raise UsageError(
+                f"{given}: this model's experts are stored 4-bit already ({fmt.quant}), so it runs without a 4-bit draft "
+                "(speculation off); drop the option"
+            )
         self.tokenizer = Tokenizer(self.ckpt.path, self.ckpt.raw_config)
         # storage_dtype: what every memory tier holds and what transfers move (the
         # checkpoint's); dtype: what the numerics run in. On the CPU-numerics backends (cpu,

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from moespeq_cli.errors import CheckpointError
+from moespeq_cli.models.expert_format import aligned
 
 BLOCK = 4096  # O_DIRECT alignment: the page size covers every common logical block size
 
@@ -329,6 +330,13 @@ def _in_order(extents: list[Extent]) -> bool:
     return all((a.file, a.offset) < (b.file, b.offset) for a, b in zip(extents, extents[1:], strict=False))
 
 
+def misaligned(path) -> str:
+    return (
+        f"the experts of {path} have sizes that misalign their parts' elements when packed in one buffer "
+        "(an expert's matrix sizes are not multiples of 4 bytes); moespeq cannot hold them compact"
+    )
+
+
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "F8_E4M3": 1}
 COMPACT_DTYPES = {"U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn}  # the parts of compact formats
@@ -387,13 +395,10 @@ class DiskExperts:
         self.numel = sum(lengths)
         self.nbytes = self.numel * torch.empty(0, dtype=self.dtype).element_size()
         self._starts = {}  # part -> element offset in the packed buffer
+        if self.part_dtypes is not None and not aligned(lengths, self.part_dtypes, self.order):
+            raise CheckpointError(misaligned(ckpt.path))
         pos = 0
         for p in self.order:
-            if self.part_dtypes is not None and pos % self.part_dtypes[p].itemsize:
-                raise CheckpointError(
-                    f"the experts of {ckpt.path} have parts whose sizes misalign their {self.part_dtypes[p]} "
-                    "scales in one buffer; moespeq cannot hold them compact"
-                )
             self._starts[p] = pos
             pos += lengths[p]
         self.extents: dict[tuple[int, int], list[Extent]] = {}

@@ -9,7 +9,10 @@ import math
 
 import torch
 
+from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.models.expert_format import aligned
+from moespeq_cli.runtime.tiers.disk import misaligned
 
 
 class ExpertStore:
@@ -25,6 +28,9 @@ class ExpertStore:
         self.part_dtypes = fmt.part_dtypes(c.dtype) if fmt.compact else None  # compact: the stored bytes
         if fmt.compact:
             dtype = storage_dtype = torch.uint8
+            sizes = [math.prod(s) * d.itemsize for s, d in zip(c.expert_shapes(), self.part_dtypes, strict=True)]
+            if not aligned(sizes, self.part_dtypes, range(len(sizes))):
+                raise CheckpointError(misaligned(ckpt.path))
         self.dtype = dtype
         self.storage_dtype = storage_dtype or dtype
         self.numel = c.expert_bytes(1) if fmt.compact else c.expert_params
