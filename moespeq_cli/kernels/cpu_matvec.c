@@ -357,7 +357,13 @@ void ms_linear(const float *x, const void *w, int wt, const float *bias, float *
 static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
-static inline float e8m0(uint8_t s) { return ldexpf(1.0f, (int)s - 127); }
+/* 2^(s - 127) from its bits (a libm ldexpf per block cost more than the block's FMAs) */
+static inline float e8m0(uint8_t s) {
+    uint32_t u = s ? (uint32_t)s << 23 : 0x00400000u; /* s = 0: 2^-127, a subnormal */
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const uint8_t *scales, long K, float *y,
                        long ldy, long T, long n0, long n1) {
@@ -512,15 +518,19 @@ static void rows_fp8(const float *x, long ldx, const uint8_t *w, const float *sc
             for (int t = 0; t < MS_T; t++)
                 for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
             const __m256i hi = _mm256_set1_epi16(0x80), lo = _mm256_set1_epi16(0x7F);
-            for (long k = 0; k < K; k += 16) {
-                __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-                __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, row + k));
-                __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, hi), 8),
-                                            _mm256_slli_epi16(_mm256_and_si256(b, lo), 7));
-                __m512 wv = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f * srow[k / bn]));
-                int j = (int)((k / 16) & 3);
-                for (int t = 0; t < TB; t++)
-                    acc[t][j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + (t0 + t) * ldx + k), acc[t][j]);
+            for (long kb = 0; kb < K; kb += bn) { /* one column block: one scale (bn is a multiple of 16) */
+                __m512 sc = _mm512_set1_ps(256.0f * srow[kb / bn]);
+                long kend = kb + bn < K ? kb + bn : K;
+                for (long k = kb; k < kend; k += 16) {
+                    __mmask16 m = kend - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (kend - k)) - 1);
+                    __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, row + k));
+                    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, hi), 8),
+                                                _mm256_slli_epi16(_mm256_and_si256(b, lo), 7));
+                    __m512 wv = _mm512_mul_ps(_mm512_cvtph_ps(h), sc);
+                    int j = (int)((k / 16) & 3);
+                    for (int t = 0; t < TB; t++)
+                        acc[t][j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + (t0 + t) * ldx + k), acc[t][j]);
+                }
             }
             for (int t = 0; t < TB; t++)
                 y[(t0 + t) * ldy + n] =
