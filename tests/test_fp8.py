@@ -9,7 +9,7 @@ import pytest
 import torch
 from offload_helpers import prompt_for, run_engine, vram_for_slots
 from test_disk_offload import disk_run, ram_for
-from tiny_models import CLASSES, fp8_copies
+from tiny_models import CLASSES, edited_copy, fp8_copies
 
 from moespeq_cli.errors import CheckpointError, UnsupportedModelError
 from moespeq_cli.models.checkpoint import Checkpoint
@@ -108,33 +108,16 @@ def test_the_draft_quantizes_the_dequantized_experts(fp8_ckpts, cli, tmp_path):
 
 
 def test_malformed_fp8_checkpoints_are_refused(fp8_ckpts, tiny, tmp_path):
-    import shutil
-
     src, _ = fp8_ckpts("qwen3_moe", "base")
-    path = tmp_path / "ckpt"
-    shutil.copytree(src, path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"].pop("weight_block_size")
-    (path / "config.json").write_text(json.dumps(cfg))
+    path = edited_copy(src, tmp_path / "ckpt", config=lambda c: c["quantization_config"].pop("weight_block_size"))
     with pytest.raises(CheckpointError, match="weight_block_size"):
         Checkpoint(path)
     # fused experts (gpt-oss) in FP8: not a layout moespeq reads
     oss, _ = tiny("gpt_oss", "mx")
-    bad = tmp_path / "oss"
-    shutil.copytree(oss, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16]}
-    (bad / "config.json").write_text(json.dumps(cfg))
+    fp8 = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    bad = edited_copy(oss, tmp_path / "oss", config=lambda c: c.update(quantization_config=fp8))
     with pytest.raises(UnsupportedModelError, match="block FP8"):
         Checkpoint(bad)
-
-
-def rewrite(path, fn):
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path / "model.safetensors")
-    fn(tensors)
-    save_file(tensors, path / "model.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -153,12 +136,8 @@ def rewrite(path, fn):
     ],
 )
 def test_fp8_scales_that_disagree_are_refused_in_one_line(fp8_ckpts, cli, tmp_path, change, words):
-    import shutil
-
     src, _ = fp8_ckpts("qwen3_moe", "base")
-    path = tmp_path / "ckpt"
-    shutil.copytree(src, path)
-    rewrite(path, change)
+    path = edited_copy(src, tmp_path / "ckpt", tensors=change)
     r = cli("run", str(path), "-p", "hi", "-n", "2", "--backend", "cpu")
     assert r.exit_code == 1 and words in r.stderr and "Traceback" not in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1

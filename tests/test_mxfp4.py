@@ -2,14 +2,12 @@
 moespeq keeps them compact in every tier and dequantizes each expert when it computes; the
 oracle is transformers' model of the same checkpoint, dequantized at load."""
 
-import json
-import shutil
 
 import pytest
 import torch
 from offload_helpers import prompt_for, run_engine
 from test_disk_offload import disk_run, ram_for
-from tiny_models import mxfp4_copy, mxfp4_reference
+from tiny_models import edited_copy, mxfp4_copy, mxfp4_reference
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.checkpoint import Checkpoint
@@ -89,27 +87,22 @@ def test_quantize_refuses_experts_that_are_4_bit_already(mx, cli):
     assert r.exit_code == 2 and "4-bit already" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_codes_stored_as_floats_are_refused(mx, tmp_path):
-    from safetensors.torch import load_file, save_file
+def retyped(t: dict, name: str, dtype) -> None:
+    t[name] = t[name].to(dtype)
 
+
+def test_codes_stored_as_floats_are_refused(mx, tmp_path):
     path, _ = mx
-    bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    tensors = load_file(bad / "model.safetensors")
     name = "model.layers.0.mlp.experts.down_proj_scales"
-    tensors[name] = tensors[name].float()
-    save_file(tensors, bad / "model.safetensors")
+    bad = edited_copy(path, tmp_path / "bad", tensors=lambda t: retyped(t, name, torch.float32))
     with pytest.raises(CheckpointError, match="down_proj_scales .* store it as U8"):
         DiskExperts(Checkpoint(bad))
 
 
 def test_other_quantization_methods_are_still_refused(tiny, tmp_path):
     src, _ = tiny("gpt_oss", "mx")
-    path = tmp_path / "fp8"
-    shutil.copytree(src, path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (path / "config.json").write_text(json.dumps(cfg))
+    fp8 = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    path = edited_copy(src, tmp_path / "fp8", config=lambda c: c.update(quantization_config=fp8))
     from moespeq_cli.errors import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="fp8"):
@@ -124,14 +117,8 @@ def test_options_that_need_a_draft_are_refused_for_4_bit_experts(mx, cli):
 
 
 def test_biases_in_another_dtype_than_the_config_are_refused(mx, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     path, _ = mx
-    bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    tensors = load_file(bad / "model.safetensors")
-    name = "model.layers.1.mlp.experts.gate_up_proj_bias"
-    tensors[name] = tensors[name].bfloat16()  # the config says float32
-    save_file(tensors, bad / "model.safetensors")
+    name = "model.layers.1.mlp.experts.gate_up_proj_bias"  # the config says float32
+    bad = edited_copy(path, tmp_path / "bad", tensors=lambda t: retyped(t, name, torch.bfloat16))
     with pytest.raises(CheckpointError, match="gate_up_proj_bias .* store it as F32"):
         ExpertStore(Checkpoint(bad), torch.float32)

@@ -679,3 +679,22 @@ def fp8_copies(src: Path, dst: Path, block: tuple[int, int] = (16, 16)) -> tuple
         save_file(weights, out / "model.safetensors")
         (out / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
     return quantized, plain
+
+
+def edited_copy(src: Path, dst: Path, config=None, tensors=None) -> Path:
+    """A copy of the checkpoint at ``src`` with ``config(cfg)`` applied to its config.json
+    and ``tensors(dict)`` to its weights (each a function editing in place; None: as is)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if tensors is not None:
+        weights = load_file(dst / "model.safetensors")
+        tensors(weights)
+        save_file(weights, dst / "model.safetensors")
+    return dst

@@ -99,29 +99,41 @@ def why_unavailable() -> str | None:
     return None if available() else build.why_not
 
 
-def takes(x: torch.Tensor, *ws: torch.Tensor) -> bool:
-    """Whether the kernels compute ``x`` against weights ``ws`` (else: torch)."""
+def _rows(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """What every kernel needs of the activations and the weights' tensors."""
     return (
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and x.dim() == 2
         and x.shape[0] <= MAX_ROWS
-        and all(w.device.type == "cpu" and w.dtype in WTYPES and w.is_contiguous() for w in ws)
+        and all(w.device.type == "cpu" and w.is_contiguous() for w in ws)
         and _lib() is not None
     )
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [T, K] @ w[N, K].T (+ bias)`` in fp32; ``takes(x, w)`` must hold."""
+def takes(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """Whether the kernels compute ``x`` against weights ``ws`` (else: torch)."""
+    return all(w.dtype in WTYPES for w in ws) and _rows(x, *ws)
+
+
+def _product(call, x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y [T, n]`` from ``call(x, bias, y, T, n, K)`` (pointers and sizes) for x [T, K]."""
     x = x.contiguous()
     T, K = x.shape
-    N = w.shape[0]
-    y = torch.empty(T, N, dtype=torch.float32)
+    y = torch.empty(T, n, dtype=torch.float32)
     if bias is not None:
         bias = bias.float().contiguous()  # held here until the call returns
-    b = None if bias is None else bias.data_ptr()
-    _lib().ms_linear(x.data_ptr(), w.data_ptr(), WTYPES[w.dtype], b, y.data_ptr(), T, N, K)
+    call(x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), T, n, K)
     return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [T, K] @ w[N, K].T (+ bias)`` in fp32; ``takes(x, w)`` must hold."""
+
+    def call(xp, bp, yp, T, N, K):
+        _lib().ms_linear(xp, w.data_ptr(), WTYPES[w.dtype], bp, yp, T, N, K)
+
+    return _product(call, x, w.shape[0], bias)
 
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # the gate's activation in ``expert``
@@ -156,14 +168,7 @@ def expert(
 
 def takes_mxfp4(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether ``linear_mxfp4`` computes ``x`` against MXFP4 ``blocks`` / ``scales``."""
-    return (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.dim() == 2
-        and x.shape[0] <= MAX_ROWS
-        and all(t.device.type == "cpu" and t.dtype == torch.uint8 and t.is_contiguous() for t in (blocks, scales))
-        and _lib() is not None
-    )
+    return blocks.dtype == scales.dtype == torch.uint8 and _rows(x, blocks, scales)
 
 
 def linear_mxfp4(
@@ -172,30 +177,17 @@ def linear_mxfp4(
     """``x [T, K] @ W.T (+ bias)`` for W [N, K] in MXFP4 (``blocks [N, K/32, 16]``, ``scales
     [N, K/32]``), read as stored: the dequantized weights' product, exactly, at 4.25 bits a
     weight of memory traffic. ``takes_mxfp4`` must hold."""
-    x = x.contiguous()
-    T, K = x.shape
-    N = blocks.shape[0]
-    y = torch.empty(T, N, dtype=torch.float32)
-    if bias is not None:
-        bias = bias.float().contiguous()  # held here until the call returns
-    b = None if bias is None else bias.data_ptr()
-    _lib().ms_linear_mxfp4(x.data_ptr(), blocks.data_ptr(), scales.data_ptr(), b, y.data_ptr(), T, N, K)
-    return y
+
+    def call(xp, bp, yp, T, N, K):
+        _lib().ms_linear_mxfp4(xp, blocks.data_ptr(), scales.data_ptr(), bp, yp, T, N, K)
+
+    return _product(call, x, blocks.shape[0], bias)
 
 
 def takes_fp8(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> bool:
     """Whether ``linear_fp8`` computes ``x`` against block-FP8 ``w`` (blocks of whole 16-wide chunks)."""
-    return (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.dim() == 2
-        and x.shape[0] <= MAX_ROWS
-        and block[1] % 16 == 0
-        and w.dtype == torch.float8_e4m3fn
-        and scale_inv.dtype == torch.float32
-        and all(t.device.type == "cpu" and t.is_contiguous() for t in (w, scale_inv))
-        and _lib() is not None
-    )
+    ok = block[1] % 16 == 0 and w.dtype == torch.float8_e4m3fn and scale_inv.dtype == torch.float32
+    return ok and _rows(x, w, scale_inv)
 
 
 def linear_fp8(
@@ -204,15 +196,11 @@ def linear_fp8(
     """``x [T, K] @ W.T (+ bias)`` for block-FP8 ``w [N, K]`` with ``scale_inv [ceil(N/bm),
     ceil(K/bn)]``, read as stored: the product with the dequantized weights, exactly as they
     round, at a byte a weight of memory traffic. ``takes_fp8`` must hold."""
-    x = x.contiguous()
-    T, K = x.shape
-    N = w.shape[0]
-    y = torch.empty(T, N, dtype=torch.float32)
-    if bias is not None:
-        bias = bias.float().contiguous()
-    b = None if bias is None else bias.data_ptr()
-    _lib().ms_linear_fp8(x.data_ptr(), w.data_ptr(), scale_inv.data_ptr(), block[0], block[1], b, y.data_ptr(), T, N, K)
-    return y
+
+    def call(xp, bp, yp, T, N, K):
+        _lib().ms_linear_fp8(xp, w.data_ptr(), scale_inv.data_ptr(), block[0], block[1], bp, yp, T, N, K)
+
+    return _product(call, x, w.shape[0], bias)
 
 
 def expert_transposed(
