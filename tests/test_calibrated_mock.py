@@ -172,6 +172,41 @@ def test_a_cpu_profile_prices_dense_layers_as_the_cpu_backend_runs_them(tiny):
         assert heads and all((d >= 1.0) == expect_slow for d in heads), kernel
 
 
+def test_each_expert_layout_is_priced_by_its_own_kernels_curve(tiny, tmp_path):
+    """gpt-oss's experts, as bf16 and as published (MXFP4), and block-FP8 experts run kernels
+    of their own: a cpu profile prices them by those kernels' curves, not the SwiGLU one's."""
+    from tiny_models import fp8_copies, mxfp4_copy
+
+    from moespeq_cli.models.expert_format import HF_EXPERTS, fp8_experts
+    from moespeq_cli.runtime.planning.calibrate import expert_kernel, other_formats
+
+    oss, _ = tiny("gpt_oss", "mx")
+    fp8, _ = fp8_copies(tiny("qwen3_moe", "base")[0], tmp_path / "fp8")
+    paths = [oss, mxfp4_copy(oss, tmp_path / "mx"), fp8]
+    names = [expert_kernel(f, torch.bfloat16, torch.float32) for f in other_formats()]
+    assert names == [
+        "expert:gpt_oss:bfloat16:float32",
+        "expert:gpt_oss-mxfp4:bfloat16:float32",
+        "expert:fp8:bfloat16:float32",
+    ]
+    assert expert_kernel(fp8_experts(HF_EXPERTS, (128, 128)), torch.bfloat16, torch.float32) == names[2]
+    slow = KernelCurve((1, 16), (1.0, 1e12), ((1.0, 1.0), (1.0, 1.0)), ops=1)  # one second a call
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
+    for path, name in zip(paths, names, strict=True):
+        c = Checkpoint(path).config  # the tiny checkpoints are float32: the curve of float32 weights
+        mine = expert_kernel(c.expert_format, c.dtype, torch.float32)
+        assert mine.rsplit(":", 2)[0] == name.rsplit(":", 2)[0]
+        for kernel, expect_slow in ((mine, True), ("expert:float32:float32", False)):
+            hw = replace(cpu, kernels={kernel: slow})
+            eng = Engine(path, EngineOptions(backend="mock", policy="lru", hardware=hw))
+            eng.load(16)
+            assert eng.target_exec.kernel == mine
+            list(eng.generate(prompt_for(5, 4), 2, SamplingParams()))
+            experts = [iv.duration for iv in eng.backend.timeline.intervals if iv.name.startswith("expert L")]
+            eng.close()
+            assert experts and all((d >= 1.0) == expect_slow for d in experts), (path.name, kernel)
+
+
 def test_profiles_refuse_malformed_curves(tmp_path):
     from moespeq_cli.errors import UsageError
 

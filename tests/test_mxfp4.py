@@ -2,7 +2,6 @@
 moespeq keeps them compact in every tier and dequantizes each expert when it computes; the
 oracle is transformers' model of the same checkpoint, dequantized at load."""
 
-
 import pytest
 import torch
 from offload_helpers import prompt_for, run_engine

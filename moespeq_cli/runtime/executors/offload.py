@@ -19,13 +19,12 @@ from __future__ import annotations
 import torch
 
 from moespeq_cli.models.base import CausalLM
-from moespeq_cli.models.expert_format import GPT_OSS
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
 from moespeq_cli.runtime.executors.opcount import OpCounter
+from moespeq_cli.runtime.planning.calibrate import expert_kernel
 from moespeq_cli.runtime.planning.costs import (
     Cost,
-    dtype_name,
     elem_size,
     expert_cost,
     linear_cost,
@@ -62,13 +61,11 @@ class OffloadedExperts:
         self.elem = elem_size(weights)
         # what an expert's weights take a weight: its bytes over its 3 H I weights when compact
         self.expert_elem = tiers.nbytes / (3 * self.hidden * self.inter) if compact else self.elem
-        # the kernel the code runs for an expert: its weights' dtype, the activations'; gpt-oss's
-        # transposed experts and compact experts run kernels `calibrate` does not measure:
-        # priced at the roofline (docs/mock-backend.md)
+        # the kernel the code runs for an expert (its layout, its weights' dtype, the
+        # activations'): the curve `calibrate` measured for it prices it (docs/mock-backend.md)
         act_dtype = act_dtype or weights
         fmt = c.expert_format
-        kind = (f"{fmt.kind}-{fmt.quant}:" if compact else f"{GPT_OSS}:") if fmt.kind == GPT_OSS else ""
-        self.kernel = f"expert:{kind}{dtype_name(weights)}:{dtype_name(act_dtype)}"
+        self.kernel = expert_kernel(fmt, weights, act_dtype)
         # the ops one expert dispatches, counted on the function itself (a GPU computing in its
         # own dtype does not run the casts of float32 numerics)
         self.format = fmt

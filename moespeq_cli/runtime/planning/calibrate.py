@@ -113,7 +113,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
     is timed again while reads of that file run in the background, as the disk tier's
     reads do during decoding: ``NAME@busy`` (on a machine with few cores the reader's
     threads take time from the kernels' own)."""
-    from moespeq_cli.runtime.executors.experts import expert_mlp
+    from moespeq_cli.runtime.executors.experts import expert_forward, expert_mlp
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     curves: dict = {}
@@ -173,6 +173,19 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         elem = torch.empty(0, dtype=wd).element_size()
         name = f"expert:{dtype_name(wd)}:{dtype_name(xd)}"
         curve(name, bind_expert, xd, lambda h, i, e=elem: 3 * h * i * e)
+    if device.type == "cpu":  # the kernels of the other expert layouts (models/expert_format.py)
+        for fmt in other_formats():
+
+            def bind_format(h, i, fmt=fmt):
+                parts = random_parts(fmt, h, i)
+                return lambda x: expert_forward(fmt, x, parts, fast=True)
+
+            curve(
+                expert_kernel(fmt, torch.bfloat16, torch.float32),
+                bind_format,
+                torch.float32,
+                lambda h, i, fmt=fmt: fmt.nbytes(h, i, torch.bfloat16),
+            )
     for path in ("cuda",) if device.type == "cuda" else ("packed", "reference"):
         q = _draft(path, device)
         if q is None:
@@ -189,6 +202,46 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
             lambda h, i, q=q, path=path: int(3 * h * i * q.bytes_per_weight(path)),
         )
     return curves
+
+
+def other_formats() -> list:
+    """The expert layouts with kernels of their own on the CPU: gpt-oss's transposed bf16
+    experts, its MXFP4 experts, block FP8 (Gemma 4's GELU experts run the SwiGLU kernel)."""
+    from moespeq_cli.models.expert_format import HF_EXPERTS, MXFP4, fp8_experts, gpt_oss_experts
+
+    return [gpt_oss_experts(1.702, 7.0), gpt_oss_experts(1.702, 7.0, MXFP4), fp8_experts(HF_EXPERTS, (128, 128))]
+
+
+def random_parts(fmt, h: int, i: int) -> list[torch.Tensor]:
+    """An expert of ``fmt`` with random weights as the format stores them (compact codes
+    drawn so that no value is infinite or NaN): what a kernel timing needs."""
+    g = torch.Generator().manual_seed(h + i)
+    parts = []
+    for shape, dtype in zip(fmt.shapes(h, i), fmt.part_dtypes(torch.bfloat16), strict=True):
+        if dtype == torch.uint8:  # MXFP4 codes; scales near 2^-6
+            top = 256 if len(shape) == 3 else 1
+            t = torch.randint(0, top, shape, dtype=torch.uint8, generator=g)
+            parts.append(t if top == 256 else t + 121)
+        elif dtype == torch.float8_e4m3fn:  # every byte but the two NaNs
+            codes = torch.randint(0, 126, shape, dtype=torch.uint8, generator=g)
+            signs = torch.randint(0, 2, shape, dtype=torch.uint8, generator=g) << 7
+            parts.append((codes | signs).view(dtype))
+        else:
+            parts.append((torch.randn(shape, generator=g) * 0.02).to(dtype))
+    return parts
+
+
+def expert_kernel(fmt, weights: torch.dtype, activations: torch.dtype) -> str:
+    """The curve name of the kernel an expert of ``fmt`` runs: ``expert:<weights>:<activations>``
+    for the SwiGLU and GELU experts, with the layout before it for the others
+    (``expert:gpt_oss:...``, ``expert:gpt_oss-mxfp4:...``, ``expert:fp8:...``)."""
+    from moespeq_cli.models.expert_format import GPT_OSS, SWIGLU
+
+    if fmt.compact:
+        tag = f"{fmt.quant}:" if fmt.kind == SWIGLU else f"{fmt.kind}-{fmt.quant}:"
+    else:
+        tag = f"{GPT_OSS}:" if fmt.kind == GPT_OSS else ""
+    return f"expert:{tag}{dtype_name(weights)}:{dtype_name(activations)}"
 
 
 @contextlib.contextmanager
