@@ -178,7 +178,8 @@ def test_each_expert_layout_is_priced_by_its_own_kernels_curve(tiny, tmp_path):
     from tiny_models import fp8_copies, mxfp4_copy
 
     from moespeq_cli.models.expert_format import HF_EXPERTS, fp8_experts
-    from moespeq_cli.runtime.planning.calibrate import expert_kernel, other_formats
+    from moespeq_cli.runtime.planning.calibrate import other_formats
+    from moespeq_cli.runtime.planning.costs import expert_kernel
 
     oss, _ = tiny("gpt_oss", "mx")
     fp8, _ = fp8_copies(tiny("qwen3_moe", "base")[0], tmp_path / "fp8")

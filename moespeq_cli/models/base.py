@@ -301,6 +301,14 @@ class SparseMoE(nn.Module):
         self.observer: Callable | None = None
         self.read_routing = read_routing  # the one host read of the routing (``plan`` counts ops on meta)
 
+    def name_router(self, name: str, module: nn.Module) -> None:
+        """The router is the checkpoint's ``name`` (gpt-oss: ``router``; Gemma 4: ``proj``):
+        registered under that name, and still reached as ``gate`` by the runtime (hooks,
+        costs, gate-prefetch), held outside the module tree so that it is named once."""
+        del self.gate
+        setattr(self, name, module)
+        self.__dict__["gate"] = module
+
     def router_logits(self, x: torch.Tensor, hooked: bool = True) -> torch.Tensor:
         """``hooked``: through the gate module (its forward hooks fire); False: the same
         product without them (gate-prefetch applies a later layer's router early)."""

@@ -23,13 +23,16 @@ from moespeq_cli.models.expert_format import FP8, fp8_dequantize
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3")
 FP8_DTYPE = "F8_E4M3"  # block FP8 (quantization_config fp8): read with its ``_scale_inv``
-STORED_NAMES = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float8_e4m3fn: FP8_DTYPE,
-    torch.uint8: "U8",
+# safetensors' dtype names -> torch's, for every dtype an expert part may be stored in
+STORED_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    FP8_DTYPE: torch.float8_e4m3fn,
+    "U8": torch.uint8,
 }
+STORED_NAMES = {dtype: name for name, dtype in STORED_DTYPES.items()}
 
 
 JSON_LIMIT = 64 * 2**20  # config, index, generation and draft files (tokenizer.json has its own)

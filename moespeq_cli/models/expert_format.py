@@ -177,9 +177,7 @@ class ExpertFormat:
 
     def forward_canonical(self, x: torch.Tensor, gate, up, down, biases=None) -> torch.Tensor:
         """The same expert from canonical matrices (the draft's dequantized weights)."""
-        if biases is None:
-            return F.linear(self.activate(F.linear(x, gate), F.linear(x, up)), down)
-        bg, bu, bd = biases
+        bg, bu, bd = biases if biases is not None else (None, None, None)
         return F.linear(self.activate(F.linear(x, gate, bg), F.linear(x, up, bu)), down, bd)
 
 
@@ -244,3 +242,18 @@ def aligned(sizes: list[int], dtypes, order) -> bool:
             return False
         pos += sizes[p]
     return pos % max(d.itemsize for d in dtypes) == 0
+
+
+def views_at(flat: torch.Tensor, starts, shapes, dtypes=None) -> tuple[torch.Tensor, ...]:
+    """Part ``p`` of a packed expert buffer, a view of ``shapes[p]`` from element ``starts[p]``;
+    with ``dtypes`` (a compact format's parts of several dtypes) ``flat`` holds bytes, the
+    starts count bytes and each view is of its own dtype."""
+    raw = flat.view(torch.uint8) if dtypes is not None else flat
+    out = []
+    for p, shape in enumerate(shapes):
+        if dtypes is None:
+            out.append(flat[starts[p] : starts[p] + math.prod(shape)].view(shape))
+        else:
+            n = math.prod(shape) * dtypes[p].itemsize
+            out.append(raw[starts[p] : starts[p] + n].view(dtypes[p]).view(shape))
+    return tuple(out)

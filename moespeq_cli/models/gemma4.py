@@ -195,15 +195,11 @@ class Gemma4Router(SparseMoE):
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, eps: float, expert_norm: nn.Module):
         super().__init__(hidden, num_experts, self._route)
-        del self.gate
-        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.name_router("proj", nn.Linear(hidden, num_experts, bias=False))
         self.scale = nn.Parameter(torch.ones(hidden))
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
         self.top_k, self.eps, self.root = top_k, eps, hidden**-0.5
-        # held outside the module tree: `gate` is how the runtime reaches every router, the
-        # norm belongs to the layer (the checkpoint names it there)
-        self.__dict__["gate"] = self.proj
-        self.__dict__["expert_norm"] = expert_norm
+        self.__dict__["expert_norm"] = expert_norm  # the layer's (the checkpoint names it there): not a child
 
     def router_logits(self, x: torch.Tensor, hooked: bool = True) -> torch.Tensor:
         h = normalize(x, self.eps) * self.scale * self.root

@@ -135,11 +135,7 @@ class RouterMoE(SparseMoE):
 
     def __init__(self, hidden: int, num_experts: int, route):
         super().__init__(hidden, num_experts, route)
-        del self.gate
-        self.router = nn.Linear(hidden, num_experts, bias=True)
-        # the runtime reaches every family's router as ``gate`` (hooks, costs, gate-prefetch);
-        # here that is the same module, held outside the module tree (named once, as router)
-        self.__dict__["gate"] = self.router
+        self.name_router("router", nn.Linear(hidden, num_experts, bias=True))
 
 
 class Model(CausalLM):

@@ -9,6 +9,7 @@ output for its tokens; executors differ only in where they get the weights.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -88,12 +89,10 @@ def expert_forward(fmt: ExpertFormat, x: torch.Tensor, parts, fast: bool = False
             return kernels.expert_transposed(x.float(), *parts, fmt.alpha, fmt.limit).to(x.dtype)
     if parts[0].dtype != x.dtype:
         parts = widened(x.dtype, x.device, *parts)
-    if fast:
-        from moespeq_cli import kernels
+    from moespeq_cli import kernels
 
-        with kernels.torch_parallel():
-            return fmt.forward(x, parts)
-    return fmt.forward(x, parts)
+    with kernels.torch_parallel() if fast else contextlib.nullcontext():
+        return fmt.forward(x, parts)
 
 
 _scratch = threading.local()

@@ -22,11 +22,11 @@ from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
 from moespeq_cli.runtime.executors.opcount import OpCounter
-from moespeq_cli.runtime.planning.calibrate import expert_kernel
 from moespeq_cli.runtime.planning.costs import (
     Cost,
     elem_size,
     expert_cost,
+    expert_kernel,
     linear_cost,
     transfer_seconds,
 )

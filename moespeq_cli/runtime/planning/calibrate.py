@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from moespeq_cli.runtime.executors.opcount import OpCounter
-from moespeq_cli.runtime.planning.costs import dtype_name
+from moespeq_cli.runtime.planning.costs import dtype_name, expert_kernel
 
 TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
 SHAPES = ((512, 1536), (1024, 3584))  # (hidden, intermediate): a small expert and a Mixtral-class one at 1/4 width
@@ -229,19 +229,6 @@ def random_parts(fmt, h: int, i: int) -> list[torch.Tensor]:
         else:
             parts.append((torch.randn(shape, generator=g) * 0.02).to(dtype))
     return parts
-
-
-def expert_kernel(fmt, weights: torch.dtype, activations: torch.dtype) -> str:
-    """The curve name of the kernel an expert of ``fmt`` runs: ``expert:<weights>:<activations>``
-    for the SwiGLU and GELU experts, with the layout before it for the others
-    (``expert:gpt_oss:...``, ``expert:gpt_oss-mxfp4:...``, ``expert:fp8:...``)."""
-    from moespeq_cli.models.expert_format import GPT_OSS, SWIGLU
-
-    if fmt.compact:
-        tag = f"{fmt.quant}:" if fmt.kind == SWIGLU else f"{fmt.kind}-{fmt.quant}:"
-    else:
-        tag = f"{GPT_OSS}:" if fmt.kind == GPT_OSS else ""
-    return f"expert:{tag}{dtype_name(weights)}:{dtype_name(activations)}"
 
 
 @contextlib.contextmanager

@@ -151,6 +151,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def expert_kernel(fmt, weights: torch.dtype, activations: torch.dtype) -> str:
+    """The curve name of the kernel an expert of ``fmt`` runs: ``expert:<weights>:<activations>``
+    for the SwiGLU and GELU experts, with the layout before it for the others
+    (``expert:gpt_oss:...``, ``expert:gpt_oss-mxfp4:...``, ``expert:fp8:...``)."""
+    from moespeq_cli.models.expert_format import GPT_OSS, SWIGLU
+
+    if fmt.compact:
+        tag = f"{fmt.quant}:" if fmt.kind == SWIGLU else f"{fmt.kind}-{fmt.quant}:"
+    else:
+        tag = f"{GPT_OSS}:" if fmt.kind == GPT_OSS else ""
+    return f"expert:{tag}{dtype_name(weights)}:{dtype_name(activations)}"
+
+
 def elem_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 

@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from moespeq_cli.errors import CheckpointError
-from moespeq_cli.models.expert_format import aligned
+from moespeq_cli.models.checkpoint import STORED_DTYPES
+from moespeq_cli.models.expert_format import aligned, views_at
 
 BLOCK = 4096  # O_DIRECT alignment: the page size covers every common logical block size
 
@@ -337,9 +338,7 @@ def misaligned(path) -> str:
     )
 
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "F8_E4M3": 1}
-COMPACT_DTYPES = {"U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn}  # the parts of compact formats
+FLOAT_PARTS = ("BF16", "F16", "F32", "F64")  # what an expert not stored compact may be held in
 
 
 class DiskExperts:
@@ -369,29 +368,23 @@ class DiskExperts:
             ext, dtype, _ = entry(key)
             if not fused:
                 return ext
-            size = sizes[p] * SAFETENSORS_BYTES.get(dtype, 1)
+            size = sizes[p] * STORED_DTYPES[dtype].itemsize
             return Extent(ext.file, ext.offset + e * size, size)
 
         first = [entry(k) for k in c.expert_keys(c.moe_layers[0], 0)]
-        fmt = c.expert_format
-        if fmt.compact:  # several dtypes (MXFP4's byte codes, the biases): every tier holds the bytes
+        names = [d for _, d, _ in first]  # each part's safetensors dtype, the same for every expert
+        if c.expert_format.compact:  # several dtypes (codes, scales, biases): every tier holds the bytes
             self.dtype = torch.uint8
-            self.part_dtypes = tuple({**SAFETENSORS_DTYPES, **COMPACT_DTYPES}[d] for _, d, _ in first)
-            dtypes = {d for _, d, _ in first}
+            self.part_dtypes = tuple(STORED_DTYPES[d] for d in names)
+            lengths = [n * d.itemsize for n, d in zip(sizes, self.part_dtypes, strict=True)]
         else:
-            dtypes = {d for _, d, _ in first}
-            if len(dtypes) != 1 or next(iter(dtypes)) not in SAFETENSORS_DTYPES:
+            if len(set(names)) != 1 or names[0] not in FLOAT_PARTS:
                 raise CheckpointError(
-                    f"the experts of {ckpt.path} mix dtypes {sorted(dtypes)}; moespeq needs one float dtype"
+                    f"the experts of {ckpt.path} mix dtypes {sorted(set(names))}; moespeq needs one float dtype"
                 )
-            self.dtype = SAFETENSORS_DTYPES[next(iter(dtypes))]
-            self.part_dtypes = None
+            self.dtype, self.part_dtypes, lengths = STORED_DTYPES[names[0]], None, sizes
         # The parts' order in the file (for most families 0 = gate, 1 = up, 2 = down), from the first expert.
         self.order = sorted(range(len(shapes)), key=lambda p: (first[p][0].file, first[p][0].offset))
-        # each part's length in the packed buffer's elements (bytes, for a compact format)
-        lengths = [n * SAFETENSORS_BYTES.get(d, 1) for n, (_, d, _) in zip(sizes, first, strict=True)]
-        if not fmt.compact:
-            lengths = sizes
         self.numel = sum(lengths)
         self.nbytes = self.numel * torch.empty(0, dtype=self.dtype).element_size()
         self._starts = {}  # part -> element offset in the packed buffer
@@ -405,7 +398,7 @@ class DiskExperts:
         for layer in c.moe_layers:
             for e in range(c.num_experts):
                 keys = c.expert_keys(layer, e)
-                if {entry(k)[1] for k in keys} != dtypes or [entry(k)[1] for k in keys] != [d for _, d, _ in first]:
+                if [entry(k)[1] for k in keys] != names:
                     raise CheckpointError(f"expert {e} of layer {layer} in {ckpt.path} has another dtype than the rest")
                 ordered = [part(keys[p], p, e) for p in self.order]
                 self.extents[(layer, e)] = coalesce(ordered) if _in_order(ordered) else ordered
@@ -425,16 +418,7 @@ class DiskExperts:
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A packed expert buffer -> its parts in the config's order (e.g. gate [I, H],
         up [I, H], down [H, I]), as views (of their own dtypes, for a compact format)."""
-        out = []
-        raw = flat.view(torch.uint8) if self.part_dtypes is not None else flat
-        for p, shape in enumerate(self.config.expert_shapes()):
-            start = self._starts[p]
-            if self.part_dtypes is None:
-                out.append(flat[start : start + math.prod(shape)].view(shape))
-            else:
-                n = math.prod(shape) * self.part_dtypes[p].itemsize
-                out.append(raw[start : start + n].view(self.part_dtypes[p]).view(shape))
-        return tuple(out)
+        return views_at(flat, self._starts, self.config.expert_shapes(), self.part_dtypes)
 
     @property
     def layout(self):

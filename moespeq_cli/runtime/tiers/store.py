@@ -11,7 +11,7 @@ import torch
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.models.expert_format import aligned
+from moespeq_cli.models.expert_format import aligned, views_at
 from moespeq_cli.runtime.tiers.disk import misaligned
 
 
@@ -26,9 +26,14 @@ class ExpertStore:
         ckpt.check_experts()
         fmt = c.expert_format
         self.part_dtypes = fmt.part_dtypes(c.dtype) if fmt.compact else None  # compact: the stored bytes
+        # each part's length in the buffer's elements (bytes, for a compact format), end to end
+        sizes = [
+            math.prod(s) * (d.itemsize if fmt.compact else 1)
+            for s, d in zip(c.expert_shapes(), fmt.part_dtypes(c.dtype), strict=True)
+        ]
+        self._starts = [sum(sizes[:p]) for p in range(len(sizes))]
         if fmt.compact:
             dtype = storage_dtype = torch.uint8
-            sizes = [math.prod(s) * d.itemsize for s, d in zip(c.expert_shapes(), self.part_dtypes, strict=True)]
             if not aligned(sizes, self.part_dtypes, range(len(sizes))):
                 raise CheckpointError(misaligned(ckpt.path))
         self.dtype = dtype
@@ -51,21 +56,7 @@ class ExpertStore:
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A packed expert buffer -> its parts (e.g. gate [I, H], up [I, H], down [H, I]) as views."""
-        return part_views(flat, self.config.expert_shapes(), self.part_dtypes)
-
-
-def part_views(flat: torch.Tensor, shapes, dtypes=None) -> tuple[torch.Tensor, ...]:
-    """``flat`` cut into consecutive views of ``shapes``; with ``dtypes`` (a compact
-    format's parts of several dtypes), ``flat`` holds bytes and each view is of its dtype."""
-    if dtypes is not None:
-        flat = flat.view(torch.uint8)
-    out, pos = [], 0
-    for p, shape in enumerate(shapes):
-        n = math.prod(shape) * (dtypes[p].itemsize if dtypes is not None else 1)
-        part = flat[pos : pos + n]
-        out.append((part.view(dtypes[p]) if dtypes is not None else part).view(shape))
-        pos += n
-    return tuple(out)
+        return views_at(flat, self._starts, self.config.expert_shapes(), self.part_dtypes)
 
     @property
     def total_bytes(self) -> int:
