@@ -45,7 +45,11 @@ ALIASES: dict[str, tuple[str, float]] = {
     "gpt-oss-20b": ("openai/gpt-oss-20b", 13.8),  # MXFP4 experts, as published
     "gpt-oss-120b": ("openai/gpt-oss-120b", 65.3),
     "deepseek-v3": ("deepseek-ai/DeepSeek-V3-0324", 688.6),  # block FP8, as published
+    "kimi-k2": ("moonshotai/Kimi-K2-Instruct-0905", 1029.0),  # block FP8: computed from the config
     "qwen3-next": ("Qwen/Qwen3-Next-80B-A3B-Instruct", 159.3),  # bf16: computed from the config
+    # bf16, computed from the config (the files' multi-token-prediction layer, ~2%, not counted)
+    "glm-4.7": ("zai-org/GLM-4.7", 705.6),
+    "glm-4.5-air": ("zai-org/GLM-4.5-Air", 213.7),
 }
 
 

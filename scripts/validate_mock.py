@@ -17,7 +17,8 @@ budgets of a quarter and a half of its experts both ways, for every policy:
   longer an error of the model: this column isolates what the model itself gets wrong.
 
 It prints predicted against measured tokens/s per policy and their ratios, the time split
-into I/O stall and the rest (compute and the host's own time), and
+into I/O stall and the rest (compute and the host's own time), where the time went by
+kind of region both ways, and
 whether the policies rank alike; target: every policy within 15% of the wall clock.
 Every run's tokens must equal the reference's. Ends with one JSON line.
 
@@ -41,6 +42,7 @@ from moespeq_cli.models.checkpoint import Checkpoint  # noqa: E402
 from moespeq_cli.runtime.bench import run_policy  # noqa: E402
 from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
 from moespeq_cli.runtime.planning.hardware import load_profile  # noqa: E402
+from moespeq_cli.runtime.planning.overheads import BETWEEN  # noqa: E402
 from moespeq_cli.runtime.tiers.disk import DiskExperts  # noqa: E402
 
 SHAPE = ["--hidden", "1024", "--intermediate", "3584", "--layers", "8", "--experts", "8", "--top-k", "2"]
@@ -122,6 +124,8 @@ def main() -> None:
                     "measured_bytes_read": med.stats.bytes_read,
                     "predicted_bytes_read": sim.stats.bytes_read,
                     "same_tokens": same,
+                    "measured_regions": med.regions,
+                    "predicted_as_run_regions": sim2.regions,
                     "measured": asdict(med.stats),
                     "predicted": asdict(sim.stats),
                 }
@@ -156,6 +160,10 @@ def main() -> None:
                 f"{r['measured_rest_s']:.2f} s | {r['predicted_as_run_rest_s']:.2f} s | "
                 f"{(r['measured_bytes_read'] or 0) / 1e6:.0f} | {(r['predicted_bytes_read'] or 0) / 1e6:.0f} |"
             )
+        print("\nwhere the time went, measured -> predicted with the run's disk (s; the mock's code between")
+        print("regions is its framework, route and sync regions):\n")
+        for r in rows:
+            print(f"- {r['policy']}: {regions_line(r['measured_regions'], r['predicted_as_run_regions'])}")
         print(f"\nranking measured: {', '.join(measured_rank)}\nranking predicted: {', '.join(predicted_rank)}")
         print(f"ranking predicted with the run's disk: {', '.join(as_run_rank)}")
         for i, rank in enumerate(by_round):
@@ -185,6 +193,16 @@ def main() -> None:
             }
         )
     )
+
+
+def regions_line(measured: dict, predicted: dict) -> str:
+    """'expert 1.47 -> 1.20 · attention ...': each kind of region's seconds both ways, the
+    code between regions (the wall clock's uncovered time against the mock's glue) last."""
+    glue = sum(s for kind, (_, s) in predicted.items() if kind not in measured)
+    kinds = sorted((k for k in measured if k in predicted), key=lambda k: -measured[k][1])
+    parts = [f"{k} {measured[k][1]:.2f} -> {predicted[k][1]:.2f}" for k in kinds if k != BETWEEN]
+    parts.append(f"between regions {measured.get(BETWEEN, [0, 0.0])[1]:.2f} -> {glue:.2f}")
+    return " · ".join(parts)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ def test_profiles_refuse_malformed_curves(tmp_path):
         "kernels: {x: {tokens: [1], sizes: [2, 1], seconds: [[1], [1]]}}": "sizes",
         "kernels: {x: {tokens: [1], sizes: [1, 2], seconds: [[-1], [1]]}}": "seconds",
         "disk_queue_bandwidth: [1e9, nan]": "disk_queue_bandwidth",
+        "region_overhead: [1, 2]": "region_overhead",
+        "region_overhead: {attention: -1}": "region_overhead",
+        "disk_read_cpu: 1": "disk_read_cpu",
     }
     for extra, word in cases.items():
         p = tmp_path / "p.yaml"
@@ -288,3 +291,117 @@ def test_cuda_runs_price_this_gpu_from_a_cached_calibration(monkeypatch):
     gpu["name"] = "NVIDIA GeForce RTX 4090"
     assert cal.cached_gpu_profile(measure=measure).description.startswith("NVIDIA GeForce RTX 4090")
     assert len(calls) == 2
+
+
+class _NoReader:
+    threads = 1
+
+    def read(self, what, dst) -> None:
+        pass
+
+
+def test_a_read_takes_its_cpu_time_from_the_compute_it_overlaps():
+    """On a cpu profile a read costs ``disk_read_cpu`` seconds a byte of CPU when it
+    starts: compute running then is delayed by as much; a read that starts while the
+    compute stream waits costs nothing."""
+    from moespeq_cli.runtime.backends.mock import MockBackend
+
+    cpu = replace(HW, kind="cpu", disk_bandwidth=1e6, disk_latency=0.0, disk_read_cpu=1e-7)  # 0.1 s a MB
+    ten_ms = Cost(cpu.peak_flops * 0.01, 0.0, 0)
+    b = MockBackend(cpu, 1 << 30, reader=_NoReader())
+    b.read(None, None, 10**6, "read", 0, 0)  # starts now, lands after 1 s
+    b.end(b.begin(), ten_ms, "expert L0.E0", 0, 0)
+    assert b.t_compute == pytest.approx(0.11)  # the region ran while the read started: its CPU time added
+    b.end(b.begin(), ten_ms, "expert L0.E1", 0, 1)
+    assert b.t_compute == pytest.approx(0.12)  # charged once
+    ev = b.read(None, None, 10**6, "read", 0, 2)  # queued behind the first: starts at 1 s
+    b.wait(ev)  # the stream waits until 2 s: the read's start fell in the wait
+    b.end(b.begin(), ten_ms, "expert L0.E2", 0, 2)
+    assert b.t_compute == pytest.approx(ev.time + 0.01)
+    b.read(None, None, 10**6, "read", 0, 3)  # starts at 2 s, while the host code between kernels runs:
+    t = b.t_compute
+    b.t_compute = b._until(t, 0.01, kernels=False)  # a core is free for it
+    assert b.t_compute == pytest.approx(t + 0.01)
+    b.end(b.begin(), ten_ms, "expert L0.E3", 0, 3)
+    assert b.t_compute == pytest.approx(t + 0.02)  # and it is not charged to the next kernel either
+    none = MockBackend(replace(cpu, disk_read_cpu=0.0), 1 << 30, reader=_NoReader())
+    none.read(None, None, 10**6, "read", 0, 0)
+    none.end(none.begin(), ten_ms, "expert L0.E0", 0, 0)
+    assert none.t_compute == pytest.approx(0.01)
+
+
+def test_the_compute_thread_pays_to_submit_a_read_and_to_wake_after_waiting_for_one():
+    from moespeq_cli.runtime.backends.mock import MockBackend
+
+    cpu = replace(
+        HW, kind="cpu", disk_bandwidth=1e6, disk_latency=0.0, read_submit_overhead=0.01, read_wake_overhead=0.02
+    )
+    b = MockBackend(cpu, 1 << 30, reader=_NoReader())
+    ev = b.read(None, None, 10**6, "read", 0, 0)
+    assert b.t_compute == pytest.approx(0.01) and ev.time == pytest.approx(1.01)  # handed over in 10 ms, then read
+    b.wait(ev)
+    assert b.t_compute == pytest.approx(1.03)  # awake again 20 ms after it landed
+    ev = b.read(None, None, 10, "read", 0, 1)
+    b.t_compute = ev.time + 1.0
+    before = b.t_compute
+    b.wait(ev)  # landed long ago: no wait, nothing to wake from
+    assert b.t_compute == before
+    names = [iv.name for iv in b.timeline.intervals]
+    assert names.count("submit read") == 2 and names.count("wake") == 1
+
+
+def test_measured_region_overheads_are_charged_per_call(tiny):
+    """A profile's ``region_overhead`` (host time a region costs beyond its priced work,
+    measured by calibrate --model) is added to every call of that region kind, and
+    ``pass`` to every forward pass's glue."""
+    path, _ = tiny("mixtral", "wide")
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
+    runs = {}
+    for extra in ({}, {"attention": 0.5, "pass": 2.0}):
+        eng = Engine(path, EngineOptions(backend="mock", hardware=replace(cpu, region_overhead=extra)))
+        eng.load(16)
+        list(eng.generate(prompt_for(5, 4), 3, SamplingParams()))
+        runs[bool(extra)] = {
+            kind: [iv.duration for iv in eng.backend.timeline.intervals if iv.name.startswith(kind)]
+            for kind in ("attention", "framework", "router")
+        }
+        eng.close()
+    plain, charged = runs[False], runs[True]
+    assert all(b - a == pytest.approx(0.5) for a, b in zip(plain["attention"], charged["attention"], strict=True))
+    assert all(b - a == pytest.approx(2.0) for a, b in zip(plain["framework"], charged["framework"], strict=True))
+    assert plain["router"] == pytest.approx(charged["router"])  # no figure: nothing added
+
+
+def test_calibrate_measures_the_host_time_the_op_count_misses(tiny, monkeypatch, tmp_path):
+    """``region_overheads`` decodes the checkpoint for real and on the mock: time the real
+    attention spends that the mock cannot see (a 5 ms sleep: no op at all, no virtual
+    time) shows as that region's overhead, and the figures round-trip through a profile."""
+    import dataclasses
+    import time
+
+    from moespeq_cli.runtime.planning.calibrate import profile_yaml
+    from moespeq_cli.runtime.planning.hardware import parse_profile
+    from moespeq_cli.runtime.planning.overheads import region_overheads
+
+    path, _ = tiny("mixtral", "wide")
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=(1e9,))
+    figures = {k: v for k, v in dataclasses.asdict(cpu).items() if k not in ("kernels", "host_kernels", "source")}
+    base = region_overheads(path, figures, say=lambda s: None, tokens=4)
+    assert {"attention", "expert", "pass"} <= set(base) and all(v >= 0 for v in base.values())
+
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(8)
+    attn_cls = type(eng.model.model.layers[0].attn)
+    eng.close()
+    forward = attn_cls.forward
+
+    def slow(self, *args, **kw):
+        time.sleep(0.005)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(attn_cls, "forward", slow)
+    slowed = region_overheads(path, figures, say=lambda s: None, tokens=4)
+    assert slowed["attention"] >= base["attention"] + 0.004
+    out = tmp_path / "p.yaml"
+    out.write_text(profile_yaml({**figures, "region_overhead": slowed}))
+    assert parse_profile(out).region_overhead == pytest.approx(slowed, rel=1e-5)

@@ -1,7 +1,8 @@
-"""Multimodal checkpoints as published (Qwen3.5-MoE, Gemma 4): config.json with the language model
-under ``text_config``, its tensors under ``model.language_model.``, a vision tower and
-multi-token-prediction layers beside it. moespeq runs the language model and gives the
-same tokens as from the text-only checkpoint transformers saves."""
+"""Checkpoints as published under another model_type. Multimodal ones (Qwen3.5-MoE, Gemma 4):
+config.json with the language model under ``text_config``, its tensors under
+``model.language_model.``, a vision tower and multi-token-prediction layers beside it.
+moespeq runs the language model and gives the same tokens as from the text-only
+checkpoint transformers saves. And Kimi-K2's ``kimi_k2``: DeepSeek-V3's architecture."""
 
 import json
 
@@ -46,4 +47,19 @@ def test_published_layout_gives_the_text_checkpoints_tokens(tiny, tmp_path, fami
     expected, _ = run_engine(path, prompt, 12, backend="cpu")
     for kw in (dict(backend="cpu"), dict(backend="mock", policy="lru", slots=6)):
         got, _ = run_engine(tmp_path / "mm", prompt, 12, **kw)
+        assert got == expected, kw
+
+
+def test_kimi_k2_is_deepseek_v3_by_another_name(tiny, tmp_path):
+    """Kimi-K2's config.json says model_type kimi_k2 (DeepSeek-V3's architecture, named
+    apart so engines can tell them apart): it loads as deepseek_v3 and gives its tokens."""
+    from tiny_models import edited_copy
+
+    path, _ = tiny("deepseek_v3", "v3")
+    kimi = edited_copy(path, tmp_path / "kimi", config=lambda cfg: cfg.update(model_type="kimi_k2"))
+    assert Checkpoint(kimi).config.num_experts == Checkpoint(path).config.num_experts
+    prompt = prompt_for(8, 10)
+    expected, _ = run_engine(path, prompt, 12, backend="cpu")
+    for kw in (dict(backend="cpu"), dict(backend="mock", policy="lru", slots=6)):
+        got, _ = run_engine(kimi, prompt, 12, **kw)
         assert got == expected, kw

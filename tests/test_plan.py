@@ -67,7 +67,12 @@ def test_three_tiers_when_ram_is_short(cli):
     assert bad.exit_code == 0 and "cannot hold 2 experts" in bad.stdout  # every row refused, with the reason
 
 
-BUDGETS = {"deepseek-v3": ("80GB", "256GB")}  # its dense part alone is 34 GB in bf16
+BUDGETS = {
+    "deepseek-v3": ("80GB", "256GB"),
+    "kimi-k2": ("80GB", "256GB"),
+    "glm-4.7": ("80GB", "256GB"),
+    "glm-4.5-air": ("24GB", "64GB"),
+}
 
 
 @pytest.mark.parametrize("alias", sorted(ALIASES))
@@ -92,7 +97,10 @@ def test_bundled_configs_are_the_real_models():
         "gpt-oss-20b": 20.9,
         "gpt-oss-120b": 116.8,
         "deepseek-v3": 671.0,
+        "kimi-k2": 1026.4,  # "1T" in its model card
         "qwen3-next": 79.7,  # "80B" in its model card
+        "glm-4.7": 352.8,  # "355B" in its model card, which counts its MTP layer (about 4B) too
+        "glm-4.5-air": 106.9,  # "106B"
     }
     assert set(expected) == set(ALIASES)
     for alias, billions in expected.items():
@@ -103,6 +111,13 @@ def test_bundled_configs_are_the_real_models():
             model = arch.Model(raw, 16)
         total = sum(p.numel() for p in model.parameters()) + cfg.expert_params * cfg.num_experts * len(cfg.moe_layers)
         assert total / 1e9 == pytest.approx(billions, abs=0.1), alias
+        if alias in ACTIVATED:  # what a token computes, less the input embedding (a lookup)
+            active = total - cfg.expert_params * (cfg.num_experts - cfg.top_k) * len(cfg.moe_layers)
+            active -= model.model.embed_tokens.weight.numel()
+            assert abs(active / 1e9 - ACTIVATED[alias]) < 1, alias  # cards round, and count the LM head or not
+
+
+ACTIVATED = {"deepseek-v3": 37, "kimi-k2": 32, "glm-4.7": 32, "glm-4.5-air": 12}  # billions, from their model cards
 
 
 def test_model_agrees_with_the_mock_clock_for_resident(tiny):

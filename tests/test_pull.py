@@ -108,7 +108,10 @@ def test_list_aliases(cli):
         "gpt-oss-20b",
         "gpt-oss-120b",
         "deepseek-v3",
+        "kimi-k2",
         "qwen3-next",
+        "glm-4.7",
+        "glm-4.5-air",
     }
 
 

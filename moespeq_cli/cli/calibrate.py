@@ -50,7 +50,9 @@ def calibrate(
         typer.Option(
             "--model",
             help="Time the disk on this checkpoint's files (read only, past the page cache): the disk as the runtime "
-            "meets it, caches underneath included. A directory (its largest .safetensors) or a file.",
+            "meets it, caches underneath included. A directory (its largest .safetensors) or a file. For a checkpoint "
+            "directory without a GPU, also decode 32 of its tokens for real and on the mock and write the host time "
+            "the op count misses (region_overhead).",
             show_default=False,
         ),
     ] = None,
@@ -63,8 +65,9 @@ def calibrate(
     batch size from 1 to 16 tokens), the disk (O_DIRECT bandwidth with 1 to 4 reads in
     flight, latency) and, with CUDA, the GPU. Each figure is marked as measured, with the
     date and the method. Without a GPU the profile describes this CPU as the device
-    (kind: cpu): `--backend mock --hardware PROFILE --ram X` then simulates `--backend cpu`.
-    Takes under a minute.
+    (kind: cpu): `--backend mock --hardware PROFILE --ram X` then simulates `--backend cpu`;
+    with `--model CKPT` it also measures the host time per region that the op count misses,
+    on that checkpoint. Takes about a minute.
     """
     import json
     import sys
@@ -89,7 +92,7 @@ def calibrate(
     disk = disk_dir or cache_dir()
     if disk.exists() and not disk.is_dir():
         raise UsageError(f"--disk-dir {disk} is not a directory; give the directory your models live in")
-    model_file = None
+    model_file = checkpoint = None
     if model is not None:
         from moespeq_cli.fs import is_dir, is_regular
 
@@ -100,6 +103,8 @@ def calibrate(
             model_file = model
         if model_file is None:
             raise UsageError(f"--model {model} is neither a safetensors file nor a directory holding one")
+        if is_regular(model_file.parent / "config.json"):
+            checkpoint = model_file.parent  # the host time the op count misses is measured on it too
     console = Console(stderr=True, highlight=False)
     with console.status("calibrating") as status:
 
@@ -107,7 +112,7 @@ def calibrate(
             status.update(f"calibrating: {step}")
 
         try:
-            figures = measure(disk, cuda=cuda, say=say, model_file=model_file)
+            figures = measure(disk, cuda=cuda, say=say, model_file=model_file, checkpoint=checkpoint)
         except OSError as e:
             where = f"--model {model_file}" if model_file else f"--disk-dir {disk}"
             raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); give another") from None

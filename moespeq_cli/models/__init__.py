@@ -30,8 +30,9 @@ ARCHITECTURES = {
     "gemma4": "Gemma-4-26B-A4B",
 }
 # model_type spellings of the same architecture: the text-only checkpoints transformers'
-# ...ForCausalLM saves for a family published as a multimodal model
-TYPE_ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4"}
+# ...ForCausalLM saves for a family published as a multimodal model, and Kimi-K2, which is
+# DeepSeek-V3's architecture but says kimi_k2 so that engines can tell the two apart
+TYPE_ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4", "kimi_k2": "deepseek_v3"}
 # multimodal checkpoints: the language model's config is under ``text_config`` and its
 # tensors under this prefix (the vision tower and any MTP layers are left unread)
 COMPOSITE = {"qwen3_5_moe": "model.language_model.", "gemma4": "model.language_model."}

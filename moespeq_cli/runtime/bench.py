@@ -42,6 +42,7 @@ class BenchResult:
     fills_min: int | None = None  # the fewest any cache of the same slots needs for the same uses (Belady)
     disk_bandwidth: float | None = None  # what the run's reads achieved while the disk was busy (B/s)
     disk_queue: list[float] | None = None  # ... with 1, 2, .. reads in flight (B/s, non-decreasing)
+    regions: dict[str, list[float]] = field(default_factory=dict)  # Timeline.breakdown of the run
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -158,6 +159,7 @@ def run_policy(
     result.disk_bandwidth = eng.backend.disk_bandwidth() if plan.disk_tier and eng.backend.name != "mock" else None
     if result.disk_bandwidth is not None:
         result.disk_queue = queue_curve([iv for iv in ivs if iv.kind == "read"], eng.backend.reader.threads)
+    result.regions = eng.backend.timeline.breakdown(s.seconds)
     result.target_compute_s = sum(iv.duration for iv in computes if iv.phase == "target")
     if eng.spec_stats is not None and eng.spec_stats.drafted:
         result.draft_token_s = sum(iv.duration for iv in computes if iv.phase == "draft") / eng.spec_stats.drafted

@@ -8,12 +8,19 @@ It is what the profile view draws and what ``--trace FILE`` writes as Chrome tra
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moespeq_cli.fs import atomic_write_text
 
+_LAYER = re.compile(r" L\d+(\.E\d+)?$")  # "expert L3.E5" -> "expert": one row per kind of region
 STREAM_TIDS = {"compute": 1, "copy": 2, "host": 3, "disk": 4}
+
+
+def region_kind(name: str) -> str:
+    """A region's name without its layer and expert: "expert L3.E5" -> "expert"."""
+    return _LAYER.sub("", name)
 
 
 @dataclass
@@ -46,6 +53,30 @@ class Timeline:
 
     def busy(self, kind: str) -> float:
         return sum(iv.duration for iv in self.intervals if iv.kind == kind)
+
+    def breakdown(self, total: float) -> dict[str, list[float]]:
+        """Where the compute stream's ``total`` seconds went: ``{region: [count, seconds]}``
+        by the regions' names without their layer and expert over its compute intervals (a nested region counts in its own name and in
+        its parent's), ``"(stall)"`` for the waits and ``"(between regions)"`` for what no
+        interval covers (on the wall clock: Python and framework work outside every timed
+        region; on the mock it is zero, its glue being the ``framework`` region)."""
+        out: dict[str, list[float]] = {}
+        spans = []
+        for iv in self.intervals:
+            if iv.stream != "compute":
+                continue
+            name = "(stall)" if iv.kind == "stall" else region_kind(iv.name)
+            row = out.setdefault(name, [0, 0.0])
+            row[0] += 1
+            row[1] += iv.duration
+            spans.append((iv.start, iv.end))
+        covered, end = 0.0, float("-inf")
+        for s, e in sorted(spans):
+            if e > end:
+                covered += e - max(s, end)
+                end = e
+        out["(between regions)"] = [0, max(0.0, total - covered)]
+        return out
 
     def overlap_s(self) -> float:
         """Copy time that ran while the compute stream was busy computing (not stalled)."""

@@ -31,7 +31,7 @@ from moespeq_cli.runtime.backends.base import Backend, Event, HostJob, as_events
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
-from moespeq_cli.runtime.timeline import Interval
+from moespeq_cli.runtime.timeline import Interval, region_kind
 
 
 class MockBackend(Backend):
@@ -48,6 +48,7 @@ class MockBackend(Backend):
         lanes = min(len(queue), reader.threads if reader is not None else 1) if queue else 1
         self.disk_free = [0.0] * lanes  # when each of the disk's channels is free
         self.origin = 0.0  # generation starts here; earlier work (preloading) is complete
+        self._read_cpu: list[tuple[float, float]] = []  # (a read's start, the CPU seconds it takes then)
         # a GPU computes in its own dtype: the casts of the CPU's float32 numerics are not its work
         self.counter = OpCounter(skip_casts=hw.kind != "cpu")
         self._regions: list[list[int]] = []  # open begin/end regions: [ops at begin, ops of nested regions]
@@ -71,7 +72,10 @@ class MockBackend(Backend):
         glue = self.counter.ops - start_ops - claimed
         syncs = self.counter.syncs - start_syncs + 1  # and the sampler reads the logits back
         start = self.t_compute
-        self.t_compute = start + glue * self.hw.launch_overhead + syncs * self.hw.sync_overhead
+        host = self.hw.region_overhead.get("pass", 0.0)  # the code between regions, measured (calibrate --model)
+        self.t_compute = self._until(
+            start, glue * self.hw.launch_overhead + syncs * self.hw.sync_overhead + host, kernels=False
+        )
         self._record("compute", "compute", "framework", start, self.t_compute, ops=glue)
 
     def sync(self, n: int = 1, what: str = "sync") -> None:
@@ -94,9 +98,37 @@ class MockBackend(Backend):
             self._pass[2] += ops + nested
         start = self.t_compute
         busy = any(free > start for free in self.disk_free)  # the disk's reads share the CPU with it
-        self.t_compute = start + cost.seconds(self.hw, ops=ops if counted else None, busy=busy)
+        seconds = cost.seconds(self.hw, ops=ops if counted else None, busy=busy)
+        if self.hw.region_overhead:  # the region's own Python beyond its ops, measured (calibrate --model)
+            seconds += self.hw.region_overhead.get(region_kind(name), 0.0)
+        self.t_compute = self._until(start, seconds)
 
         self._record(stream, "compute", name, start, self.t_compute, layer, expert, ops=ops if counted else cost.ops)
+
+    def _until(self, start: float, seconds: float, kernels: bool = True) -> float:
+        """When compute that starts at ``start`` and needs ``seconds`` ends, on a cpu
+        profile with the CPU time of the reads that start meanwhile added: a read takes
+        ``disk_read_cpu`` seconds a byte of CPU when it starts (O_DIRECT pins its pages
+        and sets up the transfer), and kernels, which use every core and wait for their
+        slowest thread, are delayed by as much (measured on a 2-core VM: an expert
+        overlapping a 22 MB read's start took 1.9 ms against 1.0 ms, and such a read costs
+        1.0 ms of CPU). A read that starts while the compute stream waits, or runs the
+        single-threaded host code between kernels (``kernels=False``), costs nothing: a
+        core is free for it."""
+        end = start + seconds
+        pending = self._read_cpu
+        if not pending:
+            return end
+        keep = []
+        for t, cpu in sorted(pending):
+            if t < start:
+                continue  # it started while the stream waited
+            if t < end:
+                end += cpu if kernels else 0.0
+            else:
+                keep.append((t, cpu))
+        self._read_cpu = keep
+        return end
 
     def _record(self, stream, kind, name, start, end, layer=None, expert=None, nbytes=0, ops=0) -> None:
         o = self.origin
@@ -145,8 +177,14 @@ class MockBackend(Backend):
         return self._read_window(nbytes, None)[2]
 
     def read(self, dst, what, nbytes, name, layer, expert, after=None) -> Event:
+        if self.hw.kind == "cpu" and self.hw.read_submit_overhead:  # the compute thread hands it over first
+            t = self.t_compute
+            self.t_compute = self._until(t, self.hw.read_submit_overhead, kernels=False)
+            self._record("compute", "compute", "submit read", t, self.t_compute, layer, expert)
         c, start, end = self._read_window(nbytes, after)
         self.disk_free[c] = end
+        if self.hw.kind == "cpu" and self.hw.disk_read_cpu:
+            self._read_cpu.append((start, nbytes * self.hw.disk_read_cpu))
         self.counter.paused += 1
         try:
             self.reader.read(what, dst)
@@ -195,6 +233,9 @@ class MockBackend(Backend):
             self._record("compute", "stall", what, self.t_compute, event.time, layer, expert)
             self.io_stall_s += event.time - self.t_compute
             self.t_compute = event.time
+            if self.hw.kind == "cpu" and self.hw.read_wake_overhead:  # a blocked thread wakes, then its kernels
+                self.t_compute = self._until(event.time, self.hw.read_wake_overhead, kernels=False)
+                self._record("compute", "compute", "wake", event.time, self.t_compute, layer, expert)
 
     def ready(self, event: Event) -> bool:
         return event.time <= self.t_compute
@@ -207,3 +248,4 @@ class MockBackend(Backend):
         start = max(self.t_compute, self.t_copy, self.t_host, self.t_disk)
         self.origin = self.t_compute = self.t_copy = self.t_host = start
         self.disk_free = [start] * len(self.disk_free)
+        self._read_cpu.clear()

@@ -113,7 +113,13 @@ class HardwareProfile:
     kind: str = "gpu"  # "cpu": the device is this CPU (RAM the compute tier, the disk the link)
     sync_overhead: float = 0.0  # s per host-device synchronisation (reading a value back)
     disk_queue_bandwidth: tuple[float, ...] | None = None  # B/s with 1, 2, ... reads in flight
+    disk_read_cpu: float = 0.0  # CPU seconds a read costs per byte (O_DIRECT: pinning pages, I/O setup)
+    read_submit_overhead: float = 0.0  # s the compute thread spends handing a read to the I/O threads
+    read_wake_overhead: float = 0.0  # s it loses after a wait for a read: waking, and its next kernel's start
     kernels: dict = field(default_factory=dict)  # kernel name -> KernelCurve, on the device
+    # region kind ("attention", "expert", ..; "pass": a forward pass's code outside every
+    # region) -> host seconds a call costs beyond its priced work: Python the op count misses
+    region_overhead: dict = field(default_factory=dict)
     host_kernels: dict = field(default_factory=dict)  # ... on the host CPU
 
     @property
@@ -154,6 +160,9 @@ _RANGES = {
     "disk_bandwidth": (1e6, 1e13),  # B/s: 1 MB/s .. 10 TB/s
     "disk_latency": (1e-7, 1.0),  # s
     "sync_overhead": (0.0, 1.0),  # s
+    "disk_read_cpu": (0.0, 1e-6),  # s per byte: 0 .. 1 s per MB
+    "read_submit_overhead": (0.0, 1.0),  # s
+    "read_wake_overhead": (0.0, 1.0),  # s
 }
 _TEXT = {"name", "description"}
 # optional: a profile without disk figures cannot price a disk tier; no kernel curves: rooflines
@@ -162,11 +171,15 @@ _OPTIONAL = {
     "disk_latency",
     "kind",
     "sync_overhead",
+    "disk_read_cpu",
+    "read_submit_overhead",
+    "read_wake_overhead",
     "disk_queue_bandwidth",
     "kernels",
     "host_kernels",
+    "region_overhead",
 }
-_STRUCTURED = {"kind", "disk_queue_bandwidth", "kernels", "host_kernels"}
+_STRUCTURED = {"kind", "disk_queue_bandwidth", "kernels", "host_kernels", "region_overhead"}
 KINDS = ("gpu", "cpu")
 MAX_CURVES = 64
 
@@ -301,6 +314,17 @@ def _structured(path, f: str, v):
         if not isinstance(v, list) or not 1 <= len(v) <= 64:
             raise UsageError(f"hardware profile {path}: disk_queue_bandwidth must be a list of 1 to 64 numbers (B/s)")
         return tuple(_number(path, "disk_queue_bandwidth", x, 1e6, 1e13) for x in v)
+    if f == "region_overhead":
+        if not isinstance(v, dict) or len(v) > MAX_CURVES:
+            raise UsageError(
+                f"hardware profile {path}: region_overhead must be a mapping of at most {MAX_CURVES} regions"
+            )
+        for name in v:
+            if not isinstance(name, str) or not 0 < len(name) <= 64 or not name.isprintable():
+                raise UsageError(
+                    f"hardware profile {path}: region_overhead has a name that is not a short line of text"
+                )
+        return {name: _number(path, f"region_overhead.{name}", s, 0.0, 1.0) for name, s in v.items()}
     if not isinstance(v, dict) or len(v) > MAX_CURVES:
         raise UsageError(f"hardware profile {path}: {f} must be a mapping of at most {MAX_CURVES} kernel curves")
     curves = {}

@@ -147,6 +147,7 @@ class DiskReader:
         self.lock = threading.Lock()
         self.direct: bool | None = None  # known after the first open: True, or False (fallback)
         self.bytes_read = 0
+        self.cpu_s = 0.0  # CPU time the reading threads spent in reads (the kernel's share: pinning, I/O setup)
         self.busy_s = 0.0  # time with at least one read in flight
         self._active = 0
         self._busy_since = 0.0
@@ -280,13 +281,16 @@ class DiskReader:
             if not self._active:
                 self._busy_since = time.perf_counter()
             self._active += 1
+        cpu = time.thread_time()
         try:
             if isinstance(what, Placement):
                 self.read_placed(what, dest.view(torch.uint8).reshape(-1))
             else:
                 self.read_into(what, dest)
         finally:
+            cpu = time.thread_time() - cpu
             with self.lock:
+                self.cpu_s += cpu
                 self._active -= 1
                 if not self._active:
                     self.busy_s += time.perf_counter() - self._busy_since
@@ -296,6 +300,11 @@ class DiskReader:
         before the first has finished): what the disk gives at this reader's queue depth."""
         with self.lock:
             return self.bytes_read / self.busy_s if self.busy_s > 0 and self.bytes_read else None
+
+    def cpu_per_byte(self) -> float | None:
+        """CPU seconds the reads cost per byte read so far (None before the first)."""
+        with self.lock:
+            return self.cpu_s / self.bytes_read if self.bytes_read else None
 
     def _landed(self, future: Future) -> None:
         with self.lock:
