@@ -42,7 +42,7 @@ from moespeq_cli.models.checkpoint import Checkpoint  # noqa: E402
 from moespeq_cli.runtime.bench import run_policy  # noqa: E402
 from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
 from moespeq_cli.runtime.planning.hardware import load_profile  # noqa: E402
-from moespeq_cli.runtime.planning.overheads import BETWEEN  # noqa: E402
+from moespeq_cli.runtime.planning.overheads import BETWEEN, between  # noqa: E402
 from moespeq_cli.runtime.tiers.disk import DiskExperts  # noqa: E402
 
 SHAPE = ["--hidden", "1024", "--intermediate", "3584", "--layers", "8", "--experts", "8", "--top-k", "2"]
@@ -198,10 +198,10 @@ def main() -> None:
 def regions_line(measured: dict, predicted: dict) -> str:
     """'expert 1.47 -> 1.20 · attention ...': each kind of region's seconds both ways, the
     code between regions (the wall clock's uncovered time against the mock's glue) last."""
-    glue = sum(s for kind, (_, s) in predicted.items() if kind not in measured)
+    wall, glue = between(measured, predicted)
     kinds = sorted((k for k in measured if k in predicted), key=lambda k: -measured[k][1])
     parts = [f"{k} {measured[k][1]:.2f} -> {predicted[k][1]:.2f}" for k in kinds if k != BETWEEN]
-    parts.append(f"between regions {measured.get(BETWEEN, [0, 0.0])[1]:.2f} -> {glue:.2f}")
+    parts.append(f"between regions {wall:.2f} -> {glue:.2f}")
     return " · ".join(parts)
 
 

@@ -303,6 +303,15 @@ def _number(path, what: str, v, lo: float, hi: float) -> float:
     return float(v)
 
 
+def _named(path, f: str, v, what: str) -> None:
+    """``v`` is a mapping of at most MAX_CURVES entries named by short lines of text."""
+    if not isinstance(v, dict) or len(v) > MAX_CURVES:
+        raise UsageError(f"hardware profile {path}: {f} must be a mapping of at most {MAX_CURVES} {what}")
+    for name in v:
+        if not isinstance(name, str) or not 0 < len(name) <= 64 or not name.isprintable():
+            raise UsageError(f"hardware profile {path}: {f} has a name that is not a short line of text")
+
+
 def _structured(path, f: str, v):
     """``kind``, the disk's queue curve and the kernel curves, checked field by field (a
     profile is untrusted input: no shape, length or value may surprise the clock)."""
@@ -315,23 +324,12 @@ def _structured(path, f: str, v):
             raise UsageError(f"hardware profile {path}: disk_queue_bandwidth must be a list of 1 to 64 numbers (B/s)")
         return tuple(_number(path, "disk_queue_bandwidth", x, 1e6, 1e13) for x in v)
     if f == "region_overhead":
-        if not isinstance(v, dict) or len(v) > MAX_CURVES:
-            raise UsageError(
-                f"hardware profile {path}: region_overhead must be a mapping of at most {MAX_CURVES} regions"
-            )
-        for name in v:
-            if not isinstance(name, str) or not 0 < len(name) <= 64 or not name.isprintable():
-                raise UsageError(
-                    f"hardware profile {path}: region_overhead has a name that is not a short line of text"
-                )
+        _named(path, f, v, "regions")
         return {name: _number(path, f"region_overhead.{name}", s, 0.0, 1.0) for name, s in v.items()}
-    if not isinstance(v, dict) or len(v) > MAX_CURVES:
-        raise UsageError(f"hardware profile {path}: {f} must be a mapping of at most {MAX_CURVES} kernel curves")
+    _named(path, f, v, "kernel curves")
     curves = {}
     for name, c in v.items():
         where = f"{f}.{str(name)[:40]}"
-        if not isinstance(name, str) or not 0 < len(name) <= 64 or not name.isprintable():
-            raise UsageError(f"hardware profile {path}: {f} has a kernel name that is not a short line of text")
         if (
             not isinstance(c, dict)
             or set(c) - {"tokens", "sizes", "seconds", "ops"}

@@ -39,17 +39,19 @@ def region_overheads(
     from moespeq_cli.cli.run import DEFAULT_PROMPT
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.runtime.bench import run_policy
-    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.engine import EngineOptions
     from moespeq_cli.runtime.planning.calibrate import profile_yaml
     from moespeq_cli.runtime.planning.hardware import parse_profile
     from moespeq_cli.runtime.tiers.disk import DiskExperts
+    from moespeq_cli.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory(prefix="moespeq-calibrate-") as tmp:
         path = Path(tmp) / "profile.yaml"
         path.write_text(profile_yaml({**figures, "region_overhead": {}}))
         hw = parse_profile(path)
-    ids = Engine(checkpoint, EngineOptions(backend="cpu")).tokenizer.encode(DEFAULT_PROMPT)
-    ram = min(DiskExperts(Checkpoint(checkpoint)).total_bytes, ram_budget)  # every expert, where RAM allows
+    ckpt = Checkpoint(checkpoint)
+    ids = Tokenizer(ckpt.path, ckpt.raw_config).encode(DEFAULT_PROMPT)
+    ram = min(DiskExperts(ckpt).total_bytes, ram_budget)  # every expert, where RAM allows
     real = []
     for r in range(3):  # the median run: this VM's speed wanders from one second to the next
         say(f"host time: decoding {checkpoint.name} for real, run {r + 1} of 3")
@@ -64,7 +66,14 @@ def region_overheads(
             continue
         out[kind] = max(0.0, (seconds - priced[kind][1]) / count)
     passes = priced.get("framework", [0, 0.0])[0]
-    glue = sum(s for kind, (_, s) in priced.items() if kind not in measured)  # the framework, syncs, routing
     if passes:
-        out["pass"] = max(0.0, (measured.get(BETWEEN, [0, 0.0])[1] - glue) / passes)
+        wall, glue = between(measured, priced)
+        out["pass"] = max(0.0, (wall - glue) / passes)
     return out
+
+
+def between(measured: dict, priced: dict) -> tuple[float, float]:
+    """(seconds between regions on the wall clock, the mock's seconds for the same code),
+    from two ``Timeline.breakdown``s of one run: the mock's are its regions the wall clock
+    has no counterpart for (the framework, syncs, routing, submitting reads, waking)."""
+    return measured.get(BETWEEN, [0, 0.0])[1], sum(s for kind, (_, s) in priced.items() if kind not in measured)
