@@ -2,7 +2,8 @@
 """Does the mock predict the wall clock? (a benchmark, not a test; issue: a simulator you
 can trust).
 
-It calibrates this machine (``moespeq calibrate``, or ``--profile`` an existing one), then
+It saves the checkpoint's draft (``moespeq quantize``, once), calibrates this machine
+(``moespeq calibrate --model``, or ``--profile`` an existing one), then
 runs the disk-tier benchmark's checkpoint (scripts/bench_disk.py builds it) at RAM
 budgets of a quarter and a half of its experts both ways, for every policy:
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from moespeq_cli.cli.run import DEFAULT_PROMPT  # noqa: E402
 from moespeq_cli.models.checkpoint import Checkpoint  # noqa: E402
+from moespeq_cli.quant.draft import saved_draft  # noqa: E402
 from moespeq_cli.runtime.bench import run_policy  # noqa: E402
 from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
 from moespeq_cli.runtime.planning.hardware import load_profile  # noqa: E402
@@ -67,6 +69,10 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+    if saved_draft(path, EngineOptions.quant_method, EngineOptions.blocksize) is None:
+        # saved once: every moespeq run loads it (rather than quantizing in memory each
+        # time), and calibrate measures the draft's regions on it
+        subprocess.run([sys.executable, "-m", "moespeq_cli", "quantize", str(path)], check=True)
     profile = args.profile
     if profile is None:
         profile = ROOT / "build" / "calibrated-cpu.yaml"

@@ -135,6 +135,16 @@ def test_a_queue_curve_that_dips_is_drift_and_is_pooled():
     assert non_decreasing([2.0, 1.0]) == [1.5, 1.5]
 
 
+def test_a_kernel_timing_above_a_larger_batchs_is_timed_again():
+    """A slow moment of the machine at one batch size (seen: 70 ms for a 0.2 ms kernel)
+    would be pooled into every larger batch; such points are found and re-timed."""
+    from moespeq_cli.runtime.planning.calibrate import spikes
+
+    assert spikes([1.0, 1.1, 1.2, 2.0]) == []
+    assert spikes([1.0, 1.2, 70.0, 1.3, 1.5]) == [2]
+    assert spikes([3.0, 1.0, 1.1]) == [0]
+
+
 def test_the_disk_a_run_saw_comes_from_its_reads():
     """What the disk served with 1, 2, .. reads in flight, from a run's read intervals."""
     from moespeq_cli.runtime.bench import queue_curve
@@ -405,3 +415,50 @@ def test_calibrate_measures_the_host_time_the_op_count_misses(tiny, monkeypatch,
     out = tmp_path / "p.yaml"
     out.write_text(profile_yaml({**figures, "region_overhead": slowed}))
     assert parse_profile(out).region_overhead == pytest.approx(slowed, rel=1e-5)
+
+
+def test_calibrate_measures_the_drafts_regions_when_a_draft_is_saved(tiny, cli, monkeypatch, tmp_path):
+    """With a saved draft (``moespeq quantize``) ``region_overheads`` also decodes
+    speculatively both ways: time the draft's 4-bit experts spend that the mock does not
+    price shows as the "draft expert" overhead. Without one nothing of the draft is
+    measured (quantizing it would take longer than calibrating)."""
+    import dataclasses
+    import shutil
+    import time
+
+    from moespeq_cli.quant.draft import QuantizedExperts
+    from moespeq_cli.runtime.planning.overheads import region_overheads
+
+    path, _ = tiny("mixtral", "wide")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=(1e9,))
+    figures = {k: v for k, v in dataclasses.asdict(cpu).items() if k not in ("kernels", "host_kernels", "source")}
+    assert not any(k.startswith("draft") for k in region_overheads(ckpt, figures, say=lambda s: None, tokens=4))
+    assert cli("quantize", str(ckpt)).exit_code == 0
+    forward = QuantizedExperts.forward
+
+    def slow(self, *args, **kw):
+        time.sleep(0.003)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(QuantizedExperts, "forward", slow)
+    got = region_overheads(ckpt, figures, say=lambda s: None, tokens=4)
+    assert got["draft expert"] >= 0.0025
+
+
+def test_calibrate_refuses_a_checkpoint_without_a_tokenizer_before_measuring(tiny, cli, monkeypatch, tmp_path):
+    """``calibrate --model`` decodes the checkpoint at the end: one it cannot decode is
+    refused in one line at once, not after a minute of measuring."""
+    import shutil
+
+    from moespeq_cli.runtime.planning import calibrate as cal
+
+    path, _ = tiny("mixtral", "wide")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+    (ckpt / "tokenizer.json").unlink()
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("measured before checking the checkpoint"))
+    r = cli("calibrate", "--model", str(ckpt), "--out", str(tmp_path / "p.yaml"))
+    assert r.exit_code in (1, 2) and "tokenizer.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()

@@ -105,6 +105,11 @@ def calibrate(
             raise UsageError(f"--model {model} is neither a safetensors file nor a directory holding one")
         if is_regular(model_file.parent / "config.json"):
             checkpoint = model_file.parent  # the host time the op count misses is measured on it too
+            from moespeq_cli.models.checkpoint import Checkpoint
+            from moespeq_cli.tokenizer import Tokenizer
+
+            ckpt = Checkpoint(checkpoint)  # refused now, not after a minute of measuring
+            Tokenizer(ckpt.path, ckpt.raw_config)
     console = Console(stderr=True, highlight=False)
     with console.status("calibrating") as status:
 

@@ -631,6 +631,15 @@ def bundled_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
     return d if (d / "manifest.json").is_file() else None
 
 
+def saved_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
+    """The draft ``moespeq run`` loads by default, if there is one: ``moespeq quantize``'s
+    output (``default_draft_dir``), else the one shipped with the demo."""
+    for d in (default_draft_dir(ckpt_path, method, blocksize), bundled_draft(ckpt_path, method, blocksize)):
+        if d is not None and (d / "manifest.json").is_file():
+            return d
+    return None
+
+
 def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
     """Beside the checkpoint (<dir>.moespeq-draft-nf4-b64) when its parent is writable and
     it is not the demo model inside the installed package; otherwise in moespeq's cache

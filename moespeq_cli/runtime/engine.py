@@ -310,15 +310,13 @@ class Engine:
         backend.reset_clock()
 
     def load_draft(self):
-        from moespeq_cli.quant.draft import QuantizedExperts, bundled_draft, default_draft_dir
+        from moespeq_cli.quant.draft import QuantizedExperts, saved_draft
 
         if self.opts.draft not in ("auto", "none"):
             self.draft_source = str(self.opts.draft)
             return QuantizedExperts.load(Path(self.opts.draft), self.ckpt, self.dtype)
-        saved = default_draft_dir(self.ckpt.path, self.opts.quant_method, self.opts.blocksize)
-        if not (saved / "manifest.json").is_file():
-            saved = bundled_draft(self.ckpt.path, self.opts.quant_method, self.opts.blocksize) or saved
-        if (saved / "manifest.json").is_file():
+        saved = saved_draft(self.ckpt.path, self.opts.quant_method, self.opts.blocksize)
+        if saved is not None:
             self.draft_source = str(saved)
             return QuantizedExperts.load(saved, self.ckpt, self.dtype)
         self.draft_source = "quantized in memory"
