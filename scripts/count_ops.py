@@ -116,15 +116,22 @@ def count(path: Path, policy: str, depth: int | None, tokens: int) -> dict:
         next(stream)  # the prompt's pass and the first token: not decoding
         b = eng.backend
         internal = b.counter.internal
+        first = len(b.timeline.intervals)
         passes = [0]
         hook = eng.model.register_forward_pre_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
         with torch.inference_mode(), OpCounter(skip_casts=True) as ops, HostSyncCounter() as syncs:
             emitted = sum(1 for _ in stream)
         hook.remove()
         own = b.counter.internal - internal
+        phases: dict[str, list[int]] = {}  # phase -> [ops its regions and glue were charged, passes]
+        for iv in b.timeline.intervals[first:]:
+            seen = phases.setdefault(iv.phase, [0, 0])
+            seen[0] += iv.ops
+            seen[1] += iv.name == "framework"  # the pass's glue: one interval a pass
     finally:
         eng.close()
     moe_layers = len(eng.ckpt.config.moe_layers)
+    per_phase = {ph: round(ops / max(n, 1) / moe_layers, 1) for ph, (ops, n) in sorted(phases.items())}
     kinds = {"item": ops.syncs, **syncs.by_kind}
     total = sum(kinds.values())
     n = max(emitted, 1)
@@ -140,6 +147,10 @@ def count(path: Path, policy: str, depth: int | None, tokens: int) -> dict:
         "syncs_per_pass": round(total / max(passes[0], 1), 2),
         "sync_limit_per_pass": moe_layers + 1,  # one per MoE layer (routing) and the sampler's
         "ops_per_moe_layer_per_pass": round((ops.ops - own) / max(passes[0], 1) / moe_layers, 1),
+        # the target's passes (decoding, verification) and the draft's apart, from the
+        # mock's charges (every op charged once: tests/test_calibrated_mock.py)
+        "ops_per_moe_layer_per_pass_by_phase": per_phase,
+        "passes_by_phase_per_token": {ph: round(n_ / n, 2) for ph, (_, n_) in sorted(phases.items())},
     }
 
 
@@ -162,13 +173,17 @@ def main() -> None:
                 r["shape"] = shape
                 rows.append(r)
     print(
-        "| shape | policy | passes / token | ops / token | ops / MoE layer / pass | syncs / token | syncs / pass (limit) |"
+        "| shape | policy | passes / token | ops / token | ops / MoE layer / pass | target's / draft's "
+        "| syncs / token | syncs / pass (limit) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        ph = r["ops_per_moe_layer_per_pass_by_phase"]
+        split = f"{ph.get('target', '-')} / {ph.get('draft', '-')}"
         print(
             f"| {r['shape']} | {r['policy']} | {r['passes_per_token']} | {r['ops_per_token']} "
-            f"| {r['ops_per_moe_layer_per_pass']} | {r['syncs_per_token']} | {r['syncs_per_pass']} ({r['sync_limit_per_pass']}) |"
+            f"| {r['ops_per_moe_layer_per_pass']} | {split} | {r['syncs_per_token']} "
+            f"| {r['syncs_per_pass']} ({r['sync_limit_per_pass']}) |"
         )
     print(json.dumps({"benchmark": "count_ops", "targets": TARGETS, "rows": rows}))
 

@@ -113,8 +113,11 @@ def test_rejection_sampling_preserves_the_target_distribution(case):
 
 def test_figures_at_the_same_vram_with_k4(tiny):
     """A tiny checkpoint with 16 experts per layer and a budget of half its experts:
-    the ELB prefetch raises the hit rate at verification above lru's and hides copies
-    better than gate-prefetch (the same --vram: the draft is paid out of the slots)."""
+    the ELB prefetch raises the hit rate at verification above gate-prefetch's and lru's
+    and stalls less than lru (the same --vram: the draft is paid out of the slots). It no
+    longer stalls less than gate-prefetch: with a layer's experts computed in one grouped
+    call there are no per-expert launches left for a verification's late copies to hide
+    behind (0.97 ms against 0.92; per-expert, 0.0 against 0.18)."""
     path, _ = tiny("mixtral", "wide")
     ck = Checkpoint(path)
     prompt = prompt_for(7, 12)
@@ -129,7 +132,8 @@ def test_figures_at_the_same_vram_with_k4(tiny):
         tokens(eng, prompt, 48)
         figures[policy] = eng.last_stats
     assert figures["moespeq"].expert_hit_rate > figures["lru"].expert_hit_rate
-    assert figures["moespeq"].io_stall_s < figures["gate-prefetch"].io_stall_s
+    assert figures["moespeq"].expert_hit_rate > figures["gate-prefetch"].expert_hit_rate
+    assert figures["moespeq"].io_stall_s < figures["lru"].io_stall_s
     assert figures["moespeq"].prefetch_precision > 0.5
 
 

@@ -54,11 +54,11 @@ def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
 
 
 def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
-    from moespeq_cli.models.base import Attention, RMSNorm
+    from moespeq_cli.models.base import Attention, RMSNorm, fuse_attention_projections
 
+    fuse_attention_projections(model, dense)
     for m in model.modules():
         if isinstance(m, Attention):
-            m.fuse_qkv(dense)
             m.rotate = kernels.rope
         elif type(m) is RMSNorm and m.weight.dtype == torch.float32 == act_dtype:
             m.forward = types.MethodType(_rmsnorm_forward, m)

@@ -30,10 +30,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``weight * (x / rms(x))``, normalized in float32 as transformers does, by torch's
+        fused kernel: one op where the formula dispatches six (on a GPU, six launches). In
+        float32 the weight is applied inside it (the same products, the same bits)."""
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
 
 
 class GatedMLP(nn.Module):
@@ -199,6 +202,9 @@ class Attention(nn.Module):
 
     def rotate_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         r = self.s.rotary_dim
+        if r is None and self.rotate is apply_rope:  # torch's ops: queries and keys rotated at once
+            qk = apply_rope(torch.cat((q, k)), cos, sin)
+            return qk[: q.shape[0]], qk[q.shape[0] :]
         if r is None:
             return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         # partial rotary: the rest of each head passes through unrotated
@@ -250,6 +256,14 @@ class Attention(nn.Module):
         """The attention itself (after projections, norms and rotary): [H, T, d] queries
         over the cached [Hkv, L, d] keys and values -> [T, H * d]."""
         return attend(q, k, v, start, self.scale, self.s.window)
+
+
+def fuse_attention_projections(model: nn.Module, product: Callable = F.linear) -> None:
+    """Every attention's q, k and v computed by one ``product`` (a GPU: one launch instead
+    of three; their weights become views of one buffer)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fuse_qkv(product)
 
 
 class ExpertExecutor(Protocol):

@@ -25,6 +25,7 @@ import torch
 
 from moespeq_cli.errors import UsageError
 from moespeq_cli.fs import is_dir, shown
+from moespeq_cli.models.base import fuse_attention_projections
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
 from moespeq_cli.models.loader import load_model
@@ -278,10 +279,19 @@ class Engine:
         backend.alloc(plan.slot_bytes, "expert slots")
         model = load_model(self.ckpt, self.dtype, context, cpu_kernels=self.cpu_kernels and backend.name == "cpu")
         self.model = model.to(backend.device) if backend.name == "cuda" else model
+        if plan.compute_tier == "device":
+            fuse_attention_projections(self.model)
         self.tiers = tiers = ExpertTiers(self.ckpt, plan, backend)
         self.cache = tiers.compute
         self.target_exec = OffloadedExperts(
-            self.model, tiers, backend, self.policy, self.device_dtype, self.dtype, self.cpu_kernels
+            self.model,
+            tiers,
+            backend,
+            self.policy,
+            self.device_dtype,
+            self.dtype,
+            self.cpu_kernels,
+            grouped=plan.compute_tier == "device",
         )
 
         self.model.set_experts(self.target_exec)

@@ -26,6 +26,7 @@ can choose per expert between copying it and computing it on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import torch
@@ -216,6 +217,17 @@ class Backend(ABC):
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def upload(self, values: list[int]) -> torch.Tensor:
+        """Small index lists the host built (a grouped computation's layout) as an int32
+        tensor on the device, without waiting for the device (cuda: one asynchronous copy
+        from pinned memory on the compute stream)."""
+        return torch.tensor(values, dtype=torch.int32)
+
+    def uncounted(self):
+        """A block whose work is the simulation's own, not the device's (the mock computing
+        a bf16 GPU's experts in float32 widens them first): the mock does not count its ops."""
+        return contextlib.nullcontext()
 
     def reset_clock(self) -> None:
         """Start generation timing from zero (after weights are loaded)."""

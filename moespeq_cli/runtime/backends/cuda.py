@@ -237,6 +237,12 @@ class CudaBackend(Backend):
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=False)
 
+    def upload(self, values: list[int]) -> torch.Tensor:
+        # pinned (torch's caching host allocator keeps the block until the copy has run),
+        # so the copy neither waits for the stream nor is overwritten while in flight
+        host = torch.tensor(values, dtype=torch.int32, pin_memory=True)
+        return host.to(self.device, non_blocking=True)
+
     def reset_clock(self) -> None:
         self.synchronize()
         super().reset_clock()

@@ -25,6 +25,8 @@ charged at the end of the pass, with the host syncs it made.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from moespeq_cli.runtime.backends.base import Backend, Event, HostJob, as_events
@@ -220,6 +222,17 @@ class MockBackend(Backend):
         start, self.t_host, back = self._host_window(cost, act_bytes, after, ops)
         self._record("host", "compute", name, start, self.t_host, layer, expert, ops=ops or 0)
         return HostJob(Event(back), out, layer=layer, expert=expert)
+
+    def upload(self, values: list[int]) -> torch.Tensor:
+        return super().upload(values).clone()  # the copy a GPU makes of it (one op, as there)
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        self.counter.paused += 1
+        try:
+            yield
+        finally:
+            self.counter.paused -= 1
 
     def host_result(self, job: HostJob):
         self.wait(job.event, job.layer, job.expert, what="wait CPU")

@@ -21,9 +21,11 @@ import torch
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
+from moespeq_cli.runtime.executors.grouped import batched_parts, call_ops, combine, plan_layout, run_phase, supported
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import (
     Cost,
+    dtype_name,
     elem_size,
     expert_cost,
     expert_kernel,
@@ -44,12 +46,15 @@ class OffloadedExperts:
         act_dtype: torch.dtype | None = None,
         compute_dtype: torch.dtype | None = None,
         cpu_kernels: bool = False,
+        grouped: bool = False,
     ):
         """``act_dtype``: what the (real or simulated) device computes the experts in;
         ``compute_dtype``: what the activations here really are (float32 on the mock);
         ``cpu_kernels``: experts that really run on this CPU use moespeq's CPU kernels (the
         cpu backend's compute tier, cuda's CPU experts); the engine never asks it of the
-        mock, which prices torch's ops as a GPU's."""
+        mock, which prices torch's ops as a GPU's. ``grouped``: the compute tier is a GPU's
+        slots: a layer's experts there are computed together (executors/grouped.py) where
+        the format and this torch allow."""
         self.model, self.tiers, self.backend, self.policy = model, tiers, backend, policy
         self.fast_compute = cpu_kernels and backend.device.type == "cpu"  # the compute tier is this CPU
         self.fast_host = cpu_kernels  # CPU experts beside a device
@@ -74,6 +79,14 @@ class OffloadedExperts:
         with torch.inference_mode(), OpCounter(skip_casts=act_dtype != (compute_dtype or act_dtype)) as counter:
             expert_forward(fmt, x, parts)
         self.expert_ops = counter.ops
+        self.grouped = None  # where an expert's matrices lie in a device slot, when computed together
+        layout = self.cache.layout
+        if grouped and not layout.stride:
+            at = batched_parts(fmt, layout.views, layout.numel, layout.dtype)
+            if at is not None and supported(backend.device, compute_dtype or act_dtype):
+                self.grouped = at
+                self.grouped_call_ops = call_ops(fmt, at.fused)
+        self.grouped_kernel = "grouped:" + dtype_name(act_dtype)
         layers = sorted(model.moe_blocks)
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
         self.gate_prefetch = policy.gate_prefetch  # the moespeq scheduler switches it per cycle
@@ -129,6 +142,12 @@ class OffloadedExperts:
             issue_misses()
         if ahead is not None and len(issued) + len(host_jobs) == len(needed):
             self.prefetch_next(layer, ahead)
+        if self.grouped is not None:
+            out = self.compute_grouped(layer, x, weights, groups, ready, waiting, host_jobs, issued)
+            if out is not None:
+                if not self.policy.keep:
+                    cache.evict_unpinned()
+                return out
 
         def run(e: int, xe: torch.Tensor) -> torch.Tensor:
             if e in host_jobs:
@@ -152,6 +171,77 @@ class OffloadedExperts:
         if not self.policy.keep:
             cache.evict_unpinned()
         return out
+
+    def compute_grouped(self, layer: int, x, weights, groups, ready: list[int], waiting: list[int], host_jobs, issued):
+        """The layer's experts in at most two grouped computations (executors/grouped.py):
+        those already in the device's slots at once, while the copies of the rest (issued
+        now if not yet) are in flight, then those after waiting for them; their outputs
+        summed with the CPU's. None when the slots cannot hold every miss at once (every
+        other slot pinned): the caller then goes expert by expert, as slots free up."""
+        cache, b = self.cache, self.backend
+        for e in waiting:
+            key = (layer, e)
+            if e in issued:
+                continue
+            if not cache.resident(key) and not cache.can_load():
+                return None
+            cache.load(key)
+            cache.pinned.add(key)
+            issued.add(e)
+        device = ready + waiting
+        where = {e: self.block_row(cache.slot_of[(layer, e)]) for e in device}
+        sizes = [blk.shape[0] for blk in cache.blocks]
+        gather = cache.layout.dtype != x.dtype  # the mock's float32 numerics: used slots widened first
+        # the ready experts go first, apart, when their call would end before the misses
+        # land (it then hides behind the copies); otherwise one call after the copies is
+        # cheaper than two
+        landing = max((cache.arrival[(layer, e)].time for e in waiting), default=0.0) - b.now_event_time()
+        split = bool(ready and waiting) and landing > self.grouped_call_ops * b.hw.launch_overhead
+        phases = [ready, waiting] if split else [ready + waiting]
+        layout = plan_layout(groups, phases, where, sizes, sorted(host_jobs), x.shape[0], weights.shape[1], gather)
+        meta = b.upload(layout.values)
+
+        def widened(block, cols):
+            with b.uncounted():  # a GPU computes in the weights' dtype: no such copy there
+                return block.index_select(0, cols).to(x.dtype)
+
+        outs = []
+        for phase, experts in enumerate(phases):
+            if not experts:
+                continue
+            for e in experts:
+                if e in waiting:
+                    b.wait(cache.arrival[(layer, e)], layer, e)
+            last = phase == len(phases) - 1
+            if last:
+                host = [b.host_result(host_jobs[e]) for e in sorted(host_jobs)]
+            token = b.begin()
+            outs += run_phase(self.format, self.grouped, cache.blocks, layout, meta, x, phase, widened)
+            if last:
+                out = combine(layout, meta, outs + host, weights, x.dtype)
+            costs = [self.grouped_cost(len(groups[e][0])) for e in experts]
+            b.end(token, sum(costs[1:], costs[0]), f"experts L{layer}", layer)
+            for e in experts:
+                cache.mark_used((layer, e))
+                cache.pinned.discard((layer, e))
+        if not device:  # every expert on the CPU
+            host = [b.host_result(host_jobs[e]) for e in sorted(host_jobs)]
+            out = combine(layout, meta, host, weights, x.dtype)
+        return out
+
+    def grouped_cost(self, tokens: int) -> Cost:
+        """An expert's work within a grouped computation: its weights and tokens, priced by
+        the grouped kernel's curve where the profile has one (else the roofline); the
+        launches are the grouped call's, counted once for all."""
+        return expert_cost(self.hidden, self.inter, tokens, self.expert_elem, self.grouped_kernel, 0)
+
+    def block_row(self, slot: int) -> tuple[int, int]:
+        """A slot's (block, row in the block): the cache grows by whole blocks."""
+        for i, block in enumerate(self.cache.blocks):
+            if slot < block.shape[0]:
+                return i, slot
+            slot -= block.shape[0]
+        raise IndexError(slot)
 
     # -- hybrid execution: copy it, or compute it on the CPU ----------------------
     def host_cost(self, tokens: int) -> tuple[Cost, int]:

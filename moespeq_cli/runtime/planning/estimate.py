@@ -30,6 +30,10 @@ in RAM, S on the device, N in all; RAM assumed to hold what the device holds), a
 its copy, or its CPU computation, waits for a read of ``disk_latency + bytes /
 disk_bandwidth`` first: ``t_copy`` and ``t_cpu`` grow by ``p_read * t_read``.
 
+On a GPU (``kind: gpu`` profiles) a layer's experts of the usual formats are computed in
+one grouped call (executors/grouped.py): ``t_dev`` is then an expert's work alone and the
+call's launches, counted, are part of ``T_ne``; the draft's 4-bit experts keep their own.
+
 These are estimates, not measurements: ``moespeq bench`` on the mock backend, or a run on
 the real GPU, measures.
 """
@@ -44,6 +48,7 @@ import torch
 from moespeq_cli.errors import UsageError
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
+from moespeq_cli.runtime.executors.grouped import call_ops, groupable
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
@@ -83,6 +88,11 @@ class StepModel:
         self.t_link = transfer_seconds(self.expert_bytes, hw)
         self.read_extra = 0.0  # seconds of disk read per expert missing from the device (``for_plan``)
         self._ops: dict[int, int | None] = {}  # tokens -> ops a pass dispatches outside the experts
+        # a GPU computes a layer's experts in one grouped call (executors/grouped.py): its
+        # launches per layer, counted (as unfused gate and up: at most one op too many)
+        self.grouped_ops = (
+            call_ops(cfg.expert_format, False, True) if hw.kind == "gpu" and groupable(cfg.expert_format) else None
+        )
 
     def for_plan(self, plan: Plan) -> StepModel:
         """This model with ``plan``'s disk tier priced in (module docstring)."""
@@ -119,16 +129,27 @@ class StepModel:
         executor that groups tokens by expert as the real one does (token t takes experts
         t K .. t K + K - 1, modulo E); the charges' estimates where the meta run fails."""
         if tokens not in self._ops:
-            self._ops[tokens] = count_pass_ops(self.model, self.cfg, tokens)
+            grouped = self.grouped_ops is not None
+            self._ops[tokens] = count_pass_ops(self.model, self.cfg, tokens, grouped)
             if self._ops[tokens] is None:
                 self._ops[tokens] = sum(cost(tokens, self.context).ops for _m, _n, _l, cost, _r in self.table)
+            if grouped:
+                self._ops[tokens] += self.layers * self.grouped_ops
         return self._ops[tokens]
 
     def expert_cost(self, tokens: float, elem: float):
         return expert_cost(self.cfg.hidden_size, self.cfg.expert_intermediate, max(1, round(tokens)), elem)
 
     def t_dev(self, tokens: float = 1, elem: float | None = None) -> float:
-        return self.expert_cost(tokens, elem or self.elem).seconds(self.hw)
+        """One expert on the device: its work, and its own launches unless the layer's
+        experts are computed together (their launches are then the pass's)."""
+        return self.expert_cost(tokens, elem or self.elem).seconds(
+            self.hw, ops=0 if self.grouped_ops is not None else None
+        )
+
+    def t_draft_dev(self, tokens: float, elem: float) -> float:
+        """One of the draft's 4-bit experts on the device: always computed apart."""
+        return self.expert_cost(tokens, elem).seconds(self.hw)
 
     def t_cpu(self, tokens: float = 1, elem: float | None = None, read: bool = True) -> float:
         """One expert on the CPU over ``tokens`` tokens (and its read, when RAM may not hold
@@ -170,7 +191,9 @@ class StepModel:
             state.misses[n] = L * u * (1 - hit)
         if plan.has_draft:
             on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
-            draft_expert = on_dev * self.t_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(1, draft_elem, read=False)
+            draft_expert = on_dev * self.t_draft_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(
+                1, draft_elem, read=False
+            )
             state.t_draft = self.non_expert(1) + L * K * draft_expert
             state.p = [acceptance] * k_max
             state.tested = [1] * k_max
@@ -221,8 +244,9 @@ def plan_moespeq(
     return with_draft, spec
 
 
-def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int) -> int | None:
-    """``StepModel.pass_ops``: None when the model cannot run on the meta device."""
+def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int, grouped: bool = False) -> int | None:
+    """``StepModel.pass_ops``: None when the model cannot run on the meta device;
+    ``grouped``: without the executor's own ops (a grouped call's are counted apart)."""
     from moespeq_cli.runtime.executors.experts import grouped, token_groups
     from moespeq_cli.runtime.executors.opcount import OpCounter
 
@@ -233,6 +257,12 @@ def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int) -> int | None:
         return [[(t * K + j) % E for j in range(K)] for t in range(ids.shape[0])], None
 
     def experts(layer, x, ids, weights, rows, ahead=None):
+        if grouped:
+            counter.paused += 1
+            out = torch.zeros_like(x)
+            counter.paused -= 1
+            return out
+
         def run(e, xe):
             counter.paused += 1  # the expert's own ops are priced with the expert
             out = torch.zeros_like(xe)

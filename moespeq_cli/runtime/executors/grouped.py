@@ -1,0 +1,245 @@
+"""A layer's routed experts in a constant number of ops: grouped GEMMs over the slot block.
+
+On a GPU a decode step's experts are tiny kernels (an expert of Qwen3-30B-A3B is 9 MB:
+about 2 us of an H200's bandwidth) and the host's launches, 5-8 us each, set the speed.
+Computing each expert apart costs about ten launches an expert: 80 a layer at top-8.
+Here every expert a layer's tokens chose that sits in the device's slots is computed at
+once, whatever top-k is:
+
+- the device's expert slots are one block ``[n_slots, numel]`` (a few after the draft
+  gave memory back); each part of an expert (gate, up, down) is a strided batched view of
+  the block, ``[n_slots, out, in]``, and gate and up, adjacent in the slot, are one view
+  ``[n_slots, 2I, H]``;
+- the host, which already has the routing (one read a layer), lays out the (token,
+  expert) pairs slot by slot and sends the layout to the device in one asynchronous copy
+  (``Backend.upload``): the pairs' token rows, each slot's end offset, and where each
+  token's outputs are;
+- ``torch._grouped_mm`` computes slot ``s``'s rows with slot ``s``'s weights, for every
+  slot in one call per projection (slots no token chose cost nothing);
+- the outputs of experts computed elsewhere (the CPU, in hybrid execution) join them, and
+  each token's outputs are weighted and summed in ascending expert order, as the
+  per-expert path sums them, so every policy gives the same result.
+
+About ten ops a layer for any top-k (``scripts/count_ops.py``). Formats whose gate, up
+and down are plain matrices of the slot (SwiGLU and GELU experts, uncompressed) take this
+path; the others, and machines whose torch lacks ``_grouped_mm`` for the dtype, compute
+expert by expert (``supported``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moespeq_cli.models.expert_format import GEGLU, SWIGLU, ExpertFormat
+
+
+@dataclass
+class BatchedParts:
+    """Where an expert's matrices lie in a slot: element offsets and shapes."""
+
+    gate: int
+    up: int
+    down: int
+    inter: int
+    hidden: int
+
+    @property
+    def fused(self) -> bool:  # gate then up, end to end: one [2I, H] matrix
+        return self.up == self.gate + self.inter * self.hidden
+
+
+def groupable(fmt: ExpertFormat) -> bool:
+    """Whether experts of ``fmt`` are plain matrices a grouped GEMM can take."""
+    return not fmt.compact and fmt.kind in (SWIGLU, GEGLU) and not fmt.biased
+
+
+def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> BatchedParts | None:
+    """The offsets of gate [I, H], up [I, H] and down [H, I] in a packed slot of ``numel``
+    elements, or None where the format's matrices are not plain contiguous views of it."""
+    if not groupable(fmt):
+        return None
+    flat = torch.empty(numel, dtype=dtype, device="meta")
+    try:
+        gate, up, down, bias = fmt.canonical(views(flat))
+    except (RuntimeError, ValueError):
+        return None
+    if bias is not None or not all(t.is_contiguous() and t.dtype == dtype for t in (gate, up, down)):
+        return None
+    inter, hidden = gate.shape
+    if up.shape != (inter, hidden) or down.shape != (hidden, inter):
+        return None
+    return BatchedParts(gate.storage_offset(), up.storage_offset(), down.storage_offset(), inter, hidden)
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch runs ``_grouped_mm`` on ``device`` for ``dtype`` (a tiny probe)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.zeros(2, 16, dtype=dtype, device=device)
+        b = torch.zeros(2, 16, 16, dtype=dtype, device=device)
+        torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([1, 2], dtype=torch.int32, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def call_ops(fmt: ExpertFormat, fused: bool, whole_layer: bool = False) -> int:
+    """The ops one grouped call dispatches (its tokens' rows gathered, the grouped
+    products, the activation), counted on a tiny block of the same arrangement;
+    ``whole_layer``: with the layout's copy to the device and the outputs' weighted sum
+    (a layer computed in one call)."""
+    from moespeq_cli.runtime.executors.opcount import count_ops
+
+    n = 16
+    at = BatchedParts(0, n * n, 2 * n * n, n, n) if fused else BatchedParts(0, 2 * n * n, n * n, n, n)
+    block, x, weights = torch.zeros(2, 3 * n * n), torch.zeros(1, n), torch.ones(1, 2)
+    layout = plan_layout({0: ([0], [0]), 1: ([0], [1])}, [[0, 1]], {0: (0, 0), 1: (0, 1)}, [2], [], 1, 2, False)
+    host = torch.tensor(layout.values, dtype=torch.int32)
+
+    def layer():
+        meta = host.clone() if whole_layer else host  # the copy to the device
+        outs = run_phase(fmt, at, [block], layout, meta, x, 0, None)
+        return combine(layout, meta, outs, weights, x.dtype) if whole_layer else outs
+
+    return count_ops(layer)[1].ops
+
+
+def views_of(block: torch.Tensor, at: BatchedParts) -> tuple[torch.Tensor, ...]:
+    """``block`` [n, numel] -> (gate|up [n, 2I, H], down [n, H, I]) when fused, else
+    (gate, up, down): strided views, nothing copied."""
+    n, stride = block.shape[0], block.stride(0)
+    i, h, base = at.inter, at.hidden, block.storage_offset()
+
+    def part(offset: int, rows: int, cols: int) -> torch.Tensor:
+        return block.as_strided((n, rows, cols), (stride, cols, 1), base + offset)
+
+    if at.fused:
+        return part(at.gate, 2 * i, h), part(at.down, h, i)
+    return part(at.gate, i, h), part(at.up, i, h), part(at.down, h, i)
+
+
+def grouped_mlp(
+    fmt: ExpertFormat, x: torch.Tensor, parts: tuple[torch.Tensor, ...], offs: torch.Tensor
+) -> torch.Tensor:
+    """x [P, H], its rows slot by slot (``offs``: each slot's end row, int32) -> [P, H]:
+    each slot's rows through that slot's expert, ``down(act(gate x) * up x)``."""
+    if len(parts) == 2:
+        gu = torch._grouped_mm(x, parts[0].transpose(-2, -1), offs=offs)
+        i = parts[1].shape[2]
+        gate, up = gu[:, :i], gu[:, i:]
+    else:
+        gate, up = (torch._grouped_mm(x, p.transpose(-2, -1), offs=offs) for p in parts[:2])
+    return torch._grouped_mm(fmt.activate(gate, up), parts[-1].transpose(-2, -1), offs=offs)
+
+
+@dataclass
+class Layout:
+    """The host's plan of a layer's grouped computation, sent to the device as one int32
+    list (``values``). ``calls``: one grouped computation per (phase, block): (phase,
+    block, rows at, rows n, offs at, cols at, cols n), where ``rows`` are its pairs' tokens
+    slot by slot, ``offs`` each column's end row and ``cols`` the slots it computes when
+    they are gathered first; ``src``/``wsrc`` (at, n): for each token, its k outputs and
+    top-k weights in ascending expert order."""
+
+    values: list[int]
+    calls: list[tuple[int, int, int, int, int, int, int]]
+    src: tuple[int, int]
+    wsrc: tuple[int, int]
+
+
+def plan_layout(
+    groups: dict[int, tuple[list[int], list[int]]],
+    phases: list[list[int]],
+    where: dict[int, tuple[int, int]],
+    block_sizes: list[int],
+    host_experts: list[int],
+    tokens: int,
+    k: int,
+    gather: bool,
+) -> Layout:
+    """``groups``: expert -> (token rows, top-k slots), ascending; ``phases``: the device
+    experts computed together, in turn (those ready, then those copied meanwhile);
+    ``where``: device expert -> (block, slot in it); ``host_experts``: experts whose
+    outputs come from elsewhere (after the device's, ascending). ``gather``: the used slots
+    are gathered (and widened) first, so a call's columns are those slots, not all."""
+    values: list[int] = []
+    calls = []
+    pos: dict[int, int] = {}  # expert -> its first output row
+    p = 0
+    for phase, experts in enumerate(phases):
+        by_block: dict[int, list[int]] = {}
+        for e in sorted(experts, key=lambda e: where[e]):
+            by_block.setdefault(where[e][0], []).append(e)
+        for b, chosen in sorted(by_block.items()):
+            rows_at = len(values)
+            for e in chosen:
+                pos[e] = p
+                values.extend(groups[e][0])
+                p += len(groups[e][0])
+            rows_n = len(values) - rows_at
+            if gather:
+                columns = [where[e][1] for e in chosen]
+                counts = [len(groups[e][0]) for e in chosen]
+            else:
+                columns = list(range(block_sizes[b]))
+                count_of = {where[e][1]: len(groups[e][0]) for e in chosen}
+                counts = [count_of.get(c, 0) for c in columns]
+            offs_at = len(values)
+            end = 0
+            for c in counts:
+                end += c
+                values.append(end)
+            cols_at = len(values)
+            if gather:
+                values.extend(columns)
+            calls.append((phase, b, rows_at, rows_n, offs_at, cols_at, len(columns)))
+    for e in host_experts:
+        pos[e] = p
+        p += len(groups[e][0])
+    per_token: list[list[tuple[int, int]]] = [[] for _ in range(tokens)]
+    for e, (rows, slots) in groups.items():  # ascending experts: each token's list in that order
+        for i, (t, j) in enumerate(zip(rows, slots, strict=True)):
+            per_token[t].append((pos[e] + i, t * k + j))
+    src_at = len(values)
+    values.extend(s for row in per_token for s, _ in row)
+    wsrc_at = len(values)
+    values.extend(w for row in per_token for _, w in row)
+    return Layout(values, calls, (src_at, tokens * k), (wsrc_at, tokens * k))
+
+
+def run_phase(
+    fmt: ExpertFormat,
+    at: BatchedParts,
+    blocks: list[torch.Tensor],
+    layout: Layout,
+    meta: torch.Tensor,
+    x: torch.Tensor,
+    phase: int,
+    gather,
+) -> list[torch.Tensor]:
+    """The outputs [rows, H] of ``phase``'s grouped calls (``meta``: ``layout.values`` on
+    the device; ``gather(block, cols)``: the used slots widened to the activations' dtype,
+    where the block's dtype is not theirs)."""
+    outs = []
+    for ph, b, rows_at, rows_n, offs_at, cols_at, cols_n in layout.calls:
+        if ph != phase:
+            continue
+        block = blocks[b]
+        if block.dtype != x.dtype:
+            block = gather(block, meta[cols_at : cols_at + cols_n])
+        xs = x.index_select(0, meta[rows_at : rows_at + rows_n])
+        outs.append(grouped_mlp(fmt, xs, views_of(block, at), meta[offs_at : offs_at + cols_n]))
+    return outs
+
+
+def combine(layout: Layout, meta: torch.Tensor, outs: list[torch.Tensor], weights: torch.Tensor, dtype) -> torch.Tensor:
+    """Each token's k outputs (``outs``: every call's, then the CPU's, in the layout's
+    order) weighted by its top-k weights and summed in ascending expert order -> [T, H]."""
+    y = torch.cat(outs) if len(outs) > 1 else outs[0]
+    (s_at, n), (w_at, _) = layout.src, layout.wsrc
+    w = weights.flatten().index_select(0, meta[w_at : w_at + n]).view(-1, 1)
+    tokens, k = weights.shape
+    return (y.to(dtype).index_select(0, meta[s_at : s_at + n]) * w).view(tokens, k, -1).sum(1).to(dtype)
