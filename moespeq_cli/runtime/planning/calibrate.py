@@ -29,6 +29,7 @@ then simulates (and ``scripts/validate_mock.py`` checks against ``--backend cpu`
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 import statistics
@@ -133,11 +134,14 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         variants = [(name, None)]
         if busy_file is not None and device.type == "cpu":
             variants.append((f"{name}@busy", busy_file))
+        weights = {}  # made once per shape for both variants (quantizing a draft's takes seconds)
         for label, background in variants:
             say(f"kernel {label}")
             rows, sizes, ops = [], [], 1
             for h, i in SHAPES:
-                copies = [bind(h, i) for _ in range(max(1, -(-COLD_BYTES // weight_bytes(h, i))))]
+                if (h, i) not in weights:
+                    weights[h, i] = [bind(h, i) for _ in range(max(1, -(-COLD_BYTES // weight_bytes(h, i))))]
+                copies = weights[h, i]
                 calls = []
                 for t in TOKENS:
                     x = torch.randn(t, h, device=device).to(x_dtype)
@@ -156,8 +160,8 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
                 ops = ops_of(lambda x1=x1, fn=copies[0]: fn(x1))
                 rows.append(non_decreasing(row))  # more tokens never cost less: a dip is noise, pooled
                 sizes.append(weight_bytes(h, i))
-                del copies
             curves[label] = {"tokens": list(TOKENS), "sizes": sizes, "seconds": rows, "ops": ops}
+        weights.clear()
 
     linears = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
     if device.type == "cuda":
@@ -204,8 +208,12 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         if q is None:
             continue
 
-        def bind_draft(h, i, path=path):
-            qe = _draft(path, device, h, i)
+        made: dict = {}  # one quantized expert per shape; its copies are copies of its bytes
+
+        def bind_draft(h, i, path=path, made=made):
+            if (h, i) not in made:
+                made[h, i] = _draft(path, device, h, i)
+            qe = copy.deepcopy(made[h, i])
             return lambda x: qe.forward(0, 0, x)
 
         curve(

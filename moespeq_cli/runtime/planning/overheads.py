@@ -34,7 +34,7 @@ BETWEEN = "(between regions)"
 
 
 def region_overheads(
-    checkpoint: Path, figures: dict, say: Callable[[str], None], tokens: int = 32, ram_budget: int = 8 * 2**30
+    checkpoint: Path, figures: dict, say: Callable[[str], None], tokens: int = 16, ram_budget: int = 8 * 2**30
 ) -> dict:
     """{region kind: host seconds a call beyond what the mock prices; "pass": per forward
     pass}, from ``tokens`` greedy tokens of ``checkpoint`` on the wall clock and on the
