@@ -123,3 +123,22 @@ def test_cuda_three_tiers(tiny, policy):
     assert got == expected
     assert eng.plan.disk_tier and eng.last_stats.bytes_read > 0
     assert any(iv.kind == "read" for iv in eng.backend.timeline.intervals)
+
+
+@pytest.mark.parametrize("policy", ["lru", "gate-prefetch", "moespeq"])
+def test_cuda_layers_experts_in_one_grouped_call(tiny, monkeypatch, policy):
+    """On CUDA a layer's experts run as one grouped GEMM per projection over the slot
+    block (torch._grouped_mm), with the per-expert path's tokens and the CPU's; a GPU
+    whose torch has no grouped GEMM for the dtype falls back and says so here."""
+    from moespeq_cli.runtime.executors import offload
+
+    path, _ = tiny("mixtral", "wide")
+    prompt = list(range(3, 24))
+    expected, _ = run_engine(path, prompt, 16, backend="cpu")
+    got, eng = run_engine(path, prompt, 16, backend="cuda", policy=policy, slots=6)
+    if eng.target_exec.grouped is None:
+        pytest.skip("torch._grouped_mm does not run on this GPU for the model's dtype: experts go one by one")
+    monkeypatch.setattr(offload, "supported", lambda device, dtype: False)
+    one_by_one, eng2 = run_engine(path, prompt, 16, backend="cuda", policy=policy, slots=6)
+    assert eng2.target_exec.grouped is None
+    assert got == one_by_one == expected
