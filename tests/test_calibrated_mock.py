@@ -387,7 +387,6 @@ def test_calibrate_measures_the_host_time_the_op_count_misses(tiny, monkeypatch,
     attention spends that the mock cannot see (a 5 ms sleep: no op at all, no virtual
     time) shows as that region's overhead, and the figures round-trip through a profile."""
     import dataclasses
-    import time
 
     from moespeq_cli.runtime.planning.calibrate import profile_yaml
     from moespeq_cli.runtime.planning.hardware import parse_profile
@@ -403,13 +402,7 @@ def test_calibrate_measures_the_host_time_the_op_count_misses(tiny, monkeypatch,
     eng.load(8)
     attn_cls = type(eng.model.model.layers[0].attn)
     eng.close()
-    forward = attn_cls.forward
-
-    def slow(self, *args, **kw):
-        time.sleep(0.005)
-        return forward(self, *args, **kw)
-
-    monkeypatch.setattr(attn_cls, "forward", slow)
+    slow_down(monkeypatch, attn_cls, 0.005)
     slowed = region_overheads(path, figures, say=lambda s: None, tokens=4)
     assert slowed["attention"] >= base["attention"] + 0.004
     out = tmp_path / "p.yaml"
@@ -424,7 +417,6 @@ def test_calibrate_measures_the_drafts_regions_when_a_draft_is_saved(tiny, cli, 
     measured (quantizing it would take longer than calibrating)."""
     import dataclasses
     import shutil
-    import time
 
     from moespeq_cli.quant.draft import QuantizedExperts
     from moespeq_cli.runtime.planning.overheads import region_overheads
@@ -436,13 +428,7 @@ def test_calibrate_measures_the_drafts_regions_when_a_draft_is_saved(tiny, cli, 
     figures = {k: v for k, v in dataclasses.asdict(cpu).items() if k not in ("kernels", "host_kernels", "source")}
     assert not any(k.startswith("draft") for k in region_overheads(ckpt, figures, say=lambda s: None, tokens=4))
     assert cli("quantize", str(ckpt)).exit_code == 0
-    forward = QuantizedExperts.forward
-
-    def slow(self, *args, **kw):
-        time.sleep(0.003)
-        return forward(self, *args, **kw)
-
-    monkeypatch.setattr(QuantizedExperts, "forward", slow)
+    slow_down(monkeypatch, QuantizedExperts, 0.003)
     got = region_overheads(ckpt, figures, say=lambda s: None, tokens=4)
     assert got["draft expert"] >= 0.0025
 
@@ -462,3 +448,16 @@ def test_calibrate_refuses_a_checkpoint_without_a_tokenizer_before_measuring(tin
     r = cli("calibrate", "--model", str(ckpt), "--out", str(tmp_path / "p.yaml"))
     assert r.exit_code in (1, 2) and "tokenizer.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "p.yaml").exists()
+
+
+def slow_down(monkeypatch, cls, seconds: float) -> None:
+    """``cls.forward`` sleeps ``seconds`` first: host time no op shows and no clock prices."""
+    import time
+
+    forward = cls.forward
+
+    def slow(self, *args, **kw):
+        time.sleep(seconds)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(cls, "forward", slow)

@@ -100,13 +100,19 @@ def test_the_layout_lists_each_slot_s_rows_in_order():
     groups = {3: ([0, 1], [1, 0]), 5: ([0], [0]), 9: ([1], [1])}
     where = {3: (0, 2), 5: (0, 0), 9: (0, 3)}
     lay = plan_layout(groups, [[3, 5, 9]], where, [4], [], tokens=2, k=2, gather=False)
-    (_, _, rows_at, rows_n, offs_at, _, cols_n) = lay.calls[0]
+    (_, _, rows_at, rows_n, offs_at, _, cols_n, first) = lay.calls[0]
+    assert first == 0
     assert lay.values[rows_at : rows_at + rows_n] == [0, 0, 1, 1]  # slot 0: expert 5; slot 2: expert 3; slot 3: 9
     assert lay.values[offs_at : offs_at + cols_n] == [1, 1, 3, 4]
     s_at, n = lay.src
     w_at, _ = lay.wsrc
     assert lay.values[s_at : s_at + n] == [1, 0, 2, 3]  # token 0: experts 3, 5; token 1: experts 3, 9
     assert lay.values[w_at : w_at + n] == [1, 0, 2, 3]  # their top-k positions
+    # only the slots from the first used to the last are columns: work per layer does not
+    # grow with the size of the cache
+    far = plan_layout(groups, [[3, 5, 9]], {3: (0, 907), 5: (0, 905), 9: (0, 908)}, [4096], [], 2, 2, False)
+    (_, _, _, _, offs_at, _, cols_n, first) = far.calls[0]
+    assert first == 905 and far.values[offs_at : offs_at + cols_n] == [1, 1, 3, 4]
 
 
 def test_ops_do_not_grow_with_top_k():

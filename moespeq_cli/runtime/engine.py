@@ -281,6 +281,8 @@ class Engine:
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         if plan.compute_tier == "device":
             fuse_attention_projections(self.model)
+            if backend.name == "cuda":  # the unfused blocks, freed, are too small to reuse
+                torch.cuda.empty_cache()
         self.tiers = tiers = ExpertTiers(self.ckpt, plan, backend)
         self.cache = tiers.compute
         self.target_exec = OffloadedExperts(

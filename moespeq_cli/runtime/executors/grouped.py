@@ -8,22 +8,26 @@ once, whatever top-k is:
 
 - the device's expert slots are one block ``[n_slots, numel]`` (a few after the draft
   gave memory back); each part of an expert (gate, up, down) is a strided batched view of
-  the block, ``[n_slots, out, in]``, and gate and up, adjacent in the slot, are one view
-  ``[n_slots, 2I, H]``;
+  the block's rows from the lowest slot the layer uses to the highest, ``[n, out, in]``,
+  and gate and up, adjacent in the slot, are one view ``[n, 2I, H]``;
 - the host, which already has the routing (one read a layer), lays out the (token,
   expert) pairs slot by slot and sends the layout to the device in one asynchronous copy
   (``Backend.upload``): the pairs' token rows, each slot's end offset, and where each
   token's outputs are;
 - ``torch._grouped_mm`` computes slot ``s``'s rows with slot ``s``'s weights, for every
   slot in one call per projection (slots no token chose cost nothing);
-- the outputs of experts computed elsewhere (the CPU, in hybrid execution) join them, and
-  each token's outputs are weighted and summed in ascending expert order, as the
-  per-expert path sums them, so every policy gives the same result.
+- the outputs of experts computed elsewhere (the CPU, in hybrid execution) join them
+  last, and each token's outputs are weighted and summed in ascending expert order.
+  The bits do not depend on which slots hold the experts or how the layer's calls are
+  split, so every policy gives the same result; in float32 they equal the per-expert
+  path's, in bf16 the k-sum is rounded once where the per-expert path rounds each add
+  (a layer that falls back to it, every slot pinned, can differ in the last bit).
 
-About ten ops a layer for any top-k (``scripts/count_ops.py``). Formats whose gate, up
-and down are plain matrices of the slot (SwiGLU and GELU experts, uncompressed) take this
-path; the others, and machines whose torch lacks ``_grouped_mm`` for the dtype, compute
-expert by expert (``supported``).
+About ten ops a layer for any top-k (``scripts/count_ops.py``). Every miss of the layer
+is copied before the call (``ondemand`` too: it still keeps nothing). Formats whose gate,
+up and down are plain matrices of the slot (SwiGLU and GELU experts, uncompressed) take
+this path; the others, and GPUs without a grouped GEMM kernel for the dtype (torch's
+fallback reads the offsets back to the host), compute expert by expert (``supported``).
 """
 
 from __future__ import annotations
@@ -74,8 +78,15 @@ def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> B
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch runs ``_grouped_mm`` on ``device`` for ``dtype`` (a tiny probe)."""
+    """Whether this torch runs ``_grouped_mm`` on ``device`` for ``dtype`` (a tiny probe).
+    On CUDA only where it has a real grouped kernel (bf16 on Hopper and Blackwell): torch's
+    fallback elsewhere reads the offsets back to the host (a sync) and runs a product per
+    group, worse than computing expert by expert."""
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda" and (
+        dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] not in (9, 10)
+    ):
         return False
     try:
         a = torch.zeros(2, 16, dtype=dtype, device=device)
@@ -139,13 +150,14 @@ def grouped_mlp(
 class Layout:
     """The host's plan of a layer's grouped computation, sent to the device as one int32
     list (``values``). ``calls``: one grouped computation per (phase, block): (phase,
-    block, rows at, rows n, offs at, cols at, cols n), where ``rows`` are its pairs' tokens
-    slot by slot, ``offs`` each column's end row and ``cols`` the slots it computes when
-    they are gathered first; ``src``/``wsrc`` (at, n): for each token, its k outputs and
+    block, rows at, rows n, offs at, cols at, cols n, first slot), where ``rows`` are its
+    pairs' tokens slot by slot, ``offs`` each column's end row (the columns: the block's
+    slots from the first used to the last, or the used ones gathered first) and ``cols``
+    the slots gathered; ``src``/``wsrc`` (at, n): for each token, its k outputs and
     top-k weights in ascending expert order."""
 
     values: list[int]
-    calls: list[tuple[int, int, int, int, int, int, int]]
+    calls: list[tuple[int, int, int, int, int, int, int, int]]
     src: tuple[int, int]
     wsrc: tuple[int, int]
 
@@ -183,9 +195,9 @@ def plan_layout(
             if gather:
                 columns = [where[e][1] for e in chosen]
                 counts = [len(groups[e][0]) for e in chosen]
-            else:
-                columns = list(range(block_sizes[b]))
+            else:  # the block's slots from the lowest used to the highest (its rows, a view)
                 count_of = {where[e][1]: len(groups[e][0]) for e in chosen}
+                columns = list(range(min(count_of), max(count_of) + 1))
                 counts = [count_of.get(c, 0) for c in columns]
             offs_at = len(values)
             end = 0
@@ -195,7 +207,7 @@ def plan_layout(
             cols_at = len(values)
             if gather:
                 values.extend(columns)
-            calls.append((phase, b, rows_at, rows_n, offs_at, cols_at, len(columns)))
+            calls.append((phase, b, rows_at, rows_n, offs_at, cols_at, len(columns), columns[0]))
     for e in host_experts:
         pos[e] = p
         p += len(groups[e][0])
@@ -224,12 +236,14 @@ def run_phase(
     the device; ``gather(block, cols)``: the used slots widened to the activations' dtype,
     where the block's dtype is not theirs)."""
     outs = []
-    for ph, b, rows_at, rows_n, offs_at, cols_at, cols_n in layout.calls:
+    for ph, b, rows_at, rows_n, offs_at, cols_at, cols_n, first in layout.calls:
         if ph != phase:
             continue
         block = blocks[b]
         if block.dtype != x.dtype:
             block = gather(block, meta[cols_at : cols_at + cols_n])
+        else:
+            block = block[first : first + cols_n]
         xs = x.index_select(0, meta[rows_at : rows_at + rows_n])
         outs.append(grouped_mlp(fmt, xs, views_of(block, at), meta[offs_at : offs_at + cols_n]))
     return outs

@@ -212,21 +212,18 @@ class OffloadedExperts:
             for e in experts:
                 if e in waiting:
                     b.wait(cache.arrival[(layer, e)], layer, e)
-            last = phase == len(phases) - 1
-            if last:
-                host = [b.host_result(host_jobs[e]) for e in sorted(host_jobs)]
             token = b.begin()
             outs += run_phase(self.format, self.grouped, cache.blocks, layout, meta, x, phase, widened)
-            if last:
-                out = combine(layout, meta, outs + host, weights, x.dtype)
             costs = [self.grouped_cost(len(groups[e][0])) for e in experts]
             b.end(token, sum(costs[1:], costs[0]), f"experts L{layer}", layer)
             for e in experts:
                 cache.mark_used((layer, e))
                 cache.pinned.discard((layer, e))
-        if not device:  # every expert on the CPU
-            host = [b.host_result(host_jobs[e]) for e in sorted(host_jobs)]
-            out = combine(layout, meta, host, weights, x.dtype)
+        # the CPU's outputs last: the device's calls are queued before the host waits for them
+        outs += [b.host_result(host_jobs[e]) for e in sorted(host_jobs)]
+        token = b.begin()
+        out = combine(layout, meta, outs, weights, x.dtype)
+        b.end(token, Cost(0.0, 0.0, 0), f"experts sum L{layer}", layer)
         return out
 
     def grouped_cost(self, tokens: int) -> Cost:

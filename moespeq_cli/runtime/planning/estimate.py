@@ -91,7 +91,9 @@ class StepModel:
         # a GPU computes a layer's experts in one grouped call (executors/grouped.py): its
         # launches per layer, counted (as unfused gate and up: at most one op too many)
         self.grouped_ops = (
-            call_ops(cfg.expert_format, False, True) if hw.kind == "gpu" and groupable(cfg.expert_format) else None
+            call_ops(cfg.expert_format, False, True)
+            if hw.kind == "gpu" and groupable(cfg.expert_format) and hasattr(torch, "_grouped_mm")
+            else None
         )
 
     def for_plan(self, plan: Plan) -> StepModel:
