@@ -55,7 +55,7 @@ def blocks_for(mats, at: BatchedParts, placement: dict[int, tuple[int, int]], si
 def run_grouped(x, ids, weights, mats, at, placement, sizes, phases, host=()):
     groups = token_groups(ids)
     blocks = blocks_for(mats, at, {e: placement[e] for e in groups if e not in host}, sizes)
-    layout = plan_layout(groups, phases, placement, sizes, sorted(host), x.shape[0], ids.shape[1], gather=False)
+    layout = plan_layout(groups, phases, placement, sorted(host), x.shape[0], ids.shape[1], gather=False)
     meta = torch.tensor(layout.values, dtype=torch.int32)
     outs = []
     for phase in range(len(phases)):
@@ -99,7 +99,7 @@ def test_the_layout_lists_each_slot_s_rows_in_order():
     groups), and for each token its outputs in ascending expert order."""
     groups = {3: ([0, 1], [1, 0]), 5: ([0], [0]), 9: ([1], [1])}
     where = {3: (0, 2), 5: (0, 0), 9: (0, 3)}
-    lay = plan_layout(groups, [[3, 5, 9]], where, [4], [], tokens=2, k=2, gather=False)
+    lay = plan_layout(groups, [[3, 5, 9]], where, [], tokens=2, k=2, gather=False)
     (_, _, rows_at, rows_n, offs_at, _, cols_n, first) = lay.calls[0]
     assert first == 0
     assert lay.values[rows_at : rows_at + rows_n] == [0, 0, 1, 1]  # slot 0: expert 5; slot 2: expert 3; slot 3: 9
@@ -110,7 +110,7 @@ def test_the_layout_lists_each_slot_s_rows_in_order():
     assert lay.values[w_at : w_at + n] == [1, 0, 2, 3]  # their top-k positions
     # only the slots from the first used to the last are columns: work per layer does not
     # grow with the size of the cache
-    far = plan_layout(groups, [[3, 5, 9]], {3: (0, 907), 5: (0, 905), 9: (0, 908)}, [4096], [], 2, 2, False)
+    far = plan_layout(groups, [[3, 5, 9]], {3: (0, 907), 5: (0, 905), 9: (0, 908)}, [], 2, 2, False)
     (_, _, _, _, offs_at, _, cols_n, first) = far.calls[0]
     assert first == 905 and far.values[offs_at : offs_at + cols_n] == [1, 1, 3, 4]
 
@@ -123,7 +123,7 @@ def test_ops_do_not_grow_with_top_k():
         groups = token_groups(ids)
         placement = placed(list(groups), [12], 0)
         blocks = blocks_for(mats, arrangement(True), placement, [12])
-        layout = plan_layout(groups, [list(groups)], placement, [12], [], 1, k, gather=False)
+        layout = plan_layout(groups, [list(groups)], placement, [], 1, k, gather=False)
         meta = torch.tensor(layout.values, dtype=torch.int32)
         with torch.inference_mode(), OpCounter() as c:
             outs = run_phase(FMT, arrangement(True), blocks, layout, meta, x, 0, None)

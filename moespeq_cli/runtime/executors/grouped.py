@@ -107,7 +107,7 @@ def call_ops(fmt: ExpertFormat, fused: bool, whole_layer: bool = False) -> int:
     n = 16
     at = BatchedParts(0, n * n, 2 * n * n, n, n) if fused else BatchedParts(0, 2 * n * n, n * n, n, n)
     block, x, weights = torch.zeros(2, 3 * n * n), torch.zeros(1, n), torch.ones(1, 2)
-    layout = plan_layout({0: ([0], [0]), 1: ([0], [1])}, [[0, 1]], {0: (0, 0), 1: (0, 1)}, [2], [], 1, 2, False)
+    layout = plan_layout({0: ([0], [0]), 1: ([0], [1])}, [[0, 1]], {0: (0, 0), 1: (0, 1)}, [], 1, 2, False)
     host = torch.tensor(layout.values, dtype=torch.int32)
 
     def layer():
@@ -166,7 +166,6 @@ def plan_layout(
     groups: dict[int, tuple[list[int], list[int]]],
     phases: list[list[int]],
     where: dict[int, tuple[int, int]],
-    block_sizes: list[int],
     host_experts: list[int],
     tokens: int,
     k: int,

@@ -190,7 +190,6 @@ class OffloadedExperts:
             issued.add(e)
         device = ready + waiting
         where = {e: self.block_row(cache.slot_of[(layer, e)]) for e in device}
-        sizes = [blk.shape[0] for blk in cache.blocks]
         gather = cache.layout.dtype != x.dtype  # the mock's float32 numerics: used slots widened first
         # the ready experts go first, apart, when their call would end before the misses
         # land (it then hides behind the copies); otherwise one call after the copies is
@@ -198,7 +197,7 @@ class OffloadedExperts:
         landing = max((cache.arrival[(layer, e)].time for e in waiting), default=0.0) - b.now_event_time()
         split = bool(ready and waiting) and landing > self.grouped_call_ops * b.hw.launch_overhead
         phases = [ready, waiting] if split else [ready + waiting]
-        layout = plan_layout(groups, phases, where, sizes, sorted(host_jobs), x.shape[0], weights.shape[1], gather)
+        layout = plan_layout(groups, phases, where, sorted(host_jobs), x.shape[0], weights.shape[1], gather)
         meta = b.upload(layout.values)
 
         def widened(block, cols):
