@@ -120,3 +120,30 @@ def test_the_packed_cpu_kernel_equals_dequantize_then_matmul(tmp_path):
     with pytest.raises(RuntimeError, match="packed"):
         qe.to(torch.device("meta"))  # a packed expert (its scales rounded to bf16) never leaves the CPU
     assert torch.equal(qe.forward(0, 0, xs[0]), qe.forward_reference(0, 0, xs[0]))  # (0, 0) was not packed
+
+
+@pytest.mark.parametrize("shape", [(192, 128), (128, 192), (64, 64), (96, 320)])
+def test_our_cpu_packing_equals_bitsandbytes_converter(shape):
+    """quant/cpu_layout.pack_for_cpu makes bitsandbytes' packed CPU layout in one pass:
+    the same bytes, the same scales and the same state fields as bitsandbytes' own
+    converter, for both the float32 and the bf16 states a draft holds."""
+    import copy
+
+    import bitsandbytes.functional as bnb
+
+    from moespeq_cli.quant.cpu_layout import pack_for_cpu
+
+    if not hasattr(bnb, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no packed CPU layout")
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = (torch.randn(*shape, generator=g) * 0.05).to(dtype).contiguous()
+        q, s = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        ref, ref_state = bnb._convert_weight_packed_for_cpu(q.clone(), copy.deepcopy(s))
+        got, state = pack_for_cpu(q.clone(), copy.deepcopy(s), bnb)
+        assert torch.equal(got, ref) and got.shape == ref.shape
+        assert torch.equal(state.absmax, ref_state.absmax) and state.absmax.dtype == ref_state.absmax.dtype
+        assert vars(state).keys() == vars(ref_state).keys()
+        for name, value in vars(ref_state).items():
+            if not isinstance(value, torch.Tensor):
+                assert getattr(state, name) == value, name

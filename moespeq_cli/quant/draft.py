@@ -257,12 +257,14 @@ class QuantizedExperts:
         run)."""
         if not self.packable():
             return 0
+        from moespeq_cli.quant.cpu_layout import pack_for_cpu
+
         F = _bnb()
         n = 0
         for key, parts in self.q.items():
             if key in self.cpu_packed or (keys is not None and key not in keys) or parts[0][0].device.type != "cpu":
                 continue
-            self.q[key] = [F._convert_weight_packed_for_cpu(p, s) for p, s in parts]
+            self.q[key] = [pack_for_cpu(p, s, F) for p, s in parts]
             self.cpu_packed.add(key)
             n += 1
         return n

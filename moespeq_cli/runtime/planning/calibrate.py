@@ -46,6 +46,9 @@ from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import dtype_name, expert_kernel
 
 TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
+# kernels that dequantize a whole expert a call (FP8 blocks, the draft's reference path):
+# their time hardly depends on the batch, so fewer batch sizes, interpolated between
+DEQUANT_TOKENS = (1, 4, 16)
 SHAPES = ((512, 1536), (1024, 3584))  # (hidden, intermediate): a small expert and a Mixtral-class one at 1/4 width
 DISK_FILE_BYTES = 512 * 2**20
 COLD_BYTES = 96 * 2**20  # the weights a kernel timing cycles through: beyond any last-level cache
@@ -129,7 +132,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     curves: dict = {}
 
-    def curve(name: str, bind, x_dtype: torch.dtype, weight_bytes: Callable[[int, int], int]) -> None:
+    def curve(name: str, bind, x_dtype: torch.dtype, weight_bytes: Callable[[int, int], int], tokens=TOKENS) -> None:
         """``bind(h, i)`` makes one copy of the weights and returns ``fn(x)`` computing with it."""
         variants = [(name, None)]
         if busy_file is not None and device.type == "cpu":
@@ -143,7 +146,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
                     weights[h, i] = [bind(h, i) for _ in range(max(1, -(-COLD_BYTES // weight_bytes(h, i))))]
                 copies = weights[h, i]
                 calls = []
-                for t in TOKENS:
+                for t in tokens:
                     x = torch.randn(t, h, device=device).to(x_dtype)
                     turn = iter(range(10**9))
 
@@ -160,7 +163,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
                 ops = ops_of(lambda x1=x1, fn=copies[0]: fn(x1))
                 rows.append(non_decreasing(row))  # more tokens never cost less: a dip is noise, pooled
                 sizes.append(weight_bytes(h, i))
-            curves[label] = {"tokens": list(TOKENS), "sizes": sizes, "seconds": rows, "ops": ops}
+            curves[label] = {"tokens": list(tokens), "sizes": sizes, "seconds": rows, "ops": ops}
         weights.clear()
 
     linears = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
@@ -191,6 +194,8 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         name = f"expert:{dtype_name(wd)}:{dtype_name(xd)}"
         curve(name, bind_expert, xd, lambda h, i, e=elem: 3 * h * i * e)
     if device.type == "cpu":  # the kernels of the other expert layouts (models/expert_format.py)
+        from moespeq_cli.models.expert_format import FP8
+
         for fmt in other_formats():
 
             def bind_format(h, i, fmt=fmt):
@@ -202,6 +207,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
                 bind_format,
                 torch.float32,
                 lambda h, i, fmt=fmt: fmt.nbytes(h, i, torch.bfloat16),
+                DEQUANT_TOKENS if fmt.quant == FP8 else TOKENS,
             )
     for path in ("cuda",) if device.type == "cuda" else ("packed", "reference"):
         q = _draft(path, device)
@@ -221,6 +227,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
             bind_draft,
             torch.float32,
             lambda h, i, q=q, path=path: int(3 * h * i * q.bytes_per_weight(path)),
+            DEQUANT_TOKENS if path == "reference" else TOKENS,
         )
     return curves
 

@@ -10,7 +10,7 @@ checkpoint before this existed: an attention block took 0.52 ms against 0.28 ms 
 and the code between regions 3.7 ms a token against 0.44 ms.
 
 So ``calibrate --model CKPT`` decodes a few tokens of that checkpoint for real
-(``--backend cpu``, the wall clock; the median of three runs) and on the mock with the
+(``--backend cpu``, the wall clock; the median of three decodes on one loaded engine) and on the mock with the
 profile just measured, and writes each region kind's difference per call into the
 profile's ``region_overhead`` (``pass``: per forward pass, for the code between regions).
 The runs hold every expert in RAM where it fits (8 GiB at most); the overheads are the
@@ -57,13 +57,13 @@ def region_overheads(
     ckpt = Checkpoint(checkpoint)
     ids = Tokenizer(ckpt.path, ckpt.raw_config).encode(DEFAULT_PROMPT)
     ram = min(DiskExperts(ckpt).total_bytes, ram_budget)  # every expert, where RAM allows
-    real = []
-    for r in range(3):  # the median run: this VM's speed wanders from one second to the next
-        say(f"host time: decoding {checkpoint.name} for real, run {r + 1} of 3")
-        real.append(run_policy(checkpoint, ids, tokens, "lru", EngineOptions(backend="cpu", ram=ram)))
+    say(f"host time: decoding {checkpoint.name} for real, 3 times")
+    # the median of three decodes on one loaded engine: this VM's speed wanders from one
+    # second to the next (every expert is resident: a repeat starts as the first did)
+    real = run_policy(checkpoint, ids, tokens, "lru", EngineOptions(backend="cpu", ram=ram), repeats=3)
     say(f"host time: decoding {checkpoint.name} on the mock")
     sim = run_policy(checkpoint, ids, tokens, "lru", EngineOptions(backend="mock", hardware=hw, ram=ram))
-    measured = sorted(real, key=lambda r: r.stats.seconds)[1].regions
+    measured = real.regions
     priced = sim.regions
     out = {}
     for kind, (count, seconds) in measured.items():
