@@ -143,6 +143,64 @@ def test_mxfp4_linear_is_the_dequantized_product(T, N, K):
     assert torch.equal(torch.cat([kernels.linear_mxfp4(x[i : i + 1], blocks, scales, bias) for i in range(T)]), got)
 
 
+def nf4_weights(n: int, k: int, bs: int, method: str, g: torch.Generator):
+    """(codes, absmax, table, W as float64) for a random [n, k] matrix quantized by
+    bitsandbytes, W dequantized here in float64 from the codes (high nibble first)."""
+    import bitsandbytes.functional as bnb
+
+    q, s = bnb.quantize_4bit((torch.randn(n, k, generator=g) * 0.05).contiguous(), blocksize=bs, quant_type=method)
+    flat = q.view(-1)
+    idx = torch.stack((flat >> 4, flat & 15), -1).reshape(-1).long()
+    w = (s.code.double()[idx].reshape(-1, bs) * s.absmax.double()[:, None]).reshape(n, k)
+    return flat, s.absmax, s.code, w
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+@pytest.mark.parametrize("T,N,K,bs", [(1, 5, 64, 64), (3, 77, 128, 64), (5, 300, 1024, 128), (9, 129, 512, 256)])
+def test_4bit_linear_is_the_dequantized_product(T, N, K, bs, method):
+    """The draft's 4-bit weights read as bitsandbytes stores them: the product with
+    ``table[code] * absmax`` in fp32 (exact), batch invariant."""
+    g = torch.Generator().manual_seed(T + N + K + bs)
+    codes, absmax, table, w = nf4_weights(N, K, bs, method, g)
+    x = torch.randn(T, K, generator=g)
+    assert kernels.takes_nf4(x, codes, absmax, table, bs)
+    got = kernels.linear_nf4(x, codes, absmax, table, bs, N)
+    assert scaled_err(got, reference(x, w)) < FP32_TOL
+    assert torch.equal(
+        torch.cat([kernels.linear_nf4(x[i : i + 1], codes, absmax, table, bs, N) for i in range(T)]), got
+    )
+    assert not kernels.takes_nf4(x, codes, absmax, table, 48)  # blocks of a multiple of 32 only
+
+
+def test_the_draft_runs_moespeqs_4bit_kernel_on_the_cpu():
+    """A draft whose shapes suit the kernel runs it (no repacking, no bitsandbytes op in
+    the decode loop), within the 4-bit reference's rounding of the dequantized weights to
+    the draft's dtype, for one token and for a prompt's many rows; without it, the
+    reference path."""
+    import bitsandbytes.functional as bnb
+
+    from moespeq_cli.quant.draft import QuantizedExperts
+
+    h, i = 128, 192
+    g = torch.Generator().manual_seed(4)
+    q = {
+        (0, 0): [
+            bnb.quantize_4bit((torch.randn(*s, generator=g) * 0.05).contiguous(), blocksize=64, quant_type="nf4")
+            for s in ((i, h), (i, h), (h, i))
+        ]
+    }
+    qe = QuantizedExperts(q, "nf4", 64, torch.float32, h, i)
+    assert qe.kernel_ready() and qe.path((0, 0), "cpu") == "kernel" and qe.path((0, 0), "cuda") == "cuda"
+    for rows in (1, 3, kernels.MAX_ROWS + 5):
+        x = torch.randn(rows, h, generator=g)
+        got, want = qe.forward(0, 0, x), qe.forward_reference(0, 0, x)
+        assert got.dtype == x.dtype and got.shape == want.shape
+        assert float((got - want).norm() / want.norm()) < 1e-5
+        assert torch.equal(qe.forward(0, 0, x[:1]), got[:1])  # batch invariant: the draft's tokens do not depend on k
+    qe.use_kernel = False
+    assert qe.path((0, 0), "cpu") == "reference" and not qe.cpu_packed
+
+
 @pytest.mark.parametrize(
     "T,N,K,block", [(1, 5, 32, (16, 16)), (3, 77, 100, (16, 32)), (5, 300, 2048, (128, 128)), (9, 129, 520, (128, 128))]
 )
@@ -299,6 +357,28 @@ def test_the_plain_c_path_is_exact_and_batch_invariant(tmp_path):
     together = linear_mx(xm)
     assert scaled_err(together, reference(xm, mxfp4_dequantize(blocks, scales, torch.float64))) < FP32_TOL
     assert torch.equal(torch.cat([linear_mx(xm[i : i + 1].clone()) for i in range(6)]), together)
+    # bitsandbytes' 4-bit rows (the draft's) on the plain path
+    codes, absmax, table, wq = nf4_weights(301, 128, 64, "nf4", g)
+    xq = torch.randn(6, 128, generator=g)
+
+    def linear_q(rows):
+        y = torch.empty(rows.shape[0], 301)
+        lib.ms_linear_nf4(
+            rows.data_ptr(),
+            codes.data_ptr(),
+            absmax.data_ptr(),
+            table.data_ptr(),
+            64,
+            None,
+            y.data_ptr(),
+            *y.shape,
+            128,
+        )
+        return y
+
+    together = linear_q(xq)
+    assert scaled_err(together, reference(xq, wq)) < FP32_TOL
+    assert torch.equal(torch.cat([linear_q(xq[i : i + 1].clone()) for i in range(6)]), together)
     # block FP8 rows on the plain path
     from tiny_models import fp8
 

@@ -184,6 +184,26 @@ def linear_mxfp4(
     return _product(call, x, blocks.shape[0], bias)
 
 
+def takes_nf4(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, bs: int) -> bool:
+    """Whether ``linear_nf4`` computes ``x`` against 4-bit ``codes`` in bitsandbytes' layout."""
+    k = x.shape[-1]
+    ok = codes.dtype == torch.uint8 and absmax.dtype == table.dtype == torch.float32 and table.numel() == 16
+    return ok and bs % 32 == 0 and k % bs == 0 and _rows(x, codes, absmax, table)
+
+
+def linear_nf4(
+    x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, bs: int, n: int
+) -> torch.Tensor:
+    """``x [T, K] @ W.T`` for W [n, K] quantized by bitsandbytes (``quantize_4bit``: NF4 or
+    FP4, blocks of ``bs`` weights, not double-quantized): each weight ``table[code] *
+    absmax`` in fp32, read as stored at 4 + 32 / bs bits a weight. ``takes_nf4`` must hold."""
+
+    def call(xp, bp, yp, T, N, K):
+        _lib().ms_linear_nf4(xp, codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), bs, bp, yp, T, N, K)
+
+    return _product(call, x, n, None)
+
+
 def takes_fp8(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> bool:
     """Whether ``linear_fp8`` computes ``x`` against block-FP8 ``w`` (blocks of whole 16-wide chunks)."""
     ok = block[1] % 16 == 0 and w.dtype == torch.float8_e4m3fn and scale_inv.dtype == torch.float32

@@ -38,7 +38,7 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 #define MS_T 4 /* tokens per step */
 
-int ms_version(void) { return 7; }
+int ms_version(void) { return 8; }
 int ms_simd(void) { return MS_AVX512 ? 512 : 0; }
 
 /* ------------------------------------------------------------------------------------ */
@@ -439,6 +439,92 @@ void ms_linear_mxfp4(const float *x, const uint8_t *blocks, const uint8_t *scale
     mxfp4_args a = {.x = x, .blocks = blocks, .scales = scales, .bias = bias, .y = y, .T = T, .N = N, .K = K, .homes = 0};
     rowset_init(&a.rows, N, chunk_rows(row_bytes), share ? pool.nth : 1);
     run(mxfp4_job, &a, share);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* y[T, N] = x[T, K] W^T, W in bitsandbytes' 4-bit layout (NF4 / FP4, the draft's): the    */
+/* row-major weights' codes two a byte, element 2j in the high nibble and 2j+1 in the low  */
+/* one, a 16-entry table of values and an fp32 absmax per `bs` consecutive weights (bs a   */
+/* multiple of 32 dividing K). Each weight is table[code] * absmax in fp32, as bitsandbytes */
+/* dequantizes it before any rounding to bf16; the same loop as MXFP4's, the table in one  */
+/* register, so 0.5 + 4 / bs bytes a weight of memory traffic and batch invariant.          */
+
+static void rows_nf4(const float *x, long ldx, const uint8_t *codes, const float *absmax, const float *table,
+                     long K, long bs, float *y, long ldy, long T, long n0, long n1) {
+    long G = K / 32, per_row = K / bs, per_scale = bs / 32;
+#if MS_AVX512
+    const __m512 lut = _mm512_loadu_ps(table);
+    const __m128i low = _mm_set1_epi8(0x0F);
+#endif
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *b = codes + n * (K / 2);
+        const float *s = absmax + n * per_row;
+        for (long t0 = 0; t0 < T; t0 += MS_T) {
+            int TB = T - t0 < MS_T ? (int)(T - t0) : MS_T;
+#if MS_AVX512
+            __m512 acc[MS_T][2];
+            for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            for (long g = 0; g < G; g++) {
+                __m128i q = _mm_loadu_si128((const __m128i *)(b + g * 16));
+                __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                __m512 sc = _mm512_set1_ps(s[g / per_scale]);
+                __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut), sc);
+                __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut), sc);
+                for (int t = 0; t < TB; t++) {
+                    const float *xt = x + (t0 + t) * ldx + g * 32;
+                    acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+                }
+            }
+            for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+#else
+            for (int t = 0; t < TB; t++) {
+                const float *xt = x + (t0 + t) * ldx;
+                float p[16] = {0};
+                for (long g = 0; g < G; g++) {
+                    float sc = s[g / per_scale];
+                    for (int j = 0; j < 16; j++) {
+                        uint8_t q = b[g * 16 + j];
+                        p[(2 * j) & 15] += table[q >> 4] * sc * xt[g * 32 + 2 * j];
+                        p[(2 * j + 1) & 15] += table[q & 15] * sc * xt[g * 32 + 2 * j + 1];
+                    }
+                }
+                for (int h = 8; h; h >>= 1)
+                    for (int i = 0; i < h; i++) p[i] += p[i + h];
+                y[(t0 + t) * ldy + n] = p[0];
+            }
+#endif
+        }
+    }
+}
+
+typedef struct {
+    const float *x; const uint8_t *codes; const float *absmax, *table, *bias; float *y;
+    long T, N, K, bs;
+    _Atomic int homes;
+    rowset rows;
+} nf4_args;
+
+static void nf4_job(void *p) {
+    nf4_args *a = p;
+    int home = atomic_fetch_add_explicit(&a->homes, 1, memory_order_relaxed) % a->rows.nparts;
+    long n0, n1;
+    while (next_rows(&a->rows, home, &n0, &n1)) {
+        rows_nf4(a->x, a->K, a->codes, a->absmax, a->table, a->K, a->bs, a->y, a->N, a->T, n0, n1);
+        if (a->bias)
+            for (long t = 0; t < a->T; t++)
+                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+    }
+}
+
+void ms_linear_nf4(const float *x, const uint8_t *codes, const float *absmax, const float *table, long bs,
+                   const float *bias, float *y, long T, long N, long K) {
+    long row_bytes = K / 2 + 4 * (K / bs);
+    int share = worth_sharing(N * row_bytes);
+    nf4_args a = {.x = x, .codes = codes, .absmax = absmax, .table = table, .bias = bias, .y = y,
+                  .T = T, .N = N, .K = K, .bs = bs, .homes = 0};
+    rowset_init(&a.rows, N, chunk_rows(row_bytes), share ? pool.nth : 1);
+    run(nf4_job, &a, share);
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -7,9 +7,18 @@ LM head, and the KV cache -- is the target's own, shared at run time, never copi
 Compute paths, chosen per device (DESIGN.md §9: the draft must run on the kernel that
 makes it cheap, and the simulator prices that kernel):
 
-- CPU: bitsandbytes' packed AVX-512 BF16 kernel, the one ``bnb.nn.Linear4bit`` runs in
-  eval mode: each projection is repacked once (``pack_cpu``) and ``gemv_4bit`` computes
-  on the packed layout (bf16 activations, fp32 accumulation). bitsandbytes' ``gemv_4bit``
+- CPU: moespeq's own 4-bit kernel (``kernels.linear_nf4``, cpu_matvec.c): it reads the
+  standard layout as stored, each weight ``table[code] * absmax`` in fp32, fp32
+  activations and accumulation, batch invariant, on the same thread pool as the target's
+  experts. Nothing is repacked at load, and no bitsandbytes op runs in the decode loop
+  (the first call of one imports ``torch._dynamo``: 1.4-2 s on this VM, which landed in
+  the first draft cycle and made the governor release the draft on the demo). It takes
+  blocks of a multiple of 32 weights dividing both widths, and statistics that are not
+  double-quantized (moespeq's drafts never are);
+- CPU without moespeq's kernels (no C compiler): bitsandbytes' packed AVX-512 BF16
+  kernel, the one ``bnb.nn.Linear4bit`` runs in eval mode: each projection is repacked
+  once (``pack_cpu``) and ``gemv_4bit`` computes on the packed layout (bf16 activations,
+  fp32 accumulation). bitsandbytes' ``gemv_4bit``
   on the *standard* layout silently returns wrong values on CPU, so only the packed
   layout is ever given to it. Where the CPU lacks AVX-512 BF16, or a projection's shape
   does not suit the kernel (out features not a multiple of 32, in features not a
@@ -121,6 +130,8 @@ class QuantizedExperts:
         self.format = fmt
         self.bias: dict = bias if bias is not None else {}
         self.cpu_packed: set = set()  # experts in bitsandbytes' packed CPU layout
+        self._kernel_ready: bool | None = None
+        self.use_kernel = True  # False: moespeq's CPU kernel stays off (calibrate times the other paths)
 
     @classmethod
     def quantize(
@@ -194,12 +205,36 @@ class QuantizedExperts:
         return None if b is None else tuple(t.to(dtype) for t in b)
 
     def path(self, key: tuple[int, int], device_type: str) -> str:
-        """The kernel expert ``key`` runs on a device of ``device_type``: "packed"
-        (bitsandbytes' CPU kernel), "cuda" (``matmul_4bit``) or "reference" (dequantize,
-        then a dense matmul). ``forward`` dispatches on it, and the mock prices it."""
+        """The kernel expert ``key`` runs on a device of ``device_type``: "kernel"
+        (moespeq's CPU kernel), "packed" (bitsandbytes' CPU kernel), "cuda"
+        (``matmul_4bit``) or "reference" (dequantize, then a dense matmul). ``forward``
+        dispatches on it, and the mock prices it."""
         if device_type == "cuda":
             return "cuda"
-        return "packed" if key in self.cpu_packed else "reference"
+        if key in self.cpu_packed:
+            return "packed"
+        return "kernel" if self.kernel_ready() else "reference"
+
+    def kernel_ready(self) -> bool:
+        """Whether moespeq's CPU kernel computes this draft's experts (on the CPU)."""
+        if not self.use_kernel:
+            return False
+        if self._kernel_ready is None:
+            from moespeq_cli import kernels
+
+            b = self.blocksize
+            parts = [part for each in self.q.values() for part in each]
+            self._kernel_ready = (
+                kernels.available()
+                and b % 32 == 0
+                and self.hidden % b == 0
+                and self.inter % b == 0
+                and all(
+                    p.is_contiguous() and not s.nested and s.absmax.dtype == s.code.dtype == torch.float32
+                    for p, s in parts
+                )
+            )
+        return self._kernel_ready
 
     def bytes_per_weight(self, path: str) -> float:
         """What the kernel streams per weight: the 4-bit codes and a scale per block, and
@@ -214,7 +249,21 @@ class QuantizedExperts:
         if path == "reference":
             return self.forward_reference(layer, expert, x)
         (gp, gs), (up, us), (dp, ds) = self.q[key]
-        if path == "packed":
+        if path == "kernel":
+            from moespeq_cli import kernels
+
+            xb, bias, rows = x.float(), self._bias(key, torch.float32), kernels.MAX_ROWS
+
+            def product(a, packed, state):  # a prompt's many rows in blocks (the result is the same)
+                parts = [
+                    kernels.linear_nf4(
+                        a[r : r + rows], packed, state.absmax, state.code, self.blocksize, state.shape[0]
+                    )
+                    for r in range(0, a.shape[0], rows)
+                ]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        elif path == "packed":
             F = _bnb()
             xb = x.to(torch.bfloat16)
             bias = self._bias(key, torch.bfloat16)

@@ -30,7 +30,8 @@ class DraftExperts:
         kernel its experts run on, and so what they cost (``cost``)."""
         self.quant, self.backend, self.on_device, self.act_elem = quant, backend, on_device, act_elem
         self.device_type = device_type
-        quant.pack_cpu()  # the experts the CPU computes: onto bitsandbytes' packed kernel, once
+        if not quant.kernel_ready():  # moespeq's kernel reads the layout as stored
+            quant.pack_cpu()  # the experts the CPU computes: onto bitsandbytes' packed kernel, once
 
     def cost(self, layer: int, e: int, tokens: int, device_type: str):
         """One expert over ``tokens`` tokens, priced as the kernel the code runs for it there."""

@@ -10,7 +10,7 @@ it writes is a measurement of this machine, stamped with the date and the method
   each kernel the runtime calls: ``linear:<weights>[:<activations>]`` (a non-expert
   layer as the device computes it: on a CPU through moespeq's kernels where they apply),
   ``expert:<weights>:<activations>`` (a routed expert exactly as the executor computes
-  it, widening included), ``draft:packed`` / ``draft:reference`` (the 4-bit draft's
+  it, widening included), ``draft:kernel`` / ``draft:packed`` / ``draft:reference`` (the 4-bit draft's
   expert on the path ``quant/draft.py`` takes here), each with the ops one call
   dispatches;
 - the disk where models live: O_DIRECT read bandwidth with 1 to 4 reads in flight (the
@@ -209,7 +209,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
                 lambda h, i, fmt=fmt: fmt.nbytes(h, i, torch.bfloat16),
                 DEQUANT_TOKENS if fmt.quant == FP8 else TOKENS,
             )
-    for path in ("cuda",) if device.type == "cuda" else ("packed", "reference"):
+    for path in ("cuda",) if device.type == "cuda" else ("kernel", "packed", "reference"):
         q = _draft(path, device)
         if q is None:
             continue
@@ -337,6 +337,9 @@ def _draft(path: str, device: torch.device, h: int = 64, i: int = 128):
     q = QuantizedExperts({(0, 0): parts}, "nf4", 64, torch.float32, h, i)
     if device.type == "cuda":
         return q.to(device)
+    if path == "kernel":
+        return q if q.kernel_ready() else None
+    q.use_kernel = False
     if path == "packed" and not q.pack_cpu():
         return None
     return q
