@@ -188,7 +188,14 @@ def takes_nf4(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, table:
     """Whether ``linear_nf4`` computes ``x`` against 4-bit ``codes`` in bitsandbytes' layout."""
     k = x.shape[-1]
     ok = codes.dtype == torch.uint8 and absmax.dtype == table.dtype == torch.float32 and table.numel() == 16
-    return ok and bs % 32 == 0 and k % bs == 0 and _rows(x, codes, absmax, table)
+    return ok and bs % 64 == 0 and k % bs == 0 and _rows(x, codes, absmax, table)  # whole pairs of 32
+
+
+def nf4_in_bf16() -> bool:
+    """Whether ``linear_nf4`` rounds the weights (``table[code] * absmax``) and the
+    activations to bf16 and multiplies them with AVX-512 BF16 (sums in fp32), as
+    bitsandbytes' CPU kernel does; else it computes in fp32."""
+    return bool(_lib().ms_nf4_bf16())
 
 
 def linear_nf4(
@@ -196,7 +203,8 @@ def linear_nf4(
 ) -> torch.Tensor:
     """``x [T, K] @ W.T`` for W [n, K] quantized by bitsandbytes (``quantize_4bit``: NF4 or
     FP4, blocks of ``bs`` weights, not double-quantized): each weight ``table[code] *
-    absmax`` in fp32, read as stored at 4 + 32 / bs bits a weight. ``takes_nf4`` must hold."""
+    absmax`` (in bf16 where ``nf4_in_bf16``), read as stored at 4 + 32 / bs bits a weight,
+    batch invariant. ``takes_nf4`` must hold."""
 
     def call(xp, bp, yp, T, N, K):
         _lib().ms_linear_nf4(xp, codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), bs, bp, yp, T, N, K)

@@ -84,6 +84,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_expert.restype = None
     lib.ms_linear_mxfp4.argtypes = [p, p, p, p, p, L, L, L]
     lib.ms_linear_mxfp4.restype = None
+    lib.ms_nf4_bf16.restype = i
     lib.ms_linear_nf4.argtypes = [p, p, p, p, L, p, p, L, L, L]
     lib.ms_linear_nf4.restype = None
     lib.ms_linear_fp8.argtypes = [p, p, p, L, L, p, p, L, L, L]

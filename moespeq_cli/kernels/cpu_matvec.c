@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -40,6 +41,13 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 int ms_version(void) { return 8; }
 int ms_simd(void) { return MS_AVX512 ? 512 : 0; }
+#if MS_AVX512 && defined(__AVX512BF16__)
+#define MS_BF16DOT 1
+#else
+#define MS_BF16DOT 0
+#endif
+/* the 4-bit (draft) kernel's numerics: 1 = bf16 weights and activations, fp32 sums */
+int ms_nf4_bf16(void) { return MS_BF16DOT; }
 
 /* ------------------------------------------------------------------------------------ */
 /* One block: rows [n0, n1) of W (row stride K elements) against tokens [t0, t0 + tb).   */
@@ -446,60 +454,148 @@ void ms_linear_mxfp4(const float *x, const uint8_t *blocks, const uint8_t *scale
 /* row-major weights' codes two a byte, element 2j in the high nibble and 2j+1 in the low  */
 /* one, a 16-entry table of values and an fp32 absmax per `bs` consecutive weights (bs a   */
 /* multiple of 32 dividing K). Each weight is table[code] * absmax in fp32, as bitsandbytes */
-/* dequantizes it before any rounding to bf16; the same loop as MXFP4's, the table in one  */
-/* register, so 0.5 + 4 / bs bytes a weight of memory traffic and batch invariant.          */
+/* dequantizes it before any rounding to bf16, so 0.5 + 4 / bs bytes a weight of memory    */
+/* traffic. Per 16 bytes (32 weights): one widening of the bytes to 32-bit lanes, a shift  */
+/* and a mask for the two nibbles, two table lookups in one register; instead of           */
+/* interleaving the even (high) and odd (low) weights back, the activations are split into */
+/* even and odd halves once per call (`xs`), so the FMAs take the weights as they come.    */
+/* With more than MS_T tokens a row is dequantized once into an L1/L2 buffer and the       */
+/* blocks of tokens read it back: the same products and sums in the same order, so a row's */
+/* result does not depend on the batch.                                                     */
 
-static void rows_nf4(const float *x, long ldx, const uint8_t *codes, const float *absmax, const float *table,
-                     long K, long bs, float *y, long ldy, long T, long n0, long n1) {
+#if MS_AVX512
+static inline void nf4_weights(const uint8_t *b, __m512 lut, __m512 sc, __m512 *even, __m512 *odd) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    *even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), sc);
+    *odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut), sc);
+}
+#endif
+
+#if MS_BF16DOT
+/* With AVX-512 BF16 (the draft is a draft: verification keeps the output exact) each       */
+/* block's 16 values times its absmax are rounded to bf16 once (what bitsandbytes'         */
+/* dequantize to bf16 gives), looked up 32 at a time (vpermw) in the code order the        */
+/* activations have (bf16, rounded once per call), and multiplied in pairs into fp32 sums   */
+/* (vdpbf16ps): half the instructions of fp32 FMAs, two sums a token for the latency.      */
+static inline __attribute__((always_inline)) __m512bh nf4_bf16_weights(const uint8_t *b, __m512i tab) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    __m512i idx = _mm512_or_si512(_mm512_srli_epi32(v, 4), _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), 16));
+    return (__m512bh)_mm512_permutexvar_epi16(idx, tab);
+}
+
+/* one row against TB (a constant after inlining: the sums stay in registers) tokens */
+static inline __attribute__((always_inline)) void nf4_bf16_row(const uint16_t *xb, const uint8_t *b, const float *s,
+                                                                __m512 lut, long K, long bs, float *y, long ldy,
+                                                                const int TB) {
+    __m512 a0[MS_T], a1[MS_T]; /* even and odd groups of 32: two chains for the latency */
+    for (int t = 0; t < TB; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+    for (long c = 0, g = 0; c < K / bs; c++) {
+        __m512i tab = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(s[c]))));
+        for (long e = 0; e < bs / 32; e += 2, g += 2) {
+            __m512bh w0 = nf4_bf16_weights(b + g * 16, tab), w1 = nf4_bf16_weights(b + g * 16 + 16, tab);
+            for (int t = 0; t < TB; t++) {
+                a0[t] = _mm512_dpbf16_ps(a0[t], w0, (__m512bh)_mm512_loadu_si512(xb + t * K + g * 32));
+                a1[t] = _mm512_dpbf16_ps(a1[t], w1, (__m512bh)_mm512_loadu_si512(xb + t * K + g * 32 + 32));
+            }
+        }
+    }
+    for (int t = 0; t < TB; t++) y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+}
+
+static void rows_nf4_bf16(const uint16_t *xb, const uint8_t *codes, const float *absmax, const float *table, long K,
+                          long bs, float *y, long ldy, long T, long n0, long n1) {
+    const __m512 lut = _mm512_loadu_ps(table);
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *b = codes + n * (K / 2);
+        const float *s = absmax + n * (K / bs);
+        for (long t0 = 0; t0 < T; t0 += MS_T) {
+            const uint16_t *xt = xb + t0 * K;
+            float *yt = y + t0 * ldy + n;
+            switch (T - t0 < MS_T ? T - t0 : MS_T) {
+            case 1: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 1); break;
+            case 2: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 2); break;
+            case 3: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 3); break;
+            default: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 4); break;
+            }
+        }
+    }
+}
+#endif
+
+static void rows_nf4(const float *xs, const uint8_t *codes, const float *absmax, const float *table, long K, long bs,
+                     float *y, long ldy, long T, long n0, long n1, float *buf) {
     long G = K / 32, per_row = K / bs, per_scale = bs / 32;
 #if MS_AVX512
     const __m512 lut = _mm512_loadu_ps(table);
-    const __m128i low = _mm_set1_epi8(0x0F);
 #endif
     for (long n = n0; n < n1; n++) {
         const uint8_t *b = codes + n * (K / 2);
         const float *s = absmax + n * per_row;
+#if MS_AVX512
+        if (T <= MS_T) { /* decoding: dequantize and multiply in one pass over the row */
+            __m512 acc[MS_T][2];
+            for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            for (long c = 0, g = 0; c < per_row; c++) {
+                __m512 sc = _mm512_set1_ps(s[c]);
+                for (long e = 0; e < per_scale; e++, g++) {
+                    __m512 we, wo;
+                    nf4_weights(b + g * 16, lut, sc, &we, &wo);
+                    for (int t = 0; t < T; t++) {
+                        const float *xt = xs + t * K + g * 32;
+                        acc[t][0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xt), acc[t][0]);
+                        acc[t][1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xt + 16), acc[t][1]);
+                    }
+                }
+            }
+            for (int t = 0; t < T; t++) y[t * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+            continue;
+        }
+        for (long c = 0, g = 0; c < per_row; c++) { /* more tokens: the row dequantized once */
+            __m512 sc = _mm512_set1_ps(s[c]);
+            for (long e = 0; e < per_scale; e++, g++) {
+                __m512 we, wo;
+                nf4_weights(b + g * 16, lut, sc, &we, &wo);
+                _mm512_storeu_ps(buf + g * 32, we);
+                _mm512_storeu_ps(buf + g * 32 + 16, wo);
+            }
+        }
         for (long t0 = 0; t0 < T; t0 += MS_T) {
             int TB = T - t0 < MS_T ? (int)(T - t0) : MS_T;
-#if MS_AVX512
             __m512 acc[MS_T][2];
             for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
             for (long g = 0; g < G; g++) {
-                __m128i q = _mm_loadu_si128((const __m128i *)(b + g * 16));
-                __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-                __m512 sc = _mm512_set1_ps(s[g / per_scale]);
-                __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut), sc);
-                __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut), sc);
+                __m512 we = _mm512_loadu_ps(buf + g * 32), wo = _mm512_loadu_ps(buf + g * 32 + 16);
                 for (int t = 0; t < TB; t++) {
-                    const float *xt = x + (t0 + t) * ldx + g * 32;
-                    acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
-                    acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+                    const float *xt = xs + (t0 + t) * K + g * 32;
+                    acc[t][0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xt), acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xt + 16), acc[t][1]);
                 }
             }
             for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
-#else
-            for (int t = 0; t < TB; t++) {
-                const float *xt = x + (t0 + t) * ldx;
-                float p[16] = {0};
-                for (long g = 0; g < G; g++) {
-                    float sc = s[g / per_scale];
-                    for (int j = 0; j < 16; j++) {
-                        uint8_t q = b[g * 16 + j];
-                        p[(2 * j) & 15] += table[q >> 4] * sc * xt[g * 32 + 2 * j];
-                        p[(2 * j + 1) & 15] += table[q & 15] * sc * xt[g * 32 + 2 * j + 1];
-                    }
-                }
-                for (int h = 8; h; h >>= 1)
-                    for (int i = 0; i < h; i++) p[i] += p[i + h];
-                y[(t0 + t) * ldy + n] = p[0];
-            }
-#endif
         }
+#else
+        (void)buf;
+        for (long t = 0; t < T; t++) {
+            const float *xt = xs + t * K;
+            float p[16] = {0};
+            for (long g = 0; g < G; g++) {
+                float sc = s[g / per_scale];
+                for (int j = 0; j < 16; j++) {
+                    uint8_t q = b[g * 16 + j];
+                    p[j] += table[q >> 4] * sc * xt[g * 32 + j];
+                    p[j] += table[q & 15] * sc * xt[g * 32 + 16 + j];
+                }
+            }
+            for (int h = 8; h; h >>= 1)
+                for (int i = 0; i < h; i++) p[i] += p[i + h];
+            y[t * ldy + n] = p[0];
+        }
+#endif
     }
 }
 
 typedef struct {
-    const float *x; const uint8_t *codes; const float *absmax, *table, *bias; float *y;
+    const float *xs; const uint16_t *xb; const uint8_t *codes; const float *absmax, *table, *bias; float *y;
     long T, N, K, bs;
     _Atomic int homes;
     rowset rows;
@@ -508,23 +604,47 @@ typedef struct {
 static void nf4_job(void *p) {
     nf4_args *a = p;
     int home = atomic_fetch_add_explicit(&a->homes, 1, memory_order_relaxed) % a->rows.nparts;
+    float *buf = !MS_BF16DOT && a->T > MS_T ? malloc(a->K * sizeof(float)) : NULL; /* a row, dequantized */
     long n0, n1;
     while (next_rows(&a->rows, home, &n0, &n1)) {
-        rows_nf4(a->x, a->K, a->codes, a->absmax, a->table, a->K, a->bs, a->y, a->N, a->T, n0, n1);
+#if MS_BF16DOT
+        (void)buf;
+        rows_nf4_bf16(a->xb, a->codes, a->absmax, a->table, a->K, a->bs, a->y, a->N, a->T, n0, n1);
+#else
+        rows_nf4(a->xs, a->codes, a->absmax, a->table, a->K, a->bs, a->y, a->N, a->T, n0, n1, buf);
+#endif
         if (a->bias)
             for (long t = 0; t < a->T; t++)
                 for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
     }
+    free(buf);
 }
 
 void ms_linear_nf4(const float *x, const uint8_t *codes, const float *absmax, const float *table, long bs,
                    const float *bias, float *y, long T, long N, long K) {
+    float *xs = NULL;
+    uint16_t *xb = NULL;
+#if MS_BF16DOT
+    xb = malloc(T * K * sizeof(uint16_t)); /* the activations in bf16, rounded to nearest even */
+    for (long i = 0; i < T * K; i += 16)
+        _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+#else
+    xs = malloc(T * K * sizeof(float)); /* each 32 activations as 16 even, then 16 odd */
+    for (long t = 0; t < T; t++)
+        for (long g = 0; g < K; g += 32)
+            for (int j = 0; j < 16; j++) {
+                xs[t * K + g + j] = x[t * K + g + 2 * j];
+                xs[t * K + g + 16 + j] = x[t * K + g + 2 * j + 1];
+            }
+#endif
     long row_bytes = K / 2 + 4 * (K / bs);
     int share = worth_sharing(N * row_bytes);
-    nf4_args a = {.x = x, .codes = codes, .absmax = absmax, .table = table, .bias = bias, .y = y,
+    nf4_args a = {.xs = xs, .xb = xb, .codes = codes, .absmax = absmax, .table = table, .bias = bias, .y = y,
                   .T = T, .N = N, .K = K, .bs = bs, .homes = 0};
     rowset_init(&a.rows, N, chunk_rows(row_bytes), share ? pool.nth : 1);
     run(nf4_job, &a, share);
+    free(xs);
+    free(xb);
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -8,12 +8,13 @@ Compute paths, chosen per device (DESIGN.md §9: the draft must run on the kerne
 makes it cheap, and the simulator prices that kernel):
 
 - CPU: moespeq's own 4-bit kernel (``kernels.linear_nf4``, cpu_matvec.c): it reads the
-  standard layout as stored, each weight ``table[code] * absmax`` in fp32, fp32
-  activations and accumulation, batch invariant, on the same thread pool as the target's
+  standard layout as stored, each weight ``table[code] * absmax`` (rounded to bf16 with
+  the activations where the CPU has AVX-512 BF16, as bitsandbytes' kernel does; fp32
+  elsewhere), fp32 sums, batch invariant, on the same thread pool as the target's
   experts. Nothing is repacked at load, and no bitsandbytes op runs in the decode loop
   (the first call of one imports ``torch._dynamo``: 1.4-2 s on this VM, which landed in
   the first draft cycle and made the governor release the draft on the demo). It takes
-  blocks of a multiple of 32 weights dividing both widths, and statistics that are not
+  blocks of a multiple of 64 weights dividing both widths, and statistics that are not
   double-quantized (moespeq's drafts never are);
 - CPU without moespeq's kernels (no C compiler): bitsandbytes' packed AVX-512 BF16
   kernel, the one ``bnb.nn.Linear4bit`` runs in eval mode: each projection is repacked
@@ -226,7 +227,7 @@ class QuantizedExperts:
             parts = [part for each in self.q.values() for part in each]
             self._kernel_ready = (
                 kernels.available()
-                and b % 32 == 0
+                and b % 64 == 0
                 and self.hidden % b == 0
                 and self.inter % b == 0
                 and all(
