@@ -15,7 +15,9 @@ def vram_for_slots(path, slots: int, context: int, dtype=None) -> int:
 
 def run_engine(path, prompt, n, backend="mock", policy="lru", slots=None, hardware=None, sampling=None):
     vram = vram_for_slots(path, slots, len(prompt) + n) if slots is not None else None
-    eng = Engine(path, EngineOptions(backend=backend, policy=policy, vram=vram, hardware=hardware))
+    # the draft is loaded where it fits and the governor decides (the plan's own verdict on
+    # the draft, EngineOptions.draft_verdict, is tested in tests/test_draft_verdict.py)
+    eng = Engine(path, EngineOptions(backend=backend, policy=policy, vram=vram, hardware=hardware, draft_verdict=False))
     eng.load(len(prompt) + n)
     tokens = [ev.token for ev in eng.generate(prompt, n, sampling or SamplingParams())]
     return tokens, eng

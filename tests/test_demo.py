@@ -93,7 +93,7 @@ def test_the_demo_ships_its_draft(cli, monkeypatch, tmp_path):
     from moespeq_cli.quant.draft import QuantizedExperts, bundled_draft
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no draft saved by an earlier `moespeq quantize`
-    out = json.loads(cli("run", "-n", "4", "--json").stdout)
+    out = json.loads(cli("run", "-n", "4", "--spec-depth", "2", "--json").stdout)  # a fixed depth keeps the draft
     assert out["draft"].endswith("demo-draft-nf4-b64")
     ck = Checkpoint(DEMO_DIR)
     shipped = QuantizedExperts.load(bundled_draft(DEMO_DIR, "nf4", 64), ck)

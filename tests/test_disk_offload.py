@@ -32,7 +32,7 @@ def ram_for(path, slots: int, draft: bool = False) -> int:
 
 
 def disk_run(path, prompt, n, policy, ram, backend="cpu", **kw):
-    eng = Engine(path, EngineOptions(backend=backend, policy=policy, ram=ram, **kw))
+    eng = Engine(path, EngineOptions(backend=backend, policy=policy, ram=ram, **dict(kw, draft_verdict=False)))
     eng.load(len(prompt) + n)
     try:
         return [ev.token for ev in eng.generate(prompt, n, SamplingParams())], eng

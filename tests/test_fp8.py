@@ -83,7 +83,7 @@ def test_experts_stay_fp8_in_every_tier(fp8_ckpts):
         assert eng.last_stats.bytes_h2d % stored == 0
     # a 4-bit draft of 8-bit experts is about half their size: it is planned, and runs
     vram = vram_for_slots(path, c.top_k + 2, 26) + draft_bytes_estimate(c)
-    eng = Engine(path, EngineOptions(backend="mock", policy="moespeq", vram=vram))
+    eng = Engine(path, EngineOptions(backend="mock", policy="moespeq", vram=vram, draft_verdict=False))
     eng.load(26)
     assert eng.plan.has_draft and draft_bytes_estimate(c) < 0.6 * stored * c.num_experts * len(c.moe_layers)
     assert [ev.token for ev in eng.generate(prompt, 16, SamplingParams())] == expected

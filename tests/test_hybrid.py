@@ -34,7 +34,12 @@ def engine(path, policy, slots, context, hardware, **kw):
     eng = Engine(
         path,
         EngineOptions(
-            backend="mock", policy=policy, vram=vram_for_slots(path, slots, context), hardware=hardware, **kw
+            backend="mock",
+            policy=policy,
+            vram=vram_for_slots(path, slots, context),
+            hardware=hardware,
+            draft_verdict=False,  # the governor decides (tests/test_draft_verdict.py: the plan's verdict)
+            **kw,
         ),
     )
     eng.load(context)

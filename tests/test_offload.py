@@ -172,12 +172,14 @@ def test_json_carries_plan_and_offload_figures(tiny, cli):
 
 def test_plan_is_printed(tiny, cli):
     path, _ = tiny("olmoe", "base")
-    r = cli(
-        "run", str(path), "-p", "figures", "-n", "4", "--backend", "mock", "--vram", str(vram_for_slots(path, 4, 7 + 4))
-    )
+    vram = str(vram_for_slots(path, 4, 7 + 4))
+    r = cli("run", str(path), "-p", "figures", "-n", "4", "--backend", "mock", "--vram", vram, "--spec-depth", "2")
     assert r.exit_code == 0, r.stderr
     assert "plan:" in r.stderr and "expert slots (3 of 16)" in r.stderr and "non-expert weights" in r.stderr
     assert "4-bit draft experts (7 of 16)" in r.stderr  # half the room above top_k slots
+    # with the depth left to moespeq, this budget's draft cannot pay: the plan has the slots instead
+    r = cli("run", str(path), "-p", "figures", "-n", "4", "--backend", "mock", "--vram", vram)
+    assert r.exit_code == 0 and "4-bit draft" not in r.stderr.split("\n")[0] and "speculation off:" in r.stderr
 
 
 @pytest.mark.parametrize("policy", ["lru", "gate-prefetch", "hybrid", "ondemand"])

@@ -13,6 +13,9 @@ from moespeq_cli.runtime.speculative import accept_greedy, accept_sampling
 
 
 def spec_engine(path, k="auto", slots=None, context=40, draft="auto", **kw):
+    """A moespeq engine on the mock; the governor decides at run time (the plan's verdict
+    on the draft, ``draft_verdict``, has tests of its own)."""
+    kw.setdefault("draft_verdict", False)
     ck = Checkpoint(path)
     vram = None
     if slots is not None:

@@ -287,7 +287,8 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
         result["draft"] = engine.draft_source
         result["spec_depths"] = list(engine.governor.history)
         if engine.fixed_k is None:  # why speculation is off, when it is (auto depth only)
-            result["governor_note"] = explain(engine.governor, engine.draft_released)
+            off = None if engine.plan.has_draft else engine.plan.note  # the plan left the draft out: why
+            result["governor_note"] = explain(engine.governor, engine.draft_released, off)
     return result
 
 

@@ -325,6 +325,13 @@ static inline long elem_bytes(int wt) { return wt == W_F32 ? 4 : 2; }
 /* ------------------------------------------------------------------------------------ */
 /* y[T, N] = x[T, K] W[N, K]^T (+ bias)                                                   */
 
+/* rows n0..n1 of y[T, N] += bias (none: nothing) */
+static void add_bias(const float *bias, float *y, long T, long N, long n0, long n1) {
+    if (bias)
+        for (long t = 0; t < T; t++)
+            for (long n = n0; n < n1; n++) y[t * N + n] += bias[n];
+}
+
 typedef struct {
     const float *x; const void *w; const float *bias; float *y;
     long T, N, K; int wt;
@@ -338,9 +345,7 @@ static void linear_job(void *p) {
     long n0, n1;
     while (next_rows(&a->rows, home, &n0, &n1)) {
         rows(a->x, a->K, a->w, a->wt, a->K, a->y, a->N, a->T, n0, n1);
-        if (a->bias)
-            for (long t = 0; t < a->T; t++)
-                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+        add_bias(a->bias, a->y, a->T, a->N, n0, n1);
     }
 }
 
@@ -373,6 +378,21 @@ static inline float e8m0(uint8_t s) {
     return f;
 }
 
+#if MS_AVX512
+/* Two 16-wide weight vectors into two sums per token (TB tokens, rows ldx apart), and the */
+/* sums' totals out: the inner step of the table-lookup kernels (MXFP4, fp32 4-bit).        */
+static inline void fma_pair(__m512 (*acc)[2], int TB, __m512 w0, __m512 w1, const float *x, long ldx) {
+    for (int t = 0; t < TB; t++) {
+        acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * ldx), acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * ldx + 16), acc[t][1]);
+    }
+}
+
+static inline void store_pairs(__m512 (*acc)[2], int TB, float *y, long ldy) {
+    for (int t = 0; t < TB; t++) y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+#endif
+
 static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const uint8_t *scales, long K, float *y,
                        long ldy, long T, long n0, long n1) {
     long G = K / 32;
@@ -393,13 +413,9 @@ static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const ui
                 __m512 sc = _mm512_set1_ps(e8m0(s[g]));
                 __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut), sc);
                 __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), lut), sc);
-                for (int t = 0; t < TB; t++) {
-                    const float *xt = x + (t0 + t) * ldx + g * 32;
-                    acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
-                    acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
-                }
+                fma_pair(acc, TB, w0, w1, x + t0 * ldx + g * 32, ldx);
             }
-            for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+            store_pairs(acc, TB, y + t0 * ldy + n, ldy);
 #else
             for (int t = 0; t < TB; t++) {
                 const float *xt = x + (t0 + t) * ldx;
@@ -434,9 +450,7 @@ static void mxfp4_job(void *p) {
     long n0, n1;
     while (next_rows(&a->rows, home, &n0, &n1)) {
         rows_mxfp4(a->x, a->K, a->blocks, a->scales, a->K, a->y, a->N, a->T, n0, n1);
-        if (a->bias)
-            for (long t = 0; t < a->T; t++)
-                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+        add_bias(a->bias, a->y, a->T, a->N, n0, n1);
     }
 }
 
@@ -540,14 +554,10 @@ static void rows_nf4(const float *xs, const uint8_t *codes, const float *absmax,
                 for (long e = 0; e < per_scale; e++, g++) {
                     __m512 we, wo;
                     nf4_weights(b + g * 16, lut, sc, &we, &wo);
-                    for (int t = 0; t < T; t++) {
-                        const float *xt = xs + t * K + g * 32;
-                        acc[t][0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xt), acc[t][0]);
-                        acc[t][1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xt + 16), acc[t][1]);
-                    }
+                    fma_pair(acc, (int)T, we, wo, xs + g * 32, K);
                 }
             }
-            for (int t = 0; t < T; t++) y[t * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+            store_pairs(acc, (int)T, y + n, ldy);
             continue;
         }
         for (long c = 0, g = 0; c < per_row; c++) { /* more tokens: the row dequantized once */
@@ -564,14 +574,9 @@ static void rows_nf4(const float *xs, const uint8_t *codes, const float *absmax,
             __m512 acc[MS_T][2];
             for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
             for (long g = 0; g < G; g++) {
-                __m512 we = _mm512_loadu_ps(buf + g * 32), wo = _mm512_loadu_ps(buf + g * 32 + 16);
-                for (int t = 0; t < TB; t++) {
-                    const float *xt = xs + (t0 + t) * K + g * 32;
-                    acc[t][0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xt), acc[t][0]);
-                    acc[t][1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xt + 16), acc[t][1]);
-                }
+                fma_pair(acc, TB, _mm512_loadu_ps(buf + g * 32), _mm512_loadu_ps(buf + g * 32 + 16), xs + t0 * K + g * 32, K);
             }
-            for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+            store_pairs(acc, TB, y + t0 * ldy + n, ldy);
         }
 #else
         (void)buf;
@@ -613,9 +618,7 @@ static void nf4_job(void *p) {
 #else
         rows_nf4(a->xs, a->codes, a->absmax, a->table, a->K, a->bs, a->y, a->N, a->T, n0, n1, buf);
 #endif
-        if (a->bias)
-            for (long t = 0; t < a->T; t++)
-                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+        add_bias(a->bias, a->y, a->T, a->N, n0, n1);
     }
     free(buf);
 }
@@ -768,9 +771,7 @@ static void fp8_job(void *p) {
     long n0, n1;
     while (next_rows(&a->rows, home, &n0, &n1)) {
         rows_fp8(a->x, a->K, a->w, a->scales, a->bm, a->bn, a->K, a->y, a->N, a->T, n0, n1);
-        if (a->bias)
-            for (long t = 0; t < a->T; t++)
-                for (long n = n0; n < n1; n++) a->y[t * a->N + n] += a->bias[n];
+        add_bias(a->bias, a->y, a->T, a->N, n0, n1);
     }
 }
 

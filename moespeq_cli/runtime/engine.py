@@ -53,6 +53,9 @@ class EngineOptions:
     policy: str = DEFAULT_POLICY
     draft: str = "auto"  # auto (saved draft if any, else quantize in memory) | PATH | none
     spec_depth: str | int = "auto"  # auto: the governor chooses k; N: fixed
+    # decide before loading whether the draft can pay for its memory at all (planning/estimate.py
+    # speculation_cannot_pay); False leaves every verdict to the governor at run time
+    draft_verdict: bool = True
     k_max: int = 8
     cpu_experts: bool | None = None  # None: the policy's default (on for moespeq and hybrid)
     ram: str | int | None = None  # host RAM for expert buffers; default: what the machine has available
@@ -243,6 +246,8 @@ class Engine:
         plan = checkpoint_plan(
             self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, ram=ram, ram_source=source, **kw
         )
+        if plan.has_draft and self.fixed_k is None and self.opts.draft == "auto" and self.opts.draft_verdict:
+            plan = self.draft_verdict(plan, context, dict(kw, ram=ram, ram_source=source))
         if (
             plan.disk_tier
             and (self.hw.disk_bandwidth is None or self.hw.disk_latency is None)
@@ -253,6 +258,22 @@ class Engine:
                 "disk_bandwidth / disk_latency to time the disk tier with; add them to the profile or raise --ram"
             )
         return plan
+
+    def draft_verdict(self, plan: Plan, context: int, kw: dict) -> Plan:
+        """``plan``, or the plan without the draft when by the cost model its memory is
+        worth more as expert slots than speculation could earn even if every drafted token
+        were accepted (planning/estimate.py ``speculation_cannot_pay``). The governor would
+        come to the same verdict at run time, but only after a prefill with fewer slots and
+        the cycles that measure it (docs/governor.md); ``--spec-depth N`` keeps the draft."""
+        from moespeq_cli.models import build_model
+        from moespeq_cli.runtime.planning.estimate import StepModel, speculation_cannot_pay
+
+        released = checkpoint_plan(
+            self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, **dict(kw, with_draft=False)
+        )
+        model = build_model(self.ckpt.arch, self.ckpt.raw_config, context, str(self.ckpt.path / "config.json"))
+        step = StepModel(model, self.ckpt.config, self.hw, self.storage_dtype, context)
+        return speculation_cannot_pay(step, plan, released) or plan
 
     # -- loading --------------------------------------------------------------
     def load(self, context: int, plan: Plan | None | bool = False) -> None:

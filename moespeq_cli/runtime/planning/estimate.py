@@ -184,6 +184,14 @@ class StepModel:
         """(tokens/s, k) of moespeq: the governor's best k >= 1, or k = 0 (gate-prefetch
         decoding, with the CPU where allowed) when that is faster."""
         plain = 1.0 / self.per_token("gate-prefetch+cpu" if cpu else "gate-prefetch", hit)
+        if plan.has_draft:
+            tps, k = self.best_depth(plan, hit, acceptance, k_max, cpu)
+            if tps > plain:
+                return tps, k
+        return plain, 0
+
+    def best_depth(self, plan: Plan, hit: float, acceptance: float, k_max: int, cpu: bool) -> tuple[float, int]:
+        """(tokens/s, k) at the governor's best depth k >= 1 with ``plan``'s draft."""
         L, K, E = self.layers, self.cfg.top_k, self.cfg.num_experts
         draft_elem = 0.5 + 4 / 64  # nf4 weights and one fp32 absmax per 64-block, bytes per weight
         state = GovernorState(k_max, E, K, self.t_copy, t_host=self.t_cpu if cpu else None)
@@ -191,18 +199,13 @@ class StepModel:
             u = union_size(n, E, K)
             state.t_target[n] = self.non_expert(n) + L * u * self.t_dev(n * K / u)
             state.misses[n] = L * u * (1 - hit)
-        if plan.has_draft:
-            on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
-            draft_expert = on_dev * self.t_draft_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(
-                1, draft_elem, read=False
-            )
-            state.t_draft = self.non_expert(1) + L * K * draft_expert
-            state.p = [acceptance] * k_max
-            state.tested = [1] * k_max
-            k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
-            if state.theta(k) > plain:
-                return state.theta(k), k
-        return plain, 0
+        on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
+        draft_expert = on_dev * self.t_draft_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(1, draft_elem, read=False)
+        state.t_draft = self.non_expert(1) + L * K * draft_expert
+        state.p = [acceptance] * k_max
+        state.tested = [1] * k_max
+        k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
+        return state.theta(k), k
 
 
 def estimate(step: StepModel, plan: Plan, acceptance: float = DEFAULT_ACCEPTANCE, k_max: int = 8) -> Estimate:
@@ -227,13 +230,18 @@ def plan_moespeq(
     """moespeq's plan as a run makes it (with the 4-bit draft), and its modelled speed:
     the better of speculating with that plan and what the governor falls back to when
     speculation cannot pay for the draft's memory -- k = 0 with that memory as expert
-    slots (docs/governor.md). The plan's note says which the model expects."""
+    slots (docs/governor.md). The plan's note says which the model expects. Where even
+    every drafted token accepted could not pay for the draft's memory, the plan is the one
+    without it (``speculation_cannot_pay``), as ``run`` makes it."""
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
     with_draft = make_plan(*args, ram=ram)
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:
         return with_draft, spec
     released = make_plan(*args, with_draft=False, ram=ram)
+    off = speculation_cannot_pay(step, with_draft, released)
+    if off is not None:  # run does not load the draft (engine.py draft_verdict)
+        return off, estimate(step, off, acceptance)
     plain = estimate(step, released, acceptance)
     if plain.tokens_per_s > spec.tokens_per_s:
         with_draft.note = (
@@ -244,6 +252,28 @@ def plan_moespeq(
         )
         return with_draft, plain
     return with_draft, spec
+
+
+def speculation_cannot_pay(step: StepModel, with_draft: Plan, released: Plan, k_max: int = 8) -> Plan | None:
+    """``released`` (the plan without the draft, its note saying why) when plain decoding
+    with the draft's memory as expert slots is faster by the model than speculating would
+    be even if every drafted token were accepted: no acceptance a run could measure makes
+    the draft pay for its memory. Else None. ``run`` and ``plan`` both decide with it, so
+    ``plan`` predicts what ``run`` loads."""
+    if not with_draft.has_draft or released.slots <= with_draft.slots:
+        return None
+    s = step.for_plan(with_draft)
+    hit = min(1.0, with_draft.slots / with_draft.total_experts)
+    bound, _ = s.best_depth(with_draft, hit, 1.0, k_max, with_draft.cpu_experts)
+    plain = estimate(step, released).tokens_per_s
+    if plain <= bound:
+        return None
+    released.note = (
+        f"speculation off: the 4-bit draft's memory holds {released.slots - with_draft.slots} more full-precision "
+        f"experts, which by the cost model beats speculating even if every drafted token were accepted "
+        f"({plain:.3g} vs at most {bound:.3g} tok/s on {step.hw.name}); --spec-depth N keeps the draft"
+    )
+    return released
 
 
 def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int, grouped: bool = False) -> int | None:

@@ -60,14 +60,16 @@ def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
 
 @dataclass
 class Arm:
-    """k = 0 cycles of one prefetch arm: sums over all of them, and the cycle time's
-    moving average."""
+    """k = 0 cycles of one prefetch arm: sums over all of them, the same sums discounted
+    by the k = 0 cycles run since (``recent``: compute, stall, misses, cycles), and the
+    cycle time's moving average."""
 
     compute: float = 0.0
     stall: float = 0.0
     misses: float = 0.0
     cycles: int = 0
     time_ema: float | None = None  # compute + stall
+    recent: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
 
     def add(self, compute: float, stall: float, misses: int, ema: Callable) -> None:
         self.compute += compute
@@ -75,6 +77,10 @@ class Arm:
         self.misses += misses
         self.cycles += 1
         self.time_ema = ema(self.time_ema, compute + stall)
+        self.recent = [a + b for a, b in zip(self.recent, (compute, stall, misses, 1.0), strict=True)]
+
+    def fade(self, factor: float) -> None:
+        self.recent = [v * factor for v in self.recent]
 
 
 @dataclass
@@ -104,6 +110,7 @@ class GovernorState:
     stall: dict[int, float] = field(default_factory=dict)  # n verified tokens (n >= 2) -> stall per cycle
     release_misses: Callable[[], tuple[float, float] | None] | None = None  # k = 0 misses per token: now, released
     model_cycles: float = 8.0  # k = 0 cycles the miss model is worth beside the measured ones
+    arm_decay: float = 0.95  # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``)
 
     def __post_init__(self):
         if not self.p:
@@ -220,13 +227,17 @@ class GovernorState:
         """Seconds per k = 0 cycle with (True) or without gate-prefetch: the arm's mean
         compute plus its stall per miss times the misses per k = 0 cycle of both arms (the
         misses a cycle meets depend on routing, not on the arm: pooling them compares the
-        arms on the same cycles rather than on their few, noisy samples)."""
+        arms on the same cycles rather than on their few, noisy samples). Every sum is
+        discounted by ``arm_decay`` per later k = 0 cycle: an arm that runs only in probes
+        was otherwise judged by its warm-up cycles, the run's first and coldest (on the
+        Mixtral-shaped checkpoint with 9 of 32 slots that chose lru over a gate-prefetch
+        10% faster)."""
         if prefetch not in self.arms:
             return None
-        arm = self.arms[prefetch]
-        all_misses = sum(a.misses for a in self.arms.values()) / sum(a.cycles for a in self.arms.values())
-        per_miss = arm.stall / arm.misses if arm.misses else arm.stall / arm.cycles / max(all_misses, 1.0)
-        return arm.compute / arm.cycles + per_miss * all_misses
+        compute, stall, misses, cycles = self.arms[prefetch].recent
+        all_misses = sum(a.recent[2] for a in self.arms.values()) / sum(a.recent[3] for a in self.arms.values())
+        per_miss = stall / misses if misses else stall / cycles / max(all_misses, 1.0)
+        return compute / cycles + per_miss * all_misses
 
     def faster_arm(self) -> bool:
         """The prefetch arm with the shorter ``arm_time`` (gate-prefetch on a tie or
@@ -300,6 +311,8 @@ class GovernorState:
         pass's compute time, the experts the verification found not resident, its stall;
         ``prefetch``: whether a k = 0 cycle ran with gate-prefetch."""
         if k == 0:
+            for arm in self.arms.values():  # an arm's old cycles count less: the first ones ran on a cold cache
+                arm.fade(self.arm_decay)
             self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema)
         if k:
             self.stall[k + 1] = self._ema(self.stall.get(k + 1), stall_s)
@@ -404,14 +417,16 @@ class Governor:
         self.state.observe(k, accepted, draft_s, target_s, misses, stall_s, prefetch=self.prefetch)
 
 
-def explain(governor: Governor, released: bool) -> str | None:
+def explain(governor: Governor, released: bool, plan_note: str | None = None) -> str | None:
     """One line a newcomer understands when the governor turned speculation off (most
     cycles at k = 0) or released the draft; None while it speculates, or with a fixed
-    --spec-depth."""
+    --spec-depth. ``plan_note``: why the plan left the draft out, when it did."""
     s, hist = governor.state, governor.history
     if not hist:
         return None
     arm = "gate-prefetch" if governor.prefetch else "no prefetch"
+    if plan_note:
+        return f"{plan_note}; decoding with {arm}"
     if released:
         return (
             "draft released: plain decoding with the draft's memory as more full-precision expert slots "

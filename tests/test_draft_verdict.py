@@ -1,0 +1,90 @@
+"""The plan's verdict on the draft: where even every drafted token accepted could not pay
+for the draft's memory (by the cost model, planning/estimate.py), moespeq does not load
+it, and says why; ``plan`` predicts the same; the governor's run-time release stays for
+the cases the model cannot decide."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from moespeq_cli.model_ref import DEMO_DIR
+from moespeq_cli.models import build_model
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.runtime.bench import budget_for, run_policy
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.planning.estimate import StepModel, plan_moespeq, speculation_cannot_pay
+from moespeq_cli.runtime.planning.hardware import load_profile
+from moespeq_cli.runtime.planning.planner import checkpoint_plan
+
+CONTEXT = 149  # the demo's prompt and 128 new tokens
+
+
+def verdict(hw, vram, cpu_experts=False):
+    ck = Checkpoint(DEMO_DIR)
+    kw = dict(cpu_experts=cpu_experts)
+    with_draft = checkpoint_plan(ck, CONTEXT, vram, "moespeq", with_draft=True, **kw)
+    released = checkpoint_plan(ck, CONTEXT, vram, "moespeq", with_draft=False, **kw)
+    step = StepModel(build_model(ck.arch, ck.raw_config, CONTEXT), ck.config, hw, ck.config.dtype, CONTEXT)
+    return with_draft, released, speculation_cannot_pay(step, with_draft, released)
+
+
+def test_a_draft_that_cannot_pay_is_not_loaded_and_run_says_why(cli):
+    vram, _ = budget_for(DEMO_DIR, CONTEXT, 0.5)
+    with_draft, released, off = verdict(load_profile("rtx3060-12gb"), vram)
+    assert off is released and not off.has_draft and off.slots > with_draft.slots
+    assert off.note.startswith("speculation off: the 4-bit draft's memory holds")
+    eng = Engine(DEMO_DIR, EngineOptions(backend="mock", policy="moespeq", vram=vram))
+    eng.load(CONTEXT)
+    assert not eng.plan.has_draft and eng.plan.slots == off.slots and eng.draft_exec is None
+    out = json.loads(cli("run", "-n", "8", "--vram", f"{vram}B", "--json").stdout)
+    assert out["governor_note"].startswith("speculation off:") and out["draft"] is None
+    # a fixed depth, a draft given by path or the run-time verdict keep it
+    for opts in (dict(spec_depth="2"), dict(draft_verdict=False)):
+        eng = Engine(DEMO_DIR, EngineOptions(backend="mock", policy="moespeq", vram=vram, **opts))
+        eng.load(CONTEXT)
+        assert eng.plan.has_draft and eng.draft_exec is not None
+
+
+def test_plan_predicts_what_run_loads():
+    vram, _ = budget_for(DEMO_DIR, CONTEXT, 0.5)
+    hw = load_profile("rtx3060-12gb")
+    ck = Checkpoint(DEMO_DIR)
+    step = StepModel(build_model(ck.arch, ck.raw_config, CONTEXT), ck.config, hw, ck.config.dtype, CONTEXT)
+    for cpu in (False, True):
+        planned, _ = plan_moespeq(step, vram, cpu, ram=20 * 2**30)
+        eng = Engine(
+            DEMO_DIR, EngineOptions(backend="mock", policy="moespeq", vram=vram, cpu_experts=cpu, ram=20 * 2**30)
+        )
+        ran = eng.make_plan(CONTEXT)
+        assert (planned.has_draft, planned.slots, planned.note) == (ran.has_draft, ran.slots, ran.note)
+
+
+def test_a_draft_that_could_pay_is_kept():
+    """Over a slow link the same budget leaves speculation a chance: the draft is loaded
+    and the governor decides; with every expert's slot capped (bench's same cache) the
+    draft's memory could buy nothing, so there is nothing to decide."""
+    vram, _ = budget_for(DEMO_DIR, CONTEXT, 0.5)
+    slow = replace(load_profile("rtx3060-12gb"), link_bandwidth=1e8)
+    assert verdict(slow, vram)[2] is None
+    ck = Checkpoint(DEMO_DIR)
+    capped = checkpoint_plan(ck, CONTEXT, vram, "moespeq", with_draft=True, max_slots=7)
+    released = checkpoint_plan(ck, CONTEXT, vram, "moespeq", with_draft=False, max_slots=7)
+    step = StepModel(
+        build_model(ck.arch, ck.raw_config, CONTEXT), ck.config, load_profile("rtx3060-12gb"), ck.config.dtype, CONTEXT
+    )
+    assert speculation_cannot_pay(step, capped, released) is None
+
+
+def test_at_the_demos_same_memory_budget_moespeq_keeps_the_guarantee():
+    """The mock clock (deterministic): at the benchmark's same-memory budget on the demo,
+    moespeq with its default verdict is within 2% of the best baseline, which releasing the
+    draft at run time (after the prefill and the cycles that measure it) was not (0.92x)."""
+    from moespeq_cli.cli.run import DEMO_PROMPT
+
+    eng = Engine(DEMO_DIR, EngineOptions(backend="mock"))
+    ids = eng.tokenizer.encode(DEMO_PROMPT)
+    vram, _ = budget_for(DEMO_DIR, len(ids) + 128, 0.5)
+    opts = EngineOptions(backend="mock", vram=vram, cpu_experts=False)
+    tps = {p: run_policy(DEMO_DIR, ids, 128, p, opts).stats.tokens_per_s for p in ("moespeq", "gate-prefetch", "lru")}
+    assert tps["moespeq"] >= 0.98 * max(tps["gate-prefetch"], tps["lru"]), tps
