@@ -273,7 +273,10 @@ class Engine:
         )
         model = build_model(self.ckpt.arch, self.ckpt.raw_config, context, str(self.ckpt.path / "config.json"))
         step = StepModel(model, self.ckpt.config, self.hw, self.storage_dtype, context)
-        return speculation_cannot_pay(step, plan, released) or plan
+        try:
+            return speculation_cannot_pay(step, plan, released) or plan
+        except UsageError:  # a profile without disk figures cannot price the disk tier: the governor decides
+            return plan
 
     # -- loading --------------------------------------------------------------
     def load(self, context: int, plan: Plan | None | bool = False) -> None:

@@ -56,6 +56,9 @@ from moespeq_cli.runtime.planning.planner import Plan, make_plan
 from moespeq_cli.runtime.scheduling.governor import GovernorState, union_size
 
 DEFAULT_ACCEPTANCE = 0.8
+# the draft verdict (``speculation_cannot_pay``) takes the quick op estimates' answer when
+# the two sides differ by more than this; closer, it counts the ops on the meta device
+VERDICT_MARGIN = 1.1
 
 
 @dataclass
@@ -88,6 +91,7 @@ class StepModel:
         self.t_link = transfer_seconds(self.expert_bytes, hw)
         self.read_extra = 0.0  # seconds of disk read per expert missing from the device (``for_plan``)
         self._ops: dict[int, int | None] = {}  # tokens -> ops a pass dispatches outside the experts
+        self.counted = True  # False: the charges' op estimates, not a count on the meta device (fast)
         # a GPU computes a layer's experts in one grouped call (executors/grouped.py): its
         # launches per layer, counted (as unfused gate and up: at most one op too many)
         self.grouped_ops = (
@@ -132,7 +136,9 @@ class StepModel:
         t K .. t K + K - 1, modulo E); the charges' estimates where the meta run fails."""
         if tokens not in self._ops:
             grouped = self.grouped_ops is not None
-            self._ops[tokens] = count_pass_ops(self.model, self.cfg, tokens, grouped)
+            # counting runs the model on the meta device: seconds in a fresh process (torch's
+            # Python meta kernels import torch._dynamo)
+            self._ops[tokens] = count_pass_ops(self.model, self.cfg, tokens, grouped) if self.counted else None
             if self._ops[tokens] is None:
                 self._ops[tokens] = sum(cost(tokens, self.context).ops for _m, _n, _l, cost, _r in self.table)
             if grouped:
@@ -262,10 +268,14 @@ def speculation_cannot_pay(step: StepModel, with_draft: Plan, released: Plan, k_
     ``plan`` predicts what ``run`` loads."""
     if not with_draft.has_draft or released.slots <= with_draft.slots:
         return None
-    s = step.for_plan(with_draft)
     hit = min(1.0, with_draft.slots / with_draft.total_experts)
-    bound, _ = s.best_depth(with_draft, hit, 1.0, k_max, with_draft.cpu_experts)
-    plain = estimate(step, released).tokens_per_s
+    quick = copy.copy(step)  # the charges' op estimates first: a clear verdict needs no count
+    quick.counted, quick._ops = False, {}
+    for s in (quick, step):
+        bound, _ = s.for_plan(with_draft).best_depth(with_draft, hit, 1.0, k_max, with_draft.cpu_experts)
+        plain = estimate(s, released).tokens_per_s
+        if max(bound, plain) > VERDICT_MARGIN * min(bound, plain):
+            break
     if plain <= bound:
         return None
     released.note = (
