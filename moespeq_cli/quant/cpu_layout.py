@@ -8,7 +8,9 @@ per-block scales become bf16, transposed to [K / blocksize, N]. Its own converte
 (``functional._convert_weight_packed_for_cpu``) gets there through an int32 copy of every
 nibble and a transpose of them: about 20 bytes of memory traffic per weight, 7-18 ms per
 Mixtral-at-quarter-width projection on this 2-core VM, 4 s for the 791M checkpoint's
-draft at every load (and minutes for a real Mixtral's on a CPU-only machine).
+draft at every load. The draft runs moespeq's own 4-bit kernel where the CPU kernels
+build (it reads the standard layout: nothing to repack); this packing serves the
+machines without them, and ``calibrate``'s timing of bitsandbytes' kernel.
 
 The standard layout stores weight (n, 2j) in the high nibble of byte (n, j) and (n, 2j+1)
 in its low nibble, so each output byte is two nibbles of two input bytes 16 rows apart:
@@ -19,7 +21,7 @@ with A = byte(n + 16, j) and B = byte(n, j),
 
 four byte-wide operations written straight into the packed order (1 ms where bitsandbytes'
 takes 7-10), with the same result bit for bit
-(tests/test_draft.py compares it with bitsandbytes' on every field it changes). A state
+(tests/test_quant.py compares it with bitsandbytes' on every field it changes). A state
 with nested (double-quantized) statistics goes through bitsandbytes' own converter.
 """
 

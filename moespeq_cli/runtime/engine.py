@@ -267,12 +267,12 @@ class Engine:
         the cycles that measure it (docs/governor.md); ``--spec-depth N`` keeps the draft."""
         from moespeq_cli.models import build_model
         from moespeq_cli.runtime.planning.estimate import StepModel, speculation_cannot_pay
+        from moespeq_cli.runtime.planning.planner import make_plan
 
-        released = checkpoint_plan(
-            self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, **dict(kw, with_draft=False)
-        )
         model = build_model(self.ckpt.arch, self.ckpt.raw_config, context, str(self.ckpt.path / "config.json"))
-        step = StepModel(model, self.ckpt.config, self.hw, self.storage_dtype, context)
+        cfg, dtype = self.ckpt.config, self.storage_dtype
+        released = make_plan(model, cfg, dtype, self.budget, context, self.opts.policy, **dict(kw, with_draft=False))
+        step = StepModel(model, cfg, self.hw, dtype, context)
         try:
             return speculation_cannot_pay(step, plan, released) or plan
         except UsageError:  # a profile without disk figures cannot price the disk tier: the governor decides

@@ -59,9 +59,29 @@ def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
 
 
 @dataclass
+class Sums:
+    """Compute, stall and misses summed over k = 0 cycles, and the cycles, discounted
+    (``fade``) as later cycles come."""
+
+    compute: float = 0.0
+    stall: float = 0.0
+    misses: float = 0.0
+    cycles: float = 0.0
+
+    def add(self, compute: float, stall: float, misses: float) -> None:
+        self.compute, self.stall, self.misses = self.compute + compute, self.stall + stall, self.misses + misses
+        self.cycles += 1
+
+    def fade(self, factor: float) -> None:
+        self.compute, self.stall, self.misses, self.cycles = (
+            v * factor for v in (self.compute, self.stall, self.misses, self.cycles)
+        )
+
+
+@dataclass
 class Arm:
     """k = 0 cycles of one prefetch arm: sums over all of them, the same sums discounted
-    by the k = 0 cycles run since (``recent``: compute, stall, misses, cycles), and the
+    by the k = 0 cycles run since (``recent``, for ``GovernorState.arm_time``), and the
     cycle time's moving average."""
 
     compute: float = 0.0
@@ -69,18 +89,15 @@ class Arm:
     misses: float = 0.0
     cycles: int = 0
     time_ema: float | None = None  # compute + stall
-    recent: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    recent: Sums = field(default_factory=Sums)
 
     def add(self, compute: float, stall: float, misses: int, ema: Callable) -> None:
         self.compute += compute
         self.stall += stall
         self.misses += misses
         self.cycles += 1
+        self.recent.add(compute, stall, misses)
         self.time_ema = ema(self.time_ema, compute + stall)
-        self.recent = [a + b for a, b in zip(self.recent, (compute, stall, misses, 1.0), strict=True)]
-
-    def fade(self, factor: float) -> None:
-        self.recent = [v * factor for v in self.recent]
 
 
 @dataclass
@@ -234,10 +251,10 @@ class GovernorState:
         10% faster)."""
         if prefetch not in self.arms:
             return None
-        compute, stall, misses, cycles = self.arms[prefetch].recent
-        all_misses = sum(a.recent[2] for a in self.arms.values()) / sum(a.recent[3] for a in self.arms.values())
-        per_miss = stall / misses if misses else stall / cycles / max(all_misses, 1.0)
-        return compute / cycles + per_miss * all_misses
+        arm = self.arms[prefetch].recent
+        all_misses = sum(a.recent.misses for a in self.arms.values()) / sum(a.recent.cycles for a in self.arms.values())
+        per_miss = arm.stall / arm.misses if arm.misses else arm.stall / arm.cycles / max(all_misses, 1.0)
+        return arm.compute / arm.cycles + per_miss * all_misses
 
     def faster_arm(self) -> bool:
         """The prefetch arm with the shorter ``arm_time`` (gate-prefetch on a tie or
@@ -312,7 +329,7 @@ class GovernorState:
         ``prefetch``: whether a k = 0 cycle ran with gate-prefetch."""
         if k == 0:
             for arm in self.arms.values():  # an arm's old cycles count less: the first ones ran on a cold cache
-                arm.fade(self.arm_decay)
+                arm.recent.fade(self.arm_decay)
             self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema)
         if k:
             self.stall[k + 1] = self._ema(self.stall.get(k + 1), stall_s)
