@@ -50,6 +50,11 @@ ALIASES: dict[str, tuple[str, float]] = {
     # bf16, computed from the config (the files' multi-token-prediction layer, ~2%, not counted)
     "glm-4.7": ("zai-org/GLM-4.7", 705.6),
     "glm-4.5-air": ("zai-org/GLM-4.5-Air", 213.7),
+    # bf16, computed from the language model's config (the vision tower and Qwen's
+    # multi-token-prediction layer, about 2-5%, not counted)
+    "qwen3.5-moe": ("Qwen/Qwen3.5-35B-A3B", 69.3),
+    "qwen3.6-moe": ("Qwen/Qwen3.6-35B-A3B", 69.3),
+    "gemma-4-26b": ("google/gemma-4-26B-A4B-it", 51.9),
 }
 
 

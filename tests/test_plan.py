@@ -9,7 +9,7 @@ import torch
 from offload_helpers import prompt_for, run_engine, vram_for_slots
 
 from moespeq_cli.model_ref import ALIASES, CONFIGS_DIR
-from moespeq_cli.models import architecture
+from moespeq_cli.models import architecture, language_config
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.planning.estimate import StepModel, estimate
 from moespeq_cli.runtime.planning.hardware import load_profile, parse_size
@@ -101,10 +101,13 @@ def test_bundled_configs_are_the_real_models():
         "qwen3-next": 79.7,  # "80B" in its model card
         "glm-4.7": 352.8,  # "355B" in its model card, which counts its MTP layer (about 4B) too
         "glm-4.5-air": 106.9,  # "106B"
+        "qwen3.5-moe": 34.7,  # "35B" (its model card and transformers' Qwen3_5MoeTextConfig defaults)
+        "qwen3.6-moe": 34.7,  # the same shapes (its model card)
+        "gemma-4-26b": 26.0,  # llama.cpp's count of its GGUF; the card's 25.2B leaves out the 0.74B embedding
     }
     assert set(expected) == set(ALIASES)
     for alias, billions in expected.items():
-        raw = json.loads((CONFIGS_DIR / f"{alias}.json").read_text())
+        raw, _ = language_config(json.loads((CONFIGS_DIR / f"{alias}.json").read_text()))
         arch = architecture(raw["model_type"])
         cfg = arch.parse(raw)
         with torch.device("meta"):
@@ -117,7 +120,15 @@ def test_bundled_configs_are_the_real_models():
             assert abs(active / 1e9 - ACTIVATED[alias]) < 1, alias  # cards round, and count the LM head or not
 
 
-ACTIVATED = {"deepseek-v3": 37, "kimi-k2": 32, "glm-4.7": 32, "glm-4.5-air": 12}  # billions, from their model cards
+ACTIVATED = {  # billions, from their model cards
+    "deepseek-v3": 37,
+    "kimi-k2": 32,
+    "glm-4.7": 32,
+    "glm-4.5-air": 12,
+    "qwen3.5-moe": 3,
+    "qwen3.6-moe": 3,
+    "gemma-4-26b": 3.8,
+}
 
 
 def test_model_agrees_with_the_mock_clock_for_resident(tiny):

@@ -112,6 +112,9 @@ def test_list_aliases(cli):
         "qwen3-next",
         "glm-4.7",
         "glm-4.5-air",
+        "qwen3.5-moe",
+        "qwen3.6-moe",
+        "gemma-4-26b",
     }
 
 
