@@ -1,8 +1,10 @@
 """Sampling: the filters keep the right tokens, seeds reproduce, frequencies match."""
 
+import pytest
 import torch
 
-from moespeq_cli.runtime.sampling import Sampler, SamplingParams, probabilities
+from moespeq_cli.errors import CheckpointError
+from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, probabilities
 
 
 def test_greedy_is_argmax():
@@ -46,3 +48,19 @@ def test_seed_reproduces_and_frequencies_match():
     counts = torch.bincount(torch.tensor([s(logits) for _ in range(n)]), minlength=4).double() / n
     want = torch.softmax(logits.double(), -1)
     assert float((counts - want).abs().sum()) / 2 < 0.02  # total variation
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_any_non_finite_logit_is_caught(bad):
+    logits = torch.randn(1000)
+    logits[637] = bad
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        check_logits(logits)
+    logits[637], logits[12] = float("inf"), float("-inf")  # together: a NaN sum
+    with pytest.raises(CheckpointError):
+        check_logits(logits)
+
+
+def test_finite_logits_whose_sum_overflows_pass():
+    check_logits(torch.full((8,), 3e38))  # the sum is infinite; every logit is finite
+    check_logits(torch.randn(32000))
