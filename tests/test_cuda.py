@@ -142,3 +142,38 @@ def test_cuda_layers_experts_in_one_grouped_call(tiny, policy):
     path, _ = tiny("mixtral", "wide", dtype=torch.bfloat16)
     got, eng = run_engine(path, list(range(3, 24)), 16, backend="cuda", policy=policy, slots=6)
     assert eng.target_exec.grouped is not None and len(got) == 16
+
+
+def test_cuda_fp8_slots_dequantized_together(tiny, tmp_path):
+    """Block-FP8 slots gathered and dequantized together on the GPU (executors/grouped.py):
+    the same bits as matrix by matrix, and with a grouped GEMM kernel a run of a bf16
+    checkpoint's FP8 copy takes that path and decodes."""
+    from tiny_models import fp8_copies
+
+    from moespeq_cli.models.expert_format import fp8_dequantize
+    from moespeq_cli.runtime.executors.grouped import tiny_fp8_slot
+
+    for tiles in (True, False):
+        slot = tiny_fp8_slot(64, tiles, 16)
+        nbytes = slot.starts[-1] + 4 * (-(-64 // slot.block[0])) ** 2
+        slots = torch.randint(0, 120, (5, nbytes), dtype=torch.uint8, device="cuda")  # finite e4m3 codes
+        for j in (1, 3, 5):  # scales: positive floats
+            n = 4 * (-(-64 // slot.block[0])) ** 2
+            slots[:, slot.starts[j] : slot.starts[j] + n] = (
+                torch.rand(5, n // 4, device="cuda").view(torch.uint8).view(5, n)
+            )
+        got = slot.dequantize(slots, torch.bfloat16)
+        for j, at in zip((0, 2, 4), (0, 4096, 8192), strict=True):
+            want = fp8_dequantize(
+                slot.part(slots, j, torch.float8_e4m3fn),
+                slot.part(slots, j + 1, torch.float32),
+                slot.block,
+                torch.bfloat16,
+            )
+            assert torch.equal(got[:, at : at + 4096].view(5, 64, 64), want)
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("no grouped GEMM kernel on this GPU: FP8 experts are computed one by one")
+    src, _ = tiny("deepseek_v3", "v3", dtype=torch.bfloat16)
+    path, _ = fp8_copies(src, tmp_path)
+    got, eng = run_engine(path, list(range(3, 24)), 16, backend="cuda", policy="lru", slots=6)
+    assert eng.target_exec.grouped.compact is not None and len(got) == 16

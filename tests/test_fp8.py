@@ -81,6 +81,7 @@ def test_experts_stay_fp8_in_every_tier(fp8_ckpts):
         got, eng = run_engine(path, prompt, 16, backend="mock", policy=policy, slots=c.top_k + 2)
         assert got == expected, policy
         assert eng.last_stats.bytes_h2d % stored == 0
+        assert eng.target_exec.grouped.compact is not None  # a layer's slots dequantized together
     # a 4-bit draft of 8-bit experts is about half their size: it is planned, and runs
     vram = vram_for_slots(path, c.top_k + 2, 26) + draft_bytes_estimate(c)
     eng = Engine(path, EngineOptions(backend="mock", policy="moespeq", vram=vram, draft_verdict=False))
@@ -171,3 +172,103 @@ def test_sizes_that_would_misalign_compact_parts_are_refused(tiny, tmp_path):
         DiskExperts(Checkpoint(path))
     with pytest.raises(CheckpointError, match="misalign"):
         ExpertStore(Checkpoint(path), torch.float32)
+
+
+def expanded(w, s, block):
+    """Block FP8 dequantized the plain way: every scale repeated over its block."""
+    bm, bn = block
+    rows, cols = w.shape[-2:]
+    full = s.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
+    return w.float() * full
+
+
+@pytest.mark.parametrize("shape,block", [((64, 96), (16, 32)), ((40, 56), (16, 16)), ((128, 256), (128, 128))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_dequantization_is_bit_exact(shape, block, dtype):
+    """Broadcast over whole blocks (or expanded where they do not tile), for a batch of
+    experts at once and into a given block: the same bits as the plain way."""
+    from moespeq_cli.models.expert_format import fp8_dequantize
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(3, *shape, generator=g) * 40).to(torch.float8_e4m3fn)
+    grid = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    s = torch.rand(3, *grid, generator=g) / 7
+    want = expanded(w, s, block).to(dtype)
+    assert torch.equal(fp8_dequantize(w, s, block, dtype), want)
+    assert torch.equal(fp8_dequantize(w[1], s[1], block, dtype), want[1])
+    out = torch.empty(3, 2 * shape[0] * shape[1], dtype=dtype)[:, 5 : 5 + shape[0] * shape[1]]
+    assert torch.equal(fp8_dequantize(w, s, block, dtype, out=out).view(3, *shape), want)
+
+
+@pytest.mark.parametrize("family,variant", [("deepseek_v3", "v3"), ("mixtral", "gqa")])
+def test_a_layer_s_fp8_slots_dequantized_together_match(fp8_ckpts, tiny, family, variant):
+    """On a GPU's slots (the mock) block-FP8 experts are gathered and dequantized together,
+    then computed as one grouped product: the same tokens as the CPU, expert by expert, and
+    a layer's ops those of the unquantized checkpoint and the dequantization's few (two a
+    matrix; Mixtral's sizes leave partial blocks, whose scales are expanded first), not a
+    dequantization per expert (deepseek_v3: 122.5 ops a layer that way, 83.5 unquantized)."""
+    from test_grouped import target_ops_per_layer
+
+    from moespeq_cli.runtime.executors.grouped import Fp8Slot
+
+    path, _ = fp8_ckpts(family, variant)
+    c = Checkpoint(path).config
+    prompt = prompt_for(4, 9)
+    expected, _ = run_engine(path, prompt, 24, backend="cpu")
+    got, eng = run_engine(path, prompt, 24, backend="mock", policy="lru", slots=c.top_k + 3)
+    slot = eng.target_exec.grouped.compact
+    assert isinstance(slot, Fp8Slot) and slot.tiles == (family == "deepseek_v3")
+    assert got == expected
+    plain = target_ops_per_layer(tiny(family, variant)[0], "lru")
+    assert target_ops_per_layer(path, "lru") <= plain + 10
+
+
+def test_dequantizing_on_the_device_is_priced_by_the_bytes_it_moves():
+    """The mock and the plan charge a block-FP8 expert computed on the device for what its
+    code moves (counted): the slots gathered (read, written: a byte a weight each), each
+    matrix widened to float32 (1 read, 4 written) and scaled into bf16 (4 read, 2 written),
+    then the product's read of the bf16 weights, not the byte a weight of a fused kernel."""
+    from moespeq_cli.models.expert_format import HF_EXPERTS, fp8_experts
+    from moespeq_cli.runtime.executors.grouped import dequant_traffic
+
+    fmt = fp8_experts(HF_EXPERTS, (128, 128))
+    assert dequant_traffic(fmt, torch.bfloat16) == pytest.approx(2 + 5 + 6, abs=0.1)
+    assert (
+        dequant_traffic(fmt, torch.bfloat16, tiles=False) > dequant_traffic(fmt, torch.bfloat16) + 4
+    )  # scales expanded
+    assert dequant_traffic(HF_EXPERTS, torch.bfloat16) == 0
+
+
+def test_the_mock_charges_fp8_experts_their_dequantization(fp8_ckpts):
+    path, _ = fp8_ckpts("deepseek_v3", "v3")
+    c = Checkpoint(path).config
+    _, eng = run_engine(path, prompt_for(5, 6), 4, backend="mock", policy="lru", slots=c.top_k + 2)
+    ex = eng.target_exec
+    assert c.dtype == torch.float32  # so: gathered 2, widened 5, scaled 8, read by the product 4
+    assert ex.grouped_elem == pytest.approx(19, abs=0.5) and ex.expert_elem < 1.1
+    assert ex.grouped_cost(1).bytes > 18 * 3 * c.hidden_size * c.expert_intermediate
+
+
+def test_many_experts_are_dequantized_a_few_at_a_time(fp8_ckpts, monkeypatch):
+    """A prefill uses every expert of a layer: the slots are dequantized at most
+    ``dequant_chunk`` at a time (the scratch the plan reserves), with the same tokens."""
+    from moespeq_cli.runtime.executors import grouped as g
+
+    path, _ = fp8_ckpts("deepseek_v3", "v3")
+    c = Checkpoint(path).config
+    prompt = prompt_for(6, 24)
+    expected, _ = run_engine(path, prompt, 6, backend="cpu")
+    seen = []
+    real = g.Fp8Slot.dequantize
+
+    def watched(self, slots, dtype):
+        seen.append(slots.shape[0])
+        return real(self, slots, dtype)
+
+    monkeypatch.setattr(g.Fp8Slot, "dequantize", watched)
+    got, eng = run_engine(path, prompt, 6, backend="mock", policy="lru", slots=c.num_experts)
+    assert got == expected
+    assert max(seen) == g.dequant_chunk(c.top_k) < c.num_experts  # the prefill's calls were cut
+    assert eng.plan.workspace_bytes >= g.dequant_scratch_bytes(
+        c.expert_format, c.hidden_size, c.expert_intermediate, c.top_k, 4
+    )

@@ -49,3 +49,14 @@ def test_the_counter_sees_host_reads():
         torch.tensor([1, 2])  # host to host: no device involved
     assert c.by_kind == {"tolist": 1, "tensor": 1} and c.total == 2
     assert torch.Tensor.tolist is not None and x.tolist() == [[0, 1, 2], [3, 4, 5]]  # restored
+
+
+def test_the_dispatcher_counts_every_scalar_read():
+    """``item()``, ``int()``/``float()`` of a tensor and ``bool()`` each wait for a GPU."""
+    x = torch.randn(5)
+    with torch.inference_mode(), OpCounter() as c:
+        x.sum().item()
+        int(x.argmax())
+        float(x.max())
+        bool(torch.isfinite(x).all())
+    assert c.syncs == 4

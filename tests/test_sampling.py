@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moespeq_cli.errors import CheckpointError
-from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, probabilities
+from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, greedy_tokens, probabilities
 
 
 def test_greedy_is_argmax():
@@ -61,6 +61,15 @@ def test_any_non_finite_logit_is_caught(bad):
         check_logits(logits)
 
 
-def test_finite_logits_whose_sum_overflows_pass():
-    check_logits(torch.full((8,), 3e38))  # the sum is infinite; every logit is finite
+def test_finite_logits_whose_float32_sum_overflows_pass():
+    check_logits(torch.full((8,), 3e38))  # beyond float32, not float64
     check_logits(torch.randn(32000))
+    assert greedy_tokens(torch.tensor([[1.0, 3e38, 3e38], [3e38, 2.0, -3e38]])) == [1, 0]
+
+
+def test_greedy_tokens_check_every_row():
+    logits = torch.randn(3, 50)
+    assert greedy_tokens(logits) == torch.argmax(logits, dim=-1).tolist()
+    logits[1, 7] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        greedy_tokens(logits)

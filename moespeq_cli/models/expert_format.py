@@ -221,15 +221,43 @@ def fp8_experts(fmt: ExpertFormat, block) -> ExpertFormat:
     return replace(fmt, quant=FP8, block=(int(block[0]), int(block[1])))
 
 
+def fp8_tiles(shape: tuple[int, int], block: tuple[int, int]) -> bool:
+    """Whether blocks of ``block`` tile a matrix of ``shape`` exactly (every FP8 release:
+    128 x 128 blocks over sizes that are multiples of 128)."""
+    return shape[0] % block[0] == 0 and shape[1] % block[1] == 0
+
+
 def fp8_dequantize(
-    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+    w: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    tiles: bool | None = None,
 ) -> torch.Tensor:
-    """Block FP8 ``w [rows, cols]`` (e4m3) times its ``scale_inv [ceil(rows/bm), ceil(cols/bn)]``,
-    block by block, in float32 (as transformers dequantizes), -> ``dtype``."""
+    """Block FP8 ``w [..., rows, cols]`` (e4m3) times its ``scale_inv [..., ceil(rows/bm),
+    ceil(cols/bn)]`` (float32), block by block, in float32 (as transformers dequantizes),
+    -> ``dtype``, written into ``out`` (``[..., rows, cols]``) when given: each product is
+    rounded to ``dtype`` once either way. Leading dimensions are a batch of experts.
+
+    Where the blocks tile the matrix (``fp8_tiles``; ``tiles`` forces the answer) the
+    scales are broadcast over their blocks: two ops, and no float32 copy of the scales the
+    size of the weights; otherwise they are expanded to the weights' shape first."""
     bm, bn = block
-    rows, cols = w.shape
-    s = scale_inv.float().repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
-    return (w.float() * s).to(dtype)
+    *lead, rows, cols = w.shape
+    if tiles is None:
+        tiles = fp8_tiles((rows, cols), block)
+    s = scale_inv if scale_inv.dtype == torch.float32 else scale_inv.float()
+    if tiles:
+        grid = (*lead, rows // bm, bm, cols // bn, bn)
+        wf, s = w.float().view(grid), s[..., :, None, :, None]
+    else:
+        wf = w.float()
+        s = s.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
+    if out is None:
+        return (wf * s).view(*lead, rows, cols).to(dtype)
+    torch.mul(wf, s, out=out.view(wf.shape))
+    return out
 
 
 def aligned(sizes: list[int], dtypes, order) -> bool:

@@ -27,7 +27,7 @@ import torch
 
 from moespeq_cli.models.base import CausalLM, ExpertExecutor
 from moespeq_cli.runtime.generate import TokenEvent
-from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, probabilities
+from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, greedy_tokens, probabilities
 
 
 class SpecHooks:
@@ -62,7 +62,7 @@ class SpecStats:
 
 def accept_greedy(target_logits: torch.Tensor, drafted: list[int]) -> tuple[int, int]:
     """-> (accepted count m, next token). target_logits: [k+1, V]."""
-    best = torch.argmax(target_logits, dim=-1).tolist()  # [k+1]
+    best = greedy_tokens(target_logits)  # [k+1], the logits checked in the same read
     m = 0
     while m < len(drafted) and best[m] == drafted[m]:
         m += 1
@@ -147,13 +147,14 @@ def speculative_generate(
             model.set_experts(target)
         hooks.begin_verify(k)
         vl = model(torch.tensor([pending] + drafted), cache, last_only=not k)  # [k+1, V] (or [1, V])
-        check_logits(vl)
-        if not k:
+        if not k:  # every path checks the logits for NaN/inf (sampling.py)
             m, nxt = 0, sampler(vl[-1])
         elif sampling.greedy:
             m, nxt = accept_greedy(vl, drafted)
         else:
-            m, nxt = accept_sampling(probabilities(vl.float().cpu(), sampling), torch.stack(qs), drafted, gen)
+            host = vl.float().cpu()
+            check_logits(host)
+            m, nxt = accept_sampling(probabilities(host, sampling), torch.stack(qs), drafted, gen)
         cache.truncate(n + m + 1)
         hooks.end_cycle(k, m)
         if k:

@@ -26,28 +26,73 @@ once, whatever top-k is:
 About ten ops a layer for any top-k (``scripts/count_ops.py``). Every miss of the layer
 is copied before the call (``ondemand`` too: it still keeps nothing). Formats whose gate,
 up and down are plain matrices of the slot (SwiGLU and GELU experts, uncompressed) take
-this path; the others, and GPUs without a grouped GEMM kernel for the dtype (torch's
-fallback reads the offsets back to the host), compute expert by expert (``supported``).
+this path, and so do block-FP8 experts (DeepSeek-V3, Kimi-K2, the FP8 releases of Qwen
+and GLM): the slots the layer uses, which hold the stored bytes, are gathered and
+dequantized together into one bf16 block (``Fp8Slot``: two ops a matrix for all of them,
+where expert by expert it was about seven a matrix and an expert), then computed as
+above. gpt-oss's biased MXFP4 experts, and GPUs without a grouped GEMM kernel for the
+dtype (torch's fallback reads the offsets back to the host), compute expert by expert
+(``supported``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from moespeq_cli.models.expert_format import GEGLU, SWIGLU, ExpertFormat
+from moespeq_cli.models.expert_format import FP8, GEGLU, SWIGLU, ExpertFormat, fp8_dequantize, fp8_tiles
+
+
+@dataclass(frozen=True)
+class Fp8Slot:
+    """Where a block-FP8 expert's parts lie in a slot of bytes: each matrix's e4m3 bytes
+    and its float32 scales (byte offsets, shapes), in the order gate, its scales, up, its
+    scales, down, its scales."""
+
+    starts: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    block: tuple[int, int]
+
+    @property
+    def tiles(self) -> bool:
+        """Whether the scale blocks tile every matrix (one way of dequantizing for all)."""
+        return all(fp8_tiles(self.shapes[j], self.block) for j in (0, 2, 4))
+
+    def dequantize(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``slots [n, bytes]`` (uint8, each row an expert as stored) -> ``[n, 3 I H]`` of
+        ``dtype``: gate | up | down, each product rounded once, as expert by expert."""
+        n = slots.shape[0]
+        sizes = [math.prod(self.shapes[j]) for j in (0, 2, 4)]
+        out = torch.empty(n, sum(sizes), dtype=dtype, device=slots.device)
+        pos = 0
+        for j, size in zip((0, 2, 4), sizes, strict=True):
+            w = self.part(slots, j, torch.float8_e4m3fn)
+            s = self.part(slots, j + 1, torch.float32)
+            fp8_dequantize(w, s, self.block, dtype, out=out[:, pos : pos + size], tiles=self.tiles)
+            pos += size
+        return out
+
+    def part(self, slots: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
+        """Part ``j`` of every row of ``slots``, a view ``[n, *shape]`` of ``dtype``."""
+        nbytes = math.prod(self.shapes[j]) * dtype.itemsize
+        raw = slots[:, self.starts[j] : self.starts[j] + nbytes]
+        return raw.view(dtype).view(slots.shape[0], *self.shapes[j])
 
 
 @dataclass
 class BatchedParts:
-    """Where an expert's matrices lie in a slot: element offsets and shapes."""
+    """Where an expert's matrices lie in a slot: element offsets and shapes. With
+    ``compact`` the slot holds block-FP8 bytes and the offsets are those of the block it
+    is dequantized into (gate | up | down)."""
 
     gate: int
     up: int
     down: int
     inter: int
     hidden: int
+    compact: Fp8Slot | None = None
 
     @property
     def fused(self) -> bool:  # gate then up, end to end: one [2I, H] matrix
@@ -55,16 +100,24 @@ class BatchedParts:
 
 
 def groupable(fmt: ExpertFormat) -> bool:
-    """Whether experts of ``fmt`` are plain matrices a grouped GEMM can take."""
-    return not fmt.compact and fmt.kind in (SWIGLU, GEGLU) and not fmt.biased
+    """Whether experts of ``fmt`` are matrices a grouped GEMM can take (block FP8 once
+    dequantized)."""
+    return fmt.quant in (None, FP8) and fmt.kind in (SWIGLU, GEGLU) and not fmt.biased
 
 
 def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> BatchedParts | None:
     """The offsets of gate [I, H], up [I, H] and down [H, I] in a packed slot of ``numel``
-    elements, or None where the format's matrices are not plain contiguous views of it."""
+    elements, or None where the format's matrices are not plain contiguous views of it.
+    Block FP8: where its parts lie in the slot's bytes, and the dequantized block's offsets."""
     if not groupable(fmt):
         return None
     flat = torch.empty(numel, dtype=dtype, device="meta")
+    if fmt.quant == FP8:
+        parts = views(flat)
+        starts = tuple(p.storage_offset() * p.element_size() for p in parts)
+        slot = Fp8Slot(starts, tuple(tuple(p.shape) for p in parts), fmt.block)
+        inter, hidden = slot.shapes[0]
+        return BatchedParts(0, inter * hidden, 2 * inter * hidden, inter, hidden, slot)
     try:
         gate, up, down, bias = fmt.canonical(views(flat))
     except (RuntimeError, ValueError):
@@ -97,22 +150,85 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def call_ops(fmt: ExpertFormat, fused: bool, whole_layer: bool = False) -> int:
+def tiny_fp8_slot(n: int, tiles: bool, edge: int = 4) -> Fp8Slot:
+    """A block-FP8 expert of hidden = intermediate = ``n`` with ``edge`` x ``edge`` scale
+    blocks that tile its matrices, or one less that do not (``tiles``): what counting the
+    dequantization's ops and bytes needs."""
+    block = (edge, edge) if tiles else (edge - 1, edge - 1)
+    grid = (-(-n // block[0]), -(-n // block[1]))
+    shapes = ((n, n), grid) * 3
+    sizes = [math.prod(s) * (1 if j % 2 == 0 else 4) for j, s in enumerate(shapes)]
+    return Fp8Slot(tuple(sum(sizes[:j]) for j in range(6)), shapes, block)
+
+
+def dequant_chunk(top_k: int) -> int:
+    """The most block-FP8 slots one grouped call dequantizes at once: a decoding step's
+    experts (top-k) twice over. A verification pass or a prefill that uses more experts
+    makes several calls, so that the scratch memory stays what the plan reserves."""
+    return 2 * top_k
+
+
+def dequant_scratch_bytes(fmt: ExpertFormat, hidden: int, inter: int, top_k: int, elem: int) -> int:
+    """Device memory one grouped call over block-FP8 slots takes besides the slots: the
+    gathered slots (their stored bytes), the dequantized block (``elem`` a weight) and one
+    matrix of each widened to float32 at a time; 0 for other formats."""
+    if fmt.quant != FP8:
+        return 0
+    stored = fmt.nbytes(hidden, inter, torch.bfloat16)
+    return dequant_chunk(top_k) * (stored + 3 * hidden * inter * elem + hidden * inter * 4)
+
+
+def gathered(at: BatchedParts, block: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The slots ``cols`` of ``block`` as the grouped products take them: dequantized
+    (block FP8: real work on the device) or converted to ``dtype``."""
+    rows = block.index_select(0, cols)
+    return at.compact.dequantize(rows, dtype) if at.compact is not None else rows.to(dtype)
+
+
+def dequant_traffic(fmt: ExpertFormat, dtype: torch.dtype, tiles: bool = True) -> float:
+    """Bytes of device memory traffic per weight that gathering a layer's block-FP8 slots and
+    dequantizing them into ``dtype`` moves (every operand and result of those ops, counted
+    on a slot of 64 x 64 matrices in 16 x 16 blocks: about 0.06 bytes of it the scales');
+    0 for formats computed from their slots as they are. The grouped product then reads the
+    dequantized weights again: ``dtype``'s size a weight, which the caller adds."""
+    from moespeq_cli.runtime.executors.opcount import OpCounter
+
+    if fmt.quant != FP8:
+        return 0.0
+    n = 64
+    slot = tiny_fp8_slot(n, tiles, 16)
+    at = BatchedParts(0, n * n, 2 * n * n, n, n, slot)
+    block = torch.zeros(2, slot.starts[-1] + 4 * math.prod(slot.shapes[-1]), dtype=torch.uint8)
+    cols = torch.tensor([0, 1])
+    with torch.inference_mode(), OpCounter(count_bytes=True) as counter:
+        gathered(at, block, cols, dtype)
+    return counter.bytes / (2 * 3 * n * n)
+
+
+def call_ops(fmt: ExpertFormat, fused: bool, whole_layer: bool = False, tiles: bool = True) -> int:
     """The ops one grouped call dispatches (its tokens' rows gathered, the grouped
-    products, the activation), counted on a tiny block of the same arrangement;
-    ``whole_layer``: with the layout's copy to the device and the outputs' weighted sum
-    (a layer computed in one call)."""
+    products, the activation; block FP8: the slots gathered and dequantized, ``tiles``
+    saying which way), counted on a tiny block of the same arrangement; ``whole_layer``:
+    with the layout's copy to the device and the outputs' weighted sum (a layer computed
+    in one call)."""
     from moespeq_cli.runtime.executors.opcount import count_ops
 
     n = 16
-    at = BatchedParts(0, n * n, 2 * n * n, n, n) if fused else BatchedParts(0, 2 * n * n, n * n, n, n)
-    block, x, weights = torch.zeros(2, 3 * n * n), torch.zeros(1, n), torch.ones(1, 2)
-    layout = plan_layout({0: ([0], [0]), 1: ([0], [1])}, [[0, 1]], {0: (0, 0), 1: (0, 1)}, [], 1, 2, False)
+    if fmt.quant == FP8:
+        slot = tiny_fp8_slot(n, tiles)
+        at = BatchedParts(0, n * n, 2 * n * n, n, n, slot)
+        block = torch.zeros(2, slot.starts[-1] + 4 * math.prod(slot.shapes[-1]), dtype=torch.uint8)
+    else:
+        at = BatchedParts(0, n * n, 2 * n * n, n, n) if fused else BatchedParts(0, 2 * n * n, n * n, n, n)
+        block = torch.zeros(2, 3 * n * n)
+    x, weights = torch.zeros(1, n), torch.ones(1, 2)
+    gather = at.compact is not None
+    layout = plan_layout({0: ([0], [0]), 1: ([0], [1])}, [[0, 1]], {0: (0, 0), 1: (0, 1)}, [], 1, 2, gather)
     host = torch.tensor(layout.values, dtype=torch.int32)
 
     def layer():
         meta = host.clone() if whole_layer else host  # the copy to the device
-        outs = run_phase(fmt, at, [block], layout, meta, x, 0, None)
+        outs = run_phase(fmt, at, [block], layout, meta, x, 0, lambda b, cols: gathered(at, b, cols, x.dtype))
         return combine(layout, meta, outs, weights, x.dtype) if whole_layer else outs
 
     return count_ops(layer)[1].ops
@@ -170,21 +286,29 @@ def plan_layout(
     tokens: int,
     k: int,
     gather: bool,
+    max_cols: int | None = None,
 ) -> Layout:
     """``groups``: expert -> (token rows, top-k slots), ascending; ``phases``: the device
     experts computed together, in turn (those ready, then those copied meanwhile);
     ``where``: device expert -> (block, slot in it); ``host_experts``: experts whose
     outputs come from elsewhere (after the device's, ascending). ``gather``: the used slots
-    are gathered (and widened) first, so a call's columns are those slots, not all."""
+    are gathered (and widened) first, so a call's columns are those slots, not all;
+    ``max_cols``: at most that many a call (what dequantized slots may take at once)."""
     values: list[int] = []
     calls = []
     pos: dict[int, int] = {}  # expert -> its first output row
     p = 0
+    step = max_cols if gather and max_cols else None
     for phase, experts in enumerate(phases):
         by_block: dict[int, list[int]] = {}
         for e in sorted(experts, key=lambda e: where[e]):
             by_block.setdefault(where[e][0], []).append(e)
-        for b, chosen in sorted(by_block.items()):
+        pieces = [
+            (b, chosen[i : i + (step or len(chosen))])
+            for b, chosen in sorted(by_block.items())
+            for i in range(0, len(chosen), step or len(chosen))
+        ]
+        for b, chosen in pieces:
             rows_at = len(values)
             for e in chosen:
                 pos[e] = p
@@ -239,7 +363,7 @@ def run_phase(
         if ph != phase:
             continue
         block = blocks[b]
-        if block.dtype != x.dtype:
+        if block.dtype != x.dtype:  # gathered first (the layout lists the used slots)
             block = gather(block, meta[cols_at : cols_at + cols_n])
         else:
             block = block[first : first + cols_n]

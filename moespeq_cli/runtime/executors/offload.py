@@ -21,7 +21,17 @@ import torch
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
-from moespeq_cli.runtime.executors.grouped import batched_parts, call_ops, combine, plan_layout, run_phase, supported
+from moespeq_cli.runtime.executors.grouped import (
+    batched_parts,
+    call_ops,
+    combine,
+    dequant_chunk,
+    dequant_traffic,
+    gathered,
+    plan_layout,
+    run_phase,
+    supported,
+)
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import (
     Cost,
@@ -80,12 +90,16 @@ class OffloadedExperts:
             expert_forward(fmt, x, parts)
         self.expert_ops = counter.ops
         self.grouped = None  # where an expert's matrices lie in a device slot, when computed together
+        self.grouped_elem = self.expert_elem  # bytes a weight a grouped computation moves
         layout = self.cache.layout
         if grouped and not layout.stride:
             at = batched_parts(fmt, layout.views, layout.numel, layout.dtype)
             if at is not None and supported(backend.device, compute_dtype or act_dtype):
                 self.grouped = at
-                self.grouped_call_ops = call_ops(fmt, at.fused)
+                tiles = at.compact is None or at.compact.tiles
+                self.grouped_call_ops = call_ops(fmt, at.fused, tiles=tiles)
+                if at.compact is not None:  # the dequantization's traffic, then the product reads its result
+                    self.grouped_elem = dequant_traffic(fmt, act_dtype, tiles) + elem_size(act_dtype)
         self.grouped_kernel = "grouped:" + dtype_name(act_dtype)
         layers = sorted(model.moe_blocks)
         self.next_moe = {a: b for a, b in zip(layers, layers[1:], strict=False)}
@@ -190,19 +204,24 @@ class OffloadedExperts:
             issued.add(e)
         device = ready + waiting
         where = {e: self.block_row(cache.slot_of[(layer, e)]) for e in device}
-        gather = cache.layout.dtype != x.dtype  # the mock's float32 numerics: used slots widened first
+        # the used slots gathered first: block FP8 to be dequantized, or the mock's float32
+        # numerics of a bf16 GPU's weights
+        gather = cache.layout.dtype != x.dtype
         # the ready experts go first, apart, when their call would end before the misses
         # land (it then hides behind the copies); otherwise one call after the copies is
         # cheaper than two
         landing = max((cache.arrival[(layer, e)].time for e in waiting), default=0.0) - b.now_event_time()
         split = bool(ready and waiting) and landing > self.grouped_call_ops * b.hw.launch_overhead
         phases = [ready, waiting] if split else [ready + waiting]
-        layout = plan_layout(groups, phases, where, sorted(host_jobs), x.shape[0], weights.shape[1], gather)
+        chunk = dequant_chunk(self.tiers.config.top_k) if self.grouped.compact is not None else None
+        layout = plan_layout(groups, phases, where, sorted(host_jobs), x.shape[0], weights.shape[1], gather, chunk)
         meta = b.upload(layout.values)
 
         def widened(block, cols):
+            if self.grouped.compact is not None:  # dequantizing is work on the GPU too
+                return gathered(self.grouped, block, cols, x.dtype)
             with b.uncounted():  # a GPU computes in the weights' dtype: no such copy there
-                return block.index_select(0, cols).to(x.dtype)
+                return gathered(self.grouped, block, cols, x.dtype)
 
         outs = []
         for phase, experts in enumerate(phases):
@@ -226,10 +245,11 @@ class OffloadedExperts:
         return out
 
     def grouped_cost(self, tokens: int) -> Cost:
-        """An expert's work within a grouped computation: its weights and tokens, priced by
-        the grouped kernel's curve where the profile has one (else the roofline); the
-        launches are the grouped call's, counted once for all."""
-        return expert_cost(self.hidden, self.inter, tokens, self.expert_elem, self.grouped_kernel, 0)
+        """An expert's work within a grouped computation: its weights and tokens (block FP8:
+        the bytes dequantizing them moves, counted, and the product's read of the result),
+        priced by the grouped kernel's curve where the profile has one (else the roofline);
+        the launches are the grouped call's, counted once for all."""
+        return expert_cost(self.hidden, self.inter, tokens, self.grouped_elem, self.grouped_kernel, 0)
 
     def block_row(self, slot: int) -> tuple[int, int]:
         """A slot's (block, row in the block): the cache grows by whole blocks."""

@@ -12,6 +12,10 @@ and is counted as
   tensor) is a launch;
 - and, when it brings a value back to the host (``item``), also a **sync**.
 
+With ``count_bytes`` it also adds up the **bytes** each launch reads and writes (its
+tensor operands and results, as large as they are): the memory traffic of elementwise
+work such as dequantizing weights, which a matmul's roofline does not see.
+
 The counter sees the ops the Python code calls (``aten.linear``, not the ``addmm`` inside
 it): one launch each, which is what an eager GPU run launches per call site too.
 """
@@ -21,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNC_OPS = {"aten.item.default", "aten._local_scalar_dense.default"}
+# reads of a value to the host: ``item()``, ``int()``/``float()`` of a tensor, and ``bool()`` (is_nonzero)
+SYNC_OPS = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"}
 METADATA_OPS = {"aten.detach_.default"}  # in place on a tensor's metadata: nothing launched
 
 
@@ -33,9 +38,11 @@ class OpCounter(TorchDispatchMode):
     work in float32 on the CPU: its casts would not run on the GPU). While ``paused`` (the
     mock's own bookkeeping: its copies, its reads) ops are counted apart as ``internal``."""
 
-    def __init__(self, skip_casts: bool = False):
+    def __init__(self, skip_casts: bool = False, count_bytes: bool = False):
         super().__init__()
         self.skip_casts = skip_casts
+        self.count_bytes = count_bytes
+        self.bytes = 0
         self.ops = 0
         self.views = 0
         self.syncs = 0
@@ -63,7 +70,18 @@ class OpCounter(TorchDispatchMode):
             self.ops += 1
             if name in SYNC_OPS:
                 self.syncs += 1
+            if self.count_bytes and not name.startswith("aten.empty"):  # allocating moves nothing
+                # operands read, results written (an ``out=`` tensor is the result: once; an
+                # in-place op's operand is read and written: twice)
+                written = 0 if "out" in (kwargs or {}) else _nbytes(out)
+                self.bytes += _nbytes(args) + _nbytes(kwargs) + written
         return out
+
+
+def _nbytes(tree) -> int:
+    from torch.utils._pytree import tree_leaves
+
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
 def _changes_dtype(out, args) -> bool:

@@ -48,7 +48,8 @@ import torch
 from moespeq_cli.errors import UsageError
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
-from moespeq_cli.runtime.executors.grouped import call_ops, groupable
+from moespeq_cli.models.expert_format import fp8_tiles
+from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
@@ -94,11 +95,13 @@ class StepModel:
         self.counted = True  # False: the charges' op estimates, not a count on the meta device (fast)
         # a GPU computes a layer's experts in one grouped call (executors/grouped.py): its
         # launches per layer, counted (as unfused gate and up: at most one op too many)
-        self.grouped_ops = (
-            call_ops(cfg.expert_format, False, True)
-            if hw.kind == "gpu" and groupable(cfg.expert_format) and hasattr(torch, "_grouped_mm")
-            else None
-        )
+        fmt = cfg.expert_format
+        tiles = all(fp8_tiles(s, fmt.block) for s in fmt.matrix_shapes(cfg.hidden_size, cfg.expert_intermediate))
+        grouped = hw.kind == "gpu" and groupable(fmt) and hasattr(torch, "_grouped_mm")
+        self.grouped_ops = call_ops(fmt, False, True, tiles) if grouped else None
+        # bytes a weight an expert's computation on the device moves: block FP8 computed
+        # together is dequantized first (executors/grouped.py), then read as ``dtype``
+        self.device_elem = self.elem + (dequant_traffic(fmt, dtype, tiles) if grouped else 0.0)
 
     def for_plan(self, plan: Plan) -> StepModel:
         """This model with ``plan``'s disk tier priced in (module docstring)."""
@@ -151,7 +154,7 @@ class StepModel:
     def t_dev(self, tokens: float = 1, elem: float | None = None) -> float:
         """One expert on the device: its work, and its own launches unless the layer's
         experts are computed together (their launches are then the pass's)."""
-        return self.expert_cost(tokens, elem or self.elem).seconds(
+        return self.expert_cost(tokens, elem or self.device_elem).seconds(
             self.hw, ops=0 if self.grouped_ops is not None else None
         )
 

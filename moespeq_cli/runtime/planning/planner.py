@@ -34,6 +34,7 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.models import build_model
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
+from moespeq_cli.runtime.executors.grouped import dequant_scratch_bytes
 from moespeq_cli.runtime.planning.costs import elem_size
 from moespeq_cli.runtime.planning.hardware import format_size
 from moespeq_cli.runtime.tiers.disk import ram_slot_bytes
@@ -210,6 +211,8 @@ def make_plan(
         ]
     )
     workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
+    # block-FP8 experts are dequantized on the device a few at a time (executors/grouped.py)
+    workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
     expert = cfg.expert_bytes(elem)
     ram_slot = ram_slot_bytes(expert)
     total = cfg.num_experts * len(cfg.moe_layers)
