@@ -255,7 +255,7 @@ def plan_moespeq(
     if plain.tokens_per_s > spec.tokens_per_s:
         with_draft.note = (
             f"{with_draft.note + '; ' if with_draft.note else ''}by this model speculation does not pay for the "
-            f"draft's memory here ({spec.tokens_per_s:.3g} vs {plain.tokens_per_s:.3g} tok/s at acceptance "
+            f"draft's memory here ({rate(spec.tokens_per_s)} vs {rate(plain.tokens_per_s)} tok/s at acceptance "
             f"{acceptance}): expect the governor to release the draft and decode with k = 0 and "
             f"{released.slots} slots"
         )
@@ -284,9 +284,14 @@ def speculation_cannot_pay(step: StepModel, with_draft: Plan, released: Plan, k_
     released.note = (
         f"speculation off: the 4-bit draft's memory holds {released.slots - with_draft.slots} more full-precision "
         f"experts, which by the cost model beats speculating even if every drafted token were accepted "
-        f"({plain:.3g} vs at most {bound:.3g} tok/s on {step.hw.name}); --spec-depth N keeps the draft"
+        f"({rate(plain)} vs at most {rate(bound)} tok/s on {step.hw.name}); --spec-depth N keeps the draft"
     )
     return released
+
+
+def rate(tokens_per_s: float) -> str:
+    """A rate as people read it: three significant figures, never an exponent (1790, 7.81, 0.54)."""
+    return f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
 
 
 def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int, grouped: bool = False) -> int | None:
