@@ -203,12 +203,25 @@ def gpt_oss_experts(alpha: float, limit: float, quant: str | None = None) -> Exp
     return ExpertFormat(names, "model.layers.{layer}.mlp.experts.", GPT_OSS, alpha, limit, quant=quant)
 
 
+_FP4_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def fp4_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The e2m1 values as a tensor on ``device``, made once: built from a Python list each
+    call it was a blocking copy to a GPU (a host sync) for every expert dequantized."""
+    key = (dtype, device)
+    if key not in _FP4_TABLES:
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            _FP4_TABLES[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return _FP4_TABLES[key]
+
+
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """MXFP4 ``blocks [out, G, 16]`` (two e2m1 codes a byte, the low nibble first) and
     ``scales [out, G]`` (e8m0: a power of two, biased by 127) -> ``[out, 32 G]`` of
     ``dtype``: each code's value times its block's scale, exactly (both are powers of two
     times a 2-bit mantissa)."""
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    lut = fp4_table(dtype, blocks.device)
     codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [out, G, 32]
     values = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127)[..., None])
     return values.flatten(-2)
