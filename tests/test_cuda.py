@@ -150,12 +150,12 @@ def test_cuda_fp8_slots_dequantized_together(tiny, tmp_path):
     checkpoint's FP8 copy takes that path and decodes."""
     from tiny_models import fp8_copies
 
-    from moespeq_cli.models.expert_format import fp8_dequantize
-    from moespeq_cli.runtime.executors.grouped import tiny_fp8_slot
+    from moespeq_cli.models.expert_format import HF_EXPERTS, fp8_dequantize, fp8_experts
+    from moespeq_cli.runtime.executors.grouped import tiny_slot
 
     for tiles in (True, False):
-        slot = tiny_fp8_slot(64, tiles, 16)
-        nbytes = slot.starts[-1] + 4 * (-(-64 // slot.block[0])) ** 2
+        at, block = tiny_slot(fp8_experts(HF_EXPERTS, (128, 128)), 64, tiles, 16)
+        slot, nbytes = at.compact, block.shape[1]
         slots = torch.randint(0, 120, (5, nbytes), dtype=torch.uint8, device="cuda")  # finite e4m3 codes
         for j in (1, 3, 5):  # scales: positive floats
             n = 4 * (-(-64 // slot.block[0])) ** 2
@@ -163,17 +163,31 @@ def test_cuda_fp8_slots_dequantized_together(tiny, tmp_path):
                 torch.rand(5, n // 4, device="cuda").view(torch.uint8).view(5, n)
             )
         got = slot.dequantize(slots, torch.bfloat16)
-        for j, at in zip((0, 2, 4), (0, 4096, 8192), strict=True):
+        for j, pos in zip((0, 2, 4), (0, 4096, 8192), strict=True):
             want = fp8_dequantize(
                 slot.part(slots, j, torch.float8_e4m3fn),
                 slot.part(slots, j + 1, torch.float32),
                 slot.block,
                 torch.bfloat16,
             )
-            assert torch.equal(got[:, at : at + 4096].view(5, 64, 64), want)
+            assert torch.equal(got[:, pos : pos + 4096].view(5, 64, 64), want)
     if torch.cuda.get_device_capability()[0] not in (9, 10):
         pytest.skip("no grouped GEMM kernel on this GPU: FP8 experts are computed one by one")
     src, _ = tiny("deepseek_v3", "v3", dtype=torch.bfloat16)
     path, _ = fp8_copies(src, tmp_path)
     got, eng = run_engine(path, list(range(3, 24)), 16, backend="cuda", policy="lru", slots=6)
     assert eng.target_exec.grouped.compact is not None and len(got) == 16
+
+
+def test_cuda_gpt_oss_experts_grouped(tiny, tmp_path):
+    """gpt-oss's experts, bf16 and MXFP4, computed a layer at a time on a GPU with a
+    grouped GEMM kernel (each row's biases from its slot, found on the device)."""
+    from tiny_models import mxfp4_copy
+
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("no grouped GEMM kernel on this GPU: gpt-oss's experts are computed one by one")
+    src, _ = tiny("gpt_oss", "mx", dtype=torch.bfloat16)
+    for path in (src, mxfp4_copy(src, tmp_path / "mx")):
+        got, eng = run_engine(path, list(range(3, 24)), 16, backend="cuda", policy="lru", slots=4)
+        at = eng.target_exec.grouped
+        assert at is not None and at.biases is not None and len(got) == 16

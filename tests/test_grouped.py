@@ -162,3 +162,23 @@ def test_at_most_40_ops_per_moe_layer_whatever_top_k(tiny, policy, depth):
     assert max(per_layer.values()) <= 40, per_layer
     mixtral = [per_layer[("mixtral", v)] for v in ("top1", "top3")]
     assert abs(mixtral[0] - mixtral[1]) <= 3, per_layer  # top-3 costs no more launches than top-1
+
+
+@pytest.mark.parametrize("variant", ["alternating", "mx"])
+def test_gpt_oss_experts_grouped_with_their_biases(tiny, variant):
+    """gpt-oss's experts (stored [in, out], gate and up interleaved, biased, a clamped
+    SwiGLU) computed a layer at a time on the mock: each row gets its slot's biases (found
+    on the device), and the tokens are the CPU's."""
+    from offload_helpers import run_engine
+
+    from moespeq_cli.models.checkpoint import Checkpoint
+
+    path, _ = tiny("gpt_oss", variant)
+    c = Checkpoint(path).config
+    prompt = prompt_for(3, 9)
+    expected, _ = run_engine(path, prompt, 20, backend="cpu")
+    for policy in ("lru", "gate-prefetch"):
+        got, eng = run_engine(path, prompt, 20, backend="mock", policy=policy, slots=c.top_k + 2)
+        at = eng.target_exec.grouped
+        assert at is not None and at.biases is not None and at.in_out
+        assert got == expected, policy

@@ -121,3 +121,25 @@ def test_biases_in_another_dtype_than_the_config_are_refused(mx, tmp_path):
     bad = edited_copy(path, tmp_path / "bad", tensors=lambda t: retyped(t, name, torch.bfloat16))
     with pytest.raises(CheckpointError, match="gate_up_proj_bias .* store it as F32"):
         ExpertStore(Checkpoint(bad), torch.float32)
+
+
+@pytest.mark.parametrize("policy", ["lru", "gate-prefetch", "moespeq"])
+def test_a_layer_s_mxfp4_slots_dequantized_together_match(mx, tiny, policy):
+    """On a GPU's slots (the mock) gpt-oss's MXFP4 experts are gathered and dequantized
+    together, then computed as one grouped product with each row's biases: the CPU's
+    tokens, and about the layer's ops of the bf16 checkpoint (52.5 a layer here) plus the
+    dequantization's (82.5 expert by expert)."""
+    from test_grouped import target_ops_per_layer
+
+    from moespeq_cli.runtime.executors.grouped import Mxfp4Slot
+
+    path, _ = mx
+    c = Checkpoint(path).config
+    prompt = prompt_for(3, 9)
+    expected, _ = run_engine(path, prompt, 20, backend="cpu")
+    got, eng = run_engine(path, prompt, 20, backend="mock", policy=policy, slots=c.top_k + 2)
+    assert got == expected
+    assert isinstance(eng.target_exec.grouped.compact, Mxfp4Slot)
+    if policy == "lru":
+        plain = target_ops_per_layer(tiny("gpt_oss", "mx")[0], "lru")
+        assert target_ops_per_layer(path, "lru") <= plain + 20 < 82

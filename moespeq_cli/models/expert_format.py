@@ -222,7 +222,7 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     ``dtype``: each code's value times its block's scale, exactly (both are powers of two
     times a 2-bit mantissa)."""
     lut = fp4_table(dtype, blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [out, G, 32]
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).int()  # [out, G, 32]: int32 indices
     values = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127)[..., None])
     return values.flatten(-2)
 

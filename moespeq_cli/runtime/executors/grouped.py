@@ -26,13 +26,19 @@ once, whatever top-k is:
 About ten ops a layer for any top-k (``scripts/count_ops.py``). Every miss of the layer
 is copied before the call (``ondemand`` too: it still keeps nothing). Formats whose gate,
 up and down are plain matrices of the slot (SwiGLU and GELU experts, uncompressed) take
-this path, and so do block-FP8 experts (DeepSeek-V3, Kimi-K2, the FP8 releases of Qwen
-and GLM): the slots the layer uses, which hold the stored bytes, are gathered and
-dequantized together into one bf16 block (``Fp8Slot``: two ops a matrix for all of them,
-where expert by expert it was about seven a matrix and an expert), then computed as
-above. gpt-oss's biased MXFP4 experts, and GPUs without a grouped GEMM kernel for the
-dtype (torch's fallback reads the offsets back to the host), compute expert by expert
-(``supported``).
+this path, and so do
+
+- block-FP8 experts (DeepSeek-V3, Kimi-K2, the FP8 releases of Qwen and GLM): the slots
+  the layer uses, which hold the stored bytes, are gathered and dequantized together into
+  one block of the device's dtype (``Fp8Slot``: two ops a matrix for all of them, where
+  expert by expert it was about seven a matrix and an expert);
+- gpt-oss's experts, bf16 (used as stored, ``[in, out]``) or MXFP4 (gathered and
+  dequantized together, ``Mxfp4Slot``): gate and up interleaved, and each row's two
+  biases taken from its slot's, the slot found on the device from the offsets.
+
+At most ``dequant_chunk`` compact slots are dequantized a call (the plan reserves that
+scratch). GPUs without a grouped GEMM kernel for the dtype (torch's fallback reads the
+offsets back to the host) compute expert by expert (``supported``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,17 @@ from dataclasses import dataclass
 
 import torch
 
-from moespeq_cli.models.expert_format import FP8, GEGLU, SWIGLU, ExpertFormat, fp8_dequantize, fp8_tiles
+from moespeq_cli.models.expert_format import (
+    FP8,
+    GEGLU,
+    GPT_OSS,
+    MXFP4,
+    SWIGLU,
+    ExpertFormat,
+    fp8_dequantize,
+    fp8_tiles,
+    mxfp4_dequantize,
+)
 
 
 @dataclass(frozen=True)
@@ -81,18 +97,64 @@ class Fp8Slot:
         return raw.view(dtype).view(slots.shape[0], *self.shapes[j])
 
 
+@dataclass(frozen=True)
+class Mxfp4Slot:
+    """Where a gpt-oss MXFP4 expert's parts lie in a slot of bytes (byte offsets, shapes,
+    dtypes: gate|up blocks, scales, bias, down blocks, scales, bias). Dequantized, a slot
+    becomes gate|up ``[2I, H]`` (rows alternating gate, up), its bias ``[2I]``, down
+    ``[H, I]`` and its bias ``[H]``, end to end (``BatchedParts`` of ``canonical``)."""
+
+    starts: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+    tiles = True  # one way of dequantizing, always (``Fp8Slot.tiles``)
+
+    def dequantize(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``slots [n, bytes]`` (uint8) -> ``[n, numel]`` of ``dtype``, laid out as ``canonical``."""
+        n = slots.shape[0]
+        gu_rows, down_rows = self.shapes[0][0], self.shapes[3][0]
+        gu_n, down_n = gu_rows * self.shapes[0][1] * 32, down_rows * self.shapes[3][1] * 32
+        out = torch.empty(n, gu_n + gu_rows + down_n + down_rows, dtype=dtype, device=slots.device)
+        pos = 0
+        for j in (0, 3):  # each matrix, then its bias
+            size = gu_n if j == 0 else down_n
+            values = mxfp4_dequantize(self.part(slots, j), self.part(slots, j + 1), dtype)
+            out[:, pos : pos + size].copy_(values.view(n, -1))
+            pos += size
+            bias = self.part(slots, j + 2)
+            out[:, pos : pos + bias.shape[1]].copy_(bias)
+            pos += bias.shape[1]
+        return out
+
+    def part(self, slots: torch.Tensor, j: int) -> torch.Tensor:
+        dtype = self.dtypes[j]
+        nbytes = math.prod(self.shapes[j]) * dtype.itemsize
+        raw = slots[:, self.starts[j] : self.starts[j] + nbytes]
+        return raw.view(dtype).view(slots.shape[0], *self.shapes[j])
+
+    def canonical(self) -> BatchedParts:
+        (two_i, groups, _), hidden = self.shapes[0], self.shapes[3][0]
+        inter, gu = two_i // 2, two_i * groups * 32
+        return BatchedParts(0, inter * hidden, gu + two_i, inter, hidden, self, (gu, gu + two_i + hidden * inter))
+
+
 @dataclass
 class BatchedParts:
     """Where an expert's matrices lie in a slot: element offsets and shapes. With
-    ``compact`` the slot holds block-FP8 bytes and the offsets are those of the block it
-    is dequantized into (gate | up | down)."""
+    ``compact`` the slot holds block-FP8 or MXFP4 bytes and the offsets are those of the
+    block it is dequantized into (gate | up | down, or gpt-oss's layout). ``biases``:
+    gpt-oss's (gate|up bias [2I], down bias [H]) offsets, its gate|up matrix interleaving
+    gate and up rows; ``in_out``: the matrices are stored ``[in, out]`` (gpt-oss's bf16
+    tensors, used as they are)."""
 
     gate: int
     up: int
     down: int
     inter: int
     hidden: int
-    compact: Fp8Slot | None = None
+    compact: Fp8Slot | Mxfp4Slot | None = None
+    biases: tuple[int, int] | None = None
+    in_out: bool = False
 
     @property
     def fused(self) -> bool:  # gate then up, end to end: one [2I, H] matrix
@@ -100,9 +162,11 @@ class BatchedParts:
 
 
 def groupable(fmt: ExpertFormat) -> bool:
-    """Whether experts of ``fmt`` are matrices a grouped GEMM can take (block FP8 once
-    dequantized)."""
-    return fmt.quant in (None, FP8) and fmt.kind in (SWIGLU, GEGLU) and not fmt.biased
+    """Whether experts of ``fmt`` are matrices a grouped GEMM can take (block FP8 and
+    MXFP4 once dequantized)."""
+    if fmt.kind == GPT_OSS:
+        return fmt.quant in (None, MXFP4)
+    return fmt.quant in (None, FP8) and fmt.kind in (SWIGLU, GEGLU)
 
 
 def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> BatchedParts | None:
@@ -112,6 +176,19 @@ def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> B
     if not groupable(fmt):
         return None
     flat = torch.empty(numel, dtype=dtype, device="meta")
+    if fmt.kind == GPT_OSS:
+        parts = views(flat)
+        if fmt.quant == MXFP4:
+            starts = tuple(p.storage_offset() * p.element_size() for p in parts)
+            shapes = tuple(tuple(p.shape) for p in parts)
+            return Mxfp4Slot(starts, shapes, tuple(p.dtype for p in parts)).canonical()
+        gu, gu_bias, down, down_bias = parts  # [H, 2I], [2I], [I, H], [H]: used as stored
+        if not all(p.is_contiguous() and p.dtype == dtype for p in parts):
+            return None
+        hidden, two_i = gu.shape
+        at = (gu.storage_offset(), down.storage_offset())
+        biases = (gu_bias.storage_offset(), down_bias.storage_offset())
+        return BatchedParts(at[0], at[0] + two_i // 2 * hidden, at[1], two_i // 2, hidden, None, biases, True)
     if fmt.quant == FP8:
         parts = views(flat)
         starts = tuple(p.storage_offset() * p.element_size() for p in parts)
@@ -150,55 +227,69 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def tiny_fp8_slot(n: int, tiles: bool, edge: int = 4) -> Fp8Slot:
-    """A block-FP8 expert of hidden = intermediate = ``n`` with ``edge`` x ``edge`` scale
-    blocks that tile its matrices, or one less that do not (``tiles``): what counting the
-    dequantization's ops and bytes needs."""
-    block = (edge, edge) if tiles else (edge - 1, edge - 1)
-    grid = (-(-n // block[0]), -(-n // block[1]))
-    shapes = ((n, n), grid) * 3
-    sizes = [math.prod(s) * (1 if j % 2 == 0 else 4) for j, s in enumerate(shapes)]
-    return Fp8Slot(tuple(sum(sizes[:j]) for j in range(6)), shapes, block)
+def tiny_slot(fmt: ExpertFormat, n: int, tiles: bool = True, edge: int = 4) -> tuple[BatchedParts, torch.Tensor]:
+    """(where the parts lie, a block of two zeroed slots) for an expert of ``fmt`` with
+    hidden = intermediate = ``n`` (a multiple of 32 for MXFP4), block FP8 in ``edge`` x
+    ``edge`` blocks that tile its matrices, or one less that do not (``tiles``): what
+    counting a grouped call's ops and bytes needs."""
+    from dataclasses import replace
+
+    from moespeq_cli.models.expert_format import views_at
+
+    if fmt.quant == FP8:
+        fmt = replace(fmt, block=(edge, edge) if tiles else (edge - 1, edge - 1))
+    shapes, dtypes = fmt.shapes(n, n), fmt.part_dtypes(torch.float32)
+    sizes = [math.prod(s) * (d.itemsize if fmt.compact else 1) for s, d in zip(shapes, dtypes, strict=True)]
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    dtype = torch.uint8 if fmt.compact else torch.float32
+    at = batched_parts(
+        fmt, lambda flat: views_at(flat, starts, shapes, dtypes if fmt.compact else None), sum(sizes), dtype
+    )
+    assert at is not None, fmt
+    return at, torch.zeros(2, sum(sizes), dtype=dtype)
 
 
 def dequant_chunk(top_k: int) -> int:
-    """The most block-FP8 slots one grouped call dequantizes at once: a decoding step's
+    """The most compact slots one grouped call dequantizes at once: a decoding step's
     experts (top-k) twice over. A verification pass or a prefill that uses more experts
     makes several calls, so that the scratch memory stays what the plan reserves."""
     return 2 * top_k
 
 
 def dequant_scratch_bytes(fmt: ExpertFormat, hidden: int, inter: int, top_k: int, elem: int) -> int:
-    """Device memory one grouped call over block-FP8 slots takes besides the slots: the
-    gathered slots (their stored bytes), the dequantized block (``elem`` a weight) and one
-    matrix of each widened to float32 at a time; 0 for other formats."""
-    if fmt.quant != FP8:
+    """Device memory one grouped call over compact slots takes besides the slots: the
+    gathered slots (their stored bytes), the dequantized block (``elem`` a weight) and the
+    temporaries of its largest matrix (block FP8: a float32 copy; MXFP4: its codes, as
+    bytes and as int32 indices, and two arrays of values); 0 for formats computed as they
+    are stored."""
+    if not fmt.compact or not groupable(fmt):
         return 0
     stored = fmt.nbytes(hidden, inter, torch.bfloat16)
-    return dequant_chunk(top_k) * (stored + 3 * hidden * inter * elem + hidden * inter * 4)
+    widest = (2 if fmt.kind == GPT_OSS else 1) * hidden * inter  # the largest matrix, dequantized at once
+    temp = widest * (4 if fmt.quant == FP8 else 5 + 2 * elem)
+    block = (3 * hidden * inter + fmt.bias_numel(hidden, inter)) * elem
+    return dequant_chunk(top_k) * (stored + block + temp)
 
 
 def gathered(at: BatchedParts, block: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The slots ``cols`` of ``block`` as the grouped products take them: dequantized
-    (block FP8: real work on the device) or converted to ``dtype``."""
+    (compact: real work on the device) or converted to ``dtype``."""
     rows = block.index_select(0, cols)
     return at.compact.dequantize(rows, dtype) if at.compact is not None else rows.to(dtype)
 
 
 def dequant_traffic(fmt: ExpertFormat, dtype: torch.dtype, tiles: bool = True) -> float:
-    """Bytes of device memory traffic per weight that gathering a layer's block-FP8 slots and
-    dequantizing them into ``dtype`` moves (every operand and result of those ops, counted
-    on a slot of 64 x 64 matrices in 16 x 16 blocks: about 0.06 bytes of it the scales');
-    0 for formats computed from their slots as they are. The grouped product then reads the
+    """Bytes of device memory traffic per weight that gathering a layer's compact slots (block
+    FP8, MXFP4) and dequantizing them into ``dtype`` moves (every operand and result of
+    those ops, counted on a slot of 64 x 64 matrices, FP8 in 16 x 16 blocks: about 0.06
+    bytes of it the scales'); 0 for formats computed from their slots as they are. The grouped product then reads the
     dequantized weights again: ``dtype``'s size a weight, which the caller adds."""
     from moespeq_cli.runtime.executors.opcount import OpCounter
 
-    if fmt.quant != FP8:
+    if not fmt.compact or not groupable(fmt):
         return 0.0
     n = 64
-    slot = tiny_fp8_slot(n, tiles, 16)
-    at = BatchedParts(0, n * n, 2 * n * n, n, n, slot)
-    block = torch.zeros(2, slot.starts[-1] + 4 * math.prod(slot.shapes[-1]), dtype=torch.uint8)
+    at, block = tiny_slot(fmt, n, tiles, 16)
     cols = torch.tensor([0, 1])
     with torch.inference_mode(), OpCounter(count_bytes=True) as counter:
         gathered(at, block, cols, dtype)
@@ -213,11 +304,9 @@ def call_ops(fmt: ExpertFormat, fused: bool, whole_layer: bool = False, tiles: b
     in one call)."""
     from moespeq_cli.runtime.executors.opcount import count_ops
 
-    n = 16
-    if fmt.quant == FP8:
-        slot = tiny_fp8_slot(n, tiles)
-        at = BatchedParts(0, n * n, 2 * n * n, n, n, slot)
-        block = torch.zeros(2, slot.starts[-1] + 4 * math.prod(slot.shapes[-1]), dtype=torch.uint8)
+    n = 32
+    if fmt.compact or fmt.kind == GPT_OSS:
+        at, block = tiny_slot(fmt, n, tiles)
     else:
         at = BatchedParts(0, n * n, 2 * n * n, n, n) if fused else BatchedParts(0, 2 * n * n, n * n, n, n)
         block = torch.zeros(2, 3 * n * n)
@@ -236,13 +325,23 @@ def call_ops(fmt: ExpertFormat, fused: bool, whole_layer: bool = False, tiles: b
 
 def views_of(block: torch.Tensor, at: BatchedParts) -> tuple[torch.Tensor, ...]:
     """``block`` [n, numel] -> (gate|up [n, 2I, H], down [n, H, I]) when fused, else
-    (gate, up, down): strided views, nothing copied."""
+    (gate, up, down), and gpt-oss's two biases [n, 2I], [n, H] after them: strided views
+    ([out, in] whatever the storage), nothing copied."""
     n, stride = block.shape[0], block.stride(0)
     i, h, base = at.inter, at.hidden, block.storage_offset()
 
     def part(offset: int, rows: int, cols: int) -> torch.Tensor:
+        if at.in_out:  # stored [in, out]: the transposed view
+            return block.as_strided((n, cols, rows), (stride, rows, 1), base + offset).transpose(-2, -1)
         return block.as_strided((n, rows, cols), (stride, cols, 1), base + offset)
 
+    if at.biases is not None:
+        return (
+            part(at.gate, 2 * i, h),
+            part(at.down, h, i),
+            block.as_strided((n, 2 * i), (stride, 1), base + at.biases[0]),
+            block.as_strided((n, h), (stride, 1), base + at.biases[1]),
+        )
     if at.fused:
         return part(at.gate, 2 * i, h), part(at.down, h, i)
     return part(at.gate, i, h), part(at.up, i, h), part(at.down, h, i)
@@ -252,7 +351,13 @@ def grouped_mlp(
     fmt: ExpertFormat, x: torch.Tensor, parts: tuple[torch.Tensor, ...], offs: torch.Tensor
 ) -> torch.Tensor:
     """x [P, H], its rows slot by slot (``offs``: each slot's end row, int32) -> [P, H]:
-    each slot's rows through that slot's expert, ``down(act(gate x) * up x)``."""
+    each slot's rows through that slot's expert, ``down(act(gate x) * up x)``; gpt-oss's
+    biases (parts 3 and 4) added to each row from its slot's, gate and up interleaved."""
+    if len(parts) == 4:  # gpt-oss: each row's slot, found on the device (no host read)
+        slot = torch.searchsorted(offs, torch.arange(x.shape[0], device=x.device, dtype=offs.dtype), right=True)
+        gu = torch._grouped_mm(x, parts[0].transpose(-2, -1), offs=offs) + parts[2].index_select(0, slot)
+        y = torch._grouped_mm(fmt.activate(gu[:, 0::2], gu[:, 1::2]), parts[1].transpose(-2, -1), offs=offs)
+        return y + parts[3].index_select(0, slot)
     if len(parts) == 2:
         gu = torch._grouped_mm(x, parts[0].transpose(-2, -1), offs=offs)
         i = parts[1].shape[2]

@@ -204,7 +204,7 @@ class OffloadedExperts:
             issued.add(e)
         device = ready + waiting
         where = {e: self.block_row(cache.slot_of[(layer, e)]) for e in device}
-        # the used slots gathered first: block FP8 to be dequantized, or the mock's float32
+        # the used slots gathered first: compact ones to be dequantized, or the mock's float32
         # numerics of a bf16 GPU's weights
         gather = cache.layout.dtype != x.dtype
         # the ready experts go first, apart, when their call would end before the misses
@@ -245,7 +245,7 @@ class OffloadedExperts:
         return out
 
     def grouped_cost(self, tokens: int) -> Cost:
-        """An expert's work within a grouped computation: its weights and tokens (block FP8:
+        """An expert's work within a grouped computation: its weights and tokens (compact:
         the bytes dequantizing them moves, counted, and the product's read of the result),
         priced by the grouped kernel's curve where the profile has one (else the roofline);
         the launches are the grouped call's, counted once for all."""
