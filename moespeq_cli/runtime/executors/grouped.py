@@ -61,6 +61,13 @@ from moespeq_cli.models.expert_format import (
 )
 
 
+def slot_part(slots: torch.Tensor, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The part at byte ``start`` of every row of ``slots`` (uint8 ``[n, bytes]``, each row
+    an expert as stored), a view ``[n, *shape]`` of ``dtype``."""
+    raw = slots[:, start : start + math.prod(shape) * dtype.itemsize]
+    return raw.view(dtype).view(slots.shape[0], *shape)
+
+
 @dataclass(frozen=True)
 class Fp8Slot:
     """Where a block-FP8 expert's parts lie in a slot of bytes: each matrix's e4m3 bytes
@@ -91,10 +98,7 @@ class Fp8Slot:
         return out
 
     def part(self, slots: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
-        """Part ``j`` of every row of ``slots``, a view ``[n, *shape]`` of ``dtype``."""
-        nbytes = math.prod(self.shapes[j]) * dtype.itemsize
-        raw = slots[:, self.starts[j] : self.starts[j] + nbytes]
-        return raw.view(dtype).view(slots.shape[0], *self.shapes[j])
+        return slot_part(slots, self.starts[j], self.shapes[j], dtype)
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,7 @@ class Mxfp4Slot:
         return out
 
     def part(self, slots: torch.Tensor, j: int) -> torch.Tensor:
-        dtype = self.dtypes[j]
-        nbytes = math.prod(self.shapes[j]) * dtype.itemsize
-        raw = slots[:, self.starts[j] : self.starts[j] + nbytes]
-        return raw.view(dtype).view(slots.shape[0], *self.shapes[j])
+        return slot_part(slots, self.starts[j], self.shapes[j], self.dtypes[j])
 
     def canonical(self) -> BatchedParts:
         (two_i, groups, _), hidden = self.shapes[0], self.shapes[3][0]

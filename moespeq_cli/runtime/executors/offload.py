@@ -16,6 +16,8 @@ expert the CPU computes must be in host RAM: with a disk tier its read comes fir
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from moespeq_cli.models.base import CausalLM
@@ -218,9 +220,10 @@ class OffloadedExperts:
         meta = b.upload(layout.values)
 
         def widened(block, cols):
-            if self.grouped.compact is not None:  # dequantizing is work on the GPU too
-                return gathered(self.grouped, block, cols, x.dtype)
-            with b.uncounted():  # a GPU computes in the weights' dtype: no such copy there
+            # dequantizing is work on the GPU too; widening the mock's float32 copy of a
+            # bf16 GPU's weights is not (the GPU computes in the weights' dtype)
+            free = self.grouped.compact is None
+            with b.uncounted() if free else contextlib.nullcontext():
                 return gathered(self.grouped, block, cols, x.dtype)
 
         outs = []

@@ -104,8 +104,8 @@ class StepModel:
         tiles = all(fp8_tiles(s, fmt.block) for s in fmt.matrix_shapes(cfg.hidden_size, cfg.expert_intermediate))
         grouped = hw.kind == "gpu" and groupable(fmt) and hasattr(torch, "_grouped_mm")
         self.grouped_ops = call_ops(fmt, False, True, tiles) if grouped else None
-        # bytes a weight an expert's computation on the device moves: block FP8 computed
-        # together is dequantized first (executors/grouped.py), then read as ``dtype``
+        # bytes a weight an expert's computation on the device moves: compact experts
+        # computed together are dequantized first (executors/grouped.py), then read as ``dtype``
         self.device_elem = self.elem + (dequant_traffic(fmt, dtype, tiles) if grouped else 0.0)
 
     def for_plan(self, plan: Plan) -> StepModel:
