@@ -85,6 +85,15 @@ def check_logits(logits: torch.Tensor) -> None:
     refuse_total(float(logits_total(logits)))
 
 
+def checked_probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """``probabilities`` of ``logits`` brought to the host as float32 (sampling runs on the
+    CPU with a CPU generator: the same seed gives the same tokens on every backend),
+    checked there for NaN/inf first."""
+    host = logits.float().cpu()
+    check_logits(host)
+    return probabilities(host, p)
+
+
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """Each row's most likely token, checked: the argmaxes and the logits' total come to
     the host in one read (on a GPU, one sync a pass)."""
@@ -104,8 +113,4 @@ class Sampler:
         """logits [V] -> the next token id."""
         if self.params.greedy:
             return greedy_tokens(logits)[0]
-        # Sampled on the CPU with a CPU generator: the same seed gives the same tokens on
-        # every backend.
-        host = logits.float().cpu()
-        check_logits(host)
-        return int(torch.multinomial(probabilities(host, self.params), 1, generator=self.gen))
+        return int(torch.multinomial(checked_probabilities(logits, self.params), 1, generator=self.gen))

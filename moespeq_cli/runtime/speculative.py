@@ -27,7 +27,7 @@ import torch
 
 from moespeq_cli.models.base import CausalLM, ExpertExecutor
 from moespeq_cli.runtime.generate import TokenEvent
-from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, greedy_tokens, probabilities
+from moespeq_cli.runtime.sampling import Sampler, SamplingParams, checked_probabilities, greedy_tokens, probabilities
 
 
 class SpecHooks:
@@ -152,9 +152,7 @@ def speculative_generate(
         elif sampling.greedy:
             m, nxt = accept_greedy(vl, drafted)
         else:
-            host = vl.float().cpu()
-            check_logits(host)
-            m, nxt = accept_sampling(probabilities(host, sampling), torch.stack(qs), drafted, gen)
+            m, nxt = accept_sampling(checked_probabilities(vl, sampling), torch.stack(qs), drafted, gen)
         cache.truncate(n + m + 1)
         hooks.end_cycle(k, m)
         if k:

@@ -173,16 +173,24 @@ def groupable(fmt: ExpertFormat) -> bool:
 def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> BatchedParts | None:
     """The offsets of gate [I, H], up [I, H] and down [H, I] in a packed slot of ``numel``
     elements, or None where the format's matrices are not plain contiguous views of it.
-    Block FP8: where its parts lie in the slot's bytes, and the dequantized block's offsets."""
+    Compact formats: where their parts lie in the slot's bytes, and the offsets of the block
+    they are dequantized into."""
     if not groupable(fmt):
         return None
-    flat = torch.empty(numel, dtype=dtype, device="meta")
+    try:
+        parts = views(torch.empty(numel, dtype=dtype, device="meta"))
+    except (RuntimeError, ValueError):
+        return None
+    if fmt.compact:  # each part's byte offset and shape in the slot
+        starts = tuple(p.storage_offset() * p.element_size() for p in parts)
+        shapes = tuple(tuple(p.shape) for p in parts)
+    if fmt.quant == MXFP4:
+        return Mxfp4Slot(starts, shapes, tuple(p.dtype for p in parts)).canonical()
+    if fmt.quant == FP8:
+        slot = Fp8Slot(starts, shapes, fmt.block)
+        inter, hidden = shapes[0]
+        return BatchedParts(0, inter * hidden, 2 * inter * hidden, inter, hidden, slot)
     if fmt.kind == GPT_OSS:
-        parts = views(flat)
-        if fmt.quant == MXFP4:
-            starts = tuple(p.storage_offset() * p.element_size() for p in parts)
-            shapes = tuple(tuple(p.shape) for p in parts)
-            return Mxfp4Slot(starts, shapes, tuple(p.dtype for p in parts)).canonical()
         gu, gu_bias, down, down_bias = parts  # [H, 2I], [2I], [I, H], [H]: used as stored
         if not all(p.is_contiguous() and p.dtype == dtype for p in parts):
             return None
@@ -190,14 +198,8 @@ def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> B
         at = (gu.storage_offset(), down.storage_offset())
         biases = (gu_bias.storage_offset(), down_bias.storage_offset())
         return BatchedParts(at[0], at[0] + two_i // 2 * hidden, at[1], two_i // 2, hidden, None, biases, True)
-    if fmt.quant == FP8:
-        parts = views(flat)
-        starts = tuple(p.storage_offset() * p.element_size() for p in parts)
-        slot = Fp8Slot(starts, tuple(tuple(p.shape) for p in parts), fmt.block)
-        inter, hidden = slot.shapes[0]
-        return BatchedParts(0, inter * hidden, 2 * inter * hidden, inter, hidden, slot)
     try:
-        gate, up, down, bias = fmt.canonical(views(flat))
+        gate, up, down, bias = fmt.canonical(parts)
     except (RuntimeError, ValueError):
         return None
     if bias is not None or not all(t.is_contiguous() and t.dtype == dtype for t in (gate, up, down)):
@@ -280,11 +282,12 @@ def gathered(at: BatchedParts, block: torch.Tensor, cols: torch.Tensor, dtype: t
 
 
 def dequant_traffic(fmt: ExpertFormat, dtype: torch.dtype, tiles: bool = True) -> float:
-    """Bytes of device memory traffic per weight that gathering a layer's compact slots (block
-    FP8, MXFP4) and dequantizing them into ``dtype`` moves (every operand and result of
-    those ops, counted on a slot of 64 x 64 matrices, FP8 in 16 x 16 blocks: about 0.06
-    bytes of it the scales'); 0 for formats computed from their slots as they are. The grouped product then reads the
-    dequantized weights again: ``dtype``'s size a weight, which the caller adds."""
+    """Bytes of device memory traffic per weight that gathering a layer's compact slots
+    (block FP8, MXFP4) and dequantizing them into ``dtype`` moves (every operand and result
+    of those ops, counted on a slot of 64 x 64 matrices, FP8 in 16 x 16 blocks: about 0.06
+    bytes of it the scales'); 0 for formats computed from their slots as they are. The
+    grouped product then reads the dequantized weights again: ``dtype``'s size a weight,
+    which the caller adds."""
     from moespeq_cli.runtime.executors.opcount import OpCounter
 
     if not fmt.compact or not groupable(fmt):

@@ -211,7 +211,7 @@ def make_plan(
         ]
     )
     workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
-    # block-FP8 experts are dequantized on the device a few at a time (executors/grouped.py)
+    # compact experts (block FP8, MXFP4) are dequantized on the device a few at a time (executors/grouped.py)
     workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
     expert = cfg.expert_bytes(elem)
     ram_slot = ram_slot_bytes(expert)

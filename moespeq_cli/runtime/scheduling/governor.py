@@ -60,8 +60,8 @@ def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
 
 @dataclass
 class Sums:
-    """Compute, stall and misses summed over k = 0 cycles, and the cycles, discounted
-    (``fade``) as later cycles come."""
+    """Compute, stall and misses summed over k = 0 cycles, and the cycles; ``fade``
+    discounts them as later cycles come."""
 
     compute: float = 0.0
     stall: float = 0.0
@@ -80,22 +80,16 @@ class Sums:
 
 @dataclass
 class Arm:
-    """k = 0 cycles of one prefetch arm: sums over all of them, the same sums discounted
-    by the k = 0 cycles run since (``recent``, for ``GovernorState.arm_time``), and the
-    cycle time's moving average."""
+    """k = 0 cycles of one prefetch arm: sums over all of them (``total``), the same sums
+    discounted by the k = 0 cycles run since (``recent``, for ``GovernorState.arm_time``),
+    and the cycle time's moving average."""
 
-    compute: float = 0.0
-    stall: float = 0.0
-    misses: float = 0.0
-    cycles: int = 0
-    time_ema: float | None = None  # compute + stall
+    total: Sums = field(default_factory=Sums)
     recent: Sums = field(default_factory=Sums)
+    time_ema: float | None = None  # compute + stall
 
     def add(self, compute: float, stall: float, misses: int, ema: Callable) -> None:
-        self.compute += compute
-        self.stall += stall
-        self.misses += misses
-        self.cycles += 1
+        self.total.add(compute, stall, misses)
         self.recent.add(compute, stall, misses)
         self.time_ema = ema(self.time_ema, compute + stall)
 
@@ -293,10 +287,10 @@ class GovernorState:
         if not self.spare_slots or not self.arms or not self.total_experts:
             return None
         now, then = self.misses_per_token()
-        cycles = sum(a.cycles for a in self.arms.values())
-        measured = sum(a.misses for a in self.arms.values())
+        cycles = sum(a.total.cycles for a in self.arms.values())
+        measured = sum(a.total.misses for a in self.arms.values())
         scale = (measured + self.model_cycles * now) / ((cycles + self.model_cycles) * now) if now > 0 else 1.0
-        arm = self.arms[self.faster_arm()]
+        arm = self.arms[self.faster_arm()].total
         time = (arm.compute + arm.stall) / arm.cycles
         per_miss = arm.stall / arm.misses if arm.misses else 0.0
         return 1.0 / max(time + per_miss * (then * scale - arm.misses / arm.cycles), 1e-12)
@@ -416,7 +410,7 @@ class Governor:
         ``arm_probe_every`` k = 0 cycles, the interval doubling each time: an early verdict
         that noise got wrong is corrected, at a cost that shrinks as the run goes on."""
         arms = self.state.arms
-        counts = {arm: arms[arm].cycles if arm in arms else 0 for arm in (True, False)}
+        counts = {arm: arms[arm].total.cycles if arm in arms else 0 for arm in (True, False)}
         if min(counts.values()) < self.arm_samples:
             return counts[True] <= counts[False]
         best = self.state.faster_arm()
