@@ -1,11 +1,17 @@
 """Helpers for offloading tests: budgets expressed as a number of expert slots."""
 
+from pathlib import Path
+
 import torch
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.planning.planner import checkpoint_plan
 from moespeq_cli.runtime.sampling import SamplingParams
+
+# a GPU profile whose grouped GEMM takes float32 too: the float32 tiny checkpoints take the
+# grouped path on the mock (the default profile's GPU, an RTX 3060, computes expert by expert)
+GROUPED_GPU = str(Path(__file__).with_name("grouped_gpu.yaml"))
 
 
 def vram_for_slots(path, slots: int, context: int, dtype=None) -> int:

@@ -233,6 +233,8 @@ def test_profiles_refuse_malformed_curves(tmp_path):
         "region_overhead: [1, 2]": "region_overhead",
         "region_overhead: {attention: -1}": "region_overhead",
         "disk_read_cpu: 1": "disk_read_cpu",
+        "grouped_gemm: true": "grouped_gemm",
+        "grouped_gemm: [int8]": "grouped_gemm",
     }
     for extra, word in cases.items():
         p = tmp_path / "p.yaml"
@@ -298,6 +300,7 @@ def test_cuda_runs_price_this_gpu_from_a_cached_calibration(monkeypatch):
     first = cal.cached_gpu_profile(measure=measure)
     again = cal.cached_gpu_profile(measure=measure)
     assert calls == ["NVIDIA H200"] and first == again and first.description == "NVIDIA H200 (calibrated)"
+    assert first.grouped_gemm == ("bfloat16",)  # which path the GPU takes survives the cache
     gpu["name"] = "NVIDIA GeForce RTX 4090"
     assert cal.cached_gpu_profile(measure=measure).description.startswith("NVIDIA GeForce RTX 4090")
     assert len(calls) == 2

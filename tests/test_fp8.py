@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from offload_helpers import prompt_for, run_engine, vram_for_slots
+from offload_helpers import GROUPED_GPU, prompt_for, run_engine, vram_for_slots
 from test_disk_offload import disk_run, ram_for
 from tiny_models import CLASSES, edited_copy, fp8_copies
 
@@ -78,7 +78,7 @@ def test_experts_stay_fp8_in_every_tier(fp8_ckpts):
         got, eng = disk_run(path, prompt, 16, policy, ram_for(path, total // 2))
         assert got == expected and eng.last_stats.bytes_read % stored == 0 and eng.last_stats.bytes_read > 0
     for policy in ("gate-prefetch", "moespeq", "hybrid"):  # a GPU on the mock clock: copies move FP8
-        got, eng = run_engine(path, prompt, 16, backend="mock", policy=policy, slots=c.top_k + 2)
+        got, eng = run_engine(path, prompt, 16, "mock", policy, c.top_k + 2, GROUPED_GPU)
         assert got == expected, policy
         assert eng.last_stats.bytes_h2d % stored == 0
         assert eng.target_exec.grouped.compact is not None  # a layer's slots dequantized together
@@ -215,7 +215,7 @@ def test_a_layer_s_fp8_slots_dequantized_together_match(fp8_ckpts, tiny, family,
     c = Checkpoint(path).config
     prompt = prompt_for(4, 9)
     expected, _ = run_engine(path, prompt, 24, backend="cpu")
-    got, eng = run_engine(path, prompt, 24, backend="mock", policy="lru", slots=c.top_k + 3)
+    got, eng = run_engine(path, prompt, 24, "mock", "lru", c.top_k + 3, GROUPED_GPU)
     slot = eng.target_exec.grouped.compact
     assert isinstance(slot, Fp8Slot) and slot.tiles == (family == "deepseek_v3")
     assert got == expected
@@ -242,7 +242,7 @@ def test_dequantizing_on_the_device_is_priced_by_the_bytes_it_moves():
 def test_the_mock_charges_fp8_experts_their_dequantization(fp8_ckpts):
     path, _ = fp8_ckpts("deepseek_v3", "v3")
     c = Checkpoint(path).config
-    _, eng = run_engine(path, prompt_for(5, 6), 4, backend="mock", policy="lru", slots=c.top_k + 2)
+    _, eng = run_engine(path, prompt_for(5, 6), 4, "mock", "lru", c.top_k + 2, GROUPED_GPU)
     ex = eng.target_exec
     assert c.dtype == torch.float32  # so: gathered 2, widened 5, scaled 8, read by the product 4
     assert ex.grouped_elem == pytest.approx(19, abs=0.5) and ex.expert_elem < 1.1
@@ -266,7 +266,7 @@ def test_many_experts_are_dequantized_a_few_at_a_time(fp8_ckpts, monkeypatch):
         return real(self, slots, dtype)
 
     monkeypatch.setattr(g.Fp8Slot, "dequantize", watched)
-    got, eng = run_engine(path, prompt, 6, backend="mock", policy="lru", slots=c.num_experts)
+    got, eng = run_engine(path, prompt, 6, "mock", "lru", c.num_experts, GROUPED_GPU)
     assert got == expected
     assert max(seen) == g.dequant_chunk(c.top_k) < c.num_experts  # the prefill's calls were cut
     assert eng.plan.workspace_bytes >= g.dequant_scratch_bytes(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from offload_helpers import prompt_for
+from offload_helpers import GROUPED_GPU, prompt_for
 
 from moespeq_cli.models.expert_format import SWIGLU, ExpertFormat
 from moespeq_cli.runtime.engine import Engine, EngineOptions
@@ -132,10 +132,10 @@ def test_ops_do_not_grow_with_top_k():
     assert counts[0] == counts[1] <= 10, counts
 
 
-def target_ops_per_layer(path, policy: str, depth="auto", tokens: int = 6) -> float:
+def target_ops_per_layer(path, policy: str, depth="auto", tokens: int = 6, hardware=GROUPED_GPU) -> float:
     """Ops the target's passes dispatched per MoE layer per pass on the mock (the draft's
     passes apart), from the mock's charges: every op is charged once."""
-    eng = Engine(path, EngineOptions(backend="mock", hardware="rtx3060-12gb", policy=policy, spec_depth=depth))
+    eng = Engine(path, EngineOptions(backend="mock", hardware=hardware, policy=policy, spec_depth=depth))
     prompt = prompt_for(11, 6)
     eng.load(len(prompt) + tokens + 8)
     try:
@@ -178,7 +178,42 @@ def test_gpt_oss_experts_grouped_with_their_biases(tiny, variant):
     prompt = prompt_for(3, 9)
     expected, _ = run_engine(path, prompt, 20, backend="cpu")
     for policy in ("lru", "gate-prefetch"):
-        got, eng = run_engine(path, prompt, 20, backend="mock", policy=policy, slots=c.top_k + 2)
+        got, eng = run_engine(path, prompt, 20, "mock", policy, c.top_k + 2, GROUPED_GPU)
         at = eng.target_exec.grouped
         assert at is not None and at.biases is not None and at.in_out
         assert got == expected, policy
+
+
+@pytest.mark.parametrize(
+    "hardware,dtype,groups",
+    [
+        ("rtx3060-12gb", "bfloat16", False),  # Ada: torch's grouped GEMM falls back to a product per group
+        ("h100-pcie", None, False),  # the checkpoint is float32: Hopper's kernel is bf16 only
+        ("h100-pcie", "bfloat16", True),
+        ("laptop-8gb", "bfloat16", False),
+    ],
+)
+def test_the_mock_groups_a_layer_s_experts_only_where_the_gpu_would(tiny, hardware, dtype, groups):
+    """The cuda backend computes a layer's experts in one grouped call only where torch has
+    a real kernel for it (``supported``: bf16 on Hopper and Blackwell); a profile records
+    that (``grouped_gemm``), and the mock and the plan's step model follow it: the same
+    path, the same launches priced, as the GPU the profile describes."""
+    from moespeq_cli.models import build_model
+    from moespeq_cli.runtime.planning.estimate import StepModel
+
+    path, _ = tiny("mixtral", "gqa")
+    eng = Engine(path, EngineOptions(backend="mock", hardware=hardware, policy="lru", dtype=dtype))
+    prompt = prompt_for(5, 6)
+    eng.load(len(prompt) + 4)
+    try:
+        tokens = [ev.token for ev in eng.generate(prompt, 4, SamplingParams())]
+        assert len(tokens) == 4
+        assert (eng.target_exec.grouped is not None) == groups
+        names = {iv.name for iv in eng.backend.timeline.intervals if iv.stream == "compute"}
+        assert any(n.startswith("experts L") for n in names) == groups, sorted(names)[:20]
+        assert any(n.startswith("expert L") for n in names) != groups
+        ck = eng.ckpt
+        step = StepModel(build_model(ck.arch, ck.raw_config, 16), ck.config, eng.hw, eng.storage_dtype, 16)
+        assert (step.grouped_ops is not None) == groups
+    finally:
+        eng.close()

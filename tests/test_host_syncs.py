@@ -6,15 +6,16 @@ verification). Counted where the code makes them, on the CPU (``HostSyncCounter`
 
 import pytest
 import torch
-from offload_helpers import prompt_for
+from offload_helpers import GROUPED_GPU, prompt_for
 
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.executors.opcount import HostSyncCounter, OpCounter
 from moespeq_cli.runtime.sampling import SamplingParams
 
 
-def syncs_per_pass(path, policy: str, depth="auto", tokens: int = 6) -> tuple[float, int, dict]:
-    eng = Engine(path, EngineOptions(backend="mock", hardware="rtx3060-12gb", policy=policy, spec_depth=depth))
+def syncs_per_pass(path, policy: str, depth="auto", tokens: int = 6, hardware="rtx3060-12gb"):
+    """(host syncs per forward pass, MoE layers, syncs by kind) decoding on the mock."""
+    eng = Engine(path, EngineOptions(backend="mock", hardware=hardware, policy=policy, spec_depth=depth))
     prompt = prompt_for(11, 6)
     eng.load(len(prompt) + tokens + 8)
     passes = [0]
@@ -34,9 +35,10 @@ def syncs_per_pass(path, policy: str, depth="auto", tokens: int = 6) -> tuple[fl
 
 @pytest.mark.parametrize("family,variant", [("mixtral", "gqa"), ("qwen3_moe", "base")])
 @pytest.mark.parametrize("policy,depth", [("lru", "auto"), ("gate-prefetch", "auto"), ("moespeq", "3")])
-def test_one_sync_per_moe_layer_per_pass(tiny, family, variant, policy, depth):
+@pytest.mark.parametrize("hardware", ["rtx3060-12gb", GROUPED_GPU])  # expert by expert, grouped
+def test_one_sync_per_moe_layer_per_pass(tiny, family, variant, policy, depth, hardware):
     path, _ = tiny(family, variant)
-    per_pass, moe_layers, kinds = syncs_per_pass(path, policy, depth)
+    per_pass, moe_layers, kinds = syncs_per_pass(path, policy, depth, hardware=hardware)
     assert per_pass <= moe_layers + 1, kinds
     assert kinds["tensor"] == 0, kinds  # no index tensor built from a host list per expert
 

@@ -4,7 +4,7 @@ oracle is transformers' model of the same checkpoint, dequantized at load."""
 
 import pytest
 import torch
-from offload_helpers import prompt_for, run_engine
+from offload_helpers import GROUPED_GPU, prompt_for, run_engine
 from test_disk_offload import disk_run, ram_for
 from tiny_models import edited_copy, mxfp4_copy, mxfp4_reference
 
@@ -137,7 +137,7 @@ def test_a_layer_s_mxfp4_slots_dequantized_together_match(mx, tiny, policy):
     c = Checkpoint(path).config
     prompt = prompt_for(3, 9)
     expected, _ = run_engine(path, prompt, 20, backend="cpu")
-    got, eng = run_engine(path, prompt, 20, backend="mock", policy=policy, slots=c.top_k + 2)
+    got, eng = run_engine(path, prompt, 20, "mock", policy, c.top_k + 2, GROUPED_GPU)
     assert got == expected
     assert isinstance(eng.target_exec.grouped.compact, Mxfp4Slot)
     if policy == "lru":

@@ -218,6 +218,13 @@ class Backend(ABC):
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def groups(self, act_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+        """Whether a layer's experts computed in ``act_dtype`` (really ``compute_dtype``
+        here) take one grouped call (executors/grouped.py) rather than one expert at a time."""
+        from moespeq_cli.runtime.executors.grouped import supported
+
+        return supported(self.device, compute_dtype)
+
     def upload(self, values: list[int]) -> torch.Tensor:
         """Small index lists the host built (a grouped computation's layout) as an int32
         tensor on the device, without waiting for the device (cuda: one asynchronous copy

@@ -223,6 +223,13 @@ class MockBackend(Backend):
         self._record("host", "compute", name, start, self.t_host, layer, expert, ops=ops or 0)
         return HostJob(Event(back), out, layer=layer, expert=expert)
 
+    def groups(self, act_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+        """As the simulated GPU would (its profile's ``grouped_gemm``), where this CPU can
+        run the grouped call it stands in for."""
+        from moespeq_cli.runtime.executors.grouped import profile_groups
+
+        return profile_groups(self.hw, act_dtype) and super().groups(act_dtype, compute_dtype)
+
     def upload(self, values: list[int]) -> torch.Tensor:
         return super().upload(values).clone()  # the copy a GPU makes of it (one op, as there)
 

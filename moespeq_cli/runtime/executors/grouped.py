@@ -38,7 +38,9 @@ this path, and so do
 
 At most ``dequant_chunk`` compact slots are dequantized a call (the plan reserves that
 scratch). GPUs without a grouped GEMM kernel for the dtype (torch's fallback reads the
-offsets back to the host) compute expert by expert (``supported``).
+offsets back to the host) compute expert by expert (``supported``); a hardware profile
+records which kind its GPU is (``grouped_gemm``, written by ``moespeq calibrate``), and the
+mock and the planner follow it (``profile_groups``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from moespeq_cli.models.expert_format import (
     fp8_tiles,
     mxfp4_dequantize,
 )
+from moespeq_cli.runtime.planning.costs import dtype_name
 
 
 def slot_part(slots: torch.Tensor, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -228,6 +231,13 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def profile_groups(hw, dtype: torch.dtype) -> bool:
+    """Whether the GPU the profile ``hw`` describes computes a layer's experts in ``dtype``
+    together: what ``supported`` answers there (a real grouped kernel: bfloat16 on Hopper
+    and Blackwell), recorded as the profile's ``grouped_gemm``, and this torch has the op."""
+    return hw.kind == "gpu" and dtype_name(dtype) in hw.grouped_gemm and hasattr(torch, "_grouped_mm")
 
 
 def tiny_slot(fmt: ExpertFormat, n: int, tiles: bool = True, edge: int = 4) -> tuple[BatchedParts, torch.Tensor]:

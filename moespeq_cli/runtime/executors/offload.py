@@ -32,7 +32,6 @@ from moespeq_cli.runtime.executors.grouped import (
     gathered,
     plan_layout,
     run_phase,
-    supported,
 )
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import (
@@ -96,7 +95,7 @@ class OffloadedExperts:
         layout = self.cache.layout
         if grouped and not layout.stride:
             at = batched_parts(fmt, layout.views, layout.numel, layout.dtype)
-            if at is not None and supported(backend.device, compute_dtype or act_dtype):
+            if at is not None and backend.groups(act_dtype, compute_dtype or act_dtype):
                 self.grouped = at
                 tiles = at.compact is None or at.compact.tiles
                 self.grouped_call_ops = call_ops(fmt, at.fused, tiles=tiles)

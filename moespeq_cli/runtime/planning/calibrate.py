@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import dtype_name, expert_kernel
+from moespeq_cli.runtime.planning.hardware import GROUPED_DTYPES
 
 TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
 # kernels that dequantize a whole expert a call (FP8 blocks, the draft's reference path):
@@ -449,6 +450,8 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
 
 # -- the GPU -------------------------------------------------------------------------
 def cuda_figures(say: Callable[[str], None]) -> dict:
+    from moespeq_cli.runtime.executors.grouped import supported
+
     dev = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(dev)
     free, total = torch.cuda.mem_get_info(dev)
@@ -488,6 +491,7 @@ def cuda_figures(say: Callable[[str], None]) -> dict:
         "mem_bandwidth": mem_bw,
         "launch_overhead": launch,
         "sync_overhead": sync,
+        "grouped_gemm": [d for d in GROUPED_DTYPES if supported(dev, getattr(torch, d))],
         "kernels": kernel_curves(dev, say),
     }
 
@@ -563,6 +567,7 @@ METHODS = {
     "host_mem_bandwidth": "a reduction over 512 MiB of float32",
     "host_op_overhead": "2000 tiny adds on the CPU, per op",
     "sync_overhead": "reading a one-element tensor back, per read",
+    "grouped_gemm": "the dtypes torch._grouped_mm has a real kernel for here (bf16 on compute capability 9, 10) and runs in",
     "disk_bandwidth": "O_DIRECT reads of 22 MiB, the best of 1 to 4 in flight",
     "disk_latency": "median of 64 O_DIRECT 4 KiB reads",
     "disk_read_cpu": "CPU time of the reading thread per byte (thread_time), O_DIRECT reads of 22 MiB one at a time, the median pass",
@@ -614,16 +619,22 @@ def profile_yaml(figures: dict) -> str:
         "host_mem_bandwidth",
         "host_op_overhead",
         "sync_overhead",
+        "grouped_gemm",
         "disk_bandwidth",
         "disk_latency",
         "disk_read_cpu",
         "read_submit_overhead",
         "read_wake_overhead",
     ):
-        if key not in figures and key in ("disk_read_cpu", "read_submit_overhead", "read_wake_overhead"):
-            continue  # optional: a profile without them does not price reads' host time
+        if key not in figures and key in (
+            "disk_read_cpu",
+            "read_submit_overhead",
+            "read_wake_overhead",
+            "grouped_gemm",
+        ):
+            continue  # optional: a profile without them does not price reads' host time (a CPU's: no GPU kernel)
         v = figures[key]
-        text = json.dumps(v) if isinstance(v, str) else (str(v) if isinstance(v, int) else _num(v))
+        text = json.dumps(v) if isinstance(v, str | list | tuple) else (str(v) if isinstance(v, int) else _num(v))
         method = METHODS.get(key)
         out.append(f"{key}: {text}" + (f"  # measured {today}: {method}" if method else ""))
     q = ", ".join(_num(x) for x in figures["disk_queue_bandwidth"])

@@ -49,7 +49,7 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.models.expert_format import fp8_tiles
-from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable
+from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable, profile_groups
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
@@ -98,11 +98,12 @@ class StepModel:
         self._ops: dict[int, int | None] = {}  # tokens -> ops a pass dispatches outside the experts
         self.counted = True  # False: the charges' op estimates, not a count on the meta device (fast)
         self.op_scale = 1.0  # those estimates multiplied by this (the verdict's check of their shortfall)
-        # a GPU computes a layer's experts in one grouped call (executors/grouped.py): its
-        # launches per layer, counted (as unfused gate and up: at most one op too many)
+        # a GPU with a grouped GEMM kernel computes a layer's experts in one call
+        # (executors/grouped.py): its launches per layer, counted (as unfused gate and up:
+        # at most one op too many)
         fmt = cfg.expert_format
         tiles = all(fp8_tiles(s, fmt.block) for s in fmt.matrix_shapes(cfg.hidden_size, cfg.expert_intermediate))
-        grouped = hw.kind == "gpu" and groupable(fmt) and hasattr(torch, "_grouped_mm")
+        grouped = profile_groups(hw, dtype) and groupable(fmt)
         self.grouped_ops = call_ops(fmt, False, True, tiles) if grouped else None
         # bytes a weight an expert's computation on the device moves: compact experts
         # computed together are dequantized first (executors/grouped.py), then read as ``dtype``

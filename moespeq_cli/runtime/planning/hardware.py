@@ -116,6 +116,10 @@ class HardwareProfile:
     disk_read_cpu: float = 0.0  # CPU seconds a read costs per byte (O_DIRECT: pinning pages, I/O setup)
     read_submit_overhead: float = 0.0  # s the compute thread spends handing a read to the I/O threads
     read_wake_overhead: float = 0.0  # s it loses after a wait for a read: waking, and its next kernel's start
+    # the dtypes the GPU has a grouped GEMM kernel for (bfloat16 on Hopper and Blackwell): a
+    # layer's experts computed in one of them take one call, not one expert at a time
+    # (executors/grouped.py); none: every expert apart
+    grouped_gemm: tuple[str, ...] = ()
     kernels: dict = field(default_factory=dict)  # kernel name -> KernelCurve, on the device
     # region kind ("attention", "expert", ..; "pass": a forward pass's code outside every
     # region) -> host seconds a call costs beyond its priced work: Python the op count misses
@@ -178,9 +182,11 @@ _OPTIONAL = {
     "kernels",
     "host_kernels",
     "region_overhead",
+    "grouped_gemm",
 }
-_STRUCTURED = {"kind", "disk_queue_bandwidth", "kernels", "host_kernels", "region_overhead"}
+_STRUCTURED = {"kind", "grouped_gemm", "disk_queue_bandwidth", "kernels", "host_kernels", "region_overhead"}
 KINDS = ("gpu", "cpu")
+GROUPED_DTYPES = ("bfloat16", "float16", "float32")
 MAX_CURVES = 64
 
 
@@ -313,12 +319,19 @@ def _named(path, f: str, v, what: str) -> None:
 
 
 def _structured(path, f: str, v):
-    """``kind``, the disk's queue curve and the kernel curves, checked field by field (a
+    """``kind``, ``grouped_gemm``, the disk's queue curve and the kernel curves, checked field by field (a
     profile is untrusted input: no shape, length or value may surprise the clock)."""
     if f == "kind":
         if v not in KINDS:
             raise UsageError(f"hardware profile {path}: kind must be one of {', '.join(KINDS)}, got {str(v)[:40]!r}")
         return v
+    if f == "grouped_gemm":
+        if not isinstance(v, list) or len(v) > len(GROUPED_DTYPES) or not set(map(str, v)) <= set(GROUPED_DTYPES):
+            raise UsageError(
+                f"hardware profile {path}: grouped_gemm must be a list of dtypes from {', '.join(GROUPED_DTYPES)}, "
+                f"got {str(v)[:40]!r}"
+            )
+        return tuple(v)
     if f == "disk_queue_bandwidth":
         if not isinstance(v, list) or not 1 <= len(v) <= 64:
             raise UsageError(f"hardware profile {path}: disk_queue_bandwidth must be a list of 1 to 64 numbers (B/s)")
