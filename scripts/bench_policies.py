@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "bench_policies.json")
     ap.add_argument("--models", default="demo,mixtral-shaped")
-    ap.add_argument("--hardware", default="rtx3060-12gb,rtx4090-24gb")
+    ap.add_argument("--hardware", default="rtx3060-12gb,rtx4090-24gb,h100-pcie")
     args = ap.parse_args()
     mixtral = ROOT / "build" / "mixtral-shaped"
     if "mixtral-shaped" in args.models:
