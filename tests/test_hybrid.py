@@ -177,3 +177,36 @@ def test_cpu_experts_beside_a_gpu_leave_a_core_for_launches(tiny, monkeypatch, p
             assert "--cpu-threads" in eng.threads_note
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("launch,moved", [(2e-4, True), (1e-7, False)])
+def test_resident_experts_go_to_the_cpu_where_the_device_s_launches_set_the_layer_s_time(tiny, tmp_path, launch, moved):
+    """Every expert resident (no copies): with launches that make a device expert slower
+    than the CPU's (experts one by one, about ten launches each) moespeq's CPU experts
+    take the last resident experts of a layer, each one the CPU finishes before the
+    device would end the layer, and decoding is faster on the mock clock than with the
+    device alone; with cheap launches every expert stays. Tokens unchanged."""
+    path, _ = tiny("olmoe", "base")
+    cfg = Checkpoint(path).config
+    text = (profiles_dir() / "desktop-3060-ddr4.yaml").read_text()
+    hw = tmp_path / "launch.yaml"
+    hw.write_text(re.sub(r"(?m)^launch_overhead:.*$", f"launch_overhead: {launch:g}", text))
+    prompt = prompt_for(9)
+    expected, _ = run_engine(path, prompt, 12, backend="cpu")
+    total = cfg.num_experts * len(cfg.moe_layers)
+    runs = {}
+    for cpu in (True, False):
+        eng = engine(path, "moespeq", 2 * total, len(prompt) + 12, str(hw), spec_depth="0", cpu_experts=cpu)
+        assert eng.plan.slots == total  # every expert resident, the draft beside them
+        eng.target_exec.decisions = []
+        assert generate(eng, prompt, 12) == expected
+        runs[cpu] = eng
+    balanced = runs[True].target_exec.decisions
+    assert all(set(alt) == {"device", "cpu"} for *_, alt, _c in balanced)  # nothing missed: no copy choices
+    for _layer, _e, alt, choice in balanced:
+        assert choice == min(alt, key=lambda p: (alt[p], p != "device"))
+    assert (runs[True].last_stats.cpu_expert_share > 0) == moved
+    assert not runs[False].last_stats.cpu_expert_share
+    assert runs[True].last_stats.io_stall_s == 0  # waiting for the CPU's share is compute, not a transfer's stall
+    faster = runs[True].last_stats.tokens_per_s > runs[False].last_stats.tokens_per_s
+    assert faster == moved

@@ -64,7 +64,8 @@ CpuExperts = Annotated[
     Optional[bool],
     typer.Option(
         "--cpu-experts/--no-cpu-experts",
-        help="Compute experts that are not on the device on the CPU when that is sooner than copying them "
+        help="Compute experts that are not on the device on the CPU when that is sooner than copying them, "
+        "and (moespeq) resident ones the CPU finishes before the device would reach them "
         "(default: on for moespeq and hybrid).",
         show_default=False,
     ),

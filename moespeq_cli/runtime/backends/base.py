@@ -63,14 +63,26 @@ def as_events(after: Event | list[Event] | None) -> list[Event]:
     return [after] if isinstance(after, Event) else [ev for ev in after if ev is not None]
 
 
+# the compute stream waiting for a resident expert the CPU took to share a layer's work
+# (executors/offload.py ``balance``): compute time, not a stall on a transfer
+BALANCED = "wait CPU, balanced"
+
+
 class HostJob:
     """An expert computed on the host CPU; ``event`` completes when its output is back on
-    the device (its ``time`` is exact on the mock clock, a prediction on CUDA)."""
+    the device (its ``time`` is exact on the mock clock, a prediction on CUDA).
+    ``balanced``: a resident expert (its wait is compute, not stall)."""
 
-    __slots__ = ("event", "output", "future", "layer", "expert")
+    __slots__ = ("event", "output", "future", "layer", "expert", "balanced")
 
     def __init__(self, event: Event, output=None, future=None, layer=None, expert=None):
         self.event, self.output, self.future, self.layer, self.expert = event, output, future, layer, expert
+        self.balanced = False
+
+    @property
+    def waiting(self) -> str:
+        """What the compute stream's wait for it is called."""
+        return BALANCED if self.balanced else "wait CPU"
 
 
 class Backend(ABC):
@@ -200,7 +212,8 @@ class Backend(ABC):
 
     @abstractmethod
     def host_result(self, job: HostJob) -> torch.Tensor:
-        """Make the compute stream wait for a host job; the wait counts as stall."""
+        """Make the compute stream wait for a host job; the wait counts as stall, except a
+        balanced job's (``BALANCED``)."""
 
     def begin_pass(self) -> None:  # noqa: B027 - only the mock counts what a pass dispatches
         """A forward pass starts (the mock counts the ops it dispatches)."""

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moespeq_cli.runtime.backends.base import Backend, Event, HostJob, as_events
+from moespeq_cli.runtime.backends.base import BALANCED, Backend, Event, HostJob, as_events
 from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
@@ -135,7 +135,7 @@ class CudaBackend(Backend):
     def host_result(self, job: HostJob) -> torch.Tensor:
         before_host = self._event(self.compute_stream)
         y, done = job.future.result()  # the host thread has finished and queued the return copy
-        self.wait(Event(cuda_event=done), job.layer, job.expert, what="wait CPU", before=before_host)
+        self.wait(Event(cuda_event=done), job.layer, job.expert, what=job.waiting, before=before_host)
         return y
 
     def copy(self, dst, src, nbytes, name, layer, expert, after=None) -> Event:
@@ -312,7 +312,8 @@ def fold_stalls(base, pairs: list, timeline, done_only: bool) -> float:
             continue
         start, end = base.elapsed_time(before) / 1e3, base.elapsed_time(after) / 1e3
         if end > start:
-            total += end - start
-            timeline.add(Interval("compute", "stall", what, start, end, layer, expert))
+            stall = what != BALANCED  # a balanced expert's wait is the layer's compute
+            total += end - start if stall else 0.0
+            timeline.add(Interval("compute", "stall" if stall else "compute", what, start, end, layer, expert))
     pairs[:] = keep
     return total

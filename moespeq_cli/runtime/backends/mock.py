@@ -29,7 +29,7 @@ import contextlib
 
 import torch
 
-from moespeq_cli.runtime.backends.base import Backend, Event, HostJob, as_events
+from moespeq_cli.runtime.backends.base import BALANCED, Backend, Event, HostJob, as_events
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
@@ -242,7 +242,7 @@ class MockBackend(Backend):
             self.counter.paused -= 1
 
     def host_result(self, job: HostJob):
-        self.wait(job.event, job.layer, job.expert, what="wait CPU")
+        self.wait(job.event, job.layer, job.expert, what=job.waiting)
         return job.output
 
     def now_event_time(self) -> float:
@@ -250,8 +250,9 @@ class MockBackend(Backend):
 
     def wait(self, event: Event, layer=None, expert=None, what: str = "wait H2D") -> None:
         if event.time > self.t_compute:
-            self._record("compute", "stall", what, self.t_compute, event.time, layer, expert)
-            self.io_stall_s += event.time - self.t_compute
+            stall = what != BALANCED
+            self._record("compute", "stall" if stall else "compute", what, self.t_compute, event.time, layer, expert)
+            self.io_stall_s += event.time - self.t_compute if stall else 0.0
             self.t_compute = event.time
             if self.hw.kind == "cpu" and self.hw.read_wake_overhead:  # a blocked thread wakes, then its kernels
                 self.t_compute = self._until(event.time, self.hw.read_wake_overhead, kernels=False)

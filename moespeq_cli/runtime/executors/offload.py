@@ -12,6 +12,11 @@ that is not ready takes whichever path gets its output to the device first by th
 model: its copy, or the CPU computing it from host memory (``choose_paths``). Host jobs
 are issued before the GPU starts on the resident experts, so both work at once. An
 expert the CPU computes must be in host RAM: with a disk tier its read comes first.
+With moespeq's CPU experts, resident experts the device would reach after the CPU could
+finish them go to the CPU too (``balance``): where the device's own work sets the
+layer's time (experts computed one by one are about ten launches each) both processors
+then work on the layer, as ``hybrid``'s static split makes them; where the device waits
+for copies anyway, its resident experts are hidden behind them and stay.
 """
 
 from __future__ import annotations
@@ -138,7 +143,12 @@ class OffloadedExperts:
             for e in on_host:
                 host_jobs[e] = self.compute_on_host(layer, e, x[groups[e][0]] if x.shape[0] > 1 else x)
             waiting = [e for e in waiting if e not in host_jobs]
-            st.host_computed += len(host_jobs)
+        if ready and self.policy.host_compute and not self.policy.static:
+            for e in self.balance(layer, ready, waiting, groups, x, host_jobs):
+                ready.remove(e)
+                cache.mark_used((layer, e))
+                cache.pinned.discard((layer, e))
+        st.host_computed += len(host_jobs)
         issued = set(ready)
         copies_allowed = not self.policy.static
 
@@ -316,6 +326,51 @@ class OffloadedExperts:
             elif not cache.resident(key):
                 copy_at = max(copy_at, via_copy) + copy_step if read_done is not None else copy_at + copy_step
         return on_host
+
+    def balance(self, layer: int, ready: list[int], waiting: list[int], groups, x, host_jobs: dict) -> list[int]:
+        """Resident experts to compute on the CPU instead, issued into ``host_jobs``: from
+        the last the device would reach, each whose output the CPU gets to the device
+        before the device would have finished the layer without it (by the backend's
+        clock and the cost model, as ``choose_paths``: the resident experts, then each
+        waiting one once its copy lands). Returns them."""
+        b, cache, host = self.backend, self.cache, self.tiers.host
+        if host is not None and any(not host.ready((layer, e)) for e in waiting):
+            return []  # a read from disk comes first: the device waits for it anyway
+        cost_of = (lambda n: self.grouped_cost(n)) if self.grouped is not None else (lambda n: self.host_cost(n)[0])
+        t_dev = {e: cost_of(len(groups[e][0])).seconds(b.hw) for e in ready + waiting}
+        landing, copy_at = [], b.copy_eta(self.tiers.nbytes)
+        for e in waiting:  # in flight, or copied in turn once issued
+            if cache.resident((layer, e)):
+                landing.append(cache.arrival[(layer, e)].time)
+            else:
+                landing.append(copy_at)
+                copy_at += transfer_seconds(self.tiers.nbytes, b.hw)
+
+        def device_end(resident_work: float) -> float:
+            t = b.now_event_time() + resident_work
+            for e, at in zip(waiting, landing, strict=True):
+                t = max(t, at) + t_dev[e]
+            return t
+
+        work = sum(t_dev[e] for e in ready)
+        moved = []
+        for e in reversed(ready):
+            if host is not None and not host.ready((layer, e)):
+                break
+            end = device_end(work)
+            if device_end(work - t_dev[e]) >= end:
+                break  # the copies set the layer's end: the resident experts are hidden behind them
+            host_done = b.host_eta(*self.host_cost(len(groups[e][0])))
+            choice = "cpu" if host_done < end else "device"
+            if self.decisions is not None:
+                self.decisions.append((layer, e, {"device": end, "cpu": host_done}, choice))
+            if choice == "device":
+                break
+            host_jobs[e] = self.compute_on_host(layer, e, x[groups[e][0]] if x.shape[0] > 1 else x)
+            host_jobs[e].balanced = True
+            work -= t_dev[e]
+            moved.append(e)
+        return moved
 
     def compute_on_host(self, layer: int, e: int, xe: torch.Tensor):
         cost, act = self.host_cost(xe.shape[0])
