@@ -1,17 +1,32 @@
 """Helpers for offloading tests: budgets expressed as a number of expert slots."""
 
+import re
+import tempfile
 from pathlib import Path
 
 import torch
 
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.planning.hardware import profiles_dir
 from moespeq_cli.runtime.planning.planner import checkpoint_plan
 from moespeq_cli.runtime.sampling import SamplingParams
 
-# a GPU profile whose grouped GEMM takes float32 too: the float32 tiny checkpoints take the
-# grouped path on the mock (the default profile's GPU, an RTX 3060, computes expert by expert)
-GROUPED_GPU = str(Path(__file__).with_name("grouped_gpu.yaml"))
+
+def grouped_gpu_profile() -> str:
+    """The H100 profile with a grouped GEMM that takes float32 too (a real H100's takes
+    bfloat16 only), written to a temporary file: the float32 tiny checkpoints then take
+    the grouped path on the mock and compare bit for bit (the default profile's GPU, an
+    RTX 3060, computes expert by expert)."""
+    text = (profiles_dir() / "h100-pcie.yaml").read_text()
+    text = re.sub(r"(?m)^name:.*$", "name: grouped-gpu-test", text)
+    text = re.sub(r"(?m)^grouped_gemm:.*$", "grouped_gemm: [bfloat16, float32]", text)
+    out = Path(tempfile.mkdtemp(prefix="moespeq-test-")) / "grouped-gpu.yaml"
+    out.write_text(text)
+    return str(out)
+
+
+GROUPED_GPU = grouped_gpu_profile()
 
 
 def vram_for_slots(path, slots: int, context: int, dtype=None) -> int:

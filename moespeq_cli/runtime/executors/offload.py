@@ -336,7 +336,7 @@ class OffloadedExperts:
         b, cache, host = self.backend, self.cache, self.tiers.host
         if host is not None and any(not host.ready((layer, e)) for e in waiting):
             return []  # a read from disk comes first: the device waits for it anyway
-        cost_of = (lambda n: self.grouped_cost(n)) if self.grouped is not None else (lambda n: self.host_cost(n)[0])
+        cost_of = self.grouped_cost if self.grouped is not None else (lambda n: self.host_cost(n)[0])
         t_dev = {e: cost_of(len(groups[e][0])).seconds(b.hw) for e in ready + waiting}
         landing, copy_at = [], b.copy_eta(self.tiers.nbytes)
         for e in waiting:  # in flight, or copied in turn once issued
