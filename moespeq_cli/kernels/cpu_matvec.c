@@ -13,8 +13,12 @@
  * CPU keep bf16 weights and still promise lossless speculative decoding.
  *
  * Built by moespeq_cli/kernels/build.py with the system C compiler (-O3 -march=native),
- * loaded with ctypes; every entry point has a plain-C path for machines without AVX-512,
- * with the same invariance (its order is fixed too).
+ * loaded with ctypes. Three paths, each batch invariant on its own (the order of a row's
+ * operations is fixed by k alone): AVX-512 (16-wide, four partial sums a row and token),
+ * AVX2 with FMA and F16C (8-wide, two partial sums: AMD Zen 2/3, Intel client CPUs since
+ * Alder Lake, where a plain loop ran 4x slower than torch's bf16 GEMV), and plain C for
+ * the rest. Results differ between paths in the last bits (a different order of sums),
+ * never between batch sizes on one machine.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -31,6 +35,11 @@
 #else
 #define MS_AVX512 0
 #endif
+#if !MS_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MS_AVX2 1
+#else
+#define MS_AVX2 0
+#endif
 #if MS_AVX512 || defined(__F16C__)
 #include <immintrin.h> /* AVX2 machines use its _cvtsh_ss for fp16 weights (else the library fails to load) */
 #endif
@@ -39,8 +48,8 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 #define MS_T 4 /* tokens per step */
 
-int ms_version(void) { return 8; }
-int ms_simd(void) { return MS_AVX512 ? 512 : 0; }
+int ms_version(void) { return 9; }
+int ms_simd(void) { return MS_AVX512 ? 512 : (MS_AVX2 ? 256 : 0); }
 #if MS_AVX512 && defined(__AVX512BF16__)
 #define MS_BF16DOT 1
 #else
@@ -141,6 +150,110 @@ static inline __attribute__((always_inline)) void rows_wt(const float *x, long l
 }
 
 /* one specialised copy per weight dtype: the widening is then branch-free */
+static void rows(const float *x, long ldx, const void *w, int wt, long K, float *y, long ldy, long T, long n0, long n1) {
+    switch (wt) {
+    case W_F32: rows_wt(x, ldx, w, W_F32, K, y, ldy, T, n0, n1); break;
+    case W_BF16: rows_wt(x, ldx, w, W_BF16, K, y, ldy, T, n0, n1); break;
+    default: rows_wt(x, ldx, w, W_F16, K, y, ldy, T, n0, n1); break;
+    }
+}
+#elif MS_AVX2
+/* 8 weights at w + off widened to fp32; ``n`` < 8 of them (a row's tail) read through a
+ * zeroed copy, so no load passes the row's end. */
+static inline __attribute__((always_inline)) __m256 load_w8(const void *w, int wt, long off) {
+    if (wt == W_F32) return _mm256_loadu_ps((const float *)w + off);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + off));
+    if (wt == W_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static inline __m256 load_part8(const void *p, long elem, long n) {
+    float tmp[8] = {0};
+    memcpy(tmp, p, (size_t)(n * elem));
+    return _mm256_loadu_ps(tmp);
+}
+
+static inline __m256 load_w8_part(const void *w, int wt, long off, long n) {
+    if (wt == W_F32) return load_part8((const float *)w + off, 4, n);
+    uint16_t tmp[8] = {0};
+    memcpy(tmp, (const uint16_t *)w + off, (size_t)(n * 2));
+    return load_w8(tmp, wt, 0);
+}
+
+/* the lanes' sum in a fixed order: halves, then pairs, then the last two */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* table[idx] for eight 4-bit indices, from a 16-entry table in two registers (lo: entries
+ * 0-7, hi: 8-15): both halves looked up, bit 3 of the index picks one */
+static inline __m256 lut16(__m256 lo, __m256 hi, __m256i idx) {
+    __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* acc[t][j] += w[c] * x[t][c * 8 ..] for the chunks c of a 32-weight group in a fixed
+ * order (j = c % 2), the inner step of the 4-bit kernels */
+static inline __attribute__((always_inline)) void fma_group8(__m256 (*acc)[2], int TB, const __m256 *w, const int *at,
+                                                               const float *x, long ldx) {
+    for (int c = 0; c < 4; c++)
+        for (int t = 0; t < TB; t++)
+            acc[t][c & 1] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + t * ldx + at[c]), acc[t][c & 1]);
+}
+
+#define MS_PF 8192 /* bytes of weight prefetched ahead */
+
+/* One weight row against tokens t..t+TB (TB <= 4). Each (row, token) keeps two partial
+ * sums, chunk c = k/8 going to sum c % 2 (16 ymm registers: eight sums, a weight and an
+ * activation), summed s0 + s1 then across lanes: an order fixed by k alone. */
+static inline __attribute__((always_inline)) void row_block(const float *x, long ldx, const void *w, int wt, long K,
+                                                              float *y, long ldy, long n, int TB) {
+    __m256 acc[MS_T][2];
+    for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    long base = n * K, k = 0, e = wt == W_F32 ? 4 : 2;
+    for (; k + 32 <= K; k += 32) {
+        const char *p = (const char *)w + (base + k) * e + MS_PF; /* as the AVX-512 path */
+        _mm_prefetch(p, _MM_HINT_T1);
+        if (wt == W_F32) _mm_prefetch(p + 64, _MM_HINT_T1);
+        for (int j = 0; j < 4; j++) {
+            __m256 wv = load_w8(w, wt, base + k + 8 * j);
+            for (int t = 0; t < TB; t++)
+                acc[t][j & 1] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + k + 8 * j), acc[t][j & 1]);
+        }
+    }
+    /* the tail: up to four chunks (k/8 is even here), the last one possibly partial */
+#define MS_TAIL8(j)                                                                                                  \
+    if (k < K) {                                                                                                     \
+        long m = K - k < 8 ? K - k : 8;                                                                              \
+        __m256 wv = m == 8 ? load_w8(w, wt, base + k) : load_w8_part(w, wt, base + k, m);                           \
+        for (int t = 0; t < TB; t++) {                                                                               \
+            __m256 xv = m == 8 ? _mm256_loadu_ps(x + t * ldx + k) : load_part8(x + t * ldx + k, 4, m);              \
+            acc[t][j] = _mm256_fmadd_ps(wv, xv, acc[t][j]);                                                          \
+        }                                                                                                            \
+        k += 8;                                                                                                      \
+    }
+    MS_TAIL8(0) MS_TAIL8(1) MS_TAIL8(0) MS_TAIL8(1)
+#undef MS_TAIL8
+    for (int t = 0; t < TB; t++) y[t * ldy + n] = hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+
+static inline __attribute__((always_inline)) void rows_wt(const float *x, long ldx, const void *w, int wt, long K,
+                                                            float *y, long ldy, long T, long n0, long n1) {
+    for (long n = n0; n < n1; n++)
+        for (long t = 0; t < T; t += MS_T) { /* the row stays in L1 across token blocks */
+            const float *xt = x + t * ldx;
+            float *yt = y + t * ldy;
+            switch (T - t < MS_T ? T - t : MS_T) { /* constant trip counts keep acc in registers */
+            case 1: row_block(xt, ldx, w, wt, K, yt, ldy, n, 1); break;
+            case 2: row_block(xt, ldx, w, wt, K, yt, ldy, n, 2); break;
+            case 3: row_block(xt, ldx, w, wt, K, yt, ldy, n, 3); break;
+            default: row_block(xt, ldx, w, wt, K, yt, ldy, n, 4); break;
+            }
+        }
+}
+
 static void rows(const float *x, long ldx, const void *w, int wt, long K, float *y, long ldy, long T, long n0, long n1) {
     switch (wt) {
     case W_F32: rows_wt(x, ldx, w, W_F32, K, y, ldy, T, n0, n1); break;
@@ -393,9 +506,49 @@ static inline void store_pairs(__m512 (*acc)[2], int TB, float *y, long ldy) {
 }
 #endif
 
+#if MS_AVX2
+/* AVX2: a block's 16 bytes into its 32 codes in order (low nibble first), looked up eight at
+ * a time, times the block's scale (exact), into two sums a (row, token) by chunk of 8. */
+static inline __attribute__((always_inline)) void mxfp4_block(const float *x, long ldx, const uint8_t *b,
+                                                                const uint8_t *s, long G, float *y, long ldy, int TB) {
+    static const int at[4] = {0, 8, 16, 24};
+    const __m256 lo = _mm256_loadu_ps(FP4), hi = _mm256_loadu_ps(FP4 + 8);
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 acc[MS_T][2];
+    for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m128i q = _mm_loadu_si128((const __m128i *)(b + g * 16));
+        __m128i l = _mm_and_si128(q, low), h = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        __m128i c0 = _mm_unpacklo_epi8(l, h), c1 = _mm_unpackhi_epi8(l, h); /* codes 0-15, 16-31 */
+        __m256 sc = _mm256_set1_ps(e8m0(s[g]));
+        __m256 w[4] = {_mm256_mul_ps(lut16(lo, hi, _mm256_cvtepu8_epi32(c0)), sc),
+                       _mm256_mul_ps(lut16(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))), sc),
+                       _mm256_mul_ps(lut16(lo, hi, _mm256_cvtepu8_epi32(c1)), sc),
+                       _mm256_mul_ps(lut16(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))), sc)};
+        fma_group8(acc, TB, w, at, x + g * 32, ldx);
+    }
+    for (int t = 0; t < TB; t++) y[t * ldy] = hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+#endif
+
 static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const uint8_t *scales, long K, float *y,
                        long ldy, long T, long n0, long n1) {
     long G = K / 32;
+#if MS_AVX2
+    for (long n = n0; n < n1; n++)
+        for (long t0 = 0; t0 < T; t0 += MS_T) {
+            const uint8_t *b = blocks + n * G * 16, *s = scales + n * G;
+            const float *xt = x + t0 * ldx;
+            float *yt = y + t0 * ldy + n;
+            switch (T - t0 < MS_T ? T - t0 : MS_T) { /* constant trip counts keep acc in registers */
+            case 1: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 1); break;
+            case 2: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 2); break;
+            case 3: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 3); break;
+            default: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 4); break;
+            }
+        }
+    return;
+#endif
 #if MS_AVX512
     const __m512 lut = _mm512_loadu_ps(FP4);
     const __m128i low = _mm_set1_epi8(0x0F);
@@ -536,9 +689,74 @@ static void rows_nf4_bf16(const uint16_t *xb, const uint8_t *codes, const float 
 }
 #endif
 
+#if MS_AVX2
+/* AVX2: a group's 16 bytes as four vectors of eight weights in the activations' split
+ * order (even 0-7 at +0, even 8-15 at +8, odd 0-7 at +16, odd 8-15 at +24), each
+ * table[code] * absmax in fp32 */
+static inline void nf4_w32(const uint8_t *b, __m256 lo, __m256 hi, __m256 sc, __m256 *w) {
+    for (int half = 0; half < 2; half++) {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8 * half)));
+        w[half] = _mm256_mul_ps(lut16(lo, hi, _mm256_srli_epi32(v, 4)), sc);
+        w[2 + half] = _mm256_mul_ps(lut16(lo, hi, _mm256_and_si256(v, _mm256_set1_epi32(15))), sc);
+    }
+}
+
+static const int NF4_AT[4] = {0, 8, 16, 24};
+
+/* one row against TB tokens: dequantized as it streams (buf NULL), or read back from buf */
+static inline __attribute__((always_inline)) void nf4_row8(const float *xs, long K, const uint8_t *b, const float *s,
+                                                             long per_scale, __m256 lo, __m256 hi, const float *buf,
+                                                             float *y, long ldy, int TB) {
+    __m256 acc[MS_T][2];
+    for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (long g = 0; g < K / 32; g++) {
+        __m256 w[4];
+        if (buf)
+            for (int c = 0; c < 4; c++) w[c] = _mm256_loadu_ps(buf + g * 32 + 8 * c);
+        else
+            nf4_w32(b + g * 16, lo, hi, _mm256_set1_ps(s[g / per_scale]), w);
+        fma_group8(acc, TB, w, NF4_AT, xs + g * 32, K);
+    }
+    for (int t = 0; t < TB; t++) y[t * ldy] = hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+
+static void rows_nf4_avx2(const float *xs, const uint8_t *codes, const float *absmax, const float *table, long K,
+                          long bs, float *y, long ldy, long T, long n0, long n1, float *buf) {
+    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    long per_row = K / bs, per_scale = bs / 32;
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *b = codes + n * (K / 2);
+        const float *s = absmax + n * per_row;
+        const float *src = NULL;
+        if (T > MS_T) { /* more tokens: the row dequantized once, the same weights read back */
+            for (long g = 0; g < K / 32; g++) {
+                __m256 w[4];
+                nf4_w32(b + g * 16, lo, hi, _mm256_set1_ps(s[g / per_scale]), w);
+                for (int c = 0; c < 4; c++) _mm256_storeu_ps(buf + g * 32 + 8 * c, w[c]);
+            }
+            src = buf;
+        }
+        for (long t0 = 0; t0 < T; t0 += MS_T) {
+            const float *xt = xs + t0 * K;
+            float *yt = y + t0 * ldy + n;
+            switch (T - t0 < MS_T ? T - t0 : MS_T) {
+            case 1: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 1); break;
+            case 2: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 2); break;
+            case 3: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 3); break;
+            default: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 4); break;
+            }
+        }
+    }
+}
+#endif
+
 static void rows_nf4(const float *xs, const uint8_t *codes, const float *absmax, const float *table, long K, long bs,
                      float *y, long ldy, long T, long n0, long n1, float *buf) {
     long G = K / 32, per_row = K / bs, per_scale = bs / 32;
+#if MS_AVX2
+    rows_nf4_avx2(xs, codes, absmax, table, K, bs, y, ldy, T, n0, n1, buf);
+    return;
+#endif
 #if MS_AVX512
     const __m512 lut = _mm512_loadu_ps(table);
 #endif
@@ -714,9 +932,61 @@ static inline float e4m3_widen(uint8_t b) {
     return s ? -v : v;
 }
 
+#if MS_AVX2
+/* AVX2 (bn a multiple of 16): eight bytes at a time widened as above, times the block's
+ * scale, two sums a (row, token) by chunk of 8; a row's last chunk may be partial. */
+static inline __m256 fp8_w8(const uint8_t *b, long m, __m256 sc) {
+    uint8_t tmp[8] = {0};
+    if (m < 8) memcpy(tmp, b, (size_t)m);
+    __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(m < 8 ? tmp : b)));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8),
+                             _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7F)), 7));
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), sc);
+}
+
+static inline __attribute__((always_inline)) void fp8_row8(const float *x, long ldx, const uint8_t *row,
+                                                             const float *srow, long bn, long K, float *y, long ldy,
+                                                             int TB) {
+    __m256 acc[MS_T][2];
+    for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (long kb = 0; kb < K; kb += bn) {
+        __m256 sc = _mm256_set1_ps(256.0f * srow[kb / bn]);
+        long kend = kb + bn < K ? kb + bn : K;
+        for (long k = kb; k < kend; k += 16) { /* k/8 even: chunks to sums 0, then 1 */
+            for (int j = 0; j < 2 && k + 8 * j < kend; j++) {
+                long at = k + 8 * j, m = kend - at < 8 ? kend - at : 8;
+                __m256 wv = fp8_w8(row + at, m, sc);
+                for (int t = 0; t < TB; t++) {
+                    __m256 xv = m == 8 ? _mm256_loadu_ps(x + t * ldx + at) : load_part8(x + t * ldx + at, 4, m);
+                    acc[t][j] = _mm256_fmadd_ps(wv, xv, acc[t][j]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < TB; t++) y[t * ldy] = hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+#endif
+
 static void rows_fp8(const float *x, long ldx, const uint8_t *w, const float *scales, long bm, long bn, long K,
                      float *y, long ldy, long T, long n0, long n1) {
     long ncb = (K + bn - 1) / bn;
+#if MS_AVX2
+    if (bn % 16 == 0) {
+        for (long n = n0; n < n1; n++)
+            for (long t0 = 0; t0 < T; t0 += MS_T) {
+                const uint8_t *row = w + n * K;
+                const float *srow = scales + (n / bm) * ncb, *xt = x + t0 * ldx;
+                float *yt = y + t0 * ldy + n;
+                switch (T - t0 < MS_T ? T - t0 : MS_T) {
+                case 1: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 1); break;
+                case 2: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 2); break;
+                case 3: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 3); break;
+                default: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 4); break;
+                }
+            }
+        return;
+    }
+#endif
     for (long n = n0; n < n1; n++) {
         const uint8_t *row = w + n * K;
         const float *srow = scales + (n / bm) * ncb;
