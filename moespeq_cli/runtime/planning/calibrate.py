@@ -51,7 +51,11 @@ TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
 # their time hardly depends on the batch, so fewer batch sizes, interpolated between
 DEQUANT_TOKENS = (1, 4, 16)
 SHAPES = ((512, 1536), (1024, 3584))  # (hidden, intermediate): a small expert and a Mixtral-class one at 1/4 width
-DISK_FILE_BYTES = 512 * 2**20
+DISK_FILE_BYTES = 256 * 2**20
+# a kernel's timing: the median of at most CURVE_REPS calls, fewer (3 at least) once a
+# batch size has taken CURVE_BUDGET_S (a call of 16 tokens at the larger shape takes
+# 10-90 ms on a 2-core machine: three are as steady as fifteen, and 5x quicker)
+CURVE_REPS, CURVE_BUDGET_S = 9, 0.15
 COLD_BYTES = 96 * 2**20  # the weights a kernel timing cycles through: beyond any last-level cache
 DISK_EXTENT = 22 * 2**20  # a whole number of pages, like a span the runtime reads
 
@@ -89,6 +93,14 @@ def spikes(row: list[float], factor: float = 1.5) -> list[int]:
     one slow moment of the machine (a median of three when calls are slow), which
     ``non_decreasing`` would otherwise carry to every larger batch."""
     return [j for j in range(len(row) - 1) if row[j] > factor * min(row[j + 1 :])]
+
+
+def copies(made: dict, key, make: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Fresh copies of the tensors ``make()`` draws, drawn once per ``key``: the copies a
+    timing cycles through cost a memory copy each, not a random draw (seconds a curve)."""
+    if key not in made:
+        made[key] = make()
+    return [t.clone() for t in made[key]]
 
 
 def ops_of(fn: Callable[[], object]) -> int:
@@ -157,9 +169,9 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
 
                     calls.append(call)
                 with reading(background):
-                    row = [timed(call, reps=15, budget_s=1.0) for call in calls]
+                    row = [timed(call, CURVE_REPS, 1, CURVE_BUDGET_S) for call in calls]
                     for j in spikes(row):  # timed again: the lower median is kept
-                        row[j] = min(row[j], timed(calls[j], reps=15, budget_s=1.0))
+                        row[j] = min(row[j], timed(calls[j], CURVE_REPS, 1, CURVE_BUDGET_S))
                 x1 = torch.randn(1, h, device=device).to(x_dtype)
                 ops = ops_of(lambda x1=x1, fn=copies[0]: fn(x1))
                 rows.append(non_decreasing(row))  # more tokens never cost less: a dip is noise, pooled
@@ -172,10 +184,10 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         linears = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
     for wd, xd in linears:
 
-        def bind_linear(h, i, wd=wd):
+        def bind_linear(h, i, wd=wd, made={}):  # noqa: B006 (the draws of this curve)
             from moespeq_cli.kernels.modules import dense
 
-            w = torch.randn(i, h, device=device).to(wd)
+            (w,) = copies(made, (h, i), lambda h=h, i=i, wd=wd: [torch.randn(i, h, device=device).to(wd)])
             return (lambda x: dense(x, w)) if device.type == "cpu" else (lambda x: F.linear(x, w))  # as it runs
 
         elem = torch.empty(0, dtype=wd).element_size()
@@ -186,9 +198,11 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         pairs = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
     for wd, xd in pairs:
 
-        def bind_expert(h, i, wd=wd):
-            g, u = (torch.randn(i, h, device=device).to(wd) for _ in range(2))
-            d = torch.randn(h, i, device=device).to(wd)
+        def bind_expert(h, i, wd=wd, made={}):  # noqa: B006 (the draws of this curve)
+            def draw(h=h, i=i, wd=wd):
+                return [torch.randn(*s, device=device).to(wd) for s in ((i, h), (i, h), (h, i))]
+
+            g, u, d = copies(made, (h, i), draw)
             return lambda x: expert_mlp(x, g, u, d, fast=device.type == "cpu")  # as the CPU computes it
 
         elem = torch.empty(0, dtype=wd).element_size()
@@ -199,8 +213,8 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
 
         for fmt in other_formats():
 
-            def bind_format(h, i, fmt=fmt):
-                parts = random_parts(fmt, h, i)
+            def bind_format(h, i, fmt=fmt, made={}):  # noqa: B006 (the draws of this curve)
+                parts = copies(made, (h, i), lambda h=h, i=i, fmt=fmt: random_parts(fmt, h, i))
                 return lambda x: expert_forward(fmt, x, parts, fast=True)
 
             curve(
