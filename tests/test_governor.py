@@ -2,7 +2,7 @@
 
 import pytest
 
-from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState, union_size
+from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState, queued_stall_ratio, union_size
 
 
 def state(p, t_draft, t_target, misses, t_copy, k_max=8, E=64, K=4):
@@ -123,6 +123,34 @@ def test_a_lucky_plain_cycle_does_not_decide_the_release():
     assert s.theta_released() < 1 / (0.8e-3 - 0.3e-3 * (1 - 2.0 / 3.0))
     s.release_misses = lambda: None  # no token routed yet: uniform routing
     assert s.misses_per_token() == pytest.approx((3.0, 1.0))
+
+
+def test_fewer_misses_a_layer_hide_more_of_each():
+    """A layer's copies queue on the link: with m misses it stalls m t_copy minus what its
+    neighbours' compute hides. Fit to the stall per miss now, the hidden time says how
+    much less each miss stalls once the released slots leave fewer a layer."""
+    # every layer misses 2 now (0.5 of t_copy each: 1 t_copy hidden), 1 released: all hidden
+    assert queued_stall_ratio({(2, 1): 10}, 0.5e-3, 1e-3) == pytest.approx(0.0, abs=1e-9)
+    # half the layers keep both misses (each stalls 1 t_copy again): 5 t_copy over 15 misses
+    assert queued_stall_ratio({(2, 2): 5, (2, 1): 5}, 0.5e-3, 1e-3) == pytest.approx((5 / 15) / 0.5)
+    # nothing hidden now (a stall per miss of a whole copy or more): the stall per miss stays
+    assert queued_stall_ratio({(2, 1): 10}, 1e-3, 1e-3) == 1.0
+    assert queued_stall_ratio({(2, 1): 10}, 1.5e-3, 1e-3) == 1.0
+    # layers that miss one expert now and stall hide nothing: fewer misses, same stall each
+    assert queued_stall_ratio({(1, 1): 4, (1, 0): 4}, 0.4e-3, 1e-3) == pytest.approx(1.0)
+
+
+def test_the_released_cycle_takes_the_queued_stall_per_miss():
+    """With the routed tokens' misses a layer at both sizes, the released cycle is priced
+    with the stall per miss those layers would leave, not the one measured now."""
+    s = release_state(p=0.0, t_draft=0.4e-3)  # 0.3 ms a miss now (of 1 ms copies), 3 -> 1 misses a token
+    fixed = s.theta_released()
+    assert fixed == pytest.approx(1 / (1.4e-3 - 0.3e-3 * 2))
+    s.release_layers = lambda: {(2, 1): 1, (1, 0): 1}  # a token: 2 + 1 misses now, 1 + 0 released
+    # now: (2 - h) + max(0, 1 - h) = 0.9 over 3 misses -> h = 1.1: the released layer's one miss hides
+    assert s.theta_released() == pytest.approx(1 / (1.4e-3 - 0.9e-3))
+    s.release_layers = lambda: None  # no token routed yet: a fixed stall per miss
+    assert s.theta_released() == pytest.approx(fixed)
 
 
 def test_release_judges_speculation_by_the_whole_run():

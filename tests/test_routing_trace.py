@@ -73,6 +73,17 @@ def test_stack_distances_give_lru_misses_for_every_cache_size(seed):
         assert trace.lru_misses(slots) == pytest.approx(lru_misses(accesses, slots, warm) / tokens), slots
     misses = [trace.lru_misses(s) for s in range(1, depth + 1)]
     assert misses == sorted(misses, reverse=True) and misses[0] > misses[-1]
+    # each token's misses at each layer, tallied at two sizes: they add up to the token
+    # totals, and a layer never misses more with more slots (LRU's inclusion property)
+    sized = RoutingTrace(LAYERS, EXPERTS, TOP_K, depth, warm, sizes=(6, depth))
+    for p in passes:
+        for layer in LAYERS:
+            sized.record(layer, p[layer])
+    tally = sized.layer_misses
+    assert sum(tally.values()) == tokens * len(LAYERS)
+    assert sum(a * n for (a, _), n in tally.items()) / tokens == pytest.approx(trace.lru_misses(6))
+    assert sum(b * n for (_, b), n in tally.items()) / tokens == pytest.approx(trace.lru_misses(depth))
+    assert all(b <= a <= TOP_K for a, b in tally) and any(b < a for a, b in tally)
     with pytest.raises(ValueError):
         trace.lru_misses(depth + 1)
 

@@ -53,6 +53,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+def queued_stall_ratio(tally: dict[tuple[int, int], int], per_miss: float, t_copy: float) -> float:
+    """The stall per miss with the draft released over the stall per miss now, where a
+    layer's copies queue on the link: a layer that misses m experts stalls ``max(0, m
+    t_copy - hidden)``, ``hidden`` being the copy time its neighbours' compute covers (the
+    same every layer), fit so that the layers as routed now (``tally``: (misses now,
+    released) of one token at one layer -> how often) stall ``per_miss`` a miss. With
+    fewer misses a layer, more of them hide: the ratio is below 1 (a fixed stall per miss
+    is this with ``hidden`` = 0, what a stall per miss at or above ``t_copy`` means)."""
+    now = sum(a * n for (a, _), n in tally.items())
+    then = sum(b * n for (_, b), n in tally.items())
+    if per_miss <= 0 or t_copy <= 0 or not now or not then or per_miss >= t_copy:
+        return 1.0
+
+    def stall_per_miss(hidden: float, i: int, misses: int) -> float:
+        return sum(n * max(0.0, m[i] * t_copy - hidden) for m, n in tally.items()) / misses
+
+    lo, hi = 0.0, max(a for a, _ in tally) * t_copy  # stall per miss now: t_copy at lo, 0 at hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if stall_per_miss(mid, 0, now) > per_miss else (lo, mid)
+    return stall_per_miss(hi, 1, then) / per_miss
+
+
 def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
     """Expected distinct experts chosen by n tokens in one layer, independent routing."""
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** n_tokens)
@@ -120,6 +143,8 @@ class GovernorState:
     arms: dict[bool, Arm] = field(default_factory=dict)  # k = 0 with (True) or without gate-prefetch
     stall: dict[int, float] = field(default_factory=dict)  # n verified tokens (n >= 2) -> stall per cycle
     release_misses: Callable[[], tuple[float, float] | None] | None = None  # k = 0 misses per token: now, released
+    # (misses now, released) of one token at one MoE layer -> how often (RoutingTrace.layer_misses); None: unknown
+    release_layers: Callable[[], dict[tuple[int, int], int] | None] | None = None
     model_cycles: float = 8.0  # k = 0 cycles the miss model is worth beside the measured ones
     arm_decay: float = 0.95  # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``)
 
@@ -293,7 +318,9 @@ class GovernorState:
         arm = self.arms[self.faster_arm()].total
         time = (arm.compute + arm.stall) / arm.cycles
         per_miss = arm.stall / arm.misses if arm.misses else 0.0
-        return 1.0 / max(time + per_miss * (then * scale - arm.misses / arm.cycles), 1e-12)
+        tally = self.release_layers() if self.release_layers is not None else None
+        per_miss_then = per_miss * queued_stall_ratio(tally, per_miss, self.t_copy) if tally else per_miss
+        return 1.0 / max(time - per_miss * arm.misses / arm.cycles + per_miss_then * then * scale, 1e-12)
 
     def release_pays(self) -> bool:
         released = self.theta_released()

@@ -20,6 +20,11 @@ and every verified one -- says something about it, so this class keeps them:
   cache size). Routing skew, locality and the cyclic walk over the layers are in the
   distances; a rate-based model sees only the first.
 
+With ``sizes`` (the slots now and with the draft released) the trace also tallies how
+many of each token's experts one layer misses at each size: the stall a layer's copies
+leave depends on how many queue on the link at once, not on the token's total alone
+(``GovernorState.queued_stall_ratio``).
+
 Distances beyond ``depth`` (the most slots the governor asks about) count as far. A
 distance is the number of distinct keys used since the key's last use, plus one: a
 Fenwick tree over access times, holding a 1 at each key's latest access, gives it in
@@ -35,8 +40,19 @@ Key = tuple[int, int]  # (layer, expert)
 
 
 class RoutingTrace:
-    def __init__(self, layers: list[int], num_experts: int, top_k: int, depth: int, resident: list[Key] = ()):
+    def __init__(
+        self,
+        layers: list[int],
+        num_experts: int,
+        top_k: int,
+        depth: int,
+        resident: list[Key] = (),
+        sizes: tuple[int, int] | None = None,
+    ):
         self.layers, self.num_experts, self.top_k, self.depth = list(layers), num_experts, top_k, depth
+        self.sizes = sizes
+        # (misses with sizes[0] slots, with sizes[1]) of one token at one layer -> how often
+        self.layer_misses: Counter[tuple[int, int]] = Counter()
         self.counts: Counter[Key] = Counter()
         self.tokens = 0  # tokens routed through every MoE layer
         self.accesses = 0  # replayed (layer, expert) accesses
@@ -64,18 +80,26 @@ class RoutingTrace:
         n = min(len(rows) for _, rows in per_layer)
         for t in range(n):
             for layer, rows in per_layer:
+                missed = [0, 0]
                 for e in rows[t]:
                     self.counts[(layer, e)] += 1
-                    self._access((layer, e))
+                    d = self._access((layer, e))
+                    if self.sizes is not None:
+                        for i, size in enumerate(self.sizes):
+                            missed[i] += d is None or d > size
+                if self.sizes is not None:
+                    self.layer_misses[(missed[0], missed[1])] += 1
         self.tokens += n
 
-    def _access(self, key: Key) -> None:
+    def _access(self, key: Key) -> int | None:
+        """Replay one access; its stack distance (None: first use)."""
         self.accesses += 1
         d = self._recency.use(key)
         if d is None or d > self.depth:
             self.far += 1
         else:
             self.distance[d] += 1
+        return d
 
     # -- the models -----------------------------------------------------------------
     def lru_misses(self, slots: int) -> float | None:
