@@ -47,6 +47,15 @@
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 #define MS_T 4 /* tokens per step */
+/* CALL(TB) with TB the size of the block of tokens starting here, as a constant 1..MS_T:
+ * each kernel's sums for a block then stay in registers */
+#define MS_BY_BLOCK(left, CALL)                                                                                      \
+    switch ((left) < MS_T ? (left) : MS_T) {                                                                         \
+    case 1: CALL(1); break;                                                                                          \
+    case 2: CALL(2); break;                                                                                          \
+    case 3: CALL(3); break;                                                                                          \
+    default: CALL(4); break;                                                                                         \
+    }
 
 int ms_version(void) { return 9; }
 int ms_simd(void) { return MS_AVX512 ? 512 : (MS_AVX2 ? 256 : 0); }
@@ -134,29 +143,6 @@ static inline __attribute__((always_inline)) void row_block(const float *x, long
         y[t * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
-static inline __attribute__((always_inline)) void rows_wt(const float *x, long ldx, const void *w, int wt, long K,
-                                                            float *y, long ldy, long T, long n0, long n1) {
-    for (long n = n0; n < n1; n++)
-        for (long t = 0; t < T; t += MS_T) { /* the row stays in L1 across token blocks */
-            const float *xt = x + t * ldx;
-            float *yt = y + t * ldy;
-            switch (T - t < MS_T ? T - t : MS_T) { /* constant trip counts keep acc in registers */
-            case 1: row_block(xt, ldx, w, wt, K, yt, ldy, n, 1); break;
-            case 2: row_block(xt, ldx, w, wt, K, yt, ldy, n, 2); break;
-            case 3: row_block(xt, ldx, w, wt, K, yt, ldy, n, 3); break;
-            default: row_block(xt, ldx, w, wt, K, yt, ldy, n, 4); break;
-            }
-        }
-}
-
-/* one specialised copy per weight dtype: the widening is then branch-free */
-static void rows(const float *x, long ldx, const void *w, int wt, long K, float *y, long ldy, long T, long n0, long n1) {
-    switch (wt) {
-    case W_F32: rows_wt(x, ldx, w, W_F32, K, y, ldy, T, n0, n1); break;
-    case W_BF16: rows_wt(x, ldx, w, W_BF16, K, y, ldy, T, n0, n1); break;
-    default: rows_wt(x, ldx, w, W_F16, K, y, ldy, T, n0, n1); break;
-    }
-}
 #elif MS_AVX2
 /* 8 weights at w + off widened to fp32; ``n`` < 8 of them (a row's tail) read through a
  * zeroed copy, so no load passes the row's end. */
@@ -239,21 +225,23 @@ static inline __attribute__((always_inline)) void row_block(const float *x, long
     for (int t = 0; t < TB; t++) y[t * ldy + n] = hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
+#endif
+
+#if MS_AVX512 || MS_AVX2
 static inline __attribute__((always_inline)) void rows_wt(const float *x, long ldx, const void *w, int wt, long K,
                                                             float *y, long ldy, long T, long n0, long n1) {
     for (long n = n0; n < n1; n++)
         for (long t = 0; t < T; t += MS_T) { /* the row stays in L1 across token blocks */
             const float *xt = x + t * ldx;
             float *yt = y + t * ldy;
-            switch (T - t < MS_T ? T - t : MS_T) { /* constant trip counts keep acc in registers */
-            case 1: row_block(xt, ldx, w, wt, K, yt, ldy, n, 1); break;
-            case 2: row_block(xt, ldx, w, wt, K, yt, ldy, n, 2); break;
-            case 3: row_block(xt, ldx, w, wt, K, yt, ldy, n, 3); break;
-            default: row_block(xt, ldx, w, wt, K, yt, ldy, n, 4); break;
-            }
+            /* constant trip counts keep acc in registers */
+#define MS_CALL(tb) row_block(xt, ldx, w, wt, K, yt, ldy, n, tb)
+            MS_BY_BLOCK(T - t, MS_CALL)
+#undef MS_CALL
         }
 }
 
+/* one specialised copy per weight dtype: the widening is then branch-free */
 static void rows(const float *x, long ldx, const void *w, int wt, long K, float *y, long ldy, long T, long n0, long n1) {
     switch (wt) {
     case W_F32: rows_wt(x, ldx, w, W_F32, K, y, ldy, T, n0, n1); break;
@@ -540,12 +528,10 @@ static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const ui
             const uint8_t *b = blocks + n * G * 16, *s = scales + n * G;
             const float *xt = x + t0 * ldx;
             float *yt = y + t0 * ldy + n;
-            switch (T - t0 < MS_T ? T - t0 : MS_T) { /* constant trip counts keep acc in registers */
-            case 1: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 1); break;
-            case 2: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 2); break;
-            case 3: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 3); break;
-            default: mxfp4_block(xt, ldx, b, s, G, yt, ldy, 4); break;
-            }
+            /* constant trip counts keep acc in registers */
+#define MS_CALL(tb) mxfp4_block(xt, ldx, b, s, G, yt, ldy, tb)
+            MS_BY_BLOCK(T - t0, MS_CALL)
+#undef MS_CALL
         }
     return;
 #endif
@@ -678,12 +664,9 @@ static void rows_nf4_bf16(const uint16_t *xb, const uint8_t *codes, const float 
         for (long t0 = 0; t0 < T; t0 += MS_T) {
             const uint16_t *xt = xb + t0 * K;
             float *yt = y + t0 * ldy + n;
-            switch (T - t0 < MS_T ? T - t0 : MS_T) {
-            case 1: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 1); break;
-            case 2: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 2); break;
-            case 3: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 3); break;
-            default: nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, 4); break;
-            }
+#define MS_CALL(tb) nf4_bf16_row(xt, b, s, lut, K, bs, yt, ldy, tb)
+            MS_BY_BLOCK(T - t0, MS_CALL)
+#undef MS_CALL
         }
     }
 }
@@ -739,12 +722,9 @@ static void rows_nf4_avx2(const float *xs, const uint8_t *codes, const float *ab
         for (long t0 = 0; t0 < T; t0 += MS_T) {
             const float *xt = xs + t0 * K;
             float *yt = y + t0 * ldy + n;
-            switch (T - t0 < MS_T ? T - t0 : MS_T) {
-            case 1: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 1); break;
-            case 2: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 2); break;
-            case 3: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 3); break;
-            default: nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, 4); break;
-            }
+#define MS_CALL(tb) nf4_row8(xt, K, b, s, per_scale, lo, hi, src, yt, ldy, tb)
+            MS_BY_BLOCK(T - t0, MS_CALL)
+#undef MS_CALL
         }
     }
 }
@@ -977,12 +957,9 @@ static void rows_fp8(const float *x, long ldx, const uint8_t *w, const float *sc
                 const uint8_t *row = w + n * K;
                 const float *srow = scales + (n / bm) * ncb, *xt = x + t0 * ldx;
                 float *yt = y + t0 * ldy + n;
-                switch (T - t0 < MS_T ? T - t0 : MS_T) {
-                case 1: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 1); break;
-                case 2: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 2); break;
-                case 3: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 3); break;
-                default: fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, 4); break;
-                }
+#define MS_CALL(tb) fp8_row8(xt, ldx, row, srow, bn, K, yt, ldy, tb)
+                MS_BY_BLOCK(T - t0, MS_CALL)
+#undef MS_CALL
             }
         return;
     }
