@@ -182,11 +182,11 @@ static inline __m256 lut16(__m256 lo, __m256 hi, __m256i idx) {
 
 /* acc[t][j] += w[c] * x[t][c * 8 ..] for the chunks c of a 32-weight group in a fixed
  * order (j = c % 2), the inner step of the 4-bit kernels */
-static inline __attribute__((always_inline)) void fma_group8(__m256 (*acc)[2], int TB, const __m256 *w, const int *at,
-                                                               const float *x, long ldx) {
+static inline __attribute__((always_inline)) void fma_group8(__m256 (*acc)[2], int TB, const __m256 *w, const float *x,
+                                                               long ldx) {
     for (int c = 0; c < 4; c++)
         for (int t = 0; t < TB; t++)
-            acc[t][c & 1] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + t * ldx + at[c]), acc[t][c & 1]);
+            acc[t][c & 1] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + t * ldx + 8 * c), acc[t][c & 1]);
 }
 
 #define MS_PF 8192 /* bytes of weight prefetched ahead */
@@ -499,7 +499,6 @@ static inline void store_pairs(__m512 (*acc)[2], int TB, float *y, long ldy) {
  * a time, times the block's scale (exact), into two sums a (row, token) by chunk of 8. */
 static inline __attribute__((always_inline)) void mxfp4_block(const float *x, long ldx, const uint8_t *b,
                                                                 const uint8_t *s, long G, float *y, long ldy, int TB) {
-    static const int at[4] = {0, 8, 16, 24};
     const __m256 lo = _mm256_loadu_ps(FP4), hi = _mm256_loadu_ps(FP4 + 8);
     const __m128i low = _mm_set1_epi8(0x0F);
     __m256 acc[MS_T][2];
@@ -513,7 +512,7 @@ static inline __attribute__((always_inline)) void mxfp4_block(const float *x, lo
                        _mm256_mul_ps(lut16(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))), sc),
                        _mm256_mul_ps(lut16(lo, hi, _mm256_cvtepu8_epi32(c1)), sc),
                        _mm256_mul_ps(lut16(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))), sc)};
-        fma_group8(acc, TB, w, at, x + g * 32, ldx);
+        fma_group8(acc, TB, w, x + g * 32, ldx);
     }
     for (int t = 0; t < TB; t++) y[t * ldy] = hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
@@ -533,8 +532,7 @@ static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const ui
             MS_BY_BLOCK(T - t0, MS_CALL)
 #undef MS_CALL
         }
-    return;
-#endif
+#else
 #if MS_AVX512
     const __m512 lut = _mm512_loadu_ps(FP4);
     const __m128i low = _mm_set1_epi8(0x0F);
@@ -574,6 +572,7 @@ static void rows_mxfp4(const float *x, long ldx, const uint8_t *blocks, const ui
 #endif
         }
     }
+#endif
 }
 
 typedef struct {
@@ -684,8 +683,6 @@ static inline void nf4_w32(const uint8_t *b, __m256 lo, __m256 hi, __m256 sc, __
     }
 }
 
-static const int NF4_AT[4] = {0, 8, 16, 24};
-
 /* one row against TB tokens: dequantized as it streams (buf NULL), or read back from buf */
 static inline __attribute__((always_inline)) void nf4_row8(const float *xs, long K, const uint8_t *b, const float *s,
                                                              long per_scale, __m256 lo, __m256 hi, const float *buf,
@@ -698,7 +695,7 @@ static inline __attribute__((always_inline)) void nf4_row8(const float *xs, long
             for (int c = 0; c < 4; c++) w[c] = _mm256_loadu_ps(buf + g * 32 + 8 * c);
         else
             nf4_w32(b + g * 16, lo, hi, _mm256_set1_ps(s[g / per_scale]), w);
-        fma_group8(acc, TB, w, NF4_AT, xs + g * 32, K);
+        fma_group8(acc, TB, w, xs + g * 32, K);
     }
     for (int t = 0; t < TB; t++) y[t * ldy] = hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
@@ -732,11 +729,10 @@ static void rows_nf4_avx2(const float *xs, const uint8_t *codes, const float *ab
 
 static void rows_nf4(const float *xs, const uint8_t *codes, const float *absmax, const float *table, long K, long bs,
                      float *y, long ldy, long T, long n0, long n1, float *buf) {
-    long G = K / 32, per_row = K / bs, per_scale = bs / 32;
 #if MS_AVX2
     rows_nf4_avx2(xs, codes, absmax, table, K, bs, y, ldy, T, n0, n1, buf);
-    return;
-#endif
+#else
+    long G = K / 32, per_row = K / bs, per_scale = bs / 32;
 #if MS_AVX512
     const __m512 lut = _mm512_loadu_ps(table);
 #endif
@@ -795,6 +791,7 @@ static void rows_nf4(const float *xs, const uint8_t *codes, const float *absmax,
         }
 #endif
     }
+#endif
 }
 
 typedef struct {

@@ -146,17 +146,19 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
     curves: dict = {}
 
     def curve(name: str, bind, x_dtype: torch.dtype, weight_bytes: Callable[[int, int], int], tokens=TOKENS) -> None:
-        """``bind(h, i)`` makes one copy of the weights and returns ``fn(x)`` computing with it."""
+        """``bind(h, i, made)`` makes one copy of the weights (``copies(made, ...)``: drawn once
+        a shape) and returns ``fn(x)`` computing with it."""
         variants = [(name, None)]
         if busy_file is not None and device.type == "cpu":
             variants.append((f"{name}@busy", busy_file))
         weights = {}  # made once per shape for both variants (quantizing a draft's takes seconds)
+        made: dict = {}  # each shape's draw, which the copies are copies of
         for label, background in variants:
             say(f"kernel {label}")
             rows, sizes, ops = [], [], 1
             for h, i in SHAPES:
                 if (h, i) not in weights:
-                    weights[h, i] = [bind(h, i) for _ in range(max(1, -(-COLD_BYTES // weight_bytes(h, i))))]
+                    weights[h, i] = [bind(h, i, made) for _ in range(max(1, -(-COLD_BYTES // weight_bytes(h, i))))]
                 copies = weights[h, i]
                 calls = []
                 for t in tokens:
@@ -184,7 +186,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         linears = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
     for wd, xd in linears:
 
-        def bind_linear(h, i, wd=wd, made={}):  # noqa: B006 (the draws of this curve)
+        def bind_linear(h, i, made, wd=wd):
             from moespeq_cli.kernels.modules import dense
 
             (w,) = copies(made, (h, i), lambda h=h, i=i, wd=wd: [torch.randn(i, h, device=device).to(wd)])
@@ -198,7 +200,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         pairs = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
     for wd, xd in pairs:
 
-        def bind_expert(h, i, wd=wd, made={}):  # noqa: B006 (the draws of this curve)
+        def bind_expert(h, i, made, wd=wd):
             def draw(h=h, i=i, wd=wd):
                 return [torch.randn(*s, device=device).to(wd) for s in ((i, h), (i, h), (h, i))]
 
@@ -213,7 +215,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
 
         for fmt in other_formats():
 
-            def bind_format(h, i, fmt=fmt, made={}):  # noqa: B006 (the draws of this curve)
+            def bind_format(h, i, made, fmt=fmt):
                 parts = copies(made, (h, i), lambda h=h, i=i, fmt=fmt: random_parts(fmt, h, i))
                 return lambda x: expert_forward(fmt, x, parts, fast=True)
 
@@ -229,9 +231,7 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
         if q is None:
             continue
 
-        made: dict = {}  # one quantized expert per shape; its copies are copies of its bytes
-
-        def bind_draft(h, i, path=path, made=made):
+        def bind_draft(h, i, made, path=path):  # one quantized expert a shape; copies of its bytes
             if (h, i) not in made:
                 made[h, i] = _draft(path, device, h, i)
             qe = copy.deepcopy(made[h, i])

@@ -70,11 +70,11 @@ class Speculation:
                 c.top_k,
                 self.cache.slots + state.spare_slots,
                 list(self.cache.slot_of),
-                sizes=(self.cache.slots, self.cache.slots + state.spare_slots),
+                # LRU: each layer's misses at both sizes (CPU experts keep a static set: not tallied)
+                sizes=None if target.policy.host_compute else (self.cache.slots, self.cache.slots + state.spare_slots),
             )
             state.release_misses = self.release_misses
-            if not target.policy.host_compute:  # LRU: each layer's misses at both sizes (a static set: not tallied)
-                state.release_layers = self.release_layers
+            state.release_layers = self.release_layers
         self.governor = Governor(state, fixed=fixed_k if self.draft is not None else 0)  # no draft: k = 0
         self.scheduler = ElbScheduler(model, tiers, backend, target, self.governor)
         self.scheduler.on_release = self.release_draft
@@ -112,9 +112,10 @@ class Speculation:
 
     def release_layers(self) -> dict[tuple[int, int], int] | None:
         """How often a routed token missed (a, b) experts at one layer, now and with the
-        draft released (``RoutingTrace.layer_misses``; None before any token)."""
+        draft released (``RoutingTrace.layer_misses``; None before any token, or with CPU
+        experts, whose trace does not tally them)."""
         trace = self.target.trace
-        return dict(trace.layer_misses) if trace is not None and trace.tokens else None
+        return dict(trace.layer_misses) if trace is not None and trace.layer_misses else None
 
     def release_misses(self) -> tuple[float, float] | None:
         """Expected misses per token of plain decoding (now, with the draft released),
