@@ -249,6 +249,80 @@ def test_rmsnorm_and_rope_match_torch():
     assert torch.equal(kernels.rope(q, cos, sin), apply_rope(q, cos, sin))
 
 
+def attention_reference(q, k, v, start, scale, window=None, sinks=None):
+    """float64 attention of q [H, T, d] at positions [start, start+T) over k [Hkv, L, d],
+    v [Hkv, L, dv], causal (within ``window``), with gpt-oss's sink logit a head."""
+    H, T, _ = q.shape
+    L = k.shape[1]
+    k, v = (a.double().repeat_interleave(H // a.shape[0], 0) for a in (k, v))
+    scores = q.double() @ k.transpose(1, 2) * scale
+    pos, key = torch.arange(start, start + T)[:, None], torch.arange(L)[None]
+    seen = key <= pos
+    if window:
+        seen &= key > pos - window
+    scores = scores.masked_fill(~seen, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double().view(H, 1, 1).expand(H, T, 1)], -1)
+    return (torch.softmax(scores, -1)[..., :L] @ v).transpose(0, 1).reshape(T, -1)
+
+
+# (heads, kv heads, key dim, value dim, queries, start, window, sinks): grouped and not,
+# ragged head dims (a tail past the 8-wide chunks, MLA's value dim below the key's),
+# sliding windows shorter than the cache, a verification-sized block, a prefill of 64
+ATTENTION_CASES = [
+    (8, 8, 128, 128, 1, 95, None, False),
+    (8, 2, 64, 64, 3, 10, None, False),
+    (4, 1, 19, 11, 5, 0, None, False),
+    (8, 4, 32, 40, 4, 40, 16, False),
+    (4, 2, 24, 24, 6, 30, 8, True),
+    (2, 2, 12, 12, 2, 3, None, True),
+    (16, 4, 80, 80, 64, 0, None, False),
+]
+
+
+def check_attention(call):
+    """``call(q, k, v, start, scale, window, sinks)`` gives the reference, and each query
+    computed alone (over the cache as it stood at its step) gives its row bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    for H, Hkv, d, dv, T, start, window, with_sinks in ATTENTION_CASES:
+        L = start + T
+        # the cache as the model keeps it: views into longer buffers
+        k = torch.randn(Hkv, L + 9, d, generator=g)[:, :L]
+        v = torch.randn(Hkv, L + 9, dv, generator=g)[:, :L]
+        q = torch.randn(T, H, d, generator=g).transpose(0, 1)  # [H, T, d], as the model's
+        sinks = torch.randn(H, generator=g) if with_sinks else None
+        scale = d**-0.5
+        got = call(q, k, v, start, scale, window, sinks)
+        assert scaled_err(got, attention_reference(q, k, v, start, scale, window, sinks)) < FP32_TOL, (H, Hkv, d, T)
+        alone = [call(q[:, t : t + 1], k[:, : start + t + 1], v[:, : start + t + 1], start + t, scale, window, sinks)
+                 for t in range(T)]  # fmt: skip
+        assert torch.equal(torch.cat(alone), got), (H, Hkv, d, T)
+
+
+def lib_attention(lib, q, k, v, start, scale, window, sinks):
+    """``ms_attend`` of a library built here, called directly."""
+    H, T, d = q.shape
+    Hkv, L, dv = v.shape
+    out = torch.empty(T, H * dv)
+    strides = (*q.stride()[:2], k.data_ptr(), *k.stride()[:2], v.data_ptr(), *v.stride()[:2])
+    sink_ptr = None if sinks is None else sinks.data_ptr()
+    args = (H, Hkv, T, L, d, dv, start, window or 0, scale)
+    assert lib.ms_attend(q.data_ptr(), *strides, sink_ptr, out.data_ptr(), *args)
+    return out
+
+
+def test_attention_matches_the_reference_and_does_not_depend_on_the_batch():
+    check_attention(kernels.attention)
+
+
+def test_attention_leaves_what_it_does_not_take_to_torch():
+    q, k = torch.randn(2, 1, 8), torch.randn(2, 5, 8)
+    assert kernels.attention(q.double(), k.double(), k.double(), 4, 0.3) is None  # not fp32
+    assert kernels.attention(torch.randn(2, kernels.MAX_ROWS + 1, 8), k, k, 0, 0.3) is None  # a long prefill
+    strided = torch.randn(2, 5, 16)[..., ::2]
+    assert kernels.attention(q, strided, strided, 4, 0.3) is None  # a strided head dim
+
+
 def test_no_compiler_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(build, "_lib", False)
     monkeypatch.setattr(build, "_compiler", lambda: None)
@@ -428,6 +502,8 @@ def test_the_plain_and_avx2_paths_are_exact_and_batch_invariant(tmp_path, march,
     want = gpt_oss_experts(1.702, 7.0).forward(xs.double(), [p.double() for p in parts])
     assert scaled_err(together, want) < 1e-5
     assert torch.equal(torch.cat([expert_t(xs[i : i + 1].clone()) for i in range(5)]), together)
+    # attention over the cache on this path
+    check_attention(lambda *a: lib_attention(lib, *a))
 
 
 def test_the_fp32_4bit_path_without_avx512_bf16(tmp_path):

@@ -290,3 +290,43 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     out = torch.empty(heads, T, d, dtype=torch.float32)
     _lib().ms_rope(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), heads, T, d)
     return out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``models.base.attend`` in one call (``ms_attend``): T queries ``q [H, T, d]`` at
+    positions [start, start+T) over the cached ``k [Hkv, L, d]``, ``v [Hkv, L, dv]`` ->
+    ``[T, H * dv]``, each (query, head) computed alone in a fixed order, so the result
+    does not depend on T (SDPA's need not be). ``sinks [H]``: gpt-oss's extra logit a
+    head. None where it does not take the shapes (other dtypes, more than ``MAX_ROWS``
+    queries: a prefill, strided last dimensions): the caller's torch path then."""
+    H, T, d = q.shape
+    Hkv, L, dv = v.shape
+    if not (
+        q.dtype == k.dtype == v.dtype == torch.float32
+        and q.device.type == k.device.type == v.device.type == "cpu"
+        and T <= MAX_ROWS
+        and k.shape[:2] == (Hkv, L)
+        and k.shape[2] == d
+        and H % Hkv == 0
+        and q.stride(2) == k.stride(2) == v.stride(2) == 1
+        and (sinks is None or (sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.numel() == H))
+        and _lib() is not None
+    ):
+        return None
+    if T == 1 and not (window and L > window):
+        start = L - 1  # as attend: one query with no mask sees every key
+    out = torch.empty(T, H * dv, dtype=torch.float32)
+    done = _lib().ms_attend(
+        q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+        v.data_ptr(), v.stride(0), v.stride(1), None if sinks is None else sinks.data_ptr(), out.data_ptr(),
+        H, Hkv, T, L, d, dv, start, window or 0, scale,
+    )  # fmt: skip
+    return out if done else None

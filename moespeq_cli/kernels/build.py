@@ -97,6 +97,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_rmsnorm.restype = None
     lib.ms_rope.argtypes = [p, L, L, p, p, p, L, L, L]
     lib.ms_rope.restype = None
+    lib.ms_attend.argtypes = [p, L, L, p, L, L, p, L, L, p, p, L, L, L, L, L, L, L, L, f]
+    lib.ms_attend.restype = i
     lib.ms_hold.argtypes = [i]
     lib.ms_hold.restype = None
 

@@ -57,7 +57,7 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
     default: CALL(4); break;                                                                                         \
     }
 
-int ms_version(void) { return 9; }
+int ms_version(void) { return 10; }
 int ms_simd(void) { return MS_AVX512 ? 512 : (MS_AVX2 ? 256 : 0); }
 #if MS_AVX512 && defined(__AVX512BF16__)
 #define MS_BF16DOT 1
@@ -1239,4 +1239,144 @@ void ms_rope(const float *x, long sh, long st, const float *cos, const float *si
             for (long i = 0; i < h; i++) o[i] = xr[i] * c[i] + (-xr[i + h]) * s[i];
             for (long i = h; i < d; i++) o[i] = xr[i] * c[i] + xr[i - h] * s[i];
         }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Attention of T new queries over the cache (decoding and verification), one call a     */
+/* layer instead of torch's SDPA (about 50 us a call at one query on two cores, most of   */
+/* it set-up). Query t sits at position start + t and sees keys l <= start + t (and       */
+/* l > start + t - window with a sliding window); query head h reads kv head h / G.       */
+/* Each (query, head) is computed alone in a fixed order -- scores (a dot product in 8    */
+/* partial sums), their maximum, exp and sum in order of l, the values weighted in order  */
+/* of l, then divided by the sum -- so a result does not depend on T: verification over   */
+/* k + 1 tokens gives what k + 1 single steps give, bit for bit. With ``sinks`` (gpt-oss) */
+/* each head's softmax has one more logit, sinks[h], whose share is dropped.              */
+
+typedef struct {
+    const float *q, *k, *v, *sinks;
+    float *out;
+    long qh, qt, kh, kl, vh, vl; /* strides (elements): q[h, t], k[g, l], v[g, l] */
+    long H, G, T, L, d, dv, start, window;
+    float scale;
+    _Atomic long next;
+} attend_args;
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float att_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* q . k over d: eight lanes along d in order, summed across, then the last d % 8 in order */
+static inline float att_finish(__m256 acc, const float *q, const float *k, long d) {
+    float r = att_hsum8(acc);
+    for (long i = d & ~7L; i < d; i++) r = fmaf(q[i], k[i], r);
+    return r;
+}
+#endif
+
+/* s[l - l0] = scale * q . k[l] for l in [l0, l1) */
+static void att_scores(const float *q, const float *kg, long kl, long d, long l0, long l1, float scale, float *s) {
+    long l = l0;
+#if defined(__AVX2__) && defined(__FMA__)
+    long d8 = d & ~7L;
+    for (; l + 4 <= l1; l += 4) { /* four keys at once: four independent chains */
+        const float *k0 = kg + l * kl, *k1 = k0 + kl, *k2 = k1 + kl, *k3 = k2 + kl;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long i = 0; i < d8; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+        }
+        s[l - l0] = att_finish(a0, q, k0, d) * scale;
+        s[l + 1 - l0] = att_finish(a1, q, k1, d) * scale;
+        s[l + 2 - l0] = att_finish(a2, q, k2, d) * scale;
+        s[l + 3 - l0] = att_finish(a3, q, k3, d) * scale;
+    }
+    for (; l < l1; l++) { /* the same arithmetic, one key */
+        const float *kr = kg + l * kl;
+        __m256 a = _mm256_setzero_ps();
+        for (long i = 0; i < d8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kr + i), a);
+        s[l - l0] = att_finish(a, q, kr, d) * scale;
+    }
+#else
+    for (; l < l1; l++) {
+        const float *kr = kg + l * kl;
+        float p[8] = {0};
+        long i = 0;
+        for (; i + 8 <= d; i += 8)
+            for (int j = 0; j < 8; j++) p[j] += q[i + j] * kr[i + j];
+        for (; i < d; i++) p[i & 7] += q[i] * kr[i];
+        s[l - l0] = (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) * scale;
+    }
+#endif
+}
+
+/* o[c] = sum over l in order of p[l] v[l][c], divided by ``sum`` */
+static void att_values(const float *p, const float *vg, long vl, long dv, long n, float sum, float *o) {
+    long c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 div = _mm256_set1_ps(sum);
+    for (; c + 32 <= dv; c += 32) { /* 32 outputs in registers across every key */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long l = 0; l < n; l++) {
+            const float *vr = vg + l * vl + c;
+            __m256 pv = _mm256_set1_ps(p[l]);
+            a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr), a0);
+            a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + 8), a1);
+            a2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + 16), a2);
+            a3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + 24), a3);
+        }
+        _mm256_storeu_ps(o + c, _mm256_div_ps(a0, div));
+        _mm256_storeu_ps(o + c + 8, _mm256_div_ps(a1, div));
+        _mm256_storeu_ps(o + c + 16, _mm256_div_ps(a2, div));
+        _mm256_storeu_ps(o + c + 24, _mm256_div_ps(a3, div));
+    }
+#endif
+    for (; c < dv; c++) {
+        float a = 0.0f;
+        for (long l = 0; l < n; l++) a = fmaf(p[l], vg[l * vl + c], a);
+        o[c] = a / sum;
+    }
+}
+
+static void attend_one(const attend_args *a, long t, long h, float *s) {
+    const float *q = a->q + h * a->qh + t * a->qt;
+    const float *kg = a->k + (h / a->G) * a->kh, *vg = a->v + (h / a->G) * a->vh;
+    long pos = a->start + t, l1 = pos + 1 < a->L ? pos + 1 : a->L, l0 = 0;
+    if (a->window > 0 && pos - a->window + 1 > 0) l0 = pos - a->window + 1;
+    att_scores(q, kg, a->kl, a->d, l0, l1, a->scale, s);
+    float m = a->sinks ? a->sinks[h] : -INFINITY, sum = 0.0f;
+    for (long l = 0; l < l1 - l0; l++) m = s[l] > m ? s[l] : m;
+    if (a->sinks) sum = expf(a->sinks[h] - m);
+    for (long l = 0; l < l1 - l0; l++) {
+        s[l] = expf(s[l] - m);
+        sum += s[l];
+    }
+    att_values(s, vg + l0 * a->vl, a->vl, a->dv, l1 - l0, sum, a->out + t * a->H * a->dv + h * a->dv);
+}
+
+static void attend_job(void *p) {
+    attend_args *a = p;
+    float *s = malloc((size_t)(a->L > 0 ? a->L : 1) * sizeof(float));
+    if (!s) return; /* the units left to the others (none left at all: ms_attend says 0) */
+    for (long u; (u = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < a->T * a->H;)
+        attend_one(a, u / a->H, u % a->H, s);
+    free(s);
+}
+
+/* out[T, H * dv] (contiguous) from q [H, T, d], k [Hkv, L, d], v [Hkv, L, dv] (strides in
+ * elements, the last dimension contiguous); window <= 0: none; sinks [H] or NULL. Returns 0 when scratch
+ * memory could not be had (nothing trustworthy was written: the caller falls back). */
+int ms_attend(const float *q, long qh, long qt, const float *k, long kh, long kl, const float *v, long vh, long vl,
+              const float *sinks, float *out, long H, long Hkv, long T, long L, long d, long dv, long start, long window,
+              float scale) {
+    attend_args a = {.q = q, .k = k, .v = v, .sinks = sinks, .out = out, .qh = qh, .qt = qt, .kh = kh, .kl = kl, .vh = vh, .vl = vl,
+                     .H = H, .G = H / Hkv, .T = T, .L = L, .d = d, .dv = dv, .start = start, .window = window,
+                     .scale = scale, .next = 0};
+    run(attend_job, &a, T * H * L * (d + dv) >= (1L << 18));
+    return atomic_load_explicit(&a.next, memory_order_relaxed) >= T * H;
 }

@@ -2,7 +2,8 @@
 ``kernels.linear`` (its weight kept in the checkpoint's dtype, activations fp32), every
 ``nn.Embedding`` looks up rows in that dtype and widens them, attention's q, k and v
 projections run as one product (one call and one weight stream instead of three), and
-RMSNorm and the rotary embedding run as one call each instead of several torch ops.
+RMSNorm, the rotary embedding and attention itself (decoding's and verification's few
+queries over the cache) run as one call each instead of several torch ops.
 
 The module tree and its parameter names are unchanged (forward hooks, the op counter and
 ``load_state_dict`` see the same modules); only ``forward`` is rebound per instance.
@@ -53,11 +54,23 @@ def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, self.weight).to(self.out_dtype)
 
 
+def _attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    spec = getattr(self, "s", None)  # MLA has no spec: no sliding window
+    sinks = getattr(self, "sinks", None)  # gpt-oss
+    out = kernels.attention(
+        q, k, v, start, self.scale, spec.window if spec else None, None if sinks is None else sinks.float()
+    )
+    return out if out is not None else type(self).core(self, q, k, v, start)
+
+
 def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
     from moespeq_cli.models.base import Attention, RMSNorm, fuse_attention_projections
+    from moespeq_cli.models.deepseek_v2 import MLAttention
 
     fuse_attention_projections(model, dense)
     for m in model.modules():
+        if isinstance(m, Attention | MLAttention):
+            m.core = types.MethodType(_attention_core, m)
         if isinstance(m, Attention):
             m.rotate = kernels.rope
         elif type(m) is RMSNorm and m.weight.dtype == torch.float32 == act_dtype:

@@ -121,7 +121,11 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         start = cache.length
         k_all, v_all = cache.write(layer, k, v.contiguous())
-        return self.o_proj(attend(q, k_all, v_all, start, self.scale))
+        return self.o_proj(self.core(q, k_all, v_all, start))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention over the cache: [H, T, qk] queries, [H, L, qk] keys, [H, L, dv] values."""
+        return attend(q, k, v, start, self.scale)
 
 
 class Model(CausalLM):

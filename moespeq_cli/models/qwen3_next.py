@@ -40,7 +40,6 @@ from moespeq_cli.models.base import (
     DecoderLayer,
     GatedMLP,
     KVCache,
-    attend,
     softmax_topk,
 )
 from moespeq_cli.models.config import need
@@ -122,7 +121,7 @@ class GatedAttention(Attention):
         q, k = self.rotate_qk(q, k, cos, sin)
         start = cache.length
         k_all, v_all = cache.write(layer, k, v)
-        out = attend(q, k_all, v_all, start, self.scale)
+        out = self.core(q, k_all, v_all, start)
         return self.o_proj(out * torch.sigmoid(gate.reshape(T, -1)))
 
 
