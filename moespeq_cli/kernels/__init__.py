@@ -34,6 +34,7 @@ WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_ROWS = 64  # beyond this (prefill) a GEMM library does better than a GEMV kernel
 _pool = 0  # the pool's threads, once started
 _claimed = False
+_loaded: ctypes.CDLL | None = None  # the library the pool was started in
 
 
 def available() -> bool:
@@ -41,12 +42,14 @@ def available() -> bool:
 
 
 def _lib() -> ctypes.CDLL | None:
-    global _pool
+    global _pool, _loaded
+    if _pool:  # started: the library it runs (asked for on every kernel call)
+        return _loaded
     lib = library()
-    if lib is not None and not _pool:
+    if lib is not None:
         # torch's thread count at first use (``--cpu-threads`` sets it); workers spin a little
         # between calls (MOESPEQ_KERNEL_SPIN pause iterations), then sleep
-        _pool = lib.ms_init(max(1, torch.get_num_threads()), _spin())
+        _pool, _loaded = lib.ms_init(max(1, torch.get_num_threads()), _spin()), lib
     return lib
 
 
@@ -100,20 +103,23 @@ def why_unavailable() -> str | None:
 
 
 def _rows(x: torch.Tensor, *ws: torch.Tensor) -> bool:
-    """What every kernel needs of the activations and the weights' tensors."""
-    return (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.dim() == 2
-        and x.shape[0] <= MAX_ROWS
-        and all(w.device.type == "cpu" and w.is_contiguous() for w in ws)
-        and _lib() is not None
-    )
+    """What every kernel needs of the activations and the weights' tensors (checked on
+    every call of a decoding step: plain loops and ``is_cpu``, a few microseconds less a
+    call than generators and ``device.type``)."""
+    if not (x.dtype == torch.float32 and x.is_cpu and x.dim() == 2 and x.shape[0] <= MAX_ROWS):
+        return False
+    for w in ws:
+        if not (w.is_cpu and w.is_contiguous()):
+            return False
+    return _lib() is not None
 
 
 def takes(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     """Whether the kernels compute ``x`` against weights ``ws`` (else: torch)."""
-    return all(w.dtype in WTYPES for w in ws) and _rows(x, *ws)
+    for w in ws:
+        if w.dtype not in WTYPES:
+            return False
+    return _rows(x, *ws)
 
 
 def _product(call, x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
