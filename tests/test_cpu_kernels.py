@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from moespeq_cli import kernels
 from moespeq_cli.kernels import build
-from moespeq_cli.models.base import RMSNorm
+from moespeq_cli.models.base import RMSNorm, attend
 from moespeq_cli.models.rope import apply_rope
 from moespeq_cli.runtime.executors.experts import expert_mlp
 
@@ -313,6 +313,19 @@ def lib_attention(lib, q, k, v, start, scale, window, sinks):
 
 def test_attention_matches_the_reference_and_does_not_depend_on_the_batch():
     check_attention(kernels.attention)
+
+
+def test_attention_of_one_query_without_a_mask_sees_every_key_as_attend():
+    """``attend`` masks nothing for one query (and no window shorter than the cache), so
+    it sees every key wherever ``start`` is; and a query that sees no key gets zeros."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(4, 1, 16, generator=g), torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    for window in (None, 16):
+        want = attend(q, k, v, 2, 0.25, window)
+        assert scaled_err(kernels.attention(q, k, v, 2, 0.25, window), want.double()) < FP32_TOL
+    qs = torch.randn(4, 3, 16, generator=g)
+    blind = kernels.attention(qs, k, v, 20, 0.25, 4)  # positions 20-22, a window of 4: no key in the cache
+    assert torch.equal(blind, torch.zeros(3, 4 * 16)) and torch.equal(blind, attend(qs, k, v, 20, 0.25, 4))
 
 
 def test_attention_leaves_what_it_does_not_take_to_torch():

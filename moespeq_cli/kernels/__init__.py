@@ -311,19 +311,25 @@ def attention(
     positions [start, start+T) over the cached ``k [Hkv, L, d]``, ``v [Hkv, L, dv]`` ->
     ``[T, H * dv]``, each (query, head) computed alone in a fixed order, so the result
     does not depend on T (SDPA's need not be). ``sinks [H]``: gpt-oss's extra logit a
-    head. None where it does not take the shapes (other dtypes, more than ``MAX_ROWS``
-    queries: a prefill, strided last dimensions): the caller's torch path then."""
+    head. None where it does not take them (not fp32 on the CPU, more than ``MAX_ROWS``
+    queries: a prefill, a strided last dimension, heads not a multiple of the kv heads,
+    sinks of another size, or no scratch memory): the caller's torch path then."""
     H, T, d = q.shape
     Hkv, L, dv = v.shape
     if not (
         q.dtype == k.dtype == v.dtype == torch.float32
-        and q.device.type == k.device.type == v.device.type == "cpu"
+        and q.is_cpu
+        and k.is_cpu
+        and v.is_cpu
         and T <= MAX_ROWS
         and k.shape[:2] == (Hkv, L)
         and k.shape[2] == d
         and H % Hkv == 0
         and q.stride(2) == k.stride(2) == v.stride(2) == 1
-        and (sinks is None or (sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.numel() == H))
+        and (
+            sinks is None
+            or (sinks.dtype == torch.float32 and sinks.is_cpu and sinks.is_contiguous() and sinks.numel() == H)
+        )
         and _lib() is not None
     ):
         return None

@@ -1348,6 +1348,11 @@ static void attend_one(const attend_args *a, long t, long h, float *s) {
     const float *kg = a->k + (h / a->G) * a->kh, *vg = a->v + (h / a->G) * a->vh;
     long pos = a->start + t, l1 = pos + 1 < a->L ? pos + 1 : a->L, l0 = 0;
     if (a->window > 0 && pos - a->window + 1 > 0) l0 = pos - a->window + 1;
+    float *o = a->out + t * a->H * a->dv + h * a->dv;
+    if (l1 <= l0) { /* no key to see (no caller's cache is shorter than its queries): zeros, as SDPA */
+        for (long c = 0; c < a->dv; c++) o[c] = 0.0f;
+        return;
+    }
     att_scores(q, kg, a->kl, a->d, l0, l1, a->scale, s);
     float m = a->sinks ? a->sinks[h] : -INFINITY, sum = 0.0f;
     for (long l = 0; l < l1 - l0; l++) m = s[l] > m ? s[l] : m;
@@ -1356,7 +1361,7 @@ static void attend_one(const attend_args *a, long t, long h, float *s) {
         s[l] = expf(s[l] - m);
         sum += s[l];
     }
-    att_values(s, vg + l0 * a->vl, a->vl, a->dv, l1 - l0, sum, a->out + t * a->H * a->dv + h * a->dv);
+    att_values(s, vg + l0 * a->vl, a->vl, a->dv, l1 - l0, sum, o);
 }
 
 static void attend_job(void *p) {
@@ -1377,6 +1382,7 @@ int ms_attend(const float *q, long qh, long qt, const float *k, long kh, long kl
     attend_args a = {.q = q, .k = k, .v = v, .sinks = sinks, .out = out, .qh = qh, .qt = qt, .kh = kh, .kl = kl, .vh = vh, .vl = vl,
                      .H = H, .G = H / Hkv, .T = T, .L = L, .d = d, .dv = dv, .start = start, .window = window,
                      .scale = scale, .next = 0};
-    run(attend_job, &a, T * H * L * (d + dv) >= (1L << 18));
+    long keys = window > 0 && window + T < L ? window + T : L; /* at most, a query */
+    run(attend_job, &a, T * H * keys * (d + dv) >= (1L << 18));
     return atomic_load_explicit(&a.next, memory_order_relaxed) >= T * H;
 }

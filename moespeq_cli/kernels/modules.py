@@ -55,11 +55,10 @@ def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    spec = getattr(self, "s", None)  # MLA has no spec: no sliding window
-    sinks = getattr(self, "sinks", None)  # gpt-oss
-    out = kernels.attention(
-        q, k, v, start, self.scale, spec.window if spec else None, None if sinks is None else sinks.float()
-    )
+    sinks = self._parameters.get("sinks")  # gpt-oss's (a dict read: no nn.Module.__getattr__)
+    if sinks is not None and sinks.dtype != torch.float32:
+        sinks = sinks.float()
+    out = kernels.attention(q, k, v, start, self.scale, self.kernel_window, sinks)
     return out if out is not None else type(self).core(self, q, k, v, start)
 
 
@@ -70,6 +69,7 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
     fuse_attention_projections(model, dense)
     for m in model.modules():
         if isinstance(m, Attention | MLAttention):
+            m.kernel_window = m.s.window if isinstance(m, Attention) else None  # MLA: no sliding window
             m.core = types.MethodType(_attention_core, m)
         if isinstance(m, Attention):
             m.rotate = kernels.rope

@@ -102,7 +102,7 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
         # numpy's argmax, the same answer (the first maximum; a NaN first of all) in 10 us
         # where torch's takes 50-75 over a 32k vocabulary on one thread
         refuse_total(float(logits_total(rows)))
-        return rows.numpy().argmax(-1).tolist()
+        return rows.detach().numpy().argmax(-1).tolist()
     *best, total = torch.cat((torch.argmax(rows, dim=-1).double(), logits_total(rows).view(1))).tolist()
     refuse_total(total)
     return [int(b) for b in best]
