@@ -328,6 +328,34 @@ def test_attention_of_one_query_without_a_mask_sees_every_key_as_attend():
     assert torch.equal(blind, torch.zeros(3, 4 * 16)) and torch.equal(blind, attend(qs, k, v, 20, 0.25, 4))
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
+def test_a_dense_gated_mlp_runs_as_one_batch_invariant_kernel_call(act):
+    """Dense MLPs and shared experts (GatedMLP) on the cpu backend: the gated kernel, the
+    reference's values, and rows that do not depend on the batch on a width that is not a
+    multiple of 16 (where torch's activations split a row between their vector body and
+    scalar tail differently for one token and for several)."""
+    from moespeq_cli.kernels.modules import use_cpu_kernels
+    from moespeq_cli.models.base import GATE_ACTIVATIONS, GatedMLP
+
+    torch.manual_seed(3)
+    mlp = use_cpu_kernels(GatedMLP(40, 37, act=act))
+    calls = []
+    real = kernels.expert
+    kernels.expert = lambda *a: calls.append(a[-1]) or real(*a)
+    try:
+        x = torch.randn(5, 40)
+        with torch.inference_mode():
+            together = mlp(x)
+            alone = torch.cat([mlp(x[i : i + 1].clone()) for i in range(5)])
+    finally:
+        kernels.expert = real
+    assert calls == [act] * 6  # one call a pass, with the MLP's activation
+    w = [m.weight.double() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    want = F.linear(GATE_ACTIVATIONS[act](F.linear(x.double(), w[0])) * F.linear(x.double(), w[1]), w[2])
+    assert scaled_err(together, want) < 1e-5
+    assert torch.equal(alone, together)
+
+
 def test_attention_leaves_what_it_does_not_take_to_torch():
     q, k = torch.randn(2, 1, 8), torch.randn(2, 5, 8)
     assert kernels.attention(q.double(), k.double(), k.double(), 4, 0.3) is None  # not fp32

@@ -62,8 +62,19 @@ def _attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     return out if out is not None else type(self).core(self, q, k, v, start)
 
 
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A dense gated MLP or shared expert as one ``kernels.expert`` call: one call where
+    three products and two elementwise ops were, and rows that do not depend on the batch
+    (torch's activations run a vector body and a scalar tail, which split a row's elements
+    differently for one token and for several when the width is not a multiple of 16)."""
+    w = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+    if x.dim() == 2 and w[0].dtype == w[1].dtype == w[2].dtype and kernels.takes(x, *w):
+        return kernels.expert(x, *w, self.act_name)
+    return type(self).forward(self, x)
+
+
 def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
-    from moespeq_cli.models.base import Attention, RMSNorm, fuse_attention_projections
+    from moespeq_cli.models.base import Attention, GatedMLP, RMSNorm, fuse_attention_projections
     from moespeq_cli.models.deepseek_v2 import MLAttention
 
     fuse_attention_projections(model, dense)
@@ -71,6 +82,8 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
         if isinstance(m, Attention | MLAttention):
             m.kernel_window = m.s.window if isinstance(m, Attention) else None  # MLA: no sliding window
             m.core = types.MethodType(_attention_core, m)
+        if isinstance(m, GatedMLP) and m.gate_proj.bias is None:
+            m.forward = types.MethodType(_gated_mlp_forward, m)
         if isinstance(m, Attention):
             m.rotate = kernels.rope
         elif type(m) is RMSNorm and m.weight.dtype == torch.float32 == act_dtype:

@@ -39,16 +39,24 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
 
 
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): dense layers and shared experts (HF names); ``act``
-    SiLU unless the family says otherwise (Gemma 4: GELU)."""
+GATE_ACTIVATIONS: dict[str, Callable] = {  # a gated MLP's or expert's gate activation, by name
+    "silu": F.silu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu": F.gelu,
+}
 
-    def __init__(self, hidden: int, inter: int, bias: bool = False, act: Callable = F.silu):
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): dense layers and shared experts (HF names); ``act`` (a
+    key of GATE_ACTIVATIONS) SiLU unless the family says otherwise (Gemma 4: GELU)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.act = act
+        self.act_name = act  # the CPU kernels compute it by name
+        self.act = GATE_ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

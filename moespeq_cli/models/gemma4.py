@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moespeq_cli.errors import CheckpointError, UnsupportedModelError
@@ -273,7 +272,7 @@ class Model(CausalLM):
             )
             values = not (kind == FULL and cfg.get("attention_k_eq_v"))
             mlp = GatedMLP(
-                c.hidden_size, need(cfg, "intermediate_size", kind=int), act=lambda t: F.gelu(t, approximate=act)
+                c.hidden_size, need(cfg, "intermediate_size", kind=int), act="gelu_tanh" if act == "tanh" else "gelu"
             )
             layers.append(Gemma4Layer(Gemma4Attention(spec, values, (kind, head_dim)), mlp, c, eps))
         norm = RMSNorm(c.hidden_size, eps)

@@ -16,14 +16,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moespeq_cli.models.base import GATE_ACTIVATIONS
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.expert_format import FP8, GEGLU, GPT_OSS, MXFP4, SWIGLU, ExpertFormat
-
-ACTIVATIONS = {  # an expert's gate activation, by the kernels' name for it
-    "silu": F.silu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu": F.gelu,
-}
 
 
 def expert_mlp(
@@ -49,7 +44,7 @@ def expert_mlp(
             return expert_mlp(x, gate, up, down, act=act)
     if gate.dtype != x.dtype:
         gate, up, down = widened(x.dtype, x.device, gate, up, down)
-    return F.linear(ACTIVATIONS[act](F.linear(x, gate)) * F.linear(x, up), down)
+    return F.linear(GATE_ACTIVATIONS[act](F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def expert_forward(fmt: ExpertFormat, x: torch.Tensor, parts, fast: bool = False) -> torch.Tensor:
