@@ -176,6 +176,16 @@ def test_plan_bad_input(cli, args, needle):
     assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_budget_beyond_the_profiles_device_is_noted(cli):
+    """--vram past the profile's memory (the default RTX 3060 when --hardware is not given)
+    is planned as asked, with a note that the device is priced as that profile's."""
+    assert plan_json(cli, "olmoe", "--vram", "8GB")["budget_note"] is None
+    note = plan_json(cli, "olmoe", "--vram", "16GB")["budget_note"]
+    assert "more than rtx3060-12gb's 12.00 GiB" in note and "--hardware" in note
+    r = cli("plan", "olmoe", "--vram", "16GB")
+    assert r.exit_code == 0 and "note: --vram 14.90 GiB is more than rtx3060-12gb's" in r.stderr
+
+
 def test_list_hardware(cli):
     from moespeq_cli.runtime.planning.hardware import available_profiles
 

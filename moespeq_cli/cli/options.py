@@ -85,7 +85,7 @@ CpuThreads = Annotated[
         "--cpu-threads",
         min=1,
         max=1024,
-        help="Threads for CPU compute [default: torch's; with CPU experts beside a GPU: cores minus one].",
+        help="Threads for CPU compute (default: torch's; with CPU experts beside a GPU: cores minus one).",
         show_default=False,
     ),
 ]

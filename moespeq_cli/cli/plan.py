@@ -3,6 +3,7 @@ would run -- from config.json alone, before downloading the weights."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -86,7 +87,7 @@ def plan(
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
-    from moespeq_cli.runtime.planning.hardware import load_profile, parse_size
+    from moespeq_cli.runtime.planning.hardware import beyond_device, load_profile, parse_size
     from moespeq_cli.runtime.planning.planner import default_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
 
@@ -154,12 +155,15 @@ def plan(
         "total_experts": total_experts,
         "expert_bytes": step.expert_bytes,
         "policies": rows,
+        "budget_note": beyond_device(budget, hw) if vram is not None else None,
     }
     if json_out:
         print(json.dumps(report))
         return
     from moespeq_cli.cli.render import plan_table
 
+    if report["budget_note"]:
+        print(f"note: {report['budget_note']}", file=sys.stderr)
     plan_table(report)
 
 

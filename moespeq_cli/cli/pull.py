@@ -61,7 +61,7 @@ def pull(
         from rich.table import Table
 
         t = Table(title="moespeq aliases")
-        for col in ("alias", "hub id", "download (bf16)", "cached"):
+        for col in ("alias", "hub id", "download", "cached"):
             t.add_column(col)
         for r in rows:
             t.add_row(r["alias"], r["repo"], f"{r['size_gb']:.1f} GB", "yes" if r["cached"] else "")

@@ -26,7 +26,7 @@ class Renderer:
     def plan(self, plan, hw, draft: str | None = None, note: str | None = None) -> None:
         from rich.console import Console
 
-        from moespeq_cli.runtime.planning.hardware import format_size
+        from moespeq_cli.runtime.planning.hardware import beyond_device, format_size
 
         parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
         where = (
@@ -44,6 +44,9 @@ class Renderer:
         if note:
             line += f"; {note}"
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
+        beyond = beyond_device(plan.budget_bytes, hw) if hw is not None and not plan.disk_tier else None
+        if beyond:
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"note: {beyond}")
 
     def note(self, line: str) -> None:
         """One dim line on stderr (never in JSON mode)."""
@@ -87,7 +90,7 @@ class Renderer:
         if result.get("policy"):
             head += f" · {result['policy']}"
         head += "]"
-        Console(stderr=True, highlight=False).print(f"[dim]{head} " + " · ".join(parts) + "[/dim]")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{head} " + " · ".join(parts) + "[/dim]")
 
 
 def bench_table(report: dict) -> None:

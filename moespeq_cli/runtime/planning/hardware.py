@@ -374,3 +374,14 @@ def _structured(path, f: str, v):
             raise UsageError(f"hardware profile {path}: {where}.ops must be a whole number of ops")
         curves[name] = KernelCurve(tuple(tokens), (b1, b2), rows, ops)
     return curves
+
+
+def beyond_device(budget: int, hw: HardwareProfile) -> str | None:
+    """A note when ``--vram`` is more than the profile's device holds (a plan for a bigger
+    card priced as this one: the default profile when --hardware is not given), else None."""
+    if budget <= hw.device_memory:
+        return None
+    return (
+        f"--vram {format_size(budget)} is more than {hw.name}'s {format_size(hw.device_memory)}: copies and "
+        "compute are priced as that device's; give --hardware for yours (moespeq plan --list-hardware)"
+    )
