@@ -143,7 +143,8 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int):
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
         if not ok or isinstance(v, bool) or not lo <= v <= hi:
             kind = "an integer" if integer else "a number"
-            raise ApiError(400, f"'{name}' must be {kind} from {lo} to {hi}, got {v!r}", "invalid_value", name)
+            got = json.dumps(v)[:40]  # as the client sent it (true, not Python's True)
+            raise ApiError(400, f"'{name}' must be {kind} from {lo} to {hi}, got {got}", "invalid_value", name)
         return v
 
     if body.get("stream_options") is not None and body.get("stream") is not True:
@@ -159,7 +160,7 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int):
             "messages",
         )
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = number(key, 1, 2**31, None, integer=True)
+    max_tokens = number(key, 1, 2**31 - 1, None, integer=True)
     if max_tokens is None:
         max_tokens = min(room, default_max)
     elif max_tokens > room:

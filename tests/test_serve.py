@@ -162,6 +162,13 @@ def test_bad_requests_get_openai_errors(served, payload, status, code):
         assert err["code"] == code
 
 
+def test_a_bad_value_is_quoted_as_the_client_sent_it(served):
+    url, _, _ = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}
+    err = httpx.post(url + "/v1/chat/completions", json=body).json()["error"]
+    assert err["message"] == "'max_tokens' must be an integer from 1 to 2147483647, got true", err
+
+
 def test_api_key_is_checked(tiny):
     path, _ = tiny("mixtral", "gqa")
     server, thread, url, name, _ = start(path, api_key="sekret")
