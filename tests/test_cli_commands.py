@@ -197,6 +197,23 @@ def test_demo_budget_is_the_same_with_the_default_hardware_spelled_out(cli):
     assert "s virtual (" in r.stderr and "s wall)" in r.stderr
 
 
+@pytest.mark.parametrize("args", [[], ["-n", "32"], ["-n", "7", "-p", "To be or not"]])
+def test_plan_predicts_the_context_and_slots_run_takes(cli, args):
+    """`plan` with run's prompt options (or none, on the demo) plans the context `run`
+    plans for -- the prompt's tokens plus --max-new-tokens -- and so the same slots."""
+    ran = json.loads(cli("run", *args, "--json").stdout)["plan"]
+    planned = json.loads(cli("plan", *args, "--json").stdout)
+    row = next(r for r in planned["policies"] if r["policy"] == "moespeq")["plan"]
+    assert planned["context_tokens"] == ran["context_tokens"] == row["context_tokens"]
+    assert row["slots"] == ran["slots"] and row["budget_bytes"] == ran["budget_bytes"]
+
+
+def test_plan_refuses_prompt_options_without_a_tokenizer(cli):
+    r = cli("plan", "mixtral", "-n", "32")
+    assert r.exit_code == 2 and "give --context N" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(cli("plan", "mixtral", "--json").stdout)["context_tokens"] == 4096  # no prompt option: as before
+
+
 def test_unknown_model_names_the_demo(cli):
     r = cli("run", "not-a-model")
     assert r.exit_code == 2 and "use demo (the built-in demo)" in r.stderr

@@ -49,11 +49,26 @@ def plan(
             "--context",
             "-c",
             min=1,
-            help="Tokens of context to plan the KV cache for (at most the model's limit). "
-            "Default: 4096, or the model's limit when smaller.",
+            help="Tokens of context to plan the KV cache for (at most the model's limit). Default: what `run` "
+            "plans for with the same prompt options (the prompt's tokens plus --max-new-tokens) for the demo or "
+            "when one is given; otherwise 4096, or the model's limit when smaller.",
             show_default=False,
         ),
     ] = None,
+    prompt: o.Prompt = None,
+    prompt_file: o.PromptFile = None,
+    max_new_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-new-tokens",
+            "-n",
+            min=1,
+            help="Plan the context a `run` of this many new tokens takes (with the prompt; needs the model's "
+            "tokenizer). Default: run's 128 where the context is run's.",
+            show_default=False,
+        ),
+    ] = None,
+    chat: o.Chat = None,
     dtype: o.Dtype = None,
     acceptance: Annotated[
         float,
@@ -80,7 +95,7 @@ def plan(
     """
     import json
 
-    from moespeq_cli.cli.chat import DEMO_CONTEXT
+    from moespeq_cli.cli.run import DEFAULT_MAX_NEW_TOKENS
     from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import DEMO, default_vram, resolve_config
     from moespeq_cli.models import build_model, language_config, parse_config
@@ -99,10 +114,12 @@ def plan(
     name, raw, source = resolve_config(model)
     raw, _ = language_config(raw)  # a multimodal config: its language model
     arch, cfg = parse_config(raw, source)
-    if name == DEMO:  # the demo's own budget and context, as run and chat use them
+    if name == DEMO:  # the demo's own budget, as run and chat use it
         vram = default_vram(name, vram, hardware, None)
-    if context is None:
-        context = min(DEMO_CONTEXT if name == DEMO else DEFAULT_PLAN_CONTEXT, cfg.context_limit)
+    if context is None and (name == DEMO or any(v is not None for v in (prompt, prompt_file, max_new_tokens, chat))):
+        context = run_context(name, source, prompt, prompt_file, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, chat)
+    elif context is None:
+        context = min(DEFAULT_PLAN_CONTEXT, cfg.context_limit)
     elif context > cfg.context_limit:
         raise UsageError(
             f"--context {context} is beyond the model's context of {cfg.context_limit} tokens; "
@@ -165,6 +182,31 @@ def plan(
     if report["budget_note"]:
         print(f"note: {report['budget_note']}", file=sys.stderr)
     plan_table(report)
+
+
+def run_context(name: str, source: str, prompt, prompt_file, max_new_tokens: int, chat: bool | None) -> int:
+    """The context ``moespeq run`` plans for with these prompt options: the prompt's tokens
+    (run's default prompt when none is given; standard input only with --prompt-file -)
+    plus ``max_new_tokens``, counted by run's own code with the model's tokenizer."""
+    from pathlib import Path
+
+    from moespeq_cli.cli.run import encode_prompt, prompt_text
+    from moespeq_cli.errors import MoespeqError, UsageError
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    folder = Path(source).parent if source.endswith("config.json") else None
+    try:
+        if folder is None:
+            raise UsageError("no checkpoint")
+        engine = Engine(folder, EngineOptions(backend="cpu"))  # reads no weight
+    except MoespeqError:
+        raise UsageError(
+            f"{name}: the prompt's tokens need the model's tokenizer and files, which a config alone lacks; "
+            "give --context N instead of the prompt options"
+        ) from None
+    text = prompt_text(name, prompt, prompt_file, stdin=False)
+    ids = encode_prompt(engine, text, chat, max_new_tokens)
+    return engine.context_for(len(ids), max_new_tokens)
 
 
 def show_profiles(json_out: bool) -> None:

@@ -29,6 +29,7 @@ DEMO_PROMPT = "First Citizen:\nGood morrow, masters; what news from the court?\n
 DEFAULT_PROMPT = "Write a short poem about the sea."
 
 
+DEFAULT_MAX_NEW_TOKENS = 128
 PROMPT_LIMIT = 16 * 2**20  # bytes: far beyond any model's context, small enough to hold
 STDIN_WAIT_S = 2.0  # a pipe with nothing in it this long is not a prompt (use --prompt-file -)
 
@@ -101,7 +102,7 @@ def run(
     model: o.ModelArg = None,
     prompt: o.Prompt = None,
     prompt_file: o.PromptFile = None,
-    max_new_tokens: o.MaxNewTokens = 128,
+    max_new_tokens: o.MaxNewTokens = DEFAULT_MAX_NEW_TOKENS,
     temperature: o.Temperature = 0.0,
     top_p: o.TopP = 1.0,
     top_k: o.TopK = 0,
@@ -205,11 +206,11 @@ def prepare(
     is read), and load: shared by run and profile. ``offload_for``: what needs an
     offloading run (``--trace``, ``profile``), refused before loading when the run would be
     the plain cpu reference."""
-    from moespeq_cli.model_ref import DEMO, default_vram, resolve
+    from moespeq_cli.model_ref import default_vram, resolve
 
     name, path = resolve(model)
     options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
-    text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
+    text = prompt_text(name, prompt, prompt_file)
 
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
@@ -225,6 +226,17 @@ def prepare(
     with loading_status(name, plan, quiet=quiet):
         engine.load(context, plan)
     return name, engine, text, prompt_ids
+
+
+def prompt_text(name: str, prompt: str | None, prompt_file: Path | None, stdin: bool = True) -> str:
+    """What a run of model ``name`` decodes from: ``read_prompt`` with its default prompt
+    (``stdin``: False, piped input is not read unless --prompt-file - asks for it)."""
+    from moespeq_cli.model_ref import DEMO
+
+    default = DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT
+    if not stdin and prompt is None and prompt_file is None:
+        return default
+    return read_prompt(prompt, prompt_file, default)
 
 
 def loading_status(name: str, plan, quiet: bool = False):
