@@ -194,16 +194,17 @@ def run_context(name: str, source: str, prompt, prompt_file, max_new_tokens: int
     from moespeq_cli.errors import MoespeqError, UsageError
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
-    folder = Path(source).parent if source.endswith("config.json") else None
-    try:
-        if folder is None:
-            raise UsageError("no checkpoint")
-        engine = Engine(folder, EngineOptions(backend="cpu"))  # reads no weight
-    except MoespeqError:
+    engine = None
+    if source.endswith("config.json"):  # a checkpoint's folder, not a bundled config
+        try:
+            engine = Engine(Path(source).parent, EngineOptions(backend="cpu"))  # reads no weight
+        except MoespeqError:
+            pass
+    if engine is None:
         raise UsageError(
             f"{name}: the prompt's tokens need the model's tokenizer and files, which a config alone lacks; "
             "give --context N instead of the prompt options"
-        ) from None
+        )
     text = prompt_text(name, prompt, prompt_file, stdin=False)
     ids = encode_prompt(engine, text, chat, max_new_tokens)
     return engine.context_for(len(ids), max_new_tokens)

@@ -44,7 +44,7 @@ class Renderer:
         if note:
             line += f"; {note}"
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
-        beyond = beyond_device(plan.budget_bytes, hw) if hw is not None and not plan.disk_tier else None
+        beyond = beyond_device(plan.budget_bytes, hw) if hw is not None else None
         if beyond:
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"note: {beyond}")
 

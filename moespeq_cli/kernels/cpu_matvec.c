@@ -94,6 +94,15 @@ static inline float widen_scalar(const void *w, int wt, long i) {
 #endif
 }
 
+#if MS_AVX512 || MS_AVX2 /* 256-bit FMA: the AVX2 path, and attention on either SIMD path */
+/* the lanes' sum in a fixed order: halves, then pairs, then the last two */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #if MS_AVX512
 static inline __attribute__((always_inline)) __m512 load_w(const void *w, int wt, long off, __mmask16 m) {
     if (wt == W_F32) return _mm512_maskz_loadu_ps(m, (const float *)w + off);
@@ -164,13 +173,6 @@ static inline __m256 load_w8_part(const void *w, int wt, long off, long n) {
     uint16_t tmp[8] = {0};
     memcpy(tmp, (const uint16_t *)w + off, (size_t)(n * 2));
     return load_w8(tmp, wt, 0);
-}
-
-/* the lanes' sum in a fixed order: halves, then pairs, then the last two */
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* table[idx] for eight 4-bit indices, from a 16-entry table in two registers (lo: entries
@@ -1261,16 +1263,10 @@ typedef struct {
     _Atomic long next;
 } attend_args;
 
-#if defined(__AVX2__) && defined(__FMA__)
-static inline float att_hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
+#if MS_AVX512 || MS_AVX2
 /* q . k over d: eight lanes along d in order, summed across, then the last d % 8 in order */
 static inline float att_finish(__m256 acc, const float *q, const float *k, long d) {
-    float r = att_hsum8(acc);
+    float r = hsum8(acc);
     for (long i = d & ~7L; i < d; i++) r = fmaf(q[i], k[i], r);
     return r;
 }
@@ -1279,7 +1275,7 @@ static inline float att_finish(__m256 acc, const float *q, const float *k, long 
 /* s[l - l0] = scale * q . k[l] for l in [l0, l1) */
 static void att_scores(const float *q, const float *kg, long kl, long d, long l0, long l1, float scale, float *s) {
     long l = l0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if MS_AVX512 || MS_AVX2
     long d8 = d & ~7L;
     for (; l + 4 <= l1; l += 4) { /* four keys at once: four independent chains */
         const float *k0 = kg + l * kl, *k1 = k0 + kl, *k2 = k1 + kl, *k3 = k2 + kl;
@@ -1318,7 +1314,7 @@ static void att_scores(const float *q, const float *kg, long kl, long d, long l0
 /* o[c] = sum over l in order of p[l] v[l][c], divided by ``sum`` */
 static void att_values(const float *p, const float *vg, long vl, long dv, long n, float sum, float *o) {
     long c = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if MS_AVX512 || MS_AVX2
     __m256 div = _mm256_set1_ps(sum);
     for (; c + 32 <= dv; c += 32) { /* 32 outputs in registers across every key */
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
