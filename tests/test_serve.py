@@ -224,7 +224,13 @@ def test_a_busy_port_is_one_line_before_loading(cli):
         s.listen()
         port = s.getsockname()[1]
         r = cli("serve", "--port", str(port))
-    assert r.exit_code == 2 and "pick another --port" in r.stderr and "Traceback" not in r.stderr
+    # the machine's state, not a bad command line: a runtime failure
+    assert r.exit_code == 1 and "pick another --port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_host_that_is_not_this_machines_is_a_usage_error(cli):
+    r = cli("serve", "--host", "192.0.2.1", "--port", "0")  # TEST-NET-1: never a local address
+    assert r.exit_code == 2 and "cannot listen on 192.0.2.1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_conversation_reuses_its_earlier_turns(served):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from moespeq_cli.cli import options as o
-from moespeq_cli.errors import UsageError
+from moespeq_cli.errors import MoespeqError, UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -73,6 +73,7 @@ def serve(
 
 def check_address(host: str, port: int) -> None:
     """The address can be listened on (free port, a local interface), else one line."""
+    import errno
     import socket
 
     try:
@@ -85,4 +86,7 @@ def check_address(host: str, port: int) -> None:
         try:
             s.bind(addr)
         except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+            # a port another program holds is this machine's state, not a bad command
+            # line (exit 1); an address that is not this machine's is (exit 2)
+            kind = MoespeqError if e.errno == errno.EADDRINUSE else UsageError
+            raise kind(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moespeq_cli.errors import UsageError
+from moespeq_cli.errors import MoespeqError, UsageError
 from moespeq_cli.runtime.backends.base import Backend, DeviceMemoryError, Event
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
 
@@ -19,8 +19,8 @@ def resolve_backend_name(name: str) -> str:
     if name == "cuda":
         import torch
 
-        if not torch.cuda.is_available():
-            raise UsageError("--backend cuda needs a visible CUDA GPU; use --backend mock to simulate one")
+        if not torch.cuda.is_available():  # a runtime failure: the command is right, the machine lacks the GPU
+            raise MoespeqError("--backend cuda needs a visible CUDA GPU; use --backend mock to simulate one")
     return name
 
 

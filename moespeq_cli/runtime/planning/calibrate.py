@@ -75,6 +75,19 @@ def timed(fn: Callable[[], object], reps: int = 9, warmup: int = 2, budget_s: fl
     return statistics.median(times)
 
 
+def mean_over(fn: Callable[[], object], span_s: float, least: int = 3) -> float:
+    """Seconds per call, the mean over calls that span at least ``span_s`` (and ``least``
+    calls), after one warm-up call: for a kernel timed while reads run, whose cost falls
+    on the few calls that meet a read's submission or landing, which a median of a few
+    calls (shorter together than one read) catches or misses by chance."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while n < least or time.perf_counter() - t0 < span_s:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
 def non_decreasing(values: list[float]) -> list[float]:
     """The closest non-decreasing sequence in least squares (pool adjacent violators):
     a run of values that dips is replaced by its mean."""
@@ -132,14 +145,23 @@ def host_figures(say: Callable[[str], None]) -> dict:
     return {"host_mem_bandwidth": bw, "host_flops": flops, "host_op_overhead": op, "sync_overhead": sync}
 
 
-def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: tuple[str, int] | None = None) -> dict:
+def kernel_curves(
+    device: torch.device,
+    say: Callable[[str], None],
+    busy_file: tuple[str, int] | None = None,
+    busy_span_s: float = 0.05,
+) -> dict:
     """Seconds per call by batch size at the two shapes, for every kernel the runtime calls
     on ``device``, with the ops one call dispatches. As in a decode step, the weights come
     from memory rather than a warm cache: the calls cycle through copies of them that
     together outgrow any last-level cache. With ``busy_file`` (path, size) each CPU kernel
     is timed again while reads of that file run in the background, as the disk tier's
     reads do during decoding: ``NAME@busy`` (on a machine with few cores the reader's
-    threads take time from the kernels' own)."""
+    threads take time from the kernels' own), each figure the mean over ``busy_span_s``
+    of calls (``mean_over``; two reads' time: a median of nine calls at one token, 11 ms
+    of a 1024 x 3584 expert against 18 ms a read, put a calibration's busy expert at
+    1.9x its quiet time, where the mean of 40 calls beside the same reads gave 1.05-1.2x
+    and decoding, reads in flight, 1.5x)."""
     from moespeq_cli.runtime.executors.experts import expert_forward, expert_mlp
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -171,9 +193,12 @@ def kernel_curves(device: torch.device, say: Callable[[str], None], busy_file: t
 
                     calls.append(call)
                 with reading(background):
-                    row = [timed(call, CURVE_REPS, 1, CURVE_BUDGET_S) for call in calls]
-                    for j in spikes(row):  # timed again: the lower median is kept
-                        row[j] = min(row[j], timed(calls[j], CURVE_REPS, 1, CURVE_BUDGET_S))
+                    if background is not None:
+                        row = [mean_over(call, busy_span_s) for call in calls]
+                    else:
+                        row = [timed(call, CURVE_REPS, 1, CURVE_BUDGET_S) for call in calls]
+                        for j in spikes(row):  # timed again: the lower median is kept
+                            row[j] = min(row[j], timed(calls[j], CURVE_REPS, 1, CURVE_BUDGET_S))
                 x1 = torch.randn(1, h, device=device).to(x_dtype)
                 ops = ops_of(lambda x1=x1, fn=copies[0]: fn(x1))
                 rows.append(non_decreasing(row))  # more tokens never cost less: a dip is noise, pooled
@@ -274,6 +299,20 @@ def random_parts(fmt, h: int, i: int) -> list[torch.Tensor]:
     return parts
 
 
+def landing(n: int) -> list[torch.Tensor]:
+    """``n`` page-aligned buffers of a span's size for reads to land in, each written once
+    first, as the tier's RAM slots are before reads land in them again: a read into pages
+    never touched pays their faults (and the huge pages' allocation) in the read, which
+    measured this VM's disk at 1.12-1.22 GB/s with two reads in flight where the same
+    reads into written buffers gave 1.48-1.57 (the median of 8 alternating passes each)."""
+    from moespeq_cli.runtime.tiers.disk import aligned_bytes
+
+    out = [aligned_bytes(DISK_EXTENT)[0] for _ in range(n)]
+    for t in out:
+        t.fill_(1)
+    return out
+
+
 @contextlib.contextmanager
 def reading(source: tuple[str, int] | None, in_flight: int = 2):
     """While the block runs, O_DIRECT reads of ``source`` (path, size) go on in the
@@ -281,7 +320,7 @@ def reading(source: tuple[str, int] | None, in_flight: int = 2):
     if source is None:
         yield
         return
-    from moespeq_cli.runtime.tiers.disk import DiskReader, Extent, Placement, aligned_bytes
+    from moespeq_cli.runtime.tiers.disk import DiskReader, Extent, Placement
 
     name, size = source
     spans = [
@@ -291,7 +330,7 @@ def reading(source: tuple[str, int] | None, in_flight: int = 2):
     stop = threading.Event()
 
     def loop() -> None:
-        dests = [aligned_bytes(DISK_EXTENT)[0] for _ in range(in_flight)]
+        dests = landing(in_flight)
         with DiskReader(threads=in_flight) as reader:
             k = 0
             while not stop.is_set():
@@ -371,7 +410,7 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
     the median of its rounds, and the curve is made non-decreasing (adjacent depths that
     dip are pooled to their mean: more reads in flight never serve fewer bytes in total;
     a dip is the drive drifting between measurements, not a property of the queue)."""
-    from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, Placement, aligned_bytes
+    from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, Placement
 
     name, size = source
     spans = [
@@ -381,11 +420,12 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
     seen: dict[int, list[float]] = {q: [] for q in range(1, threads + 1)}
     cpu: list[float] = []  # CPU seconds per byte, a figure a pass
     direct = None
+    buffers = landing(threads)
     for r in range(rounds):
         for q in range(1, threads + 1):
             say(f"disk: {q} read(s) in flight, round {r + 1} of {rounds}")
             with DiskReader(threads=q) as reader:
-                dests = [aligned_bytes(DISK_EXTENT)[0] for _ in range(q)]
+                dests = buffers[:q]
                 shift = r * len(spans) // rounds
                 order = spans[shift:] + spans[:shift]
                 t0 = time.perf_counter()
@@ -423,7 +463,7 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
     0.08 ms and 0.15 ms, against a 0.9 ms kernel."""
     from moespeq_cli import kernels
     from moespeq_cli.runtime.executors.experts import expert_mlp
-    from moespeq_cli.runtime.tiers.disk import DiskReader, Extent, Placement, aligned_bytes
+    from moespeq_cli.runtime.tiers.disk import DiskReader, Extent, Placement
 
     say("disk: what a read costs the compute thread")
     name, size = source
@@ -442,7 +482,7 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
 
     alone = statistics.median(after_sleep() for _ in range(reads))
     offsets = list(range(0, size - DISK_EXTENT, DISK_EXTENT))
-    dest = aligned_bytes(DISK_EXTENT)[0]
+    dest = landing(1)[0]
     submit, wake = [], []
     with DiskReader(threads=threads) as reader:
         for k in range(reads):
@@ -527,7 +567,9 @@ def calibrate(
     with disk_source(disk_dir, model_file, say) as source:
         disk = disk_figures(source, threads, say)
         disk.update(read_host_figures(source, threads, say))
-        host_curves = kernel_curves(torch.device("cpu"), say, busy_file=source)
+        # a busy figure spans two reads of the background's (2 in flight) at the disk's speed
+        span = 2 * DISK_EXTENT / disk["disk_queue_bandwidth"][min(1, len(disk["disk_queue_bandwidth"]) - 1)]
+        host_curves = kernel_curves(torch.device("cpu"), say, busy_file=source, busy_span_s=span)
     disk["disk_source"] = str(model_file) if model_file else "a scratch file"
     info = memory_info()
     total = info[0] if info else 16 * 2**30
@@ -664,7 +706,10 @@ def profile_yaml(figures: dict) -> str:
     for table in ("kernels", "host_kernels"):
         if not figures.get(table):
             continue
-        out.append(f"{table}:  # measured {today}")
+        out.append(
+            f"{table}:  # measured {today}: the median of up to {CURVE_REPS} calls a point, weights cycled beyond the "
+            "last-level cache; NAME@busy: the mean over two reads' time of calls, O_DIRECT reads running beside"
+        )
         for name, c in figures[table].items():
             rows = ", ".join("[" + ", ".join(_num(x) for x in row) + "]" for row in c["seconds"])
             out.append(f"  {json.dumps(name)}:")

@@ -75,14 +75,17 @@ def region_overheads(
         wall, glue = between(measured, priced)
         out["pass"] = max(0.0, (wall - glue) / passes)
     if saved_draft(ckpt.path, EngineOptions.quant_method, EngineOptions.blocksize) is not None:
-        # the draft's own regions, from speculative runs (one each way: the draft's experts
-        # are regions lru never runs); without a saved draft, quantizing one would take longer
-        # than all the rest, so they stay priced by their kernel alone
+        # the draft's own regions, from speculative runs (the draft's experts are regions
+        # lru never runs), the median of three decodes each way as above: a first decode
+        # pays the draft's first touches (its weights paged in, the kernels' packing), which
+        # made one cold decode price a draft expert at 3.8 ms a call where the decode loop
+        # takes 1.4; without a saved draft, quantizing one would take longer than all the
+        # rest, so they stay priced by their kernel alone
         runs = []
         for backend, how in (("cpu", "for real"), ("mock", "on the mock")):
-            say(f"host time: the draft's experts, {how}")
+            say(f"host time: the draft's experts, {how}, 3 times")
             o = EngineOptions(backend=backend, hardware=hw if backend == "mock" else None, ram=ram, spec_depth=4)
-            runs.append(run_policy(checkpoint, ids, tokens, "moespeq", o).regions)
+            runs.append(run_policy(checkpoint, ids, tokens, "moespeq", o, repeats=3).regions)
         for kind, (count, seconds) in runs[0].items():
             if kind.startswith("draft") and kind in runs[1] and count:
                 out[kind] = max(0.0, (seconds - runs[1][kind][1]) / count)
