@@ -148,4 +148,5 @@ def test_cli_cuda_without_gpu(tiny, cli):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     path, _ = tiny("mixtral", "gqa")
-    one_line(cli("run", str(path), "-n", "2", "--backend", "cuda"), 2, "--backend mock")
+    # the command line is right; this machine lacks what it asks for: a runtime failure (exit 1)
+    one_line(cli("run", str(path), "-n", "2", "--backend", "cuda"), 1, "--backend mock")
