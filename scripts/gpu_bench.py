@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """GPU benchmark for scripts/gpu_check.sh: pinned vs pageable host-to-device bandwidth,
-copy/compute overlap on two streams, and each policy's tokens/s on a generated
-Mixtral-shaped checkpoint (random weights, real layout) on the cuda backend.
-Prints a table and ends with one JSON line (also written to --out)."""
+copy/compute overlap on two streams, the draft's 4-bit kernel (``bnb.matmul_4bit``, the
+cuda path of quant/draft.py) against dequantize-then-matmul and the bf16 target's own
+product at Mixtral's expert shape, and each policy's tokens/s on generated checkpoints of
+real layer widths (random weights, Hugging Face layout): two Mixtral-8x7B layers and two
+Qwen3-30B-A3B layers. Prints tables and ends with one JSON line (also written to --out,
+rewritten after each stage so that a run cut short still reports what it measured)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import argparse
 import json
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -56,6 +60,47 @@ def overlap(nbytes: int = 512 * 2**20) -> dict:
     return {"copy_s": t_copy, "compute_s": t_compute, "both_s": t_both, "overlap_fraction": max(0.0, min(1.0, hidden))}
 
 
+def draft_kernel(hidden: int = 4096, inter: int = 14336, reps: int = 50) -> list[dict]:
+    """One expert projection (``inter`` x ``hidden``) at the batch sizes verification uses:
+    bf16 ``F.linear`` (the target), ``bnb.matmul_4bit`` on NF4 with the state on the device
+    (the draft), and ``dequantize_4bit`` then ``F.linear`` (the reference): microseconds a
+    call by CUDA events, and the 4-bit kernel's error against the reference."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+    import torch.nn.functional as F
+
+    w = torch.randn(inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    deq = BF.dequantize_4bit(packed, state)
+
+    def us(fn) -> float:
+        for _ in range(5):
+            fn()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3 / reps
+
+    rows = []
+    for t in (1, 2, 3, 5, 9):
+        x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x, deq)
+        got = bnb.matmul_4bit(x, packed.t(), quant_state=state)
+        rows.append(
+            {
+                "tokens": t,
+                "bf16_us": us(lambda x=x: F.linear(x, w)),
+                "nf4_matmul_4bit_us": us(lambda x=x: bnb.matmul_4bit(x, packed.t(), quant_state=state)),
+                "nf4_dequant_matmul_us": us(lambda x=x: F.linear(x, BF.dequantize_4bit(packed, state))),
+                "nf4_rel_err": ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item(),
+            }
+        )
+    return rows
+
+
 def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
     """Each policy on the cuda backend (tok/s, hit rate, stall, bytes, the allocator's
     peak reservation against the plan), moespeq also after a forced draft release, and
@@ -75,6 +120,7 @@ def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
     for policy in ("resident", "ondemand", "lru", "gate-prefetch", "hybrid", "moespeq"):
         vram = full if policy == "resident" else half
         row: dict = {"policy": policy}
+        t0 = time.perf_counter()
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -102,15 +148,20 @@ def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
                     "after_release_max_reserved_bytes": torch.cuda.max_memory_reserved() - base,
                     "after_release_same_tokens": after[:8] == tokens[:8],
                 }
+            eng.close()
             del eng
             mock = Engine(path, EngineOptions(backend="mock", policy=policy, vram=vram, hardware=hw))
             mock.load(context)
             for _ in mock.generate(prompt, new_tokens, SamplingParams()):
                 pass
             row["mock_tokens_per_s"] = mock.last_stats.tokens_per_s
+            mock.close()
             del mock
         except Exception as e:  # one policy's failure is a row, not the end of the check
             row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        row["wall_s"] = time.perf_counter() - t0
+        print(f"  {policy}: {json.dumps(row)[:400]}", flush=True)
         rows.append(row)
     return rows
 
@@ -134,6 +185,7 @@ def profiler_overlap(path: Path, trace_out: Path | None, new_tokens: int = 8) ->
     list(eng.generate(prompt, new_tokens, SamplingParams()))  # warm-up
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         list(eng.generate(prompt, new_tokens, SamplingParams()))
+    eng.close()
     if trace_out is not None:
         prof.export_chrome_trace(str(trace_out))
     copies, kernels = [], []
@@ -160,23 +212,54 @@ def profiler_overlap(path: Path, trace_out: Path | None, new_tokens: int = 8) ->
     }
 
 
-def make_checkpoint(out: Path) -> None:
-    from transformers import MixtralConfig, MixtralForCausalLM
+SHAPES = {
+    # two layers of Mixtral-8x7B at their real width (8 experts of 4096 x 14336, top-2)
+    "mixtral-8x7b-2l": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
+    # two layers of Qwen3-30B-A3B (128 experts of 2048 x 768, top-8)
+    "qwen3-30b-a3b-2l": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+        ),
+    ),
+}
 
+
+def make_checkpoint(out: Path, shape: str) -> None:
+    """Random bf16 weights of ``shape`` (vocabulary cut to 32k: the layers are what matter),
+    built on the GPU (fast) and saved in the Hugging Face layout."""
+    import transformers
+
+    config_cls, model_cls, dims = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = MixtralConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=32000, num_hidden_layers=2, max_position_embeddings=2048, tie_word_embeddings=False, **dims
     )
-    MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    with torch.device("cuda"):
+        model = getattr(transformers, model_cls)(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -187,40 +270,61 @@ def make_checkpoint(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", default=None, help="this GPU's calibrated profile (gpu_check.sh writes one)")
     args = ap.parse_args()
-    result = {
-        "device": torch.cuda.get_device_name(0),
-        "pinned_GBps": bandwidth(True) / 1e9,
-        "pageable_GBps": bandwidth(False) / 1e9,
-        "overlap": overlap(),
-    }
-    with tempfile.TemporaryDirectory() as d:
-        make_checkpoint(Path(d))
-        result["policies"] = policies(Path(d), args.new_tokens, args.profile)
-        trace = args.out.with_name("profiler_trace.json") if args.out else None
+    result: dict = {"device": torch.cuda.get_device_name(0)}
+
+    def stage(name: str, fn) -> None:
+        t0 = time.perf_counter()
         try:
-            result["profiler"] = profiler_overlap(Path(d), trace)
-        except Exception as e:  # noqa: BLE001 - the profiler's failure is a finding, not the end of the check
-            result["profiler"] = {"error": f"{type(e).__name__}: {e}"}
-    print(
-        f"H2D pinned {result['pinned_GBps']:.1f} GB/s, pageable {result['pageable_GBps']:.1f} GB/s; "
-        f"copy/compute overlap {result['overlap']['overlap_fraction']:.0%}"
-    )
-    head = "| policy | tok/s | mock tok/s | hit | stall s | MB H2D | peak reserved / plan |"
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001 - one stage's failure is a finding, not the end of the check
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[{name}: {time.perf_counter() - t0:.1f} s] {json.dumps(result[name])[:600]}", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result) + "\n")
+
+    stage("pinned_GBps", lambda: bandwidth(True) / 1e9)
+    stage("pageable_GBps", lambda: bandwidth(False) / 1e9)
+    stage("overlap", overlap)
+    stage("draft_kernel", draft_kernel)
+    for i, shape in enumerate(s for s in args.shapes.split(",") if s):
+        with tempfile.TemporaryDirectory() as d:
+            stage(f"make {shape}", lambda d=d, shape=shape: make_checkpoint(Path(d), shape))
+            stage(f"policies {shape}", lambda d=d: policies(Path(d), args.new_tokens, args.profile))
+            if i == 0:
+                trace = args.out.with_name("profiler_trace.json") if args.out else None
+                stage("profiler", lambda d=d, trace=trace: profiler_overlap(Path(d), trace))
+    if isinstance(result.get("pinned_GBps"), float) and isinstance(result.get("pageable_GBps"), float):
+        print(f"H2D pinned {result['pinned_GBps']:.1f} GB/s, pageable {result['pageable_GBps']:.1f} GB/s")
+    if "overlap_fraction" in result.get("overlap", {}):
+        print(f"copy/compute overlap on two streams {result['overlap']['overlap_fraction']:.0%}")
+    if isinstance(result.get("draft_kernel"), list):
+        print("| tokens | bf16 us | matmul_4bit us | dequant+matmul us | nf4 rel err |\n|---|---|---|---|---|")
+        for r in result["draft_kernel"]:
+            print(
+                f"| {r['tokens']} | {r['bf16_us']:.1f} | {r['nf4_matmul_4bit_us']:.1f} | "
+                f"{r['nf4_dequant_matmul_us']:.1f} | {r['nf4_rel_err']:.4f} |"
+            )
+    head = "| shape | policy | tok/s | mock tok/s | hit | stall s | MB H2D | peak reserved / plan |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
-    for r in result["policies"]:
-        if "error" in r:
-            print(f"| {r['policy']} | error: {r['error']} |")
+    for key, rows in result.items():
+        if not key.startswith("policies ") or not isinstance(rows, list):
             continue
-        hit = f"{r['expert_hit_rate']:.2f}" if r["expert_hit_rate"] is not None else "-"
-        mock = f"{r['mock_tokens_per_s']:.1f}" if r.get("mock_tokens_per_s") else "-"
-        print(
-            f"| {r['policy']} | {r['tokens_per_s']:.1f} | {mock} | {hit} | {r['io_stall_s']:.3f} | "
-            f"{(r['bytes_h2d'] or 0) / 1e6:.1f} | {r['max_reserved_bytes'] / 1e6:.0f} / {r['plan_bytes'] / 1e6:.0f} MB |"
-        )
+        shape = key.split(" ", 1)[1]
+        for r in rows:
+            if "error" in r:
+                print(f"| {shape} | {r['policy']} | error: {r['error'][:200]} |")
+                continue
+            hit = f"{r['expert_hit_rate']:.2f}" if r["expert_hit_rate"] is not None else "-"
+            mock = f"{r['mock_tokens_per_s']:.1f}" if r.get("mock_tokens_per_s") else "-"
+            print(
+                f"| {shape} | {r['policy']} | {r['tokens_per_s']:.1f} | {mock} | {hit} | {r['io_stall_s']:.3f} | "
+                f"{(r['bytes_h2d'] or 0) / 1e6:.1f} | {r['max_reserved_bytes'] / 1e6:.0f} / {r['plan_bytes'] / 1e6:.0f} MB |"
+            )
     prof = result.get("profiler", {})
     if "copies_hidden" in prof and prof["copies_hidden"] is not None:
         print(

@@ -11,6 +11,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # moespeq's cache (drafts of read-only checkpoints, lock files) goes to a fresh directory,
 # never the user's ~/.cache; subprocesses inherit it.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="moespeq-test-cache-")
+# scripts/gpu_check.sh calibrates the GPU once and names the profiles here, so that the
+# cuda tests (runs without --hardware) price it without each test process recalibrating.
+if os.path.isdir(os.environ.get("MOESPEQ_TEST_PROFILES") or ""):
+    import shutil
+
+    shutil.copytree(os.environ["MOESPEQ_TEST_PROFILES"], Path(os.environ["XDG_CACHE_HOME"]) / "moespeq" / "profiles")
 
 import tiny_models  # noqa: E402
 

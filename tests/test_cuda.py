@@ -47,31 +47,48 @@ def test_cuda_slowed_copies_change_no_token(tiny, monkeypatch, policy):
     expected, _ = run_engine(path, prompt, 16, backend="cpu")
     monkeypatch.setenv("MOESPEQ_DEBUG_COPY_DELAY", str(2_000_000))
     got, eng = run_engine(path, prompt, 16, backend="cuda", policy=policy, slots=4, hardware="desktop-3060-ddr4")
-    assert eng.backend.copy_delay and eng.last_stats.bytes_h2d > 0
+    assert eng.backend.copy_delay
+    # hybrid computes a miss on the host instead of copying it: its delayed copies are the
+    # warm start's and the activations' side streams; the others copy while decoding
+    assert eng.last_stats.cpu_expert_share > 0 if policy == "hybrid" else eng.last_stats.bytes_h2d > 0
     assert got == expected
 
 
 @pytest.mark.parametrize("policy", ["lru", "gate-prefetch"])
 def test_cuda_host_syncs_per_token(tiny, policy):
     """torch's sync debug mode warns at every synchronising call: at most one per MoE
-    layer per pass and one per token in plain decoding (the prompt's pass included)."""
+    layer per pass and one per token in plain decoding (the prompt's pass included),
+    counted over a decode only (loading copies the weights up with blocking copies)."""
+    import traceback
     import warnings
+    from collections import Counter
+    from pathlib import Path
 
     from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.runtime.sampling import SamplingParams
 
     path, _ = tiny("mixtral", "top3")
     moe_layers = len(Checkpoint(path).config.moe_layers)
     n = 12
-    run_engine(path, [5, 6, 7], 2, backend="cuda", policy=policy, slots=4)  # warm-up
+    _, eng = run_engine(path, [5, 6, 7], n, backend="cuda", policy=policy, slots=4)  # load and warm up
+    sites = Counter()  # where each sync was called from (moespeq's innermost frames)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            frames = [f for f in traceback.extract_stack()[:-1] if "moespeq_cli" in f.filename]
+            sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:]))] += 1
+
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
-            run_engine(path, [5, 6, 7], n, backend="cuda", policy=policy, slots=4)
+            warnings.showwarning = record
+            got = [ev.token for ev in eng.generate([9, 10, 11], n, SamplingParams())]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= (moe_layers + 1) * (n + 1), [str(w.message) for w in syncs[:5]]
+    syncs = sum(sites.values())
+    print(f"{policy}: {syncs} host syncs for {n} tokens + the prompt's pass, {moe_layers} MoE layers: {sites}")
+    assert len(got) == n and syncs <= (moe_layers + 1) * (n + 1), sites.most_common()
 
 
 def test_cuda_memory_stays_within_the_plan(tiny):
@@ -115,10 +132,14 @@ def test_cuda_three_tiers(tiny, policy):
     registered with CUDA at its exact size."""
     from test_disk_offload import disk_run, ram_for
 
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.runtime.planning.planner import draft_bytes_estimate
+
     path, _ = tiny("mixtral", "top3")
     prompt = list(range(3, 20))
     expected, _ = run_engine(path, prompt, 16, backend="cpu")
-    vram = vram_for_slots(path, 3, len(prompt) + 16) + (10**6 if policy == "moespeq" else 0)
+    draft = draft_bytes_estimate(Checkpoint(path).config) if policy == "moespeq" else 0  # as the mock's test
+    vram = vram_for_slots(path, 3, len(prompt) + 16) + draft
     got, eng = disk_run(path, prompt, 16, policy, ram_for(path, 5), backend="cuda", vram=vram, hardware="h100-pcie")
     assert got == expected
     assert eng.plan.disk_tier and eng.last_stats.bytes_read > 0

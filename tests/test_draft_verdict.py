@@ -37,6 +37,9 @@ def test_a_draft_that_cannot_pay_is_not_loaded_and_run_says_why(cli):
     eng = Engine(DEMO_DIR, EngineOptions(backend="mock", policy="moespeq", vram=vram))
     eng.load(CONTEXT)
     assert not eng.plan.has_draft and eng.plan.slots == off.slots and eng.draft_exec is None
+    slots = eng.cache.slots
+    eng.release_draft()  # nothing to release (the GPU benchmark forced one and crashed here)
+    assert eng.cache.slots == slots
     out = json.loads(cli("run", "-n", "8", "--vram", f"{vram}B", "--json").stdout)
     assert out["governor_note"].startswith("speculation off:") and out["draft"] is None
     # a fixed depth, a draft given by path or the run-time verdict keep it

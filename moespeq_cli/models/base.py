@@ -144,6 +144,15 @@ class KVCache:
                 del hist[pos]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync: to a GPU through pinned memory
+    with ``non_blocking`` (a pageable copy makes the host wait for the stream, once every
+    forward pass), anywhere else as ``.to``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def causal_mask(start: int, T: int, L: int, window: int | None, device) -> torch.Tensor | None:
     """[T, L] True where query ``start + t`` may see key ``l`` (within ``window`` of it,
     when given); None when every query sees every key."""
@@ -445,7 +454,7 @@ class CausalLM(nn.Module):
         return self.rotary.tables(start, end, device, dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids.to(self.lm_head.weight.device))  # [T, hidden]
+        return self.model.embed_tokens(to_device(input_ids, self.lm_head.weight.device))  # [T, hidden]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x))

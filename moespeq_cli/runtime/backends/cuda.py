@@ -23,7 +23,8 @@ ledger of what is queued on each stream.
 
 The disk tier (DESIGN.md §9): host expert buffers are ordinary memory registered with
 CUDA (``pin``: ``cudaHostRegister`` of exactly their size, not the caching allocator's
-power-of-two blocks). A read runs on the disk reader's I/O threads; before overwriting a
+power-of-two blocks; backends/host_registry.py undoes each registration at ``close`` or
+when its memory goes). A read runs on the disk reader's I/O threads; before overwriting a
 host slot the thread waits for the slot's readers (the copy that reads it: its CUDA event;
 a CPU job: its future). A copy whose bytes are still being read cannot be enqueued yet
 (a stream cannot wait on a host thread), so one issuer thread enqueues it once the read
@@ -45,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from moespeq_cli.runtime.backends.base import BALANCED, Backend, Event, HostJob, as_events
+from moespeq_cli.runtime.backends.host_registry import HostRegistry
 from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
@@ -68,7 +70,7 @@ class CudaBackend(Backend):
         self.copy_delay = int(delay) if delay.isdigit() else 0  # GPU cycles before each copy (race tests)
         self._issuer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-copy")  # copies after reads
         self._disk_free = 0.0
-        self._pinned: list[int] = []  # host pointers registered with cudaHostRegister
+        self.registry = HostRegistry()  # the host tier, page-locked in place (exact size)
         self._copy_free = 0.0  # predicted, seconds since _t0
         self._host_free = 0.0
         self._host_intervals: list[tuple] = []  # (name, start, end, layer, expert, phase), wall
@@ -192,26 +194,18 @@ class CudaBackend(Backend):
         self.bytes_read += nbytes
         return Event(eta, future=self.reader.submit(what, dst, before=before, done=done).future)
 
-    def pin(self, block: torch.Tensor) -> None:
+    def pin(self, block: torch.Tensor, owner: object | None = None) -> None:
         """Page-lock a host block of exactly its size (cudaHostRegister), so copies from it
-        run asynchronously at full link speed without the pinned allocator's rounding."""
-        ptr = block.data_ptr()
-        rc = torch.cuda.cudart().cudaHostRegister(ptr, block.numel() * block.element_size(), 0)
-        if int(rc) != 0:
-            why = getattr(torch.cuda.cudart(), "cudaGetErrorString", str)(rc)
-            raise RuntimeError(
-                f"cudaHostRegister of {block.numel() * block.element_size()} bytes failed ({why}); lower --ram"
-            )
-        self._pinned.append(ptr)
+        run asynchronously at full link speed without the pinned allocator's rounding;
+        undone at ``close`` or when ``owner`` (the memory's mapping) is collected."""
+        self.registry.register(block, owner)
 
     def close(self) -> None:
         self.synchronize()  # no copy may still read the memory about to be unregistered
         super().close()
         self._issuer.shutdown(wait=True)
         self._host_pool.shutdown(wait=True)
-        for ptr in self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
-        self._pinned.clear()
+        self.registry.close()
 
     def wait(self, event: Event, layer=None, expert=None, what: str = "wait H2D", before=None) -> None:
         if event.future is not None and not event.future.done():

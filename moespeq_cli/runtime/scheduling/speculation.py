@@ -134,6 +134,8 @@ class Speculation:
         draft's experts are dropped (it never drafts again) and their memory becomes
         expert slots."""
         d = self.draft
+        if d is None or self.released:  # no draft was loaded (k = 0 only), or it is gone already
+            return
         extra = self.spare_slots()
         d.quant.drop()
         d.on_device = set()

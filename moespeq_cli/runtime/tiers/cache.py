@@ -105,7 +105,7 @@ class ExpertCache:
         self.slot_bytes = layout.stride or layout.nbytes  # what one slot takes in memory
         self.blocks: list[torch.Tensor] = []  # one per allocation: [n, numel], or n * stride bytes
         self.buffers: list[torch.Tensor] = []  # slot -> its memory
-        self._maps: list = []  # the page-aligned mappings behind strided blocks
+        self.owners: list = []  # block -> what holds its memory (its page-aligned mapping, or itself)
         self.slots = 0
         self.free_slots: list[int] = []
         self.slot_of: OrderedDict[Key, int] = OrderedDict()  # LRU order: oldest first
@@ -116,7 +116,7 @@ class ExpertCache:
         self.prefetched: set[Key] = set()  # loaded by a prefetch and not used since
         self.stats = CacheStats()
         self.victim: Callable[[Iterator[Key]], Key | None] | None = None  # from LRU-first candidates
-        self.on_block: Callable[[torch.Tensor], None] | None = None  # e.g. pin a new host block
+        self.on_block: Callable[[torch.Tensor, object], None] | None = None  # (block, owner): e.g. pin it
         self.grow(slots)
 
     def grow(self, n: int) -> None:
@@ -126,15 +126,15 @@ class ExpertCache:
         if self.layout.stride:
             from moespeq_cli.runtime.tiers.disk import aligned_bytes
 
-            block, mapping = aligned_bytes(n * self.layout.stride)
-            self._maps.append(mapping)
+            block, owner = aligned_bytes(n * self.layout.stride)
             regions = list(block.view(n, self.layout.stride).unbind(0))
         else:
-            block = torch.empty(n, self.layout.numel, dtype=self.layout.dtype, device=self.device)
+            block = owner = torch.empty(n, self.layout.numel, dtype=self.layout.dtype, device=self.device)
             regions = list(block.unbind(0))
         if self.on_block is not None:
-            self.on_block(block)
+            self.on_block(block, owner)
         self.blocks.append(block)
+        self.owners.append(owner)
         self.buffers.extend(regions)
         self.free_slots = list(range(self.slots + n - 1, self.slots - 1, -1)) + self.free_slots
         self.slots += n

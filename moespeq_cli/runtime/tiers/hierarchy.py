@@ -44,8 +44,8 @@ class ExpertTiers:
         else:
             self.host = ExpertCache("host", plan.host_slots, ram, backend, self._read, max_in_flight=reads_in_flight)
             if hasattr(backend, "pin"):
-                for block in self.host.blocks:
-                    backend.pin(block)
+                for block, owner in zip(self.host.blocks, self.host.owners, strict=True):
+                    backend.pin(block, owner)
                 self.host.on_block = backend.pin
             self.compute = ExpertCache(
                 "device",
