@@ -54,6 +54,17 @@ def test_piped_conversation_keeps_the_history(chat_ckpt):
     assert r.stdout == f"{first}\n{second}\n"
 
 
+def test_json_lines_one_object_per_answer(chat_ckpt):
+    """--json: a script piping a conversation reads each answer whole, whatever its text."""
+    r = chat(chat_ckpt, "hello\n/stats\nand then\n", "--json")
+    first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")
+    second = reference(chat_ckpt, f"<|user|>hello\n<|assistant|>{first}\n<|user|>and then\n<|assistant|>")
+    answers = [json.loads(line) for line in r.stdout.splitlines()]  # stdout holds nothing else
+    assert [(a["turn"], a["content"], a["stopped"]) for a in answers] == [(1, first, False), (2, second, False)]
+    assert all(a["stats"]["new_tokens"] == len(a["token_ids"]) > 0 for a in answers)
+    assert "tokens in" in r.stderr  # /stats still answers, on stderr
+
+
 def test_reset_forgets_and_commands_answer(chat_ckpt):
     r = chat(chat_ckpt, "hello\n/stats\n/reset\nhello\n/nope\n/exit\nnever read\n")
     first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")

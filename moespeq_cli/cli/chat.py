@@ -3,6 +3,7 @@ input not a terminal, one user message per input line (scripts pipe a conversati
 
 from __future__ import annotations
 
+import json
 import sys
 
 from moespeq_cli.cli import options as o
@@ -18,6 +19,8 @@ EPILOG = """[bold]Examples[/bold]
 
   printf 'Hello\\nAnd then?\\n' | moespeq chat ./ckpt -n 64   [dim]# one message per line[/dim]
 
+  printf 'Hello\\nAnd then?\\n' | moespeq chat --json | jq -r .content   [dim]# one object per answer[/dim]
+
 [bold]In the conversation[/bold]: /reset forgets the history, /stats shows the last answer's
 statistics, /exit (or Ctrl-D) leaves; Ctrl-C stops the current answer.
 """
@@ -27,9 +30,9 @@ DEMO_CONTEXT = 512  # the demo's: what its default 24 MiB budget holds beside th
 COMMANDS = "/reset, /stats, /exit"
 
 
-def load_session(model: str | None, context: int | None, max_new_tokens: int, **options):
+def load_session(model: str | None, context: int | None, max_new_tokens: int, quiet: bool = False, **options):
     """Resolve the model, build and load the engine for a conversation's context: shared
-    by chat and serve. -> (display name, engine, context)."""
+    by chat and serve (``quiet``: no loading status). -> (display name, engine, context)."""
     from moespeq_cli.model_ref import DEMO, default_vram, resolve
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
@@ -46,7 +49,7 @@ def load_session(model: str | None, context: int | None, max_new_tokens: int, **
     from moespeq_cli.cli.run import loading_status
 
     plan = engine.make_plan(ctx)
-    with loading_status(name, plan):
+    with loading_status(name, plan, quiet=quiet):
         engine.load(ctx, plan)
     return name, engine, ctx
 
@@ -76,12 +79,15 @@ def chat(
     cpu_threads: o.CpuThreads = None,
     dtype: o.Dtype = None,
     context: o.Context = None,
+    json_out: o.ChatJson = False,
 ) -> None:
     """Chat with a MoE model.
 
     Uses the model's chat template (a model without one continues the text as written).
     The history is kept within the context; the oldest turns are dropped, with a
-    notice, when it outgrows it. Sampling options are run's.
+    notice, when it outgrows it. Sampling options are run's. With --json each answer is
+    one JSON object on its own line ({"turn", "content", "token_ids", "stopped",
+    "stats"}), so a script can tell answers apart whatever their text holds.
     """
     from moespeq_cli.cli.render import Renderer
     from moespeq_cli.cli.run import result_dict, sampling_params
@@ -89,15 +95,17 @@ def chat(
 
     sampling = sampling_params(temperature, top_p, top_k, seed)
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    name, engine, ctx = load_session(model, context, max_new_tokens, **o.engine_options(locals()))
-    out = Renderer()
-    if engine.plan is not None:
+    options = o.engine_options(locals())
+    name, engine, ctx = load_session(model, context, max_new_tokens, quiet=json_out, **options)
+    out = Renderer(json_mode=json_out)
+    if engine.plan is not None and not json_out:
         out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
     convo = Conversation(engine.tokenizer, ctx, system)
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:
         note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")
     last: tuple[list[int], list[int]] | None = None
+    turn = 0
     while True:
         line = read_message(interactive)
         if line is None:
@@ -128,12 +136,19 @@ def chat(
             continue
         if dropped:
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
-        answer = Answer()
+        answer, stopped = Answer(), False
         try:
             complete(engine, prompt_ids, max_new_tokens, sampling, stop, out.text, answer=answer, reuse=True)
         except KeyboardInterrupt:
             note("\n(stopped)")
-        out.end_text()
+            stopped = True
+        turn += 1
+        if json_out:
+            record = {"turn": turn, "content": answer.text, "token_ids": answer.token_ids, "stopped": stopped}
+            sys.stdout.write(json.dumps(record | {"stats": engine.last_stats.to_dict()}) + "\n")
+            sys.stdout.flush()
+        else:
+            out.end_text()
         convo.turns.append({"role": "assistant", "content": answer.text})
         last = (prompt_ids, answer.token_ids)
     engine.close()

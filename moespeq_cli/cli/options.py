@@ -107,6 +107,12 @@ Chat = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout at the end, nothing else.")]
+ChatJson = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="One JSON object per answer on stdout (JSON Lines), nothing else: for scripts that pipe a chat."
+    ),
+]
 Context = Annotated[
     Optional[int],
     typer.Option(
