@@ -10,6 +10,7 @@ rewritten after each stage so that a run cut short still reports what it measure
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -122,6 +123,7 @@ def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
         row: dict = {"policy": policy}
         t0 = time.perf_counter()
         try:
+            gc.collect()  # the previous policy's engine gone before the baseline (else its blocks count in it)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_reserved()

@@ -28,6 +28,34 @@ def test_cuda_policies_give_cpu_tokens(tiny, family, variant):
     assert results["resident"] == expected
 
 
+NEW_FAMILIES = [
+    ("deepseek_v3", "v3"),
+    ("glm4_moe", "base"),
+    ("glm4_moe_lite", "flash"),
+    ("qwen3_next", "hybrid"),
+    ("qwen3_5_moe", "text"),
+    ("gpt_oss", "alternating"),
+    ("gemma4", "alternating"),
+]
+
+
+@pytest.mark.parametrize("family,variant", NEW_FAMILIES)
+def test_cuda_2026_families_give_cpu_tokens(tiny, family, variant):
+    """The 2026 families through the offloading runtime on a GPU (a few slots: experts
+    move), and speculative decoding (moespeq; Gated DeltaNet's state rolled back on the
+    device for qwen3_next and qwen3_5_moe) lossless: the cpu backend's greedy tokens."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+
+    path, _ = tiny(family, variant)
+    prompt = torch.randint(3, 200, (12,), generator=torch.Generator().manual_seed(7)).tolist()
+    expected, _ = run_engine(path, prompt, 16, backend="cpu")
+    slots = Checkpoint(path).config.top_k + 1
+    for policy in ("lru", "moespeq"):
+        got, eng = run_engine(path, prompt, 16, backend="cuda", policy=policy, slots=slots)
+        assert got == expected, policy
+        assert eng.last_stats.bytes_h2d > 0, policy
+
+
 def test_cuda_copies_overlap_compute(tiny):
     path, _ = tiny("mixtral", "top3")
     prompt = list(range(3, 40))
