@@ -41,6 +41,7 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log to OUT_
 # this check's own (the tests and the benchmark then price this GPU), and a copy beside
 # the results.
 cache=$(mktemp -d)
+trap 'rm -rf "$cache"' EXIT
 export XDG_CACHE_HOME=$cache MOESPEQ_TEST_PROFILES=$cache/moespeq/profiles
 step calibrate "$t_cal" calibrate.log python3 - "$out/calibrated-gpu.yaml" <<'PY'
 import shutil, sys, time

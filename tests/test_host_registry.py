@@ -15,11 +15,22 @@ from moespeq_cli.runtime.tiers.cache import ExpertCache
 ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
 
 
+def mapped(ptr: int) -> bool:
+    """``ptr`` lies in one of this process's mappings."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
 class FakeCudart:
     def __init__(self):
         self.ranges: dict[int, int] = {}  # pointer -> bytes registered
         self.last_error = 0
         self.syncs = 0
+        self.mapped_when_undone: list[bool] = []
 
     def cudaHostRegister(self, ptr, nbytes, flags):
         if any(p < ptr + nbytes and ptr < p + n for p, n in self.ranges.items()):
@@ -30,6 +41,7 @@ class FakeCudart:
 
     def cudaHostUnregister(self, ptr):
         assert ptr in self.ranges, "unregistered twice, or never registered"
+        self.mapped_when_undone.append(mapped(ptr))
         del self.ranges[ptr]
         return 0
 
@@ -87,6 +99,7 @@ def test_an_engine_dropped_without_close_leaves_no_registration_behind(registry,
     del view
     gc.collect()
     assert cudart.ranges == {} and cudart.syncs == 1
+    assert cudart.mapped_when_undone == [True]  # undone before the memory was unmapped, not after
     again = host_cache(registry)  # a new host tier, possibly at the same addresses, registers
     assert len(cudart.ranges) == 1 and again.blocks
 

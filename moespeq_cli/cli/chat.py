@@ -107,7 +107,7 @@ def chat(
     last: tuple[list[int], list[int]] | None = None
     turn = 0
     while True:
-        line = read_message(interactive)
+        line = read_message(interactive, sys.stderr if json_out else sys.stdout)
         if line is None:
             break
         text = line.strip()
@@ -137,6 +137,7 @@ def chat(
         if dropped:
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
         answer, stopped = Answer(), False
+        engine.last_stats = None  # a Ctrl-C before the first token leaves no stats, not the last answer's
         try:
             complete(engine, prompt_ids, max_new_tokens, sampling, stop, out.text, answer=answer, reuse=True)
         except KeyboardInterrupt:
@@ -145,26 +146,31 @@ def chat(
         turn += 1
         if json_out:
             record = {"turn": turn, "content": answer.text, "token_ids": answer.token_ids, "stopped": stopped}
-            sys.stdout.write(json.dumps(record | {"stats": engine.last_stats.to_dict()}) + "\n")
+            stats = engine.last_stats.to_dict() if engine.last_stats is not None else None
+            sys.stdout.write(json.dumps(record | {"stats": stats}) + "\n")
             sys.stdout.flush()
         else:
             out.end_text()
         convo.turns.append({"role": "assistant", "content": answer.text})
-        last = (prompt_ids, answer.token_ids)
+        if engine.last_stats is not None:
+            last = (prompt_ids, answer.token_ids)
     engine.close()
 
 
-def read_message(interactive: bool) -> str | None:
+def read_message(interactive: bool, prompt_to=sys.stdout) -> str | None:
     """The next user message (None at the end of input). At a terminal, Ctrl-C on an
-    empty prompt says how to leave instead of leaving."""
+    empty prompt says how to leave instead of leaving; the prompt goes to ``prompt_to``
+    (stderr with --json, whose stdout holds JSON alone)."""
     if not interactive:
         line = sys.stdin.readline()
         return line if line else None
     while True:
         try:
-            return input(">>> ")
+            prompt_to.write(">>> ")
+            prompt_to.flush()
+            return input()
         except EOFError:
-            sys.stdout.write("\n")
+            prompt_to.write("\n")
             return None
         except KeyboardInterrupt:
             note("\n(Ctrl-D or /exit to leave)")

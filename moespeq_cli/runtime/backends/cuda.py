@@ -70,7 +70,9 @@ class CudaBackend(Backend):
         self.copy_delay = int(delay) if delay.isdigit() else 0  # GPU cycles before each copy (race tests)
         self._issuer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-copy")  # copies after reads
         self._disk_free = 0.0
-        self.registry = HostRegistry()  # the host tier, page-locked in place (exact size)
+        self._closed = False
+        device = self.device  # the registry syncs this device, and holds no reference to the backend
+        self.registry = HostRegistry(synchronize=lambda: torch.cuda.synchronize(device))  # host tier, pinned in place
         self._copy_free = 0.0  # predicted, seconds since _t0
         self._host_free = 0.0
         self._host_intervals: list[tuple] = []  # (name, start, end, layer, expert, phase), wall
@@ -201,6 +203,9 @@ class CudaBackend(Backend):
         self.registry.register(block, owner)
 
     def close(self) -> None:
+        if self._closed:  # Engine.close may be called twice
+            return
+        self._closed = True
         self.synchronize()  # no copy may still read the memory about to be unregistered
         super().close()
         self._issuer.shutdown(wait=True)

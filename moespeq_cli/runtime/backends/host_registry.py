@@ -15,17 +15,21 @@ engine after the first in a process failed). So each registration is undone exac
 whichever comes first:
 
 - ``close()``: the backend closes (after its last copy has completed);
-- the memory's owner is collected: an engine dropped without ``close()``; the GPU is
-  synchronised first, since a copy may still be reading the memory.
+- the memory goes: an engine dropped without ``close()``. The host tier's memory is a
+  ``PageMapping`` (tiers/disk.py), whose ``on_free`` callbacks run once no tensor views it
+  and before it is unmapped; the GPU is synchronised first, since a copy may still be
+  reading it. (Other owners get a weakref finalizer, which may run after the memory is
+  freed: only the host tier's mappings are registered today.)
 
-A registration that fails leaves CUDA's per-thread "last error" set, and torch would
-report it at the next kernel launch as that kernel's failure; it is cleared here, and the
-failure is raised as what it is.
+A registration or unregistration that fails leaves CUDA's per-thread "last error" set,
+and torch would report it at the next kernel launch as that kernel's failure; it is
+cleared here, and the failure is raised (registration) or warned about (unregistration).
 """
 
 from __future__ import annotations
 
 import ctypes
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -42,11 +46,14 @@ def clear_last_error(cudart=None) -> None:
         return
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "libcudart" in line}
-        for lib in libs:
+            libs = sorted({line.split()[-1] for line in f if "libcudart" in line and line.split()[-1].startswith("/")})
+    except OSError:  # no /proc: nothing more to do
+        return
+    for lib in libs:
+        try:
             ctypes.CDLL(lib).cudaGetLastError()
-    except OSError:  # no /proc, or the library would not load: nothing more to do
-        pass
+        except (OSError, AttributeError):  # a deleted or foreign file, or no such symbol: the next one
+            continue
 
 
 class HostRegistry:
@@ -68,18 +75,36 @@ class HostRegistry:
             clear_last_error(self.cudart)
             why = getattr(self.cudart, "cudaGetErrorString", str)(rc)
             raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed ({why}); lower --ram")
-        undo = weakref.finalize(owner if owner is not None else block, self._unregister, ptr, nbytes)
-        undo.atexit = False  # the process's exit releases it anyway; CUDA may be gone by then
-        self._live[ptr] = undo
+        self._live[ptr] = nbytes
         self.bytes += nbytes
+        target = owner if owner is not None else block
+        hooks = getattr(target, "on_free", None)
+        if hooks is not None:  # a PageMapping: undone before its memory is unmapped
+            hooks.append(lambda: self._unregister(ptr))
+        else:
+            undo = weakref.finalize(target, self._unregister, ptr)
+            undo.atexit = False  # the process's exit releases it anyway; CUDA may be gone by then
 
-    def _unregister(self, ptr: int, nbytes: int) -> None:
-        if self._live.pop(ptr, None) is None:
+    def _unregister(self, ptr: int) -> None:
+        nbytes = self._live.pop(ptr, None)
+        if nbytes is None:  # undone already (close, then the memory going)
             return
-        self.synchronize()  # no copy may still be reading the memory
-        self.cudart.cudaHostUnregister(ptr)
-        self.bytes -= nbytes
+        try:
+            self.synchronize()  # no copy may still be reading the memory
+        finally:
+            rc = int(self.cudart.cudaHostUnregister(ptr))
+            self.bytes -= nbytes
+            if rc != 0:
+                clear_last_error(self.cudart)
+                warnings.warn(f"cudaHostUnregister of {nbytes} bytes failed (error {rc})", RuntimeWarning, stacklevel=2)
 
     def close(self) -> None:
-        for undo in list(self._live.values()):
-            undo()  # runs _unregister at most once per registration
+        """Undo every registration still held; each is tried even if another fails."""
+        failed: BaseException | None = None
+        for ptr in list(self._live):
+            try:
+                self._unregister(ptr)
+            except Exception as e:  # noqa: BLE001 - the rest are still undone; the first failure is raised
+                failed = failed or e
+        if failed is not None:
+            raise failed

@@ -107,10 +107,25 @@ def writable(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def aligned_bytes(n: int) -> tuple[torch.Tensor, mmap.mmap]:
+class PageMapping(mmap.mmap):
+    """An anonymous mapping whose ``on_free`` callbacks run when it is collected, after
+    the last tensor viewing it is gone and *before* the memory is unmapped (a weakref
+    callback on an mmap runs after the unmap): the GPU's registration of the memory is
+    undone there (backends/host_registry.py)."""
+
+    def __del__(self) -> None:
+        for fn in getattr(self, "on_free", ()):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - at exit CUDA may be gone; the process's end releases it anyway
+                pass
+
+
+def aligned_bytes(n: int) -> tuple[torch.Tensor, PageMapping]:
     """``n`` zero-filled bytes at a page boundary, as a uint8 tensor, and the mapping that
     holds them (keep it alive as long as the tensor)."""
-    m = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m = PageMapping(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.on_free = []
     return torch.frombuffer(m, dtype=torch.uint8, count=n), m
 
 
