@@ -104,6 +104,14 @@ def test_an_engine_dropped_without_close_leaves_no_registration_behind(registry,
     assert len(cudart.ranges) == 1 and again.blocks
 
 
+def test_only_page_mappings_are_registered(registry, cudart):
+    """A tensor's own lifetime cannot say when its memory goes (views outlive it)."""
+    block = torch.empty(4096, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="PageMapping"):
+        registry.register(block, block)
+    assert cudart.ranges == {}
+
+
 def test_a_failed_registration_is_reported_and_cleared(registry, cudart):
     cache = host_cache(registry)
     with pytest.raises(RuntimeError, match=r"cudaHostRegister of 36864 bytes failed \(part or all.*lower --ram"):

@@ -196,10 +196,10 @@ class CudaBackend(Backend):
         self.bytes_read += nbytes
         return Event(eta, future=self.reader.submit(what, dst, before=before, done=done).future)
 
-    def pin(self, block: torch.Tensor, owner: object | None = None) -> None:
+    def pin(self, block: torch.Tensor, owner) -> None:
         """Page-lock a host block of exactly its size (cudaHostRegister), so copies from it
         run asynchronously at full link speed without the pinned allocator's rounding;
-        undone at ``close`` or when ``owner`` (the memory's mapping) is collected."""
+        undone at ``close`` or when ``owner`` (the memory's ``PageMapping``) is freed."""
         self.registry.register(block, owner)
 
     def close(self) -> None:

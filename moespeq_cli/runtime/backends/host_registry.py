@@ -15,11 +15,11 @@ engine after the first in a process failed). So each registration is undone exac
 whichever comes first:
 
 - ``close()``: the backend closes (after its last copy has completed);
-- the memory goes: an engine dropped without ``close()``. The host tier's memory is a
-  ``PageMapping`` (tiers/disk.py), whose ``on_free`` callbacks run once no tensor views it
-  and before it is unmapped; the GPU is synchronised first, since a copy may still be
-  reading it. (Other owners get a weakref finalizer, which may run after the memory is
-  freed: only the host tier's mappings are registered today.)
+- the memory goes: an engine dropped without ``close()``. Only memory held by a
+  ``PageMapping`` (tiers/disk.py, the host tier's) is registered: its ``on_free``
+  callbacks run once no tensor views it and *before* it is unmapped (a weakref callback
+  would run after the unmap, or, on a tensor, while views of it still live); the GPU is
+  synchronised first, since a copy may still be reading it.
 
 A registration or unregistration that fails leaves CUDA's per-thread "last error" set,
 and torch would report it at the next kernel launch as that kernel's failure; it is
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import warnings
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -62,13 +61,15 @@ class HostRegistry:
     def __init__(self, cudart=None, synchronize: Callable[[], None] | None = None):
         self.cudart = cudart if cudart is not None else torch.cuda.cudart()
         self.synchronize = synchronize if synchronize is not None else torch.cuda.synchronize
-        self._live: dict[int, weakref.finalize] = {}  # pointer -> its undo
+        self._live: dict[int, int] = {}  # pointer -> bytes registered there
         self.bytes = 0  # registered now
 
-    def register(self, block: torch.Tensor, owner: object | None = None) -> None:
+    def register(self, block: torch.Tensor, owner) -> None:
         """Page-lock ``block``'s bytes in place; the registration is undone at ``close``
-        or when ``owner`` (the object whose collection frees the memory: its mapping;
-        default the block) is collected."""
+        or when ``owner``, the ``PageMapping`` holding the memory, is freed."""
+        hooks = getattr(owner, "on_free", None)
+        if hooks is None:
+            raise TypeError("only memory held by a PageMapping (tiers/disk.py aligned_bytes) can be registered")
         ptr, nbytes = block.data_ptr(), block.numel() * block.element_size()
         rc = int(self.cudart.cudaHostRegister(ptr, nbytes, 0))
         if rc != 0:
@@ -77,13 +78,7 @@ class HostRegistry:
             raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed ({why}); lower --ram")
         self._live[ptr] = nbytes
         self.bytes += nbytes
-        target = owner if owner is not None else block
-        hooks = getattr(target, "on_free", None)
-        if hooks is not None:  # a PageMapping: undone before its memory is unmapped
-            hooks.append(lambda: self._unregister(ptr))
-        else:
-            undo = weakref.finalize(target, self._unregister, ptr)
-            undo.atexit = False  # the process's exit releases it anyway; CUDA may be gone by then
+        hooks.append(lambda: self._unregister(ptr))
 
     def _unregister(self, ptr: int) -> None:
         nbytes = self._live.pop(ptr, None)
