@@ -107,6 +107,7 @@ def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
     peak reservation against the plan), moespeq also after a forced draft release, and
     the mock's prediction for the same run with ``profile`` (this GPU's calibration)."""
     from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.runtime.backends import library_bytes
     from moespeq_cli.runtime.engine import Engine, EngineOptions
     from moespeq_cli.runtime.planning.planner import checkpoint_plan
     from moespeq_cli.runtime.sampling import SamplingParams
@@ -114,7 +115,7 @@ def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
     ck = Checkpoint(path)
     prompt = list(range(10, 42))
     context = len(prompt) + new_tokens
-    plan = checkpoint_plan(ck, context)
+    plan = checkpoint_plan(ck, context, library_bytes=library_bytes("cuda", None))  # cuBLAS's workspaces included
     half = plan.fixed_bytes + plan.total_experts // 2 * plan.expert_bytes
     full = plan.fixed_bytes + plan.total_experts * plan.expert_bytes
     rows = []
@@ -127,6 +128,7 @@ def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_reserved()
+            base_alloc = torch.cuda.memory_allocated()
             hw = profile or "h100-pcie"
             eng = Engine(path, EngineOptions(backend="cuda", policy=policy, vram=vram, hardware=hw))
             eng.load(context)
@@ -139,7 +141,12 @@ def policies(path: Path, new_tokens: int, profile: str | None) -> list[dict]:
                 "io_stall_s": s.io_stall_s,
                 "bytes_h2d": s.bytes_h2d,
                 "plan_bytes": eng.plan.budget_bytes,
+                "plan_used_bytes": eng.plan.budget_bytes - eng.plan.free_bytes,
+                "blas_workspace_bytes": library_bytes("cuda", None),
                 "max_reserved_bytes": torch.cuda.max_memory_reserved() - base,
+                # what tensors held at the peak (reserved less the allocator's cached slack);
+                # both against a baseline that holds what earlier rows left (cuBLAS's workspaces)
+                "max_allocated_bytes": torch.cuda.max_memory_allocated() - base_alloc,
                 "tokens": tokens[:8],
             }
             if policy == "moespeq" and eng.spec is not None and not eng.spec.released:
@@ -175,12 +182,13 @@ def profiler_overlap(path: Path, trace_out: Path | None, new_tokens: int = 8) ->
     from torch.profiler import ProfilerActivity, profile
 
     from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.runtime.backends import library_bytes
     from moespeq_cli.runtime.engine import Engine, EngineOptions
     from moespeq_cli.runtime.planning.planner import checkpoint_plan
     from moespeq_cli.runtime.sampling import SamplingParams
 
     prompt = list(range(10, 42))
-    plan = checkpoint_plan(Checkpoint(path), len(prompt) + new_tokens)
+    plan = checkpoint_plan(Checkpoint(path), len(prompt) + new_tokens, library_bytes=library_bytes("cuda", None))
     vram = plan.fixed_bytes + plan.total_experts // 2 * plan.expert_bytes
     eng = Engine(path, EngineOptions(backend="cuda", policy="gate-prefetch", vram=vram, hardware="h100-pcie"))
     eng.load(len(prompt) + new_tokens)

@@ -29,13 +29,21 @@ def grouped_gpu_profile() -> str:
 GROUPED_GPU = grouped_gpu_profile()
 
 
-def vram_for_slots(path, slots: int, context: int, dtype=None) -> int:
-    plan = checkpoint_plan(Checkpoint(path), context, dtype=dtype)
+def vram_for_slots(path, slots: int, context: int, dtype=None, backend: str = "mock", hardware=None) -> int:
+    """The --vram that holds ``slots`` experts beside the fixed part, as ``backend`` plans
+    it (on cuda the fixed part holds cuBLAS's workspaces too)."""
+    from moespeq_cli.runtime.backends import library_bytes
+    from moespeq_cli.runtime.planning.hardware import load_profile
+
+    hw = load_profile(hardware) if isinstance(hardware, str) else hardware
+    plan = checkpoint_plan(Checkpoint(path), context, dtype=dtype, library_bytes=library_bytes(backend, hw))
     return plan.fixed_bytes + slots * plan.expert_bytes
 
 
 def run_engine(path, prompt, n, backend="mock", policy="lru", slots=None, hardware=None, sampling=None):
-    vram = vram_for_slots(path, slots, len(prompt) + n) if slots is not None else None
+    vram = (
+        vram_for_slots(path, slots, len(prompt) + n, backend=backend, hardware=hardware) if slots is not None else None
+    )
     # the draft is loaded where it fits and the governor decides (the plan's own verdict on
     # the draft, EngineOptions.draft_verdict, is tested in tests/test_draft_verdict.py)
     eng = Engine(path, EngineOptions(backend=backend, policy=policy, vram=vram, hardware=hardware, draft_verdict=False))

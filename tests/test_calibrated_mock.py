@@ -257,6 +257,8 @@ def test_calibrate_writes_a_profile_the_mock_simulates_the_cpu_with(tiny, cli, t
     assert not list(tmp_path.glob(".moespeq-calibrate-*"))  # its scratch file is gone
     hw = load_profile(str(out))
     assert hw.kernels["linear:float32"].ops >= 1 and len(hw.disk_queue_bandwidth) == 4
+    # the host time the op count misses, measured without --model on the bundled demo
+    assert "decoding the bundled demo model" in text and {"attention", "layer"} <= set(hw.region_overhead)
     q = hw.disk_queue_bandwidth
     assert all(a <= b for a, b in zip(q, q[1:], strict=False))  # made non-decreasing: dips are drift
     if hw.kind != "cpu":
@@ -295,12 +297,14 @@ def test_cuda_runs_price_this_gpu_from_a_cached_calibration(monkeypatch):
             "kind": "gpu",
             "disk_queue_bandwidth": [1e9, 2e9],
             "kernels": {},
+            "blas_workspace": 33 * 2**20,
         }
 
     first = cal.cached_gpu_profile(measure=measure)
     again = cal.cached_gpu_profile(measure=measure)
     assert calls == ["NVIDIA H200"] and first == again and first.description == "NVIDIA H200 (calibrated)"
     assert first.grouped_gemm == ("bfloat16",)  # which path the GPU takes survives the cache
+    assert first.blas_workspace == 33 * 2**20  # and what cuBLAS holds, which the plan counts
     gpu["name"] = "NVIDIA GeForce RTX 4090"
     assert cal.cached_gpu_profile(measure=measure).description.startswith("NVIDIA GeForce RTX 4090")
     assert len(calls) == 2
@@ -365,12 +369,15 @@ def test_the_compute_thread_pays_to_submit_a_read_and_to_wake_after_waiting_for_
 
 def test_measured_region_overheads_are_charged_per_call(tiny):
     """A profile's ``region_overhead`` (host time a region costs beyond its priced work,
-    measured by calibrate --model) is added to every call of that region kind, and
-    ``pass`` to every forward pass's glue."""
+    measured by calibrate) is added to every call of that region kind, ``layer`` to every
+    forward pass's glue once for each layer the pass ran, and ``pass`` (profiles written
+    before) once a pass."""
     path, _ = tiny("mixtral", "wide")
+    layers = Checkpoint(path).config.num_layers
+    assert layers > 1
     cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
     runs = {}
-    for extra in ({}, {"attention": 0.5, "pass": 2.0}):
+    for extra in ({}, {"attention": 0.5, "layer": 0.25, "pass": 2.0}):
         eng = Engine(path, EngineOptions(backend="mock", hardware=replace(cpu, region_overhead=extra)))
         eng.load(16)
         list(eng.generate(prompt_for(5, 4), 3, SamplingParams()))
@@ -381,7 +388,8 @@ def test_measured_region_overheads_are_charged_per_call(tiny):
         eng.close()
     plain, charged = runs[False], runs[True]
     assert all(b - a == pytest.approx(0.5) for a, b in zip(plain["attention"], charged["attention"], strict=True))
-    assert all(b - a == pytest.approx(2.0) for a, b in zip(plain["framework"], charged["framework"], strict=True))
+    glue = 2.0 + 0.25 * layers
+    assert all(b - a == pytest.approx(glue) for a, b in zip(plain["framework"], charged["framework"], strict=True))
     assert plain["router"] == pytest.approx(charged["router"])  # no figure: nothing added
 
 
@@ -399,7 +407,7 @@ def test_calibrate_measures_the_host_time_the_op_count_misses(tiny, monkeypatch,
     cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=(1e9,))
     figures = {k: v for k, v in dataclasses.asdict(cpu).items() if k not in ("kernels", "host_kernels", "source")}
     base = region_overheads(path, figures, say=lambda s: None, tokens=4)
-    assert {"attention", "expert", "pass"} <= set(base) and all(v >= 0 for v in base.values())
+    assert {"attention", "expert", "layer"} <= set(base) and all(v >= 0 for v in base.values())
 
     eng = Engine(path, EngineOptions(backend="cpu"))
     eng.load(8)
@@ -411,6 +419,28 @@ def test_calibrate_measures_the_host_time_the_op_count_misses(tiny, monkeypatch,
     out = tmp_path / "p.yaml"
     out.write_text(profile_yaml({**figures, "region_overhead": slowed}))
     assert parse_profile(out).region_overhead == pytest.approx(slowed, rel=1e-5)
+
+
+def test_the_code_between_regions_is_priced_per_layer(tiny, monkeypatch):
+    """Python that runs once a decoder layer outside every region (a 4 ms sleep in each
+    layer's forward, around its attention and MoE block) is measured as 4 ms a layer, not
+    4 ms a pass: a profile measured on a shallow model then prices a deep one."""
+    import dataclasses
+
+    from moespeq_cli.runtime.planning.overheads import region_overheads
+
+    path, _ = tiny("mixtral", "wide")
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=(1e9,))
+    figures = {k: v for k, v in dataclasses.asdict(cpu).items() if k not in ("kernels", "host_kernels", "source")}
+    base = region_overheads(path, figures, say=lambda s: None, tokens=4)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(8)
+    layer_cls = type(eng.model.model.layers[0])
+    eng.close()
+    slow_down(monkeypatch, layer_cls, 0.004)
+    slowed = region_overheads(path, figures, say=lambda s: None, tokens=4)
+    assert 0.0035 <= slowed["layer"] - base["layer"] < 0.008
+    assert slowed["attention"] < base["attention"] + 0.002  # outside the attention's region
 
 
 def test_calibrate_measures_the_drafts_regions_when_a_draft_is_saved(tiny, cli, monkeypatch, tmp_path):

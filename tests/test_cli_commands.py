@@ -208,6 +208,28 @@ def test_plan_predicts_the_context_and_slots_run_takes(cli, args):
     assert row["slots"] == ran["slots"] and row["budget_bytes"] == ran["budget_bytes"]
 
 
+def test_the_blas_workspace_of_a_profile_is_planned_by_run_and_plan_alike(cli, tmp_path):
+    """A GPU profile's ``blas_workspace`` (cuBLAS's and cuBLASLt's workspaces, which
+    calibrate measures on CUDA) is held in the budget's workspace: `run` on the mock and
+    `plan` both count it, so the same budget gives fewer expert slots than without it."""
+    from moespeq_cli.runtime.planning.hardware import profiles_dir
+
+    base = (profiles_dir() / "rtx3060-12gb.yaml").read_text()
+    plans = {}
+    for extra in (0, 4 * 2**20):
+        hw = tmp_path / f"gpu-{extra}.yaml"
+        hw.write_text(base + f"\nblas_workspace: {extra}\n")
+        ran = json.loads(cli("run", "-n", "4", "--json", "--hardware", str(hw)).stdout)["plan"]
+        planned = json.loads(cli("plan", "-n", "4", "--json", "--hardware", str(hw)).stdout)
+        rows = {r["policy"]: r["plan"] for r in planned["policies"] if r["fits"]}
+        assert rows["moespeq"]["workspace_bytes"] == ran["workspace_bytes"] and rows["moespeq"]["slots"] == ran["slots"]
+        plans[extra] = (ran, rows["lru"])
+    (ran0, lru0), (ran4, lru4) = plans[0], plans[4 * 2**20]
+    assert ran4["workspace_bytes"] - ran0["workspace_bytes"] == 4 * 2**20
+    assert lru4["workspace_bytes"] - lru0["workspace_bytes"] == 4 * 2**20
+    assert ran4["slots"] < ran0["slots"] and ran4["budget_bytes"] == ran0["budget_bytes"]
+
+
 def test_plan_refuses_prompt_options_without_a_tokenizer(cli):
     r = cli("plan", "mixtral", "-n", "32")
     assert r.exit_code == 2 and "give --context N" in r.stderr and "Traceback" not in r.stderr

@@ -131,6 +131,25 @@ def test_cuda_memory_stays_within_the_plan(tiny):
     assert torch.cuda.max_memory_reserved() - base <= eng.plan.budget_bytes + buffers * 2 * 2**20
 
 
+def test_cuda_blas_workspace_is_measured_and_planned(tiny):
+    """cuBLAS's and cuBLASLt's workspaces for the compute stream (allocated at the first
+    matmul and kept) are measured, remembered, and held in the plan's workspace: a cuda
+    plan's workspace is the bare plan's plus exactly that."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.runtime.backends.cuda import blas_workspace_bytes
+    from moespeq_cli.runtime.planning.planner import checkpoint_plan
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    ws = blas_workspace_bytes(dev)
+    print(f"cuBLAS + cuBLASLt workspaces on {torch.cuda.get_device_name(dev)}: {ws / 2**20:.2f} MiB")
+    assert ws > 0 and blas_workspace_bytes(dev) == ws
+    path, _ = tiny("mixtral", "top3")
+    prompt = list(range(3, 30))
+    bare = checkpoint_plan(Checkpoint(path), len(prompt) + 16)
+    _, eng = run_engine(path, prompt, 16, backend="cuda", policy="lru", slots=4)
+    assert eng.plan.workspace_bytes == bare.workspace_bytes + ws and eng.plan.slots == 4
+
+
 def test_pinned_host_tier_and_slot_buffers(tiny):
     path, _ = tiny("olmoe", "base")
     _, eng = run_engine(path, [5, 6, 7, 8], 4, backend="cuda", policy="lru", slots=4)
@@ -167,7 +186,7 @@ def test_cuda_three_tiers(tiny, policy):
     prompt = list(range(3, 20))
     expected, _ = run_engine(path, prompt, 16, backend="cpu")
     draft = draft_bytes_estimate(Checkpoint(path).config) if policy == "moespeq" else 0  # as the mock's test
-    vram = vram_for_slots(path, 3, len(prompt) + 16) + draft
+    vram = vram_for_slots(path, 3, len(prompt) + 16, backend="cuda") + draft
     got, eng = disk_run(path, prompt, 16, policy, ram_for(path, 5), backend="cuda", vram=vram, hardware="h100-pcie")
     assert got == expected
     assert eng.plan.disk_tier and eng.last_stats.bytes_read > 0

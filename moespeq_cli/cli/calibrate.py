@@ -51,8 +51,9 @@ def calibrate(
             "--model",
             help="Time the disk on this checkpoint's files (read only, past the page cache): the disk as the runtime "
             "meets it, caches underneath included. A directory (its largest .safetensors) or a file. For a checkpoint "
-            "directory without a GPU, also decode 32 of its tokens for real and on the mock and write the host time "
-            "the op count misses (region_overhead).",
+            "directory, also decode 16 of its tokens for real (on the GPU where there is one) and on the mock and "
+            "write the host time the op count misses (region_overhead); without --model that is measured on the "
+            "bundled demo model.",
             show_default=False,
         ),
     ] = None,
@@ -65,10 +66,11 @@ def calibrate(
     batch size from 1 to 16 tokens), the disk (O_DIRECT bandwidth with 1 to 4 reads in
     flight, latency) and, with CUDA, the GPU. Each figure is marked as measured, with the
     date and the method. Without a GPU the profile describes this CPU as the device
-    (kind: cpu): `--backend mock --hardware PROFILE --ram X` then simulates `--backend cpu`;
-    with `--model CKPT` it also measures the host time per region that the op count misses,
-    on that checkpoint (the draft's regions too when it has a saved draft). Takes about
-    30 s, about 75 s with `--model` on a 2-core machine.
+    (kind: cpu): `--backend mock --hardware PROFILE --ram X` then simulates `--backend cpu`.
+    It also measures the host time per region that the op count misses (Python, per layer
+    between regions), decoding the bundled demo model, or with `--model CKPT` that
+    checkpoint (the draft's regions too when it has a saved draft), on the GPU where there
+    is one. Takes about 25 s, about 75 s with `--model` on a 2-core machine.
     """
     import json
     import sys

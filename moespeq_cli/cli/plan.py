@@ -100,6 +100,7 @@ def plan(
     from moespeq_cli.model_ref import DEMO, default_vram, resolve_config
     from moespeq_cli.models import build_model, language_config, parse_config
     from moespeq_cli.models.config import DTYPES
+    from moespeq_cli.runtime.backends import library_bytes
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
     from moespeq_cli.runtime.planning.hardware import beyond_device, load_profile, parse_size
@@ -141,7 +142,17 @@ def plan(
             if policy == "moespeq":
                 p, est = plan_moespeq(step, budget, cpu_on, acceptance=acceptance, ram=ram_bytes)
             else:
-                p = make_plan(shape_model, cfg, storage, budget, context, policy, cpu_experts=cpu_on, ram=ram_bytes)
+                p = make_plan(
+                    shape_model,
+                    cfg,
+                    storage,
+                    budget,
+                    context,
+                    policy,
+                    cpu_experts=cpu_on,
+                    ram=ram_bytes,
+                    library_bytes=library_bytes("mock", hw),
+                )
                 est = estimate(step, p, acceptance)
         except UsageError as e:
             rows.append({"policy": label, "fits": False, "reason": str(e)})

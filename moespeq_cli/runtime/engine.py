@@ -29,7 +29,7 @@ from moespeq_cli.models.base import fuse_attention_projections
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
 from moespeq_cli.models.loader import load_model
-from moespeq_cli.runtime.backends import make_backend, resolve_backend_name
+from moespeq_cli.runtime.backends import library_bytes, make_backend, resolve_backend_name
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.planning.hardware import HardwareProfile, format_size, load_profile, parse_size
 from moespeq_cli.runtime.planning.planner import Plan, checkpoint_plan, default_ram
@@ -243,6 +243,7 @@ class Engine:
         ram, source = self.ram, None
         if ram is None:
             ram, source = default_ram()
+        kw["library_bytes"] = library_bytes(self.backend_name, self.hw)  # cuBLAS's workspaces: the budget holds them
         plan = checkpoint_plan(
             self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, ram=ram, ram_source=source, **kw
         )

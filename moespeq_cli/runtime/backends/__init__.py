@@ -42,4 +42,27 @@ def make_backend(name: str, hw: HardwareProfile | None, capacity: int, reader=No
     raise ValueError(f"no offloading backend {name!r}")
 
 
-__all__ = ["Backend", "DeviceMemoryError", "Event", "make_backend", "resolve_backend_name", "BACKEND_NAMES"]
+def library_bytes(name: str, hw: HardwareProfile | None) -> int:
+    """What the device's BLAS libraries hold for the compute stream beside the plan's own
+    buffers, on backend ``name``: measured on cuda (``blas_workspace_bytes``), the
+    profile's ``blas_workspace`` on the mock (a GPU it simulates), nothing on the cpu."""
+    if name == "cuda":
+        import torch
+
+        from moespeq_cli.runtime.backends.cuda import blas_workspace_bytes
+
+        return blas_workspace_bytes(torch.device("cuda", torch.cuda.current_device()))
+    if name == "mock" and hw is not None and hw.kind != "cpu":
+        return hw.blas_workspace
+    return 0
+
+
+__all__ = [
+    "Backend",
+    "DeviceMemoryError",
+    "Event",
+    "make_backend",
+    "library_bytes",
+    "resolve_backend_name",
+    "BACKEND_NAMES",
+]

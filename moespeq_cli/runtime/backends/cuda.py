@@ -51,6 +51,37 @@ from moespeq_cli.runtime.planning.costs import Cost, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.timeline import Interval
 
+_BLAS_WORKSPACE: dict[tuple[int | None, int], int] = {}
+
+
+def blas_workspace_bytes(device: torch.device) -> int:
+    """What cuBLAS and cuBLASLt hold on ``device`` for matmuls on its current stream (the
+    compute stream). torch allocates each library's workspace from its caching allocator
+    at the first matmul on a (handle, stream) and keeps it for the process (recent
+    releases' defaults: 32 MiB for cuBLAS on compute capability 9.0, 4-8 MiB elsewhere,
+    plus cuBLASLt's), memory the plan did not count before. Measured rather than taken from
+    torch's rules, which change between releases and with ``CUBLAS_WORKSPACE_CONFIG``: the
+    workspaces are released (after a sync), the matmuls the models run (bf16, and with a
+    bias: cuBLASLt's path) run once into preallocated outputs, and what the allocator
+    holds more afterwards is the workspaces. Remembered per stream."""
+    stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    if key not in _BLAS_WORKSPACE:
+        with torch.cuda.device(device):
+            a = torch.ones(64, 64, dtype=torch.bfloat16, device=device)
+            bias = torch.ones(64, dtype=torch.bfloat16, device=device)
+            out = torch.empty_like(a)
+            torch.cuda.synchronize(device)
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:  # an earlier matmul's workspaces would not show as allocated now
+                clear()
+            before = torch.cuda.memory_allocated(device)
+            torch.mm(a, a, out=out)
+            torch.addmm(bias, a, a, out=out)
+            torch.cuda.synchronize(device)
+            _BLAS_WORKSPACE[key] = max(0, torch.cuda.memory_allocated(device) - before)
+    return _BLAS_WORKSPACE[key]
+
 
 class CudaBackend(Backend):
     name = "cuda"

@@ -55,6 +55,7 @@ class MockBackend(Backend):
         self.counter = OpCounter(skip_casts=hw.kind != "cpu")
         self._regions: list[list[int]] = []  # open begin/end regions: [ops at begin, ops of nested regions]
         self._pass: list[int] | None = None  # [ops at the pass's start, syncs at its start, ops regions claimed]
+        self._pass_layers: set[int] = set()  # the layers whose regions ran in this pass
 
     def now(self) -> float:
         return self.t_compute - self.origin
@@ -64,6 +65,7 @@ class MockBackend(Backend):
         if self._pass is None:
             self.counter.__enter__()
             self._pass = [self.counter.ops, self.counter.syncs, 0]
+            self._pass_layers.clear()
 
     def end_pass(self) -> None:
         if self._pass is None:
@@ -74,7 +76,10 @@ class MockBackend(Backend):
         glue = self.counter.ops - start_ops - claimed
         syncs = self.counter.syncs - start_syncs + 1  # and the sampler reads the logits back
         start = self.t_compute
-        host = self.hw.region_overhead.get("pass", 0.0)  # the code between regions, measured (calibrate --model)
+        # the code between regions, measured (calibrate): per layer that ran (residual adds,
+        # routing, the scheduler run once a layer), and per pass in profiles written before
+        extra = self.hw.region_overhead
+        host = extra.get("pass", 0.0) + extra.get("layer", 0.0) * len(self._pass_layers)
         self.t_compute = self._until(
             start, glue * self.hw.launch_overhead + syncs * self.hw.sync_overhead + host, kernels=False
         )
@@ -98,6 +103,8 @@ class MockBackend(Backend):
             self._regions[-1][1] += ops + nested
         if self._pass is not None and not self._regions:
             self._pass[2] += ops + nested
+        if self._pass is not None and layer is not None:
+            self._pass_layers.add(layer)
         start = self.t_compute
         busy = any(free > start for free in self.disk_free)  # the disk's reads share the CPU with it
         seconds = cost.seconds(self.hw, ops=ops if counted else None, busy=busy)

@@ -16,8 +16,9 @@ it writes is a measurement of this machine, stamped with the date and the method
 - the disk where models live: O_DIRECT read bandwidth with 1 to 4 reads in flight (the
   reader's threads), the latency of a small read, the CPU time a read costs per byte, and
   what a read costs the compute thread (submitting it, waking after waiting for it);
-- with ``--model CKPT`` on a CPU, the host time the op count misses per kind of region,
-  from that checkpoint decoded for real and on the mock (planning/overheads.py);
+- the host time the op count misses per kind of region, from a checkpoint decoded for
+  real and on the mock (``--model CKPT``, else the bundled demo model; on a GPU decoded
+  there; planning/overheads.py);
 - on CUDA also the GPU (its kernel curves, launch overhead, pinned host-to-device
   bandwidth and latency, sync cost), written as a ``gpu`` profile.
 
@@ -504,6 +505,7 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
 
 # -- the GPU -------------------------------------------------------------------------
 def cuda_figures(say: Callable[[str], None]) -> dict:
+    from moespeq_cli.runtime.backends.cuda import blas_workspace_bytes
     from moespeq_cli.runtime.executors.grouped import supported
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -546,6 +548,7 @@ def cuda_figures(say: Callable[[str], None]) -> dict:
         "launch_overhead": launch,
         "sync_overhead": sync,
         "grouped_gemm": [d for d in GROUPED_DTYPES if supported(dev, getattr(torch, d))],
+        "blas_workspace": blas_workspace_bytes(dev),
         "kernels": kernel_curves(dev, say),
     }
 
@@ -558,8 +561,11 @@ def calibrate(
     say: Callable[[str], None] = print,
     model_file: Path | None = None,
     checkpoint: Path | None = None,
+    overheads: bool = True,
 ) -> dict:
-    """Every figure of a profile for this machine (a dict in the profile's fields)."""
+    """Every figure of a profile for this machine (a dict in the profile's fields).
+    ``overheads``: measure the host time the op count misses, decoding ``checkpoint`` (the
+    bundled demo model without one) for real and on the mock."""
     from moespeq_cli.runtime.planning.planner import memory_info
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -592,6 +598,7 @@ def calibrate(
     if cuda:
         figures.update(cuda_figures(say))
         figures["host_kernels"] = host_curves
+        backend = "cuda"
     else:
         # the device is this CPU: its figures are the host's, and its link is the disk
         figures.update(
@@ -603,11 +610,14 @@ def calibrate(
             link_latency=disk["disk_latency"],
             kernels=host_curves,
         )
-        if checkpoint is not None:
-            from moespeq_cli.runtime.planning.overheads import region_overheads
+        backend = "cpu"
+    if overheads:
+        from moespeq_cli.model_ref import DEMO_DIR
+        from moespeq_cli.runtime.planning.overheads import region_overheads
 
-            figures["region_overhead"] = region_overheads(checkpoint, figures, say)
-            figures["_overhead_model"] = str(checkpoint)
+        model = checkpoint or DEMO_DIR
+        figures["region_overhead"] = region_overheads(model, figures, say, backend=backend)
+        figures["_overhead_model"] = str(model) if checkpoint else "the bundled demo model"
     return figures
 
 
@@ -624,6 +634,7 @@ METHODS = {
     "host_op_overhead": "2000 tiny adds on the CPU, per op",
     "sync_overhead": "reading a one-element tensor back, per read",
     "grouped_gemm": "the dtypes torch._grouped_mm has a real kernel for here (bf16 on compute capability 9, 10) and runs in",
+    "blas_workspace": "what the allocator holds more after the compute stream's first bf16 matmuls (cuBLAS, cuBLASLt)",
     "disk_bandwidth": "O_DIRECT reads of 22 MiB, the best of 1 to 4 in flight",
     "disk_latency": "median of 64 O_DIRECT 4 KiB reads",
     "disk_read_cpu": "CPU time of the reading thread per byte (thread_time), O_DIRECT reads of 22 MiB one at a time, the median pass",
@@ -676,6 +687,7 @@ def profile_yaml(figures: dict) -> str:
         "host_op_overhead",
         "sync_overhead",
         "grouped_gemm",
+        "blas_workspace",
         "disk_bandwidth",
         "disk_latency",
         "disk_read_cpu",
@@ -687,6 +699,7 @@ def profile_yaml(figures: dict) -> str:
             "read_submit_overhead",
             "read_wake_overhead",
             "grouped_gemm",
+            "blas_workspace",
         ):
             continue  # optional: a profile without them does not price reads' host time (a CPU's: no GPU kernel)
         v = figures[key]
@@ -699,7 +712,7 @@ def profile_yaml(figures: dict) -> str:
         model = figures.get("_overhead_model", "a checkpoint")
         out.append(
             f"region_overhead:  # measured {today}: host seconds a call beyond its priced work, decoding {model} "
-            "for real and on the mock (pass: the code between regions, per forward pass)"
+            "for real and on the mock (layer: the code between regions, per layer of a forward pass)"
         )
         for name, s in figures["region_overhead"].items():
             out.append(f"  {json.dumps(name)}: {_num(s)}")

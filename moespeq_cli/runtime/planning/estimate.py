@@ -49,6 +49,7 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.models.expert_format import fp8_tiles
+from moespeq_cli.runtime.backends import library_bytes
 from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable, profile_groups
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
@@ -250,11 +251,12 @@ def plan_moespeq(
     every drafted token accepted could not pay for the draft's memory, the plan is the one
     without it (``speculation_cannot_pay``), as ``run`` makes it."""
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
-    with_draft = make_plan(*args, ram=ram)
+    lib = library_bytes("mock", step.hw)  # as the mock of this profile plans
+    with_draft = make_plan(*args, ram=ram, library_bytes=lib)
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:
         return with_draft, spec
-    released = make_plan(*args, with_draft=False, ram=ram)
+    released = make_plan(*args, with_draft=False, ram=ram, library_bytes=lib)
     off = speculation_cannot_pay(step, with_draft, released)
     if off is not None:  # run does not load the draft (engine.py draft_verdict)
         return off, estimate(step, off, acceptance)

@@ -121,10 +121,15 @@ class HardwareProfile:
     # (executors/grouped.py); none: every expert apart
     grouped_gemm: tuple[str, ...] = ()
     kernels: dict = field(default_factory=dict)  # kernel name -> KernelCurve, on the device
-    # region kind ("attention", "expert", ..; "pass": a forward pass's code outside every
-    # region) -> host seconds a call costs beyond its priced work: Python the op count misses
+    # region kind ("attention", "expert", ..; "layer": the code outside every region, per
+    # layer a forward pass runs; "pass": the same per pass, in profiles written before)
+    # -> host seconds a call costs beyond its priced work: Python the op count misses
     region_overhead: dict = field(default_factory=dict)
     host_kernels: dict = field(default_factory=dict)  # ... on the host CPU
+    # bytes the GPU's BLAS libraries hold for the compute stream (torch allocates cuBLAS's
+    # and cuBLASLt's workspaces at the first matmul there and keeps them: 32 MiB and more
+    # on compute capability 9.0); calibrate measures it, bundled profiles leave it 0
+    blas_workspace: int = 0
 
     @property
     def usable_memory(self) -> int:
@@ -147,12 +152,13 @@ class HardwareProfile:
         return total / in_flight
 
 
-_SIZES = {"device_memory", "reserved_memory"}
+_SIZES = {"device_memory", "reserved_memory", "blas_workspace"}
 # Plausible ranges (inclusive): figures outside them are typos or hostile, and would make
 # the timing model divide by (almost) zero or print 300-digit times.
 _RANGES = {
     "device_memory": (2**20, MAX_SIZE),
     "reserved_memory": (0, MAX_SIZE),
+    "blas_workspace": (0, 2**34),
     "link_bandwidth": (1e6, 1e14),  # B/s: 1 MB/s .. 100 TB/s
     "link_latency": (1e-9, 1.0),  # s
     "peak_flops": (1e6, 1e19),  # FLOP/s
@@ -183,6 +189,7 @@ _OPTIONAL = {
     "host_kernels",
     "region_overhead",
     "grouped_gemm",
+    "blas_workspace",
 }
 _STRUCTURED = {"kind", "grouped_gemm", "disk_queue_bandwidth", "kernels", "host_kernels", "region_overhead"}
 KINDS = ("gpu", "cpu")

@@ -1,4 +1,4 @@
-"""The host time the op count misses, measured on the model itself (``calibrate --model``).
+"""The host time the op count misses, measured on a model (``calibrate [--model CKPT]``).
 
 The mock prices a region (an attention block, a router, one expert) by the kernels it
 runs and the aten ops it dispatches (planning/costs.py), and a forward pass's code outside
@@ -9,15 +9,21 @@ it dispatches no op at all. Measured on this 2-core VM with the 791M Mixtral-sha
 checkpoint before this existed: an attention block took 0.52 ms against 0.28 ms priced,
 and the code between regions 3.7 ms a token against 0.44 ms.
 
-So ``calibrate --model CKPT`` decodes a few tokens of that checkpoint for real
-(``--backend cpu``, the wall clock; the median of three decodes on one loaded engine) and on the mock with the
-profile just measured, and writes each region kind's difference per call into the
-profile's ``region_overhead`` (``pass``: per forward pass, for the code between regions).
+So ``calibrate --model CKPT`` (without ``--model``: the bundled demo model) decodes a few
+tokens of that checkpoint for real (``--backend cpu``, or ``cuda`` on a GPU; the wall
+clock, or on a GPU its events; the median of three decodes on one loaded engine) and on
+the mock with the profile just measured, and writes each region kind's difference per
+call into the profile's ``region_overhead`` (``layer``: the code between regions, per
+layer of a forward pass). On a GPU that difference is the time the device waits for the
+host: a decode step of a small batch is launch- and Python-bound there (measured on an
+H200: two Mixtral-8x7B layers, every expert resident, 4.2 ms a token against 1.2 ms
+priced by kernels and launches alone).
 The runs hold every expert in RAM where it fits (8 GiB at most); the overheads are the
 residual of the same run both ways, so whatever the mock already prices (kernels, ops,
 reads) is not counted twice. They are measured on one model and apply to every model run
-with the profile: the Python they stand for is moespeq's, the same for every family,
-though its share per layer is not. Where the checkpoint has a saved draft (``moespeq
+with the profile: the Python they stand for is moespeq's, the same for every family and
+per layer about the same for every size (0.21 ms a layer on the 4-layer demo, 0.19 ms on
+an 8-layer 791M checkpoint, on this VM). Where the checkpoint has a saved draft (``moespeq
 quantize``), a speculative run each way measures the draft's expert regions too: in the
 decode loop they took 1.06 ms a call on that checkpoint against 0.39 ms priced by the
 4-bit kernel's curve (bitsandbytes' kernel, timed alone, runs between moespeq's own
@@ -34,12 +40,19 @@ BETWEEN = "(between regions)"
 
 
 def region_overheads(
-    checkpoint: Path, figures: dict, say: Callable[[str], None], tokens: int = 16, ram_budget: int = 8 * 2**30
+    checkpoint: Path,
+    figures: dict,
+    say: Callable[[str], None],
+    tokens: int = 16,
+    ram_budget: int = 8 * 2**30,
+    backend: str = "cpu",
 ) -> dict:
-    """{region kind: host seconds a call beyond what the mock prices; "pass": per forward
-    pass}, from ``tokens`` greedy tokens of ``checkpoint`` on the wall clock and on the
-    mock priced by ``figures`` (a cpu profile without overheads), with every expert in RAM
-    up to ``ram_budget`` bytes (beyond it the disk tier runs, priced alike both ways)."""
+    """{region kind: host seconds a call beyond what the mock prices; "layer": the code
+    between regions, per layer of a forward pass}, from ``tokens`` greedy tokens of
+    ``checkpoint`` on the wall clock (``backend``: "cpu", or "cuda" priced by a gpu
+    profile) and on the mock priced by ``figures`` (a profile without overheads), with
+    every expert in RAM up to ``ram_budget`` bytes (beyond it the disk tier runs, priced
+    alike both ways; on a GPU every expert the device's budget holds is resident)."""
     from moespeq_cli.cli.run import DEFAULT_PROMPT
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.quant.draft import saved_draft
@@ -60,7 +73,11 @@ def region_overheads(
     say(f"host time: decoding {checkpoint.name} for real, 3 times")
     # the median of three decodes on one loaded engine: this VM's speed wanders from one
     # second to the next (every expert is resident: a repeat starts as the first did)
-    real = run_policy(checkpoint, ids, tokens, "lru", EngineOptions(backend="cpu", ram=ram), repeats=3)
+    # a cuda run is priced by the profile being measured (without one it would calibrate)
+    real_hw = hw if backend == "cuda" else None
+    real = run_policy(
+        checkpoint, ids, tokens, "lru", EngineOptions(backend=backend, hardware=real_hw, ram=ram), repeats=3
+    )
     say(f"host time: decoding {checkpoint.name} on the mock")
     sim = run_policy(checkpoint, ids, tokens, "lru", EngineOptions(backend="mock", hardware=hw, ram=ram))
     measured = real.regions
@@ -72,8 +89,12 @@ def region_overheads(
         out[kind] = max(0.0, (seconds - priced[kind][1]) / count)
     passes = priced.get("framework", [0, 0.0])[0]
     if passes:
+        # per layer, not per pass: the code between regions runs once a layer (residual
+        # adds, routing, the scheduler), so a profile measured on a 4-layer model prices a
+        # 48-layer one (measured on this VM: 0.21 ms a layer on the 4-layer demo, 0.19 on
+        # an 8-layer 791M checkpoint, where per pass they were 0.84 and 1.48 ms)
         wall, glue = between(measured, priced)
-        out["pass"] = max(0.0, (wall - glue) / passes)
+        out["layer"] = max(0.0, (wall - glue) / passes / ckpt.config.num_layers)
     if saved_draft(ckpt.path, EngineOptions.quant_method, EngineOptions.blocksize) is not None:
         # the draft's own regions, from speculative runs (the draft's experts are regions
         # lru never runs), the median of three decodes each way as above: a first decode
@@ -82,9 +103,9 @@ def region_overheads(
         # takes 1.4; without a saved draft, quantizing one would take longer than all the
         # rest, so they stay priced by their kernel alone
         runs = []
-        for backend, how in (("cpu", "for real"), ("mock", "on the mock")):
+        for kind, how in ((backend, "for real"), ("mock", "on the mock")):
             say(f"host time: the draft's experts, {how}, 3 times")
-            o = EngineOptions(backend=backend, hardware=hw if backend == "mock" else None, ram=ram, spec_depth=4)
+            o = EngineOptions(backend=kind, hardware=hw if kind == "mock" else real_hw, ram=ram, spec_depth=4)
             runs.append(run_policy(checkpoint, ids, tokens, "moespeq", o, repeats=3).regions)
         for kind, (count, seconds) in runs[0].items():
             if kind.startswith("draft") and kind in runs[1] and count:

@@ -193,12 +193,15 @@ def make_plan(
     ram: int | None = None,
     compute_tier: str = "device",
     ram_source: str | None = None,
+    library_bytes: int = 0,
 ) -> Plan:
     """``model`` may live on the meta device: only shapes are read. For moespeq the 4-bit
     draft is placed too unless ``with_draft`` is False (module docstring); ``note`` says
     what the planner decided. ``max_slots`` caps the expert slots (bench's same-cache
     budget). ``ram``: host RAM for expert buffers (None: every expert fits);
-    ``compute_tier="host"``: ``budget`` is that RAM and the CPU computes from it."""
+    ``compute_tier="host"``: ``budget`` is that RAM and the CPU computes from it.
+    ``library_bytes``: what the device's BLAS libraries hold for the compute stream (their
+    workspaces, allocated at the first matmul and kept), counted in the workspace."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
     kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model)
@@ -213,6 +216,7 @@ def make_plan(
     workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
     # compact experts (block FP8, MXFP4) are dequantized on the device a few at a time (executors/grouped.py)
     workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
+    workspace += library_bytes if compute_tier == "device" else 0
     expert = cfg.expert_bytes(elem)
     ram_slot = ram_slot_bytes(expert)
     total = cfg.num_experts * len(cfg.moe_layers)
