@@ -319,7 +319,7 @@ def main() -> None:
                 f"| {r['tokens']} | {r['bf16_us']:.1f} | {r['nf4_matmul_4bit_us']:.1f} | "
                 f"{r['nf4_dequant_matmul_us']:.1f} | {r['nf4_rel_err']:.4f} |"
             )
-    head = "| shape | policy | tok/s | mock tok/s | hit | stall s | MB H2D | peak reserved / plan |"
+    head = "| shape | policy | tok/s | mock tok/s | hit | stall s | MB H2D | peak reserved / allocated / plan |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for key, rows in result.items():
         if not key.startswith("policies ") or not isinstance(rows, list):
@@ -333,7 +333,8 @@ def main() -> None:
             mock = f"{r['mock_tokens_per_s']:.1f}" if r.get("mock_tokens_per_s") else "-"
             print(
                 f"| {shape} | {r['policy']} | {r['tokens_per_s']:.1f} | {mock} | {hit} | {r['io_stall_s']:.3f} | "
-                f"{(r['bytes_h2d'] or 0) / 1e6:.1f} | {r['max_reserved_bytes'] / 1e6:.0f} / {r['plan_bytes'] / 1e6:.0f} MB |"
+                f"{(r['bytes_h2d'] or 0) / 1e6:.1f} | {r['max_reserved_bytes'] / 1e6:.0f} / "
+                f"{r.get('max_allocated_bytes', 0) / 1e6:.0f} / {r['plan_bytes'] / 1e6:.0f} MB |"
             )
     prof = result.get("profiler", {})
     if "copies_hidden" in prof and prof["copies_hidden"] is not None:

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 out=${1:-build/gpu_check}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-read -r t_cal t_tests t_bench <<<"${GPU_CHECK_LIMITS:-80 180 220}"
+read -r t_cal t_tests t_bench <<<"${GPU_CHECK_LIMITS:-100 180 220}"
 
 python3 - <<'PY' || exit 1
 import torch
