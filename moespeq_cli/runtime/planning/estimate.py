@@ -54,6 +54,7 @@ from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, gro
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
+from moespeq_cli.runtime.planning.opcache import count_key, remembered
 from moespeq_cli.runtime.planning.planner import Plan, make_plan
 from moespeq_cli.runtime.scheduling.governor import GovernorState, union_size
 
@@ -146,9 +147,16 @@ class StepModel:
         t K .. t K + K - 1, modulo E); the charges' estimates where the meta run fails."""
         if tokens not in self._ops:
             grouped = self.grouped_ops is not None
-            # counting runs the model on the meta device: seconds in a fresh process (torch's
-            # Python meta kernels import torch._dynamo)
-            self._ops[tokens] = count_pass_ops(self.model, self.cfg, tokens, grouped) if self.counted else None
+            # counting runs the model on the meta device: a second in a fresh process (torch's
+            # Python meta kernels import torch._dynamo), so a count is remembered across runs
+            self._ops[tokens] = (
+                remembered(
+                    count_key(self.model, self.cfg, tokens, grouped),
+                    lambda: count_pass_ops(self.model, self.cfg, tokens, grouped),
+                )
+                if self.counted
+                else None
+            )
             if self._ops[tokens] is None:
                 estimated = sum(cost(tokens, self.context).ops for _m, _n, _l, cost, _r in self.table)
                 self._ops[tokens] = round(estimated * self.op_scale)
