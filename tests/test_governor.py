@@ -153,6 +153,39 @@ def test_the_released_cycle_takes_the_queued_stall_per_miss():
     assert s.theta_released() == pytest.approx(fixed)
 
 
+def test_gate_prefetchs_guesses_hide_part_of_the_released_stall():
+    """With gate-prefetch as plain decoding's arm, the released cycle's stall per miss
+    falls by the share of experts its guesses caught a layer early (``release_recall``),
+    times the share of their copies a layer's compute covers (0.25 ms a layer against two
+    1 ms copies here: an eighth); nothing when lru is the arm or no guess was measured."""
+    s = release_state(p=0.0, t_draft=0.4e-3)  # 0.5 ms compute + 3 misses of 0.3 ms; 1 released
+    plain = s.theta_released()
+    assert plain == pytest.approx(1 / (1.4e-3 - 0.3e-3 * 2))
+    s.release_recall = lambda: 0.8
+    assert s.theta_released() == pytest.approx(1 / (1.4e-3 - 0.3e-3 * 3 + 0.3e-3 * (1 - 0.8 / 8)))
+    s.release_recall = lambda: None  # no guess has met its layer yet
+    assert s.theta_released() == pytest.approx(plain)
+    lru = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
+    lru.slots, lru.spare_slots, lru.total_experts = 4, 8, 16
+    lru.observe(0, 0, draft_s=0.0, target_s=0.5e-3, misses=3, stall_s=0.9e-3, prefetch=False)
+    lru.release_recall = lambda: 0.8  # guesses measured, but plain decoding runs lru: no guesses
+    assert lru.theta_released() == pytest.approx(plain)
+
+
+def test_a_trace_measures_gate_prefetchs_recall():
+    from moespeq_cli.runtime.scheduling.routing_trace import RoutingTrace
+
+    t = RoutingTrace([0, 1], num_experts=8, top_k=2, depth=8)
+    assert t.guess_recall() is None
+    t.record(0, [[0, 1]])
+    t.guess(1, [2, 3])
+    t.record(1, [[3, 4]])  # one of two guessed
+    t.record(0, [[0, 1], [5, 6]])  # no guess for layer 0: not counted
+    t.guess(1, [4, 5, 4, 7])
+    t.record(1, [[4, 5], [4, 6]])  # 4 and 5 of 4, 5, 6 guessed
+    assert t.guess_recall() == pytest.approx((1 + 2) / (2 + 3))
+
+
 def test_release_judges_speculation_by_the_whole_run():
     """One rejection among the last few positions pulls the discounted acceptance (which
     picks k) down; whether to give up the draft for good is judged on the run's."""

@@ -124,6 +124,8 @@ class OffloadedExperts:
         self.backend.sync(1, "route")  # the routing reaches the host (one read): it decides the copies
         if self.trace is not None:
             self.trace.record(layer, rows)
+            if ahead is not None and layer in self.next_moe:
+                self.trace.guess(self.next_moe[layer], ahead)
         groups = token_groups(rows)
         needed = list(groups)
         ready = [e for e in needed if cache.ready((layer, e))]

@@ -63,14 +63,33 @@ class RoutingTrace:
         for key in list(resident)[-depth:] if depth else []:
             self._recency.use(key)
         self._pass: dict[int, list[list[int]]] = {}
+        # gate-prefetch's guesses (the next layer's router on this layer's input): layer ->
+        # the experts guessed for it, and how many of the experts routed there were guessed
+        self._guess: dict[int, set[int]] = {}
+        self.guessed = 0
+        self.guess_lookups = 0
 
     # -- recording ---------------------------------------------------------------
     def record(self, layer: int, rows: list[list[int]]) -> None:
         """One MoE layer of a target pass: each token's chosen experts. A pass is
         replayed token-major once its last MoE layer has been recorded."""
         self._pass[layer] = rows
+        guess = self._guess.pop(layer, None)
+        if guess is not None:
+            routed = {e for row in rows for e in row}
+            self.guessed += len(routed & guess)
+            self.guess_lookups += len(routed)
         if layer == self.layers[-1]:
             self._replay()
+
+    def guess(self, layer: int, experts: list[int]) -> None:
+        """Gate-prefetch's guess of ``layer``'s experts, made before it routes."""
+        self._guess[layer] = set(experts)
+
+    def guess_recall(self) -> float | None:
+        """The share of routed experts gate-prefetch guessed a layer early (None before
+        any guess met its layer)."""
+        return self.guessed / self.guess_lookups if self.guess_lookups else None
 
     def _replay(self) -> None:
         per_layer = [(layer, self._pass[layer]) for layer in self.layers if layer in self._pass]

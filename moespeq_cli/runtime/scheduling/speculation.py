@@ -75,6 +75,8 @@ class Speculation:
             )
             state.release_misses = self.release_misses
             state.release_layers = self.release_layers
+            if not target.policy.host_compute:
+                state.release_recall = target.trace.guess_recall
         self.governor = Governor(state, fixed=fixed_k if self.draft is not None else 0)  # no draft: k = 0
         self.scheduler = ElbScheduler(model, tiers, backend, target, self.governor)
         self.scheduler.on_release = self.release_draft
