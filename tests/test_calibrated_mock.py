@@ -544,3 +544,68 @@ def slow_down(monkeypatch, cls, seconds: float) -> None:
         return forward(self, *args, **kw)
 
     monkeypatch.setattr(cls, "forward", slow)
+
+
+@pytest.fixture
+def quick_calibration(monkeypatch):
+    """``calibrate`` with its measurements replaced by fixed figures (no disk, no curves),
+    and the demo's decode failing as on a GPU the draft cannot run on."""
+    import contextlib
+
+    from moespeq_cli.runtime.planning import calibrate as cal
+    from moespeq_cli.runtime.planning import overheads
+
+    monkeypatch.setattr(
+        cal,
+        "host_figures",
+        lambda say: dict(host_mem_bandwidth=3e10, host_flops=1e11, host_op_overhead=2e-6, sync_overhead=1e-6),
+    )
+    monkeypatch.setattr(
+        cal,
+        "disk_figures",
+        lambda source, threads, say: dict(
+            disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=[1e9], disk_read_cpu=0.0, direct=True
+        ),
+    )
+    monkeypatch.setattr(
+        cal, "read_host_figures", lambda source, threads, say: dict(read_submit_overhead=1e-5, read_wake_overhead=1e-5)
+    )
+    monkeypatch.setattr(cal, "kernel_curves", lambda *a, **k: {})
+    monkeypatch.setattr(
+        cal, "disk_source", contextlib.contextmanager(lambda directory, model_file, say: iter([("f", 0)]))
+    )
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image\nfor this device")
+
+    monkeypatch.setattr(overheads, "region_overheads", broken)
+    return cal
+
+
+def test_a_failed_demo_decode_leaves_a_profile_without_host_time(quick_calibration, tmp_path):
+    """Calibrating decodes the bundled demo for the host time per region; if that fails
+    (a GPU the draft cannot run on, say) the profile is still written, without
+    ``region_overhead`` and saying why, since every cuda run without --hardware needs it.
+    A checkpoint the user named must decode: its failure is the calibration's."""
+    from moespeq_cli.runtime.planning.hardware import parse_profile
+
+    cal = quick_calibration
+    figures = cal.calibrate(tmp_path, cuda=False, say=lambda s: None)
+    assert "region_overhead" not in figures
+    out = tmp_path / "p.yaml"
+    out.write_text(cal.profile_yaml(figures))
+    text = out.read_text()
+    assert "not measured: decoding the demo model failed (RuntimeError: no kernel image for this device)" in text
+    assert parse_profile(out).region_overhead == {}
+    with pytest.raises(RuntimeError):
+        cal.calibrate(tmp_path, cuda=False, say=lambda s: None, checkpoint=tmp_path)
+
+
+def test_calibrate_says_when_the_host_time_was_not_measured(quick_calibration, cli, tmp_path):
+    out = tmp_path / "mine.yaml"
+    r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "no kernel image" in json.loads(r.stdout)["region_overhead_error"]
+    r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path))
+    assert r.exit_code == 0 and "host time per region was not measured" in r.stderr
+    assert load_profile(str(out)).region_overhead == {}

@@ -140,9 +140,20 @@ def calibrate(
         "disk_latency": profile.disk_latency,
         "kernels": sorted(profile.kernels),
     }
+    if figures.get("_overhead_error"):
+        summary["region_overhead_error"] = figures["_overhead_error"]
     if json_out:
         print(json.dumps(summary))
         return
+    if figures.get("_overhead_error"):
+        from rich.markup import escape
+
+        console.print(
+            f"[yellow]the host time per region was not measured (decoding the demo model failed: "
+            f"{escape(figures['_overhead_error'])}); the profile prices ops alone[/yellow]",
+            markup=True,
+            highlight=False,
+        )
     console.print(
         f"[dim]memory {profile.host_mem_bandwidth / 1e9:.1f} GB/s, {profile.host_op_overhead * 1e6:.1f} us per op, "
         f"disk {profile.disk_bandwidth / 1e9:.2f} GB/s with 4 reads in flight "
