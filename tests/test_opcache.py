@@ -56,6 +56,13 @@ def test_what_a_count_depends_on_changes_its_key(tiny):
     assert key != opcache.count_key(model, cfg, 3, True)
     assert key != opcache.count_key(*meta_model(path, context=128), 3, False)
     assert key != opcache.count_key(*meta_model(other), 3, False)
+    # a figure of the raw config that neither the modules' repr nor the parsed fields show
+    from moespeq_cli.models import parse_config
+
+    ck = Checkpoint(path)
+    raw = dict(ck.raw_config, sliding_window=7 if ck.raw_config.get("sliding_window") != 7 else 9)
+    windowed = build_model(ck.arch, raw, 64, "config.json")
+    assert key != opcache.count_key(windowed, parse_config(raw, "config.json")[1], 3, False)
 
 
 def test_a_broken_or_unwritable_cache_only_means_counting_again(cache, tmp_path, monkeypatch):
@@ -70,6 +77,9 @@ def test_a_broken_or_unwritable_cache_only_means_counting_again(cache, tmp_path,
     blocked.write_text("a file where the cache directory would be")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
     assert opcache.remembered("k", lambda: 5) == 5
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "odd"))
+    (tmp_path / "odd" / "moespeq" / "op-counts.json").mkdir(parents=True)  # a directory where the file would be
+    assert opcache.remembered("k", lambda: 6) == 6
 
 
 def test_the_oldest_counts_go_first(cache, monkeypatch):

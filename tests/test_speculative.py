@@ -230,3 +230,20 @@ def test_useless_draft_gives_its_memory_to_expert_slots(tiny, cpu_experts):
     assert eng.target_exec.trace is None  # nothing left to decide
     if cpu_experts:
         assert most_routed and filled == most_routed
+
+
+def test_gate_prefetchs_recall_is_measured_on_decoded_tokens_only(tiny):
+    """The release estimate credits gate-prefetch's guesses by their recall on decoded
+    tokens; a prompt's guess (the union over all its tokens) would catch nearly every
+    expert, so passes of several tokens record none."""
+    path, _ = tiny("mixtral", "wide")
+    prompt = prompt_for(8)
+    eng = spec_engine(path, "auto", slots=4, context=len(prompt) + 24)
+    trace, top_k = eng.target_exec.trace, Checkpoint(path).config.top_k
+    assert trace is not None
+    guessed = []
+    record = trace.guess
+    trace.guess = lambda layer, experts: (guessed.append(len(experts)), record(layer, experts))
+    tokens(eng, prompt, 24)
+    assert guessed and set(guessed) == {top_k}  # one decoded token's guess each time
+    assert 0.0 <= trace.guess_recall() <= 1.0

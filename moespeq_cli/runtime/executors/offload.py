@@ -124,7 +124,9 @@ class OffloadedExperts:
         self.backend.sync(1, "route")  # the routing reaches the host (one read): it decides the copies
         if self.trace is not None:
             self.trace.record(layer, rows)
-            if ahead is not None and layer in self.next_moe:
+            if ahead is not None and layer in self.next_moe and len(rows) == 1:
+                # a decoded token's guess (a prompt's is the union over its tokens: it
+                # would catch nearly every expert and say nothing of decoding)
                 self.trace.guess(self.next_moe[layer], ahead)
         groups = token_groups(rows)
         needed = list(groups)

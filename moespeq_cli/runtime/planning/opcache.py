@@ -43,11 +43,14 @@ def source_digest() -> str:
 
 def count_key(model: torch.nn.Module, cfg: object, tokens: int, grouped: bool) -> str:
     """What a count depends on: torch's release, the code, the model's structure (its
-    modules' repr, the parsed config, the context it was built for) and the pass."""
+    modules' repr, the parsed config and the raw one -- a sliding window or a soft cap
+    shows in neither the modules nor the parsed fields --, the context it was built for)
+    and the pass."""
     parts = (
         torch.__version__,
         source_digest(),
         repr(cfg),
+        json.dumps(getattr(cfg, "raw", None), sort_keys=True, default=str),
         str(model),
         str(getattr(model, "context", 0)),
         str(tokens),
@@ -64,6 +67,7 @@ def cache_file() -> Path:
 
 def remembered(key: str, count: Callable[[], int | None]) -> int | None:
     """The count stored under ``key``, else ``count()`` (stored when it is a number)."""
+    from moespeq_cli.errors import MoespeqError
     from moespeq_cli.fs import atomic_write_text
 
     path = cache_file()
@@ -85,6 +89,6 @@ def remembered(key: str, count: Callable[[], int | None]) -> int | None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(table))
-    except OSError:
-        pass  # a read-only cache: the next run counts again
+    except (OSError, MoespeqError):
+        pass  # a read-only cache, or not a file there: the next run counts again
     return n

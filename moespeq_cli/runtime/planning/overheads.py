@@ -32,6 +32,7 @@ kernels there, whose workers still spin on the cores).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -103,10 +104,16 @@ def region_overheads(
         # takes 1.4; without a saved draft, quantizing one would take longer than all the
         # rest, so they stay priced by their kernel alone
         runs = []
-        for kind, how in ((backend, "for real"), ("mock", "on the mock")):
-            say(f"host time: the draft's experts, {how}, 3 times")
-            o = EngineOptions(backend=kind, hardware=hw if kind == "mock" else real_hw, ram=ram, spec_depth=4)
-            runs.append(run_policy(checkpoint, ids, tokens, "moespeq", o, repeats=3).regions)
+        try:
+            for kind, how in ((backend, "for real"), ("mock", "on the mock")):
+                say(f"host time: the draft's experts, {how}, 3 times")
+                o = EngineOptions(backend=kind, hardware=hw if kind == "mock" else real_hw, ram=ram, spec_depth=4)
+                runs.append(run_policy(checkpoint, ids, tokens, "moespeq", o, repeats=3).regions)
+        except Exception as e:  # noqa: BLE001 - the draft's figures are optional: the rest stands without them
+            if os.environ.get("MOESPEQ_DEBUG", "") not in ("", "0"):
+                raise
+            say(f"host time: the draft's experts not measured ({' '.join(f'{type(e).__name__}: {e}'.split())[:120]})")
+            return out  # priced by the 4-bit kernel's curve alone, as without a saved draft
         for kind, (count, seconds) in runs[0].items():
             if kind.startswith("draft") and kind in runs[1] and count:
                 out[kind] = max(0.0, (seconds - runs[1][kind][1]) / count)
