@@ -3,6 +3,18 @@ with a remedy (cli/errors.py). ``exit_code`` follows DESIGN.md §7: 1 runtime, 2
 
 from __future__ import annotations
 
+import os
+
+
+def debug() -> bool:
+    """MOESPEQ_DEBUG=1: tracebacks are shown, and optional measurements that fail raise."""
+    return os.environ.get("MOESPEQ_DEBUG", "") not in ("", "0")
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """``exc`` as one line of at most ``limit`` characters: its type and message."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:limit]
+
 
 class MoespeqError(Exception):
     """Base class: ``str(err)`` is the one-line message shown to the user."""

@@ -15,7 +15,8 @@ class MoespeqGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         import sys
 
-        from moespeq_cli.cli.errors import debug, exit_for
+        from moespeq_cli.cli.errors import exit_for
+        from moespeq_cli.errors import debug
 
         if not debug():
             import warnings

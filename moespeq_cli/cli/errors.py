@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from moespeq_cli.errors import MoespeqError
+from moespeq_cli.errors import MoespeqError, debug
 
 
 def _click_exceptions() -> tuple[tuple, tuple]:
@@ -39,10 +39,6 @@ class PipeClosed(Exception):
 
 
 DEBUG_HINT = "set MOESPEQ_DEBUG=1 for the traceback"
-
-
-def debug() -> bool:
-    return os.environ.get("MOESPEQ_DEBUG", "") not in ("", "0")
 
 
 def fail(message: str, code: int) -> None:

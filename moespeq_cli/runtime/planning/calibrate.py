@@ -612,6 +612,7 @@ def calibrate(
         )
         backend = "cpu"
     if overheads:
+        from moespeq_cli.errors import debug, one_line
         from moespeq_cli.model_ref import DEMO_DIR
         from moespeq_cli.runtime.planning.overheads import region_overheads
 
@@ -622,9 +623,9 @@ def calibrate(
         except Exception as e:  # noqa: BLE001 - the demo's decode is optional: its failure is noted, not fatal
             # a checkpoint the user named must decode; the demo is only a stand-in, and a
             # GPU's cached calibration (every cuda run without --hardware) must not fail on it
-            if checkpoint is not None or os.environ.get("MOESPEQ_DEBUG", "") not in ("", "0"):
+            if checkpoint is not None or debug():
                 raise
-            figures["_overhead_error"] = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+            figures["_overhead_error"] = one_line(e)
             say(f"host time: not measured ({figures['_overhead_error']})")
     return figures
 

@@ -32,7 +32,6 @@ kernels there, whose workers still spin on the cores).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +54,7 @@ def region_overheads(
     every expert in RAM up to ``ram_budget`` bytes (beyond it the disk tier runs, priced
     alike both ways; on a GPU every expert the device's budget holds is resident)."""
     from moespeq_cli.cli.run import DEFAULT_PROMPT
+    from moespeq_cli.errors import debug, one_line
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.quant.draft import saved_draft
     from moespeq_cli.runtime.bench import run_policy
@@ -110,9 +110,9 @@ def region_overheads(
                 o = EngineOptions(backend=kind, hardware=hw if kind == "mock" else real_hw, ram=ram, spec_depth=4)
                 runs.append(run_policy(checkpoint, ids, tokens, "moespeq", o, repeats=3).regions)
         except Exception as e:  # noqa: BLE001 - the draft's figures are optional: the rest stands without them
-            if os.environ.get("MOESPEQ_DEBUG", "") not in ("", "0"):
+            if debug():
                 raise
-            say(f"host time: the draft's experts not measured ({' '.join(f'{type(e).__name__}: {e}'.split())[:120]})")
+            say(f"host time: the draft's experts not measured ({one_line(e, 120)})")
             return out  # priced by the 4-bit kernel's curve alone, as without a saved draft
         for kind, (count, seconds) in runs[0].items():
             if kind.startswith("draft") and kind in runs[1] and count:
