@@ -78,8 +78,7 @@ class MockBackend(Backend):
         start = self.t_compute
         # the code between regions, measured (calibrate): per layer that ran (residual adds,
         # routing, the scheduler run once a layer), and per pass in profiles written before
-        extra = self.hw.region_overhead
-        host = extra.get("pass", 0.0) + extra.get("layer", 0.0) * len(self._pass_layers)
+        host = self.hw.between_regions(len(self._pass_layers))
         self.t_compute = self._until(
             start, glue * self.hw.launch_overhead + syncs * self.hw.sync_overhead + host, kernels=False
         )
@@ -108,8 +107,7 @@ class MockBackend(Backend):
         start = self.t_compute
         busy = any(free > start for free in self.disk_free)  # the disk's reads share the CPU with it
         seconds = cost.seconds(self.hw, ops=ops if counted else None, busy=busy)
-        if self.hw.region_overhead:  # the region's own Python beyond its ops, measured (calibrate --model)
-            seconds += self.hw.region_overhead.get(region_kind(name), 0.0)
+        seconds += self.hw.host_overhead(region_kind(name))  # its Python beyond its ops, measured (calibrate)
         self.t_compute = self._until(start, seconds)
 
         self._record(stream, "compute", name, start, self.t_compute, layer, expert, ops=ops if counted else cost.ops)

@@ -2,8 +2,9 @@
 model's shapes, a memory plan and a hardware profile, before any weight is downloaded.
 
 It prices a decode step with the same roofline formulas the mock backend's clock uses
-(costs.py; non-expert modules from ``instrument.charges``) and adds what each policy does
-with the experts that are not on the device. Routing is not known before running, so it
+(costs.py; non-expert modules from ``instrument.charges``), the same measured host time
+per region and per layer where the profile was calibrated (``region_overhead``), and adds
+what each policy does with the experts that are not on the device. Routing is not known before running, so it
 assumes what an honest estimate can: tokens pick their experts independently and
 uniformly, a cache of S slots out of N experts hits with probability S / N, and n tokens
 verified together need ``union_size(n)`` distinct experts per layer.
@@ -57,6 +58,7 @@ from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.planning.opcache import count_key, remembered
 from moespeq_cli.runtime.planning.planner import Plan, make_plan
 from moespeq_cli.runtime.scheduling.governor import GovernorState, union_size
+from moespeq_cli.runtime.timeline import region_kind
 
 DEFAULT_ACCEPTANCE = 0.8
 # the draft verdict (``speculation_cannot_pay``) takes the quick op estimates' answer when
@@ -135,10 +137,21 @@ class StepModel:
     def non_expert(self, tokens: int) -> float:
         """A forward pass over ``tokens`` tokens without the routed experts: the work of
         every charged module, the launches of every op the pass dispatches outside the
-        experts (``pass_ops``) and its host syncs (one per MoE layer and the logits)."""
+        experts (``pass_ops``), its host syncs (one per MoE layer and the logits) and the
+        host time a calibrated profile measured beyond all that (``host_time``)."""
         work = sum(cost(tokens, self.context).seconds(self.hw, ops=0) for _m, _n, _l, cost, _r in self.table)
         syncs = (self.layers + 1) * self.hw.sync_overhead
-        return work + self.pass_ops(tokens) * self.hw.launch_overhead + syncs
+        return work + self.pass_ops(tokens) * self.hw.launch_overhead + syncs + self.host_time()
+
+    def host_time(self) -> float:
+        """The Python a pass runs beyond its ops, as the mock charges it from the profile's
+        measured ``region_overhead`` (0 in the bundled profiles): each charged module's
+        region, a grouped layer's expert calls, and the code between regions per layer."""
+        hw = self.hw
+        regions = sum(hw.host_overhead(region_kind(name)) for _m, name, _l, _c, _r in self.table)
+        if self.grouped_ops is not None:  # the experts' call(s) and their sum, once a layer
+            regions += self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
+        return regions + hw.between_regions(len(self.model.model.layers))
 
     def pass_ops(self, tokens: int) -> int:
         """The ops a forward pass over ``tokens`` tokens dispatches besides the experts'
@@ -170,13 +183,13 @@ class StepModel:
     def t_dev(self, tokens: float = 1, elem: float | None = None) -> float:
         """One expert on the device: its work, and its own launches unless the layer's
         experts are computed together (their launches are then the pass's)."""
-        return self.expert_cost(tokens, elem or self.device_elem).seconds(
-            self.hw, ops=0 if self.grouped_ops is not None else None
-        )
+        if self.grouped_ops is not None:
+            return self.expert_cost(tokens, elem or self.device_elem).seconds(self.hw, ops=0)
+        return self.expert_cost(tokens, elem or self.device_elem).seconds(self.hw) + self.hw.host_overhead("expert")
 
     def t_draft_dev(self, tokens: float, elem: float) -> float:
         """One of the draft's 4-bit experts on the device: always computed apart."""
-        return self.expert_cost(tokens, elem).seconds(self.hw)
+        return self.expert_cost(tokens, elem).seconds(self.hw) + self.hw.host_overhead("draft expert")
 
     def t_cpu(self, tokens: float = 1, elem: float | None = None, read: bool = True) -> float:
         """One expert on the CPU over ``tokens`` tokens (and its read, when RAM may not hold

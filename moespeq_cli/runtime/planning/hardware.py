@@ -131,6 +131,15 @@ class HardwareProfile:
     # on compute capability 9.0); calibrate measures it, bundled profiles leave it 0
     blas_workspace: int = 0
 
+    def host_overhead(self, kind: str) -> float:
+        """Host seconds a call of region ``kind`` costs beyond its priced work (measured by
+        calibrate; 0 where unmeasured): the mock's clock and ``plan``'s step both add it."""
+        return self.region_overhead.get(kind, 0.0)
+
+    def between_regions(self, layers: int) -> float:
+        """Host seconds of a forward pass's code outside every region, ``layers`` layers run."""
+        return self.region_overhead.get("pass", 0.0) + self.region_overhead.get("layer", 0.0) * layers
+
     @property
     def usable_memory(self) -> int:
         return self.device_memory - self.reserved_memory
