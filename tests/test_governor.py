@@ -109,6 +109,47 @@ def test_draft_memory_goes_to_slots_when_speculation_cannot_pay():
     assert g.choose() == 0 and g.release_requested and g.fixed == 0
 
 
+def test_the_noise_of_a_cycle_is_measured_on_cycles_that_repeat():
+    s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
+    assert s.cycle_noise() == 0.0  # nothing repeated yet
+    s.observe(0, 0, draft_s=0.0, target_s=9e-3, misses=3)  # the run's first cycle: cold, not kept
+    s.observe(0, 0, draft_s=0.0, target_s=1e-3, misses=3, stall_s=0.0)
+    s.observe(2, 2, draft_s=1e-3, target_s=1e-3, misses=3)  # once: no deviation of its own
+    assert s.cycle_noise() == 0.0
+    s.observe(0, 0, draft_s=0.0, target_s=2e-3, misses=3, stall_s=1e-3)
+    s.observe(0, 0, draft_s=0.0, target_s=1e-3, misses=3, prefetch=False)  # the other arm: apart
+    assert s.cycle_times[(0, True)] == pytest.approx([1e-3, 3e-3])
+    assert s.cycle_noise() == pytest.approx(2**-0.5)  # 1 and 3 ms about their mean of 2
+
+
+@pytest.mark.parametrize("spread", ["steady", "noisy", "wild"])
+def test_one_slow_cycle_does_not_release_the_draft_within_the_noise(spread):
+    """Releasing cannot be undone and is judged on few cycles: where the released cycle
+    beats the best depth's measured rate by less than one standard error of those
+    cycles (``cycle_noise`` / sqrt(cycles)), that depth runs again; after ``release_waits``
+    such cycles the estimate decides. A clear margin releases at once."""
+    s = release_state(p=0.3, t_draft=0.4e-3)
+    s.cycle_times[(0, True)] = {"steady": [1.0e-3, 1.05e-3], "noisy": [1.0e-3, 3.0e-3], "wild": [1e-3, 1.0]}[spread]
+    g = Governor(s, release_waits=0 if spread == "wild" else 3)
+    g.cycles = len(g.warmup_ks)  # past the warm-up
+    k = g.choose()  # the best depth never ran: it runs first
+    assert k >= 1 and not g.release_requested
+    chosen, clear = [], []
+    for _ in range(4):
+        g.observe(k, 1, draft_s=k * 0.4e-3, target_s=0.65e-3, misses=1, stall_s=1.5e-3)
+        assert s.release_pays()  # by the point estimate, every time
+        clear.append(s.release_clear(k))
+        chosen.append(g.choose())
+        if g.release_requested:
+            break
+    # released at 1250 tok/s against 739 measured (1.69x): within one standard error of
+    # one noisy cycle (1.71x), not of two (1.50x); a wild spread does not clear, and the
+    # estimate decides after the waits (none here)
+    assert chosen == {"steady": [0], "noisy": [k, 0], "wild": [0]}[spread]
+    assert clear == {"steady": [True], "noisy": [False, True], "wild": [False]}[spread]
+    assert g.release_requested and g.fixed == 0
+
+
 def test_a_lucky_plain_cycle_does_not_decide_the_release():
     """The released cycle is the measured k = 0 cycle moved to the misses the routed
     tokens predict, not the measured misses scaled: one k = 0 cycle that met 1 miss where

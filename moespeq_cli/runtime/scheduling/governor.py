@@ -42,9 +42,11 @@ stall per miss, to the misses a token would meet with the extra slots -- counted
 token the target has routed so far (``RoutingTrace``: LRU stack distances without CPU
 experts, routing rates outside the resident set with them), not on the few k = 0 cycles
 -- and every k >= 1 is priced with the acceptance of the whole run, not the discounted
-window that picks k. When the released cycle beats every depth, and the best depth has
-run at least once, the governor asks for the draft to be released; the run then decodes
-with k = 0 and the bigger cache to the end.
+window that picks k. When the released cycle beats every depth, the best depth has run at
+least once, and the margin over the best depth that ran exceeds the noise of its few
+cycles (``release_clear``; else that depth runs again, at most ``release_waits`` times),
+the governor asks for the draft to be released; the run then decodes with k = 0 and the
+bigger cache to the end.
 """
 
 from __future__ import annotations
@@ -148,6 +150,10 @@ class GovernorState:
     # the share of routed experts gate-prefetch guessed a layer early (RoutingTrace); None: unknown
     release_recall: Callable[[], float | None] | None = None
     model_cycles: float = 8.0  # k = 0 cycles the miss model is worth beside the measured ones
+    # seconds of each cycle after the run's first, per (k, prefetch arm of k = 0): how much
+    # the same cycle varies from one to the next (``cycle_noise``)
+    cycle_times: dict[tuple[int, bool], list[float]] = field(default_factory=dict)
+    observed: int = 0  # cycles observed
     arm_decay: float = 0.95  # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``)
 
     def __post_init__(self):
@@ -350,6 +356,33 @@ class GovernorState:
         # the decision is made, one rejection there outweighs many accepted positions).
         return all(released > self.theta(k, measured=True, whole_run=True) for k in range(1, self.k_max + 1))
 
+    def cycle_noise(self) -> float:
+        """How much a cycle's time varies from one cycle to the next like it, relative to
+        their mean: the pooled sample deviation over every (depth, arm) that has run twice
+        or more, the run's first cycle left out (it starts cold, after the prompt). 0 until
+        some cycle has repeated. On the mock clock only routing varies; on a wall clock a
+        disk read varies by half from one second to the next."""
+        squares, freedom = 0.0, 0
+        for times in self.cycle_times.values():
+            if len(times) > 1:
+                mean = sum(times) / len(times)
+                squares += sum((t / mean - 1.0) ** 2 for t in times)
+                freedom += len(times) - 1
+        return (squares / freedom) ** 0.5 if freedom else 0.0
+
+    def release_clear(self, k: int) -> bool:
+        """Whether releasing beats depth ``k`` by more than the noise of its measurement:
+        ``k`` has run, and the released cycle's rate exceeds ``k``'s measured one by more
+        than one standard error of a mean of its cycles (``cycle_noise`` / sqrt(cycles)).
+        Releasing cannot be undone, and one slow cycle (a disk read twice as slow as the
+        next) must not decide it."""
+        released = self.theta_released()
+        if k + 1 not in self.stall or released is None:
+            return False
+        runs = max(1, len(self.cycle_times.get((k, True), [])))  # the run's first cycle is not kept
+        margin = self.cycle_noise() / runs**0.5
+        return released > (1.0 + margin) * self.theta(k, measured=True, whole_run=True)
+
     # -- online estimates ---------------------------------------------------
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
@@ -367,6 +400,9 @@ class GovernorState:
         """One cycle: k drafted, ``accepted`` of them accepted, the draft's and the target
         pass's compute time, the experts the verification found not resident, its stall;
         ``prefetch``: whether a k = 0 cycle ran with gate-prefetch."""
+        if self.observed:
+            self.cycle_times.setdefault((k, prefetch or k > 0), []).append(draft_s + target_s + stall_s)
+        self.observed += 1
         if k == 0:
             for arm in self.arms.values():  # an arm's old cycles count less: the first ones ran on a cold cache
                 arm.recent.fade(self.arm_decay)
@@ -402,6 +438,7 @@ class Governor:
         probe_every: int = 16,
         arm_samples: int = 3,
         arm_probe_every: int = 8,
+        release_waits: int = 3,
     ):
         self.state, self.fixed, self.probe_every, self.arm_samples = state, fixed, probe_every, arm_samples
         self.arm_probe_every = arm_probe_every
@@ -416,6 +453,7 @@ class Governor:
         self.zero_run = 0
         self.release_requested = False
         self.tried_before_release = False
+        self.release_waits, self.waited = release_waits, 0
         self.history: list[int] = []
 
     def choose(self) -> int:
@@ -424,13 +462,21 @@ class Governor:
         elif self.cycles < len(self.warmup_ks):
             k = self.warmup_ks[self.cycles]
         elif self.state.release_pays():
-            # Releasing cannot be undone: the best depth runs once first if it never has,
-            # so that what releasing gives up is measured, not modelled.
+            # Releasing cannot be undone: the best depth runs once first if it never has, so
+            # that what releasing gives up is measured, not modelled; then the best depth
+            # that has run runs again while the margin is within the noise of its few cycles
+            # (``release_clear``); after ``release_waits`` such cycles the estimate decides.
             k = self.state.best_k(lowest=1)
-            if self.tried_before_release or k + 1 in self.state.stall:
-                self.release_requested = True
-                self.fixed = k = 0
-            self.tried_before_release = True
+            if k + 1 not in self.state.stall and not self.tried_before_release:
+                self.tried_before_release = True
+            else:
+                ran = [j for j in range(1, self.state.k_max + 1) if j + 1 in self.state.stall]
+                k = max(ran, key=lambda j: self.state.theta(j, measured=True, whole_run=True), default=k)
+                if self.state.release_clear(k) or self.waited >= self.release_waits:
+                    self.release_requested = True
+                    self.fixed = k = 0
+                else:
+                    self.waited += 1
         else:
             k = self.state.best_k()
             if k == 0:
