@@ -295,13 +295,14 @@ def test_plain_decoding_runs_the_faster_prefetch_arm():
     assert g2.choose() == 0 and g2.prefetch is False
 
 
-@pytest.mark.parametrize("decay,expected", [(0.95, True), (1.0, False)])
-def test_an_arm_is_not_judged_by_its_cold_first_cycles(decay, expected):
+@pytest.mark.parametrize("decay", [0.95, 1.0])
+def test_an_arm_is_not_judged_by_its_cold_first_cycles(decay):
     """The run's first k = 0 cycles meet a cold cache, and an arm that then loses runs
-    only in single probes: its verdict must follow the probes, not the warm-up. Here
+    only in probes: its verdict must follow the probes, not the warm-up. Here
     gate-prefetch is slower than plain LRU for its first three cycles only (many misses,
-    little hidden) and 20% faster after; with undiscounted sums (``arm_decay`` 1) the
-    warm-up's verdict stands for the whole run."""
+    little hidden) and 20% faster after. With undiscounted sums (``arm_decay`` 1) and
+    one-cycle probes the warm-up's verdict stood for the whole run; the discount, and now
+    the probe's settled second cycle, each let the probes decide."""
     s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3, arm_decay=decay)
     g = Governor(s, fixed=0, arm_samples=3)
     gate_cycles = 0
@@ -314,7 +315,38 @@ def test_an_arm_is_not_judged_by_its_cold_first_cycles(decay, expected):
         else:
             misses, compute, per_miss = 2, 0.5e-3, 0.2e-3  # lru: 0.9 ms a cycle; gate warm: 0.7 ms
         g.observe(0, 0, draft_s=0.0, target_s=compute, misses=misses, stall_s=per_miss * misses)
-    assert s.faster_arm() is expected
+    assert s.faster_arm() is True
+
+
+def test_an_arm_is_judged_by_its_own_cycles_not_the_switch_after_the_other():
+    """gate-prefetch copies the next token's first layers during this token's last ones:
+    right after an lru cycle it starts without them (slow), and lru right after it inherits
+    them (fast). Alternating single cycles, as the warm-up and the old one-cycle probes
+    ran, showed every arm only in such switch cycles and chose lru; an arm's settled
+    cycles (right after its own) decide once it has any, and a probe runs two in a row."""
+    s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3)
+    g = Governor(s, fixed=0, arm_samples=3, arm_probe_every=4)
+    ran = []
+    for _ in range(40):
+        assert g.choose() == 0
+        switch = bool(ran) and ran[-1] != g.prefetch
+        if g.prefetch:  # 0.7 ms a cycle settled, 1.3 ms after an lru cycle
+            compute, per_miss = 0.6e-3, (0.35e-3 if switch else 0.05e-3)
+        else:  # lru: 0.9 ms a cycle settled, 0.7 ms after a gate-prefetch cycle
+            compute, per_miss = 0.5e-3, (0.1e-3 if switch else 0.2e-3)
+        ran.append(g.prefetch)
+        g.observe(0, 0, draft_s=0.0, target_s=compute, misses=2, stall_s=per_miss * 2)
+    assert ran[:6] == [True, False] * 3  # the warm-up alternates: switch cycles only
+    assert ran[6:8] == [False, False]  # ... and picked lru on them
+    settled_gate = [i for i in range(1, len(ran)) if ran[i] and ran[i - 1]]
+    # once gate-prefetch's own cycle shows, it runs but for lru's probes, two cycles each
+    after = "".join("g" if arm else "l" for arm in ran[settled_gate[0] :])
+    assert after.replace("ll", "") == "g" * after.replace("ll", "").count("g") and 0 < after.count("l") <= 4
+    assert s.arms[True].settled.cycles and s.faster_arm() is True
+    assert s.arm_time(True) == pytest.approx(0.7e-3, rel=1e-6)
+    # a probe is two cycles in a row, the first of them a switch
+    first = ran.index(True, 6)
+    assert ran[first : first + 2] == [True, True] and ran[first - 1] is False
 
 
 def test_explain_says_why_speculation_is_off():

@@ -106,16 +106,20 @@ class Sums:
 @dataclass
 class Arm:
     """k = 0 cycles of one prefetch arm: sums over all of them (``total``), the same sums
-    discounted by the k = 0 cycles run since (``recent``, for ``GovernorState.arm_time``),
-    and the cycle time's moving average."""
+    discounted by the k = 0 cycles run since (``recent``), the same again over its settled
+    cycles only (``settled``: those right after a k = 0 cycle of the same arm, for
+    ``GovernorState.arm_time``), and the cycle time's moving average."""
 
     total: Sums = field(default_factory=Sums)
     recent: Sums = field(default_factory=Sums)
+    settled: Sums = field(default_factory=Sums)
     time_ema: float | None = None  # compute + stall
 
-    def add(self, compute: float, stall: float, misses: int, ema: Callable) -> None:
+    def add(self, compute: float, stall: float, misses: int, ema: Callable, settled: bool = False) -> None:
         self.total.add(compute, stall, misses)
         self.recent.add(compute, stall, misses)
+        if settled:
+            self.settled.add(compute, stall, misses)
         self.time_ema = ema(self.time_ema, compute + stall)
 
 
@@ -154,6 +158,7 @@ class GovernorState:
     # the same cycle varies from one to the next (``cycle_noise``)
     cycle_times: dict[tuple[int, bool], list[float]] = field(default_factory=dict)
     observed: int = 0  # cycles observed
+    last_arm: bool | None = None  # the prefetch arm of the last cycle if it was k = 0
     arm_decay: float = 0.95  # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``)
 
     def __post_init__(self):
@@ -278,7 +283,14 @@ class GovernorState:
         10% faster)."""
         if prefetch not in self.arms:
             return None
-        arm = self.arms[prefetch].recent
+        # A cycle right after the other arm's is not the arm's own: gate-prefetch copies the
+        # next token's first layers while this token's last ones compute, so after an lru
+        # cycle it starts without them, and lru after gate-prefetch inherits them (on the
+        # Mixtral-shaped checkpoint, RTX 3060, 0.23 ms of stall a miss in gate-prefetch's
+        # switch cycles against 0.08 settled). So an arm is judged by its settled cycles
+        # once it has any (``Governor.choose_prefetch`` probes two cycles in a row).
+        a = self.arms[prefetch]
+        arm = a.settled if a.settled.cycles else a.recent
         all_misses = sum(a.recent.misses for a in self.arms.values()) / sum(a.recent.cycles for a in self.arms.values())
         per_miss = arm.stall / arm.misses if arm.misses else arm.stall / arm.cycles / max(all_misses, 1.0)
         return arm.compute / arm.cycles + per_miss * all_misses
@@ -406,7 +418,10 @@ class GovernorState:
         if k == 0:
             for arm in self.arms.values():  # an arm's old cycles count less: the first ones ran on a cold cache
                 arm.recent.fade(self.arm_decay)
-            self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema)
+                arm.settled.fade(self.arm_decay)
+            settled = self.last_arm == prefetch
+            self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema, settled)
+        self.last_arm = prefetch if k == 0 else None
         if k:
             self.stall[k + 1] = self._ema(self.stall.get(k + 1), stall_s)
         for j in range(min(k, accepted + 1)):  # positions that were actually tested
@@ -443,6 +458,7 @@ class Governor:
         self.state, self.fixed, self.probe_every, self.arm_samples = state, fixed, probe_every, arm_samples
         self.arm_probe_every = arm_probe_every
         self.arm_since_probe = 0
+        self.probing: bool | None = None  # the arm a probe's second cycle runs
         self.prefetch = True  # whether this k = 0 cycle runs gate-prefetch
         self.warmup_ks = [min(2, state.k_max), 0] if state.k_max else []
         if state.spare_slots and state.k_max:
@@ -498,9 +514,14 @@ class Governor:
         pass per layer, which a small, launch-bound model does not earn back. Each arm is
         measured ``arm_samples`` times (alternating, gate-prefetch first), then the one
         with the shorter ``arm_time`` runs. On a wall clock a few cycles are noisy (a disk
-        read varies by half from one to the next), so the other arm runs once more after
+        read varies by half from one to the next), so the other arm runs again after
         ``arm_probe_every`` k = 0 cycles, the interval doubling each time: an early verdict
-        that noise got wrong is corrected, at a cost that shrinks as the run goes on."""
+        that noise got wrong is corrected, at a cost that shrinks as the run goes on. A
+        probe is two cycles in a row: the first, right after the other arm, is not the
+        probed arm's own (``GovernorState.arm_time``)."""
+        if self.probing is not None:
+            probed, self.probing = self.probing, None
+            return probed
         arms = self.state.arms
         counts = {arm: arms[arm].total.cycles if arm in arms else 0 for arm in (True, False)}
         if min(counts.values()) < self.arm_samples:
@@ -510,6 +531,7 @@ class Governor:
         if self.arm_since_probe > self.arm_probe_every:
             self.arm_since_probe = 0
             self.arm_probe_every *= 2
+            self.probing = not best
             return not best
         return best
 
