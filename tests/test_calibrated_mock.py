@@ -105,6 +105,34 @@ def test_the_drafts_cost_follows_its_kernels_path(tiny, monkeypatch):
     assert packed.seconds(measured, ops=6) == pytest.approx(curve.seconds(1, packed.weight_bytes))
 
 
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_plan_prices_the_draft_as_the_mock_prices_the_loaded_one(tiny, kind):
+    """``moespeq plan`` prices a draft expert before any draft exists by the path its code
+    will take (``planned_path``): the same path, bytes and measured curve the mock charges
+    for the loaded draft's expert, and the same measured host time of its region."""
+    from moespeq_cli.quant.draft import planned_path
+    from moespeq_cli.runtime.planning.estimate import StepModel
+
+    path, _ = tiny("mixtral", "top3")
+    ck = Checkpoint(path)
+    cfg = ck.config
+    hw = HW if kind == "gpu" else replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
+    eng = Engine(path, EngineOptions(backend="mock", policy="moespeq", spec_depth="2", hardware=hw))
+    eng.load(30)
+    device = "cuda" if kind == "gpu" else "cpu"
+    loaded = eng.draft_exec.quant.path((0, 1), device)
+    assert planned_path(device, cfg.hidden_size, cfg.expert_intermediate, eng.draft_exec.quant.blocksize) == loaded
+    # a measured curve of that kernel, 10 ms a call, and 2 ms of the region's own Python
+    curve = KernelCurve((1, 4), (1e3, 1e9), ((1e-2, 1e-2), (1e-2, 1e-2)), ops=8)
+    measured = replace(hw, kernels={f"draft:{loaded}": curve}, region_overhead={"draft expert": 2e-3})
+    with torch.device("meta"):
+        model = ck.arch.Model(ck.raw_config, 30)
+    step = StepModel(model, cfg, measured, cfg.dtype, 30)
+    mock = eng.draft_exec.cost(0, 1, 1, device).seconds(measured) + measured.host_overhead("draft expert")
+    assert step.t_draft_expert(1.0) == pytest.approx(mock) == pytest.approx(12e-3)
+    eng.close()
+
+
 def test_kernel_curves_price_what_they_measured():
     curve = KernelCurve((1, 2, 4), (1e6, 3e6), ((1e-4, 1.5e-4, 2e-4), (3e-4, 4e-4, 6e-4)), ops=5)
     assert curve.seconds(1, 1e6) == pytest.approx(1e-4) and curve.seconds(4, 3e6) == pytest.approx(6e-4)

@@ -108,6 +108,44 @@ def fingerprint(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
+def path_bytes_per_weight(path: str, blocksize: int) -> float:
+    """What a draft kernel streams per weight: the 4-bit codes and a scale per block, and
+    on the reference path the dequantized bf16 weights written and read back."""
+    q = 0.5 + 4 / blocksize
+    return q + 2 * 2 if path == "reference" else q
+
+
+def kernel_fits(hidden: int, inter: int, blocksize: int) -> bool:
+    """Whether moespeq's CPU kernel takes a draft of these shapes (its layout as stored)."""
+    from moespeq_cli import kernels
+
+    return kernels.available() and blocksize % 64 == 0 and hidden % blocksize == 0 and inter % blocksize == 0
+
+
+def packable(hidden: int, inter: int, blocksize: int) -> bool:
+    """Whether bitsandbytes' packed CPU kernel can run a draft of these shapes here."""
+    F = _bnb()
+    if not all(hasattr(F, n) for n in ("_convert_weight_packed_for_cpu", "_convert_weight_packed_for_cpu_inverse")):
+        return False
+    has = getattr(F, "has_avx512bf16", None)
+    if has is None or not has():
+        return False
+    # out features in blocks of 32, in features whole quantization blocks (gate/up: I x H, down: H x I)
+    return inter % 32 == 0 and hidden % 32 == 0 and hidden % blocksize == 0 and inter % blocksize == 0
+
+
+def planned_path(device_type: str, hidden: int, inter: int, blocksize: int) -> str:
+    """The kernel a freshly quantized draft's experts run on a device of ``device_type``,
+    before any is loaded (``moespeq plan`` prices it): ``QuantizedExperts.path`` of the
+    loaded draft, whose CPU experts are packed for bitsandbytes' kernel where moespeq's
+    cannot take them (executors/draft.py)."""
+    if device_type == "cuda":
+        return "cuda"
+    if kernel_fits(hidden, inter, blocksize):
+        return "kernel"
+    return "packed" if packable(hidden, inter, blocksize) else "reference"
+
+
 class QuantizedExperts:
     """4-bit copies of every routed expert: ``q[(layer, expert)] = [(packed, state)] * 3``,
     the canonical gate, up ``[I, H]`` and down ``[H, I]`` (models/expert_format.py: a
@@ -221,27 +259,15 @@ class QuantizedExperts:
         if not self.use_kernel:
             return False
         if self._kernel_ready is None:
-            from moespeq_cli import kernels
-
-            b = self.blocksize
             parts = [part for each in self.q.values() for part in each]
-            self._kernel_ready = (
-                kernels.available()
-                and b % 64 == 0
-                and self.hidden % b == 0
-                and self.inter % b == 0
-                and all(
-                    p.is_contiguous() and not s.nested and s.absmax.dtype == s.code.dtype == torch.float32
-                    for p, s in parts
-                )
+            self._kernel_ready = kernel_fits(self.hidden, self.inter, self.blocksize) and all(
+                p.is_contiguous() and not s.nested and s.absmax.dtype == s.code.dtype == torch.float32 for p, s in parts
             )
         return self._kernel_ready
 
     def bytes_per_weight(self, path: str) -> float:
-        """What the kernel streams per weight: the 4-bit codes and a scale per block, and
-        on the reference path the dequantized bf16 weights written and read back."""
-        q = 0.5 + 4 / self.blocksize
-        return q + 2 * 2 if path == "reference" else q
+        """What the kernel streams per weight (``path_bytes_per_weight``)."""
+        return path_bytes_per_weight(path, self.blocksize)
 
     def forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, H] -> [n, H] on the fastest path for the expert's device."""
@@ -290,15 +316,7 @@ class QuantizedExperts:
     # -- the CPU kernel's layout ---------------------------------------------------
     def packable(self) -> bool:
         """Whether bitsandbytes' packed CPU kernel can run this draft's experts here."""
-        F = _bnb()
-        if not all(hasattr(F, n) for n in ("_convert_weight_packed_for_cpu", "_convert_weight_packed_for_cpu_inverse")):
-            return False
-        has = getattr(F, "has_avx512bf16", None)
-        if has is None or not has():
-            return False
-        h, i = self.hidden, self.inter
-        # out features in blocks of 32, in features whole quantization blocks (gate/up: I x H, down: H x I)
-        return i % 32 == 0 and h % 32 == 0 and h % self.blocksize == 0 and i % self.blocksize == 0
+        return packable(self.hidden, self.inter, self.blocksize)
 
     def pack_cpu(self, keys=None) -> int:
         """Repack the CPU-resident experts in ``keys`` (default: all) for the packed kernel,

@@ -274,6 +274,7 @@ class Engine:
         cfg, dtype = self.ckpt.config, self.storage_dtype
         released = make_plan(model, cfg, dtype, self.budget, context, self.opts.policy, **dict(kw, with_draft=False))
         step = StepModel(model, cfg, self.hw, dtype, context)
+        step.draft_blocksize = self.opts.blocksize
         try:
             return speculation_cannot_pay(step, plan, released) or plan
         except UsageError:  # a profile without disk figures cannot price the disk tier: the governor decides

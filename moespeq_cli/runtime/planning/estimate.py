@@ -50,6 +50,7 @@ from moespeq_cli.errors import UsageError
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.models.expert_format import fp8_tiles
+from moespeq_cli.quant.draft import path_bytes_per_weight, planned_path
 from moespeq_cli.runtime.backends import library_bytes
 from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable, profile_groups
 from moespeq_cli.runtime.executors.instrument import charges
@@ -102,6 +103,7 @@ class StepModel:
         self._ops: dict[int, int | None] = {}  # tokens -> ops a pass dispatches outside the experts
         self.counted = True  # False: the charges' op estimates, not a count on the meta device (fast)
         self.op_scale = 1.0  # those estimates multiplied by this (the verdict's check of their shortfall)
+        self.draft_blocksize = 64  # the 4-bit draft's quantization block (EngineOptions.blocksize)
         # a GPU with a grouped GEMM kernel computes a layer's experts in one call
         # (executors/grouped.py): its launches per layer, counted (as unfused gate and up:
         # at most one op too many)
@@ -138,7 +140,11 @@ class StepModel:
         """A forward pass over ``tokens`` tokens without the routed experts: the work of
         every charged module, the launches of every op the pass dispatches outside the
         experts (``pass_ops``), its host syncs (one per MoE layer and the logits) and the
-        host time a calibrated profile measured beyond all that (``host_time``)."""
+        host time a calibrated profile measured beyond all that (``host_time``). The
+        draft's pass is priced as this too, though on a GPU that groups the target's
+        experts the draft computes its own one by one (its executor's ops, not a grouped
+        call's): pricing that difference kept the draft where the runs then lost 7-11% to
+        releasing it late (docs/governor.md), so it is left as is for now."""
         work = sum(cost(tokens, self.context).seconds(self.hw, ops=0) for _m, _n, _l, cost, _r in self.table)
         syncs = (self.layers + 1) * self.hw.sync_overhead
         return work + self.pass_ops(tokens) * self.hw.launch_overhead + syncs + self.host_time()
@@ -146,10 +152,12 @@ class StepModel:
     def host_time(self) -> float:
         """The Python a pass runs beyond its ops, as the mock charges it from the profile's
         measured ``region_overhead`` (0 in the bundled profiles): each charged module's
-        region, a grouped layer's expert calls, and the code between regions per layer."""
+        region, a grouped layer's expert calls, and the code between regions per layer. A
+        grouped layer counts one call and the sum; where its copies land late it makes two
+        calls (executors/offload.py), not modelled here."""
         hw = self.hw
         regions = sum(hw.host_overhead(region_kind(name)) for _m, name, _l, _c, _r in self.table)
-        if self.grouped_ops is not None:  # the experts' call(s) and their sum, once a layer
+        if self.grouped_ops is not None:
             regions += self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
         return regions + hw.between_regions(len(self.model.model.layers))
 
@@ -177,8 +185,8 @@ class StepModel:
                 self._ops[tokens] += self.layers * self.grouped_ops
         return self._ops[tokens]
 
-    def expert_cost(self, tokens: float, elem: float):
-        return expert_cost(self.cfg.hidden_size, self.cfg.expert_intermediate, max(1, round(tokens)), elem)
+    def expert_cost(self, tokens: float, elem: float, kernel: str | None = None):
+        return expert_cost(self.cfg.hidden_size, self.cfg.expert_intermediate, max(1, round(tokens)), elem, kernel)
 
     def t_dev(self, tokens: float = 1, elem: float | None = None) -> float:
         """One expert on the device: its work, and its own launches unless the layer's
@@ -187,9 +195,21 @@ class StepModel:
             return self.expert_cost(tokens, elem or self.device_elem).seconds(self.hw, ops=0)
         return self.expert_cost(tokens, elem or self.device_elem).seconds(self.hw) + self.hw.host_overhead("expert")
 
-    def t_draft_dev(self, tokens: float, elem: float) -> float:
-        """One of the draft's 4-bit experts on the device: always computed apart."""
-        return self.expert_cost(tokens, elem).seconds(self.hw) + self.hw.host_overhead("draft expert")
+    def t_draft_expert(self, on_device: float, tokens: float = 1) -> float:
+        """One of the draft's 4-bit experts, a share ``on_device`` of them on the device
+        (always computed apart) and the rest on the CPU: priced as the kernel the draft's
+        code will run for it there (quant/draft.py ``planned_path``, the mock's pricing of
+        the loaded draft), the measured host time of a draft expert's region included."""
+        H, inter, b = self.cfg.hidden_size, self.cfg.expert_intermediate, self.draft_blocksize
+        dev = planned_path("cuda" if self.hw.kind == "gpu" else "cpu", H, inter, b)
+        cost = self.expert_cost(tokens, path_bytes_per_weight(dev, b), f"draft:{dev}")
+        t_dev = cost.seconds(self.hw) + self.hw.host_overhead("draft expert")
+        if on_device >= 1.0:
+            return t_dev
+        host = planned_path("cpu", H, inter, b)
+        act = max(1, round(tokens)) * H * self.elem
+        cost = self.expert_cost(tokens, path_bytes_per_weight(host, b), f"draft:{host}")
+        return on_device * t_dev + (1 - on_device) * host_expert_seconds(cost, act, self.hw)
 
     def t_cpu(self, tokens: float = 1, elem: float | None = None, read: bool = True) -> float:
         """One expert on the CPU over ``tokens`` tokens (and its read, when RAM may not hold
@@ -231,15 +251,13 @@ class StepModel:
     def best_depth(self, plan: Plan, hit: float, acceptance: float, k_max: int, cpu: bool) -> tuple[float, int]:
         """(tokens/s, k) at the governor's best depth k >= 1 with ``plan``'s draft."""
         L, K, E = self.layers, self.cfg.top_k, self.cfg.num_experts
-        draft_elem = 0.5 + 4 / 64  # nf4 weights and one fp32 absmax per 64-block, bytes per weight
         state = GovernorState(k_max, E, K, self.t_copy, t_host=self.t_cpu if cpu else None)
         for n in range(1, k_max + 2):
             u = union_size(n, E, K)
             state.t_target[n] = self.non_expert(n) + L * u * self.t_dev(n * K / u)
             state.misses[n] = L * u * (1 - hit)
         on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
-        draft_expert = on_dev * self.t_draft_dev(1, draft_elem) + (1 - on_dev) * self.t_cpu(1, draft_elem, read=False)
-        state.t_draft = self.non_expert(1) + L * K * draft_expert
+        state.t_draft = self.non_expert(1) + L * K * self.t_draft_expert(on_dev)
         state.p = [acceptance] * k_max
         state.tested = [1] * k_max
         k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
@@ -271,6 +289,8 @@ def plan_moespeq(
     slots (docs/governor.md). The plan's note says which the model expects. Where even
     every drafted token accepted could not pay for the draft's memory, the plan is the one
     without it (``speculation_cannot_pay``), as ``run`` makes it."""
+    step = copy.copy(step)
+    step.draft_blocksize = blocksize
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
     lib = library_bytes("mock", step.hw)  # as the mock of this profile plans
     with_draft = make_plan(*args, ram=ram, library_bytes=lib)

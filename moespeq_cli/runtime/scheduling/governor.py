@@ -517,10 +517,13 @@ class Governor:
         read varies by half from one to the next), so the other arm runs again after
         ``arm_probe_every`` k = 0 cycles, the interval doubling each time: an early verdict
         that noise got wrong is corrected, at a cost that shrinks as the run goes on. A
-        probe is two cycles in a row: the first, right after the other arm, is not the
-        probed arm's own (``GovernorState.arm_time``)."""
+        probe lasts until the probed arm has run right after its own k = 0 cycle (two
+        cycles in a row, more if a speculative cycle comes between): the first, right after
+        the other arm, is not the probed arm's own (``GovernorState.arm_time``)."""
         if self.probing is not None:
-            probed, self.probing = self.probing, None
+            probed = self.probing
+            if self.state.last_arm == probed:  # right after the probed arm's own k = 0 cycle
+                self.probing = None  # this one is settled: the probe's last
             return probed
         arms = self.state.arms
         counts = {arm: arms[arm].total.cycles if arm in arms else 0 for arm in (True, False)}
@@ -530,7 +533,9 @@ class Governor:
         self.arm_since_probe += 1
         if self.arm_since_probe > self.arm_probe_every:
             self.arm_since_probe = 0
-            self.arm_probe_every *= 2
+            # doubling, up to 256 k = 0 cycles: the losing arm's sums, discounted by
+            # ``arm_decay`` a cycle, keep a weight a float holds
+            self.arm_probe_every = min(2 * self.arm_probe_every, 256)
             self.probing = not best
             return not best
         return best
