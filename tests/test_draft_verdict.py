@@ -112,13 +112,12 @@ MIXTRAL_SHAPED = {  # the policy benchmark's checkpoint (scripts/make_mixtral_ch
 
 def test_the_quick_verdict_stands_only_if_more_launches_would_not_turn_it():
     """The modules' op estimates fall short of the ops a pass really dispatches (91 against
-    136-148 on this shape): on an RTX 4090's figures with a grouped GEMM kernel (a layer's
-    experts one call, so launches weigh more; the README's cell before the profile said
-    which GPUs have one) at the benchmark's same-memory budget they alone said the draft
-    could pay, the count says it cannot. The quick answer must hold with its launches
-    scaled up too; here it does not, so the verdict counts."""
+    136-148 on this shape): on a laptop GPU's figures at the benchmark's same-memory budget
+    they alone say the draft could pay (597 against 533 tok/s), the count says it cannot
+    (525 against 533). The quick answer must hold with its launches scaled up too; here it
+    does not (493 against 533, within the 10% that makes an answer clear), so the verdict
+    counts."""
     import copy
-    from dataclasses import replace
 
     from moespeq_cli.models import parse_config
     from moespeq_cli.runtime.planning.estimate import estimate
@@ -131,7 +130,7 @@ def test_the_quick_verdict_stands_only_if_more_launches_would_not_turn_it():
     vram = full.fixed_bytes + int(full.total_experts * 0.5 * full.expert_bytes)
     with_draft = make_plan(model, cfg, cfg.dtype, vram, context, "moespeq", cpu_experts=False)
     released = make_plan(model, cfg, cfg.dtype, vram, context, "moespeq", cpu_experts=False, with_draft=False)
-    hw = replace(load_profile("rtx4090-24gb"), grouped_gemm=("bfloat16",))
+    hw = load_profile("laptop-8gb")
     step = StepModel(model, cfg, hw, cfg.dtype, context)
     quick = copy.copy(step)
     quick.counted, quick._ops = False, {}

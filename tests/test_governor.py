@@ -109,6 +109,25 @@ def test_draft_memory_goes_to_slots_when_speculation_cannot_pay():
     assert g.choose() == 0 and g.release_requested and g.fixed == 0
 
 
+def test_copies_ahead_of_a_verification_need_room_in_the_slots():
+    """The model hides a verification's copies behind the draft only as far as the slots
+    can hold them ahead of it (``prefetch_room``, set by ``moespeq plan``); the rest are
+    copied when the verification needs them, each exposed."""
+    s = state([1.0] * 8, 1e-3, {5: 2e-3}, {5: 10.0}, t_copy=1e-4)
+    free = s.cycle_time(4)
+    assert free == pytest.approx(4e-3 + 2e-3)  # 10 copies (1 ms) hide behind 4 ms of draft
+    s.prefetch_room = 4.0
+    assert s.cycle_time(4) == pytest.approx(4e-3 + 6 * 1e-4 + 2e-3)  # 4 ahead, 6 exposed
+    s.prefetch_room = 20.0
+    assert s.cycle_time(4) == pytest.approx(free)
+    # with CPU experts the misses that do not fit are served by the link and the CPU together
+    s.t_host = lambda n: 4e-4
+    s.prefetch_room = None
+    assert s.cycle_time(4) == pytest.approx(free)  # 4 ms of draft covers 40 copies
+    s.prefetch_room = 4.0
+    assert s.cycle_time(4) == pytest.approx(4e-3 + 6 / (1 / 1e-4 + 1 / 4e-4) + 2e-3)
+
+
 def test_the_release_waits_at_most_release_waits_cycles():
     s = release_state(p=0.3, t_draft=0.4e-3)
     s.cycle_noise = lambda: 10.0  # no margin ever clears

@@ -157,6 +157,30 @@ def test_model_agrees_with_the_mock_clock_for_resident(tiny, host_time):
     assert modelled == pytest.approx(measured, rel=0.1)
 
 
+def test_the_draft_pass_has_no_grouped_call(tiny):
+    """On a GPU that computes a layer's experts in one grouped call, the target's pass
+    pays that call's launches and measured host time once a layer; the draft's pass runs
+    its experts one by one (its executor's ops, counted with a stand-in; each expert
+    priced with its own launches and host time), so it pays neither."""
+    from moespeq_cli.models import build_model
+
+    path, _ = tiny("mixtral", "gqa")
+    ck = Checkpoint(path)
+    hw = replace(load_profile("h100-pcie"), region_overhead={"experts": 1e-3, "experts sum": 5e-4, "attention": 2e-4})
+    step = StepModel(build_model(ck.arch, ck.raw_config, 16), ck.config, hw, torch.bfloat16, 16)
+    assert step.grouped_ops is not None
+    layers = len(ck.config.moe_layers)
+    ungrouped = StepModel(
+        build_model(ck.arch, ck.raw_config, 16), ck.config, replace(hw, grouped_gemm=()), torch.bfloat16, 16
+    )
+    assert ungrouped.grouped_ops is None
+    # the draft's pass is the pass of the same GPU without a grouped GEMM kernel
+    assert step.draft_pass() == pytest.approx(ungrouped.non_expert(1))
+    assert step.non_expert(1) - step.draft_pass() == pytest.approx(
+        layers * 1.5e-3 + (step.pass_ops(1) - ungrouped.pass_ops(1)) * hw.launch_overhead
+    )
+
+
 def test_plan_reads_a_local_checkpoint(tiny, cli):
     path, _ = tiny("olmoe", "base")
     out = plan_json(cli, str(path), "--vram", "1MiB", "--context", "64")

@@ -21,7 +21,10 @@ the link, t_cpu on the host; T_ne the non-expert compute):
                    prefetch cannot hide goes to the link and the CPU together
     moespeq        1 / max_k Theta(k) of the governor (governor.py), fed with these
                    times, a 4-bit draft (its experts on the device or the CPU per the
-                   plan) and an assumed per-position acceptance (default 0.8); or,
+                   plan), a verification's copies hidden behind the draft only as
+                   far as the plan's slots hold them ahead of it (the rest copied
+                   when needed, exposed), an assumed per-position acceptance
+                   (default 0.8); or,
                    when it is faster, k = 0 with the draft's memory as slots -- what the
                    governor switches to at run time (``plan_moespeq``)
 
@@ -100,7 +103,7 @@ class StepModel:
         self.expert_bytes = cfg.expert_bytes(self.elem)
         self.t_link = transfer_seconds(self.expert_bytes, hw)
         self.read_extra = 0.0  # seconds of disk read per expert missing from the device (``for_plan``)
-        self._ops: dict[int, int | None] = {}  # tokens -> ops a pass dispatches outside the experts
+        self._ops: dict[tuple[int, bool], int | None] = {}  # (tokens, grouped) -> ops outside the experts
         self.counted = True  # False: the charges' op estimates, not a count on the meta device (fast)
         self.op_scale = 1.0  # those estimates multiplied by this (the verdict's check of their shortfall)
         self.draft_blocksize = 64  # the 4-bit draft's quantization block (EngineOptions.blocksize)
@@ -141,13 +144,22 @@ class StepModel:
         every charged module, the launches of every op the pass dispatches outside the
         experts (``pass_ops``), its host syncs (one per MoE layer and the logits) and the
         host time a calibrated profile measured beyond all that (``host_time``). The
-        draft's pass is priced as this too, though on a GPU that groups the target's
-        experts the draft computes its own one by one (its executor's ops, not a grouped
-        call's): pricing that difference kept the draft where the runs then lost 7-11% to
-        releasing it late (docs/governor.md), so it is left as is for now."""
+        draft's pass: ``draft_pass``."""
         work = sum(cost(tokens, self.context).seconds(self.hw, ops=0) for _m, _n, _l, cost, _r in self.table)
         syncs = (self.layers + 1) * self.hw.sync_overhead
         return work + self.pass_ops(tokens) * self.hw.launch_overhead + syncs + self.host_time()
+
+    def draft_pass(self) -> float:
+        """The draft's pass over one token without its experts: as ``non_expert`` but with
+        its executor's ops expert by expert, never a grouped call (the draft computes its
+        experts one by one), and no grouped call's host time."""
+        if self.grouped_ops is None:
+            return self.non_expert(1)
+        ops = self.pass_ops(1, grouped=False)
+        hw = self.hw
+        work = sum(cost(1, self.context).seconds(hw, ops=0) for _m, _n, _l, cost, _r in self.table)
+        host = self.host_time() - self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
+        return work + ops * hw.launch_overhead + (self.layers + 1) * hw.sync_overhead + host
 
     def host_time(self) -> float:
         """The Python a pass runs beyond its ops, as the mock charges it from the profile's
@@ -161,16 +173,20 @@ class StepModel:
             regions += self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
         return regions + hw.between_regions(len(self.model.model.layers))
 
-    def pass_ops(self, tokens: int) -> int:
+    def pass_ops(self, tokens: int, grouped: bool | None = None) -> int:
         """The ops a forward pass over ``tokens`` tokens dispatches besides the experts'
         own, counted by running the model on the meta device (no weights) with a stand-in
         executor that groups tokens by expert as the real one does (token t takes experts
-        t K .. t K + K - 1, modulo E); the charges' estimates where the meta run fails."""
-        if tokens not in self._ops:
-            grouped = self.grouped_ops is not None
+        t K .. t K + K - 1, modulo E); the charges' estimates where the meta run fails.
+        ``grouped`` (default: whether this GPU groups a layer's experts): the layer's
+        experts in one grouped call, its launches counted apart, instead of the executor's
+        ops expert by expert (the draft's pass never groups)."""
+        grouped = self.grouped_ops is not None if grouped is None else grouped
+        key = (tokens, grouped)
+        if key not in self._ops:
             # counting runs the model on the meta device: a second in a fresh process (torch's
             # Python meta kernels import torch._dynamo), so a count is remembered across runs
-            self._ops[tokens] = (
+            self._ops[key] = (
                 remembered(
                     count_key(self.model, self.cfg, tokens, grouped),
                     lambda: count_pass_ops(self.model, self.cfg, tokens, grouped),
@@ -178,12 +194,12 @@ class StepModel:
                 if self.counted
                 else None
             )
-            if self._ops[tokens] is None:
+            if self._ops[key] is None:
                 estimated = sum(cost(tokens, self.context).ops for _m, _n, _l, cost, _r in self.table)
-                self._ops[tokens] = round(estimated * self.op_scale)
+                self._ops[key] = round(estimated * self.op_scale)
             if grouped:
-                self._ops[tokens] += self.layers * self.grouped_ops
-        return self._ops[tokens]
+                self._ops[key] += self.layers * self.grouped_ops
+        return self._ops[key]
 
     def expert_cost(self, tokens: float, elem: float, kernel: str | None = None):
         return expert_cost(self.cfg.hidden_size, self.cfg.expert_intermediate, max(1, round(tokens)), elem, kernel)
@@ -252,12 +268,16 @@ class StepModel:
         """(tokens/s, k) at the governor's best depth k >= 1 with ``plan``'s draft."""
         L, K, E = self.layers, self.cfg.top_k, self.cfg.num_experts
         state = GovernorState(k_max, E, K, self.t_copy, t_host=self.t_cpu if cpu else None)
+        # a verification's experts copied ahead of it need slots to wait in: with fewer
+        # slots than its misses the rest are copied on demand, exposed (demo, H100, 7 slots
+        # for a k = 4 verification's 11 misses: the mock met them all as stall)
+        state.prefetch_room = float(plan.slots)
         for n in range(1, k_max + 2):
             u = union_size(n, E, K)
             state.t_target[n] = self.non_expert(n) + L * u * self.t_dev(n * K / u)
             state.misses[n] = L * u * (1 - hit)
         on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
-        state.t_draft = self.non_expert(1) + L * K * self.t_draft_expert(on_dev)
+        state.t_draft = self.draft_pass() + L * K * self.t_draft_expert(on_dev)
         state.p = [acceptance] * k_max
         state.tested = [1] * k_max
         k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))

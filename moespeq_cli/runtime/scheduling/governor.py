@@ -158,6 +158,9 @@ class GovernorState:
     # the same cycle varies from one to the next (``cycle_noise``)
     cycle_times: dict[tuple[int, bool], list[float]] = field(default_factory=dict)
     observed: int = 0  # cycles observed
+    # experts the device's slots can take ahead of a verification (``moespeq plan``: its
+    # slots); None: every predicted copy fits (the run measures what did not)
+    prefetch_room: float | None = None
     last_arm: bool | None = None  # the prefetch arm of the last cycle if it was k = 0
     arm_decay: float = 0.95  # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``)
 
@@ -255,11 +258,18 @@ class GovernorState:
         if stall is not None:
             return draft + self.target_time(k + 1) + stall
         if self.t_host is None:
-            return max(draft, self.t_io(k)) + self.target_time(k + 1)
+            if self.prefetch_room is None:
+                return max(draft, self.t_io(k)) + self.target_time(k + 1)
+            # the slots hold at most ``prefetch_room`` of the verification's experts ahead of
+            # it: the rest are copied when it needs them, each one exposed
+            m = self.expected_misses(k + 1)
+            ahead = min(m, self.prefetch_room)
+            return max(draft, ahead * self.t_copy) + (m - ahead) * self.t_copy + self.target_time(k + 1)
         n = k + 1
         m = self.expected_misses(n)
         per_expert = n * self.top_k / union_size(n, self.num_experts, self.top_k)
-        rest = max(0.0, m - draft / self.t_copy)
+        ahead = draft / self.t_copy if self.prefetch_room is None else min(draft / self.t_copy, self.prefetch_room)
+        rest = max(0.0, m - ahead)
         exposed = rest / (1.0 / self.t_copy + 1.0 / self.t_host(per_expert))
         return draft + exposed + self.target_time(n)
 
