@@ -139,37 +139,31 @@ class StepModel:
         does not hold it either."""
         return self.t_link + self.read_extra
 
-    def non_expert(self, tokens: int) -> float:
+    def non_expert(self, tokens: int, grouped: bool | None = None) -> float:
         """A forward pass over ``tokens`` tokens without the routed experts: the work of
         every charged module, the launches of every op the pass dispatches outside the
         experts (``pass_ops``), its host syncs (one per MoE layer and the logits) and the
-        host time a calibrated profile measured beyond all that (``host_time``). The
-        draft's pass: ``draft_pass``."""
+        host time a calibrated profile measured beyond all that (``host_time``).
+        ``grouped``: as ``pass_ops``."""
+        grouped = self.grouped_ops is not None if grouped is None else grouped
         work = sum(cost(tokens, self.context).seconds(self.hw, ops=0) for _m, _n, _l, cost, _r in self.table)
         syncs = (self.layers + 1) * self.hw.sync_overhead
-        return work + self.pass_ops(tokens) * self.hw.launch_overhead + syncs + self.host_time()
+        return work + self.pass_ops(tokens, grouped) * self.hw.launch_overhead + syncs + self.host_time(grouped)
 
     def draft_pass(self) -> float:
-        """The draft's pass over one token without its experts: as ``non_expert`` but with
-        its executor's ops expert by expert, never a grouped call (the draft computes its
-        experts one by one), and no grouped call's host time."""
-        if self.grouped_ops is None:
-            return self.non_expert(1)
-        ops = self.pass_ops(1, grouped=False)
-        hw = self.hw
-        work = sum(cost(1, self.context).seconds(hw, ops=0) for _m, _n, _l, cost, _r in self.table)
-        host = self.host_time() - self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
-        return work + ops * hw.launch_overhead + (self.layers + 1) * hw.sync_overhead + host
+        """The draft's pass over one token without its experts: its executor's ops expert
+        by expert, never a grouped call (the draft computes its experts one by one)."""
+        return self.non_expert(1, grouped=False)
 
-    def host_time(self) -> float:
+    def host_time(self, grouped: bool) -> float:
         """The Python a pass runs beyond its ops, as the mock charges it from the profile's
         measured ``region_overhead`` (0 in the bundled profiles): each charged module's
-        region, a grouped layer's expert calls, and the code between regions per layer. A
-        grouped layer counts one call and the sum; where its copies land late it makes two
-        calls (executors/offload.py), not modelled here."""
+        region, a grouped layer's expert calls (``grouped``), and the code between regions
+        per layer. A grouped layer counts one call and the sum; where its copies land late
+        it makes two calls (executors/offload.py), not modelled here."""
         hw = self.hw
         regions = sum(hw.host_overhead(region_kind(name)) for _m, name, _l, _c, _r in self.table)
-        if self.grouped_ops is not None:
+        if grouped:
             regions += self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
         return regions + hw.between_regions(len(self.model.model.layers))
 
@@ -217,15 +211,18 @@ class StepModel:
         code will run for it there (quant/draft.py ``planned_path``, the mock's pricing of
         the loaded draft), the measured host time of a draft expert's region included."""
         H, inter, b = self.cfg.hidden_size, self.cfg.expert_intermediate, self.draft_blocksize
-        dev = planned_path("cuda" if self.hw.kind == "gpu" else "cpu", H, inter, b)
-        cost = self.expert_cost(tokens, path_bytes_per_weight(dev, b), f"draft:{dev}")
-        t_dev = cost.seconds(self.hw) + self.hw.host_overhead("draft expert")
+
+        def cost(device_type: str):
+            path = planned_path(device_type, H, inter, b)
+            return self.expert_cost(tokens, path_bytes_per_weight(path, b), f"draft:{path}")
+
+        t_dev = cost("cuda" if self.hw.kind == "gpu" else "cpu").seconds(self.hw) + self.hw.host_overhead(
+            "draft expert"
+        )
         if on_device >= 1.0:
             return t_dev
-        host = planned_path("cpu", H, inter, b)
         act = max(1, round(tokens)) * H * self.elem
-        cost = self.expert_cost(tokens, path_bytes_per_weight(host, b), f"draft:{host}")
-        return on_device * t_dev + (1 - on_device) * host_expert_seconds(cost, act, self.hw)
+        return on_device * t_dev + (1 - on_device) * host_expert_seconds(cost("cpu"), act, self.hw)
 
     def t_cpu(self, tokens: float = 1, elem: float | None = None, read: bool = True) -> float:
         """One expert on the CPU over ``tokens`` tokens (and its read, when RAM may not hold

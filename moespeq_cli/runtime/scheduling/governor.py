@@ -51,6 +51,7 @@ bigger cache to the end.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -235,9 +236,6 @@ class GovernorState:
         ref_n, ref = min(self.misses.items(), key=lambda kv: abs(kv[0] - n))
         return ref * union_size(n, self.num_experts, self.top_k) / union_size(ref_n, self.num_experts, self.top_k)
 
-    def t_io(self, k: int) -> float:
-        return self.expected_misses(k + 1) * self.t_copy
-
     def measured_stall(self, n: int) -> float | None:
         """Stall a verification over n tokens showed (scaled by union growth from the
         nearest measured n); None before any speculative cycle."""
@@ -257,19 +255,16 @@ class GovernorState:
         stall = self.measured_stall(k + 1) if measured and k else None
         if stall is not None:
             return draft + self.target_time(k + 1) + stall
-        if self.t_host is None:
-            if self.prefetch_room is None:
-                return max(draft, self.t_io(k)) + self.target_time(k + 1)
-            # the slots hold at most ``prefetch_room`` of the verification's experts ahead of
-            # it: the rest are copied when it needs them, each one exposed
-            m = self.expected_misses(k + 1)
-            ahead = min(m, self.prefetch_room)
-            return max(draft, ahead * self.t_copy) + (m - ahead) * self.t_copy + self.target_time(k + 1)
         n = k + 1
         m = self.expected_misses(n)
+        # the slots hold at most ``prefetch_room`` of the verification's experts ahead of it:
+        # the rest are copied when it needs them, exposed
+        room = math.inf if self.prefetch_room is None else self.prefetch_room
+        if self.t_host is None:
+            ahead = min(m, room)
+            return max(draft, ahead * self.t_copy) + (m - ahead) * self.t_copy + self.target_time(n)
         per_expert = n * self.top_k / union_size(n, self.num_experts, self.top_k)
-        ahead = draft / self.t_copy if self.prefetch_room is None else min(draft / self.t_copy, self.prefetch_room)
-        rest = max(0.0, m - ahead)
+        rest = max(0.0, m - min(draft / self.t_copy, room))
         exposed = rest / (1.0 / self.t_copy + 1.0 / self.t_host(per_expert))
         return draft + exposed + self.target_time(n)
 
