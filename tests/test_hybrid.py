@@ -127,6 +127,45 @@ def test_chosen_path_is_the_fastest_and_the_model_is_exact(tiny, link):
         assert m == pytest.approx(actual, rel=1e-12, abs=1e-15)
 
 
+def test_a_copied_expert_is_done_when_the_device_has_computed_it(tiny, link):
+    """The copy's alternative ends when the device has computed the expert, not when the
+    copy lands: it is never later than the computation on the mock's clock, and equal to
+    it where the device waited for the copy. Without the device's part, a CPU job that
+    finishes between the landing and the computation would lose to the copy."""
+    path, _ = tiny("olmoe", "base")
+    prompt = prompt_for(7)
+    eng = engine(path, "moespeq", 3, len(prompt) + 16, link(3e8), spec_depth="2")
+    eng.target_exec.decisions = []
+    generate(eng, prompt, 16)
+    o = eng.backend.origin
+    computed = {}  # (layer, expert) -> ends of its computations on the device
+    for iv in eng.backend.timeline.intervals:
+        if iv.stream == "compute" and iv.kind == "compute" and iv.name.startswith("expert L"):
+            computed.setdefault((iv.layer, iv.expert), []).append(iv.end + o)
+    copies = [(layer, e, alt["copy"]) for layer, e, alt, c in eng.target_exec.decisions if c == "copy"]
+    assert copies
+    exact = 0
+    for layer, e, modelled in copies:
+        end = min(t for t in computed[(layer, e)] if t >= modelled - 1e-12)
+        exact += end == pytest.approx(modelled, rel=1e-12, abs=1e-15)
+    assert exact, "the device never waited for a copy: the test shows nothing"
+
+
+@pytest.mark.parametrize("cpu_experts", [False, True])
+def test_the_prompt_is_gate_prefetched_only_without_cpu_experts(tiny, link, cpu_experts):
+    """A prompt's lookahead predicts nearly every expert of the next layer: copy-only they
+    are all copied anyway and gate-prefetch starts them early; with CPU experts the choice
+    of path per expert decides, and the link is not filled ahead of it."""
+    path, _ = tiny("mixtral", "top3")
+    prompt = prompt_for(8)
+    eng = engine(path, "moespeq", 6, len(prompt) + 4, link(3e8), spec_depth="0", cpu_experts=cpu_experts)
+    generate(eng, prompt, 4)
+    ivs = eng.backend.timeline.intervals
+    prompt_end = min(iv.end for iv in ivs if iv.name.startswith("lm_head"))
+    lookaheads = [iv for iv in ivs if iv.name.startswith("gate-prefetch") and iv.end <= prompt_end]
+    assert bool(lookaheads) != cpu_experts
+
+
 def test_governor_counts_the_cpu_path():
     """A CPU path faster than the link makes plain decoding's misses cheaper; without
     acceptance, k = 0 stays the choice."""
@@ -185,7 +224,8 @@ def test_resident_experts_go_to_the_cpu_where_the_device_s_launches_set_the_laye
     than the CPU's (experts one by one, about ten launches each) moespeq's CPU experts
     take the last resident experts of a layer, each one the CPU finishes before the
     device would end the layer, and decoding is faster on the mock clock than with the
-    device alone; with cheap launches every expert stays. Tokens unchanged."""
+    device alone; with cheap launches every expert stays (and the run is no slower).
+    Tokens unchanged."""
     path, _ = tiny("olmoe", "base")
     cfg = Checkpoint(path).config
     text = (profiles_dir() / "desktop-3060-ddr4.yaml").read_text()
@@ -208,5 +248,8 @@ def test_resident_experts_go_to_the_cpu_where_the_device_s_launches_set_the_laye
     assert (runs[True].last_stats.cpu_expert_share > 0) == moved
     assert not runs[False].last_stats.cpu_expert_share
     assert runs[True].last_stats.io_stall_s == 0  # waiting for the CPU's share is compute, not a transfer's stall
-    faster = runs[True].last_stats.tokens_per_s > runs[False].last_stats.tokens_per_s
-    assert faster == moved
+    with_cpu, alone = (runs[c].last_stats.tokens_per_s for c in (True, False))
+    if moved:
+        assert with_cpu > alone
+    else:  # the same steps, but with CPU experts the prompt skips gate-prefetch's lookahead
+        assert with_cpu >= alone

@@ -281,10 +281,17 @@ class OffloadedExperts:
         cost = expert_cost(self.hidden, self.inter, tokens, self.expert_elem, self.kernel, ops=self.expert_ops)
         return cost, tokens * self.hidden * self.elem
 
+    def device_seconds(self, tokens: int) -> float:
+        """The device's time for one expert over ``tokens`` tokens (one call of the
+        grouped kernel where the device groups them)."""
+        cost = self.grouped_cost(tokens) if self.grouped is not None else self.host_cost(tokens)[0]
+        return cost.seconds(self.backend.hw)
+
     def choose_paths(self, layer: int, waiting: list[int], groups) -> list[int]:
         """For each expert not ready, the path whose output reaches the device first, by the
         backend's clock and the cost model: its copy (already in flight, or issued now behind
-        the copies chosen before it) or the CPU (behind the host jobs chosen before it). An
+        the copies chosen before it) and then the device computing it, or the CPU (behind
+        the host jobs chosen before it). An
         expert that is not in host RAM is read first either way, behind the reads before it.
         Returns the experts to compute on the CPU; ``decisions`` keeps every comparison."""
         b, cache, host = self.backend, self.cache, self.tiers.host
@@ -321,9 +328,11 @@ class OffloadedExperts:
                 via_copy = copy_at  # optimistic when every slot is pinned: the copy then waits for one
                 if read_done is not None:
                     via_copy = max(via_copy, read_done + copy_step)
-            choice = "cpu" if host_done < via_copy else "copy"
+            # the copied expert's output: once it has landed, the device computes it
+            device_done = via_copy + self.device_seconds(len(groups[e][0]))
+            choice = "cpu" if host_done < device_done else "copy"
             if self.decisions is not None:
-                self.decisions.append((layer, e, {"copy": via_copy, "cpu": host_done}, choice))
+                self.decisions.append((layer, e, {"copy": device_done, "cpu": host_done}, choice))
             if choice == "cpu":
                 on_host.append(e)
                 host_free = host_done - transfer_seconds(act, b.hw)
@@ -340,8 +349,7 @@ class OffloadedExperts:
         b, cache, host = self.backend, self.cache, self.tiers.host
         if host is not None and any(not host.ready((layer, e)) for e in waiting):
             return []  # a read from disk comes first: the device waits for it anyway
-        cost_of = self.grouped_cost if self.grouped is not None else (lambda n: self.host_cost(n)[0])
-        t_dev = {e: cost_of(len(groups[e][0])).seconds(b.hw) for e in ready + waiting}
+        t_dev = {e: self.device_seconds(len(groups[e][0])) for e in ready + waiting}
         landing, copy_at = [], b.copy_eta(self.tiers.nbytes)
         for e in waiting:  # in flight, or copied in turn once issued
             if cache.resident((layer, e)):

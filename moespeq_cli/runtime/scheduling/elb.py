@@ -82,7 +82,11 @@ class ElbScheduler(SpecHooks):
 
     # -- phases -------------------------------------------------------------
     def begin_prefill(self) -> None:
-        self.target.gate_prefetch = True
+        # A prompt's lookahead predicts nearly every expert of the next layer (the union
+        # over its tokens). Copy-only, they are all copied anyway: gate-prefetch starts
+        # them a layer early. With CPU experts, copying them all takes the link from the
+        # per-expert choice of path (``OffloadedExperts.choose_paths``), which decides alone.
+        self.target.gate_prefetch = not self.target.policy.host_compute
         self.model.set_router_observer(None)
 
     def begin_cycle(self, k: int) -> None:
