@@ -225,6 +225,71 @@ def test_fp8_linear_is_the_dequantized_product(T, N, K, block):
     assert not kernels.takes_fp8(x, w, scale_inv, (16, 8))  # column blocks narrower than a chunk: torch
 
 
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("T,top_k", [(1, 1), (1, 2), (3, 2), (9, 4), (kernels.MAX_ROWS, 2)])
+def test_a_layer_of_experts_in_one_call_is_grouped_bit_for_bit(wdtype, T, top_k):
+    """``kernels.moe`` gives executors/experts.py ``grouped`` over ``expert``'s outputs
+    exactly (each expert's rows together, weighted, summed in ascending expert order), for
+    one token and for a verification's several: the plain path and the one-call path
+    round alike, so speculative decoding stays lossless whichever a pass takes."""
+    from moespeq_cli.runtime.executors.experts import grouped, token_groups
+
+    g = torch.Generator().manual_seed(T * 10 + top_k)
+    E, H, inter = 8, 40, 72
+    parts = [
+        tuple(torch.randn(*s, generator=g).to(wdtype) for s in ((inter, H), (inter, H), (H, inter))) for _ in range(E)
+    ]
+    table = kernels.ExpertTable(parts)
+    x = torch.randn(T, H, generator=g)
+    w, ids = torch.topk(torch.softmax(torch.randn(T, E, generator=g), -1), top_k)
+    assert kernels.takes_moe(x, ids, w, table)
+    want = grouped(x, ids, w, lambda e, xe: expert_mlp(xe, *parts[e], fast=True), groups=token_groups(ids))
+    assert torch.equal(kernels.moe(x, ids, w, table), want)
+    # the same rows alone: a token's result does not depend on the others (batch invariance)
+    alone = torch.cat([kernels.moe(x[t : t + 1].clone(), ids[t : t + 1], w[t : t + 1], table) for t in range(T)])
+    assert torch.equal(alone, want)
+
+
+def test_the_one_call_layer_is_refused_where_it_does_not_apply():
+    ws = [(torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6)) for _ in range(3)]
+    table = kernels.ExpertTable(ws)
+    x, ids, w = torch.randn(2, 4), torch.tensor([[0, 2], [1, 2]]), torch.rand(2, 2)
+    assert kernels.takes_moe(x, ids, w, table)
+    assert not kernels.takes_moe(x.double(), ids, w, table)  # activations other than fp32
+    assert not kernels.takes_moe(x, ids.int(), w, table)
+    assert not kernels.takes_moe(x, ids, w.half(), table)
+    assert not kernels.takes_moe(torch.randn(kernels.MAX_ROWS + 1, 4), ids, w, table)
+    mixed = kernels.ExpertTable([ws[0], (ws[1][0].bfloat16(), ws[1][1], ws[1][2]), ws[2]])
+    assert not mixed.usable  # one dtype for every expert, or the torch path
+    assert not kernels.ExpertTable([(t.t(), u, d) for t, u, d in ws]).usable  # not contiguous
+
+
+def test_the_cpu_backend_computes_a_layer_s_experts_in_one_call(tiny, monkeypatch):
+    """The cpu backend takes the one-call path for plain gated experts, for a prompt's
+    rows and for single tokens, and its logits are the per-expert path's bit for bit."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny("mixtral", "gqa", torch.bfloat16)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    assert eng.cpu_kernels
+    model, calls = eng.model, []
+    moe = kernels.moe
+    monkeypatch.setattr(kernels, "moe", lambda x, *a, **k: calls.append(x.shape[0]) or moe(x, *a, **k))
+    ids = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(5))
+
+    def logits():
+        cache = model.new_cache()
+        return torch.cat([model(ids[:6], cache), model(ids[6:7], cache), model(ids[7:], cache)])
+
+    one_call = logits()
+    layers = len(model.moe_blocks)
+    assert calls == [6] * layers + [1] * layers + [2] * layers
+    monkeypatch.setattr(kernels, "takes_moe", lambda *a: False)  # each expert its own kernel call
+    assert torch.equal(logits(), one_call)
+    assert len(calls) == 3 * layers
+
+
 def test_expert_mlp_falls_back_where_the_kernels_do_not_apply():
     g = torch.Generator().manual_seed(3)
     gate, up = (torch.randn(24, 16, generator=g).bfloat16() for _ in range(2))

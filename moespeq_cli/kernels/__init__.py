@@ -172,6 +172,68 @@ def expert(
     return y
 
 
+class ExpertTable:
+    """A layer's gated experts by id for ``moe``: their weights' addresses (``parts``: per
+    expert id, (gate [I, H], up [I, H], down [H, I]), every one of one dtype and contiguous;
+    the tensors are held here, so the addresses stay valid). ``usable`` is False where the
+    kernels cannot take them (then ``moe`` must not be called)."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.parts = parts
+        flat = [w for ws in parts for w in ws]
+        dtype = flat[0].dtype if flat else None
+        self.usable = (
+            bool(flat) and all(w.dtype == dtype and w.is_cpu and w.is_contiguous() for w in flat) and dtype in WTYPES
+        )
+        if not self.usable:
+            return
+        self.wt, self.inter = WTYPES[dtype], parts[0][0].shape[0]
+        arr = ctypes.c_void_p * len(parts)
+        self.gate, self.up, self.down = (arr(*(ws[j].data_ptr() for ws in parts)) for j in range(3))
+
+
+def takes_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: ExpertTable) -> bool:
+    """Whether ``moe`` computes this layer's routed experts."""
+    return (
+        table.usable
+        and ids.dtype == torch.int64
+        and weights.dtype == torch.float32
+        and ids.shape == weights.shape
+        and ids.shape[0] == x.shape[0]
+        and _rows(x)
+    )
+
+
+def moe(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: ExpertTable, act: str = "silu"
+) -> torch.Tensor:
+    """``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` for x [T, H] in one call, bit for
+    bit executors/experts.py ``grouped`` over ``expert`` (cpu_matvec.c ``ms_moe``);
+    ``takes_moe`` must hold."""
+    x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+    T, H = x.shape
+    inter = table.inter
+    scratch = torch.empty(2 * T * inter + 2 * T * H, dtype=torch.float32)
+    y = torch.empty(T, H, dtype=torch.float32)
+    _lib().ms_moe(
+        x.data_ptr(),
+        T,
+        H,
+        inter,
+        ids.shape[1],
+        ids.data_ptr(),
+        weights.data_ptr(),
+        table.gate,
+        table.up,
+        table.down,
+        table.wt,
+        ACTIVATIONS[act],
+        scratch.data_ptr(),
+        y.data_ptr(),
+    )
+    return y
+
+
 def takes_mxfp4(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether ``linear_mxfp4`` computes ``x`` against MXFP4 ``blocks`` / ``scales``."""
     return blocks.dtype == scales.dtype == torch.uint8 and _rows(x, blocks, scales)

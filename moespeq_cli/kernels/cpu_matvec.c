@@ -47,6 +47,7 @@
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 #define MS_T 4 /* tokens per step */
+#define MAX_MOE_ROWS 64 /* kernels/__init__.py MAX_ROWS: the most tokens ``ms_moe`` takes */
 /* CALL(TB) with TB the size of the block of tokens starting here, as a constant 1..MS_T:
  * each kernel's sums for a block then stay in registers */
 #define MS_BY_BLOCK(left, CALL)                                                                                      \
@@ -57,7 +58,7 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
     default: CALL(4); break;                                                                                         \
     }
 
-int ms_version(void) { return 10; }
+int ms_version(void) { return 11; }
 int ms_simd(void) { return MS_AVX512 ? 512 : (MS_AVX2 ? 256 : 0); }
 #if MS_AVX512 && defined(__AVX512BF16__)
 #define MS_BF16DOT 1
@@ -895,6 +896,57 @@ void ms_expert(const float *x, const void *gate, const void *up, const void *dow
     rowset_init(&a.rows1, I, chunk_rows(2 * H * e), parts);
     rowset_init(&a.rows2, H, chunk_rows(I * e), parts);
     run(expert_job, &a, share);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* A layer's routed experts in one call: y[T, H] = sum over each token's k choices of     */
+/* w[t, j] * expert ids[t, j] (x[t]), every expert a gated one of ``ms_expert`` (pointers */
+/* per expert id). executors/experts.py ``grouped``, bit for bit: each expert used is run */
+/* once, ascending by id, on its tokens' rows in ascending order (a row's result does not */
+/* depend on the others: batch invariance), each product with the weight rounded to fp32, */
+/* then added to the token's row of a zeroed y, experts ascending. One call where Python  */
+/* made a dozen torch ops and k kernel calls a layer.                                     */
+/* scratch: 2 * T * I + 2 * T * H floats.                                                 */
+
+void ms_moe(const float *x, long T, long H, long I, long k, const int64_t *ids, const float *w,
+            const void *const *gate, const void *const *up, const void *const *down, int wt, int act,
+            float *scratch, float *y) {
+    float *xg = scratch + 2 * T * I, *yg = xg + T * H;
+    long n_used = T * k;
+    for (long i = 0; i < T * H; i++) y[i] = 0.0f;
+    int64_t last = -1;
+    for (;;) {
+        int64_t e = -1; /* the next expert id above ``last`` that some token chose */
+        for (long i = 0; i < n_used; i++)
+            if (ids[i] > last && (e < 0 || ids[i] < e)) e = ids[i];
+        if (e < 0) break;
+        last = e;
+        long n = 0;
+        float wn[MAX_MOE_ROWS];
+        long tn[MAX_MOE_ROWS];
+        for (long t = 0; t < T; t++)
+            for (long j = 0; j < k; j++)
+                if (ids[t * k + j] == e && n < MAX_MOE_ROWS) {
+                    tn[n] = t;
+                    wn[n] = w[t * k + j];
+                    n++;
+                }
+        const float *xe = x;
+        if (n != T) {
+            for (long r = 0; r < n; r++)
+                for (long h = 0; h < H; h++) xg[r * H + h] = x[tn[r] * H + h];
+            xe = xg;
+        }
+        ms_expert(xe, gate[e], up[e], down[e], wt, scratch, yg, n, H, I, act);
+        for (long r = 0; r < n; r++) {
+            float *yt = y + tn[r] * H;
+            const float *ye = yg + r * H, wr = wn[r];
+            for (long h = 0; h < H; h++) {
+                float p = ye[h] * wr;
+                yt[h] = yt[h] + p;
+            }
+        }
+    }
 }
 
 /* ------------------------------------------------------------------------------------ */

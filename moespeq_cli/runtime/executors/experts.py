@@ -175,6 +175,7 @@ class InMemoryExperts:
         self.store = ExpertStore(ckpt, dtype)
         self.fast = fast
         self.views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # the experts never move
+        self.tables: dict[int, object] = {}  # layer -> kernels.ExpertTable (fast, gated experts)
 
     def parts(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         key = (layer, expert)
@@ -182,8 +183,27 @@ class InMemoryExperts:
             self.views[key] = self.store.views(self.store.buffer(layer, expert))
         return self.views[key]
 
+    def table(self, layer: int):
+        """The layer's experts for the kernels' one call a layer (``kernels.moe``), or None
+        where it does not apply: not ``fast``, or not plain gated experts."""
+        if layer not in self.tables:
+            fmt, table = self.store.config.expert_format, None
+            if self.fast and fmt.kind == SWIGLU and not fmt.compact:
+                from moespeq_cli import kernels
+
+                n = self.store.config.num_experts
+                table = kernels.ExpertTable([self.parts(layer, e) for e in range(n)])
+            self.tables[layer] = table
+        return self.tables[layer]
+
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows, ahead=None):
         fmt, fast = self.store.config.expert_format, self.fast
+        table = self.table(layer) if fast else None
+        if table is not None:
+            from moespeq_cli import kernels
+
+            if kernels.takes_moe(x, ids, weights, table):
+                return kernels.moe(x, ids, weights, table)
         return grouped(
             x,
             ids,
