@@ -908,29 +908,39 @@ void ms_expert(const float *x, const void *gate, const void *up, const void *dow
 /* made a dozen torch ops and k kernel calls a layer.                                     */
 /* scratch: 2 * T * I + 2 * T * H floats.                                                 */
 
+typedef struct {
+    int64_t e;
+    long t;
+    float w;
+} moe_choice;
+
+static int by_expert_then_token(const void *a, const void *b) {
+    const moe_choice *p = a, *q = b;
+    if (p->e != q->e) return p->e < q->e ? -1 : 1;
+    return (p->t > q->t) - (p->t < q->t);
+}
+
 void ms_moe(const float *x, long T, long H, long I, long k, const int64_t *ids, const float *w,
             const void *const *gate, const void *const *up, const void *const *down, int wt, int act,
             float *scratch, float *y) {
     float *xg = scratch + 2 * T * I, *yg = xg + T * H;
     long n_used = T * k;
+    moe_choice *c = malloc(n_used * sizeof *c);
+    if (!c) return;
+    for (long i = 0; i < n_used; i++) c[i] = (moe_choice){.e = ids[i], .t = i / k, .w = w[i]};
+    qsort(c, n_used, sizeof *c, by_expert_then_token); /* experts ascending, their tokens ascending */
     for (long i = 0; i < T * H; i++) y[i] = 0.0f;
-    int64_t last = -1;
-    for (;;) {
-        int64_t e = -1; /* the next expert id above ``last`` that some token chose */
-        for (long i = 0; i < n_used; i++)
-            if (ids[i] > last && (e < 0 || ids[i] < e)) e = ids[i];
-        if (e < 0) break;
-        last = e;
-        long n = 0;
+    for (long i0 = 0, i1; i0 < n_used; i0 = i1) {
+        int64_t e = c[i0].e;
+        for (i1 = i0; i1 < n_used && c[i1].e == e; i1++) {}
+        long n = i1 - i0;
         float wn[MAX_MOE_ROWS];
         long tn[MAX_MOE_ROWS];
-        for (long t = 0; t < T; t++)
-            for (long j = 0; j < k; j++)
-                if (ids[t * k + j] == e && n < MAX_MOE_ROWS) {
-                    tn[n] = t;
-                    wn[n] = w[t * k + j];
-                    n++;
-                }
+        if (n > MAX_MOE_ROWS) n = MAX_MOE_ROWS; /* a token chooses an expert once: n <= T */
+        for (long r = 0; r < n; r++) {
+            tn[r] = c[i0 + r].t;
+            wn[r] = c[i0 + r].w;
+        }
         const float *xe = x;
         if (n != T) {
             for (long r = 0; r < n; r++)
@@ -947,6 +957,7 @@ void ms_moe(const float *x, long T, long H, long I, long k, const int64_t *ids, 
             }
         }
     }
+    free(c);
 }
 
 /* ------------------------------------------------------------------------------------ */
