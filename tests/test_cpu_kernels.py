@@ -262,6 +262,11 @@ def test_the_one_call_layer_is_refused_where_it_does_not_apply():
     mixed = kernels.ExpertTable([ws[0], (ws[1][0].bfloat16(), ws[1][1], ws[1][2]), ws[2]])
     assert not mixed.usable  # one dtype for every expert, or the torch path
     assert not kernels.ExpertTable([(t.t(), u, d) for t, u, d in ws]).usable  # not contiguous
+    # routing the kernel refuses without computing (the per-expert path decides): an id
+    # outside the table, a token choosing one expert twice (Phi-MoE's sparsemixer can)
+    for bad in ([[0, 3], [1, 2]], [[0, -1], [1, 2]], [[2, 2], [1, 2]]):
+        assert kernels.moe(x, torch.tensor(bad), w, table) is None
+    assert kernels.moe(x, ids, w, table) is not None
 
 
 def test_the_cpu_backend_computes_a_layer_s_experts_in_one_call(tiny, monkeypatch):

@@ -187,7 +187,7 @@ class ExpertTable:
         )
         if not self.usable:
             return
-        self.wt, self.inter = WTYPES[dtype], parts[0][0].shape[0]
+        self.wt, self.inter, self.experts = WTYPES[dtype], parts[0][0].shape[0], len(parts)
         arr = ctypes.c_void_p * len(parts)
         self.gate, self.up, self.down = (arr(*(ws[j].data_ptr() for ws in parts)) for j in range(3))
 
@@ -198,6 +198,9 @@ def takes_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: 
         table.usable
         and ids.dtype == torch.int64
         and weights.dtype == torch.float32
+        and ids.is_cpu
+        and weights.is_cpu
+        and ids.dim() == 2
         and ids.shape == weights.shape
         and ids.shape[0] == x.shape[0]
         and _rows(x)
@@ -206,21 +209,23 @@ def takes_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: 
 
 def moe(
     x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: ExpertTable, act: str = "silu"
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` for x [T, H] in one call, bit for
     bit executors/experts.py ``grouped`` over ``expert`` (cpu_matvec.c ``ms_moe``);
-    ``takes_moe`` must hold."""
+    ``takes_moe`` must hold. None (nothing computed) where the routing is not a top-k the
+    kernel takes: an id outside the table, or a token choosing an expert twice."""
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     T, H = x.shape
     inter = table.inter
     scratch = torch.empty(2 * T * inter + 2 * T * H, dtype=torch.float32)
     y = torch.empty(T, H, dtype=torch.float32)
-    _lib().ms_moe(
+    status = _lib().ms_moe(
         x.data_ptr(),
         T,
         H,
         inter,
         ids.shape[1],
+        table.experts,
         ids.data_ptr(),
         weights.data_ptr(),
         table.gate,
@@ -231,7 +236,9 @@ def moe(
         scratch.data_ptr(),
         y.data_ptr(),
     )
-    return y
+    if status == -2:
+        raise MemoryError("moespeq's CPU kernels: no memory for a layer's routing")
+    return y if status == 0 else None
 
 
 def takes_mxfp4(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> bool:

@@ -82,8 +82,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_linear.restype = None
     lib.ms_expert.argtypes = [p, p, p, p, i, p, p, L, L, L, i]
     lib.ms_expert.restype = None
-    lib.ms_moe.argtypes = [p, L, L, L, L, p, p, p, p, p, i, i, p, p]
-    lib.ms_moe.restype = None
+    lib.ms_moe.argtypes = [p, L, L, L, L, L, p, p, p, p, p, i, i, p, p]
+    lib.ms_moe.restype = i
     lib.ms_linear_mxfp4.argtypes = [p, p, p, p, p, L, L, L]
     lib.ms_linear_mxfp4.restype = None
     lib.ms_nf4_bf16.restype = i

@@ -906,7 +906,9 @@ void ms_expert(const float *x, const void *gate, const void *up, const void *dow
 /* depend on the others: batch invariance), each product with the weight rounded to fp32, */
 /* then added to the token's row of a zeroed y, experts ascending. One call where Python  */
 /* made a dozen torch ops and k kernel calls a layer.                                     */
-/* scratch: 2 * T * I + 2 * T * H floats.                                                 */
+/* scratch: 2 * T * I + 2 * T * H floats. Returns 0, or -1 without computing anything    */
+/* when an id is not in [0, E) or a token chose an expert twice (the caller's path then   */
+/* decides what that means), -2 when out of memory.                                      */
 
 typedef struct {
     int64_t e;
@@ -920,28 +922,35 @@ static int by_expert_then_token(const void *a, const void *b) {
     return (p->t > q->t) - (p->t < q->t);
 }
 
-void ms_moe(const float *x, long T, long H, long I, long k, const int64_t *ids, const float *w,
-            const void *const *gate, const void *const *up, const void *const *down, int wt, int act,
-            float *scratch, float *y) {
+int ms_moe(const float *x, long T, long H, long I, long k, long E, const int64_t *ids, const float *w,
+           const void *const *gate, const void *const *up, const void *const *down, int wt, int act,
+           float *scratch, float *y) {
     float *xg = scratch + 2 * T * I, *yg = xg + T * H;
     long n_used = T * k;
+    if (T < 1 || T > MAX_MOE_ROWS || k < 1) return -1;
+    for (long i = 0; i < n_used; i++)
+        if (ids[i] < 0 || ids[i] >= E) return -1;
     moe_choice *c = malloc(n_used * sizeof *c);
-    if (!c) return;
+    if (!c) return -2;
     for (long i = 0; i < n_used; i++) c[i] = (moe_choice){.e = ids[i], .t = i / k, .w = w[i]};
     qsort(c, n_used, sizeof *c, by_expert_then_token); /* experts ascending, their tokens ascending */
+    for (long i = 1; i < n_used; i++)
+        if (c[i].e == c[i - 1].e && c[i].t == c[i - 1].t) { /* then an expert's rows could exceed T */
+            free(c);
+            return -1;
+        }
     for (long i = 0; i < T * H; i++) y[i] = 0.0f;
     for (long i0 = 0, i1; i0 < n_used; i0 = i1) {
         int64_t e = c[i0].e;
         for (i1 = i0; i1 < n_used && c[i1].e == e; i1++) {}
         long n = i1 - i0;
         float wn[MAX_MOE_ROWS];
-        long tn[MAX_MOE_ROWS];
-        if (n > MAX_MOE_ROWS) n = MAX_MOE_ROWS; /* a token chooses an expert once: n <= T */
+        long tn[MAX_MOE_ROWS]; /* n <= T <= MAX_MOE_ROWS: each token chose the expert at most once */
         for (long r = 0; r < n; r++) {
             tn[r] = c[i0 + r].t;
             wn[r] = c[i0 + r].w;
         }
-        const float *xe = x;
+        const float *xe = x; /* every token, in order (n == T: no token twice) */
         if (n != T) {
             for (long r = 0; r < n; r++)
                 for (long h = 0; h < H; h++) xg[r * H + h] = x[tn[r] * H + h];
@@ -958,6 +967,7 @@ void ms_moe(const float *x, long T, long H, long I, long k, const int64_t *ids, 
         }
     }
     free(c);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------ */

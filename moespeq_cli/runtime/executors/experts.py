@@ -202,8 +202,9 @@ class InMemoryExperts:
         if table is not None:
             from moespeq_cli import kernels
 
-            if kernels.takes_moe(x, ids, weights, table):
-                return kernels.moe(x, ids, weights, table)
+            out = kernels.moe(x, ids, weights, table) if kernels.takes_moe(x, ids, weights, table) else None
+            if out is not None:
+                return out
         return grouped(
             x,
             ids,
