@@ -92,7 +92,9 @@ def test_link_bandwidth_moves_experts_between_copy_and_cpu(tiny, link):
     prompt = prompt_for(6)
     shares = [cpu_share(path, link(bw), prompt) for bw in (1e8, 1e9, 1e10, 1e12)]
     assert shares[0] > 0.5  # slow link: most misses on the CPU
-    assert shares[-1] < shares[0] - 0.3  # fast link: most copied (the rest: the link is busy prefetching)
+    # a fast link copies more; not most: a copied expert waits for the device, which
+    # computes the layer's resident experts first, and the CPU finishes a tiny expert sooner
+    assert shares[-1] < shares[0] - 0.15
     assert all(a >= b for a, b in zip(shares, shares[1:], strict=False)), shares
     assert cpu_share(path, link(1e12, host_mem_bandwidth=1e6), prompt) == 0.0  # a hopeless CPU: none
     # ... and back: the same slow profile again gives the same choice

@@ -143,7 +143,7 @@ class OffloadedExperts:
             cache.touch((layer, e))
         host_jobs = {}
         if waiting and self.policy.host_compute:
-            on_host = self.choose_paths(layer, waiting, groups)
+            on_host = self.choose_paths(layer, ready, waiting, groups)
             for e in on_host:
                 host_jobs[e] = self.compute_on_host(layer, e, x[groups[e][0]] if x.shape[0] > 1 else x)
             waiting = [e for e in waiting if e not in host_jobs]
@@ -282,18 +282,21 @@ class OffloadedExperts:
         return cost, tokens * self.hidden * self.elem
 
     def device_seconds(self, tokens: int) -> float:
-        """The device's time for one expert over ``tokens`` tokens (one call of the
-        grouped kernel where the device groups them)."""
-        cost = self.grouped_cost(tokens) if self.grouped is not None else self.host_cost(tokens)[0]
-        return cost.seconds(self.backend.hw)
+        """The device's time for one expert over ``tokens`` tokens: its share of the grouped
+        kernel's call where the device groups them, else its own region (its kernels and the
+        host time the profile measured for an expert region, as the mock charges it)."""
+        hw = self.backend.hw
+        if self.grouped is not None:
+            return self.grouped_cost(tokens).seconds(hw)
+        return self.host_cost(tokens)[0].seconds(hw) + hw.host_overhead("expert")
 
-    def choose_paths(self, layer: int, waiting: list[int], groups) -> list[int]:
+    def choose_paths(self, layer: int, ready: list[int], waiting: list[int], groups) -> list[int]:
         """For each expert not ready, the path whose output reaches the device first, by the
         backend's clock and the cost model: its copy (already in flight, or issued now behind
-        the copies chosen before it) and then the device computing it, or the CPU (behind
-        the host jobs chosen before it). An
-        expert that is not in host RAM is read first either way, behind the reads before it.
-        Returns the experts to compute on the CPU; ``decisions`` keeps every comparison."""
+        the copies chosen before it) and then the device computing it once it is free (after
+        the resident experts and the copies chosen before it), or the CPU (behind the host
+        jobs chosen before it). An expert that is not in host RAM is read first either way,
+        behind the reads before it. Returns the experts to compute on the CPU; ``decisions`` keeps every comparison."""
         b, cache, host = self.backend, self.cache, self.tiers.host
         nbytes = self.tiers.nbytes
         now = b.now_event_time()
@@ -301,6 +304,7 @@ class OffloadedExperts:
         copy_step = transfer_seconds(nbytes, b.hw)
         read_at = None  # when the reads issued so far would be done
         host_free = None  # when the CPU finishes the host jobs chosen so far
+        device_free = now + sum(self.device_seconds(len(groups[e][0])) for e in ready)  # computed first
         on_host = []
         for e in waiting:
             key = (layer, e)
@@ -328,16 +332,18 @@ class OffloadedExperts:
                 via_copy = copy_at  # optimistic when every slot is pinned: the copy then waits for one
                 if read_done is not None:
                     via_copy = max(via_copy, read_done + copy_step)
-            # the copied expert's output: once it has landed, the device computes it
-            device_done = via_copy + self.device_seconds(len(groups[e][0]))
+            # the copied expert's output: once it has landed and the device is free, computed
+            device_done = max(via_copy, device_free) + self.device_seconds(len(groups[e][0]))
             choice = "cpu" if host_done < device_done else "copy"
             if self.decisions is not None:
                 self.decisions.append((layer, e, {"copy": device_done, "cpu": host_done}, choice))
             if choice == "cpu":
                 on_host.append(e)
                 host_free = host_done - transfer_seconds(act, b.hw)
-            elif not cache.resident(key):
-                copy_at = max(copy_at, via_copy) + copy_step if read_done is not None else copy_at + copy_step
+            else:
+                device_free = device_done
+                if not cache.resident(key):
+                    copy_at = max(copy_at, via_copy) + copy_step if read_done is not None else copy_at + copy_step
         return on_host
 
     def balance(self, layer: int, ready: list[int], waiting: list[int], groups, x, host_jobs: dict) -> list[int]:
