@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moespeq_cli import kernels
 from moespeq_cli.models.base import GATE_ACTIVATIONS
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.expert_format import FP8, GEGLU, GPT_OSS, MXFP4, SWIGLU, ExpertFormat
@@ -175,7 +176,7 @@ class InMemoryExperts:
         self.store = ExpertStore(ckpt, dtype)
         self.fast = fast
         self.views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # the experts never move
-        self.tables: dict[int, object] = {}  # layer -> kernels.ExpertTable (fast, gated experts)
+        self.tables: dict[int, kernels.ExpertTable | None] = {}  # layer -> its table (``table``)
 
     def parts(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         key = (layer, expert)
@@ -189,8 +190,6 @@ class InMemoryExperts:
         if layer not in self.tables:
             fmt, table = self.store.config.expert_format, None
             if self.fast and fmt.kind == SWIGLU and not fmt.compact:
-                from moespeq_cli import kernels
-
                 n = self.store.config.num_experts
                 table = kernels.ExpertTable([self.parts(layer, e) for e in range(n)])
             self.tables[layer] = table
@@ -198,12 +197,10 @@ class InMemoryExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows, ahead=None):
         fmt, fast = self.store.config.expert_format, self.fast
-        table = self.table(layer) if fast else None
-        if table is not None:
-            from moespeq_cli import kernels
-
-            out = kernels.moe(x, ids, weights, table) if kernels.takes_moe(x, ids, weights, table) else None
-            if out is not None:
+        table = self.table(layer)
+        if table is not None and kernels.takes_moe(x, ids, weights, table):
+            out = kernels.moe(x, ids, weights, table)
+            if out is not None:  # else routing it refuses: the per-expert path decides
                 return out
         return grouped(
             x,

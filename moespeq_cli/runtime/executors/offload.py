@@ -41,6 +41,7 @@ from moespeq_cli.runtime.executors.grouped import (
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.costs import (
     Cost,
+    device_expert_seconds,
     dtype_name,
     elem_size,
     expert_cost,
@@ -285,10 +286,9 @@ class OffloadedExperts:
         """The device's time for one expert over ``tokens`` tokens: its share of the grouped
         kernel's call where the device groups them, else its own region (its kernels and the
         host time the profile measured for an expert region, as the mock charges it)."""
-        hw = self.backend.hw
-        if self.grouped is not None:
-            return self.grouped_cost(tokens).seconds(hw)
-        return self.host_cost(tokens)[0].seconds(hw) + hw.host_overhead("expert")
+        grouped = self.grouped is not None
+        cost = self.grouped_cost(tokens) if grouped else self.host_cost(tokens)[0]
+        return device_expert_seconds(cost, self.backend.hw, grouped)
 
     def choose_paths(self, layer: int, ready: list[int], waiting: list[int], groups) -> list[int]:
         """For each expert not ready, the path whose output reaches the device first, by the
@@ -296,7 +296,8 @@ class OffloadedExperts:
         the copies chosen before it) and then the device computing it once it is free (after
         the resident experts and the copies chosen before it), or the CPU (behind the host
         jobs chosen before it). An expert that is not in host RAM is read first either way,
-        behind the reads before it. Returns the experts to compute on the CPU; ``decisions`` keeps every comparison."""
+        behind the reads before it. Returns the experts to compute on the CPU; ``decisions``
+        keeps every comparison."""
         b, cache, host = self.backend, self.cache, self.tiers.host
         nbytes = self.tiers.nbytes
         now = b.now_event_time()

@@ -173,6 +173,15 @@ def transfer_seconds(nbytes: float, hw: HardwareProfile) -> float:
     return hw.link_latency + nbytes / hw.link_bandwidth
 
 
+def device_expert_seconds(cost: Cost, hw: HardwareProfile, grouped: bool) -> float:
+    """An expert computed on the device, as the mock charges it: within a layer's grouped
+    call its work only (the call's launches and host time are the layer's), else its own
+    launches and the host time the profile measured for an expert region."""
+    if grouped:
+        return cost.seconds(hw, ops=0)
+    return cost.seconds(hw) + hw.host_overhead("expert")
+
+
 def host_expert_seconds(cost: Cost, act_bytes: float, hw: HardwareProfile) -> float:
     """An expert computed on the CPU: activations down, compute, results back up."""
     return 2 * transfer_seconds(act_bytes, hw) + cost.host_seconds(hw)

@@ -57,7 +57,13 @@ from moespeq_cli.quant.draft import path_bytes_per_weight, planned_path
 from moespeq_cli.runtime.backends import library_bytes
 from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable, profile_groups
 from moespeq_cli.runtime.executors.instrument import charges
-from moespeq_cli.runtime.planning.costs import elem_size, expert_cost, host_expert_seconds, transfer_seconds
+from moespeq_cli.runtime.planning.costs import (
+    device_expert_seconds,
+    elem_size,
+    expert_cost,
+    host_expert_seconds,
+    transfer_seconds,
+)
 from moespeq_cli.runtime.planning.hardware import HardwareProfile
 from moespeq_cli.runtime.planning.opcache import count_key, remembered
 from moespeq_cli.runtime.planning.planner import Plan, make_plan
@@ -201,9 +207,9 @@ class StepModel:
     def t_dev(self, tokens: float = 1, elem: float | None = None) -> float:
         """One expert on the device: its work, and its own launches unless the layer's
         experts are computed together (their launches are then the pass's)."""
-        if self.grouped_ops is not None:
-            return self.expert_cost(tokens, elem or self.device_elem).seconds(self.hw, ops=0)
-        return self.expert_cost(tokens, elem or self.device_elem).seconds(self.hw) + self.hw.host_overhead("expert")
+        return device_expert_seconds(
+            self.expert_cost(tokens, elem or self.device_elem), self.hw, self.grouped_ops is not None
+        )
 
     def t_draft_expert(self, on_device: float, tokens: float = 1) -> float:
         """One of the draft's 4-bit experts, a share ``on_device`` of them on the device
