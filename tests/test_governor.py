@@ -74,6 +74,23 @@ def test_online_estimates_and_warmup():
     assert {fixed.choose() for _ in range(5)} == {5}
 
 
+@pytest.mark.parametrize("last", [0.0001, 0.0005])
+def test_a_depth_is_priced_by_the_mean_of_its_cycles_not_the_last_one(last):
+    # a verification's stall varies several-fold from one cycle to the next with routing:
+    # cycles at k = 2 alternate 0.1 and 0.5 ms; the estimate must sit near their mean,
+    # 0.3 ms, whichever came last (a moving average weighting the last 0.3 gives 0.335 or
+    # 0.265), and the compute likewise
+    s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=0.001)
+    stalls = [0.0005, 0.0001] * 20
+    if stalls[-1] != last:
+        stalls.append(last)
+    for i, stall in enumerate(stalls):
+        s.observe(2, 2, draft_s=0.002, target_s=0.010 + (0.001 if i % 2 else -0.001), misses=3, stall_s=stall)
+    assert s.measured_stall(3) == pytest.approx(0.0003, abs=0.00001)
+    assert s.t_target[3] == pytest.approx(0.010, abs=0.00005)
+    assert s.cycle_time(2, measured=True) == pytest.approx(2 * 0.001 + 0.010 + 0.0003, abs=0.00006)
+
+
 def test_probing_backs_off_when_speculation_does_not_pay():
     s = state([0.01] * 8, 0.010, {1: 0.010, 3: 0.012}, {1: 0.0, 3: 0.0}, 0.001)
     g = Governor(s, probe_every=4)
