@@ -54,11 +54,15 @@ def test_rows_do_not_depend_on_the_batch(wdtype):
         assert torch.equal(kernels.linear(x[:T], w), together[:T])
     assert torch.equal(torch.cat([kernels.linear(x[i : i + 1], w) for i in range(9)]), together[:9])
     # one or two tokens read two rows at once (two streams), more read one at a time: a
-    # chunk of an odd number of rows (37 = 32 + 5) leaves one row alone
+    # chunk of an odd number of rows (37 rows: a short last chunk of 5) leaves one row alone
     odd = torch.randn(37, 1000, generator=g).to(wdtype)
     many = kernels.linear(x, odd)
     for T in (1, 2):
         assert torch.equal(kernels.linear(x[:T], odd), many[:T])
+    assert kernels.linear(x[:0], odd).shape == (0, 37)
+    guard = torch.full((4, 37), 7.0)  # no token: nothing written
+    kernels._lib().ms_linear(x.data_ptr(), odd.data_ptr(), kernels.WTYPES[wdtype], None, guard.data_ptr(), 0, 37, 1000)
+    assert bool((guard == 7.0).all())
     gate, up = torch.randn(2, 96, 80, generator=g).to(wdtype)
     down = torch.randn(80, 96, generator=g).to(wdtype)
     xs = torch.randn(6, 80, generator=g)

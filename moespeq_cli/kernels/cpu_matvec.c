@@ -121,11 +121,12 @@ static inline __attribute__((always_inline)) __m512 load_w(const void *w, int wt
  * sequential stream; two rows far apart in memory (two matrices, or two halves of a
  * chunk) are two streams. On an AMD Zen 4 VM (2 vCPUs) one core streams about 22 GB/s
  * from one row at a time where a plain reduction reads 26-32: two streams a core, left to
- * the hardware prefetcher, decoded the 791M checkpoint 3-6% faster (a C loop over two
- * streams read 12-20% faster than over one); with the software prefetch of one stream
- * added to each, slower than one stream. Rows next to each other read interleaved
+ * the hardware prefetcher, decoded the 791M checkpoint in bf16 5-10% faster (a C loop
+ * over two streams read 12-20% faster than over one); with the software prefetch of one
+ * stream added to each, slower than one stream. Rows next to each other read interleaved
  * measured at half the bandwidth on an earlier machine: the pairs are half a chunk apart
- * (32 KB) or in two matrices. */
+ * (about 32 KB, less in a short last chunk) or in two matrices. Pairs are for one or two
+ * tokens only (decoding): with more, the loop is no longer DRAM-bound. */
 static inline __attribute__((always_inline)) void row_block_r(const float *x, long ldx, const void *const *w,
                                                                 const long *n, float *const *y, int wt, long K,
                                                                 long ldy, int TB, int R) {
@@ -236,7 +237,7 @@ static inline __attribute__((always_inline)) void row_block(const float *x, long
     for (int t = 0; t < MS_T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     long base = n * K, k = 0, e = wt == W_F32 ? 4 : 2;
     for (; k + 32 <= K; k += 32) {
-        const char *p = (const char *)w + (base + k) * e + MS_PF; /* as the AVX-512 path */
+        const char *p = (const char *)w + (base + k) * e + MS_PF; /* as the AVX-512 path's one stream */
         _mm_prefetch(p, _MM_HINT_T1);
         if (wt == W_F32) _mm_prefetch(p + 64, _MM_HINT_T1);
         for (int j = 0; j < 4; j++) {
@@ -266,14 +267,14 @@ static inline __attribute__((always_inline)) void row_block(const float *x, long
 #if MS_AVX512 || MS_AVX2
 static inline __attribute__((always_inline)) void rows_wt(const float *x, long ldx, const void *w, int wt, long K,
                                                             float *y, long ldy, long T, long n0, long n1) {
-#if MS_PAIRS
-    if (T <= 2) { /* decoding: the rows' two halves as two streams (each row computed as alone) */
+#ifdef MS_PAIRS
+    if (T == 1 || T == 2) { /* decoding: the rows' two halves as two streams (each row computed as alone) */
         long h = (n1 - n0 + 1) / 2;
         for (long n = n0; n < n0 + h; n++) {
 #define MS_CALL(tb)                                                                                                  \
     if (n + h < n1) row_pair(x, ldx, w, n, y, w, n + h, y, wt, K, ldy, tb);                                         \
     else row_block(x, ldx, w, wt, K, y, ldy, n, tb)
-            MS_BY_BLOCK(T, MS_CALL)
+            if (T == 1) { MS_CALL(1); } else { MS_CALL(2); }
 #undef MS_CALL
         }
         return;
@@ -304,12 +305,11 @@ static void rows(const float *x, long ldx, const void *w, int wt, long K, float 
 static inline __attribute__((always_inline)) void rows2_wt(const float *x, long ldx, const void *wa, const void *wb,
                                                              int wt, long K, float *ya, float *yb, long ldy, long T,
                                                              long n0, long n1) {
-#if MS_PAIRS
-    if (T <= 2) {
+#ifdef MS_PAIRS
+    if (T == 1 || T == 2) {
         for (long n = n0; n < n1; n++) {
-#define MS_CALL(tb) row_pair(x, ldx, wa, n, ya, wb, n, yb, wt, K, ldy, tb)
-            MS_BY_BLOCK(T, MS_CALL)
-#undef MS_CALL
+            if (T == 1) row_pair(x, ldx, wa, n, ya, wb, n, yb, wt, K, ldy, 1);
+            else row_pair(x, ldx, wa, n, ya, wb, n, yb, wt, K, ldy, 2);
         }
         return;
     }
@@ -356,7 +356,8 @@ static void rows2(const float *x, long ldx, const void *wa, const void *wb, int 
 /* after an I/O wait cost that much. A worker joins the job that is open when it wakes;   */
 /* the caller closes the job once it has run out of chunks and waits only for workers     */
 /* that joined (they are running). Which thread computes a row does not change it: each  */
-/* row is one stream of its own, so results are the same whoever claims what.            */
+/* row's sums are its own (read alone or beside another), so results are the same        */
+/* whoever claims what.                                                                   */
 
 typedef void (*job_fn)(void *arg);
 #define MS_MAX_THREADS 64
@@ -462,7 +463,8 @@ static long chunk_rows(long row_bytes) {
 
 /* The rows [0, N) of one matrix, cut into chunks and dealt into one contiguous part per
  * thread of the pool. A participant takes chunks from the front of its own part, so its
- * stream through the weights stays contiguous (the hardware prefetcher follows it: cut
+ * streams through the weights (one, or two for one or two tokens: ``row_block_r``) stay
+ * contiguous (the hardware prefetcher follows them: cut
  * into interleaved chunks instead, decoding lost 15-25%), then takes chunks from the back
  * of the others' parts. Each part is one word: first chunk (high half), end (low half). */
 typedef struct {

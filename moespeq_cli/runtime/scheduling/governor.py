@@ -166,7 +166,9 @@ class GovernorState:
     # per n >= 2 verified tokens: (weight, compute sum, stall sum) of its cycles, discounted
     # by ``arm_decay`` per later cycle of the same n (``_depth_mean``)
     depth_sums: dict[int, list[float]] = field(default_factory=dict)
-    arm_decay: float = 0.95  # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``)
+    # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``), and a depth's
+    # cycle per later cycle at that depth (``_depth_mean``)
+    arm_decay: float = 0.95
 
     def __post_init__(self):
         if not self.p:
@@ -413,7 +415,7 @@ class GovernorState:
         A moving average weighting the last cycle 0.3 left each depth's estimate as noisy
         as three cycles (a stall varies 5x from one to the next with routing), and the
         argmax over depths then chased that noise: on the Mixtral-shaped checkpoint with CPU
-        experts (RTX 4090) auto switched depth nearly every cycle and fell 4-8% below
+        experts (RTX 4090) auto switched depth nearly every cycle and fell 6-8% below
         every fixed depth from 2 to 4."""
         s = self.depth_sums.setdefault(n, [0.0, 0.0, 0.0])
         s[:] = [v * self.arm_decay for v in s]
