@@ -444,9 +444,11 @@ class GovernorState:
                 arm.settled.fade(self.arm_decay)
             settled = self.last_arm == prefetch
             self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema, settled)
-        self.last_arm = prefetch if k == 0 else None
-        if k:
+            self.t_target[1] = self._ema(self.t_target.get(1), target_s)
+        else:
             self._depth_mean(k + 1, target_s, stall_s)
+            self.t_draft = self._ema(self.t_draft, draft_s / k)
+        self.last_arm = prefetch if k == 0 else None
         for j in range(min(k, accepted + 1)):  # positions that were actually tested
             self.p[j] = self._ema(self.p[j] if self.tested[j] else None, 1.0 if j < accepted else 0.0)
             self.tested[j] += 1
@@ -455,12 +457,7 @@ class GovernorState:
             self.tested_rejected = self.decay * self.tested_rejected + 1.0 - hit
             self.run_accepted += j < accepted
             self.run_rejected += j >= accepted
-        if k:
-            self.t_draft = self._ema(self.t_draft, draft_s / k)
-        n = k + 1
-        if not k:
-            self.t_target[n] = self._ema(self.t_target.get(n), target_s)
-        self.misses[n] = self._ema(self.misses.get(n), float(misses))
+        self.misses[k + 1] = self._ema(self.misses.get(k + 1), float(misses))
 
 
 class Governor:
