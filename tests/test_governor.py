@@ -2,7 +2,13 @@
 
 import pytest
 
-from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState, queued_stall_ratio, union_size
+from moespeq_cli.runtime.scheduling.governor import (
+    Governor,
+    GovernorState,
+    effective_cycles,
+    queued_stall_ratio,
+    union_size,
+)
 
 
 def state(p, t_draft, t_target, misses, t_copy, k_max=8, E=64, K=4):
@@ -429,3 +435,22 @@ def test_explain_says_why_speculation_is_off():
     g.history = [2, 2, 1, 0]
     assert explain(g, released=False) is None  # it speculates
     assert "draft released" in explain(g, released=True) and "6 of 16" in explain(g, released=True)
+
+
+def test_the_release_margin_counts_what_a_discounted_mean_is_worth():
+    """A depth's estimate is a mean discounted by ``arm_decay`` per newer cycle: however
+    many cycles ran, it is worth at most (1 + d) / (1 - d) of them (39 at 0.95), and the
+    release's margin is the standard error of that mean, not of all the cycles counted."""
+    s = release_state(p=0.3, t_draft=0.4e-3)
+    k = 2
+    for _ in range(200):
+        s.observe(k, 1, draft_s=k * 0.4e-3, target_s=0.65e-3, misses=1, stall_s=1.5e-3)
+    assert len(s.cycle_times[(k, True)]) >= 199
+    assert effective_cycles(s.depth_sums[k + 1][0], s.arm_decay) == pytest.approx(39.0, rel=1e-3)
+    assert effective_cycles(1.0 + 0.95, 0.95) == pytest.approx(1.95**2 / (1.0 + 0.95**2))  # two cycles
+    gain = s.theta_released() / s.theta(k, measured=True, whole_run=True) - 1.0
+    assert gain > 0  # releasing pays by the point estimate
+    s.cycle_noise = lambda: gain * 10.0  # one standard error: 0.71 gain over 200 cycles, 1.6 over 39
+    assert not s.release_clear(k)
+    s.cycle_noise = lambda: gain * 5.0  # 0.80 gain over 39
+    assert s.release_clear(k)

@@ -79,6 +79,18 @@ def queued_stall_ratio(tally: dict[tuple[int, int], int], per_miss: float, t_cop
     return stall_per_miss(hi, 1, then) / per_miss
 
 
+def effective_cycles(weight: float, decay: float) -> float:
+    """How many equally weighted cycles a mean discounted by ``decay`` per newer cycle is
+    worth, from its total weight ``weight`` (1 + decay + ... + decay^(n-1)): (sum of the
+    weights)^2 / (sum of their squares), the count whose plain mean has the same variance.
+    n for a few cycles; at most (1 + decay) / (1 - decay), 39 at 0.95, however many ran."""
+    if decay >= 1.0:
+        return weight
+    newest_to_oldest = 1.0 - weight * (1.0 - decay)  # decay^n
+    squares = (1.0 - newest_to_oldest**2) / (1.0 - decay * decay)
+    return weight * weight / squares if squares > 0 else 1.0
+
+
 def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
     """Expected distinct experts chosen by n tokens in one layer, independent routing."""
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** n_tokens)
@@ -395,14 +407,15 @@ class GovernorState:
     def release_clear(self, k: int) -> bool:
         """Whether releasing beats depth ``k`` by more than the noise of its measurement:
         ``k`` has run, and the released cycle's rate exceeds ``k``'s measured one by more
-        than one standard error of a mean of its cycles (``cycle_noise`` / sqrt(cycles)).
-        Releasing cannot be undone, and one slow cycle (a disk read twice as slow as the
-        next) must not decide it."""
+        than one standard error of the mean its estimate is (``cycle_noise`` / sqrt(the
+        cycles that mean is worth, ``effective_cycles``)). Releasing cannot be undone, and
+        one slow cycle (a disk read twice as slow as the next) must not decide it."""
         released = self.theta_released()
         if k + 1 not in self.stall or released is None:
             return False
         runs = max(1, len(self.cycle_times.get((k, True), [])))  # the run's first cycle is not kept
-        margin = self.cycle_noise() / runs**0.5
+        worth = effective_cycles(self.depth_sums[k + 1][0], self.arm_decay) if k + 1 in self.depth_sums else runs
+        margin = self.cycle_noise() / min(runs, worth) ** 0.5
         return released > (1.0 + margin) * self.theta(k, measured=True, whole_run=True)
 
     # -- online estimates ---------------------------------------------------
