@@ -11,8 +11,10 @@ import pytest
 import torch
 from offload_helpers import prompt_for, run_engine, vram_for_slots
 
+from moespeq_cli.kernels import modules
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.executors.opcount import OpCounter, count_ops
 from moespeq_cli.runtime.planning.costs import Cost, expert_cost
 from moespeq_cli.runtime.planning.hardware import KernelCurve, load_profile
@@ -259,7 +261,7 @@ def test_profiles_refuse_malformed_curves(tmp_path):
         "kernels: {x: {tokens: [1], sizes: [1, 2], seconds: [[-1], [1]]}}": "seconds",
         "disk_queue_bandwidth: [1e9, nan]": "disk_queue_bandwidth",
         "region_overhead: [1, 2]": "region_overhead",
-        "region_overhead: {attention: -1}": "region_overhead",
+        "region_overhead: {attention: -2}": "region_overhead",
         "disk_read_cpu: 1": "disk_read_cpu",
         "grouped_gemm: true": "grouped_gemm",
         "grouped_gemm: [int8]": "grouped_gemm",
@@ -416,6 +418,17 @@ def test_measured_region_overheads_are_charged_per_call(tiny):
         eng.close()
     plain, charged = runs[False], runs[True]
     assert all(b - a == pytest.approx(0.5) for a, b in zip(plain["attention"], charged["attention"], strict=True))
+    # below the op count's price (the real backend dispatched fewer ops): taken back out,
+    # never below the region's work without ops
+    eng = Engine(path, EngineOptions(backend="mock", hardware=replace(cpu, region_overhead={"attention": -1.0})))
+    eng.load(16)
+    list(eng.generate(prompt_for(5, 4), 3, SamplingParams()))
+    below = [iv for iv in eng.backend.timeline.intervals if iv.name.startswith("attention")]
+    module, _, _, cost, _ = charges(eng.model, 4)[0]
+    assert module is eng.model.model.layers[0].attn
+    least = cost(1, 1).seconds(cpu, ops=0)  # the smallest work an attention call does here
+    assert all(least * (1 - 1e-9) <= iv.duration < a for iv, a in zip(below, plain["attention"], strict=True))
+    eng.close()
     glue = 2.0 + 0.25 * layers
     assert all(b - a == pytest.approx(glue) for a, b in zip(plain["framework"], charged["framework"], strict=True))
     assert plain["router"] == pytest.approx(charged["router"])  # no figure: nothing added
@@ -435,13 +448,14 @@ def test_calibrate_measures_the_host_time_the_op_count_misses(tiny, monkeypatch,
     cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=(1e9,))
     figures = {k: v for k, v in dataclasses.asdict(cpu).items() if k not in ("kernels", "host_kernels", "source")}
     base = region_overheads(path, figures, say=lambda s: None, tokens=4)
-    assert {"attention", "expert", "layer"} <= set(base) and all(v >= 0 for v in base.values())
+    assert {"attention", "expert", "layer"} <= set(base) and all(abs(v) < 0.1 for v in base.values())
 
     eng = Engine(path, EngineOptions(backend="cpu"))
     eng.load(8)
     attn_cls = type(eng.model.model.layers[0].attn)
     eng.close()
     slow_down(monkeypatch, attn_cls, 0.005)
+    slow_down(monkeypatch, modules, 0.005, "_attention_block_forward")  # the CPU kernels' one-call forward
     slowed = region_overheads(path, figures, say=lambda s: None, tokens=4)
     assert slowed["attention"] >= base["attention"] + 0.004
     out = tmp_path / "p.yaml"
@@ -561,17 +575,18 @@ def test_calibrate_refuses_a_checkpoint_without_a_tokenizer_before_measuring(tin
     assert not (tmp_path / "p.yaml").exists()
 
 
-def slow_down(monkeypatch, cls, seconds: float) -> None:
-    """``cls.forward`` sleeps ``seconds`` first: host time no op shows and no clock prices."""
+def slow_down(monkeypatch, owner, seconds: float, name: str = "forward") -> None:
+    """``owner.<name>`` (a class's forward, or a module's function that an engine binds as
+    one when it loads) sleeps ``seconds`` first: host time no op shows and no clock prices."""
     import time
 
-    forward = cls.forward
+    forward = getattr(owner, name)
 
-    def slow(self, *args, **kw):
+    def slow(*args, **kw):
         time.sleep(seconds)
-        return forward(self, *args, **kw)
+        return forward(*args, **kw)
 
-    monkeypatch.setattr(cls, "forward", slow)
+    monkeypatch.setattr(owner, name, slow)
 
 
 @pytest.fixture
@@ -637,3 +652,26 @@ def test_calibrate_says_when_the_host_time_was_not_measured(quick_calibration, c
     r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path))
     assert r.exit_code == 0 and "host time per region was not measured" in r.stderr
     assert load_profile(str(out)).region_overhead == {}
+
+
+def test_a_fused_attention_is_priced_as_one_product(tiny):
+    """q, k and v run as one product on the mock whatever the tier (as the CPU kernels and
+    the device compute them), and the attention is priced as that one product: the same
+    weights and work as three, one curve lookup (a measured curve charges every call a small
+    product's fixed time) and one kernel fewer to launch twice."""
+    from moespeq_cli.runtime.planning.costs import module_cost
+
+    path, _ = tiny("mixtral", "wide")
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
+    eng = Engine(path, EngineOptions(backend="mock", hardware=cpu, ram=2**30))  # a cpu profile: the host tier
+    eng.load(8)
+    assert eng.plan.compute_tier == "host"
+    attn = eng.model.model.layers[0].attn
+    assert hasattr(attn, "fused_qkv")
+    fused = module_cost(attn, 1, 4)
+    del attn.fused_qkv
+    three = module_cost(attn, 1, 4)
+    hidden = attn.q_proj.in_features  # the one product reads its input once, not three times
+    assert three.bytes - fused.bytes == pytest.approx(2 * hidden * 4) and fused.flops == pytest.approx(three.flops)
+    assert (fused.ops, len(fused._parts()), len(three._parts())) == (three.ops - 2, 3, 5)  # and the extra kernels
+    eng.close()

@@ -305,6 +305,45 @@ def test_the_cpu_backend_computes_a_layer_s_experts_in_one_call(tiny, monkeypatc
     assert len(calls) == 3 * layers
 
 
+@pytest.mark.parametrize(
+    "family,variant,dtype",
+    [
+        ("mixtral", "gqa", torch.bfloat16),
+        ("mixtral", "gqa", torch.float32),
+        ("qwen3_moe", "base", torch.bfloat16),  # q and k normalized per head
+        ("phimoe", "gqa", torch.float32),  # biases on q, k, v and o
+    ],
+)
+def test_a_layer_s_attention_in_one_call_is_the_module_s_bit_for_bit(tiny, monkeypatch, family, variant, dtype):
+    """On the cpu backend a plain attention module is one ``kernels.attention_block`` call
+    (projections, q/k norms, rotary, the cache's write, attention, output projection):
+    for a prompt's rows, single tokens and a verification's few, its logits and its KV
+    cache are the module's own kernel path's bit for bit."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny(family, variant, dtype)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    model, calls = eng.model, []
+    block = kernels.attention_block
+    monkeypatch.setattr(kernels, "attention_block", lambda x, *a: calls.append(x.shape[0]) or block(x, *a))
+    ids = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(5))
+
+    def run():
+        cache = model.new_cache()
+        out = torch.cat([model(ids[:6], cache), model(ids[6:7], cache), model(ids[7:], cache)])
+        return out, cache
+
+    one_call, cache = run()
+    layers = len(model.model.layers)
+    assert calls == [6] * layers + [1] * layers + [2] * layers
+    monkeypatch.setattr(kernels, "attention_block", lambda *a: None)  # the module's own path
+    modules, cache2 = run()
+    assert torch.equal(one_call, modules)
+    for i in range(layers):
+        assert torch.equal(cache.k[i][:, :9], cache2.k[i][:, :9]) and torch.equal(cache.v[i][:, :9], cache2.v[i][:, :9])
+
+
 def test_expert_mlp_falls_back_where_the_kernels_do_not_apply():
     g = torch.Generator().manual_seed(3)
     gate, up = (torch.randn(24, 16, generator=g).bfloat16() for _ in range(2))

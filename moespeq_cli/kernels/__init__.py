@@ -411,3 +411,60 @@ def attention(
         H, Hkv, T, L, d, dv, start, window or 0, scale,
     )  # fmt: skip
     return out if done else None
+
+
+def attention_block(
+    x: torch.Tensor,
+    qkv: tuple[torch.Tensor, torch.Tensor | None],
+    o: tuple[torch.Tensor, torch.Tensor | None],
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv: tuple[torch.Tensor, torch.Tensor],
+    start: int,
+    heads: tuple[int, int, int],
+    window: int | None,
+    scale: float,
+) -> torch.Tensor | None:
+    """A layer's attention (models/base.py ``Attention.forward``) in one call
+    (``ms_attn_block``): ``x [T, hidden]`` through the fused q/k/v weight and bias ``qkv``,
+    each head's q and k RMS-normalized by ``qk_norm`` (weights [d], eps) where given, rotated
+    by ``cos``/``sin [T, d]``, k and v written into the cache buffers ``kv`` ([Hkv, cap, d]
+    each, cap >= start + T) at [start, start + T), attended over [0, start + T), then
+    ``o``'s projection. ``heads``: (H, Hkv, d). The same kernels in the same order as the
+    module's ops, so the same bits. None where it does not take them (then nothing is
+    computed, though the cache rows may be written): the module's own path."""
+    (wqkv, bqkv), (wo, bo), (kb, vb) = qkv, o, kv
+    H, Hkv, d = heads
+    T = x.shape[0]
+    if not (
+        _rows(x, wqkv, wo)
+        and wqkv.dtype in WTYPES
+        and wo.dtype in WTYPES
+        and cos.dtype == sin.dtype == kb.dtype == vb.dtype == torch.float32
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and cos.shape == (T, d)
+        and wqkv.shape == ((H + 2 * Hkv) * d, x.shape[1])
+        and wo.shape == (x.shape[1], H * d)
+        and kb.shape[0] == vb.shape[0] == Hkv
+        and kb.shape[2] == vb.shape[2] == d
+        and kb.stride(2) == vb.stride(2) == 1
+        and kb.shape[1] >= start + T
+    ):
+        return None
+    x = x.contiguous()
+    bq = None if bqkv is None else bqkv.float().contiguous()  # held until the call returns
+    bo = None if bo is None else bo.float().contiguous()
+    qn, kn, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
+    lib = _lib()
+    scratch = torch.empty(lib.ms_attn_block_scratch(T, H, Hkv, d), dtype=torch.float32)
+    y = torch.empty(T, x.shape[1], dtype=torch.float32)
+    done = lib.ms_attn_block(
+        x.data_ptr(), T, x.shape[1], wqkv.data_ptr(), WTYPES[wqkv.dtype], None if bq is None else bq.data_ptr(),
+        wo.data_ptr(), WTYPES[wo.dtype], None if bo is None else bo.data_ptr(),
+        None if qn is None else qn.data_ptr(), None if kn is None else kn.data_ptr(), eps,
+        cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), kb.stride(0), kb.stride(1), vb.data_ptr(), vb.stride(0),
+        vb.stride(1), start, H, Hkv, d, window or 0, scale, scratch.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    return y if done else None

@@ -101,6 +101,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_rope.restype = None
     lib.ms_attend.argtypes = [p, L, L, p, L, L, p, L, L, p, p, L, L, L, L, L, L, L, L, f]
     lib.ms_attend.restype = i
+    lib.ms_attn_block_scratch.argtypes = [L, L, L, L]
+    lib.ms_attn_block_scratch.restype = L
+    lib.ms_attn_block.argtypes = [p, L, L, p, i, p, p, i, p, p, p, f, p, p, p, L, L, p, L, L, L, L, L, L, L, f, p, p]
+    lib.ms_attn_block.restype = i
     lib.ms_hold.argtypes = [i]
     lib.ms_hold.restype = None
 

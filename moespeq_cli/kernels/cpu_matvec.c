@@ -58,7 +58,7 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
     default: CALL(4); break;                                                                                         \
     }
 
-int ms_version(void) { return 11; }
+int ms_version(void) { return 12; }
 int ms_simd(void) { return MS_AVX512 ? 512 : (MS_AVX2 ? 256 : 0); }
 #if MS_AVX512 && defined(__AVX512BF16__)
 #define MS_BF16DOT 1
@@ -1385,16 +1385,21 @@ void ms_rmsnorm(const float *x, const float *w, float eps, float *y, long R, lon
 /* Half-split rotary embedding (Llama layout), as x * cos + rotate_half(x) * sin in
  * float32: x [heads, T, d] with strides (sh, st) in elements and d contiguous; cos, sin
  * [T, d] contiguous; out [heads, T, d] contiguous. Bit-identical to the torch expression. */
-void ms_rope(const float *x, long sh, long st, const float *cos, const float *sin, float *out, long heads, long T,
-             long d) {
+static void rope_to(const float *x, long sh, long st, const float *cos, const float *sin, float *out, long oh, long ot,
+                    long heads, long T, long d) {
     long h = d / 2;
     for (long a = 0; a < heads; a++)
         for (long t = 0; t < T; t++) {
             const float *xr = x + a * sh + t * st, *c = cos + t * d, *s = sin + t * d;
-            float *o = out + (a * T + t) * d;
+            float *o = out + a * oh + t * ot;
             for (long i = 0; i < h; i++) o[i] = xr[i] * c[i] + (-xr[i + h]) * s[i];
             for (long i = h; i < d; i++) o[i] = xr[i] * c[i] + xr[i - h] * s[i];
         }
+}
+
+void ms_rope(const float *x, long sh, long st, const float *cos, const float *sin, float *out, long heads, long T,
+             long d) {
+    rope_to(x, sh, st, cos, sin, out, T * d, d, heads, T, d);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -1535,4 +1540,41 @@ int ms_attend(const float *q, long qh, long qt, const float *k, long kh, long kl
     long keys = window > 0 && window + T < L ? window + T : L; /* at most, a query */
     run(attend_job, &a, T * H * keys * (d + dv) >= (1L << 18));
     return atomic_load_explicit(&a.next, memory_order_relaxed) >= T * H;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* A decoder layer's attention for T <= 64 rows in one call (models/base.py Attention's  */
+/* forward, the CPU kernels' way): qkv = x Wqkv^T (+ b), with qn / kn each head of q / k  */
+/* RMS-normalized (Qwen3's q_norm, k_norm; ms_rmsnorm), q and k rotated (half-split      */
+/* rotary over the whole head), k and v written into the cache at [start, start + T),    */
+/* attention over positions [0, start + T), y = o Wo^T (+ b). The same calls in the same  */
+/* order as the module's ops (ms_linear, ms_rope, a copy, ms_attend, ms_linear), so the   */
+/* result is theirs bit for bit; what it saves is two dozen small torch ops and five      */
+/* ctypes calls a layer. kc, vc: the layer's cache buffers [Hkv, cap, d] with strides     */
+/* (kh, kl) and (vh, vl) in elements; scratch: ms_attn_block_scratch(T, H, Hkv, d)        */
+/* floats. Returns 0 where ms_attend found no memory (the cache is written; the caller's  */
+/* torch path then computes the layer, writing the same values again).                   */
+
+long ms_attn_block_scratch(long T, long H, long Hkv, long d) { return T * (H + 2 * Hkv) * d + 2 * T * H * d; }
+
+int ms_attn_block(const float *x, long T, long hidden, const void *wqkv, int wt_qkv, const float *bqkv, const void *wo,
+                  int wt_o, const float *bo, const float *qn, const float *kn, float eps, const float *cos,
+                  const float *sin, float *kc, long kh, long kl, float *vc, long vh, long vl, long start, long H, long Hkv,
+                  long d, long window, float scale, float *scratch, float *y) {
+    long n = (H + 2 * Hkv) * d;
+    float *qkv = scratch, *q = qkv + T * n, *att = q + T * H * d;
+    ms_linear(x, wqkv, wt_qkv, bqkv, qkv, T, n, hidden);
+    for (long t = 0; t < T && qn; t++) { /* in place: each row's sum is taken before it is written */
+        ms_rmsnorm(qkv + t * n, qn, eps, qkv + t * n, H, d);
+        ms_rmsnorm(qkv + t * n + H * d, kn, eps, qkv + t * n + H * d, Hkv, d);
+    }
+    rope_to(qkv, d, n, cos, sin, q, T * d, d, H, T, d);                            /* q [H, T, d] */
+    rope_to(qkv + H * d, d, n, cos, sin, kc + start * kl, kh, kl, Hkv, T, d);      /* into the cache */
+    for (long g = 0; g < Hkv; g++)
+        for (long t = 0; t < T; t++)
+            memcpy(vc + g * vh + (start + t) * vl, qkv + t * n + (H + Hkv) * d + g * d, (size_t)d * sizeof(float));
+    if (!ms_attend(q, T * d, d, kc, kh, kl, vc, vh, vl, NULL, att, H, Hkv, T, start + T, d, d, start, window, scale))
+        return 0;
+    ms_linear(att, wo, wt_o, bo, y, T, hidden, H * d);
+    return 1;
 }

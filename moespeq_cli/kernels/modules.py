@@ -62,6 +62,48 @@ def _attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     return out if out is not None else type(self).core(self, q, k, v, start)
 
 
+def _attention_block_forward(self, x: torch.Tensor, layer: int, cache, rope: tuple) -> torch.Tensor:
+    """The whole attention (projections, q/k norms, rotary, the cache's write, attention,
+    the output projection) as one ``kernels.attention_block`` call: the same kernels in the
+    same order as ``Attention.forward`` with them, one ctypes call where there were five
+    and two dozen small torch ops (about 40 us a layer on two cores)."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= kernels.MAX_ROWS:
+        s, (_, w, b, _) = self.s, self.fused_qkv
+        kv = cache.reserve(layer, x.shape[0], self.kv_like, self.kv_like)
+        y = kernels.attention_block(
+            x, (w, b), (self.o_proj.weight, self.o_proj.bias), self.kernel_qk_norm, *rope, kv, cache.length,
+            (s.heads, s.kv_heads, s.head_dim), s.window, self.scale,
+        )  # fmt: skip
+        if y is not None:
+            return y
+    return type(self).forward(self, x, layer, cache, rope)
+
+
+def _whole_attention(m, act_dtype: torch.dtype) -> bool:
+    """Whether ``m``'s forward can be one ``kernels.attention_block`` call: plain ``Attention``
+    (no family's own forward or core), rotary over whole heads, no clipping, and q/k norms
+    (Qwen3's, per head) only where they run on the kernels too; then it is rebound."""
+    from moespeq_cli.models.base import Attention, RMSNorm
+
+    s = m.s
+    if type(m) is not Attention or act_dtype != torch.float32 or s.clip_qkv is not None or s.rotary_dim is not None:
+        return False
+    if s.qk_norm == "head":
+        qn, kn = m.q_norm, m.k_norm  # plain RMSNorm (a family's own, e.g. 1 + w, is not the kernel's)
+        if not (
+            type(qn) is type(kn) is RMSNorm and qn.weight.dtype == kn.weight.dtype == torch.float32 and qn.eps == kn.eps
+        ):
+            return False
+        m.kernel_qk_norm = (qn.weight, kn.weight, qn.eps)
+    elif s.qk_norm is None:
+        m.kernel_qk_norm = None
+    else:
+        return False
+    m.kv_like = torch.empty(s.kv_heads, 0, s.head_dim)  # the cache's buffers are made like it
+    m.forward = types.MethodType(_attention_block_forward, m)
+    return True
+
+
 def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """A dense gated MLP or shared expert as one ``kernels.expert`` call: one call where
     three products and two elementwise ops were, and rows that do not depend on the batch
@@ -86,6 +128,7 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
             m.forward = types.MethodType(_gated_mlp_forward, m)
         if isinstance(m, Attention):
             m.rotate = kernels.rope
+            _whole_attention(m, act_dtype)
         elif type(m) is RMSNorm and m.weight.dtype == torch.float32 == act_dtype:
             m.forward = types.MethodType(_rmsnorm_forward, m)
         if isinstance(m, nn.Linear):

@@ -113,9 +113,10 @@ class KVCache:
         for pos in [p for p in hist if p < keep]:
             del hist[pos]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return all."""
-        start, end = self.length, self.length + k.shape[1]
+    def reserve(self, layer: int, T: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's buffers, grown (keeping positions below ``length``) to hold T more
+        positions; ``k``, ``v``: tensors ``[kv_heads, *, d]`` of the buffers' kind."""
+        start, end = self.length, self.length + T
         kb, vb = self.k[layer], self.v[layer]
         if kb is None or kb.shape[1] < end:
             cap = max(2 * (kb.shape[1] if kb is not None else 0), 64)
@@ -126,6 +127,12 @@ class KVCache:
                 nk[:, :start] = kb[:, :start]
                 nv[:, :start] = vb[:, :start]
             self.k[layer], self.v[layer] = kb, vb = nk, nv
+        return kb, vb
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return all."""
+        start, end = self.length, self.length + k.shape[1]
+        kb, vb = self.reserve(layer, k.shape[1], k, v)
         kb[:, start:end] = k
         vb[:, start:end] = v
         return kb[:, :end], vb[:, :end]

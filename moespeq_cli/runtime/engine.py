@@ -305,7 +305,7 @@ class Engine:
         backend.alloc(plan.slot_bytes, "expert slots")
         model = load_model(self.ckpt, self.dtype, context, cpu_kernels=self.cpu_kernels and backend.name == "cpu")
         self.model = model.to(backend.device) if backend.name == "cuda" else model
-        if plan.compute_tier == "device":
+        if plan.compute_tier == "device" or backend.name == "mock":  # the mock of a cpu: as its kernels run it
             fuse_attention_projections(self.model)
             if backend.name == "cuda":  # the unfused blocks, freed, are too small to reuse
                 torch.cuda.empty_cache()

@@ -79,9 +79,8 @@ class MockBackend(Backend):
         # the code between regions, measured (calibrate): per layer that ran (residual adds,
         # routing, the scheduler run once a layer), and per pass in profiles written before
         host = self.hw.between_regions(len(self._pass_layers))
-        self.t_compute = self._until(
-            start, glue * self.hw.launch_overhead + syncs * self.hw.sync_overhead + host, kernels=False
-        )
+        priced = glue * self.hw.launch_overhead + syncs * self.hw.sync_overhead
+        self.t_compute = self._until(start, max(0.0, priced + host), kernels=False)
         self._record("compute", "compute", "framework", start, self.t_compute, ops=glue)
 
     def sync(self, n: int = 1, what: str = "sync") -> None:
@@ -107,7 +106,9 @@ class MockBackend(Backend):
         start = self.t_compute
         busy = any(free > start for free in self.disk_free)  # the disk's reads share the CPU with it
         seconds = cost.seconds(self.hw, ops=ops if counted else None, busy=busy)
-        seconds += self.hw.host_overhead(region_kind(name))  # its Python beyond its ops, measured (calibrate)
+        # its Python beyond its ops, measured (calibrate); below them where the real backend
+        # dispatches fewer than the mock counts, never below the region's work itself
+        seconds = max(seconds + self.hw.host_overhead(region_kind(name)), cost.seconds(self.hw, ops=0, busy=busy))
         self.t_compute = self._until(start, seconds)
 
         self._record(stream, "compute", name, start, self.t_compute, layer, expert, ops=ops if counted else cost.ops)

@@ -723,7 +723,7 @@ def profile_yaml(figures: dict) -> str:
     if figures.get("region_overhead"):
         model = figures.get("_overhead_model", "a checkpoint")
         out.append(
-            f"region_overhead:  # measured {today}: host seconds a call beyond its priced work, decoding {model} "
+            f"region_overhead:  # measured {today}: host seconds a call beyond (negative: below) its priced work, decoding {model} "
             "for real and on the mock (layer: the code between regions, per layer of a forward pass)"
         )
         for name, s in figures["region_overhead"].items():

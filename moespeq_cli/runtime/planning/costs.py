@@ -114,10 +114,19 @@ def module_cost(
     module: nn.Module, tokens: int, elem: int, extra_kernels: int = 0, weight_elem: int | None = None
 ) -> Cost:
     """Its Linear layers, each a kernel of its own, plus ``extra_kernels`` small ones
-    (norms, activations, rotary) that cost a launch each."""
+    (norms, activations, rotary) that cost a launch each. An attention whose q, k and v
+    run as one product (``fuse_qkv``: the device tier, the CPU kernels) is priced as that
+    one product, as it runs: one call of the fused weight, where three calls would each
+    pay a small product's fixed time on a measured curve."""
     total = Cost(0.0, 0.0, extra_kernels)
+    fused = getattr(module, "fused_qkv", None)
+    skip: set[int] = set()
+    if fused is not None:
+        w = fused[1]
+        total = total + linear_cost(w.numel(), w.shape[1], w.shape[0], tokens, elem, weight_elem)
+        skip = {id(module.q_proj), id(module.k_proj), id(module.v_proj)}
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) and id(m) not in skip:
             total = total + linear_cost(m.weight.numel(), m.in_features, m.out_features, tokens, elem, weight_elem)
     return total
 
@@ -179,7 +188,7 @@ def device_expert_seconds(cost: Cost, hw: HardwareProfile, grouped: bool) -> flo
     launches and the host time the profile measured for an expert region."""
     if grouped:
         return cost.seconds(hw, ops=0)
-    return cost.seconds(hw) + hw.host_overhead("expert")
+    return max(cost.seconds(hw) + hw.host_overhead("expert"), cost.seconds(hw, ops=0))
 
 
 def host_expert_seconds(cost: Cost, act_bytes: float, hw: HardwareProfile) -> float:

@@ -154,7 +154,8 @@ class StepModel:
         grouped = self.grouped_ops is not None if grouped is None else grouped
         work = sum(cost(tokens, self.context).seconds(self.hw, ops=0) for _m, _n, _l, cost, _r in self.table)
         syncs = (self.layers + 1) * self.hw.sync_overhead
-        return work + self.pass_ops(tokens, grouped) * self.hw.launch_overhead + syncs + self.host_time(grouped)
+        host = self.pass_ops(tokens, grouped) * self.hw.launch_overhead + syncs + self.host_time(grouped)
+        return work + max(0.0, host)  # a measured overhead below the op count's price: never below the work
 
     def draft_pass(self) -> float:
         """The draft's pass over one token without its experts: its executor's ops expert
@@ -222,9 +223,8 @@ class StepModel:
             path = planned_path(device_type, H, inter, b)
             return self.expert_cost(tokens, path_bytes_per_weight(path, b), f"draft:{path}")
 
-        t_dev = cost("cuda" if self.hw.kind == "gpu" else "cpu").seconds(self.hw) + self.hw.host_overhead(
-            "draft expert"
-        )
+        c = cost("cuda" if self.hw.kind == "gpu" else "cpu")
+        t_dev = max(c.seconds(self.hw) + self.hw.host_overhead("draft expert"), c.seconds(self.hw, ops=0))
         if on_device >= 1.0:
             return t_dev
         act = max(1, round(tokens)) * H * self.elem

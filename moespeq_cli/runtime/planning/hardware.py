@@ -133,7 +133,10 @@ class HardwareProfile:
 
     def host_overhead(self, kind: str) -> float:
         """Host seconds a call of region ``kind`` costs beyond its priced work (measured by
-        calibrate; 0 where unmeasured): the mock's clock and ``plan``'s step both add it."""
+        calibrate; 0 where unmeasured): the mock's clock and ``plan``'s step both add it.
+        Negative where the real backend dispatches fewer ops than the mock counts (the CPU
+        kernels run a layer's attention as one call); a region is never priced below its
+        work without ops."""
         return self.region_overhead.get(kind, 0.0)
 
     def between_regions(self, layers: int) -> float:
@@ -354,7 +357,7 @@ def _structured(path, f: str, v):
         return tuple(_number(path, "disk_queue_bandwidth", x, 1e6, 1e13) for x in v)
     if f == "region_overhead":
         _named(path, f, v, "regions")
-        return {name: _number(path, f"region_overhead.{name}", s, 0.0, 1.0) for name, s in v.items()}
+        return {name: _number(path, f"region_overhead.{name}", s, -1.0, 1.0) for name, s in v.items()}
     _named(path, f, v, "kernel curves")
     curves = {}
     for name, c in v.items():

@@ -20,7 +20,14 @@ H200: two Mixtral-8x7B layers, every expert resident, 4.2 ms a token against 1.2
 priced by kernels and launches alone).
 The runs hold every expert in RAM where it fits (8 GiB at most); the overheads are the
 residual of the same run both ways, so whatever the mock already prices (kernels, ops,
-reads) is not counted twice. They are measured on one model and apply to every model run
+reads) is not counted twice. A residual can be negative: the mock counts the ops of
+torch's path, and on the cpu backend the CPU kernels dispatch fewer (a layer's attention
+is one call there, about two dozen torch ops on the mock: on the demo, 4.6 ms measured
+for 64 attention calls against 11.5 ms priced). Kept signed, it takes the op count's
+excess back out; the mock never prices a region below its work without ops. (Until the
+twenty-fourth session residuals were clamped at zero, and, with q, k and v priced as
+three products, a profile calibrated on the demo predicted its decode at 0.64 of the
+measured speed; 0.93 since.) They are measured on one model and apply to every model run
 with the profile: the Python they stand for is moespeq's, the same for every family and
 per layer about the same for every size (0.21 ms a layer on the 4-layer demo, 0.19 ms on
 an 8-layer 791M checkpoint, on this VM). Where the checkpoint has a saved draft (``moespeq
@@ -47,7 +54,7 @@ def region_overheads(
     ram_budget: int = 8 * 2**30,
     backend: str = "cpu",
 ) -> dict:
-    """{region kind: host seconds a call beyond what the mock prices; "layer": the code
+    """{region kind: host seconds a call beyond (negative: below) what the mock prices; "layer": the code
     between regions, per layer of a forward pass}, from ``tokens`` greedy tokens of
     ``checkpoint`` on the wall clock (``backend``: "cpu", or "cuda" priced by a gpu
     profile) and on the mock priced by ``figures`` (a profile without overheads), with
@@ -87,7 +94,7 @@ def region_overheads(
     for kind, (count, seconds) in measured.items():
         if kind in (BETWEEN, "(stall)") or kind not in priced or not count:
             continue
-        out[kind] = max(0.0, (seconds - priced[kind][1]) / count)
+        out[kind] = (seconds - priced[kind][1]) / count
     passes = priced.get("framework", [0, 0.0])[0]
     if passes:
         # per layer, not per pass: the code between regions runs once a layer (residual
@@ -95,7 +102,7 @@ def region_overheads(
         # 48-layer one (measured on this VM: 0.21 ms a layer on the 4-layer demo, 0.19 on
         # an 8-layer 791M checkpoint, where per pass they were 0.84 and 1.48 ms)
         wall, glue = between(measured, priced)
-        out["layer"] = max(0.0, (wall - glue) / passes / ckpt.config.num_layers)
+        out["layer"] = (wall - glue) / passes / ckpt.config.num_layers
     if saved_draft(ckpt.path, EngineOptions.quant_method, EngineOptions.blocksize) is not None:
         # the draft's own regions, from speculative runs (the draft's experts are regions
         # lru never runs), the median of three decodes each way as above: a first decode
@@ -116,7 +123,7 @@ def region_overheads(
             return out  # priced by the 4-bit kernel's curve alone, as without a saved draft
         for kind, (count, seconds) in runs[0].items():
             if kind.startswith("draft") and kind in runs[1] and count:
-                out[kind] = max(0.0, (seconds - runs[1][kind][1]) / count)
+                out[kind] = (seconds - runs[1][kind][1]) / count
     return out
 
 
