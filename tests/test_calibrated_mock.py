@@ -675,3 +675,30 @@ def test_a_fused_attention_is_priced_as_one_product(tiny):
     assert three.bytes - fused.bytes == pytest.approx(2 * hidden * 4) and fused.flops == pytest.approx(three.flops)
     assert (fused.ops, len(fused._parts()), len(three._parts())) == (three.ops - 2, 3, 5)  # and the extra kernels
     eng.close()
+
+
+def test_a_negative_attention_overhead_is_taken_only_from_one_call_attention(tiny):
+    """A negative ``attention`` figure is measured on an attention the cpu backend runs as
+    one kernel call (the demo's); the mock takes it only from layers whose attention runs
+    so (``one_call_attention``), not from a family that runs its ops (OLMoE's q/k norms over
+    the whole projection), and ``plan``'s step does the same."""
+    from moespeq_cli.kernels.modules import one_call_attention
+
+    cpu = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
+    for family, variant, one_call in (("mixtral", "wide", True), ("olmoe", "base", False)):
+        path, _ = tiny(family, variant)
+        times = []
+        for extra in ({}, {"attention": -1.0}):
+            eng = Engine(path, EngineOptions(backend="mock", hardware=replace(cpu, region_overhead=extra)))
+            eng.load(16)
+            layers = eng.model.model.layers
+            assert all(one_call_attention(lay.attn) == one_call for lay in layers)
+            assert eng.backend.one_call_attention == (set(range(len(layers))) if one_call else set())
+            list(eng.generate(prompt_for(5, 4), 3, SamplingParams()))
+            times.append([iv.duration for iv in eng.backend.timeline.intervals if iv.name.startswith("attention")])
+            eng.close()
+        plain, charged = times
+        if one_call:
+            assert all(b < a for a, b in zip(plain, charged, strict=True))
+        else:
+            assert charged == pytest.approx(plain)

@@ -79,26 +79,33 @@ def _attention_block_forward(self, x: torch.Tensor, layer: int, cache, rope: tup
     return type(self).forward(self, x, layer, cache, rope)
 
 
-def _whole_attention(m, act_dtype: torch.dtype) -> bool:
-    """Whether ``m``'s forward can be one ``kernels.attention_block`` call: plain ``Attention``
-    (no family's own forward or core), rotary over whole heads, no clipping, and q/k norms
-    (Qwen3's, per head) only where they run on the kernels too; then it is rebound."""
+def one_call_attention(m: nn.Module) -> bool:
+    """Whether the kernels run attention module ``m`` as one ``kernels.attention_block``
+    call (with float32 activations): plain ``Attention`` (no family's own forward or core),
+    rotary over whole heads, no clipping, and no q/k norms but Qwen3's per head, plain
+    RMSNorm (a family's own, e.g. 1 + w, is not the kernel's) with one eps."""
     from moespeq_cli.models.base import Attention, RMSNorm
 
-    s = m.s
-    if type(m) is not Attention or act_dtype != torch.float32 or s.clip_qkv is not None or s.rotary_dim is not None:
+    if type(m) is not Attention or m.s.clip_qkv is not None or m.s.rotary_dim is not None:
         return False
+    if m.s.qk_norm == "head":
+        return type(m.q_norm) is type(m.k_norm) is RMSNorm and m.q_norm.eps == m.k_norm.eps
+    return m.s.qk_norm is None
+
+
+def _whole_attention(m, act_dtype: torch.dtype) -> bool:
+    """Rebinds ``m``'s forward to one ``kernels.attention_block`` call where
+    ``one_call_attention`` holds and the q/k norms' weights are float32 (they run on the
+    kernels too); whether it did."""
+    if act_dtype != torch.float32 or not one_call_attention(m):
+        return False
+    s = m.s
+    m.kernel_qk_norm = None
     if s.qk_norm == "head":
-        qn, kn = m.q_norm, m.k_norm  # plain RMSNorm (a family's own, e.g. 1 + w, is not the kernel's)
-        if not (
-            type(qn) is type(kn) is RMSNorm and qn.weight.dtype == kn.weight.dtype == torch.float32 and qn.eps == kn.eps
-        ):
+        qn, kn = m.q_norm, m.k_norm
+        if not qn.weight.dtype == kn.weight.dtype == torch.float32:
             return False
         m.kernel_qk_norm = (qn.weight, kn.weight, qn.eps)
-    elif s.qk_norm is None:
-        m.kernel_qk_norm = None
-    else:
-        return False
     m.kv_like = torch.empty(s.kv_heads, 0, s.head_dim)  # the cache's buffers are made like it
     m.forward = types.MethodType(_attention_block_forward, m)
     return True

@@ -169,7 +169,14 @@ class StepModel:
         per layer. A grouped layer counts one call and the sum; where its copies land late
         it makes two calls (executors/offload.py), not modelled here."""
         hw = self.hw
-        regions = sum(hw.host_overhead(region_kind(name)) for _m, name, _l, _c, _r in self.table)
+        from moespeq_cli.kernels.modules import one_call_attention
+
+        regions = 0.0
+        for m, name, _l, _c, _r in self.table:
+            extra = hw.host_overhead(region_kind(name))
+            if extra < 0 and region_kind(name) == "attention" and not one_call_attention(m):
+                extra = 0.0  # measured on an attention the cpu backend runs in one call (as the mock)
+            regions += extra
         if grouped:
             regions += self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
         return regions + hw.between_regions(len(self.model.model.layers))

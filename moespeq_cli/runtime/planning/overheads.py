@@ -24,7 +24,9 @@ reads) is not counted twice. A residual can be negative: the mock counts the ops
 torch's path, and on the cpu backend the CPU kernels dispatch fewer (a layer's attention
 is one call there, about two dozen torch ops on the mock: on the demo, 4.6 ms measured
 for 64 attention calls against 11.5 ms priced). Kept signed, it takes the op count's
-excess back out; the mock never prices a region below its work without ops. (Until the
+excess back out; the mock never prices a region below its work without ops, and takes a
+negative attention figure only from layers whose attention the kernels run in one call
+(``kernels.modules.one_call_attention``): other families run their ops. (Until the
 twenty-fourth session residuals were clamped at zero, and, with q, k and v priced as
 three products, a profile calibrated on the demo predicted its decode at 0.64 of the
 measured speed; 0.93 since.) They are measured on one model and apply to every model run
