@@ -109,13 +109,10 @@ class MockBackend(Backend):
             self._pass_layers.add(layer)
         start = self.t_compute
         busy = any(free > start for free in self.disk_free)  # the disk's reads share the CPU with it
-        seconds = cost.seconds(self.hw, ops=ops if counted else None, busy=busy)
         # its Python beyond its ops, measured (calibrate); below them where the real backend
         # dispatches fewer than the mock counts, never below the region's work itself
-        extra = self.hw.host_overhead(region_kind(name))
-        if extra < 0 and region_kind(name) == "attention" and layer not in self.one_call_attention:
-            extra = 0.0
-        seconds = max(seconds + extra, cost.seconds(self.hw, ops=0, busy=busy))
+        extra = self.hw.host_overhead(region_kind(name), layer in self.one_call_attention)
+        seconds = cost.charged(self.hw, extra, ops=ops if counted else None, busy=busy)
         self.t_compute = self._until(start, seconds)
 
         self._record(stream, "compute", name, start, self.t_compute, layer, expert, ops=ops if counted else cost.ops)

@@ -71,6 +71,12 @@ class Cost:
 
         return work + max(0, (self.ops if ops is None else ops) - covered) * hw.launch_overhead
 
+    def charged(self, hw: HardwareProfile, extra: float, ops: int | None = None, busy: bool = False) -> float:
+        """``seconds`` plus ``extra``, a region's measured host time beyond its ops (below
+        them where negative: ``HardwareProfile.host_overhead``), never below the work
+        without ops."""
+        return max(self.seconds(hw, ops, busy) + extra, self.seconds(hw, ops=0, busy=busy))
+
     def host_seconds(self, hw: HardwareProfile, ops: int | None = None, bandwidth: float | None = None) -> float:
         """The same work on the host CPU, reading the weights from host memory (at
         ``bandwidth`` when copies share it)."""
@@ -188,7 +194,7 @@ def device_expert_seconds(cost: Cost, hw: HardwareProfile, grouped: bool) -> flo
     launches and the host time the profile measured for an expert region."""
     if grouped:
         return cost.seconds(hw, ops=0)
-    return max(cost.seconds(hw) + hw.host_overhead("expert"), cost.seconds(hw, ops=0))
+    return cost.charged(hw, hw.host_overhead("expert"))
 
 
 def host_expert_seconds(cost: Cost, act_bytes: float, hw: HardwareProfile) -> float:

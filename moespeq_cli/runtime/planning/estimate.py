@@ -171,12 +171,7 @@ class StepModel:
         hw = self.hw
         from moespeq_cli.kernels.modules import one_call_attention
 
-        regions = 0.0
-        for m, name, _l, _c, _r in self.table:
-            extra = hw.host_overhead(region_kind(name))
-            if extra < 0 and region_kind(name) == "attention" and not one_call_attention(m):
-                extra = 0.0  # measured on an attention the cpu backend runs in one call (as the mock)
-            regions += extra
+        regions = sum(hw.host_overhead(region_kind(name), one_call_attention(m)) for m, name, _l, _c, _r in self.table)
         if grouped:
             regions += self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
         return regions + hw.between_regions(len(self.model.model.layers))
@@ -230,8 +225,7 @@ class StepModel:
             path = planned_path(device_type, H, inter, b)
             return self.expert_cost(tokens, path_bytes_per_weight(path, b), f"draft:{path}")
 
-        c = cost("cuda" if self.hw.kind == "gpu" else "cpu")
-        t_dev = max(c.seconds(self.hw) + self.hw.host_overhead("draft expert"), c.seconds(self.hw, ops=0))
+        t_dev = cost("cuda" if self.hw.kind == "gpu" else "cpu").charged(self.hw, self.hw.host_overhead("draft expert"))
         if on_device >= 1.0:
             return t_dev
         act = max(1, round(tokens)) * H * self.elem

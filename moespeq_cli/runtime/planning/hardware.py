@@ -131,13 +131,15 @@ class HardwareProfile:
     # on compute capability 9.0); calibrate measures it, bundled profiles leave it 0
     blas_workspace: int = 0
 
-    def host_overhead(self, kind: str) -> float:
+    def host_overhead(self, kind: str, one_call_attention: bool = True) -> float:
         """Host seconds a call of region ``kind`` costs beyond its priced work (measured by
-        calibrate; 0 where unmeasured): the mock's clock and ``plan``'s step both add it.
-        Negative where the real backend dispatches fewer ops than the mock counts (the CPU
-        kernels run a layer's attention as one call); a region is never priced below its
-        work without ops."""
-        return self.region_overhead.get(kind, 0.0)
+        calibrate; 0 where unmeasured): the mock's clock and ``plan``'s step both add it
+        (``Cost.charged``: never below the region's work without ops). Negative where the
+        real backend dispatches fewer ops than the mock counts: a negative ``attention``
+        figure is measured on an attention the CPU kernels run as one call, and is 0 for
+        one that runs its ops (``one_call_attention`` False: kernels/modules.py)."""
+        seconds = self.region_overhead.get(kind, 0.0)
+        return 0.0 if seconds < 0 and kind == "attention" and not one_call_attention else seconds
 
     def between_regions(self, layers: int) -> float:
         """Host seconds of a forward pass's code outside every region, ``layers`` layers run."""
