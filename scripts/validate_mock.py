@@ -203,11 +203,15 @@ def main() -> None:
 
 def regions_line(measured: dict, predicted: dict) -> str:
     """'expert 1.47 -> 1.20 · attention ...': each kind of region's seconds both ways, the
-    code between regions (the wall clock's uncovered time against the mock's glue) last."""
+    code between regions (the wall clock's uncovered time against the mock's glue) last.
+    The mock's glue holds the compute thread's waking after a read ("wake"), which the wall
+    clock's timer counts in its stall (it ends when the thread runs again): said apart."""
     wall, glue = between(measured, predicted)
     kinds = sorted((k for k in measured if k in predicted), key=lambda k: -measured[k][1])
     parts = [f"{k} {measured[k][1]:.2f} -> {predicted[k][1]:.2f}" for k in kinds if k != BETWEEN]
-    parts.append(f"between regions {wall:.2f} -> {glue:.2f}")
+    wake = predicted.get("wake", [0, 0.0])[1]
+    waking = f" (of which waking after a read {wake:.2f}: measured in the stall)" if wake else ""
+    parts.append(f"between regions {wall:.2f} -> {glue:.2f}{waking}")
     return " · ".join(parts)
 
 

@@ -165,6 +165,66 @@ def test_a_queue_curve_that_dips_is_drift_and_is_pooled():
     assert non_decreasing([2.0, 1.0]) == [1.5, 1.5]
 
 
+def test_calibration_reads_spans_spread_over_the_models_file():
+    # as the disk tier reads experts across a checkpoint; adjacent spans at the file's
+    # start measured this VM's disk 17% slower than the runs then read it
+    from moespeq_cli.runtime.planning import calibrate as cal
+    from moespeq_cli.runtime.tiers.disk import BLOCK
+
+    size = 1_582_498_592  # the disk-tier benchmark's checkpoint
+    spans = cal.spans_of(("model.safetensors", size))
+    offsets = [s.span.offset for s in spans]
+    assert len(spans) == cal.DISK_FILE_BYTES // cal.DISK_EXTENT
+    assert all(o % BLOCK == 0 and o + cal.DISK_EXTENT <= size for o in offsets)
+    assert offsets[0] == 0 and offsets[-1] > size - 2 * cal.DISK_EXTENT  # the whole file, not its first 256 MiB
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    assert min(gaps) > cal.DISK_EXTENT and max(gaps) - min(gaps) <= BLOCK  # even, and no two adjacent
+    small = cal.spans_of(("f", 2 * cal.DISK_EXTENT))  # the smallest file calibration accepts
+    assert [s.span.offset for s in small] == [0, cal.DISK_EXTENT]
+
+
+def test_the_disk_is_timed_by_its_reads_own_intervals(monkeypatch):
+    # as a run's "disk during run" is (bench.queue_curve): a pass's wall time also held the
+    # hand-over to the I/O threads and the last reads' tail with fewer in flight, which
+    # put 4 reads in flight at 0.84x their rate on this VM
+    from moespeq_cli.runtime.planning import calibrate as cal
+    from moespeq_cli.runtime.tiers import disk
+
+    took = 0.01  # each read's own time, on a clock of the fake's; the wall clock hardly moves
+
+    class Reader:
+        direct = True
+
+        def __init__(self, threads):
+            self.threads, self.free = threads, [0.0] * threads
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, placement, dest, done=None):
+            i = min(range(self.threads), key=lambda t: self.free[t])  # the thread free first
+            start, self.free[i] = self.free[i], self.free[i] + took
+            if done is not None:
+                done(start, self.free[i])
+            return type("Read", (), {"wait": lambda self: None})()
+
+        def cpu_per_byte(self):
+            return 0.0
+
+        def read_into(self, extents, dest):
+            pass
+
+    monkeypatch.setattr(disk, "DiskReader", Reader)
+    monkeypatch.setattr(cal, "landing", lambda n: [None] * n)
+    figures = cal.disk_figures(("f", 1 << 30), 4, lambda s: None, rounds=2)
+    rate = cal.DISK_EXTENT / took
+    assert figures["disk_queue_bandwidth"] == pytest.approx([rate, 2 * rate, 3 * rate, 4 * rate])
+    assert figures["disk_bandwidth"] == pytest.approx(4 * rate)
+
+
 def test_a_kernel_timing_above_a_larger_batchs_is_timed_again():
     """A slow moment of the machine at one batch size (seen: 70 ms for a 0.2 ms kernel)
     would be pooled into every larger batch; such points are found and re-timed."""
@@ -375,6 +435,22 @@ def test_a_read_takes_its_cpu_time_from_the_compute_it_overlaps():
     none.read(None, None, 10**6, "read", 0, 0)
     none.end(none.begin(), ten_ms, "expert L0.E0", 0, 0)
     assert none.t_compute == pytest.approx(0.01)
+    # a kernel priced by a curve measured with reads running beside it (calibrate's
+    # NAME@busy) holds their CPU time already: charged once, by the curve
+    from moespeq_cli.runtime.planning.hardware import KernelCurve
+
+    def flat(s):
+        return KernelCurve((1,), (1.0, 2.0), ((s,), (s,)))
+
+    curves = replace(cpu, kernels={"k": flat(0.01), "k@busy": flat(0.02)})
+    kernel = Cost(0.0, 0.0, 0, kernel="k", weight_bytes=1.0)
+    busy = MockBackend(curves, 1 << 30, reader=_NoReader())
+    busy.read(None, None, 10**6, "read", 0, 0)
+    busy.end(busy.begin(), kernel, "expert L0.E0", 0, 0)
+    assert busy.t_compute == pytest.approx(0.02)  # the busy curve, no read CPU on top
+    idle = MockBackend(curves, 1 << 30, reader=_NoReader())
+    idle.end(idle.begin(), kernel, "expert L0.E0", 0, 0)
+    assert idle.t_compute == pytest.approx(0.01)  # no read in flight: the quiet curve
 
 
 def test_the_compute_thread_pays_to_submit_a_read_and_to_wake_after_waiting_for_one():

@@ -64,6 +64,11 @@ class Cost:
     def ops(self) -> int:
         return sum(p.kernels for p in self._parts())
 
+    def busy_priced(self, hw: HardwareProfile) -> bool:
+        """Whether a curve measured while the disk was reading prices it (``@busy``): such a
+        curve already holds the CPU time of the reads that started during its calls."""
+        return any(p.kernel and f"{p.kernel}@busy" in hw.kernels for p in self._parts())
+
     def seconds(self, hw: HardwareProfile, ops: int | None = None, busy: bool = False) -> float:
         """On the device; ``ops``: the ops the region really dispatched (else the estimate);
         ``busy``: reads run meanwhile."""
