@@ -307,13 +307,13 @@ class Engine:
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         if plan.compute_tier == "device" or backend.name == "mock":  # the mock of a cpu: as its kernels run it
             fuse_attention_projections(self.model)
+            if backend.name == "cuda":  # the unfused blocks, freed, are too small to reuse
+                torch.cuda.empty_cache()
         if backend.name == "mock":
             from moespeq_cli.kernels.modules import one_call_attention
 
             layers = self.model.model.layers
             backend.one_call_attention = {i for i, lay in enumerate(layers) if one_call_attention(lay.attn)}
-            if backend.name == "cuda":  # the unfused blocks, freed, are too small to reuse
-                torch.cuda.empty_cache()
         self.tiers = tiers = ExpertTiers(self.ckpt, plan, backend)
         self.cache = tiers.compute
         self.target_exec = OffloadedExperts(
