@@ -3,6 +3,8 @@ product within fp32-accumulation tolerance on odd shapes, a row's result does no
 on the batch (what keeps speculative decoding exact with bf16 weights), and where the
 kernels cannot be built moespeq falls back to torch with the same tokens."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,6 +291,7 @@ def test_the_cpu_backend_computes_a_layer_s_experts_in_one_call(tiny, monkeypatc
     eng.load(32)
     assert eng.cpu_kernels
     model, calls = eng.model, []
+    monkeypatch.setattr(kernels, "layer_forward", lambda *a: None)  # module by module (the one-call layer: below)
     moe = kernels.moe
     monkeypatch.setattr(kernels, "moe", lambda x, *a, **k: calls.append(x.shape[0]) or moe(x, *a, **k))
     ids = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(5))
@@ -303,6 +306,18 @@ def test_the_cpu_backend_computes_a_layer_s_experts_in_one_call(tiny, monkeypatc
     monkeypatch.setattr(kernels, "takes_moe", lambda *a: False)  # each expert its own kernel call
     assert torch.equal(logits(), one_call)
     assert len(calls) == 3 * layers
+
+
+def prompt_token_verify(model, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """The logits of a prompt's six rows, one token, then a verification's two (ids [9]),
+    and the cache they leave."""
+    cache = model.new_cache()
+    return torch.cat([model(ids[:6], cache), model(ids[6:7], cache), model(ids[7:], cache)]), cache
+
+
+def assert_same_cache(a, b, layers: int, n: int) -> None:
+    for i in range(layers):
+        assert torch.equal(a.k[i][:, :n], b.k[i][:, :n]) and torch.equal(a.v[i][:, :n], b.v[i][:, :n])
 
 
 @pytest.mark.parametrize(
@@ -325,14 +340,12 @@ def test_a_layer_s_attention_in_one_call_is_the_module_s_bit_for_bit(tiny, monke
     eng = Engine(path, EngineOptions(backend="cpu"))
     eng.load(32)
     model, calls = eng.model, []
+    monkeypatch.setattr(kernels, "layer_forward", lambda *a: None)  # module by module (the one-call layer: below)
     block = kernels.attention_block
     monkeypatch.setattr(kernels, "attention_block", lambda x, *a: calls.append(x.shape[0]) or block(x, *a))
     ids = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(5))
 
-    def run():
-        cache = model.new_cache()
-        out = torch.cat([model(ids[:6], cache), model(ids[6:7], cache), model(ids[7:], cache)])
-        return out, cache
+    run = functools.partial(prompt_token_verify, model, ids)
 
     one_call, cache = run()
     layers = len(model.model.layers)
@@ -340,8 +353,7 @@ def test_a_layer_s_attention_in_one_call_is_the_module_s_bit_for_bit(tiny, monke
     monkeypatch.setattr(kernels, "attention_block", lambda *a: None)  # the module's own path
     modules, cache2 = run()
     assert torch.equal(one_call, modules)
-    for i in range(layers):
-        assert torch.equal(cache.k[i][:, :9], cache2.k[i][:, :9]) and torch.equal(cache.v[i][:, :9], cache2.v[i][:, :9])
+    assert_same_cache(cache, cache2, layers, 9)
 
 
 def test_expert_mlp_falls_back_where_the_kernels_do_not_apply():
@@ -543,6 +555,136 @@ def test_bf16_checkpoint_keeps_bf16_weights_on_the_cpu_backend(tiny):
     assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("T,E,top_k", [(1, 8, 2), (3, 8, 1), (9, 60, 4), (2, 128, 8), (1, 3, 3)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_routing_in_one_call_is_softmax_then_top_k(T, E, top_k, normalize):
+    """``kernels.route_softmax`` chooses the experts torch's ``softmax_topk`` chooses, in its
+    order, with their probabilities to float32 rounding (libm's exp, not torch's); ties
+    go to the lower expert; logits it does not take are left to torch."""
+    from moespeq_cli.models.base import softmax_topk
+
+    g = torch.Generator().manual_seed(T * E + top_k)
+    logits = torch.randn(T, E, generator=g) * 3
+    ids, w = kernels.route_softmax(logits, top_k, normalize)
+    want_ids, want_w = softmax_topk(top_k, normalize)(logits)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(w, want_w, rtol=1e-6, atol=1e-7)
+    if normalize:
+        assert torch.allclose(w.sum(-1), torch.ones(T))
+    tied = kernels.route_softmax(torch.zeros(2, E), top_k, normalize)[0]
+    assert torch.equal(tied, torch.arange(top_k).expand(2, top_k))
+    assert kernels.route_softmax(logits.double(), top_k, normalize) is None
+    assert kernels.route_softmax(logits[0], top_k, normalize) is None  # [E]: not [T, E]
+    assert kernels.route_softmax(torch.randn(1, kernels.MAX_ROUTED + 1), 2, normalize) is None
+
+
+@pytest.mark.parametrize(
+    "family,variant,dtype",
+    [
+        ("mixtral", "gqa", torch.bfloat16),
+        ("mixtral", "gqa", torch.float32),
+        ("qwen3_moe", "base", torch.bfloat16),  # q and k normalized per head
+        ("qwen3_moe", "dense_layer", torch.float32),  # routing not renormalized; a dense layer module by module
+    ],
+)
+def test_a_decoder_layer_in_one_call_is_the_modules_bit_for_bit(tiny, monkeypatch, family, variant, dtype):
+    """On the cpu backend a layer of a plain attention, RMSNorms and softmax-routed experts
+    all in memory is one ``kernels.layer_forward`` call: for a prompt's rows, single tokens
+    and a verification's few, its logits and KV cache are the module-by-module kernel
+    path's bit for bit (the same kernels in the same order, the same residual sums)."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny(family, variant, dtype)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    model, calls = eng.model, []
+    layer_forward = kernels.layer_forward
+
+    def counted(desc, x, *a):
+        y = layer_forward(desc, x, *a)
+        calls.append(x.shape[0] if y is not None else None)
+        return y
+
+    monkeypatch.setattr(kernels, "layer_forward", counted)
+    ids = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(5))
+
+    run = functools.partial(prompt_token_verify, model, ids)
+
+    one_call, cache = run()
+    layers = len(model.model.layers)
+    whole = sum(hasattr(layer, "kernel_parts") for layer in model.model.layers)
+    assert whole == len(model.moe_blocks) >= 1
+    assert calls == [6] * whole + [1] * whole + [2] * whole
+    monkeypatch.setattr(kernels, "layer_forward", lambda *a: None)  # module by module
+    modules, cache2 = run()
+    assert torch.equal(one_call, modules)
+    assert_same_cache(cache, cache2, layers, 9)
+
+
+def test_the_one_call_layer_steps_aside_for_what_watches_a_layer(tiny, monkeypatch):
+    """A routing observer, a forward hook on one of the layer's parts or a global one
+    sees the layer run module by module (the one call would skip them), and the logits
+    are the same; families whose layers it does not take keep their modules."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny("mixtral", "gqa", torch.bfloat16)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    model, taken = eng.model, []
+    whole = kernels.layer_forward
+    monkeypatch.setattr(kernels, "layer_forward", lambda *a: taken.append(1) or whole(*a))
+    ids = torch.tensor([5, 9, 11])
+
+    def logits():
+        return model(ids, model.new_cache())
+
+    want = logits()
+    layers = len(model.model.layers)
+    assert len(taken) == layers
+    seen = []
+    model.set_router_observer(lambda layer, rows: seen.append(layer))
+    assert torch.equal(logits(), want) and seen == list(range(layers)) and len(taken) == layers
+    model.set_router_observer(None)
+    hooks = [model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *a: seen.append("norm"))]
+    hooks.append(torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None))
+    assert torch.equal(logits(), want) and "norm" in seen and len(taken) == layers
+    for h in hooks:
+        h.remove()
+    logits()
+    assert len(taken) == 2 * layers
+    phi, _ = tiny("phimoe", "gqa", torch.float32)  # sparsemixer routing: module by module
+    eng = Engine(phi, EngineOptions(backend="cpu"))
+    eng.load(32)
+    assert not any(hasattr(layer, "kernel_parts") for layer in eng.model.model.layers)
+
+
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 4096, 32000 + 3])
+def test_greedy_choice_in_one_call_is_numpys_argmax(N):
+    """``kernels.argmax`` (greedy decoding's choice where the kernels run) gives each row's
+    first maximum, as numpy's argmax (ties, a maximum in the vector body or the scalar
+    tail), and refuses rows with a NaN or an infinity, which ``greedy_tokens`` then
+    reports as the checkpoint's fault."""
+    from moespeq_cli.errors import CheckpointError
+    from moespeq_cli.runtime.sampling import greedy_tokens
+
+    assert kernels.available()  # the library in use in this process, as on the cpu backend
+    g = torch.Generator().manual_seed(N)
+    rows = torch.randn(4, N, generator=g)
+    rows[1] = 0.0  # every entry tied: the first
+    rows[2, N // 2] = rows[2, N - 1] = 1e30  # two maxima: the first
+    rows[3, N - 1] = 1e30  # in the tail
+    assert kernels.argmax(rows) == rows.numpy().argmax(-1).tolist()
+    assert greedy_tokens(rows) == rows.numpy().argmax(-1).tolist()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        worse = rows.clone()
+        worse[2, N - 1] = bad
+        assert kernels.argmax(worse) is None
+        with pytest.raises(CheckpointError, match="NaN or infinite"):
+            greedy_tokens(worse)
+    assert kernels.argmax(rows.double()) is None
+
+
 @pytest.mark.parametrize("march,simd", [("x86-64", 0), ("haswell", 256)])
 def test_the_plain_and_avx2_paths_are_exact_and_batch_invariant(tmp_path, march, simd):
     """The paths machines without AVX-512 build, called directly: plain C (compiled for
@@ -664,6 +806,14 @@ def test_the_plain_and_avx2_paths_are_exact_and_batch_invariant(tmp_path, march,
     assert torch.equal(torch.cat([expert_t(xs[i : i + 1].clone()) for i in range(5)]), together)
     # attention over the cache on this path
     check_attention(lambda *a: lib_attention(lib, *a))
+    # greedy's choice on this path: numpy's argmax, non-finite rows refused
+    rows = torch.randn(3, 4099, generator=g)
+    rows[1, 7] = rows[1, 4000] = 1e30
+    best = torch.empty(3, dtype=torch.int64)
+    assert lib.ms_argmax(rows.data_ptr(), 3, 4099, best.data_ptr()) == 1
+    assert best.tolist() == rows.numpy().argmax(-1).tolist()
+    rows[2, 4098] = float("nan")
+    assert lib.ms_argmax(rows.data_ptr(), 3, 4099, best.data_ptr()) == 0
 
 
 def test_the_fp32_4bit_path_without_avx512_bf16(tmp_path):

@@ -5,7 +5,11 @@ per token, so its speed limit is the bytes of weight it reads divided by the mem
 bandwidth. torch's one-row matmul reaches about a third of that on bf16 weights; the C
 kernels here (cpu_matvec.c, built once per machine by build.py) read each weight once per
 block of four tokens, widen bf16/fp16 to fp32 in registers and accumulate in fp32,
-split the rows over a small thread pool, and run a whole gated expert in one call.
+split the rows over a small thread pool, and run a whole gated expert in one call. Around
+them, the small work of a decoding step is one call each too (norms, rotary, routing,
+greedy's choice), and where a decoder layer is built only of parts they take, the whole
+layer is one call (``layer_forward``): on a small model the Python between kernels was
+most of a step.
 
 Two promises the runtime relies on:
 
@@ -468,3 +472,152 @@ def attention_block(
         vb.stride(1), start, H, Hkv, d, window or 0, scale, scratch.data_ptr(), y.data_ptr(),
     )  # fmt: skip
     return y if done else None
+
+
+MAX_ROUTED = 1024  # the most experts ``route_softmax`` ranks (cpu_matvec.c)
+
+
+def route_softmax(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """models/base.py ``softmax_topk`` in one call (``ms_route_softmax``): ``ids [T, k]``
+    (int64, the k most likely experts in descending order) and their probabilities
+    ``[T, k]`` (float32; renormalized to sum 1 if ``normalize``). None where it does not
+    take the logits (then torch's ops route): not 2-D float32 on the CPU, too many experts."""
+    if not (logits.dtype == torch.float32 and logits.is_cpu and logits.dim() == 2):
+        return None
+    T, E = logits.shape
+    if not (1 <= top_k <= E <= MAX_ROUTED) or _lib() is None:
+        return None
+    logits = logits.contiguous()
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    _lib().ms_route_softmax(logits.data_ptr(), T, E, top_k, int(normalize), ids.data_ptr(), w.data_ptr())
+    return ids, w
+
+
+class LayerDesc(ctypes.Structure):
+    """A decoder layer's weights as ``ms_layer_forward`` takes them (cpu_matvec.c
+    ``ms_layer``, field for field), described once: the call then passes only what
+    changes. ``keep`` holds every tensor whose address is in it."""
+
+    _fields_ = [(n, ctypes.c_long) for n in ("hidden", "H", "Hkv", "d", "window", "E", "k", "I")]
+    _fields_ += [(n, ctypes.c_float) for n in ("scale", "eps1", "eps2", "qk_eps")]
+    _fields_ += [(n, ctypes.c_int) for n in ("wt_qkv", "wt_o", "wt_r", "wt_e", "act", "normalize")]
+    _fields_ += [(n, ctypes.c_void_p) for n in ("norm1", "norm2", "bqkv", "bo", "qn", "kn", "wqkv", "wo", "wr")]
+    _fields_ += [(n, ctypes.c_void_p) for n in ("gate", "up", "down")]
+
+
+def layer_desc(
+    norms: tuple[tuple[torch.Tensor, float], tuple[torch.Tensor, float]],
+    qkv: tuple[torch.Tensor, torch.Tensor | None],
+    o: tuple[torch.Tensor, torch.Tensor | None],
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+    heads: tuple[int, int, int],
+    window: int | None,
+    scale: float,
+    router: torch.Tensor,
+    route: tuple[int, bool],
+    table: ExpertTable,
+) -> LayerDesc | None:
+    """The ``LayerDesc`` of a layer: its two RMSNorms ((weight, eps) each), attention as
+    ``attention_block`` takes it, the router's weight [E, hidden], the routing (top k,
+    normalize) and the experts' ``table``; None where the kernels do not take them all
+    (then the layer runs module by module)."""
+    (n1, e1), (n2, e2) = norms
+    (wqkv, bqkv), (wo, bo) = qkv, o
+    H, Hkv, d = heads
+    hidden = wo.shape[0]
+    top_k, normalize = route
+    E = router.shape[0]
+    tensors = [n1, n2, wqkv, wo, router] + ([qk_norm[0], qk_norm[1]] if qk_norm else [])
+    if not (
+        table.usable
+        and table.experts == E
+        and all(t.is_cpu and t.is_contiguous() for t in tensors)
+        and n1.dtype == n2.dtype == torch.float32
+        and n1.shape == n2.shape == (hidden,)
+        and wqkv.dtype in WTYPES
+        and wo.dtype in WTYPES
+        and router.dtype in WTYPES
+        and wqkv.shape == ((H + 2 * Hkv) * d, hidden)
+        and wo.shape == (hidden, H * d)
+        and router.shape == (E, hidden)
+        and (qk_norm is None or qk_norm[0].dtype == qk_norm[1].dtype == torch.float32)
+        and 1 <= top_k <= E <= MAX_ROUTED
+        and table.parts[0][0].shape == (table.inter, hidden)
+        and _lib() is not None
+    ):
+        return None
+    bq = None if bqkv is None else bqkv.float().contiguous()
+    bo = None if bo is None else bo.float().contiguous()
+    qn, kn, qk_eps = qk_norm if qk_norm is not None else (None, None, 0.0)
+    desc = LayerDesc(
+        hidden=hidden, H=H, Hkv=Hkv, d=d, window=window or 0, E=E, k=top_k, I=table.inter,
+        scale=scale, eps1=e1, eps2=e2, qk_eps=qk_eps,
+        wt_qkv=WTYPES[wqkv.dtype], wt_o=WTYPES[wo.dtype], wt_r=WTYPES[router.dtype], wt_e=table.wt,
+        act=ACTIVATIONS["silu"], normalize=int(normalize),
+    )  # fmt: skip
+    for name, t in (("norm1", n1), ("norm2", n2), ("bqkv", bq), ("bo", bo), ("qn", qn), ("kn", kn)):
+        setattr(desc, name, None if t is None else t.data_ptr())
+    desc.wqkv, desc.wo, desc.wr = wqkv.data_ptr(), wo.data_ptr(), router.data_ptr()
+    desc.gate, desc.up, desc.down = (ctypes.addressof(a) for a in (table.gate, table.up, table.down))
+    desc.keep = (tensors, bq, bo, table)
+    desc.need = {}  # rows -> the scratch floats a call takes
+    # the largest asked for yet, reused: one layer computes at a time
+    desc.scratch = torch.empty(0, dtype=torch.float32)
+    return desc
+
+
+def layer_forward(
+    desc: LayerDesc, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple, start: int
+) -> torch.Tensor | None:
+    """A decoder layer (``DecoderLayer.forward`` over ``desc``'s modules) in one call for x
+    [T <= MAX_ROWS, hidden] float32 at positions [start, start + T): the same kernels in
+    the same order as module by module, so the same bits. ``kv``: the layer's cache
+    buffers ([Hkv, cap, d] each, cap >= start + T), written at [start, start + T). None
+    where it does not take them (the cache rows may be written: the caller's module path
+    writes the same values)."""
+    kb, vb = kv
+    T = x.shape[0]
+    if not (
+        x.dtype == torch.float32
+        and x.is_cpu
+        and x.dim() == 2
+        and 1 <= T <= MAX_ROWS
+        and x.shape[1] == desc.hidden
+        and cos.dtype == sin.dtype == kb.dtype == vb.dtype == torch.float32
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and cos.shape == (T, desc.d)
+        and kb.stride(2) == vb.stride(2) == 1
+        and kb.shape[1] >= start + T
+    ):
+        return None
+    lib = _lib()
+    need = desc.need.get(T)
+    if need is None:
+        need = desc.need[T] = lib.ms_layer_scratch(ctypes.byref(desc), T)
+    if desc.scratch.numel() < need:
+        desc.scratch = torch.empty(need, dtype=torch.float32)
+    scratch = desc.scratch
+    x = x.contiguous()
+    y = torch.empty(T, desc.hidden, dtype=torch.float32)
+    done = lib.ms_layer_forward(
+        ctypes.byref(desc), x.data_ptr(), T, cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), kb.stride(0),
+        kb.stride(1), vb.data_ptr(), vb.stride(0), vb.stride(1), start, scratch.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    return y if done else None
+
+
+def argmax(rows: torch.Tensor) -> list[int] | None:
+    """Each row's first maximum, for rows [R, N] float32 on the CPU, in one call
+    (``ms_argmax``), where the kernels are already in use in this process (no build for
+    it); None where not, or where a logit is NaN or infinite (the caller's path refuses
+    those)."""
+    lib = _loaded
+    if lib is None or not (rows.dtype == torch.float32 and rows.is_cpu and rows.dim() == 2 and rows.shape[1] > 0):
+        return None
+    rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], dtype=torch.int64)
+    if not lib.ms_argmax(rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr()):
+        return None
+    return out.tolist()

@@ -107,6 +107,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_attn_block.restype = i
     lib.ms_hold.argtypes = [i]
     lib.ms_hold.restype = None
+    lib.ms_route_softmax.argtypes = [p, L, L, L, i, p, p]
+    lib.ms_route_softmax.restype = i
+    lib.ms_layer_scratch.argtypes = [p, L]
+    lib.ms_layer_scratch.restype = L
+    lib.ms_layer_forward.argtypes = [p, p, L, p, p, p, L, L, p, L, L, L, p, p]
+    lib.ms_layer_forward.restype = i
+    lib.ms_argmax.argtypes = [p, L, L, p]
+    lib.ms_argmax.restype = i
 
 
 def library() -> ctypes.CDLL | None:

@@ -2,8 +2,11 @@
 ``kernels.linear`` (its weight kept in the checkpoint's dtype, activations fp32), every
 ``nn.Embedding`` looks up rows in that dtype and widens them, attention's q, k and v
 projections run as one product (one call and one weight stream instead of three), and
-RMSNorm, the rotary embedding and attention itself (decoding's and verification's few
-queries over the cache) run as one call each instead of several torch ops.
+RMSNorm, the rotary embedding, softmax-then-top-k routing and attention itself
+(decoding's and verification's few queries over the cache) run as one call each instead
+of several torch ops. A decoder layer built only of parts the kernels take (a plain
+attention, RMSNorms, a SparseMoE routed by softmax then top-k over experts all in memory)
+runs as one call: the same kernels in the same order, without the Python between them.
 
 The module tree and its parameter names are unchanged (forward hooks, the op counter and
 ``load_state_dict`` see the same modules); only ``forward`` is rebound per instance.
@@ -122,8 +125,87 @@ def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
+def _kernel_route(route):
+    """``route`` (a ``softmax_topk``) as one ``kernels.route_softmax`` call where it takes
+    the logits, else ``route`` itself."""
+    top_k, normalize = route.softmax_topk
+
+    def kernel_route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = kernels.route_softmax(logits, top_k, normalize)
+        return out if out is not None else route(logits)
+
+    kernel_route.softmax_topk = route.softmax_topk
+    return kernel_route
+
+
+def _hooked(modules: tuple) -> bool:
+    """Whether a forward hook would see one of ``modules`` run (the one-call layer would
+    skip it): their own or a global one."""
+    from torch.nn.modules import module
+
+    if module._global_forward_hooks or module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _describe_layer(self, layer: int) -> kernels.LayerDesc | None:
+    """``kernels.layer_desc`` of this ``DecoderLayer`` with its experts as they are now set."""
+    norm1, attn, norm2, moe = self.kernel_parts
+    table = getattr(moe.experts, "table", None)
+    table = table(layer) if table is not None else None
+    if table is None:
+        return None
+    s, (_, wqkv, bqkv, _) = attn.s, attn.fused_qkv
+    return kernels.layer_desc(
+        ((norm1.weight, norm1.eps), (norm2.weight, norm2.eps)), (wqkv, bqkv), (attn.o_proj.weight, attn.o_proj.bias),
+        attn.kernel_qk_norm, (s.heads, s.kv_heads, s.head_dim), s.window, attn.scale, moe.gate.weight,
+        moe.route.softmax_topk, table,
+    )  # fmt: skip
+
+
+def _layer_forward(self, x: torch.Tensor, layer: int, cache, rope: tuple) -> torch.Tensor:
+    """The whole layer as one ``kernels.layer_forward`` call where it takes it: nothing
+    watches the MoE block (no routing observer, no hook on the layer's parts) and its
+    experts are all in memory in one table; else ``DecoderLayer.forward``."""
+    norm1, attn, norm2, moe = self.kernel_parts
+    if self.kernel_desc[0] is not moe.experts:  # described for the executor set now (set after loading)
+        self.kernel_desc = (moe.experts, _describe_layer(self, layer))
+    desc = self.kernel_desc[1]
+    if desc is not None and moe.observer is None and not _hooked((*self.kernel_parts, moe.gate)):
+        kv = cache.reserve(layer, x.shape[0], attn.kv_like, attn.kv_like)
+        y = kernels.layer_forward(desc, x, *rope, kv, cache.length)
+        if y is not None:
+            return y
+    return type(self).forward(self, x, layer, cache, rope)
+
+
+def _whole_layer(layer: nn.Module) -> bool:
+    """Rebinds a ``DecoderLayer``'s forward to ``_layer_forward`` where its parts are ones
+    the one-call layer computes (checked again at each call for what can change); whether
+    it did."""
+    from moespeq_cli.models.base import DecoderLayer, RMSNorm, SparseMoE
+
+    if type(layer) is not DecoderLayer:
+        return False
+    attn, moe = layer.attn, getattr(layer.ffn, "__self__", None)
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not (
+        getattr(attn.forward, "__func__", None) is _attention_block_forward
+        and type(moe) is SparseMoE
+        and hasattr(moe.route, "softmax_topk")
+        and not moe.gate_fp32
+        and moe.gate.bias is None
+        and all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in norms)
+    ):
+        return False
+    layer.kernel_parts = (norms[0], attn, norms[1], moe)
+    layer.kernel_desc = (None, None)  # (the executor it describes, the description)
+    layer.forward = types.MethodType(_layer_forward, layer)
+    return True
+
+
 def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
-    from moespeq_cli.models.base import Attention, GatedMLP, RMSNorm, fuse_attention_projections
+    from moespeq_cli.models.base import Attention, GatedMLP, RMSNorm, SparseMoE, fuse_attention_projections
     from moespeq_cli.models.deepseek_v2 import MLAttention
 
     fuse_attention_projections(model, dense)
@@ -143,4 +225,8 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
         elif isinstance(m, nn.Embedding):
             m.out_dtype = act_dtype
             m.forward = types.MethodType(_embedding_forward, m)
+        if isinstance(m, SparseMoE) and hasattr(m.route, "softmax_topk") and act_dtype == torch.float32:
+            m.route = _kernel_route(m.route)
+    for m in model.modules():  # after their parts: a layer is one call only where each part is
+        _whole_layer(m)
     return model

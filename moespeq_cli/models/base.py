@@ -382,6 +382,7 @@ def softmax_topk(top_k: int, normalize: bool, keep_fp32: bool = False) -> Callab
             w = w / w.sum(dim=-1, keepdim=True)
         return ids, (w if keep_fp32 else w.to(logits.dtype))
 
+    route.softmax_topk = (top_k, normalize)  # what the CPU kernels' one-call routing takes (kernels/modules.py)
     return route
 
 
