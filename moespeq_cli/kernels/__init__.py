@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import torch
 
@@ -562,9 +563,19 @@ def layer_desc(
     desc.gate, desc.up, desc.down = (ctypes.addressof(a) for a in (table.gate, table.up, table.down))
     desc.keep = (tensors, bq, bo, table)
     desc.need = {}  # rows -> the scratch floats a call takes
-    # the largest asked for yet, reused: one layer computes at a time
-    desc.scratch = torch.empty(0, dtype=torch.float32)
     return desc
+
+
+_scratch = threading.local()  # a thread's layer scratch: the largest asked for yet (layers run one at a time)
+
+
+def _layer_scratch(floats: int) -> torch.Tensor:
+    """Scratch for one ``ms_layer_forward`` call, shared by every layer of every model the
+    thread runs (one buffer, not one a layer: a 64-row pass of Mixtral's shape takes 9 MB)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < floats:
+        buf = _scratch.buf = torch.empty(floats, dtype=torch.float32)
+    return buf
 
 
 def layer_forward(
@@ -596,9 +607,7 @@ def layer_forward(
     need = desc.need.get(T)
     if need is None:
         need = desc.need[T] = lib.ms_layer_scratch(ctypes.byref(desc), T)
-    if desc.scratch.numel() < need:
-        desc.scratch = torch.empty(need, dtype=torch.float32)
-    scratch = desc.scratch
+    scratch = _layer_scratch(need)
     x = x.contiguous()
     y = torch.empty(T, desc.hidden, dtype=torch.float32)
     done = lib.ms_layer_forward(
