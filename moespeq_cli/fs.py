@@ -91,7 +91,7 @@ def read_bytes(path: Path, limit: int, what: str, error: type[MoespeqError] = Ch
     status, size = file_status(path)
     name = shown(path)
     if status == "missing":
-        raise error(f"{what} {name} does not exist")
+        raise error(f"{what} {name} does not exist; check the path")
     if status != "file":
         raise error(f"{what} {name} {describe(status)}")
     if size > limit:

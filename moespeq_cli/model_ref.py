@@ -74,7 +74,8 @@ def resolve(model: str | None) -> tuple[str, Path]:
         repo = ALIASES[model][0] if model in ALIASES else model
         cached = cached_snapshot(repo)
         if cached is None:
-            raise UnknownModelError(f"{model} ({repo}) is not downloaded; run `moespeq pull {model}` first")
+            which = model if repo == model else f"{model} ({repo})"
+            raise UnknownModelError(f"{which} is not downloaded; run `moespeq pull {model}` first")
         return model, cached
     if status != "missing" and (status == "file" or status.startswith("a ")):
         raise UnknownModelError(

@@ -132,8 +132,39 @@ def stats_of(engine) -> dict:
     return {k: getattr(s, k, None) for k in keep} | {"prompt_tokens_reused": engine.reused_tokens}
 
 
-def parse_options(body: dict, prompt_len: int, context: int, default_max: int):
-    """max_tokens, sampling, stop strings, stream flags, validated as OpenAI does."""
+# What an OpenAI request may ask that moespeq does not do: refused (400) when it would
+# change the answer, rather than answered as if it had not been asked.
+UNSUPPORTED = {
+    "logprobs": "log probabilities",
+    "top_logprobs": "log probabilities",
+    "echo": "echoing the prompt",
+    "tools": "tool calls",
+    "functions": "function calls",
+    "logit_bias": "logit_bias",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "suffix": "suffix",
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """400 for a field asking what moespeq does not do (its neutral values pass: false,
+    0, empty, ``response_format`` text, ``best_of`` 1)."""
+    for name, what in UNSUPPORTED.items():
+        if body.get(name) not in (None, False, 0, "", [], {}):
+            raise ApiError(400, f"'{name}' is not supported by moespeq ({what}); leave it out", "unsupported", name)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError(
+            400, "'response_format' other than text is not supported by moespeq", "unsupported", "response_format"
+        )
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "'best_of' other than 1 is not supported by moespeq", "unsupported", "best_of")
+
+
+def parse_options(body: dict, prompt_len: int, context: int, default_max: int, prompt_param: str = "messages"):
+    """max_tokens, sampling, stop strings, stream flags, validated as OpenAI does
+    (``prompt_param``: the field the prompt came in, named by a too-long prompt's error)."""
     from moespeq_cli.runtime.sampling import SamplingParams
 
     def number(name, lo, hi, default, integer=False):
@@ -151,13 +182,14 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int):
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "invalid_value", "stream_options")
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
+    refuse_unsupported(body)
     room = context - prompt_len
     if room < 1:
         raise ApiError(
             400,
             f"the prompt takes {prompt_len} tokens, the whole context of {context}; shorten it",
             "context_length_exceeded",
-            "messages",
+            prompt_param,
         )
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = number(key, 1, 2**31 - 1, None, integer=True)
@@ -171,9 +203,7 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int):
             key,
         )
     temperature = number("temperature", 0, 2, 1.0)
-    top_p = number("top_p", 0, 1, 1.0)
-    if top_p == 0:
-        raise ApiError(400, "'top_p' must be above 0", "invalid_value", "top_p")
+    top_p = number("top_p", 0, 1, 1.0)  # 0: only the most likely token
     seed = number("seed", -(2**63), 2**63 - 1, None, integer=True)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -215,6 +245,12 @@ def completion_prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        raise ApiError(
+            400, f"one prompt a request: got a list of {len(prompt)}; send them one by one", "invalid_value", "prompt"
+        )
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int | list) for p in prompt):
+        raise ApiError(400, "prompts of token ids are not supported; send the text", "invalid_value", "prompt")
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string", "invalid_value", "prompt")
     return prompt
@@ -247,8 +283,9 @@ def build_app(
     def check_key(request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), api_key.encode())):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110), the key is not
+        if not (scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), api_key.encode())):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     async def read_json(request) -> dict:
@@ -306,7 +343,7 @@ def build_app(
             encode = (lambda: tok.encode_messages(messages)) if chat else (lambda: tok.encode(text))
             prompt_ids = await asyncio.get_running_loop().run_in_executor(encoder, encode)
             max_tokens, sampling, stops, stream, include_usage = parse_options(
-                body, len(prompt_ids), context, default_max
+                body, len(prompt_ids), context, default_max, "messages" if chat else "prompt"
             )
         except ApiError as e:
             return error(request, e)

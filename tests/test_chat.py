@@ -62,6 +62,7 @@ def test_json_lines_one_object_per_answer(chat_ckpt):
     answers = [json.loads(line) for line in r.stdout.splitlines()]  # stdout holds nothing else
     assert [(a["turn"], a["content"], a["stopped"]) for a in answers] == [(1, first, False), (2, second, False)]
     assert all(a["stats"]["new_tokens"] == len(a["token_ids"]) > 0 for a in answers)
+    assert all(a["finish_reason"] == ("length" if len(a["token_ids"]) == 8 else "stop") for a in answers)
     assert "tokens in" in r.stderr  # /stats still answers, on stderr
 
 
@@ -78,6 +79,19 @@ def test_stop_string_cuts_the_answer(chat_ckpt):
     assert stop and full.find(stop) >= 0
     r = chat(chat_ckpt, "hello\n", "--stop", stop)
     assert r.stdout == full[: full.find(stop)] + "\n"
+    answer = json.loads(chat(chat_ckpt, "hello\n", "--stop", stop, "--json").stdout)
+    assert answer["content"] == full[: full.find(stop)] and answer["finish_reason"] == "stop"
+
+
+def test_the_demo_chats_with_its_defaults():
+    """`moespeq chat` with no option (the demo, its 512-token context): an answer's
+    default length leaves room to ask (it was 512, the whole context: every message was
+    refused)."""
+    r = CliRunner().invoke(app, ["chat", "--backend", "cpu", "--json"], input="Hello\nAnd then?\n")
+    assert r.exit_code == 0, r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["turn"] for a in answers] == [1, 2]
+    assert all(0 < len(a["token_ids"]) <= 256 for a in answers)
 
 
 def test_old_turns_dropped_with_a_notice(chat_ckpt):

@@ -498,7 +498,7 @@ def test_config_that_is_not_a_json_object(cli, ckpt, content):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--temperature", "1", "--top-p", "0"], "--top-p"),
+        (["--temperature", "1", "--top-p", "nan"], "--top-p"),
         (["--temperature", "nan"], "--temperature"),
         (["--temperature", "inf"], "--temperature"),
         (["--temperature", "1e-30"], "--temperature"),
@@ -597,6 +597,31 @@ def test_standard_input_is_the_prompt(ckpt, moespeq_process):
         )
         assert r.returncode == 0, r.stderr
         assert len(json.loads(r.stdout)["prompt_token_ids"]) == len("hi there")
+
+
+def test_blank_standard_input_is_refused_and_plan_reads_it_as_run(ckpt, moespeq_process):
+    """Piped blank lines are an empty prompt (as -p ""), not the default prompt; plan
+    plans for the piped prompt, as run runs it."""
+    r = subprocess.run(moespeq("run", str(ckpt), "-n", "2"), input="\n\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "blank" in r.stderr and "Traceback" not in r.stderr
+    args = ("-n", "8", "--backend", "cpu", "--json")
+    ran = subprocess.run(moespeq("run", str(ckpt), *args), input="hi there", capture_output=True, text=True, timeout=60)
+    planned = subprocess.run(
+        moespeq("plan", str(ckpt), "-n", "8", "--json"), input="hi there", capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0 and planned.returncode == 0, (ran.stderr, planned.stderr)
+    assert json.loads(planned.stdout)["context_tokens"] == len(json.loads(ran.stdout)["prompt_token_ids"]) + 8
+
+
+def test_offloading_options_the_plain_cpu_run_ignores_are_named(cli, ckpt):
+    """--backend cpu with every expert in RAM decodes from memory: a --policy or
+    --spec-depth given then says, in one note, that it does nothing and when it would."""
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--spec-depth", "4", "--policy", "lru")
+    assert r.exit_code == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--policy lru and --spec-depth 4 take effect with --ram" in notes[0]
+    plain = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu")
+    assert plain.exit_code == 0 and "note:" not in plain.stderr
 
 
 def test_a_closed_pipe_exits_quietly(moespeq_process):
@@ -753,8 +778,9 @@ def test_corrupt_weight_values_and_types(cli, ckpt, what):
     one_line_error(run(cli, ckpt, "--backend", "mock", "-n", "8"), 1, needle)
 
 
-def test_top_p_tiny_keeps_the_most_likely_token(cli, ckpt):
-    a = run(cli, ckpt, "--temperature", "1", "--top-p", "1e-300", "--seed", "3", "--json")
+@pytest.mark.parametrize("top_p", ["1e-300", "0"])
+def test_top_p_tiny_keeps_the_most_likely_token(cli, ckpt, top_p):
+    a = run(cli, ckpt, "--temperature", "1", "--top-p", top_p, "--seed", "3", "--json")
     b = run(cli, ckpt, "--json")
     assert a.exit_code == 0, a.stderr
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]  # nucleus of one = greedy

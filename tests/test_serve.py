@@ -150,6 +150,15 @@ def test_disconnect_mid_stream_frees_the_server(served):
         (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}), 400, "context_length_exceeded"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}), 400, None),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream_options": {}}), 400, "invalid_value"),
+        # asked for, not done: refused rather than silently answered without it
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}), 400, "unsupported"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1.5}), 400, "unsupported"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), 400, None),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}),
+            400,
+            None,
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(served, payload, status, code):
@@ -160,6 +169,24 @@ def test_bad_requests_get_openai_errors(served, payload, status, code):
     assert err["message"] and err["type"]
     if code:
         assert err["code"] == code
+
+
+def test_completions_requests_name_their_own_fields(served):
+    """/v1/completions errors name 'prompt', not chat's 'messages'; a list of several
+    prompts or of token ids says what is not supported; echo is refused; neutral values of
+    unsupported fields (logprobs false, penalties 0) and top_p 0 are served."""
+    url, _, _ = served
+    post = lambda body: httpx.post(url + "/v1/completions", json=body)  # noqa: E731
+    err = post({"prompt": "x" * 4000}).json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    err = post({"prompt": ["To be", "Thou art"]}).json()["error"]
+    assert "one prompt a request" in err["message"] and err["param"] == "prompt"
+    assert "token ids" in post({"prompt": [[1, 2, 3]]}).json()["error"]["message"]
+    assert post({"prompt": "hi", "echo": True}).json()["error"]["param"] == "echo"
+    ok = post({"prompt": "hi", "max_tokens": 3, "logprobs": None, "presence_penalty": 0, "top_p": 0, "temperature": 1})
+    assert ok.status_code == 200, ok.text
+    greedy = post({"prompt": "hi", "max_tokens": 3, "temperature": 0}).json()["choices"][0]["text"]
+    assert ok.json()["choices"][0]["text"] == greedy  # top_p 0: the most likely token only
 
 
 def test_a_bad_value_is_quoted_as_the_client_sent_it(served):
@@ -177,6 +204,10 @@ def test_api_key_is_checked(tiny):
             client(url, "wrong").models.list()
         assert client(url, "sekret").models.list().data[0].id == name
         assert httpx.get(url + "/health").status_code == 200  # health needs no key
+        # the scheme is case-insensitive, the key is not
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "bearer sekret"}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer SEKRET"}).status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "sekret"}).status_code == 401
     finally:
         server.should_exit = True
         thread.join(10)
@@ -226,6 +257,33 @@ def test_a_busy_port_is_one_line_before_loading(cli):
         r = cli("serve", "--port", str(port))
     # the machine's state, not a bad command line: a runtime failure
     assert r.exit_code == 1 and "pick another --port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
+    """With --port 0 the line says the port the system gave (and the server answers there);
+    Ctrl-C, the documented way to stop, exits 0 with "stopped", not an error."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    path, _ = tiny("mixtral", "gqa")
+    cmd = [sys.executable, "-m", "moespeq_cli", "serve", str(path), "--backend", "cpu", "--port", "0"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = p.stderr.readline()
+            assert line, "serve exited before serving"
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1))
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+        p.send_signal(signal.SIGINT)
+        rest = p.stderr.read()
+        assert p.wait(30) == 0 and "stopped" in rest and "error" not in rest and "Traceback" not in rest
+    finally:
+        if p.poll() is None:
+            p.kill()
 
 
 def test_a_host_that_is_not_this_machines_is_a_usage_error(cli):

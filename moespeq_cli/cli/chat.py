@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from moespeq_cli.cli import options as o
 from moespeq_cli.errors import UsageError
@@ -27,12 +28,14 @@ statistics, /exit (or Ctrl-D) leaves; Ctrl-C stops the current answer.
 
 DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says otherwise (capped by the model)
 DEMO_CONTEXT = 512  # the demo's: what its default 24 MiB budget holds beside the model
+ANSWER_TOKENS = 512  # an answer's most tokens unless -n says otherwise (at most half the context)
 COMMANDS = "/reset, /stats, /exit"
 
 
 def load_session(model: str | None, context: int | None, max_new_tokens: int, quiet: bool = False, **options):
     """Resolve the model, build and load the engine for a conversation's context: shared
-    by chat and serve (``quiet``: no loading status). -> (display name, engine, context)."""
+    by chat and serve (``quiet``: no loading status; ``max_new_tokens``: what an answer
+    must have room for). -> (display name, engine, context)."""
     from moespeq_cli.model_ref import DEMO, default_vram, resolve
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
@@ -49,6 +52,8 @@ def load_session(model: str | None, context: int | None, max_new_tokens: int, qu
     from moespeq_cli.cli.run import loading_status
 
     plan = engine.make_plan(ctx)
+    if plan is None and (ignored := engine.ignored_options()):
+        note(f"note: {ignored}")
     with loading_status(name, plan, quiet=quiet):
         engine.load(ctx, plan)
     return name, engine, ctx
@@ -61,7 +66,7 @@ def note(text: str) -> None:
 
 def chat(
     model: o.ModelArg = None,
-    max_new_tokens: o.MaxNewTokens = 512,
+    max_new_tokens: o.AnswerTokens = None,
     temperature: o.Temperature = 0.0,
     top_p: o.TopP = 1.0,
     top_k: o.TopK = 0,
@@ -87,7 +92,10 @@ def chat(
     The history is kept within the context; the oldest turns are dropped, with a
     notice, when it outgrows it. Sampling options are run's. With --json each answer is
     one JSON object on its own line ({"turn", "content", "token_ids", "stopped",
-    "stats"}), so a script can tell answers apart whatever their text holds.
+    "finish_reason", "stats"}), so a script can tell answers apart whatever their text
+    holds: finish_reason is "stop" (end of sequence or a --stop string), "length"
+    (--max-new-tokens) or "interrupted" (Ctrl-C; then stopped is true); token_ids are
+    every token generated, the one that completed a stop string included.
     """
     from moespeq_cli.cli.render import Renderer
     from moespeq_cli.cli.run import result_dict, sampling_params
@@ -96,7 +104,9 @@ def chat(
     sampling = sampling_params(temperature, top_p, top_k, seed)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     options = o.engine_options(locals())
-    name, engine, ctx = load_session(model, context, max_new_tokens, quiet=json_out, **options)
+    name, engine, ctx = load_session(model, context, max_new_tokens or 1, quiet=json_out, **options)
+    if max_new_tokens is None:  # the demo's context is 512: an answer of 512 would leave no room to ask
+        max_new_tokens = min(ANSWER_TOKENS, ctx // 2)
     out = Renderer(json_mode=json_out)
     if engine.plan is not None and not json_out:
         out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
@@ -104,7 +114,7 @@ def chat(
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:
         note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")
-    last: tuple[list[int], list[int]] | None = None
+    last: tuple[list[int], list[int], float] | None = None
     turn = 0
     while True:
         line = read_message(interactive, sys.stderr if json_out else sys.stdout)
@@ -124,7 +134,7 @@ def chat(
                 if last is None:
                     note("(no answer yet)")
                 else:
-                    out.stats_line(result_dict(name, engine, *last))
+                    out.stats_line(result_dict(name, engine, *last))  # (prompt ids, token ids, wall seconds)
             else:
                 note(f"unknown command {cmd}; the commands are {COMMANDS}")
             continue
@@ -138,6 +148,7 @@ def chat(
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
         answer, stopped = Answer(), False
         engine.last_stats = None  # a Ctrl-C before the first token leaves no stats, not the last answer's
+        started = time.perf_counter()
         try:
             complete(engine, prompt_ids, max_new_tokens, sampling, stop, out.text, answer=answer, reuse=True)
         except KeyboardInterrupt:
@@ -145,7 +156,9 @@ def chat(
             stopped = True
         turn += 1
         if json_out:
+            finish = "interrupted" if stopped else answer.finish_reason
             record = {"turn": turn, "content": answer.text, "token_ids": answer.token_ids, "stopped": stopped}
+            record["finish_reason"] = finish
             stats = engine.last_stats.to_dict() if engine.last_stats is not None else None
             sys.stdout.write(json.dumps(record | {"stats": stats}) + "\n")
             sys.stdout.flush()
@@ -153,7 +166,7 @@ def chat(
             out.end_text()
         convo.turns.append({"role": "assistant", "content": answer.text})
         if engine.last_stats is not None:
-            last = (prompt_ids, answer.token_ids)
+            last = (prompt_ids, answer.token_ids, time.perf_counter() - started)
     engine.close()
 
 

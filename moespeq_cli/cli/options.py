@@ -22,6 +22,16 @@ PromptFile = Annotated[
     Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.", show_default=False)
 ]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")]
+AnswerTokens = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-new-tokens",
+        "-n",
+        min=1,
+        help="An answer's most tokens. Default: 512, or half the context where that is less.",
+        show_default=False,
+    ),
+]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the K most likely tokens (0 = off).")]

@@ -197,8 +197,8 @@ def plan(
 
 def run_context(name: str, source: str, prompt, prompt_file, max_new_tokens: int, chat: bool | None) -> int:
     """The context ``moespeq run`` plans for with these prompt options: the prompt's tokens
-    (run's default prompt when none is given; standard input only with --prompt-file -)
-    plus ``max_new_tokens``, counted by run's own code with the model's tokenizer."""
+    (text piped on standard input as run reads it, else run's default prompt) plus
+    ``max_new_tokens``, counted by run's own code with the model's tokenizer."""
     from pathlib import Path
 
     from moespeq_cli.cli.run import encode_prompt, prompt_text
@@ -216,7 +216,7 @@ def run_context(name: str, source: str, prompt, prompt_file, max_new_tokens: int
             f"{name}: the prompt's tokens need the model's tokenizer and files, which a config alone lacks; "
             "give --context N instead of the prompt options"
         )
-    text = prompt_text(name, prompt, prompt_file, stdin=False)
+    text = prompt_text(name, prompt, prompt_file)
     ids = encode_prompt(engine, text, chat, max_new_tokens)
     return engine.context_for(len(ids), max_new_tokens)
 

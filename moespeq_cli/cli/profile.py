@@ -138,6 +138,9 @@ def profile(
             tuple(shutil.get_terminal_size((120, 40))),
         )
 
+    import time
+
+    started = time.perf_counter()
     events = engine.generate(prompt_ids, max_new_tokens, sampling)
     if live:
         from rich.live import Live
@@ -149,7 +152,7 @@ def profile(
     else:
         for ev in events:
             token_ids.append(ev.token)
-    result = result_dict(name, engine, prompt_ids, token_ids)
+    result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
     if trace is not None:
         write_trace(engine, trace, result)
     if report is not None:

@@ -44,9 +44,11 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
             prompt = read_stdin(wait=None)
         else:
             prompt = read_text(prompt_file, PROMPT_LIMIT, "--prompt-file", UsageError)
-    elif prompt is None:
-        piped = read_stdin(wait=STDIN_WAIT_S) if stdin_is_piped() else None
-        prompt = piped if piped and piped.strip() else None
+    elif prompt is None and stdin_is_piped():
+        piped = read_stdin(wait=STDIN_WAIT_S)
+        if piped and not piped.strip():  # something was sent, and it is blank: not a prompt, nor the default
+            raise UsageError("the prompt from standard input is blank; pipe some text, or pass --prompt")
+        prompt = piped or None
     if prompt is None:
         return default
     if len(prompt) > PROMPT_LIMIT:
@@ -223,19 +225,18 @@ def prepare(
             f"{offload_for} needs an offloading run: the mock or cuda backend, or --backend cpu with --ram below the "
             "experts' size (the plain cpu backend keeps no timeline)"
         )
+    if plan is None and (ignored := engine.ignored_options()):
+        print(f"note: {ignored}", file=sys.stderr)
     with loading_status(name, plan, quiet=quiet):
         engine.load(context, plan)
     return name, engine, text, prompt_ids
 
 
-def prompt_text(name: str, prompt: str | None, prompt_file: Path | None, stdin: bool = True) -> str:
-    """What a run of model ``name`` decodes from: ``read_prompt`` with its default prompt
-    (``stdin``: False, piped input is not read unless --prompt-file - asks for it)."""
+def prompt_text(name: str, prompt: str | None, prompt_file: Path | None) -> str:
+    """What a run of model ``name`` decodes from: ``read_prompt`` with its default prompt."""
     from moespeq_cli.model_ref import DEMO
 
     default = DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT
-    if not stdin and prompt is None and prompt_file is None:
-        return default
     return read_prompt(prompt, prompt_file, default)
 
 

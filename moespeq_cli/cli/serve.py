@@ -59,20 +59,29 @@ def serve(
 
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
-    check_address(host, port)  # before minutes of loading, not after
+    sock = listening_socket(host, port)  # before minutes of loading, not after; held, so --port 0's stays ours
     name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
     if engine.plan is not None:
         Renderer().plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens, ctx - 1))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
-    note(f"serving {name} on http://{host}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
-    server.run()
-    engine.close()
+    port = sock.getsockname()[1]  # --port 0: the one the system gave
+    shown = f"[{host}]" if ":" in host else host
+    note(f"serving {name} on http://{shown}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: the way to stop, not an error
+        pass
+    finally:
+        engine.close()
+        sock.close()
+    note("stopped")
 
 
-def check_address(host: str, port: int) -> None:
-    """The address can be listened on (free port, a local interface), else one line."""
+def listening_socket(host: str, port: int):
+    """A socket bound to the address (free port, a local interface) for the server to
+    listen on, else one line."""
     import errno
     import socket
 
@@ -81,12 +90,14 @@ def check_address(host: str, port: int) -> None:
     except socket.gaierror:
         raise UsageError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
     family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            # a port another program holds is this machine's state, not a bad command
-            # line (exit 1); an address that is not this machine's is (exit 2)
-            kind = MoespeqError if e.errno == errno.EADDRINUSE else UsageError
-            raise kind(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+    s = socket.socket(family, kind, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(addr)
+    except OSError as e:
+        s.close()
+        # a port another program holds is this machine's state, not a bad command
+        # line (exit 1); an address that is not this machine's is (exit 2)
+        kind = MoespeqError if e.errno == errno.EADDRINUSE else UsageError
+        raise kind(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+    return s

@@ -206,6 +206,20 @@ class Engine:
         return None if self.backend_name == "cpu" and self.backend is None else self.opts.policy
 
     # -- planning -------------------------------------------------------------
+    def ignored_options(self) -> str | None:
+        """With no plan (every expert in RAM on the cpu backend), the offloading options
+        given that then do nothing, named in one line; None if none was given."""
+        o = self.opts
+        asked = [f"--policy {o.policy}"] if o.policy != DEFAULT_POLICY else []
+        asked += [f"--spec-depth {o.spec_depth}"] if str(o.spec_depth) != "auto" else []
+        asked += [f"--draft {o.draft}"] if o.draft != "auto" else []
+        if not asked:
+            return None
+        return (
+            f"every expert fits in RAM, so --backend cpu decodes from memory without offloading or a draft: "
+            f"{' and '.join(asked)} take effect with --ram below the experts' size"
+        )
+
     def make_plan(self, context: int) -> Plan | None:
         """The memory plan for ``context`` tokens (None: the plain cpu reference). Refuses an
         impossible budget before any weight is read."""

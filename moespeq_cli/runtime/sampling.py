@@ -32,8 +32,8 @@ class SamplingParams:
             raise UsageError(
                 f"--temperature {t} is out of range; use 0 (greedy) or {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}"
             )
-        if not (math.isfinite(p) and 0 < p <= 1):
-            raise UsageError(f"--top-p {p} is out of range; use a value above 0 and at most 1 (1 = off)")
+        if not (math.isfinite(p) and 0 <= p <= 1):  # 0: only the most likely token
+            raise UsageError(f"--top-p {p} is out of range; use 0 to 1 (1 = off, 0 = the most likely token only)")
         if self.top_k < 0:
             raise UsageError(f"--top-k {self.top_k} is out of range; use 0 (off) or a positive number")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:

@@ -237,6 +237,11 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         return parse_profile(candidate)
     if path.suffix in (".yaml", ".yml"):
         raise UsageError(f"hardware profile file {shown(path)} does not exist")
+    if kind(path) != "missing":
+        raise UsageError(
+            f"--hardware {shown(path)} is not a hardware profile: give a profile name "
+            f"({', '.join(available_profiles())}) or a .yaml file (`moespeq calibrate --out FILE.yaml` writes one)"
+        )
     raise UsageError(
         f"unknown hardware profile {shown(name_or_path)!r}; available: {', '.join(available_profiles())} "
         "(or pass a path to a .yaml file)"

@@ -588,7 +588,11 @@ def explain(governor: Governor, released: bool, plan_note: str | None = None) ->
     s, hist = governor.state, governor.history
     if not hist:
         return None
-    arm = "gate-prefetch" if governor.prefetch else "no prefetch"
+    arms = s.arms
+    if min(arms[a].total.cycles if a in arms else 0 for a in (True, False)) < governor.arm_samples:
+        arm = "gate-prefetch and no prefetch in turn (too few tokens yet to measure which is faster)"
+    else:  # the one measured faster (not the other, if the run ended while probing it again)
+        arm = "gate-prefetch" if s.faster_arm() else "no prefetch"
     if plan_note:
         return f"{plan_note}; decoding with {arm}"
     if released:
