@@ -579,6 +579,25 @@ def test_routing_in_one_call_is_softmax_then_top_k(T, E, top_k, normalize):
     assert kernels.route_softmax(torch.randn(1, kernels.MAX_ROUTED + 1), 2, normalize) is None
 
 
+def test_the_one_call_layer_refuses_a_cache_of_another_shape(tiny):
+    """``layer_forward`` writes the cache by its strides: buffers of another head count,
+    head size or too short are refused (nothing computed), not written out of bounds."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny("mixtral", "gqa", torch.float32)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    layer = eng.model.model.layers[0]
+    cache = eng.model.new_cache()
+    eng.model(torch.tensor([5, 6]), cache)  # describes the layer, fills the cache
+    desc, x = layer.kernel_desc[1], torch.randn(1, layer.kernel_parts[0].weight.shape[0])
+    rope = eng.model.rope_tables(2, 3, x.device, x.dtype)
+    kb, vb = cache.k[0], cache.v[0]
+    assert kernels.layer_forward(desc, x, *rope, (kb, vb), 2) is not None
+    for bad in ((kb[:-1], vb), (kb, vb[:, :2]), (kb, vb[..., :-1].contiguous())):
+        assert kernels.layer_forward(desc, x, *rope, bad, 2) is None
+
+
 @pytest.mark.parametrize(
     "family,variant,dtype",
     [

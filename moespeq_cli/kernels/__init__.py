@@ -599,8 +599,11 @@ def layer_forward(
         and cos.is_contiguous()
         and sin.is_contiguous()
         and cos.shape == (T, desc.d)
+        and kb.shape[0] == vb.shape[0] == desc.Hkv
+        and kb.shape[2] == vb.shape[2] == desc.d
         and kb.stride(2) == vb.stride(2) == 1
         and kb.shape[1] >= start + T
+        and vb.shape[1] >= start + T
     ):
         return None
     lib = _lib()

@@ -10,6 +10,9 @@ runs as one call: the same kernels in the same order, without the Python between
 
 The module tree and its parameter names are unchanged (forward hooks, the op counter and
 ``load_state_dict`` see the same modules); only ``forward`` is rebound per instance.
+Weights are bound where they lie once loaded (the fused q/k/v buffer; a layer's
+description, made at its first call): loading into the parameters in place is seen,
+replacing them (``load_state_dict(assign=True)``, ``.to()``) is not.
 Shapes the kernels do not take (a long prefill, other activation dtypes) go to torch
 with the weight widened for that call.
 """
