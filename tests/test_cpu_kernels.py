@@ -291,6 +291,7 @@ def test_the_cpu_backend_computes_a_layer_s_experts_in_one_call(tiny, monkeypatc
     eng.load(32)
     assert eng.cpu_kernels
     model, calls = eng.model, []
+    monkeypatch.setattr(kernels, "model_forward", lambda *a: None)  # layer by layer (the one-call pass: below)
     monkeypatch.setattr(kernels, "layer_forward", lambda *a: None)  # module by module (the one-call layer: below)
     moe = kernels.moe
     monkeypatch.setattr(kernels, "moe", lambda x, *a, **k: calls.append(x.shape[0]) or moe(x, *a, **k))
@@ -340,6 +341,7 @@ def test_a_layer_s_attention_in_one_call_is_the_module_s_bit_for_bit(tiny, monke
     eng = Engine(path, EngineOptions(backend="cpu"))
     eng.load(32)
     model, calls = eng.model, []
+    monkeypatch.setattr(kernels, "model_forward", lambda *a: None)  # layer by layer (the one-call pass: below)
     monkeypatch.setattr(kernels, "layer_forward", lambda *a: None)  # module by module (the one-call layer: below)
     block = kernels.attention_block
     monkeypatch.setattr(kernels, "attention_block", lambda x, *a: calls.append(x.shape[0]) or block(x, *a))
@@ -626,6 +628,7 @@ def test_a_decoder_layer_in_one_call_is_the_modules_bit_for_bit(tiny, monkeypatc
         return y
 
     monkeypatch.setattr(kernels, "layer_forward", counted)
+    monkeypatch.setattr(kernels, "model_forward", lambda *a: None)  # layer by layer (the one-call pass: below)
     ids = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(5))
 
     run = functools.partial(prompt_token_verify, model, ids)
@@ -641,6 +644,45 @@ def test_a_decoder_layer_in_one_call_is_the_modules_bit_for_bit(tiny, monkeypatc
     assert_same_cache(cache, cache2, layers, 9)
 
 
+@pytest.mark.parametrize(
+    "family,variant,dtype", [("mixtral", "gqa", torch.bfloat16), ("qwen3_moe", "base", torch.float32)]
+)
+def test_a_whole_forward_pass_in_one_call_is_the_modules_bit_for_bit(tiny, monkeypatch, family, variant, dtype):
+    """Where every layer is one call, the whole pass is (``kernels.model_forward``:
+    embedding, layers, final norm, head): for a prompt, single tokens with ``last_only``
+    and a verification's rows, logits and KV cache equal the module-by-module path's; a
+    hook on the embedding, the final norm or the head sees the pass run layer by layer."""
+    from moespeq_cli.models.base import CausalLM, DecoderLayer
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny(family, variant, dtype)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    model, calls = eng.model, []
+    whole = kernels.model_forward
+    monkeypatch.setattr(kernels, "model_forward", lambda *a: calls.append(a[2].shape[0]) or whole(*a))
+    ids = torch.randint(3, 200, (12,), generator=torch.Generator().manual_seed(7))
+
+    def run():
+        cache = model.new_cache()
+        out = [model(ids[:6], cache), model(ids[6:7], cache, last_only=True), model(ids[7:10], cache)]
+        return torch.cat(out + [model(ids[10:11], cache, last_only=True)]), cache
+
+    one_call, cache = run()
+    assert calls == [6, 1, 3, 1]
+    layers = model.model.layers
+    with monkeypatch.context() as m:  # module by module: the pass and each layer
+        m.setattr(model, "forward", CausalLM.forward.__get__(model))
+        for layer in layers:
+            m.setattr(layer, "forward", DecoderLayer.forward.__get__(layer))
+        modules, cache2 = run()
+    assert torch.equal(one_call, modules)
+    assert_same_cache(cache, cache2, len(layers), 11)
+    hook = model.lm_head.register_forward_hook(lambda *a: calls.append("head"))
+    assert torch.equal(run()[0], one_call) and calls.count("head") == 4 and len(calls) == 8
+    hook.remove()
+
+
 def test_the_one_call_layer_steps_aside_for_what_watches_a_layer(tiny, monkeypatch):
     """A routing observer, a forward hook on one of the layer's parts or a global one
     sees the layer run module by module (the one call would skip them), and the logits
@@ -653,6 +695,7 @@ def test_the_one_call_layer_steps_aside_for_what_watches_a_layer(tiny, monkeypat
     model, taken = eng.model, []
     whole = kernels.layer_forward
     monkeypatch.setattr(kernels, "layer_forward", lambda *a: taken.append(1) or whole(*a))
+    monkeypatch.setattr(kernels, "model_forward", lambda *a: None)  # layer by layer
     ids = torch.tensor([5, 9, 11])
 
     def logits():

@@ -633,3 +633,73 @@ def argmax(rows: torch.Tensor) -> list[int] | None:
     if not lib.ms_argmax(rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr()):
         return None
     return out.tolist()
+
+
+def model_forward(
+    descs: list[LayerDesc],
+    embed: torch.Tensor,
+    ids: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kvs: list[tuple[torch.Tensor, torch.Tensor]],
+    start: int,
+    norm: tuple[torch.Tensor, float],
+    head: tuple[torch.Tensor, torch.Tensor | None],
+    last_only: bool,
+) -> torch.Tensor | None:
+    """A model's whole forward pass (``CausalLM.forward`` over layers each described by
+    ``descs``) in one call (``ms_model_forward``) for ids [T <= MAX_ROWS] at positions
+    [start, start + T): logits [T, vocab] float32 (the last row's only if ``last_only``),
+    the module path's bit for bit. ``embed``: the embedding [vocab, hidden]; ``kvs``: each
+    layer's cache buffers; ``norm``: the final RMSNorm (weight, eps); ``head``: the output
+    projection (weight [vocab, hidden], bias). None where it does not take them (then
+    nothing is trustworthy but the cache rows, which the module path writes again)."""
+    (nw, eps), (hw, hb) = norm, head
+    T, n, hidden = ids.shape[0], len(descs), embed.shape[1]
+    lib = _lib()
+    if not (
+        lib is not None
+        and n >= 1
+        and ids.dtype == torch.int64
+        and ids.is_cpu
+        and ids.dim() == 1
+        and 1 <= T <= MAX_ROWS
+        and embed.dtype in WTYPES
+        and hw.dtype in WTYPES
+        and all(t.is_cpu and t.is_contiguous() for t in (embed, nw, hw))
+        and nw.dtype == torch.float32
+        and nw.shape == (hidden,)
+        and hw.shape == (embed.shape[0], hidden)
+        and all(d.hidden == hidden for d in descs)
+        and cos.dtype == sin.dtype == torch.float32
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and all(cos.shape == (T, d.d) for d in descs)
+        and all(
+            kb.dtype == vb.dtype == torch.float32
+            and kb.shape[0] == vb.shape[0] == d.Hkv
+            and kb.shape[2] == vb.shape[2] == d.d
+            and kb.stride(2) == vb.stride(2) == 1
+            and kb.shape[1] >= start + T
+            and vb.shape[1] >= start + T
+            for d, (kb, vb) in zip(descs, kvs, strict=True)
+        )
+    ):
+        return None
+    layers = (ctypes.c_void_p * n)(*(ctypes.addressof(d) for d in descs))
+    kc = (ctypes.c_void_p * n)(*(kb.data_ptr() for kb, _ in kvs))
+    vc = (ctypes.c_void_p * n)(*(vb.data_ptr() for _, vb in kvs))
+    kst = (ctypes.c_long * (2 * n))(*(s for kb, _ in kvs for s in kb.stride()[:2]))
+    vst = (ctypes.c_long * (2 * n))(*(s for _, vb in kvs for s in vb.stride()[:2]))
+    need = lib.ms_model_scratch(layers, n, T)
+    scratch = _layer_scratch(need)
+    hb = None if hb is None else hb.float().contiguous()  # held until the call returns
+    ids = ids.contiguous()
+    R, vocab = (1 if last_only else T), hw.shape[0]
+    logits = torch.empty(R, vocab, dtype=torch.float32)
+    done = lib.ms_model_forward(
+        layers, n, embed.data_ptr(), WTYPES[embed.dtype], vocab, ids.data_ptr(), T, cos.data_ptr(), sin.data_ptr(),
+        kc, kst, vc, vst, start, nw.data_ptr(), eps, hw.data_ptr(), WTYPES[hw.dtype],
+        None if hb is None else hb.data_ptr(), int(last_only), scratch.data_ptr(), logits.data_ptr(),
+    )  # fmt: skip
+    return logits if done else None

@@ -114,6 +114,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_layer_forward.argtypes = [p, p, L, p, p, p, L, L, p, L, L, L, p, p]
     lib.ms_layer_forward.restype = i
     lib.ms_argmax.argtypes = [p, L, L, p]
+    lib.ms_model_scratch.argtypes = [p, L, L]
+    lib.ms_model_scratch.restype = L
+    lib.ms_model_forward.argtypes = [p, L, p, i, L, p, L, p, p, p, p, p, p, L, p, f, p, i, p, i, p, p]
+    lib.ms_model_forward.restype = i
     lib.ms_argmax.restype = i
 
 

@@ -1710,3 +1710,49 @@ int ms_argmax(const float *x, long R, long N, int64_t *out) {
     }
     return 1;
 }
+
+/* ------------------------------------------------------------------------------------ */
+/* A whole forward pass of a model every layer of which ms_layer_forward takes (models/  */
+/* base.py CausalLM.forward): the embedding rows widened to fp32, the layers in order, the */
+/* final RMSNorm and the head, over the last row only where ``last_only``. The module     */
+/* path's kernels in its order, so the same bits; what it saves is a small model's        */
+/* Python between layers (embedding, head, module calls: about 60 us a token on the       */
+/* demo). kc[i], vc[i]: layer i's cache buffers with strides kst[2i], kst[2i+1] (and vst); */
+/* scratch: ms_model_scratch floats. Returns 1, or 0 where a part refused (an id outside  */
+/* the vocabulary, a layer's refusal): then the caller runs the module path (the cache    */
+/* rows rewritten, the same values).                                                     */
+
+long ms_model_scratch(const ms_layer *const *layers, long n_layers, long T) {
+    long most = 0;
+    for (long i = 0; i < n_layers; i++) {
+        long s = ms_layer_scratch(layers[i], T);
+        most = s > most ? s : most;
+    }
+    return 3 * T * layers[0]->hidden + most;
+}
+
+int ms_model_forward(const ms_layer *const *layers, long n_layers, const void *embed, int wt_embed, long vocab,
+                     const int64_t *ids, long T, const float *cos, const float *sin, float *const *kc, const long *kst,
+                     float *const *vc, const long *vst, long start, const float *norm, float eps, const void *head,
+                     int wt_head, const float *head_bias, int last_only, float *scratch, float *logits) {
+    long H = layers[0]->hidden;
+    if (T < 1 || T > MAX_MOE_ROWS || n_layers < 1) return 0;
+    for (long t = 0; t < T; t++)
+        if (ids[t] < 0 || ids[t] >= vocab) return 0;
+    float *x = scratch, *y = x + T * H, *h = y + T * H, *work = h + T * H;
+    for (long t = 0; t < T; t++)
+        for (long c = 0; c < H; c++) x[t * H + c] = widen_scalar(embed, wt_embed, ids[t] * H + c);
+    for (long i = 0; i < n_layers; i++) {
+        if (!ms_layer_forward(layers[i], x, T, cos, sin, kc[i], kst[2 * i], kst[2 * i + 1], vc[i], vst[2 * i],
+                              vst[2 * i + 1], start, work, y))
+            return 0;
+        float *swap = x;
+        x = y;
+        y = swap;
+    }
+    long R = last_only ? 1 : T;
+    const float *rows = x + (T - R) * H;
+    ms_rmsnorm(rows, norm, eps, h, R, H);
+    ms_linear(h, head, wt_head, head_bias, logits, R, vocab, H);
+    return 1;
+}

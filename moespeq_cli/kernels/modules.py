@@ -166,15 +166,25 @@ def _describe_layer(self, layer: int) -> kernels.LayerDesc | None:
     )  # fmt: skip
 
 
-def _layer_forward(self, x: torch.Tensor, layer: int, cache, rope: tuple) -> torch.Tensor:
-    """The whole layer as one ``kernels.layer_forward`` call where it takes it: nothing
-    watches the MoE block (no routing observer, no hook on the layer's parts) and its
-    experts are all in memory in one table; else ``DecoderLayer.forward``."""
-    norm1, attn, norm2, moe = self.kernel_parts
+def _layer_desc_now(self, layer: int) -> kernels.LayerDesc | None:
+    """This layer's description where the one-call layer may run it now: nothing watches
+    the MoE block (no routing observer, no hook on the layer's parts) and its experts are
+    all in memory in one table; else None."""
+    moe = self.kernel_parts[3]
     if self.kernel_desc[0] is not moe.experts:  # described for the executor set now (set after loading)
         self.kernel_desc = (moe.experts, _describe_layer(self, layer))
     desc = self.kernel_desc[1]
-    if desc is not None and moe.observer is None and not _hooked((*self.kernel_parts, moe.gate)):
+    if desc is None or moe.observer is not None or _hooked((*self.kernel_parts, moe.gate)):
+        return None
+    return desc
+
+
+def _layer_forward(self, x: torch.Tensor, layer: int, cache, rope: tuple) -> torch.Tensor:
+    """The whole layer as one ``kernels.layer_forward`` call where it takes it
+    (``_layer_desc_now``); else ``DecoderLayer.forward``."""
+    attn = self.kernel_parts[1]
+    desc = _layer_desc_now(self, layer)
+    if desc is not None:
         kv = cache.reserve(layer, x.shape[0], attn.kv_like, attn.kv_like)
         y = kernels.layer_forward(desc, x, *rope, kv, cache.length)
         if y is not None:
@@ -207,6 +217,59 @@ def _whole_layer(layer: nn.Module) -> bool:
     return True
 
 
+def _model_forward(self, input_ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+    """The whole forward pass as one ``kernels.model_forward`` call where every layer may
+    run as one call now and nothing watches the embedding, the final norm or the head;
+    else ``CausalLM.forward`` (layer by layer, each perhaps one call)."""
+    base = self.model
+    T = input_ids.shape[0]
+    if 1 <= T <= kernels.MAX_ROWS and input_ids.is_cpu and not _hooked((base.embed_tokens, base.norm, self.lm_head)):
+        descs = []
+        for i, layer in enumerate(base.layers):
+            desc = _layer_desc_now(layer, i)
+            if desc is None or _hooked((layer,)):
+                break
+            descs.append(desc)
+        else:
+            start = cache.length
+            with torch.inference_mode():
+                cos, sin = self.rope_tables(start, start + T, input_ids.device, torch.float32)
+                kvs = [
+                    cache.reserve(i, T, layer.kernel_parts[1].kv_like, layer.kernel_parts[1].kv_like)
+                    for i, layer in enumerate(base.layers)
+                ]
+                logits = kernels.model_forward(
+                    descs, base.embed_tokens.weight, input_ids, cos, sin, kvs, start,
+                    (base.norm.weight, base.norm.eps), (self.lm_head.weight, self.lm_head.bias), last_only,
+                )  # fmt: skip
+            if logits is not None:
+                cache.length += T
+                return logits
+    return type(self).forward(self, input_ids, cache, last_only)
+
+
+def _whole_model(model: nn.Module) -> bool:
+    """Rebinds a ``CausalLM``'s forward to ``_model_forward`` where it runs the common
+    top level unchanged (no family's own embedding scale, logit cap or rotary tables) over
+    layers that are each one call, a plain RMSNorm and a linear head; whether it did."""
+    from moespeq_cli.models.base import CausalLM, RMSNorm
+
+    cls, base = type(model), getattr(model, "model", None)
+    if not (
+        isinstance(model, CausalLM)
+        and all(getattr(cls, f) is getattr(CausalLM, f) for f in ("forward", "embed", "logits", "rope_tables"))
+        and type(base.embed_tokens) is nn.Embedding
+        and type(base.norm) is RMSNorm
+        and base.norm.weight.dtype == torch.float32
+        and type(model.lm_head) is nn.Linear
+        and len(base.layers) > 0
+        and all(hasattr(layer, "kernel_parts") for layer in base.layers)
+    ):
+        return False
+    model.forward = types.MethodType(_model_forward, model)
+    return True
+
+
 def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
     from moespeq_cli.models.base import Attention, GatedMLP, RMSNorm, SparseMoE, fuse_attention_projections
     from moespeq_cli.models.deepseek_v2 import MLAttention
@@ -232,4 +295,5 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
             m.route = _kernel_route(m.route)
     for m in model.modules():  # after their parts: a layer is one call only where each part is
         _whole_layer(m)
+    _whole_model(model)  # and a pass only where each layer is
     return model
