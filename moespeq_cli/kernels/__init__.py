@@ -418,6 +418,26 @@ def attention(
     return out if done else None
 
 
+def _takes_rope_and_cache(
+    cos: torch.Tensor, sin: torch.Tensor, kv: tuple, Hkv: int, d: int, start: int, T: int
+) -> bool:
+    """Whether rotary tables [T, d] and a layer's cache buffers ``kv`` ([Hkv, cap, d] each,
+    the last dimension contiguous, cap >= start + T) are what the one-call kernels take:
+    they write the cache by its strides, so a buffer of another shape is refused here."""
+    kb, vb = kv
+    return (
+        cos.dtype == sin.dtype == kb.dtype == vb.dtype == torch.float32
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and cos.shape == (T, d)
+        and kb.shape[0] == vb.shape[0] == Hkv
+        and kb.shape[2] == vb.shape[2] == d
+        and kb.stride(2) == vb.stride(2) == 1
+        and kb.shape[1] >= start + T
+        and vb.shape[1] >= start + T
+    )
+
+
 def attention_block(
     x: torch.Tensor,
     qkv: tuple[torch.Tensor, torch.Tensor | None],
@@ -446,16 +466,9 @@ def attention_block(
         _rows(x, wqkv, wo)
         and wqkv.dtype in WTYPES
         and wo.dtype in WTYPES
-        and cos.dtype == sin.dtype == kb.dtype == vb.dtype == torch.float32
-        and cos.is_contiguous()
-        and sin.is_contiguous()
-        and cos.shape == (T, d)
+        and _takes_rope_and_cache(cos, sin, kv, Hkv, d, start, T)
         and wqkv.shape == ((H + 2 * Hkv) * d, x.shape[1])
         and wo.shape == (x.shape[1], H * d)
-        and kb.shape[0] == vb.shape[0] == Hkv
-        and kb.shape[2] == vb.shape[2] == d
-        and kb.stride(2) == vb.stride(2) == 1
-        and kb.shape[1] >= start + T
     ):
         return None
     x = x.contiguous()
@@ -595,15 +608,7 @@ def layer_forward(
         and x.dim() == 2
         and 1 <= T <= MAX_ROWS
         and x.shape[1] == desc.hidden
-        and cos.dtype == sin.dtype == kb.dtype == vb.dtype == torch.float32
-        and cos.is_contiguous()
-        and sin.is_contiguous()
-        and cos.shape == (T, desc.d)
-        and kb.shape[0] == vb.shape[0] == desc.Hkv
-        and kb.shape[2] == vb.shape[2] == desc.d
-        and kb.stride(2) == vb.stride(2) == 1
-        and kb.shape[1] >= start + T
-        and vb.shape[1] >= start + T
+        and _takes_rope_and_cache(cos, sin, kv, desc.Hkv, desc.d, start, T)
     ):
         return None
     lib = _lib()
@@ -671,19 +676,7 @@ def model_forward(
         and nw.shape == (hidden,)
         and hw.shape == (embed.shape[0], hidden)
         and all(d.hidden == hidden for d in descs)
-        and cos.dtype == sin.dtype == torch.float32
-        and cos.is_contiguous()
-        and sin.is_contiguous()
-        and all(cos.shape == (T, d.d) for d in descs)
-        and all(
-            kb.dtype == vb.dtype == torch.float32
-            and kb.shape[0] == vb.shape[0] == d.Hkv
-            and kb.shape[2] == vb.shape[2] == d.d
-            and kb.stride(2) == vb.stride(2) == 1
-            and kb.shape[1] >= start + T
-            and vb.shape[1] >= start + T
-            for d, (kb, vb) in zip(descs, kvs, strict=True)
-        )
+        and all(_takes_rope_and_cache(cos, sin, kv, d.Hkv, d.d, start, T) for d, kv in zip(descs, kvs, strict=True))
     ):
         return None
     layers = (ctypes.c_void_p * n)(*(ctypes.addressof(d) for d in descs))

@@ -217,34 +217,37 @@ def _whole_layer(layer: nn.Module) -> bool:
     return True
 
 
-def _model_forward(self, input_ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
-    """The whole forward pass as one ``kernels.model_forward`` call where every layer may
-    run as one call now and nothing watches the embedding, the final norm or the head;
-    else ``CausalLM.forward`` (layer by layer, each perhaps one call)."""
+def _pass_descs(self, input_ids: torch.Tensor) -> list[kernels.LayerDesc] | None:
+    """Every layer's description where the whole pass may be one call now: rows the
+    kernels take, each layer one call (``_layer_desc_now``) with no hook on it, and no hook
+    on the embedding, the final norm or the head; else None."""
     base = self.model
-    T = input_ids.shape[0]
-    if 1 <= T <= kernels.MAX_ROWS and input_ids.is_cpu and not _hooked((base.embed_tokens, base.norm, self.lm_head)):
-        descs = []
-        for i, layer in enumerate(base.layers):
-            desc = _layer_desc_now(layer, i)
-            if desc is None or _hooked((layer,)):
-                break
-            descs.append(desc)
-        else:
-            start = cache.length
-            with torch.inference_mode():
-                cos, sin = self.rope_tables(start, start + T, input_ids.device, torch.float32)
-                kvs = [
-                    cache.reserve(i, T, layer.kernel_parts[1].kv_like, layer.kernel_parts[1].kv_like)
-                    for i, layer in enumerate(base.layers)
-                ]
-                logits = kernels.model_forward(
-                    descs, base.embed_tokens.weight, input_ids, cos, sin, kvs, start,
-                    (base.norm.weight, base.norm.eps), (self.lm_head.weight, self.lm_head.bias), last_only,
-                )  # fmt: skip
-            if logits is not None:
-                cache.length += T
-                return logits
+    if not (1 <= input_ids.shape[0] <= kernels.MAX_ROWS and input_ids.is_cpu):
+        return None
+    if _hooked((base.embed_tokens, base.norm, self.lm_head)):
+        return None
+    descs = [_layer_desc_now(layer, i) for i, layer in enumerate(base.layers)]
+    if any(d is None for d in descs) or _hooked(tuple(base.layers)):
+        return None
+    return descs
+
+
+@torch.inference_mode()
+def _model_forward(self, input_ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+    """The whole forward pass as one ``kernels.model_forward`` call where ``_pass_descs``
+    allows it; else ``CausalLM.forward`` (layer by layer, each perhaps one call)."""
+    descs = _pass_descs(self, input_ids)
+    if descs is not None:
+        base, start, T = self.model, cache.length, input_ids.shape[0]
+        cos, sin = self.rope_tables(start, start + T, input_ids.device, torch.float32)
+        kvs = [cache.reserve(i, T, layer.attn.kv_like, layer.attn.kv_like) for i, layer in enumerate(base.layers)]
+        logits = kernels.model_forward(
+            descs, base.embed_tokens.weight, input_ids, cos, sin, kvs, start,
+            (base.norm.weight, base.norm.eps), (self.lm_head.weight, self.lm_head.bias), last_only,
+        )  # fmt: skip
+        if logits is not None:
+            cache.length += T
+            return logits
     return type(self).forward(self, input_ids, cache, last_only)
 
 

@@ -217,7 +217,7 @@ class Engine:
             return None
         return (
             f"every expert fits in RAM, so --backend cpu decodes from memory without offloading or a draft: "
-            f"{' and '.join(asked)} take effect with --ram below the experts' size"
+            f"{' and '.join(asked)} {'take' if len(asked) > 1 else 'takes'} effect with --ram below the experts' size"
         )
 
     def make_plan(self, context: int) -> Plan | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moespeq_cli import kernels
 from moespeq_cli.errors import CheckpointError, UsageError
 
 MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float32; use 0 for greedy
@@ -99,8 +100,6 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     the host in one read (on a GPU, one sync a pass)."""
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.device.type == "cpu" and rows.dtype == torch.float32:
-        from moespeq_cli import kernels
-
         best = kernels.argmax(rows)  # the check and the choice in one call, where the kernels run
         if best is not None:
             return best
