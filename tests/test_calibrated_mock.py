@@ -38,6 +38,12 @@ def test_the_counter_tells_launches_views_casts_and_syncs():
         step()
     assert (gpu.ops, gpu.casts) == (3, 1)  # a GPU computing in bf16 does not run the cast
 
+    scratch = torch.empty(16, 8)
+    with torch.inference_mode(), OpCounter(skip_casts=True) as gpu:
+        scratch.copy_(w)  # widened into a float32 scratch buffer (executors/experts.py): a cast
+        scratch.copy_(x.repeat(4, 1))  # a copy of the same dtype: a launch
+    assert (gpu.ops, gpu.casts) == (2, 1)
+
 
 def test_every_op_of_a_pass_is_charged_once(tiny):
     """One decode pass on the mock under an independent counter: the ops the mock charged

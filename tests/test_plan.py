@@ -137,11 +137,18 @@ ACTIVATED = {  # billions, from their model cards
 HOST_TIME = {"attention": 2e-4, "router": 5e-5, "expert": 1e-4, "layer": 3e-4, "lm_head": 1e-5}
 
 
-@pytest.mark.parametrize("host_time", [{}, HOST_TIME], ids=["bundled", "calibrated-host-time"])
-def test_model_agrees_with_the_mock_clock_for_resident(tiny, host_time):
+@pytest.mark.parametrize(
+    "host_time,dtype",
+    [({}, torch.float32), (HOST_TIME, torch.float32), ({}, torch.bfloat16)],
+    ids=["bundled", "calibrated-host-time", "bf16"],
+)
+def test_model_agrees_with_the_mock_clock_for_resident(tiny, host_time, dtype):
     """Everything on the device: the estimate prices the same kernels the mock clock
-    charges, and the same host time a calibrated profile measured beyond them."""
-    path, _ = tiny("mixtral", "top3")
+    charges, the same ops (q, k and v fused, the executor's own ops between experts
+    counted; a bf16 checkpoint's widening on the mock, which computes in float32, is no
+    GPU launch) and the same host time a calibrated profile measured beyond them: the
+    same step, to rounding (0.91-0.98 of it before those three were counted alike)."""
+    path, _ = tiny("mixtral", "top3", dtype)
     prompt = prompt_for(2)
     n = 24
     ck = Checkpoint(path)
@@ -154,7 +161,7 @@ def test_model_agrees_with_the_mock_clock_for_resident(tiny, host_time):
     step = StepModel(model, ck.config, hw, ck.config.dtype, len(prompt) + n // 2)
     plan = make_plan(model, ck.config, ck.config.dtype, vram_for_slots(path, total, 40), 40, "resident")
     modelled = 1.0 / estimate(step, plan).tokens_per_s
-    assert modelled == pytest.approx(measured, rel=0.1)
+    assert modelled == pytest.approx(measured, rel=1e-3)
 
 
 def test_the_draft_pass_has_no_grouped_call(tiny):

@@ -30,7 +30,8 @@ SYNC_OPS = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_no
 METADATA_OPS = {"aten.detach_.default"}  # in place on a tensor's metadata: nothing launched
 
 
-CAST_OPS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.other"}
+# conversions: a copy into a tensor of another dtype (``widened``'s scratch) is one too
+CAST_OPS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.other", "aten.copy_.default"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -85,7 +86,9 @@ def _nbytes(tree) -> int:
 
 
 def _changes_dtype(out, args) -> bool:
-    src = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    """The result's dtype is not its source's (``copy_(dst, src)``: the second operand's)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    src = tensors[1] if len(tensors) > 1 and out is tensors[0] else (tensors[0] if tensors else None)
     return isinstance(out, torch.Tensor) and src is not None and out.dtype != src.dtype
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from moespeq_cli.errors import UsageError
-from moespeq_cli.models.base import CausalLM
+from moespeq_cli.models.base import CausalLM, fuse_attention_projections
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.models.expert_format import fp8_tiles
 from moespeq_cli.quant.draft import path_bytes_per_weight, planned_path
@@ -99,9 +99,14 @@ class Estimate:
 
 
 class StepModel:
-    """Times of the pieces of a decode step for one model on one hardware profile."""
+    """Times of the pieces of a decode step for one model on one hardware profile.
+    ``model`` (a shape model, usually on the meta device) gets its attentions' q, k and v
+    fused into one product, as every backend runs them (the device tier, the mock, the CPU
+    kernels): its charges and op count then price the code that runs."""
 
     def __init__(self, model: CausalLM, cfg: MoEConfig, hw: HardwareProfile, dtype: torch.dtype, context: int):
+        if not any(hasattr(m, "fused_qkv") for m in model.modules()):
+            fuse_attention_projections(model)
         self.model, self.cfg, self.hw, self.dtype, self.context = model, cfg, hw, dtype, context
         self.elem = elem_size(dtype)
         self.table = charges(model, self.elem)
@@ -379,7 +384,7 @@ def rate(tokens_per_s: float) -> str:
 def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int, grouped: bool = False) -> int | None:
     """``StepModel.pass_ops``: None when the model cannot run on the meta device;
     ``grouped``: without the executor's own ops (a grouped call's are counted apart)."""
-    from moespeq_cli.runtime.executors.experts import grouped, token_groups
+    from moespeq_cli.runtime.executors import experts as executor
     from moespeq_cli.runtime.executors.opcount import OpCounter
 
     counter = OpCounter(skip_casts=True)
@@ -401,7 +406,7 @@ def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int, grouped: bool =
             counter.paused -= 1
             return out
 
-        return grouped(x, ids, weights, run, groups=token_groups(rows))
+        return executor.grouped(x, ids, weights, run, groups=executor.token_groups(rows))
 
     saved = {i: (b.experts, b.read_routing) for i, b in model.moe_blocks.items()}
     model.set_experts(experts)
@@ -410,8 +415,9 @@ def count_pass_ops(model: CausalLM, cfg: MoEConfig, tokens: int, grouped: bool =
     try:
         cache = model.new_cache()
         model(torch.zeros(1, dtype=torch.long, device="meta"), cache)  # a decode step finds its KV cache made
+        ids = torch.zeros(tokens, dtype=torch.long, device="meta")  # the input, made before counting
         with counter:
-            model(torch.zeros(tokens, dtype=torch.long, device="meta"), cache)
+            model(ids, cache)
 
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return None

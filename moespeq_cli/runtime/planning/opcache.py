@@ -52,6 +52,7 @@ def count_key(model: torch.nn.Module, cfg: object, tokens: int, grouped: bool) -
         repr(cfg),
         json.dumps(getattr(cfg, "raw", None), sort_keys=True, default=str),
         str(model),
+        str(sum(getattr(m, "fused_qkv", None) is not None for m in model.modules())),  # fused attentions
         str(getattr(model, "context", 0)),
         str(tokens),
         str(grouped),
