@@ -10,8 +10,11 @@ directory's business, which keeps the Hugging Face cache (snapshots are symlinks
 ``../../blobs``) working.
 
 Writing: outputs are regular files only (``--trace /dev/null`` must not replace the
-device node), written to a temporary file beside the target and renamed over it, so a
-kill at any instant leaves the old file or the new one, never half of one.
+device node), never one of the run's own inputs, written to a temporary file beside the
+target and renamed over it, so a kill at any instant leaves the old file or the new one,
+never half of one. A replaced file keeps its mode; a new one gets the umask's. A
+temporary file carries its writer's pid, so the next write of the same target removes
+what a killed writer left.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -149,7 +153,7 @@ def check_output(path: Path | None, option: str) -> None:
     a FIFO, a socket) or a missing parent directory."""
     if path is None:
         return
-    path = Path(path)
+    path = written_path(Path(path))
     status, _ = file_status(path)
     if status not in ("missing", "file"):
         what = f"is {status}" if status.startswith("a ") else f"cannot be used ({status})"
@@ -157,33 +161,115 @@ def check_output(path: Path | None, option: str) -> None:
     parent = path.parent
     if not is_dir(parent):
         raise UsageError(f"{option} {shown(path)}: directory {shown(parent)} does not exist")
-    try:  # a real probe: os.access says yes to root on a read-only mount or in /sys
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".probe", dir=parent)
+    why = cannot_write_in(parent)
+    if why is not None:
+        raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({why})")
+
+
+def cannot_write_in(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory``, or None: a real probe (os.access
+    says yes to root on a read-only mount or in /sys)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moespeq-", suffix=".probe", dir=directory)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({e.strerror})") from None
+        return e.strerror or str(e)
+    return None
+
+
+def check_not_input(path: Path | None, option: str, inputs: list[tuple[str, Path | None]]) -> None:
+    """Refuse an output that would replace one of the run's inputs (``inputs``: (what,
+    path) pairs): a file given as input, or a file already inside an input directory (a
+    checkpoint's weights, its config). A new file inside a checkpoint directory is fine."""
+    if path is None:
+        return
+    target = Path(os.path.realpath(path))
+    for what, source in inputs:
+        if source is None:
+            continue
+        real = Path(os.path.realpath(source))
+        inside = is_dir(real) and real in target.parents and os.path.lexists(target)
+        if target == real or inside:
+            raise UsageError(f"{option} {shown(path)} would overwrite {what} {shown(source)}; give another file name")
+
+
+def written_path(path: Path) -> Path:
+    """Where a write of ``path`` lands: a symlink to a regular file is followed (its
+    target is replaced, the link stays)."""
+    return path.resolve() if path.is_symlink() and is_regular(path) else path
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: Path) -> int:
+    """The mode a write of ``path`` gives: the old file's where it replaces one, else what
+    ``open`` would give a new file (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~umask()
+
+
+def pid_alive(pid: int) -> bool:
+    """A process ``pid`` exists on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def remove_stale(directory: Path, prefix: str, suffix: str = "") -> None:
+    """Remove the regular files in ``directory`` named exactly as ``tempfile.mkstemp``
+    names ours (``<prefix><pid>.<8 random characters><suffix>``) whose writer ``pid`` is
+    gone: what a killed write left. A user's file that only looks alike is left alone."""
+    shape = re.compile(re.escape(prefix) + r"(\d+)\.[a-z0-9_]{8}" + re.escape(suffix))
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        m = shape.fullmatch(entry.name)
+        if m and not pid_alive(int(m.group(1))) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path``: never a
     half-written file, and never anything but a regular file replaced. A symlink to a
     regular file is followed (its target is replaced, the link stays). The temporary
-    file has a name no other file has (``mkstemp``): nothing but it is ever removed."""
-    path = Path(path)
-    if path.is_symlink() and is_regular(path):
-        path = path.resolve()
+    file has a name no other file has (``mkstemp``, with the writer's pid): nothing but it
+    is ever removed, and what a killed writer of the same target left."""
+    path = written_path(Path(path))
     status, _ = file_status(path)
     if status not in ("missing", "file"):
         raise MoespeqError(f"cannot write {path}: it is {status}, not a regular file")
     tmp = None
+    stem = f".{path.name[:60]}."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:60]}.", suffix=".tmp", dir=path.parent)
+        remove_stale(path.parent, stem, ".tmp")
+        mode = new_file_mode(path)
+        fd, tmp = tempfile.mkstemp(prefix=f"{stem}{os.getpid()}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:

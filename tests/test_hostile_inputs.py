@@ -82,11 +82,122 @@ def test_quantize_refuses_an_out_that_is_not_its_draft(cli, ckpt, tiny, tmp_path
     assert tree(tmp_path) == before
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (a killed writer's)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_quantize_never_replaces_a_directory_holding_anything_but_a_draft(cli, tiny, ckpt, tmp_path):
+    """A sharded checkpoint holding a copy of its own draft's files (its fingerprint covers
+    the shards its index names, so the directory once passed as "a draft of this
+    checkpoint" and was replaced, weights and all), and notes kept beside a draft in its
+    default directory: refused, nothing touched."""
+    src, ref = tiny("mixtral", "gqa")
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="100KB", safe_serialization=True)
+    shutil.copy(src / "tokenizer.json", sharded)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    out = tmp_path / "draft"
+    assert cli("quantize", str(sharded), "--out", str(out)).exit_code == 0
+    for f in out.iterdir():
+        shutil.copy(f, sharded / f.name)
+    r = cli("run", str(sharded), "--draft", str(sharded), "-p", "hi", "-n", "2", "--spec-depth", "2")
+    assert r.exit_code == 0, r.stderr  # a draft of this checkpoint, by its manifest
+    before = tree(tmp_path)
+    one_line_error(cli("quantize", str(sharded), "--out", str(sharded)), 2, "config.json", "refusing")
+    assert tree(tmp_path) == before
+    assert cli("quantize", str(ckpt)).exit_code == 0  # the default directory, beside the checkpoint
+    default = tmp_path / "ckpt.moespeq-draft-nf4-b64"
+    (default / "NOTES.txt").write_text("mine")
+    before = tree(tmp_path)
+    one_line_error(cli("quantize", str(ckpt)), 2, "NOTES.txt", "the draft directory")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["manifest", "no-manifest", "other-weights"])
+def test_quantize_rebuilds_a_damaged_or_stale_draft_at_its_default_path(cli, ckpt, tmp_path, damage):
+    """What `run` says to do about a damaged draft (rebuild it with `moespeq quantize`)
+    works; a draft of the checkpoint's earlier weights at its own default path is replaced
+    too, while a given --out holding another checkpoint's draft is still refused."""
+    assert cli("quantize", str(ckpt)).exit_code == 0
+    default = tmp_path / "ckpt.moespeq-draft-nf4-b64"
+    if damage == "manifest":
+        (default / "manifest.json").write_text("{half")
+    elif damage == "no-manifest":
+        (default / "manifest.json").unlink()
+    else:
+        edit_json(default / "manifest.json", source_fingerprint="0" * 64)
+        one_line_error(cli("quantize", str(ckpt), "--out", str(default)), 2, "another checkpoint")
+    r = cli("quantize", str(ckpt))
+    assert r.exit_code == 0, r.stderr
+    assert cli("run", str(ckpt), "-p", "hi", "-n", "2", "--spec-depth", "2").exit_code == 0
+
+
+def test_a_draft_keeps_its_directorys_mode_and_takes_the_umask(cli, ckpt, tmp_path):
+    out = tmp_path / "draft"
+    old = os.umask(0o022)
+    try:
+        assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o755  # not mkdtemp's 0700
+        assert stat.S_IMODE(os.stat(out / "draft.safetensors").st_mode) == 0o644
+        os.chmod(out, 0o750)
+        os.chmod(out / "manifest.json", 0o640)
+        assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o750
+        assert stat.S_IMODE(os.stat(out / "manifest.json").st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_a_live_writers_temporary_draft_is_left_alone(cli, ckpt, tmp_path):
+    """Two writers under different locks (two users' caches): the second's clean-up must
+    not remove the first's draft in progress, only a dead writer's."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.quant.draft import fingerprint, recover
+
+    out = tmp_path / "draft"
+    live, dead = tmp_path / f".draft.tmp-{os.getppid()}-abc", tmp_path / f".draft.tmp-{dead_pid()}-def"
+    for d in (live, dead):
+        d.mkdir()
+        (d / "draft.safetensors").write_bytes(b"in progress")
+    recover(out, fingerprint(Checkpoint(ckpt)))
+    assert live.exists() and not dead.exists()
+
+
+def test_a_long_draft_name_is_accepted(cli, ckpt, tmp_path):
+    out = tmp_path / ("d" * 240)  # a valid name; the temporary names built from it must be too
+    r = cli("quantize", str(ckpt), "--out", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", out.name]  # no temporary left
+
+
+def test_a_hub_snapshots_draft_goes_to_moespeqs_cache(tmp_path, monkeypatch):
+    """Nothing of moespeq's beside a snapshot in the Hugging Face cache (its tools would list
+    it as a revision); a draft an earlier moespeq wrote there is still found."""
+    from moespeq_cli.quant.draft import cache_dir, default_draft_dir, saved_draft
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert cache_dir() in default_draft_dir(snap, "nf4", 64).parents
+    assert saved_draft(snap, "nf4", 64) is None
+    earlier = snap.with_name("abc123.moespeq-draft-nf4-b64")
+    earlier.mkdir()
+    (earlier / "manifest.json").write_text("{}")
+    assert saved_draft(snap, "nf4", 64) == earlier.resolve()
+    plain = tmp_path / "models" / "tiny"
+    plain.mkdir(parents=True)
+    assert default_draft_dir(plain, "nf4", 64).parent == plain.resolve().parent
+
+
 def test_quantize_replaces_its_own_draft_and_cleans_stale_temporaries(cli, ckpt, tmp_path):
     out = tmp_path / "draft"
     assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
     first = tree(out)
-    stale = tmp_path / ".draft.tmp-999999"  # left by a killed run
+    stale = tmp_path / f".draft.tmp-{dead_pid()}"  # left by a killed run
     stale.mkdir()
     (stale / "draft.safetensors").write_bytes(b"half")
     r = cli("quantize", str(ckpt), "--out", str(out))
@@ -100,7 +211,7 @@ def test_a_draft_set_aside_by_a_killed_run_comes_back(cli, ckpt, tmp_path):
     out = tmp_path / "draft"
     assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
     # A kill between "rename the old one aside" and "rename the new one in":
-    aside = tmp_path / ".draft.old-4242"
+    aside = tmp_path / f".draft.old-{dead_pid()}"
     os.replace(out, aside)
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.quant.draft import draft_lock, fingerprint
@@ -173,6 +284,48 @@ def test_trace_to_dev_null_leaves_the_device_alone(cli, ckpt):
     one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", "/dev/null"), 2, "/dev/null")
     after = os.lstat("/dev/null")
     assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+
+
+@pytest.mark.parametrize("option", ["--trace", "--report"])
+def test_an_output_never_replaces_the_runs_inputs(cli, ckpt, tmp_path, option):
+    """--trace or --report naming the checkpoint's weights or config, the prompt file or the
+    hardware profile: refused before any work, the file intact; a new file inside the
+    checkpoint directory is fine."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hi")
+    profile = write_profile(tmp_path / "hw.yaml")
+    for target in (ckpt / "model.safetensors", ckpt / "config.json", prompt, profile):
+        before = tree(tmp_path)
+        r = cli(
+            "profile", str(ckpt), "--prompt-file", str(prompt), "-n", "2", "--no-live",
+            "--hardware", str(profile), option, str(target),
+        )  # fmt: skip
+        one_line_error(r, 2, option, "would overwrite")
+        assert tree(tmp_path) == before
+    r = cli("profile", str(ckpt), "-p", "hi", "-n", "2", "--no-live", option, str(ckpt / "new.out"))
+    assert r.exit_code == 0, r.stderr
+
+
+def test_a_replaced_output_keeps_its_mode_and_a_killed_writers_leftover_goes(tmp_path):
+    from moespeq_cli.fs import atomic_write_text
+
+    out = tmp_path / "trace.json"
+    out.write_text("old")
+    os.chmod(out, 0o600)
+    stale = tmp_path / f".trace.json.{dead_pid()}.x1y2z3w4.tmp"  # a kill after the write, before the rename
+    stale.write_text("half")
+    mine = tmp_path / f".trace.json.{os.getpid()}.zzzzzzzz.tmp"  # a live writer's
+    mine.write_text("busy")
+    atomic_write_text(out, "new")
+    assert out.read_text() == "new" and stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    assert not stale.exists() and mine.exists()
+
+
+def test_calibrate_refuses_an_unwritable_out_before_measuring(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    # refused at once: measuring first would take a minute, past the case's hang guard
+    one_line_error(cli("calibrate", "--out", str(blocker / "sub" / "p.yaml")), 2, "--out", "not a directory")
 
 
 def test_trace_through_a_symlink_replaces_its_target(cli, ckpt, tmp_path):

@@ -1,6 +1,7 @@
 """``moespeq pull`` against a fake hub on 127.0.0.1: download, resume, errors, offline."""
 
 import json
+import os
 
 import pytest
 from fake_hub import FakeHub
@@ -121,3 +122,50 @@ def test_list_aliases(cli):
 def test_pull_without_model(cli):
     r = cli("pull")
     assert r.exit_code == 2 and "--list" in r.stderr
+
+
+def test_local_dir_holding_the_users_files_is_refused(hub, cli, tmp_path):
+    """A download over a directory of the user's own files would overwrite some of them and
+    leave a mix of two models: refused, untouched. A directory an earlier pull wrote is
+    pulled into again."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(mine))
+    assert r.exit_code == 2 and "no pull wrote" in r.stderr, r.stderr
+    assert [p.name for p in mine.iterdir()] == ["config.json"] and "mine" in (mine / "config.json").read_text()
+    fresh = tmp_path / "fresh"
+    for _ in range(2):
+        r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(fresh))
+        assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "code,needle", [(28, "no space left"), (30, "cannot write"), (104, "run the same command again")]
+)
+def test_a_failed_write_says_why(hub, cli, monkeypatch, code, needle):
+    """A full disk or a read-only cache is not an interruption a retry fixes."""
+    import huggingface_hub
+
+    def fail(**kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    r = cli("pull", "acme/tiny-olmoe")
+    assert r.exit_code == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_killed_pulls_partial_file_is_removed_once_stale(hub, cli, tmp_path):
+    import time
+
+    from moespeq_cli.hub import STALE_S
+
+    blobs = tmp_path / "cache" / "models--acme--tiny-olmoe" / "blobs"
+    blobs.mkdir(parents=True)
+    old, live = blobs / "abc.1234abcd.incomplete", blobs / "def.5678abcd.incomplete"
+    for f in (old, live):
+        f.write_bytes(b"partial")
+    then = time.time() - STALE_S - 60
+    os.utime(old, (then, then))
+    assert cli("pull", "acme/tiny-olmoe").exit_code == 0
+    assert not old.exists() and live.exists()

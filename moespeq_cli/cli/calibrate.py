@@ -73,13 +73,14 @@ def calibrate(
     is one. Takes about 25 s, about 75 s with `--model` on a 2-core machine.
     """
     import json
+    import os
     import sys
 
     import torch
     from rich.console import Console
 
     from moespeq_cli.errors import UsageError
-    from moespeq_cli.fs import atomic_write_text, check_output
+    from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
     from moespeq_cli.runtime.planning.calibrate import profile_yaml
     from moespeq_cli.runtime.planning.hardware import load_profile
@@ -88,8 +89,16 @@ def calibrate(
     out = out or default_profile_path("gpu" if cuda else "cpu")
     if out.suffix not in (".yaml", ".yml"):
         raise UsageError(f"--out {out} must end in .yaml (it is a hardware profile)")
-    if out.exists() or out.is_symlink():
+    # refused before a minute of measuring: an --out that cannot be written (its directory,
+    # made when writing, must be creatable in the nearest one that exists)
+    where = out.parent
+    while not os.path.lexists(where) and where != where.parent:
+        where = where.parent
+    if where == out.parent:
         check_output(out, "--out")
+    elif not is_dir(where) or cannot_write_in(where) is not None:
+        why = "not a directory" if not is_dir(where) else cannot_write_in(where)
+        raise UsageError(f"--out {out}: cannot create its directory in {where} ({why})")
     from moespeq_cli.quant.draft import cache_dir
 
     disk = disk_dir or cache_dir()
@@ -97,8 +106,6 @@ def calibrate(
         raise UsageError(f"--disk-dir {disk} is not a directory; give the directory your models live in")
     model_file = checkpoint = None
     if model is not None:
-        from moespeq_cli.fs import is_dir, is_regular
-
         if is_dir(model):
             files = sorted(model.glob("*.safetensors"), key=lambda p: p.stat().st_size if is_regular(p) else -1)
             model_file = files[-1] if files and is_regular(files[-1]) else None

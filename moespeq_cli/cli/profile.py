@@ -60,10 +60,9 @@ def profile(
     import json
     import sys
 
-    from moespeq_cli.cli.run import check_output, prepare, result_dict, sampling_params, write_trace
+    from moespeq_cli.cli.run import check_outputs, prepare, result_dict, sampling_params, write_trace
 
-    check_output(trace, "--trace")
-    check_output(report, "--report")
+    check_outputs({"--trace": trace, "--report": report}, model, prompt_file, hardware, draft)
     if trace is not None and report is not None and trace.resolve() == report.resolve():
         raise UsageError("--trace and --report name the same file; give two names")
     sampling = sampling_params(temperature, top_p, top_k, seed)

@@ -40,9 +40,10 @@ def pull(
 ) -> None:
     """Download a model's safetensors, config and tokenizer from the Hugging Face Hub.
 
-    Files go into the standard Hugging Face cache (other tools reuse them); an interrupted
-    download resumes when you run the same command again. Later commands find the model
-    by the same alias or id without the network. Prints the local path last.
+    Files go into the standard Hugging Face cache (other tools reuse them). An interrupted
+    pull keeps the files it finished; the same command again fetches the rest (a file cut
+    short by the interruption starts over; a dropped connection is resumed within the pull). Later commands find the model by the same alias or id without the
+    network. Prints the local path last.
     """
     import json
 

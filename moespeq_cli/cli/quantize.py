@@ -54,8 +54,9 @@ def quantize(
     ckpt = Checkpoint(path)
     target = out or default_draft_dir(ckpt.path, method, blocksize)
     fp = fingerprint(ckpt)
-    with draft_lock(target, fp):  # refuses an --out that is not a draft of this checkpoint, before any work
-        result = _quantize_and_save(name, ckpt, method, blocksize, target, fp, json_out)
+    stale_ok = out is None  # the default path: a draft there of the checkpoint's earlier weights is replaced
+    with draft_lock(target, fp, stale_ok):  # refuses an --out that is not a draft of this checkpoint, before any work
+        result = _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json_out)
     if json_out:
         print(json.dumps(result))
     else:
@@ -70,7 +71,7 @@ def quantize(
         print(result["draft"])
 
 
-def _quantize_and_save(name, ckpt, method, blocksize, target, fp, json_out) -> dict:
+def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json_out) -> dict:
     import sys
     import time
 
@@ -92,7 +93,7 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, json_out) -> d
         quant = QuantizedExperts.quantize(
             ckpt, method, blocksize, progress=lambda done, total: bar.update(task, completed=done)
         )
-    saved = quant.save(target, ckpt, fp)
+    saved = quant.save(target, ckpt, fp, stale_ok)
     full = quant.q and ckpt.config.expert_params * len(quant.q) * ckpt.config.dtype.itemsize
     return {
         "model": name,

@@ -4,6 +4,7 @@ object on stdout with ``--json``)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,7 @@ def run(
     from moespeq_cli.cli.render import Renderer
     from moespeq_cli.tokenizer import StreamDecoder
 
-    check_output(trace, "--trace")
+    check_outputs({"--trace": trace}, model, prompt_file, hardware, draft)
     sampling = sampling_params(temperature, top_p, top_k, seed)
     out = Renderer(json_mode=json_out)
     name, engine, text, prompt_ids = prepare(
@@ -192,6 +193,27 @@ def run(
         out.stats_line(result)
         if result.get("governor_note"):
             out.note(result["governor_note"])
+
+
+def check_outputs(
+    outputs: dict[str, Path | None], model: str | None, prompt_file: Path | None, hardware: str | None, draft: str
+) -> None:
+    """Refuse, before any work, outputs that cannot be written or that would replace one of
+    the run's inputs (the checkpoint's files, the prompt file, the hardware profile, the
+    draft)."""
+    from moespeq_cli.fs import check_not_input
+    from moespeq_cli.model_ref import resolve
+
+    for option, path in outputs.items():
+        check_output(path, option)
+    if all(path is None for path in outputs.values()):
+        return
+    inputs: list[tuple[str, Path | None]] = [("the checkpoint", resolve(model)[1]), ("--prompt-file", prompt_file)]
+    for option, given in (("--hardware", hardware), ("--draft", draft)):
+        if given not in (None, "auto", "none") and os.path.lexists(given):
+            inputs.append((option, Path(given)))
+    for option, path in outputs.items():
+        check_not_input(path, option, inputs)
 
 
 def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | None):

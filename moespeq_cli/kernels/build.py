@@ -5,8 +5,11 @@ cache (``$XDG_CACHE_HOME/moespeq/kernels``, keyed by the source, the compiler an
 flags, so a changed source or a moved cache never loads a stale or foreign build) and
 loaded with ctypes. It takes under a second; a machine with no compiler, or
 ``MOESPEQ_KERNELS=off``, gets ``None`` and moespeq computes with torch instead (the same
-numerics class, fp32 accumulation; slower). The build is written to a temporary file
-and renamed, so two processes building at once never load half a library.
+numerics class, fp32 accumulation; slower). The build is written to a temporary file,
+synced and renamed, so two processes building at once never load half a library, and its
+SHA-256 is kept beside it: a library that does not match (cut short by a crash, damaged)
+is built again rather than loaded (a truncated one would crash the process with a bus
+error). A killed build's temporary file is removed by the next build.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+
+from moespeq_cli.fs import atomic_write_text, remove_stale
 
 SOURCE = Path(__file__).with_name("cpu_matvec.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
@@ -56,20 +61,36 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
     key = hashlib.sha256(src + repr((version, FLAGS, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_matvec-{key}.so"
-    if out.is_file():
+    digest = out.with_suffix(".sha256")
+    if _intact(out, digest):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    remove_stale(out.parent, "tmp.", ".so.tmp")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f"tmp.{os.getpid()}.", suffix=".so.tmp")
     os.close(fd)
     try:
         r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+            built = hashlib.sha256(f.read()).hexdigest()
         os.replace(tmp, out)
+        atomic_write_text(digest, built + "\n")  # after the library: a crash between leaves a build to redo
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _intact(lib: Path, digest: Path) -> bool:
+    """``lib`` is there and its bytes are the build's (its SHA-256 as written beside it)."""
+    try:
+        want = digest.read_text().strip()
+        with open(lib, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == want
+    except OSError:
+        return False
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -50,7 +50,7 @@ import torch
 
 from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
-from moespeq_cli.fs import exclusive_lock, file_status, is_dir, is_regular, shown
+from moespeq_cli.fs import exclusive_lock, file_status, is_dir, is_regular, new_file_mode, pid_alive, shown, umask
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.models.expert_format import HF_EXPERTS, ExpertFormat
 
@@ -376,14 +376,14 @@ class QuantizedExperts:
         return self
 
     # -- on disk ----------------------------------------------------------------
-    def save(self, out: Path, source: Checkpoint, fp: str | None = None) -> Path:
+    def save(self, out: Path, source: Checkpoint, fp: str | None = None, stale_ok: bool = False) -> Path:
         """Write the draft to ``out`` atomically: into a temporary directory beside it,
         then swapped in (``replace_dir``). ``out`` must be absent or a draft of ``source``
         (``check_out``); hold ``draft_lock(out)`` around quantize-and-save."""
         out = real_out(out)
         fp = fp or fingerprint(source)
-        check_out(out, fp)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}-", dir=out.parent))
+        check_out(out, fp, stale_ok)
+        tmp = Path(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
         from safetensors import SafetensorError
 
         try:
@@ -429,6 +429,8 @@ class QuantizedExperts:
         for f in ("draft.safetensors", "manifest.json"):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(tmp / f, new_file_mode(out / f))  # a replaced draft's modes, else the umask's
+        os.chmod(tmp, new_file_mode(out) if os.path.isdir(out) else 0o777 & ~umask())  # not mkdtemp's 0700
         replace_dir(tmp, out)
 
     @classmethod
@@ -537,21 +539,37 @@ TMP_PREFIX = ".{name}.tmp-"
 OLD_PREFIX = ".{name}.old-"
 
 
+def short_name(name: str) -> str:
+    """``name``, or a shortened unique stand-in where a temporary name built from it would
+    pass the file system's 255 bytes."""
+    if len(os.fsencode(name)) <= 100:
+        return name
+    return f"{os.fsdecode(os.fsencode(name)[:80]).rstrip(chr(0xFFFD))}-{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
+
+
+def stem(prefix: str, out: Path, pid: int | None = None) -> str:
+    """The start of a temporary directory's name for draft ``out``, with the writer's pid
+    (``recover`` leaves a live writer's alone): ``.NAME.tmp-PID-``."""
+    return f"{prefix.format(name=short_name(out.name))}{os.getpid() if pid is None else pid}-"
+
+
 @contextlib.contextmanager
-def draft_lock(out: Path, fp: str):
+def draft_lock(out: Path, fp: str, stale_ok: bool = False):
     """The one writer of draft ``out``: creates its parent, takes ``.name.lock`` beside it,
-    finishes what a killed writer left (``recover``) and checks ``out`` may be replaced."""
+    finishes what a killed writer left (``recover``) and checks ``out`` may be replaced
+    (``check_out``; ``stale_ok``: ``out`` is the checkpoint's default draft path)."""
     out = real_out(out)
-    check_out(out, fp)  # refuse before creating anything
+    check_out(out, fp, stale_ok)  # refuse before creating anything
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # Can a draft be written here at all? (read-only, /proc, /sys)
-        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_PREFIX.format(name=out.name)}{os.getpid()}-", dir=out.parent))
+        os.rmdir(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
     except OSError as e:
-        raise UsageError(f"--out {shown(out)}: cannot write there ({e.strerror}); give another directory") from None
+        named = f"the draft directory {shown(out)}" if stale_ok else f"--out {shown(out)}"
+        raise UsageError(f"{named}: cannot write there ({e.strerror}); give another directory with --out") from None
     with exclusive_lock(lock_file(out), f"writing the draft {out}"):
         recover(out, fp)
-        check_out(out, fp)
+        check_out(out, fp, stale_ok)
         yield out
 
 
@@ -577,7 +595,7 @@ def lock_file(out: Path) -> Path:
             return locks / f"{key}.lock"
     except OSError:
         pass
-    return Path(out).with_name(f".{Path(out).name}.lock")
+    return Path(out).with_name(f".{short_name(Path(out).name)}.lock")
 
 
 def cache_dir() -> Path:
@@ -594,25 +612,46 @@ def is_draft_of(path: Path, fp: str) -> bool:
     return m.get("format") == FORMAT and m.get("source_fingerprint") == fp
 
 
-def check_out(out: Path, fp: str) -> None:
+def check_out(out: Path, fp: str, stale_ok: bool = False) -> None:
     """A draft may go to ``out`` only if nothing is there, an empty directory is, or a
-    draft of the same checkpoint is (it is then replaced): anything else is the user's."""
+    directory holding nothing but a draft's two files (``DRAFT_FILES``) is: a draft of the
+    same checkpoint, a damaged one (its manifest unreadable), or, with ``stale_ok`` (the
+    checkpoint's default draft path), a draft of its earlier weights. It is then
+    replaced. Anything else is the user's: a directory with any other file (a checkpoint,
+    notes beside a draft) is never replaced."""
+    named = "the draft directory" if stale_ok else "--out"  # stale_ok: the default path, not a given --out
     status, _ = file_status(out)
     if status == "missing":
         return
     if status != "a directory":
         what = "a file" if status == "file" else status if status.startswith("a ") else f"unusable ({status})"
-        raise UsageError(f"--out {shown(out)} exists and is {what}; give a new directory")
-    if is_draft_of(out, fp):
-        return
+        raise UsageError(f"{named} {shown(out)} exists and is {what}; give a new directory with --out")
     try:
-        empty = not any(out.iterdir())
+        names = sorted(c.name for c in out.iterdir())
     except OSError as e:
-        raise UsageError(f"--out {out} cannot be read ({e.strerror}); give a new directory") from None
-    if not empty:
+        raise UsageError(f"{named} {out} cannot be read ({e.strerror}); give a new directory with --out") from None
+    others = [n for n in names if n not in DRAFT_FILES or not is_regular(out / n)]
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise UsageError(
-            f"--out {out} exists and is not a moespeq draft of this checkpoint; refusing to replace it "
-            "(give a new directory, or delete it yourself)"
+            f"{named} {out} holds files that are not a moespeq draft's ({listed}); refusing to replace it "
+            "(give a new directory with --out, or move them out)"
+        )
+    if "manifest.json" not in names or is_draft_of(out, fp):
+        return  # nothing, or weights without a manifest: a damaged draft
+    try:
+        manifest = read_json(out / "manifest.json", "")
+    except CheckpointError:
+        return  # a damaged draft: nothing in it can be loaded
+    if manifest.get("format") != FORMAT:
+        raise UsageError(
+            f"{named} {out} holds a manifest.json that is not a moespeq draft's; refusing to replace it "
+            "(give a new directory with --out)"
+        )
+    if not stale_ok:
+        raise UsageError(
+            f"{named} {out} is a moespeq draft of another checkpoint; refusing to replace it "
+            "(give a new directory with --out, or delete it yourself)"
         )
 
 
@@ -624,8 +663,11 @@ def recover(out: Path, fp: str) -> None:
     if not is_dir(parent):
         return
     for prefix in (OLD_PREFIX, TMP_PREFIX):
-        stem = prefix.format(name=out.name)
-        for p in parent.glob(f"{glob.escape(stem)}*"):
+        start = prefix.format(name=short_name(out.name))
+        for p in parent.glob(f"{glob.escape(start)}*"):
+            pid = p.name[len(start) :].split("-", 1)[0]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue  # a writer still at work (another user's, under another lock)
             if not ours(p, finished=prefix == OLD_PREFIX):
                 continue  # a directory of the user's that happens to share the name
             if prefix == OLD_PREFIX and not os.path.lexists(out) and is_draft_of(p, fp):
@@ -672,7 +714,7 @@ def replace_dir(new: Path, out: Path) -> None:
     if _exchange(new, out):
         shutil.rmtree(new)  # now the old draft
         return
-    old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX.format(name=out.name)}{os.getpid()}-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=stem(OLD_PREFIX, out), dir=out.parent))
     os.replace(out, old)  # over the empty directory just made: a name nobody else holds
     os.replace(new, out)
     shutil.rmtree(old, ignore_errors=True)
@@ -704,20 +746,34 @@ def bundled_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
 def saved_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
     """The draft ``moespeq run`` loads by default, if there is one: ``moespeq quantize``'s
     output (``default_draft_dir``), else the one shipped with the demo."""
-    for d in (default_draft_dir(ckpt_path, method, blocksize), bundled_draft(ckpt_path, method, blocksize)):
+    beside = Path(ckpt_path).resolve().with_name(draft_name(Path(ckpt_path).resolve(), method, blocksize))
+    earlier = beside if in_hub_cache(Path(ckpt_path).resolve()) else None  # where earlier moespeq wrote it
+    for d in (default_draft_dir(ckpt_path, method, blocksize), earlier, bundled_draft(ckpt_path, method, blocksize)):
         if d is not None and (d / "manifest.json").is_file():
             return d
     return None
 
 
+def draft_name(ckpt_path: Path, method: str, blocksize: int) -> str:
+    return f"{ckpt_path.name}.moespeq-draft-{method}-b{blocksize}"
+
+
+def in_hub_cache(path: Path) -> bool:
+    """``path`` is a snapshot in the Hugging Face cache (``models--ORG--NAME/snapshots/REV``):
+    nothing of moespeq's is written beside it, where the hub's tools would list it as a
+    revision."""
+    return path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
+
+
 def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
     """Beside the checkpoint (<dir>.moespeq-draft-nf4-b64) when its parent is writable and
-    it is not the demo model inside the installed package; otherwise in moespeq's cache
-    ($XDG_CACHE_HOME/moespeq/drafts, default ~/.cache/moespeq/drafts)."""
+    it is neither the demo model inside the installed package nor a snapshot in the Hugging
+    Face cache; otherwise in moespeq's cache ($XDG_CACHE_HOME/moespeq/drafts, default
+    ~/.cache/moespeq/drafts)."""
     p = Path(ckpt_path).resolve()
-    name = f"{p.name}.moespeq-draft-{method}-b{blocksize}"
+    name = draft_name(p, method, blocksize)
     package = Path(__file__).resolve().parents[1]
-    if os.access(p.parent, os.W_OK) and package not in p.parents:
+    if os.access(p.parent, os.W_OK) and package not in p.parents and not in_hub_cache(p):
         return p.with_name(name)
     cache = cache_dir() / "drafts"
     return cache / f"{hashlib.sha256(str(p).encode()).hexdigest()[:10]}-{name}"

@@ -364,7 +364,9 @@ def reading(source: tuple[str, int] | None, in_flight: int = 2):
 @contextlib.contextmanager
 def disk_source(directory: Path, model_file: Path | None, say: Callable[[str], None]):
     """(path, bytes) of a file to time reads with: ``model_file`` (read only), or a scratch
-    file written in ``directory`` and removed when the block ends."""
+    file written in ``directory`` and removed when the block ends (named with this
+    process's pid: one a killed calibration left is removed by the next)."""
+    from moespeq_cli.fs import remove_stale
     from moespeq_cli.runtime.tiers.disk import writable
 
     if model_file is not None:
@@ -374,7 +376,8 @@ def disk_source(directory: Path, model_file: Path | None, say: Callable[[str], N
         yield str(model_file), size
         return
     directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".moespeq-calibrate-", dir=directory)
+    remove_stale(directory, ".moespeq-calibrate-")
+    fd, name = tempfile.mkstemp(prefix=f".moespeq-calibrate-{os.getpid()}.", dir=directory)
     try:
         say("disk: writing a scratch file")
         chunk = torch.randint(0, 256, (64 * 2**20,), dtype=torch.uint8)
