@@ -20,6 +20,8 @@ class FakeHub:
         self.repos = repos
         self.gated = set(gated)
         self.drop_once: set[tuple[str, str]] = set()
+        self.stall: set[tuple[str, str]] = set()  # send half, then nothing until the hub closes
+        self.closing = threading.Event()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         hub = self
 
@@ -44,6 +46,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -121,6 +124,11 @@ class FakeHub:
                 h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             h.end_headers()
             if head:
+                return
+            if (repo, name) in self.stall:
+                h.wfile.write(body[: len(body) // 2])
+                h.wfile.flush()
+                self.closing.wait(60)
                 return
             if (repo, name) in self.drop_once:
                 self.drop_once.discard((repo, name))

@@ -169,3 +169,35 @@ def test_a_killed_pulls_partial_file_is_removed_once_stale(hub, cli, tmp_path):
     os.utime(old, (then, then))
     assert cli("pull", "acme/tiny-olmoe").exit_code == 0
     assert not old.exists() and live.exists()
+
+
+def test_ctrl_c_stops_a_pull_at_once(hub, tmp_path):
+    """huggingface_hub's download threads do not see Ctrl-C: the pull waited for the file in
+    flight to finish (here: a transfer that stalls), now it ends at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    hub.stall.add(("acme/tiny-olmoe", "model.safetensors"))
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HUB_DOWNLOAD_TIMEOUT="60")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moespeq_cli", "pull", "acme/tiny-olmoe"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    blobs = tmp_path / "cache" / "models--acme--tiny-olmoe" / "blobs"
+    deadline = time.monotonic() + 60
+    while not list(blobs.glob("*.incomplete")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list(blobs.glob("*.incomplete")), "the download never started"
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("Ctrl-C did not stop the pull") from None
+    assert proc.returncode == 130 and "pull interrupted" in err and "Traceback" not in err, err
