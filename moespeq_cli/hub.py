@@ -94,7 +94,7 @@ def check_local_dir(local_dir: Path) -> None:
 
 def remove_partial_downloads(repo: str, local_dir: Path | None) -> None:
     """Remove the partial files (``*.incomplete``) a killed pull of ``repo`` left, once
-    they have not grown for ``STALE_S`` (a live pull writes to its own every second)."""
+    they have not grown for ``STALE_S`` (a live pull's file grows as its data arrives)."""
     if local_dir is not None:
         where = Path(local_dir) / ".cache" / "huggingface" / "download"
     else:

@@ -544,13 +544,14 @@ def short_name(name: str) -> str:
     pass the file system's 255 bytes."""
     if len(os.fsencode(name)) <= 100:
         return name
-    return f"{os.fsdecode(os.fsencode(name)[:80]).rstrip(chr(0xFFFD))}-{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
+    head = os.fsdecode(os.fsencode(name)[:80])  # a character cut in two stays bytes (surrogateescape)
+    return f"{head}-{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
 
 
-def stem(prefix: str, out: Path, pid: int | None = None) -> str:
+def stem(prefix: str, out: Path) -> str:
     """The start of a temporary directory's name for draft ``out``, with the writer's pid
     (``recover`` leaves a live writer's alone): ``.NAME.tmp-PID-``."""
-    return f"{prefix.format(name=short_name(out.name))}{os.getpid() if pid is None else pid}-"
+    return f"{prefix.format(name=short_name(out.name))}{os.getpid()}-"
 
 
 @contextlib.contextmanager
