@@ -50,6 +50,10 @@ ALIASES: dict[str, tuple[str, float]] = {
     # bf16, computed from the config (the files' multi-token-prediction layer, ~2%, not counted)
     "glm-4.7": ("zai-org/GLM-4.7", 705.6),
     "glm-4.5-air": ("zai-org/GLM-4.5-Air", 213.7),
+    # its bundled config: the shapes of transformers' Glm4MoeLiteConfig defaults (MLA, 64
+    # experts top-4: 29.9B, "30B-A3B" in its model card); the published file could not be
+    # read here (no hub), so token ids and rotary base are left out (a pull brings them)
+    "glm-4.7-flash": ("zai-org/GLM-4.7-Flash", 59.9),
     # bf16, computed from the language model's config (the vision tower and Qwen's
     # multi-token-prediction layer, about 2-5%, not counted)
     "qwen3.5-moe": ("Qwen/Qwen3.5-35B-A3B", 69.3),

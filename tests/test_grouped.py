@@ -16,7 +16,11 @@ from moespeq_cli.runtime.executors.grouped import BatchedParts, combine, plan_la
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.sampling import SamplingParams
 
-H, I = 32, 24  # noqa: E741
+# I a multiple of 32: torch's CPU elementwise loop runs a contiguous tensor's last n % 32
+# floats through a scalar expf, an ulp away from its vectorized one on some CPUs (measured
+# on a Sapphire Rapids VM: F.silu of one value differed with its position), so an expert's
+# rows landing in that tail would change bits that this file's layouts do not control
+H, I = 32, 32  # noqa: E741
 FMT = ExpertFormat(("w1", "w3", "w2"), "layers.{layer}.experts.{expert}.", SWIGLU)
 
 

@@ -65,7 +65,7 @@ def test_three_tiers_when_ram_is_short(cli):
     r = cli("plan", *args, "--ram", "48GB")
     assert r.exit_code == 0 and "disk only" in r.stdout
     bad = cli("plan", *args, "--ram", "100MB")
-    assert bad.exit_code == 0 and "cannot hold 2 experts" in bad.stdout  # every row refused, with the reason
+    assert bad.exit_code == 0 and "cannot hold 2 expert slots" in bad.stdout  # every row refused, with the reason
 
 
 BUDGETS = {
@@ -102,6 +102,7 @@ def test_bundled_configs_are_the_real_models():
         "qwen3-next": 79.7,  # "80B" in its model card
         "glm-4.7": 352.8,  # "355B" in its model card, which counts its MTP layer (about 4B) too
         "glm-4.5-air": 106.9,  # "106B"
+        "glm-4.7-flash": 29.9,  # "30B-A3B"
         "qwen3.5-moe": 34.7,  # "35B" (its model card and transformers' Qwen3_5MoeTextConfig defaults)
         "qwen3.6-moe": 34.7,  # the same shapes (its model card)
         "gemma-4-26b": 26.0,  # llama.cpp's count of its GGUF; the card's 25.2B leaves out the 0.74B embedding
@@ -126,6 +127,7 @@ ACTIVATED = {  # billions, from their model cards
     "kimi-k2": 32,
     "glm-4.7": 32,
     "glm-4.5-air": 12,
+    "glm-4.7-flash": 3,
     "qwen3.5-moe": 3,
     "qwen3.6-moe": 3,
     "gemma-4-26b": 3.8,

@@ -113,6 +113,7 @@ def test_list_aliases(cli):
         "qwen3-next",
         "glm-4.7",
         "glm-4.5-air",
+        "glm-4.7-flash",
         "qwen3.5-moe",
         "qwen3.6-moe",
         "gemma-4-26b",

@@ -171,6 +171,7 @@ def plan(
         )
     report = {
         "model": name,
+        "model_type": cfg.model_type,
         "config": source,
         "hardware": hw.name,
         "vram_bytes": budget,

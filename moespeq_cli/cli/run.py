@@ -305,6 +305,7 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
     seconds (beside the mock's virtual ones)."""
     result = {
         "model": name,
+        "model_type": engine.ckpt.config.model_type,
         "backend": engine.backend_name,
         "hardware": engine.hw.name if engine.hw else None,
         "policy": engine.policy_name,

@@ -26,7 +26,7 @@ ARCHITECTURES = {
     "glm4_moe_lite": "GLM-4.7-Flash",
     "qwen3_next": "Qwen3-Next-80B-A3B",
     "qwen3_5_moe": "Qwen3.5-MoE, Qwen3.6-MoE (e.g. 35B-A3B)",
-    "gpt_oss": "gpt-oss-20b, gpt-oss-120b (bf16 releases)",
+    "gpt_oss": "gpt-oss-20b, gpt-oss-120b (MXFP4 as published, and bf16 releases)",
     "gemma4": "Gemma-4-26B-A4B",
 }
 # model_type spellings of the same architecture: the text-only checkpoints transformers'

@@ -10,7 +10,7 @@ moespeq's 4-bit draft: when all of it fits beside ``top_k`` expert slots it all 
 device. When it does not, and experts may run on the CPU (the default), half of the room
 above ``top_k`` slots goes to draft experts (the same number per layer) and the rest to
 slots; the draft computes its other experts on the CPU from 4-bit host copies. With
-``--no-cpu-experts`` a draft that does not fit is dropped (k = 0, gate-prefetch decoding).
+``--no-cpu-experts`` a draft that does not fit is dropped (k = 0: the governor decodes with gate-prefetch or without, whichever it measures faster).
 
 Host RAM (``--ram``, DESIGN.md §9) is the budget of expert buffers in host memory: the
 full-precision experts it holds and the 4-bit draft's experts that are not on the device.
@@ -37,7 +37,7 @@ from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.executors.grouped import dequant_scratch_bytes
 from moespeq_cli.runtime.planning.costs import elem_size
 from moespeq_cli.runtime.planning.hardware import format_size
-from moespeq_cli.runtime.tiers.disk import ram_slot_bytes
+from moespeq_cli.runtime.tiers.disk import BLOCK, ram_slot_bytes
 
 
 @dataclass
@@ -230,7 +230,7 @@ def make_plan(
     if policy == "moespeq" and with_draft and cfg.expert_format.four_bit:
         note = (
             f"the experts are stored 4-bit already ({cfg.expert_format.quant}): a 4-bit draft of them would be no "
-            "smaller and no faster, so speculation is off (k = 0, gate-prefetch decoding)"
+            "smaller and no faster, so speculation is off (k = 0)"
         )
         with_draft = False
     if policy == "moespeq" and with_draft:
@@ -248,14 +248,14 @@ def make_plan(
         elif room < draft:
             note = (
                 f"the 4-bit draft ({format_size(draft)}) does not fit in {where} beside {cfg.top_k} expert slots: "
-                f"speculation is off (k = 0, gate-prefetch decoding); raise {where} to enable it"
+                f"speculation is off (k = 0); raise {where} to enable it"
             )
             draft = draft_device = 0
         host_part = total_draft - draft if (draft or cpu_experts) else 0
         if ram is not None and not on_host and host_part and host_part + cfg.top_k * ram_slot > ram:
             note = (
                 f"the 4-bit draft's experts kept in RAM ({format_size(host_part)}) do not fit in --ram "
-                f"{format_size(ram)} beside {cfg.top_k} experts: speculation is off (k = 0, gate-prefetch decoding); "
+                f"{format_size(ram)} beside {cfg.top_k} experts: speculation is off (k = 0); "
                 "raise --ram or --vram to enable it"
             )
             draft = draft_device = 0
@@ -265,8 +265,13 @@ def make_plan(
     need_min = fixed + cfg.top_k * slot
     if free < cfg.top_k * slot:
         if on_host:
+            each = format_size(slot) + (
+                f" (an expert of {format_size(expert)} read in whole {BLOCK // 1024} KiB pages)"
+                if slot != expert
+                else ""
+            )
             raise UsageError(
-                f"--ram {format_size(budget)} cannot hold {cfg.top_k} experts of {format_size(expert)}"
+                f"--ram {format_size(budget)} cannot hold {cfg.top_k} expert slots of {each}"
                 + (f" beside the 4-bit draft ({format_size(draft)})" if draft else "")
                 + f"; it needs at least {format_size(need_min)} -- raise --ram"
             )
@@ -323,7 +328,7 @@ def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int) -> int:
     room = ram - draft_bytes
     if room < cfg.top_k * expert:
         raise UsageError(
-            f"--ram {format_size(ram)} cannot hold {cfg.top_k} experts of {format_size(expert)}"
+            f"--ram {format_size(ram)} cannot hold {cfg.top_k} expert slots of {format_size(expert)}"
             + (f" beside the 4-bit draft's host experts ({format_size(draft_bytes)})" if draft_bytes else "")
             + f"; it needs at least {format_size(draft_bytes + cfg.top_k * expert)} -- raise --ram"
         )
