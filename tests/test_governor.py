@@ -454,3 +454,35 @@ def test_the_release_margin_counts_what_a_discounted_mean_is_worth():
     assert not s.release_clear(k)
     s.cycle_noise = lambda: gain * 5.0  # 0.80 gain over 39
     assert s.release_clear(k)
+
+
+def test_the_drafts_host_ram_counts_when_releasing_with_a_disk_tier():
+    """With a disk tier the draft's 4-bit experts in host RAM are given back too: RAM then
+    holds more experts, fewer misses wait for a disk read, and the released cycle's stall
+    per miss shrinks as a miss's cost, ``t_link + p t_read`` (``read_ratio``). A draft whose
+    device memory would add no slot can still pay for its release that way."""
+    s = release_state(p=0.0, t_draft=0.4e-3)  # 0.3 ms a miss now, 3 -> 1 misses a token
+    device_only = s.theta_released()
+    s.host_slots, s.host_spare, s.t_link, s.t_read = 4, 4, 0.2e-3, 0.8e-3
+    # uniform routing: a miss is read first for 12 of 16 experts now, 8 of 16 released
+    ratio = (0.2e-3 + 0.5 * 0.8e-3) / (0.2e-3 + 0.75 * 0.8e-3)
+    assert s.read_ratio(3.0, 1.0) == pytest.approx(ratio)
+    assert s.theta_released() == pytest.approx(1 / (1.4e-3 - 0.9e-3 + 0.3e-3 * ratio))
+    assert s.theta_released() > device_only
+    # the routed tokens' reads per token (now, released) over their misses set the share
+    s.release_reads = lambda: (1.5, 0.25)
+    assert s.read_ratio(3.0, 1.0) == pytest.approx((0.2e-3 + 0.25 * 0.8e-3) / (0.2e-3 + 0.5 * 0.8e-3))
+    s.spare_slots = 0  # RAM alone: misses per token unchanged, each cheaper
+    assert s.misses_per_token() == pytest.approx((3.0, 3.0))
+    assert s.theta_released() == pytest.approx(1 / (1.4e-3 - 0.9e-3 + 0.9e-3 * s.read_ratio(3.0, 3.0)))
+    s.host_spare = 0  # nothing to give back
+    assert s.theta_released() is None
+
+
+def test_explain_names_ram_after_a_release_with_a_disk_tier():
+    from moespeq_cli.runtime.scheduling.governor import explain
+
+    s = GovernorState(k_max=4, num_experts=8, top_k=2, t_copy=1e-3, total_experts=16, slots=6, host_slots=9)
+    g = Governor(s)
+    g.history = [2, 0, 0]
+    assert "6 of 16 on the device, 9 in RAM" in explain(g, released=True)

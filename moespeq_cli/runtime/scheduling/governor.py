@@ -38,7 +38,10 @@ faster one (``Governor.choose_prefetch``).
 Giving the draft's memory back: the draft's device memory could hold ``spare_slots``
 more full-precision experts. Releasing it cannot be undone, so the comparison is made on
 the steadiest evidence: k = 0 with those slots is the measured k = 0 cycle moved, by its
-stall per miss, to the misses a token would meet with the extra slots -- counted on every
+stall per miss, to the misses a token would meet with the extra slots (with a disk tier,
+the draft's experts in host RAM go too: RAM then holds ``host_spare`` more experts, fewer
+misses wait for a disk read, and the stall per miss shrinks as the miss's modelled cost,
+``read_ratio``) -- counted on every
 token the target has routed so far (``RoutingTrace``: LRU stack distances without CPU
 experts, routing rates outside the resident set with them), not on the few k = 0 cycles
 -- and every k >= 1 is priced with the acceptance of the whole run, not the discounted
@@ -158,6 +161,16 @@ class GovernorState:
     run_rejected: int = 0  # ... and rejected
     slots: int = 0  # full-precision slots now
     spare_slots: int = 0  # slots the draft's device memory would add
+    # with a disk tier: experts host RAM would hold more with the draft's host experts given
+    # back (0: no gain), RAM's experts now, and a miss's two parts: the copy over the link
+    # and the disk read it waits for when RAM does not hold the expert
+    host_spare: int = 0
+    host_slots: int = 0
+    t_link: float = 0.0
+    t_read: float = 0.0
+    # disk reads per k = 0 token (now, with the draft released) from every routed token
+    # (RoutingTrace); None: unknown (uniform routing is assumed)
+    release_reads: Callable[[], tuple[float, float] | None] | None = None
     total_experts: int = 0
     arms: dict[bool, Arm] = field(default_factory=dict)  # k = 0 with (True) or without gate-prefetch
     stall: dict[int, float] = field(default_factory=dict)  # n verified tokens (n >= 2) -> stall per cycle
@@ -351,7 +364,7 @@ class GovernorState:
         ``model_cycles`` cycles: the few measured cycles are far noisier than the routed
         tokens (the failure this avoids: one lucky cycle with 4 misses where 6.25 are
         typical made releasing look 15% faster than it was)."""
-        if not self.spare_slots or not self.arms or not self.total_experts:
+        if not (self.spare_slots or self.host_spare) or not self.arms or not self.total_experts:
             return None
         now, then = self.misses_per_token()
         cycles = sum(a.total.cycles for a in self.arms.values())
@@ -363,7 +376,24 @@ class GovernorState:
         tally = self.release_layers() if self.release_layers is not None else None
         per_miss_then = per_miss * queued_stall_ratio(tally, per_miss, self.t_copy) if tally else per_miss
         per_miss_then *= 1.0 - self.guessed_hidden(arm) if self.faster_arm() else 1.0
+        per_miss_then *= self.read_ratio(now, then)
         return 1.0 / max(time - per_miss * arm.misses / arm.cycles + per_miss_then * then * scale, 1e-12)
+
+    def read_ratio(self, now: float, then: float) -> float:
+        """A miss's cost with the draft's host experts given back over its cost now, with
+        a disk tier: ``t_link + p t_read``, ``p`` the share of misses RAM does not hold --
+        from the routed tokens' disk reads per token over their misses (``release_reads``,
+        ``now``/``then``: misses per token), else a share of the experts outside RAM."""
+        if not self.host_spare or self.t_read <= 0 or not self.total_experts:
+            return 1.0
+        reads = self.release_reads() if self.release_reads is not None else None
+        if reads is not None and now > 0 and then > 0:
+            p_now, p_then = min(1.0, reads[0] / now), min(1.0, reads[1] / then)
+        else:
+            p_now = max(0.0, 1.0 - self.host_slots / self.total_experts)
+            p_then = max(0.0, 1.0 - (self.host_slots + self.host_spare) / self.total_experts)
+        cost_now = self.t_link + p_now * self.t_read
+        return (self.t_link + p_then * self.t_read) / cost_now if cost_now > 0 else 1.0
 
     def guessed_hidden(self, arm: Sums) -> float:
         """With gate-prefetch, the share of a released miss's stall its guess hides: the
@@ -495,7 +525,7 @@ class Governor:
         self.probing: bool | None = None  # the arm a probe's second cycle runs
         self.prefetch = True  # whether this k = 0 cycle runs gate-prefetch
         self.warmup_ks = [min(2, state.k_max), 0] if state.k_max else []
-        if state.spare_slots and state.k_max:
+        if (state.spare_slots or state.host_spare) and state.k_max:
             # releasing the draft is judged on k = 0 cycles: measure a few, not one
             self.warmup_ks += [min(2, state.k_max), 0, 0]
 
@@ -596,9 +626,11 @@ def explain(governor: Governor, released: bool, plan_note: str | None = None) ->
     if plan_note:
         return f"{plan_note}; decoding with {arm}"
     if released:
+        ram = f", {s.host_slots} in RAM" if s.host_slots else ""
         return (
             "draft released: plain decoding with the draft's memory as more full-precision expert slots "
-            f"(now {s.slots} of {s.total_experts}) is faster here than speculating; decoding with {arm}"
+            f"(now {s.slots} of {s.total_experts} on the device{ram}) is faster here than speculating; "
+            f"decoding with {arm}"
         )
     zeros = sum(1 for k in hist if k == 0) / len(hist)
     if zeros < 0.75:

@@ -63,12 +63,15 @@ class Speculation:
         state.slots, state.total_experts = self.cache.slots, plan.total_experts
         if self.draft is not None and self.draft.on_device:
             state.spare_slots = self.spare_slots()
-        if state.spare_slots and fixed_k is None:  # only the auto governor releases
+        state.host_slots = tiers.host.slots if tiers.host is not None and plan.disk_tier else 0
+        if self.draft is not None:
+            state.host_spare = self.host_spare()
+        if (state.spare_slots or state.host_spare) and fixed_k is None:  # only the auto governor releases
             target.trace = RoutingTrace(
                 list(c.moe_layers),
                 c.num_experts,
                 c.top_k,
-                self.cache.slots + state.spare_slots,
+                max(self.cache.slots, self.ram_reach(state.host_spare)) + state.spare_slots,
                 list(self.cache.slot_of),
                 # LRU: each layer's misses at both sizes (CPU experts keep a static set: not tallied)
                 sizes=None if target.policy.host_compute else (self.cache.slots, self.cache.slots + state.spare_slots),
@@ -77,27 +80,38 @@ class Speculation:
             state.release_layers = self.release_layers
             if not target.policy.host_compute:
                 state.release_recall = target.trace.guess_recall
+            if state.host_spare:
+                state.release_reads = self.release_reads
         self.governor = Governor(state, fixed=fixed_k if self.draft is not None else 0)  # no draft: k = 0
         self.scheduler = ElbScheduler(model, tiers, backend, target, self.governor)
         self.scheduler.on_release = self.release_draft
 
     def choose(self) -> int:
         """The governor's k for the next cycle, with the link's cost as measured so far."""
-        self.governor.state.t_copy = self.miss_seconds()
+        state = self.governor.state
+        state.t_copy = self.miss_seconds()
+        if state.host_spare:
+            state.t_link, state.t_read = self.miss_parts()
         return self.governor.choose()
+
+    def miss_parts(self) -> tuple[float, float]:
+        """(copy, read): an expert's copy over the link, and its read from disk (0 without
+        a disk tier); on the cpu backend (no link) a read, at the disk bandwidth this run
+        has measured."""
+        b, nbytes, plan = self.backend, self.tiers.nbytes, self.plan
+        if plan.compute_tier == "host":
+            return 0.0, nbytes / (b.disk_bandwidth() or DISK_GUESS)  # measured: a wall-clock run has no profile
+        read = b.read_seconds(nbytes) if plan.disk_tier and self.tiers.host is not None else 0.0
+        return transfer_seconds(nbytes, b.hw), read
 
     def miss_seconds(self) -> float:
         """What an expert missing from the compute tier costs to bring in: a copy, plus a
-        read for the share of experts host RAM does not hold; on the cpu backend a read,
-        at the disk bandwidth this run has measured."""
-        b, nbytes, plan = self.backend, self.tiers.nbytes, self.plan
-        if plan.compute_tier == "host":
-            return nbytes / (b.disk_bandwidth() or DISK_GUESS)  # measured: a wall-clock run has no profile
-        t = transfer_seconds(nbytes, b.hw)
-        if plan.disk_tier:
-            off_host = 1.0 - plan.host_slots / plan.total_experts
-            t += off_host * b.read_seconds(nbytes)
-        return t
+        read for the share of experts host RAM does not hold (uniform routing); on the cpu
+        backend a read."""
+        link, read = self.miss_parts()
+        if self.plan.compute_tier == "host" or not read:
+            return link + read
+        return link + max(0.0, 1.0 - self.tiers.host.slots / self.plan.total_experts) * read
 
     # -- giving the draft's memory back ----------------------------------------------
     def spare_slots(self) -> int:
@@ -105,6 +119,35 @@ class Speculation:
         free = self.backend.capacity - self.backend.used + self.draft_bytes
         cap = self.plan.total_experts if self.max_slots is None else self.max_slots
         return int(max(0, min(cap - self.cache.slots, free // self.cache.slot_bytes)))
+
+    def host_spare(self) -> int:
+        """Experts host RAM would hold more once the draft's 4-bit experts kept there are
+        given back (a disk tier only: otherwise RAM holds every expert already)."""
+        host, plan = self.tiers.host, self.plan
+        if host is None or not plan.disk_tier or not plan.host_draft_bytes or self.released:
+            return 0
+        return int(max(0, min(plan.total_experts - host.slots, plan.host_draft_bytes // host.slot_bytes)))
+
+    def ram_reach(self, more: int) -> int:
+        """Distinct experts the device and host RAM hold together, RAM holding ``more``
+        experts more, as an LRU over every routed expert would see them: RAM keeps what it
+        read for a copy (the device's experts are in it too), but with CPU experts the
+        device's set is placed once and RAM serves only the others."""
+        host = self.tiers.host
+        if host is None:
+            return 0
+        return host.slots + more + (self.cache.slots if self.target.policy.host_compute else 0)
+
+    def release_reads(self) -> tuple[float, float] | None:
+        """Disk reads per token of plain decoding (now, with the draft released): the
+        routed tokens' misses of an LRU the size of ``ram_reach`` (RoutingTrace)."""
+        trace, state = self.target.trace, self.governor.state
+        if trace is None or not trace.tokens or self.tiers.host is None:
+            return None
+        extra = state.spare_slots if self.target.policy.host_compute else 0
+        now = trace.lru_misses(self.ram_reach(0))
+        then = trace.lru_misses(self.ram_reach(state.host_spare) + extra)
+        return (now, then) if now is not None and then is not None else None
 
     def release_fill(self, n: int) -> list:
         """With CPU experts, the experts the slots gained at release take: the most
@@ -138,7 +181,7 @@ class Speculation:
         d = self.draft
         if d is None or self.released:  # no draft was loaded (k = 0 only), or it is gone already
             return
-        extra = self.spare_slots()
+        extra, more_in_ram = self.spare_slots(), self.host_spare()
         d.quant.drop()
         d.on_device = set()
         self.backend.free(self.draft_bytes, "4-bit draft experts")
@@ -149,16 +192,16 @@ class Speculation:
             if self.backend.name == "cuda":
                 torch.cuda.empty_cache()  # the draft's blocks back to the driver before growing
             self.cache.grow(extra)
-        host = self.tiers.host
-        if host is not None and self.plan.disk_tier and self.plan.host_draft_bytes:
-            # the draft's experts in host RAM go too: RAM holds that many more experts
-            more = min(self.plan.total_experts - host.slots, self.plan.host_draft_bytes // host.slot_bytes)
-            host.grow(int(more))
+        if more_in_ram:  # the draft's experts in host RAM go too: RAM holds that many more experts
+            self.tiers.host.grow(more_in_ram)
         for key in fill:
             self.cache.load(key, prefetch=True)
         if self.target.policy.host_compute:  # misses served on the CPU would leave the new slots empty
             c = self.tiers.config
             self.cache.fill_slots(spread(self.cache.slots, list(c.moe_layers), c.num_experts), prefetch=True)
         self.target.trace = None
-        self.governor.state.slots = self.cache.slots
+        state = self.governor.state
+        state.slots = self.cache.slots
+        state.host_slots += more_in_ram
+        state.host_spare, state.t_copy_released = 0, None
         self.released = True
