@@ -239,3 +239,20 @@ def test_plan_refuses_prompt_options_without_a_tokenizer(cli):
 def test_unknown_model_names_the_demo(cli):
     r = cli("run", "not-a-model")
     assert r.exit_code == 2 and "use demo (the built-in demo)" in r.stderr
+
+
+def test_help_paragraphs_wrap_at_the_terminals_width():
+    """A command's description reaches --help one line a paragraph (the terminal wraps it):
+    typer keeps a docstring's source line breaks, which an 80-column terminal broke again
+    mid-line ("the speedup" / "over each baseline")."""
+    import typer
+
+    from moespeq_cli.cli.app import app, prose
+
+    assert prose("First line.\n\n    One paragraph\n    over two lines.\n\n    Another.\n") == (
+        "First line.\n\nOne paragraph over two lines.\n\nAnother."
+    )
+    commands = typer.main.get_command(app).commands
+    assert len(commands) == 9
+    for name, command in commands.items():
+        assert command.help and all("\n" not in p for p in command.help.split("\n\n")), name

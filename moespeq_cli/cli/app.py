@@ -3,6 +3,8 @@ torch inside its function, so ``moespeq --help`` answers instantly."""
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 from typer.core import TyperGroup
 
@@ -99,15 +101,18 @@ def root(
 def _register() -> None:
     from moespeq_cli.cli import bench, calibrate, chat, plan, profile, pull, quantize, run, serve
 
-    app.command(name="pull", epilog=pull.EPILOG)(pull.pull)
-    app.command(name="run", epilog=run.EPILOG)(run.run)
-    app.command(name="chat", epilog=chat.EPILOG)(chat.chat)
-    app.command(name="serve", epilog=serve.EPILOG)(serve.serve)
-    app.command(name="quantize", epilog=quantize.EPILOG)(quantize.quantize)
-    app.command(name="profile", epilog=profile.EPILOG)(profile.profile)
-    app.command(name="bench", epilog=bench.EPILOG)(bench.bench)
-    app.command(name="plan", epilog=plan.EPILOG)(plan.plan)
-    app.command(name="calibrate", epilog=calibrate.EPILOG)(calibrate.calibrate)
+    for module in (pull, run, chat, serve, quantize, profile, bench, plan, calibrate):
+        name = module.__name__.rpartition(".")[2]
+        command = getattr(module, name)
+        app.command(name=name, epilog=module.EPILOG, help=prose(command.__doc__))(command)
+
+
+def prose(doc: str) -> str:
+    """A command's docstring as --help shows it: each paragraph on one line, for the
+    terminal to wrap at its own width (typer keeps the source's line breaks, which an
+    80-column terminal then breaks again, mid-line)."""
+    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
 _register()
