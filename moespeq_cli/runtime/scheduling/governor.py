@@ -41,9 +41,9 @@ the steadiest evidence: k = 0 with those slots is the measured k = 0 cycle moved
 stall per miss, to the misses a token would meet with the extra slots (with a disk tier,
 the draft's experts in host RAM go too: RAM then holds ``host_spare`` more experts, fewer
 misses wait for a disk read, and the stall per miss shrinks as the miss's modelled cost,
-``read_ratio``) -- counted on every
-token the target has routed so far (``RoutingTrace``: LRU stack distances without CPU
-experts, routing rates outside the resident set with them), not on the few k = 0 cycles
+``read_ratio``) -- counted on every token the target has routed so far
+(``RoutingTrace``: LRU stack distances without CPU experts, routing rates outside the
+resident set with them), not on the few k = 0 cycles
 -- and every k >= 1 is priced with the acceptance of the whole run, not the discounted
 window that picks k. When the released cycle beats every depth, the best depth has run at
 least once, and the margin over the best depth that ran exceeds the noise of its few

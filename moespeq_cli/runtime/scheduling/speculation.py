@@ -203,5 +203,5 @@ class Speculation:
         state = self.governor.state
         state.slots = self.cache.slots
         state.host_slots += more_in_ram
-        state.host_spare, state.t_copy_released = 0, None
+        state.host_spare = 0
         self.released = True
