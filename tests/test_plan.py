@@ -234,3 +234,26 @@ def test_list_hardware(cli):
     assert r.exit_code == 0 and "rtx3060-12gb" in r.stdout and "(default)" in r.stdout
     rows = json.loads(cli("plan", "--list-hardware", "--json").stdout)["profiles"]
     assert [row["name"] for row in rows] == available_profiles()
+
+
+def test_a_disk_reads_share_follows_what_ram_holds_beside_the_device():
+    """With a disk tier, the share of the device's misses that wait for a read: with CPU
+    experts the device's set is placed once, so RAM (an LRU) keeps only the other experts
+    (measured on the mock: hybrid's RAM held none of the device's ten at the end of a run,
+    lru's nine); otherwise RAM holds what it read for a copy, the device's experts too."""
+    from moespeq_cli.model_ref import DEMO_DIR
+    from moespeq_cli.models import build_model
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.runtime.planning.estimate import StepModel
+    from moespeq_cli.runtime.planning.hardware import load_profile
+    from moespeq_cli.runtime.planning.planner import checkpoint_plan
+
+    ck, hw, ctx = Checkpoint(DEMO_DIR), load_profile("laptop-8gb"), 84
+    step = StepModel(build_model(ck.arch, ck.raw_config, ctx), ck.config, hw, ck.config.dtype, ctx)
+    read = hw.disk_latency + step.expert_bytes / hw.disk_bandwidth
+    for policy, static in (("hybrid", True), ("lru", False)):
+        plan = checkpoint_plan(ck, ctx, 16_000_000, policy, with_draft=False, cpu_experts=static, ram=8_000_000)
+        n, s, h = plan.total_experts, plan.slots, plan.host_slots
+        assert plan.disk_tier and 0 < s <= h < n
+        share = (1 - h / (n - s)) if static else (1 - (h - s) / (n - s))
+        assert step.for_plan(plan).read_extra == pytest.approx(share * read), policy

@@ -30,8 +30,10 @@ the link, t_cpu on the host; T_ne the non-expert compute):
 
 With a disk tier (``--ram`` below the experts' size) an expert missing from the device
 is also missing from RAM with probability ``p_read = 1 - (H - S) / (N - S)`` (H experts
-in RAM, S on the device, N in all; RAM assumed to hold what the device holds), and then
-its copy, or its CPU computation, waits for a read of ``disk_latency + bytes /
+in RAM, S on the device, N in all: RAM keeps what it read for a copy, so it holds the
+device's experts too), or ``1 - H / (N - S)`` with CPU experts (``hybrid``, moespeq's
+k = 0 arm: the device's set is placed once and RAM, an LRU, keeps only the others), and
+then its copy, or its CPU computation, waits for a read of ``disk_latency + bytes /
 disk_bandwidth`` first: ``t_copy`` and ``t_cpu`` grow by ``p_read * t_read``.
 
 On a GPU (``kind: gpu`` profiles) a layer's experts of the usual formats are computed in
@@ -140,7 +142,10 @@ class StepModel:
                     f"hardware profile {self.hw.name} has no disk_bandwidth / disk_latency to price the disk tier "
                     "with (the experts do not all fit in --ram); add them to the profile or raise --ram"
                 )
-            p_read = 1.0 - max(0, h - s) / (n - s)
+            # the device's set placed once (CPU experts serve the misses): RAM never reads it
+            # again and, an LRU, keeps only the others; else RAM keeps what it read for a copy
+            static = plan.cpu_experts and plan.policy in ("hybrid", "moespeq")
+            p_read = max(0.0, 1.0 - (h if static else max(0, h - s)) / (n - s))
             step.read_extra = p_read * (self.hw.disk_latency + self.expert_bytes / self.hw.disk_bandwidth)
         return step
 
