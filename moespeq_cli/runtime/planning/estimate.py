@@ -142,10 +142,10 @@ class StepModel:
                     f"hardware profile {self.hw.name} has no disk_bandwidth / disk_latency to price the disk tier "
                     "with (the experts do not all fit in --ram); add them to the profile or raise --ram"
                 )
-            # the device's set placed once (CPU experts serve the misses): RAM never reads it
-            # again and, an LRU, keeps only the others; else RAM keeps what it read for a copy
-            static = plan.cpu_experts and plan.policy in ("hybrid", "moespeq")
-            p_read = max(0.0, 1.0 - (h if static else max(0, h - s)) / (n - s))
+            # with CPU experts (hybrid, moespeq's; the plan's flag is the policy's
+            # host_compute) the device's set is placed once: RAM never reads it again and, an
+            # LRU, keeps only the others; else RAM keeps what it read for a copy
+            p_read = max(0.0, 1.0 - (h if plan.cpu_experts else max(0, h - s)) / (n - s))
             step.read_extra = p_read * (self.hw.disk_latency + self.expert_bytes / self.hw.disk_bandwidth)
         return step
 

@@ -10,7 +10,8 @@ moespeq's 4-bit draft: when all of it fits beside ``top_k`` expert slots it all 
 device. When it does not, and experts may run on the CPU (the default), half of the room
 above ``top_k`` slots goes to draft experts (the same number per layer) and the rest to
 slots; the draft computes its other experts on the CPU from 4-bit host copies. With
-``--no-cpu-experts`` a draft that does not fit is dropped (k = 0: the governor decodes with gate-prefetch or without, whichever it measures faster).
+``--no-cpu-experts`` a draft that does not fit is dropped (k = 0: the governor decodes
+with gate-prefetch or without, whichever it measures faster).
 
 Host RAM (``--ram``, DESIGN.md §9) is the budget of expert buffers in host memory: the
 full-precision experts it holds and the 4-bit draft's experts that are not on the device.

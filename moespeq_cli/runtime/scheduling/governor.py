@@ -82,6 +82,12 @@ def queued_stall_ratio(tally: dict[tuple[int, int], int], per_miss: float, t_cop
     return stall_per_miss(hi, 1, then) / per_miss
 
 
+def off_ram_share(in_ram: int, total: int) -> float:
+    """The share of experts host RAM does not hold: under uniform routing, of the misses
+    that wait for a disk read first."""
+    return max(0.0, 1.0 - in_ram / total) if total else 0.0
+
+
 def effective_cycles(weight: float, decay: float) -> float:
     """How many equally weighted cycles a mean discounted by ``decay`` per newer cycle is
     worth, from its total weight ``weight`` (1 + decay + ... + decay^(n-1)): (sum of the
@@ -390,8 +396,8 @@ class GovernorState:
         if reads is not None and now > 0 and then > 0:
             p_now, p_then = min(1.0, reads[0] / now), min(1.0, reads[1] / then)
         else:
-            p_now = max(0.0, 1.0 - self.host_slots / self.total_experts)
-            p_then = max(0.0, 1.0 - (self.host_slots + self.host_spare) / self.total_experts)
+            p_now = off_ram_share(self.host_slots, self.total_experts)
+            p_then = off_ram_share(self.host_slots + self.host_spare, self.total_experts)
         cost_now = self.t_link + p_now * self.t_read
         return (self.t_link + p_then * self.t_read) / cost_now if cost_now > 0 else 1.0
 

@@ -17,7 +17,7 @@ from moespeq_cli.runtime.executors.offload import OffloadedExperts
 from moespeq_cli.runtime.planning.costs import host_expert_seconds, transfer_seconds
 from moespeq_cli.runtime.planning.planner import Plan, spread
 from moespeq_cli.runtime.scheduling.elb import ElbScheduler
-from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState
+from moespeq_cli.runtime.scheduling.governor import Governor, GovernorState, off_ram_share
 from moespeq_cli.runtime.scheduling.routing_trace import RoutingTrace
 from moespeq_cli.runtime.tiers.hierarchy import ExpertTiers
 
@@ -59,7 +59,7 @@ class Speculation:
                 cost, act = target.host_cost(max(1, round(tokens)))
                 return host_expert_seconds(cost, act, backend.hw)
 
-        state = GovernorState(k_max, c.num_experts, c.top_k, self.miss_seconds(), t_host=t_host)
+        state = GovernorState(k_max, c.num_experts, c.top_k, self.miss_seconds(*self.miss_parts()), t_host=t_host)
         state.slots, state.total_experts = self.cache.slots, plan.total_experts
         if self.draft is not None and self.draft.on_device:
             state.spare_slots = self.spare_slots()
@@ -89,9 +89,8 @@ class Speculation:
     def choose(self) -> int:
         """The governor's k for the next cycle, with the link's cost as measured so far."""
         state = self.governor.state
-        state.t_copy = self.miss_seconds()
-        if state.host_spare:
-            state.t_link, state.t_read = self.miss_parts()
+        state.t_link, state.t_read = self.miss_parts()
+        state.t_copy = self.miss_seconds(state.t_link, state.t_read)
         return self.governor.choose()
 
     def miss_parts(self) -> tuple[float, float]:
@@ -104,14 +103,13 @@ class Speculation:
         read = b.read_seconds(nbytes) if plan.disk_tier and self.tiers.host is not None else 0.0
         return transfer_seconds(nbytes, b.hw), read
 
-    def miss_seconds(self) -> float:
-        """What an expert missing from the compute tier costs to bring in: a copy, plus a
-        read for the share of experts host RAM does not hold (uniform routing); on the cpu
-        backend a read."""
-        link, read = self.miss_parts()
+    def miss_seconds(self, link: float, read: float) -> float:
+        """What an expert missing from the compute tier costs to bring in (``miss_parts``):
+        a copy, plus a read for the share of experts host RAM does not hold (uniform
+        routing); on the cpu backend a read."""
         if self.plan.compute_tier == "host" or not read:
             return link + read
-        return link + max(0.0, 1.0 - self.tiers.host.slots / self.plan.total_experts) * read
+        return link + off_ram_share(self.tiers.host.slots, self.plan.total_experts) * read
 
     # -- giving the draft's memory back ----------------------------------------------
     def spare_slots(self) -> int:
