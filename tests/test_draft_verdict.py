@@ -139,3 +139,14 @@ def test_the_quick_verdict_stands_only_if_more_launches_would_not_turn_it():
     assert bound > 1.1 * estimate(quick, released).tokens_per_s  # the estimates alone: keep the draft
     off = speculation_cannot_pay(step, with_draft, released)
     assert off is released and not off.has_draft  # counted: it cannot pay
+
+
+def test_a_fixed_depth_without_room_for_the_draft_says_so(cli):
+    """``--spec-depth 4`` where the draft does not fit beside the slots the budget must
+    hold: the run decodes at k = 0 and the output says why (it said nothing before)."""
+    r = cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4")
+    assert "does not fit in --ram" in r.stderr and "speculation is off" in r.stderr, r.stderr
+    out = json.loads(cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4", "--json").stdout)
+    assert set(out["spec_depths"]) == {0} and "does not fit in --ram" in out["governor_note"]
+    out = json.loads(cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "0", "--json").stdout)
+    assert "governor_note" not in out  # k = 0 asked for: nothing to explain
