@@ -15,8 +15,9 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -24,34 +25,57 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    return parse
+
+
+def tail(log) -> str:
+    """The server's last words, from its stderr file."""
+    log.seek(0)
+    return log.read().decode(errors="replace").strip()[-500:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--backend", default="mock")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--requests", type=positive(int), default=32)
+    ap.add_argument("--clients", type=positive(int), default=8)
+    ap.add_argument("--max-tokens", type=positive(int), default=32)
+    ap.add_argument("--timeout", type=positive(float), default=300.0, help="seconds for the whole run, start included")
     args = ap.parse_args()
     import openai
+
+    end = time.time() + args.timeout
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "moespeq_cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--backend", args.backend, "--queue", str(max(args.clients, 1))] + ([args.model] if args.model else [])
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # the server's log goes to a file, not a pipe: nobody reads a pipe while requests run,
+    # and a full one would stop the server mid-write
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stderr=log)
     base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + min(args.timeout, 120)
     c = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=args.timeout)
+    pool = ThreadPoolExecutor(args.clients)
     try:
         while True:
             try:
                 model = c.models.list().data[0].id
                 break
             except openai.APIConnectionError:
-                if proc.poll() is not None or time.time() > deadline:
-                    sys.exit(f"load_serve: the server did not start: {proc.stderr.read()[-500:]}")
+                if proc.poll() is not None or time.time() > end:
+                    proc.kill()
+                    proc.wait()
+                    sys.exit(f"load_serve: the server did not start within {args.timeout:g} s: {tail(log)}")
                 time.sleep(0.2)
 
         def one(i: int) -> tuple[float, float, int]:
@@ -73,12 +97,22 @@ def main() -> None:
             return time.perf_counter() - t0, first or 0.0, n
 
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            results = list(pool.map(one, range(args.requests)))
+        futures = [pool.submit(one, i) for i in range(args.requests)]
+        done, late = wait(futures, timeout=max(end - time.time(), 0))
         wall = time.perf_counter() - t0
+        if late:
+            for f in late:
+                f.cancel()
+            sys.exit(f"load_serve: {len(late)} of {args.requests} requests unanswered after --timeout {args.timeout:g} s")
+        results = [f.result() for f in futures]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.terminate()  # the clients still waiting see their connections close
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        pool.shutdown(wait=True, cancel_futures=True)
     lat = [r[0] for r in results]
     ttft = [r[1] for r in results]
     tokens = sum(r[2] for r in results)
