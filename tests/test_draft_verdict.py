@@ -33,7 +33,7 @@ def test_a_draft_that_cannot_pay_is_not_loaded_and_run_says_why(cli):
     vram, _ = budget_for(DEMO_DIR, CONTEXT, 0.5)
     with_draft, released, off = verdict(load_profile("rtx3060-12gb"), vram)
     assert off is released and not off.has_draft and off.slots > with_draft.slots
-    assert off.note.startswith("speculation off: the 4-bit draft's memory holds")
+    assert off.note.startswith("speculation off: 9 more full-precision experts in the draft's memory beat")
     eng = Engine(DEMO_DIR, EngineOptions(backend="mock", policy="moespeq", vram=vram))
     eng.load(CONTEXT)
     assert not eng.plan.has_draft and eng.plan.slots == off.slots and eng.draft_exec is None
@@ -150,3 +150,21 @@ def test_a_fixed_depth_without_room_for_the_draft_says_so(cli):
     assert set(out["spec_depths"]) == {0} and "does not fit in --ram" in out["governor_note"]
     out = json.loads(cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "0", "--json").stdout)
     assert "governor_note" not in out  # k = 0 asked for: nothing to explain
+
+
+def test_a_release_on_the_cpu_says_the_slots_are_in_ram():
+    """The cpu backend has no device: after a release its line counts the slots in RAM."""
+    from moespeq_cli.cli.run import result_dict
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    eng = Engine(DEMO_DIR, EngineOptions(backend="cpu", policy="moespeq", ram=12_000_000, draft_verdict=False))
+    try:
+        ids = eng.tokenizer.encode("Hello")
+        eng.load(len(ids) + 8)
+        tokens = [ev.token for ev in eng.generate(ids, 8, SamplingParams())]
+        if not eng.draft_released:
+            eng.release_draft()
+        note = result_dict("demo", eng, ids, tokens)["governor_note"]
+    finally:
+        eng.close()
+    assert note.startswith("draft released") and " of 32 in RAM)" in note and "device" not in note, note

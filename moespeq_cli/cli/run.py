@@ -324,7 +324,8 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
         result["spec_depths"] = list(engine.governor.history)
         if engine.fixed_k is None:  # why speculation is off, when it is (auto depth only)
             off = None if engine.plan.has_draft else engine.plan.note  # the plan left the draft out: why
-            result["governor_note"] = explain(engine.governor, engine.draft_released, off)
+            where = "in RAM" if engine.plan.compute_tier == "host" else "on the device"
+            result["governor_note"] = explain(engine.governor, engine.draft_released, off, where)
         elif engine.fixed_k and not engine.plan.has_draft:  # a depth asked for, and no room for the draft
             result["governor_note"] = engine.plan.note or "no draft loaded: speculation is off (k = 0)"
     return result

@@ -374,9 +374,9 @@ def speculation_cannot_pay(step: StepModel, with_draft: Plan, released: Plan, k_
     if plain <= bound:
         return None
     released.note = (
-        f"speculation off: the 4-bit draft's memory holds {released.slots - with_draft.slots} more full-precision "
-        f"experts, which by the cost model beats speculating even if every drafted token were accepted "
-        f"({rate(plain)} vs at most {rate(bound)} tok/s on {step.hw.name}); --spec-depth N keeps the draft"
+        f"speculation off: {released.slots - with_draft.slots} more full-precision experts in the draft's memory "
+        f"beat speculating even with every drafted token accepted ({rate(plain)} vs at most {rate(bound)} tok/s "
+        f"on {step.hw.name}, by the cost model); --spec-depth N keeps the draft"
     )
     return released
 

@@ -617,10 +617,13 @@ class Governor:
         self.state.observe(k, accepted, draft_s, target_s, misses, stall_s, prefetch=self.prefetch)
 
 
-def explain(governor: Governor, released: bool, plan_note: str | None = None) -> str | None:
+def explain(
+    governor: Governor, released: bool, plan_note: str | None = None, slots_in: str = "on the device"
+) -> str | None:
     """One line a newcomer understands when the governor turned speculation off (most
     cycles at k = 0) or released the draft; None while it speculates, or with a fixed
-    --spec-depth. ``plan_note``: why the plan left the draft out, when it did."""
+    --spec-depth. ``plan_note``: why the plan left the draft out, when it did;
+    ``slots_in``: where the expert slots are ("in RAM" where the CPU computes them)."""
     s, hist = governor.state, governor.history
     if not hist:
         return None
@@ -635,7 +638,7 @@ def explain(governor: Governor, released: bool, plan_note: str | None = None) ->
         ram = f", {s.host_slots} in RAM" if s.host_slots else ""
         return (
             "draft released: plain decoding with the draft's memory as more full-precision expert slots "
-            f"(now {s.slots} of {s.total_experts} on the device{ram}) is faster here than speculating; "
+            f"(now {s.slots} of {s.total_experts} {slots_in}{ram}) is faster here than speculating; "
             f"decoding with {arm}"
         )
     zeros = sum(1 for k in hist if k == 0) / len(hist)
