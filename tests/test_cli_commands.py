@@ -27,6 +27,74 @@ def test_help_imports_no_torch():
     assert out.strip() == "False"
 
 
+STATUS_PROBE = """
+import sys
+import moespeq_cli.cli.run as run
+shown = run.LoadingStatus.__init__
+def first(self, quiet=False):
+    print("status started, torch imported:", "torch" in sys.modules, file=sys.stderr)
+    shown(self, quiet)
+run.LoadingStatus.__init__ = first
+from moespeq_cli.cli.app import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "profile"])
+def test_the_loading_line_starts_before_torch_is_imported(command):
+    """Importing torch is a second of a small model's start: the loading line is up before
+    it, not after (it first appeared a second in, and vanished 50 ms later)."""
+    import subprocess
+    import sys
+
+    args = [command, "-n", "2"] + (["--no-live"] if command == "profile" else [])
+    r = subprocess.run(
+        [sys.executable, "-c", STATUS_PROBE, *args], input="Hi\n", capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert "status started, torch imported: False" in r.stderr.splitlines()[0], r.stderr
+
+
+def test_the_loading_line_says_what_loads_then_the_plan_then_the_prompt():
+    """On a terminal's stderr: the model, the plan in one line, the prompt's pass, each
+    while it happens, then erased; stdout holds the text alone."""
+    import os
+    import pty
+    import re
+    import select
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "moespeq_cli", "run", "-n", "4"], stdout=subprocess.PIPE, stderr=follower
+    )
+    os.close(follower)
+    err, out, first_text = b"", b"", None  # first_text: how much stderr had come when stdout began
+    streams = [leader, p.stdout.fileno()]
+    while streams:
+        ready, _, _ = select.select(streams, [], [], 120)
+        assert ready, "no output for 120 s"
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # the terminal's side closed
+                data = b""
+            if not data:
+                streams.remove(fd)
+            elif fd == leader:
+                err += data
+            else:
+                out += data
+                first_text = len(err) if first_text is None else first_text
+    assert p.wait() == 0
+    before = re.sub(rb"\x1b\[[0-9;?]*[a-zA-Z]", b"", err[:first_text]).decode()
+    steps = ["loading demo", "plan (moespeq): device", "demo: reading the prompt"]
+    at = [before.find(s) for s in steps]
+    assert -1 not in at and at == sorted(at), before
+    assert b"\x1b" not in out and out.strip()
+
+
 def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
     from offload_helpers import vram_for_slots
 

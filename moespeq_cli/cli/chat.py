@@ -32,14 +32,25 @@ ANSWER_TOKENS = 512  # an answer's most tokens unless -n says otherwise (at most
 COMMANDS = "/reset, /stats, /exit"
 
 
-def load_session(model: str | None, context: int | None, max_new_tokens: int, quiet: bool = False, **options):
+def load_session(model: str | None, context: int | None, max_new_tokens: int, status=None, **options):
     """Resolve the model, build and load the engine for a conversation's context: shared
-    by chat and serve (``quiet``: no loading status; ``max_new_tokens``: what an answer
-    must have room for). -> (display name, engine, context)."""
-    from moespeq_cli.model_ref import DEMO, default_vram, resolve
+    by chat and serve (``status``: the caller's loading line, else one of its own;
+    ``max_new_tokens``: what an answer must have room for). -> (display name, engine,
+    context)."""
+    from moespeq_cli.cli.run import LoadingStatus
+    from moespeq_cli.model_ref import resolve
+
+    with status or LoadingStatus() as status:
+        name, path = resolve(model)
+        status.show(f"loading {name}")
+        return load_engine(name, path, context, max_new_tokens, status, **options)
+
+
+def load_engine(name: str, path, context: int | None, max_new_tokens: int, status, **options):
+    """``load_session``'s engine, built, planned and loaded, ``status`` told each step."""
+    from moespeq_cli.model_ref import DEMO, default_vram
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
-    name, path = resolve(model)
     options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
     engine = Engine(path, EngineOptions(context=context, **options))
     limit = engine.ckpt.config.context_limit
@@ -49,13 +60,12 @@ def load_session(model: str | None, context: int | None, max_new_tokens: int, qu
         raise UsageError(
             f"--max-new-tokens {max_new_tokens} leaves no room for a message in a context of {ctx} tokens; lower it"
         )
-    from moespeq_cli.cli.run import loading_status
-
     plan = engine.make_plan(ctx)
     if plan is None and (ignored := engine.ignored_options()):
+        status.stop()  # a line of its own, not drawn over
         note(f"note: {ignored}")
-    with loading_status(name, plan, quiet=quiet):
-        engine.load(ctx, plan)
+    status.planned(name, plan)
+    engine.load(ctx, plan)
     return name, engine, ctx
 
 
@@ -98,13 +108,15 @@ def chat(
     every token generated, the one that completed a stop string included.
     """
     from moespeq_cli.cli.render import Renderer
-    from moespeq_cli.cli.run import result_dict, sampling_params
-    from moespeq_cli.conversation import Answer, Conversation, complete
+    from moespeq_cli.cli.run import LoadingStatus, result_dict, sampling_params
 
-    sampling = sampling_params(temperature, top_p, top_k, seed)
-    interactive = sys.stdin is not None and sys.stdin.isatty()
     options = o.engine_options(locals())
-    name, engine, ctx = load_session(model, context, max_new_tokens or 1, quiet=json_out, **options)
+    with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
+        from moespeq_cli.conversation import Answer, Conversation, complete
+
+        sampling = sampling_params(temperature, top_p, top_k, seed)
+        name, engine, ctx = load_session(model, context, max_new_tokens or 1, status=status, **options)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     if max_new_tokens is None:  # the demo's context is 512: an answer of 512 would leave no room to ask
         max_new_tokens = min(ANSWER_TOKENS, ctx // 2)
     out = Renderer(json_mode=json_out)

@@ -131,57 +131,60 @@ def run(
     --temperature 0 (the default) decoding is greedy and deterministic.
     """
     from moespeq_cli.cli.render import Renderer
-    from moespeq_cli.tokenizer import StreamDecoder
 
-    check_outputs({"--trace": trace}, model, prompt_file, hardware, draft)
-    sampling = sampling_params(temperature, top_p, top_k, seed)
     out = Renderer(json_mode=json_out)
-    name, engine, text, prompt_ids = prepare(
-        model,
-        prompt,
-        prompt_file,
-        max_new_tokens,
-        chat,
-        backend=backend,
-        hardware=hardware,
-        vram=vram,
-        ram=ram,
-        policy=policy,
-        draft=draft,
-        spec_depth=spec_depth,
-        cpu_threads=cpu_threads,
-        dtype=dtype,
-        cpu_experts=cpu_experts,
-        context=context,
-        offload_for="--trace" if trace is not None else None,
-        quiet=json_out,
-    )
-    decoder = StreamDecoder(engine.tokenizer)
-    token_ids: list[int] = []
-    started = time.perf_counter()
-    try:
-        for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
-            if not token_ids and not json_out:
-                # Shown once the first token exists, so that a failure of the first pass
-                # (NaN weights, say) is the only line on stderr.
-                if engine.plan is not None:
-                    out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
-                if text == DEMO_PROMPT:
-                    out.text(text)  # the default demo prompt: show what the model continues
-            token_ids.append(ev.token)
-            out.text(decoder.push(ev.token))
-    except KeyboardInterrupt:
-        # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
-        if token_ids:
-            result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
-            result["interrupted"] = True
-            if json_out:
-                sys.stdout.write(json.dumps(result) + "\n")
-            else:
-                out.text(decoder.flush())
-                out.end_text()
-                out.stats_line(result)
-        raise
+    with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
+        from moespeq_cli.tokenizer import StreamDecoder
+
+        check_outputs({"--trace": trace}, model, prompt_file, hardware, draft)
+        sampling = sampling_params(temperature, top_p, top_k, seed)
+        name, engine, text, prompt_ids = prepare(
+            model,
+            prompt,
+            prompt_file,
+            max_new_tokens,
+            chat,
+            backend=backend,
+            hardware=hardware,
+            vram=vram,
+            ram=ram,
+            policy=policy,
+            draft=draft,
+            spec_depth=spec_depth,
+            cpu_threads=cpu_threads,
+            dtype=dtype,
+            cpu_experts=cpu_experts,
+            context=context,
+            offload_for="--trace" if trace is not None else None,
+            status=status,
+        )
+        decoder = StreamDecoder(engine.tokenizer)
+        token_ids: list[int] = []
+        started = time.perf_counter()
+        try:
+            for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
+                if not token_ids and not json_out:
+                    # Shown once the first token exists, so that a failure of the first pass
+                    # (NaN weights, say) is the only line on stderr.
+                    status.stop()
+                    if engine.plan is not None:
+                        out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
+                    if text == DEMO_PROMPT:
+                        out.text(text)  # the default demo prompt: show what the model continues
+                token_ids.append(ev.token)
+                out.text(decoder.push(ev.token))
+        except KeyboardInterrupt:
+            # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
+            if token_ids:
+                result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
+                result["interrupted"] = True
+                if json_out:
+                    sys.stdout.write(json.dumps(result) + "\n")
+                else:
+                    out.text(decoder.flush())
+                    out.end_text()
+                    out.stats_line(result)
+            raise
     out.text(decoder.flush())
     result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
     if trace is not None:
@@ -223,18 +226,28 @@ def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | No
 
 
 def prepare(
-    model, prompt, prompt_file, max_new_tokens, chat=None, offload_for: str | None = None, quiet=False, **options
+    model,
+    prompt,
+    prompt_file,
+    max_new_tokens,
+    chat=None,
+    offload_for: str | None = None,
+    status: LoadingStatus | None = None,
+    **options,
 ):
     """Resolve the model, read the prompt, build the engine (``options``: EngineOptions
     fields), check the prompt fits the model's context and plan memory (before any weight
     is read), and load: shared by run and profile. ``offload_for``: what needs an
     offloading run (``--trace``, ``profile``), refused before loading when the run would be
-    the plain cpu reference."""
+    the plain cpu reference; ``status``: the caller's loading line, told each step (the
+    caller stops it)."""
     from moespeq_cli.model_ref import default_vram, resolve
 
+    status = status or LoadingStatus(quiet=True)
     name, path = resolve(model)
     options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
     text = prompt_text(name, prompt, prompt_file)
+    status.show(f"loading {name}")
 
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
@@ -248,9 +261,11 @@ def prepare(
             "experts' size (the plain cpu backend keeps no timeline)"
         )
     if plan is None and (ignored := engine.ignored_options()):
+        status.stop()  # a line of its own, not drawn over
         print(f"note: {ignored}", file=sys.stderr)
-    with loading_status(name, plan, quiet=quiet):
-        engine.load(context, plan)
+    status.planned(name, plan)
+    engine.load(context, plan)
+    status.show(f"{name}: reading the prompt ({len(prompt_ids)} tokens)")
     return name, engine, text, prompt_ids
 
 
@@ -262,21 +277,43 @@ def prompt_text(name: str, prompt: str | None, prompt_file: Path | None) -> str:
     return read_prompt(prompt, prompt_file, default)
 
 
-def loading_status(name: str, plan, quiet: bool = False):
-    """A transient status line on a terminal's stderr while the weights load (what, and
-    the plan in one line); nothing with --json, or when stderr is not a terminal."""
-    import contextlib
+class LoadingStatus:
+    """A transient status line on a terminal's stderr from the moment a command starts
+    loading until its first token (what is loading, then the plan in one line, then the
+    prompt's pass): most of a small model's start is importing torch and reading the
+    checkpoint, before any plan exists. Nothing with --json, or when stderr is not a
+    terminal. ``stop`` ends it (again: no-op); as a context manager it ends on leaving."""
 
-    if quiet or not sys.stderr.isatty():
-        return contextlib.nullcontext()
-    from rich.console import Console
+    def __init__(self, quiet: bool = False):
+        self._status = None
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console
 
-    from moespeq_cli.runtime.planning.hardware import format_size
+            self._status = Console(stderr=True).status("starting", spinner="dots")
+            self._status.start()
 
-    what = f"loading {name}"
-    if plan is not None:
-        what += f" · {format_size(plan.budget_bytes)} plan ({plan.policy}): {plan.tier_line()}"
-    return Console(stderr=True).status(what, spinner="dots")
+    def show(self, what: str) -> None:
+        if self._status is not None:
+            self._status.update(what)
+
+    def planned(self, name: str, plan) -> None:
+        from moespeq_cli.runtime.planning.hardware import format_size
+
+        what = f"loading {name}"
+        if plan is not None:
+            what += f" · {format_size(plan.budget_bytes)} plan ({plan.policy}): {plan.tier_line()}"
+        self.show(what)
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def __enter__(self) -> LoadingStatus:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0) -> list[int]:
