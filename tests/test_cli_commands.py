@@ -1,6 +1,7 @@
 """The user-facing commands through the CLI runner: profile, bench, help and version."""
 
 import json
+import re
 
 import pytest
 
@@ -307,6 +308,48 @@ def test_plan_refuses_prompt_options_without_a_tokenizer(cli):
 def test_unknown_model_names_the_demo(cli):
     r = cli("run", "not-a-model")
     assert r.exit_code == 2 and "use demo (the built-in demo)" in r.stderr
+
+
+COMMANDS = ("pull", "run", "chat", "serve", "quantize", "profile", "bench", "plan", "calibrate")
+
+
+def help_at(columns: int, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS=str(columns), TERM="dumb", NO_COLOR="1")
+    return subprocess.run(
+        [sys.executable, "-m", "moespeq_cli", *args, "--help"], capture_output=True, text=True, env=env, check=True
+    ).stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_reads_at_80_columns(command):
+    """At 80 columns the options' help is a readable column (typer's six-column table left
+    it 17 characters wide and cut words: "profiles/*.yam…"), and every example is whole
+    on its lines, so it can be copied (comments above commands, long ones continued with
+    a backslash)."""
+    import importlib
+    import re
+
+    text = help_at(80, command)
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in text, text
+    # the help beside --hardware (or the first option's) starts a column at most 28 in
+    opt = next(line for line in lines if re.match(r"│ --\S", line))
+    assert re.match(r"│ --\S+(, -\w)?\s+\S", opt) and len(re.match(r"│ --\S+(, -\w)?\s+", opt)[0]) <= 28, opt
+    epilog = importlib.import_module(f"moespeq_cli.cli.{command}").EPILOG
+    shown = {line.strip() for line in lines}
+    for line in epilog.splitlines():
+        plain = re.sub(r"\[/?[a-z ]+\]", "", line).strip()
+        if plain.startswith(("moespeq ", "printf ", "curl ", "-", "#")):
+            assert plain in shown, (plain, text)
+
+
+def test_wide_terminals_keep_typer_s_table():
+    line = next(line for line in help_at(160, "run").splitlines() if "--max-new-tokens" in line)
+    assert re.search(r"--max-new-tokens\s+-n\s+<int range> \[x>=1\]\s+Tokens to generate", line), line
 
 
 def test_help_paragraphs_wrap_at_the_terminals_width():

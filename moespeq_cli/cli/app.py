@@ -27,6 +27,10 @@ class MoespeqGroup(TyperGroup):
             # one line on stderr. MOESPEQ_DEBUG=1 shows them.
             warnings.simplefilter("ignore")
         argv = list(sys.argv[1:] if args is None else args)
+        if not argv or "-h" in argv or "--help" in argv:
+            from moespeq_cli.cli import help_layout  # imports rich's help machinery: only for help
+
+            help_layout.install()
         command = next((a for a in argv if not a.startswith("-")), None)
         if command not in self.commands:
             command = None

@@ -11,15 +11,18 @@ from moespeq_cli.errors import UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq bench                                        [dim]# the demo model on a simulated RTX 3060[/dim]
+  [dim]# the demo model on a simulated RTX 3060[/dim]
+  moespeq bench
 
   moespeq bench ./ckpt --hardware rtx4090-24gb --vram 6GB -n 64
 
   moespeq bench ./ckpt --policies moespeq,lru --spec-depths auto,2,4 --json
 
-  moespeq bench ./ckpt --hardware desktop-3060-ddr4 --policies moespeq,hybrid --no-cpu-experts
+  moespeq bench ./ckpt --hardware desktop-3060-ddr4 \\
+    --policies moespeq,hybrid --no-cpu-experts
 
-  moespeq bench ./ckpt --backend cpu --ram 2GB -n 64   [dim]# for real: experts read from disk, wall clock[/dim]
+  [dim]# for real: experts read from disk, on the wall clock[/dim]
+  moespeq bench ./ckpt --backend cpu --ram 2GB -n 64
 """
 
 

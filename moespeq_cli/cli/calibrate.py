@@ -11,13 +11,17 @@ from moespeq_cli.cli import options as o
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq calibrate                                    [dim]# writes ~/.cache/moespeq/profiles/calibrated-cpu.yaml[/dim]
+  [dim]# writes ~/.cache/moespeq/profiles/calibrated-cpu.yaml[/dim]
+  moespeq calibrate
 
-  moespeq calibrate --out mybox.yaml --disk-dir /models [dim]# measure the disk the models live on[/dim]
+  [dim]# measure the disk the models live on[/dim]
+  moespeq calibrate --out mybox.yaml --disk-dir /models
 
-  moespeq calibrate --model ./ckpt                     [dim]# time reads of the checkpoint itself[/dim]
+  [dim]# time reads of the checkpoint itself[/dim]
+  moespeq calibrate --model ./ckpt
 
-  moespeq run ./ckpt --backend mock --hardware mybox.yaml --ram 2GB   [dim]# simulate --backend cpu[/dim]
+  [dim]# then simulate --backend cpu with it[/dim]
+  moespeq run ./ckpt --backend mock --hardware mybox.yaml --ram 2GB
 """
 
 

@@ -12,18 +12,22 @@ from moespeq_cli.errors import UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq chat                                  [dim]# the built-in demo model[/dim]
+  [dim]# the built-in demo model[/dim]
+  moespeq chat
 
   moespeq chat qwen3-moe --vram 12GB --temperature 0.7
 
   moespeq chat ./ckpt --system "Answer in one sentence." --stop "User:"
 
-  printf 'Hello\\nAnd then?\\n' | moespeq chat ./ckpt -n 64   [dim]# one message per line[/dim]
+  [dim]# one message per line[/dim]
+  printf 'Hello\\nAnd then?\\n' | moespeq chat ./ckpt -n 64
 
-  printf 'Hello\\nAnd then?\\n' | moespeq chat --json | jq -r .content   [dim]# one object per answer[/dim]
+  [dim]# one JSON object per answer[/dim]
+  printf 'Hello\\nAnd then?\\n' | moespeq chat --json | jq -r .content
 
-[bold]In the conversation[/bold]: /reset forgets the history, /stats shows the last answer's
-statistics, /exit (or Ctrl-D) leaves; Ctrl-C stops the current answer.
+[bold]In the conversation[/bold]: /reset forgets the history, /stats shows the
+last answer's statistics, /exit (or Ctrl-D) leaves; Ctrl-C stops the current
+answer.
 """
 
 DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says otherwise (capped by the model)

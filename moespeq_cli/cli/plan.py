@@ -12,11 +12,14 @@ from moespeq_cli.cli import options as o
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4   [dim]# will it run, and how fast?[/dim]
+  [dim]# will it run, and how fast?[/dim]
+  moespeq plan mixtral --vram 12GB --hardware desktop-3060-ddr4
 
-  moespeq plan qwen3-moe --vram 24GB --hardware workstation-4090-ddr5 --context 8192
+  moespeq plan qwen3-moe --vram 24GB --hardware workstation-4090-ddr5 \\
+    --context 8192
 
-  moespeq plan mixtral --vram 12GB --ram 48GB --hardware desktop-3060-ddr4   [dim]# experts beyond 48 GB from disk[/dim]
+  [dim]# experts beyond 48 GB read from disk[/dim]
+  moespeq plan mixtral --vram 12GB --ram 48GB --hardware desktop-3060-ddr4
 
   moespeq plan ./Mixtral-8x7B-Instruct-v0.1 --vram 12GB --json
 

@@ -13,13 +13,16 @@ from moespeq_cli.errors import UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq profile                                      [dim]# the demo model on a simulated RTX 3060[/dim]
+  [dim]# the demo model on a simulated RTX 3060[/dim]
+  moespeq profile
 
   moespeq profile ./ckpt --vram 6GB --trace run.json --report run.html
 
-  moespeq profile --no-live --report run.html --json   [dim]# scripts and CI[/dim]
+  [dim]# scripts and CI[/dim]
+  moespeq profile --no-live --report run.html --json
 
-  moespeq profile ./ckpt --backend cpu --ram 2GB       [dim]# experts read from disk, wall clock[/dim]
+  [dim]# experts read from disk, on the wall clock[/dim]
+  moespeq profile ./ckpt --backend cpu --ram 2GB
 """
 
 

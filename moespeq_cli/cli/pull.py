@@ -11,13 +11,16 @@ from moespeq_cli.cli import options as o
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq pull --list                                  [dim]# the aliases and their sizes[/dim]
+  [dim]# the aliases and their sizes[/dim]
+  moespeq pull --list
 
-  moespeq pull mixtral                                 [dim]# mistralai/Mixtral-8x7B-Instruct-v0.1[/dim]
+  [dim]# mistralai/Mixtral-8x7B-Instruct-v0.1[/dim]
+  moespeq pull mixtral
 
   moespeq pull Qwen/Qwen1.5-MoE-A2.7B-Chat --revision main
 
-  moespeq pull mixtral --config-only                   [dim]# just config.json, for `moespeq plan`[/dim]
+  [dim]# just config.json, for `moespeq plan`[/dim]
+  moespeq pull mixtral --config-only
 """
 
 

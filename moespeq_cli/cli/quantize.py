@@ -11,7 +11,8 @@ from moespeq_cli.cli import options as o
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq quantize ./Mixtral-8x7B-Instruct-v0.1          [dim]# nf4, blocksize 64, saved beside it[/dim]
+  [dim]# nf4, blocksize 64, saved beside it[/dim]
+  moespeq quantize ./Mixtral-8x7B-Instruct-v0.1
 
   moespeq quantize mixtral --method fp4 --blocksize 128
 

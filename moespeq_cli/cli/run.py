@@ -15,7 +15,8 @@ from moespeq_cli.fs import check_output, read_text
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq run                      [dim]# the built-in demo model[/dim]
+  [dim]# the built-in demo model[/dim]
+  moespeq run
 
   moespeq run ./my-checkpoint -p "Once upon a time" -n 64
 
@@ -23,7 +24,8 @@ EPILOG = """[bold]Examples[/bold]
 
   moespeq run ./ckpt --backend cpu --json | jq .stats.tokens_per_s
 
-  moespeq run ./ckpt --backend cpu --ram 4GB   [dim]# experts beyond 4 GB stream from disk[/dim]
+  [dim]# experts beyond 4 GB stream from disk[/dim]
+  moespeq run ./ckpt --backend cpu --ram 4GB
 """
 
 DEMO_PROMPT = "First Citizen:\nGood morrow, masters; what news from the court?\n\nSecond Citizen:\n"

@@ -11,15 +11,18 @@ from moespeq_cli.errors import MoespeqError, UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
-  moespeq serve                                   [dim]# the demo on http://127.0.0.1:8000/v1[/dim]
+  [dim]# the demo on http://127.0.0.1:8000/v1[/dim]
+  moespeq serve
 
   moespeq serve qwen3-moe --vram 12GB --port 8080 --api-key "$KEY"
 
-  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+  curl http://127.0.0.1:8000/v1/chat/completions \\
+    -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
-Any OpenAI client works: base_url http://127.0.0.1:8000/v1, the model name from
-GET /v1/models. One request is generated at a time; others wait in a queue of --queue.
+Any OpenAI client works: base_url http://127.0.0.1:8000/v1, the model name
+from GET /v1/models. One request is generated at a time; others wait in a
+queue of --queue.
 """
 
 
