@@ -3,7 +3,8 @@
 Starlette (ASGI) does the HTTP and uvicorn serves it; this module is the API: routes,
 request validation, response objects, Server-Sent Events for streaming, and the queue.
 
-- ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``;
+- ``GET /health``, ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/chat/completions``,
+  ``POST /v1/completions``;
 - one model, one generation at a time: a single worker thread owns the engine and takes
   requests in order from a bounded FIFO queue; a request that finds it full is answered
   503 with ``Retry-After``;
@@ -147,6 +148,18 @@ UNSUPPORTED = {
 }
 
 
+# The request fields this API reads, refuses or accepts at their neutral value; others are
+# ignored, as OpenAI-compatible servers do with vendor extensions, and named in the log.
+HANDLED = {
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+    "stream", "stream_options", "n", "user", "response_format", "best_of", *UNSUPPORTED,
+}  # fmt: skip
+
+
+def ignored_fields(body: dict) -> list[str]:
+    return sorted(set(body) - HANDLED)
+
+
 def refuse_unsupported(body: dict) -> None:
     """400 for a field asking what moespeq does not do (its neutral values pass: false,
     0, empty, ``response_format`` text, ``best_of`` 1)."""
@@ -264,7 +277,7 @@ def build_app(
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     worker = Worker(engine, queue_size)
@@ -314,14 +327,27 @@ def build_app(
     async def health(request):
         return JSONResponse({"status": "ok", "model": name})
 
+    card = {"id": name, "object": "model", "created": created, "owned_by": "moespeq"}
+
     async def models(request):
         try:
             check_key(request)
         except ApiError as e:
             return error(request, e)
-        return JSONResponse(
-            {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "moespeq"}]}
-        )
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def model(request):
+        """One model's card (the openai client's ``models.retrieve``)."""
+        try:
+            check_key(request)
+            asked = request.path_params["model"]
+            if asked != name:
+                raise ApiError(
+                    404, f"the model {asked!r} does not exist here; this server has {name!r}", "model_not_found"
+                )
+        except ApiError as e:
+            return error(request, e)
+        return JSONResponse(card)
 
     async def generate(request, chat: bool):
         try:
@@ -378,6 +404,8 @@ def build_app(
                 parts.append(f"hit rate {s['expert_hit_rate']:.0%}")
             if job.cancelled:
                 parts.append("cancelled: the client went away")
+            if ignored := ignored_fields(body):
+                parts.append("ignored: " + ", ".join(ignored)[:120])
             log(request, status, " · ".join(parts))
 
         if not stream:
@@ -404,6 +432,9 @@ def build_app(
                     },
                     status_code=500,
                 )
+            if job.cancelled:  # the client went away: logged as a streaming answer's would be
+                finish_log(499)
+                return Response(status_code=499)
             a = job.answer
             choice = {"index": 0, "finish_reason": a.finish_reason, "logprobs": None}
             choice |= {"message": {"role": "assistant", "content": a.text}} if chat else {"text": a.text}
@@ -481,6 +512,7 @@ def build_app(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
         ],

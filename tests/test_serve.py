@@ -76,6 +76,9 @@ def expected_text(engine, prompt_ids, n):
 def test_models_and_health(served):
     url, name, _ = served
     assert [m.id for m in client(url).models.list().data] == [name]
+    assert client(url).models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError):
+        client(url).models.retrieve("gpt-4o")
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
@@ -299,3 +302,32 @@ def test_a_conversation_reuses_its_earlier_turns(served):
     more = first + [{"role": "assistant", "content": a.choices[0].message.content}, {"role": "user", "content": "and?"}]
     b = c.chat.completions.create(model=name, messages=more, max_tokens=8, temperature=0)
     assert b.model_extra["moespeq"]["prompt_tokens_reused"] > 0
+
+
+def test_the_log_names_ignored_fields_and_a_cancelled_answer(served, capsys, monkeypatch):
+    """Fields the API neither reads nor refuses are ignored (as OpenAI-compatible servers do
+    with vendor extensions) and named in the request's log line; a non-streaming request
+    whose client left is logged 499, as a streaming one is (it was "200 · cancelled")."""
+    url, name, _ = served
+    body = {"model": name, "prompt": "hi", "max_tokens": 2, "frobnicate": 1, "top_k": 5}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("POST /v1/completions"))
+    assert line.startswith("POST /v1/completions 200") and "ignored: frobnicate, top_k" in line, line
+    engine = served[2]
+    fast = engine.generate
+
+    def slow(*a, **kw):  # 50 ms a token: the client leaves long before the answer ends
+        for ev in fast(*a, **kw):
+            time.sleep(0.05)
+            yield ev
+
+    monkeypatch.setattr(engine, "generate", slow)
+    long = {"model": name, "prompt": "a long story", "max_tokens": 100, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", json=long, timeout=0.3)
+    seen = ""
+    deadline = time.time() + 30
+    while "POST /v1/completions 499" not in seen and time.time() < deadline:
+        time.sleep(0.1)
+        seen += capsys.readouterr().err
+    assert "POST /v1/completions 499" in seen and "cancelled: the client went away" in seen, seen
