@@ -241,8 +241,8 @@ class Attention(nn.Module):
         (and biases) become views of one buffer, so nothing is held twice and the module's
         parameters keep their names."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        w = torch.cat([p.weight for p in projs])
-        b = torch.cat([p.bias for p in projs]) if self.s.qkv_bias else None
+        w = rows_joined([p.weight for p in projs])
+        b = rows_joined([p.bias for p in projs]) if self.s.qkv_bias else None
         sizes = [p.out_features for p in projs]
         for p, wp, bp in zip(projs, w.split(sizes), b.split(sizes) if b is not None else (None,) * 3, strict=True):
             p.weight = nn.Parameter(wp, requires_grad=False)
@@ -280,6 +280,16 @@ class Attention(nn.Module):
         """The attention itself (after projections, norms and rotary): [H, T, d] queries
         over the cached [Hkv, L, d] keys and values -> [T, H * d]."""
         return attend(q, k, v, start, self.scale, self.s.window)
+
+
+def rows_joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``; on the meta device (a plan's shape-only model) an empty tensor
+    of the joined shape: torch's meta ``cat`` imports torch._dynamo on first use, 1.2 s of
+    a first run's 2.2 before its first token."""
+    if parts[0].is_meta:
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts)
 
 
 def fuse_attention_projections(model: nn.Module, product: Callable = F.linear) -> None:
