@@ -103,7 +103,9 @@ def main() -> None:
         if late:
             for f in late:
                 f.cancel()
-            sys.exit(f"load_serve: {len(late)} of {args.requests} requests unanswered after --timeout {args.timeout:g} s")
+            sys.exit(
+                f"load_serve: {len(late)} of {args.requests} requests unanswered after --timeout {args.timeout:g} s"
+            )
         results = [f.result() for f in futures]
     finally:
         proc.terminate()  # the clients still waiting see their connections close
