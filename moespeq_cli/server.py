@@ -156,8 +156,13 @@ HANDLED = {
 }  # fmt: skip
 
 
-def ignored_fields(body: dict) -> list[str]:
-    return sorted(set(body) - HANDLED)
+def ignored_fields(body: dict, most: int = 8) -> str:
+    """The request's fields this API ignores, for the log: each name printable (a key is
+    any JSON string: no line breaks or escape codes reach the operator's terminal), at
+    most ``most`` of them, "" for none."""
+    names = sorted(set(body) - HANDLED)
+    shown = [n if n.isprintable() and len(n) <= 40 else ascii(n[:40]) for n in names[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def refuse_unsupported(body: dict) -> None:
@@ -319,10 +324,13 @@ def build_app(
             raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_json")
-        model = body.get("model")
-        if model is not None and model != name:
-            raise ApiError(404, f"the model {model!r} does not exist here; this server has {name!r}", "model_not_found")
+        if body.get("model") is not None:
+            check_model(body["model"])
         return body
+
+    def check_model(asked) -> None:
+        if asked != name:
+            raise ApiError(404, f"the model {asked!r} does not exist here; this server has {name!r}", "model_not_found")
 
     async def health(request):
         return JSONResponse({"status": "ok", "model": name})
@@ -337,14 +345,13 @@ def build_app(
         return JSONResponse({"object": "list", "data": [card]})
 
     async def model(request):
-        """One model's card (the openai client's ``models.retrieve``)."""
+        """One model's card (the openai client's ``models.retrieve``); ``/v1/models/`` is
+        the list."""
+        if not request.path_params["model"]:
+            return await models(request)
         try:
             check_key(request)
-            asked = request.path_params["model"]
-            if asked != name:
-                raise ApiError(
-                    404, f"the model {asked!r} does not exist here; this server has {name!r}", "model_not_found"
-                )
+            check_model(request.path_params["model"])
         except ApiError as e:
             return error(request, e)
         return JSONResponse(card)
@@ -405,7 +412,7 @@ def build_app(
             if job.cancelled:
                 parts.append("cancelled: the client went away")
             if ignored := ignored_fields(body):
-                parts.append("ignored: " + ", ".join(ignored)[:120])
+                parts.append("ignored: " + ignored)
             log(request, status, " · ".join(parts))
 
         if not stream:

@@ -16,8 +16,9 @@ SHARED = ["run", "chat", "serve", "profile", "bench"]
 BEGIN, END = "<!-- shared-options:begin (scripts/gen_cli_docs.py) -->", "<!-- shared-options:end -->"
 
 
-def help_text(args: list[str]) -> str:
-    env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb", "_TYPER_FORCE_DISABLE_TERMINAL": "1"}
+def help_text(args: list[str], columns: int = 100) -> str:
+    """``moespeq ARGS --help`` as a ``columns``-wide terminal without colour shows it."""
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1", "TERM": "dumb", "_TYPER_FORCE_DISABLE_TERMINAL": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "moespeq_cli", *args, "--help"], capture_output=True, text=True, env=env, check=True
     ).stdout

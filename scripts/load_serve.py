@@ -3,7 +3,8 @@
 demo model (or --model) on the mock backend, sends --requests chat completions from
 --clients concurrent clients with the openai client, and reports requests/s and latency
 percentiles (time to the whole answer, and to the first streamed token). Bounded: at
-most --requests requests and --timeout seconds. The last line is JSON.
+most --requests requests, and --timeout seconds (then the server is killed and the script
+exits with a line saying so). The last line is JSON.
 
     python scripts/load_serve.py [--model demo] [--requests 32] [--clients 8] [--max-tokens 32]
 """
@@ -17,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import IO
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -25,8 +28,10 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def positive(kind):
-    def parse(text: str):
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: ``kind`` of the text, above 0."""
+
+    def parse(text: str) -> int | float:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text} is not above 0")
@@ -35,7 +40,7 @@ def positive(kind):
     return parse
 
 
-def tail(log) -> str:
+def tail(log: IO[bytes]) -> str:
     """The server's last words, from its stderr file."""
     log.seek(0)
     return log.read().decode(errors="replace").strip()[-500:]
@@ -69,7 +74,7 @@ def main() -> None:
     try:
         while True:
             try:
-                model = c.models.list().data[0].id
+                model = c.with_options(timeout=max(end - time.time(), 0.5)).models.list().data[0].id
                 break
             except openai.APIConnectionError:
                 if proc.poll() is not None or time.time() > end:
@@ -103,12 +108,16 @@ def main() -> None:
         if late:
             for f in late:
                 f.cancel()
+            proc.kill()  # a graceful stop would wait for the open answers: the waiting clients see it close
             sys.exit(
                 f"load_serve: {len(late)} of {args.requests} requests unanswered after --timeout {args.timeout:g} s"
             )
-        results = [f.result() for f in futures]
+        try:
+            results = [f.result() for f in futures]
+        except openai.OpenAIError as e:
+            sys.exit(f"load_serve: a request failed: {e}; the server's log ends: {tail(log)}")
     finally:
-        proc.terminate()  # the clients still waiting see their connections close
+        proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:

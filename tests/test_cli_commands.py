@@ -68,7 +68,10 @@ def test_the_loading_line_says_what_loads_then_the_plan_then_the_prompt():
 
     leader, follower = pty.openpty()
     p = subprocess.Popen(
-        [sys.executable, "-m", "moespeq_cli", "run", "-n", "4"], stdout=subprocess.PIPE, stderr=follower
+        [sys.executable, "-m", "moespeq_cli", "run", "-n", "4"],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=dict(os.environ, TERM="xterm"),  # rich draws no live line on a dumb terminal
     )
     os.close(follower)
     err, out, first_text = b"", b"", None  # first_text: how much stderr had come when stdout began
@@ -89,6 +92,7 @@ def test_the_loading_line_says_what_loads_then_the_plan_then_the_prompt():
                 out += data
                 first_text = len(err) if first_text is None else first_text
     assert p.wait() == 0
+    os.close(leader)
     before = re.sub(rb"\x1b\[[0-9;?]*[a-zA-Z]", b"", err[:first_text]).decode()
     steps = ["loading demo", "plan (moespeq): device", "demo: reading the prompt"]
     at = [before.find(s) for s in steps]
@@ -314,14 +318,14 @@ COMMANDS = ("pull", "run", "chat", "serve", "quantize", "profile", "bench", "pla
 
 
 def help_at(columns: int, *args: str) -> str:
-    import os
-    import subprocess
+    """What docs/cli.md is made from, at another width."""
     import sys
+    from pathlib import Path
 
-    env = dict(os.environ, COLUMNS=str(columns), TERM="dumb", NO_COLOR="1")
-    return subprocess.run(
-        [sys.executable, "-m", "moespeq_cli", *args, "--help"], capture_output=True, text=True, env=env, check=True
-    ).stdout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from gen_cli_docs import help_text
+
+    return help_text(list(args), columns)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -347,6 +351,32 @@ def test_help_reads_at_80_columns(command):
             assert plain in shown, (plain, text)
 
 
+def test_the_narrow_help_falls_back_to_typer_s_own(monkeypatch):
+    """Help must never fail: with typer internals this layout does not know (here a
+    helper that raises, and a keyword argument a later typer might pass), typer's own
+    panel is drawn, and nothing half-drawn before it."""
+    import io
+
+    import typer.rich_utils as ru
+    from rich.console import Console
+
+    from moespeq_cli.cli import help_layout
+
+    calls = []
+    monkeypatch.setattr(ru, "_print_options_panel", lambda **kw: calls.append(kw))
+    help_layout.install()
+    panel = ru._print_options_panel
+    assert getattr(panel, "narrow_aware", False)
+
+    def another_typer(*a, **kw):
+        raise AttributeError("no such style in this typer")
+
+    monkeypatch.setattr(help_layout, "narrow_table", another_typer)
+    console = Console(width=60, file=io.StringIO())
+    panel(name="Options", params=[object()], ctx=None, markup_mode="rich", console=console, added_later=1)
+    assert len(calls) == 1 and calls[0]["added_later"] == 1 and console.file.getvalue() == ""
+
+
 def test_wide_terminals_keep_typer_s_table():
     line = next(line for line in help_at(160, "run").splitlines() if "--max-new-tokens" in line)
     assert re.search(r"--max-new-tokens\s+-n\s+<int range> \[x>=1\]\s+Tokens to generate", line), line
@@ -367,3 +397,38 @@ def test_help_paragraphs_wrap_at_the_terminals_width():
     assert len(commands) == 9
     for name, command in commands.items():
         assert command.help and all("\n" not in p for p in command.help.split("\n\n")), name
+
+
+def test_the_loading_line_steps_aside(monkeypatch):
+    """While a prompt is typed the line is down (its redraws would erase the typing), a
+    note prints above it, and stdout and stderr stay the process's own while it is up
+    (rich's default redirect left torch's loggers, created meanwhile, writing through its
+    proxy)."""
+    import io
+    import sys
+    import time
+
+    from moespeq_cli.cli.render import LoadingStatus
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    out = sys.stdout
+    status = LoadingStatus()
+    try:
+        status.show("loading demo")
+        assert sys.stdout is out and sys.stderr is err
+        with status.paused():
+            before = len(err.getvalue())
+            time.sleep(0.3)  # several of the spinner's frames
+            during = err.getvalue()[before:]
+        status.note("note: --cpu-threads has no effect here")
+        status.show("demo: reading the prompt")
+    finally:
+        status.stop()
+    text = err.getvalue()
+    assert "loading demo" in text[:before] and during == ""
+    assert "note: --cpu-threads has no effect here\n" in text and "demo: reading the prompt" in text

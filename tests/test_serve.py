@@ -79,6 +79,9 @@ def test_models_and_health(served):
     assert client(url).models.retrieve(name).id == name
     with pytest.raises(openai.NotFoundError):
         client(url).models.retrieve("gpt-4o")
+    with pytest.raises(openai.NotFoundError):
+        client(url).models.retrieve("org/gpt-4o")  # an id with a slash reaches the check
+    assert httpx.get(url + "/v1/models/").json()["data"][0]["id"] == name
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
@@ -205,6 +208,8 @@ def test_api_key_is_checked(tiny):
     try:
         with pytest.raises(openai.AuthenticationError):
             client(url, "wrong").models.list()
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.retrieve(name)
         assert client(url, "sekret").models.list().data[0].id == name
         assert httpx.get(url + "/health").status_code == 200  # health needs no key
         # the scheme is case-insensitive, the key is not
@@ -309,10 +314,10 @@ def test_the_log_names_ignored_fields_and_a_cancelled_answer(served, capsys, mon
     with vendor extensions) and named in the request's log line; a non-streaming request
     whose client left is logged 499, as a streaming one is (it was "200 · cancelled")."""
     url, name, _ = served
-    body = {"model": name, "prompt": "hi", "max_tokens": 2, "frobnicate": 1, "top_k": 5}
+    body = {"model": name, "prompt": "hi", "max_tokens": 2, "frobnicate": 1, "top_k": 5, "x\n\x1b[2J": 0}
     assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("POST /v1/completions"))
-    assert line.startswith("POST /v1/completions 200") and "ignored: frobnicate, top_k" in line, line
+    assert line.startswith("POST /v1/completions 200") and "ignored: frobnicate, top_k, 'x\\n\\x1b[2J'" in line, line
     engine = served[2]
     fast = engine.generate
 

@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from moespeq_cli.cli import options as o
+from moespeq_cli.cli.render import LoadingStatus
 from moespeq_cli.errors import UsageError
+
+if TYPE_CHECKING:  # the engine imports torch: not at the command's import
+    from moespeq_cli.runtime.engine import Engine
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -36,27 +41,21 @@ ANSWER_TOKENS = 512  # an answer's most tokens unless -n says otherwise (at most
 COMMANDS = "/reset, /stats, /exit"
 
 
-def load_session(model: str | None, context: int | None, max_new_tokens: int, status=None, **options):
+def load_session(
+    model: str | None, context: int | None, max_new_tokens: int, status: LoadingStatus | None = None, **options
+) -> tuple[str, Engine, int]:
     """Resolve the model, build and load the engine for a conversation's context: shared
-    by chat and serve (``status``: the caller's loading line, else one of its own;
-    ``max_new_tokens``: what an answer must have room for). -> (display name, engine,
-    context)."""
-    from moespeq_cli.cli.run import LoadingStatus
-    from moespeq_cli.model_ref import resolve
+    by chat and serve (``status``: the caller's loading line, else one of its own, ended
+    here; ``max_new_tokens``: what an answer must have room for). -> (display name,
+    engine, context)."""
+    if status is None:
+        with LoadingStatus() as own:
+            return load_session(model, context, max_new_tokens, own, **options)
+    from moespeq_cli.cli.run import build_engine, plan_and_load
+    from moespeq_cli.model_ref import DEMO, resolve
 
-    with status or LoadingStatus() as status:
-        name, path = resolve(model)
-        status.show(f"loading {name}")
-        return load_engine(name, path, context, max_new_tokens, status, **options)
-
-
-def load_engine(name: str, path, context: int | None, max_new_tokens: int, status, **options):
-    """``load_session``'s engine, built, planned and loaded, ``status`` told each step."""
-    from moespeq_cli.model_ref import DEMO, default_vram
-    from moespeq_cli.runtime.engine import Engine, EngineOptions
-
-    options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
-    engine = Engine(path, EngineOptions(context=context, **options))
+    name, path = resolve(model)
+    engine = build_engine(name, path, status, context=context, **options)
     limit = engine.ckpt.config.context_limit
     default = DEMO_CONTEXT if name == DEMO else DEFAULT_CONTEXT
     ctx = engine.context_for(0, max_new_tokens) if context is not None else min(limit, default)
@@ -64,12 +63,7 @@ def load_engine(name: str, path, context: int | None, max_new_tokens: int, statu
         raise UsageError(
             f"--max-new-tokens {max_new_tokens} leaves no room for a message in a context of {ctx} tokens; lower it"
         )
-    plan = engine.make_plan(ctx)
-    if plan is None and (ignored := engine.ignored_options()):
-        status.stop()  # a line of its own, not drawn over
-        note(f"note: {ignored}")
-    status.planned(name, plan)
-    engine.load(ctx, plan)
+    plan_and_load(engine, name, ctx, status)
     return name, engine, ctx
 
 
@@ -112,7 +106,7 @@ def chat(
     every token generated, the one that completed a stop string included.
     """
     from moespeq_cli.cli.render import Renderer
-    from moespeq_cli.cli.run import LoadingStatus, result_dict, sampling_params
+    from moespeq_cli.cli.run import result_dict, sampling_params
 
     options = o.engine_options(locals())
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)

@@ -63,7 +63,8 @@ def profile(
     import json
     import sys
 
-    from moespeq_cli.cli.run import LoadingStatus, check_outputs, prepare, result_dict, sampling_params, write_trace
+    from moespeq_cli.cli.render import LoadingStatus
+    from moespeq_cli.cli.run import check_outputs, prepare, result_dict, sampling_params, write_trace
 
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
         check_outputs({"--trace": trace, "--report": report}, model, prompt_file, hardware, draft)

@@ -3,7 +3,88 @@ scripts. Everything else in moespeq returns data."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
+
+
+class LoadingStatus:
+    """A transient line on a terminal's stderr from the moment a command starts loading
+    until ``stop`` (``run``: its first token): what is loading, then the plan in one line,
+    then the prompt's pass. Most of a small model's start is importing torch and reading
+    the checkpoint, before any plan exists, so it starts first. Nothing with --json or
+    when stderr is not a terminal. Drawn without redirecting stdout and stderr (rich's
+    default would leave the loggers torch creates meanwhile writing through its proxy);
+    ``note`` prints a line above it; ``paused`` takes it down while the user types a
+    prompt. As a context manager it ends on leaving."""
+
+    def __init__(self, quiet: bool = False):
+        self._live = None
+        self._text = "starting"
+        if not quiet and sys.stderr.isatty():
+            self._start()
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.spinner import Spinner
+
+        self._spinner = Spinner("dots", self._text)
+        self._live = Live(
+            self._spinner,
+            console=Console(stderr=True),
+            transient=True,
+            refresh_per_second=12.5,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._live.start()
+
+    def show(self, what: str) -> None:
+        self._text = what
+        if self._live is not None:
+            self._spinner.update(text=what)
+            self._live.refresh()
+
+    def planned(self, name: str, plan) -> None:
+        """The model and its plan in one line (``plan``: None for the plain cpu run)."""
+        from moespeq_cli.runtime.planning.hardware import format_size
+
+        what = f"loading {name}"
+        if plan is not None:
+            what += f" · {format_size(plan.budget_bytes)} plan ({plan.policy}): {plan.tier_line()}"
+        self.show(what)
+
+    def note(self, text: str) -> None:
+        """A line of its own on stderr, above the status line, which stays."""
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The line taken down meanwhile (the user typing a prompt), then drawn again."""
+        if self._live is None:
+            yield
+            return
+        self.stop()
+        try:
+            yield
+        finally:
+            self._start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def __enter__(self) -> LoadingStatus:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 class Renderer:

@@ -3,15 +3,22 @@ object on stdout with ``--json``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moespeq_cli.cli import options as o
+from moespeq_cli.cli.render import LoadingStatus
 from moespeq_cli.errors import CheckpointError, UsageError
 from moespeq_cli.fs import check_output, read_text
+
+if TYPE_CHECKING:  # the engine imports torch: not at the command's import
+    from moespeq_cli.runtime.engine import Engine
+    from moespeq_cli.runtime.planning.planner import Plan
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -239,23 +246,41 @@ def prepare(
 ):
     """Resolve the model, read the prompt, build the engine (``options``: EngineOptions
     fields), check the prompt fits the model's context and plan memory (before any weight
-    is read), and load: shared by run and profile. ``offload_for``: what needs an
-    offloading run (``--trace``, ``profile``), refused before loading when the run would be
-    the plain cpu reference; ``status``: the caller's loading line, told each step (the
-    caller stops it)."""
-    from moespeq_cli.model_ref import default_vram, resolve
+    is read), and load: shared by run and profile (``offload_for``: ``plan_and_load``'s;
+    ``status``: the caller's loading line, told each step; the caller stops it)."""
+    from moespeq_cli.model_ref import resolve
 
     status = status or LoadingStatus(quiet=True)
     name, path = resolve(model)
-    options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
-    text = prompt_text(name, prompt, prompt_file)
-    status.show(f"loading {name}")
-
-    from moespeq_cli.runtime.engine import Engine, EngineOptions
-
-    engine = Engine(path, EngineOptions(**options))
+    typed = prompt_file is not None and str(prompt_file) == "-" and sys.stdin.isatty()
+    with status.paused() if typed else contextlib.nullcontext():  # the line would draw over the typing
+        text = prompt_text(name, prompt, prompt_file)
+    engine = build_engine(name, path, status, **options)
     prompt_ids = encode_prompt(engine, text, chat, max_new_tokens)
     context = engine.context_for(len(prompt_ids), max_new_tokens)
+    plan_and_load(engine, name, context, status, offload_for)
+    status.show(f"{name}: reading the prompt ({len(prompt_ids)} tokens)")
+    return name, engine, text, prompt_ids
+
+
+def build_engine(name: str, path: Path, status: LoadingStatus, **options) -> Engine:
+    """The engine for model ``name`` at ``path`` (``options``: EngineOptions fields; the
+    device budget defaults as ``name`` wants it), built (config, tokenizer, weights mapped,
+    nothing read) with ``status`` saying so."""
+    from moespeq_cli.model_ref import default_vram
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    status.show(f"loading {name}")
+    options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
+    return Engine(path, EngineOptions(**options))
+
+
+def plan_and_load(
+    engine: Engine, name: str, context: int, status: LoadingStatus, offload_for: str | None = None
+) -> Plan | None:
+    """Plan memory for ``context`` tokens, then load: shared by every command that runs a
+    model. ``offload_for``: what needs an offloading run (``--trace``, ``profile``),
+    refused before loading when the run would be the plain cpu reference."""
     plan = engine.make_plan(context)
     if plan is None and offload_for:
         raise UsageError(
@@ -263,12 +288,10 @@ def prepare(
             "experts' size (the plain cpu backend keeps no timeline)"
         )
     if plan is None and (ignored := engine.ignored_options()):
-        status.stop()  # a line of its own, not drawn over
-        print(f"note: {ignored}", file=sys.stderr)
+        status.note(f"note: {ignored}")
     status.planned(name, plan)
     engine.load(context, plan)
-    status.show(f"{name}: reading the prompt ({len(prompt_ids)} tokens)")
-    return name, engine, text, prompt_ids
+    return plan
 
 
 def prompt_text(name: str, prompt: str | None, prompt_file: Path | None) -> str:
@@ -277,45 +300,6 @@ def prompt_text(name: str, prompt: str | None, prompt_file: Path | None) -> str:
 
     default = DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT
     return read_prompt(prompt, prompt_file, default)
-
-
-class LoadingStatus:
-    """A transient status line on a terminal's stderr from the moment a command starts
-    loading until its first token (what is loading, then the plan in one line, then the
-    prompt's pass): most of a small model's start is importing torch and reading the
-    checkpoint, before any plan exists. Nothing with --json, or when stderr is not a
-    terminal. ``stop`` ends it (again: no-op); as a context manager it ends on leaving."""
-
-    def __init__(self, quiet: bool = False):
-        self._status = None
-        if not quiet and sys.stderr.isatty():
-            from rich.console import Console
-
-            self._status = Console(stderr=True).status("starting", spinner="dots")
-            self._status.start()
-
-    def show(self, what: str) -> None:
-        if self._status is not None:
-            self._status.update(what)
-
-    def planned(self, name: str, plan) -> None:
-        from moespeq_cli.runtime.planning.hardware import format_size
-
-        what = f"loading {name}"
-        if plan is not None:
-            what += f" · {format_size(plan.budget_bytes)} plan ({plan.policy}): {plan.tier_line()}"
-        self.show(what)
-
-    def stop(self) -> None:
-        if self._status is not None:
-            self._status.stop()
-            self._status = None
-
-    def __enter__(self) -> LoadingStatus:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0) -> list[int]:
@@ -361,7 +345,7 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
 
         result["draft"] = engine.draft_source
         result["spec_depths"] = list(engine.governor.history)
-        if engine.fixed_k is None:  # why speculation is off, when it is (auto depth only)
+        if engine.fixed_k is None:  # why speculation is off, when it is
             off = None if engine.plan.has_draft else engine.plan.note  # the plan left the draft out: why
             where = "in RAM" if engine.plan.compute_tier == "host" else "on the device"
             result["governor_note"] = explain(engine.governor, engine.draft_released, off, where)
