@@ -66,28 +66,14 @@ def profile(
     from moespeq_cli.cli.render import LoadingStatus
     from moespeq_cli.cli.run import check_outputs, prepare, result_dict, sampling_params, write_trace
 
+    options = o.engine_options(locals())
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
         check_outputs({"--trace": trace, "--report": report}, model, prompt_file, hardware, draft)
         if trace is not None and report is not None and trace.resolve() == report.resolve():
             raise UsageError("--trace and --report name the same file; give two names")
         sampling = sampling_params(temperature, top_p, top_k, seed)
         name, engine, text, prompt_ids = prepare(
-            model,
-            prompt,
-            prompt_file,
-            max_new_tokens,
-            backend=backend,
-            hardware=hardware,
-            vram=vram,
-            ram=ram,
-            policy=policy,
-            draft=draft,
-            spec_depth=spec_depth,
-            cpu_threads=cpu_threads,
-            cpu_experts=cpu_experts,
-            context=context,
-            offload_for="profile",
-            status=status,
+            model, prompt, prompt_file, max_new_tokens, context=context, offload_for="profile", status=status, **options
         )
     live = not (no_live or json_out) and sys.stdout.isatty()
     token_ids: list[int] = []

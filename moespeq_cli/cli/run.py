@@ -141,6 +141,7 @@ def run(
     """
     from moespeq_cli.cli.render import Renderer
 
+    options = o.engine_options(locals())
     out = Renderer(json_mode=json_out)
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
         from moespeq_cli.tokenizer import StreamDecoder
@@ -153,19 +154,10 @@ def run(
             prompt_file,
             max_new_tokens,
             chat,
-            backend=backend,
-            hardware=hardware,
-            vram=vram,
-            ram=ram,
-            policy=policy,
-            draft=draft,
-            spec_depth=spec_depth,
-            cpu_threads=cpu_threads,
-            dtype=dtype,
-            cpu_experts=cpu_experts,
             context=context,
             offload_for="--trace" if trace is not None else None,
             status=status,
+            **options,
         )
         decoder = StreamDecoder(engine.tokenizer)
         token_ids: list[int] = []
