@@ -17,9 +17,13 @@ width) and counts, per emitted token, what the code the cuda backend runs dispat
 It runs on the mock with the cuda backend's code path (``--backend mock``: the same
 executors, scheduler and model code; only the clock is virtual), for plain decoding
 (``gate-prefetch``, ``lru``) and for speculative decoding (``moespeq`` at a fixed depth:
-verification passes and draft steps). The last line is JSON.
+verification passes and draft steps), on each ``--hardware`` profile's GPU path: torch
+has a grouped GEMM kernel on Hopper and Blackwell (bf16) only, so there a layer's experts
+are one call per projection and elsewhere (an RTX card) one expert at a time, whose ops
+grow with top-k (torch's fallback elsewhere would read the group sizes back to the host,
+a sync a layer, and still launch a product per group). The last line is JSON.
 
-    python scripts/count_ops.py [--shapes mixtral-8x7b,qwen3-30b-a3b] [--tokens 8]
+    python scripts/count_ops.py [--shapes mixtral-8x7b,qwen3-30b-a3b] [--tokens 8] [--hardware rtx3060-12gb,h100-pcie]
 """
 
 from __future__ import annotations
@@ -101,13 +105,13 @@ def build(shape: str, out: Path) -> Path:
     return out
 
 
-def count(path: Path, policy: str, depth: int | None, tokens: int) -> dict:
+def count(path: Path, policy: str, depth: int | None, tokens: int, hardware: str = "rtx3060-12gb") -> dict:
     """Per emitted token (after the prompt): ops, views, syncs; and per MoE layer per pass."""
     from moespeq_cli.runtime.engine import Engine, EngineOptions
     from moespeq_cli.runtime.executors.opcount import HostSyncCounter, OpCounter
     from moespeq_cli.runtime.sampling import SamplingParams
 
-    opts = EngineOptions(backend="mock", hardware="rtx3060-12gb", policy=policy, spec_depth=depth or "auto")
+    opts = EngineOptions(backend="mock", hardware=hardware, policy=policy, spec_depth=depth or "auto")
     eng = Engine(path, opts)
     prompt = list(range(5, 13))
     eng.load(len(prompt) + tokens + 8)
@@ -135,8 +139,11 @@ def count(path: Path, policy: str, depth: int | None, tokens: int) -> dict:
     kinds = {"item": ops.syncs, **syncs.by_kind}
     total = sum(kinds.values())
     n = max(emitted, 1)
+    grouped = eng.target_exec.grouped is not None
     return {
         "policy": policy + (f" k={depth}" if depth else ""),
+        "hardware": hardware,
+        "experts": "grouped" if grouped else "expert by expert",
         "tokens": emitted,
         "passes": passes[0],
         "ops_per_token": round((ops.ops - own) / n, 1),
@@ -159,6 +166,12 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--dir", type=Path, help="where to keep the checkpoints (default: a temporary directory)")
+    ap.add_argument(
+        "--hardware",
+        default="rtx3060-12gb,h100-pcie",
+        help="profiles whose GPU path to count: an RTX card computes a layer's experts one by one, a Hopper "
+        "card in one grouped GEMM per projection (torch has that kernel there only)",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,20 +181,22 @@ def main() -> None:
                 sys.exit(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
             path = build(shape, base / shape)
             depth = SHAPES[shape][3]
-            for policy, k in (("gate-prefetch", None), ("lru", None), ("moespeq", depth)):
-                r = count(path, policy, k, args.tokens)
-                r["shape"] = shape
-                rows.append(r)
+            for hardware in args.hardware.split(","):
+                for policy, k in (("gate-prefetch", None), ("lru", None), ("moespeq", depth)):
+                    r = count(path, policy, k, args.tokens, hardware)
+                    r["shape"] = shape
+                    rows.append(r)
     print(
-        "| shape | policy | passes / token | ops / token | ops / MoE layer / pass | target's / draft's "
-        "| syncs / token | syncs / pass (limit) |"
+        "| shape | GPU (its experts) | policy | passes / token | ops / token | ops / MoE layer / pass "
+        "| target's / draft's | syncs / token | syncs / pass (limit) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ph = r["ops_per_moe_layer_per_pass_by_phase"]
         split = f"{ph.get('target', '-')} / {ph.get('draft', '-')}"
         print(
-            f"| {r['shape']} | {r['policy']} | {r['passes_per_token']} | {r['ops_per_token']} "
+            f"| {r['shape']} | {r['hardware']} ({r['experts']}) | {r['policy']} | {r['passes_per_token']} "
+            f"| {r['ops_per_token']} "
             f"| {r['ops_per_moe_layer_per_pass']} | {split} | {r['syncs_per_token']} "
             f"| {r['syncs_per_pass']} ({r['sync_limit_per_pass']}) |"
         )
