@@ -221,3 +221,24 @@ def test_the_mock_groups_a_layer_s_experts_only_where_the_gpu_would(tiny, hardwa
         assert (step.grouped_ops is not None) == groups
     finally:
         eng.close()
+
+
+def test_the_mock_s_own_work_is_invisible_to_any_op_counter(tiny):
+    """A bf16 GPU's grouped layer on the mock: the mock gathers and widens the weights into
+    the float32 it computes in, work no GPU runs (``uncounted``). Neither the mock's counter
+    nor one a caller holds around it (a script's, a test's) sees it: a caller's saw the
+    gather, and scripts/count_ops.py subtracted the cast it had not seen."""
+    path, _ = tiny("mixtral", "gqa")
+    eng = Engine(path, EngineOptions(backend="mock", hardware="h100-pcie", policy="lru"))
+    eng.load(16)
+    try:
+        b = eng.backend
+        charged = b.counter.ops
+        x = torch.ones(4, 8, dtype=torch.bfloat16)
+        with torch.inference_mode(), OpCounter() as seen:
+            with b.uncounted():
+                x.index_select(0, torch.tensor([0, 2])).float()
+            x.sum()
+        assert seen.ops == 1 and b.counter.ops == charged  # the sum alone, outside
+    finally:
+        eng.close()

@@ -74,3 +74,28 @@ def test_hub_spelling_and_transformers_spelling_agree():
     a = rope_parameters({"rope_theta": 1e6})
     b = rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     assert a == b
+
+
+def test_rotation_with_the_signed_sin_table_is_the_same_bits_in_one_op_fewer():
+    """``Rotary.tables``' sin carries a table with its first half negated: ``apply_rope``
+    swaps x's halves and multiplies by it, the same bits as ``rotate_half(x) * sin``
+    (signed zeros included), one op (the negation of x's half) fewer a layer."""
+    import torch
+
+    from moespeq_cli.models.rope import Rotary, apply_rope, rotate_half
+    from moespeq_cli.runtime.executors.opcount import OpCounter
+
+    rot = Rotary(1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64)), 1.0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cos, sin = rot.tables(5, 13, torch.device("cpu"), dtype)
+        x = torch.randn(6, 8, 64).to(dtype)
+        x[0, 0, :4], x[0, 0, 32:36] = 0.0, -0.0
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        with OpCounter() as fast:
+            got = apply_rope(x, cos, sin)
+        with OpCounter() as plain:
+            want = x * cos + rotate_half(x) * sin
+        assert torch.equal(got.view(bits), want.view(bits)), dtype
+        assert fast.ops == plain.ops - 1, (fast.ops, plain.ops)
+    # a table it did not hand out: rotated as before
+    assert torch.equal(apply_rope(x, cos, sin.clone()), want)
