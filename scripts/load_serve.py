@@ -33,7 +33,7 @@ def positive(kind: type) -> Callable[[str], int | float]:
 
     def parse(text: str) -> int | float:
         value = kind(text)
-        if value <= 0:
+        if not value > 0:  # nan too
             raise argparse.ArgumentTypeError(f"{text} is not above 0")
         return value
 

@@ -52,7 +52,8 @@ def serve(
     """Serve a MoE model over an OpenAI-compatible HTTP API.
 
     GET /health, GET /v1/models (and /v1/models/ID), POST /v1/chat/completions and
-    POST /v1/completions, streaming (Server-Sent Events) or not; requests are served one at a time, in order.
+    POST /v1/completions, streaming (Server-Sent Events) or not; requests are served one
+    at a time, in order.
     """
     import uvicorn
 
