@@ -9,7 +9,8 @@ expert topology of real models (their widths shrunk: what is counted does not de
 width) and counts, per emitted token, what the code the cuda backend runs dispatches:
 
 - ``ops``: aten ops that launch (views and in-place metadata ops counted apart), the
-  runtime's own bookkeeping copies excluded (they are its copy engine's work);
+  runtime's own bookkeeping copies excluded (they are its copy engine's work), with the
+  model computing in bf16 as the GPU does, its casts counted (they are launches there);
 - ``syncs``: the host reads of device values: ``item()``, ``tolist()``, and
   ``torch.tensor(list, device=...)`` (a blocking copy from pageable memory), counted by
   ``executors/opcount.HostSyncCounter``.
@@ -76,6 +77,7 @@ SHAPES = {
         4,
     ),
 }
+DTYPE = "bfloat16"  # what the checkpoints are saved in (``build``) and the GPU computes in
 TARGETS = {"syncs_per_pass": "MoE layers + 1", "ops_per_moe_layer_per_pass": 40, "qwen3_ops_per_token": 1500}
 
 
@@ -100,7 +102,7 @@ def build(shape: str, out: Path) -> Path:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 1.0 if "embed" in name else 0.6 / p.shape[1] ** 0.5)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.to(getattr(torch, DTYPE)).save_pretrained(out, safe_serialization=True)
     (out / "tokenizer.json").write_text(json.dumps(tiny_models.byte_tokenizer_json()))
     return out
 
@@ -111,7 +113,9 @@ def count(path: Path, policy: str, depth: int | None, tokens: int, hardware: str
     from moespeq_cli.runtime.executors.opcount import HostSyncCounter, OpCounter
     from moespeq_cli.runtime.sampling import SamplingParams
 
-    opts = EngineOptions(backend="mock", hardware=hardware, policy=policy, spec_depth=depth or "auto")
+    # in the checkpoint's dtype (bf16), as the GPU runs it: the mock's float32 numerics
+    # would take float32's branches and leave out the casts a bf16 GPU launches
+    opts = EngineOptions(backend="mock", hardware=hardware, policy=policy, spec_depth=depth or "auto", dtype=DTYPE)
     eng = Engine(path, opts)
     prompt = list(range(5, 13))
     eng.load(len(prompt) + tokens + 8)
@@ -123,7 +127,7 @@ def count(path: Path, policy: str, depth: int | None, tokens: int, hardware: str
         first = len(b.timeline.intervals)
         passes = [0]
         hook = eng.model.register_forward_pre_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
-        with torch.inference_mode(), OpCounter(skip_casts=True) as ops, HostSyncCounter() as syncs:
+        with torch.inference_mode(), OpCounter() as ops, HostSyncCounter() as syncs:
             emitted = sum(1 for _ in stream)
         hook.remove()
         own = b.counter.internal - internal

@@ -65,8 +65,12 @@ def test_every_op_of_a_pass_is_charged_once(tiny):
         assert names[-1] == "framework" and sum(n.startswith("attention") for n in names) == len(eng.model.model.layers)
 
 
-def test_gate_prefetch_charges_the_router_once(tiny):
-    path, _ = tiny("mixtral", "top3")
+@pytest.mark.parametrize(("family", "variant", "paired"), [("mixtral", "top3", True), ("phimoe", "base", False)])
+def test_gate_prefetch_charges_the_router_once(tiny, family, variant, paired):
+    """Each layer's router is charged once a pass. Paired (softmax routing): with the next
+    layer's guess in its product, one region each; otherwise the guess is a region of its
+    own (its router again, on this layer's input)."""
+    path, _ = tiny(family, variant)
     prompt = prompt_for(22, 8)
     _, eng = run_engine(path, prompt, 8, policy="gate-prefetch", slots=6)
     ivs = eng.backend.timeline.intervals
@@ -74,7 +78,9 @@ def test_gate_prefetch_charges_the_router_once(tiny):
     layers = len(eng.model.moe_blocks)
     assert sum(iv.name.startswith("router L") for iv in ivs) == passes * layers  # the layer's own, once
     prefetched = [iv for iv in ivs if iv.name.startswith("gate-prefetch L")]
-    assert prefetched and all(iv.ops >= 1 for iv in prefetched)
+    assert all(iv.ops >= 1 for iv in prefetched)
+    assert bool(prefetched) is not paired  # paired: the guess is in the router's region
+    assert eng.target_exec.cache.stats.prefetches > 0
 
 
 @pytest.mark.parametrize("policy", ["moespeq", "gate-prefetch", "lru"])

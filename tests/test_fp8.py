@@ -204,8 +204,9 @@ def test_batched_dequantization_is_bit_exact(shape, block, dtype):
 def test_a_layer_s_fp8_slots_dequantized_together_match(fp8_ckpts, tiny, family, variant):
     """On a GPU's slots (the mock) block-FP8 experts are gathered and dequantized together,
     then computed as one grouped product: the same tokens as the CPU, expert by expert, and
-    a layer's ops those of the unquantized checkpoint and the dequantization's few (two a
-    matrix; Mixtral's sizes leave partial blocks, whose scales are expanded first), not a
+    a layer's ops those of the unquantized checkpoint and the dequantization's few (the
+    used slots gathered, the output allocated, then a widening and a product a matrix;
+    Mixtral's sizes leave partial blocks, whose scales are expanded first: two more), not a
     dequantization per expert (deepseek_v3: 122.5 ops a layer that way, 83.5 unquantized)."""
     from test_grouped import target_ops_per_layer
 
@@ -220,7 +221,7 @@ def test_a_layer_s_fp8_slots_dequantized_together_match(fp8_ckpts, tiny, family,
     assert isinstance(slot, Fp8Slot) and slot.tiles == (family == "deepseek_v3")
     assert got == expected
     plain = target_ops_per_layer(tiny(family, variant)[0], "lru")
-    assert target_ops_per_layer(path, "lru") <= plain + 10
+    assert target_ops_per_layer(path, "lru") <= plain + 2 + 3 * (2 if slot.tiles else 4)
 
 
 def test_dequantizing_on_the_device_is_priced_by_the_bytes_it_moves():

@@ -127,8 +127,9 @@ def test_biases_in_another_dtype_than_the_config_are_refused(mx, tmp_path):
 def test_a_layer_s_mxfp4_slots_dequantized_together_match(mx, tiny, policy):
     """On a GPU's slots (the mock) gpt-oss's MXFP4 experts are gathered and dequantized
     together, then computed as one grouped product with each row's biases: the CPU's
-    tokens, and about the layer's ops of the bf16 checkpoint (52.5 a layer here) plus the
-    dequantization's (82.5 expert by expert)."""
+    tokens, and about the layer's ops of the bf16 checkpoint (53 a layer here) plus the
+    dequantization's, its casts of codes and scales to indices counted (they are the GPU's
+    work too): 75 in all, 82.5 expert by expert."""
     from test_grouped import target_ops_per_layer
 
     from moespeq_cli.runtime.executors.grouped import Mxfp4Slot
@@ -142,4 +143,4 @@ def test_a_layer_s_mxfp4_slots_dequantized_together_match(mx, tiny, policy):
     assert isinstance(eng.target_exec.grouped.compact, Mxfp4Slot)
     if policy == "lru":
         plain = target_ops_per_layer(tiny("gpt_oss", "mx")[0], "lru")
-        assert target_ops_per_layer(path, "lru") <= plain + 20 < 82
+        assert target_ops_per_layer(path, "lru") <= plain + 24 < 82

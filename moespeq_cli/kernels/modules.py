@@ -138,6 +138,7 @@ def _kernel_route(route):
         return out if out is not None else route(logits)
 
     kernel_route.softmax_topk = route.softmax_topk
+    kernel_route.select = route.select
     return kernel_route
 
 

@@ -30,13 +30,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``weight * (x / rms(x))``, normalized in float32 as transformers does, by torch's
-        fused kernel: one op where the formula dispatches six (on a GPU, six launches). In
-        float32 the weight is applied inside it (the same products, the same bits)."""
-        if x.dtype == self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        dtype = x.dtype
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+        """``weight * (x / rms(x))`` as transformers computes it: normalized in float32 and
+        rounded to x's dtype, then times the weight. torch's kernel normalizes in float32
+        whatever x's dtype, so this is two ops in every dtype (the formula dispatches six,
+        widening and narrowing two more: on a GPU, launches) and the same bits as
+        transformers' in float32, bfloat16 and float16. One op sequence for every dtype: the
+        mock, computing a bf16 GPU's work in float32, counts the ops the GPU launches."""
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 GATE_ACTIVATIONS: dict[str, Callable] = {  # a gated MLP's or expert's gate activation, by name
@@ -249,6 +249,39 @@ class Attention(nn.Module):
             if bp is not None:
                 p.bias = nn.Parameter(bp, requires_grad=False)
         self.fused_qkv = (product, w, b, sizes)
+        s = self.s
+        plain = s.qk_norm is None or (
+            s.qk_norm == "head"
+            and type(self.q_norm) is type(self.k_norm) is RMSNorm
+            and self.q_norm.eps == self.k_norm.eps
+        )
+        if plain and s.clip_qkv is None and s.rotary_dim is None and sizes[0] == s.heads * s.head_dim:
+            # queries then keys, side by side in the product's output, are normalized and
+            # rotated as one [T, H + Hkv, d] view: each norm's weight repeated per head
+            # (a few KiB a layer)
+            self.qk_weight = None
+            if s.qk_norm == "head":
+                d = s.head_dim
+                parts = [self.q_norm.weight.expand(s.heads, d), self.k_norm.weight.expand(s.kv_heads, d)]
+                self.qk_weight = rows_joined(parts)
+
+    def joint_qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [H, T, d], k and v [Hkv, T, d], rotated, from one product: queries and keys as
+        one view of its output, normalized (Qwen3's per-head norms: one ``rms_norm`` and
+        one product by ``qk_weight``) and rotated together, no copy joining them -- the
+        same bits as normalizing and rotating each, in 6 ops where that takes 9 (the same
+        path without norms: 4 where it takes 5)."""
+        s, T = self.s, x.shape[0]
+        product, w, b, sizes = self.fused_qkv
+        out = product(x, w, b)
+        n = sizes[0] + sizes[1]
+        qk = out[:, :n].view(T, s.heads + s.kv_heads, s.head_dim)
+        if self.qk_weight is not None:
+            qk = self.qk_weight * F.rms_norm(qk, (s.head_dim,), eps=self.q_norm.eps)
+        cos, sin = rope
+        qk = apply_rope(qk.transpose(0, 1), cos, sin)
+        v = out[:, n:].view(T, s.kv_heads, s.head_dim).transpose(0, 1)
+        return qk[: s.heads], qk[s.heads :], v
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = getattr(self, "fused_qkv", None)
@@ -258,6 +291,17 @@ class Attention(nn.Module):
         return product(x, w, b).split(sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
+        if hasattr(self, "qk_weight") and self.rotate is apply_rope:  # the CPU kernels rotate their own way
+            q, k, v = self.joint_qkv(x, rope)
+        else:
+            q, k, v = self.separate_qkv(x, rope)
+        start = cache.length
+        k_all, v_all = cache.write(layer, k, v)
+        return self.o_proj(self.core(q, k_all, v_all, start))
+
+    def separate_qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [H, T, d], k and v [Hkv, T, d], rotated: each projected, normalized, clipped
+        and rotated on its own."""
         s, T = self.s, x.shape[0]
         q, k, v = self.project_qkv(x)  # [T, H*d], [T, Hkv*d] x2
         if s.qk_norm == "full":
@@ -272,9 +316,7 @@ class Attention(nn.Module):
         v = v.view(T, s.kv_heads, s.head_dim).transpose(0, 1)
         cos, sin = rope
         q, k = self.rotate_qk(q, k, cos, sin)
-        start = cache.length
-        k_all, v_all = cache.write(layer, k, v)
-        return self.o_proj(self.core(q, k_all, v_all, start))
+        return q, k, v
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """The attention itself (after projections, norms and rotary): [H, T, d] queries
@@ -323,7 +365,11 @@ class ExpertExecutor(Protocol):
 
 def read_routing(ids: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[list[list[int]], list[int] | None]:
     """``ids [T, k]`` (and ``extra``, flattened) brought to the host in one read: on a GPU
-    the one sync a MoE layer makes (the host needs the routing to decide copies)."""
+    the one sync a MoE layer makes (the host needs the routing to decide copies). ``ids
+    [T, 2, k]``: a paired router's (``SparseMoE.pair``), the next layer's guess beside."""
+    if ids.dim() == 3:
+        both = ids.tolist()
+        return [r[0] for r in both], [e for r in both for e in r[1]]
     if extra is None:
         return ids.tolist(), None
     n, k = ids.numel(), ids.shape[1]
@@ -347,6 +393,7 @@ class SparseMoE(nn.Module):
         self.layer = -1
         self.experts: ExpertExecutor | None = None
         self.observer: Callable | None = None
+        self.pair: torch.Tensor | None = None  # this router's rows and the next MoE layer's (``CausalLM.pair_routers``)
         self.read_routing = read_routing  # the one host read of the routing (``plan`` counts ops on meta)
 
     def name_router(self, name: str, module: nn.Module) -> None:
@@ -364,6 +411,12 @@ class SparseMoE(nn.Module):
             return F.linear(x.float(), self.gate.weight.float())
         return self.gate(x) if hooked else self.gate.forward(x)  # forward(): no hooks
 
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The experts ``route`` chooses (``ids [T, k]``), without their weights:
+        gate-prefetch's guess, in one op where the family's rule says how (``select``)."""
+        select = getattr(self.route, "select", None)
+        return select(logits) if select is not None else self.route(logits)[0]
+
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
@@ -372,9 +425,16 @@ class SparseMoE(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(self.router_logits(x))  # [T, k], [T, k]
-        lookahead = getattr(self.experts, "lookahead", None)
-        rows, ahead = self.read_routing(ids, lookahead(self.layer, x) if lookahead is not None else None)
+        paired = getattr(self.experts, "paired_logits", None) if self.pair is not None else None
+        logits = paired(self.layer, x) if paired is not None else None  # [T, 2E] when gate-prefetch is on
+        if logits is not None:  # one top-k: this layer's routing and the next's guess
+            both, weights = self.route.paired(logits.view(x.shape[0], 2, -1))  # [T, 2, k], [T, k]
+            ids = both[:, 0]
+            rows, ahead = self.read_routing(both)
+        else:
+            ids, weights = self.route(self.router_logits(x))  # [T, k], [T, k]
+            lookahead = getattr(self.experts, "lookahead", None)
+            rows, ahead = self.read_routing(ids, lookahead(self.layer, x) if lookahead is not None else None)
         if self.observer is not None:
             self.observer(self.layer, rows)
         out = self.experts(self.layer, self.expert_input(x), ids, weights, rows, ahead)
@@ -383,16 +443,35 @@ class SparseMoE(nn.Module):
 
 
 def softmax_topk(top_k: int, normalize: bool, keep_fp32: bool = False) -> Callable:
-    """Softmax over all experts in fp32, keep the top k, optionally renormalise them."""
+    """Softmax over all experts in fp32, keep the top k, optionally renormalise them.
+
+    Softmax keeps the logits' order, so the top k of the logits are the experts chosen; and
+    the top k's probabilities renormalised are the softmax of the top k's logits: two ops
+    (top-k, a softmax over k) where the formula takes five and a cast. torch's softmax
+    computes in float32 whatever its input's dtype, so in bfloat16 and float16 the weights
+    are transformers' bit for bit, and in float32 within a rounding of them."""
 
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if normalize:
+            top, ids = torch.topk(logits, top_k, dim=-1)
+            return ids, torch.softmax(top, dim=-1, dtype=torch.float32 if keep_fp32 else None)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, ids = torch.topk(probs, top_k, dim=-1)
-        if normalize:
-            w = w / w.sum(dim=-1, keepdim=True)
         return ids, (w if keep_fp32 else w.to(logits.dtype))
 
+    def paired(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits [T, 2, E]``: a layer's and the next MoE layer's (``CausalLM.pair_routers``)
+        -> both layers' ``ids [T, 2, k]`` and this layer's weights, in the ops of one layer's
+        routing (the same bits: every op works along the experts)."""
+        if normalize:
+            top, ids = torch.topk(logits, top_k, dim=-1)
+            return ids, torch.softmax(top[:, 0], dim=-1, dtype=torch.float32 if keep_fp32 else None)
+        w, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), top_k, dim=-1)
+        return ids, (w[:, 0] if keep_fp32 else w[:, 0].to(logits.dtype))
+
     route.softmax_topk = (top_k, normalize)  # what the CPU kernels' one-call routing takes (kernels/modules.py)
+    route.select = lambda logits: torch.topk(logits, top_k, dim=-1).indices  # the choice alone: one op
+    route.paired = paired
     return route
 
 
@@ -458,6 +537,33 @@ class CausalLM(nn.Module):
     def set_experts(self, executor: ExpertExecutor) -> None:
         for block in self.moe_blocks.values():
             block.experts = executor
+
+    def pair_routers(self) -> bool:
+        """Gate-prefetch's guess from the layer's own router product: every MoE router's
+        weight becomes a view of one buffer, in layer order, so that a layer's and the next
+        MoE layer's are one ``[2E, H]`` matrix (``SparseMoE.pair``): one product and one top-k
+        route the layer and guess the next, the ops of the layer's routing alone, where a
+        router of its own would add a product, a top-k and a join per layer (on a GPU,
+        launches). Done where every router is a bias-free linear of one size whose rule
+        can route a pair (``softmax_topk``); whether it was. Nothing is held twice."""
+        blocks = [self.moe_blocks[i] for i in sorted(self.moe_blocks)]
+        shape = blocks[0].gate.weight.shape if blocks else None
+        if len(blocks) < 2 or not all(
+            type(b.gate) is nn.Linear
+            and b.gate.bias is None
+            and not b.gate_fp32
+            and b.gate.weight.shape == shape
+            and hasattr(b.route, "paired")
+            and type(b).router_logits is SparseMoE.router_logits
+            for b in blocks
+        ):
+            return False
+        E = shape[0]
+        joined = rows_joined([b.gate.weight for b in blocks])
+        for i, b in enumerate(blocks):
+            b.gate.weight = nn.Parameter(joined[i * E : (i + 1) * E], requires_grad=False)
+            b.pair = joined[i * E : (i + 2) * E] if i + 1 < len(blocks) else None
+        return True
 
     def set_router_observer(self, observer: Callable | None) -> None:
         for block in self.moe_blocks.values():

@@ -312,6 +312,8 @@ class Engine:
 
         reader = DiskReader(threads=self.opts.io_threads)
         backend = self.backend = make_backend(self.backend_name, self.hw, plan.budget_bytes, reader)
+        if backend.name == "mock":  # its casts are the simulation's only where it widens the GPU's dtype
+            backend.counter.skip_casts = backend.counter.skip_casts and self.dtype != self.storage_dtype
         if plan.compute_tier == "device":
             backend.alloc(plan.non_expert_bytes, "non-expert weights")
             backend.alloc(plan.kv_cache_bytes, "KV cache")
@@ -323,6 +325,10 @@ class Engine:
             fuse_attention_projections(self.model)
             if backend.name == "cuda":  # the unfused blocks, freed, are too small to reuse
                 torch.cuda.empty_cache()
+        if plan.compute_tier == "device" and self.hw.kind != "cpu":
+            # gate-prefetch's guess from each router's own product; every policy routes from
+            # that product, so all of them route alike to the bit
+            self.model.pair_routers()
         if backend.name == "mock":
             from moespeq_cli.kernels.modules import one_call_attention
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
@@ -120,6 +121,7 @@ class OffloadedExperts:
         """``rows``: ``ids`` on the host; ``ahead``: the next MoE layer's routing by this
         layer's input, read with it (``lookahead``: gate-prefetch)."""
         cache, st = self.cache, self.cache.stats
+        ahead = ahead if self.gate_prefetch else None  # a paired router guesses whatever the policy
         if self.layer_hook is not None:
             self.layer_hook(layer)
         self.backend.sync(1, "route")  # the routing reaches the host (one read): it decides the copies
@@ -412,7 +414,7 @@ class OffloadedExperts:
             return None
         block = self.model.moe_blocks[nxt]
         token = self.backend.begin()
-        ids, _ = block.route(block.router_logits(x, hooked=False))  # charged here, once
+        ids = block.choose(block.router_logits(x, hooked=False))  # charged here, once
         g = block.gate
         self.backend.end(
             token,
@@ -421,6 +423,26 @@ class OffloadedExperts:
             nxt,
         )
         return ids
+
+    def paired_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Paired routers (``CausalLM.pair_routers``): the layer's router and the next MoE
+        layer's, applied to this layer's input in one product ``[T, 2E]``, charged here as
+        one region, whether gate-prefetch is on or not (a GEMM's columns can round
+        differently with its width: one product for every policy keeps their routing the
+        same bits). None for a layer without a pair."""
+        pair = self.model.moe_blocks[layer].pair
+        if pair is None:
+            return None
+        token = self.backend.begin()
+        logits = F.linear(x, pair)
+        rows, cols = pair.shape
+        self.backend.end(
+            token,
+            linear_cost(pair.numel(), cols, rows, x.shape[0], self.elem),
+            f"router L{layer}",  # the layer's router, whose product holds the next one's guess too
+            layer,
+        )
+        return logits
 
     def prefetch_next(self, layer: int, ahead: list[int]) -> None:
         """Gate-prefetch: load what the next MoE layer's router chose on this layer's input

@@ -580,8 +580,10 @@ class Governor:
 
     def choose_prefetch(self) -> bool:
         """k = 0 is plain decoding with the best non-speculative prefetch: gate-prefetch
-        (the next layer's router on this layer's input) hides copies but launches a router
-        pass per layer, which a small, launch-bound model does not earn back. Each arm is
+        (the next layer's router on this layer's input) hides copies, but a wrong guess
+        evicts a useful expert, and where routers are not paired (``pair_routers``) it
+        launches a router pass per layer, which a small, launch-bound model does not earn
+        back. Each arm is
         measured ``arm_samples`` times (alternating, gate-prefetch first), then the one
         with the shorter ``arm_time`` runs. On a wall clock a few cycles are noisy (a disk
         read varies by half from one to the next), so the other arm runs again after
