@@ -100,7 +100,7 @@ def test_grouped_experts_equal_the_per_expert_sum(tokens, k, fused):
 
 def test_the_layout_lists_each_slot_s_rows_in_order():
     """Token rows slot by slot, each slot's end offset (slots no token chose: empty
-    groups), and for each token the rows of its outputs in its top-k order."""
+    groups), and for each token its outputs in ascending expert order."""
     groups = {3: ([0, 1], [1, 0]), 5: ([0], [0]), 9: ([1], [1])}
     where = {3: (0, 2), 5: (0, 0), 9: (0, 3)}
     lay = plan_layout(groups, [[3, 5, 9]], where, [], tokens=2, k=2, gather=False)
@@ -109,9 +109,9 @@ def test_the_layout_lists_each_slot_s_rows_in_order():
     assert lay.values[rows_at : rows_at + rows_n] == [0, 0, 1, 1]  # slot 0: expert 5; slot 2: expert 3; slot 3: 9
     assert lay.values[offs_at : offs_at + cols_n] == [1, 1, 3, 4]
     s_at, n = lay.src
-    # rows: 0 expert 5 (token 0), 1-2 expert 3 (tokens 0, 1), 3 expert 9 (token 1); token 0
-    # chose 5 then 3, token 1 chose 3 then 9
-    assert lay.values[s_at : s_at + n] == [0, 1, 2, 3]
+    w_at, _ = lay.wsrc
+    assert lay.values[s_at : s_at + n] == [1, 0, 2, 3]  # token 0: experts 3, 5; token 1: experts 3, 9
+    assert lay.values[w_at : w_at + n] == [1, 0, 2, 3]  # their top-k positions
     # only the slots from the first used to the last are columns: work per layer does not
     # grow with the size of the cache
     far = plan_layout(groups, [[3, 5, 9]], {3: (0, 907), 5: (0, 905), 9: (0, 908)}, [], 2, 2, False)

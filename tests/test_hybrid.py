@@ -161,13 +161,16 @@ def test_the_prompt_is_gate_prefetched_only_without_cpu_experts(tiny, link, cpu_
     path, _ = tiny("mixtral", "top3")
     prompt = prompt_for(8)
     eng = engine(path, "moespeq", 6, len(prompt) + 4, link(3e8), spec_depth="0", cpu_experts=cpu_experts)
-    passes, looking = [0], []  # the passes so far; (pass, gate-prefetch on) at each MoE layer
+    passes, looking, prefetched = [0], [], []  # (pass, gate-prefetch on) at each MoE layer; passes prefetching
     eng.model.register_forward_pre_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
-    target, hook = eng.target_exec, eng.target_exec.layer_hook
+    target, hook, prefetch = eng.target_exec, eng.target_exec.layer_hook, eng.target_exec.prefetch_next
     target.layer_hook = lambda layer: (looking.append((passes[0], target.gate_prefetch)), hook and hook(layer))
+    target.prefetch_next = lambda *a: (prefetched.append(passes[0]), prefetch(*a))[1]
     generate(eng, prompt, 4)
     in_prompt = {on for p, on in looking if p == 1}  # the prompt's pass is the first
     assert in_prompt == {not cpu_experts}
+    if cpu_experts:
+        assert 1 not in prefetched
 
 
 def test_governor_counts_the_cpu_path():

@@ -270,7 +270,9 @@ class Attention(nn.Module):
         one view of its output, normalized (Qwen3's per-head norms: one ``rms_norm`` and
         one product by ``qk_weight``) and rotated together, no copy joining them -- the
         same bits as normalizing and rotating each, in 6 ops where that takes 9 (the same
-        path without norms: 4 where it takes 5)."""
+        path without norms: 4 where it takes 5). Over several tokens the norm takes a
+        strided view, which a GPU kernel may copy first (a launch not counted here; the
+        separate path's views were strided too)."""
         s, T = self.s, x.shape[0]
         product, w, b, sizes = self.fused_qkv
         out = product(x, w, b)
@@ -447,9 +449,11 @@ def softmax_topk(top_k: int, normalize: bool, keep_fp32: bool = False) -> Callab
 
     Softmax keeps the logits' order, so the top k of the logits are the experts chosen; and
     the top k's probabilities renormalised are the softmax of the top k's logits: two ops
-    (top-k, a softmax over k) where the formula takes five and a cast. torch's softmax
-    computes in float32 whatever its input's dtype, so in bfloat16 and float16 the weights
-    are transformers' bit for bit, and in float32 within a rounding of them."""
+    (top-k, a softmax over k) where the formula takes five and a cast. The weights are
+    transformers' within a rounding (bf16: about one weight in 10^4 a unit in the last
+    place apart). The experts are transformers' wherever the softmax keeps the logits
+    apart: always for bf16 and fp16 logits; float32 logits an ulp or so apart can round to
+    one probability, a tie transformers breaks by index and this by logit."""
 
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if normalize:
@@ -545,10 +549,26 @@ class CausalLM(nn.Module):
         route the layer and guess the next, the ops of the layer's routing alone, where a
         router of its own would add a product, a top-k and a join per layer (on a GPU,
         launches). Done where every router is a bias-free linear of one size whose rule
-        can route a pair (``softmax_topk``); whether it was. Nothing is held twice."""
+        can route a pair (``softmax_topk``); whether it was. Nothing is held twice. Every
+        policy routes from the pair (a GEMM's columns may round differently with its
+        width), so a layer's router reads the next one's rows too: E x H weights more a
+        layer (Qwen3-30B-A3B: 24 MiB a token)."""
+        if not self.pairable_routers():
+            return False
         blocks = [self.moe_blocks[i] for i in sorted(self.moe_blocks)]
+        E = blocks[0].gate.out_features
+        joined = rows_joined([b.gate.weight for b in blocks])
+        for i, b in enumerate(blocks):
+            b.gate.weight = nn.Parameter(joined[i * E : (i + 1) * E], requires_grad=False)
+            b.pair = joined[i * E : (i + 2) * E] if i + 1 < len(blocks) else None
+        return True
+
+    def pairable_routers(self) -> bool:
+        """Whether ``pair_routers`` can pair this model's routers: two MoE layers or more,
+        each router a bias-free linear of one size whose rule routes a pair."""
+        blocks = list(self.moe_blocks.values())
         shape = blocks[0].gate.weight.shape if blocks else None
-        if len(blocks) < 2 or not all(
+        return len(blocks) > 1 and all(
             type(b.gate) is nn.Linear
             and b.gate.bias is None
             and not b.gate_fp32
@@ -556,14 +576,7 @@ class CausalLM(nn.Module):
             and hasattr(b.route, "paired")
             and type(b).router_logits is SparseMoE.router_logits
             for b in blocks
-        ):
-            return False
-        E = shape[0]
-        joined = rows_joined([b.gate.weight for b in blocks])
-        for i, b in enumerate(blocks):
-            b.gate.weight = nn.Parameter(joined[i * E : (i + 1) * E], requires_grad=False)
-            b.pair = joined[i * E : (i + 2) * E] if i + 1 < len(blocks) else None
-        return True
+        )
 
     def set_router_observer(self, observer: Callable | None) -> None:
         for block in self.moe_blocks.values():

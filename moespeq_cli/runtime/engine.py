@@ -323,12 +323,12 @@ class Engine:
         self.model = model.to(backend.device) if backend.name == "cuda" else model
         if plan.compute_tier == "device" or backend.name == "mock":  # the mock of a cpu: as its kernels run it
             fuse_attention_projections(self.model)
+            if plan.compute_tier == "device" and self.hw.kind != "cpu":
+                # gate-prefetch's guess from each router's own product; every policy routes
+                # from that product, so all of them route alike to the bit
+                self.model.pair_routers()
             if backend.name == "cuda":  # the unfused blocks, freed, are too small to reuse
                 torch.cuda.empty_cache()
-        if plan.compute_tier == "device" and self.hw.kind != "cpu":
-            # gate-prefetch's guess from each router's own product; every policy routes from
-            # that product, so all of them route alike to the bit
-            self.model.pair_routers()
         if backend.name == "mock":
             from moespeq_cli.kernels.modules import one_call_attention
 

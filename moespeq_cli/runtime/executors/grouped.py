@@ -388,12 +388,13 @@ class Layout:
     block, rows at, rows n, offs at, cols at, cols n, first slot), where ``rows`` are its
     pairs' tokens slot by slot, ``offs`` each column's end row (the columns: the block's
     slots from the first used to the last, or the used ones gathered first) and ``cols``
-    the slots gathered; ``src`` (at, n): for each token, the rows of its k outputs in its
-    top-k order (its weights' order: they are used as they are)."""
+    the slots gathered; ``src``/``wsrc`` (at, n): for each token, its k outputs and
+    top-k weights in ascending expert order."""
 
     values: list[int]
     calls: list[tuple[int, int, int, int, int, int, int, int]]
     src: tuple[int, int]
+    wsrc: tuple[int, int]
 
 
 def plan_layout(
@@ -452,13 +453,15 @@ def plan_layout(
     for e in host_experts:
         pos[e] = p
         p += len(groups[e][0])
-    src = [0] * (tokens * k)
-    for e, (rows, slots) in groups.items():
+    per_token: list[list[tuple[int, int]]] = [[] for _ in range(tokens)]
+    for e, (rows, slots) in groups.items():  # ascending experts: each token's list in that order
         for i, (t, j) in enumerate(zip(rows, slots, strict=True)):
-            src[t * k + j] = pos[e] + i
+            per_token[t].append((pos[e] + i, t * k + j))
     src_at = len(values)
-    values.extend(src)
-    return Layout(values, calls, (src_at, tokens * k))
+    values.extend(s for row in per_token for s, _ in row)
+    wsrc_at = len(values)
+    values.extend(w for row in per_token for _, w in row)
+    return Layout(values, calls, (src_at, tokens * k), (wsrc_at, tokens * k))
 
 
 def run_phase(
@@ -490,12 +493,9 @@ def run_phase(
 
 def combine(layout: Layout, meta: torch.Tensor, outs: list[torch.Tensor], weights: torch.Tensor, dtype) -> torch.Tensor:
     """Each token's k outputs (``outs``: every call's, then the CPU's, in the layout's
-    order) weighted by its top-k weights and summed -> [T, H]. The outputs are brought into
-    the weights' order (top-k), not the weights into the outputs': one gather, not two. The
-    sum's order does not depend on which slots or calls computed them, so every policy
-    gives the same bits."""
+    order) weighted by its top-k weights and summed in ascending expert order -> [T, H]."""
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
-    s_at, n = layout.src
+    (s_at, n), (w_at, _) = layout.src, layout.wsrc
+    w = weights.flatten().index_select(0, meta[w_at : w_at + n]).view(-1, 1)
     tokens, k = weights.shape
-    y = y.to(dtype).index_select(0, meta[s_at : s_at + n]).view(tokens, k, -1)
-    return (y * weights[..., None]).sum(1).to(dtype)
+    return (y.to(dtype).index_select(0, meta[s_at : s_at + n]) * w).view(tokens, k, -1).sum(1).to(dtype)

@@ -20,15 +20,19 @@ from moespeq_cli.runtime.planning.costs import Cost, attention_core_cost, elem_s
 
 
 def charges(
-    model: CausalLM, elem: int, weight_elem: int | None = None
+    model: CausalLM, elem: int, weight_elem: int | None = None, paired: bool = False
 ) -> list[tuple[nn.Module, str, int | None, Callable[[int, int], Cost], bool]]:
     """Every non-expert module the clock charges: (module, name, layer, cost(tokens,
     context), whether its cost depends on the KV cache's length). ``elem``: bytes of an
     activation (and of the KV cache), ``weight_elem``: of a dense weight (default the
     same). The routed experts are charged by their executors; ``moespeq plan`` prices a
-    decode step from this table."""
+    decode step from this table, ``paired`` where the runtime will pair the routers
+    (``CausalLM.pair_routers``: a router's product then holds the next MoE layer's rows,
+    charged by the executor as the router's region)."""
     w = weight_elem
     table = []
+    last_moe = max(model.moe_blocks, default=None)
+    paired = paired and model.pairable_routers()
     for i, layer in enumerate(model.model.layers):
         attn = layer.attn
         heads, kv_heads, dk, dv = attn.kv_dims()
@@ -42,12 +46,13 @@ def charges(
         mlp = layer.ffn.__self__
         if isinstance(mlp, SparseMoE):
             g = mlp.gate
+            rows = g.out_features * (2 if paired and i != last_moe else 1)
             table.append(
                 (
                     g,
                     f"router L{i}",
                     i,
-                    lambda t, c, g=g: linear_cost(g.weight.numel(), g.in_features, g.out_features, t, elem, w),
+                    lambda t, c, g=g, rows=rows: linear_cost(rows * g.in_features, g.in_features, rows, t, elem, w),
                     False,
                 )
             )

@@ -111,7 +111,8 @@ class StepModel:
             fuse_attention_projections(model)
         self.model, self.cfg, self.hw, self.dtype, self.context = model, cfg, hw, dtype, context
         self.elem = elem_size(dtype)
-        self.table = charges(model, self.elem)
+        # on a GPU the engine pairs the routers (engine.py ``load``)
+        self.table = charges(model, self.elem, paired=hw.kind != "cpu")
         self.layers = len(cfg.moe_layers)
         self.expert_bytes = cfg.expert_bytes(self.elem)
         self.t_link = transfer_seconds(self.expert_bytes, hw)
