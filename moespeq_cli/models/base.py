@@ -428,7 +428,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paired = getattr(self.experts, "paired_logits", None) if self.pair is not None else None
-        logits = paired(self.layer, x) if paired is not None else None  # [T, 2E] when gate-prefetch is on
+        logits = paired(self.layer, x) if paired is not None else None  # [T, 2E]: the target's passes
         if logits is not None:  # one top-k: this layer's routing and the next's guess
             both, weights = self.route.paired(logits.view(x.shape[0], 2, -1))  # [T, 2, k], [T, k]
             ids = both[:, 0]
