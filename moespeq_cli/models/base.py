@@ -466,7 +466,9 @@ def softmax_topk(top_k: int, normalize: bool, keep_fp32: bool = False) -> Callab
     def paired(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``logits [T, 2, E]``: a layer's and the next MoE layer's (``CausalLM.pair_routers``)
         -> both layers' ``ids [T, 2, k]`` and this layer's weights, in the ops of one layer's
-        routing (the same bits: every op works along the experts)."""
+        routing (the same bits: every op works along the experts). Not ``route`` on both:
+        the weights are taken from this layer's row before they are made, so that they come
+        out contiguous (a strided ``[T, k]`` costs a copy where the experts flatten it)."""
         if normalize:
             top, ids = torch.topk(logits, top_k, dim=-1)
             return ids, torch.softmax(top[:, 0], dim=-1, dtype=torch.float32 if keep_fp32 else None)
