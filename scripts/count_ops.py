@@ -22,7 +22,11 @@ verification passes and draft steps), on each ``--hardware`` profile's GPU path:
 has a grouped GEMM kernel on Hopper and Blackwell (bf16) only, so there a layer's experts
 are one call per projection and elsewhere (an RTX card) one expert at a time, whose ops
 grow with top-k (torch's fallback elsewhere would read the group sizes back to the host,
-a sync a layer, and still launch a product per group). The last line is JSON.
+a sync a layer, and still launch a product per group). The draft's layers go one of two
+ways, by the cost model (executors/draft.py): one grouped call over its routed 4-bit
+experts gathered and dequantized together, or expert by expert on the 4-bit kernel; at
+these tiny widths the grouped call always wins, so each row also says which way the real
+model's widths take. The last line is JSON.
 
     python scripts/count_ops.py [--shapes mixtral-8x7b,qwen3-30b-a3b] [--tokens 8] [--hardware rtx3060-12gb,h100-pcie]
 """
@@ -77,6 +81,9 @@ SHAPES = {
         4,
     ),
 }
+# the real models' expert widths (hidden, intermediate): the draft's way of computing a
+# layer is chosen by the cost model, and at a tiny width a grouped call always wins
+REAL_WIDTHS = {"mixtral-8x7b": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}
 DTYPE = "bfloat16"  # what the checkpoints are saved in (``build``) and the GPU computes in
 TARGETS = {"syncs_per_pass": "MoE layers + 1", "ops_per_moe_layer_per_pass": 40, "qwen3_ops_per_token": 1500}
 
@@ -144,7 +151,10 @@ def count(path: Path, policy: str, depth: int | None, tokens: int, hardware: str
     total = sum(kinds.values())
     n = max(emitted, 1)
     grouped = eng.target_exec.grouped is not None
+    draft = eng.draft_exec
     return {
+        # the draft's layers: in one grouped call (executors/draft.py) or expert by expert
+        "draft_experts": "-" if draft is None else "grouped" if draft.blocks else "expert by expert",
         "policy": policy + (f" k={depth}" if depth else ""),
         "hardware": hardware,
         "experts": "grouped" if grouped else "expert by expert",
@@ -163,6 +173,20 @@ def count(path: Path, policy: str, depth: int | None, tokens: int, hardware: str
         "ops_per_moe_layer_per_pass_by_phase": per_phase,
         "passes_by_phase_per_token": {ph: round(n_ / n, 2) for ph, (_, n_) in sorted(phases.items())},
     }
+
+
+def real_width_draft(shape: str, hardware: str) -> str:
+    """How the draft computes a layer of the real model on ``hardware`` (the cost model's
+    choice, ``draft_groups``)."""
+    from moespeq_cli.models.expert_format import HF_EXPERTS
+    from moespeq_cli.runtime.executors.draft import draft_groups
+    from moespeq_cli.runtime.planning.hardware import load_profile
+
+    hidden, inter = REAL_WIDTHS[shape]
+    top_k = SHAPES[shape][2].get("num_experts_per_tok")
+    hw = load_profile(hardware)
+    dtype = getattr(torch, DTYPE)
+    return "grouped" if draft_groups(hw, HF_EXPERTS, hidden, inter, top_k, 64, "nf4", dtype) else "expert by expert"
 
 
 def main() -> None:
@@ -189,6 +213,8 @@ def main() -> None:
                 for policy, k in (("gate-prefetch", None), ("lru", None), ("moespeq", depth)):
                     r = count(path, policy, k, args.tokens, hardware)
                     r["shape"] = shape
+                    if r["draft_experts"] != "-":
+                        r["draft_experts_at_real_width"] = real_width_draft(shape, hardware)
                     rows.append(r)
     print(
         "| shape | GPU (its experts) | policy | passes / token | ops / token | ops / MoE layer / pass "
@@ -198,6 +224,8 @@ def main() -> None:
     for r in rows:
         ph = r["ops_per_moe_layer_per_pass_by_phase"]
         split = f"{ph.get('target', '-')} / {ph.get('draft', '-')}"
+        if r["draft_experts"] != "-":
+            split += f" ({r['draft_experts']}; at the real width {r['draft_experts_at_real_width']})"
         print(
             f"| {r['shape']} | {r['hardware']} ({r['experts']}) | {r['policy']} | {r['passes_per_token']} "
             f"| {r['ops_per_token']} "

@@ -259,3 +259,36 @@ def test_cuda_gpt_oss_experts_grouped(tiny, tmp_path):
         got, eng = run_engine(path, list(range(3, 24)), 16, backend="cuda", policy="lru", slots=4)
         at = eng.target_exec.grouped
         assert at is not None and at.biases is not None and len(got) == 16
+
+
+def test_cuda_draft_layer_dequantized_together(tiny):
+    """bitsandbytes' CUDA dequantize gives the values the op computes on the CPU, and a
+    draft layer in one grouped call (bf16 on Hopper/Blackwell) equals its experts one by
+    one (executors/draft.py)."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.quant.dequant import dequantize_4bit
+    from moespeq_cli.quant.draft import QuantizedExperts
+    from moespeq_cli.runtime.executors.draft import DraftExperts
+    from moespeq_cli.runtime.executors.experts import grouped, token_groups
+    from moespeq_cli.runtime.executors.grouped import supported
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    if not supported(cuda, bf16):
+        pytest.skip("this GPU has no grouped GEMM kernel: the draft goes expert by expert")
+    path, _ = tiny("qwen3_moe", "base")
+    c = Checkpoint(path).config
+    quant = QuantizedExperts.quantize(Checkpoint(path), "nf4", 64, bf16).to(cuda)
+    layer = c.moe_layers[-1]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, c.hidden_size, generator=g).to(cuda, bf16)
+    ids = torch.stack([torch.randperm(c.num_experts, generator=g)[: c.top_k] for _ in range(3)]).to(cuda)
+    weights = torch.rand(3, c.top_k, generator=g).to(cuda, bf16)
+    groups = token_groups(ids)
+    before = grouped(x, ids, weights, lambda e, xe: quant.forward_reference(layer, e, xe), groups=groups)
+    blocks = quant.stack([layer], cuda)
+    codes, absmax = blocks[layer]
+    table = quant.q[(layer, 0)][0][1].code
+    on_gpu = dequantize_4bit(codes, absmax, table, 64, "nf4", bf16)
+    assert torch.equal(on_gpu.cpu(), dequantize_4bit(codes.cpu(), absmax.cpu(), table.cpu(), 64, "nf4", bf16))
+    together = DraftExperts(quant, None, blocks=blocks, top_k=c.top_k)(layer, x, ids, weights, ids.tolist())
+    torch.testing.assert_close(together.float(), before.float(), rtol=2e-2, atol=2e-2)  # bf16 sums in another order

@@ -226,9 +226,23 @@ class QuantizedExperts:
         return quantized, None if biases is None else tuple(b.to(dtype, copy=True).contiguous() for b in biases)
 
     def weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The expert's dequantized canonical matrices (standard layout only)."""
-        F = _bnb()
-        return tuple(F.dequantize_4bit(p, s).to(self.dtype) for p, s in self.q[(layer, expert)])  # type: ignore[return-value]
+        """The expert's dequantized canonical matrices (standard layout only): each weight
+        ``table[code] * absmax`` (quant/dequant.py; bitsandbytes' own where the statistics
+        are double-quantized). bitsandbytes 0.50's CPU ``dequantize_4bit`` returns wrong
+        values for matrices whose width is 16, 32, 48 or 96 (tiny test models'), its CUDA
+        kernel right ones: the op here computes what that kernel does on every device."""
+        from moespeq_cli.quant.dequant import dequantize_4bit
+
+        out = []
+        for p, s in self.q[(layer, expert)]:
+            if s.nested or s.absmax.dtype != torch.float32:
+                out.append(_bnb().dequantize_4bit(p, s).to(self.dtype))
+            else:
+                flat = dequantize_4bit(
+                    p.view(1, -1), s.absmax.view(1, -1), s.code, s.blocksize, s.quant_type, self.dtype
+                )
+                out.append(flat.view(s.shape))
+        return tuple(out)  # type: ignore[return-value]
 
     def forward_reference(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then a dense matmul: the reference every fast path is tested against."""
@@ -362,6 +376,56 @@ class QuantizedExperts:
             if key in self.bias:
                 self.bias[key] = tuple(t.to(device) for t in self.bias[key])
         return self
+
+    def stack(self, layers, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Each of ``layers``' experts laid end to end on ``device``, for the layer's grouped
+        computation (runtime/executors/draft.py): ``{layer: (codes [E, 3 I H / 2] uint8,
+        absmax [E, 3 I H / blocksize] float32)}``, a row an expert, gate | up | down. The
+        experts' own tensors become views of their rows, so nothing is held twice and the
+        expert-by-expert path still finds them. The standard layout only, every block's
+        scale float32 and not double-quantized (``stackable``)."""
+        blocks = {}
+        for layer in layers:
+            keys = sorted(k for k in self.q if k[0] == layer)
+            parts = [self.q[k] for k in keys]
+            n_codes = sum(p.numel() for p, _ in parts[0])
+            n_scales = sum(s.absmax.numel() for _, s in parts[0])
+            codes = torch.empty(len(keys), n_codes, dtype=torch.uint8, device=device)
+            absmax = torch.empty(len(keys), n_scales, dtype=torch.float32, device=device)
+            for row, (key, each) in enumerate(zip(keys, parts, strict=True)):
+                at = sc = 0
+                views = []
+                for packed, state in each:
+                    c = codes[row, at : at + packed.numel()]
+                    c.copy_(packed.flatten())
+                    a = absmax[row, sc : sc + state.absmax.numel()]
+                    a.copy_(state.absmax.flatten())
+                    at, sc = at + packed.numel(), sc + state.absmax.numel()
+                    state.absmax = a.view(state.absmax.shape)
+                    state.code = state.code.to(device)
+                    views.append((c.view(packed.shape), state))
+                self.q[key] = views
+            blocks[layer] = (codes, absmax)
+        return blocks
+
+    def stackable(self) -> bool:
+        """Whether ``stack`` takes this draft: the standard layout (nothing packed for a CPU
+        kernel), float32 block scales, not double-quantized, no biases, and every matrix a
+        whole number of blocks (so that experts end to end dequantize as one tensor)."""
+        parts = [part for each in self.q.values() for part in each]
+        return (
+            bool(parts)
+            and not self.cpu_packed
+            and not self.bias
+            and all(
+                p.dtype == torch.uint8
+                and p.is_contiguous()
+                and not s.nested
+                and s.absmax.dtype == torch.float32
+                and s.absmax.numel() * self.blocksize == 2 * p.numel()
+                for p, s in parts
+            )
+        )
 
     def drop(self) -> None:
         """Let go of every expert (the draft's memory is given back for good)."""

@@ -258,6 +258,20 @@ class Engine:
         if ram is None:
             ram, source = default_ram()
         kw["library_bytes"] = library_bytes(self.backend_name, self.hw)  # cuBLAS's workspaces: the budget holds them
+        if self.policy.speculative and self.opts.draft != "none":
+            from moespeq_cli.runtime.executors.draft import draft_scratch_bytes
+
+            c = self.ckpt.config
+            kw["draft_scratch"] = draft_scratch_bytes(
+                self.hw,
+                c.expert_format,
+                c.hidden_size,
+                c.expert_intermediate,
+                c.top_k,
+                self.opts.blocksize,
+                self.storage_dtype,
+                self.opts.quant_method,
+            )
         plan = checkpoint_plan(
             self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, ram=ram, ram_source=source, **kw
         )
@@ -368,6 +382,8 @@ class Engine:
                 self.opts.max_slots,
                 torch.empty(0, dtype=self.storage_dtype).element_size(),
                 self.device_type,
+                self.device_dtype,
+                self.dtype,
             )
         self.hooks = instrument(self.model, backend, self.device_dtype, self.dense_dtype)
         backend.reset_clock()

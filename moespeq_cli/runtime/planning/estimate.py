@@ -57,6 +57,7 @@ from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.models.expert_format import fp8_tiles
 from moespeq_cli.quant.draft import path_bytes_per_weight, planned_path
 from moespeq_cli.runtime.backends import library_bytes
+from moespeq_cli.runtime.executors.draft import draft_scratch_bytes, grouped_layer_seconds
 from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable, profile_groups
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import (
@@ -225,12 +226,17 @@ class StepModel:
             self.expert_cost(tokens, elem or self.device_elem), self.hw, self.grouped_ops is not None
         )
 
-    def t_draft_expert(self, on_device: float, tokens: float = 1) -> float:
+    def t_draft_expert(self, on_device: float, tokens: float = 1, grouped: bool = False) -> float:
         """One of the draft's 4-bit experts, a share ``on_device`` of them on the device
-        (always computed apart) and the rest on the CPU: priced as the kernel the draft's
-        code will run for it there (quant/draft.py ``planned_path``, the mock's pricing of
-        the loaded draft), the measured host time of a draft expert's region included."""
+        and the rest on the CPU: priced as the kernel the draft's code will run for it there
+        (quant/draft.py ``planned_path``, the mock's pricing of the loaded draft), the
+        measured host time of a draft expert's region included; ``grouped``: a layer's
+        experts, all on the device, in one grouped call (executors/draft.py), whose work
+        and launches are shared by its top-k experts."""
         H, inter, b = self.cfg.hidden_size, self.cfg.expert_intermediate, self.draft_blocksize
+        if grouped and on_device >= 1.0:
+            K, fmt, n = self.cfg.top_k, self.cfg.expert_format, max(1, round(tokens))
+            return grouped_layer_seconds(self.hw, fmt, H, inter, K, b, "nf4", self.dtype, n) / K
 
         def cost(device_type: str):
             path = planned_path(device_type, H, inter, b)
@@ -292,7 +298,8 @@ class StepModel:
             state.t_target[n] = self.non_expert(n) + L * u * self.t_dev(n * K / u)
             state.misses[n] = L * u * (1 - hit)
         on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
-        state.t_draft = self.draft_pass() + L * K * self.t_draft_expert(on_dev)
+        grouped = plan.draft_scratch_bytes > 0  # the plan reserved the grouped draft calls' scratch
+        state.t_draft = self.draft_pass() + L * K * self.t_draft_expert(on_dev, grouped=grouped)
         state.p = [acceptance] * k_max
         state.tested = [1] * k_max
         k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
@@ -328,7 +335,11 @@ def plan_moespeq(
     step.draft_blocksize = blocksize
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
     lib = library_bytes("mock", step.hw)  # as the mock of this profile plans
-    with_draft = make_plan(*args, ram=ram, library_bytes=lib)
+    c = step.cfg
+    scratch = draft_scratch_bytes(
+        step.hw, c.expert_format, c.hidden_size, c.expert_intermediate, c.top_k, blocksize, step.dtype
+    )
+    with_draft = make_plan(*args, ram=ram, library_bytes=lib, draft_scratch=scratch)
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:
         return with_draft, spec

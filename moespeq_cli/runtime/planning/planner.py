@@ -60,6 +60,7 @@ class Plan:
     host_budget_bytes: int | None = None  # --ram: expert buffers in host memory (None: unbounded)
     host_slots: int = 0  # full-precision experts host RAM holds (total_experts: no disk tier)
     host_draft_bytes: int = 0  # the 4-bit draft's experts held in host RAM
+    draft_scratch_bytes: int = 0  # device memory the draft's grouped calls take (executors/draft.py)
     compute_tier: str = "device"  # "host": --backend cpu, RAM slots are what the CPU computes from
     ram_source: str | None = None  # how the --ram budget was chosen, when not given
     ram_slot_bytes: int = 0  # what one expert takes in RAM (whole pages for in-place reads)
@@ -74,7 +75,13 @@ class Plan:
         """What the budget holds besides the expert slots."""
         if self.compute_tier == "host":
             return self.draft_bytes  # weights, KV cache and workspace are in RAM, outside --ram
-        return self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes + self.draft_bytes
+        return (
+            self.non_expert_bytes
+            + self.kv_cache_bytes
+            + self.workspace_bytes
+            + self.draft_bytes
+            + self.draft_scratch_bytes
+        )
 
     @property
     def slot_bytes(self) -> int:
@@ -119,6 +126,7 @@ class Plan:
             ("workspace", self.workspace_bytes),
             (f"expert slots ({self.slots} of {self.total_experts})", self.slot_bytes),
             *draft,
+            *([("4-bit draft's dequantizing scratch", self.draft_scratch_bytes)] if self.draft_scratch_bytes else []),
             ("unused", self.free_bytes),
         ]
 
@@ -195,6 +203,7 @@ def make_plan(
     compute_tier: str = "device",
     ram_source: str | None = None,
     library_bytes: int = 0,
+    draft_scratch: int = 0,
 ) -> Plan:
     """``model`` may live on the meta device: only shapes are read. For moespeq the 4-bit
     draft is placed too unless ``with_draft`` is False (module docstring); ``note`` says
@@ -202,7 +211,10 @@ def make_plan(
     budget). ``ram``: host RAM for expert buffers (None: every expert fits);
     ``compute_tier="host"``: ``budget`` is that RAM and the CPU computes from it.
     ``library_bytes``: what the device's BLAS libraries hold for the compute stream (their
-    workspaces, allocated at the first matmul and kept), counted in the workspace."""
+    workspaces, allocated at the first matmul and kept), counted in the workspace.
+    ``draft_scratch``: what the draft's grouped calls take on the device besides its
+    experts (runtime/executors/draft.py ``draft_scratch_bytes``), reserved with a draft
+    wholly on the device."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
     kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model)
@@ -226,6 +238,7 @@ def make_plan(
     fixed = 0 if on_host else non_expert + kv + workspace
     where = "--ram" if on_host else "--vram"
     draft, note = 0, None
+    scratch = 0  # the draft's grouped calls' scratch on the device (only with the whole draft there)
     total_draft = draft_device = 0
     cpu_draft_off = False  # the draft dropped because its host part does not fit in RAM
     if policy == "moespeq" and with_draft and cfg.expert_format.four_bit:
@@ -238,7 +251,9 @@ def make_plan(
         total_draft = draft = draft_bytes_estimate(cfg, blocksize)
         draft_device = total
         room = budget - fixed - cfg.top_k * slot  # above the minimum slots
-        if room < draft and cpu_experts and not on_host:
+        if not on_host and room >= draft + draft_scratch:
+            scratch = draft_scratch
+        elif room < draft and cpu_experts and not on_host:
             per_draft_expert = draft / total
             draft_device = int(max(0, room // 2) // per_draft_expert)
             draft = int(draft_device * per_draft_expert)
@@ -259,9 +274,9 @@ def make_plan(
                 f"{format_size(ram)} beside {cfg.top_k} experts: speculation is off (k = 0); "
                 "raise --ram or --vram to enable it"
             )
-            draft = draft_device = 0
+            draft = draft_device = scratch = 0
             cpu_draft_off = True
-    fixed += draft
+    fixed += draft + scratch
     free = budget - fixed
     need_min = fixed + cfg.top_k * slot
     if free < cfg.top_k * slot:
@@ -318,6 +333,7 @@ def make_plan(
         compute_tier=compute_tier,
         ram_source=ram_source,
         ram_slot_bytes=ram_slot,
+        draft_scratch_bytes=scratch if has_draft else 0,
     )
 
 

@@ -36,8 +36,12 @@ class Speculation:
         max_slots: int | None,
         act_elem: int,
         device_type: str = "cpu",
+        act_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
     ):
-        """``quant``: the draft's QuantizedExperts (None: no draft, k = 0 only)."""
+        """``quant``: the draft's QuantizedExperts (None: no draft, k = 0 only);
+        ``act_dtype``: what the (real or simulated) device computes in, ``compute_dtype``
+        what the activations here really are (float32 on the mock)."""
         self.plan, self.backend, self.tiers, self.target = plan, backend, tiers, target
         self.cache = tiers.compute
         self.max_slots = max_slots
@@ -48,9 +52,21 @@ class Speculation:
         if quant is not None:
             on_device = spread(plan.draft_device_experts, list(c.moe_layers), c.num_experts)
             self.draft_bytes = quant.bytes_per_expert * len(on_device)
+            blocks = {}
+            act_dtype = act_dtype or quant.dtype
+            if (
+                plan.draft_scratch_bytes  # the plan chose grouped draft calls (executors/draft.py) and reserved them
+                and device_type == "cuda"
+                and quant.stackable()
+                and backend.groups(act_dtype, compute_dtype or act_dtype)
+            ):  # a layer's device experts in one grouped call: the layers wholly on the device
+                placed = set(on_device)
+                whole = [n for n in c.moe_layers if all((n, e) in placed for e in range(c.num_experts))]
+                blocks = quant.stack(whole, backend.device)
+                self.draft_bytes += plan.draft_scratch_bytes
             backend.alloc(self.draft_bytes, "4-bit draft experts")
             self.draft = DraftExperts(
-                quant.to(backend.device, on_device), backend, set(on_device), act_elem, device_type
+                quant.to(backend.device, on_device), backend, set(on_device), act_elem, device_type, blocks, c.top_k
             )
         t_host = None
         if target.policy.host_compute:
@@ -180,8 +196,7 @@ class Speculation:
         if d is None or self.released:  # no draft was loaded (k = 0 only), or it is gone already
             return
         extra, more_in_ram = self.spare_slots(), self.host_spare()
-        d.quant.drop()
-        d.on_device = set()
+        d.drop()
         self.backend.free(self.draft_bytes, "4-bit draft experts")
         self.draft_bytes = 0
         fill = self.release_fill(extra) if self.target.policy.host_compute and self.target.trace else []

@@ -1,0 +1,60 @@
+"""Many 4-bit experts dequantized at once, as one op: ``moespeq::dequantize_4bit``.
+
+A draft layer computed in one grouped call (runtime/executors/draft.py) gathers the
+routed experts' 4-bit codes and block scales from the layer's blocks and dequantizes
+them together into one ``[n, numel]`` block of the activations' dtype, which the grouped
+GEMM then reads. On CUDA that is bitsandbytes' dequantize kernel, one launch for every
+expert gathered; elsewhere the same values computed with torch ops (the mock backend, the
+CPU).
+
+It is registered as one operator so that it dispatches as one, on every device: the
+mock counts the ops the code dispatches and charges each as a GPU launch, and the GPU
+launches one kernel here, not the half dozen torch ops the CPU's version is made of.
+
+The layout is bitsandbytes' ``quantize_4bit`` (NF4 or FP4), flattened: two weights a
+byte, the first in the high nibble, each block of ``blocksize`` weights scaled by its
+float32 absmax (the last block of a row may be partial), not double-quantized. Experts
+laid end to end dequantize as one tensor where each matrix is a whole number of blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LIB = torch.library.Library("moespeq", "DEF")
+_LIB.define(
+    "dequantize_4bit(Tensor codes, Tensor absmax, Tensor table, int blocksize, str method, ScalarType dtype) -> Tensor"
+)
+
+
+def _values(codes, absmax, table, blocksize, method, dtype):
+    n, m = codes.shape
+    idx = torch.stack((codes >> 4, codes & 15), -1).view(n, 2 * m).long()
+    scale = absmax.repeat_interleave(blocksize, dim=1)[:, : 2 * m]  # a last block may be partial
+    return (table[idx] * scale).to(dtype)
+
+
+def _cuda(codes, absmax, table, blocksize, method, dtype):
+    from moespeq_cli.quant.draft import _bnb
+
+    _bnb()  # registers bitsandbytes' ops
+    n, m = codes.shape
+    return torch.ops.bitsandbytes.dequantize_4bit(codes, absmax, blocksize, method, [n, 2 * m], dtype)
+
+
+def _meta(codes, absmax, table, blocksize, method, dtype):
+    return codes.new_empty((codes.shape[0], 2 * codes.shape[1]), dtype=dtype)
+
+
+_LIB.impl("dequantize_4bit", _values, "CPU")
+_LIB.impl("dequantize_4bit", _cuda, "CUDA")
+_LIB.impl("dequantize_4bit", _meta, "Meta")
+
+
+def dequantize_4bit(
+    codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int, method: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """``codes`` uint8 ``[n, m]`` (each row an expert's matrices end to end, as stored),
+    ``absmax`` float32 ``[n, ceil(2 m / blocksize)]``, ``table`` the 16 values of ``method``'s
+    codes -> ``[n, 2 m]`` of ``dtype``: each weight ``table[code] * absmax``, rounded once."""
+    return torch.ops.moespeq.dequantize_4bit(codes, absmax, table, blocksize, method, dtype)

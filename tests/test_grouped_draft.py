@@ -1,0 +1,142 @@
+"""The draft's layer in one grouped call (runtime/executors/draft.py): the same expert
+outputs as one by one, lossless decoding, a constant number of ops whatever top-k, the
+scratch memory reserved, and the cost model's choice at real models' shapes."""
+
+import pytest
+import torch
+from offload_helpers import GROUPED_GPU, prompt_for, run_engine
+
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.models.expert_format import HF_EXPERTS
+from moespeq_cli.quant.dequant import dequantize_4bit
+from moespeq_cli.quant.draft import QuantizedExperts
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+from moespeq_cli.runtime.executors.draft import DraftExperts, draft_groups, draft_layer_ops
+from moespeq_cli.runtime.executors.experts import grouped, token_groups
+from moespeq_cli.runtime.executors.opcount import OpCounter
+from moespeq_cli.runtime.planning.hardware import load_profile
+from moespeq_cli.runtime.sampling import SamplingParams
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantizing_experts_together_is_bitsandbytes_values_in_one_op(method, dtype):
+    import bitsandbytes.functional as F
+
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.randn(96, 64, generator=g) for _ in range(3)]
+    quantized = [F.quantize_4bit(m, blocksize=64, quant_type=method) for m in mats]
+    codes = torch.stack([p.flatten() for p, _ in quantized])  # three "experts", a row each
+    absmax = torch.stack([s.absmax for _, s in quantized])
+    table = quantized[0][1].code
+    with OpCounter() as counter:
+        out = dequantize_4bit(codes, absmax, table, 64, method, dtype)
+    assert counter.ops == 1  # one kernel on a GPU: one op here too
+    assert out.shape == (3, 96 * 64) and out.dtype == dtype
+    for row, (p, s) in enumerate(quantized):
+        assert torch.equal(out[row], F.dequantize_4bit(p, s).flatten().to(dtype))
+
+
+def draft_of(tiny, family="qwen3_moe", variant="base"):
+    path, _ = tiny(family, variant)
+    return path, QuantizedExperts.quantize(Checkpoint(path), "nf4", 64, torch.float32)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_a_grouped_layer_equals_its_experts_one_by_one(tiny, tokens):
+    path, quant = draft_of(tiny)
+    c = Checkpoint(path).config
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, c.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(c.num_experts, generator=g)[: c.top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, c.top_k, generator=g)
+    groups = token_groups(ids)
+    layer = c.moe_layers[-1]
+    before = grouped(x, ids, weights, lambda e, xe: quant.forward_reference(layer, e, xe), groups=groups)
+    blocks = quant.stack([layer], torch.device("cpu"))
+    assert quant.stackable()
+    after = grouped(x, ids, weights, lambda e, xe: quant.forward_reference(layer, e, xe), groups=groups)
+    assert torch.equal(before, after)  # the experts' own tensors are views of the blocks now
+    assert all(
+        p.untyped_storage().data_ptr() == blocks[layer][0].untyped_storage().data_ptr() for p, _ in quant.q[(layer, 0)]
+    )
+    together = DraftExperts(quant, None, blocks=blocks, top_k=c.top_k)(layer, x, ids, weights, ids.tolist())
+    torch.testing.assert_close(together, before, rtol=1e-5, atol=1e-6)
+
+
+def test_a_grouped_layer_takes_the_same_ops_at_any_top_k():
+    counts = {k: draft_layer_ops(HF_EXPERTS, k, 64, "nf4", torch.bfloat16) for k in (1, 2, 8)}
+    assert counts[1][1] == counts[2][1] == counts[8][1] <= 15, counts
+    assert counts[8][0] > 4 * counts[1][0] > counts[8][1], counts  # one by one grows with top-k
+
+
+def draft_ops_per_layer(eng) -> float:
+    draft = [iv for iv in eng.backend.timeline.intervals if iv.phase == "draft"]
+    passes = sum(iv.name == "framework" for iv in draft)
+    return sum(iv.ops for iv in draft) / passes / len(eng.ckpt.config.moe_layers)
+
+
+@pytest.mark.parametrize(("family", "variant"), [("qwen3_moe", "base"), ("mixtral", "gqa")])
+def test_on_a_grouped_gpu_the_draft_is_lossless_in_few_ops(tiny, family, variant):
+    path, _ = tiny(family, variant)
+    prompt = prompt_for(3, 6)
+    expected, _ = run_engine(path, prompt, 16, backend="cpu")
+    per_layer = {}
+    for hardware in (GROUPED_GPU, "rtx3060-12gb"):
+        opts = EngineOptions(backend="mock", hardware=hardware, policy="moespeq", spec_depth="3", draft_verdict=False)
+        eng = Engine(path, opts)
+        eng.load(len(prompt) + 24)
+        try:
+            got = [ev.token for ev in eng.generate(prompt, 16, SamplingParams())]
+            assert got == expected, hardware
+            assert bool(eng.draft_exec.blocks) is (hardware == GROUPED_GPU)  # the RTX card has no grouped kernel
+            assert bool(eng.plan.draft_scratch_bytes) is (hardware == GROUPED_GPU)
+            per_layer[hardware] = draft_ops_per_layer(eng)
+        finally:
+            eng.close()
+    assert per_layer[GROUPED_GPU] <= 40 < per_layer["rtx3060-12gb"] or family == "mixtral", per_layer
+    assert per_layer[GROUPED_GPU] < per_layer["rtx3060-12gb"], per_layer
+
+
+def test_releasing_a_grouped_draft_gives_back_its_blocks_and_scratch(tiny):
+    path, _ = tiny("qwen3_moe", "base")
+    opts = EngineOptions(backend="mock", hardware=GROUPED_GPU, policy="moespeq", draft_verdict=False)
+    eng = Engine(path, opts)
+    eng.load(48)
+    try:
+        spec = eng.spec
+        assert spec.draft.blocks and eng.plan.draft_scratch_bytes
+        quant = spec.draft.quant
+        assert spec.draft_bytes == quant.bytes_per_expert * len(quant.q) + eng.plan.draft_scratch_bytes
+        used, held, extra = eng.backend.used, spec.draft_bytes, spec.spare_slots()
+        eng.release_draft()
+        assert spec.draft.blocks == {} and not quant.q
+        assert eng.backend.used == used - held + extra * eng.cache.slot_bytes
+    finally:
+        eng.close()
+
+
+def test_the_plan_reserves_the_scratch_only_where_the_draft_fits_beside_it(tiny):
+    from moespeq_cli.runtime.planning.planner import checkpoint_plan
+
+    path, _ = tiny("qwen3_moe", "base")
+    ck = Checkpoint(path)
+    loose = checkpoint_plan(ck, 48, 64 << 20, "moespeq", draft_scratch=1 << 20)
+    assert loose.draft_scratch_bytes == 1 << 20 and loose.fixed_bytes >= loose.draft_bytes + (1 << 20)
+    assert loose.rows()[-2][0].startswith("4-bit draft's dequantizing scratch")
+    tight_budget = loose.fixed_bytes - (1 << 20) + ck.config.top_k * loose.expert_bytes + 1024
+    tight = checkpoint_plan(ck, 48, tight_budget, "moespeq", draft_scratch=1 << 20)
+    assert tight.has_draft and tight.draft_scratch_bytes == 0  # the draft fits, its scratch does not: one by one
+
+
+@pytest.mark.parametrize(
+    ("shape", "hardware", "groups"),
+    [
+        ((2048, 768, 8), "h100-pcie", True),  # Qwen3-30B-A3B: many small experts
+        ((4096, 14336, 2), "h100-pcie", False),  # Mixtral-8x7B: few big ones
+        ((2048, 768, 8), "rtx3060-12gb", False),  # no grouped GEMM kernel
+    ],
+)
+def test_the_cost_model_groups_many_small_experts_not_few_big_ones(shape, hardware, groups):
+    hidden, inter, k = shape
+    assert draft_groups(load_profile(hardware), HF_EXPERTS, hidden, inter, k, 64, "nf4", torch.bfloat16) is groups
