@@ -140,3 +140,32 @@ def test_the_plan_reserves_the_scratch_only_where_the_draft_fits_beside_it(tiny)
 def test_the_cost_model_groups_many_small_experts_not_few_big_ones(shape, hardware, groups):
     hidden, inter, k = shape
     assert draft_groups(load_profile(hardware), HF_EXPERTS, hidden, inter, k, 64, "nf4", torch.bfloat16) is groups
+
+
+def test_plan_prices_a_grouped_draft_layer_as_the_mock_charges_it(tiny):
+    """``plan`` prices the grouped draft layer before any draft exists (work at
+    ``grouped:<dtype>``, the ops counted on a tiny layer a launch each): the mock's charge
+    for a decoding step's layer, its two regions together."""
+    from moespeq_cli.runtime.planning.estimate import StepModel
+
+    path, _ = tiny("qwen3_moe", "base")
+    ck = Checkpoint(path)
+    cfg = ck.config
+    eng = Engine(path, EngineOptions(backend="mock", hardware=GROUPED_GPU, policy="moespeq", spec_depth="2"))
+    prompt = prompt_for(4, 6)
+    eng.load(len(prompt) + 12)
+    try:
+        assert eng.draft_exec.blocks
+        for _ in eng.generate(prompt, 6, SamplingParams()):
+            pass
+        draft = [iv for iv in eng.backend.timeline.intervals if iv.phase == "draft" and "draft experts" in iv.name]
+        layer = [iv for iv in draft if iv.layer == draft[-1].layer][-2:]  # a decoding step's call and its sum
+        assert [iv.name.split(" L")[0] for iv in layer] == ["draft experts", "draft experts sum"]
+        charged = sum(iv.duration for iv in layer)
+        with torch.device("meta"):
+            model = ck.arch.Model(ck.raw_config, 30)
+        step = StepModel(model, cfg, eng.backend.hw, cfg.dtype, 30)
+        assert cfg.top_k * step.t_draft_expert(1.0, grouped=True) == pytest.approx(charged, rel=1e-6)
+        assert step.t_draft_expert(1.0, grouped=True) != step.t_draft_expert(1.0)
+    finally:
+        eng.close()
