@@ -186,7 +186,7 @@ def real_width_draft(shape: str, hardware: str) -> str:
     top_k = SHAPES[shape][2].get("num_experts_per_tok")
     hw = load_profile(hardware)
     dtype = getattr(torch, DTYPE)
-    return "grouped" if draft_groups(hw, HF_EXPERTS, hidden, inter, top_k, 64, "nf4", dtype) else "expert by expert"
+    return "grouped" if draft_groups(hw, HF_EXPERTS, hidden, inter, top_k, 64, dtype) else "expert by expert"
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from moespeq_cli.models.expert_format import HF_EXPERTS
 from moespeq_cli.quant.dequant import dequantize_4bit
 from moespeq_cli.quant.draft import QuantizedExperts
 from moespeq_cli.runtime.engine import Engine, EngineOptions
-from moespeq_cli.runtime.executors.draft import DraftExperts, draft_groups, draft_layer_ops
+from moespeq_cli.runtime.executors.draft import GPU_EXPERT_OPS, DraftExperts, draft_groups, draft_layer_ops
 from moespeq_cli.runtime.executors.experts import grouped, token_groups
 from moespeq_cli.runtime.executors.opcount import OpCounter
 from moespeq_cli.runtime.planning.hardware import load_profile
@@ -35,39 +35,57 @@ def test_dequantizing_experts_together_is_bitsandbytes_values_in_one_op(method, 
     assert out.shape == (3, 96 * 64) and out.dtype == dtype
     for row, (p, s) in enumerate(quantized):
         assert torch.equal(out[row], F.dequantize_4bit(p, s).flatten().to(dtype))
+    with pytest.raises(ValueError, match="whole blocks"):  # a GPU reads the rows as one flat tensor
+        dequantize_4bit(codes[:, :-16], absmax, table, 64, method, dtype)
 
 
-def draft_of(tiny, family="qwen3_moe", variant="base"):
-    path, _ = tiny(family, variant)
-    return path, QuantizedExperts.quantize(Checkpoint(path), "nf4", 64, torch.float32)
+def dequantized(quant: QuantizedExperts, layer: int, e: int) -> list[torch.Tensor]:
+    """An expert's canonical matrices, each weight table[code] * absmax computed here (the
+    high nibble first), independently of quant/dequant.py."""
+    out = []
+    for p, s in quant.q[(layer, e)]:
+        flat = p.flatten()
+        codes = torch.stack((flat >> 4, flat & 15), -1).flatten().long()
+        scale = s.absmax.repeat_interleave(quant.blocksize)[: s.shape.numel()]
+        out.append((s.code[codes][: s.shape.numel()] * scale).view(s.shape))
+    return out
 
 
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_a_grouped_layer_equals_its_experts_one_by_one(tiny, tokens):
-    path, quant = draft_of(tiny)
+def test_a_grouped_layer_equals_its_experts_one_by_one(tiny, method, tokens):
+    """At one token and at five (more experts than one call dequantizes: two calls)."""
+    path, _ = tiny("qwen3_moe", "base")
+    quant = QuantizedExperts.quantize(Checkpoint(path), method, 64, torch.float32)
     c = Checkpoint(path).config
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, c.hidden_size, generator=g)
     ids = torch.stack([torch.randperm(c.num_experts, generator=g)[: c.top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, c.top_k, generator=g)
     groups = token_groups(ids)
+    assert tokens == 1 or len(groups) > c.top_k  # several calls of at most top-k experts
     layer = c.moe_layers[-1]
-    before = grouped(x, ids, weights, lambda e, xe: quant.forward_reference(layer, e, xe), groups=groups)
+
+    def oracle(e, xe):
+        return quant.format.forward_canonical(xe, *dequantized(quant, layer, e), None)
+
+    expected = grouped(x, ids, weights, oracle, groups=groups)
+    reference = grouped(x, ids, weights, lambda e, xe: quant.forward_reference(layer, e, xe), groups=groups)
+    assert torch.equal(reference, expected)
     blocks = quant.stack([layer], torch.device("cpu"))
     assert quant.stackable()
     after = grouped(x, ids, weights, lambda e, xe: quant.forward_reference(layer, e, xe), groups=groups)
-    assert torch.equal(before, after)  # the experts' own tensors are views of the blocks now
-    assert all(
-        p.untyped_storage().data_ptr() == blocks[layer][0].untyped_storage().data_ptr() for p, _ in quant.q[(layer, 0)]
-    )
+    assert torch.equal(after, expected)  # the experts' own tensors are views of the blocks now
+    storage = blocks[layer][0].untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == storage for p, _ in quant.q[(layer, 0)])
     together = DraftExperts(quant, None, blocks=blocks, top_k=c.top_k)(layer, x, ids, weights, ids.tolist())
-    torch.testing.assert_close(together, before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_grouped_layer_takes_the_same_ops_at_any_top_k():
-    counts = {k: draft_layer_ops(HF_EXPERTS, k, 64, "nf4", torch.bfloat16) for k in (1, 2, 8)}
-    assert counts[1][1] == counts[2][1] == counts[8][1] <= 15, counts
-    assert counts[8][0] > 4 * counts[1][0] > counts[8][1], counts  # one by one grows with top-k
+    counts = {k: draft_layer_ops(HF_EXPERTS, k, torch.bfloat16) for k in (1, 2, 8)}
+    assert counts[1] == counts[2] == counts[8] <= 15, counts
+    assert counts[8] < 8 * GPU_EXPERT_OPS  # where one by one grows with top-k
 
 
 def draft_ops_per_layer(eng) -> float:
@@ -139,7 +157,7 @@ def test_the_plan_reserves_the_scratch_only_where_the_draft_fits_beside_it(tiny)
 )
 def test_the_cost_model_groups_many_small_experts_not_few_big_ones(shape, hardware, groups):
     hidden, inter, k = shape
-    assert draft_groups(load_profile(hardware), HF_EXPERTS, hidden, inter, k, 64, "nf4", torch.bfloat16) is groups
+    assert draft_groups(load_profile(hardware), HF_EXPERTS, hidden, inter, k, 64, torch.bfloat16) is groups
 
 
 def test_plan_prices_a_grouped_draft_layer_as_the_mock_charges_it(tiny):

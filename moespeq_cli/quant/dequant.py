@@ -13,8 +13,8 @@ launches one kernel here, not the half dozen torch ops the CPU's version is made
 
 The layout is bitsandbytes' ``quantize_4bit`` (NF4 or FP4), flattened: two weights a
 byte, the first in the high nibble, each block of ``blocksize`` weights scaled by its
-float32 absmax (the last block of a row may be partial), not double-quantized. Experts
-laid end to end dequantize as one tensor where each matrix is a whole number of blocks.
+float32 absmax, not double-quantized. Experts laid end to end dequantize as one tensor
+where each matrix is a whole number of blocks (a single matrix may end in a partial one).
 """
 
 from __future__ import annotations
@@ -29,17 +29,28 @@ _LIB.define(
 
 def _values(codes, absmax, table, blocksize, method, dtype):
     n, m = codes.shape
-    idx = torch.stack((codes >> 4, codes & 15), -1).view(n, 2 * m).long()
-    scale = absmax.repeat_interleave(blocksize, dim=1)[:, : 2 * m]  # a last block may be partial
-    return (table[idx] * scale).to(dtype)
+    pairs = torch.stack((table.repeat_interleave(16), table.repeat(16)), -1)  # a byte -> its two weights' values
+    w = pairs[codes.int()].view(n, 2 * m)
+    if 2 * m % blocksize == 0:
+        w.view(n, -1, blocksize).mul_(absmax.view(n, -1, 1))
+    else:  # one row (``dequantize_4bit`` checks): its last block partial
+        w.mul_(absmax.repeat_interleave(blocksize, dim=1)[:, : 2 * m])
+    return w.to(dtype)
+
+
+_KERNEL = None  # bitsandbytes' op, looked up once (the lookup is host time on every layer)
 
 
 def _cuda(codes, absmax, table, blocksize, method, dtype):
-    from moespeq_cli.quant.draft import _bnb
+    global _KERNEL
+    if _KERNEL is None:
+        from moespeq_cli.quant.draft import _bnb
 
-    _bnb()  # registers bitsandbytes' ops
+        _bnb()  # registers bitsandbytes' ops
+        _KERNEL = torch.ops.bitsandbytes.dequantize_4bit.default
     n, m = codes.shape
-    return torch.ops.bitsandbytes.dequantize_4bit(codes, absmax, blocksize, method, [n, 2 * m], dtype)
+    # bitsandbytes' kernel has each method's table built in (``table`` is the same values)
+    return _KERNEL(codes, absmax, blocksize, method, [n, 2 * m], dtype)
 
 
 def _meta(codes, absmax, table, blocksize, method, dtype):
@@ -56,5 +67,10 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """``codes`` uint8 ``[n, m]`` (each row an expert's matrices end to end, as stored),
     ``absmax`` float32 ``[n, ceil(2 m / blocksize)]``, ``table`` the 16 values of ``method``'s
-    codes -> ``[n, 2 m]`` of ``dtype``: each weight ``table[code] * absmax``, rounded once."""
+    codes -> ``[n, 2 m]`` of ``dtype``: each weight ``table[code] * absmax``, rounded once.
+    Several rows must be whole blocks (the GPU's kernel reads them as one flat tensor); one
+    row may end in a partial block."""
+    n, m = codes.shape
+    if n > 1 and 2 * m % blocksize:
+        raise ValueError(f"rows of {2 * m} weights are not whole blocks of {blocksize}: dequantize them one at a time")
     return torch.ops.moespeq.dequantize_4bit(codes, absmax, table, blocksize, method, dtype)

@@ -229,8 +229,8 @@ class QuantizedExperts:
         """The expert's dequantized canonical matrices (standard layout only): each weight
         ``table[code] * absmax`` (quant/dequant.py; bitsandbytes' own where the statistics
         are double-quantized). bitsandbytes 0.50's CPU ``dequantize_4bit`` returns wrong
-        values for matrices whose width is 16, 32, 48 or 96 (tiny test models'), its CUDA
-        kernel right ones: the op here computes what that kernel does on every device."""
+        values wherever a matrix's width is not a multiple of the block, its CUDA kernel
+        right ones: the op here computes what that kernel does on every device."""
         from moespeq_cli.quant.dequant import dequantize_4bit
 
         out = []
@@ -241,7 +241,7 @@ class QuantizedExperts:
                 flat = dequantize_4bit(
                     p.view(1, -1), s.absmax.view(1, -1), s.code, s.blocksize, s.quant_type, self.dtype
                 )
-                out.append(flat.view(s.shape))
+                out.append(flat[0, : s.shape.numel()].view(s.shape))  # an odd count's last byte holds one
         return tuple(out)  # type: ignore[return-value]
 
     def forward_reference(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
@@ -387,6 +387,8 @@ class QuantizedExperts:
         blocks = {}
         for layer in layers:
             keys = sorted(k for k in self.q if k[0] == layer)
+            if [e for _, e in keys] != list(range(len(keys))):  # a row is its expert (executors/draft.py)
+                raise ValueError(f"layer {layer} of this draft lacks experts: it cannot be stacked")
             parts = [self.q[k] for k in keys]
             n_codes = sum(p.numel() for p, _ in parts[0])
             n_scales = sum(s.absmax.numel() for _, s in parts[0])

@@ -270,7 +270,6 @@ class Engine:
                 c.top_k,
                 self.opts.blocksize,
                 self.storage_dtype,
-                self.opts.quant_method,
             )
         plan = checkpoint_plan(
             self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, ram=ram, ram_source=source, **kw

@@ -35,7 +35,6 @@ from moespeq_cli.runtime.executors.experts import grouped, token_groups
 from moespeq_cli.runtime.executors.grouped import (
     BatchedParts,
     combine,
-    dequant_chunk,
     plan_layout,
     profile_groups,
     run_phase,
@@ -58,19 +57,21 @@ class DraftExperts:
         device_type: str = "cpu",
         blocks: dict | None = None,
         top_k: int = 1,
+        act_dtype: torch.dtype | None = None,
     ):
         """``device_type``: what the (real or simulated) device is ("cuda", "cpu"): which
-        kernel its experts run on, and so what they cost (``cost``)."""
+        kernel its experts run on, and so what they cost (``cost``); ``act_dtype``: what it
+        computes in (the mock computes a bf16 GPU's work in float32)."""
         self.quant, self.backend, self.on_device, self.act_elem = quant, backend, on_device, act_elem
         self.device_type = device_type
         self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = blocks or {}
-        self.top_k = top_k
+        self.top_k, self.act_dtype = top_k, act_dtype
         q = quant
         self.at = BatchedParts(0, q.inter * q.hidden, 2 * q.inter * q.hidden, q.inter, q.hidden)
         self.grouped_elem = grouped_bytes_per_weight(q.blocksize, act_elem)
         if not quant.kernel_ready():  # moespeq's kernel reads the layout as stored
             stacked = {k for k in quant.q if k[0] in self.blocks}
-            quant.pack_cpu([k for k in quant.q if k not in stacked])  # onto bitsandbytes' packed kernel, once
+            quant.pack_cpu({k for k in quant.q if k not in stacked})  # onto bitsandbytes' packed kernel, once
 
     def cost(self, layer: int, e: int, tokens: int, device_type: str):
         """One expert over ``tokens`` tokens, priced as the kernel the code runs for it there."""
@@ -95,14 +96,14 @@ class DraftExperts:
         groups = token_groups(rows)
         if b is None:
             if layer in self.blocks:
-                outs, layout, meta = self.grouped(layer, x, groups, weights, upload)
+                outs, layout, meta = self.grouped(layer, x, groups, weights, lambda v: upload(v, x.device))
                 return combine(layout, meta, outs, weights, x.dtype)
             return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe), groups=groups)
         b.sync(1, "route")  # the routing reaches the host
         if layer in self.blocks:
             token = b.begin()
             outs, layout, meta = self.grouped(layer, x, groups, weights, b.upload)
-            costs = [self.grouped_cost(len(rows), x.dtype) for rows, _ in groups.values()]
+            costs = [self.grouped_cost(len(rows), self.act_dtype or x.dtype) for rows, _ in groups.values()]
             b.end(token, sum(costs[1:], costs[0]), f"draft experts L{layer}", layer)
             token = b.begin()
             out = combine(layout, meta, outs, weights, x.dtype)
@@ -144,8 +145,8 @@ class DraftExperts:
         q = self.quant
         table = q.q[(layer, next(iter(groups)))][0][1].code
         where = {e: (0, e) for e in groups}
-        chunk = dequant_chunk(self.top_k)
-        layout = plan_layout(groups, [list(groups)], where, [], x.shape[0], weights.shape[1], True, chunk)
+        # at most top-k experts dequantized at once: what the plan reserves (a draft pass is one token)
+        layout = plan_layout(groups, [list(groups)], where, [], x.shape[0], weights.shape[1], True, self.top_k)
         meta = upload(layout.values)
 
         def gather(block: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -155,9 +156,9 @@ class DraftExperts:
         return run_phase(q.format, self.at, [codes], layout, meta, x, 0, gather), layout, meta
 
 
-def upload(values: list[int]) -> torch.Tensor:
+def upload(values: list[int], device: torch.device) -> torch.Tensor:
     """An index list as the device gets it without a backend: one op, as the mock's copy."""
-    return torch.tensor(values, dtype=torch.int32).clone()
+    return torch.tensor(values, dtype=torch.int32).to(device, copy=True)
 
 
 def grouped_bytes_per_weight(blocksize: int, act_elem: float) -> float:
@@ -174,25 +175,35 @@ def groupable_draft(fmt: ExpertFormat) -> bool:
     return fmt.kind in (SWIGLU, GEGLU) and fmt.bias_numel(64, 64) == 0
 
 
+# The ops a draft expert computed on its own dispatches on a GPU at one token: its 4-bit
+# GEMVs for gate, up and down (``bnb.matmul_4bit``: one op each), the activation's two,
+# and the weighting and the sum into the layer's output (executors/experts.py ``grouped``);
+# and the layer's zeroed output. The CPU that stands in for the GPU on the mock dispatches
+# a few more (its kernel's casts), so the choice between the two ways does not take its
+# count, which would make a GPU's plan depend on the host's kernels.
+GPU_EXPERT_OPS = 7
+GPU_LAYER_OPS = 1
+
+
 def draft_groups(
-    hw, fmt: ExpertFormat, hidden: int, inter: int, top_k: int, blocksize: int, method: str, dtype: torch.dtype
+    hw, fmt: ExpertFormat, hidden: int, inter: int, top_k: int, blocksize: int, dtype: torch.dtype
 ) -> bool:
     """Whether the draft computes a layer's device experts in one grouped call (module
     docstring): the GPU has a grouped GEMM kernel for ``dtype`` (``profile_groups``), the
-    experts are plain matrices, and a decoding step's ``top_k`` experts cost less so than
-    one by one on the 4-bit kernel, each way priced as the mock charges it: the work by the
-    profile's curves or roofline, and every op the code dispatches (counted on a tiny
-    layer, ``draft_layer_ops``) a launch."""
+    experts are plain matrices of whole quantization blocks, and a decoding step's
+    ``top_k`` experts cost less so than one by one on the 4-bit kernel: the work by the
+    profile's curves or roofline, each op a launch (one by one: ``GPU_EXPERT_OPS`` an
+    expert; grouped: the call's ops counted on a tiny layer, ``draft_layer_ops``)."""
     if not (profile_groups(hw, dtype) and groupable_draft(fmt) and hidden * inter % blocksize == 0):
         return False
-    each_ops = draft_layer_ops(fmt, top_k, blocksize, method, dtype)[0]
     each = expert_cost(hidden, inter, 1, path_bytes_per_weight("cuda", blocksize), "draft:cuda", 0)
-    t_each = top_k * each.charged(hw, hw.host_overhead("draft expert"), ops=0) + each_ops * hw.launch_overhead
-    return grouped_layer_seconds(hw, fmt, hidden, inter, top_k, blocksize, method, dtype) < t_each
+    launches = (top_k * GPU_EXPERT_OPS + GPU_LAYER_OPS) * hw.launch_overhead
+    t_each = top_k * each.charged(hw, hw.host_overhead("draft expert"), ops=0) + launches
+    return grouped_layer_seconds(hw, fmt, hidden, inter, top_k, blocksize, dtype) < t_each
 
 
 def grouped_layer_seconds(
-    hw, fmt: ExpertFormat, hidden: int, inter: int, top_k: int, blocksize: int, method: str, dtype, tokens: int = 1
+    hw, fmt: ExpertFormat, hidden: int, inter: int, top_k: int, blocksize: int, dtype, tokens: int = 1
 ) -> float:
     """A draft layer's grouped call over ``top_k`` experts of ``tokens`` tokens each, as
     the mock charges it: each expert's work (``grouped:<dtype>``), the call's regions' host
@@ -200,54 +211,44 @@ def grouped_layer_seconds(
     act = torch.empty(0, dtype=dtype).element_size()
     kernel = "grouped:" + dtype_name(dtype)
     work = expert_cost(hidden, inter, tokens, grouped_bytes_per_weight(blocksize, act), kernel, 0).seconds(hw, ops=0)
-    ops = draft_layer_ops(fmt, top_k, blocksize, method, dtype)[1]
     host = hw.host_overhead("draft experts") + hw.host_overhead("draft experts sum")
-    return top_k * work + host + ops * hw.launch_overhead
+    return top_k * work + host + draft_layer_ops(fmt, top_k, dtype) * hw.launch_overhead
 
 
-def draft_scratch_bytes(
-    hw, fmt: ExpertFormat, hidden: int, inter: int, top_k: int, blocksize: int, dtype: torch.dtype, method: str = "nf4"
-) -> int:
+def draft_scratch_bytes(hw, fmt: ExpertFormat, hidden: int, inter: int, top_k: int, blocksize: int, dtype) -> int:
     """Device memory the draft's grouped calls take besides its experts, where it makes
-    them (``draft_groups``), else 0: at most ``dequant_chunk`` experts' codes and scales
-    gathered and their weights dequantized at once (``make_plan`` reserves it with the
-    draft)."""
-    if not draft_groups(hw, fmt, hidden, inter, top_k, blocksize, method, dtype):
+    them (``draft_groups``), else 0: a decoding step's ``top_k`` experts' codes and scales
+    gathered and their weights dequantized (the draft decodes a token a pass, and a call
+    takes at most ``top_k`` experts; ``make_plan`` reserves it with the draft)."""
+    if not draft_groups(hw, fmt, hidden, inter, top_k, blocksize, dtype):
         return 0
     elem = torch.empty(0, dtype=dtype).element_size()
-    return int(dequant_chunk(top_k) * 3 * hidden * inter * (0.5 + 4 / blocksize + elem))
+    return int(top_k * 3 * hidden * inter * (0.5 + 4 / blocksize + elem))
 
 
 @functools.cache
-def draft_layer_ops(fmt: ExpertFormat, top_k: int, blocksize: int, method: str, dtype: torch.dtype) -> tuple[int, int]:
-    """(expert by expert, grouped): the ops a draft layer's decoding step dispatches, each
-    way, counted on a tiny layer of ``top_k`` experts that one token routes to (the
-    layout's copy to the device included; the expert-by-expert path as it runs on this
-    machine's CPU, the stand-in for the 4-bit GPU kernel, one op a product)."""
+def draft_layer_ops(fmt: ExpertFormat, top_k: int, dtype: torch.dtype) -> int:
+    """The ops a draft layer's grouped call dispatches at one token (the layout's copy to
+    the device and the weighted sum included), counted on a tiny layer of ``top_k``
+    experts of 64 x 64 weights, blocks of 64 (the count depends on neither)."""
     from moespeq_cli.quant.draft import _bnb
     from moespeq_cli.runtime.executors.opcount import count_ops
 
     F = _bnb()
-    n = blocksize
-    table = F.get_4bit_type(method, device="cpu")
-
-    def tiny() -> QuantizedExperts:  # zeros: what is counted does not depend on the values
-        q = {}
-        for e in range(top_k):
-            q[(0, e)] = [
-                (
-                    torch.zeros(n * n // 2, 1, dtype=torch.uint8),
-                    F.QuantState(torch.ones(n * n // blocksize), torch.Size((n, n)), table, blocksize, method, dtype),
-                )
-                for _ in range(3)
-            ]
-        return QuantizedExperts(q, method, blocksize, dtype, n, n, fmt)
-
+    n = 64
+    table = F.get_4bit_type("nf4", device="cpu")
+    q = {
+        (0, e): [
+            (
+                torch.zeros(n * n // 2, 1, dtype=torch.uint8),  # zeros: the count does not depend on the values
+                F.QuantState(torch.ones(n * n // n), torch.Size((n, n)), table, n, "nf4", dtype),
+            )
+            for _ in range(3)
+        ]
+        for e in range(top_k)
+    }
+    quant = QuantizedExperts(q, "nf4", n, dtype, n, n, fmt)
     x = torch.zeros(1, n, dtype=dtype)
     ids, weights = torch.arange(top_k).view(1, -1), torch.ones(1, top_k, dtype=dtype)
-    each = DraftExperts(tiny(), None, act_elem=x.element_size())
-    _, c_each = count_ops(each, 0, x, ids, weights, ids.tolist())
-    quant = tiny()
-    together = DraftExperts(quant, None, act_elem=x.element_size(), blocks=quant.stack([0], x.device), top_k=top_k)
-    _, c_group = count_ops(together, 0, x, ids, weights, ids.tolist())
-    return c_each.ops, c_group.ops
+    layer = DraftExperts(quant, None, act_elem=x.element_size(), blocks=quant.stack([0], x.device), top_k=top_k)
+    return count_ops(layer, 0, x, ids, weights, ids.tolist())[1].ops

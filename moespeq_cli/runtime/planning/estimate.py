@@ -236,7 +236,7 @@ class StepModel:
         H, inter, b = self.cfg.hidden_size, self.cfg.expert_intermediate, self.draft_blocksize
         if grouped and on_device >= 1.0:
             K, fmt, n = self.cfg.top_k, self.cfg.expert_format, max(1, round(tokens))
-            return grouped_layer_seconds(self.hw, fmt, H, inter, K, b, "nf4", self.dtype, n) / K
+            return grouped_layer_seconds(self.hw, fmt, H, inter, K, b, self.dtype, n) / K
 
         def cost(device_type: str):
             path = planned_path(device_type, H, inter, b)

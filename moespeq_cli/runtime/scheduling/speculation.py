@@ -66,7 +66,14 @@ class Speculation:
                 self.draft_bytes += plan.draft_scratch_bytes
             backend.alloc(self.draft_bytes, "4-bit draft experts")
             self.draft = DraftExperts(
-                quant.to(backend.device, on_device), backend, set(on_device), act_elem, device_type, blocks, c.top_k
+                quant.to(backend.device, on_device),
+                backend,
+                set(on_device),
+                act_elem,
+                device_type,
+                blocks,
+                c.top_k,
+                act_dtype,
             )
         t_host = None
         if target.policy.host_compute:
