@@ -187,3 +187,21 @@ def test_plan_prices_a_grouped_draft_layer_as_the_mock_charges_it(tiny):
         assert step.t_draft_expert(1.0, grouped=True) != step.t_draft_expert(1.0)
     finally:
         eng.close()
+
+
+def test_the_scratch_is_reserved_only_where_the_cost_model_finds_it_pays():
+    """On the demo and the H100 profile the grouped draft is cheaper, but at a tight
+    budget the 2 MB of scratch would take three of seven expert slots: the plan keeps the
+    slots and the draft goes expert by expert. With room to spare the scratch is kept."""
+    from moespeq_cli.model_ref import DEMO_DIR
+
+    plans = {}
+    for vram in (int(20.8 * 2**20), 64 << 20):
+        eng = Engine(
+            DEMO_DIR, EngineOptions(backend="mock", hardware="h100-pcie", policy="moespeq", spec_depth="4", vram=vram)
+        )
+        plans[vram] = eng.make_plan(160)
+        assert eng.draft_scratch() > 0  # the draft could be grouped on this card
+    tight, roomy = plans.values()
+    assert tight.draft_scratch_bytes == 0 and tight.has_draft
+    assert roomy.draft_scratch_bytes > 0

@@ -203,7 +203,7 @@ def bench(
 ) -> list[BenchResult]:
     """Run each policy (moespeq once per entry of ``spec_depths``, or per (spec depth,
     CPU experts) pair of ``moespeq_runs``); fill speedups. ``same_cache``: moespeq gets
-    the draft's bytes on top of the budget (``--vram``; ``--ram`` on the cpu backend) and
+    the draft's bytes (and its scratch) on top of the budget (``--vram``; ``--ram`` on the cpu backend) and
     no more full-precision slots than the baselines."""
     results = []
     context = opts.context or len(prompt_ids) + new_tokens
@@ -218,7 +218,10 @@ def bench(
             if policy == "moespeq":
                 o = replace(opts, spec_depth=k, cpu_experts=cpu)
                 if same_cache:
-                    extra = draft_bytes_estimate(Checkpoint(path).config, opts.blocksize)
+                    # the draft and its grouped calls' scratch (runtime/executors/draft.py)
+                    extra = (
+                        draft_bytes_estimate(Checkpoint(path).config, opts.blocksize) + Engine(path, o).draft_scratch()
+                    )
                     slots = baseline_slots(path, context, opts)
                     budget = int(getattr(opts, budget_field)) + extra
                     o = replace(o, **{budget_field: budget, "max_slots": slots})

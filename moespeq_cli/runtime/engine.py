@@ -258,22 +258,12 @@ class Engine:
         if ram is None:
             ram, source = default_ram()
         kw["library_bytes"] = library_bytes(self.backend_name, self.hw)  # cuBLAS's workspaces: the budget holds them
-        if self.policy.speculative and self.opts.draft != "none":
-            from moespeq_cli.runtime.executors.draft import draft_scratch_bytes
-
-            c = self.ckpt.config
-            kw["draft_scratch"] = draft_scratch_bytes(
-                self.hw,
-                c.expert_format,
-                c.hidden_size,
-                c.expert_intermediate,
-                c.top_k,
-                self.opts.blocksize,
-                self.storage_dtype,
-            )
+        kw["draft_scratch"] = self.draft_scratch()
         plan = checkpoint_plan(
             self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, ram=ram, ram_source=source, **kw
         )
+        if plan.draft_scratch_bytes:
+            plan = self.scratch_verdict(plan, context, dict(kw, ram=ram, ram_source=source))
         if plan.has_draft and self.fixed_k is None and self.opts.draft == "auto" and self.opts.draft_verdict:
             plan = self.draft_verdict(plan, context, dict(kw, ram=ram, ram_source=source))
         if (
@@ -287,21 +277,68 @@ class Engine:
             )
         return plan
 
+    def draft_scratch(self) -> int:
+        """Device memory the draft's grouped calls take besides its experts, on this run's
+        hardware (runtime/executors/draft.py ``draft_scratch_bytes``; 0 without a draft)."""
+        if not self.policy.speculative or self.opts.draft == "none" or self.device_type != "cuda":
+            return 0
+        from moespeq_cli.runtime.executors.draft import draft_scratch_bytes
+
+        c = self.ckpt.config
+        return draft_scratch_bytes(
+            self.hw,
+            c.expert_format,
+            c.hidden_size,
+            c.expert_intermediate,
+            c.top_k,
+            self.opts.blocksize,
+            self.storage_dtype,
+        )
+
+    def step_model(self, context: int):
+        """(the model on the meta device, the cost model of its decode step on this run's
+        hardware)."""
+        from moespeq_cli.models import build_model
+        from moespeq_cli.runtime.planning.estimate import StepModel
+
+        model = build_model(self.ckpt.arch, self.ckpt.raw_config, context, str(self.ckpt.path / "config.json"))
+        step = StepModel(model, self.ckpt.config, self.hw, self.storage_dtype, context)
+        step.draft_blocksize = self.opts.blocksize
+        return model, step
+
+    def scratch_verdict(self, plan: Plan, context: int, kw: dict) -> Plan:
+        """``plan`` (with the draft's grouped calls' scratch), or the plan without it where by
+        the cost model those slots are worth more (planning/estimate.py ``scratch_verdict``)."""
+        from moespeq_cli.runtime.planning.estimate import scratch_verdict
+        from moespeq_cli.runtime.planning.planner import make_plan
+
+        model, step = self.step_model(context)
+        apart = make_plan(
+            model,
+            self.ckpt.config,
+            self.storage_dtype,
+            self.budget,
+            context,
+            self.opts.policy,
+            **dict(kw, draft_scratch=0),
+        )
+        try:
+            return scratch_verdict(step, plan, apart)
+        except UsageError:  # a profile without disk figures cannot price the disk tier: keep the scratch
+            return plan
+
     def draft_verdict(self, plan: Plan, context: int, kw: dict) -> Plan:
         """``plan``, or the plan without the draft when by the cost model its memory is
         worth more as expert slots than speculation could earn even if every drafted token
         were accepted (planning/estimate.py ``speculation_cannot_pay``). The governor would
         come to the same verdict at run time, but only after a prefill with fewer slots and
         the cycles that measure it (docs/governor.md); ``--spec-depth N`` keeps the draft."""
-        from moespeq_cli.models import build_model
-        from moespeq_cli.runtime.planning.estimate import StepModel, speculation_cannot_pay
+        from moespeq_cli.runtime.planning.estimate import speculation_cannot_pay
         from moespeq_cli.runtime.planning.planner import make_plan
 
-        model = build_model(self.ckpt.arch, self.ckpt.raw_config, context, str(self.ckpt.path / "config.json"))
+        model, step = self.step_model(context)
         cfg, dtype = self.ckpt.config, self.storage_dtype
         released = make_plan(model, cfg, dtype, self.budget, context, self.opts.policy, **dict(kw, with_draft=False))
-        step = StepModel(model, cfg, self.hw, dtype, context)
-        step.draft_blocksize = self.opts.blocksize
         try:
             return speculation_cannot_pay(step, plan, released) or plan
         except UsageError:  # a profile without disk figures cannot price the disk tier: the governor decides

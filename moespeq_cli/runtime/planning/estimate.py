@@ -157,22 +157,26 @@ class StepModel:
         does not hold it either."""
         return self.t_link + self.read_extra
 
-    def non_expert(self, tokens: int, grouped: bool | None = None) -> float:
+    def non_expert(self, tokens: int, grouped: bool | None = None, call_ops: int | None = None) -> float:
         """A forward pass over ``tokens`` tokens without the routed experts: the work of
         every charged module, the launches of every op the pass dispatches outside the
         experts (``pass_ops``), its host syncs (one per MoE layer and the logits) and the
         host time a calibrated profile measured beyond all that (``host_time``).
-        ``grouped``: as ``pass_ops``."""
+        ``grouped``, ``call_ops``: as ``pass_ops`` (with ``call_ops`` the grouped calls'
+        host time is priced elsewhere too)."""
         grouped = self.grouped_ops is not None if grouped is None else grouped
         work = sum(cost(tokens, self.context).seconds(self.hw, ops=0) for _m, _n, _l, cost, _r in self.table)
         syncs = (self.layers + 1) * self.hw.sync_overhead
-        host = self.pass_ops(tokens, grouped) * self.hw.launch_overhead + syncs + self.host_time(grouped)
+        ops = self.pass_ops(tokens, grouped, call_ops)
+        host = ops * self.hw.launch_overhead + syncs + self.host_time(grouped and call_ops is None)
         return work + max(0.0, host)  # a measured overhead below the op count's price: never below the work
 
-    def draft_pass(self) -> float:
+    def draft_pass(self, grouped: bool = False) -> float:
         """The draft's pass over one token without its experts: its executor's ops expert
-        by expert, never a grouped call (the draft computes its experts one by one)."""
-        return self.non_expert(1, grouped=False)
+        by expert, or (``grouped``) without them, each layer's experts in a grouped call
+        that ``t_draft_expert`` prices, launches and host time included
+        (runtime/executors/draft.py)."""
+        return self.non_expert(1, grouped=grouped, call_ops=0 if grouped else None)
 
     def host_time(self, grouped: bool) -> float:
         """The Python a pass runs beyond its ops, as the mock charges it from the profile's
@@ -188,14 +192,14 @@ class StepModel:
             regions += self.layers * (hw.host_overhead("experts") + hw.host_overhead("experts sum"))
         return regions + hw.between_regions(len(self.model.model.layers))
 
-    def pass_ops(self, tokens: int, grouped: bool | None = None) -> int:
+    def pass_ops(self, tokens: int, grouped: bool | None = None, call_ops: int | None = None) -> int:
         """The ops a forward pass over ``tokens`` tokens dispatches besides the experts'
         own, counted by running the model on the meta device (no weights) with a stand-in
         executor that groups tokens by expert as the real one does (token t takes experts
         t K .. t K + K - 1, modulo E); the charges' estimates where the meta run fails.
         ``grouped`` (default: whether this GPU groups a layer's experts): the layer's
-        experts in one grouped call, its launches counted apart, instead of the executor's
-        ops expert by expert (the draft's pass never groups)."""
+        experts in one grouped call, its launches counted apart (``call_ops`` a layer,
+        default the target's call's), instead of the executor's ops expert by expert."""
         grouped = self.grouped_ops is not None if grouped is None else grouped
         key = (tokens, grouped)
         if key not in self._ops:
@@ -212,9 +216,9 @@ class StepModel:
             if self._ops[key] is None:
                 estimated = sum(cost(tokens, self.context).ops for _m, _n, _l, cost, _r in self.table)
                 self._ops[key] = round(estimated * self.op_scale)
-            if grouped:
-                self._ops[key] += self.layers * self.grouped_ops
-        return self._ops[key]
+        if not grouped:
+            return self._ops[key]
+        return self._ops[key] + self.layers * (self.grouped_ops if call_ops is None else call_ops)
 
     def expert_cost(self, tokens: float, elem: float, kernel: str | None = None):
         return expert_cost(self.cfg.hidden_size, self.cfg.expert_intermediate, max(1, round(tokens)), elem, kernel)
@@ -299,7 +303,7 @@ class StepModel:
             state.misses[n] = L * u * (1 - hit)
         on_dev = plan.draft_device_experts / plan.total_experts if plan.total_experts else 0.0
         grouped = plan.draft_scratch_bytes > 0  # the plan reserved the grouped draft calls' scratch
-        state.t_draft = self.draft_pass() + L * K * self.t_draft_expert(on_dev, grouped=grouped)
+        state.t_draft = self.draft_pass(grouped) + L * K * self.t_draft_expert(on_dev, grouped=grouped)
         state.p = [acceptance] * k_max
         state.tested = [1] * k_max
         k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
@@ -340,6 +344,8 @@ def plan_moespeq(
         step.hw, c.expert_format, c.hidden_size, c.expert_intermediate, c.top_k, blocksize, step.dtype
     )
     with_draft = make_plan(*args, ram=ram, library_bytes=lib, draft_scratch=scratch)
+    if with_draft.draft_scratch_bytes:
+        with_draft = scratch_verdict(step, with_draft, make_plan(*args, ram=ram, library_bytes=lib), acceptance)
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:
         return with_draft, spec
@@ -357,6 +363,23 @@ def plan_moespeq(
         )
         return with_draft, plain
     return with_draft, spec
+
+
+def scratch_verdict(step: StepModel, grouped: Plan, apart: Plan, acceptance: float = DEFAULT_ACCEPTANCE) -> Plan:
+    """``grouped`` (the plan that reserves the draft's grouped calls' scratch,
+    runtime/executors/draft.py) or ``apart`` (the same without it: the draft expert by
+    expert, the scratch's memory as expert slots), whichever the cost model finds faster:
+    on a small budget the slots the scratch takes can cost more than its launches save.
+    Where both would decode at k = 0 alike, the faster speculation decides (a fixed ``k``
+    speculates whatever the model says)."""
+
+    def speed(plan: Plan) -> tuple[float, float]:
+        step_ = step.for_plan(plan)
+        hit = min(1.0, plan.slots / plan.total_experts) if plan.total_experts else 1.0
+        spec, _ = step_.best_depth(plan, hit, acceptance, 8, plan.cpu_experts)
+        return estimate(step, plan, acceptance).tokens_per_s, spec
+
+    return grouped if speed(grouped) > speed(apart) else apart
 
 
 def speculation_cannot_pay(step: StepModel, with_draft: Plan, released: Plan, k_max: int = 8) -> Plan | None:
