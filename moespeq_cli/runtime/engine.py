@@ -54,7 +54,8 @@ class EngineOptions:
     draft: str = "auto"  # auto (saved draft if any, else quantize in memory) | PATH | none
     spec_depth: str | int = "auto"  # auto: the governor chooses k; N: fixed
     # decide before loading whether the draft can pay for its memory at all (planning/estimate.py
-    # speculation_cannot_pay); False leaves every verdict to the governor at run time
+    # speculation_cannot_pay); False leaves that verdict to the governor at run time (whether the
+    # draft's grouped calls are worth their scratch is decided by the plan either way)
     draft_verdict: bool = True
     k_max: int = 8
     cpu_experts: bool | None = None  # None: the policy's default (on for moespeq and hybrid)
@@ -323,7 +324,7 @@ class Engine:
             **dict(kw, draft_scratch=0),
         )
         try:
-            return scratch_verdict(step, plan, apart)
+            return scratch_verdict(step, plan, apart, depth=self.fixed_k)
         except UsageError:  # a profile without disk figures cannot price the disk tier: keep the scratch
             return plan
 

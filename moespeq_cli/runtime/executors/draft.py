@@ -8,8 +8,8 @@ cost model (``draft_groups``) finds cheaper for the model's shape on the hardwar
 profile:
 
 - expert by expert, each on the 4-bit kernel (``bnb.matmul_4bit``: its GEMV reads about
-  0.56 bytes a weight), each paying its own launches: about ten ops an expert, 80 a layer
-  at top-8;
+  0.56 bytes a weight), each paying its own launches: seven ops an expert on a GPU
+  (``GPU_EXPERT_OPS``), 57 a layer at top-8;
 - all at once (``grouped``, like the target's grouped path, executors/grouped.py): the
   layer's experts lie end to end in two blocks (``QuantizedExperts.stack``), the routed
   ones are gathered and dequantized together in one op (quant/dequant.py) and computed by
@@ -138,7 +138,7 @@ class DraftExperts:
 
     def grouped(self, layer: int, x: torch.Tensor, groups, weights: torch.Tensor, upload):
         """The layer's routed experts in one grouped computation (a few for a long prompt:
-        at most ``dequant_chunk`` experts dequantized at once) -> (outputs, layout, the
+        at most top-k experts dequantized at once: the scratch the plan reserves) -> (outputs, layout, the
         layout on the device), for ``combine``; ``upload``: the host's index list to the
         device."""
         codes, absmax = self.blocks[layer]

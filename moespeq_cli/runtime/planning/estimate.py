@@ -289,8 +289,11 @@ class StepModel:
                 return tps, k
         return plain, 0
 
-    def best_depth(self, plan: Plan, hit: float, acceptance: float, k_max: int, cpu: bool) -> tuple[float, int]:
-        """(tokens/s, k) at the governor's best depth k >= 1 with ``plan``'s draft."""
+    def best_depth(
+        self, plan: Plan, hit: float, acceptance: float, k_max: int, cpu: bool, depth: int | None = None
+    ) -> tuple[float, int]:
+        """(tokens/s, k) at the governor's best depth k >= 1 with ``plan``'s draft (at
+        ``depth`` where given: a fixed ``--spec-depth``)."""
         L, K, E = self.layers, self.cfg.top_k, self.cfg.num_experts
         state = GovernorState(k_max, E, K, self.t_copy, t_host=self.t_cpu if cpu else None)
         # a verification's experts copied ahead of it need slots to wait in: with fewer
@@ -306,7 +309,7 @@ class StepModel:
         state.t_draft = self.draft_pass(grouped) + L * K * self.t_draft_expert(on_dev, grouped=grouped)
         state.p = [acceptance] * k_max
         state.tested = [1] * k_max
-        k = max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
+        k = depth or max(range(1, k_max + 1), key=lambda k: (state.theta(k), -k))
         return state.theta(k), k
 
 
@@ -345,7 +348,8 @@ def plan_moespeq(
     )
     with_draft = make_plan(*args, ram=ram, library_bytes=lib, draft_scratch=scratch)
     if with_draft.draft_scratch_bytes:
-        with_draft = scratch_verdict(step, with_draft, make_plan(*args, ram=ram, library_bytes=lib), acceptance)
+        # at the acceptance ``run`` assumes, so that plan shows what run does (``acceptance`` is for display)
+        with_draft = scratch_verdict(step, with_draft, make_plan(*args, ram=ram, library_bytes=lib))
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:
         return with_draft, spec
@@ -365,19 +369,28 @@ def plan_moespeq(
     return with_draft, spec
 
 
-def scratch_verdict(step: StepModel, grouped: Plan, apart: Plan, acceptance: float = DEFAULT_ACCEPTANCE) -> Plan:
+def scratch_verdict(
+    step: StepModel, grouped: Plan, apart: Plan, acceptance: float = DEFAULT_ACCEPTANCE, depth: int | None = None
+) -> Plan:
     """``grouped`` (the plan that reserves the draft's grouped calls' scratch,
     runtime/executors/draft.py) or ``apart`` (the same without it: the draft expert by
     expert, the scratch's memory as expert slots), whichever the cost model finds faster:
     on a small budget the slots the scratch takes can cost more than its launches save.
-    Where both would decode at k = 0 alike, the faster speculation decides (a fixed ``k``
-    speculates whatever the model says)."""
+    With the same slots either way the grouped call wins (``draft_groups`` found it
+    cheaper). Where both would decode at k = 0 alike, the faster speculation decides; a
+    fixed ``depth`` (``--spec-depth``) speculates at that depth whatever the model says.
+    Priced with the charges' op estimates (no count on the meta device: the two plans
+    differ only in slots and the draft's calls, which the estimates price alike)."""
+    if (apart.slots, apart.host_slots) == (grouped.slots, grouped.host_slots):
+        return grouped
+    quick = copy.copy(step)
+    quick.counted, quick._ops = False, {}
 
-    def speed(plan: Plan) -> tuple[float, float]:
-        step_ = step.for_plan(plan)
+    def speed(plan: Plan) -> tuple[float, ...]:
+        s = quick.for_plan(plan)
         hit = min(1.0, plan.slots / plan.total_experts) if plan.total_experts else 1.0
-        spec, _ = step_.best_depth(plan, hit, acceptance, 8, plan.cpu_experts)
-        return estimate(step, plan, acceptance).tokens_per_s, spec
+        spec, _ = s.best_depth(plan, hit, acceptance, max(8, depth or 0), plan.cpu_experts, depth)
+        return (spec,) if depth else (estimate(quick, plan, acceptance).tokens_per_s, spec)
 
     return grouped if speed(grouped) > speed(apart) else apart
 
