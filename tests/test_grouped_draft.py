@@ -205,3 +205,37 @@ def test_the_scratch_is_reserved_only_where_the_cost_model_finds_it_pays():
     tight, roomy = plans.values()
     assert tight.draft_scratch_bytes == 0 and tight.has_draft
     assert roomy.draft_scratch_bytes > 0
+
+
+def test_plan_prices_a_grouped_draft_pass_as_the_mock_charges_it():
+    """The whole one-token draft pass on the demo (H100 profile, the draft grouped): the
+    model's pass without the per-expert executor's ops plus its grouped layers, against the
+    mock's charge for the pass (its most common total: a pass over one token)."""
+    from collections import Counter
+
+    from moespeq_cli.model_ref import DEMO_DIR
+
+    opts = EngineOptions(backend="mock", hardware="h100-pcie", policy="moespeq", spec_depth="4", vram="64MiB")
+    eng = Engine(DEMO_DIR, opts)
+    prompt = prompt_for(6, 10)
+    context = len(prompt) + 24
+    eng.load(context)
+    try:
+        assert eng.plan.draft_scratch_bytes and eng.draft_exec.blocks
+        for _ in eng.generate(prompt, 24, SamplingParams()):
+            pass
+        passes, current = [], 0.0
+        for iv in eng.backend.timeline.intervals:
+            if iv.phase == "draft" and iv.stream == "compute":
+                current += iv.duration
+                if iv.name == "framework":  # a pass's glue closes it
+                    passes.append(round(current * 1e9))
+                    current = 0.0
+        charged = Counter(passes).most_common(1)[0][0] / 1e9
+        _, step = eng.step_model(context)
+        plan, cfg = eng.plan, eng.ckpt.config
+        on_device = plan.draft_device_experts / plan.total_experts
+        modelled = step.draft_pass(True) + step.layers * cfg.top_k * step.t_draft_expert(on_device, grouped=True)
+        assert modelled == pytest.approx(charged, rel=1e-3)
+    finally:
+        eng.close()
