@@ -285,16 +285,7 @@ class Engine:
             return 0
         from moespeq_cli.runtime.executors.draft import draft_scratch_bytes
 
-        c = self.ckpt.config
-        return draft_scratch_bytes(
-            self.hw,
-            c.expert_format,
-            c.hidden_size,
-            c.expert_intermediate,
-            c.top_k,
-            self.opts.blocksize,
-            self.storage_dtype,
-        )
+        return draft_scratch_bytes(self.hw, self.ckpt.config, self.opts.blocksize, self.storage_dtype)
 
     def step_model(self, context: int):
         """(the model on the meta device, the cost model of its decode step on this run's

@@ -68,22 +68,15 @@ class DraftExperts:
         self.top_k, self.act_dtype = top_k, act_dtype
         q = quant
         self.at = BatchedParts(0, q.inter * q.hidden, 2 * q.inter * q.hidden, q.inter, q.hidden)
-        self.grouped_elem = grouped_bytes_per_weight(q.blocksize, act_elem)
         if not quant.kernel_ready():  # moespeq's kernel reads the layout as stored
-            stacked = {k for k in quant.q if k[0] in self.blocks}
-            quant.pack_cpu({k for k in quant.q if k not in stacked})  # onto bitsandbytes' packed kernel, once
+            # the experts not stacked: onto bitsandbytes' packed kernel, once
+            quant.pack_cpu({k for k in quant.q if k[0] not in self.blocks})
 
     def cost(self, layer: int, e: int, tokens: int, device_type: str):
         """One expert over ``tokens`` tokens, priced as the kernel the code runs for it there."""
         path = self.quant.path((layer, e), device_type)
         q = self.quant
         return expert_cost(q.hidden, q.inter, tokens, q.bytes_per_weight(path), f"draft:{path}")
-
-    def grouped_cost(self, tokens: int, dtype: torch.dtype) -> Cost:
-        """An expert's work within a grouped call: its codes gathered and dequantized, the
-        result read by the grouped GEMM; the call's launches are counted once for all."""
-        q = self.quant
-        return expert_cost(q.hidden, q.inter, tokens, self.grouped_elem, "grouped:" + dtype_name(dtype), 0)
 
     def drop(self) -> None:
         """Let go of every expert and block (the draft is released for good)."""
@@ -96,14 +89,17 @@ class DraftExperts:
         groups = token_groups(rows)
         if b is None:
             if layer in self.blocks:
-                outs, layout, meta = self.grouped(layer, x, groups, weights, lambda v: upload(v, x.device))
+                outs, layout, meta = self.compute_grouped(layer, x, groups, weights, lambda v: upload(v, x.device))
                 return combine(layout, meta, outs, weights, x.dtype)
             return grouped(x, ids, weights, lambda e, xe: self.quant.forward(layer, e, xe), groups=groups)
         b.sync(1, "route")  # the routing reaches the host
         if layer in self.blocks:
             token = b.begin()
-            outs, layout, meta = self.grouped(layer, x, groups, weights, b.upload)
-            costs = [self.grouped_cost(len(rows), self.act_dtype or x.dtype) for rows, _ in groups.values()]
+            outs, layout, meta = self.compute_grouped(layer, x, groups, weights, b.upload)
+            q, dtype = self.quant, self.act_dtype or x.dtype
+            costs = [
+                grouped_draft_cost(q.hidden, q.inter, len(rows), q.blocksize, dtype) for rows, _ in groups.values()
+            ]
             b.end(token, sum(costs[1:], costs[0]), f"draft experts L{layer}", layer)
             token = b.begin()
             out = combine(layout, meta, outs, weights, x.dtype)
@@ -136,11 +132,10 @@ class DraftExperts:
         order = [e for e in groups if e not in jobs] + list(jobs)
         return grouped(x, ids, weights, run, order=order, groups=groups)
 
-    def grouped(self, layer: int, x: torch.Tensor, groups, weights: torch.Tensor, upload):
-        """The layer's routed experts in one grouped computation (a few for a long prompt:
-        at most top-k experts dequantized at once: the scratch the plan reserves) -> (outputs, layout, the
-        layout on the device), for ``combine``; ``upload``: the host's index list to the
-        device."""
+    def compute_grouped(self, layer: int, x: torch.Tensor, groups, weights: torch.Tensor, upload):
+        """The layer's routed experts in one grouped computation (a few over several
+        tokens) -> (outputs, layout, the layout on the device), for ``combine``;
+        ``upload``: the host's index list to the device."""
         codes, absmax = self.blocks[layer]
         q = self.quant
         table = q.q[(layer, next(iter(groups)))][0][1].code
@@ -159,6 +154,14 @@ class DraftExperts:
 def upload(values: list[int], device: torch.device) -> torch.Tensor:
     """An index list as the device gets it without a backend: one op, as the mock's copy."""
     return torch.tensor(values, dtype=torch.int32).to(device, copy=True)
+
+
+def grouped_draft_cost(hidden: int, inter: int, tokens: int, blocksize: int, dtype: torch.dtype) -> Cost:
+    """An expert's work within a grouped call computing in ``dtype``: its codes gathered
+    and dequantized, the result read by the grouped GEMM (``grouped:<dtype>``); the call's
+    launches are counted once for all."""
+    elem = grouped_bytes_per_weight(blocksize, dtype.itemsize)
+    return expert_cost(hidden, inter, tokens, elem, "grouped:" + dtype_name(dtype), 0)
 
 
 def grouped_bytes_per_weight(blocksize: int, act_elem: float) -> float:
@@ -208,21 +211,21 @@ def grouped_layer_seconds(
     """A draft layer's grouped call over ``top_k`` experts of ``tokens`` tokens each, as
     the mock charges it: each expert's work (``grouped:<dtype>``), the call's regions' host
     time and its ops (counted on a tiny layer) a launch each."""
-    act = torch.empty(0, dtype=dtype).element_size()
-    kernel = "grouped:" + dtype_name(dtype)
-    work = expert_cost(hidden, inter, tokens, grouped_bytes_per_weight(blocksize, act), kernel, 0).seconds(hw, ops=0)
+    work = grouped_draft_cost(hidden, inter, tokens, blocksize, dtype).seconds(hw, ops=0)
     host = hw.host_overhead("draft experts") + hw.host_overhead("draft experts sum")
     return top_k * work + host + draft_layer_ops(fmt, top_k, dtype) * hw.launch_overhead
 
 
-def draft_scratch_bytes(hw, fmt: ExpertFormat, hidden: int, inter: int, top_k: int, blocksize: int, dtype) -> int:
-    """Device memory the draft's grouped calls take besides its experts, where it makes
-    them (``draft_groups``), else 0: a decoding step's ``top_k`` experts' codes and scales
-    gathered and their weights dequantized (the draft decodes a token a pass, and a call
-    takes at most ``top_k`` experts; ``make_plan`` reserves it with the draft)."""
-    if not draft_groups(hw, fmt, hidden, inter, top_k, blocksize, dtype):
+def draft_scratch_bytes(hw, cfg, blocksize: int, dtype: torch.dtype) -> int:
+    """Device memory the draft's grouped calls take besides its experts for a model of
+    ``cfg`` (a MoEConfig), where it makes them (``draft_groups``), else 0: a decoding
+    step's top-k experts' codes and scales gathered and their weights dequantized (the
+    draft decodes a token a pass, and a call takes at most top-k experts; ``make_plan``
+    reserves it with the draft)."""
+    hidden, inter, top_k = cfg.hidden_size, cfg.expert_intermediate, cfg.top_k
+    if not draft_groups(hw, cfg.expert_format, hidden, inter, top_k, blocksize, dtype):
         return 0
-    elem = torch.empty(0, dtype=dtype).element_size()
+    elem = dtype.itemsize
     return int(top_k * 3 * hidden * inter * (0.5 + 4 / blocksize + elem))
 
 

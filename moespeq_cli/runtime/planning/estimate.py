@@ -313,9 +313,14 @@ class StepModel:
         return state.theta(k), k
 
 
+def uniform_hit(plan: Plan) -> float:
+    """The share of routed experts found on the device with uniform routing."""
+    return min(1.0, plan.slots / plan.total_experts) if plan.total_experts else 1.0
+
+
 def estimate(step: StepModel, plan: Plan, acceptance: float = DEFAULT_ACCEPTANCE, k_max: int = 8) -> Estimate:
     step = step.for_plan(plan)
-    hit = min(1.0, plan.slots / plan.total_experts) if plan.total_experts else 1.0
+    hit = uniform_hit(plan)
     if plan.policy == "moespeq":
         tps, k = step.speculative(plan, hit, acceptance, k_max, plan.cpu_experts)
         return Estimate("moespeq", tps, hit, k, plan.cpu_experts)
@@ -342,10 +347,7 @@ def plan_moespeq(
     step.draft_blocksize = blocksize
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
     lib = library_bytes("mock", step.hw)  # as the mock of this profile plans
-    c = step.cfg
-    scratch = draft_scratch_bytes(
-        step.hw, c.expert_format, c.hidden_size, c.expert_intermediate, c.top_k, blocksize, step.dtype
-    )
+    scratch = draft_scratch_bytes(step.hw, step.cfg, blocksize, step.dtype)
     with_draft = make_plan(*args, ram=ram, library_bytes=lib, draft_scratch=scratch)
     if with_draft.draft_scratch_bytes:
         # at the acceptance ``run`` assumes, so that plan shows what run does (``acceptance`` is for display)
@@ -388,8 +390,7 @@ def scratch_verdict(
 
     def speed(plan: Plan) -> tuple[float, ...]:
         s = quick.for_plan(plan)
-        hit = min(1.0, plan.slots / plan.total_experts) if plan.total_experts else 1.0
-        spec, _ = s.best_depth(plan, hit, acceptance, max(8, depth or 0), plan.cpu_experts, depth)
+        spec, _ = s.best_depth(plan, uniform_hit(plan), acceptance, max(8, depth or 0), plan.cpu_experts, depth)
         return (spec,) if depth else (estimate(quick, plan, acceptance).tokens_per_s, spec)
 
     return grouped if speed(grouped) > speed(apart) else apart

@@ -582,16 +582,16 @@ class Governor:
         """k = 0 is plain decoding with the best non-speculative prefetch: gate-prefetch
         (the next layer's router on this layer's input) hides copies, but a wrong guess
         evicts a useful expert, and where routers are not paired (``pair_routers``) it
-        launches a router pass per layer, which a small, launch-bound model does not earn
-        back. Each arm is
-        measured ``arm_samples`` times (alternating, gate-prefetch first), then the one
-        with the shorter ``arm_time`` runs. On a wall clock a few cycles are noisy (a disk
-        read varies by half from one to the next), so the other arm runs again after
-        ``arm_probe_every`` k = 0 cycles, the interval doubling each time: an early verdict
-        that noise got wrong is corrected, at a cost that shrinks as the run goes on. A
-        probe lasts until the probed arm has run right after its own k = 0 cycle (two
-        cycles in a row, more if a speculative cycle comes between): the first, right after
-        the other arm, is not the probed arm's own (``GovernorState.arm_time``)."""
+        launches a router pass per layer, which a small, launch-bound model does not
+        earn back. Each arm is measured ``arm_samples`` times (alternating,
+        gate-prefetch first), then the one with the shorter ``arm_time`` runs. On a wall
+        clock a few cycles are noisy (a disk read varies by half from one to the next),
+        so the other arm runs again after ``arm_probe_every`` k = 0 cycles, the interval
+        doubling each time: an early verdict that noise got wrong is corrected, at a
+        cost that shrinks as the run goes on. A probe lasts until the probed arm has run
+        right after its own k = 0 cycle (two cycles in a row, more if a speculative
+        cycle comes between): the first, right after the other arm, is not the probed
+        arm's own (``GovernorState.arm_time``)."""
         if self.probing is not None:
             probed = self.probing
             if self.state.last_arm == probed:  # right after the probed arm's own k = 0 cycle
