@@ -39,6 +39,31 @@ def test_dequantizing_experts_together_is_bitsandbytes_values_in_one_op(method, 
         dequantize_4bit(codes[:, :-16], absmax, table, 64, method, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("rows", "width", "blocksize"),
+    [(3, 4096, 64), (1, 4096 + 32, 128), (4, 192, 64), (1, 2, 64), (2, 8192, 4096), (1, 100, 64)],
+)
+def test_the_cpu_kernels_dequantize_as_torch_does(rows, width, blocksize, dtype):
+    """cpu_matvec.c ``ms_dequant_4bit`` (32 weights a step, a scalar tail, a partial last
+    block) gives torch's values bit for bit, and both give ``table[code] * absmax`` rounded
+    once (computed here on its own); a dtype the kernels do not take goes to torch."""
+    from moespeq_cli import kernels
+    from moespeq_cli.quant import dequant
+
+    g = torch.Generator().manual_seed(width)
+    codes = torch.randint(0, 256, (rows, width // 2), dtype=torch.uint8, generator=g)
+    absmax = torch.rand(rows, -(-width // blocksize), generator=g) * 3
+    table = torch.randn(16, generator=g)
+    out = dequantize_4bit(codes, absmax, table, blocksize, "nf4", dtype)
+    assert torch.equal(out, dequant._torch_values(codes, absmax, table, blocksize, dtype))
+    nibbles = torch.stack((codes >> 4, codes & 15), -1).view(rows, width).long()
+    scale = absmax.repeat_interleave(blocksize, dim=1)[:, :width]
+    assert torch.equal(out, (table[nibbles] * scale).to(dtype))
+    if dtype != torch.float16 and kernels.available():
+        assert kernels.takes_dequantize_4bit(codes, absmax, table, dtype)
+
+
 def dequantized(quant: QuantizedExperts, layer: int, e: int) -> list[torch.Tensor]:
     """An expert's canonical matrices, each weight table[code] * absmax computed here (the
     high nibble first), independently of quant/dequant.py."""

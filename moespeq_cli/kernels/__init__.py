@@ -292,6 +292,30 @@ def linear_nf4(
     return _product(call, x, n, None)
 
 
+def takes_dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``dequantize_4bit`` dequantizes ``codes`` to ``dtype`` (float32 or bfloat16)."""
+    ok = dtype in (torch.float32, torch.bfloat16) and codes.dtype == torch.uint8
+    ok = ok and absmax.dtype == table.dtype == torch.float32 and table.numel() == 16
+    for t in (codes, absmax, table):
+        ok = ok and t.is_cpu and t.is_contiguous()
+    return ok and _lib() is not None
+
+
+def dequantize_4bit(
+    codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, bs: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``codes`` uint8 ``[n, m]`` in bitsandbytes' 4-bit layout, end to end, with an fp32
+    ``absmax`` a block of ``bs`` weights -> ``[n, 2 m]`` of ``dtype``: each weight
+    ``table[code] * absmax`` rounded once, at the memory's speed (the values of
+    ``moespeq::dequantize_4bit``). ``takes_dequantize_4bit`` must hold."""
+    n, m = codes.shape
+    out = torch.empty(n, 2 * m, dtype=dtype)
+    _lib().ms_dequant_4bit(
+        codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), n * 2 * m, bs, out.data_ptr(), int(dtype == torch.bfloat16)
+    )
+    return out
+
+
 def takes_fp8(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> bool:
     """Whether ``linear_fp8`` computes ``x`` against block-FP8 ``w`` (blocks of whole 16-wide chunks)."""
     ok = block[1] % 16 == 0 and w.dtype == torch.float8_e4m3fn and scale_inv.dtype == torch.float32

@@ -112,6 +112,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_linear_nf4.restype = None
     lib.ms_linear_fp8.argtypes = [p, p, p, L, L, p, p, L, L, L]
     lib.ms_linear_fp8.restype = None
+    lib.ms_dequant_4bit.argtypes = [p, p, p, L, L, p, i]
+    lib.ms_dequant_4bit.restype = None
     lib.ms_expert_t.argtypes = [p, p, p, p, p, i, f, f, p, p, L, L, L]
     lib.ms_expert_t.restype = None
     lib.ms_expert_t_scratch.argtypes = [L, L, L]

@@ -4,8 +4,9 @@ A draft layer computed in one grouped call (runtime/executors/draft.py) gathers 
 routed experts' 4-bit codes and block scales from the layer's blocks and dequantizes
 them together into one ``[n, numel]`` block of the activations' dtype, which the grouped
 GEMM then reads. On CUDA that is bitsandbytes' dequantize kernel, one launch for every
-expert gathered; elsewhere the same values computed with torch ops (the mock backend, the
-CPU).
+expert gathered; elsewhere the same values from the CPU kernels (cpu_matvec.c
+``ms_dequant_4bit``: fp32 or bf16 at the memory's speed) or, without them, torch ops (the
+mock backend, the CPU).
 
 It is registered as one operator so that it dispatches as one, on every device: the
 mock counts the ops the code dispatches and charges each as a GPU launch, and the GPU
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from moespeq_cli import kernels
+
 _LIB = torch.library.Library("moespeq", "DEF")
 _LIB.define(
     "dequantize_4bit(Tensor codes, Tensor absmax, Tensor table, int blocksize, str method, ScalarType dtype) -> Tensor"
@@ -28,6 +31,14 @@ _LIB.define(
 
 
 def _values(codes, absmax, table, blocksize, method, dtype):
+    if kernels.takes_dequantize_4bit(codes, absmax, table, dtype):
+        return kernels.dequantize_4bit(codes, absmax, table, blocksize, dtype)
+    return _torch_values(codes, absmax, table, blocksize, dtype)
+
+
+def _torch_values(codes, absmax, table, blocksize, dtype):
+    """The same values with torch ops, where the CPU kernels are off or take no ``dtype``
+    (an f32 gather a weight and two passes over it: ~25x the C kernel's time)."""
     n, m = codes.shape
     pairs = torch.stack((table.repeat_interleave(16), table.repeat(16)), -1)  # a byte -> its two weights' values
     w = pairs[codes.int()].view(n, 2 * m)
