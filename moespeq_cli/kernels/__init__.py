@@ -311,7 +311,13 @@ def dequantize_4bit(
     n, m = codes.shape
     out = torch.empty(n, 2 * m, dtype=dtype)
     _lib().ms_dequant_4bit(
-        codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), n * 2 * m, bs, out.data_ptr(), int(dtype == torch.bfloat16)
+        codes.data_ptr(),
+        absmax.data_ptr(),
+        table.data_ptr(),
+        n * 2 * m,
+        bs,
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
     )
     return out
 
