@@ -97,7 +97,7 @@ def read_bytes(path: Path, limit: int, what: str, error: type[MoespeqError] = Ch
     if status == "missing":
         raise error(f"{what} {name} does not exist; check the path")
     if status != "file":
-        raise error(f"{what} {name} {describe(status)}")
+        raise error(f"{what} {name} {describe(status)}; give the path of a file")
     if size > limit:
         raise error(f"{what} {name} is {size / MiB:.1f} MiB, more than the {limit // MiB} MiB limit")
     try:
@@ -160,7 +160,9 @@ def check_output(path: Path | None, option: str) -> None:
         raise UsageError(f"{option} {shown(path)} {what}; give the name of a regular file to write")
     parent = path.parent
     if not is_dir(parent):
-        raise UsageError(f"{option} {shown(path)}: directory {shown(parent)} does not exist")
+        raise UsageError(
+            f"{option} {shown(path)}: directory {shown(parent)} does not exist; create it or write elsewhere"
+        )
     why = cannot_write_in(parent)
     if why is not None:
         raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({why})")

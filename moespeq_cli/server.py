@@ -17,7 +17,9 @@ request validation, response objects, Server-Sent Events for streaming, and the 
   400 for a bad request, 401 without the key when ``--api-key`` is set, 404 for an
   unknown model, 413 for a body over 16 MiB, 503 when the queue is full;
 - each response carries the run's statistics in a ``moespeq`` field, and the server log
-  (stderr) has one line per request.
+  (stderr) has one line per request;
+- Ctrl-C cuts the answer in progress after its current token (its client gets a 503)
+  and drops the queued ones, then uvicorn closes the connections and stops.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+
+import uvicorn
 
 from moespeq_cli.conversation import Answer, complete
 
@@ -59,7 +63,8 @@ class Job:
     sampling: object
     stops: list[str]
     on_text: object = None  # called from the worker thread with each text piece
-    cancelled: bool = False
+    cancelled: bool = False  # the client went away
+    cut: bool = False  # the answer stopped before its end (cancelled, or the server stopping)
     answer: Answer = field(default_factory=Answer)
     stats: dict | None = None
     error: BaseException | None = None
@@ -73,8 +78,10 @@ class Job:
 
 
 class Worker:
-    """The one thread that touches the engine; requests wait in a bounded FIFO. ``stop``
-    cancels what runs, drops what waits and joins the thread."""
+    """The one thread that touches the engine; requests wait in a bounded FIFO. ``halt``
+    cuts what runs after its current token and drops what waits (Ctrl-C: uvicorn waits for
+    open connections before it shuts down, and an answer on a big model can take
+    minutes); ``stop`` also joins the thread."""
 
     def __init__(self, engine, queue_size: int):
         self.engine = engine
@@ -91,7 +98,7 @@ class Worker:
         except queue.Full:
             raise ApiError(503, "the server is busy: its queue is full; retry shortly", "queue_full") from None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def halt(self) -> None:
         self.stopping = True
         while True:
             try:
@@ -101,8 +108,15 @@ class Worker:
             if job is not None:
                 job.cancelled = True
                 job.finish()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.halt()
         self.jobs.put_nowait(None)
         self.thread.join(timeout)
+
+    def _halted(self, job: Job) -> bool:
+        job.cut = job.cancelled or self.stopping
+        return job.cut
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -115,14 +129,28 @@ class Worker:
                         job.sampling,
                         job.stops,
                         job.on_text,
-                        cancelled=lambda job=job: job.cancelled or self.stopping,
+                        cancelled=lambda job=job: self._halted(job),
                         answer=job.answer,
                         reuse=True,  # a conversation's earlier turns are not prefilled again
                     )
                     job.stats = stats_of(self.engine)
+                    if job.cut and not job.cancelled:
+                        job.error = ApiError(
+                            503, "the server is shutting down: the answer was cut short", "shutting_down"
+                        )
                 except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
                     job.error = e
             job.finish()
+
+
+class HaltingServer(uvicorn.Server):
+    """uvicorn's server, whose Ctrl-C (or SIGTERM) also halts the app's worker: uvicorn
+    waits for open connections to close before it shuts down, and on a big model an
+    answer takes minutes."""
+
+    def handle_exit(self, sig, frame) -> None:
+        self.config.app.state.worker.halt()
+        super().handle_exit(sig, frame)
 
 
 def stats_of(engine) -> dict:
@@ -227,7 +255,8 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} strings", "invalid_value", "stop")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # null: the default, as for the other fields
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "invalid_value", "stream")
     opts = body.get("stream_options") or {}
@@ -329,6 +358,9 @@ def build_app(
         return body
 
     def check_model(asked) -> None:
+        if not isinstance(asked, str):
+            got = json.dumps(asked)
+            raise ApiError(400, f"'model' must be a string, got {got}", "invalid_value", "model")
         if asked != name:
             raise ApiError(404, f"the model {asked!r} does not exist here; this server has {name!r}", "model_not_found")
 
@@ -426,6 +458,8 @@ def build_app(
             finally:  # cancelled (a shutdown, the client gone): the worker drops the job
                 if not job.done.is_set():
                     job.cancelled = True
+            if isinstance(job.error, ApiError):  # the server stopping: logged by ``error``
+                return error(request, job.error)
             if job.error is not None:
                 finish_log(500)
                 return JSONResponse(
@@ -478,7 +512,9 @@ def build_app(
                     yield event([first])
                 while (text := await pieces.get()) is not None:
                     yield event([piece(text)])
-                if job.error is not None:
+                if isinstance(job.error, ApiError):
+                    yield "data: " + json.dumps(job.error.body()) + "\n\n"
+                elif job.error is not None:
                     err = {
                         "message": f"generation failed: {job.error}",
                         "type": "server_error",
@@ -491,7 +527,7 @@ def build_app(
                     if include_usage:
                         yield event([], usage=usage())
                 yield "data: [DONE]\n\n"
-                finish_log(500 if job.error is not None else 200)
+                finish_log(getattr(job.error, "status", 500) if job.error is not None else 200)
             finally:
                 if not job.done.is_set():  # the client went away mid-answer
                     job.cancelled = True

@@ -27,6 +27,24 @@ class SlowEngine:
         return iter(())
 
 
+class EndlessEngine:
+    """An engine that yields a token every 20 ms until its generator is closed."""
+
+    last_stats = None
+
+    class tokenizer:
+        @staticmethod
+        def decode(ids):
+            return "x" * len(ids)
+
+    def generate(self, *a, **kw):
+        from types import SimpleNamespace
+
+        while True:
+            time.sleep(0.02)
+            yield SimpleNamespace(token=1, eos=False)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,6 +171,9 @@ def test_disconnect_mid_stream_frees_the_server(served):
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}), 400, None),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), 404, "model_not_found"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": 5}), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": ["demo"]}), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}), 400, "context_length_exceeded"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}), 400, None),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream_options": {}}), 400, "invalid_value"),
@@ -189,7 +210,17 @@ def test_completions_requests_name_their_own_fields(served):
     assert "one prompt a request" in err["message"] and err["param"] == "prompt"
     assert "token ids" in post({"prompt": [[1, 2, 3]]}).json()["error"]["message"]
     assert post({"prompt": "hi", "echo": True}).json()["error"]["param"] == "echo"
-    ok = post({"prompt": "hi", "max_tokens": 3, "logprobs": None, "presence_penalty": 0, "top_p": 0, "temperature": 1})
+    ok = post(
+        {
+            "prompt": "hi",
+            "max_tokens": 3,
+            "logprobs": None,
+            "presence_penalty": 0,
+            "top_p": 0,
+            "temperature": 1,
+            "stream": None,  # null: the default (not streamed), as the other fields' null
+        }
+    )
     assert ok.status_code == 200, ok.text
     greedy = post({"prompt": "hi", "max_tokens": 3, "temperature": 0}).json()["choices"][0]["text"]
     assert ok.json()["choices"][0]["text"] == greedy  # top_p 0: the most likely token only
@@ -255,6 +286,34 @@ def test_stop_drops_waiting_jobs_and_joins():
     w.stop()
     assert not w.thread.is_alive() and time.time() - t0 < 5
     assert all(j.done.is_set() for j in jobs) and jobs[-1].cancelled
+
+
+def test_ctrl_c_cuts_the_answer_in_progress_and_drops_the_queue():
+    """uvicorn waits for open connections before it shuts down: its Ctrl-C handler must
+    first halt the worker, or a long answer keeps the server up until it ends."""
+    import signal
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from moespeq_cli.server import ApiError, HaltingServer, Job, Worker
+
+    w = Worker(EndlessEngine(), queue_size=4)
+    running, waiting = Job([1], 10**6, None, []), Job([1], 5, None, [])
+    w.submit(running)
+    w.submit(waiting)
+    time.sleep(0.2)
+    server = HaltingServer(uvicorn.Config(SimpleNamespace(state=SimpleNamespace(worker=w))))
+    server.handle_exit(signal.SIGINT, None)
+    assert server.should_exit
+    assert running.done.wait(5), "the answer in progress was not cut"
+    assert running.answer.token_ids and len(running.answer.token_ids) < 10**6
+    assert isinstance(running.error, ApiError) and running.error.status == 503
+    assert waiting.done.is_set() and waiting.cancelled
+    with pytest.raises(ApiError, match="shutting down"):
+        w.submit(Job([1], 1, None, []))
+    w.stop()
+    assert not w.thread.is_alive()
 
 
 def test_a_busy_port_is_one_line_before_loading(cli):

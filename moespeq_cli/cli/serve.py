@@ -59,7 +59,7 @@ def serve(
 
     from moespeq_cli.cli.chat import load_session, note
     from moespeq_cli.cli.render import Renderer
-    from moespeq_cli.server import build_app
+    from moespeq_cli.server import HaltingServer, build_app
 
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
@@ -69,7 +69,7 @@ def serve(
         Renderer().plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens, ctx - 1))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    server = HaltingServer(config)
     port = sock.getsockname()[1]  # --port 0: the one the system gave
     shown = f"[{host}]" if ":" in host else host
     note(f"serving {name} on http://{shown}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")

@@ -236,7 +236,10 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if "/" not in name_or_path and len(name_or_path) < 200 and kind(candidate) == "file":
         return parse_profile(candidate)
     if path.suffix in (".yaml", ".yml"):
-        raise UsageError(f"hardware profile file {shown(path)} does not exist")
+        raise UsageError(
+            f"hardware profile file {shown(path)} does not exist; check the path, or give a profile name "
+            "(`moespeq plan --list-hardware` lists them)"
+        )
     if kind(path) != "missing":
         raise UsageError(
             f"--hardware {shown(path)} is not a hardware profile: give a profile name "
@@ -295,7 +298,10 @@ def parse_profile(path: Path) -> HardwareProfile:
         if (f not in data or data[f] is None) and f in _OPTIONAL:
             continue
         if f not in data or data[f] is None:
-            raise UsageError(f"hardware profile {path}: field {f!r} is missing")
+            raise UsageError(
+                f"hardware profile {path}: field {f!r} is missing; add it (profiles/*.yaml show the format, "
+                "`moespeq calibrate` writes a whole profile for this machine)"
+            )
         v = data[f]
         if f in _STRUCTURED:
             values[f] = _structured(path, f, v)

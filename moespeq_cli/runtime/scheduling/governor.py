@@ -627,8 +627,8 @@ def explain(
     --spec-depth. ``plan_note``: why the plan left the draft out, when it did;
     ``slots_in``: where the expert slots are ("in RAM" where the CPU computes them)."""
     s, hist = governor.state, governor.history
-    if not hist:
-        return None
+    if not hist:  # no decoding step yet (one token: the prefill's): the plan's reason, if any
+        return plan_note
     arms = s.arms
     if min(arms[a].total.cycles if a in arms else 0 for a in (True, False)) < governor.arm_samples:
         arm = "gate-prefetch and no prefetch in turn (too few tokens yet to measure which is faster)"
