@@ -61,7 +61,8 @@ def test_the_cpu_kernels_dequantize_as_torch_does(rows, width, blocksize, dtype)
     scale = absmax.repeat_interleave(blocksize, dim=1)[:, :width]
     assert torch.equal(out, (table[nibbles] * scale).to(dtype))
     if dtype != torch.float16 and kernels.available():
-        assert kernels.takes_dequantize_4bit(codes, absmax, table, dtype)
+        assert kernels.takes_dequantize_4bit(codes, absmax, table, blocksize, dtype)
+        assert not kernels.takes_dequantize_4bit(codes, absmax[:, 1:], table, blocksize, dtype)  # too few scales
 
 
 def dequantized(quant: QuantizedExperts, layer: int, e: int) -> list[torch.Tensor]:

@@ -31,7 +31,7 @@ _LIB.define(
 
 
 def _values(codes, absmax, table, blocksize, method, dtype):
-    if kernels.takes_dequantize_4bit(codes, absmax, table, dtype):
+    if kernels.takes_dequantize_4bit(codes, absmax, table, blocksize, dtype):
         return kernels.dequantize_4bit(codes, absmax, table, blocksize, dtype)
     return _torch_values(codes, absmax, table, blocksize, dtype)
 
