@@ -15,7 +15,9 @@ Any violation is a CheckpointError that names the template and says to use --no-
 
 from __future__ import annotations
 
+import datetime
 import functools
+import json
 import math
 import re
 import sys
@@ -44,6 +46,8 @@ def _check_format(s) -> None:
 
 def _environment(big: int):
     """A sandbox in which no single operation may produce more than ``big`` items."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.utils import Namespace
 
@@ -98,11 +102,41 @@ def _environment(big: int):
 
         return bounded
 
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class GenerationBlock(Extension):
+        """``{% generation %}...{% endgeneration %}``: transformers marks the assistant's
+        tokens with it (for training masks); rendering, it is its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    # the environment transformers renders templates in (chat_template_utils.py): its
+    # extensions ({% break %}, {% continue %}, {% generation %}), its JSON (not HTML-escaped,
+    # keys in order, non-ASCII kept) and today's date
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationBlock])
+    env.filters["tojson"] = tojson
     for name, f in list(env.filters.items()):
         env.filters[name] = bounded_filter(f)
     env.globals["namespace"] = BoundedNamespace
+    env.globals["strftime_now"] = strftime_now
     return env
+
+
+def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    if isinstance(indent, int) and abs(indent) > 64:
+        raise TemplateLimit(f"a JSON indent too large for a template ({indent})")
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def strftime_now(fmt: str) -> str:
+    _check_format(fmt)
+    return datetime.datetime.now().strftime(fmt)
 
 
 def render(template: str, where: str, **variables) -> str:

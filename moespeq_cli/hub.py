@@ -33,6 +33,8 @@ RUN_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",  # where transformers saves a chat template (it comes first)
+    "chat_template.json",  # a multimodal checkpoint's processor template
 ]
 CONFIG_FILES = ["config.json", "generation_config.json"]
 STALE_S = 600  # a partial download untouched this long is a killed pull's, never a live one's

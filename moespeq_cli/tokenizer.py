@@ -1,7 +1,8 @@
 """The checkpoint's tokenizer (tokenizer.json via ``tokenizers``), its chat template and
 its end-of-sequence ids.
 
-Chat templates: ``tokenizer_config.json``'s ``chat_template`` is a Jinja2 template. With
+Chat templates: the checkpoint's Jinja2 template (``chat_template.jinja``, else
+``tokenizer_config.json``'s ``chat_template``: ``find_chat_template``). With
 ``chat=True`` the prompt becomes one user message rendered through it (with the
 generation prompt appended); the rendered text already holds the special tokens, so it
 is encoded without adding them again. With ``chat=False`` the prompt is encoded as is,
@@ -21,6 +22,7 @@ from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 from moespeq_cli.models.checkpoint import read_json
 
 TOKENIZER_LIMIT = 512 * 2**20
+TEMPLATE_LIMIT = 16 * 2**20
 NORMALIZER_GROWTH = 32  # NFKC grows a character at most 18-fold
 
 
@@ -42,6 +44,24 @@ def _chat_template(value, source: Path) -> str | None:
     if value is not None and not isinstance(value, str):
         raise CheckpointError(f"{source}: field 'chat_template' must be a string; fix the file or use --no-chat")
     return value
+
+
+def find_chat_template(path: Path, tok_config: dict, cfg_file: Path) -> tuple[str | None, Path]:
+    """The checkpoint's chat template and the file it came from, found where transformers
+    looks: ``chat_template.jinja`` first (transformers has saved templates there since
+    4.50, and most checkpoints of 2025-26 carry one: gpt-oss, Qwen3.5, GLM-4.x), then
+    tokenizer_config.json's ``chat_template``; and, for a multimodal checkpoint whose only
+    template is its processor's, ``chat_template.json``."""
+    from moespeq_cli.fs import file_status, read_text
+
+    jinja = path / "chat_template.jinja"
+    if file_status(jinja)[0] != "missing":
+        return read_text(jinja, TEMPLATE_LIMIT, "chat template file"), jinja
+    template = _chat_template(tok_config.get("chat_template"), cfg_file)
+    legacy = path / "chat_template.json"
+    if template is None and file_status(legacy)[0] != "missing":
+        return _chat_template(read_json(legacy, "download the checkpoint again").get("chat_template"), legacy), legacy
+    return template, cfg_file
 
 
 @contextlib.contextmanager
@@ -86,7 +106,7 @@ class Tokenizer:
         cfg_file, gen_file = path / "tokenizer_config.json", path / "generation_config.json"
         self.tok_config = read_json(cfg_file, "download the checkpoint again")
         gen = read_json(gen_file, "download the checkpoint again")
-        self.chat_template: str | None = _chat_template(self.tok_config.get("chat_template"), cfg_file)
+        self.chat_template, self.template_source = find_chat_template(path, self.tok_config, cfg_file)
         if gen.get("eos_token_id") is not None:
             check_token_ids(str(gen_file), "eos_token_id", gen["eos_token_id"])
         eos = gen.get("eos_token_id", config.get("eos_token_id"))
@@ -97,7 +117,6 @@ class Tokenizer:
         self.eos_ids: set[int] = {int(i) for i in eos_ids}
         self.bos_token = _token_text(self.tok_config.get("bos_token"), "bos_token", cfg_file) or ""
         self.eos_token = eos_text or ""
-        self.template_source = cfg_file
         self.path = path
 
     @functools.cached_property

@@ -30,3 +30,67 @@ def test_stream_decoder_holds_partial_utf8(tmp_path, tiny):
     pieces = [d.push(i) for i in ids] + [d.flush()]
     assert "".join(pieces) == "né 😀 ok"
     assert all("\ufffd" not in p for p in pieces)
+
+
+# Templates using what transformers' template environment has beyond plain Jinja (as the
+# templates of gpt-oss, Qwen3.5 or GLM-4.x do): today's date, {% break %} and {% continue %},
+# JSON that is not HTML-escaped (keys in order, non-ASCII kept), {% generation %}.
+TEMPLATES = {
+    "date": '{{ "Current date: " + strftime_now("%Y-%m-%d") + "\\n" }}{% for m in messages %}{{ m.content }}{% endfor %}',
+    "loop controls": (
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "{{ m.role }}: {{ m.content }}\n{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}"
+    ),
+    "json": "{% for m in messages %}{{ m | tojson }}{{ m | tojson(indent=2) }}{% endfor %}",
+    "generation": (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}"
+        "{% endgeneration %}{% else %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    ),
+}
+MESSAGES = [
+    {"role": "system", "content": "Be <brief> & kind"},
+    {"role": "user", "content": 'Grüße, 世界 "quoted"'},
+    {"role": "assistant", "content": "Hallo"},
+    {"role": "user", "content": "again"},
+    {"role": "user", "content": "and again"},
+]
+
+
+def test_templates_render_as_transformers_renders_them():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from moespeq_cli.chat_template import render
+
+    for name, tpl in TEMPLATES.items():
+        ours = render(tpl, name, messages=MESSAGES, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+        theirs = render_jinja_template(
+            [MESSAGES], chat_template=tpl, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+        )[0][0]
+        assert ours == theirs, name
+
+
+def test_chat_template_jinja_comes_first_as_in_transformers(tmp_path, tiny):
+    """Checkpoints saved by transformers since 4.50 keep the template in
+    chat_template.jinja (tokenizer_config.json then has none, or an older one); a
+    multimodal checkpoint may keep its only template in the processor's chat_template.json."""
+    from transformers import AutoTokenizer
+
+    tok = make(tmp_path, tiny, chat_template="old {{ messages[0].content }}", bos_token="<s>", eos_token="</s>")
+    assert tok.render_messages(MESSAGES[1:2]) == "old " + MESSAGES[1]["content"]
+    (tmp_path / "chat_template.jinja").write_text(TEMPLATES["generation"])
+    tok = Tokenizer(tmp_path, {"eos_token_id": 2})
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    want = reference.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert tok.render_messages(MESSAGES) == want and "chat_template.jinja" in str(tok.template_source)
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATES["loop controls"]}))
+    tok = Tokenizer(tmp_path, {"eos_token_id": 2})
+    assert tok.render_messages(MESSAGES) == "user: " + MESSAGES[1]["content"] + "\nassistant: Hallo\n"
+
+
+def test_a_hub_pull_brings_the_template_files():
+    from moespeq_cli.hub import RUN_FILES
+
+    assert {"chat_template.jinja", "chat_template.json"} <= set(RUN_FILES)
