@@ -177,6 +177,8 @@ class Tokenizer:
             self.chat_template,
             f"the chat template in {self.template_source}",
             messages=messages,
+            tools=None,  # defined and none, as transformers passes them (`tools is not none`)
+            documents=None,
             add_generation_prompt=True,
             bos_token=self.bos_token,
             eos_token=self.eos_token,

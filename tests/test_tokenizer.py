@@ -46,6 +46,7 @@ TEMPLATES = {
         "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}"
         "{% endgeneration %}{% else %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
+        "{% if tools is not none %}[tools]{% endif %}{% if documents is defined %}[documents defined]{% endif %}"
     ),
 }
 MESSAGES = [
@@ -63,7 +64,16 @@ def test_templates_render_as_transformers_renders_them():
     from moespeq_cli.chat_template import render
 
     for name, tpl in TEMPLATES.items():
-        ours = render(tpl, name, messages=MESSAGES, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+        ours = render(
+            tpl,
+            name,
+            messages=MESSAGES,
+            tools=None,
+            documents=None,
+            add_generation_prompt=True,
+            bos_token="<s>",
+            eos_token="</s>",
+        )
         theirs = render_jinja_template(
             [MESSAGES], chat_template=tpl, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
         )[0][0]
