@@ -38,3 +38,9 @@ class UnsupportedModelError(MoespeqError):
 
 class CheckpointError(MoespeqError):
     """A checkpoint is missing, truncated, corrupt, or disagrees with its config."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a service manager stopping moespeq), raised in the
+    main thread so that cleanups run as for Ctrl-C (temporary files, locks, the disk
+    tier's scratch); not an Exception, so no error handler takes it for a failure."""

@@ -167,9 +167,12 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
             f"{repo} was not found on the hub (or it is private: log in with `hf auth login`)"
         ) from None
     except e.LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        offline = bool(constants.HF_HUB_OFFLINE)  # the environment as huggingface_hub read it
         raise HubError(
-            f"cannot reach the hub to download {repo}, and it is not in the cache; check the network "
-            "(or unset HF_HUB_OFFLINE)"
+            f"cannot reach the hub to download {repo}, and it is not in the cache; "
+            + ("unset HF_HUB_OFFLINE (it is set)" if offline else "check the network")
         ) from None
     except e.HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)

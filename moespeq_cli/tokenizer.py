@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
+from moespeq_cli.errors import CheckpointError, MoespeqError, Terminated, UsageError
 from moespeq_cli.models.checkpoint import read_json
 
 TOKENIZER_LIMIT = 512 * 2**20
@@ -74,7 +74,7 @@ def rust_call(what: str, remedy: str):
         os.dup2(captured.fileno(), 2)
         try:
             yield
-        except (KeyboardInterrupt, SystemExit, MoespeqError):
+        except (KeyboardInterrupt, SystemExit, Terminated, MoespeqError):
             raise
         except BaseException as e:  # noqa: BLE001 - see above
             os.dup2(saved, 2)
@@ -194,7 +194,7 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         try:  # per token: no stderr capture here (rust_call), only the error mapping
             return self.tok.decode(ids, skip_special_tokens=True)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, Terminated):
             raise
         except BaseException as e:  # noqa: BLE001 - tokenizers: bare Exception, or a Rust panic
             raise CheckpointError(

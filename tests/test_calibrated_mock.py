@@ -375,6 +375,15 @@ def test_calibrate_writes_a_profile_the_mock_simulates_the_cpu_with(tiny, cli, t
     assert eng.plan.compute_tier == "host" and eng.plan.disk_tier and eng.last_stats.clock == "virtual"
     bad = cli("run", str(path), "-n", "2", "--backend", "mock", "--hardware", str(out), "--vram", "1GB")
     assert bad.exit_code == 2 and "kind: cpu" in bad.stderr
+    # bench with it: the budget is --ram (no --vram handed on), and no hybrid by default
+    r = cli("bench", str(path), "-n", "2", "--hardware", str(out), "--ram", str(ram_for(path, 6)), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [row["policy"] for row in json.loads(r.stdout)["results"]] == [
+        "moespeq",
+        "gate-prefetch",
+        "lru",
+        "ondemand",
+    ]
 
 
 def test_cuda_runs_price_this_gpu_from_a_cached_calibration(monkeypatch):

@@ -306,6 +306,30 @@ def test_an_output_never_replaces_the_runs_inputs(cli, ckpt, tmp_path, option):
     assert r.exit_code == 0, r.stderr
 
 
+def test_an_output_never_replaces_a_draft_of_the_checkpoint(cli, ckpt, tmp_path, monkeypatch):
+    """The drafts a run finds by itself (beside the checkpoint, in moespeq's cache, shipped
+    with the demo), of any method, directly or through a link: refused, the file intact."""
+    from moespeq_cli.model_ref import DEMO_DIR
+    from moespeq_cli.quant.draft import default_draft_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    beside = ckpt.with_name(ckpt.name + ".moespeq-draft-fp4-b128")
+    cached = default_draft_dir(DEMO_DIR, "nf4", 32)  # the demo's drafts go to the cache
+    link = tmp_path / "link.safetensors"
+    targets = []
+    for d in (beside, cached):
+        d.mkdir(parents=True)
+        (d / "draft.safetensors").write_bytes(b"weights")
+        targets.append(d / "draft.safetensors")
+    link.symlink_to(beside / "draft.safetensors")
+    shipped = sorted((DEMO_DIR.parent).glob("demo-draft-*"))[0] / "manifest.json"
+    for model, target in ((ckpt, targets[0]), (ckpt, link), ("demo", targets[1]), ("demo", shipped)):
+        before = target.read_bytes()
+        r = cli("run", str(model), "-n", "2", "--draft", "none", "--trace", str(target))
+        one_line_error(r, 2, "--trace", "would overwrite the checkpoint's draft")
+        assert target.read_bytes() == before
+
+
 def test_a_replaced_output_keeps_its_mode_and_a_killed_writers_leftover_goes(tmp_path):
     from moespeq_cli.fs import atomic_write_text
 
@@ -1066,3 +1090,49 @@ def test_a_full_disk_while_writing_a_draft(cli, ckpt, tmp_path, monkeypatch):
     out = tmp_path / "draft"
     one_line_error(cli("quantize", str(ckpt), "--out", str(out)), 1, "No space left", str(out))
     assert not out.exists() and not list(tmp_path.glob(".draft.tmp-*"))
+
+
+def test_calibrate_replaces_only_a_hardware_profile(cli, ckpt, tmp_path):
+    """--out naming a file that is not a profile, or a link to a checkpoint's config.json:
+    refused before a minute of measuring, the file intact; a --disk-dir that does not
+    exist is not made."""
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("my: notes\n")
+    link = tmp_path / "cfg.yaml"
+    link.symlink_to(ckpt / "config.json")
+    for target in (notes, link):
+        before = target.read_bytes()
+        one_line_error(cli("calibrate", "--out", str(target)), 2, "is not a hardware profile")
+        assert target.read_bytes() == before
+    one_line_error(
+        cli("calibrate", "--out", str(tmp_path / "new.yaml"), "--disk-dir", str(tmp_path / "nodir")),
+        2,
+        "does not exist",
+    )
+    assert not (tmp_path / "nodir").exists() and not (tmp_path / "new.yaml").exists()
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
+    """`kill` (SIGTERM) during a calibration: exit 143 with one line, and its 256 MiB
+    scratch file is removed (the process used to end where it stood)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "moespeq_cli", "calibrate", "--out", str(tmp_path / "p.yaml")]
+    p = subprocess.Popen([*cmd, "--disk-dir", str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".moespeq-calibrate-*")):
+            assert p.poll() is None and time.time() < deadline, "no scratch file appeared"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        err = p.stderr.read()
+        assert p.wait(30) == 143 and err.strip().splitlines()[-1] == "moespeq: error: terminated", err
+        assert "Traceback" not in err
+        assert not list(tmp_path.glob(".moespeq-calibrate-*")) and not (tmp_path / "p.yaml").exists()
+    finally:
+        if p.poll() is None:
+            p.kill()

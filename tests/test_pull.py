@@ -91,7 +91,7 @@ def test_offline_and_not_cached(hub, cli, monkeypatch):
 
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     r = cli("pull", "acme/tiny-olmoe")
-    assert r.exit_code == 1 and "cannot reach the hub" in r.stderr
+    assert r.exit_code == 1 and "cannot reach the hub" in r.stderr and "unset HF_HUB_OFFLINE" in r.stderr
 
 
 def test_list_aliases(cli):

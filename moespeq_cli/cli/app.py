@@ -4,11 +4,27 @@ torch inside its function, so ``moespeq --help`` answers instantly."""
 from __future__ import annotations
 
 import inspect
+import signal
+import threading
 
 import typer
 from typer.core import TyperGroup
 
 from moespeq_cli import __version__
+from moespeq_cli.errors import Terminated
+
+
+def on_sigterm():
+    """SIGTERM raises ``Terminated`` in the main thread (cleanups run, exit 143) instead
+    of ending the process where it stands (a calibration's 256 MiB scratch file was left
+    behind): -> the previous handler, to restore; None off the main thread."""
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 class MoespeqGroup(TyperGroup):
@@ -34,6 +50,7 @@ class MoespeqGroup(TyperGroup):
         command = next((a for a in argv if not a.startswith("-")), None)
         if command not in self.commands:
             command = None
+        previous = on_sigterm()
         try:
             rv = super().main(argv, prog_name or "moespeq", complete_var, standalone_mode=False, **extra)
         except BaseException as exc:  # noqa: BLE001 - the one mapping at the edge
@@ -42,6 +59,9 @@ class MoespeqGroup(TyperGroup):
             exit_for(exc, command)
         else:
             raise SystemExit(rv if isinstance(rv, int) else 0)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def invoke(self, ctx):
         """Ctrl-C and a closed stdout leave the command as exceptions typer does not

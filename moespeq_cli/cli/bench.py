@@ -40,7 +40,7 @@ def bench(
         typer.Option(
             "--policies",
             help="Comma-separated policies to compare. Default: moespeq,hybrid,gate-prefetch,lru,ondemand "
-            "(without hybrid on --backend cpu).",
+            "(without hybrid on --backend cpu or a CPU's profile).",
             show_default=False,
         ),
     ] = None,
@@ -76,9 +76,11 @@ def bench(
     from moespeq_cli.runtime.scheduling.policies import POLICIES
 
     if policies is None:
-        policies = (
-            "moespeq,gate-prefetch,lru,ondemand" if backend == "cpu" else "moespeq,hybrid,gate-prefetch,lru,ondemand"
-        )
+        from moespeq_cli.runtime.planning.hardware import load_profile
+
+        # hybrid computes experts on the CPU beside a GPU: not where the CPU is the device
+        on_cpu = backend == "cpu" or (hardware is not None and load_profile(hardware).kind == "cpu")
+        policies = "moespeq,gate-prefetch,lru,ondemand" if on_cpu else "moespeq,hybrid,gate-prefetch,lru,ondemand"
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise UsageError("--policies names no policy; give a comma-separated list such as moespeq,lru")
@@ -114,7 +116,8 @@ def bench(
             "bench compares offloading policies, and every expert fits in RAM here: give --ram below the experts' "
             "size, or use --backend mock or cuda"
         )
-    opts.vram = probe.budget
+    if probe.hw is not None and probe.hw.kind != "cpu":  # a cpu profile's budget is --ram: it takes no --vram
+        opts.vram = probe.budget
     opts.ram = plan.host_budget_bytes  # every policy gets the same host budget (the default is measured once)
     results = run_bench(
         path,

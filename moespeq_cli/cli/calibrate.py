@@ -84,12 +84,13 @@ def calibrate(
     from rich.console import Console
 
     from moespeq_cli.errors import UsageError
-    from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular
+    from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular, shown, written_path
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
     from moespeq_cli.runtime.planning.calibrate import profile_yaml
-    from moespeq_cli.runtime.planning.hardware import load_profile
+    from moespeq_cli.runtime.planning.hardware import load_profile, parse_profile
 
     cuda = torch.cuda.is_available()
+    given = out is not None
     out = out or default_profile_path("gpu" if cuda else "cpu")
     if out.suffix not in (".yaml", ".yml"):
         raise UsageError(f"--out {out} must end in .yaml (it is a hardware profile)")
@@ -103,11 +104,23 @@ def calibrate(
     elif not is_dir(where) or cannot_write_in(where) is not None:
         why = "not a directory" if not is_dir(where) else cannot_write_in(where)
         raise UsageError(f"--out {out}: cannot create its directory in {where} ({why})")
+    if given and os.path.lexists(out):  # replaced only if it is a profile (a link: its target); the cache's is ours
+        target = written_path(out)
+        try:
+            if target.suffix not in (".yaml", ".yml"):
+                raise UsageError(str(target))
+            parse_profile(target)
+        except UsageError:
+            raise UsageError(
+                f"--out {shown(out)} exists and is not a hardware profile (only a profile is replaced); "
+                "give a new file name"
+            ) from None
     from moespeq_cli.quant.draft import cache_dir
 
     disk = disk_dir or cache_dir()
-    if disk.exists() and not disk.is_dir():
-        raise UsageError(f"--disk-dir {disk} is not a directory; give the directory your models live in")
+    if disk_dir is not None and not is_dir(disk):
+        what = "does not exist" if not os.path.lexists(disk) else "is not a directory"
+        raise UsageError(f"--disk-dir {shown(disk)} {what}; give the directory your models live in")
     model_file = checkpoint = None
     if model is not None:
         if is_dir(model):

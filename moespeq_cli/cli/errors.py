@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from moespeq_cli.errors import MoespeqError, debug
+from moespeq_cli.errors import MoespeqError, Terminated, debug
 
 
 def _click_exceptions() -> tuple[tuple, tuple]:
@@ -72,6 +72,8 @@ def exit_for(exc: BaseException, command: str | None) -> None:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, Interrupted | typer.Abort | KeyboardInterrupt):
         fail("interrupted", 130)
+    if isinstance(exc, Terminated):
+        fail("terminated", 143)
     if isinstance(exc, USAGE_ERRORS):
         where = f"moespeq {command} --help" if command else "moespeq --help"
         fail(f"{exc.format_message()} (see `{where}`)", 2)

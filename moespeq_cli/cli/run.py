@@ -207,12 +207,16 @@ def check_outputs(
     draft)."""
     from moespeq_cli.fs import check_not_input
     from moespeq_cli.model_ref import resolve
+    from moespeq_cli.quant.draft import drafts_of
 
     for option, path in outputs.items():
         check_output(path, option)
     if all(path is None for path in outputs.values()):
         return
-    inputs: list[tuple[str, Path | None]] = [("the checkpoint", resolve(model)[1]), ("--prompt-file", prompt_file)]
+    ckpt = resolve(model)[1]
+    inputs: list[tuple[str, Path | None]] = [("the checkpoint", ckpt), ("--prompt-file", prompt_file)]
+    if ckpt is not None:  # its drafts, whichever the run loads (or none): never replaced by an output
+        inputs += [("the checkpoint's draft", d) for d in drafts_of(ckpt)]
     for option, given in (("--hardware", hardware), ("--draft", draft)):
         if given not in (None, "auto", "none") and os.path.lexists(given):
             inputs.append((option, Path(given)))

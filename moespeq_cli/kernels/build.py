@@ -62,10 +62,11 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(src + repr((version, FLAGS, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_matvec-{key}.so"
     digest = out.with_suffix(".sha256")
+    if out.parent.is_dir():
+        remove_stale(out.parent, "tmp.", ".so.tmp")  # a killed build's (its process gone)
     if _intact(out, digest):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, "tmp.", ".so.tmp")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f"tmp.{os.getpid()}.", suffix=".so.tmp")
     os.close(fd)
     try:

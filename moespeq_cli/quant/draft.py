@@ -513,7 +513,14 @@ class QuantizedExperts:
             missing=f"{path} is not a moespeq draft (no manifest.json); build one with `moespeq quantize`",
         )
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} is not a draft this moespeq can read; rebuild it with `moespeq quantize`")
+            if m.get("format") == FORMAT:  # another version's: quantize replaces it
+                raise CheckpointError(
+                    f"{path} is a draft of another moespeq version; rebuild it with `moespeq quantize`"
+                )
+            raise CheckpointError(
+                f"{path} holds a manifest.json that is not a moespeq draft's; move the directory away (or delete "
+                "it) and run `moespeq quantize`, or run with --draft none"
+            )
         if m.get("source_fingerprint") != fingerprint(source):
             raise CheckpointError(
                 f"the draft in {path} was built from a different checkpoint than {source.path}; "
@@ -713,7 +720,7 @@ def check_out(out: Path, fp: str, stale_ok: bool = False) -> None:
     if manifest.get("format") != FORMAT:
         raise UsageError(
             f"{named} {out} holds a manifest.json that is not a moespeq draft's; refusing to replace it "
-            "(give a new directory with --out)"
+            "(move the directory away or delete it yourself, or give a new directory with --out)"
         )
     if not stale_ok:
         raise UsageError(
@@ -819,6 +826,21 @@ def saved_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
         if d is not None and (d / "manifest.json").is_file():
             return d
     return None
+
+
+def drafts_of(ckpt_path: Path) -> list[Path]:
+    """Every draft directory moespeq keeps for the checkpoint, of any method and block
+    size: beside it, in moespeq's cache, shipped with the demo (outputs must not replace
+    their files)."""
+    p = Path(ckpt_path).resolve()
+    prefix = glob.escape(f"{p.name}.moespeq-draft-")
+    key = hashlib.sha256(str(p).encode()).hexdigest()[:10]
+    found = glob.glob(os.path.join(glob.escape(str(p.parent)), prefix + "*"))
+    found += glob.glob(os.path.join(glob.escape(str(cache_dir() / "drafts")), f"{key}-{prefix}*"))
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    if p == (assets / "demo").resolve():
+        found += glob.glob(os.path.join(glob.escape(str(assets)), "demo-draft-*"))
+    return [Path(d) for d in found]
 
 
 def draft_name(ckpt_path: Path, method: str, blocksize: int) -> str:
