@@ -39,6 +39,27 @@ def _size(v) -> int:
     return len(v) if isinstance(v, str | bytes | list | tuple) else 0
 
 
+def _weight(v, cap: int) -> int:
+    """About the characters ``v`` renders to (its strings' lengths and a few an item,
+    through lists and dicts), counted up to just past ``cap``: what a repetition or a
+    JSON dump of it produces, known before it is made (``[s] * 10**6`` is a million items
+    but a million times ``s`` rendered)."""
+    total, stack = 0, [v]
+    while stack and total <= cap:
+        x = stack.pop()
+        if isinstance(x, str | bytes):
+            total += len(x) + 2
+        elif isinstance(x, list | tuple):
+            total += len(x) + 2
+            stack.extend(x[: cap - total + 1])
+        elif isinstance(x, dict):
+            total += 2 * len(x) + 2
+            stack.extend(list(x.items())[: cap - total + 1])
+        else:
+            total += 8
+    return total
+
+
 def _check_format(s) -> None:
     if isinstance(s, str) and _WIDTH.search(s):
         raise TemplateLimit("a format width too large for a template")
@@ -68,7 +89,7 @@ def _environment(big: int):
         def call_binop(self, context, operator, left, right):
             if operator == "*":
                 n, seq = (right, left) if _size(left) else (left, right)
-                if _size(seq) and isinstance(n, int) and _size(seq) * n > big:
+                if _size(seq) and isinstance(n, int) and _weight(seq, big) * n > big:
                     raise TemplateLimit("a repetition too large for a template")
             elif operator == "**":
                 if isinstance(right, int | float) and isinstance(left, int | float):
@@ -120,18 +141,24 @@ def _environment(big: int):
     # extensions ({% break %}, {% continue %}, {% generation %}), its JSON (not HTML-escaped,
     # keys in order, non-ASCII kept) and today's date
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationBlock])
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        """transformers' tojson, its output's size bounded before it is made (json's C
+        encoder runs past the time limit's checks)."""
+        pad = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
+        seps = sum(len(s) for s in separators if isinstance(s, str)) if isinstance(separators, list | tuple) else 0
+        if abs(pad) > 64 or seps > 64:
+            raise TemplateLimit("a JSON indent or separator too large for a template")
+        if _weight(x, big) * (4 + seps + abs(pad)) > 4 * big:
+            raise TemplateLimit("a value too large to write as JSON in a template")
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env.filters["tojson"] = tojson
     for name, f in list(env.filters.items()):
         env.filters[name] = bounded_filter(f)
     env.globals["namespace"] = BoundedNamespace
     env.globals["strftime_now"] = strftime_now
     return env
-
-
-def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    if isinstance(indent, int) and abs(indent) > 64:
-        raise TemplateLimit(f"a JSON indent too large for a template ({indent})")
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def strftime_now(fmt: str) -> str:

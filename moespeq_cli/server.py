@@ -18,8 +18,9 @@ request validation, response objects, Server-Sent Events for streaming, and the 
   unknown model, 413 for a body over 16 MiB, 503 when the queue is full;
 - each response carries the run's statistics in a ``moespeq`` field, and the server log
   (stderr) has one line per request;
-- Ctrl-C cuts the answer in progress after its current token (its client gets a 503)
-  and drops the queued ones, then uvicorn closes the connections and stops.
+- Ctrl-C cuts the answer in progress after its current token (a long prompt's prefill
+  ends first) and answers the queued requests 503, then uvicorn closes the connections
+  and stops.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ class Job:
     stops: list[str]
     on_text: object = None  # called from the worker thread with each text piece
     cancelled: bool = False  # the client went away
-    cut: bool = False  # the answer stopped before its end (cancelled, or the server stopping)
     answer: Answer = field(default_factory=Answer)
     stats: dict | None = None
     error: BaseException | None = None
@@ -77,11 +77,15 @@ class Job:
             self.notify()
 
 
+def shutting_down(detail: str = "") -> ApiError:
+    return ApiError(503, "the server is shutting down" + detail, "shutting_down")
+
+
 class Worker:
     """The one thread that touches the engine; requests wait in a bounded FIFO. ``halt``
-    cuts what runs after its current token and drops what waits (Ctrl-C: uvicorn waits for
-    open connections before it shuts down, and an answer on a big model can take
-    minutes); ``stop`` also joins the thread."""
+    (Ctrl-C: uvicorn waits for open connections before it shuts down, and an answer on a
+    big model can take minutes) cuts the answer in progress after its current token and
+    has every queued request answered 503; ``stop`` also joins the thread."""
 
     def __init__(self, engine, queue_size: int):
         self.engine = engine
@@ -99,28 +103,30 @@ class Worker:
             raise ApiError(503, "the server is busy: its queue is full; retry shortly", "queue_full") from None
 
     def halt(self) -> None:
+        """A flag and nothing else, so that a signal handler may call it (it runs between
+        two bytecodes of the main thread, perhaps inside ``submit``'s hold of the queue's
+        lock): the worker cuts the answer in progress and answers what waits as it takes it."""
         self.stopping = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.halt()
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.cancelled = True
+                job.error = shutting_down()
                 job.finish()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.halt()
-        self.jobs.put_nowait(None)
+        with contextlib.suppress(queue.Full):  # a submit that raced the flag: the worker answers it
+            self.jobs.put(None, timeout=timeout)
         self.thread.join(timeout)
-
-    def _halted(self, job: Job) -> bool:
-        job.cut = job.cancelled or self.stopping
-        return job.cut
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if not (job.cancelled or self.stopping):
+            if self.stopping and not job.cancelled:
+                job.error = shutting_down()
+            elif not job.cancelled:
                 try:
                     complete(
                         self.engine,
@@ -129,15 +135,19 @@ class Worker:
                         job.sampling,
                         job.stops,
                         job.on_text,
-                        cancelled=lambda job=job: self._halted(job),
+                        cancelled=lambda job=job: job.cancelled or self.stopping,
                         answer=job.answer,
                         reuse=True,  # a conversation's earlier turns are not prefilled again
                     )
                     job.stats = stats_of(self.engine)
-                    if job.cut and not job.cancelled:
-                        job.error = ApiError(
-                            503, "the server is shutting down: the answer was cut short", "shutting_down"
-                        )
+                    a = job.answer
+                    if (
+                        self.stopping
+                        and not job.cancelled
+                        and a.finish_reason == "length"
+                        and len(a.token_ids) < job.max_tokens
+                    ):
+                        job.error = shutting_down(": the answer was cut short")
                 except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
                     job.error = e
             job.finish()
@@ -360,7 +370,7 @@ def build_app(
     def check_model(asked) -> None:
         if not isinstance(asked, str):
             got = json.dumps(asked)
-            raise ApiError(400, f"'model' must be a string, got {got}", "invalid_value", "model")
+            raise ApiError(400, f"'model' must be a string, got {got[:40]}", "invalid_value", "model")
         if asked != name:
             raise ApiError(404, f"the model {asked!r} does not exist here; this server has {name!r}", "model_not_found")
 

@@ -42,7 +42,8 @@ def test_dequantizing_experts_together_is_bitsandbytes_values_in_one_op(method, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("rows", "width", "blocksize"),
-    [(3, 4096, 64), (1, 4096 + 32, 128), (4, 192, 64), (1, 2, 64), (2, 8192, 4096), (1, 100, 64)],
+    # the last: 2 MiB of bf16 out, over the 256 KiB from which the kernel's pool shares the work
+    [(3, 4096, 64), (1, 4096 + 32, 128), (4, 192, 64), (1, 2, 64), (2, 8192, 4096), (1, 100, 64), (4, 262144, 64)],
 )
 def test_the_cpu_kernels_dequantize_as_torch_does(rows, width, blocksize, dtype):
     """cpu_matvec.c ``ms_dequant_4bit`` (32 weights a step, a scalar tail, a partial last
@@ -55,6 +56,8 @@ def test_the_cpu_kernels_dequantize_as_torch_does(rows, width, blocksize, dtype)
     codes = torch.randint(0, 256, (rows, width // 2), dtype=torch.uint8, generator=g)
     absmax = torch.rand(rows, -(-width // blocksize), generator=g) * 3
     table = torch.randn(16, generator=g)
+    table[:2] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8])  # halfway between two bf16s: to the even one
+    absmax[:, 0] = 1.0
     out = dequantize_4bit(codes, absmax, table, blocksize, "nf4", dtype)
     assert torch.equal(out, dequant._torch_values(codes, absmax, table, blocksize, dtype))
     nibbles = torch.stack((codes >> 4, codes & 15), -1).view(rows, width).long()
@@ -63,6 +66,11 @@ def test_the_cpu_kernels_dequantize_as_torch_does(rows, width, blocksize, dtype)
     if dtype != torch.float16 and kernels.available():
         assert kernels.takes_dequantize_4bit(codes, absmax, table, blocksize, dtype)
         assert not kernels.takes_dequantize_4bit(codes, absmax[:, 1:], table, blocksize, dtype)  # too few scales
+        two_partial = torch.zeros(2, 3, dtype=torch.uint8), torch.ones(2, 1)  # rows ending in partial blocks
+        assert not kernels.takes_dequantize_4bit(*two_partial, table, 8, dtype)  # the rows' scales would shift
+    if dtype == torch.bfloat16:  # the ties went to even, as torch rounds them
+        ties = out.flatten()[: blocksize // 2][(nibbles.flatten()[: blocksize // 2] < 2)]
+        assert set(ties.float().tolist()) <= {1.0, 1 + 2**-6}
 
 
 def dequantized(quant: QuantizedExperts, layer: int, e: int) -> list[torch.Tensor]:

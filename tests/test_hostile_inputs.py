@@ -383,6 +383,12 @@ TEMPLATE_BOMBS = [
     "{% set ns = namespace(s='x' * 999999) %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
     "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f('x' * 999999, 40) }}",
     "{% for i in range(100000) %}{{ 'x' * 999999 }}{% endfor %}",
+    # a list's repetition weighs what it renders to, not its items; tojson's output is
+    # bounded before json's C encoder (past the time limit's checks) writes it
+    "{{ ['x' * 999999] * 1000000 }}",
+    "{{ [1, 2] | tojson(separators=('x' * 999999, ':')) }}",
+    "{{ [1, 2] | tojson(indent='x' * 999999) }}",
+    "{{ (['x' * 99999] * 9) | tojson(indent=64) * 1 }}{{ range(999) | list | tojson(separators=('x' * 60, ':')) }}",
 ]
 
 
@@ -1110,6 +1116,14 @@ def test_calibrate_replaces_only_a_hardware_profile(cli, ckpt, tmp_path):
         "does not exist",
     )
     assert not (tmp_path / "nodir").exists() and not (tmp_path / "new.yaml").exists()
+    from moespeq_cli.cli.calibrate import replaceable_profile
+
+    empty, older = tmp_path / "empty.yaml", tmp_path / "older.yaml"  # the user's own: replaced
+    empty.write_text("")
+    older.write_text("name: mine\ndescription: x\ndevice_memory: 8GB\na_field_of_another_version: 1\n")
+    assert replaceable_profile(empty) and replaceable_profile(older)
+    assert replaceable_profile(write_profile(tmp_path / "p.yaml"))
+    assert not replaceable_profile(notes) and not replaceable_profile(link.resolve())
 
 
 def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):

@@ -285,7 +285,7 @@ def test_stop_drops_waiting_jobs_and_joins():
     t0 = time.time()
     w.stop()
     assert not w.thread.is_alive() and time.time() - t0 < 5
-    assert all(j.done.is_set() for j in jobs) and jobs[-1].cancelled
+    assert all(j.done.is_set() for j in jobs) and jobs[-1].error.code == "shutting_down"
 
 
 def test_ctrl_c_cuts_the_answer_in_progress_and_drops_the_queue():
@@ -302,18 +302,45 @@ def test_ctrl_c_cuts_the_answer_in_progress_and_drops_the_queue():
     running, waiting = Job([1], 10**6, None, []), Job([1], 5, None, [])
     w.submit(running)
     w.submit(waiting)
-    time.sleep(0.2)
-    server = HaltingServer(uvicorn.Config(SimpleNamespace(state=SimpleNamespace(worker=w))))
-    server.handle_exit(signal.SIGINT, None)
+    deadline = time.time() + 30
+    while not running.answer.token_ids:  # generating
+        assert time.time() < deadline, "the worker never started the first answer"
+        time.sleep(0.01)
+    app = SimpleNamespace(state=SimpleNamespace(worker=w))
+    server = HaltingServer(uvicorn.Config(app, log_config=None))
+    server.handle_exit(signal.SIGINT, None)  # only flags: a signal handler must not take the queue's lock
     assert server.should_exit
     assert running.done.wait(5), "the answer in progress was not cut"
-    assert running.answer.token_ids and len(running.answer.token_ids) < 10**6
-    assert isinstance(running.error, ApiError) and running.error.status == 503
-    assert waiting.done.is_set() and waiting.cancelled
+    assert len(running.answer.token_ids) < 10**6 and not running.cancelled
+    assert isinstance(running.error, ApiError) and running.error.status == 503 and "cut short" in running.error.message
+    # the queued request is answered 503 (its client is still there), not taken for one gone
+    assert waiting.done.wait(5) and not waiting.cancelled and not waiting.answer.token_ids
+    assert isinstance(waiting.error, ApiError) and waiting.error.code == "shutting_down"
     with pytest.raises(ApiError, match="shutting down"):
         w.submit(Job([1], 1, None, []))
     w.stop()
     assert not w.thread.is_alive()
+
+
+def test_an_answer_that_ended_is_not_called_cut():
+    """Ctrl-C as the last token comes: the answer is whole (length), no 503."""
+    from types import SimpleNamespace
+
+    from moespeq_cli.server import Job, Worker
+
+    class HaltsAtTheLastToken(EndlessEngine):
+        def generate(self, prompt_ids, n, *a, **kw):
+            for i in range(n):
+                if i == n - 1:
+                    w.halt()
+                yield SimpleNamespace(token=1, eos=False)
+
+    w = Worker(HaltsAtTheLastToken(), queue_size=1)
+    job = Job([1], 3, None, [])
+    w.submit(job)
+    assert job.done.wait(5)
+    assert len(job.answer.token_ids) == 3 and job.error is None and job.answer.finish_reason == "length"
+    w.stop()
 
 
 def test_a_busy_port_is_one_line_before_loading(cli):

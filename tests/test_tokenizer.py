@@ -64,7 +64,7 @@ def test_templates_render_as_transformers_renders_them():
     from moespeq_cli.chat_template import render
 
     for name, tpl in TEMPLATES.items():
-        ours = render(
+        ours = lambda tpl=tpl, name=name: render(  # noqa: E731
             tpl,
             name,
             messages=MESSAGES,
@@ -74,10 +74,11 @@ def test_templates_render_as_transformers_renders_them():
             bos_token="<s>",
             eos_token="</s>",
         )
+        before = ours()
         theirs = render_jinja_template(
             [MESSAGES], chat_template=tpl, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
         )[0][0]
-        assert ours == theirs, name
+        assert theirs in (before, ours()), name  # before and after: the date may turn in between
 
 
 def test_chat_template_jinja_comes_first_as_in_transformers(tmp_path, tiny):

@@ -25,6 +25,26 @@ EPILOG = """[bold]Examples[/bold]
 """
 
 
+def replaceable_profile(path: Path) -> bool:
+    """Whether calibrate may replace ``path``: an empty file, or YAML naming a profile's
+    fields (a profile of another moespeq version too, which may no longer load), never
+    anything else (a checkpoint's config.json through a link, the user's notes)."""
+    import yaml
+
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.fs import read_text
+    from moespeq_cli.runtime.planning.hardware import PROFILE_FIELDS
+
+    if path.suffix not in (".yaml", ".yml"):
+        return False
+    try:
+        text = read_text(path, 2**20, "hardware profile", UsageError)
+        data = yaml.safe_load(text) if text.strip() else {}
+    except (UsageError, yaml.YAMLError):
+        return False
+    return data == {} or (isinstance(data, dict) and "name" in data and len(PROFILE_FIELDS & set(data)) >= 3)
+
+
 def default_profile_path(kind: str) -> Path:
     from moespeq_cli.quant.draft import cache_dir
 
@@ -87,7 +107,7 @@ def calibrate(
     from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular, shown, written_path
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
     from moespeq_cli.runtime.planning.calibrate import profile_yaml
-    from moespeq_cli.runtime.planning.hardware import load_profile, parse_profile
+    from moespeq_cli.runtime.planning.hardware import load_profile
 
     cuda = torch.cuda.is_available()
     given = out is not None
@@ -104,17 +124,11 @@ def calibrate(
     elif not is_dir(where) or cannot_write_in(where) is not None:
         why = "not a directory" if not is_dir(where) else cannot_write_in(where)
         raise UsageError(f"--out {out}: cannot create its directory in {where} ({why})")
-    if given and os.path.lexists(out):  # replaced only if it is a profile (a link: its target); the cache's is ours
-        target = written_path(out)
-        try:
-            if target.suffix not in (".yaml", ".yml"):
-                raise UsageError(str(target))
-            parse_profile(target)
-        except UsageError:
-            raise UsageError(
-                f"--out {shown(out)} exists and is not a hardware profile (only a profile is replaced); "
-                "give a new file name"
-            ) from None
+    if given and os.path.lexists(out) and not replaceable_profile(written_path(out)):  # a link: its target
+        raise UsageError(
+            f"--out {shown(out)} exists and is not a hardware profile (only a profile is replaced); "
+            "give a new file name"
+        )
     from moespeq_cli.quant.draft import cache_dir
 
     disk = disk_dir or cache_dir()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from moespeq_cli.cli import options as o
-from moespeq_cli.errors import MoespeqError, UsageError
+from moespeq_cli.errors import MoespeqError, Terminated, UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -75,8 +75,8 @@ def serve(
     note(f"serving {name} on http://{shown}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: the way to stop, not an error
-        pass
+    except (KeyboardInterrupt, Terminated):  # uvicorn shuts down on Ctrl-C or SIGTERM, then raises it again:
+        pass  # the way to stop, not an error
     finally:
         engine.close()
         sock.close()

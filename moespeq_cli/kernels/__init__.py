@@ -298,7 +298,8 @@ def takes_dequantize_4bit(
     """Whether ``dequantize_4bit`` dequantizes ``codes`` to ``dtype`` (float32 or bfloat16):
     also a scale for each block of the weights, no more, no fewer (the kernel trusts it)."""
     ok = dtype in (torch.float32, torch.bfloat16) and codes.dtype == torch.uint8 and bs > 0 and bs % 2 == 0
-    ok = ok and absmax.numel() == -(-2 * codes.numel() // bs)
+    n, m = codes.shape
+    ok = ok and (n == 1 or 2 * m % bs == 0) and absmax.numel() == -(-2 * n * m // bs)  # its rows' blocks whole
     ok = ok and absmax.dtype == table.dtype == torch.float32 and table.numel() == 16
     for t in (codes, absmax, table):
         ok = ok and t.is_cpu and t.is_contiguous()

@@ -269,6 +269,9 @@ def _no_alias_loader():
     return Loader
 
 
+PROFILE_FIELDS = frozenset(f.name for f in fields(HardwareProfile)) - {"source"}  # what a profile's YAML may hold
+
+
 def parse_profile(path: Path) -> HardwareProfile:
     import yaml
 
@@ -287,7 +290,7 @@ def parse_profile(path: Path) -> HardwareProfile:
         raise UsageError(f"hardware profile {path} is not valid YAML ({str(e)[:60]}); fix the file") from None
     if not isinstance(data, dict):
         raise UsageError(f"hardware profile {path} must be a YAML mapping of field: value")
-    known = {f.name for f in fields(HardwareProfile)} - {"source"}
+    known = PROFILE_FIELDS
     unknown = sorted((str(k) for k in set(data) - known), key=str)
     if unknown:
         raise UsageError(
