@@ -52,6 +52,7 @@ class Answer:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "stop": end of sequence or a stop string
+    reasoning: str = ""  # a harmony model's (gpt-oss) channels other than the final one
 
 
 def complete(
@@ -64,14 +65,19 @@ def complete(
     cancelled: Callable[[], bool] | None = None,
     answer: Answer | None = None,
     reuse: bool = False,
+    on_reasoning: Callable[[str], None] | None = None,
 ) -> Answer:
     """Generate one answer into ``answer`` (a new one by default), streaming its text to
-    ``on_text``; ``cancelled()`` is asked after each token (a client that went away).
+    ``on_text``; ``cancelled()`` is asked after each token (a client that went away). A
+    harmony model's (gpt-oss) reasoning goes to ``answer.reasoning`` and ``on_reasoning``,
+    its final channel is the answer (harmony.py); stop strings apply to the answer.
     Ctrl-C (KeyboardInterrupt) closes the generator and propagates; what was generated
     so far is in the ``answer`` the caller passed."""
+    from moespeq_cli.harmony import FINAL, ChannelRouter
     from moespeq_cli.tokenizer import StreamDecoder
 
     decoder, stop = StreamDecoder(engine.tokenizer), StopMatcher(stops or [])
+    router, thoughts = ChannelRouter.of(engine.tokenizer), StreamDecoder(engine.tokenizer)
     answer = answer if answer is not None else Answer()
     events: Iterator = engine.generate(prompt_ids, max_new_tokens, sampling, reuse=reuse)
     try:
@@ -80,17 +86,28 @@ def complete(
                 answer.finish_reason = "stop"
                 break
             answer.token_ids.append(ev.token)
-            piece = stop.push(decoder.push(ev.token))
-            answer.text += piece
-            if piece and on_text:
-                on_text(piece)
-            if stop.stopped:
-                answer.finish_reason = "stop"
-                break
+            channel = FINAL if router is None else router.push(ev.token)
+            if channel == FINAL:
+                piece = stop.push(decoder.push(ev.token))
+                answer.text += piece
+                if piece and on_text:
+                    on_text(piece)
+                if stop.stopped:
+                    answer.finish_reason = "stop"
+                    break
+            elif channel is not None:
+                thought = thoughts.push(ev.token)
+                answer.reasoning += thought
+                if thought and on_reasoning:
+                    on_reasoning(thought)
             if cancelled is not None and cancelled():
                 break
     finally:
         events.close()
+    thought = thoughts.flush() if router is not None else ""
+    answer.reasoning += thought
+    if thought and on_reasoning:
+        on_reasoning(thought)
     tail = stop.push(decoder.flush()) + stop.flush()
     if stop.stopped:  # the stop string completed in the decoder's last bytes
         answer.finish_reason = "stop"

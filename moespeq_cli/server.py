@@ -41,6 +41,7 @@ import uvicorn
 from moespeq_cli.conversation import Answer, complete
 
 MAX_BODY = 16 * 2**20
+REASONING = "reasoning"  # tags a streamed piece of reasoning
 MAX_STOPS = 4
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
@@ -64,6 +65,7 @@ class Job:
     sampling: object
     stops: list[str]
     on_text: object = None  # called from the worker thread with each text piece
+    on_reasoning: object = None  # and with each piece of a harmony model's reasoning (gpt-oss)
     cancelled: bool = False  # the client went away
     answer: Answer = field(default_factory=Answer)
     stats: dict | None = None
@@ -138,6 +140,7 @@ class Worker:
                         cancelled=lambda job=job: job.cancelled or self.stopping,
                         answer=job.answer,
                         reuse=True,  # a conversation's earlier turns are not prefilled again
+                        on_reasoning=job.on_reasoning,
                     )
                     job.stats = stats_of(self.engine)
                     a = job.answer
@@ -431,6 +434,8 @@ def build_app(
         job = Job(prompt_ids, max_tokens, sampling, stops)
         if stream:
             job.on_text = lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)
+            if chat:  # reasoning as vLLM and llama.cpp stream it: ``delta.reasoning_content``
+                job.on_reasoning = lambda t: loop.call_soon_threadsafe(pieces.put_nowait, (REASONING, t))
         job.notify = lambda: loop.call_soon_threadsafe(pieces.put_nowait, None)  # after every piece: FIFO
         try:
             worker.submit(job)
@@ -488,7 +493,10 @@ def build_app(
                 return Response(status_code=499)
             a = job.answer
             choice = {"index": 0, "finish_reason": a.finish_reason, "logprobs": None}
-            choice |= {"message": {"role": "assistant", "content": a.text}} if chat else {"text": a.text}
+            message = {"role": "assistant", "content": a.text} | (
+                {"reasoning_content": a.reasoning} if a.reasoning else {}
+            )
+            choice |= {"message": message} if chat else {"text": a.text}
             finish_log(200)
             return JSONResponse(
                 {
@@ -521,7 +529,10 @@ def build_app(
                     first["delta"]["role"] = "assistant"
                     yield event([first])
                 while (text := await pieces.get()) is not None:
-                    yield event([piece(text)])
+                    if isinstance(text, tuple):  # (REASONING, text)
+                        yield event([{"index": 0, "delta": {"reasoning_content": text[1]}, "finish_reason": None}])
+                    else:
+                        yield event([piece(text)])
                 if isinstance(job.error, ApiError):
                     yield "data: " + json.dumps(job.error.body()) + "\n\n"
                 elif job.error is not None:

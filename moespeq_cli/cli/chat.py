@@ -160,7 +160,17 @@ def chat(
         engine.last_stats = None  # a Ctrl-C before the first token leaves no stats, not the last answer's
         started = time.perf_counter()
         try:
-            complete(engine, prompt_ids, max_new_tokens, sampling, stop, out.text, answer=answer, reuse=True)
+            complete(
+                engine,
+                prompt_ids,
+                max_new_tokens,
+                sampling,
+                stop,
+                out.text,
+                answer=answer,
+                reuse=True,
+                on_reasoning=out.reasoning,
+            )
         except KeyboardInterrupt:
             note("\n(stopped)")
             stopped = True
@@ -168,6 +178,8 @@ def chat(
         if json_out:
             finish = "interrupted" if stopped else answer.finish_reason
             record = {"turn": turn, "content": answer.text, "token_ids": answer.token_ids, "stopped": stopped}
+            if answer.reasoning:  # a harmony model's (gpt-oss) reasoning channels
+                record["reasoning"] = answer.reasoning
             record["finish_reason"] = finish
             stats = engine.last_stats.to_dict() if engine.last_stats is not None else None
             sys.stdout.write(json.dumps(record | {"stats": stats}) + "\n")

@@ -91,10 +91,23 @@ class Renderer:
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
         self._last = "\n"
+        self._thinking = False
+
+    def reasoning(self, chunk: str) -> None:
+        """A harmony model's (gpt-oss) reasoning as it streams: on stderr (stdout holds the
+        answer alone), dimmed at a terminal."""
+        if self.json_mode or not chunk:
+            return
+        sys.stderr.write(f"\x1b[2m{chunk}\x1b[0m" if sys.stderr.isatty() else chunk)
+        sys.stderr.flush()
+        self._thinking = True
 
     def text(self, chunk: str) -> None:
         if self.json_mode or not chunk:
             return
+        if self._thinking:  # the answer starts on a line of its own
+            sys.stderr.write("\n")
+            self._thinking = False
         sys.stdout.write(chunk)
         sys.stdout.flush()
         self._last = chunk[-1]

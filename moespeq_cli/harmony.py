@@ -1,0 +1,57 @@
+"""gpt-oss's answers in the harmony format, their channels told apart.
+
+gpt-oss answers in channels: ``<|channel|>analysis<|message|>`` its reasoning ``<|end|>``,
+then ``<|start|>assistant<|channel|>final<|message|>`` the answer ``<|return|>`` (tool
+calls go to ``commentary``). Decoded with the special tokens skipped, the markers vanish
+and the channel names and the reasoning run into the answer ("analysisThe user greets
+me...assistantfinalHello!"). ``ChannelRouter`` follows the markers token by token, so that
+the answer shown (``chat``, the server's ``content``) is the final channel and the rest is
+reasoning (the server's ``reasoning_content``). A tokenizer without the markers gets no
+router: every token is the answer.
+"""
+
+from __future__ import annotations
+
+START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
+FINAL = "final"
+
+
+class ChannelRouter:
+    """Token by token: which channel a generated token's text belongs to, or None for the
+    markers and the headers between them (the role after ``<|start|>``, the channel's
+    name after ``<|channel|>``)."""
+
+    def __init__(self, ids: dict[str, int], decode):
+        self.start, self.channel_id, self.message, self.end = (ids[m] for m in (START, CHANNEL, MESSAGE, END))
+        self.decode = decode
+        self.mode = "body"  # body, role (after <|start|>) or header (after <|channel|>)
+        self.channel = FINAL  # text before any marker is the answer (a model that skips them)
+        self.header: list[int] = []
+
+    @classmethod
+    def of(cls, tokenizer) -> ChannelRouter | None:
+        tok = getattr(tokenizer, "tok", None)  # the tokenizers library's (engines in tests have none)
+        if tok is None:
+            return None
+        ids = {m: tok.token_to_id(m) for m in (START, CHANNEL, MESSAGE, END)}
+        if any(i is None for i in ids.values()):
+            return None
+        return cls(ids, tokenizer.decode)
+
+    def push(self, token: int) -> str | None:
+        if token == self.start:
+            self.mode = "role"
+        elif token == self.channel_id:
+            self.mode, self.header = "header", []
+        elif token == self.message:
+            if self.mode == "header":
+                words = self.decode(self.header).split()
+                self.channel = words[0] if words else FINAL
+            self.mode = "body"
+        elif token == self.end:
+            self.mode, self.channel = "role", FINAL  # what comes next names its role and channel
+        elif self.mode == "header":
+            self.header.append(token)
+        elif self.mode == "body":
+            return self.channel
+        return None
