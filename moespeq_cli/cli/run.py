@@ -159,7 +159,10 @@ def run(
             status=status,
             **options,
         )
-        decoder = StreamDecoder(engine.tokenizer)
+        from moespeq_cli.harmony import FINAL, ChannelRouter
+
+        decoder, thoughts = StreamDecoder(engine.tokenizer), StreamDecoder(engine.tokenizer)
+        router = ChannelRouter.of(engine.tokenizer)  # gpt-oss: its reasoning to stderr, the answer to stdout
         token_ids: list[int] = []
         started = time.perf_counter()
         try:
@@ -173,7 +176,11 @@ def run(
                     if text == DEMO_PROMPT:
                         out.text(text)  # the default demo prompt: show what the model continues
                 token_ids.append(ev.token)
-                out.text(decoder.push(ev.token))
+                channel = FINAL if router is None else router.push(ev.token)
+                if channel == FINAL:
+                    out.text(decoder.push(ev.token))
+                elif channel is not None:
+                    out.reasoning(thoughts.push(ev.token))
         except KeyboardInterrupt:
             # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
             if token_ids:
