@@ -43,6 +43,10 @@ def test_a_draft_that_cannot_pay_is_not_loaded_and_run_says_why(cli):
     for n in ("8", "1"):  # one token is the prefill's: no decoding step, the plan's reason still said
         out = json.loads(cli("run", "-n", n, "--vram", f"{vram}B", "--json").stdout)
         assert out["governor_note"].startswith("speculation off:") and out["draft"] is None
+    out = json.loads(cli("run", "-n", "8", "--draft", "none", "--json").stdout)  # not "it does not pay"
+    assert out["governor_note"].startswith("no draft loaded: speculation is off")
+    out = json.loads(cli("run", "-n", "8", "--policy", "lru", "--json").stdout)  # the same keys, null
+    assert out["draft"] is None and out["spec_depths"] is None and out["governor_note"] is None
     # a fixed depth, a draft given by path or the run-time verdict keep it
     for opts in (dict(spec_depth="2"), dict(draft_verdict=False)):
         eng = Engine(DEMO_DIR, EngineOptions(backend="mock", policy="moespeq", vram=vram, **opts))
@@ -150,7 +154,7 @@ def test_a_fixed_depth_without_room_for_the_draft_says_so(cli):
     out = json.loads(cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4", "--json").stdout)
     assert set(out["spec_depths"]) == {0} and "does not fit in --ram" in out["governor_note"]
     out = json.loads(cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "0", "--json").stdout)
-    assert "governor_note" not in out  # k = 0 asked for: nothing to explain
+    assert out["governor_note"] is None  # k = 0 asked for: nothing to explain
 
 
 def test_a_release_on_the_cpu_says_the_slots_are_in_ram():

@@ -49,3 +49,13 @@ def test_view_fits_the_terminal(layers, experts, size):
     assert max(len(line) for line in lines) <= size[0]
     text = "\n".join(lines)
     assert "target" in text and "resident" in text and "tokens/s" in text
+
+
+def test_the_preview_sends_no_control_character_to_the_terminal():
+    """A model can generate ESC (and with it escape sequences): the preview line shows
+    line breaks as ⏎ and every other control character as U+FFFD."""
+    from moespeq_cli.profiling.live import printable
+
+    shown = printable("a\nb\x1b[31mc\x03\td\x7f\x85e é")
+    assert shown == "a ⏎ b\ufffd[31mc\ufffd d\ufffd\ufffde é"
+    assert not any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in shown)

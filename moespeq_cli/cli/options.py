@@ -137,7 +137,7 @@ Context = Annotated[
 
 Stop = Annotated[
     Optional[list[str]],
-    typer.Option("--stop", help="Stop the answer before this text (repeatable).", show_default=False),
+    typer.Option("--stop", help="Stop the answer before this text (repeatable).", show_default=False, metavar="<str>"),
 ]
 System = Annotated[Optional[str], typer.Option("--system", help="A system message for the conversation.")]
 

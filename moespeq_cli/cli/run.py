@@ -326,6 +326,9 @@ def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0)
     return prompt_ids
 
 
+NO_DRAFT = "no draft loaded: speculation is off (k = 0)"
+
+
 def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], wall: float | None = None) -> dict:
     """The DESIGN.md §7 object of ``run --json``; ``wall``: the generation's wall-clock
     seconds (beside the mock's virtual ones)."""
@@ -343,17 +346,19 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
     }
     if wall is not None:
         result["wall_seconds"] = round(wall, 4)
+    result |= {"draft": None, "spec_depths": None, "governor_note": None}  # the same keys whatever the policy
     if engine.scheduler is not None:
         from moespeq_cli.runtime.scheduling.governor import explain
 
         result["draft"] = engine.draft_source
         result["spec_depths"] = list(engine.governor.history)
         if engine.fixed_k is None:  # why speculation is off, when it is
-            off = None if engine.plan.has_draft else engine.plan.note  # the plan left the draft out: why
+            # the plan left the draft out (why), or none was asked for (--draft none)
+            off = None if engine.plan.has_draft else engine.plan.note or NO_DRAFT
             where = "in RAM" if engine.plan.compute_tier == "host" else "on the device"
             result["governor_note"] = explain(engine.governor, engine.draft_released, off, where)
         elif engine.fixed_k and not engine.plan.has_draft:  # a depth asked for, and no room for the draft
-            result["governor_note"] = engine.plan.note or "no draft loaded: speculation is off (k = 0)"
+            result["governor_note"] = engine.plan.note or NO_DRAFT
     return result
 
 

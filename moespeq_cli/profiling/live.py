@@ -11,6 +11,15 @@ from rich.text import Text
 LANE_WIDTH = 96  # lanes' width when the caller gives none
 
 
+_CONTROLS = {c: "\ufffd" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {ord("\n"): " ⏎ ", ord("\t"): " "}
+
+
+def printable(text: str) -> str:
+    """The generated text as the preview line shows it: line breaks as ⏎, and no control
+    character reaches the terminal (a model can generate ESC, and with it escape sequences)."""
+    return text.translate(_CONTROLS)
+
+
 def lanes(intervals, t_end: float, window: float, width: int = LANE_WIDTH) -> Text:
     """Character lanes over [t_end - window, t_end]: compute (target, draft, stall), copy,
     the host CPU when it computed experts, and the disk when experts are read from it."""
@@ -157,7 +166,7 @@ def render(
     title_map = f"experts {'in RAM' if cache.name == 'RAM' else 'on the device'}: ■ resident ◆ in flight × missed" + (
         " ▪ in RAM" if host is not None else ""
     )
-    preview = text.replace("\n", " ⏎ ")[-(inner - 1) :]
+    preview = printable(text)[-(inner - 1) :]
     body = Group(
         Text(preview, style="white", no_wrap=True, overflow="ellipsis"),
         Text(""),
