@@ -193,6 +193,8 @@ def run(
                     out.end_text()
                     out.stats_line(result)
             raise
+    if router is not None:
+        out.reasoning(thoughts.flush())
     out.text(decoder.flush())
     result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
     if trace is not None:
