@@ -66,18 +66,18 @@ def complete(
     answer: Answer | None = None,
     reuse: bool = False,
     on_reasoning: Callable[[str], None] | None = None,
+    channels: bool = False,
 ) -> Answer:
     """Generate one answer into ``answer`` (a new one by default), streaming its text to
     ``on_text``; ``cancelled()`` is asked after each token (a client that went away). A
     harmony model's (gpt-oss) reasoning goes to ``answer.reasoning`` and ``on_reasoning``,
-    its final channel is the answer (harmony.py); stop strings apply to the answer.
+    its final channel is the answer (harmony.py), with ``channels`` (the prompt rendered
+    by the chat template); stop strings apply to the answer.
     Ctrl-C (KeyboardInterrupt) closes the generator and propagates; what was generated
     so far is in the ``answer`` the caller passed."""
-    from moespeq_cli.harmony import FINAL, ChannelRouter
-    from moespeq_cli.tokenizer import StreamDecoder
+    from moespeq_cli.harmony import Split
 
-    decoder, stop = StreamDecoder(engine.tokenizer), StopMatcher(stops or [])
-    router, thoughts = ChannelRouter.of(engine.tokenizer), StreamDecoder(engine.tokenizer)
+    split, stop = Split(engine.tokenizer, channels), StopMatcher(stops or [])
     answer = answer if answer is not None else Answer()
     events: Iterator = engine.generate(prompt_ids, max_new_tokens, sampling, reuse=reuse)
     try:
@@ -86,29 +86,26 @@ def complete(
                 answer.finish_reason = "stop"
                 break
             answer.token_ids.append(ev.token)
-            channel = FINAL if router is None else router.push(ev.token)
-            if channel == FINAL:
-                piece = stop.push(decoder.push(ev.token))
-                answer.text += piece
-                if piece and on_text:
-                    on_text(piece)
-                if stop.stopped:
-                    answer.finish_reason = "stop"
-                    break
-            elif channel is not None:
-                thought = thoughts.push(ev.token)
-                answer.reasoning += thought
-                if thought and on_reasoning:
-                    on_reasoning(thought)
+            piece, thought = split.push(ev.token)
+            answer.reasoning += thought
+            if thought and on_reasoning:
+                on_reasoning(thought)
+            piece = stop.push(piece)
+            answer.text += piece
+            if piece and on_text:
+                on_text(piece)
+            if stop.stopped:
+                answer.finish_reason = "stop"
+                break
             if cancelled is not None and cancelled():
                 break
     finally:
         events.close()
-    thought = thoughts.flush() if router is not None else ""
+    rest, thought = split.flush()
     answer.reasoning += thought
     if thought and on_reasoning:
         on_reasoning(thought)
-    tail = stop.push(decoder.flush()) + stop.flush()
+    tail = stop.push(rest) + stop.flush()
     if stop.stopped:  # the stop string completed in the decoder's last bytes
         answer.finish_reason = "stop"
     answer.text += tail

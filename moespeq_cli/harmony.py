@@ -6,8 +6,10 @@ calls go to ``commentary``). Decoded with the special tokens skipped, the marker
 and the channel names and the reasoning run into the answer ("analysisThe user greets
 me...assistantfinalHello!"). ``ChannelRouter`` follows the markers token by token, so that
 the answer shown (``chat``, the server's ``content``) is the final channel and the rest is
-reasoning (the server's ``reasoning_content``). A tokenizer without the markers gets no
-router: every token is the answer.
+reasoning (the server's ``reasoning_content``). Only an answer to a prompt rendered by
+the chat template is split (the template ends the prompt outside any message; a raw
+prompt may end anywhere), and a tokenizer without the markers gets no router: every token
+is the answer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ChannelRouter:
         self.mode = "body"  # body, role (after <|start|>) or header (after <|channel|>)
         self.channel = FINAL  # text before any marker is the answer (a model that skips them)
         self.header: list[int] = []
+        self.messages = 0  # messages begun (<|message|> seen)
 
     @classmethod
     def of(cls, tokenizer) -> ChannelRouter | None:
@@ -48,10 +51,50 @@ class ChannelRouter:
                 words = self.decode(self.header).split()
                 self.channel = words[0] if words else FINAL
             self.mode = "body"
+            self.messages += 1
         elif token == self.end:
-            self.mode, self.channel = "role", FINAL  # what comes next names its role and channel
+            self.mode, self.channel = "body", FINAL  # <|start|> comes next; text without it is shown
         elif self.mode == "header":
             self.header.append(token)
         elif self.mode == "body":
             return self.channel
         return None
+
+
+class Split:
+    """A generated answer's text as it streams, the answer and the reasoning apart
+    (``channels`` false or no markers: all of it the answer). Each reasoning message is
+    decoded on its own, a line between two (a tool call's arguments after the analysis)."""
+
+    def __init__(self, tokenizer, channels: bool):
+        from moespeq_cli.tokenizer import StreamDecoder
+
+        self.decoder = StreamDecoder
+        self.tokenizer = tokenizer
+        self.router = ChannelRouter.of(tokenizer) if channels else None
+        self.answer = StreamDecoder(tokenizer)
+        self.thoughts = None  # the reasoning message's decoder
+        self.message = -1
+        self.said = False  # some reasoning given already
+
+    def push(self, token: int) -> tuple[str, str]:
+        """-> (the answer's new text, the reasoning's)."""
+        channel = FINAL if self.router is None else self.router.push(token)
+        if channel == FINAL:
+            return self.answer.push(token), ""
+        if channel is None:
+            return "", ""
+        text = ""
+        if self.router.messages != self.message:  # a reasoning message begins
+            text = self._end_message()
+            text += "\n" if self.said or text else ""
+            self.message, self.thoughts = self.router.messages, self.decoder(self.tokenizer)
+        text += self.thoughts.push(token)
+        self.said = self.said or bool(text)
+        return "", text
+
+    def _end_message(self) -> str:
+        return self.thoughts.flush() if self.thoughts is not None else ""
+
+    def flush(self) -> tuple[str, str]:
+        return self.answer.flush(), self._end_message()

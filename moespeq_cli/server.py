@@ -66,6 +66,7 @@ class Job:
     stops: list[str]
     on_text: object = None  # called from the worker thread with each text piece
     on_reasoning: object = None  # and with each piece of a harmony model's reasoning (gpt-oss)
+    channels: bool = False  # a chat request through the template: a harmony model's channels apart
     cancelled: bool = False  # the client went away
     answer: Answer = field(default_factory=Answer)
     stats: dict | None = None
@@ -141,6 +142,7 @@ class Worker:
                         answer=job.answer,
                         reuse=True,  # a conversation's earlier turns are not prefilled again
                         on_reasoning=job.on_reasoning,
+                        channels=job.channels,
                     )
                     job.stats = stats_of(self.engine)
                     a = job.answer
@@ -432,6 +434,7 @@ def build_app(
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         job = Job(prompt_ids, max_tokens, sampling, stops)
+        job.channels = chat and bool(tok.chat_template)  # /v1/completions: the raw text, as prompted
         if stream:
             job.on_text = lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)
             if chat:  # reasoning as vLLM and llama.cpp stream it: ``delta.reasoning_content``
@@ -530,7 +533,8 @@ def build_app(
                     yield event([first])
                 while (text := await pieces.get()) is not None:
                     if isinstance(text, tuple):  # (REASONING, text)
-                        yield event([{"index": 0, "delta": {"reasoning_content": text[1]}, "finish_reason": None}])
+                        reasoning = {"index": 0, "delta": {"reasoning_content": text[1]}, "finish_reason": None}
+                        yield event([reasoning | {"logprobs": None}])
                     else:
                         yield event([piece(text)])
                 if isinstance(job.error, ApiError):

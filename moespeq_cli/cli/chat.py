@@ -170,6 +170,7 @@ def chat(
                 answer=answer,
                 reuse=True,
                 on_reasoning=out.reasoning,
+                channels=bool(engine.tokenizer.chat_template),
             )
         except KeyboardInterrupt:
             note("\n(stopped)")

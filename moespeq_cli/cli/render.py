@@ -113,6 +113,10 @@ class Renderer:
         self._last = chunk[-1]
 
     def end_text(self) -> None:
+        if self._thinking:  # reasoning and no answer after it: end its line
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._thinking = False
         if self._last != "\n":
             sys.stdout.write("\n")
             sys.stdout.flush()

@@ -144,7 +144,7 @@ def run(
     options = o.engine_options(locals())
     out = Renderer(json_mode=json_out)
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
-        from moespeq_cli.tokenizer import StreamDecoder
+        from moespeq_cli.harmony import Split
 
         check_outputs({"--trace": trace}, model, prompt_file, hardware, draft)
         sampling = sampling_params(temperature, top_p, top_k, seed)
@@ -159,10 +159,8 @@ def run(
             status=status,
             **options,
         )
-        from moespeq_cli.harmony import FINAL, ChannelRouter
-
-        decoder, thoughts = StreamDecoder(engine.tokenizer), StreamDecoder(engine.tokenizer)
-        router = ChannelRouter.of(engine.tokenizer)  # gpt-oss: its reasoning to stderr, the answer to stdout
+        templated = bool(engine.tokenizer.chat_template) if chat is None else chat  # as encode_prompt decides
+        split = Split(engine.tokenizer, templated)  # gpt-oss: its reasoning to stderr, the answer to stdout
         token_ids: list[int] = []
         started = time.perf_counter()
         try:
@@ -176,11 +174,9 @@ def run(
                     if text == DEMO_PROMPT:
                         out.text(text)  # the default demo prompt: show what the model continues
                 token_ids.append(ev.token)
-                channel = FINAL if router is None else router.push(ev.token)
-                if channel == FINAL:
-                    out.text(decoder.push(ev.token))
-                elif channel is not None:
-                    out.reasoning(thoughts.push(ev.token))
+                piece, thought = split.push(ev.token)
+                out.reasoning(thought)
+                out.text(piece)
         except KeyboardInterrupt:
             # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
             if token_ids:
@@ -189,13 +185,15 @@ def run(
                 if json_out:
                     sys.stdout.write(json.dumps(result) + "\n")
                 else:
-                    out.text(decoder.flush())
+                    rest, thought = split.flush()
+                    out.reasoning(thought)
+                    out.text(rest)
                     out.end_text()
                     out.stats_line(result)
             raise
-    if router is not None:
-        out.reasoning(thoughts.flush())
-    out.text(decoder.flush())
+    rest, thought = split.flush()
+    out.reasoning(thought)
+    out.text(rest)
     result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
     if trace is not None:
         write_trace(engine, trace, result)
