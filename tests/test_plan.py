@@ -66,6 +66,7 @@ def test_three_tiers_when_ram_is_short(cli):
     assert r.exit_code == 0 and "disk only" in r.stdout
     bad = cli("plan", *args, "--ram", "100MB")
     assert bad.exit_code == 0 and "cannot hold 2 expert slots" in bad.stdout  # every row refused, with the reason
+    assert bad.stdout.count("cannot hold 2 expert slots") == 1  # one reason said once, for all it refuses
 
 
 BUDGETS = {

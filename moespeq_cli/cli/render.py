@@ -249,6 +249,7 @@ def bench_table(report: dict) -> None:
 def plan_table(report: dict) -> None:
     """``moespeq plan``: one row per policy (placement and modelled tokens/s)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from moespeq_cli.runtime.planning.hardware import format_size
@@ -272,11 +273,11 @@ def plan_table(report: dict) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col == "policy" else "right")
     best = max((r["estimate"]["tokens_per_s"] for r in report["policies"] if r["fits"]), default=None)
-    refused = []
+    refused: dict[str, list[str]] = {}  # reason -> the policies it refuses (said once)
     for r in report["policies"]:
         if not r["fits"]:
             table.add_row(r["policy"], "[red]does not fit[/red]", *[""] * (len(cols) - 2))
-            refused.append(f"{r['policy']}: {r['reason']}")
+            refused.setdefault(r["reason"], []).append(r["policy"])
             continue
         p, e = r["plan"], r["estimate"]
         draft = f"{p['draft_device_experts']} ({format_size(p['draft_bytes'])})" if p["draft_bytes"] else "-"
@@ -298,8 +299,8 @@ def plan_table(report: dict) -> None:
             + ("; disk only: experts read from the checkpoint's files as needed" if disk else "")
             + ". +CPU: experts not on the device may be computed there."
         )
-    for line in refused:
-        console.print(f"[red]{line}[/red]")
+    for reason, policies in refused.items():
+        console.print(f"[red]{', '.join(policies)}: {escape(reason)}[/red]")
     for r in report["policies"]:
         if r["fits"] and r.get("note"):
             console.print(f"{r['policy']}: {r['note']}")
