@@ -14,6 +14,8 @@ is the answer.
 
 from __future__ import annotations
 
+from moespeq_cli.tokenizer import StreamDecoder
+
 START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
 FINAL = "final"
 
@@ -33,10 +35,7 @@ class ChannelRouter:
 
     @classmethod
     def of(cls, tokenizer) -> ChannelRouter | None:
-        tok = getattr(tokenizer, "tok", None)  # the tokenizers library's (engines in tests have none)
-        if tok is None:
-            return None
-        ids = {m: tok.token_to_id(m) for m in (START, CHANNEL, MESSAGE, END)}
+        ids = {m: tokenizer.tok.token_to_id(m) for m in (START, CHANNEL, MESSAGE, END)}
         if any(i is None for i in ids.values()):
             return None
         return cls(ids, tokenizer.decode)
@@ -67,9 +66,6 @@ class Split:
     decoded on its own, a line between two (a tool call's arguments after the analysis)."""
 
     def __init__(self, tokenizer, channels: bool):
-        from moespeq_cli.tokenizer import StreamDecoder
-
-        self.decoder = StreamDecoder
         self.tokenizer = tokenizer
         self.router = ChannelRouter.of(tokenizer) if channels else None
         self.answer = StreamDecoder(tokenizer)
@@ -88,7 +84,7 @@ class Split:
         if self.router.messages != self.message:  # a reasoning message begins
             text = self._end_message()
             text += "\n" if self.said or text else ""
-            self.message, self.thoughts = self.router.messages, self.decoder(self.tokenizer)
+            self.message, self.thoughts = self.router.messages, StreamDecoder(self.tokenizer)
         text += self.thoughts.push(token)
         self.said = self.said or bool(text)
         return "", text

@@ -433,8 +433,9 @@ def build_app(
         obj = "chat.completion" if chat else "text_completion"
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
-        job = Job(prompt_ids, max_tokens, sampling, stops)
-        job.channels = chat and bool(tok.chat_template)  # /v1/completions: the raw text, as prompted
+        job = Job(
+            prompt_ids, max_tokens, sampling, stops, channels=chat and bool(tok.chat_template)
+        )  # completions: raw
         if stream:
             job.on_text = lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)
             if chat:  # reasoning as vLLM and llama.cpp stream it: ``delta.reasoning_content``

@@ -56,7 +56,8 @@ def calibrate(
         Optional[Path],
         typer.Option(
             "--out",
-            help="Where to write the profile. Default: ~/.cache/moespeq/profiles/calibrated-cpu.yaml (-gpu with CUDA).",
+            help="Where to write the profile (an existing file is replaced only if it is a hardware profile). "
+            "Default: ~/.cache/moespeq/profiles/calibrated-cpu.yaml (-gpu with CUDA).",
             show_default=False,
         ),
     ] = None,
@@ -64,7 +65,7 @@ def calibrate(
         Optional[Path],
         typer.Option(
             "--disk-dir",
-            help="A directory on the disk the models live on: a 512 MiB scratch file is written there, read back "
+            help="An existing directory on the disk the models live on: a 512 MiB scratch file is written there, read back "
             "with O_DIRECT, and removed. Default: moespeq's cache directory.",
             show_default=False,
         ),

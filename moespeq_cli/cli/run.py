@@ -159,8 +159,7 @@ def run(
             status=status,
             **options,
         )
-        templated = bool(engine.tokenizer.chat_template) if chat is None else chat  # as encode_prompt decides
-        split = Split(engine.tokenizer, templated)  # gpt-oss: its reasoning to stderr, the answer to stdout
+        split = Split(engine.tokenizer, uses_template(engine, chat))  # gpt-oss: reasoning to stderr, answer to stdout
         token_ids: list[int] = []
         started = time.perf_counter()
         try:
@@ -305,6 +304,12 @@ def prompt_text(name: str, prompt: str | None, prompt_file: Path | None) -> str:
     return read_prompt(prompt, prompt_file, default)
 
 
+def uses_template(engine, chat: bool | None) -> bool:
+    """Whether the prompt goes through the chat template: --chat / --no-chat, else when
+    the model has one."""
+    return bool(engine.tokenizer.chat_template) if chat is None else chat
+
+
 def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0) -> list[int]:
     """The prompt's token ids; a prompt that cannot fit the context even at the longest
     token per byte is refused before it is rendered or tokenized."""
@@ -313,8 +318,7 @@ def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0)
     # characters, at most its bytes) pays for the tokenizer's vocabulary scan.
     if len(text) > limit and (fewest := engine.tokenizer.min_tokens(text)) > limit:
         engine.context_for(fewest, max_new_tokens, at_least=True)
-    use_chat = bool(engine.tokenizer.chat_template) if chat is None else chat
-    prompt_ids = engine.tokenizer.encode(text, chat=use_chat)
+    prompt_ids = engine.tokenizer.encode(text, chat=uses_template(engine, chat))
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens; pass some text with --prompt")
     vocab = engine.ckpt.config.vocab_size

@@ -807,13 +807,15 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the package's: the demo model and its draft
+
+
 def bundled_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
     """The demo model's draft as shipped in the package (built by `moespeq quantize` with the
     defaults; checked against the demo by fingerprint when loaded), or None."""
-    package = Path(__file__).resolve().parents[1]
-    if Path(ckpt_path).resolve() != (package / "assets" / "demo").resolve():
+    if not is_demo(ckpt_path):
         return None
-    d = package / "assets" / f"demo-draft-{method}-b{blocksize}"
+    d = ASSETS / f"demo-draft-{method}-b{blocksize}"
     return d if (d / "manifest.json").is_file() else None
 
 
@@ -833,14 +835,19 @@ def drafts_of(ckpt_path: Path) -> list[Path]:
     size: beside it, in moespeq's cache, shipped with the demo (outputs must not replace
     their files)."""
     p = Path(ckpt_path).resolve()
-    prefix = glob.escape(f"{p.name}.moespeq-draft-")
-    key = hashlib.sha256(str(p).encode()).hexdigest()[:10]
-    found = glob.glob(os.path.join(glob.escape(str(p.parent)), prefix + "*"))
-    found += glob.glob(os.path.join(glob.escape(str(cache_dir() / "drafts")), f"{key}-{prefix}*"))
-    assets = Path(__file__).resolve().parents[1] / "assets"
-    if p == (assets / "demo").resolve():
-        found += glob.glob(os.path.join(glob.escape(str(assets)), "demo-draft-*"))
-    return [Path(d) for d in found]
+    prefix = f"{p.name}.moespeq-draft-"
+    places = [p.with_name(prefix), cached_draft(p, prefix)] + ([ASSETS / "demo-draft-"] if is_demo(p) else [])
+    return [Path(d) for where in places for d in glob.glob(glob.escape(str(where)) + "*")]
+
+
+def is_demo(ckpt_path: Path) -> bool:
+    """The demo model inside the installed package."""
+    return Path(ckpt_path).resolve() == (ASSETS / "demo").resolve()
+
+
+def cached_draft(ckpt: Path, name: str) -> Path:
+    """A draft's place in moespeq's cache: its name keyed by the checkpoint's resolved path."""
+    return cache_dir() / "drafts" / f"{hashlib.sha256(str(ckpt).encode()).hexdigest()[:10]}-{name}"
 
 
 def draft_name(ckpt_path: Path, method: str, blocksize: int) -> str:
@@ -861,8 +868,6 @@ def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
     ~/.cache/moespeq/drafts)."""
     p = Path(ckpt_path).resolve()
     name = draft_name(p, method, blocksize)
-    package = Path(__file__).resolve().parents[1]
-    if os.access(p.parent, os.W_OK) and package not in p.parents and not in_hub_cache(p):
+    if os.access(p.parent, os.W_OK) and ASSETS.parent not in p.parents and not in_hub_cache(p):
         return p.with_name(name)
-    cache = cache_dir() / "drafts"
-    return cache / f"{hashlib.sha256(str(p).encode()).hexdigest()[:10]}-{name}"
+    return cached_draft(p, name)
