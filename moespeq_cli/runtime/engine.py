@@ -76,6 +76,7 @@ class Engine:
         cpu = self.backend_name == "cpu"
         self.hw: HardwareProfile | None = None
         self.budget: int | None = None
+        self._step_models: dict = {}  # context -> step_model's pair (built once for both verdicts)
         if not cpu:
             if opts.hardware is None and self.backend_name == "cuda":
                 from moespeq_cli.runtime.planning.calibrate import cached_gpu_profile
@@ -289,14 +290,16 @@ class Engine:
 
     def step_model(self, context: int):
         """(the model on the meta device, the cost model of its decode step on this run's
-        hardware)."""
+        hardware), built once a context (the scratch and draft verdicts both price plans)."""
         from moespeq_cli.models import build_model
         from moespeq_cli.runtime.planning.estimate import StepModel
 
-        model = build_model(self.ckpt.arch, self.ckpt.raw_config, context, str(self.ckpt.path / "config.json"))
-        step = StepModel(model, self.ckpt.config, self.hw, self.storage_dtype, context)
-        step.draft_blocksize = self.opts.blocksize
-        return model, step
+        if context not in self._step_models:
+            model = build_model(self.ckpt.arch, self.ckpt.raw_config, context, str(self.ckpt.path / "config.json"))
+            step = StepModel(model, self.ckpt.config, self.hw, self.storage_dtype, context)
+            step.draft_blocksize = self.opts.blocksize
+            self._step_models[context] = model, step
+        return self._step_models[context]
 
     def scratch_verdict(self, plan: Plan, context: int, kw: dict) -> Plan:
         """``plan`` (with the draft's grouped calls' scratch), or the plan without it where by
