@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [[], ["pull"], ["quantize"], ["run"], ["chat"], ["serve"], ["profile"], ["bench"], ["plan"], ["calibrate"]]
 SHARED = ["run", "chat", "serve", "profile", "bench"]
 BEGIN, END = "<!-- shared-options:begin (scripts/gen_cli_docs.py) -->", "<!-- shared-options:end -->"
 
@@ -32,7 +31,12 @@ def render() -> str:
         "Generated from `--help` by `scripts/gen_cli_docs.py`; CI checks that it is current.",
         "",
     ]
-    for args in COMMANDS:
+    import typer.main
+
+    from moespeq_cli.cli.app import app
+
+    # every command, in the order `moespeq --help` lists them
+    for args in [[], *([name] for name in typer.main.get_command(app).commands)]:
         parts += [f"## `{' '.join(['moespeq', *args])}`", "", "```text", help_text(args), "```", ""]
     return "\n".join(parts)
 

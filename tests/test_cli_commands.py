@@ -394,7 +394,7 @@ def test_help_paragraphs_wrap_at_the_terminals_width():
         "First line.\n\nOne paragraph over two lines.\n\nAnother."
     )
     commands = typer.main.get_command(app).commands
-    assert len(commands) == 9
+    assert len(commands) == 10
     for name, command in commands.items():
         assert command.help and all("\n" not in p for p in command.help.split("\n\n")), name
 

@@ -17,6 +17,8 @@ def hub(tiny, monkeypatch, tmp_path):
         "acme/tiny-olmoe": files,
         "acme/gated": dict(files),
         "acme/bin-only": {"config.json": files["config.json"], "pytorch_model.bin": b"x"},
+        "acme/plan-only": dict(files),
+        "acme/bert": {"config.json": b'{"model_type": "bert"}', "model.safetensors": files["model.safetensors"]},
     }
     import huggingface_hub.constants as hc
 
@@ -118,6 +120,50 @@ def test_list_aliases(cli):
         "qwen3.6-moe",
         "gemma-4-26b",
     }
+
+
+def test_list_shows_what_runs_offline(hub, cli):
+    for args in (["acme/tiny-olmoe"], ["acme/plan-only", "--config-only"], ["acme/bert"]):
+        assert cli("pull", *args).exit_code == 0
+    assert cli("quantize", "acme/tiny-olmoe").exit_code == 0
+    r = cli("list", "--json")
+    assert r.exit_code == 0, r.stderr
+    listed = json.loads(r.stdout)
+    models = {m["name"]: m for m in listed["models"]}
+    assert list(models) == ["demo", "acme/plan-only", "acme/tiny-olmoe"]  # the demo, then by name
+    assert listed["other_repos"] == ["acme/bert"]  # an architecture moespeq does not run
+    olmoe, plan_only = models["acme/tiny-olmoe"], models["acme/plan-only"]
+    assert olmoe["model_type"] == "olmoe" and olmoe["weights"] and not plan_only["weights"]
+    assert olmoe["size_bytes"] > plan_only["size_bytes"] > 0
+    assert len(olmoe["drafts"]) == 1 and olmoe["draft_bytes"] > 0 and plan_only["drafts"] == []
+    from pathlib import Path
+
+    assert Path(olmoe["path"], "config.json").is_file()
+    # What `list` names, `run` takes, offline.
+    r = cli("run", olmoe["name"], "-p", "hi", "-n", "2", "--backend", "cpu", "--json")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["token_ids"]) == 2
+    table = cli("list").stdout
+    assert "acme/tiny-olmoe" in table and "config only" in table and "acme/bert" in table
+
+
+def test_list_says_ages_as_ollama_does():
+    from moespeq_cli.cli.listing import ago
+
+    assert [ago(s) for s in (5, 61, 7200, 3 * 86400, 8 * 86400, 400 * 86400)] == [
+        "just now",
+        "1 minute ago",
+        "2 hours ago",
+        "3 days ago",
+        "1 week ago",
+        "1 year ago",
+    ]
+
+
+def test_list_with_a_file_for_a_cache(cli, monkeypatch, tmp_path):
+    (tmp_path / "cache").write_text("not a directory")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    r = cli("list")
+    assert r.exit_code == 1 and "not a directory" in r.stderr and "HF_HUB_CACHE" in r.stderr
 
 
 def test_pull_without_model(cli):
