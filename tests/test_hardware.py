@@ -46,7 +46,7 @@ def write(tmp_path, body):
     return str(p)
 
 
-GOOD = open(__file__.replace("tests/test_hardware.py", "profiles/rtx3060-12gb.yaml")).read()
+GOOD = open(__file__.replace("tests/test_hardware.py", "moespeq_cli/profiles/rtx3060-12gb.yaml")).read()
 
 
 def test_custom_profile_path(tmp_path):

@@ -48,7 +48,7 @@ Hardware = Annotated[
     Optional[str],
     typer.Option(
         "--hardware",
-        help="Hardware profile name (profiles/*.yaml) or a path to one (`moespeq calibrate` writes one for this "
+        help="Hardware profile name (`moespeq plan --list-hardware`) or a path to one (`moespeq calibrate` writes one for this "
         "machine): timing and default memory. Default: rtx3060-12gb on the mock; with CUDA, this GPU's own "
         "calibration, measured once and cached.",
         show_default=False,

@@ -1,4 +1,4 @@
-"""Hardware profiles (``profiles/*.yaml``) and memory sizes.
+"""Hardware profiles (``moespeq_cli/profiles/*.yaml``, shipped in the wheel) and memory sizes.
 
 A profile holds the figures the mock backend's timing model and the planner need, each
 with its source in a comment in the YAML. Loading validates every field: an unknown
@@ -215,7 +215,7 @@ def profiles_dir() -> Path:
     env = os.environ.get("MOESPEQ_PROFILES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "profiles"
+    return Path(__file__).resolve().parents[2] / "profiles"  # moespeq_cli/profiles, shipped in the wheel
 
 
 def available_profiles() -> list[str]:
@@ -224,7 +224,7 @@ def available_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
-    """A profile by name (``profiles/NAME.yaml``) or by the path of a .yaml file."""
+    """A profile by name (``moespeq_cli/profiles/NAME.yaml``) or by the path of a .yaml file."""
     if not name_or_path.strip():
         raise UsageError(
             f"--hardware is empty; give a profile name ({', '.join(available_profiles())}) or a .yaml path"
@@ -302,7 +302,7 @@ def parse_profile(path: Path) -> HardwareProfile:
             continue
         if f not in data or data[f] is None:
             raise UsageError(
-                f"hardware profile {path}: field {f!r} is missing; add it (profiles/*.yaml show the format, "
+                f"hardware profile {path}: field {f!r} is missing; add it (the profiles in moespeq_cli/profiles/ show the format, "
                 "`moespeq calibrate` writes a whole profile for this machine)"
             )
         v = data[f]
