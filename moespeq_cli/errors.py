@@ -1,5 +1,5 @@
 """Domain errors. The library raises these; the CLI turns each into one line on stderr
-with a remedy (cli/errors.py). ``exit_code`` follows DESIGN.md §7: 1 runtime, 2 usage."""
+with a remedy (cli/errors.py). ``exit_code`` follows docs/design.md §7: 1 runtime, 2 usage."""
 
 from __future__ import annotations
 

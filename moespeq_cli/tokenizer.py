@@ -2,7 +2,8 @@
 its end-of-sequence ids.
 
 Chat templates: the checkpoint's Jinja2 template (``chat_template.jinja``, else
-``tokenizer_config.json``'s ``chat_template``: ``find_chat_template``). With
+``tokenizer_config.json``'s ``chat_template``, else ``chat_template.json``'s:
+``find_chat_template``). With
 ``chat=True`` the prompt becomes one user message rendered through it (with the
 generation prompt appended); the rendered text already holds the special tokens, so it
 is encoded without adding them again. With ``chat=False`` the prompt is encoded as is,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The disk-tier benchmark: every policy for real, experts read from disk into a RAM budget,
-on the wall clock (a benchmark, not a test; DESIGN.md §9).
+on the wall clock (a benchmark, not a test; docs/design.md §9).
 
 It builds (once, in build/disk-bench) a Mixtral-shaped bf16 checkpoint of 1.58 GB with
 random weights (hidden 1024, expert intermediate 3584, 8 layers, 8 experts, top-2: 64

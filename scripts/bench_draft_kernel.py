@@ -1,5 +1,5 @@
 """Which 4-bit kernel can run the self-draft's experts on this CPU faster than the bf16
-target's own expert? (a benchmark, not a test; DESIGN.md §9, issue: a draft that pays
+target's own expert? (a benchmark, not a test; docs/design.md §9, issue: a draft that pays
 on the CPU).
 
 For one projection of ``--hidden`` x ``--inter`` and every batch size verification uses

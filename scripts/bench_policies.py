@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The MoE-SpeQ benchmark: every policy side by side, on the demo model and on a
-Mixtral-shaped checkpoint, on simulated RTX 3060 12GB and RTX 4090 24GB cards, at "same
+Mixtral-shaped checkpoint, on simulated RTX 3060 12GB, RTX 4090 24GB and H100 PCIe cards
+(``--hardware``), at "same
 memory" (SM: --vram = fixed part + half of the routed experts' full-precision bytes;
 moespeq pays its 4-bit draft out of it) and "same cache" (SC: the same full-precision
 slots for everyone; moespeq gets the draft on top). 128 new tokens by default, as

@@ -62,7 +62,7 @@ def stats_for(path, policy, slots, prompt):
 
 
 def test_policy_figures_on_the_mock_clock(tiny):
-    """One tiny model, one budget: the orderings DESIGN.md §4 predicts."""
+    """One tiny model, one budget: the orderings docs/design.md §4 predicts."""
     path, _ = tiny("mixtral", "top3")  # 2 layers x 8 experts, top-3
     prompt = prompt_for(7, 12)
     slots = 6  # of 16: the warm start holds 3 per layer, so experts move

@@ -119,7 +119,7 @@ def chat(
         max_new_tokens = min(ANSWER_TOKENS, ctx // 2)
     out = Renderer(json_mode=json_out)
     if engine.plan is not None and not json_out:
-        out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
+        out.plan(engine.plan, engine.hw, engine.threads_note)
     convo = Conversation(engine.tokenizer, ctx, system)
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:

@@ -1,4 +1,6 @@
-"""Options shared by run / profile / bench (DESIGN.md §7), defined once."""
+"""The CLI's options, defined once: those run, chat, serve, profile, bench and plan share
+(the README's table of them is generated from these), and chat's own (``AnswerTokens``,
+``Stop``, ``System``, ``ChatJson``)."""
 
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ class Renderer:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
-    def plan(self, plan, hw, draft: str | None = None, note: str | None = None) -> None:
+    def plan(self, plan, hw, note: str | None = None) -> None:
         from rich.console import Console
 
         from moespeq_cli.runtime.planning.hardware import beyond_device, format_size

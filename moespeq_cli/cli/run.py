@@ -169,7 +169,7 @@ def run(
                     # (NaN weights, say) is the only line on stderr.
                     status.stop()
                     if engine.plan is not None:
-                        out.plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
+                        out.plan(engine.plan, engine.hw, engine.threads_note)
                     if text == DEMO_PROMPT:
                         out.text(text)  # the default demo prompt: show what the model continues
                 token_ids.append(ev.token)
@@ -334,7 +334,7 @@ NO_DRAFT = "no draft loaded: speculation is off (k = 0)"
 
 
 def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], wall: float | None = None) -> dict:
-    """The DESIGN.md §7 object of ``run --json``; ``wall``: the generation's wall-clock
+    """The docs/design.md §7 object of ``run --json``; ``wall``: the generation's wall-clock
     seconds (beside the mock's virtual ones)."""
     result = {
         "model": name,

@@ -66,7 +66,7 @@ def serve(
     sock = listening_socket(host, port)  # before minutes of loading, not after; held, so --port 0's stays ours
     name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
     if engine.plan is not None:
-        Renderer().plan(engine.plan, engine.hw, engine.draft_source, engine.threads_note)
+        Renderer().plan(engine.plan, engine.hw, engine.threads_note)
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens, ctx - 1))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = HaltingServer(config)

@@ -1,6 +1,7 @@
 """Architectures, one file per Hugging Face ``model_type``.
 
-``ARCHITECTURES`` maps config.json's ``model_type`` to the module that implements it.
+``ARCHITECTURES`` maps each config.json ``model_type`` moespeq implements to the models it
+covers (for messages); ``architecture`` imports the module of that name.
 Each module has ``parse(cfg) -> MoEConfig`` and ``Model(cfg, context)``, a CausalLM
 whose parameter names are the checkpoint's.
 """

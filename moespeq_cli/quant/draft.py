@@ -4,7 +4,7 @@ Only the routed experts are quantized (bitsandbytes NF4 or FP4, blockwise absmax
 everything else the draft runs -- embeddings, attention, norms, routers, shared experts,
 LM head, and the KV cache -- is the target's own, shared at run time, never copied.
 
-Compute paths, chosen per device (DESIGN.md §9: the draft must run on the kernel that
+Compute paths, chosen per device (docs/design.md §9: the draft must run on the kernel that
 makes it cheap, and the simulator prices that kernel):
 
 - CPU: moespeq's own 4-bit kernel (``kernels.linear_nf4``, cpu_matvec.c): it reads the

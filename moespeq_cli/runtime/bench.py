@@ -1,4 +1,4 @@
-"""Policies side by side on one model, hardware profile and budget (DESIGN.md §4-§5).
+"""Policies side by side on one model, hardware profile and budget (docs/design.md §4-§5).
 
 Every policy generates the same tokens (greedy) from the same prompt on the same engine;
 the table compares time, hit rate, stall share and bytes moved, with each policy's

@@ -170,6 +170,7 @@ class Engine:
         self.dense_dtype = self.ckpt.config.dtype if kernels_here else self.device_dtype
         self.plan: Plan | None = None
         self.backend = None
+        self.hooks: list = []  # the model's cost hooks (``instrument``), taken off at close
         self.tiers = None
         self.cache = None
         self.target_exec = None
@@ -433,7 +434,11 @@ class Engine:
         return QuantizedExperts.quantize(self.ckpt, self.opts.quant_method, self.opts.blocksize, self.dtype)
 
     def close(self) -> None:
-        """Stop the backend's threads (the disk reader's). Safe to call twice."""
+        """Stop the backend's threads (the disk reader's) and take the model's cost hooks
+        off (they hold the backend). Safe to call twice."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
         if self.backend is not None:
             self.backend.close()
 

@@ -1,4 +1,4 @@
-"""GenerationStats: the ``stats`` object of ``run --json`` (DESIGN.md §7). Units are in the
+"""GenerationStats: the ``stats`` object of ``run --json`` (docs/design.md §7). Units are in the
 field names; a figure that does not apply to a run is None (null in JSON), never absent."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class GenerationStats:
 
 def fill_offload_stats(stats: GenerationStats, backend, tiers, plan, target) -> None:
     """The offloading figures of a run: hit rates, prefetch precision and recall, stall,
-    bytes moved, the CPU's share, and ``bound_ratio`` (DESIGN.md §5)."""
+    bytes moved, the CPU's share, and ``bound_ratio`` (docs/design.md §5)."""
     backend.finalize_timeline()
     cs = tiers.compute.stats
     stats.expert_hit_rate = cs.hit_rate

@@ -7,7 +7,7 @@ CPU), ``CudaBackend`` on a real GPU, and ``CpuBackend`` on the CPU alone, where 
 is the compute tier and the disk is the slow link (wall clock). The model code never
 sees any of them: it asks the expert cache for weights.
 
-Below host RAM is the disk (DESIGN.md §9): ``read`` brings an expert's bytes from the
+Below host RAM is the disk (docs/design.md §9): ``read`` brings an expert's bytes from the
 checkpoint's files into a host buffer on the disk "stream" (a pool of I/O threads on the
 real backends, a modelled link on the mock) and returns an event like a copy's. Every
 transfer takes ``after``: events it must not start before (the slot's last reader, the
@@ -227,9 +227,6 @@ class Backend(ABC):
     def now_event_time(self) -> float:
         """The compute stream's position in ``Event.time`` units."""
         return self.now()
-
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t
 
     def groups(self, act_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
         """Whether a layer's experts computed in ``act_dtype`` (really ``compute_dtype``

@@ -1,7 +1,7 @@
 """CpuBackend: offloading for real on a machine with no GPU, timed by the wall clock.
 
 Host RAM is the compute tier: its expert slots are what the CPU computes from, and the
-checkpoint's files on disk are the slow link below it (DESIGN.md §9). The backend
+checkpoint's files on disk are the slow link below it (docs/design.md §9). The backend
 interface maps one to one:
 
 - the compute stream is the Python thread itself: ``begin``/``end`` bracket what it

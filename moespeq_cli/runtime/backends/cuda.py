@@ -14,14 +14,14 @@ queries only), so the governor sees each cycle's stall as it runs.
 
 Host compute (hybrid execution): one worker thread is the host stream. A host job waits
 for an event recorded on the compute stream when the job was issued (its activations are
-then ready), copies them to the host on a side stream, runs the expert with torch CPU
-kernels (``--cpu-threads``) from the expert's pinned host copy, and copies the output back
+then ready), copies them to the host on a side stream, runs the expert with moespeq's CPU
+kernels where they build, else torch's (``--cpu-threads``), from the expert's pinned host copy, and copies the output back
 on another side stream; the compute stream waits on that copy's event only when it needs
 the output, so the GPU goes on computing resident experts meanwhile. Weights never cross
 the link. ``copy_eta`` / ``host_eta`` predict completion from the profile's figures and a
 ledger of what is queued on each stream.
 
-The disk tier (DESIGN.md §9): host expert buffers are ordinary memory registered with
+The disk tier (docs/design.md §9): host expert buffers are ordinary memory registered with
 CUDA (``pin``: ``cudaHostRegister`` of exactly their size, not the caching allocator's
 power-of-two blocks; backends/host_registry.py undoes each registration at ``close`` or
 when its memory goes). A read runs on the disk reader's I/O threads; before overwriting a
@@ -263,9 +263,6 @@ class CudaBackend(Backend):
 
     def record_release(self) -> Event:
         return Event(self.now(), cuda_event=self._event(self.compute_stream))
-
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=False)
 
     def upload(self, values: list[int]) -> torch.Tensor:
         # pinned (torch's caching host allocator keeps the block until the copy has run),

@@ -2,7 +2,7 @@
 
 On a GPU a decode step's experts are tiny kernels (an expert of Qwen3-30B-A3B is 9 MB:
 about 2 us of an H200's bandwidth) and the host's launches, 5-8 us each, set the speed.
-Computing each expert apart costs about ten launches an expert: 80 a layer at top-8.
+Computing each expert apart costs about seven launches an expert: 56 a layer at top-8.
 Here every expert a layer's tokens chose that sits in the device's slots is computed at
 once, whatever top-k is:
 

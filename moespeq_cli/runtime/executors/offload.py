@@ -14,7 +14,7 @@ are issued before the GPU starts on the resident experts, so both work at once. 
 expert the CPU computes must be in host RAM: with a disk tier its read comes first.
 With moespeq's CPU experts, resident experts the device would reach after the CPU could
 finish them go to the CPU too (``balance``): where the device's own work sets the
-layer's time (experts computed one by one are about ten launches each) both processors
+layer's time (experts computed one by one are about seven launches each) both processors
 then work on the layer, as ``hybrid``'s static split makes them; where the device waits
 for copies anyway, its resident experts are hidden behind them and stay.
 """

@@ -1,7 +1,7 @@
 """Counting the operations the code really dispatches.
 
 The mock backend prices every region of a forward pass by the ops it launched, not by a
-hand-kept constant per module (DESIGN.md §9: a simulator prices the code that runs). An
+hand-kept constant per module (docs/design.md §9: a simulator prices the code that runs). An
 ``OpCounter`` is a dispatch mode: every aten op the Python code calls passes through it
 and is counted as
 

@@ -9,7 +9,7 @@ kernels. Its time on a device is
   runs for that part (``moespeq calibrate``: seconds by batch size at two weight sizes,
   e.g. ``expert:bfloat16:float32``, the expert as the executor computes it), the curve at
   this part's tokens and weight bytes; otherwise the roofline ``max(flops / peak_flops,
-  bytes / mem_bandwidth)`` (DESIGN.md §3). Each part is priced on its own: sequential
+  bytes / mem_bandwidth)`` (docs/design.md §3). Each part is priced on its own: sequential
   kernels do not share one roofline.
 - ``ops``: the aten operations the region really dispatched (counted live on the mock,
   executors/opcount.py), or, where nothing counts them (``plan``), the part's estimate.

@@ -13,7 +13,7 @@ slots; the draft computes its other experts on the CPU from 4-bit host copies. W
 ``--no-cpu-experts`` a draft that does not fit is dropped (k = 0: the governor decodes
 with gate-prefetch or without, whichever it measures faster).
 
-Host RAM (``--ram``, DESIGN.md §9) is the budget of expert buffers in host memory: the
+Host RAM (``--ram``, docs/design.md §9) is the budget of expert buffers in host memory: the
 full-precision experts it holds and the 4-bit draft's experts that are not on the device.
 When every routed expert fits, they all stay in RAM (two tiers, as before); when not, RAM
 holds ``host_slots`` of them as a cache over the checkpoint's files (the disk tier). On

@@ -23,8 +23,8 @@ Eviction is lookahead-aware: an expert the ELB says this verification needs (at 
 not yet verified) is never evicted for a prefetch; among the rest the least recently
 used goes first. Verification loads on demand whatever the prediction missed; if a
 demand load finds only protected experts, the one needed farthest ahead (highest layer)
-is evicted. With k = 0 the target decodes alone with gate-prefetch, the best
-non-speculative prefetch.
+is evicted. With k = 0 the target decodes alone, with gate-prefetch or without it (plain
+LRU), whichever the governor measures faster (``governor.prefetch``).
 """
 
 from __future__ import annotations

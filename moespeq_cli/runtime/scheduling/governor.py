@@ -1,5 +1,5 @@
 """The speculative governor: picks the draft depth k each cycle by the Amortization
-Roofline Model (DESIGN.md §2, docs/governor.md).
+Roofline Model (docs/design.md §2, docs/governor.md).
 
     k_accept(k) = sum_{i=1..k} E[p^i]                    expected accepted draft tokens
     T_cycle(0)  = T_target(1) + T_io(0)                 plain decoding, exposed copies

@@ -1,4 +1,4 @@
-"""Offloading policies: what is copied when, and what is kept (DESIGN.md §4).
+"""Offloading policies: what is copied when, and what is kept (docs/design.md §4).
 
 Every policy runs in the same engine with the same cost model; a policy only decides
 copies and eviction.

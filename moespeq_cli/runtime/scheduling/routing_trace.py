@@ -1,7 +1,7 @@
 """RoutingTrace: what the target's routers chose so far, and the misses plain decoding
 would meet with more expert slots.
 
-Whether to give the draft's device memory to expert slots (DESIGN.md §2, docs/governor.md)
+Whether to give the draft's device memory to expert slots (docs/design.md §2, docs/governor.md)
 turns on one number: how many experts a token decoded without speculation would find
 missing with ``spare_slots`` more slots. Measuring it takes k = 0 cycles, one token each,
 and a handful of them is a noisy count (on a uniform router a token's misses vary by a
@@ -23,7 +23,7 @@ and every verified one -- says something about it, so this class keeps them:
 With ``sizes`` (the slots now and with the draft released) the trace also tallies how
 many of each token's experts one layer misses at each size: the stall a layer's copies
 leave depends on how many queue on the link at once, not on the token's total alone
-(``GovernorState.queued_stall_ratio``).
+(``governor.queued_stall_ratio``).
 
 Distances beyond ``depth`` (the most slots the governor asks about) count as far. A
 distance is the number of distinct keys used since the key's last use, plus one: a

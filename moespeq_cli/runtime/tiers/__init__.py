@@ -1,2 +1,2 @@
 """Where experts live: the disk tier (the checkpoint's files), host RAM and device slots,
-each a cache of the one below (DESIGN.md §9)."""
+each a cache of the one below (docs/design.md §9)."""

@@ -1,6 +1,6 @@
 """ExpertCache: N slots of one memory tier, caching experts of the tier below.
 
-Every tier above the disk is one of these (DESIGN.md §9): the device's expert slots
+Every tier above the disk is one of these (docs/design.md §9): the device's expert slots
 (filled by copies from host RAM), and host RAM itself when the experts do not all fit
 there (filled by reads from the checkpoint's files). The cache does not know which it
 is: it asks its ``fill`` function to bring an expert into a slot and remembers the

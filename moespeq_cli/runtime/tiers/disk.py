@@ -1,6 +1,6 @@
 """The disk tier: routed experts read straight from the checkpoint's safetensors files.
 
-This is the bottom of the memory hierarchy (DESIGN.md §9: disk -> host RAM -> device).
+This is the bottom of the memory hierarchy (docs/design.md §9: disk -> host RAM -> device).
 A safetensors file is an 8-byte header length, a JSON header naming each tensor's byte
 range, then the raw bytes, so every expert is a known extent of a file and, in the
 files Hugging Face writes (tensors sorted by name), its gate, up and down projections are

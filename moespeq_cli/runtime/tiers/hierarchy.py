@@ -1,6 +1,6 @@
 """ExpertTiers: the memory hierarchy of one run, disk -> host RAM -> device.
 
-Each tier is an ``ExpertCache`` of the one below (DESIGN.md §9):
+Each tier is an ``ExpertCache`` of the one below (docs/design.md §9):
 
 - **disk**: the checkpoint's safetensors files (``DiskExperts``: every expert is a known
   extent, usually one read), read without the page cache;

@@ -1,7 +1,12 @@
-"""ExpertStore: the host copy of every routed expert, one contiguous buffer per expert
-(its parts as stored, flattened end to end: gate | up | down for most families,
-models/expert_format.py), so that moving an expert is one copy. Pinned on CUDA so
-copies can run asynchronously at full link speed."""
+"""ExpertStore: every routed expert in memory, one contiguous buffer per expert (its parts
+as stored, flattened end to end: gate | up | down for most families,
+models/expert_format.py).
+
+It is the ``cpu`` backend's reference for a model whose experts all fit in RAM
+(``InMemoryExperts``, executors/experts.py) and the tests' oracle for the other tiers'
+bytes. The offloading runtime's host RAM is not this: it is an ``ExpertCache`` of slots
+filled by reads from disk (tiers/hierarchy.py), in page-aligned blocks that CUDA
+page-locks in place, exactly their size (backends/host_registry.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +21,9 @@ from moespeq_cli.runtime.tiers.disk import misaligned
 
 
 class ExpertStore:
-    def __init__(
-        self, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False, storage_dtype: torch.dtype | None = None
-    ):
-        """``dtype``: the buffers' dtype (the numerics); ``storage_dtype``: the dtype the
-        device holds, which sets the bytes a copy moves (the mock computes in float32 while
-        simulating a bf16 GPU)."""
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
+        """``dtype``: the buffers' dtype (the numerics); a compact format (FP8, MXFP4) is
+        kept as its stored bytes."""
         c = self.config = ckpt.config
         ckpt.check_experts()
         fmt = c.expert_format
@@ -33,16 +35,15 @@ class ExpertStore:
         ]
         self._starts = [sum(sizes[:p]) for p in range(len(sizes))]
         if fmt.compact:
-            dtype = storage_dtype = torch.uint8
+            dtype = torch.uint8
             if not aligned(sizes, self.part_dtypes, range(len(sizes))):
                 raise CheckpointError(misaligned(ckpt.path))
         self.dtype = dtype
-        self.storage_dtype = storage_dtype or dtype
         self.numel = c.expert_bytes(1) if fmt.compact else c.expert_params
-        self.nbytes = self.numel * torch.empty(0, dtype=self.storage_dtype).element_size()
+        self.nbytes = self.numel * dtype.itemsize
         self.packed: dict[int, torch.Tensor] = {}
         for layer in c.moe_layers:
-            buf = torch.empty(c.num_experts, self.numel, dtype=dtype, pin_memory=pin)  # [E, parts]
+            buf = torch.empty(c.num_experts, self.numel, dtype=dtype)  # [E, parts]
             for e in range(c.num_experts):
                 pos = 0
                 for part in ckpt.expert(layer, e, None if fmt.compact else dtype):
@@ -57,7 +58,3 @@ class ExpertStore:
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A packed expert buffer -> its parts (e.g. gate [I, H], up [I, H], down [H, I]) as views."""
         return views_at(flat, self._starts, self.config.expert_shapes(), self.part_dtypes)
-
-    @property
-    def total_bytes(self) -> int:
-        return self.nbytes * self.config.num_experts * len(self.config.moe_layers)
