@@ -241,7 +241,8 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
 
     if body.get("stream_options") is not None and body.get("stream") is not True:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "invalid_value", "stream_options")
-    if body.get("n", 1) != 1:
+    n = body.get("n")  # null: the default, 1
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
     refuse_unsupported(body)
     room = context - prompt_len
@@ -296,6 +297,8 @@ def chat_messages(body: dict) -> list[dict]:
             ):
                 raise ApiError(400, f"messages[{i}] has content that is not text", "invalid_value", "messages")
             content = "".join(p["text"] for p in content)
+        if content is None and m["role"] == "assistant":  # OpenAI's: an assistant turn of tool calls only
+            content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] needs 'content' as a string", "invalid_value", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
@@ -364,7 +367,7 @@ def build_app(
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_json")
@@ -574,7 +577,13 @@ def build_app(
         encoder.shutdown(wait=False, cancel_futures=True)
 
     async def http_error(request, exc: HTTPException):
-        """Starlette's own 404 (no such route) and 405 (wrong method), as OpenAI errors."""
+        """Starlette's own 404 (no such route) and 405 (wrong method), as OpenAI errors; under
+        /v1/ the key is checked first, as OpenAI does (no route is told to a client without it)."""
+        try:
+            if request.url.path.startswith("/v1/"):
+                check_key(request)
+        except ApiError as e:
+            return error(request, e)
         return error(request, ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
     app = Starlette(

@@ -48,11 +48,11 @@ def tail(log: IO[bytes]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--backend", default="mock")
-    ap.add_argument("--requests", type=positive(int), default=32)
-    ap.add_argument("--clients", type=positive(int), default=8)
-    ap.add_argument("--max-tokens", type=positive(int), default=32)
+    ap.add_argument("--model", default=None, help="what `moespeq serve` serves (default: the demo)")
+    ap.add_argument("--backend", default="mock", help="serve's --backend (default: mock)")
+    ap.add_argument("--requests", type=positive(int), default=32, help="chat completions to send in all (default: 32)")
+    ap.add_argument("--clients", type=positive(int), default=8, help="clients sending at once (default: 8)")
+    ap.add_argument("--max-tokens", type=positive(int), default=32, help="max_tokens of each request (default: 32)")
     ap.add_argument("--timeout", type=positive(float), default=300.0, help="seconds for the whole run, start included")
     args = ap.parse_args()
     import openai
@@ -77,7 +77,10 @@ def main() -> None:
                 model = c.with_options(timeout=max(end - time.time(), 0.5)).models.list().data[0].id
                 break
             except openai.APIConnectionError:
-                if proc.poll() is not None or time.time() > end:
+                if proc.poll() is not None:  # it exited: its own error says why (exit 2: a usage error)
+                    print(f"load_serve: the server failed to start: {tail(log)}", file=sys.stderr)
+                    sys.exit(2 if proc.returncode == 2 else 1)
+                if time.time() > end:
                     proc.kill()
                     proc.wait()
                     sys.exit(f"load_serve: the server did not start within {args.timeout:g} s: {tail(log)}")

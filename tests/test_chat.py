@@ -54,6 +54,21 @@ def test_piped_conversation_keeps_the_history(chat_ckpt):
     assert r.stdout == f"{first}\n{second}\n"
 
 
+def test_crlf_lines_are_the_same_messages(chat_ckpt):
+    """A conversation saved on Windows: the carriage return is not part of a message. (A
+    real pipe: the test runner's input stream translates newlines, a process's does not.)"""
+    import subprocess
+    import sys
+
+    def piped(data: bytes) -> bytes:
+        cmd = [sys.executable, "-m", "moespeq_cli", "chat", str(chat_ckpt), "--backend", "cpu", "-n", "8"]
+        r = subprocess.run(cmd, input=data, capture_output=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert piped(b"hello\r\nand then\r\n/exit\r\n") == piped(b"hello\nand then\n")
+
+
 def test_json_lines_one_object_per_answer(chat_ckpt):
     """--json: a script piping a conversation reads each answer whole, whatever its text."""
     r = chat(chat_ckpt, "hello\n/stats\nand then\n", "--json")

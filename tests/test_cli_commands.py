@@ -432,3 +432,22 @@ def test_the_loading_line_steps_aside(monkeypatch):
     text = err.getvalue()
     assert "loading demo" in text[:before] and during == ""
     assert "note: --cpu-threads has no effect here\n" in text and "demo: reading the prompt" in text
+
+
+def test_a_silent_pipe_is_said_to_give_the_default_prompt(monkeypatch, capsys):
+    """An open pipe that sends nothing is not a prompt, and the run says so (it used the
+    default quietly: a prompt piped late looked ignored); one that closes empty says nothing."""
+    import os
+    import sys
+
+    from moespeq_cli.cli import run
+
+    monkeypatch.setattr(run, "STDIN_WAIT_S", 0.1)
+    r, w = os.pipe()
+    with os.fdopen(r) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert run.read_prompt(None, None, "the default") == "the default"
+        assert "nothing came on standard input within 0.1 s" in capsys.readouterr().err
+        os.close(w)  # closed, empty: the default, without a word
+        assert run.read_prompt(None, None, "the default") == "the default"
+        assert capsys.readouterr().err == ""

@@ -73,3 +73,15 @@ def test_greedy_tokens_check_every_row():
     logits[1, 7] = float("nan")
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         greedy_tokens(logits)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """Below 0.0001, logits / T overflows float32 and the softmax is the argmax anyway: such
+    a temperature decodes greedily (an OpenAI client's 1e-5 is valid) instead of failing."""
+    from moespeq_cli.errors import UsageError
+
+    p = SamplingParams(temperature=1e-5, seed=0)
+    assert p.greedy and Sampler(p)(torch.tensor([1.0, 3.0, 2.0])) == 1
+    assert not SamplingParams(temperature=1e-4).greedy
+    with pytest.raises(UsageError, match="0 \\(greedy\\) to 100"):
+        SamplingParams(temperature=101)

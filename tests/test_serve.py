@@ -167,6 +167,9 @@ def test_disconnect_mid_stream_frees_the_server(served):
     "payload, status, code",
     [
         ("{not json", 400, "invalid_json"),
+        ("[" * 100_000 + "]" * 100_000, 400, "invalid_json"),  # nested past the parser's depth
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": True}), 400, "invalid_value"),
         (json.dumps({"messages": []}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}), 400, None),
@@ -224,6 +227,24 @@ def test_completions_requests_name_their_own_fields(served):
     assert ok.status_code == 200, ok.text
     greedy = post({"prompt": "hi", "max_tokens": 3, "temperature": 0}).json()["choices"][0]["text"]
     assert ok.json()["choices"][0]["text"] == greedy  # top_p 0: the most likely token only
+    # a temperature below 0.0001 (valid for OpenAI) decodes greedily; n null is n 1
+    tiny = post({"prompt": "hi", "max_tokens": 3, "temperature": 1e-5, "seed": 3, "n": None})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy
+
+
+def test_an_assistant_turn_may_have_null_content(served):
+    """OpenAI's clients send ``"content": null`` for an assistant turn that called tools."""
+    url, _, _ = served
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "again"},
+    ]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": None}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 def test_a_bad_value_is_quoted_as_the_client_sent_it(served):
@@ -247,6 +268,9 @@ def test_api_key_is_checked(tiny):
         assert httpx.get(url + "/v1/models", headers={"Authorization": "bearer sekret"}).status_code == 200
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer SEKRET"}).status_code == 401
         assert httpx.get(url + "/v1/models", headers={"Authorization": "sekret"}).status_code == 401
+        # a route that does not exist is not told to a client without the key
+        assert httpx.get(url + "/v1/nope").status_code == 401
+        assert httpx.get(url + "/v1/nope", headers={"Authorization": "Bearer sekret"}).status_code == 404
     finally:
         server.should_exit = True
         thread.join(10)
@@ -355,7 +379,8 @@ def test_a_busy_port_is_one_line_before_loading(cli):
 
 def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
     """With --port 0 the line says the port the system gave (and the server answers there);
-    Ctrl-C, the documented way to stop, exits 0 with "stopped", not an error."""
+    Ctrl-C, the documented way to stop, exits 0 with "stopped", not an error. A --max-tokens
+    beyond the context is said at start."""
     import re
     import signal
     import subprocess
@@ -363,12 +388,14 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
 
     path, _ = tiny("mixtral", "gqa")
     cmd = [sys.executable, "-m", "moespeq_cli", "serve", str(path), "--backend", "cpu", "--port", "0"]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([*cmd, "--max-tokens", "100000"], stderr=subprocess.PIPE, text=True)
     try:
-        line = ""
+        line, before = "", ""
         while "serving" not in line:
+            before += line
             line = p.stderr.readline()
             assert line, "serve exited before serving"
+        assert "--max-tokens 100000 is not less than the context" in before
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1))
         assert port != 0
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"

@@ -34,7 +34,9 @@ AnswerTokens = Annotated[
         show_default=False,
     ),
 ]
-Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")]
+Temperature = Annotated[
+    float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 is greedy (so is anything below 0.0001).")
+]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the K most likely tokens (0 = off).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.", show_default=False)]

@@ -56,7 +56,13 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
             prompt = read_text(prompt_file, PROMPT_LIMIT, "--prompt-file", UsageError)
     elif prompt is None and stdin_is_piped():
         piped = read_stdin(wait=STDIN_WAIT_S)
-        if piped and not piped.strip():  # something was sent, and it is blank: not a prompt, nor the default
+        if piped is None:  # an open pipe that stayed silent: say so, rather than quietly use the default
+            print(
+                f"moespeq: nothing came on standard input within {STDIN_WAIT_S:g} s: using the default prompt "
+                "(--prompt-file - waits for a slow pipe)",
+                file=sys.stderr,
+            )
+        elif piped and not piped.strip():  # something was sent, and it is blank: not a prompt, nor the default
             raise UsageError("the prompt from standard input is blank; pipe some text, or pass --prompt")
         prompt = piped or None
     if prompt is None:
@@ -86,9 +92,9 @@ def stdin_is_piped() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
-def read_stdin(wait: float | None) -> str:
+def read_stdin(wait: float | None) -> str | None:
     """Standard input to its end, at most PROMPT_LIMIT bytes. With ``wait``, a pipe that
-    neither sends a byte nor closes within that many seconds counts as empty."""
+    neither sends a byte nor closes within that many seconds gives None."""
     import select
 
     stream = getattr(sys.stdin, "buffer", sys.stdin)
@@ -96,7 +102,7 @@ def read_stdin(wait: float | None) -> str:
         try:
             ready, _, _ = select.select([sys.stdin], [], [], wait)
             if not ready:
-                return ""
+                return None
         except (OSError, ValueError, TypeError):  # no descriptor to select on: read the buffer
             pass
     data = stream.read(PROMPT_LIMIT + 1)

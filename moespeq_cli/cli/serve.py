@@ -67,6 +67,8 @@ def serve(
     name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
     if engine.plan is not None:
         Renderer().plan(engine.plan, engine.hw, engine.threads_note)
+    if default_max_tokens >= ctx:
+        note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens, ctx - 1))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = HaltingServer(config)

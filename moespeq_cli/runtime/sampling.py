@@ -15,7 +15,10 @@ import torch
 from moespeq_cli import kernels
 from moespeq_cli.errors import CheckpointError, UsageError
 
-MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float32; use 0 for greedy
+# Below it logits / T overflows float32, and the softmax is the argmax anyway: a smaller
+# positive temperature decodes greedily (as vLLM does below 1e-5), so an OpenAI client's
+# 1e-5 is a valid request, not an error.
+MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 100.0
 
 
@@ -29,10 +32,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         """Values the sampler cannot use are usage errors naming the option."""
         t, p = self.temperature, self.top_p
-        if not (math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
-            raise UsageError(
-                f"--temperature {t} is out of range; use 0 (greedy) or {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}"
-            )
+        if not (math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE):
+            raise UsageError(f"--temperature {t} is out of range; use 0 (greedy) to {MAX_TEMPERATURE:g}")
         if not (math.isfinite(p) and 0 <= p <= 1):  # 0: only the most likely token
             raise UsageError(f"--top-p {p} is out of range; use 0 to 1 (1 = off, 0 = the most likely token only)")
         if self.top_k < 0:
@@ -42,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
