@@ -799,3 +799,29 @@ def test_a_negative_attention_overhead_is_taken_only_from_one_call_attention(tin
             assert all(b < a for a, b in zip(plain, charged, strict=True))
         else:
             assert charged == pytest.approx(plain)
+
+
+def test_a_calibration_in_the_cache_is_a_profile_name(quick_calibration, cli, tmp_path, monkeypatch):
+    """`moespeq calibrate` without --out writes calibrated-cpu.yaml in moespeq's cache; it
+    says the name to give, and --hardware and --list-hardware know that name."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    r = cli("calibrate", "--disk-dir", str(tmp_path))
+    assert r.exit_code == 0, r.stderr
+    assert "--hardware calibrated-cpu" in r.stderr
+    assert r.stdout.strip() == str(tmp_path / "cache" / "moespeq" / "profiles" / "calibrated-cpu.yaml")
+    names = [row["name"] for row in json.loads(cli("plan", "--list-hardware", "--json").stdout)["profiles"]]
+    assert names[-1] == "calibrated-cpu" and "rtx3060-12gb" in names
+    assert load_profile("calibrated-cpu").kind == "cpu"
+    r = cli("plan", "--hardware", "calibrated-cpu", "-n", "8", "--json")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    """As the XDG spec says: a relative path would put the cache wherever a command runs."""
+    from moespeq_cli.quant.draft import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relcache")
+    assert cache_dir() == tmp_path / ".cache" / "moespeq"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
+    assert cache_dir() == tmp_path / "abs" / "moespeq"

@@ -451,3 +451,24 @@ def test_a_silent_pipe_is_said_to_give_the_default_prompt(monkeypatch, capsys):
         os.close(w)  # closed, empty: the default, without a word
         assert run.read_prompt(None, None, "the default") == "the default"
         assert capsys.readouterr().err == ""
+
+
+def test_completion_for_the_shell_named(tmp_path):
+    """`--install-completion zsh` installed bash's completion when run from bash (typer took
+    no shell name where it can detect one); the name given is the shell, a wrong one is a
+    usage error."""
+    import os
+    import subprocess
+    import sys
+
+    def moespeq(*args):
+        env = {**os.environ, "HOME": str(tmp_path)}
+        return subprocess.run([sys.executable, "-m", "moespeq_cli", *args], capture_output=True, text=True, env=env)
+
+    assert moespeq("--show-completion", "zsh").stdout.startswith("#compdef moespeq")
+    assert "complete --command moespeq" in moespeq("--show-completion", "fish").stdout
+    r = moespeq("--install-completion", "zsh")
+    assert r.returncode == 0 and (tmp_path / ".zfunc" / "_moespeq").is_file(), r.stderr
+    assert not (tmp_path / ".bashrc").exists()
+    r = moespeq("--show-completion", "tcsh")
+    assert r.returncode == 2 and "bash, zsh, fish" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -916,3 +916,19 @@ def test_the_fp32_4bit_path_without_avx512_bf16(tmp_path):
         together = linear_q(x)
         assert scaled_err(together, reference(x, w)) < FP32_TOL
         assert torch.equal(torch.cat([linear_q(x[i : i + 1].clone()) for i in range(9)]), together)
+
+
+def test_a_run_says_when_the_cpu_kernels_are_unavailable(monkeypatch, cli, tiny):
+    """Decoding on the CPU without the kernels is several times slower: the plan line says
+    why (it fell back without a word); turned off on purpose, it says nothing."""
+    path, _ = tiny("mixtral", "gqa")
+    monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    monkeypatch.setattr(kernels, "_pool", 0)
+    r = cli("run", str(path), "--backend", "cpu", "-p", "hi", "-n", "2")
+    assert r.exit_code == 0, r.stderr
+    assert "CPU kernels unavailable (no C compiler found" in r.stderr
+    monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setenv("MOESPEQ_KERNELS", "off")
+    r = cli("run", str(path), "--backend", "cpu", "-p", "hi", "-n", "2")
+    assert r.exit_code == 0 and "CPU kernels" not in r.stderr

@@ -3,14 +3,14 @@
 import pytest
 
 from moespeq_cli.errors import UsageError
-from moespeq_cli.runtime.planning.hardware import available_profiles, load_profile, parse_size
+from moespeq_cli.runtime.planning.hardware import available_profiles, bundled_profiles, load_profile, parse_size
 
 REQUIRED = ["rtx3060-12gb", "rtx4070-12gb", "rtx4090-24gb", "t4-16gb", "a100-40gb-pcie", "h100-pcie", "laptop-8gb"]
 
 
 def test_shipped_profiles_load_with_sources():
-    assert set(REQUIRED) <= set(available_profiles())
-    for name in available_profiles():
+    assert set(REQUIRED) <= set(bundled_profiles()) <= set(available_profiles())
+    for name in bundled_profiles():
         p = load_profile(name)
         assert p.name == name and p.usable_memory > 0
         text = open(p.source).read()

@@ -684,7 +684,7 @@ def test_config_that_is_not_a_json_object(cli, ckpt, content):
         (["--temperature", "1", "--top-p", "nan"], "--top-p"),
         (["--temperature", "nan"], "--temperature"),
         (["--temperature", "inf"], "--temperature"),
-        (["--temperature", "1e-30"], "--temperature"),
+        (["--temperature", "1e300"], "--temperature"),  # (1e-30 is greedy: below 0.0001)
         (["--seed", str(2**70)], "--seed"),
         (["--top-k", "-1"], "--top-k"),
         (["--cpu-threads", "100000"], "--cpu-threads"),

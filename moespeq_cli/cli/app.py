@@ -52,6 +52,7 @@ class MoespeqGroup(TyperGroup):
             command = None
         previous = on_sigterm()
         try:
+            argv = named_shell(argv)
             rv = super().main(argv, prog_name or "moespeq", complete_var, standalone_mode=False, **extra)
         except BaseException as exc:  # noqa: BLE001 - the one mapping at the edge
             if isinstance(exc, SystemExit):
@@ -78,6 +79,26 @@ class MoespeqGroup(TyperGroup):
             if e.errno == errno.EPIPE:
                 raise PipeClosed() from None
             raise
+
+
+def named_shell(argv: list[str]) -> list[str]:
+    """``moespeq --install-completion zsh``: typer's completion flags take no shell name
+    where they can detect the running shell, so the name was ignored and bash's script
+    installed from bash. The name given answers the detection instead; any other word
+    after the flag is a usage error."""
+    if len(argv) < 2 or argv[0] not in ("--install-completion", "--show-completion"):
+        return argv
+    from typer import _completion_shared, completion
+
+    from moespeq_cli.errors import UsageError
+
+    shells = [s.value for s in completion.Shells]
+    if len(argv) > 2 or argv[1] not in shells:
+        raise UsageError(f"{argv[0]} takes at most a shell's name: {', '.join(shells)}")
+    for module in (completion, _completion_shared):  # where typer looks the shell up
+        if hasattr(module, "_get_shell_name"):
+            module._get_shell_name = lambda: argv[1]
+    return argv[:1]
 
 
 def _no_flag_placeholder() -> None:

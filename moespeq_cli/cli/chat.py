@@ -118,8 +118,8 @@ def chat(
     if max_new_tokens is None:  # the demo's context is 512: an answer of 512 would leave no room to ask
         max_new_tokens = min(ANSWER_TOKENS, ctx // 2)
     out = Renderer(json_mode=json_out)
-    if engine.plan is not None and not json_out:
-        out.plan(engine.plan, engine.hw, engine.threads_note)
+    if not json_out:
+        out.plan(engine)
     convo = Conversation(engine.tokenizer, ctx, system)
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:

@@ -255,4 +255,4 @@ def show_profiles(json_out: bool) -> None:
             f"{r['name']:24} {format_size(r['device_memory_bytes']):>10}  link {r['link_bandwidth'] / 1e9:5.1f} GB/s  "
             f"memory {r['mem_bandwidth'] / 1e9:6.0f} GB/s  {r['description']}{mark}"
         )
-    print("\nor a profile of this machine: moespeq calibrate --out mine.yaml, then --hardware mine.yaml")
+    print("\nor a profile of this machine: moespeq calibrate (then --hardware calibrated-cpu), or --out mine.yaml")

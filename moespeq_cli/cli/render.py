@@ -121,11 +121,18 @@ class Renderer:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
-    def plan(self, plan, hw, note: str | None = None) -> None:
+    def plan(self, engine) -> None:
+        """The engine's memory plan in one dim line, with what it notes about this CPU (a
+        run with every expert in RAM has no plan: the note alone)."""
         from rich.console import Console
 
         from moespeq_cli.runtime.planning.hardware import beyond_device, format_size
 
+        plan, hw, note = engine.plan, engine.hw, engine.plan_note
+        if plan is None:
+            if note:
+                Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{note}[/dim]")
+            return
         parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
         where = (
             f"--ram {format_size(plan.budget_bytes)} on this CPU"

@@ -174,8 +174,7 @@ def run(
                     # Shown once the first token exists, so that a failure of the first pass
                     # (NaN weights, say) is the only line on stderr.
                     status.stop()
-                    if engine.plan is not None:
-                        out.plan(engine.plan, engine.hw, engine.threads_note)
+                    out.plan(engine)
                     if text == DEMO_PROMPT:
                         out.text(text)  # the default demo prompt: show what the model continues
                 token_ids.append(ev.token)

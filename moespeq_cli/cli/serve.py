@@ -35,8 +35,14 @@ def serve(
     ] = None,
     queue: Annotated[int, typer.Option("--queue", min=1, max=4096, help="Requests that may wait.")] = 16,
     default_max_tokens: Annotated[
-        int, typer.Option("--max-tokens", min=1, help="An answer's tokens when a request gives no max_tokens.")
-    ] = 512,
+        Optional[int],
+        typer.Option(
+            "--max-tokens",
+            min=1,
+            help="An answer's tokens when a request gives no max_tokens. Default: 512, or to the context's end.",
+            show_default=False,
+        ),
+    ] = None,
     backend: o.Backend = "auto",
     hardware: o.Hardware = None,
     vram: o.Vram = None,
@@ -65,11 +71,10 @@ def serve(
         raise UsageError("--api-key is empty; give a key or leave the option out")
     sock = listening_socket(host, port)  # before minutes of loading, not after; held, so --port 0's stays ours
     name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
-    if engine.plan is not None:
-        Renderer().plan(engine.plan, engine.hw, engine.threads_note)
-    if default_max_tokens >= ctx:
+    Renderer().plan(engine)
+    if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
-    app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens, ctx - 1))
+    app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = HaltingServer(config)
     port = sock.getsockname()[1]  # --port 0: the one the system gave

@@ -58,7 +58,7 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[:1]
     key = hashlib.sha256(src + repr((version, FLAGS, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_matvec-{key}.so"
     digest = out.with_suffix(".sha256")

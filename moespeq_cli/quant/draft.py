@@ -673,8 +673,11 @@ def lock_file(out: Path) -> Path:
 
 
 def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/moespeq (default ~/.cache/moespeq)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moespeq"
+    """$XDG_CACHE_HOME/moespeq (default ~/.cache/moespeq). A relative $XDG_CACHE_HOME is
+    ignored, as the XDG spec says (it would put a cache in whatever directory a command
+    runs from)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or ""
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "moespeq"
 
 
 def is_draft_of(path: Path, fp: str) -> bool:

@@ -107,6 +107,7 @@ class Engine:
         self.policy = make_policy(opts.policy, False if cpu_device else opts.cpu_experts)
         self.ram = parse_size(opts.ram, "--ram") if opts.ram is not None else None
         self.threads_note: str | None = None
+        self.kernels_note: str | None = None
         if opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
         elif self.backend_name == "cuda" and self.policy.host_compute:
@@ -158,6 +159,10 @@ class Engine:
         self.cpu_kernels = (
             self.backend_name == "cuda" or (cpu and self.dtype == torch.float32)
         ) and kernels.available()
+        wanted = (self.backend_name == "cuda" and self.policy.host_compute) or (cpu and self.dtype == torch.float32)
+        why = kernels.why_unavailable()
+        if wanted and why and "MOESPEQ_KERNELS" not in why:  # said once: decoding is several times slower
+            self.kernels_note = f"CPU kernels unavailable ({why}): computing with torch, slower"
         if cpu and self.cpu_kernels:
             kernels.claim_threads()
         if cpu and self.cpu_kernels and self.storage_dtype == torch.float32 and opts.dtype:
@@ -454,6 +459,11 @@ class Engine:
     @property
     def draft_exec(self):
         return self.spec.draft if self.spec is not None else None
+
+    @property
+    def plan_note(self) -> str | None:
+        """What the plan line adds about this machine's CPU (its threads, its kernels)."""
+        return "; ".join(n for n in (self.threads_note, self.kernels_note) if n) or None
 
     @property
     def draft_released(self) -> bool:

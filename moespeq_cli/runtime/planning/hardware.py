@@ -218,9 +218,27 @@ def profiles_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "profiles"  # moespeq_cli/profiles, shipped in the wheel
 
 
-def available_profiles() -> list[str]:
+def calibrated_dir() -> Path:
+    """Where ``moespeq calibrate`` writes this machine's profiles by default
+    ($XDG_CACHE_HOME/moespeq/profiles): found by name too, after the bundled ones."""
+    from moespeq_cli.quant.draft import cache_dir
+
+    return cache_dir() / "profiles"
+
+
+def bundled_profiles() -> list[str]:
+    """The profiles shipped with moespeq (each figure with its source)."""
     d = profiles_dir()
     return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def available_profiles() -> list[str]:
+    """The profile names --hardware takes: the bundled ones, then this machine's
+    calibrations (a calibration never shadows a bundled name)."""
+    names = bundled_profiles()
+    d = calibrated_dir()
+    calibrated = sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    return names + [s for s in calibrated if s not in names]
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
@@ -232,9 +250,11 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     path = Path(os.path.expanduser(name_or_path))
     if path.suffix in (".yaml", ".yml") and kind(path) != "missing":
         return parse_profile(path)  # parse_profile's reader refuses anything but a regular file
-    candidate = profiles_dir() / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and len(name_or_path) < 200 and kind(candidate) == "file":
-        return parse_profile(candidate)
+    if "/" not in name_or_path and len(name_or_path) < 200:
+        for d in (profiles_dir(), calibrated_dir()):
+            candidate = d / f"{name_or_path}.yaml"
+            if kind(candidate) == "file":
+                return parse_profile(candidate)
     if path.suffix in (".yaml", ".yml"):
         raise UsageError(
             f"hardware profile file {shown(path)} does not exist; check the path, or give a profile name "
