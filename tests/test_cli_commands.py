@@ -472,3 +472,18 @@ def test_completion_for_the_shell_named(tmp_path):
     assert not (tmp_path / ".bashrc").exists()
     r = moespeq("--show-completion", "tcsh")
     assert r.returncode == 2 and "bash, zsh, fish" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_the_stats_line_keeps_its_head_and_wraps_between_fields(cli, tiny):
+    """The head "[mock · moespeq]" reached rich as markup and was dropped; at a terminal the line
+    breaks between fields, never inside one, and a log keeps it whole."""
+    path, _ = tiny("mixtral", "gqa")
+    r = cli("run", str(path), "--backend", "mock", "-p", "hi", "-n", "2")
+    assert r.exit_code == 0 and "[mock · moespeq] 2 tokens in" in r.stderr, r.stderr
+    from moespeq_cli.cli.render import wrap_fields
+
+    fields = ["[mock · moespeq] 16 tokens in 0.01 s", "1194.5 tok/s", "TTFT 2 ms", "TPOT 0.8 ms", "hit rate 84%"]
+    assert wrap_fields(fields, None) == [" · ".join(fields)]
+    lines = wrap_fields(fields, 50)
+    assert all(len(line) <= 50 for line in lines) and len(lines) > 1
+    assert " · ".join(line.strip() for line in lines) == " · ".join(fields)

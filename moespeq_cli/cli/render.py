@@ -124,14 +124,13 @@ class Renderer:
     def plan(self, engine) -> None:
         """The engine's memory plan in one dim line, with what it notes about this CPU (a
         run with every expert in RAM has no plan: the note alone)."""
-        from rich.console import Console
 
         from moespeq_cli.runtime.planning.hardware import beyond_device, format_size
 
         plan, hw, note = engine.plan, engine.hw, engine.plan_note
         if plan is None:
             if note:
-                Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{note}[/dim]")
+                say(note)
             return
         parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
         where = (
@@ -148,18 +147,16 @@ class Renderer:
                 line += f" (--ram: {plan.ram_source})"
         if note:
             line += f"; {note}"
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
+        say(line)
         beyond = beyond_device(plan.budget_bytes, hw) if hw is not None else None
         if beyond:
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"note: {beyond}")
+            say(f"note: {beyond}", style=None)
 
     def note(self, line: str) -> None:
         """One dim line on stderr (never in JSON mode)."""
         if self.json_mode:
             return
-        from rich.console import Console
-
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{line}[/dim]")
+        say(line)
 
     def stats_line(self, result: dict) -> None:
         from rich.console import Console
@@ -195,7 +192,33 @@ class Renderer:
         if result.get("policy"):
             head += f" · {result['policy']}"
         head += "]"
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{head} " + " · ".join(parts) + "[/dim]")
+        console = Console(stderr=True)
+        for line in wrap_fields([f"{head} {parts[0]}", *parts[1:]], console.width if console.is_terminal else None):
+            say(line)
+
+
+def say(text: str, style: str | None = "dim") -> None:
+    """One message on stderr, its text as written (never read as rich markup: a path with
+    brackets, or the stats line's "[mock · moespeq]", which rich took for a style and
+    dropped), wrapped between words at a terminal's width and kept whole in a log."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(stderr=True, highlight=False)
+    console.print(Text(text, style=style or ""), soft_wrap=not console.is_terminal)
+
+
+def wrap_fields(fields: list[str], width: int | None) -> list[str]:
+    """``fields`` joined by " · ", broken between fields (never inside one) so that each line
+    fits ``width`` columns; one line when ``width`` is None (not a terminal: a log keeps it
+    whole)."""
+    lines = [fields[0]]
+    for f in fields[1:]:
+        if width is not None and len(lines[-1]) + 3 + len(f) > width:
+            lines.append(f"  {f}")
+        else:
+            lines[-1] += f" · {f}"
+    return lines
 
 
 def bench_table(report: dict) -> None:
