@@ -199,8 +199,10 @@ def calibrate(
         f"({(profile.disk_queue_bandwidth or [0])[0] / 1e9:.2f} with one), "
         f"{len(profile.kernels)} kernel curves[/dim]"
     )
+    from rich.text import Text
+
     from moespeq_cli.runtime.planning.hardware import calibrated_dir
 
     by_name = out.parent.resolve() == calibrated_dir().resolve()
-    console.print(f"[dim]use it with --hardware {out.stem if by_name else out}[/dim]", highlight=False)
+    console.print(Text(f"use it with --hardware {out.stem if by_name else out}", style="dim"))
     print(out, file=sys.stdout)

@@ -54,6 +54,7 @@ def listing(json_out: o.Json = False) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NAME", "FAMILY", "SIZE", "DRAFT", "MODIFIED"):
@@ -67,7 +68,7 @@ def listing(json_out: o.Json = False) -> None:
     out.print(t)
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        out.print(f"[dim]not listed: {shown} (not an architecture moespeq runs)[/dim]", highlight=False)
+        out.print(Text(f"not listed: {shown} (not an architecture moespeq runs)", style="dim"))
 
 
 def ago(seconds: float) -> str:
