@@ -59,7 +59,7 @@ def local_models() -> tuple[list[LocalModel], list[str]]:
     for repo in repos:
         if repo.repo_type != "model":
             continue
-        snapshot = cached_snapshot(repo.repo_id) or _newest_snapshot(repo)
+        snapshot = cached_snapshot(repo.repo_id)  # what `run` resolves the name to
         entry = snapshot and _entry(
             names.get(repo.repo_id, repo.repo_id), repo.repo_id, snapshot, repo.size_on_disk, repo.last_modified
         )
@@ -95,12 +95,6 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
         draft_size=sum(_tree_size(d) for d in drafts),
         modified=modified,
     )
-
-
-def _newest_snapshot(repo) -> Path | None:
-    """A repository pulled only at another revision than main: its newest snapshot."""
-    revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
-    return Path(revisions[0].snapshot_path) if revisions else None
 
 
 def _tree_size(path: Path) -> int:

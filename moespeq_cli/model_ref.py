@@ -127,8 +127,24 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
             )
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, FileNotFoundError, OSError, ValueError):
+        path = None
+    if path is not None and (path / "config.json").is_file():
+        return path
+    return newest_snapshot(repo) if revision is None else None
+
+
+def newest_snapshot(repo: str) -> Path | None:
+    """A repository pulled only at another revision than main (``pull --revision dev``):
+    its most recently written snapshot holding a config.json, or None."""
+    from huggingface_hub import constants
+
+    cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+    snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+    try:
+        found = [d for d in snapshots.iterdir() if (d / "config.json").is_file()]
+    except OSError:
         return None
-    return path if (path / "config.json").is_file() else None
+    return max(found, key=lambda d: d.stat().st_mtime, default=None)
 
 
 def resolve_config(model: str | None) -> tuple[str, dict, str]:

@@ -814,6 +814,10 @@ def test_a_calibration_in_the_cache_is_a_profile_name(quick_calibration, cli, tm
     assert load_profile("calibrated-cpu").kind == "cpu"
     r = cli("plan", "--hardware", "calibrated-cpu", "-n", "8", "--json")
     assert r.exit_code == 0, r.stderr
+    # a calibration that no longer reads (an older version's) is skipped, not fatal
+    (tmp_path / "cache" / "moespeq" / "profiles" / "old.yaml").write_text("name: old\n")
+    r = cli("plan", "--list-hardware")
+    assert r.exit_code == 0 and "calibrated-cpu" in r.stdout and "skipped: old (" in r.stderr
 
 
 def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):

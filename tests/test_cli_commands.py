@@ -463,7 +463,8 @@ def test_completion_for_the_shell_named(tmp_path):
 
     def moespeq(*args):
         env = {**os.environ, "HOME": str(tmp_path)}
-        return subprocess.run([sys.executable, "-m", "moespeq_cli", *args], capture_output=True, text=True, env=env)
+        cmd = [sys.executable, "-m", "moespeq_cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
 
     assert moespeq("--show-completion", "zsh").stdout.startswith("#compdef moespeq")
     assert "complete --command moespeq" in moespeq("--show-completion", "fish").stdout
@@ -472,6 +473,7 @@ def test_completion_for_the_shell_named(tmp_path):
     assert not (tmp_path / ".bashrc").exists()
     r = moespeq("--show-completion", "tcsh")
     assert r.returncode == 2 and "bash, zsh, fish" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "Usage: moespeq" in moespeq("--show-completion", "--help").stdout  # --help still wins
 
 
 def test_the_stats_line_keeps_its_head_and_wraps_between_fields(cli, tiny):

@@ -923,6 +923,7 @@ def test_a_run_says_when_the_cpu_kernels_are_unavailable(monkeypatch, cli, tiny)
     why (it fell back without a word); turned off on purpose, it says nothing."""
     path, _ = tiny("mixtral", "gqa")
     monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setattr(build, "why_not", None)
     monkeypatch.setattr(build, "_compiler", lambda: None)
     monkeypatch.setattr(kernels, "_pool", 0)
     r = cli("run", str(path), "--backend", "cpu", "-p", "hi", "-n", "2")
@@ -932,3 +933,17 @@ def test_a_run_says_when_the_cpu_kernels_are_unavailable(monkeypatch, cli, tiny)
     monkeypatch.setenv("MOESPEQ_KERNELS", "off")
     r = cli("run", str(path), "--backend", "cpu", "-p", "hi", "-n", "2")
     assert r.exit_code == 0 and "CPU kernels" not in r.stderr
+
+
+def test_a_mock_run_does_not_build_the_cpu_kernels(monkeypatch, tmp_path):
+    """The mock computes with torch: its engine must not compile the kernels into the
+    cache (asking why they are unavailable builds them, so it is asked only where they run)."""
+    from moespeq_cli.model_ref import DEMO_DIR
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setattr(kernels, "_pool", 0)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    eng = Engine(DEMO_DIR, EngineOptions(backend="mock"))
+    assert build._lib is False and eng.kernels_note is None
+    assert not (tmp_path / "moespeq" / "kernels").exists()

@@ -20,14 +20,15 @@ def package_files() -> set[str]:
     """The package's files as a wheel names them (build outputs and caches left out)."""
     out = set()
     for root, dirs, files in os.walk(PACKAGE):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
         for f in files:
-            if not f.endswith((".pyc", ".so")):
+            if not f.endswith((".pyc", ".so")) and not f.startswith("."):  # (an editor's swap file)
                 out.add(Path(root, f).relative_to(ROOT).as_posix())
     return out
 
 
-def test_what_the_runtime_reads_lies_inside_the_package():
+def test_what_the_runtime_reads_lies_inside_the_package(monkeypatch):
+    monkeypatch.delenv("MOESPEQ_PROFILES", raising=False)
     from moespeq_cli.kernels.build import SOURCE
     from moespeq_cli.model_ref import CONFIGS_DIR, DEMO_DIR
     from moespeq_cli.quant.draft import ASSETS

@@ -123,7 +123,8 @@ def test_list_aliases(cli):
 
 
 def test_list_shows_what_runs_offline(hub, cli):
-    for args in (["acme/tiny-olmoe"], ["acme/plan-only", "--config-only"], ["acme/bert"]):
+    at_commit = ["--revision", FakeHub.sha("acme/plan-only")]  # no refs/main: what a run finds is the snapshot
+    for args in (["acme/tiny-olmoe"], ["acme/plan-only", "--config-only", *at_commit], ["acme/bert"]):
         assert cli("pull", *args).exit_code == 0
     assert cli("quantize", "acme/tiny-olmoe").exit_code == 0
     r = cli("list", "--json")
@@ -142,6 +143,8 @@ def test_list_shows_what_runs_offline(hub, cli):
     # What `list` names, `run` takes, offline.
     r = cli("run", olmoe["name"], "-p", "hi", "-n", "2", "--backend", "cpu", "--json")
     assert r.exit_code == 0 and len(json.loads(r.stdout)["token_ids"]) == 2
+    r = cli("plan", "acme/plan-only", "--json")  # listed, so found: pulled at a commit, not main
+    assert r.exit_code == 0, r.stderr
     table = cli("list").stdout
     assert "acme/tiny-olmoe" in table and "config only" in table and "acme/bert" in table
 

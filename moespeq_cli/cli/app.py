@@ -52,7 +52,8 @@ class MoespeqGroup(TyperGroup):
             command = None
         previous = on_sigterm()
         try:
-            argv = named_shell(argv)
+            if completion_for_named_shell(argv):
+                raise SystemExit(0)
             rv = super().main(argv, prog_name or "moespeq", complete_var, standalone_mode=False, **extra)
         except BaseException as exc:  # noqa: BLE001 - the one mapping at the edge
             if isinstance(exc, SystemExit):
@@ -81,24 +82,36 @@ class MoespeqGroup(TyperGroup):
             raise
 
 
-def named_shell(argv: list[str]) -> list[str]:
-    """``moespeq --install-completion zsh``: typer's completion flags take no shell name
-    where they can detect the running shell, so the name was ignored and bash's script
-    installed from bash. The name given answers the detection instead; any other word
-    after the flag is a usage error."""
-    if len(argv) < 2 or argv[0] not in ("--install-completion", "--show-completion"):
-        return argv
-    from typer import _completion_shared, completion
+def completion_for_named_shell(argv: list[str]) -> bool:
+    """``moespeq --install-completion zsh`` / ``--show-completion zsh``: typer's flags take
+    no shell name where they can detect the running shell, so the name was ignored and
+    bash's completion installed from bash. Here the named shell's script is printed or
+    installed with typer's own functions; -> whether it was (anything but a shell's name
+    after the flag is a usage error; ``--help`` still wins)."""
+    if len(argv) < 2 or argv[0] not in ("--install-completion", "--show-completion") or argv[1].startswith("-"):
+        return False
+    import shutil
 
     from moespeq_cli.errors import UsageError
 
-    shells = [s.value for s in completion.Shells]
+    shells = ["bash", "zsh", "fish", "powershell", "pwsh"]
     if len(argv) > 2 or argv[1] not in shells:
         raise UsageError(f"{argv[0]} takes at most a shell's name: {', '.join(shells)}")
-    for module in (completion, _completion_shared):  # where typer looks the shell up
-        if hasattr(module, "_get_shell_name"):
-            module._get_shell_name = lambda: argv[1]
-    return argv[:1]
+    shell = argv[1]
+    if shell in ("powershell", "pwsh") and argv[0] == "--install-completion" and not shutil.which(shell):
+        raise UsageError(f"{shell} is not installed here; install completion from the shell it is for")
+    try:
+        from typer._completion_shared import get_completion_script, install
+    except ImportError:  # a typer without them: its flags detect the shell they run in
+        raise UsageError(f"this typer cannot take a shell's name; run `moespeq {argv[0]}` from {shell}") from None
+    var = "_MOESPEQ_COMPLETE"
+    if argv[0] == "--show-completion":
+        print(get_completion_script(prog_name="moespeq", complete_var=var, shell=shell))
+    else:
+        shell, path = install(shell=shell, prog_name="moespeq", complete_var=var)
+        print(f"{shell} completion installed in {path}")
+        print("Completion will take effect once you restart the terminal")
+    return True
 
 
 def _no_flag_placeholder() -> None:

@@ -201,8 +201,13 @@ def calibrate(
     )
     from rich.text import Text
 
-    from moespeq_cli.runtime.planning.hardware import calibrated_dir
+    from moespeq_cli.runtime.planning.hardware import bundled_profiles, calibrated_dir
 
-    by_name = out.parent.resolve() == calibrated_dir().resolve()
+    # a name only where --hardware NAME finds this file: .yaml, in the cache, not a bundled name
+    by_name = (
+        out.suffix == ".yaml"
+        and out.parent.resolve() == calibrated_dir().resolve()
+        and out.stem not in bundled_profiles()
+    )
     console.print(Text(f"use it with --hardware {out.stem if by_name else out}", style="dim"))
     print(out, file=sys.stdout)

@@ -229,12 +229,20 @@ def show_profiles(json_out: bool) -> None:
     """The bundled hardware profiles: name, device memory, link and memory bandwidth."""
     import json
 
+    from moespeq_cli.errors import MoespeqError
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
-    from moespeq_cli.runtime.planning.hardware import available_profiles, format_size, load_profile
+    from moespeq_cli.runtime.planning.hardware import available_profiles, bundled_profiles, format_size, load_profile
 
-    rows = []
+    rows, unreadable = [], []
+    bundled = bundled_profiles()
     for name in available_profiles():
-        hw = load_profile(name)
+        try:
+            hw = load_profile(name)
+        except MoespeqError as e:  # a calibration in the cache that no longer reads (an older version's, edited)
+            if name in bundled:
+                raise
+            unreadable.append(f"{name} ({e})")
+            continue
         rows.append(
             {
                 "name": name,
@@ -247,7 +255,7 @@ def show_profiles(json_out: bool) -> None:
             }
         )
     if json_out:
-        print(json.dumps({"profiles": rows}))
+        print(json.dumps({"profiles": rows, "unreadable": unreadable}))
         return
     for r in rows:
         mark = " (default)" if r["default"] else ""
@@ -255,4 +263,6 @@ def show_profiles(json_out: bool) -> None:
             f"{r['name']:24} {format_size(r['device_memory_bytes']):>10}  link {r['link_bandwidth'] / 1e9:5.1f} GB/s  "
             f"memory {r['mem_bandwidth'] / 1e9:6.0f} GB/s  {r['description']}{mark}"
         )
+    for line in unreadable:
+        print(f"skipped: {line}", file=sys.stderr)
     print("\nor a profile of this machine: moespeq calibrate (then --hardware calibrated-cpu), or --out mine.yaml")

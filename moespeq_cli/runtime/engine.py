@@ -160,8 +160,8 @@ class Engine:
             self.backend_name == "cuda" or (cpu and self.dtype == torch.float32)
         ) and kernels.available()
         wanted = (self.backend_name == "cuda" and self.policy.host_compute) or (cpu and self.dtype == torch.float32)
-        why = kernels.why_unavailable()
-        if wanted and why and "MOESPEQ_KERNELS" not in why:  # said once: decoding is several times slower
+        why = kernels.why_unavailable() if wanted else None  # (asking builds them: only where they would run)
+        if why and "MOESPEQ_KERNELS" not in why:  # said once: decoding is several times slower
             self.kernels_note = f"CPU kernels unavailable ({why}): computing with torch, slower"
         if cpu and self.cpu_kernels:
             kernels.claim_threads()

@@ -229,7 +229,7 @@ def calibrated_dir() -> Path:
 def bundled_profiles() -> list[str]:
     """The profiles shipped with moespeq (each figure with its source)."""
     d = profiles_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    return sorted(p.stem for p in d.glob("*.yaml") if p.is_file()) if d.is_dir() else []
 
 
 def available_profiles() -> list[str]:
@@ -237,7 +237,7 @@ def available_profiles() -> list[str]:
     calibrations (a calibration never shadows a bundled name)."""
     names = bundled_profiles()
     d = calibrated_dir()
-    calibrated = sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    calibrated = sorted(p.stem for p in d.glob("*.yaml") if p.is_file()) if d.is_dir() else []
     return names + [s for s in calibrated if s not in names]
 
 
