@@ -6,10 +6,13 @@ name to type, its family, its size on disk, whether its weights are there or onl
 config (``pull --config-only``, enough for ``plan``), and the drafts moespeq keeps for it
 (``moespeq quantize``'s output, wherever ``run`` would look for one).
 
-Nothing here writes or downloads: it reads the cache's directory tree
-(``huggingface_hub.scan_cache_dir``) and each snapshot's config.json. Checkpoints in the
-user's own directories are not tracked anywhere, so they are not listed: ``run`` takes
-their path.
+Nothing here writes or downloads. The cache's layout is read directly
+(``models--ORG--NAME/{blobs,refs,snapshots}``), and each repository's snapshot is the one
+``run`` resolves its name to (``model_ref.cached_snapshot``), so every name listed is a
+name ``run`` and ``plan`` take. (``huggingface_hub.scan_cache_dir`` leaves out a whole
+repository for one dangling link, which ``run`` then names precisely; here it is listed.)
+Checkpoints in the user's own directories are not tracked anywhere, so they are not
+listed: ``run`` takes their path.
 """
 
 from __future__ import annotations
@@ -36,69 +39,73 @@ class LocalModel:
     modified: float  # seconds since the epoch
 
 
-def local_models() -> tuple[list[LocalModel], list[str]]:
-    """-> (the models moespeq can run or plan, demo first then by name; the hub ids of the
-    other model repositories in the cache, which moespeq does not run)."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+def hub_cache() -> Path:
+    from huggingface_hub import constants
 
-    models = [_entry(DEMO, None, DEMO_DIR, _tree_size(DEMO_DIR), DEMO_DIR.stat().st_mtime)]
-    others = []
-    where = os.environ.get("HF_HUB_CACHE") or None
-    try:
-        repos = scan_cache_dir(where).repos
-    except CacheNotFound:
-        repos = frozenset()
-    except ValueError:  # the cache's path is a file
-        from huggingface_hub import constants
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
 
-        shown = where or constants.HF_HUB_CACHE
-        raise MoespeqError(f"the Hugging Face cache {shown} is not a directory; point HF_HUB_CACHE at one") from None
+
+def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
+    """-> (the models moespeq can run or plan, demo first then by name; the other model
+    repositories in the cache, each with why it is not listed)."""
+    cache = hub_cache()
+    if cache.exists() and not cache.is_dir():
+        raise MoespeqError(f"the Hugging Face cache {cache} is not a directory; point HF_HUB_CACHE at one")
+    demo, _ = _entry(DEMO, None, DEMO_DIR, _tree_size(DEMO_DIR), DEMO_DIR.stat().st_mtime)
     names = {repo: alias for alias, (repo, _) in reversed(ALIASES.items())}  # the first alias wins
-    found = []
-    for repo in repos:
-        if repo.repo_type != "model":
+    found, others = [], []
+    try:
+        dirs = sorted(d for d in cache.iterdir() if d.name.startswith("models--") and d.is_dir())
+    except OSError:
+        dirs = []
+    for d in dirs:
+        parts = d.name.split("--")
+        if len(parts) != 3:
             continue
-        snapshot = cached_snapshot(repo.repo_id)  # what `run` resolves the name to
-        entry = snapshot and _entry(
-            names.get(repo.repo_id, repo.repo_id), repo.repo_id, snapshot, repo.size_on_disk, repo.last_modified
-        )
-        if entry:
-            found.append(entry)
+        repo = f"{parts[1]}/{parts[2]}"
+        snapshot = cached_snapshot(repo)  # what `run` resolves the name to
+        if snapshot is None:
+            others.append((repo, "no snapshot with a config.json"))
+            continue
+        size = _tree_size(d / "blobs") or _tree_size(snapshot)
+        entry, why = _entry(names.get(repo, repo), repo, snapshot, size, snapshot.stat().st_mtime)
+        if entry is None:
+            others.append((repo, why))
         else:
-            others.append(repo.repo_id)
-    return models + sorted(found, key=lambda m: m.name.lower()), sorted(others)
+            found.append(entry)
+    return [demo, *sorted(found, key=lambda m: m.name.lower())], others
 
 
-def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: float) -> LocalModel | None:
-    """The model in ``snapshot``, or None where its config.json is missing, unreadable or
-    names an architecture moespeq does not implement."""
+def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: float) -> tuple[LocalModel | None, str]:
+    """-> (the model in ``snapshot``, "") or (None, why it is not one moespeq runs)."""
     from moespeq_cli.models import ARCHITECTURES, TYPE_ALIASES
     from moespeq_cli.quant.draft import drafts_of
 
     try:
         raw = json.loads((snapshot / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return None, "its config.json cannot be read"
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(model_type, str) or TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
-        return None
+        return None, f"model_type {model_type!r} is not an architecture moespeq runs"
     drafts = tuple(sorted(d for d in drafts_of(snapshot) if (d / "manifest.json").is_file()))
-    return LocalModel(
+    model = LocalModel(
         name=name,
         repo=repo,
         model_type=model_type,
         path=snapshot,
         size=size,
-        weights=any(snapshot.glob("*.safetensors")),
+        weights=any(p.exists() for p in snapshot.glob("*.safetensors")),  # a dangling link is no weight
         drafts=drafts,
         draft_size=sum(_tree_size(d) for d in drafts),
         modified=modified,
     )
+    return model, ""
 
 
 def _tree_size(path: Path) -> int:
-    """Bytes of the files under ``path`` (links followed, as the cache's snapshots are)."""
+    """Bytes of the files under ``path`` (links followed, as the cache's snapshots are;
+    dangling ones count nothing)."""
     total = 0
     for root, _, files in os.walk(path):
         for f in files:

@@ -367,8 +367,10 @@ def build_app(
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
+        except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body's JSON is nested too deeply", "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_json")
         if body.get("model") is not None:

@@ -805,6 +805,8 @@ def test_a_calibration_in_the_cache_is_a_profile_name(quick_calibration, cli, tm
     """`moespeq calibrate` without --out writes calibrated-cpu.yaml in moespeq's cache; it
     says the name to give, and --hardware and --list-hardware know that name."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    r = cli("plan", "--hardware", "calibrated-cpu", "-n", "8")
+    assert r.exit_code == 2 and "`moespeq calibrate` measures it" in r.stderr  # not calibrated yet
     r = cli("calibrate", "--disk-dir", str(tmp_path))
     assert r.exit_code == 0, r.stderr
     assert "--hardware calibrated-cpu" in r.stderr

@@ -474,6 +474,10 @@ def test_completion_for_the_shell_named(tmp_path):
     r = moespeq("--show-completion", "tcsh")
     assert r.returncode == 2 and "bash, zsh, fish" in r.stderr and len(r.stderr.splitlines()) == 1
     assert "Usage: moespeq" in moespeq("--show-completion", "--help").stdout  # --help still wins
+    assert moespeq("--show-completion=fish").stdout == moespeq("--show-completion", "fish").stdout
+    (tmp_path / ".zfunc" / "_moespeq").unlink()
+    assert "Usage: moespeq" in moespeq("--install-completion", "bash", "--help").stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".zfunc", ".zshrc"]  # nothing installed by asking help
 
 
 def test_the_stats_line_keeps_its_head_and_wraps_between_fields(cli, tiny):

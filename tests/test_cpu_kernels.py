@@ -947,3 +947,12 @@ def test_a_mock_run_does_not_build_the_cpu_kernels(monkeypatch, tmp_path):
     eng = Engine(DEMO_DIR, EngineOptions(backend="mock"))
     assert build._lib is False and eng.kernels_note is None
     assert not (tmp_path / "moespeq" / "kernels").exists()
+
+
+def test_a_cc_that_is_not_a_command_is_said(monkeypatch):
+    """$CC naming nothing on PATH is no compiler, said as such (it was silently replaced by cc)."""
+    monkeypatch.setattr(build, "_lib", False)
+    monkeypatch.setattr(build, "why_not", None)
+    monkeypatch.setenv("CC", "no-such-cc")
+    assert build._compiler() is None
+    assert build.library() is None and "CC=no-such-cc is not a command" in build.why_not

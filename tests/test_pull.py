@@ -132,7 +132,7 @@ def test_list_shows_what_runs_offline(hub, cli):
     listed = json.loads(r.stdout)
     models = {m["name"]: m for m in listed["models"]}
     assert list(models) == ["demo", "acme/plan-only", "acme/tiny-olmoe"]  # the demo, then by name
-    assert listed["other_repos"] == ["acme/bert"]  # an architecture moespeq does not run
+    assert [(o["repo"], "bert" in o["reason"]) for o in listed["other_repos"]] == [("acme/bert", True)]
     olmoe, plan_only = models["acme/tiny-olmoe"], models["acme/plan-only"]
     assert olmoe["model_type"] == "olmoe" and olmoe["weights"] and not plan_only["weights"]
     assert olmoe["size_bytes"] > plan_only["size_bytes"] > 0
@@ -145,8 +145,31 @@ def test_list_shows_what_runs_offline(hub, cli):
     assert r.exit_code == 0 and len(json.loads(r.stdout)["token_ids"]) == 2
     r = cli("plan", "acme/plan-only", "--json")  # listed, so found: pulled at a commit, not main
     assert r.exit_code == 0, r.stderr
-    table = cli("list").stdout
-    assert "acme/tiny-olmoe" in table and "config only" in table and "acme/bert" in table
+    r = cli("run", "acme/plan-only", "-n", "2")  # its weights were not pulled: say how to get them
+    assert r.exit_code == 1 and "`moespeq pull acme/plan-only` downloads them" in r.stderr, r.stderr
+    r = cli("list")
+    rows = [line.split()[0] for line in r.stdout.splitlines()[1:]]  # a name is never cut: awk takes it
+    assert rows == ["demo", "acme/plan-only", "acme/tiny-olmoe"] and "config only" in r.stdout
+    assert "not listed: acme/bert: model_type 'bert'" in r.stderr
+
+
+def test_list_keeps_a_repo_with_a_dangling_link(cli, monkeypatch, tmp_path):
+    """huggingface_hub's cache scan drops a whole repository for one dangling link; `run`
+    names the link precisely, so `list` shows the model (its weights not there)."""
+    from moespeq_cli.model_ref import CONFIGS_DIR
+
+    repo = tmp_path / "models--acme--x"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (snap / "config.json").write_text((CONFIGS_DIR / "mixtral.json").read_text())
+    (snap / "model.safetensors").symlink_to("../../blobs/missing")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    r = cli("list", "--json")
+    assert r.exit_code == 0, r.stderr
+    (x,) = [m for m in json.loads(r.stdout)["models"] if m["name"] == "acme/x"]
+    assert x["model_type"] == "mixtral" and not x["weights"]
 
 
 def test_list_says_ages_as_ollama_does():

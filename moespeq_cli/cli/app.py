@@ -52,7 +52,8 @@ class MoespeqGroup(TyperGroup):
             command = None
         previous = on_sigterm()
         try:
-            if completion_for_named_shell(argv):
+            argv = completion_for_named_shell(argv)
+            if argv is None:  # printed or installed
                 raise SystemExit(0)
             rv = super().main(argv, prog_name or "moespeq", complete_var, standalone_mode=False, **extra)
         except BaseException as exc:  # noqa: BLE001 - the one mapping at the edge
@@ -82,14 +83,20 @@ class MoespeqGroup(TyperGroup):
             raise
 
 
-def completion_for_named_shell(argv: list[str]) -> bool:
+def completion_for_named_shell(argv: list[str]) -> list[str] | None:
     """``moespeq --install-completion zsh`` / ``--show-completion zsh``: typer's flags take
     no shell name where they can detect the running shell, so the name was ignored and
     bash's completion installed from bash. Here the named shell's script is printed or
-    installed with typer's own functions; -> whether it was (anything but a shell's name
-    after the flag is a usage error; ``--help`` still wins)."""
+    installed with typer's own functions; -> None where it was, else the command line to
+    go on with (anything but a shell's name after the flag is a usage error; ``--help``
+    wins: the completion flag is dropped, as it would otherwise act before the help)."""
+    flag, eq, shell = argv[0].partition("=") if argv else ("", "", "")
+    if eq:  # --show-completion=zsh
+        argv = [flag, shell, *argv[1:]]
+    if argv and argv[0] in ("--install-completion", "--show-completion") and ("--help" in argv or "-h" in argv):
+        return ["--help"]
     if len(argv) < 2 or argv[0] not in ("--install-completion", "--show-completion") or argv[1].startswith("-"):
-        return False
+        return argv
     import shutil
 
     from moespeq_cli.errors import UsageError
@@ -111,7 +118,7 @@ def completion_for_named_shell(argv: list[str]) -> bool:
         shell, path = install(shell=shell, prog_name="moespeq", complete_var=var)
         print(f"{shell} completion installed in {path}")
         print("Completion will take effect once you restart the terminal")
-    return True
+    return None
 
 
 def _no_flag_placeholder() -> None:

@@ -199,8 +199,9 @@ def read_message(interactive: bool, prompt_to=sys.stdout) -> str | None:
     (stderr with --json, whose stdout holds JSON alone)."""
     if not interactive:
         line = sys.stdin.readline()
-        # a CRLF file's line is the same message as an LF file's ("" is the end of input)
-        return line.removesuffix("\n").removesuffix("\r") if line else None
+        # a CRLF file's line is the same message as an LF file's, and a byte-order mark
+        # (Notepad's first bytes) is not text ("" is the end of input)
+        return line.removesuffix("\n").removesuffix("\r").removeprefix("\ufeff") if line else None
     while True:
         try:
             prompt_to.write(">>> ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from moespeq_cli.cli import options as o
@@ -50,25 +51,26 @@ def listing(json_out: o.Json = False) -> None:
             }
             for m in models
         ]
-        print(json.dumps({"models": rows, "other_repos": others}))
+        print(json.dumps({"models": rows, "other_repos": [{"repo": r, "reason": why} for r, why in others]}))
         return
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("NAME", "FAMILY", "SIZE", "DRAFT", "MODIFIED"):
-        t.add_column(col, no_wrap=col != "NAME")
     now = time.time()
-    for m in models:
-        size = format_size(m.size) if m.weights else "config only"
-        draft = format_size(m.draft_size) if m.drafts else "-"
-        t.add_row(m.name, m.model_type, size, draft, "built in" if m.repo is None else ago(now - m.modified))
-    out = Console()
-    out.print(t)
-    if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        out.print(Text(f"not listed: {shown} (not an architecture moespeq runs)", style="dim"))
+    rows = [("NAME", "FAMILY", "SIZE", "DRAFT", "MODIFIED")] + [
+        (
+            m.name,
+            m.model_type,
+            format_size(m.size) if m.weights else "config only",
+            format_size(m.draft_size) if m.drafts else "-",
+            "built in" if m.repo is None else ago(now - m.modified),
+        )
+        for m in models
+    ]
+    # plain columns, as `ollama list` prints them: a name is never cut (it is what to type)
+    # and a pipe gets whole lines for awk
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    for repo, why in others:
+        print(f"not listed: {repo}: {why}", file=sys.stderr)
 
 
 def ago(seconds: float) -> str:

@@ -265,4 +265,5 @@ def show_profiles(json_out: bool) -> None:
         )
     for line in unreadable:
         print(f"skipped: {line}", file=sys.stderr)
-    print("\nor a profile of this machine: moespeq calibrate (then --hardware calibrated-cpu), or --out mine.yaml")
+    if not any(r["name"].startswith("calibrated-") for r in rows):
+        print("\nor a profile of this machine: moespeq calibrate (then --hardware calibrated-cpu), or --out mine.yaml")

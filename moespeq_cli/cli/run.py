@@ -111,7 +111,7 @@ def read_stdin(wait: float | None) -> str | None:
     if len(data) > PROMPT_LIMIT:
         raise UsageError(f"standard input holds more than {PROMPT_LIMIT // 2**20} MiB; a prompt must be shorter")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Notepad's) is not prompt text
     except UnicodeDecodeError:
         raise UsageError("standard input is not UTF-8 text; pass the prompt as text") from None
 

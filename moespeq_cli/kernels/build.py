@@ -50,10 +50,11 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
+    """$CC where it is set (a command not found is no compiler: not silently another), else
+    the first of cc, gcc and clang on PATH."""
+    if os.environ.get("CC"):
+        return os.environ["CC"] if shutil.which(os.environ["CC"]) else None
+    return next((cc for cc in ("cc", "gcc", "clang") if shutil.which(cc)), None)
 
 
 def _build(cc: str) -> Path:
@@ -72,7 +73,8 @@ def _build(cc: str) -> Path:
     try:
         r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+            last = (r.stderr or r.stdout).strip().splitlines()[-1:]
+            raise RuntimeError(f"{cc} failed" + (f": {last[0]}" if last else f" (exit {r.returncode})"))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
             built = hashlib.sha256(f.read()).hexdigest()
@@ -161,7 +163,11 @@ def library() -> ctypes.CDLL | None:
             return None
         cc = _compiler()
         if cc is None:
-            why_not, _lib = "no C compiler found (cc, gcc or clang; or set CC)", None
+            cc_env = os.environ.get("CC")
+            why_not = (
+                f"CC={cc_env} is not a command here" if cc_env else "no C compiler found (cc, gcc or clang; or set CC)"
+            )
+            _lib = None
             return None
         try:
             lib = ctypes.CDLL(str(_build(cc)))

@@ -265,6 +265,11 @@ def load_profile(name_or_path: str) -> HardwareProfile:
             f"--hardware {shown(path)} is not a hardware profile: give a profile name "
             f"({', '.join(available_profiles())}) or a .yaml file (`moespeq calibrate --out FILE.yaml` writes one)"
         )
+    if name_or_path.startswith("calibrated-"):
+        raise UsageError(
+            f"no calibration {shown(name_or_path)!r} on this machine yet; `moespeq calibrate` measures it "
+            "(about a minute) and writes calibrated-cpu (calibrated-gpu with CUDA)"
+        )
     raise UsageError(
         f"unknown hardware profile {shown(name_or_path)!r}; available: {', '.join(available_profiles())} "
         "(or pass a path to a .yaml file)"
