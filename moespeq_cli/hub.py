@@ -100,10 +100,9 @@ def remove_partial_downloads(repo: str, local_dir: Path | None) -> None:
     if local_dir is not None:
         where = Path(local_dir) / ".cache" / "huggingface" / "download"
     else:
-        from huggingface_hub import constants
+        from moespeq_cli.model_ref import hub_cache
 
-        cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-        where = Path(cache) / f"models--{repo.replace('/', '--')}" / "blobs"
+        where = hub_cache() / f"models--{repo.replace('/', '--')}" / "blobs"
     try:
         partial = [p for p in where.rglob("*.incomplete") if p.is_file() and not p.is_symlink()]
     except OSError:

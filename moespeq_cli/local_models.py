@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moespeq_cli.errors import MoespeqError
-from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot
+from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, hub_cache
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,6 @@ class LocalModel:
     drafts: tuple[Path, ...]
     draft_size: int
     modified: float  # seconds since the epoch
-
-
-def hub_cache() -> Path:
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
 
 
 def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:

@@ -133,13 +133,17 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     return newest_snapshot(repo) if revision is None else None
 
 
+def hub_cache() -> Path:
+    """The Hugging Face cache's directory ($HF_HUB_CACHE, else huggingface_hub's default)."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
 def newest_snapshot(repo: str) -> Path | None:
     """A repository pulled only at another revision than main (``pull --revision dev``):
     its most recently written snapshot holding a config.json, or None."""
-    from huggingface_hub import constants
-
-    cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
-    snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+    snapshots = hub_cache() / f"models--{repo.replace('/', '--')}" / "snapshots"
     try:
         found = [d for d in snapshots.iterdir() if (d / "config.json").is_file()]
     except OSError:
