@@ -478,6 +478,12 @@ def test_completion_for_the_shell_named(tmp_path):
     (tmp_path / ".zfunc" / "_moespeq").unlink()
     assert "Usage: moespeq" in moespeq("--install-completion", "bash", "--help").stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [".zfunc", ".zshrc"]  # nothing installed by asking help
+    # fish reads each line as a candidate: an option's help must not wrap onto others
+    fish = {"_MOESPEQ_COMPLETE": "complete_fish", "_TYPER_COMPLETE_FISH_ACTION": "get-args"}
+    env = {**os.environ, **fish, "_TYPER_COMPLETE_ARGS": "moespeq run --", "COLUMNS": "80"}
+    cmd = [sys.executable, "-m", "moespeq_cli"]
+    lines = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60).stdout.splitlines()
+    assert len(lines) > 10 and all(line.startswith("-") for line in lines), lines
 
 
 def test_the_stats_line_keeps_its_head_and_wraps_between_fields(cli, tiny):

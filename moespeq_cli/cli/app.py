@@ -4,6 +4,7 @@ torch inside its function, so ``moespeq --help`` answers instantly."""
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import threading
 
@@ -42,6 +43,10 @@ class MoespeqGroup(TyperGroup):
             # Library warnings (torch, transformers) are not for users: an error must be the
             # one line on stderr. MOESPEQ_DEBUG=1 shows them.
             warnings.simplefilter("ignore")
+        if os.environ.get("_MOESPEQ_COMPLETE"):
+            # the shell asks for completions: typer renders each option's help through rich,
+            # which wraps it at 80 columns, and fish and zsh read each line as a candidate
+            os.environ["COLUMNS"] = "100000"
         argv = list(sys.argv[1:] if args is None else args)
         if not argv or "-h" in argv or "--help" in argv:
             from moespeq_cli.cli import help_layout  # imports rich's help machinery: only for help
