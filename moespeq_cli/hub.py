@@ -100,9 +100,9 @@ def remove_partial_downloads(repo: str, local_dir: Path | None) -> None:
     if local_dir is not None:
         where = Path(local_dir) / ".cache" / "huggingface" / "download"
     else:
-        from moespeq_cli.model_ref import hub_cache
+        from moespeq_cli.model_ref import repo_dir
 
-        where = hub_cache() / f"models--{repo.replace('/', '--')}" / "blobs"
+        where = repo_dir(repo) / "blobs"
     try:
         partial = [p for p in where.rglob("*.incomplete") if p.is_file() and not p.is_symlink()]
     except OSError:

@@ -17,13 +17,12 @@ listed: ``run`` takes their path.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from moespeq_cli.errors import MoespeqError
-from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, hub_cache
+from moespeq_cli.errors import CheckpointError, MoespeqError
+from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, hub_cache, repo_of
 
 
 @dataclass(frozen=True)
@@ -49,14 +48,10 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     names = {repo: alias for alias, (repo, _) in reversed(ALIASES.items())}  # the first alias wins
     found, others = [], []
     try:
-        dirs = sorted(d for d in cache.iterdir() if d.name.startswith("models--") and d.is_dir())
+        repos = sorted((repo, d) for d in cache.iterdir() if (repo := repo_of(d.name)) and d.is_dir())
     except OSError:
-        dirs = []
-    for d in dirs:
-        parts = d.name.split("--")
-        if len(parts) != 3:
-            continue
-        repo = f"{parts[1]}/{parts[2]}"
+        repos = []
+    for repo, d in repos:
         snapshot = cached_snapshot(repo)  # what `run` resolves the name to
         if snapshot is None:
             others.append((repo, "no snapshot with a config.json"))
@@ -73,13 +68,14 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
 def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: float) -> tuple[LocalModel | None, str]:
     """-> (the model in ``snapshot``, "") or (None, why it is not one moespeq runs)."""
     from moespeq_cli.models import ARCHITECTURES, TYPE_ALIASES
+    from moespeq_cli.models.checkpoint import read_config
     from moespeq_cli.quant.draft import drafts_of
 
-    try:
-        raw = json.loads((snapshot / "config.json").read_text())
-    except (OSError, ValueError):
+    try:  # as every checkpoint's config is read: a regular file, bounded in size
+        raw = read_config(snapshot)
+    except CheckpointError:
         return None, "its config.json cannot be read"
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    model_type = raw.get("model_type")
     if not isinstance(model_type, str) or TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
         return None, f"model_type {model_type!r} is not an architecture moespeq runs"
     drafts = tuple(sorted(d for d in drafts_of(snapshot) if (d / "manifest.json").is_file()))

@@ -140,10 +140,27 @@ def hub_cache() -> Path:
     return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
 
 
+def repo_dir(repo: str) -> Path:
+    """Where the Hugging Face cache keeps ``org/name``: ``models--org--name``."""
+    return hub_cache() / f"models--{repo.replace('/', '--')}"
+
+
+def repo_of(dirname: str) -> str | None:
+    """``models--org--name`` -> ``org/name`` (None for any other name: a dataset's, a lock)."""
+    parts = dirname.split("--")
+    return f"{parts[1]}/{parts[2]}" if len(parts) == 3 and parts[0] == "models" else None
+
+
+def snapshot_repo(path: Path) -> str | None:
+    """The hub id whose snapshot ``path`` is in the Hugging Face cache
+    (``models--ORG--NAME/snapshots/REV``), or None where it is not one."""
+    return repo_of(path.parent.parent.name) if path.parent.name == "snapshots" else None
+
+
 def newest_snapshot(repo: str) -> Path | None:
     """A repository pulled only at another revision than main (``pull --revision dev``):
     its most recently written snapshot holding a config.json, or None."""
-    snapshots = hub_cache() / f"models--{repo.replace('/', '--')}" / "snapshots"
+    snapshots = repo_dir(repo) / "snapshots"
     try:
         found = [d for d in snapshots.iterdir() if (d / "config.json").is_file()]
     except OSError:

@@ -14,6 +14,9 @@ EPILOG = """[bold]Examples[/bold]
   [dim]# writes ~/.cache/moespeq/profiles/calibrated-cpu.yaml[/dim]
   moespeq calibrate
 
+  [dim]# then use it by name[/dim]
+  moespeq run --hardware calibrated-cpu
+
   [dim]# measure the disk the models live on[/dim]
   moespeq calibrate --out mybox.yaml --disk-dir /models
 
@@ -201,13 +204,9 @@ def calibrate(
     )
     from rich.text import Text
 
-    from moespeq_cli.runtime.planning.hardware import bundled_profiles, calibrated_dir
+    from moespeq_cli.runtime.planning.hardware import named_profile
 
-    # a name only where --hardware NAME finds this file: .yaml, in the cache, not a bundled name
-    by_name = (
-        out.suffix == ".yaml"
-        and out.parent.resolve() == calibrated_dir().resolve()
-        and out.stem not in bundled_profiles()
-    )
+    named = named_profile(out.stem)  # a name only where --hardware NAME loads this very file
+    by_name = named is not None and named.resolve() == out.resolve()
     console.print(Text(f"use it with --hardware {out.stem if by_name else out}", style="dim"))
     print(out, file=sys.stdout)

@@ -75,11 +75,15 @@ def listing(json_out: o.Json = False) -> None:
 
 def ago(seconds: float) -> str:
     """``seconds`` as ``ollama list`` says a model's age: "5 minutes ago", "3 days ago"."""
-    for unit, size in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400), ("day", 86400)):
-        if seconds >= size:
-            n = int(seconds // size)
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
-    for unit, size in (("hour", 3600), ("minute", 60)):
+    day = 86400
+    for unit, size in (
+        ("year", 365 * day),
+        ("month", 30 * day),
+        ("week", 7 * day),
+        ("day", day),
+        ("hour", 3600),
+        ("minute", 60),
+    ):
         if seconds >= size:
             n = int(seconds // size)
             return f"{n} {unit}{'s' if n > 1 else ''} ago"

@@ -102,6 +102,11 @@ class Renderer:
         sys.stderr.flush()
         self._thinking = True
 
+    def split(self, answer: str, reasoning: str) -> None:
+        """One step of a ``harmony.Split``: its reasoning (stderr), then its answer (stdout)."""
+        self.reasoning(reasoning)
+        self.text(answer)
+
     def text(self, chunk: str) -> None:
         if self.json_mode or not chunk:
             return

@@ -178,9 +178,7 @@ def run(
                     if text == DEMO_PROMPT:
                         out.text(text)  # the default demo prompt: show what the model continues
                 token_ids.append(ev.token)
-                piece, thought = split.push(ev.token)
-                out.reasoning(thought)
-                out.text(piece)
+                out.split(*split.push(ev.token))
         except KeyboardInterrupt:
             # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
             if token_ids:
@@ -189,15 +187,11 @@ def run(
                 if json_out:
                     sys.stdout.write(json.dumps(result) + "\n")
                 else:
-                    rest, thought = split.flush()
-                    out.reasoning(thought)
-                    out.text(rest)
+                    out.split(*split.flush())
                     out.end_text()
                     out.stats_line(result)
             raise
-    rest, thought = split.flush()
-    out.reasoning(thought)
-    out.text(rest)
+    out.split(*split.flush())
     result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
     if trace is not None:
         write_trace(engine, trace, result)

@@ -128,9 +128,10 @@ class Checkpoint:
                 f"{self.path} holds only pickle weights (.bin/.pt); moespeq never unpickles. "
                 "Convert it to safetensors (save_pretrained(..., safe_serialization=True)) or pull a safetensors revision"
             )
-        hub = self.path.parent.name == "snapshots" and self.path.parent.parent.name.startswith("models--")
-        if hub:  # a pull with --config-only: `plan` is all it serves
-            repo = "/".join(self.path.parent.parent.name.split("--")[1:])
+        from moespeq_cli.model_ref import snapshot_repo
+
+        repo = snapshot_repo(self.path)
+        if repo is not None:  # a pull with --config-only: `plan` is all it serves
             raise CheckpointError(
                 f"{repo} was pulled without its weights (--config-only: enough for `moespeq plan`); "
                 f"`moespeq pull {repo}` downloads them"

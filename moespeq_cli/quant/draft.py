@@ -51,6 +51,7 @@ import torch
 from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 from moespeq_cli.fs import exclusive_lock, file_status, is_dir, is_regular, new_file_mode, pid_alive, shown, umask
+from moespeq_cli.model_ref import snapshot_repo
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.models.expert_format import HF_EXPERTS, ExpertFormat
 
@@ -826,7 +827,7 @@ def saved_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
     """The draft ``moespeq run`` loads by default, if there is one: ``moespeq quantize``'s
     output (``default_draft_dir``), else the one shipped with the demo."""
     beside = Path(ckpt_path).resolve().with_name(draft_name(Path(ckpt_path).resolve(), method, blocksize))
-    earlier = beside if in_hub_cache(Path(ckpt_path).resolve()) else None  # where earlier moespeq wrote it
+    earlier = beside if snapshot_repo(Path(ckpt_path).resolve()) else None  # where earlier moespeq wrote it
     for d in (default_draft_dir(ckpt_path, method, blocksize), earlier, bundled_draft(ckpt_path, method, blocksize)):
         if d is not None and (d / "manifest.json").is_file():
             return d
@@ -857,13 +858,6 @@ def draft_name(ckpt_path: Path, method: str, blocksize: int) -> str:
     return f"{ckpt_path.name}.moespeq-draft-{method}-b{blocksize}"
 
 
-def in_hub_cache(path: Path) -> bool:
-    """``path`` is a snapshot in the Hugging Face cache (``models--ORG--NAME/snapshots/REV``):
-    nothing of moespeq's is written beside it, where the hub's tools would list it as a
-    revision."""
-    return path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
-
-
 def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
     """Beside the checkpoint (<dir>.moespeq-draft-nf4-b64) when its parent is writable and
     it is neither the demo model inside the installed package nor a snapshot in the Hugging
@@ -871,6 +865,7 @@ def default_draft_dir(ckpt_path: Path, method: str, blocksize: int) -> Path:
     ~/.cache/moespeq/drafts)."""
     p = Path(ckpt_path).resolve()
     name = draft_name(p, method, blocksize)
-    if os.access(p.parent, os.W_OK) and ASSETS.parent not in p.parents and not in_hub_cache(p):
+    # nothing of moespeq's beside a hub snapshot, where the hub's tools would list it as a revision
+    if os.access(p.parent, os.W_OK) and ASSETS.parent not in p.parents and snapshot_repo(p) is None:
         return p.with_name(name)
     return cached_draft(p, name)

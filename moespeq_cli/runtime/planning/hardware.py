@@ -226,19 +226,31 @@ def calibrated_dir() -> Path:
     return cache_dir() / "profiles"
 
 
+def _names(d: Path) -> list[str]:
+    return sorted(p.stem for p in d.glob("*.yaml") if p.is_file()) if d.is_dir() else []
+
+
 def bundled_profiles() -> list[str]:
     """The profiles shipped with moespeq (each figure with its source)."""
-    d = profiles_dir()
-    return sorted(p.stem for p in d.glob("*.yaml") if p.is_file()) if d.is_dir() else []
+    return _names(profiles_dir())
 
 
 def available_profiles() -> list[str]:
     """The profile names --hardware takes: the bundled ones, then this machine's
     calibrations (a calibration never shadows a bundled name)."""
     names = bundled_profiles()
-    d = calibrated_dir()
-    calibrated = sorted(p.stem for p in d.glob("*.yaml") if p.is_file()) if d.is_dir() else []
-    return names + [s for s in calibrated if s not in names]
+    return names + [s for s in _names(calibrated_dir()) if s not in names]
+
+
+def named_profile(name: str) -> Path | None:
+    """The file --hardware NAME loads: a bundled profile first, else a calibration in the
+    cache; None where there is neither."""
+    if "/" in name or len(name) >= 200:
+        return None
+    for d in (profiles_dir(), calibrated_dir()):
+        if kind(d / f"{name}.yaml") == "file":
+            return d / f"{name}.yaml"
+    return None
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
@@ -250,11 +262,9 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     path = Path(os.path.expanduser(name_or_path))
     if path.suffix in (".yaml", ".yml") and kind(path) != "missing":
         return parse_profile(path)  # parse_profile's reader refuses anything but a regular file
-    if "/" not in name_or_path and len(name_or_path) < 200:
-        for d in (profiles_dir(), calibrated_dir()):
-            candidate = d / f"{name_or_path}.yaml"
-            if kind(candidate) == "file":
-                return parse_profile(candidate)
+    named = named_profile(name_or_path)
+    if named is not None:
+        return parse_profile(named)
     if path.suffix in (".yaml", ".yml"):
         raise UsageError(
             f"hardware profile file {shown(path)} does not exist; check the path, or give a profile name "
