@@ -7,9 +7,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moespeq_cli.errors import CheckpointError, UnknownModelError
 from moespeq_cli.fs import is_dir, kind, shown
+
+if TYPE_CHECKING:
+    from moespeq_cli.runtime.planning.hardware import HardwareProfile
 
 DEMO = "demo"
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
@@ -19,18 +23,13 @@ CONFIGS_DIR = Path(__file__).parent / "assets" / "configs"  # each alias's confi
 DEMO_VRAM = "24MiB"
 
 
-def default_vram(name: str, vram: str | None, hardware: str | None, backend: str | None) -> str | None:
+def default_vram(name: str, vram: str | None, hardware: HardwareProfile | None, backend: str | None) -> str | None:
     """``--vram`` as given, or the demo's own budget when the demo runs on a (real or
     simulated) device without --vram: the same whether or not --hardware is spelled out
     (the profile prices the run, the budget stays the demo's). A ``kind: cpu`` profile
     takes no --vram (its budget is --ram)."""
-    if name != DEMO or vram is not None or backend == "cpu":
+    if name != DEMO or vram is not None or backend == "cpu" or (hardware is not None and hardware.kind == "cpu"):
         return vram
-    if hardware is not None:
-        from moespeq_cli.runtime.planning.hardware import load_profile
-
-        if load_profile(hardware).kind == "cpu":
-            return vram
     return DEMO_VRAM
 
 

@@ -270,6 +270,29 @@ def test_demo_budget_is_the_same_with_the_default_hardware_spelled_out(cli):
     assert "s virtual (" in r.stderr and "s wall)" in r.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "-n", "2", "--json"],
+        ["plan", "--json"],
+        ["bench", "-n", "2", "--policies", "lru,ondemand", "--json"],
+    ],
+)
+def test_a_hardware_profile_is_read_once(cli, tmp_path, monkeypatch, args):
+    """--hardware FILE is read once per command: the budget, the plan and every policy's
+    engine price the same profile (a file edited mid-run cannot mix two)."""
+    from moespeq_cli.runtime.planning import hardware
+
+    profile = tmp_path / "box.yaml"
+    profile.write_text(open(hardware.load_profile("rtx3060-12gb").source).read())
+    reads = []
+    parse = hardware.parse_profile
+    monkeypatch.setattr(hardware, "parse_profile", lambda path: reads.append(path) or parse(path))
+    r = cli(*args, "--hardware", str(profile))
+    assert r.exit_code == 0, r.stderr
+    assert reads == [profile]
+
+
 @pytest.mark.parametrize("args", [[], ["-n", "32"], ["-n", "7", "-p", "To be or not"]])
 def test_plan_predicts_the_context_and_slots_run_takes(cli, args):
     """`plan` with run's prompt options (or none, on the demo) plans the context `run`

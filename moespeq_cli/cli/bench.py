@@ -73,13 +73,13 @@ def bench(
 
     from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT, encode_prompt, read_prompt
     from moespeq_cli.model_ref import DEMO, default_vram, resolve
+    from moespeq_cli.runtime.planning.hardware import load_profile
     from moespeq_cli.runtime.scheduling.policies import POLICIES
 
+    hw = None if hardware is None else load_profile(hardware)  # read once, for every policy's engine
     if policies is None:
-        from moespeq_cli.runtime.planning.hardware import load_profile
-
         # hybrid computes experts on the CPU beside a GPU: not where the CPU is the device
-        on_cpu = backend == "cpu" or (hardware is not None and load_profile(hardware).kind == "cpu")
+        on_cpu = backend == "cpu" or (hw is not None and hw.kind == "cpu")
         policies = "moespeq,gate-prefetch,lru,ondemand" if on_cpu else "moespeq,hybrid,gate-prefetch,lru,ondemand"
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
@@ -93,14 +93,14 @@ def bench(
             raise UsageError(f"--spec-depths {spec_depths!r}: {d!r} is not auto or a number from 0 to 64")
     name, path = resolve(model)
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
-    vram = default_vram(name, vram, hardware, backend)
+    vram = default_vram(name, vram, hw, backend)
 
     from moespeq_cli.runtime.bench import bench as run_bench
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
     opts = EngineOptions(
         backend=backend,
-        hardware=hardware,
+        hardware=hw,
         vram=vram,
         ram=ram,
         draft=draft,

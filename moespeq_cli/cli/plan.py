@@ -118,8 +118,9 @@ def plan(
     name, raw, source = resolve_config(model)
     raw, _ = language_config(raw)  # a multimodal config: its language model
     arch, cfg = parse_config(raw, source)
+    hw = load_profile(DEFAULT_HARDWARE if hardware is None else hardware)
     if name == DEMO:  # the demo's own budget, as run and chat use it
-        vram = default_vram(name, vram, hardware, None)
+        vram = default_vram(name, vram, hw, None)
     if context is None and (name == DEMO or any(v is not None for v in (prompt, prompt_file, max_new_tokens, chat))):
         context = run_context(name, source, prompt, prompt_file, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, chat)
     elif context is None:
@@ -129,7 +130,6 @@ def plan(
             f"--context {context} is beyond the model's context of {cfg.context_limit} tokens; "
             f"use --context {cfg.context_limit} or less"
         )
-    hw = load_profile(DEFAULT_HARDWARE if hardware is None else hardware)
     budget = parse_size(vram, "--vram") if vram is not None else hw.usable_memory
     ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram()
     storage = DTYPES[dtype] if dtype else cfg.dtype

@@ -270,8 +270,11 @@ def build_engine(name: str, path: Path, status: LoadingStatus, **options) -> Eng
     nothing read) with ``status`` saying so."""
     from moespeq_cli.model_ref import default_vram
     from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.planning.hardware import load_profile
 
     status.show(f"loading {name}")
+    if isinstance(options.get("hardware"), str):  # read once: the budget and the engine see the same profile
+        options["hardware"] = load_profile(options["hardware"])
     options["vram"] = default_vram(name, options.get("vram"), options.get("hardware"), options.get("backend"))
     return Engine(path, EngineOptions(**options))
 
