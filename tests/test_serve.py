@@ -449,3 +449,50 @@ def test_the_log_names_ignored_fields_and_a_cancelled_answer(served, capsys, mon
         time.sleep(0.1)
         seen += capsys.readouterr().err
     assert "POST /v1/completions 499" in seen and "cancelled: the client went away" in seen, seen
+
+
+def test_ctrl_c_ends_a_streamed_answer_with_an_error_event_then_done(tiny, monkeypatch):
+    """Over HTTP: Ctrl-C while an answer streams ends the stream at once with an error
+    event (503, the answer cut short) and `data: [DONE]`, and the server stops; uvicorn
+    alone would wait for the answer to end."""
+    import signal
+
+    import uvicorn
+
+    from moespeq_cli.cli.chat import load_session
+    from moespeq_cli.server import HaltingServer, build_app
+
+    path, _ = tiny("mixtral", "gqa")
+    name, engine, ctx = load_session(str(path), None, 1, backend="cpu")
+    fast = engine.generate
+
+    def slow(*a, **kw):  # 50 ms a token: 200 tokens would take 10 s
+        for ev in fast(*a, **kw):
+            time.sleep(0.05)
+            yield ev
+
+    monkeypatch.setattr(engine, "generate", slow)
+    port = free_port()
+    config = uvicorn.Config(build_app(engine, name, ctx, None, 4, 64), host="127.0.0.1", port=port, lifespan="on")
+    server = HaltingServer(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    body = {"model": name, "prompt": "once upon", "max_tokens": 200, "temperature": 0, "stream": True, "seed": 1}
+    events = []
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 2:  # answering: stop the server as Ctrl-C does
+                    server.handle_exit(signal.SIGINT, None)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert events[-1] == "[DONE]" and len(events) < 100  # cut, not the 200 tokens asked
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "shutting_down" and "cut short" in error["message"]
+    assert all("choices" in json.loads(e) for e in events[:-2])
+    engine.close()
