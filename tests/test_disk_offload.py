@@ -331,3 +331,16 @@ def test_the_governor_gives_back_the_drafts_ram_where_the_disk_costs_more():
         assert got == generate(lru)
     finally:
         lru.close()
+
+
+def test_token_times_and_the_timeline_count_from_one_origin(tiny):
+    """On the wall clock the stats' token times and the trace's intervals share the
+    backend's zero: no token is stamped before the pass that produced it ended (the
+    token times counted from the prefill's start, a millisecond after the trace's)."""
+    path, _ = tiny("mixtral", "wide")
+    prompt = prompt_for(14, 8)
+    for policy in ("lru", "moespeq"):
+        _, eng = disk_run(path, prompt, 6, policy, ram_for(path, 6, draft=policy == "moespeq"))
+        heads = sorted(iv.end for iv in eng.backend.timeline.intervals if iv.name.startswith("lm_head"))
+        s = eng.last_stats
+        assert heads and heads[0] <= s.ttft_s and heads[-1] <= s.seconds, (policy, heads[0], s.ttft_s)

@@ -260,3 +260,52 @@ def test_resident_experts_go_to_the_cpu_where_the_device_s_launches_set_the_laye
         assert with_cpu > alone
     else:  # the same steps, but with CPU experts the prompt skips gate-prefetch's lookahead
         assert with_cpu >= alone
+
+
+def test_prefetch_recall_counts_the_misses_served_on_the_cpu(tiny, link):
+    """Recall is "used experts that had been prefetched / used and not resident before"
+    (docs/design.md §5): a miss computed on the CPU is one no prefetch brought, so it
+    counts below the line (it was left out: recall read ~10x too high with CPU experts)."""
+    path, _ = tiny("mixtral", "top3")
+    prompt = prompt_for(7)
+    eng = engine(path, "moespeq", 4, len(prompt) + 24, link(2e8), spec_depth="2")
+    generate(eng, prompt, 24)
+    st, s = eng.cache.stats, eng.last_stats
+    assert st.prefetches and st.host_misses
+    assert st.host_misses <= st.host_computed <= st.lookups
+    assert s.prefetch_recall == pytest.approx(st.prefetch_used / (st.prefetch_used + st.demand_loads + st.host_misses))
+    assert s.prefetch_recall < st.prefetch_used / (st.prefetch_used + st.demand_loads)
+
+
+def test_prefetch_recall_is_the_share_of_needed_fills_a_prefetch_made():
+    from moespeq_cli.runtime.tiers.cache import CacheStats
+
+    st = CacheStats(prefetches=4, prefetch_used=3, demand_loads=1, host_misses=36)
+    assert st.prefetch_recall == 3 / 40 and st.prefetch_precision == 3 / 4
+    assert CacheStats(prefetch_used=0, demand_loads=2, host_misses=3).prefetch_recall is None  # nothing prefetched
+
+
+def test_overlap_counts_only_copy_time_under_the_device_s_compute():
+    """`copy_overlap` (and `profile`'s overlap) is copy time hidden under the device's own
+    compute: copy time while the compute stream stalls is never hidden, whatever the CPU
+    does meanwhile (the CPU's lane and the waits for balanced experts counted as compute:
+    the demo's default run showed 92% where 60% was hidden). The stall's share spent
+    waiting for the CPU is `cpu_wait_s`."""
+    from moespeq_cli.model_ref import DEMO_VRAM, resolve
+
+    _, path = resolve(None)
+    eng = Engine(path, EngineOptions(vram=DEMO_VRAM, policy="moespeq"))
+    ids = eng.tokenizer.encode("First Citizen:\n")
+    eng.load(len(ids) + 32)
+    generate(eng, ids, 32)
+    ivs = eng.backend.timeline.intervals
+    s = eng.last_stats
+    copies = [iv for iv in ivs if iv.kind == "copy"]
+    stalls = [iv for iv in ivs if iv.stream == "compute" and iv.kind == "stall"]
+    total = sum(c.duration for c in copies)
+    exposed = sum(max(0.0, min(c.end, w.end) - max(c.start, w.start)) for c in copies for w in stalls)
+    assert total and exposed > 0
+    assert s.copy_overlap * total <= total - exposed + 1e-12
+    assert s.copy_overlap == pytest.approx(eng.backend.timeline.overlap_s() / total)
+    waits = sum(w.duration for w in stalls if w.name == "wait CPU")
+    assert 0 < s.cpu_wait_s == pytest.approx(waits) and s.cpu_wait_s <= s.io_stall_s

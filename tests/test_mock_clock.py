@@ -78,3 +78,28 @@ def test_memory_budget_raises_the_planners_error():
         b.alloc(500, "expert slots")
     b.free(600, "weights")
     b.alloc(900, "expert slots")
+
+
+@pytest.mark.parametrize("policy", ["moespeq", "lru"])
+def test_a_run_s_virtual_time_does_not_depend_on_what_ran_before_it(policy):
+    """Two engines in one process (as `bench` runs its policies) decode on the same
+    virtual clock: the first pays nothing the second does not (the thread's scratch for
+    widening bf16 weights, made once, was counted as an op of the first engine's first
+    expert: `bench`'s first policy ran 3-5 us slower than the same policy later)."""
+    from moespeq_cli.model_ref import DEMO_VRAM, resolve
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.executors import experts
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    experts._scratch.__dict__.clear()  # as in a fresh process
+    _, path = resolve(None)
+    runs = []
+    for _ in range(2):
+        eng = Engine(path, EngineOptions(vram=DEMO_VRAM, policy=policy))
+        ids = eng.tokenizer.encode("First Citizen:\n")
+        eng.load(len(ids) + 12)
+        tokens = [ev.token for ev in eng.generate(ids, 12, SamplingParams())]
+        ivs = [(iv.stream, iv.kind, iv.layer, iv.expert, iv.start, iv.end) for iv in eng.backend.timeline.intervals]
+        runs.append((tokens, eng.last_stats.seconds, ivs))
+        eng.close()
+    assert runs[0] == runs[1]

@@ -64,7 +64,7 @@ def bench(
     """Compare offloading policies on one model, hardware profile and budget.
 
     Every policy generates the same greedy tokens; the table shows tokens/s, the speedup
-    over each baseline, the expert hit rate, the share of time stalled on copies, bytes
+    over each baseline, the expert hit rate, the share of time waiting for experts, bytes
     moved, and each run's ratio to the physical lower bound. With --backend cpu and a
     --ram below the experts' size the policies run for real, experts read from disk, on
     the wall clock.

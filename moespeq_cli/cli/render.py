@@ -166,18 +166,21 @@ class Renderer:
     def stats_line(self, result: dict) -> None:
         from rich.console import Console
 
+        from moespeq_cli.profiling.report import format_seconds as secs
+
         s = result["stats"]
+        tokens = f"{s['new_tokens']} token{'' if s['new_tokens'] == 1 else 's'}"
         if s["clock"] == "virtual" and result.get("wall_seconds") is not None:
             # the mock's figures are simulated time; the wall clock is what this machine spent
-            parts = [f"{s['new_tokens']} tokens in {s['seconds']:.2f} s virtual ({result['wall_seconds']:.2f} s wall)"]
+            parts = [f"{tokens} in {secs(s['seconds'])} virtual ({secs(result['wall_seconds'])} wall)"]
         else:
-            parts = [f"{s['new_tokens']} tokens in {s['seconds']:.2f} s ({s['clock']} clock)"]
+            parts = [f"{tokens} in {secs(s['seconds'])} ({s['clock']} clock)"]
         if s["tokens_per_s"] is not None:
             parts.append(f"{s['tokens_per_s']:.1f} tok/s")
         if s["ttft_s"] is not None:
-            parts.append(f"TTFT {s['ttft_s'] * 1000:.0f} ms")
+            parts.append(f"TTFT {secs(s['ttft_s'])}")
         if s["tpot_s"] is not None:
-            parts.append(f"TPOT {s['tpot_s'] * 1000:.1f} ms")
+            parts.append(f"TPOT {secs(s['tpot_s'])}")
         if s.get("spec_depth_mean") is not None:
             parts.append(f"k {s['spec_depth_mean']:.1f}")
         for key, label in (
@@ -188,7 +191,10 @@ class Renderer:
             if s.get(key) is not None:
                 parts.append(f"{label} {s[key]:.0%}")
         if s.get("io_stall_s") is not None and s["seconds"]:
-            parts.append(f"I/O stall {s['io_stall_s'] / s['seconds']:.0%}")
+            stall = f"stall {s['io_stall_s'] / s['seconds']:.0%}"  # waiting for experts: copies, reads, the CPU
+            if s.get("cpu_wait_s"):
+                stall += f" ({s['cpu_wait_s'] / s['seconds']:.0%} for the CPU)"
+            parts.append(stall)
         if s.get("bytes_h2d") is not None:
             parts.append(f"{s['bytes_h2d'] / 1e6:.1f} MB copied")
         if s.get("bytes_read") is not None:

@@ -133,7 +133,7 @@ def figures(stats: dict) -> Table:
     def f(v, fmt, suffix=""):
         return "-" if v is None else format(v, fmt) + suffix
 
-    t.add_row("tokens/s", f(stats.get("tokens_per_s"), ".1f"), "I/O stall", f(stats.get("stall_share"), ".0%"))
+    t.add_row("tokens/s", f(stats.get("tokens_per_s"), ".1f"), "stall", f(stats.get("stall_share"), ".0%"))
     t.add_row("overlap", f(stats.get("overlap"), ".0%"), "hit rate", f(stats.get("hit_rate"), ".0%"))
     t.add_row("acceptance", f(stats.get("acceptance"), ".0%"), "current k", f(stats.get("k"), "d"))
     t.add_row("tokens", f(stats.get("tokens"), "d"), "MB copied", f(stats.get("mb"), ".1f"))

@@ -35,7 +35,7 @@ class BenchResult:
     speedup_vs: dict[str, float | None] = field(default_factory=dict)
     draft_released: bool = False  # the governor gave the draft's memory to expert slots
     mean_union: float | None = None  # distinct experts per verified MoE layer
-    union_bound: int | None = None  # (k+1) x top_k for the mean k
+    union_bound: int | None = None  # (k+1) x top_k for the mean k, at most a layer's experts
     draft_token_s: float | None = None  # the draft's compute per drafted token
     target_compute_s: float | None = None  # the target's compute (all of it, from the timeline)
     fills: int | None = None  # experts brought into the compute tier while generating
@@ -187,7 +187,8 @@ def result_of(
     if unions:
         result.mean_union = sum(unions) / len(unions)
         k = s.spec_depth_mean or 0
-        result.union_bound = round((k + 1) * eng.ckpt.config.top_k)
+        cfg = eng.ckpt.config
+        result.union_bound = min(cfg.num_experts, round((k + 1) * cfg.top_k))
     return result
 
 

@@ -512,10 +512,10 @@ class Engine:
         else:
             self._kept, cache, reused = None, self.model.new_cache(), 0
         if self.backend is None:
-            clock, kind = time.perf_counter, "wall"
-        else:
+            clock, kind, since = time.perf_counter, "wall", None
+        else:  # token times count from the clock's reset, as the timeline's intervals do
             self.backend.reset_clock()
-            clock, kind = self.backend.now, self.backend.clock_kind
+            clock, kind, since = self.backend.now, self.backend.clock_kind, 0.0
         times = []
         spec = None
         if self.spec is not None:
@@ -536,9 +536,12 @@ class Engine:
                 self.scheduler,
                 spec,
                 cache,
+                since,
             )
         else:
-            events = generate(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock, cache)
+            events = generate(
+                self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, clock, cache, since
+            )
         self.reused_tokens = reused
         emitted: list[int] = []
         try:

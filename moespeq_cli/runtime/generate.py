@@ -32,17 +32,20 @@ def generate(
     eos_ids: set[int] = frozenset(),
     clock=time.perf_counter,
     cache: KVCache | None = None,
+    since: float | None = None,
 ) -> Iterator[TokenEvent]:
     """``cache``: one that already holds the first ``cache.length`` prompt tokens (a
     conversation's earlier turns, ``Engine.generate(reuse=True)``); only the rest is
-    prefilled. Default: a new, empty one."""
+    prefilled. Default: a new, empty one. ``since``: the ``clock`` reading token times
+    count from (a backend's clock counts from its reset, as its timeline does); default
+    the prefill's start."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     sample = Sampler(sampling)
     cache = model.new_cache() if cache is None else cache
     if cache.length >= len(prompt_ids):
         raise ValueError("a reused cache must leave at least one prompt token to feed")
-    t0 = clock()
+    t0 = clock() if since is None else since
     logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]
     for i in range(max_new_tokens):
         token = sample(logits)

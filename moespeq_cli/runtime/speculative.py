@@ -96,7 +96,10 @@ def speculative_generate(
     hooks: SpecHooks | None = None,
     stats: SpecStats | None = None,
     cache=None,
+    since: float | None = None,
 ) -> Iterator[TokenEvent]:
+    """``generate``'s contract (generate.py: ``cache``, ``since``), decoding k tokens a
+    cycle with the draft (``choose_k`` picks k) and verifying them in one target pass."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     hooks = hooks or SpecHooks()
@@ -106,7 +109,7 @@ def speculative_generate(
     cache = model.new_cache() if cache is None else cache  # a reused one holds a prefix (generate.py)
     if cache.length >= len(prompt_ids):
         raise ValueError("a reused cache must leave at least one prompt token to feed")
-    t0 = clock()
+    t0 = clock() if since is None else since
     model.set_experts(target)
     hooks.begin_prefill()
     logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]

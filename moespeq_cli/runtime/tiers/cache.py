@@ -46,6 +46,7 @@ class CacheStats:
     prefetches: int = 0
     prefetch_used: int = 0
     host_computed: int = 0  # lookups served by computing the expert on the CPU
+    host_misses: int = 0  # ... of experts not in the cache at all (neither arrived nor coming)
     layer_lookups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     layer_hits: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -59,7 +60,9 @@ class CacheStats:
 
     @property
     def prefetch_recall(self) -> float | None:
-        denom = self.prefetch_used + self.demand_loads
+        """Of the experts used that were not in the cache beforehand, the share a prefetch
+        brought: a miss served on the CPU counts as one no prefetch caught."""
+        denom = self.prefetch_used + self.demand_loads + self.host_misses
         return self.prefetch_used / denom if denom and self.prefetches else None
 
 
