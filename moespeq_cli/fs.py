@@ -147,17 +147,46 @@ def confined_name(name: object, root: Path, where: str) -> str:
 # -- writing -----------------------------------------------------------------------
 
 
+STREAMS = ((0, "input"), (1, "output"), (2, "error"))
+
+
+def standard_stream(path: Path) -> str | None:
+    """Which of this process's standard streams ``path`` is (``/dev/stdout``, a
+    ``/proc/self/fd`` link, or the very file the shell redirected one to), else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    for fd, name in STREAMS:
+        try:
+            s = os.fstat(fd)
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+            return name
+    return None
+
+
 def check_output(path: Path | None, option: str) -> None:
     """Refuse an output path that cannot be written, before any work is done: an
     existing entry that is not a regular file (a directory, a device such as /dev/null,
-    a FIFO, a socket) or a missing parent directory."""
+    a FIFO, a socket), a write-protected file, a missing parent directory, and the
+    command's own standard streams (an output is written to a new file renamed over the
+    old: through ``/dev/stdout`` that replaced the file the shell appends to)."""
     if path is None:
         return
+    if str(path) == "-":
+        raise UsageError(f"{option} takes a file name (- would mix it with the output); give a path")
+    stream = standard_stream(Path(path))
+    if stream is not None:
+        raise UsageError(f"{option} {shown(path)} is this command's standard {stream}; give a file of its own")
     path = written_path(Path(path))
     status, _ = file_status(path)
     if status not in ("missing", "file"):
         what = f"is {status}" if status.startswith("a ") else f"cannot be used ({status})"
         raise UsageError(f"{option} {shown(path)} {what}; give the name of a regular file to write")
+    if status == "file" and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {shown(path)} is write-protected; make it writable or write elsewhere")
     parent = path.parent
     if not is_dir(parent):
         raise UsageError(

@@ -522,3 +522,39 @@ def test_the_stats_line_keeps_its_head_and_wraps_between_fields(cli, tiny):
     lines = wrap_fields(fields, 50)
     assert all(len(line) <= 50 for line in lines) and len(lines) > 1
     assert " · ".join(line.strip() for line in lines) == " · ".join(fields)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_in_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch, signame):
+    """Ctrl-C or SIGTERM landing while a module imports (torch's C++ import code swallowed
+    the exception, or aborted on it: a cancelled `quantize` went on to replace the draft)
+    is raised after the import, where the command's cleanups see it."""
+    import importlib
+    import signal
+    import sys
+    import time
+
+    from moespeq_cli.cli.app import Signals
+    from moespeq_cli.errors import Terminated
+
+    name = f"moespeq_test_slow_import_{signame.lower()}"
+    (tmp_path / f"{name}.py").write_text(
+        f"import os, signal, time\nos.kill(os.getpid(), signal.{signame})\n"
+        "for _ in range(20):\n    time.sleep(0.005)\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    signals = Signals()
+    raised = None
+    try:
+        importlib.import_module(name)  # the signal lands here, inside the import
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            time.sleep(0.01)
+    except (KeyboardInterrupt, Terminated) as e:
+        raised = e
+    finally:
+        signals.restore()
+    assert isinstance(raised, KeyboardInterrupt if signame == "SIGINT" else Terminated)
+    assert sys.modules[name].DONE  # the import ran to its end first
+    assert {s: signal.getsignal(s) for s in before} == before

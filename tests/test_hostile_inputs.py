@@ -1150,3 +1150,35 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_an_output_is_never_the_command_s_own_standard_stream(ckpt, tmp_path, moespeq_process):
+    """`--trace /dev/stdout >> log` renamed the trace over log (the shell's file, reached
+    through /proc/self/fd): the log's lines and the run's JSON were lost. An output that
+    is a standard stream, or `-`, is refused before any work; the log is untouched."""
+    log = tmp_path / "log.txt"
+    log.write_text("precious line\n")
+    run = " ".join(moespeq("run", str(ckpt), "-n", "2", "--backend", "mock", "-p", "hi", "--json"))
+    for redirect in (">> log.txt", "2>> log.txt"):
+        stream = "/dev/stdout" if redirect.startswith(">") else "/dev/stderr"
+        r = subprocess.run(
+            f"{run} --trace {stream} {redirect}", shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert (
+            log.read_text().startswith("precious line\n") and "is this command's standard" in log.read_text() + r.stderr
+        )
+    r = subprocess.run(
+        moespeq("run", str(ckpt), "-n", "2", "--trace", "-"), capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert r.returncode == 2 and "takes a file name" in r.stderr and not (tmp_path / "-").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a write-protected file")
+def test_a_write_protected_output_is_refused(cli, tiny, tmp_path):
+    path, _ = tiny("mixtral", "gqa")
+    out = tmp_path / "t.json"
+    out.write_text("precious")
+    out.chmod(0o444)
+    r = cli("run", str(path), "-n", "2", "--backend", "mock", "--trace", str(out))
+    assert r.exit_code == 2 and "write-protected" in r.stderr and out.read_text() == "precious"

@@ -156,3 +156,18 @@ def test_our_cpu_packing_equals_bitsandbytes_converter(shape):
         for name, value in vars(ref_state).items():
             if not isinstance(value, torch.Tensor):
                 assert getattr(state, name) == value, name
+
+
+def test_quantize_offline_says_only_what_it_did(tiny, tmp_path):
+    """With HF_HUB_OFFLINE=1 (how many run offline) bitsandbytes' kernel loader logged
+    "Skipping publisher trust check ..." on every quantize: stderr is moespeq's lines only."""
+    import os
+    import subprocess
+    import sys
+
+    path, _ = tiny("mixtral", "gqa")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "moespeq_cli", "quantize", str(path), "--out", str(tmp_path / "d")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().startswith("quantized") and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -15,17 +15,57 @@ from moespeq_cli import __version__
 from moespeq_cli.errors import Terminated
 
 
-def on_sigterm():
-    """SIGTERM raises ``Terminated`` in the main thread (cleanups run, exit 143) instead
-    of ending the process where it stands (a calibration's 256 MiB scratch file was left
-    behind): -> the previous handler, to restore; None off the main thread."""
+def importing(frame) -> bool:
+    """Whether the main thread stands inside an import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
-    def terminated(signum, frame):
-        raise Terminated()
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, terminated)
+class Signals:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM ``Terminated`` in the main thread, so
+    that cleanups run (exit 130, 143) rather than the process ending where it stands (a
+    calibration's 256 MiB scratch file was left behind) -- except inside an import: torch's
+    C++ import code swallows a Python exception raised there (a `quantize` cancelled in
+    its first half second went on to replace the draft; `serve` kept serving) or aborts
+    on it, so a signal that lands in an import is raised once the import is done (an
+    alarm checks every 20 ms; SIGALRM is taken only then). ``restore`` puts the previous
+    handlers back. Off the main thread (where handlers cannot be set) it does nothing."""
+
+    CHECK_S = 0.02
+
+    def __init__(self):
+        self.previous: dict = {}
+        self.pending: list[int] = []
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def raise_for(signum: int):
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    def on_signal(self, signum, frame):
+        if not importing(frame):
+            self.raise_for(signum)
+        self.pending.append(signum)
+        if signal.SIGALRM not in self.previous:
+            self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.CHECK_S)
+
+    def on_alarm(self, signum, frame):
+        if importing(frame):
+            signal.setitimer(signal.ITIMER_REAL, self.CHECK_S)
+        elif self.pending:
+            self.raise_for(self.pending.pop(0))
+
+    def restore(self) -> None:
+        if signal.SIGALRM in self.previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous = {}
 
 
 class MoespeqGroup(TyperGroup):
@@ -55,7 +95,7 @@ class MoespeqGroup(TyperGroup):
         command = next((a for a in argv if not a.startswith("-")), None)
         if command not in self.commands:
             command = None
-        previous = on_sigterm()
+        signals = Signals()
         try:
             argv = completion_for_named_shell(argv)
             if argv is None:  # printed or installed
@@ -68,8 +108,7 @@ class MoespeqGroup(TyperGroup):
         else:
             raise SystemExit(rv if isinstance(rv, int) else 0)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            signals.restore()
 
     def invoke(self, ctx):
         """Ctrl-C and a closed stdout leave the command as exceptions typer does not

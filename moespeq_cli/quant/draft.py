@@ -66,7 +66,11 @@ def _bnb():
     import logging
     import sys
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # its warnings are not for users (an error is one line): bitsandbytes', and those of
+    # `kernels`, which it loads its kernels through ("Skipping publisher trust check ..."
+    # on every quantize with HF_HUB_OFFLINE=1)
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if "bitsandbytes" not in sys.modules:
         # At import, bitsandbytes wraps a few default-backend ops (the eager dequantize and
         # optimizer-step fallbacks) in torch.compile, which imports dynamo and inductor:
