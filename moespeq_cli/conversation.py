@@ -126,6 +126,17 @@ class Conversation:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.turns
 
+    def check_system(self, max_new_tokens: int) -> None:
+        """Refuse a system message that leaves no room for a user's message and an answer
+        of ``max_new_tokens`` (UsageError)."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        n = len(self.tokenizer.encode_messages([*head, {"role": "user", "content": "hi"}]))
+        if n + max_new_tokens > self.context:
+            raise UsageError(
+                f"--system takes about {n} tokens, with --max-new-tokens {max_new_tokens} more than the context "
+                f"of {self.context}; shorten it, lower --max-new-tokens or raise --context"
+            )
+
     def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:
         """-> (prompt ids, how many old turns were dropped to fit ``context``). A newest
         message that cannot fit even alone is taken back (UsageError) and the history

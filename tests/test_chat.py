@@ -182,3 +182,40 @@ def test_reused_prefix_gives_the_fresh_tokens(tiny, family, variant):
     run(partial, True)
     assert eng.reused_tokens == (12 if family == "mixtral" else 0)  # no state kept at position 12
     assert run([99, 98, 97], True) == run([99, 98, 97], False)  # nothing shared: a fresh cache
+
+
+def test_every_line_without_an_answer_is_a_json_record(chat_ckpt):
+    """A script reading --json lines learns of every input line that got no answer (a
+    message longer than the context, bytes that are not UTF-8, an unknown /command) from
+    a record with its line number; // sends a message that begins with /. (A real pipe:
+    the bytes as they are.)"""
+    import subprocess
+    import sys
+
+    data = b"hello\n" + b"x " * 400 + b"\n\xff not text\n/nope\n//slash\n"
+    cmd = [sys.executable, "-m", "moespeq_cli", "chat", str(chat_ckpt), "--backend", "cpu", "-n", "4", "--json"]
+    r = subprocess.run(cmd + ["--context", "128"], input=data, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec.get("line") for rec in records] == [None, 2, 3, 4, None]
+    assert "takes" in records[1]["error"] and "UTF-8" in records[2]["error"] and "/nope" in records[3]["error"]
+    assert [rec.get("turn") for rec in records] == [1, None, None, None, 2]
+    first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>", 4)
+    assert records[4]["content"] == reference(
+        chat_ckpt, f"<|user|>hello\n<|assistant|>{first}\n<|user|>/slash\n<|assistant|>", 4
+    )
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--system", "Be brief. " * 200], "--system takes about"),
+        (["--stop", ""], "--stop is empty"),
+        (["--system", "bad \udcff byte"], "--system is not valid UTF-8"),
+    ],
+)
+def test_chat_refuses_options_it_cannot_use_at_start(chat_ckpt, args, words):
+    r = CliRunner().invoke(
+        app, ["chat", str(chat_ckpt), "--backend", "cpu", "-n", "8", "--context", "128", *args], input="hi\n"
+    )
+    assert r.exit_code == 2 and words in r.stderr and not r.stdout, (r.stdout, r.stderr)

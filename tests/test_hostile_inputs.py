@@ -1182,3 +1182,24 @@ def test_a_write_protected_output_is_refused(cli, tiny, tmp_path):
     out.chmod(0o444)
     r = cli("run", str(path), "-n", "2", "--backend", "mock", "--trace", str(out))
     assert r.exit_code == 2 and "write-protected" in r.stderr and out.read_text() == "precious"
+
+
+def test_broken_or_narrow_standard_streams(ckpt, moespeq_process):
+    """A full disk behind stdout is one line, exit 1 (it was an "internal error"); a closed
+    stderr leaves stdout's JSON whole (the error landed on stdout); an ASCII stdout gets
+    the text with what it cannot show replaced (a crash mid-answer), and an ASCII locale's
+    arguments are read as the UTF-8 they are."""
+    run = [*moespeq("run", str(ckpt), "-n", "12", "--backend", "cpu", "-t", "100", "--seed", "1")]
+    quoted = " ".join(run)
+    r = subprocess.run(f"{quoted} -p hi > /dev/full", shell=True, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "moespeq: error: cannot write to standard output"
+    )
+    r = subprocess.run(f"{quoted} -p hi --json 2>&-", shell=True, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["stats"]["new_tokens"] == 12
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    r = subprocess.run([*run, "-p", "h\u00e9llo \u2014 caf\u00e9"], capture_output=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.isascii(), r.stderr
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run([*run, "-p", "h\u00e9llo", "--json"], capture_output=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -68,14 +68,53 @@ class Signals:
         self.previous = {}
 
 
+def standard_streams():
+    """A closed standard stream (``2>&-``: Python leaves None there, and the first message
+    failed on it, the error then landing on stdout) reads and writes /dev/null; text an
+    output's encoding cannot show (``PYTHONIOENCODING=ascii``) is replaced, not an error
+    in the middle of an answer; stdout's write errors are one line (cli/errors.py
+    ``GuardedOutput``). -> what restores the streams."""
+    import sys
+
+    from moespeq_cli.cli.errors import GuardedOutput, PipeClosed
+
+    before = sys.stdin, sys.stdout, sys.stderr
+
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115 - the process's own, for its life
+        elif name != "stdin" and hasattr(stream, "reconfigure"):
+            if (stream.encoding or "").lower().replace("-", "").replace("_", "") != "utf8":
+                try:
+                    stream.reconfigure(errors="replace")
+                except (ValueError, OSError):
+                    pass
+    sys.stdout = GuardedOutput(sys.stdout)
+    from rich.console import Console
+
+    def on_broken_pipe(console) -> None:  # rich's own exits 1: a closed pipe is 141 whatever prints
+        console.quiet = True
+        raise PipeClosed()
+
+    Console.on_broken_pipe = on_broken_pipe
+
+    def restore():
+        sys.stdin, sys.stdout, sys.stderr = before
+
+    return restore
+
+
 class MoespeqGroup(TyperGroup):
     """Runs commands in non-standalone mode so that cli/errors.py maps every failure."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         import sys
 
-        from moespeq_cli.cli.errors import exit_for
+        from moespeq_cli.cli.errors import exit_for, flush_stdout
         from moespeq_cli.errors import debug
+
+        restore_streams = standard_streams()
 
         if not debug():
             import warnings
@@ -108,7 +147,11 @@ class MoespeqGroup(TyperGroup):
         else:
             raise SystemExit(rv if isinstance(rv, int) else 0)
         finally:
-            signals.restore()
+            try:
+                flush_stdout(command)  # what is still buffered: a failure to write it is the command's
+            finally:
+                signals.restore()
+                restore_streams()
 
     def invoke(self, ctx):
         """Ctrl-C and a closed stdout leave the command as exceptions typer does not

@@ -103,12 +103,19 @@ def chat(
     "finish_reason", "stats"}), so a script can tell answers apart whatever their text
     holds: finish_reason is "stop" (end of sequence or a --stop string), "length"
     (--max-new-tokens) or "interrupted" (Ctrl-C; then stopped is true); token_ids are
-    every token generated, the one that completed a stop string included.
+    every token generated, the one that completed a stop string included. A line that
+    gets no answer (longer than the context, not UTF-8, an unknown /command) is
+    {"error", "line"} instead, its line number in the input. Start a message with // to
+    send it beginning with /.
     """
     from moespeq_cli.cli.render import Renderer
-    from moespeq_cli.cli.run import result_dict, sampling_params
+    from moespeq_cli.cli.run import result_dict, sampling_params, utf8_text
 
     options = o.engine_options(locals())
+    system = utf8_text(system, "--system") if system is not None else None
+    stop = [utf8_text(s, "--stop") for s in stop or []]
+    if "" in stop:
+        raise UsageError("--stop is empty; give the text an answer stops before")
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
         from moespeq_cli.conversation import Answer, Conversation, complete
 
@@ -121,19 +128,37 @@ def chat(
     if not json_out:
         out.plan(engine)
     convo = Conversation(engine.tokenizer, ctx, system)
+    if system:  # said once, at start: not as every message's failure
+        convo.check_system(max_new_tokens)
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:
         note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")
     last: tuple[list[int], list[int], float] | None = None
-    turn = 0
+    turn = lineno = 0
+
+    def unanswered(message: str) -> None:
+        """A line that gets no answer: said on stderr, and with --json in the output."""
+        note(f"moespeq: {message}")
+        if json_out:
+            sys.stdout.write(json.dumps({"error": message, "line": lineno}) + "\n")
+            sys.stdout.flush()
+
     while True:
-        line = read_message(interactive, sys.stderr if json_out else sys.stdout)
+        try:
+            line = read_message(interactive, sys.stderr if json_out else sys.stdout)
+        except UsageError as e:
+            lineno += 1
+            unanswered(str(e))
+            continue
         if line is None:
             break
+        lineno += 1
         text = line.strip()
         if not text:
             continue
-        if text.startswith("/"):
+        if text.startswith("//"):  # a message that begins with /
+            line = line.replace("/", "", 1)
+        elif text.startswith("/"):
             cmd = text.split()[0]
             if cmd in ("/exit", "/quit", "/bye"):
                 break
@@ -146,13 +171,13 @@ def chat(
                 else:
                     out.stats_line(result_dict(name, engine, *last))  # (prompt ids, token ids, wall seconds)
             else:
-                note(f"unknown command {cmd}; the commands are {COMMANDS}")
+                unanswered(f"unknown command {cmd}; the commands are {COMMANDS} (start a message with // to send /)")
             continue
         convo.turns.append({"role": "user", "content": line.rstrip("\n")})
         try:
             prompt_ids, dropped = convo.prompt(max_new_tokens)
         except UsageError as e:
-            note(f"moespeq: {e}")
+            unanswered(str(e))
             continue
         if dropped:
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
@@ -198,10 +223,18 @@ def read_message(interactive: bool, prompt_to=sys.stdout) -> str | None:
     empty prompt says how to leave instead of leaving; the prompt goes to ``prompt_to``
     (stderr with --json, whose stdout holds JSON alone)."""
     if not interactive:
-        line = sys.stdin.readline()
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        raw = stream.readline()
+        if not raw:  # the end of input
+            return None
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError("the line is not valid UTF-8 text; skipped") from None
         # a CRLF file's line is the same message as an LF file's, and a byte-order mark
-        # (Notepad's first bytes) is not text ("" is the end of input)
-        return line.removesuffix("\n").removesuffix("\r").removeprefix("\ufeff") if line else None
+        # (Notepad's first bytes) is not text
+        return raw.removesuffix("\n").removesuffix("\r").removeprefix("\ufeff")
     while True:
         try:
             prompt_to.write(">>> ")

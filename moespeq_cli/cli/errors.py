@@ -38,6 +38,38 @@ class PipeClosed(Exception):
     """stdout's reader went away (`moespeq run | head -3`)."""
 
 
+class OutputError(MoespeqError):
+    """Standard output cannot be written (a full disk behind ``> /dev/full``, an I/O error)."""
+
+
+class GuardedOutput:
+    """``sys.stdout`` whose write errors are ``OutputError`` (one line, exit 1), not an
+    "internal error" (a closed pipe stays a ``BrokenPipeError``: its reader left)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def _call(self, method, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(f"cannot write to standard output ({e.strerror or e}); write it elsewhere") from None
+
+    def write(self, text):
+        return self._call("write", text)
+
+    def writelines(self, lines):
+        return self._call("writelines", lines)
+
+    def flush(self):
+        return self._call("flush")
+
+
 DEBUG_HINT = "set MOESPEQ_DEBUG=1 for the traceback"
 
 
@@ -54,6 +86,16 @@ def quiet_stdout() -> None:
         os.dup2(fd, sys.stdout.fileno())
         os.close(fd)
     except (OSError, ValueError, AttributeError):
+        pass
+
+
+def flush_stdout(command: str | None) -> None:
+    """Flush standard output, its failure mapped as a command's (``exit_for``)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, OutputError) as e:
+        exit_for(e, command)
+    except ValueError:  # closed
         pass
 
 
@@ -78,7 +120,9 @@ def exit_for(exc: BaseException, command: str | None) -> None:
         where = f"moespeq {command} --help" if command else "moespeq --help"
         fail(f"{exc.format_message()} (see `{where}`)", 2)
     if isinstance(exc, MoespeqError):
+        if isinstance(exc, OutputError):
+            quiet_stdout()  # what is still buffered would fail again at exit
         fail(str(exc), exc.exit_code)
     if isinstance(exc, MemoryError):
         fail("out of host memory; use a smaller model or a smaller --max-new-tokens", 1)
-    fail(f"internal error: {type(exc).__name__}: {exc} ({DEBUG_HINT})", 1)
+    fail(f"internal error: {type(exc).__name__}: {exc}" + ("" if debug() else f" ({DEBUG_HINT})"), 1)

@@ -69,13 +69,27 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
         return default
     if len(prompt) > PROMPT_LIMIT:
         raise UsageError(f"the prompt is longer than {PROMPT_LIMIT // 2**20} MiB; shorten it")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as surrogates
-        raise UsageError("the prompt is not valid UTF-8 text; pass it as UTF-8") from None
+    prompt = utf8_text(prompt, "the prompt")
     if not prompt.strip():
         raise UsageError("the prompt is empty; pass some text with --prompt or --prompt-file")
     return prompt
+
+
+def utf8_text(value: str, what: str) -> str:
+    """Command-line text as the UTF-8 it was typed in: Python decodes arguments with the
+    locale's codec, so under an ASCII locale ("C", UTF-8 mode off) "Héllo" arrives as
+    escaped bytes; bytes that are not UTF-8 at all are a usage error naming ``what``."""
+    import os
+
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:  # undecodable bytes arrive as surrogates
+        pass
+    try:
+        return os.fsencode(value).decode("utf-8")
+    except (UnicodeError, ValueError):
+        raise UsageError(f"{what} is not valid UTF-8 text; pass it as UTF-8") from None
 
 
 def stdin_is_piped() -> bool:

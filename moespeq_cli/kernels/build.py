@@ -24,6 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from moespeq_cli.errors import MoespeqError
 from moespeq_cli.fs import atomic_write_text, remove_stale
 
 SOURCE = Path(__file__).with_name("cpu_matvec.c")
@@ -88,11 +89,12 @@ def _build(cc: str) -> Path:
 
 def _intact(lib: Path, digest: Path) -> bool:
     """``lib`` is there and its bytes are the build's (its SHA-256 as written beside it)."""
-    try:
-        want = digest.read_text().strip()
-        with open(lib, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest() == want
-    except OSError:
+    from moespeq_cli.fs import read_bytes, read_text
+
+    try:  # regular files only: a FIFO in their place would block the open
+        want = read_text(digest, 1024, "the kernels' digest").strip()
+        return hashlib.sha256(read_bytes(lib, 256 * 2**20, "the kernels")).hexdigest() == want
+    except (OSError, MoespeqError):
         return False
 
 
@@ -172,7 +174,8 @@ def library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
             _declare(lib)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except (OSError, RuntimeError, subprocess.SubprocessError, MoespeqError) as e:
+            # (MoespeqError: the build's digest could not be written beside it, a full disk)
             why_not, _lib = f"could not build the CPU kernels: {e}", None
             return None
         _lib = lib

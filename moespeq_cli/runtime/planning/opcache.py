@@ -69,13 +69,13 @@ def cache_file() -> Path:
 def remembered(key: str, count: Callable[[], int | None]) -> int | None:
     """The count stored under ``key``, else ``count()`` (stored when it is a number)."""
     from moespeq_cli.errors import MoespeqError
-    from moespeq_cli.fs import atomic_write_text
+    from moespeq_cli.fs import atomic_write_text, read_text
 
     path = cache_file()
     try:
-        table = json.loads(path.read_text())
+        table = json.loads(read_text(path, 16 * 2**20, "the op counts"))  # a regular file only: never a FIFO's wait
         table = table if isinstance(table, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, MoespeqError):
         table = {}
     found = table.get(key)
     if isinstance(found, int) and not isinstance(found, bool) and found >= 0:
