@@ -1,5 +1,7 @@
 """Hardware profiles and sizes: every shipped profile loads; every bad one says why."""
 
+import re
+
 import pytest
 
 from moespeq_cli.errors import UsageError
@@ -26,7 +28,7 @@ def test_shipped_profiles_load_with_sources():
         ("12GiB", 12 * 2**30),
         ("512MiB", 512 * 2**20),
         ("1.5GB", 1_500_000_000),
-        ("100", 100),
+        ("100000", 100000),
         ("2 gb", 2 * 10**9),
     ],
 )
@@ -150,3 +152,22 @@ def test_cli_cuda_without_gpu(tiny, cli):
     path, _ = tiny("mixtral", "gqa")
     # the command line is right; this machine lacks what it asks for: a runtime failure (exit 1)
     one_line(cli("run", str(path), "-n", "2", "--backend", "cuda"), 1, "--backend mock")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("12", "is 12 bytes"),
+        ("0.5", "did you mean 0.5GB"),
+        ("12G", "write 12GB (powers of 10) or 12GiB"),
+        ("3m", "3MB"),
+    ],
+)
+def test_a_size_without_a_clear_unit_is_refused_with_the_spellings(text, words):
+    """`--vram 12` meant 12 bytes (every policy "does not fit"); `12G` named no base."""
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.runtime.planning.hardware import parse_size
+
+    with pytest.raises(UsageError, match=re.escape(words)):
+        parse_size(text, "--vram")
+    assert parse_size("25165824", "--vram") == 25165824  # a byte count a script computed stays one

@@ -479,12 +479,22 @@ def test_prompt_file_too_large(cli, ckpt, tmp_path):
     one_line_error(cli("run", str(ckpt), "--prompt-file", str(big)), 2, "--prompt-file", "limit")
 
 
-@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])
+def test_a_prompt_file_that_is_a_pipe_is_read_to_its_end(cli, ckpt, tmp_path, moespeq_process):
+    """`--prompt-file <(...)` (a pipe the shell opened: llama.cpp users write `-f <(...)`)
+    is read; a FIFO nobody writes to reads as empty: a usage error, never a hang."""
+    cmd = " ".join(moespeq("run", str(ckpt), "-n", "2", "--backend", "cpu", "--json"))
+    r = subprocess.run(
+        ["bash", "-c", f"{cmd} --prompt-file <(printf 'hi there')"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and len(json.loads(r.stdout)["prompt_token_ids"]) == len("hi there"), r.stderr
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    one_line_error(cli("run", str(ckpt), "--prompt-file", str(fifo)), 2, "the prompt is empty")
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "dir"])
 def test_prompt_file_that_is_not_a_file(cli, ckpt, tmp_path, special):
-    if special == "fifo":
-        path = tmp_path / "p"
-        os.mkfifo(path)
-    elif special == "dir":
+    if special == "dir":
         path = tmp_path
     else:
         path = Path(special)
@@ -1203,3 +1213,16 @@ def test_broken_or_narrow_standard_streams(ckpt, moespeq_process):
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     r = subprocess.run([*run, "-p", "h\u00e9llo", "--json"], capture_output=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_empty_standard_input(ckpt, tmp_path, moespeq_process):
+    """`moespeq run < empty.txt` is an empty prompt file: a usage error (it ran the default
+    prompt, exit 0); a pipe that closes without a byte runs the default and says so."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cmd = moespeq("run", str(ckpt), "-n", "2", "--backend", "cpu", "--json")
+    with open(empty) as f:
+        r = subprocess.run(cmd, stdin=f, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "standard input is an empty file" in r.stderr and not r.stdout
+    r = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "standard input was empty: using the default prompt" in r.stderr

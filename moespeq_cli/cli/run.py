@@ -53,7 +53,12 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
         if str(prompt_file) == "-":
             prompt = read_stdin(wait=None)
         else:
-            prompt = read_text(prompt_file, PROMPT_LIMIT, "--prompt-file", UsageError)
+            from moespeq_cli.fs import file_status
+
+            if file_status(prompt_file)[0] == "a FIFO":  # `--prompt-file <(...)`: read to its end
+                prompt = read_pipe(prompt_file)
+            else:
+                prompt = read_text(prompt_file, PROMPT_LIMIT, "--prompt-file", UsageError)
     elif prompt is None and stdin_is_piped():
         piped = read_stdin(wait=STDIN_WAIT_S)
         if piped is None:  # an open pipe that stayed silent: say so, rather than quietly use the default
@@ -64,6 +69,10 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
             )
         elif piped and not piped.strip():  # something was sent, and it is blank: not a prompt, nor the default
             raise UsageError("the prompt from standard input is blank; pipe some text, or pass --prompt")
+        elif piped == "" and stdin_is_file():  # `moespeq run < empty.txt`: a prompt file, empty
+            raise UsageError("standard input is an empty file; give it some text, or pass --prompt")
+        elif piped == "" and stdin_mode() is not None:  # a pipe closed without a byte (`cat empty | moespeq run`)
+            print("moespeq: standard input was empty: using the default prompt", file=sys.stderr)
         prompt = piped or None
     if prompt is None:
         return default
@@ -92,18 +101,33 @@ def utf8_text(value: str, what: str) -> str:
         raise UsageError(f"{what} is not valid UTF-8 text; pass it as UTF-8") from None
 
 
+def stdin_mode() -> int | None:
+    """Standard input's file mode, None where it has no descriptor (a test runner's buffer)."""
+    import os
+
+    try:
+        return os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def stdin_is_piped() -> bool:
     """Standard input is a pipe or a redirected file (not a terminal, /dev/null or closed)."""
-    import os
     import stat
 
     if sys.stdin is None:
         return False
-    try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode
-    except (OSError, ValueError, AttributeError):  # no file descriptor: a test runner's buffer
+    mode = stdin_mode()
+    if mode is None:
         return not sys.stdin.isatty()
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def stdin_is_file() -> bool:
+    import stat
+
+    mode = stdin_mode()
+    return mode is not None and stat.S_ISREG(mode)
 
 
 def read_stdin(wait: float | None) -> str | None:
@@ -120,14 +144,34 @@ def read_stdin(wait: float | None) -> str | None:
         except (OSError, ValueError, TypeError):  # no descriptor to select on: read the buffer
             pass
     data = stream.read(PROMPT_LIMIT + 1)
-    if isinstance(data, str):
-        data = data.encode()
+    return prompt_of(data.encode() if isinstance(data, str) else data, "standard input")
+
+
+def read_pipe(path: Path) -> str:
+    """A FIFO's text to its end (``--prompt-file <(...)``). Opened without waiting for a
+    writer: one that has none reads as empty, never a hang."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= PROMPT_LIMIT and (chunk := os.read(fd, 1 << 20)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return prompt_of(b"".join(chunks), f"--prompt-file {path}")
+
+
+def prompt_of(data: bytes, where: str) -> str:
+    """``data`` read from ``where`` as a prompt's text: at most PROMPT_LIMIT bytes, UTF-8."""
     if len(data) > PROMPT_LIMIT:
-        raise UsageError(f"standard input holds more than {PROMPT_LIMIT // 2**20} MiB; a prompt must be shorter")
+        raise UsageError(f"{where} holds more than {PROMPT_LIMIT // 2**20} MiB; a prompt must be shorter")
     try:
         return data.decode("utf-8-sig")  # a byte-order mark (Notepad's) is not prompt text
     except UnicodeDecodeError:
-        raise UsageError("standard input is not UTF-8 text; pass the prompt as text") from None
+        raise UsageError(f"{where} is not UTF-8 text; pass the prompt as text") from None
 
 
 def run(

@@ -42,11 +42,16 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
     else:
         m = _SIZE.match(str(text)) if len(str(text)) < 64 else None
         unit = m.group(2).upper() if m else None
+        if m and unit in ("K", "M", "G", "T"):  # 10^n or 2^n: said, not guessed
+            n = m.group(1)
+            raise UsageError(f"{what} {text!r}: write {n}{unit}B (powers of 10) or {n}{unit}iB (powers of 2)")
         if not m or unit not in _UNITS:
             raise UsageError(
                 f"cannot read {what} {str(text)[:40]!r} as a size; write it like 12GB, 12GiB, 512MiB or 1.5GB"
             )
         value = float(m.group(1)) * _UNITS[unit]
+        if unit == "" and 0 < value < 1024:  # a bare number is bytes: `--vram 12` meant gigabytes
+            raise UsageError(f"{what} {text} is {text} bytes (a number without a unit); did you mean {text}GB?")
     if not math.isfinite(value) or value <= 0:
         raise UsageError(f"{what} {text!r} must be a positive amount of memory, like 12GB")
     if value > MAX_SIZE:
