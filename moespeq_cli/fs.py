@@ -316,18 +316,33 @@ def atomic_write_text(path: Path, text: str) -> None:
 def exclusive_lock(lock_file: Path, what: str):
     """Hold an exclusive advisory lock on ``lock_file`` (created if needed) or fail at
     once: a second moespeq doing the same work says so instead of racing the first. The
-    lock dies with its process, so a killed run never leaves a stale lock behind."""
+    lock dies with its process, so a killed run never holds it; the file is removed when
+    the lock is let go (a lock taken on a file its holder had just removed is taken again
+    on the file now at the path, so two never hold "the" lock at once)."""
     import fcntl
 
-    try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as e:
-        raise MoespeqError(f"cannot create lock file {lock_file} ({e.strerror}); check the directory") from None
-    try:
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise MoespeqError(f"cannot create lock file {lock_file} ({e.strerror}); check the directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise MoespeqError(f"another moespeq is {what}; wait for it to finish, then run again") from None
+        try:
+            held = os.fstat(fd)
+            now = os.stat(lock_file)
+        except OSError:  # removed by the holder we waited on: lock what is there now
+            os.close(fd)
+            continue
+        if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file)
         os.close(fd)

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moespeq_cli.errors import CheckpointError, UnknownModelError
+from moespeq_cli.errors import CheckpointError, UnknownModelError, UsageError
 from moespeq_cli.fs import is_dir, kind, shown
 
 if TYPE_CHECKING:
@@ -61,8 +61,15 @@ ALIASES: dict[str, tuple[str, float]] = {
 }
 
 
+def check_named(model: str | None) -> None:
+    """An empty MODEL (an unset ``$MODEL`` in a script) is not the current directory."""
+    if model is not None and not model.strip():
+        raise UsageError("MODEL is empty; give an alias, a hub id or a checkpoint directory (none: the demo)")
+
+
 def resolve(model: str | None) -> tuple[str, Path]:
     """-> (display name, checkpoint directory)."""
+    check_named(model)
     if model is None or model == DEMO:
         if not (DEMO_DIR / "config.json").is_file():
             raise CheckpointError(
@@ -173,6 +180,7 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
     alias's bundled config -- never the network, never a weight."""
     from moespeq_cli.models.checkpoint import read_config, read_json
 
+    check_named(model)
     if model in ALIASES:
         repo = ALIASES[model][0]
         cached = cached_snapshot(repo)

@@ -1226,3 +1226,40 @@ def test_empty_standard_input(ckpt, tmp_path, moespeq_process):
     assert r.returncode == 2 and "standard input is an empty file" in r.stderr and not r.stdout
     r = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "standard input was empty: using the default prompt" in r.stderr
+
+
+def test_a_cache_that_is_a_file_is_named_as_such(cli, tmp_path, monkeypatch):
+    """$XDG_CACHE_HOME pointing at a file: `quantize` said its draft directory "exists and
+    is unusable" and `calibrate` blamed an --out never given; both now name the cache."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(afile))
+    one_line_error(cli("quantize"), 2, "($XDG_CACHE_HOME) is not a directory")
+    r = cli("calibrate")
+    one_line_error(r, 2, "moespeq's cache")
+    assert "--out " not in r.stderr.split("(")[0]
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "quantize"])
+def test_an_empty_model_name_is_not_the_current_directory(cli, command):
+    one_line_error(cli(command, ""), 2, "MODEL is empty")
+
+
+def test_locks_leave_nothing_and_calibrations_take_turns(cli, tiny, tmp_path, monkeypatch):
+    """A draft's lock file is removed when the draft is written (one was left per output
+    path ever quantized, beside the user's files where the cache was read-only); a second
+    `calibrate` while one measures is refused (each measured the other's load)."""
+    from moespeq_cli.fs import exclusive_lock
+    from moespeq_cli.quant.draft import cache_dir, lock_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path, _ = tiny("mixtral", "gqa")
+    out = tmp_path / "o" / "d"
+    out.parent.mkdir()
+    assert cli("quantize", str(path), "--out", str(out)).exit_code == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["d"]
+    assert not list((cache_dir() / "locks").glob("*.lock"))
+    with exclusive_lock(lock_file(cache_dir() / "calibrate"), "calibrating"):
+        r = cli("calibrate", "--out", str(tmp_path / "p.yaml"))
+    one_line_error(r, 1, "another moespeq is calibrating this machine")
+    assert not (tmp_path / "p.yaml").exists()

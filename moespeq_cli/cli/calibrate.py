@@ -100,6 +100,7 @@ def calibrate(
     checkpoint (the draft's regions too when it has a saved draft), on the GPU where there
     is one. Takes about 25 s, about 75 s with `--model` on a 2-core machine.
     """
+    import errno
     import json
     import os
     import sys
@@ -107,7 +108,7 @@ def calibrate(
     import torch
     from rich.console import Console
 
-    from moespeq_cli.errors import UsageError
+    from moespeq_cli.errors import MoespeqError, UsageError
     from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular, shown, written_path
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
     from moespeq_cli.runtime.planning.calibrate import profile_yaml
@@ -123,17 +124,20 @@ def calibrate(
     where = out.parent
     while not os.path.lexists(where) and where != where.parent:
         where = where.parent
+    # the default path lies in moespeq's cache: a cache that cannot be written is said as such
+    named = "--out" if given else "the calibration (moespeq's cache; --out writes elsewhere)"
     if where == out.parent:
-        check_output(out, "--out")
+        check_output(out, named)
     elif not is_dir(where) or cannot_write_in(where) is not None:
         why = "not a directory" if not is_dir(where) else cannot_write_in(where)
-        raise UsageError(f"--out {out}: cannot create its directory in {where} ({why})")
+        raise UsageError(f"{named} {out}: cannot create its directory in {where} ({why})")
     if given and os.path.lexists(out) and not replaceable_profile(written_path(out)):  # a link: its target
         raise UsageError(
             f"--out {shown(out)} exists and is not a hardware profile (only a profile is replaced); "
             "give a new file name"
         )
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import exclusive_lock
+    from moespeq_cli.quant.draft import cache_dir, lock_file
 
     disk = disk_dir or cache_dir()
     if disk_dir is not None and not is_dir(disk):
@@ -161,15 +165,24 @@ def calibrate(
         def say(step: str) -> None:
             status.update(f"calibrating: {step}")
 
+        # two calibrations at once would each measure the other's load: one at a time
+        lock = exclusive_lock(lock_file(cache_dir() / "calibrate"), "calibrating this machine")
         try:
-            figures = measure(disk, cuda=cuda, say=say, model_file=model_file, checkpoint=checkpoint)
+            with lock:
+                figures = measure(disk, cuda=cuda, say=say, model_file=model_file, checkpoint=checkpoint)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the machine's state, not the command line
+                where = "--disk-dir" if disk_dir is not None else "moespeq's cache (--disk-dir reads elsewhere)"
+                raise MoespeqError(
+                    f"no room for the disk test's scratch file in {where} {disk} ({e.strerror}); free some space "
+                    "or give --disk-dir"
+                ) from None
             where = f"--model {model_file}" if model_file else f"--disk-dir {disk}"
             raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); give another") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot create its directory ({e.strerror})") from None
+        raise UsageError(f"{named} {out}: cannot create its directory ({e.strerror})") from None
     atomic_write_text(out, profile_yaml(figures))
     profile = load_profile(str(out))  # what --hardware will read: refused here if it would be there
     summary = {

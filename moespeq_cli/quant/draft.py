@@ -706,6 +706,13 @@ def check_out(out: Path, fp: str, stale_ok: bool = False) -> None:
     if status == "missing":
         return
     if status != "a directory":
+        above = next((p for p in out.parents if os.path.lexists(p)), None)  # the nearest that exists
+        if above is not None and file_status(above)[0] != "a directory":
+            cache = " ($XDG_CACHE_HOME)" if str(above) == os.environ.get("XDG_CACHE_HOME") else ""
+            raise UsageError(
+                f"{named} {shown(out)} cannot be made: {shown(above)}{cache} is not a directory; "
+                "give a directory with --out" + (", or point $XDG_CACHE_HOME at a directory" if cache else "")
+            )
         what = "a file" if status == "file" else status if status.startswith("a ") else f"unusable ({status})"
         raise UsageError(f"{named} {shown(out)} exists and is {what}; give a new directory with --out")
     try:
