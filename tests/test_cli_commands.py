@@ -459,7 +459,8 @@ def test_the_loading_line_steps_aside(monkeypatch):
 
 def test_a_silent_pipe_is_said_to_give_the_default_prompt(monkeypatch, capsys):
     """An open pipe that sends nothing is not a prompt, and the run says so (it used the
-    default quietly: a prompt piped late looked ignored); one that closes empty says nothing."""
+    default quietly: a prompt piped late looked ignored); one that closes empty gives the
+    default and says so too (`cat empty.txt | moespeq run` answered a prompt never sent)."""
     import os
     import sys
 
@@ -471,9 +472,9 @@ def test_a_silent_pipe_is_said_to_give_the_default_prompt(monkeypatch, capsys):
         monkeypatch.setattr(sys, "stdin", stdin)
         assert run.read_prompt(None, None, "the default") == "the default"
         assert "nothing came on standard input within 0.1 s" in capsys.readouterr().err
-        os.close(w)  # closed, empty: the default, without a word
+        os.close(w)  # closed, empty: the default, said
         assert run.read_prompt(None, None, "the default") == "the default"
-        assert capsys.readouterr().err == ""
+        assert capsys.readouterr().err == "moespeq: standard input was empty: using the default prompt\n"
 
 
 def test_completion_for_the_shell_named(tmp_path):
