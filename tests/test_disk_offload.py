@@ -344,3 +344,26 @@ def test_token_times_and_the_timeline_count_from_one_origin(tiny):
         heads = sorted(iv.end for iv in eng.backend.timeline.intervals if iv.name.startswith("lm_head"))
         s = eng.last_stats
         assert heads and heads[0] <= s.ttft_s and heads[-1] <= s.seconds, (policy, heads[0], s.ttft_s)
+
+
+def test_the_trace_draws_reads_in_flight_together_in_lanes_of_their_own(tiny):
+    """Reads in flight together were one thread's events half over each other (a trace
+    viewer draws them wrong): each is in a lane where reads follow one another."""
+    path, _ = tiny("mixtral", "wide")
+    prompt = prompt_for(14, 8)
+    eng = Engine(path, EngineOptions(backend="cpu", policy="gate-prefetch", ram=ram_for(path, 6)))
+    eng.load(len(prompt) + 12)
+    eng.backend.reader.delay_s = 0.01  # reads long enough to be in flight together
+    try:
+        [ev.token for ev in eng.generate(prompt, 12, SamplingParams())]
+    finally:
+        eng.close()
+    trace = eng.backend.timeline.chrome_trace()["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in trace if e["ph"] == "M" and e["name"] == "thread_name"}
+    reads = [e for e in trace if e["ph"] == "X" and e["cat"] == "read"]
+    lanes = {e["tid"] for e in reads}
+    assert len(reads) == sum(iv.kind == "read" for iv in eng.backend.timeline.intervals)
+    assert len(lanes) > 1 and all(names[t].startswith("disk") for t in lanes)
+    for tid in lanes:
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in reads if e["tid"] == tid)
+        assert all(b[0] >= a[1] - 1e-3 for a, b in zip(spans, spans[1:], strict=False)), tid

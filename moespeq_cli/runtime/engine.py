@@ -127,7 +127,8 @@ class Engine:
             if not 0 <= self.fixed_k <= 64:
                 raise UsageError(f"--spec-depth {self.fixed_k} is out of range; use 0 to 64 or auto")
         if opts.draft not in ("auto", "none") and not is_dir(Path(opts.draft)):
-            raise UsageError(f"--draft {shown(opts.draft)} is not a draft directory; build one with `moespeq quantize`")
+            what = "does not exist" if not os.path.lexists(opts.draft) else "is not a draft directory"
+            raise UsageError(f"--draft {shown(opts.draft)} {what}; build one with `moespeq quantize`")
         self.ckpt = Checkpoint(path)
         fmt = self.ckpt.config.expert_format
         if fmt.four_bit and (opts.draft not in ("auto", "none") or self.fixed_k):

@@ -41,6 +41,17 @@ class Interval:
         return self.end - self.start
 
 
+def lanes(intervals: list[Interval]) -> dict[int, int]:
+    """id(interval) -> its lane: the first whose last interval ended by its start."""
+    ends: list[float] = []
+    out = {}
+    for iv in sorted(intervals, key=lambda iv: iv.start):
+        k = next((k for k, end in enumerate(ends) if end <= iv.start), len(ends))
+        ends[k : k + 1] = [iv.end]
+        out[id(iv)] = k
+    return out
+
+
 class Timeline:
     def __init__(self):
         self.intervals: list[Interval] = []
@@ -114,6 +125,13 @@ class Timeline:
         tids = {s: STREAM_TIDS.get(s, 10 + i) for i, s in enumerate(streams)}
         for s, tid in tids.items():
             events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": s}})
+        # reads in flight together: side by side, one lane each ("disk", "disk 2", ...), as a
+        # trace viewer draws a thread's events nested or apart, never half over each other
+        lane = lanes([iv for iv in self.intervals if iv.stream == "disk"])
+        for k in range(1, max(lane.values(), default=0) + 1):
+            events.append(
+                {"ph": "M", "name": "thread_name", "pid": 1, "tid": 100 + k, "args": {"name": f"disk {k + 1}"}}
+            )
         events.append({"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "moespeq"}})
         for iv in self.intervals:
             args = {"kind": iv.kind, "phase": iv.phase}
@@ -131,7 +149,7 @@ class Timeline:
                     "name": iv.name,
                     "cat": iv.kind,
                     "pid": 1,
-                    "tid": tids[iv.stream],
+                    "tid": 100 + lane[id(iv)] if lane.get(id(iv)) else tids[iv.stream],
                     "ts": round(iv.start * 1e6, 3),
                     "dur": round(iv.duration * 1e6, 3),
                     "args": args,

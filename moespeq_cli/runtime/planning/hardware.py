@@ -342,8 +342,8 @@ def parse_profile(path: Path) -> HardwareProfile:
             continue
         if f not in data or data[f] is None:
             raise UsageError(
-                f"hardware profile {path}: field {f!r} is missing; add it (the profiles in moespeq_cli/profiles/ show the format, "
-                "`moespeq calibrate` writes a whole profile for this machine)"
+                f"hardware profile {path}: field {f!r} is missing; add it (`moespeq calibrate --out FILE.yaml` "
+                "writes a whole profile for this machine, and docs/mock-backend.md lists the fields)"
             )
         v = data[f]
         if f in _STRUCTURED:
