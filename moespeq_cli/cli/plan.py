@@ -92,9 +92,10 @@ def plan(
     No weights are read: the model is built on PyTorch's meta device. For each policy it
     shows what goes on the device (non-expert weights, KV cache, workspace, expert slots,
     the 4-bit draft), what host RAM holds (--ram; by default what this machine has
-    available), what stays on disk and is read as needed, and the tokens/s the roofline
-    model predicts on the hardware profile (uniform routing assumed; `moespeq bench`
-    measures). Aliases work offline from bundled configs.
+    available), what stays on disk and is read as needed, and the decoding tokens/s the
+    roofline model predicts on the hardware profile (the prompt's prefill not counted, as
+    in run's 1/TPOT; uniform routing assumed; `moespeq bench` measures). Aliases work
+    offline from bundled configs.
     """
     import json
 
