@@ -274,3 +274,8 @@ def test_ctrl_c_stops_a_pull_at_once(hub, tmp_path):
         proc.communicate()
         raise AssertionError("Ctrl-C did not stop the pull") from None
     assert proc.returncode == 130 and "pull interrupted" in err and "Traceback" not in err, err
+
+
+def test_pull_list_takes_no_model(cli):
+    r = cli("pull", "--list", "mixtral")
+    assert r.exit_code == 2 and "takes no MODEL" in r.stderr and not r.stdout

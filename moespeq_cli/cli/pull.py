@@ -53,6 +53,8 @@ def pull(
     from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import ALIASES, cached_snapshot
 
+    if list_aliases and model is not None:
+        raise UsageError(f"--list lists every alias and takes no MODEL; drop {model!r}, or drop --list to pull it")
     if list_aliases:
         rows = [
             {"alias": a, "repo": r, "size_gb": gb, "cached": cached_snapshot(r) is not None}
