@@ -122,15 +122,17 @@ class Conversation:
     def reset(self) -> None:
         self.turns = []
 
+    def head(self) -> list[dict]:
+        """The system message, where there is one."""
+        return [{"role": "system", "content": self.system}] if self.system else []
+
     def messages(self) -> list[dict]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.turns
+        return self.head() + self.turns
 
     def check_system(self, max_new_tokens: int) -> None:
         """Refuse a system message that leaves no room for a user's message and an answer
         of ``max_new_tokens`` (UsageError)."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        n = len(self.tokenizer.encode_messages([*head, {"role": "user", "content": "hi"}]))
+        n = len(self.tokenizer.encode_messages([*self.head(), {"role": "user", "content": "hi"}]))
         if n + max_new_tokens > self.context:
             raise UsageError(
                 f"--system takes about {n} tokens, with --max-new-tokens {max_new_tokens} more than the context "
@@ -142,7 +144,7 @@ class Conversation:
         message that cannot fit even alone is taken back (UsageError) and the history
         stays as it was."""
         turns, dropped = list(self.turns), 0
-        head = [{"role": "system", "content": self.system}] if self.system else []
+        head = self.head()
         while True:
             ids = self.tokenizer.encode_messages(head + turns)
             if len(ids) + max_new_tokens <= self.context:

@@ -177,14 +177,15 @@ def check_output(path: Path | None, option: str) -> None:
         return
     if str(path) == "-":
         raise UsageError(f"{option} takes a file name (- would mix it with the output); give a path")
-    stream = standard_stream(Path(path))
-    if stream is not None:
-        raise UsageError(f"{option} {shown(path)} is this command's standard {stream}; give a file of its own")
-    path = written_path(Path(path))
+    given = Path(path)
+    path = written_path(given)
     status, _ = file_status(path)
     if status not in ("missing", "file"):
         what = f"is {status}" if status.startswith("a ") else f"cannot be used ({status})"
         raise UsageError(f"{option} {shown(path)} {what}; give the name of a regular file to write")
+    stream = standard_stream(given) if status == "file" else None
+    if stream is not None:
+        raise UsageError(f"{option} {shown(given)} is this command's standard {stream}; give a file of its own")
     if status == "file" and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {shown(path)} is write-protected; make it writable or write elsewhere")
     parent = path.parent

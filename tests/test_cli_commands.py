@@ -525,7 +525,7 @@ def test_the_stats_line_keeps_its_head_and_wraps_between_fields(cli, tiny):
     assert " · ".join(line.strip() for line in lines) == " · ".join(fields)
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGINT, SIGTERM"])
 def test_a_signal_in_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch, signame):
     """Ctrl-C or SIGTERM landing while a module imports (torch's C++ import code swallowed
     the exception, or aborted on it: a cancelled `quantize` went on to replace the draft)
@@ -538,10 +538,10 @@ def test_a_signal_in_an_import_is_raised_once_the_import_is_done(tmp_path, monke
     from moespeq_cli.cli.app import Signals
     from moespeq_cli.errors import Terminated
 
-    name = f"moespeq_test_slow_import_{signame.lower()}"
+    name = f"moespeq_test_slow_import_{signame.lower().replace(', ', '_')}"
+    sends = "".join(f"os.kill(os.getpid(), signal.{s})\n" for s in signame.split(", "))
     (tmp_path / f"{name}.py").write_text(
-        f"import os, signal, time\nos.kill(os.getpid(), signal.{signame})\n"
-        "for _ in range(20):\n    time.sleep(0.005)\nDONE = True\n"
+        f"import os, signal, time\n{sends}for _ in range(20):\n    time.sleep(0.005)\nDONE = True\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
@@ -556,6 +556,9 @@ def test_a_signal_in_an_import_is_raised_once_the_import_is_done(tmp_path, monke
         raised = e
     finally:
         signals.restore()
-    assert isinstance(raised, KeyboardInterrupt if signame == "SIGINT" else Terminated)
+    assert isinstance(raised, KeyboardInterrupt if signame == "SIGINT" else Terminated)  # SIGTERM wins
     assert sys.modules[name].DONE  # the import ran to its end first
     assert {s: signal.getsignal(s) for s in before} == before
+    waiting = Signals()
+    waiting.pending = {signal.SIGINT}  # came in the command's last import, never raised
+    assert waiting.restore() == signal.SIGINT and {s: signal.getsignal(s) for s in before} == before

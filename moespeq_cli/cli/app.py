@@ -30,16 +30,22 @@ class Signals:
     calibration's 256 MiB scratch file was left behind) -- except inside an import: torch's
     C++ import code swallows a Python exception raised there (a `quantize` cancelled in
     its first half second went on to replace the draft; `serve` kept serving) or aborts
-    on it, so a signal that lands in an import is raised once the import is done (an
-    alarm checks every 20 ms; SIGALRM is taken only then). ``restore`` puts the previous
-    handlers back. Off the main thread (where handlers cannot be set) it does nothing."""
+    on it, so a signal that lands in an import is raised once the import is done: a
+    watcher thread looks at the main thread's stack every 20 ms and sends the signal
+    again when it has left the import (SIGTERM first where both came). A second Ctrl-C
+    while one waits ends the process at once (a hung import). ``restore`` puts the
+    previous handlers back and returns a signal that came and was not raised yet. Off
+    the main thread (where handlers cannot be set) it does nothing."""
 
     CHECK_S = 0.02
 
     def __init__(self):
         self.previous: dict = {}
-        self.pending: list[int] = []
+        self.pending: set[int] = set()
+        self.watcher: threading.Thread | None = None
+        self.closed = False
         if threading.current_thread() is threading.main_thread():
+            self.main = threading.main_thread().ident
             self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     @staticmethod
@@ -48,24 +54,37 @@ class Signals:
 
     def on_signal(self, signum, frame):
         if not importing(frame):
-            self.raise_for(signum)
-        self.pending.append(signum)
-        if signal.SIGALRM not in self.previous:
-            self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, self.CHECK_S)
+            waiting, self.pending = self.pending, set()
+            self.raise_for(signal.SIGTERM if signal.SIGTERM in waiting | {signum} else signum)
+        if signum == signal.SIGINT and signum in self.pending:  # pressed again: leave now
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGINT)
+        self.pending.add(signum)
+        if self.watcher is None or not self.watcher.is_alive():
+            self.watcher = threading.Thread(target=self.watch, name="moespeq-signals", daemon=True)
+            self.watcher.start()
 
-    def on_alarm(self, signum, frame):
-        if importing(frame):
-            signal.setitimer(signal.ITIMER_REAL, self.CHECK_S)
-        elif self.pending:
-            self.raise_for(self.pending.pop(0))
+    def watch(self) -> None:
+        """Until the main thread has left the import: then the signal again, to it."""
+        import sys
+        import time
 
-    def restore(self) -> None:
-        if signal.SIGALRM in self.previous:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        while self.pending and not self.closed:
+            time.sleep(self.CHECK_S)
+            frame = sys._current_frames().get(self.main)
+            if frame is not None and not importing(frame) and self.pending and not self.closed:
+                signum = signal.SIGTERM if signal.SIGTERM in self.pending else signal.SIGINT
+                signal.pthread_kill(self.main, signum)  # its handler raises it there (or queues it again)
+                return
+
+    def restore(self) -> int | None:
+        self.closed = True
+        waiting, self.pending = self.pending, set()
         for s, h in self.previous.items():
-            signal.signal(s, h)
+            if h is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(s, h)
         self.previous = {}
+        return next((s for s in (signal.SIGTERM, signal.SIGINT) if s in waiting), None)
 
 
 def standard_streams():
@@ -114,8 +133,6 @@ class MoespeqGroup(TyperGroup):
         from moespeq_cli.cli.errors import exit_for, flush_stdout
         from moespeq_cli.errors import debug
 
-        restore_streams = standard_streams()
-
         if not debug():
             import warnings
 
@@ -134,6 +151,7 @@ class MoespeqGroup(TyperGroup):
         command = next((a for a in argv if not a.startswith("-")), None)
         if command not in self.commands:
             command = None
+        restore_streams = standard_streams()
         signals = Signals()
         try:
             argv = completion_for_named_shell(argv)
@@ -150,8 +168,10 @@ class MoespeqGroup(TyperGroup):
             try:
                 flush_stdout(command)  # what is still buffered: a failure to write it is the command's
             finally:
-                signals.restore()
+                late = signals.restore()
                 restore_streams()
+            if late is not None:  # came in the last import and was never raised: the command's still
+                exit_for(KeyboardInterrupt() if late == signal.SIGINT else Terminated(), command)
 
     def invoke(self, ctx):
         """Ctrl-C and a closed stdout leave the command as exceptions typer does not

@@ -54,6 +54,15 @@ def default_profile_path(kind: str) -> Path:
     return cache_dir() / "profiles" / f"calibrated-{kind}.yaml"
 
 
+def calibrate_lock() -> Path:
+    """The lock one calibration at a time takes: this user's, in the temporary directory
+    (moespeq's cache may be read-only, and another cache is the same machine)."""
+    import os
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"moespeq-calibrate-{os.getuid()}.lock"
+
+
 def calibrate(
     out: Annotated[
         Optional[Path],
@@ -136,8 +145,11 @@ def calibrate(
             f"--out {shown(out)} exists and is not a hardware profile (only a profile is replaced); "
             "give a new file name"
         )
+    import contextlib
+    import tempfile
+
     from moespeq_cli.fs import exclusive_lock
-    from moespeq_cli.quant.draft import cache_dir, lock_file
+    from moespeq_cli.quant.draft import cache_dir
 
     disk = disk_dir or cache_dir()
     if disk_dir is not None and not is_dir(disk):
@@ -165,8 +177,14 @@ def calibrate(
         def say(step: str) -> None:
             status.update(f"calibrating: {step}")
 
-        # two calibrations at once would each measure the other's load: one at a time
-        lock = exclusive_lock(lock_file(cache_dir() / "calibrate"), "calibrating this machine")
+        # two calibrations at once would each measure the other's load: one at a time, this
+        # user's whatever their caches (a temporary directory that cannot be written: no lock)
+        tmp = Path(tempfile.gettempdir())
+        lock = (
+            exclusive_lock(calibrate_lock(), "calibrating this machine")
+            if cannot_write_in(tmp) is None
+            else contextlib.nullcontext()
+        )
         try:
             with lock:
                 figures = measure(disk, cuda=cuda, say=say, model_file=model_file, checkpoint=checkpoint)

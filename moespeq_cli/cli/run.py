@@ -149,11 +149,21 @@ def read_stdin(wait: float | None) -> str | None:
 
 def read_pipe(path: Path) -> str:
     """A FIFO's text to its end (``--prompt-file <(...)``). Opened without waiting for a
-    writer: one that has none reads as empty, never a hang."""
+    writer, and read once one has sent something: a FIFO nobody writes to is an error
+    after ``STDIN_WAIT_S``, never a hang."""
     import os
+    import select
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
+        # a writer that opens after us: wait for its first bytes (Linux reports no hang-up
+        # before a writer has come), as long as a silent pipe on standard input is waited for
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(STDIN_WAIT_S * 1000):
+            raise UsageError(
+                f"--prompt-file {path}: nothing came within {STDIN_WAIT_S:g} s; is anything writing to it?"
+            )
         os.set_blocking(fd, True)
         chunks, size = [], 0
         while size <= PROMPT_LIMIT and (chunk := os.read(fd, 1 << 20)):

@@ -147,7 +147,7 @@ class OffloadedExperts:
         host_jobs = {}
         if waiting and self.policy.host_compute:
             on_host = self.choose_paths(layer, ready, waiting, groups)
-            st.host_misses += sum((layer, e) not in cache.slot_of for e in on_host)
+            st.host_misses += len(on_host)  # not arrived (a prefetch still in flight did not serve it)
             for e in on_host:
                 host_jobs[e] = self.compute_on_host(layer, e, x[groups[e][0]] if x.shape[0] > 1 else x)
             waiting = [e for e in waiting if e not in host_jobs]
