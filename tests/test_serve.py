@@ -51,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(path, api_key=None, queue=16):
+def start(path, api_key=None, queue=16, server_class=None):
     import uvicorn
 
     from moespeq_cli.cli.chat import load_session
@@ -60,7 +60,7 @@ def start(path, api_key=None, queue=16):
     name, engine, ctx = load_session(str(path), None, 1, backend="cpu")
     app = build_app(engine, name, ctx, api_key, queue, 64)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = (server_class or uvicorn.Server)(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -457,13 +457,10 @@ def test_ctrl_c_ends_a_streamed_answer_with_an_error_event_then_done(tiny, monke
     alone would wait for the answer to end."""
     import signal
 
-    import uvicorn
-
-    from moespeq_cli.cli.chat import load_session
-    from moespeq_cli.server import HaltingServer, build_app
+    from moespeq_cli.server import HaltingServer
 
     path, _ = tiny("mixtral", "gqa")
-    name, engine, ctx = load_session(str(path), None, 1, backend="cpu")
+    server, thread, url, name, engine = start(path, queue=4, server_class=HaltingServer)
     fast = engine.generate
 
     def slow(*a, **kw):  # 50 ms a token: 200 tokens would take 10 s
@@ -472,18 +469,9 @@ def test_ctrl_c_ends_a_streamed_answer_with_an_error_event_then_done(tiny, monke
             yield ev
 
     monkeypatch.setattr(engine, "generate", slow)
-    port = free_port()
-    config = uvicorn.Config(build_app(engine, name, ctx, None, 4, 64), host="127.0.0.1", port=port, lifespan="on")
-    server = HaltingServer(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
     body = {"model": name, "prompt": "once upon", "max_tokens": 200, "temperature": 0, "stream": True, "seed": 1}
     events = []
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
