@@ -1279,3 +1279,14 @@ def test_locks_leave_nothing_and_calibrations_take_turns(cli, tiny, tmp_path, mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "o" / "d" / "manifest.json"))
     r = cli("calibrate", "--out", str(tmp_path / "p.yaml"), "--disk-dir", str(tmp_path))
     one_line_error(r, 130, "interrupted")
+
+
+def test_calibrate_names_the_cache_it_times_the_disk_in(cli, tmp_path, monkeypatch):
+    """Without --disk-dir the disk is timed in moespeq's cache: a cache that is a file was
+    blamed on a --disk-dir never given."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(afile))
+    r = cli("calibrate", "--out", str(tmp_path / "p.yaml"))
+    one_line_error(r, 2, "moespeq's cache")
+    assert not r.stderr.startswith("moespeq: error: --disk-dir") and not (tmp_path / "p.yaml").exists()

@@ -195,8 +195,13 @@ def calibrate(
                     f"no room for the disk test's scratch file in {where} {disk} ({e.strerror}); free some space "
                     "or give --disk-dir"
                 ) from None
-            where = f"--model {model_file}" if model_file else f"--disk-dir {disk}"
-            raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); give another") from None
+            if model_file:
+                where = f"--model {model_file}"
+            elif disk_dir is not None:
+                where = f"--disk-dir {disk}"
+            else:  # the default place: moespeq's cache, which the user never named
+                where = f"moespeq's cache {disk} (where the disk is timed without --disk-dir)"
+            raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); give --disk-dir DIR") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
