@@ -162,7 +162,7 @@ def standard_stream(path: Path) -> str | None:
             s = os.fstat(fd)
         except OSError:
             continue
-        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+        if os.path.samestat(s, st):
             return name
     return None
 
@@ -338,7 +338,7 @@ def exclusive_lock(lock_file: Path, what: str):
         except OSError:  # removed by the holder we waited on: lock what is there now
             os.close(fd)
             continue
-        if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+        if os.path.samestat(held, now):
             break
         os.close(fd)
     try:

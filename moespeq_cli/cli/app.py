@@ -116,10 +116,11 @@ def standard_streams():
         console.quiet = True
         raise PipeClosed()
 
-    Console.on_broken_pipe = on_broken_pipe
+    rich_handler, Console.on_broken_pipe = Console.on_broken_pipe, on_broken_pipe
 
     def restore():
         sys.stdin, sys.stdout, sys.stderr = before
+        Console.on_broken_pipe = rich_handler
 
     return restore
 

@@ -146,7 +146,6 @@ def calibrate(
             "give a new file name"
         )
     import contextlib
-    import tempfile
 
     from moespeq_cli.fs import exclusive_lock
     from moespeq_cli.quant.draft import cache_dir
@@ -179,28 +178,24 @@ def calibrate(
 
         # two calibrations at once would each measure the other's load: one at a time, this
         # user's whatever their caches (a temporary directory that cannot be written: no lock)
-        tmp = Path(tempfile.gettempdir())
+        lock_path = calibrate_lock()
         lock = (
-            exclusive_lock(calibrate_lock(), "calibrating this machine")
-            if cannot_write_in(tmp) is None
+            exclusive_lock(lock_path, "calibrating this machine")
+            if cannot_write_in(lock_path.parent) is None
             else contextlib.nullcontext()
         )
         try:
             with lock:
                 figures = measure(disk, cuda=cuda, say=say, model_file=model_file, checkpoint=checkpoint)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the machine's state, not the command line
-                where = "--disk-dir" if disk_dir is not None else "moespeq's cache (--disk-dir reads elsewhere)"
-                raise MoespeqError(
-                    f"no room for the disk test's scratch file in {where} {disk} ({e.strerror}); free some space "
-                    "or give --disk-dir"
-                ) from None
             if model_file:
                 where = f"--model {model_file}"
             elif disk_dir is not None:
                 where = f"--disk-dir {disk}"
             else:  # the default place: moespeq's cache, which the user never named
                 where = f"moespeq's cache {disk} (where the disk is timed without --disk-dir)"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the machine's state, not the command line
+                raise MoespeqError(f"{where}: no room for the disk test ({e.strerror}); free some space") from None
             raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); give --disk-dir DIR") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -69,10 +70,10 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
             )
         elif piped and not piped.strip():  # something was sent, and it is blank: not a prompt, nor the default
             raise UsageError("the prompt from standard input is blank; pipe some text, or pass --prompt")
-        elif piped == "" and stdin_is_file():  # `moespeq run < empty.txt`: a prompt file, empty
-            raise UsageError("standard input is an empty file; give it some text, or pass --prompt")
-        elif piped == "" and stdin_mode() is not None:  # a pipe closed without a byte (`cat empty | moespeq run`)
-            print("moespeq: standard input was empty: using the default prompt", file=sys.stderr)
+        elif piped == "" and (mode := stdin_mode()) is not None:  # a real descriptor, not a test runner's buffer
+            if stat.S_ISREG(mode):  # `moespeq run < empty.txt`: a prompt file, empty
+                raise UsageError("standard input is an empty file; give it some text, or pass --prompt")
+            print("moespeq: standard input was empty: using the default prompt", file=sys.stderr)  # `cat empty |`
         prompt = piped or None
     if prompt is None:
         return default
@@ -88,8 +89,6 @@ def utf8_text(value: str, what: str) -> str:
     """Command-line text as the UTF-8 it was typed in: Python decodes arguments with the
     locale's codec, so under an ASCII locale ("C", UTF-8 mode off) "Héllo" arrives as
     escaped bytes; bytes that are not UTF-8 at all are a usage error naming ``what``."""
-    import os
-
     try:
         value.encode("utf-8")
         return value
@@ -103,8 +102,6 @@ def utf8_text(value: str, what: str) -> str:
 
 def stdin_mode() -> int | None:
     """Standard input's file mode, None where it has no descriptor (a test runner's buffer)."""
-    import os
-
     try:
         return os.fstat(sys.stdin.fileno()).st_mode
     except (OSError, ValueError, AttributeError):
@@ -113,21 +110,12 @@ def stdin_mode() -> int | None:
 
 def stdin_is_piped() -> bool:
     """Standard input is a pipe or a redirected file (not a terminal, /dev/null or closed)."""
-    import stat
-
     if sys.stdin is None:
         return False
     mode = stdin_mode()
     if mode is None:
         return not sys.stdin.isatty()
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
-
-
-def stdin_is_file() -> bool:
-    import stat
-
-    mode = stdin_mode()
-    return mode is not None and stat.S_ISREG(mode)
 
 
 def read_stdin(wait: float | None) -> str | None:
@@ -151,7 +139,6 @@ def read_pipe(path: Path) -> str:
     """A FIFO's text to its end (``--prompt-file <(...)``). Opened without waiting for a
     writer, and read once one has sent something: a FIFO nobody writes to is an error
     after ``STDIN_WAIT_S``, never a hang."""
-    import os
     import select
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

@@ -65,9 +65,9 @@ def fill_offload_stats(stats: GenerationStats, backend, tiers, plan, target) -> 
     stats.bytes_read = backend.bytes_read if plan.disk_tier else None
     if target.policy.host_compute:
         stats.cpu_expert_share = cs.host_computed / cs.lookups if cs.lookups else None
-        stats.cpu_wait_s = sum(
-            iv.duration for iv in timeline.intervals if iv.kind == "stall" and iv.name.startswith("wait CPU")
-        )
+        from moespeq_cli.runtime.backends.base import WAIT_CPU
+
+        stats.cpu_wait_s = sum(iv.duration for iv in timeline.intervals if iv.kind == "stall" and iv.name == WAIT_CPU)
     bound = lower_bound(backend, plan, target)
     stats.bound_ratio = stats.seconds / bound if bound > 0 and stats.seconds else None
 

@@ -66,6 +66,7 @@ def as_events(after: Event | list[Event] | None) -> list[Event]:
 # the compute stream waiting for a resident expert the CPU took to share a layer's work
 # (executors/offload.py ``balance``): compute time, not a stall on a transfer
 BALANCED = "wait CPU, balanced"
+WAIT_CPU = "wait CPU"  # ... for an expert that was not there: stall
 
 
 class HostJob:
@@ -82,7 +83,7 @@ class HostJob:
     @property
     def waiting(self) -> str:
         """What the compute stream's wait for it is called."""
-        return BALANCED if self.balanced else "wait CPU"
+        return BALANCED if self.balanced else WAIT_CPU
 
 
 class Backend(ABC):

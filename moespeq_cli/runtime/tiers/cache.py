@@ -46,7 +46,7 @@ class CacheStats:
     prefetches: int = 0
     prefetch_used: int = 0
     host_computed: int = 0  # lookups served by computing the expert on the CPU
-    host_misses: int = 0  # ... of experts not arrived (resident ones the CPU took to share the work: not)
+    host_misses: int = 0  # ... of experts that had not arrived (not the resident ones it took to share work)
     layer_lookups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     layer_hits: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
