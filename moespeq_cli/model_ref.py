@@ -79,6 +79,10 @@ def resolve(model: str | None) -> tuple[str, Path]:
     path = Path(os.path.expanduser(model))
     status = kind(path)
     if status == "a directory":
+        if not os.path.lexists(path / "config.json"):  # not a checkpoint: the command line is wrong
+            raise UnknownModelError(
+                f"{shown(model)} has no config.json; point at a Hugging Face model directory (or `moespeq pull` it)"
+            )
         return model, path
     if model in ALIASES or looks_like_hub_id(model):
         repo = ALIASES[model][0] if model in ALIASES else model

@@ -33,9 +33,13 @@ def test_alias_not_downloaded(cli, monkeypatch, tmp_path):
     one_line_error(cli("run", "olmoe"), 2, "moespeq pull olmoe")
 
 
-def test_missing_config(cli, ckpt):
+def test_missing_config(cli, ckpt, tmp_path):
+    """A directory without config.json is not a checkpoint: the argument is wrong (exit 2), as
+    for a file; `plan` says the same."""
     (ckpt / "config.json").unlink()
-    one_line_error(run(cli, ckpt), 1, "config.json")
+    one_line_error(run(cli, ckpt), 2, "has no config.json")
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("plan", str(tmp_path / "empty")), 2, "has no config.json", "moespeq pull")
 
 
 def test_unknown_model_type_lists_supported(cli, ckpt):
@@ -138,7 +142,7 @@ def test_malformed_config_json(cli, ckpt):
 
 def test_debug_shows_traceback(cli, ckpt, monkeypatch):
     monkeypatch.setenv("MOESPEQ_DEBUG", "1")
-    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").write_text("{not json")
     r = run(cli, ckpt)
     assert r.exit_code == 1 and "Traceback" in r.stderr
 

@@ -694,9 +694,10 @@ def test_config_that_is_not_a_json_object(cli, ckpt, content):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--temperature", "1", "--top-p", "nan"], "--top-p"),
-        (["--temperature", "nan"], "--temperature"),
+        (["--temperature", "1", "--top-p", "nan"], "nan is not a number from 0 to 1"),
+        (["--temperature", "nan"], "nan is not a number from 0 to 100"),  # (typer: "less than or equal to 100")
         (["--temperature", "inf"], "--temperature"),
+        (["--temperature", "warm"], "'warm' is not a number"),
         (["--temperature", "1e300"], "--temperature"),  # (1e-30 is greedy: below 0.0001)
         (["--seed", str(2**70)], "--seed"),
         (["--top-k", "-1"], "--top-k"),

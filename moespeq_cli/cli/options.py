@@ -34,10 +34,42 @@ AnswerTokens = Annotated[
         show_default=False,
     ),
 ]
+
+
+def number_from(lo: float, hi: float):
+    """A parser for a float option in [lo, hi] that names the range for every value outside
+    it, 'nan' and 'inf' included (typer's own range check called nan "greater than 100")."""
+
+    def parse(value) -> float:
+        if isinstance(value, float):  # the default
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{value!r} is not a number") from None
+        if not lo <= number <= hi:  # also false for nan
+            raise typer.BadParameter(f"{value} is not a number from {lo:g} to {hi:g}")
+        return number
+
+    return parse
+
+
 Temperature = Annotated[
-    float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 is greedy (so is anything below 0.0001).")
+    float,
+    typer.Option(
+        "--temperature",
+        "-t",
+        parser=number_from(0.0, 100.0),
+        metavar="FLOAT",
+        help="0 is greedy (so is anything below 0.0001). At most 100.",
+    ),
 ]
-TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
+TopP = Annotated[
+    float,
+    typer.Option(
+        "--top-p", parser=number_from(0.0, 1.0), metavar="FLOAT", help="Nucleus sampling mass, 0 to 1 (1 = off)."
+    ),
+]
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the K most likely tokens (0 = off).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.", show_default=False)]
 Backend = Annotated[

@@ -77,8 +77,8 @@ def plan(
         float,
         typer.Option(
             "--acceptance",
-            min=0.0,
-            max=1.0,
+            parser=o.number_from(0.0, 1.0),
+            metavar="FLOAT",
             help="Assumed chance that the 4-bit draft's token is accepted, per position (moespeq's estimate).",
         ),
     ] = 0.8,
