@@ -18,8 +18,8 @@ EPILOG = """[bold]Examples[/bold]
 
   moespeq bench ./ckpt --policies moespeq,lru --spec-depths auto,2,4 --json
 
-  moespeq bench ./ckpt --hardware desktop-3060-ddr4 \\
-    --policies moespeq,hybrid --no-cpu-experts
+  [dim]# llama.cpp's static CPU/GPU split against moespeq's choice per expert[/dim]
+  moespeq bench ./ckpt --hardware desktop-3060-ddr4 --policies moespeq,hybrid
 
   [dim]# for real: experts read from disk, on the wall clock[/dim]
   moespeq bench ./ckpt --backend cpu --ram 2GB -n 64
@@ -39,8 +39,8 @@ def bench(
         Optional[str],
         typer.Option(
             "--policies",
-            help="Comma-separated policies to compare. Default: moespeq,hybrid,gate-prefetch,lru,ondemand "
-            "(without hybrid on --backend cpu or a CPU's profile).",
+            help="Comma-separated policies to compare, e.g. moespeq,lru. Default: moespeq, hybrid, "
+            "gate-prefetch, lru and ondemand (without hybrid on --backend cpu or a CPU's profile).",
             show_default=False,
         ),
     ] = None,
