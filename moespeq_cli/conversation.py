@@ -115,9 +115,13 @@ def complete(
 
 
 class Conversation:
-    def __init__(self, tokenizer, context: int, system: str | None = None):
+    def __init__(self, tokenizer, context: int, system: str | None = None, limit: int | None = None):
+        """``limit``: the model's own context (None: no more than ``context``)."""
         self.tokenizer, self.context, self.system = tokenizer, context, system
         self.turns: list[dict] = []
+        self.ways = "shorten it, lower --max-new-tokens" + (
+            " or raise --context" if limit and limit > context else " (the model's context allows no more)"
+        )
 
     def reset(self) -> None:
         self.turns = []
@@ -136,7 +140,7 @@ class Conversation:
         if n + max_new_tokens > self.context:
             raise UsageError(
                 f"--system takes about {n} tokens, with --max-new-tokens {max_new_tokens} more than the context "
-                f"of {self.context}; shorten it, lower --max-new-tokens or raise --context"
+                f"of {self.context}; {self.ways}"
             )
 
     def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:
@@ -154,7 +158,7 @@ class Conversation:
                 self.turns = self.turns[:-1]
                 raise UsageError(
                     f"the message takes {len(ids)} tokens, with --max-new-tokens {max_new_tokens} more than the "
-                    f"context of {self.context}; shorten it, lower --max-new-tokens or raise --context"
+                    f"context of {self.context}; {self.ways}"
                 )
             # the oldest exchange goes: a user turn and the answer after it
             cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1

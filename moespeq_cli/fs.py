@@ -89,15 +89,22 @@ def is_regular(path: Path) -> bool:
     return file_status(path)[0] == "file"
 
 
-def read_bytes(path: Path, limit: int, what: str, error: type[MoespeqError] = CheckpointError) -> bytes:
+def read_bytes(
+    path: Path,
+    limit: int,
+    what: str,
+    error: type[MoespeqError] = CheckpointError,
+    remedy: str = "give the path of a file",
+) -> bytes:
     """The bytes of the regular file ``path``, at most ``limit`` of them; anything else
-    (missing, a FIFO, a device, a directory, too large) is ``error`` naming ``what``."""
+    (missing, a FIFO, a device, a directory, too large) is ``error`` naming ``what``, and
+    one that is not a file ends with ``remedy``."""
     status, size = file_status(path)
     name = shown(path)
     if status == "missing":
         raise error(f"{what} {name} does not exist; check the path")
     if status != "file":
-        raise error(f"{what} {name} {describe(status)}; give the path of a file")
+        raise error(f"{what} {name} {describe(status)}; {remedy}")
     if size > limit:
         raise error(f"{what} {name} is {size / MiB:.1f} MiB, more than the {limit // MiB} MiB limit")
     try:
@@ -123,8 +130,14 @@ def read_bytes(path: Path, limit: int, what: str, error: type[MoespeqError] = Ch
         os.close(fd)
 
 
-def read_text(path: Path, limit: int, what: str, error: type[MoespeqError] = CheckpointError) -> str:
-    data = read_bytes(path, limit, what, error)
+def read_text(
+    path: Path,
+    limit: int,
+    what: str,
+    error: type[MoespeqError] = CheckpointError,
+    remedy: str = "give the path of a file",
+) -> str:
+    data = read_bytes(path, limit, what, error, remedy)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

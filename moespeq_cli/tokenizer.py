@@ -24,6 +24,7 @@ from moespeq_cli.models.checkpoint import read_json
 
 TOKENIZER_LIMIT = 512 * 2**20
 TEMPLATE_LIMIT = 16 * 2**20
+AGAIN = "download the checkpoint again"  # a tokenizer or template file that is not a file
 NORMALIZER_GROWTH = 32  # NFKC grows a character at most 18-fold
 
 
@@ -57,7 +58,7 @@ def find_chat_template(path: Path, tok_config: dict, cfg_file: Path) -> tuple[st
 
     jinja = path / "chat_template.jinja"
     if file_status(jinja)[0] != "missing":
-        return read_text(jinja, TEMPLATE_LIMIT, "chat template file"), jinja
+        return read_text(jinja, TEMPLATE_LIMIT, "chat template file", remedy=AGAIN), jinja
     template = _chat_template(tok_config.get("chat_template"), cfg_file)
     legacy = path / "chat_template.json"
     if template is None and file_status(legacy)[0] != "missing":
@@ -98,7 +99,7 @@ class Tokenizer:
         tok_file = path / "tokenizer.json"
         if file_status(tok_file)[0] == "missing":
             raise CheckpointError(f"{path} has no tokenizer.json; moespeq needs the fast-tokenizer file")
-        text = read_text(tok_file, TOKENIZER_LIMIT, "tokenizer file")
+        text = read_text(tok_file, TOKENIZER_LIMIT, "tokenizer file", remedy=AGAIN)
         with rust_call(f"{tok_file} cannot be read", "download the checkpoint again"):
             self.tok = HFTokenizer.from_str(text)
             # Never truncate a prompt silently, never pad one (a hostile pad_to_multiple_of).

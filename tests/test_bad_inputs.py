@@ -159,3 +159,62 @@ def test_v3_router_named_in_a_v2_config_is_refused(cli, tiny, tmp_path):
     cfg["topk_method"] = "noaux_tc"
     (path / "config.json").write_text(json.dumps(cfg))
     one_line_error(run(cli, path), 1, "noaux_tc", "deepseek_v3")
+
+
+@pytest.mark.parametrize(
+    "family,variant,edit",
+    [
+        ("deepseek_v3", "v3", {"n_group": 3}),  # 8 experts in 3 groups (was "internal error: RuntimeError")
+        ("deepseek_v3", "v3", {"topk_group": 5}),  # more groups kept than there are
+        ("deepseek_v3", "v3", {"topk_group": 1}),  # one group of 2 experts for a top-3
+        ("glm4_moe", "qknorm", {"n_group": 3}),
+    ],
+)
+def test_impossible_expert_groups_are_refused(cli, tiny, tmp_path, family, variant, edit):
+    """Group-limited routing (DeepSeek-V3, GLM-4.5) with groups that cannot be formed or
+    kept: one line naming the fields, from `run` and `plan` alike."""
+    from tiny_models import edited_copy
+
+    src, _ = tiny(family, variant)
+    path = edited_copy(src, tmp_path / "ckpt", config=lambda c: c.update(edit))
+    one_line_error(run(cli, path), 1, "n_group", "topk_group")
+    one_line_error(cli("plan", str(path)), 1, "n_group", "topk_group")
+
+
+def test_experts_in_another_dtype_name_the_one_they_differ_from(cli, ckpt):
+    """Layer 0's expert 0 sets the dtype every expert is moved in: an expert of layer 1
+    stored otherwise is named against it, with the way out (the message said "than the
+    rest" when only that expert was the odd one out, or only layer 0 was)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(ckpt / "model.safetensors")
+    for w in ("w1", "w2", "w3"):
+        key = f"model.layers.1.block_sparse_moe.experts.2.{w}.weight"
+        weights[key] = weights[key].to(torch.float16)
+    save_file(weights, ckpt / "model.safetensors")
+    one_line_error(
+        run(cli, ckpt, "--backend", "mock"), 1, "expert 2 of layer 1", "F16", "expert 0 of layer 0", "F32", "save"
+    )
+
+
+def test_messages_say_what_is_wrong_with_the_file(cli, ckpt):
+    """Found by a QA pass: a config without model_type read "model_type None is not
+    supported"; a valid rope type moespeq lacks was told to "fix the file"; a symlink loop
+    in place of the weights "is too many levels of symbolic links"; a dangling
+    tokenizer.json (a partial hub download) was told to "give the path of a file"."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}))
+    one_line_error(run(cli, ckpt), 1, "names no model_type")
+    (ckpt / "config.json").write_text(
+        json.dumps({**cfg, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}})
+    )
+    line = one_line_error(run(cli, ckpt), 1, "'llama3'", "does not implement")
+    assert "fix the file" not in line
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "tokenizer.json").symlink_to("../blobs/gone")
+    one_line_error(run(cli, ckpt), 1, "tokenizer.json", "dangling", "download the checkpoint again")
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to("model.safetensors")
+    one_line_error(run(cli, ckpt), 1, "cannot be read (too many levels of symbolic links)")

@@ -140,7 +140,7 @@ def test_plan_prices_the_draft_as_the_mock_prices_the_loaded_one(tiny, kind):
     curve = KernelCurve((1, 4), (1e3, 1e9), ((1e-2, 1e-2), (1e-2, 1e-2)), ops=8)
     measured = replace(hw, kernels={f"draft:{loaded}": curve}, region_overhead={"draft expert": 2e-3})
     with torch.device("meta"):
-        model = ck.arch.Model(ck.raw_config, 30)
+        model = ck.arch.Model(ck.raw_config)
     step = StepModel(model, cfg, measured, cfg.dtype, 30)
     mock = eng.draft_exec.cost(0, 1, 1, device).seconds(measured) + measured.host_overhead("draft expert")
     assert step.t_draft_expert(1.0) == pytest.approx(mock) == pytest.approx(12e-3)

@@ -145,9 +145,13 @@ def test_a_message_too_long_keeps_the_history(chat_ckpt):
     convo = Conversation(tok, context=100)
     convo.turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     convo.turns.append({"role": "user", "content": "x" * 500})
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="the model's context allows no more"):
         convo.prompt(8)
     assert convo.turns == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    convo = Conversation(tok, context=100, limit=256)  # --context could grow: said so
+    convo.turns = [{"role": "user", "content": "x" * 500}]
+    with pytest.raises(UsageError, match="raise --context"):
+        convo.prompt(8)
 
 
 @pytest.mark.parametrize("family, variant", [("mixtral", "gqa"), ("qwen3_next", "hybrid")])

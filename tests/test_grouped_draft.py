@@ -215,7 +215,7 @@ def test_plan_prices_a_grouped_draft_layer_as_the_mock_charges_it(tiny):
         assert [iv.name.split(" L")[0] for iv in layer] == ["draft experts", "draft experts sum"]
         charged = sum(iv.duration for iv in layer)
         with torch.device("meta"):
-            model = ck.arch.Model(ck.raw_config, 30)
+            model = ck.arch.Model(ck.raw_config)
         step = StepModel(model, cfg, eng.backend.hw, cfg.dtype, 30)
         assert cfg.top_k * step.t_draft_expert(1.0, grouped=True) == pytest.approx(charged, rel=1e-6)
         assert step.t_draft_expert(1.0, grouped=True) != step.t_draft_expert(1.0)

@@ -575,10 +575,16 @@ def test_context_option(cli, ckpt, monkeypatch):
 # -- 4. checkpoint paths are confined ---------------------------------------------
 
 
-def write_index(ckpt: Path, target) -> None:
+SHARD = "model-00001-of-00001.safetensors"
+
+
+def write_index(ckpt: Path, target=SHARD) -> None:
+    """An index sending every tensor to ``target``; model.safetensors becomes the shard
+    (where it is, it is read and any index ignored, as transformers does)."""
     from safetensors import safe_open
 
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+    (ckpt / "model.safetensors").rename(ckpt / SHARD)
+    with safe_open(str(ckpt / SHARD), framework="pt") as f:
         keys = list(f.keys())
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: target for k in keys}}))
 
@@ -594,6 +600,7 @@ def test_index_names_outside_the_checkpoint(cli, ckpt, tmp_path, target):
 
 @pytest.mark.parametrize("weight_map", [["a", "b"], {"x": 5}, "model.safetensors", {}])
 def test_index_weight_map_of_the_wrong_shape(cli, ckpt, weight_map):
+    write_index(ckpt)
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     one_line_error(run(cli, ckpt), 1, "model.safetensors.index.json")
 
@@ -608,10 +615,26 @@ def test_hub_cache_symlinks_keep_working(cli, ckpt, tmp_path):
         blob = blobs / hashlib.sha256(f.name.encode()).hexdigest()
         shutil.copy(f, blob)
         (snap / f.name).symlink_to(Path("../..") / "blobs" / blob.name)
-    write_index(snap, "model.safetensors")
+    write_index(snap)
     r = run(cli, snap, "--json")
     assert r.exit_code == 0, r.stderr
     assert len(json.loads(r.stdout)["token_ids"]) == 4
+
+
+def test_a_single_file_wins_over_an_index(cli, ckpt):
+    """model.safetensors beside a sharded index: transformers loads the single file, and
+    so does moespeq (it read the index's shards, other weights, without a word)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    single = run(cli, ckpt, "--json")
+    write_index(ckpt)
+    sharded = load_file(ckpt / SHARD)
+    save_file({k: torch.randn_like(v) for k, v in sharded.items()}, ckpt / SHARD)  # other weights
+    tokens = json.loads(single.stdout)["token_ids"]
+    assert json.loads(run(cli, ckpt, "--json").stdout)["token_ids"] != tokens  # the index's shard is read
+    save_file(sharded, ckpt / "model.safetensors")  # the original weights beside the index
+    assert json.loads(run(cli, ckpt, "--json").stdout)["token_ids"] == tokens
 
 
 @pytest.mark.parametrize("trap", ["loop", "dir", "dangling"])

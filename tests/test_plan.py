@@ -114,7 +114,7 @@ def test_bundled_configs_are_the_real_models():
         arch = architecture(raw["model_type"])
         cfg = arch.parse(raw)
         with torch.device("meta"):
-            model = arch.Model(raw, 16)
+            model = arch.Model(raw)
         total = sum(p.numel() for p in model.parameters()) + cfg.expert_params * cfg.num_experts * len(cfg.moe_layers)
         assert total / 1e9 == pytest.approx(billions, abs=0.1), alias
         if alias in ACTIVATED:  # what a token computes, less the input embedding (a lookup)
@@ -160,7 +160,7 @@ def test_model_agrees_with_the_mock_clock_for_resident(tiny, host_time, dtype):
     _, eng = run_engine(path, prompt, n, policy="resident", slots=total, hardware=hw)
     measured = eng.last_stats.tpot_s
     with torch.device("meta"):
-        model = ck.arch.Model(ck.raw_config, len(prompt) + n)
+        model = ck.arch.Model(ck.raw_config)
     step = StepModel(model, ck.config, hw, ck.config.dtype, len(prompt) + n // 2)
     plan = make_plan(model, ck.config, ck.config.dtype, vram_for_slots(path, total, 40), 40, "resident")
     modelled = 1.0 / estimate(step, plan).tokens_per_s

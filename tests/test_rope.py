@@ -59,7 +59,7 @@ def test_longrope_matches_phi(long):
         "long_factor": longf,
         "original_max_position_embeddings": 4096,
     }
-    ours, scale = inv_freq(dict(params), dim, 131072, context=8192 if long else 100)
+    ours, scale = inv_freq(dict(params), dim, 131072, long=long)
     ref, ref_scale = reference(
         dict(hidden_size=64, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=dict(params)),
         "Phi3Config",

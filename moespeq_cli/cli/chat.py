@@ -127,7 +127,7 @@ def chat(
     out = Renderer(json_mode=json_out)
     if not json_out:
         out.plan(engine)
-    convo = Conversation(engine.tokenizer, ctx, system)
+    convo = Conversation(engine.tokenizer, ctx, system, engine.ckpt.config.context_limit)
     if system:  # said once, at start: not as every message's failure
         convo.check_system(max_new_tokens)
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"

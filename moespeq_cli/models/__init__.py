@@ -2,7 +2,7 @@
 
 ``ARCHITECTURES`` maps each config.json ``model_type`` moespeq implements to the models it
 covers (for messages); ``architecture`` imports the module of that name.
-Each module has ``parse(cfg) -> MoEConfig`` and ``Model(cfg, context)``, a CausalLM
+Each module has ``parse(cfg) -> MoEConfig`` and ``Model(cfg)``, a CausalLM
 whose parameter names are the checkpoint's.
 """
 
@@ -58,6 +58,8 @@ def architecture(model_type: str | None) -> ModuleType:
     model_type = TYPE_ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+        if model_type is None:
+            raise UnsupportedModelError(f"config.json names no model_type (the architecture); supported: {supported}")
         raise UnsupportedModelError(f"model_type {model_type!r} is not supported; supported: {supported}")
     return importlib.import_module(f"moespeq_cli.models.{model_type}")
 
@@ -108,13 +110,13 @@ def fp8_block(quant: dict, source: str) -> tuple[int, int]:
 
 
 def build_model(arch: ModuleType, raw: dict, context: int, source: str = "config.json"):
-    """``arch.Model(raw, context)`` on PyTorch's meta device (shapes only: plans, and the
+    """``arch.Model(raw)`` on PyTorch's meta device (shapes only: plans, and the
     skeleton the loader assigns the checkpoint's tensors to), with any failure the config
     causes reported against the config."""
     import torch
 
     with config_errors(source), torch.device("meta"), skip_init():
-        model = arch.Model(raw, context)
+        model = arch.Model(raw)
     model.context = context
     return model
 

@@ -76,6 +76,10 @@ class KVCache:
     any accepted prefix; ``keep_from(n)`` (speculative decoding, at each cycle's start)
     keeps every state from position n on until the next cycle, and without it only the
     newest state is kept.
+
+    For a model whose rotary tables change past a length (LongRoPE), ``ids`` holds the
+    tokens at positions [0, length) and ``regime`` the tables every position was rotated
+    with, so that ``CausalLM.__call__`` can recompute the cache when a pass crosses over.
     """
 
     def __init__(self, num_layers: int, capacity: int | None = None):
@@ -85,6 +89,12 @@ class KVCache:
         self.capacity = capacity
         self.states: dict[int, dict[int, tuple]] = {}
         self.floor: int | None = None
+        self.ids: list[int] = []
+        self.regime = 0
+
+    def clear(self) -> None:
+        """Forget every position (the buffers are kept for the next writes)."""
+        self.length, self.states = 0, {}
 
     def keep_from(self, n: int | None) -> None:
         self.floor = n
@@ -543,6 +553,51 @@ class CausalLM(nn.Module):
     def set_experts(self, executor: ExpertExecutor) -> None:
         for block in self.moe_blocks.values():
             block.experts = executor
+
+    @property
+    def rope_switches(self) -> tuple[int, ...]:
+        """The sequence lengths past which a pass rotates with other tables (LongRoPE's
+        original training length); () for most models."""
+        rotaries = getattr(self, "rotaries", None)
+        found = {r.switch for r in (rotaries.values() if rotaries else [self.rotary])}
+        return tuple(sorted(found - {None}))
+
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """``forward``, after recomputing the cache where this pass takes other rotary
+        tables than the positions cached (a LongRoPE sequence growing past its original
+        length, or cut back below it): every position is then rotated as the reference
+        rotates them, whose ``generate`` drops the cache at that point and re-encodes the
+        whole sequence. So a token's logits depend on the sequence so far, never on the
+        context a run planned for."""
+        switches = self.rope_switches
+        if not switches or input_ids.device.type == "meta":  # (meta: the planner's op counts)
+            return super().__call__(input_ids, cache, last_only)
+        start = cache.length
+        regime = sum(start + input_ids.shape[0] > s for s in switches)
+        ids = input_ids.tolist()
+        redo = bool(start) and regime != cache.regime
+        if redo:
+            ids = cache.ids[:start] + ids
+            input_ids = torch.tensor(ids, dtype=input_ids.dtype)
+            cache.clear()
+        del cache.ids[cache.length :]
+        cache.ids.extend(ids)
+        cache.regime = regime
+        logits = super().__call__(input_ids, cache, last_only)
+        return logits[start:] if redo and not last_only else logits
+
+    def rope_span(self, cache: KVCache) -> int | None:
+        """The most positions a pass continuing ``cache`` may take and still give each
+        position the logits that decoding it alone would (None: any): up to the next
+        LongRoPE switch; 1 where the next pass recomputes the cache (speculative decoding
+        leaves that pass to the target)."""
+        switches, n = self.rope_switches, cache.length
+        if not switches:
+            return None
+        if n and sum(n + 1 > s for s in switches) != cache.regime:
+            return 1
+        ahead = [s for s in switches if s >= n + 1]
+        return min(ahead) - n if ahead else None
 
     def pair_routers(self) -> bool:
         """Gate-prefetch's guess from the layer's own router product: every MoE router's

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moespeq_cli.errors import CheckpointError
-from moespeq_cli.fs import confined_name, file_status, is_dir, read_text
+from moespeq_cli.fs import confined_name, describe, file_status, is_dir, read_text
 from moespeq_cli.models import language_config, parse_config
 from moespeq_cli.models.expert_format import FP8, fp8_dequantize
 
@@ -47,7 +47,7 @@ def read_json(path: Path, remedy: str, missing: str | None = None, error=Checkpo
         if missing is not None:
             raise error(missing)
         return {}
-    text = read_text(path, JSON_LIMIT, "file", error)
+    text = read_text(path, JSON_LIMIT, "file", error, remedy)
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer of 4300+ digits
@@ -94,6 +94,8 @@ class Checkpoint:
 
     def _weight_files(self) -> list[str]:
         index = self.path / "model.safetensors.index.json"
+        if file_status(self.path / "model.safetensors")[0] == "file":
+            return ["model.safetensors"]  # before any index, as transformers' from_pretrained
         if file_status(index)[0] != "missing":
             data = read_json(index, "download the checkpoint again")
             weight_map = data.get("weight_map")
@@ -109,7 +111,7 @@ class Checkpoint:
                     raise CheckpointError(f"{self.path} lacks shard {f} named in its index; the download is incomplete")
                 if status != "file":
                     raise CheckpointError(
-                        f"shard {self.path / f} named in the index is {status}, not a file; download it again"
+                        f"shard {self.path / f} named in the index {describe(status)}; download it again"
                     )
             return files
         try:
@@ -120,7 +122,7 @@ class Checkpoint:
         for name in files:
             status, _ = file_status(self.path / name)
             if status != "file":
-                raise CheckpointError(f"{self.path / name} is {status}, not a safetensors file; remove or replace it")
+                raise CheckpointError(f"{self.path / name} {describe(status)}; remove or replace it")
         if files:
             return files
         if any(p.suffix in PICKLE_SUFFIXES for p in entries):

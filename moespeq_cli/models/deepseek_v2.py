@@ -17,7 +17,13 @@ from torch import nn
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, KVCache, RMSNorm, SparseMoE, attend
 from moespeq_cli.models.config import MoEConfig, moe_config, need
-from moespeq_cli.models.rope import Rotary, apply_rope, apply_rope_interleaved, inv_freq, rope_parameters, yarn_mscale
+from moespeq_cli.models.rope import (
+    apply_rope,
+    apply_rope_interleaved,
+    make_rotary,
+    rope_parameters,
+    yarn_mscale,
+)
 
 
 def moe_layer_ids(cfg: dict) -> list[int]:
@@ -129,7 +135,7 @@ class MLAttention(nn.Module):
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         eps = cfg.get("rms_norm_eps", 1e-6)
 
@@ -150,10 +156,9 @@ class Model(CausalLM):
             layers.append(DecoderLayer(MLAttention(cfg), mlp, norm))
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
         params = rope_parameters(cfg)
-        inv, scale = inv_freq(
-            params, need(cfg, "qk_rope_head_dim", kind=int), cfg.get("max_position_embeddings", 4096), context
+        self.rotary = make_rotary(
+            params, need(cfg, "qk_rope_head_dim", kind=int), cfg.get("max_position_embeddings", 4096), interleaved=True
         )
-        self.rotary = Rotary(inv, scale, interleaved=True)
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return self.rotary.tables(start, end, device, torch.float32)  # the reference rotates in fp32

@@ -25,7 +25,7 @@ from torch import nn
 from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm, SparseMoE
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v2 import MLAttention
-from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+from moespeq_cli.models.rope import make_rotary, rope_parameters
 
 # transformers' defaults for what a config.json may leave out (published checkpoints
 # state them); each family module that reuses this one names its own
@@ -126,7 +126,7 @@ class Model(CausalLM):
     parse = staticmethod(parse)  # GLM-4.7-Flash's model is this one with its own parse
     defaults = DEFAULTS
 
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         cfg = with_defaults(cfg, self.defaults)
         c = self.config = self.parse(cfg)
         eps = cfg.get("rms_norm_eps", 1e-6)
@@ -137,13 +137,12 @@ class Model(CausalLM):
         interleaved = bool(cfg.get("rope_interleave", True))
         layers = [DecoderLayer(MLAttention(cfg, interleaved=interleaved), mlp, norm) for mlp in mlps(cfg, c)]
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
-        inv, scale = inv_freq(
+        self.rotary = make_rotary(
             rope_parameters(cfg),
             need(cfg, "qk_rope_head_dim", kind=int),
             cfg.get("max_position_embeddings", 4096),
-            context,
+            interleaved=interleaved,
         )
-        self.rotary = Rotary(inv, scale, interleaved=interleaved)
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return self.rotary.tables(start, end, device, torch.float32)  # the reference rotates in fp32

@@ -43,7 +43,7 @@ from moespeq_cli.models.base import (
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.expert_format import gemma4_experts
-from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+from moespeq_cli.models.rope import make_rotary, rope_parameters
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -247,7 +247,7 @@ class Gemma4Layer(nn.Module):
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         eps = need(cfg, "rms_norm_eps", default=1e-6)
         heads = need(cfg, "num_attention_heads", kind=int)
@@ -281,8 +281,9 @@ class Model(CausalLM):
         self.rotaries = {}
         for kind, head_dim in sorted(ropes):
             p = params.get(kind) if isinstance(params.get(kind), dict) else DEFAULT_ROPE[kind]
-            inv, scale = inv_freq(rope_parameters({"rope_parameters": p}), head_dim, c.context_limit, context)
-            self.rotaries[(kind, head_dim)] = Rotary(inv, scale)
+            self.rotaries[(kind, head_dim)] = make_rotary(
+                rope_parameters({"rope_parameters": p}), head_dim, c.context_limit
+            )
         self.embed_scale = math.sqrt(c.hidden_size)
         self.softcap = cfg.get("final_logit_softcapping")
 

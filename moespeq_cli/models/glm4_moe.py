@@ -15,7 +15,7 @@ from moespeq_cli.models import deepseek_v3
 from moespeq_cli.models.base import Attention, Backbone, CausalLM, DecoderLayer, RMSNorm
 from moespeq_cli.models.deepseek_v3 import with_defaults
 from moespeq_cli.models.mixtral import attention_spec
-from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+from moespeq_cli.models.rope import make_rotary, rope_parameters
 
 # transformers' defaults for what a config.json may leave out
 DEFAULTS = {
@@ -44,7 +44,7 @@ def rotary_fraction(cfg: dict) -> float:
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         cfg = with_defaults(cfg, DEFAULTS)
         c = self.config = parse(cfg)
         bias = bool(cfg.get("attention_bias", False))
@@ -58,5 +58,4 @@ class Model(CausalLM):
 
         layers = [DecoderLayer(Attention(spec), mlp, norm) for mlp in deepseek_v3.mlps(cfg, c)]
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
-        inv, scale = inv_freq(rope_parameters(cfg), spec.rotary_dim, cfg.get("max_position_embeddings", 4096), context)
-        self.rotary = Rotary(inv, scale)
+        self.rotary = make_rotary(rope_parameters(cfg), spec.rotary_dim, cfg.get("max_position_embeddings", 4096))

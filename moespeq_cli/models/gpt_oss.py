@@ -38,7 +38,7 @@ from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v3 import with_defaults
 from moespeq_cli.models.expert_format import MXFP4, gpt_oss_experts
 from moespeq_cli.models.mixtral import attention_spec
-from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+from moespeq_cli.models.rope import make_rotary, rope_parameters
 
 # transformers' defaults for what a config.json may leave out (the releases state them)
 DEFAULTS = {
@@ -139,7 +139,7 @@ class RouterMoE(SparseMoE):
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         cfg = _cfg(cfg)
         c = self.config = parse(cfg)
         bias = bool(cfg.get("attention_bias"))
@@ -157,5 +157,4 @@ class Model(CausalLM):
             layers.append(DecoderLayer(SinkAttention(spec), RouterMoE(c.hidden_size, c.num_experts, route), norm))
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
         head_dim = layers[0].self_attn.s.head_dim
-        inv, scale = inv_freq(rope_parameters(cfg, 150000.0), head_dim, c.context_limit, context)
-        self.rotary = Rotary(inv, scale)
+        self.rotary = make_rotary(rope_parameters(cfg, 150000.0), head_dim, c.context_limit)

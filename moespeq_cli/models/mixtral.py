@@ -16,7 +16,7 @@ from moespeq_cli.models.base import (
     softmax_topk,
 )
 from moespeq_cli.models.config import MIXTRAL_EXPERTS, MoEConfig, moe_config, need
-from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+from moespeq_cli.models.rope import Rotary, make_rotary, rope_parameters
 
 
 def parse(cfg: dict) -> MoEConfig:
@@ -37,13 +37,12 @@ def attention_spec(cfg: dict, **extra) -> AttentionSpec:
     )
 
 
-def rotary(cfg: dict, spec: AttentionSpec, context: int = 0) -> Rotary:
-    inv, scale = inv_freq(rope_parameters(cfg), spec.head_dim, cfg.get("max_position_embeddings", 4096), context)
-    return Rotary(inv, scale)
+def rotary(cfg: dict, spec: AttentionSpec) -> Rotary:
+    return make_rotary(rope_parameters(cfg), spec.head_dim, cfg.get("max_position_embeddings", 4096))
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         spec = attention_spec(cfg)
         eps = spec.norm_eps
@@ -57,4 +56,4 @@ class Model(CausalLM):
             for _ in range(c.num_layers)
         ]
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
-        self.rotary = rotary(cfg, spec, context)
+        self.rotary = rotary(cfg, spec)

@@ -15,7 +15,7 @@ def parse(cfg: dict) -> MoEConfig:
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         bias = bool(cfg.get("attention_bias", False))
         spec = attention_spec(cfg, qk_norm="full", clip_qkv=cfg.get("clip_qkv"), qkv_bias=bias, o_bias=bias)
@@ -29,4 +29,4 @@ class Model(CausalLM):
             for _ in range(c.num_layers)
         ]
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
-        self.rotary = rotary(cfg, spec, context)
+        self.rotary = rotary(cfg, spec)

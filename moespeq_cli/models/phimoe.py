@@ -40,7 +40,7 @@ def sparsemixer(jitter_eps: float):
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         bias = bool(cfg.get("attention_bias", False))
         spec = attention_spec(cfg, qkv_bias=bias, o_bias=bias)
@@ -60,4 +60,4 @@ class Model(CausalLM):
             c.hidden_size,
             head_bias=bool(cfg.get("lm_head_bias", False)),
         )
-        self.rotary = rotary(cfg, spec, context)
+        self.rotary = rotary(cfg, spec)

@@ -46,7 +46,7 @@ class SharedExpertMoE(SparseMoE):
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         spec = attention_spec(cfg, qkv_bias=bool(cfg.get("qkv_bias", True)))
         if cfg.get("use_sliding_window"):
@@ -66,4 +66,4 @@ class Model(CausalLM):
                 mlp = GatedMLP(c.hidden_size, need(cfg, "intermediate_size", kind=int))
             layers.append(DecoderLayer(Attention(spec), mlp, norm))
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
-        self.rotary = rotary(cfg, spec, context)
+        self.rotary = rotary(cfg, spec)

@@ -21,7 +21,7 @@ from moespeq_cli.models.qwen2_moe import parse
 
 
 class Model(CausalLM):
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         bias = bool(cfg.get("attention_bias", False))
         spec = attention_spec(cfg, qk_norm="head", qkv_bias=bias, o_bias=bias)
@@ -39,4 +39,4 @@ class Model(CausalLM):
                 mlp = GatedMLP(c.hidden_size, need(cfg, "intermediate_size", kind=int))
             layers.append(DecoderLayer(Attention(spec), mlp, norm))
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
-        self.rotary = rotary(cfg, spec, context)
+        self.rotary = rotary(cfg, spec)

@@ -45,7 +45,7 @@ from moespeq_cli.models.base import (
 from moespeq_cli.models.config import need
 from moespeq_cli.models.mixtral import attention_spec
 from moespeq_cli.models.qwen2_moe import SharedExpertMoE, parse
-from moespeq_cli.models.rope import Rotary, inv_freq, rope_parameters
+from moespeq_cli.models.rope import make_rotary, rope_parameters
 
 __all__ = ["GatedDeltaNet", "Model", "parse"]
 
@@ -209,7 +209,7 @@ class Model(CausalLM):
     always_normalize = False  # Qwen3.5 renormalises the top-k weights whatever config.json says
     # config.json without norm_topk_prob: transformers' Qwen3-Next default (renormalise)
 
-    def __init__(self, cfg: dict, context: int = 0):
+    def __init__(self, cfg: dict):
         c = self.config = parse(cfg)
         bias = bool(cfg.get("attention_bias", False))
         spec = attention_spec(cfg, qkv_bias=bias, o_bias=bias)
@@ -235,5 +235,4 @@ class Model(CausalLM):
             else:
                 layers.append(DecoderLayer(GatedAttention(cfg, spec), mlp, norm))
         super().__init__(Backbone(c.vocab_size, c.hidden_size, layers, norm()), c.vocab_size, c.hidden_size)
-        inv, scale = inv_freq(rope_parameters(cfg), spec.rotary_dim, cfg.get("max_position_embeddings", 4096), context)
-        self.rotary = Rotary(inv, scale)
+        self.rotary = make_rotary(rope_parameters(cfg), spec.rotary_dim, cfg.get("max_position_embeddings", 4096))

@@ -2,7 +2,15 @@
 
 ``rope_parameters(cfg)`` reads either spelling a checkpoint may use: the hub's
 ``rope_theta`` + ``rope_scaling`` or transformers 5's ``rope_parameters``.
-``inv_freq(...)`` returns the inverse frequencies and the factor that scales cos/sin.
+``inv_freq(...)`` returns the inverse frequencies and the factor that scales cos/sin;
+``make_rotary(...)`` the tables a model rotates with.
+
+LongRoPE (Phi-3.5-MoE) has two sets of factors: the short ones while the sequence is at
+most ``original_max_position_embeddings`` long, the long ones beyond, as the reference
+does (Phi-3's code picks them by the sequence so far, and its ``generate`` recomputes the
+whole cache with the long ones when the sequence first passes that length). The tables
+follow the pass's end (``Rotary.switch``); ``CausalLM.__call__`` recomputes the cache
+when a pass crosses it, so a token's logits never depend on how long the run will be.
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ def check_rope(params: dict, dim: int) -> None:
     """What ``_inv_freq`` reads for the rope type, checked first: the type is supported,
     its required figures are present and sane, LongRoPE's factor lists have dim/2 entries."""
     kind = params["rope_type"]
+    if kind in ("dynamic", "llama3"):  # valid in transformers; no MoE family moespeq runs ships them
+        raise CheckpointError(
+            f"config.json's rope type {kind!r} is one moespeq does not implement (it does: {', '.join(ROPE_TYPES)})"
+        )
     if kind not in ROPE_TYPES:
         raise CheckpointError(
             f"config.json rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); fix the file"
@@ -84,17 +96,26 @@ def check_rope(params: dict, dim: int) -> None:
             _number(params, key, required=False)
 
 
-def inv_freq(params: dict, dim: int, max_positions: int, context: int = 0) -> tuple[torch.Tensor, float]:
+def inv_freq(params: dict, dim: int, max_positions: int, long: bool = False) -> tuple[torch.Tensor, float]:
     check_rope(params, dim)
     with torch.device("cpu"):  # models are built on the meta device; these are real
-        return _inv_freq(params, dim, max_positions, context)
+        return _inv_freq(params, dim, max_positions, long)
 
 
-def _inv_freq(params: dict, dim: int, max_positions: int, context: int) -> tuple[torch.Tensor, float]:
+def make_rotary(params: dict, dim: int, max_positions: int, interleaved: bool = False) -> Rotary:
+    """The rotary tables for ``params``: LongRoPE's carry its long factors' tables too,
+    used by passes that end past ``original_max_position_embeddings``."""
+    rotary = Rotary(*inv_freq(params, dim, max_positions), interleaved)
+    if params["rope_type"] == "longrope":
+        long = Rotary(*inv_freq(params, dim, max_positions, long=True), interleaved)
+        rotary.beyond = (int(params["original_max_position_embeddings"]), long)
+    return rotary
+
+
+def _inv_freq(params: dict, dim: int, max_positions: int, long: bool) -> tuple[torch.Tensor, float]:
     """Inverse frequencies for a rotary dimension ``dim``, and the cos/sin scale.
 
-    ``context`` is the longest sequence this run will reach; LongRoPE picks its long
-    factors beyond the original training length, as Phi-3's reference code does.
+    ``long``: LongRoPE's long factors (a sequence past the original training length).
     """
     base = float(params["rope_theta"])
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim  # [dim/2]
@@ -139,7 +160,6 @@ def _inv_freq(params: dict, dim: int, max_positions: int, context: int) -> tuple
     if kind == "longrope":
         orig = params["original_max_position_embeddings"]
         factor = params.get("factor") or max_positions / orig
-        long = context > orig
         ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float32)
         key = "long_mscale" if long else "short_mscale"
         if params.get(key) is not None:
@@ -166,16 +186,25 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor | None:
 
 
 class Rotary:
-    """Precomputed cos/sin tables for positions [0, capacity); grows on demand."""
+    """Precomputed cos/sin tables for positions [0, capacity); grows on demand.
+    ``beyond``: (n, the tables of a pass that ends past position n) -- LongRoPE's."""
 
     def __init__(self, inv: torch.Tensor, scale: float, interleaved: bool = False):
         self.inv, self.scale, self.interleaved = inv, scale, interleaved
         self.cos = self.sin = self.sin_signed = torch.empty(0)
+        self.beyond: tuple[int, Rotary] | None = None
+
+    @property
+    def switch(self) -> int | None:
+        """The sequence length past which a pass takes other tables (None: never)."""
+        return self.beyond[0] if self.beyond else None
 
     def tables(
         self, start: int, end: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions [start, end): [end - start, d]."""
+        """cos, sin for positions [start, end) of a pass that ends at ``end``: [end - start, d]."""
+        if self.beyond and end > self.beyond[0]:
+            return self.beyond[1].tables(start, end, device, dtype)
         if end > self.cos.shape[0] or self.cos.dtype != dtype or self.cos.device != device:
             n = max(end, 2 * self.cos.shape[0], 64)
             freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv[None, :]  # [n, d/2]

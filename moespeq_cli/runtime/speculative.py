@@ -127,6 +127,8 @@ def speculative_generate(
     while not ev.eos and emitted < max_new_tokens:
         k = choose_k()  # with no draft still asked: k = 0 has its own choices (the prefetch)
         k = 0 if draft is None else max(0, min(k, max_new_tokens - emitted - 1))
+        span = model.rope_span(cache)  # a pass never spans a LongRoPE switch (models/rope.py)
+        k = k if span is None else min(k, span - 1)
         n = cache.length
         cache.keep_from(n)  # linear-attention states from n on: the cycle may roll back to any of them
         stats.cycles += 1

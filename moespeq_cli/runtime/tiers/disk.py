@@ -363,6 +363,7 @@ def misaligned(path) -> str:
 
 
 FLOAT_PARTS = ("BF16", "F16", "F32", "F64")  # what an expert not stored compact may be held in
+CONVERT = "save the checkpoint again with one torch_dtype (transformers' save_pretrained does)"
 
 
 class DiskExperts:
@@ -404,7 +405,8 @@ class DiskExperts:
         else:
             if len(set(names)) != 1 or names[0] not in FLOAT_PARTS:
                 raise CheckpointError(
-                    f"the experts of {ckpt.path} mix dtypes {sorted(set(names))}; moespeq needs one float dtype"
+                    f"the experts of {ckpt.path} mix dtypes {sorted(set(names))} within one expert; moespeq "
+                    f"moves experts in one float dtype: {CONVERT}"
                 )
             self.dtype, self.part_dtypes, lengths = STORED_DTYPES[names[0]], None, sizes
         # The parts' order in the file (for most families 0 = gate, 1 = up, 2 = down), from the first expert.
@@ -422,8 +424,11 @@ class DiskExperts:
         for layer in c.moe_layers:
             for e in range(c.num_experts):
                 keys = c.expert_keys(layer, e)
-                if [entry(k)[1] for k in keys] != names:
-                    raise CheckpointError(f"expert {e} of layer {layer} in {ckpt.path} has another dtype than the rest")
+                if (got := [entry(k)[1] for k in keys]) != names:
+                    raise CheckpointError(
+                        f"expert {e} of layer {layer} in {ckpt.path} is stored as {'/'.join(got)}, expert 0 of "
+                        f"layer {c.moe_layers[0]} as {'/'.join(names)}; moespeq moves experts in one dtype: {CONVERT}"
+                    )
                 ordered = [part(keys[p], p, e) for p in self.order]
                 self.extents[(layer, e)] = coalesce(ordered) if _in_order(ordered) else ordered
 
