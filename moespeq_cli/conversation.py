@@ -133,14 +133,21 @@ class Conversation:
     def messages(self) -> list[dict]:
         return self.head() + self.turns
 
-    def check_system(self, max_new_tokens: int) -> None:
-        """Refuse a system message that leaves no room for a user's message and an answer
-        of ``max_new_tokens`` (UsageError)."""
+    def check_room(self, max_new_tokens: int) -> None:
+        """Refuse, at start, a system message or a ``max_new_tokens`` that leaves no room
+        for a short message (the chat format's own tokens counted) and an answer
+        (UsageError): every message would fail."""
         n = len(self.tokenizer.encode_messages([*self.head(), {"role": "user", "content": "hi"}]))
         if n + max_new_tokens > self.context:
+            what = (
+                f"--system (about {n} tokens with a short message)"
+                if self.system
+                else (f"a short message ({n} tokens in the chat format)")
+            )
             raise UsageError(
-                f"--system takes about {n} tokens, with --max-new-tokens {max_new_tokens} more than the context "
-                f"of {self.context}; {self.ways}"
+                f"{what} and an answer of --max-new-tokens {max_new_tokens} do not fit the context of "
+                f"{self.context}; {'shorten --system, ' if self.system else ''}lower --max-new-tokens"
+                + ("" if "raise --context" not in self.ways else " or raise --context")
             )
 
     def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:
@@ -157,8 +164,8 @@ class Conversation:
             if len(turns) <= 1:
                 self.turns = self.turns[:-1]
                 raise UsageError(
-                    f"the message takes {len(ids)} tokens, with --max-new-tokens {max_new_tokens} more than the "
-                    f"context of {self.context}; {self.ways}"
+                    f"the message ({len(ids)} tokens) and an answer of --max-new-tokens {max_new_tokens} do not "
+                    f"fit the context of {self.context}; {self.ways}"
                 )
             # the oldest exchange goes: a user turn and the answer after it
             cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1

@@ -73,9 +73,16 @@ class Job:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     notify: object = None  # called from the worker thread once the job is done (or dropped)
+    on_start: object = None  # called from the worker thread when it starts the job, or drops it
+    running: bool = False  # the worker started it
+
+    def start(self) -> None:
+        if self.on_start is not None:
+            self.on_start()
 
     def finish(self) -> None:
         self.done.set()
+        self.start()  # (a second call: a set event is set again)
         if self.notify is not None:
             self.notify()
 
@@ -130,6 +137,8 @@ class Worker:
             if self.stopping and not job.cancelled:
                 job.error = shutting_down()
             elif not job.cancelled:
+                job.running = True
+                job.start()
                 try:
                     complete(
                         self.engine,
@@ -184,11 +193,15 @@ UNSUPPORTED = {
     "echo": "echoing the prompt",
     "tools": "tool calls",
     "functions": "function calls",
-    "logit_bias": "logit_bias",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "suffix": "suffix",
+    "logit_bias": "biasing token logits",
+    "presence_penalty": "penalties",
+    "frequency_penalty": "penalties",
+    "suffix": "text after the insertion point",
 }
+
+
+def tokens(n: int) -> str:
+    return f"{n} token{'' if n == 1 else 's'}"
 
 
 # The request fields this API reads, refuses or accepts at their neutral value; others are
@@ -249,7 +262,7 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
     if room < 1:
         raise ApiError(
             400,
-            f"the prompt takes {prompt_len} tokens, the whole context of {context}; shorten it",
+            f"the prompt ({tokens(prompt_len)}) leaves no room for an answer in the context of {context}; shorten it",
             "context_length_exceeded",
             prompt_param,
         )
@@ -260,7 +273,7 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
     elif max_tokens > room:
         raise ApiError(
             400,
-            f"the prompt ({prompt_len} tokens) plus {key} {max_tokens} exceeds the context of {context} tokens",
+            f"the prompt ({tokens(prompt_len)}) plus {key} {max_tokens} exceeds the context of {context} tokens",
             "context_length_exceeded",
             key,
         )
@@ -446,6 +459,8 @@ def build_app(
             if chat:  # reasoning as vLLM and llama.cpp stream it: ``delta.reasoning_content``
                 job.on_reasoning = lambda t: loop.call_soon_threadsafe(pieces.put_nowait, (REASONING, t))
         job.notify = lambda: loop.call_soon_threadsafe(pieces.put_nowait, None)  # after every piece: FIFO
+        started = asyncio.Event()  # a stream's 200 goes out once its generation starts
+        job.on_start = lambda: loop.call_soon_threadsafe(started.set)
         try:
             worker.submit(job)
         except ApiError as e:
@@ -458,7 +473,7 @@ def build_app(
         def finish_log(status: int) -> None:
             s = job.stats or {}
             tps = s.get("tokens_per_s")
-            parts = [f"{len(job.answer.token_ids)} tokens"]
+            parts = [tokens(len(job.answer.token_ids))]
             if tps:
                 parts.append(f"{tps:.1f} tok/s ({s.get('clock')} clock)")
             if s.get("acceptance_rate") is not None:
@@ -467,6 +482,8 @@ def build_app(
                 parts.append(f"hit rate {s['expert_hit_rate']:.0%}")
             if job.cancelled:
                 parts.append("cancelled: the client went away")
+            if stream and job.error is not None:  # said in an event after the stream's 200
+                parts.append(f"ended by an error event: {getattr(job.error, 'message', job.error)}")
             if ignored := ignored_fields(body):
                 parts.append("ignored: " + ignored)
             log(request, status, " · ".join(parts))
@@ -519,6 +536,18 @@ def build_app(
                 }
             )
 
+        waiting = asyncio.ensure_future(started.wait())
+        try:  # in the queue: a shutdown is still a 503, and a client that leaves is dropped
+            while not (await asyncio.wait({waiting}, timeout=0.25))[0]:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    finish_log(499)
+                    return Response(status_code=499)
+        finally:
+            waiting.cancel()
+        if not job.running and isinstance(job.error, ApiError):  # dropped before it started
+            return error(request, job.error)
+
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list, **extra) -> str:
@@ -558,7 +587,7 @@ def build_app(
                     if include_usage:
                         yield event([], usage=usage())
                 yield "data: [DONE]\n\n"
-                finish_log(getattr(job.error, "status", 500) if job.error is not None else 200)
+                finish_log(200)
             finally:
                 if not job.done.is_set():  # the client went away mid-answer
                     job.cancelled = True

@@ -202,7 +202,7 @@ def test_every_line_without_an_answer_is_a_json_record(chat_ckpt):
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert [rec.get("line") for rec in records] == [None, 2, 3, 4, None]
-    assert "takes" in records[1]["error"] and "UTF-8" in records[2]["error"] and "/nope" in records[3]["error"]
+    assert "do not fit" in records[1]["error"] and "UTF-8" in records[2]["error"] and "/nope" in records[3]["error"]
     assert [rec.get("turn") for rec in records] == [1, None, None, None, 2]
     first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>", 4)
     assert records[4]["content"] == reference(
@@ -213,8 +213,9 @@ def test_every_line_without_an_answer_is_a_json_record(chat_ckpt):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--system", "Be brief. " * 200], "--system takes about"),
+        (["--system", "Be brief. " * 200], "--system (about"),
         (["--stop", ""], "--stop is empty"),
+        (["-n", "126"], "a short message"),  # below the context, but no message fits beside it
         (["--system", "bad \udcff byte"], "--system is not valid UTF-8"),
     ],
 )

@@ -484,3 +484,57 @@ def test_ctrl_c_ends_a_streamed_answer_with_an_error_event_then_done(tiny, monke
     assert error["code"] == "shutting_down" and "cut short" in error["message"]
     assert all("choices" in json.loads(e) for e in events[:-2])
     engine.close()
+
+
+def test_a_stream_still_queued_at_shutdown_gets_a_real_503(tiny, monkeypatch, capsys):
+    """A streamed request's headers go out when its generation starts: one still waiting
+    in the queue when the server stops is answered HTTP 503 `shutting_down` (it got 200
+    and the error as an event), and the log says the stream under way ended by an error
+    event under its 200 (it logged 503, which no client saw)."""
+    import signal
+
+    from moespeq_cli.server import HaltingServer
+
+    path, _ = tiny("mixtral", "gqa")
+    server, thread, url, name, engine = start(path, queue=4, server_class=HaltingServer)
+    fast = engine.generate
+
+    def slow(*a, **kw):
+        for ev in fast(*a, **kw):
+            time.sleep(0.05)
+            yield ev
+
+    monkeypatch.setattr(engine, "generate", slow)
+    body = {"model": name, "prompt": "once upon", "max_tokens": 200, "temperature": 0, "stream": True}
+    queued = {}
+
+    def second():
+        with httpx.stream("POST", url + "/v1/completions", json=body | {"prompt": "later"}, timeout=30) as r:
+            queued["status"] = r.status_code
+            queued["body"] = r.read().decode()
+
+    other = threading.Thread(target=second)
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        for n, _line in enumerate(r.iter_lines()):
+            if n == 2:  # answering: queue a second stream behind it, then stop as Ctrl-C does
+                other.start()
+                time.sleep(0.5)
+                server.handle_exit(signal.SIGINT, None)
+    other.join(30)
+    thread.join(30)
+    assert queued["status"] == 503, queued
+    assert json.loads(queued["body"])["error"]["code"] == "shutting_down"
+    log = capsys.readouterr().err
+    assert "POST /v1/completions 200" in log and "ended by an error event" in log, log
+    engine.close()
+
+
+def test_context_errors_read_as_sentences():
+    """'the prompt (1 token) plus max_tokens ...' (was '1 tokens'); a prompt that fills the
+    context 'leaves no room for an answer' (was 'takes 513 tokens, the whole context')."""
+    from moespeq_cli.server import ApiError, parse_options
+
+    with pytest.raises(ApiError, match=r"the prompt \(1 token\) plus max_tokens 600 exceeds"):
+        parse_options({"max_tokens": 600}, 1, 512, 64)
+    with pytest.raises(ApiError, match=r"the prompt \(513 tokens\) leaves no room for an answer"):
+        parse_options({}, 513, 512, 64)

@@ -128,8 +128,7 @@ def chat(
     if not json_out:
         out.plan(engine)
     convo = Conversation(engine.tokenizer, ctx, system, engine.ckpt.config.context_limit)
-    if system:  # said once, at start: not as every message's failure
-        convo.check_system(max_new_tokens)
+    convo.check_room(max_new_tokens)  # said once, at start: not as every message's failure
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:
         note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")
