@@ -135,6 +135,10 @@ def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
     assert "http://" not in page and "https://" not in page  # viewable with no network
     assert page.count("<rect") > 20  # the timeline is drawn
     assert " tok/s</td>" in page and " ms</td>" in page and "%</td>" in page  # numbers with units
+    import re
+
+    ticks = re.findall(r'<text x="([\d.]+)"[^>]*text-anchor="(\w+)">[\d.]+ ms</text>', page)
+    assert len(ticks) == 11 and ticks[-1][1] == "end"  # the last time label inside the figure (it was cut)
 
 
 def test_profile_rejects_the_plain_cpu_backend(tiny, cli):

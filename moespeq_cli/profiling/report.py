@@ -46,8 +46,9 @@ def timeline_svg(intervals: list[dict], width: int = 1100, lane_h: int = 26) -> 
         )
     for i in range(11):
         x = 80 + i * width / 10
+        anchor = "end" if i == 10 else "middle"  # the last label ends at the lanes' end, inside the figure
         parts.append(
-            f'<text x="{x:.1f}" y="{n * lane_h + 16}" font-size="10" text-anchor="middle">'
+            f'<text x="{x:.1f}" y="{n * lane_h + 16}" font-size="10" text-anchor="{anchor}">'
             f"{t_end * i / 10 * 1e3:.2f} ms</text>"
         )
     parts.append("</svg>")
