@@ -119,8 +119,9 @@ class Conversation:
         """``limit``: the model's own context (None: no more than ``context``)."""
         self.tokenizer, self.context, self.system = tokenizer, context, system
         self.turns: list[dict] = []
+        self.can_grow = bool(limit and limit > context)  # --context may be raised
         self.ways = "shorten it, lower --max-new-tokens" + (
-            " or raise --context" if limit and limit > context else " (the model's context allows no more)"
+            " or raise --context" if self.can_grow else " (the model's context allows no more)"
         )
 
     def reset(self) -> None:
@@ -147,7 +148,7 @@ class Conversation:
             raise UsageError(
                 f"{what} and an answer of --max-new-tokens {max_new_tokens} do not fit the context of "
                 f"{self.context}; {'shorten --system, ' if self.system else ''}lower --max-new-tokens"
-                + ("" if "raise --context" not in self.ways else " or raise --context")
+                + (" or raise --context" if self.can_grow else "")
             )
 
     def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:

@@ -73,7 +73,7 @@ class Job:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     notify: object = None  # called from the worker thread once the job is done (or dropped)
-    on_start: object = None  # called from the worker thread when it starts the job, or drops it
+    on_start: object = None  # called when the worker starts the job, or when it is dropped
     running: bool = False  # the worker started it
 
     def start(self) -> None:
@@ -543,6 +543,9 @@ def build_app(
                     job.cancelled = True
                     finish_log(499)
                     return Response(status_code=499)
+        except BaseException:  # this handler cancelled (uvicorn's shutdown timeout): nobody will read
+            job.cancelled = True
+            raise
         finally:
             waiting.cancel()
         if not job.running and isinstance(job.error, ApiError):  # dropped before it started

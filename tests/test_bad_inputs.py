@@ -168,6 +168,7 @@ def test_v3_router_named_in_a_v2_config_is_refused(cli, tiny, tmp_path):
         ("deepseek_v3", "v3", {"topk_group": 5}),  # more groups kept than there are
         ("deepseek_v3", "v3", {"topk_group": 1}),  # one group of 2 experts for a top-3
         ("glm4_moe", "qknorm", {"n_group": 3}),
+        ("deepseek_v3", "flat", {"n_group": None, "topk_group": None}),  # V3's default 8 groups of 6 experts
     ],
 )
 def test_impossible_expert_groups_are_refused(cli, tiny, tmp_path, family, variant, edit):
@@ -218,3 +219,17 @@ def test_messages_say_what_is_wrong_with_the_file(cli, ckpt):
     (ckpt / "model.safetensors").unlink()
     (ckpt / "model.safetensors").symlink_to("model.safetensors")
     one_line_error(run(cli, ckpt), 1, "cannot be read (too many levels of symbolic links)")
+
+
+def test_fp8_experts_without_their_config_are_not_called_mixed(cli, ckpt):
+    """Every expert in FP8 but no quantization_config: said as such (it read "mix dtypes
+    ['F8_E4M3']", and to save the checkpoint in one dtype)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(ckpt / "model.safetensors")
+    for key in [k for k in weights if ".experts." in k]:
+        weights[key] = weights[key].to(torch.float8_e4m3fn)
+    save_file(weights, ckpt / "model.safetensors")
+    line = one_line_error(run(cli, ckpt, "--backend", "mock"), 1, "stored as F8_E4M3", "quantization_config")
+    assert "mix" not in line

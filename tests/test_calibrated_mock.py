@@ -831,3 +831,19 @@ def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / ".cache" / "moespeq"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
     assert cache_dir() == tmp_path / "abs" / "moespeq"
+
+
+def test_a_profile_timed_without_o_direct_says_so_at_every_disk_figure(quick_calibration, tmp_path):
+    """A disk directory on tmpfs refuses O_DIRECT: the reader falls back to buffered reads,
+    and the profile said "O_DIRECT reads of ..." for every disk figure (memory's speed,
+    presented as a disk's)."""
+    from moespeq_cli.runtime.planning.hardware import parse_profile
+
+    cal = quick_calibration
+    figures = cal.calibrate(tmp_path, cuda=False, say=lambda s: None)
+    out = tmp_path / "p.yaml"
+    out.write_text(cal.profile_yaml({**figures, "_direct": False}))
+    text = out.read_text()
+    assert "O_DIRECT reads" not in text and "refused O_DIRECT" in text
+    assert text.count("buffered (no O_DIRECT there)") >= 4  # bandwidth, latency, CPU, queue
+    assert parse_profile(out).disk_bandwidth == pytest.approx(figures["disk_bandwidth"], rel=1e-5)

@@ -566,3 +566,12 @@ def test_a_signal_in_an_import_is_raised_once_the_import_is_done(tmp_path, monke
     waiting = Signals()
     waiting.pending = {signal.SIGINT}  # came in the command's last import, never raised
     assert waiting.restore() == signal.SIGINT and {s: signal.getsignal(s) for s in before} == before
+
+
+def test_bench_union_bound_is_over_the_same_verifications(cli):
+    """`union_bound` is (k+1) x top_k over the verifications `mean_union` averages; it took
+    the run's mean k, k = 0 cycles included, and came out below the union (3.5 / 2 here)."""
+    r = cli("bench", "--same-cache", "--policies", "moespeq", "--no-cpu-experts", "-n", "32", "--json")
+    assert r.exit_code == 0, r.stderr
+    (result,) = json.loads(r.stdout)["results"]
+    assert result["mean_union"] is not None and result["mean_union"] <= result["union_bound"]

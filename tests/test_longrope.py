@@ -3,6 +3,7 @@ training length, the long ones past it, and the cache recomputed where a sequenc
 crosses over -- so a token never depends on how long the run planned to be."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from moespeq_cli.runtime.generate import generate
 from moespeq_cli.runtime.sampling import SamplingParams
+from moespeq_cli.runtime.speculative import SpecHooks, speculative_generate
 
 ORIG = 24  # original_max_position_embeddings of the test's checkpoint
 
@@ -95,10 +97,46 @@ def run_tokens(cli, path, *args):
 
 @pytest.mark.parametrize("backend", ["cpu", "mock"])
 def test_tokens_do_not_depend_on_the_planned_context(phi, cli, backend):
-    """The first tokens of a run are the same however many follow, with or without
-    speculation (whose passes stop at the switch: the target recomputes the cache)."""
+    """The first tokens of a run are the same however many follow, and (on the mock, which
+    quantizes a draft for the run) with speculation, whose passes stop at the switch: the
+    target recomputes the cache."""
     path, _ = phi
     longest = run_tokens(cli, path, "-n", "24", "--backend", backend, "--spec-depth", "0")
     assert run_tokens(cli, path, "-n", "3", "--backend", backend) == longest[:3]
     assert run_tokens(cli, path, "-n", "3", "--context", "200", "--backend", backend) == longest[:3]
-    assert run_tokens(cli, path, "-n", "24", "--backend", backend, "--spec-depth", "4") == longest
+    if backend == "mock":
+        assert run_tokens(cli, path, "-n", "24", "--backend", backend, "--spec-depth", "4") == longest
+
+
+def test_a_cache_cut_back_below_the_switch_is_recomputed(phi):
+    """A conversation's cache reused after an edit (chat, serve) may be cut back below the
+    switch: the next pass takes the short tables again, for every position."""
+    path, _ = phi
+    model = ours(path)
+    ids = torch.randint(3, 200, (32,), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache()
+    model(ids[:30], cache)  # past the switch: the long tables
+    cache.truncate(20)
+    got = model(ids[20:22], cache)  # ends at 22, within the original length
+    fresh = model(ids[:22], model.new_cache())[20:]
+    assert torch.allclose(got, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_the_recomputing_cycle_is_flagged_to_the_hooks(phi):
+    """The pass that re-encodes the sequence is no decoding cycle: the hooks are told, so
+    the governor does not learn a cycle's time from it (runtime/scheduling/elb.py)."""
+    path, _ = phi
+    model = ours(path)
+    experts = next(iter(model.moe_blocks.values())).experts
+    flags = []
+
+    class Hooks(SpecHooks):
+        def end_cycle(self, k, accepted, recomputed=False):
+            flags.append(recomputed)
+
+    prompt = torch.randint(3, 200, (16,), generator=torch.Generator().manual_seed(6)).tolist()
+    tokens = speculative_generate(
+        model, experts, None, prompt, 16, SamplingParams(), set(), time.perf_counter, lambda: 0, Hooks()
+    )
+    assert len(list(tokens)) == 16
+    assert flags.count(True) == 1 and flags.index(True) == ORIG - 16  # the pass at position 24

@@ -195,8 +195,12 @@ def calibrate(
             else:  # the default place: moespeq's cache, which the user never named
                 where = f"moespeq's cache {disk} (where the disk is timed without --disk-dir)"
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the machine's state, not the command line
-                raise MoespeqError(f"{where}: no room for the disk test ({e.strerror}); free some space") from None
-            raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); give --disk-dir DIR") from None
+                raise MoespeqError(
+                    f"{where}: no room for the disk test's 512 MiB scratch file ({e.strerror}); free some space "
+                    "or give another --disk-dir"
+                ) from None
+            way = "give a writable --disk-dir DIR" if not model_file else "give a larger file, or --disk-dir DIR"
+            raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); {way}") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -233,6 +237,13 @@ def calibrate(
         f"({(profile.disk_queue_bandwidth or [0])[0] / 1e9:.2f} with one), "
         f"{len(profile.kernels)} kernel curves[/dim]"
     )
+    if figures.get("_direct") is False:
+        console.print(
+            "[yellow]the disk's file system refused O_DIRECT (tmpfs does): its figures are buffered reads, "
+            "on tmpfs memory's speed; time the disk your models live on with --disk-dir DIR[/yellow]",
+            markup=True,
+            highlight=False,
+        )
     from rich.text import Text
 
     from moespeq_cli.runtime.planning.hardware import named_profile

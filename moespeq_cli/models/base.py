@@ -12,6 +12,7 @@ Shapes: a batch is one sequence, so activations are ``[T, hidden]``; attention w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,8 +79,9 @@ class KVCache:
     newest state is kept.
 
     For a model whose rotary tables change past a length (LongRoPE), ``ids`` holds the
-    tokens at positions [0, length) and ``regime`` the tables every position was rotated
-    with, so that ``CausalLM.__call__`` can recompute the cache when a pass crosses over.
+    tokens at positions [0, length) (after ``truncate``, a stale tail past it until the
+    next pass) and ``regime`` the tables every position was rotated with, so that
+    ``CausalLM.__call__`` can recompute the cache when a pass crosses over.
     """
 
     def __init__(self, num_layers: int, capacity: int | None = None):
@@ -94,7 +96,7 @@ class KVCache:
 
     def clear(self) -> None:
         """Forget every position (the buffers are kept for the next writes)."""
-        self.length, self.states = 0, {}
+        self.length, self.states, self.ids, self.regime = 0, {}, [], 0
 
     def keep_from(self, n: int | None) -> None:
         self.floor = n
@@ -554,13 +556,19 @@ class CausalLM(nn.Module):
         for block in self.moe_blocks.values():
             block.experts = executor
 
-    @property
+    @functools.cached_property
     def rope_switches(self) -> tuple[int, ...]:
         """The sequence lengths past which a pass rotates with other tables (LongRoPE's
-        original training length); () for most models."""
+        original training length); () for most models. Read once, at the first pass."""
         rotaries = getattr(self, "rotaries", None)
         found = {r.switch for r in (rotaries.values() if rotaries else [self.rotary])}
         return tuple(sorted(found - {None}))
+
+    def recomputes(self, cache: KVCache, T: int) -> bool:
+        """Whether a pass of ``T`` tokens continuing ``cache`` recomputes it: it takes other
+        rotary tables than the positions cached (``__call__``)."""
+        switches, n = self.rope_switches, cache.length
+        return bool(switches) and n > 0 and sum(n + T > s for s in switches) != cache.regime
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """``forward``, after recomputing the cache where this pass takes other rotary
@@ -575,7 +583,7 @@ class CausalLM(nn.Module):
         start = cache.length
         regime = sum(start + input_ids.shape[0] > s for s in switches)
         ids = input_ids.tolist()
-        redo = bool(start) and regime != cache.regime
+        redo = self.recomputes(cache, input_ids.shape[0])
         if redo:
             ids = cache.ids[:start] + ids
             input_ids = torch.tensor(ids, dtype=input_ids.dtype)
@@ -594,7 +602,7 @@ class CausalLM(nn.Module):
         switches, n = self.rope_switches, cache.length
         if not switches:
             return None
-        if n and sum(n + 1 > s for s in switches) != cache.regime:
+        if self.recomputes(cache, 1):
             return 1
         ahead = [s for s in switches if s >= n + 1]
         return min(ahead) - n if ahead else None

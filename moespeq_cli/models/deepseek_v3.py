@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm, SparseMoE
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v2 import MLAttention
@@ -74,6 +75,13 @@ def sigmoid_group_router(cfg: dict, gate: CorrectedGate):
     keep = need(cfg, "topk_group", default=groups, kind=int) or groups
     scale = float(cfg.get("routed_scaling_factor", 1.0))
     normalize = bool(cfg.get("norm_topk_prob", False))
+    experts = gate.out_features
+    if groups > 1 and (experts % groups or keep > groups or top_k > keep * (experts // groups)):
+        raise CheckpointError(  # the values after the family's defaults (V3: 8 groups, 4 kept)
+            f"config.json: group-limited routing needs n_group dividing the {experts} experts, topk_group <= "
+            f"n_group and num_experts_per_tok ({top_k}) within the kept groups' experts (n_group {groups}, "
+            f"topk_group {keep}, with transformers' defaults where absent); fix the file"
+        )
 
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = logits.float().sigmoid()  # [T, E]

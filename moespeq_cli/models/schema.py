@@ -198,23 +198,12 @@ def _check_relations(cfg: dict, source: str) -> None:
         raise CheckpointError(
             f"{source}: num_experts_per_tok ({top_k}) is more than the {experts} experts; fix the file"
         )
-    groups, keep = cfg.get("n_group"), cfg.get("topk_group")
-    grouped = isinstance(groups, int) and not isinstance(groups, bool) and groups > 1  # V3, GLM-4.5: groups if > 1
-    if cfg.get("topk_method") == "group_limited_greedy" or grouped:
-        keep = keep if keep is not None or cfg.get("topk_method") == "group_limited_greedy" else groups
-        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (groups, keep))
-        if (
-            not ints
-            or not groups
-            or not keep
-            or keep > groups
-            or (experts and experts % groups)
-            or (experts and top_k and top_k > keep * (experts // groups))
-        ):
+    if cfg.get("topk_method") == "group_limited_greedy":
+        groups, keep = cfg.get("n_group"), cfg.get("topk_group")
+        if not groups or not keep or keep > groups or (experts and experts % groups):
             raise CheckpointError(
-                f"{source}: group-limited routing needs n_group dividing the experts, topk_group <= n_group, "
-                "and num_experts_per_tok within the kept groups' experts (got n_group "
-                f"{groups}, topk_group {keep}, {experts} experts, top {top_k}); fix the file"
+                f"{source}: group_limited_greedy routing needs n_group dividing the experts and "
+                f"topk_group <= n_group (got n_group {groups}, topk_group {keep}, {experts} experts); fix the file"
             )
     layers, inter = cfg.get("num_hidden_layers"), _first(cfg, EXPERT_INTER)
     vocab = cfg.get("vocab_size")

@@ -35,7 +35,7 @@ class BenchResult:
     speedup_vs: dict[str, float | None] = field(default_factory=dict)
     draft_released: bool = False  # the governor gave the draft's memory to expert slots
     mean_union: float | None = None  # distinct experts per verified MoE layer
-    union_bound: int | None = None  # (k+1) x top_k for the mean k, at most a layer's experts
+    union_bound: int | None = None  # (k+1) x top_k over the same verifications, at most a layer's experts
     draft_token_s: float | None = None  # the draft's compute per drafted token
     target_compute_s: float | None = None  # the target's compute (all of it, from the timeline)
     fills: int | None = None  # experts brought into the compute tier while generating
@@ -132,13 +132,13 @@ def run_policy(
     results = []
     try:
         eng.load(opts.context or len(prompt_ids) + new_tokens)
-        unions: list[int] = []
+        unions: list[tuple[int, int]] = []  # (distinct experts, tokens) per verified layer
         if eng.scheduler is not None:
             record = eng.scheduler.on_verify_route
 
             def on_verify_route(layer, rows):
                 if len(rows) > 1:
-                    unions.append(len({e for row in rows for e in row}))
+                    unions.append((len({e for row in rows for e in row}), len(rows)))
                 record(layer, rows)
 
             eng.scheduler.on_verify_route = on_verify_route
@@ -152,7 +152,12 @@ def run_policy(
 
 
 def result_of(
-    eng: Engine, policy: str, opts: EngineOptions, tokens: list[int], unions: list[int], label: str | None
+    eng: Engine,
+    policy: str,
+    opts: EngineOptions,
+    tokens: list[int],
+    unions: list[tuple[int, int]],
+    label: str | None,
 ) -> BenchResult:
     """The BenchResult of ``eng``'s last ``generate``."""
     s = eng.last_stats
@@ -184,11 +189,11 @@ def result_of(
     result.target_compute_s = sum(iv.duration for iv in computes if iv.phase == "target")
     if eng.spec_stats is not None and eng.spec_stats.drafted:
         result.draft_token_s = sum(iv.duration for iv in computes if iv.phase == "draft") / eng.spec_stats.drafted
-    if unions:
-        result.mean_union = sum(unions) / len(unions)
-        k = s.spec_depth_mean or 0
+    if unions:  # the verifications' own k (a run's mean k counts its k = 0 cycles too)
         cfg = eng.ckpt.config
-        result.union_bound = min(cfg.num_experts, round((k + 1) * cfg.top_k))
+        result.mean_union = sum(u for u, _ in unions) / len(unions)
+        bound = sum(min(cfg.num_experts, n * cfg.top_k) for _, n in unions) / len(unions)
+        result.union_bound = round(bound)
     return result
 
 

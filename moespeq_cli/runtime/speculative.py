@@ -36,7 +36,7 @@ class SpecHooks:
     def begin_prefill(self) -> None: ...
     def begin_cycle(self, k: int) -> None: ...
     def begin_verify(self, k: int) -> None: ...
-    def end_cycle(self, k: int, accepted: int) -> None: ...
+    def end_cycle(self, k: int, accepted: int, recomputed: bool = False) -> None: ...
 
 
 @dataclass
@@ -151,6 +151,7 @@ def speculative_generate(
             cache.truncate(n)
             model.set_experts(target)
         hooks.begin_verify(k)
+        recomputed = model.recomputes(cache, k + 1)  # LongRoPE's one-off pass over the whole sequence
         vl = model(torch.tensor([pending] + drafted), cache, last_only=not k)  # [k+1, V] (or [1, V])
         if not k:  # every path checks the logits for NaN/inf (sampling.py)
             m, nxt = 0, sampler(vl[-1])
@@ -159,7 +160,7 @@ def speculative_generate(
         else:
             m, nxt = accept_sampling(checked_probabilities(vl, sampling), torch.stack(qs), drafted, gen)
         cache.truncate(n + m + 1)
-        hooks.end_cycle(k, m)
+        hooks.end_cycle(k, m, recomputed)
         if k:
             stats.spec_cycles += 1
             stats.drafted += k

@@ -41,6 +41,10 @@ from moespeq_cli.runtime.planning.hardware import format_size
 from moespeq_cli.runtime.tiers.disk import BLOCK, ram_slot_bytes
 
 
+def slots_word(n: int) -> str:
+    return f"{n} expert slot{'' if n == 1 else 's'}"
+
+
 @dataclass
 class Plan:
     policy: str
@@ -258,12 +262,12 @@ def make_plan(
             draft_device = int(max(0, room // 2) // per_draft_expert)
             draft = int(draft_device * per_draft_expert)
             note = (
-                f"the 4-bit draft ({format_size(total_draft)}) does not fit beside {cfg.top_k} expert slots: "
+                f"the 4-bit draft ({format_size(total_draft)}) does not fit beside {slots_word(cfg.top_k)}: "
                 f"{draft_device} of its {total} experts are on the device, the rest run on the CPU"
             )
         elif room < draft:
             note = (
-                f"the 4-bit draft ({format_size(draft)}) does not fit in {where} beside {cfg.top_k} expert slots: "
+                f"the 4-bit draft ({format_size(draft)}) does not fit in {where} beside {slots_word(cfg.top_k)}: "
                 f"speculation is off (k = 0); raise {where} to enable it"
             )
             draft = draft_device = 0
@@ -287,14 +291,14 @@ def make_plan(
                 else ""
             )
             raise UsageError(
-                f"--ram {format_size(budget)} cannot hold {cfg.top_k} expert slots of {each}"
+                f"--ram {format_size(budget)} cannot hold {slots_word(cfg.top_k)} of {each}"
                 + (f" beside the 4-bit draft ({format_size(draft)})" if draft else "")
                 + f"; it needs at least {format_size(need_min)} -- raise --ram"
             )
         raise UsageError(
             f"--vram {format_size(budget)} cannot hold this model's fixed part ({format_size(fixed)}: weights "
             f"{format_size(non_expert)}, KV cache {format_size(kv)} for {context} tokens, workspace {format_size(workspace)}) "
-            f"plus {cfg.top_k} expert slots; it needs at least {format_size(need_min)} -- raise --vram or lower the context"
+            f"plus {slots_word(cfg.top_k)}; it needs at least {format_size(need_min)} -- raise --vram or lower the context"
         )
     slots = min(total, free // slot, max_slots if max_slots is not None else total)
     if policy == "resident" and slots < total:
@@ -345,7 +349,7 @@ def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int) -> int:
     room = ram - draft_bytes
     if room < cfg.top_k * expert:
         raise UsageError(
-            f"--ram {format_size(ram)} cannot hold {cfg.top_k} expert slots of {format_size(expert)}"
+            f"--ram {format_size(ram)} cannot hold {slots_word(cfg.top_k)} of {format_size(expert)}"
             + (f" beside the 4-bit draft's host experts ({format_size(draft_bytes)})" if draft_bytes else "")
             + f"; it needs at least {format_size(draft_bytes + cfg.top_k * expert)} -- raise --ram"
         )

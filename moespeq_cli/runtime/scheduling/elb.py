@@ -176,7 +176,10 @@ class ElbScheduler(SpecHooks):
                 self.verify_routes[i][layer] = set(row)
             self.needed.update((layer, e) for e in row)
 
-    def end_cycle(self, k: int, accepted: int) -> None:
+    def end_cycle(self, k: int, accepted: int, recomputed: bool = False) -> None:
+        """``recomputed``: the cycle's pass re-encoded the whole sequence (LongRoPE's
+        switch): its time and misses are not a cycle's, and the governor does not learn
+        from them."""
         self.model.set_router_observer(None)
         now = self.backend.now()
         self.backend.resolve_stalls()  # on CUDA, stalls are known once the GPU has passed them
@@ -188,7 +191,7 @@ class ElbScheduler(SpecHooks):
             for layer, chosen in self.elb[i].items():
                 self.match_pairs += 1
                 self.match_equal += chosen == self.verify_routes[i].get(layer)
-        if self.k == k and self.verify_routes and len(self.verify_routes) == k + 1:
+        if not recomputed and self.k == k and self.verify_routes and len(self.verify_routes) == k + 1:
             self.governor.observe(k, accepted, draft_s, target_s, misses, stall)
         self.protected = set()
 

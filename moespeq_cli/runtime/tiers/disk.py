@@ -403,10 +403,15 @@ class DiskExperts:
             self.part_dtypes = tuple(STORED_DTYPES[d] for d in names)
             lengths = [n * d.itemsize for n, d in zip(sizes, self.part_dtypes, strict=True)]
         else:
-            if len(set(names)) != 1 or names[0] not in FLOAT_PARTS:
+            if len(set(names)) != 1:
                 raise CheckpointError(
                     f"the experts of {ckpt.path} mix dtypes {sorted(set(names))} within one expert; moespeq "
                     f"moves experts in one float dtype: {CONVERT}"
+                )
+            if names[0] not in FLOAT_PARTS:  # FP8 without the config that says how to scale it, say
+                raise CheckpointError(
+                    f"the experts of {ckpt.path} are stored as {names[0]}, which moespeq reads only as its "
+                    "config's quantization_config describes (none does here); download the checkpoint again"
                 )
             self.dtype, self.part_dtypes, lengths = STORED_DTYPES[names[0]], None, sizes
         # The parts' order in the file (for most families 0 = gate, 1 = up, 2 = down), from the first expert.
