@@ -130,14 +130,9 @@ def read_bytes(
         os.close(fd)
 
 
-def read_text(
-    path: Path,
-    limit: int,
-    what: str,
-    error: type[MoespeqError] = CheckpointError,
-    remedy: str = "give the path of a file",
-) -> str:
-    data = read_bytes(path, limit, what, error, remedy)
+def read_text(path: Path, limit: int, what: str, error: type[MoespeqError] = CheckpointError, **named) -> str:
+    """``read_bytes`` (the same arguments: ``remedy`` too), decoded as UTF-8."""
+    data = read_bytes(path, limit, what, error, **named)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -47,7 +47,7 @@ def read_json(path: Path, remedy: str, missing: str | None = None, error=Checkpo
         if missing is not None:
             raise error(missing)
         return {}
-    text = read_text(path, JSON_LIMIT, "file", error, remedy)
+    text = read_text(path, JSON_LIMIT, "file", error, remedy=remedy)
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer of 4300+ digits
