@@ -575,3 +575,18 @@ def test_bench_union_bound_is_over_the_same_verifications(cli):
     assert r.exit_code == 0, r.stderr
     (result,) = json.loads(r.stdout)["results"]
     assert result["mean_union"] is not None and result["mean_union"] <= result["union_bound"]
+
+
+def test_bench_table_shows_only_columns_that_hold_figures(capsys):
+    """On `--backend cpu` no hybrid runs and no expert is computed on the CPU beside a
+    device: the table printed a "vs hybrid" and an "on CPU" column of dashes."""
+    from moespeq_cli.cli.render import bench_table
+
+    stats = dict(clock="wall", tokens_per_s=100.0, io_stall_s=0.1, seconds=1.0, expert_hit_rate=0.5)
+    stats |= dict(bytes_read=1e6, cpu_expert_share=None, acceptance_rate=None, spec_depth_mean=0.0, bound_ratio=1.2)
+    result = dict(label="moespeq k=auto", slots=6, stats=stats, speedup_vs={"lru": 1.1, "ondemand": 1.3})
+    report = dict(model="demo", hardware=None, backend="cpu", same_cache=False, disk_tier=True, ram_bytes=2**20)
+    bench_table(report | {"results": [result]})
+    out = capsys.readouterr().out
+    assert "vs lru" in out and "vs ondemand" in out and "MB read" in out
+    assert "vs hybrid" not in out and "on CPU" not in out and "vs gate-prefetch" not in out

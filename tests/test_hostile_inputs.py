@@ -740,6 +740,18 @@ def test_vram_sizes(cli, ckpt, vram):
     one_line_error(cli("plan", "mixtral", "--vram", vram), 2, "--vram")
 
 
+def test_a_size_below_one_byte_is_no_amount():
+    """--ram 0.5B was read as 0 bytes and refused as "--ram 0 B cannot hold 2 expert
+    slots", where --ram 0 says it must be a positive amount: both say the latter."""
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.runtime.planning.hardware import parse_size
+
+    for text in ("0.5B", "0", "0.9B"):
+        with pytest.raises(UsageError, match="must be a positive amount"):
+            parse_size(text, "--ram")
+    assert parse_size("1B", "--ram") == 1
+
+
 @pytest.mark.parametrize("model", ["org/..", "../..", "org/.hidden", "a/b/c", "org/name--x", "org-/name"])
 def test_pull_refuses_ids_that_are_not_hub_ids(cli, model, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

@@ -251,32 +251,36 @@ def bench_table(report: dict) -> None:
         + (" + draft (same cache)" if report["same_cache"] else "")
     )
     disk = bool(report.get("disk_tier"))
-    cols = ["policy", "slots", "tok/s", "vs ondemand", "vs lru", "vs gate-prefetch", "vs hybrid", "hit rate", "stall"]
+    results = report["results"]
+    # a comparison only against a baseline that ran, "on CPU" only where experts can run there
+    baselines = [
+        b for b in ("ondemand", "lru", "gate-prefetch", "hybrid") if any(r["speedup_vs"].get(b) for r in results)
+    ]
+    on_cpu = any(r["stats"].get("cpu_expert_share") is not None for r in results)
+    cols = ["policy", "slots", "tok/s", *(f"vs {b}" for b in baselines), "hit rate", "stall"]
     cols += ["MB moved"] if report["backend"] != "cpu" else []
     cols += ["MB read"] if disk else []
-    cols += ["on CPU", "accept", "k", "bound ratio"]
+    cols += ["on CPU"] if on_cpu else []
+    cols += ["accept", "k", "bound ratio"]
     for col in cols:
         t.add_column(col, justify="left" if col == "policy" else "right")
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    for r in report["results"]:
+    for r in results:
         s = r["stats"]
         stall = s["io_stall_s"] / s["seconds"] if s["io_stall_s"] is not None and s["seconds"] else None
         t.add_row(
             r["label"],
             str(r["slots"]),
             f(s["tokens_per_s"], ".1f"),
-            *(
-                f(r["speedup_vs"].get(b), ".2f") + ("x" if r["speedup_vs"].get(b) else "")
-                for b in ("ondemand", "lru", "gate-prefetch", "hybrid")
-            ),
+            *(f(r["speedup_vs"].get(b), ".2f") + ("x" if r["speedup_vs"].get(b) else "") for b in baselines),
             f(s["expert_hit_rate"], ".0%"),
             f(stall, ".0%"),
             *([f((s["bytes_h2d"] or 0) / 1e6, ".1f")] if report["backend"] != "cpu" else []),
             *([f((s.get("bytes_read") or 0) / 1e6, ".1f")] if disk else []),
-            f(s.get("cpu_expert_share"), ".0%"),
+            *([f(s.get("cpu_expert_share"), ".0%")] if on_cpu else []),
             f(s["acceptance_rate"], ".2f"),
             f(s["spec_depth_mean"], ".1f"),
             f(s["bound_ratio"], ".2f"),

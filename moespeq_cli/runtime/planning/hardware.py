@@ -52,7 +52,7 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
         value = float(m.group(1)) * _UNITS[unit]
         if unit == "" and 0 < value < 1024:  # a bare number is bytes: `--vram 12` meant gigabytes
             raise UsageError(f"{what} {text} is {text} bytes (a number without a unit); did you mean {text}GB?")
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value) or value < 1:  # (0.5B is no byte at all)
         raise UsageError(f"{what} {text!r} must be a positive amount of memory, like 12GB")
     if value > MAX_SIZE:
         raise UsageError(f"{what} {text!r} is larger than any machine (the limit is 1 EiB); check the number")
