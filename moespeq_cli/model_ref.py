@@ -61,6 +61,10 @@ ALIASES: dict[str, tuple[str, float]] = {
 }
 
 
+def no_config(where: str) -> str:
+    return f"{where} has no config.json; point at a Hugging Face model directory (or `moespeq pull` it)"
+
+
 def check_named(model: str | None) -> None:
     """An empty MODEL (an unset ``$MODEL`` in a script) is not the current directory."""
     if model is not None and not model.strip():
@@ -80,9 +84,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
     status = kind(path)
     if status == "a directory":
         if not os.path.lexists(path / "config.json"):  # not a checkpoint: the command line is wrong
-            raise UnknownModelError(
-                f"{shown(model)} has no config.json; point at a Hugging Face model directory (or `moespeq pull` it)"
-            )
+            raise UnknownModelError(no_config(shown(model)))
         return model, path
     if model in ALIASES or looks_like_hub_id(model):
         repo = ALIASES[model][0] if model in ALIASES else model

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from moespeq_cli.conversation import Answer, complete
+from moespeq_cli.text import counted
 
 MAX_BODY = 16 * 2**20
 REASONING = "reasoning"  # tags a streamed piece of reasoning
@@ -200,10 +201,6 @@ UNSUPPORTED = {
 }
 
 
-def tokens(n: int) -> str:
-    return f"{n} token{'' if n == 1 else 's'}"
-
-
 # The request fields this API reads, refuses or accepts at their neutral value; others are
 # ignored, as OpenAI-compatible servers do with vendor extensions, and named in the log.
 HANDLED = {
@@ -262,7 +259,7 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
     if room < 1:
         raise ApiError(
             400,
-            f"the prompt ({tokens(prompt_len)}) leaves no room for an answer in the context of {context}; shorten it",
+            f"the prompt ({counted(prompt_len, 'token')}) leaves no room for an answer in the context of {context}; shorten it",
             "context_length_exceeded",
             prompt_param,
         )
@@ -273,7 +270,7 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
     elif max_tokens > room:
         raise ApiError(
             400,
-            f"the prompt ({tokens(prompt_len)}) plus {key} {max_tokens} exceeds the context of {context} tokens",
+            f"the prompt ({counted(prompt_len, 'token')}) plus {key} {max_tokens} exceeds the context of {context} tokens",
             "context_length_exceeded",
             key,
         )
@@ -473,7 +470,7 @@ def build_app(
         def finish_log(status: int) -> None:
             s = job.stats or {}
             tps = s.get("tokens_per_s")
-            parts = [tokens(len(job.answer.token_ids))]
+            parts = [counted(len(job.answer.token_ids), "token")]
             if tps:
                 parts.append(f"{tps:.1f} tok/s ({s.get('clock')} clock)")
             if s.get("acceptance_rate") is not None:

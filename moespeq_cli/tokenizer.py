@@ -24,7 +24,7 @@ from moespeq_cli.models.checkpoint import read_json
 
 TOKENIZER_LIMIT = 512 * 2**20
 TEMPLATE_LIMIT = 16 * 2**20
-AGAIN = "download the checkpoint again"  # a tokenizer or template file that is not a file
+AGAIN = "download the checkpoint again"  # what a checkpoint file that cannot be used asks for
 NORMALIZER_GROWTH = 32  # NFKC grows a character at most 18-fold
 
 
@@ -100,7 +100,7 @@ class Tokenizer:
         if file_status(tok_file)[0] == "missing":
             raise CheckpointError(f"{path} has no tokenizer.json; moespeq needs the fast-tokenizer file")
         text = read_text(tok_file, TOKENIZER_LIMIT, "tokenizer file", remedy=AGAIN)
-        with rust_call(f"{tok_file} cannot be read", "download the checkpoint again"):
+        with rust_call(f"{tok_file} cannot be read", AGAIN):
             self.tok = HFTokenizer.from_str(text)
             # Never truncate a prompt silently, never pad one (a hostile pad_to_multiple_of).
             self.tok.no_truncation()

@@ -6,6 +6,7 @@ import sys
 import time
 
 from moespeq_cli.cli import options as o
+from moespeq_cli.text import counted
 
 COMMAND = "list"
 
@@ -86,5 +87,5 @@ def ago(seconds: float) -> str:
     ):
         if seconds >= size:
             n = int(seconds // size)
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+            return f"{counted(n, unit)} ago"
     return "just now"

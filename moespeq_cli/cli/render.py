@@ -167,9 +167,10 @@ class Renderer:
         from rich.console import Console
 
         from moespeq_cli.profiling.report import format_seconds as secs
+        from moespeq_cli.text import counted
 
         s = result["stats"]
-        tokens = f"{s['new_tokens']} token{'' if s['new_tokens'] == 1 else 's'}"
+        tokens = counted(s["new_tokens"], "token")
         if s["clock"] == "virtual" and result.get("wall_seconds") is not None:
             # the mock's figures are simulated time; the wall clock is what this machine spent
             parts = [f"{tokens} in {secs(s['seconds'])} virtual ({secs(result['wall_seconds'])} wall)"]

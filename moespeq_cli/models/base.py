@@ -564,11 +564,15 @@ class CausalLM(nn.Module):
         found = {r.switch for r in (rotaries.values() if rotaries else [self.rotary])}
         return tuple(sorted(found - {None}))
 
+    def rope_regime(self, end: int) -> int:
+        """Which rotary tables a pass ending at ``end`` takes: the switches it passes."""
+        return sum(end > s for s in self.rope_switches)
+
     def recomputes(self, cache: KVCache, T: int) -> bool:
         """Whether a pass of ``T`` tokens continuing ``cache`` recomputes it: it takes other
         rotary tables than the positions cached (``__call__``)."""
-        switches, n = self.rope_switches, cache.length
-        return bool(switches) and n > 0 and sum(n + T > s for s in switches) != cache.regime
+        n = cache.length
+        return bool(self.rope_switches) and n > 0 and self.rope_regime(n + T) != cache.regime
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """``forward``, after recomputing the cache where this pass takes other rotary
@@ -577,20 +581,18 @@ class CausalLM(nn.Module):
         rotates them, whose ``generate`` drops the cache at that point and re-encodes the
         whole sequence. So a token's logits depend on the sequence so far, never on the
         context a run planned for."""
-        switches = self.rope_switches
-        if not switches or input_ids.device.type == "meta":  # (meta: the planner's op counts)
+        if not self.rope_switches or input_ids.device.type == "meta":  # (meta: the planner's op counts)
             return super().__call__(input_ids, cache, last_only)
         start = cache.length
-        regime = sum(start + input_ids.shape[0] > s for s in switches)
         ids = input_ids.tolist()
         redo = self.recomputes(cache, input_ids.shape[0])
         if redo:
             ids = cache.ids[:start] + ids
             input_ids = torch.tensor(ids, dtype=input_ids.dtype)
             cache.clear()
+        cache.regime = self.rope_regime(cache.length + len(ids))  # (after a recompute: from 0)
         del cache.ids[cache.length :]
         cache.ids.extend(ids)
-        cache.regime = regime
         logits = super().__call__(input_ids, cache, last_only)
         return logits[start:] if redo and not last_only else logits
 

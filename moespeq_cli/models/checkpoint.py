@@ -58,11 +58,9 @@ def read_json(path: Path, remedy: str, missing: str | None = None, error=Checkpo
 
 
 def read_config(path: Path) -> dict:
-    return read_json(
-        path / "config.json",
-        "download the checkpoint again",
-        missing=f"{path} has no config.json; point at a Hugging Face model directory (or `moespeq pull` it)",
-    )
+    from moespeq_cli.model_ref import no_config
+
+    return read_json(path / "config.json", "download the checkpoint again", missing=no_config(str(path)))
 
 
 class Checkpoint:

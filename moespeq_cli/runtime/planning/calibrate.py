@@ -707,6 +707,12 @@ def profile_yaml(figures: dict) -> str:
         "# Kernel curves: seconds per call for 1..16 tokens at two weight sizes, and the ops one call dispatches.",
     ]
     buffered = figures.get("_direct") is False
+
+    def method(key: str) -> str | None:
+        """How ``key`` was measured; reads said as they were (buffered where O_DIRECT was refused)."""
+        text = METHODS.get(key)
+        return text.replace("O_DIRECT", "buffered (no O_DIRECT there)") if text and buffered else text
+
     kind = "buffered reads" if buffered else "O_DIRECT reads"
     out.append(f"# The disk's figures: {kind} of {figures.get('_disk_source', 'a scratch file')}.")
     if buffered:
@@ -750,15 +756,10 @@ def profile_yaml(figures: dict) -> str:
             continue  # optional: a profile without them does not price reads' host time (a CPU's: no GPU kernel)
         v = figures[key]
         text = json.dumps(v) if isinstance(v, str | list | tuple) else (str(v) if isinstance(v, int) else _num(v))
-        method = METHODS.get(key)
-        if method and buffered:
-            method = method.replace("O_DIRECT", "buffered (no O_DIRECT there)")
-        out.append(f"{key}: {text}" + (f"  # measured {today}: {method}" if method else ""))
+        how = method(key)
+        out.append(f"{key}: {text}" + (f"  # measured {today}: {how}" if how else ""))
     q = ", ".join(_num(x) for x in figures["disk_queue_bandwidth"])
-    queue_method = METHODS["disk_queue_bandwidth"]
-    if buffered:
-        queue_method = queue_method.replace("O_DIRECT", "buffered (no O_DIRECT there)")
-    out.append(f"disk_queue_bandwidth: [{q}]  # measured {today}: {queue_method}")
+    out.append(f"disk_queue_bandwidth: [{q}]  # measured {today}: {method('disk_queue_bandwidth')}")
     if figures.get("region_overhead"):
         model = figures.get("_overhead_model", "a checkpoint")
         out.append(

@@ -39,10 +39,7 @@ from moespeq_cli.runtime.executors.grouped import dequant_scratch_bytes
 from moespeq_cli.runtime.planning.costs import elem_size
 from moespeq_cli.runtime.planning.hardware import format_size
 from moespeq_cli.runtime.tiers.disk import BLOCK, ram_slot_bytes
-
-
-def slots_word(n: int) -> str:
-    return f"{n} expert slot{'' if n == 1 else 's'}"
+from moespeq_cli.text import counted
 
 
 @dataclass
@@ -262,12 +259,12 @@ def make_plan(
             draft_device = int(max(0, room // 2) // per_draft_expert)
             draft = int(draft_device * per_draft_expert)
             note = (
-                f"the 4-bit draft ({format_size(total_draft)}) does not fit beside {slots_word(cfg.top_k)}: "
+                f"the 4-bit draft ({format_size(total_draft)}) does not fit beside {counted(cfg.top_k, 'expert slot')}: "
                 f"{draft_device} of its {total} experts are on the device, the rest run on the CPU"
             )
         elif room < draft:
             note = (
-                f"the 4-bit draft ({format_size(draft)}) does not fit in {where} beside {slots_word(cfg.top_k)}: "
+                f"the 4-bit draft ({format_size(draft)}) does not fit in {where} beside {counted(cfg.top_k, 'expert slot')}: "
                 f"speculation is off (k = 0); raise {where} to enable it"
             )
             draft = draft_device = 0
@@ -291,14 +288,14 @@ def make_plan(
                 else ""
             )
             raise UsageError(
-                f"--ram {format_size(budget)} cannot hold {slots_word(cfg.top_k)} of {each}"
+                f"--ram {format_size(budget)} cannot hold {counted(cfg.top_k, 'expert slot')} of {each}"
                 + (f" beside the 4-bit draft ({format_size(draft)})" if draft else "")
                 + f"; it needs at least {format_size(need_min)} -- raise --ram"
             )
         raise UsageError(
             f"--vram {format_size(budget)} cannot hold this model's fixed part ({format_size(fixed)}: weights "
             f"{format_size(non_expert)}, KV cache {format_size(kv)} for {context} tokens, workspace {format_size(workspace)}) "
-            f"plus {slots_word(cfg.top_k)}; it needs at least {format_size(need_min)} -- raise --vram or lower the context"
+            f"plus {counted(cfg.top_k, 'expert slot')}; it needs at least {format_size(need_min)} -- raise --vram or lower the context"
         )
     slots = min(total, free // slot, max_slots if max_slots is not None else total)
     if policy == "resident" and slots < total:
@@ -349,7 +346,7 @@ def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int) -> int:
     room = ram - draft_bytes
     if room < cfg.top_k * expert:
         raise UsageError(
-            f"--ram {format_size(ram)} cannot hold {slots_word(cfg.top_k)} of {format_size(expert)}"
+            f"--ram {format_size(ram)} cannot hold {counted(cfg.top_k, 'expert slot')} of {format_size(expert)}"
             + (f" beside the 4-bit draft's host experts ({format_size(draft_bytes)})" if draft_bytes else "")
             + f"; it needs at least {format_size(draft_bytes + cfg.top_k * expert)} -- raise --ram"
         )
