@@ -107,42 +107,60 @@ def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
 
 @dataclass
 class Sums:
-    """Compute, stall and misses summed over k = 0 cycles, and the cycles; ``fade``
-    discounts them as later cycles come."""
+    """Compute, stall and misses summed over k = 0 cycles, and the cycles (their weights,
+    and the weights' squares); ``fade`` discounts them as later cycles come."""
 
     compute: float = 0.0
     stall: float = 0.0
     misses: float = 0.0
     cycles: float = 0.0
+    squares: float = 0.0
 
     def add(self, compute: float, stall: float, misses: float) -> None:
         self.compute, self.stall, self.misses = self.compute + compute, self.stall + stall, self.misses + misses
         self.cycles += 1
+        self.squares += 1
 
     def fade(self, factor: float) -> None:
         self.compute, self.stall, self.misses, self.cycles = (
             v * factor for v in (self.compute, self.stall, self.misses, self.cycles)
         )
+        self.squares *= factor * factor
+
+    @property
+    def worth(self) -> float:
+        """How many equally weighted cycles these discounted ones are worth (the count whose
+        plain mean has the same variance)."""
+        return self.cycles * self.cycles / self.squares if self.squares else 0.0
 
 
 @dataclass
 class Arm:
     """k = 0 cycles of one prefetch arm: sums over all of them (``total``), the same sums
-    discounted by the k = 0 cycles run since (``recent``), the same again over its settled
-    cycles only (``settled``: those right after a k = 0 cycle of the same arm, for
-    ``GovernorState.arm_time``), and the cycle time's moving average."""
+    discounted by the k = 0 cycles run since (``recent``), and the same again over its
+    settled cycles only (``settled``: those right after a k = 0 cycle of the same arm, for
+    ``GovernorState.arm_time``)."""
 
     total: Sums = field(default_factory=Sums)
     recent: Sums = field(default_factory=Sums)
     settled: Sums = field(default_factory=Sums)
-    time_ema: float | None = None  # compute + stall
 
-    def add(self, compute: float, stall: float, misses: int, ema: Callable, settled: bool = False) -> None:
+    def add(self, compute: float, stall: float, misses: int, settled: bool = False) -> None:
         self.total.add(compute, stall, misses)
         self.recent.add(compute, stall, misses)
         if settled:
             self.settled.add(compute, stall, misses)
-        self.time_ema = ema(self.time_ema, compute + stall)
+
+    @property
+    def judged(self) -> Sums:
+        """The cycles the arm is judged by: its settled ones once it has any."""
+        return self.settled if self.settled.cycles else self.recent
+
+    @property
+    def mean_time(self) -> float:
+        """Seconds per cycle (compute + stall), the mean of the judged cycles."""
+        s = self.judged
+        return (s.compute + s.stall) / s.cycles
 
 
 @dataclass
@@ -330,8 +348,7 @@ class GovernorState:
         # Mixtral-shaped checkpoint, RTX 3060, 0.23 ms of stall a miss in gate-prefetch's
         # switch cycles against 0.08 settled). So an arm is judged by its settled cycles
         # once it has any (``Governor.choose_prefetch`` probes two cycles in a row).
-        a = self.arms[prefetch]
-        arm = a.settled if a.settled.cycles else a.recent
+        arm = self.arms[prefetch].judged
         all_misses = sum(a.recent.misses for a in self.arms.values()) / sum(a.recent.cycles for a in self.arms.values())
         per_miss = arm.stall / arm.misses if arm.misses else arm.stall / arm.cycles / max(all_misses, 1.0)
         return arm.compute / arm.cycles + per_miss * all_misses
@@ -346,9 +363,30 @@ class GovernorState:
 
     @property
     def zero_time(self) -> float | None:
-        """Seconds per k = 0 cycle, stall included: the faster arm's moving average (None
-        before any k = 0 cycle)."""
-        return self.arms[self.faster_arm()].time_ema if self.arms else None
+        """Seconds per k = 0 cycle, stall included: the mean of the faster arm's cycles,
+        older ones discounted as a depth's are (None before any k = 0 cycle). A moving
+        average weighting the last cycle 0.3 is as noisy as about three cycles, and k = 0
+        priced by it lost to speculation whenever two slow cycles came together: on the
+        Mixtral-shaped checkpoint (H100, same cache) auto left k = 0 for the run's last
+        dozen cycles, at 0.92 of its speed."""
+        return self.arms[self.faster_arm()].mean_time if self.arms else None
+
+    def arms_clear(self) -> bool:
+        """Whether the slower k = 0 arm's settled cycles show it slower than the faster
+        arm by more than twice the noise of the difference of their means
+        (``cycle_noise`` over the cycles each mean is worth): a probe of that arm would
+        only confirm it (``Governor.choose_prefetch``). Never before the slower arm has
+        run settled: its cycles right after the other arm's are not its own."""
+        if len(self.arms) < 2:
+            return False
+        fast = self.faster_arm()
+        slow = self.arms[not fast]
+        if not slow.settled.cycles:
+            return False
+        t_fast, t_slow = self.arm_time(fast), self.arm_time(not fast)
+        noise = self.cycle_noise()
+        spread = noise * math.hypot(t_fast / self.arms[fast].judged.worth**0.5, t_slow / slow.settled.worth**0.5)
+        return t_slow - t_fast > 2.0 * spread
 
     def misses_per_token(self) -> tuple[float, float]:
         """(now, with the draft released): a k = 0 token's expected misses, from
@@ -492,7 +530,7 @@ class GovernorState:
                 arm.recent.fade(self.arm_decay)
                 arm.settled.fade(self.arm_decay)
             settled = self.last_arm == prefetch
-            self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, self._ema, settled)
+            self.arms.setdefault(prefetch, Arm()).add(target_s, stall_s, misses, settled)
             self.t_target[1] = self._ema(self.t_target.get(1), target_s)
         else:
             self._depth_mean(k + 1, target_s, stall_s)
@@ -608,6 +646,8 @@ class Governor:
             # doubling, up to 256 k = 0 cycles: the losing arm's sums, discounted by
             # ``arm_decay`` a cycle, keep a weight a float holds
             self.arm_probe_every = min(2 * self.arm_probe_every, 256)
+            if self.state.arms_clear():  # its settled cycles already tell: skipped
+                return best
             self.probing = not best
             return not best
         return best
