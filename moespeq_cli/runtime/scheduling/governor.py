@@ -385,7 +385,7 @@ class GovernorState:
             return False
         t_fast, t_slow = self.arm_time(fast), self.arm_time(not fast)
         noise = self.cycle_noise()
-        spread = noise * math.hypot(t_fast / self.arms[fast].judged.worth**0.5, t_slow / slow.settled.worth**0.5)
+        spread = noise * math.hypot(t_fast / self.arms[fast].judged.worth ** 0.5, t_slow / slow.settled.worth**0.5)
         return t_slow - t_fast > 2.0 * spread
 
     def misses_per_token(self) -> tuple[float, float]:
