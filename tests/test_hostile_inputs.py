@@ -200,10 +200,19 @@ def test_quantize_replaces_its_own_draft_and_cleans_stale_temporaries(cli, ckpt,
     stale = tmp_path / f".draft.tmp-{dead_pid()}"  # left by a killed run
     stale.mkdir()
     (stale / "draft.safetensors").write_bytes(b"half")
+    # killed while safetensors wrote: its file still under the writer's temporary name
+    mid_write = tmp_path / f".draft.tmp-{dead_pid()}-x"
+    mid_write.mkdir()
+    (mid_write / ".tmp8HSyJC").write_bytes(b"half of a draft")
+    users = tmp_path / f".draft.tmp-{dead_pid()}-y"  # the same name, but not a draft's files
+    users.mkdir()
+    (users / "notes.tmp").write_text("mine")
     r = cli("quantize", str(ckpt), "--out", str(out))
     assert r.exit_code == 0, r.stderr
     assert tree(out) == first  # the same weights quantize to the same draft
-    assert not stale.exists()
+    assert not stale.exists() and not mid_write.exists() and (users / "notes.tmp").exists()
+    users.joinpath("notes.tmp").unlink()
+    users.rmdir()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".draft")]
 
 

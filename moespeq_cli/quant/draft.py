@@ -41,6 +41,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -766,19 +767,24 @@ def recover(out: Path, fp: str) -> None:
 
 
 DRAFT_FILES = {"draft.safetensors", "manifest.json"}
+# safetensors writes a file under a temporary name first (".tmp" and six letters or
+# digits, Rust's tempfile crate), renamed when complete: a kill mid-write leaves it
+WRITER_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def ours(p: Path, finished: bool) -> bool:
     """A directory a killed ``quantize`` left: named by us (``.NAME.tmp-PID-...`` or
-    ``.NAME.old-PID``), a real directory holding nothing but a draft's files, and, for a
-    finished draft set aside, a moespeq manifest. Anything else is the user's."""
+    ``.NAME.old-PID``), a real directory holding nothing but a draft's files (and, in a
+    draft being written, the writer's temporary file), and, for a finished draft set
+    aside, a moespeq manifest. Anything else is the user's."""
     if p.is_symlink() or not p.is_dir():
         return False
     try:
         names = {c.name for c in p.iterdir()}
     except OSError:
         return False
-    if not names <= DRAFT_FILES or any(not is_regular(p / n) for n in names):
+    known = {n for n in names if n in DRAFT_FILES or (not finished and WRITER_TEMP.fullmatch(n))}
+    if known != names or any(not is_regular(p / n) for n in names):
         return False
     if finished:
         try:
