@@ -211,6 +211,9 @@ def test_plan_text_output(cli):
         (["nonsense-model"], "unknown model"),
         (["mixtral", "--vram", "lots"], "cannot read --vram"),
         (["mixtral", "--hardware", "gpu9000"], "unknown hardware profile"),
+        # a --context the prompt and -n do not fit: refused as run refuses it (the demo: run's prompt)
+        (["--context", "1"], "plus --max-new-tokens 128 needs"),
+        (["-n", "4", "-p", "hello", "--context", "2"], "more than --context 2"),
     ],
 )
 def test_plan_bad_input(cli, args, needle):

@@ -122,8 +122,10 @@ def plan(
     hw = load_profile(DEFAULT_HARDWARE if hardware is None else hardware)
     if name == DEMO:  # the demo's own budget, as run and chat use it
         vram = default_vram(name, vram, hw, None)
-    if context is None and (name == DEMO or any(v is not None for v in (prompt, prompt_file, max_new_tokens, chat))):
-        context = run_context(name, source, prompt, prompt_file, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, chat)
+    if name == DEMO or any(v is not None for v in (prompt, prompt_file, max_new_tokens, chat)):
+        # run's context for these prompt options; a --context they do not fit is refused as run refuses it
+        new = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        context = run_context(name, source, prompt, prompt_file, new, chat, context)
     elif context is None:
         context = min(DEFAULT_PLAN_CONTEXT, cfg.context_limit)
     elif context > cfg.context_limit:
@@ -200,10 +202,13 @@ def plan(
     plan_table(report)
 
 
-def run_context(name: str, source: str, prompt, prompt_file, max_new_tokens: int, chat: bool | None) -> int:
+def run_context(
+    name: str, source: str, prompt, prompt_file, max_new_tokens: int, chat: bool | None, context: int | None = None
+) -> int:
     """The context ``moespeq run`` plans for with these prompt options: the prompt's tokens
     (text piped on standard input as run reads it, else run's default prompt) plus
-    ``max_new_tokens``, counted by run's own code with the model's tokenizer."""
+    ``max_new_tokens``, counted by run's own code with the model's tokenizer; ``context``
+    (``--context``) where given, refused as run refuses it when they do not fit."""
     from pathlib import Path
 
     from moespeq_cli.cli.run import encode_prompt, prompt_text
@@ -213,7 +218,7 @@ def run_context(name: str, source: str, prompt, prompt_file, max_new_tokens: int
     engine = None
     if source.endswith("config.json"):  # a checkpoint's folder, not a bundled config
         try:
-            engine = Engine(Path(source).parent, EngineOptions(backend="cpu"))  # reads no weight
+            engine = Engine(Path(source).parent, EngineOptions(backend="cpu", context=context))  # reads no weight
         except MoespeqError:
             pass
     if engine is None:
