@@ -6,6 +6,7 @@ the cases the model cannot decide."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 from moespeq_cli.model_ref import DEMO_DIR
@@ -34,6 +35,9 @@ def test_a_draft_that_cannot_pay_is_not_loaded_and_run_says_why(cli):
     with_draft, released, off = verdict(load_profile("rtx3060-12gb"), vram)
     assert off is released and not off.has_draft and off.slots > with_draft.slots
     assert off.note.startswith("speculation off: 9 more full-precision experts in the draft's memory beat")
+    # a ratio of at least 1, not rates: a clear verdict's rates are the op estimates', not the plan's row
+    ratio = float(re.search(r"at least ([\d.]+)x as fast", off.note).group(1))
+    assert ratio > 1.0 and "tok/s" not in off.note
     eng = Engine(DEMO_DIR, EngineOptions(backend="mock", policy="moespeq", vram=vram))
     eng.load(CONTEXT)
     assert not eng.plan.has_draft and eng.plan.slots == off.slots and eng.draft_exec is None
