@@ -847,3 +847,35 @@ def test_a_profile_timed_without_o_direct_says_so_at_every_disk_figure(quick_cal
     assert "O_DIRECT reads" not in text and "refused O_DIRECT" in text
     assert text.count("buffered (no O_DIRECT there)") >= 4  # bandwidth, latency, CPU, queue
     assert parse_profile(out).disk_bandwidth == pytest.approx(figures["disk_bandwidth"], rel=1e-5)
+
+
+def test_plan_on_a_cpu_profile_plans_ram_as_run_does(tiny, cli, tmp_path):
+    """A profile of ``kind: cpu`` (what `calibrate` writes without a GPU) makes this CPU the
+    device: `plan` plans RAM as the tier the CPU computes from, the disk as the link, as
+    `run --backend mock` does with it (it planned a GPU's --vram and priced no disk)."""
+    from moespeq_cli.runtime.planning.hardware import profiles_dir
+
+    text = (profiles_dir() / "rtx3060-12gb.yaml").read_text().replace("name: rtx3060-12gb", "name: a-cpu")
+    profile = tmp_path / "a-cpu.yaml"
+    profile.write_text(text + "kind: cpu\n")
+    path, _ = tiny("mixtral", "wide")
+    from test_disk_offload import ram_for
+
+    ram = str(ram_for(path, 6))
+    args = [str(path), "-n", "4", "-p", "hello", "--hardware", str(profile), "--ram", ram]
+    r = cli("plan", *args, "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["compute_tier"] == "host" and report["vram_bytes"] is None and report["ram_bytes"] == int(ram)
+    rows = {row["policy"]: row for row in report["policies"]}
+    assert "hybrid" not in rows and not any("no cpu" in p for p in rows)  # every expert runs on the CPU
+    for policy in ("moespeq", "gate-prefetch", "lru", "ondemand"):
+        planned = rows[policy]["plan"]
+        ran = json.loads(cli("run", *args, "--backend", "mock", "--policy", policy, "--json").stdout)["plan"]
+        assert planned["compute_tier"] == ran["compute_tier"] == "host"
+        assert (planned["slots"], planned["has_draft"]) == (ran["slots"], ran["has_draft"]), policy
+        assert planned["disk_tier"] and rows[policy]["estimate"]["tokens_per_s"] > 0
+    text_out = cli("plan", *args)
+    assert text_out.exit_code == 0 and "this CPU" in text_out.stdout and "--vram" not in text_out.stdout
+    bad = cli("plan", str(path), "--hardware", str(profile), "--vram", "1GB")
+    assert bad.exit_code == 2 and "kind: cpu" in bad.stderr

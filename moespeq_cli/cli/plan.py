@@ -105,7 +105,7 @@ def plan(
     from moespeq_cli.models import build_model, language_config, parse_config
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.backends import library_bytes
-    from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
+    from moespeq_cli.runtime.engine import DEFAULT_HARDWARE, cpu_profile_takes_no_vram
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
     from moespeq_cli.runtime.planning.hardware import beyond_device, load_profile, parse_size
     from moespeq_cli.runtime.planning.planner import default_ram, make_plan
@@ -120,6 +120,9 @@ def plan(
     raw, _ = language_config(raw)  # a multimodal config: its language model
     arch, cfg = parse_config(raw, source)
     hw = load_profile(DEFAULT_HARDWARE if hardware is None else hardware)
+    host = hw.kind == "cpu"  # this CPU is the device: RAM is the tier it computes from, as run simulates it
+    if host and vram is not None:
+        raise UsageError(cpu_profile_takes_no_vram(hw))
     if name == DEMO:  # the demo's own budget, as run and chat use it
         vram = default_vram(name, vram, hw, None)
     if name == DEMO or any(v is not None for v in (prompt, prompt_file, max_new_tokens, chat)):
@@ -134,19 +137,32 @@ def plan(
             f"use --context {cfg.context_limit} or less"
         )
     budget = parse_size(vram, "--vram") if vram is not None else hw.usable_memory
-    ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram()
     storage = DTYPES[dtype] if dtype else cfg.dtype
     shape_model = build_model(arch, raw, context, source)
+    if host:  # RAM beside the weights, KV cache and workspace (which the CPU keeps in RAM too)
+        sizes = make_plan(shape_model, cfg, storage, 10**15, context, "lru", compute_tier="host")
+        outside = sizes.non_expert_bytes + sizes.kv_cache_bytes + sizes.workspace_bytes
+        ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram(outside)
+        if ram_bytes is None:
+            ram_bytes = sizes.total_experts * sizes.ram_slot_bytes
+        budget = ram_bytes
+    else:
+        ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram()
     step = StepModel(shape_model, cfg, hw, storage, context)
     total_experts = cfg.num_experts * len(cfg.moe_layers)
     host_experts_bytes = total_experts * step.expert_bytes
     rows = []
     for policy, cpu in PLAN_ROWS:
+        if host and (policy == "hybrid" or cpu is not None):
+            continue  # every expert runs on the CPU: nothing to pair with it (run refuses these)
         label = policy if cpu is None else f"{policy} (no cpu)"
-        cpu_on = make_policy(policy, cpu).host_compute
+        cpu_on = make_policy(policy, cpu).host_compute and not host
+        tier = "host" if host else "device"
         try:
             if policy == "moespeq":
-                p, est = plan_moespeq(step, budget, cpu_on, acceptance=acceptance, ram=ram_bytes)
+                p, est = plan_moespeq(
+                    step, budget, cpu_on, acceptance=acceptance, ram=None if host else ram_bytes, compute_tier=tier
+                )
             else:
                 p = make_plan(
                     shape_model,
@@ -156,8 +172,9 @@ def plan(
                     context,
                     policy,
                     cpu_experts=cpu_on,
-                    ram=ram_bytes,
-                    library_bytes=library_bytes("mock", hw),
+                    ram=None if host else ram_bytes,
+                    compute_tier=tier,
+                    library_bytes=0 if host else library_bytes("mock", hw),
                 )
                 est = estimate(step, p, acceptance)
         except UsageError as e:
@@ -180,7 +197,8 @@ def plan(
         "model_type": cfg.model_type,
         "config": source,
         "hardware": hw.name,
-        "vram_bytes": budget,
+        "compute_tier": "host" if host else "device",
+        "vram_bytes": None if host else budget,
         "ram_bytes": ram_bytes,
         "ram_source": ram_source,
         "experts_bytes": host_experts_bytes,

@@ -303,19 +303,24 @@ def plan_table(report: dict) -> None:
     console = Console(highlight=False)
     if not console.is_terminal:
         console = Console(highlight=False, width=130)  # logs and pipes: room for every column
+    host = report.get("compute_tier") == "host"  # a profile of this CPU: RAM is the tier it computes from
+    budget = "this CPU" if host else f"--vram {format_size(report['vram_bytes'])}"
     console.print(
-        f"[bold]{report['model']}[/bold] on {report['hardware']}, --vram {format_size(report['vram_bytes'])}, "
+        f"[bold]{report['model']}[/bold] on {report['hardware']}, {budget}, "
         f"{report['context_tokens']} tokens of context, {report['dtype']}  [dim]({report['config']})[/dim]"
     )
     ram = format_size(report["ram_bytes"]) if report.get("ram_bytes") is not None else "unbounded"
     how = f" ({report['ram_source']})" if report.get("ram_source") else ""
     console.print(
         f"{report['total_experts']} routed experts of {format_size(report['expert_bytes'])} each "
-        f"({format_size(report['experts_bytes'])} in all); host RAM for expert buffers: --ram {ram}{how}."
+        f"({format_size(report['experts_bytes'])} in all); "
+        f"{'RAM for the expert slots the CPU computes from' if host else 'host RAM for expert buffers'}: "
+        f"--ram {ram}{how}."
     )
     disk = any(r["fits"] and r.get("disk_bytes") for r in report["policies"])
     table = Table(show_edge=False, header_style="bold")
-    cols = ["policy", "device", "slots", "draft", "RAM", *(["disk only"] if disk else []), "tok/s*", "k"]
+    cols = ["policy", *([] if host else ["device"]), "slots", "draft", "RAM", *(["disk only"] if disk else [])]
+    cols += ["tok/s*", "k"]
     for col in cols:
         table.add_column(col, justify="left" if col == "policy" else "right")
     best = max((r["estimate"]["tokens_per_s"] for r in report["policies"] if r["fits"]), default=None)
@@ -327,16 +332,25 @@ def plan_table(report: dict) -> None:
             continue
         p, e = r["plan"], r["estimate"]
         draft = f"{p['draft_device_experts']} ({format_size(p['draft_bytes'])})" if p["draft_bytes"] else "-"
-        host = format_size(r["host_bytes"]) + (" +CPU" if e["cpu_experts"] else "")
+        ram_col = format_size(r["host_bytes"]) + (" +CPU" if e["cpu_experts"] else "")
         tps = f"{e['tokens_per_s']:.2f}"
         if e["tokens_per_s"] == best:
             tps = f"[bold green]{tps}[/bold green]"
         k = "" if e["spec_depth"] is None else str(e["spec_depth"])
         on_disk = [format_size(r["disk_bytes"]) if r["disk_bytes"] else "-"] if disk else []
-        table.add_row(r["policy"], format_size(r["device_bytes"]), str(p["slots"]), draft, host, *on_disk, tps, k)
+        device = [] if host else [format_size(r["device_bytes"])]
+        table.add_row(r["policy"], *device, str(p["slots"]), draft, ram_col, *on_disk, tps, k)
     console.print(table)
     fixed = next((r["plan"] for r in report["policies"] if r["fits"]), None)
-    if fixed:
+    if fixed and host:
+        console.print(
+            f"RAM: full-precision expert slots and (moespeq) the 4-bit draft's experts, beside the non-expert "
+            f"weights {format_size(fixed['non_expert_bytes'])}, KV cache {format_size(fixed['kv_cache_bytes'])} and "
+            f"workspace {format_size(fixed['workspace_bytes'])}"
+            + ("; disk only: experts read from the checkpoint's files as needed" if disk else "")
+            + "."
+        )
+    elif fixed:
         console.print(
             f"device: non-expert weights {format_size(fixed['non_expert_bytes'])}, KV cache "
             f"{format_size(fixed['kv_cache_bytes'])}, workspace {format_size(fixed['workspace_bytes'])}, then "
@@ -352,5 +366,5 @@ def plan_table(report: dict) -> None:
             console.print(f"{r['policy']}: {r['note']}")
     console.print(
         f"[dim]* modelled with uniform routing and a draft acceptance of {report['acceptance_assumed']:.2f}; "
-        "`moespeq bench` measures on the mock clock, `moespeq run` on your GPU.[/dim]"
+        f"`moespeq bench` measures on the mock clock, `moespeq run` on your {'CPU' if host else 'GPU'}.[/dim]"
     )

@@ -67,6 +67,14 @@ class EngineOptions:
     context: int | None = None  # tokens to allow and plan for (--context); None: what the run needs
 
 
+def cpu_profile_takes_no_vram(hw: HardwareProfile, remedy: str = "drop --vram") -> str:
+    """The refusal of --vram with a profile of ``kind: cpu`` (run, plan)."""
+    return (
+        f"hardware profile {hw.name} describes a CPU (kind: cpu): it simulates --backend cpu on the mock, where "
+        f"--ram is the budget; {remedy}"
+    )
+
+
 class Engine:
     def __init__(self, path: Path, opts: EngineOptions | None = None):
         self.opts = opts = opts or EngineOptions()
@@ -87,10 +95,7 @@ class Engine:
                 self.hw = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
 
             if self.hw.kind == "cpu" and (opts.vram is not None or self.backend_name == "cuda"):
-                raise UsageError(
-                    f"hardware profile {self.hw.name} describes a CPU (kind: cpu): it simulates --backend cpu on the "
-                    "mock, where --ram is the budget; drop --vram (and --backend cuda)"
-                )
+                raise UsageError(cpu_profile_takes_no_vram(self.hw, "drop --vram (and --backend cuda)"))
             self.budget = parse_size(opts.vram, "--vram") if opts.vram is not None else self.hw.usable_memory
         elif opts.vram is not None or opts.hardware is not None:
             raise UsageError("--vram and --hardware apply to the mock and cuda backends, not --backend cpu (use --ram)")

@@ -138,7 +138,7 @@ class StepModel:
         step = copy.copy(self)
         step.read_extra = 0.0
         n, s, h = plan.total_experts, plan.slots, plan.host_slots
-        if plan.disk_tier and n > s:
+        if plan.disk_tier and n > s and plan.compute_tier == "device":  # on the host tier the link is the disk
             if self.hw.disk_bandwidth is None or self.hw.disk_latency is None:
                 raise UsageError(
                     f"hardware profile {self.hw.name} has no disk_bandwidth / disk_latency to price the disk tier "
@@ -336,27 +336,31 @@ def plan_moespeq(
     blocksize: int = 64,
     acceptance: float = DEFAULT_ACCEPTANCE,
     ram: int | None = None,
+    compute_tier: str = "device",
 ) -> tuple[Plan, Estimate]:
     """moespeq's plan as a run makes it (with the 4-bit draft), and its modelled speed:
     the better of speculating with that plan and what the governor falls back to when
     speculation cannot pay for the draft's memory -- k = 0 with that memory as expert
     slots (docs/governor.md). The plan's note says which the model expects. Where even
     every drafted token accepted could not pay for the draft's memory, the plan is the one
-    without it (``speculation_cannot_pay``), as ``run`` makes it."""
+    without it (``speculation_cannot_pay``), as ``run`` makes it. ``compute_tier="host"``
+    (a profile of this CPU): ``budget`` is RAM, which the CPU computes from; there is no
+    grouped call to reserve scratch for, and run makes no verdict on the draft there."""
     step = copy.copy(step)
     step.draft_blocksize = blocksize
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
-    lib = library_bytes("mock", step.hw)  # as the mock of this profile plans
-    scratch = draft_scratch_bytes(step.hw, step.cfg, blocksize, step.dtype)
-    with_draft = make_plan(*args, ram=ram, library_bytes=lib, draft_scratch=scratch)
+    host = compute_tier == "host"
+    kw = dict(ram=ram, compute_tier=compute_tier, library_bytes=0 if host else library_bytes("mock", step.hw))
+    scratch = 0 if host else draft_scratch_bytes(step.hw, step.cfg, blocksize, step.dtype)
+    with_draft = make_plan(*args, draft_scratch=scratch, **kw)
     if with_draft.draft_scratch_bytes:
         # at the acceptance ``run`` assumes, so that plan shows what run does (``acceptance`` is for display)
-        with_draft = scratch_verdict(step, with_draft, make_plan(*args, ram=ram, library_bytes=lib))
+        with_draft = scratch_verdict(step, with_draft, make_plan(*args, **kw))
     spec = estimate(step, with_draft, acceptance)
     if not with_draft.has_draft:
         return with_draft, spec
-    released = make_plan(*args, with_draft=False, ram=ram, library_bytes=lib)
-    off = speculation_cannot_pay(step, with_draft, released)
+    released = make_plan(*args, with_draft=False, **kw)
+    off = None if host else speculation_cannot_pay(step, with_draft, released)
     if off is not None:  # run does not load the draft (engine.py draft_verdict)
         return off, estimate(step, off, acceptance)
     plain = estimate(step, released, acceptance)
