@@ -63,6 +63,23 @@ def test_save_load_roundtrip_and_cli(tiny, cli, tmp_path):
     assert json.loads(r.stdout)["draft"] == str(draft)
 
 
+def test_run_finds_a_draft_saved_with_other_options(tiny, cli, tmp_path):
+    """`quantize --method fp4 --blocksize 128` (its help's own example) saves a draft that
+    `run --draft auto` must find and plan for; it quantized again in memory, with nf4 and
+    64, on every run. Where the default draft is there too, that one is loaded."""
+    src, _ = tiny("mixtral", "gqa")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    assert cli("quantize", str(path), "--method", "fp4", "--blocksize", "128").exit_code == 0
+    args = ("run", str(path), "-p", "draft", "-n", "6", "--backend", "mock", "--spec-depth", "2", "--json")
+    out = json.loads(cli(*args).stdout)
+    fp4 = default_draft_dir(path, "fp4", 128)
+    assert out["draft"] == str(fp4)
+    assert out["plan"]["draft_bytes"] == QuantizedExperts.load(fp4, Checkpoint(path)).total_bytes
+    assert cli("quantize", str(path)).exit_code == 0
+    assert json.loads(cli(*args).stdout)["draft"] == str(default_draft_dir(path, "nf4", 64))
+
+
 def test_mismatched_draft_is_refused(tiny, cli, tmp_path):
     a, _ = tiny("mixtral", "gqa")
     b, _ = tiny("mixtral", "top1")

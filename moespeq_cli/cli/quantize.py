@@ -39,8 +39,11 @@ def quantize(
 
     Only the routed experts are quantized; everything else is shared with the
     full-precision model at run time. The draft is written atomically with a manifest
-    (method, blocksize, a fingerprint of the source checkpoint); `moespeq run --draft
-    auto` finds it beside the checkpoint, and refuses a draft built from other weights.
+    (method, blocksize, a fingerprint of the source checkpoint: config.json, the weight
+    files' headers and samples of their data); `moespeq run --draft auto` finds it beside
+    the checkpoint (with whatever --method and --blocksize it was built), and refuses a
+    draft built from another checkpoint. A draft that no longer matches its weights
+    only lowers acceptance: the output is the full-precision model's either way.
     """
     import json
     import sys

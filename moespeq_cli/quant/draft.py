@@ -851,6 +851,24 @@ def saved_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
     return None
 
 
+def other_saved_draft(ckpt_path: Path) -> tuple[str, int] | None:
+    """(method, block size) of the draft `moespeq quantize` saved last for the checkpoint,
+    of any options (``saved_draft`` finds it by them), or None. A draft whose manifest
+    cannot be read is skipped (``load`` is where a damaged one is said)."""
+    found = []
+    for d in drafts_of(ckpt_path):
+        try:
+            m = read_json(d / "manifest.json", "")
+            when = (d / "manifest.json").stat().st_mtime
+        except (CheckpointError, OSError):
+            continue
+        method, blocksize = m.get("method"), m.get("blocksize")
+        if m.get("format") == FORMAT and method in METHODS and blocksize in BLOCKSIZES:
+            if saved_draft(ckpt_path, method, blocksize) is not None:
+                found.append((when, method, blocksize))
+    return max(found)[1:] if found else None
+
+
 def drafts_of(ckpt_path: Path) -> list[Path]:
     """Every draft directory moespeq keeps for the checkpoint, of any method and block
     size: beside it, in moespeq's cache, shipped with the demo (outputs must not replace

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -135,6 +135,7 @@ class Engine:
             what = "does not exist" if not os.path.lexists(opts.draft) else "is not a draft directory"
             raise UsageError(f"--draft {shown(opts.draft)} {what}; build one with `moespeq quantize`")
         self.ckpt = Checkpoint(path)
+        self.adopt_saved_draft()
         fmt = self.ckpt.config.expert_format
         if fmt.four_bit and (opts.draft not in ("auto", "none") or self.fixed_k):
             given = "--draft" if opts.draft not in ("auto", "none") else f"--spec-depth {self.fixed_k}"
@@ -430,6 +431,20 @@ class Engine:
             )
         self.hooks = instrument(self.model, backend, self.device_dtype, self.dense_dtype)
         backend.reset_clock()
+
+    def adopt_saved_draft(self) -> None:
+        """``--draft auto`` with the default method and block size, where `moespeq quantize`
+        saved this checkpoint's draft only with others (``quantize --method fp4 --blocksize
+        128``): that draft is the one to load, and the plan must size it (it was quantized
+        again in memory, with the defaults, on every run)."""
+        from moespeq_cli.quant.draft import other_saved_draft, saved_draft
+
+        o = self.opts
+        defaults = (EngineOptions.quant_method, EngineOptions.blocksize)
+        if o.draft != "auto" or (o.quant_method, o.blocksize) != defaults:
+            return
+        if saved_draft(self.ckpt.path, *defaults) is None and (other := other_saved_draft(self.ckpt.path)):
+            self.opts = replace(o, quant_method=other[0], blocksize=other[1])
 
     def load_draft(self):
         from moespeq_cli.quant.draft import QuantizedExperts, saved_draft
