@@ -5,6 +5,7 @@ prefetch precision stays a fraction, and `moespeq calibrate` writes a profile wi
 the mock simulates `--backend cpu`."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -327,10 +328,15 @@ def test_profiles_refuse_malformed_curves(tmp_path):
     cases = {
         "kind: tpu": "kind",
         "kernels: [1, 2]": "kernels",
-        "kernels: {x: {tokens: [2, 1], sizes: [1, 2], seconds: [[1, 1], [1, 1]]}}": "ascending",
-        "kernels: {x: {tokens: [1], sizes: [1, 2], seconds: [[1], [1, 2]]}}": "seconds",
-        "kernels: {x: {tokens: [1], sizes: [2, 1], seconds: [[1], [1]]}}": "sizes",
-        "kernels: {x: {tokens: [1], sizes: [1, 2], seconds: [[-1], [1]]}}": "seconds",
+        "kernels: {linear:float32: {tokens: [2, 1], sizes: [1, 2], seconds: [[1, 1], [1, 1]]}}": "ascending",
+        "kernels: {linear:float32: {tokens: [1], sizes: [1, 2], seconds: [[1], [1, 2]]}}": "seconds",
+        "kernels: {linear:float32: {tokens: [1], sizes: [2, 1], seconds: [[1], [1]]}}": "sizes",
+        "kernels: {linear:float32: {tokens: [1], sizes: [1, 2], seconds: [[-1], [1]]}}": "seconds",
+        # a misspelt curve was never looked up: the roofline priced that kernel without a word
+        "kernels: {expert:bfloat16:float32x: {tokens: [1], sizes: [1, 2], seconds: [[1], [1]]}}": "not a kernel",
+        "host_kernels: {x: {tokens: [1], sizes: [1, 2], seconds: [[1], [1]]}}": "not a kernel",
+        # YAML keeps the last of a repeated key: a second link_bandwidth changed every figure silently
+        "link_bandwidth: 1.0e+9": "given twice",
         "disk_queue_bandwidth: [1e9, nan]": "disk_queue_bandwidth",
         "region_overhead: [1, 2]": "region_overhead",
         "region_overhead: {attention: -2}": "region_overhead",
@@ -343,6 +349,19 @@ def test_profiles_refuse_malformed_curves(tmp_path):
         p.write_text(base + "\n" + extra + "\n")
         with pytest.raises(UsageError, match=word):
             load_profile(str(p))
+    good = "kernels: {expert:gpt_oss-mxfp4:bfloat16:float32@busy: {tokens: [1], sizes: [1, 2], seconds: [[1], [1]]}}"
+    p.write_text(base + "\n" + good + "\n")
+    assert load_profile(str(p)).kernels
+    # a size YAML leaves as text (1.2e10: no dot before the exponent's sign) is a number of bytes
+    p.write_text(re.sub(r"(?m)^device_memory:.*$", "device_memory: 1.2e10", base))
+    assert load_profile(str(p)).device_memory == 12 * 10**9
+    p.write_text(re.sub(r"(?m)^device_memory:.*$", "device_memory: -12GiB", base))
+    with pytest.raises(UsageError, match="must be a size such as 12GiB"):
+        load_profile(str(p))
+    # messages name an edited copy's file, not only the name it was copied with
+    assert load_profile("rtx3060-12gb").called == "rtx3060-12gb"
+    p.write_text(base)
+    assert load_profile(str(p)).called == f"rtx3060-12gb ({p})"
 
 
 def test_calibrate_writes_a_profile_the_mock_simulates_the_cpu_with(tiny, cli, tmp_path):

@@ -261,3 +261,12 @@ def test_a_disk_reads_share_follows_what_ram_holds_beside_the_device():
         assert plan.disk_tier and 0 < s <= h < n
         share = (1 - h / (n - s)) if static else (1 - (h - s) / (n - s))
         assert step.for_plan(plan).read_extra == pytest.approx(share * read), policy
+
+
+def test_two_sizes_that_differ_are_never_said_alike():
+    """'--vram 375.72 KiB cannot hold ... it needs at least 375.72 KiB': where two decimals
+    of the unit hide the difference, both are said in bytes."""
+    from moespeq_cli.runtime.planning.hardware import sizes_apart
+
+    assert sizes_apart(384735, 384736) == ("384,735 bytes", "384,736 bytes")
+    assert sizes_apart(2**20, 2**21) == ("1.00 MiB", "2.00 MiB")

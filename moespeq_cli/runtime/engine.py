@@ -70,7 +70,7 @@ class EngineOptions:
 def cpu_profile_takes_no_vram(hw: HardwareProfile, remedy: str = "drop --vram") -> str:
     """The refusal of --vram with a profile of ``kind: cpu`` (run, plan)."""
     return (
-        f"hardware profile {hw.name} describes a CPU (kind: cpu): it simulates --backend cpu on the mock, where "
+        f"hardware profile {hw.called} describes a CPU (kind: cpu): it simulates --backend cpu on the mock, where "
         f"--ram is the budget; {remedy}"
     )
 
@@ -287,7 +287,7 @@ class Engine:
             and self.backend_name == "mock"
         ):
             raise UsageError(
-                f"the experts do not all fit in --ram {format_size(ram)}, and hardware profile {self.hw.name} has no "
+                f"the experts do not all fit in --ram {format_size(ram)}, and hardware profile {self.hw.called} has no "
                 "disk_bandwidth / disk_latency to time the disk tier with; add them to the profile or raise --ram"
             )
         return plan

@@ -141,7 +141,7 @@ class StepModel:
         if plan.disk_tier and n > s and plan.compute_tier == "device":  # on the host tier the link is the disk
             if self.hw.disk_bandwidth is None or self.hw.disk_latency is None:
                 raise UsageError(
-                    f"hardware profile {self.hw.name} has no disk_bandwidth / disk_latency to price the disk tier "
+                    f"hardware profile {self.hw.called} has no disk_bandwidth / disk_latency to price the disk tier "
                     "with (the experts do not all fit in --ram); add them to the profile or raise --ram"
                 )
             # with CPU experts (hybrid, moespeq's; the plan's flag is the policy's

@@ -66,6 +66,13 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def sizes_apart(a: float, b: float) -> tuple[str, str]:
+    """Two sizes said so that they differ where they do: in bytes where two decimals of
+    their unit would show the same figure ("375.72 KiB cannot hold ... needs 375.72 KiB")."""
+    fa, fb = format_size(a), format_size(b)
+    return (f"{int(a):,} bytes", f"{int(b):,} bytes") if fa == fb and a != b else (fa, fb)
+
+
 @dataclass(frozen=True)
 class KernelCurve:
     """Measured seconds of one kernel (as the code runs it) by batch size, at two weight
@@ -135,6 +142,14 @@ class HardwareProfile:
     # and cuBLASLt's workspaces at the first matmul there and keeps them: 32 MiB and more
     # on compute capability 9.0); calibrate measures it, bundled profiles leave it 0
     blas_workspace: int = 0
+
+    @property
+    def called(self) -> str:
+        """The profile as messages name it: its name, and the file it came from where that is
+        not a bundled profile (an edited copy keeps the name it was copied with)."""
+        if not self.source or Path(self.source).parent.resolve() == profiles_dir().resolve():
+            return self.name or "(unnamed)"
+        return f"{self.name or '(unnamed)'} ({shown(self.source)})"
 
     def host_overhead(self, kind: str, one_call_attention: bool = True) -> float:
         """Host seconds a call of region ``kind`` costs beyond its priced work (measured by
@@ -300,6 +315,19 @@ def _no_alias_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            # a key given twice is a mistake (YAML keeps the last silently: a duplicated
+            # link_bandwidth halved every figure without a word)
+            seen = set()
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{str(key)[:40]!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
                 mark = self.peek_event().start_mark
@@ -323,6 +351,8 @@ def parse_profile(path: Path) -> HardwareProfile:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else f" ({e})" if not hasattr(e, "problem") else ""
+        problem = getattr(e, "problem", None)
+        where += f" ({problem})" if mark and problem and "twice" in problem else ""
         raise UsageError(f"hardware profile {path} is not valid YAML{where}; fix the file") from None
     except RecursionError:
         raise UsageError(f"hardware profile {path} is nested too deeply; fix the file") from None
@@ -343,7 +373,7 @@ def parse_profile(path: Path) -> HardwareProfile:
         if f not in data or data[f] is None:
             raise UsageError(
                 f"hardware profile {path}: field {f!r} is missing; add it (`moespeq calibrate --out FILE.yaml` "
-                "writes a whole profile for this machine, and docs/mock-backend.md lists the fields)"
+                "writes a whole profile for this machine; docs/mock-backend.md lists the fields)"
             )
         v = data[f]
         if f in _STRUCTURED:
@@ -362,9 +392,10 @@ def parse_profile(path: Path) -> HardwareProfile:
         try:
             if isinstance(v, bool) or not isinstance(v, str | int | float):
                 raise TypeError
-            num = parse_size(v, f) if f in _SIZES and isinstance(v, str) else float(v)
+            num = _size_or_number(v, f) if f in _SIZES else float(v)  # YAML reads 1.2e10 (no dot, no sign) as text
         except (UsageError, TypeError, ValueError, OverflowError):  # also ints of 4300+ digits
-            raise UsageError(f"hardware profile {path}: field {f!r} must be a number, got {str(v)[:40]!r}") from None
+            what = "a size such as 12GiB or a number of bytes" if f in _SIZES else "a number"
+            raise UsageError(f"hardware profile {path}: field {f!r} must be {what}, got {str(v)[:40]!r}") from None
         lo, hi = _RANGES[f]
         if math.isfinite(num) and (num < 0 or (num == 0 and lo > 0)):
             raise UsageError(f"hardware profile {path}: field {f!r} must be positive, got {str(v)[:40]!r}")
@@ -376,6 +407,30 @@ def parse_profile(path: Path) -> HardwareProfile:
     if values["reserved_memory"] >= values["device_memory"]:
         raise UsageError(f"hardware profile {path}: reserved_memory must be below device_memory")
     return HardwareProfile(**values)
+
+
+DRAFT_PATHS = ("cuda", "kernel", "packed", "reference")  # quant/draft.py planned_path
+
+
+def kernel_name_ok(name: str) -> bool:
+    """A curve name the cost model looks up (costs.py ``expert_kernel``, ``linear_cost``;
+    the draft's ``draft:PATH``), with or without ``@busy``."""
+    head, _, rest = name.removesuffix("@busy").partition(":")
+    parts = rest.split(":")
+    if head == "draft":
+        return rest in DRAFT_PATHS
+    if head == "linear":
+        return 1 <= len(parts) <= 2 and all(p in GROUPED_DTYPES for p in parts)
+    return head == "expert" and len(parts) >= 2 and all(p in GROUPED_DTYPES for p in parts[-2:]) and all(parts)
+
+
+def _size_or_number(v, f: str) -> float:
+    if not isinstance(v, str):
+        return float(v)
+    try:
+        return parse_size(v, f)
+    except UsageError:
+        return float(v)  # 1.2e10: a number YAML 1.1 left as text
 
 
 def _number(path, what: str, v, lo: float, hi: float) -> float:
@@ -418,6 +473,12 @@ def _structured(path, f: str, v):
     curves = {}
     for name, c in v.items():
         where = f"{f}.{str(name)[:40]}"
+        if not kernel_name_ok(name):  # a misspelt curve is never looked up: the roofline would price silently
+            raise UsageError(
+                f"hardware profile {path}: {where} is not a kernel moespeq runs; names are linear:DTYPE[:DTYPE], "
+                f"expert:[LAYOUT:]DTYPE:DTYPE or draft:{'|'.join(DRAFT_PATHS)} (DTYPE one of "
+                f"{', '.join(GROUPED_DTYPES)}), optionally ending @busy"
+            )
         if (
             not isinstance(c, dict)
             or set(c) - {"tokens", "sizes", "seconds", "ops"}

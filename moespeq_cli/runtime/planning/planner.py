@@ -37,7 +37,7 @@ from moespeq_cli.models.base import CausalLM
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.executors.grouped import dequant_scratch_bytes
 from moespeq_cli.runtime.planning.costs import elem_size
-from moespeq_cli.runtime.planning.hardware import format_size
+from moespeq_cli.runtime.planning.hardware import format_size, sizes_apart
 from moespeq_cli.runtime.tiers.disk import BLOCK, ram_slot_bytes
 from moespeq_cli.text import counted
 
@@ -281,6 +281,7 @@ def make_plan(
     free = budget - fixed
     need_min = fixed + cfg.top_k * slot
     if free < cfg.top_k * slot:
+        have, need = sizes_apart(budget, need_min)
         if on_host:
             each = format_size(slot) + (
                 f" (an expert of {format_size(expert)} read in whole {BLOCK // 1024} KiB pages)"
@@ -288,14 +289,14 @@ def make_plan(
                 else ""
             )
             raise UsageError(
-                f"--ram {format_size(budget)} cannot hold {counted(cfg.top_k, 'expert slot')} of {each}"
+                f"--ram {have} cannot hold {counted(cfg.top_k, 'expert slot')} of {each}"
                 + (f" beside the 4-bit draft ({format_size(draft)})" if draft else "")
-                + f"; it needs at least {format_size(need_min)} -- raise --ram"
+                + f"; it needs at least {need} -- raise --ram"
             )
         raise UsageError(
-            f"--vram {format_size(budget)} cannot hold this model's fixed part ({format_size(fixed)}: weights "
+            f"--vram {have} cannot hold this model's fixed part ({format_size(fixed)}: weights "
             f"{format_size(non_expert)}, KV cache {format_size(kv)} for {context} tokens, workspace {format_size(workspace)}) "
-            f"plus {counted(cfg.top_k, 'expert slot')}; it needs at least {format_size(need_min)} -- raise --vram or lower the context"
+            f"plus {counted(cfg.top_k, 'expert slot')}; it needs at least {need} -- raise --vram or lower the context"
         )
     slots = min(total, free // slot, max_slots if max_slots is not None else total)
     if policy == "resident" and slots < total:
