@@ -188,3 +188,40 @@ def test_quantize_offline_says_only_what_it_did(tiny, tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().startswith("quantized") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_draft_without_its_manifest_is_said_not_skipped(tiny, cli, tmp_path):
+    """quantize renames a whole draft in, so a draft directory without manifest.json is
+    damaged: run says so and how to rebuild it (it quantized again in memory, silently),
+    and quantize rebuilds it in place."""
+    src, _ = tiny("mixtral", "gqa")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    assert cli("quantize", str(path)).exit_code == 0
+    draft = default_draft_dir(path, "nf4", 64)
+    (draft / "manifest.json").unlink()
+    args = ("run", str(path), "-p", "x", "-n", "4", "--backend", "mock", "--spec-depth", "2")
+    r = cli(*args)
+    assert r.exit_code == 1 and "no manifest.json" in r.stderr and "moespeq quantize" in r.stderr
+    assert cli("quantize", str(path)).exit_code == 0 and (draft / "manifest.json").is_file()
+    assert cli(*args).exit_code == 0
+
+
+def test_an_unwritable_draft_place_is_usage_only_when_given(tiny, tmp_path, monkeypatch):
+    """A given --out that cannot be written is the user's to change (exit 2); the default
+    place beside the checkpoint or in the cache is this machine's (exit 1), as a full disk is."""
+    import errno
+    import tempfile
+
+    from moespeq_cli.errors import MoespeqError, UsageError
+    from moespeq_cli.quant import draft as d
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    for stale_ok, wanted in ((False, UsageError), (True, MoespeqError)):
+        with pytest.raises(MoespeqError, match="cannot write there") as e:
+            with d.draft_lock(tmp_path / "out", "fp", stale_ok=stale_ok):
+                pass
+        assert isinstance(e.value, UsageError) == (wanted is UsageError)

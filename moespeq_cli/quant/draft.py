@@ -645,8 +645,10 @@ def draft_lock(out: Path, fp: str, stale_ok: bool = False):
         # Can a draft be written here at all? (read-only, /proc, /sys)
         os.rmdir(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
     except OSError as e:
+        # a given --out is the user's choice (usage, 2); the default place is this machine's (runtime, 1)
         named = f"the draft directory {shown(out)}" if stale_ok else f"--out {shown(out)}"
-        raise UsageError(f"{named}: cannot write there ({e.strerror}); give another directory with --out") from None
+        error = MoespeqError if stale_ok else UsageError
+        raise error(f"{named}: cannot write there ({e.strerror}); give another directory with --out") from None
     with exclusive_lock(lock_file(out), f"writing the draft {out}"):
         recover(out, fp)
         check_out(out, fp, stale_ok)
@@ -845,10 +847,22 @@ def saved_draft(ckpt_path: Path, method: str, blocksize: int) -> Path | None:
     output (``default_draft_dir``), else the one shipped with the demo."""
     beside = Path(ckpt_path).resolve().with_name(draft_name(Path(ckpt_path).resolve(), method, blocksize))
     earlier = beside if snapshot_repo(Path(ckpt_path).resolve()) else None  # where earlier moespeq wrote it
-    for d in (default_draft_dir(ckpt_path, method, blocksize), earlier, bundled_draft(ckpt_path, method, blocksize)):
+    places = (default_draft_dir(ckpt_path, method, blocksize), earlier, bundled_draft(ckpt_path, method, blocksize))
+    for d in places:
         if d is not None and (d / "manifest.json").is_file():
             return d
-    return None
+    # a draft directory without its manifest (quantize never leaves one: it renames a whole
+    # draft in) is damaged: returned, ``load`` says so and how to rebuild it, rather than a
+    # run quantizing again in memory without a word
+    return next((d for d in places[:2] if d is not None and holds_draft_files(d)), None)
+
+
+def holds_draft_files(d: Path) -> bool:
+    """``d`` is a directory with a draft's file in it."""
+    try:
+        return is_dir(d) and bool(DRAFT_FILES & set(os.listdir(d)))
+    except OSError:
+        return False
 
 
 def other_saved_draft(ckpt_path: Path) -> tuple[str, int] | None:
