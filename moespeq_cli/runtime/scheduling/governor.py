@@ -562,10 +562,15 @@ class Governor:
         arm_samples: int = 3,
         arm_probe_every: int = 8,
         release_waits: int = 3,
+        arm_skips: int = 1,
     ):
         self.state, self.fixed, self.probe_every, self.arm_samples = state, fixed, probe_every, arm_samples
         self.arm_probe_every = arm_probe_every
         self.arm_since_probe = 0
+        # probes skipped in a row at most (``GovernorState.arms_clear``): the next one runs
+        # whatever the verdict, so a slower arm is re-measured at least every other due
+        # probe and its sums, faded a k = 0 cycle at a time, keep a weight a float holds
+        self.arm_skips, self.skipped = arm_skips, 0
         self.probing: bool | None = None  # the arm a probe's second cycle runs
         self.prefetch = True  # whether this k = 0 cycle runs gate-prefetch
         self.warmup_ks = [min(2, state.k_max), 0] if state.k_max else []
@@ -646,8 +651,10 @@ class Governor:
             # doubling, up to 256 k = 0 cycles: the losing arm's sums, discounted by
             # ``arm_decay`` a cycle, keep a weight a float holds
             self.arm_probe_every = min(2 * self.arm_probe_every, 256)
-            if self.state.arms_clear():  # its settled cycles already tell: skipped
+            if self.skipped < self.arm_skips and self.state.arms_clear():  # its settled cycles already tell
+                self.skipped += 1
                 return best
+            self.skipped = 0
             self.probing = not best
             return not best
         return best
