@@ -898,3 +898,10 @@ def test_plan_on_a_cpu_profile_plans_ram_as_run_does(tiny, cli, tmp_path):
     assert text_out.exit_code == 0 and "this CPU" in text_out.stdout and "--vram" not in text_out.stdout
     bad = cli("plan", str(path), "--hardware", str(profile), "--vram", "1GB")
     assert bad.exit_code == 2 and "kind: cpu" in bad.stderr
+    # without --ram both take what is available beside the same weights (plan counted the
+    # demo's in its bf16, run on the mock in float32)
+    free = ["-n", "4", "-p", "hello", "--hardware", str(profile)]
+    planned = json.loads(cli("plan", *free, "--json").stdout)["ram_source"]
+    ran = json.loads(cli("run", *free, "--backend", "mock", "--json").stdout)["plan"]["ram_source"]
+    weights = re.compile(r"and (.*) of weights")
+    assert weights.search(planned).group(1) == weights.search(ran).group(1)

@@ -214,6 +214,7 @@ def test_plan_text_output(cli):
         # a --context the prompt and -n do not fit: refused as run refuses it (the demo: run's prompt)
         (["--context", "1"], "plus --max-new-tokens 128 needs"),
         (["-n", "4", "-p", "hello", "--context", "2"], "more than --context 2"),
+        (["mixtral", "--context", "64", "-n", "64"], "no room for a prompt"),  # a bundled config: no tokenizer
     ],
 )
 def test_plan_bad_input(cli, args, needle):
@@ -261,6 +262,13 @@ def test_a_disk_reads_share_follows_what_ram_holds_beside_the_device():
         assert plan.disk_tier and 0 < s <= h < n
         share = (1 - h / (n - s)) if static else (1 - (h - s) / (n - s))
         assert step.for_plan(plan).read_extra == pytest.approx(share * read), policy
+
+
+def test_a_bundled_config_plans_the_context_given_beside_max_new_tokens(cli):
+    """A bundled config has no tokenizer to count a prompt with: with --context given, -n
+    is checked against it and the context planned (refused outright in a first version)."""
+    out = plan_json(cli, "mixtral", "--context", "4096", "-n", "64")
+    assert out["context_tokens"] == 4096
 
 
 def test_two_sizes_that_differ_are_never_said_alike():

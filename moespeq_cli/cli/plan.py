@@ -108,7 +108,7 @@ def plan(
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE, cpu_profile_takes_no_vram
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
     from moespeq_cli.runtime.planning.hardware import beyond_device, load_profile, parse_size
-    from moespeq_cli.runtime.planning.planner import default_ram, make_plan
+    from moespeq_cli.runtime.planning.planner import default_ram, host_tier_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
 
     if list_hardware:
@@ -128,7 +128,7 @@ def plan(
     if name == DEMO or any(v is not None for v in (prompt, prompt_file, max_new_tokens, chat)):
         # run's context for these prompt options; a --context they do not fit is refused as run refuses it
         new = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        context = run_context(name, source, prompt, prompt_file, new, chat, context)
+        context = run_context(name, source, prompt, prompt_file, new, chat, context, cfg.context_limit)
     elif context is None:
         context = min(DEFAULT_PLAN_CONTEXT, cfg.context_limit)
     elif context > cfg.context_limit:
@@ -141,10 +141,7 @@ def plan(
     shape_model = build_model(arch, raw, context, source)
     if host:  # RAM beside the weights, KV cache and workspace (which the CPU keeps in RAM too)
         sizes = make_plan(shape_model, cfg, storage, 10**15, context, "lru", compute_tier="host")
-        outside = sizes.non_expert_bytes + sizes.kv_cache_bytes + sizes.workspace_bytes
-        ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram(outside)
-        if ram_bytes is None:
-            ram_bytes = sizes.total_experts * sizes.ram_slot_bytes
+        ram_bytes, ram_source = host_tier_ram(sizes, parse_size(ram, "--ram") if ram is not None else None)
         budget = ram_bytes
     else:
         ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram()
@@ -221,12 +218,21 @@ def plan(
 
 
 def run_context(
-    name: str, source: str, prompt, prompt_file, max_new_tokens: int, chat: bool | None, context: int | None = None
+    name: str,
+    source: str,
+    prompt,
+    prompt_file,
+    max_new_tokens: int,
+    chat: bool | None,
+    context: int | None = None,
+    limit: int | None = None,
 ) -> int:
     """The context ``moespeq run`` plans for with these prompt options: the prompt's tokens
     (text piped on standard input as run reads it, else run's default prompt) plus
     ``max_new_tokens``, counted by run's own code with the model's tokenizer; ``context``
-    (``--context``) where given, refused as run refuses it when they do not fit."""
+    (``--context``) where given, refused as run refuses it when they do not fit. Without
+    a tokenizer (a bundled config) a given ``context`` is taken as it is, below the
+    model's ``limit``."""
     from pathlib import Path
 
     from moespeq_cli.cli.run import encode_prompt, prompt_text
@@ -239,6 +245,17 @@ def run_context(
             engine = Engine(Path(source).parent, EngineOptions(backend="cpu", context=context))  # reads no weight
         except MoespeqError:
             pass
+    if engine is None and context is not None:  # a config alone: the context given, if -n leaves a prompt room
+        if limit is not None and context > limit:
+            raise UsageError(
+                f"--context {context} is beyond the model's context of {limit} tokens; use --context {limit} or less"
+            )
+        if max_new_tokens >= context:
+            raise UsageError(
+                f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in --context {context}; "
+                "raise --context or lower --max-new-tokens"
+            )
+        return context
     if engine is None:
         raise UsageError(
             f"{name}: the prompt's tokens need the model's tokenizer and files, which a config alone lacks; "

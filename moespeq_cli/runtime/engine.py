@@ -32,7 +32,7 @@ from moespeq_cli.models.loader import load_model
 from moespeq_cli.runtime.backends import library_bytes, make_backend, resolve_backend_name
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.planning.hardware import HardwareProfile, format_size, load_profile, parse_size
-from moespeq_cli.runtime.planning.planner import Plan, checkpoint_plan, default_ram
+from moespeq_cli.runtime.planning.planner import Plan, checkpoint_plan, default_ram, host_tier_ram
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.scheduling.policies import make_policy
 from moespeq_cli.runtime.stats import GenerationStats, fill_offload_stats
@@ -245,15 +245,11 @@ class Engine:
             max_slots=self.opts.max_slots,
         )
         if self.device_type == "cpu":
-            fixed = checkpoint_plan(self.ckpt, context, dtype=self.host_dtype)  # unbounded: the sizes
-            ram, source = self.ram, None
-            if ram is None:
-                ram, source = default_ram(fixed.non_expert_bytes + fixed.kv_cache_bytes + fixed.workspace_bytes)
-            everything = fixed.total_experts * fixed.ram_slot_bytes
-            if self.backend_name == "cpu" and (ram is None or ram >= everything):
+            # unbounded, the sizes: the dense weights as the CPU holds them (plan prices the same)
+            fixed = checkpoint_plan(self.ckpt, context, dtype=self.dense_dtype)
+            ram, source = host_tier_ram(fixed, self.ram)
+            if self.backend_name == "cpu" and ram >= fixed.total_experts * fixed.ram_slot_bytes:
                 return None  # every expert fits (page by page, as RAM slots hold them): the plain reference
-            if ram is None:
-                ram = everything
             if self.policy.name == "hybrid":
                 raise UsageError(
                     "--policy hybrid computes experts on the CPU beside a GPU; with --backend cpu every expert already "

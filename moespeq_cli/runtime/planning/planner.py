@@ -373,6 +373,18 @@ def memory_info() -> tuple[int, int] | None:
         return None
 
 
+def host_tier_ram(sizes: Plan, ram: int | None) -> tuple[int, str | None]:
+    """--ram of a plan whose CPU computes from RAM (``--backend cpu``; the mock with a
+    profile of ``kind: cpu``, and ``plan`` with one): ``ram`` where given, else what is
+    available beside the non-expert weights, KV cache and workspace (``sizes``, an
+    unbounded plan: the CPU keeps them in RAM too), every expert where the machine does not
+    say; and how it was chosen (None: given)."""
+    if ram is not None:
+        return ram, None
+    found, source = default_ram(sizes.non_expert_bytes + sizes.kv_cache_bytes + sizes.workspace_bytes)
+    return (found if found is not None else sizes.total_experts * sizes.ram_slot_bytes), source
+
+
 def default_ram(resident_bytes: int = 0) -> tuple[int | None, str]:
     """The --ram budget when none is given: what the machine has available now, minus a
     margin (10% of its memory, at least 1 GiB) and ``resident_bytes`` that will live in
