@@ -356,7 +356,10 @@ def test_profiles_refuse_malformed_curves(tmp_path):
     p.write_text(re.sub(r"(?m)^device_memory:.*$", "device_memory: 1.2e10", base))
     assert load_profile(str(p)).device_memory == 12 * 10**9
     p.write_text(re.sub(r"(?m)^device_memory:.*$", "device_memory: -12GiB", base))
-    with pytest.raises(UsageError, match="must be a size such as 12GiB"):
+    with pytest.raises(UsageError, match="p.yaml: cannot read device_memory '-12GiB' as a size; write it like 12GB"):
+        load_profile(str(p))
+    p.write_text(re.sub(r"(?m)^device_memory:.*$", "device_memory: 12G", base))
+    with pytest.raises(UsageError, match=r"write 12GB \(powers of 10\) or 12GiB"):
         load_profile(str(p))
     # messages name an edited copy's file, not only the name it was copied with
     assert load_profile("rtx3060-12gb").called == "rtx3060-12gb"

@@ -76,6 +76,15 @@ def test_run_finds_a_draft_saved_with_other_options(tiny, cli, tmp_path):
     fp4 = default_draft_dir(path, "fp4", 128)
     assert out["draft"] == str(fp4)
     assert out["plan"]["draft_bytes"] == QuantizedExperts.load(fp4, Checkpoint(path)).total_bytes
+    # plan sizes the draft run loads
+    planned = json.loads(cli("plan", str(path), "-p", "draft", "-n", "6", "--json").stdout)["policies"]
+    assert next(r for r in planned if r["policy"] == "moespeq")["plan"]["draft_bytes"] == out["plan"]["draft_bytes"]
+    # a draft this version cannot load, or one of other weights, is not taken up unasked
+    manifest = json.loads((fp4 / "manifest.json").read_text())
+    for edit in ({"format_version": 99}, {"source_fingerprint": "0" * 64}):
+        (fp4 / "manifest.json").write_text(json.dumps(manifest | edit))
+        assert json.loads(cli(*args).stdout)["draft"] == "quantized in memory"
+    (fp4 / "manifest.json").write_text(json.dumps(manifest))
     assert cli("quantize", str(path)).exit_code == 0
     assert json.loads(cli(*args).stdout)["draft"] == str(default_draft_dir(path, "nf4", 64))
 

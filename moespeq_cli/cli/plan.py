@@ -146,6 +146,7 @@ def plan(
     else:
         ram_bytes, ram_source = (parse_size(ram, "--ram"), None) if ram is not None else default_ram()
     step = StepModel(shape_model, cfg, hw, storage, context)
+    blocksize = saved_blocksize(source)
     total_experts = cfg.num_experts * len(cfg.moe_layers)
     host_experts_bytes = total_experts * step.expert_bytes
     rows = []
@@ -157,9 +158,8 @@ def plan(
         tier = "host" if host else "device"
         try:
             if policy == "moespeq":
-                p, est = plan_moespeq(
-                    step, budget, cpu_on, acceptance=acceptance, ram=None if host else ram_bytes, compute_tier=tier
-                )
+                ram_arg = None if host else ram_bytes
+                p, est = plan_moespeq(step, budget, cpu_on, blocksize, acceptance, ram_arg, compute_tier=tier)
             else:
                 p = make_plan(
                     shape_model,
@@ -215,6 +215,26 @@ def plan(
     if report["budget_note"]:
         print(f"note: {report['budget_note']}", file=sys.stderr)
     plan_table(report)
+
+
+def saved_blocksize(source: str) -> int:
+    """The block size of the draft ``run --draft auto`` would load for a checkpoint (one
+    `quantize` saved with other options), so that the plan sizes it; the default for a
+    bundled config or where none is saved."""
+    from pathlib import Path
+
+    from moespeq_cli.errors import MoespeqError
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.quant.draft import draft_options
+    from moespeq_cli.runtime.engine import EngineOptions
+
+    default = EngineOptions.blocksize
+    if not source.endswith("config.json"):
+        return default
+    try:
+        return draft_options(Checkpoint(Path(source).parent), EngineOptions.quant_method, default)[1]
+    except MoespeqError:  # no weights (a config-only pull): no draft either
+        return default
 
 
 def run_context(

@@ -705,6 +705,9 @@ def check_out(out: Path, fp: str, stale_ok: bool = False) -> None:
     replaced. Anything else is the user's: a directory with any other file (a checkpoint,
     notes beside a draft) is never replaced."""
     named = "the draft directory" if stale_ok else "--out"  # stale_ok: the default path, not a given --out
+    # refusing to replace what is there is usage (2: another --out, or move it); an OS error
+    # at the default place is this machine's (1), as in ``draft_lock``
+    error = MoespeqError if stale_ok else UsageError
     status, _ = file_status(out)
     if status == "missing":
         return
@@ -721,7 +724,7 @@ def check_out(out: Path, fp: str, stale_ok: bool = False) -> None:
     try:
         names = sorted(c.name for c in out.iterdir())
     except OSError as e:
-        raise UsageError(f"{named} {out} cannot be read ({e.strerror}); give a new directory with --out") from None
+        raise error(f"{named} {out} cannot be read ({e.strerror}); give a new directory with --out") from None
     others = [n for n in names if n not in DRAFT_FILES or not is_regular(out / n)]
     if others:
         listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
@@ -865,22 +868,30 @@ def holds_draft_files(d: Path) -> bool:
         return False
 
 
-def other_saved_draft(ckpt_path: Path) -> tuple[str, int] | None:
-    """(method, block size) of the draft `moespeq quantize` saved last for the checkpoint,
-    of any options (``saved_draft`` finds it by them), or None. A draft whose manifest
-    cannot be read is skipped (``load`` is where a damaged one is said)."""
-    found = []
-    for d in drafts_of(ckpt_path):
+def draft_options(ckpt: Checkpoint, method: str, blocksize: int) -> tuple[str, int]:
+    """The (method, block size) of the draft ``run --draft auto`` loads for ``ckpt``: these,
+    where a draft of them is saved or none of other options is; else those of the draft
+    `moespeq quantize` saved last with other options (``quantize --method fp4 --blocksize
+    128``) that this version loads and that was built from these weights. A draft of
+    another version or of other weights is left where it is: it was not asked for."""
+    if saved_draft(ckpt.path, method, blocksize) is not None:
+        return method, blocksize
+    found, fp = [], None
+    for d in drafts_of(ckpt.path):
         try:
             m = read_json(d / "manifest.json", "")
             when = (d / "manifest.json").stat().st_mtime
         except (CheckpointError, OSError):
             continue
-        method, blocksize = m.get("method"), m.get("blocksize")
-        if m.get("format") == FORMAT and method in METHODS and blocksize in BLOCKSIZES:
-            if saved_draft(ckpt_path, method, blocksize) is not None:
-                found.append((when, method, blocksize))
-    return max(found)[1:] if found else None
+        other = (m.get("method"), m.get("blocksize"))
+        if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+            continue
+        if other[0] not in METHODS or other[1] not in BLOCKSIZES or saved_draft(ckpt.path, *other) is None:
+            continue
+        fp = fp or fingerprint(ckpt)
+        if m.get("source_fingerprint") == fp:
+            found.append((when, *other))
+    return max(found)[1:] if found else (method, blocksize)
 
 
 def drafts_of(ckpt_path: Path) -> list[Path]:

@@ -433,14 +433,14 @@ class Engine:
         saved this checkpoint's draft only with others (``quantize --method fp4 --blocksize
         128``): that draft is the one to load, and the plan must size it (it was quantized
         again in memory, with the defaults, on every run)."""
-        from moespeq_cli.quant.draft import other_saved_draft, saved_draft
+        from moespeq_cli.quant.draft import draft_options
 
         o = self.opts
         defaults = (EngineOptions.quant_method, EngineOptions.blocksize)
-        if o.draft != "auto" or (o.quant_method, o.blocksize) != defaults:
+        if o.draft != "auto" or (o.quant_method, o.blocksize) != defaults or self.ckpt.config.expert_format.four_bit:
             return
-        if saved_draft(self.ckpt.path, *defaults) is None and (other := other_saved_draft(self.ckpt.path)):
-            self.opts = replace(o, quant_method=other[0], blocksize=other[1])
+        method, blocksize = draft_options(self.ckpt, *defaults)
+        self.opts = replace(o, quant_method=method, blocksize=blocksize)
 
     def load_draft(self):
         from moespeq_cli.quant.draft import QuantizedExperts, saved_draft

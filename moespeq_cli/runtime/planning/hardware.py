@@ -393,7 +393,9 @@ def parse_profile(path: Path) -> HardwareProfile:
             if isinstance(v, bool) or not isinstance(v, str | int | float):
                 raise TypeError
             num = _size_or_number(v, f) if f in _SIZES else float(v)  # YAML reads 1.2e10 (no dot, no sign) as text
-        except (UsageError, TypeError, ValueError, OverflowError):  # also ints of 4300+ digits
+        except UsageError as e:  # parse_size's own words: "write 12GB (powers of 10) or 12GiB (powers of 2)"
+            raise UsageError(f"hardware profile {path}: {e}") from None
+        except (TypeError, ValueError, OverflowError):  # also ints of 4300+ digits
             what = "a size such as 12GiB or a number of bytes" if f in _SIZES else "a number"
             raise UsageError(f"hardware profile {path}: field {f!r} must be {what}, got {str(v)[:40]!r}") from None
         lo, hi = _RANGES[f]
@@ -424,13 +426,13 @@ def kernel_name_ok(name: str) -> bool:
     return head == "expert" and len(parts) >= 2 and all(p in GROUPED_DTYPES for p in parts[-2:]) and all(parts)
 
 
+NUMBER_AS_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # 1.2e10: YAML 1.1 reads it as text
+
+
 def _size_or_number(v, f: str) -> float:
     if not isinstance(v, str):
         return float(v)
-    try:
-        return parse_size(v, f)
-    except UsageError:
-        return float(v)  # 1.2e10: a number YAML 1.1 left as text
+    return float(v) if NUMBER_AS_TEXT.fullmatch(v.strip()) else parse_size(v, f)
 
 
 def _number(path, what: str, v, lo: float, hi: float) -> float:
