@@ -908,3 +908,32 @@ def test_plan_on_a_cpu_profile_plans_ram_as_run_does(tiny, cli, tmp_path):
     ran = json.loads(cli("run", *free, "--backend", "mock", "--json").stdout)["plan"]["ram_source"]
     weights = re.compile(r"and (.*) of weights")
     assert weights.search(planned).group(1) == weights.search(ran).group(1)
+
+
+def test_plan_prices_a_disk_reads_cpu_cost_on_a_cpu_profile(tiny):
+    """On a profile of this CPU every miss is a disk read, and the mock charges the compute
+    thread for handing each one over (``read_submit_overhead``), for its CPU time
+    (``disk_read_cpu``) and, where it waited, for waking (``read_wake_overhead``): plan's
+    estimate prices them too (on the demo at --ram 12MB its ondemand row said 83 tok/s
+    where the mock gives 49; now 50)."""
+    from moespeq_cli.models import build_model
+    from moespeq_cli.runtime.planning.estimate import StepModel
+
+    path, _ = tiny("mixtral", "wide")
+    ck = Checkpoint(path)
+    base = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
+    costly = replace(base, read_submit_overhead=3e-4, read_wake_overhead=7e-4, disk_read_cpu=1e-11)
+
+    def step(hw):
+        return StepModel(build_model(ck.arch, ck.raw_config, 64), ck.config, hw, ck.config.dtype, 64)
+
+    cheap, dear = step(base), step(costly)
+    L, K = dear.layers, ck.config.top_k
+    per_read = 3e-4 + 1e-11 * dear.expert_bytes
+    assert dear.per_token("ondemand", 0.0) - cheap.per_token("ondemand", 0.0) == pytest.approx(
+        L * K * (per_read + 7e-4)
+    )
+    assert dear.per_token("lru", 0.5) - cheap.per_token("lru", 0.5) == pytest.approx(L * K * 0.5 * (per_read + 7e-4))
+    assert dear.per_token("gate-prefetch", 0.5) > cheap.per_token("gate-prefetch", 0.5)
+    gpu = replace(HW, read_submit_overhead=3e-4, read_wake_overhead=7e-4, disk_read_cpu=1e-11)
+    assert step(gpu).per_token("ondemand", 0.0) == step(HW).per_token("ondemand", 0.0)  # a GPU's reads: I/O threads

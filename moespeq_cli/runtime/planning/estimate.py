@@ -34,7 +34,11 @@ in RAM, S on the device, N in all: RAM keeps what it read for a copy, so it hold
 device's experts too), or ``1 - H / (N - S)`` with CPU experts (``hybrid``, moespeq's
 k = 0 arm: the device's set is placed once and RAM, an LRU, keeps only the others), and
 then its copy, or its CPU computation, waits for a read of ``disk_latency + bytes /
-disk_bandwidth`` first: ``t_copy`` and ``t_cpu`` grow by ``p_read * t_read``.
+disk_bandwidth`` first: ``t_copy`` and ``t_cpu`` grow by ``p_read * t_read``. On a
+profile of this CPU (``kind: cpu``: RAM the tier the CPU computes from, every miss a disk
+read) a read also costs the compute thread its hand-over and its CPU time, and a wait for
+it the thread's waking (``read_submit_overhead``, ``disk_read_cpu``, ``read_wake_overhead``):
+``lru`` and ``ondemand`` pay all three a miss, ``gate-prefetch`` the first two.
 
 On a GPU (``kind: gpu`` profiles) a layer's experts of the usual formats are computed in
 one grouped call (executors/grouped.py): ``t_dev`` is then an expert's work alone and the
@@ -152,6 +156,21 @@ class StepModel:
         return step
 
     @property
+    def read_host(self) -> float:
+        """On a profile of this CPU (``kind: cpu``, every miss a disk read): what a read costs
+        the compute thread beyond the disk's time, handing it to the I/O threads and its own
+        CPU time (``read_submit_overhead``, ``disk_read_cpu``: the mock charges both)."""
+        if self.hw.kind != "cpu":
+            return 0.0
+        return self.hw.read_submit_overhead + self.hw.disk_read_cpu * self.expert_bytes
+
+    @property
+    def read_wake(self) -> float:
+        """... and, where the compute thread waited for the read, its waking
+        (``read_wake_overhead``)."""
+        return self.hw.read_wake_overhead if self.hw.kind == "cpu" else 0.0
+
+    @property
     def t_copy(self) -> float:
         """An expert missing from the device brought there: a copy, and a read first when RAM
         does not hold it either."""
@@ -264,12 +283,13 @@ class StepModel:
         ne, dev = self.non_expert(1), self.t_dev()
         if policy == "resident":
             return ne + L * K * dev
+        waited = self.t_copy + self.read_host + self.read_wake  # a miss the compute thread waits for
         if policy == "ondemand":
-            return ne + L * K * (self.t_copy + dev)
+            return ne + L * K * (waited + dev)
         if policy == "lru":
-            return ne + L * K * dev + L * K * (1 - hit) * self.t_copy
-        if policy == "gate-prefetch":
-            return L * max(ne / L + K * dev, K * (1 - hit) * self.t_copy)
+            return ne + L * K * dev + L * K * (1 - hit) * waited
+        if policy == "gate-prefetch":  # reads handed over ahead: their submission is the compute thread's
+            return L * max(ne / L + K * dev + K * (1 - hit) * self.read_host, K * (1 - hit) * self.t_copy)
         if policy == "gate-prefetch+cpu":
             # moespeq at k = 0: copies prefetched behind a layer's compute c; what the link
             # cannot hide goes to the link and the CPU together
