@@ -901,6 +901,8 @@ def test_plan_on_a_cpu_profile_plans_ram_as_run_does(tiny, cli, tmp_path):
     assert text_out.exit_code == 0 and "this CPU" in text_out.stdout and "--vram" not in text_out.stdout
     bad = cli("plan", str(path), "--hardware", str(profile), "--vram", "1GB")
     assert bad.exit_code == 2 and "kind: cpu" in bad.stderr
+    # resident: every expert in RAM, the tier this CPU computes from (it said "on the device")
+    assert not rows["resident"]["fits"] and "every expert in RAM" in rows["resident"]["reason"]
     # without --ram both take what is available beside the same weights (plan counted the
     # demo's in its bf16, run on the mock in float32)
     free = ["-n", "4", "-p", "hello", "--hardware", str(profile)]

@@ -300,8 +300,9 @@ def make_plan(
         )
     slots = min(total, free // slot, max_slots if max_slots is not None else total)
     if policy == "resident" and slots < total:
+        tier = "in RAM" if on_host else "on the device"  # the tier the experts are computed from
         raise UsageError(
-            f"--policy resident needs every expert on the device: {format_size(fixed + total * expert)} in all, "
+            f"--policy resident needs every expert {tier}: {format_size(fixed + total * slot)} in all, "
             f"but {where} is {format_size(budget)}; raise {where} or choose an offloading policy"
         )
     if policy == "ondemand":
