@@ -262,7 +262,8 @@ def run_context(
     engine = None
     if source.endswith("config.json"):  # a checkpoint's folder, not a bundled config
         try:
-            engine = Engine(Path(source).parent, EngineOptions(backend="cpu", context=context))  # reads no weight
+            # reads no weight, and looks for no draft (``saved_blocksize`` does, once)
+            engine = Engine(Path(source).parent, EngineOptions(backend="cpu", context=context, draft="none"))
         except MoespeqError:
             pass
     if engine is None and context is not None:  # a config alone: the context given, if -n leaves a prompt room

@@ -437,7 +437,12 @@ class Engine:
 
         o = self.opts
         defaults = (EngineOptions.quant_method, EngineOptions.blocksize)
-        if o.draft != "auto" or (o.quant_method, o.blocksize) != defaults or self.ckpt.config.expert_format.four_bit:
+        if (
+            not self.policy.speculative  # no draft to load: no drafts to look for
+            or o.draft != "auto"
+            or (o.quant_method, o.blocksize) != defaults
+            or self.ckpt.config.expert_format.four_bit
+        ):
             return
         method, blocksize = draft_options(self.ckpt, *defaults)
         self.opts = replace(o, quant_method=method, blocksize=blocksize)

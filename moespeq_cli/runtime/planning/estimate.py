@@ -440,16 +440,15 @@ def speculation_cannot_pay(step: StepModel, with_draft: Plan, released: Plan, k_
         s.counted, s._ops, s.op_scale = False, {}, scale
         quick.append(sides(s))
     clear = all(max(b, p) > VERDICT_MARGIN * min(b, p) for b, p in quick)
-    if clear and len({p > b for b, p in quick}) == 1:
-        ratios = [p / b for b, p in quick]  # the count lies between the two scales: the smaller holds
-    else:
-        ratios = [p / b for b, p in (sides(step),)]
-    if min(ratios) <= 1.0:
+    # the count lies between the two scales: where both agree, the smaller ratio holds
+    sure = clear and len({p > b for b, p in quick}) == 1
+    ratio = min(p / b for b, p in (quick if sure else [sides(step)]))
+    if ratio <= 1.0:
         return None
     # a ratio, not the two rates: a quick verdict's rates are the estimates', not the plan's row
     released.note = (
         f"speculation off: {released.slots - with_draft.slots} more full-precision experts in the draft's memory "
-        f"beat speculating even with every drafted token accepted (plain decoding at least {min(ratios):.2f}x as "
+        f"beat speculating even with every drafted token accepted (plain decoding at least {ratio:.2f}x as "
         f"fast on {step.hw.name}, by the cost model); --spec-depth N keeps the draft"
     )
     return released

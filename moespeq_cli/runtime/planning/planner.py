@@ -347,10 +347,11 @@ def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int) -> int:
     total = cfg.num_experts * len(cfg.moe_layers)
     room = ram - draft_bytes
     if room < cfg.top_k * expert:
+        have, need = sizes_apart(ram, draft_bytes + cfg.top_k * expert)
         raise UsageError(
-            f"--ram {format_size(ram)} cannot hold {counted(cfg.top_k, 'expert slot')} of {format_size(expert)}"
+            f"--ram {have} cannot hold {counted(cfg.top_k, 'expert slot')} of {format_size(expert)}"
             + (f" beside the 4-bit draft's host experts ({format_size(draft_bytes)})" if draft_bytes else "")
-            + f"; it needs at least {format_size(draft_bytes + cfg.top_k * expert)} -- raise --ram"
+            + f"; it needs at least {need} -- raise --ram"
         )
     return int(min(total, room // expert))
 
