@@ -278,3 +278,30 @@ def test_two_sizes_that_differ_are_never_said_alike():
 
     assert sizes_apart(384735, 384736) == ("384,735 bytes", "384,736 bytes")
     assert sizes_apart(2**20, 2**21) == ("1.00 MiB", "2.00 MiB")
+
+
+def test_a_ram_beyond_the_machines_memory_is_noted(cli, tiny, monkeypatch):
+    """A given --ram that lets expert buffers take more RAM than the machine has available
+    is planned and run as asked, with a note that it would swap; a --ram that fits, or the
+    default (sized to what is available), gets none."""
+    from moespeq_cli.runtime.planning import planner
+
+    monkeypatch.setattr(planner, "memory_info", lambda: (16 * 2**30, 8 * 2**30))
+    assert plan_json(cli, "mixtral", "--ram", "4GB")["ram_note"] is None
+    assert plan_json(cli, "mixtral")["ram_note"] is None
+    out = plan_json(cli, "mixtral", "--ram", "1TB")
+    held = max(r["plan"]["ram_held_bytes"] for r in out["policies"] if r["fits"])
+    assert held > 8 * 2**30 and "available: it would swap" in out["ram_note"]
+    assert "8.00 GiB available" in out["ram_note"]
+    r = cli("plan", "mixtral", "--ram", "1TB")
+    assert r.exit_code == 0 and "note: --ram 931.32 GiB lets experts take" in r.stderr
+    # a run: the tiny model's experts against a machine of 128 KiB available
+    path, _ = tiny("mixtral", "gqa")
+    monkeypatch.setattr(planner, "memory_info", lambda: (2**30, 128 * 1024))
+    args = ("run", str(path), "-p", "hi", "-n", "2", "--backend", "mock", "--vram", "1GB")
+    r = cli(*args, "--ram", "1GB")
+    assert r.exit_code == 0, r.stderr
+    assert "lets experts take" in r.stderr and "128.00 KiB available" in r.stderr
+    r = cli(*args, "--ram", "100KB")
+    assert r.exit_code == 0, r.stderr
+    assert "lets experts take" not in r.stderr

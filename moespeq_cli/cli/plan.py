@@ -108,7 +108,7 @@ def plan(
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE, cpu_profile_takes_no_vram
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
     from moespeq_cli.runtime.planning.hardware import beyond_device, load_profile, parse_size
-    from moespeq_cli.runtime.planning.planner import default_ram, host_tier_ram, make_plan
+    from moespeq_cli.runtime.planning.planner import beyond_memory, default_ram, host_tier_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
 
     if list_hardware:
@@ -189,6 +189,7 @@ def plan(
                 "note": p.note,
             }
         )
+    held = max((r["plan"]["ram_held_bytes"] for r in rows if r["fits"]), default=0)
     report = {
         "model": name,
         "model_type": cfg.model_type,
@@ -206,14 +207,16 @@ def plan(
         "expert_bytes": step.expert_bytes,
         "policies": rows,
         "budget_note": beyond_device(budget, hw) if vram is not None else None,
+        "ram_note": beyond_memory(ram_bytes, held) if ram is not None else None,
     }
     if json_out:
         print(json.dumps(report))
         return
     from moespeq_cli.cli.render import plan_table
 
-    if report["budget_note"]:
-        print(f"note: {report['budget_note']}", file=sys.stderr)
+    for note in (report["budget_note"], report["ram_note"]):
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     plan_table(report)
 
 

@@ -131,6 +131,7 @@ class Renderer:
         run with every expert in RAM has no plan: the note alone)."""
 
         from moespeq_cli.runtime.planning.hardware import beyond_device, format_size
+        from moespeq_cli.runtime.planning.planner import beyond_memory
 
         plan, hw, note = engine.plan, engine.hw, engine.plan_note
         if plan is None:
@@ -156,6 +157,9 @@ class Renderer:
         beyond = beyond_device(plan.budget_bytes, hw) if hw is not None else None
         if beyond:
             say(f"note: {beyond}", style=None)
+        over = beyond_memory(plan.host_budget_bytes, plan.ram_held_bytes) if plan.ram_source is None else None
+        if over:
+            say(f"note: {over}", style=None)
 
     def note(self, line: str) -> None:
         """One dim line on stderr (never in JSON mode)."""

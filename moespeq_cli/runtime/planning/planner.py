@@ -97,6 +97,12 @@ class Plan:
         """Expert buffers in host RAM: full-precision experts and the draft's."""
         return self.host_slots * self.ram_slot_bytes + self.host_draft_bytes
 
+    @property
+    def ram_held_bytes(self) -> int:
+        """What --ram's buffers take in RAM: expert slots and the draft's experts there (all
+        of the draft where the CPU computes from RAM)."""
+        return self.host_bytes + (self.draft_bytes if self.compute_tier == "host" else 0)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
@@ -104,6 +110,7 @@ class Plan:
             slot_bytes=self.slot_bytes,
             resident_fraction=round(self.slots / self.total_experts, 4) if self.total_experts else 1.0,
             host_bytes=self.host_bytes,
+            ram_held_bytes=self.ram_held_bytes,
             disk_tier=self.disk_tier,
         )
         return d
@@ -373,6 +380,20 @@ def memory_info() -> tuple[int, int] | None:
         return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def beyond_memory(ram: int, held: int) -> str | None:
+    """A note when a given ``--ram`` lets expert buffers take more RAM (``held`` bytes)
+    than this machine has available now: the system would swap, or stop the run for want of
+    memory. None where it fits or the machine does not say."""
+    info = memory_info()
+    if info is None or held <= info[1]:
+        return None
+    return (
+        f"--ram {format_size(ram)} lets experts take {format_size(held)} of RAM where this machine has "
+        f"{format_size(info[1])} available: it would swap or run out of memory; give a smaller --ram, "
+        "or leave it out to size it to what is available"
+    )
 
 
 def host_tier_ram(sizes: Plan, ram: int | None) -> tuple[int, str | None]:
