@@ -4,7 +4,8 @@ The built-in demo, and every model in the Hugging Face cache (where ``moespeq pu
 other tools put them) whose config.json names an architecture moespeq implements: the
 name to type, its family, its size on disk, whether its weights are there or only its
 config (``pull --config-only``, enough for ``plan``), and the drafts moespeq keeps for it
-(``moespeq quantize``'s output, wherever ``run`` would look for one).
+(``moespeq quantize``'s output, wherever ``run`` would look for one): which one ``run``
+loads, and whether it still matches the weights (``run_draft``).
 
 Nothing here writes or downloads. The cache's layout is read directly
 (``models--ORG--NAME/{blobs,refs,snapshots}``), and each repository's snapshot is the one
@@ -33,8 +34,10 @@ class LocalModel:
     path: Path  # the snapshot a run loads
     size: int  # bytes on disk (every revision the cache holds)
     weights: bool  # False: config only
-    drafts: tuple[Path, ...]
-    draft_size: int
+    drafts: tuple[Path, ...]  # every draft kept for it, of any options
+    draft: Path | None  # the one `run --draft auto` loads
+    draft_state: str | None  # "ready", "stale" (built from other weights: run refuses it), "damaged"
+    draft_size: int  # of ``draft``
     modified: float  # seconds since the epoch
 
 
@@ -79,18 +82,46 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
     if not isinstance(model_type, str) or TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
         return None, f"model_type {model_type!r} is not an architecture moespeq runs"
     drafts = tuple(sorted(d for d in drafts_of(snapshot) if (d / "manifest.json").is_file()))
+    weights = any(p.exists() for p in snapshot.glob("*.safetensors"))  # a dangling link is no weight
+    draft, state = run_draft(snapshot) if weights else (None, None)
     model = LocalModel(
         name=name,
         repo=repo,
         model_type=model_type,
         path=snapshot,
         size=size,
-        weights=any(p.exists() for p in snapshot.glob("*.safetensors")),  # a dangling link is no weight
+        weights=weights,
         drafts=drafts,
-        draft_size=sum(_tree_size(d) for d in drafts),
+        draft=draft,
+        draft_state=state,
+        draft_size=_tree_size(draft) if draft is not None else 0,
         modified=modified,
     )
     return model, ""
+
+
+def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
+    """The draft ``run --draft auto`` loads for the checkpoint in ``snapshot`` (of the
+    default options, else the one `quantize` saved last with others: quant/draft.py
+    ``draft_options``) and its state: "ready"; "stale", built from other weights (``run``
+    refuses it until `quantize` rebuilds it); "damaged", its manifest missing. (None, None)
+    without one, or where the checkpoint cannot be read (``run`` says why)."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.quant.draft import draft_options, fingerprint, is_draft_of, saved_draft
+    from moespeq_cli.runtime.engine import EngineOptions
+
+    try:
+        ckpt = Checkpoint(snapshot)
+        if ckpt.config.expert_format.four_bit:
+            return None, None  # experts stored in 4 bits: run builds no draft of them
+        draft = saved_draft(snapshot, *draft_options(ckpt, EngineOptions.quant_method, EngineOptions.blocksize))
+        if draft is None:
+            return None, None
+        if not (draft / "manifest.json").is_file():
+            return draft, "damaged"
+        return draft, "ready" if is_draft_of(draft, fingerprint(ckpt)) else "stale"
+    except (MoespeqError, OSError):
+        return None, None
 
 
 def _tree_size(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
@@ -137,7 +138,6 @@ def test_list_shows_what_runs_offline(hub, cli):
     assert olmoe["model_type"] == "olmoe" and olmoe["weights"] and not plan_only["weights"]
     assert olmoe["size_bytes"] > plan_only["size_bytes"] > 0
     assert len(olmoe["drafts"]) == 1 and olmoe["draft_bytes"] > 0 and plan_only["drafts"] == []
-    from pathlib import Path
 
     assert Path(olmoe["path"], "config.json").is_file()
     # What `list` names, `run` takes, offline.
@@ -151,6 +151,35 @@ def test_list_shows_what_runs_offline(hub, cli):
     rows = [line.split()[0] for line in r.stdout.splitlines()[1:]]  # a name is never cut: awk takes it
     assert rows == ["demo", "acme/plan-only", "acme/tiny-olmoe"] and "config only" in r.stdout
     assert "not listed: acme/bert: model_type 'bert'" in r.stderr
+
+
+def test_list_sizes_the_draft_run_loads_and_says_when_it_is_stale(hub, cli):
+    """Of two drafts with other options, DRAFT is the one `run` loads (its size alone);
+    after the weights change it reads "stale", as `run` refuses it, until quantize runs."""
+    from moespeq_cli.local_models import _tree_size
+
+    assert cli("pull", "acme/tiny-olmoe").exit_code == 0
+    for args in ([], ["--method", "fp4", "--blocksize", "128"]):
+        assert cli("quantize", "acme/tiny-olmoe", *args).exit_code == 0
+
+    def listed():
+        r = cli("list", "--json")
+        assert r.exit_code == 0, r.stderr
+        return next(m for m in json.loads(r.stdout)["models"] if m["name"] == "acme/tiny-olmoe")
+
+    m = listed()
+    assert len(m["drafts"]) == 2 and m["draft"].endswith("-nf4-b64") and m["draft_state"] == "ready"
+    assert m["draft_bytes"] == _tree_size(Path(m["draft"])) < sum(_tree_size(Path(d)) for d in m["drafts"])
+    config = Path(m["path"], "config.json").resolve()  # the cache's blob
+    config.write_text(config.read_text() + "\n")  # other weights, as far as the draft can tell
+    m = listed()
+    assert m["draft_state"] == "stale" and m["draft"].endswith("-nf4-b64")
+    r = cli("list")
+    assert "stale: quantize again" in r.stdout
+    r = cli("run", "acme/tiny-olmoe", "-p", "hi", "-n", "2", "--spec-depth", "2")
+    assert r.exit_code != 0 and "rebuild it with `moespeq quantize`" in r.stderr, r.stderr
+    assert cli("quantize", "acme/tiny-olmoe").exit_code == 0
+    assert listed()["draft_state"] == "ready"
 
 
 def test_list_keeps_a_repo_with_a_dangling_link(cli, monkeypatch, tmp_path):

@@ -27,7 +27,8 @@ def listing(json_out: o.Json = False) -> None:
 
     The built-in demo and every model in the Hugging Face cache (`moespeq pull`'s, or
     another tool's) whose architecture moespeq runs, with its size on disk and the 4-bit
-    draft `moespeq quantize` built for it. A model pulled with --config-only is listed
+    draft `moespeq run` loads for it (`moespeq quantize` builds it; "stale" once the
+    weights changed: quantize again). A model pulled with --config-only is listed
     for `moespeq plan`. Checkpoints in your own directories are not tracked: pass their
     path to `moespeq run`.
     """
@@ -46,8 +47,10 @@ def listing(json_out: o.Json = False) -> None:
                 "path": str(m.path),
                 "size_bytes": m.size,
                 "weights": m.weights,
-                "drafts": [str(d) for d in m.drafts],
+                "draft": str(m.draft) if m.draft is not None else None,
+                "draft_state": m.draft_state,
                 "draft_bytes": m.draft_size,
+                "drafts": [str(d) for d in m.drafts],
                 "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.modified)),
             }
             for m in models
@@ -60,7 +63,7 @@ def listing(json_out: o.Json = False) -> None:
             m.name,
             m.model_type,
             format_size(m.size) if m.weights else "config only",
-            format_size(m.draft_size) if m.drafts else "-",
+            draft_cell(m),
             "built in" if m.repo is None else ago(now - m.modified),
         )
         for m in models
@@ -72,6 +75,16 @@ def listing(json_out: o.Json = False) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     for repo, why in others:
         print(f"not listed: {repo}: {why}", file=sys.stderr)
+
+
+def draft_cell(m) -> str:
+    """The DRAFT column: the size of the draft `run` loads, "stale" where run refuses it
+    (quantize again), "damaged" without its manifest, "-" without one."""
+    from moespeq_cli.runtime.planning.hardware import format_size
+
+    if m.draft is None:
+        return "-"
+    return format_size(m.draft_size) if m.draft_state == "ready" else f"{m.draft_state}: quantize again"
 
 
 def ago(seconds: float) -> str:
