@@ -5,7 +5,7 @@ import pytest
 from moespeq_cli.runtime.scheduling.governor import (
     Governor,
     GovernorState,
-    effective_cycles,
+    Sums,
     queued_stall_ratio,
     union_size,
 )
@@ -518,8 +518,12 @@ def test_the_release_margin_counts_what_a_discounted_mean_is_worth():
     for _ in range(200):
         s.observe(k, 1, draft_s=k * 0.4e-3, target_s=0.65e-3, misses=1, stall_s=1.5e-3)
     assert len(s.cycle_times[(k, True)]) >= 199
-    assert effective_cycles(s.depth_sums[k + 1][0], s.arm_decay) == pytest.approx(39.0, rel=1e-3)
-    assert effective_cycles(1.0 + 0.95, 0.95) == pytest.approx(1.95**2 / (1.0 + 0.95**2))  # two cycles
+    assert s.depth_sums[k + 1].worth == pytest.approx(39.0, rel=1e-3)
+    two = Sums()
+    for _ in range(2):
+        two.fade(0.95)
+        two.add(1.0, 0.0, 0)
+    assert two.worth == pytest.approx(1.95**2 / (1.0 + 0.95**2))  # two cycles
     gain = s.theta_released() / s.theta(k, measured=True, whole_run=True) - 1.0
     assert gain > 0  # releasing pays by the point estimate
     s.cycle_noise = lambda: gain * 10.0  # one standard error: 0.71 gain over 200 cycles, 1.6 over 39

@@ -88,18 +88,6 @@ def off_ram_share(in_ram: int, total: int) -> float:
     return max(0.0, 1.0 - in_ram / total) if total else 0.0
 
 
-def effective_cycles(weight: float, decay: float) -> float:
-    """How many equally weighted cycles a mean discounted by ``decay`` per newer cycle is
-    worth, from its total weight ``weight`` (1 + decay + ... + decay^(n-1)): (sum of the
-    weights)^2 / (sum of their squares), the count whose plain mean has the same variance.
-    n for a few cycles; at most (1 + decay) / (1 - decay), 39 at 0.95, however many ran."""
-    if decay >= 1.0:
-        return weight
-    newest_to_oldest = 1.0 - weight * (1.0 - decay)  # decay^n
-    squares = (1.0 - newest_to_oldest**2) / (1.0 - decay * decay)
-    return weight * weight / squares if squares > 0 else 1.0
-
-
 def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
     """Expected distinct experts chosen by n tokens in one layer, independent routing."""
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** n_tokens)
@@ -107,8 +95,9 @@ def union_size(n_tokens: int, num_experts: int, top_k: int) -> float:
 
 @dataclass
 class Sums:
-    """Compute, stall and misses summed over k = 0 cycles, and the cycles (their weights,
-    and the weights' squares); ``fade`` discounts them as later cycles come."""
+    """Compute, stall and misses summed over cycles (k = 0 cycles of an arm; a depth's
+    verifications), and the cycles (their weights, and the weights' squares); ``fade``
+    discounts them as later cycles come."""
 
     compute: float = 0.0
     stall: float = 0.0
@@ -129,8 +118,10 @@ class Sums:
 
     @property
     def worth(self) -> float:
-        """How many equally weighted cycles these discounted ones are worth (the count whose
-        plain mean has the same variance)."""
+        """How many equally weighted cycles these discounted ones are worth: (sum of the
+        weights)^2 / (sum of their squares), the count whose plain mean has the same
+        variance. n for a few cycles; faded by d per later cycle, at most (1 + d) / (1 - d),
+        39 at 0.95, however many ran."""
         return self.cycles * self.cycles / self.squares if self.squares else 0.0
 
 
@@ -212,9 +203,9 @@ class GovernorState:
     # slots); None: every predicted copy fits (the run measures what did not)
     prefetch_room: float | None = None
     last_arm: bool | None = None  # the prefetch arm of the last cycle if it was k = 0
-    # per n >= 2 verified tokens: (weight, compute sum, stall sum) of its cycles, discounted
-    # by ``arm_decay`` per later cycle of the same n (``_depth_mean``)
-    depth_sums: dict[int, list[float]] = field(default_factory=dict)
+    # per n >= 2 verified tokens: its cycles' compute and stall, discounted by ``arm_decay``
+    # per later cycle of the same n (``_depth_mean``)
+    depth_sums: dict[int, Sums] = field(default_factory=dict)
     # weight an arm's k = 0 cycle keeps per later k = 0 cycle (``arm_time``), and a depth's
     # cycle per later cycle at that depth (``_depth_mean``)
     arm_decay: float = 0.95
@@ -482,13 +473,13 @@ class GovernorState:
         """Whether releasing beats depth ``k`` by more than the noise of its measurement:
         ``k`` has run, and the released cycle's rate exceeds ``k``'s measured one by more
         than one standard error of the mean its estimate is (``cycle_noise`` / sqrt(the
-        cycles that mean is worth, ``effective_cycles``)). Releasing cannot be undone, and
+        cycles that mean is worth, ``Sums.worth``)). Releasing cannot be undone, and
         one slow cycle (a disk read twice as slow as the next) must not decide it."""
         released = self.theta_released()
         if k + 1 not in self.stall or released is None:
             return False
         runs = max(1, len(self.cycle_times.get((k, True), [])))  # the run's first cycle is not kept
-        worth = effective_cycles(self.depth_sums[k + 1][0], self.arm_decay) if k + 1 in self.depth_sums else runs
+        worth = self.depth_sums[k + 1].worth if k + 1 in self.depth_sums else runs
         margin = self.cycle_noise() / min(runs, worth) ** 0.5
         return released > (1.0 + margin) * self.theta(k, measured=True, whole_run=True)
 
@@ -504,10 +495,10 @@ class GovernorState:
         argmax over depths then chased that noise: on the Mixtral-shaped checkpoint with CPU
         experts (RTX 4090) auto switched depth nearly every cycle and fell 6-8% below
         every fixed depth from 2 to 4."""
-        s = self.depth_sums.setdefault(n, [0.0, 0.0, 0.0])
-        s[:] = [v * self.arm_decay for v in s]
-        s[0], s[1], s[2] = s[0] + 1.0, s[1] + target_s, s[2] + stall_s
-        self.t_target[n], self.stall[n] = s[1] / s[0], s[2] / s[0]
+        s = self.depth_sums.setdefault(n, Sums())
+        s.fade(self.arm_decay)
+        s.add(target_s, stall_s, 0)
+        self.t_target[n], self.stall[n] = s.compute / s.cycles, s.stall / s.cycles
 
     def observe(
         self,
