@@ -120,9 +120,13 @@ class Conversation:
         self.tokenizer, self.context, self.system = tokenizer, context, system
         self.turns: list[dict] = []
         self.can_grow = bool(limit and limit > context)  # --context may be raised
-        self.ways = "shorten it, lower --max-new-tokens" + (
-            " or raise --context" if self.can_grow else " (the model's context allows no more)"
-        )
+
+    def remedy(self, shorten: str | None) -> str:
+        """What makes a prompt fit: ``shorten`` what (where it can be), fewer new tokens,
+        and a larger --context where the model's allows one."""
+        first = f"{shorten}, " if shorten else ""
+        grow = " or raise --context" if self.can_grow else " (the model's context allows no more)"
+        return f"{first}lower --max-new-tokens{grow}"
 
     def reset(self) -> None:
         self.turns = []
@@ -147,8 +151,7 @@ class Conversation:
             )
             raise UsageError(
                 f"{what} and an answer of --max-new-tokens {max_new_tokens} do not fit the context of "
-                f"{self.context}; {'shorten --system, ' if self.system else ''}lower --max-new-tokens"
-                + (" or raise --context" if self.can_grow else "")
+                f"{self.context}; {self.remedy('shorten --system' if self.system else None)}"
             )
 
     def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:
@@ -166,7 +169,7 @@ class Conversation:
                 self.turns = self.turns[:-1]
                 raise UsageError(
                     f"the message ({len(ids)} tokens) and an answer of --max-new-tokens {max_new_tokens} do not "
-                    f"fit the context of {self.context}; {self.ways}"
+                    f"fit the context of {self.context}; {self.remedy('shorten it')}"
                 )
             # the oldest exchange goes: a user turn and the answer after it
             cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
