@@ -51,7 +51,7 @@ def test_sampling_with_seed_is_identical_across_policies(tiny):
     path, _ = tiny("mixtral", "gqa")
     s = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
     expected, _ = run_engine(path, prompt_for(6, 12), 20, backend="cpu", sampling=s)
-    for policy in ("ondemand", "lru", "gate-prefetch"):
+    for policy in ("ondemand", "lru", "gate-prefetch", "moespeq"):  # moespeq: drafter-invariant (sampling.py)
         got, _ = run_engine(path, prompt_for(6, 12), 20, policy=policy, slots=3, sampling=s)
         assert got == expected
 

@@ -9,7 +9,7 @@ from moespeq_cli.runtime.sampling import Sampler, SamplingParams, check_logits, 
 
 def test_greedy_is_argmax():
     logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
-    assert Sampler(SamplingParams())(logits) == 1
+    assert Sampler(SamplingParams())(logits, 0) == 1
 
 
 def test_top_k_keeps_k_best():
@@ -38,16 +38,22 @@ def test_temperature_sharpens():
 def test_seed_reproduces_and_frequencies_match():
     logits = torch.tensor([0.0, 1.0, 2.0, 0.5])
     params = SamplingParams(temperature=1.0, seed=7)
-    a = [Sampler(params)(logits) for _ in range(1)]
+    a = [Sampler(params)(logits, 0) for _ in range(1)]
     s1, s2 = Sampler(params), Sampler(params)
-    seq1 = [s1(logits) for _ in range(50)]
-    seq2 = [s2(logits) for _ in range(50)]
+    seq1 = [s1(logits, i) for i in range(50)]
+    seq2 = [s2(logits, i) for i in range(50)]
     assert seq1 == seq2 and a[0] == seq1[0]
-    s = Sampler(SamplingParams(temperature=1.0, seed=3))
-    n = 20000
-    counts = torch.bincount(torch.tensor([s(logits) for _ in range(n)]), minlength=4).double() / n
+    assert s2(logits, 7) == seq1[7]  # a position's token is its own: asked again, or out of order
     want = torch.softmax(logits.double(), -1)
-    assert float((counts - want).abs().sum()) / 2 < 0.02  # total variation
+    n = 20000
+    for sampler in (Sampler(SamplingParams(temperature=1.0, seed=3)), Sampler(SamplingParams(temperature=1.0))):
+        counts = torch.bincount(torch.tensor([sampler(logits, i) for i in range(n)]), minlength=4).double() / n
+        assert float((counts - want).abs().sum()) / 2 < 0.02  # total variation
+    # over seeds at one position too (each seed's noise is its own)
+    counts = torch.bincount(
+        torch.tensor([Sampler(SamplingParams(temperature=1.0, seed=s))(logits, 0) for s in range(n)]), minlength=4
+    )
+    assert float((counts.double() / n - want).abs().sum()) / 2 < 0.02
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -81,7 +87,7 @@ def test_a_temperature_too_small_to_divide_by_is_greedy():
     from moespeq_cli.errors import UsageError
 
     p = SamplingParams(temperature=1e-5, seed=0)
-    assert p.greedy and Sampler(p)(torch.tensor([1.0, 3.0, 2.0])) == 1
+    assert p.greedy and Sampler(p)(torch.tensor([1.0, 3.0, 2.0]), 0) == 1
     assert not SamplingParams(temperature=1e-4).greedy
     with pytest.raises(UsageError, match="0 \\(greedy\\) to 100"):
         SamplingParams(temperature=101)

@@ -9,7 +9,7 @@ from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.planning.planner import draft_bytes_estimate
 from moespeq_cli.runtime.sampling import SamplingParams
-from moespeq_cli.runtime.speculative import accept_greedy, accept_sampling
+from moespeq_cli.runtime.speculative import accept_coupled, accept_greedy, accept_sampling
 
 
 def spec_engine(path, k="auto", slots=None, context=40, draft="auto", **kw):
@@ -76,6 +76,62 @@ def test_sampling_with_draft_is_reproducible(tiny):
     a = tokens(spec_engine(path, "3"), prompt_for(4), 20, s)
     b = tokens(spec_engine(path, "3"), prompt_for(4), 20, s)
     assert a == b and len(a) == 20
+
+
+@pytest.mark.parametrize("family,variant", [("mixtral", "top3"), ("olmoe", "base")])
+def test_a_seeded_sample_is_the_same_whatever_the_draft_depth(tiny, family, variant):
+    """With a seed, the tokens are plain decoding's with that seed, whatever depth the
+    governor chose, a broken draft or none (drafter-invariant: a server's governor carries
+    over between requests, and on a wall clock its choices follow timings)."""
+    path, _ = tiny(family, variant)
+    prompt = prompt_for(4)
+    s = SamplingParams(temperature=1.0, top_p=0.95, seed=5)
+    expected, _ = run_engine(path, prompt, 24, backend="cpu", sampling=s)
+    assert len(set(expected)) > 3  # a sample, not one repeated token
+    accepted = []
+    for k in ("1", "2", "4", "auto"):
+        eng = spec_engine(path, k, context=len(prompt) + 24)
+        assert tokens(eng, prompt, 24, s) == expected, k
+        if k != "auto":
+            accepted.append(eng.last_stats.acceptance_rate)
+    assert max(accepted) > 0.3  # the draft's proposals race with the target's noise: they agree
+    broken = spec_engine(path, "4", context=len(prompt) + 24)
+    broken.draft_exec.quant.zero_()
+    assert tokens(broken, prompt, 24, s) == expected
+    other = tokens(spec_engine(path, "2", context=len(prompt) + 24), prompt, 24, SamplingParams(1.0, 0.95, seed=6))
+    assert other != expected  # the seed decides
+
+
+@pytest.mark.parametrize("case", ["close", "far", "same"])
+def test_coupled_verification_emits_the_targets_race(case):
+    """Verification with a seed emits, at each position, the target's own race (so the
+    first token is distributed as p[0] whatever q is), and accepts a drafted token at
+    least (1 - TV) / (1 + TV) of the time where the draft raced with the same noise."""
+    from moespeq_cli.runtime.sampling import Sampler, race
+
+    g = torch.Generator().manual_seed(0)
+    V, k = 5, 2
+    p = torch.softmax(torch.randn(k + 1, V, generator=g), -1)
+    q = {
+        "same": p[:k].clone(),
+        "close": torch.softmax(p[:k].log() + 0.5 * torch.randn(k, V, generator=g), -1),
+        "far": torch.softmax(3 * torch.randn(k, V, generator=g), -1),
+    }[case]
+    n, counts, accepted = 20000, torch.zeros(V), 0
+    for seed in range(n):
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        drafted = [sampler.pick(q[i], 10 + i) for i in range(k)]
+        m, nxt = accept_coupled(p, drafted, sampler, 10)
+        plain = [race(p[i], sampler.noise(10 + i, V)) for i in range(k + 1)]
+        assert drafted[:m] + [nxt] == plain[: m + 1]  # what plain decoding picks there
+        counts[plain[0]] += 1
+        accepted += m >= 1
+    freq = counts / n
+    assert float((freq - p[0]).abs().sum()) / 2 < 0.02, (freq, p[0])
+    tv = float((p[0] - q[0]).abs().sum()) / 2
+    assert accepted / n >= (1 - tv) / (1 + tv) - 0.015
+    if case == "same":
+        assert accepted == n
 
 
 def test_greedy_accept_rule():

@@ -71,7 +71,12 @@ TopP = Annotated[
     ),
 ]
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the K most likely tokens (0 = off).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.", show_default=False)]
+Seed = Annotated[
+    Optional[int],
+    typer.Option(
+        "--seed", help="Seed for sampling: the same tokens every time, with or without speculation.", show_default=False
+    ),
+]
 Backend = Annotated[
     str,
     typer.Option(

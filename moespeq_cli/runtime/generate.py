@@ -48,7 +48,7 @@ def generate(
     t0 = clock() if since is None else since
     logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]
     for i in range(max_new_tokens):
-        token = sample(logits)
+        token = sample(logits, i)
         eos = token in eos_ids
         yield TokenEvent(token, i, clock() - t0, eos=eos)
         if eos or i == max_new_tokens - 1:

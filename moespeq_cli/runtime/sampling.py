@@ -1,8 +1,23 @@
 """Next-token selection: greedy at temperature 0, otherwise temperature, top-k and top-p
-(nucleus) sampling from a seeded generator, so a run with ``--seed`` is reproducible.
+(nucleus) sampling.
 
-``probabilities`` returns the distribution actually sampled from; speculative decoding's
-rejection rule needs exactly that distribution for both the draft and the target.
+``probabilities`` returns the distribution actually sampled from; speculative decoding
+needs exactly that distribution for both the draft and the target.
+
+With a seed, each position's token is decided by that position's own noise
+(``Sampler.noise``: one Exp(1) draw per vocabulary entry from a generator seeded by the
+seed and the position) in an exponential race, ``race``: argmax p / e, which is the
+Gumbel-max trick (log p - log e) and so a sample of p. The draft's proposal for a
+position races with the same noise as the target's choice there, and verification keeps
+a drafted token exactly when the target's race picks it too (``accept_coupled``). The
+tokens are then those plain decoding picks with the same seed, whatever the draft
+proposed, the depth the governor chose, the policy or the backend: a seeded request is
+reproducible on a wall clock (where the governor's choices follow timings) and in a
+server whose governor carries over from earlier requests. (This is drafter-invariant
+speculative sampling; it accepts a little less often than rejection sampling where draft
+and target differ: P(accept) >= (1 - TV) / (1 + TV) against 1 - TV.) Without a seed,
+speculative decoding uses rejection sampling (speculative.py ``accept_sampling``), whose
+tokens depend on the drafts, from a randomly seeded generator.
 """
 
 from __future__ import annotations
@@ -113,14 +128,53 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return [int(b) for b in best]
 
 
+def race(probs: torch.Tensor, noise: torch.Tensor) -> int:
+    """The token whose probability over its Exp(1) draw is largest: argmax p / e (the
+    Gumbel-max trick, argmax log p - log e), distributed as ``probs``. A token of
+    probability 0 never wins (torch's draws are never 0)."""
+    return int(torch.argmax(probs / noise))
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A generator seed for ``position`` of a run seeded with ``seed``: the two mixed
+    (splitmix64's constants), so nearby seeds and positions draw unrelated noise."""
+    x = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 31)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 29)
+
+
 class Sampler:
+    """Chooses each next token; with a seed, by ``race`` with each position's own noise
+    (module docstring), else from one randomly seeded generator (``gen``)."""
+
     def __init__(self, params: SamplingParams):
         self.params = params
         self.gen = torch.Generator()
-        self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.gen.manual_seed(params.seed % 2**64 if params.seed is not None else torch.seed())
+        self.coupled = params.seed is not None  # tokens decided by each position's noise
+        self._noise: dict[int, torch.Tensor] = {}
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits [V] -> the next token id."""
+    def noise(self, position: int, size: int) -> torch.Tensor:
+        """Exp(1) draws for every token at ``position`` (0: the first generated token):
+        the same for the draft's proposal and the target's choice there (kept for a
+        cycle: positions behind ``position`` are let go)."""
+        e = self._noise.get(position)
+        if e is None or e.numel() != size:
+            g = torch.Generator()
+            g.manual_seed(position_seed(self.params.seed, position))
+            e = torch.empty(size).exponential_(generator=g)
+            self._noise = {p: v for p, v in self._noise.items() if p > position - 16}
+            self._noise[position] = e
+        return e
+
+    def pick(self, probs: torch.Tensor, position: int) -> int:
+        """A token of ``probs`` [V] for ``position``."""
+        if self.coupled:
+            return race(probs, self.noise(position, probs.shape[-1]))
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def __call__(self, logits: torch.Tensor, position: int) -> int:
+        """logits [V] -> the token at ``position`` (0: the first generated one)."""
         if self.params.greedy:
             return greedy_tokens(logits)[0]
-        return int(torch.multinomial(checked_probabilities(logits, self.params), 1, generator=self.gen))
+        return self.pick(checked_probabilities(logits, self.params), position)

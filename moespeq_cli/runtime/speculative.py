@@ -69,6 +69,18 @@ def accept_greedy(target_logits: torch.Tensor, drafted: list[int]) -> tuple[int,
     return m, best[m]
 
 
+def accept_coupled(p: torch.Tensor, drafted: list[int], sampler: Sampler, first: int) -> tuple[int, int]:
+    """Verification with a seed (sampling.py): the target's token at each position is the
+    race of its probabilities ``p`` [k+1, V] with that position's noise (``first``: the
+    position of the first drafted token); a drafted token is kept exactly when it is that
+    token. -> (accepted count m, next token)."""
+    for i, d in enumerate(drafted):
+        t = sampler.pick(p[i], first + i)
+        if t != d:
+            return i, t
+    return len(drafted), sampler.pick(p[len(drafted)], first + len(drafted))
+
+
 def accept_sampling(p: torch.Tensor, q: torch.Tensor, drafted: list[int], gen: torch.Generator) -> tuple[int, int]:
     """Rejection sampling. p: target probabilities [k+1, V]; q: draft probabilities [k, V]
     (both after temperature/top-k/top-p). -> (accepted count m, next token)."""
@@ -113,7 +125,7 @@ def speculative_generate(
     model.set_experts(target)
     hooks.begin_prefill()
     logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]
-    pending = sampler(logits)
+    pending = sampler(logits, 0)
     emitted = 0
 
     def emit(tok: int, from_draft: bool) -> TokenEvent:
@@ -139,13 +151,13 @@ def speculative_generate(
         if k:
             model.set_experts(draft)
             x = pending
-            for _ in range(k):
+            for j in range(k):
                 dl = model(torch.tensor([x]), cache, last_only=True)[-1]
                 if sampling.greedy:
                     x = int(torch.argmax(dl))
                 else:
                     q = probabilities(dl.float().cpu(), sampling)
-                    x = int(torch.multinomial(q, 1, generator=gen))
+                    x = sampler.pick(q, emitted + j)  # with a seed: the race the target's choice there runs
                     qs.append(q)
                 drafted.append(x)
             cache.truncate(n)
@@ -154,9 +166,11 @@ def speculative_generate(
         recomputed = model.recomputes(cache, k + 1)  # LongRoPE's one-off pass over the whole sequence
         vl = model(torch.tensor([pending] + drafted), cache, last_only=not k)  # [k+1, V] (or [1, V])
         if not k:  # every path checks the logits for NaN/inf (sampling.py)
-            m, nxt = 0, sampler(vl[-1])
+            m, nxt = 0, sampler(vl[-1], emitted)
         elif sampling.greedy:
             m, nxt = accept_greedy(vl, drafted)
+        elif sampler.coupled:
+            m, nxt = accept_coupled(checked_probabilities(vl, sampling), drafted, sampler, emitted)
         else:
             m, nxt = accept_sampling(checked_probabilities(vl, sampling), torch.stack(qs), drafted, gen)
         cache.truncate(n + m + 1)
