@@ -1,8 +1,11 @@
 """Downloads from the Hugging Face Hub (``moespeq pull``).
 
-Only the files a run needs (safetensors weights and index, config, tokenizer, generation
-config) go into the standard Hugging Face cache, so other tools reuse them and later
-commands resolve the alias or id without the network. An interrupted pull keeps the
+A repository is checked before anything is downloaded (``preflight``): its top level must
+hold a config.json of a family moespeq implements and, for a run, safetensors weights.
+Only the files a run needs (the top level's safetensors weights and index, config,
+tokenizer, generation config; not the copies some repositories keep in subfolders) go
+into the standard Hugging Face cache, so other tools reuse them and later commands
+resolve the alias or id without the network. An interrupted pull keeps the
 files it finished (huggingface_hub renames each into place when it is whole) and the
 same command fetches the rest. A dropped connection is resumed within the pull (a range
 request for the rest), but a file a killed or interrupted pull cut short starts over
@@ -16,7 +19,9 @@ line that says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import sys
 import threading
@@ -38,6 +43,8 @@ RUN_FILES = [
 ]
 CONFIG_FILES = ["config.json", "generation_config.json"]
 STALE_S = 600  # a partial download untouched this long is a killed pull's, never a live one's
+TOP_LEVEL_ONLY = ["*/*"]  # copies in subfolders (gpt-oss's original/, metal/) are not what a run loads
+PULLED = Path(".cache") / "moespeq" / "pulled.json"  # in --local-dir: the repository pulled there
 
 
 class HubError(MoespeqError):
@@ -75,23 +82,51 @@ def download(snapshot_download, kwargs: dict) -> str:
     return result["path"]
 
 
-def check_local_dir(local_dir: Path) -> None:
-    """``--local-dir`` must be new, empty, or written by an earlier pull (it holds
-    huggingface_hub's ``.cache/huggingface``): a directory of the user's own files is never
-    downloaded over."""
+def check_local_dir(local_dir: Path, repo: str) -> None:
+    """``--local-dir`` must be new, empty, or written by an earlier pull of ``repo``: every
+    entry in it but ``.cache`` has huggingface_hub's download record
+    (``.cache/huggingface/download/<name>.metadata``), and the repository moespeq
+    recorded there (``PULLED``), where it did, is ``repo``. A directory of the user's own
+    files is never downloaded over (a home directory holds ``.cache/huggingface`` too),
+    nor is one model's pull mixed with another's."""
     if not os.path.lexists(local_dir):
         return
     if not local_dir.is_dir():
         raise UsageError(f"--local-dir {local_dir} exists and is not a directory; give a directory")
     try:
-        names = [p.name for p in local_dir.iterdir()]
+        names = [p.name for p in local_dir.iterdir() if p.name != ".cache"]
     except OSError as err:
         raise UsageError(f"--local-dir {local_dir} cannot be read ({err.strerror}); give another directory") from None
-    if names and not (local_dir / ".cache" / "huggingface").is_dir():
+    records = local_dir / ".cache" / "huggingface" / "download"
+    theirs = [n for n in names if not ((records / f"{n}.metadata").is_file() or (records / n).is_dir())]
+    if theirs:
         raise UsageError(
-            f"--local-dir {local_dir} already holds files that no pull wrote; the download would overwrite "
-            "and mix with them: give a new or empty directory"
+            f"--local-dir {local_dir} already holds files that no pull wrote ({theirs[0]!r}"
+            f"{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''}); the download would overwrite and mix with "
+            "them: give a new or empty directory"
         )
+    try:
+        earlier = json.loads((local_dir / PULLED).read_text()).get("repo")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if names and earlier is not None and earlier != repo:
+        raise UsageError(
+            f"--local-dir {local_dir} holds a pull of {earlier}; give another directory for {repo} "
+            "(one model per directory: their files would mix)"
+        )
+
+
+def record_pull(local_dir: Path, repo: str) -> None:
+    """Note in ``--local-dir`` which repository is pulled into it (``check_local_dir``),
+    before any file arrives: an interrupted pull is the same repository's too."""
+    marker = local_dir / PULLED
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"repo": repo}) + "\n")
+    except OSError as err:
+        raise HubError(
+            f"cannot write into --local-dir {local_dir} ({err.strerror}); give a writable directory"
+        ) from None
 
 
 def remove_partial_downloads(repo: str, local_dir: Path | None) -> None:
@@ -129,8 +164,9 @@ def repo_for(model: str) -> str:
 
 
 def pull(model: str, revision: str | None = None, local_dir: Path | None = None, config_only: bool = False) -> Path:
-    """Download MODEL's run files (or only its config); returns the local directory."""
-    from huggingface_hub import errors as e
+    """Download MODEL's run files (or only its config); returns the local directory. The
+    repository is checked first (``preflight``): one moespeq cannot run is refused before
+    any file is written."""
     from huggingface_hub import snapshot_download
 
     repo = repo_for(model)
@@ -140,18 +176,80 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     if revision is not None and (not revision.strip() or len(revision) > 256 or "\x00" in revision):
         raise UsageError(f"--revision {revision[:40]!r} is not a branch, tag or commit name")
     if local_dir is not None:
-        check_local_dir(Path(local_dir))
+        check_local_dir(Path(local_dir), repo)
     kwargs = dict(
         repo_id=repo,
         revision=revision,
         allow_patterns=CONFIG_FILES if config_only else RUN_FILES,
+        ignore_patterns=TOP_LEVEL_ONLY,
         local_dir=str(local_dir) if local_dir else None,
         cache_dir=os.environ.get("HF_HUB_CACHE") or None,
         endpoint=os.environ.get("HF_ENDPOINT") or None,
     )
-    remove_partial_downloads(repo, local_dir)
+    with hub_errors(repo, revision, local_dir):
+        from huggingface_hub import constants
+
+        if not constants.HF_HUB_OFFLINE:  # offline, a pull can only find what the cache holds
+            preflight(repo, revision, config_only)
+        if local_dir is not None:
+            record_pull(Path(local_dir), repo)
+        remove_partial_downloads(repo, local_dir)
+        return Path(download(snapshot_download, kwargs))
+
+
+def preflight(repo: str, revision: str | None, config_only: bool) -> None:
+    """Refuse, before anything is downloaded, a repository moespeq cannot run: no
+    config.json at its top level, no safetensors weights there (a run's pull), or a
+    config.json whose ``model_type`` no family here implements (read from a temporary
+    copy, so nothing is left in the cache)."""
+    import tempfile
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from moespeq_cli.errors import UnsupportedModelError
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    files = [f for f in HfApi(endpoint=endpoint).list_repo_files(repo, revision=revision) if "/" not in f]
+    if "config.json" not in files:
+        raise UnsupportedModelError(
+            f"{repo} has no config.json at its top level: not a Hugging Face transformers checkpoint moespeq runs"
+        )
+    if not config_only and not any(f.endswith(".safetensors") for f in files):
+        held = sorted({Path(f).suffix for f in files if Path(f).suffix in (".bin", ".pt", ".pth", ".gguf")})
+        what = f" (it holds {', '.join(held)} files)" if held else ""
+        raise UnsupportedModelError(
+            f"{repo} has no safetensors weights{what}; moespeq reads safetensors only (it never unpickles) -- "
+            "use a safetensors revision or convert it"
+        )
+    with tempfile.TemporaryDirectory(prefix="moespeq-pull-") as tmp:
+        path = hf_hub_download(repo, "config.json", revision=revision, local_dir=tmp, endpoint=endpoint)
+        from moespeq_cli.errors import CheckpointError
+        from moespeq_cli.models import ARCHITECTURES, TYPE_ALIASES, language_config
+        from moespeq_cli.models.checkpoint import read_config
+
+        try:
+            raw, _ = language_config(read_config(Path(path).parent))
+        except CheckpointError as err:
+            raise UnsupportedModelError(f"{repo}'s config.json cannot be read ({err}); moespeq cannot run it") from None
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{repo} is a {model_type!r} model, not an architecture moespeq runs "
+            f"(families: {', '.join(sorted(ARCHITECTURES))}); nothing was downloaded"
+        )
+
+
+@contextlib.contextmanager
+def hub_errors(repo: str, revision: str | None, local_dir: Path | None):
+    """Every hub failure as one line that says what to do."""
+    from huggingface_hub import errors as e
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its own warnings (a tree cache it could not write) are ours to say
     try:
-        path = Path(download(snapshot_download, kwargs))
+        yield
+    except MoespeqError:
+        raise
     except e.HFValidationError as err:
         raise UsageError(f"{str(err).splitlines()[0][:160]}; check the model id and --revision") from None
     except e.GatedRepoError:
@@ -184,15 +282,16 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
         ) from None
     except OSError as err:
         where = local_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        elsewhere = "give --local-dir" if local_dir else "point HF_HUB_CACHE (or HF_HOME) at"
         if err.errno == errno.ENOSPC:
             raise HubError(
                 f"no space left on the disk holding {where} while downloading {repo}; free some space "
-                "(or set HF_HOME to a larger disk), then run the same command again"
+                f"(or {elsewhere} a larger disk), then run the same command again"
             ) from None
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOENT, errno.EEXIST):
             raise HubError(
-                f"cannot write the download of {repo} into {where} ({err.strerror}); "
-                "give a writable --local-dir or HF_HOME"
+                f"cannot write the download of {repo} into {where} ({err.strerror}): it is not a writable "
+                f"directory; {elsewhere} one that is"
             ) from None
         raise HubError(f"download of {repo} was interrupted ({err.__class__.__name__}); {AGAIN}") from None
     except ConnectionError as err:
@@ -202,9 +301,3 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
             f"download of {repo} failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
             "check HF_ENDPOINT and the network, then run the same command again"
         ) from None
-    if not config_only and not any(path.glob("*.safetensors")):
-        raise HubError(
-            f"{repo} has no safetensors weights (pickle .bin only); moespeq never unpickles -- "
-            "use a safetensors revision or convert it"
-        )
-    return path

@@ -33,7 +33,8 @@ class LocalModel:
     model_type: str
     path: Path  # the snapshot a run loads
     size: int  # bytes on disk (every revision the cache holds)
-    weights: bool  # False: config only
+    weights: bool  # every weights file is there (False: config only, or a pull cut short)
+    incomplete: bool  # some weights files are there, not all (the index names others)
     drafts: tuple[Path, ...]  # every draft kept for it, of any options
     draft: Path | None  # the one `run --draft auto` loads
     draft_state: str | None  # "ready", "stale" (built from other weights: run refuses it), "damaged"
@@ -57,7 +58,8 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     for repo, d in repos:
         snapshot = cached_snapshot(repo)  # what `run` resolves the name to
         if snapshot is None:
-            others.append((repo, "no snapshot with a config.json"))
+            if any((d / "snapshots").glob("*")):  # a --local-dir pull leaves refs/ alone: nothing to say
+                others.append((repo, "no snapshot with a config.json"))
             continue
         size = _tree_size(d / "blobs") or _tree_size(snapshot)
         entry, why = _entry(names.get(repo, repo), repo, snapshot, size, snapshot.stat().st_mtime)
@@ -82,7 +84,8 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
     if not isinstance(model_type, str) or TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
         return None, f"model_type {model_type!r} is not an architecture moespeq runs"
     drafts = tuple(sorted(d for d in drafts_of(snapshot) if (d / "manifest.json").is_file()))
-    weights = any(p.exists() for p in snapshot.glob("*.safetensors"))  # a dangling link is no weight
+    held, incomplete = weight_files(snapshot)
+    weights = held and not incomplete
     draft, state = run_draft(snapshot) if weights else (None, None)
     model = LocalModel(
         name=name,
@@ -91,6 +94,7 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
         path=snapshot,
         size=size,
         weights=weights,
+        incomplete=incomplete,
         drafts=drafts,
         draft=draft,
         draft_state=state,
@@ -124,12 +128,30 @@ def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
         return None, None
 
 
+def weight_files(snapshot: Path) -> tuple[bool, bool]:
+    """(whether ``snapshot`` holds weights, whether some that its index names are missing:
+    a pull cut short between shards). A dangling link is no file."""
+    from moespeq_cli.models.checkpoint import read_json
+
+    held = any(p.exists() for p in snapshot.glob("*.safetensors"))
+    if (snapshot / "model.safetensors").exists():
+        return True, False  # read before any index, as a run reads it (models/checkpoint.py)
+    try:
+        shards = set(read_json(snapshot / "model.safetensors.index.json", "").get("weight_map", {}).values())
+    except (CheckpointError, AttributeError, TypeError):
+        shards = set()
+    missing = any(not (snapshot / str(s)).exists() for s in shards)
+    return held, held and missing
+
+
 def _tree_size(path: Path) -> int:
     """Bytes of the files under ``path`` (links followed, as the cache's snapshots are;
-    dangling ones count nothing)."""
+    dangling ones count nothing; nor does a partial download, ``*.incomplete``)."""
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
+            if f.endswith(".incomplete"):
+                continue
             try:
                 total += os.stat(os.path.join(root, f)).st_size
             except OSError:

@@ -91,8 +91,14 @@ class FakeHub:
             )
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/.*)?", path)
         if m:
-            repo, _ = m.groups()
-            files = self.repos.get(repo, {})
+            repo, rev = m.groups()
+            if repo not in self.repos:  # as the hub answers: the repository's errors first
+                return self.error(h, 404, "RepoNotFound", "Repository not found")
+            if repo in self.gated:
+                return self.error(h, 403, "GatedRepo", "Access to this repo is restricted")
+            if rev not in ("main", self.sha(repo)):
+                return self.error(h, 404, "RevisionNotFound", "Revision not found")
+            files = self.repos[repo]
             return self.json(
                 h,
                 [

@@ -125,8 +125,13 @@ def test_list_aliases(cli):
 
 def test_list_shows_what_runs_offline(hub, cli):
     at_commit = ["--revision", FakeHub.sha("acme/plan-only")]  # no refs/main: what a run finds is the snapshot
-    for args in (["acme/tiny-olmoe"], ["acme/plan-only", "--config-only", *at_commit], ["acme/bert"]):
+    for args in (["acme/tiny-olmoe"], ["acme/plan-only", "--config-only", *at_commit]):
         assert cli("pull", *args).exit_code == 0
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(
+        "acme/bert", endpoint=hub.url, cache_dir=os.environ["HF_HUB_CACHE"]
+    )  # another tool's download of a model moespeq does not run
     assert cli("quantize", "acme/tiny-olmoe").exit_code == 0
     r = cli("list", "--json")
     assert r.exit_code == 0, r.stderr
@@ -201,6 +206,28 @@ def test_list_keeps_a_repo_with_a_dangling_link(cli, monkeypatch, tmp_path):
     assert x["model_type"] == "mixtral" and not x["weights"]
 
 
+def test_list_says_which_pulls_are_incomplete(hub, cli, tmp_path):
+    """A pull cut short between two shards: listed as incomplete (not runnable), its
+    partial file not counted; `run` names the pull that fetches the rest."""
+    from moespeq_cli.local_models import _tree_size
+
+    assert cli("pull", "acme/tiny-olmoe").exit_code == 0
+    snap = Path(cli("pull", "acme/tiny-olmoe").stdout.strip().splitlines()[-1])
+    (snap / "model.safetensors").rename(snap / "model-00001-of-00002.safetensors")  # the first of two shards
+    (snap / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
+    blobs = snap.parents[1] / "blobs"
+    (blobs / "abc.1234.incomplete").write_bytes(b"x" * 100_000)  # a killed pull's partial file
+    r = cli("list", "--json")
+    (m,) = [m for m in json.loads(r.stdout)["models"] if m["name"] == "acme/tiny-olmoe"]
+    assert m["incomplete"] and not m["weights"] and m["draft"] is None
+    assert m["size_bytes"] == _tree_size(blobs) < sum(p.stat().st_size for p in blobs.iterdir())
+    assert "(incomplete: pull again)" in cli("list").stdout
+    r = cli("run", "acme/tiny-olmoe", "-p", "hi", "-n", "2")
+    assert r.exit_code == 1 and "the download is incomplete: `moespeq pull acme/tiny-olmoe` fetches it" in r.stderr
+
+
 def test_list_says_ages_as_ollama_does():
     from moespeq_cli.cli.listing import ago
 
@@ -219,6 +246,53 @@ def test_list_with_a_file_for_a_cache(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     r = cli("list")
     assert r.exit_code == 1 and "not a directory" in r.stderr and "HF_HUB_CACHE" in r.stderr
+
+
+def test_a_repo_moespeq_cannot_run_is_refused_before_any_download(hub, cli, tmp_path):
+    """No config.json, no safetensors, or a model_type no family implements: refused with
+    what it is, and nothing written to the cache (a config-only entry would be listed)."""
+    hub.repos["acme/noconfig"] = {"model.safetensors": hub.repos["acme/tiny-olmoe"]["model.safetensors"]}
+    hub.repos["acme/gguf"] = {"config.json": hub.repos["acme/tiny-olmoe"]["config.json"], "model.gguf": b"GGUF"}
+    for repo, needle in (
+        ("acme/bert", "is a 'bert' model, not an architecture moespeq runs"),
+        ("acme/noconfig", "has no config.json"),
+        ("acme/gguf", "has no safetensors weights (it holds .gguf files)"),
+        ("acme/bin-only", "(it holds .bin files)"),
+    ):
+        r = cli("pull", repo)
+        assert r.exit_code == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not list((tmp_path / "cache").glob(f"models--acme--{repo.split('/')[1]}/snapshots/*/*"))
+        r = cli("pull", repo, "--local-dir", str(tmp_path / repo))
+        assert r.exit_code == 1 and not (tmp_path / repo).exists()
+    assert cli("pull", "acme/gguf", "--config-only").exit_code == 0  # enough for plan
+    assert cli("pull", "acme/noconfig", "--config-only").exit_code == 1
+
+
+def test_pull_takes_no_copies_from_subfolders(hub, cli):
+    """gpt-oss keeps copies of its weights under original/ and metal/: a run loads the top
+    level's, and the pull fetches only those."""
+    files = hub.repos["acme/tiny-olmoe"]
+    hub.repos["acme/with-original"] = {**files, "original/model.safetensors": files["model.safetensors"]}
+    r = cli("pull", "acme/with-original")
+    assert r.exit_code == 0, r.stderr
+    path = Path(r.stdout.strip().splitlines()[-1])
+    assert (path / "model.safetensors").is_file() and not (path / "original").exists()
+    assert [r for r in hub.requests if r[1].endswith("/original/model.safetensors")] == []
+
+
+def test_a_place_that_is_not_a_directory_is_said_so(hub, cli, tmp_path, monkeypatch):
+    """A --local-dir under a file, or a cache that is a file: not an interruption."""
+    (tmp_path / "afile").write_text("x")
+    r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(tmp_path / "afile" / "sub"))
+    assert r.exit_code == 1 and "give a writable directory" in r.stderr and "again" not in r.stderr, r.stderr
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "afile"))
+    r = cli("pull", "acme/tiny-olmoe")
+    assert r.exit_code == 1 and "interrupted" not in r.stderr, r.stderr
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .endswith("it is not a writable directory; point HF_HUB_CACHE (or HF_HOME) at one that is")
+    )
 
 
 def test_pull_without_model(cli):
@@ -240,6 +314,21 @@ def test_local_dir_holding_the_users_files_is_refused(hub, cli, tmp_path):
     for _ in range(2):
         r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(fresh))
         assert r.exit_code == 0, r.stderr
+    assert "not listed" not in cli("list").stderr  # huggingface_hub's refs/ stub in the cache: nothing to say
+    # a home directory: the user's files beside huggingface_hub's own .cache/huggingface
+    home = tmp_path / "home"
+    (home / ".cache" / "huggingface").mkdir(parents=True)
+    (home / "tokenizer.json").write_text("my notes")
+    r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(home))
+    assert r.exit_code == 2 and "no pull wrote ('tokenizer.json')" in r.stderr, r.stderr
+    assert (home / "tokenizer.json").read_text() == "my notes" and not (home / "config.json").exists()
+    # another model into the first one's directory: their files would mix
+    hub.repos["acme/other"] = dict(hub.repos["acme/tiny-olmoe"])
+    r = cli("pull", "acme/other", "--local-dir", str(fresh))
+    assert r.exit_code == 2 and "holds a pull of acme/tiny-olmoe" in r.stderr, r.stderr
+    (fresh / "notes.txt").write_text("mine")  # added by the user after the pull
+    r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(fresh))
+    assert r.exit_code == 2 and "'notes.txt'" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def listing(json_out: o.Json = False) -> None:
                 "path": str(m.path),
                 "size_bytes": m.size,
                 "weights": m.weights,
+                "incomplete": m.incomplete,
                 "draft": str(m.draft) if m.draft is not None else None,
                 "draft_state": m.draft_state,
                 "draft_bytes": m.draft_size,
@@ -62,7 +63,7 @@ def listing(json_out: o.Json = False) -> None:
         (
             m.name,
             m.model_type,
-            format_size(m.size) if m.weights else "config only",
+            size_cell(m),
             draft_cell(m),
             "built in" if m.repo is None else ago(now - m.modified),
         )
@@ -75,6 +76,16 @@ def listing(json_out: o.Json = False) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     for repo, why in others:
         print(f"not listed: {repo}: {why}", file=sys.stderr)
+
+
+def size_cell(m) -> str:
+    """The SIZE column: bytes on disk; "config only" without weights; "(incomplete: pull
+    again)" beside the size where shards are missing."""
+    from moespeq_cli.runtime.planning.hardware import format_size
+
+    if m.incomplete:
+        return f"{format_size(m.size)} (incomplete: pull again)"
+    return format_size(m.size) if m.weights else "config only"
 
 
 def draft_cell(m) -> str:

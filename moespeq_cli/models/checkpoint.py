@@ -106,7 +106,10 @@ class Checkpoint:
             for f in files:
                 status, _ = file_status(self.path / f)
                 if status == "missing":
-                    raise CheckpointError(f"{self.path} lacks shard {f} named in its index; the download is incomplete")
+                    raise CheckpointError(
+                        f"{self.path} lacks shard {f} named in its index; the download is incomplete: "
+                        + self.fetch_again()
+                    )
                 if status != "file":
                     raise CheckpointError(
                         f"shard {self.path / f} named in the index {describe(status)}; download it again"
@@ -120,7 +123,9 @@ class Checkpoint:
         for name in files:
             status, _ = file_status(self.path / name)
             if status != "file":
-                raise CheckpointError(f"{self.path / name} {describe(status)}; remove or replace it")
+                raise CheckpointError(
+                    f"{self.path / name} {describe(status)}; " + self.fetch_again("remove or replace it")
+                )
         if files:
             return files
         if any(p.suffix in PICKLE_SUFFIXES for p in entries):
@@ -131,12 +136,20 @@ class Checkpoint:
         from moespeq_cli.model_ref import snapshot_repo
 
         repo = snapshot_repo(self.path)
-        if repo is not None:  # a pull with --config-only: `plan` is all it serves
+        if repo is not None:  # a pull with --config-only (`plan` is all it serves), or one cut short
             raise CheckpointError(
-                f"{repo} was pulled without its weights (--config-only: enough for `moespeq plan`); "
-                f"`moespeq pull {repo}` downloads them"
+                f"the weights of {repo} are not downloaded (a pull with --config-only, which is enough for "
+                f"`moespeq plan`, or one that did not finish); `moespeq pull {repo}` downloads them"
             )
         raise CheckpointError(f"{self.path} holds no .safetensors weights; download the checkpoint again")
+
+    def fetch_again(self, otherwise: str = "download it again") -> str:
+        """The remedy for a missing or broken weights file: the pull that fetches it, in a
+        pulled repository; else ``otherwise``."""
+        from moespeq_cli.model_ref import snapshot_repo
+
+        repo = snapshot_repo(self.path)
+        return f"`moespeq pull {repo}` fetches it" if repo is not None else otherwise
 
     def keys(self) -> list[str]:
         """The tensors of the files, by their names there (no alias counted twice)."""
