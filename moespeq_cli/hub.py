@@ -12,8 +12,9 @@ request for the rest), but a file a killed or interrupted pull cut short starts 
 (huggingface_hub 2.x writes each download to a file of its own and does not take it up
 again), and the partial file a killed pull left is removed by the next pull once it has not
 grown for ``STALE_S``. Ctrl-C stops a pull at once. ``--local-dir`` takes a new or empty
-directory, or one an earlier pull wrote (never a directory of the user's files, which a
-download would overwrite and mix with another model's). Every hub failure becomes one
+directory, or one an earlier pull of the same model wrote (never a directory of the user's
+own files, which a download would overwrite, nor another model's pull, which it would mix
+with). Every hub failure becomes one
 line that says what to do.
 """
 

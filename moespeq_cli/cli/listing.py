@@ -35,7 +35,6 @@ def listing(json_out: o.Json = False) -> None:
     import json
 
     from moespeq_cli.local_models import local_models
-    from moespeq_cli.runtime.planning.hardware import format_size
 
     models, others = local_models()
     if json_out:

@@ -43,7 +43,10 @@ def pull(
 ) -> None:
     """Download a model's safetensors, config and tokenizer from the Hugging Face Hub.
 
-    Files go into the standard Hugging Face cache (other tools reuse them). An interrupted
+    A repository moespeq cannot run (no config.json of a family it implements, no
+    safetensors weights) is refused before anything is downloaded. Files go into the
+    standard Hugging Face cache (other tools reuse them); --local-dir takes a new or empty
+    directory, or one an earlier pull of the same model wrote. An interrupted
     pull keeps the files it finished; the same command again fetches the rest (a file cut
     short by the interruption starts over; a dropped connection is resumed within the pull). Later commands find the model by the same alias or id without the
     network. Prints the local path last.
