@@ -37,7 +37,7 @@ class LocalModel:
     incomplete: bool  # some weights files are there, not all (the index names others)
     drafts: tuple[Path, ...]  # every draft kept for it, of any options
     draft: Path | None  # the one `run --draft auto` loads
-    draft_state: str | None  # "ready", "stale" (built from other weights: run refuses it), "damaged"
+    draft_state: str | None  # "ready", "stale" (of other weights: run quantizes in memory instead), "damaged"
     draft_size: int  # of ``draft``
     modified: float  # seconds since the epoch
 
@@ -108,7 +108,8 @@ def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
     """The draft ``run --draft auto`` loads for the checkpoint in ``snapshot`` (of the
     default options, else the one `quantize` saved last with others: quant/draft.py
     ``draft_options``) and its state: "ready"; "stale", built from other weights (``run``
-    refuses it until `quantize` rebuilds it); "damaged", its manifest missing. (None, None)
+    quantizes again in memory, each time, until `quantize` rebuilds it); "damaged", its
+    manifest missing. (None, None)
     without one, or where the checkpoint cannot be read (``run`` says why)."""
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.quant.draft import draft_options, fingerprint, is_draft_of, saved_draft

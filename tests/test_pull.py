@@ -181,10 +181,17 @@ def test_list_sizes_the_draft_run_loads_and_says_when_it_is_stale(hub, cli):
     assert m["draft_state"] == "stale" and m["draft"].endswith("-nf4-b64")
     r = cli("list")
     assert "stale: quantize again" in r.stdout
-    r = cli("run", "acme/tiny-olmoe", "-p", "hi", "-n", "2", "--spec-depth", "2")
-    assert r.exit_code != 0 and "rebuild it with `moespeq quantize`" in r.stderr, r.stderr
+    run = ("run", "acme/tiny-olmoe", "-p", "hi", "-n", "2", "--spec-depth", "2")
+    r = cli(*run)  # not asked for by name: said, and quantized again in memory
+    assert r.exit_code == 0 and "was built from other weights" in r.stderr and "`moespeq quantize` rebuilds" in r.stderr
+    assert json.loads(cli(*run, "--json").stdout)["draft"] == "quantized in memory"
+    assert cli("quantize", "acme/tiny-olmoe", "--method", "fp4", "--blocksize", "128").exit_code == 0
+    m = listed()  # a draft of these weights with other options: run loads it, not the stale default
+    assert m["draft_state"] == "ready" and m["draft"].endswith("-fp4-b128")
+    assert json.loads(cli(*run, "--json").stdout)["draft"] == m["draft"]
+    assert "other weights" not in cli(*run).stderr
     assert cli("quantize", "acme/tiny-olmoe").exit_code == 0
-    assert listed()["draft_state"] == "ready"
+    assert listed()["draft"].endswith("-nf4-b64") and listed()["draft_state"] == "ready"
 
 
 def test_list_keeps_a_repo_with_a_dangling_link(cli, monkeypatch, tmp_path):

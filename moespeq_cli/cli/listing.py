@@ -88,8 +88,9 @@ def size_cell(m) -> str:
 
 
 def draft_cell(m) -> str:
-    """The DRAFT column: the size of the draft `run` loads, "stale" where run refuses it
-    (quantize again), "damaged" without its manifest, "-" without one."""
+    """The DRAFT column: the size of the draft `run` loads; "stale" where it is of other
+    weights (run quantizes in memory instead: quantize again), "damaged" without its
+    manifest; "-" without one."""
     from moespeq_cli.runtime.planning.hardware import format_size
 
     if m.draft is None:

@@ -158,8 +158,9 @@ class Renderer:
         if beyond:
             say(f"note: {beyond}", style=None)
         over = beyond_memory(plan.host_budget_bytes, plan.ram_held_bytes) if plan.ram_source is None else None
-        if over:
-            say(f"note: {over}", style=None)
+        for line in (over, engine.draft_note):
+            if line:
+                say(f"note: {line}", style=None)
 
     def note(self, line: str) -> None:
         """One dim line on stderr (never in JSON mode)."""

@@ -697,6 +697,18 @@ def is_draft_of(path: Path, fp: str) -> bool:
     return m.get("format") == FORMAT and m.get("source_fingerprint") == fp
 
 
+def stale_draft(path: Path, ckpt: Checkpoint) -> str | None:
+    """A note when the saved draft in ``path`` was built from other weights than
+    ``ckpt``'s (an edited or re-downloaded checkpoint), else None (it matches, or it is
+    damaged and ``load`` says so)."""
+    if not (path / "manifest.json").is_file() or is_draft_of(path, fingerprint(ckpt)):
+        return None
+    return (
+        f"the saved draft in {path} was built from other weights than {ckpt.path.name}'s: quantized again in memory "
+        "for this run; `moespeq quantize` rebuilds it"
+    )
+
+
 def check_out(out: Path, fp: str, stale_ok: bool = False) -> None:
     """A draft may go to ``out`` only if nothing is there, an empty directory is, or a
     directory holding nothing but a draft's two files (``DRAFT_FILES``) is: a draft of the
@@ -873,10 +885,16 @@ def draft_options(ckpt: Checkpoint, method: str, blocksize: int) -> tuple[str, i
     where a draft of them is saved or none of other options is; else those of the draft
     `moespeq quantize` saved last with other options (``quantize --method fp4 --blocksize
     128``) that this version loads and that was built from these weights. A draft of
-    another version or of other weights is left where it is: it was not asked for."""
-    if saved_draft(ckpt.path, method, blocksize) is not None:
-        return method, blocksize
-    found, fp = [], None
+    another version or of other weights is left where it is: it was not asked for. A saved
+    default draft of other weights (stale) gives way to a draft of these with other
+    options."""
+    fp = None
+    default = saved_draft(ckpt.path, method, blocksize)
+    if default is not None:
+        fp = fingerprint(ckpt)
+        if is_draft_of(default, fp) or not (default / "manifest.json").is_file():
+            return method, blocksize  # fresh, or damaged: loading it says so
+    found = []
     for d in drafts_of(ckpt.path):
         try:
             m = read_json(d / "manifest.json", "")
@@ -886,7 +904,9 @@ def draft_options(ckpt: Checkpoint, method: str, blocksize: int) -> tuple[str, i
         other = (m.get("method"), m.get("blocksize"))
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
             continue
-        if other[0] not in METHODS or other[1] not in BLOCKSIZES or saved_draft(ckpt.path, *other) is None:
+        if other == (method, blocksize) or other[0] not in METHODS or other[1] not in BLOCKSIZES:
+            continue
+        if saved_draft(ckpt.path, *other) is None:
             continue
         fp = fp or fingerprint(ckpt)
         if m.get("source_fingerprint") == fp:

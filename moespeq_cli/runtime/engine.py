@@ -188,6 +188,7 @@ class Engine:
         self.target_exec = None
         self.spec = None
         self.draft_source: str | None = None
+        self.draft_note: str | None = None  # why the saved draft was not used, for the user
         self.last_stats: GenerationStats | None = None
         self.spec_stats = None
         self._kept = None  # (cache, the token ids it holds) after a generate(reuse=True)
@@ -448,13 +449,15 @@ class Engine:
         self.opts = replace(o, quant_method=method, blocksize=blocksize)
 
     def load_draft(self):
-        from moespeq_cli.quant.draft import QuantizedExperts, saved_draft
+        from moespeq_cli.quant.draft import QuantizedExperts, saved_draft, stale_draft
 
         if self.opts.draft not in ("auto", "none"):
             self.draft_source = str(self.opts.draft)
             return QuantizedExperts.load(Path(self.opts.draft), self.ckpt, self.dtype)
         saved = saved_draft(self.ckpt.path, self.opts.quant_method, self.opts.blocksize)
-        if saved is not None:
+        # a draft of other weights: not asked for by name, so not a failure (said, and rebuilt in memory)
+        self.draft_note = stale_draft(saved, self.ckpt) if saved is not None else None
+        if saved is not None and self.draft_note is None:
             self.draft_source = str(saved)
             return QuantizedExperts.load(saved, self.ckpt, self.dtype)
         self.draft_source = "quantized in memory"
