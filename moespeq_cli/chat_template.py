@@ -10,7 +10,10 @@ mutation of what it is given) and, beyond the sandbox, within bounds on
   text is bounded as it streams;
 - recursion: a recursive macro ends in RecursionError, reported like the rest.
 
-Any violation is a CheckpointError that names the template and says to use --no-chat.
+Any violation, and any failure of the template, is a ``TemplateError`` that names the
+template: its message says what `run` offers (--no-chat); ``what`` is the failure alone,
+for `chat` and `serve` to say what they offer. ``check_compiles`` finds, before any
+message, what no conversation can render (a syntax error, an unknown filter).
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ import sys
 import time
 
 from moespeq_cli.errors import CheckpointError
+
+
+class TemplateError(CheckpointError):
+    """A chat template that failed; ``what``: the failure without a remedy."""
+
+    def __init__(self, what: str, remedy: str = "use --no-chat (or fix the template)"):
+        super().__init__(f"{what}; {remedy}")
+        self.what = what
+
 
 TIME_LIMIT_S = 1.0
 ITEM_LIMIT = 1_000_000  # characters or items one operation may produce
@@ -196,17 +208,30 @@ def render(template: str, where: str, **variables) -> str:
                 raise TemplateLimit(f"its output passed {limit} characters")
         return "".join(parts)
     except TemplateLimit as e:
-        raise CheckpointError(f"{where} was stopped: {e}; use --no-chat (or fix the template)") from None
+        raise TemplateError(f"{where} was stopped: {e}") from None
     except RecursionError:
-        raise CheckpointError(f"{where} recursed too deeply; use --no-chat (or fix the template)") from None
+        raise TemplateError(f"{where} recursed too deeply") from None
     except MemoryError:
-        raise CheckpointError(f"{where} ran out of memory; use --no-chat (or fix the template)") from None
+        raise TemplateError(f"{where} ran out of memory") from None
     except jinja2.TemplateError as e:
-        raise CheckpointError(f"{where} failed ({str(e)[:120]}); use --no-chat") from None
+        raise TemplateError(f"{where} failed ({str(e)[:120]})") from None
     except Exception as e:  # noqa: BLE001 - a template is foreign code: any failure is its own
-        raise CheckpointError(f"{where} failed ({type(e).__name__}: {str(e)[:120]}); use --no-chat") from None
+        raise TemplateError(f"{where} failed ({type(e).__name__}: {str(e)[:120]})") from None
     finally:
         sys.settrace(previous)
+
+
+def check_compiles(template: str, where: str) -> None:
+    """``TemplateError`` where ``template`` cannot render any conversation: a syntax error
+    or an unknown filter or test (Jinja finds both when it compiles)."""
+    import jinja2
+
+    try:
+        _environment(ITEM_LIMIT).from_string(template)
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"{where} does not compile ({str(e)[:120]})") from None
+    except RecursionError:
+        raise TemplateError(f"{where} does not compile (nested too deeply)") from None
 
 
 def _leaves(v):

@@ -82,10 +82,10 @@ def complete(
     events: Iterator = engine.generate(prompt_ids, max_new_tokens, sampling, reuse=reuse)
     try:
         for ev in events:
+            answer.token_ids.append(ev.token)  # the end-of-sequence token too: generated, and counted (as run's)
             if ev.eos:
                 answer.finish_reason = "stop"
                 break
-            answer.token_ids.append(ev.token)
             piece, thought = split.push(ev.token)
             answer.reasoning += thought
             if thought and on_reasoning:
@@ -143,6 +143,12 @@ class Conversation:
         for a short message (the chat format's own tokens counted) and an answer
         (UsageError): every message would fail."""
         n = len(self.tokenizer.encode_messages([*self.head(), {"role": "user", "content": "hi"}]))
+        if not n:
+            from moespeq_cli.chat_template import TemplateError
+
+            raise TemplateError(
+                f"the chat template in {self.tokenizer.template_source} renders a conversation as an empty prompt"
+            )
         if n + max_new_tokens > self.context:
             what = (
                 f"--system (about {n} tokens with a short message)"
@@ -162,6 +168,12 @@ class Conversation:
         head = self.head()
         while True:
             ids = self.tokenizer.encode_messages(head + turns)
+            if not ids:  # (a conversation without a template is never empty: each turn ends in a newline)
+                from moespeq_cli.chat_template import TemplateError
+
+                raise TemplateError(
+                    f"the chat template in {self.tokenizer.template_source} renders this conversation as an empty prompt"
+                )
             if len(ids) + max_new_tokens <= self.context:
                 self.turns = turns
                 return ids, dropped

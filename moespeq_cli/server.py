@@ -38,13 +38,16 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from moespeq_cli.chat_template import TemplateError
 from moespeq_cli.conversation import Answer, complete
 from moespeq_cli.text import counted
 
 MAX_BODY = 16 * 2**20
 REASONING = "reasoning"  # tags a streamed piece of reasoning
 MAX_STOPS = 4
-ROLES = ("system", "user", "assistant", "developer", "tool")
+ROLES = ("system", "user", "assistant", "developer")
+# what the chat template reads besides a request's template variables (``template_variables``)
+TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 class ApiError(Exception):
@@ -198,6 +201,14 @@ UNSUPPORTED = {
     "presence_penalty": "penalties",
     "frequency_penalty": "penalties",
     "suffix": "text after the insertion point",
+    "audio": "audio output",
+    "prediction": "predicted outputs",
+}
+# ... and those whose neutral value asks nothing (a client may always send it)
+UNSUPPORTED_BUT = {
+    "tool_choice": ("none", "tool calls"),
+    "function_call": ("none", "function calls"),
+    "modalities": (["text"], "output other than text"),
 }
 
 
@@ -205,7 +216,8 @@ UNSUPPORTED = {
 # ignored, as OpenAI-compatible servers do with vendor extensions, and named in the log.
 HANDLED = {
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-    "stream", "stream_options", "n", "user", "response_format", "best_of", *UNSUPPORTED,
+    "stream", "stream_options", "n", "user", "response_format", "best_of", "parallel_tool_calls",
+    "chat_template_kwargs", "reasoning_effort", *UNSUPPORTED, *UNSUPPORTED_BUT,
 }  # fmt: skip
 
 
@@ -224,6 +236,14 @@ def refuse_unsupported(body: dict) -> None:
     for name, what in UNSUPPORTED.items():
         if body.get(name) not in (None, False, 0, "", [], {}):
             raise ApiError(400, f"'{name}' is not supported by moespeq ({what}); leave it out", "unsupported", name)
+    for name, (neutral, what) in UNSUPPORTED_BUT.items():
+        if body.get(name) not in (None, neutral):
+            raise ApiError(
+                400,
+                f"'{name}' other than {json.dumps(neutral)} is not supported by moespeq ({what})",
+                "unsupported",
+                name,
+            )
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(
@@ -293,27 +313,68 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
 
 
 def chat_messages(body: dict) -> list[dict]:
+    """The request's messages as the chat template takes them: text content (parts joined
+    by a newline, as vLLM joins them), ``developer`` as ``system``, a participant's
+    ``name`` kept. Tool calls and tool results are refused, as ``tools`` is (400)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "invalid_value", "messages")
     out = []
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") in ("tool", "function"):
+            raise ApiError(
+                400, f"messages[{i}] is a {m['role']} result: tool calls are not supported by moespeq", "unsupported"
+            )
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] needs a 'role' among {', '.join(ROLES)}", "invalid_value", "messages")
+        for name in ("tool_calls", "function_call"):
+            if m.get(name) not in (None, []):
+                raise ApiError(
+                    400, f"messages[{i}].{name}: tool calls are not supported by moespeq", "unsupported", "messages"
+                )
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
             ):
                 raise ApiError(400, f"messages[{i}] has content that is not text", "invalid_value", "messages")
-            content = "".join(p["text"] for p in content)
-        if content is None and m["role"] == "assistant":  # OpenAI's: an assistant turn of tool calls only
+            content = "\n".join(p["text"] for p in content)
+        if content is None and m["role"] == "assistant":  # OpenAI's: an assistant turn with nothing said
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] needs 'content' as a string", "invalid_value", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
     return out
+
+
+def template_variables(body: dict) -> dict:
+    """What a chat request gives its template besides the messages: the entries of
+    ``chat_template_kwargs`` (``enable_thinking``: Qwen3's switch), and ``reasoning_effort``
+    (gpt-oss's template reads it), as vLLM passes them; none may replace what moespeq
+    passes (``TEMPLATE_NAMES``)."""
+    extra = body.get("chat_template_kwargs")
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict) or not all(isinstance(k, str) and k.isidentifier() for k in extra):
+        raise ApiError(
+            400, "'chat_template_kwargs' must be an object of names", "invalid_value", "chat_template_kwargs"
+        )
+    if taken := sorted(TEMPLATE_NAMES & set(extra)):
+        raise ApiError(
+            400, f"'chat_template_kwargs' may not set {', '.join(taken)}", "invalid_value", "chat_template_kwargs"
+        )
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in ("minimal", "low", "medium", "high"):
+            raise ApiError(
+                400, "'reasoning_effort' must be minimal, low, medium or high", "invalid_value", "reasoning_effort"
+            )
+        extra = {**extra, "reasoning_effort": effort}
+    return extra
 
 
 def completion_prompt(body: dict) -> str:
@@ -425,8 +486,14 @@ def build_app(
             tok = engine.tokenizer
             if chat:
                 messages = chat_messages(body)
+                variables = template_variables(body)
                 text = "".join(m["content"] for m in messages)
             else:
+                for key in ("chat_template_kwargs", "reasoning_effort"):
+                    if body.get(key) is not None:
+                        raise ApiError(
+                            400, f"'{key}' is for chat completions (a chat template reads it)", "invalid_value", key
+                        )
                 text = completion_prompt(body)
             if tok.min_tokens(text) > context:  # refused by arithmetic, before any tokenizing
                 raise ApiError(
@@ -435,13 +502,24 @@ def build_app(
                     "context_length_exceeded",
                     "messages" if chat else "prompt",
                 )
-            encode = (lambda: tok.encode_messages(messages)) if chat else (lambda: tok.encode(text))
+            encode = (lambda: tok.encode_messages(messages, variables)) if chat else (lambda: tok.encode(text))
             prompt_ids = await asyncio.get_running_loop().run_in_executor(encoder, encode)
+            if not prompt_ids:
+                raise ApiError(
+                    400,
+                    "the chat template renders these messages as an empty prompt"
+                    if chat and tok.chat_template
+                    else "the prompt encodes to no tokens",
+                    "invalid_value",
+                    "messages" if chat else "prompt",
+                )
             max_tokens, sampling, stops, stream, include_usage = parse_options(
                 body, len(prompt_ids), context, default_max, "messages" if chat else "prompt"
             )
         except ApiError as e:
             return error(request, e)
+        except TemplateError as e:  # the template refused these messages (its raise_exception), or failed on them
+            return error(request, ApiError(400, f"{e.what} on these messages", "invalid_value", "messages"))
         except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on this input
             return error(request, ApiError(400, f"cannot encode the request: {e}", "invalid_value"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

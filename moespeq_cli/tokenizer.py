@@ -170,14 +170,17 @@ class Tokenizer:
     def render_chat(self, text: str) -> str:
         return self.render_messages([{"role": "user", "content": text}])
 
-    def render_messages(self, messages: list[dict]) -> str:
+    def render_messages(self, messages: list[dict], variables: dict | None = None) -> str:
         """A conversation through the chat template, ending with the assistant's turn to
-        speak (``add_generation_prompt``)."""
+        speak (``add_generation_prompt``); ``variables``: more the template may read (a
+        request's ``chat_template_kwargs``, gpt-oss's ``reasoning_effort``), never one of
+        these."""
         from moespeq_cli.chat_template import render
 
         return render(
             self.chat_template,
             f"the chat template in {self.template_source}",
+            **(variables or {}),
             messages=messages,
             tools=None,  # defined and none, as transformers passes them (`tools is not none`)
             documents=None,
@@ -186,11 +189,12 @@ class Tokenizer:
             eos_token=self.eos_token,
         )
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation: through the chat template, or (a model without
-        one) the turns' text run together, for plain continuation."""
+    def encode_messages(self, messages: list[dict], variables: dict | None = None) -> list[int]:
+        """Token ids of a conversation: through the chat template (``variables``: as
+        ``render_messages``), or (a model without one) the turns' text run together, for
+        plain continuation."""
         if self.chat_template:
-            return self._encode(self.render_messages(messages), add_special_tokens=False)
+            return self._encode(self.render_messages(messages, variables), add_special_tokens=False)
         return self._encode("".join(m["content"].rstrip("\n") + "\n" for m in messages))
 
     def decode(self, ids: list[int]) -> str:

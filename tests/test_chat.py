@@ -224,3 +224,58 @@ def test_chat_refuses_options_it_cannot_use_at_start(chat_ckpt, args, words):
         app, ["chat", str(chat_ckpt), "--backend", "cpu", "-n", "8", "--context", "128", *args], input="hi\n"
     )
     assert r.exit_code == 2 and words in r.stderr and not r.stdout, (r.stdout, r.stderr)
+
+
+def templated_copy(tiny, tmp_path, name: str, template: str):
+    src, _ = tiny("mixtral", "gqa")
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return dst
+
+
+def test_a_template_that_cannot_render_is_said_with_what_chat_offers(tiny, tmp_path):
+    """chat has no --no-chat: a broken template's message says what chat and run offer;
+    a template that renders nothing skips the message instead of ending the session."""
+    bad = templated_copy(tiny, tmp_path, "bad", "{{ messages | frobnicate }}")
+    r = CliRunner().invoke(app, ["chat", str(bad), "--backend", "cpu", "-n", "4"], input="hi\n")
+    assert r.exit_code == 1 and "No filter named 'frobnicate'" in r.stderr, r.stderr
+    assert "`moespeq run --no-chat`" in r.stderr and "use --no-chat" not in r.stderr
+    blank = templated_copy(tiny, tmp_path, "blank", "{% for m in messages %}{% endfor %}")
+    r = CliRunner().invoke(app, ["chat", str(blank), "--backend", "cpu", "-n", "4", "--json"], input="hi\n")
+    assert r.exit_code == 1 and "renders a conversation as an empty prompt" in r.stderr, r.stderr
+    picky = templated_copy(
+        tiny,
+        tmp_path,
+        "picky",
+        "{% if messages[-1]['content'] == 'boom' %}{{ raise_exception('no boom here') }}{% endif %}" + TEMPLATE,
+    )
+    r = chat(picky, "boom\nhello\n", "--json")
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert "no boom here" in records[0]["error"] and records[0]["line"] == 1
+    assert records[1]["turn"] == 1 and "content" in records[1]  # the session goes on, without the skipped message
+    r = CliRunner().invoke(app, ["run", str(blank), "--backend", "cpu", "-n", "2", "-p", "hi", "--chat"])
+    assert r.exit_code == 1 and "renders the prompt as nothing" in r.stderr and "pass some text" not in r.stderr
+
+
+def test_the_end_of_sequence_token_is_counted_as_run_counts_it():
+    """An answer's token_ids hold the end-of-sequence token (run's do; stats count it):
+    chat's token_ids and serve's completion_tokens agree with them."""
+    from types import SimpleNamespace
+
+    from moespeq_cli.conversation import complete
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    class Engine:
+        class tokenizer:
+            chat_template = None
+
+            @staticmethod
+            def decode(ids):
+                return "".join("ab"[i] for i in ids if i < 2)
+
+        def generate(self, *a, **kw):
+            yield from (SimpleNamespace(token=t, eos=t == 2) for t in (0, 1, 2))
+
+    answer = complete(Engine(), [5], 8, SamplingParams())
+    assert answer.token_ids == [0, 1, 2] and answer.text == "ab" and answer.finish_reason == "stop"

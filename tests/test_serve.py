@@ -538,3 +538,87 @@ def test_context_errors_read_as_sentences():
         parse_options({"max_tokens": 600}, 1, 512, 64)
     with pytest.raises(ApiError, match=r"the prompt \(513 tokens\) leaves no room for an answer"):
         parse_options({}, 513, 512, 64)
+
+
+@pytest.fixture(scope="module")
+def templated(tiny, tmp_path_factory):
+    """The tiny Mixtral with a template that shows what it was given: names, and the
+    variables a request may pass (chat_template_kwargs, reasoning_effort)."""
+    import shutil
+
+    src, _ = tiny("mixtral", "gqa")
+    dst = tmp_path_factory.mktemp("templated") / "ckpt"
+    shutil.copytree(src, dst)
+    template = (
+        "{% if messages[-1]['content'] == 'boom' %}{{ raise_exception('no boom here') }}{% endif %}"
+        "{% if messages[-1]['content'] == 'nothing' %}{% else %}"
+        "{% for m in messages %}<|{{ m['role'] }}{% if m['name'] %}:{{ m['name'] }}{% endif %}|>{{ m['content'] }}\n"
+        "{% endfor %}{% if enable_thinking is defined %}[think {{ enable_thinking }}]{% endif %}"
+        "{% if reasoning_effort is defined %}[effort {{ reasoning_effort }}]{% endif %}<|assistant|>{% endif %}"
+    )
+    (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    server, thread, url, name, engine = start(dst)
+    yield url, engine
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_chat_request_reaches_the_template_whole_or_is_refused(templated):
+    """Names, chat_template_kwargs and reasoning_effort reach the template (as vLLM passes
+    them); parts are joined by a newline; tool calls, tool results and fields asking for
+    what moespeq does not do are refused with the field named; the template's own refusal
+    and an empty rendering are 400s that say so, never 500 or a crash."""
+    url, engine = templated
+    tok = engine.tokenizer
+
+    def post(messages, **extra):
+        return httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1, **extra})
+
+    def prompt_tokens(messages, **extra):
+        r = post(messages, **extra)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    hi = [{"role": "user", "content": "hi"}]
+    assert prompt_tokens(hi) == len(tok._encode("<|user|>hi\n<|assistant|>", False))
+    named = [{"role": "user", "content": "hi", "name": "ann"}]
+    assert prompt_tokens(named) == len(tok._encode("<|user:ann|>hi\n<|assistant|>", False))
+    think = prompt_tokens(hi, chat_template_kwargs={"enable_thinking": False}, reasoning_effort="low")
+    assert think == len(tok._encode("<|user|>hi\n[think False][effort low]<|assistant|>", False))
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert prompt_tokens(parts) == len(tok._encode("<|user|>a\nb\n<|assistant|>", False))
+    assert prompt_tokens(hi, tool_choice="none", parallel_tool_calls=True, modalities=["text"]) > 0
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    refused = [
+        (post([*hi, {"role": "assistant", "content": None, "tool_calls": [call]}]), "tool_calls"),
+        (post([*hi, {"role": "tool", "tool_call_id": "c1", "content": "42"}]), "tool result"),
+        (post(hi, tool_choice="required"), "tool_choice"),
+        (post(hi, function_call={"name": "f"}), "function_call"),
+        (post(hi, modalities=["text", "audio"]), "modalities"),
+        (post(hi, audio={"voice": "x"}), "audio"),
+        (post(hi, prediction={"type": "content", "content": "x"}), "prediction"),
+        (post(hi, chat_template_kwargs={"messages": []}), "may not set messages"),
+        (post(hi, reasoning_effort="extreme"), "reasoning_effort"),
+        (post([{"role": "user", "content": "boom"}]), "no boom here"),
+        (post([{"role": "user", "content": "nothing"}]), "renders these messages as an empty prompt"),
+        (httpx.post(url + "/v1/completions", json={"prompt": "hi", "reasoning_effort": "low"}), "chat completions"),
+    ]
+    for r, needle in refused:
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+        assert "--no-chat" not in r.text
+
+
+def test_serve_refuses_a_template_no_request_can_render(tiny, tmp_path):
+    import shutil
+
+    src, _ = tiny("mixtral", "gqa")
+    dst = tmp_path / "bad"
+    shutil.copytree(src, dst)
+    (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages | frobnicate }}"}))
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "moespeq_cli", "serve", str(dst), "--backend", "cpu", "--port", "0"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)  # a server that started would not end
+    assert r.returncode == 1 and "does not compile" in r.stderr and "frobnicate" in r.stderr, r.stderr
+    assert "fix it" in r.stderr and "--no-chat" not in r.stderr

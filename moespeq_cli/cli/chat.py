@@ -8,9 +8,10 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from moespeq_cli.chat_template import TemplateError
 from moespeq_cli.cli import options as o
 from moespeq_cli.cli.render import LoadingStatus
-from moespeq_cli.errors import UsageError
+from moespeq_cli.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:  # the engine imports torch: not at the command's import
     from moespeq_cli.runtime.engine import Engine
@@ -39,6 +40,11 @@ DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says o
 DEMO_CONTEXT = 512  # the demo's: what its default 24 MiB budget holds beside the model
 ANSWER_TOKENS = 512  # an answer's most tokens unless -n says otherwise (at most half the context)
 COMMANDS = "/reset, /stats, /exit"
+
+
+CHAT_TEMPLATE_REMEDY = (
+    "fix the template (chat renders every message with it), or use `moespeq run --no-chat` for plain continuation"
+)
 
 
 def load_session(
@@ -103,7 +109,8 @@ def chat(
     "finish_reason", "stats"}), so a script can tell answers apart whatever their text
     holds: finish_reason is "stop" (end of sequence or a --stop string), "length"
     (--max-new-tokens) or "interrupted" (Ctrl-C; then stopped is true); token_ids are
-    every token generated, the one that completed a stop string included. A line that
+    every token generated, the end-of-sequence token and the one that completed a stop
+    string included (stats' new_tokens counts them alike). A line that
     gets no answer (longer than the context, not UTF-8, an unknown /command) is
     {"error", "line"} instead, its line number in the input. Start a message with // to
     send it beginning with /.
@@ -128,7 +135,10 @@ def chat(
     if not json_out:
         out.plan(engine)
     convo = Conversation(engine.tokenizer, ctx, system, engine.ckpt.config.context_limit)
-    convo.check_room(max_new_tokens)  # said once, at start: not as every message's failure
+    try:
+        convo.check_room(max_new_tokens)  # said once, at start: not as every message's failure
+    except TemplateError as e:
+        raise CheckpointError(f"{e.what}; {CHAT_TEMPLATE_REMEDY}") from None
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:
         note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")
@@ -177,6 +187,10 @@ def chat(
             prompt_ids, dropped = convo.prompt(max_new_tokens)
         except UsageError as e:
             unanswered(str(e))
+            continue
+        except TemplateError as e:  # on this conversation: the template's own refusal, say
+            convo.turns.pop()
+            unanswered(f"{e.what}; the message is skipped ({CHAT_TEMPLATE_REMEDY})")
             continue
         if dropped:
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")

@@ -375,7 +375,12 @@ def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0)
     # characters, at most its bytes) pays for the tokenizer's vocabulary scan.
     if len(text) > limit and (fewest := engine.tokenizer.min_tokens(text)) > limit:
         engine.context_for(fewest, max_new_tokens, at_least=True)
-    prompt_ids = engine.tokenizer.encode(text, chat=uses_template(engine, chat))
+    templated = uses_template(engine, chat)
+    prompt_ids = engine.tokenizer.encode(text, chat=templated)
+    if not prompt_ids and templated:
+        from moespeq_cli.chat_template import TemplateError
+
+        raise TemplateError(f"the chat template in {engine.tokenizer.template_source} renders the prompt as nothing")
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens; pass some text with --prompt")
     vocab = engine.ckpt.config.vocab_size

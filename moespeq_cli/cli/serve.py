@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from moespeq_cli.cli import options as o
-from moespeq_cli.errors import MoespeqError, Terminated, UsageError
+from moespeq_cli.errors import CheckpointError, MoespeqError, Terminated, UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -71,6 +71,15 @@ def serve(
         raise UsageError("--api-key is empty; give a key or leave the option out")
     sock = listening_socket(host, port)  # before minutes of loading, not after; held, so --port 0's stays ours
     name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
+    tok = engine.tokenizer
+    if tok.chat_template:  # a template no request can render: said now, not as every chat request's 400
+        from moespeq_cli.chat_template import TemplateError, check_compiles
+
+        try:
+            check_compiles(tok.chat_template, f"the chat template in {tok.template_source}")
+        except TemplateError as e:
+            engine.close()
+            raise CheckpointError(f"{e.what}; fix it (serve renders every chat request with it)") from None
     Renderer().plan(engine)
     if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
