@@ -77,7 +77,7 @@ def complete(
     so far is in the ``answer`` the caller passed."""
     from moespeq_cli.harmony import Split
 
-    split, stop = Split(engine.tokenizer, channels), StopMatcher(stops or [])
+    split, stop = Split(engine.tokenizer, channels, prompt_ids), StopMatcher(stops or [])
     answer = answer if answer is not None else Answer()
     events: Iterator = engine.generate(prompt_ids, max_new_tokens, sampling, reuse=reuse)
     try:

@@ -1,4 +1,5 @@
-"""gpt-oss's answers in the harmony format, their channels told apart.
+"""Reasoning told apart from the answer: gpt-oss's harmony channels, and the think blocks
+of Qwen3, GLM-4.x, DeepSeek-R1 and the other models that reason in ``<think>...</think>``.
 
 gpt-oss answers in channels: ``<|channel|>analysis<|message|>`` its reasoning ``<|end|>``,
 then ``<|start|>assistant<|channel|>final<|message|>`` the answer ``<|return|>`` (tool
@@ -10,6 +11,12 @@ reasoning (the server's ``reasoning_content``). Only an answer to a prompt rende
 the chat template is split (the template ends the prompt outside any message; a raw
 prompt may end anywhere), and a tokenizer without the markers gets no router: every token
 is the answer.
+
+``ThinkRouter`` does the same for a think block: its text is reasoning, the rest the
+answer, the markers neither (Qwen3's are not special tokens: decoded, they would show).
+Where the block starts follows the prompt: a template that opens it (DeepSeek-R1's, the
+Qwen3 thinking models') leaves the answer to begin inside it; one that closes an empty
+block (Qwen3's ``enable_thinking: false``) or none leaves it to the model.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from moespeq_cli.tokenizer import StreamDecoder
 
 START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
 FINAL = "final"
+THINK, UNTHINK = "<think>", "</think>"
+REASONING = "analysis"  # a think block's channel
 
 
 class ChannelRouter:
@@ -60,24 +69,68 @@ class ChannelRouter:
         return None
 
 
+class ThinkRouter:
+    """Token by token: ``REASONING`` inside a think block, ``FINAL`` outside, None for the
+    markers (module docstring); ``messages``: blocks begun."""
+
+    def __init__(self, open_id: int, close_id: int, inside: bool):
+        self.open, self.close = open_id, close_id
+        self.channel = REASONING if inside else FINAL
+        self.messages = int(inside)
+
+    @classmethod
+    def of(cls, tokenizer, prompt_ids: list[int]) -> ThinkRouter | None:
+        """A router where the tokenizer has both markers as tokens, starting inside a
+        block where the prompt ends in an open one (nothing but whitespace after it)."""
+        ids = [tokenizer.tok.token_to_id(m) for m in (THINK, UNTHINK)]
+        if None in ids:
+            return None
+        inside = False
+        for t in reversed(prompt_ids[-8:]):  # "<think>\n": the marker, then a newline or two
+            if t in ids:
+                inside = t == ids[0]
+                break
+            if tokenizer.decode([t]).strip():
+                break
+        return cls(*ids, inside)
+
+    def push(self, token: int) -> str | None:
+        if token == self.open:
+            self.channel = REASONING
+            self.messages += 1
+            return None
+        if token == self.close:
+            self.channel = FINAL
+            return None
+        return self.channel
+
+
 class Split:
     """A generated answer's text as it streams, the answer and the reasoning apart
     (``channels`` false or no markers: all of it the answer). Each reasoning message is
     decoded on its own, a line between two (a tool call's arguments after the analysis)."""
 
-    def __init__(self, tokenizer, channels: bool):
+    def __init__(self, tokenizer, channels: bool, prompt_ids: list[int] = ()):
+        """``prompt_ids``: where a think block starts follows the prompt (``ThinkRouter``)."""
         self.tokenizer = tokenizer
-        self.router = ChannelRouter.of(tokenizer) if channels else None
+        self.router = (ChannelRouter.of(tokenizer) or ThinkRouter.of(tokenizer, list(prompt_ids))) if channels else None
+        # the answer after a think block begins after the newlines the model puts there
+        self.trim = isinstance(self.router, ThinkRouter)
         self.answer = StreamDecoder(tokenizer)
         self.thoughts = None  # the reasoning message's decoder
         self.message = -1
         self.said = False  # some reasoning given already
+        self.lead = False
 
     def push(self, token: int) -> tuple[str, str]:
         """-> (the answer's new text, the reasoning's)."""
         channel = FINAL if self.router is None else self.router.push(token)
         if channel == FINAL:
-            return self.answer.push(token), ""
+            piece = self.answer.push(token)
+            if self.trim:
+                piece = piece.lstrip()
+                self.trim = not piece
+            return piece, ""
         if channel is None:
             return "", ""
         text = ""
@@ -85,7 +138,12 @@ class Split:
             text = self._end_message()
             text += "\n" if self.said or text else ""
             self.message, self.thoughts = self.router.messages, StreamDecoder(self.tokenizer)
-        text += self.thoughts.push(token)
+            self.lead = True  # a block's reasoning begins after its first newline
+        piece = self.thoughts.push(token)
+        if self.lead:
+            piece = piece.lstrip()
+            self.lead = not piece
+        text += piece
         self.said = self.said or bool(text)
         return "", text
 

@@ -4,6 +4,8 @@
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from moespeq_cli.conversation import complete
 from moespeq_cli.harmony import ChannelRouter
 from moespeq_cli.tokenizer import Tokenizer
@@ -122,3 +124,58 @@ def test_reasoning_without_an_answer_ends_its_line(capsys):
     out.text("")
     out.end_text()
     assert capsys.readouterr().err == "The user\n"
+
+
+THINK_WORDS = ["[UNK]", "Hmm", "the", "user", "greets", "me", "Hello", "there", "<|user|>", "<|assistant|>", "hi"]
+
+
+def think_tokenizer(tmp_path, special: bool, opens: bool) -> Tokenizer:
+    """A word-level tokenizer with ``<think>`` and ``</think>`` as added tokens (special or
+    not: Qwen3's are not), and a template that opens the think block (``opens``: DeepSeek-R1's
+    and the Qwen3 thinking models') or leaves it to the model."""
+    from tokenizers import AddedToken, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(THINK_WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    marks = [AddedToken(m, special=special) for m in ("<think>", "</think>")]
+    if special:
+        tok.add_special_tokens(marks)
+    else:
+        tok.add_tokens(marks)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = "{% for m in messages %}<|user|> {{ m.content }} {% endfor %}<|assistant|>" + (
+        " <think>" if opens else ""
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return Tokenizer(tmp_path, {})
+
+
+@pytest.mark.parametrize("special", [True, False])
+@pytest.mark.parametrize("opens", [True, False])
+def test_a_think_block_is_the_reasoning(tmp_path, special, opens):
+    """Qwen3, GLM-4.x, DeepSeek-R1: the text in <think>...</think> is the reasoning, the
+    rest the answer, whether the markers are special tokens (skipped when decoded) or not,
+    and whether the template opened the block in the prompt or the model does."""
+    tok = think_tokenizer(tmp_path, special, opens)
+    prompt = tok.encode_messages([{"role": "user", "content": "hi"}])
+    said = ("" if opens else "<think> ") + "Hmm the user greets me </think> Hello there"
+    ids = tok.tok.encode(said, add_special_tokens=False).ids
+    shown, thought = [], []
+    a = complete(
+        Scripted(tok, ids), prompt, 100, None, on_text=shown.append, on_reasoning=thought.append, channels=True
+    )
+    assert a.reasoning == "".join(thought) == "Hmm the user greets me"
+    assert a.text == "".join(shown) == "Hello there"
+    assert "think>" not in a.text + a.reasoning
+    # a raw prompt (no template): no split
+    raw = complete(Scripted(tok, ids), prompt, 100, None, channels=False)
+    assert raw.reasoning == "" and "Hello there" in raw.text
+    # thinking switched off by the template (Qwen3's enable_thinking: an empty block in the prompt)
+    closed = tok.tok.encode("<|user|> hi <|assistant|> <think> </think>", add_special_tokens=False).ids
+    plain = tok.tok.encode("Hello there", add_special_tokens=False).ids
+    a = complete(Scripted(tok, plain), closed, 100, None, channels=True)
+    assert a.text == "Hello there" and a.reasoning == ""
+    # the budget ends inside the block: all reasoning, no answer
+    a = complete(Scripted(tok, ids[: 4 if opens else 5]), prompt, 100, None, channels=True)
+    assert a.text == "" and a.reasoning.startswith("Hmm the")

@@ -220,7 +220,8 @@ def run(
             status=status,
             **options,
         )
-        split = Split(engine.tokenizer, uses_template(engine, chat))  # gpt-oss: reasoning to stderr, answer to stdout
+        # gpt-oss, think blocks: reasoning to stderr, answer to stdout
+        split = Split(engine.tokenizer, uses_template(engine, chat), prompt_ids)
         token_ids: list[int] = []
         started = time.perf_counter()
         try:
