@@ -48,7 +48,7 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     cache = hub_cache()
     if cache.exists() and not cache.is_dir():
         raise MoespeqError(f"the Hugging Face cache {cache} is not a directory; point HF_HUB_CACHE at one")
-    demo, _ = _entry(DEMO, None, DEMO_DIR, _tree_size(DEMO_DIR), DEMO_DIR.stat().st_mtime)
+    demo, _ = _entry(DEMO, None, DEMO_DIR, tree_size(DEMO_DIR), DEMO_DIR.stat().st_mtime)
     names = {repo: alias for alias, (repo, _) in reversed(ALIASES.items())}  # the first alias wins
     found, others = [], []
     try:
@@ -61,7 +61,7 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
             if any((d / "snapshots").glob("*")):  # a --local-dir pull leaves refs/ alone: nothing to say
                 others.append((repo, "no snapshot with a config.json"))
             continue
-        size = _tree_size(d / "blobs") or _tree_size(snapshot)
+        size = tree_size(d / "blobs") or tree_size(snapshot)
         entry, why = _entry(names.get(repo, repo), repo, snapshot, size, snapshot.stat().st_mtime)
         if entry is None:
             others.append((repo, why))
@@ -98,7 +98,7 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
         drafts=drafts,
         draft=draft,
         draft_state=state,
-        draft_size=_tree_size(draft) if draft is not None else 0,
+        draft_size=tree_size(draft) if draft is not None else 0,
         modified=modified,
     )
     return model, ""
@@ -145,7 +145,7 @@ def weight_files(snapshot: Path) -> tuple[bool, bool]:
     return held, held and missing
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
     """Bytes of the files under ``path`` (links followed, as the cache's snapshots are;
     dangling ones count nothing; nor does a partial download, ``*.incomplete``)."""
     total = 0

@@ -161,7 +161,7 @@ def test_list_shows_what_runs_offline(hub, cli):
 def test_list_sizes_the_draft_run_loads_and_says_when_it_is_stale(hub, cli):
     """Of two drafts with other options, DRAFT is the one `run` loads (its size alone);
     after the weights change it reads "stale", as `run` refuses it, until quantize runs."""
-    from moespeq_cli.local_models import _tree_size
+    from moespeq_cli.local_models import tree_size
 
     assert cli("pull", "acme/tiny-olmoe").exit_code == 0
     for args in ([], ["--method", "fp4", "--blocksize", "128"]):
@@ -174,7 +174,7 @@ def test_list_sizes_the_draft_run_loads_and_says_when_it_is_stale(hub, cli):
 
     m = listed()
     assert len(m["drafts"]) == 2 and m["draft"].endswith("-nf4-b64") and m["draft_state"] == "ready"
-    assert m["draft_bytes"] == _tree_size(Path(m["draft"])) < sum(_tree_size(Path(d)) for d in m["drafts"])
+    assert m["draft_bytes"] == tree_size(Path(m["draft"])) < sum(tree_size(Path(d)) for d in m["drafts"])
     config = Path(m["path"], "config.json").resolve()  # the cache's blob
     config.write_text(config.read_text() + "\n")  # other weights, as far as the draft can tell
     m = listed()
@@ -216,7 +216,7 @@ def test_list_keeps_a_repo_with_a_dangling_link(cli, monkeypatch, tmp_path):
 def test_list_says_which_pulls_are_incomplete(hub, cli, tmp_path):
     """A pull cut short between two shards: listed as incomplete (not runnable), its
     partial file not counted; `run` names the pull that fetches the rest."""
-    from moespeq_cli.local_models import _tree_size
+    from moespeq_cli.local_models import tree_size
 
     assert cli("pull", "acme/tiny-olmoe").exit_code == 0
     snap = Path(cli("pull", "acme/tiny-olmoe").stdout.strip().splitlines()[-1])
@@ -229,7 +229,7 @@ def test_list_says_which_pulls_are_incomplete(hub, cli, tmp_path):
     r = cli("list", "--json")
     (m,) = [m for m in json.loads(r.stdout)["models"] if m["name"] == "acme/tiny-olmoe"]
     assert m["incomplete"] and not m["weights"] and m["draft"] is None
-    assert m["size_bytes"] == _tree_size(blobs) < sum(p.stat().st_size for p in blobs.iterdir())
+    assert m["size_bytes"] == tree_size(blobs) < sum(p.stat().st_size for p in blobs.iterdir())
     assert "(incomplete: pull again)" in cli("list").stdout
     r = cli("run", "acme/tiny-olmoe", "-p", "hi", "-n", "2")
     assert r.exit_code == 1 and "the download is incomplete: `moespeq pull acme/tiny-olmoe` fetches it" in r.stderr

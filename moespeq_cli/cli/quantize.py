@@ -41,9 +41,11 @@ def quantize(
     full-precision model at run time. The draft is written atomically with a manifest
     (method, blocksize, a fingerprint of the source checkpoint: config.json, the weight
     files' headers and samples of their data); `moespeq run --draft auto` finds it beside
-    the checkpoint (with whatever --method and --blocksize it was built), and refuses a
-    draft built from another checkpoint. A draft that no longer matches its weights
-    only lowers acceptance: the output is the full-precision model's either way.
+    the checkpoint (with whatever --method and --blocksize it was built); a draft written
+    to --out is used with `--draft DIR`. A draft built from other weights is not used
+    (`run` quantizes in memory and says so; `--draft DIR` refuses it). A draft that no
+    longer matches its weights in ways the fingerprint misses only lowers acceptance: the
+    output is the full-precision model's either way.
     """
     import json
     import sys
@@ -64,14 +66,17 @@ def quantize(
     if json_out:
         print(json.dumps(result))
     else:
+        from moespeq_cli.local_models import tree_size
         from moespeq_cli.runtime.planning.hardware import format_size
 
         print(
             f"quantized {result['experts']} experts ({method}, blocksize {blocksize}): "
-            f"{format_size(result['draft_bytes'])}, {result['ratio']:.0%} of full precision, "
-            f"in {result['seconds']:.1f} s",
+            f"{format_size(result['draft_bytes'])} of 4-bit weights ({format_size(tree_size(Path(result['draft'])))} "
+            f"on disk), {result['ratio']:.0%} of full precision, in {result['seconds']:.1f} s",
             file=sys.stderr,
         )
+        if out is not None:
+            print(f"`moespeq run {model} --draft {result['draft']}` uses it", file=sys.stderr)
         print(result["draft"])
 
 
