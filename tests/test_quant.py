@@ -196,7 +196,9 @@ def test_quantize_offline_says_only_what_it_did(tiny, tmp_path):
     cmd = [sys.executable, "-m", "moespeq_cli", "quantize", str(path), "--out", str(tmp_path / "d")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.strip().startswith("quantized") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("quantized") and "on disk" in lines[0], r.stderr
+    assert lines[1] == f"`moespeq run {path} --draft {tmp_path / 'd'}` uses it"  # --out: how to use it
 
 
 def test_a_draft_without_its_manifest_is_said_not_skipped(tiny, cli, tmp_path):
