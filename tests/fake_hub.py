@@ -73,18 +73,27 @@ class FakeHub:
         if not head:
             h.wfile.write(body)
 
+    def refused(self, h, repo: str, rev: str) -> bool:
+        """Answer the hub's error for an unknown or gated repository or an unknown
+        revision; whether one was sent."""
+        if repo not in self.repos:
+            self.error(h, 404, "RepoNotFound", "Repository not found")
+        elif repo in self.gated:
+            self.error(h, 403, "GatedRepo", "Access to this repo is restricted")
+        elif rev not in ("main", self.sha(repo)):
+            self.error(h, 404, "RevisionNotFound", "Revision not found")
+        else:
+            return False
+        return True
+
     def handle(self, h, head: bool) -> None:
         path = h.path.split("?")[0]
         self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
         if m:
             repo, rev = m.groups()
-            if repo not in self.repos:
-                return self.error(h, 404, "RepoNotFound", "Repository not found")
-            if repo in self.gated:
-                return self.error(h, 403, "GatedRepo", "Access to this repo is restricted")
-            if rev not in ("main", self.sha(repo)):
-                return self.error(h, 404, "RevisionNotFound", "Revision not found")
+            if self.refused(h, repo, rev):
+                return
             files = self.repos[repo]
             return self.json(
                 h, {"id": repo, "sha": self.sha(repo), "siblings": [{"rfilename": f} for f in files]}, head
@@ -92,12 +101,8 @@ class FakeHub:
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/.*)?", path)
         if m:
             repo, rev = m.groups()
-            if repo not in self.repos:  # as the hub answers: the repository's errors first
-                return self.error(h, 404, "RepoNotFound", "Repository not found")
-            if repo in self.gated:
-                return self.error(h, 403, "GatedRepo", "Access to this repo is restricted")
-            if rev not in ("main", self.sha(repo)):
-                return self.error(h, 404, "RevisionNotFound", "Revision not found")
+            if self.refused(h, repo, rev):  # as the hub answers: the repository's errors first
+                return
             files = self.repos[repo]
             return self.json(
                 h,

@@ -131,7 +131,7 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
 def race(probs: torch.Tensor, noise: torch.Tensor) -> int:
     """The token whose probability over its Exp(1) draw is largest: argmax p / e (the
     Gumbel-max trick, argmax log p - log e), distributed as ``probs``. A token of
-    probability 0 never wins (torch's draws are never 0)."""
+    probability 0 never wins (``noise`` is never 0)."""
     return int(torch.argmax(probs / noise))
 
 
@@ -162,7 +162,7 @@ class Sampler:
         if e is None or e.numel() != size:
             g = torch.Generator()
             g.manual_seed(position_seed(self.params.seed, position))
-            e = torch.empty(size).exponential_(generator=g)
+            e = torch.empty(size).exponential_(generator=g).clamp_(min=1e-30)  # never 0: 0 / 0 would win argmax
             self._noise = {p: v for p, v in self._noise.items() if p > position - 16}
             self._noise[position] = e
         return e
