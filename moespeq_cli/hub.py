@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import json
 import os
 import sys
@@ -84,12 +85,14 @@ def download(snapshot_download, kwargs: dict) -> str:
 
 
 def check_local_dir(local_dir: Path, repo: str) -> None:
-    """``--local-dir`` must be new, empty, or written by an earlier pull of ``repo``: every
-    entry in it but ``.cache`` has huggingface_hub's download record
-    (``.cache/huggingface/download/<name>.metadata``), and the repository moespeq
-    recorded there (``PULLED``), where it did, is ``repo``. A directory of the user's own
-    files is never downloaded over (a home directory holds ``.cache/huggingface`` too),
-    nor is one model's pull mixed with another's."""
+    """``--local-dir`` must be new, or hold no file a pull writes (``RUN_FILES``) but those
+    an earlier pull of ``repo`` wrote there, unchanged since: moespeq records the repository
+    it pulls into a directory (``PULLED``), and huggingface_hub each file it wrote
+    (``.cache/huggingface/download/<name>.metadata``, with the time it wrote it). A user's
+    own model files are never downloaded over (a home directory holds
+    ``.cache/huggingface`` too, and a pulled ``tokenizer_config.json`` is often edited),
+    nor is one model mixed with another (another repository's pull, or one moespeq did not
+    record: ``hf download``'s). Files no pull writes (a README, notes) are left alone."""
     if not os.path.lexists(local_dir):
         return
     if not local_dir.is_dir():
@@ -98,23 +101,42 @@ def check_local_dir(local_dir: Path, repo: str) -> None:
         names = [p.name for p in local_dir.iterdir() if p.name != ".cache"]
     except OSError as err:
         raise UsageError(f"--local-dir {local_dir} cannot be read ({err.strerror}); give another directory") from None
+    model_files = [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in RUN_FILES)]
+    if not model_files:
+        return
+    earlier = pulled_repo(local_dir)
+    if earlier != repo:
+        whose = f"a pull of {earlier}" if earlier else "model files that moespeq did not pull there"
+        raise UsageError(
+            f"--local-dir {local_dir} holds {whose} ({model_files[0]!r}); give another directory for {repo} "
+            "(the download would overwrite and mix with them)"
+        )
     records = local_dir / ".cache" / "huggingface" / "download"
-    theirs = [n for n in names if not ((records / f"{n}.metadata").is_file() or (records / n).is_dir())]
-    if theirs:
+    changed = [n for n in model_files if not written_as_recorded(local_dir / n, records / f"{n}.metadata")]
+    if changed:
         raise UsageError(
-            f"--local-dir {local_dir} already holds files that no pull wrote ({theirs[0]!r}"
-            f"{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''}); the download would overwrite and mix with "
-            "them: give a new or empty directory"
+            f"--local-dir {local_dir} holds {changed[0]!r} changed since the pull (or not written by it); the "
+            "download would overwrite it: move it away, or give another directory"
         )
+
+
+def pulled_repo(local_dir: Path) -> str | None:
+    """The repository moespeq recorded pulling into ``local_dir`` (None: none)."""
     try:
-        earlier = json.loads((local_dir / PULLED).read_text()).get("repo")
+        repo = json.loads((local_dir / PULLED).read_text()).get("repo")
     except (OSError, ValueError, AttributeError):
-        earlier = None
-    if names and earlier is not None and earlier != repo:
-        raise UsageError(
-            f"--local-dir {local_dir} holds a pull of {earlier}; give another directory for {repo} "
-            "(one model per directory: their files would mix)"
-        )
+        return None
+    return repo if isinstance(repo, str) else None
+
+
+def written_as_recorded(path: Path, record: Path) -> bool:
+    """``path`` is as huggingface_hub wrote it: its record (commit, etag, the time of the
+    write on the third line) exists, and the file was not modified after that time."""
+    try:
+        lines = record.read_text().splitlines()
+        return path.stat().st_mtime <= float(lines[2]) + 1.0
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def record_pull(local_dir: Path, repo: str) -> None:
@@ -126,7 +148,8 @@ def record_pull(local_dir: Path, repo: str) -> None:
         marker.write_text(json.dumps({"repo": repo}) + "\n")
     except OSError as err:
         raise HubError(
-            f"cannot write into --local-dir {local_dir} ({err.strerror}); give a writable directory"
+            f"cannot write into --local-dir {local_dir} ({err.strerror}): it is not a writable directory; "
+            "give --local-dir one that is"
         ) from None
 
 
@@ -190,9 +213,18 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     with hub_errors(repo, revision, local_dir):
         from huggingface_hub import constants
 
-        if not constants.HF_HUB_OFFLINE:  # offline, a pull can only find what the cache holds
+        from moespeq_cli.model_ref import cached_snapshot
+
+        offline = constants.HF_HUB_OFFLINE  # then a pull can only find what is here
+        here = pulled_repo(Path(local_dir)) == repo if local_dir is not None else cached_snapshot(repo, revision)
+        if offline and local_dir is not None and not here:
+            raise HubError(
+                f"cannot reach the hub to download {repo} (HF_HUB_OFFLINE is set), and --local-dir {local_dir} "
+                "holds no pull of it; unset HF_HUB_OFFLINE"
+            )
+        if not offline and not here:  # checked when it was pulled (or another tool's: run says what it lacks)
             preflight(repo, revision, config_only)
-        if local_dir is not None:
+        if local_dir is not None and not offline:
             record_pull(Path(local_dir), repo)
         remove_partial_downloads(repo, local_dir)
         return Path(download(snapshot_download, kwargs))
@@ -218,8 +250,9 @@ def preflight(repo: str, revision: str | None, config_only: bool) -> None:
     if not config_only and not any(f.endswith(".safetensors") for f in files):
         held = sorted({Path(f).suffix for f in files if Path(f).suffix in (".bin", ".pt", ".pth", ".gguf")})
         what = f" (it holds {', '.join(held)} files)" if held else ""
+        never = " and never unpickles" if set(held) & {".bin", ".pt", ".pth"} else ""
         raise UnsupportedModelError(
-            f"{repo} has no safetensors weights{what}; moespeq reads safetensors only (it never unpickles) -- "
+            f"{repo} has no safetensors weights{what}; moespeq reads safetensors only{never} -- "
             "use a safetensors revision or convert it"
         )
     with tempfile.TemporaryDirectory(prefix="moespeq-pull-") as tmp:
@@ -230,10 +263,14 @@ def preflight(repo: str, revision: str | None, config_only: bool) -> None:
 
         try:
             raw, _ = language_config(read_config(Path(path).parent))
-        except CheckpointError as err:
-            raise UnsupportedModelError(f"{repo}'s config.json cannot be read ({err}); moespeq cannot run it") from None
+        except CheckpointError:
+            raise UnsupportedModelError(
+                f"{repo}'s config.json is not a JSON object moespeq can read; nothing was downloaded"
+            ) from None
     model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError(f"{repo}'s config.json names no model_type; nothing was downloaded")
+    if TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"{repo} is a {model_type!r} model, not an architecture moespeq runs "
             f"(families: {', '.join(sorted(ARCHITECTURES))}); nothing was downloaded"

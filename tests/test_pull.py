@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub
 
+from moespeq_cli.hub import PULLED
+
 
 @pytest.fixture
 def hub(tiny, monkeypatch, tmp_path):
@@ -291,7 +293,11 @@ def test_a_place_that_is_not_a_directory_is_said_so(hub, cli, tmp_path, monkeypa
     """A --local-dir under a file, or a cache that is a file: not an interruption."""
     (tmp_path / "afile").write_text("x")
     r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(tmp_path / "afile" / "sub"))
-    assert r.exit_code == 1 and "give a writable directory" in r.stderr and "again" not in r.stderr, r.stderr
+    assert (
+        r.exit_code == 1
+        and "it is not a writable directory; give --local-dir one that is" in r.stderr
+        and "again" not in r.stderr
+    ), r.stderr
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "afile"))
     r = cli("pull", "acme/tiny-olmoe")
     assert r.exit_code == 1 and "interrupted" not in r.stderr, r.stderr
@@ -315,7 +321,7 @@ def test_local_dir_holding_the_users_files_is_refused(hub, cli, tmp_path):
     mine.mkdir()
     (mine / "config.json").write_text('{"mine": true}')
     r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(mine))
-    assert r.exit_code == 2 and "no pull wrote" in r.stderr, r.stderr
+    assert r.exit_code == 2 and "model files that moespeq did not pull there" in r.stderr, r.stderr
     assert [p.name for p in mine.iterdir()] == ["config.json"] and "mine" in (mine / "config.json").read_text()
     fresh = tmp_path / "fresh"
     for _ in range(2):
@@ -327,15 +333,46 @@ def test_local_dir_holding_the_users_files_is_refused(hub, cli, tmp_path):
     (home / ".cache" / "huggingface").mkdir(parents=True)
     (home / "tokenizer.json").write_text("my notes")
     r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(home))
-    assert r.exit_code == 2 and "no pull wrote ('tokenizer.json')" in r.stderr, r.stderr
+    assert r.exit_code == 2 and "did not pull there ('tokenizer.json')" in r.stderr, r.stderr
     assert (home / "tokenizer.json").read_text() == "my notes" and not (home / "config.json").exists()
     # another model into the first one's directory: their files would mix
     hub.repos["acme/other"] = dict(hub.repos["acme/tiny-olmoe"])
     r = cli("pull", "acme/other", "--local-dir", str(fresh))
     assert r.exit_code == 2 and "holds a pull of acme/tiny-olmoe" in r.stderr, r.stderr
-    (fresh / "notes.txt").write_text("mine")  # added by the user after the pull
+    (fresh / "notes.txt").write_text("mine")  # added by the user: no pull writes it, the pull goes on
+    assert cli("pull", "acme/tiny-olmoe", "--local-dir", str(fresh)).exit_code == 0
+    assert (fresh / "notes.txt").read_text() == "mine"
+    import time
+
+    time.sleep(1.1)
+    (fresh / "config.json").write_text((fresh / "config.json").read_text() + " ")  # a user's edit after the pull
     r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(fresh))
-    assert r.exit_code == 2 and "'notes.txt'" in r.stderr
+    assert r.exit_code == 2 and "'config.json' changed since the pull" in r.stderr, r.stderr
+    assert (fresh / "config.json").read_text().endswith(" ")
+    # a pull moespeq did not record (hf download's, an older moespeq's): whose is it?
+    (fresh / PULLED).unlink()
+    r = cli("pull", "acme/other", "--local-dir", str(fresh))
+    assert r.exit_code == 2 and "did not pull there" in r.stderr, r.stderr
+
+
+def test_an_offline_pull_finds_what_is_here_and_creates_nothing(hub, cli, tmp_path, monkeypatch):
+    """Offline, a pull returns the cached model or the --local-dir pulled before; a new
+    --local-dir is not created; unreachable, a cached model is returned without asking."""
+    import huggingface_hub.constants as hc
+
+    assert cli("pull", "acme/tiny-olmoe").exit_code == 0
+    done = tmp_path / "done"
+    assert cli("pull", "acme/tiny-olmoe", "--local-dir", str(done)).exit_code == 0
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    assert cli("pull", "acme/tiny-olmoe").exit_code == 0
+    assert cli("pull", "acme/tiny-olmoe", "--local-dir", str(done)).exit_code == 0
+    r = cli("pull", "acme/tiny-olmoe", "--local-dir", str(tmp_path / "new"))
+    assert r.exit_code == 1 and "HF_HUB_OFFLINE" in r.stderr and not (tmp_path / "new").exists(), r.stderr
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    n = len(hub.requests)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no preflight for a cached model
+    r = cli("pull", "acme/tiny-olmoe")
+    assert len(hub.requests) == n
 
 
 @pytest.mark.parametrize(
@@ -345,7 +382,7 @@ def test_a_failed_write_says_why(hub, cli, monkeypatch, code, needle):
     """A full disk or a read-only cache is not an interruption a retry fixes."""
     import huggingface_hub
 
-    def fail(**kwargs):
+    def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
