@@ -1,5 +1,6 @@
 """Sampling: the filters keep the right tokens, seeds reproduce, frequencies match."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,25 @@ def test_a_temperature_too_small_to_divide_by_is_greedy():
     assert not SamplingParams(temperature=1e-4).greedy
     with pytest.raises(UsageError, match="0 \\(greedy\\) to 100"):
         SamplingParams(temperature=101)
+
+
+def test_seeds_and_positions_draw_their_own_noise():
+    """Every bit of a 64-bit seed counts (a generator seeded per position takes 32 of
+    them, so seeds s and s + 2**32 drew alike and positions of one run could share noise),
+    and a token's draw is the same whether the race runs over the vocabulary or a nucleus."""
+    from moespeq_cli.runtime.sampling import exp_noise, position_key, race
+
+    logits = torch.zeros(1000)  # uniform: the noise alone decides
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (5, 5 + 2**32)]
+    a, b = ([Sampler(p)(logits, i) for i in range(50)] for p in params)
+    assert a != b
+    keys = {position_key(0, i) for i in range(100_000)}
+    assert len(keys) == 100_000
+    draws = exp_noise(position_key(3, 7), np.arange(1000))
+    assert abs(draws.mean() - 1.0) < 0.1 and draws.min() > 0
+    nucleus = torch.zeros(1000)
+    nucleus[[3, 500, 999]] = torch.tensor([0.2, 0.3, 0.5])
+    winner = race(nucleus, position_key(3, 7))
+    others = [3, 500, 999]
+    want = others[int(np.argmax(nucleus.numpy()[others] / draws[others]))]
+    assert winner == want

@@ -122,7 +122,7 @@ def test_coupled_verification_emits_the_targets_race(case):
         sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
         drafted = [sampler.pick(q[i], 10 + i) for i in range(k)]
         m, nxt = accept_coupled(p, drafted, sampler, 10)
-        plain = [race(p[i], sampler.noise(10 + i, V)) for i in range(k + 1)]
+        plain = [race(p[i], sampler.key(10 + i)) for i in range(k + 1)]
         assert drafted[:m] + [nxt] == plain[: m + 1]  # what plain decoding picks there
         counts[plain[0]] += 1
         accepted += m >= 1

@@ -4,14 +4,20 @@
 ``probabilities`` returns the distribution actually sampled from; speculative decoding
 needs exactly that distribution for both the draft and the target.
 
-With a seed, each position's token is decided by that position's own noise
-(``Sampler.noise``: one Exp(1) draw per vocabulary entry from a generator seeded by the
-seed and the position) in an exponential race, ``race``: argmax p / e, which is the
-Gumbel-max trick (log p - log e) and so a sample of p. The draft's proposal for a
+With a seed, each position's token is decided by that position's own noise in an
+exponential race, ``race``: argmax p / e over the tokens of nonzero probability, e an
+Exp(1) draw per token -- the Gumbel-max trick (log p - log e), so a sample of p. The draws
+are a counter-based hash (splitmix64's output function) of a 64-bit key made of the seed
+and the position (``position_key``) and the token id: any token's draw at any position is
+computed on its own, so a race over a top-p nucleus costs the nucleus, not the vocabulary,
+and no two positions share a stream (a generator seeded per position would: mt19937 takes
+32 bits of its seed). The draft's proposal for a
 position races with the same noise as the target's choice there, and verification keeps
 a drafted token exactly when the target's race picks it too (``accept_coupled``). The
 tokens are then those plain decoding picks with the same seed, whatever the draft
-proposed, the depth the governor chose, the policy or the backend: a seeded request is
+proposed, the depth the governor chose or the policy (as far as the logits are the same:
+a pass over several tokens, or another backend's kernels, may round a near-tie the other
+way, as in greedy decoding): a seeded request is
 reproducible on a wall clock (where the governor's choices follow timings) and in a
 server whose governor carries over from earlier requests. (This is drafter-invariant
 speculative sampling; it accepts a little less often than rejection sampling where draft
@@ -25,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moespeq_cli import kernels
@@ -128,19 +135,39 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return [int(b) for b in best]
 
 
-def race(probs: torch.Tensor, noise: torch.Tensor) -> int:
-    """The token whose probability over its Exp(1) draw is largest: argmax p / e (the
-    Gumbel-max trick, argmax log p - log e), distributed as ``probs``. A token of
-    probability 0 never wins (``noise`` is never 0)."""
-    return int(torch.argmax(probs / noise))
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's
 
 
-def position_seed(seed: int, position: int) -> int:
-    """A generator seed for ``position`` of a run seeded with ``seed``: the two mixed
-    (splitmix64's constants), so nearby seeds and positions draw unrelated noise."""
-    x = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) % 2**64
-    x = ((x ^ (x >> 31)) * 0x94D049BB133111EB) % 2**64
-    return x ^ (x >> 29)
+def mix64(x: int) -> int:
+    """splitmix64's output function: a 64-bit value to an unrelated one."""
+    x = ((x ^ (x >> 30)) * MIX1) % 2**64
+    x = ((x ^ (x >> 27)) * MIX2) % 2**64
+    return x ^ (x >> 31)
+
+
+def position_key(seed: int, position: int) -> int:
+    """The 64-bit key of ``position``'s noise in a run seeded with ``seed``."""
+    return mix64((seed % 2**64) ^ mix64((position + 1) * GOLDEN % 2**64))
+
+
+def exp_noise(key: int, ids: np.ndarray) -> np.ndarray:
+    """An Exp(1) draw for each token id in ``ids`` under ``key``: splitmix64's output of
+    the counter key + id * golden, its top 53 bits a uniform u in (0, 1), -log u."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as splitmix64's does
+        x = ids.astype(np.uint64) * np.uint64(GOLDEN) + np.uint64(key)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(MIX1)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(MIX2)
+        x ^= x >> np.uint64(31)
+    return -np.log(((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53)
+
+
+def race(probs: torch.Tensor, key: int) -> int:
+    """The token whose probability over its Exp(1) draw under ``key`` is largest: argmax
+    p / e among tokens of nonzero probability (the Gumbel-max trick), distributed as
+    ``probs`` [V] (on the host)."""
+    p = probs.detach().numpy()
+    ids = np.flatnonzero(p)
+    return int(ids[np.argmax(p[ids] / exp_noise(key, ids))])
 
 
 class Sampler:
@@ -152,25 +179,16 @@ class Sampler:
         self.gen = torch.Generator()
         self.gen.manual_seed(params.seed % 2**64 if params.seed is not None else torch.seed())
         self.coupled = params.seed is not None  # tokens decided by each position's noise
-        self._noise: dict[int, torch.Tensor] = {}
 
-    def noise(self, position: int, size: int) -> torch.Tensor:
-        """Exp(1) draws for every token at ``position`` (0: the first generated token):
-        the same for the draft's proposal and the target's choice there (kept for a
-        cycle: positions behind ``position`` are let go)."""
-        e = self._noise.get(position)
-        if e is None or e.numel() != size:
-            g = torch.Generator()
-            g.manual_seed(position_seed(self.params.seed, position))
-            e = torch.empty(size).exponential_(generator=g).clamp_(min=1e-30)  # never 0: 0 / 0 would win argmax
-            self._noise = {p: v for p, v in self._noise.items() if p > position - 16}
-            self._noise[position] = e
-        return e
+    def key(self, position: int) -> int:
+        """The key of the noise at ``position`` (0: the first generated token): the same
+        for the draft's proposal and the target's choice there."""
+        return position_key(self.params.seed, position)
 
     def pick(self, probs: torch.Tensor, position: int) -> int:
         """A token of ``probs`` [V] for ``position``."""
         if self.coupled:
-            return race(probs, self.noise(position, probs.shape[-1]))
+            return race(probs, self.key(position))
         return int(torch.multinomial(probs, 1, generator=self.gen))
 
     def __call__(self, logits: torch.Tensor, position: int) -> int:
