@@ -77,6 +77,7 @@ class ThinkRouter:
         self.open, self.close = open_id, close_id
         self.channel = REASONING if inside else FINAL
         self.messages = int(inside)
+        self.closed = False  # the last token closed a block
 
     @classmethod
     def of(cls, tokenizer, prompt_ids: list[int]) -> ThinkRouter | None:
@@ -90,17 +91,18 @@ class ThinkRouter:
             if t in ids:
                 inside = t == ids[0]
                 break
-            if tokenizer.decode([t]).strip():
+            if tokenizer.tok.decode([t], skip_special_tokens=False).strip():  # a special token is no whitespace
                 break
         return cls(*ids, inside)
 
     def push(self, token: int) -> str | None:
+        self.closed = False
         if token == self.open:
             self.channel = REASONING
             self.messages += 1
             return None
         if token == self.close:
-            self.channel = FINAL
+            self.channel, self.closed = FINAL, True
             return None
         return self.channel
 
@@ -114,8 +116,9 @@ class Split:
         """``prompt_ids``: where a think block starts follows the prompt (``ThinkRouter``)."""
         self.tokenizer = tokenizer
         self.router = (ChannelRouter.of(tokenizer) or ThinkRouter.of(tokenizer, list(prompt_ids))) if channels else None
-        # the answer after a think block begins after the newlines the model puts there
-        self.trim = isinstance(self.router, ThinkRouter)
+        self.trim = (
+            False  # after a think block: the answer begins after the newlines the model puts there (indentation kept)
+        )
         self.answer = StreamDecoder(tokenizer)
         self.thoughts = None  # the reasoning message's decoder
         self.message = -1
@@ -125,10 +128,12 @@ class Split:
     def push(self, token: int) -> tuple[str, str]:
         """-> (the answer's new text, the reasoning's)."""
         channel = FINAL if self.router is None else self.router.push(token)
+        if getattr(self.router, "closed", False):
+            self.trim = True
         if channel == FINAL:
             piece = self.answer.push(token)
             if self.trim:
-                piece = piece.lstrip()
+                piece = piece.lstrip("\r\n")
                 self.trim = not piece
             return piece, ""
         if channel is None:
@@ -141,7 +146,7 @@ class Split:
             self.lead = True  # a block's reasoning begins after its first newline
         piece = self.thoughts.push(token)
         if self.lead:
-            piece = piece.lstrip()
+            piece = piece.lstrip("\r\n")
             self.lead = not piece
         text += piece
         self.said = self.said or bool(text)

@@ -179,3 +179,29 @@ def test_a_think_block_is_the_reasoning(tmp_path, special, opens):
     # the budget ends inside the block: all reasoning, no answer
     a = complete(Scripted(tok, ids[: 4 if opens else 5]), prompt, 100, None, channels=True)
     assert a.text == "" and a.reasoning.startswith("Hmm the")
+
+
+def test_an_answer_without_a_think_block_keeps_its_leading_whitespace(tmp_path):
+    """A tokenizer with the markers answering without a block (a non-thinking model of a
+    thinking family): its answer is as generated, indentation included; and a special
+    token after a literal "<think>" in the prompt is not whitespace (the answer does not
+    start inside a block)."""
+    from tiny_models import byte_tokenizer_json
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from moespeq_cli.harmony import Split, ThinkRouter
+
+    raw = HFTokenizer.from_str(json.dumps(byte_tokenizer_json()))
+    raw.add_tokens(["<think>", "</think>"])
+    (tmp_path / "b").mkdir()
+    raw.save(str(tmp_path / "b" / "tokenizer.json"))
+    byte = Tokenizer(tmp_path / "b", {})
+    for said, want in (("    return x\n", "    return x\n"), ("<think>hm</think>\n\n  return x", "  return x")):
+        ids = byte.tok.encode(said, add_special_tokens=False).ids
+        split = Split(byte, True, byte.tok.encode("hi", add_special_tokens=False).ids)
+        shown = "".join(split.push(t)[0] for t in ids) + split.flush()[0]
+        assert shown == want, (said, shown)
+    tok = think_tokenizer(tmp_path, special=False, opens=False)
+    tok.tok.add_special_tokens(["<|gen|>"])
+    prompt = tok.tok.encode("<|user|> hi <think> <|gen|>", add_special_tokens=True).ids
+    assert ThinkRouter.of(tok, prompt).channel == "final"
