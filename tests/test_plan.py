@@ -305,3 +305,8 @@ def test_a_ram_beyond_the_machines_memory_is_noted(cli, tiny, monkeypatch):
     r = cli(*args, "--ram", "100KB")
     assert r.exit_code == 0, r.stderr
     assert "lets experts take" not in r.stderr
+    # --backend cpu with every expert fitting --ram: all of them in RAM (no plan), noted too, and in --json
+    r = cli("run", str(path), "-p", "hi", "-n", "2", "--backend", "cpu", "--ram", "1GB")
+    assert r.exit_code == 0 and "lets experts take" in r.stderr, r.stderr
+    r = cli("run", str(path), "-p", "hi", "-n", "2", "--backend", "cpu", "--ram", "1GB", "--json")
+    assert "128.00 KiB available" in json.loads(r.stdout)["ram_note"]

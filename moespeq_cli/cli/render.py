@@ -131,12 +131,13 @@ class Renderer:
         run with every expert in RAM has no plan: the note alone)."""
 
         from moespeq_cli.runtime.planning.hardware import beyond_device, format_size
-        from moespeq_cli.runtime.planning.planner import beyond_memory
 
         plan, hw, note = engine.plan, engine.hw, engine.plan_note
         if plan is None:
             if note:
                 say(note)
+            if engine.ram_note:
+                say(f"note: {engine.ram_note}", style=None)
             return
         parts = ", ".join(f"{name} {format_size(n)}" for name, n in plan.rows() if n)
         where = (
@@ -157,8 +158,7 @@ class Renderer:
         beyond = beyond_device(plan.budget_bytes, hw) if hw is not None else None
         if beyond:
             say(f"note: {beyond}", style=None)
-        over = beyond_memory(plan.host_budget_bytes, plan.ram_held_bytes) if plan.ram_source is None else None
-        for line in (over, engine.draft_note):
+        for line in (engine.ram_note, engine.draft_note):
             if line:
                 say(f"note: {line}", style=None)
 

@@ -414,6 +414,7 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
     if wall is not None:
         result["wall_seconds"] = round(wall, 4)
     result |= {"draft": None, "spec_depths": None, "governor_note": None}  # the same keys whatever the policy
+    result |= {"ram_note": engine.ram_note, "draft_note": engine.draft_note}  # what the plan line notes
     if engine.scheduler is not None:
         from moespeq_cli.runtime.scheduling.governor import explain
 

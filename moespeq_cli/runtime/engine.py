@@ -32,7 +32,7 @@ from moespeq_cli.models.loader import load_model
 from moespeq_cli.runtime.backends import library_bytes, make_backend, resolve_backend_name
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.planning.hardware import HardwareProfile, format_size, load_profile, parse_size
-from moespeq_cli.runtime.planning.planner import Plan, checkpoint_plan, default_ram, host_tier_ram
+from moespeq_cli.runtime.planning.planner import Plan, beyond_memory, checkpoint_plan, default_ram, host_tier_ram
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.scheduling.policies import make_policy
 from moespeq_cli.runtime.stats import GenerationStats, fill_offload_stats
@@ -189,6 +189,7 @@ class Engine:
         self.spec = None
         self.draft_source: str | None = None
         self.draft_note: str | None = None  # why the saved draft was not used, for the user
+        self.ram_note: str | None = None  # a --ram beyond this machine's memory
         self.last_stats: GenerationStats | None = None
         self.spec_stats = None
         self._kept = None  # (cache, the token ids it holds) after a generate(reuse=True)
@@ -353,6 +354,7 @@ class Engine:
     def load(self, context: int, plan: Plan | None | bool = False) -> None:
         """Load for ``context`` tokens with ``plan`` (default: ``make_plan(context)``)."""
         self.plan = plan = self.make_plan(context) if plan is False else plan
+        self.ram_note = self.ram_beyond_memory(plan, context)  # before any weight takes the memory it measures
         if plan is None:
             from moespeq_cli.runtime.executors.experts import InMemoryExperts
 
@@ -484,6 +486,17 @@ class Engine:
     @property
     def draft_exec(self):
         return self.spec.draft if self.spec is not None else None
+
+    def ram_beyond_memory(self, plan: Plan | None, context: int) -> str | None:
+        """A note when a given --ram lets experts take more RAM than the machine has
+        available (planner.py ``beyond_memory``): the plan's RAM buffers, or on the cpu
+        backend with every expert fitting, all of them."""
+        if self.ram is None:
+            return None
+        if plan is None:
+            sizes = checkpoint_plan(self.ckpt, context, dtype=self.dense_dtype)
+            return beyond_memory(self.ram, sizes.total_experts * sizes.ram_slot_bytes)
+        return beyond_memory(self.ram, plan.ram_held_bytes)
 
     @property
     def plan_note(self) -> str | None:
