@@ -30,11 +30,14 @@ from moespeq_cli.errors import CheckpointError
 
 
 class TemplateError(CheckpointError):
-    """A chat template that failed; ``what``: the failure without a remedy."""
+    """A chat template that failed; ``what``: the failure without a remedy, naming the
+    template; ``detail``: the failure alone (what a server tells a client: not the path);
+    ``refused``: the template refused its input on purpose (its ``raise_exception``:
+    "System role not supported"), which is the messages' fault, not the template's."""
 
-    def __init__(self, what: str, remedy: str = "use --no-chat (or fix the template)"):
-        super().__init__(f"{what}; {remedy}")
-        self.what = what
+    def __init__(self, what: str, detail: str = "", refused: bool = False):
+        super().__init__(f"{what}; use --no-chat (or fix the template)")
+        self.what, self.detail, self.refused = what, detail or what, refused
 
 
 TIME_LIMIT_S = 1.0
@@ -178,15 +181,19 @@ def strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
-def render(template: str, where: str, **variables) -> str:
-    """Render ``template`` with ``variables`` within the bounds above."""
+def render(template: str, where: str, /, **variables) -> str:
+    """Render ``template`` with ``variables`` within the bounds above (``where`` names it
+    in errors; a variable may be called ``template`` or ``where`` too)."""
     import jinja2
+
+    class Refused(jinja2.TemplateError):
+        pass
 
     leaves = [len(v) for v in _leaves(variables) if isinstance(v, str)]
     env = _environment(max([ITEM_LIMIT, *(2 * n for n in leaves)]))
 
     def raise_exception(msg: str):
-        raise jinja2.TemplateError(msg)
+        raise Refused(msg)
 
     env.globals["raise_exception"] = raise_exception
     limit = OUTPUT_SLACK + 4 * sum(leaves)
@@ -207,18 +214,30 @@ def render(template: str, where: str, **variables) -> str:
             if total > limit:
                 raise TemplateLimit(f"its output passed {limit} characters")
         return "".join(parts)
+    except Refused as e:
+        raise TemplateError(f"{where} refused the messages ({str(e)[:120]})", str(e)[:120], refused=True) from None
     except TemplateLimit as e:
-        raise TemplateError(f"{where} was stopped: {e}") from None
+        raise TemplateError(f"{where} was stopped: {e}", f"it was stopped: {e}") from None
     except RecursionError:
-        raise TemplateError(f"{where} recursed too deeply") from None
+        raise TemplateError(f"{where} recursed too deeply", "it recursed too deeply") from None
     except MemoryError:
-        raise TemplateError(f"{where} ran out of memory") from None
+        raise TemplateError(f"{where} ran out of memory", "it ran out of memory") from None
     except jinja2.TemplateError as e:
-        raise TemplateError(f"{where} failed ({str(e)[:120]})") from None
+        raise TemplateError(f"{where} failed ({str(e)[:120]})", str(e)[:120]) from None
     except Exception as e:  # noqa: BLE001 - a template is foreign code: any failure is its own
-        raise TemplateError(f"{where} failed ({type(e).__name__}: {str(e)[:120]})") from None
+        detail = f"{type(e).__name__}: {str(e)[:120]}"
+        raise TemplateError(f"{where} failed ({detail})", detail) from None
     finally:
         sys.settrace(previous)
+
+
+# what a template reads besides a request's own variables: moespeq's arguments, the
+# globals the environment gives it, and Jinja's own names
+RESERVED = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"}
+    | {"strftime_now", "namespace", "range", "dict", "lipsum", "cycler", "joiner", "self", "loop", "super"}
+    | {"caller", "varargs", "kwargs", "true", "false", "none", "True", "False", "None"}
+)
 
 
 def check_compiles(template: str, where: str) -> None:
@@ -229,9 +248,9 @@ def check_compiles(template: str, where: str) -> None:
     try:
         _environment(ITEM_LIMIT).from_string(template)
     except jinja2.TemplateError as e:
-        raise TemplateError(f"{where} does not compile ({str(e)[:120]})") from None
+        raise TemplateError(f"{where} does not compile ({str(e)[:120]})", str(e)[:120]) from None
     except RecursionError:
-        raise TemplateError(f"{where} does not compile (nested too deeply)") from None
+        raise TemplateError(f"{where} does not compile (nested too deeply)", "nested too deeply") from None
 
 
 def _leaves(v):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
-from moespeq_cli.chat_template import TemplateError
+from moespeq_cli.chat_template import RESERVED, TemplateError
 from moespeq_cli.conversation import Answer, complete
 from moespeq_cli.text import counted
 
@@ -46,8 +46,6 @@ MAX_BODY = 16 * 2**20
 REASONING = "reasoning"  # tags a streamed piece of reasoning
 MAX_STOPS = 4
 ROLES = ("system", "user", "assistant", "developer")
-# what the chat template reads besides a request's template variables (``template_variables``)
-TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 class ApiError(Exception):
@@ -56,9 +54,12 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
-            self.status, "invalid_request_error"
-        )
+        kind = {
+            401: "authentication_error",
+            404: "invalid_request_error",
+            500: "server_error",
+            503: "server_error",
+        }.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -208,7 +209,7 @@ UNSUPPORTED = {
 UNSUPPORTED_BUT = {
     "tool_choice": ("none", "tool calls"),
     "function_call": ("none", "function calls"),
-    "modalities": (["text"], "output other than text"),
+    "modalities": (["text"], "output other than text"),  # (and [], which asks for nothing)
 }
 
 
@@ -237,7 +238,7 @@ def refuse_unsupported(body: dict) -> None:
         if body.get(name) not in (None, False, 0, "", [], {}):
             raise ApiError(400, f"'{name}' is not supported by moespeq ({what}); leave it out", "unsupported", name)
     for name, (neutral, what) in UNSUPPORTED_BUT.items():
-        if body.get(name) not in (None, neutral):
+        if body.get(name) not in (None, neutral, []):
             raise ApiError(
                 400,
                 f"'{name}' other than {json.dumps(neutral)} is not supported by moespeq ({what})",
@@ -323,7 +324,10 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if isinstance(m, dict) and m.get("role") in ("tool", "function"):
             raise ApiError(
-                400, f"messages[{i}] is a {m['role']} result: tool calls are not supported by moespeq", "unsupported"
+                400,
+                f"messages[{i}] is a {m['role']} result: tool calls are not supported by moespeq",
+                "unsupported",
+                "messages",
             )
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] needs a 'role' among {', '.join(ROLES)}", "invalid_value", "messages")
@@ -355,7 +359,7 @@ def template_variables(body: dict) -> dict:
     """What a chat request gives its template besides the messages: the entries of
     ``chat_template_kwargs`` (``enable_thinking``: Qwen3's switch), and ``reasoning_effort``
     (gpt-oss's template reads it), as vLLM passes them; none may replace what moespeq
-    passes (``TEMPLATE_NAMES``)."""
+    passes or the template's environment defines (chat_template.py ``RESERVED``)."""
     extra = body.get("chat_template_kwargs")
     if extra is None:
         extra = {}
@@ -363,7 +367,7 @@ def template_variables(body: dict) -> dict:
         raise ApiError(
             400, "'chat_template_kwargs' must be an object of names", "invalid_value", "chat_template_kwargs"
         )
-    if taken := sorted(TEMPLATE_NAMES & set(extra)):
+    if taken := sorted(RESERVED & set(extra)):
         raise ApiError(
             400, f"'chat_template_kwargs' may not set {', '.join(taken)}", "invalid_value", "chat_template_kwargs"
         )
@@ -519,7 +523,20 @@ def build_app(
         except ApiError as e:
             return error(request, e)
         except TemplateError as e:  # the template refused these messages (its raise_exception), or failed on them
-            return error(request, ApiError(400, f"{e.what} on these messages", "invalid_value", "messages"))
+            if e.refused:
+                return error(
+                    request,
+                    ApiError(
+                        400,
+                        f"the model's chat template refused these messages: {e.detail}",
+                        "invalid_value",
+                        "messages",
+                    ),
+                )
+            return error(
+                request,
+                ApiError(500, f"the model's chat template failed on these messages ({e.detail})", "template_error"),
+            )
         except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on this input
             return error(request, ApiError(400, f"cannot encode the request: {e}", "invalid_value"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

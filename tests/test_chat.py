@@ -254,6 +254,16 @@ def test_a_template_that_cannot_render_is_said_with_what_chat_offers(tiny, tmp_p
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert "no boom here" in records[0]["error"] and records[0]["line"] == 1
     assert records[1]["turn"] == 1 and "content" in records[1]  # the session goes on, without the skipped message
+    nosys = templated_copy(
+        tiny,
+        tmp_path,
+        "nosys",
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + TEMPLATE,
+    )
+    r = CliRunner().invoke(app, ["chat", str(nosys), "--backend", "cpu", "--system", "Be brief."], input="hi\n")
+    assert r.exit_code == 2 and "System role not supported" in r.stderr and "leave out --system" in r.stderr
+    assert "fix the template" not in r.stderr
     r = CliRunner().invoke(app, ["run", str(blank), "--backend", "cpu", "-n", "2", "-p", "hi", "--chat"])
     assert r.exit_code == 1 and "renders the prompt as nothing" in r.stderr and "pass some text" not in r.stderr
 

@@ -551,6 +551,7 @@ def templated(tiny, tmp_path_factory):
     shutil.copytree(src, dst)
     template = (
         "{% if messages[-1]['content'] == 'boom' %}{{ raise_exception('no boom here') }}{% endif %}"
+        "{% if messages[-1]['content'] == 'undefined' %}{{ nothing_here.attr }}{% endif %}"
         "{% if messages[-1]['content'] == 'nothing' %}{% else %}"
         "{% for m in messages %}<|{{ m['role'] }}{% if m['name'] %}:{{ m['name'] }}{% endif %}|>{{ m['content'] }}\n"
         "{% endfor %}{% if enable_thinking is defined %}[think {{ enable_thinking }}]{% endif %}"
@@ -588,6 +589,12 @@ def test_a_chat_request_reaches_the_template_whole_or_is_refused(templated):
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert prompt_tokens(parts) == len(tok._encode("<|user|>a\nb\n<|assistant|>", False))
     assert prompt_tokens(hi, tool_choice="none", parallel_tool_calls=True, modalities=["text"]) > 0
+    assert prompt_tokens(hi, modalities=[], chat_template_kwargs={"template": 1, "where": 2}) > 0  # names of ours
+    tool = post([*hi, {"role": "tool", "tool_call_id": "c1", "content": "42"}]).json()["error"]
+    assert tool["param"] == "messages"
+    broken = post([{"role": "user", "content": "undefined"}])  # the template's own bug: the server's fault
+    assert broken.status_code == 500 and broken.json()["error"]["type"] == "server_error", broken.text
+    assert "is undefined" in broken.text and "tokenizer_config.json" not in broken.text  # no server path
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     refused = [
         (post([*hi, {"role": "assistant", "content": None, "tool_calls": [call]}]), "tool_calls"),
@@ -601,11 +608,12 @@ def test_a_chat_request_reaches_the_template_whole_or_is_refused(templated):
         (post(hi, reasoning_effort="extreme"), "reasoning_effort"),
         (post([{"role": "user", "content": "boom"}]), "no boom here"),
         (post([{"role": "user", "content": "nothing"}]), "renders these messages as an empty prompt"),
+        (post(hi, chat_template_kwargs={"raise_exception": 1}), "may not set raise_exception"),
         (httpx.post(url + "/v1/completions", json={"prompt": "hi", "reasoning_effort": "low"}), "chat completions"),
     ]
     for r, needle in refused:
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
-        assert "--no-chat" not in r.text
+        assert "--no-chat" not in r.text and "tokenizer_config.json" not in r.text
 
 
 def test_serve_refuses_a_template_no_request_can_render(tiny, tmp_path):

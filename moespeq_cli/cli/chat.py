@@ -138,6 +138,9 @@ def chat(
     try:
         convo.check_room(max_new_tokens)  # said once, at start: not as every message's failure
     except TemplateError as e:
+        if e.refused:  # on purpose: a conversation of this form ("System role not supported")
+            drop = "; leave out --system" if system else ""
+            raise UsageError(f"the model's chat template refuses a conversation like this ({e.detail}){drop}") from None
         raise CheckpointError(f"{e.what}; {CHAT_TEMPLATE_REMEDY}") from None
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:
@@ -188,9 +191,12 @@ def chat(
         except UsageError as e:
             unanswered(str(e))
             continue
-        except TemplateError as e:  # on this conversation: the template's own refusal, say
+        except TemplateError as e:  # on this conversation: the template's own refusal, or its failure
             convo.turns.pop()
-            unanswered(f"{e.what}; the message is skipped ({CHAT_TEMPLATE_REMEDY})")
+            if e.refused:  # on purpose ("System role not supported"): the messages are the matter
+                unanswered(f"the model's chat template refused the conversation ({e.detail}); the message is skipped")
+            else:
+                unanswered(f"{e.what}, so the message is skipped: {CHAT_TEMPLATE_REMEDY}")
             continue
         if dropped:
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
