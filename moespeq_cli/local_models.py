@@ -19,6 +19,7 @@ listed: ``run`` takes their path.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,13 @@ def weight_files(snapshot: Path) -> tuple[bool, bool]:
         shards = set(read_json(snapshot / "model.safetensors.index.json", "").get("weight_map", {}).values())
     except (CheckpointError, AttributeError, TypeError):
         shards = set()
+    # a pull cut short before the index arrived: the shards' names say how many there are
+    for f in snapshot.glob("*-of-*.safetensors"):
+        m = re.fullmatch(r"(.*)-(\d+)-of-(\d+)\.safetensors", f.name)
+        if m:
+            width, total = len(m.group(2)), int(m.group(3))
+            names = (f"{m.group(1)}-{i:0{width}d}-of-{m.group(3)}.safetensors" for i in range(1, total + 1))
+            shards |= set(names)
     missing = any(not (snapshot / str(s)).exists() for s in shards)
     return held, held and missing
 

@@ -235,6 +235,9 @@ def test_list_says_which_pulls_are_incomplete(hub, cli, tmp_path):
     assert "(incomplete: pull again)" in cli("list").stdout
     r = cli("run", "acme/tiny-olmoe", "-p", "hi", "-n", "2")
     assert r.exit_code == 1 and "the download is incomplete: `moespeq pull acme/tiny-olmoe` fetches it" in r.stderr
+    (snap / "model.safetensors.index.json").unlink()  # cut short before the index arrived: the names tell
+    (m,) = [m for m in json.loads(cli("list", "--json").stdout)["models"] if m["name"] == "acme/tiny-olmoe"]
+    assert m["incomplete"]
 
 
 def test_list_says_ages_as_ollama_does():

@@ -76,7 +76,9 @@ def quantize(
             file=sys.stderr,
         )
         if out is not None:
-            print(f"`moespeq run {model} --draft {result['draft']}` uses it", file=sys.stderr)
+            import shlex
+
+            print(f"`moespeq run {shlex.quote(name)} --draft {shlex.quote(result['draft'])}` uses it", file=sys.stderr)
         print(result["draft"])
 
 

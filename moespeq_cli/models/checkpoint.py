@@ -143,7 +143,7 @@ class Checkpoint:
             )
         raise CheckpointError(f"{self.path} holds no .safetensors weights; download the checkpoint again")
 
-    def fetch_again(self, otherwise: str = "download it again") -> str:
+    def fetch_again(self, otherwise: str | None = "download it again") -> str | None:
         """The remedy for a missing or broken weights file: the pull that fetches it, in a
         pulled repository; else ``otherwise``."""
         from moespeq_cli.model_ref import snapshot_repo
@@ -165,6 +165,7 @@ class Checkpoint:
         if name not in self._where:
             raise CheckpointError(
                 f"tensor {name} is missing from {self.path}; the checkpoint is incomplete or of another architecture"
+                + (f" ({self.fetch_again()} if a pull was cut short)" if self.fetch_again(None) else "")
             )
         return self._files[self._where[name]]
 

@@ -99,7 +99,14 @@ def check_method(method: str, blocksize: int) -> None:
 
 def fingerprint(ckpt: Checkpoint) -> str:
     """A cheap identity of the source weights: config.json, each safetensors header, and
-    16 samples of 4 KiB spread over each file (hashing 90 GB whole would take minutes)."""
+    16 samples of 4 KiB spread over each file (hashing 90 GB whole would take minutes).
+    Computed once a checkpoint (a run asks for it to choose, check and load its draft)."""
+    if getattr(ckpt, "_fingerprint", None) is None:
+        ckpt._fingerprint = _fingerprint(ckpt)
+    return ckpt._fingerprint
+
+
+def _fingerprint(ckpt: Checkpoint) -> str:
     h = hashlib.sha256((ckpt.path / "config.json").read_bytes())
     for name in sorted(ckpt._files):
         p = ckpt.path / name
@@ -703,8 +710,11 @@ def stale_draft(path: Path, ckpt: Checkpoint) -> str | None:
     damaged and ``load`` says so)."""
     if not (path / "manifest.json").is_file() or is_draft_of(path, fingerprint(ckpt)):
         return None
+    from moespeq_cli.model_ref import snapshot_repo
+
+    model = snapshot_repo(ckpt.path) or str(ckpt.path)  # a pulled model by its id, not its snapshot's hash
     return (
-        f"the saved draft in {path} was built from other weights than {ckpt.path.name}'s: quantized again in memory "
+        f"the saved draft in {path} was built from other weights than {model}'s: quantized again in memory "
         "for this run; `moespeq quantize` rebuilds it"
     )
 
