@@ -48,20 +48,28 @@ CHAT_TEMPLATE_REMEDY = (
 
 
 def load_session(
-    model: str | None, context: int | None, max_new_tokens: int, status: LoadingStatus | None = None, **options
+    model: str | None,
+    context: int | None,
+    max_new_tokens: int,
+    status: LoadingStatus | None = None,
+    check=None,
+    **options,
 ) -> tuple[str, Engine, int]:
     """Resolve the model, build and load the engine for a conversation's context: shared
     by chat and serve (``status``: the caller's loading line, else one of its own, ended
-    here; ``max_new_tokens``: what an answer must have room for). -> (display name,
-    engine, context)."""
+    here; ``max_new_tokens``: what an answer must have room for; ``check(engine)``: run
+    once the tokenizer is read, before any weight is). -> (display name, engine,
+    context)."""
     if status is None:
         with LoadingStatus() as own:
-            return load_session(model, context, max_new_tokens, own, **options)
+            return load_session(model, context, max_new_tokens, own, check, **options)
     from moespeq_cli.cli.run import build_engine, plan_and_load
     from moespeq_cli.model_ref import DEMO, resolve
 
     name, path = resolve(model)
     engine = build_engine(name, path, status, context=context, **options)
+    if check is not None:
+        check(engine)
     limit = engine.ckpt.config.context_limit
     default = DEMO_CONTEXT if name == DEMO else DEFAULT_CONTEXT
     ctx = engine.context_for(0, max_new_tokens) if context is not None else min(limit, default)

@@ -26,6 +26,20 @@ queue of --queue.
 """
 
 
+def check_template(engine) -> None:
+    """A chat template no request can render (a syntax error, an unknown filter) is said
+    before the weights load, not as every chat request's error."""
+    from moespeq_cli.chat_template import TemplateError, check_compiles
+
+    tok = engine.tokenizer
+    if not tok.chat_template:
+        return
+    try:
+        check_compiles(tok.chat_template, f"the chat template in {tok.template_source}")
+    except TemplateError as e:
+        raise CheckpointError(f"{e.what}; fix it (serve renders every chat request with it)") from None
+
+
 def serve(
     model: o.ModelArg = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -70,16 +84,7 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
     sock = listening_socket(host, port)  # before minutes of loading, not after; held, so --port 0's stays ours
-    name, engine, ctx = load_session(model, context, 1, **o.engine_options(locals()))
-    tok = engine.tokenizer
-    if tok.chat_template:  # a template no request can render: said now, not as every chat request's 400
-        from moespeq_cli.chat_template import TemplateError, check_compiles
-
-        try:
-            check_compiles(tok.chat_template, f"the chat template in {tok.template_source}")
-        except TemplateError as e:
-            engine.close()
-            raise CheckpointError(f"{e.what}; fix it (serve renders every chat request with it)") from None
+    name, engine, ctx = load_session(model, context, 1, check=check_template, **o.engine_options(locals()))
     Renderer().plan(engine)
     if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
