@@ -258,7 +258,7 @@ def preflight(repo: str, revision: str | None, config_only: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="moespeq-pull-") as tmp:
         path = hf_hub_download(repo, "config.json", revision=revision, local_dir=tmp, endpoint=endpoint)
         from moespeq_cli.errors import CheckpointError
-        from moespeq_cli.models import ARCHITECTURES, TYPE_ALIASES, language_config
+        from moespeq_cli.models import ARCHITECTURES, family, language_config
         from moespeq_cli.models.checkpoint import read_config
 
         try:
@@ -270,7 +270,7 @@ def preflight(repo: str, revision: str | None, config_only: bool) -> None:
     model_type = raw.get("model_type")
     if not isinstance(model_type, str):
         raise UnsupportedModelError(f"{repo}'s config.json names no model_type; nothing was downloaded")
-    if TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
+    if family(model_type) is None:
         raise UnsupportedModelError(
             f"{repo} is a {model_type!r} model, not an architecture moespeq runs "
             f"(families: {', '.join(sorted(ARCHITECTURES))}); nothing was downloaded"

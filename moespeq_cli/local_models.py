@@ -73,7 +73,7 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
 
 def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: float) -> tuple[LocalModel | None, str]:
     """-> (the model in ``snapshot``, "") or (None, why it is not one moespeq runs)."""
-    from moespeq_cli.models import ARCHITECTURES, TYPE_ALIASES
+    from moespeq_cli.models import family
     from moespeq_cli.models.checkpoint import read_config
     from moespeq_cli.quant.draft import drafts_of
 
@@ -82,7 +82,7 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
     except CheckpointError:
         return None, "its config.json cannot be read"
     model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or TYPE_ALIASES.get(model_type, model_type) not in ARCHITECTURES:
+    if family(model_type) is None:
         return None, f"model_type {model_type!r} is not an architecture moespeq runs"
     drafts = tuple(sorted(d for d in drafts_of(snapshot) if (d / "manifest.json").is_file()))
     held, incomplete = weight_files(snapshot)

@@ -54,14 +54,22 @@ def language_config(raw: dict) -> tuple[dict, str | None]:
     return merged, prefix
 
 
+def family(model_type) -> str | None:
+    """The family implementing a config's ``model_type`` (either spelling a checkpoint
+    carries), or None where none does."""
+    if not isinstance(model_type, str):
+        return None
+    name = TYPE_ALIASES.get(model_type, model_type)
+    return name if name in ARCHITECTURES else None
+
+
 def architecture(model_type: str | None) -> ModuleType:
-    model_type = TYPE_ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
-    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+    if family(model_type) is None:
         supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
         if model_type is None:
             raise UnsupportedModelError(f"config.json names no model_type (the architecture); supported: {supported}")
         raise UnsupportedModelError(f"model_type {model_type!r} is not supported; supported: {supported}")
-    return importlib.import_module(f"moespeq_cli.models.{model_type}")
+    return importlib.import_module(f"moespeq_cli.models.{family(model_type)}")
 
 
 def parse_config(raw: dict, source: str = "config.json"):
