@@ -216,13 +216,18 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
         from moespeq_cli.model_ref import cached_snapshot
 
         offline = constants.HF_HUB_OFFLINE  # then a pull can only find what is here
-        here = pulled_repo(Path(local_dir)) == repo if local_dir is not None else cached_snapshot(repo, revision)
-        if offline and local_dir is not None and not here:
+        if local_dir is not None:
+            where = Path(local_dir) if pulled_repo(Path(local_dir)) == repo else None
+        else:
+            where = cached_snapshot(repo, revision)
+        # pulled before, and (unless only the config is asked for) with weights: checked then
+        here = where is not None and (config_only or any(where.glob("*.safetensors")))
+        if offline and local_dir is not None and where is None:
             raise HubError(
                 f"cannot reach the hub to download {repo} (HF_HUB_OFFLINE is set), and --local-dir {local_dir} "
                 "holds no pull of it; unset HF_HUB_OFFLINE"
             )
-        if not offline and not here:  # checked when it was pulled (or another tool's: run says what it lacks)
+        if not offline and not here:  # (another tool's pull: run says what it lacks)
             preflight(repo, revision, config_only)
         if local_dir is not None and not offline:
             record_pull(Path(local_dir), repo)

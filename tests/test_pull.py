@@ -277,6 +277,8 @@ def test_a_repo_moespeq_cannot_run_is_refused_before_any_download(hub, cli, tmp_
         r = cli("pull", repo, "--local-dir", str(tmp_path / repo))
         assert r.exit_code == 1 and not (tmp_path / repo).exists()
     assert cli("pull", "acme/gguf", "--config-only").exit_code == 0  # enough for plan
+    r = cli("pull", "acme/gguf")  # its config is here, its weights never were: checked again
+    assert r.exit_code == 1 and "(it holds .gguf files)" in r.stderr, r.stderr
     assert cli("pull", "acme/noconfig", "--config-only").exit_code == 1
 
 
