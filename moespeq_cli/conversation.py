@@ -128,6 +128,18 @@ class Conversation:
         grow = " or raise --context" if self.can_grow else " (the model's context allows no more)"
         return f"{first}lower --max-new-tokens{grow}"
 
+    def encode(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of ``messages``; a template that renders them as nothing is a
+        ``TemplateError`` (a conversation without a template is never empty: each turn
+        ends in a newline)."""
+        ids = self.tokenizer.encode_messages(messages)
+        if not ids:
+            from moespeq_cli.chat_template import TemplateError
+
+            where = f"the chat template in {self.tokenizer.template_source}"
+            raise TemplateError(f"{where} renders a conversation as an empty prompt")
+        return ids
+
     def reset(self) -> None:
         self.turns = []
 
@@ -142,13 +154,7 @@ class Conversation:
         """Refuse, at start, a system message or a ``max_new_tokens`` that leaves no room
         for a short message (the chat format's own tokens counted) and an answer
         (UsageError): every message would fail."""
-        n = len(self.tokenizer.encode_messages([*self.head(), {"role": "user", "content": "hi"}]))
-        if not n:
-            from moespeq_cli.chat_template import TemplateError
-
-            raise TemplateError(
-                f"the chat template in {self.tokenizer.template_source} renders a conversation as an empty prompt"
-            )
+        n = len(self.encode([*self.head(), {"role": "user", "content": "hi"}]))
         if n + max_new_tokens > self.context:
             what = (
                 f"--system (about {n} tokens with a short message)"
@@ -167,13 +173,7 @@ class Conversation:
         turns, dropped = list(self.turns), 0
         head = self.head()
         while True:
-            ids = self.tokenizer.encode_messages(head + turns)
-            if not ids:  # (a conversation without a template is never empty: each turn ends in a newline)
-                from moespeq_cli.chat_template import TemplateError
-
-                raise TemplateError(
-                    f"the chat template in {self.tokenizer.template_source} renders this conversation as an empty prompt"
-                )
+            ids = self.encode(head + turns)
             if len(ids) + max_new_tokens <= self.context:
                 self.turns = turns
                 return ids, dropped

@@ -34,6 +34,8 @@ class ChannelRouter:
     markers and the headers between them (the role after ``<|start|>``, the channel's
     name after ``<|channel|>``)."""
 
+    closed = False  # (``ThinkRouter``'s: harmony's answer needs no trimming)
+
     def __init__(self, ids: dict[str, int], decode):
         self.start, self.channel_id, self.message, self.end = (ids[m] for m in (START, CHANNEL, MESSAGE, END))
         self.decode = decode
@@ -116,9 +118,9 @@ class Split:
         """``prompt_ids``: where a think block starts follows the prompt (``ThinkRouter``)."""
         self.tokenizer = tokenizer
         self.router = (ChannelRouter.of(tokenizer) or ThinkRouter.of(tokenizer, list(prompt_ids))) if channels else None
-        self.trim = (
-            False  # after a think block: the answer begins after the newlines the model puts there (indentation kept)
-        )
+        # after a think block the answer begins after the newlines the model puts there
+        # (a line's indentation kept)
+        self.trim = False
         self.answer = StreamDecoder(tokenizer)
         self.thoughts = None  # the reasoning message's decoder
         self.message = -1
@@ -128,7 +130,7 @@ class Split:
     def push(self, token: int) -> tuple[str, str]:
         """-> (the answer's new text, the reasoning's)."""
         channel = FINAL if self.router is None else self.router.push(token)
-        if getattr(self.router, "closed", False):
+        if self.router is not None and self.router.closed:
             self.trim = True
         if channel == FINAL:
             piece = self.answer.push(token)

@@ -244,7 +244,9 @@ def preflight(repo: str, revision: str | None, config_only: bool) -> None:
 
     from huggingface_hub import HfApi, hf_hub_download
 
-    from moespeq_cli.errors import UnsupportedModelError
+    from moespeq_cli.errors import CheckpointError, UnsupportedModelError
+    from moespeq_cli.models import ARCHITECTURES, family, language_config
+    from moespeq_cli.models.checkpoint import read_config
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     files = [f for f in HfApi(endpoint=endpoint).list_repo_files(repo, revision=revision) if "/" not in f]
@@ -262,10 +264,6 @@ def preflight(repo: str, revision: str | None, config_only: bool) -> None:
         )
     with tempfile.TemporaryDirectory(prefix="moespeq-pull-") as tmp:
         path = hf_hub_download(repo, "config.json", revision=revision, local_dir=tmp, endpoint=endpoint)
-        from moespeq_cli.errors import CheckpointError
-        from moespeq_cli.models import ARCHITECTURES, family, language_config
-        from moespeq_cli.models.checkpoint import read_config
-
         try:
             raw, _ = language_config(read_config(Path(path).parent))
         except CheckpointError:

@@ -108,12 +108,11 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
 def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
     """The draft ``run --draft auto`` loads for the checkpoint in ``snapshot`` (of the
     default options, else the one `quantize` saved last with others: quant/draft.py
-    ``draft_options``) and its state: "ready"; "stale", built from other weights (``run``
-    quantizes again in memory, each time, until `quantize` rebuilds it); "damaged", its
-    manifest missing. (None, None)
-    without one, or where the checkpoint cannot be read (``run`` says why)."""
+    ``draft_options``) and its state (quant/draft.py ``draft_state``: "ready", "stale" --
+    ``run`` quantizes again in memory until `quantize` rebuilds it -- or "damaged").
+    (None, None) without one, or where the checkpoint cannot be read (``run`` says why)."""
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.quant.draft import draft_options, fingerprint, is_draft_of, saved_draft
+    from moespeq_cli.quant.draft import draft_options, draft_state, saved_draft
     from moespeq_cli.runtime.engine import EngineOptions
 
     try:
@@ -121,11 +120,7 @@ def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
         if ckpt.config.expert_format.four_bit:
             return None, None  # experts stored in 4 bits: run builds no draft of them
         draft = saved_draft(snapshot, *draft_options(ckpt, EngineOptions.quant_method, EngineOptions.blocksize))
-        if draft is None:
-            return None, None
-        if not (draft / "manifest.json").is_file():
-            return draft, "damaged"
-        return draft, "ready" if is_draft_of(draft, fingerprint(ckpt)) else "stale"
+        return (draft, draft_state(draft, ckpt)) if draft is not None else (None, None)
     except (MoespeqError, OSError):
         return None, None
 

@@ -704,11 +704,18 @@ def is_draft_of(path: Path, fp: str) -> bool:
     return m.get("format") == FORMAT and m.get("source_fingerprint") == fp
 
 
+def draft_state(path: Path, ckpt: Checkpoint) -> str:
+    """What the saved draft in ``path`` is to ``ckpt``: "ready" (built from its weights),
+    "stale" (from other weights: an edited or re-downloaded checkpoint) or "damaged" (no
+    manifest: ``load`` says so and how to rebuild it)."""
+    if not (path / "manifest.json").is_file():
+        return "damaged"
+    return "ready" if is_draft_of(path, fingerprint(ckpt)) else "stale"
+
+
 def stale_draft(path: Path, ckpt: Checkpoint) -> str | None:
-    """A note when the saved draft in ``path`` was built from other weights than
-    ``ckpt``'s (an edited or re-downloaded checkpoint), else None (it matches, or it is
-    damaged and ``load`` says so)."""
-    if not (path / "manifest.json").is_file() or is_draft_of(path, fingerprint(ckpt)):
+    """A note when the saved draft in ``path`` is stale (``draft_state``), else None."""
+    if draft_state(path, ckpt) != "stale":
         return None
     from moespeq_cli.model_ref import snapshot_repo
 
@@ -898,12 +905,9 @@ def draft_options(ckpt: Checkpoint, method: str, blocksize: int) -> tuple[str, i
     another version or of other weights is left where it is: it was not asked for. A saved
     default draft of other weights (stale) gives way to a draft of these with other
     options."""
-    fp = None
     default = saved_draft(ckpt.path, method, blocksize)
-    if default is not None:
-        fp = fingerprint(ckpt)
-        if is_draft_of(default, fp) or not (default / "manifest.json").is_file():
-            return method, blocksize  # fresh, or damaged: loading it says so
+    if default is not None and draft_state(default, ckpt) != "stale":
+        return method, blocksize  # ready, or damaged: loading it says so
     found = []
     for d in drafts_of(ckpt.path):
         try:
@@ -918,8 +922,7 @@ def draft_options(ckpt: Checkpoint, method: str, blocksize: int) -> tuple[str, i
             continue
         if saved_draft(ckpt.path, *other) is None:
             continue
-        fp = fp or fingerprint(ckpt)
-        if m.get("source_fingerprint") == fp:
+        if m.get("source_fingerprint") == fingerprint(ckpt):  # (computed once a checkpoint)
             found.append((when, *other))
     return max(found)[1:] if found else (method, blocksize)
 
