@@ -126,6 +126,9 @@ class Split:
         self.message = -1
         self.said = False  # some reasoning given already
         self.lead = False
+        # a message's trailing newlines (before its </think> or <|end|>) are held back
+        # until more of its text follows
+        self.held = ""
 
     def push(self, token: int) -> tuple[str, str]:
         """-> (the answer's new text, the reasoning's)."""
@@ -150,12 +153,18 @@ class Split:
         if self.lead:
             piece = piece.lstrip("\r\n")
             self.lead = not piece
-        text += piece
+        piece = self.held + piece
+        kept = piece.rstrip("\r\n")
+        self.held = piece[len(kept) :]
+        text += kept
         self.said = self.said or bool(text)
         return "", text
 
     def _end_message(self) -> str:
-        return self.thoughts.flush() if self.thoughts is not None else ""
+        """The rest of the reasoning message, its trailing newlines dropped."""
+        rest = self.thoughts.flush() if self.thoughts is not None else ""
+        rest, self.held = (self.held + rest).rstrip("\r\n") if rest else "", ""
+        return rest
 
     def flush(self) -> tuple[str, str]:
         return self.answer.flush(), self._end_message()

@@ -205,3 +205,28 @@ def test_an_answer_without_a_think_block_keeps_its_leading_whitespace(tmp_path):
     tok.tok.add_special_tokens(["<|gen|>"])
     prompt = tok.tok.encode("<|user|> hi <think> <|gen|>", add_special_tokens=True).ids
     assert ThinkRouter.of(tok, prompt).channel == "final"
+
+
+def test_a_think_blocks_reasoning_ends_without_its_trailing_newlines(tmp_path):
+    """The newlines a model puts before </think> are not reasoning (a stream of it showed
+    a blank line before the answer); newlines inside the reasoning are kept, and a second
+    block's reasoning comes a line after the first's."""
+    from tiny_models import byte_tokenizer_json
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from moespeq_cli.harmony import Split
+
+    raw = HFTokenizer.from_str(json.dumps(byte_tokenizer_json()))
+    raw.add_tokens(["<think>", "</think>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    byte = Tokenizer(tmp_path, {})
+    prompt = byte.tok.encode("hi", add_special_tokens=False).ids
+    for said, answer, reasoning in (
+        ("<think>\nhm\n\nok\n\n</think>\n\nHello", "Hello", "hm\n\nok"),
+        ("<think>a\r\n</think>b<think>\nc\n</think>\nd", "bd", "a\nc"),
+        ("<think>\nstill thinking\n", "", "still thinking"),  # the budget ends inside
+    ):
+        split = Split(byte, True, prompt)
+        pieces = [split.push(t) for t in byte.tok.encode(said, add_special_tokens=False).ids] + [split.flush()]
+        assert "".join(p[0] for p in pieces) == answer, said
+        assert "".join(p[1] for p in pieces) == reasoning, said
