@@ -329,7 +329,12 @@ def hub_errors(repo: str, revision: str | None, local_dir: Path | None):
                 f"no space left on the disk holding {where} while downloading {repo}; free some space "
                 f"(or {elsewhere} a larger disk), then run the same command again"
             ) from None
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOENT, errno.EEXIST):
+        if err.errno == errno.ENOENT:  # a file of the download gone under it (a cache cleaned meanwhile)
+            raise HubError(
+                f"{err.filename or 'a file'} vanished while downloading {repo} into {where} (did another "
+                f"process clean it?); {AGAIN}"
+            ) from None
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
             raise HubError(
                 f"cannot write the download of {repo} into {where} ({err.strerror}): it is not a writable "
                 f"directory; {elsewhere} one that is"

@@ -446,3 +446,19 @@ def test_ctrl_c_stops_a_pull_at_once(hub, tmp_path):
 def test_pull_list_takes_no_model(cli):
     r = cli("pull", "--list", "mixtral")
     assert r.exit_code == 2 and "takes no MODEL" in r.stderr and not r.stdout
+
+
+def test_a_file_gone_during_a_download_is_no_unwritable_directory(tmp_path):
+    """ENOENT in the middle of a download (a cache cleaned by another process) is worth a
+    second try; a file where a directory should be is not."""
+    import errno
+
+    from moespeq_cli.hub import HubError, hub_errors
+
+    gone = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "blobs" / "x.incomplete"))
+    with pytest.raises(HubError) as e, hub_errors("acme/tiny", None, tmp_path):
+        raise gone
+    assert "x.incomplete vanished" in str(e.value) and "run the same command again" in str(e.value), e.value
+    with pytest.raises(HubError) as e, hub_errors("acme/tiny", None, tmp_path):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path))
+    assert "not a writable directory" in str(e.value) and "again" not in str(e.value)
