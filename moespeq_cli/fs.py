@@ -355,3 +355,11 @@ def exclusive_lock(lock_file: Path, what: str):
         with contextlib.suppress(OSError):
             os.unlink(lock_file)
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/moespeq (default ~/.cache/moespeq). A relative $XDG_CACHE_HOME is
+    ignored, as the XDG spec says (it would put a cache in whatever directory a command
+    runs from)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or ""
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "moespeq"

@@ -75,7 +75,7 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
     """-> (the model in ``snapshot``, "") or (None, why it is not one moespeq runs)."""
     from moespeq_cli.models import family
     from moespeq_cli.models.checkpoint import read_config
-    from moespeq_cli.quant.draft import drafts_of
+    from moespeq_cli.quant.draft_store import drafts_of
 
     try:  # as every checkpoint's config is read: a regular file, bounded in size
         raw = read_config(snapshot)
@@ -107,12 +107,12 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
 
 def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
     """The draft ``run --draft auto`` loads for the checkpoint in ``snapshot`` (of the
-    default options, else the one `quantize` saved last with others: quant/draft.py
-    ``draft_options``) and its state (quant/draft.py ``draft_state``: "ready", "stale" --
+    default options, else the one `quantize` saved last with others: quant/draft_store.py
+    ``draft_options``) and its state (quant/draft_store.py ``draft_state``: "ready", "stale" --
     ``run`` quantizes again in memory until `quantize` rebuilds it -- or "damaged").
     (None, None) without one, or where the checkpoint cannot be read (``run`` says why)."""
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.quant.draft import draft_options, draft_state, saved_draft
+    from moespeq_cli.quant.draft_store import draft_options, draft_state, saved_draft
     from moespeq_cli.runtime.engine import EngineOptions
 
     try:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from moespeq_cli.cli.run import DEFAULT_PROMPT  # noqa: E402
 from moespeq_cli.models.checkpoint import Checkpoint  # noqa: E402
-from moespeq_cli.quant.draft import saved_draft  # noqa: E402
+from moespeq_cli.quant.draft_store import saved_draft  # noqa: E402
 from moespeq_cli.runtime.bench import run_policy  # noqa: E402
 from moespeq_cli.runtime.engine import Engine, EngineOptions  # noqa: E402
 from moespeq_cli.runtime.planning.hardware import load_profile  # noqa: E402

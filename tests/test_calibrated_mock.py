@@ -846,7 +846,7 @@ def test_a_calibration_in_the_cache_is_a_profile_name(quick_calibration, cli, tm
 
 def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     """As the XDG spec says: a relative path would put the cache wherever a command runs."""
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import cache_dir
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", "relcache")

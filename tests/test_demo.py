@@ -90,7 +90,8 @@ def test_the_demo_ships_its_draft(cli, monkeypatch, tmp_path):
     before the first token), matches the demo by fingerprint, and gives the same draft
     as quantizing afresh."""
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.quant.draft import QuantizedExperts, bundled_draft
+    from moespeq_cli.quant.draft import QuantizedExperts
+    from moespeq_cli.quant.draft_store import bundled_draft
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no draft saved by an earlier `moespeq quantize`
     out = json.loads(cli("run", "-n", "4", "--spec-depth", "2", "--json").stdout)  # a fixed depth keeps the draft

@@ -155,7 +155,7 @@ def test_a_live_writers_temporary_draft_is_left_alone(cli, ckpt, tmp_path):
     """Two writers under different locks (two users' caches): the second's clean-up must
     not remove the first's draft in progress, only a dead writer's."""
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.quant.draft import fingerprint, recover
+    from moespeq_cli.quant.draft_store import fingerprint, recover
 
     out = tmp_path / "draft"
     live, dead = tmp_path / f".draft.tmp-{os.getppid()}-abc", tmp_path / f".draft.tmp-{dead_pid()}-def"
@@ -177,7 +177,8 @@ def test_a_long_draft_name_is_accepted(cli, ckpt, tmp_path):
 def test_a_hub_snapshots_draft_goes_to_moespeqs_cache(tmp_path, monkeypatch):
     """Nothing of moespeq's beside a snapshot in the Hugging Face cache (its tools would list
     it as a revision); a draft an earlier moespeq wrote there is still found."""
-    from moespeq_cli.quant.draft import cache_dir, default_draft_dir, saved_draft
+    from moespeq_cli.fs import cache_dir
+    from moespeq_cli.quant.draft_store import default_draft_dir, saved_draft
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
@@ -223,7 +224,7 @@ def test_a_draft_set_aside_by_a_killed_run_comes_back(cli, ckpt, tmp_path):
     aside = tmp_path / f".draft.old-{dead_pid()}"
     os.replace(out, aside)
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.quant.draft import draft_lock, fingerprint
+    from moespeq_cli.quant.draft_store import draft_lock, fingerprint
 
     with draft_lock(out, fingerprint(Checkpoint(ckpt))):
         assert (out / "manifest.json").is_file() and not aside.exists()
@@ -235,7 +236,7 @@ def test_second_quantize_of_the_same_draft_says_one_is_in_progress(cli, ckpt, tm
     out = tmp_path / "draft"
     assert cli("quantize", str(ckpt), "--out", str(out)).exit_code == 0
     before = tree(out)
-    from moespeq_cli.quant.draft import lock_file
+    from moespeq_cli.quant.draft_store import lock_file
 
     with open(lock_file(out), "w") as held:  # another process is writing it
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -319,7 +320,7 @@ def test_an_output_never_replaces_a_draft_of_the_checkpoint(cli, ckpt, tmp_path,
     """The drafts a run finds by itself (beside the checkpoint, in moespeq's cache, shipped
     with the demo), of any method, directly or through a link: refused, the file intact."""
     from moespeq_cli.model_ref import DEMO_DIR
-    from moespeq_cli.quant.draft import default_draft_dir
+    from moespeq_cli.quant.draft_store import default_draft_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     beside = ckpt.with_name(ckpt.name + ".moespeq-draft-fp4-b128")
@@ -1299,8 +1300,7 @@ def test_locks_leave_nothing_and_calibrations_take_turns(cli, tiny, tmp_path, mo
     path ever quantized, beside the user's files where the cache was read-only); a second
     `calibrate` while one measures is refused (each measured the other's load)."""
     from moespeq_cli.cli.calibrate import calibrate_lock
-    from moespeq_cli.fs import exclusive_lock
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import cache_dir, exclusive_lock
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path, _ = tiny("mixtral", "gqa")

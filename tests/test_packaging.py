@@ -31,7 +31,7 @@ def test_what_the_runtime_reads_lies_inside_the_package(monkeypatch):
     monkeypatch.delenv("MOESPEQ_PROFILES", raising=False)
     from moespeq_cli.kernels.build import SOURCE
     from moespeq_cli.model_ref import CONFIGS_DIR, DEMO_DIR
-    from moespeq_cli.quant.draft import ASSETS
+    from moespeq_cli.quant.draft_store import ASSETS
     from moespeq_cli.runtime.planning.hardware import available_profiles, profiles_dir
 
     for path in (profiles_dir(), DEMO_DIR, CONFIGS_DIR, ASSETS, SOURCE):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.quant.draft import QuantizedExperts, default_draft_dir
+from moespeq_cli.quant.draft import QuantizedExperts
+from moespeq_cli.quant.draft_store import default_draft_dir
 from moespeq_cli.runtime.executors.experts import expert_mlp
 
 
@@ -225,7 +226,7 @@ def test_an_unwritable_draft_place_is_usage_only_when_given(tiny, tmp_path, monk
     import tempfile
 
     from moespeq_cli.errors import MoespeqError, UsageError
-    from moespeq_cli.quant import draft as d
+    from moespeq_cli.quant import draft_store as d
 
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")

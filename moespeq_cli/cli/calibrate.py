@@ -49,7 +49,7 @@ def replaceable_profile(path: Path) -> bool:
 
 
 def default_profile_path(kind: str) -> Path:
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import cache_dir
 
     return cache_dir() / "profiles" / f"calibrated-{kind}.yaml"
 
@@ -147,8 +147,7 @@ def calibrate(
         )
     import contextlib
 
-    from moespeq_cli.fs import exclusive_lock
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import cache_dir, exclusive_lock
 
     disk = disk_dir or cache_dir()
     if disk_dir is not None and not is_dir(disk):

@@ -228,7 +228,7 @@ def saved_blocksize(source: str) -> int:
 
     from moespeq_cli.errors import MoespeqError
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.quant.draft import draft_options
+    from moespeq_cli.quant.draft_store import draft_options
     from moespeq_cli.runtime.engine import EngineOptions
 
     default = EngineOptions.blocksize

@@ -51,7 +51,8 @@ def quantize(
     import sys
 
     from moespeq_cli.model_ref import resolve
-    from moespeq_cli.quant.draft import check_method, default_draft_dir, draft_lock, fingerprint
+    from moespeq_cli.quant.draft import check_method
+    from moespeq_cli.quant.draft_store import default_draft_dir, draft_lock, fingerprint
 
     check_method(method, blocksize)
     name, path = resolve(model)

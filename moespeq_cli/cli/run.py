@@ -268,7 +268,7 @@ def check_outputs(
     draft)."""
     from moespeq_cli.fs import check_not_input
     from moespeq_cli.model_ref import resolve
-    from moespeq_cli.quant.draft import drafts_of
+    from moespeq_cli.quant.draft_store import drafts_of
 
     for option, path in outputs.items():
         check_output(path, option)

@@ -45,7 +45,7 @@ def _cpu_flags() -> str:
 
 
 def cache_dir() -> Path:
-    from moespeq_cli.quant.draft import cache_dir as moespeq_cache
+    from moespeq_cli.fs import cache_dir as moespeq_cache
 
     return moespeq_cache() / "kernels"
 

@@ -436,7 +436,7 @@ class Engine:
         saved this checkpoint's draft only with others (``quantize --method fp4 --blocksize
         128``): that draft is the one to load, and the plan must size it (it was quantized
         again in memory, with the defaults, on every run)."""
-        from moespeq_cli.quant.draft import draft_options
+        from moespeq_cli.quant.draft_store import draft_options
 
         o = self.opts
         defaults = (EngineOptions.quant_method, EngineOptions.blocksize)
@@ -451,7 +451,8 @@ class Engine:
         self.opts = replace(o, quant_method=method, blocksize=blocksize)
 
     def load_draft(self):
-        from moespeq_cli.quant.draft import QuantizedExperts, saved_draft, stale_draft
+        from moespeq_cli.quant.draft import QuantizedExperts
+        from moespeq_cli.quant.draft_store import saved_draft, stale_draft
 
         if self.opts.draft not in ("auto", "none"):
             self.draft_source = str(self.opts.draft)

@@ -791,8 +791,7 @@ def cached_gpu_profile(say: Callable[[str], None] = lambda step: None, measure=N
     ``measure``: the calibration to run (tests)."""
     import re
 
-    from moespeq_cli.fs import atomic_write_text
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import atomic_write_text, cache_dir
     from moespeq_cli.runtime.planning.hardware import load_profile
 
     name = torch.cuda.get_device_properties(torch.cuda.current_device()).name

@@ -241,7 +241,7 @@ def profiles_dir() -> Path:
 def calibrated_dir() -> Path:
     """Where ``moespeq calibrate`` writes this machine's profiles by default
     ($XDG_CACHE_HOME/moespeq/profiles): found by name too, after the bundled ones."""
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import cache_dir
 
     return cache_dir() / "profiles"
 

@@ -61,7 +61,7 @@ def count_key(model: torch.nn.Module, cfg: object, tokens: int, grouped: bool) -
 
 
 def cache_file() -> Path:
-    from moespeq_cli.quant.draft import cache_dir
+    from moespeq_cli.fs import cache_dir
 
     return cache_dir() / "op-counts.json"
 

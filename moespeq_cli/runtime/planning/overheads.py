@@ -65,7 +65,7 @@ def region_overheads(
     from moespeq_cli.cli.run import DEFAULT_PROMPT
     from moespeq_cli.errors import debug, one_line
     from moespeq_cli.models.checkpoint import Checkpoint
-    from moespeq_cli.quant.draft import saved_draft
+    from moespeq_cli.quant.draft_store import saved_draft
     from moespeq_cli.runtime.bench import run_policy
     from moespeq_cli.runtime.engine import EngineOptions
     from moespeq_cli.runtime.planning.calibrate import profile_yaml
