@@ -78,6 +78,7 @@ class Checkpoint:
         self._files: dict[str, object] = {}
         self._where: dict[str, str] = {}
         self._real: dict[str, str] = {}  # "model.X" -> "model.language_model.X" (composite checkpoints)
+        self.fingerprint: str | None = None  # the weights' identity, once a draft asked (quant/draft_store.py)
         for name in self._weight_files():
             try:
                 handle = safe_open(str(self.path / name), framework="pt")

@@ -41,9 +41,9 @@ def fingerprint(ckpt: Checkpoint) -> str:
     """A cheap identity of the source weights: config.json, each safetensors header, and
     16 samples of 4 KiB spread over each file (hashing 90 GB whole would take minutes).
     Computed once a checkpoint (a run asks for it to choose, check and load its draft)."""
-    if getattr(ckpt, "_fingerprint", None) is None:
-        ckpt._fingerprint = _fingerprint(ckpt)
-    return ckpt._fingerprint
+    if ckpt.fingerprint is None:
+        ckpt.fingerprint = _fingerprint(ckpt)
+    return ckpt.fingerprint
 
 
 def _fingerprint(ckpt: Checkpoint) -> str:
