@@ -186,6 +186,11 @@ def check_output(path: Path | None, option: str) -> None:
     if str(path) == "-":
         raise UsageError(f"{option} takes a file name (- would mix it with the output); give a path")
     given = Path(path)
+    try:
+        os.lstat(given)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"{option} {shown(given)}: the name is too long for the file system; give a shorter one")
     path = written_path(given)
     status, _ = file_status(path)
     if status not in ("missing", "file"):
@@ -204,6 +209,30 @@ def check_output(path: Path | None, option: str) -> None:
     why = cannot_write_in(parent)
     if why is not None:
         raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({why})")
+
+
+def check_replaces_own(path: Path | None, option: str, what: str, ours) -> None:
+    """Refuse an output ``path`` that holds anything but an earlier output of the same kind:
+    an existing non-empty file is replaced only where ``ours(head, tail)`` (its first 4 KiB
+    and last 64 KiB) recognises it as ``what`` moespeq wrote. A user's file given by mistake
+    (``--trace notes.txt``) is never overwritten."""
+    if path is None:
+        return
+    path = written_path(Path(path))
+    if not is_regular(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - 65536))
+            tail = f.read(65536)
+    except OSError as e:
+        raise UsageError(f"{option} {shown(path)} cannot be read ({e.strerror}); give a new file name") from None
+    if head and not ours(head, tail):
+        raise UsageError(
+            f"{option} {shown(path)} exists and is not {what} (only an earlier one is replaced); give a new file name"
+        )
 
 
 def cannot_write_in(directory: Path) -> str | None:

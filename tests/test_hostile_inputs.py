@@ -364,11 +364,44 @@ def test_calibrate_refuses_an_unwritable_out_before_measuring(cli, tmp_path):
 
 def test_trace_through_a_symlink_replaces_its_target(cli, ckpt, tmp_path):
     real = tmp_path / "real.json"
-    real.write_text("old")
+    real.write_text("")  # (an empty file is no one's work)
     link = tmp_path / "link.json"
     link.symlink_to(real)
     assert run(cli, ckpt, "--backend", "mock", "--trace", str(link)).exit_code == 0
     assert link.is_symlink() and json.loads(real.read_text())["traceEvents"]
+
+
+def test_an_output_replaces_only_an_earlier_output_of_its_kind(cli, ckpt, tmp_path):
+    """`--trace notes.txt` or `--report mycode.py` overwrote the user's file; now only an
+    earlier trace or report is replaced, through a link too; anything else is refused
+    before any work, untouched."""
+    trace, report = tmp_path / "t.json", tmp_path / "r.html"
+    args = ("--backend", "mock", "--trace", str(trace))
+    assert run(cli, ckpt, *args).exit_code == 0
+    first = trace.read_text()
+    assert run(cli, ckpt, *args, "-n", "6").exit_code == 0 and trace.read_text() != first  # its own: replaced
+    prof = ("profile", str(ckpt), "-n", "2", "--no-live", "--report", str(report))
+    assert cli(*prof).exit_code == 0 and cli(*prof).exit_code == 0
+    mine = tmp_path / "mycode.py"
+    for text in ("important = 1\n", '{"traceEvents": []}', "<!doctype html><p>my page</p>"):
+        mine.write_text(text)
+        link = tmp_path / "link"
+        link.unlink(missing_ok=True)
+        link.symlink_to(mine)
+        for where in (mine, link):
+            one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", str(where)), 2, "not a moespeq trace")
+            r = cli("profile", str(ckpt), "-n", "2", "--no-live", "--report", str(where))
+            one_line_error(r, 2, "--report", "not a moespeq report", "new file name")
+        assert mine.read_text() == text
+    # a trace is not a report, nor the other way round
+    one_line_error(cli("profile", str(ckpt), "-n", "2", "--no-live", "--report", str(trace)), 2, "not a moespeq report")
+    one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", str(report)), 2, "not a moespeq trace")
+
+
+def test_an_output_name_too_long_is_a_usage_error(cli, ckpt, tmp_path):
+    long = tmp_path / ("a" * 300 + ".json")
+    one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", str(long)), 2, "--trace", "too long")
+    one_line_error(cli("calibrate", "--out", str(tmp_path / ("a" * 300 + ".yaml"))), 2, "--out", "too long")
 
 
 # -- 2. nothing hangs and nothing eats the machine --------------------------------

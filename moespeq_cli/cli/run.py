@@ -263,15 +263,20 @@ def run(
 def check_outputs(
     outputs: dict[str, Path | None], model: str | None, prompt_file: Path | None, hardware: str | None, draft: str
 ) -> None:
-    """Refuse, before any work, outputs that cannot be written or that would replace one of
+    """Refuse, before any work, outputs that cannot be written, that hold something other
+    than an earlier output of their kind (a user's file), or that would replace one of
     the run's inputs (the checkpoint's files, the prompt file, the hardware profile, the
     draft)."""
-    from moespeq_cli.fs import check_not_input
+    from moespeq_cli.fs import check_not_input, check_replaces_own
     from moespeq_cli.model_ref import resolve
+    from moespeq_cli.profiling.report import is_report
     from moespeq_cli.quant.draft_store import drafts_of
+    from moespeq_cli.runtime.timeline import Timeline
 
+    own = {"--trace": ("a moespeq trace", Timeline.is_chrome_trace), "--report": ("a moespeq report", is_report)}
     for option, path in outputs.items():
         check_output(path, option)
+        check_replaces_own(path, option, *own[option])
     if all(path is None for path in outputs.values()):
         return
     ckpt = resolve(model)[1]

@@ -142,6 +142,15 @@ def format_stat(key: str, v) -> str:
     return str(v)
 
 
+HEAD = '<!doctype html>\n<html><head><meta charset="utf-8"><title>moespeq profile: '
+DATA = '<script type="application/json" id="moespeq-data">'
+
+
+def is_report(head: bytes, tail: bytes) -> bool:
+    """Whether a file (its first and last bytes) is a report ``write_report`` wrote."""
+    return head.startswith(HEAD.encode()) and DATA.encode() in tail
+
+
 def write_report(path: Path, result: dict, intervals: list[dict], layer_hits: dict[int, float]) -> None:
     s = result["stats"]
     rows = "".join(
@@ -149,8 +158,7 @@ def write_report(path: Path, result: dict, intervals: list[dict], layer_hits: di
         for k, v in s.items()
     )
     head = {k: result.get(k) for k in ("model", "backend", "hardware", "policy")}
-    doc = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>moespeq profile: {html.escape(str(head["model"]))}</title>
+    doc = f"""{HEAD}{html.escape(str(head["model"]))}</title>
 <style>
 body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 24px; color: #222; }}
 h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin-top: 28px; }}
@@ -170,7 +178,7 @@ compute<span style="background:#e0473d"></span>stall (waiting on a copy or the C
 <h2>Summary</h2>
 <table>{rows}</table>
 <h2>Text</h2><pre>{html.escape(result.get("text", ""))}</pre>
-<script type="application/json" id="moespeq-data">{html.escape(json.dumps({"stats": s}))}</script>
+{DATA}{html.escape(json.dumps({"stats": s}))}</script>
 </body></html>
 """
     atomic_write_text(path, doc)

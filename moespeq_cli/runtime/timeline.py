@@ -157,6 +157,12 @@ class Timeline:
             )
         return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": metadata or {}}
 
+    @staticmethod
+    def is_chrome_trace(head: bytes, tail: bytes) -> bool:
+        """Whether a file (its first and last bytes) is a trace ``write_chrome_trace`` wrote:
+        an output may replace only its own earlier one (``fs.check_replaces_own``)."""
+        return head.startswith(b'{"traceEvents": ') and b'"otherData": {' in tail and b'"clock": ' in tail
+
     def write_chrome_trace(self, path: Path, metadata: dict | None = None) -> None:
         atomic_write_text(path, json.dumps(self.chrome_trace(metadata)))
 
