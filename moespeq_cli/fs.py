@@ -190,7 +190,9 @@ def check_output(path: Path | None, option: str) -> None:
         os.lstat(given)
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
-            raise UsageError(f"{option} {shown(given)}: the name is too long for the file system; give a shorter one")
+            raise UsageError(
+                f"{option} {shown(given)}: the name is too long for the file system; give a shorter one"
+            ) from None
     path = written_path(given)
     status, _ = file_status(path)
     if status not in ("missing", "file"):
