@@ -590,3 +590,34 @@ def test_bench_table_shows_only_columns_that_hold_figures(capsys):
     out = capsys.readouterr().out
     assert "vs lru" in out and "vs ondemand" in out and "MB read" in out
     assert "vs hybrid" not in out and "on CPU" not in out and "vs gate-prefetch" not in out
+
+
+def test_a_narrow_terminal_gets_whole_figures_from_bench(cli, monkeypatch):
+    """bench's table at 80 columns cut every figure ("1…"): now the columns a reader needs
+    least are left out, and said, until the rest fit whole."""
+    import io
+    import json
+    import re
+
+    import rich.console
+
+    from moespeq_cli.cli.render import bench_table
+
+    r = cli("bench", "-n", "4", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    real = rich.console.Console
+    for width in (80, 60, 200):
+        buf = io.StringIO()
+        monkeypatch.setattr(
+            rich.console, "Console", lambda *a, b=buf, w=width, **k: real(file=b, force_terminal=True, width=w)
+        )
+        bench_table(report)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", buf.getvalue())
+        table = [ln for ln in text.splitlines() if ln.startswith("│")]
+        assert all(len(ln) <= width for ln in text.splitlines()), text
+        assert "…" not in "\n".join(table), text
+        for res in report["results"]:  # each policy's tok/s shown whole
+            assert f"{res['stats']['tokens_per_s']:.1f}" in text, text
+        assert ("left out for the terminal's width" in text) == (width < 170), text
+        assert ("bound ratio" in text.split("left out")[0]) == (width == 200)

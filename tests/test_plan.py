@@ -295,6 +295,9 @@ def test_a_ram_beyond_the_machines_memory_is_noted(cli, tiny, monkeypatch):
     assert "8.00 GiB available" in out["ram_note"]
     r = cli("plan", "mixtral", "--ram", "1TB")
     assert r.exit_code == 0 and "note: --ram 931.32 GiB lets experts take" in r.stderr
+    # planning another machine (the README's `--hardware desktop-3060-ddr4 --ram 48GB`): its memory is not this one's
+    out = plan_json(cli, "mixtral", "--ram", "1TB", "--hardware", "desktop-3060-ddr4")
+    assert out["ram_note"] is None and max(r["plan"]["ram_held_bytes"] for r in out["policies"] if r["fits"]) > held / 2
     # a run: the tiny model's experts against a machine of 128 KiB available
     path, _ = tiny("mixtral", "gqa")
     monkeypatch.setattr(planner, "memory_info", lambda: (2**30, 128 * 1024))

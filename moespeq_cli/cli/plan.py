@@ -207,7 +207,9 @@ def plan(
         "expert_bytes": step.expert_bytes,
         "policies": rows,
         "budget_note": beyond_device(budget, hw) if vram is not None else None,
-        "ram_note": beyond_memory(ram_bytes, held) if ram is not None else None,
+        # this machine's memory matters where the plan is for a run here: the default
+        # hardware (what `run` simulates) or this CPU, not another machine's profile
+        "ram_note": beyond_memory(ram_bytes, held) if ram is not None and (hardware is None or host) else None,
     }
     if json_out:
         print(json.dumps(report))

@@ -251,8 +251,8 @@ def bench_table(report: dict) -> None:
     if report.get("disk_tier") and report.get("ram_bytes") is not None:
         budget.append(f"--ram {format_size(report['ram_bytes'])}")
     where = report["hardware"] or "this CPU, experts from disk"
-    t = Table(
-        title=f"{report['model']} on {where} ({report['backend']}, {clock} clock), "
+    title = (
+        f"{report['model']} on {where} ({report['backend']}, {clock} clock), "
         + " ".join(budget)
         + (" + draft (same cache)" if report["same_cache"] else "")
     )
@@ -268,33 +268,59 @@ def bench_table(report: dict) -> None:
     cols += ["MB read"] if disk else []
     cols += ["on CPU"] if on_cpu else []
     cols += ["accept", "k", "bound ratio"]
-    for col in cols:
-        t.add_column(col, justify="left" if col == "policy" else "right")
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    rows = []
     for r in results:
         s = r["stats"]
         stall = s["io_stall_s"] / s["seconds"] if s["io_stall_s"] is not None and s["seconds"] else None
-        t.add_row(
-            r["label"],
-            str(r["slots"]),
-            f(s["tokens_per_s"], ".1f"),
-            *(f(r["speedup_vs"].get(b), ".2f") + ("x" if r["speedup_vs"].get(b) else "") for b in baselines),
-            f(s["expert_hit_rate"], ".0%"),
-            f(stall, ".0%"),
-            *([f((s["bytes_h2d"] or 0) / 1e6, ".1f")] if report["backend"] != "cpu" else []),
-            *([f((s.get("bytes_read") or 0) / 1e6, ".1f")] if disk else []),
-            *([f(s.get("cpu_expert_share"), ".0%")] if on_cpu else []),
-            f(s["acceptance_rate"], ".2f"),
-            f(s["spec_depth_mean"], ".1f"),
-            f(s["bound_ratio"], ".2f"),
+        rows.append(
+            [
+                r["label"],
+                str(r["slots"]),
+                f(s["tokens_per_s"], ".1f"),
+                *(f(r["speedup_vs"].get(b), ".2f") + ("x" if r["speedup_vs"].get(b) else "") for b in baselines),
+                f(s["expert_hit_rate"], ".0%"),
+                f(stall, ".0%"),
+                *([f((s["bytes_h2d"] or 0) / 1e6, ".1f")] if report["backend"] != "cpu" else []),
+                *([f((s.get("bytes_read") or 0) / 1e6, ".1f")] if disk else []),
+                *([f(s.get("cpu_expert_share"), ".0%")] if on_cpu else []),
+                f(s["acceptance_rate"], ".2f"),
+                f(s["spec_depth_mean"], ".1f"),
+                f(s["bound_ratio"], ".2f"),
+            ]
         )
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)  # logs and pipes: room for every column
-    console.print(t)
+    # a narrow terminal drops the columns a reader needs least, first (a cut "1…" is no figure)
+    least = ["bound ratio", "vs ondemand", "slots", "accept", "vs hybrid", "MB moved", "MB read", "vs gate-prefetch"]
+    least += ["on CPU", "hit rate", "k"]
+    left_out = []
+
+    def table() -> Table:
+        t = Table(title=title)
+        for col in cols:
+            t.add_column(col, justify="left" if col == "policy" else "right")
+        for row in rows:
+            t.add_row(*row)
+        return t
+
+    unbounded = console.options.update_width(10**4)  # (measured within the width, a table always fits)
+    while console.measure(table(), options=unbounded).maximum > console.width and any(c in cols for c in least):
+        drop = next(c for c in least if c in cols)
+        i = cols.index(drop)
+        cols.pop(i)
+        for row in rows:
+            row.pop(i)
+        left_out.append(drop)
+    console.print(table())
+    if left_out:
+        console.print(
+            f"[dim]left out for the terminal's width: {', '.join(left_out)} (a wider one, or --json, has them)[/dim]"
+        )
 
 
 def plan_table(report: dict) -> None:
