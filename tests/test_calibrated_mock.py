@@ -5,6 +5,7 @@ prefetch precision stays a fraction, and `moespeq calibrate` writes a profile wi
 the mock simulates `--backend cpu`."""
 
 import json
+import os
 import re
 from dataclasses import replace
 
@@ -771,6 +772,43 @@ def test_calibrate_says_when_the_host_time_was_not_measured(quick_calibration, c
     r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path))
     assert r.exit_code == 0 and "host time per region was not measured" in r.stderr
     assert load_profile(str(out)).region_overhead == {}
+
+
+def test_a_calibration_on_a_busy_machine_says_its_figures_are_likely_low(quick_calibration, cli, tmp_path, monkeypatch):
+    """Calibrated beside another user's pytest, memory bandwidth came out 7 GB/s (22.5 idle)
+    without a word: other processes' share of the CPU meanwhile is now measured, and above
+    a tenth said on stderr (with --json too), in the profile and in the summary."""
+    cal = quick_calibration
+    out = tmp_path / "mine.yaml"
+    for share, said in ((0.45, True), (0.05, False)):
+        monkeypatch.setattr(cal.OtherLoad, "share", lambda self, s=share: s)
+        for extra in ((), ("--json",)):
+            r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path), *extra)
+            assert r.exit_code == 0, r.stderr
+            assert ("other processes took 45% of the CPU" in r.stderr) == said, r.stderr
+        assert json.loads(r.stdout)["other_load"] == share
+        assert ("Other processes took 45% of the CPU meanwhile" in out.read_text()) == said
+    # a CPU profile says each figure's CPU method alone, and that its margin is set, not measured
+    text = out.read_text()
+    assert "(GPU)" not in text and "cudaMemGetInfo" not in text
+    assert re.search(r"reserved_memory: \d+  # set \S+: a tenth of the memory", text), text
+    assert re.search(r"link_bandwidth: \S+  # measured \S+: the disk's O_DIRECT bandwidth", text), text
+
+
+def test_other_processes_load_is_measured():
+    """A process spinning on one core beside: at least a third of one core's share shows
+    (others running on the machine only add to it)."""
+    import subprocess
+    import sys
+
+    from moespeq_cli.runtime.planning.calibrate import OtherLoad
+
+    load = OtherLoad()
+    if load.start is None:
+        pytest.skip("no /proc/stat here")
+    subprocess.run([sys.executable, "-c", "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass"])
+    share = load.share()
+    assert share is not None and share >= 0.33 / (os.cpu_count() or 1), share
 
 
 def test_a_fused_attention_is_priced_as_one_product(tiny):

@@ -107,7 +107,9 @@ def calibrate(
     It also measures the host time per region that the op count misses (Python, per layer
     between regions), decoding the bundled demo model, or with `--model CKPT` that
     checkpoint (the draft's regions too when it has a saved draft), on the GPU where there
-    is one. Takes about 25 s, about 75 s with `--model` on a 2-core machine.
+    is one. Takes about 25 s, about 75 s with `--model` on a 2-core machine, with a
+    progress bar over its phases. Measure on an idle machine: where other processes take
+    more than a tenth of the CPU meanwhile, it says the figures are likely low.
     """
     import errno
     import json
@@ -119,8 +121,8 @@ def calibrate(
 
     from moespeq_cli.errors import MoespeqError, UsageError
     from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular, shown, written_path
+    from moespeq_cli.runtime.planning.calibrate import BUSY_SHARE, profile_yaml
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
-    from moespeq_cli.runtime.planning.calibrate import profile_yaml
     from moespeq_cli.runtime.planning.hardware import load_profile
 
     cuda = torch.cuda.is_available()
@@ -169,11 +171,28 @@ def calibrate(
 
             ckpt = Checkpoint(checkpoint)  # refused now, not after a minute of measuring
             Tokenizer(ckpt.path, ckpt.raw_config)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     console = Console(stderr=True, highlight=False)
-    with console.status("calibrating") as status:
+    # the bar counts the calibration's phases, in the order it measures them (each step's
+    # words begin with its phase's), the step in hand beside it
+    phases = ["host ", "disk:", "kernel ", *(["GPU:"] if cuda else []), "host time:"]
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("calibrating"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    )
+    with bar:
+        task = bar.add_task("", total=len(phases))
 
         def say(step: str) -> None:
-            status.update(f"calibrating: {step}")
+            done = max((i for i, p in enumerate(phases) if step.startswith(p)), default=None)
+            bar.update(task, description=step, **({} if done is None else {"completed": done}))
 
         # two calibrations at once would each measure the other's load: one at a time, this
         # user's whatever their caches (a temporary directory that cannot be written: no lock)
@@ -218,6 +237,15 @@ def calibrate(
     }
     if figures.get("_overhead_error"):
         summary["region_overhead_error"] = figures["_overhead_error"]
+    summary["other_load"] = figures.get("_other_load")  # other processes' share of the CPU meanwhile
+    busy = (figures.get("_other_load") or 0) > BUSY_SHARE
+    if busy:  # said on stderr with --json too: a script keeps a profile it should not trust
+        console.print(
+            f"[yellow]other processes took {figures['_other_load']:.0%} of the CPU while calibrating: the figures "
+            "are likely low (the profile says so); calibrate again when the machine is idle[/yellow]",
+            markup=True,
+            highlight=False,
+        )
     if json_out:
         print(json.dumps(summary))
         return

@@ -583,6 +583,39 @@ def cuda_figures(say: Callable[[str], None]) -> dict:
 
 
 # -- the profile -----------------------------------------------------------------------
+class OtherLoad:
+    """The share of this machine's CPU time that other processes (and, in a VM, the
+    hypervisor: steal) took while calibration ran: measured on a busy machine, every figure
+    is low (a user's run of pytest beside it halved memory bandwidth). From /proc/stat's
+    busy time less this process's own; None where the system does not say."""
+
+    BUSY = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (not idle, not iowait)
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @classmethod
+    def _sample(cls) -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()[1:]
+            busy = sum(int(fields[i]) for i in cls.BUSY if i < len(fields)) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+        own = os.times()
+        return busy, own.user + own.system, time.monotonic()
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[2] - self.start[2] < 1:
+            return None
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return min(1.0, max(0.0, other / ((end[2] - self.start[2]) * (os.cpu_count() or 1))))
+
+
+BUSY_SHARE = 0.1  # other processes' share of the CPU above which a calibration is said to be unreliable
+
+
 def calibrate(
     disk_dir: Path,
     threads: int = 4,
@@ -598,6 +631,7 @@ def calibrate(
     from moespeq_cli.runtime.planning.planner import memory_info
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    load = OtherLoad()
     host = host_figures(say)
     with disk_source(disk_dir, model_file, say) as source:
         disk = disk_figures(source, threads, say)
@@ -656,17 +690,19 @@ def calibrate(
                 raise
             figures["_overhead_error"] = one_line(e)
             say(f"host time: not measured ({figures['_overhead_error']})")
+    figures["_other_load"] = load.share()
     return figures
 
 
+# how each figure was measured; a pair: (on a GPU, on a CPU, whose device is itself)
 METHODS = {
-    "device_memory": "total memory (MemTotal / cudaMemGetInfo)",
-    "reserved_memory": "a margin (CPU) / what the CUDA context held at start",
-    "link_bandwidth": "pinned 256 MiB host-to-device copies (GPU) / the disk's O_DIRECT bandwidth (CPU)",
-    "link_latency": "a 4 KiB copy (GPU) / a 4 KiB O_DIRECT read (CPU)",
-    "peak_flops": "8192^2 bf16 matmul (GPU) / 1024^3 float32 matmul (CPU)",
-    "mem_bandwidth": "a reduction over 1 GiB (GPU) / 512 MiB (CPU)",
-    "launch_overhead": "2000 tiny adds, per op",
+    "device_memory": ("the GPU's total memory (cudaMemGetInfo)", "total memory (MemTotal)"),
+    "reserved_memory": ("what the CUDA context held at start", None),  # a CPU's: set, not measured
+    "link_bandwidth": ("pinned 256 MiB host-to-device copies", "the disk's O_DIRECT bandwidth (disk_bandwidth)"),
+    "link_latency": ("a 4 KiB copy", "a 4 KiB O_DIRECT read (disk_latency)"),
+    "peak_flops": ("8192^2 bf16 matmul", "1024^3 float32 matmul (host_flops)"),
+    "mem_bandwidth": ("a reduction over 1 GiB", "a reduction over 512 MiB of float32 (host_mem_bandwidth)"),
+    "launch_overhead": ("2000 tiny adds, per op", "2000 tiny adds on the CPU, per op (host_op_overhead)"),
     "host_flops": "1024^3 float32 matmul",
     "host_mem_bandwidth": "a reduction over 512 MiB of float32",
     "host_op_overhead": "2000 tiny adds on the CPU, per op",
@@ -703,14 +739,17 @@ def profile_yaml(figures: dict) -> str:
     today = datetime.date.today().isoformat()
     out = [
         f"# {figures['description']}: written by `moespeq calibrate` on {today}.",
-        "# Every figure below was measured on this machine; re-run calibrate after a hardware change.",
+        "# Every figure below was measured on this machine (but those marked set); re-run calibrate after a hardware change.",
         "# Kernel curves: seconds per call for 1..16 tokens at two weight sizes, and the ops one call dispatches.",
     ]
     buffered = figures.get("_direct") is False
 
     def method(key: str) -> str | None:
-        """How ``key`` was measured; reads said as they were (buffered where O_DIRECT was refused)."""
+        """How ``key`` was measured on this kind of machine; reads said as they were
+        (buffered where O_DIRECT was refused)."""
         text = METHODS.get(key)
+        if isinstance(text, tuple):
+            text = text[0] if figures["kind"] == "gpu" else text[1]
         return text.replace("O_DIRECT", "buffered (no O_DIRECT there)") if text and buffered else text
 
     kind = "buffered reads" if buffered else "O_DIRECT reads"
@@ -719,6 +758,11 @@ def profile_yaml(figures: dict) -> str:
         out.append(
             "# Its file system refused O_DIRECT (tmpfs does): the figures are buffered reads dropped from the page"
             " cache after each, as the runtime reads there -- on tmpfs, memory's speed, not a disk's."
+        )
+    if (figures.get("_other_load") or 0) > BUSY_SHARE:
+        out.append(
+            f"# Other processes took {figures['_other_load']:.0%} of the CPU meanwhile: these figures are likely"
+            " low; calibrate again on an idle machine."
         )
     if figures.get("_overhead_error"):
         reason = "".join(c for c in figures["_overhead_error"] if c.isprintable())
@@ -757,7 +801,11 @@ def profile_yaml(figures: dict) -> str:
         v = figures[key]
         text = json.dumps(v) if isinstance(v, str | list | tuple) else (str(v) if isinstance(v, int) else _num(v))
         how = method(key)
-        out.append(f"{key}: {text}" + (f"  # measured {today}: {how}" if how else ""))
+        if key == "reserved_memory" and how is None:
+            how, verb = "a tenth of the memory, at least 1 GiB (the system's and other programs' margin)", "set"
+        else:
+            verb = "measured"
+        out.append(f"{key}: {text}" + (f"  # {verb} {today}: {how}" if how else ""))
     q = ", ".join(_num(x) for x in figures["disk_queue_bandwidth"])
     out.append(f"disk_queue_bandwidth: [{q}]  # measured {today}: {method('disk_queue_bandwidth')}")
     if figures.get("region_overhead"):
