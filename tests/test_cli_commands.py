@@ -132,6 +132,9 @@ def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
     assert any(e.get("cat") == "copy" for e in events)
     page = report.read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and "Timeline" in page
+    # what was measured: the budget and the plan (two reports of other budgets told apart)
+    plan = out["plan"]
+    assert "device budget (--vram)</td>" in page and f"{plan['slots']} of {plan['total_experts']} on the device" in page
     assert "http://" not in page and "https://" not in page  # viewable with no network
     assert page.count("<rect") > 20  # the timeline is drawn
     assert " tok/s</td>" in page and " ms</td>" in page and "%</td>" in page  # numbers with units
@@ -590,6 +593,28 @@ def test_bench_table_shows_only_columns_that_hold_figures(capsys):
     out = capsys.readouterr().out
     assert "vs lru" in out and "vs ondemand" in out and "MB read" in out
     assert "vs hybrid" not in out and "on CPU" not in out and "vs gate-prefetch" not in out
+
+
+def test_bench_and_profile_say_what_run_says_of_the_budget(cli):
+    """`--vram 1TB` got a note from `run` and none from `profile` or `bench`; a policy named
+    twice ran twice; --spec-depths without moespeq was ignored; `--policies resident`'s
+    error named run's --policy."""
+    from test_bad_inputs import one_line_error
+
+    r = cli("bench", "-n", "2", "--vram", "1TB", "--policies", "lru", "--json")
+    assert r.exit_code == 0 and "is more than rtx3060-12gb's" in json.loads(r.stdout)["budget_note"], r.stderr
+    r = cli("bench", "-n", "2", "--vram", "1TB", "--policies", "lru")
+    assert r.exit_code == 0 and "note: --vram 931.32 GiB is more than" in r.stderr, r.stderr
+    assert json.loads(cli("bench", "-n", "2", "--policies", "lru", "--json").stdout)["budget_note"] is None
+    r = cli("profile", "-n", "2", "--no-live", "--vram", "1TB")
+    assert r.exit_code == 0 and "note: --vram 931.32 GiB is more than" in r.stderr and "plan: " in r.stderr
+    one_line_error(cli("bench", "-n", "2", "--policies", "lru,lru"), 2, "names lru twice")
+    one_line_error(cli("bench", "-n", "2", "--policies", "lru", "--spec-depths", "4"), 2, "leaves moespeq out")
+    one_line_error(cli("bench", "-n", "2", "--spec-depths", "2,2"), 2, "twice")
+    line = one_line_error(
+        cli("bench", "-n", "2", "--policies", "resident", "--vram", "20MB"), 2, "policy resident needs"
+    )
+    assert "--policy " not in line
 
 
 def test_a_narrow_terminal_gets_whole_figures_from_bench(cli, monkeypatch):

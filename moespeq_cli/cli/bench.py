@@ -70,6 +70,7 @@ def bench(
     the wall clock.
     """
     import json
+    import sys
 
     from moespeq_cli.cli.run import DEFAULT_PROMPT, DEMO_PROMPT, encode_prompt, read_prompt
     from moespeq_cli.model_ref import DEMO, default_vram, resolve
@@ -87,12 +88,20 @@ def bench(
     for p in names:
         if p not in POLICIES:
             raise UsageError(f"unknown policy {p!r} in --policies; choose from {', '.join(POLICIES)}")
+    twice = next((p for i, p in enumerate(names) if p in names[:i]), None)
+    if twice is not None:
+        raise UsageError(f"--policies names {twice} twice; give each policy once")
     depths = [d.strip() for d in spec_depths.split(",")]
     for d in depths:
         if d != "auto" and not (d.isdigit() and 0 <= int(d) <= 64):
             raise UsageError(f"--spec-depths {spec_depths!r}: {d!r} is not auto or a number from 0 to 64")
+    if depths != ["auto"] and "moespeq" not in names:
+        raise UsageError("--spec-depths sets moespeq's depths, and --policies leaves moespeq out; add it or drop them")
+    if len(set(depths)) != len(depths):
+        raise UsageError(f"--spec-depths {spec_depths!r} names a depth twice; give each once")
     name, path = resolve(model)
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
+    given_vram = vram
     vram = default_vram(name, vram, hw, backend)
 
     from moespeq_cli.runtime.bench import bench as run_bench
@@ -110,7 +119,8 @@ def bench(
     )
     probe = Engine(path, opts)
     ids = encode_prompt(probe, text, None, max_new_tokens)
-    plan = probe.make_plan(probe.context_for(len(ids), max_new_tokens))  # refused before any run loads weights
+    context = probe.context_for(len(ids), max_new_tokens)
+    plan = probe.make_plan(context)  # refused before any run loads weights
     if plan is None:
         raise UsageError(
             "bench compares offloading policies, and every expert fits in RAM here: give --ram below the experts' "
@@ -119,6 +129,15 @@ def bench(
     if probe.hw is not None and probe.hw.kind != "cpu":  # a cpu profile's budget is --ram: it takes no --vram
         opts.vram = probe.budget
     opts.ram = plan.host_budget_bytes  # every policy gets the same host budget (the default is measured once)
+    from moespeq_cli.runtime.planning.hardware import beyond_device
+
+    # what `run` notes of these budgets, said once for every policy's run
+    budget_note = beyond_device(probe.budget, probe.hw) if given_vram is not None and probe.hw is not None else None
+    ram_note = probe.ram_beyond_memory(plan, context)
+    if not json_out:
+        for note in (budget_note, ram_note):
+            if note:
+                print(f"note: {note}", file=sys.stderr)
     results = run_bench(
         path,
         ids,
@@ -140,6 +159,8 @@ def bench(
         "disk_tier": plan.disk_tier,
         "same_cache": same_cache,
         "new_tokens": max_new_tokens,
+        "budget_note": budget_note,
+        "ram_note": ram_note,
         "results": [
             {
                 "policy": r.policy,

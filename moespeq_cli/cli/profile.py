@@ -76,6 +76,10 @@ def profile(
             model, prompt, prompt_file, max_new_tokens, context=context, offload_for="profile", status=status, **options
         )
     live = not (no_live or json_out) and sys.stdout.isatty()
+    if not json_out:
+        from moespeq_cli.cli.render import Renderer
+
+        Renderer().plan(engine)  # the memory plan and its notes (a --vram beyond the card), as `run` says them
     token_ids: list[int] = []
     missed: set = set()
     cache = engine.cache
@@ -157,11 +161,12 @@ def profile(
     if json_out:
         print(json.dumps(result))
     else:
-        from moespeq_cli.cli.render import Renderer
-
+        out = Renderer()
         if not live:
             print(result["text"])
-        Renderer().stats_line(result)
+        out.stats_line(result)
+        if result.get("governor_note"):
+            out.note(result["governor_note"])
         for label, p in (("trace", trace), ("report", report)):
             if p:
                 print(f"{label}: {p}", file=sys.stderr)

@@ -151,6 +151,34 @@ def is_report(head: bytes, tail: bytes) -> bool:
     return head.startswith(HEAD.encode()) and DATA.encode() in tail
 
 
+def run_rows(result: dict) -> list[tuple[str, str]]:
+    """What was measured: the budgets and the plan the run had, and what it noted (two
+    reports of other budgets must be told apart)."""
+    from moespeq_cli.runtime.planning.hardware import format_size
+
+    plan = result.get("plan")
+    rows = []
+    if plan:
+        host = plan.get("compute_tier") == "host"
+        budget = "RAM budget (--ram)" if host else "device budget (--vram)"
+        rows.append((budget, format_size(plan["budget_bytes"])))
+        if not host and plan.get("host_budget_bytes") is not None:
+            source = f" ({plan['ram_source']})" if plan.get("ram_source") else ""
+            rows.append(("RAM for experts (--ram)", format_size(plan["host_budget_bytes"]) + source))
+        where = "in RAM" if host else "on the device"
+        rows.append(("expert slots", f"{plan['slots']} of {plan['total_experts']} {where}"))
+        rows.append(("4-bit draft", format_size(plan["draft_bytes"]) if plan.get("has_draft") else "none"))
+        rows.append(("experts read from disk", "yes" if plan.get("disk_tier") else "no"))
+        rows.append(("context", f"{plan['context_tokens']} tokens"))
+    else:
+        rows.append(("plan", "every expert in RAM (no offloading)"))
+    depths = result.get("spec_depths") or []
+    if depths:
+        rows.append(("depth k per cycle", f"{min(depths)} to {max(depths)} over {len(depths)} cycles"))
+    rows += [("note", result[k]) for k in ("governor_note", "ram_note", "draft_note") if result.get(k)]
+    return rows
+
+
 def write_report(path: Path, result: dict, intervals: list[dict], layer_hits: dict[int, float]) -> None:
     s = result["stats"]
     rows = "".join(
@@ -158,6 +186,7 @@ def write_report(path: Path, result: dict, intervals: list[dict], layer_hits: di
         for k, v in s.items()
     )
     head = {k: result.get(k) for k in ("model", "backend", "hardware", "policy")}
+    setup = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in run_rows(result))
     doc = f"""{HEAD}{html.escape(str(head["model"]))}</title>
 <style>
 body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 24px; color: #222; }}
@@ -167,6 +196,7 @@ table {{ border-collapse: collapse; font-size: 13px; }} td {{ border: 1px solid 
 pre {{ background: #f7f7f7; padding: 8px; white-space: pre-wrap; }}
 </style></head><body>
 <h1>moespeq profile — {html.escape(" · ".join(f"{k}: {v}" for k, v in head.items()))}</h1>
+<table>{setup}</table>
 <h2>Timeline ({html.escape(s["clock"])} clock)</h2>
 <div class="legend"><span style="background:#1f9bcf"></span>target compute<span style="background:#b05fd6"></span>draft
 compute<span style="background:#e0473d"></span>stall (waiting on a copy or the CPU)<span style="background:#e8b31a"></span>copy host→device<span style="background:#3aa55d"></span>expert computed on the CPU</div>

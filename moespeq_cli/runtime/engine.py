@@ -254,8 +254,8 @@ class Engine:
                 return None  # every expert fits (page by page, as RAM slots hold them): the plain reference
             if self.policy.name == "hybrid":
                 raise UsageError(
-                    "--policy hybrid computes experts on the CPU beside a GPU; with --backend cpu every expert already "
-                    "runs on the CPU: choose moespeq, gate-prefetch, lru or ondemand"
+                    "policy hybrid computes experts on the CPU beside a GPU; with --backend cpu or a CPU's profile "
+                    "every expert already runs on the CPU: choose moespeq, gate-prefetch, lru or ondemand"
                 )
             return checkpoint_plan(
                 self.ckpt,

@@ -309,7 +309,7 @@ def make_plan(
     if policy == "resident" and slots < total:
         tier = "in RAM" if on_host else "on the device"  # the tier the experts are computed from
         raise UsageError(
-            f"--policy resident needs every expert {tier}: {format_size(fixed + total * slot)} in all, "
+            f"policy resident needs every expert {tier}: {format_size(fixed + total * slot)} in all, "
             f"but {where} is {format_size(budget)}; raise {where} or choose an offloading policy"
         )
     if policy == "ondemand":
