@@ -177,6 +177,15 @@ class HaltingServer(uvicorn.Server):
     waits for open connections to close before it shuts down, and on a big model an
     answer takes minutes."""
 
+    def __init__(self, config, on_listening=None):
+        super().__init__(config)
+        self.on_listening = on_listening  # called once requests are taken (a start-up line said before refused them)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit and self.on_listening is not None:
+            self.on_listening()
+
     def handle_exit(self, sig, frame) -> None:
         self.config.app.state.worker.halt()
         super().handle_exit(sig, frame)

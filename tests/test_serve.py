@@ -378,7 +378,8 @@ def test_a_busy_port_is_one_line_before_loading(cli):
 
 
 def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
-    """With --port 0 the line says the port the system gave (and the server answers there);
+    """With --port 0 the line says the port the system gave (and the server answers there,
+    from the moment the line is said);
     Ctrl-C, the documented way to stop, exits 0 with "stopped", not an error. A --max-tokens
     beyond the context is said at start."""
     import re
@@ -398,6 +399,9 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
         assert "--max-tokens 100000 is not less than the context" in before
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1))
         assert port != 0
+        import socket
+
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening once it says so (was 50 ms later)
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
         p.send_signal(signal.SIGINT)
         rest = p.stderr.read()

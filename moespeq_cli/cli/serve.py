@@ -90,10 +90,12 @@ def serve(
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    server = HaltingServer(config)
     port = sock.getsockname()[1]  # --port 0: the one the system gave
     shown = f"[{host}]" if ":" in host else host
-    note(f"serving {name} on http://{shown}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
+    # said once the server listens: a script that waits for the line then connects
+    server = HaltingServer(
+        config, lambda: note(f"serving {name} on http://{shown}:{port}/v1 (context {ctx} tokens); Ctrl-C stops")
+    )
     try:
         server.run(sockets=[sock])
     except (KeyboardInterrupt, Terminated):  # uvicorn shuts down on Ctrl-C or SIGTERM, then raises it again:
