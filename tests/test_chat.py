@@ -268,6 +268,25 @@ def test_a_template_that_cannot_render_is_said_with_what_chat_offers(tiny, tmp_p
     assert r.exit_code == 1 and "renders the prompt as nothing" in r.stderr and "pass some text" not in r.stderr
 
 
+def test_a_template_chat_cannot_use_is_said_before_the_weights_load(tiny, tmp_path, monkeypatch):
+    """A broken template, or one refusing --system, stopped chat only after the model had
+    loaded (minutes on a big model), where serve and run refuse it at once."""
+    from moespeq_cli.cli import run as run_mod
+
+    def loading(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(run_mod, "plan_and_load", loading)
+    bad = templated_copy(tiny, tmp_path, "bad", "{% for m in messages %}{{ m.content }")
+    r = CliRunner().invoke(app, ["chat", str(bad), "--backend", "cpu", "-n", "4"], input="hi\n")
+    assert r.exit_code == 1 and "fix the template" in r.stderr and "weights were loaded" not in str(r.exception)
+    nosys = templated_copy(
+        tiny, tmp_path, "nosys", "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+    )
+    r = CliRunner().invoke(app, ["chat", str(nosys), "--backend", "cpu", "--system", "Be brief."], input="hi\n")
+    assert r.exit_code == 2 and "leave out --system" in r.stderr, (r.stderr, r.exception)
+
+
 def test_the_end_of_sequence_token_is_counted_as_run_counts_it():
     """An answer's token_ids hold the end-of-sequence token (run's do; stats count it):
     chat's token_ids and serve's completion_tokens agree with them."""

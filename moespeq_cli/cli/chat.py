@@ -57,9 +57,9 @@ def load_session(
 ) -> tuple[str, Engine, int]:
     """Resolve the model, build and load the engine for a conversation's context: shared
     by chat and serve (``status``: the caller's loading line, else one of its own, ended
-    here; ``max_new_tokens``: what an answer must have room for; ``check(engine)``: run
-    once the tokenizer is read, before any weight is). -> (display name, engine,
-    context)."""
+    here; ``max_new_tokens``: what an answer must have room for; ``check(engine, ctx)``:
+    run once the tokenizer is read and the context known, before any weight is). ->
+    (display name, engine, context)."""
     if status is None:
         with LoadingStatus() as own:
             return load_session(model, context, max_new_tokens, own, check, **options)
@@ -68,8 +68,6 @@ def load_session(
 
     name, path = resolve(model)
     engine = build_engine(name, path, status, context=context, **options)
-    if check is not None:
-        check(engine)
     limit = engine.ckpt.config.context_limit
     default = DEMO_CONTEXT if name == DEMO else DEFAULT_CONTEXT
     ctx = engine.context_for(0, max_new_tokens) if context is not None else min(limit, default)
@@ -77,6 +75,8 @@ def load_session(
         raise UsageError(
             f"--max-new-tokens {max_new_tokens} leaves no room for a message in a context of {ctx} tokens; lower it"
         )
+    if check is not None:
+        check(engine, ctx)
     plan_and_load(engine, name, ctx, status)
     return name, engine, ctx
 
@@ -135,21 +135,34 @@ def chat(
         from moespeq_cli.conversation import Answer, Conversation, complete
 
         sampling = sampling_params(temperature, top_p, top_k, seed)
-        name, engine, ctx = load_session(model, context, max_new_tokens or 1, status=status, **options)
+
+        def answer_tokens(ctx: int) -> int:  # the demo's context is 512: an answer of 512 would leave no room to ask
+            return max_new_tokens if max_new_tokens is not None else min(ANSWER_TOKENS, ctx // 2)
+
+        def conversation(engine, ctx: int) -> Conversation:
+            """The conversation, its template checked on it: said once, at start, before
+            the weights load (not after minutes, nor as every message's failure)."""
+            convo = Conversation(engine.tokenizer, ctx, system, engine.ckpt.config.context_limit)
+            try:
+                convo.check_room(answer_tokens(ctx))
+            except TemplateError as e:
+                if e.refused:  # on purpose: a conversation of this form ("System role not supported")
+                    drop = "; leave out --system" if system else ""
+                    raise UsageError(
+                        f"the model's chat template refuses a conversation like this ({e.detail}){drop}"
+                    ) from None
+                raise CheckpointError(f"{e.what}; {CHAT_TEMPLATE_REMEDY}") from None
+            return convo
+
+        name, engine, ctx = load_session(
+            model, context, max_new_tokens or 1, status=status, check=conversation, **options
+        )
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    if max_new_tokens is None:  # the demo's context is 512: an answer of 512 would leave no room to ask
-        max_new_tokens = min(ANSWER_TOKENS, ctx // 2)
+    max_new_tokens = answer_tokens(ctx)
     out = Renderer(json_mode=json_out)
     if not json_out:
         out.plan(engine)
-    convo = Conversation(engine.tokenizer, ctx, system, engine.ckpt.config.context_limit)
-    try:
-        convo.check_room(max_new_tokens)  # said once, at start: not as every message's failure
-    except TemplateError as e:
-        if e.refused:  # on purpose: a conversation of this form ("System role not supported")
-            drop = "; leave out --system" if system else ""
-            raise UsageError(f"the model's chat template refuses a conversation like this ({e.detail}){drop}") from None
-        raise CheckpointError(f"{e.what}; {CHAT_TEMPLATE_REMEDY}") from None
+    convo = conversation(engine, ctx)
     template = "its chat template" if engine.tokenizer.chat_template else "no chat template: plain continuation"
     if interactive:
         note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")

@@ -26,7 +26,7 @@ queue of --queue.
 """
 
 
-def check_template(engine) -> None:
+def check_template(engine, ctx: int) -> None:
     """A chat template no request can render (a syntax error, an unknown filter) is said
     before the weights load, not as every chat request's error."""
     from moespeq_cli.chat_template import TemplateError, check_compiles
