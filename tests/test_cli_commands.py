@@ -646,3 +646,26 @@ def test_a_narrow_terminal_gets_whole_figures_from_bench(cli, monkeypatch):
             assert f"{res['stats']['tokens_per_s']:.1f}" in text, text
         assert ("left out for the terminal's width" in text) == (width < 170), text
         assert ("bound ratio" in text.split("left out")[0]) == (width == 200)
+
+
+def test_run_says_why_its_text_ended(tiny, cli, tmp_path):
+    """`run -n 760` gave 412 tokens without a word (the model's end-of-sequence token):
+    --json has finish_reason, and the stats are followed by a note."""
+    import shutil
+
+    src, _ = tiny("mixtral", "gqa")
+    args = ("-p", "hello world", "-n", "8", "--backend", "cpu")
+    r = cli("run", str(src), *args, "--json")
+    first = json.loads(r.stdout)
+    assert (first["finish_reason"], first["interrupted"]) == ("length", False) and len(first["token_ids"]) == 8
+    ended = tmp_path / "ended"
+    shutil.copytree(src, ended)
+    config = json.loads((ended / "config.json").read_text())
+    (ended / "config.json").write_text(json.dumps(config | {"eos_token_id": first["token_ids"][2]}))
+    (ended / "generation_config.json").unlink(missing_ok=True)
+    r = cli("run", str(ended), *args, "--json")
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop" and out["token_ids"] == first["token_ids"][:3], r.stderr
+    r = cli("run", str(ended), *args)
+    assert r.exit_code == 0 and "ended its text (end-of-sequence token) after 3 of -n 8" in r.stderr, r.stderr
+    assert "end-of-sequence" not in cli("run", str(src), *args).stderr

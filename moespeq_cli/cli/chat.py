@@ -113,10 +113,10 @@ def chat(
     Uses the model's chat template (a model without one continues the text as written).
     The history is kept within the context; the oldest turns are dropped, with a
     notice, when it outgrows it. Sampling options are run's. With --json each answer is
-    one JSON object on its own line ({"turn", "content", "token_ids", "stopped",
+    one JSON object on its own line ({"turn", "content", "token_ids", "interrupted",
     "finish_reason", "stats"}), so a script can tell answers apart whatever their text
     holds: finish_reason is "stop" (end of sequence or a --stop string), "length"
-    (--max-new-tokens) or "interrupted" (Ctrl-C; then stopped is true); token_ids are
+    (--max-new-tokens) or "interrupted" (Ctrl-C; then interrupted is true); token_ids are
     every token generated, the end-of-sequence token and the one that completed a stop
     string included (stats' new_tokens counts them alike). A line that
     gets no answer (longer than the context, not UTF-8, an unknown /command) is
@@ -243,7 +243,7 @@ def chat(
         turn += 1
         if json_out:
             finish = "interrupted" if stopped else answer.finish_reason
-            record = {"turn": turn, "content": answer.text, "token_ids": answer.token_ids, "stopped": stopped}
+            record = {"turn": turn, "content": answer.text, "token_ids": answer.token_ids, "interrupted": stopped}
             if answer.reasoning:  # a harmony model's (gpt-oss) reasoning channels
                 record["reasoning"] = answer.reasoning
             record["finish_reason"] = finish

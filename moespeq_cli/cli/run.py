@@ -239,7 +239,7 @@ def run(
             # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
             if token_ids:
                 result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
-                result["interrupted"] = True
+                result["interrupted"], result["finish_reason"] = True, "interrupted"
                 if json_out:
                     sys.stdout.write(json.dumps(result) + "\n")
                 else:
@@ -256,6 +256,8 @@ def run(
     else:
         out.end_text()
         out.stats_line(result)
+        if result["finish_reason"] == "stop" and len(token_ids) < max_new_tokens:
+            out.note(f"the model ended its text (end-of-sequence token) after {len(token_ids)} of -n {max_new_tokens}")
         if result.get("governor_note"):
             out.note(result["governor_note"])
 
@@ -418,6 +420,9 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
     }
     if wall is not None:
         result["wall_seconds"] = round(wall, 4)
+    # why the text ended: the model's end-of-sequence token, or -n (Ctrl-C: "interrupted", set by run)
+    result["finish_reason"] = "stop" if token_ids and token_ids[-1] in engine.tokenizer.eos_ids else "length"
+    result["interrupted"] = False
     result |= {"draft": None, "spec_depths": None, "governor_note": None}  # the same keys whatever the policy
     result |= {"ram_note": engine.ram_note, "draft_note": engine.draft_note}  # what the plan line notes
     if engine.scheduler is not None:
