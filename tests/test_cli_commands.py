@@ -98,6 +98,7 @@ def test_the_loading_line_says_what_loads_then_the_plan_then_the_prompt():
     at = [before.find(s) for s in steps]
     assert -1 not in at and at == sorted(at), before
     assert b"\x1b" not in out and out.strip()
+    assert b"Good morrow" not in out  # the default prompt is shown on a terminal only: a file holds the model's text
 
 
 def test_profile_writes_trace_and_report(tiny, cli, tmp_path):

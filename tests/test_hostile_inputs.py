@@ -891,10 +891,18 @@ def test_blank_standard_input_is_refused_and_plan_reads_it_as_run(ckpt, moespeq_
 def test_offloading_options_the_plain_cpu_run_ignores_are_named(cli, ckpt):
     """--backend cpu with every expert in RAM decodes from memory: a --policy or
     --spec-depth given then says, in one note, that it does nothing and when it would."""
-    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--spec-depth", "4", "--policy", "lru")
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--draft", "none", "--policy", "lru")
     assert r.exit_code == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "--policy lru and --spec-depth 4 take effect with --ram" in notes[0]
+    assert len(notes) == 1 and "--policy lru and --draft none take effect with --ram" in notes[0]
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--spec-depth", "4")
+    assert r.exit_code == 0 and "--spec-depth 4 takes effect with --ram" in r.stderr, r.stderr
+    # a depth no run could honour is refused, whatever the backend: lru has no draft, nor does --draft none
+    for extra in (("--policy", "lru"), ("--draft", "none")):
+        r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--spec-depth", "4", *extra)
+        assert r.exit_code == 2 and "--spec-depth" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--draft", str(ckpt))  # a directory, not a draft: usage
+    assert r.exit_code == 2 and "is not a draft directory" in r.stderr, r.stderr
     plain = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu")
     assert plain.exit_code == 0 and "note:" not in plain.stderr
 

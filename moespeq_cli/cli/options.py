@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from moespeq_cli.errors import UsageError
 from moespeq_cli.model_ref import ALIASES, DEMO
 
 ModelArg = Annotated[
@@ -19,7 +20,16 @@ ModelArg = Annotated[
         show_default=False,
     ),
 ]
-Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.", show_default=False)]
+Prompt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--prompt",
+        "-p",
+        help="The prompt text. Default: standard input when piped, else the demo's opening lines (shown before its "
+        "text on a terminal) or, for another model, 'Write a short poem about the sea.'",
+        show_default=False,
+    ),
+]
 PromptFile = Annotated[
     Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.", show_default=False)
 ]
@@ -98,7 +108,10 @@ Hardware = Annotated[
 Vram = Annotated[
     Optional[str],
     typer.Option(
-        "--vram", help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory.", show_default=False
+        "--vram",
+        help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory (the demo: 24MiB, so that "
+        "experts move).",
+        show_default=False,
     ),
 ]
 Ram = Annotated[
@@ -198,5 +211,9 @@ ENGINE_OPTIONS = (
 
 
 def engine_options(values: dict) -> dict:
-    """The EngineOptions fields among a command's arguments (``locals()``)."""
+    """The EngineOptions fields among a command's arguments (``locals()``); a depth given
+    with a policy that has no draft is refused (it would be ignored without a word)."""
+    depth, policy = values.get("spec_depth", "auto"), values.get("policy", "moespeq")
+    if str(depth) != "auto" and policy != "moespeq":
+        raise UsageError(f"--spec-depth sets the draft's depth, which only --policy moespeq has; drop it for {policy}")
     return {k: values[k] for k in ENGINE_OPTIONS if k in values}

@@ -231,8 +231,10 @@ def run(
                     # (NaN weights, say) is the only line on stderr.
                     status.stop()
                     out.plan(engine)
-                    if text == DEMO_PROMPT:
-                        out.text(text)  # the default demo prompt: show what the model continues
+                    if text == DEMO_PROMPT and sys.stdout.isatty():
+                        # the default demo prompt: show what the model continues (on a terminal: a
+                        # file of the output holds the model's text alone, as with any other prompt)
+                        out.text(text)
                 token_ids.append(ev.token)
                 out.split(*split.push(ev.token))
         except KeyboardInterrupt:
@@ -278,7 +280,6 @@ def check_outputs(
     own = {"--trace": ("a moespeq trace", Timeline.is_chrome_trace), "--report": ("a moespeq report", is_report)}
     for option, path in outputs.items():
         check_output(path, option)
-        check_replaces_own(path, option, *own[option])
     if all(path is None for path in outputs.values()):
         return
     ckpt = resolve(model)[1]
@@ -289,7 +290,8 @@ def check_outputs(
         if given not in (None, "auto", "none") and os.path.lexists(given):
             inputs.append((option, Path(given)))
     for option, path in outputs.items():
-        check_not_input(path, option, inputs)
+        check_not_input(path, option, inputs)  # (said first: "would overwrite the checkpoint's ...")
+        check_replaces_own(path, option, *own[option])
 
 
 def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | None):

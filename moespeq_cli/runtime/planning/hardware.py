@@ -298,7 +298,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if name_or_path.startswith("calibrated-"):
         raise UsageError(
             f"no calibration {shown(name_or_path)!r} on this machine yet; `moespeq calibrate` measures it "
-            "(about a minute) and writes calibrated-cpu (calibrated-gpu with CUDA)"
+            "(about 25 s) and writes calibrated-cpu (calibrated-gpu with CUDA)"
         )
     raise UsageError(
         f"unknown hardware profile {shown(name_or_path)!r}; available: {', '.join(available_profiles())} "
