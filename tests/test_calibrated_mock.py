@@ -783,11 +783,16 @@ def test_a_calibration_on_a_busy_machine_says_its_figures_are_likely_low(quick_c
     for share, said in ((0.45, True), (0.05, False)):
         monkeypatch.setattr(cal.OtherLoad, "share", lambda self, s=share: s)
         for extra in ((), ("--json",)):
+            there = out.exists()
             r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path), *extra)
             assert r.exit_code == 0, r.stderr
             assert ("other processes took 45% of the CPU" in r.stderr) == said, r.stderr
+            if not extra:  # an earlier profile is said to be replaced
+                assert (f"replaced the earlier profile {out}" in " ".join(r.stderr.split())) == there, r.stderr
         assert json.loads(r.stdout)["other_load"] == share
         assert ("Other processes took 45% of the CPU meanwhile" in out.read_text()) == said
+    r = cli("calibrate", "--out", str(tmp_path))
+    assert r.exit_code == 2 and "is a directory; give a file name ending in .yaml" in r.stderr, r.stderr
     # a CPU profile says each figure's CPU method alone, and that its margin is set, not measured
     text = out.read_text()
     assert "(GPU)" not in text and "cudaMemGetInfo" not in text

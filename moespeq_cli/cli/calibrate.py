@@ -128,8 +128,13 @@ def calibrate(
     cuda = torch.cuda.is_available()
     given = out is not None
     out = out or default_profile_path("gpu" if cuda else "cpu")
+    if is_dir(out):
+        raise UsageError(
+            f"--out {shown(out)} is a directory; give a file name ending in .yaml, e.g. {out / 'mine.yaml'}"
+        )
     if out.suffix not in (".yaml", ".yml"):
         raise UsageError(f"--out {out} must end in .yaml (it is a hardware profile)")
+    replacing = os.path.lexists(out)
     # refused before a minute of measuring: an --out that cannot be written (its directory,
     # made when writing, must be creatable in the nearest one that exists)
     where = out.parent
@@ -277,5 +282,7 @@ def calibrate(
 
     named = named_profile(out.stem)  # a name only where --hardware NAME loads this very file
     by_name = named is not None and named.resolve() == out.resolve()
+    if replacing:  # the earlier calibration is gone: said, not left to be noticed
+        console.print(Text(f"replaced the earlier profile {out}", style="dim"))
     console.print(Text(f"use it with --hardware {out.stem if by_name else out}", style="dim"))
     print(out, file=sys.stdout)
