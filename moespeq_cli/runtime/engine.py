@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from moespeq_cli.errors import UsageError
-from moespeq_cli.fs import shown
+from moespeq_cli.fs import is_dir, shown
 from moespeq_cli.models.base import fuse_attention_projections
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
@@ -131,12 +131,10 @@ class Engine:
                 raise UsageError(f"--spec-depth must be auto or a number, got {opts.spec_depth!r}") from None
             if not 0 <= self.fixed_k <= 64:
                 raise UsageError(f"--spec-depth {self.fixed_k} is out of range; use 0 to 64 or auto")
-        if opts.draft not in ("auto", "none"):
-            from moespeq_cli.quant.draft_store import holds_draft_files
-
-            if not holds_draft_files(Path(opts.draft)):  # a damaged draft (its files, no manifest): load says so
-                what = "does not exist" if not os.path.lexists(opts.draft) else "is not a draft directory"
-                raise UsageError(f"--draft {shown(opts.draft)} {what}; build one with `moespeq quantize`")
+        given_draft = opts.draft not in ("auto", "none")
+        if given_draft and not is_dir(Path(opts.draft)):
+            what = "does not exist" if not os.path.lexists(opts.draft) else "is not a draft directory"
+            raise UsageError(f"--draft {shown(opts.draft)} {what}; build one with `moespeq quantize`")
         if self.fixed_k and opts.draft == "none":
             raise UsageError(
                 f"--spec-depth {self.fixed_k} speculates with the draft, and --draft none leaves it out; drop one"
@@ -150,6 +148,12 @@ class Engine:
                 f"{given}: this model's experts are stored 4-bit already ({fmt.quant}), so it runs without a 4-bit draft "
                 "(speculation off); drop the option"
             )
+        from moespeq_cli.quant.draft_store import holds_draft_files
+
+        if given_draft and not holds_draft_files(
+            Path(opts.draft)
+        ):  # a damaged draft (its files, no manifest): load says so
+            raise UsageError(f"--draft {shown(opts.draft)} is not a draft directory; build one with `moespeq quantize`")
         self.tokenizer = Tokenizer(self.ckpt.path, self.ckpt.raw_config)
         # storage_dtype: what every memory tier holds and what transfers move (the
         # checkpoint's); dtype: what the numerics run in. On the CPU-numerics backends (cpu,
