@@ -48,7 +48,7 @@ import torch
 
 from moespeq_cli import __version__
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
-from moespeq_cli.fs import file_status, is_dir, new_file_mode, shown, umask
+from moespeq_cli.fs import file_status, give_back_freed_memory, is_dir, new_file_mode, shown, umask
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.models.expert_format import HF_EXPERTS, ExpertFormat
 from moespeq_cli.quant.draft_store import (
@@ -201,6 +201,7 @@ class QuantizedExperts:
                     )
                     if b is not None:
                         bias[(layer, e)] = b
+                    give_back_freed_memory()  # the expert's temporaries (the draft stays within its size)
                     done += 1
                     if progress:
                         progress(done, total)

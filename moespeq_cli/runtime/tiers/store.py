@@ -10,6 +10,7 @@ page-locks in place, exactly their size (backends/host_registry.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -42,15 +43,16 @@ class ExpertStore:
         self.numel = c.expert_bytes(1) if fmt.compact else c.expert_params
         self.nbytes = self.numel * dtype.itemsize
         self.packed: dict[int, torch.Tensor] = {}
-        for layer in c.moe_layers:
-            buf = torch.empty(c.num_experts, self.numel, dtype=dtype)  # [E, parts]
-            for e in range(c.num_experts):
-                pos = 0
-                for part in ckpt.expert(layer, e, None if fmt.compact else dtype):
-                    flat = part.reshape(-1).view(torch.uint8) if fmt.compact else part.reshape(-1)
-                    buf[e, pos : pos + flat.numel()] = flat
-                    pos += flat.numel()
-            self.packed[layer] = buf
+        with expert_reader(ckpt) as read:
+            for layer in c.moe_layers:
+                buf = torch.empty(c.num_experts, self.numel, dtype=dtype)  # [E, parts]
+                for e in range(c.num_experts):
+                    pos = 0
+                    for part in read(layer, e):
+                        flat = part.reshape(-1).view(torch.uint8) if fmt.compact else part.reshape(-1)
+                        buf[e, pos : pos + flat.numel()] = flat  # (converted to the buffer's dtype)
+                        pos += flat.numel()
+                self.packed[layer] = buf
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self.packed[layer][expert]
@@ -58,3 +60,22 @@ class ExpertStore:
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A packed expert buffer -> its parts (e.g. gate [I, H], up [I, H], down [H, I]) as views."""
         return views_at(flat, self._starts, self.config.expert_shapes(), self.part_dtypes)
+
+
+@contextlib.contextmanager
+def expert_reader(ckpt: Checkpoint):
+    """-> read(layer, expert): the expert's parts in the config's order, read past the page
+    cache as the disk tier reads them (O_DIRECT into one scratch buffer). Read through the
+    checkpoint's memory map, every expert's pages stayed mapped: a second copy of the
+    experts in the process (RssFile) for the whole run. Experts whose parts mix float
+    dtypes (the disk tier refuses them) are read through the map."""
+    from moespeq_cli.runtime.tiers.disk import DiskExperts, DiskReader
+
+    try:
+        disk = DiskExperts(ckpt)
+    except CheckpointError:
+        yield lambda layer, e: ckpt.expert(layer, e)
+        return
+    scratch = disk.empty_buffer()
+    with DiskReader(threads=1) as reader:
+        yield lambda layer, e: disk.views(disk.read((layer, e), scratch, reader))
