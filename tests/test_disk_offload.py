@@ -367,3 +367,34 @@ def test_the_trace_draws_reads_in_flight_together_in_lanes_of_their_own(tiny):
     for tid in lanes:
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in reads if e["tid"] == tid)
         assert all(b[0] >= a[1] - 1e-3 for a, b in zip(spans, spans[1:], strict=False)), tid
+
+
+def test_bench_frees_a_policys_memory_before_the_next_loads(tiny, monkeypatch):
+    """bench held two policies' RAM tiers at once (1.9 GB where one run takes 1.1): an
+    engine's tiers are reference cycles the collector freed late. Each run's engine is
+    gone before the next one loads."""
+    import weakref
+
+    from moespeq_cli.runtime import bench
+
+    path, _ = tiny("mixtral", "wide")
+    prompt = prompt_for(9, 4)
+    engines: list[weakref.ref] = []  # each run's model and memory tiers
+    load = Engine.load
+
+    def loading(self, *a, **k):
+        assert all(ref() is None for ref in engines), "an earlier policy's model or tiers are still held"
+        done = load(self, *a, **k)
+        engines.extend([weakref.ref(self.model), weakref.ref(self.tiers)])
+        return done
+
+    monkeypatch.setattr(Engine, "load", loading)
+    opts = EngineOptions(backend="cpu", ram=ram_for(path, 4), draft_verdict=False)
+    import gc
+
+    gc.disable()  # the collector's own timing is luck: a large run allocates too few objects to trigger it
+    try:
+        results = bench.bench(path, prompt, 4, ["lru", "gate-prefetch", "ondemand"], opts)
+    finally:
+        gc.enable()
+    assert len(results) == 3 and len(engines) == 6

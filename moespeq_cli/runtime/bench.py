@@ -11,9 +11,11 @@ expert slots (moespeq gets the draft's bytes on top).
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from moespeq_cli.fs import give_back_freed_memory
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.planning.planner import checkpoint_plan, draft_bytes_estimate, spread
@@ -148,6 +150,11 @@ def run_policy(
             results.append(result_of(eng, policy, opts, tokens, unions, label))
     finally:
         eng.close()
+        del eng
+        # this run's memory goes before the next policy's loads: its tiers are cycles
+        # (executors, hooks) the collector frees late, and the heap keeps freed blocks
+        gc.collect()
+        give_back_freed_memory()
     return sorted(results, key=lambda r: r.stats.seconds)[(len(results) - 1) // 2]
 
 
