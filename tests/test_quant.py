@@ -293,3 +293,34 @@ def test_every_expert_in_ram_is_read_past_the_page_cache(tiny, monkeypatch):
             for e, want in enumerate(parts):
                 got = store.views(store.buffer(layer, e))
                 assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), (family, layer, e)
+
+
+def test_the_draft_holds_what_the_plan_counts_for_a_bf16_model_with_biases(tiny, tmp_path):
+    """gpt-oss in bf16 on the mock (float32 numerics): the draft held its experts' biases
+    in float32 where the plan counts them as stored, and a run at a --vram `plan` said fits
+    ran out of device memory. They are held as stored and widened at use."""
+    from tiny_models import edited_copy
+
+    from moespeq_cli.runtime.planning.planner import draft_bytes_estimate
+
+    src, _ = tiny("gpt_oss", "alternating")
+
+    def to_bf16(t):
+        for k, v in t.items():
+            if v.is_floating_point():
+                t[k] = v.to(torch.bfloat16)
+
+    def say_bf16(cfg):
+        cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+
+    path = edited_copy(src, tmp_path / "bf16", config=say_bf16, tensors=to_bf16)
+    ck = Checkpoint(path)
+    assert ck.config.dtype == torch.bfloat16 and ck.config.expert_format.biased
+    q = QuantizedExperts.quantize(ck, dtype=torch.float32)
+    assert q.total_bytes == draft_bytes_estimate(ck.config)
+    x = torch.randn(3, ck.config.hidden_size)
+    layer = ck.config.moe_layers[0]
+    out = q.forward_reference(layer, 1, x)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    saved = q.save(tmp_path / "draft", ck)
+    assert QuantizedExperts.load(saved, ck, torch.float32).total_bytes == q.total_bytes

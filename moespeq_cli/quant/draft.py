@@ -217,7 +217,8 @@ class QuantizedExperts:
         *mats, biases = c.expert_format.canonical(parts)
         quantized = [F.quantize_4bit(w.to(dtype).contiguous(), blocksize=blocksize, quant_type=method) for w in mats]
         # copies: the parts are views of the one buffer every expert is read into
-        return quantized, None if biases is None else tuple(b.to(dtype, copy=True).contiguous() for b in biases)
+        # biases held as stored, widened at use (``_bias``): the plan counts them so
+        return quantized, None if biases is None else tuple(b.to(c.dtype, copy=True).contiguous() for b in biases)
 
     def weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The expert's dequantized canonical matrices (standard layout only): each weight
@@ -547,7 +548,7 @@ class QuantizedExperts:
                                 biases.append(_load_bias(f, keys, prefix, shape[0], path))
                         q[(layer, e)] = parts
                         if biases:
-                            bias[(layer, e)] = tuple(b.to(dtype) for b in biases)
+                            bias[(layer, e)] = tuple(b.to(c.dtype) for b in biases)  # as stored (quantize)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{weights} is truncated or corrupt ({err}); rebuild the draft") from None
         return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate, fmt, bias)
