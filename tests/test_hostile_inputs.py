@@ -905,6 +905,13 @@ def test_offloading_options_the_plain_cpu_run_ignores_are_named(cli, ckpt):
     assert r.exit_code == 2 and "is not a draft directory" in r.stderr, r.stderr
     plain = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu")
     assert plain.exit_code == 0 and "note:" not in plain.stderr
+    # --json says it too (governor_note was null: why speculation is off went unsaid)
+    for extra, words in ((("--spec-depth", "3"), "--spec-depth 3 takes effect"), ((), "every expert fits in RAM")):
+        r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--json", *extra)
+        assert words in json.loads(r.stdout)["governor_note"], r.stdout
+    assert plain.stderr.count("every expert fits") == 0
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--spec-depth", "3")
+    assert r.stderr.count("--spec-depth 3 takes effect") == 1, r.stderr
 
 
 def test_a_closed_pipe_exits_quietly(moespeq_process):

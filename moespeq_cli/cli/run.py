@@ -260,7 +260,7 @@ def run(
         out.stats_line(result)
         if result["finish_reason"] == "stop" and len(token_ids) < max_new_tokens:
             out.note(f"the model ended its text (end-of-sequence token) after {len(token_ids)} of -n {max_new_tokens}")
-        if result.get("governor_note"):
+        if result.get("governor_note") and engine.plan is not None:  # (no plan: its note came at load)
             out.note(result["governor_note"])
 
 
@@ -403,6 +403,7 @@ def encode_prompt(engine, text: str, chat: bool | None, max_new_tokens: int = 0)
 
 
 NO_DRAFT = "no draft loaded: speculation is off (k = 0)"
+ALL_IN_RAM = "every expert fits in RAM: --backend cpu decodes from memory, without offloading or a draft (k = 0)"
 
 
 def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], wall: float | None = None) -> dict:
@@ -439,6 +440,8 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
             result["governor_note"] = explain(engine.governor, engine.draft_released, off, where)
         elif engine.fixed_k and not engine.plan.has_draft:  # a depth asked for, and no room for the draft
             result["governor_note"] = engine.plan.note or NO_DRAFT
+    elif engine.plan is None and engine.backend_name == "cpu":  # every expert in RAM: said at load, kept in --json
+        result["governor_note"] = engine.ignored_options() or ALL_IN_RAM
     return result
 
 
