@@ -233,3 +233,18 @@ def test_fp8_experts_without_their_config_are_not_called_mixed(cli, ckpt):
     save_file(weights, ckpt / "model.safetensors")
     line = one_line_error(run(cli, ckpt, "--backend", "mock"), 1, "stored as F8_E4M3", "quantization_config")
     assert "mix" not in line
+
+
+def test_a_composite_config_without_its_text_config_says_so(cli, tiny, tmp_path):
+    """A multimodal checkpoint's config without text_config was said to lack
+    num_hidden_layers and be "not a qwen3_5_moe model"."""
+    from test_composite_checkpoints import composite_copy
+
+    src, _ = tiny("qwen3_5_moe", "text")
+    bad = tmp_path / "bad"
+    composite_copy(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["text_config"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    for cmd in (("run", str(bad), "-p", "hi", "-n", "2", "--backend", "cpu"), ("plan", str(bad))):
+        one_line_error(cli(*cmd), 1, "has no text_config")

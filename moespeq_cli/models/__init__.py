@@ -45,6 +45,12 @@ def language_config(raw: dict) -> tuple[dict, str | None]:
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     prefix = COMPOSITE.get(kind) if isinstance(kind, str) else None
     text = raw.get("text_config") if prefix else None
+    if prefix is not None and not isinstance(text, dict) and "num_hidden_layers" not in raw:
+        # (a flat config of the language model alone is read as it is)
+        raise CheckpointError(
+            f"config.json of this {kind} checkpoint (a multimodal one) has no text_config, the language model's "
+            "config; download the checkpoint again"
+        )
     if prefix is None or not isinstance(text, dict):
         return raw, None
     merged = dict(text, model_type=raw["model_type"])
