@@ -248,3 +248,18 @@ def test_a_composite_config_without_its_text_config_says_so(cli, tiny, tmp_path)
     (bad / "config.json").write_text(json.dumps(cfg))
     for cmd in (("run", str(bad), "-p", "hi", "-n", "2", "--backend", "cpu"), ("plan", str(bad))):
         one_line_error(cli(*cmd), 1, "has no text_config")
+
+
+@pytest.mark.parametrize("family,variant", [("glm4_moe", "base"), ("qwen3_next", "hybrid")])
+def test_an_odd_number_of_rotary_dimensions_is_refused(tiny, family, variant):
+    """head_dim x partial_rotary_factor odd (22 x 0.5): moespeq rotated one dimension fewer
+    than transformers and gave other tokens without a word."""
+    from moespeq_cli.errors import CheckpointError
+    from moespeq_cli.models import build_model, parse_config
+
+    src, _ = tiny(family, variant)
+    raw = json.loads((src / "config.json").read_text())
+    arch, _ = parse_config(raw, "config.json")
+    build_model(arch, raw, 16, "config.json")  # as built: even
+    with pytest.raises(CheckpointError, match="an odd number"):
+        build_model(arch, dict(raw, head_dim=22, partial_rotary_factor=0.5), 16, "config.json")

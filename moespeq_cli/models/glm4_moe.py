@@ -15,7 +15,7 @@ from moespeq_cli.models import deepseek_v3
 from moespeq_cli.models.base import Attention, Backbone, CausalLM, DecoderLayer, RMSNorm
 from moespeq_cli.models.deepseek_v3 import with_defaults
 from moespeq_cli.models.mixtral import attention_spec
-from moespeq_cli.models.rope import make_rotary, rope_parameters
+from moespeq_cli.models.rope import make_rotary, partial_rotary_dim, rope_parameters
 
 # transformers' defaults for what a config.json may leave out
 DEFAULTS = {
@@ -34,15 +34,6 @@ def parse(cfg: dict):
 __all__ = ["Model", "parse"]
 
 
-def rotary_fraction(cfg: dict) -> float:
-    factor = cfg.get("partial_rotary_factor") or rope_parameters(cfg).get("partial_rotary_factor") or 0.5
-    if not 0 < float(factor) <= 1:
-        from moespeq_cli.errors import CheckpointError
-
-        raise CheckpointError(f"config.json partial_rotary_factor must be in (0, 1], got {factor!r}; fix the file")
-    return float(factor)
-
-
 class Model(CausalLM):
     def __init__(self, cfg: dict):
         cfg = with_defaults(cfg, DEFAULTS)
@@ -50,8 +41,7 @@ class Model(CausalLM):
         bias = bool(cfg.get("attention_bias", False))
         spec = attention_spec(cfg, qkv_bias=bias, qk_norm="head" if cfg.get("use_qk_norm") else None)
         spec.window = None
-        spec.rotary_dim = int(spec.head_dim * rotary_fraction(cfg))
-        spec.rotary_dim -= spec.rotary_dim % 2
+        spec.rotary_dim = partial_rotary_dim(cfg, spec.head_dim, 0.5)
 
         def norm() -> nn.Module:
             return RMSNorm(c.hidden_size, spec.norm_eps)

@@ -45,7 +45,7 @@ from moespeq_cli.models.base import (
 from moespeq_cli.models.config import need
 from moespeq_cli.models.mixtral import attention_spec
 from moespeq_cli.models.qwen2_moe import SharedExpertMoE, parse
-from moespeq_cli.models.rope import make_rotary, rope_parameters
+from moespeq_cli.models.rope import make_rotary, partial_rotary_dim, rope_parameters
 
 __all__ = ["GatedDeltaNet", "Model", "parse"]
 
@@ -91,13 +91,6 @@ def layer_types(cfg: dict) -> list[str]:
             f"{layers} layers; fix the file"
         )
     return list(types)
-
-
-def rotary_fraction(cfg: dict, default: float) -> float:
-    f = cfg.get("partial_rotary_factor") or rope_parameters(cfg).get("partial_rotary_factor") or default
-    if not 0 < float(f) <= 1:
-        raise CheckpointError(f"config.json partial_rotary_factor must be in (0, 1], got {f!r}; fix the file")
-    return float(f)
 
 
 class GatedAttention(Attention):
@@ -214,8 +207,7 @@ class Model(CausalLM):
         bias = bool(cfg.get("attention_bias", False))
         spec = attention_spec(cfg, qkv_bias=bias, o_bias=bias)
         spec.window = None
-        spec.rotary_dim = int(spec.head_dim * rotary_fraction(cfg, self.rotary_default))
-        spec.rotary_dim -= spec.rotary_dim % 2
+        spec.rotary_dim = partial_rotary_dim(cfg, spec.head_dim, self.rotary_default)
         eps = spec.norm_eps
 
         def norm() -> nn.Module:

@@ -244,3 +244,20 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     re, im = xf[..., 0], xf[..., 1]
     c, s = cos.float(), sin.float()
     return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+def partial_rotary_dim(cfg: dict, head_dim: int, default: float) -> int:
+    """How many of a head's dimensions rotate: ``partial_rotary_factor`` (else ``default``)
+    of ``head_dim`` (GLM-4.x, Qwen3-Next/3.5). An odd count is refused: transformers then
+    rotates one dimension more than its frequencies are spaced for, which no published
+    model does (and moespeq would give other tokens without a word)."""
+    f = cfg.get("partial_rotary_factor") or rope_parameters(cfg).get("partial_rotary_factor") or default
+    if not 0 < float(f) <= 1:
+        raise CheckpointError(f"config.json partial_rotary_factor must be in (0, 1], got {f!r}; fix the file")
+    dim = int(head_dim * float(f))
+    if dim % 2:
+        raise CheckpointError(
+            f"config.json's head_dim {head_dim} x partial_rotary_factor {f} = {dim} rotary dimensions, an odd number "
+            "that moespeq does not run; no published model has one"
+        )
+    return dim
