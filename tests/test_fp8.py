@@ -102,7 +102,11 @@ def test_the_draft_quantizes_the_dequantized_experts(fp8_ckpts, cli, tmp_path):
     from moespeq_cli.quant.draft import QuantizedExperts
 
     ck = Checkpoint(path)
-    q = QuantizedExperts.load(json.loads(r.stdout)["draft"], ck)
+    out = json.loads(r.stdout)
+    # measured against the experts as stored (FP8 and its scales), not the compute dtype's bytes
+    stored = sum(t.numel() * t.element_size() for t in ck.expert(1, 3)) * out["experts"]
+    assert out["full_precision_bytes"] == stored and out["ratio"] == round(out["draft_bytes"] / stored, 4)
+    q = QuantizedExperts.load(out["draft"], ck)
     w, s = ck.expert(1, 3)[:2]
     gate = fp8_dequantize(w, s, (16, 16), torch.float32)
     assert float((q.weights(1, 3)[0] - gate).norm() / gate.norm()) < 0.25  # nf4 of the dequantized gate

@@ -73,7 +73,7 @@ def quantize(
         print(
             f"quantized {result['experts']} experts ({method}, blocksize {blocksize}): "
             f"{format_size(result['draft_bytes'])} of 4-bit weights ({format_size(tree_size(Path(result['draft'])))} "
-            f"on disk), {result['ratio']:.0%} of full precision, in {result['seconds']:.1f} s",
+            f"on disk), {result['ratio']:.0%} of the experts as stored, in {result['seconds']:.1f} s",
             file=sys.stderr,
         )
         if out is not None:
@@ -106,7 +106,8 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
             ckpt, method, blocksize, progress=lambda done, total: bar.update(task, completed=done)
         )
     saved = quant.save(target, ckpt, fp, stale_ok)
-    full = quant.q and ckpt.config.expert_params * len(quant.q) * ckpt.config.dtype.itemsize
+    # the experts as the checkpoint stores them (FP8's bytes, not the compute dtype's)
+    full = quant.q and ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * len(quant.q)
     return {
         "model": name,
         "draft": str(saved),
