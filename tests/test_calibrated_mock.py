@@ -953,6 +953,14 @@ def test_plan_on_a_cpu_profile_plans_ram_as_run_does(tiny, cli, tmp_path):
     ran = json.loads(cli("run", *free, "--backend", "mock", "--json").stdout)["plan"]["ram_source"]
     weights = re.compile(r"and (.*) of weights")
     assert weights.search(planned).group(1) == weights.search(ran).group(1)
+    # a --ram every expert fits in: `run --backend cpu` decodes from memory, which the rows do not say
+    assert report["cpu_note"] is None
+    big = json.loads(cli("plan", *free, "--ram", "1GB", "--json").stdout)
+    assert "`run --backend cpu` decodes from memory" in big["cpu_note"]
+    ran = json.loads(
+        cli("run", str(path), "-n", "4", "-p", "hello", "--backend", "cpu", "--ram", "1GB", "--json").stdout
+    )
+    assert ran["plan"] is None
 
 
 def test_plan_prices_a_disk_reads_cpu_cost_on_a_cpu_profile(tiny):

@@ -107,7 +107,7 @@ def plan(
     from moespeq_cli.runtime.backends import library_bytes
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE, cpu_profile_takes_no_vram
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
-    from moespeq_cli.runtime.planning.hardware import beyond_device, load_profile, parse_size
+    from moespeq_cli.runtime.planning.hardware import beyond_device, format_size, load_profile, parse_size
     from moespeq_cli.runtime.planning.planner import beyond_memory, default_ram, host_tier_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
 
@@ -210,13 +210,20 @@ def plan(
         # this machine's memory matters where the plan is for a run here: the default
         # hardware (what `run` simulates) or this CPU, not another machine's profile
         "ram_note": beyond_memory(ram_bytes, held) if ram is not None and (hardware is None or host) else None,
+        # the cpu backend then decodes from memory (engine.make_plan's plan None), as the rows do not say
+        "cpu_note": (
+            f"every expert fits in --ram {format_size(ram_bytes)}: `run --backend cpu` decodes from memory, without "
+            "offloading or a draft; the rows are what the mock plans with this profile"
+            if host and ram_bytes >= total_experts * sizes.ram_slot_bytes
+            else None
+        ),
     }
     if json_out:
         print(json.dumps(report))
         return
     from moespeq_cli.cli.render import plan_table
 
-    for note in (report["budget_note"], report["ram_note"]):
+    for note in (report["budget_note"], report["ram_note"], report["cpu_note"]):
         if note:
             print(f"note: {note}", file=sys.stderr)
     plan_table(report)
