@@ -324,3 +324,37 @@ def test_the_draft_holds_what_the_plan_counts_for_a_bf16_model_with_biases(tiny,
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     saved = q.save(tmp_path / "draft", ck)
     assert QuantizedExperts.load(saved, ck, torch.float32).total_bytes == q.total_bytes
+
+
+def test_experts_the_disk_tier_cannot_read_are_read_and_checked_as_before(tiny, tmp_path):
+    """The all-in-RAM store reads what the disk tier refuses through the checkpoint, with
+    its checks: FP8 experts without their scales stay refused (the review found them
+    decoded as raw e4m3 values), and the store's dtype is what it holds (bf16 read into
+    float32)."""
+    from tiny_models import edited_copy
+
+    from moespeq_cli.errors import CheckpointError
+    from moespeq_cli.runtime.tiers.store import ExpertStore
+
+    src, _ = tiny("mixtral", "gqa")
+
+    def fp8(t):
+        for k in list(t):
+            if ".experts." in k:
+                t[k] = t[k].to(torch.float8_e4m3fn)
+
+    bad = edited_copy(src, tmp_path / "fp8", tensors=fp8)
+    with pytest.raises(CheckpointError):
+        ExpertStore(Checkpoint(bad), torch.float32)
+
+    def bf16(t):
+        for k in list(t):
+            t[k] = t[k].to(torch.bfloat16)
+
+    half = edited_copy(src, tmp_path / "bf16", config=lambda c: c.update(torch_dtype="bfloat16"), tensors=bf16)
+    ck = Checkpoint(half)
+    store = ExpertStore(ck, torch.float32)
+    layer = ck.config.moe_layers[0]
+    got = store.views(store.buffer(layer, 2))
+    assert all(g.dtype == torch.float32 for g in got)
+    assert all(torch.equal(g, w.float()) for g, w in zip(got, ck.expert(layer, 2), strict=True))

@@ -177,7 +177,7 @@ class QuantizedExperts:
         """Quantize every routed expert, reading each from the checkpoint's files into one
         reused buffer (the disk tier's reader, past the page cache): quantizing a model
         larger than RAM holds no more of it in memory than one expert and the draft."""
-        from moespeq_cli.runtime.tiers.disk import DiskExperts, DiskReader
+        from moespeq_cli.runtime.tiers.store import expert_reader
 
         check_method(method, blocksize)
         c = ckpt.config
@@ -188,16 +188,14 @@ class QuantizedExperts:
             )
         F = _bnb()
         dtype = dtype or c.dtype
-        disk = DiskExperts(ckpt)  # checks every expert's presence and shape
-        buf = disk.empty_buffer()
         q, bias = {}, {}
         total, done = len(c.moe_layers) * c.num_experts, 0
-        with DiskReader(threads=1) as reader:
+        ckpt.check_experts()  # every expert present, of its shape
+        with expert_reader(ckpt) as read:
             for layer in c.moe_layers:
                 for e in range(c.num_experts):
-                    disk.read((layer, e), buf, reader)
                     q[(layer, e)], b = cls._quantize_expert(
-                        ckpt, (layer, e), disk.views(buf), dtype, method, blocksize, F
+                        ckpt, (layer, e), read(layer, e), dtype, method, blocksize, F
                     )
                     if b is not None:
                         bias[(layer, e)] = b
