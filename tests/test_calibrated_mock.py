@@ -442,6 +442,12 @@ def test_cuda_runs_price_this_gpu_from_a_cached_calibration(monkeypatch):
     gpu["name"] = "NVIDIA GeForce RTX 4090"
     assert cal.cached_gpu_profile(measure=measure).description.startswith("NVIDIA GeForce RTX 4090")
     assert len(calls) == 2
+    # measured while other processes took the CPU: used for this run, not cached for every later one
+    gpu["name"] = "NVIDIA L40S"
+    busy = lambda *a, **k: measure(*a, **k) | {"_other_load": 0.5}  # noqa: E731
+    assert cal.cached_gpu_profile(measure=busy).description.startswith("NVIDIA L40S")
+    assert cal.cached_gpu_profile(measure=measure).description.startswith("NVIDIA L40S")
+    assert calls[2:] == ["NVIDIA L40S", "NVIDIA L40S"]  # calibrated again: the busy one was not kept
 
 
 class _NoReader:
@@ -805,14 +811,20 @@ def test_other_processes_load_is_measured():
     (others running on the machine only add to it)."""
     import subprocess
     import sys
+    import time
 
     from moespeq_cli.runtime.planning.calibrate import OtherLoad
 
     load = OtherLoad()
     if load.start is None:
         pytest.skip("no /proc/stat here")
-    subprocess.run([sys.executable, "-c", "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass"])
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass"
+    p = subprocess.Popen(
+        [sys.executable, "-c", spin]
+    )  # not waited for yet: not yet one of this process's children's times
+    time.sleep(1.7)
     share = load.share()
+    p.wait()
     assert share is not None and share >= 0.33 / (os.cpu_count() or 1), share
 
 

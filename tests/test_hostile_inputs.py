@@ -402,6 +402,7 @@ def test_an_output_name_too_long_is_a_usage_error(cli, ckpt, tmp_path):
     long = tmp_path / ("a" * 300 + ".json")
     one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", str(long)), 2, "--trace", "too long")
     one_line_error(cli("calibrate", "--out", str(tmp_path / ("a" * 300 + ".yaml"))), 2, "--out", "too long")
+    one_line_error(cli("quantize", str(ckpt), "--out", str(tmp_path / ("a" * 300))), 2, "--out", "too long")
 
 
 # -- 2. nothing hangs and nothing eats the machine --------------------------------

@@ -18,6 +18,7 @@ anything but a draft's files is the user's and is never replaced (``check_out``)
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -108,6 +109,13 @@ def real_out(out: Path) -> Path:
     """``--out`` with a symlink followed: the draft replaces what the link points to, and
     the link stays. A dangling link is refused (it would create directories elsewhere)."""
     out = Path(out)
+    try:
+        os.lstat(out)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise UsageError(
+                f"--out {shown(out)}: the name is too long for the file system; give a shorter one"
+            ) from None
     if not out.is_symlink():
         return out
     if not os.path.exists(out):

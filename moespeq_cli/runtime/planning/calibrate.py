@@ -602,15 +602,16 @@ class OtherLoad:
             busy = sum(int(fields[i]) for i in cls.BUSY if i < len(fields)) / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             return None
-        own = os.times()
-        return busy, own.user + own.system, time.monotonic()
+        own = os.times()  # and its children's (the C compiler building the CPU kernels)
+        return busy, own.user + own.system + own.children_user + own.children_system, time.monotonic()
 
     def share(self) -> float | None:
         end = self._sample()
         if self.start is None or end is None or end[2] - self.start[2] < 1:
             return None
         other = (end[0] - self.start[0]) - (end[1] - self.start[1])
-        return min(1.0, max(0.0, other / ((end[2] - self.start[2]) * (os.cpu_count() or 1))))
+        cpus = os.cpu_count() or 1  # /proc/stat counts every CPU, whatever this process may use
+        return min(1.0, max(0.0, other / ((end[2] - self.start[2]) * cpus)))
 
 
 BUSY_SHARE = 0.1  # other processes' share of the CPU above which a calibration is said to be unreliable
@@ -847,6 +848,19 @@ def cached_gpu_profile(say: Callable[[str], None] = lambda step: None, measure=N
     path = cache_dir() / "profiles" / f"calibrated-{slug}.yaml"
     if not path.exists():
         figures = (measure or calibrate)(cache_dir(), cuda=True, say=say)
+        if (figures.get("_other_load") or 0) > BUSY_SHARE:
+            # likely low figures: this run's only, not every later run's
+            import sys
+
+            print(
+                f"note: other processes took {figures['_other_load']:.0%} of the CPU while calibrating this GPU: its "
+                "figures price this run only and are not cached; the next run calibrates again",
+                file=sys.stderr,
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                once = Path(tmp) / f"calibrated-{slug}.yaml"
+                once.write_text(profile_yaml(figures))
+                return load_profile(str(once))
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, profile_yaml(figures))
     return load_profile(str(path))
