@@ -612,6 +612,9 @@ def test_bench_and_profile_say_what_run_says_of_the_budget(cli):
     one_line_error(cli("bench", "-n", "2", "--policies", "lru,lru"), 2, "names lru twice")
     one_line_error(cli("bench", "-n", "2", "--policies", "lru", "--spec-depths", "4"), 2, "leaves moespeq out")
     one_line_error(cli("bench", "-n", "2", "--spec-depths", "2,2"), 2, "twice")
+    # refused before lru runs, not after (a real model's policies take hours)
+    r = cli("bench", "-n", "2", "--policies", "lru,moespeq", "--spec-depths", "auto,2", "--draft", "none")
+    one_line_error(r, 2, "--draft none leaves it out")
     line = one_line_error(
         cli("bench", "-n", "2", "--policies", "resident", "--vram", "20MB"), 2, "policy resident needs"
     )

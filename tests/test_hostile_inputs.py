@@ -902,6 +902,10 @@ def test_offloading_options_the_plain_cpu_run_ignores_are_named(cli, ckpt):
     for extra in (("--policy", "lru"), ("--draft", "none")):
         r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--spec-depth", "4", *extra)
         assert r.exit_code == 2 and "--spec-depth" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--spec-depth", "4", "--policy", "bogus")  # the policy said first
+    assert r.exit_code == 2 and "unknown policy 'bogus'" in r.stderr, r.stderr
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--policy", "lru", "--draft", str(ckpt))
+    assert r.exit_code == 2 and "only --policy moespeq runs" in r.stderr, r.stderr
     r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--draft", str(ckpt))  # a directory, not a draft: usage
     assert r.exit_code == 2 and "is not a draft directory" in r.stderr, r.stderr
     plain = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu")

@@ -213,7 +213,18 @@ ENGINE_OPTIONS = (
 def engine_options(values: dict) -> dict:
     """The EngineOptions fields among a command's arguments (``locals()``); a depth given
     with a policy that has no draft is refused (it would be ignored without a word)."""
-    depth, policy = values.get("spec_depth", "auto"), values.get("policy", "moespeq")
-    if str(depth) != "auto" and policy != "moespeq":
-        raise UsageError(f"--spec-depth sets the draft's depth, which only --policy moespeq has; drop it for {policy}")
+    from moespeq_cli.runtime.scheduling.policies import POLICIES
+
+    depth, policy, draft = (
+        values.get("spec_depth", "auto"),
+        values.get("policy", "moespeq"),
+        values.get("draft", "auto"),
+    )
+    if policy in POLICIES and policy != "moespeq":  # (an unknown one: the engine lists the known)
+        if str(depth) != "auto":
+            raise UsageError(
+                f"--spec-depth sets the draft's depth, which only --policy moespeq has; drop it for {policy}"
+            )
+        if draft not in ("auto", "none"):
+            raise UsageError(f"--draft names the draft, which only --policy moespeq runs; drop it for {policy}")
     return {k: values[k] for k in ENGINE_OPTIONS if k in values}
