@@ -609,6 +609,10 @@ def test_bench_and_profile_say_what_run_says_of_the_budget(cli):
     assert json.loads(cli("bench", "-n", "2", "--policies", "lru", "--json").stdout)["budget_note"] is None
     r = cli("profile", "-n", "2", "--no-live", "--vram", "1TB")
     assert r.exit_code == 0 and "note: --vram 931.32 GiB is more than" in r.stderr and "plan: " in r.stderr
+    for cmd in ("run", "profile"):  # --json has it, as plan's and bench's have
+        out = json.loads(cli(cmd, "-n", "2", "--vram", "1TB", "--json").stdout)
+        assert "is more than rtx3060-12gb's" in out["budget_note"], cmd
+    assert json.loads(cli("run", "-n", "2", "--json").stdout)["budget_note"] is None
     one_line_error(cli("bench", "-n", "2", "--policies", "lru,lru"), 2, "names lru twice")
     one_line_error(cli("bench", "-n", "2", "--policies", "lru", "--spec-depths", "4"), 2, "leaves moespeq out")
     one_line_error(cli("bench", "-n", "2", "--spec-depths", "2,2"), 2, "twice")

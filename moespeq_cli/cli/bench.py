@@ -101,7 +101,6 @@ def bench(
         raise UsageError(f"--spec-depths {spec_depths!r} names a depth twice; give each once")
     name, path = resolve(model)
     text = read_prompt(prompt, prompt_file, DEMO_PROMPT if name == DEMO else DEFAULT_PROMPT)
-    given_vram = vram
     vram = default_vram(name, vram, hw, backend)
 
     from moespeq_cli.runtime.bench import bench as run_bench
@@ -141,10 +140,8 @@ def bench(
     if probe.hw is not None and probe.hw.kind != "cpu":  # a cpu profile's budget is --ram: it takes no --vram
         opts.vram = probe.budget
     opts.ram = plan.host_budget_bytes  # every policy gets the same host budget (the default is measured once)
-    from moespeq_cli.runtime.planning.hardware import beyond_device
-
     # what `run` notes of these budgets, said once for every policy's run
-    budget_note = beyond_device(probe.budget, probe.hw) if given_vram is not None and probe.hw is not None else None
+    budget_note = probe.budget_note
     ram_note = probe.ram_beyond_memory(plan, context)
     if not json_out:
         for note in (budget_note, ram_note):

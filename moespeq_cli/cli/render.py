@@ -130,7 +130,7 @@ class Renderer:
         """The engine's memory plan in one dim line, with what it notes about this CPU (a
         run with every expert in RAM has no plan: the note alone)."""
 
-        from moespeq_cli.runtime.planning.hardware import beyond_device, format_size
+        from moespeq_cli.runtime.planning.hardware import format_size
 
         plan, hw, note = engine.plan, engine.hw, engine.plan_note
         if plan is None:
@@ -155,10 +155,7 @@ class Renderer:
         if note:
             line += f"; {note}"
         say(line)
-        beyond = beyond_device(plan.budget_bytes, hw) if hw is not None else None
-        if beyond:
-            say(f"note: {beyond}", style=None)
-        for line in (engine.ram_note, engine.draft_note):
+        for line in (engine.budget_note, engine.ram_note, engine.draft_note):
             if line:
                 say(f"note: {line}", style=None)
 

@@ -427,7 +427,8 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
     result["finish_reason"] = "stop" if token_ids and token_ids[-1] in engine.tokenizer.eos_ids else "length"
     result["interrupted"] = False
     result |= {"draft": None, "spec_depths": None, "governor_note": None}  # the same keys whatever the policy
-    result |= {"ram_note": engine.ram_note, "draft_note": engine.draft_note}  # what the plan line notes
+    # what the plan line notes
+    result |= {"budget_note": engine.budget_note, "ram_note": engine.ram_note, "draft_note": engine.draft_note}
     if engine.scheduler is not None:
         from moespeq_cli.runtime.scheduling.governor import explain
 

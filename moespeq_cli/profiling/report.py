@@ -167,7 +167,8 @@ def run_rows(result: dict) -> list[tuple[str, str]]:
             rows.append(("RAM for experts (--ram)", format_size(plan["host_budget_bytes"]) + source))
         where = "in RAM" if host else "on the device"
         rows.append(("expert slots", f"{plan['slots']} of {plan['total_experts']} {where}"))
-        rows.append(("4-bit draft", format_size(plan["draft_bytes"]) if plan.get("has_draft") else "none"))
+        draft = plan["draft_bytes"] + (plan.get("host_draft_bytes") or 0)  # on the device and in RAM
+        rows.append(("4-bit draft", format_size(draft) if plan.get("has_draft") else "none"))
         rows.append(("experts read from disk", "yes" if plan.get("disk_tier") else "no"))
         rows.append(("context", f"{plan['context_tokens']} tokens"))
     else:
@@ -175,7 +176,8 @@ def run_rows(result: dict) -> list[tuple[str, str]]:
     depths = result.get("spec_depths") or []
     if depths:
         rows.append(("depth k per cycle", f"{min(depths)} to {max(depths)} over {len(depths)} cycles"))
-    rows += [("note", result[k]) for k in ("governor_note", "ram_note", "draft_note") if result.get(k)]
+    notes = ("budget_note", "governor_note", "ram_note", "draft_note")
+    rows += [("note", result[k]) for k in notes if result.get(k)]
     return rows
 
 

@@ -511,6 +511,14 @@ class Engine:
         return beyond_memory(self.ram, plan.ram_held_bytes)
 
     @property
+    def budget_note(self) -> str | None:
+        """A note when --vram is more than the profile's device holds (hardware.py
+        ``beyond_device``): said by the plan line, ``run --json``, ``bench`` and the report."""
+        from moespeq_cli.runtime.planning.hardware import beyond_device
+
+        return beyond_device(self.budget, self.hw) if self.hw is not None and self.budget is not None else None
+
+    @property
     def plan_note(self) -> str | None:
         """What the plan line adds about this machine's CPU (its threads, its kernels)."""
         return "; ".join(n for n in (self.threads_note, self.kernels_note) if n) or None
