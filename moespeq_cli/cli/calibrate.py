@@ -134,7 +134,7 @@ def calibrate(
         )
     if out.suffix not in (".yaml", ".yml"):
         raise UsageError(f"--out {out} must end in .yaml (it is a hardware profile)")
-    replacing = os.path.lexists(out)
+    replacing = is_regular(out) and os.path.getsize(out) > 0  # (an empty file held no profile)
     # refused before a minute of measuring: an --out that cannot be written (its directory,
     # made when writing, must be creatable in the nearest one that exists)
     where = out.parent
