@@ -186,13 +186,7 @@ def check_output(path: Path | None, option: str) -> None:
     if str(path) == "-":
         raise UsageError(f"{option} takes a file name (- would mix it with the output); give a path")
     given = Path(path)
-    try:
-        os.lstat(given)
-    except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:
-            raise UsageError(
-                f"{option} {shown(given)}: the name is too long for the file system; give a shorter one"
-            ) from None
+    check_name_length(given, option)
     path = written_path(given)
     status, _ = file_status(path)
     if status not in ("missing", "file"):
@@ -211,6 +205,18 @@ def check_output(path: Path | None, option: str) -> None:
     why = cannot_write_in(parent)
     if why is not None:
         raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({why})")
+
+
+def check_name_length(path: Path, option: str) -> None:
+    """Refuse a name the file system cannot hold (a component over 255 bytes, a path over
+    4 KiB) as a usage error, not the OSError it raises wherever the name is first used."""
+    try:
+        os.lstat(path)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise UsageError(
+                f"{option} {shown(path)}: the name is too long for the file system; give a shorter one"
+            ) from None
 
 
 def check_replaces_own(path: Path | None, option: str, what: str, ours) -> None:

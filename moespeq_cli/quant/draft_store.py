@@ -18,7 +18,6 @@ anything but a draft's files is the user's and is never replaced (``check_out``)
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import os
@@ -28,7 +27,16 @@ import tempfile
 from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
-from moespeq_cli.fs import cache_dir, exclusive_lock, file_status, is_dir, is_regular, pid_alive, shown
+from moespeq_cli.fs import (
+    cache_dir,
+    check_name_length,
+    exclusive_lock,
+    file_status,
+    is_dir,
+    is_regular,
+    pid_alive,
+    shown,
+)
 from moespeq_cli.model_ref import snapshot_repo
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 
@@ -109,13 +117,7 @@ def real_out(out: Path) -> Path:
     """``--out`` with a symlink followed: the draft replaces what the link points to, and
     the link stays. A dangling link is refused (it would create directories elsewhere)."""
     out = Path(out)
-    try:
-        os.lstat(out)
-    except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:
-            raise UsageError(
-                f"--out {shown(out)}: the name is too long for the file system; give a shorter one"
-            ) from None
+    check_name_length(out, "--out")
     if not out.is_symlink():
         return out
     if not os.path.exists(out):
