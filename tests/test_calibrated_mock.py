@@ -795,7 +795,7 @@ def test_a_calibration_on_a_busy_machine_says_its_figures_are_likely_low(quick_c
             assert ("other processes took 45% of the CPU" in r.stderr) == said, r.stderr
             if not extra:  # an earlier profile is said to be replaced
                 assert (f"replaced the earlier profile {out}" in " ".join(r.stderr.split())) == there, r.stderr
-        assert json.loads(r.stdout)["other_load"] == share
+        assert json.loads(r.stdout)["other_load"] == share and json.loads(r.stdout)["replaced"] is True
         assert ("Other processes took 45% of the CPU meanwhile" in out.read_text()) == said
     r = cli("calibrate", "--out", str(tmp_path))
     assert r.exit_code == 2 and "is a directory; give a file name ending in .yaml" in r.stderr, r.stderr

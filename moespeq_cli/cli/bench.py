@@ -92,6 +92,7 @@ def bench(
     if twice is not None:
         raise UsageError(f"--policies names {twice} twice; give each policy once")
     depths = [d.strip() for d in spec_depths.split(",")]
+    depths = [str(int(d)) if d.isdigit() else d for d in depths]  # 02 is 2 (a depth named twice)
     for d in depths:
         if d != "auto" and not (d.isdigit() and 0 <= int(d) <= 64):
             raise UsageError(f"--spec-depths {spec_depths!r}: {d!r} is not auto or a number from 0 to 64")

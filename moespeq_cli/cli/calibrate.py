@@ -243,6 +243,7 @@ def calibrate(
     if figures.get("_overhead_error"):
         summary["region_overhead_error"] = figures["_overhead_error"]
     summary["other_load"] = figures.get("_other_load")  # other processes' share of the CPU meanwhile
+    summary["replaced"] = replacing  # an earlier profile at --out is gone
     busy = (figures.get("_other_load") or 0) > BUSY_SHARE
     if busy:  # said on stderr with --json too: a script keeps a profile it should not trust
         console.print(

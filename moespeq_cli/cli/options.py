@@ -221,7 +221,7 @@ def engine_options(values: dict) -> dict:
         values.get("draft", "auto"),
     )
     if policy in POLICIES and policy != "moespeq":  # (an unknown one: the engine lists the known)
-        if str(depth) != "auto":
+        if str(depth) not in ("auto", "0"):  # (0: no speculation, which such a policy does anyway)
             raise UsageError(
                 f"--spec-depth sets the draft's depth, which only --policy moespeq has; drop it for {policy}"
             )

@@ -136,14 +136,7 @@ def run_policy(
         eng.load(opts.context or len(prompt_ids) + new_tokens)
         unions: list[tuple[int, int]] = []  # (distinct experts, tokens) per verified layer
         if eng.scheduler is not None:
-            record = eng.scheduler.on_verify_route
-
-            def on_verify_route(layer, rows):
-                if len(rows) > 1:
-                    unions.append((len({e for row in rows for e in row}), len(rows)))
-                record(layer, rows)
-
-            eng.scheduler.on_verify_route = on_verify_route
+            count_unions(eng.scheduler, unions)  # (no local here holds the scheduler past the run)
         for _ in range(repeats):
             unions.clear()
             tokens = [ev.token for ev in eng.generate(prompt_ids, new_tokens, SamplingParams())]
@@ -156,6 +149,19 @@ def run_policy(
         gc.collect()
         give_back_freed_memory()
     return sorted(results, key=lambda r: r.stats.seconds)[(len(results) - 1) // 2]
+
+
+def count_unions(scheduler, unions: list[tuple[int, int]]) -> None:
+    """Record each verified layer's (distinct experts, tokens) in ``unions``, beside what the
+    scheduler records of it."""
+    record = scheduler.on_verify_route
+
+    def on_verify_route(layer, rows):
+        if len(rows) > 1:
+            unions.append((len({e for row in rows for e in row}), len(rows)))
+        record(layer, rows)
+
+    scheduler.on_verify_route = on_verify_route
 
 
 def result_of(
