@@ -230,3 +230,45 @@ def test_a_think_blocks_reasoning_ends_without_its_trailing_newlines(tmp_path):
         pieces = [split.push(t) for t in byte.tok.encode(said, add_special_tokens=False).ids] + [split.flush()]
         assert "".join(p[0] for p in pieces) == answer, said
         assert "".join(p[1] for p in pieces) == reasoning, said
+
+
+def test_run_json_gives_the_reasoning_apart(cli, tiny, tmp_path):
+    """`run --json`'s text is decoded with the markers skipped, so a script could not tell
+    a think block's reasoning from the answer: --json gives the reasoning (null where no
+    split applies: a raw prompt)."""
+    import shutil
+
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    src, _ = tiny("mixtral", "gqa")  # its vocabulary has unused ids for the two markers
+    model = tmp_path / "thinker"
+    shutil.copytree(src, model)
+    tok = HFTokenizer.from_file(str(model / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
+    tok.save(str(model / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}<think>\n"
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    r = cli(
+        "run", str(model), "-p", "ROMEO:", "-n", "6", "--chat", "--json", "--backend", "cpu", "--seed", "3", "-t", "1"
+    )
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and out["reasoning"], r.stderr  # the answer begins inside the opened block
+    assert out["reasoning"] == out["text"].lstrip("\r\n").rstrip("\r\n")
+    r = cli(
+        "run",
+        str(model),
+        "-p",
+        "ROMEO:",
+        "-n",
+        "6",
+        "--no-chat",
+        "--json",
+        "--backend",
+        "cpu",
+        "--seed",
+        "3",
+        "-t",
+        "1",
+    )
+    assert json.loads(r.stdout)["reasoning"] is None

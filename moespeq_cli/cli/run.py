@@ -223,6 +223,18 @@ def run(
         # gpt-oss, think blocks: reasoning to stderr, answer to stdout
         split = Split(engine.tokenizer, uses_template(engine, chat), prompt_ids)
         token_ids: list[int] = []
+        thought: list[str] = []  # the reasoning, for --json (its text has the markers decoded away)
+
+        def shown(pieces: tuple[str, str]) -> None:
+            thought.append(pieces[1])
+            out.split(*pieces)
+
+        def finished() -> dict:
+            shown(split.flush())
+            result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
+            result["reasoning"] = "".join(thought) if split.router is not None else None
+            return result
+
         started = time.perf_counter()
         try:
             for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
@@ -236,21 +248,19 @@ def run(
                         # file of the output holds the model's text alone, as with any other prompt)
                         out.text(text)
                 token_ids.append(ev.token)
-                out.split(*split.push(ev.token))
+                shown(split.push(ev.token))
         except KeyboardInterrupt:
             # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
             if token_ids:
-                result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
+                result = finished()
                 result["interrupted"], result["finish_reason"] = True, "interrupted"
                 if json_out:
                     sys.stdout.write(json.dumps(result) + "\n")
                 else:
-                    out.split(*split.flush())
                     out.end_text()
                     out.stats_line(result)
             raise
-    out.split(*split.flush())
-    result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
+    result = finished()
     if trace is not None:
         write_trace(engine, trace, result)
     if json_out:
