@@ -105,7 +105,7 @@ def bench(
     vram = default_vram(name, vram, hw, backend)
 
     from moespeq_cli.runtime.bench import bench as run_bench
-    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.engine import Engine, EngineOptions, refuse_depth_without_draft
 
     opts = EngineOptions(
         backend=backend,
@@ -119,17 +119,8 @@ def bench(
     )
     probe = Engine(path, opts)
     fixed = [d for d in depths if d != "auto" and int(d) > 0]
-    if fixed and "moespeq" in names:  # refused now, not after the policies before it have run
-        if draft == "none":
-            raise UsageError(
-                f"--spec-depths {','.join(fixed)} speculate with the draft, and --draft none leaves it out"
-            )
-        fmt = probe.ckpt.config.expert_format
-        if fmt.four_bit:
-            raise UsageError(
-                f"--spec-depths {','.join(fixed)}: this model's experts are stored 4-bit already ({fmt.quant}), so it "
-                "runs without a 4-bit draft; leave them out"
-            )
+    if fixed and "moespeq" in names:  # refused now, as run refuses it, not after the policies before it have run
+        refuse_depth_without_draft(f"--spec-depths {','.join(fixed)}", draft, probe.ckpt.config.expert_format)
     ids = encode_prompt(probe, text, None, max_new_tokens)
     context = probe.context_for(len(ids), max_new_tokens)
     plan = probe.make_plan(context)  # refused before any run loads weights

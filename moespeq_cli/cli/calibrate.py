@@ -121,7 +121,7 @@ def calibrate(
 
     from moespeq_cli.errors import MoespeqError, UsageError
     from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular, shown, written_path
-    from moespeq_cli.runtime.planning.calibrate import BUSY_SHARE, profile_yaml
+    from moespeq_cli.runtime.planning.calibrate import busy, profile_yaml
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
     from moespeq_cli.runtime.planning.hardware import load_profile
 
@@ -244,8 +244,7 @@ def calibrate(
         summary["region_overhead_error"] = figures["_overhead_error"]
     summary["other_load"] = figures.get("_other_load")  # other processes' share of the CPU meanwhile
     summary["replaced"] = replacing  # an earlier profile at --out is gone
-    busy = (figures.get("_other_load") or 0) > BUSY_SHARE
-    if busy:  # said on stderr with --json too: a script keeps a profile it should not trust
+    if busy(figures):  # said on stderr with --json too: a script keeps a profile it should not trust
         console.print(
             f"[yellow]other processes took {figures['_other_load']:.0%} of the CPU while calibrating: the figures "
             "are likely low (the profile says so); calibrate again when the machine is idle[/yellow]",

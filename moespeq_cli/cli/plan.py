@@ -214,7 +214,7 @@ def plan(
         "cpu_note": (
             f"every expert fits in --ram {format_size(ram_bytes)}: `run --backend cpu` decodes from memory, without "
             "offloading or a draft; the rows are what the mock plans with this profile"
-            if host and ram_bytes >= total_experts * sizes.ram_slot_bytes
+            if host and ram_bytes >= sizes.all_experts_ram_bytes
             else None
         ),
     }

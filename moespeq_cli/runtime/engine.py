@@ -67,6 +67,23 @@ class EngineOptions:
     context: int | None = None  # tokens to allow and plan for (--context); None: what the run needs
 
 
+def four_bit_already(option: str, fmt) -> str:
+    return (
+        f"{option}: this model's experts are stored 4-bit already ({fmt.quant}), so it runs without a 4-bit draft "
+        "(speculation off); drop the option"
+    )
+
+
+def refuse_depth_without_draft(option: str, draft: str, fmt) -> None:
+    """A fixed speculation depth (``option``: run's --spec-depth, bench's --spec-depths)
+    needs the 4-bit draft: refused with --draft none, or where the experts are 4-bit
+    already (``fmt``: the checkpoint's expert format)."""
+    if draft == "none":
+        raise UsageError(f"{option} speculates with the draft, and --draft none leaves it out; drop one")
+    if fmt.four_bit:
+        raise UsageError(four_bit_already(option, fmt))
+
+
 def cpu_profile_takes_no_vram(hw: HardwareProfile, remedy: str = "drop --vram") -> str:
     """The refusal of --vram with a profile of ``kind: cpu`` (run, plan)."""
     return (
@@ -135,24 +152,17 @@ class Engine:
         if given_draft and not is_dir(Path(opts.draft)):
             what = "does not exist" if not os.path.lexists(opts.draft) else "is not a draft directory"
             raise UsageError(f"--draft {shown(opts.draft)} {what}; build one with `moespeq quantize`")
-        if self.fixed_k and opts.draft == "none":
-            raise UsageError(
-                f"--spec-depth {self.fixed_k} speculates with the draft, and --draft none leaves it out; drop one"
-            )
         self.ckpt = Checkpoint(path)
         self.adopt_saved_draft()
         fmt = self.ckpt.config.expert_format
-        if fmt.four_bit and (opts.draft not in ("auto", "none") or self.fixed_k):
-            given = "--draft" if opts.draft not in ("auto", "none") else f"--spec-depth {self.fixed_k}"
-            raise UsageError(
-                f"{given}: this model's experts are stored 4-bit already ({fmt.quant}), so it runs without a 4-bit draft "
-                "(speculation off); drop the option"
-            )
+        if given_draft and fmt.four_bit:
+            raise UsageError(four_bit_already("--draft", fmt))
+        if self.fixed_k:
+            refuse_depth_without_draft(f"--spec-depth {self.fixed_k}", opts.draft, fmt)
         from moespeq_cli.quant.draft_store import holds_draft_files
 
-        if given_draft and not holds_draft_files(
-            Path(opts.draft)
-        ):  # a damaged draft (its files, no manifest): load says so
+        # (a damaged draft, its files without a manifest, gets through: loading it says so)
+        if given_draft and not holds_draft_files(Path(opts.draft)):
             raise UsageError(f"--draft {shown(opts.draft)} is not a draft directory; build one with `moespeq quantize`")
         self.tokenizer = Tokenizer(self.ckpt.path, self.ckpt.raw_config)
         # storage_dtype: what every memory tier holds and what transfers move (the
@@ -261,7 +271,7 @@ class Engine:
             # unbounded, the sizes: the dense weights as the CPU holds them (plan prices the same)
             fixed = checkpoint_plan(self.ckpt, context, dtype=self.dense_dtype)
             ram, source = host_tier_ram(fixed, self.ram)
-            if self.backend_name == "cpu" and ram >= fixed.total_experts * fixed.ram_slot_bytes:
+            if self.backend_name == "cpu" and ram >= fixed.all_experts_ram_bytes:
                 return None  # every expert fits (page by page, as RAM slots hold them): the plain reference
             if self.policy.name == "hybrid":
                 raise UsageError(
@@ -507,7 +517,7 @@ class Engine:
             return None
         if plan is None:
             sizes = checkpoint_plan(self.ckpt, context, dtype=self.dense_dtype)
-            return beyond_memory(self.ram, sizes.total_experts * sizes.ram_slot_bytes)
+            return beyond_memory(self.ram, sizes.all_experts_ram_bytes)
         return beyond_memory(self.ram, plan.ram_held_bytes)
 
     @property

@@ -617,6 +617,12 @@ class OtherLoad:
 BUSY_SHARE = 0.1  # other processes' share of the CPU above which a calibration is said to be unreliable
 
 
+def busy(figures: dict) -> bool:
+    """Whether other processes took enough of the CPU while ``figures`` were measured
+    for them to be likely low (``OtherLoad``)."""
+    return (figures.get("_other_load") or 0) > BUSY_SHARE
+
+
 def calibrate(
     disk_dir: Path,
     threads: int = 4,
@@ -695,10 +701,15 @@ def calibrate(
     return figures
 
 
-# how each figure was measured; a pair: (on a GPU, on a CPU, whose device is itself)
+# how each figure was measured; a pair: (on a GPU, on a CPU, whose device is itself); one
+# beginning with SET is chosen, not measured
+SET = "set: "
 METHODS = {
     "device_memory": ("the GPU's total memory (cudaMemGetInfo)", "total memory (MemTotal)"),
-    "reserved_memory": ("what the CUDA context held at start", None),  # a CPU's: set, not measured
+    "reserved_memory": (
+        "what the CUDA context held at start",
+        SET + "a tenth of the memory, at least 1 GiB (the system's and other programs' margin)",
+    ),
     "link_bandwidth": ("pinned 256 MiB host-to-device copies", "the disk's O_DIRECT bandwidth (disk_bandwidth)"),
     "link_latency": ("a 4 KiB copy", "a 4 KiB O_DIRECT read (disk_latency)"),
     "peak_flops": ("8192^2 bf16 matmul", "1024^3 float32 matmul (host_flops)"),
@@ -760,7 +771,7 @@ def profile_yaml(figures: dict) -> str:
             "# Its file system refused O_DIRECT (tmpfs does): the figures are buffered reads dropped from the page"
             " cache after each, as the runtime reads there -- on tmpfs, memory's speed, not a disk's."
         )
-    if (figures.get("_other_load") or 0) > BUSY_SHARE:
+    if busy(figures):
         out.append(
             f"# Other processes took {figures['_other_load']:.0%} of the CPU meanwhile: these figures are likely"
             " low; calibrate again on an idle machine."
@@ -802,10 +813,7 @@ def profile_yaml(figures: dict) -> str:
         v = figures[key]
         text = json.dumps(v) if isinstance(v, str | list | tuple) else (str(v) if isinstance(v, int) else _num(v))
         how = method(key)
-        if key == "reserved_memory" and how is None:
-            how, verb = "a tenth of the memory, at least 1 GiB (the system's and other programs' margin)", "set"
-        else:
-            verb = "measured"
+        verb, how = ("set", how.removeprefix(SET)) if how and how.startswith(SET) else ("measured", how)
         out.append(f"{key}: {text}" + (f"  # {verb} {today}: {how}" if how else ""))
     q = ", ".join(_num(x) for x in figures["disk_queue_bandwidth"])
     out.append(f"disk_queue_bandwidth: [{q}]  # measured {today}: {method('disk_queue_bandwidth')}")
@@ -848,7 +856,7 @@ def cached_gpu_profile(say: Callable[[str], None] = lambda step: None, measure=N
     path = cache_dir() / "profiles" / f"calibrated-{slug}.yaml"
     if not path.exists():
         figures = (measure or calibrate)(cache_dir(), cuda=True, say=say)
-        if (figures.get("_other_load") or 0) > BUSY_SHARE:
+        if busy(figures):
             # likely low figures: this run's only, not every later run's
             import sys
 

@@ -98,6 +98,12 @@ class Plan:
         return self.host_slots * self.ram_slot_bytes + self.host_draft_bytes
 
     @property
+    def all_experts_ram_bytes(self) -> int:
+        """Every expert in RAM slots: a --ram of at least this holds the whole model's
+        experts (``--backend cpu`` then decodes from memory, without offloading)."""
+        return self.total_experts * self.ram_slot_bytes
+
+    @property
     def ram_held_bytes(self) -> int:
         """What --ram's buffers take in RAM: expert slots and the draft's experts there (all
         of the draft where the CPU computes from RAM)."""
@@ -405,7 +411,7 @@ def host_tier_ram(sizes: Plan, ram: int | None) -> tuple[int, str | None]:
     if ram is not None:
         return ram, None
     found, source = default_ram(sizes.non_expert_bytes + sizes.kv_cache_bytes + sizes.workspace_bytes)
-    return (found if found is not None else sizes.total_experts * sizes.ram_slot_bytes), source
+    return (found if found is not None else sizes.all_experts_ram_bytes), source
 
 
 def default_ram(resident_bytes: int = 0) -> tuple[int | None, str]:
