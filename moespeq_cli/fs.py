@@ -25,7 +25,9 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 
@@ -219,27 +221,43 @@ def check_name_length(path: Path, option: str) -> None:
             ) from None
 
 
-def check_replaces_own(path: Path | None, option: str, what: str, ours) -> None:
-    """Refuse an output ``path`` that holds anything but an earlier output of the same kind:
-    an existing non-empty file is replaced only where ``ours(head, tail)`` (its first 4 KiB
-    and last 64 KiB) recognises it as ``what`` moespeq wrote. A user's file given by mistake
-    (``--trace notes.txt``) is never overwritten."""
+class OwnOutput(NamedTuple):
+    """A kind of file moespeq writes and may replace: ``what`` it is in words, and
+    ``recognise(head, tail)``, whether a file's first 4 KiB and last 64 KiB (the whole file
+    where ``tail`` is shorter) are one moespeq wrote."""
+
+    what: str
+    recognise: Callable[[bytes, bytes], bool]
+
+
+def holds_another_file(path: Path, own: OwnOutput) -> bool:
+    """Whether ``path`` is a non-empty regular file that is not ``own``'s kind: a user's
+    file, never to be replaced (an empty file held nothing). Raises OSError if unreadable."""
+    if not is_regular(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - 65536))
+        tail = f.read(65536)
+    return bool(head) and not own.recognise(head, tail)
+
+
+def check_replaces_own(path: Path | None, option: str, own: OwnOutput) -> None:
+    """Refuse an output ``path`` that holds anything but an earlier output of the same kind
+    (``own``). A user's file given by mistake (``--trace notes.txt``) is never overwritten;
+    ``atomic_write_text`` checks again when it writes, minutes later."""
     if path is None:
         return
     path = written_path(Path(path))
-    if not is_regular(path):
-        return
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - 65536))
-            tail = f.read(65536)
+        other = holds_another_file(path, own)
     except OSError as e:
         raise UsageError(f"{option} {shown(path)} cannot be read ({e.strerror}); give a new file name") from None
-    if head and not ours(head, tail):
+    if other:
         raise UsageError(
-            f"{option} {shown(path)} exists and is not {what} (only an earlier one is replaced); give a new file name"
+            f"{option} {shown(path)} exists and is not {own.what} (only an earlier one is replaced); "
+            "give a new file name"
         )
 
 
@@ -326,12 +344,14 @@ def remove_stale(directory: Path, prefix: str, suffix: str = "") -> None:
                 os.unlink(entry.path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, own: OwnOutput | None = None) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path``: never a
     half-written file, and never anything but a regular file replaced. A symlink to a
     regular file is followed (its target is replaced, the link stays). The temporary
     file has a name no other file has (``mkstemp``, with the writer's pid): nothing but it
-    is ever removed, and what a killed writer of the same target left."""
+    is ever removed, and what a killed writer of the same target left. With ``own``, a
+    file that is not of its kind is never replaced: checked just before the rename (a
+    command checks its outputs when it starts; one may appear while it runs)."""
     path = written_path(Path(path))
     status, _ = file_status(path)
     if status not in ("missing", "file"):
@@ -347,6 +367,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if own is not None and holds_another_file(path, own):
+            raise MoespeqError(
+                f"not writing {path}: a file that is not {own.what} appeared there while moespeq ran; "
+                "it is left as it was (run again with another file name)"
+            )
         os.replace(tmp, path)
         tmp = None
     except OSError as e:

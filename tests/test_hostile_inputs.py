@@ -398,6 +398,37 @@ def test_an_output_replaces_only_an_earlier_output_of_its_kind(cli, ckpt, tmp_pa
     one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", str(report)), 2, "not a moespeq trace")
 
 
+def test_an_output_that_appears_while_moespeq_runs_is_left_alone(cli, ckpt, tmp_path, monkeypatch):
+    """Outputs are checked when the command starts and written at its end: a user's file
+    created at that path meanwhile was replaced. Checked again just before the rename; a
+    profile calibrate writes too."""
+    from moespeq_cli.errors import MoespeqError
+    from moespeq_cli.fs import atomic_write_text
+    from moespeq_cli.runtime.planning.hardware import PROFILE
+    from moespeq_cli.runtime.timeline import Timeline
+
+    trace = tmp_path / "t.json"
+    made = Timeline.chrome_trace
+
+    def appear(self, metadata=None):
+        trace.write_text("the user's\n")
+        return made(self, metadata)
+
+    monkeypatch.setattr(Timeline, "chrome_trace", appear)
+    r = run(cli, ckpt, "--backend", "mock", "--trace", str(trace))
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr  # (after the plan line: one error line)
+    assert all(s in r.stderr.splitlines()[-1] for s in ("appeared there", str(trace), "another file name"))
+    assert trace.read_text() == "the user's\n" and not list(tmp_path.glob(".t.json*"))  # (no temporary left)
+    profile = tmp_path / "p.yaml"
+    profile.write_text("my: notes\n")
+    with pytest.raises(MoespeqError, match="not a hardware profile appeared"):
+        atomic_write_text(profile, "name: x\n", own=PROFILE)
+    assert profile.read_text() == "my: notes\n" and not list(tmp_path.glob(".p.yaml*"))
+    profile.write_text("")
+    atomic_write_text(profile, "name: x\n", own=PROFILE)
+    assert profile.read_text() == "name: x\n"
+
+
 def test_an_output_name_too_long_is_a_usage_error(cli, ckpt, tmp_path):
     long = tmp_path / ("a" * 300 + ".json")
     one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", str(long)), 2, "--trace", "too long")
@@ -1228,14 +1259,17 @@ def test_calibrate_replaces_only_a_hardware_profile(cli, ckpt, tmp_path):
         "does not exist",
     )
     assert not (tmp_path / "nodir").exists() and not (tmp_path / "new.yaml").exists()
-    from moespeq_cli.cli.calibrate import replaceable_profile
+    from moespeq_cli.fs import holds_another_file
+    from moespeq_cli.runtime.planning.hardware import PROFILE
 
-    empty, older = tmp_path / "empty.yaml", tmp_path / "older.yaml"  # the user's own: replaced
+    empty, older, blank = tmp_path / "empty.yaml", tmp_path / "older.yaml", tmp_path / "blank.yaml"  # replaced
     empty.write_text("")
+    blank.write_text("\n  \n")
     older.write_text("name: mine\ndescription: x\ndevice_memory: 8GB\na_field_of_another_version: 1\n")
-    assert replaceable_profile(empty) and replaceable_profile(older)
-    assert replaceable_profile(write_profile(tmp_path / "p.yaml"))
-    assert not replaceable_profile(notes) and not replaceable_profile(link.resolve())
+    for mine in (empty, blank, older, write_profile(tmp_path / "p.yaml")):
+        assert not holds_another_file(mine, PROFILE), mine
+    for theirs in (notes, link.resolve()):
+        assert holds_another_file(theirs, PROFILE), theirs
 
 
 def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):

@@ -28,26 +28,6 @@ EPILOG = """[bold]Examples[/bold]
 """
 
 
-def replaceable_profile(path: Path) -> bool:
-    """Whether calibrate may replace ``path``: an empty file, or YAML naming a profile's
-    fields (a profile of another moespeq version too, which may no longer load), never
-    anything else (a checkpoint's config.json through a link, the user's notes)."""
-    import yaml
-
-    from moespeq_cli.errors import UsageError
-    from moespeq_cli.fs import read_text
-    from moespeq_cli.runtime.planning.hardware import PROFILE_FIELDS
-
-    if path.suffix not in (".yaml", ".yml"):
-        return False
-    try:
-        text = read_text(path, 2**20, "hardware profile", UsageError)
-        data = yaml.safe_load(text) if text.strip() else {}
-    except (UsageError, yaml.YAMLError):
-        return False
-    return data == {} or (isinstance(data, dict) and "name" in data and len(PROFILE_FIELDS & set(data)) >= 3)
-
-
 def default_profile_path(kind: str) -> Path:
     from moespeq_cli.fs import cache_dir
 
@@ -120,10 +100,18 @@ def calibrate(
     from rich.console import Console
 
     from moespeq_cli.errors import MoespeqError, UsageError
-    from moespeq_cli.fs import atomic_write_text, cannot_write_in, check_output, is_dir, is_regular, shown, written_path
+    from moespeq_cli.fs import (
+        atomic_write_text,
+        cannot_write_in,
+        check_output,
+        check_replaces_own,
+        is_dir,
+        is_regular,
+        shown,
+    )
     from moespeq_cli.runtime.planning.calibrate import busy, profile_yaml
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
-    from moespeq_cli.runtime.planning.hardware import load_profile
+    from moespeq_cli.runtime.planning.hardware import PROFILE, load_profile
 
     cuda = torch.cuda.is_available()
     given = out is not None
@@ -147,11 +135,8 @@ def calibrate(
     elif not is_dir(where) or cannot_write_in(where) is not None:
         why = "not a directory" if not is_dir(where) else cannot_write_in(where)
         raise UsageError(f"{named} {out}: cannot create its directory in {where} ({why})")
-    if given and os.path.lexists(out) and not replaceable_profile(written_path(out)):  # a link: its target
-        raise UsageError(
-            f"--out {shown(out)} exists and is not a hardware profile (only a profile is replaced); "
-            "give a new file name"
-        )
+    if given:  # (the default path lies in moespeq's cache: moespeq's own file, whatever it holds now)
+        check_replaces_own(out, named, PROFILE)  # (a link: its target)
     import contextlib
 
     from moespeq_cli.fs import cache_dir, exclusive_lock
@@ -228,7 +213,7 @@ def calibrate(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{named} {out}: cannot create its directory ({e.strerror})") from None
-    atomic_write_text(out, profile_yaml(figures))
+    atomic_write_text(out, profile_yaml(figures), own=PROFILE if given else None)
     profile = load_profile(str(out))  # what --hardware will read: refused here if it would be there
     summary = {
         "profile": str(out),

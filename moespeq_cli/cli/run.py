@@ -283,11 +283,11 @@ def check_outputs(
     draft)."""
     from moespeq_cli.fs import check_not_input, check_replaces_own
     from moespeq_cli.model_ref import resolve
-    from moespeq_cli.profiling.report import is_report
+    from moespeq_cli.profiling.report import REPORT
     from moespeq_cli.quant.draft_store import drafts_of
-    from moespeq_cli.runtime.timeline import Timeline
+    from moespeq_cli.runtime.timeline import TRACE
 
-    own = {"--trace": ("a moespeq trace", Timeline.is_chrome_trace), "--report": ("a moespeq report", is_report)}
+    own = {"--trace": TRACE, "--report": REPORT}
     for option, path in outputs.items():
         check_output(path, option)
     if all(path is None for path in outputs.values()):
@@ -301,7 +301,7 @@ def check_outputs(
             inputs.append((option, Path(given)))
     for option, path in outputs.items():
         check_not_input(path, option, inputs)  # (said first: "would overwrite the checkpoint's ...")
-        check_replaces_own(path, option, *own[option])
+        check_replaces_own(path, option, own[option])
 
 
 def sampling_params(temperature: float, top_p: float, top_k: int, seed: int | None):

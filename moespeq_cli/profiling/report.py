@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-from moespeq_cli.fs import atomic_write_text
+from moespeq_cli.fs import OwnOutput, atomic_write_text
 
 COLORS = {
     ("compute", "target"): "#1f9bcf",
@@ -151,6 +151,9 @@ def is_report(head: bytes, tail: bytes) -> bool:
     return head.startswith(HEAD.encode()) and DATA.encode() in tail
 
 
+REPORT = OwnOutput("a moespeq report", is_report)  # what --report may replace
+
+
 def run_rows(result: dict) -> list[tuple[str, str]]:
     """What was measured: the budgets and the plan the run had, and what it noted (two
     reports of other budgets must be told apart)."""
@@ -213,4 +216,4 @@ compute<span style="background:#e0473d"></span>stall (waiting on a copy or the C
 {DATA}{html.escape(json.dumps({"stats": s}))}</script>
 </body></html>
 """
-    atomic_write_text(path, doc)
+    atomic_write_text(path, doc, own=REPORT)

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moespeq_cli.fs import atomic_write_text
+from moespeq_cli.fs import OwnOutput, atomic_write_text
 
 _LAYER = re.compile(r" L\d+(\.E\d+)?$")  # "expert L3.E5" -> "expert": one row per kind of region
 STREAM_TIDS = {"compute": 1, "copy": 2, "host": 3, "disk": 4}
@@ -164,7 +164,10 @@ class Timeline:
         return head.startswith(b'{"traceEvents": ') and b'"otherData": {' in tail and b'"clock": ' in tail
 
     def write_chrome_trace(self, path: Path, metadata: dict | None = None) -> None:
-        atomic_write_text(path, json.dumps(self.chrome_trace(metadata)))
+        atomic_write_text(path, json.dumps(self.chrome_trace(metadata)), own=TRACE)
 
     def to_list(self) -> list[dict]:
         return [asdict(iv) for iv in self.intervals]
+
+
+TRACE = OwnOutput("a moespeq trace", Timeline.is_chrome_trace)  # what --trace may replace

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from moespeq_cli.errors import UsageError
-from moespeq_cli.fs import kind, shown
+from moespeq_cli.fs import OwnOutput, kind, shown
 
 _UNITS = {
     "": 1,
@@ -338,6 +338,25 @@ def _no_alias_loader():
 
 
 PROFILE_FIELDS = frozenset(f.name for f in fields(HardwareProfile)) - {"source"}  # what a profile's YAML may hold
+
+
+def is_profile(head: bytes, tail: bytes) -> bool:
+    """Whether a file (its first and last bytes; the whole of a file under 64 KiB) is a
+    hardware profile calibrate may replace: YAML naming a profile's fields (a profile of
+    another moespeq version too, which may no longer load), blank, or nothing else (a
+    checkpoint's config.json, the user's notes)."""
+    import yaml
+
+    if len(tail) >= 65536:  # (a profile is a few dozen lines)
+        return False
+    try:
+        data = yaml.load(tail.decode("utf-8"), Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError):
+        return False
+    return data is None or (isinstance(data, dict) and "name" in data and len(PROFILE_FIELDS & set(data)) >= 3)
+
+
+PROFILE = OwnOutput("a hardware profile", is_profile)  # what calibrate --out may replace
 
 
 def parse_profile(path: Path) -> HardwareProfile:
