@@ -49,13 +49,21 @@ ROLES = ("system", "user", "assistant", "developer")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = dict(headers or {})
+        if status == 401:
+            self.headers["WWW-Authenticate"] = "Bearer"  # (RFC 9110: a 401 names its scheme)
+        if status == 503:
+            self.headers["Retry-After"] = "1"
 
     def body(self) -> dict:
         kind = {
             401: "authentication_error",
+            403: "permission_error",
             404: "invalid_request_error",
             500: "server_error",
             503: "server_error",
@@ -214,20 +222,41 @@ UNSUPPORTED = {
     "audio": "audio output",
     "prediction": "predicted outputs",
 }
-# ... and those whose neutral value asks nothing (a client may always send it)
+# ... and those whose neutral value asks nothing (a client may always send it): OpenAI's,
+# then the extensions of vLLM and llama.cpp's server that change the answer (clients such
+# as chat front ends send them at their defaults; another value would be silently lost)
 UNSUPPORTED_BUT = {
     "tool_choice": ("none", "tool calls"),
     "function_call": ("none", "function calls"),
     "modalities": (["text"], "output other than text"),  # (and [], which asks for nothing)
+    "repetition_penalty": (1, "penalties"),
+    "min_p": (0, "min-p sampling"),
+    "typical_p": (1, "typical sampling"),
+    "mirostat": (0, "mirostat sampling"),
+    "min_tokens": (0, "a minimum length"),
+    "ignore_eos": (False, "generating past the end-of-sequence token"),
+    "stop_token_ids": ([], "stop token ids (give 'stop' strings)"),
+    "include_stop_str_in_output": (False, "keeping the stop string"),
+    "skip_special_tokens": (True, "special tokens in the text"),
+    "use_beam_search": (False, "beam search"),
+    "n_predict": (-1, "n_predict (OpenAI's name is max_tokens)"),
+    "guided_json": (None, "constrained output"),
+    "guided_regex": (None, "constrained output"),
+    "guided_choice": (None, "constrained output"),
+    "guided_grammar": (None, "constrained output"),
+    "structured_outputs": (None, "constrained output"),
+    "json_schema": (None, "constrained output"),
+    "grammar": (None, "constrained output"),
 }
 
 
 # The request fields this API reads, refuses or accepts at their neutral value; others are
 # ignored, as OpenAI-compatible servers do with vendor extensions, and named in the log.
 HANDLED = {
-    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-    "stream", "stream_options", "n", "user", "response_format", "best_of", "parallel_tool_calls",
-    "chat_template_kwargs", "reasoning_effort", *UNSUPPORTED, *UNSUPPORTED_BUT,
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+    "stop", "stream", "stream_options", "n", "user", "response_format", "best_of", "parallel_tool_calls",
+    "chat_template_kwargs", "reasoning_effort", "continue_final_message", "add_generation_prompt",
+    *UNSUPPORTED, *UNSUPPORTED_BUT,
 }  # fmt: skip
 
 
@@ -240,20 +269,21 @@ def ignored_fields(body: dict, most: int = 8) -> str:
     return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def refuse_unsupported(body: dict) -> None:
+def refuse_unsupported(body: dict, chat: bool = True) -> None:
     """400 for a field asking what moespeq does not do (its neutral values pass: false,
-    0, empty, ``response_format`` text, ``best_of`` 1)."""
+    0, empty, ``response_format`` text, ``best_of`` 1; a completion's ``logprobs: 0`` asks
+    for the chosen tokens' log probabilities)."""
     for name, what in UNSUPPORTED.items():
-        if body.get(name) not in (None, False, 0, "", [], {}):
+        v = body.get(name)
+        asks = v not in (None, False, 0, "", [], {})
+        if name == "logprobs" and not chat and v is not None and v is not False:  # (an integer there: 0 asks)
+            asks = True
+        if asks:
             raise ApiError(400, f"'{name}' is not supported by moespeq ({what}); leave it out", "unsupported", name)
     for name, (neutral, what) in UNSUPPORTED_BUT.items():
-        if body.get(name) not in (None, neutral, []):
-            raise ApiError(
-                400,
-                f"'{name}' other than {json.dumps(neutral)} is not supported by moespeq ({what})",
-                "unsupported",
-                name,
-            )
+        if body.get(name) not in (None, neutral, [], ""):
+            which = "" if neutral is None else f" other than {json.dumps(neutral)}"
+            raise ApiError(400, f"'{name}'{which} is not supported by moespeq ({what})", "unsupported", name)
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(
@@ -263,9 +293,11 @@ def refuse_unsupported(body: dict) -> None:
         raise ApiError(400, "'best_of' other than 1 is not supported by moespeq", "unsupported", "best_of")
 
 
-def parse_options(body: dict, prompt_len: int, context: int, default_max: int, prompt_param: str = "messages"):
-    """max_tokens, sampling, stop strings, stream flags, validated as OpenAI does
-    (``prompt_param``: the field the prompt came in, named by a too-long prompt's error)."""
+def parse_options(body: dict, prompt_len: int, context: int, default_max: int, chat: bool = True):
+    """max_tokens, sampling, stop strings, stream flags, validated as OpenAI does (a
+    too-long prompt's error names the field the prompt came in). ``top_k`` is vLLM's and
+    llama.cpp's (0 and -1: off)."""
+    prompt_param = "messages" if chat else "prompt"
     from moespeq_cli.runtime.sampling import SamplingParams
 
     def number(name, lo, hi, default, integer=False):
@@ -282,9 +314,9 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
     if body.get("stream_options") is not None and body.get("stream") is not True:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "invalid_value", "stream_options")
     n = body.get("n")  # null: the default, 1
-    if n is not None and (isinstance(n, bool) or n != 1):
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
         raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
-    refuse_unsupported(body)
+    refuse_unsupported(body, chat)
     room = context - prompt_len
     if room < 1:
         raise ApiError(
@@ -306,6 +338,7 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
         )
     temperature = number("temperature", 0, 2, 1.0)
     top_p = number("top_p", 0, 1, 1.0)  # 0: only the most likely token
+    top_k = max(0, number("top_k", -1, 2**31 - 1, 0, integer=True))
     seed = number("seed", -(2**63), 2**63 - 1, None, integer=True)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -317,8 +350,10 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, p
         raise ApiError(400, "'stream' must be true or false", "invalid_value", "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", "invalid_value")
-    sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=0, seed=seed)
+        raise ApiError(
+            400, "'stream_options' must be an object like {\"include_usage\": true}", "invalid_value", "stream_options"
+        )
+    sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed)
     return max_tokens, sampling, stops, stream, bool(opts.get("include_usage"))
 
 
@@ -390,6 +425,74 @@ def template_variables(body: dict) -> dict:
     return extra
 
 
+def lone_surrogate(body: dict) -> str | None:
+    """The top-level field of a parsed request that holds a lone surrogate (JSON's
+    ``"\\ud800"`` decodes to one: no tokenizer can encode it), or None."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    for top, value in body.items():
+        stack = [top, value]
+        while stack:  # (no recursion: a body may be nested as deep as the parser allows)
+            v = stack.pop()
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return top if top.isprintable() and len(top) <= 40 else ascii(top[:40])
+            elif isinstance(v, dict):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+    return None
+
+
+CHAT_ONLY = ("messages", "chat_template_kwargs", "reasoning_effort", "continue_final_message", "add_generation_prompt")
+
+
+def refuse_the_other_endpoints(body: dict, chat: bool) -> None:
+    """400 for a field of the other endpoint: a chat request's ``prompt``, a completion's
+    ``messages`` or template options (dropped, they would change nothing the client sees)."""
+    for key in ("prompt",) if chat else CHAT_ONLY:
+        if body.get(key) is not None:
+            there, here = ("/v1/completions", "'messages'") if chat else ("/v1/chat/completions", "'prompt'")
+            raise ApiError(400, f"'{key}' is for {there}; this endpoint takes {here}", "invalid_value", key)
+
+
+def assistant_turn(body: dict, messages: list[dict]) -> dict:
+    """How the prompt ends, as vLLM asks it: ``add_generation_prompt`` (default true: the
+    template opens the assistant's turn) or ``continue_final_message`` (the answer goes on
+    from a final assistant message, a "prefill": ``{`` to start JSON)."""
+    flags = {}
+    for key, default in (("continue_final_message", False), ("add_generation_prompt", None)):
+        v = body.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise ApiError(400, f"'{key}' must be true or false", "invalid_value", key)
+        flags[key] = default if v is None else v
+    go_on = flags["continue_final_message"]
+    if go_on and flags["add_generation_prompt"]:
+        raise ApiError(
+            400,
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true (the answer either continues "
+            "the last message or starts a new turn)",
+            "invalid_value",
+            "continue_final_message",
+        )
+    if go_on and (messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip()):
+        raise ApiError(
+            400,
+            "'continue_final_message' continues a final assistant message with text; the last message is "
+            + ("empty" if messages[-1]["role"] == "assistant" else f"the {messages[-1]['role']}'s"),
+            "invalid_value",
+            "continue_final_message",
+        )
+    add = not go_on if flags["add_generation_prompt"] is None else flags["add_generation_prompt"]
+    return {"add_generation_prompt": add, "continue_final": go_on}
+
+
 def completion_prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -405,14 +508,76 @@ def completion_prompt(body: dict) -> str:
     return prompt
 
 
+def loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, as bound or as a Host header's without
+    its port) is this machine's loopback: ``localhost`` (and RFC 6761's ``*.localhost``),
+    127.0.0.0/8, ::1."""
+    import ipaddress
+
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port (``[::1]:8000`` -> ``::1``)."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class Gate:
+    """ASGI middleware in front of the routes. A trailing slash is dropped (``/health/``
+    is ``/health``: no redirect to a URL built from the Host header). A server bound to
+    loopback answers only requests addressed to a loopback name: a web page's DNS
+    rebinding (its own name re-pointed at 127.0.0.1, to read the answers) is refused with
+    403. Bound to another address, the operator chose who may reach it (``--api-key``)."""
+
+    def __init__(self, app, bind: str, log):
+        self.app, self.check, self.bind, self.log = app, loopback(bind), bind, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            if len(path) > 1 and path.endswith("/"):
+                scope = dict(scope, path=path.rstrip("/") or "/")
+            host = dict(scope.get("headers") or []).get(b"host")
+            name = host_name(host.decode("latin-1")) if host else None
+            if self.check and name is not None and not loopback(name) and name != self.bind:
+                from starlette.responses import JSONResponse
+
+                shown = name if name.isprintable() and len(name) <= 60 else ascii(name[:60])
+                e = ApiError(
+                    403,
+                    f"this server on {self.bind} answers requests for localhost only, not for {shown!r} (a web page "
+                    "reaching it through its own name is refused); serve with --host to be reached by another name",
+                    "host_not_allowed",
+                )
+                self.log(scope.get("method", "?"), scope["path"], 403, e.message)
+                await JSONResponse(e.body(), status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(
-    engine, name: str, context: int, api_key: str | None = None, queue_size: int = 16, default_max: int = 512
+    engine,
+    name: str,
+    context: int,
+    api_key: str | None = None,
+    queue_size: int = 16,
+    default_max: int = 512,
+    bind: str = "127.0.0.1",
 ):
-    """The Starlette application serving ``engine`` as model ``name``."""
+    """The Starlette application serving ``engine`` as model ``name`` on address ``bind``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
@@ -420,14 +585,16 @@ def build_app(
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-encode")  # one at a time: off the loop
     created = int(time.time())
 
-    def log(request, status: int, extra: str = "") -> None:
-        sys.stderr.write(f"{request.method} {request.url.path} {status}{' · ' + extra if extra else ''}\n")
+    def log_line(method: str, path: str, status: int, extra: str = "") -> None:
+        sys.stderr.write(f"{method} {path} {status}{' · ' + extra if extra else ''}\n")
         sys.stderr.flush()
 
-    def error(request, e: ApiError):
-        log(request, e.status, e.message)
-        headers = {"Retry-After": "1"} if e.status == 503 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    def log(request, status: int, extra: str = "") -> None:
+        log_line(request.method, request.url.path, status, extra)
+
+    def error(request, e: ApiError, detail: str = ""):
+        log(request, e.status, e.message + (f" ({detail})" if detail else ""))  # (the detail: for the operator)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
 
     def check_key(request) -> None:
         if api_key is None:
@@ -438,6 +605,16 @@ def build_app(
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     async def read_json(request) -> dict:
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+            # a web page may send a form or text/plain to 127.0.0.1 without asking (no CORS
+            # preflight): a body is read as JSON only when it says it is
+            raise ApiError(
+                415,
+                f"the request body must be JSON, sent with 'Content-Type: application/json' (got {media[:60] or 'none'}); "
+                "with curl, add -H 'Content-Type: application/json'",
+                "unsupported_media_type",
+            )
         too_big = ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
@@ -457,6 +634,13 @@ def build_app(
             raise ApiError(400, "the request body's JSON is nested too deeply", "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        if (where := lone_surrogate(body)) is not None:
+            raise ApiError(
+                400,
+                f"'{where}' is not valid Unicode text (it holds a lone surrogate, \\ud800-\\udfff); send UTF-8 text",
+                "invalid_value",
+                where,
+            )
         if body.get("model") is not None:
             check_model(body["model"])
         return body
@@ -497,16 +681,13 @@ def build_app(
             check_key(request)
             body = await read_json(request)
             tok = engine.tokenizer
+            refuse_the_other_endpoints(body, chat)
             if chat:
                 messages = chat_messages(body)
                 variables = template_variables(body)
+                turn = assistant_turn(body, messages)
                 text = "".join(m["content"] for m in messages)
             else:
-                for key in ("chat_template_kwargs", "reasoning_effort"):
-                    if body.get(key) is not None:
-                        raise ApiError(
-                            400, f"'{key}' is for chat completions (a chat template reads it)", "invalid_value", key
-                        )
                 text = completion_prompt(body)
             if tok.min_tokens(text) > context:  # refused by arithmetic, before any tokenizing
                 raise ApiError(
@@ -515,7 +696,7 @@ def build_app(
                     "context_length_exceeded",
                     "messages" if chat else "prompt",
                 )
-            encode = (lambda: tok.encode_messages(messages, variables)) if chat else (lambda: tok.encode(text))
+            encode = (lambda: tok.encode_messages(messages, variables, **turn)) if chat else (lambda: tok.encode(text))
             prompt_ids = await asyncio.get_running_loop().run_in_executor(encoder, encode)
             if not prompt_ids:
                 raise ApiError(
@@ -527,7 +708,7 @@ def build_app(
                     "messages" if chat else "prompt",
                 )
             max_tokens, sampling, stops, stream, include_usage = parse_options(
-                body, len(prompt_ids), context, default_max, "messages" if chat else "prompt"
+                body, len(prompt_ids), context, default_max, chat
             )
         except ApiError as e:
             return error(request, e)
@@ -547,7 +728,8 @@ def build_app(
                 ApiError(500, f"the model's chat template failed on these messages ({e.detail})", "template_error"),
             )
         except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on this input
-            return error(request, ApiError(400, f"cannot encode the request: {e}", "invalid_value"))
+            refused = ApiError(400, "cannot encode the request's text with this model's tokenizer", "invalid_value")
+            return error(request, refused, str(e)[:200])  # (its paths stay in the server's log)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         loop = asyncio.get_running_loop()
@@ -620,7 +802,7 @@ def build_app(
                 return Response(status_code=499)
             a = job.answer
             choice = {"index": 0, "finish_reason": a.finish_reason, "logprobs": None}
-            message = {"role": "assistant", "content": a.text} | (
+            message = {"role": "assistant", "content": a.text, "refusal": None} | (
                 {"reasoning_content": a.reasoning} if a.reasoning else {}
             )
             choice |= {"message": message} if chat else {"text": a.text}
@@ -719,7 +901,8 @@ def build_app(
                 check_key(request)
         except ApiError as e:
             return error(request, e)
-        return error(request, ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error(request, ApiError(exc.status_code, message, headers=exc.headers))  # (405: Allow)
 
     app = Starlette(
         routes=[
@@ -731,6 +914,8 @@ def build_app(
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(Gate, bind=bind, log=log_line)],
     )
+    app.router.redirect_slashes = False  # (the Gate drops trailing slashes)
     app.state.worker = worker
     return app

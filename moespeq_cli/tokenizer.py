@@ -170,32 +170,57 @@ class Tokenizer:
     def render_chat(self, text: str) -> str:
         return self.render_messages([{"role": "user", "content": text}])
 
-    def render_messages(self, messages: list[dict], variables: dict | None = None) -> str:
+    def render_messages(
+        self,
+        messages: list[dict],
+        variables: dict | None = None,
+        add_generation_prompt: bool = True,
+        continue_final: bool = False,
+    ) -> str:
         """A conversation through the chat template, ending with the assistant's turn to
-        speak (``add_generation_prompt``); ``variables``: more the template may read (a
-        request's ``chat_template_kwargs``, gpt-oss's ``reasoning_effort``), never one of
-        these."""
-        from moespeq_cli.chat_template import render
+        speak (``add_generation_prompt``), or inside the final (assistant's) message
+        (``continue_final``: the text after it, its end of turn, is cut, as transformers
+        does); ``variables``: more the template may read (a request's
+        ``chat_template_kwargs``, gpt-oss's ``reasoning_effort``), never one of these."""
+        from moespeq_cli.chat_template import TemplateError, render
 
-        return render(
+        text = render(
             self.chat_template,
             f"the chat template in {self.template_source}",
             **(variables or {}),
             messages=messages,
             tools=None,  # defined and none, as transformers passes them (`tools is not none`)
             documents=None,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt and not continue_final,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
+        if not continue_final:
+            return text
+        final = messages[-1]["content"]
+        at = text.rfind(final.strip())  # (templates often strip a message's text)
+        if not final.strip() or at < 0:
+            raise TemplateError(
+                "the template does not show the final message's text: it cannot be continued", refused=True
+            )
+        kept = len(final.lstrip()) if text[at : at + len(final.lstrip())] == final.lstrip() else len(final.strip())
+        return text[: at + kept]
 
-    def encode_messages(self, messages: list[dict], variables: dict | None = None) -> list[int]:
-        """Token ids of a conversation: through the chat template (``variables``: as
-        ``render_messages``), or (a model without one) the turns' text run together, for
-        plain continuation."""
+    def encode_messages(
+        self,
+        messages: list[dict],
+        variables: dict | None = None,
+        add_generation_prompt: bool = True,
+        continue_final: bool = False,
+    ) -> list[int]:
+        """Token ids of a conversation: through the chat template (the options: as
+        ``render_messages``), or (a model without one) the turns' text run together, a
+        line each, for plain continuation (``continue_final``: the last one's line open)."""
         if self.chat_template:
-            return self._encode(self.render_messages(messages, variables), add_special_tokens=False)
-        return self._encode("".join(m["content"].rstrip("\n") + "\n" for m in messages))
+            text = self.render_messages(messages, variables, add_generation_prompt, continue_final)
+            return self._encode(text, add_special_tokens=False)
+        text = "".join(m["content"].rstrip("\n") + "\n" for m in messages)
+        return self._encode(text[:-1] if continue_final else text)
 
     def decode(self, ids: list[int]) -> str:
         try:  # per token: no stderr capture here (rust_call), only the error mapping

@@ -98,9 +98,14 @@ def test_the_server_gives_the_reasoning_apart(tmp_path):
     tok = harmony_tokenizer(tmp_path)
     app = build_app(Scripted(tok, tok.tok.encode(ANSWER).ids), "gpt-oss", 512)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
-        assert message == {"role": "assistant", "content": "Hello there", "reasoning_content": "The user greets me\n{}"}
+        assert message == {
+            "role": "assistant",
+            "content": "Hello there",
+            "refusal": None,
+            "reasoning_content": "The user greets me\n{}",
+        }
         with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
             deltas = [
                 json.loads(line[6:])["choices"][0]["delta"]

@@ -431,10 +431,12 @@ def test_the_log_names_ignored_fields_and_a_cancelled_answer(served, capsys, mon
     with vendor extensions) and named in the request's log line; a non-streaming request
     whose client left is logged 499, as a streaming one is (it was "200 · cancelled")."""
     url, name, _ = served
-    body = {"model": name, "prompt": "hi", "max_tokens": 2, "frobnicate": 1, "top_k": 5, "x\n\x1b[2J": 0}
+    body = {"model": name, "prompt": "hi", "max_tokens": 2, "frobnicate": 1, "prompt_cache_key": "k", "x\n\x1b[2J": 0}
     assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("POST /v1/completions"))
-    assert line.startswith("POST /v1/completions 200") and "ignored: frobnicate, top_k, 'x\\n\\x1b[2J'" in line, line
+    assert (
+        line.startswith("POST /v1/completions 200") and "ignored: frobnicate, prompt_cache_key, 'x\\n\\x1b[2J'" in line
+    ), line
     engine = served[2]
     fast = engine.generate
 
@@ -559,7 +561,8 @@ def templated(tiny, tmp_path_factory):
         "{% if messages[-1]['content'] == 'nothing' %}{% else %}"
         "{% for m in messages %}<|{{ m['role'] }}{% if m['name'] %}:{{ m['name'] }}{% endif %}|>{{ m['content'] }}\n"
         "{% endfor %}{% if enable_thinking is defined %}[think {{ enable_thinking }}]{% endif %}"
-        "{% if reasoning_effort is defined %}[effort {{ reasoning_effort }}]{% endif %}<|assistant|>{% endif %}"
+        "{% if reasoning_effort is defined %}[effort {{ reasoning_effort }}]{% endif %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}{% endif %}"
     )
     (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     server, thread, url, name, engine = start(dst)
@@ -613,7 +616,7 @@ def test_a_chat_request_reaches_the_template_whole_or_is_refused(templated):
         (post([{"role": "user", "content": "boom"}]), "no boom here"),
         (post([{"role": "user", "content": "nothing"}]), "renders these messages as an empty prompt"),
         (post(hi, chat_template_kwargs={"raise_exception": 1}), "may not set raise_exception"),
-        (httpx.post(url + "/v1/completions", json={"prompt": "hi", "reasoning_effort": "low"}), "chat completions"),
+        (httpx.post(url + "/v1/completions", json={"prompt": "hi", "reasoning_effort": "low"}), "/v1/chat/completions"),
     ]
     for r, needle in refused:
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
@@ -634,3 +637,145 @@ def test_serve_refuses_a_template_no_request_can_render(tiny, tmp_path):
     r = subprocess.run(args, capture_output=True, text=True, timeout=120)  # a server that started would not end
     assert r.returncode == 1 and "does not compile" in r.stderr and "frobnicate" in r.stderr, r.stderr
     assert "fix it" in r.stderr and "--no-chat" not in r.stderr
+
+
+def test_a_final_assistant_message_may_be_continued(templated):
+    """vLLM's continue_final_message: the prompt ends inside the assistant's message (the
+    template's end of turn cut), not with a new turn; add_generation_prompt false ends
+    after the last message; the two together, a final user message or an empty one are
+    400s."""
+    url, engine = templated
+    tok = engine.tokenizer
+
+    def post(messages, **extra):
+        return httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1, **extra})
+
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  Sure: {"}]
+    r = post(talk, continue_final_message=True, add_generation_prompt=False)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(tok._encode("<|user|>hi\n<|assistant|>  Sure: {", False))
+    assert r.json()["choices"][0]["message"]["refusal"] is None  # (OpenAI's field, required though null)
+    assert tok.render_messages(talk, continue_final=True).endswith("Sure: {")
+    plain = post(talk, add_generation_prompt=False).json()["usage"]["prompt_tokens"]
+    assert plain == len(tok._encode("<|user|>hi\n<|assistant|>  Sure: {\n", False))
+    for messages, extra, needle in [
+        (talk, {"continue_final_message": True, "add_generation_prompt": True}, "cannot both be true"),
+        (talk[:1], {"continue_final_message": True}, "the last message is the user's"),
+        ([*talk[:1], {"role": "assistant", "content": " "}], {"continue_final_message": True}, "is empty"),
+        (talk, {"continue_final_message": "yes"}, "must be true or false"),
+    ]:
+        r = post(messages, **extra)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_a_model_without_a_template_continues_the_last_line(tiny):
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.tokenizer import Tokenizer
+
+    path, _ = tiny("mixtral", "gqa")
+    tok = Tokenizer(path, Checkpoint(path).raw_config)
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well\n"}]
+    assert tok.encode_messages(talk) == tok.encode("hi\nwell\n")
+    assert tok.encode_messages(talk, continue_final=True) == tok.encode("hi\nwell")
+
+
+def test_what_changes_the_answer_is_honoured_or_refused(served):
+    """top_k (vLLM's, llama.cpp's) is honoured: top_k 1 is greedy at any temperature. The
+    extensions that would change the answer are refused at other than their defaults
+    (they were ignored, named only in the log); at their defaults, as front ends send
+    them, they pass. A field of the other endpoint is refused, not dropped."""
+    url, name, engine = served
+    msgs = [{"role": "user", "content": "hello there"}]
+
+    def post(path="/v1/chat/completions", **extra):
+        body = {"messages": msgs, "max_tokens": 8} if path.endswith("chat/completions") else {"max_tokens": 8}
+        return httpx.post(url + path, json=body | extra, timeout=60)
+
+    greedy = expected_text(engine, engine.tokenizer.encode_messages(msgs), 8)
+    r = post(temperature=1.5, top_k=1, seed=3)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy, r.text
+    defaults = dict(repetition_penalty=1.0, min_p=0, typical_p=1, ignore_eos=False, grammar="", guided_json=None)
+    assert post(**defaults, top_k=-1, stop_token_ids=[], skip_special_tokens=True).status_code == 200
+    for field, value in [
+        ("repetition_penalty", 1.1),
+        ("min_p", 0.05),
+        ("guided_json", {"type": "object"}),
+        ("grammar", 'root ::= "a"'),
+        ("json_schema", {}),
+        ("ignore_eos", True),
+        ("n_predict", 2),
+        ("stop_token_ids", [2]),
+        ("top_k", 1.5),
+        ("n", 1.0),
+    ]:
+        r = post(**{field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    for path, extra, field in [
+        ("/v1/chat/completions", {"prompt": "hi"}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "messages": msgs}, "messages"),
+        ("/v1/completions", {"prompt": "hi", "continue_final_message": True}, "continue_final_message"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 0}, "logprobs"),  # (there, 0 asks for the chosen token's)
+    ]:
+        r = post(path, **extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, field, r.text)
+    assert post("/v1/completions", prompt="hi", logprobs=None).status_code == 200
+
+
+def test_text_that_is_not_unicode_is_the_requests_fault(served):
+    """A lone surrogate ("\\ud800", valid JSON) was reported as a broken tokenizer, with the
+    server's path to it: a 400 naming the field now."""
+    url, _, _ = served
+    for path, body, field in [
+        ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop"),
+    ]:
+        r = httpx.post(url + path, content=body, headers={"Content-Type": "application/json"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == field and "not valid Unicode" in err["message"], r.text
+        assert "tokenizer" not in err["message"] and "/" not in err["message"].replace("\\ud800-\\udfff", "")
+
+
+def test_a_web_page_cannot_drive_the_server(served):
+    """A body not sent as JSON (a page's form or text/plain needs no CORS preflight) is a
+    415 before it is read; a Host that is not a loopback name (DNS rebinding) is a 403;
+    localhost, 127.0.0.1 and [::1] with any port are this machine."""
+    url, name, _ = served
+    body = json.dumps({"prompt": "hi", "max_tokens": 1})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        r = httpx.post(url + "/v1/completions", content=body, headers=headers)
+        assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"], ctype
+    for ctype in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"):
+        assert httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": ctype}).status_code == 200
+    port = url.rsplit(":", 1)[1]
+    for host in ("attacker.test", f"attacker.test:{port}", "127.0.0.1.nip.io", "10.0.0.1"):
+        r = httpx.get(url + "/v1/models", headers={"Host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "app.localhost", "127.0.0.2"):
+        assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200, host
+    r = httpx.options(url + "/v1/chat/completions", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers  # no CORS: a page of another origin reads nothing
+
+
+def test_paths_with_a_trailing_slash_and_http_headers(served):
+    """A trailing slash is the same path (it was a 307 to a URL built from Host, or 404
+    for a model id); a 405 says which methods are allowed."""
+    url, name, _ = served
+    assert httpx.get(url + "/health/").json()["status"] == "ok"
+    assert httpx.get(url + f"/v1/models/{name}/").json()["id"] == name
+    r = httpx.post(url + "/v1/completions/", json={"prompt": "hi", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+    r = httpx.get(url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_a_401_names_its_scheme(tiny):
+    path, _ = tiny("mixtral", "gqa")
+    server, thread, url, name, _ = start(path, api_key="k")
+    try:
+        r = httpx.get(url + "/v1/models")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    finally:
+        server.should_exit = True
+        thread.join(10)

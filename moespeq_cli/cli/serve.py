@@ -88,7 +88,7 @@ def serve(
     Renderer().plan(engine)
     if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
-    app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1))
+    app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1), bind=host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     port = sock.getsockname()[1]  # --port 0: the one the system gave
     shown = f"[{host}]" if ":" in host else host
