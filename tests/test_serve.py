@@ -381,7 +381,7 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
     """With --port 0 the line says the port the system gave (and the server answers there,
     from the moment the line is said);
     Ctrl-C, the documented way to stop, exits 0 with "stopped", not an error. A --max-tokens
-    beyond the context is said at start."""
+    beyond the context is said at start; --served-model-name is the model's id."""
     import re
     import signal
     import subprocess
@@ -389,7 +389,9 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
 
     path, _ = tiny("mixtral", "gqa")
     cmd = [sys.executable, "-m", "moespeq_cli", "serve", str(path), "--backend", "cpu", "--port", "0"]
-    p = subprocess.Popen([*cmd, "--max-tokens", "100000"], stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [*cmd, "--max-tokens", "100000", "--served-model-name", "tiny"], stderr=subprocess.PIPE, text=True
+    )
     try:
         line, before = "", ""
         while "serving" not in line:
@@ -402,7 +404,8 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
         import socket
 
         socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening once it says so (was 50 ms later)
-        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok", "model": "tiny"}
+        assert "serving tiny on" in line
         p.send_signal(signal.SIGINT)
         rest = p.stderr.read()
         assert p.wait(30) == 0 and "stopped" in rest and "error" not in rest and "Traceback" not in rest
@@ -414,6 +417,9 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
 def test_a_host_that_is_not_this_machines_is_a_usage_error(cli):
     r = cli("serve", "--host", "192.0.2.1", "--port", "0")  # TEST-NET-1: never a local address
     assert r.exit_code == 2 and "cannot listen on 192.0.2.1" in r.stderr and "Traceback" not in r.stderr
+    for bad in ("", " ", "a\nb"):
+        r = cli("serve", "--served-model-name", bad, "--port", "0")
+        assert r.exit_code == 2 and "--served-model-name must be" in r.stderr, r.stderr
 
 
 def test_a_conversation_reuses_its_earlier_turns(served):

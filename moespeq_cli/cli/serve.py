@@ -57,6 +57,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    served_name: Annotated[
+        Optional[str],
+        typer.Option(
+            "--served-model-name",
+            help="The model's id in the API (as vLLM's option). Default: the model as given, a path made absolute.",
+            show_default=False,
+        ),
+    ] = None,
     backend: o.Backend = "auto",
     hardware: o.Hardware = None,
     vram: o.Vram = None,
@@ -83,11 +91,14 @@ def serve(
 
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
+    if served_name is not None and (not served_name.strip() or not served_name.isprintable()):
+        raise UsageError("--served-model-name must be a printable, non-empty name (clients send it as 'model')")
     sock = listening_socket(host, port)  # before minutes of loading, not after; held, so --port 0's stays ours
     name, engine, ctx = load_session(model, context, 1, check=check_template, **o.engine_options(locals()))
     Renderer().plan(engine)
     if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
+    name = served_name or name
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1), bind=host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     port = sock.getsockname()[1]  # --port 0: the one the system gave
