@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, MoespeqError
-from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, hub_cache, repo_of
+from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, hub_cache, repo_of, unreadable_repo
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class LocalModel:
     model_type: str
     path: Path  # the snapshot a run loads
     size: int  # bytes on disk (every revision the cache holds)
-    weights: bool  # every weights file is there (False: config only, or a pull cut short)
-    incomplete: bool  # some weights files are there, not all (the index names others)
+    weights: bool  # every weights file is there, whole (False: config only, a pull cut short, damaged)
+    incomplete: bool  # some weights files are there, not all (the index names others, or a link dangles)
+    damaged: str | None  # why a weights file that is there cannot be run, with the remedy ("truncated: pull again")
     drafts: tuple[Path, ...]  # every draft kept for it, of any options
     draft: Path | None  # the one `run --draft auto` loads
     draft_state: str | None  # "ready", "stale" (of other weights: run quantizes in memory instead), "damaged"
@@ -59,7 +60,9 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     for repo, d in repos:
         snapshot = cached_snapshot(repo)  # what `run` resolves the name to
         if snapshot is None:
-            if any((d / "snapshots").glob("*")):  # a --local-dir pull leaves refs/ alone: nothing to say
+            if why := unreadable_repo(repo):
+                others.append((repo, why))
+            elif any((d / "snapshots").glob("*")):  # a --local-dir pull leaves refs/ alone: nothing to say
                 others.append((repo, "no snapshot with a config.json"))
             continue
         size = tree_size(d / "blobs") or tree_size(snapshot)
@@ -86,7 +89,8 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
         return None, f"model_type {model_type!r} is not an architecture moespeq runs"
     drafts = tuple(sorted(d for d in drafts_of(snapshot) if (d / "manifest.json").is_file()))
     held, incomplete = weight_files(snapshot)
-    weights = held and not incomplete
+    damaged = damaged_weights(snapshot) if held and not incomplete else None
+    weights = held and not incomplete and damaged is None
     draft, state = run_draft(snapshot) if weights else (None, None)
     model = LocalModel(
         name=name,
@@ -96,6 +100,7 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
         size=size,
         weights=weights,
         incomplete=incomplete,
+        damaged=damaged,
         drafts=drafts,
         draft=draft,
         draft_state=state,
@@ -127,10 +132,13 @@ def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
 
 def weight_files(snapshot: Path) -> tuple[bool, bool]:
     """(whether ``snapshot`` holds weights, whether some that its index names are missing:
-    a pull cut short between shards). A dangling link is no file."""
+    a pull cut short between shards, or a link to a blob that is gone)."""
     from moespeq_cli.models.checkpoint import read_json
 
-    held = any(p.exists() for p in snapshot.glob("*.safetensors"))
+    files = list(snapshot.glob("*.safetensors"))
+    held = any(os.path.lexists(p) for p in files)
+    if any(os.path.lexists(p) and not p.exists() for p in files):  # (a dangling link, a loop)
+        return held, True
     if (snapshot / "model.safetensors").exists():
         return True, False  # read before any index, as a run reads it (models/checkpoint.py)
     try:
@@ -146,6 +154,38 @@ def weight_files(snapshot: Path) -> tuple[bool, bool]:
             shards |= set(names)
     missing = any(not (snapshot / str(s)).exists() for s in shards)
     return held, held and missing
+
+
+HEADER_LIMIT = 100 * 2**20  # a safetensors header past this is not one (safetensors' own limit)
+
+
+def damaged_weights(snapshot: Path) -> str | None:
+    """Why a weights file of ``snapshot`` cannot be run (None: each is whole): one its
+    user cannot read, or whose safetensors header is broken or names more bytes than the
+    file holds (a copy cut short). Only the headers are read: ``run`` would say the same
+    when it opens them."""
+    import json
+
+    from moespeq_cli.fs import file_status
+
+    for p in sorted(snapshot.glob("*.safetensors")):
+        status, size = file_status(p)
+        if status != "file":
+            return f"{p.name} cannot be read ({status}): check it"
+        try:
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= min(HEADER_LIMIT, size - 8):
+                    return f"{p.name} truncated: pull again"
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except PermissionError:
+            return f"{p.name} unreadable: check its permissions"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{p.name} damaged: pull again"
+        if not isinstance(end, int) or 8 + n + end > size:
+            return f"{p.name} truncated: pull again"
+    return None
 
 
 def tree_size(path: Path) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moespeq_cli.errors import CheckpointError, UnknownModelError, UsageError
-from moespeq_cli.fs import is_dir, kind, shown
+from moespeq_cli.fs import is_dir, is_regular, kind, shown
 
 if TYPE_CHECKING:
     from moespeq_cli.runtime.planning.hardware import HardwareProfile
@@ -91,6 +91,8 @@ def resolve(model: str | None) -> tuple[str, Path]:
         cached = cached_snapshot(repo)
         if cached is None:
             which = model if repo == model else f"{model} ({repo})"
+            if why := unreadable_repo(repo):
+                raise CheckpointError(f"{which}: {why}; check its permissions")
             raise UnknownModelError(f"{which} is not downloaded; run `moespeq pull {model}` first")
         return model, cached
     if status != "missing" and (status == "file" or status.startswith("a ")):
@@ -140,9 +142,30 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, FileNotFoundError, OSError, ValueError):
         path = None
-    if path is not None and (path / "config.json").is_file():
+    if path is not None and is_regular(path / "config.json"):  # (a snapshot this user cannot read: none)
         return path
     return newest_snapshot(repo) if revision is None else None
+
+
+def unreadable_repo(repo: str) -> str | None:
+    """Why the cached ``repo`` cannot be read (its folder, its snapshots or one of them
+    closed to this user: ``chmod 000``), or None: said as such, not as "not downloaded"."""
+    d = repo_dir(repo)
+    for where in (d, d / "snapshots"):
+        if not os.path.lexists(where):
+            return None
+        try:
+            entries = os.listdir(where)
+        except OSError as e:
+            return f"{shown(where)} cannot be read ({(e.strerror or 'error').lower()})"
+    for name in entries:
+        try:
+            os.listdir(d / "snapshots" / name)
+        except NotADirectoryError:
+            continue
+        except OSError as e:
+            return f"{shown(d / 'snapshots' / name)} cannot be read ({(e.strerror or 'error').lower()})"
+    return None
 
 
 def hub_cache() -> Path:
@@ -174,10 +197,10 @@ def newest_snapshot(repo: str) -> Path | None:
     its most recently written snapshot holding a config.json, or None."""
     snapshots = repo_dir(repo) / "snapshots"
     try:
-        found = [d for d in snapshots.iterdir() if (d / "config.json").is_file()]
+        found = [d for d in snapshots.iterdir() if is_regular(d / "config.json")]
+        return max(found, key=lambda d: d.stat().st_mtime, default=None)
     except OSError:
         return None
-    return max(found, key=lambda d: d.stat().st_mtime, default=None)
 
 
 def resolve_config(model: str | None) -> tuple[str, dict, str]:
@@ -198,6 +221,8 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
     if model is not None and not is_dir(Path(os.path.expanduser(model))) and looks_like_hub_id(model):
         cached = cached_snapshot(model)
         if cached is None:
+            if why := unreadable_repo(model):
+                raise CheckpointError(f"{model}: {why}; check its permissions")
             raise UnknownModelError(
                 f"{model} is not downloaded; `moespeq pull {model} --config-only` fetches just its config"
             )

@@ -60,6 +60,16 @@ def test_quantized_checkpoint_is_refused_clearly(cli, ckpt, method):
     one_line_error(run(cli, ckpt), 1, repr(method), "bf16")
 
 
+@pytest.mark.parametrize("quant", ["fp8", ["fp8"], 8])
+def test_a_quantization_config_that_is_not_an_object(cli, ckpt, quant):
+    """A string (`"quantization_config": "fp8"`) was an internal error (AttributeError)."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = quant
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(cli, ckpt), 1, "quantization_config must be an object", "fix the file")
+    one_line_error(cli("plan", str(ckpt)), 1, "quantization_config must be an object")
+
+
 def test_fp8_config_over_float_weights_is_refused_clearly(cli, ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}

@@ -215,6 +215,69 @@ def test_list_keeps_a_repo_with_a_dangling_link(cli, monkeypatch, tmp_path):
     assert x["model_type"] == "mixtral" and not x["weights"]
 
 
+def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_path):
+    """A weights file cut short, a broken header, a link to a blob that is gone: listed
+    as damaged or incomplete (they read as healthy or "config only", and `run` then
+    failed); a snapshot this user cannot read was an internal error that hid every model
+    (`list`) or the one (`plan`): said, the others listed."""
+    import safetensors.torch
+    import torch
+
+    from moespeq_cli.model_ref import CONFIGS_DIR
+
+    def repo(name: str) -> Path:
+        snap = tmp_path / f"models--acme--{name}" / "snapshots" / ("a" * 40)
+        snap.mkdir(parents=True)
+        (snap.parents[1] / "refs").mkdir()
+        (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+        (snap / "config.json").write_text((CONFIGS_DIR / "mixtral.json").read_text())
+        safetensors.torch.save_file({"w": torch.zeros(1000)}, snap / "model.safetensors")
+        return snap
+
+    repo("ok")
+    cut = repo("cut") / "model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    (repo("header") / "model.safetensors").write_bytes(b"\x02\x00")
+    gone = repo("gone") / "model.safetensors"
+    gone.unlink()
+    gone.symlink_to("../../blobs/missing")
+    locked = repo("locked")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    real_listdir, real_stat = os.listdir, os.stat
+
+    def closed(path) -> bool:  # (as root, chmod 000 closes nothing: the calls that would fail, failing)
+        return str(path) == str(locked) or str(path).startswith(str(locked) + os.sep)
+
+    def listdir(path="."):
+        if closed(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    def stat(path, *a, **k):
+        if closed(path) and str(path) != str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "stat", stat)
+    r = cli("list", "--json")
+    assert r.exit_code == 0, r.stderr
+    listed = json.loads(r.stdout)
+    models = {m["name"]: m for m in listed["models"]}
+    assert models["acme/ok"]["weights"] and models["acme/ok"]["damaged"] is None
+    assert models["acme/cut"]["damaged"] == "model.safetensors truncated: pull again"
+    assert models["acme/header"]["damaged"] == "model.safetensors truncated: pull again"
+    assert not models["acme/cut"]["weights"] and models["acme/gone"]["incomplete"]
+    (why,) = [o["reason"] for o in listed["other_repos"] if o["repo"] == "acme/locked"]
+    assert "cannot be read (permission denied)" in why
+    r = cli("list")
+    assert "(model.safetensors truncated: pull again)" in r.stdout and "(incomplete: pull again)" in r.stdout
+    assert "not listed: acme/locked:" in r.stderr
+    r = cli("plan", "acme/locked")
+    assert r.exit_code == 1 and "cannot be read (permission denied); check its permissions" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_list_says_which_pulls_are_incomplete(hub, cli, tmp_path):
     """A pull cut short between two shards: listed as incomplete (not runnable), its
     partial file not counted; `run` names the pull that fetches the rest."""

@@ -47,6 +47,7 @@ def listing(json_out: o.Json = False) -> None:
                 "size_bytes": m.size,
                 "weights": m.weights,
                 "incomplete": m.incomplete,
+                "damaged": m.damaged,
                 "draft": str(m.draft) if m.draft is not None else None,
                 "draft_state": m.draft_state,
                 "draft_bytes": m.draft_size,
@@ -79,11 +80,13 @@ def listing(json_out: o.Json = False) -> None:
 
 def size_cell(m) -> str:
     """The SIZE column: bytes on disk; "config only" without weights; "(incomplete: pull
-    again)" beside the size where shards are missing."""
+    again)" beside the size where shards are missing, what is wrong where one is damaged."""
     from moespeq_cli.runtime.planning.hardware import format_size
 
     if m.incomplete:
         return f"{format_size(m.size)} (incomplete: pull again)"
+    if m.damaged:
+        return f"{format_size(m.size)} ({m.damaged})"
     return format_size(m.size) if m.weights else "config only"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 from types import ModuleType
 
 from moespeq_cli.errors import CheckpointError, UnsupportedModelError
@@ -87,7 +88,12 @@ def parse_config(raw: dict, source: str = "config.json"):
     validate_config(raw, source)
     arch = architecture(raw.get("model_type"))
     quant = raw.get("quantization_config")
-    method = (quant.get("quant_method", "?") if isinstance(quant, dict) else quant) if quant is not None else None
+    if quant is not None and not isinstance(quant, dict):
+        raise CheckpointError(
+            f'{source}: quantization_config must be an object ({{"quant_method": ...}}), got '
+            f"{json.dumps(quant)[:40]}; fix the file"
+        )
+    method = quant.get("quant_method", "?") if quant is not None else None
     refused = UnsupportedModelError(
         f"{source}: its weights are stored quantized ({method!r}, quantization_config), a format moespeq does not "
         "read for this model: it reads float32, float16 and bfloat16, block FP8 (e4m3) experts in their own "
