@@ -280,6 +280,18 @@ def test_two_sizes_that_differ_are_never_said_alike():
     assert sizes_apart(2**20, 2**21) == ("1.00 MiB", "2.00 MiB")
 
 
+def test_compact_experts_priced_at_their_roofline_are_said_to_be(cli):
+    """gpt-oss's MXFP4 experts planned on a GPU without a grouped GEMM are charged their
+    stored bytes, not their unpacking: an H100 (priced for what its code moves) read 4x
+    slower than an A100 without a word. Said now; not on the H100, nor for bf16 experts."""
+    note = plan_json(cli, "gpt-oss-20b", "--vram", "20GB", "--hardware", "a100-40gb-pcie")["pricing_note"]
+    assert "stored mxfp4" in note and "no grouped GEMM" in note and "optimistic" in note
+    assert plan_json(cli, "gpt-oss-20b", "--vram", "20GB", "--hardware", "h100-pcie")["pricing_note"] is None
+    assert plan_json(cli, "mixtral", "--hardware", "a100-40gb-pcie")["pricing_note"] is None
+    r = cli("plan", "gpt-oss-20b", "--vram", "20GB", "--hardware", "rtx4090-24gb")
+    assert r.exit_code == 0 and "note: this model's experts are stored mxfp4: on rtx4090-24gb" in r.stderr
+
+
 def test_a_ram_beyond_the_machines_memory_is_noted(cli, tiny, monkeypatch):
     """A given --ram that lets expert buffers take more RAM than the machine has available
     is planned and run as asked, with a note that it would swap; a --ram that fits, or the
@@ -298,6 +310,9 @@ def test_a_ram_beyond_the_machines_memory_is_noted(cli, tiny, monkeypatch):
     # planning another machine (the README's `--hardware desktop-3060-ddr4 --ram 48GB`): its memory is not this one's
     out = plan_json(cli, "mixtral", "--ram", "1TB", "--hardware", "desktop-3060-ddr4")
     assert out["ram_note"] is None and max(r["plan"]["ram_held_bytes"] for r in out["policies"] if r["fits"]) > held / 2
+    # the default profile spelled out is the same plan, with the same note (issue 19: one default)
+    spelled = plan_json(cli, "mixtral", "--ram", "1TB", "--hardware", "rtx3060-12gb")["ram_note"]
+    assert spelled is not None and spelled == plan_json(cli, "mixtral", "--ram", "1TB")["ram_note"]
     # a run: the tiny model's experts against a machine of 128 KiB available
     path, _ = tiny("mixtral", "gqa")
     monkeypatch.setattr(planner, "memory_info", lambda: (2**30, 128 * 1024))

@@ -209,7 +209,11 @@ def plan(
         "budget_note": beyond_device(budget, hw) if vram is not None else None,
         # this machine's memory matters where the plan is for a run here: the default
         # hardware (what `run` simulates) or this CPU, not another machine's profile
-        "ram_note": beyond_memory(ram_bytes, held) if ram is not None and (hardware is None or host) else None,
+        "ram_note": (
+            beyond_memory(ram_bytes, held)
+            if ram is not None and (hardware is None or host or hw.name == DEFAULT_HARDWARE)  # (spelled out: the same)
+            else None
+        ),
         # the cpu backend then decodes from memory (engine.make_plan's plan None), as the rows do not say
         "cpu_note": (
             f"every expert fits in --ram {format_size(ram_bytes)}: `run --backend cpu` decodes from memory, without "
@@ -217,16 +221,34 @@ def plan(
             if host and ram_bytes >= sizes.all_experts_ram_bytes
             else None
         ),
+        "pricing_note": compact_pricing_note(cfg, hw, storage),
     }
     if json_out:
         print(json.dumps(report))
         return
     from moespeq_cli.cli.render import plan_table
 
-    for note in (report["budget_note"], report["ram_note"], report["cpu_note"]):
+    for note in (report["budget_note"], report["ram_note"], report["cpu_note"], report["pricing_note"]):
         if note:
             print(f"note: {note}", file=sys.stderr)
     plan_table(report)
+
+
+def compact_pricing_note(cfg, hw, storage) -> str | None:
+    """Said where the tok/s of compact experts (block FP8, MXFP4) is under-priced: on a GPU
+    without a grouped GEMM each is charged the roofline of its stored bytes, not the
+    unpacking its code does (docs/mock-backend.md), so a card with one (priced for what its
+    code moves) reads slower than cards without."""
+    from moespeq_cli.runtime.executors.grouped import profile_groups
+
+    fmt = cfg.expert_format
+    if hw.kind != "gpu" or not fmt.compact or profile_groups(hw, storage):
+        return None
+    return (
+        f"this model's experts are stored {fmt.quant}: on {hw.name} (no grouped GEMM) each is priced at the "
+        "roofline of its stored bytes, which leaves out unpacking them, so tok/s is optimistic and not comparable "
+        "with a GPU that has one (h100-pcie); docs/mock-backend.md"
+    )
 
 
 def saved_blocksize(source: str) -> int:
