@@ -328,3 +328,23 @@ def test_a_ram_beyond_the_machines_memory_is_noted(cli, tiny, monkeypatch):
     assert r.exit_code == 0 and "lets experts take" in r.stderr, r.stderr
     r = cli("run", str(path), "-p", "hi", "-n", "2", "--backend", "cpu", "--ram", "1GB", "--json")
     assert "128.00 KiB available" in json.loads(r.stdout)["ram_note"]
+
+
+def test_rollback_states_are_planned_only_where_a_draft_may_roll_back(cli):
+    """Qwen3-Next's linear-attention layers keep a state per position of a speculative
+    cycle (10 at the default depth); lru, ondemand and the other draftless policies keep
+    the newest only, so their KV cache was planned 9 states too large."""
+    from moespeq_cli.model_ref import resolve_config
+    from moespeq_cli.models import build_model, parse_config
+    from moespeq_cli.runtime.planning.planner import recurrent_state_bytes
+
+    out = plan_json(cli, "qwen3-next", "--vram", "24GB")
+    kv = {r["policy"]: r["plan"]["kv_cache_bytes"] for r in out["policies"] if r["fits"]}
+    _, raw, source = resolve_config("qwen3-next")
+    state = recurrent_state_bytes(build_model(parse_config(raw, source)[0], raw, 64, source), speculating=False)
+    assert state > 0 and kv["moespeq"] - kv["lru"] == 9 * state
+    assert kv["lru"] == kv["ondemand"] == kv["gate-prefetch"]
+    mixtral = {r["policy"]: r["plan"]["kv_cache_bytes"] for r in plan_json(cli, "mixtral")["policies"] if r["fits"]}
+    assert len(set(mixtral.values())) == 1  # (no linear attention: the same for every policy)
+    r = cli("plan", "qwen3-next", "--vram", "24GB")
+    assert "without a draft's rollback states" in r.stdout

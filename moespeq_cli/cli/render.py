@@ -370,10 +370,14 @@ def plan_table(report: dict) -> None:
         table.add_row(r["policy"], *device, str(p["slots"]), draft, ram_col, *on_disk, tps, k)
     console.print(table)
     fixed = next((r["plan"] for r in report["policies"] if r["fits"]), None)
+    kv = fixed and format_size(fixed["kv_cache_bytes"])
+    fewest = min((r["plan"]["kv_cache_bytes"] for r in report["policies"] if r["fits"]), default=0)
+    if fixed and fewest < fixed["kv_cache_bytes"]:  # linear-attention states: a cycle's, only where it may roll back
+        kv += f" ({format_size(fewest)} without a draft's rollback states)"
     if fixed and host:
         console.print(
             f"RAM: full-precision expert slots and (moespeq) the 4-bit draft's experts, beside the non-expert "
-            f"weights {format_size(fixed['non_expert_bytes'])}, KV cache {format_size(fixed['kv_cache_bytes'])} and "
+            f"weights {format_size(fixed['non_expert_bytes'])}, KV cache {kv} and "
             f"workspace {format_size(fixed['workspace_bytes'])}"
             + ("; disk only: experts read from the checkpoint's files as needed" if disk else "")
             + "."
@@ -381,7 +385,7 @@ def plan_table(report: dict) -> None:
     elif fixed:
         console.print(
             f"device: non-expert weights {format_size(fixed['non_expert_bytes'])}, KV cache "
-            f"{format_size(fixed['kv_cache_bytes'])}, workspace {format_size(fixed['workspace_bytes'])}, then "
+            f"{kv}, workspace {format_size(fixed['workspace_bytes'])}, then "
             "full-precision expert slots and (moespeq) the 4-bit draft's experts; RAM: full-precision experts and "
             "the draft's other experts"
             + ("; disk only: experts read from the checkpoint's files as needed" if disk else "")

@@ -169,12 +169,13 @@ MAX_ROLLBACK = (
 )
 
 
-def recurrent_state_bytes(model: CausalLM) -> int:
+def recurrent_state_bytes(model: CausalLM, speculating: bool = True) -> int:
     """Linear-attention layers (Qwen3-Next, Qwen3.5) hold a fixed-size state instead of a KV
     cache; speculative decoding keeps one per position of a cycle so that it can roll back
-    (models/base.py KVCache), planned here for up to ``MAX_ROLLBACK`` of them."""
+    (models/base.py KVCache), planned here for up to ``MAX_ROLLBACK`` of them; decoding
+    without a draft keeps only the newest."""
     per = sum(getattr(layer.attn, "state_bytes", lambda: 0)() for layer in model.model.layers)
-    return per * MAX_ROLLBACK
+    return per * (MAX_ROLLBACK if speculating else 1)
 
 
 def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
@@ -231,7 +232,8 @@ def make_plan(
     wholly on the device."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
-    kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model)
+    speculating = policy == "moespeq" and with_draft and not cfg.expert_format.four_bit
+    kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model, speculating)
     biggest_ffn = max(
         [cfg.expert_intermediate]
         + [
