@@ -41,6 +41,11 @@ class CheckpointError(MoespeqError):
 
 
 class Terminated(BaseException):
-    """SIGTERM (``kill``, ``timeout``, a service manager stopping moespeq), raised in the
-    main thread so that cleanups run as for Ctrl-C (temporary files, locks, the disk
-    tier's scratch); not an Exception, so no error handler takes it for a failure."""
+    """SIGTERM (``kill``, ``timeout``, a service manager stopping moespeq) or SIGHUP (the
+    terminal closed, an ssh session dropped), raised in the main thread so that cleanups
+    run as for Ctrl-C (temporary files, locks, the disk tier's scratch); not an
+    Exception, so no error handler takes it for a failure. ``signum``: which."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(signum)
+        self.signum = signum

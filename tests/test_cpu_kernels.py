@@ -956,3 +956,33 @@ def test_a_cc_that_is_not_a_command_is_said(monkeypatch):
     monkeypatch.setenv("CC", "no-such-cc")
     assert build._compiler() is None
     assert build.library() is None and "CC=no-such-cc is not a command" in build.why_not
+
+
+def test_a_stopped_build_stops_the_whole_compiler(tmp_path):
+    """`kill PID` of moespeq during its first-run kernel build killed only the compiler's
+    driver: its cc1 went on, orphaned, and left /tmp/cc*.s behind. The build runs in a
+    process group of its own, stopped (then waited for) whole."""
+    import os
+    import subprocess
+    import time
+
+    from moespeq_cli.kernels.build import compile_in_own_group
+
+    pid_file = tmp_path / "pid"
+    cmd = ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]  # a driver and its child, like cc and cc1
+    with pytest.raises(subprocess.TimeoutExpired):  # (any exception there: a Ctrl-C, a SIGTERM raised)
+        compile_in_own_group(cmd, timeout=1)
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # (gone, waiting for init to reap it)
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the compiler's child outlived the build")
+    assert compile_in_own_group(["sh", "-c", "echo ok; exit 3"], timeout=10).returncode == 3

@@ -24,18 +24,36 @@ def importing(frame) -> bool:
     return False
 
 
+def deferred(frame) -> bool:
+    """Whether an exception raised at ``frame`` would be lost: inside an import (below),
+    or inside a finalizer (a ``__del__``, which the garbage collector may run anywhere:
+    Python prints "Exception ignored" and goes on, so a Ctrl-C that landed in the disk
+    tier's ``PageMapping.__del__`` let `bench` run to its end)."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__":
+            return True
+        f = f.f_back
+    return importing(frame)
+
+
+SIGNALS = tuple(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s))
+FIRST = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, s))  # where several came
+
+
 class Signals:
-    """Ctrl-C raises KeyboardInterrupt and SIGTERM ``Terminated`` in the main thread, so
-    that cleanups run (exit 130, 143) rather than the process ending where it stands (a
-    calibration's 256 MiB scratch file was left behind) -- except inside an import: torch's
-    C++ import code swallows a Python exception raised there (a `quantize` cancelled in
-    its first half second went on to replace the draft; `serve` kept serving) or aborts
-    on it, so a signal that lands in an import is raised once the import is done: a
-    watcher thread looks at the main thread's stack every 20 ms and sends the signal
-    again when it has left the import (SIGTERM first where both came). A second Ctrl-C
-    while one waits ends the process at once (a hung import). ``restore`` puts the
-    previous handlers back and returns a signal that came and was not raised yet. Off
-    the main thread (where handlers cannot be set) it does nothing."""
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM and SIGHUP ``Terminated`` in the main
+    thread, so that cleanups run (exit 130, 143, 129) rather than the process ending where
+    it stands (a calibration's 256 MiB scratch file, a quantize's temporary draft were
+    left behind) -- except where the exception would be lost (``deferred``): torch's C++
+    import code swallows a Python exception raised there (a `quantize` cancelled in its
+    first half second went on to replace the draft; `serve` kept serving) or aborts on it,
+    and a finalizer's is printed and dropped; such a signal is raised once the main
+    thread is out: a watcher thread looks at its stack every 20 ms and sends the signal
+    again then (SIGTERM first where several came). A second Ctrl-C while one waits ends
+    the process at once (a hung import). ``restore`` puts the previous handlers back and
+    returns a signal that came and was not raised yet. Off the main thread (where
+    handlers cannot be set) it does nothing."""
 
     CHECK_S = 0.02
 
@@ -46,16 +64,16 @@ class Signals:
         self.closed = False
         if threading.current_thread() is threading.main_thread():
             self.main = threading.main_thread().ident
-            self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {s: signal.signal(s, self.on_signal) for s in SIGNALS}
 
     @staticmethod
     def raise_for(signum: int):
-        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
     def on_signal(self, signum, frame):
-        if not importing(frame):
+        if not deferred(frame):
             waiting, self.pending = self.pending, set()
-            self.raise_for(signal.SIGTERM if signal.SIGTERM in waiting | {signum} else signum)
+            self.raise_for(next(s for s in FIRST if s in waiting | {signum}))
         if signum == signal.SIGINT and signum in self.pending:  # pressed again: leave now
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.raise_signal(signal.SIGINT)
@@ -72,8 +90,8 @@ class Signals:
         while self.pending and not self.closed:
             time.sleep(self.CHECK_S)
             frame = sys._current_frames().get(self.main)
-            if frame is not None and not importing(frame) and self.pending and not self.closed:
-                signum = signal.SIGTERM if signal.SIGTERM in self.pending else signal.SIGINT
+            if frame is not None and not deferred(frame) and self.pending and not self.closed:
+                signum = next(s for s in FIRST if s in self.pending)
                 signal.pthread_kill(self.main, signum)  # its handler raises it there (or queues it again)
                 return
 
@@ -84,7 +102,7 @@ class Signals:
             if h is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(s, h)
         self.previous = {}
-        return next((s for s in (signal.SIGTERM, signal.SIGINT) if s in waiting), None)
+        return next((s for s in FIRST if s in waiting), None)
 
 
 def standard_streams():
@@ -172,7 +190,7 @@ class MoespeqGroup(TyperGroup):
                 late = signals.restore()
                 restore_streams()
             if late is not None:  # came in the last import and was never raised: the command's still
-                exit_for(KeyboardInterrupt() if late == signal.SIGINT else Terminated(), command)
+                exit_for(KeyboardInterrupt() if late == signal.SIGINT else Terminated(late), command)
 
     def invoke(self, ctx):
         """Ctrl-C and a closed stdout leave the command as exceptions typer does not

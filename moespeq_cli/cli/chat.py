@@ -33,7 +33,7 @@ EPILOG = """[bold]Examples[/bold]
 
 [bold]In the conversation[/bold]: /reset forgets the history, /stats shows the
 last answer's statistics, /exit (or Ctrl-D) leaves; Ctrl-C stops the current
-answer.
+answer (reading a pipe or a file, it then ends the chat: exit 130).
 """
 
 DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says otherwise (capped by the model)
@@ -221,7 +221,7 @@ def chat(
             continue
         if dropped:
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
-        answer, stopped = Answer(), False
+        answer, stopped, leave = Answer(), False, False
         engine.last_stats = None  # a Ctrl-C before the first token leaves no stats, not the last answer's
         started = time.perf_counter()
         try:
@@ -240,6 +240,8 @@ def chat(
         except KeyboardInterrupt:
             note("\n(stopped)")
             stopped = True
+            if not interactive:  # a conversation from a pipe or a file: Ctrl-C ends it, after this answer's record
+                leave = True
         turn += 1
         if json_out:
             finish = "interrupted" if stopped else answer.finish_reason
@@ -255,6 +257,9 @@ def chat(
         convo.turns.append({"role": "assistant", "content": answer.text})
         if engine.last_stats is not None:
             last = (prompt_ids, answer.token_ids, time.perf_counter() - started)
+        if leave:
+            engine.close()
+            raise KeyboardInterrupt
     engine.close()
 
 

@@ -115,7 +115,7 @@ def exit_for(exc: BaseException, command: str | None) -> None:
     if isinstance(exc, Interrupted | typer.Abort | KeyboardInterrupt):
         fail("interrupted", 130)
     if isinstance(exc, Terminated):
-        fail("terminated", 143)
+        fail("hung up (its terminal closed)" if exc.signum == 1 else "terminated", 128 + exc.signum)
     if isinstance(exc, USAGE_ERRORS):
         where = f"moespeq {command} --help" if command else "moespeq --help"
         fail(f"{exc.format_message()} (see `{where}`)", 2)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from moespeq_cli.cli import options as o
 from moespeq_cli.cli.render import LoadingStatus
-from moespeq_cli.errors import CheckpointError, UsageError
+from moespeq_cli.errors import CheckpointError, Terminated, UsageError
 from moespeq_cli.fs import check_output, read_text
 
 if TYPE_CHECKING:  # the engine imports torch: not at the command's import
@@ -249,8 +249,9 @@ def run(
                         out.text(text)
                 token_ids.append(ev.token)
                 shown(split.push(ev.token))
-        except KeyboardInterrupt:
-            # Ctrl-C: what was generated, its statistics, then `interrupted` (exit 130).
+        except (KeyboardInterrupt, Terminated):
+            # Ctrl-C (or kill, timeout): what was generated, its statistics, then
+            # `interrupted` (exit 130; 143 for SIGTERM)
             if token_ids:
                 result = finished()
                 result["interrupted"], result["finish_reason"] = True, "interrupted"

@@ -14,6 +14,7 @@ error). A killed build's temporary file is removed by the next build.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -28,7 +29,9 @@ from moespeq_cli.errors import MoespeqError
 from moespeq_cli.fs import atomic_write_text, remove_stale
 
 SOURCE = Path(__file__).with_name("cpu_matvec.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+# -pipe: the compiler's stages talk through pipes, not temporary files in /tmp (which a
+# killed build left there, half a megabyte each)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", "-pipe"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 why_not: str | None = None  # why the kernels are unavailable, when they are
@@ -72,7 +75,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f"tmp.{os.getpid()}.", suffix=".so.tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        r = compile_in_own_group([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], timeout=120)
         if r.returncode != 0:
             last = (r.stderr or r.stdout).strip().splitlines()[-1:]
             raise RuntimeError(f"{cc} failed" + (f": {last[0]}" if last else f" (exit {r.returncode})"))
@@ -85,6 +88,31 @@ def _build(cc: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def compile_in_own_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a compiler in a process group of its own, which goes with
+    moespeq: where moespeq alone is stopped (``kill PID``, a closed terminal, Ctrl-C
+    raised here) the whole group is told to stop (SIGTERM: the driver removes its
+    temporary files) and waited for, then killed; ``run`` killed only the driver, and its
+    ``cc1`` went on, orphaned."""
+    import signal
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(5)
+        except ProcessLookupError:
+            p.wait()
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _intact(lib: Path, digest: Path) -> bool:
