@@ -1,3 +1,3 @@
-from moespeq_cli.cli.app import main
+from moespeq_cli.entry import main
 
 main()

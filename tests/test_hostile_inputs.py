@@ -1517,3 +1517,32 @@ def test_calibrate_names_the_cache_it_times_the_disk_in(cli, tmp_path, monkeypat
     r = cli("calibrate", "--out", str(tmp_path / "p.yaml"))
     one_line_error(r, 2, "moespeq's cache")
     assert not r.stderr.startswith("moespeq: error: --disk-dir") and not (tmp_path / "p.yaml").exists()
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line():
+    """A Ctrl-C in moespeq's first 0.2 s (typer and rich importing) printed a Python
+    traceback; one line and exit 130 now."""
+    code = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'typer':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from moespeq_cli.entry import main\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stderr == "moespeq: error: interrupted\n", r.stderr
+
+
+def test_version_into_a_closed_pipe_is_141_like_every_output():
+    """`moespeq --version | true` exited 1 (typer's mapping of a closed pipe in an option's
+    callback); 141 with nothing said, as `--help | true` and `run | head` are."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run(moespeq("--version"), stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr

@@ -276,7 +276,15 @@ app = typer.Typer(
 
 def version_callback(value: bool) -> None:
     if value:
-        print(f"moespeq {__version__}")
+        import sys
+
+        from moespeq_cli.cli.errors import PipeClosed
+
+        try:  # (said here: typer makes a closed pipe in an option's callback a silent exit 1)
+            print(f"moespeq {__version__}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise PipeClosed() from None
         raise typer.Exit()
 
 
