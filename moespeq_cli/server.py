@@ -230,6 +230,16 @@ UNSUPPORTED_BUT = {
     "function_call": ("none", "function calls"),
     "modalities": (["text"], "output other than text"),  # (and [], which asks for nothing)
     "repetition_penalty": (1, "penalties"),
+    "repeat_penalty": (1, "penalties"),
+    "length_penalty": (1, "beam search"),
+    "dry_multiplier": (0, "DRY sampling"),
+    "xtc_probability": (0, "XTC sampling"),
+    "tfs_z": (1, "tail-free sampling"),
+    "top_n_sigma": (-1, "top-n-sigma sampling"),
+    "n_probs": (0, "log probabilities"),
+    "bad_words": ([], "banned words"),
+    "allowed_token_ids": (None, "a restricted vocabulary"),
+    "logits_processors": (None, "logits processors"),
     "min_p": (0, "min-p sampling"),
     "typical_p": (1, "typical sampling"),
     "mirostat": (0, "mirostat sampling"),
@@ -281,7 +291,7 @@ def refuse_unsupported(body: dict, chat: bool = True) -> None:
         if asks:
             raise ApiError(400, f"'{name}' is not supported by moespeq ({what}); leave it out", "unsupported", name)
     for name, (neutral, what) in UNSUPPORTED_BUT.items():
-        if body.get(name) not in (None, neutral, [], ""):
+        if body.get(name) not in (None, neutral, []) and not (neutral is None and body.get(name) == ""):
             which = "" if neutral is None else f" other than {json.dumps(neutral)}"
             raise ApiError(400, f"'{name}'{which} is not supported by moespeq ({what})", "unsupported", name)
     fmt = body.get("response_format")
@@ -513,14 +523,20 @@ def loopback(host: str) -> bool:
     its port) is this machine's loopback: ``localhost`` (and RFC 6761's ``*.localhost``),
     127.0.0.0/8, ::1."""
     import ipaddress
+    import socket
 
     host = host.strip("[]").rstrip(".").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:  # IPv4's short forms, as a browser normalises them (127.1, 0x7f.1)
+            ip = ipaddress.ip_address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def host_name(header: str) -> str:
@@ -537,8 +553,10 @@ class Gate:
     rebinding (its own name re-pointed at 127.0.0.1, to read the answers) is refused with
     403. Bound to another address, the operator chose who may reach it (``--api-key``)."""
 
-    def __init__(self, app, bind: str, log):
-        self.app, self.check, self.bind, self.log = app, loopback(bind), bind, log
+    def __init__(self, app, bind: str, log, address: str | None = None):
+        # checked where the socket is bound to loopback (its address, not the name given:
+        # `--host ip6-localhost` or the machine's own name bind loopback too)
+        self.app, self.check, self.bind, self.log = app, loopback(address or bind), bind, log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -554,7 +572,8 @@ class Gate:
                 e = ApiError(
                     403,
                     f"this server on {self.bind} answers requests for localhost only, not for {shown!r} (a web page "
-                    "reaching it through its own name is refused); serve with --host to be reached by another name",
+                    "reaching it through its own name is refused); a proxy in front must send its own Host "
+                    "(nginx's default)",
                     "host_not_allowed",
                 )
                 self.log(scope.get("method", "?"), scope["path"], 403, e.message)
@@ -571,8 +590,10 @@ def build_app(
     queue_size: int = 16,
     default_max: int = 512,
     bind: str = "127.0.0.1",
+    address: str | None = None,
 ):
-    """The Starlette application serving ``engine`` as model ``name`` on address ``bind``."""
+    """The Starlette application serving ``engine`` as model ``name`` on ``bind`` (the
+    ``--host`` given; ``address``: the address its socket is bound to, where they differ)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from starlette.applications import Starlette
@@ -914,7 +935,7 @@ def build_app(
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
-        middleware=[Middleware(Gate, bind=bind, log=log_line)],
+        middleware=[Middleware(Gate, bind=bind, log=log_line, address=address)],
     )
     app.router.redirect_slashes = False  # (the Gate drops trailing slashes)
     app.state.worker = worker

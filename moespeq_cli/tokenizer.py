@@ -179,11 +179,17 @@ class Tokenizer:
     ) -> str:
         """A conversation through the chat template, ending with the assistant's turn to
         speak (``add_generation_prompt``), or inside the final (assistant's) message
-        (``continue_final``: the text after it, its end of turn, is cut, as transformers
-        does); ``variables``: more the template may read (a request's
-        ``chat_template_kwargs``, gpt-oss's ``reasoning_effort``), never one of these."""
+        (``continue_final``: the template renders a marker in its place, and the prompt is
+        what comes before the marker, then the message's text as given: a search for the
+        text itself, as transformers does, can match inside the template's own markup, a
+        prefill of ``<`` in ``<|im_end|>``); ``variables``: more the template may read (a
+        request's ``chat_template_kwargs``, gpt-oss's ``reasoning_effort``), never one of
+        these."""
         from moespeq_cli.chat_template import TemplateError, render
 
+        if continue_final:
+            *earlier, final = messages
+            messages = [*earlier, {**final, "content": PREFILL_MARK}]
         text = render(
             self.chat_template,
             f"the chat template in {self.template_source}",
@@ -197,14 +203,11 @@ class Tokenizer:
         )
         if not continue_final:
             return text
-        final = messages[-1]["content"]
-        at = text.rfind(final.strip())  # (templates often strip a message's text)
-        if not final.strip() or at < 0:
+        if text.count(PREFILL_MARK) != 1:
             raise TemplateError(
                 "the template does not show the final message's text: it cannot be continued", refused=True
             )
-        kept = len(final.lstrip()) if text[at : at + len(final.lstrip())] == final.lstrip() else len(final.strip())
-        return text[: at + kept]
+        return text[: text.index(PREFILL_MARK)] + final["content"]
 
     def encode_messages(
         self,
@@ -231,6 +234,9 @@ class Tokenizer:
             raise CheckpointError(
                 f"{self.path / 'tokenizer.json'} cannot decode ({str(e)[:120]}); it is broken"
             ) from None
+
+
+PREFILL_MARK = "\ue000moespeq-final-message\ue001"  # private-use characters: in no message, untouched by templates
 
 
 class StreamDecoder:

@@ -29,14 +29,19 @@ def grouped_gpu_profile() -> str:
 GROUPED_GPU = grouped_gpu_profile()
 
 
-def vram_for_slots(path, slots: int, context: int, dtype=None, backend: str = "mock", hardware=None) -> int:
+def vram_for_slots(
+    path, slots: int, context: int, dtype=None, backend: str = "mock", hardware=None, policy: str = "lru"
+) -> int:
     """The --vram that holds ``slots`` experts beside the fixed part, as ``backend`` plans
-    it (on cuda the fixed part holds cuBLAS's workspaces too)."""
+    it for ``policy`` (on cuda the fixed part holds cuBLAS's workspaces too; with a draft,
+    linear-attention layers' rollback states)."""
     from moespeq_cli.runtime.backends import library_bytes
     from moespeq_cli.runtime.planning.hardware import load_profile
 
     hw = load_profile(hardware) if isinstance(hardware, str) else hardware
-    plan = checkpoint_plan(Checkpoint(path), context, dtype=dtype, library_bytes=library_bytes(backend, hw))
+    plan = checkpoint_plan(
+        Checkpoint(path), context, dtype=dtype, library_bytes=library_bytes(backend, hw), policy=policy
+    )
     return plan.fixed_bytes + slots * plan.expert_bytes
 
 

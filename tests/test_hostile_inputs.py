@@ -417,6 +417,7 @@ def test_an_output_that_appears_while_moespeq_runs_is_left_alone(cli, ckpt, tmp_
     monkeypatch.setattr(Timeline, "chrome_trace", appear)
     r = run(cli, ckpt, "--backend", "mock", "--trace", str(trace))
     assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr  # (after the plan line: one error line)
+    assert "tokens in" in r.stderr  # the answer and its statistics came first: not lost
     assert all(s in r.stderr.splitlines()[-1] for s in ("appeared there", str(trace), "another file name"))
     assert trace.read_text() == "the user's\n" and not list(tmp_path.glob(".t.json*"))  # (no temporary left)
     profile = tmp_path / "p.yaml"
@@ -1363,8 +1364,17 @@ def test_calibrate_replaces_only_a_hardware_profile(cli, ckpt, tmp_path):
     older.write_text("name: mine\ndescription: x\ndevice_memory: 8GB\na_field_of_another_version: 1\n")
     for mine in (empty, blank, older, write_profile(tmp_path / "p.yaml")):
         assert not holds_another_file(mine, PROFILE), mine
-    for theirs in (notes, link.resolve()):
+    comments, nulls = tmp_path / "c.yaml", tmp_path / "n.yaml"
+    comments.write_text("# TODO: my settings\n")
+    nulls.write_text("---\n")
+    for theirs in (notes, link.resolve(), comments, nulls):
         assert holds_another_file(theirs, PROFILE), theirs
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n# only comments\n")
+    mine = tmp_path / "mine.yaml"
+    mine.symlink_to(script)  # through a link: its target's name says what it is
+    one_line_error(cli("calibrate", "--out", str(mine)), 2, "is not a hardware profile")
+    assert script.read_text() == "#!/bin/sh\n# only comments\n"
 
 
 def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
@@ -1546,3 +1556,22 @@ def test_version_into_a_closed_pipe_is_141_like_every_output():
     finally:
         os.close(w)
     assert p.returncode == 141 and p.stderr == "", p.stderr
+
+
+def test_nohup_keeps_moespeq_through_a_closed_terminal():
+    """`nohup moespeq ...` starts with SIGHUP ignored: moespeq's handler replaced that, so
+    a long quantize or a server stopped at logout. A signal ignored at start stays so."""
+    code = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from moespeq_cli.cli.app import Signals\n"
+        "s = Signals()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "time.sleep(0.2)\n"
+        "assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN\n"
+        "assert signal.getsignal(signal.SIGTERM) == s.on_signal\n"
+        "s.restore()\n"
+        "print('survived')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "survived\n", r.stderr

@@ -336,14 +336,17 @@ def test_rollback_states_are_planned_only_where_a_draft_may_roll_back(cli):
     the newest only, so their KV cache was planned 9 states too large."""
     from moespeq_cli.model_ref import resolve_config
     from moespeq_cli.models import build_model, parse_config
-    from moespeq_cli.runtime.planning.planner import recurrent_state_bytes
+    from moespeq_cli.runtime.planning.planner import MAX_ROLLBACK, recurrent_state_bytes, rollback_states
 
     out = plan_json(cli, "qwen3-next", "--vram", "24GB")
     kv = {r["policy"]: r["plan"]["kv_cache_bytes"] for r in out["policies"] if r["fits"]}
     _, raw, source = resolve_config("qwen3-next")
-    state = recurrent_state_bytes(build_model(parse_config(raw, source)[0], raw, 64, source), speculating=False)
+    state = recurrent_state_bytes(build_model(parse_config(raw, source)[0], raw, 64, source), 1)
     assert state > 0 and kv["moespeq"] - kv["lru"] == 9 * state
     assert kv["lru"] == kv["ondemand"] == kv["gate-prefetch"]
+    # moespeq without a draft still marks each cycle's start (KVCache.keep_from): two states
+    assert (rollback_states("moespeq", True), rollback_states("moespeq", False)) == (MAX_ROLLBACK, 2)
+    assert rollback_states("lru", True) == rollback_states("lru", False) == 1
     mixtral = {r["policy"]: r["plan"]["kv_cache_bytes"] for r in plan_json(cli, "mixtral")["policies"] if r["fits"]}
     assert len(set(mixtral.values())) == 1  # (no linear attention: the same for every policy)
     r = cli("plan", "qwen3-next", "--vram", "24GB")

@@ -683,6 +683,16 @@ def test_a_model_without_a_template_continues_the_last_line(tiny):
     talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well\n"}]
     assert tok.encode_messages(talk) == tok.encode("hi\nwell\n")
     assert tok.encode_messages(talk, continue_final=True) == tok.encode("hi\nwell")
+    # a short prefill is not looked for in the template's markup (a search for it found the
+    # `<` of `<|im_end|>`, or "im" in it): the prompt is the template's up to the message
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    for prefill in ("<", ">", "im", " {"):
+        talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": prefill}]
+        rendered = tok.render_messages(talk, continue_final=True)
+        assert rendered == f"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n{prefill}", rendered
 
 
 def test_what_changes_the_answer_is_honoured_or_refused(served):
@@ -704,6 +714,9 @@ def test_what_changes_the_answer_is_honoured_or_refused(served):
     assert post(**defaults, top_k=-1, stop_token_ids=[], skip_special_tokens=True).status_code == 200
     for field, value in [
         ("repetition_penalty", 1.1),
+        ("repeat_penalty", 1.1),
+        ("dry_multiplier", 0.8),
+        ("min_p", ""),
         ("min_p", 0.05),
         ("guided_json", {"type": "object"}),
         ("grammar", 'root ::= "a"'),
@@ -758,10 +771,34 @@ def test_a_web_page_cannot_drive_the_server(served):
     for host in ("attacker.test", f"attacker.test:{port}", "127.0.0.1.nip.io", "10.0.0.1"):
         r = httpx.get(url + "/v1/models", headers={"Host": host})
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
-    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "app.localhost", "127.0.0.2"):
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "app.localhost", "127.0.0.2", "127.1"):
         assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200, host
     r = httpx.options(url + "/v1/chat/completions", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers  # no CORS: a page of another origin reads nothing
+
+
+def test_the_host_check_follows_the_bound_address():
+    """Whether to check is read from the socket's address, not the --host text (`--host
+    ip6-localhost` or the machine's own name bind loopback, and were not checked); the
+    name given is allowed; a server bound elsewhere is not checked."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from moespeq_cli.server import Gate
+
+    def app(bind, address):
+        routes = [Route("/x", lambda request: PlainTextResponse("ok"))]
+        return Gate(Starlette(routes=routes), bind, lambda *a: None, address)
+
+    named = TestClient(app("mybox", "127.0.1.1"), base_url="http://mybox:8000")
+    assert named.get("/x").status_code == 200
+    assert named.get("/x", headers={"Host": "attacker.test"}).status_code == 403
+    v6 = TestClient(app("ip6-localhost", "::1"), base_url="http://attacker.test")
+    assert v6.get("/x").status_code == 403
+    public = TestClient(app("0.0.0.0", "0.0.0.0"), base_url="http://anything.example")
+    assert public.get("/x").status_code == 200
 
 
 def test_paths_with_a_trailing_slash_and_http_headers(served):

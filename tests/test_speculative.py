@@ -19,7 +19,7 @@ def spec_engine(path, k="auto", slots=None, context=40, draft="auto", **kw):
     ck = Checkpoint(path)
     vram = None
     if slots is not None:
-        vram = vram_for_slots(path, slots, context) + draft_bytes_estimate(ck.config)
+        vram = vram_for_slots(path, slots, context, policy="moespeq") + draft_bytes_estimate(ck.config)
     eng = Engine(path, EngineOptions(backend="mock", policy="moespeq", spec_depth=k, vram=vram, draft=draft, **kw))
     eng.load(context)
     return eng

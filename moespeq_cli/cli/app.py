@@ -64,7 +64,12 @@ class Signals:
         self.closed = False
         if threading.current_thread() is threading.main_thread():
             self.main = threading.main_thread().ident
-            self.previous = {s: signal.signal(s, self.on_signal) for s in SIGNALS}
+            # a signal the process was started ignoring stays ignored: `nohup moespeq serve &`
+            # survives the terminal closing (SIGHUP), a background job of a non-interactive
+            # shell Ctrl-C (SIGINT), as Python itself leaves them
+            self.previous = {
+                s: signal.signal(s, self.on_signal) for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN
+            }
 
     @staticmethod
     def raise_for(signum: int):

@@ -108,6 +108,7 @@ def calibrate(
         is_dir,
         is_regular,
         shown,
+        written_path,
     )
     from moespeq_cli.runtime.planning.calibrate import busy, profile_yaml
     from moespeq_cli.runtime.planning.calibrate import calibrate as measure
@@ -136,7 +137,13 @@ def calibrate(
         why = "not a directory" if not is_dir(where) else cannot_write_in(where)
         raise UsageError(f"{named} {out}: cannot create its directory in {where} ({why})")
     if given:  # (the default path lies in moespeq's cache: moespeq's own file, whatever it holds now)
-        check_replaces_own(out, named, PROFILE)  # (a link: its target)
+        target = written_path(out)  # (a link: its target, which must be a profile too)
+        if is_regular(target) and os.path.getsize(target) > 0 and target.suffix not in (".yaml", ".yml"):
+            raise UsageError(
+                f"--out {shown(out)} exists and is not a hardware profile (only a profile is replaced); "
+                "give a new file name"
+            )
+        check_replaces_own(out, named, PROFILE)
     import contextlib
 
     from moespeq_cli.fs import cache_dir, exclusive_lock

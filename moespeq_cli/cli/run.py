@@ -262,8 +262,6 @@ def run(
                     out.stats_line(result)
             raise
     result = finished()
-    if trace is not None:
-        write_trace(engine, trace, result)
     if json_out:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
@@ -273,6 +271,8 @@ def run(
             out.note(f"the model ended its text (end-of-sequence token) after {len(token_ids)} of -n {max_new_tokens}")
         if result.get("governor_note") and engine.plan is not None:  # (no plan: its note came at load)
             out.note(result["governor_note"])
+    if trace is not None:  # after the output: a trace that cannot be written loses no answer
+        write_trace(engine, trace, result)
 
 
 def check_outputs(

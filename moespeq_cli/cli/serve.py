@@ -99,7 +99,8 @@ def serve(
     if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
     name = served_name or name
-    app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1), bind=host)
+    address = sock.getsockname()[0]
+    app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1), host, address)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     port = sock.getsockname()[1]  # --port 0: the one the system gave
     shown = f"[{host}]" if ":" in host else host

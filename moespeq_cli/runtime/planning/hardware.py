@@ -343,8 +343,8 @@ PROFILE_FIELDS = frozenset(f.name for f in fields(HardwareProfile)) - {"source"}
 def is_profile(head: bytes, tail: bytes) -> bool:
     """Whether a file (its first and last bytes; the whole of a file under 64 KiB) is a
     hardware profile calibrate may replace: YAML naming a profile's fields (a profile of
-    another moespeq version too, which may no longer load), blank, or nothing else (a
-    checkpoint's config.json, the user's notes)."""
+    another moespeq version too, which may no longer load), or blank; nothing else (a
+    checkpoint's config.json, the user's notes, a file of comments)."""
     import yaml
 
     if len(tail) >= 65536:  # (a profile is a few dozen lines)
@@ -353,7 +353,9 @@ def is_profile(head: bytes, tail: bytes) -> bool:
         data = yaml.load(tail.decode("utf-8"), Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError):
         return False
-    return data is None or (isinstance(data, dict) and "name" in data and len(PROFILE_FIELDS & set(data)) >= 3)
+    if data is None:  # blank only: a file of comments, `null` or `---` is someone's
+        return not tail.strip()
+    return isinstance(data, dict) and "name" in data and len(PROFILE_FIELDS & set(data)) >= 3
 
 
 PROFILE = OwnOutput("a hardware profile", is_profile)  # what calibrate --out may replace

@@ -169,13 +169,19 @@ MAX_ROLLBACK = (
 )
 
 
-def recurrent_state_bytes(model: CausalLM, speculating: bool = True) -> int:
+def recurrent_state_bytes(model: CausalLM, states: int = MAX_ROLLBACK) -> int:
     """Linear-attention layers (Qwen3-Next, Qwen3.5) hold a fixed-size state instead of a KV
-    cache; speculative decoding keeps one per position of a cycle so that it can roll back
-    (models/base.py KVCache), planned here for up to ``MAX_ROLLBACK`` of them; decoding
-    without a draft keeps only the newest."""
+    cache, ``states`` of them a layer (``rollback_states``)."""
     per = sum(getattr(layer.attn, "state_bytes", lambda: 0)() for layer in model.model.layers)
-    return per * (MAX_ROLLBACK if speculating else 1)
+    return per * states
+
+
+def rollback_states(policy: str, drafts: bool) -> int:
+    """Linear-attention states a layer keeps: speculative decoding one per position of a
+    cycle, so that it can roll back to any (models/base.py KVCache), up to ``MAX_ROLLBACK``;
+    moespeq without a draft still keeps a cycle's start and end (``keep_from`` each
+    cycle); a policy without speculation the newest only."""
+    return MAX_ROLLBACK if policy == "moespeq" and drafts else 2 if policy == "moespeq" else 1
 
 
 def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
@@ -232,8 +238,8 @@ def make_plan(
     wholly on the device."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
-    speculating = policy == "moespeq" and with_draft and not cfg.expert_format.four_bit
-    kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model, speculating)
+    states = rollback_states(policy, with_draft and not cfg.expert_format.four_bit)
+    kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model, states)
     biggest_ffn = max(
         [cfg.expert_intermediate]
         + [
