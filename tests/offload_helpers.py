@@ -47,7 +47,9 @@ def vram_for_slots(
 
 def run_engine(path, prompt, n, backend="mock", policy="lru", slots=None, hardware=None, sampling=None):
     vram = (
-        vram_for_slots(path, slots, len(prompt) + n, backend=backend, hardware=hardware) if slots is not None else None
+        vram_for_slots(path, slots, len(prompt) + n, backend=backend, hardware=hardware, policy=policy)
+        if slots is not None
+        else None
     )
     # the draft is loaded where it fits and the governor decides (the plan's own verdict on
     # the draft, EngineOptions.draft_verdict, is tested in tests/test_draft_verdict.py)

@@ -87,7 +87,7 @@ def test_three_tiers_on_the_mock(tiny, family, variant):
         ("moespeq", {"spec_depth": "2", "cpu_experts": False}),
         ("moespeq", {"spec_depth": "auto"}),
     ):
-        vram = vram_for_slots(path, cfg.top_k, ctx)
+        vram = vram_for_slots(path, cfg.top_k, ctx, policy=policy)
         if policy == "moespeq":
             vram += draft_bytes_estimate(cfg)
         got, eng = disk_run(path, prompt, n, policy, ram_for(path, cfg.top_k + 2), backend="mock", vram=vram, **kw)

@@ -1036,8 +1036,8 @@ def test_sighup_cleans_up_and_exits_129(moespeq_process, tmp_path):
         text=True,
     )
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".draft.tmp-*")) and time.time() < deadline and p.poll() is None:
-        time.sleep(0.005)
+    while not list(tmp_path.glob(".draft.tmp-*/draft.safetensors")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)  # (writing the draft: not the probe that says the directory can be written)
     p.send_signal(signal.SIGHUP)
     _, err = p.communicate(timeout=60)
     if p.returncode == 0:  # (it finished before the signal came: nothing to clean)

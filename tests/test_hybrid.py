@@ -36,7 +36,7 @@ def engine(path, policy, slots, context, hardware, **kw):
         EngineOptions(
             backend="mock",
             policy=policy,
-            vram=vram_for_slots(path, slots, context),
+            vram=vram_for_slots(path, slots, context, policy=policy),
             hardware=hardware,
             draft_verdict=False,  # the governor decides (tests/test_draft_verdict.py: the plan's verdict)
             **kw,

@@ -442,10 +442,11 @@ class QuantizedExperts:
         out = real_out(out)
         fp = fp or fingerprint(source)
         check_out(out, fp, stale_ok)
-        tmp = Path(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
         from safetensors import SafetensorError
 
-        try:
+        tmp = None
+        try:  # (made inside: a Ctrl-C or SIGTERM right after it is made still removes it)
+            tmp = Path(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
             self._write(tmp, out, source, fp)
         except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
             why = e.strerror if isinstance(e, OSError) else str(e).split(": ")[-1]
@@ -453,7 +454,8 @@ class QuantizedExperts:
                 f"cannot write the draft to {shown(out)} ({why}); check the disk and directory"
             ) from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     def _write(self, tmp: Path, out: Path, source: Checkpoint, fp: str) -> None:

@@ -101,7 +101,12 @@ def draft_lock(out: Path, fp: str, stale_ok: bool = False):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # Can a draft be written here at all? (read-only, /proc, /sys)
-        os.rmdir(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
+        probe = None
+        try:
+            probe = tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent)
+        finally:  # (a signal right after it is made: removed all the same)
+            if probe is not None:
+                os.rmdir(probe)
     except OSError as e:
         # a given --out is the user's choice (usage, 2); the default place is this machine's (runtime, 1)
         named = f"the draft directory {shown(out)}" if stale_ok else f"--out {shown(out)}"
