@@ -60,6 +60,15 @@ def test_quantized_checkpoint_is_refused_clearly(cli, ckpt, method):
     one_line_error(run(cli, ckpt), 1, repr(method), "bf16")
 
 
+def test_a_config_error_names_the_whole_path(cli, ckpt):
+    """"config.json lacks 'hidden_size'" said which file with many models only by luck:
+    the path is named."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    one_line_error(cli("plan", str(ckpt)), 1, f"{ckpt / 'config.json'} lacks 'hidden_size'")
+
+
 @pytest.mark.parametrize("quant", ["fp8", ["fp8"], 8])
 def test_a_quantization_config_that_is_not_an_object(cli, ckpt, quant):
     """A string (`"quantization_config": "fp8"`) was an internal error (AttributeError)."""

@@ -29,7 +29,7 @@ def quantize(
         typer.Option(
             "--out",
             help="Draft directory (default: beside the checkpoint, <dir>.moespeq-draft-<method>-b<blocksize>, "
-            "or ~/.cache/moespeq/drafts when that is not writable).",
+            "or ~/.cache/moespeq/drafts for a pulled model, the demo, or where that is not writable).",
             show_default=False,
         ),
     ] = None,
@@ -40,8 +40,8 @@ def quantize(
     Only the routed experts are quantized; everything else is shared with the
     full-precision model at run time. The draft is written atomically with a manifest
     (method, blocksize, a fingerprint of the source checkpoint: config.json, the weight
-    files' headers and samples of their data); `moespeq run --draft auto` finds it beside
-    the checkpoint (with whatever --method and --blocksize it was built); a draft written
+    files' headers and samples of their data); `moespeq run --draft auto` finds it where
+    quantize put it (with whatever --method and --blocksize it was built); a draft written
     to --out is used with `--draft DIR`. A draft built from other weights is not used
     (`run` quantizes in memory and says so; `--draft DIR` refuses it). A draft that no
     longer matches its weights in ways the fingerprint misses only lowers acceptance: the

@@ -327,6 +327,7 @@ def plan_table(report: dict) -> None:
     from rich.table import Table
 
     from moespeq_cli.runtime.planning.hardware import format_size
+    from moespeq_cli.text import counted
 
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -335,7 +336,7 @@ def plan_table(report: dict) -> None:
     budget = "this CPU" if host else f"--vram {format_size(report['vram_bytes'])}"
     console.print(
         f"[bold]{report['model']}[/bold] on {report['hardware']}, {budget}, "
-        f"{report['context_tokens']} tokens of context, {report['dtype']}  [dim]({report['config']})[/dim]"
+        f"{counted(report['context_tokens'], 'token')} of context, {report['dtype']}  [dim]({report['config']})[/dim]"
     )
     ram = format_size(report["ram_bytes"]) if report.get("ram_bytes") is not None else "unbounded"
     how = f" ({report['ram_source']})" if report.get("ram_source") else ""

@@ -163,10 +163,14 @@ def skip_init():
 @contextlib.contextmanager
 def config_errors(source: str):
     """A failure of family code on a validated config still names the file, never
-    escaping as a bare Python error (the schema is the first line, this the second)."""
+    escaping as a bare Python error (the schema is the first line, this the second); a
+    family's own "config.json lacks ..." names the whole path (with many models, which)."""
     try:
         yield
-    except CheckpointError:
+    except CheckpointError as e:
+        said = str(e)
+        if said.startswith("config.json ") and source.endswith("config.json") and source != "config.json":
+            e.args = (source + said.removeprefix("config.json"),)
         raise
     except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AttributeError, RuntimeError) as e:
         raise CheckpointError(f"{source} cannot be used ({type(e).__name__}: {str(e)[:120]}); fix the file") from None
