@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moespeq_cli.errors import CheckpointError, UnknownModelError, UsageError
-from moespeq_cli.fs import is_dir, is_regular, kind, shown
+from moespeq_cli.fs import is_regular, kind, shown
 
 if TYPE_CHECKING:
     from moespeq_cli.runtime.planning.hardware import HardwareProfile
@@ -86,7 +86,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
         if not os.path.lexists(path / "config.json"):  # not a checkpoint: the command line is wrong
             raise UnknownModelError(no_config(shown(model)))
         return model, path
-    if model in ALIASES or looks_like_hub_id(model):
+    if model in ALIASES or (looks_like_hub_id(model) and status == "missing"):  # (q/fp8.json: a file)
         repo = ALIASES[model][0] if model in ALIASES else model
         cached = cached_snapshot(repo)
         if cached is None:
@@ -218,7 +218,7 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
         bundled = CONFIGS_DIR / f"{model}.json"
         missing = f"{bundled} is missing from this install; reinstall moespeq"
         return model, read_json(bundled, "reinstall moespeq", missing=missing), f"bundled config of {repo}"
-    if model is not None and not is_dir(Path(os.path.expanduser(model))) and looks_like_hub_id(model):
+    if model is not None and kind(Path(os.path.expanduser(model))) == "missing" and looks_like_hub_id(model):
         cached = cached_snapshot(model)
         if cached is None:
             if why := unreadable_repo(model):

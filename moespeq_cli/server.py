@@ -239,6 +239,7 @@ UNSUPPORTED_BUT = {
     "n_probs": (0, "log probabilities"),
     "bad_words": ([], "banned words"),
     "allowed_token_ids": (None, "a restricted vocabulary"),
+    "truncate_prompt_tokens": (None, "truncating the prompt"),
     "logits_processors": (None, "logits processors"),
     "min_p": (0, "min-p sampling"),
     "typical_p": (1, "typical sampling"),
@@ -291,7 +292,9 @@ def refuse_unsupported(body: dict, chat: bool = True) -> None:
         if asks:
             raise ApiError(400, f"'{name}' is not supported by moespeq ({what}); leave it out", "unsupported", name)
     for name, (neutral, what) in UNSUPPORTED_BUT.items():
-        if body.get(name) not in (None, neutral, []) and not (neutral is None and body.get(name) == ""):
+        v = body.get(name)
+        neutral_value = v in (None, neutral, []) and not (isinstance(v, bool) and not isinstance(neutral, bool))
+        if not neutral_value and not (neutral is None and v == ""):  # (true is not 1 here)
             which = "" if neutral is None else f" other than {json.dumps(neutral)}"
             raise ApiError(400, f"'{name}'{which} is not supported by moespeq ({what})", "unsupported", name)
     fmt = body.get("response_format")

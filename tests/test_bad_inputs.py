@@ -60,8 +60,18 @@ def test_quantized_checkpoint_is_refused_clearly(cli, ckpt, method):
     one_line_error(run(cli, ckpt), 1, repr(method), "bf16")
 
 
+def test_a_file_named_like_a_hub_id_is_a_file(cli, tmp_path, monkeypatch):
+    """`plan q/fp8.json` (a relative path without ./) was taken for a hub id: "not
+    downloaded; moespeq pull q/fp8.json"."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "fp8.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    for command in ("plan", "run"):
+        one_line_error(cli(command, "q/fp8.json"), 2, "q/fp8.json is a file, not a checkpoint directory")
+
+
 def test_a_config_error_names_the_whole_path(cli, ckpt):
-    """"config.json lacks 'hidden_size'" said which file with many models only by luck:
+    """ "config.json lacks 'hidden_size'" said which file with many models only by luck:
     the path is named."""
     cfg = json.loads((ckpt / "config.json").read_text())
     del cfg["hidden_size"]

@@ -420,6 +420,17 @@ def test_an_output_that_appears_while_moespeq_runs_is_left_alone(cli, ckpt, tmp_
     assert "tokens in" in r.stderr  # the answer and its statistics came first: not lost
     assert all(s in r.stderr.splitlines()[-1] for s in ("appeared there", str(trace), "another file name"))
     assert trace.read_text() == "the user's\n" and not list(tmp_path.glob(".t.json*"))  # (no temporary left)
+    report = tmp_path / "r.html"
+    listed = Timeline.to_list
+
+    def appear_too(self):
+        report.write_text("<p>mine</p>")
+        return listed(self)
+
+    monkeypatch.setattr(Timeline, "to_list", appear_too)
+    r = cli("profile", str(ckpt), "-n", "3", "--no-live", "--report", str(report))
+    assert r.exit_code == 1 and "appeared there" in r.stderr.splitlines()[-1], r.stderr
+    assert report.read_text() == "<p>mine</p>" and r.stdout.strip() and "tokens in" in r.stderr  # output kept
     profile = tmp_path / "p.yaml"
     profile.write_text("my: notes\n")
     with pytest.raises(MoespeqError, match="not a hardware profile appeared"):

@@ -715,6 +715,8 @@ def test_what_changes_the_answer_is_honoured_or_refused(served):
     for field, value in [
         ("repetition_penalty", 1.1),
         ("repeat_penalty", 1.1),
+        ("repetition_penalty", True),
+        ("truncate_prompt_tokens", 2),
         ("dry_multiplier", 0.8),
         ("min_p", ""),
         ("min_p", 0.05),

@@ -168,16 +168,16 @@ class MoespeqGroup(TyperGroup):
             # which wraps it at 80 columns, and fish and zsh read each line as a candidate
             os.environ["COLUMNS"] = "100000"
         argv = list(sys.argv[1:] if args is None else args)
-        if not argv or "-h" in argv or "--help" in argv:
-            from moespeq_cli.cli import help_layout  # imports rich's help machinery: only for help
-
-            help_layout.install()
         command = next((a for a in argv if not a.startswith("-")), None)
         if command not in self.commands:
             command = None
         restore_streams = standard_streams()
         signals = Signals()
         try:
+            if not argv or "-h" in argv or "--help" in argv:
+                from moespeq_cli.cli import help_layout  # imports rich's help machinery: only for help
+
+                help_layout.install()  # (after Signals: a Ctrl-C while it imports is one line)
             argv = completion_for_named_shell(argv)
             if argv is None:  # printed or installed
                 raise SystemExit(0)

@@ -148,14 +148,6 @@ def profile(
         for ev in events:
             token_ids.append(ev.token)
     result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
-    if trace is not None:
-        write_trace(engine, trace, result)
-    if report is not None:
-        from moespeq_cli.profiling.report import write_report
-
-        cs = cache.stats
-        layer_hits = {layer: cs.layer_hits[layer] / n for layer, n in cs.layer_lookups.items() if n}
-        write_report(report, result, engine.backend.timeline.to_list(), layer_hits)
     result["trace"] = str(trace) if trace else None
     result["report"] = str(report) if report else None
     if json_out:
@@ -167,6 +159,16 @@ def profile(
         out.stats_line(result)
         if result.get("governor_note"):
             out.note(result["governor_note"])
-        for label, p in (("trace", trace), ("report", report)):
-            if p:
-                print(f"{label}: {p}", file=sys.stderr)
+    # the files after the output: one that cannot be written (a user's file appeared there)
+    # loses no answer and no statistics
+    if trace is not None:
+        write_trace(engine, trace, result)
+    if report is not None:
+        from moespeq_cli.profiling.report import write_report
+
+        cs = cache.stats
+        layer_hits = {layer: cs.layer_hits[layer] / n for layer, n in cs.layer_lookups.items() if n}
+        write_report(report, result, engine.backend.timeline.to_list(), layer_hits)
+    for label, p in (("trace", trace), ("report", report)):
+        if p and not json_out:
+            print(f"{label}: {p}", file=sys.stderr)
