@@ -198,6 +198,11 @@ class HaltingServer(uvicorn.Server):
         self.config.app.state.worker.halt()
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:  # a second Ctrl-C: uvicorn skips the app's shutdown, whose task was
+            await self.lifespan.shutdown()  # then cancelled with a traceback; ours is quick (halted)
+
 
 def stats_of(engine) -> dict:
     s = engine.last_stats

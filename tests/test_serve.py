@@ -824,3 +824,36 @@ def test_a_401_names_its_scheme(tiny):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_second_ctrl_c_stops_serve_without_a_traceback():
+    """Ctrl-C twice while an answer streams: uvicorn then skipped the app's shutdown, its
+    task was cancelled as the loop closed and uvicorn logged a 40-line traceback. Exit 0,
+    "stopped", the streamed answer ended by its error event."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "moespeq_cli", "serve", "demo", "--port", "0"]  # (slow enough to stop mid-answer)
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = p.stderr.readline()
+            assert line, "serve exited before serving"
+        url = re.search(r"(http://\S+)/v1", line).group(1)
+        body = {"prompt": "a long story", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(ln for ln in lines if ln.startswith("data: "))  # streaming
+            p.send_signal(signal.SIGINT)
+            time.sleep(0.1)
+            p.send_signal(signal.SIGINT)
+            rest = "\n".join(lines)
+        err = p.stderr.read()
+        assert p.wait(30) == 0 and "stopped" in err and "Traceback" not in err, err
+        assert "shutting_down" in rest or "[DONE]" in rest
+    finally:
+        if p.poll() is None:
+            p.kill()
