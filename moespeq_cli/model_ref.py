@@ -205,11 +205,15 @@ def newest_snapshot(repo: str) -> Path | None:
 
 def resolve_config(model: str | None) -> tuple[str, dict, str]:
     """-> (display name, raw config.json, where it came from), for ``moespeq plan``: a
-    checkpoint directory, a pulled repository (``pull --config-only`` is enough), or an
-    alias's bundled config -- never the network, never a weight."""
+    checkpoint directory, a pulled repository (``pull --config-only`` is enough), an
+    alias's bundled config, or a config file itself (a model's config.json saved from its
+    page: ``plan ~/Downloads/config.json``) -- never the network, never a weight."""
     from moespeq_cli.models.checkpoint import read_config, read_json
 
     check_named(model)
+    given = Path(os.path.expanduser(model)) if model is not None else None
+    if given is not None and given.suffix == ".json" and kind(given) == "file":
+        return model, read_json(given, "fix the file"), str(given)
     if model in ALIASES:
         repo = ALIASES[model][0]
         cached = cached_snapshot(repo)

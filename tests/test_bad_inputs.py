@@ -62,12 +62,17 @@ def test_quantized_checkpoint_is_refused_clearly(cli, ckpt, method):
 
 def test_a_file_named_like_a_hub_id_is_a_file(cli, tmp_path, monkeypatch):
     """`plan q/fp8.json` (a relative path without ./) was taken for a hub id: "not
-    downloaded; moespeq pull q/fp8.json"."""
+    downloaded; moespeq pull q/fp8.json"; `plan` reads a config file given itself."""
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "fp8.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    for command in ("plan", "run"):
-        one_line_error(cli(command, "q/fp8.json"), 2, "q/fp8.json is a file, not a checkpoint directory")
+    one_line_error(cli("run", "q/fp8.json"), 2, "q/fp8.json is a file, not a checkpoint directory")
+    one_line_error(cli("plan", "q/fp8.json"), 1, "names no model_type")  # (plan reads a config file itself)
+    from moespeq_cli.model_ref import CONFIGS_DIR
+
+    (tmp_path / "q" / "config.json").write_text((CONFIGS_DIR / "mixtral.json").read_text())
+    r = cli("plan", "q/config.json", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["model_type"] == "mixtral", r.stderr
 
 
 def test_a_config_error_names_the_whole_path(cli, ckpt):

@@ -24,6 +24,9 @@ EPILOG = """[bold]Examples[/bold]
   moespeq plan ./Mixtral-8x7B-Instruct-v0.1 --vram 12GB --json
 
   moespeq pull org/name --config-only && moespeq plan org/name --vram 16GB
+
+  [dim]# a config.json saved from a model's page[/dim]
+  moespeq plan ~/Downloads/config.json --vram 16GB
 """
 
 # (policy, --cpu-experts) per row: moespeq with and without CPU experts, then the baselines
