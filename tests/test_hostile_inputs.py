@@ -1035,6 +1035,35 @@ def test_sigterm_and_sighup_print_the_partial_result_too(cli, ckpt, monkeypatch,
     assert result["interrupted"] and result["finish_reason"] == "interrupted" and len(result["token_ids"]) == 3
 
 
+def test_a_hangup_whose_terminal_is_gone_still_exits_129(cli, ckpt, monkeypatch):
+    """After SIGHUP the terminal may be gone: writing the partial result there failed
+    (EIO) and that error replaced the signal's exit code."""
+    import io
+
+    from moespeq_cli.errors import Terminated
+    from moespeq_cli.runtime.engine import Engine
+
+    generate = Engine.generate
+
+    def hung_up(self, *args, **kwargs):
+        for ev in generate(self, *args, **kwargs):
+            yield ev
+            if ev.index == 1:
+                raise Terminated(1)
+
+    from moespeq_cli.cli.errors import GuardedOutput
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+    gone = GuardedOutput(Closed())  # (stdout as moespeq wraps it, over a terminal that is gone)
+    monkeypatch.setattr(Engine, "generate", hung_up)
+    monkeypatch.setattr(GuardedOutput, "write", lambda self, text: gone._call("write", text))
+    r = run(cli, ckpt, "--json", "-n", "10")
+    assert r.exit_code == 129, r.stderr
+
+
 def test_sighup_cleans_up_and_exits_129(moespeq_process, tmp_path):
     """A closed terminal (SIGHUP) killed quantize where it stood, leaving its temporary
     draft (gigabytes for a real model) beside the checkpoint: cleaned up as for SIGTERM."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from moespeq_cli.cli import options as o
 from moespeq_cli.cli.render import LoadingStatus
-from moespeq_cli.errors import CheckpointError, Terminated, UsageError
+from moespeq_cli.errors import CheckpointError, MoespeqError, Terminated, UsageError
 from moespeq_cli.fs import check_output, read_text
 
 if TYPE_CHECKING:  # the engine imports torch: not at the command's import
@@ -255,11 +255,14 @@ def run(
             if token_ids:
                 result = finished()
                 result["interrupted"], result["finish_reason"] = True, "interrupted"
-                if json_out:
-                    sys.stdout.write(json.dumps(result) + "\n")
-                else:
-                    out.end_text()
-                    out.stats_line(result)
+                try:  # (after SIGHUP the terminal may be gone: the signal's exit code, not the write's error)
+                    if json_out:
+                        sys.stdout.write(json.dumps(result) + "\n")
+                    else:
+                        out.end_text()
+                        out.stats_line(result)
+                except (OSError, MoespeqError):
+                    pass
             raise
     result = finished()
     if json_out:
