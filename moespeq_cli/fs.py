@@ -243,14 +243,6 @@ def holds_another_file(path: Path, own: OwnOutput) -> bool:
     return bool(head) and not own.recognise(head, tail)
 
 
-def holds_another_file_or_unreadable(path: Path, own: OwnOutput) -> bool:
-    """``holds_another_file``, where a file that cannot be read counts as another's."""
-    try:
-        return holds_another_file(path, own)
-    except OSError:
-        return True
-
-
 def check_replaces_own(path: Path | None, option: str, own: OwnOutput) -> None:
     """Refuse an output ``path`` that holds anything but an earlier output of the same kind
     (``own``). A user's file given by mistake (``--trace notes.txt``) is never overwritten;
@@ -375,7 +367,11 @@ def atomic_write_text(path: Path, text: str, own: OwnOutput | None = None) -> No
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        if own is not None and holds_another_file_or_unreadable(path, own):
+        try:
+            other = own is not None and holds_another_file(path, own)
+        except OSError:  # (one that cannot be read counts as another's)
+            other = True
+        if other:
             raise MoespeqError(
                 f"not writing {path}: a file that is not {own.what} appeared there while moespeq ran; "
                 "it is left as it was (run again with another file name)"

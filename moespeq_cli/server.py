@@ -276,12 +276,27 @@ HANDLED = {
 }  # fmt: skip
 
 
+def printable(name: str, most: int = 40) -> str:
+    """A name from a request (a field, a Host header) as a log line or an error may show
+    it: as sent where printable and short, else escaped and cut (no line breaks or escape
+    codes reach the operator's terminal)."""
+    return name if name.isprintable() and len(name) <= most else ascii(name[:most])
+
+
+def neutral(value, default) -> bool:
+    """Whether a field's ``value`` asks nothing of what it would change: absent, empty, or
+    its ``default`` (``true`` is not 1 here; ``""`` is nothing where the default is null)."""
+    if value is None or value == [] or (default is None and value == ""):
+        return True
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
+
+
 def ignored_fields(body: dict, most: int = 8) -> str:
     """The request's fields this API ignores, for the log: each name printable (a key is
     any JSON string: no line breaks or escape codes reach the operator's terminal), at
     most ``most`` of them, "" for none."""
     names = sorted(set(body) - HANDLED)
-    shown = [n if n.isprintable() and len(n) <= 40 else ascii(n[:40]) for n in names[:most]]
+    shown = [printable(n) for n in names[:most]]
     return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
@@ -291,16 +306,15 @@ def refuse_unsupported(body: dict, chat: bool = True) -> None:
     for the chosen tokens' log probabilities)."""
     for name, what in UNSUPPORTED.items():
         v = body.get(name)
-        asks = v not in (None, False, 0, "", [], {})
-        if name == "logprobs" and not chat and v is not None and v is not False:  # (an integer there: 0 asks)
-            asks = True
+        if name == "logprobs" and not chat:  # (an integer there: 0 asks for the chosen tokens')
+            asks = v is not None and v is not False
+        else:
+            asks = v not in (None, False, 0, "", [], {})
         if asks:
             raise ApiError(400, f"'{name}' is not supported by moespeq ({what}); leave it out", "unsupported", name)
-    for name, (neutral, what) in UNSUPPORTED_BUT.items():
-        v = body.get(name)
-        neutral_value = v in (None, neutral, []) and not (isinstance(v, bool) and not isinstance(neutral, bool))
-        if not neutral_value and not (neutral is None and v == ""):  # (true is not 1 here)
-            which = "" if neutral is None else f" other than {json.dumps(neutral)}"
+    for name, (default, what) in UNSUPPORTED_BUT.items():
+        if not neutral(body.get(name), default):
+            which = "" if default is None else f" other than {json.dumps(default)}"
             raise ApiError(400, f"'{name}'{which} is not supported by moespeq ({what})", "unsupported", name)
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
@@ -459,7 +473,7 @@ def lone_surrogate(body: dict) -> str | None:
                 try:
                     v.encode("utf-8")
                 except UnicodeEncodeError:
-                    return top if top.isprintable() and len(top) <= 40 else ascii(top[:40])
+                    return printable(top)
             elif isinstance(v, dict):
                 stack.extend(v.keys())
                 stack.extend(v.values())
@@ -576,7 +590,7 @@ class Gate:
             if self.check and name is not None and not loopback(name) and name != self.bind:
                 from starlette.responses import JSONResponse
 
-                shown = name if name.isprintable() and len(name) <= 60 else ascii(name[:60])
+                shown = printable(name, 60)
                 e = ApiError(
                     403,
                     f"this server on {self.bind} answers requests for localhost only, not for {shown!r} (a web page "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 
 import typer
@@ -115,7 +116,7 @@ def exit_for(exc: BaseException, command: str | None) -> None:
     if isinstance(exc, Interrupted | typer.Abort | KeyboardInterrupt):
         fail("interrupted", 130)
     if isinstance(exc, Terminated):
-        fail("hung up (its terminal closed)" if exc.signum == 1 else "terminated", 128 + exc.signum)
+        fail("hung up (its terminal closed)" if exc.signum == signal.SIGHUP else "terminated", 128 + exc.signum)
     if isinstance(exc, USAGE_ERRORS):
         where = f"moespeq {command} --help" if command else "moespeq --help"
         fail(f"{exc.format_message()} (see `{where}`)", 2)

@@ -214,7 +214,7 @@ def plan(
         # hardware (what `run` simulates) or this CPU, not another machine's profile
         "ram_note": (
             beyond_memory(ram_bytes, held)
-            if ram is not None and (hardware is None or host or hw.name == DEFAULT_HARDWARE)  # (spelled out: the same)
+            if ram is not None and (host or hw.name == DEFAULT_HARDWARE)  # (the default, given or not)
             else None
         ),
         # the cpu backend then decodes from memory (engine.make_plan's plan None), as the rows do not say

@@ -99,10 +99,9 @@ def serve(
     if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
     name = served_name or name
-    address = sock.getsockname()[0]
+    address, port = sock.getsockname()[:2]  # (--port 0: the one the system gave)
     app = build_app(engine, name, ctx, api_key, queue, min(default_max_tokens or 512, ctx - 1), host, address)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    port = sock.getsockname()[1]  # --port 0: the one the system gave
     shown = f"[{host}]" if ":" in host else host
     # said once the server listens: a script that waits for the line then connects
     server = HaltingServer(
