@@ -358,6 +358,40 @@ def test_a_layer_s_attention_in_one_call_is_the_module_s_bit_for_bit(tiny, monke
     assert_same_cache(cache, cache2, layers, 9)
 
 
+@pytest.mark.parametrize(
+    "family,variant",
+    [
+        ("mixtral", "gqa"),
+        ("qwen2_moe", "sparse_step"),  # a dense MLP layer between MoE layers
+        ("qwen3_moe", "dense_layer"),
+        ("deepseek_v2", "lite"),  # MLA, a float32 router
+        ("deepseek_v3", "v3"),  # MLA, the sigmoid router with groups
+        ("glm4_moe", "base"),
+        ("glm4_moe_lite", "flash"),
+        ("gpt_oss", "alternating"),
+        ("gemma4", "alternating"),
+    ],
+)
+def test_a_verification_block_is_single_steps_bit_for_bit_on_the_cpu_backend(tiny, family, variant):
+    """What keeps speculative decoding exact on the cpu backend with bf16 weights: the
+    logits of a block of tokens over the cache equal one token at a time's bit for bit
+    (not so yet: the linear-attention layers of Qwen3-Next and Qwen3.5, whose block pass
+    and single steps compute the recurrence differently)."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny(family, variant, torch.bfloat16)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    model = eng.model
+    for seed in range(3):
+        ids = torch.randint(3, 200, (14,), generator=torch.Generator().manual_seed(seed))
+        cache = model.new_cache()
+        block = torch.cat([model(ids[:8], cache), model(ids[8:], cache)])
+        cache = model.new_cache()
+        steps = torch.cat([model(ids[:8], cache)] + [model(ids[i : i + 1], cache) for i in range(8, 14)])
+        assert torch.equal(block, steps), seed
+
+
 def test_expert_mlp_falls_back_where_the_kernels_do_not_apply():
     g = torch.Generator().manual_seed(3)
     gate, up = (torch.randn(24, 16, generator=g).bfloat16() for _ in range(2))
@@ -400,7 +434,8 @@ def attention_reference(q, k, v, start, scale, window=None, sinks=None):
 
 
 # (heads, kv heads, key dim, value dim, queries, start, window, sinks): grouped and not,
-# ragged head dims (a tail past the 8-wide chunks, MLA's value dim below the key's),
+# ragged head dims (a tail past the 8-wide chunks; MLA's one latent head, its values a
+# view of its keys' first columns),
 # sliding windows shorter than the cache, a verification-sized block, a prefill of 64
 ATTENTION_CASES = [
     (8, 8, 128, 128, 1, 95, None, False),
@@ -421,7 +456,7 @@ def check_attention(call):
         L = start + T
         # the cache as the model keeps it: views into longer buffers
         k = torch.randn(Hkv, L + 9, d, generator=g)[:, :L]
-        v = torch.randn(Hkv, L + 9, dv, generator=g)[:, :L]
+        v = torch.randn(Hkv, L + 9, dv, generator=g)[:, :L] if Hkv > 1 else k[..., :dv]
         q = torch.randn(T, H, d, generator=g).transpose(0, 1)  # [H, T, d], as the model's
         sinks = torch.randn(H, generator=g) if with_sinks else None
         scale = d**-0.5
@@ -430,6 +465,74 @@ def check_attention(call):
         alone = [call(q[:, t : t + 1], k[:, : start + t + 1], v[:, : start + t + 1], start + t, scale, window, sinks)
                  for t in range(T)]  # fmt: skip
         assert torch.equal(torch.cat(alone), got), (H, Hkv, d, T)
+
+
+def mla_operands(H, T, nope, rope, v, r, wdtype, g):
+    """MLA's absorbed products' operands as the model holds them: the query's no-position
+    part a view of the query projection's output ``[T, H * (nope + rope)]``, the key and
+    value expansions views of ``kv_b_proj``'s weight ``[H * (nope + v), r]``, attention's
+    latent output ``[T, H * r]`` seen per head."""
+    q = torch.randn(T, H * (nope + rope), generator=g).view(T, H, nope + rope)[..., :nope].transpose(0, 1)
+    w = torch.randn(H * (nope + v), r, generator=g).to(wdtype).view(H, nope + v, r)
+    lat = torch.randn(T, H * r, generator=g).view(T, H, r).transpose(0, 1)
+    return q, w[:, :nope], w[:, nope:], lat
+
+
+def check_per_head(call):
+    """``call(x, w, out, transposed)`` gives each head's product (the query through the
+    key expansion, ``x @ w``; the latent through the value expansion, ``x @ w.T``, written
+    into a [T, H * v] output), and each token computed alone gives its row bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    # (heads, tokens, nope, rope, v, r): ragged sizes past the 8- and 16-wide chunks, one
+    # head, a verification-sized block, enough weight to share over the pool
+    for H, T, nope, rope, v, r in [
+        (1, 1, 16, 8, 16, 32),
+        (5, 6, 24, 8, 40, 48),
+        (3, 4, 19, 6, 11, 37),
+        (20, 3, 64, 16, 96, 160),
+    ]:
+        for wdtype in WDTYPES:
+            q, w_uk, w_uv, lat = mla_operands(H, T, nope, rope, v, r, wdtype, g)
+            absorbed = torch.empty(H, T, r)
+            assert call(q, w_uk, absorbed, True)
+            assert scaled_err(absorbed, torch.matmul(q.double(), w_uk.double())) < FP32_TOL, (H, T, wdtype)
+            y = torch.empty(T, H * v)
+            assert call(lat, w_uv, y.view(T, H, v).transpose(0, 1), False)
+            want = torch.matmul(lat.double(), w_uv.double().transpose(1, 2)).transpose(0, 1).reshape(T, H * v)
+            assert scaled_err(y, want) < FP32_TOL, (H, T, wdtype)
+            for t in range(T):
+                one = torch.empty(H, 1, r)
+                assert call(q[:, t : t + 1], w_uk, one, True) and torch.equal(one, absorbed[:, t : t + 1])
+                row = torch.empty(1, H * v)
+                assert call(lat[:, t : t + 1], w_uv, row.view(1, H, v).transpose(0, 1), False)
+                assert torch.equal(row, y[t : t + 1])
+
+
+def lib_per_head(lib, x, w, out, transposed):
+    """``ms_heads`` of a library built here, called directly."""
+    H, T, K = x.shape
+    N = w.shape[2] if transposed else w.shape[1]
+    lib.ms_heads(
+        x.data_ptr(), *x.stride()[:2], w.data_ptr(), kernels.WTYPES[w.dtype], w.stride(0), int(transposed),
+        out.data_ptr(), *out.stride()[:2], H, T, N, K,
+    )  # fmt: skip
+    return True
+
+
+def test_per_head_products_match_the_reference_and_do_not_depend_on_the_batch():
+    check_per_head(kernels.per_head)
+
+
+def test_per_head_products_leave_what_they_do_not_take_to_torch():
+    g = torch.Generator().manual_seed(8)
+    q, w_uk, w_uv, lat = mla_operands(2, 3, 8, 4, 8, 16, torch.bfloat16, g)
+    assert not kernels.per_head(q.double(), w_uk, torch.empty(2, 3, 16, dtype=torch.float64), True)
+    assert not kernels.per_head(q, w_uk.double(), torch.empty(2, 3, 16), True)  # a weight dtype it has no path for
+    assert not kernels.per_head(q, w_uk, torch.empty(3, 2, 16).transpose(0, 1), True)  # rows not N apart
+    assert not kernels.per_head(q, w_uk, torch.empty(2, 3, 15), True)  # the wrong shape
+    assert not kernels.per_head(q, w_uk.transpose(1, 2), torch.empty(2, 3, 16), False)  # weight rows not contiguous
+    long = torch.randn(2, kernels.MAX_ROWS + 1, 16, generator=g)
+    assert not kernels.per_head(long, w_uv, torch.empty(2, kernels.MAX_ROWS + 1, 8), False)  # a prefill: torch's
 
 
 def lib_attention(lib, q, k, v, start, scale, window, sinks):
@@ -866,8 +969,9 @@ def test_the_plain_and_avx2_paths_are_exact_and_batch_invariant(tmp_path, march,
     want = gpt_oss_experts(1.702, 7.0).forward(xs.double(), [p.double() for p in parts])
     assert scaled_err(together, want) < 1e-5
     assert torch.equal(torch.cat([expert_t(xs[i : i + 1].clone()) for i in range(5)]), together)
-    # attention over the cache on this path
+    # attention over the cache, and MLA's per-head products, on this path
     check_attention(lambda *a: lib_attention(lib, *a))
+    check_per_head(lambda *a: lib_per_head(lib, *a))
     # greedy's choice on this path: numpy's argmax, non-finite rows refused
     rows = torch.randn(3, 4099, generator=g)
     rows[1, 7] = rows[1, 4000] = 1e30

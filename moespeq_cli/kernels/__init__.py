@@ -383,6 +383,38 @@ def expert_transposed(
     return y
 
 
+def per_head(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, transposed: bool = False) -> bool:
+    """One product per head, each with its own weight block, in one call (``ms_heads``;
+    MLA's absorbed attention): ``out[h] = x[h] @ w[h].T`` for ``w [H, N, K]``, or with
+    ``transposed`` ``out[h] = x[h] @ w[h]`` for ``w [H, K, N]``, x ``[H, T, K]`` fp32. Any
+    head and row strides (views into a projection's output, a weight's blocks of rows),
+    the last dimension contiguous; a head's weight rows contiguous; with ``transposed``
+    out's rows N apart. Batch invariant as ``linear``. Whether it did (else: torch's)."""
+    H, T, K = x.shape
+    N = w.shape[1] if not transposed else w.shape[2]
+    if not (
+        x.dtype == out.dtype == torch.float32
+        and x.is_cpu
+        and out.is_cpu
+        and w.is_cpu
+        and w.dtype in WTYPES
+        and 0 < T <= MAX_ROWS
+        and w.shape == ((H, K, N) if transposed else (H, N, K))
+        and out.shape == (H, T, N)
+        and x.stride(2) == w.stride(2) == out.stride(2) == 1
+        and w.stride(1) == w.shape[2]
+        and (not transposed or out.stride(1) == N)
+        and min(x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1)) >= 0
+        and _lib() is not None
+    ):
+        return False
+    _lib().ms_heads(
+        x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), WTYPES[w.dtype], w.stride(0), int(transposed),
+        out.data_ptr(), out.stride(0), out.stride(1), H, T, N, K,
+    )  # fmt: skip
+    return True
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """torch's RMSNorm in float32 (``weight * (x * rsqrt(mean(x^2) + eps))``) over the last
     dimension, in one call; x and weight fp32 on the CPU."""

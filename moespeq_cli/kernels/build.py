@@ -149,6 +149,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ms_dequant_4bit.restype = None
     lib.ms_expert_t.argtypes = [p, p, p, p, p, i, f, f, p, p, L, L, L]
     lib.ms_expert_t.restype = None
+    lib.ms_heads.argtypes = [p, L, L, p, i, L, i, p, L, L, L, L, L, L]
+    lib.ms_heads.restype = None
     lib.ms_expert_t_scratch.argtypes = [L, L, L]
     lib.ms_expert_t_scratch.restype = L
     lib.ms_rmsnorm.argtypes = [p, p, ctypes.c_float, p, L, L]

@@ -58,7 +58,7 @@ enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
     default: CALL(4); break;                                                                                         \
     }
 
-int ms_version(void) { return 14; }
+int ms_version(void) { return 15; }
 int ms_simd(void) { return MS_AVX512 ? 512 : (MS_AVX2 ? 256 : 0); }
 #if MS_AVX512 && defined(__AVX512BF16__)
 #define MS_BF16DOT 1
@@ -1444,6 +1444,40 @@ void ms_expert_t(const float *x, const void *gu, const void *gub, const void *d,
         atomic_init(&a.done[s], 0);
     }
     run(expert_t_job, &a, share);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* One product per head with the head's own weight block (MLA's absorbed attention: the   */
+/* query times each head's key expansion, attention's latent output times each head's     */
+/* value expansion). Head h: x_h = x + h * hx ([T, K], rows ldx apart), W_h = w + h * hw   */
+/* elements. Not transposed: y_h[T, N] = x_h W_h[N, K]^T at y + h * hy, rows ldy apart     */
+/* (`rows`, as ms_linear). Transposed: y_h[T, N] = x_h W_h[K, N] at y + h * hy, rows N     */
+/* apart (one `tchunk` over all of K: W's rows streamed in k order). Heads are dealt one  */
+/* at a time; each head's result is the same operations whatever T or the thread count.   */
+
+typedef struct {
+    const float *x; const void *w; float *y;
+    long hx, ldx, hw, hy, ldy, H, T, N, K; int wt, transposed;
+    _Atomic long next;
+} heads_args;
+
+static void heads_job(void *p) {
+    heads_args *a = p;
+    long e = elem_bytes(a->wt), h;
+    while (claim(&a->next, a->H, &h)) {
+        const float *x = a->x + h * a->hx;
+        const void *w = (const char *)a->w + h * a->hw * e;
+        if (a->transposed) tchunk(x, a->ldx, w, a->wt, a->N, a->y + h * a->hy, a->T, 0, a->K);
+        else rows(x, a->ldx, w, a->wt, a->K, a->y + h * a->hy, a->ldy, a->T, 0, a->N);
+    }
+}
+
+void ms_heads(const float *x, long hx, long ldx, const void *w, int wt, long hw, int transposed, float *y, long hy,
+              long ldy, long H, long T, long N, long K) {
+    heads_args a = {.x = x, .w = w, .y = y, .hx = hx, .ldx = ldx, .hw = hw, .hy = hy, .ldy = ldy, .H = H, .T = T,
+                    .N = N, .K = K, .wt = wt, .transposed = transposed};
+    atomic_init(&a.next, 0);
+    run(heads_job, &a, H > 1 && worth_sharing(H * N * K * elem_bytes(wt)));
 }
 
 /* ------------------------------------------------------------------------------------ */

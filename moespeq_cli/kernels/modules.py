@@ -68,6 +68,31 @@ def _attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     return out if out is not None else type(self).core(self, q, k, v, start)
 
 
+def _fp32_router_logits(self, x: torch.Tensor, hooked: bool = True) -> torch.Tensor:
+    """``SparseMoE.router_logits`` of a router computed in float32 (DeepSeek, GLM) through
+    ``dense``: the weight as stored, widened in registers, batch invariant (torch's fp32
+    GEMM need not be: a verification's rows then differed from single steps')."""
+    return dense(x.float(), self.gate.weight)
+
+
+def _mla_absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
+    """``MLAttention.absorb`` as one ``kernels.per_head`` call over the weight as stored."""
+    out = torch.empty(self.heads, q_nope.shape[0], self.kv_lora)
+    if kernels.per_head(q_nope.transpose(0, 1), self.expansions()[0], out, transposed=True):
+        return out
+    return type(self).absorb(self, q_nope)
+
+
+def _mla_expand(self, out: torch.Tensor) -> torch.Tensor:
+    """``MLAttention.expand`` as one ``kernels.per_head`` call over the weight as stored."""
+    T, H = out.shape[0], self.heads
+    y = torch.empty(T, H * self.v_dim)
+    lat = out.view(T, H, self.kv_lora).transpose(0, 1)
+    if out.is_contiguous() and kernels.per_head(lat, self.expansions()[1], y.view(T, H, self.v_dim).transpose(0, 1)):
+        return y
+    return type(self).expand(self, out)
+
+
 def _attention_block_forward(self, x: torch.Tensor, layer: int, cache, rope: tuple) -> torch.Tensor:
     """The whole attention (projections, q/k norms, rotary, the cache's write, attention,
     the output projection) as one ``kernels.attention_block`` call: the same kernels in the
@@ -283,6 +308,9 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
         if isinstance(m, Attention | MLAttention):
             m.kernel_window = m.s.window if isinstance(m, Attention) else None  # MLA: no sliding window
             m.core = types.MethodType(_attention_core, m)
+        if isinstance(m, MLAttention):
+            m.absorb = types.MethodType(_mla_absorb, m)
+            m.expand = types.MethodType(_mla_expand, m)
         if isinstance(m, GatedMLP) and m.gate_proj.bias is None:
             m.forward = types.MethodType(_gated_mlp_forward, m)
         if isinstance(m, Attention):
@@ -295,8 +323,14 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
         elif isinstance(m, nn.Embedding):
             m.out_dtype = act_dtype
             m.forward = types.MethodType(_embedding_forward, m)
+        if isinstance(m, SparseMoE) and m.gate_fp32:
+            m.router_logits = types.MethodType(_fp32_router_logits, m)
         if isinstance(m, SparseMoE) and hasattr(m.route, "softmax_topk") and act_dtype == torch.float32:
             m.route = _kernel_route(m.route)
+    for m in model.modules():  # a layer's MLP call was bound before its forward was rebound above
+        owner = getattr(getattr(m, "ffn", None), "__self__", None)
+        if owner is not None and "forward" in vars(owner):
+            m.ffn = owner.forward
     for m in model.modules():  # after their parts: a layer is one call only where each part is
         _whole_layer(m)
     _whole_model(model)  # and a pass only where each layer is

@@ -5,8 +5,24 @@
 MLA compresses keys and values into a ``kv_lora_rank`` latent plus one shared rotary key
 of ``qk_rope_head_dim``; ``kv_b_proj`` expands the latent into per-head keys (no
 position) and values. Rotary here rotates interleaved pairs (DeepSeek's complex layout).
-The KV cache stores the expanded per-head keys and values, so rollback and attention
-are the same code as every other family.
+
+The KV cache holds the latent, not the expansion: one row of ``kv_lora_rank +
+qk_rope_head_dim`` a position and layer, where per-head keys and values would take
+``heads * (qk_nope + qk_rope + v_head_dim)`` (18x the bytes on GLM-4.7-Flash, 71x on
+DeepSeek-V3). Attention runs *absorbed* over it, as vLLM and SGLang decode: a head's
+score ``q_nope . (W_UK c)`` is ``(q_nope W_UK) . c``, so the key expansion ``W_UK`` moves
+onto the query (``absorb``), and the weighted sum of values ``W_UV c`` is ``W_UV`` times
+the weighted sum of latents, so the value expansion moves after attention (``expand``).
+Attention itself is then one shared key and value head (multi-query) of the latent, its
+keys the latent and the rotary key, its values the latent (a view of the same row). The
+products are the same as the expanded form's, reassociated; rollback is the cache's
+truncation, as for every family.
+
+Absorbed, every query pays ``2 * kv_lora_rank + qk_rope_head_dim`` multiply-adds a head
+and position where the expanded form pays ``qk_nope + qk_rope + v_head_dim``, in return
+for not expanding the cache's positions: a few queries over a long cache (decoding,
+verification) absorb, a pass whose queries are most of the context (a prefill) expands
+the latents it attends over, as vLLM's prefill does (``absorbs``).
 """
 
 from __future__ import annotations
@@ -108,26 +124,69 @@ class MLAttention(nn.Module):
             m = yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"]))
             self.scale *= m * m
 
-    def kv_dims(self) -> tuple[int, int, int, int]:
-        """(query heads, cached kv heads, key dim, value dim): the cache holds expanded heads."""
+    def absorbs(self, tokens: int, context: int) -> bool:
+        """Whether ``tokens`` queries over ``context`` positions (the new ones included)
+        cost fewer multiply-adds absorbed than with the context's latents expanded."""
+        r, e = self.kv_lora, self.nope + self.v_dim
+        return tokens * context * (2 * r - e) < (context - tokens) * r * e
+
+    def kv_dims(self, tokens: int = 1, context: int = 2**20) -> tuple[int, int, int, int]:
+        """(query heads, kv heads, key dim, value dim) of attention as it runs for
+        ``tokens`` queries over ``context`` positions (default: decoding): absorbed, one
+        latent head (its keys the latent and the rotary key, its values the latent);
+        expanded, every head's keys and values."""
+        if self.absorbs(tokens, context):
+            return self.heads, 1, self.kv_lora + self.rope_dim, self.kv_lora
         return self.heads, self.heads, self.nope + self.rope_dim, self.v_dim
+
+    def expansion_rows(self, tokens: int, context: int) -> int:
+        """Rows ``kv_b_proj``'s weight multiplies in a pass: the context's latents where
+        the pass expands them; absorbed, the queries' and outputs' products, as many
+        multiply-adds as ``tokens`` rows."""
+        return tokens if self.absorbs(tokens, context) else context
+
+    def cache_elems(self) -> int:
+        """Elements the cache holds a position: one latent row (its values are a view of it)."""
+        return self.kv_lora + self.rope_dim
+
+    def expansions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj``'s weight as the key expansion ``W_UK [H, nope, r]`` and the value
+        expansion ``W_UV [H, v, r]`` (views: each head's block of rows)."""
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """``q_nope [T, H, nope]`` times each head's key expansion: ``[H, T, r]``."""
+        w_uk = self.expansions()[0]
+        return torch.matmul(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype))
+
+    def expand(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention's latent output ``[T, H * r]`` through each head's value expansion:
+        ``[T, H * v]``."""
+        T, w_uv = out.shape[0], self.expansions()[1]
+        y = torch.matmul(out.view(T, self.heads, self.kv_lora).transpose(0, 1), w_uv.to(out.dtype).transpose(1, 2))
+        return y.transpose(0, 1).reshape(T, self.heads * self.v_dim)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
         T, H = x.shape[0], self.heads
         q = self.q_proj(x) if self.q_lora is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(T, H, -1).transpose(0, 1)  # [H, T, nope + rope]
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_nope, q_pe = q.view(T, H, -1).split([self.nope, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, rope]
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)  # [T, r], [T, rope]
         cos, sin = rope
-        q_pe = self.apply_rope(q_pe, cos, sin)
+        q_pe = self.apply_rope(q_pe.transpose(0, 1), cos, sin)  # [H, T, rope]
         k_pe = self.apply_rope(k_pe[None], cos, sin)  # [1, T, rope]
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(T, H, -1).transpose(0, 1)  # [H, T, nope + v]
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_pe.expand(H, -1, -1)), dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)
+        row = torch.cat((self.kv_a_layernorm(latent)[None], k_pe), dim=-1)  # [1, T, r + rope]
         start = cache.length
-        k_all, v_all = cache.write(layer, k, v.contiguous())
-        return self.o_proj(self.core(q, k_all, v_all, start))
+        k_all, _ = cache.write(layer, row, row[..., :0])  # [1, L, r + rope]
+        L = k_all.shape[1]
+        if self.absorbs(T, L):
+            q = torch.cat((self.absorb(q_nope), q_pe), dim=-1)  # [H, T, r + rope]
+            return self.o_proj(self.expand(self.core(q, k_all, k_all[..., : self.kv_lora], start)))
+        kv = self.kv_b_proj(k_all[0, :, : self.kv_lora]).view(L, H, -1).transpose(0, 1)  # [H, L, nope + v]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_all[:, :, self.kv_lora :].expand(H, -1, -1)), dim=-1)
+        q = torch.cat((q_nope.transpose(0, 1), q_pe), dim=-1)  # [H, T, nope + rope]
+        return self.o_proj(self.core(q, k, v, start))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Attention over the cache: [H, T, qk] queries, [H, L, qk] keys, [H, L, dv] values."""

@@ -84,7 +84,11 @@ def sigmoid_group_router(cfg: dict, gate: CorrectedGate):
         )
 
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = logits.float().sigmoid()  # [T, E]
+        # in float64, rounded once: torch's float32 sigmoid takes a vector path for full
+        # blocks of a tensor and a scalar one for the rest, which round differently, so a
+        # token's scores depended on how many came with it (a verification's rows then
+        # differed from single steps'); the two float64 paths agree to the float32 rounding
+        scores = logits.double().sigmoid().float()  # [T, E]
         choice = scores + gate.e_score_correction_bias.float()
         if groups > 1 and keep < groups:
             T, E = choice.shape

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moespeq_cli.models.base import CausalLM, GatedMLP, SparseMoE
+from moespeq_cli.models.deepseek_v2 import MLAttention
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.planning.costs import Cost, attention_core_cost, elem_size, linear_cost, module_cost
 
@@ -35,11 +36,14 @@ def charges(
     paired = paired and model.pairable_routers()
     for i, layer in enumerate(model.model.layers):
         attn = layer.attn
-        heads, kv_heads, dk, dv = attn.kv_dims()
 
-        def attn_cost(t, context, attn=attn, heads=heads, kv_heads=kv_heads, dk=dk, dv=dv):
-            return module_cost(attn, t, elem, extra_kernels=4, weight_elem=w) + attention_core_cost(
-                heads, kv_heads, dk, dv, t, context, elem
+        def attn_cost(t, context, attn=attn):
+            if isinstance(attn, MLAttention):  # absorbed or expanded, as it runs for t over context
+                dims, rows = attn.kv_dims(t, context), {id(attn.kv_b_proj): attn.expansion_rows(t, context)}
+            else:
+                dims, rows = attn.kv_dims(), None
+            return module_cost(attn, t, elem, extra_kernels=4, weight_elem=w, rows=rows) + attention_core_cost(
+                *dims, t, context, elem
             )
 
         table.append((attn, f"attention L{i}", i, attn_cost, True))

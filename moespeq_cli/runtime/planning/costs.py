@@ -122,13 +122,20 @@ def linear_cost(
 
 
 def module_cost(
-    module: nn.Module, tokens: int, elem: int, extra_kernels: int = 0, weight_elem: int | None = None
+    module: nn.Module,
+    tokens: int,
+    elem: int,
+    extra_kernels: int = 0,
+    weight_elem: int | None = None,
+    rows: dict[int, int] | None = None,
 ) -> Cost:
     """Its Linear layers, each a kernel of its own, plus ``extra_kernels`` small ones
     (norms, activations, rotary) that cost a launch each. An attention whose q, k and v
     run as one product (``fuse_qkv``: the device tier, the CPU kernels) is priced as that
     one product, as it runs: one call of the fused weight, where three calls would each
-    pay a small product's fixed time on a measured curve."""
+    pay a small product's fixed time on a measured curve. ``rows``: the rows a Linear
+    (by ``id``) multiplies where they are not ``tokens`` (MLA's expansion of the cache)."""
+    rows = rows or {}
     total = Cost(0.0, 0.0, extra_kernels)
     fused = getattr(module, "fused_qkv", None)
     skip: set[int] = set()
@@ -138,7 +145,8 @@ def module_cost(
         skip = {id(module.q_proj), id(module.k_proj), id(module.v_proj)}
     for m in module.modules():
         if isinstance(m, nn.Linear) and id(m) not in skip:
-            total = total + linear_cost(m.weight.numel(), m.in_features, m.out_features, tokens, elem, weight_elem)
+            t = rows.get(id(m), tokens)
+            total = total + linear_cost(m.weight.numel(), m.in_features, m.out_features, t, elem, weight_elem)
     return total
 
 

@@ -159,7 +159,11 @@ class Plan:
 def kv_bytes_per_token(model: CausalLM, elem: int) -> int:
     total = 0
     for layer in model.model.layers:
-        _, kv_heads, dk, dv = layer.attn.kv_dims()
+        attn = layer.attn
+        if hasattr(attn, "cache_elems"):  # MLA: one latent row, its values a view of it
+            total += attn.cache_elems() * elem
+            continue
+        _, kv_heads, dk, dv = attn.kv_dims()
         total += kv_heads * (dk + dv) * elem
     return total
 
