@@ -370,13 +370,13 @@ def test_a_layer_s_attention_in_one_call_is_the_module_s_bit_for_bit(tiny, monke
         ("glm4_moe_lite", "flash"),
         ("gpt_oss", "alternating"),
         ("gemma4", "alternating"),
+        ("qwen3_next", "hybrid"),  # linear attention's SiLU, sigmoid, softplus and exp; a gated attention
+        ("qwen3_5_moe", "text"),
     ],
 )
 def test_a_verification_block_is_single_steps_bit_for_bit_on_the_cpu_backend(tiny, family, variant):
     """What keeps speculative decoding exact on the cpu backend with bf16 weights: the
-    logits of a block of tokens over the cache equal one token at a time's bit for bit
-    (not so yet: the linear-attention layers of Qwen3-Next and Qwen3.5, whose block pass
-    and single steps compute the recurrence differently)."""
+    logits of a block of tokens over the cache equal one token at a time's bit for bit."""
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
     path, _ = tiny(family, variant, torch.bfloat16)

@@ -40,6 +40,18 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
+def rounded_once(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` (an elementwise exp, sigmoid, SiLU, softplus) computed in float64 and
+    rounded once to x's dtype. torch's float32 transcendentals run a vector body over whole
+    blocks of a tensor and a scalar loop over its tail, which round differently; which of a
+    token's elements fall in the tail depends on how many tokens share the tensor, so a
+    verification block's values would differ from single steps' in the last bit (and a
+    greedy token could flip on a near-tie). The two float64 paths agree to well below a
+    float32 rounding. Off the CPU ``fn(x)`` as it is (a GPU computes every element alike;
+    the two casts would be two more launches)."""
+    return fn(x.double()).to(x.dtype) if x.is_cpu else fn(x)
+
+
 GATE_ACTIVATIONS: dict[str, Callable] = {  # a gated MLP's or expert's gate activation, by name
     "silu": F.silu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moespeq_cli.errors import CheckpointError
-from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm, SparseMoE
+from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm, SparseMoE, rounded_once
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v2 import MLAttention
 from moespeq_cli.models.rope import make_rotary, rope_parameters
@@ -84,11 +84,7 @@ def sigmoid_group_router(cfg: dict, gate: CorrectedGate):
         )
 
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # in float64, rounded once: torch's float32 sigmoid takes a vector path for full
-        # blocks of a tensor and a scalar one for the rest, which round differently, so a
-        # token's scores depended on how many came with it (a verification's rows then
-        # differed from single steps'); the two float64 paths agree to the float32 rounding
-        scores = logits.double().sigmoid().float()  # [T, E]
+        scores = rounded_once(torch.sigmoid, logits.float())  # [T, E]
         choice = scores + gate.e_score_correction_bias.float()
         if groups > 1 and keep < groups:
             T, E = choice.shape

@@ -23,7 +23,9 @@ MoE is Qwen2-MoE's: softmax top-k, a shared expert behind a sigmoid gate.
 Speculative decoding stays exact: a pass stores the recurrent state after each of its
 tokens (``KVCache.save_states``), so rejected draft tokens roll back like a KV cache.
 The recurrence is computed token by token (the reference's chunked form is the same
-arithmetic in another order), which makes a long prefill slower than it could be.
+arithmetic in another order), which makes a long prefill slower than it could be, and
+its exp, sigmoid, SiLU and softplus in float64 rounded once (``rounded_once``), so that a
+verification block's values equal single steps' bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from moespeq_cli.models.base import (
     DecoderLayer,
     GatedMLP,
     KVCache,
+    rounded_once,
     softmax_topk,
 )
 from moespeq_cli.models.config import need
@@ -76,7 +79,7 @@ class GatedRMSNorm(nn.Module):
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf.to(dtype) * F.silu(gate.float())).to(dtype)
+        return (self.weight * xf.to(dtype) * rounded_once(F.silu, gate.float())).to(dtype)
 
 
 def layer_types(cfg: dict) -> list[str]:
@@ -115,7 +118,7 @@ class GatedAttention(Attention):
         start = cache.length
         k_all, v_all = cache.write(layer, k, v)
         out = self.core(q, k_all, v_all, start)
-        return self.o_proj(out * torch.sigmoid(gate.reshape(T, -1)))
+        return self.o_proj(out * rounded_once(torch.sigmoid, gate.reshape(T, -1)))
 
 
 class GatedDeltaNet(nn.Module):
@@ -173,15 +176,19 @@ class GatedDeltaNet(nn.Module):
         else:
             conv_prev, S = prev
         full = torch.cat((conv_prev.to(mixed.dtype), mixed), dim=-1)  # [C, taps - 1 + T]
-        conv = F.silu(F.conv1d(full[None], self.conv1d.weight.to(mixed.dtype), groups=self.conv_dim)[0]).t()
+        conv = rounded_once(
+            F.silu, F.conv1d(full[None], self.conv1d.weight.to(mixed.dtype), groups=self.conv_dim)[0]
+        ).t()
         q, k, v = conv.split([nk * dk, nk * dk, nv * dv], dim=-1)
         q = q.reshape(T, nk, dk).float().repeat_interleave(r, dim=1)
         k = k.reshape(T, nk, dk).float().repeat_interleave(r, dim=1)
         v = v.reshape(T, nv, dv).float()
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk**0.5
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-        beta = b.float().sigmoid()
-        decay = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).exp()  # [T, nv]
+        beta = rounded_once(torch.sigmoid, b.float())
+        decay = rounded_once(
+            lambda g: (-self.A_log.double().exp() * F.softplus(g)).exp(), a.float() + self.dt_bias.float()
+        )
         out, states, start = [], {}, cache.length
         for t in range(T):
             S = S * decay[t][:, None, None]
