@@ -12,7 +12,7 @@ from moespeq_cli.models.deepseek_v2 import MLAttention
 from moespeq_cli.models.loader import load_model
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.executors.experts import InMemoryExperts
-from moespeq_cli.runtime.planning.planner import kv_bytes_per_token
+from moespeq_cli.runtime.planning.planner import kv_cache_bytes
 
 MLA = [("deepseek_v2", "lite"), ("deepseek_v3", "v3"), ("glm4_moe_lite", "flash")]
 
@@ -39,7 +39,7 @@ def test_the_cache_holds_one_latent_row_a_position_and_the_plan_counts_it(tiny, 
         assert cache.v[i].shape[2] == 0  # the values are a view of the row
         expanded = a.heads * (a.nope + a.rope_dim + a.v_dim)
         assert expanded > row  # what per-head keys and values would take a position
-    assert kv_bytes_per_token(model, 2) == sum(2 * (a.kv_lora + a.rope_dim) for a in attns)
+    assert kv_cache_bytes(model, 2, 100) == 100 * sum(2 * (a.kv_lora + a.rope_dim) for a in attns)
     # a rollback is the cache's truncation: the same logits as if the rejected token never came
     cache.truncate(11)
     again = model(torch.tensor([21]), cache)

@@ -102,7 +102,8 @@ def _attention_block_forward(self, x: torch.Tensor, layer: int, cache, rope: tup
         s, (_, w, b, _) = self.s, self.fused_qkv
         kv = cache.reserve(layer, x.shape[0], self.kv_like, self.kv_like)
         y = kernels.attention_block(
-            x, (w, b), (self.o_proj.weight, self.o_proj.bias), self.kernel_qk_norm, *rope, kv, cache.length,
+            x, (w, b), (self.o_proj.weight, self.o_proj.bias), self.kernel_qk_norm, *rope, kv,
+            cache.length - cache.offset(layer),
             (s.heads, s.kv_heads, s.head_dim), s.window, self.scale,
         )  # fmt: skip
         if y is not None:
@@ -212,7 +213,7 @@ def _layer_forward(self, x: torch.Tensor, layer: int, cache, rope: tuple) -> tor
     desc = _layer_desc_now(self, layer)
     if desc is not None:
         kv = cache.reserve(layer, x.shape[0], attn.kv_like, attn.kv_like)
-        y = kernels.layer_forward(desc, x, *rope, kv, cache.length)
+        y = kernels.layer_forward(desc, x, *rope, kv, cache.length - cache.offset(layer))
         if y is not None:
             return y
     return type(self).forward(self, x, layer, cache, rope)
@@ -261,8 +262,9 @@ def _pass_descs(self, input_ids: torch.Tensor) -> list[kernels.LayerDesc] | None
 @torch.inference_mode()
 def _model_forward(self, input_ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
     """The whole forward pass as one ``kernels.model_forward`` call where ``_pass_descs``
-    allows it; else ``CausalLM.forward`` (layer by layer, each perhaps one call)."""
-    descs = _pass_descs(self, input_ids)
+    allows it and every layer's buffers begin at position 0 (no sliding-window layer); else
+    ``CausalLM.forward`` (layer by layer, each perhaps one call)."""
+    descs = None if cache.windows else _pass_descs(self, input_ids)
     if descs is not None:
         base, start, T = self.model, cache.length, input_ids.shape[0]
         cos, sin = self.rope_tables(start, start + T, input_ids.device, torch.float32)

@@ -75,6 +75,17 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+# positions before its latest pass's first token a cache can still be cut back to: a cycle's
+# draft, written a token at a time (--spec-depth at most 64), is cut back to its start
+ROLLBACK = 65
+
+
+def window_keep(window: int) -> int:
+    """Positions a sliding-window layer keeps before a pass's first token: those its
+    queries can see (``window - 1``) and those a rollback can return to (``ROLLBACK``)."""
+    return window - 1 + ROLLBACK
+
+
 class KVCache:
     """Per-layer key/value buffers ``[kv_heads, capacity, dim]`` with one shared length.
 
@@ -82,6 +93,14 @@ class KVCache:
     back rejected draft tokens. Buffers grow by doubling, so appends are amortised O(1),
     but never past ``capacity`` (the context the plan reserved memory for) unless a write
     needs more: a 3,000-token context grows 64 -> ... -> 2,048 -> 3,000, not to 4,096.
+
+    A sliding-window layer (``windows``: layer -> window; gpt-oss's every other layer,
+    Gemma 4's local ones) holds only its last positions: ``window_keep`` of them before a
+    pass, in a buffer of twice that, which drops the oldest (moving the rest to its front)
+    when full, so it never holds more than ``2 * window_keep`` positions however long the
+    context (a pass longer than ``window_keep``, a prefill, needs more while it runs:
+    ``CausalLM.prefill_chunk`` cuts prefills so). ``offset(layer)``: the position its
+    buffers' index 0 holds; attention indexes the buffers from there.
 
     Linear-attention layers (Qwen3-Next's Gated DeltaNet) keep a recurrent state instead
     of keys and values: ``states[layer]`` maps a position to the state after it. A pass
@@ -96,11 +115,13 @@ class KVCache:
     ``CausalLM.__call__`` can recompute the cache when a pass crosses over.
     """
 
-    def __init__(self, num_layers: int, capacity: int | None = None):
+    def __init__(self, num_layers: int, capacity: int | None = None, windows: dict[int, int] | None = None):
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
         self.capacity = capacity
+        self.windows = dict(windows or {})
+        self.base = [0] * num_layers
         self.states: dict[int, dict[int, tuple]] = {}
         self.floor: int | None = None
         self.ids: list[int] = []
@@ -109,6 +130,12 @@ class KVCache:
     def clear(self) -> None:
         """Forget every position (the buffers are kept for the next writes)."""
         self.length, self.states, self.ids, self.regime = 0, {}, [], 0
+        self.base = [0] * len(self.base)
+
+    def offset(self, layer: int) -> int:
+        """The position the layer's buffers begin at: 0, but for a sliding-window layer
+        that has dropped positions its window passed."""
+        return self.base[layer]
 
     def keep_from(self, n: int | None) -> None:
         self.floor = n
@@ -138,37 +165,64 @@ class KVCache:
             del hist[pos]
 
     def reserve(self, layer: int, T: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's buffers, grown (keeping positions below ``length``) to hold T more
-        positions; ``k``, ``v``: tensors ``[kv_heads, *, d]`` of the buffers' kind."""
-        start, end = self.length, self.length + T
+        """The layer's buffers, made to hold T more positions (a sliding-window layer's by
+        dropping positions no query will see again, else grown, keeping positions below
+        ``length``); index 0 holds position ``offset(layer)``. ``k``, ``v``: tensors
+        ``[kv_heads, *, d]`` of the buffers' kind."""
+        start, end, base = self.length, self.length + T, self.base[layer]
         kb, vb = self.k[layer], self.v[layer]
-        if kb is None or kb.shape[1] < end:
-            cap = max(2 * (kb.shape[1] if kb is not None else 0), 64)
-            cap = max(end, min(cap, self.capacity) if self.capacity else cap)
+        size = 0 if kb is None else kb.shape[1]
+        limit, window = self.capacity, self.windows.get(layer)
+        if window is not None:
+            keep = window_keep(window)
+            limit = 2 * keep if limit is None else min(limit, 2 * keep)
+            if (end - base > size >= limit or size > limit) and start - keep > base:
+                # full (or past its size after a long pass): keep the last ``keep`` positions
+                drop = start - keep - base
+                kb[:, : start - base - drop] = kb[:, drop : start - base].clone()
+                vb[:, : start - base - drop] = vb[:, drop : start - base].clone()
+                self.base[layer] = base = start - keep
+                if size > limit >= end - base:  # back to its size
+                    kb, vb = kb[:, :limit].clone(), vb[:, :limit].clone()
+                    self.k[layer], self.v[layer], size = kb, vb, limit
+        if end - base > size:
+            cap = max(2 * size, 64)
+            cap = max(end - base, min(cap, limit) if limit else cap)
             nk = k.new_empty(k.shape[0], cap, k.shape[2])
             nv = v.new_empty(v.shape[0], cap, v.shape[2])
             if kb is not None:
-                nk[:, :start] = kb[:, :start]
-                nv[:, :start] = vb[:, :start]
+                nk[:, : start - base] = kb[:, : start - base]
+                nv[:, : start - base] = vb[:, : start - base]
             self.k[layer], self.v[layer] = kb, vb = nk, nv
         return kb, vb
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return all."""
-        start, end = self.length, self.length + k.shape[1]
+        """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return the
+        buffers from ``offset(layer)`` (every position, but a sliding-window layer's)."""
         kb, vb = self.reserve(layer, k.shape[1], k, v)
+        start = self.length - self.base[layer]
+        end = start + k.shape[1]
         kb[:, start:end] = k
         vb[:, start:end] = v
         return kb[:, :end], vb[:, :end]
 
     def can_truncate(self, n: int) -> bool:
-        """Whether ``truncate(n)`` leaves a usable cache: n within the length, and every
-        linear-attention layer holding its state at n."""
-        return 0 <= n <= self.length and all(n in hist for hist in self.states.values())
+        """Whether ``truncate(n)`` leaves a usable cache: n within the length, every
+        linear-attention layer holding its state at n, and every sliding-window layer the
+        positions a query at n sees."""
+        return 0 <= n <= self.length and all(n in hist for hist in self.states.values()) and self._windows_hold(n)
+
+    def _windows_hold(self, n: int) -> bool:
+        """Whether every sliding-window layer holds the positions a query at n sees."""
+        return n == 0 or all(self.base[i] <= max(0, n - w + 1) for i, w in self.windows.items())
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        if not self._windows_hold(n):
+            raise ValueError(f"cannot truncate to {n}: a sliding-window layer no longer holds what it would see")
+        if n == 0:
+            self.base = [0] * len(self.base)
         self.length = n
         for hist in self.states.values():
             for pos in [p for p in hist if p > n]:
@@ -321,9 +375,8 @@ class Attention(nn.Module):
             q, k, v = self.joint_qkv(x, rope)
         else:
             q, k, v = self.separate_qkv(x, rope)
-        start = cache.length
         k_all, v_all = cache.write(layer, k, v)
-        return self.o_proj(self.core(q, k_all, v_all, start))
+        return self.o_proj(self.core(q, k_all, v_all, cache.length - cache.offset(layer)))
 
     def separate_qkv(self, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [H, T, d], k and v [Hkv, T, d], rotated: each projected, normalized, clipped
@@ -664,7 +717,22 @@ class CausalLM(nn.Module):
     context = 0  # the context the model was loaded for (build_model): the KV cache's cap
 
     def new_cache(self) -> KVCache:
-        return KVCache(len(self.model.layers), self.context or None)
+        return KVCache(len(self.model.layers), self.context or None, self.windows())
+
+    def windows(self) -> dict[int, int]:
+        """The sliding-window layers' windows, by layer: what their caches hold."""
+        return {
+            i: layer.attn.s.window
+            for i, layer in enumerate(self.model.layers)
+            if isinstance(layer.attn, Attention) and layer.attn.s.window
+        }
+
+    def prefill_chunk(self) -> int | None:
+        """The longest pass a prefill takes at once: ``window_keep`` of the narrowest
+        window, so that no sliding-window layer holds more than twice that while it runs
+        (None: any, one pass)."""
+        windows = self.windows().values()
+        return window_keep(min(windows)) if windows else None
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return self.rotary.tables(start, end, device, dtype)

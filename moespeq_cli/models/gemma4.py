@@ -183,9 +183,8 @@ class Gemma4Attention(Attention):
         v = normalize(v, s.norm_eps).transpose(0, 1)
         cos, sin = rope[self.rope_key]
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
-        start = cache.length
         k_all, v_all = cache.write(layer, k, v)
-        return self.o_proj(self.core(q, k_all, v_all, start))
+        return self.o_proj(self.core(q, k_all, v_all, cache.length - cache.offset(layer)))
 
 
 class Gemma4Router(SparseMoE):

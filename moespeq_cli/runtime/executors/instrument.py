@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moespeq_cli.models.base import CausalLM, GatedMLP, SparseMoE
+from moespeq_cli.models.base import CausalLM, GatedMLP, SparseMoE, window_keep
 from moespeq_cli.models.deepseek_v2 import MLAttention
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.planning.costs import Cost, attention_core_cost, elem_size, linear_cost, module_cost
@@ -38,6 +38,9 @@ def charges(
         attn = layer.attn
 
         def attn_cost(t, context, attn=attn):
+            window = getattr(getattr(attn, "s", None), "window", None)
+            if window:  # a sliding-window layer attends over what it holds (models/base.py KVCache)
+                context = min(context, 2 * window_keep(window))
             if isinstance(attn, MLAttention):  # absorbed or expanded, as it runs for t over context
                 dims, rows = attn.kv_dims(t, context), {id(attn.kv_b_proj): attn.expansion_rows(t, context)}
             else:
@@ -110,7 +113,7 @@ def instrument(model: CausalLM, backend: Backend, dtype: torch.dtype, weights: t
 
         def post(mod, args, out, state=state, name=name, layer=layer, cost=cost, reads_cache=reads_cache):
             t = args[0].shape[0]
-            context = args[2].length + t if reads_cache else 0
+            context = args[2].length - args[2].offset(layer) + t if reads_cache else 0  # the keys it holds
             backend.end(state.pop("t"), cost(t, context), name, layer)
 
         handles.append(module.register_forward_pre_hook(pre))

@@ -33,7 +33,7 @@ import torch
 
 from moespeq_cli.errors import UsageError
 from moespeq_cli.models import build_model
-from moespeq_cli.models.base import CausalLM
+from moespeq_cli.models.base import CausalLM, window_keep
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.executors.grouped import dequant_scratch_bytes
 from moespeq_cli.runtime.planning.costs import elem_size
@@ -156,15 +156,19 @@ class Plan:
         return ", ".join(parts)
 
 
-def kv_bytes_per_token(model: CausalLM, elem: int) -> int:
-    total = 0
-    for layer in model.model.layers:
+def kv_cache_bytes(model: CausalLM, elem: int, context: int) -> int:
+    """The KV cache at ``context`` tokens: every layer's bytes a position times the
+    positions it holds (a sliding-window layer's at most ``2 * window_keep``: KVCache)."""
+    total, windows = 0, model.windows()
+    for i, layer in enumerate(model.model.layers):
         attn = layer.attn
         if hasattr(attn, "cache_elems"):  # MLA: one latent row, its values a view of it
-            total += attn.cache_elems() * elem
-            continue
-        _, kv_heads, dk, dv = attn.kv_dims()
-        total += kv_heads * (dk + dv) * elem
+            per = attn.cache_elems()
+        else:
+            _, kv_heads, dk, dv = attn.kv_dims()
+            per = kv_heads * (dk + dv)
+        held = min(context, 2 * window_keep(windows[i])) if i in windows else context
+        total += per * elem * held
     return total
 
 
@@ -243,7 +247,7 @@ def make_plan(
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
     states = rollback_states(policy, with_draft and not cfg.expert_format.four_bit)
-    kv = kv_bytes_per_token(model, elem) * context + recurrent_state_bytes(model, states)
+    kv = kv_cache_bytes(model, elem, context) + recurrent_state_bytes(model, states)
     biggest_ffn = max(
         [cfg.expert_intermediate]
         + [
@@ -252,7 +256,8 @@ def make_plan(
             if isinstance(m, torch.nn.Linear) and m.weight.shape[1] == cfg.hidden_size
         ]
     )
-    workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
+    rows = min(context, model.prefill_chunk() or context)  # the longest pass: a prefill's (generate.py)
+    workspace = rows * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
     # compact experts (block FP8, MXFP4) are dequantized on the device a few at a time (executors/grouped.py)
     workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
     workspace += library_bytes if compute_tier == "device" else 0
