@@ -98,9 +98,10 @@ class KVCache:
     Gemma 4's local ones) holds only its last positions: ``window_keep`` of them before a
     pass, in a buffer of twice that, which drops the oldest (moving the rest to its front)
     when full, so it never holds more than ``2 * window_keep`` positions however long the
-    context (a pass longer than ``window_keep``, a prefill, needs more while it runs:
-    ``CausalLM.prefill_chunk`` cuts prefills so). ``offset(layer)``: the position its
-    buffers' index 0 holds; attention indexes the buffers from there.
+    context. A pass longer than ``window_keep`` (a prefill) attends over a transient of
+    what it holds and the pass's own keys, and keeps the last ``window_keep`` of them.
+    ``offset(layer)``: the position index 0 of what the layer's last ``write`` (or
+    ``reserve``) returned holds; attention indexes from there.
 
     Linear-attention layers (Qwen3-Next's Gated DeltaNet) keep a recurrent state instead
     of keys and values: ``states[layer]`` maps a position to the state after it. A pass
@@ -121,7 +122,8 @@ class KVCache:
         self.length = 0
         self.capacity = capacity
         self.windows = dict(windows or {})
-        self.base = [0] * num_layers
+        self.base = [0] * num_layers  # the position each layer's buffers begin at
+        self.view = [0] * num_layers  # the position index 0 of the last write's keys holds
         self.states: dict[int, dict[int, tuple]] = {}
         self.floor: int | None = None
         self.ids: list[int] = []
@@ -131,11 +133,13 @@ class KVCache:
         """Forget every position (the buffers are kept for the next writes)."""
         self.length, self.states, self.ids, self.regime = 0, {}, [], 0
         self.base = [0] * len(self.base)
+        self.view = [0] * len(self.view)
 
     def offset(self, layer: int) -> int:
-        """The position the layer's buffers begin at: 0, but for a sliding-window layer
-        that has dropped positions its window passed."""
-        return self.base[layer]
+        """The position index 0 of the keys the layer's last ``write`` or ``reserve``
+        returned holds: 0, but for a sliding-window layer that has dropped positions its
+        window passed."""
+        return self.view[layer]
 
     def keep_from(self, n: int | None) -> None:
         self.floor = n
@@ -176,15 +180,12 @@ class KVCache:
         if window is not None:
             keep = window_keep(window)
             limit = 2 * keep if limit is None else min(limit, 2 * keep)
-            if (end - base > size >= limit or size > limit) and start - keep > base:
-                # full (or past its size after a long pass): keep the last ``keep`` positions
+            if end - base > size >= limit and start - keep > base:  # full: keep the last ``keep`` positions
                 drop = start - keep - base
                 kb[:, : start - base - drop] = kb[:, drop : start - base].clone()
                 vb[:, : start - base - drop] = vb[:, drop : start - base].clone()
                 self.base[layer] = base = start - keep
-                if size > limit >= end - base:  # back to its size
-                    kb, vb = kb[:, :limit].clone(), vb[:, :limit].clone()
-                    self.k[layer], self.v[layer], size = kb, vb, limit
+        self.view[layer] = base
         if end - base > size:
             cap = max(2 * size, 64)
             cap = max(end - base, min(cap, limit) if limit else cap)
@@ -197,14 +198,39 @@ class KVCache:
         return kb, vb
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return the
-        buffers from ``offset(layer)`` (every position, but a sliding-window layer's)."""
+        """Store k/v ``[kv_heads, T, d]`` at positions [length, length+T); return the keys
+        and values from ``offset(layer)`` on (every position, but a sliding-window layer's)."""
+        window = self.windows.get(layer)
+        if window is not None and k.shape[1] > window_keep(window):
+            return self._write_long(layer, k, v, window_keep(window))
         kb, vb = self.reserve(layer, k.shape[1], k, v)
         start = self.length - self.base[layer]
         end = start + k.shape[1]
         kb[:, start:end] = k
         vb[:, start:end] = v
         return kb[:, :end], vb[:, :end]
+
+    def _write_long(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sliding-window layer's pass of more than ``keep`` positions: its queries see the
+        ``keep`` held positions before it and its own, joined for this pass only; the
+        buffer keeps the pass's last ``keep``."""
+        start, end, base = self.length, self.length + k.shape[1], self.base[layer]
+        kb, vb = self.k[layer], self.v[layer]
+        lo = max(base, start - keep)
+        if kb is None or lo == start:
+            k_all, v_all = k, v
+        else:
+            k_all = torch.cat((kb[:, lo - base : start - base], k), dim=1)
+            v_all = torch.cat((vb[:, lo - base : start - base], v), dim=1)
+        limit = 2 * keep if self.capacity is None else min(self.capacity, 2 * keep)
+        if kb is None or kb.shape[1] < max(limit, keep):
+            kb = k.new_empty(k.shape[0], max(limit, keep), k.shape[2])
+            vb = v.new_empty(v.shape[0], max(limit, keep), v.shape[2])
+            self.k[layer], self.v[layer] = kb, vb
+        kb[:, :keep] = k[:, -keep:]
+        vb[:, :keep] = v[:, -keep:]
+        self.base[layer], self.view[layer] = end - keep, lo
+        return k_all, v_all
 
     def can_truncate(self, n: int) -> bool:
         """Whether ``truncate(n)`` leaves a usable cache: n within the length, every
@@ -223,6 +249,7 @@ class KVCache:
             raise ValueError(f"cannot truncate to {n}: a sliding-window layer no longer holds what it would see")
         if n == 0:
             self.base = [0] * len(self.base)
+            self.view = [0] * len(self.view)
         self.length = n
         for hist in self.states.values():
             for pos in [p for p in hist if p > n]:
@@ -726,13 +753,6 @@ class CausalLM(nn.Module):
             for i, layer in enumerate(self.model.layers)
             if isinstance(layer.attn, Attention) and layer.attn.s.window
         }
-
-    def prefill_chunk(self) -> int | None:
-        """The longest pass a prefill takes at once: ``window_keep`` of the narrowest
-        window, so that no sliding-window layer holds more than twice that while it runs
-        (None: any, one pass)."""
-        windows = self.windows().values()
-        return window_keep(min(windows)) if windows else None
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return self.rotary.tables(start, end, device, dtype)

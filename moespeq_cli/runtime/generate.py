@@ -24,17 +24,6 @@ class TokenEvent:
     eos: bool = False
 
 
-def prefill(model: CausalLM, prompt_ids: list[int], cache: KVCache) -> torch.Tensor:
-    """The prompt's tokens past ``cache.length`` into the cache; the last one's logits. In
-    one pass, or in passes of ``model.prefill_chunk()`` tokens where the model has
-    sliding-window layers (they then never hold more than their bound)."""
-    rest, chunk = prompt_ids[cache.length :], model.prefill_chunk()
-    chunk = chunk or len(rest)
-    for i in range(0, len(rest), chunk):
-        logits = model(torch.tensor(rest[i : i + chunk]), cache, last_only=True)
-    return logits[-1]
-
-
 def generate(
     model: CausalLM,
     prompt_ids: list[int],
@@ -57,7 +46,7 @@ def generate(
     if cache.length >= len(prompt_ids):
         raise ValueError("a reused cache must leave at least one prompt token to feed")
     t0 = clock() if since is None else since
-    logits = prefill(model, prompt_ids, cache)
+    logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]
     for i in range(max_new_tokens):
         token = sample(logits, i)
         eos = token in eos_ids

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from moespeq_cli.models.base import CausalLM, ExpertExecutor
-from moespeq_cli.runtime.generate import TokenEvent, prefill
+from moespeq_cli.runtime.generate import TokenEvent
 from moespeq_cli.runtime.sampling import Sampler, SamplingParams, checked_probabilities, greedy_tokens, probabilities
 
 
@@ -124,7 +124,7 @@ def speculative_generate(
     t0 = clock() if since is None else since
     model.set_experts(target)
     hooks.begin_prefill()
-    logits = prefill(model, prompt_ids, cache)
+    logits = model(torch.tensor(prompt_ids[cache.length :]), cache, last_only=True)[-1]
     pending = sampler(logits, 0)
     emitted = 0
 

@@ -33,7 +33,7 @@ import torch
 
 from moespeq_cli.errors import UsageError
 from moespeq_cli.models import build_model
-from moespeq_cli.models.base import CausalLM, window_keep
+from moespeq_cli.models.base import ROLLBACK, CausalLM, window_keep
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.executors.grouped import dequant_scratch_bytes
 from moespeq_cli.runtime.planning.costs import elem_size
@@ -253,11 +253,12 @@ def make_plan(
         + [
             m.weight.shape[0]
             for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.shape[1] == cfg.hidden_size
+            if isinstance(m, torch.nn.Linear) and m.weight.shape[1] == cfg.hidden_size and m is not model.lm_head
         ]
     )
-    rows = min(context, model.prefill_chunk() or context)  # the longest pass: a prefill's (generate.py)
-    workspace = rows * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * cfg.vocab_size * 4
+    # a pass's activations over the whole context (a one-pass prefill), and the logits of
+    # the longest pass that keeps them all: a verification's (a prefill keeps its last row)
+    workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * ROLLBACK * cfg.vocab_size * 4
     # compact experts (block FP8, MXFP4) are dequantized on the device a few at a time (executors/grouped.py)
     workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
     workspace += library_bytes if compute_tier == "device" else 0
