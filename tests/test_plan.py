@@ -351,3 +351,19 @@ def test_rollback_states_are_planned_only_where_a_draft_may_roll_back(cli):
     assert len(set(mixtral.values())) == 1  # (no linear attention: the same for every policy)
     r = cli("plan", "qwen3-next", "--vram", "24GB")
     assert "without a draft's rollback states" in r.stdout
+
+
+def test_the_workspace_holds_a_pass_s_activations_not_the_head_s_logits_for_every_token(cli):
+    """A prefill computes the language-model head for its last token only (and a
+    verification for its few rows): the workspace grows with the context by the
+    activations of a token, not by a row of logits over the whole vocabulary (Qwen3's
+    151,936: 2.3 GiB at 4096 tokens, the better part of the workspace)."""
+    short, long = (
+        plan_json(cli, "qwen3-moe", "--vram", "24GB", "--ram", "20GB", "--context", c) for c in ("4096", "8192")
+    )
+    per_token = (
+        long["policies"][0]["plan"]["workspace_bytes"] - short["policies"][0]["plan"]["workspace_bytes"]
+    ) / 4096
+    hidden, vocab = 2048, 151936
+    assert per_token < vocab * 2
+    assert per_token >= 8 * hidden * 2  # the pass's activations still are
