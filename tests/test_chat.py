@@ -308,3 +308,114 @@ def test_the_end_of_sequence_token_is_counted_as_run_counts_it():
 
     answer = complete(Engine(), [5], 8, SamplingParams())
     assert answer.token_ids == [0, 1, 2] and answer.text == "ab" and answer.finish_reason == "stop"
+
+
+# ---- at a terminal (a pseudo-terminal the test holds) ----------------------------------
+
+
+class Terminal:
+    """``moespeq chat`` run in a pseudo-terminal: stdin and stderr always, stdout too
+    unless ``stdout`` (a file) is given. ``send`` types bytes, ``expect`` waits (at most
+    60 s) for text to appear and returns what came up to it."""
+
+    def __init__(self, path, *args, stdout=None):
+        import os
+        import subprocess
+        import sys
+
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moespeq_cli", "chat", str(path), "--backend", "cpu", "-n", "4", *args],
+            stdin=slave,
+            stdout=slave if stdout is None else stdout,
+            stderr=slave,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "80", "LINES": "24"},
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.seen = ""
+
+    def send(self, data: bytes) -> None:
+        import os
+
+        os.write(self.master, data)
+
+    def expect(self, text: str) -> str:
+        import os
+        import select
+        import time
+
+        deadline = time.monotonic() + 60
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} never came; the terminal showed {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # the process ended and closed its side
+                    chunk = b""
+                if not chunk:
+                    assert text in self.seen, f"{text!r} never came; the terminal showed {self.seen[-2000:]!r}"
+                self.seen += chunk.decode("utf-8", "replace")
+        at = self.seen.index(text) + len(text)
+        before, self.seen = self.seen[:at], self.seen[at:]
+        return before
+
+    def close(self) -> int:
+        import os
+
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            os.close(self.master)
+
+
+def test_a_line_that_is_not_utf8_at_a_terminal_is_skipped_not_fatal(chat_ckpt, tmp_path):
+    """Typed bytes that are not UTF-8 (a terminal in Latin-1, a multibyte character cut
+    by a backspace where the terminal counts bytes) ended the chat with "the tokenizer is
+    broken" (exit 1): the line is skipped, as from a pipe. With stdout at the terminal the
+    line editor takes such a byte as a key (it inserts nothing); the chat goes on."""
+    with open(tmp_path / "answers.txt", "w") as f:  # stdout redirected: the terminal's own line editing
+        term = Terminal(chat_ckpt, stdout=f)
+        term.expect(">>> ")
+        term.send(b"caf\xe9\r")
+        term.expect("not valid UTF-8 text; skipped")
+        term.send(b"/exit\r")
+        assert term.close() == 0
+    term = Terminal(chat_ckpt)
+    term.expect(">>> ")
+    term.send(b"caf\xe9\r")
+    term.expect(">>> ")
+    term.send(b"/exit\r")
+    assert term.close() == 0
+
+
+def test_the_arrow_keys_recall_and_edit_earlier_lines_at_a_terminal(chat_ckpt):
+    term = Terminal(chat_ckpt)
+    term.expect(">>> ")
+    term.send(b"/stats\r")
+    term.expect("(no answer yet)")
+    term.expect(">>> ")
+    term.send(b"\x1b[A\r")  # the up arrow: the last line again
+    term.expect("(no answer yet)")
+    term.expect(">>> ")
+    term.send(b"/sats\x01\x1b[C\x1b[Ct\x05x\x7f\r")  # Ctrl-A, right twice, t, Ctrl-E, x, backspace: /stats
+    term.expect("(no answer yet)")
+    term.send(b"/exit\r")
+    assert term.close() == 0
+
+
+def test_with_stdout_redirected_the_prompt_stays_on_the_terminal(chat_ckpt, tmp_path):
+    out = tmp_path / "answers.txt"
+    with open(out, "w") as f:
+        term = Terminal(chat_ckpt, stdout=f)
+        term.expect(">>> ")
+        term.send(b"hello\r")
+        term.expect(">>> ")
+        term.send(b"/help\r")
+        term.expect("/reset forgets the conversation")
+        term.send(b"/exit\r")
+        assert term.close() == 0
+    text = out.read_text()
+    assert text.strip() and ">>>" not in text  # the answer alone

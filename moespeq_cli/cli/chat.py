@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from moespeq_cli.chat_template import TemplateError
 from moespeq_cli.cli import options as o
 from moespeq_cli.cli.render import LoadingStatus
-from moespeq_cli.errors import CheckpointError, UsageError
+from moespeq_cli.errors import CheckpointError, Terminated, UsageError
 
 if TYPE_CHECKING:  # the engine imports torch: not at the command's import
     from moespeq_cli.runtime.engine import Engine
@@ -32,14 +32,19 @@ EPILOG = """[bold]Examples[/bold]
   printf 'Hello\\nAnd then?\\n' | moespeq chat --json | jq -r .content
 
 [bold]In the conversation[/bold]: /reset forgets the history, /stats shows the
-last answer's statistics, /exit (or Ctrl-D) leaves; Ctrl-C stops the current
+last answer's statistics, /help lists these, /exit (or Ctrl-D) leaves; at a terminal the
+arrow keys edit the line and recall earlier ones; Ctrl-C stops the current
 answer (reading a pipe or a file, it then ends the chat: exit 130).
 """
 
 DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says otherwise (capped by the model)
 DEMO_CONTEXT = 512  # the demo's: what its default 24 MiB budget holds beside the model
 ANSWER_TOKENS = 512  # an answer's most tokens unless -n says otherwise (at most half the context)
-COMMANDS = "/reset, /stats, /exit"
+COMMANDS = "/reset, /stats, /help, /exit"
+HELP = (
+    "/reset forgets the conversation, /stats shows the last answer's statistics, /exit (or Ctrl-D) leaves; "
+    "start a message with // to send one that begins with /; Ctrl-C stops an answer"
+)
 
 
 CHAT_TEMPLATE_REMEDY = (
@@ -176,9 +181,12 @@ def chat(
             sys.stdout.write(json.dumps({"error": message, "line": lineno}) + "\n")
             sys.stdout.flush()
 
+    # the prompt on the terminal: stdout unless it holds JSON or is redirected (a file of
+    # the answers holds the answers alone); the line editor where stdout is the terminal
+    editing = interactive and not json_out and sys.stdout.isatty()
     while True:
         try:
-            line = read_message(interactive, sys.stderr if json_out else sys.stdout)
+            line = read_message(interactive, sys.stdout if editing else sys.stderr, editing)
         except UsageError as e:
             lineno += 1
             unanswered(str(e))
@@ -198,6 +206,8 @@ def chat(
             if cmd == "/reset":
                 convo.reset()
                 note("(history cleared)")
+            elif cmd == "/help":
+                note(HELP)
             elif cmd == "/stats":
                 if last is None:
                     note("(no answer yet)")
@@ -237,6 +247,10 @@ def chat(
                 on_reasoning=out.reasoning,
                 channels=bool(engine.tokenizer.chat_template),
             )
+        except Terminated:  # kill or a closed terminal: the error on a line of its own
+            if not json_out:
+                out.end_text()
+            raise
         except KeyboardInterrupt:
             note("\n(stopped)")
             stopped = True
@@ -263,10 +277,13 @@ def chat(
     engine.close()
 
 
-def read_message(interactive: bool, prompt_to=sys.stdout) -> str | None:
+def read_message(interactive: bool, prompt_to=sys.stdout, editing: bool = False) -> str | None:
     """The next user message (None at the end of input). At a terminal, Ctrl-C on an
     empty prompt says how to leave instead of leaving; the prompt goes to ``prompt_to``
-    (stderr with --json, whose stdout holds JSON alone)."""
+    (stderr with --json, whose stdout holds JSON alone, or with stdout redirected).
+    ``editing``: through GNU readline (Python's ``input`` takes it once imported): the
+    arrow keys, Ctrl-A/E, the session's earlier lines, a pasted block as one message, and
+    no 4095-character limit of the terminal's own line discipline."""
     if not interactive:
         stream = getattr(sys.stdin, "buffer", sys.stdin)
         raw = stream.readline()
@@ -280,11 +297,24 @@ def read_message(interactive: bool, prompt_to=sys.stdout) -> str | None:
         # a CRLF file's line is the same message as an LF file's, and a byte-order mark
         # (Notepad's first bytes) is not text
         return raw.removesuffix("\n").removesuffix("\r").removeprefix("\ufeff")
+    if editing:
+        try:
+            import readline  # noqa: F401  (input() edits through it once imported)
+        except ImportError:  # a Python built without it: the terminal's own line editing
+            editing = False
     while True:
         try:
-            prompt_to.write(">>> ")
-            prompt_to.flush()
-            return input()
+            if editing:
+                line = input(">>> ")
+            else:
+                prompt_to.write(">>> ")
+                prompt_to.flush()
+                line = input()
+            try:  # bytes that are not UTF-8 come through as lone surrogates
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError("the line is not valid UTF-8 text; skipped") from None
+            return line
         except EOFError:
             prompt_to.write("\n")
             return None
