@@ -282,8 +282,8 @@ def read_message(interactive: bool, prompt_to=sys.stdout, editing: bool = False)
     empty prompt says how to leave instead of leaving; the prompt goes to ``prompt_to``
     (stderr with --json, whose stdout holds JSON alone, or with stdout redirected).
     ``editing``: through GNU readline (Python's ``input`` takes it once imported): the
-    arrow keys, Ctrl-A/E, the session's earlier lines, a pasted block as one message, and
-    no 4095-character limit of the terminal's own line discipline."""
+    arrow keys, Ctrl-A/E, the session's earlier lines, and no 4095-character limit of the
+    terminal's own line discipline."""
     if not interactive:
         stream = getattr(sys.stdin, "buffer", sys.stdin)
         raw = stream.readline()
