@@ -320,9 +320,9 @@ def make_plan(
                 else ""
             )
             raise UsageError(
-                f"--ram {have} cannot hold {counted(cfg.top_k, 'expert slot')} of {each}"
+                f"{ram_named(have, ram_source)} cannot hold {counted(cfg.top_k, 'expert slot')} of {each}"
                 + (f" beside the 4-bit draft ({format_size(draft)})" if draft else "")
-                + f"; it needs at least {need} -- raise --ram"
+                + f"; it needs at least {need} -- {ram_remedy(ram_source)}"
             )
         raise UsageError(
             f"--vram {have} cannot hold this model's fixed part ({format_size(fixed)}: weights "
@@ -345,7 +345,7 @@ def make_plan(
     elif ram is None:
         host_slots = total
     else:
-        host_slots = host_plan(cfg, ram_slot, ram, host_draft)
+        host_slots = host_plan(cfg, ram_slot, ram, host_draft, ram_source)
     return Plan(
         policy,
         budget,
@@ -371,18 +371,29 @@ def make_plan(
     )
 
 
-def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int) -> int:
+def ram_named(have: str, source: str | None) -> str:
+    """The RAM budget as an error names it: ``--ram X`` as given, or how it was found."""
+    return f"--ram {have}" if source is None else f"the RAM left for experts, {have} ({source}),"
+
+
+def ram_remedy(source: str | None) -> str:
+    if source is None:
+        return "raise --ram"
+    return "free some memory (or raise the memory limit this runs under), or give --ram"
+
+
+def host_plan(cfg: MoEConfig, expert: int, ram: int, draft_bytes: int, source: str | None = None) -> int:
     """Full-precision experts host RAM holds beside the draft's (all of them when they
     fit), ``expert`` bytes each (its RAM slot); a budget that cannot stage ``top_k`` of
-    them is refused."""
+    them is refused (``source``: how the budget was found, when not given)."""
     total = cfg.num_experts * len(cfg.moe_layers)
     room = ram - draft_bytes
     if room < cfg.top_k * expert:
         have, need = sizes_apart(ram, draft_bytes + cfg.top_k * expert)
         raise UsageError(
-            f"--ram {have} cannot hold {counted(cfg.top_k, 'expert slot')} of {format_size(expert)}"
+            f"{ram_named(have, source)} cannot hold {counted(cfg.top_k, 'expert slot')} of {format_size(expert)}"
             + (f" beside the 4-bit draft's host experts ({format_size(draft_bytes)})" if draft_bytes else "")
-            + f"; it needs at least {need} -- raise --ram"
+            + f"; it needs at least {need} -- {ram_remedy(source)}"
         )
     return int(min(total, room // expert))
 
@@ -392,7 +403,21 @@ RAM_MARGIN_MIN = 2**30
 
 
 def memory_info() -> tuple[int, int] | None:
-    """(MemTotal, MemAvailable) in bytes from /proc/meminfo; None where there is none."""
+    """(total, available) bytes of memory this process may use: the machine's (MemTotal,
+    MemAvailable from /proc/meminfo), or a memory cgroup's limit where it is lower (a
+    container, a systemd unit with MemoryMax: the kernel stops the process at the limit
+    without a word, whatever the machine has). None where the system does not say."""
+    machine = machine_memory()
+    if machine is None:
+        return None
+    limited = cgroup_memory()
+    if limited is None:
+        return machine
+    return min(machine[0], limited[0]), min(machine[1], limited[1])
+
+
+def machine_memory() -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo (sysconf where there is none)."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
@@ -404,6 +429,77 @@ def memory_info() -> tuple[int, int] | None:
         return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
     except (ValueError, OSError, AttributeError):
         return None
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cgroup_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read(64).strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_inactive_file(path: str, key: str) -> int:
+    """Page cache the kernel reclaims before it stops the group (memory.stat's ``key``)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_memory(root: str = CGROUP_ROOT, self_cgroup: str = "/proc/self/cgroup") -> tuple[int, int] | None:
+    """(limit, what is left under it) of the tightest memory cgroup this process is in and
+    its ancestors (cgroup v2's ``memory.max``/``memory.current``, v1's
+    ``memory.limit_in_bytes``/``memory.usage_in_bytes``; the page cache it holds counts as
+    left, as the kernel reclaims it first); None without a limit."""
+    try:
+        with open(self_cgroup) as f:
+            lines = f.read(65536).splitlines()
+    except OSError:
+        return None
+    levels = []  # (directory, limit file, usage file, memory.stat key)
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, path = parts
+        if "memory" in controllers.split(","):  # v1
+            base, files = (
+                os.path.join(root, "memory"),
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+            )
+        elif hid == "0" and controllers == "":  # v2 (unified, or under "unified" in a hybrid layout)
+            base = root if os.path.exists(os.path.join(root, "cgroup.controllers")) else os.path.join(root, "unified")
+            files = ("memory.max", "memory.current", "inactive_file")
+        else:
+            continue
+        here = os.path.join(base, path.strip("/"))
+        if not os.path.isdir(here):  # a cgroup namespace (a container): its own group is the mount's root
+            here = base
+        while True:
+            levels.append((here, *files))
+            if os.path.normpath(here) == os.path.normpath(base):
+                break
+            here = os.path.dirname(here)
+    best = None
+    for here, limit_file, usage_file, key in levels:
+        limit = _cgroup_int(os.path.join(here, limit_file))
+        if limit is None or limit >= 2**60:  # v1's "no limit" is a page-rounded 2^63 - 1
+            continue
+        usage = _cgroup_int(os.path.join(here, usage_file)) or 0
+        left = max(0, limit - max(0, usage - _cgroup_inactive_file(os.path.join(here, "memory.stat"), key)))
+        if best is None or left < best[1]:
+            best = (limit, left)
+    return best
 
 
 def beyond_memory(ram: int, held: int) -> str | None:
@@ -433,17 +529,21 @@ def host_tier_ram(sizes: Plan, ram: int | None) -> tuple[int, str | None]:
 
 
 def default_ram(resident_bytes: int = 0) -> tuple[int | None, str]:
-    """The --ram budget when none is given: what the machine has available now, minus a
-    margin (10% of its memory, at least 1 GiB) and ``resident_bytes`` that will live in
+    """The --ram budget when none is given: what the machine (or the memory cgroup it runs
+    in) has available now, minus a margin (10% of its memory, at least 1 GiB or a quarter
+    of it) and ``resident_bytes`` that will live in
     RAM outside the budget (the non-expert weights on the cpu backend). (None, why) when
     the machine does not say."""
-    info = memory_info()
+    info, limited = memory_info(), cgroup_memory()
     if info is None:
         return None, "every expert in RAM (this system does not report its available memory)"
     total, available = info
-    margin = max(RAM_MARGIN_MIN, int(total * RAM_MARGIN_FRACTION))
+    limited = limited if limited is not None and limited[1] <= available else None  # the tighter one
+    # (a quarter of a small total, a container's of a few hundred MB, where 1 GiB is all of it)
+    margin = max(min(RAM_MARGIN_MIN, total // 4), int(total * RAM_MARGIN_FRACTION))
     ram = available - margin - resident_bytes
-    what = f"available memory {format_size(available)} minus a margin of {format_size(margin)}"
+    where = "available memory" if limited is None else "memory left under this process's memory cgroup limit"
+    what = f"{where} {format_size(available)} minus a margin of {format_size(margin)}"
     if resident_bytes:
         what += f" and {format_size(resident_bytes)} of weights"
     return max(ram, 1), what
