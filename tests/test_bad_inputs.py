@@ -297,3 +297,39 @@ def test_an_odd_number_of_rotary_dimensions_is_refused(tiny, family, variant):
     build_model(arch, raw, 16, "config.json")  # as built: even
     with pytest.raises(CheckpointError, match="an odd number"):
         build_model(arch, dict(raw, head_dim=22, partial_rotary_factor=0.5), 16, "config.json")
+
+
+@pytest.mark.parametrize(
+    "exc,command,said",
+    [
+        (MemoryError(), "run", "out of host memory; give a smaller --ram or a shorter --context"),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+            "quantize",
+            "out of host memory; quantize holds the draft it builds in RAM",
+        ),
+        (
+            RuntimeError("unable to mmap 246997272 bytes from file <m.safetensors>: Cannot allocate memory (12)"),
+            "chat",
+            "out of host memory; give a smaller --ram",
+        ),
+        (OSError(12, "Cannot allocate memory"), "calibrate", "out of host memory; free some memory"),
+        (ImportError("libstdc++.so.6: failed to map segment from shared object"), None, "out of host memory"),
+        (
+            RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "run",
+            "out of GPU memory; give a smaller --vram",
+        ),
+    ],
+)
+def test_running_out_of_memory_is_said_so_with_what_to_do_for_the_command(capsys, exc, command, said):
+    """An allocation that fails is "out of memory" with the command's remedy however it
+    surfaced (it was "internal error: RuntimeError: ..." from torch's allocator or its mmap,
+    and quantize was told to lower a --max-new-tokens it does not have)."""
+    from moespeq_cli.cli.errors import exit_for
+
+    with pytest.raises(SystemExit) as e:
+        exit_for(exc, command)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"moespeq: error: {said}") and err.count("\n") == 1 and "internal error" not in err

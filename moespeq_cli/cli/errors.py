@@ -100,6 +100,31 @@ def flush_stdout(command: str | None) -> None:
         pass
 
 
+def out_of_memory(exc: BaseException) -> str | None:
+    """"host" or "GPU" where ``exc`` is an allocation that failed, however it surfaced
+    (Python's MemoryError, torch's allocator or its mmap of a checkpoint, CUDA's caching
+    allocator, a shared library that could not be mapped under a ulimit); else None."""
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return "GPU"
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return "host"
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "Cannot allocate memory" in text):
+        return "host"
+    if isinstance(exc, ImportError) and "failed to map segment" in text:
+        return "host"
+    return None
+
+
+RUN_MEMORY_HINT = "give a smaller --ram or a shorter --context, or free some memory"
+MEMORY_HINTS = {  # (which memory, command) -> what to do; (which, None): any other command
+    ("host", None): "free some memory, or raise the memory limit this runs under",
+    ("GPU", None): "give a smaller --vram (other programs hold some of the GPU's memory) or a shorter --context",
+    ("host", "quantize"): "quantize holds the draft it builds in RAM: free some memory, or raise the limit it runs under",
+    **{("host", c): RUN_MEMORY_HINT for c in ("run", "chat", "serve", "profile", "bench")},
+}
+
+
 def exit_for(exc: BaseException, command: str | None) -> None:
     """Map an exception escaping a command to a one-line message and an exit code."""
     if isinstance(exc, typer.Exit):
@@ -124,6 +149,7 @@ def exit_for(exc: BaseException, command: str | None) -> None:
         if isinstance(exc, OutputError):
             quiet_stdout()  # what is still buffered would fail again at exit
         fail(str(exc), exc.exit_code)
-    if isinstance(exc, MemoryError):
-        fail("out of host memory; use a smaller model or a smaller --max-new-tokens", 1)
+    memory = out_of_memory(exc)
+    if memory is not None:
+        fail(f"out of {memory} memory; {MEMORY_HINTS.get((memory, command), MEMORY_HINTS[memory, None])}", 1)
     fail(f"internal error: {type(exc).__name__}: {exc}" + ("" if debug() else f" ({DEBUG_HINT})"), 1)
