@@ -256,6 +256,43 @@ def test_unwritable_output_is_refused_before_work(tiny, cli, tmp_path, cmd, opt)
     assert r.exit_code == 2 and "is a directory" in r.stderr
 
 
+@pytest.mark.parametrize(
+    "cmd,opts,failing",
+    [
+        ("run", ["--trace"], "trace"),
+        ("profile", ["--trace", "--report"], "trace"),
+        ("profile", ["--trace", "--report"], "report"),
+    ],
+)
+def test_with_json_a_file_that_cannot_be_written_is_in_the_result(tiny, cli, tmp_path, monkeypatch, cmd, opts, failing):
+    """A script reads stdout alone: --json's result said "trace": "t.json" (and a normal
+    finish) when the disk was full and the file was never written. The files are written
+    before the result, which names the ones written, nulls the rest and says why in
+    ``error``; the error's line and exit 1 follow, and the answer is in the result."""
+    from moespeq_cli.cli import run as run_module
+    from moespeq_cli.errors import MoespeqError
+    from moespeq_cli.profiling import report as report_module
+
+    def full(*a, **k):
+        raise MoespeqError("cannot write x (No space left on device); free some space")
+
+    monkeypatch.setattr(run_module if failing == "trace" else report_module, f"write_{failing}", full)
+    path, _ = tiny("mixtral", "gqa")
+    files = {opt: tmp_path / f"out{opt.replace('-', '_')}" for opt in opts}
+    args = [a for opt in opts for a in (opt, str(files[opt]))] + (["--no-live"] if cmd == "profile" else [])
+    r = cli(cmd, str(path), "-n", "3", "--backend", "mock", "--json", *args)
+    assert (
+        r.exit_code == 1
+        and r.stderr.strip() == "moespeq: error: cannot write x (No space left on device); free some space"
+    )
+    out = json.loads(r.stdout)
+    assert out["error"] == "cannot write x (No space left on device); free some space"
+    assert out[failing] is None and len(out["token_ids"]) == 3
+    if cmd == "profile" and failing == "report":
+        assert out["trace"] == str(files["--trace"]) and files["--trace"].exists()
+    assert not any(f.exists() for opt, f in files.items() if opt.strip("-") == failing)
+
+
 def test_atomic_write_failure_is_one_line(tmp_path):
     from moespeq_cli.errors import MoespeqError
     from moespeq_cli.runtime.timeline import atomic_write_text

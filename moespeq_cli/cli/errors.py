@@ -101,7 +101,7 @@ def flush_stdout(command: str | None) -> None:
 
 
 def out_of_memory(exc: BaseException) -> str | None:
-    """"host" or "GPU" where ``exc`` is an allocation that failed, however it surfaced
+    """ "host" or "GPU" where ``exc`` is an allocation that failed, however it surfaced
     (Python's MemoryError, torch's allocator or its mmap of a checkpoint, CUDA's caching
     allocator, a shared library that could not be mapped under a ulimit); else None."""
     text = str(exc)
@@ -120,7 +120,10 @@ RUN_MEMORY_HINT = "give a smaller --ram or a shorter --context, or free some mem
 MEMORY_HINTS = {  # (which memory, command) -> what to do; (which, None): any other command
     ("host", None): "free some memory, or raise the memory limit this runs under",
     ("GPU", None): "give a smaller --vram (other programs hold some of the GPU's memory) or a shorter --context",
-    ("host", "quantize"): "quantize holds the draft it builds in RAM: free some memory, or raise the limit it runs under",
+    (
+        "host",
+        "quantize",
+    ): "quantize holds the draft it builds in RAM: free some memory, or raise the limit it runs under",
     **{("host", c): RUN_MEMORY_HINT for c in ("run", "chat", "serve", "profile", "bench")},
 }
 

@@ -64,7 +64,7 @@ def profile(
     import sys
 
     from moespeq_cli.cli.render import LoadingStatus
-    from moespeq_cli.cli.run import check_outputs, prepare, result_dict, sampling_params, write_trace
+    from moespeq_cli.cli.run import check_outputs, prepare, result_dict, sampling_params, write_files, write_trace
 
     options = o.engine_options(locals())
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
@@ -150,25 +150,32 @@ def profile(
     result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
     result["trace"] = str(trace) if trace else None
     result["report"] = str(report) if report else None
-    if json_out:
-        print(json.dumps(result))
-    else:
-        out = Renderer()
-        if not live:
-            print(result["text"])
-        out.stats_line(result)
-        if result.get("governor_note"):
-            out.note(result["governor_note"])
-    # the files after the output: one that cannot be written (a user's file appeared there)
-    # loses no answer and no statistics
-    if trace is not None:
-        write_trace(engine, trace, result)
-    if report is not None:
+
+    def write_the_report() -> None:
         from moespeq_cli.profiling.report import write_report
 
         cs = cache.stats
         layer_hits = {layer: cs.layer_hits[layer] / n for layer, n in cs.layer_lookups.items() if n}
         write_report(report, result, engine.backend.timeline.to_list(), layer_hits)
+
+    writers = [("trace", lambda: write_trace(engine, trace, result))] if trace is not None else []
+    writers += [("report", write_the_report)] if report is not None else []
+    if json_out:  # the files first: the result then says which were written (a script reads stdout alone)
+        failed = write_files(result, writers)
+        print(json.dumps(result))
+        if failed is not None:
+            raise failed
+        return
+    out = Renderer()
+    if not live:
+        print(result["text"])
+    out.stats_line(result)
+    if result.get("governor_note"):
+        out.note(result["governor_note"])
+    # the files after the output: one that cannot be written (a user's file appeared there)
+    # loses no answer and no statistics
+    for _key, write in writers:
+        write()
     for label, p in (("trace", trace), ("report", report)):
-        if p and not json_out:
+        if p:
             print(f"{label}: {p}", file=sys.stderr)

@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -265,15 +266,21 @@ def run(
                     pass
             raise
     result = finished()
-    if json_out:
+    if json_out:  # the file first: the result then says whether it was written (a script reads stdout alone)
+        failed = None
+        if trace is not None:
+            result["trace"] = str(trace)
+            failed = write_files(result, [("trace", lambda: write_trace(engine, trace, result))])
         sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        out.end_text()
-        out.stats_line(result)
-        if result["finish_reason"] == "stop" and len(token_ids) < max_new_tokens:
-            out.note(f"the model ended its text (end-of-sequence token) after {len(token_ids)} of -n {max_new_tokens}")
-        if result.get("governor_note") and engine.plan is not None:  # (no plan: its note came at load)
-            out.note(result["governor_note"])
+        if failed is not None:
+            raise failed
+        return
+    out.end_text()
+    out.stats_line(result)
+    if result["finish_reason"] == "stop" and len(token_ids) < max_new_tokens:
+        out.note(f"the model ended its text (end-of-sequence token) after {len(token_ids)} of -n {max_new_tokens}")
+    if result.get("governor_note") and engine.plan is not None:  # (no plan: its note came at load)
+        out.note(result["governor_note"])
     if trace is not None:  # after the output: a trace that cannot be written loses no answer
         write_trace(engine, trace, result)
 
@@ -458,6 +465,21 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
     elif engine.plan is None and engine.backend_name == "cpu":  # every expert in RAM: said at load, kept in --json
         result["governor_note"] = engine.ignored_options() or ALL_IN_RAM
     return result
+
+
+def write_files(result: dict, writers: list[tuple[str, Callable[[], None]]]) -> MoespeqError | None:
+    """Runs each writer of ``writers`` ((result key, writer)) for ``--json``, before the
+    result is printed: the first that fails and those after it are null in ``result`` and
+    ``error`` says why; that failure is returned (raised once the result is out)."""
+    for i, (_key, write) in enumerate(writers):
+        try:
+            write()
+        except MoespeqError as e:
+            for later, _ in writers[i:]:
+                result[later] = None
+            result["error"] = str(e)
+            return e
+    return None
 
 
 def write_trace(engine, path: Path, result: dict) -> None:
