@@ -198,6 +198,8 @@ def check_output(path: Path | None, option: str) -> None:
     if stream is not None:
         raise UsageError(f"{option} {shown(given)} is this command's standard {stream}; give a file of its own")
     if status == "file" and not os.access(path, os.W_OK):
+        if read_only_mount(path.parent):
+            raise UsageError(f"{option} {shown(path)} is on a read-only file system; write elsewhere")
         raise UsageError(f"{option} {shown(path)} is write-protected; make it writable or write elsewhere")
     parent = path.parent
     if not is_dir(parent):
@@ -207,6 +209,14 @@ def check_output(path: Path | None, option: str) -> None:
     why = cannot_write_in(parent)
     if why is not None:
         raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({why})")
+
+
+def read_only_mount(directory: Path) -> bool:
+    """Whether ``directory`` lies on a file system mounted read-only (no chmod helps)."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def check_name_length(path: Path, option: str) -> None:

@@ -333,3 +333,21 @@ def test_running_out_of_memory_is_said_so_with_what_to_do_for_the_command(capsys
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"moespeq: error: {said}") and err.count("\n") == 1 and "internal error" not in err
+
+
+def test_an_output_on_a_read_only_file_system_is_not_called_write_protected(tmp_path, monkeypatch):
+    """On a read-only mount the file's mode is fine and no chmod helps: say what it is."""
+    import os
+    import types
+
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.fs import check_output
+
+    out = tmp_path / "t.json"
+    out.write_text("{}")
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(UsageError, match="is write-protected; make it writable"):
+        check_output(out, "--trace")
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(UsageError, match="is on a read-only file system; write elsewhere"):
+        check_output(out, "--trace")
