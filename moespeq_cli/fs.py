@@ -198,7 +198,7 @@ def check_output(path: Path | None, option: str) -> None:
     if stream is not None:
         raise UsageError(f"{option} {shown(given)} is this command's standard {stream}; give a file of its own")
     if status == "file" and not os.access(path, os.W_OK):
-        if read_only_mount(path.parent):
+        if read_only_mount(path):
             raise UsageError(f"{option} {shown(path)} is on a read-only file system; write elsewhere")
         raise UsageError(f"{option} {shown(path)} is write-protected; make it writable or write elsewhere")
     parent = path.parent
@@ -211,10 +211,11 @@ def check_output(path: Path | None, option: str) -> None:
         raise UsageError(f"{option} {shown(path)}: cannot write in {shown(parent)} ({why})")
 
 
-def read_only_mount(directory: Path) -> bool:
-    """Whether ``directory`` lies on a file system mounted read-only (no chmod helps)."""
+def read_only_mount(path: Path) -> bool:
+    """Whether ``path`` lies on a file system mounted read-only (no chmod helps; a file
+    bind-mounted read-only on its own too)."""
     try:
-        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):
         return False
 

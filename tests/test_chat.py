@@ -318,7 +318,7 @@ class Terminal:
     unless ``stdout`` (a file) is given. ``send`` types bytes, ``expect`` waits (at most
     60 s) for text to appear and returns what came up to it."""
 
-    def __init__(self, path, *args, stdout=None):
+    def __init__(self, path, *args, stdout=None, env=None):
         import os
         import subprocess
         import sys
@@ -329,7 +329,7 @@ class Terminal:
             stdin=slave,
             stdout=slave if stdout is None else stdout,
             stderr=slave,
-            env={**os.environ, "TERM": "xterm", "COLUMNS": "80", "LINES": "24"},
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "80", "LINES": "24", **(env or {})},
             start_new_session=True,
         )
         os.close(slave)
@@ -376,13 +376,16 @@ def test_a_line_that_is_not_utf8_at_a_terminal_is_skipped_not_fatal(chat_ckpt, t
     by a backspace where the terminal counts bytes) ended the chat with "the tokenizer is
     broken" (exit 1): the line is skipped, as from a pipe. With stdout at the terminal the
     line editor takes such a byte as a key (it inserts nothing); the chat goes on."""
-    with open(tmp_path / "answers.txt", "w") as f:  # stdout redirected: the terminal's own line editing
-        term = Terminal(chat_ckpt, stdout=f)
-        term.expect(">>> ")
-        term.send(b"caf\xe9\r")
-        term.expect("not valid UTF-8 text; skipped")
-        term.send(b"/exit\r")
-        assert term.close() == 0
+    # stdout redirected: the terminal's own line editing; in a locale whose standard input
+    # decodes strictly (en_US.UTF-8: an error) and in one that escapes (C.UTF-8: surrogates)
+    for errors in ("strict", "surrogateescape"):
+        with open(tmp_path / "answers.txt", "w") as f:
+            term = Terminal(chat_ckpt, stdout=f, env={"PYTHONIOENCODING": f"utf-8:{errors}"})
+            term.expect(">>> ")
+            term.send(b"caf\xe9\r")
+            term.expect("not valid UTF-8 text; skipped")
+            term.send(b"/exit\r")
+            assert term.close() == 0
     term = Terminal(chat_ckpt)
     term.expect(">>> ")
     term.send(b"caf\xe9\r")

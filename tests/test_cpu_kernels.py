@@ -531,6 +531,7 @@ def test_per_head_products_leave_what_they_do_not_take_to_torch():
     assert not kernels.per_head(q, w_uk, torch.empty(3, 2, 16).transpose(0, 1), True)  # rows not N apart
     assert not kernels.per_head(q, w_uk, torch.empty(2, 3, 15), True)  # the wrong shape
     assert not kernels.per_head(q, w_uk.transpose(1, 2), torch.empty(2, 3, 16), False)  # weight rows not contiguous
+    assert not kernels.per_head(lat, w_uv, torch.empty(2, 1, 8).expand(2, 3, 8), False)  # rows on one another
     long = torch.randn(2, kernels.MAX_ROWS + 1, 16, generator=g)
     assert not kernels.per_head(long, w_uv, torch.empty(2, kernels.MAX_ROWS + 1, 8), False)  # a prefill: torch's
 

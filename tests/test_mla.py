@@ -78,3 +78,20 @@ def test_the_cpu_backend_absorbs_in_the_kernels_over_bf16_weights_batch_invarian
     ref.set_experts(InMemoryExperts(ck, torch.float32))
     want = ref(ids, ref.new_cache())
     assert float((block - want).norm() / want.norm()) < 1e-5
+
+
+def test_a_verification_block_equals_single_steps_at_a_short_context_too(tiny):
+    """A block right after a short prefix absorbs as single steps do (a pass of up to
+    ROLLBACK tokens continuing a cache always absorbs): it expanded there by the
+    multiply-add count, and its rows differed from single steps' in the last bits."""
+    path, _ = tiny("glm4_moe_lite", "flash", torch.bfloat16)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(32)
+    model = eng.model
+    ids = torch.randint(3, 200, (8,), generator=torch.Generator().manual_seed(9))
+    for prefix in (1, 2, 3):
+        cache = model.new_cache()
+        block = torch.cat([model(ids[:prefix], cache), model(ids[prefix:], cache)])
+        cache = model.new_cache()
+        steps = torch.cat([model(ids[:prefix], cache)] + [model(ids[i : i + 1], cache) for i in range(prefix, 8)])
+        assert torch.equal(block, steps), prefix

@@ -1,7 +1,7 @@
 """Sliding-window layers (gpt-oss's every other layer, Gemma 4's local ones) hold only the
 positions their window and a rollback can reach (models/base.py KVCache), however long
 the context: the same logits as a cache that holds everything, rollbacks as before, a
-prefill cut into passes that keep the bound, and a plan that counts what is held.
+long pass (a prefill) kept to its tail, and a plan that counts what is held.
 
 ``ROLLBACK`` (65 positions: the deepest speculation cycle) is lowered here so that tiny
 models with windows of 3 and 4 drop positions within a few dozen tokens."""
@@ -164,3 +164,30 @@ def test_the_mock_prices_a_window_layer_s_attention_over_what_it_holds(tiny):
         else:
             assert cost(1, 100_000).flops > cost(1, held).flops
     assert seen & set(windows) and seen - set(windows)
+
+
+def test_a_buffer_still_growing_keeps_the_bound_when_a_pass_would_pass_it(tiny):
+    """With the real ROLLBACK (a bound of 136 positions for a window of 4): passes of 60
+    grow the buffer 64 -> 128; the third would have grown it to 180 past the bound (it
+    dropped positions only once the buffer had reached it)."""
+    path, _ = tiny("gpt_oss", "alternating")
+    model = loaded(path, False)
+    ids = torch.randint(3, 200, (180,), generator=torch.Generator().manual_seed(10))
+    cache = model.new_cache()
+    got = [model(ids[i : i + 60], cache) for i in range(0, 180, 60)]
+    for i, w in model.windows().items():
+        assert cache.k[i].shape[1] <= 2 * window_keep(w) and cache.offset(i) > 0
+    assert close(torch.cat(got), whole(model, ids))
+
+
+def test_a_window_as_long_as_the_context_is_held_as_any_layer(tiny):
+    """A window whose bound reaches the context the model was loaded for drops nothing:
+    such a layer is no sliding-window layer to the cache (the one-call pass of the cpu
+    backend stays on for it)."""
+    path, _ = tiny("gpt_oss", "alternating")
+    short = Engine(path, EngineOptions(backend="cpu"))
+    short.load(100)  # 2 * (4 - 1 + 65) = 136 >= 100
+    assert short.model.windows() == {} and short.model.new_cache().windows == {}
+    long = Engine(path, EngineOptions(backend="cpu"))
+    long.load(512)
+    assert long.model.windows()

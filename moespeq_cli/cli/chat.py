@@ -3,6 +3,7 @@ input not a terminal, one user message per input line (scripts pipe a conversati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 from moespeq_cli.chat_template import TemplateError
 from moespeq_cli.cli import options as o
 from moespeq_cli.cli.render import LoadingStatus
-from moespeq_cli.errors import CheckpointError, Terminated, UsageError
+from moespeq_cli.errors import CheckpointError, MoespeqError, Terminated, UsageError
 
 if TYPE_CHECKING:  # the engine imports torch: not at the command's import
     from moespeq_cli.runtime.engine import Engine
@@ -249,7 +250,8 @@ def chat(
             )
         except Terminated:  # kill or a closed terminal: the error on a line of its own
             if not json_out:
-                out.end_text()
+                with contextlib.suppress(OSError, MoespeqError):  # (a terminal gone: the signal's exit code)
+                    out.end_text()
             raise
         except KeyboardInterrupt:
             note("\n(stopped)")
@@ -304,15 +306,15 @@ def read_message(interactive: bool, prompt_to=sys.stdout, editing: bool = False)
             editing = False
     while True:
         try:
-            if editing:
-                line = input(">>> ")
-            else:
-                prompt_to.write(">>> ")
-                prompt_to.flush()
-                line = input()
-            try:  # bytes that are not UTF-8 come through as lone surrogates
-                line.encode("utf-8")
-            except UnicodeEncodeError:
+            try:
+                if editing:
+                    line = input(">>> ")
+                else:
+                    prompt_to.write(">>> ")
+                    prompt_to.flush()
+                    line = input()
+                line.encode("utf-8")  # bytes that are not UTF-8: lone surrogates (surrogateescape) ...
+            except (UnicodeDecodeError, UnicodeEncodeError):  # ... or an error (a strict locale)
                 raise UsageError("the line is not valid UTF-8 text; skipped") from None
             return line
         except EOFError:

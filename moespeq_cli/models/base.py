@@ -180,7 +180,7 @@ class KVCache:
         if window is not None:
             keep = window_keep(window)
             limit = 2 * keep if limit is None else min(limit, 2 * keep)
-            if end - base > size >= limit and start - keep > base:  # full: keep the last ``keep`` positions
+            if end - base > limit and start - keep > base:  # past its bound: keep the last ``keep`` positions
                 drop = start - keep - base
                 kb[:, : start - base - drop] = kb[:, drop : start - base].clone()
                 vb[:, : start - base - drop] = vb[:, drop : start - base].clone()
@@ -747,11 +747,15 @@ class CausalLM(nn.Module):
         return KVCache(len(self.model.layers), self.context or None, self.windows())
 
     def windows(self) -> dict[int, int]:
-        """The sliding-window layers' windows, by layer: what their caches hold."""
+        """The sliding-window layers' windows, by layer: those whose bound on what they hold
+        (``2 * window_keep``) is below the context the model was loaded for (a window as
+        long as the context, as some configs give, drops nothing)."""
         return {
             i: layer.attn.s.window
             for i, layer in enumerate(self.model.layers)
-            if isinstance(layer.attn, Attention) and layer.attn.s.window
+            if isinstance(layer.attn, Attention)
+            and layer.attn.s.window
+            and not (self.context and 2 * window_keep(layer.attn.s.window) >= self.context)
         }
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:

@@ -28,10 +28,22 @@ the latents it attends over, as vLLM's prefill does (``absorbs``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moespeq_cli.errors import CheckpointError
-from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, KVCache, RMSNorm, SparseMoE, attend
+from moespeq_cli.models.base import (
+    ROLLBACK,
+    Backbone,
+    CausalLM,
+    DecoderLayer,
+    GatedMLP,
+    KVCache,
+    RMSNorm,
+    SparseMoE,
+    attend,
+    causal_mask,
+)
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.rope import (
     apply_rope,
@@ -126,7 +138,12 @@ class MLAttention(nn.Module):
 
     def absorbs(self, tokens: int, context: int) -> bool:
         """Whether ``tokens`` queries over ``context`` positions (the new ones included)
-        cost fewer multiply-adds absorbed than with the context's latents expanded."""
+        attend absorbed: every pass that continues a cache with at most ``ROLLBACK`` tokens
+        (a decoding step, a verification block: they then compute alike, so a block's rows
+        equal single steps'), and a longer one where absorbed costs fewer multiply-adds
+        than expanding the context's latents."""
+        if context > tokens and tokens <= ROLLBACK:
+            return True
         r, e = self.kv_lora, self.nope + self.v_dim
         return tokens * context * (2 * r - e) < (context - tokens) * r * e
 
@@ -189,8 +206,18 @@ class MLAttention(nn.Module):
         return self.o_proj(self.core(q, k, v, start))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Attention over the cache: [H, T, qk] queries, [H, L, qk] keys, [H, L, dv] values."""
-        return attend(q, k, v, start, self.scale)
+        """Attention over the cache: [H, T, dk] queries, [Hkv, L, dk] keys, [Hkv, L, dv]
+        values -> [T, H * dv]. Absorbed (one latent head) the heads' queries are the rows
+        of one head's: SDPA's grouped-query form would expand the latent to every head
+        (its math backend, the one a 576-wide head gets on a GPU: H times the cache)."""
+        H, T = q.shape[:2]
+        if k.shape[0] != 1 or H == 1:
+            return attend(q, k, v, start, self.scale)
+        mask = causal_mask(start, T, k.shape[1], None, q.device)
+        out = F.scaled_dot_product_attention(
+            q.reshape(1, H * T, -1), k, v, attn_mask=None if mask is None else mask.repeat(H, 1), scale=self.scale
+        )  # [1, H * T, dv]
+        return out.view(H, T, -1).transpose(0, 1).reshape(T, -1)
 
 
 class Model(CausalLM):

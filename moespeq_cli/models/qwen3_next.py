@@ -187,7 +187,7 @@ class GatedDeltaNet(nn.Module):
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
         beta = rounded_once(torch.sigmoid, b.float())
         decay = rounded_once(
-            lambda g: (-self.A_log.double().exp() * F.softplus(g)).exp(), a.float() + self.dt_bias.float()
+            lambda g: (-self.A_log.to(g.dtype).exp() * F.softplus(g)).exp(), a.float() + self.dt_bias.float()
         )
         out, states, start = [], {}, cache.length
         for t in range(T):

@@ -40,7 +40,7 @@ def charges(
         def attn_cost(t, context, attn=attn):
             window = getattr(getattr(attn, "s", None), "window", None)
             if window:  # a sliding-window layer attends over what it holds (models/base.py KVCache)
-                context = min(context, 2 * window_keep(window))
+                context = min(context, max(2 * window_keep(window), window_keep(window) + t))
             if isinstance(attn, MLAttention):  # absorbed or expanded, as it runs for t over context
                 dims, rows = attn.kv_dims(t, context), {id(attn.kv_b_proj): attn.expansion_rows(t, context)}
             else:
