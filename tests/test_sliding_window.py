@@ -134,17 +134,31 @@ def test_a_conversation_s_cache_is_reused_only_where_its_windows_hold_the_prefix
 
 
 def test_the_plan_counts_what_a_window_layer_holds(tiny):
+    """`plan`'s KV cache is what the cache comes to hold: decoded to 300 tokens in single
+    steps and verification-sized blocks, the buffers hold no more than it counts and the
+    windowed ones no less than their bound's worth less a pass (they drop when past it)."""
     path, _ = tiny("gpt_oss", "alternating")
     model = loaded(path, False)
+    model.context = 300  # the context a run plans and loads for: the cache's cap
     windows = model.windows()
-    per = {}
-    for i, layer in enumerate(model.model.layers):
-        _, kv_heads, dk, dv = layer.attn.kv_dims()
-        per[i] = kv_heads * (dk + dv) * 2
-    for context in (50, 4096):
-        held = {i: min(context, 2 * window_keep(windows[i])) if i in windows else context for i in per}
-        assert kv_cache_bytes(model, 2, context) == sum(per[i] * held[i] for i in per)
-    assert kv_cache_bytes(model, 2, 4096) < sum(per.values()) * 4096
+    ids = torch.randint(3, 200, (300,), generator=torch.Generator().manual_seed(11))
+    cache = model.new_cache()
+    model(ids[:40], cache)
+    n = 40
+    while n < 300:
+        T = 1 if n % 5 else 5
+        model(ids[n : n + T], cache)
+        n += T
+    elem = cache.k[0].element_size()
+    held = {i: cache.k[i].numel() + cache.v[i].numel() for i in range(len(model.model.layers))}
+    per = {i: held[i] // cache.k[i].shape[1] for i in held}  # elements a position
+    assert sum(held.values()) * elem <= kv_cache_bytes(model, elem, 300)
+    for i, w in windows.items():
+        assert 2 * window_keep(w) - 5 <= cache.k[i].shape[1] <= 2 * window_keep(w)
+    for i in set(held) - set(windows):
+        assert cache.k[i].shape[1] >= 300
+    everything = sum(per.values()) * 300 * elem
+    assert kv_cache_bytes(model, elem, 300) < everything
 
 
 def test_the_mock_prices_a_window_layer_s_attention_over_what_it_holds(tiny):
