@@ -60,11 +60,10 @@ def profile(
     overlap, hit rate, acceptance and the current k. At the end it writes --trace (Chrome
     trace JSON) and --report (one HTML file).
     """
-    import json
     import sys
 
     from moespeq_cli.cli.render import LoadingStatus
-    from moespeq_cli.cli.run import check_outputs, prepare, result_dict, sampling_params, write_files, write_trace
+    from moespeq_cli.cli.run import check_outputs, json_with_files, prepare, result_dict, sampling_params, write_trace
 
     options = o.engine_options(locals())
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
@@ -161,10 +160,7 @@ def profile(
     writers = [("trace", lambda: write_trace(engine, trace, result))] if trace is not None else []
     writers += [("report", write_the_report)] if report is not None else []
     if json_out:  # the files first: the result then says which were written (a script reads stdout alone)
-        failed = write_files(result, writers)
-        print(json.dumps(result))
-        if failed is not None:
-            raise failed
+        json_with_files(result, writers)
         return
     out = Renderer()
     if not live:

@@ -267,13 +267,9 @@ def run(
             raise
     result = finished()
     if json_out:  # the file first: the result then says whether it was written (a script reads stdout alone)
-        failed = None
         if trace is not None:
             result["trace"] = str(trace)
-            failed = write_files(result, [("trace", lambda: write_trace(engine, trace, result))])
-        sys.stdout.write(json.dumps(result) + "\n")
-        if failed is not None:
-            raise failed
+        json_with_files(result, [("trace", lambda: write_trace(engine, trace, result))] if trace is not None else [])
         return
     out.end_text()
     out.stats_line(result)
@@ -467,19 +463,22 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
     return result
 
 
-def write_files(result: dict, writers: list[tuple[str, Callable[[], None]]]) -> MoespeqError | None:
-    """Runs each writer of ``writers`` ((result key, writer)) for ``--json``, before the
-    result is printed: the first that fails and those after it are null in ``result`` and
-    ``error`` says why; that failure is returned (raised once the result is out)."""
+def json_with_files(result: dict, writers: list[tuple[str, Callable[[], None]]]) -> None:
+    """``--json``'s end: each of ``writers`` ((result key, writer)) run before ``result`` is
+    printed (a script reads stdout alone), the first that fails and those after it null in
+    it with ``error`` saying why, and that failure raised once the result is out."""
+    failed = None
     for i, (_key, write) in enumerate(writers):
         try:
             write()
         except MoespeqError as e:
             for later, _ in writers[i:]:
                 result[later] = None
-            result["error"] = str(e)
-            return e
-    return None
+            result["error"], failed = str(e), e
+            break
+    sys.stdout.write(json.dumps(result) + "\n")
+    if failed is not None:
+        raise failed
 
 
 def write_trace(engine, path: Path, result: dict) -> None:

@@ -329,10 +329,6 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
             m.router_logits = types.MethodType(_fp32_router_logits, m)
         if isinstance(m, SparseMoE) and hasattr(m.route, "softmax_topk") and act_dtype == torch.float32:
             m.route = _kernel_route(m.route)
-    for m in model.modules():  # a layer's MLP call was bound before its forward was rebound above
-        owner = getattr(getattr(m, "ffn", None), "__self__", None)
-        if owner is not None and "forward" in vars(owner):
-            m.ffn = owner.forward
     for m in model.modules():  # after their parts: a layer is one call only where each part is
         _whole_layer(m)
     _whole_model(model)  # and a pass only where each layer is

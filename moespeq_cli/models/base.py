@@ -86,6 +86,13 @@ def window_keep(window: int) -> int:
     return window - 1 + ROLLBACK
 
 
+def window_bound(window: int, context: int | None) -> int:
+    """The most positions a sliding-window layer's buffer holds (twice ``window_keep``:
+    it drops the oldest when past it), or ``context`` where that is less."""
+    bound = 2 * window_keep(window)
+    return bound if context is None else min(context, bound)
+
+
 class KVCache:
     """Per-layer key/value buffers ``[kv_heads, capacity, dim]`` with one shared length.
 
@@ -178,8 +185,7 @@ class KVCache:
         size = 0 if kb is None else kb.shape[1]
         limit, window = self.capacity, self.windows.get(layer)
         if window is not None:
-            keep = window_keep(window)
-            limit = 2 * keep if limit is None else min(limit, 2 * keep)
+            keep, limit = window_keep(window), window_bound(window, limit)
             if end - base > limit and start - keep > base:  # past its bound: keep the last ``keep`` positions
                 drop = start - keep - base
                 kb[:, : start - base - drop] = kb[:, drop : start - base].clone()
@@ -202,7 +208,7 @@ class KVCache:
         and values from ``offset(layer)`` on (every position, but a sliding-window layer's)."""
         window = self.windows.get(layer)
         if window is not None and k.shape[1] > window_keep(window):
-            return self._write_long(layer, k, v, window_keep(window))
+            return self._write_long(layer, k, v, window)
         kb, vb = self.reserve(layer, k.shape[1], k, v)
         start = self.length - self.base[layer]
         end = start + k.shape[1]
@@ -210,10 +216,13 @@ class KVCache:
         vb[:, start:end] = v
         return kb[:, :end], vb[:, :end]
 
-    def _write_long(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sliding-window layer's pass of more than ``keep`` positions: its queries see the
-        ``keep`` held positions before it and its own, joined for this pass only; the
-        buffer keeps the pass's last ``keep``."""
+    def _write_long(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sliding-window layer's pass of more than ``window_keep`` positions: its queries
+        see the ``keep`` held positions before it and its own, joined for this pass only;
+        the buffer keeps the pass's last ``keep``."""
+        keep, size = window_keep(window), max(window_bound(window, self.capacity), window_keep(window))
         start, end, base = self.length, self.length + k.shape[1], self.base[layer]
         kb, vb = self.k[layer], self.v[layer]
         lo = max(base, start - keep)
@@ -222,10 +231,9 @@ class KVCache:
         else:
             k_all = torch.cat((kb[:, lo - base : start - base], k), dim=1)
             v_all = torch.cat((vb[:, lo - base : start - base], v), dim=1)
-        limit = 2 * keep if self.capacity is None else min(self.capacity, 2 * keep)
-        if kb is None or kb.shape[1] < max(limit, keep):
-            kb = k.new_empty(k.shape[0], max(limit, keep), k.shape[2])
-            vb = v.new_empty(v.shape[0], max(limit, keep), v.shape[2])
+        if kb is None or kb.shape[1] < size:
+            kb = k.new_empty(k.shape[0], size, k.shape[2])
+            vb = v.new_empty(v.shape[0], size, v.shape[2])
             self.k[layer], self.v[layer] = kb, vb
         kb[:, :keep] = k[:, -keep:]
         vb[:, :keep] = v[:, -keep:]
@@ -602,12 +610,18 @@ class DecoderLayer(nn.Module):
         setattr(self, attn_name, attn)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
+        self.mlp_name = mlp_name
         setattr(self, mlp_name, mlp)
-        self.ffn = mlp.forward  # a bound method, not a registered child: names stay HF's
 
     @property
     def attn(self) -> nn.Module:
         return getattr(self, self.attn_name)
+
+    @property
+    def ffn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The MLP's forward as it is now (the CPU kernels rebind some), a bound method
+        whose ``__self__`` is the MLP: not a second registered child, so names stay HF's."""
+        return getattr(self, self.mlp_name).forward
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
         x = x + self.attn(self.input_layernorm(x), layer, cache, rope)
@@ -755,7 +769,7 @@ class CausalLM(nn.Module):
             for i, layer in enumerate(self.model.layers)
             if isinstance(layer.attn, Attention)
             and layer.attn.s.window
-            and not (self.context and 2 * window_keep(layer.attn.s.window) >= self.context)
+            and not (self.context and window_bound(layer.attn.s.window, None) >= self.context)
         }
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:

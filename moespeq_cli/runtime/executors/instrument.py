@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moespeq_cli.models.base import CausalLM, GatedMLP, SparseMoE, window_keep
+from moespeq_cli.models.base import CausalLM, GatedMLP, SparseMoE, window_bound, window_keep
 from moespeq_cli.models.deepseek_v2 import MLAttention
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.planning.costs import Cost, attention_core_cost, elem_size, linear_cost, module_cost
@@ -40,7 +40,7 @@ def charges(
         def attn_cost(t, context, attn=attn):
             window = getattr(getattr(attn, "s", None), "window", None)
             if window:  # a sliding-window layer attends over what it holds (models/base.py KVCache)
-                context = min(context, max(2 * window_keep(window), window_keep(window) + t))
+                context = min(context, max(window_bound(window, None), window_keep(window) + t))
             if isinstance(attn, MLAttention):  # absorbed or expanded, as it runs for t over context
                 dims, rows = attn.kv_dims(t, context), {id(attn.kv_b_proj): attn.expansion_rows(t, context)}
             else:

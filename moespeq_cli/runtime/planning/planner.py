@@ -33,7 +33,7 @@ import torch
 
 from moespeq_cli.errors import UsageError
 from moespeq_cli.models import build_model
-from moespeq_cli.models.base import ROLLBACK, CausalLM, window_keep
+from moespeq_cli.models.base import ROLLBACK, CausalLM, window_bound
 from moespeq_cli.models.config import MoEConfig
 from moespeq_cli.runtime.executors.grouped import dequant_scratch_bytes
 from moespeq_cli.runtime.planning.costs import elem_size
@@ -167,7 +167,7 @@ def kv_cache_bytes(model: CausalLM, elem: int, context: int) -> int:
         else:
             _, kv_heads, dk, dv = attn.kv_dims()
             per = kv_heads * (dk + dv)
-        held = min(context, 2 * window_keep(windows[i])) if i in windows else context
+        held = window_bound(windows[i], context) if i in windows else context
         total += per * elem * held
     return total
 
@@ -407,13 +407,20 @@ def memory_info() -> tuple[int, int] | None:
     MemAvailable from /proc/meminfo), or a memory cgroup's limit where it is lower (a
     container, a systemd unit with MemoryMax: the kernel stops the process at the limit
     without a word, whatever the machine has). None where the system does not say."""
+    found = memory_and_source()
+    return None if found is None else found[:2]
+
+
+def memory_and_source() -> tuple[int, int, bool] | None:
+    """``memory_info``'s figures and whether what is available is the cgroup's (tighter
+    than the machine's)."""
     machine = machine_memory()
     if machine is None:
         return None
     limited = cgroup_memory()
     if limited is None:
-        return machine
-    return min(machine[0], limited[0]), min(machine[1], limited[1])
+        return (*machine, False)
+    return min(machine[0], limited[0]), min(machine[1], limited[1]), limited[1] <= machine[1]
 
 
 def machine_memory() -> tuple[int, int] | None:
@@ -534,15 +541,14 @@ def default_ram(resident_bytes: int = 0) -> tuple[int | None, str]:
     of it) and ``resident_bytes`` that will live in
     RAM outside the budget (the non-expert weights on the cpu backend). (None, why) when
     the machine does not say."""
-    info, limited = memory_info(), cgroup_memory()
+    info = memory_and_source()
     if info is None:
         return None, "every expert in RAM (this system does not report its available memory)"
-    total, available = info
-    limited = limited if limited is not None and limited[1] <= available else None  # the tighter one
+    total, available, limited = info
     # (a quarter of a small total, a container's of a few hundred MB, where 1 GiB is all of it)
     margin = max(min(RAM_MARGIN_MIN, total // 4), int(total * RAM_MARGIN_FRACTION))
     ram = available - margin - resident_bytes
-    where = "available memory" if limited is None else "memory left under this process's memory cgroup limit"
+    where = "memory left under this process's memory cgroup limit" if limited else "available memory"
     what = f"{where} {format_size(available)} minus a margin of {format_size(margin)}"
     if resident_bytes:
         what += f" and {format_size(resident_bytes)} of weights"
