@@ -1364,17 +1364,40 @@ def test_tokenizer_truncation_and_padding_settings_are_ignored(cli, ckpt):
     assert len(json.loads(r.stdout)["prompt_token_ids"]) == len("hello world")
 
 
-def test_a_full_disk_while_writing_a_draft(cli, ckpt, tmp_path, monkeypatch):
-    import safetensors.torch
-    from safetensors import SafetensorError
+@pytest.mark.parametrize("when", ["reserving", "writing"])
+def test_a_full_disk_while_writing_a_draft(cli, ckpt, tmp_path, monkeypatch, when):
+    """A disk without room for the draft: refused when its size is reserved, before the
+    second expert is quantized, or (a file system that cannot reserve) when a write
+    fails; either way one line, and nothing left behind."""
+    import errno
 
-    def full(*a, **k):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    from moespeq_cli.quant import draft, draft_file
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    def full(*a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    quantized = []
+    real = draft.quantized_experts
+
+    def counted(*a, **k):
+        for item in real(*a, **k):
+            quantized.append(item[0])
+            yield item
+
+    monkeypatch.setattr(draft, "quantized_experts", counted)
+    if when == "reserving":
+        monkeypatch.setattr(draft_file.os, "posix_fallocate", full)
+    else:
+        monkeypatch.setattr(draft_file.os, "posix_fallocate", lambda *a: None)
+        calls = []
+        real_write = draft_file._write_expert
+        monkeypatch.setattr(
+            draft_file, "_write_expert", lambda *a: full() if len(calls) > 2 else calls.append(real_write(*a))
+        )
     out = tmp_path / "draft"
     one_line_error(cli("quantize", str(ckpt), "--out", str(out)), 1, "No space left", str(out))
     assert not out.exists() and not list(tmp_path.glob(".draft.tmp-*"))
+    assert len(quantized) == (1 if when == "reserving" else 4)
 
 
 def test_calibrate_replaces_only_a_hardware_profile(cli, ckpt, tmp_path):

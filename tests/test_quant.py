@@ -275,6 +275,79 @@ def test_quantizing_holds_about_the_draft_not_the_experts_freed_temporaries(tmp_
     assert grown < 1.6 * experts, (grown / 2**20, experts / 2**20)
 
 
+QUANTIZE_GROWTH = """
+import re, sys
+from pathlib import Path
+from moespeq_cli.models.checkpoint import Checkpoint
+from moespeq_cli.quant.draft import QuantizedExperts, quantized_experts, write_draft
+ck = Checkpoint(sys.argv[1])
+rss = []
+def progress(done, total):  # as each expert is quantized: the process's own memory now
+    rss.append(int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024)
+if sys.argv[2] == "memory":
+    QuantizedExperts.quantize(ck, progress=progress)
+else:
+    write_draft(Path(sys.argv[3]), ck, quantized_experts(ck, progress=progress), "nf4", 64, ck.config.dtype)
+print(max(rss) - rss[0])  # the reader's buffer, the imports and the first expert's work are in rss[0]
+"""
+
+
+def test_quantize_streams_the_draft_to_its_file_holding_one_expert(tmp_path):
+    """`moespeq quantize` held the whole draft in memory, then wrote it (about 25 GB of
+    4-bit experts for Mixtral: more than many hosts hold). It streams now: past the first
+    expert the process grows by a few MiB, where quantizing into memory grows by the
+    draft; the file is the same draft (test_save_load_roundtrip_and_cli)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_mixtral_checkpoint.py"
+    ckpt, out = tmp_path / "many", tmp_path / "draft"
+    args = ["--hidden", "256", "--intermediate", "768", "--layers", "2", "--experts", "64", "--dtype", "bfloat16"]
+    subprocess.run([sys.executable, str(script), str(ckpt), *args], check=True, capture_output=True, timeout=300)
+
+    def growth(*how):
+        run = [sys.executable, "-c", QUANTIZE_GROWTH, str(ckpt), *how]
+        return int(subprocess.run(run, capture_output=True, text=True, check=True, timeout=300).stdout)
+
+    streamed = growth("file", str(out))
+    draft = (out / "draft.safetensors").stat().st_size
+    assert draft > 40 * 2**20
+    assert streamed < 0.25 * draft, (streamed / 2**20, draft / 2**20)
+    held = growth("memory")  # the measure sees a held draft
+    assert held > 0.75 * draft, (held / 2**20, draft / 2**20)
+
+
+def test_the_draft_file_is_safetensors_and_every_expert_in_its_place(tiny, tmp_path):
+    """The streamed file against the tensors it was given: read back by safetensors
+    itself, each name, dtype, shape and value; an expert out of order or of another
+    layout is refused, not written where another belongs."""
+    from safetensors import safe_open
+
+    from moespeq_cli.quant.draft import PROJ, write_draft
+    from moespeq_cli.quant.draft_file import expert_tensors
+
+    for family, variant in (("mixtral", "top3"), ("gpt_oss", "alternating")):
+        ck = Checkpoint(tiny(family, variant)[0])
+        q = QuantizedExperts.quantize(ck)
+        out = q.save(tmp_path / family, ck)
+        with safe_open(str(out / "draft.safetensors"), framework="pt") as f:
+            names = set(f.keys())
+            want = {}
+            for key, parts in q.q.items():
+                want.update(expert_tensors(key, parts, q.bias.get(key), PROJ))
+            assert names == set(want)
+            for name, t in want.items():
+                got = f.get_tensor(name)
+                assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+            assert f.metadata() == {"format": "moespeq-draft"}
+        swapped = list(q.q.items())
+        swapped[0], swapped[1] = swapped[1], swapped[0]
+        with pytest.raises(RuntimeError, match="was laid out"):
+            write_draft(tmp_path / "x", ck, ((k, p, q.bias.get(k)) for k, p in swapped), "nf4", 64, ck.config.dtype)
+        assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
 def test_every_expert_in_ram_is_read_past_the_page_cache(tiny, monkeypatch):
     """The all-in-RAM store read each expert through the checkpoint's memory map, whose
     pages then stayed mapped for the whole run: a second copy of the experts in the

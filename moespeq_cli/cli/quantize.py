@@ -87,7 +87,7 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
     import sys
     import time
 
-    from moespeq_cli.quant.draft import QuantizedExperts
+    from moespeq_cli.quant.draft import quantized_experts, write_draft
 
     t0 = time.perf_counter()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -102,20 +102,21 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
         console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
     ) as bar:
         task = bar.add_task("q", total=ckpt.config.num_experts * len(ckpt.config.moe_layers))
-        quant = QuantizedExperts.quantize(
+        experts = quantized_experts(
             ckpt, method, blocksize, progress=lambda done, total: bar.update(task, completed=done)
-        )
-    saved = quant.save(target, ckpt, fp, stale_ok)
+        )  # streamed into the file: memory holds one expert, not the draft
+        saved, size = write_draft(target, ckpt, experts, method, blocksize, ckpt.config.dtype, fp, stale_ok)
+    count = ckpt.config.num_experts * len(ckpt.config.moe_layers)
     # the experts as the checkpoint stores them (FP8's bytes, not the compute dtype's)
-    full = quant.q and ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * len(quant.q)
+    full = ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * count
     return {
         "model": name,
         "draft": str(saved),
         "method": method,
         "blocksize": blocksize,
-        "experts": len(quant.q),
-        "draft_bytes": quant.total_bytes,
+        "experts": count,
+        "draft_bytes": size,
         "full_precision_bytes": full,
-        "ratio": round(quant.total_bytes / full, 4) if full else None,
+        "ratio": round(size / full, 4) if full else None,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -41,7 +41,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -174,49 +174,16 @@ class QuantizedExperts:
         dtype: torch.dtype | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> QuantizedExperts:
-        """Quantize every routed expert, reading each from the checkpoint's files into one
-        reused buffer (the disk tier's reader, past the page cache): quantizing a model
-        larger than RAM holds no more of it in memory than one expert and the draft."""
-        from moespeq_cli.runtime.tiers.store import expert_reader
-
-        check_method(method, blocksize)
-        c = ckpt.config
-        if c.expert_format.four_bit:
-            raise UsageError(
-                f"the experts of {ckpt.path} are stored 4-bit already ({c.expert_format.quant}): a 4-bit draft would be "
-                "no smaller; moespeq runs this model without one (speculation off)"
-            )
-        F = _bnb()
-        dtype = dtype or c.dtype
+        """Quantize every routed expert into memory (``quantized_experts``); ``moespeq
+        quantize`` streams them to a file instead (``write_draft``)."""
         q, bias = {}, {}
-        total, done = len(c.moe_layers) * c.num_experts, 0
-        ckpt.check_experts()  # every expert present, of its shape
-        with expert_reader(ckpt) as read:
-            for layer in c.moe_layers:
-                for e in range(c.num_experts):
-                    q[(layer, e)], b = cls._quantize_expert(
-                        ckpt, (layer, e), read(layer, e), dtype, method, blocksize, F
-                    )
-                    if b is not None:
-                        bias[(layer, e)] = b
-                    give_back_freed_memory()  # the expert's temporaries (the draft stays within its size)
-                    done += 1
-                    if progress:
-                        progress(done, total)
-        return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate, c.expert_format, bias)
-
-    @staticmethod
-    def _quantize_expert(ckpt: Checkpoint, key: tuple[int, int], parts, dtype, method: str, blocksize: int, F):
-        """-> ([(packed, state)] for gate, up, down; (gate, up, down) biases or None)."""
+        for key, parts, b in quantized_experts(ckpt, method, blocksize, dtype, progress):
+            q[key] = parts
+            if b is not None:
+                bias[key] = b
         c = ckpt.config
-        for name, w in zip(c.expert_keys(*key), parts, strict=True):
-            if w.is_floating_point() and not bool(torch.isfinite(w.float()).all()):
-                raise CheckpointError(f"tensor {name} in {ckpt.path} holds NaN or infinite values; it is corrupt")
-        *mats, biases = c.expert_format.canonical(parts)
-        quantized = [F.quantize_4bit(w.to(dtype).contiguous(), blocksize=blocksize, quant_type=method) for w in mats]
-        # copies: the parts are views of the one buffer every expert is read into
-        # biases held as stored, widened at use (``_bias``): the plan counts them so
-        return quantized, None if biases is None else tuple(b.to(c.dtype, copy=True).contiguous() for b in biases)
+        fmt = c.expert_format
+        return cls(q, method, blocksize, dtype or c.dtype, c.hidden_size, c.expert_intermediate, fmt, bias)
 
     def weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The expert's dequantized canonical matrices (standard layout only): each weight
@@ -346,9 +313,8 @@ class QuantizedExperts:
 
     @property
     def bytes_per_expert(self) -> int:
-        key, p = next(iter(self.q.items()))
-        biases = sum(t.numel() * t.element_size() for t in self.bias.get(key, ()))
-        return sum(t.numel() * t.element_size() + s.absmax.numel() * s.absmax.element_size() for t, s in p) + biases
+        key, parts = next(iter(self.q.items()))
+        return expert_bytes(parts, self.bias.get(key))
 
     @property
     def total_bytes(self) -> int:
@@ -436,63 +402,12 @@ class QuantizedExperts:
 
     # -- on disk ----------------------------------------------------------------
     def save(self, out: Path, source: Checkpoint, fp: str | None = None, stale_ok: bool = False) -> Path:
-        """Write the draft to ``out`` atomically: into a temporary directory beside it,
-        then swapped in (``replace_dir``). ``out`` must be absent or a draft of ``source``
-        (``check_out``); hold ``draft_lock(out)`` around quantize-and-save."""
-        out = real_out(out)
-        fp = fp or fingerprint(source)
-        check_out(out, fp, stale_ok)
-        from safetensors import SafetensorError
-
-        tmp = None
-        try:  # (made inside: a Ctrl-C or SIGTERM right after it is made still removes it)
-            tmp = Path(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
-            self._write(tmp, out, source, fp)
-        except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
-            why = e.strerror if isinstance(e, OSError) else str(e).split(": ")[-1]
-            raise MoespeqError(
-                f"cannot write the draft to {shown(out)} ({why}); check the disk and directory"
-            ) from None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return out
-
-    def _write(self, tmp: Path, out: Path, source: Checkpoint, fp: str) -> None:
-        from safetensors.torch import save_file
-
+        """Write the draft to ``out`` (``write_draft``); hold ``draft_lock(out)`` around
+        quantize-and-save."""
         if self.cpu_packed:
             raise RuntimeError("a draft packed for the CPU kernel cannot be saved (its scales are rounded to bf16)")
-        tensors = {}
-        for (layer, e), parts in self.q.items():
-            biases = self.bias.get((layer, e), (None,) * 3)
-            for proj, (packed, state), b in zip(PROJ, parts, biases, strict=True):
-                prefix = f"layers.{layer}.experts.{e}.{proj}"
-                tensors[f"{prefix}.qweight"] = packed.contiguous()
-                for k, v in state.as_dict(packed=True).items():
-                    tensors[f"{prefix}.{k}"] = v.contiguous()
-                if b is not None:
-                    tensors[f"{prefix}.bias"] = b.contiguous()
-        save_file(tensors, tmp / "draft.safetensors", metadata={"format": FORMAT})
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "moespeq_version": __version__,
-            "method": self.method,
-            "blocksize": self.blocksize,
-            "dtype": str(self.dtype).split(".")[-1],
-            "model_type": source.config.model_type,
-            "source_fingerprint": fp,
-            "experts": len(self.q),
-            "bytes": self.total_bytes,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for f in ("draft.safetensors", "manifest.json"):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp / f, new_file_mode(out / f))  # a replaced draft's modes, else the umask's
-        os.chmod(tmp, new_file_mode(out) if os.path.isdir(out) else 0o777 & ~umask())  # not mkdtemp's 0700
-        replace_dir(tmp, out)
+        experts = ((key, parts, self.bias.get(key)) for key, parts in self.q.items())
+        return write_draft(out, source, experts, self.method, self.blocksize, self.dtype, fp, stale_ok)[0]
 
     @classmethod
     def load(cls, path: Path, source: Checkpoint, dtype: torch.dtype | None = None) -> QuantizedExperts:
@@ -552,6 +467,128 @@ class QuantizedExperts:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{weights} is truncated or corrupt ({err}); rebuild the draft") from None
         return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate, fmt, bias)
+
+
+def quantized_experts(
+    ckpt: Checkpoint,
+    method: str = "nf4",
+    blocksize: int = 64,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[tuple[int, int], list, tuple | None]]:
+    """Every routed expert quantized, one at a time: ``(key, [(packed, state)] for gate, up,
+    down, (gate, up, down) biases or None)``. Each is read from the checkpoint's files into
+    one reused buffer (the disk tier's reader, past the page cache), so a model larger than
+    RAM is never held; what the caller keeps of the results is its own."""
+    from moespeq_cli.runtime.tiers.store import expert_reader
+
+    check_method(method, blocksize)
+    c = ckpt.config
+    if c.expert_format.four_bit:
+        raise UsageError(
+            f"the experts of {ckpt.path} are stored 4-bit already ({c.expert_format.quant}): a 4-bit draft would be "
+            "no smaller; moespeq runs this model without one (speculation off)"
+        )
+    F = _bnb()
+    dtype = dtype or c.dtype
+    keys = draft_keys(ckpt)
+    ckpt.check_experts()  # every expert present, of its shape
+    with expert_reader(ckpt) as read:
+        for done, key in enumerate(keys, 1):
+            parts = read(*key)
+            for name, w in zip(c.expert_keys(*key), parts, strict=True):
+                if w.is_floating_point() and not bool(torch.isfinite(w.float()).all()):
+                    raise CheckpointError(f"tensor {name} in {ckpt.path} holds NaN or infinite values; it is corrupt")
+            *mats, biases = c.expert_format.canonical(parts)
+            quantized = [
+                F.quantize_4bit(w.to(dtype).contiguous(), blocksize=blocksize, quant_type=method) for w in mats
+            ]
+            # copies: the parts are views of the one buffer every expert is read into; biases
+            # held as stored, widened at use (``_bias``): the plan counts them so
+            kept = None if biases is None else tuple(b.to(c.dtype, copy=True).contiguous() for b in biases)
+            del parts, mats, biases
+            give_back_freed_memory()  # the expert's temporaries
+            if progress:
+                progress(done, len(keys))
+            yield key, quantized, kept
+            del quantized, kept  # not held while the next is read
+
+
+def draft_keys(ckpt: Checkpoint) -> list[tuple[int, int]]:
+    """Every routed expert of the checkpoint, in the draft's order."""
+    c = ckpt.config
+    return [(layer, e) for layer in c.moe_layers for e in range(c.num_experts)]
+
+
+def expert_bytes(parts, biases) -> int:
+    """An expert's bytes in the draft as planned: codes, block scales and biases."""
+    return sum(t.numel() * t.element_size() + s.absmax.numel() * s.absmax.element_size() for t, s in parts) + sum(
+        t.numel() * t.element_size() for t in biases or ()
+    )
+
+
+def write_draft(
+    out: Path,
+    source: Checkpoint,
+    experts: Iterable[tuple[tuple[int, int], list, tuple | None]],
+    method: str,
+    blocksize: int,
+    dtype: torch.dtype,
+    fp: str | None = None,
+    stale_ok: bool = False,
+) -> tuple[Path, int]:
+    """Write ``experts`` (``quantized_experts``' items, every one of ``source``'s) as a
+    draft at ``out``, one expert at a time (quant/draft_file.py: memory holds the one being
+    written), and return ``(out, bytes)``. Atomic: written into a temporary directory
+    beside it, then swapped in (``replace_dir``); a failure or a kill mid-way leaves
+    ``out`` as it was. ``out`` must be absent or a draft of ``source`` (``check_out``)."""
+    from moespeq_cli.quant.draft_file import expert_tensors, write_experts
+
+    out = real_out(out)
+    fp = fp or fingerprint(source)
+    check_out(out, fp, stale_ok)
+    keys = draft_keys(source)
+    per_expert = []
+
+    def tensors():
+        for key, parts, biases in experts:
+            if not per_expert:
+                per_expert.append(expert_bytes(parts, biases))
+            yield key, expert_tensors(key, parts, biases, PROJ)
+            del parts, biases  # written: not held while the next is quantized
+
+    tmp = None
+    try:  # (made inside: a Ctrl-C or SIGTERM right after it is made still removes it)
+        tmp = Path(tempfile.mkdtemp(prefix=stem(TMP_PREFIX, out), dir=out.parent))
+        write_experts(tmp / "draft.safetensors", tensors(), keys, {"format": FORMAT})
+        size = per_expert[0] * len(keys)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "moespeq_version": __version__,
+            "method": method,
+            "blocksize": blocksize,
+            "dtype": str(dtype).split(".")[-1],
+            "model_type": source.config.model_type,
+            "source_fingerprint": fp,
+            "experts": len(keys),
+            "bytes": size,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        with open(tmp / "manifest.json", "rb") as fh:
+            os.fsync(fh.fileno())
+        for f in ("draft.safetensors", "manifest.json"):
+            os.chmod(tmp / f, new_file_mode(out / f))  # a replaced draft's modes, else the umask's
+        os.chmod(tmp, new_file_mode(out) if os.path.isdir(out) else 0o777 & ~umask())  # not mkdtemp's 0700
+        replace_dir(tmp, out)
+    except OSError as e:
+        raise MoespeqError(
+            f"cannot write the draft to {shown(out)} ({e.strerror}); check the disk and directory"
+        ) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, size
 
 
 def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: int, path: Path, F):
