@@ -2,8 +2,9 @@
 
 Only safetensors are read, never pickles (``.bin``/``.pt``), and no code from the
 checkpoint is ever run. Every tensor is addressable on its own without reading the
-others: safetensors files are memory-mapped and ``tensor(name)`` reads one entry, which
-is what lets the runtime move experts one at a time.
+others: ``tensor(name)`` reads one entry of its file with ``pread`` (models/tensor_file.py:
+a file cut short while read is an error, not the SIGBUS of a memory map), which is what
+lets the runtime move experts one at a time.
 """
 
 from __future__ import annotations
@@ -19,19 +20,13 @@ from moespeq_cli.errors import CheckpointError
 from moespeq_cli.fs import confined_name, describe, file_status, is_dir, read_text
 from moespeq_cli.models import language_config, parse_config
 from moespeq_cli.models.expert_format import FP8, fp8_dequantize
+from moespeq_cli.models.tensor_file import DTYPES, TensorFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3")
 FP8_DTYPE = "F8_E4M3"  # block FP8 (quantization_config fp8): read with its ``_scale_inv``
 # safetensors' dtype names -> torch's, for every dtype an expert part may be stored in
-STORED_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    FP8_DTYPE: torch.float8_e4m3fn,
-    "U8": torch.uint8,
-}
+STORED_DTYPES = {name: DTYPES[name] for name in (*FLOAT_DTYPES, "U8")}
 STORED_NAMES = {dtype: name for name, dtype in STORED_DTYPES.items()}
 
 
@@ -75,7 +70,8 @@ class Checkpoint:
         if prefix:  # a multimodal checkpoint: the experts are read by their real names
             fmt = self.config.expert_format
             self.config.expert_format = dataclasses.replace(fmt, prefix=fmt.prefix.replace("model.", prefix, 1))
-        self._files: dict[str, object] = {}
+        self._files: dict[str, object] = {}  # safe_open's handles: the validated headers
+        self._data: dict[str, TensorFile] = {}  # the same files, held open for reading
         self._where: dict[str, str] = {}
         self._real: dict[str, str] = {}  # "model.X" -> "model.language_model.X" (composite checkpoints)
         self.fingerprint: str | None = None  # the weights' identity, once a draft asked (quant/draft_store.py)
@@ -85,6 +81,10 @@ class Checkpoint:
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{self.path / name} is truncated or corrupt ({e}); download it again") from None
             self._files[name] = handle
+            try:
+                self._data[name] = TensorFile(self.path / name)
+            except OSError as e:
+                raise CheckpointError(f"cannot open {self.path / name} ({e.strerror}); check its permissions") from None
             for key in handle.keys():
                 self._where[key] = name
                 if prefix and key.startswith(prefix):
@@ -170,6 +170,10 @@ class Checkpoint:
             )
         return self._files[self._where[name]]
 
+    def _read(self, name: str, row: int | None = None) -> torch.Tensor:
+        self._handle(name)  # a missing tensor said as such
+        return self._data[self._where[name]].read(self._real.get(name, name), row)
+
     def dtype_name(self, name: str) -> str:
         """The safetensors dtype of ``name`` ("BF16", "F32", "I64", ...), from the header."""
         return self._handle(name).get_slice(self._real.get(name, name)).get_dtype()
@@ -185,10 +189,7 @@ class Checkpoint:
         """``name`` as stored, or in ``dtype``: a block-FP8 weight is then dequantized with
         its ``_scale_inv``."""
         self.check_dtype(name)
-        try:
-            t = self._handle(name).get_tensor(self._real.get(name, name))
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {name} from {self.path} ({e}); download the checkpoint again") from None
+        t = self._read(name)
         if dtype is None:
             return t
         if self.dtype_name(name) == FP8_DTYPE:
@@ -218,12 +219,7 @@ class Checkpoint:
         parts = []
         for k, want in zip(self.config.expert_keys(layer, expert), fmt.part_dtypes(self.config.dtype), strict=True):
             self.check_part_dtype(k, want)
-            try:
-                t = self._handle(k).get_slice(self._real.get(k, k))[expert]
-            except SafetensorError as e:
-                raise CheckpointError(
-                    f"cannot read {k} from {self.path} ({e}); download the checkpoint again"
-                ) from None
+            t = self._read(k, expert)
             parts.append(t if dtype is None or not want.is_floating_point else t.to(dtype))
         return tuple(parts)
 

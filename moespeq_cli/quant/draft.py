@@ -51,6 +51,7 @@ from moespeq_cli.errors import CheckpointError, MoespeqError, UsageError
 from moespeq_cli.fs import file_status, give_back_freed_memory, is_dir, new_file_mode, shown, umask
 from moespeq_cli.models.checkpoint import Checkpoint, read_json
 from moespeq_cli.models.expert_format import HF_EXPERTS, ExpertFormat
+from moespeq_cli.models.tensor_file import TensorFile
 from moespeq_cli.quant.draft_store import (
     BLOCKSIZES,
     FORMAT,
@@ -451,19 +452,23 @@ class QuantizedExperts:
         shapes = fmt.matrix_shapes(c.hidden_size, c.expert_intermediate)
         q, bias = {}, {}
         try:
-            with safe_open(str(weights), framework="pt") as f:
+            with safe_open(str(weights), framework="pt") as f:  # the header, validated
                 keys = set(f.keys())
+            data = TensorFile(weights, "rebuild the draft")  # read with pread: a cut file is an error, not a SIGBUS
+            try:
                 for layer in c.moe_layers:
                     for e in range(c.num_experts):
                         parts, biases = [], []
                         for proj, shape in zip(PROJ, shapes, strict=True):
                             prefix = f"layers.{layer}.experts.{e}.{proj}"
-                            parts.append(_load_part(f, keys, prefix, shape, method, blocksize, path, F))
+                            parts.append(_load_part(data, keys, prefix, shape, method, blocksize, path, F))
                             if fmt.biased:
-                                biases.append(_load_bias(f, keys, prefix, shape[0], path))
+                                biases.append(_load_bias(data, keys, prefix, shape[0], path))
                         q[(layer, e)] = parts
                         if biases:
                             bias[(layer, e)] = tuple(b.to(c.dtype) for b in biases)  # as stored (quantize)
+            finally:
+                data.close()
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{weights} is truncated or corrupt ({err}); rebuild the draft") from None
         return cls(q, method, blocksize, dtype, c.hidden_size, c.expert_intermediate, fmt, bias)
@@ -597,7 +602,7 @@ def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: 
     bad = f"the draft in {path} has a damaged or missing {prefix}"
     if f"{prefix}.qweight" not in keys:
         raise CheckpointError(f"the draft in {path} lacks {prefix}; rebuild it with `moespeq quantize`")
-    sd = {k[len(prefix) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(prefix + ".")}
+    sd = {k[len(prefix) + 1 :]: f.read(k) for k in keys if k.startswith(prefix + ".")}
     sd.pop("bias", None)
     packed = sd.pop("qweight")
     try:
@@ -630,7 +635,7 @@ def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: 
 def _load_bias(f, keys: set, prefix: str, size: int, path: Path) -> torch.Tensor:
     """One projection's bias (formats with biases: gpt-oss), checked like the weights."""
     name = f"{prefix}.bias"
-    b = f.get_tensor(name) if name in keys else None
+    b = f.read(name) if name in keys else None
     if b is None or tuple(b.shape) != (size,) or not b.is_floating_point() or not bool(torch.isfinite(b).all()):
         raise CheckpointError(
             f"the draft in {path} has a damaged or missing {name}; rebuild it with `moespeq quantize`"

@@ -25,50 +25,23 @@ that read has landed, like a copy's event on a stream.
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import mmap
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.checkpoint import STORED_DTYPES
 from moespeq_cli.models.expert_format import aligned, views_at
+from moespeq_cli.models.tensor_file import Extent, pread_into, safetensors_extents, truncated
 
 BLOCK = 4096  # O_DIRECT alignment: the page size covers every common logical block size
-
-
-@dataclass(frozen=True)
-class Extent:
-    """``length`` bytes at ``offset`` of ``file``."""
-
-    file: str
-    offset: int
-    length: int
-
-
-def safetensors_extents(path: Path) -> dict[str, tuple[Extent, str, tuple[int, ...]]]:
-    """name -> (extent, safetensors dtype, shape) for every tensor of one file, from its
-    header alone (the file was opened and validated by ``Checkpoint`` already)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    base = 8 + n
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = entry["data_offsets"]
-        out[name] = (Extent(str(path), base + start, end - start), entry["dtype"], tuple(entry["shape"]))
-    return out
 
 
 def coalesce(extents: list[Extent]) -> list[Extent]:
@@ -216,9 +189,9 @@ class DiskReader:
             time.sleep(self.delay_s)
         span, need = placement.span, placement.shift + sum(e.length for e in placement.extents)
         fd, direct = self._fd(span.file)
-        got = self._pread(fd, writable(dest[: span.length]), span.offset, direct)
+        got = pread_into(fd, writable(dest[: span.length]), span.offset, direct)
         if got < need:
-            raise CheckpointError(f"{span.file} ended early (expected {need} bytes at {span.offset}); it is truncated")
+            raise truncated(Extent(span.file, span.offset, need))
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, span.offset, span.length, os.POSIX_FADV_DONTNEED)
         with self.lock:
@@ -233,12 +206,10 @@ class DiskReader:
             want = min(e.length - done, self.bounce_bytes - 2 * BLOCK)
             lo = start - start % BLOCK if direct else start
             hi = -(-(start + want) // BLOCK) * BLOCK if direct else start + want
-            got = self._pread(fd, bounce[: hi - lo], lo, direct)
+            got = pread_into(fd, bounce[: hi - lo], lo, direct)
             usable = min(got - (start - lo), want)
             if usable <= 0:
-                raise CheckpointError(
-                    f"{e.file} ended early (expected {e.length} bytes at {e.offset}); it is truncated"
-                )
+                raise truncated(e)
             out[done : done + usable].copy_(
                 torch.frombuffer(bounce, dtype=torch.uint8, count=usable, offset=start - lo)
             )
@@ -247,21 +218,6 @@ class DiskReader:
             os.posix_fadvise(fd, e.offset, e.length, os.POSIX_FADV_DONTNEED)
         with self.lock:
             self.bytes_read += e.length
-
-    @staticmethod
-    def _pread(fd: int, buf: memoryview, offset: int, direct: bool = False) -> int:
-        """Fill ``buf`` from ``offset``; fewer bytes only at the end of the file. A short
-        direct read is the end of the file too (retrying would read at an unaligned offset,
-        which some file systems refuse)."""
-        total = 0
-        while total < len(buf):
-            n = os.preadv(fd, [buf[total:]], offset + total)
-            if n == 0:
-                break
-            total += n
-            if direct and total < len(buf):
-                break
-        return total
 
     def submit(
         self,
