@@ -67,6 +67,26 @@ def test_every_op_of_a_pass_is_charged_once(tiny):
         assert names[-1] == "framework" and sum(n.startswith("attention") for n in names) == len(eng.model.model.layers)
 
 
+@pytest.mark.parametrize(("family", "variant"), [("deepseek_v3", "v3"), ("glm4_moe", "base"), ("gemma4", "kv_eq")])
+def test_every_module_the_plan_prices_is_charged_in_a_pass(tiny, family, variant):
+    """The dense MLP of a first dense layer (DeepSeek-V3: three of 0.8 GB each) is in the
+    table `plan` prices a step from, but the layer called its forward directly: its cost
+    hooks never fired and the mock's clock left it out."""
+    from moespeq_cli.runtime.executors.instrument import charges
+
+    path, _ = tiny(family, variant)
+    _, eng = run_engine(path, prompt_for(21, 8), 4, policy="lru", slots=64)
+    b = eng.backend
+    kv = eng.model.new_cache()
+    eng.model(torch.tensor(prompt_for(21, 8)), kv)
+    before = len(b.timeline.intervals)
+    eng.model(torch.tensor([7]), kv)
+    names = {iv.name for iv in b.timeline.intervals[before:]}
+    priced = {name for _, name, *_ in charges(eng.model, 4)}
+    assert any(n.startswith("mlp L") for n in priced) or family == "gemma4"
+    assert priced <= names, sorted(priced - names)
+
+
 @pytest.mark.parametrize(("family", "variant", "paired"), [("mixtral", "top3", True), ("phimoe", "base", False)])
 def test_gate_prefetch_charges_the_router_once(tiny, family, variant, paired):
     """Each layer's router is charged once a pass. Paired (softmax routing): with the next

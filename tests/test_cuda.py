@@ -292,3 +292,51 @@ def test_cuda_draft_layer_dequantized_together(tiny):
     assert torch.equal(on_gpu.cpu(), dequantize_4bit(codes.cpu(), absmax.cpu(), table.cpu(), 64, "nf4", bf16))
     together = DraftExperts(quant, None, blocks=blocks, top_k=c.top_k)(layer, x, ids, weights, ids.tolist())
     torch.testing.assert_close(together.float(), before.float(), rtol=2e-2, atol=2e-2)  # bf16 sums in another order
+
+
+@pytest.mark.parametrize(
+    "family,variant", [("deepseek_v3", "flat"), ("glm4_moe_lite", "sparse_all"), ("gpt_oss", "alternating")]
+)
+def test_cuda_bf16_models_run_close_to_float32(tiny, family, variant):
+    """bf16 on the GPU (the tests above run float32): an MLA model with the half-split
+    rotary layout (its rotated parts were float32 where the latent is bf16: SDPA refuses
+    mixed dtypes), and gpt-oss's tiled attention with sinks; a prefill, a verification
+    block and single steps against the same weights in float32."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.models.loader import load_model
+    from moespeq_cli.runtime.executors.experts import InMemoryExperts
+
+    path, _ = tiny(family, variant, torch.bfloat16)
+    ids = torch.randint(3, 200, (24,), generator=torch.Generator().manual_seed(4)).cuda()
+
+    def model(dtype):
+        ck = Checkpoint(path)
+        m = load_model(ck, dtype).cuda()
+        m.set_experts(InMemoryExperts(ck, dtype))
+        return m
+
+    with torch.no_grad():
+        full = model(torch.float32)
+        want = full(ids, full.new_cache())
+        m = model(torch.bfloat16)
+        cache = m.new_cache()
+        got = torch.cat([m(ids[:16], cache), m(ids[16:21], cache)] + [m(ids[i : i + 1], cache) for i in range(21, 24)])
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.15
+
+
+def test_cuda_absorbed_mla_attention_takes_a_fused_kernel():
+    """Absorbed MLA attention (one latent head, 576-wide keys, 512-wide values that are a
+    view of them) as `MLAttention.core` calls SDPA, under the memory-efficient backend
+    alone: a fused kernel takes it (the math backend widens the cache to float32)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, T, L, r, rope = 16, 5, 1024, 512, 64
+    q = torch.randn(1, 1, H * T, r + rope, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 1, L, r + rope, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(T, L, dtype=torch.bool, device="cuda").tril(L - T).repeat(H, 1)  # rows (head, query)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = F.scaled_dot_product_attention(q, k, k[..., :r], attn_mask=mask, scale=0.1)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), k[..., :r].float(), attn_mask=mask, scale=0.1)
+    assert float((out.float() - ref).abs().max()) < 5e-2

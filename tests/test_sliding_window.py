@@ -205,3 +205,24 @@ def test_a_window_as_long_as_the_context_is_held_as_any_layer(tiny):
     long = Engine(path, EngineOptions(backend="cpu"))
     long.load(512)
     assert long.model.windows()
+
+
+def test_gpt_oss_attends_a_prompt_in_tiles_of_query_rows_with_the_same_logits(tiny, monkeypatch):
+    """gpt-oss's attention (its sinks: the torch path of mock and cuda) held a prompt's
+    scores whole, [heads, T, L]: 34 GiB for gpt-oss-20b at 16K tokens. In tiles of query
+    rows (each group's heads as one head's rows, no copy of the cache per head), over the
+    whole-cache and the windowed layers, the logits are the same."""
+    from moespeq_cli.models import gpt_oss
+
+    path, _ = tiny("gpt_oss", "alternating")
+    model = loaded(path, False)
+    ids = torch.randint(3, 200, (40,), generator=torch.Generator().manual_seed(5))
+    want = whole(model, ids)
+    heads = model.model.layers[0].attn.s.heads
+    monkeypatch.setattr(gpt_oss, "SCORE_ELEMS", heads * 40 * 3)  # tiles of three rows
+    tiles = []
+    real = gpt_oss.causal_mask
+    monkeypatch.setattr(gpt_oss, "causal_mask", lambda start, T, *a: tiles.append((start, T)) or real(start, T, *a))
+    got = whole(model, ids)
+    assert (0, 3) in tiles and (39, 1) in tiles  # the prompt's rows went in tiles, the last alone
+    assert close(got, want)

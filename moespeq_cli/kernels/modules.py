@@ -68,11 +68,11 @@ def _attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     return out if out is not None else type(self).core(self, q, k, v, start)
 
 
-def _fp32_router_logits(self, x: torch.Tensor, hooked: bool = True) -> torch.Tensor:
-    """``SparseMoE.router_logits`` of a router computed in float32 (DeepSeek, GLM) through
-    ``dense``: the weight as stored, widened in registers, batch invariant (torch's fp32
-    GEMM need not be: a verification's rows then differed from single steps')."""
-    return dense(x.float(), self.gate.weight)
+def _fp32_router_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``Fp32Router.forward`` (DeepSeek, GLM) through ``dense``: the weight as stored,
+    widened in registers, batch invariant (torch's fp32 GEMM need not be: a
+    verification's rows then differed from single steps')."""
+    return dense(x.float(), self.weight, None if self.bias is None else self.bias.float())
 
 
 def _mla_absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
@@ -302,7 +302,7 @@ def _whole_model(model: nn.Module) -> bool:
 
 
 def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
-    from moespeq_cli.models.base import Attention, GatedMLP, RMSNorm, SparseMoE, fuse_attention_projections
+    from moespeq_cli.models.base import Attention, Fp32Router, GatedMLP, RMSNorm, SparseMoE, fuse_attention_projections
     from moespeq_cli.models.deepseek_v2 import MLAttention
 
     fuse_attention_projections(model, dense)
@@ -320,13 +320,13 @@ def use_cpu_kernels(model: nn.Module, act_dtype: torch.dtype = torch.float32) ->
             _whole_attention(m, act_dtype)
         elif type(m) is RMSNorm and m.weight.dtype == torch.float32 == act_dtype:
             m.forward = types.MethodType(_rmsnorm_forward, m)
-        if isinstance(m, nn.Linear):
+        if isinstance(m, Fp32Router):
+            m.forward = types.MethodType(_fp32_router_forward, m)
+        elif isinstance(m, nn.Linear):
             m.forward = types.MethodType(_linear_forward, m)
         elif isinstance(m, nn.Embedding):
             m.out_dtype = act_dtype
             m.forward = types.MethodType(_embedding_forward, m)
-        if isinstance(m, SparseMoE) and m.gate_fp32:
-            m.router_logits = types.MethodType(_fp32_router_logits, m)
         if isinstance(m, SparseMoE) and hasattr(m.route, "softmax_topk") and act_dtype == torch.float32:
             m.route = _kernel_route(m.route)
     for m in model.modules():  # after their parts: a layer is one call only where each part is

@@ -286,17 +286,41 @@ def causal_mask(start: int, T: int, L: int, window: int | None, device) -> torch
     return mask
 
 
+MASK_ELEMS = 1 << 24  # a pass's [queries, keys] mask at most (16 MiB of bools): longer ones go in tiles
+
+
+def in_window(k: torch.Tensor, v: torch.Tensor, start: int, T: int, window: int | None) -> tuple:
+    """One query's keys and values cut to its window (the last ``window`` positions), so
+    that a decoding step builds no mask: ``(k, v, start)``."""
+    L = k.shape[1]
+    if T == 1 and window and L > window:
+        return k[:, L - window :], v[:, L - window :], start - (L - window)
+    return k, v, start
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None = None
 ) -> torch.Tensor:
     """Causal attention of T new queries at positions [start, start+T) over all keys.
-    q: [H, T, d]; k, v: [Hkv, L, d]; returns [T, H * dv]."""
+    q: [H, T, d]; k, v: [Hkv, L, d]; returns [T, H * dv]. A prompt over an empty cache
+    uses SDPA's own causal mask (a [T, T] mask of 32K tokens is 1 GiB, and a GPU's
+    kernels take it as 2 GiB more); a longer masked pass goes in tiles of query rows."""
     T = q.shape[1]
-    mask = causal_mask(start, T, k.shape[1], window, q.device)
-    out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != q.shape[0]
-    )[0]  # [H, T, dv]
-    return out.transpose(0, 1).reshape(T, -1)
+    k, v, start = in_window(k, v, start, T, window)
+    L, gqa = k.shape[1], k.shape[0] != q.shape[0]
+    if T > 1 and start == 0 and T == L and not window:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=gqa)
+        return out[0].transpose(0, 1).reshape(T, -1)
+    rows = T if T * L <= MASK_ELEMS else max(1, MASK_ELEMS // L)
+    outs = []
+    for t0 in range(0, T, rows):
+        n = min(rows, T - t0)
+        mask = causal_mask(start + t0, n, L, window, q.device)
+        out = F.scaled_dot_product_attention(
+            q[None, :, t0 : t0 + n], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=gqa
+        )[0]  # [H, n, dv]
+        outs.append(out.transpose(0, 1).reshape(n, -1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @dataclass
@@ -491,6 +515,14 @@ def read_routing(ids: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[
     return [both[i : i + k] for i in range(0, n, k)], both[n:]
 
 
+class Fp32Router(nn.Linear):
+    """A router whose product is float32 whatever the weight's dtype (DeepSeek, GLM: as
+    transformers computes it). Its own forward, so that calling it fires its cost hooks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 class SparseMoE(nn.Module):
     """Router (``gate``) + routed experts (computed by the executor) + optional shared MLP.
 
@@ -501,7 +533,7 @@ class SparseMoE(nn.Module):
 
     def __init__(self, hidden: int, num_experts: int, route: Callable, gate_fp32: bool = False):
         super().__init__()
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = (Fp32Router if gate_fp32 else nn.Linear)(hidden, num_experts, bias=False)
         self.route = route
         self.gate_fp32 = gate_fp32
         self.layer = -1
@@ -521,8 +553,6 @@ class SparseMoE(nn.Module):
     def router_logits(self, x: torch.Tensor, hooked: bool = True) -> torch.Tensor:
         """``hooked``: through the gate module (its forward hooks fire); False: the same
         product without them (gate-prefetch applies a later layer's router early)."""
-        if self.gate_fp32:
-            return F.linear(x.float(), self.gate.weight.float())
         return self.gate(x) if hooked else self.gate.forward(x)  # forward(): no hooks
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -625,7 +655,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
         x = x + self.attn(self.input_layernorm(x), layer, cache, rope)
-        return x + self.ffn(self.post_attention_layernorm(x))
+        # the module called, not ``ffn``: a dense MLP's cost hooks fire (the mock left the
+        # first dense layers of DeepSeek-V3, Kimi-K2 and GLM-4.x unpriced)
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):

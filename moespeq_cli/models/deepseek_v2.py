@@ -214,9 +214,13 @@ class MLAttention(nn.Module):
         if k.shape[0] != 1 or H == 1:
             return attend(q, k, v, start, self.scale)
         mask = causal_mask(start, T, k.shape[1], None, q.device)
-        out = F.scaled_dot_product_attention(
-            q.reshape(1, H * T, -1), k, v, attn_mask=None if mask is None else mask.repeat(H, 1), scale=self.scale
-        )  # [1, H * T, dv]
+        out = F.scaled_dot_product_attention(  # 4-D: 3-D inputs rule out a GPU's fused kernels
+            q.reshape(1, 1, H * T, -1),
+            k[None],
+            v[None],
+            attn_mask=None if mask is None else mask.repeat(H, 1),
+            scale=self.scale,
+        )  # [1, 1, H * T, dv]
         return out.view(H, T, -1).transpose(0, 1).reshape(T, -1)
 
 

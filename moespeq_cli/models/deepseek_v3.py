@@ -23,7 +23,16 @@ import torch
 from torch import nn
 
 from moespeq_cli.errors import CheckpointError
-from moespeq_cli.models.base import Backbone, CausalLM, DecoderLayer, GatedMLP, RMSNorm, SparseMoE, rounded_once
+from moespeq_cli.models.base import (
+    Backbone,
+    CausalLM,
+    DecoderLayer,
+    Fp32Router,
+    GatedMLP,
+    RMSNorm,
+    SparseMoE,
+    rounded_once,
+)
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v2 import MLAttention
 from moespeq_cli.models.rope import make_rotary, rope_parameters
@@ -59,7 +68,7 @@ def parse(cfg: dict) -> MoEConfig:
     return moe_config(cfg, ("n_routed_experts",), "moe_intermediate_size", moe_layer_ids(cfg))
 
 
-class CorrectedGate(nn.Linear):
+class CorrectedGate(Fp32Router):
     """The router's weight plus ``e_score_correction_bias`` (the checkpoint's name), a
     per-expert bias that steers the choice of experts but not their weights."""
 
@@ -153,4 +162,7 @@ class Model(CausalLM):
         )
 
     def rope_tables(self, start: int, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
-        return self.rotary.tables(start, end, device, torch.float32)  # the reference rotates in fp32
+        # interleaved pairs rotate in fp32 (apply_rope_interleaved); the half-split layout
+        # in the activations' dtype, as transformers does (fp32 tables made q_pe and k_pe
+        # fp32 under bf16: the latent cache's row fp32, attention refusing mixed dtypes)
+        return self.rotary.tables(start, end, device, torch.float32 if self.rotary.interleaved else dtype)

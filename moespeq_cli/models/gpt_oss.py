@@ -33,6 +33,7 @@ from moespeq_cli.models.base import (
     RMSNorm,
     SparseMoE,
     causal_mask,
+    in_window,
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v3 import with_defaults
@@ -97,6 +98,9 @@ def layer_types(cfg: dict, layers: int) -> list[str]:
     return kinds
 
 
+SCORE_ELEMS = 1 << 24  # attention scores a prompt's tile holds at most (64 MiB in float32)
+
+
 class SinkAttention(Attention):
     """Grouped-query attention whose softmax has one more, learned logit per head."""
 
@@ -105,19 +109,30 @@ class SinkAttention(Attention):
         self.sinks = nn.Parameter(torch.empty(spec.heads))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        heads, T, _ = q.shape
-        if k.shape[0] != heads:  # grouped keys and values, repeated for each query head
-            rep = heads // k.shape[0]
-            k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
-        scores = torch.matmul(q, k.transpose(1, 2)) * self.scale  # [H, T, L]
-        mask = causal_mask(start, T, k.shape[1], self.s.window, q.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        sink = self.sinks.to(scores.dtype).view(heads, 1, 1).expand(heads, T, 1)
-        logits = torch.cat([scores, sink], dim=-1)
-        logits = logits - logits.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share is dropped
-        return torch.matmul(probs.to(v.dtype), v).transpose(0, 1).reshape(T, -1)
+        """Each group's query heads as the rows of one (no copy of the cache per head), in
+        tiles of query rows: a prompt's scores are ``[H, T, L]``, 34 GiB for gpt-oss-20b
+        at 16K tokens in one piece; a tile holds about ``SCORE_ELEMS`` of them."""
+        heads, T, d = q.shape
+        k, v, start = in_window(k, v, start, T, self.s.window)
+        groups, L = k.shape[0], k.shape[1]
+        rep = heads // groups
+        rows = max(1, min(T, SCORE_ELEMS // (heads * L)))
+        out = []
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            n = t1 - t0
+            qg = q[:, t0:t1].reshape(groups, rep * n, d)  # rows (head in group, query)
+            scores = torch.matmul(qg, k.transpose(1, 2)) * self.scale  # [groups, rep * n, L]
+            mask = causal_mask(start + t0, n, L, self.s.window, q.device)
+            if mask is not None:
+                scores = scores.masked_fill(~mask.repeat(rep, 1), float("-inf"))
+            sink = self.sinks.to(scores.dtype).view(groups, rep, 1, 1).expand(groups, rep, n, 1)
+            logits = torch.cat([scores, sink.reshape(groups, rep * n, 1)], dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share is dropped
+            o = torch.matmul(probs.to(v.dtype), v)  # [groups, rep * n, dv]
+            out.append(o.view(heads, n, -1).transpose(0, 1).reshape(n, -1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def topk_softmax(top_k: int):
