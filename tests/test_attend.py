@@ -40,3 +40,56 @@ def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, 
         assert masks == []  # SDPA's own causal mask
     if T == 1 and window:
         assert masks == [(1, window)]  # the window's keys alone (no mask built for them)
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most bytes of new tensors alive at once while the mode is on (each storage
+    counted once, from the op that made it until it is freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                self.seen.add(ptr)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t.untyped_storage(), self._free, ptr, size)
+        return out
+
+    def _free(self, ptr, size):
+        self.seen.discard(ptr)
+        self.live -= size
+
+
+def test_the_plan_holds_what_gpt_oss_attention_holds_over_a_prompt(tiny, monkeypatch):
+    """A prompt's attention with sinks, its scores in tiles: what it holds at once beside
+    its output stays within ``scratch_bytes``, the planner's workspace share for it."""
+    from moespeq_cli.models import gpt_oss
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.models.loader import load_model
+
+    attn = next(
+        b.attn for b in load_model(Checkpoint(tiny("gpt_oss", "alternating")[0])).model.layers if not b.attn.s.window
+    )
+    H, Hkv, d = attn.s.heads, attn.s.kv_heads, attn.s.head_dim
+    T = 120
+    monkeypatch.setattr(gpt_oss, "SCORE_ELEMS", H * T * 10)  # tiles of ten rows
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(H, T, d, generator=g),
+        torch.randn(Hkv, T, d, generator=g),
+        torch.randn(Hkv, T, d, generator=g),
+    )
+    with torch.no_grad(), LiveBytes() as seen:
+        out = attn.core(q, k, v, 0)
+    output = 2 * out.numel() * 4  # the tiles' outputs and their concatenation
+    assert seen.peak <= attn.scratch_bytes(T, 4) + output, (seen.peak, attn.scratch_bytes(T, 4))
+    assert seen.peak > H * T * 10 * 4  # it measured a tile of scores

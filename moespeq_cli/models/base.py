@@ -361,6 +361,12 @@ class Attention(nn.Module):
         """(query heads, cached kv heads, key dim, value dim)."""
         return self.s.heads, self.s.kv_heads, self.s.head_dim, self.s.head_dim
 
+    def scratch_bytes(self, context: int, elem: int) -> int:
+        """What a pass's attention over ``context`` positions holds besides its output, at
+        most: a tile's mask (``attend``) and the additive copy a GPU kernel makes of it
+        (the planner's workspace)."""
+        return 3 * min(MASK_ELEMS, context * context)
+
     def rotate_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         r = self.s.rotary_dim
         if r is None and self.rotate is apply_rope:  # torch's ops: queries and keys rotated at once

@@ -108,6 +108,10 @@ class SinkAttention(Attention):
         super().__init__(spec)
         self.sinks = nn.Parameter(torch.empty(spec.heads))
 
+    def scratch_bytes(self, context: int, elem: int) -> int:
+        """A tile's scores, masked scores, logits, probabilities and mask (``core``)."""
+        return super().scratch_bytes(context, elem) + 5 * min(SCORE_ELEMS, self.s.heads * context * context) * elem
+
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Each group's query heads as the rows of one (no copy of the cache per head), in
         tiles of query rows: a prompt's scores are ``[H, T, L]``, 34 GiB for gpt-oss-20b

@@ -259,6 +259,10 @@ def make_plan(
     # a pass's activations over the whole context (a one-pass prefill), and the logits of
     # the longest pass that keeps them all: a verification's (a prefill keeps its last row)
     workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * ROLLBACK * cfg.vocab_size * 4
+    # and attention's transient (one layer at a time): masks, gpt-oss's tiles of scores
+    workspace += max(
+        (getattr(b.attn, "scratch_bytes", lambda c, e: 0)(context, elem) for b in model.model.layers), default=0
+    )
     # compact experts (block FP8, MXFP4) are dequantized on the device a few at a time (executors/grouped.py)
     workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
     workspace += library_bytes if compute_tier == "device" else 0
