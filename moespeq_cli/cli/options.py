@@ -184,7 +184,7 @@ Context = Annotated[
         "-c",
         min=1,
         help="Tokens of context (prompt + new tokens) to allow and plan memory for; at most the model's "
-        "limit (max_position_embeddings). Default: what the prompt and --max-new-tokens need.",
+        "max_position_embeddings. Default: what the prompt and --max-new-tokens need.",
         show_default=False,
     ),
 ]

@@ -61,7 +61,7 @@ def serve(
         Optional[str],
         typer.Option(
             "--served-model-name",
-            help="The model's id in the API (as vLLM's option). Default: the model as given, a path made absolute.",
+            help="The model's id in the API (as vLLM's option). Default: the model as given (an alias, a hub id, a path as typed).",
             show_default=False,
         ),
     ] = None,
