@@ -445,6 +445,9 @@ ATTENTION_CASES = [
     (4, 2, 24, 24, 6, 30, 8, True),
     (2, 2, 12, 12, 2, 3, None, True),
     (16, 4, 80, 80, 64, 0, None, False),
+    # blocks of rows over pieces of keys (MLA-like: one kv head for every query head)
+    (16, 1, 200, 160, 5, 695, None, False),
+    (8, 2, 64, 64, 7, 1500, 300, True),
 ]
 
 
