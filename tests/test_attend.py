@@ -25,17 +25,20 @@ def reference(q, k, v, start, scale, window=None):
     [(40, 40, 0, None), (40, 40, 0, 7), (12, 52, 40, None), (12, 52, 40, 9), (1, 52, 51, 9), (1, 52, 51, None)],
     ids=["prompt", "windowed-prompt", "block", "windowed-block", "windowed-step", "step"],
 )
-def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, L, start, window):
+@pytest.mark.parametrize("tile", [5, 1])
+def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, L, start, window, tile):
+    """Tiles of five rows, and of one (a row that is not the pass's last still sees only
+    the keys up to its position: a one-row tile saw them all)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, m, 16, generator=g) for n, m in ((4, T), (2, L), (2, L)))
-    monkeypatch.setattr(base, "MASK_ELEMS", 5 * L)  # tiles of five rows
+    monkeypatch.setattr(base, "MASK_ELEMS", tile * 4 * L)  # scores of `tile` rows of the four heads
     masks = []
     real = base.causal_mask
     monkeypatch.setattr(base, "causal_mask", lambda *a: masks.append(a[1:3]) or real(*a))
     got = base.attend(q, k, v, start, 0.25, window)
     want = reference(q, k, v, start, 0.25, window)
     assert (got - want).abs().max() < 1e-6
-    assert all(rows * keys <= 5 * L for rows, keys in masks)  # no mask past a tile
+    assert all(rows * keys <= tile * L for rows, keys in masks)  # no mask past a tile
     if T == L and not window:
         assert masks == []  # SDPA's own causal mask
     if T == 1 and window:

@@ -555,14 +555,17 @@ def test_attention_matches_the_reference_and_does_not_depend_on_the_batch():
     check_attention(kernels.attention)
 
 
-def test_attention_of_one_query_without_a_mask_sees_every_key_as_attend():
-    """``attend`` masks nothing for one query (and no window shorter than the cache), so
-    it sees every key wherever ``start`` is; and a query that sees no key gets zeros."""
+def test_one_query_sees_the_keys_up_to_its_position_as_in_attend():
+    """One query at position ``start`` sees keys ``<= start`` in both (attend masked
+    nothing for one query wherever it was: a tile of one row of a longer pass then saw the
+    keys after it); and a query that sees no key gets zeros."""
     g = torch.Generator().manual_seed(8)
     q, k, v = torch.randn(4, 1, 16, generator=g), torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 16, generator=g)
     for window in (None, 16):
-        want = attend(q, k, v, 2, 0.25, window)
-        assert scaled_err(kernels.attention(q, k, v, 2, 0.25, window), want.double()) < FP32_TOL
+        for start in (2, 5):
+            want = attend(q, k, v, start, 0.25, window)
+            assert scaled_err(kernels.attention(q, k, v, start, 0.25, window), want.double()) < FP32_TOL
+            assert scaled_err(want, attend(q, k[:, : start + 1], v[:, : start + 1], start, 0.25, window)) < FP32_TOL
     qs = torch.randn(4, 3, 16, generator=g)
     blind = kernels.attention(qs, k, v, 20, 0.25, 4)  # positions 20-22, a window of 4: no key in the cache
     assert torch.equal(blind, torch.zeros(3, 4 * 16)) and torch.equal(blind, attend(qs, k, v, 20, 0.25, 4))

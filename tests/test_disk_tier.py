@@ -11,7 +11,8 @@ import torch
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, coalesce, safetensors_extents
+from moespeq_cli.models.tensor_file import safetensors_extents
+from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, coalesce
 
 
 def expert_extents(ck: Checkpoint, layer: int, e: int) -> list[Extent]:

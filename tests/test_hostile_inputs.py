@@ -1376,6 +1376,9 @@ def test_a_full_disk_while_writing_a_draft(cli, ckpt, tmp_path, monkeypatch, whe
     def full(*a):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    with open(tmp_path / "reserved", "wb") as fh:  # the real call, where the file system has it
+        assert draft_file._fallocate(fh.fileno(), 1 << 20) in (0, errno.EOPNOTSUPP)
+
     quantized = []
     real = draft.quantized_experts
 
@@ -1386,9 +1389,9 @@ def test_a_full_disk_while_writing_a_draft(cli, ckpt, tmp_path, monkeypatch, whe
 
     monkeypatch.setattr(draft, "quantized_experts", counted)
     if when == "reserving":
-        monkeypatch.setattr(draft_file.os, "posix_fallocate", full)
+        monkeypatch.setattr(draft_file, "_fallocate", lambda *a: errno.ENOSPC)
     else:
-        monkeypatch.setattr(draft_file.os, "posix_fallocate", lambda *a: None)
+        monkeypatch.setattr(draft_file, "_fallocate", lambda *a: errno.EOPNOTSUPP)  # no reservation here
         calls = []
         real_write = draft_file._write_expert
         monkeypatch.setattr(

@@ -139,3 +139,21 @@ def test_a_draft_cut_short_while_loading_is_an_error(ckpt, tmp_path):
     r = python(DRAFT_CUT, str(ckpt), str(tmp_path / "draft"))
     assert r.returncode == 0, (r.returncode, r.stderr[-400:])
     assert "it is truncated; rebuild the draft" in r.stdout, r.stdout
+
+
+def test_a_header_cut_after_validation_and_a_row_past_the_end_are_errors(ckpt):
+    import pytest
+
+    from moespeq_cli.errors import CheckpointError
+    from moespeq_cli.models.tensor_file import TensorFile
+
+    f = TensorFile(ckpt / "model.safetensors")
+    name = "lm_head.weight"
+    rows = f.table[name][2][0]
+    assert torch.equal(f.read(name, rows - 1), f.read(name)[rows - 1])
+    for row in (rows, -1):
+        with pytest.raises(CheckpointError, match="has no row"):
+            f.read(name, row)
+    os.truncate(ckpt / "model.safetensors", 4)
+    with pytest.raises(CheckpointError, match="damaged header"):
+        TensorFile(ckpt / "model.safetensors")

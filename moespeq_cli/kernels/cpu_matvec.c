@@ -1696,6 +1696,7 @@ int ms_attend(const float *q, long qh, long qt, const float *k, long kh, long kl
               const float *sinks, float *out, long H, long Hkv, long T, long L, long d, long dv, long start, long window,
               float scale) {
     long G = H / Hkv, per = G * T, nth = pool.nth > 1 ? pool.nth : 1;
+    if (per <= 0 || Hkv <= 0) return 1; /* nothing to attend */
     long keys = window > 0 && window + T < L ? window + T : L; /* at most, a query */
     int share = T * H * keys * (d + dv) >= (1L << 18);
     /* about two blocks a thread over the kv heads (a block reads its kv head once), each

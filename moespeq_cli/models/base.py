@@ -275,8 +275,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def causal_mask(start: int, T: int, L: int, window: int | None, device) -> torch.Tensor | None:
     """[T, L] True where query ``start + t`` may see key ``l`` (within ``window`` of it,
-    when given); None when every query sees every key."""
-    if T == 1 and not (window and L > window):
+    when given); None when every query sees every key: one query at the last position
+    (a decoding step) and no window shorter than the keys."""
+    if T == 1 and start == L - 1 and not (window and L > window):
         return None
     qpos = torch.arange(start, start + T, device=device)[:, None]
     kpos = torch.arange(L, device=device)[None, :]
@@ -286,7 +287,18 @@ def causal_mask(start: int, T: int, L: int, window: int | None, device) -> torch
     return mask
 
 
-MASK_ELEMS = 1 << 24  # a pass's [queries, keys] mask at most (16 MiB of bools): longer ones go in tiles
+# a tile's attention scores at most, [heads, queries, keys]: a pass longer goes in tiles of
+# query rows (a GPU's fused kernels take no mask with grouped heads: its math kernel then
+# holds the scores and their softmax in fp32, and the keys and values repeated per head)
+MASK_ELEMS = 1 << 22
+
+
+def attention_scratch(heads: int, context: int, elem: int, repeated: int = 0) -> int:
+    """Bytes a tile of ``attend`` holds at most over ``context`` keys (``scratch_bytes``):
+    its scores and softmax in fp32, its mask and additive copy, ``repeated`` elements of
+    keys and values expanded per head."""
+    scores = min(MASK_ELEMS, heads * context * context)
+    return scores * 8 + scores // heads * (1 + elem) + repeated * elem
 
 
 def in_window(k: torch.Tensor, v: torch.Tensor, start: int, T: int, window: int | None) -> tuple:
@@ -311,7 +323,7 @@ def attend(
     if T > 1 and start == 0 and T == L and not window:
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(T, -1)
-    rows = T if T * L <= MASK_ELEMS else max(1, MASK_ELEMS // L)
+    rows = T if q.shape[0] * T * L <= MASK_ELEMS else max(1, MASK_ELEMS // (q.shape[0] * L))
     outs = []
     for t0 in range(0, T, rows):
         n = min(rows, T - t0)
@@ -363,9 +375,12 @@ class Attention(nn.Module):
 
     def scratch_bytes(self, context: int, elem: int) -> int:
         """What a pass's attention over ``context`` positions holds besides its output, at
-        most: a tile's mask (``attend``) and the additive copy a GPU kernel makes of it
-        (the planner's workspace)."""
-        return 3 * min(MASK_ELEMS, context * context)
+        most (the planner's workspace): a tile's mask and its additive copy, its scores and
+        their softmax in fp32 (``attend``: a GPU's math kernel), and the keys and values
+        repeated for each query head."""
+        return attention_scratch(
+            self.s.heads, context, elem, self.s.heads * context * (self.kv_dims()[2] + self.kv_dims()[3])
+        )
 
     def rotate_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         r = self.s.rotary_dim

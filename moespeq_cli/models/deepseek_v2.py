@@ -33,6 +33,7 @@ from torch import nn
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.base import (
+    MASK_ELEMS,
     ROLLBACK,
     Backbone,
     CausalLM,
@@ -42,6 +43,7 @@ from moespeq_cli.models.base import (
     RMSNorm,
     SparseMoE,
     attend,
+    attention_scratch,
     causal_mask,
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
@@ -213,15 +215,29 @@ class MLAttention(nn.Module):
         H, T = q.shape[:2]
         if k.shape[0] != 1 or H == 1:
             return attend(q, k, v, start, self.scale)
-        mask = causal_mask(start, T, k.shape[1], None, q.device)
-        out = F.scaled_dot_product_attention(  # 4-D: 3-D inputs rule out a GPU's fused kernels
-            q.reshape(1, 1, H * T, -1),
-            k[None],
-            v[None],
-            attn_mask=None if mask is None else mask.repeat(H, 1),
-            scale=self.scale,
-        )  # [1, 1, H * T, dv]
-        return out.view(H, T, -1).transpose(0, 1).reshape(T, -1)
+        L = k.shape[1]
+        n = T if H * T * L <= MASK_ELEMS else max(1, MASK_ELEMS // (H * L))  # tokens a tile (attend's bound)
+        outs = []
+        for t0 in range(0, T, n):
+            m = min(n, T - t0)
+            mask = causal_mask(start + t0, m, L, None, q.device)
+            out = F.scaled_dot_product_attention(  # 4-D: 3-D inputs rule out a GPU's fused kernels
+                q[:, t0 : t0 + m].reshape(1, 1, H * m, -1),
+                k[None],
+                v[None],
+                attn_mask=None if mask is None else mask.repeat(H, 1),
+                scale=self.scale,
+            )  # [1, 1, H * m, dv]
+            outs.append(out.view(H, m, -1).transpose(0, 1).reshape(m, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def scratch_bytes(self, context: int, elem: int) -> int:
+        """What a pass's attention over ``context`` positions holds besides its output, at
+        most (the planner's workspace): expanded (a prefill), every head's keys and values
+        of the context beside a tile of ``attend``; absorbed, a tile of scores over the
+        latents."""
+        expanded = 2 * self.heads * context * (self.nope + self.rope_dim + self.v_dim) * elem
+        return expanded + attention_scratch(self.heads, context, elem)
 
 
 class Model(CausalLM):

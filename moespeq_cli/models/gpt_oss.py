@@ -109,8 +109,9 @@ class SinkAttention(Attention):
         self.sinks = nn.Parameter(torch.empty(spec.heads))
 
     def scratch_bytes(self, context: int, elem: int) -> int:
-        """A tile's scores, masked scores, logits, probabilities and mask (``core``)."""
-        return super().scratch_bytes(context, elem) + 5 * min(SCORE_ELEMS, self.s.heads * context * context) * elem
+        """A tile's scores, masked scores, logits and probabilities, their temporaries and
+        its mask (``core``; measured: tests/test_attend.py)."""
+        return min(SCORE_ELEMS, self.s.heads * context * context) * (7 * elem + 1)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Each group's query heads as the rows of one (no copy of the cache per head), in

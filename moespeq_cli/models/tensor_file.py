@@ -10,7 +10,8 @@ Reading with ``pread`` instead, the same cut is a short read, said in one line.
 ``TensorFile`` holds the file open from the start (a file renamed over it later is not
 read half old, half new) and reads each tensor, or one row of it, into fresh memory. The
 header is validated by ``safe_open`` where the file is first opened (Checkpoint, the
-draft); ``table`` trusts it.
+draft), and read again here from the file held open; a header that will not parse is a
+``CheckpointError``, a row past a tensor's first dimension too.
 """
 
 from __future__ import annotations
@@ -57,14 +58,15 @@ Entry = tuple[Extent, str, tuple[int, ...]]  # extent, safetensors dtype, shape
 
 def safetensors_extents(path: Path, fd: int | None = None) -> dict[str, Entry]:
     """name -> (extent, safetensors dtype, shape) for every tensor of one file, from its
-    header alone (read from ``fd`` where given)."""
-    if fd is None:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    else:
+    header alone (read from ``fd`` where given, else from ``path``)."""
+    own = fd is None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if own else fd
+    try:
         (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
         header = json.loads(os.pread(fd, n, 8))
+    finally:
+        if own:
+            os.close(fd)
     base = 8 + n
     out = {}
     for name, entry in header.items():
@@ -101,13 +103,11 @@ class TensorFile:
         self.path, self.remedy = Path(path), remedy
         self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._close = weakref.finalize(self, os.close, self.fd)
-        self._table: dict[str, Entry] | None = None
-
-    @property
-    def table(self) -> dict[str, Entry]:
-        if self._table is None:
-            self._table = safetensors_extents(self.path, self.fd)
-        return self._table
+        try:  # now: the header safe_open validated, from the file held open
+            self.table = safetensors_extents(self.path, self.fd)
+        except (OSError, ValueError, struct.error, KeyError, TypeError) as e:
+            self.close()
+            raise CheckpointError(f"{self.path} has a damaged header ({e}); {remedy}") from None
 
     def read(self, name: str, row: int | None = None) -> torch.Tensor:
         """Tensor ``name`` (or its row ``row``) as stored, in memory of its own."""
@@ -116,6 +116,10 @@ class TensorFile:
         if dtype is None:
             raise CheckpointError(f"tensor {name} in {self.path} is {dtype_name}, a dtype moespeq does not read")
         if row is not None:
+            if not shape or not 0 <= row < shape[0]:
+                raise CheckpointError(
+                    f"tensor {name} in {self.path} has no row {row} (shape {list(shape)}); {self.remedy}"
+                )
             size = e.length // shape[0]
             e, shape = Extent(e.file, e.offset + row * size, size), shape[1:]
         out = torch.empty(e.length, dtype=torch.uint8)

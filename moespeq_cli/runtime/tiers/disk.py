@@ -39,7 +39,7 @@ import torch
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.checkpoint import STORED_DTYPES
 from moespeq_cli.models.expert_format import aligned, views_at
-from moespeq_cli.models.tensor_file import Extent, pread_into, safetensors_extents, truncated
+from moespeq_cli.models.tensor_file import Extent, pread_into, truncated
 
 BLOCK = 4096  # O_DIRECT alignment: the page size covers every common logical block size
 
@@ -336,7 +336,7 @@ class DiskExperts:
     def __init__(self, ckpt):
         c = self.config = ckpt.config
         ckpt.check_experts()
-        tables = {name: safetensors_extents(ckpt.path / name) for name in ckpt._files}
+        tables = {name: ckpt._data[name].table for name in ckpt._files}  # the headers read at open
         shapes = c.expert_shapes()
         sizes = [math.prod(s) for s in shapes]
         fused = c.expert_format.fused
