@@ -245,6 +245,22 @@ def test_run_json_has_speculation_figures(tiny, cli):
     assert set(out["spec_depths"]) <= {2, 3}  # k, capped near the end by the tokens left
 
 
+@pytest.mark.parametrize("depth", ["12", "64"])
+def test_a_fixed_depth_past_the_governors_range_runs_losslessly(tiny, cli, depth):
+    """--spec-depth takes 0 to 64, but the governor's acceptance table held the default
+    range (8): a depth of 9 or more stopped with an IndexError once a draft's tokens were
+    accepted deep enough. A long verification block (up to 65 tokens) gives plain greedy."""
+    import json
+
+    path, _ = tiny("mixtral", "gqa")
+    args = ("run", str(path), "-p", "hello", "-n", "150", "--backend", "mock", "--vram", "8MiB", "--json")
+    r = cli(*args, "--spec-depth", depth)
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    plain = json.loads(cli(*args, "--draft", "none").stdout)
+    assert out["token_ids"] == plain["token_ids"] and max(out["spec_depths"]) == min(int(depth), 150 - 1)
+
+
 @pytest.mark.parametrize("bad", ["-1", "many", "65"])
 def test_bad_spec_depth(tiny, cli, bad):
     path, _ = tiny("mixtral", "gqa")

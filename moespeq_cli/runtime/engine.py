@@ -442,7 +442,7 @@ class Engine:
                 self.target_exec,
                 quant,
                 self.fixed_k,
-                self.opts.k_max,
+                max(self.opts.k_max, self.fixed_k or 0),  # a fixed depth past the governor's range is the run's
                 self.opts.max_slots,
                 torch.empty(0, dtype=self.storage_dtype).element_size(),
                 self.device_type,
