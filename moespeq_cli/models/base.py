@@ -287,18 +287,25 @@ def causal_mask(start: int, T: int, L: int, window: int | None, device) -> torch
     return mask
 
 
-# a tile's attention scores at most, [heads, queries, keys]: a pass longer goes in tiles of
-# query rows (a GPU's fused kernels take no mask with grouped heads: its math kernel then
-# holds the scores and their softmax in fp32, and the keys and values repeated per head)
-MASK_ELEMS = 1 << 22
+# A masked pass goes in tiles of query rows: at most a verification's (``ROLLBACK``, so
+# that decoding and verifying stay one call a layer), and at most ``MASK_ELEMS`` scores
+# [heads, rows, keys] (a GPU's fused kernels take no mask with grouped heads: its math
+# kernel then holds a tile's scores and softmax in fp32, and the keys and values repeated
+# per head). A prompt over an empty cache needs no mask.
+MASK_ELEMS = 1 << 24
+
+
+def tile_rows(heads: int, T: int, L: int) -> int:
+    """Query rows a tile of a masked pass of ``T`` rows over ``L`` keys."""
+    return max(1, min(T, ROLLBACK, MASK_ELEMS // max(1, heads * L)))
 
 
 def attention_scratch(heads: int, context: int, elem: int, repeated: int = 0) -> int:
     """Bytes a tile of ``attend`` holds at most over ``context`` keys (``scratch_bytes``):
     its scores and softmax in fp32, its mask and additive copy, ``repeated`` elements of
     keys and values expanded per head."""
-    scores = min(MASK_ELEMS, heads * context * context)
-    return scores * 8 + scores // heads * (1 + elem) + repeated * elem
+    rows = tile_rows(heads, context, context)
+    return heads * rows * context * 8 + rows * context * (1 + elem) + repeated * elem
 
 
 def in_window(k: torch.Tensor, v: torch.Tensor, start: int, T: int, window: int | None) -> tuple:
@@ -323,7 +330,7 @@ def attend(
     if T > 1 and start == 0 and T == L and not window:
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(T, -1)
-    rows = T if q.shape[0] * T * L <= MASK_ELEMS else max(1, MASK_ELEMS // (q.shape[0] * L))
+    rows = tile_rows(q.shape[0], T, L)
     outs = []
     for t0 in range(0, T, rows):
         n = min(rows, T - t0)

@@ -33,7 +33,6 @@ from torch import nn
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.base import (
-    MASK_ELEMS,
     ROLLBACK,
     Backbone,
     CausalLM,
@@ -45,6 +44,7 @@ from moespeq_cli.models.base import (
     attend,
     attention_scratch,
     causal_mask,
+    tile_rows,
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.rope import (
@@ -216,7 +216,7 @@ class MLAttention(nn.Module):
         if k.shape[0] != 1 or H == 1:
             return attend(q, k, v, start, self.scale)
         L = k.shape[1]
-        n = T if H * T * L <= MASK_ELEMS else max(1, MASK_ELEMS // (H * L))  # tokens a tile (attend's bound)
+        n = tile_rows(H, T, L)  # tokens a tile (attend's)
         outs = []
         for t0 in range(0, T, n):
             m = min(n, T - t0)
