@@ -75,7 +75,6 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 def test_the_plan_holds_what_gpt_oss_attention_holds_over_a_prompt(tiny, monkeypatch):
     """A prompt's attention with sinks, its scores in tiles: what it holds at once beside
     its output stays within ``scratch_bytes``, the planner's workspace share for it."""
-    from moespeq_cli.models import gpt_oss
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.models.loader import load_model
 
@@ -84,7 +83,7 @@ def test_the_plan_holds_what_gpt_oss_attention_holds_over_a_prompt(tiny, monkeyp
     )
     H, Hkv, d = attn.s.heads, attn.s.kv_heads, attn.s.head_dim
     T = 120
-    monkeypatch.setattr(gpt_oss, "SCORE_ELEMS", H * T * 10)  # tiles of ten rows
+    monkeypatch.setattr(base, "MASK_ELEMS", H * T * 10)  # tiles of ten rows
     g = torch.Generator().manual_seed(0)
     q, k, v = (
         torch.randn(H, T, d, generator=g),

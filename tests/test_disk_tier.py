@@ -11,14 +11,14 @@ import torch
 
 from moespeq_cli.errors import CheckpointError
 from moespeq_cli.models.checkpoint import Checkpoint
-from moespeq_cli.models.tensor_file import safetensors_extents
+from moespeq_cli.models.tensor_file import TensorFile
 from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent, coalesce
 
 
 def expert_extents(ck: Checkpoint, layer: int, e: int) -> list[Extent]:
     table = {}
     for name in {ck._where[k] for k in ck.config.expert_keys(layer, e)}:
-        table.update(safetensors_extents(ck.path / name))
+        table.update(TensorFile(ck.path / name).table)
     return sorted((table[k][0] for k in ck.config.expert_keys(layer, e)), key=lambda x: x.offset)
 
 
@@ -28,7 +28,7 @@ def expected_bytes(ck: Checkpoint, layer: int, e: int) -> torch.Tensor:
 
 
 def expert_offset(ck: Checkpoint, key: str) -> int:
-    return safetensors_extents(ck.path / ck._where[key])[key][0].offset
+    return TensorFile(ck.path / ck._where[key]).table[key][0].offset
 
 
 @pytest.fixture

@@ -219,7 +219,7 @@ def test_gpt_oss_attends_a_prompt_in_tiles_of_query_rows_with_the_same_logits(ti
     ids = torch.randint(3, 200, (40,), generator=torch.Generator().manual_seed(5))
     want = whole(model, ids)
     heads = model.model.layers[0].attn.s.heads
-    monkeypatch.setattr(gpt_oss, "SCORE_ELEMS", heads * 40 * 3)  # tiles of three rows
+    monkeypatch.setattr(base, "MASK_ELEMS", heads * 40 * 3)  # tiles of three rows
     tiles = []
     real = gpt_oss.causal_mask
     monkeypatch.setattr(gpt_oss, "causal_mask", lambda start, T, *a: tiles.append((start, T)) or real(start, T, *a))

@@ -120,10 +120,6 @@ RUN_MEMORY_HINT = "give a smaller --ram or a shorter --context, or free some mem
 MEMORY_HINTS = {  # (which memory, command) -> what to do; (which, None): any other command
     ("host", None): "free some memory, or raise the memory limit this runs under",
     ("GPU", None): "give a smaller --vram (other programs hold some of the GPU's memory) or a shorter --context",
-    (
-        "host",
-        "quantize",
-    ): "quantize holds the draft it builds in RAM: free some memory, or raise the limit it runs under",
     **{("host", c): RUN_MEMORY_HINT for c in ("run", "chat", "serve", "profile", "bench")},
 }
 

@@ -87,9 +87,10 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
     import sys
     import time
 
-    from moespeq_cli.quant.draft import quantized_experts, write_draft
+    from moespeq_cli.quant.draft import draft_keys, quantized_experts, write_draft
 
     t0 = time.perf_counter()
+    count = len(draft_keys(ckpt))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
@@ -101,12 +102,11 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
         disable=json_out or not sys.stderr.isatty(),
         console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
     ) as bar:
-        task = bar.add_task("q", total=ckpt.config.num_experts * len(ckpt.config.moe_layers))
+        task = bar.add_task("q", total=count)
         experts = quantized_experts(
             ckpt, method, blocksize, progress=lambda done, total: bar.update(task, completed=done)
         )  # streamed into the file: memory holds one expert, not the draft
         saved, size = write_draft(target, ckpt, experts, method, blocksize, ckpt.config.dtype, fp, stale_ok)
-    count = ckpt.config.num_experts * len(ckpt.config.moe_layers)
     # the experts as the checkpoint stores them (FP8's bytes, not the compute dtype's)
     full = ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * count
     return {

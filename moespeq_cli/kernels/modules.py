@@ -227,13 +227,13 @@ def _whole_layer(layer: nn.Module) -> bool:
 
     if type(layer) is not DecoderLayer:
         return False
-    attn, moe = layer.attn, getattr(layer.ffn, "__self__", None)
+    attn, moe = layer.attn, layer.ffn
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if not (
         getattr(attn.forward, "__func__", None) is _attention_block_forward
         and type(moe) is SparseMoE
         and hasattr(moe.route, "softmax_topk")
-        and not moe.gate_fp32
+        and type(moe.gate) is nn.Linear  # not an Fp32Router
         and moe.gate.bias is None
         and all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in norms)
     ):

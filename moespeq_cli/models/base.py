@@ -300,6 +300,13 @@ def tile_rows(heads: int, T: int, L: int) -> int:
     return max(1, min(T, ROLLBACK, MASK_ELEMS // max(1, heads * L)))
 
 
+def in_tiles(T: int, rows: int, tile: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``tile(t0, n)``'s outputs ``[n, ...]`` for query rows [t0, t0 + n), ``rows`` at a
+    time, joined (one tile: its output as it is)."""
+    outs = [tile(t0, min(rows, T - t0)) for t0 in range(0, T, rows)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def attention_scratch(heads: int, context: int, elem: int, repeated: int = 0) -> int:
     """Bytes a tile of ``attend`` holds at most over ``context`` keys (``scratch_bytes``):
     its scores and softmax in fp32, its mask and additive copy, ``repeated`` elements of
@@ -330,16 +337,15 @@ def attend(
     if T > 1 and start == 0 and T == L and not window:
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(T, -1)
-    rows = tile_rows(q.shape[0], T, L)
-    outs = []
-    for t0 in range(0, T, rows):
-        n = min(rows, T - t0)
+
+    def tile(t0: int, n: int) -> torch.Tensor:
         mask = causal_mask(start + t0, n, L, window, q.device)
         out = F.scaled_dot_product_attention(
             q[None, :, t0 : t0 + n], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=gqa
         )[0]  # [H, n, dv]
-        outs.append(out.transpose(0, 1).reshape(n, -1))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.transpose(0, 1).reshape(n, -1)
+
+    return in_tiles(T, tile_rows(q.shape[0], T, L), tile)
 
 
 @dataclass
@@ -563,7 +569,6 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.gate = (Fp32Router if gate_fp32 else nn.Linear)(hidden, num_experts, bias=False)
         self.route = route
-        self.gate_fp32 = gate_fp32
         self.layer = -1
         self.experts: ExpertExecutor | None = None
         self.observer: Callable | None = None
@@ -676,16 +681,16 @@ class DecoderLayer(nn.Module):
         return getattr(self, self.attn_name)
 
     @property
-    def ffn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The MLP's forward as it is now (the CPU kernels rebind some), a bound method
-        whose ``__self__`` is the MLP: not a second registered child, so names stay HF's."""
-        return getattr(self, self.mlp_name).forward
+    def ffn(self) -> nn.Module:
+        """The layer's MLP (dense, or the MoE block), under the checkpoint's name. Called as
+        a module, so that a dense MLP's cost hooks fire (the mock left the first dense
+        layers of DeepSeek-V3, Kimi-K2 and GLM-4.x unpriced when the layer called its
+        ``forward``)."""
+        return getattr(self, self.mlp_name)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
         x = x + self.attn(self.input_layernorm(x), layer, cache, rope)
-        # the module called, not ``ffn``: a dense MLP's cost hooks fire (the mock left the
-        # first dense layers of DeepSeek-V3, Kimi-K2 and GLM-4.x unpriced)
-        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+        return x + self.ffn(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -713,7 +718,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(hidden, vocab, bias=head_bias)
         self.moe_blocks: dict[int, SparseMoE] = {}
         for i, layer in enumerate(backbone.layers):
-            mlp = getattr(layer.ffn, "__self__", None)
+            mlp = layer.ffn
             if isinstance(mlp, SparseMoE):
                 mlp.layer = i
                 self.moe_blocks[i] = mlp
@@ -802,9 +807,8 @@ class CausalLM(nn.Module):
         blocks = list(self.moe_blocks.values())
         shape = blocks[0].gate.weight.shape if blocks else None
         return len(blocks) > 1 and all(
-            type(b.gate) is nn.Linear
+            type(b.gate) is nn.Linear  # not an Fp32Router
             and b.gate.bias is None
-            and not b.gate_fp32
             and b.gate.weight.shape == shape
             and hasattr(b.route, "paired")
             and type(b).router_logits is SparseMoE.router_logits

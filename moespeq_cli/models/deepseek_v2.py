@@ -44,6 +44,7 @@ from moespeq_cli.models.base import (
     attend,
     attention_scratch,
     causal_mask,
+    in_tiles,
     tile_rows,
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
@@ -216,20 +217,19 @@ class MLAttention(nn.Module):
         if k.shape[0] != 1 or H == 1:
             return attend(q, k, v, start, self.scale)
         L = k.shape[1]
-        n = tile_rows(H, T, L)  # tokens a tile (attend's)
-        outs = []
-        for t0 in range(0, T, n):
-            m = min(n, T - t0)
-            mask = causal_mask(start + t0, m, L, None, q.device)
+
+        def tile(t0: int, n: int) -> torch.Tensor:
+            mask = causal_mask(start + t0, n, L, None, q.device)
             out = F.scaled_dot_product_attention(  # 4-D: 3-D inputs rule out a GPU's fused kernels
-                q[:, t0 : t0 + m].reshape(1, 1, H * m, -1),
+                q[:, t0 : t0 + n].reshape(1, 1, H * n, -1),
                 k[None],
                 v[None],
                 attn_mask=None if mask is None else mask.repeat(H, 1),
                 scale=self.scale,
-            )  # [1, 1, H * m, dv]
-            outs.append(out.view(H, m, -1).transpose(0, 1).reshape(m, -1))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            )  # [1, 1, H * n, dv]
+            return out.view(H, n, -1).transpose(0, 1).reshape(n, -1)
+
+        return in_tiles(T, tile_rows(H, T, L), tile)
 
     def scratch_bytes(self, context: int, elem: int) -> int:
         """What a pass's attention over ``context`` positions holds besides its output, at

@@ -231,11 +231,15 @@ class Gemma4Layer(nn.Module):
             setattr(self, name, RMSNorm(h, eps))
         self.register_buffer("layer_scalar", torch.ones(1))
         self.router = Gemma4Router(h, c.num_experts, c.top_k, eps, self.pre_feedforward_layernorm_2)
-        self.ffn = self.router.forward  # a bound method, not a child: the runtime's MoE block
 
     @property
     def attn(self) -> nn.Module:
         return self.self_attn
+
+    @property
+    def ffn(self) -> nn.Module:
+        """The runtime's MoE block (the checkpoint names it ``router``)."""
+        return self.router
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: dict) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), layer, cache, rope))

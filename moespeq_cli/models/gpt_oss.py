@@ -33,7 +33,9 @@ from moespeq_cli.models.base import (
     RMSNorm,
     SparseMoE,
     causal_mask,
+    in_tiles,
     in_window,
+    tile_rows,
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.deepseek_v3 import with_defaults
@@ -98,9 +100,6 @@ def layer_types(cfg: dict, layers: int) -> list[str]:
     return kinds
 
 
-SCORE_ELEMS = 1 << 24  # attention scores a prompt's tile holds at most (64 MiB in float32)
-
-
 class SinkAttention(Attention):
     """Grouped-query attention whose softmax has one more, learned logit per head."""
 
@@ -111,22 +110,19 @@ class SinkAttention(Attention):
     def scratch_bytes(self, context: int, elem: int) -> int:
         """A tile's scores, masked scores, logits and probabilities, their temporaries and
         its mask (``core``; measured: tests/test_attend.py)."""
-        return min(SCORE_ELEMS, self.s.heads * context * context) * (7 * elem + 1)
+        return self.s.heads * tile_rows(self.s.heads, context, context) * context * (7 * elem + 1)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Each group's query heads as the rows of one (no copy of the cache per head), in
-        tiles of query rows: a prompt's scores are ``[H, T, L]``, 34 GiB for gpt-oss-20b
-        at 16K tokens in one piece; a tile holds about ``SCORE_ELEMS`` of them."""
+        tiles of query rows (``tile_rows``): a prompt's scores are ``[H, T, L]``, 34 GiB
+        for gpt-oss-20b at 16K tokens in one piece."""
         heads, T, d = q.shape
         k, v, start = in_window(k, v, start, T, self.s.window)
         groups, L = k.shape[0], k.shape[1]
         rep = heads // groups
-        rows = max(1, min(T, SCORE_ELEMS // (heads * L)))
-        out = []
-        for t0 in range(0, T, rows):
-            t1 = min(T, t0 + rows)
-            n = t1 - t0
-            qg = q[:, t0:t1].reshape(groups, rep * n, d)  # rows (head in group, query)
+
+        def tile(t0: int, n: int) -> torch.Tensor:
+            qg = q[:, t0 : t0 + n].reshape(groups, rep * n, d)  # rows (head in group, query)
             scores = torch.matmul(qg, k.transpose(1, 2)) * self.scale  # [groups, rep * n, L]
             mask = causal_mask(start + t0, n, L, self.s.window, q.device)
             if mask is not None:
@@ -136,8 +132,9 @@ class SinkAttention(Attention):
             logits = logits - logits.max(dim=-1, keepdim=True).values
             probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share is dropped
             o = torch.matmul(probs.to(v.dtype), v)  # [groups, rep * n, dv]
-            out.append(o.view(heads, n, -1).transpose(0, 1).reshape(n, -1))
-        return out[0] if len(out) == 1 else torch.cat(out)
+            return o.view(heads, n, -1).transpose(0, 1).reshape(n, -1)
+
+        return in_tiles(T, tile_rows(heads, T, L), tile)
 
 
 def topk_softmax(top_k: int):

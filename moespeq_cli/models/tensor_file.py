@@ -56,17 +56,11 @@ class Extent:
 Entry = tuple[Extent, str, tuple[int, ...]]  # extent, safetensors dtype, shape
 
 
-def safetensors_extents(path: Path, fd: int | None = None) -> dict[str, Entry]:
-    """name -> (extent, safetensors dtype, shape) for every tensor of one file, from its
-    header alone (read from ``fd`` where given, else from ``path``)."""
-    own = fd is None
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if own else fd
-    try:
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        header = json.loads(os.pread(fd, n, 8))
-    finally:
-        if own:
-            os.close(fd)
+def safetensors_extents(path: Path, fd: int) -> dict[str, Entry]:
+    """name -> (extent, safetensors dtype, shape) for every tensor of the file ``path``
+    open as ``fd``, from its header alone."""
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    header = json.loads(os.pread(fd, n, 8))
     base = 8 + n
     out = {}
     for name, entry in header.items():

@@ -111,9 +111,9 @@ def write_experts(
     experts: Iterable[tuple[tuple[int, int], Tensors]],
     keys: list[tuple[int, int]],
     metadata: dict,
-) -> int:
+) -> None:
     """Write ``experts`` -- ``(key, tensors)`` in the order of ``keys``, each dropped once
-    written -- as one safetensors file at ``path``; returns the bytes of tensor data."""
+    written -- as one safetensors file at ``path``."""
     it: Iterator = iter(experts)
     with open(path, "wb") as f:
         first = next(it, None)
@@ -138,4 +138,3 @@ def write_experts(
             raise RuntimeError(f"{done} experts written of {len(keys)} laid out")
         f.flush()
         os.fsync(f.fileno())
-    return total

@@ -50,7 +50,7 @@ def charges(
             )
 
         table.append((attn, f"attention L{i}", i, attn_cost, True))
-        mlp = layer.ffn.__self__
+        mlp = layer.ffn
         if isinstance(mlp, SparseMoE):
             g = mlp.gate
             rows = g.out_features * (2 if paired and i != last_moe else 1)
