@@ -112,6 +112,34 @@ def test_the_mock_disk_tier_is_deterministic(tiny):
     assert runs[0] == runs[1]
 
 
+def test_shards_renamed_over_after_opening_are_not_read(tiny, tmp_path):
+    """New shards renamed into place after the engine opened the checkpoint (a download
+    finishing beside a run) are not read: the disk tier reads the files held open."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, ref = tiny("mixtral", "wide")
+    path = tmp_path / "ckpt"
+    ref.save_pretrained(path, max_shard_size="100KB", safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, path / f)
+    prompt = prompt_for(14, 8)
+    expected, _ = run_engine(path, prompt, 12, backend="cpu")
+    eng = Engine(path, EngineOptions(backend="cpu", policy="gate-prefetch", ram=ram_for(path, 4)))
+    try:
+        for shard in path.glob("*.safetensors"):
+            save_file({k: torch.zeros_like(v) for k, v in load_file(shard).items()}, tmp_path / "new")
+            os.replace(tmp_path / "new", shard)
+        eng.load(len(prompt) + 12)
+        got = [ev.token for ev in eng.generate(prompt, 12, SamplingParams())]
+    finally:
+        eng.close()
+    assert eng.backend.reader.bytes_read > 0  # the experts came from the disk tier
+    assert got == expected
+
+
 def test_reads_are_asynchronous_and_overlap_compute(tiny):
     """A reader slowed to 20 ms a read: the tokens do not change, reads run while the CPU
     computes (the timeline shows a compute interval inside a read), and the waits are

@@ -126,3 +126,55 @@ def test_disk_experts_views_equal_the_checkpoint(tiny, family, variant, dtype):
                 store.read((layer, e), buf, reader)
                 for got, want in zip(store.views(buf), ck.expert(layer, e), strict=True):
                     assert torch.equal(got, want), (layer, e)
+
+
+def rename_zeroed_copy_over(path: Path, tmp_path: Path) -> None:
+    """A new file with every tensor zeroed renamed over ``path``, as a download or
+    save_pretrained puts a new shard in place."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "replacement.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(path).items()}, other)
+    os.replace(other, path)
+
+
+def test_a_shard_renamed_over_mid_run_is_not_read(ckpt, tmp_path):
+    """The disk tier reads the files the checkpoint holds open (``/proc/self/fd``), not
+    whatever their names point at by the first read."""
+    from moespeq_cli.runtime.tiers.disk import DiskExperts
+    from moespeq_cli.runtime.tiers.store import expert_reader
+
+    store = DiskExperts(ckpt)
+    want = [ckpt.expert(layer, e) for layer in ckpt.config.moe_layers for e in (0, 5)]
+    rename_zeroed_copy_over(Path(expert_extents(ckpt, 0, 0)[0].file), tmp_path)
+    buf = store.empty_buffer()
+    with DiskReader() as reader:
+        reader.hold(store.held)
+        got = [
+            [t.clone() for t in store.views(store.read((layer, e), buf, reader))]
+            for layer in ckpt.config.moe_layers
+            for e in (0, 5)
+        ]
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, w, strict=True))
+    with expert_reader(ckpt) as read:  # the RAM tier's loader reads them so too
+        assert all(torch.equal(a, b) for a, b in zip(read(0, 5), want[1], strict=True))
+
+
+def test_without_proc_a_replaced_shard_is_refused(ckpt, tmp_path, monkeypatch):
+    """Where /proc/self/fd is not there the name is opened, and must still be the file
+    the checkpoint opened."""
+    from moespeq_cli.runtime.tiers import disk
+    from moespeq_cli.runtime.tiers.disk import DiskExperts
+
+    monkeypatch.setattr(disk, "PROC_FD", str(tmp_path / "no-proc" / "{}"))
+    store = DiskExperts(ckpt)
+    buf = store.empty_buffer()
+    with DiskReader() as reader:
+        reader.hold(store.held)
+        parts = store.views(store.read((0, 1), buf, reader))  # the same file by name: read
+        assert all(torch.equal(a, b) for a, b in zip(parts, ckpt.expert(0, 1), strict=True))
+    rename_zeroed_copy_over(Path(expert_extents(ckpt, 0, 0)[0].file), tmp_path)
+    with DiskReader() as reader, pytest.raises(CheckpointError, match="was replaced while moespeq was running"):
+        reader.hold(store.held)
+        store.read((0, 1), buf, reader)

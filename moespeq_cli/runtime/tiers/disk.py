@@ -17,6 +17,12 @@ Where the file system refuses ``O_DIRECT`` (tmpfs, some network file systems) th
 reader falls back to ordinary reads followed by ``posix_fadvise(DONTNEED)`` on the
 range, and says so in ``DiskReader.direct``.
 
+The checkpoint's files are held open from the moment it is opened (``TensorFile``), and
+the reader reopens *those* files (``/proc/self/fd/N``, with its own flags), not their
+names: a download or ``save_pretrained`` that renames a new file over a shard mid-run
+is not read as if it were the old one. Where there is no ``/proc`` the name is opened
+and must still be the held file, else the read stops with an error.
+
 Reads run on a small pool of threads (``os.preadv`` releases the GIL), so a read
 overlaps compute; ``submit`` returns a ``DiskRead`` whose ``wait()`` blocks only until
 that read has landed, like a copy's event on a stream.
@@ -42,6 +48,7 @@ from moespeq_cli.models.expert_format import aligned, views_at
 from moespeq_cli.models.tensor_file import Extent, pread_into, truncated
 
 BLOCK = 4096  # O_DIRECT alignment: the page size covers every common logical block size
+PROC_FD = "/proc/self/fd/{}"  # a held descriptor's file, reopened with other flags (Linux)
 
 
 def coalesce(extents: list[Extent]) -> list[Extent]:
@@ -132,6 +139,7 @@ class DiskReader:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moespeq-disk")
         self.local = threading.local()
         self.fds: dict[tuple[str, bool], int] = {}
+        self.held: dict[str, tuple[int, tuple[int, int]]] = {}  # path -> (fd held open, its (device, inode))
         self.lock = threading.Lock()
         self.direct: bool | None = None  # known after the first open: True, or False (fallback)
         self.bytes_read = 0
@@ -142,6 +150,14 @@ class DiskReader:
         self._inflight: set[Future] = set()
 
     # -- files --------------------------------------------------------------------
+    def hold(self, files: dict[str, int]) -> None:
+        """Read the files named in extents (path -> a descriptor held open on it) from
+        those descriptors' files, whatever their names come to point at."""
+        with self.lock:
+            for path, fd in files.items():
+                st = os.fstat(fd)
+                self.held[path] = (fd, (st.st_dev, st.st_ino))
+
     def _fd(self, file: str) -> tuple[int, bool]:
         with self.lock:
             for direct in (True, False) if self.want_direct else (False,):
@@ -149,16 +165,37 @@ class DiskReader:
                     return self.fds[(file, direct)], direct
             if self.want_direct and hasattr(os, "O_DIRECT"):
                 try:
-                    fd = os.open(file, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                    fd = self._open(file, os.O_DIRECT)
                     self.fds[(file, True)] = fd
                     self.direct = True if self.direct is None else self.direct
                     return fd, True
                 except OSError:  # EINVAL: tmpfs and friends
                     pass
-            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = self._open(file, 0)
             self.fds[(file, False)] = fd
             self.direct = False
             return fd, False
+
+    def _open(self, file: str, flags: int) -> int:
+        """``file`` opened for reading with ``flags``: the held file where there is one."""
+        flags |= os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        held, ident = self.held.get(file, (None, None))
+        fd = None
+        if held is not None:
+            try:
+                fd = os.open(PROC_FD.format(held), flags)
+            except FileNotFoundError:  # no /proc: the name, checked below
+                pass
+        if fd is None:
+            fd = os.open(file, flags)
+        st = os.fstat(fd)
+        if ident is not None and (st.st_dev, st.st_ino) != ident:
+            os.close(fd)
+            raise CheckpointError(
+                f"{file} was replaced while moespeq was running (its experts were read from the file opened at "
+                "start); run again"
+            )
+        return fd
 
     def _bounce(self) -> memoryview:
         buf = getattr(self.local, "buf", None)
@@ -337,6 +374,7 @@ class DiskExperts:
         c = self.config = ckpt.config
         ckpt.check_experts()
         tables = {name: ckpt._data[name].table for name in ckpt._files}  # the headers read at open
+        self.held = {str(ckpt._data[name].path): ckpt._data[name].fd for name in ckpt._files}  # what to read
         shapes = c.expert_shapes()
         sizes = [math.prod(s) for s in shapes]
         fused = c.expert_format.fused

@@ -33,6 +33,8 @@ class ExpertTiers:
     def __init__(self, ckpt: Checkpoint, plan: Plan, backend: Backend):
         self.plan, self.backend = plan, backend
         self.disk = DiskExperts(ckpt)
+        if backend.reader is not None:
+            backend.reader.hold(self.disk.held)
         self.layout = self.disk.layout
         self.nbytes = self.disk.nbytes
         self.config = ckpt.config

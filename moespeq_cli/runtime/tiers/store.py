@@ -81,4 +81,5 @@ def expert_reader(ckpt: Checkpoint, dtype: torch.dtype | None = None):
         return
     scratch = disk.empty_buffer()
     with DiskReader(threads=1) as reader:
+        reader.hold(disk.held)
         yield lambda layer, e: disk.views(disk.read((layer, e), scratch, reader))
