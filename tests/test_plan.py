@@ -336,7 +336,7 @@ def test_rollback_states_are_planned_only_where_a_draft_may_roll_back(cli):
     the newest only, so their KV cache was planned 9 states too large."""
     from moespeq_cli.model_ref import resolve_config
     from moespeq_cli.models import build_model, parse_config
-    from moespeq_cli.runtime.planning.planner import MAX_ROLLBACK, recurrent_state_bytes, rollback_states
+    from moespeq_cli.runtime.planning.planner import recurrent_state_bytes, rollback_states
 
     out = plan_json(cli, "qwen3-next", "--vram", "24GB")
     kv = {r["policy"]: r["plan"]["kv_cache_bytes"] for r in out["policies"] if r["fits"]}
@@ -345,12 +345,46 @@ def test_rollback_states_are_planned_only_where_a_draft_may_roll_back(cli):
     assert state > 0 and kv["moespeq"] - kv["lru"] == 9 * state
     assert kv["lru"] == kv["ondemand"] == kv["gate-prefetch"]
     # moespeq without a draft still marks each cycle's start (KVCache.keep_from): two states
-    assert (rollback_states("moespeq", True), rollback_states("moespeq", False)) == (MAX_ROLLBACK, 2)
+    assert (rollback_states("moespeq", True), rollback_states("moespeq", False)) == (10, 2)
     assert rollback_states("lru", True) == rollback_states("lru", False) == 1
     mixtral = {r["policy"]: r["plan"]["kv_cache_bytes"] for r in plan_json(cli, "mixtral")["policies"] if r["fits"]}
     assert len(set(mixtral.values())) == 1  # (no linear attention: the same for every policy)
     r = cli("plan", "qwen3-next", "--vram", "24GB")
     assert "without a draft's rollback states" in r.stdout
+
+
+@pytest.mark.parametrize("depth", [2, 12])
+def test_a_fixed_spec_depth_plans_the_rollback_states_a_cycle_keeps(tiny, monkeypatch, depth):
+    """A cycle of ``--spec-depth N`` keeps N + 2 states per linear-attention layer (its
+    start, the drafts, the bonus token): the plan counts them, not the default depth's 10
+    (14 held at depth 12 where 10 were planned)."""
+    from moespeq_cli.models.base import KVCache
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.planning.planner import recurrent_state_bytes
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    path, _ = tiny("qwen3_next", "hybrid")
+    held = []
+    save = KVCache.save_states
+
+    def counted(self, layer, per_token):
+        save(self, layer, per_token)
+        held.append(len(self.states[layer]))
+
+    monkeypatch.setattr(KVCache, "save_states", counted)
+    prompt, n = prompt_for(3, 10), 3 * depth + 4
+    opts = EngineOptions(backend="mock", policy="moespeq", spec_depth=str(depth), draft_verdict=False)
+    eng = Engine(path, opts)
+    plan = eng.make_plan(len(prompt) + n)
+    newest_only = Engine(path, replace(opts, policy="lru", spec_depth="auto")).make_plan(len(prompt) + n)
+    eng.load(len(prompt) + n, plan)
+    try:
+        assert len(list(eng.generate(prompt, n, SamplingParams()))) == n
+        state = recurrent_state_bytes(eng.model, 1)
+    finally:
+        eng.close()
+    assert state > 0 and max(held) == depth + 2
+    assert plan.kv_cache_bytes - newest_only.kv_cache_bytes == (depth + 1) * state
 
 
 def test_the_workspace_holds_a_pass_s_activations_not_the_head_s_logits_for_every_token(cli):

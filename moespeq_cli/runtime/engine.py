@@ -266,6 +266,7 @@ class Engine:
             cpu_experts=self.policy.host_compute,
             with_draft=self.opts.draft != "none",
             max_slots=self.opts.max_slots,
+            depth=self.opts.k_max if self.fixed_k is None else self.fixed_k,
         )
         if self.device_type == "cpu":
             # unbounded, the sizes: the dense weights as the CPU holds them (plan prices the same)

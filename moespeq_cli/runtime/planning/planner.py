@@ -172,24 +172,23 @@ def kv_cache_bytes(model: CausalLM, elem: int, context: int) -> int:
     return total
 
 
-MAX_ROLLBACK = (
-    10  # states per linear-attention layer in a cycle at the default k_max (8): its start, 8 drafts, the bonus
-)
+DEFAULT_DEPTH = 8  # the governor's deepest draft by default (EngineOptions.k_max)
 
 
-def recurrent_state_bytes(model: CausalLM, states: int = MAX_ROLLBACK) -> int:
+def recurrent_state_bytes(model: CausalLM, states: int = DEFAULT_DEPTH + 2) -> int:
     """Linear-attention layers (Qwen3-Next, Qwen3.5) hold a fixed-size state instead of a KV
     cache, ``states`` of them a layer (``rollback_states``)."""
     per = sum(getattr(layer.attn, "state_bytes", lambda: 0)() for layer in model.model.layers)
     return per * states
 
 
-def rollback_states(policy: str, drafts: bool) -> int:
+def rollback_states(policy: str, drafts: bool, depth: int = DEFAULT_DEPTH) -> int:
     """Linear-attention states a layer keeps: speculative decoding one per position of a
-    cycle, so that it can roll back to any (models/base.py KVCache), up to ``MAX_ROLLBACK``;
-    moespeq without a draft still keeps a cycle's start and end (``keep_from`` each
-    cycle); a policy without speculation the newest only."""
-    return MAX_ROLLBACK if policy == "moespeq" and drafts else 2 if policy == "moespeq" else 1
+    cycle, so that it can roll back to any (models/base.py KVCache): its start, ``depth``
+    drafted tokens and the verification's bonus token; moespeq without a draft still keeps
+    a cycle's start and end (``keep_from`` each cycle); a policy without speculation the
+    newest only."""
+    return depth + 2 if policy == "moespeq" and drafts else 2 if policy == "moespeq" else 1
 
 
 def draft_bytes_estimate(cfg: MoEConfig, blocksize: int = 64) -> int:
@@ -233,6 +232,7 @@ def make_plan(
     ram_source: str | None = None,
     library_bytes: int = 0,
     draft_scratch: int = 0,
+    depth: int = DEFAULT_DEPTH,
 ) -> Plan:
     """``model`` may live on the meta device: only shapes are read. For moespeq the 4-bit
     draft is placed too unless ``with_draft`` is False (module docstring); ``note`` says
@@ -243,10 +243,11 @@ def make_plan(
     workspaces, allocated at the first matmul and kept), counted in the workspace.
     ``draft_scratch``: what the draft's grouped calls take on the device besides its
     experts (runtime/executors/draft.py ``draft_scratch_bytes``), reserved with a draft
-    wholly on the device."""
+    wholly on the device. ``depth``: the most tokens a cycle drafts (the governor's range,
+    or ``--spec-depth``), which sets the linear-attention states a cycle keeps."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
-    states = rollback_states(policy, with_draft and not cfg.expert_format.four_bit)
+    states = rollback_states(policy, with_draft and not cfg.expert_format.four_bit, depth)
     kv = kv_cache_bytes(model, elem, context) + recurrent_state_bytes(model, states)
     biggest_ffn = max(
         [cfg.expert_intermediate]
