@@ -124,3 +124,19 @@ def test_store_packs_checkpoint_experts(tiny):
         for e in (0, ck.config.num_experts - 1):
             for a, b in zip(store.views(store.buffer(layer, e)), ck.expert(layer, e), strict=True):
                 assert torch.equal(a, b)
+
+
+def test_slots_the_draft_gave_back_wait_for_its_last_readers(cache, fills):
+    """Slots added when the draft is released hold what was the draft's memory: a first
+    fill of each waits for the compute stream's position at the release (the draft's
+    last kernels), and a later fill no longer does."""
+    for e in (0, 1, 2):
+        cache.load((0, e))
+    cache.grow(2, after=Event(4.0))
+    assert cache.slots == 5
+    cache.load((1, 0))
+    cache.load((1, 1))
+    assert [c[1] for c in fills.calls[-2:]] == [[4.0], [4.0]]
+    cache.grow(1)  # at construction: nothing ran there before
+    cache.load((1, 2))
+    assert fills.calls[-1][1] == []

@@ -242,3 +242,56 @@ def test_the_mock_s_own_work_is_invisible_to_any_op_counter(tiny):
         assert seen.ops == 1 and b.counter.ops == charged  # the sum alone, outside
     finally:
         eng.close()
+
+
+def test_a_call_never_spans_more_slots_than_cuda_groups():
+    """CUDA's grouped GEMM refuses 1024 groups or more a call; a call's columns are every
+    slot from the lowest the layer uses to the highest, so experts scattered over a block
+    of thousands of slots (about 10 GB of Qwen3-30B-A3B's) are split into calls, with the
+    same result."""
+    from moespeq_cli.runtime.executors import grouped as g
+
+    x, ids, weights, mats = case(5, 4, experts=10, seed=3)
+    at = arrangement(True)
+    used = sorted(token_groups(ids))
+    far = {e: (0, [0, 1, 600, 1100, 1101, 2100, 2101, 2500, 3000, 3071][i]) for i, e in enumerate(used)}
+    layout = plan_layout(token_groups(ids), [used], far, [], 5, 4, gather=False)
+    assert all(call[6] <= g.MAX_GROUPS for call in layout.calls)
+    assert len(layout.calls) > 1
+    # the same bits as one call, on a block small enough for one (the CPU kernel has no limit)
+    near = {e: (0, i) for i, e in enumerate(used)}
+    want = run_grouped(x, ids, weights, mats, at, near, [len(used)], [used])
+    got = run_grouped(x, ids, weights, mats, at, far, [3072], [used])
+    assert torch.equal(got, want)
+
+
+def test_misaligned_expert_matrices_are_not_grouped_for_a_gpu():
+    """CUDA's grouped GEMM wants each matrix's start and row stride at multiples of 16
+    bytes (torch's CPU kernel does not check, so only a GPU would fail): a shape that
+    misaligns them is computed expert by expert there, and on the mock standing in for it."""
+    from moespeq_cli.runtime.executors.grouped import aligned
+
+    assert aligned(BatchedParts(0, 32 * 64, 2 * 32 * 64, 32, 64), 3 * 32 * 64, 2)
+    assert not aligned(BatchedParts(0, 36 * 64, 2 * 36 * 64, 36, 64), 3 * 36 * 64, 2)  # 72-byte rows of down
+    assert not aligned(BatchedParts(4, 4 + 32 * 64, 4 + 2 * 32 * 64, 32, 64), 4 + 3 * 32 * 64, 2)  # a start off by 8
+
+
+def test_the_mock_and_the_plan_compute_a_misaligned_shape_expert_by_expert(tiny):
+    """Mixtral's top3 config has an intermediate size of 36: 72-byte rows in bf16, which
+    CUDA's grouped GEMM refuses. The mock standing in for an H100 computes its experts one
+    by one, as the cuda backend now does, and the plan prices them so."""
+    from moespeq_cli.models import build_model
+    from moespeq_cli.runtime.planning.estimate import StepModel
+
+    path, _ = tiny("mixtral", "top3")
+    eng = Engine(path, EngineOptions(backend="mock", hardware="h100-pcie", policy="lru", dtype="bfloat16"))
+    prompt = prompt_for(5, 6)
+    eng.load(len(prompt) + 4)
+    try:
+        assert len([ev.token for ev in eng.generate(prompt, 4, SamplingParams())]) == 4
+        assert eng.target_exec.grouped is None
+        ck = eng.ckpt
+        step = StepModel(build_model(ck.arch, ck.raw_config, 16), ck.config, eng.hw, eng.storage_dtype, 16)
+        assert step.grouped_ops is None
+    finally:
+        eng.close()

@@ -6,7 +6,7 @@ verification). Counted where the code makes them, on the CPU (``HostSyncCounter`
 
 import pytest
 import torch
-from offload_helpers import GROUPED_GPU, prompt_for
+from offload_helpers import GROUPED_GPU, prompt_for, vram_for_slots
 
 from moespeq_cli.runtime.engine import Engine, EngineOptions
 from moespeq_cli.runtime.executors.opcount import HostSyncCounter, OpCounter
@@ -41,6 +41,26 @@ def test_one_sync_per_moe_layer_per_pass(tiny, family, variant, policy, depth, h
     per_pass, moe_layers, kinds = syncs_per_pass(path, policy, depth, hardware=hardware)
     assert per_pass <= moe_layers + 1, kinds
     assert kinds["tensor"] == 0, kinds  # no index tensor built from a host list per expert
+    assert kinds["list_index"] == 0, kinds
+
+
+@pytest.mark.parametrize("policy,depth", [("hybrid", "auto"), ("moespeq", "3")])
+def test_cpu_experts_take_their_rows_without_a_sync(tiny, policy, depth):
+    """An expert computed on the CPU during a verification (or a prefill) takes its
+    tokens' rows by an index uploaded without a wait; ``x[rows]`` copied the list from
+    pageable memory, a wait for the compute stream on a GPU, one per CPU expert."""
+    path, _ = tiny("mixtral", "wide")
+    vram = vram_for_slots(path, 6, 40, policy=policy)
+    eng = Engine(path, EngineOptions(backend="mock", policy=policy, spec_depth=depth, vram=vram))
+    prompt = prompt_for(11, 6)
+    eng.load(len(prompt) + 16)
+    try:
+        with torch.inference_mode(), HostSyncCounter() as host:
+            n = len(list(eng.generate(prompt, 12, SamplingParams())))
+        assert n == 12 and eng.target_exec.cache.stats.host_computed > 0
+    finally:
+        eng.close()
+    assert host.by_kind["list_index"] == 0, host.by_kind
 
 
 def test_the_counter_sees_host_reads():
@@ -49,7 +69,10 @@ def test_the_counter_sees_host_reads():
         x.tolist()
         torch.tensor([1, 2], device=x.device)
         torch.tensor([1, 2])  # host to host: no device involved
-    assert c.by_kind == {"tolist": 1, "tensor": 1} and c.total == 2
+        x[[0, 1]]
+        x[1:, [0, 2]]
+        x[0, 1:]  # no list: not counted
+    assert c.by_kind == {"tolist": 1, "tensor": 1, "list_index": 2} and c.total == 4
     assert torch.Tensor.tolist is not None and x.tolist() == [[0, 1, 2], [3, 4, 5]]  # restored
 
 

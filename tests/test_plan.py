@@ -353,6 +353,25 @@ def test_rollback_states_are_planned_only_where_a_draft_may_roll_back(cli):
     assert "without a draft's rollback states" in r.stdout
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", None])
+def test_the_plan_counts_experts_as_the_tiers_hold_them(tiny, dtype):
+    """Every tier holds an expert as the checkpoint stores it (the disk tier reads it in
+    place); ``--dtype`` sets what the model computes in. A float32 checkpoint run with
+    --dtype bfloat16 was planned at half its experts' bytes: its device slots and RAM
+    then took twice what the plan reserved."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny("mixtral", "gqa")  # float32
+    eng = Engine(path, EngineOptions(backend="mock", policy="lru", dtype=dtype))
+    eng.load(16)
+    try:
+        assert eng.plan.expert_bytes == eng.target_exec.cache.nbytes
+        assert eng.plan.expert_bytes == Checkpoint(path).config.stored_expert_bytes
+        assert eng.plan.slot_bytes == eng.plan.slots * eng.target_exec.cache.slot_bytes
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("depth", [2, 12])
 def test_a_fixed_spec_depth_plans_the_rollback_states_a_cycle_keeps(tiny, monkeypatch, depth):
     """A cycle of ``--spec-depth N`` keeps N + 2 states per linear-attention layer (its

@@ -431,3 +431,28 @@ def test_experts_the_disk_tier_cannot_read_are_read_and_checked_as_before(tiny, 
     got = store.views(store.buffer(layer, 2))
     assert all(g.dtype == torch.float32 for g in got)
     assert all(torch.equal(g, w.float()) for g, w in zip(got, ck.expert(layer, 2), strict=True))
+
+
+def test_a_draft_with_half_precision_scales_loads_with_float32_ones(tiny, cli, tmp_path):
+    """bitsandbytes' CUDA 4-bit kernels and moespeq's CPU kernels take float32 absmax only;
+    a draft saved with float16 scales (by another tool) is widened at load, exactly: it
+    drafts as the same draft with those values in float32."""
+    from safetensors.torch import load_file, save_file
+
+    src, _ = tiny("mixtral", "gqa")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    assert cli("quantize", str(path)).exit_code == 0
+    draft = default_draft_dir(path, "nf4", 64)
+    tensors = load_file(draft / "draft.safetensors")
+    half = {k: v.half() if k.endswith(".absmax") else v for k, v in tensors.items()}
+    widened = tmp_path / "widened"
+    shutil.copytree(draft, widened)
+    save_file({k: v.float() if k.endswith(".absmax") else v for k, v in half.items()}, widened / "draft.safetensors")
+    save_file(half, draft / "draft.safetensors")
+    ck = Checkpoint(path)
+    a, b = QuantizedExperts.load(draft, ck), QuantizedExperts.load(widened, ck)
+    assert all(s.absmax.dtype in (torch.float32, torch.bfloat16) for parts in a.q.values() for _, s in parts)
+    x = torch.randn(3, ck.config.hidden_size)
+    for layer in ck.config.moe_layers:
+        assert torch.equal(a.forward(layer, 1, x), b.forward(layer, 1, x))

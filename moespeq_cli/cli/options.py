@@ -158,7 +158,8 @@ Dtype = Annotated[
     typer.Option(
         "--dtype",
         help="float32 | float16 | bfloat16: what the model computes in. Default: the checkpoint's on a GPU, float32 "
-        "on the CPU and the mock (where --backend cpu keeps a bf16 or fp16 checkpoint's weights as they are).",
+        "on the CPU and the mock (where --backend cpu keeps a bf16 or fp16 checkpoint's weights as they are). "
+        "Routed experts are held and moved as the checkpoint stores them.",
         show_default=False,
     ),
 ]

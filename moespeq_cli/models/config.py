@@ -63,6 +63,13 @@ class MoEConfig:
             return fmt.nbytes(self.hidden_size, self.expert_intermediate, self.dtype)
         return self.expert_params * elem
 
+    @property
+    def stored_expert_bytes(self) -> int:
+        """One expert as every memory tier holds it and every copy moves it: as the
+        checkpoint stores it, whatever ``--dtype`` the model computes in (the disk tier
+        reads it in place; runtime/tiers/disk.py)."""
+        return self.expert_bytes(self.dtype.itemsize)
+
 
 def need(cfg: dict, *names: str, default=None, kind=None):
     """The first of ``names`` present in config.json; a clear error when required and absent."""

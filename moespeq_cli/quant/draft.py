@@ -629,6 +629,8 @@ def _load_part(f, keys: set, prefix: str, shape: tuple, method: str, blocksize: 
         raise CheckpointError(
             f"{bad} (its sizes or values are wrong for this checkpoint); rebuild it with `moespeq quantize`"
         )
+    # bitsandbytes' CUDA 4-bit kernels take float32 scales only; a half one widens exactly
+    state.absmax = state.absmax.float()
     return packed, state
 
 

@@ -179,7 +179,9 @@ class CudaBackend(Backend):
             self.copy_eta(nbytes), max((ev.time for ev in events), default=0.0) + transfer_seconds(nbytes, self.hw)
         )
         self._copy_free = eta
-        done = torch.cuda.Event(enable_timing=True)
+        # blocking: a disk reader's thread waits on it before overwriting the host slot it
+        # copies from (``read``), asleep rather than spinning a core the CPU experts need
+        done = torch.cuda.Event(enable_timing=True, blocking=True)
         phase = self.phase
 
         def enqueue() -> None:

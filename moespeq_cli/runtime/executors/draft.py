@@ -108,7 +108,7 @@ class DraftExperts:
         jobs = {}
         for e, (rows, _) in groups.items():
             if self.on_device is not None and (layer, e) not in self.on_device:
-                xe = x[rows] if x.shape[0] > 1 else x
+                xe = x.index_select(0, b.upload(rows)) if x.shape[0] > 1 else x  # (offload.py rows_of)
                 cost = self.cost(layer, e, xe.shape[0], "cpu")
                 act = xe.shape[0] * self.quant.hidden * self.act_elem
                 jobs[e] = b.host_compute(

@@ -63,6 +63,9 @@ from moespeq_cli.models.expert_format import (
 )
 from moespeq_cli.runtime.planning.costs import dtype_name
 
+MAX_GROUPS = 1023  # CUDA's _grouped_mm takes fewer than 1024 groups a call (GroupMM.cu checks it)
+ALIGN = 16  # bytes: CUDA's _grouped_mm wants each matrix's start and row stride multiples of it
+
 
 def slot_part(slots: torch.Tensor, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The part at byte ``start`` of every row of ``slots`` (uint8 ``[n, bytes]``, each row
@@ -80,6 +83,11 @@ class Fp8Slot:
     starts: tuple[int, ...]
     shapes: tuple[tuple[int, ...], ...]
     block: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        """Elements of a slot dequantized: gate | up | down."""
+        return sum(math.prod(self.shapes[j]) for j in (0, 2, 4))
 
     @property
     def tiles(self) -> bool:
@@ -115,6 +123,12 @@ class Mxfp4Slot:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
     tiles = True  # one way of dequantizing, always (``Fp8Slot.tiles``)
+
+    @property
+    def numel(self) -> int:
+        """Elements of a slot dequantized (``canonical``'s layout)."""
+        (two_i, groups, _), hidden = self.shapes[0], self.shapes[3][0]
+        return two_i * groups * 32 + two_i + hidden * self.shapes[3][1] * 32 + hidden
 
     def dequantize(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``slots [n, bytes]`` (uint8) -> ``[n, numel]`` of ``dtype``, laid out as ``canonical``."""
@@ -211,6 +225,17 @@ def batched_parts(fmt: ExpertFormat, views, numel: int, dtype: torch.dtype) -> B
     if up.shape != (inter, hidden) or down.shape != (hidden, inter):
         return None
     return BatchedParts(gate.storage_offset(), up.storage_offset(), down.storage_offset(), inter, hidden)
+
+
+def aligned(at: BatchedParts, slot_numel: int, elem: int) -> bool:
+    """Whether every matrix a grouped call reads from a block of slots (of ``slot_numel``
+    elements each, or their dequantized block's for compact ones) starts and strides its
+    rows at multiples of ``ALIGN`` bytes, as CUDA's ``_grouped_mm`` requires (torch's CPU
+    kernel does not check): the starts, the slot's size and both matrix widths. Every
+    layout here is a sum of the matrices' and biases' sizes, so it holds where the hidden
+    and intermediate sizes are multiples of ``ALIGN`` bytes (what the planner checks)."""
+    row = at.compact.numel if at.compact is not None else slot_numel
+    return all(v * elem % ALIGN == 0 for v in (at.gate, at.up, at.down, row, at.inter, at.hidden))
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -412,7 +437,9 @@ def plan_layout(
     ``where``: device expert -> (block, slot in it); ``host_experts``: experts whose
     outputs come from elsewhere (after the device's, ascending). ``gather``: the used slots
     are gathered (and widened) first, so a call's columns are those slots, not all;
-    ``max_cols``: at most that many a call (what dequantized slots may take at once)."""
+    ``max_cols``: at most that many a call (what dequantized slots may take at once). A
+    call's columns never number more than ``MAX_GROUPS``: slots further apart in a block
+    are computed in calls of their own."""
     values: list[int] = []
     calls = []
     pos: dict[int, int] = {}  # expert -> its first output row
@@ -422,11 +449,16 @@ def plan_layout(
         by_block: dict[int, list[int]] = {}
         for e in sorted(experts, key=lambda e: where[e]):
             by_block.setdefault(where[e][0], []).append(e)
-        pieces = [
-            (b, chosen[i : i + (step or len(chosen))])
-            for b, chosen in sorted(by_block.items())
-            for i in range(0, len(chosen), step or len(chosen))
-        ]
+        pieces = []
+        for b, chosen in sorted(by_block.items()):
+            run: list[int] = []
+            for e in chosen:  # columns: the slots gathered, or every slot from the run's first
+                span = len(run) + 1 if gather else where[e][1] - where[run[0]][1] + 1 if run else 1
+                if run and (span > MAX_GROUPS or (step is not None and len(run) == step)):
+                    pieces.append((b, run))
+                    run = []
+                run.append(e)
+            pieces.append((b, run))
         for b, chosen in pieces:
             rows_at = len(values)
             for e in chosen:

@@ -30,6 +30,7 @@ from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
 from moespeq_cli.runtime.executors.grouped import (
+    aligned,
     batched_parts,
     call_ops,
     combine,
@@ -102,7 +103,10 @@ class OffloadedExperts:
         layout = self.cache.layout
         if grouped and not layout.stride:
             at = batched_parts(fmt, layout.views, layout.numel, layout.dtype)
-            if at is not None and backend.groups(act_dtype, compute_dtype or act_dtype):
+            # a GPU's grouped GEMM (and the mock's stand-in for one) takes 16-byte aligned
+            # matrices only; an expert shape that misaligns them is computed one by one there
+            fits = backend.name == "cpu" or (at is not None and aligned(at, layout.numel, elem_size(act_dtype)))
+            if at is not None and fits and backend.groups(act_dtype, compute_dtype or act_dtype):
                 self.grouped = at
                 tiles = at.compact is None or at.compact.tiles
                 self.grouped_call_ops = call_ops(fmt, at.fused, tiles=tiles)
@@ -149,7 +153,7 @@ class OffloadedExperts:
             on_host = self.choose_paths(layer, ready, waiting, groups)
             st.host_misses += len(on_host)  # not arrived (a prefetch still in flight did not serve it)
             for e in on_host:
-                host_jobs[e] = self.compute_on_host(layer, e, x[groups[e][0]] if x.shape[0] > 1 else x)
+                host_jobs[e] = self.compute_on_host(layer, e, self.rows_of(x, groups[e][0]))
             waiting = [e for e in waiting if e not in host_jobs]
         if ready and self.policy.host_compute and not self.policy.static:
             for e in self.balance(layer, ready, waiting, groups, x, host_jobs):
@@ -388,11 +392,17 @@ class OffloadedExperts:
                 self.decisions.append((layer, e, {"device": end, "cpu": host_done}, choice))
             if choice == "device":
                 break
-            host_jobs[e] = self.compute_on_host(layer, e, x[groups[e][0]] if x.shape[0] > 1 else x)
+            host_jobs[e] = self.compute_on_host(layer, e, self.rows_of(x, groups[e][0]))
             host_jobs[e].balanced = True
             work -= t_dev[e]
             moved.append(e)
         return moved
+
+    def rows_of(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The rows of ``x`` an expert takes, gathered on the device by an index sent there
+        without a wait (``x[rows]`` copies a Python list from pageable memory: on a GPU a
+        blocking copy that waits for the compute stream, one an expert of a verification)."""
+        return x if x.shape[0] == 1 else x.index_select(0, self.backend.upload(rows))
 
     def compute_on_host(self, layer: int, e: int, xe: torch.Tensor):
         cost, act = self.host_cost(xe.shape[0])

@@ -112,14 +112,15 @@ def count_ops(fn, *args, **kwargs):
 
 class HostSyncCounter:
     """Counts the host's reads of device values that do not pass the dispatcher while
-    active: ``tolist()`` and ``torch.tensor(data, device=...)`` (a blocking copy from
-    pageable memory). ``item()`` and ``int()``/``float()``/``bool()`` of a tensor do pass it
+    active: ``tolist()``, ``torch.tensor(data, device=...)`` (a blocking copy from
+    pageable memory) and indexing with a Python list (``x[rows]``: the list copied to the
+    device from pageable memory, the same copy). ``item()`` and ``int()``/``float()``/``bool()`` of a tensor do pass it
     (``_local_scalar_dense``): ``OpCounter.syncs`` counts those. On a GPU each of these
     waits for the device to reach that point; on the CPU they cost nothing, so they are
     counted where the code makes them. ``total`` and ``by_kind``; not reentrant."""
 
     def __init__(self):
-        self.by_kind = {"tolist": 0, "tensor": 0}
+        self.by_kind = {"tolist": 0, "tensor": 0, "list_index": 0}
         self._saved: tuple = ()
 
     @property
@@ -127,9 +128,14 @@ class HostSyncCounter:
         return sum(self.by_kind.values())
 
     def __enter__(self) -> HostSyncCounter:
-        tolist, tensor = torch.Tensor.tolist, torch.tensor
-        self._saved = (tolist, tensor)
+        tolist, tensor, getitem = torch.Tensor.tolist, torch.tensor, torch.Tensor.__getitem__
+        self._saved = (tolist, tensor, getitem)
         by_kind = self.by_kind
+
+        def counted_getitem(t, index):
+            if isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index)):
+                by_kind["list_index"] += 1
+            return getitem(t, index)
 
         def counted_tolist(t):
             by_kind["tolist"] += 1
@@ -140,8 +146,8 @@ class HostSyncCounter:
                 by_kind["tensor"] += 1
             return tensor(data, *args, **kwargs)
 
-        torch.Tensor.tolist, torch.tensor = counted_tolist, counted_tensor
+        torch.Tensor.tolist, torch.tensor, torch.Tensor.__getitem__ = counted_tolist, counted_tensor, counted_getitem
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.Tensor.tolist, torch.tensor = self._saved
+        torch.Tensor.tolist, torch.tensor, torch.Tensor.__getitem__ = self._saved

@@ -62,7 +62,7 @@ from moespeq_cli.models.expert_format import fp8_tiles
 from moespeq_cli.quant.draft import path_bytes_per_weight, planned_path
 from moespeq_cli.runtime.backends import library_bytes
 from moespeq_cli.runtime.executors.draft import draft_scratch_bytes, grouped_layer_seconds
-from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, groupable, profile_groups
+from moespeq_cli.runtime.executors.grouped import ALIGN, call_ops, dequant_traffic, groupable, profile_groups
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import (
     device_expert_seconds,
@@ -119,7 +119,7 @@ class StepModel:
         # on a GPU the engine pairs the routers (engine.py ``load``)
         self.table = charges(model, self.elem, paired=hw.kind != "cpu")
         self.layers = len(cfg.moe_layers)
-        self.expert_bytes = cfg.expert_bytes(self.elem)
+        self.expert_bytes = cfg.stored_expert_bytes  # what a copy or a read moves
         self.t_link = transfer_seconds(self.expert_bytes, hw)
         self.read_extra = 0.0  # seconds of disk read per expert missing from the device (``for_plan``)
         self._ops: dict[tuple[int, bool], int | None] = {}  # (tokens, grouped) -> ops outside the experts
@@ -131,7 +131,8 @@ class StepModel:
         # at most one op too many)
         fmt = cfg.expert_format
         tiles = all(fp8_tiles(s, fmt.block) for s in fmt.matrix_shapes(cfg.hidden_size, cfg.expert_intermediate))
-        grouped = profile_groups(hw, dtype) and groupable(fmt)
+        h, i, elem = cfg.hidden_size, cfg.expert_intermediate, elem_size(dtype)
+        grouped = profile_groups(hw, dtype) and groupable(fmt) and h * elem % ALIGN == 0 and i * elem % ALIGN == 0
         self.grouped_ops = call_ops(fmt, False, True, tiles) if grouped else None
         # bytes a weight an expert's computation on the device moves: compact experts
         # computed together are dequantized first (executors/grouped.py), then read as ``dtype``

@@ -267,7 +267,7 @@ def make_plan(
     # compact experts (block FP8, MXFP4) are dequantized on the device a few at a time (executors/grouped.py)
     workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
     workspace += library_bytes if compute_tier == "device" else 0
-    expert = cfg.expert_bytes(elem)
+    expert = cfg.stored_expert_bytes  # (the tiers hold experts as stored: --dtype sets the dense weights')
     ram_slot = ram_slot_bytes(expert)
     total = cfg.num_experts * len(cfg.moe_layers)
     on_host = compute_tier == "host"

@@ -211,7 +211,7 @@ class Speculation:
             self.backend.alloc(extra * self.cache.slot_bytes, "expert slots")
             if self.backend.name == "cuda":
                 torch.cuda.empty_cache()  # the draft's blocks back to the driver before growing
-            self.cache.grow(extra)
+            self.cache.grow(extra, after=self.backend.record_release())
         if more_in_ram:  # the draft's experts in host RAM go too: RAM holds that many more experts
             self.tiers.host.grow(more_in_ram)
         for key in fill:

@@ -122,8 +122,10 @@ class ExpertCache:
         self.on_block: Callable[[torch.Tensor, object], None] | None = None  # (block, owner): e.g. pin it
         self.grow(slots)
 
-    def grow(self, n: int) -> None:
-        """Add ``n`` empty slots, in one new block (memory the draft gave back)."""
+    def grow(self, n: int, after: Event | None = None) -> None:
+        """Add ``n`` empty slots, in one new block (memory the draft gave back); ``after``:
+        what a first fill of each must wait for (the compute stream's position when the
+        draft's memory was freed: its last kernels may still read what was there)."""
         if n <= 0:
             return
         if self.layout.stride:
@@ -140,6 +142,8 @@ class ExpertCache:
         self.owners.append(owner)
         self.buffers.extend(regions)
         self.free_slots = list(range(self.slots + n - 1, self.slots - 1, -1)) + self.free_slots
+        if after is not None:
+            self.release.update((s, [after]) for s in range(self.slots, self.slots + n))
         self.slots += n
 
     def reset_stats(self) -> None:
