@@ -36,11 +36,14 @@ def vram_for_slots(
     it for ``policy`` (on cuda the fixed part holds cuBLAS's workspaces too; with a draft,
     linear-attention layers' rollback states)."""
     from moespeq_cli.runtime.backends import library_bytes
+    from moespeq_cli.runtime.executors.grouped import grouped_scratch_bytes
     from moespeq_cli.runtime.planning.hardware import load_profile
 
     hw = load_profile(hardware) if isinstance(hardware, str) else hardware
+    ck = Checkpoint(path)
+    scratch = grouped_scratch_bytes(hw, ck.config, dtype or ck.config.dtype, context) if hw is not None else 0
     plan = checkpoint_plan(
-        Checkpoint(path), context, dtype=dtype, library_bytes=library_bytes(backend, hw), policy=policy
+        ck, context, dtype=dtype, library_bytes=library_bytes(backend, hw), policy=policy, grouped_scratch=scratch
     )
     return plan.fixed_bytes + slots * plan.expert_bytes
 

@@ -99,6 +99,18 @@ CONFIGS: dict[str, dict[str, dict]] = {
             num_experts_per_tok=4,
             norm_topk_prob=True,
         ),
+        "top8": dict(  # Qwen3-30B-A3B's proportions: top-8 of many narrow experts
+            hidden_size=64,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            head_dim=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=32,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+        ),
         "dense_layer": dict(
             hidden_size=32,
             intermediate_size=40,

@@ -109,6 +109,7 @@ def plan(
     from moespeq_cli.models.config import DTYPES
     from moespeq_cli.runtime.backends import library_bytes
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE, cpu_profile_takes_no_vram
+    from moespeq_cli.runtime.executors.grouped import grouped_scratch_bytes
     from moespeq_cli.runtime.planning.estimate import StepModel, estimate, plan_moespeq
     from moespeq_cli.runtime.planning.hardware import beyond_device, format_size, load_profile, parse_size
     from moespeq_cli.runtime.planning.planner import beyond_memory, default_ram, host_tier_ram, make_plan
@@ -175,6 +176,7 @@ def plan(
                     ram=None if host else ram_bytes,
                     compute_tier=tier,
                     library_bytes=0 if host else library_bytes("mock", hw),
+                    grouped_scratch=0 if host else grouped_scratch_bytes(hw, cfg, storage, context),
                 )
                 est = estimate(step, p, acceptance)
         except UsageError as e:

@@ -30,6 +30,7 @@ from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.config import DTYPES
 from moespeq_cli.models.loader import load_model
 from moespeq_cli.runtime.backends import library_bytes, make_backend, resolve_backend_name
+from moespeq_cli.runtime.executors.grouped import grouped_scratch_bytes
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.planning.hardware import HardwareProfile, format_size, load_profile, parse_size
 from moespeq_cli.runtime.planning.planner import Plan, beyond_memory, checkpoint_plan, default_ram, host_tier_ram
@@ -293,6 +294,7 @@ class Engine:
         if ram is None:
             ram, source = default_ram()
         kw["library_bytes"] = library_bytes(self.backend_name, self.hw)  # cuBLAS's workspaces: the budget holds them
+        kw["grouped_scratch"] = grouped_scratch_bytes(self.hw, self.ckpt.config, self.storage_dtype, context)
         kw["draft_scratch"] = self.draft_scratch()
         plan = checkpoint_plan(
             self.ckpt, context, self.budget, self.opts.policy, self.storage_dtype, ram=ram, ram_source=source, **kw

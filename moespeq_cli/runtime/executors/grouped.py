@@ -45,6 +45,7 @@ mock and the planner follow it (``profile_groups``).
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ from moespeq_cli.runtime.planning.costs import dtype_name
 
 MAX_GROUPS = 1023  # CUDA's _grouped_mm takes fewer than 1024 groups a call (GroupMM.cu checks it)
 ALIGN = 16  # bytes: CUDA's _grouped_mm wants each matrix's start and row stride multiples of it
+GROUPED_PAIRS = 2048  # (token, expert) pairs a layer's grouped calls take at once (a prompt's, in turn)
 
 
 def slot_part(slots: torch.Tensor, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -422,6 +424,40 @@ class Layout:
     wsrc: tuple[int, int]
 
 
+def rows_between(groups: dict[int, tuple[list[int], list[int]]], a: int, b: int) -> dict:
+    """``groups`` (expert -> ascending token rows, their top-k slots) cut to the tokens
+    ``a`` to ``b``, numbered from ``a``; experts none of them chose left out."""
+    out = {}
+    for e, (rows, slots) in groups.items():
+        lo, hi = bisect.bisect_left(rows, a), bisect.bisect_left(rows, b)
+        if hi > lo:
+            out[e] = ([r - a for r in rows[lo:hi]], slots[lo:hi])
+    return out
+
+
+def grouped_scratch_bytes(hw, cfg, dtype: torch.dtype, context: int) -> int:
+    """Device memory a layer's grouped calls hold at once over a prompt of ``context``
+    tokens, besides the pass's activations (``make_plan``'s workspace): per (token,
+    expert) pair, up to ``GROUPED_PAIRS`` of them, its input row, gate|up and activation,
+    output, and the weighted sum's two copies (0 where the GPU ``hw`` describes computes
+    expert by expert)."""
+    if not groups_on(hw, cfg, dtype):
+        return 0
+    h, i, elem = cfg.hidden_size, cfg.expert_intermediate, dtype.itemsize
+    return min(context * cfg.top_k, GROUPED_PAIRS) * (4 * h + 3 * i) * elem
+
+
+def groups_on(hw, cfg, dtype: torch.dtype) -> bool:
+    """Whether a layer's experts are computed together on the GPU ``hw`` describes, in
+    ``dtype``: it has the grouped kernel (``profile_groups``), the format's matrices are
+    plain ones (``groupable``) and 16-byte aligned (``aligned``: the hidden and
+    intermediate sizes in ``dtype``)."""
+    h, i, elem = cfg.hidden_size, cfg.expert_intermediate, dtype.itemsize
+    return (
+        profile_groups(hw, dtype) and groupable(cfg.expert_format) and h * elem % ALIGN == 0 and i * elem % ALIGN == 0
+    )
+
+
 def plan_layout(
     groups: dict[int, tuple[list[int], list[int]]],
     phases: list[list[int]],
@@ -527,6 +563,7 @@ def combine(layout: Layout, meta: torch.Tensor, outs: list[torch.Tensor], weight
     """Each token's k outputs (``outs``: every call's, then the CPU's, in the layout's
     order) weighted by its top-k weights and summed in ascending expert order -> [T, H]."""
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
+    outs.clear()  # (the calls' outputs, joined: not held twice)
     (s_at, n), (w_at, _) = layout.src, layout.wsrc
     w = weights.flatten().index_select(0, meta[w_at : w_at + n]).view(-1, 1)
     tokens, k = weights.shape

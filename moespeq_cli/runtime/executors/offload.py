@@ -21,6 +21,7 @@ for copies anyway, its resident experts are hidden behind them and stay.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 
 import torch
@@ -30,6 +31,7 @@ from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
 from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
 from moespeq_cli.runtime.executors.grouped import (
+    GROUPED_PAIRS,
     aligned,
     batched_parts,
     call_ops,
@@ -38,6 +40,7 @@ from moespeq_cli.runtime.executors.grouped import (
     dequant_traffic,
     gathered,
     plan_layout,
+    rows_between,
     run_phase,
 )
 from moespeq_cli.runtime.executors.opcount import OpCounter
@@ -237,8 +240,6 @@ class OffloadedExperts:
         split = bool(ready and waiting) and landing > self.grouped_call_ops * b.hw.launch_overhead
         phases = [ready, waiting] if split else [ready + waiting]
         chunk = dequant_chunk(self.tiers.config.top_k) if self.grouped.compact is not None else None
-        layout = plan_layout(groups, phases, where, sorted(host_jobs), x.shape[0], weights.shape[1], gather, chunk)
-        meta = b.upload(layout.values)
 
         def widened(block, cols):
             # dequantizing is work on the GPU too; widening the mock's float32 copy of a
@@ -247,25 +248,47 @@ class OffloadedExperts:
             with b.uncounted() if free else contextlib.nullcontext():
                 return gathered(self.grouped, block, cols, x.dtype)
 
-        outs = []
-        for phase, experts in enumerate(phases):
-            if not experts:
-                continue
-            for e in experts:
-                if e in waiting:
-                    b.wait(cache.arrival[(layer, e)], layer, e)
+        # a prompt's tokens a few thousand (token, expert) pairs at a time, every expert
+        # staying in its slot: what the calls hold at once stays what the plan reserves
+        T, k = weights.shape
+        step = T if T * k <= GROUPED_PAIRS else max(1, GROUPED_PAIRS // k)
+        host_out: dict[int, torch.Tensor] = {}
+        out = None
+        for a in range(0, T, step):
+            rows = groups if step == T else rows_between(groups, a, a + step)
+            phases_here = [[e for e in experts if e in rows] for experts in phases]
+            on_host = sorted(e for e in host_jobs if e in rows)
+            layout = plan_layout(rows, phases_here, where, on_host, min(step, T - a), k, gather, chunk)
+            meta = b.upload(layout.values)
+            xa = x if step == T else x[a : a + step]
+            outs = []
+            for phase, experts in enumerate(phases_here):
+                if not experts:
+                    continue
+                for e in experts:
+                    if e in waiting and a == 0:
+                        b.wait(cache.arrival[(layer, e)], layer, e)
+                token = b.begin()
+                outs += run_phase(self.format, self.grouped, cache.blocks, layout, meta, xa, phase, widened)
+                costs = [self.grouped_cost(len(rows[e][0])) for e in experts]
+                b.end(token, sum(costs[1:], costs[0]), f"experts L{layer}", layer)
+            # the CPU's outputs last: the device's calls are queued before the host waits for them
+            for e in on_host:
+                if e not in host_out:
+                    host_out[e] = b.host_result(host_jobs[e])
+                lo = bisect.bisect_left(groups[e][0], a)
+                outs.append(host_out[e] if step == T else host_out[e][lo : lo + len(rows[e][0])])
             token = b.begin()
-            outs += run_phase(self.format, self.grouped, cache.blocks, layout, meta, x, phase, widened)
-            costs = [self.grouped_cost(len(groups[e][0])) for e in experts]
-            b.end(token, sum(costs[1:], costs[0]), f"experts L{layer}", layer)
-            for e in experts:
-                cache.mark_used((layer, e))
-                cache.pinned.discard((layer, e))
-        # the CPU's outputs last: the device's calls are queued before the host waits for them
-        outs += [b.host_result(host_jobs[e]) for e in sorted(host_jobs)]
-        token = b.begin()
-        out = combine(layout, meta, outs, weights, x.dtype)
-        b.end(token, Cost(0.0, 0.0, 0), f"experts sum L{layer}", layer)
+            part = combine(layout, meta, outs, weights[a : a + step], x.dtype)
+            b.end(token, Cost(0.0, 0.0, 0), f"experts sum L{layer}", layer)
+            if step == T:
+                out = part
+            else:
+                out = torch.empty_like(x) if out is None else out
+                out[a : a + step] = part
+        for e in device:  # their slots are free to refill once the last call has read them
+            cache.mark_used((layer, e))
+            cache.pinned.discard((layer, e))
         return out
 
     def grouped_cost(self, tokens: int) -> Cost:

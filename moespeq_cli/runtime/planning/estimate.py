@@ -62,7 +62,7 @@ from moespeq_cli.models.expert_format import fp8_tiles
 from moespeq_cli.quant.draft import path_bytes_per_weight, planned_path
 from moespeq_cli.runtime.backends import library_bytes
 from moespeq_cli.runtime.executors.draft import draft_scratch_bytes, grouped_layer_seconds
-from moespeq_cli.runtime.executors.grouped import ALIGN, call_ops, dequant_traffic, groupable, profile_groups
+from moespeq_cli.runtime.executors.grouped import call_ops, dequant_traffic, grouped_scratch_bytes, groups_on
 from moespeq_cli.runtime.executors.instrument import charges
 from moespeq_cli.runtime.planning.costs import (
     device_expert_seconds,
@@ -131,8 +131,7 @@ class StepModel:
         # at most one op too many)
         fmt = cfg.expert_format
         tiles = all(fp8_tiles(s, fmt.block) for s in fmt.matrix_shapes(cfg.hidden_size, cfg.expert_intermediate))
-        h, i, elem = cfg.hidden_size, cfg.expert_intermediate, elem_size(dtype)
-        grouped = profile_groups(hw, dtype) and groupable(fmt) and h * elem % ALIGN == 0 and i * elem % ALIGN == 0
+        grouped = groups_on(hw, cfg, dtype)
         self.grouped_ops = call_ops(fmt, False, True, tiles) if grouped else None
         # bytes a weight an expert's computation on the device moves: compact experts
         # computed together are dequantized first (executors/grouped.py), then read as ``dtype``
@@ -372,6 +371,7 @@ def plan_moespeq(
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
     host = compute_tier == "host"
     kw = dict(ram=ram, compute_tier=compute_tier, library_bytes=0 if host else library_bytes("mock", step.hw))
+    kw["grouped_scratch"] = 0 if host else grouped_scratch_bytes(step.hw, step.cfg, step.dtype, step.context)
     scratch = 0 if host else draft_scratch_bytes(step.hw, step.cfg, blocksize, step.dtype)
     with_draft = make_plan(*args, draft_scratch=scratch, **kw)
     if with_draft.draft_scratch_bytes:

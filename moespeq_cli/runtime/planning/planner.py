@@ -233,6 +233,7 @@ def make_plan(
     library_bytes: int = 0,
     draft_scratch: int = 0,
     depth: int = DEFAULT_DEPTH,
+    grouped_scratch: int = 0,
 ) -> Plan:
     """``model`` may live on the meta device: only shapes are read. For moespeq the 4-bit
     draft is placed too unless ``with_draft`` is False (module docstring); ``note`` says
@@ -243,7 +244,9 @@ def make_plan(
     workspaces, allocated at the first matmul and kept), counted in the workspace.
     ``draft_scratch``: what the draft's grouped calls take on the device besides its
     experts (runtime/executors/draft.py ``draft_scratch_bytes``), reserved with a draft
-    wholly on the device. ``depth``: the most tokens a cycle drafts (the governor's range,
+    wholly on the device. ``grouped_scratch``: what a layer's grouped expert calls hold
+    over a prompt on a GPU that groups them (executors/grouped.py ``grouped_scratch_bytes``),
+    in the workspace. ``depth``: the most tokens a cycle drafts (the governor's range,
     or ``--spec-depth``), which sets the linear-attention states a cycle keeps."""
     elem = elem_size(dtype)
     non_expert = sum(p.numel() for p in model.parameters()) * elem
@@ -266,7 +269,7 @@ def make_plan(
     )
     # compact experts (block FP8, MXFP4) are dequantized on the device a few at a time (executors/grouped.py)
     workspace += dequant_scratch_bytes(cfg.expert_format, cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, elem)
-    workspace += library_bytes if compute_tier == "device" else 0
+    workspace += library_bytes + grouped_scratch if compute_tier == "device" else 0
     expert = cfg.stored_expert_bytes  # (the tiers hold experts as stored: --dtype sets the dense weights')
     ram_slot = ram_slot_bytes(expert)
     total = cfg.num_experts * len(cfg.moe_layers)
