@@ -176,13 +176,18 @@ def remove_partial_downloads(repo: str, local_dir: Path | None) -> None:
 
 
 def repo_for(model: str) -> str:
+    from moespeq_cli.fs import is_dir, shown
     from moespeq_cli.model_ref import ALIASES, looks_like_hub_id
 
     if model in ALIASES:
         return ALIASES[model][0]
     if not looks_like_hub_id(model):
+        if is_dir(Path(model)):
+            raise UsageError(
+                f"{shown(model)} is a directory here: a local checkpoint needs no pull (`moespeq run {shown(model)}`)"
+            )
         raise UnknownModelError(
-            f"unknown model {model!r}; use an alias ({', '.join(ALIASES)}) or a hub id like org/name"
+            f"unknown model {shown(model)!r}; use an alias ({', '.join(ALIASES)}) or a hub id like org/name"
         )
     return model
 
@@ -195,7 +200,7 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
 
     repo = repo_for(model)
     endpoint = os.environ.get("HF_ENDPOINT")
-    if endpoint and not endpoint.startswith(("http://", "https://")):
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise UsageError(f"HF_ENDPOINT {endpoint[:60]!r} is not an http(s) URL; fix or unset it")
     if revision is not None and (not revision.strip() or len(revision) > 256 or "\x00" in revision):
         raise UsageError(f"--revision {revision[:40]!r} is not a branch, tag or commit name")
@@ -232,7 +237,48 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
         if local_dir is not None and not offline:
             record_pull(Path(local_dir), repo)
         remove_partial_downloads(repo, local_dir)
-        return Path(download(snapshot_download, kwargs))
+        path = Path(download(snapshot_download, kwargs))
+        why = not_whole(path, config_only)
+        if why is not None and not offline:
+            # huggingface_hub keeps a cached file it has, whole or not: the weights cut short
+            # (a copy interrupted outside it, a full disk) and the small JSON files are
+            # fetched again
+            from moespeq_cli.local_models import damaged_files
+
+            again = [name for name, reason in damaged_files(path) if reason.endswith("pull again")]
+            small = [f for f in kwargs["allow_patterns"] if f.endswith((".json", ".jinja"))]
+            download(snapshot_download, dict(kwargs, allow_patterns=again + small, force_download=True))
+            why = not_whole(path, config_only)
+    if why is not None:
+        fetch = (
+            "unset HF_HUB_OFFLINE (it is set) and run the same command again"
+            if offline
+            else (
+                "the hub did not make it whole (unreachable: check the network, then run the same command "
+                "again; a file there not huggingface_hub's own link is left as it is)"
+            )
+        )
+        raise HubError(f"the pull of {repo} is not whole: {why}; {fetch}")
+    return path
+
+
+def not_whole(path: Path, config_only: bool) -> str | None:
+    """Why what a pull left in ``path`` is not what a run opens (None: it is):
+    huggingface_hub hands back the cached snapshot when the hub cannot be reached, whole
+    or not (a shard missing or cut short, a damaged config or index), and the pull said
+    it succeeded."""
+    from moespeq_cli.errors import CheckpointError
+    from moespeq_cli.local_models import damaged_weights
+    from moespeq_cli.models.checkpoint import Checkpoint, read_config
+
+    try:
+        if config_only:
+            read_config(path)
+            return None
+        Checkpoint(path)
+        return damaged_weights(path)
+    except CheckpointError as err:
+        return str(err)
 
 
 def preflight(repo: str, revision: str | None, config_only: bool) -> None:

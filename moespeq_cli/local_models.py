@@ -164,6 +164,13 @@ def damaged_weights(snapshot: Path) -> str | None:
     user cannot read, or whose safetensors header is broken or names more bytes than the
     file holds (a copy cut short). Only the headers are read: ``run`` would say the same
     when it opens them."""
+    found = next(damaged_files(snapshot), None)
+    return found[1] if found else None
+
+
+def damaged_files(snapshot: Path):
+    """(name, why) for each weights file of ``snapshot`` that cannot be run, in name order
+    (``damaged_weights``); a pull downloads those named "pull again" afresh."""
     import json
 
     from moespeq_cli.fs import file_status
@@ -171,21 +178,24 @@ def damaged_weights(snapshot: Path) -> str | None:
     for p in sorted(snapshot.glob("*.safetensors")):
         status, size = file_status(p)
         if status != "file":
-            return f"{p.name} cannot be read ({status}): check it"
+            yield p.name, f"{p.name} cannot be read ({status}): check it"
+            continue
         try:
             with open(p, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 if not 2 <= n <= min(HEADER_LIMIT, size - 8):
-                    return f"{p.name} truncated: pull again"
+                    yield p.name, f"{p.name} truncated: pull again"
+                    continue
                 header = json.loads(f.read(n))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         except PermissionError:
-            return f"{p.name} unreadable: check its permissions"
+            yield p.name, f"{p.name} unreadable: check its permissions"
+            continue
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-            return f"{p.name} damaged: pull again"
+            yield p.name, f"{p.name} damaged: pull again"
+            continue
         if not isinstance(end, int) or 8 + n + end > size:
-            return f"{p.name} truncated: pull again"
-    return None
+            yield p.name, f"{p.name} truncated: pull again"
 
 
 def tree_size(path: Path) -> int:

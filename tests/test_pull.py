@@ -525,3 +525,50 @@ def test_a_file_gone_during_a_download_is_no_unwritable_directory(tmp_path):
     with pytest.raises(HubError) as e, hub_errors("acme/tiny", None, tmp_path):
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path))
     assert "not a writable directory" in str(e.value) and "again" not in str(e.value)
+
+
+def test_a_pull_that_leaves_no_whole_model_says_so(hub, cli, tmp_path, monkeypatch):
+    """Without the hub, huggingface_hub hands back the cached snapshot whole or not: a pull
+    said it succeeded for a model `run` then refused (a shard gone, a config damaged).
+    Online, a shard cut short in the cache is fetched again."""
+    import huggingface_hub.constants as hc
+
+    r = cli("pull", "acme/tiny-olmoe")
+    snap = Path(r.stdout.strip().splitlines()[-1])
+    whole = (snap / "model.safetensors").read_bytes()
+    blob = (snap / "model.safetensors").resolve()
+    blob.write_bytes(whole[: len(whole) // 2])  # cut short outside huggingface_hub (a full disk, a copy)
+    r = cli("pull", "acme/tiny-olmoe")
+    assert r.exit_code == 0, r.stderr
+    assert (snap / "model.safetensors").read_bytes() == whole
+    for damage, needle in (
+        (lambda: (snap / "config.json").resolve().write_text("{oops"), "config.json"),
+        (lambda: (snap / "model.safetensors").resolve().write_bytes(whole[:100]), "model.safetensors"),
+    ):
+        damage()
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+        r = cli("pull", "acme/tiny-olmoe", "--json")
+        assert r.exit_code == 1 and r.stdout == "", (r.exit_code, r.stdout)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is not whole" in lines[0] and needle in lines[0], r.stderr
+        assert "unset HF_HUB_OFFLINE" in lines[0]
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+        r = cli("pull", "acme/tiny-olmoe")
+        assert r.exit_code == 1 and "is not whole" in r.stderr and "check the network" in r.stderr, r.stderr
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        r = cli("pull", "acme/tiny-olmoe")  # the hub back: the pull mends it
+        assert r.exit_code == 0, r.stderr
+        assert cli("run", "acme/tiny-olmoe", "-p", "hi", "-n", "2", "--backend", "cpu").exit_code == 0
+
+
+def test_pull_of_a_local_directory_or_an_empty_endpoint_is_usage(cli, tmp_path, monkeypatch):
+    """A local checkpoint needs no pull (it said "unknown model"); an empty HF_ENDPOINT is
+    no URL (it failed on the network, exit 1); a long id is cut in the error line."""
+    r = cli("pull", str(tmp_path))
+    assert r.exit_code == 2 and "needs no pull" in r.stderr and f"moespeq run {tmp_path}" in r.stderr, r.stderr
+    monkeypatch.setenv("HF_ENDPOINT", "")
+    r = cli("pull", "org/x")
+    assert r.exit_code == 2 and "HF_ENDPOINT '' is not an http(s) URL" in r.stderr, r.stderr
+    r = cli("pull", "a" * 5000)
+    assert r.exit_code == 2 and len(r.stderr) < 500, len(r.stderr)  # (it repeated all 5,000)
