@@ -1514,6 +1514,13 @@ def test_broken_or_narrow_standard_streams(ckpt, moespeq_process):
     )
     r = subprocess.run(f"{quoted} -p hi --json 2>&-", shell=True, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["stats"]["new_tokens"] == 12
+    # a stderr that takes no writes (full, or open read-only): the answer and the exit code
+    # stay (the loading line's failed write ended the run, "internal error", exit 1)
+    for err in ("2>/dev/full", "2</dev/null"):
+        r = subprocess.run(f"{quoted} -p hi {err}", shell=True, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip(), (err, r.returncode, r.stdout)
+        bad = " ".join(moespeq("run", str(ckpt), "--vram", "abc"))
+        assert subprocess.run(f"{bad} -p hi {err}", shell=True, capture_output=True, timeout=60).returncode == 2
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
     r = subprocess.run([*run, "-p", "h\u00e9llo \u2014 caf\u00e9"], capture_output=True, env=env, timeout=60)
     assert r.returncode == 0 and r.stdout.isascii(), r.stderr

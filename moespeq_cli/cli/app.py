@@ -115,10 +115,11 @@ def standard_streams():
     failed on it, the error then landing on stdout) reads and writes /dev/null; text an
     output's encoding cannot show (``PYTHONIOENCODING=ascii``) is replaced, not an error
     in the middle of an answer; stdout's write errors are one line (cli/errors.py
-    ``GuardedOutput``). -> what restores the streams."""
+    ``GuardedOutput``), stderr's are dropped (``BestEffortErrors``). -> what restores the
+    streams."""
     import sys
 
-    from moespeq_cli.cli.errors import GuardedOutput, PipeClosed
+    from moespeq_cli.cli.errors import BestEffortErrors, GuardedOutput, PipeClosed
 
     before = sys.stdin, sys.stdout, sys.stderr
 
@@ -133,6 +134,7 @@ def standard_streams():
                 except (ValueError, OSError):
                     pass
     sys.stdout = GuardedOutput(sys.stdout)
+    sys.stderr = BestEffortErrors(sys.stderr)
     from rich.console import Console
 
     def on_broken_pipe(console) -> None:  # rich's own exits 1: a closed pipe is 141 whatever prints

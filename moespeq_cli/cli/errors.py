@@ -71,6 +71,35 @@ class GuardedOutput:
         return self._call("flush")
 
 
+class BestEffortErrors:
+    """``sys.stderr`` whose write errors are dropped: messages, progress and the loading
+    line are best effort, so a stderr that cannot take them (``2>/dev/full``, one opened
+    read-only) neither loses the answer on stdout nor turns a usage error's exit 2 into an
+    "internal error"."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def _call(self, method, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except (OSError, ValueError):  # (ValueError: the stream was closed)
+            return None
+
+    def write(self, text):
+        result = self._call("write", text)
+        return len(text) if result is None else result
+
+    def writelines(self, lines):
+        self._call("writelines", lines)
+
+    def flush(self):
+        self._call("flush")
+
+
 DEBUG_HINT = "set MOESPEQ_DEBUG=1 for the traceback"
 
 
