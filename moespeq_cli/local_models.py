@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, MoespeqError
-from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, hub_cache, repo_of, unreadable_repo
+from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, check_hub_cache, repo_of, unreadable_repo
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,7 @@ class LocalModel:
 def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     """-> (the models moespeq can run or plan, demo first then by name; the other model
     repositories in the cache, each with why it is not listed)."""
-    cache = hub_cache()
-    if cache.exists() and not cache.is_dir():
-        raise MoespeqError(f"the Hugging Face cache {cache} is not a directory; point HF_HUB_CACHE at one")
+    cache = check_hub_cache()
     demo, _ = _entry(DEMO, None, DEMO_DIR, tree_size(DEMO_DIR), DEMO_DIR.stat().st_mtime)
     names = {repo: alias for alias, (repo, _) in reversed(ALIASES.items())}  # the first alias wins
     found, others = [], []

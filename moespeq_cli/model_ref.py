@@ -129,6 +129,7 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
 
     from moespeq_cli.hub import RUN_FILES
 
+    check_hub_cache()
     try:
         # The same file patterns as `pull`: the cache holds only what a run needs.
         path = Path(
@@ -173,6 +174,25 @@ def hub_cache() -> Path:
     from huggingface_hub import constants
 
     return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
+def check_hub_cache() -> Path:
+    """``hub_cache()``, where it is a directory or not there yet; else one line saying
+    what it is (a file, a symlink loop: huggingface_hub's own resolve raised "internal
+    error: RuntimeError") and what to do."""
+    from moespeq_cli.errors import MoespeqError
+    from moespeq_cli.fs import kind
+
+    cache = hub_cache()
+    what = kind(cache)
+    if what not in ("missing", "a directory"):
+        if what == "file":
+            what = "a file"
+        is_what = f"is {what}" if what.startswith(("a ", "not ")) else f"cannot be used ({what})"
+        raise MoespeqError(
+            f"the Hugging Face cache {shown(cache)} {is_what}; fix it, or point HF_HUB_CACHE (or HF_HOME) at a directory"
+        )
+    return cache
 
 
 def repo_dir(repo: str) -> Path:

@@ -320,7 +320,19 @@ def test_list_with_a_file_for_a_cache(cli, monkeypatch, tmp_path):
     (tmp_path / "cache").write_text("not a directory")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     r = cli("list")
-    assert r.exit_code == 1 and "not a directory" in r.stderr and "HF_HUB_CACHE" in r.stderr
+    assert r.exit_code == 1 and "is a file" in r.stderr and "HF_HUB_CACHE" in r.stderr
+
+
+def test_a_cache_that_is_a_symlink_loop_is_one_line(cli, monkeypatch, tmp_path):
+    """`ln -s hub hub`: run, plan and pull said "internal error: RuntimeError: Symlink
+    loop" (huggingface_hub resolves the cache's path), list said nothing; the demo runs."""
+    (tmp_path / "hub").symlink_to("hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for args in (("run", "org/x", "-n", "2"), ("plan", "org/x"), ("pull", "org/x"), ("list", "--json")):
+        r = cli(*args)
+        assert r.exit_code == 1 and "internal error" not in r.stderr, (args, r.stderr)
+        assert "the Hugging Face cache" in r.stderr and "symbolic links" in r.stderr and r.stdout == "", args
+    assert cli("run", "-n", "2", "--json").exit_code == 0
 
 
 def test_a_repo_moespeq_cannot_run_is_refused_before_any_download(hub, cli, tmp_path):
