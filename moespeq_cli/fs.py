@@ -439,7 +439,23 @@ def cache_dir() -> Path:
     ignored, as the XDG spec says (it would put a cache in whatever directory a command
     runs from)."""
     xdg = os.environ.get("XDG_CACHE_HOME") or ""
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "moespeq"
+    return (Path(xdg) if os.path.isabs(xdg) else home() / ".cache") / "moespeq"
+
+
+def home() -> Path:
+    """$HOME where it is an absolute path; else (empty, relative: a service's or a
+    container's environment) the account's home directory from the password database,
+    not ``/`` or the directory a command runs from (``Path.home()`` with ``HOME=`` is
+    ``/``: the cache went to ``/.cache``)."""
+    given = os.environ.get("HOME") or ""
+    if os.path.isabs(given):
+        return Path(given)
+    try:
+        import pwd
+
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except (ImportError, KeyError):
+        return Path.home()
 
 
 def give_back_freed_memory() -> None:

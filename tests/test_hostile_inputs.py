@@ -1648,3 +1648,20 @@ def test_nohup_keeps_moespeq_through_a_closed_terminal():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "survived\n", r.stderr
+
+
+def test_an_empty_or_relative_home_keeps_the_cache_in_the_account_s_home(monkeypatch):
+    """`HOME=` (a service's or a container's environment): Path.home() is then `/`, and
+    `quantize` and the kernels' build wrote /.cache/moespeq; a relative HOME would put it
+    wherever the command runs. The password database's home directory is used instead."""
+    import pwd
+
+    from moespeq_cli.fs import cache_dir
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    account = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    for home in ("", "relative/home"):
+        monkeypatch.setenv("HOME", home)
+        assert cache_dir() == account / ".cache" / "moespeq"
+    monkeypatch.setenv("HOME", "/somewhere/else")
+    assert cache_dir() == Path("/somewhere/else/.cache/moespeq")
