@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, MoespeqError
-from moespeq_cli.model_ref import ALIASES, DEMO, DEMO_DIR, cached_snapshot, check_hub_cache, repo_of, unreadable_repo
+from moespeq_cli.model_ref import (
+    ALIASES,
+    DEMO,
+    DEMO_DIR,
+    cached_snapshot,
+    check_hub_cache,
+    looks_like_hub_id,
+    repo_of,
+    unreadable_repo,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,9 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     except OSError:
         repos = []
     for repo, d in repos:
+        if not looks_like_hub_id(repo):  # (`models--..--x`, a space, a letter the hub refuses)
+            others.append((repo, "not a hub id `run` takes"))
+            continue
         snapshot = cached_snapshot(repo)  # what `run` resolves the name to
         if snapshot is None:
             if why := unreadable_repo(repo):
@@ -88,6 +100,8 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
     drafts = tuple(sorted(d for d in drafts_of(snapshot) if (d / "manifest.json").is_file()))
     held, incomplete = weight_files(snapshot)
     damaged = damaged_weights(snapshot) if held and not incomplete else None
+    if held and not incomplete and damaged is None:
+        damaged = unopened(snapshot)
     weights = held and not incomplete and damaged is None
     draft, state = run_draft(snapshot) if weights else (None, None)
     model = LocalModel(
@@ -106,6 +120,20 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
         modified=modified,
     )
     return model, ""
+
+
+def unopened(snapshot: Path) -> str | None:
+    """Why ``run`` cannot open the checkpoint in ``snapshot`` though its weights files are
+    whole (a damaged index, a header safetensors refuses), or None."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+
+    try:
+        Checkpoint(snapshot)
+    except CheckpointError:
+        return "cannot be opened: pull again (`moespeq run` says why)"
+    except OSError as e:
+        return f"cannot be opened ({(e.strerror or 'error').lower()})"
+    return None
 
 
 def run_draft(snapshot: Path) -> tuple[Path | None, str | None]:
@@ -154,9 +182,6 @@ def weight_files(snapshot: Path) -> tuple[bool, bool]:
     return held, held and missing
 
 
-HEADER_LIMIT = 100 * 2**20  # a safetensors header past this is not one (safetensors' own limit)
-
-
 def damaged_weights(snapshot: Path) -> str | None:
     """Why a weights file of ``snapshot`` cannot be run (None: each is whole): one its
     user cannot read, or whose safetensors header is broken or names more bytes than the
@@ -169,31 +194,18 @@ def damaged_weights(snapshot: Path) -> str | None:
 def damaged_files(snapshot: Path):
     """(name, why) for each weights file of ``snapshot`` that cannot be run, in name order
     (``damaged_weights``); a pull downloads those named "pull again" afresh."""
-    import json
-
-    from moespeq_cli.fs import file_status
+    from moespeq_cli.models.tensor_file import damage
 
     for p in sorted(snapshot.glob("*.safetensors")):
-        status, size = file_status(p)
-        if status != "file":
-            yield p.name, f"{p.name} cannot be read ({status}): check it"
+        what = damage(p)
+        if what is None:
             continue
-        try:
-            with open(p, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 2 <= n <= min(HEADER_LIMIT, size - 8):
-                    yield p.name, f"{p.name} truncated: pull again"
-                    continue
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except PermissionError:
+        if what == "unreadable":
             yield p.name, f"{p.name} unreadable: check its permissions"
-            continue
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-            yield p.name, f"{p.name} damaged: pull again"
-            continue
-        if not isinstance(end, int) or 8 + n + end > size:
-            yield p.name, f"{p.name} truncated: pull again"
+        elif what.startswith(("truncated", "damaged")):
+            yield p.name, f"{p.name} {what}: pull again"
+        else:
+            yield p.name, f"{p.name} cannot be read ({what}): check it"
 
 
 def tree_size(path: Path) -> int:

@@ -241,6 +241,11 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     gone = repo("gone") / "model.safetensors"
     gone.unlink()
     gone.symlink_to("../../blobs/missing")
+    repo("has space")
+    (repo("x").parents[1]).rename(tmp_path / "models--..--x")
+    index = repo("index")  # whole shards, an index that is not JSON: `run` refuses it
+    (index / "model.safetensors").rename(index / "model-00001-of-00001.safetensors")
+    (index / "model.safetensors.index.json").write_text("{oops")
     locked = repo("locked")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     real_listdir, real_stat = os.listdir, os.stat
@@ -268,6 +273,10 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     assert models["acme/cut"]["damaged"] == "model.safetensors truncated: pull again"
     assert models["acme/header"]["damaged"] == "model.safetensors truncated: pull again"
     assert not models["acme/cut"]["weights"] and models["acme/gone"]["incomplete"]
+    assert not models["acme/index"]["weights"] and "cannot be opened" in models["acme/index"]["damaged"]
+    assert "acme/has space" not in models and "../x" not in models  # names `run` would not take
+    others = {o["repo"]: o["reason"] for o in listed["other_repos"]}
+    assert others["acme/has space"] == others["../x"] == "not a hub id `run` takes"
     (why,) = [o["reason"] for o in listed["other_repos"] if o["repo"] == "acme/locked"]
     assert "cannot be read (permission denied)" in why
     r = cli("list")

@@ -456,3 +456,19 @@ def test_a_draft_with_half_precision_scales_loads_with_float32_ones(tiny, cli, t
     x = torch.randn(3, ck.config.hidden_size)
     for layer in ck.config.moe_layers:
         assert torch.equal(a.forward(layer, 1, x), b.forward(layer, 1, x))
+
+
+def test_a_draft_cut_short_is_damaged_not_ready(tiny, cli, tmp_path):
+    """`list` showed a draft whose tensors' file was cut to 1,000 bytes as ready; `run`
+    then stopped on it. Its state is "damaged" (rebuild it), from the header and size."""
+    from moespeq_cli.quant.draft_store import draft_state
+
+    src, _ = tiny("mixtral", "gqa")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    assert cli("quantize", str(path)).exit_code == 0
+    draft = default_draft_dir(path, "nf4", 64)
+    assert draft_state(draft, Checkpoint(path)) == "ready"
+    f = draft / "draft.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    assert draft_state(draft, Checkpoint(path)) == "damaged"

@@ -127,3 +127,30 @@ class TensorFile:
 
     def close(self) -> None:
         self._close()
+
+
+HEADER_LIMIT = 100 * 2**20  # a safetensors header past this is not one (safetensors' own limit)
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the safetensors file ``path``, from its header and size alone
+    (None: nothing): "unreadable" (permissions), "truncated" (shorter than its header
+    says: a copy cut short), "damaged" (no header), or what else it is (a FIFO, a
+    dangling link). What opening it would say, without reading its tensors."""
+    from moespeq_cli.fs import file_status
+
+    status, size = file_status(path)
+    if status != "file":
+        return status
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(HEADER_LIMIT, size - 8):
+                return "truncated"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except PermissionError:
+        return "unreadable"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "damaged"
+    return "truncated" if not isinstance(end, int) or 8 + n + end > size else None

@@ -156,8 +156,10 @@ def is_draft_of(path: Path, fp: str) -> bool:
 def draft_state(path: Path, ckpt: Checkpoint) -> str:
     """What the saved draft in ``path`` is to ``ckpt``: "ready" (built from its weights),
     "stale" (from other weights: an edited or re-downloaded checkpoint) or "damaged" (no
-    manifest: ``load`` says so and how to rebuild it)."""
-    if not (path / "manifest.json").is_file():
+    manifest, or its tensors' file cut short: ``load`` says so and how to rebuild it)."""
+    from moespeq_cli.models.tensor_file import damage
+
+    if not (path / "manifest.json").is_file() or damage(path / "draft.safetensors") is not None:
         return "damaged"
     return "ready" if is_draft_of(path, fingerprint(ckpt)) else "stale"
 
