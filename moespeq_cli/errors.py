@@ -8,7 +8,7 @@ import os
 
 def debug() -> bool:
     """MOESPEQ_DEBUG=1: tracebacks are shown, and optional measurements that fail raise."""
-    return os.environ.get("MOESPEQ_DEBUG", "") not in ("", "0")
+    return os.environ.get("MOESPEQ_DEBUG", "").strip().lower() not in ("", "0", "off", "no", "false")
 
 
 def one_line(exc: BaseException, limit: int = 160) -> str:

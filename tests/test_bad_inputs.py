@@ -351,3 +351,22 @@ def test_an_output_on_a_read_only_file_system_is_not_called_write_protected(tmp_
     monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY))
     with pytest.raises(UsageError, match="is on a read-only file system; write elsewhere"):
         check_output(out, "--trace")
+
+
+def test_environment_switches_read_as_people_write_them(monkeypatch):
+    """MOESPEQ_DEBUG=false turned tracebacks on (only "" and "0" were off, where
+    MOESPEQ_KERNELS takes off/no/false); MOESPEQ_KERNEL_SPIN=² was an internal error
+    (a superscript digit is a digit to str.isdigit)."""
+    from moespeq_cli.errors import debug
+    from moespeq_cli.kernels import _spin
+
+    for off in ("", "0", "false", "False", "no", "off"):
+        monkeypatch.setenv("MOESPEQ_DEBUG", off)
+        assert not debug(), off
+    for on in ("1", "yes", "true"):
+        monkeypatch.setenv("MOESPEQ_DEBUG", on)
+        assert debug(), on
+    monkeypatch.setenv("MOESPEQ_KERNEL_SPIN", "²")
+    assert _spin() == 20000
+    monkeypatch.setenv("MOESPEQ_KERNEL_SPIN", "500")
+    assert _spin() == 500

@@ -183,6 +183,7 @@ def calibrate(
         TextColumn("{task.description}"),
         console=console,
         transient=True,
+        disable=json_out,  # (a script's terminal, as `profile --json` keeps its live view off)
     )
     with bar:
         task = bar.add_task("", total=len(phases))

@@ -60,7 +60,7 @@ def _lib() -> ctypes.CDLL | None:
 
 def _spin() -> int:
     raw = os.environ.get("MOESPEQ_KERNEL_SPIN", "")
-    return int(raw) if raw.isdigit() else 20000
+    return int(raw) if raw.isascii() and raw.isdigit() else 20000  # ("²" is a digit to isdigit)
 
 
 class held:
