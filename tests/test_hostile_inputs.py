@@ -1514,6 +1514,9 @@ def test_broken_or_narrow_standard_streams(ckpt, moespeq_process):
     )
     r = subprocess.run(f"{quoted} -p hi --json 2>&-", shell=True, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["stats"]["new_tokens"] == 12
+    # no stdout at all (`>&-`): one line and exit 1, as `echo hi >&-` (it was exit 0, nothing)
+    r = subprocess.run(f"{quoted} -p hi --json >&-", shell=True, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "standard output (it is closed)" in r.stderr, (r.returncode, r.stderr)
     # a stderr that takes no writes (full, or open read-only): the answer and the exit code
     # stay (the loading line's failed write ended the run, "internal error", exit 1)
     for err in ("2>/dev/full", "2</dev/null"):

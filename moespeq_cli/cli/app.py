@@ -122,6 +122,7 @@ def standard_streams():
     from moespeq_cli.cli.errors import BestEffortErrors, GuardedOutput, PipeClosed
 
     before = sys.stdin, sys.stdout, sys.stderr
+    stdout_closed = sys.stdout is None
 
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         stream = getattr(sys, name)
@@ -133,7 +134,7 @@ def standard_streams():
                     stream.reconfigure(errors="replace")
                 except (ValueError, OSError):
                     pass
-    sys.stdout = GuardedOutput(sys.stdout)
+    sys.stdout = GuardedOutput(sys.stdout, closed=stdout_closed)
     sys.stderr = BestEffortErrors(sys.stderr)
     from rich.console import Console
 

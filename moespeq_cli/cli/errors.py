@@ -45,15 +45,19 @@ class OutputError(MoespeqError):
 
 class GuardedOutput:
     """``sys.stdout`` whose write errors are ``OutputError`` (one line, exit 1), not an
-    "internal error" (a closed pipe stays a ``BrokenPipeError``: its reader left)."""
+    "internal error" (a closed pipe stays a ``BrokenPipeError``: its reader left).
+    ``closed``: the process was started with no stdout (``>&-``): the first write is that
+    error too, as ``echo hi >&-`` is, not output dropped and exit 0."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, closed: bool = False):
+        self.stream, self.closed = stream, closed
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
     def _call(self, method, *args):
+        if self.closed and method != "flush" and any(args):
+            raise OutputError("cannot write to standard output (it is closed); give it a file or a pipe")
         try:
             return getattr(self.stream, method)(*args)
         except BrokenPipeError:
