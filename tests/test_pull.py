@@ -145,6 +145,7 @@ def test_list_shows_what_runs_offline(hub, cli):
     assert olmoe["model_type"] == "olmoe" and olmoe["weights"] and not plan_only["weights"]
     assert olmoe["size_bytes"] > plan_only["size_bytes"] > 0
     assert len(olmoe["drafts"]) == 1 and olmoe["draft_bytes"] > 0 and plan_only["drafts"] == []
+    assert plan_only["draft"] is None and plan_only["draft_bytes"] is None  # (it was 0 beside a null draft)
 
     assert Path(olmoe["path"], "config.json").is_file()
     # What `list` names, `run` takes, offline.

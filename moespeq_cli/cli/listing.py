@@ -50,7 +50,7 @@ def listing(json_out: o.Json = False) -> None:
                 "damaged": m.damaged,
                 "draft": str(m.draft) if m.draft is not None else None,
                 "draft_state": m.draft_state,
-                "draft_bytes": m.draft_size,
+                "draft_bytes": m.draft_size if m.draft is not None else None,  # (null where it does not apply)
                 "drafts": [str(d) for d in m.drafts],
                 "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.modified)),
             }
