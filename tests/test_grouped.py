@@ -357,3 +357,27 @@ def test_a_prompt_s_grouped_experts_stay_within_the_planned_workspace(tiny, monk
         finally:
             eng.close()
     assert torch.equal(logits[64], logits[offload.GROUPED_PAIRS])
+
+
+def test_a_grouped_layer_records_one_release_for_its_experts(tiny):
+    """Each ``record_release`` is a CUDA event created and recorded (microseconds of the
+    host's time): a grouped layer's experts share the one point their calls end at, where
+    it recorded one an expert (eight a layer at top-8)."""
+    path, _ = tiny("qwen3_moe", "top8")
+    eng = Engine(path, EngineOptions(backend="mock", hardware=GROUPED_GPU, policy="lru", draft_verdict=False))
+    prompt = prompt_for(4, 6)
+    eng.load(len(prompt) + 4)
+    try:
+        stream = eng.generate(prompt, 4, SamplingParams())
+        next(stream)
+        b = eng.backend
+        calls, real = [], b.record_release
+        b.record_release = lambda: calls.append(1) or real()
+        passes = [0]
+        hook = eng.model.register_forward_pre_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
+        list(stream)
+        hook.remove()
+    finally:
+        eng.close()
+    assert eng.target_exec.grouped is not None and passes[0] == 3
+    assert len(calls) == passes[0] * len(eng.ckpt.config.moe_layers), len(calls)

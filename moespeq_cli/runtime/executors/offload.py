@@ -286,8 +286,9 @@ class OffloadedExperts:
             else:
                 out = torch.empty_like(x) if out is None else out
                 out[a : a + step] = part
+        release = b.record_release()  # one event for the layer's calls (a CUDA event each costs the host)
         for e in device:  # their slots are free to refill once the last call has read them
-            cache.mark_used((layer, e))
+            cache.mark_used((layer, e), release)
             cache.pinned.discard((layer, e))
         return out
 

@@ -239,13 +239,14 @@ class ExpertCache:
     def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.layout.views(self.buffer(key))
 
-    def mark_used(self, key: Key) -> None:
+    def mark_used(self, key: Key, release: Event | None = None) -> None:
         """The compute stream has read the expert: a prefetch proved useful, and the slot
-        is free for a new fill once the compute stream gets here."""
+        is free for a new fill once the compute stream gets here (``release``: that point,
+        recorded once for every expert a call read; else recorded now)."""
         if key in self.prefetched:
             self.prefetched.discard(key)
             self.stats.prefetch_used += 1
-        self.hold(key, self.backend.record_release())
+        self.hold(key, release if release is not None else self.backend.record_release())
         self.touch(key)
 
     def hold(self, key: Key, event: Event) -> None:
