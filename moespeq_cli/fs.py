@@ -454,8 +454,8 @@ def home() -> Path:
         import pwd
 
         return Path(pwd.getpwuid(os.getuid()).pw_dir)
-    except (ImportError, KeyError):
-        return Path.home()
+    except (ImportError, KeyError):  # an account with no entry (`docker run --user 12345`)
+        return Path(tempfile.gettempdir()) / f"moespeq-{os.getuid()}"
 
 
 def give_back_freed_memory() -> None:

@@ -241,13 +241,13 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
         why = not_whole(path, config_only)
         if why is not None and not offline:
             # huggingface_hub keeps a cached file it has, whole or not: the weights cut short
-            # (a copy interrupted outside it, a full disk) and the small JSON files are
-            # fetched again
-            from moespeq_cli.local_models import damaged_files
-
-            again = [name for name, reason in damaged_files(path) if reason.endswith("pull again")]
-            small = [f for f in kwargs["allow_patterns"] if f.endswith((".json", ".jinja"))]
-            download(snapshot_download, dict(kwargs, allow_patterns=again + small, force_download=True))
+            # (a copy interrupted outside it, a full disk) and JSON files that do not parse
+            # are fetched again; anything else (permissions, weights of another model) is
+            # not the download's to mend, and said as it is
+            again = damaged_downloads(path)
+            if not again:
+                raise why
+            download(snapshot_download, dict(kwargs, allow_patterns=again, force_download=True))
             why = not_whole(path, config_only)
     if why is not None:
         fetch = (
@@ -262,11 +262,11 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     return path
 
 
-def not_whole(path: Path, config_only: bool) -> str | None:
-    """Why what a pull left in ``path`` is not what a run opens (None: it is):
-    huggingface_hub hands back the cached snapshot when the hub cannot be reached, whole
-    or not (a shard missing or cut short, a damaged config or index), and the pull said
-    it succeeded."""
+def not_whole(path: Path, config_only: bool):
+    """Why what a pull left in ``path`` is not what a run opens, a ``CheckpointError``
+    (None: it is): huggingface_hub hands back the cached snapshot when the hub cannot be
+    reached, whole or not (a shard missing or cut short, a damaged config or index), and
+    the pull said it succeeded."""
     from moespeq_cli.errors import CheckpointError
     from moespeq_cli.local_models import damaged_weights
     from moespeq_cli.models.checkpoint import Checkpoint, read_config
@@ -276,9 +276,26 @@ def not_whole(path: Path, config_only: bool) -> str | None:
             read_config(path)
             return None
         Checkpoint(path)
-        return damaged_weights(path)
+        damaged = damaged_weights(path)
+        return CheckpointError(damaged) if damaged else None
     except CheckpointError as err:
-        return str(err)
+        return err
+
+
+def damaged_downloads(path: Path) -> list[str]:
+    """The files of the snapshot ``path`` a new download would mend: weights cut short or
+    with a broken header, and JSON files that do not parse."""
+    from moespeq_cli.local_models import damaged_files
+
+    names = [name for name, reason in damaged_files(path) if reason.endswith("pull again")]
+    for f in sorted(path.glob("*.json")):
+        try:
+            json.loads(f.read_bytes())
+        except ValueError:
+            names.append(f.name)
+        except OSError:
+            pass
+    return names
 
 
 def preflight(repo: str, revision: str | None, config_only: bool) -> None:

@@ -101,7 +101,10 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
     held, incomplete = weight_files(snapshot)
     damaged = damaged_weights(snapshot) if held and not incomplete else None
     if held and not incomplete and damaged is None:
-        damaged = unopened(snapshot)
+        try:
+            damaged = unopened(snapshot)
+        except MoespeqError as e:  # a checkpoint moespeq does not run (a GPTQ or AWQ quantization)
+            return None, str(e)
     weights = held and not incomplete and damaged is None
     draft, state = run_draft(snapshot) if weights else (None, None)
     model = LocalModel(
@@ -124,7 +127,8 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
 
 def unopened(snapshot: Path) -> str | None:
     """Why ``run`` cannot open the checkpoint in ``snapshot`` though its weights files are
-    whole (a damaged index, a header safetensors refuses), or None."""
+    whole (a damaged index, a header safetensors refuses), or None; a checkpoint moespeq
+    does not run at all raises (``UnsupportedModelError``: not a damaged one)."""
     from moespeq_cli.models.checkpoint import Checkpoint
 
     try:

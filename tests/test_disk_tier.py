@@ -178,3 +178,28 @@ def test_without_proc_a_replaced_shard_is_refused(ckpt, tmp_path, monkeypatch):
     with DiskReader() as reader, pytest.raises(CheckpointError, match="was replaced while moespeq was running"):
         reader.hold(store.held)
         store.read((0, 1), buf, reader)
+
+
+def test_the_reader_keeps_its_own_copy_of_the_held_files(ckpt, tmp_path):
+    """The checkpoint's descriptors may close before the reader's first read (a number
+    then reused for another file): the reader holds copies of its own, closed with it."""
+    from moespeq_cli.runtime.tiers.disk import DiskExperts
+
+    store = DiskExperts(ckpt)
+    want = [t.clone() for t in ckpt.expert(0, 3)]
+    buf = store.empty_buffer()
+    reader = DiskReader()
+    reader.hold(store.held)
+    for tf in ckpt._data.values():
+        tf.close()  # the checkpoint's own descriptors gone
+    other = os.open(tmp_path / "reuses-a-number", os.O_CREAT | os.O_RDWR)
+    try:
+        got = store.views(store.read((0, 3), buf, reader))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        copies = [fd for fd, _ in reader.held.values()]
+        reader.close()
+        for fd in copies:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        os.close(other)

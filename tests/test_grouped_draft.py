@@ -273,3 +273,12 @@ def test_plan_prices_a_grouped_draft_pass_as_the_mock_charges_it():
         assert modelled == pytest.approx(charged, rel=1e-3)
     finally:
         eng.close()
+
+
+def test_the_draft_groups_only_16_byte_aligned_experts():
+    """The draft's grouped call reads its dequantized block as CUDA's grouped GEMM does,
+    whose rows must be 16-byte aligned: an intermediate size of 772 (1,544-byte rows in
+    bf16) is computed expert by expert, as the target's experts are (it was grouped)."""
+    hw = load_profile(GROUPED_GPU)
+    assert draft_groups(hw, HF_EXPERTS, 2048, 768, 8, 64, torch.bfloat16)
+    assert not draft_groups(hw, HF_EXPERTS, 2048, 772, 8, 64, torch.bfloat16)

@@ -1658,6 +1658,7 @@ def test_an_empty_or_relative_home_keeps_the_cache_in_the_account_s_home(monkeyp
     `quantize` and the kernels' build wrote /.cache/moespeq; a relative HOME would put it
     wherever the command runs. The password database's home directory is used instead."""
     import pwd
+    import tempfile
 
     from moespeq_cli.fs import cache_dir
 
@@ -1668,3 +1669,10 @@ def test_an_empty_or_relative_home_keeps_the_cache_in_the_account_s_home(monkeyp
         assert cache_dir() == account / ".cache" / "moespeq"
     monkeypatch.setenv("HOME", "/somewhere/else")
     assert cache_dir() == Path("/somewhere/else/.cache/moespeq")
+
+    def no_entry(uid):  # an account the container's password database lacks
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setenv("HOME", "")
+    assert str(cache_dir()).startswith(tempfile.gettempdir() + os.sep)

@@ -244,6 +244,10 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     gone.symlink_to("../../blobs/missing")
     repo("has space")
     (repo("x").parents[1]).rename(tmp_path / "models--..--x")
+    gptq = repo("gptq")  # a quantization moespeq does not run: not listed, with why (list stopped on it)
+    cfg = json.loads((gptq / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (gptq / "config.json").write_text(json.dumps(cfg))
     index = repo("index")  # whole shards, an index that is not JSON: `run` refuses it
     (index / "model.safetensors").rename(index / "model-00001-of-00001.safetensors")
     (index / "model.safetensors.index.json").write_text("{oops")
@@ -278,6 +282,7 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     assert "acme/has space" not in models and "../x" not in models  # names `run` would not take
     others = {o["repo"]: o["reason"] for o in listed["other_repos"]}
     assert others["acme/has space"] == others["../x"] == "not a hub id `run` takes"
+    assert "acme/gptq" not in models and "gptq" in others["acme/gptq"]
     (why,) = [o["reason"] for o in listed["other_repos"] if o["repo"] == "acme/locked"]
     assert "cannot be read (permission denied)" in why
     r = cli("list")
@@ -394,7 +399,7 @@ def test_a_place_that_is_not_a_directory_is_said_so(hub, cli, tmp_path, monkeypa
     assert (
         r.stderr.strip()
         .splitlines()[-1]
-        .endswith("it is not a writable directory; point HF_HUB_CACHE (or HF_HOME) at one that is")
+        .endswith("is a file; fix it, or point HF_HUB_CACHE (or HF_HOME) at a directory")
     )
 
 

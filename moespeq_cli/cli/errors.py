@@ -50,13 +50,13 @@ class GuardedOutput:
     error too, as ``echo hi >&-`` is, not output dropped and exit 0."""
 
     def __init__(self, stream, closed: bool = False):
-        self.stream, self.closed = stream, closed
+        self.stream, self.started_closed = stream, closed  # (``closed`` stays the stream's own)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
     def _call(self, method, *args):
-        if self.closed and method != "flush" and any(args):
+        if self.started_closed and method != "flush" and any(args):
             raise OutputError("cannot write to standard output (it is closed); give it a file or a pipe")
         try:
             return getattr(self.stream, method)(*args)

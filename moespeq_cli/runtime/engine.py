@@ -33,7 +33,14 @@ from moespeq_cli.runtime.backends import library_bytes, make_backend, resolve_ba
 from moespeq_cli.runtime.executors.grouped import grouped_scratch_bytes
 from moespeq_cli.runtime.generate import TokenEvent, generate
 from moespeq_cli.runtime.planning.hardware import HardwareProfile, format_size, load_profile, parse_size
-from moespeq_cli.runtime.planning.planner import Plan, beyond_memory, checkpoint_plan, default_ram, host_tier_ram
+from moespeq_cli.runtime.planning.planner import (
+    DEFAULT_DEPTH,
+    Plan,
+    beyond_memory,
+    checkpoint_plan,
+    default_ram,
+    host_tier_ram,
+)
 from moespeq_cli.runtime.sampling import SamplingParams
 from moespeq_cli.runtime.scheduling.policies import make_policy
 from moespeq_cli.runtime.stats import GenerationStats, fill_offload_stats
@@ -58,7 +65,7 @@ class EngineOptions:
     # speculation_cannot_pay); False leaves that verdict to the governor at run time (whether the
     # draft's grouped calls are worth their scratch is decided by the plan either way)
     draft_verdict: bool = True
-    k_max: int = 8
+    k_max: int = DEFAULT_DEPTH
     cpu_experts: bool | None = None  # None: the policy's default (on for moespeq and hybrid)
     ram: str | int | None = None  # host RAM for expert buffers; default: what the machine has available
     io_threads: int = 4  # disk reader threads

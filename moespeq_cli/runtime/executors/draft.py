@@ -31,13 +31,14 @@ from moespeq_cli.models.expert_format import GEGLU, SWIGLU, ExpertFormat
 from moespeq_cli.quant.dequant import dequantize_4bit
 from moespeq_cli.quant.draft import QuantizedExperts, path_bytes_per_weight
 from moespeq_cli.runtime.backends.base import Backend
-from moespeq_cli.runtime.executors.experts import grouped, token_groups
+from moespeq_cli.runtime.executors.experts import grouped, rows_of, token_groups
 from moespeq_cli.runtime.executors.grouped import (
     BatchedParts,
     combine,
     plan_layout,
     profile_groups,
     run_phase,
+    shapes_aligned,
 )
 from moespeq_cli.runtime.planning.costs import Cost, dtype_name, expert_cost
 
@@ -108,7 +109,7 @@ class DraftExperts:
         jobs = {}
         for e, (rows, _) in groups.items():
             if self.on_device is not None and (layer, e) not in self.on_device:
-                xe = x.index_select(0, b.upload(rows)) if x.shape[0] > 1 else x  # (offload.py rows_of)
+                xe = rows_of(x, rows, b)
                 cost = self.cost(layer, e, xe.shape[0], "cpu")
                 act = xe.shape[0] * self.quant.hidden * self.act_elem
                 jobs[e] = b.host_compute(
@@ -198,6 +199,8 @@ def draft_groups(
     profile's curves or roofline, each op a launch (one by one: ``GPU_EXPERT_OPS`` an
     expert; grouped: the call's ops counted on a tiny layer, ``draft_layer_ops``)."""
     if not (profile_groups(hw, dtype) and groupable_draft(fmt) and hidden * inter % blocksize == 0):
+        return False
+    if not shapes_aligned(hidden, inter, dtype.itemsize):  # CUDA's grouped GEMM takes 16-byte rows only
         return False
     each = expert_cost(hidden, inter, 1, path_bytes_per_weight("cuda", blocksize), "draft:cuda", 0)
     launches = (top_k * GPU_EXPERT_OPS + GPU_LAYER_OPS) * hw.launch_overhead

@@ -127,6 +127,14 @@ def token_groups(ids: torch.Tensor | list[list[int]]) -> dict[int, tuple[list[in
     return dict(sorted(groups.items()))
 
 
+def rows_of(x: torch.Tensor, rows: list[int], backend) -> torch.Tensor:
+    """The rows of ``x`` an expert takes, gathered on the device by an index ``backend``
+    sends there without a wait (``x[rows]`` copies a Python list from pageable memory: on
+    a GPU a blocking copy that waits for the compute stream, one a CPU expert of a
+    verification)."""
+    return x if x.shape[0] == 1 else x.index_select(0, backend.upload(rows))
+
+
 def grouped(
     x: torch.Tensor,
     ids: torch.Tensor,

@@ -18,8 +18,10 @@ once, whatever top-k is:
   slot in one call per projection (slots no token chose cost nothing);
 - the outputs of experts computed elsewhere (the CPU, in hybrid execution) join them
   last, and each token's outputs are weighted and summed in ascending expert order.
-  The bits do not depend on which slots hold the experts or how the layer's calls are
-  split, so every policy gives the same result; in float32 they equal the per-expert
+  The bits do not depend on which slots hold the experts or how the layer's experts are
+  split into calls, so every policy gives the same result (a long prompt taken a part of
+  its tokens at a time, ``grouped_pairs``, may move the last bits: a slot's rows then
+  reach the kernel in other blocks); in float32 they equal the per-expert
   path's, in bf16 the k-sum is rounded once where the per-expert path rounds each add
   (a layer that falls back to it, every slot pinned, can differ in the last bit).
 
@@ -66,7 +68,8 @@ from moespeq_cli.runtime.planning.costs import dtype_name
 
 MAX_GROUPS = 1023  # CUDA's _grouped_mm takes fewer than 1024 groups a call (GroupMM.cu checks it)
 ALIGN = 16  # bytes: CUDA's _grouped_mm wants each matrix's start and row stride multiples of it
-GROUPED_PAIRS = 2048  # (token, expert) pairs a layer's grouped calls take at once (a prompt's, in turn)
+GROUPED_PAIRS = 2048  # (token, expert) pairs a layer's grouped calls take at once (a prompt's, in turn),
+ROWS_PER_EXPERT = 128  # or this many rows an expert on average: each part reads every weight again
 
 
 def slot_part(slots: torch.Tensor, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -233,9 +236,7 @@ def aligned(at: BatchedParts, slot_numel: int, elem: int) -> bool:
     """Whether every matrix a grouped call reads from a block of slots (of ``slot_numel``
     elements each, or their dequantized block's for compact ones) starts and strides its
     rows at multiples of ``ALIGN`` bytes, as CUDA's ``_grouped_mm`` requires (torch's CPU
-    kernel does not check): the starts, the slot's size and both matrix widths. Every
-    layout here is a sum of the matrices' and biases' sizes, so it holds where the hidden
-    and intermediate sizes are multiples of ``ALIGN`` bytes (what the planner checks)."""
+    kernel does not check): the starts, the slot's size and both matrix widths."""
     row = at.compact.numel if at.compact is not None else slot_numel
     return all(v * elem % ALIGN == 0 for v in (at.gate, at.up, at.down, row, at.inter, at.hidden))
 
@@ -435,16 +436,24 @@ def rows_between(groups: dict[int, tuple[list[int], list[int]]], a: int, b: int)
     return out
 
 
+def grouped_pairs(num_experts: int) -> int:
+    """(token, expert) pairs a layer's grouped calls take at once over a prompt, its
+    tokens a part at a time: ``GROUPED_PAIRS``, or ``ROWS_PER_EXPERT`` rows an expert where
+    that is more (every part reads each expert's weights again, and dequantizes compact
+    ones again: fewer rows an expert would make a long prompt's layer memory-bound)."""
+    return max(GROUPED_PAIRS, ROWS_PER_EXPERT * num_experts)
+
+
 def grouped_scratch_bytes(hw, cfg, dtype: torch.dtype, context: int) -> int:
     """Device memory a layer's grouped calls hold at once over a prompt of ``context``
     tokens, besides the pass's activations (``make_plan``'s workspace): per (token,
-    expert) pair, up to ``GROUPED_PAIRS`` of them, its input row, gate|up and activation,
+    expert) pair, up to ``grouped_pairs`` of them, its input row, gate|up and activation,
     output, and the weighted sum's two copies (0 where the GPU ``hw`` describes computes
     expert by expert)."""
     if not groups_on(hw, cfg, dtype):
         return 0
     h, i, elem = cfg.hidden_size, cfg.expert_intermediate, dtype.itemsize
-    return min(context * cfg.top_k, GROUPED_PAIRS) * (4 * h + 3 * i) * elem
+    return min(context * cfg.top_k, grouped_pairs(cfg.num_experts)) * (4 * h + 3 * i) * elem
 
 
 def groups_on(hw, cfg, dtype: torch.dtype) -> bool:
@@ -452,10 +461,15 @@ def groups_on(hw, cfg, dtype: torch.dtype) -> bool:
     ``dtype``: it has the grouped kernel (``profile_groups``), the format's matrices are
     plain ones (``groupable``) and 16-byte aligned (``aligned``: the hidden and
     intermediate sizes in ``dtype``)."""
-    h, i, elem = cfg.hidden_size, cfg.expert_intermediate, dtype.itemsize
-    return (
-        profile_groups(hw, dtype) and groupable(cfg.expert_format) and h * elem % ALIGN == 0 and i * elem % ALIGN == 0
-    )
+    h, i = cfg.hidden_size, cfg.expert_intermediate
+    return profile_groups(hw, dtype) and groupable(cfg.expert_format) and shapes_aligned(h, i, dtype.itemsize)
+
+
+def shapes_aligned(hidden: int, inter: int, elem: int) -> bool:
+    """``aligned`` for experts of these sizes laid gate | up | down (the draft's dequantized
+    block; every layout here is a sum of such matrices and biases, so where this holds
+    theirs does)."""
+    return aligned(BatchedParts(0, inter * hidden, 2 * inter * hidden, inter, hidden), 3 * inter * hidden, elem)
 
 
 def plan_layout(

@@ -21,7 +21,6 @@ for copies anyway, its resident experts are hidden behind them and stay.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 
 import torch
@@ -29,9 +28,8 @@ import torch.nn.functional as F
 
 from moespeq_cli.models.base import CausalLM
 from moespeq_cli.runtime.backends.base import Backend
-from moespeq_cli.runtime.executors.experts import expert_forward, grouped, token_groups
+from moespeq_cli.runtime.executors.experts import expert_forward, grouped, rows_of, token_groups
 from moespeq_cli.runtime.executors.grouped import (
-    GROUPED_PAIRS,
     aligned,
     batched_parts,
     call_ops,
@@ -39,6 +37,7 @@ from moespeq_cli.runtime.executors.grouped import (
     dequant_chunk,
     dequant_traffic,
     gathered,
+    grouped_pairs,
     plan_layout,
     rows_between,
     run_phase,
@@ -156,7 +155,7 @@ class OffloadedExperts:
             on_host = self.choose_paths(layer, ready, waiting, groups)
             st.host_misses += len(on_host)  # not arrived (a prefetch still in flight did not serve it)
             for e in on_host:
-                host_jobs[e] = self.compute_on_host(layer, e, self.rows_of(x, groups[e][0]))
+                host_jobs[e] = self.compute_on_host(layer, e, rows_of(x, groups[e][0], self.backend))
             waiting = [e for e in waiting if e not in host_jobs]
         if ready and self.policy.host_compute and not self.policy.static:
             for e in self.balance(layer, ready, waiting, groups, x, host_jobs):
@@ -216,8 +215,12 @@ class OffloadedExperts:
         """The layer's experts in at most two grouped computations (executors/grouped.py):
         those already in the device's slots at once, while the copies of the rest (issued
         now if not yet) are in flight, then those after waiting for them; their outputs
-        summed with the CPU's. None when the slots cannot hold every miss at once (every
-        other slot pinned): the caller then goes expert by expert, as slots free up."""
+        summed with the CPU's. A prompt's tokens go a part at a time (``grouped_pairs``),
+        every expert held in its slot, an expert waited for where it is first used; a layer
+        with CPU experts takes its prompt at once (the CPU's outputs join each token's sum
+        in expert order, and a part would wait for them with the device idle). None when
+        the slots cannot hold every miss at once (every other slot pinned): the caller then
+        goes expert by expert, as slots free up."""
         cache, b = self.cache, self.backend
         for e in waiting:
             key = (layer, e)
@@ -251,12 +254,16 @@ class OffloadedExperts:
         # a prompt's tokens a few thousand (token, expert) pairs at a time, every expert
         # staying in its slot: what the calls hold at once stays what the plan reserves
         T, k = weights.shape
-        step = T if T * k <= GROUPED_PAIRS else max(1, GROUPED_PAIRS // k)
-        host_out: dict[int, torch.Tensor] = {}
+        pairs = grouped_pairs(self.tiers.config.num_experts)
+        step = T if T * k <= pairs or host_jobs else max(1, pairs // k)
         out = None
+        waited: set[int] = set()
         for a in range(0, T, step):
             rows = groups if step == T else rows_between(groups, a, a + step)
-            phases_here = [[e for e in experts if e in rows] for experts in phases]
+            # after the first part every copy issued has been waited for or is waited for
+            # below: one call for the part
+            parts = phases if a == 0 else [ready + waiting]
+            phases_here = [[e for e in experts if e in rows] for experts in parts]
             on_host = sorted(e for e in host_jobs if e in rows)
             layout = plan_layout(rows, phases_here, where, on_host, min(step, T - a), k, gather, chunk)
             meta = b.upload(layout.values)
@@ -266,18 +273,16 @@ class OffloadedExperts:
                 if not experts:
                     continue
                 for e in experts:
-                    if e in waiting and a == 0:
+                    if e in waiting and e not in waited:  # where the layer's tokens first use it
                         b.wait(cache.arrival[(layer, e)], layer, e)
+                        waited.add(e)
                 token = b.begin()
                 outs += run_phase(self.format, self.grouped, cache.blocks, layout, meta, xa, phase, widened)
                 costs = [self.grouped_cost(len(rows[e][0])) for e in experts]
                 b.end(token, sum(costs[1:], costs[0]), f"experts L{layer}", layer)
-            # the CPU's outputs last: the device's calls are queued before the host waits for them
-            for e in on_host:
-                if e not in host_out:
-                    host_out[e] = b.host_result(host_jobs[e])
-                lo = bisect.bisect_left(groups[e][0], a)
-                outs.append(host_out[e] if step == T else host_out[e][lo : lo + len(rows[e][0])])
+            # the CPU's outputs last: the device's calls are queued before the host waits for
+            # them (a layer with CPU experts is one part)
+            outs += [b.host_result(host_jobs[e]) for e in on_host]
             token = b.begin()
             part = combine(layout, meta, outs, weights[a : a + step], x.dtype)
             b.end(token, Cost(0.0, 0.0, 0), f"experts sum L{layer}", layer)
@@ -416,17 +421,11 @@ class OffloadedExperts:
                 self.decisions.append((layer, e, {"device": end, "cpu": host_done}, choice))
             if choice == "device":
                 break
-            host_jobs[e] = self.compute_on_host(layer, e, self.rows_of(x, groups[e][0]))
+            host_jobs[e] = self.compute_on_host(layer, e, rows_of(x, groups[e][0], self.backend))
             host_jobs[e].balanced = True
             work -= t_dev[e]
             moved.append(e)
         return moved
-
-    def rows_of(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """The rows of ``x`` an expert takes, gathered on the device by an index sent there
-        without a wait (``x[rows]`` copies a Python list from pageable memory: on a GPU a
-        blocking copy that waits for the compute stream, one an expert of a verification)."""
-        return x if x.shape[0] == 1 else x.index_select(0, self.backend.upload(rows))
 
     def compute_on_host(self, layer: int, e: int, xe: torch.Tensor):
         cost, act = self.host_cost(xe.shape[0])

@@ -129,7 +129,7 @@ class HostSyncCounter:
 
     def __enter__(self) -> HostSyncCounter:
         tolist, tensor, getitem = torch.Tensor.tolist, torch.tensor, torch.Tensor.__getitem__
-        self._saved = (tolist, tensor, getitem)
+        self._saved = (tolist, tensor, getitem, "__getitem__" in torch.Tensor.__dict__)
         by_kind = self.by_kind
 
         def counted_getitem(t, index):
@@ -150,4 +150,8 @@ class HostSyncCounter:
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.Tensor.tolist, torch.tensor, torch.Tensor.__getitem__ = self._saved
+        torch.Tensor.tolist, torch.tensor, getitem, own = self._saved
+        if own:
+            torch.Tensor.__getitem__ = getitem
+        else:  # inherited (torch._C.TensorBase's): the class's own attribute goes again
+            del torch.Tensor.__getitem__

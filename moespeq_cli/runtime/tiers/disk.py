@@ -31,6 +31,7 @@ that read has landed, like a copy's event on a stream.
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import mmap
 import os
@@ -152,11 +153,15 @@ class DiskReader:
     # -- files --------------------------------------------------------------------
     def hold(self, files: dict[str, int]) -> None:
         """Read the files named in extents (path -> a descriptor held open on it) from
-        those descriptors' files, whatever their names come to point at."""
+        those descriptors' files, whatever their names come to point at. The reader keeps a
+        copy of each descriptor (closed with it): the checkpoint's may close first."""
         with self.lock:
             for path, fd in files.items():
-                st = os.fstat(fd)
-                self.held[path] = (fd, (st.st_dev, st.st_ino))
+                if path in self.held:
+                    continue
+                own = os.dup(fd)
+                st = os.fstat(own)
+                self.held[path] = (own, (st.st_dev, st.st_ino))
 
     def _fd(self, file: str) -> tuple[int, bool]:
         with self.lock:
@@ -184,8 +189,9 @@ class DiskReader:
         if held is not None:
             try:
                 fd = os.open(PROC_FD.format(held), flags)
-            except FileNotFoundError:  # no /proc: the name, checked below
-                pass
+            except OSError as e:  # no /proc, or one closed to us (hidepid): the name, checked below
+                if e.errno == errno.EINVAL:  # O_DIRECT refused there: the caller falls back
+                    raise
         if fd is None:
             fd = os.open(file, flags)
         st = os.fstat(fd)
@@ -332,9 +338,10 @@ class DiskReader:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         with self.lock:
-            for fd in self.fds.values():
+            for fd in [*self.fds.values(), *(fd for fd, _ in self.held.values())]:
                 os.close(fd)
             self.fds.clear()
+            self.held.clear()
 
     def __enter__(self) -> DiskReader:
         return self
