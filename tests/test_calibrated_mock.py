@@ -771,6 +771,31 @@ def quick_calibration(monkeypatch):
     return cal
 
 
+def test_a_profile_refused_at_the_write_keeps_the_measurement(quick_calibration, cli, tmp_path, monkeypatch):
+    """--out checked at the start and refused after a minute of measuring (the disk filled
+    meanwhile): the measurement was lost. It is kept in a file of the temporary directory,
+    named in the one line, that --hardware reads."""
+    from pathlib import Path
+
+    from moespeq_cli import fs
+    from moespeq_cli.errors import MoespeqError
+    from moespeq_cli.runtime.planning.hardware import parse_profile
+
+    def full(path, text, own=None):
+        raise MoespeqError(f"cannot write {path} (No space left on device); free some space")
+
+    monkeypatch.setattr(fs, "atomic_write_text", full)
+    out = tmp_path / "p.yaml"
+    r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path))
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "No space left on device" in r.stderr and "the measurement is kept in " in r.stderr
+    kept = Path(r.stderr.split("the measurement is kept in ")[1].split(" ")[0])
+    try:
+        assert not out.exists() and parse_profile(kept).host_mem_bandwidth == 3e10
+    finally:
+        kept.unlink()
+
+
 def test_a_failed_demo_decode_leaves_a_profile_without_host_time(quick_calibration, tmp_path):
     """Calibrating decodes the bundled demo for the host time per region; if that fails
     (a GPU the draft cannot run on, say) the profile is still written, without

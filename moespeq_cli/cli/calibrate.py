@@ -34,6 +34,21 @@ def default_profile_path(kind: str) -> Path:
     return cache_dir() / "profiles" / f"calibrated-{kind}.yaml"
 
 
+def keep_elsewhere(text: str) -> Path | None:
+    """The profile ``text`` in a new file of the temporary directory, where ``--out``
+    could not take it after the measuring (None: that failed too)."""
+    import os
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix="moespeq-calibrated-", suffix=".yaml")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError:
+        return None
+    return Path(name)
+
+
 def calibrate_lock() -> Path:
     """The lock one calibration at a time takes: this user's, in the temporary directory
     (moespeq's cache may be read-only, and another cache is the same machine)."""
@@ -217,11 +232,18 @@ def calibrate(
                 ) from None
             way = "give a writable --disk-dir DIR" if not model_file else "give a larger file, or --disk-dir DIR"
             raise UsageError(f"{where}: cannot time the disk there ({e.strerror}); {way}") from None
+    text = profile_yaml(figures)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{named} {out}: cannot create its directory ({e.strerror})") from None
-    atomic_write_text(out, profile_yaml(figures), own=PROFILE if given else None)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"{named} {out}: cannot create its directory ({e.strerror})") from None
+        atomic_write_text(out, text, own=PROFILE if given else None)
+    except MoespeqError as e:  # checked at the start, refused now (a full disk): a minute's work kept
+        kept = keep_elsewhere(text)
+        if kept is None:
+            raise
+        raise type(e)(f"{e}; the measurement is kept in {kept} (--hardware {kept} reads it)") from None
     profile = load_profile(str(out))  # what --hardware will read: refused here if it would be there
     summary = {
         "profile": str(out),
