@@ -353,6 +353,14 @@ def test_an_output_on_a_read_only_file_system_is_not_called_write_protected(tmp_
         check_output(out, "--trace")
 
 
+def test_a_profiles_directory_without_profiles_is_named(cli, monkeypatch, tmp_path):
+    """MOESPEQ_PROFILES at a directory holding none said "unknown hardware profile
+    'rtx3060-12gb'; available:  (or pass ...)", the list empty and the cause unnamed."""
+    monkeypatch.setenv("MOESPEQ_PROFILES", str(tmp_path / "none"))
+    r = cli("plan")
+    assert r.exit_code == 2 and "MOESPEQ_PROFILES" in r.stderr and "holds no hardware profiles" in r.stderr, r.stderr
+
+
 def test_environment_switches_read_as_people_write_them(monkeypatch):
     """MOESPEQ_DEBUG=false turned tracebacks on (only "" and "0" were off, where
     MOESPEQ_KERNELS takes off/no/false); MOESPEQ_KERNEL_SPIN=² was an internal error

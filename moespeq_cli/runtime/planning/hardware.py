@@ -300,6 +300,11 @@ def load_profile(name_or_path: str) -> HardwareProfile:
             f"no calibration {shown(name_or_path)!r} on this machine yet; `moespeq calibrate` measures it "
             "(about 25 s) and writes calibrated-cpu (calibrated-gpu with CUDA)"
         )
+    if os.environ.get("MOESPEQ_PROFILES") and not bundled_profiles():
+        raise UsageError(
+            f"MOESPEQ_PROFILES {shown(profiles_dir())} holds no hardware profiles (.yaml files); unset it, or point "
+            "it at a directory of profiles"
+        )
     raise UsageError(
         f"unknown hardware profile {shown(name_or_path)!r}; available: {', '.join(available_profiles())} "
         "(or pass a path to a .yaml file)"
