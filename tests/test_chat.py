@@ -422,3 +422,21 @@ def test_with_stdout_redirected_the_prompt_stays_on_the_terminal(chat_ckpt, tmp_
         assert term.close() == 0
     text = out.read_text()
     assert text.strip() and ">>>" not in text  # the answer alone
+
+
+def test_ctrl_z_while_loading_gives_the_shell_its_cursor(chat_ckpt):
+    """The loading line hides the cursor; Ctrl-Z (SIGTSTP) stopped the process with it
+    hidden, so the shell's prompt had no cursor until `fg`. It is shown before the stop
+    and hidden again after (here the group is orphaned, so the stop itself is discarded
+    by the kernel, and the chat goes on)."""
+    import os
+    import signal
+
+    term = Terminal(chat_ckpt)
+    term.expect("\x1b[?25l")  # the loading line is up
+    os.kill(term.proc.pid, signal.SIGTSTP)
+    seen = term.expect(">>> ")
+    shown = seen.find("\x1b[?25h")
+    assert shown >= 0 and seen.find("\x1b[?25l", shown) > shown, seen  # shown, then hidden under the line again
+    term.send(b"/exit\r")
+    assert term.close() == 0

@@ -4,7 +4,10 @@ scripts. Everything else in moespeq returns data."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 
@@ -16,11 +19,13 @@ class LoadingStatus:
     when stderr is not a terminal. Drawn without redirecting stdout and stderr (rich's
     default would leave the loggers torch creates meanwhile writing through its proxy);
     ``note`` prints a line above it; ``paused`` takes it down while the user types a
-    prompt. As a context manager it ends on leaving."""
+    prompt. As a context manager it ends on leaving. Ctrl-Z while it is drawn gives the
+    shell its cursor back (the line hides it) and hides it again on ``fg``."""
 
     def __init__(self, quiet: bool = False):
         self._live = None
         self._text = "starting"
+        self._tstp = None  # the SIGTSTP handler before ours, while the line is drawn
         if not quiet and sys.stderr.isatty():
             self._start()
 
@@ -38,7 +43,21 @@ class LoadingStatus:
             redirect_stdout=False,
             redirect_stderr=False,
         )
+        if hasattr(signal, "SIGTSTP") and threading.current_thread() is threading.main_thread():
+            self._tstp = signal.signal(signal.SIGTSTP, self._suspend)  # (before the cursor goes)
         self._live.start()
+
+    def _suspend(self, signum, frame) -> None:
+        """Ctrl-Z: the cursor shown, the process stopped as it would be; on ``fg`` hidden
+        again under the line."""
+        live = self._live
+        if live is not None:
+            live.console.show_cursor(True)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until SIGCONT
+        signal.signal(signal.SIGTSTP, self._suspend)
+        if live is not None and self._live is live:
+            live.console.show_cursor(False)
 
     def show(self, what: str) -> None:
         self._text = what
@@ -79,6 +98,9 @@ class LoadingStatus:
         if self._live is not None:
             self._live.stop()
             self._live = None
+        if self._tstp is not None:
+            signal.signal(signal.SIGTSTP, self._tstp)
+            self._tstp = None
 
     def __enter__(self) -> LoadingStatus:
         return self
