@@ -340,3 +340,44 @@ def test_cuda_absorbed_mla_attention_takes_a_fused_kernel():
         out = F.scaled_dot_product_attention(q, k, k[..., :r], attn_mask=mask, scale=0.1)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), k[..., :r].float(), attn_mask=mask, scale=0.1)
     assert float((out.float() - ref).abs().max()) < 5e-2
+
+
+def test_cuda_grouped_call_over_more_than_1023_slots():
+    """CUDA's _grouped_mm refuses 1,024 groups a call (torch's CPU kernel has no limit): a
+    layer whose experts sit in slots 0 and 1,500 of a block is split into calls of at most
+    1,023 columns, and gives the per-expert products."""
+    import torch.nn.functional as F
+
+    from moespeq_cli.models.expert_format import SWIGLU, ExpertFormat
+    from moespeq_cli.runtime.executors.experts import token_groups
+    from moespeq_cli.runtime.executors.grouped import (
+        MAX_GROUPS,
+        BatchedParts,
+        combine,
+        plan_layout,
+        run_phase,
+        views_of,
+    )
+
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("no grouped GEMM kernel on this GPU: experts are computed one by one")
+    H, I, n = 64, 32, 1600  # noqa: E741
+    fmt = ExpertFormat(("w1", "w3", "w2"), "layers.{layer}.experts.{expert}.", SWIGLU)
+    at = BatchedParts(0, I * H, 2 * I * H, I, H)
+    block = torch.randn(n, 3 * I * H, device="cuda", dtype=torch.bfloat16) * 0.1
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    where = {0: (0, 0), 1: (0, 1500)}
+    layout = plan_layout(token_groups(ids), [[0, 1]], where, [], 3, 2, gather=False)
+    assert len(layout.calls) == 2 and all(c[6] <= MAX_GROUPS for c in layout.calls)
+    meta = torch.tensor(layout.values, dtype=torch.int32, device="cuda")
+    x = torch.randn(3, H, device="cuda", dtype=torch.bfloat16)
+    w = torch.full((3, 2), 0.5, device="cuda", dtype=torch.bfloat16)
+    got = combine(layout, meta, run_phase(fmt, at, [block], layout, meta, x, 0, None), w, x.dtype)
+
+    def expert(slot, xs):
+        gate_up, down = views_of(block[slot : slot + 1], at)  # gate|up [1, 2I, H], down [1, H, I]
+        gu = F.linear(xs, gate_up[0])
+        return F.linear(F.silu(gu[:, :I]) * gu[:, I:], down[0])
+
+    want = 0.5 * (expert(0, x) + expert(1500, x))
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
