@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from live_bytes import LiveBytes
 
 from moespeq_cli.models import base
 
@@ -43,33 +44,6 @@ def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, 
         assert masks == []  # SDPA's own causal mask
     if T == 1 and window:
         assert masks == [(1, window)]  # the window's keys alone (no mask built for them)
-
-
-class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """The most bytes of new tensors alive at once while the mode is on (each storage
-    counted once, from the op that made it until it is freed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
-                ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-                self.seen.add(ptr)
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t.untyped_storage(), self._free, ptr, size)
-        return out
-
-    def _free(self, ptr, size):
-        self.seen.discard(ptr)
-        self.live -= size
 
 
 def test_the_plan_holds_what_gpt_oss_attention_holds_over_a_prompt(tiny, monkeypatch):

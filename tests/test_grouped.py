@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from live_bytes import LiveBytes
 from offload_helpers import GROUPED_GPU, prompt_for, vram_for_slots
 
 from moespeq_cli.models.expert_format import SWIGLU, ExpertFormat
@@ -297,41 +298,6 @@ def test_the_mock_and_the_plan_compute_a_misaligned_shape_expert_by_expert(tiny)
         eng.close()
 
 
-class NewBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """The most bytes of tensors made while the mode is on alive at once (an op writing
-    into a tensor it was given, a copy into an expert slot, makes nothing new)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-
-        out = func(*args, **(kwargs or {}))
-        given = {
-            t.untyped_storage().data_ptr()
-            for a in (*args, *(kwargs or {}).values())
-            for t in (a if isinstance(a, (list, tuple)) else [a])
-            if isinstance(t, torch.Tensor)
-        }
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-            if size and ptr not in self.seen and ptr not in given:
-                self.seen.add(ptr)
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t.untyped_storage(), self._free, ptr, size)
-        return out
-
-    def _free(self, ptr, size):
-        self.seen.discard(ptr)
-        self.live -= size
-
-
 @pytest.mark.parametrize("pairs", [None, 64])  # as shipped (the prompt's 960 pairs in one part), 8 tokens a part
 def test_a_prompt_s_grouped_experts_stay_within_the_planned_workspace(tiny, monkeypatch, pairs):
     """A prompt's grouped calls at top-8 held every (token, expert) pair's rows, gate|up and
@@ -356,7 +322,7 @@ def test_a_prompt_s_grouped_experts_stay_within_the_planned_workspace(tiny, monk
         cache.load = lambda key, *a, **kw: loaded.add(key) or load(key, *a, **kw)
         try:
             assert eng.target_exec.grouped is not None
-            with torch.inference_mode(), NewBytes() as seen:
+            with torch.inference_mode(), LiveBytes() as seen:
                 logits = eng.model(torch.tensor(prompt), eng.model.new_cache(), last_only=True)
             calls = [iv for iv in b.timeline.intervals if iv.name.startswith("experts L")]
             assert seen.peak <= eng.plan.workspace_bytes + eng.plan.kv_cache_bytes, (seen.peak, eng.plan)
