@@ -442,6 +442,20 @@ def cache_dir() -> Path:
     return (Path(xdg) if os.path.isabs(xdg) else home() / ".cache") / "moespeq"
 
 
+def anchor_hub_cache() -> None:
+    """huggingface_hub finds its cache from $HOME as given (``~/.cache/huggingface``):
+    with HOME empty that is ``/.cache``, with a relative HOME wherever a command runs.
+    Where HOME is not an absolute path and nothing else names the cache, HF_HOME is set
+    from ``home()`` before huggingface_hub reads it, as moespeq's own cache is."""
+    if os.path.isabs(os.environ.get("HOME") or ""):
+        return
+    if os.environ.get("HF_HOME") or os.environ.get("HF_HUB_CACHE"):
+        return
+    if os.path.isabs(os.environ.get("XDG_CACHE_HOME") or ""):
+        return
+    os.environ["HF_HOME"] = str(home() / ".cache" / "huggingface")
+
+
 def home() -> Path:
     """$HOME where it is an absolute path; else (empty, relative: a service's or a
     container's environment) the account's home directory from the password database,

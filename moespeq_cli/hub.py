@@ -181,11 +181,11 @@ def repo_for(model: str) -> str:
 
     if model in ALIASES:
         return ALIASES[model][0]
+    if is_dir(Path(os.path.expanduser(model))):  # (as `run` reads it: a directory first, even one named org/name)
+        raise UsageError(
+            f"{shown(model)} is a directory here: a local checkpoint needs no pull (`moespeq run {shown(model)}`)"
+        )
     if not looks_like_hub_id(model):
-        if is_dir(Path(model)):
-            raise UsageError(
-                f"{shown(model)} is a directory here: a local checkpoint needs no pull (`moespeq run {shown(model)}`)"
-            )
         raise UnknownModelError(
             f"unknown model {shown(model)!r}; use an alias ({', '.join(ALIASES)}) or a hub id like org/name"
         )
@@ -242,21 +242,16 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
         if why is not None and not offline:
             # huggingface_hub keeps a cached file it has, whole or not: the weights cut short
             # (a copy interrupted outside it, a full disk) and JSON files that do not parse
-            # are fetched again; anything else (permissions, weights of another model) is
-            # not the download's to mend, and said as it is
+            # are fetched again (a missing file it would have fetched, had it reached the hub)
             again = damaged_downloads(path)
-            if not again:
-                raise why
-            download(snapshot_download, dict(kwargs, allow_patterns=again, force_download=True))
-            why = not_whole(path, config_only)
+            if again:
+                download(snapshot_download, dict(kwargs, allow_patterns=again, force_download=True))
+                why = not_whole(path, config_only)
     if why is not None:
         fetch = (
             "unset HF_HUB_OFFLINE (it is set) and run the same command again"
             if offline
-            else (
-                "the hub did not make it whole (unreachable: check the network, then run the same command "
-                "again; a file there not huggingface_hub's own link is left as it is)"
-            )
+            else "the hub did not make it whole (if it was unreachable: check the network, then run the same command again)"
         )
         raise HubError(f"the pull of {repo} is not whole: {why}; {fetch}")
     return path
@@ -268,16 +263,16 @@ def not_whole(path: Path, config_only: bool):
     reached, whole or not (a shard missing or cut short, a damaged config or index), and
     the pull said it succeeded."""
     from moespeq_cli.errors import CheckpointError
-    from moespeq_cli.local_models import damaged_weights
-    from moespeq_cli.models.checkpoint import Checkpoint, read_config
+    from moespeq_cli.local_models import damaged_weights, open_problem
+    from moespeq_cli.models.checkpoint import read_config
 
     try:
         if config_only:
             read_config(path)
             return None
-        Checkpoint(path)
-        damaged = damaged_weights(path)
-        return CheckpointError(damaged) if damaged else None
+        problem = open_problem(path)  # (what run says: config, index, headers, tokenizer)
+        damaged = damaged_weights(path) if problem is None else None
+        return problem or (CheckpointError(damaged) if damaged else None)
     except CheckpointError as err:
         return err
 

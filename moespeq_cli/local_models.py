@@ -127,16 +127,27 @@ def _entry(name: str, repo: str | None, snapshot: Path, size: int, modified: flo
 
 def unopened(snapshot: Path) -> str | None:
     """Why ``run`` cannot open the checkpoint in ``snapshot`` though its weights files are
-    whole (a damaged index, a header safetensors refuses), or None; a checkpoint moespeq
-    does not run at all raises (``UnsupportedModelError``: not a damaged one)."""
-    from moespeq_cli.models.checkpoint import Checkpoint
-
+    whole (a damaged index, a header safetensors refuses, a tokenizer or generation
+    config missing or damaged), or None; a checkpoint moespeq does not run at all raises
+    (``UnsupportedModelError``: not a damaged one)."""
     try:
-        Checkpoint(snapshot)
-    except CheckpointError:
-        return "cannot be opened: pull again (`moespeq run` says why)"
+        why = open_problem(snapshot)
     except OSError as e:
         return f"cannot be opened ({(e.strerror or 'error').lower()})"
+    return "cannot be opened: pull again (`moespeq run` says why)" if why is not None else None
+
+
+def open_problem(snapshot: Path) -> CheckpointError | None:
+    """What ``run`` says opening the checkpoint in ``snapshot`` (its config, index,
+    weights' headers, tokenizer and generation config), or None where it opens."""
+    from moespeq_cli.models.checkpoint import Checkpoint
+    from moespeq_cli.tokenizer import Tokenizer
+
+    try:
+        ckpt = Checkpoint(snapshot)
+        Tokenizer(snapshot, ckpt.raw_config)
+    except CheckpointError as e:
+        return e
     return None
 
 

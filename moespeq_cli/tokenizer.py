@@ -98,7 +98,10 @@ class Tokenizer:
 
         tok_file = path / "tokenizer.json"
         if file_status(tok_file)[0] == "missing":
-            raise CheckpointError(f"{path} has no tokenizer.json; moespeq needs the fast-tokenizer file")
+            raise CheckpointError(
+                f"{path} has no tokenizer.json; moespeq needs the fast-tokenizer file: download the checkpoint again "
+                "with it"
+            )
         text = read_text(tok_file, TOKENIZER_LIMIT, "tokenizer file", remedy=AGAIN)
         with rust_call(f"{tok_file} cannot be read", AGAIN):
             self.tok = HFTokenizer.from_str(text)

@@ -203,3 +203,26 @@ def test_the_reader_keeps_its_own_copy_of_the_held_files(ckpt, tmp_path):
                 os.fstat(fd)
     finally:
         os.close(other)
+
+
+def test_a_shard_written_in_place_mid_run_stops_the_reads(ckpt):
+    """`cp other.safetensors shard.safetensors` writes into the file held open: its reads
+    then gave another file's bytes at this file's offsets (tokens silently wrong, found by
+    QA on a 2,000-token run). A read after such a write stops with one line."""
+    import time
+
+    from moespeq_cli.runtime.tiers.disk import DiskExperts
+
+    store = DiskExperts(ckpt)
+    buf = store.empty_buffer()
+    shard = Path(expert_extents(ckpt, 0, 0)[0].file)
+    with DiskReader() as reader:
+        reader.hold(store.held)
+        store.read((0, 0), buf, reader)  # as held: read
+        time.sleep(0.01)
+        data = shard.read_bytes()
+        with open(shard, "r+b") as f:  # the same bytes but one, written in place
+            f.seek(len(data) - 1)
+            f.write(bytes([data[-1] ^ 1]))
+        with pytest.raises(CheckpointError, match="was written while moespeq was reading it"):
+            store.read((0, 0), buf, reader)

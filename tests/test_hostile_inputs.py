@@ -1676,3 +1676,29 @@ def test_an_empty_or_relative_home_keeps_the_cache_in_the_account_s_home(monkeyp
     monkeypatch.setattr(pwd, "getpwuid", no_entry)
     monkeypatch.setenv("HOME", "")
     assert str(cache_dir()).startswith(tempfile.gettempdir() + os.sep)
+
+
+def test_an_empty_or_relative_home_anchors_the_hugging_face_cache(tmp_path):
+    """huggingface_hub reads ~/.cache/huggingface from HOME as given: with `HOME=` the
+    cache was /.cache/huggingface, with a relative HOME the directory a command ran in
+    (a model there listed and run, one pulled written there)."""
+    import pwd
+
+    account = pwd.getpwuid(os.getuid()).pw_dir
+    code = (
+        "import os, sys\n"
+        "from moespeq_cli.fs import anchor_hub_cache\n"
+        "anchor_hub_cache()\n"
+        "from huggingface_hub import constants\n"
+        "print(constants.HF_HUB_CACHE)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME")}
+    for home in ("", "rel"):
+        r = subprocess.run(
+            [sys.executable, "-c", code], env={**clean, "HOME": home}, cwd=tmp_path, capture_output=True, text=True
+        )
+        assert r.stdout.strip() == os.path.join(account, ".cache", "huggingface", "hub"), (home, r.stdout, r.stderr)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, "HOME": str(tmp_path)}, capture_output=True, text=True
+    )
+    assert r.stdout.strip() == str(tmp_path / ".cache" / "huggingface" / "hub")  # an absolute HOME as given

@@ -223,6 +223,7 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     (`list`) or the one (`plan`): said, the others listed."""
     import safetensors.torch
     import torch
+    from tiny_models import byte_tokenizer_json
 
     from moespeq_cli.model_ref import CONFIGS_DIR
 
@@ -232,6 +233,7 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
         (snap.parents[1] / "refs").mkdir()
         (snap.parents[1] / "refs" / "main").write_text("a" * 40)
         (snap / "config.json").write_text((CONFIGS_DIR / "mixtral.json").read_text())
+        (snap / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
         safetensors.torch.save_file({"w": torch.zeros(1000)}, snap / "model.safetensors")
         return snap
 
@@ -244,6 +246,7 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     gone.symlink_to("../../blobs/missing")
     repo("has space")
     (repo("x").parents[1]).rename(tmp_path / "models--..--x")
+    (repo("notok") / "tokenizer.json").unlink()  # `run` needs it: damaged, not healthy
     gptq = repo("gptq")  # a quantization moespeq does not run: not listed, with why (list stopped on it)
     cfg = json.loads((gptq / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
@@ -283,6 +286,7 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     others = {o["repo"]: o["reason"] for o in listed["other_repos"]}
     assert others["acme/has space"] == others["../x"] == "not a hub id `run` takes"
     assert "acme/gptq" not in models and "gptq" in others["acme/gptq"]
+    assert not models["acme/notok"]["weights"] and "cannot be opened" in models["acme/notok"]["damaged"]
     (why,) = [o["reason"] for o in listed["other_repos"] if o["repo"] == "acme/locked"]
     assert "cannot be read (permission denied)" in why
     r = cli("list")
@@ -570,6 +574,7 @@ def test_a_pull_that_leaves_no_whole_model_says_so(hub, cli, tmp_path, monkeypat
     assert (snap / "model.safetensors").read_bytes() == whole
     for damage, needle in (
         (lambda: (snap / "config.json").resolve().write_text("{oops"), "config.json"),
+        (lambda: (snap / "tokenizer.json").resolve().write_text("{"), "tokenizer.json"),
         (lambda: (snap / "model.safetensors").resolve().write_bytes(whole[:100]), "model.safetensors"),
     ):
         damage()
@@ -594,6 +599,10 @@ def test_pull_of_a_local_directory_or_an_empty_endpoint_is_usage(cli, tmp_path, 
     no URL (it failed on the network, exit 1); a long id is cut in the error line."""
     r = cli("pull", str(tmp_path))
     assert r.exit_code == 2 and "needs no pull" in r.stderr and f"moespeq run {tmp_path}" in r.stderr, r.stderr
+    (tmp_path / "ck" / "mix").mkdir(parents=True)  # named like org/name, a directory here: run reads it
+    monkeypatch.chdir(tmp_path)
+    r = cli("pull", "ck/mix")
+    assert r.exit_code == 2 and "needs no pull" in r.stderr, r.stderr
     monkeypatch.setenv("HF_ENDPOINT", "")
     r = cli("pull", "org/x")
     assert r.exit_code == 2 and "HF_ENDPOINT '' is not an http(s) URL" in r.stderr, r.stderr

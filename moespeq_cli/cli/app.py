@@ -170,6 +170,9 @@ class MoespeqGroup(TyperGroup):
             # the shell asks for completions: typer renders each option's help through rich,
             # which wraps it at 80 columns, and fish and zsh read each line as a candidate
             os.environ["COLUMNS"] = "100000"
+        from moespeq_cli.fs import anchor_hub_cache
+
+        anchor_hub_cache()  # (before huggingface_hub reads its environment)
         argv = list(sys.argv[1:] if args is None else args)
         command = next((a for a in argv if not a.startswith("-")), None)
         if command not in self.commands:

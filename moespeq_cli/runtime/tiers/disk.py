@@ -141,6 +141,7 @@ class DiskReader:
         self.local = threading.local()
         self.fds: dict[tuple[str, bool], int] = {}
         self.held: dict[str, tuple[int, tuple[int, int]]] = {}  # path -> (fd held open, its (device, inode))
+        self.stamps: dict[str, tuple[int, int]] = {}  # held path -> (size, mtime) when held: written since?
         self.lock = threading.Lock()
         self.direct: bool | None = None  # known after the first open: True, or False (fallback)
         self.bytes_read = 0
@@ -162,6 +163,7 @@ class DiskReader:
                 own = os.dup(fd)
                 st = os.fstat(own)
                 self.held[path] = (own, (st.st_dev, st.st_ino))
+                self.stamps[path] = (st.st_size, st.st_mtime_ns)
 
     def _fd(self, file: str) -> tuple[int, bool]:
         with self.lock:
@@ -180,6 +182,21 @@ class DiskReader:
             self.fds[(file, False)] = fd
             self.direct = False
             return fd, False
+
+    def _unchanged(self, file: str, fd: int) -> None:
+        """A held file must not have been written since it was held (``cp`` over a shard
+        in place: its bytes would be another file's at this file's offsets, and the tokens
+        silently wrong); checked after each read, an ``fstat``: microseconds a read of
+        hundreds."""
+        stamp = self.stamps.get(file)
+        if stamp is None:
+            return
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != stamp:
+            raise CheckpointError(
+                f"{file} was written while moespeq was reading it (copied over in place?); its experts would be "
+                "another file's bytes: run again once it is whole"
+            )
 
     def _open(self, file: str, flags: int) -> int:
         """``file`` opened for reading with ``flags``: the held file where there is one."""
@@ -235,6 +252,7 @@ class DiskReader:
         got = pread_into(fd, writable(dest[: span.length]), span.offset, direct)
         if got < need:
             raise truncated(Extent(span.file, span.offset, need))
+        self._unchanged(span.file, fd)
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, span.offset, span.length, os.POSIX_FADV_DONTNEED)
         with self.lock:
@@ -257,6 +275,7 @@ class DiskReader:
                 torch.frombuffer(bounce, dtype=torch.uint8, count=usable, offset=start - lo)
             )
             done += usable
+        self._unchanged(e.file, fd)
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, e.offset, e.length, os.POSIX_FADV_DONTNEED)
         with self.lock:
@@ -342,6 +361,7 @@ class DiskReader:
                 os.close(fd)
             self.fds.clear()
             self.held.clear()
+            self.stamps.clear()
 
     def __enter__(self) -> DiskReader:
         return self
