@@ -444,15 +444,14 @@ def cache_dir() -> Path:
 
 def anchor_hub_cache() -> None:
     """huggingface_hub finds its cache from $HOME as given (``~/.cache/huggingface``):
-    with HOME empty that is ``/.cache``, with a relative HOME wherever a command runs.
-    Where HOME is not an absolute path and nothing else names the cache, HF_HOME is set
+    with HOME empty that is ``/.cache``, with a relative HOME (or XDG_CACHE_HOME)
+    wherever a command runs. Where nothing names the cache absolutely, HF_HOME is set
     from ``home()`` before huggingface_hub reads it, as moespeq's own cache is."""
-    if os.path.isabs(os.environ.get("HOME") or ""):
-        return
     if os.environ.get("HF_HOME") or os.environ.get("HF_HUB_CACHE"):
         return
-    if os.path.isabs(os.environ.get("XDG_CACHE_HOME") or ""):
-        return
+    xdg = os.environ.get("XDG_CACHE_HOME") or ""
+    if os.path.isabs(xdg) or (not xdg and os.path.isabs(os.environ.get("HOME") or "")):
+        return  # (where huggingface_hub's own reading is absolute)
     os.environ["HF_HOME"] = str(home() / ".cache" / "huggingface")
 
 

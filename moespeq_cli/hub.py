@@ -176,12 +176,15 @@ def remove_partial_downloads(repo: str, local_dir: Path | None) -> None:
 
 
 def repo_for(model: str) -> str:
-    from moespeq_cli.fs import is_dir, shown
+    from moespeq_cli.fs import is_dir, is_regular, shown
     from moespeq_cli.model_ref import ALIASES, looks_like_hub_id
 
     if model in ALIASES:
         return ALIASES[model][0]
-    if is_dir(Path(os.path.expanduser(model))):  # (as `run` reads it: a directory first, even one named org/name)
+    here = Path(os.path.expanduser(model))
+    # a checkpoint here, as `run` reads it first (even one named like org/name); not a
+    # --local-dir an earlier pull of this id wrote (pulled again to finish or mend it)
+    if is_dir(here) and is_regular(here / "config.json") and pulled_repo(here) != model:
         raise UsageError(
             f"{shown(model)} is a directory here: a local checkpoint needs no pull (`moespeq run {shown(model)}`)"
         )
@@ -335,6 +338,10 @@ def preflight(repo: str, revision: str | None, config_only: bool) -> None:
         raise UnsupportedModelError(
             f"{repo} is a {model_type!r} model, not an architecture moespeq runs "
             f"(families: {', '.join(sorted(ARCHITECTURES))}); nothing was downloaded"
+        )
+    if not config_only and "tokenizer.json" not in files:
+        raise UnsupportedModelError(
+            f"{repo} has no tokenizer.json (the fast tokenizer moespeq reads); nothing was downloaded"
         )
 
 

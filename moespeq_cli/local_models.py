@@ -131,21 +131,29 @@ def unopened(snapshot: Path) -> str | None:
     config missing or damaged), or None; a checkpoint moespeq does not run at all raises
     (``UnsupportedModelError``: not a damaged one)."""
     try:
-        why = open_problem(snapshot)
+        why = open_problem(snapshot, tokenizer=False)
     except OSError as e:
         return f"cannot be opened ({(e.strerror or 'error').lower()})"
     return "cannot be opened: pull again (`moespeq run` says why)" if why is not None else None
 
 
-def open_problem(snapshot: Path) -> CheckpointError | None:
+def open_problem(snapshot: Path, tokenizer: bool = True) -> CheckpointError | None:
     """What ``run`` says opening the checkpoint in ``snapshot`` (its config, index,
-    weights' headers, tokenizer and generation config), or None where it opens."""
+    weights' headers, tokenizer and generation config), or None where it opens. Without
+    ``tokenizer`` (``list``, over every model: a tokenizer of tens of MB takes tenths of
+    a second to build) its tokenizer.json need only be a file with something in it."""
+    from moespeq_cli.fs import file_status
     from moespeq_cli.models.checkpoint import Checkpoint
     from moespeq_cli.tokenizer import Tokenizer
 
     try:
         ckpt = Checkpoint(snapshot)
-        Tokenizer(snapshot, ckpt.raw_config)
+        if tokenizer:
+            Tokenizer(snapshot, ckpt.raw_config)
+        else:
+            status, size = file_status(snapshot / "tokenizer.json")
+            if status != "file" or size == 0:
+                return CheckpointError(f"{snapshot} has no usable tokenizer.json")
     except CheckpointError as e:
         return e
     return None

@@ -357,8 +357,11 @@ def test_a_profiles_directory_without_profiles_is_named(cli, monkeypatch, tmp_pa
     """MOESPEQ_PROFILES at a directory holding none said "unknown hardware profile
     'rtx3060-12gb'; available:  (or pass ...)", the list empty and the cause unnamed."""
     monkeypatch.setenv("MOESPEQ_PROFILES", str(tmp_path / "none"))
-    r = cli("plan")
-    assert r.exit_code == 2 and "MOESPEQ_PROFILES" in r.stderr and "holds no hardware profiles" in r.stderr, r.stderr
+    for args in (("plan",), ("plan", "--list-hardware")):
+        r = cli(*args)
+        assert (
+            r.exit_code == 2 and "MOESPEQ_PROFILES" in r.stderr and "not a directory of hardware profiles" in r.stderr
+        )
 
 
 def test_environment_switches_read_as_people_write_them(monkeypatch):

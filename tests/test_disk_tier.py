@@ -226,3 +226,14 @@ def test_a_shard_written_in_place_mid_run_stops_the_reads(ckpt):
             f.write(bytes([data[-1] ^ 1]))
         with pytest.raises(CheckpointError, match="was written while moespeq was reading it"):
             store.read((0, 0), buf, reader)
+    # written before the reader held it (between opening the checkpoint and loading): as
+    # the header was read is what counts
+    ck = Checkpoint(ckpt.path)
+    time.sleep(0.02)  # (file times move in the kernel's coarse ticks)
+    with open(shard, "r+b") as f:
+        f.seek(len(data) - 1)
+        f.write(bytes([data[-1]]))
+    store = DiskExperts(ck)
+    with DiskReader() as reader, pytest.raises(CheckpointError, match="was written while"):
+        reader.hold(store.held)
+        store.read((0, 0), buf, reader)

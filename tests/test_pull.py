@@ -597,9 +597,10 @@ def test_a_pull_that_leaves_no_whole_model_says_so(hub, cli, tmp_path, monkeypat
 def test_pull_of_a_local_directory_or_an_empty_endpoint_is_usage(cli, tmp_path, monkeypatch):
     """A local checkpoint needs no pull (it said "unknown model"); an empty HF_ENDPOINT is
     no URL (it failed on the network, exit 1); a long id is cut in the error line."""
-    r = cli("pull", str(tmp_path))
+    (tmp_path / "ck" / "mix").mkdir(parents=True)  # named like org/name, a checkpoint here: run reads it
+    (tmp_path / "ck" / "mix" / "config.json").write_text("{}")
+    r = cli("pull", str(tmp_path / "ck" / "mix"))
     assert r.exit_code == 2 and "needs no pull" in r.stderr and f"moespeq run {tmp_path}" in r.stderr, r.stderr
-    (tmp_path / "ck" / "mix").mkdir(parents=True)  # named like org/name, a directory here: run reads it
     monkeypatch.chdir(tmp_path)
     r = cli("pull", "ck/mix")
     assert r.exit_code == 2 and "needs no pull" in r.stderr, r.stderr
@@ -608,3 +609,14 @@ def test_pull_of_a_local_directory_or_an_empty_endpoint_is_usage(cli, tmp_path, 
     assert r.exit_code == 2 and "HF_ENDPOINT '' is not an http(s) URL" in r.stderr, r.stderr
     r = cli("pull", "a" * 5000)
     assert r.exit_code == 2 and len(r.stderr) < 500, len(r.stderr)  # (it repeated all 5,000)
+
+
+def test_a_repo_without_a_tokenizer_is_refused_before_the_download(hub, cli, tmp_path):
+    """moespeq reads the fast tokenizer (tokenizer.json) only: a repository without one
+    was downloaded whole, then said to be "not whole" with a remedy that cannot help."""
+    files = hub.repos["acme/tiny-olmoe"]
+    hub.repos["acme/no-tokenizer"] = {k: v for k, v in files.items() if k != "tokenizer.json"}
+    r = cli("pull", "acme/no-tokenizer")
+    assert r.exit_code == 1 and "has no tokenizer.json" in r.stderr and "nothing was downloaded" in r.stderr
+    assert not [p for m, p, _ in hub.requests if p.endswith("model.safetensors")]
+    assert cli("pull", "acme/no-tokenizer", "--config-only").exit_code == 0  # enough for plan

@@ -42,9 +42,13 @@ def keep_elsewhere(text: str) -> Path | None:
 
     try:
         fd, name = tempfile.mkstemp(prefix="moespeq-calibrated-", suffix=".yaml")
+    except OSError:
+        return None
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
     except OSError:
+        os.unlink(name)  # (no half of a profile left behind)
         return None
     return Path(name)
 

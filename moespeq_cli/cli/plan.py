@@ -332,8 +332,15 @@ def show_profiles(json_out: bool) -> None:
 
     from moespeq_cli.errors import MoespeqError
     from moespeq_cli.runtime.engine import DEFAULT_HARDWARE
-    from moespeq_cli.runtime.planning.hardware import available_profiles, bundled_profiles, format_size, load_profile
+    from moespeq_cli.runtime.planning.hardware import (
+        available_profiles,
+        bundled_profiles,
+        check_profiles_dir,
+        format_size,
+        load_profile,
+    )
 
+    check_profiles_dir()
     rows, unreadable = [], []
     bundled = bundled_profiles()
     for name in available_profiles():

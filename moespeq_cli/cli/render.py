@@ -11,6 +11,13 @@ import threading
 from collections.abc import Iterator
 
 
+def _to_terminal(code: bytes) -> None:
+    """A terminal control sequence to stderr's descriptor, from a signal handler (no
+    exception may leave one)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.write(sys.stderr.fileno(), code)
+
+
 class LoadingStatus:
     """A transient line on a terminal's stderr from the moment a command starts loading
     until ``stop`` (``run``: its first token): what is loading, then the plan in one line,
@@ -43,21 +50,32 @@ class LoadingStatus:
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        if hasattr(signal, "SIGTSTP") and threading.current_thread() is threading.main_thread():
+        if (
+            hasattr(signal, "SIGTSTP")
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTSTP) is not signal.SIG_IGN  # (ignored stays ignored)
+        ):
             self._tstp = signal.signal(signal.SIGTSTP, self._suspend)  # (before the cursor goes)
-        self._live.start()
+        try:
+            self._live.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def _suspend(self, signum, frame) -> None:
         """Ctrl-Z: the cursor shown, the process stopped as it would be; on ``fg`` hidden
         again under the line."""
         live = self._live
-        if live is not None:
-            live.console.show_cursor(True)
+        # straight to the terminal: the handler may interrupt the console's own write,
+        # whose buffer it must not touch
+        cursor = live is not None and live.console.is_terminal
+        if cursor:
+            _to_terminal(b"\x1b[?25h")
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until SIGCONT
         signal.signal(signal.SIGTSTP, self._suspend)
-        if live is not None and self._live is live:
-            live.console.show_cursor(False)
+        if cursor and self._live is live:
+            _to_terminal(b"\x1b[?25l")
 
     def show(self, what: str) -> None:
         self._text = what

@@ -97,6 +97,8 @@ class TensorFile:
         self.path, self.remedy = Path(path), remedy
         self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._close = weakref.finalize(self, os.close, self.fd)
+        st = os.fstat(self.fd)
+        self.stamp = (st.st_size, st.st_mtime_ns)  # as its header was read: a write since shows
         try:  # now: the header safe_open validated, from the file held open
             self.table = safetensors_extents(self.path, self.fd)
         except (OSError, ValueError, struct.error, KeyError, TypeError) as e:

@@ -238,6 +238,19 @@ def profiles_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "profiles"  # moespeq_cli/profiles, shipped in the wheel
 
 
+def check_profiles_dir() -> None:
+    """MOESPEQ_PROFILES, where set, must hold profiles: else every --hardware is unknown
+    and the list of those available empty, the cause unnamed."""
+    if os.environ.get("MOESPEQ_PROFILES") and not bundled_profiles():
+        from moespeq_cli.errors import UsageError
+        from moespeq_cli.fs import shown
+
+        raise UsageError(
+            f"MOESPEQ_PROFILES {shown(profiles_dir())} is not a directory of hardware profiles (.yaml files); unset "
+            "it, or point it at one"
+        )
+
+
 def calibrated_dir() -> Path:
     """Where ``moespeq calibrate`` writes this machine's profiles by default
     ($XDG_CACHE_HOME/moespeq/profiles): found by name too, after the bundled ones."""
@@ -300,11 +313,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
             f"no calibration {shown(name_or_path)!r} on this machine yet; `moespeq calibrate` measures it "
             "(about 25 s) and writes calibrated-cpu (calibrated-gpu with CUDA)"
         )
-    if os.environ.get("MOESPEQ_PROFILES") and not bundled_profiles():
-        raise UsageError(
-            f"MOESPEQ_PROFILES {shown(profiles_dir())} holds no hardware profiles (.yaml files); unset it, or point "
-            "it at a directory of profiles"
-        )
+    check_profiles_dir()
     raise UsageError(
         f"unknown hardware profile {shown(name_or_path)!r}; available: {', '.join(available_profiles())} "
         "(or pass a path to a .yaml file)"

@@ -152,18 +152,19 @@ class DiskReader:
         self._inflight: set[Future] = set()
 
     # -- files --------------------------------------------------------------------
-    def hold(self, files: dict[str, int]) -> None:
-        """Read the files named in extents (path -> a descriptor held open on it) from
-        those descriptors' files, whatever their names come to point at. The reader keeps a
-        copy of each descriptor (closed with it): the checkpoint's may close first."""
+    def hold(self, files: dict[str, tuple[int, tuple[int, int]]]) -> None:
+        """Read the files named in extents (path -> (a descriptor held open on it, its
+        (size, mtime) when its header was read)) from those descriptors' files, whatever
+        their names come to point at, and only as they were then. The reader keeps a copy
+        of each descriptor (closed with it): the checkpoint's may close first."""
         with self.lock:
-            for path, fd in files.items():
+            for path, (fd, stamp) in files.items():
                 if path in self.held:
                     continue
                 own = os.dup(fd)
                 st = os.fstat(own)
                 self.held[path] = (own, (st.st_dev, st.st_ino))
-                self.stamps[path] = (st.st_size, st.st_mtime_ns)
+                self.stamps[path] = stamp
 
     def _fd(self, file: str) -> tuple[int, bool]:
         with self.lock:
@@ -401,7 +402,8 @@ class DiskExperts:
         c = self.config = ckpt.config
         ckpt.check_experts()
         tables = {name: ckpt._data[name].table for name in ckpt._files}  # the headers read at open
-        self.held = {str(ckpt._data[name].path): ckpt._data[name].fd for name in ckpt._files}  # what to read
+        # what to read: each file held open, and its (size, mtime) when its header was read
+        self.held = {str(ckpt._data[name].path): (ckpt._data[name].fd, ckpt._data[name].stamp) for name in ckpt._files}
         shapes = c.expert_shapes()
         sizes = [math.prod(s) for s in shapes]
         fused = c.expert_format.fused
