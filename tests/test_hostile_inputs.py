@@ -1702,3 +1702,6 @@ def test_an_empty_or_relative_home_anchors_the_hugging_face_cache(tmp_path):
         [sys.executable, "-c", code], env={**clean, "HOME": str(tmp_path)}, capture_output=True, text=True
     )
     assert r.stdout.strip() == str(tmp_path / ".cache" / "huggingface" / "hub")  # an absolute HOME as given
+    env = {**clean, "HOME": str(tmp_path), "XDG_CACHE_HOME": "rel", "HF_HOME": ""}  # relative XDG, empty HF_HOME
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert r.stdout.strip() == str(tmp_path / ".cache" / "huggingface" / "hub"), r.stdout
