@@ -269,15 +269,14 @@ def not_whole(path: Path, config_only: bool):
     from moespeq_cli.local_models import damaged_weights, open_problem
     from moespeq_cli.models.checkpoint import read_config
 
-    try:
-        if config_only:
+    if config_only:
+        try:
             read_config(path)
-            return None
-        problem = open_problem(path)  # (what run says: config, index, headers, tokenizer)
-        damaged = damaged_weights(path) if problem is None else None
-        return problem or (CheckpointError(damaged) if damaged else None)
-    except CheckpointError as err:
-        return err
+        except CheckpointError as err:
+            return err
+        return None
+    damaged = damaged_weights(path)  # (sizes: what opening reads only the headers of)
+    return open_problem(path) or (CheckpointError(damaged) if damaged else None)
 
 
 def damaged_downloads(path: Path) -> list[str]:

@@ -196,7 +196,7 @@ def test_the_reader_keeps_its_own_copy_of_the_held_files(ckpt, tmp_path):
     try:
         got = store.views(store.read((0, 3), buf, reader))
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        copies = [fd for fd, _ in reader.held.values()]
+        copies = [h.fd for h in reader.held.values()]
         reader.close()
         for fd in copies:
             with pytest.raises(OSError):

@@ -43,27 +43,18 @@ class OutputError(MoespeqError):
     """Standard output cannot be written (a full disk behind ``> /dev/full``, an I/O error)."""
 
 
-class GuardedOutput:
-    """``sys.stdout`` whose write errors are ``OutputError`` (one line, exit 1), not an
-    "internal error" (a closed pipe stays a ``BrokenPipeError``: its reader left).
-    ``closed``: the process was started with no stdout (``>&-``): the first write is that
-    error too, as ``echo hi >&-`` is, not output dropped and exit 0."""
+class _Stream:
+    """A standard stream whose writes go through ``_call`` (what its write errors become);
+    everything else is the stream's own."""
 
-    def __init__(self, stream, closed: bool = False):
-        self.stream, self.started_closed = stream, closed  # (``closed`` stays the stream's own)
+    def __init__(self, stream):
+        self.stream = stream
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
     def _call(self, method, *args):
-        if self.started_closed and method != "flush" and any(args):
-            raise OutputError("cannot write to standard output (it is closed); give it a file or a pipe")
-        try:
-            return getattr(self.stream, method)(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise OutputError(f"cannot write to standard output ({e.strerror or e}); write it elsewhere") from None
+        return getattr(self.stream, method)(*args)
 
     def write(self, text):
         return self._call("write", text)
@@ -75,33 +66,38 @@ class GuardedOutput:
         return self._call("flush")
 
 
-class BestEffortErrors:
+class GuardedOutput(_Stream):
+    """``sys.stdout`` whose write errors are ``OutputError`` (one line, exit 1), not an
+    "internal error" (a closed pipe stays a ``BrokenPipeError``: its reader left).
+    ``closed``: the process was started with no stdout (``>&-``): the first write is that
+    error too, as ``echo hi >&-`` is, not output dropped and exit 0."""
+
+    def __init__(self, stream, closed: bool = False):
+        super().__init__(stream)
+        self.started_closed = closed  # (``closed`` stays the stream's own)
+
+    def _call(self, method, *args):
+        if self.started_closed and method != "flush" and any(args):
+            raise OutputError("cannot write to standard output (it is closed); give it a file or a pipe")
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(f"cannot write to standard output ({e.strerror or e}); write it elsewhere") from None
+
+
+class BestEffortErrors(_Stream):
     """``sys.stderr`` whose write errors are dropped: messages, progress and the loading
     line are best effort, so a stderr that cannot take them (``2>/dev/full``, one opened
     read-only) neither loses the answer on stdout nor turns a usage error's exit 2 into an
     "internal error"."""
 
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
     def _call(self, method, *args):
         try:
             return getattr(self.stream, method)(*args)
         except (OSError, ValueError):  # (ValueError: the stream was closed)
-            return None
-
-    def write(self, text):
-        result = self._call("write", text)
-        return len(text) if result is None else result
-
-    def writelines(self, lines):
-        self._call("writelines", lines)
-
-    def flush(self):
-        self._call("flush")
+            return len(args[0]) if method == "write" else None
 
 
 DEBUG_HINT = "set MOESPEQ_DEBUG=1 for the traceback"

@@ -68,7 +68,7 @@ from moespeq_cli.runtime.planning.costs import dtype_name
 
 MAX_GROUPS = 1023  # CUDA's _grouped_mm takes fewer than 1024 groups a call (GroupMM.cu checks it)
 ALIGN = 16  # bytes: CUDA's _grouped_mm wants each matrix's start and row stride multiples of it
-GROUPED_PAIRS = 2048  # (token, expert) pairs a layer's grouped calls take at once (a prompt's, in turn),
+GROUPED_PAIRS = 2048  # (token, expert) pairs a layer's grouped calls take at once (a prompt's, in turn)
 ROWS_PER_EXPERT = 128  # or this many rows an expert on average: each part reads every weight again
 
 
@@ -140,7 +140,7 @@ class Mxfp4Slot:
         n = slots.shape[0]
         gu_rows, down_rows = self.shapes[0][0], self.shapes[3][0]
         gu_n, down_n = gu_rows * self.shapes[0][1] * 32, down_rows * self.shapes[3][1] * 32
-        out = torch.empty(n, gu_n + gu_rows + down_n + down_rows, dtype=dtype, device=slots.device)
+        out = torch.empty(n, self.numel, dtype=dtype, device=slots.device)
         pos = 0
         for j in (0, 3):  # each matrix, then its bias
             size = gu_n if j == 0 else down_n
@@ -502,11 +502,12 @@ def plan_layout(
         pieces = []
         for b, chosen in sorted(by_block.items()):
             run: list[int] = []
-            for e in chosen:  # columns: the slots gathered, or every slot from the run's first
-                span = len(run) + 1 if gather else where[e][1] - where[run[0]][1] + 1 if run else 1
-                if run and (span > MAX_GROUPS or (step is not None and len(run) == step)):
-                    pieces.append((b, run))
-                    run = []
+            for e in chosen:
+                if run:  # the call's columns with ``e``: the slots gathered, or every slot from the run's first
+                    span = len(run) + 1 if gather else where[e][1] - where[run[0]][1] + 1
+                    if span > MAX_GROUPS or len(run) == step:
+                        pieces.append((b, run))
+                        run = []
                 run.append(e)
             pieces.append((b, run))
         for b, chosen in pieces:

@@ -256,7 +256,7 @@ class OffloadedExperts:
         T, k = weights.shape
         pairs = grouped_pairs(self.tiers.config.num_experts)
         step = T if T * k <= pairs or host_jobs else max(1, pairs // k)
-        out = None
+        out = None if step == T else torch.empty_like(x)
         waited: set[int] = set()
         for a in range(0, T, step):
             rows = groups if step == T else rows_between(groups, a, a + step)
@@ -267,7 +267,6 @@ class OffloadedExperts:
             on_host = sorted(e for e in host_jobs if e in rows)
             layout = plan_layout(rows, phases_here, where, on_host, min(step, T - a), k, gather, chunk)
             meta = b.upload(layout.values)
-            xa = x if step == T else x[a : a + step]
             outs = []
             for phase, experts in enumerate(phases_here):
                 if not experts:
@@ -277,7 +276,9 @@ class OffloadedExperts:
                         b.wait(cache.arrival[(layer, e)], layer, e)
                         waited.add(e)
                 token = b.begin()
-                outs += run_phase(self.format, self.grouped, cache.blocks, layout, meta, xa, phase, widened)
+                outs += run_phase(
+                    self.format, self.grouped, cache.blocks, layout, meta, x[a : a + step], phase, widened
+                )
                 costs = [self.grouped_cost(len(rows[e][0])) for e in experts]
                 b.end(token, sum(costs[1:], costs[0]), f"experts L{layer}", layer)
             # the CPU's outputs last: the device's calls are queued before the host waits for
@@ -286,10 +287,9 @@ class OffloadedExperts:
             token = b.begin()
             part = combine(layout, meta, outs, weights[a : a + step], x.dtype)
             b.end(token, Cost(0.0, 0.0, 0), f"experts sum L{layer}", layer)
-            if step == T:
+            if out is None:
                 out = part
             else:
-                out = torch.empty_like(x) if out is None else out
                 out[a : a + step] = part
         release = b.record_release()  # one event for the layer's calls (a CUDA event each costs the host)
         for e in device:  # their slots are free to refill once the last call has read them

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -110,6 +111,15 @@ def aligned_bytes(n: int) -> tuple[torch.Tensor, PageMapping]:
     return torch.frombuffer(m, dtype=torch.uint8, count=n), m
 
 
+class Held(NamedTuple):
+    """A checkpoint file the reader reads through: its own copy of the descriptor held
+    open, the file's (device, inode), and its (size, mtime) when its header was read."""
+
+    fd: int
+    ident: tuple[int, int]
+    stamp: tuple[int, int]
+
+
 class DiskRead:
     """A read in flight; ``wait()`` returns once its bytes are in the destination."""
 
@@ -140,8 +150,7 @@ class DiskReader:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moespeq-disk")
         self.local = threading.local()
         self.fds: dict[tuple[str, bool], int] = {}
-        self.held: dict[str, tuple[int, tuple[int, int]]] = {}  # path -> (fd held open, its (device, inode))
-        self.stamps: dict[str, tuple[int, int]] = {}  # held path -> (size, mtime) when held: written since?
+        self.held: dict[str, Held] = {}  # path -> the file held open: read it, and only as it was
         self.lock = threading.Lock()
         self.direct: bool | None = None  # known after the first open: True, or False (fallback)
         self.bytes_read = 0
@@ -163,8 +172,7 @@ class DiskReader:
                     continue
                 own = os.dup(fd)
                 st = os.fstat(own)
-                self.held[path] = (own, (st.st_dev, st.st_ino))
-                self.stamps[path] = stamp
+                self.held[path] = Held(own, (st.st_dev, st.st_ino), stamp)
 
     def _fd(self, file: str) -> tuple[int, bool]:
         with self.lock:
@@ -189,11 +197,11 @@ class DiskReader:
         in place: its bytes would be another file's at this file's offsets, and the tokens
         silently wrong); checked after each read, an ``fstat``: microseconds a read of
         hundreds."""
-        stamp = self.stamps.get(file)
-        if stamp is None:
+        held = self.held.get(file)
+        if held is None:
             return
         st = os.fstat(fd)
-        if (st.st_size, st.st_mtime_ns) != stamp:
+        if (st.st_size, st.st_mtime_ns) != held.stamp:
             raise CheckpointError(
                 f"{file} was written while moespeq was reading it (copied over in place?); its experts would be "
                 "another file's bytes: run again once it is whole"
@@ -202,18 +210,18 @@ class DiskReader:
     def _open(self, file: str, flags: int) -> int:
         """``file`` opened for reading with ``flags``: the held file where there is one."""
         flags |= os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-        held, ident = self.held.get(file, (None, None))
+        held = self.held.get(file)
         fd = None
         if held is not None:
             try:
-                fd = os.open(PROC_FD.format(held), flags)
+                fd = os.open(PROC_FD.format(held.fd), flags)
             except OSError as e:  # no /proc, or one closed to us (hidepid): the name, checked below
                 if e.errno == errno.EINVAL:  # O_DIRECT refused there: the caller falls back
                     raise
         if fd is None:
             fd = os.open(file, flags)
         st = os.fstat(fd)
-        if ident is not None and (st.st_dev, st.st_ino) != ident:
+        if held is not None and (st.st_dev, st.st_ino) != held.ident:
             os.close(fd)
             raise CheckpointError(
                 f"{file} was replaced while moespeq was running (its experts were read from the file opened at "
@@ -358,11 +366,10 @@ class DiskReader:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         with self.lock:
-            for fd in [*self.fds.values(), *(fd for fd, _ in self.held.values())]:
+            for fd in [*self.fds.values(), *(h.fd for h in self.held.values())]:
                 os.close(fd)
             self.fds.clear()
             self.held.clear()
-            self.stamps.clear()
 
     def __enter__(self) -> DiskReader:
         return self
