@@ -48,6 +48,26 @@ def test_logits_match_reference(tiny, family, variant, cpu_kernels):
 
 @KERNELS
 @pytest.mark.parametrize("family,variant", VARIANTS)
+def test_a_prompt_taken_in_parts_matches_reference(tiny, monkeypatch, family, variant, cpu_kernels):
+    """A prompt longer than ``PREFILL_PART`` goes through each layer's attention and dense
+    MLPs a part at a time (each part continuing the layer's cache: keys, a sliding window's
+    drop, a linear-attention state, MLA's latents), the routed experts whole: the same logits
+    as the reference's one pass, and a cache the next tokens decode over as well."""
+    from moespeq_cli.models import base
+
+    monkeypatch.setattr(base, "PREFILL_PART", 7)  # 80 tokens: 12 parts, the last of 3
+    path, ref = tiny(family, variant)
+    model = ours(path, cpu_kernels=cpu_kernels)
+    ids = torch.randint(3, 200, (84,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    cache = model.new_cache()
+    got = torch.cat([model(ids[:80], cache)] + [model(ids[i : i + 1], cache) for i in range(80, 84)])
+    assert rel_err(got, expected) < 1e-4
+
+
+@KERNELS
+@pytest.mark.parametrize("family,variant", VARIANTS)
 def test_greedy_tokens_match_generate(tiny, family, variant, cpu_kernels):
     path, ref = tiny(family, variant)
     model = ours(path, cpu_kernels=cpu_kernels)

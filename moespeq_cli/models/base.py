@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moespeq_cli.models.rope import Rotary, apply_rope
+from moespeq_cli.models.rope import Rotary, apply_rope, rope_rows
 
 
 class RMSNorm(nn.Module):
@@ -348,6 +348,61 @@ def attend(
     return in_tiles(T, tile_rows(q.shape[0], T, L), tile)
 
 
+# A pass longer than this (a long prompt) goes through each layer's attention, dense MLPs and
+# shared experts this many tokens at a time, each part a pass continuing the layer's cache.
+# The routed experts still take the whole pass in one call, so that an offloading executor
+# copies each expert once a layer (an expert computes its rows a part at a time,
+# executors/experts.py; grouped calls bound their own parts, executors/grouped.py): a layer
+# holds its residual stream and its MoE block's input and output over the whole prompt (a
+# few times ``context x hidden``) and one part's activations, not every token's at once.
+# The planner reserves what this holds (planning/planner.py ``activation_bytes``): Mixtral
+# at 32K tokens on a 12 GB card needed 4.4 GiB of workspace and was refused, 2.7 GiB now.
+# llama.cpp's default micro-batch is 512 tokens, vLLM's chunked prefill 2,048 to 8,192.
+PREFILL_PART = 2048
+
+
+def _joined(T: int, part: Callable[[int, int], torch.Tensor | None]) -> torch.Tensor | None:
+    """``part(a, b)``'s outputs for rows [a, b), ``PREFILL_PART`` at a time, written into one
+    ``[T, ...]`` tensor (None where a part gives None: a family without shared experts)."""
+    out = None
+    for a in range(0, T, PREFILL_PART):
+        b = min(T, a + PREFILL_PART)
+        y = part(a, b)
+        if y is None:
+            return None
+        if out is None:
+            out = y.new_empty((T, *y.shape[1:]))
+        out[a:b] = y
+    return out
+
+
+def rows_in_parts(fn: Callable[[torch.Tensor], torch.Tensor | None], x: torch.Tensor) -> torch.Tensor | None:
+    """``fn(x)`` for a row-wise ``fn`` (a dense MLP, shared experts), in parts of
+    ``PREFILL_PART`` rows where x has more."""
+    T = x.shape[0]
+    return fn(x) if T <= PREFILL_PART else _joined(T, lambda a, b: fn(x[a:b]))
+
+
+def attention_in_parts(attn: nn.Module, x: torch.Tensor, layer: int, cache: KVCache, rope) -> torch.Tensor:
+    """``attn(x, layer, cache, rope)``, in parts of ``PREFILL_PART`` rows where the pass has
+    more: each part a pass continuing the layer's cache from its first position (the
+    cache's length is set there while the part runs, and restored: a layer's parts all run
+    before the next layer's, whose cache has not advanced), with its rows' rotary tables."""
+    T = x.shape[0]
+    if T <= PREFILL_PART:
+        return attn(x, layer, cache, rope)
+    start = cache.length
+
+    def part(a: int, b: int) -> torch.Tensor:
+        cache.length = start + a
+        return attn(x[a:b], layer, cache, rope_rows(rope, a, b))
+
+    try:
+        return _joined(T, part)
+    finally:
+        cache.length = start
+
+
 @dataclass
 class AttentionSpec:
     hidden: int
@@ -615,7 +670,7 @@ class SparseMoE(nn.Module):
         if self.observer is not None:
             self.observer(self.layer, rows)
         out = self.experts(self.layer, self.expert_input(x), ids, weights, rows, ahead)
-        extra = self.shared(x)
+        extra = rows_in_parts(self.shared, x)
         return out if extra is None else out + extra
 
 
@@ -689,8 +744,10 @@ class DecoderLayer(nn.Module):
         return getattr(self, self.mlp_name)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
-        x = x + self.attn(self.input_layernorm(x), layer, cache, rope)
-        return x + self.ffn(self.post_attention_layernorm(x))
+        x = x + attention_in_parts(self.attn, self.input_layernorm(x), layer, cache, rope)
+        h, ffn = self.post_attention_layernorm(x), self.ffn
+        # a MoE block takes the whole pass (its shared experts go in parts), a dense MLP parts
+        return x + (ffn(h) if isinstance(ffn, SparseMoE) else rows_in_parts(ffn, h))
 
 
 class Backbone(nn.Module):

@@ -40,6 +40,8 @@ from moespeq_cli.models.base import (
     KVCache,
     RMSNorm,
     SparseMoE,
+    attention_in_parts,
+    rows_in_parts,
 )
 from moespeq_cli.models.config import MoEConfig, moe_config, need
 from moespeq_cli.models.expert_format import gemma4_experts
@@ -242,8 +244,12 @@ class Gemma4Layer(nn.Module):
         return self.router
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: dict) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), layer, cache, rope))
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.post_attention_layernorm(
+            attention_in_parts(self.self_attn, self.input_layernorm(x), layer, cache, rope)
+        )
+        dense = rows_in_parts(
+            lambda rows: self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(rows))), x
+        )
         routed = self.post_feedforward_layernorm_2(self.ffn(x))
         x = x + self.post_feedforward_layernorm(dense + routed)
         return x * self.layer_scalar

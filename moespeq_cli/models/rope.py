@@ -221,6 +221,22 @@ class Rotary:
         return self.cos[start:end], sin
 
 
+def rope_rows(rope, a: int, b: int):
+    """A pass's rotary tables cut to its rows [a, b) (a prompt's part, models/base.py
+    ``attention_in_parts``): ``(cos, sin)``, or a dict of them (Gemma 4's), each table's
+    rows, a signed sine's too. None stays None."""
+    if rope is None:
+        return None
+    if isinstance(rope, dict):
+        return {key: rope_rows(tables, a, b) for key, tables in rope.items()}
+    cos, sin = rope
+    part, signed = sin[a:b], signed_sin(sin)
+    if signed is not None:
+        _SIGNED.insert(0, (part, signed[a:b]))
+        del _SIGNED[_SIGNED_KEPT:]
+    return cos[a:b], part
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from moespeq_cli import kernels
-from moespeq_cli.models.base import GATE_ACTIVATIONS
+from moespeq_cli.models import base as model_base
+from moespeq_cli.models.base import GATE_ACTIVATIONS, rows_in_parts
 from moespeq_cli.models.checkpoint import Checkpoint
 from moespeq_cli.models.expert_format import FP8, GEGLU, GPT_OSS, MXFP4, SWIGLU, ExpertFormat
 
@@ -54,7 +55,11 @@ def expert_forward(fmt: ExpertFormat, x: torch.Tensor, parts, fast: bool = False
     kernels compute every format from its parts as stored: gated experts by ``ms_expert``
     (Gemma 4's halves are views), gpt-oss's transposed, biased ones by ``ms_expert_t``;
     otherwise, and for shapes the kernels do not take, torch computes them in the family's
-    order of operations, the weights widened to the activations' dtype."""
+    order of operations, the weights widened to the activations' dtype. A prompt's many
+    rows go ``PREFILL_PART`` at a time (models/base.py): an expert's intermediate
+    activations are a part's, however many of the prompt's tokens chose it."""
+    if x.shape[0] > model_base.PREFILL_PART:
+        return rows_in_parts(lambda rows: expert_forward(fmt, rows, parts, fast), x)
     if fmt.kind == SWIGLU and not fmt.compact:
         return expert_mlp(x, *parts, fast)
     if fmt.compact:

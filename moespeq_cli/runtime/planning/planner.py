@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moespeq_cli.errors import UsageError
+from moespeq_cli.models import base as model_base
 from moespeq_cli.models import build_model
 from moespeq_cli.models.base import ROLLBACK, CausalLM, window_bound
 from moespeq_cli.models.config import MoEConfig
@@ -216,6 +217,24 @@ def spread(count: int, layers: list[int], num_experts: int) -> list[tuple[int, i
     return [(layer, e) for layer, n in zip(layers, per_layer, strict=True) for e in range(n)]
 
 
+def activation_bytes(cfg: MoEConfig, ffn: int, context: int, elem: int, held: int) -> int:
+    """What a pass over ``context`` tokens holds at once besides attention's tiles, the
+    logits and the grouped calls' scratch. One part's activations: a layer's attention,
+    dense MLP and shared experts take ``PREFILL_PART`` tokens at a time (models/base.py),
+    as does an expert (executors/experts.py): the normed input, queries, keys and values,
+    attention's output, an MLP's gate, up and their product. And over the whole pass the
+    MoE block's, whose experts take the pass in one call: the residual stream before and
+    after attention, the block's input and output, the layer's result, the rows an expert
+    takes, ``held`` experts' outputs a token (computed expert by expert they are summed in
+    expert order at the end: top-k of them; grouped calls sum theirs a part at a time, 0),
+    and the router's fp32 logits and choices (with the next layer's guess: twice).
+    Measured against a dispatch-mode counter in tests/test_prefill_parts.py."""
+    h = cfg.hidden_size
+    part = min(context, model_base.PREFILL_PART) * (8 * h + 3 * ffn) * elem
+    routing = 2 * cfg.num_experts * 4 + 2 * cfg.top_k * (4 + 8)
+    return part + context * ((5 + held) * h * elem + routing)
+
+
 def make_plan(
     model: CausalLM,
     cfg: MoEConfig,
@@ -260,9 +279,10 @@ def make_plan(
             if isinstance(m, torch.nn.Linear) and m.weight.shape[1] == cfg.hidden_size and m is not model.lm_head
         ]
     )
-    # a pass's activations over the whole context (a one-pass prefill), and the logits of
-    # the longest pass that keeps them all: a verification's (a prefill keeps its last row)
-    workspace = context * (8 * cfg.hidden_size + 2 * biggest_ffn) * elem + 2 * ROLLBACK * cfg.vocab_size * 4
+    # a pass's activations over the whole context (a prefill), and the logits of the longest
+    # pass that keeps them all: a verification's (a prefill keeps its last row)
+    held = 0 if grouped_scratch else cfg.top_k  # grouped calls sum their parts' outputs as they go
+    workspace = activation_bytes(cfg, biggest_ffn, context, elem, held) + 2 * ROLLBACK * cfg.vocab_size * 4
     # and attention's transient (one layer at a time): masks, gpt-oss's tiles of scores
     workspace += max(
         (getattr(b.attn, "scratch_bytes", lambda c, e: 0)(context, elem) for b in model.model.layers), default=0

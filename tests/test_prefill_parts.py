@@ -1,0 +1,53 @@
+"""A long prompt taken a part at a time (models/base.py ``PREFILL_PART``): what it holds at
+once against what the planner reserves for it. (Its logits against the reference's:
+tests/test_parity.py ``test_a_prompt_taken_in_parts_matches_reference``.)"""
+
+import pytest
+import tiny_models
+import torch
+from live_bytes import LiveBytes
+from offload_helpers import GROUPED_GPU, prompt_for
+
+from moespeq_cli.models import base
+from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+# Each family's tiny variant with a hidden size (288) far above its heads' count: as in a real
+# model, the pass's activations (a few times ``tokens x hidden``), not attention's tiles of
+# scores (``heads x 65 x keys``), are most of the workspace; the planner's count of them is
+# what these tests can fail on.
+WIDE = [
+    ("mixtral", "gqa"),
+    ("qwen2_moe", "shared"),
+    ("qwen3_moe", "top8"),
+    ("deepseek_v3", "v3"),
+    ("qwen3_next", "hybrid"),
+    ("gpt_oss", "alternating"),
+    ("gemma4", "alternating"),
+]
+
+
+@pytest.mark.parametrize("hardware", [None, GROUPED_GPU], ids=["by-expert", "grouped"])
+@pytest.mark.parametrize("family,variant", WIDE)
+def test_a_long_prompt_stays_within_the_planned_workspace(tmp_path, monkeypatch, family, variant, hardware):
+    monkeypatch.setattr(base, "PREFILL_PART", 32, raising=False)  # 400 tokens: 13 parts
+    monkeypatch.setitem(
+        tiny_models.CONFIGS[family], "activations", {**tiny_models.CONFIGS[family][variant], "hidden_size": 288}
+    )
+    tiny_models.build(family, "activations", tmp_path)
+    prompt = prompt_for(4, 400)
+    eng = Engine(tmp_path, EngineOptions(backend="mock", hardware=hardware, policy="lru", draft_verdict=False))
+    eng.load(len(prompt) + 2)
+    try:
+        with torch.inference_mode(), LiveBytes() as seen:
+            eng.model(torch.tensor(prompt), eng.model.new_cache(), last_only=True)
+        plan = eng.plan
+        print(
+            family,
+            seen.peak,
+            plan.workspace_bytes,
+            plan.kv_cache_bytes,
+            seen.peak / (plan.workspace_bytes + plan.kv_cache_bytes),
+        )
+        assert seen.peak <= plan.workspace_bytes + plan.kv_cache_bytes, (seen.peak, plan)
+    finally:
+        eng.close()
