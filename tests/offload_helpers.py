@@ -34,16 +34,24 @@ def vram_for_slots(
 ) -> int:
     """The --vram that holds ``slots`` experts beside the fixed part, as ``backend`` plans
     it for ``policy`` (on cuda the fixed part holds cuBLAS's workspaces too; with a draft,
-    linear-attention layers' rollback states)."""
+    linear-attention layers' rollback states; with CPU experts, by default for moespeq and
+    hybrid, the expert outputs a grouped prompt holds)."""
     from moespeq_cli.runtime.backends import library_bytes
     from moespeq_cli.runtime.executors.grouped import grouped_scratch_bytes
     from moespeq_cli.runtime.planning.hardware import load_profile
+    from moespeq_cli.runtime.scheduling.policies import make_policy
 
     hw = load_profile(hardware) if isinstance(hardware, str) else hardware
     ck = Checkpoint(path)
     scratch = grouped_scratch_bytes(hw, ck.config, dtype or ck.config.dtype, context) if hw is not None else 0
     plan = checkpoint_plan(
-        ck, context, dtype=dtype, library_bytes=library_bytes(backend, hw), policy=policy, grouped_scratch=scratch
+        ck,
+        context,
+        dtype=dtype,
+        library_bytes=library_bytes(backend, hw),
+        policy=policy,
+        grouped_scratch=scratch,
+        cpu_experts=backend != "cpu" and make_policy(policy, None).host_compute,
     )
     return plan.fixed_bytes + slots * plan.expert_bytes
 

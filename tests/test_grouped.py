@@ -4,6 +4,8 @@ the slots and however the computation is split, and an op count that does not gr
 top-k (issue: the GPU path, item 4)."""
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,35 +300,51 @@ def test_the_mock_and_the_plan_compute_a_misaligned_shape_expert_by_expert(tiny)
         eng.close()
 
 
+def slow_link_grouped_gpu(tmp_path) -> str:
+    """GROUPED_GPU with a 100 MB/s link: most misses are computed on the CPU."""
+    text = re.sub(r"(?m)^link_bandwidth:.*$", "link_bandwidth: 1e8", Path(GROUPED_GPU).read_text())
+    out = tmp_path / "slow-link-grouped-gpu.yaml"
+    out.write_text(text)
+    return str(out)
+
+
+@pytest.mark.parametrize("policy", ["lru", "hybrid"])
 @pytest.mark.parametrize("pairs", [None, 64])  # as shipped (the prompt's 960 pairs in one part), 8 tokens a part
-def test_a_prompt_s_grouped_experts_stay_within_the_planned_workspace(tiny, monkeypatch, pairs):
+def test_a_prompt_s_grouped_experts_stay_within_the_planned_workspace(tiny, monkeypatch, tmp_path, pairs, policy):
     """A prompt's grouped calls at top-8 held every (token, expert) pair's rows, gate|up and
     outputs at once: 1.23x the planned workspace on this checkpoint of Qwen3-30B-A3B's
     proportions. The plan reserves what one part holds, and a long prompt's parts keep
     within it: the same logits as one part, and every expert whose copy the pass issued
-    waited for before a call reads it (where its tokens first use it, whichever part)."""
+    waited for before a call reads it (where its tokens first use it, whichever part).
+    With CPU experts (``hybrid`` over a slow link) too: a layer with CPU experts took its
+    prompt in one part, past the reserve; each part now takes its rows of the CPU's
+    outputs."""
     from moespeq_cli.runtime.executors import grouped as g
 
     path, _ = tiny("qwen3_moe", "top8")
     prompt = prompt_for(9, 120)
+    hardware = GROUPED_GPU if policy == "lru" else slow_link_grouped_gpu(tmp_path)
 
     def prefill():  # 40 slots for 2 x 32 experts: the second layer's are copied during the pass
-        vram = vram_for_slots(path, 40, len(prompt) + 2, hardware=GROUPED_GPU)
-        opts = EngineOptions(backend="mock", hardware=GROUPED_GPU, policy="lru", vram=vram, draft_verdict=False)
+        vram = vram_for_slots(path, 40, len(prompt) + 2, hardware=hardware, policy=policy)
+        opts = EngineOptions(backend="mock", hardware=hardware, policy=policy, vram=vram, draft_verdict=False)
         eng = Engine(path, opts)
         eng.load(len(prompt) + 2)
         b, cache = eng.backend, eng.target_exec.cache
-        waited, loaded = set(), set()
-        wait, load = b.wait, cache.load
+        waited, loaded, on_cpu = set(), set(), []
+        wait, load, host_result = b.wait, cache.load, b.host_result
         b.wait = lambda ev, layer=None, e=None, *a, **kw: waited.add((layer, e)) or wait(ev, layer, e, *a, **kw)
         cache.load = lambda key, *a, **kw: loaded.add(key) or load(key, *a, **kw)
+        b.host_result = lambda job: on_cpu.append(job) or host_result(job)
         try:
             assert eng.target_exec.grouped is not None
             with torch.inference_mode(), LiveBytes() as seen:
                 logits = eng.model(torch.tensor(prompt), eng.model.new_cache(), last_only=True)
             calls = [iv for iv in b.timeline.intervals if iv.name.startswith("experts L")]
             assert seen.peak <= eng.plan.workspace_bytes + eng.plan.kv_cache_bytes, (seen.peak, eng.plan)
-            assert loaded and loaded <= waited, sorted(loaded - waited)
+            assert loaded <= waited, sorted(loaded - waited)
+            # lru copies the misses, hybrid computes them on the CPU
+            assert (bool(loaded), bool(on_cpu)) == ((True, False) if policy == "lru" else (False, True))
         finally:
             eng.close()
         return logits, len(calls)

@@ -425,12 +425,18 @@ class Layout:
     wsrc: tuple[int, int]
 
 
+def row_span(rows: list[int], a: int, b: int) -> tuple[int, int]:
+    """Where the tokens ``a`` to ``b`` lie in an expert's ascending token ``rows``:
+    ``rows[lo:hi]``."""
+    return bisect.bisect_left(rows, a), bisect.bisect_left(rows, b)
+
+
 def rows_between(groups: dict[int, tuple[list[int], list[int]]], a: int, b: int) -> dict:
     """``groups`` (expert -> ascending token rows, their top-k slots) cut to the tokens
     ``a`` to ``b``, numbered from ``a``; experts none of them chose left out."""
     out = {}
     for e, (rows, slots) in groups.items():
-        lo, hi = bisect.bisect_left(rows, a), bisect.bisect_left(rows, b)
+        lo, hi = row_span(rows, a, b)
         if hi > lo:
             out[e] = ([r - a for r in rows[lo:hi]], slots[lo:hi])
     return out

@@ -39,6 +39,7 @@ from moespeq_cli.runtime.executors.grouped import (
     gathered,
     grouped_pairs,
     plan_layout,
+    row_span,
     rows_between,
     run_phase,
 )
@@ -216,9 +217,9 @@ class OffloadedExperts:
         those already in the device's slots at once, while the copies of the rest (issued
         now if not yet) are in flight, then those after waiting for them; their outputs
         summed with the CPU's. A prompt's tokens go a part at a time (``grouped_pairs``),
-        every expert held in its slot, an expert waited for where it is first used; a layer
-        with CPU experts takes its prompt at once (the CPU's outputs join each token's sum
-        in expert order, and a part would wait for them with the device idle). None when
+        every expert held in its slot, an expert waited for where it is first used, and a
+        CPU expert's output where a part first uses it (the part's device calls queued
+        first), each part taking its rows of it. None when
         the slots cannot hold every miss at once (every other slot pinned): the caller then
         goes expert by expert, as slots free up."""
         cache, b = self.cache, self.backend
@@ -255,9 +256,10 @@ class OffloadedExperts:
         # staying in its slot: what the calls hold at once stays what the plan reserves
         T, k = weights.shape
         pairs = grouped_pairs(self.tiers.config.num_experts)
-        step = T if T * k <= pairs or host_jobs else max(1, pairs // k)
+        step = T if T * k <= pairs else max(1, pairs // k)
         out = None if step == T else torch.empty_like(x)
         waited: set[int] = set()
+        host_out: dict[int, torch.Tensor] = {}
         for a in range(0, T, step):
             rows = groups if step == T else rows_between(groups, a, a + step)
             # after the first part every copy issued has been waited for or is waited for
@@ -281,9 +283,12 @@ class OffloadedExperts:
                 )
                 costs = [self.grouped_cost(len(rows[e][0])) for e in experts]
                 b.end(token, sum(costs[1:], costs[0]), f"experts L{layer}", layer)
-            # the CPU's outputs last: the device's calls are queued before the host waits for
-            # them (a layer with CPU experts is one part)
-            outs += [b.host_result(host_jobs[e]) for e in on_host]
+            # the CPU's outputs last: the device's calls are queued before the host waits for them
+            for e in on_host:
+                if e not in host_out:
+                    host_out[e] = b.host_result(host_jobs[e])
+                lo, hi = row_span(groups[e][0], a, a + step)
+                outs.append(host_out[e][lo:hi])
             token = b.begin()
             part = combine(layout, meta, outs, weights[a : a + step], x.dtype)
             b.end(token, Cost(0.0, 0.0, 0), f"experts sum L{layer}", layer)

@@ -281,7 +281,8 @@ def make_plan(
     )
     # a pass's activations over the whole context (a prefill), and the logits of the longest
     # pass that keeps them all: a verification's (a prefill keeps its last row)
-    held = 0 if grouped_scratch else cfg.top_k  # grouped calls sum their parts' outputs as they go
+    # grouped calls sum their parts' outputs as they go; the CPU's outputs are held whole
+    held = 0 if grouped_scratch and not cpu_experts else cfg.top_k
     workspace = activation_bytes(cfg, biggest_ffn, context, elem, held) + 2 * ROLLBACK * cfg.vocab_size * 4
     # and attention's transient (one layer at a time): masks, gpt-oss's tiles of scores
     workspace += max(
