@@ -76,6 +76,7 @@ def test_json_lines_one_object_per_answer(chat_ckpt):
     second = reference(chat_ckpt, f"<|user|>hello\n<|assistant|>{first}\n<|user|>and then\n<|assistant|>")
     answers = [json.loads(line) for line in r.stdout.splitlines()]  # stdout holds nothing else
     assert [(a["turn"], a["content"], a["interrupted"]) for a in answers] == [(1, first, False), (2, second, False)]
+    assert [a["reasoning"] for a in answers] == [None, None]  # every record has the key, as run --json's
     assert all(a["stats"]["new_tokens"] == len(a["token_ids"]) > 0 for a in answers)
     assert all(a["finish_reason"] == ("length" if len(a["token_ids"]) == 8 else "stop") for a in answers)
     assert "tokens in" in r.stderr  # /stats still answers, on stderr

@@ -559,6 +559,16 @@ def test_profile_fifo(cli, tmp_path):
     one_line_error(cli("plan", "mixtral", "--hardware", str(p)), 2, str(p), "FIFO")
 
 
+def test_a_prompt_file_s_byte_order_mark_is_not_prompt_text(tmp_path):
+    """Notepad's UTF-8 files begin with one: piped, or through a FIFO, it was dropped, but a
+    --prompt-file kept it (a token of its own before the text)."""
+    from moespeq_cli.cli.run import read_prompt
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfHi there")
+    assert read_prompt(None, bom, "default") == "Hi there"
+
+
 def test_prompt_file_too_large(cli, ckpt, tmp_path):
     big = tmp_path / "big.txt"
     with open(big, "wb") as f:

@@ -3,7 +3,7 @@ multi-byte character."""
 
 import json
 
-from moespeq_cli.tokenizer import StreamDecoder, Tokenizer
+from moespeq_cli.tokenizer import StreamDecoder, Tokenizer, stream_text
 
 
 def make(tmp_path, tiny, **tok_cfg):
@@ -30,6 +30,62 @@ def test_stream_decoder_holds_partial_utf8(tmp_path, tiny):
     pieces = [d.push(i) for i in ids] + [d.flush()]
     assert "".join(pieces) == "né 😀 ok"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def llama_style(tmp_path):
+    """A tokenizer as Llama's and Mistral's are: SentencePiece-style (``▁`` for a space,
+    stripped at the start of a decode) with byte-fallback tokens ``<0x00>``..``<0xFF>``
+    for characters not in its vocabulary, a run of them decoded together."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz", "▁the", "▁hello"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("▁", "h"), ("▁h", "e"), ("▁he", "l"), ("▁hel", "l")]
+    merges += [("▁hell", "o")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = HFTokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    return Tokenizer(tmp_path, {"eos_token_id": 2})
+
+
+def test_stream_decoder_keeps_sentencepiece_spaces_and_byte_fallback_characters(tmp_path):
+    tok = llama_style(tmp_path)
+    ids = tok.encode("hello the 😀 cat é the")
+    assert tok.decode(ids) == "hello the 😀 cat é the"
+    d = StreamDecoder(tok)
+    pieces = [d.push(i) for i in ids] + [d.flush()]
+    assert "".join(pieces) == "hello the 😀 cat é the" == stream_text(tok, ids)
+    assert all("\ufffd" not in p for p in pieces)
+    # An answer cut inside a second emoji: the byte-fallback decoder turns the whole run of
+    # byte tokens into one U+FFFD a byte, the first emoji's too; the stream gave 😀 before
+    # the cut and then the cut's two bytes, and the text the run reports is what it
+    # printed (it printed 😀 and five replacement characters, and reported six).
+    cut = tok.encode("😀😀")[:-2]
+    assert tok.decode(cut) == "\ufffd" * 6
+    assert stream_text(tok, cut) == "😀\ufffd\ufffd"
+
+
+def test_stream_decoder_decodes_a_few_tokens_a_step(tmp_path, tiny):
+    """Each step decodes the tokens since the last text it gave and those before it: a
+    long answer's decoding grows with its length, where it grew with its square (every
+    token so far decoded at each step)."""
+    tok = make(tmp_path, tiny)
+    ids = tok.encode("né 😀 ok, the quick brown fox. " * 60)  # ~2,000 tokens
+    decoded = []
+    plain = tok.decode
+    tok.decode = lambda part: decoded.append(len(part)) or plain(part)
+    assert stream_text(tok, ids) == plain(ids)
+    assert sum(decoded) <= 8 * len(ids), (sum(decoded), len(ids))
 
 
 # Templates using what transformers' template environment has beyond plain Jinja (as the

@@ -120,7 +120,8 @@ def chat(
     The history is kept within the context; the oldest turns are dropped, with a
     notice, when it outgrows it. Sampling options are run's. With --json each answer is
     one JSON object on its own line ({"turn", "content", "token_ids", "interrupted",
-    "finish_reason", "stats"}), so a script can tell answers apart whatever their text
+    "reasoning", "finish_reason", "stats"}; reasoning: a thinking model's, apart from
+    the content, or null), so a script can tell answers apart whatever their text
     holds: finish_reason is "stop" (end of sequence or a --stop string), "length"
     (--max-new-tokens) or "interrupted" (Ctrl-C; then interrupted is true); token_ids are
     every token generated, the end-of-sequence token and the one that completed a stop
@@ -262,8 +263,7 @@ def chat(
         if json_out:
             finish = "interrupted" if stopped else answer.finish_reason
             record = {"turn": turn, "content": answer.text, "token_ids": answer.token_ids, "interrupted": stopped}
-            if answer.reasoning:  # a harmony model's (gpt-oss) reasoning channels
-                record["reasoning"] = answer.reasoning
+            record["reasoning"] = answer.reasoning or None  # a think block's or gpt-oss's analysis, apart
             record["finish_reason"] = finish
             stats = engine.last_stats.to_dict() if engine.last_stats is not None else None
             sys.stdout.write(json.dumps(record | {"stats": stats}) + "\n")

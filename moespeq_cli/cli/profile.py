@@ -113,6 +113,7 @@ def profile(
         }
 
     from moespeq_cli.profiling.live import render
+    from moespeq_cli.tokenizer import stream_text
 
     def view():
         b = engine.backend
@@ -127,7 +128,7 @@ def profile(
             E,
             missed,
             snapshot(),
-            engine.tokenizer.decode(token_ids),
+            stream_text(engine.tokenizer, token_ids),
             engine.tiers.host if engine.plan.disk_tier else None,
             tuple(shutil.get_terminal_size((120, 40))),
         )

@@ -60,7 +60,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
             if file_status(prompt_file)[0] == "a FIFO":  # `--prompt-file <(...)`: read to its end
                 prompt = read_pipe(prompt_file)
             else:
-                prompt = read_text(prompt_file, PROMPT_LIMIT, "--prompt-file", UsageError)
+                # a byte-order mark (Notepad's) is not prompt text, as on standard input
+                prompt = read_text(prompt_file, PROMPT_LIMIT, "--prompt-file", UsageError).removeprefix("\ufeff")
     elif prompt is None and stdin_is_piped():
         piped = read_stdin(wait=STDIN_WAIT_S)
         if piped is None:  # an open pipe that stayed silent: say so, rather than quietly use the default
@@ -426,6 +427,8 @@ ALL_IN_RAM = "every expert fits in RAM: --backend cpu decodes from memory, witho
 def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], wall: float | None = None) -> dict:
     """The docs/design.md §7 object of ``run --json``; ``wall``: the generation's wall-clock
     seconds (beside the mock's virtual ones)."""
+    from moespeq_cli.tokenizer import stream_text
+
     result = {
         "model": name,
         "model_type": engine.ckpt.config.model_type,
@@ -435,7 +438,7 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
         "plan": engine.plan.to_dict() if engine.plan else None,
         "prompt_token_ids": prompt_ids,
         "token_ids": token_ids,
-        "text": engine.tokenizer.decode(token_ids),
+        "text": stream_text(engine.tokenizer, token_ids),  # as printed
         "stats": engine.last_stats.to_dict(),
     }
     if wall is not None:
