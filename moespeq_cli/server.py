@@ -195,7 +195,11 @@ class HaltingServer(uvicorn.Server):
             self.on_listening()
 
     def handle_exit(self, sig, frame) -> None:
-        self.config.app.state.worker.halt()
+        state = self.config.app.state
+        state.worker.halt()
+        loop = getattr(state, "loop", None)  # (none before the app's start-up: no request yet)
+        if loop is not None:  # a signal handler interrupts the loop's own code: woken, not called into
+            loop.call_soon_threadsafe(state.halted.set)
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
@@ -621,10 +625,12 @@ def build_app(
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     worker = Worker(engine, queue_size)
+    halted = asyncio.Event()  # the server is shutting down (``HaltingServer.handle_exit``)
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespeq-encode")  # one at a time: off the loop
     created = int(time.time())
 
@@ -662,13 +668,28 @@ def build_app(
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
             raise too_big
-        chunks, total = [], 0
-        async for chunk in request.stream():  # chunked bodies too: never more than MAX_BODY held
-            total += len(chunk)
-            if total > MAX_BODY:
-                raise too_big
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+
+        async def collect() -> bytes:
+            chunks, total = [], 0
+            async for chunk in request.stream():  # chunked bodies too: never more than MAX_BODY held
+                total += len(chunk)
+                if total > MAX_BODY:
+                    raise too_big
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        # a shutdown while the body is coming answers 503: a client that stalls mid-upload
+        # held Ctrl-C and SIGTERM as long as it stalled
+        reading, stop = asyncio.ensure_future(collect()), asyncio.ensure_future(halted.wait())
+        try:
+            await asyncio.wait({reading, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not reading.done():
+                reading.cancel()
+        if not reading.done():
+            raise shutting_down()
+        raw = reading.result()  # (ClientDisconnect: the client left mid-upload)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -755,6 +776,9 @@ def build_app(
             )
         except ApiError as e:
             return error(request, e)
+        except ClientDisconnect:  # before its body was all sent: nobody to answer
+            log(request, 499, "cancelled: the client went away while sending the request")
+            return Response(status_code=499)
         except TemplateError as e:  # the template refused these messages (its raise_exception), or failed on them
             if e.refused:
                 return error(
@@ -881,6 +905,8 @@ def build_app(
 
         def event(choices: list, **extra) -> str:
             data = {"id": rid, "object": chunk_obj, "created": int(time.time()), "model": name, "choices": choices}
+            if include_usage:  # null but in the last chunk, as OpenAI sends it
+                data["usage"] = None
             return "data: " + json.dumps(data | extra) + "\n\n"
 
         def piece(text: str | None, finish: str | None = None) -> dict:
@@ -932,6 +958,7 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        app.state.loop = asyncio.get_running_loop()  # where a signal handler sets ``halted``
         yield
         worker.stop()
         encoder.shutdown(wait=False, cancel_futures=True)
@@ -961,4 +988,5 @@ def build_app(
     )
     app.router.redirect_slashes = False  # (the Gate drops trailing slashes)
     app.state.worker = worker
+    app.state.halted = halted  # set by Ctrl-C or SIGTERM (``HaltingServer.handle_exit``)
     return app

@@ -123,6 +123,21 @@ def test_chat_streaming_and_not(served):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+def test_asked_for_usage_every_chunk_carries_it_null_but_the_last(served):
+    """OpenAI's streamed chunks with ``stream_options.include_usage``: "usage" null on each
+    but the last (which has it, and no choices); moespeq left the key out."""
+    url, name, _engine = served
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=body | {"stream_options": {"include_usage": True}}
+    ) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert all("usage" in e and e["usage"] is None for e in events[:-1]) and len(events) > 2
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body) as r:  # not asked: no key
+        assert not any("usage" in json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {"))
+
+
 def test_completions_and_stop(served):
     url, name, engine = served
     c = client(url)
@@ -539,6 +554,49 @@ def test_a_stream_still_queued_at_shutdown_gets_a_real_503(tiny, monkeypatch, ca
     log = capsys.readouterr().err
     assert "POST /v1/completions 200" in log and "ended by an error event" in log, log
     engine.close()
+
+
+def partial_upload(port: int):
+    """A socket that sent a request's headers and 6 of its body's 100 bytes, then stalls."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    s.sendall((head + "Content-Length: 100\r\n\r\n").encode() + b'{"mess')
+    return s
+
+
+def test_a_stalled_upload_does_not_hold_the_shutdown(tiny):
+    """A client that stops partway through its request's body held Ctrl-C and SIGTERM as
+    long as it stalled (a QA run: 102 s, until the client gave up; a second Ctrl-C then
+    printed a traceback): it is answered 503 and the server stops."""
+    import signal
+
+    from moespeq_cli.server import HaltingServer
+
+    path, _ = tiny("mixtral", "gqa")
+    server, thread, url, name, engine = start(path, server_class=HaltingServer)
+    with partial_upload(int(url.rsplit(":", 1)[1])) as s:
+        time.sleep(0.5)  # the handler waits for the rest of the body
+        server.handle_exit(signal.SIGTERM, None)
+        thread.join(10)
+        assert not thread.is_alive()
+        reply = s.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 503") and "shutting_down" in reply, reply
+    engine.close()
+
+
+def test_a_client_that_leaves_mid_upload_is_logged_as_gone(served, capsys):
+    """It was logged '400 cannot encode the request's text with this model's tokenizer'."""
+    url, _name, _engine = served
+    with partial_upload(int(url.rsplit(":", 1)[1])):
+        time.sleep(0.3)
+    seen, deadline = "", time.time() + 20
+    while "POST /v1/chat/completions 499" not in seen and time.time() < deadline:
+        time.sleep(0.1)
+        seen += capsys.readouterr().err
+    assert "POST /v1/chat/completions 499" in seen and "went away while sending the request" in seen, seen
+    assert "tokenizer" not in seen, seen
 
 
 def test_context_errors_read_as_sentences():
