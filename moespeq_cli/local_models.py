@@ -61,9 +61,18 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     names = {repo: alias for alias, (repo, _) in reversed(ALIASES.items())}  # the first alias wins
     found, others = [], []
     try:
-        repos = sorted((repo, d) for d in cache.iterdir() if (repo := repo_of(d.name)) and d.is_dir())
+        folders = sorted(d for d in cache.iterdir() if d.name.startswith("models--"))
     except OSError:
-        repos = []
+        folders = []
+    repos = []
+    for d in folders:
+        repo = repo_of(d.name)
+        if repo is None:  # `models--gpt2`: a model without an organization (the hub's oldest)
+            others.append((d.name, "not a model `run` takes: its hub id has no organization (org/name)"))
+        elif not d.is_dir():  # a link to nothing, or to itself
+            others.append((repo, "its folder in the cache is a link that leads to no folder"))
+        else:
+            repos.append((repo, d))
     for repo, d in repos:
         if not looks_like_hub_id(repo):  # (`models--..--x`, a space, a letter the hub refuses)
             others.append((repo, "not a hub id `run` takes"))

@@ -40,7 +40,7 @@ import uvicorn
 
 from moespeq_cli.chat_template import RESERVED, TemplateError
 from moespeq_cli.conversation import Answer, complete
-from moespeq_cli.text import counted
+from moespeq_cli.text import counted, printable
 
 MAX_BODY = 16 * 2**20
 REASONING = "reasoning"  # tags a streamed piece of reasoning
@@ -278,13 +278,6 @@ HANDLED = {
     "chat_template_kwargs", "reasoning_effort", "continue_final_message", "add_generation_prompt",
     *UNSUPPORTED, *UNSUPPORTED_BUT,
 }  # fmt: skip
-
-
-def printable(name: str, most: int = 40) -> str:
-    """A name from a request (a field, a Host header) as a log line or an error may show
-    it: as sent where printable and short, else escaped and cut (no line breaks or escape
-    codes reach the operator's terminal)."""
-    return name if name.isprintable() and len(name) <= most else ascii(name[:most])
 
 
 def neutral(value, default) -> bool:

@@ -255,6 +255,9 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     (index / "model.safetensors").rename(index / "model-00001-of-00001.safetensors")
     (index / "model.safetensors.index.json").write_text("{oops")
     locked = repo("locked")
+    repo("gpt2").parents[1].rename(tmp_path / "models--gpt2")  # a hub id without an organization
+    (tmp_path / "models--acme--loop").symlink_to(tmp_path / "models--acme--loop")  # a link to itself
+    repo("line").parents[1].rename(tmp_path / "models--acme--new\nline")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     real_listdir, real_stat = os.listdir, os.stat
 
@@ -284,7 +287,9 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     assert not models["acme/index"]["weights"] and "cannot be opened" in models["acme/index"]["damaged"]
     assert "acme/has space" not in models and "../x" not in models  # names `run` would not take
     others = {o["repo"]: o["reason"] for o in listed["other_repos"]}
-    assert others["acme/has space"] == others["../x"] == "not a hub id `run` takes"
+    assert others["acme/has space"] == others["../x"] == others["acme/new\nline"] == "not a hub id `run` takes"
+    # left out in silence: a model without an organization, a folder linked to itself
+    assert "has no organization" in others["models--gpt2"] and "leads to no folder" in others["acme/loop"]
     assert "acme/gptq" not in models and "gptq" in others["acme/gptq"]
     assert not models["acme/notok"]["weights"] and "cannot be opened" in models["acme/notok"]["damaged"]
     (why,) = [o["reason"] for o in listed["other_repos"] if o["repo"] == "acme/locked"]
@@ -292,6 +297,7 @@ def test_list_says_which_models_are_damaged_or_unreadable(cli, monkeypatch, tmp_
     r = cli("list")
     assert "(model.safetensors truncated: pull again)" in r.stdout and "(incomplete: pull again)" in r.stdout
     assert "not listed: acme/locked:" in r.stderr
+    assert "not listed: 'acme/new\\nline': not a hub id" in r.stderr  # escaped: one line a repository
     r = cli("plan", "acme/locked")
     assert r.exit_code == 1 and "cannot be read (permission denied); check its permissions" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -6,7 +6,7 @@ import sys
 import time
 
 from moespeq_cli.cli import options as o
-from moespeq_cli.text import counted
+from moespeq_cli.text import counted, printable
 
 COMMAND = "list"
 
@@ -74,8 +74,8 @@ def listing(json_out: o.Json = False) -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    for repo, why in others:
-        print(f"not listed: {repo}: {why}", file=sys.stderr)
+    for repo, why in others:  # (a folder's name may hold a newline or a terminal's escape)
+        print(f"not listed: {printable(repo, 200)}: {why}", file=sys.stderr)
 
 
 def size_cell(m) -> str:
