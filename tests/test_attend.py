@@ -27,9 +27,17 @@ def reference(q, k, v, start, scale, window=None):
     ids=["prompt", "windowed-prompt", "block", "windowed-block", "windowed-step", "step"],
 )
 @pytest.mark.parametrize("tile", [5, 1])
-def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, L, start, window, tile):
+@pytest.mark.parametrize("folded", [False, True], ids=["grouped", "folded"])
+def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, L, start, window, tile, folded):
     """Tiles of five rows, and of one (a row that is not the pass's last still sees only
-    the keys up to its position: a one-row tile saw them all)."""
+    the keys up to its position: a one-row tile saw them all); with each kv head's group
+    of query heads as one head's rows, as on a GPU (``folds_groups``), the same."""
+    monkeypatch.setattr(base, "folds_groups", lambda q: folded)
+    sdpa = F.scaled_dot_product_attention
+    heads = []
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda q, *a, **kw: heads.append(q.shape[1]) or sdpa(q, *a, **kw)
+    )
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, m, 16, generator=g) for n, m in ((4, T), (2, L), (2, L)))
     monkeypatch.setattr(base, "MASK_ELEMS", tile * 4 * L)  # scores of `tile` rows of the four heads
@@ -37,6 +45,7 @@ def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, 
     real = base.causal_mask
     monkeypatch.setattr(base, "causal_mask", lambda *a: masks.append(a[1:3]) or real(*a))
     got = base.attend(q, k, v, start, 0.25, window)
+    called = set(heads)  # (the reference's own call left out)
     want = reference(q, k, v, start, 0.25, window)
     assert (got - want).abs().max() < 1e-6
     assert all(rows * keys <= tile * L for rows, keys in masks)  # no mask past a tile
@@ -44,6 +53,8 @@ def test_attention_without_a_whole_mask_is_the_masked_attention(monkeypatch, T, 
         assert masks == []  # SDPA's own causal mask
     if T == 1 and window:
         assert masks == [(1, window)]  # the window's keys alone (no mask built for them)
+    if masks:  # folded: the two kv heads' groups as rows, equal heads; else the four query heads
+        assert called == {2 if folded else 4}
 
 
 def test_the_plan_holds_what_gpt_oss_attention_holds_over_a_prompt(tiny, monkeypatch):

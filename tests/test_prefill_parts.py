@@ -51,3 +51,15 @@ def test_a_long_prompt_stays_within_the_planned_workspace(tmp_path, monkeypatch,
         assert seen.peak <= plan.workspace_bytes + plan.kv_cache_bytes, (seen.peak, plan)
     finally:
         eng.close()
+
+
+def test_a_part_s_last_state_is_kept_below_a_cycle_s_floor():
+    """A linear-attention layer's state after a part is what the next part continues from:
+    kept even where a speculative cycle's floor (``keep_from``) lies beyond it (a cache
+    recomputed within a cycle, LongRoPE's), where it was dropped and the next part failed
+    with "no recurrent state"."""
+    cache = base.KVCache(1)
+    cache.keep_from(100)
+    cache.save_states(0, {49: ("earlier",), 50: ("part's last",)})
+    cache.length = 50
+    assert cache.state(0) == ("part's last",)

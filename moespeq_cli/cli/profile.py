@@ -113,7 +113,9 @@ def profile(
         }
 
     from moespeq_cli.profiling.live import render
-    from moespeq_cli.tokenizer import stream_text
+    from moespeq_cli.tokenizer import StreamDecoder
+
+    decoder, text = StreamDecoder(engine.tokenizer), [""]  # the text so far, a token's piece at a time
 
     def view():
         b = engine.backend
@@ -128,7 +130,7 @@ def profile(
             E,
             missed,
             snapshot(),
-            stream_text(engine.tokenizer, token_ids),
+            text[0],
             engine.tiers.host if engine.plan.disk_tier else None,
             tuple(shutil.get_terminal_size((120, 40))),
         )
@@ -143,6 +145,7 @@ def profile(
         with Live(view(), refresh_per_second=8, transient=False) as lv:
             for ev in events:
                 token_ids.append(ev.token)
+                text[0] += decoder.push(ev.token)
                 lv.update(view())
     else:
         for ev in events:

@@ -438,7 +438,7 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
         "plan": engine.plan.to_dict() if engine.plan else None,
         "prompt_token_ids": prompt_ids,
         "token_ids": token_ids,
-        "text": stream_text(engine.tokenizer, token_ids),  # as printed
+        "text": stream_text(engine.tokenizer, token_ids),  # as streamed (StreamDecoder)
         "stats": engine.last_stats.to_dict(),
     }
     if wall is not None:

@@ -171,7 +171,9 @@ class KVCache:
         those ``keeps`` asks for)."""
         hist = self.states.setdefault(layer, {})
         hist.update(per_token)
-        keep = max(per_token) if self.floor is None else self.floor
+        # (the pass's last state always: a long prompt's next part continues from it, even
+        # where a cycle's floor lies beyond it)
+        keep = max(per_token) if self.floor is None else min(self.floor, max(per_token))
         for pos in [p for p in hist if p < keep]:
             del hist[pos]
 
@@ -324,22 +326,42 @@ def in_window(k: torch.Tensor, v: torch.Tensor, start: int, T: int, window: int 
     return k, v, start
 
 
+def folds_groups(q: torch.Tensor) -> bool:
+    """Whether a masked pass with grouped heads takes each kv head's group of query heads as
+    the rows of one head: on a GPU, where SDPA takes a mask with grouped heads on its math
+    kernel only, the keys and values repeated for every query head at each tile (a 32K
+    cache of Mixtral's: 0.5 GiB a tile, and a verification is a tile); with equal heads its
+    memory-efficient kernel takes the mask and reads the cache as it is. Not on the CPU,
+    whose fused kernel takes grouped heads with a mask and repeats nothing (the rows'
+    mask, repeated for each head of a group, would be the larger)."""
+    return not q.is_cpu
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None = None
 ) -> torch.Tensor:
     """Causal attention of T new queries at positions [start, start+T) over all keys.
-    q: [H, T, d]; k, v: [Hkv, L, d]; returns [T, H * dv]. A prompt over an empty cache
-    uses SDPA's own causal mask (a [T, T] mask of 32K tokens is 1 GiB, and a GPU's
-    kernels take it as 2 GiB more); a longer masked pass goes in tiles of query rows."""
+    q: [H, T, d]; k, v: [Hkv, L, d]; returns [T, H * dv]. A prompt over an empty cache (a
+    long one's first part) uses SDPA's own causal mask (a [T, T] mask of 32K tokens is
+    1 GiB, and a GPU's kernels take it as 2 GiB more); a masked pass goes in tiles of query
+    rows (``folds_groups``: on a GPU each kv head's group of query heads as one head's rows)."""
     T = q.shape[1]
     k, v, start = in_window(k, v, start, T, window)
     L, gqa = k.shape[1], k.shape[0] != q.shape[0]
     if T > 1 and start == 0 and T == L and not window:
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(T, -1)
+    H, Hkv = q.shape[0], k.shape[0]
+    folded = gqa and folds_groups(q)
 
     def tile(t0: int, n: int) -> torch.Tensor:
         mask = causal_mask(start + t0, n, L, window, q.device)
+        if folded:  # query head h is kv head h // g's: rows (h % g, t) of head h // g
+            g = H // Hkv
+            rows = q[:, t0 : t0 + n].reshape(Hkv, g * n, -1)
+            mask = None if mask is None else mask.repeat(g, 1)
+            out = F.scaled_dot_product_attention(rows[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
+            return out.reshape(H, n, -1).transpose(0, 1).reshape(n, -1)
         out = F.scaled_dot_product_attention(
             q[None, :, t0 : t0 + n], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=gqa
         )[0]  # [H, n, dv]
@@ -670,7 +692,7 @@ class SparseMoE(nn.Module):
         if self.observer is not None:
             self.observer(self.layer, rows)
         out = self.experts(self.layer, self.expert_input(x), ids, weights, rows, ahead)
-        extra = rows_in_parts(self.shared, x)
+        extra = self.shared(x) if x.shape[0] <= PREFILL_PART else rows_in_parts(self.shared, x)
         return out if extra is None else out + extra
 
 
@@ -744,6 +766,9 @@ class DecoderLayer(nn.Module):
         return getattr(self, self.mlp_name)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rope: tuple) -> torch.Tensor:
+        if x.shape[0] <= PREFILL_PART:  # (decoding: no call more a layer)
+            x = x + self.attn(self.input_layernorm(x), layer, cache, rope)
+            return x + self.ffn(self.post_attention_layernorm(x))
         x = x + attention_in_parts(self.attn, self.input_layernorm(x), layer, cache, rope)
         h, ffn = self.post_attention_layernorm(x), self.ffn
         # a MoE block takes the whole pass (its shared experts go in parts), a dense MLP parts

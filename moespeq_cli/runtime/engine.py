@@ -582,8 +582,9 @@ class Engine:
     ) -> Iterator[TokenEvent]:
         """``reuse``: start from the previous ``reuse`` call's cache where its tokens are a
         prefix of ``prompt_ids`` (a conversation's earlier turns are not prefilled again);
-        chat and serve use it. The prefill of the rest runs as one pass, so the logits can
-        differ from a whole prefill's in the last bits."""
+        chat and serve use it. The prefill of the rest is a pass continuing the cache (a long
+        one in parts, as a long prompt's), so the logits can differ from a whole prefill's in
+        the last bits."""
         if reuse:
             cache = self.reusable_cache(prompt_ids)
             reused = cache.length

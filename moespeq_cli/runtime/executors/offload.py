@@ -287,8 +287,11 @@ class OffloadedExperts:
             for e in on_host:
                 if e not in host_out:
                     host_out[e] = b.host_result(host_jobs[e])
-                lo, hi = row_span(groups[e][0], a, a + step)
-                outs.append(host_out[e][lo:hi])
+                if step == T:  # (one part: decoding, a verification, a short prompt)
+                    outs.append(host_out[e])
+                else:
+                    lo, hi = row_span(groups[e][0], a, a + step)
+                    outs.append(host_out[e][lo:hi])
             token = b.begin()
             part = combine(layout, meta, outs, weights[a : a + step], x.dtype)
             b.end(token, Cost(0.0, 0.0, 0), f"experts sum L{layer}", layer)

@@ -224,15 +224,16 @@ def activation_bytes(cfg: MoEConfig, ffn: int, context: int, elem: int, held: in
     as does an expert (executors/experts.py): the normed input, queries, keys and values,
     attention's output, an MLP's gate, up and their product. And over the whole pass the
     MoE block's, whose experts take the pass in one call: the residual stream before and
-    after attention, the block's input and output, the layer's result, the rows an expert
-    takes, ``held`` experts' outputs a token (computed expert by expert they are summed in
-    expert order at the end: top-k of them; grouped calls sum theirs a part at a time, 0),
-    and the router's fp32 logits and choices (with the next layer's guess: twice).
-    Measured against a dispatch-mode counter in tests/test_prefill_parts.py."""
+    after attention, the block's input and output, the shared experts' output, the layer's
+    result, the rows an expert takes, ``held`` experts' outputs a token (computed expert by
+    expert they are summed in expert order at the end: top-k of them; grouped calls sum
+    theirs a part at a time, 0; a CPU expert's output is held whole), and the router's fp32
+    logits and choices (with the next layer's guess: twice). A long prompt's peak is
+    checked against the plan with a dispatch-mode counter in tests/test_prefill_parts.py."""
     h = cfg.hidden_size
     part = min(context, model_base.PREFILL_PART) * (8 * h + 3 * ffn) * elem
     routing = 2 * cfg.num_experts * 4 + 2 * cfg.top_k * (4 + 8)
-    return part + context * ((5 + held) * h * elem + routing)
+    return part + context * ((6 + held) * h * elem + routing)
 
 
 def make_plan(
@@ -279,8 +280,8 @@ def make_plan(
             if isinstance(m, torch.nn.Linear) and m.weight.shape[1] == cfg.hidden_size and m is not model.lm_head
         ]
     )
-    # a pass's activations over the whole context (a prefill), and the logits of the longest
-    # pass that keeps them all: a verification's (a prefill keeps its last row)
+    # a pass's activations over the whole context (a prefill, in parts), and the logits of the
+    # longest pass that keeps them all: a verification's (a prefill keeps its last row)
     # grouped calls sum their parts' outputs as they go; the CPU's outputs are held whole
     held = 0 if grouped_scratch and not cpu_experts else cfg.top_k
     workspace = activation_bytes(cfg, biggest_ffn, context, elem, held) + 2 * ROLLBACK * cfg.vocab_size * 4
