@@ -120,6 +120,8 @@ def test_trace_is_chrome_json_and_copies_overlap_compute(tiny, cli, tmp_path):
         "gate-prefetch",
         "--vram",
         str(vram_for_slots(path, 12, 40)),
+        "--context",  # the context the budget was sized for: 12 slots of 16 experts (the run's own 31 left 15)
+        "40",
         "--trace",
         str(out),
         "--json",

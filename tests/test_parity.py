@@ -29,21 +29,27 @@ def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def reference_and_ours(ref, model, ids, prompt: int):
+    """(the reference's logits over ``ids`` in one pass, ours for its first ``prompt``
+    tokens in one pass and then a token at a time over the cache)."""
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    cache = model.new_cache()
+    got = [model(ids[:prompt], cache)]
+    got += [model(ids[i : i + 1], cache) for i in range(prompt, len(ids))]
+    return expected, torch.cat(got)
+
+
 @KERNELS
 @pytest.mark.parametrize("family,variant", VARIANTS)
 def test_logits_match_reference(tiny, family, variant, cpu_kernels):
     path, ref = tiny(family, variant)
     model = ours(path, cpu_kernels=cpu_kernels)
     ids = torch.randint(3, 200, (24,), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = ref(ids[None]).logits[0]
-    cache = model.new_cache()
-    got = model(ids, cache)
+    expected, got = reference_and_ours(ref, model, ids, 24)
     assert rel_err(got, expected) < 1e-4
     # Incremental decoding over the cache gives the same logits as the full pass.
-    cache = model.new_cache()
-    parts = [model(ids[:16], cache)] + [model(ids[i : i + 1], cache) for i in range(16, 24)]
-    assert rel_err(torch.cat(parts), expected) < 1e-4
+    assert rel_err(reference_and_ours(ref, model, ids, 16)[1], expected) < 1e-4
 
 
 @KERNELS
@@ -59,10 +65,7 @@ def test_a_prompt_taken_in_parts_matches_reference(tiny, monkeypatch, family, va
     path, ref = tiny(family, variant)
     model = ours(path, cpu_kernels=cpu_kernels)
     ids = torch.randint(3, 200, (84,), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = ref(ids[None]).logits[0]
-    cache = model.new_cache()
-    got = torch.cat([model(ids[:80], cache)] + [model(ids[i : i + 1], cache) for i in range(80, 84)])
+    expected, got = reference_and_ours(ref, model, ids, 80)
     assert rel_err(got, expected) < 1e-4
 
 
