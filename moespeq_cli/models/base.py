@@ -305,8 +305,23 @@ def tile_rows(heads: int, T: int, L: int) -> int:
 def in_tiles(T: int, rows: int, tile: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """``tile(t0, n)``'s outputs ``[n, ...]`` for query rows [t0, t0 + n), ``rows`` at a
     time, joined (one tile: its output as it is)."""
-    outs = [tile(t0, min(rows, T - t0)) for t0 in range(0, T, rows)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return tile(0, T) if rows >= T else parts_joined(T, rows, lambda a, b: tile(a, b - a))
+
+
+def parts_joined(T: int, step: int, part: Callable[[int, int], torch.Tensor | None]) -> torch.Tensor | None:
+    """``part(a, b)``'s outputs for rows [a, b), ``step`` at a time, written into one
+    ``[T, ...]`` tensor as they come (None where a part gives None: a family without
+    shared experts)."""
+    out = None
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        y = part(a, b)
+        if y is None:
+            return None
+        if out is None:
+            out = y.new_empty((T, *y.shape[1:]))
+        out[a:b] = y
+    return out
 
 
 def attention_scratch(heads: int, context: int, elem: int, repeated: int = 0) -> int:
@@ -383,26 +398,11 @@ def attend(
 PREFILL_PART = 2048
 
 
-def _joined(T: int, part: Callable[[int, int], torch.Tensor | None]) -> torch.Tensor | None:
-    """``part(a, b)``'s outputs for rows [a, b), ``PREFILL_PART`` at a time, written into one
-    ``[T, ...]`` tensor (None where a part gives None: a family without shared experts)."""
-    out = None
-    for a in range(0, T, PREFILL_PART):
-        b = min(T, a + PREFILL_PART)
-        y = part(a, b)
-        if y is None:
-            return None
-        if out is None:
-            out = y.new_empty((T, *y.shape[1:]))
-        out[a:b] = y
-    return out
-
-
 def rows_in_parts(fn: Callable[[torch.Tensor], torch.Tensor | None], x: torch.Tensor) -> torch.Tensor | None:
     """``fn(x)`` for a row-wise ``fn`` (a dense MLP, shared experts), in parts of
     ``PREFILL_PART`` rows where x has more."""
     T = x.shape[0]
-    return fn(x) if T <= PREFILL_PART else _joined(T, lambda a, b: fn(x[a:b]))
+    return fn(x) if T <= PREFILL_PART else parts_joined(T, PREFILL_PART, lambda a, b: fn(x[a:b]))
 
 
 def attention_in_parts(attn: nn.Module, x: torch.Tensor, layer: int, cache: KVCache, rope) -> torch.Tensor:
@@ -420,7 +420,7 @@ def attention_in_parts(attn: nn.Module, x: torch.Tensor, layer: int, cache: KVCa
         return attn(x[a:b], layer, cache, rope_rows(rope, a, b))
 
     try:
-        return _joined(T, part)
+        return parts_joined(T, PREFILL_PART, part)
     finally:
         cache.length = start
 

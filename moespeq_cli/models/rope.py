@@ -185,6 +185,12 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor | None:
     return next((signed for s, signed in _SIGNED if s is sin), None)
 
 
+def _remember(sin: torch.Tensor, signed: torch.Tensor) -> None:
+    """``signed`` as ``sin``'s signed table, the most recent first."""
+    _SIGNED.insert(0, (sin, signed))
+    del _SIGNED[_SIGNED_KEPT:]
+
+
 class Rotary:
     """Precomputed cos/sin tables for positions [0, capacity); grows on demand.
     ``beyond``: (n, the tables of a pass that ends past position n) -- LongRoPE's."""
@@ -216,8 +222,7 @@ class Rotary:
                 self.sin_signed = torch.cat((-self.sin[:, :h], self.sin[:, h:]), dim=-1)
         sin = self.sin[start:end]
         if not self.interleaved:  # views of the tables: nothing computed per pass
-            _SIGNED.insert(0, (sin, self.sin_signed[start:end]))
-            del _SIGNED[_SIGNED_KEPT:]
+            _remember(sin, self.sin_signed[start:end])
         return self.cos[start:end], sin
 
 
@@ -232,8 +237,7 @@ def rope_rows(rope, a: int, b: int):
     cos, sin = rope
     part, signed = sin[a:b], signed_sin(sin)
     if signed is not None:
-        _SIGNED.insert(0, (part, signed[a:b]))
-        del _SIGNED[_SIGNED_KEPT:]
+        _remember(part, signed[a:b])
     return cos[a:b], part
 
 
