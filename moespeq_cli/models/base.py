@@ -393,7 +393,7 @@ def attend(
 # holds its residual stream and its MoE block's input and output over the whole prompt (a
 # few times ``context x hidden``) and one part's activations, not every token's at once.
 # The planner reserves what this holds (planning/planner.py ``activation_bytes``): Mixtral
-# at 32K tokens on a 12 GB card needed 4.4 GiB of workspace and was refused, 2.7 GiB now.
+# at 32K tokens on a 12 GB card needed 4.4 GiB of workspace and was refused, 2.9 GiB now.
 # llama.cpp's default micro-batch is 512 tokens, vLLM's chunked prefill 2,048 to 8,192.
 PREFILL_PART = 2048
 
