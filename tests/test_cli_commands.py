@@ -101,12 +101,10 @@ def test_the_loading_line_says_what_loads_then_the_plan_then_the_prompt():
     assert b"Good morrow" not in out  # the default prompt is shown on a terminal only: a file holds the model's text
 
 
-def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
+def profile_with_files(cli, path, trace, report):
     from offload_helpers import vram_for_slots
 
-    path, _ = tiny("mixtral", "wide")
-    trace, report = tmp_path / "t.json", tmp_path / "r.html"
-    r = cli(
+    return cli(
         "profile",
         str(path),
         "-p",
@@ -126,6 +124,12 @@ def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
         str(report),
         "--json",
     )
+
+
+def test_profile_writes_trace_and_report(tiny, cli, tmp_path):
+    path, _ = tiny("mixtral", "wide")
+    trace, report = tmp_path / "t.json", tmp_path / "r.html"
+    r = profile_with_files(cli, path, trace, report)
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["report"] == str(report) and out["stats"]["clock"] == "virtual"
@@ -714,3 +718,29 @@ def test_run_says_why_its_text_ended(tiny, cli, tmp_path):
     r = cli("run", str(ended), *args)
     assert r.exit_code == 0 and "ended its text (end-of-sequence token) after 3 of -n 8" in r.stderr, r.stderr
     assert "end-of-sequence" not in cli("run", str(src), *args).stderr
+
+
+def test_a_profile_stopped_by_ctrl_c_writes_what_it_recorded(tiny, cli, tmp_path, monkeypatch):
+    """Ctrl-C during `profile --trace --report` (a long run, enough seen) left neither file:
+    both are written for the tokens generated, as a profiler writes what it recorded when
+    stopped, then the interruption (exit 130)."""
+    from moespeq_cli.runtime.engine import Engine
+
+    generate = Engine.generate
+
+    def interrupted_after_five(self, *args, **kwargs):
+        for ev in generate(self, *args, **kwargs):
+            yield ev
+            if ev.index == 4:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "generate", interrupted_after_five)
+    path, _ = tiny("mixtral", "wide")
+    trace, report = tmp_path / "t.json", tmp_path / "r.html"
+    r = profile_with_files(cli, path, trace, report)
+    assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "moespeq: error: interrupted", r.stderr
+    out = json.loads(r.stdout)
+    assert out["interrupted"] and out["finish_reason"] == "interrupted" and len(out["token_ids"]) == 5
+    assert out["trace"] == str(trace) and out["report"] == str(report)
+    assert any(e.get("cat") == "copy" for e in json.loads(trace.read_text())["traceEvents"])
+    assert report.read_text().startswith("<!doctype html>")

@@ -1023,6 +1023,29 @@ def test_ctrl_c_with_json_prints_the_partial_result(cli, ckpt, monkeypatch):
     assert result["interrupted"] and len(result["token_ids"]) == result["stats"]["new_tokens"] == 3
 
 
+def test_ctrl_c_writes_the_trace_of_what_ran(cli, ckpt, monkeypatch, tmp_path):
+    """`run --trace` stopped by Ctrl-C wrote no trace (profile's files neither): the trace of
+    the tokens generated is written, with the partial result and the interruption."""
+    from moespeq_cli.runtime.engine import Engine
+
+    generate = Engine.generate
+
+    def interrupted_after_three(self, *args, **kwargs):
+        for ev in generate(self, *args, **kwargs):
+            yield ev
+            if ev.index == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "generate", interrupted_after_three)
+    for json_out in (["--json"], []):
+        trace = tmp_path / f"t{len(json_out)}.json"
+        r = run(cli, ckpt, *json_out, "-n", "10", "--backend", "mock", "--trace", str(trace))
+        assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "moespeq: error: interrupted"
+        assert json.loads(trace.read_text())["traceEvents"], json_out
+        if json_out:
+            assert json.loads(r.stdout)["trace"] == str(trace)
+
+
 @pytest.mark.parametrize("signum, code, word", [(15, 143, "terminated"), (1, 129, "hung up")])
 def test_sigterm_and_sighup_print_the_partial_result_too(cli, ckpt, monkeypatch, signum, code, word):
     """`timeout 60 moespeq run --json`: SIGTERM printed nothing of what was generated, where

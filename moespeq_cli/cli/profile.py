@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from moespeq_cli.cli import options as o
-from moespeq_cli.errors import UsageError
+from moespeq_cli.errors import MoespeqError, Terminated, UsageError
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -137,45 +138,59 @@ def profile(
 
     import time
 
+    def finish(started: float, interrupted: bool = False) -> None:
+        """The result (what ran so far where ``interrupted``), printed with the files written."""
+        result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
+        if interrupted:
+            result["interrupted"], result["finish_reason"] = True, "interrupted"
+        result["trace"] = str(trace) if trace else None
+        result["report"] = str(report) if report else None
+
+        def write_the_report() -> None:
+            from moespeq_cli.profiling.report import write_report
+
+            cs = cache.stats
+            layer_hits = {layer: cs.layer_hits[layer] / n for layer, n in cs.layer_lookups.items() if n}
+            write_report(report, result, engine.backend.timeline.to_list(), layer_hits)
+
+        writers = [("trace", lambda: write_trace(engine, trace, result))] if trace is not None else []
+        writers += [("report", write_the_report)] if report is not None else []
+        if json_out:  # the files first: the result then says which were written (a script reads stdout alone)
+            json_with_files(result, writers)
+            return
+        out = Renderer()
+        if not live:
+            print(result["text"])
+        out.stats_line(result)
+        if result.get("governor_note"):
+            out.note(result["governor_note"])
+        # the files after the output: one that cannot be written (a user's file appeared there)
+        # loses no answer and no statistics
+        for _key, write in writers:
+            write()
+        for label, p in (("trace", trace), ("report", report)):
+            if p:
+                print(f"{label}: {p}", file=sys.stderr)
+
     started = time.perf_counter()
     events = engine.generate(prompt_ids, max_new_tokens, sampling)
-    if live:
-        from rich.live import Live
+    try:
+        if live:
+            from rich.live import Live
 
-        with Live(view(), refresh_per_second=8, transient=False) as lv:
+            with Live(view(), refresh_per_second=8, transient=False) as lv:
+                for ev in events:
+                    token_ids.append(ev.token)
+                    text[0] += decoder.push(ev.token)
+                    lv.update(view())
+        else:
             for ev in events:
                 token_ids.append(ev.token)
-                text[0] += decoder.push(ev.token)
-                lv.update(view())
-    else:
-        for ev in events:
-            token_ids.append(ev.token)
-    result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
-    result["trace"] = str(trace) if trace else None
-    result["report"] = str(report) if report else None
-
-    def write_the_report() -> None:
-        from moespeq_cli.profiling.report import write_report
-
-        cs = cache.stats
-        layer_hits = {layer: cs.layer_hits[layer] / n for layer, n in cs.layer_lookups.items() if n}
-        write_report(report, result, engine.backend.timeline.to_list(), layer_hits)
-
-    writers = [("trace", lambda: write_trace(engine, trace, result))] if trace is not None else []
-    writers += [("report", write_the_report)] if report is not None else []
-    if json_out:  # the files first: the result then says which were written (a script reads stdout alone)
-        json_with_files(result, writers)
-        return
-    out = Renderer()
-    if not live:
-        print(result["text"])
-    out.stats_line(result)
-    if result.get("governor_note"):
-        out.note(result["governor_note"])
-    # the files after the output: one that cannot be written (a user's file appeared there)
-    # loses no answer and no statistics
-    for _key, write in writers:
-        write()
-    for label, p in (("trace", trace), ("report", report)):
-        if p:
-            print(f"{label}: {p}", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated):
+        # Ctrl-C (or kill): what ran so far, its statistics and its trace and report, as a
+        # profiler writes what it recorded when stopped; then `interrupted` (exit 130)
+        if token_ids:
+            with contextlib.suppress(OSError, MoespeqError):  # (a terminal gone after SIGHUP)
+                finish(started, interrupted=True)
+        raise
+    finish(started)

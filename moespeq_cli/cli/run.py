@@ -258,11 +258,17 @@ def run(
                 result = finished()
                 result["interrupted"], result["finish_reason"] = True, "interrupted"
                 try:  # (after SIGHUP the terminal may be gone: the signal's exit code, not the write's error)
-                    if json_out:
-                        sys.stdout.write(json.dumps(result) + "\n")
+                    if json_out:  # --trace: what ran so far, as profile writes it
+                        if trace is not None:
+                            result["trace"] = str(trace)
+                        json_with_files(
+                            result, [("trace", lambda: write_trace(engine, trace, result))] if trace else []
+                        )
                     else:
                         out.end_text()
                         out.stats_line(result)
+                        if trace is not None:
+                            write_trace(engine, trace, result)
                 except (OSError, MoespeqError):
                     pass
             raise
