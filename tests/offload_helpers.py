@@ -91,3 +91,17 @@ FAMILIES = [
     ("gpt_oss", "alternating"),
     ("gemma4", "kv_eq"),
 ]
+
+
+def stop_generation_after(monkeypatch, n: int, error=KeyboardInterrupt) -> None:
+    """``Engine.generate`` raising ``error`` once it has given ``n`` tokens: Ctrl-C, or a
+    signal's ``Terminated``, arriving mid-answer."""
+    generate = Engine.generate
+
+    def stopped(self, *args, **kwargs):
+        for ev in generate(self, *args, **kwargs):
+            yield ev
+            if ev.index == n - 1:
+                raise error
+
+    monkeypatch.setattr(Engine, "generate", stopped)

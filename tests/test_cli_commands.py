@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from offload_helpers import stop_generation_after
 
 
 def test_help_has_examples_for_every_command(cli):
@@ -724,17 +725,7 @@ def test_a_profile_stopped_by_ctrl_c_writes_what_it_recorded(tiny, cli, tmp_path
     """Ctrl-C during `profile --trace --report` (a long run, enough seen) left neither file:
     both are written for the tokens generated, as a profiler writes what it recorded when
     stopped, then the interruption (exit 130)."""
-    from moespeq_cli.runtime.engine import Engine
-
-    generate = Engine.generate
-
-    def interrupted_after_five(self, *args, **kwargs):
-        for ev in generate(self, *args, **kwargs):
-            yield ev
-            if ev.index == 4:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(Engine, "generate", interrupted_after_five)
+    stop_generation_after(monkeypatch, 5)
     path, _ = tiny("mixtral", "wide")
     trace, report = tmp_path / "t.json", tmp_path / "r.html"
     r = profile_with_files(cli, path, trace, report)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from offload_helpers import stop_generation_after
 from test_bad_inputs import one_line_error, run
 
 GUARD_S = 10
@@ -1006,17 +1007,7 @@ def test_ctrl_c_prints_interrupted_with_partial_statistics(moespeq_process):
 
 
 def test_ctrl_c_with_json_prints_the_partial_result(cli, ckpt, monkeypatch):
-    from moespeq_cli.runtime.engine import Engine
-
-    generate = Engine.generate
-
-    def interrupted_after_three(self, *args, **kwargs):
-        for ev in generate(self, *args, **kwargs):
-            yield ev
-            if ev.index == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(Engine, "generate", interrupted_after_three)
+    stop_generation_after(monkeypatch, 3)
     r = run(cli, ckpt, "--json", "-n", "10")
     assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "moespeq: error: interrupted"
     result = json.loads(r.stdout)
@@ -1026,17 +1017,7 @@ def test_ctrl_c_with_json_prints_the_partial_result(cli, ckpt, monkeypatch):
 def test_ctrl_c_writes_the_trace_of_what_ran(cli, ckpt, monkeypatch, tmp_path):
     """`run --trace` stopped by Ctrl-C wrote no trace (profile's files neither): the trace of
     the tokens generated is written, with the partial result and the interruption."""
-    from moespeq_cli.runtime.engine import Engine
-
-    generate = Engine.generate
-
-    def interrupted_after_three(self, *args, **kwargs):
-        for ev in generate(self, *args, **kwargs):
-            yield ev
-            if ev.index == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(Engine, "generate", interrupted_after_three)
+    stop_generation_after(monkeypatch, 3)
     for json_out in (["--json"], []):
         trace = tmp_path / f"t{len(json_out)}.json"
         r = run(cli, ckpt, *json_out, "-n", "10", "--backend", "mock", "--trace", str(trace))
@@ -1051,17 +1032,8 @@ def test_sigterm_and_sighup_print_the_partial_result_too(cli, ckpt, monkeypatch,
     """`timeout 60 moespeq run --json`: SIGTERM printed nothing of what was generated, where
     Ctrl-C prints it; SIGHUP (a closed terminal) ended the process where it stood."""
     from moespeq_cli.errors import Terminated
-    from moespeq_cli.runtime.engine import Engine
 
-    generate = Engine.generate
-
-    def ended_after_three(self, *args, **kwargs):
-        for ev in generate(self, *args, **kwargs):
-            yield ev
-            if ev.index == 2:
-                raise Terminated(signum)
-
-    monkeypatch.setattr(Engine, "generate", ended_after_three)
+    stop_generation_after(monkeypatch, 3, Terminated(signum))
     r = run(cli, ckpt, "--json", "-n", "10")
     assert r.exit_code == code and r.stderr.strip().splitlines()[-1].startswith(f"moespeq: error: {word}")
     result = json.loads(r.stdout)
