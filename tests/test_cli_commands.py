@@ -735,3 +735,12 @@ def test_a_profile_stopped_by_ctrl_c_writes_what_it_recorded(tiny, cli, tmp_path
     assert out["trace"] == str(trace) and out["report"] == str(report)
     assert any(e.get("cat") == "copy" for e in json.loads(trace.read_text())["traceEvents"])
     assert report.read_text().startswith("<!doctype html>")
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_chat_and_serve_say_their_default_context(cli, command):
+    """Their --help said "Default: what the prompt and --max-new-tokens need" (run's), where
+    they hold 4,096 tokens: a QA run's 5,000-token request was refused with no word of it."""
+    r = cli(command, "--help")
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.stdout).split())
+    assert "Default: 4096 (the demo: 512)" in flat and "what the prompt and --max-new-tokens need" not in flat

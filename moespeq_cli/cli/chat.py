@@ -111,7 +111,7 @@ def chat(
     spec_depth: o.SpecDepth = "auto",
     cpu_threads: o.CpuThreads = None,
     dtype: o.Dtype = None,
-    context: o.Context = None,
+    context: o.ConversationContext = None,
     json_out: o.ChatJson = False,
 ) -> None:
     """Chat with a MoE model.

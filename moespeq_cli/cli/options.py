@@ -190,6 +190,18 @@ Context = Annotated[
     ),
 ]
 
+ConversationContext = Annotated[  # chat's and serve's: a conversation's, not one prompt's
+    Optional[int],
+    typer.Option(
+        "--context",
+        "-c",
+        min=1,
+        help="Tokens of context a conversation (or a request and its answer) may hold, and memory is planned for; at "
+        "most the model's max_position_embeddings. Default: 4096 (the demo: 512), or the model's limit when smaller.",
+        show_default=False,
+    ),
+]
+
 Stop = Annotated[
     Optional[list[str]],
     typer.Option("--stop", help="Stop the answer before this text (repeatable).", show_default=False, metavar="<str>"),

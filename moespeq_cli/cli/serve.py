@@ -75,7 +75,7 @@ def serve(
     spec_depth: o.SpecDepth = "auto",
     cpu_threads: o.CpuThreads = None,
     dtype: o.Dtype = None,
-    context: o.Context = None,
+    context: o.ConversationContext = None,
 ) -> None:
     """Serve a MoE model over an OpenAI-compatible HTTP API.
 
