@@ -237,6 +237,24 @@ def run(
             result["reasoning"] = "".join(thought) if split.router is not None else None
             return result
 
+        def deliver(result: dict) -> None:
+            """The result (what ran so far where interrupted), and --trace's file."""
+            if json_out:  # the file first: the result then says whether it was written (a script reads stdout alone)
+                if trace is not None:
+                    result["trace"] = str(trace)
+                writers = [("trace", lambda: write_trace(engine, trace, result))] if trace is not None else []
+                json_with_files(result, writers)
+                return
+            out.end_text()
+            out.stats_line(result)
+            n = len(token_ids)
+            if result["finish_reason"] == "stop" and n < max_new_tokens:
+                out.note(f"the model ended its text (end-of-sequence token) after {n} of -n {max_new_tokens}")
+            if result.get("governor_note") and engine.plan is not None and not result["interrupted"]:
+                out.note(result["governor_note"])  # (no plan: its note came at load)
+            if trace is not None:  # after the output: a trace that cannot be written loses no answer
+                write_trace(engine, trace, result)
+
         started = time.perf_counter()
         try:
             for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
@@ -257,35 +275,11 @@ def run(
             if token_ids:
                 result = finished()
                 result["interrupted"], result["finish_reason"] = True, "interrupted"
-                try:  # (after SIGHUP the terminal may be gone: the signal's exit code, not the write's error)
-                    if json_out:  # --trace: what ran so far, as profile writes it
-                        if trace is not None:
-                            result["trace"] = str(trace)
-                        json_with_files(
-                            result, [("trace", lambda: write_trace(engine, trace, result))] if trace else []
-                        )
-                    else:
-                        out.end_text()
-                        out.stats_line(result)
-                        if trace is not None:
-                            write_trace(engine, trace, result)
-                except (OSError, MoespeqError):
-                    pass
+                # (after SIGHUP the terminal may be gone: the signal's exit code, not the write's error)
+                with contextlib.suppress(OSError, MoespeqError):
+                    deliver(result)  # --trace: what ran so far, as profile writes it
             raise
-    result = finished()
-    if json_out:  # the file first: the result then says whether it was written (a script reads stdout alone)
-        if trace is not None:
-            result["trace"] = str(trace)
-        json_with_files(result, [("trace", lambda: write_trace(engine, trace, result))] if trace is not None else [])
-        return
-    out.end_text()
-    out.stats_line(result)
-    if result["finish_reason"] == "stop" and len(token_ids) < max_new_tokens:
-        out.note(f"the model ended its text (end-of-sequence token) after {len(token_ids)} of -n {max_new_tokens}")
-    if result.get("governor_note") and engine.plan is not None:  # (no plan: its note came at load)
-        out.note(result["governor_note"])
-    if trace is not None:  # after the output: a trace that cannot be written loses no answer
-        write_trace(engine, trace, result)
+    deliver(finished())
 
 
 def check_outputs(

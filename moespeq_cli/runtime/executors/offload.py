@@ -219,9 +219,9 @@ class OffloadedExperts:
         summed with the CPU's. A prompt's tokens go a part at a time (``grouped_pairs``),
         every expert held in its slot, an expert waited for where it is first used, and a
         CPU expert's output where a part first uses it (the part's device calls queued
-        first), each part taking its rows of it. None when
-        the slots cannot hold every miss at once (every other slot pinned): the caller then
-        goes expert by expert, as slots free up."""
+        first), each part taking its rows of it. None when the slots cannot hold every miss
+        at once (every other slot pinned): the caller then goes expert by expert, as slots
+        free up."""
         cache, b = self.cache, self.backend
         for e in waiting:
             key = (layer, e)
