@@ -22,10 +22,15 @@ MoE is Qwen2-MoE's: softmax top-k, a shared expert behind a sigmoid gate.
 
 Speculative decoding stays exact: a pass stores the recurrent state after each of its
 tokens (``KVCache.save_states``), so rejected draft tokens roll back like a KV cache.
-The recurrence is computed token by token (the reference's chunked form is the same
-arithmetic in another order), which makes a long prefill slower than it could be, and
-its exp, sigmoid, SiLU and softplus in float64 rounded once (``rounded_once``), so that a
-verification block's values equal single steps' bit for bit.
+Such a pass (a decoded token, a draft's step, a verification) runs the recurrence token
+by token (``delta_steps``), with its exp, sigmoid, SiLU and softplus in float64 rounded
+once (``rounded_once``), so that a verification block's values equal single steps' bit
+for bit. A prompt keeps only its last state, and takes the **chunked form**
+(``delta_chunks``): the same recurrence solved ``CHUNK`` tokens at a time with matrix
+products (the delta rule's writes within a chunk are a unit lower-triangular system),
+at Qwen3-Next's shapes (2,048 tokens, 32 heads of 128x128) the recurrence takes 0.11 s
+a layer on two cores against the steps' 8.3 s, and the whole layer with its bf16
+projections 2.7 s against 7.7 s; ~10 ops a chunk where the steps launch ~6 a token.
 """
 
 from __future__ import annotations
@@ -50,7 +55,52 @@ from moespeq_cli.models.mixtral import attention_spec
 from moespeq_cli.models.qwen2_moe import SharedExpertMoE, parse
 from moespeq_cli.models.rope import make_rotary, partial_rotary_dim, rope_parameters
 
-__all__ = ["GatedDeltaNet", "Model", "parse"]
+__all__ = ["GatedDeltaNet", "Model", "delta_chunks", "delta_steps", "parse"]
+
+CHUNK = 64  # tokens a chunk of the chunked form solves at once (the reference's size)
+
+
+def delta_steps(q, k, v, beta, decay, S, keep) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The gated delta rule token by token. q, k [T, nv, dk] (normalised, q scaled), v
+    [T, nv, dv], beta and decay [T, nv], S [nv, dk, dv] float32 -> (outputs [T, nv, dv],
+    the states after the tokens t that ``keep(t)`` asks for)."""
+    out, states = [], {}
+    for t in range(q.shape[0]):
+        S = S * decay[t][:, None, None]
+        remembered = (S * k[t][:, :, None]).sum(dim=-2)  # [nv, dv]
+        S = S + k[t][:, :, None] * ((v[t] - remembered) * beta[t][:, None])[:, None, :]
+        out.append((S * q[t][:, :, None]).sum(dim=-2))
+        if keep(t):
+            states[t] = S
+    return torch.stack(out), states
+
+
+def delta_chunks(q, k, v, beta, log_decay, S) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same recurrence ``CHUNK`` tokens at a time -> (outputs, the last state).
+
+    Within a chunk starting from state S0, with G_t the cumulative log-decay, the state
+    after token t is ``exp(G_t) S0 + sum_{i<=t} exp(G_t - G_i) k_i w_i^T``, where the
+    write w_t = beta_t (v_t - exp(G_t) S0^T k_t - sum_{i<t} exp(G_t - G_i) (k_t.k_i) w_i)
+    depends on the earlier writes: (I + A) W = diag(beta) (V - diag(exp G) K S0), A
+    strictly lower triangular, one triangular solve for the chunk. Then the outputs
+    ``exp(G_t) q_t S0 + sum_{i<=t} exp(G_t - G_i) (q_t.k_i) w_i`` and the next S0 are
+    matrix products. Only differences G_t - G_i (t >= i) are exponentiated, so a strong
+    decay underflows to zero and never overflows."""
+    out = []
+    for s in range(0, q.shape[0], CHUNK):
+        qc, kc, vc = (x[s : s + CHUNK].transpose(0, 1) for x in (q, k, v))  # [nv, c, d]
+        bc, G = beta[s : s + CHUNK].t()[..., None], log_decay[s : s + CHUNK].t().cumsum(-1)  # [nv, c, 1], [nv, c]
+        c = qc.shape[1]
+        seen = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # i <= t
+        decays = (G[:, :, None] - G[:, None, :]).masked_fill(~seen, float("-inf")).exp()  # [nv, c, c]
+        A = (bc * decays * (kc @ kc.transpose(-1, -2))).tril(-1)
+        grown = G.exp()[..., None]  # exp(G_t) [nv, c, 1]
+        W = torch.linalg.solve_triangular(A, torch.cat((bc * vc, bc * grown * kc), -1), upper=False, unitriangular=True)
+        U, Wk = W.split([vc.shape[-1], kc.shape[-1]], -1)
+        W = U - Wk @ S  # [nv, c, dv]
+        out.append(((grown * qc) @ S + ((qc @ kc.transpose(-1, -2)) * decays) @ W).transpose(0, 1))
+        S = grown[:, -1:] * S + (kc * (G[:, -1:] - G).exp()[..., None]).transpose(-1, -2) @ W
+    return torch.cat(out), S
 
 
 class OffsetRMSNorm(nn.Module):
@@ -186,19 +236,18 @@ class GatedDeltaNet(nn.Module):
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk**0.5
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
         beta = rounded_once(torch.sigmoid, b.float())
-        decay = rounded_once(
-            lambda g: (-self.A_log.to(g.dtype).exp() * F.softplus(g)).exp(), a.float() + self.dt_bias.float()
+        log_decay = rounded_once(
+            lambda g: -self.A_log.to(g.dtype).exp() * F.softplus(g), a.float() + self.dt_bias.float()
         )
-        out, states, start = [], {}, cache.length
-        for t in range(T):
-            S = S * decay[t][:, None, None]
-            remembered = (S * k[t][:, :, None]).sum(dim=-2)  # [nv, dv]
-            S = S + k[t][:, :, None] * ((v[t] - remembered) * beta[t][:, None])[:, None, :]
-            out.append((S * q[t][:, :, None]).sum(dim=-2))
-            if cache.keeps(start + t + 1, start + T):
-                states[start + t + 1] = (full[:, t + 1 : t + self.taps].clone(), S)
-        cache.save_states(layer, states)
-        o = torch.stack(out).to(x.dtype)  # [T, nv, dv]
+        start = cache.length
+        if T > 1 and not cache.keeps(start + T - 1, start + T):  # a prompt: only its last state is kept
+            o, S = delta_chunks(q, k, v, beta, log_decay, S)
+            kept = {T - 1: S}
+        else:
+            decay = rounded_once(torch.exp, log_decay)
+            o, kept = delta_steps(q, k, v, beta, decay, S, lambda t: cache.keeps(start + t + 1, start + T))
+        cache.save_states(layer, {start + t + 1: (full[:, t + 1 : t + self.taps].clone(), s) for t, s in kept.items()})
+        o = o.to(x.dtype)  # [T, nv, dv]
         o = self.norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(T, nv * dv)
         return self.out_proj(o)
 
