@@ -30,7 +30,10 @@ for bit. A prompt keeps only its last state, and takes the **chunked form**
 products (the delta rule's writes within a chunk are a unit lower-triangular system),
 at Qwen3-Next's shapes (2,048 tokens, 32 heads of 128x128) the recurrence takes 0.11 s
 a layer on two cores against the steps' 8.3 s, and the whole layer with its bf16
-projections 2.7 s against 7.7 s; ~10 ops a chunk where the steps launch ~6 a token.
+projections 2.7 s against 7.7 s; ~10 ops a chunk where the steps launch 5 a token. A step
+reads and writes the state with batched matrix-vector products (``torch.bmm``, an
+in-place ``baddbmm_`` for the write): 0.38 ms a layer at those shapes on one core, where
+broadcast products and sums took 3.5 ms.
 """
 
 from __future__ import annotations
@@ -66,10 +69,11 @@ def delta_steps(q, k, v, beta, decay, S, keep) -> tuple[torch.Tensor, dict[int, 
     the states after the tokens t that ``keep(t)`` asks for)."""
     out, states = [], {}
     for t in range(q.shape[0]):
-        S = S * decay[t][:, None, None]
-        remembered = (S * k[t][:, :, None]).sum(dim=-2)  # [nv, dv]
-        S = S + k[t][:, :, None] * ((v[t] - remembered) * beta[t][:, None])[:, None, :]
-        out.append((S * q[t][:, :, None]).sum(dim=-2))
+        kt = k[t][:, None, :]  # [nv, 1, dk]
+        S = S * decay[t][:, None, None]  # a new state: a kept one is never written again
+        remembered = torch.bmm(kt, S)  # [nv, 1, dv]
+        S.baddbmm_(kt.transpose(1, 2), (v[t][:, None, :] - remembered) * beta[t][:, None, None])
+        out.append(torch.bmm(q[t][:, None, :], S)[:, 0])
         if keep(t):
             states[t] = S
     return torch.stack(out), states
