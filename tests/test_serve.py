@@ -602,7 +602,8 @@ def test_a_client_that_leaves_mid_upload_is_logged_as_gone(served, capsys):
 def test_context_errors_read_as_sentences():
     """'the prompt (1 token) plus max_tokens ...' (was '1 tokens'); a prompt that fills the
     context 'leaves no room for an answer' (was 'takes 513 tokens, the whole context')."""
-    from moespeq_cli.server import ApiError, parse_options
+    from moespeq_cli.server import ApiError
+    from moespeq_cli.server.requests import parse_options
 
     with pytest.raises(ApiError, match=r"the prompt \(1 token\) plus max_tokens 600 exceeds"):
         parse_options({"max_tokens": 600}, 1, 512, 64)
@@ -846,7 +847,7 @@ def test_the_host_check_follows_the_bound_address():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from moespeq_cli.server import Gate
+    from moespeq_cli.server.access import Gate
 
     def app(bind, address):
         routes = [Route("/x", lambda request: PlainTextResponse("ok"))]

@@ -1,4 +1,4 @@
-"""``moespeq serve``: an OpenAI-compatible HTTP server (moespeq_cli/server.py) for one model."""
+"""``moespeq serve``: an OpenAI-compatible HTTP server (moespeq_cli/server/) for one model."""
 
 from __future__ import annotations
 
