@@ -952,6 +952,11 @@ def test_offloading_options_the_plain_cpu_run_ignores_are_named(cli, ckpt):
     assert len(notes) == 1 and "--policy lru and --draft none take effect with --ram" in notes[0]
     r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--spec-depth", "4")
     assert r.exit_code == 0 and "--spec-depth 4 takes effect with --ram" in r.stderr, r.stderr
+    # resident is what runs (no note); hybrid is refused whatever --ram is (not a note that --ram would help)
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--policy", "resident")
+    assert r.exit_code == 0 and "note:" not in r.stderr, r.stderr
+    r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--backend", "cpu", "--policy", "hybrid")
+    assert r.exit_code == 2 and "policy hybrid computes experts on the CPU beside a GPU" in r.stderr, r.stderr
     # a depth no run could honour is refused, whatever the backend: lru has no draft, nor does --draft none
     for extra in (("--policy", "lru"), ("--draft", "none")):
         r = cli("run", str(ckpt), "-p", "hi", "-n", "2", "--spec-depth", "4", *extra)

@@ -1,6 +1,8 @@
 """MoE-SpeQ: lossless speculative decoding on every family, the acceptance rule, and the
 mock-clock figures of the ELB scheduler."""
 
+import json
+
 import pytest
 import torch
 from offload_helpers import FAMILIES, prompt_for, run_engine, vram_for_slots
@@ -319,3 +321,17 @@ def test_gate_prefetchs_recall_is_measured_on_decoded_tokens_only(tiny):
     tokens(eng, prompt, 24)
     assert guessed and set(guessed) == {top_k}  # one decoded token's guess each time
     assert 0.0 <= trace.guess_recall() <= 1.0
+
+
+def test_a_depth_of_0_plans_no_draft(tiny, cli):
+    """``--spec-depth 0`` never drafts: the draft's memory holds experts, as with
+    ``--draft none`` (it held the draft and half the slots)."""
+    path, _ = tiny("mixtral", "wide")
+
+    def plan(*args):
+        out = json.loads(cli("run", str(path), "-n", "4", "--vram", "2MB", "--json", *args).stdout)
+        return out["plan"]
+
+    none, zero, two = plan("--draft", "none"), plan("--spec-depth", "0"), plan("--spec-depth", "2")
+    assert zero["draft_bytes"] == none["draft_bytes"] == 0 < two["draft_bytes"]
+    assert zero["slots"] == none["slots"] > two["slots"]

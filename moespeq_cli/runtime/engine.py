@@ -256,7 +256,8 @@ class Engine:
         """With no plan (every expert in RAM on the cpu backend), the offloading options
         given that then do nothing, named in one line; None if none was given."""
         o = self.opts
-        asked = [f"--policy {o.policy}"] if o.policy != DEFAULT_POLICY else []
+        # (resident: every expert in RAM, which is what runs)
+        asked = [f"--policy {o.policy}"] if o.policy not in (DEFAULT_POLICY, "resident") else []
         asked += [f"--spec-depth {o.spec_depth}"] if str(o.spec_depth) != "auto" else []
         asked += [f"--draft {o.draft}"] if o.draft != "auto" else []
         if not asked:
@@ -272,7 +273,7 @@ class Engine:
         kw = dict(
             blocksize=self.opts.blocksize,
             cpu_experts=self.policy.host_compute,
-            with_draft=self.opts.draft != "none",
+            with_draft=self.opts.draft != "none" and self.fixed_k != 0,  # depth 0 never drafts: its memory holds experts
             max_slots=self.opts.max_slots,
             depth=self.opts.k_max if self.fixed_k is None else self.fixed_k,
         )
@@ -280,13 +281,13 @@ class Engine:
             # unbounded, the sizes: the dense weights as the CPU holds them (plan prices the same)
             fixed = checkpoint_plan(self.ckpt, context, dtype=self.dense_dtype)
             ram, source = host_tier_ram(fixed, self.ram)
-            if self.backend_name == "cpu" and ram >= fixed.all_experts_ram_bytes:
-                return None  # every expert fits (page by page, as RAM slots hold them): the plain reference
-            if self.policy.name == "hybrid":
+            if self.policy.name == "hybrid":  # (whatever --ram is: not a note that --ram would change it)
                 raise UsageError(
                     "policy hybrid computes experts on the CPU beside a GPU; with --backend cpu or a CPU's profile "
                     "every expert already runs on the CPU: choose moespeq, gate-prefetch, lru or ondemand"
                 )
+            if self.backend_name == "cpu" and ram >= fixed.all_experts_ram_bytes:
+                return None  # every expert fits (page by page, as RAM slots hold them): the plain reference
             return checkpoint_plan(
                 self.ckpt,
                 context,
