@@ -76,7 +76,7 @@ def calibrate(
         Optional[Path],
         typer.Option(
             "--disk-dir",
-            help="An existing directory on the disk the models live on: a 512 MiB scratch file is written there, read back "
+            help="An existing directory on the disk the models live on: a 256 MiB scratch file is written there, read back "
             "with O_DIRECT, and removed. Default: moespeq's cache directory.",
             show_default=False,
         ),
@@ -231,7 +231,7 @@ def calibrate(
                 where = f"moespeq's cache {disk} (where the disk is timed without --disk-dir)"
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the machine's state, not the command line
                 raise MoespeqError(
-                    f"{where}: no room for the disk test's 512 MiB scratch file ({e.strerror}); free some space "
+                    f"{where}: no room for the disk test's 256 MiB scratch file ({e.strerror}); free some space "
                     "or give another --disk-dir"
                 ) from None
             way = "give a writable --disk-dir DIR" if not model_file else "give a larger file, or --disk-dir DIR"

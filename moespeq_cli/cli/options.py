@@ -109,8 +109,8 @@ Vram = Annotated[
     Optional[str],
     typer.Option(
         "--vram",
-        help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory (the demo: 24MiB, so that "
-        "experts move).",
+        help="Device memory budget: 12GB, 512MiB, 1.5GB. Default: the profile's memory less what the CUDA context "
+        "takes (an RTX 3060 12GB: 11.5 GiB); the demo: 24MiB, so that experts move.",
         show_default=False,
     ),
 ]
@@ -157,9 +157,10 @@ Dtype = Annotated[
     Optional[str],
     typer.Option(
         "--dtype",
-        help="float32 | float16 | bfloat16: what the model computes in. Default: the checkpoint's on a GPU, float32 "
-        "on the CPU and the mock (where --backend cpu keeps a bf16 or fp16 checkpoint's weights as they are). "
-        "Routed experts are held and moved as the checkpoint stores them.",
+        help="float32 | float16 | bfloat16: what the model computes in. Default: the checkpoint's dtype, in which "
+        "a GPU (or the mock's simulated one) holds and moves the weights; the CPU computes the mock's numerics and "
+        "--backend cpu's in float32 over the weights as stored. Given, it is also what a GPU holds the weights in "
+        "(float32 doubles a bf16 checkpoint's, and halves the expert slots); --backend cpu keeps them as stored.",
         show_default=False,
     ),
 ]

@@ -273,7 +273,8 @@ class Engine:
         kw = dict(
             blocksize=self.opts.blocksize,
             cpu_experts=self.policy.host_compute,
-            with_draft=self.opts.draft != "none" and self.fixed_k != 0,  # depth 0 never drafts: its memory holds experts
+            with_draft=self.opts.draft != "none"
+            and self.fixed_k != 0,  # depth 0 never drafts: its memory holds experts
             max_slots=self.opts.max_slots,
             depth=self.opts.k_max if self.fixed_k is None else self.fixed_k,
         )

@@ -52,7 +52,7 @@ TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
 # their time hardly depends on the batch, so fewer batch sizes, interpolated between
 DEQUANT_TOKENS = (1, 4, 16)
 SHAPES = ((512, 1536), (1024, 3584))  # (hidden, intermediate): a small expert and a Mixtral-class one at 1/4 width
-DISK_FILE_BYTES = 256 * 2**20
+DISK_FILE_BYTES = 256 * 2**20  # (calibrate --help and its no-room error say 256 MiB)
 # a kernel's timing: the median of at most CURVE_REPS calls, fewer (3 at least) once a
 # batch size has taken CURVE_BUDGET_S (a call of 16 tokens at the larger shape takes
 # 10-90 ms on a 2-core machine: three are as steady as fifteen, and 5x quicker)

@@ -357,7 +357,7 @@ def make_plan(
         raise UsageError(
             f"--vram {have} cannot hold this model's fixed part ({format_size(fixed)}: weights "
             f"{format_size(non_expert)}, KV cache {format_size(kv)} for {context} tokens, workspace {format_size(workspace)}) "
-            f"plus {counted(cfg.top_k, 'expert slot')}; it needs at least {need} -- raise --vram or lower the context"
+            f"plus {counted(cfg.top_k, 'expert slot')}; it needs at least {need} -- raise --vram or ask for fewer tokens (-n, --context, the prompt)"
         )
     slots = min(total, free // slot, max_slots if max_slots is not None else total)
     if policy == "resident" and slots < total:
