@@ -236,6 +236,7 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
                 "holds no pull of it; unset HF_HUB_OFFLINE"
             )
         if not offline and not here:  # (another tool's pull: run says what it lacks)
+            check_hub_resolves(repo)
             preflight(repo, revision, config_only)
         if local_dir is not None and not offline:
             record_pull(Path(local_dir), repo)
@@ -293,6 +294,34 @@ def damaged_downloads(path: Path) -> list[str]:
         except OSError:
             pass
     return names
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def check_hub_resolves(repo: str) -> None:
+    """Refuse at once where the hub's host name does not resolve (no network, no DNS):
+    huggingface_hub retries a failed connection with back-off, about 25 s of silence
+    before the same error. Behind a proxy the proxy resolves it, so nothing is checked."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    if not url.hostname:
+        return
+    try:
+        socket.getaddrinfo(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    except socket.gaierror as err:
+        raise HubError(
+            f"cannot reach the hub to download {repo}: {url.hostname} does not resolve ({err.strerror}); check the "
+            "network"
+            + (" and HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "")
+            + ", then run the same command again"
+        ) from None
 
 
 def preflight(repo: str, revision: str | None, config_only: bool) -> None:

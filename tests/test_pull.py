@@ -99,6 +99,27 @@ def test_offline_and_not_cached(hub, cli, monkeypatch):
     assert r.exit_code == 1 and "cannot reach the hub" in r.stderr and "unset HF_HUB_OFFLINE" in r.stderr
 
 
+def test_a_hub_whose_name_does_not_resolve_is_said_at_once(cli, monkeypatch, tmp_path):
+    """No network (the hub's name does not resolve): one line at once, where huggingface_hub
+    retried for about 25 s; behind a proxy the name is the proxy's to resolve."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *a, **k: asked.append(a) or [])
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")  # (RFC 2606: never resolves)
+    for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    r = cli("pull", "acme/tiny-olmoe", "--config-only")
+    assert r.exit_code == 1 and not asked, r.stderr
+    assert "hub.invalid does not resolve" in r.stderr and "HF_ENDPOINT" in r.stderr
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    cli("pull", "acme/tiny-olmoe", "--config-only")
+    assert asked  # the proxy's to resolve: the hub is asked
+
+
 def test_list_aliases(cli):
     r = cli("pull", "--list", "--json")
     assert r.exit_code == 0
