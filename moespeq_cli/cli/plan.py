@@ -102,6 +102,31 @@ def plan(
     """
     import json
 
+    from moespeq_cli.cli.render import LoadingStatus
+
+    if list_hardware:
+        show_profiles(json_out)
+        return
+    with LoadingStatus(quiet=json_out) as status:  # a large model's first plan counts its ops: seconds
+        report = plan_report(
+            model, vram, ram, hardware, context, prompt, prompt_file, max_new_tokens, chat, dtype, acceptance, status
+        )
+    if json_out:
+        print(json.dumps(report))
+        return
+    from moespeq_cli.cli.render import plan_table
+
+    for note in (report["budget_note"], report["ram_note"], report["cpu_note"], report["pricing_note"]):
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    plan_table(report)
+
+
+def plan_report(
+    model, vram, ram, hardware, context, prompt, prompt_file, max_new_tokens, chat, dtype, acceptance, status
+) -> dict:
+    """``plan``'s report (what ``--json`` prints): each policy's plan and estimate for these
+    options; ``status`` says what is being planned (a terminal's transient line)."""
     from moespeq_cli.cli.run import DEFAULT_MAX_NEW_TOKENS
     from moespeq_cli.errors import UsageError
     from moespeq_cli.model_ref import DEMO, default_vram, resolve_config
@@ -115,15 +140,13 @@ def plan(
     from moespeq_cli.runtime.planning.planner import beyond_memory, default_ram, host_tier_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
 
-    if list_hardware:
-        show_profiles(json_out)
-        return
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     name, raw, source = resolve_config(model)
     raw, _ = language_config(raw)  # a multimodal config: its language model
     arch, cfg = parse_config(raw, source)
     hw = load_profile(DEFAULT_HARDWARE if hardware is None else hardware)
+    status.show(f"planning {name} on {hw.name}")
     host = hw.kind == "cpu"  # this CPU is the device: RAM is the tier it computes from, as run simulates it
     if host and vram is not None:
         raise UsageError(cpu_profile_takes_no_vram(hw))
@@ -228,15 +251,7 @@ def plan(
         ),
         "pricing_note": compact_pricing_note(cfg, hw, storage),
     }
-    if json_out:
-        print(json.dumps(report))
-        return
-    from moespeq_cli.cli.render import plan_table
-
-    for note in (report["budget_note"], report["ram_note"], report["cpu_note"], report["pricing_note"]):
-        if note:
-            print(f"note: {note}", file=sys.stderr)
-    plan_table(report)
+    return report
 
 
 def compact_pricing_note(cfg, hw, storage) -> str | None:
