@@ -234,16 +234,22 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
     given = Path(os.path.expanduser(model)) if model is not None else None
     if given is not None and given.suffix == ".json" and kind(given) == "file":
         return model, read_json(given, "fix the file"), str(given)
+
+    def bundled(alias: str) -> dict:
+        path = CONFIGS_DIR / f"{alias}.json"
+        return read_json(path, "reinstall moespeq", missing=f"{path} is missing from this install; reinstall moespeq")
+
     if model in ALIASES:
         repo = ALIASES[model][0]
         cached = cached_snapshot(repo)
         if cached is not None:
             return model, read_config(cached), str(cached / "config.json")
-        bundled = CONFIGS_DIR / f"{model}.json"
-        missing = f"{bundled} is missing from this install; reinstall moespeq"
-        return model, read_json(bundled, "reinstall moespeq", missing=missing), f"bundled config of {repo}"
+        return model, bundled(model), f"bundled config of {repo}"
     if model is not None and kind(Path(os.path.expanduser(model))) == "missing" and looks_like_hub_id(model):
         cached = cached_snapshot(model)
+        alias = next((a for a, (repo, _) in ALIASES.items() if repo == model), None)
+        if cached is None and alias is not None:  # an alias's repository by its id: its bundled config
+            return model, bundled(alias), f"bundled config of {model}"
         if cached is None:
             if why := unreadable_repo(model):
                 raise CheckpointError(f"{model}: {why}; check its permissions")

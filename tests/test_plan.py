@@ -271,6 +271,16 @@ def test_a_bundled_config_plans_the_context_given_beside_max_new_tokens(cli):
     assert out["context_tokens"] == 4096
 
 
+def test_an_alias_s_repository_by_its_id_plans_from_the_bundled_config(cli, monkeypatch, tmp_path):
+    """`plan mistralai/Mixtral-8x7B-Instruct-v0.1`, not downloaded, is `plan mixtral`
+    (it asked for a config-only pull of what moespeq ships)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    by_id = plan_json(cli, "mistralai/Mixtral-8x7B-Instruct-v0.1", "--ram", "48GB")
+    by_alias = plan_json(cli, "mixtral", "--ram", "48GB")
+    assert by_id["config"] == by_alias["config"] == "bundled config of mistralai/Mixtral-8x7B-Instruct-v0.1"
+    assert by_id["policies"] == by_alias["policies"]
+
+
 def test_two_sizes_that_differ_are_never_said_alike():
     """'--vram 375.72 KiB cannot hold ... it needs at least 375.72 KiB': where two decimals
     of the unit hide the difference, both are said in bytes."""
