@@ -25,9 +25,10 @@ def chat_ckpt(tiny, tmp_path):
     return dst
 
 
-def chat(path, text, *args):
+def chat(path, text, *args, code: int = 0):
+    """``code``: 1 where a line gets no answer (a script learns it by the exit code)."""
     r = CliRunner().invoke(app, ["chat", str(path), "--backend", "cpu", "-n", "8", *args], input=text)
-    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert r.exit_code == code, (r.stdout, r.stderr)
     return r
 
 
@@ -83,10 +84,14 @@ def test_json_lines_one_object_per_answer(chat_ckpt):
 
 
 def test_reset_forgets_and_commands_answer(chat_ckpt):
-    r = chat(chat_ckpt, "hello\n/stats\n/reset\nhello\n/nope\n/exit\nnever read\n")
+    r = chat(chat_ckpt, "hello\n/stats\n/reset\nhello\n/nope\n/exit\nnever read\n", code=1)  # (/nope)
     first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")
     assert r.stdout == f"{first}\n{first}\n"  # after /reset the same question, the same answer
     assert "tokens in" in r.stderr and "history cleared" in r.stderr and "unknown command /nope" in r.stderr
+    assert (
+        r.stderr.splitlines()[-1]
+        == "moespeq: error: 1 of the conversation's lines got no answer (line 5; each said above)"
+    )
 
 
 def test_stop_string_cuts_the_answer(chat_ckpt):
@@ -200,7 +205,7 @@ def test_every_line_without_an_answer_is_a_json_record(chat_ckpt):
     data = b"hello\n" + b"x " * 400 + b"\n\xff not text\n/nope\n//slash\n"
     cmd = [sys.executable, "-m", "moespeq_cli", "chat", str(chat_ckpt), "--backend", "cpu", "-n", "4", "--json"]
     r = subprocess.run(cmd + ["--context", "128"], input=data, capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and b"got no answer (line 2, 3, 4;" in r.stderr.splitlines()[-1], r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert [rec.get("line") for rec in records] == [None, 2, 3, 4, None]
     assert "do not fit" in records[1]["error"] and "UTF-8" in records[2]["error"] and "/nope" in records[3]["error"]
@@ -251,7 +256,7 @@ def test_a_template_that_cannot_render_is_said_with_what_chat_offers(tiny, tmp_p
         "picky",
         "{% if messages[-1]['content'] == 'boom' %}{{ raise_exception('no boom here') }}{% endif %}" + TEMPLATE,
     )
-    r = chat(picky, "boom\nhello\n", "--json")
+    r = chat(picky, "boom\nhello\n", "--json", code=1)
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert "no boom here" in records[0]["error"] and records[0]["line"] == 1
     assert records[1]["turn"] == 1 and "content" in records[1]  # the session goes on, without the skipped message

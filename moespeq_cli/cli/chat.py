@@ -35,7 +35,9 @@ EPILOG = """[bold]Examples[/bold]
 [bold]In the conversation[/bold]: /reset forgets the history, /stats shows the
 last answer's statistics, /help lists these, /exit (or Ctrl-D) leaves; at a terminal the
 arrow keys edit the line and recall earlier ones; Ctrl-C stops the current
-answer (reading a pipe or a file, it then ends the chat: exit 130).
+answer (reading a pipe or a file, it then ends the chat: exit 130). From a pipe or a file,
+a line that gets no answer (too long for the context, not UTF-8 text, an unknown /command)
+is said and skipped, and the chat then ends with exit code 1.
 """
 
 DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says otherwise (capped by the model)
@@ -175,9 +177,11 @@ def chat(
         note(f"chatting with {name} ({template}, context {ctx} tokens); {COMMANDS}; Ctrl-C stops an answer")
     last: tuple[list[int], list[int], float] | None = None
     turn = lineno = 0
+    skipped: list[int] = []  # the lines that got no answer (a script's conversation then exits 1)
 
     def unanswered(message: str) -> None:
         """A line that gets no answer: said on stderr, and with --json in the output."""
+        skipped.append(lineno)
         note(f"moespeq: {message}")
         if json_out:
             sys.stdout.write(json.dumps({"error": message, "line": lineno}) + "\n")
@@ -277,6 +281,9 @@ def chat(
             engine.close()
             raise KeyboardInterrupt
     engine.close()
+    if skipped and not interactive:  # at a terminal the user saw each; a script learns it by the exit code
+        shown = ", ".join(map(str, skipped[:8])) + (", ..." if len(skipped) > 8 else "")
+        raise MoespeqError(f"{len(skipped)} of the conversation's lines got no answer (line {shown}; each said above)")
 
 
 def read_message(interactive: bool, prompt_to=sys.stdout, editing: bool = False) -> str | None:
