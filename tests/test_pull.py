@@ -175,7 +175,7 @@ def test_list_shows_what_runs_offline(hub, cli):
     r = cli("plan", "acme/plan-only", "--json")  # listed, so found: pulled at a commit, not main
     assert r.exit_code == 0, r.stderr
     r = cli("run", "acme/plan-only", "-n", "2")  # its weights were not pulled: say how to get them
-    assert r.exit_code == 1 and "`moespeq pull acme/plan-only` downloads them" in r.stderr, r.stderr
+    assert r.exit_code == 2 and "`moespeq pull acme/plan-only` downloads them" in r.stderr, r.stderr
     r = cli("list")
     rows = [line.split()[0] for line in r.stdout.splitlines()[1:]]  # a name is never cut: awk takes it
     assert rows == ["demo", "acme/plan-only", "acme/tiny-olmoe"] and "config only" in r.stdout

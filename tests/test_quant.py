@@ -96,7 +96,8 @@ def test_mismatched_draft_is_refused(tiny, cli, tmp_path):
     out = tmp_path / "draft"
     assert cli("quantize", str(a), "--out", str(out)).exit_code == 0
     r = cli("run", str(b), "-p", "x", "-n", "4", "--backend", "mock", "--draft", str(out))
-    assert r.exit_code == 1 and "different checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 2 and "different checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "give this checkpoint's draft (or leave --draft out)" in r.stderr
 
 
 def test_quantize_bad_options(tiny, cli):

@@ -432,10 +432,12 @@ class QuantizedExperts:
                 f"{path} holds a manifest.json that is not a moespeq draft's; move the directory away (or delete "
                 "it) and run `moespeq quantize`, or run with --draft none"
             )
-        if m.get("source_fingerprint") != fingerprint(source):
-            raise CheckpointError(
-                f"the draft in {path} was built from a different checkpoint than {source.path}; "
-                "rebuild it with `moespeq quantize`"
+        if m.get("source_fingerprint") != fingerprint(source):  # (only a --draft given: run checks its own)
+            kind = m.get("model_type")
+            other = f" (a {kind} model)" if isinstance(kind, str) and kind != source.config.model_type else ""
+            raise UsageError(
+                f"--draft {shown(path)} was built from a different checkpoint than {source.path}{other}; give this "
+                "checkpoint's draft (or leave --draft out), or rebuild it with `moespeq quantize`"
             )
         method, blocksize = m.get("method"), m.get("blocksize")
         if method not in METHODS or blocksize not in BLOCKSIZES:
