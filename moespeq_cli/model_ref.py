@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from moespeq_cli.errors import CheckpointError, UnknownModelError, UsageError
 from moespeq_cli.fs import is_regular, kind, shown
+from moespeq_cli.text import did_you_mean
 
 if TYPE_CHECKING:
     from moespeq_cli.runtime.planning.hardware import HardwareProfile
@@ -105,7 +106,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
     if os.sep in model or model.startswith("."):
         raise UnknownModelError(f"checkpoint directory {shown(model)} does not exist; check the path")
     raise UnknownModelError(
-        f"unknown model {shown(model)!r}; use {DEMO} (the built-in demo), an alias ({', '.join(ALIASES)}), "
+        f"unknown model {shown(model)!r}{did_you_mean(model, [DEMO, *ALIASES])}; use {DEMO} (the built-in demo), an alias ({', '.join(ALIASES)}), "
         "a hub id like org/name, or a local directory"
     )
 

@@ -28,6 +28,21 @@ def test_unknown_model_name(cli):
     one_line_error(cli("run", "not-a-model"), 2, "unknown model", "mixtral")
 
 
+@pytest.mark.parametrize(
+    "args, suggestion",
+    [
+        (["plan", "Mixtral"], "(did you mean 'mixtral'?)"),  # the case
+        (["plan", "qwen3moe"], "(did you mean 'qwen3-moe'?)"),  # a typo
+        (["plan", "mixtral", "--hardware", "RTX3060-12GB"], "(did you mean 'rtx3060-12gb'?)"),
+        (["plan", "mixtral", "--hardware", "rtx4090"], "(did you mean 'rtx4090-24gb'?)"),  # the start of one
+    ],
+)
+def test_a_name_a_case_or_a_typo_away_is_suggested(cli, args, suggestion):
+    one_line_error(cli(*args), 2, suggestion)
+    far = [a if a not in ("Mixtral", "qwen3moe", "RTX3060-12GB", "rtx4090") else "zzzz" for a in args]
+    assert "did you mean" not in cli(*far).stderr
+
+
 def test_alias_not_downloaded(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     one_line_error(cli("run", "olmoe"), 2, "moespeq pull olmoe")

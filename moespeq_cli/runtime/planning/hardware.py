@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moespeq_cli.errors import UsageError
 from moespeq_cli.fs import OwnOutput, kind, shown
+from moespeq_cli.text import did_you_mean
 
 _UNITS = {
     "": 1,
@@ -315,7 +316,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         )
     check_profiles_dir()
     raise UsageError(
-        f"unknown hardware profile {shown(name_or_path)!r}; available: {', '.join(available_profiles())} "
+        f"unknown hardware profile {shown(name_or_path)!r}{did_you_mean(name_or_path, available_profiles())}; available: {', '.join(available_profiles())} "
         "(or pass a path to a .yaml file)"
     )
 
