@@ -177,10 +177,13 @@ def remove_partial_downloads(repo: str, local_dir: Path | None) -> None:
 
 def repo_for(model: str) -> str:
     from moespeq_cli.fs import is_dir, is_regular, shown
-    from moespeq_cli.model_ref import ALIASES, looks_like_hub_id
+    from moespeq_cli.model_ref import ALIASES, DEMO, looks_like_hub_id
+    from moespeq_cli.text import did_you_mean
 
     if model in ALIASES:
         return ALIASES[model][0]
+    if model == DEMO:
+        raise UsageError(f"{DEMO} is built in: there is nothing to pull (`moespeq run` runs it)")
     here = Path(os.path.expanduser(model))
     # a checkpoint here, as `run` reads it first (even one named like org/name); not a
     # --local-dir an earlier pull of this id wrote (pulled again to finish or mend it)
@@ -190,7 +193,7 @@ def repo_for(model: str) -> str:
         )
     if not looks_like_hub_id(model):
         raise UnknownModelError(
-            f"unknown model {shown(model)!r}; use an alias ({', '.join(ALIASES)}) or a hub id like org/name"
+            f"unknown model {shown(model)!r}{did_you_mean(model, ALIASES)}; use an alias ({', '.join(ALIASES)}) or a hub id like org/name"
         )
     return model
 

@@ -437,6 +437,10 @@ def test_a_place_that_is_not_a_directory_is_said_so(hub, cli, tmp_path, monkeypa
 def test_pull_without_model(cli):
     r = cli("pull")
     assert r.exit_code == 2 and "--list" in r.stderr
+    r = cli("pull", "demo")  # built in: not an unknown model
+    assert r.exit_code == 2 and "demo is built in: there is nothing to pull" in r.stderr, r.stderr
+    r = cli("pull", "Mixtral")
+    assert r.exit_code == 2 and "(did you mean 'mixtral'?)" in r.stderr, r.stderr
 
 
 def test_local_dir_holding_the_users_files_is_refused(hub, cli, tmp_path):
