@@ -585,7 +585,7 @@ def test_a_signal_in_an_import_is_raised_once_the_import_is_done(tmp_path, monke
     import sys
     import time
 
-    from moespeq_cli.cli.app import Signals
+    from moespeq_cli.cli.signals import Signals
     from moespeq_cli.errors import Terminated
 
     name = f"moespeq_test_slow_import_{signame.lower().replace(', ', '_')}"

@@ -426,3 +426,38 @@ def test_bench_frees_a_policys_memory_before_the_next_loads(tiny, monkeypatch):
     finally:
         gc.enable()
     assert len(results) == 3 and len(engines) == 6  # moespeq first: its scheduler's hook held it
+
+
+@pytest.mark.parametrize("policy", ["lru", "moespeq"])
+def test_a_failed_read_leaves_the_engine_ready_for_the_next_generation(tiny, tmp_path, policy):
+    """A shard cut short while `serve` runs: that request fails; once the file is whole
+    again (the same bytes and times) the next one is answered, with the reference tokens.
+    The failed pass left its layer's pins and its failed reads in the RAM tier: every later
+    request failed ("every RAM expert slot is pinned", or the old read's error again)."""
+    import shutil
+
+    from moespeq_cli.errors import CheckpointError
+
+    src, _ = tiny("mixtral", "wide")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    prompt, n = prompt_for(7, 12), 24
+    eng = Engine(
+        path, EngineOptions(backend="cpu", policy=policy, ram=ram_for(path, 4, draft=True), draft_verdict=False)
+    )
+    eng.load(len(prompt) + n)
+    try:
+        want = [ev.token for ev in eng.generate(prompt, n, SamplingParams())]
+        shard = next(path.glob("*.safetensors"))
+        whole, st = shard.read_bytes(), shard.stat()
+        with open(shard, "r+b") as fh:
+            fh.truncate(len(whole) // 3)
+        with pytest.raises(CheckpointError):
+            list(eng.generate(prompt, n, SamplingParams()))
+        shard.write_bytes(whole)
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+        for _ in range(2):
+            assert [ev.token for ev in eng.generate(prompt, n, SamplingParams())] == want
+        assert not any(cache.pinned for cache in (eng.tiers.compute, eng.tiers.host) if cache is not None)
+    finally:
+        eng.close()

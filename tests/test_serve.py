@@ -3,6 +3,7 @@ streaming and not, stop strings, usage, concurrent clients, a disconnect mid-str
 bad requests."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -51,13 +52,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(path, api_key=None, queue=16, server_class=None):
+def start(path, api_key=None, queue=16, server_class=None, **options):
+    """``options``: the engine's (``ram``: a disk tier)."""
     import uvicorn
 
     from moespeq_cli.cli.chat import load_session
     from moespeq_cli.server import build_app
 
-    name, engine, ctx = load_session(str(path), None, 1, backend="cpu")
+    name, engine, ctx = load_session(str(path), None, 1, backend="cpu", **options)
     app = build_app(engine, name, ctx, api_key, queue, 64)
     port = free_port()
     server = (server_class or uvicorn.Server)(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -101,6 +103,40 @@ def test_models_and_health(served):
         client(url).models.retrieve("org/gpt-4o")  # an id with a slash reaches the check
     assert httpx.get(url + "/v1/models/").json()["data"][0]["id"] == name
     assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_an_answer_failed_on_a_shard_cut_short_leaves_the_server_serving(tiny, tmp_path):
+    """A shard cut short under the server (a sync tool rewriting it): that request fails
+    (500) and /health says so (503); once the file is whole again the next request is
+    answered, as a fresh server would, and /health is ok again. Before, the failed
+    pass's pins and failed reads stayed in the RAM tier and every later request failed."""
+    import shutil
+
+    src, _ = tiny("mixtral", "wide")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    server, thread, url, name, engine = start(path, ram="1MB", policy="lru")
+    try:
+        assert engine.plan is not None and engine.plan.disk_tier
+        body = {"model": name, "prompt": "hello there", "max_tokens": 16, "temperature": 0}
+        want = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        shard = next(path.glob("*.safetensors"))
+        whole, st = shard.read_bytes(), shard.stat()
+        with open(shard, "r+b") as fh:
+            fh.truncate(len(whole) // 3)
+        failed = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert failed.status_code == 500 and shard.name in failed.json()["error"]["message"]
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and shard.name in health.json()["message"]
+        shard.write_bytes(whole)
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+        again = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == want
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.close()
 
 
 def test_chat_streaming_and_not(served):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from moespeq_cli.chat_template import TemplateError
 from moespeq_cli.cli import options as o
 from moespeq_cli.cli.render import LoadingStatus
+from moespeq_cli.cli.signals import interrupt_handled
 from moespeq_cli.errors import CheckpointError, MoespeqError, Terminated, UsageError
 
 if TYPE_CHECKING:  # the engine imports torch: not at the command's import
@@ -259,6 +260,7 @@ def chat(
                     out.end_text()
             raise
         except KeyboardInterrupt:
+            interrupt_handled()  # the next Ctrl-C stops the next answer
             note("\n(stopped)")
             stopped = True
             if not interactive:  # a conversation from a pipe or a file: Ctrl-C ends it, after this answer's record
@@ -328,4 +330,5 @@ def read_message(interactive: bool, prompt_to=sys.stdout, editing: bool = False)
             prompt_to.write("\n")
             return None
         except KeyboardInterrupt:
+            interrupt_handled()
             note("\n(Ctrl-D or /exit to leave)")

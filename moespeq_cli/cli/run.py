@@ -271,8 +271,9 @@ def run(
                 shown(split.push(ev.token))
         except (KeyboardInterrupt, Terminated):
             # Ctrl-C (or kill, timeout): what was generated, its statistics, then
-            # `interrupted` (exit 130; 143 for SIGTERM)
-            if token_ids:
+            # `interrupted` (exit 130; 143 for SIGTERM); with --json the object even before
+            # the first token (a script reads stdout alone)
+            if token_ids or json_out:
                 result = finished()
                 result["interrupted"], result["finish_reason"] = True, "interrupted"
                 # (after SIGHUP the terminal may be gone: the signal's exit code, not the write's error)
@@ -439,7 +440,7 @@ def result_dict(name: str, engine, prompt_ids: list[int], token_ids: list[int], 
         "prompt_token_ids": prompt_ids,
         "token_ids": token_ids,
         "text": stream_text(engine.tokenizer, token_ids),  # as streamed (StreamDecoder)
-        "stats": engine.last_stats.to_dict(),
+        "stats": engine.last_stats.to_dict() if engine.last_stats is not None else None,  # (None: stopped at once)
     }
     if wall is not None:
         result["wall_seconds"] = round(wall, 4)

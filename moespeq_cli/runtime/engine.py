@@ -15,6 +15,7 @@ RAM as the compute tier and the disk as the link, on the wall clock.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -625,6 +626,7 @@ class Engine:
             )
         self.reused_tokens = reused
         emitted: list[int] = []
+        broken = False  # a pass ended by an exception (a read that failed, a signal inside it)
         try:
             for ev in events:
                 emitted.append(ev.token)
@@ -636,10 +638,32 @@ class Engine:
                 if spec is None and self.backend is not None:
                     self.backend.resolve_stalls()  # the token was sampled: its events are done
                 yield ev
+        except GeneratorExit:  # closed at a token: every pass complete
+            raise
+        except BaseException:
+            broken = True
+            self.recover()
+            raise
         finally:  # also on Ctrl-C or an early close: the statistics of what was generated
-            self.last_stats = self._finish_stats(kind, times, spec)
-            if reuse:  # what the cache now holds, for the next call
-                self._kept = (cache, (list(prompt_ids) + emitted)[: cache.length])
+            try:
+                self.last_stats = self._finish_stats(kind, times, spec)
+            except BaseException:  # (a signal while reads in flight land): the token times at least
+                self.last_stats = GenerationStats.from_times(kind, times)
+                raise
+            if reuse:  # what the cache now holds, for the next call (none after a pass cut short:
+                # a layer may have dropped the state a next pass would start from)
+                self._kept = None if broken else (cache, (list(prompt_ids) + emitted)[: cache.length])
+
+    def recover(self) -> None:
+        """After a pass cut short (a read that failed, a file changed under it, Ctrl-C in a
+        layer): what was in flight settles, and the expert tiers drop what it left half done
+        (pins, failed fills, slots no expert holds), so that the next generation (serve's
+        next request, chat's next turn) starts from a consistent state."""
+        if self.backend is not None:
+            with contextlib.suppress(Exception):  # (the failure is the caller's to report)
+                self.backend.synchronize()
+        if self.tiers is not None:
+            self.tiers.recover()
 
     def _finish_stats(self, kind: str, times: list[float], spec) -> GenerationStats:
         stats = GenerationStats.from_times(kind, times)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from moespeq_cli.conversation import Answer, complete
+from moespeq_cli.errors import CheckpointError
 from moespeq_cli.server.errors import ApiError, shutting_down
 
 
@@ -53,6 +54,7 @@ class Worker:
     def __init__(self, engine, queue_size: int):
         self.engine = engine
         self.stopping = False
+        self.failing: str | None = None  # the last answer failed on the checkpoint's files (GET /health says so)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.thread = threading.Thread(target=self._loop, name="moespeq-serve", daemon=True)
         self.thread.start()
@@ -107,6 +109,7 @@ class Worker:
                         channels=job.channels,
                     )
                     job.stats = stats_of(self.engine)
+                    self.failing = None
                     a = job.answer
                     if (
                         self.stopping
@@ -117,6 +120,8 @@ class Worker:
                         job.error = shutting_down(": the answer was cut short")
                 except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
                     job.error = e
+                    if isinstance(e, CheckpointError):  # (a shard changed or cut short under the server)
+                        self.failing = str(e)
             job.finish()
 
 

@@ -191,6 +191,12 @@ class Backend(ABC):
     def ready(self, event: Event) -> bool:
         """Whether the event has completed by the compute stream's current time."""
 
+    def failed(self, event: Event) -> bool:
+        """Whether the host work behind ``event`` (a read) ended in an error or was
+        cancelled; asked once it has settled (``synchronize``)."""
+        f = event.future
+        return f is not None and f.done() and (f.cancelled() or f.exception() is not None)
+
     @abstractmethod
     def record_release(self) -> Event:
         """An event at the compute stream's current position (a slot's last reader)."""

@@ -204,6 +204,26 @@ class ExpertCache:
         self.prefetched.discard(key)
         return slot, after
 
+    def recover(self) -> None:
+        """After a pass cut short, once what was in flight has settled: nothing pinned (a
+        layer's pins were never taken off), every expert whose fill failed dropped (a read
+        that raised: the slot holds no whole expert, and every later fill of the slot waited
+        on the failure and raised it again), failed events no longer waited for, and every
+        slot no expert holds free (a fill that raised before its expert was recorded)."""
+        self.pinned.clear()
+        for key in [k for k, ev in self.arrival.items() if self.backend.failed(ev)]:
+            self._evict(key)
+        for slot in list(self.release):
+            kept = [ev for ev in self.release[slot] if not self.backend.failed(ev)]
+            if kept:
+                self.release[slot] = kept
+            else:
+                del self.release[slot]
+        held = set(self.slot_of.values())
+        self.free_slots = [s for s in range(self.slots - 1, -1, -1) if s not in held]  # (popped lowest first)
+        self.in_flight &= set(self.slot_of)
+        self.prefetched &= set(self.slot_of)
+
     def evict_unpinned(self) -> None:
         for key in list(self.evictable()):
             slot, after = self._evict(key)

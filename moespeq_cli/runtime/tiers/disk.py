@@ -364,7 +364,7 @@ class DiskReader:
                 f.exception()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # (a read queued behind one waiting for it: never run)
         with self.lock:
             for fd in [*self.fds.values(), *(h.fd for h in self.held.values())]:
                 os.close(fd)

@@ -111,6 +111,12 @@ class ExpertTiers:
             self.host.fill_slots(spread(self.host.slots, list(c.moe_layers), c.num_experts))
             self.host.reset_stats()
 
+    def recover(self) -> None:
+        """Every tier back to a consistent state after a pass cut short (``ExpertCache.recover``)."""
+        for cache in (self.compute, self.host):
+            if cache is not None:
+                cache.recover()
+
     def reset_stats(self) -> None:
         self.compute.reset_stats()
         if self.host is not None:
