@@ -281,6 +281,20 @@ def test_an_alias_s_repository_by_its_id_plans_from_the_bundled_config(cli, monk
     assert by_id["policies"] == by_alias["policies"]
 
 
+def test_plan_says_the_ram_that_holds_every_expert(cli):
+    """A RAM slot is an expert in whole pages: `--ram` of the experts' size (what plan
+    said) still left a disk tier, 0.25 MiB short on the demo (QA). plan gives the figure
+    that holds them all, and run with it reads nothing from disk."""
+    out = plan_json(cli, "demo")
+    need, size = out["experts_ram_bytes"], out["experts_bytes"]
+    assert need > size
+    for ram, disk in ((need, False), (size, True)):
+        r = cli("run", "demo", "-n", "2", "-p", "hi", "--backend", "cpu", "--ram", f"{ram}B", "--json")
+        assert r.exit_code == 0, r.stderr
+        plan = json.loads(r.stdout)["plan"]
+        assert (plan is not None and plan["disk_tier"]) == disk, plan
+
+
 def test_two_sizes_that_differ_are_never_said_alike():
     """'--vram 375.72 KiB cannot hold ... it needs at least 375.72 KiB': where two decimals
     of the unit hide the difference, both are said in bytes."""

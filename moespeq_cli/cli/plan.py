@@ -139,6 +139,7 @@ def plan_report(
     from moespeq_cli.runtime.planning.hardware import beyond_device, format_size, load_profile, parse_size
     from moespeq_cli.runtime.planning.planner import beyond_memory, default_ram, host_tier_ram, make_plan
     from moespeq_cli.runtime.scheduling.policies import make_policy
+    from moespeq_cli.runtime.tiers.disk import ram_slot_bytes
 
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
@@ -228,6 +229,9 @@ def plan_report(
         "ram_bytes": ram_bytes,
         "ram_source": ram_source,
         "experts_bytes": host_experts_bytes,
+        # what RAM slots take for every expert (whole pages each, for reads that land in
+        # place): a --ram of at least this holds them all, with no disk tier
+        "experts_ram_bytes": total_experts * ram_slot_bytes(step.expert_bytes),
         "context_tokens": context,
         "dtype": str(storage).removeprefix("torch."),
         "acceptance_assumed": acceptance,

@@ -382,7 +382,13 @@ def plan_table(report: dict) -> None:
     how = f" ({report['ram_source']})" if report.get("ram_source") else ""
     console.print(
         f"{report['total_experts']} routed experts of {format_size(report['expert_bytes'])} each "
-        f"({format_size(report['experts_bytes'])} in all); "
+        f"({format_size(report['experts_bytes'])} in all"
+        + (
+            f", {format_size(report['experts_ram_bytes'])} in RAM, in whole pages"
+            if format_size(report["experts_ram_bytes"]) != format_size(report["experts_bytes"])
+            else ""
+        )
+        + "); "
         f"{'RAM for the expert slots the CPU computes from' if host else 'host RAM for expert buffers'}: "
         f"--ram {ram}{how}."
     )
