@@ -30,10 +30,21 @@ def test_shipped_profiles_load_with_sources():
         ("1.5GB", 1_500_000_000),
         ("100000", 100000),
         ("2 gb", 2 * 10**9),
+        ("1PB", 10**15),  # up to the limit, 1 EiB, in any unit
+        ("1EiB", 2**60),
     ],
 )
 def test_sizes(text, value):
     assert parse_size(text) == value
+
+
+def test_a_size_past_any_machine_is_said_so_in_any_unit():
+    for text in ("2EiB", "1000000PB"):
+        with pytest.raises(UsageError, match="larger than any machine"):
+            parse_size(text)
+    from moespeq_cli.runtime.planning.hardware import format_size
+
+    assert format_size(2**40 * 3) == "3.00 TiB" and format_size(2**30) == "1.00 GiB"
 
 
 @pytest.mark.parametrize("text", ["12 apples", "GB", "-1GB", "0", "1.2.3GB", ""])

@@ -25,10 +25,14 @@ _UNITS = {
     "MB": 10**6,
     "GB": 10**9,
     "TB": 10**12,
+    "PB": 10**15,
+    "EB": 10**18,
     "KIB": 2**10,
     "MIB": 2**20,
     "GIB": 2**30,
     "TIB": 2**40,
+    "PIB": 2**50,
+    "EIB": 2**60,
 }
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
@@ -43,7 +47,7 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
     else:
         m = _SIZE.match(str(text)) if len(str(text)) < 64 else None
         unit = m.group(2).upper() if m else None
-        if m and unit in ("K", "M", "G", "T"):  # 10^n or 2^n: said, not guessed
+        if m and unit in ("K", "M", "G", "T", "P", "E"):  # 10^n or 2^n: said, not guessed
             n = m.group(1)
             raise UsageError(f"{what} {text!r}: write {n}{unit}B (powers of 10) or {n}{unit}iB (powers of 2)")
         if not m or unit not in _UNITS:
@@ -61,7 +65,7 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
 
 
 def format_size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
