@@ -324,7 +324,7 @@ def bench_table(report: dict) -> None:
                 *([f((s["bytes_h2d"] or 0) / 1e6, ".1f")] if report["backend"] != "cpu" else []),
                 *([f((s.get("bytes_read") or 0) / 1e6, ".1f")] if disk else []),
                 *([f(s.get("cpu_expert_share"), ".0%")] if on_cpu else []),
-                f(s["acceptance_rate"], ".2f"),
+                f(s["acceptance_rate"], ".0%"),  # (as run's stats line says it)
                 f(s["spec_depth_mean"], ".1f"),
                 f(s["bound_ratio"], ".2f"),
             ]
