@@ -53,6 +53,27 @@ def test_a_long_prompt_stays_within_the_planned_workspace(tmp_path, monkeypatch,
         eng.close()
 
 
+@pytest.mark.parametrize("family,variant", [("qwen3_next", "hybrid"), ("qwen3_5_moe", "text")])
+def test_a_linear_attention_prompt_stays_within_the_planned_workspace(tmp_path, monkeypatch, family, variant):
+    """Linear attention's heads at a real model's proportions (keys as wide as the hidden
+    size, values twice: Qwen3-Next, Qwen3.5) and a prompt in one part: its layer held every
+    intermediate (the convolution's input and output, the float copies of q, k and v) until
+    it returned, and the gated norm's float copies of the whole prompt on top (1.05x the
+    plan on Qwen3.5's proportions); each is let go once the next is made."""
+    linear = {"hidden_size": 288, "linear_key_head_dim": 144, "linear_value_head_dim": 144}
+    monkeypatch.setitem(tiny_models.CONFIGS[family], "activations", {**tiny_models.CONFIGS[family][variant], **linear})
+    tiny_models.build(family, "activations", tmp_path)
+    prompt = prompt_for(4, 400)
+    eng = Engine(tmp_path, EngineOptions(backend="mock", policy="lru", draft_verdict=False))
+    eng.load(len(prompt) + 2)
+    try:
+        with torch.inference_mode(), LiveBytes() as seen:
+            eng.model(torch.tensor(prompt), eng.model.new_cache(), last_only=True)
+        assert seen.peak <= eng.plan.workspace_bytes + eng.plan.kv_cache_bytes, (seen.peak, eng.plan)
+    finally:
+        eng.close()
+
+
 def test_a_part_s_last_state_is_kept_below_a_cycle_s_floor():
     """A linear-attention layer's state after a part is what the next part continues from:
     kept even where a speculative cycle's floor (``keep_from``) lies beyond it (a cache

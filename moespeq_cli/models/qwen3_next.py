@@ -230,13 +230,16 @@ class GatedDeltaNet(nn.Module):
         else:
             conv_prev, S = prev
         full = torch.cat((conv_prev.to(mixed.dtype), mixed), dim=-1)  # [C, taps - 1 + T]
-        conv = rounded_once(
-            F.silu, F.conv1d(full[None], self.conv1d.weight.to(mixed.dtype), groups=self.conv_dim)[0]
-        ).t()
+        del mixed  # (a prompt's workspace: each tensor let go once the next is made)
+        conv = F.conv1d(full[None], self.conv1d.weight.to(full.dtype), groups=self.conv_dim)[0]
+        for s in range(0, T, CHUNK):  # in place, a chunk at a time: rounded_once's float64 copies stay small
+            conv[:, s : s + CHUNK] = rounded_once(F.silu, conv[:, s : s + CHUNK])
+        conv = conv.t()
         q, k, v = conv.split([nk * dk, nk * dk, nv * dv], dim=-1)
         q = q.reshape(T, nk, dk).float().repeat_interleave(r, dim=1)
         k = k.reshape(T, nk, dk).float().repeat_interleave(r, dim=1)
         v = v.reshape(T, nv, dv).float()
+        del conv
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk**0.5
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
         beta = rounded_once(torch.sigmoid, b.float())
@@ -251,9 +254,13 @@ class GatedDeltaNet(nn.Module):
             decay = rounded_once(torch.exp, log_decay)
             o, kept = delta_steps(q, k, v, beta, decay, S, lambda t: cache.keeps(start + t + 1, start + T))
         cache.save_states(layer, {start + t + 1: (full[:, t + 1 : t + self.taps].clone(), s) for t, s in kept.items()})
-        o = o.to(x.dtype)  # [T, nv, dv]
-        o = self.norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(T, nv * dv)
-        return self.out_proj(o)
+        del full, q, k, v
+        normed = torch.empty(T, nv * dv, dtype=x.dtype, device=x.device)
+        for s in range(0, T, CHUNK):  # the gated norm's float copies a chunk at a time
+            rows = slice(s, s + CHUNK)
+            normed[rows] = self.norm(o[rows].to(x.dtype).reshape(-1, dv), z[rows].reshape(-1, dv)).view(-1, nv * dv)
+        del o, z
+        return self.out_proj(normed)
 
 
 class Model(CausalLM):
