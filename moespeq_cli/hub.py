@@ -202,12 +202,20 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
     """Download MODEL's run files (or only its config); returns the local directory. The
     repository is checked first (``preflight``): one moespeq cannot run is refused before
     any file is written."""
-    from huggingface_hub import snapshot_download
+    from urllib.parse import urlsplit
 
-    repo = repo_for(model)
     endpoint = os.environ.get("HF_ENDPOINT")
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise UsageError(f"HF_ENDPOINT {endpoint[:60]!r} is not an http(s) URL; fix or unset it")
+    try:
+        _ = urlsplit(endpoint or "").port  # (huggingface_hub reads it at import: a bad port was an internal error)
+    except ValueError as e:
+        raise UsageError(
+            f"HF_ENDPOINT {endpoint[:60]!r} is not a URL moespeq can reach ({e}); fix or unset it"
+        ) from None
+    from huggingface_hub import snapshot_download
+
+    repo = repo_for(model)
     if revision is not None and (not revision.strip() or len(revision) > 256 or "\x00" in revision):
         raise UsageError(f"--revision {revision[:40]!r} is not a branch, tag or commit name")
     if local_dir is not None:
@@ -299,28 +307,31 @@ def damaged_downloads(path: Path) -> list[str]:
     return names
 
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
 def check_hub_resolves(repo: str) -> None:
     """Refuse at once where the hub's host name does not resolve (no network, no DNS):
     huggingface_hub retries a failed connection with back-off, about 25 s of silence
-    before the same error. Behind a proxy the proxy resolves it, so nothing is checked."""
+    before the same error. Behind a proxy (the environment's or the system's, as the HTTP
+    stack finds it, unless the host bypasses it) the proxy resolves it: nothing is checked."""
     import socket
+    import urllib.request
     from urllib.parse import urlsplit
 
     from huggingface_hub import constants
 
-    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+    try:
+        url = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # (HF_ENDPOINT was checked by ``pull``)
         return
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
-    if not url.hostname:
+    if not host or (urllib.request.getproxies() and not urllib.request.proxy_bypass(host)):
         return
     try:
-        socket.getaddrinfo(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        socket.getaddrinfo(host, port)
+    except UnicodeError:
+        return
     except socket.gaierror as err:
         raise HubError(
-            f"cannot reach the hub to download {repo}: {url.hostname} does not resolve ({err.strerror}); check the "
+            f"cannot reach the hub to download {repo}: {host} does not resolve ({err.strerror}); check the "
             "network"
             + (" and HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "")
             + ", then run the same command again"

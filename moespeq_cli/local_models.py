@@ -25,9 +25,9 @@ from pathlib import Path
 
 from moespeq_cli.errors import CheckpointError, MoespeqError
 from moespeq_cli.model_ref import (
-    ALIASES,
     DEMO,
     DEMO_DIR,
+    alias_of,
     cached_snapshot,
     check_hub_cache,
     looks_like_hub_id,
@@ -58,7 +58,6 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
     repositories in the cache, each with why it is not listed)."""
     cache = check_hub_cache()
     demo, _ = _entry(DEMO, None, DEMO_DIR, tree_size(DEMO_DIR), DEMO_DIR.stat().st_mtime)
-    names = {repo: alias for alias, (repo, _) in reversed(ALIASES.items())}  # the first alias wins
     found, others = [], []
     try:
         folders = sorted(d for d in cache.iterdir() if d.name.startswith("models--"))
@@ -85,7 +84,7 @@ def local_models() -> tuple[list[LocalModel], list[tuple[str, str]]]:
                 others.append((repo, "no snapshot with a config.json"))
             continue
         size = tree_size(d / "blobs") or tree_size(snapshot)
-        entry, why = _entry(names.get(repo, repo), repo, snapshot, size, snapshot.stat().st_mtime)
+        entry, why = _entry(alias_of(repo) or repo, repo, snapshot, size, snapshot.stat().st_mtime)
         if entry is None:
             others.append((repo, why))
         else:

@@ -224,6 +224,11 @@ def newest_snapshot(repo: str) -> Path | None:
         return None
 
 
+def alias_of(repo: str) -> str | None:
+    """The alias naming a hub repository (the first, where several do), or None."""
+    return next((alias for alias, (r, _) in ALIASES.items() if r == repo), None)
+
+
 def resolve_config(model: str | None) -> tuple[str, dict, str]:
     """-> (display name, raw config.json, where it came from), for ``moespeq plan``: a
     checkpoint directory, a pulled repository (``pull --config-only`` is enough), an
@@ -248,7 +253,7 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
         return model, bundled(model), f"bundled config of {repo}"
     if model is not None and kind(Path(os.path.expanduser(model))) == "missing" and looks_like_hub_id(model):
         cached = cached_snapshot(model)
-        alias = next((a for a, (repo, _) in ALIASES.items() if repo == model), None)
+        alias = alias_of(model)
         if cached is None and alias is not None:  # an alias's repository by its id: its bundled config
             return model, bundled(alias), f"bundled config of {model}"
         if cached is None:

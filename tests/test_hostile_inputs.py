@@ -1142,7 +1142,7 @@ def test_a_second_ctrl_c_does_not_cut_the_first_one_s_cleanup_short(capfd):
                 os.kill(os.getpid(), signal.SIGINT)  # pressed again during the cleanup
                 time.sleep(0.05)
                 cleaned.append(True)
-        assert cleaned and "Ctrl-C again to quit at once" in capfd.readouterr().err
+        assert cleaned and "(stopping; Ctrl-C again to quit at once)" in capfd.readouterr().err
         interrupt_handled()
         with pytest.raises(KeyboardInterrupt):  # the next one interrupts again
             os.kill(os.getpid(), signal.SIGINT)

@@ -61,3 +61,13 @@ def test_a_pass_that_may_roll_back_goes_token_by_token(tiny, monkeypatch):
     model(ids[1:], cache)
     cache.truncate(5)  # a rejected tail rolled back: the state after token 5 was kept
     assert cache.length == 5
+
+
+def test_an_infinite_decay_forgets_as_the_steps_do():
+    """A log-decay of -inf (exp(A_log) overflowing in a damaged checkpoint): the steps
+    forget the state (decay 0), the chunks made -inf - -inf, NaN."""
+    q, k, v, beta, log_decay, S = delta_inputs(70, 0.5, seed=3)
+    log_decay[5, 1] = log_decay[66, 0] = float("-inf")
+    want, states = delta_steps(q, k, v, beta, log_decay.exp(), S, keep=lambda t: t == 69)
+    got, last = delta_chunks(q, k, v, beta, log_decay, S)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5 and rel_err(last, states[69]) < 1e-5

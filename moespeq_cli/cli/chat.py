@@ -260,10 +260,11 @@ def chat(
                     out.end_text()
             raise
         except KeyboardInterrupt:
-            interrupt_handled()  # the next Ctrl-C stops the next answer
             note("\n(stopped)")
             stopped = True
-            if not interactive:  # a conversation from a pipe or a file: Ctrl-C ends it, after this answer's record
+            if interactive:
+                interrupt_handled()  # the chat goes on: the next Ctrl-C stops the next answer
+            else:  # a conversation from a pipe or a file: Ctrl-C ends it, after this answer's record
                 leave = True
         turn += 1
         if json_out:

@@ -159,8 +159,9 @@ Dtype = Annotated[
         "--dtype",
         help="float32 | float16 | bfloat16: what the model computes in. Default: the checkpoint's dtype, in which "
         "a GPU (or the mock's simulated one) holds and moves the weights; the CPU computes the mock's numerics and "
-        "--backend cpu's in float32 over the weights as stored. Given, it is also what a GPU holds the weights in "
-        "(float32 doubles a bf16 checkpoint's, and halves the expert slots); --backend cpu keeps them as stored.",
+        "--backend cpu's in float32 over the weights as stored. Given, it is also what a GPU holds the dense weights in "
+        "(float32 doubles a bf16 checkpoint's, leaving less room for expert slots); routed experts are held and moved as "
+        "stored, and --backend cpu keeps every weight as stored.",
         show_default=False,
     ),
 ]

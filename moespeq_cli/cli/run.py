@@ -489,5 +489,5 @@ def write_trace(engine, path: Path, result: dict) -> None:
     if engine.backend is None:
         raise UsageError("--trace needs the mock or cuda backend (the cpu backend keeps no timeline)")
     engine.backend.timeline.write_chrome_trace(
-        path, {k: result[k] for k in ("model", "policy", "hardware")} | {"clock": result["stats"]["clock"]}
+        path, {k: result[k] for k in ("model", "policy", "hardware")} | {"clock": (result["stats"] or {}).get("clock")}
     )

@@ -86,7 +86,7 @@ class Signals:
                 signal.raise_signal(signal.SIGINT)
             self.pressed_again = True
             with contextlib.suppress(OSError):  # (straight to the descriptor: no stream's lock in a handler)
-                os.write(2, b"\n(stopping: what ran is being written; Ctrl-C again to quit at once)\n")
+                os.write(2, b"\n(stopping; Ctrl-C again to quit at once)\n")
             return
         if not deferred(frame):
             waiting, self.pending = self.pending, set()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moespeq_cli.errors import CheckpointError, UnknownModelError
+from moespeq_cli.errors import CheckpointError
 from moespeq_cli.fs import confined_name, describe, file_status, is_dir, read_text
 from moespeq_cli.models import language_config, parse_config
 from moespeq_cli.models.expert_format import FP8, fp8_dequantize
@@ -138,7 +138,7 @@ class Checkpoint:
 
         repo = snapshot_repo(self.path)
         if repo is not None:  # a pull with --config-only (`plan` is all it serves), or one cut short
-            raise UnknownModelError(  # as a model not pulled at all (exit 2)
+            raise CheckpointError(
                 f"the weights of {repo} are not downloaded (a pull with --config-only, which is enough for "
                 f"`moespeq plan`, or one that did not finish); `moespeq pull {repo}` downloads them"
             )

@@ -23,8 +23,8 @@ MoE is Qwen2-MoE's: softmax top-k, a shared expert behind a sigmoid gate.
 Speculative decoding stays exact: a pass stores the recurrent state after each of its
 tokens (``KVCache.save_states``), so rejected draft tokens roll back like a KV cache.
 Such a pass (a decoded token, a draft's step, a verification) runs the recurrence token
-by token (``delta_steps``), with its exp, sigmoid, SiLU and softplus in float64 rounded
-once (``rounded_once``), so that a verification block's values equal single steps' bit
+by token (``delta_steps``), with its exp, sigmoid, SiLU and softplus each computed in
+float64 and rounded to float32 (``rounded_once``: per element, whatever the pass), so that a verification block's values equal single steps' bit
 for bit. A prompt keeps only its last state, and takes the **chunked form**
 (``delta_chunks``): the same recurrence solved ``CHUNK`` tokens at a time with matrix
 products (the delta rule's writes within a chunk are a unit lower-triangular system),
@@ -89,21 +89,24 @@ def delta_chunks(q, k, v, beta, log_decay, S) -> tuple[torch.Tensor, torch.Tenso
     strictly lower triangular, one triangular solve for the chunk. Then the outputs
     ``exp(G_t) q_t S0 + sum_{i<=t} exp(G_t - G_i) (q_t.k_i) w_i`` and the next S0 are
     matrix products. Only differences G_t - G_i (t >= i) are exponentiated, so a strong
-    decay underflows to zero and never overflows."""
+    decay underflows to zero and never overflows; G is summed in float64 (no cancellation
+    where it grows large) from log-decays held above -1e4 (exp of either is 0 in float32;
+    an infinite one made -inf - -inf, NaN, where the steps give 0)."""
     out = []
     for s in range(0, q.shape[0], CHUNK):
         qc, kc, vc = (x[s : s + CHUNK].transpose(0, 1) for x in (q, k, v))  # [nv, c, d]
-        bc, G = beta[s : s + CHUNK].t()[..., None], log_decay[s : s + CHUNK].t().cumsum(-1)  # [nv, c, 1], [nv, c]
+        bc = beta[s : s + CHUNK].t()[..., None]  # [nv, c, 1]
+        G = log_decay[s : s + CHUNK].t().double().clamp(min=-1e4).cumsum(-1)  # [nv, c]
         c = qc.shape[1]
         seen = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # i <= t
-        decays = (G[:, :, None] - G[:, None, :]).masked_fill(~seen, float("-inf")).exp()  # [nv, c, c]
+        decays = (G[:, :, None] - G[:, None, :]).masked_fill(~seen, float("-inf")).exp().float()  # [nv, c, c]
         A = (bc * decays * (kc @ kc.transpose(-1, -2))).tril(-1)
-        grown = G.exp()[..., None]  # exp(G_t) [nv, c, 1]
+        grown = G.exp().float()[..., None]  # exp(G_t) [nv, c, 1]
         W = torch.linalg.solve_triangular(A, torch.cat((bc * vc, bc * grown * kc), -1), upper=False, unitriangular=True)
         U, Wk = W.split([vc.shape[-1], kc.shape[-1]], -1)
         W = U - Wk @ S  # [nv, c, dv]
         out.append(((grown * qc) @ S + ((qc @ kc.transpose(-1, -2)) * decays) @ W).transpose(0, 1))
-        S = grown[:, -1:] * S + (kc * (G[:, -1:] - G).exp()[..., None]).transpose(-1, -2) @ W
+        S = grown[:, -1:] * S + (kc * (G[:, -1:] - G).exp().float()[..., None]).transpose(-1, -2) @ W
     return torch.cat(out), S
 
 
@@ -232,8 +235,9 @@ class GatedDeltaNet(nn.Module):
         full = torch.cat((conv_prev.to(mixed.dtype), mixed), dim=-1)  # [C, taps - 1 + T]
         del mixed  # (a prompt's workspace: each tensor let go once the next is made)
         conv = F.conv1d(full[None], self.conv1d.weight.to(full.dtype), groups=self.conv_dim)[0]
-        for s in range(0, T, CHUNK):  # in place, a chunk at a time: rounded_once's float64 copies stay small
-            conv[:, s : s + CHUNK] = rounded_once(F.silu, conv[:, s : s + CHUNK])
+        step = CHUNK if conv.is_cpu else T  # on the CPU, rounded_once's float64 copies a chunk at a time
+        for s in range(0, T, step):
+            conv[:, s : s + step] = rounded_once(F.silu, conv[:, s : s + step])
         conv = conv.t()
         q, k, v = conv.split([nk * dk, nk * dk, nv * dv], dim=-1)
         q = q.reshape(T, nk, dk).float().repeat_interleave(r, dim=1)

@@ -268,14 +268,19 @@ class Engine:
             f"{' and '.join(asked)} {'take' if len(asked) > 1 else 'takes'} effect with --ram below the experts' size"
         )
 
+    @property
+    def wants_draft(self) -> bool:
+        """Whether a draft is placed: not with ``--draft none``, nor at ``--spec-depth 0``
+        (never drafting: its memory holds experts)."""
+        return self.opts.draft != "none" and self.fixed_k != 0
+
     def make_plan(self, context: int) -> Plan | None:
         """The memory plan for ``context`` tokens (None: the plain cpu reference). Refuses an
         impossible budget before any weight is read."""
         kw = dict(
             blocksize=self.opts.blocksize,
             cpu_experts=self.policy.host_compute,
-            with_draft=self.opts.draft != "none"
-            and self.fixed_k != 0,  # depth 0 never drafts: its memory holds experts
+            with_draft=self.wants_draft,
             max_slots=self.opts.max_slots,
             depth=self.opts.k_max if self.fixed_k is None else self.fixed_k,
         )
@@ -327,7 +332,7 @@ class Engine:
     def draft_scratch(self) -> int:
         """Device memory the draft's grouped calls take besides its experts, on this run's
         hardware (runtime/executors/draft.py ``draft_scratch_bytes``; 0 without a draft)."""
-        if not self.policy.speculative or self.opts.draft == "none" or self.device_type != "cuda":
+        if not self.policy.speculative or not self.wants_draft or self.device_type != "cuda":
             return 0
         from moespeq_cli.runtime.executors.draft import draft_scratch_bytes
 
@@ -446,7 +451,7 @@ class Engine:
         if self.policy.speculative:
             from moespeq_cli.runtime.scheduling.speculation import Speculation
 
-            quant = self.load_draft() if plan.has_draft and self.opts.draft != "none" else None
+            quant = self.load_draft() if plan.has_draft and self.wants_draft else None
             self.spec = Speculation(
                 self.model,
                 plan,
@@ -658,12 +663,21 @@ class Engine:
         """After a pass cut short (a read that failed, a file changed under it, Ctrl-C in a
         layer): what was in flight settles, and the expert tiers drop what it left half done
         (pins, failed fills, slots no expert holds), so that the next generation (serve's
-        next request, chat's next turn) starts from a consistent state."""
-        if self.backend is not None:
-            with contextlib.suppress(Exception):  # (the failure is the caller's to report)
-                self.backend.synchronize()
-        if self.tiers is not None:
-            self.tiers.recover()
+        next request, chat's next turn) starts from a consistent state: the target's
+        experts, not a draft cycle's, and the scheduler's per-cycle queues emptied."""
+        try:
+            if self.backend is not None:
+                with contextlib.suppress(Exception):  # (the failure is the caller's to report)
+                    self.backend.synchronize()
+        finally:  # (a signal while it waits: the state mended all the same)
+            if self.tiers is not None:
+                self.tiers.recover()
+            if self.backend is not None:
+                self.backend.phase = "target"
+            if self.scheduler is not None:
+                self.scheduler.reset()
+            if self.spec is not None:
+                self.model.set_experts(self.target_exec)
 
     def _finish_stats(self, kind: str, times: list[float], spec) -> GenerationStats:
         stats = GenerationStats.from_times(kind, times)

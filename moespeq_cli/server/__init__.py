@@ -16,7 +16,9 @@ streaming (app.py), the requests' validation (requests.py), the worker and its q
   token), so the next request starts at once;
 - errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``:
   400 for a bad request, 401 without the key when ``--api-key`` is set, 404 for an
-  unknown model, 413 for a body over 16 MiB, 503 when the queue is full;
+  unknown model, 413 for a body over 16 MiB, 503 when the queue is full; ``GET /health``
+  answers 503 while the last answer failed reading the checkpoint's files and one is
+  still changed;
 - each response carries the run's statistics in a ``moespeq`` field, and the server log
   (stderr) has one line per request;
 - Ctrl-C cuts the answer in progress after its current token (a long prompt's prefill

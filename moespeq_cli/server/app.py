@@ -140,11 +140,14 @@ def build_app(
             raise ApiError(404, f"the model {asked!r} does not exist here; this server has {name!r}", "model_not_found")
 
     async def health(request):
-        """200 while answers are given; 503 once the last answer failed on the checkpoint's
-        files (a shard changed or cut short under the server: each request would fail alike
-        until they are whole again, or the server restarted), so that a health check sees it."""
-        if worker.failing is not None:
-            return JSONResponse({"status": "error", "model": name, "message": worker.failing}, status_code=503)
+        """200 while answers can be given; 503 while the last answer failed reading the
+        checkpoint's files and one is still changed (a shard cut short or rewritten under the
+        server: each request would fail alike until it is whole again, or the server
+        restarted), so that a health check sees it. (No key is asked here: the reason is
+        said without paths; the log has them.)"""
+        if worker.unhealthy():
+            message = "the checkpoint's files changed under the server; answers fail until they are whole again"
+            return JSONResponse({"status": "error", "model": name, "message": message}, status_code=503)
         return JSONResponse({"status": "ok", "model": name})
 
     card = {"id": name, "object": "model", "created": created, "owned_by": "moespeq"}

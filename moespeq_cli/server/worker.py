@@ -54,10 +54,21 @@ class Worker:
     def __init__(self, engine, queue_size: int):
         self.engine = engine
         self.stopping = False
-        self.failing: str | None = None  # the last answer failed on the checkpoint's files (GET /health says so)
+        self.failing: str | None = None  # the last answer failed reading the checkpoint's files (``unhealthy``)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.thread = threading.Thread(target=self._loop, name="moespeq-serve", daemon=True)
         self.thread.start()
+
+    def unhealthy(self) -> bool:
+        """The last answer failed reading the checkpoint's files and one of them is still
+        not as it was when the server started (each request would fail alike); once they
+        are whole again, healthy, before any request has proved it."""
+        if self.failing is None:
+            return False
+        reader = getattr(getattr(self.engine, "backend", None), "reader", None)
+        if reader is not None and not reader.changed():
+            self.failing = None
+        return self.failing is not None
 
     def submit(self, job: Job) -> None:
         if self.stopping:
@@ -120,7 +131,8 @@ class Worker:
                         job.error = shutting_down(": the answer was cut short")
                 except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
                     job.error = e
-                    if isinstance(e, CheckpointError):  # (a shard changed or cut short under the server)
+                    reader = getattr(getattr(self.engine, "backend", None), "reader", None)
+                    if reader is not None and isinstance(e, CheckpointError | OSError):  # (a shard changed under it)
                         self.failing = str(e)
             job.finish()
 

@@ -192,8 +192,8 @@ class Backend(ABC):
         """Whether the event has completed by the compute stream's current time."""
 
     def failed(self, event: Event) -> bool:
-        """Whether the host work behind ``event`` (a read) ended in an error or was
-        cancelled; asked once it has settled (``synchronize``)."""
+        """Whether the host work behind ``event`` (a read, a copy issued after one, a host
+        job) ended in an error or was cancelled."""
         f = event.future
         return f is not None and f.done() and (f.cancelled() or f.exception() is not None)
 

@@ -246,6 +246,8 @@ class CudaBackend(Backend):
         self.registry.close()
 
     def wait(self, event: Event, layer=None, expert=None, what: str = "wait H2D", before=None) -> None:
+        if event.future is not None and event.future.done():
+            event.future.result()  # a read (or the copy after it) that failed raises here: its event was never recorded
         if event.future is not None and not event.future.done():
             # the copy waits for a read: the host blocks until it is enqueued; the stall is what
             # the compute stream then shows between an event before the block and one after the copy
@@ -259,8 +261,8 @@ class CudaBackend(Backend):
         self._stall_pairs.append((before, after, layer, expert, what))
 
     def ready(self, event: Event) -> bool:
-        if event.future is not None and not event.future.done():
-            return False
+        if event.future is not None and (not event.future.done() or self.failed(event)):
+            return False  # (a failed one never is: an unrecorded CUDA event reads as complete)
         return event.cuda_event is None or bool(event.cuda_event.query())
 
     def record_release(self) -> Event:

@@ -89,13 +89,19 @@ class ElbScheduler(SpecHooks):
         self.target.gate_prefetch = not self.target.policy.host_compute
         self.model.set_router_observer(None)
 
-    def begin_cycle(self, k: int) -> None:
-        self.k = k
+    def reset(self) -> None:
+        """No cycle's queues, lookahead or protected experts (a cycle starts, or one was cut short)."""
+        self.k = 0
         self.elb = []
         self.queue = []
         self.stage_queue = []
         self.protected = set()
         self.verify_layer = -1
+        self.model.set_router_observer(None)
+
+    def begin_cycle(self, k: int) -> None:
+        self.reset()
+        self.k = k
         self.snapshot = set(self.cache.slot_of)
         self.t_start = self.backend.now()
         if self.governor.release_requested and self.on_release is not None:

@@ -207,9 +207,10 @@ class ExpertCache:
     def recover(self) -> None:
         """After a pass cut short, once what was in flight has settled: nothing pinned (a
         layer's pins were never taken off), every expert whose fill failed dropped (a read
-        that raised: the slot holds no whole expert, and every later fill of the slot waited
-        on the failure and raised it again), failed events no longer waited for, and every
-        slot no expert holds free (a fill that raised before its expert was recorded)."""
+        that raised: the slot holds no whole expert, yet the expert stayed resident, counted
+        as a hit, and each use raised the old error again), failed events no longer waited
+        for, and every slot no expert holds free (a fill that raised before its expert was
+        recorded)."""
         self.pinned.clear()
         for key in [k for k, ev in self.arrival.items() if self.backend.failed(ev)]:
             self._evict(key)

@@ -174,6 +174,21 @@ class DiskReader:
                 st = os.fstat(own)
                 self.held[path] = Held(own, (st.st_dev, st.st_ino), stamp)
 
+    def changed(self) -> list[str]:
+        """The held files written since they were held (the check each read makes)."""
+        with self.lock:
+            held = list(self.held.items())
+        out = []
+        for path, h in held:
+            try:
+                st = os.fstat(h.fd)
+            except OSError:
+                out.append(path)
+                continue
+            if (st.st_size, st.st_mtime_ns) != h.stamp:
+                out.append(path)
+        return out
+
     def _fd(self, file: str) -> tuple[int, bool]:
         with self.lock:
             for direct in (True, False) if self.want_direct else (False,):
