@@ -161,6 +161,40 @@ def test_a_message_too_long_keeps_the_history(chat_ckpt):
 
 
 @pytest.mark.parametrize("family, variant", [("mixtral", "gqa"), ("qwen3_next", "hybrid")])
+def test_an_answer_stopped_inside_a_pass_keeps_what_the_next_turn_can_reuse(tiny, family, variant):
+    """Ctrl-C lands inside a layer of a decoding pass (where the time goes): the cache's
+    length did not advance, so the next turn reuses the conversation (a KV cache; a
+    linear-attention layer that finished the pass dropped the state it started from, so
+    there it starts afresh) and gives a fresh prefill's tokens."""
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.runtime.sampling import SamplingParams
+
+    path, _ = tiny(family, variant)
+    eng = Engine(path, EngineOptions(backend="cpu"))
+    eng.load(128)
+    eng.tokenizer.eos_ids = set()
+    first = list(range(3, 23))
+    passes = []
+
+    def stop_in_the_fourth_pass(module, args, output):
+        passes.append(1)
+        if len(passes) == 4:
+            raise KeyboardInterrupt
+
+    handle = eng.model.model.layers[1].register_forward_hook(stop_in_the_fourth_pass)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for ev in eng.generate(first, 8, SamplingParams(), reuse=True):
+            got.append(ev.token)
+    handle.remove()
+    assert len(got) == 3  # the prompt's pass gave one, two decoding passes two more
+    follow = first + got + list(range(40, 50))
+    again = [ev.token for ev in eng.generate(follow, 8, SamplingParams(), reuse=True)]
+    assert (eng.reused_tokens > 0) == (family == "mixtral")
+    assert again == [ev.token for ev in eng.generate(follow, 8, SamplingParams(), reuse=False)]
+
+
+@pytest.mark.parametrize("family, variant", [("mixtral", "gqa"), ("qwen3_next", "hybrid")])
 def test_reused_prefix_gives_the_fresh_tokens(tiny, family, variant):
     """generate(reuse=True) starts from the previous call's cache where the new prompt
     shares its tokens (and only there): the same greedy tokens as a fresh prefill. A

@@ -631,7 +631,6 @@ class Engine:
             )
         self.reused_tokens = reused
         emitted: list[int] = []
-        broken = False  # a pass ended by an exception (a read that failed, a signal inside it)
         try:
             for ev in events:
                 emitted.append(ev.token)
@@ -645,8 +644,7 @@ class Engine:
                 yield ev
         except GeneratorExit:  # closed at a token: every pass complete
             raise
-        except BaseException:
-            broken = True
+        except BaseException:  # a pass ended by an exception (a read that failed, a signal inside it)
             self.recover()
             raise
         finally:  # also on Ctrl-C or an early close: the statistics of what was generated
@@ -655,9 +653,10 @@ class Engine:
             except BaseException:  # (a signal while reads in flight land): the token times at least
                 self.last_stats = GenerationStats.from_times(kind, times)
                 raise
-            if reuse:  # what the cache now holds, for the next call (none after a pass cut short:
-                # a layer may have dropped the state a next pass would start from)
-                self._kept = None if broken else (cache, (list(prompt_ids) + emitted)[: cache.length])
+            if reuse:  # what the cache now holds, for the next call (after a pass cut short too: its
+                # length did not advance, and ``reusable_cache`` takes it only where ``can_truncate``
+                # finds every layer's state there: chat's Ctrl-C mid-answer does not prefill it all again)
+                self._kept = (cache, (list(prompt_ids) + emitted)[: cache.length])
 
     def recover(self) -> None:
         """After a pass cut short (a read that failed, a file changed under it, Ctrl-C in a
