@@ -59,14 +59,18 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name="moespeq-serve", daemon=True)
         self.thread.start()
 
+    @property
+    def reader(self):
+        """The engine's disk tier reader (None without one: nothing to fail on)."""
+        return getattr(getattr(self.engine, "backend", None), "reader", None)
+
     def unhealthy(self) -> bool:
         """The last answer failed reading the checkpoint's files and one of them is still
         not as it was when the server started (each request would fail alike); once they
         are whole again, healthy, before any request has proved it."""
         if self.failing is None:
             return False
-        reader = getattr(getattr(self.engine, "backend", None), "reader", None)
-        if reader is not None and not reader.changed():
+        if self.reader is not None and not self.reader.changed():
             self.failing = None
         return self.failing is not None
 
@@ -131,8 +135,9 @@ class Worker:
                         job.error = shutting_down(": the answer was cut short")
                 except BaseException as e:  # noqa: BLE001 - reported to the request, the worker goes on
                     job.error = e
-                    reader = getattr(getattr(self.engine, "backend", None), "reader", None)
-                    if reader is not None and isinstance(e, CheckpointError | OSError):  # (a shard changed under it)
+                    if self.reader is not None and isinstance(
+                        e, CheckpointError | OSError
+                    ):  # (a shard changed under it)
                         self.failing = str(e)
             job.finish()
 

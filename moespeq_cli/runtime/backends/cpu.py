@@ -85,9 +85,9 @@ class CpuBackend(Backend):
         self.timeline.add(Interval("compute", "stall", what, start - t0, end - t0, layer, expert, 0, self.phase))
 
     def ready(self, event: Event) -> bool:
-        return event.future is None or (
-            event.future.done() and not self.failed(event)
-        )  # (a failed read: waited, raised)
+        if event.future is None:
+            return True
+        return event.future.done() and not self.failed(event)  # (a failed read: waited for, and raised)
 
     def record_release(self) -> Event:
         return Event(self.now())  # the compute thread is past every earlier use

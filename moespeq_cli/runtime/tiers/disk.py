@@ -174,20 +174,21 @@ class DiskReader:
                 st = os.fstat(own)
                 self.held[path] = Held(own, (st.st_dev, st.st_ino), stamp)
 
+    @staticmethod
+    def _written(fd: int, held: Held) -> bool:
+        """Whether the file open at ``fd`` is no longer as ``held`` found it (its size or
+        time changed, or it cannot be looked at)."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return True
+        return (st.st_size, st.st_mtime_ns) != held.stamp
+
     def changed(self) -> list[str]:
         """The held files written since they were held (the check each read makes)."""
         with self.lock:
             held = list(self.held.items())
-        out = []
-        for path, h in held:
-            try:
-                st = os.fstat(h.fd)
-            except OSError:
-                out.append(path)
-                continue
-            if (st.st_size, st.st_mtime_ns) != h.stamp:
-                out.append(path)
-        return out
+        return [path for path, h in held if self._written(h.fd, h)]
 
     def _fd(self, file: str) -> tuple[int, bool]:
         with self.lock:
@@ -213,10 +214,7 @@ class DiskReader:
         silently wrong); checked after each read, an ``fstat``: microseconds a read of
         hundreds."""
         held = self.held.get(file)
-        if held is None:
-            return
-        st = os.fstat(fd)
-        if (st.st_size, st.st_mtime_ns) != held.stamp:
+        if held is not None and self._written(fd, held):
             raise CheckpointError(
                 f"{file} was written while moespeq was reading it (copied over in place?); its experts would be "
                 "another file's bytes: run again once it is whole"
