@@ -116,3 +116,32 @@ def test_cuda_intervals_fold_as_the_gpu_passes_them():
     b._pending[0][4].done = True
     b._fold_pending(done_only=True)
     assert not b._pending and [iv.name for iv in b.timeline.intervals] == ["attn", "expert"]
+
+
+def test_cuda_synchronize_waits_for_the_cpu_experts_jobs(monkeypatch):
+    """``Engine.recover`` synchronizes before it mends the tiers: a CPU expert's job still
+    running on the host pool would otherwise read a RAM slot that recovery hands back."""
+    import threading
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from moespeq_cli.runtime.backends.cuda import CudaBackend
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    release, finished = threading.Event(), []
+    backend = types.SimpleNamespace(
+        reader=None,
+        device=None,
+        _issuer=ThreadPoolExecutor(max_workers=1),
+        _host_pool=ThreadPoolExecutor(max_workers=1),
+    )
+    try:
+        backend._host_pool.submit(lambda: (release.wait(5), finished.append(True)))
+        threading.Timer(0.2, release.set).start()
+        CudaBackend.synchronize(backend)
+        assert finished == [True]
+    finally:
+        backend._issuer.shutdown()
+        backend._host_pool.shutdown()

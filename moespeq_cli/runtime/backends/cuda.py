@@ -290,7 +290,8 @@ class CudaBackend(Backend):
         if self.reader is not None:
             self.reader.drain()  # every read has landed (and logged its interval) ...
         self._issuer.submit(lambda: None).result()  # ... every chained copy is enqueued ...
-        torch.cuda.synchronize(self.device)  # ... and done
+        self._host_pool.submit(lambda: None).result()  # ... every CPU expert's job has run (one thread: in order) ...
+        torch.cuda.synchronize(self.device)  # ... and all of it is done
 
     def resolve_stalls(self) -> None:
         """The stalls and intervals whose closing event the GPU has passed, folded into
