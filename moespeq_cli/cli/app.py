@@ -214,9 +214,9 @@ def root(
 
 
 def _register() -> None:
-    from moespeq_cli.cli import bench, calibrate, chat, listing, plan, profile, pull, quantize, run, serve
+    from moespeq_cli.cli import bench, calibrate, chat, listing, plan, profile, pull, quantize, remove, run, serve
 
-    for module in (pull, listing, run, chat, serve, quantize, profile, bench, plan, calibrate):
+    for module in (pull, listing, remove, run, chat, serve, quantize, profile, bench, plan, calibrate):
         name = module.__name__.rpartition(".")[2]
         command = getattr(module, name)
         app.command(name=getattr(module, "COMMAND", name), epilog=module.EPILOG, help=prose(command.__doc__))(command)

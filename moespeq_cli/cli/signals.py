@@ -64,6 +64,7 @@ class Signals:
         self.watcher: threading.Thread | None = None
         self.closed = False
         self.stopping = False  # a Ctrl-C was raised and its cleanup runs
+        self.holding: bytes | None = None  # ``uninterrupted``'s message: signals wait for its block
         self.pressed_again = False
         if threading.current_thread() is threading.main_thread():
             Signals.current = self
@@ -88,7 +89,7 @@ class Signals:
             with contextlib.suppress(OSError):  # (straight to the descriptor: no stream's lock in a handler)
                 os.write(2, b"\n(stopping; Ctrl-C again to quit at once)\n")
             return
-        if not deferred(frame):
+        if not deferred(frame) and self.holding is None:
             waiting, self.pending = self.pending, set()
             chosen = next(s for s in FIRST if s in waiting | {signum})
             self.stopping = chosen == signal.SIGINT
@@ -96,6 +97,9 @@ class Signals:
         if signum == signal.SIGINT and signum in self.pending:  # pressed again: leave now
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.raise_signal(signal.SIGINT)
+        if self.holding is not None and not self.pending:
+            with contextlib.suppress(OSError):
+                os.write(2, self.holding)
         self.pending.add(signum)
         if self.watcher is None or not self.watcher.is_alive():
             self.watcher = threading.Thread(target=self.watch, name="moespeq-signals", daemon=True)
@@ -109,7 +113,7 @@ class Signals:
         while self.pending and not self.closed:
             time.sleep(self.CHECK_S)
             frame = sys._current_frames().get(self.main)
-            if frame is not None and not deferred(frame) and self.pending and not self.closed:
+            if frame is not None and not deferred(frame) and self.holding is None and self.pending and not self.closed:
                 signum = next(s for s in FIRST if s in self.pending)
                 signal.pthread_kill(self.main, signum)  # its handler raises it there (or queues it again)
                 return
@@ -127,6 +131,22 @@ class Signals:
                 signal.signal(s, h)
         self.previous = {}
         return next((s for s in FIRST if s in waiting), None)
+
+
+@contextlib.contextmanager
+def uninterrupted(message: str):
+    """A block a signal must not cut in two (``rm`` deleting a model: half a model left
+    is worse than the whole): a signal that comes meanwhile waits for the block's end,
+    ``message`` said on stderr at the first; a second Ctrl-C ends the process at once."""
+    signals = Signals.current
+    if signals is None:
+        yield
+        return
+    signals.holding = f"\n({message}; Ctrl-C again to stop at once)\n".encode()
+    try:
+        yield
+    finally:
+        signals.holding = None  # (the watcher raises what came, within CHECK_S)
 
 
 def interrupt_handled() -> None:

@@ -1,0 +1,94 @@
+"""``moespeq rm``: remove models from the Hugging Face cache (moespeq_cli/removal.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from moespeq_cli.cli import options as o
+
+COMMAND = "rm"
+
+EPILOG = """[bold]Examples[/bold]
+
+  [dim]# asks first, says what it frees[/dim]
+  moespeq rm mixtral
+
+  [dim]# in a script: no question[/dim]
+  moespeq rm Qwen/Qwen1.5-MoE-A2.7B-Chat --yes --json
+
+  [dim]# what there is to remove[/dim]
+  moespeq list
+"""
+
+
+def remove(
+    model: Annotated[
+        list[str], typer.Argument(help="Aliases or hub ids, as `moespeq list` shows them.", show_default=False)
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+    json_out: o.Json = False,
+) -> None:
+    """Remove models from the Hugging Face cache, with the drafts moespeq built for them.
+
+    Every revision of each model goes, and the 4-bit drafts `moespeq quantize` kept for it
+    in moespeq's cache; nothing else. The built-in demo and checkpoints in your own
+    directories are never removed (delete a directory of yours yourself). Every name is
+    checked before anything is deleted; a model being downloaded or quantized is left
+    alone. Asks before removing unless --yes (required where stdin is not a terminal). A
+    Ctrl-C waits for the model being deleted to be gone (a second one stops at once); a
+    `moespeq run` or `serve` using a removed model keeps reading its open files until it
+    exits.
+    """
+    import json
+
+    from moespeq_cli.cli.signals import uninterrupted
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.removal import nothing_writing, plan_removals
+    from moespeq_cli.removal import remove as remove_one
+    from moespeq_cli.runtime.planning.hardware import format_size
+    from moespeq_cli.text import counted
+
+    removals = plan_removals(model)
+    if not yes:
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise UsageError("stdin is not a terminal to ask on; give --yes to remove without asking")
+        for r in removals:
+            drafts = f", and {counted(len(r.drafts), 'draft')} ({format_size(r.draft_size)})" if r.drafts else ""
+            print(f"{r.name}: {format_size(r.size)} in {r.folder}{drafts}", file=sys.stderr)
+        what = removals[0].name if len(removals) == 1 else counted(len(removals), "model")
+        print(f"Remove {what}, {format_size(sum(r.freed for r in removals))}? [y/N] ", end="", file=sys.stderr)
+        sys.stderr.flush()
+        try:
+            answer = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            raise
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing removed.", file=sys.stderr)
+            if json_out:
+                print(json.dumps({"removed": [], "freed_bytes": 0}))
+            return
+    done = []
+    with nothing_writing(removals):
+        for r in removals:
+            with uninterrupted(f"removing {r.name}"):
+                remove_one(r)
+            done.append(r)
+            if not json_out:
+                print(f"Removed {r.name} ({format_size(r.freed)})")
+    if json_out:
+        rows = [
+            {
+                "name": r.name,
+                "repo": r.repo,
+                "path": str(r.folder),
+                "bytes": r.size,
+                "drafts": [str(d) for d in r.drafts],
+                "draft_bytes": r.draft_size,
+            }
+            for r in done
+        ]
+        print(json.dumps({"removed": rows, "freed_bytes": sum(r.freed for r in done)}))
