@@ -19,6 +19,9 @@ EPILOG = """[bold]Examples[/bold]
 
   [dim]# what else there is to pull[/dim]
   moespeq pull --list
+
+  [dim]# remove one, with its drafts[/dim]
+  moespeq rm acme/some-model
 """
 
 
