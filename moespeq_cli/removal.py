@@ -8,14 +8,20 @@ directory of the user's own (a path given to ``run``, a ``pull --local-dir``: th
 delete), never another repository's files.
 
 Everything is checked before anything is deleted, for every model named: each name
-resolves to a repository in the cache (an alias, a hub id), no download of it is in
-progress (huggingface_hub holds a lock per file under ``.locks`` while it writes one) and
-no ``quantize`` is writing one of its drafts (the draft's lock, quant/draft_store.py).
-The repository is then deleted through huggingface_hub's own cache API
-(``scan_cache_dir().delete_revisions(...)``), which also collects the blobs its cache
-shares between repositories once nothing else links them; a repository that API cannot
-read (a folder damaged, a removal cut short) is deleted whole. What huggingface_hub only
-logs (a file it was not allowed to delete) is an error here, naming what is left.
+resolves to a repository in the cache (an alias, a hub id; a directory here of that name
+is what ``run`` would take, and is refused), the cache and the drafts' folder can be
+changed, no download of it is in progress (huggingface_hub holds a lock per file under
+``.locks`` while it writes one, and one per shared payload) and no ``quantize`` is
+writing a draft of it (the lock of each place it writes one, quant/draft_store.py).
+The drafts go first (one that cannot be deleted leaves the model, for ``rm`` again),
+then the repository, through huggingface_hub's own cache API
+(``delete_revisions(...).execute()``) over a view of the cache holding that repository
+alone (revisions are found by commit hash, which a renamed or mirrored repository shares
+with its original); the API also collects the payloads its cache shares between
+repositories once nothing else links them. A repository the API cannot read (a folder
+damaged, a removal cut short) is deleted whole. What huggingface_hub only logs or lets
+through (a file it was not allowed to delete, a busy directory) is one error here,
+naming what is left.
 
 A run or a server that has the model open keeps reading its open files until it exits
 (the disk tier reads through the descriptors it holds); the space returns then.
@@ -33,18 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moespeq_cli.errors import MoespeqError, UnknownModelError, UsageError
-from moespeq_cli.fs import cache_dir, kind, shown
+from moespeq_cli.fs import cache_dir, cannot_write_in, kind, shown
 from moespeq_cli.model_ref import (
     ALIASES,
     DEMO,
     alias_of,
     check_hub_cache,
     check_named,
+    hub_cache,
     looks_like_hub_id,
     repo_dir,
     repo_of,
 )
-from moespeq_cli.text import did_you_mean
+from moespeq_cli.text import did_you_mean, printable
 
 
 @dataclass
@@ -67,23 +74,42 @@ class Removal:
 def plan_removals(models: list[str]) -> list[Removal]:
     """What removing each of ``models`` takes; a name that is not a model in the cache
     (the demo, a directory of the user's, a model not pulled) raises before anything is
-    deleted, as does a model named twice."""
+    deleted, as does a model named twice or a cache moespeq may not change."""
     targets: dict[Path, str] = {}
     for model in models:
-        repo = repo_named(model)
-        folder = repo_dir(repo)
+        try:
+            folder = repo_dir(repo_named(model)).absolute()
+        except PermissionError as e:  # (a cache this user cannot search: ``chmod 000``)
+            raise MoespeqError(
+                f"the Hugging Face cache {shown(hub_cache())} cannot be read ({e.strerror.lower()}); check its permissions"
+            ) from None
         if folder in targets:
-            raise UsageError(f"{model!r} names the same model as {targets[folder]!r}; give it once")
+            raise UsageError(f"{said(model)!r} names the same model as {said(targets[folder])!r}; give it once")
         targets[folder] = model
-    scanned = scan_cache()
     removals = []
     for folder, model in targets.items():
-        repo = repo_of(folder.name)
-        strategy = scanned.get(folder)
-        size = files_size(folder) + (shared_size(strategy, folder) if strategy is not None else 0)
+        strategy, shared = deletion(folder)
         drafts = drafts_of_repo(folder)
-        removals.append(Removal(model, repo, folder, size, drafts, sum(files_size(d) for d in drafts), strategy))
+        removals.append(
+            Removal(
+                model,
+                repo_of(folder.name),
+                folder,
+                files_size(folder) + shared,
+                drafts,
+                sum(files_size(d) for d in drafts),
+                strategy,
+            )
+        )
+    for where in {folder.parent for folder in targets} | {d.parent for r in removals for d in r.drafts}:
+        if why := cannot_write_in(where):
+            raise MoespeqError(f"cannot remove anything from {shown(where)} ({why.lower()}); check its permissions")
     return removals
+
+
+def said(model: str) -> str:
+    """A name as typed, as a message may show it (no line break or escape reaches the terminal)."""
+    return printable(model, 120)
 
 
 def repo_named(model: str) -> str:
@@ -91,25 +117,28 @@ def repo_named(model: str) -> str:
     check_named(model)
     if model == DEMO:
         raise UsageError("the demo is built into moespeq; there is nothing to remove")
+    if kind(Path(os.path.expanduser(model))) == "a directory":  # what `run` takes the name for
+        raise UsageError(
+            f"{shown(said(model))} is a directory here, not a model in the Hugging Face cache; `moespeq rm` removes "
+            "only what `moespeq list` shows (a directory of yours is yours to delete; to remove the cached "
+            "model of that name, run it from another directory)"
+        )
     repo = ALIASES[model][0] if model in ALIASES else model if looks_like_hub_id(model) else None
     cache = check_hub_cache()
     if repo is not None:
         folder = repo_dir(repo)
         if folder.is_symlink():
             raise MoespeqError(
-                f"{model}: its folder in the cache is a link ({shown(folder)} -> {os.readlink(folder)}); "
+                f"{model}: its folder in the cache is a link ({shown(folder)} -> {shown(os.readlink(folder))}); "
                 "remove the link or what it leads to yourself"
             )
-        if os.path.lexists(folder):
+        if folder.is_dir():
             return repo
-    if kind(Path(os.path.expanduser(model))) == "a directory":
-        raise UsageError(
-            f"{shown(model)} is a directory of yours, not a model in the Hugging Face cache; "
-            "`moespeq rm` removes only what `moespeq list` shows: delete the directory yourself"
-        )
+        if os.path.lexists(folder):
+            raise MoespeqError(f"{model}: {shown(folder)} is not a folder; remove it yourself")
     cached = cached_repos(cache)
     names = cached + [a for r in cached if (a := alias_of(r))]
-    which = model if repo in (None, model) else f"{model} ({repo})"
+    which = said(model) if repo in (None, model) else f"{model} ({repo})"
     raise UnknownModelError(f"{which} is not on this machine{did_you_mean(model, names)}; `moespeq list` shows what is")
 
 
@@ -120,24 +149,42 @@ def cached_repos(cache: Path) -> list[str]:
         return []
 
 
-def scan_cache() -> dict[Path, object]:
-    """{repository folder: the strategy deleting every revision of it} for each repository
-    huggingface_hub can read in the cache."""
+def deletion(folder: Path) -> tuple[object | None, int]:
+    """(huggingface_hub's strategy deleting every revision of the repository in ``folder``,
+    the bytes of the cache's shared blob store it frees: payloads only this repository
+    links), or (None, 0) where huggingface_hub cannot read the repository (it is then
+    deleted whole). The strategy is made from a view of the cache holding this repository
+    alone: revisions are found by commit hash, which a renamed or mirrored repository
+    shares with its original, whose snapshot would otherwise be deleted too."""
+    import dataclasses
+
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir(check_hub_cache())
+        info = scan_cache_dir(folder.parent)
     except (CacheNotFound, OSError, ValueError):
-        return {}
-    return {repo.repo_path: info.delete_revisions(*(r.commit_hash for r in repo.revisions)) for repo in info.repos}
+        return None, 0
+    real = Path(os.path.realpath(folder))
+    repo = next((r for r in info.repos if Path(os.path.realpath(r.repo_path)) == real), None)
+    if repo is None:
+        return None, 0
+    alone = dataclasses.replace(info, repos=frozenset({repo}))
+    strategy = alone.delete_revisions(*(r.commit_hash for r in repo.revisions))
+    touched = [*strategy.repos, *strategy.snapshots, *strategy.refs, *strategy.blobs]
+    if any(not Path(os.path.realpath(p)).is_relative_to(real) for p in touched):  # (never, but never outside)
+        return None, 0
+    # the repository's own blob files are counted by ``files_size``; a file's first hop that
+    # is a link leads into the shared store
+    own = {f.blob_path: f.size_on_disk for rev in repo.revisions for f in rev.files if not f.blob_path.is_symlink()}
+    return strategy, max(0, strategy.expected_freed_size - sum(own.values()))
 
 
-def shared_size(strategy, folder: Path) -> int:
-    """Bytes of the cache's shared blob store that deleting the repository in ``folder``
-    frees (payloads only it links): what huggingface_hub expects to free beyond the
-    repository's own blob files."""
-    return max(0, strategy.expected_freed_size - files_size(folder / "blobs"))
+def snapshots(folder: Path) -> list[Path]:
+    try:
+        return sorted(d for d in (folder / "snapshots").iterdir() if d.is_dir())
+    except OSError:
+        return []
 
 
 def drafts_of_repo(folder: Path) -> list[Path]:
@@ -146,12 +193,27 @@ def drafts_of_repo(folder: Path) -> list[Path]:
     from moespeq_cli.quant.draft_store import drafts_of
 
     ours = cache_dir() / "drafts"
-    try:
-        snapshots = [d for d in (folder / "snapshots").iterdir() if d.is_dir()]
-    except OSError:
-        return []
-    found = {d for s in snapshots for d in drafts_of(s) if d.parent == ours}
-    return sorted(found)
+    return sorted({d for s in snapshots(folder) for d in drafts_of(s) if d.parent == ours})
+
+
+def draft_places(folder: Path) -> list[Path]:
+    """Every draft ``quantize`` may be writing for a snapshot of the repository in
+    ``folder`` without an ``--out`` (each method and block size), existing or not."""
+    from moespeq_cli.quant.draft_store import BLOCKSIZES, METHODS, default_draft_dir
+
+    return [default_draft_dir(s, m, b) for s in snapshots(folder) for m in METHODS for b in BLOCKSIZES]
+
+
+def shared_locks(folder: Path) -> list[Path]:
+    """The locks of the shared store's payloads the repository's blobs link to
+    (huggingface_hub takes one, waiting as long as it takes, to collect a payload)."""
+    store = Path(os.path.realpath(folder.parent / "blobs"))
+    found = []
+    with contextlib.suppress(OSError):
+        for blob in (folder / "blobs").iterdir():
+            if blob.is_symlink() and (target := Path(os.path.realpath(blob))).parent.parent == store:
+                found.append(target.with_name(target.name + ".lock"))
+    return found
 
 
 def files_size(path: Path) -> int:
@@ -169,37 +231,58 @@ def files_size(path: Path) -> int:
 def nothing_writing(removals: list[Removal]):
     """Held while the models are removed: no download of any of them in progress (each
     lock huggingface_hub takes while writing one of the repository's files, taken here
-    without waiting) and no draft of them being written (each draft's own lock)."""
+    without waiting) and no draft of them being written (the lock of each place
+    ``quantize`` writes one, a draft there or not); nothing holding a shared payload's
+    lock either (looked at, not held: the deletion takes it)."""
     import fcntl
 
     from moespeq_cli.fs import exclusive_lock
     from moespeq_cli.quant.draft_store import lock_file
 
+    def free(lock: Path, release: bool) -> bool:
+        """Whether nothing holds ``lock`` (one that cannot be opened: another user's, whose
+        holder cannot write this user's files either); kept held unless ``release``."""
+        try:
+            fd = os.open(lock, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
+        if release:
+            os.close(fd)
+        else:
+            held.callback(os.close, fd)
+        return True
+
     with contextlib.ExitStack() as held:
         for r in removals:
             locks = check_hub_cache() / ".locks" / r.folder.name
             for lock in sorted(locks.glob("**/*.lock")) if locks.is_dir() else []:
-                try:
-                    fd = os.open(lock, os.O_RDWR)
-                except OSError:
-                    continue  # (another user's: its download cannot write our files either)
-                held.callback(os.close, fd)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as e:
-                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        continue
+                if not free(lock, release=False):
                     raise MoespeqError(
-                        f"{r.name} is being downloaded (a pull holds {shown(lock)}); "
+                        f"{said(r.name)} is being downloaded (a pull holds {shown(lock)}); "
                         "wait for it to finish or stop it, then remove the model"
-                    ) from None
-            for d in r.drafts:
+                    )
+            for lock in shared_locks(r.folder):
+                if not free(lock, release=True):
+                    raise MoespeqError(
+                        f"{said(r.name)}: a file it shares with another model is in use (a pull holds "
+                        f"{shown(lock)}); wait for it to finish, then remove the model"
+                    )
+            for d in draft_places(r.folder):
                 held.enter_context(exclusive_lock(lock_file(d), f"writing the draft {d}"))
         yield
 
 
 def remove(r: Removal) -> None:
-    """Delete ``r``'s repository and drafts; -> raises naming what could not be deleted."""
+    """Delete ``r``'s drafts, then its repository (a draft that cannot be deleted leaves
+    the model there, for ``rm`` again); -> raises naming what could not be deleted."""
+    for d in r.drafts:
+        if os.path.lexists(d):
+            delete_tree(d, r.name)
     if r.strategy is not None:
         import logging
 
@@ -208,18 +291,19 @@ def remove(r: Removal) -> None:
         hub_log.setLevel(logging.ERROR)  # (what it could not delete is said below, once)
         try:
             r.strategy.execute()
+        except OSError:  # (it lets through all but a missing file and a refusal: EBUSY, EROFS, EIO)
+            pass
         finally:
             hub_log.setLevel(quiet)
-    for path in [r.folder, *r.drafts]:
-        if os.path.lexists(path):  # (not read by the hub's API, or a file it only logged)
-            delete_tree(path, r.name)
+    if os.path.lexists(r.folder):  # (not read by the hub's API, or a file it only logged)
+        delete_tree(r.folder, r.name)
 
 
 def delete_tree(path: Path, name: str) -> None:
     def failed(_fn, where, exc):
         why = (getattr(exc, "strerror", None) or str(exc)).lower()
         raise MoespeqError(
-            f"{name}: could not delete {shown(where)} ({why}); the rest of {shown(path)} is left: "
+            f"{said(name)}: could not delete {shown(where)} ({why}); the rest of {shown(path)} is left: "
             "check its permissions, then run `moespeq rm` again"
         ) from None
 

@@ -64,7 +64,7 @@ def test_rm_removes_the_model_and_its_drafts_and_nothing_else(pulled, cli, tmp_p
         (["acme/plan-only", "demo"], "the demo is built into moespeq"),
         (["acme/plan-only", "acme/plan-only"], "names the same model"),
         (["acme/plan-only", "acme/tiny-olmo"], "did you mean 'acme/tiny-olmoe'?"),
-        (["acme/plan-only", "{dir}"], "is a directory of yours"),
+        (["acme/plan-only", "{dir}"], "is a directory here, not a model"),
     ],
 )
 def test_every_name_is_checked_before_anything_is_deleted(pulled, cli, tmp_path, names, needle):
@@ -125,10 +125,10 @@ def test_a_file_it_may_not_delete_is_named(pulled, cli, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_unlink(path, *a, **kw)
 
-    monkeypatch.setattr(os, "unlink", refusing)
-    monkeypatch.setattr(os, "remove", refusing)
-    r = cli("rm", "acme/plan-only", "--yes")
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", refusing)
+        m.setattr(os, "remove", refusing)
+        r = cli("rm", "acme/plan-only", "--yes")
     assert r.exit_code == 1 and "could not delete" in r.stderr and "permission denied" in r.stderr
     assert "run `moespeq rm` again" in r.stderr and r.stderr.count("\n") == 1
     assert folder.exists()
@@ -185,19 +185,144 @@ def test_at_a_terminal_it_asks_and_says_what_goes(pulled, cli, tmp_path):
     assert "Remove 2 models," in err and set(listed(cli)) == {"demo"}
 
 
-def test_a_signal_waits_for_an_uninterrupted_block():
+def test_a_signal_waits_for_an_uninterrupted_block_and_stops_the_next():
     from moespeq_cli.cli.signals import Signals, uninterrupted
 
     signals = Signals()
     reached = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            with uninterrupted("removing x"):
-                signal.raise_signal(signal.SIGINT)
-                time.sleep(0.2)  # the watcher looks every 20 ms: it must wait for the block
-                reached.append("end of block")
-            time.sleep(2)  # raised here, once the block is over
-            reached.append("after")
+            for block in range(3):  # (rm's models, one after another)
+                with uninterrupted("removing x"):
+                    if block == 0:
+                        signal.raise_signal(signal.SIGINT)
+                    time.sleep(0.1)  # the watcher looks every 20 ms: it must wait for the block
+                    reached.append(block)
     finally:
         signals.restore()
-    assert reached == ["end of block"]
+    assert reached == [0]
+    signals = Signals()
+    try:
+        with pytest.raises(OSError, match="the block's own"):  # a block that fails: its error, not the signal
+            with uninterrupted("removing x"):
+                signal.raise_signal(signal.SIGTERM)
+                raise OSError("the block's own")
+        time.sleep(0.1)  # (nothing raised later either)
+    finally:
+        signals.restore()
+
+
+def cached_repo(cache: Path, repo: str, rev: str, files: dict[str, bytes], shared: tuple[str, ...] = ()) -> Path:
+    """A repository in the Hugging Face cache's layout, as huggingface_hub writes it: each
+    file a link from the snapshot to ``blobs/<etag>``; a file named in ``shared`` a link on
+    into the cache-wide store (``blobs/<xx>/<xet hash>``, with its manifest of links)."""
+    import hashlib
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / rev
+    for d in (folder / "blobs", folder / "refs", snap):
+        d.mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(rev)
+    for name, data in files.items():
+        etag = hashlib.sha1(data).hexdigest()
+        blob = folder / "blobs" / etag
+        if name in shared:
+            xet = hashlib.sha256(data).hexdigest()
+            store = cache / "blobs" / xet[:2] / xet
+            store.parent.mkdir(parents=True, exist_ok=True)
+            (cache / "blobs" / ".huggingface-shared-blobs").write_text("1\n")
+            store.write_bytes(data)
+            with open(f"{store}.refs", "a") as manifest:
+                manifest.write(f"{folder.name}/blobs/{etag}\n")
+            blob.symlink_to(os.path.relpath(store, blob.parent))
+        else:
+            blob.write_bytes(data)
+        (snap / name).symlink_to(f"../../blobs/{etag}")
+    return folder
+
+
+def test_a_repository_sharing_a_commit_with_another_leaves_it_alone(cli, monkeypatch, tmp_path):
+    """A renamed or mirrored repository keeps its commits: huggingface_hub finds revisions
+    by hash over the whole cache, and the other's snapshot went too (1 run in 2)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    files = {"config.json": b'{"model_type": "olmoe"}', "model.safetensors": b"x" * 1000}
+    for repo in ("old-org/model", "new-org/model", "mirror/model"):
+        cached_repo(cache, repo, "a" * 40, files)
+    for _ in range(4):  # (the hub's order over repositories is a set's)
+        other = cache / "models--new-org--model"
+        assert cli("rm", "old-org/model", "--yes").exit_code == 0
+        assert {p.name for p in (other / "snapshots" / ("a" * 40)).iterdir()} == set(files)
+        assert (cache / "models--mirror--model" / "snapshots" / ("a" * 40) / "model.safetensors").read_bytes()
+        cached_repo(cache, "old-org/model", "a" * 40, files)
+
+
+def test_shared_payloads_go_with_the_last_repository_linking_them(cli, monkeypatch, tmp_path):
+    """Through a cache path that is a link (as ~/.cache often is): the payload only the
+    removed model links is collected and counted, the one another model links stays."""
+    real = tmp_path / "real-cache"
+    real.mkdir()
+    (tmp_path / "cache").symlink_to(real)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    mine, both = b"m" * 3000, b"s" * 5000
+    cached_repo(
+        real, "acme/a", "a" * 40, {"config.json": b"{}", "mine.bin": mine, "both.bin": both}, ("mine.bin", "both.bin")
+    )
+    cached_repo(real, "acme/b", "b" * 40, {"config.json": b"{}", "both.bin": both}, ("both.bin",))
+    folder_bytes = files_size(real / "models--acme--a")
+    r = cli("rm", "acme/a", "--yes", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["freed_bytes"] == folder_bytes + len(mine)
+    payloads = {p.read_bytes() for p in (real / "blobs").glob("*/*") if p.suffix == ""}
+    assert payloads == {both}
+    assert (real / "models--acme--b" / "snapshots" / ("b" * 40) / "both.bin").read_bytes() == both
+
+
+def test_an_error_the_hub_api_lets_through_is_one_line(pulled, cli, monkeypatch):
+    import errno
+
+    real_rmdir = os.rmdir
+
+    def busy(path, *a, **kw):
+        if "snapshots" in os.fspath(path):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real_rmdir(path, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rmdir", busy)
+        r = cli("rm", "acme/plan-only", "--yes")
+    assert r.exit_code == 1 and "could not delete" in r.stderr and "busy" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    assert cli("rm", "acme/plan-only", "--yes").exit_code == 0  # once the cause is gone
+
+
+def test_a_draft_it_cannot_delete_leaves_the_model_for_rm_again(pulled, cli, monkeypatch, tmp_path):
+    real_unlink = os.unlink
+    drafts = str(tmp_path / "xdg")
+
+    def refusing(path, *a, **kw):
+        name = os.fspath(path)
+        if (drafts in name and not name.endswith(".probe")) or (kw.get("dir_fd") is not None and "manifest" in name):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", refusing)
+        r = cli("rm", "acme/tiny-olmoe", "--yes")
+    assert r.exit_code == 1 and "could not delete" in r.stderr
+    assert (pulled / "models--acme--tiny-olmoe").is_dir()
+    assert cli("rm", "acme/tiny-olmoe", "--yes").exit_code == 0
+    assert not (pulled / "models--acme--tiny-olmoe").exists()
+
+
+def test_a_first_quantize_still_writing_stops_it(pulled, cli):
+    from moespeq_cli.fs import exclusive_lock
+    from moespeq_cli.quant.draft_store import default_draft_dir, lock_file
+
+    snap = Path(listed(cli)["acme/plan-only"]["path"])
+    out = default_draft_dir(snap, "fp4", 256)  # none there yet: quantize is writing it
+    assert not out.exists()
+    with exclusive_lock(lock_file(out), "writing"):
+        r = cli("rm", "acme/plan-only", "--yes")
+    assert r.exit_code == 1 and "another moespeq is writing the draft" in r.stderr
+    assert "acme/plan-only" in listed(cli)

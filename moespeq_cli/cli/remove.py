@@ -46,7 +46,7 @@ def remove(
 
     from moespeq_cli.cli.signals import uninterrupted
     from moespeq_cli.errors import UsageError
-    from moespeq_cli.removal import nothing_writing, plan_removals
+    from moespeq_cli.removal import nothing_writing, plan_removals, said
     from moespeq_cli.removal import remove as remove_one
     from moespeq_cli.runtime.planning.hardware import format_size
     from moespeq_cli.text import counted
@@ -57,8 +57,8 @@ def remove(
             raise UsageError("stdin is not a terminal to ask on; give --yes to remove without asking")
         for r in removals:
             drafts = f", and {counted(len(r.drafts), 'draft')} ({format_size(r.draft_size)})" if r.drafts else ""
-            print(f"{r.name}: {format_size(r.size)} in {r.folder}{drafts}", file=sys.stderr)
-        what = removals[0].name if len(removals) == 1 else counted(len(removals), "model")
+            print(f"{said(r.name)}: {format_size(r.size)} in {r.folder}{drafts}", file=sys.stderr)
+        what = said(removals[0].name) if len(removals) == 1 else counted(len(removals), "model")
         print(f"Remove {what}, {format_size(sum(r.freed for r in removals))}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()
         try:
@@ -67,28 +67,30 @@ def remove(
             print(file=sys.stderr)
             raise
         if answer.strip().lower() not in ("y", "yes"):
-            print("Nothing removed.", file=sys.stderr)
+            print(("" if answer.endswith("\n") else "\n") + "Nothing removed.", file=sys.stderr)
             if json_out:
                 print(json.dumps({"removed": [], "freed_bytes": 0}))
             return
     done = []
-    with nothing_writing(removals):
-        for r in removals:
-            with uninterrupted(f"removing {r.name}"):
-                remove_one(r)
-            done.append(r)
-            if not json_out:
-                print(f"Removed {r.name} ({format_size(r.freed)})")
-    if json_out:
-        rows = [
-            {
-                "name": r.name,
-                "repo": r.repo,
-                "path": str(r.folder),
-                "bytes": r.size,
-                "drafts": [str(d) for d in r.drafts],
-                "draft_bytes": r.draft_size,
-            }
-            for r in done
-        ]
-        print(json.dumps({"removed": rows, "freed_bytes": sum(r.freed for r in done)}))
+    try:
+        with nothing_writing(removals):
+            for r in removals:
+                with uninterrupted(f"removing {said(r.name)}"):  # (a signal is raised once it is gone)
+                    remove_one(r)
+                    done.append(r)
+                    if not json_out:
+                        print(f"Removed {said(r.name)} ({format_size(r.freed)})")
+    finally:  # (after a signal too: what is gone)
+        if json_out and (done or sys.exc_info()[0] is None):
+            rows = [
+                {
+                    "name": r.name,
+                    "repo": r.repo,
+                    "path": str(r.folder),
+                    "bytes": r.size,
+                    "drafts": [str(d) for d in r.drafts],
+                    "draft_bytes": r.draft_size,
+                }
+                for r in done
+            ]
+            print(json.dumps({"removed": rows, "freed_bytes": sum(r.freed for r in done)}))

@@ -89,7 +89,16 @@ class Signals:
             with contextlib.suppress(OSError):  # (straight to the descriptor: no stream's lock in a handler)
                 os.write(2, b"\n(stopping; Ctrl-C again to quit at once)\n")
             return
-        if not deferred(frame) and self.holding is None:
+        if self.holding is not None:  # ``uninterrupted``: its block's end raises what came
+            if signum == signal.SIGINT and self.pending:  # pressed again (after any signal): leave now
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.raise_signal(signal.SIGINT)
+            if not self.pending:
+                with contextlib.suppress(OSError):
+                    os.write(2, self.holding)
+            self.pending.add(signum)
+            return
+        if not deferred(frame):
             waiting, self.pending = self.pending, set()
             chosen = next(s for s in FIRST if s in waiting | {signum})
             self.stopping = chosen == signal.SIGINT
@@ -97,9 +106,6 @@ class Signals:
         if signum == signal.SIGINT and signum in self.pending:  # pressed again: leave now
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.raise_signal(signal.SIGINT)
-        if self.holding is not None and not self.pending:
-            with contextlib.suppress(OSError):
-                os.write(2, self.holding)
         self.pending.add(signum)
         if self.watcher is None or not self.watcher.is_alive():
             self.watcher = threading.Thread(target=self.watch, name="moespeq-signals", daemon=True)
@@ -113,7 +119,7 @@ class Signals:
         while self.pending and not self.closed:
             time.sleep(self.CHECK_S)
             frame = sys._current_frames().get(self.main)
-            if frame is not None and not deferred(frame) and self.holding is None and self.pending and not self.closed:
+            if frame is not None and not deferred(frame) and self.pending and not self.closed:
                 signum = next(s for s in FIRST if s in self.pending)
                 signal.pthread_kill(self.main, signum)  # its handler raises it there (or queues it again)
                 return
@@ -136,17 +142,26 @@ class Signals:
 @contextlib.contextmanager
 def uninterrupted(message: str):
     """A block a signal must not cut in two (``rm`` deleting a model: half a model left
-    is worse than the whole): a signal that comes meanwhile waits for the block's end,
-    ``message`` said on stderr at the first; a second Ctrl-C ends the process at once."""
+    is worse than the whole): a signal that comes meanwhile is raised when the block ends
+    (in the main thread; a block that fails raises its own error instead: the command
+    stops all the same), ``message`` said on stderr at the first; a Ctrl-C after it ends
+    the process at once."""
     signals = Signals.current
-    if signals is None:
+    if signals is None or threading.current_thread() is not threading.main_thread():
         yield
         return
     signals.holding = f"\n({message}; Ctrl-C again to stop at once)\n".encode()
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        signals.holding = None  # (the watcher raises what came, within CHECK_S)
+        waiting, signals.pending = signals.pending, set()
+        signals.holding = None
+        if waiting and not failed:
+            chosen = next(s for s in FIRST if s in waiting)
+            signals.stopping = chosen == signal.SIGINT
+            Signals.raise_for(chosen)
 
 
 def interrupt_handled() -> None:
