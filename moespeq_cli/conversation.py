@@ -121,12 +121,16 @@ class Conversation:
         self.turns: list[dict] = []
         self.can_grow = bool(limit and limit > context)  # --context may be raised
 
-    def remedy(self, shorten: str | None) -> str:
-        """What makes a prompt fit: ``shorten`` what (where it can be), fewer new tokens,
-        and a larger --context where the model's allows one."""
-        first = f"{shorten}, " if shorten else ""
-        grow = " or raise --context" if self.can_grow else " (the model's context allows no more)"
-        return f"{first}lower --max-new-tokens{grow}"
+    def remedy(self, shorten: str | None, fewer_tokens: bool = True) -> str:
+        """What makes a prompt fit: ``shorten`` what (where it can be), fewer new tokens
+        (where the prompt alone leaves room for one), and a larger --context where the
+        model's allows one."""
+        steps = [s for s in (shorten, "lower --max-new-tokens" if fewer_tokens else None) if s]
+        if self.can_grow:
+            return " or ".join([", ".join(steps), "raise --context"] if steps else ["raise --context"])
+        if not steps:
+            return "the model's context allows no more: use a model with a longer one"
+        return f"{', '.join(steps)} (the model's context allows no more)"
 
     def encode(self, messages: list[dict]) -> list[int]:
         """The prompt ids of ``messages``; a template that renders them as nothing is a
@@ -163,7 +167,7 @@ class Conversation:
             )
             raise UsageError(
                 f"{what} and an answer of --max-new-tokens {max_new_tokens} do not fit the context of "
-                f"{self.context}; {self.remedy('shorten --system' if self.system else None)}"
+                f"{self.context}; {self.remedy('shorten --system' if self.system else None, n < self.context)}"
             )
 
     def prompt(self, max_new_tokens: int) -> tuple[list[int], int]:

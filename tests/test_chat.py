@@ -266,6 +266,15 @@ def test_chat_refuses_options_it_cannot_use_at_start(chat_ckpt, args, words):
     assert r.exit_code == 2 and words in r.stderr and not r.stdout, (r.stdout, r.stderr)
 
 
+def test_a_context_the_chat_format_alone_fills_asks_only_for_more_context(chat_ckpt):
+    """Where a short message in the chat format does not fit even without an answer,
+    fewer new tokens cannot help: the remedy is a larger context alone."""
+    r = CliRunner().invoke(app, ["chat", str(chat_ckpt), "--backend", "cpu", "--context", "6"], input="hi\n")
+    assert r.exit_code == 2 and "raise --context" in r.stderr and "--max-new-tokens" not in r.stderr.split(";")[-1]
+    r = CliRunner().invoke(app, ["chat", str(chat_ckpt), "--backend", "cpu", "--context", "128", "-n", "126"])
+    assert r.exit_code == 2 and "lower --max-new-tokens or raise --context" in r.stderr
+
+
 def templated_copy(tiny, tmp_path, name: str, template: str):
     src, _ = tiny("mixtral", "gqa")
     dst = tmp_path / name

@@ -180,6 +180,7 @@ def test_run_profile_and_bench_on_the_disk_tier(tiny, cli, tmp_path):
     r = cli("profile", str(path), *base, "--no-live", "--report", str(report), "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["stats"]["bytes_read"] > 0 and "<svg" in report.read_text()
+    assert "hardware: this CPU" in report.read_text() and "None" not in report.read_text().split("</h1>")[0]
     r = cli("bench", str(path), *base, "--json")
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
@@ -697,6 +698,14 @@ def test_a_narrow_terminal_gets_whole_figures_from_bench(cli, monkeypatch):
             assert f"{res['stats']['tokens_per_s']:.1f}" in text, text
         assert ("left out for the terminal's width" in text) == (width < 170), text
         assert ("bound ratio" in text.split("left out")[0]) == (width == 200)
+    monkeypatch.setattr(rich.console, "Console", real)
+    for columns, widest in (("80", 80), ("", 170)):  # a pipe: $COLUMNS where set (as rich reads it), else room
+        buf = io.StringIO()
+        monkeypatch.setenv("COLUMNS", columns)
+        monkeypatch.setattr(rich.console, "Console", lambda *a, b=buf, **k: real(*a, file=b, **k))
+        bench_table(report)
+        lines = buf.getvalue().splitlines()
+        assert max(map(len, lines)) <= widest and (max(map(len, lines)) > 80) == (widest > 80), buf.getvalue()
 
 
 def test_run_says_why_its_text_ended(tiny, cli, tmp_path):
@@ -745,3 +754,22 @@ def test_chat_and_serve_say_their_default_context(cli, command):
     r = cli(command, "--help")
     flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.stdout).split())
     assert "Default: 4096 (the demo: 512)" in flat and "what the prompt and --max-new-tokens need" not in flat
+
+
+def test_trace_events_that_meet_do_not_overlap_by_a_rounding():
+    """Adjacent regions of a lane (one ends where the next starts) were written with start
+    and duration rounded apart: 22 pairs in a 48-token profile overlapped by a nanosecond,
+    which a trace viewer draws nested. In whole nanoseconds, as viewers read them, they meet."""
+    import random
+
+    from moespeq_cli.runtime.timeline import Interval, Timeline
+
+    rng = random.Random(0)
+    timeline, t = Timeline(), 0.0
+    for i in range(2000):
+        end = t + rng.uniform(1e-7, 3e-4)
+        timeline.add(Interval("compute", "compute", f"r{i}", t, end))
+        t = end
+    events = [e for e in timeline.chrome_trace()["traceEvents"] if e["ph"] == "X"]
+    for a, b in zip(events, events[1:]):
+        assert round(a["ts"] * 1e3) + round(a["dur"] * 1e3) == round(b["ts"] * 1e3), (a, b)

@@ -155,6 +155,16 @@ def test_a_fixed_depth_without_room_for_the_draft_says_so(cli):
     hold: the run decodes at k = 0 and the output says why (it said nothing before)."""
     r = cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4")
     assert "does not fit in --ram" in r.stderr and "speculation is off" in r.stderr, r.stderr
+    assert r.stderr.count("does not fit in --ram") == 1 and "--spec-depth 4 is not honoured" in r.stderr
+    # chat and serve have no end-of-run line: said when the model loads
+    from typer.testing import CliRunner
+
+    from moespeq_cli.cli.app import app
+
+    r = CliRunner().invoke(
+        app, ["chat", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4"], input="hi\n"
+    )
+    assert r.exit_code == 0 and "--spec-depth 4 is not honoured: the 4-bit draft" in r.stderr, r.stderr
     out = json.loads(cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4", "--json").stdout)
     assert set(out["spec_depths"]) == {0} and "does not fit in --ram" in out["governor_note"]
     out = json.loads(cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "0", "--json").stdout)

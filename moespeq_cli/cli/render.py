@@ -195,7 +195,7 @@ class Renderer:
         if note:
             line += f"; {note}"
         say(line)
-        for line in (engine.budget_note, engine.ram_note, engine.draft_note):
+        for line in (engine.budget_note, engine.ram_note, engine.draft_note, depth_not_honoured(engine)):
             if line:
                 say(f"note: {line}", style=None)
 
@@ -276,7 +276,6 @@ def wrap_fields(fields: list[str], width: int | None) -> list[str]:
 
 
 def bench_table(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from moespeq_cli.runtime.planning.hardware import format_size
@@ -329,9 +328,7 @@ def bench_table(report: dict) -> None:
                 f(s["bound_ratio"], ".2f"),
             ]
         )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=170)  # logs and pipes: room for every column
+    console = table_console(170)
     # a narrow terminal drops the columns a reader needs least, first (a cut "1…" is no figure)
     least = ["bound ratio", "vs ondemand", "slots", "accept", "vs hybrid", "MB moved", "MB read", "vs gate-prefetch"]
     least += ["on CPU", "hit rate", "k"]
@@ -362,16 +359,13 @@ def bench_table(report: dict) -> None:
 
 def plan_table(report: dict) -> None:
     """``moespeq plan``: one row per policy (placement and modelled tokens/s)."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from moespeq_cli.runtime.planning.hardware import format_size
     from moespeq_cli.text import counted
 
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=130)  # logs and pipes: room for every column
+    console = table_console(130, highlight=False)
     host = report.get("compute_tier") == "host"  # a profile of this CPU: RAM is the tier it computes from
     budget = "this CPU" if host else f"--vram {format_size(report['vram_bytes'])}"
     console.print(
@@ -447,3 +441,26 @@ def plan_table(report: dict) -> None:
         f"[dim]* modelled with uniform routing and a draft acceptance of {report['acceptance_assumed']:.2f}; "
         f"`moespeq bench` measures on the mock clock, `moespeq run` on your {'CPU' if host else 'GPU'}.[/dim]"
     )
+
+
+def depth_not_honoured(engine) -> str | None:
+    """Why a ``--spec-depth N`` asked for is not honoured (the plan left the draft out), said
+    when the model loads: ``chat`` and ``serve`` have no end-of-run line to say it in."""
+    if not engine.fixed_k or engine.plan is None or engine.plan.has_draft or engine.scheduler is None:
+        return None
+    from moespeq_cli.cli.run import NO_DRAFT
+
+    return f"--spec-depth {engine.fixed_k} is not honoured: {engine.plan.note or NO_DRAFT}"
+
+
+def table_console(pipe_width: int, **options):
+    """A console for a table: a terminal's width, else ``pipe_width`` (logs and pipes: room
+    for every column) unless $COLUMNS says a width, as it does for rich's own output."""
+    import os
+
+    from rich.console import Console
+
+    console = Console(**options)
+    if console.is_terminal or os.environ.get("COLUMNS", "").strip().isdigit():
+        return console
+    return Console(width=pipe_width, **options)

@@ -191,6 +191,8 @@ def write_report(path: Path, result: dict, intervals: list[dict], layer_hits: di
         for k, v in s.items()
     )
     head = {k: result.get(k) for k in ("model", "backend", "hardware", "policy")}
+    if head["hardware"] is None:  # (the cpu backend: no profile, this machine's wall clock)
+        head["hardware"] = "this CPU"
     setup = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in run_rows(result))
     doc = f"""{HEAD}{html.escape(str(head["model"]))}</title>
 <style>

@@ -150,8 +150,10 @@ class Timeline:
                     "cat": iv.kind,
                     "pid": 1,
                     "tid": 100 + lane[id(iv)] if lane.get(id(iv)) else tids[iv.stream],
-                    "ts": round(iv.start * 1e6, 3),
-                    "dur": round(iv.duration * 1e6, 3),
+                    # whole nanoseconds, the end rounded rather than the duration: an interval
+                    # that ends where the next starts does not overlap it by a rounding
+                    "ts": round(iv.start * 1e9) / 1e3,
+                    "dur": (round(iv.end * 1e9) - round(iv.start * 1e9)) / 1e3,
                     "args": args,
                 }
             )
