@@ -771,5 +771,5 @@ def test_trace_events_that_meet_do_not_overlap_by_a_rounding():
         timeline.add(Interval("compute", "compute", f"r{i}", t, end))
         t = end
     events = [e for e in timeline.chrome_trace()["traceEvents"] if e["ph"] == "X"]
-    for a, b in zip(events, events[1:]):
+    for a, b in zip(events, events[1:], strict=False):
         assert round(a["ts"] * 1e3) + round(a["dur"] * 1e3) == round(b["ts"] * 1e3), (a, b)
