@@ -1533,7 +1533,10 @@ void ms_rope(const float *x, long sh, long st, const float *cos, const float *si
 /* The rows that read one kv head (its G query heads at each of the T positions: all of   */
 /* MLA's) go in blocks: a block walks the keys and values in pieces that stay in L2 while */
 /* each of its rows uses them, so the cache is read from memory once a block, not once a  */
-/* row (MLA at 2048 positions: 20 rows a token each read 9 MB of latents).                */
+/* row (MLA at 2048 positions: 20 rows a token each read 9 MB of latents). With SIMD, four */
+/* rows of one position go through a piece together (att_scores4, att_values4: each key   */
+/* and value loaded once for the four), and where a kv head serves four or more query     */
+/* heads the next piece is prefetched into L2 while this one is used.                     */
 
 typedef struct {
     const float *q, *k, *v, *sinks;
@@ -1621,6 +1624,100 @@ static void att_values(const float *p, const float *vg, long vl, long dv, long n
     }
 }
 
+#if MS_AVX512 || MS_AVX2
+/* Four rows of one position (four query heads of a kv head) at once: each key and value
+ * vector is loaded once for the four, from L2, where one row at a time loaded it four
+ * times (the blocks' cost grew with the heads a kv head serves). Every (row, key) keeps
+ * its own chain of the same FMAs in the same order as att_scores' and att_values', so a
+ * row's result is theirs, bit for bit. */
+static void att_scores4(const float *const q[4], const float *kg, long kl, long d, long l0, long l1, float scale,
+                        float *const s[4]) {
+    long d8 = d & ~7L, l = l0;
+    for (; l + 2 <= l1; l += 2) { /* two keys, four rows: eight chains */
+        const float *k0 = kg + l * kl, *k1 = k0 + kl;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (long i = 0; i < d8; i += 8) {
+            __m256 q0 = _mm256_loadu_ps(q[0] + i), q1 = _mm256_loadu_ps(q[1] + i);
+            __m256 q2 = _mm256_loadu_ps(q[2] + i), q3 = _mm256_loadu_ps(q[3] + i);
+            __m256 kv = _mm256_loadu_ps(k0 + i);
+            a0 = _mm256_fmadd_ps(q0, kv, a0);
+            a1 = _mm256_fmadd_ps(q1, kv, a1);
+            a2 = _mm256_fmadd_ps(q2, kv, a2);
+            a3 = _mm256_fmadd_ps(q3, kv, a3);
+            kv = _mm256_loadu_ps(k1 + i);
+            b0 = _mm256_fmadd_ps(q0, kv, b0);
+            b1 = _mm256_fmadd_ps(q1, kv, b1);
+            b2 = _mm256_fmadd_ps(q2, kv, b2);
+            b3 = _mm256_fmadd_ps(q3, kv, b3);
+        }
+        __m256 a[4] = {a0, a1, a2, a3}, b[4] = {b0, b1, b2, b3};
+        for (int j = 0; j < 4; j++) {
+            s[j][l - l0] = att_finish(a[j], q[j], k0, d) * scale;
+            s[j][l + 1 - l0] = att_finish(b[j], q[j], k1, d) * scale;
+        }
+    }
+    for (; l < l1; l++) { /* the last key */
+        const float *kr = kg + l * kl;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long i = 0; i < d8; i += 8) {
+            __m256 kv = _mm256_loadu_ps(kr + i);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), kv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), kv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), kv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), kv, a3);
+        }
+        __m256 a[4] = {a0, a1, a2, a3};
+        for (int j = 0; j < 4; j++) s[j][l - l0] = att_finish(a[j], q[j], kr, d) * scale;
+    }
+}
+
+/* acc[j][c] = fma(p[j][l], v[l][c], acc[j][c]) for l in [0, n) in order, for R = 2 or 4
+ * rows (R = 4 needs the 32 registers of AVX-512): 32 outputs of each row in registers
+ * across the piece's keys, as att_values keeps one row's, so the values are read in the
+ * same passes (a narrower block read each value row in more, strided passes: slower once
+ * the cache no longer fits in L3) */
+#define ATT_VALUES_ROWS(R)                                                                                            \
+    static void att_values_##R(const float *const p[], const float *vg, long vl, long dv, long n, float *const acc[]) { \
+        long c = 0;                                                                                                   \
+        for (; c + 32 <= dv; c += 32) {                                                                               \
+            __m256 a[R][4];                                                                                           \
+            for (int j = 0; j < R; j++)                                                                               \
+                for (int m = 0; m < 4; m++) a[j][m] = _mm256_loadu_ps(acc[j] + c + 8 * m);                            \
+            for (long l = 0; l < n; l++) {                                                                            \
+                const float *vr = vg + l * vl + c;                                                                    \
+                __m256 v[4] = {_mm256_loadu_ps(vr), _mm256_loadu_ps(vr + 8), _mm256_loadu_ps(vr + 16),                \
+                               _mm256_loadu_ps(vr + 24)};                                                             \
+                for (int j = 0; j < R; j++) {                                                                         \
+                    __m256 pv = _mm256_set1_ps(p[j][l]);                                                              \
+                    for (int m = 0; m < 4; m++) a[j][m] = _mm256_fmadd_ps(pv, v[m], a[j][m]);                         \
+                }                                                                                                     \
+            }                                                                                                         \
+            for (int j = 0; j < R; j++)                                                                               \
+                for (int m = 0; m < 4; m++) _mm256_storeu_ps(acc[j] + c + 8 * m, a[j][m]);                            \
+        }                                                                                                             \
+        for (int j = 0; j < R; j++)                                                                                   \
+            for (long cc = c; cc < dv; cc++) {                                                                        \
+                float a = acc[j][cc];                                                                                 \
+                for (long l = 0; l < n; l++) a = fmaf(p[j][l], vg[l * vl + cc], a);                                   \
+                acc[j][cc] = a;                                                                                       \
+            }                                                                                                         \
+    }
+ATT_VALUES_ROWS(2)
+#if MS_AVX512
+ATT_VALUES_ROWS(4)
+#endif
+
+/* four rows' values: at once with AVX-512, two and two with AVX2 */
+static void att_values4(const float *const p[4], const float *vg, long vl, long dv, long n, float *const acc[4]) {
+#if MS_AVX512
+    att_values_4(p, vg, vl, dv, n, acc);
+#else
+    att_values_2(p, vg, vl, dv, n, acc);
+    att_values_2(p + 2, vg, vl, dv, n, acc + 2);
+#endif
+}
+#endif
+
 /* The keys row ``r`` of a kv head's rows sees, [*l0, *l1); returns how many. Row r is the
  * query at position start + r / G, of query head g * G + r % G. */
 static long att_range(const attend_args *a, long r, long *l0, long *l1) {
@@ -1642,11 +1739,25 @@ static void attend_block(const attend_args *a, long g, long r0, long r1, float *
         }
     for (long b = lo; b < hi; b += a->keys) { /* scores: a piece of keys, then each row over it */
         long e = b + a->keys < hi ? b + a->keys : hi;
-        for (long r = r0; r < r1; r++) {
+#if MS_AVX512 || MS_AVX2
+        for (long l = e; a->G >= 4 && l < e + a->keys && l < hi; l++) /* the next piece on its way to L2 */
+            for (long i = 0; i < a->d; i += 16) _mm_prefetch((const char *)(kg + l * a->kl + i), _MM_HINT_T1);
+#endif
+        for (long r = r0; r < r1;) {
             att_range(a, r, &l0, &l1);
-            long x = b > l0 ? b : l0, y = e < l1 ? e : l1;
+            long x = b > l0 ? b : l0, y = e < l1 ? e : l1, n = 1;
             const float *q = a->q + (g * a->G + r % a->G) * a->qh + (r / a->G) * a->qt;
-            if (x < y) att_scores(q, kg, a->kl, a->d, x, y, a->scale, s + (r - r0) * a->L + (x - l0));
+#if MS_AVX512 || MS_AVX2
+            if (r + 4 <= r1 && r / a->G == (r + 3) / a->G) { /* four heads at one position: one key range */
+                n = 4;
+                const float *qs[4] = {q, q + a->qh, q + 2 * a->qh, q + 3 * a->qh};
+                float *ss[4];
+                for (int j = 0; j < 4; j++) ss[j] = s + (r + j - r0) * a->L + (x - l0);
+                if (x < y) att_scores4(qs, kg, a->kl, a->d, x, y, a->scale, ss);
+            }
+#endif
+            if (n == 1 && x < y) att_scores(q, kg, a->kl, a->d, x, y, a->scale, s + (r - r0) * a->L + (x - l0));
+            r += n;
         }
     }
     for (long r = r0; r < r1; r++) { /* each row's softmax, in order of l */
@@ -1663,11 +1774,28 @@ static void attend_block(const attend_args *a, long g, long r0, long r1, float *
     }
     for (long b = lo; b < hi; b += a->keys) { /* values: the same pieces */
         long e = b + a->keys < hi ? b + a->keys : hi;
-        for (long r = r0; r < r1; r++) {
+#if MS_AVX512 || MS_AVX2
+        for (long l = e; a->G >= 4 && l < e + a->keys && l < hi; l++)
+            for (long i = 0; i < a->dv; i += 16) _mm_prefetch((const char *)(vg + l * a->vl + i), _MM_HINT_T1);
+#endif
+        for (long r = r0; r < r1;) {
             att_range(a, r, &l0, &l1);
-            long x = b > l0 ? b : l0, y = e < l1 ? e : l1;
-            if (x < y)
+            long x = b > l0 ? b : l0, y = e < l1 ? e : l1, n = 1;
+#if MS_AVX512 || MS_AVX2
+            if (r + 4 <= r1 && r / a->G == (r + 3) / a->G) {
+                n = 4;
+                const float *ps[4];
+                float *accs[4];
+                for (int j = 0; j < 4; j++) {
+                    ps[j] = s + (r + j - r0) * a->L + (x - l0);
+                    accs[j] = acc + (r + j - r0) * a->dv;
+                }
+                if (x < y) att_values4(ps, vg + x * a->vl, a->vl, a->dv, y - x, accs);
+            }
+#endif
+            if (n == 1 && x < y)
                 att_values(s + (r - r0) * a->L + (x - l0), vg + x * a->vl, a->vl, a->dv, y - x, acc + (r - r0) * a->dv);
+            r += n;
         }
     }
     for (long r = r0; r < r1; r++) { /* divided by the sum; a row that sees no key: zeros, as SDPA */
