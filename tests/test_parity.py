@@ -75,18 +75,22 @@ def test_greedy_tokens_match_generate(tiny, family, variant, cpu_kernels):
     path, ref = tiny(family, variant)
     model = ours(path, cpu_kernels=cpu_kernels)
     prompt = torch.randint(3, 200, (16,), generator=torch.Generator().manual_seed(2)).tolist()
+    got = [ev.token for ev in generate(model, prompt, 32, SamplingParams())]
+    assert got == reference_greedy(ref, prompt, 32)
+
+
+def reference_greedy(ref, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy ``n`` tokens after ``prompt`` (no stop at its end-of-sequence id)."""
     with torch.no_grad():
-        expected = ref.generate(
+        return ref.generate(
             torch.tensor([prompt]),
-            max_new_tokens=32,
+            max_new_tokens=n,
+            min_new_tokens=n,
             do_sample=False,
             eos_token_id=None,
             pad_token_id=0,
-            min_new_tokens=32,
-            attention_mask=torch.ones(1, 16, dtype=torch.long),
-        )[0, 16:].tolist()
-    got = [ev.token for ev in generate(model, prompt, 32, SamplingParams())]
-    assert got == expected
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family,variant", [(f, v) for f, v in VARIANTS if v in ("gqa", "shared", "base", "lite")])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import tiny_models
 import torch
-from test_parity import ours, reference_and_ours, rel_err
+from test_parity import ours, reference_and_ours, reference_greedy, rel_err
 
 from moespeq_cli.runtime.generate import generate
 from moespeq_cli.runtime.sampling import SamplingParams
@@ -31,6 +31,7 @@ def alternating(n: int) -> list[str]:
     return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
 
 
+MIXTRAL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
 MLA = dict(q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
 GPT_OSS = dict(hidden_size=64, intermediate_size=64, head_dim=16, num_hidden_layers=4, num_attention_heads=8)
@@ -46,28 +47,8 @@ DEEPSEEK |= dict(num_key_value_heads=4, **MLA)
 # alias -> (transformers family in tiny_models.CLASSES, the sizes that replace the published ones);
 # the layer counts keep each pattern (first dense layers, one full layer in four, ...)
 SHRUNK: dict[str, tuple[str, dict]] = {
-    "mixtral": (
-        "mixtral",
-        dict(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            num_local_experts=8,
-        ),
-    ),
-    "phi-moe": (
-        "phimoe",
-        dict(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            num_local_experts=16,
-        ),
-    ),
+    "mixtral": ("mixtral", MIXTRAL | dict(num_local_experts=8)),
+    "phi-moe": ("phimoe", MIXTRAL | dict(num_local_experts=16)),
     "qwen-moe": (
         "qwen2_moe",
         dict(
@@ -226,16 +207,7 @@ def test_published_configs_shrunk_match_transformers(built, alias):
     ref, layouts = built(alias)
     ids = torch.randint(3, 200, (24,), generator=torch.Generator().manual_seed(1))
     prompt = torch.randint(3, 200, (16,), generator=torch.Generator().manual_seed(2)).tolist()
-    with torch.no_grad():
-        want = ref.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=16,
-            min_new_tokens=16,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, 16, dtype=torch.long),
-        )[0, 16:].tolist()
+    want = reference_greedy(ref, prompt, 16)
     for path in layouts:
         model = ours(path)
         expected, got = reference_and_ours(ref, model, ids, 24)
