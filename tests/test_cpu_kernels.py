@@ -557,6 +557,33 @@ def test_attention_matches_the_reference_and_does_not_depend_on_the_batch():
     check_attention(kernels.attention)
 
 
+def test_heads_taken_four_at_a_time_are_each_head_alone_bit_for_bit():
+    """Where a kv head serves four or more query heads, ``ms_attend`` takes four at once
+    (each key and value loaded once for them); each head's output is what the head alone
+    gives (one query head a kv head: the one-row path), bit for bit."""
+    g = torch.Generator().manual_seed(6)
+    for H, Hkv, d, dv, T, start, window, with_sinks in ATTENTION_CASES:
+        if H // Hkv < 4:
+            continue
+        L = start + T
+        k, v = torch.randn(Hkv, L, d, generator=g), torch.randn(Hkv, L, dv, generator=g)
+        q = torch.randn(T, H, d, generator=g).transpose(0, 1)
+        sinks = torch.randn(H, generator=g) if with_sinks else None
+        together = kernels.attention(q, k, v, start, d**-0.5, window, sinks).view(T, H, dv)
+        for h in range(H):
+            kv = h // (H // Hkv)
+            alone = kernels.attention(
+                q[h : h + 1],
+                k[kv : kv + 1],
+                v[kv : kv + 1],
+                start,
+                d**-0.5,
+                window,
+                None if sinks is None else sinks[h : h + 1],
+            )
+            assert torch.equal(alone, together[:, h]), (H, Hkv, d, T, h)
+
+
 def test_one_query_sees_the_keys_up_to_its_position_as_in_attend():
     """One query at position ``start`` sees keys ``<= start`` in both (attend masked
     nothing for one query wherever it was: a tile of one row of a longer pass then saw the

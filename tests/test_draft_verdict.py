@@ -156,6 +156,8 @@ def test_a_fixed_depth_without_room_for_the_draft_says_so(cli):
     r = cli("run", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4")
     assert "does not fit in --ram" in r.stderr and "speculation is off" in r.stderr, r.stderr
     assert r.stderr.count("does not fit in --ram") == 1 and "--spec-depth 4 is not honoured" in r.stderr
+    r = cli("profile", "-n", "4", "--backend", "cpu", "--ram", "6MB", "--spec-depth", "4", "--no-live")
+    assert r.exit_code == 0 and r.stderr.count("does not fit in --ram") == 1, r.stderr
     # chat and serve have no end-of-run line: said when the model loads
     from typer.testing import CliRunner
 

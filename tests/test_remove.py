@@ -212,6 +212,29 @@ def test_a_signal_waits_for_an_uninterrupted_block_and_stops_the_next():
         signals.restore()
 
 
+def test_a_ctrl_c_held_back_before_the_block_is_no_second_press():
+    """A Ctrl-C that came during an import (held back, the watcher to send it again once
+    the import is over) just before an uninterrupted block: the watcher's resend landed
+    in the block and counted as a second press, ending the process mid-deletion."""
+    code = """
+import signal, threading, time
+from moespeq_cli.cli.signals import Signals, uninterrupted
+signals = Signals()
+signals.pending.add(signal.SIGINT)  # held back by an import a moment ago
+signals.watcher = threading.Thread(target=signals.watch, daemon=True)
+signals.watcher.start()
+try:
+    with uninterrupted("removing x"):
+        time.sleep(0.3)
+        print("end of block", flush=True)
+    time.sleep(1)
+except KeyboardInterrupt:
+    print("raised after it", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.split() == ["end", "of", "block", "raised", "after", "it"], (r, r.stderr)
+
+
 def cached_repo(cache: Path, repo: str, rev: str, files: dict[str, bytes], shared: tuple[str, ...] = ()) -> Path:
     """A repository in the Hugging Face cache's layout, as huggingface_hub writes it: each
     file a link from the snapshot to ``blobs/<etag>``; a file named in ``shared`` a link on

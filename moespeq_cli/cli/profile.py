@@ -77,7 +77,7 @@ def profile(
         )
     live = not (no_live or json_out) and sys.stdout.isatty()
     if not json_out:
-        from moespeq_cli.cli.render import Renderer
+        from moespeq_cli.cli.render import Renderer, end_note
 
         Renderer().plan(engine)  # the memory plan and its notes (a --vram beyond the card), as `run` says them
     token_ids: list[int] = []
@@ -162,8 +162,8 @@ def profile(
         if not live:
             print(result["text"])
         out.stats_line(result)
-        if result.get("governor_note"):
-            out.note(result["governor_note"])
+        if note := end_note(engine, result):
+            out.note(note)
         # the files after the output: one that cannot be written (a user's file appeared there)
         # loses no answer and no statistics
         for _key, write in writers:

@@ -443,6 +443,14 @@ def plan_table(report: dict) -> None:
     )
 
 
+def end_note(engine, result: dict) -> str | None:
+    """The governor's note for the end of a run's output, unless the model's loading said
+    it (a run without a plan; a depth asked for and not honoured)."""
+    if engine.plan is None or depth_not_honoured(engine) is not None:
+        return None
+    return result.get("governor_note")
+
+
 def depth_not_honoured(engine) -> str | None:
     """Why a ``--spec-depth N`` asked for is not honoured (the plan left the draft out), said
     when the model loads: ``chat`` and ``serve`` have no end-of-run line to say it in."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moespeq_cli.cli import options as o
-from moespeq_cli.cli.render import LoadingStatus, depth_not_honoured
+from moespeq_cli.cli.render import LoadingStatus, end_note
 from moespeq_cli.errors import CheckpointError, MoespeqError, Terminated, UsageError
 from moespeq_cli.fs import check_output, read_text
 
@@ -250,9 +250,8 @@ def run(
             n = len(token_ids)
             if result["finish_reason"] == "stop" and n < max_new_tokens:
                 out.note(f"the model ended its text (end-of-sequence token) after {n} of -n {max_new_tokens}")
-            said = engine.plan is None or depth_not_honoured(engine) is not None  # (at load, with the plan)
-            if result.get("governor_note") and not said and not result["interrupted"]:
-                out.note(result["governor_note"])
+            if (note := end_note(engine, result)) and not result["interrupted"]:
+                out.note(note)
             if trace is not None:  # after the output: a trace that cannot be written loses no answer
                 write_trace(engine, trace, result)
 

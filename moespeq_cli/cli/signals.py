@@ -65,6 +65,7 @@ class Signals:
         self.closed = False
         self.stopping = False  # a Ctrl-C was raised and its cleanup runs
         self.holding: bytes | None = None  # ``uninterrupted``'s message: signals wait for its block
+        self.held: set[int] = set()  # the signals that came during it
         self.pressed_again = False
         if threading.current_thread() is threading.main_thread():
             Signals.current = self
@@ -90,13 +91,13 @@ class Signals:
                 os.write(2, b"\n(stopping; Ctrl-C again to quit at once)\n")
             return
         if self.holding is not None:  # ``uninterrupted``: its block's end raises what came
-            if signum == signal.SIGINT and self.pending:  # pressed again (after any signal): leave now
+            if signum == signal.SIGINT and self.held:  # pressed again (after any signal in it): leave now
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.raise_signal(signal.SIGINT)
-            if not self.pending:
+            if not self.held:
                 with contextlib.suppress(OSError):
                     os.write(2, self.holding)
-            self.pending.add(signum)
+            self.held.add(signum)  # (one held back before the block, and sent again now, counts once)
             return
         if not deferred(frame):
             waiting, self.pending = self.pending, set()
@@ -119,7 +120,7 @@ class Signals:
         while self.pending and not self.closed:
             time.sleep(self.CHECK_S)
             frame = sys._current_frames().get(self.main)
-            if frame is not None and not deferred(frame) and self.pending and not self.closed:
+            if frame is not None and not deferred(frame) and self.holding is None and self.pending and not self.closed:
                 signum = next(s for s in FIRST if s in self.pending)
                 signal.pthread_kill(self.main, signum)  # its handler raises it there (or queues it again)
                 return
@@ -147,8 +148,8 @@ def uninterrupted(message: str):
     stops all the same), ``message`` said on stderr at the first; a Ctrl-C after it ends
     the process at once."""
     signals = Signals.current
-    if signals is None or threading.current_thread() is not threading.main_thread():
-        yield
+    if signals is None or signals.holding is not None or threading.current_thread() is not threading.main_thread():
+        yield  # (no handlers here, or inside an outer block: the outer one's end raises)
         return
     signals.holding = f"\n({message}; Ctrl-C again to stop at once)\n".encode()
     failed = True
@@ -156,8 +157,9 @@ def uninterrupted(message: str):
         yield
         failed = False
     finally:
-        waiting, signals.pending = signals.pending, set()
-        signals.holding = None
+        signals.holding = None  # (a signal from here on is raised where it lands: the block's work is done)
+        waiting = signals.held | signals.pending  # (and one held back by an import before the block)
+        signals.held, signals.pending = set(), set()
         if waiting and not failed:
             chosen = next(s for s in FIRST if s in waiting)
             signals.stopping = chosen == signal.SIGINT
