@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,11 @@ def resolve(model: str | None) -> tuple[str, Path]:
         raise UnknownModelError(f"checkpoint directory {shown(model)} cannot be read ({status}); check the path")
     if os.sep in model or model.startswith("."):
         raise UnknownModelError(f"checkpoint directory {shown(model)} does not exist; check the path")
+    if len(model.split()) > 1:  # `moespeq run "Why is the sky blue?"`, as ollama takes it
+        raise UnknownModelError(
+            f"unknown model {shown(model)!r}: a prompt goes in -p (`-p {shlex.quote(model)}`) or on standard input, "
+            "after the model's name (none: the built-in demo)"
+        )
     raise UnknownModelError(
         f"unknown model {shown(model)!r}{did_you_mean(model, [DEMO, *ALIASES])}; use {DEMO} (the built-in demo), an alias ({', '.join(ALIASES)}), "
         "a hub id like org/name, or a local directory"

@@ -3,13 +3,14 @@
 A model ``moespeq pull`` fetched lives in the Hugging Face cache as ``models--ORG--NAME``
 (its blobs, refs and a snapshot per revision), and the drafts ``moespeq quantize`` built
 for it in moespeq's own cache, keyed by the snapshot's path (quant/draft_store.py).
-Removing a model takes both, and nothing else: never the built-in demo, never a
-directory of the user's own (a path given to ``run``, a ``pull --local-dir``: theirs to
-delete), never another repository's files.
+Removing a model takes both, and nothing else: never the built-in demo (``rm demo``
+removes only the drafts built of it), never a directory of the user's own (a path given
+to ``run``, a ``pull --local-dir``: theirs to delete), never another repository's files.
 
 Everything is checked before anything is deleted, for every model named: each name
-resolves to a repository in the cache (an alias, a hub id; a directory here of that name
-is what ``run`` would take, and is refused), the cache and the drafts' folder can be
+resolves to a repository in the cache (an alias, a hub id, a path to its folder there;
+rm removes nothing outside the cache, so a hub id is the cached model even where a
+directory here has that name), the cache and the drafts' folder can be
 changed, no download of it is in progress (huggingface_hub holds a lock per file under
 ``.locks`` while it writes one, and one per shared payload) and no ``quantize`` is
 writing a draft of it (the lock of each place it writes one, quant/draft_store.py).
@@ -59,8 +60,8 @@ class Removal:
     """One model to remove: its repository's folder in the cache and its drafts."""
 
     name: str  # as the user typed it
-    repo: str  # org/name
-    folder: Path  # <cache>/models--ORG--NAME
+    repo: str | None  # org/name (None: the built-in demo, whose drafts alone go)
+    folder: Path | None  # <cache>/models--ORG--NAME
     size: int  # bytes its removal frees: the folder's files, and shared blobs only it links
     drafts: list[Path] = field(default_factory=list)  # in moespeq's cache
     draft_size: int = 0
@@ -72,22 +73,27 @@ class Removal:
 
 
 def plan_removals(models: list[str]) -> list[Removal]:
-    """What removing each of ``models`` takes; a name that is not a model in the cache
-    (the demo, a directory of the user's, a model not pulled) raises before anything is
-    deleted, as does a model named twice or a cache moespeq may not change."""
-    targets: dict[Path, str] = {}
+    """What removing each of ``models`` takes (a model named twice, once); a name that is
+    not a model in the cache (a directory of the user's, a model not pulled) raises before
+    anything is deleted, as does a cache moespeq may not change. The demo, built in, has
+    only the drafts ``quantize`` kept for it to remove."""
+    targets: dict[Path | None, str] = {}
     for model in models:
         try:
-            folder = repo_dir(repo_named(model)).absolute()
+            folder = None if model == DEMO else repo_dir(repo_named(model)).absolute()
         except PermissionError as e:  # (a cache this user cannot search: ``chmod 000``)
             raise MoespeqError(
                 f"the Hugging Face cache {shown(hub_cache())} cannot be read ({e.strerror.lower()}); check its permissions"
             ) from None
-        if folder in targets:
-            raise UsageError(f"{said(model)!r} names the same model as {said(targets[folder])!r}; give it once")
-        targets[folder] = model
+        targets.setdefault(folder, model)  # (named twice, or by an alias and its id: once)
     removals = []
     for folder, model in targets.items():
+        if folder is None:
+            drafts = demo_drafts()
+            if not drafts:
+                raise UsageError("the demo is built into moespeq, and moespeq keeps no draft of it; nothing to remove")
+            removals.append(Removal(model, None, None, 0, drafts, sum(files_size(d) for d in drafts)))
+            continue
         strategy, shared = deletion(folder)
         drafts = drafts_of_repo(folder)
         removals.append(
@@ -101,10 +107,20 @@ def plan_removals(models: list[str]) -> list[Removal]:
                 strategy,
             )
         )
-    for where in {folder.parent for folder in targets} | {d.parent for r in removals for d in r.drafts}:
+    for where in {f.parent for f in targets if f is not None} | {d.parent for r in removals for d in r.drafts}:
         if why := cannot_write_in(where):
             raise MoespeqError(f"cannot remove anything from {shown(where)} ({why.lower()}); check its permissions")
     return removals
+
+
+def demo_drafts() -> list[Path]:
+    """The drafts ``quantize`` built of the demo in moespeq's cache (the one shipped with
+    moespeq is part of it, and stays)."""
+    from moespeq_cli.model_ref import DEMO_DIR
+    from moespeq_cli.quant.draft_store import drafts_of
+
+    ours = cache_dir() / "drafts"
+    return sorted(d for d in drafts_of(DEMO_DIR) if d.parent == ours)
 
 
 def said(model: str) -> str:
@@ -113,18 +129,20 @@ def said(model: str) -> str:
 
 
 def repo_named(model: str) -> str:
-    """The hub id of the cached repository ``model`` names (an alias or a hub id)."""
+    """The hub id of the cached repository ``model`` names: an alias, a hub id (the cached
+    model, even where a directory here has that name: rm removes nothing else), or a path
+    into the cache (the repository's folder, one of its snapshots)."""
     check_named(model)
-    if model == DEMO:
-        raise UsageError("the demo is built into moespeq; there is nothing to remove")
-    if kind(Path(os.path.expanduser(model))) == "a directory":  # what `run` takes the name for
-        raise UsageError(
-            f"{shown(said(model))} is a directory here, not a model in the Hugging Face cache; `moespeq rm` removes "
-            "only what `moespeq list` shows (a directory of yours is yours to delete; to remove the cached "
-            "model of that name, run it from another directory)"
-        )
     repo = ALIASES[model][0] if model in ALIASES else model if looks_like_hub_id(model) else None
     cache = check_hub_cache()
+    path = Path(os.path.expanduser(model))
+    if (repo is None or not os.path.lexists(repo_dir(repo))) and kind(path) == "a directory":
+        repo = cached_repo_at(path, cache)
+        if repo is None:
+            raise UsageError(
+                f"{shown(said(model))} is a directory of yours, not a model in the Hugging Face cache; `moespeq rm` "
+                "removes only models there (delete a directory of yours yourself)"
+            )
     if repo is not None:
         folder = repo_dir(repo)
         if folder.is_symlink():
@@ -140,6 +158,15 @@ def repo_named(model: str) -> str:
     names = cached + [a for r in cached if (a := alias_of(r))]
     which = said(model) if repo in (None, model) else f"{model} ({repo})"
     raise UnknownModelError(f"{which} is not on this machine{did_you_mean(model, names)}; `moespeq list` shows what is")
+
+
+def cached_repo_at(path: Path, cache: Path) -> str | None:
+    """The hub id whose cache folder ``path`` is or lies in (``models--ORG--NAME``, its
+    snapshots), or None."""
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(cache))
+    if not real.is_relative_to(root) or real == root:
+        return None
+    return repo_of(real.relative_to(root).parts[0])
 
 
 def cached_repos(cache: Path) -> list[str]:
@@ -259,6 +286,10 @@ def nothing_writing(removals: list[Removal]):
 
     with contextlib.ExitStack() as held:
         for r in removals:
+            if r.folder is None:  # the demo: its drafts
+                for d in r.drafts:
+                    held.enter_context(exclusive_lock(lock_file(d), f"writing the draft {d}"))
+                continue
             locks = check_hub_cache() / ".locks" / r.folder.name
             for lock in sorted(locks.glob("**/*.lock")) if locks.is_dir() else []:
                 if not free(lock, release=False):
@@ -295,7 +326,7 @@ def remove(r: Removal) -> None:
             pass
         finally:
             hub_log.setLevel(quiet)
-    if os.path.lexists(r.folder):  # (not read by the hub's API, or a file it only logged)
+    if r.folder is not None and os.path.lexists(r.folder):  # (not read by the hub's API, or a file it only logged)
         delete_tree(r.folder, r.name)
 
 

@@ -396,3 +396,16 @@ def test_environment_switches_read_as_people_write_them(monkeypatch):
     assert _spin() == 20000
     monkeypatch.setenv("MOESPEQ_KERNEL_SPIN", "500")
     assert _spin() == 500
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["run", "Why is the sky blue?"], "a prompt goes in -p (`-p 'Why is the sky blue?'`)"),
+        (["run", "demo", "Why is the sky blue?"], 'a prompt goes in -p "..."'),
+        (["chat", "demo", "hi"], "chat takes its messages at its prompt"),
+    ],
+)
+def test_a_prompt_typed_as_ollama_takes_it_says_where_it_goes(cli, args, words):
+    r = cli(*args)
+    assert r.exit_code == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -383,6 +383,21 @@ def test_plan_refuses_prompt_options_without_a_tokenizer(cli):
     assert json.loads(cli("plan", "mixtral", "--json").stdout)["context_tokens"] == 4096  # no prompt option: as before
 
 
+def test_plan_with_prompt_options_on_a_damaged_checkpoint_says_what_run_says(tiny, cli, tmp_path):
+    """A checkpoint whose weights file is cut short is no config alone: `plan -n 2` blamed
+    a missing tokenizer where `run` names the truncated file."""
+    import shutil
+
+    src, _ = tiny("mixtral", "gqa")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    r = cli("plan", str(bad), "-n", "2")
+    assert r.exit_code == 1 and "model.safetensors is truncated" in r.stderr, r.stderr
+    assert "model.safetensors is truncated" in cli("run", str(bad), "-n", "2").stderr
+
+
 def test_unknown_model_names_the_demo(cli):
     r = cli("run", "not-a-model")
     assert r.exit_code == 2 and "use demo (the built-in demo)" in r.stderr

@@ -309,3 +309,21 @@ def test_overlap_counts_only_copy_time_under_the_device_s_compute():
     assert s.copy_overlap == pytest.approx(eng.backend.timeline.overlap_s() / total)
     waits = sum(w.duration for w in stalls if w.name == "wait CPU")
     assert 0 < s.cpu_wait_s == pytest.approx(waits) and s.cpu_wait_s <= s.io_stall_s
+
+
+@pytest.mark.parametrize("asked, expect", [(None, 1), (2, 2)])
+def test_the_mock_computes_on_one_thread_unless_asked(tiny, asked, expect):
+    """The simulator's own arithmetic (its clock is virtual) on one thread: torch's threads
+    spin at each op's barrier, and beside one busy process the demo ran 4-5x slower."""
+    import torch
+
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+
+    path, _ = tiny("mixtral", "gqa")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Engine(path, EngineOptions(backend="mock", hardware="rtx3060-12gb", cpu_threads=asked))
+        assert torch.get_num_threads() == expect
+    finally:
+        torch.set_num_threads(before)

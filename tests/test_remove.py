@@ -61,10 +61,9 @@ def test_rm_removes_the_model_and_its_drafts_and_nothing_else(pulled, cli, tmp_p
     "names, needle",
     [
         (["acme/plan-only", "acme/nothing-here"], "acme/nothing-here is not on this machine"),
-        (["acme/plan-only", "demo"], "the demo is built into moespeq"),
-        (["acme/plan-only", "acme/plan-only"], "names the same model"),
+        (["acme/plan-only", "demo"], "moespeq keeps no draft of it; nothing to remove"),
         (["acme/plan-only", "acme/tiny-olmo"], "did you mean 'acme/tiny-olmoe'?"),
-        (["acme/plan-only", "{dir}"], "is a directory here, not a model"),
+        (["acme/plan-only", "{dir}"], "is a directory of yours, not a model"),
     ],
 )
 def test_every_name_is_checked_before_anything_is_deleted(pulled, cli, tmp_path, names, needle):
@@ -349,3 +348,38 @@ def test_a_first_quantize_still_writing_stops_it(pulled, cli):
         r = cli("rm", "acme/plan-only", "--yes")
     assert r.exit_code == 1 and "another moespeq is writing the draft" in r.stderr
     assert "acme/plan-only" in listed(cli)
+
+
+def test_a_model_named_by_its_cache_folder_twice_or_beside_a_directory_of_that_name(pulled, cli, tmp_path, monkeypatch):
+    """The cache folder itself (or a snapshot in it) names its model; a model named twice
+    goes once; a hub id is the cached model even where a directory here has that name (rm
+    removes nothing outside the cache): that directory stays."""
+    snapshot = Path(listed(cli)["acme/tiny-olmoe"]["path"])
+    r = cli("rm", str(snapshot), "acme/tiny-olmoe", "--yes", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [m["repo"] for m in json.loads(r.stdout)["removed"]] == ["acme/tiny-olmoe"]
+    here = tmp_path / "work"
+    (here / "acme" / "plan-only").mkdir(parents=True)
+    (here / "acme" / "plan-only" / "config.json").write_text("{}")
+    monkeypatch.chdir(here)
+    r = cli("rm", "acme/plan-only", "--yes")
+    assert r.exit_code == 0 and not (pulled / "models--acme--plan-only").exists(), r.stderr
+    assert (here / "acme" / "plan-only" / "config.json").read_text() == "{}"
+
+
+def test_rm_demo_removes_the_drafts_built_of_it_alone(cli, monkeypatch, tmp_path):
+    from moespeq_cli.model_ref import DEMO_DIR
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    r = cli("rm", "demo", "--yes")
+    assert r.exit_code == 2 and "nothing to remove" in r.stderr
+    package = {p: p.stat().st_size for p in DEMO_DIR.parent.rglob("*") if p.is_file() and "__pycache__" not in str(p)}
+    assert cli("quantize").exit_code == 0  # the demo's draft: in moespeq's cache
+    assert cli("quantize", "--out", str(tmp_path / "mine")).exit_code == 0  # one of the user's: stays
+    (built,) = (tmp_path / "xdg" / "moespeq" / "drafts").glob("*demo*")
+    r = cli("rm", "demo", "--yes", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["removed"][0]["drafts"] == [str(built)] and not built.exists()
+    assert (tmp_path / "mine" / "manifest.json").exists()
+    now = {p: p.stat().st_size for p in DEMO_DIR.parent.rglob("*") if p.is_file() and "__pycache__" not in str(p)}
+    assert now == package  # the demo and the draft shipped with it

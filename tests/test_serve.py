@@ -450,7 +450,7 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
             before += line
             line = p.stderr.readline()
             assert line, "serve exited before serving"
-        assert "--max-tokens 100000 is not less than the context" in before
+        assert "--max-tokens 100000 is not less than the context" in before and "--api-key" not in before
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1))
         assert port != 0
         import socket
@@ -461,6 +461,18 @@ def test_serve_says_the_port_it_got_and_stops_cleanly_on_ctrl_c(tiny):
         p.send_signal(signal.SIGINT)
         rest = p.stderr.read()
         assert p.wait(30) == 0 and "stopped" in rest and "error" not in rest and "Traceback" not in rest
+    finally:
+        if p.poll() is None:
+            p.kill()
+    p = subprocess.Popen([*cmd, "--host", "0.0.0.0"], stderr=subprocess.PIPE, text=True)
+    try:  # every interface and no key: said (as llama-server and ollama allow it)
+        before = ""
+        while "serving" not in (line := p.stderr.readline()):
+            assert line, "serve exited before serving"
+            before += line
+        assert "--host 0.0.0.0 without --api-key: anyone who can reach this machine" in before
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 0
     finally:
         if p.poll() is None:
             p.kill()

@@ -153,6 +153,16 @@ MEMORY_HINTS = {  # (which memory, command) -> what to do; (which, None): any ot
 }
 
 
+# where text follows the model's name as ollama takes it (a prompt, a message): where it goes here
+EXTRA_ARGUMENT_HINTS = {
+    **{
+        c: f'a prompt goes in -p "..." (or on standard input): moespeq {c} MODEL -p "..."'
+        for c in ("run", "profile", "bench", "plan")
+    },
+    "chat": "chat takes its messages at its prompt, or piped on standard input",
+}
+
+
 def exit_for(exc: BaseException, command: str | None) -> None:
     """Map an exception escaping a command to a one-line message and an exit code."""
     if isinstance(exc, typer.Exit):
@@ -172,7 +182,10 @@ def exit_for(exc: BaseException, command: str | None) -> None:
         fail("hung up (its terminal closed)" if exc.signum == signal.SIGHUP else "terminated", 128 + exc.signum)
     if isinstance(exc, USAGE_ERRORS):
         where = f"moespeq {command} --help" if command else "moespeq --help"
-        fail(f"{exc.format_message()} (see `{where}`)", 2)
+        message = exc.format_message()
+        if command in EXTRA_ARGUMENT_HINTS and message.startswith("Got unexpected extra argument"):
+            message += f"; {EXTRA_ARGUMENT_HINTS[command]}"
+        fail(f"{message} (see `{where}`)", 2)
     if isinstance(exc, MoespeqError):
         if isinstance(exc, OutputError):
             quiet_stdout()  # what is still buffered would fail again at exit

@@ -149,7 +149,8 @@ CpuThreads = Annotated[
         "--cpu-threads",
         min=1,
         max=1024,
-        help="Threads for CPU compute (default: torch's; with CPU experts beside a GPU: cores minus one).",
+        help="Threads for CPU compute (default: torch's; with CPU experts beside a GPU: cores minus one; on the "
+        "mock, whose clock is virtual, 1: torch's threads slow down several-fold beside another busy process).",
         show_default=False,
     ),
 ]

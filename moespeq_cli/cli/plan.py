@@ -317,13 +317,13 @@ def run_context(
     from moespeq_cli.errors import MoespeqError, UsageError
     from moespeq_cli.runtime.engine import Engine, EngineOptions
 
-    engine = None
+    engine, failed = None, None
     if source.endswith("config.json"):  # a checkpoint's folder, not a bundled config
         try:
             # reads no weight, and looks for no draft (``saved_blocksize`` does, once)
             engine = Engine(Path(source).parent, EngineOptions(backend="cpu", context=context, draft="none"))
-        except MoespeqError:
-            pass
+        except MoespeqError as e:
+            failed = e
     if engine is None and context is not None:  # a config alone: the context given, if -n leaves a prompt room
         if limit is not None and context > limit:
             raise UsageError(
@@ -335,6 +335,9 @@ def run_context(
                 "raise --context or lower --max-new-tokens"
             )
         return context
+    folder = Path(source).parent
+    if failed is not None and context is None and any(folder.glob("*.safetensors")):
+        raise failed  # more than a config (a weights file damaged, a tokenizer missing): what run would say
     if engine is None:
         raise UsageError(
             f"{name}: the prompt's tokens need the model's tokenizer and files, which a config alone lacks; "

@@ -26,7 +26,10 @@ EPILOG = """[bold]Examples[/bold]
 
 def remove(
     model: Annotated[
-        list[str], typer.Argument(help="Aliases or hub ids, as `moespeq list` shows them.", show_default=False)
+        list[str],
+        typer.Argument(
+            help="Aliases, hub ids or cache folders of models in the Hugging Face cache.", show_default=False
+        ),
     ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
     json_out: o.Json = False,
@@ -34,10 +37,12 @@ def remove(
     """Remove models from the Hugging Face cache, with the drafts moespeq built for them.
 
     Every revision of each model goes, and the 4-bit drafts `moespeq quantize` kept for it
-    in moespeq's cache; nothing else. The built-in demo and checkpoints in your own
-    directories are never removed (delete a directory of yours yourself). Every name is
-    checked before anything is deleted; a model being downloaded or quantized is left
-    alone. Asks before removing unless --yes (required where stdin is not a terminal). A
+    in moespeq's cache; nothing else. A model is named by its alias or hub id (`moespeq
+    list` shows those moespeq runs; another repository in the cache is removed by its id
+    too) or by its folder in the cache. Checkpoints in your own directories are never
+    removed (delete a directory of yours yourself); `moespeq rm demo` removes only the
+    drafts quantize built of the built-in demo. Every name is checked before anything is
+    deleted; a model being downloaded or quantized is left alone. Asks before removing unless --yes (required where stdin is not a terminal). A
     Ctrl-C waits for the model being deleted to be gone (a second one stops at once); a
     `moespeq run` or `serve` using a removed model keeps reading its open files until it
     exits.
@@ -57,7 +62,12 @@ def remove(
             raise UsageError("stdin is not a terminal to ask on; give --yes to remove without asking")
         for r in removals:
             drafts = f", and {counted(len(r.drafts), 'draft')} ({format_size(r.draft_size)})" if r.drafts else ""
-            print(f"{said(r.name)}: {format_size(r.size)} in {r.folder}{drafts}", file=sys.stderr)
+            if r.folder is None:
+                print(
+                    f"{said(r.name)}: {counted(len(r.drafts), 'draft')} ({format_size(r.draft_size)})", file=sys.stderr
+                )
+            else:
+                print(f"{said(r.name)}: {format_size(r.size)} in {r.folder}{drafts}", file=sys.stderr)
         what = said(removals[0].name) if len(removals) == 1 else counted(len(removals), "model")
         print(f"Remove {what}, {format_size(sum(r.freed for r in removals))}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()
@@ -86,7 +96,7 @@ def remove(
                 {
                     "name": r.name,
                     "repo": r.repo,
-                    "path": str(r.folder),
+                    "path": str(r.folder) if r.folder is not None else None,
                     "bytes": r.size,
                     "drafts": [str(d) for d in r.drafts],
                     "draft_bytes": r.draft_size,

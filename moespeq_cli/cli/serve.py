@@ -96,6 +96,10 @@ def serve(
     sock = listening_socket(host, port)  # before minutes of loading, not after; held, so --port 0's stays ours
     name, engine, ctx = load_session(model, context, 1, check=check_template, **o.engine_options(locals()))
     Renderer().plan(engine)
+    from moespeq_cli.server.access import loopback
+
+    if api_key is None and not loopback(host):  # (as llama-server and ollama leave it: said, not refused)
+        note(f"note: --host {host} without --api-key: anyone who can reach this machine can use the model")
     if default_max_tokens is not None and default_max_tokens >= ctx:
         note(f"--max-tokens {default_max_tokens} is not less than the context: an answer ends where the context does")
     name = served_name or name

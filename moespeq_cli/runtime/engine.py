@@ -141,6 +141,12 @@ class Engine:
         self.kernels_note: str | None = None
         if opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
+        elif self.backend_name == "mock":
+            # the simulator's own arithmetic (its clock is virtual): one thread, since torch's
+            # threads spin at each op's barrier and one other busy process on a 2-core
+            # machine made the demo's 300 tokens take 15.3 s instead of 3.4 (one thread:
+            # 3.7 busy, 3.5 idle)
+            torch.set_num_threads(1)
         elif self.backend_name == "cuda" and self.policy.host_compute:
             # experts computed on the host while a GPU computes: the Python thread that
             # launches the GPU's kernels keeps a core of its own
