@@ -169,6 +169,24 @@ def test_plan_prices_the_draft_as_the_mock_prices_the_loaded_one(tiny, kind):
     eng.close()
 
 
+def test_a_smaller_weight_is_never_priced_above_a_larger_one(monkeypatch):
+    """A calibration beside a busy process put a 1.6 MB weight at 6.95 ms and a 7.3 MB one
+    at 0.40 (a measurement the machine interrupted): a smaller weight's figure is at most
+    the larger's, at every token count, in every curve measured."""
+    import moespeq_cli.runtime.planning.calibrate as cal
+
+    monkeypatch.setattr(cal, "SHAPES", ((64, 128), (128, 256)))
+    monkeypatch.setattr(cal, "COLD_BYTES", 1)
+    monkeypatch.setattr(cal, "TOKENS", (1, 2))
+    calls = iter(range(10**6))
+    # per curve: the small shape's two token counts, then the large's; the small one's interrupted
+    monkeypatch.setattr(cal, "timed", lambda *a, **k: (5.0, 5.0, 1.0, 2.0)[next(calls) % 4])
+    monkeypatch.setattr(cal, "spikes", lambda row: [])
+    curves = cal.kernel_curves(torch.device("cpu"), lambda s: None)
+    assert curves and all(c["seconds"][0] == [1.0, 2.0] for c in curves.values() if len(c["tokens"]) == 2), curves
+    assert cal.at_most_larger([[1.0, 9.0], [2.0, 3.0]]) == [[1.0, 3.0], [2.0, 3.0]]
+
+
 def test_kernel_curves_price_what_they_measured():
     curve = KernelCurve((1, 2, 4), (1e6, 3e6), ((1e-4, 1.5e-4, 2e-4), (3e-4, 4e-4, 6e-4)), ops=5)
     assert curve.seconds(1, 1e6) == pytest.approx(1e-4) and curve.seconds(4, 3e6) == pytest.approx(6e-4)

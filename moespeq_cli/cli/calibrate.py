@@ -108,7 +108,7 @@ def calibrate(
     checkpoint (the draft's regions too when it has a saved draft), on the GPU where there
     is one. Takes about 25 s, about 75 s with `--model` on a 2-core machine, with a
     progress bar over its phases. Measure on an idle machine: where other processes take
-    more than a tenth of the CPU meanwhile, it says the figures are likely low.
+    more than a tenth of the CPU meanwhile, it says the figures are likely low, some far off.
     """
     import errno
     import json
@@ -266,7 +266,8 @@ def calibrate(
     if busy(figures):  # said on stderr with --json too: a script keeps a profile it should not trust
         console.print(
             f"[yellow]other processes took {figures['_other_load']:.0%} of the CPU while calibrating: the figures "
-            "are likely low (the profile says so); calibrate again when the machine is idle[/yellow]",
+            "are likely low, some far off (the profile says so); do not use it: calibrate again when the machine is "
+            "idle[/yellow]",
             markup=True,
             highlight=False,
         )
