@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,8 +107,8 @@ def resolve(model: str | None) -> tuple[str, Path]:
         raise UnknownModelError(f"checkpoint directory {shown(model)} does not exist; check the path")
     if len(model.split()) > 1:  # `moespeq run "Why is the sky blue?"`, as ollama takes it
         raise UnknownModelError(
-            f"unknown model {shown(model)!r}: a prompt goes in -p (`-p {shlex.quote(model)}`) or on standard input, "
-            "after the model's name (none: the built-in demo)"
+            f"unknown model {shown(model)!r}: a model's name has no spaces (a prompt? `run`, `profile`, "
+            "`bench` and `plan` take it in -p, after the model's name; `chat` at its prompt; either on standard input)"
         )
     raise UnknownModelError(
         f"unknown model {shown(model)!r}{did_you_mean(model, [DEMO, *ALIASES])}; use {DEMO} (the built-in demo), an alias ({', '.join(ALIASES)}), "

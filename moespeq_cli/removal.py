@@ -138,6 +138,11 @@ def repo_named(model: str) -> str:
     path = Path(os.path.expanduser(model))
     if (repo is None or not os.path.lexists(repo_dir(repo))) and kind(path) == "a directory":
         repo = cached_repo_at(path, cache)
+        if repo is None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(cache)):
+            raise UsageError(
+                f"{shown(said(model))} is in the Hugging Face cache but no model's folder there; name the model "
+                "(`moespeq list` shows them) or its models--ORG--NAME folder"
+            )
         if repo is None:
             raise UsageError(
                 f"{shown(said(model))} is a directory of yours, not a model in the Hugging Face cache; `moespeq rm` "

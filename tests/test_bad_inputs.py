@@ -401,7 +401,8 @@ def test_environment_switches_read_as_people_write_them(monkeypatch):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["run", "Why is the sky blue?"], "a prompt goes in -p (`-p 'Why is the sky blue?'`)"),
+        (["run", "Why is the sky blue?"], "a model's name has no spaces (a prompt? `run`, `profile`"),
+        (["chat", "why is\nthe sky blue"], "a model's name has no spaces"),
         (["run", "demo", "Why is the sky blue?"], 'a prompt goes in -p "..."'),
         (["chat", "demo", "hi"], "chat takes its messages at its prompt"),
     ],

@@ -178,13 +178,20 @@ def test_a_smaller_weight_is_never_priced_above_a_larger_one(monkeypatch):
     monkeypatch.setattr(cal, "SHAPES", ((64, 128), (128, 256)))
     monkeypatch.setattr(cal, "COLD_BYTES", 1)
     monkeypatch.setattr(cal, "TOKENS", (1, 2))
-    calls = iter(range(10**6))
-    # per curve: the small shape's two token counts, then the large's; the small one's interrupted
-    monkeypatch.setattr(cal, "timed", lambda *a, **k: (5.0, 5.0, 1.0, 2.0)[next(calls) % 4])
+
+    def timed(call, *a, **k):  # the large shape: a second a token; the small one's interrupted: 50 s
+        x = call.__defaults__[0]
+        return 50.0 if x.shape[1] == 64 else float(x.shape[0])
+
+    monkeypatch.setattr(cal, "timed", timed)
     monkeypatch.setattr(cal, "spikes", lambda row: [])
     curves = cal.kernel_curves(torch.device("cpu"), lambda s: None)
-    assert curves and all(c["seconds"][0] == [1.0, 2.0] for c in curves.values() if len(c["tokens"]) == 2), curves
-    assert cal.at_most_larger([[1.0, 9.0], [2.0, 3.0]]) == [[1.0, 3.0], [2.0, 3.0]]
+    assert curves
+    for c in curves.values():
+        (small, large), ratio = c["seconds"], c["sizes"][0] / c["sizes"][1]
+        assert large == [float(t) for t in c["tokens"]], c
+        assert small == pytest.approx([t * ratio for t in large]), c  # the larger's, scaled: growing with bytes
+    assert cal.at_most_larger([[1.0, 9.0], [2.0, 3.0]], [1, 2]) == [[1.0, 1.5], [2.0, 3.0]]
 
 
 def test_kernel_curves_price_what_they_measured():

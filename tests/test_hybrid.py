@@ -323,7 +323,9 @@ def test_the_mock_computes_on_one_thread_unless_asked(tiny, asked, expect):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        Engine(path, EngineOptions(backend="mock", hardware="rtx3060-12gb", cpu_threads=asked))
+        eng = Engine(path, EngineOptions(backend="mock", hardware="rtx3060-12gb", cpu_threads=asked))
         assert torch.get_num_threads() == expect
+        eng.close()
+        assert torch.get_num_threads() == (2 if asked is None else expect)  # put back: later real runs in the process
     finally:
         torch.set_num_threads(before)

@@ -220,10 +220,10 @@ import signal, threading, time
 from moespeq_cli.cli.signals import Signals, uninterrupted
 signals = Signals()
 signals.pending.add(signal.SIGINT)  # held back by an import a moment ago
-signals.watcher = threading.Thread(target=signals.watch, daemon=True)
-signals.watcher.start()
 try:
     with uninterrupted("removing x"):
+        signals.watcher = threading.Thread(target=signals.watch, daemon=True)  # (its 20 ms look comes in here)
+        signals.watcher.start()
         time.sleep(0.3)
         print("end of block", flush=True)
     time.sleep(1)

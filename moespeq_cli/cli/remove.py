@@ -68,7 +68,7 @@ def remove(
                 )
             else:
                 print(f"{said(r.name)}: {format_size(r.size)} in {r.folder}{drafts}", file=sys.stderr)
-        what = said(removals[0].name) if len(removals) == 1 else counted(len(removals), "model")
+        what = shown_name(removals[0]) if len(removals) == 1 else counted(len(removals), "model")
         print(f"Remove {what}, {format_size(sum(r.freed for r in removals))}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()
         try:
@@ -89,7 +89,7 @@ def remove(
                     remove_one(r)
                     done.append(r)
                     if not json_out:
-                        print(f"Removed {said(r.name)} ({format_size(r.freed)})")
+                        print(f"Removed {shown_name(r)} ({format_size(r.freed)})")
     finally:  # (after a signal too: what is gone)
         if json_out and (done or sys.exc_info()[0] is None):
             rows = [
@@ -104,3 +104,10 @@ def remove(
                 for r in done
             ]
             print(json.dumps({"removed": rows, "freed_bytes": sum(r.freed for r in done)}))
+
+
+def shown_name(r) -> str:
+    """A removal as the prompt and the result name it: the demo's are its drafts alone."""
+    from moespeq_cli.removal import said
+
+    return f"{said(r.name)}'s drafts" if r.folder is None else said(r.name)

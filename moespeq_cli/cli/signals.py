@@ -157,8 +157,13 @@ def uninterrupted(message: str):
         yield
         failed = False
     finally:
-        signals.holding = None  # (a signal from here on is raised where it lands: the block's work is done)
-        waiting = signals.held | signals.pending  # (and one held back by an import before the block)
+        # what came (and one held back by an import before the block), taken before the
+        # watcher may send a held-back one again, and once more after: one that lands
+        # between is not lost (from here on a signal is raised where it lands)
+        waiting = signals.held | signals.pending
+        signals.held, signals.pending = set(), set()
+        signals.holding = None
+        waiting |= signals.held | signals.pending
         signals.held, signals.pending = set(), set()
         if waiting and not failed:
             chosen = next(s for s in FIRST if s in waiting)

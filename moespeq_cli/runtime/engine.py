@@ -139,14 +139,9 @@ class Engine:
         self.ram = parse_size(opts.ram, "--ram") if opts.ram is not None else None
         self.threads_note: str | None = None
         self.kernels_note: str | None = None
+        self._threads_before: int | None = None  # torch's thread count, put back at close
         if opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
-        elif self.backend_name == "mock":
-            # the simulator's own arithmetic (its clock is virtual): one thread, since torch's
-            # threads spin at each op's barrier and one other busy process on a 2-core
-            # machine made the demo's 300 tokens take 15.3 s instead of 3.4 (one thread:
-            # 3.7 busy, 3.5 idle)
-            torch.set_num_threads(1)
         elif self.backend_name == "cuda" and self.policy.host_compute:
             # experts computed on the host while a GPU computes: the Python thread that
             # launches the GPU's kernels keeps a core of its own
@@ -216,6 +211,14 @@ class Engine:
         # backend would run)
         kernels_here = self.device_type == "cpu" and self.dtype == torch.float32 and kernels.available()
         self.dense_dtype = self.ckpt.config.dtype if kernels_here else self.device_dtype
+        if self.backend_name == "mock" and not opts.cpu_threads:
+            # the simulator's own arithmetic (its clock is virtual) on one thread, until close:
+            # torch's threads spin at each op's barrier, and one other busy process on a
+            # 2-core machine made the demo's 300 tokens take 15.3 s instead of 3.4 (one
+            # thread: 3.7 busy, 3.5 idle). (After the kernels' pool is sized, which it is once
+            # a process, from torch's count: later real runs keep the machine's cores.)
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
         self.plan: Plan | None = None
         self.backend = None
         self.hooks: list = []  # the model's cost hooks (``instrument``), taken off at close
@@ -517,6 +520,9 @@ class Engine:
         for handle in self.hooks:
             handle.remove()
         self.hooks = []
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         if self.backend is not None:
             self.backend.close()
 

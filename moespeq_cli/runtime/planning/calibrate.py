@@ -89,15 +89,18 @@ def mean_over(fn: Callable[[], object], span_s: float, least: int = 3) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def at_most_larger(rows: list[list[float]]) -> list[list[float]]:
-    """Rows of timings for weights of ascending size, each figure at most the next larger
-    weight's at the same token count: a smaller weight never costs more, and a figure that
-    does is a measurement the machine interrupted (a calibration beside a busy process put
-    a 1.6 MB weight at 6.95 ms and a 7.3 MB one at 0.40: every policy that runs small
-    products, a router, was priced 13x slower)."""
+def at_most_larger(rows: list[list[float]], sizes: list[int]) -> list[list[float]]:
+    """Rows of timings for weights of ``sizes`` bytes (ascending): a smaller weight never
+    costs more than a larger one at the same token count, and a figure that does is a
+    measurement the machine interrupted (a calibration beside a busy process put a 1.6 MB
+    weight at 6.95 ms and a 7.3 MB one at 0.40: every policy that runs small products, a
+    router, was priced 13x slower). Such a figure becomes the larger weight's scaled to its
+    bytes, so the curve still grows with the weight (equal figures would price every
+    weight beyond the larger one, a real expert, at the larger one's time)."""
     out = [list(r) for r in rows]
     for k in range(len(out) - 2, -1, -1):
-        out[k] = [min(a, b) for a, b in zip(out[k], out[k + 1], strict=True)]
+        ratio = sizes[k] / sizes[k + 1]
+        out[k] = [a if a <= b else b * ratio for a, b in zip(out[k], out[k + 1], strict=True)]
     return out
 
 
@@ -216,7 +219,7 @@ def kernel_curves(
                 ops = ops_of(lambda x1=x1, fn=copies[0]: fn(x1))
                 rows.append(non_decreasing(row))  # more tokens never cost less: a dip is noise, pooled
                 sizes.append(weight_bytes(h, i))
-            curves[label] = {"tokens": list(tokens), "sizes": sizes, "seconds": at_most_larger(rows), "ops": ops}
+            curves[label] = {"tokens": list(tokens), "sizes": sizes, "seconds": at_most_larger(rows, sizes), "ops": ops}
         weights.clear()
 
     linears = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
