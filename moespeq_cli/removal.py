@@ -152,13 +152,13 @@ def repo_named(model: str) -> str:
         folder = repo_dir(repo)
         if folder.is_symlink():
             raise MoespeqError(
-                f"{model}: its folder in the cache is a link ({shown(folder)} -> {shown(os.readlink(folder))}); "
+                f"{said(model)}: its folder in the cache is a link ({shown(folder)} -> {shown(os.readlink(folder))}); "
                 "remove the link or what it leads to yourself"
             )
         if folder.is_dir():
             return repo
         if os.path.lexists(folder):
-            raise MoespeqError(f"{model}: {shown(folder)} is not a folder; remove it yourself")
+            raise MoespeqError(f"{said(model)}: {shown(folder)} is not a folder; remove it yourself")
     cached = cached_repos(cache)
     names = cached + [a for r in cached if (a := alias_of(r))]
     which = said(model) if repo in (None, model) else f"{model} ({repo})"

@@ -42,10 +42,10 @@ def remove(
     too) or by its folder in the cache. Checkpoints in your own directories are never
     removed (delete a directory of yours yourself); `moespeq rm demo` removes only the
     drafts quantize built of the built-in demo. Every name is checked before anything is
-    deleted; a model being downloaded or quantized is left alone. Asks before removing unless --yes (required where stdin is not a terminal). A
-    Ctrl-C waits for the model being deleted to be gone (a second one stops at once); a
-    `moespeq run` or `serve` using a removed model keeps reading its open files until it
-    exits.
+    deleted; a model being downloaded or quantized is left alone. Asks before removing
+    unless --yes (required where stdin is not a terminal). A Ctrl-C waits for the model
+    being deleted to be gone (a second one stops at once); a `moespeq run` or `serve`
+    using a removed model keeps reading its open files until it exits.
     """
     import json
 

@@ -215,8 +215,8 @@ class Engine:
             # the simulator's own arithmetic (its clock is virtual) on one thread, until close:
             # torch's threads spin at each op's barrier, and one other busy process on a
             # 2-core machine made the demo's 300 tokens take 15.3 s instead of 3.4 (one
-            # thread: 3.7 busy, 3.5 idle). (After the kernels' pool is sized, which it is once
-            # a process, from torch's count: later real runs keep the machine's cores.)
+            # thread: 3.7 busy, 3.5 idle). (Set after the kernels' check above: a mock of a CPU
+            # that loads them sizes their pool, once a process, from the machine's threads.)
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(1)
         self.plan: Plan | None = None
