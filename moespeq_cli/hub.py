@@ -260,7 +260,12 @@ def pull(model: str, revision: str | None = None, local_dir: Path | None = None,
             # are fetched again (a missing file it would have fetched, had it reached the hub)
             again = damaged_downloads(path)
             if again:
-                download(snapshot_download, dict(kwargs, allow_patterns=again, force_download=True))
+                try:
+                    download(snapshot_download, dict(kwargs, allow_patterns=again, force_download=True))
+                except OSError:
+                    raise  # (the disk: said as such)
+                except Exception:  # noqa: BLE001 - the hub unreachable (huggingface_hub 2.5 wraps it in a
+                    pass  # ValueError, "Force download failed"): what is here is not whole, said below
                 why = not_whole(path, config_only)
     if why is not None:
         fetch = (
