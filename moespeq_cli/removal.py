@@ -87,6 +87,7 @@ def plan_removals(models: list[str]) -> list[Removal]:
             ) from None
         targets.setdefault(folder, model)  # (named twice, or by an alias and its id: once)
     removals = []
+    info = scan(hub_cache()) if any(f is not None for f in targets) else None
     for folder, model in targets.items():
         if folder is None:
             drafts = demo_drafts()
@@ -94,7 +95,7 @@ def plan_removals(models: list[str]) -> list[Removal]:
                 raise UsageError("the demo is built into moespeq, and moespeq keeps no draft of it; nothing to remove")
             removals.append(Removal(model, None, None, 0, drafts, sum(files_size(d) for d in drafts)))
             continue
-        strategy, shared = deletion(folder)
+        strategy, shared = deletion(folder, info)
         drafts = drafts_of_repo(folder)
         removals.append(
             Removal(
@@ -181,21 +182,29 @@ def cached_repos(cache: Path) -> list[str]:
         return []
 
 
-def deletion(folder: Path) -> tuple[object | None, int]:
-    """(huggingface_hub's strategy deleting every revision of the repository in ``folder``,
-    the bytes of the cache's shared blob store it frees: payloads only this repository
-    links), or (None, 0) where huggingface_hub cannot read the repository (it is then
-    deleted whole). The strategy is made from a view of the cache holding this repository
-    alone: revisions are found by commit hash, which a renamed or mirrored repository
-    shares with its original, whose snapshot would otherwise be deleted too."""
-    import dataclasses
-
+def scan(cache: Path):
+    """huggingface_hub's view of the cache (every file looked at: once a command), or None
+    where it cannot read it."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir(folder.parent)
+        return scan_cache_dir(cache)
     except (CacheNotFound, OSError, ValueError):
+        return None
+
+
+def deletion(folder: Path, info) -> tuple[object | None, int]:
+    """(huggingface_hub's strategy deleting every revision of the repository in ``folder``,
+    the bytes of the cache's shared blob store it frees: payloads only this repository
+    links), or (None, 0) where huggingface_hub cannot read the repository (it is then
+    deleted whole). ``info``: ``scan``'s. The strategy is made from a view of the cache
+    holding this repository alone: revisions are found by commit hash, which a renamed or
+    mirrored repository shares with its original, whose snapshot would otherwise be
+    deleted too."""
+    import dataclasses
+
+    if info is None:
         return None, 0
     real = Path(os.path.realpath(folder))
     repo = next((r for r in info.repos if Path(os.path.realpath(r.repo_path)) == real), None)

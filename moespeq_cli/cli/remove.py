@@ -61,13 +61,11 @@ def remove(
         if sys.stdin is None or not sys.stdin.isatty():
             raise UsageError("stdin is not a terminal to ask on; give --yes to remove without asking")
         for r in removals:
-            drafts = f", and {counted(len(r.drafts), 'draft')} ({format_size(r.draft_size)})" if r.drafts else ""
-            if r.folder is None:
-                print(
-                    f"{said(r.name)}: {counted(len(r.drafts), 'draft')} ({format_size(r.draft_size)})", file=sys.stderr
-                )
-            else:
-                print(f"{said(r.name)}: {format_size(r.size)} in {r.folder}{drafts}", file=sys.stderr)
+            drafts = f"{counted(len(r.drafts), 'draft')} ({format_size(r.draft_size)})" if r.drafts else ""
+            what = drafts  # (the demo: its drafts alone)
+            if r.folder is not None:
+                what = f"{format_size(r.size)} in {r.folder}" + (f", and {drafts}" if drafts else "")
+            print(f"{said(r.name)}: {what}", file=sys.stderr)
         what = shown_name(removals[0]) if len(removals) == 1 else counted(len(removals), "model")
         print(f"Remove {what}, {format_size(sum(r.freed for r in removals))}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()

@@ -1727,6 +1727,29 @@ static long att_range(const attend_args *a, long r, long *l0, long *l1) {
     return *l1 > *l0 ? *l1 - *l0 : 0;
 }
 
+/* How many rows from r go through a piece together: four where rows [r, r + 4) of the
+ * block are four heads at one position (one key range), with SIMD; else one. */
+static inline long att_rows_at_once(const attend_args *a, long r, long r1) {
+#if MS_AVX512 || MS_AVX2
+    return r + 4 <= r1 && r / a->G == (r + 3) / a->G ? 4 : 1;
+#else
+    (void)a, (void)r, (void)r1;
+    return 1;
+#endif
+}
+
+/* The next piece, rows [e, e + keys) below hi of ``base`` (``w`` floats a row, ``ld``
+ * apart), on its way to L2 while this one is used, where a kv head serves four or more
+ * heads (the four-row loops, heavier in arithmetic, let the memory stream fall behind). */
+static inline void att_prefetch(const attend_args *a, const float *base, long ld, long w, long e, long hi) {
+#if MS_AVX512 || MS_AVX2
+    for (long l = e; a->G >= 4 && l < e + a->keys && l < hi; l++)
+        for (long i = 0; i < w; i += 16) _mm_prefetch((const char *)(base + l * ld + i), _MM_HINT_T1);
+#else
+    (void)a, (void)base, (void)ld, (void)w, (void)e, (void)hi;
+#endif
+}
+
 /* Rows [r0, r1) of kv head g; s: (r1 - r0) * L floats, acc: (r1 - r0) * (dv + 1). */
 static void attend_block(const attend_args *a, long g, long r0, long r1, float *s, float *acc) {
     const float *kg = a->k + g * a->kh, *vg = a->v + g * a->vh;
@@ -1739,17 +1762,13 @@ static void attend_block(const attend_args *a, long g, long r0, long r1, float *
         }
     for (long b = lo; b < hi; b += a->keys) { /* scores: a piece of keys, then each row over it */
         long e = b + a->keys < hi ? b + a->keys : hi;
-#if MS_AVX512 || MS_AVX2
-        for (long l = e; a->G >= 4 && l < e + a->keys && l < hi; l++) /* the next piece on its way to L2 */
-            for (long i = 0; i < a->d; i += 16) _mm_prefetch((const char *)(kg + l * a->kl + i), _MM_HINT_T1);
-#endif
+        att_prefetch(a, kg, a->kl, a->d, e, hi);
         for (long r = r0; r < r1;) {
             att_range(a, r, &l0, &l1);
-            long x = b > l0 ? b : l0, y = e < l1 ? e : l1, n = 1;
+            long x = b > l0 ? b : l0, y = e < l1 ? e : l1, n = att_rows_at_once(a, r, r1);
             const float *q = a->q + (g * a->G + r % a->G) * a->qh + (r / a->G) * a->qt;
 #if MS_AVX512 || MS_AVX2
-            if (r + 4 <= r1 && r / a->G == (r + 3) / a->G) { /* four heads at one position: one key range */
-                n = 4;
+            if (n == 4) {
                 const float *qs[4] = {q, q + a->qh, q + 2 * a->qh, q + 3 * a->qh};
                 float *ss[4];
                 for (int j = 0; j < 4; j++) ss[j] = s + (r + j - r0) * a->L + (x - l0);
@@ -1774,16 +1793,12 @@ static void attend_block(const attend_args *a, long g, long r0, long r1, float *
     }
     for (long b = lo; b < hi; b += a->keys) { /* values: the same pieces */
         long e = b + a->keys < hi ? b + a->keys : hi;
-#if MS_AVX512 || MS_AVX2
-        for (long l = e; a->G >= 4 && l < e + a->keys && l < hi; l++)
-            for (long i = 0; i < a->dv; i += 16) _mm_prefetch((const char *)(vg + l * a->vl + i), _MM_HINT_T1);
-#endif
+        att_prefetch(a, vg, a->vl, a->dv, e, hi);
         for (long r = r0; r < r1;) {
             att_range(a, r, &l0, &l1);
-            long x = b > l0 ? b : l0, y = e < l1 ? e : l1, n = 1;
+            long x = b > l0 ? b : l0, y = e < l1 ? e : l1, n = att_rows_at_once(a, r, r1);
 #if MS_AVX512 || MS_AVX2
-            if (r + 4 <= r1 && r / a->G == (r + 3) / a->G) {
-                n = 4;
+            if (n == 4) {
                 const float *ps[4];
                 float *accs[4];
                 for (int j = 0; j < 4; j++) {

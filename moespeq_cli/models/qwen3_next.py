@@ -28,9 +28,9 @@ float64 and rounded to float32 (``rounded_once``: per element, whatever the pass
 that a verification block's values equal single steps' bit for bit. A prompt keeps only
 its last state, and takes the **chunked form** (``delta_chunks``): the same recurrence
 solved ``CHUNK`` tokens at a time with matrix products (the delta rule's writes within a
-chunk are a unit lower-triangular system); at Qwen3-Next's shapes (2,048 tokens, 32 heads of 128x128) the recurrence takes 0.12 s
-a layer on two cores against the steps' 6.1 s, and the whole layer with its bf16
-projections 1.4 s against 6.8 s; ~10 ops a chunk where the steps launch 5 a token. A step
+chunk are a unit lower-triangular system); at Qwen3-Next's shapes (2,048 tokens, 32
+heads of 128x128) the recurrence takes 0.12 s a layer on two cores against the steps'
+6.1 s, and the whole layer with its bf16 projections 1.4 s against 6.8 s; ~10 ops a chunk where the steps launch 5 a token. A step
 reads and writes the state with batched matrix-vector products (``torch.bmm``, an
 in-place ``baddbmm_`` for the write): 0.38 ms a layer at those shapes on one core, where
 broadcast products and sums took 0.92 ms.
