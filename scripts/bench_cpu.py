@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-SIZES = {  # make_mixtral_checkpoint.py's shape arguments (8 experts, top-2, vocab 32000)
+SIZES = {  # make_checkpoint.py's shape arguments (8 experts, top-2, vocab 32000)
     "86M": ["--hidden", "512", "--intermediate", "1024", "--layers", "4"],
     "791M": ["--hidden", "1024", "--intermediate", "3584", "--layers", "8"],
 }
@@ -44,8 +44,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def build(out: Path, size: str, dtype: torch.dtype) -> None:
-    """The checkpoint, written by scripts/make_mixtral_checkpoint.py (as the other benchmarks do)."""
-    script = Path(__file__).with_name("make_mixtral_checkpoint.py")
+    """The checkpoint, written by scripts/make_checkpoint.py (as the other benchmarks do)."""
+    script = Path(__file__).with_name("make_checkpoint.py")
     dtype_name = str(dtype).removeprefix("torch.")
     subprocess.run([sys.executable, str(script), str(out), *SIZES[size], "--dtype", dtype_name], check=True)
 

@@ -91,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     path = ROOT / "build" / "disk-bench"
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_mixtral_checkpoint.py"), str(path), *SHAPE],
+        [sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(path), *SHAPE],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

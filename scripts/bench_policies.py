@@ -41,7 +41,7 @@ def main() -> None:
     mixtral = ROOT / "build" / "mixtral-shaped"
     if "mixtral-shaped" in args.models:
         subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_mixtral_checkpoint.py"), str(mixtral)],
+            [sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(mixtral)],
             check=True,
             stdout=subprocess.DEVNULL,
         )

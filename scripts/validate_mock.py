@@ -64,7 +64,7 @@ def main() -> None:
     path = args.checkpoint
     if not (path / "config.json").exists():
         subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_mixtral_checkpoint.py"), str(path), *SHAPE],
+            [sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(path), *SHAPE],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ import json
 import os
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,6 +432,9 @@ def test_calibrate_writes_a_profile_the_mock_simulates_the_cpu_with(tiny, cli, t
     assert "decoding the bundled demo model" in text and {"attention", "layer"} <= set(hw.region_overhead)
     q = hw.disk_queue_bandwidth
     assert all(a <= b for a, b in zip(q, q[1:], strict=False))  # made non-decreasing: dips are drift
+    blocked, lost = zip(*hw.read_wake_curve, strict=True)  # what waiting on a read costs, by how long
+    assert len(blocked) >= 3 and all(a < b for a, b in zip(blocked, blocked[1:], strict=False))
+    assert all(a <= b for a, b in zip(lost, lost[1:], strict=False)) and lost[-1] < 0.1
     if hw.kind != "cpu":
         pytest.skip("a GPU machine: its profile is a gpu one")
     path, _ = tiny("mixtral", "wide")
@@ -566,6 +570,56 @@ def test_the_compute_thread_pays_to_submit_a_read_and_to_wake_after_waiting_for_
     assert b.t_compute == before
     names = [iv.name for iv in b.timeline.intervals]
     assert names.count("submit read") == 2 and names.count("wake") == 1
+
+
+def test_waking_costs_more_the_longer_the_thread_was_blocked():
+    """A calibrated ``read_wake_curve`` prices the wake by how long the compute thread
+    waited (a CPU idle longer comes back colder): interpolated between its points, held
+    at its ends, and it replaces the single figure. The disk-tier checkpoint's 22 MB reads
+    block about 10 ms, a Qwen3-shaped one's 2.4 MB about 1 ms: one figure measured after
+    the first priced the second's ``ondemand`` 1.3 s over 64 tokens too slow."""
+    from moespeq_cli.runtime.backends.mock import MockBackend
+
+    curve = ((1e-3, 1e-4), (1e-2, 1e-3))
+    cpu = replace(HW, kind="cpu", disk_bandwidth=1e8, disk_latency=0.0, read_wake_overhead=0.5, read_wake_curve=curve)
+    assert cpu.read_wake(1e-4) == 1e-4 and cpu.read_wake(1.0) == 1e-3  # held at the ends
+    assert cpu.read_wake(5.5e-3) == pytest.approx(5.5e-4)
+
+    def woken_after(nbytes: int) -> float:
+        b = MockBackend(cpu, 1 << 30, reader=_NoReader())
+        ev = b.read(None, None, nbytes, "read", 0, 0)
+        b.wait(ev)
+        return b.t_compute - ev.time
+
+    assert woken_after(10**5) == pytest.approx(1e-4)  # blocked 1 ms
+    assert woken_after(5 * 10**5) == pytest.approx(5e-4)  # blocked 5 ms
+    assert woken_after(10**7) == pytest.approx(1e-3)  # blocked 100 ms
+    assert replace(cpu, read_wake_curve=()).read_wake(1e-3) == 0.5  # no curve: the single figure
+
+
+@pytest.mark.parametrize(
+    "curve, says",
+    [
+        ("{blocked: [0.001, 0.01], seconds: [0.0001, 0.001]}", None),
+        ("{blocked: [0.01, 0.001], seconds: [0.0001, 0.001]}", "ascending"),
+        ("{blocked: [0.001, 0.01], seconds: [0.0001]}", "as many"),
+        ("{blocked: [0.001], seconds: [5.0]}", "from 0 to 1"),
+        ("{blocked: [0.001]}", "blocked and seconds"),
+        ("[0.001, 0.0001]", "blocked and seconds"),
+    ],
+)
+def test_a_profiles_wake_curve_is_checked(tmp_path, curve, says):
+    from moespeq_cli.errors import UsageError
+    from moespeq_cli.runtime.planning.hardware import parse_profile
+
+    src = (Path(__file__).resolve().parents[1] / "moespeq_cli" / "profiles" / "rtx3060-12gb.yaml").read_text()
+    p = tmp_path / "p.yaml"
+    p.write_text(src + f"\nread_wake_curve: {curve}\n")
+    if says is None:
+        assert parse_profile(p).read_wake_curve == ((0.001, 0.0001), (0.01, 0.001))
+        return
+    with pytest.raises(UsageError, match=says):
+        parse_profile(p)
 
 
 def test_measured_region_overheads_are_charged_per_call(tiny):
@@ -782,7 +836,9 @@ def quick_calibration(monkeypatch):
         ),
     )
     monkeypatch.setattr(
-        cal, "read_host_figures", lambda source, threads, say: dict(read_submit_overhead=1e-5, read_wake_overhead=1e-5)
+        cal,
+        "read_host_figures",
+        lambda source, threads, say: dict(read_submit_overhead=1e-5, read_wake_curve=[(1e-3, 1e-5), (1e-2, 4e-5)]),
     )
     monkeypatch.setattr(cal, "kernel_curves", lambda *a, **k: {})
     monkeypatch.setattr(
@@ -1072,3 +1128,9 @@ def test_plan_prices_a_disk_reads_cpu_cost_on_a_cpu_profile(tiny):
     assert dear.per_token("gate-prefetch", 0.5) > cheap.per_token("gate-prefetch", 0.5)
     gpu = replace(HW, read_submit_overhead=3e-4, read_wake_overhead=7e-4, disk_read_cpu=1e-11)
     assert step(gpu).per_token("ondemand", 0.0) == step(HW).per_token("ondemand", 0.0)  # a GPU's reads: I/O threads
+    # a wake curve: the wait is about a read's time, and the wake priced for it
+    curved = step(replace(costly, read_wake_curve=((1e-9, 0.0), (10.0, 1e-2))))
+    wake = 1e-2 * (curved.t_copy - 1e-9) / (10.0 - 1e-9)
+    assert curved.per_token("ondemand", 0.0) - cheap.per_token("ondemand", 0.0) == pytest.approx(
+        L * K * (per_read + wake)
+    )

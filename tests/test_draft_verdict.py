@@ -102,7 +102,7 @@ def test_at_the_demos_same_memory_budget_moespeq_keeps_the_guarantee():
     assert tps["moespeq"] >= 0.98 * max(tps["gate-prefetch"], tps["lru"]), tps
 
 
-MIXTRAL_SHAPED = {  # the policy benchmark's checkpoint (scripts/make_mixtral_checkpoint.py)
+MIXTRAL_SHAPED = {  # the policy benchmark's checkpoint (scripts/make_checkpoint.py)
     "model_type": "mixtral",
     "hidden_size": 512,
     "intermediate_size": 1792,

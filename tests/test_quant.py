@@ -266,7 +266,7 @@ def test_quantizing_holds_about_the_draft_not_the_experts_freed_temporaries(tmp_
         ctypes.CDLL(None).malloc_trim  # noqa: B018
     except (OSError, AttributeError):
         pytest.skip("not glibc: its allocator behaves otherwise")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_mixtral_checkpoint.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_checkpoint.py"
     ckpt = tmp_path / "mid"
     args = ["--hidden", "512", "--intermediate", "1536", "--layers", "2", "--experts", "16", "--dtype", "bfloat16"]
     subprocess.run([sys.executable, str(script), str(ckpt), *args], check=True, capture_output=True, timeout=300)
@@ -302,7 +302,7 @@ def test_quantize_streams_the_draft_to_its_file_holding_one_expert(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_mixtral_checkpoint.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_checkpoint.py"
     ckpt, out = tmp_path / "many", tmp_path / "draft"
     args = ["--hidden", "256", "--intermediate", "768", "--layers", "2", "--experts", "64", "--dtype", "bfloat16"]
     subprocess.run([sys.executable, str(script), str(ckpt), *args], check=True, capture_output=True, timeout=300)

@@ -268,9 +268,11 @@ class MockBackend(Backend):
             stall = what != BALANCED
             self._record("compute", "stall" if stall else "compute", what, self.t_compute, event.time, layer, expert)
             self.io_stall_s += event.time - self.t_compute if stall else 0.0
-            self.t_compute = event.time
-            if self.hw.kind == "cpu" and self.hw.read_wake_overhead:  # a blocked thread wakes, then its kernels
-                self.t_compute = self._until(event.time, self.hw.read_wake_overhead, kernels=False)
+            blocked, self.t_compute = event.time - self.t_compute, event.time
+            # a blocked thread wakes, then its kernels run cold: the longer it slept, the more
+            wake = self.hw.read_wake(blocked) if self.hw.kind == "cpu" else 0.0
+            if wake:
+                self.t_compute = self._until(event.time, wake, kernels=False)
                 self._record("compute", "compute", "wake", event.time, self.t_compute, layer, expert)
 
     def ready(self, event: Event) -> bool:

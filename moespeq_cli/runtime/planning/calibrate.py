@@ -448,7 +448,7 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
     pass's wall time, which also held the pass's last reads with fewer in flight (on the
     same reads on this VM, 4 in flight came out at 0.84x their rate, one in flight alike)
     and each read's hand-over and wake, which the mock prices apart
-    (``read_submit_overhead``, ``read_wake_overhead``)."""
+    (``read_submit_overhead``, ``read_wake_curve``)."""
     from moespeq_cli.runtime.bench import queue_curve
     from moespeq_cli.runtime.tiers.disk import BLOCK, DiskReader, Extent
     from moespeq_cli.runtime.timeline import Interval
@@ -504,47 +504,77 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
 
 def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str], None], reads: int = 24) -> dict:
     """What a read costs the compute thread, as the cpu backend issues and waits for it:
-    ``read_submit_overhead`` (handing it to the I/O threads) and ``read_wake_overhead``
-    (from the read landing to the waiting thread running again, plus how much slower the
-    expert kernel it then calls is than after a plain sleep). Measured on this 2-core VM:
-    0.08 ms and 0.15 ms, against a 0.9 ms kernel."""
-    from moespeq_cli import kernels
-    from moespeq_cli.runtime.executors.experts import expert_mlp
+    ``read_submit_overhead`` (handing it to the I/O threads, timed on ``reads`` reads) and
+    ``read_wake_curve`` (``wake_curve``)."""
     from moespeq_cli.runtime.tiers.disk import DiskReader
 
     say("disk: what a read costs the compute thread")
+    spans = spans_of(source)
+    dest = landing(1)[0]
+    submit = []
+    with DiskReader(threads=threads) as reader:
+        for k in range(reads):
+            t0 = time.perf_counter()
+            rd = reader.submit(spans[(k * 7) % len(spans)], dest)
+            submit.append(time.perf_counter() - t0)
+            rd.wait()
+    return {"read_submit_overhead": statistics.median(submit), "read_wake_curve": wake_curve()}
+
+
+WAKE_BLOCKED_S = (0.25e-3, 1e-3, 3e-3, 10e-3, 30e-3)  # a small expert's read .. a queue of large ones
+
+
+def wake_curve(reps: int = 24) -> list[tuple[float, float]]:
+    """Seconds the compute thread loses after blocking on a read for each of
+    ``WAKE_BLOCKED_S``: from the moment another thread wakes it (as an I/O thread's read
+    landing does: a future's result set) to it running again, plus how much slower its
+    next expert kernel is than the same kernel called back to back, weights cycled beyond
+    the last-level cache as the kernel curves are (so the curve prices only what blocking
+    adds). The wait is the cpu backend's (``kernels.held``: the pool's workers awake). A
+    CPU left idle comes back colder the longer it slept: on this 2-core VM 0.005-0.1 ms
+    after 1 ms, 0.15-0.45 ms after 10 ms, 0.5-1.2 ms after 30 ms, alike for experts of 2.4
+    and 22 MB (a single figure measured after 22 MB reads, 0.51 ms, overpriced a model
+    whose 2.4 MB reads block about 1 ms several-fold). The median of ``reps`` a point
+    (of 12, the 10 ms point moved 2x between calibrations), made non-decreasing."""
+    import threading
+    from concurrent.futures import Future
+
+    from moespeq_cli import kernels
+    from moespeq_cli.runtime.executors.experts import expert_mlp
+
     h, i = SHAPES[1]
-    g, u, d = (torch.randn(*shape).to(torch.bfloat16) for shape in ((i, h), (i, h), (h, i)))
+    n = max(2, -(-COLD_BYTES // (3 * h * i * 2)))
+    experts = [[torch.randn(*s).to(torch.bfloat16) for s in ((i, h), (i, h), (h, i))] for _ in range(n)]
     x = torch.randn(1, h)
+    turn = [0]
 
     def kernel() -> float:
+        g, u, d = experts[turn[0] % n]
+        turn[0] += 1
         t0 = time.perf_counter()
         expert_mlp(x, g, u, d, fast=True)
         return time.perf_counter() - t0
 
-    def after_sleep() -> float:
-        time.sleep(0.002)
-        return kernel()
+    for _ in range(n):
+        kernel()
+    back_to_back = statistics.median(kernel() for _ in range(3 * n))
 
-    alone = statistics.median(after_sleep() for _ in range(reads))
-    spans = spans_of(source)
-    dest = landing(1)[0]
-    submit, wake = [], []
-    with DiskReader(threads=threads) as reader:
-        for k in range(reads):
-            landed: list[float] = []
-            t0 = time.perf_counter()
-            rd = reader.submit(
-                spans[(k * 7) % len(spans)],
-                dest,
-                done=lambda start, end, landed=landed: landed.append(end),
-            )
-            submit.append(time.perf_counter() - t0)
-            with kernels.held():  # as the cpu backend waits
-                rd.future.result()
-            back = time.perf_counter()
-            wake.append(max(0.0, back - landed[0]) + max(0.0, kernel() - alone))
-    return {"read_submit_overhead": statistics.median(submit), "read_wake_overhead": statistics.median(wake)}
+    def blocked(seconds: float) -> float:
+        done: Future = Future()
+        woken: list[float] = []
+
+        def land() -> None:
+            time.sleep(seconds)
+            woken.append(time.perf_counter())
+            done.set_result(None)
+
+        threading.Thread(target=land, daemon=True).start()
+        with kernels.held():  # as the cpu backend waits
+            done.result()
+        return time.perf_counter() - woken[0]
+
+    lost = [statistics.median(blocked(s) + kernel() - back_to_back for _ in range(reps)) for s in WAKE_BLOCKED_S]
+    return list(zip(WAKE_BLOCKED_S, non_decreasing([max(0.0, v) for v in lost]), strict=True))
 
 
 # -- the GPU -------------------------------------------------------------------------
@@ -676,7 +706,7 @@ def calibrate(
         "disk_queue_bandwidth": disk["disk_queue_bandwidth"],
         "disk_read_cpu": disk["disk_read_cpu"],
         "read_submit_overhead": disk["read_submit_overhead"],
-        "read_wake_overhead": disk["read_wake_overhead"],
+        "read_wake_curve": disk["read_wake_curve"],
         "_direct": disk["direct"],
         "_disk_source": disk["disk_source"],
     }
@@ -740,9 +770,9 @@ METHODS = {
     "disk_latency": "median of 64 O_DIRECT 4 KiB reads",
     "disk_read_cpu": "CPU time of the reading thread per byte (thread_time), O_DIRECT reads of 22 MiB one at a time, the median pass",
     "read_submit_overhead": "the compute thread's time in DiskReader.submit, median of 24 reads of 22 MiB",
-    "read_wake_overhead": (
-        "from a read landing to the waiting thread back, plus its next expert kernel's time beyond the same kernel's "
-        "after a sleep, median of 24 reads"
+    "read_wake_curve": (
+        "seconds (s) a thread blocked (blocked, s) as the cpu backend waits for a read loses: from being woken to "
+        "running, plus its next expert kernel's time beyond back-to-back calls, the median of 24 a point"
     ),
     "disk_queue_bandwidth": (
         "O_DIRECT reads of 22 MiB spread over the file with 1, 2, 3, 4 in flight, the median of 5 interleaved rounds, made non-decreasing"
@@ -815,12 +845,10 @@ def profile_yaml(figures: dict) -> str:
         "disk_latency",
         "disk_read_cpu",
         "read_submit_overhead",
-        "read_wake_overhead",
     ):
         if key not in figures and key in (
             "disk_read_cpu",
             "read_submit_overhead",
-            "read_wake_overhead",
             "grouped_gemm",
             "blas_workspace",
         ):
@@ -832,6 +860,11 @@ def profile_yaml(figures: dict) -> str:
         out.append(f"{key}: {text}" + (f"  # {verb} {today}: {how}" if how else ""))
     q = ", ".join(_num(x) for x in figures["disk_queue_bandwidth"])
     out.append(f"disk_queue_bandwidth: [{q}]  # measured {today}: {method('disk_queue_bandwidth')}")
+    if figures.get("read_wake_curve"):
+        blocked, lost = zip(*figures["read_wake_curve"], strict=True)
+        out.append(f"read_wake_curve:  # measured {today}: {method('read_wake_curve')}")
+        out.append(f"  blocked: [{', '.join(_num(b) for b in blocked)}]")
+        out.append(f"  seconds: [{', '.join(_num(s) for s in lost)}]")
     if figures.get("region_overhead"):
         model = figures.get("_overhead_model", "a checkpoint")
         out.append(

@@ -37,7 +37,7 @@ then its copy, or its CPU computation, waits for a read of ``disk_latency + byte
 disk_bandwidth`` first: ``t_copy`` and ``t_cpu`` grow by ``p_read * t_read``. On a
 profile of this CPU (``kind: cpu``: RAM the tier the CPU computes from, every miss a disk
 read) a read also costs the compute thread its hand-over and its CPU time, and a wait for
-it the thread's waking (``read_submit_overhead``, ``disk_read_cpu``, ``read_wake_overhead``):
+it the thread's waking (``read_submit_overhead``, ``disk_read_cpu``, ``read_wake_curve``):
 ``lru`` and ``ondemand`` pay all three a miss, ``gate-prefetch`` the first two.
 
 On a GPU (``kind: gpu`` profiles) a layer's experts of the usual formats are computed in
@@ -167,8 +167,8 @@ class StepModel:
     @property
     def read_wake(self) -> float:
         """... and, where the compute thread waited for the read, its waking
-        (``read_wake_overhead``)."""
-        return self.hw.read_wake_overhead if self.hw.kind == "cpu" else 0.0
+        (``HardwareProfile.read_wake``; the thread blocked about as long as the read takes)."""
+        return self.hw.read_wake(self.t_copy) if self.hw.kind == "cpu" else 0.0
 
     @property
     def t_copy(self) -> float:

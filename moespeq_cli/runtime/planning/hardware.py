@@ -133,6 +133,9 @@ class HardwareProfile:
     disk_read_cpu: float = 0.0  # CPU seconds a read costs per byte (O_DIRECT: pinning pages, I/O setup)
     read_submit_overhead: float = 0.0  # s the compute thread spends handing a read to the I/O threads
     read_wake_overhead: float = 0.0  # s it loses after a wait for a read: waking, and its next kernel's start
+    # ... as a curve over how long the thread was blocked: (seconds blocked, seconds lost)
+    # ascending; where present it replaces the single figure (calibrate measures it)
+    read_wake_curve: tuple[tuple[float, float], ...] = ()
     # the dtypes the GPU has a grouped GEMM kernel for (bfloat16 on Hopper and Blackwell): a
     # layer's experts computed in one of them take one call, not one expert at a time
     # (executors/grouped.py); none: every expert apart
@@ -181,6 +184,22 @@ class HardwareProfile:
         table = self.host_kernels if host and self.kind != "cpu" else self.kernels
         return (table.get(f"{kernel}@busy") if busy else None) or table.get(kernel)
 
+    def read_wake(self, blocked: float) -> float:
+        """Seconds a compute thread loses after blocking ``blocked`` seconds on a read: it
+        wakes, and its next kernel runs slower than back to back (a CPU left idle longer
+        comes back colder: on a 2-core VM 0.1 ms after 1 ms blocked, 1 ms after 30 ms).
+        The curve interpolated linearly, held at its ends; the single figure where there is
+        no curve."""
+        curve = self.read_wake_curve
+        if not curve:
+            return self.read_wake_overhead
+        if blocked <= curve[0][0]:
+            return curve[0][1]
+        for (b0, s0), (b1, s1) in zip(curve, curve[1:], strict=False):
+            if blocked <= b1:
+                return s0 + (s1 - s0) * (blocked - b0) / (b1 - b0)
+        return curve[-1][1]
+
     def disk_channel_bandwidth(self, in_flight: int) -> float:
         """Bytes per second one read gets with ``in_flight`` reads running (the disk shared
         among them); the profile's single figure where it has no queue curve."""
@@ -223,6 +242,7 @@ _OPTIONAL = {
     "disk_read_cpu",
     "read_submit_overhead",
     "read_wake_overhead",
+    "read_wake_curve",
     "disk_queue_bandwidth",
     "kernels",
     "host_kernels",
@@ -230,7 +250,15 @@ _OPTIONAL = {
     "grouped_gemm",
     "blas_workspace",
 }
-_STRUCTURED = {"kind", "grouped_gemm", "disk_queue_bandwidth", "kernels", "host_kernels", "region_overhead"}
+_STRUCTURED = {
+    "kind",
+    "grouped_gemm",
+    "disk_queue_bandwidth",
+    "read_wake_curve",
+    "kernels",
+    "host_kernels",
+    "region_overhead",
+}
 KINDS = ("gpu", "cpu")
 GROUPED_DTYPES = ("bfloat16", "float16", "float32")
 MAX_CURVES = 64
@@ -491,7 +519,7 @@ def _named(path, f: str, v, what: str) -> None:
 
 
 def _structured(path, f: str, v):
-    """``kind``, ``grouped_gemm``, the disk's queue curve and the kernel curves, checked field by field (a
+    """``kind``, ``grouped_gemm``, the disk's queue curve, the wake curve and the kernel curves, checked field by field (a
     profile is untrusted input: no shape, length or value may surprise the clock)."""
     if f == "kind":
         if v not in KINDS:
@@ -508,6 +536,23 @@ def _structured(path, f: str, v):
         if not isinstance(v, list) or not 1 <= len(v) <= 64:
             raise UsageError(f"hardware profile {path}: disk_queue_bandwidth must be a list of 1 to 64 numbers (B/s)")
         return tuple(_number(path, "disk_queue_bandwidth", x, 1e6, 1e13) for x in v)
+    if f == "read_wake_curve":
+        if not isinstance(v, dict) or set(v) != {"blocked", "seconds"}:
+            raise UsageError(f"hardware profile {path}: read_wake_curve must have blocked and seconds (two lists)")
+        blocked, seconds = v["blocked"], v["seconds"]
+        if (
+            not isinstance(blocked, list)
+            or not isinstance(seconds, list)
+            or not 1 <= len(blocked) == len(seconds) <= 32
+        ):
+            raise UsageError(
+                f"hardware profile {path}: read_wake_curve's blocked and seconds must be lists of 1 to 32 numbers "
+                "each, as many of one as of the other"
+            )
+        xs = [_number(path, "read_wake_curve.blocked", x, 1e-7, 10.0) for x in blocked]
+        if xs != sorted(set(xs)):
+            raise UsageError(f"hardware profile {path}: read_wake_curve.blocked must be ascending")
+        return tuple(zip(xs, (_number(path, "read_wake_curve.seconds", s, 0.0, 1.0) for s in seconds), strict=True))
     if f == "region_overhead":
         _named(path, f, v, "regions")
         return {name: _number(path, f"region_overhead.{name}", s, -1.0, 1.0) for name, s in v.items()}
