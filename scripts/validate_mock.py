@@ -4,7 +4,9 @@ can trust).
 
 It saves the checkpoint's draft (``moespeq quantize``, once), calibrates this machine
 (``moespeq calibrate --model``, or ``--profile`` an existing one), then
-runs the disk-tier benchmark's checkpoint (scripts/bench_disk.py builds it) at RAM
+runs the disk-tier benchmark's checkpoint (scripts/bench_disk.py builds it; with
+``--family qwen3_moe`` a Qwen3-MoE-shaped one, 64 experts of 2.4 MB a layer, top-8;
+``--checkpoint`` one of yours) at RAM
 budgets of a quarter and a half of its experts both ways, for every policy:
 
 - for real: ``--backend cpu --ram X`` (wall clock; the median of ``--rounds`` runs, the
@@ -24,6 +26,7 @@ whether the policies rank alike; target: every policy within 15% of the wall clo
 Every run's tokens must equal the reference's. Ends with one JSON line.
 
     python scripts/validate_mock.py [--profile PROFILE.yaml] [--new-tokens 64] [--rounds 3]
+    python scripts/validate_mock.py --family qwen3_moe --rounds 2
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ from moespeq_cli.runtime.planning.overheads import BETWEEN, between  # noqa: E40
 from moespeq_cli.runtime.tiers.disk import DiskExperts  # noqa: E402
 
 SHAPE = ["--hidden", "1024", "--intermediate", "3584", "--layers", "8", "--experts", "8", "--top-k", "2"]
+# --family: (the checkpoint built when none is given, make_checkpoint.py's arguments)
+FAMILIES = {
+    "mixtral": ("disk-bench", SHAPE),  # the disk-tier benchmark's: 8 experts of 22 MB a layer, top-2
+    "qwen3_moe": (  # 64 experts of 2.4 MB a layer, top-8 (Qwen3-30B-A3B's kind)
+        "validate-qwen3",
+        ["--family", "qwen3_moe", "--hidden", "1024", "--intermediate", "384", "--layers", "8", "--experts", "64"]
+        + ["--top-k", "8"],
+    ),
+}
 POLICIES = (("moespeq", "auto"), ("moespeq", "4"), ("gate-prefetch", None), ("lru", None), ("ondemand", None))
 TARGET = 0.15
 
@@ -58,16 +70,26 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fractions", default="0.25,0.5")
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "build" / "disk-bench")
+    ap.add_argument(
+        "--family", choices=sorted(FAMILIES), default="mixtral", help="the shape of the checkpoint built (once)"
+    )
+    ap.add_argument("--checkpoint", type=Path, help="a checkpoint of yours instead (default: build/ one per --family)")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "validate_mock.json")
     args = ap.parse_args()
     path = args.checkpoint
-    if not (path / "config.json").exists():
-        subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(path), *SHAPE],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    if path is None:
+        name, shape = FAMILIES[args.family]
+        path = ROOT / "build" / name
+        if not (path / "config.json").exists():
+            subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(path), *shape],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+    elif not (path / "config.json").is_file():
+        sys.exit(
+            f"--checkpoint {path} has no config.json; give a checkpoint directory (scripts/make_checkpoint.py writes one)"
         )
     if saved_draft(path, EngineOptions.quant_method, EngineOptions.blocksize) is None:
         # saved once: every moespeq run loads it (rather than quantizing in memory each
