@@ -66,7 +66,10 @@ def main() -> None:
     with torch.no_grad():  # wider than the default init, so routing and logits are not degenerate
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0, 1.0 if "embed" in name else 0.6 / p.shape[-1] ** 0.5)  # (fused experts: [E, out, in])
+                # a fused expert tensor is [E, out, in]: Mixtral's scaled by its dim 1 as the
+                # benchmarks' checkpoints always were (their published figures), Qwen3's by fan-in
+                fan = p.shape[1] if args.family == "mixtral" else p.shape[-1]
+                p.normal_(0, 1.0 if "embed" in name else 0.6 / fan**0.5)
     model.to(getattr(torch, args.dtype)).save_pretrained(args.out, safe_serialization=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import tiny_models

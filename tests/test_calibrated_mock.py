@@ -585,14 +585,16 @@ def test_waking_costs_more_the_longer_the_thread_was_blocked():
     assert cpu.read_wake(1e-4) == 1e-4 and cpu.read_wake(1.0) == 1e-3  # held at the ends
     assert cpu.read_wake(5.5e-3) == pytest.approx(5.5e-4)
 
-    def woken_after(nbytes: int) -> float:
+    def woken_after(nbytes: int, busy: float = 0.0) -> float:
         b = MockBackend(cpu, 1 << 30, reader=_NoReader())
         ev = b.read(None, None, nbytes, "read", 0, 0)
+        b.t_compute += busy  # the thread computed this long before it waited
         b.wait(ev)
         return b.t_compute - ev.time
 
     assert woken_after(10**5) == pytest.approx(1e-4)  # blocked 1 ms
     assert woken_after(5 * 10**5) == pytest.approx(5e-4)  # blocked 5 ms
+    assert woken_after(10**6, busy=5e-3) == pytest.approx(5e-4)  # a 10 ms read, 5 ms of it waited for
     assert woken_after(10**7) == pytest.approx(1e-3)  # blocked 100 ms
     assert replace(cpu, read_wake_curve=()).read_wake(1e-3) == 0.5  # no curve: the single figure
 
@@ -892,6 +894,7 @@ def test_a_failed_demo_decode_leaves_a_profile_without_host_time(quick_calibrati
     text = out.read_text()
     assert "not measured: decoding the demo model failed (RuntimeError: no kernel image for this device)" in text
     assert parse_profile(out).region_overhead == {}
+    assert parse_profile(out).read_wake_curve == ((1e-3, 1e-5), (1e-2, 4e-5))  # written as it reads back
     with pytest.raises(RuntimeError):
         cal.calibrate(tmp_path, cuda=False, say=lambda s: None, checkpoint=tmp_path)
 
@@ -1104,7 +1107,8 @@ def test_plan_on_a_cpu_profile_plans_ram_as_run_does(tiny, cli, tmp_path):
 def test_plan_prices_a_disk_reads_cpu_cost_on_a_cpu_profile(tiny):
     """On a profile of this CPU every miss is a disk read, and the mock charges the compute
     thread for handing each one over (``read_submit_overhead``), for its CPU time
-    (``disk_read_cpu``) and, where it waited, for waking (``read_wake_overhead``): plan's
+    (``disk_read_cpu``) and, where it waited, for waking (``read_wake_curve`` or the older
+    single ``read_wake_overhead``): plan's
     estimate prices them too (on the demo at --ram 12MB its ondemand row said 83 tok/s
     where the mock gives 49; now 50)."""
     from moespeq_cli.models import build_model

@@ -329,9 +329,9 @@ def landing(n: int) -> list[torch.Tensor]:
     return out
 
 
-def spans_of(source: tuple[str, int]) -> list:
+def spans_of(source: tuple[str, int], extent: int = DISK_EXTENT) -> list:
     """The spans calibration reads in ``source`` (path, size): ``DISK_FILE_BYTES`` in spans
-    of ``DISK_EXTENT``, spread evenly over the whole file (page-aligned), as a model's
+    of ``extent`` (a whole number of pages), spread evenly over the whole file (page-aligned), as a model's
     experts lie across its files and the runtime reads them there, not the file's first
     256 MiB in a row (on this VM's disk, adjacent spans at the file's start read slower
     than spans spread over the disk-tier benchmark's checkpoint in 8 of 9 interleaved
@@ -339,10 +339,10 @@ def spans_of(source: tuple[str, int]) -> list:
     from moespeq_cli.runtime.tiers.disk import BLOCK, Extent, Placement
 
     name, size = source
-    n = max(2, min(DISK_FILE_BYTES // DISK_EXTENT, size // DISK_EXTENT))
-    step = (size - DISK_EXTENT) / (n - 1)
+    n = max(2, min(DISK_FILE_BYTES // extent, size // extent))
+    step = (size - extent) / (n - 1)
     offsets = sorted({int(j * step) // BLOCK * BLOCK for j in range(n)})
-    return [Placement(Extent(name, off, DISK_EXTENT), 0, [Extent(name, off, DISK_EXTENT)]) for off in offsets]
+    return [Placement(Extent(name, off, extent), 0, [Extent(name, off, extent)]) for off in offsets]
 
 
 @contextlib.contextmanager
@@ -518,29 +518,33 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
             rd = reader.submit(spans[(k * 7) % len(spans)], dest)
             submit.append(time.perf_counter() - t0)
             rd.wait()
-    return {"read_submit_overhead": statistics.median(submit), "read_wake_curve": wake_curve()}
+        curve = wake_curve(source, reader)
+    return {"read_submit_overhead": statistics.median(submit), "read_wake_curve": curve}
 
 
-WAKE_BLOCKED_S = (0.25e-3, 1e-3, 3e-3, 10e-3, 30e-3)  # a small expert's read .. a queue of large ones
+# reads that block the compute thread from about 0.25 ms (a small expert's) to 30 ms (a
+# queue of large ones) at 2 GB/s
+WAKE_READ_BYTES = (512 * 2**10, 2 * 2**20, 6 * 2**20, DISK_EXTENT, 64 * 2**20)
 
 
-def wake_curve(reps: int = 24) -> list[tuple[float, float]]:
-    """Seconds the compute thread loses after blocking on a read for each of
-    ``WAKE_BLOCKED_S``: from the moment another thread wakes it (as an I/O thread's read
-    landing does: a future's result set) to it running again, plus how much slower its
-    next expert kernel is than the same kernel called back to back, weights cycled beyond
-    the last-level cache as the kernel curves are (so the curve prices only what blocking
-    adds). The wait is the cpu backend's (``kernels.held``: the pool's workers awake). A
-    CPU left idle comes back colder the longer it slept: on this 2-core VM 0.005-0.1 ms
-    after 1 ms, 0.15-0.45 ms after 10 ms, 0.5-1.2 ms after 30 ms, alike for experts of 2.4
-    and 22 MB (a single figure measured after 22 MB reads, 0.51 ms, overpriced a model
-    whose 2.4 MB reads block about 1 ms several-fold). The median of ``reps`` a point
-    (of 12, the 10 ms point moved 2x between calibrations), made non-decreasing."""
-    import threading
-    from concurrent.futures import Future
-
+def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[float, float]]:
+    """What the compute thread loses after blocking on a read, by how long it blocked: for
+    reads of each of ``WAKE_READ_BYTES`` (those the file holds twice), issued and waited
+    for as the cpu backend does (``kernels.held``: the pool's workers awake), the time
+    from the read landing to the thread running again, plus how much slower its next
+    expert kernel is than the same kernel called back to back with the weights cycled
+    beyond the last-level cache (the kernel curves' measure: the curve prices only what
+    the wait adds). Each point: the median time blocked (from the wait's start to the
+    read landing) and the median time lost, of ``reps`` reads; the times lost made
+    non-decreasing. A CPU left idle comes back colder the longer it waited: on this 2-core
+    VM 0.04-0.11 ms after up to 3 ms, 0.13-0.18 ms after 10-15 ms, 0.4-0.65 ms after
+    30-37 ms. The one figure this replaces was measured after 22 MB reads (10 ms blocked)
+    against the kernel with its weights still cached, so it also held the weights' cache
+    misses the kernel curves price already: 0.51 ms, charged for every wait, several
+    times a model's whose 2.4 MB reads block about 1 ms."""
     from moespeq_cli import kernels
     from moespeq_cli.runtime.executors.experts import expert_mlp
+    from moespeq_cli.runtime.tiers.disk import aligned_bytes
 
     h, i = SHAPES[1]
     n = max(2, -(-COLD_BYTES // (3 * h * i * 2)))
@@ -558,23 +562,32 @@ def wake_curve(reps: int = 24) -> list[tuple[float, float]]:
     for _ in range(n):
         kernel()
     back_to_back = statistics.median(kernel() for _ in range(3 * n))
-
-    def blocked(seconds: float) -> float:
-        done: Future = Future()
-        woken: list[float] = []
-
-        def land() -> None:
-            time.sleep(seconds)
-            woken.append(time.perf_counter())
-            done.set_result(None)
-
-        threading.Thread(target=land, daemon=True).start()
-        with kernels.held():  # as the cpu backend waits
-            done.result()
-        return time.perf_counter() - woken[0]
-
-    lost = [statistics.median(blocked(s) + kernel() - back_to_back for _ in range(reps)) for s in WAKE_BLOCKED_S]
-    return list(zip(WAKE_BLOCKED_S, non_decreasing([max(0.0, v) for v in lost]), strict=True))
+    sizes = [b for b in WAKE_READ_BYTES if 2 * b <= source[1]]
+    dest = aligned_bytes(max(sizes))[0]
+    dest.fill_(1)  # its pages touched once, as a RAM slot's are
+    points = []
+    for nbytes in sizes:
+        spans = spans_of(source, nbytes)
+        blocked, lost = [], []
+        for k in range(reps):
+            landed: list[float] = []
+            rd = reader.submit(
+                spans[(k * 7) % len(spans)], dest, done=lambda start, end, landed=landed: landed.append(end)
+            )
+            t_wait = time.perf_counter()
+            with kernels.held():  # as the cpu backend waits
+                rd.future.result()
+            back = time.perf_counter()
+            if landed[0] > t_wait:  # it did block
+                blocked.append(landed[0] - t_wait)
+                lost.append(back - landed[0] + kernel() - back_to_back)
+        if blocked:
+            points.append((statistics.median(blocked), statistics.median(lost)))
+    points.sort()
+    xs = [b for b, _ in points]
+    if not points or len(set(xs)) < len(xs):
+        return []  # (a disk too fast to block on: no curve, no wake charged)
+    return list(zip(xs, non_decreasing([max(0.0, s) for _, s in points]), strict=True))
 
 
 # -- the GPU -------------------------------------------------------------------------
@@ -771,8 +784,9 @@ METHODS = {
     "disk_read_cpu": "CPU time of the reading thread per byte (thread_time), O_DIRECT reads of 22 MiB one at a time, the median pass",
     "read_submit_overhead": "the compute thread's time in DiskReader.submit, median of 24 reads of 22 MiB",
     "read_wake_curve": (
-        "seconds (s) a thread blocked (blocked, s) as the cpu backend waits for a read loses: from being woken to "
-        "running, plus its next expert kernel's time beyond back-to-back calls, the median of 24 a point"
+        "seconds (s) a thread waiting for an O_DIRECT read as the cpu backend does loses by the time it was blocked "
+        "(blocked, s): from the read landing to the thread running, plus its next expert kernel's time beyond "
+        "back-to-back calls; reads of 0.5 to 64 MiB, the median of 16 a point"
     ),
     "disk_queue_bandwidth": (
         "O_DIRECT reads of 22 MiB spread over the file with 1, 2, 3, 4 in flight, the median of 5 interleaved rounds, made non-decreasing"

@@ -167,7 +167,9 @@ class StepModel:
     @property
     def read_wake(self) -> float:
         """... and, where the compute thread waited for the read, its waking
-        (``HardwareProfile.read_wake``; the thread blocked about as long as the read takes)."""
+        (``HardwareProfile.read_wake``; the thread blocked about as long as the read takes,
+        as ``ondemand``'s does: ``lru`` submits a layer's misses before it waits for the
+        first, so it waits less for the later ones and this prices its wakes a little high)."""
         return self.hw.read_wake(self.t_copy) if self.hw.kind == "cpu" else 0.0
 
     @property
