@@ -74,8 +74,11 @@ def main() -> None:
         "--family", choices=sorted(FAMILIES), default="mixtral", help="the shape of the checkpoint built (once)"
     )
     ap.add_argument("--checkpoint", type=Path, help="a checkpoint of yours instead (default: build/ one per --family)")
-    ap.add_argument("--out", type=Path, default=ROOT / "build" / "validate_mock.json")
+    ap.add_argument("--out", type=Path, help="where the JSON goes (default: build/validate_mock[_FAMILY].json)")
     args = ap.parse_args()
+    if args.out is None:
+        suffix = "" if args.family == "mixtral" else f"_{args.family}"
+        args.out = ROOT / "build" / f"validate_mock{suffix}.json"
     path = args.checkpoint
     if path is None:
         name, shape = FAMILIES[args.family]
