@@ -132,6 +132,13 @@ def copies(made: dict, key, make: Callable[[], list[torch.Tensor]]) -> list[torc
     return [t.clone() for t in made[key]]
 
 
+def cold_count(nbytes: int) -> int:
+    """How many copies of ``nbytes`` of weights a timing cycles through so that each call
+    reads its weights from memory (together beyond any last-level cache), as a decode's
+    experts are."""
+    return max(1, -(-COLD_BYTES // nbytes))
+
+
 def ops_of(fn: Callable[[], object]) -> int:
     with torch.inference_mode(), OpCounter() as c:
         fn()
@@ -196,7 +203,7 @@ def kernel_curves(
             rows, sizes, ops = [], [], 1
             for h, i in SHAPES:
                 if (h, i) not in weights:
-                    weights[h, i] = [bind(h, i, made) for _ in range(max(1, -(-COLD_BYTES // weight_bytes(h, i))))]
+                    weights[h, i] = [bind(h, i, made) for _ in range(cold_count(weight_bytes(h, i)))]
                 copies = weights[h, i]
                 calls = []
                 for t in tokens:
@@ -331,11 +338,12 @@ def landing(n: int) -> list[torch.Tensor]:
 
 def spans_of(source: tuple[str, int], extent: int = DISK_EXTENT) -> list:
     """The spans calibration reads in ``source`` (path, size): ``DISK_FILE_BYTES`` in spans
-    of ``extent`` (a whole number of pages), spread evenly over the whole file (page-aligned), as a model's
-    experts lie across its files and the runtime reads them there, not the file's first
-    256 MiB in a row (on this VM's disk, adjacent spans at the file's start read slower
-    than spans spread over the disk-tier benchmark's checkpoint in 8 of 9 interleaved
-    rounds of one probe, and alike in another: a drive may not serve every region alike)."""
+    of ``extent`` (a whole number of pages), spread evenly over the whole file
+    (page-aligned), as a model's experts lie across its files and the runtime reads them
+    there, not the file's first 256 MiB in a row (on this VM's disk, adjacent spans at the
+    file's start read slower than spans spread over the disk-tier benchmark's checkpoint in
+    8 of 9 interleaved rounds of one probe, and alike in another: a drive may not serve
+    every region alike)."""
     from moespeq_cli.runtime.tiers.disk import BLOCK, Extent, Placement
 
     name, size = source
@@ -547,21 +555,25 @@ def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[fl
     from moespeq_cli.runtime.tiers.disk import aligned_bytes
 
     h, i = SHAPES[1]
-    n = max(2, -(-COLD_BYTES // (3 * h * i * 2)))
-    experts = [[torch.randn(*s).to(torch.bfloat16) for s in ((i, h), (i, h), (h, i))] for _ in range(n)]
+
+    def draw() -> list[torch.Tensor]:
+        return [torch.randn(*s).to(torch.bfloat16) for s in ((i, h), (i, h), (h, i))]
+
+    made: dict = {}
+    experts = [copies(made, (h, i), draw) for _ in range(cold_count(3 * h * i * 2))]
     x = torch.randn(1, h)
     turn = [0]
 
     def kernel() -> float:
-        g, u, d = experts[turn[0] % n]
+        g, u, d = experts[turn[0] % len(experts)]
         turn[0] += 1
         t0 = time.perf_counter()
         expert_mlp(x, g, u, d, fast=True)
         return time.perf_counter() - t0
 
-    for _ in range(n):
+    for _ in experts:
         kernel()
-    back_to_back = statistics.median(kernel() for _ in range(3 * n))
+    back_to_back = statistics.median(kernel() for _ in range(3 * len(experts)))
     sizes = [b for b in WAKE_READ_BYTES if 2 * b <= source[1]]
     dest = aligned_bytes(max(sizes))[0]
     dest.fill_(1)  # its pages touched once, as a RAM slot's are

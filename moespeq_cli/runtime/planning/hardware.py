@@ -187,9 +187,9 @@ class HardwareProfile:
     def read_wake(self, blocked: float) -> float:
         """Seconds a compute thread loses after blocking ``blocked`` seconds on a read: it
         wakes, and its next kernel runs slower than back to back (a CPU left idle longer
-        comes back colder: on a 2-core VM 0.04-0.11 ms after 1 ms blocked, 0.4-0.65 ms after 30 ms).
-        The curve interpolated linearly, held at its ends; the single figure where there is
-        no curve."""
+        comes back colder: on a 2-core VM 0.04-0.11 ms after 1 ms blocked, 0.4-0.65 ms
+        after 30 ms). The curve interpolated linearly, held at its ends; the single figure
+        where there is no curve."""
         curve = self.read_wake_curve
         if not curve:
             return self.read_wake_overhead
