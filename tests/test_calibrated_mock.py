@@ -435,6 +435,9 @@ def test_calibrate_writes_a_profile_the_mock_simulates_the_cpu_with(tiny, cli, t
     blocked, lost = zip(*hw.read_wake_curve, strict=True)  # what waiting on a read costs, by how long
     assert len(blocked) >= 3 and all(a < b for a, b in zip(blocked, blocked[1:], strict=False))
     assert all(a <= b for a, b in zip(lost, lost[1:], strict=False)) and lost[-1] < 0.1
+    # a read's CPU time, a line over sizes: per read and per byte, neither negative
+    assert hw.read_cpu_overhead is not None and hw.read_cpu_overhead >= 0 and hw.disk_read_cpu >= 0
+    assert 0 < hw.read_cpu(2**20) < 0.1
     if hw.kind != "cpu":
         pytest.skip("a GPU machine: its profile is a gpu one")
     path, _ = tiny("mixtral", "wide")
@@ -546,10 +549,19 @@ def test_a_read_takes_its_cpu_time_from_the_compute_it_overlaps():
     busy = MockBackend(curves, 1 << 30, reader=_NoReader())
     busy.read(None, None, 10**6, "read", 0, 0)
     busy.end(busy.begin(), kernel, "expert L0.E0", 0, 0)
-    assert busy.t_compute == pytest.approx(0.02)  # the busy curve, no read CPU on top
+    assert busy.t_compute == pytest.approx(0.02)  # the busy curve, no read CPU on top (a profile from before)
     idle = MockBackend(curves, 1 << 30, reader=_NoReader())
     idle.end(idle.begin(), kernel, "expert L0.E0", 0, 0)
     assert idle.t_compute == pytest.approx(0.01)  # no read in flight: the quiet curve
+    # a profile that measured the reads' CPU per read leaves it out of its busy curves:
+    # a read starting beside a busy-priced kernel adds its own, per read and per byte
+    now = replace(curves, read_cpu_overhead=0.005)
+    busy = MockBackend(now, 1 << 30, reader=_NoReader())
+    busy.read(None, None, 10**6, "read", 0, 0)
+    busy.read(None, None, 10**6, "read", 0, 1)  # queued behind the first: starts at 1 s
+    busy.end(busy.begin(), kernel, "expert L0.E0", 0, 0)
+    assert busy.t_compute == pytest.approx(0.02 + 0.005 + 0.1)  # the first read's; the second starts later
+    assert now.read_cpu(10**6) == pytest.approx(0.105) and replace(cpu, read_cpu_overhead=None).read_cpu(10) == 1e-6
 
 
 def test_the_compute_thread_pays_to_submit_a_read_and_to_wake_after_waiting_for_one():
@@ -785,6 +797,86 @@ def test_a_busy_kernel_is_timed_by_its_mean_over_reads():
     assert timed(bursty, reps=9, warmup=1) < 0.0009  # the median sees the quiet calls
 
 
+def test_a_busy_kernels_figure_leaves_the_reads_own_cpu_time_out(monkeypatch):
+    """The mock charges a read's own CPU time to the kernel it starts beside, so the busy
+    curve leaves it out: the mean over a span of calls, less what the reads' threads took
+    meanwhile (on a fake clock: calls of 1 ms, reads taking 0.4 ms of CPU a call)."""
+    import types
+
+    from moespeq_cli.runtime.planning import calibrate as cal
+
+    clock = [0.0]
+    monkeypatch.setattr(cal, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def call():
+        clock[0] += 1e-3
+
+    assert cal.mean_over(call, 0.05) == pytest.approx(1e-3)
+    assert cal.mean_over(call, 0.05, taken=lambda: clock[0] * 0.4) == pytest.approx(0.6e-3)
+    assert cal.mean_over(call, 0.05, taken=lambda: clock[0] * 5) == pytest.approx(0.0)  # never below nothing
+
+
+@pytest.mark.parametrize(
+    "points, line",
+    [
+        ({n: 5e-5 + 2e-11 * n for n in (2**19, 2**21, 2**23, 2**26)}, (5e-5, 2e-11)),  # a line: found
+        ({10**6: 1e-4, 2 * 10**6: 2e-4}, (0.0, 1e-10)),  # through the origin
+        ({10**6: 3e-4, 2 * 10**6: 1e-4}, (2e-4, 0.0)),  # falling: noise, the mean a read
+        ({10**6: 1e-4, 2 * 10**6: 3e-4}, (0.0, 1.4e-10)),  # a negative intercept: through the origin
+    ],
+)
+def test_a_reads_cpu_time_is_a_line_per_read_and_per_byte(points, line):
+    from moespeq_cli.runtime.planning.calibrate import cpu_line
+
+    a, b = cpu_line(points)
+    assert a >= 0 and b >= 0
+    assert a == pytest.approx(line[0], abs=1e-12) and b == pytest.approx(line[1])
+
+
+def test_busy_kernels_are_timed_once_the_reads_are_under_way(monkeypatch):
+    """``reading`` starts its block only once the first reads have landed (timed from the
+    reader's start, a 2.4 MB expert's calls came out at 1.6x their quiet mean over 50 ms,
+    1.2x over 200 ms), and gives it the reads' CPU seconds so far."""
+    import threading
+    import time
+
+    from moespeq_cli.runtime.planning import calibrate as cal
+    from moespeq_cli.runtime.tiers import disk
+
+    landed = []
+
+    class SlowReader:
+        def __init__(self, threads):
+            self.lock, self.cpu_s = threading.Lock(), 0.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def submit(self, span, dest):
+            reader = self
+
+            class Read:
+                def wait(self):
+                    time.sleep(0.02)
+                    with reader.lock:
+                        reader.cpu_s += 0.001
+                    landed.append(span)
+
+            return Read()
+
+    monkeypatch.setattr(disk, "DiskReader", SlowReader)
+    monkeypatch.setattr(cal, "landing", lambda n: [None] * n)
+    monkeypatch.setattr(cal, "spans_of", lambda source: list(range(8)))
+    with cal.reading(("f", 1 << 30), in_flight=2) as taken:
+        assert len(landed) >= 2  # a round of reads landed before the block began
+        assert taken() >= 0.002
+    with cal.reading(None) as taken:
+        assert taken() == 0.0
+
+
 def test_calibrate_refuses_a_checkpoint_without_a_tokenizer_before_measuring(tiny, cli, monkeypatch, tmp_path):
     """``calibrate --model`` decodes the checkpoint at the end: one it cannot decode is
     refused in one line at once, not after a minute of measuring."""
@@ -840,7 +932,12 @@ def quick_calibration(monkeypatch):
     monkeypatch.setattr(
         cal,
         "read_host_figures",
-        lambda source, threads, say: dict(read_submit_overhead=1e-5, read_wake_curve=[(1e-3, 1e-5), (1e-2, 4e-5)]),
+        lambda source, threads, say: dict(
+            read_submit_overhead=1e-5,
+            read_wake_curve=[(1e-3, 1e-5), (1e-2, 4e-5)],
+            read_cpu_overhead=5e-5,
+            disk_read_cpu=2e-11,
+        ),
     )
     monkeypatch.setattr(cal, "kernel_curves", lambda *a, **k: {})
     monkeypatch.setattr(
@@ -895,6 +992,7 @@ def test_a_failed_demo_decode_leaves_a_profile_without_host_time(quick_calibrati
     assert "not measured: decoding the demo model failed (RuntimeError: no kernel image for this device)" in text
     assert parse_profile(out).region_overhead == {}
     assert parse_profile(out).read_wake_curve == ((1e-3, 1e-5), (1e-2, 4e-5))  # written as it reads back
+    assert (parse_profile(out).read_cpu_overhead, parse_profile(out).disk_read_cpu) == (5e-5, 2e-11)
     with pytest.raises(RuntimeError):
         cal.calibrate(tmp_path, cuda=False, say=lambda s: None, checkpoint=tmp_path)
 
@@ -1107,7 +1205,7 @@ def test_plan_on_a_cpu_profile_plans_ram_as_run_does(tiny, cli, tmp_path):
 def test_plan_prices_a_disk_reads_cpu_cost_on_a_cpu_profile(tiny):
     """On a profile of this CPU every miss is a disk read, and the mock charges the compute
     thread for handing each one over (``read_submit_overhead``), for its CPU time
-    (``disk_read_cpu``) and, where it waited, for waking (``read_wake_curve`` or the older
+    (``read_cpu_overhead`` and ``disk_read_cpu``) and, where it waited, for waking (``read_wake_curve`` or the older
     single ``read_wake_overhead``): plan's
     estimate prices them too (on the demo at --ram 12MB its ondemand row said 83 tok/s
     where the mock gives 49; now 50)."""
@@ -1117,14 +1215,16 @@ def test_plan_prices_a_disk_reads_cpu_cost_on_a_cpu_profile(tiny):
     path, _ = tiny("mixtral", "wide")
     ck = Checkpoint(path)
     base = replace(HW, name="a-cpu", kind="cpu", disk_bandwidth=1e9, disk_latency=1e-4)
-    costly = replace(base, read_submit_overhead=3e-4, read_wake_overhead=7e-4, disk_read_cpu=1e-11)
+    costly = replace(
+        base, read_submit_overhead=3e-4, read_wake_overhead=7e-4, disk_read_cpu=1e-11, read_cpu_overhead=2e-5
+    )
 
     def step(hw):
         return StepModel(build_model(ck.arch, ck.raw_config, 64), ck.config, hw, ck.config.dtype, 64)
 
     cheap, dear = step(base), step(costly)
     L, K = dear.layers, ck.config.top_k
-    per_read = 3e-4 + 1e-11 * dear.expert_bytes
+    per_read = 3e-4 + 2e-5 + 1e-11 * dear.expert_bytes
     assert dear.per_token("ondemand", 0.0) - cheap.per_token("ondemand", 0.0) == pytest.approx(
         L * K * (per_read + 7e-4)
     )

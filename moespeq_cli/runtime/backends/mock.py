@@ -113,7 +113,9 @@ class MockBackend(Backend):
         # dispatches fewer than the mock counts, never below the region's work itself
         extra = self.hw.host_overhead(region_kind(name), layer in self.one_call_attention)
         seconds = cost.charged(self.hw, extra, ops=ops if counted else None, busy=busy)
-        # a curve measured with reads beside it holds their CPU time: not charged again
+        # a curve measured with reads beside it (NAME@busy) prices what they do but take CPU
+        # time (calibrate leaves that out of it): a read that starts meanwhile adds its own
+        # (in a profile from before, the curve holds it: not charged again)
         self.t_compute = self._until(start, seconds, kernels=not (busy and cost.busy_priced(self.hw)))
 
         self._record(stream, "compute", name, start, self.t_compute, layer, expert, ops=ops if counted else cost.ops)
@@ -121,16 +123,18 @@ class MockBackend(Backend):
     def _until(self, start: float, seconds: float, kernels: bool = True) -> float:
         """When compute that starts at ``start`` and needs ``seconds`` ends, on a cpu
         profile with the CPU time of the reads that start meanwhile added: a read takes
-        ``disk_read_cpu`` seconds a byte of CPU when it starts (O_DIRECT pins its pages
-        and sets up the transfer), and kernels, which use every core and wait for their
-        slowest thread, are delayed by as much (measured on a 2-core VM: an expert
-        overlapping a 22 MB read's start took 1.9 ms against 1.0 ms, and such a read costs
-        1.0 ms of CPU). A read that starts while the compute stream waits, or runs the
-        single-threaded host code between kernels, or a kernel priced by a curve measured
-        with reads running beside it (``kernels=False``), costs nothing more: a core is
-        free for it, or the curve holds it (pricing both put the disk-tier benchmark's
-        experts at 1.17-1.25x their measured time, at 0.90-1.07x without the double
-        charge)."""
+        ``HardwareProfile.read_cpu`` seconds of CPU when it starts (its thread's wake, the
+        system call; O_DIRECT pins its pages and sets up the transfer), and kernels, which
+        use every core and wait for their slowest thread, are delayed by as much (measured
+        on a 2-core VM: an expert overlapping a 22 MB read's start took 1.9 ms against
+        1.0 ms, and such a read costs 1.0 ms of CPU; in a decode of 2.4 MB experts, a
+        kernel four reads started beside took 0.46 ms more than one none did, and such a
+        read costs 0.11 ms). A kernel priced by a curve measured with reads beside it
+        (``NAME@busy``) pays it too: calibrate leaves the reads' CPU time out of that curve.
+        A read that starts while the compute stream waits, or runs the single-threaded host
+        code between kernels (``kernels=False``), costs nothing more: a core is free for
+        it (nor does one beside a kernel a profile from before ``read_cpu_overhead`` prices
+        by its busy curve, which holds it)."""
         end = start + seconds
         pending = self._read_cpu
         if not pending:
@@ -199,8 +203,8 @@ class MockBackend(Backend):
             self._record("compute", "compute", "submit read", t, self.t_compute, layer, expert)
         c, start, end = self._read_window(nbytes, after)
         self.disk_free[c] = end
-        if self.hw.kind == "cpu" and self.hw.disk_read_cpu:
-            self._read_cpu.append((start, nbytes * self.hw.disk_read_cpu))
+        if self.hw.kind == "cpu" and self.hw.read_cpu(nbytes):
+            self._read_cpu.append((start, self.hw.read_cpu(nbytes)))
         self.counter.paused += 1
         try:
             self.reader.read(what, dst)

@@ -76,17 +76,23 @@ def timed(fn: Callable[[], object], reps: int = 9, warmup: int = 2, budget_s: fl
     return statistics.median(times)
 
 
-def mean_over(fn: Callable[[], object], span_s: float, least: int = 3) -> float:
+def mean_over(
+    fn: Callable[[], object], span_s: float, least: int = 3, taken: Callable[[], float] | None = None
+) -> float:
     """Seconds per call, the mean over calls that span at least ``span_s`` (and ``least``
     calls), after one warm-up call: for a kernel timed while reads run, whose cost falls
     on the few calls that meet a read's submission or landing, which a median of a few
-    calls (shorter together than one read) catches or misses by chance."""
+    calls (shorter together than one read) catches or misses by chance. ``taken()``: CPU
+    seconds other threads have used so far (the reads' own), left out of the calls' time."""
     fn()
     n, t0 = 0, time.perf_counter()
+    c0 = taken() if taken else 0.0
     while n < least or time.perf_counter() - t0 < span_s:
         fn()
         n += 1
-    return (time.perf_counter() - t0) / n
+    elapsed = time.perf_counter() - t0
+    other = min(max(0.0, taken() - c0), elapsed) if taken else 0.0
+    return (elapsed - other) / n
 
 
 def at_most_larger(rows: list[list[float]], sizes: list[int]) -> list[list[float]]:
@@ -179,12 +185,18 @@ def kernel_curves(
     from memory rather than a warm cache: the calls cycle through copies of them that
     together outgrow any last-level cache. With ``busy_file`` (path, size) each CPU kernel
     is timed again while reads of that file run in the background, as the disk tier's
-    reads do during decoding: ``NAME@busy`` (on a machine with few cores the reader's
-    threads take time from the kernels' own), each figure the mean over ``busy_span_s``
-    of calls (``mean_over``; two reads' time: a median of nine calls at one token, 11 ms
-    of a 1024 x 3584 expert against 18 ms a read, put a calibration's busy expert at
-    1.9x its quiet time, where the mean of 40 calls beside the same reads gave 1.05-1.2x
-    and decoding, reads in flight, 1.5x)."""
+    reads do during decoding: ``NAME@busy``, each figure the mean over ``busy_span_s`` of
+    calls (``mean_over``; two reads' time: a median of nine calls at one token, 11 ms of a
+    1024 x 3584 expert against 18 ms a read, put a calibration's busy expert at 1.9x its
+    quiet time, where the mean of 40 calls beside the same reads gave 1.05-1.2x), once
+    the reads are under way, less the CPU time the reads' own threads took meanwhile: the
+    mock charges that to the kernel a read starts beside (``disk_read_cpu``,
+    ``read_cpu_overhead``: on a machine with few cores the reader's threads take it from
+    the kernels' own), so the curve prices what reads in flight do besides (their memory
+    traffic, the interrupts). Until the forty-seventh session the curve held both, and the
+    mock charged no read's CPU to a kernel it priced by it: in a disk-tier decode of 2.4 MB
+    experts, reads submitted just before a kernel made it busy-priced at 1.03x while a
+    kernel four such reads started beside took 4x its quiet time (0.61 against 0.15 ms)."""
     from moespeq_cli.runtime.executors.experts import expert_forward, expert_mlp
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -215,9 +227,9 @@ def kernel_curves(
                         sync()
 
                     calls.append(call)
-                with reading(background):
+                with reading(background) as taken:
                     if background is not None:
-                        row = [mean_over(call, busy_span_s) for call in calls]
+                        row = [mean_over(call, busy_span_s, taken=taken) for call in calls]
                     else:
                         row = [timed(call, CURVE_REPS, 1, CURVE_BUDGET_S) for call in calls]
                         for j in spikes(row):  # timed again: the lower median is kept
@@ -356,29 +368,46 @@ def spans_of(source: tuple[str, int], extent: int = DISK_EXTENT) -> list:
 @contextlib.contextmanager
 def reading(source: tuple[str, int] | None, in_flight: int = 2):
     """While the block runs, O_DIRECT reads of ``source`` (path, size) go on in the
-    background, ``in_flight`` at a time (nothing when None)."""
+    background, ``in_flight`` at a time (nothing when None). The block starts once the
+    first reads have landed: what it times is reads in flight, not the reader starting
+    (its threads and landing buffers: timed from the start, 50 ms of a 2.4 MB expert's
+    calls came out at 1.59x their quiet mean, 200 ms at 1.24x). It is given a function
+    returning the CPU seconds the reads have taken so far (their threads' own time)."""
     if source is None:
-        yield
+        yield lambda: 0.0
         return
     from moespeq_cli.runtime.tiers.disk import DiskReader
 
     spans = spans_of(source)
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
+    readers: list = []
 
     def loop() -> None:
         dests = landing(in_flight)
-        with DiskReader(threads=in_flight) as reader:
-            k = 0
-            while not stop.is_set():
-                reads = [reader.submit(spans[(k + j) % len(spans)], dests[j]) for j in range(in_flight)]
-                for r in reads:
-                    r.wait()
-                k += in_flight
+        try:
+            with DiskReader(threads=in_flight) as reader:
+                readers.append(reader)
+                k = 0
+                while not stop.is_set():
+                    reads = [reader.submit(spans[(k + j) % len(spans)], dests[j]) for j in range(in_flight)]
+                    for r in reads:
+                        r.wait()
+                    ready.set()
+                    k += in_flight
+        finally:
+            ready.set()  # (a read that failed ends the reads: the block is not kept waiting)
+
+    def taken() -> float:
+        if not readers:
+            return 0.0
+        with readers[0].lock:
+            return readers[0].cpu_s
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
-        yield
+        ready.wait(timeout=30.0)
+        yield taken
     finally:
         stop.set()
         thread.join()
@@ -512,8 +541,10 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
 
 def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str], None], reads: int = 24) -> dict:
     """What a read costs the compute thread, as the cpu backend issues and waits for it:
-    ``read_submit_overhead`` (handing it to the I/O threads, timed on ``reads`` reads) and
-    ``read_wake_curve`` (``wake_curve``)."""
+    ``read_submit_overhead`` (handing it to the I/O threads, timed on ``reads`` reads),
+    ``read_wake_curve`` (``wake_curve``), and the CPU time of its I/O thread as a line over
+    the wake curve's reads of 0.5-64 MiB (``read_cpu_overhead`` a read, ``disk_read_cpu`` a
+    byte: ``cpu_line``)."""
     from moespeq_cli.runtime.tiers.disk import DiskReader
 
     say("disk: what a read costs the compute thread")
@@ -526,8 +557,26 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
             rd = reader.submit(spans[(k * 7) % len(spans)], dest)
             submit.append(time.perf_counter() - t0)
             rd.wait()
-        curve = wake_curve(source, reader)
-    return {"read_submit_overhead": statistics.median(submit), "read_wake_curve": curve}
+        cpu: dict[int, float] = {}
+        curve = wake_curve(source, reader, cpu=cpu)
+    out = {"read_submit_overhead": statistics.median(submit), "read_wake_curve": curve}
+    if len(cpu) >= 2:  # (else disk_figures' figure a byte stands, with none a read)
+        out["read_cpu_overhead"], out["disk_read_cpu"] = cpu_line(cpu)
+    return out
+
+
+def cpu_line(per_read: dict[int, float]) -> tuple[float, float]:
+    """(seconds a read, seconds a byte): the least-squares line through {bytes: CPU seconds
+    a read}, neither part below zero."""
+    xs, ys = list(per_read), list(per_read.values())
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    if slope <= 0:
+        return max(0.0, my), 0.0
+    if my - slope * mx < 0:  # through the origin
+        return 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+    return my - slope * mx, slope
 
 
 # reads that block the compute thread from about 0.25 ms (a small expert's) to 30 ms (a
@@ -535,7 +584,9 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
 WAKE_READ_BYTES = (512 * 2**10, 2 * 2**20, 6 * 2**20, DISK_EXTENT, 64 * 2**20)
 
 
-def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[float, float]]:
+def wake_curve(
+    source: tuple[str, int], reader, reps: int = 16, cpu: dict[int, float] | None = None
+) -> list[tuple[float, float]]:
     """What the compute thread loses after blocking on a read, by how long it blocked: for
     reads of each of ``WAKE_READ_BYTES`` (those the file holds twice), issued and waited
     for as the cpu backend does (``kernels.held``: the pool's workers awake), the time
@@ -549,7 +600,8 @@ def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[fl
     30-37 ms. The one figure this replaces was measured after 22 MB reads (10 ms blocked)
     against the kernel with its weights still cached, so it also held the weights' cache
     misses the kernel curves price already: 0.51 ms, charged for every wait, several
-    times a model's whose 2.4 MB reads block about 1 ms."""
+    times a model's whose 2.4 MB reads block about 1 ms. ``cpu`` gets {bytes: the I/O
+    thread's CPU seconds a read} of each size."""
     from moespeq_cli import kernels
     from moespeq_cli.runtime.executors.experts import expert_mlp
     from moespeq_cli.runtime.tiers.disk import aligned_bytes
@@ -581,6 +633,8 @@ def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[fl
     for nbytes in sizes:
         spans = spans_of(source, nbytes)
         blocked, lost = [], []
+        with reader.lock:
+            cpu0 = reader.cpu_s
         for k in range(reps):
             landed: list[float] = []
             rd = reader.submit(
@@ -595,6 +649,9 @@ def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[fl
                 lost.append(back - landed[0] + kernel() - back_to_back)
         if blocked:
             points.append((statistics.median(blocked), statistics.median(lost)))
+        if cpu is not None:
+            with reader.lock:
+                cpu[nbytes] = (reader.cpu_s - cpu0) / reps
     points.sort()
     xs = [b for b, _ in points]
     if not points or len(set(xs)) < len(xs):
@@ -730,6 +787,7 @@ def calibrate(
         "disk_latency": disk["disk_latency"],
         "disk_queue_bandwidth": disk["disk_queue_bandwidth"],
         "disk_read_cpu": disk["disk_read_cpu"],
+        **({"read_cpu_overhead": disk["read_cpu_overhead"]} if "read_cpu_overhead" in disk else {}),
         "read_submit_overhead": disk["read_submit_overhead"],
         "read_wake_curve": disk["read_wake_curve"],
         "_direct": disk["direct"],
@@ -793,7 +851,8 @@ METHODS = {
     "blas_workspace": "what the allocator holds more after the compute stream's first bf16 matmuls (cuBLAS, cuBLASLt)",
     "disk_bandwidth": "O_DIRECT reads of 22 MiB spread over the file, the best of 1 to 4 in flight",
     "disk_latency": "median of 64 O_DIRECT 4 KiB reads",
-    "disk_read_cpu": "CPU time of the reading thread per byte (thread_time), O_DIRECT reads of 22 MiB one at a time, the median pass",
+    "disk_read_cpu": "CPU time of the reading thread per byte (thread_time): with read_cpu_overhead, a line through O_DIRECT reads of 0.5 to 64 MiB one at a time, 16 a size (without it: reads of 22 MiB, the median pass)",
+    "read_cpu_overhead": "CPU time of the reading thread per read (thread_time): with disk_read_cpu, a line through O_DIRECT reads of 0.5 to 64 MiB one at a time, 16 a size",
     "read_submit_overhead": "the compute thread's time in DiskReader.submit, median of 24 reads of 22 MiB",
     "read_wake_curve": (
         "seconds (s) a thread waiting for an O_DIRECT read as the cpu backend does loses by the time it was blocked "
@@ -870,10 +929,12 @@ def profile_yaml(figures: dict) -> str:
         "disk_bandwidth",
         "disk_latency",
         "disk_read_cpu",
+        "read_cpu_overhead",
         "read_submit_overhead",
     ):
-        if key not in figures and key in (
+        if figures.get(key) is None and key in (
             "disk_read_cpu",
+            "read_cpu_overhead",
             "read_submit_overhead",
             "grouped_gemm",
             "blas_workspace",

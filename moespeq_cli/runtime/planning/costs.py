@@ -65,9 +65,12 @@ class Cost:
         return sum(p.kernels for p in self._parts())
 
     def busy_priced(self, hw: HardwareProfile) -> bool:
-        """Whether a curve measured while the disk was reading prices it (``@busy``): such a
-        curve already holds the CPU time of the reads that started during its calls."""
-        return any(p.kernel and f"{p.kernel}@busy" in hw.kernels for p in self._parts())
+        """Whether a curve measured while the disk was reading prices it (``@busy``) and, in
+        a profile calibrated before ``read_cpu_overhead`` was, holds the CPU time of the
+        reads that started during its calls (later ones leave it out)."""
+        return hw.read_cpu_overhead is None and any(
+            p.kernel and f"{p.kernel}@busy" in hw.kernels for p in self._parts()
+        )
 
     def seconds(self, hw: HardwareProfile, ops: int | None = None, busy: bool = False) -> float:
         """On the device; ``ops``: the ops the region really dispatched (else the estimate);

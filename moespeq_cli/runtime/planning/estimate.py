@@ -37,7 +37,7 @@ then its copy, or its CPU computation, waits for a read of ``disk_latency + byte
 disk_bandwidth`` first: ``t_copy`` and ``t_cpu`` grow by ``p_read * t_read``. On a
 profile of this CPU (``kind: cpu``: RAM the tier the CPU computes from, every miss a disk
 read) a read also costs the compute thread its hand-over and its CPU time, and a wait for
-it the thread's waking (``read_submit_overhead``, ``disk_read_cpu``, ``read_wake_curve``):
+it the thread's waking (``read_submit_overhead``, ``read_cpu``, ``read_wake_curve``):
 ``lru`` and ``ondemand`` pay all three a miss, ``gate-prefetch`` the first two.
 
 On a GPU (``kind: gpu`` profiles) a layer's experts of the usual formats are computed in
@@ -159,10 +159,10 @@ class StepModel:
     def read_host(self) -> float:
         """On a profile of this CPU (``kind: cpu``, every miss a disk read): what a read costs
         the compute thread beyond the disk's time, handing it to the I/O threads and its own
-        CPU time (``read_submit_overhead``, ``disk_read_cpu``: the mock charges both)."""
+        CPU time (``read_submit_overhead``, ``HardwareProfile.read_cpu``: the mock charges both)."""
         if self.hw.kind != "cpu":
             return 0.0
-        return self.hw.read_submit_overhead + self.hw.disk_read_cpu * self.expert_bytes
+        return self.hw.read_submit_overhead + self.hw.read_cpu(self.expert_bytes)
 
     @property
     def read_wake(self) -> float:
