@@ -821,8 +821,8 @@ def test_a_busy_kernels_figure_leaves_the_reads_own_cpu_time_out(monkeypatch):
     [
         ({n: 5e-5 + 2e-11 * n for n in (2**19, 2**21, 2**23, 2**26)}, (5e-5, 2e-11)),  # a line: found
         ({10**6: 1e-4, 2 * 10**6: 2e-4}, (0.0, 1e-10)),  # through the origin
-        ({10**6: 3e-4, 2 * 10**6: 1e-4}, (2e-4, 0.0)),  # falling: noise, the mean a read
-        ({10**6: 1e-4, 2 * 10**6: 3e-4}, (0.0, 1.4e-10)),  # a negative intercept: through the origin
+        ({10**6: 3e-4, 2 * 10**6: 1e-4}, (1.2e-4, 0.0)),  # falling: noise, the (weighted) mean a read
+        ({10**6: 1e-4, 2 * 10**6: 3e-4}, (0.0, 1.5e-10 / 1.3)),  # a negative intercept: through the origin
     ],
 )
 def test_a_reads_cpu_time_is_a_line_per_read_and_per_byte(points, line):
@@ -831,12 +831,16 @@ def test_a_reads_cpu_time_is_a_line_per_read_and_per_byte(points, line):
     a, b = cpu_line(points)
     assert a >= 0 and b >= 0
     assert a == pytest.approx(line[0], abs=1e-12) and b == pytest.approx(line[1])
+    # each point weighed by its own size: a large read's swing leaves the part a read alone
+    small = {2**19: 6e-5, 2**21: 1e-4}
+    assert cpu_line({**small, 2**26: 2.7e-3})[0] == pytest.approx(cpu_line({**small, 2**26: 1.8e-3})[0], abs=1e-5)
 
 
 def test_busy_kernels_are_timed_once_the_reads_are_under_way(monkeypatch):
     """``reading`` starts its block only once the first reads have landed (timed from the
     reader's start, a 2.4 MB expert's calls came out at 1.6x their quiet mean over 50 ms,
-    1.2x over 200 ms), and gives it the reads' CPU seconds so far."""
+    1.2x over 200 ms), and gives it the reads' CPU seconds so far; a read that fails
+    fails the block."""
     import threading
     import time
 
@@ -848,6 +852,10 @@ def test_busy_kernels_are_timed_once_the_reads_are_under_way(monkeypatch):
     class SlowReader:
         def __init__(self, threads):
             self.lock, self.cpu_s = threading.Lock(), 0.0
+
+        def cpu_seconds(self):
+            with self.lock:
+                return self.cpu_s
 
         def __enter__(self):
             return self
@@ -875,6 +883,19 @@ def test_busy_kernels_are_timed_once_the_reads_are_under_way(monkeypatch):
         assert taken() >= 0.002
     with cal.reading(None) as taken:
         assert taken() == 0.0
+
+    class FailingReader(SlowReader):  # a read that fails: no busy figure timed without reads
+        def submit(self, span, dest):
+            class Read:
+                def wait(self):
+                    raise OSError(5, "Input/output error")
+
+            return Read()
+
+    monkeypatch.setattr(disk, "DiskReader", FailingReader)
+    with pytest.raises(RuntimeError, match="reads beside the kernel timings failed.*Input/output error"):
+        with cal.reading(("f", 1 << 30), in_flight=2):
+            pass
 
 
 def test_calibrate_refuses_a_checkpoint_without_a_tokenizer_before_measuring(tiny, cli, monkeypatch, tmp_path):

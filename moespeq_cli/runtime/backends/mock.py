@@ -123,8 +123,8 @@ class MockBackend(Backend):
     def _until(self, start: float, seconds: float, kernels: bool = True) -> float:
         """When compute that starts at ``start`` and needs ``seconds`` ends, on a cpu
         profile with the CPU time of the reads that start meanwhile added: a read takes
-        ``HardwareProfile.read_cpu`` seconds of CPU when it starts (its thread's wake, the
-        system call; O_DIRECT pins its pages and sets up the transfer), and kernels, which
+        ``HardwareProfile.read_cpu`` seconds of CPU when it starts (the system call: O_DIRECT
+        pins its pages and sets up the transfer), and kernels, which
         use every core and wait for their slowest thread, are delayed by as much (measured
         on a 2-core VM: an expert overlapping a 22 MB read's start took 1.9 ms against
         1.0 ms, and such a read costs 1.0 ms of CPU; in a decode of 2.4 MB experts, a
@@ -203,8 +203,9 @@ class MockBackend(Backend):
             self._record("compute", "compute", "submit read", t, self.t_compute, layer, expert)
         c, start, end = self._read_window(nbytes, after)
         self.disk_free[c] = end
-        if self.hw.kind == "cpu" and self.hw.read_cpu(nbytes):
-            self._read_cpu.append((start, self.hw.read_cpu(nbytes)))
+        cpu = self.hw.read_cpu(nbytes) if self.hw.kind == "cpu" else 0.0
+        if cpu:
+            self._read_cpu.append((start, cpu))
         self.counter.paused += 1
         try:
             self.reader.read(what, dst)

@@ -59,6 +59,7 @@ DISK_FILE_BYTES = 256 * 2**20  # (calibrate --help and its no-room error say 256
 CURVE_REPS, CURVE_BUDGET_S = 9, 0.15
 COLD_BYTES = 96 * 2**20  # the weights a kernel timing cycles through: beyond any last-level cache
 DISK_EXTENT = 22 * 2**20  # a whole number of pages, like a span the runtime reads
+WAIT_S = 30.0  # the longest the background reads of a busy kernel timing may take to land or stop
 
 
 def timed(fn: Callable[[], object], reps: int = 9, warmup: int = 2, budget_s: float = 0.5) -> float:
@@ -210,6 +211,7 @@ def kernel_curves(
             variants.append((f"{name}@busy", busy_file))
         weights = {}  # made once per shape for both variants (quantizing a draft's takes seconds)
         made: dict = {}  # each shape's draw, which the copies are copies of
+        quiet: dict = {}  # each shape's quiet row: a busy figure is never below it
         for label, background in variants:
             say(f"kernel {label}")
             rows, sizes, ops = [], [], 1
@@ -229,11 +231,15 @@ def kernel_curves(
                     calls.append(call)
                 with reading(background) as taken:
                     if background is not None:
-                        row = [mean_over(call, busy_span_s, taken=taken) for call in calls]
+                        # (buffered reads, where O_DIRECT is refused, keep their threads on the
+                        # CPU nearly throughout: less their time, calls came out at 0.05x quiet)
+                        busy = [mean_over(call, busy_span_s, taken=taken) for call in calls]
+                        row = [max(q, b) for q, b in zip(quiet[h, i], busy, strict=True)]
                     else:
                         row = [timed(call, CURVE_REPS, 1, CURVE_BUDGET_S) for call in calls]
                         for j in spikes(row):  # timed again: the lower median is kept
                             row[j] = min(row[j], timed(calls[j], CURVE_REPS, 1, CURVE_BUDGET_S))
+                        quiet[h, i] = row
                 x1 = torch.randn(1, h, device=device).to(x_dtype)
                 ops = ops_of(lambda x1=x1, fn=copies[0]: fn(x1))
                 rows.append(non_decreasing(row))  # more tokens never cost less: a dip is noise, pooled
@@ -372,7 +378,9 @@ def reading(source: tuple[str, int] | None, in_flight: int = 2):
     first reads have landed: what it times is reads in flight, not the reader starting
     (its threads and landing buffers: timed from the start, 50 ms of a 2.4 MB expert's
     calls came out at 1.59x their quiet mean, 200 ms at 1.24x). It is given a function
-    returning the CPU seconds the reads have taken so far (their threads' own time)."""
+    returning the CPU seconds the reads have taken so far (their threads' own time). A
+    read that fails, or reads that do not land within ``WAIT_S``, fail the block: a busy
+    figure timed without reads beside it would pass for one."""
     if source is None:
         yield lambda: 0.0
         return
@@ -381,6 +389,7 @@ def reading(source: tuple[str, int] | None, in_flight: int = 2):
     spans = spans_of(source)
     stop, ready = threading.Event(), threading.Event()
     readers: list = []
+    failed: list[BaseException] = []
 
     def loop() -> None:
         dests = landing(in_flight)
@@ -394,23 +403,31 @@ def reading(source: tuple[str, int] | None, in_flight: int = 2):
                         r.wait()
                     ready.set()
                     k += in_flight
+        except BaseException as e:  # noqa: BLE001 - handed to the block's thread, raised there
+            failed.append(e)
         finally:
-            ready.set()  # (a read that failed ends the reads: the block is not kept waiting)
+            ready.set()  # the block is not kept waiting
 
     def taken() -> float:
-        if not readers:
-            return 0.0
-        with readers[0].lock:
-            return readers[0].cpu_s
+        return readers[0].cpu_seconds() if readers else 0.0
+
+    def check() -> None:
+        if failed:
+            raise RuntimeError(f"the reads beside the kernel timings failed: {failed[0]}") from failed[0]
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
-        ready.wait(timeout=30.0)
+        if not ready.wait(timeout=WAIT_S):
+            raise RuntimeError(f"the reads beside the kernel timings did not land within {WAIT_S:g} s")
+        check()
         yield taken
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=WAIT_S)
+    if thread.is_alive():
+        raise RuntimeError(f"the reads beside the kernel timings did not stop within {WAIT_S:g} s")
+    check()
 
 
 @contextlib.contextmanager
@@ -542,9 +559,9 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
 def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str], None], reads: int = 24) -> dict:
     """What a read costs the compute thread, as the cpu backend issues and waits for it:
     ``read_submit_overhead`` (handing it to the I/O threads, timed on ``reads`` reads),
-    ``read_wake_curve`` (``wake_curve``), and the CPU time of its I/O thread as a line over
-    the wake curve's reads of 0.5-64 MiB (``read_cpu_overhead`` a read, ``disk_read_cpu`` a
-    byte: ``cpu_line``)."""
+    ``read_wake_curve`` (``wake_curve``), and the CPU time of its I/O thread, a line over
+    reads of 0.5-64 MiB (``read_cpu_overhead`` a read, ``disk_read_cpu`` a byte:
+    ``read_cpu_points``, ``cpu_line``)."""
     from moespeq_cli.runtime.tiers.disk import DiskReader
 
     say("disk: what a read costs the compute thread")
@@ -557,25 +574,56 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
             rd = reader.submit(spans[(k * 7) % len(spans)], dest)
             submit.append(time.perf_counter() - t0)
             rd.wait()
-        cpu: dict[int, float] = {}
-        curve = wake_curve(source, reader, cpu=cpu)
+        cpu = read_cpu_points(source, reader)
+        curve = wake_curve(source, reader)
     out = {"read_submit_overhead": statistics.median(submit), "read_wake_curve": curve}
-    if len(cpu) >= 2:  # (else disk_figures' figure a byte stands, with none a read)
+    # written by every calibration: a profile without it is one from before, priced the
+    # old way (with fewer than two sizes, 0 a read and disk_figures' figure a byte)
+    if len(cpu) >= 2:
         out["read_cpu_overhead"], out["disk_read_cpu"] = cpu_line(cpu)
+    else:
+        out["read_cpu_overhead"] = 0.0
+    return out
+
+
+def read_cpu_points(source: tuple[str, int], reader, reps: int = 12) -> dict[int, float]:
+    """{bytes: the I/O thread's CPU seconds a read (``thread_time``)} for reads of each of
+    ``WAKE_READ_BYTES`` (those the file holds twice), one after another with the CPU
+    otherwise idle: the time a read takes from a kernel it starts beside is the thread's
+    running time. (Timed between the wake curve's kernel calls, the pool's workers spinning
+    through each wait, the same reads took 0.16-0.19 ms of CPU at 0.5 and 2 MiB, against
+    0.06 and 0.11 ms one after another; in a decode, four 2.4 MB reads starting beside a
+    kernel delayed it 0.46 ms, 0.115 ms a read.)"""
+    from moespeq_cli.runtime.tiers.disk import aligned_bytes
+
+    sizes = [b for b in WAKE_READ_BYTES if 2 * b <= source[1]]
+    dest = aligned_bytes(max(sizes))[0]
+    dest.fill_(1)  # its pages touched once, as a RAM slot's are
+    out = {}
+    for nbytes in sizes:
+        spans = spans_of(source, nbytes)
+        reader.submit(spans[-1], dest).wait()  # untimed: the thread's first read of a size
+        cpu0 = reader.cpu_seconds()
+        for k in range(reps):
+            reader.submit(spans[(k * 7) % len(spans)], dest).wait()
+        out[nbytes] = (reader.cpu_seconds() - cpu0) / reps
     return out
 
 
 def cpu_line(per_read: dict[int, float]) -> tuple[float, float]:
-    """(seconds a read, seconds a byte): the least-squares line through {bytes: CPU seconds
-    a read}, neither part below zero."""
-    xs, ys = list(per_read), list(per_read.values())
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    """(seconds a read, seconds a byte): the line through {bytes: CPU seconds a read} of
+    least relative squared error (a machine's noise scales with what it times: unweighted,
+    the 64 MiB reads' swings of 1.8-2.7 ms moved the part a read from 0 to 0.1 ms between
+    three fits, which a 2 MiB read's 0.1 ms cannot then hold), neither part below zero."""
+    pts = [(x, y, 1.0 / max(y, 1e-12) ** 2) for x, y in per_read.items()]
+    sw = sum(w for _, _, w in pts)
+    mx, my = sum(w * x for x, _, w in pts) / sw, sum(w * y for _, y, w in pts) / sw
+    var = sum(w * (x - mx) ** 2 for x, _, w in pts)
+    slope = sum(w * (x - mx) * (y - my) for x, y, w in pts) / var if var else 0.0
     if slope <= 0:
         return max(0.0, my), 0.0
     if my - slope * mx < 0:  # through the origin
-        return 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+        return 0.0, sum(w * x * y for x, y, w in pts) / sum(w * x * x for x, _, w in pts)
     return my - slope * mx, slope
 
 
@@ -584,9 +632,7 @@ def cpu_line(per_read: dict[int, float]) -> tuple[float, float]:
 WAKE_READ_BYTES = (512 * 2**10, 2 * 2**20, 6 * 2**20, DISK_EXTENT, 64 * 2**20)
 
 
-def wake_curve(
-    source: tuple[str, int], reader, reps: int = 16, cpu: dict[int, float] | None = None
-) -> list[tuple[float, float]]:
+def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[float, float]]:
     """What the compute thread loses after blocking on a read, by how long it blocked: for
     reads of each of ``WAKE_READ_BYTES`` (those the file holds twice), issued and waited
     for as the cpu backend does (``kernels.held``: the pool's workers awake), the time
@@ -600,8 +646,7 @@ def wake_curve(
     30-37 ms. The one figure this replaces was measured after 22 MB reads (10 ms blocked)
     against the kernel with its weights still cached, so it also held the weights' cache
     misses the kernel curves price already: 0.51 ms, charged for every wait, several
-    times a model's whose 2.4 MB reads block about 1 ms. ``cpu`` gets {bytes: the I/O
-    thread's CPU seconds a read} of each size."""
+    times a model's whose 2.4 MB reads block about 1 ms."""
     from moespeq_cli import kernels
     from moespeq_cli.runtime.executors.experts import expert_mlp
     from moespeq_cli.runtime.tiers.disk import aligned_bytes
@@ -633,8 +678,6 @@ def wake_curve(
     for nbytes in sizes:
         spans = spans_of(source, nbytes)
         blocked, lost = [], []
-        with reader.lock:
-            cpu0 = reader.cpu_s
         for k in range(reps):
             landed: list[float] = []
             rd = reader.submit(
@@ -649,9 +692,6 @@ def wake_curve(
                 lost.append(back - landed[0] + kernel() - back_to_back)
         if blocked:
             points.append((statistics.median(blocked), statistics.median(lost)))
-        if cpu is not None:
-            with reader.lock:
-                cpu[nbytes] = (reader.cpu_s - cpu0) / reps
     points.sort()
     xs = [b for b, _ in points]
     if not points or len(set(xs)) < len(xs):
@@ -787,7 +827,7 @@ def calibrate(
         "disk_latency": disk["disk_latency"],
         "disk_queue_bandwidth": disk["disk_queue_bandwidth"],
         "disk_read_cpu": disk["disk_read_cpu"],
-        **({"read_cpu_overhead": disk["read_cpu_overhead"]} if "read_cpu_overhead" in disk else {}),
+        "read_cpu_overhead": disk.get("read_cpu_overhead", 0.0),
         "read_submit_overhead": disk["read_submit_overhead"],
         "read_wake_curve": disk["read_wake_curve"],
         "_direct": disk["direct"],
@@ -851,8 +891,8 @@ METHODS = {
     "blas_workspace": "what the allocator holds more after the compute stream's first bf16 matmuls (cuBLAS, cuBLASLt)",
     "disk_bandwidth": "O_DIRECT reads of 22 MiB spread over the file, the best of 1 to 4 in flight",
     "disk_latency": "median of 64 O_DIRECT 4 KiB reads",
-    "disk_read_cpu": "CPU time of the reading thread per byte (thread_time): with read_cpu_overhead, a line through O_DIRECT reads of 0.5 to 64 MiB one at a time, 16 a size (without it: reads of 22 MiB, the median pass)",
-    "read_cpu_overhead": "CPU time of the reading thread per read (thread_time): with disk_read_cpu, a line through O_DIRECT reads of 0.5 to 64 MiB one at a time, 16 a size",
+    "disk_read_cpu": "CPU time of the reading thread per byte (thread_time): with read_cpu_overhead, a line through O_DIRECT reads of 0.5 to 64 MiB one after another, 12 a size (without it: reads of 22 MiB, the median pass)",
+    "read_cpu_overhead": "CPU time of the reading thread per read (thread_time): with disk_read_cpu, a line through O_DIRECT reads of 0.5 to 64 MiB one after another, 12 a size",
     "read_submit_overhead": "the compute thread's time in DiskReader.submit, median of 24 reads of 22 MiB",
     "read_wake_curve": (
         "seconds (s) a thread waiting for an O_DIRECT read as the cpu backend does loses by the time it was blocked "

@@ -131,8 +131,9 @@ class HardwareProfile:
     sync_overhead: float = 0.0  # s per host-device synchronisation (reading a value back)
     disk_queue_bandwidth: tuple[float, ...] | None = None  # B/s with 1, 2, ... reads in flight
     disk_read_cpu: float = 0.0  # CPU seconds a read costs per byte (O_DIRECT: pinning pages, I/O setup)
-    # ... and per read (its thread's wake, the system call); None in profiles calibrated
-    # before it was measured, whose NAME@busy curves hold the reads' CPU time too
+    # ... and per read (the system call, setting the transfer up); None (absent) in
+    # profiles calibrated before it was measured, whose NAME@busy curves hold the reads'
+    # CPU time too (a kernel they price is not charged it again)
     read_cpu_overhead: float | None = None
     read_submit_overhead: float = 0.0  # s the compute thread spends handing a read to the I/O threads
     read_wake_overhead: float = 0.0  # s it loses after a wait for a read: waking, and its next kernel's start
@@ -190,10 +191,9 @@ class HardwareProfile:
     def read_cpu(self, nbytes: float) -> float:
         """CPU seconds a read of ``nbytes`` costs its I/O thread (on a machine with few cores,
         time the kernels running beside it lose): a line, per read and per byte. On a
-        2-core VM, reads one after another: 0.06 ms for 0.5 MiB, 0.11 for 2.25, 0.5 for 22,
-        1.6 for 64 (one figure a byte, measured on 22 MiB, put a 2.25 MiB read at half its
-        time); with kernels running between them, as calibrate times them, 0.16-0.19 ms up
-        to 2 MiB: 0.08-0.14 ms a read and 22 ps a byte."""
+        2-core VM, reads one after another: 0.06-0.1 ms for 0.5 MiB, 0.11-0.17 for 2, 0.5-0.9
+        for 22, 1.4-2.7 for 64 (one figure a byte, measured on 22 MiB, put a 2 MiB read at
+        half its time)."""
         return (self.read_cpu_overhead or 0.0) + self.disk_read_cpu * nbytes
 
     def read_wake(self, blocked: float) -> float:

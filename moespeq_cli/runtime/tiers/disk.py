@@ -361,6 +361,11 @@ class DiskReader:
         with self.lock:
             return self.cpu_s / self.bytes_read if self.bytes_read else None
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the reads that have finished so far cost their threads (``thread_time``)."""
+        with self.lock:
+            return self.cpu_s
+
     def _landed(self, future: Future) -> None:
         with self.lock:
             self._inflight.discard(future)
