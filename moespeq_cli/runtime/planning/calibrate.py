@@ -562,11 +562,15 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
     ``read_wake_curve`` (``wake_curve``), and the CPU time of its I/O thread, a line over
     reads of 0.5-64 MiB (``read_cpu_overhead`` a read, ``disk_read_cpu`` a byte:
     ``read_cpu_points``, ``cpu_line``)."""
-    from moespeq_cli.runtime.tiers.disk import DiskReader
+    from moespeq_cli.runtime.tiers.disk import DiskReader, aligned_bytes
 
     say("disk: what a read costs the compute thread")
     spans = spans_of(source)
-    dest = landing(1)[0]
+    # the sizes the file holds twice (it holds DISK_EXTENT twice: four sizes at least), all
+    # read into one buffer, its pages touched once first, as a RAM slot's are
+    sizes = [b for b in WAKE_READ_BYTES if 2 * b <= source[1]]
+    dest = aligned_bytes(max(sizes))[0]
+    dest.fill_(1)
     submit = []
     with DiskReader(threads=threads) as reader:
         for k in range(reads):
@@ -574,31 +578,28 @@ def read_host_figures(source: tuple[str, int], threads: int, say: Callable[[str]
             rd = reader.submit(spans[(k * 7) % len(spans)], dest)
             submit.append(time.perf_counter() - t0)
             rd.wait()
-        cpu = read_cpu_points(source, reader)
-        curve = wake_curve(source, reader)
-    out = {"read_submit_overhead": statistics.median(submit), "read_wake_curve": curve}
-    # written by every calibration: a profile without it is one from before, priced the
-    # old way (with fewer than two sizes, 0 a read and disk_figures' figure a byte)
-    if len(cpu) >= 2:
-        out["read_cpu_overhead"], out["disk_read_cpu"] = cpu_line(cpu)
-    else:
-        out["read_cpu_overhead"] = 0.0
-    return out
+        cpu = read_cpu_points(source, reader, sizes, dest)
+        curve = wake_curve(source, reader, sizes, dest)
+    # read_cpu_overhead is written by every calibration: a profile without it is one from
+    # before, priced the old way
+    read_cpu_overhead, disk_read_cpu = cpu_line(cpu)
+    return {
+        "read_submit_overhead": statistics.median(submit),
+        "read_wake_curve": curve,
+        "read_cpu_overhead": read_cpu_overhead,
+        "disk_read_cpu": disk_read_cpu,
+    }
 
 
-def read_cpu_points(source: tuple[str, int], reader, reps: int = 12) -> dict[int, float]:
+def read_cpu_points(
+    source: tuple[str, int], reader, sizes: list[int], dest: torch.Tensor, reps: int = 12
+) -> dict[int, float]:
     """{bytes: the I/O thread's CPU seconds a read (``thread_time``)} for reads of each of
-    ``WAKE_READ_BYTES`` (those the file holds twice), one after another with the CPU
-    otherwise idle: the time a read takes from a kernel it starts beside is the thread's
-    running time. (Timed between the wake curve's kernel calls, the pool's workers spinning
+    ``sizes`` into ``dest``, one after another with the CPU otherwise idle: the time a read
+    takes from a kernel it starts beside is the thread's running time. (Timed between the wake curve's kernel calls, the pool's workers spinning
     through each wait, the same reads took 0.16-0.19 ms of CPU at 0.5 and 2 MiB, against
     0.06 and 0.11 ms one after another; in a decode, four 2.4 MB reads starting beside a
     kernel delayed it 0.46 ms, 0.115 ms a read.)"""
-    from moespeq_cli.runtime.tiers.disk import aligned_bytes
-
-    sizes = [b for b in WAKE_READ_BYTES if 2 * b <= source[1]]
-    dest = aligned_bytes(max(sizes))[0]
-    dest.fill_(1)  # its pages touched once, as a RAM slot's are
     out = {}
     for nbytes in sizes:
         spans = spans_of(source, nbytes)
@@ -632,10 +633,12 @@ def cpu_line(per_read: dict[int, float]) -> tuple[float, float]:
 WAKE_READ_BYTES = (512 * 2**10, 2 * 2**20, 6 * 2**20, DISK_EXTENT, 64 * 2**20)
 
 
-def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[float, float]]:
+def wake_curve(
+    source: tuple[str, int], reader, sizes: list[int], dest: torch.Tensor, reps: int = 16
+) -> list[tuple[float, float]]:
     """What the compute thread loses after blocking on a read, by how long it blocked: for
-    reads of each of ``WAKE_READ_BYTES`` (those the file holds twice), issued and waited
-    for as the cpu backend does (``kernels.held``: the pool's workers awake), the time
+    reads of each of ``sizes`` into ``dest``, issued and waited for as the cpu backend
+    does (``kernels.held``: the pool's workers awake), the time
     from the read landing to the thread running again, plus how much slower its next
     expert kernel is than the same kernel called back to back with the weights cycled
     beyond the last-level cache (the kernel curves' measure: the curve prices only what
@@ -649,7 +652,6 @@ def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[fl
     times a model's whose 2.4 MB reads block about 1 ms."""
     from moespeq_cli import kernels
     from moespeq_cli.runtime.executors.experts import expert_mlp
-    from moespeq_cli.runtime.tiers.disk import aligned_bytes
 
     h, i = SHAPES[1]
 
@@ -671,9 +673,6 @@ def wake_curve(source: tuple[str, int], reader, reps: int = 16) -> list[tuple[fl
     for _ in experts:
         kernel()
     back_to_back = statistics.median(kernel() for _ in range(3 * len(experts)))
-    sizes = [b for b in WAKE_READ_BYTES if 2 * b <= source[1]]
-    dest = aligned_bytes(max(sizes))[0]
-    dest.fill_(1)  # its pages touched once, as a RAM slot's are
     points = []
     for nbytes in sizes:
         spans = spans_of(source, nbytes)
@@ -827,7 +826,7 @@ def calibrate(
         "disk_latency": disk["disk_latency"],
         "disk_queue_bandwidth": disk["disk_queue_bandwidth"],
         "disk_read_cpu": disk["disk_read_cpu"],
-        "read_cpu_overhead": disk.get("read_cpu_overhead", 0.0),
+        "read_cpu_overhead": disk["read_cpu_overhead"],
         "read_submit_overhead": disk["read_submit_overhead"],
         "read_wake_curve": disk["read_wake_curve"],
         "_direct": disk["direct"],
