@@ -1018,6 +1018,56 @@ def test_a_failed_demo_decode_leaves_a_profile_without_host_time(quick_calibrati
         cal.calibrate(tmp_path, cuda=False, say=lambda s: None, checkpoint=tmp_path)
 
 
+def test_kernels_are_timed_as_the_cpu_backend_runs_them(quick_calibration, monkeypatch, tmp_path):
+    """On a CPU the decode's kernels run in their own pool, torch stepping down to one
+    thread (``kernels.claim_threads``): calibrated with torch's pool beside it (two pools
+    spinning on two cores), a 4.7 MB expert's timing came out 0.24-0.48 ms against
+    0.25-0.32. The curves and the wake after a read are timed with the threads claimed."""
+    from moespeq_cli import kernels
+
+    if not kernels.available() or kernels._pool <= 1:
+        pytest.skip("no kernel pool on this machine: nothing to claim")
+    cal = quick_calibration
+    seen = []
+    monkeypatch.setattr(cal, "kernel_curves", lambda *a, **k: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(kernels, "_claimed", False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cal.calibrate(tmp_path, cuda=False, say=lambda s: None, overheads=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+
+def test_each_kernel_timing_starts_from_the_kernels_steady_state(monkeypatch):
+    """The first calls after other work (copying the weights, waiting for reads) run
+    1.5-4x slower for 10-14 calls: each shape's timings follow ``WARM_S`` of its calls."""
+    import time
+
+    import moespeq_cli.runtime.planning.calibrate as cal
+
+    monkeypatch.setattr(cal, "SHAPES", ((64, 128), (128, 256)))
+    monkeypatch.setattr(cal, "COLD_BYTES", 1)
+    monkeypatch.setattr(cal, "TOKENS", (1, 2))
+    events = []
+    monkeypatch.setattr(cal, "warm", lambda fn, seconds=cal.WARM_S: events.append(("warm", fn)))
+    monkeypatch.setattr(cal, "timed", lambda fn, *a, **k: events.append(("timed", fn)) or 1e-3)
+    curves = cal.kernel_curves(torch.device("cpu"), lambda s: None)
+    assert curves and [w for w, _ in events].count("warm") == 2 * len(curves)  # each curve's two shapes
+    for i, (what, fn) in enumerate(events):
+        if what == "warm":
+            assert events[i + 1] == ("timed", fn)  # the batch it warms is the one timed next
+    monkeypatch.undo()
+    calls = []
+    t0 = time.perf_counter()
+    cal.warm(lambda: calls.append(1), 0.01)
+    assert time.perf_counter() - t0 >= 0.01 and len(calls) > 1  # called until the time is up
+    calls.clear()
+    cal.warm(lambda: calls.append(1), 0.0)
+    assert calls == [1]  # once at least
+
+
 def test_calibrate_says_when_the_host_time_was_not_measured(quick_calibration, cli, tmp_path):
     out = tmp_path / "mine.yaml"
     r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path), "--json")

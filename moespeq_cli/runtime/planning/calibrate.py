@@ -6,8 +6,9 @@ it writes is a measurement of this machine, stamped with the date and the method
 - the host CPU: memory bandwidth (a reduction over a buffer larger than the last-level
   cache), FLOP/s (a large float32 matmul), the framework's cost per dispatched op, the
   cost of reading a value back (a sync);
-- kernel curves: seconds per call by batch size (1 to 16 tokens) at two weight sizes, for
-  each kernel the runtime calls: ``linear:<weights>[:<activations>]`` (a non-expert
+- kernel curves: seconds per call by batch size (1 to 16 tokens) at two weight sizes, in
+  steady state (after ``WARM_S`` of calls, the weights cycled beyond the last-level cache,
+  on a CPU with the threads as the cpu backend runs them), for each kernel the runtime calls: ``linear:<weights>[:<activations>]`` (a non-expert
   layer as the device computes it: on a CPU through moespeq's kernels where they apply),
   ``expert:<weights>:<activations>`` (a routed expert exactly as the executor computes
   it, widening included), ``draft:kernel`` / ``draft:packed`` / ``draft:reference`` (the 4-bit draft's
@@ -57,7 +58,16 @@ DISK_FILE_BYTES = 256 * 2**20  # (calibrate --help and its no-room error say 256
 # batch size has taken CURVE_BUDGET_S (a call of 16 tokens at the larger shape takes
 # 10-90 ms on a 2-core machine: three are as steady as fifteen, and 5x quicker)
 CURVE_REPS, CURVE_BUDGET_S = 9, 0.15
-COLD_BYTES = 96 * 2**20  # the weights a kernel timing cycles through: beyond any last-level cache
+# the weights a kernel timing cycles through: beyond any last-level cache. 96 MiB was not
+# on this 2-vCPU VM (its host's L3 reported as 480 MiB): a 22 MB bf16 expert cycled
+# through 96 MiB took 0.81 ms a call, through 192 MiB 1.00 and 384 MiB 1.04 (a 4.7 MB one
+# 0.245, 0.249, 0.254), and a decode reads 150-350 MB of experts a token
+COLD_BYTES = 256 * 2**20
+# seconds of calls before a kernel's timing: after other work (copying its weights, another
+# kernel's timing, waiting for reads to land) the first 10-14 calls of a 4.7 MB expert took
+# 1.5-4x its steady time (the pool's workers and an idle vCPU coming back), where a
+# decode's kernels follow one another; a median of nine such calls was 0.24-0.48 ms
+WARM_S = 0.02
 DISK_EXTENT = 22 * 2**20  # a whole number of pages, like a span the runtime reads
 WAIT_S = 30.0  # the longest the background reads of a busy kernel timing may take to land or stop
 
@@ -146,6 +156,14 @@ def cold_count(nbytes: int) -> int:
     return max(1, -(-COLD_BYTES // nbytes))
 
 
+def warm(fn: Callable[[], object], seconds: float = WARM_S) -> None:
+    """Call ``fn`` for ``seconds`` (once at least): a kernel's steady state before timing it."""
+    t_end = time.perf_counter() + seconds
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+
+
 def ops_of(fn: Callable[[], object]) -> int:
     with torch.inference_mode(), OpCounter() as c:
         fn()
@@ -230,6 +248,7 @@ def kernel_curves(
 
                     calls.append(call)
                 with reading(background) as taken:
+                    warm(calls[0])  # (the batch sizes after the first follow the same kernel)
                     if background is not None:
                         # (buffered reads, where O_DIRECT is refused, keep their threads on the
                         # CPU nearly throughout: less their time, calls came out at 0.05x quiet)
@@ -805,7 +824,14 @@ def calibrate(
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     load = OtherLoad()
-    host = host_figures(say)
+    host = host_figures(say)  # (torch's threads: the machine's figures)
+    if not cuda:
+        from moespeq_cli import kernels
+
+        # the rest as the cpu backend decodes (runtime/engine.py): the kernels' pool takes
+        # the cores and torch steps down to one thread. Two pools on 2 cores: a 4.7 MB
+        # expert's timing after torch's work came out at 0.24-0.48 ms, 0.25-0.32 with one
+        kernels.claim_threads()
     with disk_source(disk_dir, model_file, say) as source:
         disk = disk_figures(source, threads, say)
         disk.update(read_host_figures(source, threads, say))
@@ -1003,8 +1029,9 @@ def profile_yaml(figures: dict) -> str:
         if not figures.get(table):
             continue
         out.append(
-            f"{table}:  # measured {today}: the median of up to {CURVE_REPS} calls a point, weights cycled beyond the "
-            "last-level cache; NAME@busy: the mean over two reads' time of calls, O_DIRECT reads running beside"
+            f"{table}:  # measured {today}: the median of up to {CURVE_REPS} calls a point after "
+            f"{WARM_S * 1e3:.0f} ms of calls, weights cycled through {COLD_BYTES // 2**20} MiB (beyond the last-level "
+            "cache); NAME@busy: the mean over two reads' time of calls, O_DIRECT reads running beside"
         )
         for name, c in figures[table].items():
             rows = ", ".join("[" + ", ".join(_num(x) for x in row) + "]" for row in c["seconds"])
