@@ -825,15 +825,17 @@ def calibrate(
     cuda = torch.cuda.is_available() if cuda is None else cuda
     load = OtherLoad()
     host = host_figures(say)  # (torch's threads: the machine's figures)
-    if not cuda:
-        from moespeq_cli import kernels
-
-        # the rest as the cpu backend decodes (runtime/engine.py): the kernels' pool takes
-        # the cores and torch steps down to one thread. Two pools on 2 cores: a 4.7 MB
-        # expert's timing after torch's work came out at 0.24-0.48 ms, 0.25-0.32 with one
-        kernels.claim_threads()
     with disk_source(disk_dir, model_file, say) as source:
         disk = disk_figures(source, threads, say)
+        if not cuda:
+            from moespeq_cli import kernels
+
+            # the kernels' timings as the cpu backend decodes (runtime/engine.py): its pool
+            # takes the cores and torch steps down to one thread. Two pools on 2 cores: a
+            # 4.7 MB expert's figure after torch's work came out at 0.24-0.48 ms, 0.25-0.32
+            # with one. (The disk is timed before, as it always was: in fresh processes on
+            # this VM it read 1.77-2.03 GB/s four in flight that way, 1.69-1.79 after.)
+            kernels.claim_threads()
         disk.update(read_host_figures(source, threads, say))
         # a busy figure spans two reads of the background's (2 in flight) at the disk's speed
         span = 2 * DISK_EXTENT / disk["disk_queue_bandwidth"][min(1, len(disk["disk_queue_bandwidth"]) - 1)]
