@@ -961,6 +961,9 @@ def quick_calibration(monkeypatch):
         ),
     )
     monkeypatch.setattr(cal, "kernel_curves", lambda *a, **k: {})
+    from moespeq_cli import kernels
+
+    monkeypatch.setattr(kernels, "claim_threads", lambda: None)  # (process-wide: not from a test)
     monkeypatch.setattr(
         cal, "disk_source", contextlib.contextmanager(lambda directory, model_file, say: iter([("f", 0)]))
     )
@@ -1022,31 +1025,41 @@ def test_kernels_are_timed_as_the_cpu_backend_runs_them(quick_calibration, monke
     """On a CPU the decode's kernels run in their own pool, torch stepping down to one
     thread (``kernels.claim_threads``): calibrated with torch's pool beside it (two pools
     spinning on two cores), a 4.7 MB expert's timing came out 0.24-0.48 ms against
-    0.25-0.32. The curves and the wake after a read are timed with the threads claimed; the
-    disk before, as it always was (in fresh processes it read 1.77-2.03 GB/s four in flight
-    that way, 1.69-1.79 after: the drive's drift or not, the figure is left as it was)."""
+    0.25-0.32. On a ``cpu`` profile the read costs (the wake curve times kernels) and the
+    curves are timed with the threads claimed; the disk before, as it always was (in fresh
+    processes it read 1.77-2.03 GB/s four in flight that way, 1.69-1.79 after: the drive's
+    drift or not, the figure is left as it was). A GPU's calibration claims nothing: the
+    cuda backend does not."""
     from moespeq_cli import kernels
 
-    if not kernels.available() or kernels._pool <= 1:
-        pytest.skip("no kernel pool on this machine: nothing to claim")
     cal = quick_calibration
     seen = []
-    disk = cal.disk_figures  # (the fixture's)
-    monkeypatch.setattr(cal, "disk_figures", lambda *a: seen.append(torch.get_num_threads()) or disk(*a))
-    monkeypatch.setattr(cal, "kernel_curves", lambda *a, **k: seen.append(torch.get_num_threads()) or {})
-    monkeypatch.setattr(kernels, "_claimed", False)
+
+    def seeing(name):
+        fake = getattr(cal, name)  # (the fixture's)
+        monkeypatch.setattr(cal, name, lambda *a, **k: seen.append((name, torch.get_num_threads())) or fake(*a, **k))
+
+    for name in ("disk_figures", "read_host_figures", "kernel_curves"):
+        seeing(name)
+    monkeypatch.setattr(kernels, "claim_threads", lambda: torch.set_num_threads(1))  # what it does, undone below
+    monkeypatch.setattr(cal, "cuda_figures", lambda say: {})
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        cal.calibrate(tmp_path, cuda=False, say=lambda s: None, overheads=False)
+        for cuda in (False, True):
+            torch.set_num_threads(2)
+            cal.calibrate(tmp_path, cuda=cuda, say=lambda s: None, overheads=False)
     finally:
         torch.set_num_threads(before)
-    assert seen == [2, 1]
+    cpu, gpu = seen[:3], seen[3:]
+    assert cpu == [("disk_figures", 2), ("read_host_figures", 1), ("kernel_curves", 1)]
+    assert gpu == [("disk_figures", 2), ("read_host_figures", 2), ("kernel_curves", 2)]
 
 
 def test_each_kernel_timing_starts_from_the_kernels_steady_state(monkeypatch):
     """The first calls after other work (copying the weights, waiting for reads) run
-    1.5-4x slower for 10-14 calls: each shape's timings follow ``WARM_S`` of its calls."""
+    1.5-4x slower for 10-14 calls: each shape's timings, quiet and beside reads, follow
+    ``WARM_S`` of its calls."""
+    import contextlib
     import time
 
     import moespeq_cli.runtime.planning.calibrate as cal
@@ -1055,13 +1068,19 @@ def test_each_kernel_timing_starts_from_the_kernels_steady_state(monkeypatch):
     monkeypatch.setattr(cal, "COLD_BYTES", 1)
     monkeypatch.setattr(cal, "TOKENS", (1, 2))
     events = []
-    monkeypatch.setattr(cal, "warm", lambda fn, seconds=cal.WARM_S: events.append(("warm", fn)))
-    monkeypatch.setattr(cal, "timed", lambda fn, *a, **k: events.append(("timed", fn)) or 1e-3)
-    curves = cal.kernel_curves(torch.device("cpu"), lambda s: None)
-    assert curves and [w for w, _ in events].count("warm") == 2 * len(curves)  # each curve's two shapes
-    for i, (what, fn) in enumerate(events):
-        if what == "warm":
-            assert events[i + 1] == ("timed", fn)  # the batch it warms is the one timed next
+    monkeypatch.setattr(cal, "warm", lambda fn, seconds=None: events.append(("warm", fn, seconds)))
+    monkeypatch.setattr(cal, "timed", lambda fn, *a, **k: events.append(("timed", fn, None)) or 1e-3)
+    monkeypatch.setattr(cal, "mean_over", lambda fn, *a, **k: events.append(("busy", fn, None)) or 1e-3)
+    monkeypatch.setattr(cal, "reading", contextlib.contextmanager(lambda source: iter([lambda: 0.0])))
+    curves = cal.kernel_curves(torch.device("cpu"), lambda s: None, busy_file=("f", 1))
+    quiet = [name for name in curves if not name.endswith("@busy")]
+    assert quiet and len(curves) == 2 * len(quiet)
+    warms = [i for i, e in enumerate(events) if e[0] == "warm"]
+    assert len(warms) == 2 * len(curves)  # each curve's two shapes, both variants
+    for i in warms:
+        assert events[i][2] is None  # for WARM_S, the default
+        assert events[i + 1][0] in ("timed", "busy") and events[i + 1][1] is events[i][1]  # the batch timed next
+    assert {events[i + 1][0] for i in warms} == {"timed", "busy"}
     monkeypatch.undo()
     calls = []
     t0 = time.perf_counter()
@@ -1070,6 +1089,7 @@ def test_each_kernel_timing_starts_from_the_kernels_steady_state(monkeypatch):
     calls.clear()
     cal.warm(lambda: calls.append(1), 0.0)
     assert calls == [1]  # once at least
+    assert cal.warm.__defaults__ == (cal.WARM_S,)
 
 
 def test_calibrate_says_when_the_host_time_was_not_measured(quick_calibration, cli, tmp_path):

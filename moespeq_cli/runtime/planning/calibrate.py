@@ -221,9 +221,20 @@ def kernel_curves(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     curves: dict = {}
 
-    def curve(name: str, bind, x_dtype: torch.dtype, weight_bytes: Callable[[int, int], int], tokens=TOKENS) -> None:
+    def curve(
+        name: str,
+        bind,
+        x_dtype: torch.dtype,
+        weight_bytes: Callable[[int, int], int],
+        tokens=TOKENS,
+        held_bytes: Callable[[int, int], int] | None = None,
+    ) -> None:
         """``bind(h, i, made)`` makes one copy of the weights (``copies(made, ...)``: drawn once
-        a shape) and returns ``fn(x)`` computing with it."""
+        a shape) and returns ``fn(x)`` computing with it. ``weight_bytes``: what a call
+        streams (the curve's sizes); ``held_bytes``: what a copy holds, by which the copies
+        are counted (the same unless said: a draft's reference path streams bf16 weights it
+        dequantizes each call, its copies hold the 4-bit parts)."""
+        held_bytes = held_bytes or weight_bytes
         variants = [(name, None)]
         if busy_file is not None and device.type == "cpu":
             variants.append((f"{name}@busy", busy_file))
@@ -235,7 +246,7 @@ def kernel_curves(
             rows, sizes, ops = [], [], 1
             for h, i in SHAPES:
                 if (h, i) not in weights:
-                    weights[h, i] = [bind(h, i, made) for _ in range(cold_count(weight_bytes(h, i)))]
+                    weights[h, i] = [bind(h, i, made) for _ in range(cold_count(held_bytes(h, i)))]
                 copies = weights[h, i]
                 calls = []
                 for t in tokens:
@@ -328,6 +339,7 @@ def kernel_curves(
             torch.float32,
             lambda h, i, q=q, path=path: int(3 * h * i * q.bytes_per_weight(path)),
             DEQUANT_TOKENS if path == "reference" else TOKENS,
+            lambda h, i, q=q: int(3 * h * i * q.bytes_per_weight("kernel")),  # the codes and scales
         )
     return curves
 
@@ -1033,7 +1045,8 @@ def profile_yaml(figures: dict) -> str:
         out.append(
             f"{table}:  # measured {today}: the median of up to {CURVE_REPS} calls a point after "
             f"{WARM_S * 1e3:.0f} ms of calls, weights cycled through {COLD_BYTES // 2**20} MiB (beyond the last-level "
-            "cache); NAME@busy: the mean over two reads' time of calls, O_DIRECT reads running beside"
+            "cache), on a cpu profile the threads as the cpu backend sets them; NAME@busy: the mean over two reads' "
+            "time of calls, O_DIRECT reads running beside"
         )
         for name, c in figures[table].items():
             rows = ", ".join("[" + ", ".join(_num(x) for x in row) + "]" for row in c["seconds"])
