@@ -8,7 +8,8 @@ it writes is a measurement of this machine, stamped with the date and the method
   cost of reading a value back (a sync);
 - kernel curves: seconds per call by batch size (1 to 16 tokens) at two weight sizes, in
   steady state (after ``WARM_S`` of calls, the weights cycled beyond the last-level cache,
-  on a CPU with the threads as the cpu backend runs them), for each kernel the runtime calls: ``linear:<weights>[:<activations>]`` (a non-expert
+  on a ``cpu`` profile with the threads as the cpu backend sets them), for each kernel
+  the runtime calls: ``linear:<weights>[:<activations>]`` (a non-expert
   layer as the device computes it: on a CPU through moespeq's kernels where they apply),
   ``expert:<weights>:<activations>`` (a routed expert exactly as the executor computes
   it, widening included), ``draft:kernel`` / ``draft:packed`` / ``draft:reference`` (the 4-bit draft's
@@ -66,7 +67,8 @@ COLD_BYTES = 256 * 2**20
 # seconds of calls before a kernel's timing: after other work (copying its weights, another
 # kernel's timing, waiting for reads to land) the first 10-14 calls of a 4.7 MB expert took
 # 1.5-4x its steady time (the pool's workers and an idle vCPU coming back), where a
-# decode's kernels follow one another; a median of nine such calls was 0.24-0.48 ms
+# decode's kernels follow one another: its median of nine calls right after its weights
+# were copied was 0.25-0.32 ms, after 20 ms of calls 0.22-0.27
 WARM_S = 0.02
 DISK_EXTENT = 22 * 2**20  # a whole number of pages, like a span the runtime reads
 WAIT_S = 30.0  # the longest the background reads of a busy kernel timing may take to land or stop
