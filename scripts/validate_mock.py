@@ -91,7 +91,7 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
     elif not (path / "config.json").is_file():
-        sys.exit(
+        ap.error(  # a usage error: argparse's, exit 2 (sys.exit(str) exited 1)
             f"--checkpoint {path} has no config.json; give a checkpoint directory (scripts/make_checkpoint.py writes one)"
         )
     if saved_draft(path, EngineOptions.quant_method, EngineOptions.blocksize) is None:

@@ -1092,6 +1092,21 @@ def test_each_kernel_timing_starts_from_the_kernels_steady_state(monkeypatch):
     assert cal.warm.__defaults__ == (cal.WARM_S,)
 
 
+def test_validate_mock_refuses_a_checkpoint_that_is_not_one(tmp_path):
+    """A directory without config.json is a usage error (exit 2, said on stderr), found
+    before anything is built, calibrated or run."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "validate_mock.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--checkpoint", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, r.stderr
+    assert f"--checkpoint {tmp_path} has no config.json; give a checkpoint directory" in r.stderr
+    assert not list(tmp_path.iterdir())  # nothing written into it
+
+
 def test_calibrate_says_when_the_host_time_was_not_measured(quick_calibration, cli, tmp_path):
     out = tmp_path / "mine.yaml"
     r = cli("calibrate", "--out", str(out), "--disk-dir", str(tmp_path), "--json")
