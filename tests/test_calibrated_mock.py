@@ -271,9 +271,6 @@ def test_the_disk_is_timed_by_its_reads_own_intervals(monkeypatch):
                 done(start, self.free[i])
             return type("Read", (), {"wait": lambda self: None})()
 
-        def cpu_per_byte(self):
-            return 0.0
-
         def read_into(self, extents, dest):
             pass
 
@@ -947,7 +944,7 @@ def quick_calibration(monkeypatch):
         cal,
         "disk_figures",
         lambda source, threads, say: dict(
-            disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=[1e9], disk_read_cpu=0.0, direct=True
+            disk_bandwidth=1e9, disk_latency=1e-4, disk_queue_bandwidth=[1e9], direct=True
         ),
     )
     monkeypatch.setattr(

@@ -132,9 +132,9 @@ class MockBackend(Backend):
         read costs 0.11 ms). A kernel priced by a curve measured with reads beside it
         (``NAME@busy``) pays it too: calibrate leaves the reads' CPU time out of that curve.
         A read that starts while the compute stream waits, or runs the single-threaded host
-        code between kernels (``kernels=False``), costs nothing more: a core is free for
-        it (nor does one beside a kernel a profile from before ``read_cpu_overhead`` prices
-        by its busy curve, which holds it)."""
+        code between kernels, costs nothing more: a core is free for it; nor does one beside
+        a kernel that a profile from before ``read_cpu_overhead`` prices by its busy curve,
+        which holds it (both ``kernels=False``)."""
         end = start + seconds
         pending = self._read_cpu
         if not pending:

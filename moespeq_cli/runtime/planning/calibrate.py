@@ -543,7 +543,6 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
     name, size = source
     spans = spans_of(source)
     seen: dict[int, list[float]] = {q: [] for q in range(1, threads + 1)}
-    cpu: list[float] = []  # CPU seconds per byte, a figure a pass
     direct = None
     buffers = landing(threads)
     for r in range(rounds):
@@ -567,8 +566,6 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
                 for rd in reads:
                     rd.wait()
                 seen[q].append(queue_curve(ivs, q)[q - 1])
-                if q == 1:  # a read's own CPU time: with more in flight they contend for the cores too
-                    cpu.append(reader.cpu_per_byte() or 0.0)
                 direct = reader.direct
     queue = non_decreasing([statistics.median(seen[q]) for q in range(1, threads + 1)])
     say("disk: latency")
@@ -584,7 +581,6 @@ def disk_figures(source: tuple[str, int], threads: int, say: Callable[[str], Non
         "disk_bandwidth": max(queue),
         "disk_queue_bandwidth": queue,
         "disk_latency": statistics.median(lat),
-        "disk_read_cpu": statistics.median(cpu),
         "direct": direct,
     }
 
@@ -629,10 +625,11 @@ def read_cpu_points(
 ) -> dict[int, float]:
     """{bytes: the I/O thread's CPU seconds a read (``thread_time``)} for reads of each of
     ``sizes`` into ``dest``, one after another with the CPU otherwise idle: the time a read
-    takes from a kernel it starts beside is the thread's running time. (Timed between the wake curve's kernel calls, the pool's workers spinning
-    through each wait, the same reads took 0.16-0.19 ms of CPU at 0.5 and 2 MiB, against
-    0.06 and 0.11 ms one after another; in a decode, four 2.4 MB reads starting beside a
-    kernel delayed it 0.46 ms, 0.115 ms a read.)"""
+    takes from a kernel it starts beside is the thread's running time. (Timed between the
+    wake curve's kernel calls, the pool's workers spinning through each wait, the same
+    reads took 0.16-0.19 ms of CPU at 0.5 and 2 MiB, against 0.06 and 0.11 ms one after
+    another; in a decode, four 2.4 MB reads starting beside a kernel delayed it 0.46 ms,
+    0.115 ms a read.)"""
     out = {}
     for nbytes in sizes:
         spans = spans_of(source, nbytes)

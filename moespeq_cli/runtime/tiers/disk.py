@@ -356,11 +356,6 @@ class DiskReader:
         with self.lock:
             return self.bytes_read / self.busy_s if self.busy_s > 0 and self.bytes_read else None
 
-    def cpu_per_byte(self) -> float | None:
-        """CPU seconds the reads cost per byte read so far (None before the first)."""
-        with self.lock:
-            return self.cpu_s / self.bytes_read if self.bytes_read else None
-
     def cpu_seconds(self) -> float:
         """CPU seconds the reads that have finished so far cost their threads (``thread_time``)."""
         with self.lock:
