@@ -1089,6 +1089,30 @@ def test_each_kernel_timing_starts_from_the_kernels_steady_state(monkeypatch):
     assert cal.warm.__defaults__ == (cal.WARM_S,)
 
 
+@pytest.mark.parametrize("busy_s, expect_s", [(1e-3, 2e-3), (3e-3, 3e-3)])
+def test_a_busy_figure_is_never_below_the_quiet_one(monkeypatch, busy_s, expect_s):
+    """Reads beside a kernel never make it faster: a busy mean that comes out below the
+    same shape's quiet median (the reads' CPU time taken off it, noise) is floored at it;
+    one above it is kept."""
+    import contextlib
+
+    import moespeq_cli.runtime.planning.calibrate as cal
+
+    monkeypatch.setattr(cal, "SHAPES", ((64, 128), (128, 256)))
+    monkeypatch.setattr(cal, "COLD_BYTES", 1)
+    monkeypatch.setattr(cal, "TOKENS", (1, 2))
+    monkeypatch.setattr(cal, "warm", lambda fn, seconds=None: None)
+    monkeypatch.setattr(cal, "timed", lambda fn, *a, **k: 2e-3)
+    monkeypatch.setattr(cal, "mean_over", lambda fn, *a, **k: busy_s)
+    monkeypatch.setattr(cal, "reading", contextlib.contextmanager(lambda source: iter([lambda: 0.0])))
+    curves = cal.kernel_curves(torch.device("cpu"), lambda s: None, busy_file=("f", 1))
+    busy = [name for name in curves if name.endswith("@busy")]
+    assert busy
+    for name in busy:
+        assert {s for row in curves[name]["seconds"] for s in row} == {expect_s}
+        assert {s for row in curves[name.removesuffix("@busy")]["seconds"] for s in row} == {2e-3}
+
+
 def test_validate_mock_refuses_a_checkpoint_that_is_not_one(tmp_path):
     """A directory without config.json is a usage error (exit 2, said on stderr), found
     before anything is built, calibrated or run."""
