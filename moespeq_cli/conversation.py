@@ -28,6 +28,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.stopped = False
+        self.dropped = ""  # once stopped: the text held or pushed from the stop string on, not shown
 
     def push(self, text: str) -> str:
         """The part of ``text`` (after what was held back) that is safe to show now."""
@@ -36,7 +37,7 @@ class StopMatcher:
         buf = self.pending + text
         cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
-            self.stopped, self.pending = True, ""
+            self.stopped, self.pending, self.dropped = True, "", buf[cut:]
             return buf[:cut]
         hold = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
         self.pending = buf[len(buf) - hold :] if hold else ""

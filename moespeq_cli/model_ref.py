@@ -243,8 +243,13 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
 
     check_named(model)
     given = Path(os.path.expanduser(model)) if model is not None else None
-    if given is not None and given.suffix == ".json" and kind(given) == "file":
-        return model, read_json(given, "fix the file"), str(given)
+    if given is not None and kind(given) == "file":
+        if given.suffix == ".json":
+            return model, read_json(given, "fix the file"), str(given)
+        raise UnknownModelError(
+            f"{shown(model)} is a file, neither a checkpoint directory nor a model's config .json; pass the "
+            "directory that holds config.json, or that config.json"
+        )
 
     def bundled(alias: str) -> dict:
         path = CONFIGS_DIR / f"{alias}.json"

@@ -132,9 +132,12 @@ def said(model: str) -> str:
 def repo_named(model: str) -> str:
     """The hub id of the cached repository ``model`` names: an alias, a hub id (the cached
     model, even where a directory here has that name: rm removes nothing else), or a path
-    into the cache (the repository's folder, one of its snapshots)."""
+    into the cache (the repository's folder, one of its snapshots) or its folder's bare name
+    (``models--ORG--NAME``, as ``ls`` and ``huggingface-cli scan-cache`` show it)."""
     check_named(model)
     repo = ALIASES[model][0] if model in ALIASES else model if looks_like_hub_id(model) else None
+    if repo is None and "/" not in model and os.sep not in model:
+        repo = repo_of(model)  # (not in the cache: refused below, with a suggestion)
     cache = check_hub_cache()
     path = Path(os.path.expanduser(model))
     if (repo is None or not os.path.lexists(repo_dir(repo))) and kind(path) == "a directory":
@@ -163,7 +166,8 @@ def repo_named(model: str) -> str:
     cached = cached_repos(cache)
     names = cached + [a for r in cached if (a := alias_of(r))]
     which = said(model) if repo in (None, model) else f"{model} ({repo})"
-    raise UnknownModelError(f"{which} is not on this machine{did_you_mean(model, names)}; `moespeq list` shows what is")
+    near = did_you_mean(repo if repo is not None and repo == repo_of(model) else model, names)  # (a folder: its id's)
+    raise UnknownModelError(f"{which} is not on this machine{near}; `moespeq list` shows what is")
 
 
 def cached_repo_at(path: Path, cache: Path) -> str | None:

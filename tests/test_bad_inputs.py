@@ -83,6 +83,8 @@ def test_a_file_named_like_a_hub_id_is_a_file(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_line_error(cli("run", "q/fp8.json"), 2, "q/fp8.json is a file, not a checkpoint directory")
     one_line_error(cli("plan", "q/fp8.json"), 1, "names no model_type")  # (plan reads a config file itself)
+    (tmp_path / "notes.txt").write_text("{}")  # any other file: plan says it takes a config file too
+    one_line_error(cli("plan", "notes.txt"), 2, "is a file", "directory that holds config.json, or that config.json")
     from moespeq_cli.model_ref import CONFIGS_DIR
 
     (tmp_path / "q" / "config.json").write_text((CONFIGS_DIR / "mixtral.json").read_text())

@@ -746,6 +746,37 @@ def test_run_says_why_its_text_ended(tiny, cli, tmp_path):
     assert "end-of-sequence" not in cli("run", str(src), *args).stderr
 
 
+def test_run_stops_before_a_stop_string(cli):
+    """`run --stop` (as chat's and the server's): the text ends before the string, on
+    stdout and in --json, whose token_ids keep the token that completed it (stats count
+    it); a string whose start ends the text but never completes holds nothing back."""
+    from moespeq_cli.model_ref import DEMO_DIR
+    from moespeq_cli.runtime.engine import Engine, EngineOptions
+    from moespeq_cli.tokenizer import stream_text
+
+    args = ("-n", "40", "--backend", "cpu")
+    full = json.loads(cli("run", *args, "--json").stdout)
+    text = full["text"]
+    stop = text[21:26]  # across tokens
+    cut = text.find(stop)
+    assert 0 < cut < len(text) - len(stop), text
+    r = cli("run", *args, "--stop", stop, "--stop", "never said", "--json")
+    out = json.loads(r.stdout)
+    assert out["text"] == text[:cut] and out["finish_reason"] == "stop", (out["text"], text)
+    ids = out["token_ids"]
+    assert ids == full["token_ids"][: len(ids)] and out["stats"]["new_tokens"] == len(ids)
+    tokenizer = Engine(DEMO_DIR, EngineOptions(backend="cpu", draft="none")).tokenizer
+    assert stop in stream_text(tokenizer, ids) and stop not in stream_text(tokenizer, ids[:-1])
+    r = cli("run", *args, "--stop", stop)
+    assert r.exit_code == 0 and r.stdout.rstrip("\n") == text[:cut].rstrip("\n"), (r.stdout, r.stderr)
+    assert "end-of-sequence" not in r.stderr
+    tail = text[-2:] + "\u2603"  # its first two characters end the text: held back, then shown
+    r = cli("run", *args, "--stop", tail)
+    assert r.exit_code == 0 and r.stdout.rstrip("\n") == text.rstrip("\n"), (r.stdout, r.stderr)
+    out = json.loads(cli("run", *args, "--stop", tail, "--json").stdout)
+    assert out["text"] == text and out["finish_reason"] == full["finish_reason"]
+
+
 def test_a_profile_stopped_by_ctrl_c_writes_what_it_recorded(tiny, cli, tmp_path, monkeypatch):
     """Ctrl-C during `profile --trace --report` (a long run, enough seen) left neither file:
     both are written for the tokens generated, as a profiler writes what it recorded when
@@ -788,3 +819,40 @@ def test_trace_events_that_meet_do_not_overlap_by_a_rounding():
     events = [e for e in timeline.chrome_trace()["traceEvents"] if e["ph"] == "X"]
     for a, b in zip(events, events[1:], strict=False):
         assert round(a["ts"] * 1e3) + round(a["dur"] * 1e3) == round(b["ts"] * 1e3), (a, b)
+
+
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_no_color_makes_moespeqs_own_lines_plain(monkeypatch, no_color):
+    """$NO_COLOR (set, not empty) drops dim and bold too, which rich alone keeps: the
+    plan, stats and notes lines, the tables, a reasoning model's dimmed thoughts."""
+    import io
+    import sys
+
+    from rich.text import Text
+
+    from moespeq_cli.cli import render
+
+    monkeypatch.setenv("NO_COLOR", no_color)
+    buf = io.StringIO()
+    render.console(file=buf, force_terminal=True).print(Text("note", style="dim"), Text("head", style="bold"))
+    term = io.StringIO()
+    term.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", term)
+    render.Renderer().reasoning("thinking")
+    styled = "\x1b[" in buf.getvalue() or "\x1b[" in term.getvalue()
+    assert styled == (no_color == ""), (buf.getvalue(), term.getvalue())
+    assert "note" in buf.getvalue() and "thinking" in term.getvalue()
+
+
+def test_other_names_users_type_for_commands(cli):
+    """`ls` and `remove` (ollama's and others' names) are `list` and `rm`; `help [COMMAND]`
+    is --help; none is listed as a command of its own."""
+    assert cli("ls", "--json").stdout == cli("list", "--json").stdout != ""
+    assert cli("help", "rm").stdout == cli("rm", "--help").stdout != ""
+    top = cli("help")
+    assert top.exit_code == 0 and top.stdout == cli("--help").stdout
+    assert not re.search(r"│ (ls|remove|help) ", top.stdout)
+    r = cli("remove", "no-such-model", "--yes")
+    assert r.exit_code == 2 and "no-such-model is not on this machine" in r.stderr
+    r = cli("help", "nope")
+    assert r.exit_code == 2 and "No such command 'nope'" in r.stderr

@@ -361,6 +361,11 @@ def test_calibrate_refuses_an_unwritable_out_before_measuring(cli, tmp_path):
     blocker.write_text("")
     # refused at once: measuring first would take a minute, past the case's hang guard
     one_line_error(cli("calibrate", "--out", str(blocker / "sub" / "p.yaml")), 2, "--out", "not a directory")
+    # a directory that is not there is not made (a mistyped path leaves nothing behind), as
+    # every file option refuses it
+    missing = tmp_path / "no" / "such"
+    one_line_error(cli("calibrate", "--out", str(missing / "p.yaml")), 2, "--out", "does not exist; create it")
+    assert not (tmp_path / "no").exists()
 
 
 def test_trace_through_a_symlink_replaces_its_target(cli, ckpt, tmp_path):

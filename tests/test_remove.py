@@ -367,6 +367,20 @@ def test_a_model_named_by_its_cache_folder_twice_or_beside_a_directory_of_that_n
     assert (here / "acme" / "plan-only" / "config.json").read_text() == "{}"
 
 
+def test_a_model_named_by_its_cache_folders_bare_name(pulled, cli, tmp_path, monkeypatch):
+    """``models--ORG--NAME`` as ``ls`` of the cache shows it, from anywhere; a name of that
+    form not in the cache is refused with a suggestion, nothing removed."""
+    monkeypatch.chdir(tmp_path)
+    r = cli("rm", "models--acme--tiny-olmo", "--yes")
+    assert r.exit_code == 2 and "not on this machine" in r.stderr and "acme/tiny-olmoe" in r.stderr, r.stderr
+    assert (pulled / "models--acme--tiny-olmoe").is_dir()
+    r = cli("rm", "models--acme--tiny-olmoe", "--yes", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [m["repo"] for m in json.loads(r.stdout)["removed"]] == ["acme/tiny-olmoe"]
+    assert not (pulled / "models--acme--tiny-olmoe").exists()
+    assert (pulled / "models--acme--plan-only").is_dir()
+
+
 def test_rm_demo_removes_the_drafts_built_of_it_alone(cli, monkeypatch, tmp_path):
     from moespeq_cli.model_ref import DEMO_DIR
 

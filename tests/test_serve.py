@@ -225,6 +225,8 @@ def test_disconnect_mid_stream_frees_the_server(served):
         (json.dumps({"messages": []}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}), 400, None),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ""}), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), 404, "model_not_found"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": 5}), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": ["demo"]}), 400, "invalid_value"),

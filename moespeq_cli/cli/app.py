@@ -56,8 +56,24 @@ def standard_streams():
     return restore
 
 
+# other names users of ollama and friends type, not listed in --help
+COMMAND_ALIASES = {"ls": "list", "remove": "rm"}
+
+
+def help_command(argv: list[str]) -> list[str]:
+    """``moespeq help [COMMAND]`` (as git's and ollama's): that command's --help, or the
+    list of commands; an unknown COMMAND is said as any unknown command is."""
+    if argv[:1] != ["help"]:
+        return argv
+    return [*argv[1:2], "--help"]
+
+
 class MoespeqGroup(TyperGroup):
-    """Runs commands in non-standalone mode so that cli/errors.py maps every failure."""
+    """Runs commands in non-standalone mode so that cli/errors.py maps every failure;
+    ``ls``/``remove`` are other names of ``list``/``rm``, and ``help`` shows help."""
+
+    def get_command(self, ctx, cmd_name):
+        return super().get_command(ctx, COMMAND_ALIASES.get(cmd_name, cmd_name))
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         import sys
@@ -78,8 +94,9 @@ class MoespeqGroup(TyperGroup):
         from moespeq_cli.fs import anchor_hub_cache
 
         anchor_hub_cache()  # (before huggingface_hub reads its environment)
-        argv = list(sys.argv[1:] if args is None else args)
+        argv = help_command(list(sys.argv[1:] if args is None else args))
         command = next((a for a in argv if not a.startswith("-")), None)
+        command = COMMAND_ALIASES.get(command, command)
         if command not in self.commands:
             command = None
         restore_streams = standard_streams()

@@ -67,7 +67,8 @@ def calibrate(
         Optional[Path],
         typer.Option(
             "--out",
-            help="Where to write the profile (an existing file is replaced only if it is a hardware profile). "
+            help="Where to write the profile, in an existing directory (an existing file is replaced only if it is a "
+            "hardware profile). "
             "Default: ~/.cache/moespeq/profiles/calibrated-cpu.yaml (-gpu with CUDA).",
             show_default=False,
         ),
@@ -116,8 +117,8 @@ def calibrate(
     import sys
 
     import torch
-    from rich.console import Console
 
+    from moespeq_cli.cli.render import console as make_console
     from moespeq_cli.errors import MoespeqError, UsageError
     from moespeq_cli.fs import (
         atomic_write_text,
@@ -143,14 +144,15 @@ def calibrate(
     if out.suffix not in (".yaml", ".yml"):
         raise UsageError(f"--out {out} must end in .yaml (it is a hardware profile)")
     replacing = is_regular(out) and os.path.getsize(out) > 0  # (an empty file held no profile)
-    # refused before a minute of measuring: an --out that cannot be written (its directory,
-    # made when writing, must be creatable in the nearest one that exists)
+    # refused before a minute of measuring: an --out that cannot be written (a given one's
+    # directory must exist, as every file option's; the cache's, made when writing, must be
+    # creatable in the nearest one that exists)
     where = out.parent
     while not os.path.lexists(where) and where != where.parent:
         where = where.parent
     # the default path lies in moespeq's cache: a cache that cannot be written is said as such
     named = "--out" if given else "the calibration (moespeq's cache; --out writes elsewhere)"
-    if where == out.parent:
+    if given or where == out.parent:
         check_output(out, named)
     elif not is_dir(where) or cannot_write_in(where) is not None:
         why = "not a directory" if not is_dir(where) else cannot_write_in(where)
@@ -189,7 +191,7 @@ def calibrate(
             Tokenizer(ckpt.path, ckpt.raw_config)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True, highlight=False)
+    console = make_console(stderr=True, highlight=False)
     # the bar counts the calibration's phases, in the order it measures them (each step's
     # words begin with its phase's), the step in hand beside it
     phases = ["host ", "disk:", "kernel ", *(["GPU:"] if cuda else []), "host time:"]
@@ -239,7 +241,7 @@ def calibrate(
     text = profile_yaml(figures)
     try:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)  # (the cache's; a given --out's exists)
         except OSError as e:
             raise UsageError(f"{named} {out}: cannot create its directory ({e.strerror})") from None
         atomic_write_text(out, text, own=PROFILE if given else None)

@@ -134,13 +134,11 @@ def chat(
     send it beginning with /.
     """
     from moespeq_cli.cli.render import Renderer
-    from moespeq_cli.cli.run import result_dict, sampling_params, utf8_text
+    from moespeq_cli.cli.run import result_dict, sampling_params, stop_strings, utf8_text
 
     options = o.engine_options(locals())
     system = utf8_text(system, "--system") if system is not None else None
-    stop = [utf8_text(s, "--stop") for s in stop or []]
-    if "" in stop:
-        raise UsageError("--stop is empty; give the text an answer stops before")
+    stop = stop_strings(stop)
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
         from moespeq_cli.conversation import Answer, Conversation, complete
 

@@ -66,15 +66,16 @@ def pull(
         if json_out:
             print(json.dumps({"aliases": rows}))
             return
-        from rich.console import Console
         from rich.table import Table
+
+        from moespeq_cli.cli.render import console
 
         t = Table(title="moespeq aliases")
         for col in ("alias", "hub id", "download", "cached"):
             t.add_column(col)
         for r in rows:
             t.add_row(r["alias"], r["repo"], f"{r['size_gb']:.1f} GB", "yes" if r["cached"] else "")
-        Console().print(t)
+        console().print(t)
         return
     if model is None:
         raise UsageError("pull needs a MODEL (an alias or org/name); see `moespeq pull --list`")

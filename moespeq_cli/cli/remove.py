@@ -36,16 +36,17 @@ def remove(
 ) -> None:
     """Remove models from the Hugging Face cache, with the drafts moespeq built for them.
 
-    Every revision of each model goes, and the 4-bit drafts `moespeq quantize` kept for it
-    in moespeq's cache; nothing else. A model is named by its alias or hub id (`moespeq
-    list` shows those moespeq runs; another repository in the cache is removed by its id
-    too) or by its folder in the cache. Checkpoints in your own directories are never
-    removed (delete a directory of yours yourself); `moespeq rm demo` removes only the
-    drafts quantize built of the built-in demo. Every name is checked before anything is
-    deleted; a model being downloaded or quantized is left alone. Asks before removing
-    unless --yes (required where stdin is not a terminal). A Ctrl-C waits for the model
-    being deleted to be gone (a second one stops at once); a `moespeq run` or `serve`
-    using a removed model keeps reading its open files until it exits.
+    Every revision of each model goes, and the 4-bit drafts `moespeq quantize` kept for
+    it in moespeq's cache; nothing else. A model is named by its alias or hub id
+    (`moespeq list` shows those moespeq runs; another repository in the cache is removed
+    by its id too) or by its folder in the cache (a path to it, or its name:
+    models--ORG--NAME). Checkpoints in your own directories are never removed (delete a
+    directory of yours yourself); `moespeq rm demo` removes only the drafts quantize
+    built of the built-in demo. Every name is checked before anything is deleted; a
+    model being downloaded or quantized is left alone. Asks before removing unless --yes
+    (required where stdin is not a terminal). A Ctrl-C waits for the model being deleted
+    to be gone (a second one stops at once); a `moespeq run` or `serve` using a removed
+    model keeps reading its open files until it exits.
     """
     import json
 

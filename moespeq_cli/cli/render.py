@@ -11,6 +11,21 @@ import threading
 from collections.abc import Iterator
 
 
+def no_color() -> bool:
+    """$NO_COLOR set and not empty (no-color.org): moespeq's text is then plain, its dim
+    and bold dropped with the colours (a terminal where dim reads poorly is one reason to
+    set it)."""
+    return os.environ.get("NO_COLOR", "") != ""
+
+
+def console(**options):
+    """A rich console for moespeq's own lines and tables: plain text under $NO_COLOR
+    (rich alone drops colours but keeps dim and bold)."""
+    from rich.console import Console
+
+    return Console(**options, **({"color_system": None} if no_color() else {}))
+
+
 def _to_terminal(code: bytes) -> None:
     """A terminal control sequence to stderr's descriptor, from a signal handler (no
     exception may leave one)."""
@@ -138,7 +153,7 @@ class Renderer:
         answer alone), dimmed at a terminal."""
         if self.json_mode or not chunk:
             return
-        sys.stderr.write(f"\x1b[2m{chunk}\x1b[0m" if sys.stderr.isatty() else chunk)
+        sys.stderr.write(f"\x1b[2m{chunk}\x1b[0m" if sys.stderr.isatty() and not no_color() else chunk)
         sys.stderr.flush()
         self._thinking = True
 
@@ -246,7 +261,7 @@ class Renderer:
         if result.get("policy"):
             head += f" · {result['policy']}"
         head += "]"
-        console = Console(stderr=True)
+        console = Console(stderr=True)  # (its width alone)
         for line in wrap_fields([f"{head} {parts[0]}", *parts[1:]], console.width if console.is_terminal else None):
             say(line)
 
@@ -255,11 +270,10 @@ def say(text: str, style: str | None = "dim") -> None:
     """One message on stderr, its text as written (never read as rich markup: a path with
     brackets, or the stats line's "[mock · moespeq]", which rich took for a style and
     dropped), wrapped between words at a terminal's width and kept whole in a log."""
-    from rich.console import Console
     from rich.text import Text
 
-    console = Console(stderr=True, highlight=False)
-    console.print(Text(text, style=style or ""), soft_wrap=not console.is_terminal)
+    out = console(stderr=True, highlight=False)
+    out.print(Text(text, style=style or ""), soft_wrap=not out.is_terminal)
 
 
 def wrap_fields(fields: list[str], width: int | None) -> list[str]:
@@ -466,9 +480,7 @@ def table_console(pipe_width: int, **options):
     for every column) unless $COLUMNS says a width, as it does for rich's own output."""
     import os
 
-    from rich.console import Console
-
-    console = Console(**options)
-    if console.is_terminal or os.environ.get("COLUMNS", "").strip().isdigit():
-        return console
-    return Console(width=pipe_width, **options)
+    shown = console(**options)
+    if shown.is_terminal or os.environ.get("COLUMNS", "").strip().isdigit():
+        return shown
+    return console(width=pipe_width, **options)

@@ -33,6 +33,9 @@ EPILOG = """[bold]Examples[/bold]
 
   moespeq run ./ckpt --backend cpu --json | jq .stats.tokens_per_s
 
+  [dim]# end the text before a string (the string left out)[/dim]
+  moespeq run -p "Q: What is 2+2?\\nA:" --stop "Q:" -n 64
+
   [dim]# experts beyond 4 GB stream from disk[/dim]
   moespeq run ./ckpt --backend cpu --ram 4GB
 """
@@ -100,6 +103,14 @@ def utf8_text(value: str, what: str) -> str:
         return os.fsencode(value).decode("utf-8")
     except (UnicodeError, ValueError):
         raise UsageError(f"{what} is not valid UTF-8 text; pass it as UTF-8") from None
+
+
+def stop_strings(stop: list[str] | None) -> list[str]:
+    """``--stop`` as given (repeatable), each UTF-8 and not empty (it would stop nothing)."""
+    stops = [utf8_text(s, "--stop") for s in stop or []]
+    if "" in stops:
+        raise UsageError("--stop is empty; give the text an answer stops before")
+    return stops
 
 
 def stdin_mode() -> int | None:
@@ -182,6 +193,7 @@ def run(
     top_p: o.TopP = 1.0,
     top_k: o.TopK = 0,
     seed: o.Seed = None,
+    stop: o.Stop = None,
     backend: o.Backend = "auto",
     hardware: o.Hardware = None,
     vram: o.Vram = None,
@@ -200,13 +212,18 @@ def run(
     """Generate text with a MoE model.
 
     Streams the completion to stdout and prints a statistics line to stderr. With
-    --temperature 0 (the default) decoding is greedy and deterministic.
+    --temperature 0 (the default) decoding is greedy and deterministic. --stop ends the
+    text before a string (repeatable; the string is left out, and with --json `text` ends
+    before it too while `token_ids` keep the token that completed it; finish_reason
+    "stop").
     """
     from moespeq_cli.cli.render import Renderer
 
     options = o.engine_options(locals())
     out = Renderer(json_mode=json_out)
+    stops = stop_strings(stop)
     with LoadingStatus(quiet=json_out) as status:  # first: what follows imports torch (a second)
+        from moespeq_cli.conversation import StopMatcher
         from moespeq_cli.harmony import Split
 
         check_outputs({"--trace": trace}, model, prompt_file, hardware, draft)
@@ -224,17 +241,25 @@ def run(
         )
         # gpt-oss, think blocks: reasoning to stderr, answer to stdout
         split = Split(engine.tokenizer, uses_template(engine, chat), prompt_ids)
+        matcher = StopMatcher(stops)  # on the answer (a reasoning model's final channel), as chat's
         token_ids: list[int] = []
         thought: list[str] = []  # the reasoning, for --json (its text has the markers decoded away)
 
         def shown(pieces: tuple[str, str]) -> None:
-            thought.append(pieces[1])
-            out.split(*pieces)
+            answer, reasoning = pieces
+            thought.append(reasoning)
+            out.split(matcher.push(answer), reasoning)
 
         def finished() -> dict:
             shown(split.flush())
+            out.text(matcher.flush())  # held back as a stop string's possible start, and none came
             result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
             result["reasoning"] = "".join(thought) if split.router is not None else None
+            if matcher.stopped:  # the raw text less what the stop string begins (it ends the stream)
+                raw = result["text"]
+                if raw.endswith(matcher.dropped):
+                    result["text"] = raw[: len(raw) - len(matcher.dropped)]
+                result["finish_reason"] = "stop"
             return result
 
         def deliver(result: dict) -> None:
@@ -248,7 +273,7 @@ def run(
             out.end_text()
             out.stats_line(result)
             n = len(token_ids)
-            if result["finish_reason"] == "stop" and n < max_new_tokens:
+            if result["finish_reason"] == "stop" and n < max_new_tokens and not matcher.stopped:
                 out.note(f"the model ended its text (end-of-sequence token) after {n} of -n {max_new_tokens}")
             if (note := end_note(engine, result)) and not result["interrupted"]:
                 out.note(note)
@@ -257,7 +282,8 @@ def run(
 
         started = time.perf_counter()
         try:
-            for ev in engine.generate(prompt_ids, max_new_tokens, sampling):
+            events = engine.generate(prompt_ids, max_new_tokens, sampling)
+            for ev in events:
                 if not token_ids and not json_out:
                     # Shown once the first token exists, so that a failure of the first pass
                     # (NaN weights, say) is the only line on stderr.
@@ -269,6 +295,9 @@ def run(
                         out.text(text)
                 token_ids.append(ev.token)
                 shown(split.push(ev.token))
+                if matcher.stopped:
+                    events.close()  # (the generation's statistics are taken as it ends)
+                    break
         except (KeyboardInterrupt, Terminated):
             # Ctrl-C (or kill, timeout): what was generated, its statistics, then
             # `interrupted` (exit 130; 143 for SIGTERM); with --json the object even before

@@ -171,6 +171,10 @@ def parse_options(body: dict, prompt_len: int, context: int, default_max: int, c
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} strings", "invalid_value", "stop")
+    if "" in stops:  # (it would stop nothing: refused, as `chat --stop ""` is)
+        raise ApiError(
+            400, "'stop' holds an empty string; give the text an answer stops before", "invalid_value", "stop"
+        )
     stream = body.get("stream")
     stream = False if stream is None else stream  # null: the default, as for the other fields
     if not isinstance(stream, bool):
