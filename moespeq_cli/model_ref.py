@@ -243,13 +243,8 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
 
     check_named(model)
     given = Path(os.path.expanduser(model)) if model is not None else None
-    if given is not None and kind(given) == "file":
-        if given.suffix == ".json":
-            return model, read_json(given, "fix the file"), str(given)
-        raise UnknownModelError(
-            f"{shown(model)} is a file, neither a checkpoint directory nor a model's config .json; pass the "
-            "directory that holds config.json, or that config.json"
-        )
+    if given is not None and given.suffix == ".json" and kind(given) == "file":
+        return model, read_json(given, "fix the file"), str(given)
 
     def bundled(alias: str) -> dict:
         path = CONFIGS_DIR / f"{alias}.json"
@@ -273,5 +268,10 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
                 f"{model} is not downloaded; `moespeq pull {model} --config-only` fetches just its config"
             )
         return model, read_config(cached), str(cached / "config.json")
+    if model not in (None, DEMO) and kind(Path(os.path.expanduser(model))) == "file":  # (an alias wins, as in run)
+        raise UnknownModelError(
+            f"{shown(model)} is a file, neither a checkpoint directory nor a model's config .json; pass the "
+            "directory that holds config.json, or that config.json"
+        )
     name, path = resolve(model)
     return name, read_config(path), str(path / "config.json")

@@ -133,11 +133,12 @@ def repo_named(model: str) -> str:
     """The hub id of the cached repository ``model`` names: an alias, a hub id (the cached
     model, even where a directory here has that name: rm removes nothing else), or a path
     into the cache (the repository's folder, one of its snapshots) or its folder's bare name
-    (``models--ORG--NAME``, as ``ls`` and ``huggingface-cli scan-cache`` show it)."""
+    (``models--ORG--NAME``, as ``ls`` of the cache and ``huggingface-cli scan-cache`` show it)."""
     check_named(model)
     repo = ALIASES[model][0] if model in ALIASES else model if looks_like_hub_id(model) else None
     if repo is None and "/" not in model and os.sep not in model:
-        repo = repo_of(model)  # (not in the cache: refused below, with a suggestion)
+        folder = repo_of(model)  # (not in the cache: refused below, with a suggestion)
+        repo = folder if folder is not None and looks_like_hub_id(folder) else None
     cache = check_hub_cache()
     path = Path(os.path.expanduser(model))
     if (repo is None or not os.path.lexists(repo_dir(repo))) and kind(path) == "a directory":

@@ -85,6 +85,9 @@ def test_a_file_named_like_a_hub_id_is_a_file(cli, tmp_path, monkeypatch):
     one_line_error(cli("plan", "q/fp8.json"), 1, "names no model_type")  # (plan reads a config file itself)
     (tmp_path / "notes.txt").write_text("{}")  # any other file: plan says it takes a config file too
     one_line_error(cli("plan", "notes.txt"), 2, "is a file", "directory that holds config.json, or that config.json")
+    (tmp_path / "mixtral").write_text("")  # a file named as an alias: the alias, as run takes it
+    r = cli("plan", "mixtral", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["model_type"] == "mixtral", r.stderr
     from moespeq_cli.model_ref import CONFIGS_DIR
 
     (tmp_path / "q" / "config.json").write_text((CONFIGS_DIR / "mixtral.json").read_text())

@@ -757,7 +757,7 @@ def test_run_stops_before_a_stop_string(cli):
     args = ("-n", "40", "--backend", "cpu")
     full = json.loads(cli("run", *args, "--json").stdout)
     text = full["text"]
-    stop = text[21:26]  # across tokens
+    stop = text[21:26]  # across tokens (checked below)
     cut = text.find(stop)
     assert 0 < cut < len(text) - len(stop), text
     r = cli("run", *args, "--stop", stop, "--stop", "never said", "--json")
@@ -767,6 +767,7 @@ def test_run_stops_before_a_stop_string(cli):
     assert ids == full["token_ids"][: len(ids)] and out["stats"]["new_tokens"] == len(ids)
     tokenizer = Engine(DEMO_DIR, EngineOptions(backend="cpu", draft="none")).tokenizer
     assert stop in stream_text(tokenizer, ids) and stop not in stream_text(tokenizer, ids[:-1])
+    assert stop not in stream_text(tokenizer, ids[-1:])  # (so the match spans tokens)
     r = cli("run", *args, "--stop", stop)
     assert r.exit_code == 0 and r.stdout.rstrip("\n") == text[:cut].rstrip("\n"), (r.stdout, r.stderr)
     assert "end-of-sequence" not in r.stderr
@@ -834,13 +835,13 @@ def test_no_color_makes_moespeqs_own_lines_plain(monkeypatch, no_color):
 
     monkeypatch.setenv("NO_COLOR", no_color)
     buf = io.StringIO()
-    render.console(file=buf, force_terminal=True).print(Text("note", style="dim"), Text("head", style="bold"))
+    render.styled_console(file=buf, force_terminal=True).print(Text("note", style="dim"), Text("head", style="bold"))
     term = io.StringIO()
     term.isatty = lambda: True
     monkeypatch.setattr(sys, "stderr", term)
     render.Renderer().reasoning("thinking")
-    styled = "\x1b[" in buf.getvalue() or "\x1b[" in term.getvalue()
-    assert styled == (no_color == ""), (buf.getvalue(), term.getvalue())
+    for out in (buf.getvalue(), term.getvalue()):
+        assert ("\x1b[" in out) == (no_color == ""), out
     assert "note" in buf.getvalue() and "thinking" in term.getvalue()
 
 
@@ -856,3 +857,5 @@ def test_other_names_users_type_for_commands(cli):
     assert r.exit_code == 2 and "no-such-model is not on this machine" in r.stderr
     r = cli("help", "nope")
     assert r.exit_code == 2 and "No such command 'nope'" in r.stderr
+    assert cli("help", "help").stdout == top.stdout  # (as git's)
+    assert cli("help", "--json", "rm").stdout == cli("rm", "--help").stdout  # an option after help: ignored

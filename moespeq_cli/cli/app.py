@@ -62,10 +62,12 @@ COMMAND_ALIASES = {"ls": "list", "remove": "rm"}
 
 def help_command(argv: list[str]) -> list[str]:
     """``moespeq help [COMMAND]`` (as git's and ollama's): that command's --help, or the
-    list of commands; an unknown COMMAND is said as any unknown command is."""
+    list of commands (``help help`` too); options after it are ignored; an unknown
+    COMMAND is said as any unknown command is."""
     if argv[:1] != ["help"]:
         return argv
-    return [*argv[1:2], "--help"]
+    named = next((a for a in argv[1:] if not a.startswith("-")), None)
+    return ["--help"] if named in (None, "help") else [named, "--help"]
 
 
 class MoespeqGroup(TyperGroup):

@@ -118,7 +118,7 @@ def calibrate(
 
     import torch
 
-    from moespeq_cli.cli.render import console as make_console
+    from moespeq_cli.cli.render import styled_console
     from moespeq_cli.errors import MoespeqError, UsageError
     from moespeq_cli.fs import (
         atomic_write_text,
@@ -191,7 +191,7 @@ def calibrate(
             Tokenizer(ckpt.path, ckpt.raw_config)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = make_console(stderr=True, highlight=False)
+    console = styled_console(stderr=True, highlight=False)
     # the bar counts the calibration's phases, in the order it measures them (each step's
     # words begin with its phase's), the step in hand beside it
     phases = ["host ", "disk:", "kernel ", *(["GPU:"] if cuda else []), "host time:"]
@@ -241,7 +241,8 @@ def calibrate(
     text = profile_yaml(figures)
     try:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)  # (the cache's; a given --out's exists)
+            if not given:  # the cache's (a given --out's exists: checked, not made)
+                out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"{named} {out}: cannot create its directory ({e.strerror})") from None
         atomic_write_text(out, text, own=PROFILE if given else None)

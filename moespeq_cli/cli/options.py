@@ -1,6 +1,6 @@
 """The CLI's options, defined once: those run, chat, serve, profile, bench and plan share
-(the README's table of them is generated from these), and chat's own (``AnswerTokens``,
-``Stop``, ``System``, ``ChatJson``)."""
+(the README's table of them is generated from these), chat's own (``AnswerTokens``,
+``System``, ``ChatJson``) and ``Stop`` (chat's and run's)."""
 
 from __future__ import annotations
 
@@ -207,7 +207,12 @@ ConversationContext = Annotated[  # chat's and serve's: a conversation's, not on
 
 Stop = Annotated[
     Optional[list[str]],
-    typer.Option("--stop", help="Stop the answer before this text (repeatable).", show_default=False, metavar="<str>"),
+    typer.Option(
+        "--stop",
+        help="End the output (chat: the answer) before this text, which is left out (repeatable).",
+        show_default=False,
+        metavar="<str>",
+    ),
 ]
 System = Annotated[Optional[str], typer.Option("--system", help="A system message for the conversation.")]
 

@@ -178,7 +178,9 @@ def profile(
         if live:
             from rich.live import Live
 
-            with Live(view(), refresh_per_second=8, transient=False) as lv:
+            from moespeq_cli.cli.render import styled_console
+
+            with Live(view(), console=styled_console(), refresh_per_second=8, transient=False) as lv:
                 for ev in events:
                     token_ids.append(ev.token)
                     text[0] += decoder.push(ev.token)

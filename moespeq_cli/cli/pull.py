@@ -68,14 +68,14 @@ def pull(
             return
         from rich.table import Table
 
-        from moespeq_cli.cli.render import console
+        from moespeq_cli.cli.render import styled_console
 
         t = Table(title="moespeq aliases")
         for col in ("alias", "hub id", "download", "cached"):
             t.add_column(col)
         for r in rows:
             t.add_row(r["alias"], r["repo"], f"{r['size_gb']:.1f} GB", "yes" if r["cached"] else "")
-        console().print(t)
+        styled_console().print(t)
         return
     if model is None:
         raise UsageError("pull needs a MODEL (an alias or org/name); see `moespeq pull --list`")

@@ -93,6 +93,8 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
     count = len(draft_keys(ckpt))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from moespeq_cli.cli.render import styled_console
+
     with Progress(
         TextColumn("quantizing experts"),
         BarColumn(),
@@ -100,7 +102,7 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
         TimeRemainingColumn(),
         transient=True,
         disable=json_out or not sys.stderr.isatty(),
-        console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
+        console=styled_console(stderr=True),
     ) as bar:
         task = bar.add_task("q", total=count)
         experts = quantized_experts(

@@ -18,7 +18,7 @@ def no_color() -> bool:
     return os.environ.get("NO_COLOR", "") != ""
 
 
-def console(**options):
+def styled_console(**options):
     """A rich console for moespeq's own lines and tables: plain text under $NO_COLOR
     (rich alone drops colours but keeps dim and bold)."""
     from rich.console import Console
@@ -52,14 +52,13 @@ class LoadingStatus:
             self._start()
 
     def _start(self) -> None:
-        from rich.console import Console
         from rich.live import Live
         from rich.spinner import Spinner
 
         self._spinner = Spinner("dots", self._text)
         self._live = Live(
             self._spinner,
-            console=Console(stderr=True),
+            console=styled_console(stderr=True),
             transient=True,
             refresh_per_second=12.5,
             redirect_stdout=False,
@@ -272,7 +271,7 @@ def say(text: str, style: str | None = "dim") -> None:
     dropped), wrapped between words at a terminal's width and kept whole in a log."""
     from rich.text import Text
 
-    out = console(stderr=True, highlight=False)
+    out = styled_console(stderr=True, highlight=False)
     out.print(Text(text, style=style or ""), soft_wrap=not out.is_terminal)
 
 
@@ -480,7 +479,7 @@ def table_console(pipe_width: int, **options):
     for every column) unless $COLUMNS says a width, as it does for rich's own output."""
     import os
 
-    shown = console(**options)
+    shown = styled_console(**options)
     if shown.is_terminal or os.environ.get("COLUMNS", "").strip().isdigit():
         return shown
-    return console(width=pipe_width, **options)
+    return styled_console(width=pipe_width, **options)

@@ -34,7 +34,7 @@ EPILOG = """[bold]Examples[/bold]
   moespeq run ./ckpt --backend cpu --json | jq .stats.tokens_per_s
 
   [dim]# end the text before a string (the string left out)[/dim]
-  moespeq run -p "Q: What is 2+2?\\nA:" --stop "Q:" -n 64
+  moespeq run -p $'Q: What is 2+2?\\nA:' --stop "Q:" -n 64
 
   [dim]# experts beyond 4 GB stream from disk[/dim]
   moespeq run ./ckpt --backend cpu --ram 4GB
@@ -109,7 +109,7 @@ def stop_strings(stop: list[str] | None) -> list[str]:
     """``--stop`` as given (repeatable), each UTF-8 and not empty (it would stop nothing)."""
     stops = [utf8_text(s, "--stop") for s in stop or []]
     if "" in stops:
-        raise UsageError("--stop is empty; give the text an answer stops before")
+        raise UsageError("--stop is empty; give the text the output stops before")
     return stops
 
 
@@ -215,7 +215,7 @@ def run(
     --temperature 0 (the default) decoding is greedy and deterministic. --stop ends the
     text before a string (repeatable; the string is left out, and with --json `text` ends
     before it too while `token_ids` keep the token that completed it; finish_reason
-    "stop").
+    "stop"); for a reasoning model it applies to the answer, not the reasoning.
     """
     from moespeq_cli.cli.render import Renderer
 
@@ -255,10 +255,11 @@ def run(
             out.text(matcher.flush())  # held back as a stop string's possible start, and none came
             result = result_dict(name, engine, prompt_ids, token_ids, time.perf_counter() - started)
             result["reasoning"] = "".join(thought) if split.router is not None else None
-            if matcher.stopped:  # the raw text less what the stop string begins (it ends the stream)
+            if matcher.stopped:  # the raw text up to where the stop string begins (it ends the stream)
                 raw = result["text"]
-                if raw.endswith(matcher.dropped):
-                    result["text"] = raw[: len(raw) - len(matcher.dropped)]
+                cut = raw.rfind(matcher.dropped)  # (the whole decode may end past it: a partial character)
+                if cut >= 0:
+                    result["text"] = raw[:cut]
                 result["finish_reason"] = "stop"
             return result
 
