@@ -42,7 +42,8 @@ def render() -> str:
 
 
 def options_table() -> str:
-    """The options every one of SHARED takes, in run's order, with run's help text."""
+    """The options every one of SHARED takes, in run's order, with run's help text (and the
+    commands whose own help says otherwise named: `chat`'s and `serve`'s --context)."""
     import typer.main
 
     from moespeq_cli.cli.app import app
@@ -56,6 +57,9 @@ def options_table() -> str:
             continue
         names = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
         meaning = (p.help or "").replace("|", "\\|")
+        other = [c for c in SHARED if next(q.help for q in params[c] if q.name == p.name) != p.help]
+        if other:
+            meaning += " (" + ", ".join(f"`{c}`" for c in other) + ": its own, in its `--help`)"
         rows.append(f"| {names} | {meaning} |")
     return "\n".join([BEGIN, "", "Options shared by " + ", ".join(f"`{c}`" for c in SHARED) + ":", "", *rows, "", END])
 

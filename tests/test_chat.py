@@ -52,7 +52,7 @@ def test_piped_conversation_keeps_the_history(chat_ckpt):
     r = chat(chat_ckpt, "hello\nand then\n")
     first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")
     second = reference(chat_ckpt, f"<|user|>hello\n<|assistant|>{first}\n<|user|>and then\n<|assistant|>")
-    assert r.stdout == f"{first}\n{second}\n"
+    assert r.stdout == f"{first}\n\n{second}\n"  # answers apart by a blank line (each may hold lines)
 
 
 def test_crlf_lines_are_the_same_messages(chat_ckpt):
@@ -86,7 +86,7 @@ def test_json_lines_one_object_per_answer(chat_ckpt):
 def test_reset_forgets_and_commands_answer(chat_ckpt):
     r = chat(chat_ckpt, "hello\n/stats\n/reset\nhello\n/nope\n/exit\nnever read\n", code=1)  # (/nope)
     first = reference(chat_ckpt, "<|user|>hello\n<|assistant|>")
-    assert r.stdout == f"{first}\n{first}\n"  # after /reset the same question, the same answer
+    assert r.stdout == f"{first}\n\n{first}\n"  # after /reset the same question, the same answer (a blank line between)
     assert "tokens in" in r.stderr and "history cleared" in r.stderr and "unknown command /nope" in r.stderr
     assert (
         r.stderr.splitlines()[-1]
@@ -118,7 +118,7 @@ def test_the_demo_chats_with_its_defaults():
 def test_old_turns_dropped_with_a_notice(chat_ckpt):
     r = chat(chat_ckpt, "a" * 40 + "\n" + "b" * 40 + "\n" + "c" * 40 + "\n", "--context", "120")
     assert "oldest messages were dropped" in r.stderr
-    assert r.stdout.count("\n") == 3
+    assert r.stdout.count("\n") == 3 + 2  # three answers, a blank line between each two
 
 
 def test_plain_continuation_without_a_template(tiny):

@@ -487,6 +487,16 @@ def test_help_paragraphs_wrap_at_the_terminals_width():
     assert len(commands) == 11
     for name, command in commands.items():
         assert command.help and all("\n" not in p for p in command.help.split("\n\n")), name
+        # the epilog's prose too (chat's broke at 80 columns: "at a terminal the" / "arrow keys"),
+        # indented as its examples, which it otherwise pushed two columns right of every other's
+        prose_lines = [ln for ln in (command.epilog or "").splitlines() if ln.strip() and not ln.startswith("  ")]
+        assert prose_lines == ["[bold]Examples[/bold]"], (name, prose_lines)
+        for para in (command.epilog or "").split("\n\n"):
+            if not para.lstrip().startswith(("[", "moespeq", "curl", "printf", "echo")):
+                assert "\n" not in para.replace("\\\n", "").strip(), (name, para)
+    from moespeq_cli.cli.chat import HELP
+
+    assert "/help" in HELP  # the conversation's /help lists itself, as the other lists do
 
 
 def test_the_loading_line_steps_aside(monkeypatch):
@@ -674,6 +684,10 @@ def test_bench_and_profile_say_what_run_says_of_the_budget(cli):
     assert json.loads(cli("run", "-n", "2", "--json").stdout)["budget_note"] is None
     one_line_error(cli("bench", "-n", "2", "--policies", "lru,lru"), 2, "names lru twice")
     one_line_error(cli("bench", "-n", "2", "--policies", "lru", "--spec-depths", "4"), 2, "leaves moespeq out")
+    one_line_error(
+        cli("bench", "-n", "2", "--policies", "lru", "--same-cache"), 2, "--same-cache", "leaves moespeq out"
+    )
+    one_line_error(cli("bench", "-n", "2", "--policies", "lru,,ondemand"), 2, "empty entry")
     one_line_error(cli("bench", "-n", "2", "--spec-depths", "2,2"), 2, "twice")
     # refused before lru runs, not after (a real model's policies take hours)
     r = cli("bench", "-n", "2", "--policies", "lru,moespeq", "--spec-depths", "auto,2", "--draft", "none")

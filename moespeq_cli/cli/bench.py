@@ -82,9 +82,11 @@ def bench(
         # hybrid computes experts on the CPU beside a GPU: not where the CPU is the device
         on_cpu = backend == "cpu" or (hw is not None and hw.kind == "cpu")
         policies = "moespeq,gate-prefetch,lru,ondemand" if on_cpu else "moespeq,hybrid,gate-prefetch,lru,ondemand"
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    if not names:
+    names = [p.strip() for p in policies.split(",")]
+    if not any(names):
         raise UsageError("--policies names no policy; give a comma-separated list such as moespeq,lru")
+    if not all(names):
+        raise UsageError(f"--policies {policies!r} has an empty entry; give a comma-separated list such as moespeq,lru")
     for p in names:
         if p not in POLICIES:
             raise UsageError(f"unknown policy {p!r} in --policies; choose from {', '.join(POLICIES)}")
@@ -98,6 +100,10 @@ def bench(
             raise UsageError(f"--spec-depths {spec_depths!r}: {d!r} is not auto or a number from 0 to 64")
     if depths != ["auto"] and "moespeq" not in names:
         raise UsageError("--spec-depths sets moespeq's depths, and --policies leaves moespeq out; add it or drop them")
+    if same_cache and "moespeq" not in names:
+        raise UsageError(
+            "--same-cache gives moespeq the draft's bytes, and --policies leaves moespeq out; add it or drop it"
+        )
     if len(set(depths)) != len(depths):
         raise UsageError(f"--spec-depths {spec_depths!r} names a depth twice; give each once")
     name, path = resolve(model)

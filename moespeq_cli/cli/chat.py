@@ -33,12 +33,11 @@ EPILOG = """[bold]Examples[/bold]
   [dim]# one JSON object per answer[/dim]
   printf 'Hello\\nAnd then?\\n' | moespeq chat --json | jq -r .content
 
-[bold]In the conversation[/bold]: /reset forgets the history, /stats shows the
-last answer's statistics, /help lists these, /exit (or Ctrl-D) leaves; at a terminal the
-arrow keys edit the line and recall earlier ones; Ctrl-C stops the current
-answer (reading a pipe or a file, it then ends the chat: exit 130). From a pipe or a file,
-a line that gets no answer (too long for the context, not UTF-8 text, an unknown /command)
-is said and skipped, and the chat then ends with exit code 1.
+  [bold]In the conversation[/bold]: /reset forgets the history, /stats shows the last answer's statistics, \
+/help lists these, /exit (or Ctrl-D) leaves; at a terminal the arrow keys edit the line and recall earlier ones; \
+Ctrl-C stops the current answer (reading a pipe or a file, it then ends the chat: exit 130). From a pipe or a \
+file, a line that gets no answer (too long for the context, not UTF-8 text, an unknown /command) is said and \
+skipped, and the chat then ends with exit code 1.
 """
 
 DEFAULT_CONTEXT = 4096  # tokens a conversation may hold unless --context says otherwise (capped by the model)
@@ -46,8 +45,8 @@ DEMO_CONTEXT = 512  # the demo's: what its default 24 MiB budget holds beside th
 ANSWER_TOKENS = 512  # an answer's most tokens unless -n says otherwise (at most half the context)
 COMMANDS = "/reset, /stats, /help, /exit"
 HELP = (
-    "/reset forgets the conversation, /stats shows the last answer's statistics, /exit (or Ctrl-D) leaves; "
-    "start a message with // to send one that begins with /; Ctrl-C stops an answer"
+    "/reset forgets the conversation, /stats shows the last answer's statistics, /help shows this, /exit (or "
+    "Ctrl-D) leaves; start a message with // to send one that begins with /; Ctrl-C stops an answer"
 )
 
 
@@ -237,6 +236,8 @@ def chat(
         if dropped:
             note(f"(the {dropped} oldest messages were dropped to fit the context of {ctx} tokens)")
         answer, stopped, leave = Answer(), False, False
+        if turn and not (interactive or json_out):  # from a pipe: a blank line between answers, which hold lines too
+            out.text("\n")
         engine.last_stats = None  # a Ctrl-C before the first token leaves no stats, not the last answer's
         started = time.perf_counter()
         try:

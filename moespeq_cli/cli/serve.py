@@ -20,9 +20,8 @@ EPILOG = """[bold]Examples[/bold]
     -H 'Content-Type: application/json' \\
     -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
-Any OpenAI client works: base_url http://127.0.0.1:8000/v1, the model name
-from GET /v1/models. One request is generated at a time; others wait in a
-queue of --queue.
+  Any OpenAI client works: base_url http://127.0.0.1:8000/v1, the model name from GET /v1/models. One request \
+is generated at a time; others wait in a queue of --queue.
 """
 
 
