@@ -473,3 +473,35 @@ def test_a_draft_cut_short_is_damaged_not_ready(tiny, cli, tmp_path):
     f = draft / "draft.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
     assert draft_state(draft, Checkpoint(path)) == "damaged"
+
+
+def test_quantize_again_leaves_an_up_to_date_draft_alone(tiny, cli, tmp_path):
+    """A second `quantize` of the same weights, method and block size does nothing and says
+    so (a large model's took minutes for the same bytes); --force quantizes again; other
+    weights or another block size are quantized; the draft's path is absolute."""
+    import os
+    from pathlib import Path
+
+    src, _ = tiny("mixtral", "gqa")
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    first = json.loads(cli("quantize", str(path), "--json").stdout)
+    draft = Path(first["draft"])
+    assert draft.is_absolute() and not first["up_to_date"]
+    stamp = os.stat(draft / "draft.safetensors").st_mtime_ns
+    r = cli("quantize", str(path))
+    assert r.exit_code == 0 and "up to date" in r.stderr and r.stdout.strip() == str(draft), r.stderr
+    again = json.loads(cli("quantize", str(path), "--json").stdout)
+    assert again["up_to_date"] and again["draft_bytes"] == first["draft_bytes"] and again["ratio"] == first["ratio"]
+    assert os.stat(draft / "draft.safetensors").st_mtime_ns == stamp  # not written again
+    forced = json.loads(cli("quantize", str(path), "--force", "--json").stdout)
+    assert not forced["up_to_date"] and os.stat(draft / "draft.safetensors").st_mtime_ns != stamp
+    other = json.loads(cli("quantize", str(path), "--blocksize", "128", "--json").stdout)
+    assert not other["up_to_date"] and Path(other["draft"]) != draft
+    cfg = json.loads((path / "config.json").read_text())  # other weights: the fingerprint differs
+    (path / "config.json").write_text(json.dumps(cfg | {"rms_norm_eps": 1e-5}))
+    assert not json.loads(cli("quantize", str(path), "--json").stdout)["up_to_date"]
+    out = tmp_path / "mine"
+    assert cli("quantize", str(path), "--out", str(out)).exit_code == 0
+    r = cli("quantize", str(path), "--out", str(out), "--json")
+    assert json.loads(r.stdout)["up_to_date"] and json.loads(r.stdout)["draft"] == str(out.absolute())

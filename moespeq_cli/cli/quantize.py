@@ -33,17 +33,21 @@ def quantize(
             show_default=False,
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Quantize again even where the draft there is up to date.")
+    ] = False,
     json_out: o.Json = False,
 ) -> None:
     """Quantize a model's routed experts to 4 bits: MoE-SpeQ's self-draft.
 
-    Only the routed experts are quantized; everything else is shared with the
-    full-precision model at run time. The draft is written atomically with a manifest
-    (method, blocksize, a fingerprint of the source checkpoint: config.json, the weight
-    files' headers and samples of their data); `moespeq run --draft auto` finds it where
-    quantize put it (with whatever --method and --blocksize it was built); a draft written
-    to --out is used with `--draft DIR`. A draft built from other weights is not used
-    (`run` quantizes in memory and says so; `--draft DIR` refuses it). A draft that no
+    Only the routed experts are quantized; everything else is shared with the full-precision
+    model at run time. The draft is written atomically with a manifest (method, blocksize, a
+    fingerprint of the source checkpoint: config.json, the weight files' headers and samples
+    of their data); `moespeq run --draft auto` finds it where quantize put it (with whatever
+    --method and --blocksize it was built); a draft written to --out is used with `--draft
+    DIR`. A draft built from other weights is not used (`run` quantizes in memory and says
+    so; `--draft DIR` refuses it). A draft of these weights, method and block size already
+    there is left as it is, and said up to date (--force quantizes again). A draft that no
     longer matches its weights in ways the fingerprint misses only lowers acceptance: the
     output is the full-precision model's either way.
     """
@@ -63,9 +67,18 @@ def quantize(
     fp = fingerprint(ckpt)
     stale_ok = out is None  # the default path: a draft there of the checkpoint's earlier weights is replaced
     with draft_lock(target, fp, stale_ok):  # refuses an --out that is not a draft of this checkpoint, before any work
-        result = _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json_out)
+        done = None if force else up_to_date(name, ckpt, method, blocksize, target)
+        result = done or _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json_out)
+    result["draft"] = str(Path(result["draft"]).absolute())  # (as `list --json` gives paths)
     if json_out:
         print(json.dumps(result))
+    elif done is not None:
+        print(
+            f"the draft is up to date (built from these weights, {method}, blocksize {blocksize}); --force "
+            "quantizes again",
+            file=sys.stderr,
+        )
+        print(result["draft"])
     else:
         from moespeq_cli.local_models import tree_size
         from moespeq_cli.runtime.planning.hardware import format_size
@@ -81,6 +94,36 @@ def quantize(
 
             print(f"`moespeq run {shlex.quote(name)} --draft {shlex.quote(result['draft'])}` uses it", file=sys.stderr)
         print(result["draft"])
+
+
+def up_to_date(name, ckpt, method, blocksize, target) -> dict | None:
+    """``quantize``'s result for the draft already at ``target`` where it is this
+    checkpoint's, whole, and of this method and block size (nothing to do: a re-run of a
+    large model's quantize took minutes for the same bytes), else None."""
+    from moespeq_cli.models.checkpoint import read_json
+    from moespeq_cli.quant.draft import draft_keys
+    from moespeq_cli.quant.draft_store import draft_state
+
+    if draft_state(target, ckpt) != "ready":
+        return None
+    m = read_json(target / "manifest.json", "")
+    if (m.get("method"), m.get("blocksize")) != (method, blocksize):
+        return None
+    count = len(draft_keys(ckpt))
+    full = ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * count
+    size = m.get("bytes")
+    return {
+        "model": name,
+        "draft": str(target),
+        "method": method,
+        "blocksize": blocksize,
+        "experts": count,
+        "draft_bytes": size,
+        "full_precision_bytes": full,
+        "ratio": round(size / full, 4) if full and isinstance(size, int) else None,
+        "seconds": 0.0,
+        "up_to_date": True,
+    }
 
 
 def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json_out) -> dict:
@@ -121,4 +164,5 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
         "full_precision_bytes": full,
         "ratio": round(size / full, 4) if full else None,
         "seconds": round(time.perf_counter() - t0, 3),
+        "up_to_date": False,
     }
