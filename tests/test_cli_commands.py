@@ -353,6 +353,8 @@ def test_plan_predicts_the_context_and_slots_run_takes(cli, args):
     row = next(r for r in planned["policies"] if r["policy"] == "moespeq")["plan"]
     assert planned["context_tokens"] == ran["context_tokens"] == row["context_tokens"]
     assert row["slots"] == ran["slots"] and row["budget_bytes"] == ran["budget_bytes"]
+    # how the RAM was chosen, in each row as in run's plan (the rows had null; the figure moves between calls)
+    assert row["ram_source"].startswith("available memory") and ran["ram_source"].startswith("available memory")
 
 
 def test_the_blas_workspace_of_a_profile_is_planned_by_run_and_plan_alike(cli, tmp_path):

@@ -187,7 +187,9 @@ def plan_report(
         try:
             if policy == "moespeq":
                 ram_arg = None if host else ram_bytes
-                p, est = plan_moespeq(step, budget, cpu_on, blocksize, acceptance, ram_arg, compute_tier=tier)
+                p, est = plan_moespeq(
+                    step, budget, cpu_on, blocksize, acceptance, ram_arg, compute_tier=tier, ram_source=ram_source
+                )
             else:
                 p = make_plan(
                     shape_model,
@@ -198,6 +200,7 @@ def plan_report(
                     policy,
                     cpu_experts=cpu_on,
                     ram=None if host else ram_bytes,
+                    ram_source=ram_source,
                     compute_tier=tier,
                     library_bytes=0 if host else library_bytes("mock", hw),
                     grouped_scratch=0 if host else grouped_scratch_bytes(hw, cfg, storage, context),

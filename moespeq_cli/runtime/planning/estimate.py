@@ -359,6 +359,7 @@ def plan_moespeq(
     acceptance: float = DEFAULT_ACCEPTANCE,
     ram: int | None = None,
     compute_tier: str = "device",
+    ram_source: str | None = None,
 ) -> tuple[Plan, Estimate]:
     """moespeq's plan as a run makes it (with the 4-bit draft), and its modelled speed:
     the better of speculating with that plan and what the governor falls back to when
@@ -373,6 +374,7 @@ def plan_moespeq(
     args = (step.model, step.cfg, step.dtype, budget, step.context, "moespeq", blocksize, cpu_experts)
     host = compute_tier == "host"
     kw = dict(ram=ram, compute_tier=compute_tier, library_bytes=0 if host else library_bytes("mock", step.hw))
+    kw["ram_source"] = ram_source  # how --ram was chosen, as run's plan says it
     kw["grouped_scratch"] = 0 if host else grouped_scratch_bytes(step.hw, step.cfg, step.dtype, step.context)
     scratch = 0 if host else draft_scratch_bytes(step.hw, step.cfg, blocksize, step.dtype)
     with_draft = make_plan(*args, draft_scratch=scratch, **kw)
