@@ -280,6 +280,8 @@ def cannot_write_in(directory: Path) -> str | None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        if e.errno == errno.ENOENT and is_dir(directory):  # /proc, /sys: "No such file or directory" misleads
+            return "it takes no new files: a kernel's file system, such as /proc or /sys"
         return e.strerror or str(e)
     return None
 

@@ -1318,7 +1318,9 @@ def test_quantize_out_through_a_symlink(cli, ckpt, tmp_path):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
 def test_outputs_where_nothing_can_be_written(cli, ckpt):
     one_line_error(cli("quantize", str(ckpt), "--out", "/proc/moespeq-draft"), 2, "/proc/moespeq-draft")
-    one_line_error(run(cli, ckpt, "--backend", "mock", "--trace", "/proc/trace.json"), 2, "--trace")
+    one_line_error(
+        run(cli, ckpt, "--backend", "mock", "--trace", "/proc/trace.json"), 2, "--trace", "takes no new files"
+    )
 
 
 def test_trace_with_the_cpu_backend_is_refused_before_work(cli, ckpt, tmp_path):
