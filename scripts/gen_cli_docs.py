@@ -59,7 +59,7 @@ def options_table() -> str:
         meaning = (p.help or "").replace("|", "\\|")
         other = [c for c in SHARED if next(q.help for q in params[c] if q.name == p.name) != p.help]
         if other:
-            meaning += " (" + ", ".join(f"`{c}`" for c in other) + ": its own, in its `--help`)"
+            meaning += " (" + " and ".join(f"`{c}`" for c in other) + ": their own, in their `--help`)"
         rows.append(f"| {names} | {meaning} |")
     return "\n".join([BEGIN, "", "Options shared by " + ", ".join(f"`{c}`" for c in SHARED) + ":", "", *rows, "", END])
 

@@ -489,11 +489,14 @@ def test_quantize_again_leaves_an_up_to_date_draft_alone(tiny, cli, tmp_path):
     draft = Path(first["draft"])
     assert draft.is_absolute() and not first["up_to_date"]
     stamp = os.stat(draft / "draft.safetensors").st_mtime_ns
+    os.utime(draft / "manifest.json", ns=(0, 0))
     r = cli("quantize", str(path))
     assert r.exit_code == 0 and "up to date" in r.stderr and r.stdout.strip() == str(draft), r.stderr
     again = json.loads(cli("quantize", str(path), "--json").stdout)
-    assert again["up_to_date"] and again["draft_bytes"] == first["draft_bytes"] and again["ratio"] == first["ratio"]
+    assert again == first | {"up_to_date": True, "seconds": 0.0}
     assert os.stat(draft / "draft.safetensors").st_mtime_ns == stamp  # not written again
+    # but its manifest touched: `run --draft auto` takes the draft quantize saved last, by that time
+    assert os.stat(draft / "manifest.json").st_mtime_ns > 0
     forced = json.loads(cli("quantize", str(path), "--force", "--json").stdout)
     assert not forced["up_to_date"] and os.stat(draft / "draft.safetensors").st_mtime_ns != stamp
     other = json.loads(cli("quantize", str(path), "--blocksize", "128", "--json").stdout)
@@ -503,5 +506,11 @@ def test_quantize_again_leaves_an_up_to_date_draft_alone(tiny, cli, tmp_path):
     assert not json.loads(cli("quantize", str(path), "--json").stdout)["up_to_date"]
     out = tmp_path / "mine"
     assert cli("quantize", str(path), "--out", str(out)).exit_code == 0
-    r = cli("quantize", str(path), "--out", str(out), "--json")
-    assert json.loads(r.stdout)["up_to_date"] and json.loads(r.stdout)["draft"] == str(out.absolute())
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    for given in (out, link, tmp_path / "sub" / ".." / "mine"):  # the same draft whatever the spelling
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        r = cli("quantize", str(path), "--out", str(given), "--json")
+        assert json.loads(r.stdout)["up_to_date"] and json.loads(r.stdout)["draft"] == str(out), given
+    r = cli("quantize", str(path), "--out", str(out))
+    assert "up to date" in r.stderr and f"--draft {out}` uses it" in r.stderr  # how to use it, as after quantizing

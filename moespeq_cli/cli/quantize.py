@@ -52,6 +52,7 @@ def quantize(
     output is the full-precision model's either way.
     """
     import json
+    import os
     import sys
 
     from moespeq_cli.model_ref import resolve
@@ -66,19 +67,19 @@ def quantize(
     target = out or default_draft_dir(ckpt.path, method, blocksize)
     fp = fingerprint(ckpt)
     stale_ok = out is None  # the default path: a draft there of the checkpoint's earlier weights is replaced
-    with draft_lock(target, fp, stale_ok):  # refuses an --out that is not a draft of this checkpoint, before any work
-        done = None if force else up_to_date(name, ckpt, method, blocksize, target)
-        result = done or _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json_out)
-    result["draft"] = str(Path(result["draft"]).absolute())  # (as `list --json` gives paths)
+    with draft_lock(target, fp, stale_ok) as real:  # refuses an --out that is not this checkpoint's draft, first
+        done = None if force else up_to_date(name, ckpt, method, blocksize, real)
+        result = done or _quantize_and_save(name, ckpt, method, blocksize, real, fp, stale_ok, json_out)
+    result["draft"] = os.path.abspath(result["draft"])  # (as `list --json` gives paths)
     if json_out:
         print(json.dumps(result))
-    elif done is not None:
+        return
+    if done is not None:
         print(
             f"the draft is up to date (built from these weights, {method}, blocksize {blocksize}); --force "
             "quantizes again",
             file=sys.stderr,
         )
-        print(result["draft"])
     else:
         from moespeq_cli.local_models import tree_size
         from moespeq_cli.runtime.planning.hardware import format_size
@@ -89,40 +90,54 @@ def quantize(
             f"on disk), {result['ratio']:.0%} of the experts as stored, in {result['seconds']:.1f} s",
             file=sys.stderr,
         )
-        if out is not None:
-            import shlex
+    if out is not None:
+        import shlex
 
-            print(f"`moespeq run {shlex.quote(name)} --draft {shlex.quote(result['draft'])}` uses it", file=sys.stderr)
-        print(result["draft"])
+        print(f"`moespeq run {shlex.quote(name)} --draft {shlex.quote(result['draft'])}` uses it", file=sys.stderr)
+    print(result["draft"])
 
 
-def up_to_date(name, ckpt, method, blocksize, target) -> dict | None:
+def up_to_date(name, ckpt, method, blocksize, target: Path) -> dict | None:
     """``quantize``'s result for the draft already at ``target`` where it is this
-    checkpoint's, whole, and of this method and block size (nothing to do: a re-run of a
-    large model's quantize took minutes for the same bytes), else None."""
+    checkpoint's, whole, of this draft format and of this method and block size (nothing
+    to do: a re-run of a large model's quantize took minutes for the same bytes), else
+    None. Its manifest is touched: ``run --draft auto`` takes the draft quantize saved
+    last, by that time, as it would after quantizing again."""
+    import os
+
     from moespeq_cli.models.checkpoint import read_json
-    from moespeq_cli.quant.draft import draft_keys
-    from moespeq_cli.quant.draft_store import draft_state
+    from moespeq_cli.quant.draft_store import FORMAT_VERSION, draft_state
 
     if draft_state(target, ckpt) != "ready":
         return None
     m = read_json(target / "manifest.json", "")
-    if (m.get("method"), m.get("blocksize")) != (method, blocksize):
+    if (m.get("method"), m.get("blocksize"), m.get("format_version")) != (method, blocksize, FORMAT_VERSION):
         return None
-    count = len(draft_keys(ckpt))
-    full = ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * count
     size = m.get("bytes")
+    if not isinstance(size, int):
+        return None
+    os.utime(target / "manifest.json")
+    return quantize_result(name, ckpt, method, blocksize, target, size, 0.0, up_to_date=True)
+
+
+def quantize_result(name, ckpt, method, blocksize, draft: Path, size: int, seconds: float, up_to_date: bool) -> dict:
+    """What ``quantize --json`` prints, for a draft of ``size`` bytes at ``draft``."""
+    from moespeq_cli.quant.draft import draft_keys
+
+    count = len(draft_keys(ckpt))
+    # the experts as the checkpoint stores them (FP8's bytes, not the compute dtype's)
+    full = ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * count
     return {
         "model": name,
-        "draft": str(target),
+        "draft": str(draft),
         "method": method,
         "blocksize": blocksize,
         "experts": count,
         "draft_bytes": size,
         "full_precision_bytes": full,
-        "ratio": round(size / full, 4) if full and isinstance(size, int) else None,
-        "seconds": 0.0,
-        "up_to_date": True,
+        "ratio": round(size / full, 4) if full else None,
+        "seconds": round(seconds, 3),
+        "up_to_date": up_to_date,
     }
 
 
@@ -152,17 +167,4 @@ def _quantize_and_save(name, ckpt, method, blocksize, target, fp, stale_ok, json
             ckpt, method, blocksize, progress=lambda done, total: bar.update(task, completed=done)
         )  # streamed into the file: memory holds one expert, not the draft
         saved, size = write_draft(target, ckpt, experts, method, blocksize, ckpt.config.dtype, fp, stale_ok)
-    # the experts as the checkpoint stores them (FP8's bytes, not the compute dtype's)
-    full = ckpt.config.expert_bytes(ckpt.config.dtype.itemsize) * count
-    return {
-        "model": name,
-        "draft": str(saved),
-        "method": method,
-        "blocksize": blocksize,
-        "experts": count,
-        "draft_bytes": size,
-        "full_precision_bytes": full,
-        "ratio": round(size / full, 4) if full else None,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "up_to_date": False,
-    }
+    return quantize_result(name, ckpt, method, blocksize, saved, size, time.perf_counter() - t0, up_to_date=False)
