@@ -268,7 +268,7 @@ def resolve_config(model: str | None) -> tuple[str, dict, str]:
                 f"{model} is not downloaded; `moespeq pull {model} --config-only` fetches just its config"
             )
         return model, read_config(cached), str(cached / "config.json")
-    if model not in (None, DEMO) and kind(Path(os.path.expanduser(model))) == "file":  # (an alias wins, as in run)
+    if given is not None and model != DEMO and kind(given) == "file":  # (an alias wins, as in run)
         raise UnknownModelError(
             f"{shown(model)} is a file, neither a checkpoint directory nor a model's config .json; pass the "
             "directory that holds config.json, or that config.json"

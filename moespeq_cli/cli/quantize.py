@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -52,7 +53,6 @@ def quantize(
     output is the full-precision model's either way.
     """
     import json
-    import os
     import sys
 
     from moespeq_cli.model_ref import resolve
@@ -103,8 +103,6 @@ def up_to_date(name, ckpt, method, blocksize, target: Path) -> dict | None:
     to do: a re-run of a large model's quantize took minutes for the same bytes), else
     None. Its manifest is touched: ``run --draft auto`` takes the draft quantize saved
     last, by that time, as it would after quantizing again."""
-    import os
-
     from moespeq_cli.models.checkpoint import read_json
     from moespeq_cli.quant.draft_store import FORMAT_VERSION, draft_state
 
